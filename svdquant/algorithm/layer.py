@@ -1,0 +1,279 @@
+"""Per-layer SVDQuant: smoothing search, low-rank branch with refinement, residual quantization.
+
+A quantized linear computes
+
+    Y ≈ Q((X + s) / λ) · Q(R)ᵀ + (X · L1ᵀ) · L2ᵀ + b'
+
+with ``Ŵ = W·diag(λ)``, ``Ŵ ≈ L2·L1' + R``, ``L1 = L1'/λ`` folded offline so the
+branch reads the raw input, ``s`` the post-GELU shift (0 elsewhere) and
+``b' = b − s·Σ_k Q(R)_nk / λ_k`` its compensation. Everything is chosen to minimize the
+squared error of the *output* on calibration inputs, with both quantizers simulated
+(:func:`simulate`), so what is scored is what the module computes.
+
+Layers that read the same input (q/k/v) are quantized together by
+:func:`quantize_linears`: one λ for all, scored on their summed error, and either one
+shared branch (SVD of the stacked weights) or one branch each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..formats import QTensor, check_finite, fake_quantize, quantize
+from ..recipes import POST_GELU_SHIFT, QuantConfig
+from .lowrank import low_rank
+
+
+@dataclass
+class QuantizedWeights:
+    """What a quantized linear stores; :class:`svdquant.SVDQLinear` is built from it."""
+
+    weight: QTensor                    # Q(R), codes unpacked
+    bias: torch.Tensor | None          # b', model dtype
+    smooth: torch.Tensor | None        # λ (fp32), None for weight-only recipes
+    lora_down: torch.Tensor | None     # L1 = L1'/λ, [rank, K], model dtype
+    lora_up: torch.Tensor | None       # L2, [N, rank], model dtype
+    act_shift: float = 0.0
+    input_scale: torch.Tensor | None = None  # NVFP4 activations: static fp32 tensor scale
+
+
+@dataclass
+class LayerReport:
+    """How one linear was quantized: what was chosen and what it costs in output error."""
+
+    shape: tuple[int, int]
+    method: str
+    rank: int
+    alpha: float = 0.0
+    beta: float = 0.0
+    iterations: int = 0
+    rel_error_naive: float = float("nan")   # round-to-nearest with the same formats
+    rel_error: float = float("nan")         # ‖Ŷ − Y‖ / ‖Y‖ on the scoring tokens
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)  # error of each refinement iterate
+
+    @property
+    def sqnr_db(self) -> float:
+        return -20 * math.log10(max(self.rel_error, 1e-12))
+
+
+class _Problem:
+    """The fixed data of one (group of) linear(s): weights, inputs, reference output."""
+
+    def __init__(self, weights, inputs, recipe: QuantConfig, post_gelu: bool):
+        self.recipe = recipe
+        self.dtype = weights[0].dtype if weights[0].is_floating_point() else torch.float32
+        self.splits = [w.shape[0] for w in weights]
+        self.w = torch.cat([w.detach().float() for w in weights], 0)
+        k = self.w.shape[1]
+        x = _flatten_inputs(inputs, k).to(self.w.device)
+        check_finite(x, "calibration inputs")
+        quantized_act = recipe.activations is not None
+        self.shift = POST_GELU_SHIFT if (post_gelu and recipe.activations == "int4") else 0.0
+        self.unsigned = self.shift > 0
+        self.act_max = (x + self.shift).abs().amax(0).clamp_min(1e-5) if quantized_act else None
+        self.w_max = self.w.abs().amax(0).clamp_min(1e-5)
+        n_eval = min(recipe.eval_tokens, x.shape[0]) if recipe.eval_tokens > 0 else x.shape[0]
+        idx = torch.linspace(0, x.shape[0] - 1, n_eval, device=x.device).round().long()
+        self.x = x[idx].contiguous()
+        self.y = self.x @ self.w.T
+        self.y_energy = max(float(self.y.square().sum()), 1e-30)
+
+    # -- the quantizers, as the module applies them ---------------------------------
+    def fq_act(self, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+        r = self.recipe
+        if r.activations is None:
+            return self.x.to(self.dtype).float()
+        u = (self.x + self.shift) * inv_smooth
+        ts = None
+        if r.activations == "nvfp4":
+            ts = self.input_scale(inv_smooth)
+        return fake_quantize(u, r.activations, r.group_size or None, unsigned=self.unsigned,
+                             scale_dtype=self.dtype, tensor_scale=ts, check=False)
+
+    def input_scale(self, inv_smooth: torch.Tensor) -> torch.Tensor:
+        """NVFP4 activations: static per-tensor scale from the calibration maximum."""
+        return ((self.act_max * inv_smooth).amax() / (6.0 * 448.0)).clamp_min(1e-12)
+
+    def fq_weight(self, r_all: torch.Tensor) -> torch.Tensor:
+        rc = self.recipe
+        def fq(t):
+            return fake_quantize(t, rc.weights, rc.group_size or None, scale_dtype=self.dtype, check=False)
+
+        if len(self.splits) == 1:
+            return fq(r_all)
+        # Per member: NVFP4's tensor scale belongs to each weight, not to the group.
+        return torch.cat([fq(t) for t in r_all.split(self.splits, 0)], 0)
+
+    def branch(self, a: torch.Tensor, shared: bool, bases=None):
+        """Low-rank fit of ``a`` [N_total, K]: stacked ``up`` [N_total, r], one ``down`` per member,
+        and the SVD bases that warm-start the next fit."""
+        rc = self.recipe
+        if shared or len(self.splits) == 1:
+            f = low_rank(a, rc.branch_rank, rc.svd, bases[0] if bases else None)
+            return f.up, [f.down] * len(self.splits), [f.basis]
+        fits = [low_rank(p, rc.branch_rank, rc.svd, bases[i] if bases else None)
+                for i, p in enumerate(a.split(self.splits, 0))]
+        return torch.cat([f.up for f in fits], 0), [f.down for f in fits], [f.basis for f in fits]
+
+    def product(self, up: torch.Tensor, downs: list[torch.Tensor]) -> torch.Tensor:
+        if all(d is downs[0] for d in downs):
+            return up @ downs[0]
+        return torch.cat([u @ d for u, d in zip(up.split(self.splits, 0), downs)], 0)
+
+    def error(self, xq, wq, inv_smooth, up, downs) -> float:
+        """Squared output error of the quantized layer on the scoring tokens."""
+        y = xq @ wq.T
+        if inv_smooth is not None and self.shift:
+            y -= self.shift * (wq * inv_smooth).sum(1)
+        if up.shape[1]:
+            ups = up.split(self.splits, 0)
+            cache: dict[int, torch.Tensor] = {}
+            cols = []
+            for u, d in zip(ups, downs):
+                if id(d) not in cache:  # a shared branch's down projection is computed once
+                    cache[id(d)] = self.x @ (d * inv_smooth if inv_smooth is not None else d).T
+                cols.append(cache[id(d)] @ u.T)
+            y += torch.cat(cols, 1)
+        return float((y - self.y).square().sum())
+
+
+def _flatten_inputs(inputs, k: int) -> torch.Tensor:
+    if isinstance(inputs, (list, tuple)):
+        inputs = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs], 0)
+    if not torch.is_tensor(inputs) or inputs.ndim < 1 or inputs.shape[-1] != k:
+        shape = tuple(inputs.shape) if torch.is_tensor(inputs) else type(inputs).__name__
+        raise ValueError(f"calibration inputs must be a tensor [..., {k}] (the layer's in_features), got {shape}")
+    x = inputs.reshape(-1, k).float()
+    if x.shape[0] == 0:
+        raise ValueError("calibration inputs are empty; pass at least one token")
+    return x
+
+
+def candidate_smoothing(act_max, w_max, grid) -> list[tuple[float, float, torch.Tensor]]:
+    """``λ_j = max|X_j|^α / max|W_j|^β`` for every (α, β), normalized to geometric mean 1."""
+    out = []
+    for alpha, beta in grid:
+        lam = act_max.pow(alpha) / w_max.pow(beta)
+        lam = lam / lam.log().mean().exp()
+        out.append((alpha, beta, lam.clamp(1e-6, 1e6)))
+    return out
+
+
+def quantize_linears(
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    inputs,
+    recipe: QuantConfig,
+    *,
+    post_gelu: bool = False,
+    shared_branch: bool = True,
+) -> tuple[list[QuantizedWeights], LayerReport]:
+    """Quantize linears that read the same input with one smoothing factor.
+
+    ``weights`` are ``[N_i, K]`` tensors (any float dtype: the model dtype, which the
+    scales, branch and bias are stored in), ``inputs`` a tensor ``[..., K]`` (or a list of
+    them) of calibration inputs, ``post_gelu`` marks inputs that follow a GELU (INT4
+    activations then use the unsigned shifted format). Returns one
+    :class:`QuantizedWeights` per weight and one report for the group.
+    """
+    t0 = time.perf_counter()
+    if not weights:
+        raise ValueError("quantize_linears needs at least one weight")
+    k = weights[0].shape[1]
+    for w in weights:
+        if w.ndim != 2 or w.shape[1] != k:
+            raise ValueError(f"weights must all be [N, {k}] matrices, got {tuple(w.shape)}")
+        check_finite(w, "the weight")
+    p = _Problem(weights, inputs, recipe, post_gelu)
+    rc = recipe
+    report = LayerReport(shape=(sum(p.splits), k), method=rc.method, rank=rc.branch_rank)
+
+    no_branch = (p.w.new_zeros(p.w.shape[0], 0), [p.w.new_zeros(0, k)] * len(p.splits))
+    ones = torch.ones(k, device=p.w.device) if rc.activations is not None else None
+    report.rel_error_naive = math.sqrt(p.error(p.fq_act(ones), p.fq_weight(p.w), ones, *no_branch) / p.y_energy)
+
+    def fit(lam):
+        """Branch and residual for one λ (no refinement): (error, up, downs, residual)."""
+        inv = 1.0 / lam if lam is not None else None
+        w_hat = p.w * lam if lam is not None else p.w
+        if rc.lowrank == "svd":
+            up, downs, _ = p.branch(w_hat, shared_branch)
+            resid = w_hat - p.product(up, downs)
+        elif rc.lowrank == "lorc":
+            up, downs, _ = p.branch(w_hat - p.fq_weight(w_hat), shared_branch)
+            resid = w_hat
+        else:
+            up, downs = no_branch
+            resid = w_hat
+        wq = p.fq_weight(resid)
+        return p.error(p.fq_act(inv), wq, inv, up, downs), up, downs, resid, wq
+
+    lam = ones
+    best = None
+    if rc.smooths:
+        for alpha, beta, cand in candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid):
+            res = fit(cand)
+            if best is None or res[0] < best[0]:
+                best, lam, report.alpha, report.beta = res, cand, alpha, beta
+    else:
+        best = fit(lam)
+    err, up, downs, resid, wq = best
+    report.history.append(err)
+
+    if rc.lowrank == "svd" and rc.iterations > 0:
+        # L_k = SVD_r(Ŵ − Q(Ŵ − L_{k−1})): refit the branch to what the quantized residual misses.
+        inv = 1.0 / lam if lam is not None else None
+        w_hat = p.w * lam if lam is not None else p.w
+        xq = p.fq_act(inv)
+        bases = None
+        for _ in range(rc.iterations):
+            cur_up, cur_downs, bases = p.branch(w_hat - wq, shared_branch, bases)
+            cur_resid = w_hat - p.product(cur_up, cur_downs)
+            cur_wq = p.fq_weight(cur_resid)
+            cur_err = p.error(xq, cur_wq, inv, cur_up, cur_downs)
+            report.history.append(cur_err)
+            if cur_err >= err:
+                break
+            err, up, downs, resid, wq = cur_err, cur_up, cur_downs, cur_resid, cur_wq
+            report.iterations += 1
+
+    report.rel_error = math.sqrt(err / p.y_energy)
+    out = _assemble(p, lam, up, downs, resid, biases)
+    report.seconds = time.perf_counter() - t0
+    return out, report
+
+
+def _assemble(p: _Problem, lam, up, downs, resid, biases) -> list[QuantizedWeights]:
+    rc, dt = p.recipe, p.dtype
+    inv = 1.0 / lam if lam is not None else None
+    input_scale = p.input_scale(inv) if rc.activations == "nvfp4" else None
+    out = []
+    for i, (r_i, up_i) in enumerate(zip(resid.split(p.splits, 0), up.split(p.splits, 0))):
+        q = quantize(r_i, rc.weights, rc.group_size or None, scale_dtype=dt, check=False)
+        b = biases[i].detach().float() if biases[i] is not None else None
+        if p.shift:
+            comp = p.shift * (q.dequantize() * inv).sum(1)
+            b = -comp if b is None else b - comp
+        has_branch = up_i.shape[1] > 0
+        down_i = downs[i] * inv if (has_branch and inv is not None) else downs[i]
+        out.append(QuantizedWeights(
+            weight=q,
+            bias=b.to(dt) if b is not None else None,
+            smooth=lam.float().clone() if lam is not None else None,
+            lora_down=down_i.to(dt).contiguous() if has_branch else None,
+            lora_up=up_i.to(dt).contiguous() if has_branch else None,
+            act_shift=p.shift,
+            input_scale=input_scale,
+        ))
+    return out
+
+
+def quantize_linear(weight, bias, inputs, recipe: QuantConfig, *, post_gelu: bool = False):
+    """One linear: :func:`quantize_linears` with a group of one."""
+    (qw,), report = quantize_linears([weight], [bias], inputs, recipe, post_gelu=post_gelu)
+    return qw, report

@@ -1,0 +1,40 @@
+"""INT8 with one scale per row: per output channel for weights, per token for activations.
+
+Symmetric, ``scale = absmax(row) / 127`` in fp32, ``code = round_half_even(x / scale)``
+clamped to ``[-127, 127]`` (the value -128 is never produced, so the format is
+symmetric). An all-zero row gets scale 0 and codes 0. Products of two INT8 operands
+are summed exactly in int32 (``torch._int_mm``) and rescaled by ``s_x * s_w``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import QTensor, check_finite
+
+INT8_MAX = 127
+
+
+def quantize_int8(x: torch.Tensor, *, check: bool = True) -> QTensor:
+    """Quantize each row (last dimension) of ``x`` to INT8 codes with an fp32 scale per row."""
+    if check:
+        check_finite(x, "input of quantize_int8")
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = torch.round(xf * inv).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return QTensor(codes, scale.squeeze(-1), "int8", 0, x.shape[-1])
+
+
+def fake_quantize_int8(x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """``dequantize_int8(quantize_int8(x))`` without building the codes."""
+    if check:
+        check_finite(x, "input of quantize_int8")
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (xf * inv).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale)
+
+
+def dequantize_int8(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.codes.float() * q.scales.float().unsqueeze(-1)).to(dtype)

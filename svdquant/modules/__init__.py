@@ -1,0 +1,3 @@
+from .linear import SVDQLinear
+
+__all__ = ["SVDQLinear"]

@@ -1,0 +1,190 @@
+"""``SVDQLinear``: the drop-in replacement for ``nn.Linear``.
+
+Stored (all as buffers, so ``state_dict`` holds exactly what a checkpoint needs):
+
+| buffer        | shape              | dtype                         | what                                |
+| ------------- | ------------------ | ----------------------------- | ----------------------------------- |
+| qweight       | [N, K_pad/2]       | uint8 (two 4-bit codes/byte)  | Q(R) for int4 / nvfp4 / nf4         |
+|               | [N, K]             | int8 / float8_e4m3fn          | Q(R) for int8 / fp8                 |
+| wscales       | [N, K_pad/g]       | model dtype (int4), e4m3 (nvfp4), fp32 (nf4) | group scales         |
+|               | [N]                | fp32                          | row scales (int8 / fp8)             |
+| wtensor_scale | []                 | fp32                          | NVFP4 per-tensor weight scale       |
+| input_scale   | []                 | fp32                          | NVFP4 static activation tensor scale|
+| smooth_inv    | [K]                | fp32                          | 1/λ (stored inverted: kernels multiply) |
+| lora_down     | [rank, K]          | model dtype                   | L1 (already divided by λ)           |
+| lora_up       | [N, rank]          | model dtype                   | L2                                  |
+| bias          | [N]                | model dtype                   | b' (post-GELU shift compensated)    |
+
+Scalars (``act_shift``, formats, sizes) are constructor arguments; :meth:`config`
+returns them so a checkpoint can rebuild the module before loading its tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..formats import FOUR_BIT, pack_4bit
+from ..recipes import QuantConfig, get_recipe
+
+
+class SVDQLinear(nn.Module):
+    """``Y ≈ Q((X + s)/λ)·Q(R)ᵀ + (X·L1ᵀ)·L2ᵀ + b'`` for any leading batch shape.
+
+    Build one with :meth:`from_linear` (or :meth:`from_linears` for q/k/v-style groups),
+    or construct it empty (``device="meta"`` works) and ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weights: str = "int4",
+        activations: str | None = "int4",
+        group_size: int = 64,
+        rank: int = 32,
+        act_shift: float = 0.0,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weights, self.activations = weights, activations
+        self.group_size, self.rank, self.act_shift = group_size, rank, float(act_shift)
+        self.dtype = dtype
+        self.quant_report = None
+        n, k = out_features, in_features
+        kp = k + (-k) % group_size if group_size else k
+
+        def buf(name, shape, dt):
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+
+        if weights in FOUR_BIT:
+            buf("qweight", (n, kp // 2), torch.uint8)
+        elif weights == "int8":
+            buf("qweight", (n, k), torch.int8)
+        elif weights == "fp8":
+            buf("qweight", (n, k), torch.float8_e4m3fn)
+        else:
+            raise ValueError(f"unknown weight format {weights!r}")
+        groups = kp // group_size if group_size else None
+        scale_dtype = {"int4": dtype, "nvfp4": torch.float8_e4m3fn}.get(weights, torch.float32)
+        buf("wscales", (n, groups) if groups else (n,), scale_dtype)
+        if weights == "nvfp4":
+            buf("wtensor_scale", (), torch.float32)
+        if activations == "nvfp4":
+            buf("input_scale", (), torch.float32)
+        if activations is not None:
+            buf("smooth_inv", (k,), torch.float32)
+        if rank > 0:
+            buf("lora_down", (rank, k), dtype)
+            buf("lora_up", (n, rank), dtype)
+        if bias:
+            buf("bias", (n,), dtype)
+        else:
+            self.bias = None
+
+    # -- construction --------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qw, recipe: QuantConfig, dtype: torch.dtype) -> "SVDQLinear":
+        """Build from :class:`svdquant.algorithm.QuantizedWeights`."""
+        q = qw.weight
+        n, k = q.codes.shape[0], q.in_features
+        rank = qw.lora_down.shape[0] if qw.lora_down is not None else 0
+        m = cls(k, n, bias=qw.bias is not None, weights=recipe.weights, activations=recipe.activations,
+                group_size=recipe.group_size, rank=rank, act_shift=qw.act_shift, dtype=dtype,
+                device=q.codes.device)
+        with torch.no_grad():
+            m.qweight.copy_(pack_4bit(q.codes) if recipe.weights in FOUR_BIT else q.codes)
+            m.wscales.copy_(q.scales)
+            if recipe.weights == "nvfp4":
+                m.wtensor_scale.copy_(q.tensor_scale)
+            if recipe.activations == "nvfp4":
+                m.input_scale.copy_(qw.input_scale)
+            if recipe.activations is not None:
+                m.smooth_inv.copy_(1.0 / qw.smooth)
+            if rank:
+                m.lora_down.copy_(qw.lora_down)
+                m.lora_up.copy_(qw.lora_up)
+            if qw.bias is not None:
+                m.bias.copy_(qw.bias)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, inputs, recipe: str | QuantConfig = "int4", *,
+                    post_gelu: bool = False) -> "SVDQLinear":
+        """Quantize ``linear`` from a sample of its inputs (``[..., in_features]``).
+
+        ``post_gelu=True`` marks an input that follows a GELU: INT4 activations are then
+        shifted by +0.171875 and quantized unsigned. The report of what was chosen and the
+        output error is kept in ``.quant_report``.
+        """
+        (m,) = cls.from_linears([linear], inputs, recipe, post_gelu=post_gelu)
+        return m
+
+    @classmethod
+    def from_linears(cls, linears, inputs, recipe: str | QuantConfig = "int4", *, post_gelu: bool = False,
+                     shared_branch: bool = True) -> list["SVDQLinear"]:
+        """Quantize linears that read the same input (q/k/v) with one λ and, by default, one shared branch."""
+        from ..algorithm import quantize_linears
+
+        recipe = get_recipe(recipe)
+        for lin in linears:
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"expected nn.Linear, got {type(lin).__name__}")
+        qws, report = quantize_linears([lin.weight for lin in linears], [lin.bias for lin in linears], inputs,
+                                       recipe, post_gelu=post_gelu, shared_branch=shared_branch)
+        mods = [cls.from_quantized(qw, recipe, lin.weight.dtype) for qw, lin in zip(qws, linears)]
+        for m in mods:
+            m.quant_report = report
+        return mods
+
+    # -- use -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-friendly) that rebuild an empty module of this layout."""
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+            "weights": self.weights, "activations": self.activations, "group_size": self.group_size,
+            "rank": self.rank, "act_shift": self.act_shift, "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device=None) -> "SVDQLinear":
+        cfg = dict(cfg)
+        cfg["dtype"] = getattr(torch, cfg["dtype"])
+        return cls(**cfg, device=device)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The 4-bit residual as a dense ``[N, K]`` matrix in the *smoothed* space (i.e. ``Q(R)``)."""
+        from ..ops.reference import dequantize_weight
+
+        return dequantize_weight(self.weights, self.group_size, self.in_features, self.qweight, self.wscales,
+                                 getattr(self, "wtensor_scale", None), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        from ..ops import svdq_linear
+
+        return svdq_linear(x, self)
+
+    def _apply(self, fn, recurse=True):
+        # The stored dtypes are part of the format (FP8 codes, fp32 1/λ...): `.to(dtype)`
+        # or `.half()` on a model must not cast them, only move them between devices.
+        for name, b in self._buffers.items():
+            if b is not None:
+                moved = fn(b)
+                self._buffers[name] = moved if moved.dtype == b.dtype else b.to(device=moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        act = self.activations or "16-bit"
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, "
+             f"W={self.weights} A={act} group={self.group_size} rank={self.rank}")
+        return s + (f", shift={self.act_shift}" if self.act_shift else "")

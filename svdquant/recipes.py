@@ -1,0 +1,205 @@
+"""Quantization recipes: one frozen config object per scheme (torchao style).
+
+    from svdquant.recipes import Int4Config
+    recipe = Int4Config()                      # SVDQuant W4A4, g64, rank 32
+    recipe = Int4Config(rank=64, svd="full")   # any knob
+    recipe = Int4Config(method="lorc")         # an ablation baseline, same interface
+    recipe = get_recipe("nvfp4")               # by name, as the CLI does
+
+``method`` picks how the low-rank branch and the smoothing factor are chosen:
+
+| method      | smoothing λ | low-rank branch                        |
+| ----------- | ----------- | -------------------------------------- |
+| svdquant    | grid search | SVD of the smoothed weight, refined    |
+| naive       | none        | none (round to nearest)                |
+| smooth      | grid search | none                                   |
+| lowrank     | none        | SVD of the weight (no refinement)      |
+| lorc        | grid search | SVD of the quantization error (LoRC)   |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("svdquant", "naive", "smooth", "lowrank", "lorc")
+SVD_KINDS = ("randomized", "full")
+
+POST_GELU_SHIFT = 0.171875  # GELU(x) >= -0.17; exact in bf16/fp16
+
+
+def default_smooth_grid() -> tuple[tuple[float, float], ...]:
+    """The 39 (α, β) candidates: identity, (α, 0) and (α, 1 − α) for α = 0.05 … 0.95."""
+    alphas = [round(0.05 * i, 2) for i in range(1, 20)]
+    return ((0.0, 0.0),) + tuple((a, 0.0) for a in alphas) + tuple((a, round(1 - a, 2)) for a in alphas)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of every recipe. Subclasses only change defaults.
+
+    weights / activations: format names from :mod:`svdquant.formats`; ``activations=None``
+        keeps activations 16-bit (weight-only).
+    group_size: channels per scale along K, for weights and activations (0 = per row).
+    rank: rank of the 16-bit low-rank branch (a multiple of 16 is fastest on GPU).
+    method: see the module docstring.
+    smooth_grid: (α, β) candidates, ``λ_j = max|X_j|^α / max|W_j|^β``.
+    iterations: at most this many low-rank refinement steps; stops at the first that
+        does not lower the output error.
+    svd: "randomized" (``torch.svd_lowrank``, the fast default) or "full" (float64).
+    eval_tokens: calibration tokens used to score candidates (a deterministic subsample).
+    """
+
+    name: str = "custom"
+    weights: str = "int4"
+    activations: str | None = "int4"
+    group_size: int = 64
+    rank: int = 32
+    method: str = "svdquant"
+    smooth_grid: tuple[tuple[float, float], ...] = field(default_factory=default_smooth_grid)
+    iterations: int = 100
+    svd: str = "randomized"
+    eval_tokens: int = 512
+
+    def __post_init__(self):
+        from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
+
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights={self.weights!r} is not a format; choose one of {WEIGHT_FORMATS}")
+        if self.activations is not None and self.activations not in ACTIVATION_FORMATS:
+            raise ValueError(
+                f"activations={self.activations!r} is not a format; choose one of {ACTIVATION_FORMATS} or None"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of {METHODS}")
+        if self.svd not in SVD_KINDS:
+            raise ValueError(f"svd={self.svd!r} is unknown; choose one of {SVD_KINDS}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.method in ("svdquant", "lowrank", "lorc") and self.rank == 0:
+            raise ValueError(f"method={self.method!r} needs rank > 0; use method='naive' or 'smooth' for rank 0")
+        if self.activations is None and self.method in ("svdquant", "smooth", "lorc"):
+            raise ValueError(
+                "smoothing needs quantized activations; weight-only recipes take method='naive' or 'lowrank'"
+            )
+        if self.weights == "nvfp4" and self.group_size not in (16, 32):
+            raise ValueError("nvfp4 uses groups of 16 (or 32)")
+        if self.weights in ("int8", "fp8") and self.group_size != 0:
+            raise ValueError(f"{self.weights} uses one scale per row: group_size=0")
+        if self.weights in ("int4", "nf4") and (self.group_size <= 0 or self.group_size % 2):
+            raise ValueError(f"{self.weights} needs a positive even group_size (default 64)")
+
+    @property
+    def smooths(self) -> bool:
+        return self.method in ("svdquant", "smooth", "lorc")
+
+    @property
+    def lowrank(self) -> str:
+        """"svd", "lorc" or "none": how the branch is computed."""
+        return {"svdquant": "svd", "lowrank": "svd", "lorc": "lorc"}.get(self.method, "none")
+
+    @property
+    def branch_rank(self) -> int:
+        return self.rank if self.lowrank != "none" else 0
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["smooth_grid"] = [list(p) for p in self.smooth_grid]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        if "smooth_grid" in d:
+            d["smooth_grid"] = tuple(tuple(p) for p in d["smooth_grid"])
+        known = {f.name for f in dataclasses.fields(QuantConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"recipe has unknown fields {sorted(unknown)}; was it written by a newer svdquant?")
+        return QuantConfig(**d)
+
+
+@dataclass(frozen=True)
+class Int4Config(QuantConfig):
+    """SVDQuant INT W4A4: INT4 weights and activations, group 64, rank-32 branch."""
+
+    name: str = "int4"
+
+
+@dataclass(frozen=True)
+class NVFP4Config(QuantConfig):
+    """SVDQuant FP W4A4: NVFP4 weights and activations (group 16), rank-32 branch."""
+
+    name: str = "nvfp4"
+    weights: str = "nvfp4"
+    activations: str | None = "nvfp4"
+    group_size: int = 16
+
+
+@dataclass(frozen=True)
+class W8A8Config(QuantConfig):
+    """INT8 per-channel weights, per-token INT8 activations, SVDQuant with rank 16 (the paper's)."""
+
+    name: str = "w8a8"
+    weights: str = "int8"
+    activations: str | None = "int8"
+    group_size: int = 0
+    rank: int = 16
+
+
+@dataclass(frozen=True)
+class FP8Config(QuantConfig):
+    """FP8 E4M3 row-wise weights and activations (the torch._scaled_mm recipe), no branch."""
+
+    name: str = "fp8"
+    weights: str = "fp8"
+    activations: str | None = "fp8"
+    group_size: int = 0
+    rank: int = 0
+    method: str = "naive"
+
+
+@dataclass(frozen=True)
+class NF4Config(QuantConfig):
+    """NF4 W4A16 (the bitsandbytes baseline): 4-bit weights, 16-bit activations."""
+
+    name: str = "nf4"
+    weights: str = "nf4"
+    activations: str | None = None
+    rank: int = 0
+    method: str = "naive"
+
+
+@dataclass(frozen=True)
+class W4A16Config(QuantConfig):
+    """INT4 g64 weights with 16-bit activations; used for FLUX's adaLN modulation linears."""
+
+    name: str = "w4a16"
+    activations: str | None = None
+    rank: int = 0
+    method: str = "naive"
+
+
+RECIPES: dict[str, QuantConfig] = {
+    "int4": Int4Config(),
+    "nvfp4": NVFP4Config(),
+    "w8a8": W8A8Config(),
+    "fp8": FP8Config(),
+    "nf4": NF4Config(),
+    "w4a16": W4A16Config(),
+}
+
+
+def get_recipe(recipe: str | QuantConfig, **overrides) -> QuantConfig:
+    """A recipe by name (``"int4"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``, ``"w4a16"``) or as given."""
+    if isinstance(recipe, QuantConfig):
+        base = recipe
+    elif recipe in RECIPES:
+        base = RECIPES[recipe]
+    else:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    return base.replace(**overrides) if overrides else base
