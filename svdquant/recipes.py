@@ -71,6 +71,11 @@ class QuantConfig:
             raise ValueError(
                 f"activations={self.activations!r} is not a format; choose one of {ACTIVATION_FORMATS} or None"
             )
+        if self.activations is not None and self.activations != self.weights:
+            raise ValueError(
+                f"weights={self.weights!r} with activations={self.activations!r}: both operands of the product must "
+                "use one format (or activations=None for weight-only)"
+            )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {METHODS}")
         if self.svd not in SVD_KINDS:
@@ -120,7 +125,9 @@ class QuantConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"recipe has unknown fields {sorted(unknown)}; was it written by a newer svdquant?")
-        return QuantConfig(**d)
+        named = RECIPES.get(d.get("name", ""))
+        target = type(named) if named is not None and cls is QuantConfig else cls
+        return target(**d)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats import QTensor, check_finite, fake_quantize, quantize
+from ..formats.int4 import shift_vector
 from ..recipes import POST_GELU_SHIFT, QuantConfig
 from .lowrank import low_rank
 
@@ -38,6 +39,7 @@ class QuantizedWeights:
     lora_down: torch.Tensor | None     # L1 = L1'/λ, [rank, K], model dtype
     lora_up: torch.Tensor | None       # L2, [N, rank], model dtype
     act_shift: float = 0.0
+    act_unsigned_from: int = 0  # the shift and unsigned range apply to channels >= this
     input_scale: torch.Tensor | None = None  # NVFP4 activations: static fp32 tensor scale
 
 
@@ -73,9 +75,12 @@ class _Problem:
         x = _flatten_inputs(inputs, k).to(self.w.device)
         check_finite(x, "calibration inputs")
         quantized_act = recipe.activations is not None
-        self.shift = POST_GELU_SHIFT if (post_gelu and recipe.activations == "int4") else 0.0
-        self.unsigned = self.shift > 0
-        self.act_max = (x + self.shift).abs().amax(0).clamp_min(1e-5) if quantized_act else None
+        shifted = post_gelu is not False and post_gelu is not None and recipe.activations == "int4"
+        self.shift = POST_GELU_SHIFT if shifted else 0.0
+        self.unsigned_from = (0 if post_gelu is True else int(post_gelu)) if shifted else None
+        self.unsigned = (True if self.unsigned_from == 0 else self.unsigned_from) if shifted else False
+        self.shift_vec = shift_vector(k, self.shift, self.unsigned_from, x.device)
+        self.act_max = (x + self.shift_vec).abs().amax(0).clamp_min(1e-5) if quantized_act else None
         self.w_max = self.w.abs().amax(0).clamp_min(1e-5)
         n_eval = min(recipe.eval_tokens, x.shape[0]) if recipe.eval_tokens > 0 else x.shape[0]
         idx = torch.linspace(0, x.shape[0] - 1, n_eval, device=x.device).round().long()
@@ -88,7 +93,7 @@ class _Problem:
         r = self.recipe
         if r.activations is None:
             return self.x.to(self.dtype).float()
-        u = (self.x + self.shift) * inv_smooth
+        u = (self.x + self.shift_vec) * inv_smooth
         ts = None
         if r.activations == "nvfp4":
             ts = self.input_scale(inv_smooth)
@@ -129,7 +134,7 @@ class _Problem:
         """Squared output error of the quantized layer on the scoring tokens."""
         y = xq @ wq.T
         if inv_smooth is not None and self.shift:
-            y -= self.shift * (wq * inv_smooth).sum(1)
+            y -= (wq * (inv_smooth * self.shift_vec)).sum(1)
         if up.shape[1]:
             ups = up.split(self.splits, 0)
             cache: dict[int, torch.Tensor] = {}
@@ -143,12 +148,12 @@ class _Problem:
 
 
 def _flatten_inputs(inputs, k: int) -> torch.Tensor:
-    if isinstance(inputs, (list, tuple)):
-        inputs = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs], 0)
-    if not torch.is_tensor(inputs) or inputs.ndim < 1 or inputs.shape[-1] != k:
-        shape = tuple(inputs.shape) if torch.is_tensor(inputs) else type(inputs).__name__
-        raise ValueError(f"calibration inputs must be a tensor [..., {k}] (the layer's in_features), got {shape}")
-    x = inputs.reshape(-1, k).float()
+    parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    for t in parts:
+        if not torch.is_tensor(t) or t.ndim < 1 or t.shape[-1] != k:
+            shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"calibration inputs must be tensors [..., {k}] (the layer's in_features), got {shape}")
+    x = torch.cat([t.reshape(-1, k).float() for t in parts], 0)
     if x.shape[0] == 0:
         raise ValueError("calibration inputs are empty; pass at least one token")
     return x
@@ -170,15 +175,18 @@ def quantize_linears(
     inputs,
     recipe: QuantConfig,
     *,
-    post_gelu: bool = False,
+    post_gelu: bool | int = False,
     shared_branch: bool = True,
+    act_max: torch.Tensor | None = None,
 ) -> tuple[list[QuantizedWeights], LayerReport]:
     """Quantize linears that read the same input with one smoothing factor.
 
     ``weights`` are ``[N_i, K]`` tensors (any float dtype: the model dtype, which the
     scales, branch and bias are stored in), ``inputs`` a tensor ``[..., K]`` (or a list of
     them) of calibration inputs, ``post_gelu`` marks inputs that follow a GELU (INT4
-    activations then use the unsigned shifted format). Returns one
+    activations then use the unsigned shifted format): ``True`` for all channels or the
+    index of the first GELU channel (a multiple of the group). ``act_max`` optionally
+    gives ``max|X_j|`` over more tokens than ``inputs`` holds. Returns one
     :class:`QuantizedWeights` per weight and one report for the group.
     """
     t0 = time.perf_counter()
@@ -190,6 +198,8 @@ def quantize_linears(
             raise ValueError(f"weights must all be [N, {k}] matrices, got {tuple(w.shape)}")
         check_finite(w, "the weight")
     p = _Problem(weights, inputs, recipe, post_gelu)
+    if act_max is not None and p.act_max is not None:
+        p.act_max = torch.maximum(p.act_max, (act_max.to(p.w.device).float() + p.shift_vec).abs().clamp_min(1e-5))
     rc = recipe
     report = LayerReport(shape=(sum(p.splits), k), method=rc.method, rank=rc.branch_rank)
 
@@ -225,7 +235,7 @@ def quantize_linears(
     err, up, downs, resid, wq = best
     report.history.append(err)
 
-    if rc.lowrank == "svd" and rc.iterations > 0:
+    if rc.method == "svdquant" and rc.iterations > 0:
         # L_k = SVD_r(Ŵ − Q(Ŵ − L_{k−1})): refit the branch to what the quantized residual misses.
         inv = 1.0 / lam if lam is not None else None
         w_hat = p.w * lam if lam is not None else p.w
@@ -257,7 +267,7 @@ def _assemble(p: _Problem, lam, up, downs, resid, biases) -> list[QuantizedWeigh
         q = quantize(r_i, rc.weights, rc.group_size or None, scale_dtype=dt, check=False)
         b = biases[i].detach().float() if biases[i] is not None else None
         if p.shift:
-            comp = p.shift * (q.dequantize() * inv).sum(1)
+            comp = (q.dequantize() * (inv * p.shift_vec)).sum(1)
             b = -comp if b is None else b - comp
         has_branch = up_i.shape[1] > 0
         down_i = downs[i] * inv if (has_branch and inv is not None) else downs[i]
@@ -268,12 +278,13 @@ def _assemble(p: _Problem, lam, up, downs, resid, biases) -> list[QuantizedWeigh
             lora_down=down_i.to(dt).contiguous() if has_branch else None,
             lora_up=up_i.to(dt).contiguous() if has_branch else None,
             act_shift=p.shift,
+            act_unsigned_from=p.unsigned_from or 0,
             input_scale=input_scale,
         ))
     return out
 
 
-def quantize_linear(weight, bias, inputs, recipe: QuantConfig, *, post_gelu: bool = False):
+def quantize_linear(weight, bias, inputs, recipe: QuantConfig, *, post_gelu: bool | int = False):
     """One linear: :func:`quantize_linears` with a group of one."""
     (qw,), report = quantize_linears([weight], [bias], inputs, recipe, post_gelu=post_gelu)
     return qw, report

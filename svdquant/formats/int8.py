@@ -33,7 +33,7 @@ def fake_quantize_int8(x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    return (xf * inv).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale)
+    return (xf * inv).round_().clamp_(-INT8_MAX, INT8_MAX).mul_(scale).add_(0.0)  # -0.0 -> +0.0
 
 
 def dequantize_int8(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -96,7 +96,7 @@ def quantize_nvfp4(
 def fake_quantize_nvfp4(x, group_size=16, *, tensor_scale=None, check=True) -> torch.Tensor:
     """``dequantize_nvfp4(quantize_nvfp4(x))`` without building the codes."""
     xg, _, _, full, inv = _nvfp4_grid(x, group_size, tensor_scale, check)
-    return round_to_e2m1_values(xg * inv).mul_(full).flatten(-2)[..., : x.shape[-1]]
+    return round_to_e2m1_values(xg * inv).mul_(full).add_(0.0).flatten(-2)[..., : x.shape[-1]]  # -0.0 -> +0.0
 
 
 def dequantize_nvfp4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

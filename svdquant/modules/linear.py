@@ -48,6 +48,7 @@ class SVDQLinear(nn.Module):
         group_size: int = 64,
         rank: int = 32,
         act_shift: float = 0.0,
+        act_unsigned_from: int = 0,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ):
@@ -55,6 +56,7 @@ class SVDQLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
         self.group_size, self.rank, self.act_shift = group_size, rank, float(act_shift)
+        self.act_unsigned_from = int(act_unsigned_from)
         self.dtype = dtype
         self.quant_report = None
         n, k = out_features, in_features
@@ -96,7 +98,8 @@ class SVDQLinear(nn.Module):
         n, k = q.codes.shape[0], q.in_features
         rank = qw.lora_down.shape[0] if qw.lora_down is not None else 0
         m = cls(k, n, bias=qw.bias is not None, weights=recipe.weights, activations=recipe.activations,
-                group_size=recipe.group_size, rank=rank, act_shift=qw.act_shift, dtype=dtype,
+                group_size=recipe.group_size, rank=rank, act_shift=qw.act_shift,
+                act_unsigned_from=qw.act_unsigned_from, dtype=dtype,
                 device=q.codes.device)
         with torch.no_grad():
             m.qweight.copy_(pack_4bit(q.codes) if recipe.weights in FOUR_BIT else q.codes)
@@ -116,19 +119,19 @@ class SVDQLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, inputs, recipe: str | QuantConfig = "int4", *,
-                    post_gelu: bool = False) -> "SVDQLinear":
+                    post_gelu: bool | int = False) -> "SVDQLinear":
         """Quantize ``linear`` from a sample of its inputs (``[..., in_features]``).
 
         ``post_gelu=True`` marks an input that follows a GELU: INT4 activations are then
-        shifted by +0.171875 and quantized unsigned. The report of what was chosen and the
+        shifted by +0.171875 and quantized unsigned (an int: only channels from that index on). The report of what was chosen and the
         output error is kept in ``.quant_report``.
         """
         (m,) = cls.from_linears([linear], inputs, recipe, post_gelu=post_gelu)
         return m
 
     @classmethod
-    def from_linears(cls, linears, inputs, recipe: str | QuantConfig = "int4", *, post_gelu: bool = False,
-                     shared_branch: bool = True) -> list["SVDQLinear"]:
+    def from_linears(cls, linears, inputs, recipe: str | QuantConfig = "int4", *, post_gelu: bool | int = False,
+                     shared_branch: bool = True, act_max: torch.Tensor | None = None) -> list["SVDQLinear"]:
         """Quantize linears that read the same input (q/k/v) with one λ and, by default, one shared branch."""
         from ..algorithm import quantize_linears
 
@@ -137,7 +140,7 @@ class SVDQLinear(nn.Module):
             if not isinstance(lin, nn.Linear):
                 raise TypeError(f"expected nn.Linear, got {type(lin).__name__}")
         qws, report = quantize_linears([lin.weight for lin in linears], [lin.bias for lin in linears], inputs,
-                                       recipe, post_gelu=post_gelu, shared_branch=shared_branch)
+                                       recipe, post_gelu=post_gelu, shared_branch=shared_branch, act_max=act_max)
         mods = [cls.from_quantized(qw, recipe, lin.weight.dtype) for qw, lin in zip(qws, linears)]
         for m in mods:
             m.quant_report = report
@@ -149,7 +152,8 @@ class SVDQLinear(nn.Module):
         return {
             "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
             "weights": self.weights, "activations": self.activations, "group_size": self.group_size,
-            "rank": self.rank, "act_shift": self.act_shift, "dtype": str(self.dtype).removeprefix("torch."),
+            "rank": self.rank, "act_shift": self.act_shift, "act_unsigned_from": self.act_unsigned_from,
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     @classmethod
@@ -187,4 +191,6 @@ class SVDQLinear(nn.Module):
         act = self.activations or "16-bit"
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "
              f"W={self.weights} A={act} group={self.group_size} rank={self.rank}")
-        return s + (f", shift={self.act_shift}" if self.act_shift else "")
+        if self.act_shift:
+            s += f", shift={self.act_shift} from channel {self.act_unsigned_from}"
+        return s

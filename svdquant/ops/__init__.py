@@ -18,7 +18,7 @@ def svdq_linear(x: torch.Tensor, m) -> torch.Tensor:
         y = reference.weight_only_linear(x2, w, lora_down, lora_up, m.bias)
     else:
         qin = reference.quantize_input(x2, m.smooth_inv, lora_down, m.activations, m.group_size, m.act_shift,
-                                       getattr(m, "input_scale", None))
+                                       getattr(m, "input_scale", None), m.act_unsigned_from)
         y = reference.qgemm(qin, m.weights, m.group_size, m.qweight, m.wscales, getattr(m, "wtensor_scale", None),
                             lora_up, m.bias, x.dtype)
     return y.reshape(*lead, m.out_features)

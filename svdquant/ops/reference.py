@@ -9,9 +9,9 @@ Split the way the fused GPU kernels split the work:
    rescaled by ``s_x · s_w`` into an fp32 accumulator; then ``+ lora_act · L2ᵀ + bias``;
    cast to the output dtype.
 
-Integer dot products of 4-bit codes over a group of 64 are at most 64·15·7 in
-magnitude, so fp32 matmuls of integer-valued tensors compute them exactly; INT8 rows
-use float64 for the same reason. Runs on any device.
+Products of 4-bit codes with their 16-bit group scales are exact in fp32, so the grouped
+product is one fp32 matmul of scaled codes (see :func:`_grouped_dot`); INT8 rows, whose
+integer sums can exceed fp32's 24 bits, use float64. Runs on any device.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import QTensor, dequantize, quantize, unpack_4bit
+from ..formats.int4 import shift_vector
 from ..formats.nvfp4 import e2m1_table
-
-_CHUNK_ELEMS = 1 << 25  # cap on the [groups, M, N] partial products held at once
-
 
 @dataclass
 class QuantizedInput:
@@ -45,29 +43,37 @@ def quantize_input(
     group_size: int,
     shift: float = 0.0,
     input_scale: torch.Tensor | None = None,
+    unsigned_from: int = 0,
 ) -> QuantizedInput:
-    """``x``: ``[M, K]`` in bf16/fp16/fp32. Scales of INT4 activations are stored in x's dtype."""
-    u = (x.float() + shift) * smooth_inv
-    q = quantize(u, fmt, group_size or None, unsigned=shift > 0, scale_dtype=x.dtype,
+    """``x``: ``[M, K]`` in bf16/fp16/fp32. Scales of INT4 activations are stored in x's dtype.
+
+    With a post-GELU ``shift``, channels ``>= unsigned_from`` get ``+shift`` and unsigned
+    INT4 codes; channels before it stay signed and unshifted.
+    """
+    if shift and unsigned_from:
+        u = (x.float() + shift_vector(x.shape[-1], shift, unsigned_from, x.device)) * smooth_inv
+        unsigned = unsigned_from
+    else:
+        u = (x.float() + shift) * smooth_inv
+        unsigned = bool(shift)
+    q = quantize(u, fmt, group_size or None, unsigned=unsigned, scale_dtype=x.dtype,
                  tensor_scale=input_scale, check=False)
     lora_act = x.float() @ lora_down.float().T if lora_down is not None else None
     return QuantizedInput(q.codes, q.scales, q.tensor_scale, lora_act)
 
 
 def _grouped_dot(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, g: int) -> torch.Tensor:
-    """Σ_groups (a_g · w_gᵀ) · (s_a,g · s_w,g) in fp32. a: [M, K], w: [N, K] code values."""
+    """Σ_groups (a_g · w_gᵀ) · (s_a,g · s_w,g) in fp32. a: [M, K], w: [N, K] code values.
+
+    A 4-bit code times its 16-bit (or E4M3) group scale is exact in fp32, and so is the
+    product of two such values, so folding each scale into its operand and running one
+    fp32 matmul computes the same per-group sums; only the order of the fp32 additions
+    differs from a kernel that accumulates group by group.
+    """
     m, n, groups = a.shape[0], w.shape[0], a.shape[1] // g
-    a3 = a.reshape(m, groups, g).permute(1, 0, 2)
-    w3 = w.reshape(n, groups, g).permute(1, 2, 0)
-    a_s, w_s = a_s.float().T, w_s.float().T  # [groups, M], [groups, N]
-    acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    step = max(1, _CHUNK_ELEMS // max(1, m * n))
-    for g0 in range(0, groups, step):
-        g1 = min(groups, g0 + step)
-        part = torch.bmm(a3[g0:g1], w3[g0:g1])
-        part *= a_s[g0:g1, :, None] * w_s[g0:g1, None, :]
-        acc += part.sum(0)
-    return acc
+    a = (a.reshape(m, groups, g) * a_s.float().unsqueeze(-1)).reshape(m, groups * g)
+    w = (w.reshape(n, groups, g) * w_s.float().unsqueeze(-1)).reshape(n, groups * g)
+    return a @ w.T
 
 
 def qgemm(

@@ -1,0 +1,105 @@
+"""What an adapter tells the quantizer about an architecture.
+
+An :class:`Adapter` names the model's block stacks (so calibration can run one block
+at a time), how one block's outputs become the next block's inputs, and, per block,
+the groups of linears to quantize (:class:`Group`). Layers in no group stay 16-bit
+and are listed as skipped in the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+# A group member is a plain ``nn.Linear`` or a 1×1 ``nn.Conv2d`` (a linear over channels).
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linears (paths relative to their block) that read the same input and are quantized together.
+
+    weight_only: keep activations 16-bit (FLUX's adaLN modulation linears): no smoothing,
+        no branch, weights in the recipe's weight format.
+    post_gelu: the input follows a GELU: ``True`` for all channels, or the first channel
+        index of a GELU part (FLUX single-block ``proj_out`` reads [attention | GELU(mlp)]).
+    shared_branch: one low-rank branch for the whole group (q/k/v) or one per member.
+    """
+
+    names: tuple[str, ...]
+    weight_only: bool = False
+    post_gelu: bool | int = False
+    shared_branch: bool = True
+
+
+@dataclass
+class Adapter:
+    """How to quantize one architecture.
+
+    stacks: attribute paths of the ``nn.ModuleList`` s of blocks, in execution order
+        (empty: the whole model is calibrated in one pass).
+    outputs: names of the values a block returns, in order (``("encoder_hidden_states",
+        "hidden_states")`` for FLUX); they replace the same-named inputs of the next block.
+    groups: block -> the groups to quantize in it.
+    """
+
+    name: str
+    stacks: tuple[str, ...]
+    outputs: tuple[str, ...]
+    groups: Callable[[nn.Module], list[Group]]
+    notes: list[str] = field(default_factory=list)
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        out = []
+        for stack in self.stacks:
+            seq = model.get_submodule(stack)
+            out += [(f"{stack}.{i}", b) for i, b in enumerate(seq)]
+        return out
+
+
+def present(block: nn.Module, *names: str) -> tuple[str, ...]:
+    """The names that exist in ``block`` as quantizable modules (blocks differ: SD3's last has no ff_context)."""
+    found = []
+    for n in names:
+        try:
+            m = block.get_submodule(n)
+        except AttributeError:
+            continue
+        if isinstance(m, QUANTIZABLE) and is_quantizable(m):
+            found.append(n)
+    return tuple(found)
+
+
+def is_quantizable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1)
+
+
+def groups_of(block: nn.Module, *specs) -> list[Group]:
+    """Build groups from ``(names, kwargs)`` specs, dropping members the block lacks."""
+    out = []
+    for names, kw in specs:
+        names = present(block, *names)
+        if names:
+            out.append(Group(names, **kw))
+    return out
+
+
+def generic_adapter(model: nn.Module, include=("*",), exclude=()) -> Adapter:
+    """Any module tree: every ``nn.Linear`` / 1×1 conv whose full name matches ``include`` and no ``exclude``
+    pattern (shell-style, e.g. ``"blocks.*.mlp.*"``) is quantized on its own, from one calibration pass."""
+    names = [
+        n for n, m in model.named_modules()
+        if n and isinstance(m, QUANTIZABLE) and is_quantizable(m)
+        and any(fnmatch.fnmatchcase(n, p) for p in include)
+        and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    ]
+
+    def groups(block):
+        return [Group((n,)) for n in names]
+
+    return Adapter("generic", (), (), groups)

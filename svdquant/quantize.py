@@ -1,0 +1,236 @@
+"""``svdquant.quantize``: the one entry point that turns a 16-bit model into an SVDQuant one.
+
+    import svdquant
+    report = svdquant.quantize(pipe, "int4")              # a diffusers pipeline, default prompts
+    report = svdquant.quantize(pipe.transformer, "int4",  # a bare model + its forward inputs
+                               calibration=svdquant.Calibration(inputs=[kwargs, ...]))
+    print(report)
+
+Block by block: the pipeline runs once over the calibration prompts while hooks keep
+the inputs of the first block of each stack on the drawn (prompt, step) calls; then
+each block is replayed in 16 bits on those inputs, with hooks keeping what its linears
+read, its linears are quantized and swapped in place, and the block's 16-bit outputs
+become the next block's inputs. Only one block's layer inputs are held at once, and
+every layer is calibrated on 16-bit inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration, to_device
+from .models import Group, get_adapter
+from .models.base import QUANTIZABLE, is_quantizable
+from .modules import SVDQConv1x1, SVDQLinear
+from .modules.conv import as_linear
+from .recipes import QuantConfig, get_recipe
+
+
+@dataclass
+class LayerRow:
+    names: list[str]
+    weights: str
+    activations: str | None
+    shape: tuple[int, int]     # (sum of out_features, in_features)
+    rank: int
+    alpha: float
+    beta: float
+    iterations: int
+    rel_error_naive: float
+    rel_error: float
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize`` did: one row per quantized group, the layers left 16-bit, the time taken."""
+
+    recipe: dict
+    model: str
+    rows: list[LayerRow] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, class)
+    snapshots: int = 0
+    seconds_calibration: float = 0.0
+    seconds_total: float = 0.0
+    peak_memory_gb: float | None = None
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"svdquant: {self.model} with recipe {self.recipe['name']!r}: {len(self.rows)} groups quantized, "
+                 f"{len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots, "
+                 f"{self.seconds_total:.1f} s (calibration {self.seconds_calibration:.1f} s)"
+                 + (f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else "")]
+        w = max([len(_short(r.names)) for r in self.rows] + [5])
+        lines.append(f"{'layer':{w}s}  {'format':10s} {'shape':>13s} {'rank':>4s} {'naive':>7s} {'error':>7s} {'SQNR':>6s}")
+        for r in self.rows:
+            fmt = f"W{r.weights}A{r.activations or '16'}"
+            sq = -20 * math.log10(max(r.rel_error, 1e-12))
+            lines.append(f"{_short(r.names):{w}s}  {fmt:10s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
+                         f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB")
+        if self.skipped:
+            lines.append("kept 16-bit: " + ", ".join(n for n, _ in self.skipped))
+        return "\n".join(lines)
+
+
+def _short(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    head = names[0].rsplit(".", 1)[0]
+    return names[0] + "+" + "+".join(n.rsplit(".", 1)[-1] if n.startswith(head) else n for n in names[1:])
+
+
+def _split_target(target) -> tuple[object | None, nn.Module]:
+    model = getattr(target, "transformer", None)
+    if isinstance(model, nn.Module):
+        return target, model
+    if isinstance(target, nn.Module):
+        return None, target
+    raise TypeError(
+        f"svdquant.quantize takes a diffusers pipeline (with a .transformer) or an nn.Module, got {type(target).__name__}"
+    )
+
+
+def _weight_only(recipe: QuantConfig) -> QuantConfig:
+    if recipe.activations is None:
+        return recipe
+    return recipe.replace(activations=None, method="naive", rank=0)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe: QuantConfig) -> LayerRow:
+    full = [f"{prefix}.{n}" if prefix else n for n in group.names]
+    mods = [root.get_submodule(n) for n in full]
+    lins = [as_linear(m) if isinstance(m, nn.Conv2d) else m for m in mods]
+    rc = _weight_only(recipe) if group.weight_only else recipe
+    qmods = SVDQLinear.from_linears(lins, x, rc, post_gelu=group.post_gelu, shared_branch=group.shared_branch,
+                                    act_max=amax)
+    for name, old, q in zip(full, mods, qmods):
+        _set_module(root, name, SVDQConv1x1(q) if isinstance(old, nn.Conv2d) else q)
+    rep = qmods[0].quant_report
+    return LayerRow(full, rc.weights, rc.activations, rep.shape, rep.rank, rep.alpha, rep.beta, rep.iterations,
+                    rep.rel_error_naive, rep.rel_error, rep.seconds)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def quantize(
+    target,
+    recipe: str | QuantConfig = "int4",
+    calibration: Calibration | None = None,
+    *,
+    include=None,
+    exclude=None,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize a diffusers pipeline's transformer (or any ``nn.Module``) in place.
+
+    recipe: a name (``"int4"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``) or a
+        :class:`~svdquant.recipes.QuantConfig`.
+    calibration: what to run; default :class:`Calibration()` (the default prompts, on a
+        pipeline). A bare model needs ``Calibration(inputs=[...])``.
+    include / exclude: shell-style patterns of layer names; given, they replace the
+        architecture's adapter by the generic one (every matching ``nn.Linear``).
+    Returns a :class:`QuantReport` (print it for a table).
+    """
+    t0 = time.perf_counter()
+    pipe, model = _split_target(target)
+    recipe = get_recipe(recipe)
+    adapter = get_adapter(model, include, exclude)
+    calib = calibration or Calibration()
+    if calib.prompts is None and calib.inputs is None and hasattr(pipe, "calibration_prompts"):
+        calib = dataclasses.replace(calib, prompts=pipe.calibration_prompts)  # e.g. class names
+    tokens = calib.tokens_per_layer or recipe.eval_tokens
+    device = _model_device(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    report = QuantReport(recipe=recipe.to_dict(), model=type(model).__name__)
+    was_training = model.training
+    model.eval()
+
+    if adapter.stacks:
+        blocks = adapter.blocks(model)
+        plan = [(name, block, adapter.groups(block)) for name, block in blocks]
+        recorder: dict[str, EntryRecorder] = {}
+
+        def hooks(selector):
+            recorder["r"] = EntryRecorder(model, adapter.stacks, selector, device)
+            return recorder["r"].close
+
+        report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
+        entries = recorder["r"].entries
+        report.seconds_calibration = time.perf_counter() - t0
+        if report.snapshots == 0 or not all(entries.values()):
+            raise RuntimeError("calibration recorded no model calls; check the calibration prompts/inputs")
+        bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group", disable=not progress)
+        for stack in adapter.stacks:
+            snaps = entries[stack]
+            stack_blocks = [(n, b, g) for n, b, g in plan if n.rsplit(".", 1)[0] == stack]
+            for bi, (bname, block, groups) in enumerate(stack_blocks):
+                bar.set_description(f"quantizing {bname}")
+                firsts = {g.names[0]: block.get_submodule(g.names[0]) for g in groups}
+                rec = LinearInputRecorder(firsts, len(snaps), tokens, calib.seed)
+                last = bi == len(stack_blocks) - 1
+                nxt = []
+                try:
+                    for s in snaps:
+                        out = block(**s)
+                        if not last:
+                            outs = out if isinstance(out, tuple) else (out,)
+                            nxt.append({**s, **dict(zip(adapter.outputs, outs))})
+                finally:
+                    rec.close()
+                for g in groups:
+                    bar.set_postfix_str(_short(list(g.names)))
+                    x, amax = rec.inputs(g.names[0])
+                    report.rows.append(_quantize_group(block, "", g, x, amax, recipe))
+                    report.rows[-1].names = [f"{bname}.{n}" for n in g.names]
+                    bar.update(1)
+                del rec
+                snaps = nxt
+        bar.close()
+    else:
+        groups = adapter.groups(model)
+        if not groups:
+            raise ValueError("no layer of the model matches the include/exclude patterns")
+        firsts = {g.names[0]: model.get_submodule(g.names[0]) for g in groups}
+        n_snap = len(calib.inputs) if calib.inputs is not None else calib.snapshots
+        holder = {}
+
+        def hooks(selector):
+            holder["r"] = LinearInputRecorder(firsts, n_snap, tokens, calib.seed, selector)
+            return holder["r"].close
+
+        report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
+        report.seconds_calibration = time.perf_counter() - t0
+        for g in tqdm(groups, desc="quantizing", unit="group", disable=not progress):
+            x, amax = holder["r"].inputs(g.names[0])
+            report.rows.append(_quantize_group(model, "", g, x, amax, recipe))
+
+    report.skipped = [(n, type(m).__name__) for n, m in model.named_modules()
+                      if isinstance(m, QUANTIZABLE) and n]
+    model._svdquant_recipe = recipe.to_dict()
+    model.train(was_training)
+    report.seconds_total = time.perf_counter() - t0
+    if device.type == "cuda":
+        report.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    return report
