@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from svdquant import RECIPES, QuantConfig, SVDQLinear, get_recipe
-from svdquant.formats import unpack_4bit
+from svdquant.formats import unpack_4bit_halves
 
 K, N = 256, 192
 BOUNDS = {"int4": 0.05, "nvfp4": 0.04, "w8a8": 0.01, "fp8": 0.045, "nf4": 0.20, "w4a16": 0.30}
@@ -333,10 +333,10 @@ def _int4_forward_by_hand(m: SVDQLinear, x: torch.Tensor) -> torch.Tensor:
     g = m.group_size
     n, k = m.out_features, m.in_features
     kp = m.qweight.shape[1] * 2
-    # weights: two's-complement nibbles, low nibble first
-    b = m.qweight.to(torch.int64)
+    # weights: two's-complement nibbles; in each group, low nibbles = first half, high = second half
+    b = m.qweight.to(torch.int64).reshape(n, kp // g, g // 2)
     lo, hi = b & 0xF, b >> 4
-    wc = torch.stack([lo, hi], -1).reshape(n, kp)
+    wc = torch.cat([lo, hi], -1).reshape(n, kp)
     wc = torch.where(wc >= 8, wc - 16, wc).double()                 # [N, Kp] in [-8, 7]
     assert wc.abs().max() <= 7
     ws = m.wscales.double()                                          # [N, G]
@@ -386,7 +386,7 @@ def test_int4_forward_recomputed_by_hand(in_dtype, post_gelu):
 
 def test_unpacked_weight_codes_match_dequantized_weight():
     _, _, _, m = built("int4")
-    codes = unpack_4bit(m.qweight, signed=True).float()
+    codes = unpack_4bit_halves(m.qweight, 64, signed=True).float()
     deq = codes.reshape(N, -1, 64) * m.wscales.float()[..., None]
     assert torch.equal(m.dequantized_weight(), deq.reshape(N, -1)[:, :K])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdquant.formats import pack_4bit, unpack_4bit
+from svdquant.formats import pack_4bit, pack_4bit_halves, unpack_4bit, unpack_4bit_halves
 
 
 def test_known_bytes_unsigned():
@@ -92,3 +92,19 @@ def test_float_codes_raise():
 def test_unpack_needs_uint8():
     with pytest.raises(TypeError, match="uint8"):
         unpack_4bit(torch.zeros(4, dtype=torch.int8))
+
+
+def test_pack_halves_known_bytes():
+    # group of 4: byte j holds element j (low) and element j + 2 (high)
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
+    packed = pack_4bit_halves(codes, 4)
+    assert packed.tolist() == [[0x31, 0x42, 0x75, 0x06]]
+    assert torch.equal(unpack_4bit_halves(packed, 4), codes)
+
+
+def test_pack_halves_round_trip_signed():
+    torch.manual_seed(0)
+    codes = torch.randint(-8, 8, (5, 128), dtype=torch.int8)
+    assert torch.equal(unpack_4bit_halves(pack_4bit_halves(codes, 64), 64, signed=True), codes)
+    with pytest.raises(ValueError, match="multiple"):
+        pack_4bit_halves(codes[:, :96], 64)

@@ -23,7 +23,7 @@ from .int4 import dequantize_int4, fake_quantize_int4, quantize_int4
 from .int8 import dequantize_int8, fake_quantize_int8, quantize_int8
 from .nf4 import NF4_LEVELS, dequantize_nf4, quantize_nf4
 from .nvfp4 import E2M1_VALUES, dequantize_nvfp4, fake_quantize_nvfp4, nvfp4_tensor_scale as _nvfp4_tensor_scale, quantize_nvfp4
-from .packing import pack_4bit, unpack_4bit
+from .packing import pack_4bit, pack_4bit_halves, unpack_4bit, unpack_4bit_halves
 
 WEIGHT_FORMATS = ("int4", "nvfp4", "int8", "fp8", "nf4")
 ACTIVATION_FORMATS = ("int4", "nvfp4", "int8", "fp8")
@@ -115,6 +115,6 @@ __all__ = [
     "QTensor", "quantize", "dequantize", "fake_quantize", "check_finite", "pad_to_group",
     "quantize_int4", "dequantize_int4", "quantize_nvfp4", "dequantize_nvfp4",
     "quantize_int8", "dequantize_int8", "quantize_fp8", "dequantize_fp8",
-    "quantize_nf4", "dequantize_nf4", "pack_4bit", "unpack_4bit",
+    "quantize_nf4", "dequantize_nf4", "pack_4bit", "unpack_4bit", "pack_4bit_halves", "unpack_4bit_halves",
     "E2M1_VALUES", "NF4_LEVELS", "WEIGHT_FORMATS", "ACTIVATION_FORMATS", "FOUR_BIT",
 ]

@@ -35,3 +35,25 @@ def unpack_4bit(packed: torch.Tensor, signed: bool = False) -> torch.Tensor:
     if signed:
         return (out.to(torch.int8) ^ 8) - 8
     return out
+
+
+def pack_4bit_halves(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pack so that, within each group, byte ``j`` holds element ``j`` (low nibble) and ``j + g/2`` (high).
+
+    This is the layout of :class:`~svdquant.SVDQLinear` weights: a GPU kernel unpacks one
+    byte tile into the two halves of a group with a shift and a mask, no shuffle.
+    ``[..., K]`` (K a multiple of ``group_size``) -> ``[..., K // 2]`` uint8.
+    """
+    k = codes.shape[-1]
+    if group_size % 2 or k % group_size:
+        raise ValueError(f"pack_4bit_halves: K={k} must be a multiple of an even group size ({group_size})")
+    g = codes.reshape(*codes.shape[:-1], k // group_size, 2, group_size // 2)
+    return pack_4bit(g.transpose(-1, -2).reshape(codes.shape))
+
+
+def unpack_4bit_halves(packed: torch.Tensor, group_size: int, signed: bool = False) -> torch.Tensor:
+    """Inverse of :func:`pack_4bit_halves`."""
+    c = unpack_4bit(packed, signed)
+    k = c.shape[-1]
+    g = c.reshape(*c.shape[:-1], k // group_size, group_size // 2, 2)
+    return g.transpose(-1, -2).reshape(c.shape)

@@ -4,7 +4,7 @@ Stored (all as buffers, so ``state_dict`` holds exactly what a checkpoint needs)
 
 | buffer        | shape              | dtype                         | what                                |
 | ------------- | ------------------ | ----------------------------- | ----------------------------------- |
-| qweight       | [N, K_pad/2]       | uint8 (two 4-bit codes/byte)  | Q(R) for int4 / nvfp4 / nf4         |
+| qweight       | [N, K_pad/2]       | uint8, 2 codes/byte (*)       | Q(R) for int4 / nvfp4 / nf4         |
 |               | [N, K]             | int8 / float8_e4m3fn          | Q(R) for int8 / fp8                 |
 | wscales       | [N, K_pad/g]       | model dtype (int4), e4m3 (nvfp4), fp32 (nf4) | group scales         |
 |               | [N]                | fp32                          | row scales (int8 / fp8)             |
@@ -14,6 +14,9 @@ Stored (all as buffers, so ``state_dict`` holds exactly what a checkpoint needs)
 | lora_down     | [rank, K]          | model dtype                   | L1 (already divided by λ)           |
 | lora_up       | [N, rank]          | model dtype                   | L2                                  |
 | bias          | [N]                | model dtype                   | b' (post-GELU shift compensated)    |
+
+(*) within each group of g codes, byte j holds code j (low nibble) and code j + g/2
+(high nibble): :func:`~svdquant.formats.pack_4bit_halves`, the layout the kernels unpack.
 
 Scalars (``act_shift``, formats, sizes) are constructor arguments; :meth:`config`
 returns them so a checkpoint can rebuild the module before loading its tensors.
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..formats import FOUR_BIT, pack_4bit
+from ..formats import FOUR_BIT, pack_4bit_halves
 from ..recipes import QuantConfig, get_recipe
 
 
@@ -59,6 +62,7 @@ class SVDQLinear(nn.Module):
         self.act_unsigned_from = int(act_unsigned_from)
         self.dtype = dtype
         self.quant_report = None
+        self.branch_version = 0  # bumped whenever the low-rank branch changes (kernels cache a padded copy)
         n, k = out_features, in_features
         kp = k + (-k) % group_size if group_size else k
 
@@ -102,7 +106,7 @@ class SVDQLinear(nn.Module):
                 act_unsigned_from=qw.act_unsigned_from, dtype=dtype,
                 device=q.codes.device)
         with torch.no_grad():
-            m.qweight.copy_(pack_4bit(q.codes) if recipe.weights in FOUR_BIT else q.codes)
+            m.qweight.copy_(pack_4bit_halves(q.codes, recipe.group_size) if recipe.weights in FOUR_BIT else q.codes)
             m.wscales.copy_(q.scales)
             if recipe.weights == "nvfp4":
                 m.wtensor_scale.copy_(q.tensor_scale)
@@ -161,6 +165,12 @@ class SVDQLinear(nn.Module):
         cfg = dict(cfg)
         cfg["dtype"] = getattr(torch, cfg["dtype"])
         return cls(**cfg, device=device)
+
+    def branch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The low-rank branch as ``(L1 [r, K], L2 [N, r])``, or ``(None, None)`` without one."""
+        if self.rank == 0:
+            return None, None
+        return self.lora_down, self.lora_up
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The 4-bit residual as a dense ``[N, K]`` matrix in the *smoothed* space (i.e. ``Q(R)``)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..formats import QTensor, dequantize, quantize, unpack_4bit
+from ..formats import QTensor, dequantize, quantize, unpack_4bit_halves
 from ..formats.int4 import shift_vector
 from ..formats.nvfp4 import e2m1_table
 
@@ -90,16 +90,19 @@ def qgemm(
     """The quantized product plus the branch's up projection and the bias: ``[M, N]`` in ``out_dtype``."""
     if fmt == "int4":
         a = qin.codes.float()
-        w = unpack_4bit(qweight, signed=True).float()
+        w = unpack_4bit_halves(qweight, group_size, signed=True).float()
         acc = _grouped_dot(a, qin.scales, w, wscales, group_size)
     elif fmt == "nvfp4":
         table = e2m1_table(qin.codes.device)
         a = table[qin.codes.long()]
-        w = table[unpack_4bit(qweight).long()]
+        w = table[unpack_4bit_halves(qweight, group_size).long()]
         acc = _grouped_dot(a, qin.scales, w, wscales, group_size)
         acc *= qin.tensor_scale * wtensor_scale
     elif fmt == "int8":
-        acc = (qin.codes.double() @ qweight.double().T).float()
+        if qin.codes.is_cuda and qin.codes.shape[0] > 16 and qweight.shape[1] % 8 == 0 and qweight.shape[0] % 8 == 0:
+            acc = torch._int_mm(qin.codes, qweight.t()).float()  # exact int32 sums on cuBLAS
+        else:
+            acc = (qin.codes.double() @ qweight.double().T).float()
         acc *= qin.scales.float()[:, None] * wscales.float()[None, :]
     elif fmt == "fp8":
         acc = qin.codes.float() @ qweight.float().T
@@ -118,7 +121,7 @@ def dequantize_weight(
 ) -> torch.Tensor:
     """The stored weight as a dense ``[N, K]`` tensor (for weight-only recipes and inspection)."""
     if fmt in ("int4", "nvfp4", "nf4"):
-        codes = unpack_4bit(qweight, signed=fmt == "int4")
+        codes = unpack_4bit_halves(qweight, group_size, signed=fmt == "int4")
     else:
         codes = qweight
     q = QTensor(codes, wscales, fmt, group_size, in_features, tensor_scale=wtensor_scale)

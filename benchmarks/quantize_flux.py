@@ -1,0 +1,120 @@
+"""Wall time and peak memory of quantizing FLUX.1-dev-shaped blocks, extrapolated to the 12B transformer.
+
+    python benchmarks/quantize_flux.py --double 1 --single 2 --snapshots 128 --out $OUT
+
+Builds ``FluxTransformer2DModel`` with the real FLUX.1-dev config (hidden 3072, 24 heads,
+MLP 12288, 4096 image + 512 text tokens at 1024²) but only a few blocks and random
+weights, calibrates through its real forward on random inputs of the real shapes, and
+quantizes with ``svdquant.quantize`` (block by block, as for the full model). The
+per-block times, the 16-bit forward time and the 19 + 38 block count give the estimate
+for the whole transformer; the calibration estimate counts the pipeline calls a real run
+makes (``--prompts`` × ``--steps``, stopping each prompt after its last drawn step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_attention_heads=24, attention_head_dim=128,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def inputs(n, img=4096, txt=512, device="cuda", dtype=torch.bfloat16, seed=0, width=4096, pooled=768):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for i in range(n):
+        out.append(dict(
+            hidden_states=torch.randn(1, img, 64, generator=g).to(device, dtype),
+            encoder_hidden_states=torch.randn(1, txt, width, generator=g).to(device, dtype),
+            pooled_projections=torch.randn(1, pooled, generator=g).to(device, dtype),
+            timestep=torch.rand(1, generator=g).to(device, dtype),
+            guidance=torch.full((1,), 3.5, device=device, dtype=dtype),
+            img_ids=torch.zeros(img, 3, device=device), txt_ids=torch.zeros(txt, 3, device=device),
+            return_dict=False,
+        ))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--double", type=int, default=1)
+    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--snapshots", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=128, help="calibration prompts of the real run (estimate)")
+    ap.add_argument("--steps", type=int, default=8, help="steps per prompt of the real run (estimate)")
+    ap.add_argument("--recipe", default="int4")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.smoke else "cuda"
+    cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
+               pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)) if args.smoke else FLUX_DEV
+
+    from diffusers import FluxTransformer2DModel
+
+    import svdquant
+    from svdquant.calibration import Calibration, draw_plan
+
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.device(dev):
+        model = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, **cfg)
+    model = model.to(torch.bfloat16).eval()
+    snaps = inputs(args.snapshots, *((64, 8) if args.smoke else (4096, 512)), device=dev,
+                   width=cfg["joint_attention_dim"], pooled=cfg["pooled_projection_dim"])
+    sync()
+    with torch.no_grad():
+        model(**snaps[0])
+        sync()
+        t0 = time.perf_counter()
+        for s in snaps[:8]:
+            model(**s)
+        sync()
+    fwd = (time.perf_counter() - t0) / min(8, len(snaps))
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    report = svdquant.quantize(model, args.recipe, Calibration(inputs=snaps), progress=False)
+    sync()
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else float("nan")
+
+    per_block: dict[str, float] = {}
+    for r in report.rows:
+        blk = r.names[0].split(".")[0] + "." + r.names[0].split(".")[1]
+        per_block[blk] = per_block.get(blk, 0.0) + r.seconds
+    dbl = [v for k, v in per_block.items() if k.startswith("transformer_blocks")]
+    sgl = [v for k, v in per_block.items() if k.startswith("single_transformer_blocks")]
+    overhead = total - report.seconds_calibration - sum(per_block.values())  # block replays, hooks
+    n_blocks = args.double + args.single
+    est_quant = 19 * sum(dbl) / len(dbl) + 38 * sum(sgl) / len(sgl) + overhead * 57 / n_blocks
+    # forward of the 57-block model ~ forward of this one scaled by block count (embedders are negligible)
+    fwd_full = fwd * 57 / n_blocks
+    plan = draw_plan(args.prompts, args.steps, args.snapshots, 0)
+    calls = sum(max(s) + 1 for s in plan.values())
+    est_calib = calls * fwd_full
+    res = dict(
+        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", recipe=args.recipe, blocks=dict(double=args.double, single=args.single),
+        snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
+        seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
+        seconds_replay_overhead=overhead, peak_gb=peak, forward_ms_this_model=fwd * 1e3,
+        forward_ms_57_blocks_est=fwd_full * 1e3, pipeline_calls_est=calls, est_calibration_s=est_calib,
+        est_quantization_s=est_quant, est_total_min=(est_calib + est_quant) / 60,
+        iterations=[r.iterations for r in report.rows], rows=[(r.names, r.rel_error, r.seconds) for r in report.rows],
+    )
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quantize_flux.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
