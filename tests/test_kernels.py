@@ -72,8 +72,9 @@ def test_quantize_kernel_matches_reference_exactly(dtype, post_gelu):
     ref = R.quantize_input(x, m.smooth_inv, m.lora_down, "int4", 64, m.act_shift, None, m.act_unsigned_from)
     assert torch.equal(codes, ref.codes.to(torch.int8))
     assert torch.equal(scales_t.t(), ref.scales)
-    assert lora_act[:, : m.rank].sub(ref.lora_act).abs().max() <= 1e-5 * ref.lora_act.abs().max()
-    assert torch.all(lora_act[:, m.rank:] == 0)
+    lora_sum = lora_act.sum(0)  # one partial sum per K split
+    assert lora_sum[:, : m.rank].sub(ref.lora_act).abs().max() <= 1e-5 * ref.lora_act.abs().max()
+    assert torch.all(lora_sum[:, m.rank:] == 0)
 
 
 @cpu_only
@@ -104,6 +105,35 @@ def test_int4_gemm_matches_reference(pipeline, rank):
     ref = reference_linear(x, m)
     assert y.shape == ref.shape
     assert rel(y, ref) < 1e-6  # fp32 out: only the order of fp32 additions differs
+
+
+@cpu_only
+@pytest.mark.parametrize("split", [1, 3])
+def test_quantize_kernel_split_k_gives_same_result(split):
+    m = layer("int4", 192, 32, torch.float32, 11)
+    x = inputs(m, 24, 11, torch.float32)
+    kw = KernelWeights(m)
+    c1, s1, l1 = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16, split=1)
+    c2, s2, l2 = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16, split=split)
+    assert l2.shape[0] == split
+    assert torch.equal(c1, c2) and torch.equal(s1, s2)
+    assert torch.allclose(l1.sum(0), l2.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@cpu_only
+@pytest.mark.parametrize("w_layout", [1, 2])
+def test_int4_gemm_unpacked_layouts_match(w_layout):
+    from svdquant.formats import unpack_4bit_halves
+
+    m = layer("int4", 128, 48, torch.float32, 12)
+    x = inputs(m, 30, 12, torch.float32)
+    kw = KernelWeights(m)
+    codes_dtype = torch.int8 if w_layout == 1 else torch.float8_e4m3fn
+    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16, codes_dtype=codes_dtype)
+    wq = unpack_4bit_halves(m.qweight, 64, signed=True).to(codes_dtype)
+    y = w4a4_gemm(codes, scales_t, wq, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32, w_layout=w_layout,
+                  **SMALL)
+    assert rel(y, reference_linear(x, m)) < 1e-6
 
 
 @cpu_only
@@ -160,7 +190,7 @@ def test_bf16_output_within_rounding_of_reference():
 def test_kernel_weights_pad_rank_to_power_of_two():
     m = layer("int4", 128, 32, torch.float32, 8, rank=24)
     kw = KernelWeights(m)
-    assert kw.lora_down.shape == (32, 128) and kw.lora_up.shape == (32, 32)
+    assert kw.lora_down.shape == (32, 128) and kw.lora_up.shape == (32, 32)  # rank 24 -> 32
     assert torch.equal(kw.lora_down[:24], m.lora_down) and torch.all(kw.lora_down[24:] == 0)
     x = inputs(m, 20, 8, torch.float32)
     codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)

@@ -50,12 +50,15 @@ def _tile_ids(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.co
 
 
 @triton.jit
-def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym,
-              R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, M, stride_ym,
+              R: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GELU: tl.constexpr):
     if HAS_LORA:
         rr = tl.arange(0, R)
         lu = tl.load(lu_ptr + offs_n[:, None] * R + rr[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        la = tl.load(la_ptr + offs_m[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
+        la = tl.zeros([offs_m.shape[0], R], dtype=tl.float32)
+        for s_ in range(0, SPLIT):  # kernel 1's per-split partial sums of X·L1ᵀ
+            la += tl.load(la_ptr + s_ * M * R + offs_m[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
         acc = tl.dot(lu, tl.trans(la), acc, input_precision="tf32")
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
@@ -66,27 +69,41 @@ def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, s
 
 
 @triton.jit
-def _int4_group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP: tl.constexpr, HALF: tl.constexpr):
-    """int32 [BLOCK_N, BLOCK_M] dot of one 64-group: unpack the weight bytes into the two halves."""
-    half = tl.arange(0, HALF)
-    wb = tl.load(wq_ptr + offs_n[:, None] * (KP // 2) + g * HALF + half[None, :], mask=nmask[:, None], other=0)
-    wb = wb.to(tl.int8, bitcast=True)
-    w_lo = (wb << 4) >> 4  # arithmetic shifts sign-extend the nibbles
-    w_hi = wb >> 4
-    x_base = xq_ptr + offs_m[:, None] * KP + g * (2 * HALF) + half[None, :]
-    x_lo = tl.load(x_base, mask=mmask[:, None], other=0)
-    x_hi = tl.load(x_base + HALF, mask=mmask[:, None], other=0)
-    p = tl.dot(w_lo, tl.trans(x_lo), out_dtype=tl.int32)
-    return tl.dot(w_hi, tl.trans(x_hi), p, out_dtype=tl.int32)
+def _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP: tl.constexpr, W_LAYOUT: tl.constexpr):
+    """One 64-deep group's dot, [BLOCK_N, BLOCK_M]: int32 for INT8 operands, fp32 for FP8 ones.
+
+    W_LAYOUT 0: packed halves (uint8 [N, KP/2]), unpacked in registers; 1: int8 codes [N, KP];
+    2: FP8 E4M3 codes [N, KP] (with FP8 activation codes; 4-bit integers are exact in E4M3)."""
+    if W_LAYOUT == 0:
+        half = tl.arange(0, 32)
+        wb = tl.load(wq_ptr + offs_n[:, None] * (KP // 2) + g * 32 + half[None, :], mask=nmask[:, None], other=0)
+        wb = wb.to(tl.int8, bitcast=True)
+        w_lo = (wb << 4) >> 4  # arithmetic shifts sign-extend the nibbles
+        w_hi = wb >> 4
+        x_base = xq_ptr + offs_m[:, None] * KP + g * 64 + half[None, :]
+        x_lo = tl.load(x_base, mask=mmask[:, None], other=0)
+        x_hi = tl.load(x_base + 32, mask=mmask[:, None], other=0)
+        p = tl.dot(w_lo, tl.trans(x_lo), out_dtype=tl.int32)
+        return tl.dot(w_hi, tl.trans(x_hi), p, out_dtype=tl.int32)
+    else:
+        kk = tl.arange(0, 64)
+        w = tl.load(wq_ptr + offs_n[:, None] * KP + g * 64 + kk[None, :], mask=nmask[:, None])
+        x = tl.load(xq_ptr + offs_m[:, None] * KP + g * 64 + kk[None, :], mask=mmask[:, None])
+        # masked-off rows are never stored, so they need no fill value
+        if W_LAYOUT == 1:
+            return tl.dot(w, tl.trans(x), out_dtype=tl.int32)
+        else:
+            return tl.dot(w, tl.trans(x))
 
 
 @triton.jit
 def w4a4_gemm_kernel(
     wq_ptr, ws_ptr, xq_ptr, xs_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, stride_ym,
-    KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr, PIPELINE: tl.constexpr,
-    NO_RESCALE: tl.constexpr = False,
+    KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+    PIPELINE: tl.constexpr, W_LAYOUT: tl.constexpr = 0, NO_RESCALE: tl.constexpr = False,
+    PER_CHANNEL_W: tl.constexpr = False,
 ):
     pid_n, pid_m = _tile_ids(M, N, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,15 +112,32 @@ def w4a4_gemm_kernel(
     mmask = offs_m < M
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     n_groups: tl.constexpr = N_GROUPS  # constexpr loop bounds: the CPU interpreter needs them
-    if NO_RESCALE:  # benchmark ceiling: the same loads and dots, int32 accumulation, no group scales
-        pacc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    if NO_RESCALE:  # benchmark ceiling: the same loads and dots chained into one accumulator, no group scales
+        if W_LAYOUT == 0:
+            for g in range(0, n_groups):
+                acc += _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT).to(tl.float32)
+        else:
+            kk = tl.arange(0, 64)
+            iacc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+            for g in range(0, n_groups):
+                w = tl.load(wq_ptr + offs_n[:, None] * KP + g * 64 + kk[None, :], mask=nmask[:, None])
+                x = tl.load(xq_ptr + offs_m[:, None] * KP + g * 64 + kk[None, :], mask=mmask[:, None])
+                if W_LAYOUT == 1:
+                    iacc = tl.dot(w, tl.trans(x), iacc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(w, tl.trans(x), acc)
+            if W_LAYOUT == 1:
+                acc = iacc.to(tl.float32)
+    elif PER_CHANNEL_W:  # timing of the per-channel-weight-scale alternative: one scale per group (the token's)
         for g in range(0, n_groups):
-            pacc += _int4_group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, 32)
-        acc = pacc.to(tl.float32)
+            p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT)
+            xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
+            acc += p.to(tl.float32) * xs[None, :]
+        acc *= tl.load(ws_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
     elif PIPELINE:
-        p_prev = _int4_group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, 0, KP, 32)
+        p_prev = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, 0, KP, W_LAYOUT)
         for g in range(1, n_groups):
-            p = _int4_group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, 32)
+            p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT)
             ws = tl.load(ws_ptr + (g - 1) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
             xs = tl.load(xs_ptr + (g - 1) * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
             acc += p_prev.to(tl.float32) * (ws[:, None] * xs[None, :])
@@ -113,11 +147,12 @@ def w4a4_gemm_kernel(
         acc += p_prev.to(tl.float32) * (ws[:, None] * xs[None, :])
     else:
         for g in range(0, n_groups):
-            p = _int4_group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, 32)
+            p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT)
             ws = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
             xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
             acc += p.to(tl.float32) * (ws[:, None] * xs[None, :])
-    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
+    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, M, stride_ym, R, SPLIT, HAS_LORA,
+              HAS_BIAS, GELU)
 
 
 @triton.jit
@@ -134,8 +169,9 @@ def _e2m1_decode(c):
 def fp4_gemm_kernel(
     wq_ptr, ws_ptr, xv_ptr, wts_ptr, xts_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, stride_ym,
-    KP: tl.constexpr, N_BLOCKS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr, F32_DOT: tl.constexpr,
+    KP: tl.constexpr, N_BLOCKS: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
     pid_n, pid_m = _tile_ids(M, N, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,29 +201,32 @@ def fp4_gemm_kernel(
             acc = tl.dot(w_lo.to(x_lo.dtype), tl.trans(x_lo), acc)
             acc = tl.dot(w_hi.to(x_hi.dtype), tl.trans(x_hi), acc)
     acc = acc * (tl.load(wts_ptr) * tl.load(xts_ptr))
-    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
+    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, M, stride_ym, R, SPLIT, HAS_LORA,
+              HAS_BIAS, GELU)
 
 
-DEFAULT_CONFIG = dict(BLOCK_N=128, BLOCK_M=128, GROUP_N=8, num_warps=8, num_stages=3)
+DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_M=128, GROUP_N=8, num_warps=4, num_stages=4)
 
 
 def w4a4_gemm(codes, scales_t, qweight, wscales_t, lora_act, lora_up, bias, out_dtype, *, gelu=False,
-              pipeline=False, no_rescale=False, **config):
-    """Launch kernel 2 (INT4). ``codes`` [M, K_pad] int8, ``scales_t`` [groups, M], ``qweight`` [N, K_pad/2]
-    (halves layout), ``wscales_t`` [groups, N], ``lora_act`` [M, R] fp32, ``lora_up`` [N, R]."""
+              pipeline=False, no_rescale=False, per_channel_w=False, w_layout=0, **config):
+    """Launch kernel 2 (INT4). ``codes`` [M, K_pad] int8 (or E4M3 with ``w_layout=2``), ``scales_t``
+    [groups, M], ``qweight`` [N, K_pad/2] halves layout (or [N, K_pad] int8 / E4M3 codes for
+    ``w_layout`` 1 / 2), ``wscales_t`` [groups, N], ``lora_act`` [splits, M, R] fp32, ``lora_up`` [N, R]."""
     m, kp = codes.shape
     n = qweight.shape[0]
     cfg = {**DEFAULT_CONFIG, **config}
     y = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     r = lora_up.shape[1] if lora_act is not None else 16
+    split = lora_act.shape[0] if lora_act is not None else 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
     w4a4_gemm_kernel[grid](
         qweight, wscales_t, codes, scales_t,
         lora_act if lora_act is not None else y, lora_up if lora_act is not None else y,
         bias if bias is not None else y, y,
         m, n, y.stride(0),
-        KP=kp, N_GROUPS=kp // 64, R=r, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None, GELU=gelu,
-        PIPELINE=pipeline, NO_RESCALE=no_rescale, **cfg,
+        KP=kp, N_GROUPS=kp // 64, R=r, SPLIT=split, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
+        GELU=gelu, PIPELINE=pipeline, W_LAYOUT=w_layout, NO_RESCALE=no_rescale, PER_CHANNEL_W=per_channel_w, **cfg,
     )
     return y
 
@@ -199,16 +238,16 @@ def fp4_gemm(values, qweight, wscales, wtensor_scale, input_scale, lora_act, lor
     m, kp = values.shape
     n = qweight.shape[0]
     cfg = {**DEFAULT_CONFIG, **config}
-    cfg.pop("PIPELINE", None)
     y = torch.empty(m, n, dtype=out_dtype, device=values.device)
     r = lora_up.shape[1] if lora_act is not None else 16
+    split = lora_act.shape[0] if lora_act is not None else 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
     fp4_gemm_kernel[grid](
         qweight, wscales, values, wtensor_scale, input_scale,
         lora_act if lora_act is not None else y, lora_up if lora_act is not None else y,
         bias if bias is not None else y, y,
         m, n, y.stride(0),
-        KP=kp, N_BLOCKS=kp // 64, R=r, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None, GELU=gelu,
-        F32_DOT=interpreting() or values.dtype == torch.float32, **cfg,
+        KP=kp, N_BLOCKS=kp // 64, R=r, SPLIT=split, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
+        GELU=gelu, F32_DOT=interpreting() or values.dtype == torch.float32, **cfg,
     )
     return y

@@ -71,10 +71,11 @@ def quantize_input_kernel(
     x_ptr, sinv_ptr, l1_ptr, q_ptr, s_ptr, la_ptr, ts_ptr,
     M, K, stride_xm,
     shift, unsigned_from,
-    KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    KP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, R: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_LORA: tl.constexpr, FP4: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr, SCALE_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)  # K is split across programs: one pass over X still, more parallelism
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = tl.arange(0, GROUP)
@@ -82,7 +83,8 @@ def quantize_input_kernel(
     # Loop bounds are constexpr: Triton's interpreter (the CPU tests) cannot loop to a computed bound.
     if FP4:
         ts = tl.load(ts_ptr)  # the static per-tensor activation scale (no host sync to read it)
-    for g in range(0, N_GROUPS):
+    for i in range(0, GROUPS_PER_PROG):
+        g = split * GROUPS_PER_PROG + i
         k = g * GROUP + cols
         kmask = k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -120,44 +122,57 @@ def quantize_input_kernel(
             inv = tl.where(sf > 0, 1.0 / sf, 0.0)
             q = _round_half_even(u * inv[:, None])
             q = tl.minimum(tl.maximum(q, tl.where(uns, 0.0, -7.0)), qmax)
-            tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
+            tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(q_ptr.dtype.element_ty), mask=rmask[:, None])
             tl.store(s_ptr + g * M + rows, scale, mask=rmask)
-    if HAS_LORA:
+    if HAS_LORA:  # this split's partial sum; kernel 2 adds the splits (deterministic, no atomics)
         rr = tl.arange(0, R)
-        tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+        tl.store(la_ptr + split * M * R + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+
+
+def _split_for(groups: int, m_blocks: int) -> int:
+    """Largest divisor of the group count that keeps ~4 programs per SM (132 on H100) busy."""
+    for s_ in (16, 12, 8, 6, 4, 3, 2, 1):
+        if groups % s_ == 0 and (m_blocks * s_ <= 1024 or s_ == 1):
+            return s_
+    return 1
 
 
 def quantize_input(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *, fmt: str = "int4",
                    group_size: int = 64, shift: float = 0.0, unsigned_from: int = 0,
-                   input_scale: torch.Tensor | None = None, block_m: int | None = None):
+                   input_scale: torch.Tensor | None = None, block_m: int | None = None, split: int | None = None,
+                   codes_dtype: torch.dtype = torch.int8, num_warps: int = 4):
     """Launch kernel 1. ``x``: ``[M, K]`` contiguous rows; ``lora_down``: ``[R, K]`` with R a power of 2 >= 16.
 
-    Returns ``(codes [M, K_pad], scales [groups, M], lora_act [M, R] or None)``: int8 codes
-    and scales in x's dtype for INT4; for NVFP4 the 16-bit values ``E2M1 · s_g`` (x's dtype)
-    and the E4M3 group scales (before the per-tensor scale).
+    Returns ``(codes [M, K_pad], scales [groups, M], lora_act [splits, M, R] or None)``: INT4
+    codes in int8 (or ``codes_dtype=float8_e4m3fn``: small integers are exact in E4M3) and
+    scales in x's dtype; for NVFP4 the 16-bit values ``E2M1 · s_g`` (x's dtype) and the E4M3
+    group scales (before the per-tensor scale). ``lora_act`` holds one partial sum per K
+    split; their sum is ``X · L1ᵀ``.
     """
     m, k = x.shape
     kp = k + (-k) % group_size
+    groups = kp // group_size
     fp4 = fmt == "nvfp4"
     if fp4:
         codes = torch.empty(m, kp, dtype=x.dtype, device=x.device)
-        scales = torch.empty(kp // group_size, m, dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty(groups, m, dtype=torch.float8_e4m3fn, device=x.device)
         ts = input_scale.reshape(1).float()
     else:
-        codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
-        scales = torch.empty(kp // group_size, m, dtype=x.dtype, device=x.device)
+        codes = torch.empty(m, kp, dtype=codes_dtype, device=x.device)
+        scales = torch.empty(groups, m, dtype=x.dtype, device=x.device)
         ts = smooth_inv  # unused
+    bm = block_m or 64
+    m_blocks = triton.cdiv(m, bm)
+    split = split or _split_for(groups, m_blocks)
     r = lora_down.shape[0] if lora_down is not None else 16
-    lora_act = torch.empty(m, r, dtype=torch.float32, device=x.device) if lora_down is not None else None
-    bm = block_m or (16 if m <= 4096 else 32)
-    grid = (triton.cdiv(m, bm),)
-    quantize_input_kernel[grid](
+    lora_act = torch.empty(split, m, r, dtype=torch.float32, device=x.device) if lora_down is not None else None
+    quantize_input_kernel[(m_blocks, split)](
         x, smooth_inv, lora_down if lora_down is not None else x, codes, scales,
         lora_act if lora_act is not None else scales, ts,
         m, k, x.stride(0),
         float(shift), int(unsigned_from) if shift else kp,
-        KP=kp, N_GROUPS=kp // group_size, R=r, GROUP=group_size, BLOCK_M=bm, HAS_LORA=lora_down is not None,
+        KP=kp, GROUPS_PER_PROG=groups // split, R=r, GROUP=group_size, BLOCK_M=bm, HAS_LORA=lora_down is not None,
         FP4=fp4, IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), SCALE_BF16=scales.dtype == torch.bfloat16,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return codes, scales, lora_act
