@@ -76,6 +76,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     from . import __version__
 
     path = Path(path)
+    if getattr(model, "_svdquant_loras", None):
+        raise CheckpointError(f"LoRAs are loaded ({', '.join(model._svdquant_loras)}); checkpoints hold the "
+                              "quantized model alone: unload them (svdquant.unload_lora) before saving")
     layers = _layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")

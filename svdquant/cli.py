@@ -103,6 +103,14 @@ def _sample(pipe, prompt, args, output_type="pil"):
 
 def cmd_generate(args) -> None:
     pipe, _, _ = _load(args)
+    if args.lora:
+        from .lora import load_lora
+
+        for i, spec in enumerate(args.lora):
+            path, sep, strength = spec.rpartition(":")
+            if not sep or not _is_number(strength):  # no ":STRENGTH" suffix
+                path, strength = spec, "1"
+            load_lora(pipe, path, name=f"lora{i}", strength=float(strength))
     images = _sample(pipe, args.prompt, args)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +118,14 @@ def cmd_generate(args) -> None:
         target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         im.save(target)
         print(f"wrote {target}")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 def cmd_compare(args) -> None:
@@ -231,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="image.png")
     p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
+    p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
+                   help="apply a LoRA .safetensors file at a strength (default 1); repeatable")
     sampling(p)
     common_device(p)
     p.set_defaults(func=cmd_generate)
@@ -259,7 +277,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # LoRAError is a ValueError
         print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

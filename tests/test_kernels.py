@@ -235,3 +235,32 @@ def test_gpu_module_dispatch_uses_kernels_and_matches_reference():
         del os.environ["SVDQUANT_REFERENCE"]
     assert y.shape == (3, 100, 128)
     assert rel(y, ref) < 1e-2
+
+
+@cpu_only
+def test_kernels_run_loras_concatenated_onto_the_branch():
+    m = layer("int4", 128, 48, torch.float32, 13)
+    g = torch.Generator().manual_seed(13)
+    m.add_adapter("a", torch.randn(8, 128, generator=g) * 0.1, torch.randn(48, 8, generator=g) * 0.1, 0.5)
+    kw = KernelWeights(m)
+    assert kw.lora_down.shape[0] == 64  # rank 32 + 8 = 40, padded to a power of two
+    x = inputs(m, 20, 13, torch.float32)
+    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)
+    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32, **SMALL)
+    assert rel(y, reference_linear(x, m)) < 1e-6
+    m.set_adapter_strength("a", 2.0)
+    assert m.branch_version != kw.version  # the kernels' cached copy is rebuilt on the next call
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_lora_through_kernels():
+    from kernels import random_layer
+
+    from svdquant.kernels import linear
+
+    m = random_layer(3072, 3072, seed=5)
+    x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
+    m.add_adapter("l", torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16) * 0.01,
+                  torch.randn(3072, 64, device="cuda", dtype=torch.bfloat16) * 0.01, 0.8)
+    assert rel(linear(x, m), reference_linear(x, m)) < 1e-2

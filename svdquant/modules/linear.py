@@ -30,10 +30,11 @@ import torch
 import torch.nn as nn
 
 from ..formats import FOUR_BIT, pack_4bit_halves
+from .lora_linear import AdapterSet
 from ..recipes import QuantConfig, get_recipe
 
 
-class SVDQLinear(nn.Module):
+class SVDQLinear(nn.Module, AdapterSet):
     """``Y ≈ Q((X + s)/λ)·Q(R)ᵀ + (X·L1ᵀ)·L2ᵀ + b'`` for any leading batch shape.
 
     Build one with :meth:`from_linear` (or :meth:`from_linears` for q/k/v-style groups),
@@ -55,7 +56,8 @@ class SVDQLinear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ):
-        super().__init__()
+        nn.Module.__init__(self)
+        AdapterSet.__init__(self)  # LoRAs, concatenated onto the branch (svdquant.lora)
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
         self.group_size, self.rank, self.act_shift = group_size, rank, float(act_shift)
@@ -167,10 +169,34 @@ class SVDQLinear(nn.Module):
         return cls(**cfg, device=device)
 
     def branch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The low-rank branch as ``(L1 [r, K], L2 [N, r])``, or ``(None, None)`` without one."""
-        if self.rank == 0:
-            return None, None
-        return self.lora_down, self.lora_up
+        """The low-rank branch as ``(L1 [r, K], L2 [N, r])``, or ``(None, None)`` without one.
+
+        With LoRAs loaded: ``([L1; A_1; A_2 ...], [L2, s_1·B_1, s_2·B_2 ...])``, built once per
+        change (``branch_version``); the up projection is then held in fp32 so strengths are exact.
+        """
+        base = (self.lora_down, self.lora_up) if self.rank else (None, None)
+        live = [(a, b, s) for a, b, s in self.adapters.values() if s != 0]
+        if not live:
+            return base
+        cache = getattr(self, "_branch_cache", None)
+        if cache is not None and cache[0] == self.branch_version and cache[1].device == self.qweight.device:
+            return cache[1], cache[2]
+        downs = ([base[0]] if base[0] is not None else []) + [a for a, _, _ in live]
+        ups = ([base[1].float()] if base[1] is not None else []) + [s * b for _, b, s in live]
+        down = torch.cat([d.to(self.qweight.device, self.dtype) for d in downs], 0)
+        up = torch.cat([u.to(self.qweight.device, torch.float32) for u in ups], 1)
+        self._branch_cache = (self.branch_version, down, up)
+        return down, up
+
+    def add_adapter(self, name, down, up, strength=1.0):
+        if down.shape[1] != self.in_features or up.shape[0] != self.out_features:
+            raise ValueError(f"adapter {name!r} is {up.shape[0]}x{down.shape[1]}, the layer is "
+                             f"{self.out_features}x{self.in_features}")
+        super().add_adapter(name, down.to(self.qweight.device, self.dtype), up.to(self.qweight.device, torch.float32),
+                            strength)
+
+    def _adapters_changed(self) -> None:
+        self.branch_version += 1
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The 4-bit residual as a dense ``[N, K]`` matrix in the *smoothed* space (i.e. ``Q(R)``)."""

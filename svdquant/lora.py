@@ -1,0 +1,185 @@
+"""LoRAs on quantized models, without requantization, several at once, with live strengths.
+
+    svdquant.load_lora(pipe, "style.safetensors", name="style", strength=0.8)
+    svdquant.load_lora(pipe, "detail.safetensors", name="detail", strength=0.5)
+    svdquant.set_lora_strength(pipe, "style", 1.2)     # no reload, no recomputation
+    svdquant.unload_lora(pipe, "style")                 # the branch is restored exactly
+
+A LoRA ``(A: r×K, B: N×r)`` on a quantized layer is concatenated onto its 16-bit
+low-rank branch: ``L1 ← [L1; A]``, ``L2 ← [L2, s·B]`` (DESIGN.md §1). The branch reads
+the raw (unsmoothed) input, so the LoRA applies unchanged, and the fused kernels run
+it at the cost of a wider branch. The base branch is never modified: adapters live
+beside it, so a strength change rescales one block and unloading is exact. On layers
+that stay 16-bit the LoRA is applied as an unmerged delta ``x·Aᵀ·(s·B)ᵀ`` added to the
+layer's output (the weights are never touched, so unloading is exact there too).
+
+Formats: diffusers / PEFT keys (``...to_q.lora_A.weight``), kohya keys
+(``lora_unet_..._lora_down.weight`` with ``.alpha``) using the model's module names,
+and for FLUX every format diffusers' FLUX loader converts (kohya with the original
+``double_blocks`` names, XLabs, BFL). Files are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from .modules import SVDQConv1x1, SVDQLinear
+from .modules.lora_linear import LoRALinear
+
+_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "unet.")
+
+
+class LoRAError(ValueError):
+    """A LoRA file that cannot be applied: unreadable, malformed, or for other layers."""
+
+
+def _model(target) -> nn.Module:
+    m = getattr(target, "transformer", None)
+    return m if isinstance(m, nn.Module) else target
+
+
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"no LoRA file at {path}")
+    if path.suffix != ".safetensors":
+        raise LoRAError(f"{path}: only .safetensors LoRAs are read (pickled .bin/.pt files can run code); "
+                        "convert it with safetensors first")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """FLUX-specific formats (kohya with BFL names, XLabs, ...) through diffusers' own converter."""
+    if type(model).__name__ == "FluxTransformer2DModel" and any(
+        k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks", "double_blocks", "single_blocks",
+                      "diffusion_model.double_blocks", "lora_transformer_single_transformer_blocks"))
+        or "processor" in k for k in sd
+    ):
+        from diffusers.loaders import FluxLoraLoaderMixin
+
+        try:
+            return FluxLoraLoaderMixin.lora_state_dict(dict(sd))
+        except Exception as e:
+            raise LoRAError(f"diffusers could not convert this FLUX LoRA ({type(e).__name__}: {e})") from None
+    return sd
+
+
+def lora_pairs(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, tuple], list[str]]:
+    """``{module name: (A [r, K], B [N, r], scale)}`` and the keys that name no module of ``model``."""
+    sd = _convert(sd, model)
+    modules = dict(model.named_modules())
+    underscored = {n.replace(".", "_"): n for n in modules if n}
+    downs, ups, alphas, other = {}, {}, {}, []
+    for key, t in sd.items():
+        m = re.match(r"(.+?)\.(lora_A|lora_down|lora_B|lora_up)(?:\.[^.]+)?\.weight$", key) or re.match(
+            r"(.+?)\.(alpha)$", key)
+        if m is None:
+            other.append(key)
+            continue
+        base, kind = m.group(1), m.group(2)
+        for p in _PREFIXES:
+            if base.startswith(p):
+                base = base[len(p):]
+        if base.startswith("lora_unet_") or base.startswith("lora_transformer_"):
+            base = underscored.get(base.split("_", 2)[2], base)
+        elif base not in modules and base in underscored:
+            base = underscored[base]
+        {"lora_A": downs, "lora_down": downs, "lora_B": ups, "lora_up": ups, "alpha": alphas}[kind][base] = t
+    unmatched = [k for k in other if "dora_scale" not in k]
+    pairs = {}
+    for base in sorted(set(downs) | set(ups)):
+        if base not in downs or base not in ups:
+            raise LoRAError(f"LoRA layer {base!r} has {'no up (B)' if base not in ups else 'no down (A)'} matrix")
+        a, b = downs[base], ups[base]
+        a = a.reshape(a.shape[0], -1) if a.ndim == 4 else a  # 1x1 conv LoRAs
+        b = b.reshape(b.shape[0], -1) if b.ndim == 4 else b
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoRAError(f"LoRA layer {base!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not form a low-rank pair")
+        scale = float(alphas[base]) / a.shape[0] if base in alphas else 1.0
+        pairs[base] = (a, b, scale)
+    return pairs, unmatched
+
+
+def _target_module(model: nn.Module, name: str):
+    m = model.get_submodule(name)
+    if isinstance(m, SVDQConv1x1):
+        return m.linear
+    return m
+
+
+def load_lora(target, path: str | os.PathLike, name: str | None = None, strength: float = 1.0) -> str:
+    """Apply a LoRA file to a model or pipeline; returns the adapter's name (default: the file's stem)."""
+    model = _model(target)
+    name = name or Path(path).stem
+    loaded = getattr(model, "_svdquant_loras", {})
+    if name in loaded:
+        raise LoRAError(f"a LoRA named {name!r} is already loaded; unload it or choose another name")
+    pairs, unmatched = lora_pairs(read_lora_file(path), model)
+    if not pairs:
+        raise LoRAError(f"{path} holds no LoRA layers (no lora_A/lora_B or lora_down/lora_up pairs)")
+    modules = dict(model.named_modules())
+    missing = [n for n in pairs if n not in modules]
+    if missing or unmatched:
+        keys = missing + unmatched
+        raise LoRAError(
+            f"{path}: {len(keys)} LoRA entries match no layer of {type(model).__name__}, e.g. {keys[:5]}; "
+            "is it a LoRA for another model?"
+        )
+    for n, (a, b, _) in pairs.items():  # check every shape before touching the model
+        mod = _target_module(model, n)
+        k, out = (mod.in_features, mod.out_features) if hasattr(mod, "in_features") else (None, None)
+        if not isinstance(mod, (SVDQLinear, nn.Linear, LoRALinear)):
+            raise LoRAError(f"{path}: layer {n!r} is a {type(mod).__name__}; LoRAs apply to linear layers only")
+        if a.shape[1] != k or b.shape[0] != out:
+            raise LoRAError(f"{path}: LoRA for {n!r} is {b.shape[0]}x{a.shape[1]} (B·A), the layer is {out}x{k}")
+    for n, (a, b, scale) in pairs.items():
+        mod = _target_module(model, n)
+        if isinstance(mod, nn.Linear):
+            wrapped = LoRALinear(mod)
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+            mod = wrapped
+        mod.add_adapter(name, a, b * scale, strength)
+    model._svdquant_loras = {**loaded, name: float(strength)}
+    return name
+
+
+def _adapted(model: nn.Module, name: str):
+    if name not in getattr(model, "_svdquant_loras", {}):
+        raise LoRAError(f"no LoRA named {name!r} is loaded (loaded: {sorted(getattr(model, '_svdquant_loras', {}))})")
+    return [m for m in model.modules() if isinstance(m, (SVDQLinear, LoRALinear)) and name in m.adapters]
+
+
+def set_lora_strength(target, name: str, strength: float) -> None:
+    """Change a loaded LoRA's strength at run time (no reload, no recomputation of the 4-bit weights)."""
+    model = _model(target)
+    for m in _adapted(model, name):
+        m.set_adapter_strength(name, strength)
+    model._svdquant_loras[name] = float(strength)
+
+
+def unload_lora(target, name: str) -> None:
+    """Remove a LoRA; the quantized branch and any wrapped 16-bit layer are restored exactly."""
+    model = _model(target)
+    for m in _adapted(model, name):
+        m.remove_adapter(name)
+    for n, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear) and not m.adapters:
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+    del model._svdquant_loras[name]
+
+
+def loaded_loras(target) -> dict[str, float]:
+    """Loaded LoRA names and their strengths."""
+    return dict(getattr(_model(target), "_svdquant_loras", {}))
