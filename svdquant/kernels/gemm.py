@@ -50,15 +50,12 @@ def _tile_ids(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.co
 
 
 @triton.jit
-def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, M, stride_ym,
-              R: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-              GELU: tl.constexpr):
+def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym,
+              R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
     if HAS_LORA:
         rr = tl.arange(0, R)
         lu = tl.load(lu_ptr + offs_n[:, None] * R + rr[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-        la = tl.zeros([offs_m.shape[0], R], dtype=tl.float32)
-        for s_ in range(0, SPLIT):  # kernel 1's per-split partial sums of X·L1ᵀ
-            la += tl.load(la_ptr + s_ * M * R + offs_m[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
+        la = tl.load(la_ptr + offs_m[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
         acc = tl.dot(lu, tl.trans(la), acc, input_precision="tf32")
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
@@ -100,7 +97,7 @@ def _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP: tl.constexpr
 def w4a4_gemm_kernel(
     wq_ptr, ws_ptr, xq_ptr, xs_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, stride_ym,
-    KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr,
+    KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
     PIPELINE: tl.constexpr, W_LAYOUT: tl.constexpr = 0, NO_RESCALE: tl.constexpr = False,
     PER_CHANNEL_W: tl.constexpr = False,
@@ -151,8 +148,7 @@ def w4a4_gemm_kernel(
             ws = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
             xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
             acc += p.to(tl.float32) * (ws[:, None] * xs[None, :])
-    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, M, stride_ym, R, SPLIT, HAS_LORA,
-              HAS_BIAS, GELU)
+    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
 
 
 @triton.jit
@@ -169,7 +165,7 @@ def _e2m1_decode(c):
 def fp4_gemm_kernel(
     wq_ptr, ws_ptr, xv_ptr, wts_ptr, xts_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, stride_ym,
-    KP: tl.constexpr, N_BLOCKS: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr,
+    KP: tl.constexpr, N_BLOCKS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
@@ -201,8 +197,7 @@ def fp4_gemm_kernel(
             acc = tl.dot(w_lo.to(x_lo.dtype), tl.trans(x_lo), acc)
             acc = tl.dot(w_hi.to(x_hi.dtype), tl.trans(x_hi), acc)
     acc = acc * (tl.load(wts_ptr) * tl.load(xts_ptr))
-    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, M, stride_ym, R, SPLIT, HAS_LORA,
-              HAS_BIAS, GELU)
+    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
 
 
 DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_M=128, GROUP_N=8, num_warps=4, num_stages=4)
@@ -212,20 +207,19 @@ def w4a4_gemm(codes, scales_t, qweight, wscales_t, lora_act, lora_up, bias, out_
               pipeline=False, no_rescale=False, per_channel_w=False, w_layout=0, **config):
     """Launch kernel 2 (INT4). ``codes`` [M, K_pad] int8 (or E4M3 with ``w_layout=2``), ``scales_t``
     [groups, M], ``qweight`` [N, K_pad/2] halves layout (or [N, K_pad] int8 / E4M3 codes for
-    ``w_layout`` 1 / 2), ``wscales_t`` [groups, N], ``lora_act`` [splits, M, R] fp32, ``lora_up`` [N, R]."""
+    ``w_layout`` 1 / 2), ``wscales_t`` [groups, N], ``lora_act`` [M, R] fp32, ``lora_up`` [N, R]."""
     m, kp = codes.shape
     n = qweight.shape[0]
     cfg = {**DEFAULT_CONFIG, **config}
     y = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     r = lora_up.shape[1] if lora_act is not None else 16
-    split = lora_act.shape[0] if lora_act is not None else 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
     w4a4_gemm_kernel[grid](
         qweight, wscales_t, codes, scales_t,
         lora_act if lora_act is not None else y, lora_up if lora_act is not None else y,
         bias if bias is not None else y, y,
         m, n, y.stride(0),
-        KP=kp, N_GROUPS=kp // 64, R=r, SPLIT=split, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
+        KP=kp, N_GROUPS=kp // 64, R=r, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
         GELU=gelu, PIPELINE=pipeline, W_LAYOUT=w_layout, NO_RESCALE=no_rescale, PER_CHANNEL_W=per_channel_w, **cfg,
     )
     return y
@@ -240,14 +234,13 @@ def fp4_gemm(values, qweight, wscales, wtensor_scale, input_scale, lora_act, lor
     cfg = {**DEFAULT_CONFIG, **config}
     y = torch.empty(m, n, dtype=out_dtype, device=values.device)
     r = lora_up.shape[1] if lora_act is not None else 16
-    split = lora_act.shape[0] if lora_act is not None else 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
     fp4_gemm_kernel[grid](
         qweight, wscales, values, wtensor_scale, input_scale,
         lora_act if lora_act is not None else y, lora_up if lora_act is not None else y,
         bias if bias is not None else y, y,
         m, n, y.stride(0),
-        KP=kp, N_BLOCKS=kp // 64, R=r, SPLIT=split, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
+        KP=kp, N_BLOCKS=kp // 64, R=r, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
         GELU=gelu, F32_DOT=interpreting() or values.dtype == torch.float32, **cfg,
     )
     return y
