@@ -192,6 +192,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipelines.demo import DEFAULT_VARIANTS
     from .recipes import METHODS, RECIPES
 
     ap = argparse.ArgumentParser(prog="svdquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the tiny model (no download), quantize it with each recipe, sample one "
                                    "image per class from the same noise and write compare.png and quality.md.")
     p.add_argument("-o", "--output", default="svdquant-demo", help="output folder (default: svdquant-demo)")
-    p.add_argument("--recipes", nargs="+", default=["int4"], choices=sorted(RECIPES))
+    p.add_argument("--recipes", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
+                   help=f"recipes to compare, optionally with an ablation method: {' '.join(DEFAULT_VARIANTS)} "
+                        "(default), int4-lorc, int4-smooth, ...")
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

@@ -35,6 +35,13 @@ def _check_device(index: int) -> None:
                                   "CUDA builds of torch") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, stacklevel=3)
+
+
 def _pow2_rank(r: int) -> int:
     p = 16
     while p < r:
@@ -83,6 +90,12 @@ def linear(x2: torch.Tensor, m, *, gelu: bool = False) -> torch.Tensor:
                                                    shift=m.act_shift, unsigned_from=m.act_unsigned_from)
         return w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, x2.dtype, gelu=gelu)
     if m.weights == "nvfp4":
+        if torch.cuda.get_device_capability(x2.device) < (8, 9):  # no FP8 conversions before Ada/Hopper
+            _warn_once("NVFP4 layers need compute capability 8.9+ for the fused kernels; using the torch "
+                       "reference on this GPU (correct, slower)")
+            from ..ops import reference_linear
+
+            return reference_linear(x2, m)
         values, _, lora_act = quantize_input(x2, m.smooth_inv, kw.lora_down, fmt="nvfp4", group_size=m.group_size,
                                              input_scale=m.input_scale)
         return fp4_gemm(values, m.qweight, m.wscales, m.wtensor_scale, m.input_scale, lora_act, kw.lora_up, m.bias,

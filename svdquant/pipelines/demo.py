@@ -1,9 +1,11 @@
 """The offline default job: quantize the tiny model and compare it with its 16-bit self.
 
-``svdquant demo`` (the README's main command) builds the tiny class-conditional FLUX
-model (no download), quantizes a copy per recipe, samples one image per class from
-identical noise with each, and writes ``compare.png`` (a grid: 16-bit on top, one row
-per recipe) and ``quality.md`` (PSNR and SSIM against the 16-bit images).
+``svdquant demo`` (the README's main command) loads the tiny class-conditional FLUX
+model shipped in the package (no download), quantizes a copy per variant, samples one
+image per class from identical noise with each, and writes ``compare.png`` (a grid:
+16-bit on top, one row per variant) and ``quality.md`` (PSNR and SSIM against the 16-bit
+images). A variant is a recipe name, optionally with an ablation method:
+``int4``, ``nvfp4``, ``w8a8``, ``nf4``, ``int4-naive``, ``int4-lorc``...
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ from ..recipes import get_recipe
 from .tiny import TinyFluxPipeline
 
 
-def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = ("int4",), *, steps: int | None = None,
+DEFAULT_VARIANTS = ("int4", "nvfp4", "w8a8", "nf4", "int4-naive")
+
+
+def parse_variant(v: str):
+    """``"int4"`` or ``"int4-naive"`` -> a recipe (named after the variant)."""
+    name, _, method = v.partition("-")
+    recipe = get_recipe(name)
+    return recipe.replace(name=v, method=method) if method else recipe
+
+
+def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEFAULT_VARIANTS, *, steps: int | None = None,
              seed: int = 0, calib_steps: int = 4, snapshots: int = 16, progress: bool = True,
              overwrite: bool = True) -> list[dict]:
     """Returns one row per variant: recipe, PSNR/SSIM against 16-bit, quantization seconds."""
@@ -41,7 +53,7 @@ def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = ("int4"
     rows = [("16-bit", to_pil(ref))]
     results = []
     for name in recipes:
-        recipe = get_recipe(name)
+        recipe = parse_variant(name)
         pipe = copy.deepcopy(base)
         t0 = time.perf_counter()
         report = quantize(pipe, recipe, Calibration(steps=calib_steps, snapshots=snapshots, seed=seed),
