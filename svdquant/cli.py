@@ -192,8 +192,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipelines.demo import DEFAULT_VARIANTS
-    from .recipes import METHODS, RECIPES
+    from .recipes import DEMO_VARIANTS, METHODS, RECIPES
 
     ap = argparse.ArgumentParser(prog="svdquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -214,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the tiny model (no download), quantize it with each recipe, sample one "
                                    "image per class from the same noise and write compare.png and quality.md.")
     p.add_argument("-o", "--output", default="svdquant-demo", help="output folder (default: svdquant-demo)")
-    p.add_argument("--recipes", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
-                   help=f"recipes to compare, optionally with an ablation method: {' '.join(DEFAULT_VARIANTS)} "
+    p.add_argument("--recipes", nargs="+", default=list(DEMO_VARIANTS), metavar="VARIANT",
+                   help=f"recipes to compare, optionally with an ablation method: {' '.join(DEMO_VARIANTS)} "
                         "(default), int4-lorc, int4-smooth, ...")
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--seed", type=int, default=0)
@@ -225,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrate on prompts, quantize the transformer block by block, save OUT/.")
     p.add_argument("model", help="diffusers pipeline folder or hub id (FLUX.1, SD3, PixArt-Σ, SANA), or 'tiny'")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
-    p.add_argument("--recipe", default="int4", choices=sorted(RECIPES), help="quantization scheme (default int4)")
+    p.add_argument("--recipe", default="int4", help=f"quantization scheme: {', '.join(sorted(RECIPES))} (default int4)")
     p.add_argument("--method", choices=METHODS, help="ablation baseline instead of svdquant")
     p.add_argument("--rank", type=int, help="low-rank branch rank (default: the recipe's)")
     p.add_argument("--prompts", help="text file, one calibration prompt per line (default: the built-in 128)")

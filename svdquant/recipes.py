@@ -201,12 +201,24 @@ RECIPES: dict[str, QuantConfig] = {
 }
 
 
+# What `svdquant demo` compares by default: the schemes, and naive W4A4 as the floor.
+DEMO_VARIANTS = ("int4", "nvfp4", "w8a8", "nf4", "int4-naive")
+
+
 def get_recipe(recipe: str | QuantConfig, **overrides) -> QuantConfig:
-    """A recipe by name (``"int4"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``, ``"w4a16"``) or as given."""
+    """A recipe by name (``"int4"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``, ``"w4a16"``) or as given.
+
+    A name may carry an ablation method after a dash: ``"int4-naive"``, ``"int4-lorc"``, ``"w8a8-naive"``.
+    """
     if isinstance(recipe, QuantConfig):
         base = recipe
     elif recipe in RECIPES:
         base = RECIPES[recipe]
+    elif "-" in recipe and recipe.split("-", 1)[0] in RECIPES:
+        name, method = recipe.split("-", 1)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in {recipe!r}; choose one of {METHODS}")
+        base = RECIPES[name].replace(name=recipe, method=method)
     else:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)} (optionally -<method>)")
     return base.replace(**overrides) if overrides else base

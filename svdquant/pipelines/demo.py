@@ -22,21 +22,11 @@ from ..checkpoint import save_quantized
 from ..images import grid, to_pil
 from ..metrics import psnr, ssim
 from ..quantize import quantize
-from ..recipes import get_recipe
+from ..recipes import DEMO_VARIANTS, get_recipe
 from .tiny import TinyFluxPipeline
 
 
-DEFAULT_VARIANTS = ("int4", "nvfp4", "w8a8", "nf4", "int4-naive")
-
-
-def parse_variant(v: str):
-    """``"int4"`` or ``"int4-naive"`` -> a recipe (named after the variant)."""
-    name, _, method = v.partition("-")
-    recipe = get_recipe(name)
-    return recipe.replace(name=v, method=method) if method else recipe
-
-
-def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEFAULT_VARIANTS, *, steps: int | None = None,
+def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEMO_VARIANTS, *, steps: int | None = None,
              seed: int = 0, calib_steps: int = 4, snapshots: int = 16, progress: bool = True,
              overwrite: bool = True) -> list[dict]:
     """Returns one row per variant: recipe, PSNR/SSIM against 16-bit, quantization seconds."""
@@ -53,7 +43,7 @@ def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEFAULT
     rows = [("16-bit", to_pil(ref))]
     results = []
     for name in recipes:
-        recipe = parse_variant(name)
+        recipe = get_recipe(name)
         pipe = copy.deepcopy(base)
         t0 = time.perf_counter()
         report = quantize(pipe, recipe, Calibration(steps=calib_steps, snapshots=snapshots, seed=seed),
