@@ -57,7 +57,7 @@ class QuantConfig:
     group_size: int = 64
     rank: int = 32
     method: str = "svdquant"
-    smooth_grid: tuple[tuple[float, float], ...] = field(default_factory=default_smooth_grid)
+    smooth_grid: tuple[tuple[float, float], ...] = field(default_factory=default_smooth_grid, repr=False)
     iterations: int = 100
     svd: str = "randomized"
     eval_tokens: int = 512
