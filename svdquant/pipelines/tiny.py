@@ -168,13 +168,14 @@ class TinyFluxPipeline:
         s = self.image_size
         return torch.randn(n, 3, s, s, generator=generator, device="cpu").to(self.device, self.dtype)
 
-    def velocity(self, x: torch.Tensor, t: float, labels: torch.Tensor) -> torch.Tensor:
-        """The model's flow-matching velocity ``ε − x₀`` at time ``t`` (1 = noise)."""
+    def velocity(self, x: torch.Tensor, t: float | torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The model's flow-matching velocity ``ε − x₀`` at time ``t`` (1 = noise; a float or one per image)."""
         b = x.shape[0]
         text, pooled = self.conditioner(labels)
+        t = t.to(x.device, x.dtype) if torch.is_tensor(t) else torch.full((b,), t, device=x.device, dtype=x.dtype)
         out = self.transformer(
             hidden_states=pack(x), encoder_hidden_states=text, pooled_projections=pooled,
-            timestep=torch.full((b,), t, device=x.device, dtype=x.dtype),
+            timestep=t,
             img_ids=image_ids(self.image_size, self.image_size, x.device),
             txt_ids=torch.zeros(text.shape[1], 3, device=x.device), return_dict=False,
         )[0]
