@@ -100,11 +100,15 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the sample grid and the saved pipeline")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["bf16", "tf32"], default="bf16",
+                    help="bf16 autocast, or fp32 with TF32 matmuls (H100 + torch 2.11: bf16 backward hit "
+                         "CUBLAS_STATUS_EXECUTION_FAILED once, see training/README.md)")
     ap.add_argument("--export", type=Path, help="also write the EMA model as two bf16 shards + config, the "
                     "loss log and the samples here (small files: what a device call can bring back)")
     args = ap.parse_args(argv)
     t0 = time.time()
     dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     x, y = load(args.data, "train", args.cache)
     print(f"data: {len(x)} images, {time.time() - t0:.1f} s", flush=True)
     x, y = x.to(dev), y.to(dev)
@@ -134,7 +138,7 @@ def main(argv=None):
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
         for g_ in opt.param_groups:
             g_["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and args.precision == "bf16"):
             v = pipe.velocity(xt, t, labels)
         loss = F.mse_loss(v.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
