@@ -100,13 +100,20 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     text = json.dumps(meta, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as a normal folder
     try:
         save_file(_all_tensors(model), str(tmp / TENSOR_FILE), metadata={"svdquant": text})
         (tmp / META_FILE).write_text(text)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # put the previous checkpoint back before reporting the failure
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
@@ -138,29 +145,39 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file} is not valid JSON ({e}); the checkpoint is corrupt") from None
-    if meta.get("format") != "svdquant":
+    if not isinstance(meta, dict) or meta.get("format") != "svdquant":
         raise CheckpointError(f"{meta_file} is not svdquant metadata")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{meta_file} has no integer format_version ({version!r}); the checkpoint is corrupt")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_file} has format version {meta['format_version']}; this svdquant reads up to {FORMAT_VERSION}. "
             "Upgrade svdquant."
         )
+    for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{meta_file} lacks a valid {key!r} entry; the checkpoint is corrupt")
     return meta
 
 
-def _model_class(name: str):
+def _model_class(name: str, where: Path):
     import diffusers
 
     cls = getattr(diffusers, name, None)
     if cls is None:
-        raise CheckpointError(f"the checkpoint is for {name}, which this diffusers ({diffusers.__version__}) lacks")
+        raise CheckpointError(f"{where} is a checkpoint of {name}, which this diffusers ({diffusers.__version__}) "
+                              "lacks; install the diffusers version it was made with")
     return cls
 
 
-def _empty_quantized_model(meta: dict[str, Any]) -> nn.Module:
-    cls = _model_class(meta["model_class"])
+def _empty_quantized_model(meta: dict[str, Any], where: Path) -> nn.Module:
+    cls = _model_class(meta["model_class"], where)
     with torch.device("meta"):
-        model = cls.from_config(meta["model_config"])
+        try:
+            model = cls.from_config(meta["model_config"])
+        except Exception as e:
+            raise CheckpointError(f"{where}: {meta['model_class']} cannot be built from the stored config ({e})") from None
     for name, cfg in meta["layers"].items():
         cfg = dict(cfg)
         kind = cfg.pop("type")
@@ -172,7 +189,7 @@ def _empty_quantized_model(meta: dict[str, Any]) -> nn.Module:
             getattr(owner, child)
         except AttributeError:
             raise CheckpointError(
-                f"the checkpoint quantizes layer {name!r}, which {meta['model_class']} built from the stored config "
+                f"{where} quantizes layer {name!r}, which {meta['model_class']} built from the stored config "
                 "does not have; the checkpoint and the model code disagree"
             ) from None
         setattr(owner, child, new)
@@ -187,8 +204,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     tensor_file = path / TENSOR_FILE if path.is_dir() else path
     if not tensor_file.exists():
         raise CheckpointError(f"{tensor_file} is missing: the checkpoint is incomplete")
-    model = _empty_quantized_model(meta)
+    model = _empty_quantized_model(meta, path)
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
+    quantized_keys = {f"{layer}.{k}" for layer in meta["layers"] for k in
+                      model.get_submodule(layer).state_dict(keep_vars=True)}
     try:
         with safe_open(str(tensor_file), "pt", device=str(device)) as f:
             keys = set(f.keys())
@@ -203,9 +222,15 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
                 )
             tensors = {}
             for k in sorted(keys):
-                t = f.get_tensor(k)
+                # clone: get_tensor on CPU returns views into one byte buffer at arbitrary offsets, and
+                # unaligned weights make CPU GEMMs round differently from the model that was saved.
+                t = f.get_tensor(k).clone()
                 want = expected[k]
-                if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+                # Kept layers are built in the default dtype; the stored (e.g. bf16) dtype of a floating
+                # tensor wins. Packed codes and scales must match exactly.
+                same_kind = t.dtype == want.dtype or (t.dtype.is_floating_point and want.dtype.is_floating_point
+                                                      and k not in quantized_keys)
+                if tuple(t.shape) != tuple(want.shape) or not same_kind:
                     raise CheckpointError(
                         f"{tensor_file}: tensor {k!r} is {tuple(t.shape)} {t.dtype}, the model expects "
                         f"{tuple(want.shape)} {want.dtype}"

@@ -5,7 +5,10 @@
 
 SGD with Nesterov momentum and a one-cycle learning rate, label smoothing 0.1, random crops
 (pad 4) and flips, bf16 autocast on CUDA. Stops after ``--epochs`` or ``--minutes``.
-Writes ``classifier.safetensors`` and ``config.json`` (with the test accuracy).
+Writes ``classifier.safetensors``, ``config.json`` (with the test accuracy) and
+``cifar10-test-stats.safetensors`` (mean and covariance of the classifier's features on the 10,000
+test images: the reference of the offline Fréchet distance). ``--stats-only`` recomputes just that
+file for an existing classifier folder.
 """
 
 from __future__ import annotations
@@ -17,13 +20,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cifar10 import load  # noqa: E402
 
-from svdquant.quality.classifier import CifarNet, accuracy  # noqa: E402
+from svdquant.quality.classifier import CifarNet, accuracy, load_classifier  # noqa: E402
+from svdquant.quality.metrics import feature_stats, features  # noqa: E402
+
+
+def write_test_stats(model: CifarNet, xt: torch.Tensor, out: Path) -> None:
+    """The fp16 classifier as shipped (reloaded from ``out``) on the test set, stats in float32."""
+    shipped = load_classifier(out, device=next(model.parameters()).device)
+    mu, sigma = feature_stats(features(shipped, xt.float() / 255))
+    save_file({"mu": mu.float().contiguous(), "sigma": sigma.float().contiguous()},
+              str(out / "cifar10-test-stats.safetensors"))
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -52,11 +65,16 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stats-only", action="store_true", help="only (re)write --out's test-set feature statistics")
     args = ap.parse_args(argv)
     t0 = time.time()
     dev = torch.device(args.device)
-    x, y = load(args.data, "train", args.cache)
     xt, yt = load(args.data, "test", args.cache)
+    if args.stats_only:
+        write_test_stats(load_classifier(args.out, device=dev), xt.to(dev), args.out)
+        print(f"wrote {args.out / 'cifar10-test-stats.safetensors'}")
+        return
+    x, y = load(args.data, "train", args.cache)
     print(f"data: {len(x)} train, {len(xt)} test, {time.time() - t0:.1f} s", flush=True)
     x = x.to(dev)
     y = y.to(dev)
@@ -88,8 +106,10 @@ def main(argv=None):
     model.eval()
     acc = accuracy(model, xt.float() / 255, yt)
     print(f"test accuracy {acc:.4f} after {step} steps, {time.time() - t0:.0f} s", flush=True)
-    model.float().save(args.out, {"test_accuracy": acc, "steps": step, "epochs": step / steps_per_epoch,
-                                  "params": sum(p.numel() for p in model.parameters())})
+    # shipped in fp16 (3.3 MB); load_classifier upcasts to fp32
+    model.half().save(args.out, {"test_accuracy": acc, "steps": step, "epochs": step / steps_per_epoch,
+                                 "params": sum(p.numel() for p in model.parameters()), "dtype": "float16"})
+    write_test_stats(model, xt.to(dev), args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,622 @@
+"""Checkpoints: quantize -> save_quantized -> load_quantized / load_pipeline on the tiny transformers,
+the metadata, every error case (missing / truncated / mismatched files, another architecture,
+newer format), and saves that fail or overwrite.
+
+The round trips use fp32 models, plus one bf16 round trip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import svdquant
+import svdquant.checkpoint as ckpt_mod
+from svdquant import CheckpointError, SVDQConv1x1, SVDQLinear
+from svdquant.checkpoint import FORMAT_VERSION, META_FILE, TENSOR_FILE
+
+RECIPE = svdquant.Int4Config(iterations=3, eval_tokens=128)
+ARCHS = list(tm.ARCHS)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def quantize(arch: str, dtype=torch.float32, seed: int = 0):
+    build, _ = tm.ARCHS[arch]
+    model = build(seed=seed, dtype=dtype)
+    report = svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 2)),
+                               progress=False)
+    return model, report
+
+
+def all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    t = dict(model.state_dict())
+    t.update({k: v for k, v in model.named_buffers() if k not in t})
+    return t
+
+
+def quantized_names(model: nn.Module) -> set[str]:
+    convs = {n for n, m in model.named_modules() if isinstance(m, SVDQConv1x1)}
+    lins = {n for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
+    return convs | {n for n in lins if n.rpartition(".")[0] not in convs}
+
+
+def realign(model: nn.Module) -> nn.Module:
+    """Copy every parameter and buffer into fresh (allocator-aligned) memory, values unchanged."""
+    for mod in model.modules():
+        for n, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[n] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for n, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[n] = b.clone()
+    return model
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (recursively) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rewrite_tensors(path: Path, change):
+    """Rewrite ``path/transformer.safetensors`` with ``change(tensors)`` applied, keeping its metadata."""
+    f = path / TENSOR_FILE
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    tensors = load_file(str(f))
+    change(tensors)
+    save_file(tensors, str(f), metadata=meta)
+
+
+def edit_meta(path: Path, change):
+    meta = json.loads((path / META_FILE).read_text())
+    change(meta)
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(arch)`` -> (in-memory quantized fp32 model, report, checkpoint folder), built once."""
+    root = tmp_path_factory.mktemp("ckpts")
+
+    def get(arch):
+        if arch not in _CACHE:
+            model, report = quantize(arch)
+            path = svdquant.save_quantized(model, root / arch, report=report)
+            _CACHE[arch] = (model, report, path)
+        return _CACHE[arch]
+
+    return get
+
+
+@pytest.fixture
+def fresh(saved, tmp_path):
+    """``fresh(arch)`` -> a private copy of the arch's checkpoint folder, free to corrupt."""
+    def get(arch="flux"):
+        dst = tmp_path / f"{arch}-copy"
+        shutil.copytree(saved(arch)[2], dst)
+        return dst
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roundtrip_tensors_exact(saved, arch):
+    model, _, path = saved(arch)
+    loaded = svdquant.load_quantized(path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert quantized_names(loaded) == quantized_names(model)
+    a, b = all_tensors(model), all_tensors(loaded)
+    assert set(a) == set(b)
+    for k in a:
+        assert b[k].dtype == a[k].dtype and b[k].shape == a[k].shape, k
+        assert b[k].device.type == "cpu", k
+        assert torch.equal(a[k], b[k]), k
+    for name in quantized_names(model):
+        m, l = model.get_submodule(name), loaded.get_submodule(name)
+        m, l = (m.linear, l.linear) if isinstance(m, SVDQConv1x1) else (m, l)
+        assert type(l) is type(m) and l.config() == m.config(), name
+    assert loaded._svdquant_recipe == RECIPE.to_dict()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roundtrip_forward_exact_once_realigned(saved, arch):
+    """The loaded model computes exactly what the in-memory one does (given the same memory alignment)."""
+    model, _, path = saved(arch)
+    loaded = realign(svdquant.load_quantized(path))
+    make = tm.ARCHS[arch][1]
+    for seed in range(2):
+        x = make(model, seed=seed)
+        assert torch.equal(tm.forward(loaded, x), tm.forward(model, x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roundtrip_forward_close(saved, arch):
+    model, _, path = saved(arch)
+    loaded = svdquant.load_quantized(path)
+    x = tm.ARCHS[arch][1](model, seed=0)
+    torch.testing.assert_close(tm.forward(loaded, x), tm.forward(model, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [
+    "flux", "sd3", "pixart", "sana"])
+def test_roundtrip_forward_exact(saved, arch):
+    model, _, path = saved(arch)
+    loaded = svdquant.load_quantized(path)
+    make = tm.ARCHS[arch][1]
+    for seed in range(2):
+        x = make(model, seed=seed)
+        assert torch.equal(tm.forward(loaded, x), tm.forward(model, x))
+
+
+def test_loaded_tensors_are_allocator_aligned(saved):
+    loaded = svdquant.load_quantized(saved("flux")[2])
+    misaligned = [k for k, t in all_tensors(loaded).items() if t.data_ptr() % 16]
+    assert not misaligned, misaligned[:5]
+
+
+@pytest.mark.parametrize("arch", ["flux", "sana"])
+def test_bf16_roundtrip(tmp_path, arch):
+    model, report = quantize(arch, dtype=torch.bfloat16)
+    path = svdquant.save_quantized(model, tmp_path / "ck", report=report)
+    loaded = realign(svdquant.load_quantized(path))
+    x = tm.ARCHS[arch][1](model, seed=0)
+    assert torch.equal(tm.forward(loaded, x), tm.forward(model, x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_never_materializes_16bit_weights(saved, arch, monkeypatch):
+    model, _, path = saved(arch)
+    # every weight initialization during the load must happen on the meta device
+    inits = []
+    for fn in ("kaiming_uniform_", "uniform_", "normal_", "xavier_uniform_", "zeros_", "ones_", "constant_",
+               "trunc_normal_"):
+        orig = getattr(torch.nn.init, fn)
+
+        def wrapped(tensor, *a, _orig=orig, **k):
+            inits.append(tensor.device.type)
+            return _orig(tensor, *a, **k)
+
+        monkeypatch.setattr(torch.nn.init, fn, wrapped)
+
+    def no_quantizing(*a, **k):
+        raise AssertionError("loading must not quantize")
+
+    monkeypatch.setattr(SVDQLinear, "from_linears", no_quantizing)
+    loaded = svdquant.load_quantized(path)
+    assert set(inits) <= {"meta"}
+    for name in quantized_names(loaded):
+        m = loaded.get_submodule(name)
+        lin = m.linear if isinstance(m, SVDQConv1x1) else m
+        assert not hasattr(lin, "weight") and not hasattr(m, "weight"), name
+        assert not any(True for _ in m.parameters()), name  # all state is packed buffers
+    n_params = sum(p.numel() for p in loaded.parameters())
+    assert n_params == sum(p.numel() for p in model.parameters())
+    assert n_params < sum(p.numel() for p in tm.ARCHS[arch][0]().parameters())  # fewer than the 16-bit model
+    assert not any(t.is_meta for t in all_tensors(loaded).values())
+    assert sum(t.numel() * t.element_size() for t in all_tensors(loaded).values()) == \
+        sum(t.numel() * t.element_size() for t in all_tensors(model).values())
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+@pytest.mark.parametrize("arch", ARCHS)
+def test_metadata(saved, arch):
+    model, report, path = saved(arch)
+    assert sorted(os.listdir(path)) == [META_FILE, TENSOR_FILE]
+    meta = svdquant.read_metadata(path)
+    assert meta["format"] == "svdquant" and meta["format_version"] == FORMAT_VERSION == 1
+    assert meta["svdquant_version"] == svdquant.__version__
+    assert meta["model_class"] == type(model).__name__
+    cfg = meta["model_config"]
+    for k in ("num_layers", "attention_head_dim", "num_attention_heads", "in_channels"):
+        assert cfg[k] == model.config[k], k
+    assert meta["recipe"] == json.loads(json.dumps(RECIPE.to_dict()))
+    assert svdquant.QuantConfig.from_dict(meta["recipe"]) == RECIPE
+    assert meta["base"] is None and meta["base_is_local"] is False
+    # one entry per quantized layer, its type and exact layout
+    assert set(meta["layers"]) == quantized_names(model)
+    for name, cfg in meta["layers"].items():
+        m = model.get_submodule(name)
+        kind = "conv1x1" if isinstance(m, SVDQConv1x1) else "linear"
+        lin = m.linear if kind == "conv1x1" else m
+        assert cfg == {"type": kind, **lin.config()}, name
+        assert cfg["weights"] == "int4" and cfg["dtype"] == "float32"
+        assert cfg["activations"] in ("int4", None)
+    # the report, JSON-friendly
+    rep = meta["report"]
+    assert rep["snapshots"] == 2 and rep["model"] == type(model).__name__
+    assert [tuple(s) for s in rep["skipped"]] == report.skipped
+    assert [r["names"] for r in rep["rows"]] == [r.names for r in report.rows]
+    assert rep["seconds_total"] > 0
+    # the tensor file carries the same metadata: alone it still says what it is
+    assert svdquant.read_metadata(path / TENSOR_FILE) == meta
+    with safe_open(str(path / TENSOR_FILE), "pt") as f:
+        assert json.loads(f.metadata()["svdquant"]) == meta
+
+
+def test_metadata_fields_svdquant_info_prints(saved, capsys):
+    from svdquant.cli import main
+
+    model, report, path = saved("flux")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "FluxTransformer2DModel" in out and "version 1" in out
+    assert f"{len(svdquant.read_metadata(path)['layers'])} quantized" in out
+    assert "17 × Wint4Aint4 rank 32" in out  # 8 attention + 4 MLP in the double block, 5 in the single
+    assert "3 × Wint4A16 rank 0" in out  # the adaLN linears
+    assert f"kept 16-bit: {len(report.skipped)} layers" in out
+
+
+# ------------------------------------------------------------------------------------------------ errors: loading
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist") as e:
+        svdquant.load_quantized(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(e.value)
+
+
+def test_missing_metadata_file(fresh):
+    path = fresh()
+    (path / META_FILE).unlink()
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path) in str(e.value) and f"{META_FILE} is missing" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "half"])
+def test_corrupt_metadata_json(fresh, text):
+    path = fresh()
+    if text == "half":
+        full = (path / META_FILE).read_text()
+        text = full[: len(full) // 2]
+    (path / META_FILE).write_text(text)
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / META_FILE) in str(e.value) and "not valid JSON" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["list", "string-version", "missing-keys"])
+def test_malformed_metadata_is_a_checkpoint_error(fresh, case):
+    path = fresh()
+    if case == "list":
+        (path / META_FILE).write_text("[1, 2]")
+    elif case == "string-version":
+        edit_meta(path, lambda m: m.update(format_version="2"))
+    else:
+        (path / META_FILE).write_text(json.dumps({"format": "svdquant", "format_version": 1}))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / META_FILE) in str(e.value)
+
+
+def test_not_svdquant_metadata(fresh):
+    path = fresh()
+    edit_meta(path, lambda m: m.update(format="something-else"))
+    with pytest.raises(CheckpointError, match="is not svdquant metadata") as e:
+        svdquant.load_quantized(path)
+    assert str(path / META_FILE) in str(e.value)
+
+
+def test_newer_format_version(fresh):
+    path = fresh()
+    edit_meta(path, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    msg = str(e.value)
+    assert str(path / META_FILE) in msg and f"format version {FORMAT_VERSION + 1}" in msg and "Upgrade" in msg
+
+
+def test_missing_tensor_file(fresh):
+    path = fresh()
+    (path / TENSOR_FILE).unlink()
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and "missing" in str(e.value)
+
+
+@pytest.mark.parametrize("keep", ["half", "all-but-8-bytes", "100-bytes", "empty"])
+def test_truncated_tensor_file(fresh, keep):
+    path = fresh()
+    f = path / TENSOR_FILE
+    data = f.read_bytes()
+    n = {"half": len(data) // 2, "all-but-8-bytes": len(data) - 8, "100-bytes": 100, "empty": 0}[keep]
+    f.write_bytes(data[:n])
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(f) in str(e.value) and "truncated or corrupt" in str(e.value)
+
+
+def test_garbage_tensor_file(fresh):
+    path = fresh()
+    (path / TENSOR_FILE).write_bytes(b"\x00" * 4096)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value)
+
+
+def test_tensor_with_wrong_shape(fresh):
+    path = fresh()
+    key = "transformer_blocks.0.attn.to_q.lora_up"
+    rewrite_tensors(path, lambda t: t.update({key: t[key][:, :-1].contiguous()}))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    msg = str(e.value)
+    assert str(path / TENSOR_FILE) in msg and repr(key) in msg
+    assert "(64, 31)" in msg and "(64, 32)" in msg
+
+
+def test_tensor_with_wrong_dtype(fresh):
+    path = fresh()
+    key = "single_transformer_blocks.0.proj_out.wscales"
+    rewrite_tensors(path, lambda t: t.update({key: t[key].half()}))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and repr(key) in str(e.value) and "float16" in str(e.value)
+
+
+def test_missing_tensor(fresh):
+    path = fresh()
+    key = "transformer_blocks.0.ff.net.2.smooth_inv"
+    rewrite_tensors(path, lambda t: t.pop(key))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and key in str(e.value) and "lacks 1 tensors" in str(e.value)
+
+
+def test_extra_tensor(fresh):
+    path = fresh()
+    rewrite_tensors(path, lambda t: t.update({"bogus.extra": torch.zeros(3)}))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and "bogus.extra" in str(e.value)
+
+
+def test_tensor_file_of_another_architecture(saved, fresh):
+    """FLUX metadata next to SD3 tensors: the tensor names disagree."""
+    path = fresh("flux")
+    shutil.copy(saved("sd3")[2] / TENSOR_FILE, path / TENSOR_FILE)
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and "tensors" in str(e.value)
+
+
+def test_tensor_file_of_another_recipe(tmp_path, fresh):
+    """int4 metadata next to nvfp4 tensors of the same model: shapes and dtypes disagree."""
+    path = fresh("flux")
+    model = tm.build_flux()
+    svdquant.quantize(model, svdquant.NVFP4Config(iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
+    other = svdquant.save_quantized(model, tmp_path / "nvfp4")
+    shutil.copy(other / TENSOR_FILE, path / TENSOR_FILE)
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value)
+
+
+def test_safetensors_without_svdquant_metadata(tmp_path):
+    f = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(f))
+    with pytest.raises(CheckpointError, match="has no svdquant metadata") as e:
+        svdquant.read_metadata(f)
+    assert str(f) in str(e.value)
+
+
+def test_unknown_model_class(fresh):
+    path = fresh()
+    edit_meta(path, lambda m: m.update(model_class="NoSuchTransformer2DModel"))
+    with pytest.raises(CheckpointError, match="NoSuchTransformer2DModel"):
+        svdquant.load_quantized(path)
+
+
+def test_config_without_a_quantized_layer(fresh):
+    path = fresh()
+    edit_meta(path, lambda m: m["model_config"].update(num_single_layers=0))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert "'single_transformer_blocks.0." in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["class", "config"])
+def test_model_mismatch_errors_name_the_checkpoint(fresh, case):
+    path = fresh()
+    if case == "class":
+        edit_meta(path, lambda m: m.update(model_class="NoSuchTransformer2DModel"))
+    else:
+        edit_meta(path, lambda m: m["model_config"].update(num_single_layers=0))
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_quantized(path)
+    assert str(path) in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ errors: saving
+def test_save_unquantized_model_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no quantized layers"):
+        svdquant.save_quantized(tm.build_flux(), tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_save_model_without_config_is_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64))
+    svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=[{"input": torch.randn(8, 64)}]), include=["*"],
+                      progress=False)
+    with pytest.raises(CheckpointError, match="no .config"):
+        svdquant.save_quantized(model, tmp_path / "ck")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_into_existing_folder_without_overwrite(saved, fresh):
+    path = fresh()
+    before = listing(path)
+    model = saved("flux")[0]
+    with pytest.raises(CheckpointError, match="already exists") as e:
+        svdquant.save_quantized(model, path)
+    assert str(path) in str(e.value) and "overwrite" in str(e.value)
+    assert listing(path) == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def _failing_save_file(exc):
+    def save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial" * 100)  # some bytes made it to disk, then:
+        raise exc
+
+    return save
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_save_leaves_nothing_behind(saved, tmp_path, monkeypatch, exc):
+    model = saved("flux")[0]
+    parent = tmp_path / "out"
+    parent.mkdir()
+    monkeypatch.setattr(ckpt_mod, "save_file", _failing_save_file(exc))
+    with pytest.raises(type(exc)):
+        svdquant.save_quantized(model, parent / "ck")
+    assert os.listdir(parent) == []  # no checkpoint, no temporary folder
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(saved, fresh, monkeypatch):
+    path = fresh()
+    before = listing(path)
+    monkeypatch.setattr(ckpt_mod, "save_file", _failing_save_file(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        svdquant.save_quantized(saved("sd3")[0], path, overwrite=True)
+    assert listing(path) == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+    monkeypatch.undo()
+    assert type(svdquant.load_quantized(path)).__name__ == "FluxTransformer2DModel"
+
+
+def test_overwrite_replaces(saved, fresh):
+    path = fresh("flux")
+    sd3, report, _ = saved("sd3")
+    assert svdquant.save_quantized(sd3, path, report=report, overwrite=True) == path
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no temporary or old folder left
+    assert sorted(os.listdir(path)) == [META_FILE, TENSOR_FILE]
+    assert svdquant.read_metadata(path)["model_class"] == "SD3Transformer2DModel"
+    loaded = svdquant.load_quantized(path)
+    assert type(loaded).__name__ == "SD3Transformer2DModel"
+
+
+def test_overwrite_failing_at_the_last_rename_keeps_the_old_checkpoint(saved, fresh, monkeypatch):
+    path = fresh()
+    before = listing(path)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(f".{path.name}.tmp-"):
+            raise OSError(16, "Device or resource busy")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError):
+        svdquant.save_quantized(saved("sd3")[0], path, overwrite=True)
+    monkeypatch.undo()
+    assert path.is_dir() and listing(path) == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_checkpoint_folder_has_normal_permissions(saved, tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    path = svdquant.save_quantized(saved("flux")[0], tmp_path / "ck")
+    assert path.stat().st_mode & 0o777 == ref.stat().st_mode & 0o777
+
+
+# ------------------------------------------------------------------------------------------------ load_pipeline
+@pytest.fixture(scope="module")
+def pipeline_setup(tmp_path_factory):
+    """A tiny diffusers FluxPipeline saved offline, its transformer quantized (through the pipeline) and saved."""
+    root = tmp_path_factory.mktemp("pipes")
+    base = tm.save_flux_pipeline(root / "project" / "base")
+    pipe = tm.build_flux_pipeline()
+    ref = tm.sample(pipe)
+    report = svdquant.quantize(pipe, RECIPE, svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3,
+                                                                  pipeline_kwargs=dict(tm.PIPE_KWARGS)),
+                               progress=False)
+    ck = svdquant.save_quantized(pipe.transformer, root / "project" / "ck", base=base, report=report)
+    return dict(root=root, base=base, ck=ck, pipe=pipe, ref16=ref, refq=tm.sample(pipe))
+
+
+def _check_pipeline(p, setup):
+    from diffusers import FluxPipeline
+
+    assert type(p) is FluxPipeline
+    assert type(p.transformer.transformer_blocks[0].attn.to_q) is SVDQLinear
+    assert type(p.transformer.single_transformer_blocks[0].norm.linear) is SVDQLinear
+    assert type(p.transformer.proj_out) is nn.Linear
+    img = tm.sample(p)
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+    torch.testing.assert_close(img, setup["refq"], rtol=0, atol=1e-5)  # what the in-memory quantized pipe drew
+    assert not torch.equal(img, setup["ref16"])
+
+
+def test_load_pipeline_with_local_base(pipeline_setup):
+    s = pipeline_setup
+    meta = svdquant.read_metadata(s["ck"])
+    assert meta["base_is_local"] is True and meta["base"] == os.path.join("..", "base")
+    _check_pipeline(svdquant.load_pipeline(s["base"], s["ck"]), s)
+
+
+def test_load_pipeline_uses_recorded_base(pipeline_setup):
+    _check_pipeline(svdquant.load_pipeline(None, pipeline_setup["ck"]), pipeline_setup)
+
+
+def test_recorded_relative_base_survives_moving_both(pipeline_setup, tmp_path):
+    s = pipeline_setup
+    moved = tmp_path / "elsewhere" / "project-moved"
+    shutil.copytree(s["base"].parent, moved)
+    # the original location is gone: only the relative path can find the base
+    hidden = s["base"].parent.with_name("project-hidden")
+    s["base"].parent.rename(hidden)
+    try:
+        _check_pipeline(svdquant.load_pipeline(None, moved / "ck"), s)
+        with pytest.raises(FileNotFoundError):  # the base alone moved: a clear error, not a crash
+            shutil.rmtree(moved / "base")
+            svdquant.load_pipeline(None, moved / "ck")
+    finally:
+        hidden.rename(s["base"].parent)
+
+
+def test_load_pipeline_rejects_a_checkpoint_of_another_architecture(pipeline_setup, saved):
+    s = pipeline_setup
+    sd3_ck = saved("sd3")[2]
+    with pytest.raises(CheckpointError) as e:
+        svdquant.load_pipeline(s["base"], sd3_ck)
+    msg = str(e.value)
+    assert str(sd3_ck) in msg and str(s["base"]) in msg
+    assert "SD3Transformer2DModel" in msg and "FluxTransformer2DModel" in msg
+
+
+def test_load_pipeline_rejects_another_architecture_on_a_tiny_base(saved, tmp_path):
+    from svdquant.pipelines import TinyFluxPipeline
+
+    base = tmp_path / "tiny-base"
+    TinyFluxPipeline.random(num_single_layers=1, num_layers=1).save_pretrained(base)
+    with pytest.raises(CheckpointError, match="SD3Transformer2DModel.*FluxTransformer2DModel"):
+        svdquant.load_pipeline(base, saved("sd3")[2])
+
+
+def test_load_pipeline_without_base(saved):
+    path = saved("flux")[2]
+    with pytest.raises(CheckpointError, match="does not record its base") as e:
+        svdquant.load_pipeline(None, path)
+    assert str(path) in str(e.value)
+
+
+def test_load_pipeline_missing_base_folder(saved, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        svdquant.load_pipeline(tmp_path / "no-base", saved("flux")[2])
+    assert str(tmp_path / "no-base") in str(e.value)

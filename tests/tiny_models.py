@@ -1,0 +1,273 @@
+"""Tiny random-weight diffusers transformers and pipelines for the model / checkpoint / CLI tests.
+
+Nothing here downloads anything: every model is built from a config with fixed-seed random
+weights, and the tiny FLUX pipeline's tokenizers are written from a small vocabulary.
+
+``ARCHS`` maps an architecture name to ``(build, make_inputs)``:
+
+* ``build(seed=0, dtype=torch.float32)`` -> the transformer in eval mode;
+* ``make_inputs(model, seed=0, batch=1)`` -> keyword arguments for one forward call
+  (one calibration snapshot), with ``return_dict=False``.
+
+Sizes: hidden width 64 (2 heads x 32), one block per stack, 16 image tokens and 4-6 text
+tokens, so one quantization takes about a second on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may download
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import string  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------
+
+HIDDEN = 64  # width of every tiny transformer (2 heads x 32)
+
+FLUX_CONFIG = dict(
+    patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+    attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+    guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+)
+
+SD3_CONFIG = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=HIDDEN, pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
+
+PIXART_CONFIG = dict(
+    num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=1,
+    cross_attention_dim=HIDDEN, norm_num_groups=32, sample_size=8, patch_size=2, caption_channels=32,
+    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, use_additional_conditions=False,
+)
+
+SANA_CONFIG = dict(
+    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+    num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=HIDDEN, caption_channels=32,
+    mlp_ratio=2.5, sample_size=8, patch_size=2,
+)
+
+TEXT_TOKENS = 6
+
+
+def _build(cls, config: dict, seed: int, dtype: torch.dtype):
+    from diffusers.utils import logging as dlogging
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(**config)
+    if dtype != torch.float32:
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # "modules that should be kept in float32: []"
+        try:
+            model = model.to(dtype)
+        finally:
+            dlogging.set_verbosity(level)
+    return model.eval()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _dtype_of(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# --------------------------------------------------------------------------------------
+# FLUX
+# --------------------------------------------------------------------------------------
+
+def build_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import FluxTransformer2DModel
+
+    return _build(FluxTransformer2DModel, {**FLUX_CONFIG, **overrides}, seed, dtype)
+
+
+def flux_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    side = 4  # 4 x 4 = 16 image tokens
+    ii, jj = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(ii), ii, jj], -1).reshape(-1, 3).float()
+    return dict(
+        hidden_states=torch.randn(batch, side * side, cfg.in_channels, generator=g).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.joint_attention_dim, generator=g).to(dt),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dt),
+        timestep=torch.rand(batch, generator=g).to(dt),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(TEXT_TOKENS, 3),
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# SD3
+# --------------------------------------------------------------------------------------
+
+def build_sd3(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import SD3Transformer2DModel
+
+    return _build(SD3Transformer2DModel, {**SD3_CONFIG, **overrides}, seed, dtype)
+
+
+def sd3_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, 8, 8, generator=g).to(dt),  # 4 x 4 = 16 patches
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.joint_attention_dim, generator=g).to(dt),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dt),
+        timestep=(torch.rand(batch, generator=g) * 1000).to(dt),
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# PixArt-Sigma
+# --------------------------------------------------------------------------------------
+
+def build_pixart(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import PixArtTransformer2DModel
+
+    return _build(PixArtTransformer2DModel, {**PIXART_CONFIG, **overrides}, seed, dtype)
+
+
+def pixart_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, 8, 8, generator=g).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.caption_channels, generator=g).to(dt),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# SANA
+# --------------------------------------------------------------------------------------
+
+def build_sana(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import SanaTransformer2DModel
+
+    return _build(SanaTransformer2DModel, {**SANA_CONFIG, **overrides}, seed, dtype)
+
+
+def sana_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, 8, 8, generator=g).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.caption_channels, generator=g).to(dt),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        return_dict=False,
+    )
+
+
+ARCHS = {
+    "flux": (build_flux, flux_inputs),
+    "sd3": (build_sd3, sd3_inputs),
+    "pixart": (build_pixart, pixart_inputs),
+    "sana": (build_sana, sana_inputs),
+}
+
+
+def calibration_inputs(arch: str, model, n: int = 2, seed: int = 100) -> list[dict]:
+    """``n`` snapshots (forward kwargs) for ``model``; seeds ``seed``, ``seed + 1``..."""
+    make = ARCHS[arch][1]
+    return [make(model, seed=seed + i) for i in range(n)]
+
+
+def forward(model, kwargs: dict) -> torch.Tensor:
+    """The model's output tensor for one set of forward kwargs."""
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+# --------------------------------------------------------------------------------------
+# a tiny diffusers FluxPipeline, built offline
+# --------------------------------------------------------------------------------------
+
+# Arguments that keep a tiny FluxPipeline call small: 16x16 pixels -> 8x8 latents -> 16 tokens,
+# 8 T5 tokens (the pipeline's default is 512).
+PIPE_KWARGS = dict(height=16, width=16, max_sequence_length=8)
+CLIP_MAX_LENGTH = 16
+
+
+def clip_tokenizer():
+    """A CLIPTokenizer over single letters (BPE with no merges), built from a vocab.json-style dict."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+    for c in string.ascii_lowercase:
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single letters, built from a (piece, score) list."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + c, -1.0) for c in string.ascii_lowercase] + [(c, -2.0) for c in string.ascii_lowercase]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def build_flux_pipeline(seed: int = 0):
+    """A diffusers ``FluxPipeline`` with tiny random components (transformer = :func:`build_flux`)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=FLUX_CONFIG["pooled_projection_dim"], intermediate_size=64,
+            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=32,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tok2), d_model=FLUX_CONFIG["joint_attention_dim"], d_ff=64, d_kv=16, num_layers=1,
+            num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        ))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+            latent_channels=FLUX_CONFIG["in_channels"] // 4, norm_num_groups=8, sample_size=16,
+            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+        )
+    # freshly built transformers models are in training mode: T5's dropout would make sampling random
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tok2, transformer=build_flux(seed),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_flux_pipeline(folder, seed: int = 0) -> Path:
+    """Build :func:`build_flux_pipeline` and ``save_pretrained`` it to ``folder`` (a diffusers layout)."""
+    folder = Path(folder)
+    build_flux_pipeline(seed).save_pretrained(folder)
+    return folder
+
+
+def sample(pipe, prompt: str = "a cat", steps: int = 2, seed: int = 0, **kwargs) -> torch.Tensor:
+    """``pipe(prompt)`` as a ``[B, 3, H, W]`` tensor in [0, 1], fixed noise, tiny sizes."""
+    kw = {**PIPE_KWARGS, **kwargs}
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    output_type="pt", **kw).images
