@@ -19,11 +19,19 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class UsageError(Exception):
+    """A mistake on the command line: ``main`` prints ``svdquant CMD: error: ...`` and returns 2."""
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("svdquant: --device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     return name
 
 
@@ -64,7 +72,10 @@ def cmd_quantize(args) -> None:
     recipe = _recipe(args)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"svdquant: {out} already exists; choose another -o or pass --overwrite")
+        raise UsageError(f"{out} already exists; choose another -o or pass --overwrite")
+    if args.model != "tiny" and args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
+        raise UsageError(f"MODEL {args.model} does not exist; pass a diffusers pipeline folder (with "
+                         "model_index.json), a hub id, or 'tiny'")
     if args.model == "tiny":
         pipe = TinyFluxPipeline.default(dtype)
         base = out.parent / f"{out.name}-base"
@@ -104,13 +115,16 @@ def _sample(pipe, prompt, args, output_type="pil"):
 def cmd_generate(args) -> None:
     pipe, _, _ = _load(args)
     if args.lora:
-        from .lora import load_lora
+        from .lora import LoRAError, load_lora
 
         for i, spec in enumerate(args.lora):
             path, sep, strength = spec.rpartition(":")
             if not sep or not _is_number(strength):  # no ":STRENGTH" suffix
                 path, strength = spec, "1"
-            load_lora(pipe, path, name=f"lora{i}", strength=float(strength))
+            try:
+                load_lora(pipe, path, name=f"lora{i}", strength=float(strength))
+            except LoRAError as e:  # some messages name the layer only: say which file it is
+                raise LoRAError(str(e) if path in str(e) else f"{path}: {e}") from None
     images = _sample(pipe, args.prompt, args)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +169,9 @@ def cmd_info(args) -> None:
     from .checkpoint import TENSOR_FILE, read_metadata, recorded_base
 
     meta = read_metadata(args.checkpoint)
+    if args.json:  # machine-readable: the JSON alone, so it can be piped
+        print(json.dumps(meta, indent=1))
+        return
     layers = meta["layers"]
     kinds: dict[str, int] = {}
     for cfg in layers.values():
@@ -177,8 +194,6 @@ def cmd_info(args) -> None:
     if rep:
         print(f"quantized in {rep['seconds_total']:.1f} s from {rep['snapshots']} snapshots; "
               f"kept 16-bit: {len(rep['skipped'])} layers")
-    if args.json:
-        print(json.dumps(meta, indent=1))
 
 
 def cmd_demo(args) -> None:
@@ -268,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a checkpoint holds", description="Print a checkpoint's metadata.")
     p.add_argument("checkpoint")
-    p.add_argument("--json", action="store_true", help="also print the full metadata")
+    p.add_argument("--json", action="store_true", help="print the full metadata as JSON instead")
     p.set_defaults(func=cmd_info)
     return ap
 
@@ -279,7 +294,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # LoRAError is a ValueError
+    except (CheckpointError, UsageError, OSError, ValueError) as e:  # LoRAError is a ValueError
         print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,6 +32,13 @@ def transformer_class_of(base: str | os.PathLike) -> str | None:
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
 
+def _dtype_keyword() -> str:
+    """``dtype`` on diffusers that renamed ``torch_dtype`` (and warn about the old name), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
 def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: torch.dtype | None = None):
     """The 16-bit pipeline at ``base``, optionally with ``transformer`` in place of its own."""
     if _is_tiny(base):
@@ -40,7 +47,7 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
 
     kw = {"transformer": transformer} if transformer is not None else {}
     if torch_dtype is not None:
-        kw["torch_dtype"] = torch_dtype
+        kw[_dtype_keyword()] = torch_dtype
     try:
         return DiffusionPipeline.from_pretrained(str(base), **kw)
     except (OSError, ValueError) as e:
