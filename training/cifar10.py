@@ -2,7 +2,7 @@
 
     images, labels = load("path/to/cifar10-jpeg.tar.gz", "train", cache_dir=".data")
 
-Decodes with PIL in a process pool and caches ``<cache_dir>/cifar10-<split>.npz``, so later
+Decodes with PIL in a process pool and caches ``<cache_dir>/cifar10-<split>-<source hash>.npz``, so later
 runs (and resumed training chunks) start in a second. Class indices follow
 ``svdquant.pipelines.CIFAR10_CLASSES``.
 """
@@ -10,6 +10,7 @@ runs (and resumed training chunks) start in a second. Class indices follow
 from __future__ import annotations
 
 import io
+import hashlib
 import os
 import tarfile
 from multiprocessing import Pool
@@ -45,11 +46,18 @@ def _members(path: Path, split: str):
     return out
 
 
+def _source_key(path: Path) -> str:
+    """Names the cache after the data it came from, so other data never reads a stale cache."""
+    st = path.stat() if path.exists() else None
+    key = f"{path.resolve()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}"
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def load(path: str | os.PathLike, split: str = "train", cache_dir: str | os.PathLike | None = None,
          workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images uint8 [N, 3, 32, 32], labels int64 [N])``."""
     path = Path(path)
-    cache = Path(cache_dir) / f"cifar10-{split}.npz" if cache_dir else None
+    cache = Path(cache_dir) / f"cifar10-{split}-{_source_key(path)}.npz" if cache_dir else None
     if cache is not None and cache.exists():
         z = np.load(cache)
         return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])

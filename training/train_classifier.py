@@ -81,6 +81,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     model = CifarNet().to(dev).to(memory_format=torch.channels_last)
+    if args.batch_size > len(x):
+        ap.error(f"--batch-size {args.batch_size} is larger than the {len(x)} training images")
     steps_per_epoch = len(x) // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -81,6 +81,11 @@ def optional_metrics(images: torch.Tensor, reference: torch.Tensor) -> dict[str,
     if importlib.util.find_spec("lpips") is None:
         out["lpips"] = "skipped: the lpips package is not installed"
     else:
+        # lpips builds on torchvision's AlexNet, which torch.hub would download: use it only if cached.
+        alexnet = Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"
+        if not alexnet.exists():
+            out["lpips"] = f"skipped: LPIPS needs torchvision's AlexNet weights at {alexnet} (svdquant never downloads)"
+            return _other_metrics(out)
         try:
             import lpips  # noqa: F401
 
@@ -89,6 +94,10 @@ def optional_metrics(images: torch.Tensor, reference: torch.Tensor) -> dict[str,
                 out["lpips"] = float(net(images * 2 - 1, reference * 2 - 1).mean())
         except Exception as e:  # weights missing offline, etc.
             out["lpips"] = f"skipped: {type(e).__name__}: {e}"
+    return _other_metrics(out)
+
+
+def _other_metrics(out: dict[str, object]) -> dict[str, object]:
     fid_ok = importlib.util.find_spec("torch_fidelity") is not None
     out["fid"] = ("skipped: needs Inception weights (torch-fidelity download); the classifier Fréchet distance "
                   "stands in for it offline") if not fid_ok else "skipped: Inception at 32×32 is not meaningful here"
