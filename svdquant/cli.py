@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", nargs="+", default=list(DEMO_VARIANTS), metavar="VARIANT",
                    help=f"recipes to compare, optionally with an ablation method: {' '.join(DEMO_VARIANTS)} "
                         "(default), int4-lorc, int4-smooth, ...")
-    p.add_argument("--steps", type=int, default=10, help="Euler sampling steps (default 10)")
+    p.add_argument("--steps", type=int, default=6, help="Euler sampling steps (default 6; the model card uses 20)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 

@@ -76,6 +76,18 @@ def _grouped_dot(a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch
     return a @ w.T
 
 
+def _int8_dot(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 sums of int8 products: ``torch._int_mm`` where it runs (CPU; cuBLAS when M > 16 and
+    K, N are multiples of 8), else float64 (exact for any K a layer has)."""
+    cuda_ok = a.shape[0] > 16 and w.shape[1] % 8 == 0 and w.shape[0] % 8 == 0
+    if hasattr(torch, "_int_mm") and (not a.is_cuda or cuda_ok):
+        try:
+            return torch._int_mm(a.contiguous(), w.t())
+        except RuntimeError:  # a build or shape without an int8 kernel
+            pass
+    return a.double() @ w.double().T
+
+
 def qgemm(
     qin: QuantizedInput,
     fmt: str,
@@ -99,10 +111,7 @@ def qgemm(
         acc = _grouped_dot(a, qin.scales, w, wscales, group_size)
         acc *= qin.tensor_scale * wtensor_scale
     elif fmt == "int8":
-        if qin.codes.is_cuda and qin.codes.shape[0] > 16 and qweight.shape[1] % 8 == 0 and qweight.shape[0] % 8 == 0:
-            acc = torch._int_mm(qin.codes, qweight.t()).float()  # exact int32 sums on cuBLAS
-        else:
-            acc = (qin.codes.double() @ qweight.double().T).float()
+        acc = _int8_dot(qin.codes, qweight).float()
         acc *= qin.scales.float()[:, None] * wscales.float()[None, :]
     elif fmt == "fp8":
         acc = qin.codes.float() @ qweight.float().T
