@@ -75,6 +75,29 @@ def outlier_ratios(pipe: TinyFluxPipeline, labels, noise, steps: int) -> dict[st
     return {k: float(v.max() / v.median().clamp_min(1e-12)) for k, v in amax.items()}
 
 
+def use_pow2_int4_scales() -> None:
+    """Round INT4 group scales up to powers of two everywhere (quantizer and runtime reference).
+
+    An experiment, not a recipe: the fused kernels compute their own scales, so the reference runs.
+    Rounding up keeps every code in range; each group loses up to one bit of its range.
+    """
+    import os
+
+    from svdquant.formats import int4
+
+    os.environ["SVDQUANT_REFERENCE"] = "1"
+    grid = int4._int4_grid
+
+    def pow2_grid(x, group_size, unsigned, scale_dtype, check):
+        xg, scale, s, inv, lo, hi = grid(x, group_size, unsigned, scale_dtype, check)
+        p = torch.where(s > 0, torch.exp2(torch.ceil(torch.log2(s.clamp_min(1e-30)))), torch.zeros_like(s))
+        scale = p.to(scale.dtype)  # powers of two are exact in bf16 / fp16 / fp32
+        s = scale.float()
+        return xg, scale, s, torch.where(s > 0, 1.0 / s, torch.zeros_like(s)), lo, hi
+
+    int4._int4_grid = pow2_grid
+
+
 def sample(pipe, labels, noise, steps, batch):
     return torch.cat([
         pipe(class_labels=labels[i:i + batch], latents=noise[i:i + batch], num_inference_steps=steps,
@@ -96,7 +119,12 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                     help="16-bit model dtype (default: bf16 on CUDA, where the fused kernels run; fp32 on CPU)")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
+    ap.add_argument("--pow2-scales", action="store_true",
+                    help="what-if: round every INT4 group scale (weights and activations) up to a power of two, "
+                         "as an FP8-folded GEMM would need (runs the torch reference)")
     args = ap.parse_args(argv)
+    if args.pow2_scales:
+        use_pow2_int4_scales()
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     t_start = time.perf_counter()
@@ -163,7 +191,8 @@ def report(rows, ratios, args, seconds) -> str:
     n = args.per_class * 10
     lines = [
         f"Tiny FLUX (CIFAR-10, 32×32), {n} samples ({args.per_class} per class), {args.steps} Euler steps, "
-        f"guidance 2, seed {args.seed}; calibration {args.snapshots} snapshots of {args.calib_steps}-step runs. "
+        f"guidance 2, seed {args.seed}; calibration {args.snapshots} snapshots of {args.calib_steps}-step runs"
+        f"{'; INT4 group scales rounded up to powers of two (torch reference)' if args.pow2_scales else ''}. "
         f"Model in {args.dtype} on {_device_name(args.device)}, torch {torch.__version__}, "
         f"commit {commit}, {seconds / 60:.1f} min.",
         "",
