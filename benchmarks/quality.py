@@ -1,6 +1,6 @@
 """End-to-end quality ablation on the shipped tiny FLUX model (CIFAR-10, 32×32).
 
-    python benchmarks/quality.py --out quality.md        # the table in BENCHMARKS.md (GPU: ~N min; CPU: hours)
+    python benchmarks/quality.py --out quality.md        # the table in BENCHMARKS.md (H100: 2.6 min; CPU: hours)
     python benchmarks/quality.py --per-class 2 --variants int4@32 int4-naive --device cpu   # quick look
 
 Samples ``--per-class`` images of every class from fixed noise with the 16-bit model, then
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import subprocess
@@ -81,8 +82,6 @@ def use_pow2_int4_scales() -> None:
     An experiment, not a recipe: the fused kernels compute their own scales, so the reference runs.
     Rounding up keeps every code in range; each group loses up to one bit of its range.
     """
-    import os
-
     from svdquant.formats import int4
 
     os.environ["SVDQUANT_REFERENCE"] = "1"
@@ -183,8 +182,10 @@ def _device_name(device: str) -> str:
 
 
 def report(rows, ratios, args, seconds) -> str:
+    # The device copy of the tree may carry a stale .git: let the caller say which commit ran.
+    commit = os.environ.get("SVDQUANT_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = "?"
