@@ -222,9 +222,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
                 )
             tensors = {}
             for k in sorted(keys):
-                # clone: get_tensor on CPU returns views into one byte buffer at arbitrary offsets, and
-                # unaligned weights make CPU GEMMs round differently from the model that was saved.
-                t = f.get_tensor(k).clone()
+                t = f.get_tensor(k)
+                if t.device.type == "cpu":
+                    # get_tensor on CPU returns views into one byte buffer at arbitrary offsets, and
+                    # unaligned weights make CPU GEMMs round differently from the model that was saved.
+                    t = t.clone()
                 want = expected[k]
                 # Kept layers are built in the default dtype; the stored (e.g. bf16) dtype of a floating
                 # tensor wins. Packed codes and scales must match exactly.

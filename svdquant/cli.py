@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
         p.add_argument("--dtype", choices=list(DTYPES), help="16-bit compute dtype (default: bf16 on GPU, fp32 on CPU)")
 
+    def checkpoint_prompt(p, output):
+        p.add_argument("checkpoint")
+        p.add_argument("prompt")
+        p.add_argument("-o", "--output", default=output)
+        p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
+
     def sampling(p):
         p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -260,10 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample images with a quantized checkpoint",
                        description="Load the base pipeline the checkpoint records (or --base) with the quantized "
                                    "transformer and sample.")
-    p.add_argument("checkpoint")
-    p.add_argument("prompt")
-    p.add_argument("-o", "--output", default="image.png")
-    p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
+    checkpoint_prompt(p, "image.png")
     p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
                    help="apply a LoRA .safetensors file at a strength (default 1); repeatable")
     sampling(p)
@@ -273,10 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="16-bit and quantized images side by side, with PSNR/SSIM",
                        description="Sample the base pipeline and the quantized one from the same seed; write both "
                                    "side by side in one PNG and print PSNR and SSIM.")
-    p.add_argument("checkpoint")
-    p.add_argument("prompt")
-    p.add_argument("-o", "--output", default="compare.png")
-    p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
+    checkpoint_prompt(p, "compare.png")
     sampling(p)
     common_device(p)
     p.set_defaults(func=cmd_compare)

@@ -209,20 +209,27 @@ def w4a4_gemm(codes, scales_t, qweight, wscales_t, lora_act, lora_up, bias, out_
     [groups, M], ``qweight`` [N, K_pad/2] halves layout (or [N, K_pad] int8 / E4M3 codes for
     ``w_layout`` 1 / 2), ``wscales_t`` [groups, N], ``lora_act`` [M, R] fp32, ``lora_up`` [N, R]."""
     m, kp = codes.shape
-    n = qweight.shape[0]
-    cfg = {**DEFAULT_CONFIG, **config}
-    y = torch.empty(m, n, dtype=out_dtype, device=codes.device)
-    r = lora_up.shape[1] if lora_act is not None else 16
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
+    y, grid, tail, flags, cfg = _launch_setup(m, qweight.shape[0], out_dtype, codes.device, lora_act, lora_up, bias,
+                                              config)
     w4a4_gemm_kernel[grid](
-        qweight, wscales_t, codes, scales_t,
-        lora_act if lora_act is not None else y, lora_up if lora_act is not None else y,
-        bias if bias is not None else y, y,
-        m, n, y.stride(0),
-        KP=kp, N_GROUPS=kp // 64, R=r, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
+        qweight, wscales_t, codes, scales_t, *tail,
+        KP=kp, N_GROUPS=kp // 64, **flags,
         GELU=gelu, PIPELINE=pipeline, W_LAYOUT=w_layout, NO_RESCALE=no_rescale, PER_CHANNEL_W=per_channel_w, **cfg,
     )
     return y
+
+
+def _launch_setup(m, n, out_dtype, device, lora_act, lora_up, bias, config):
+    """What both GEMM launchers pass alike: the output, the grid, the epilogue's pointer / size
+    arguments (``y`` stands in for absent tensors) and flags, and the tile config."""
+    cfg = {**DEFAULT_CONFIG, **config}
+    y = torch.empty(m, n, dtype=out_dtype, device=device)
+    has_lora = lora_act is not None
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
+    tail = (lora_act if has_lora else y, lora_up if has_lora else y, bias if bias is not None else y, y,
+            m, n, y.stride(0))
+    flags = dict(R=lora_up.shape[1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None)
+    return y, grid, tail, flags, cfg
 
 
 def fp4_gemm(values, qweight, wscales, wtensor_scale, input_scale, lora_act, lora_up, bias, out_dtype, *,
@@ -230,17 +237,11 @@ def fp4_gemm(values, qweight, wscales, wtensor_scale, input_scale, lora_act, lor
     """Launch the NVFP4 GEMM. ``values`` [M, K_pad] 16-bit (E2M1 · s_g from kernel 1), ``qweight``
     [N, K_pad/2] (halves layout, groups of 16), ``wscales`` [N, K_pad/16] E4M3."""
     m, kp = values.shape
-    n = qweight.shape[0]
-    cfg = {**DEFAULT_CONFIG, **config}
-    y = torch.empty(m, n, dtype=out_dtype, device=values.device)
-    r = lora_up.shape[1] if lora_act is not None else 16
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
+    y, grid, tail, flags, cfg = _launch_setup(m, qweight.shape[0], out_dtype, values.device, lora_act, lora_up,
+                                              bias, config)
     fp4_gemm_kernel[grid](
-        qweight, wscales, values, wtensor_scale, input_scale,
-        lora_act if lora_act is not None else y, lora_up if lora_act is not None else y,
-        bias if bias is not None else y, y,
-        m, n, y.stride(0),
-        KP=kp, N_BLOCKS=kp // 64, R=r, HAS_LORA=lora_act is not None, HAS_BIAS=bias is not None,
+        qweight, wscales, values, wtensor_scale, input_scale, *tail,
+        KP=kp, N_BLOCKS=kp // 64, **flags,
         GELU=gelu, F32_DOT=interpreting() or values.dtype == torch.float32, **cfg,
     )
     return y

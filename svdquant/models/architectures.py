@@ -25,38 +25,36 @@ def _flux_groups(block: nn.Module):
             (("proj_out",), dict(post_gelu=dim)),
             (("norm.linear",), dict(weight_only=True)),
         )
-    return groups_of(  # FluxTransformerBlock
-        block,
-        (("attn.to_q", "attn.to_k", "attn.to_v"), SHARED),
-        (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), SHARED),
-        # to_out and to_add_out read different tokens of the attention output; each gets
-        # its own λ (the output error can only go down against a shared one).
-        (("attn.to_out.0",), SHARED),
-        (("attn.to_add_out",), SHARED),
-        (("ff.net.0.proj",), SHARED),
-        (("ff.net.2",), dict(post_gelu=True)),
-        (("ff_context.net.0.proj",), SHARED),
-        (("ff_context.net.2",), dict(post_gelu=True)),
-        (("norm1.linear",), dict(weight_only=True)),
-        (("norm1_context.linear",), dict(weight_only=True)),
-    )
+    return groups_of(block, *_JOINT_ATTENTION, *_JOINT_MLP_AND_ADALN)  # FluxTransformerBlock
+
+
+# FLUX double blocks and SD3 joint blocks share their layout: image and text streams, each
+# with its own projections, MLP and adaLN modulation.
+_JOINT_ATTENTION = (
+    (("attn.to_q", "attn.to_k", "attn.to_v"), SHARED),
+    (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), SHARED),
+    # to_out and to_add_out read different tokens of the attention output; each gets
+    # its own λ (the output error can only go down against a shared one).
+    (("attn.to_out.0",), SHARED),
+    (("attn.to_add_out",), SHARED),
+)
+_JOINT_MLP_AND_ADALN = (
+    (("ff.net.0.proj",), SHARED),
+    (("ff.net.2",), dict(post_gelu=True)),
+    (("ff_context.net.0.proj",), SHARED),
+    (("ff_context.net.2",), dict(post_gelu=True)),
+    (("norm1.linear",), dict(weight_only=True)),
+    (("norm1_context.linear",), dict(weight_only=True)),
+)
 
 
 def _sd3_groups(block: nn.Module):
     return groups_of(
         block,
-        (("attn.to_q", "attn.to_k", "attn.to_v"), SHARED),
-        (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), SHARED),
-        (("attn.to_out.0",), SHARED),
-        (("attn.to_add_out",), SHARED),
+        *_JOINT_ATTENTION,
         (("attn2.to_q", "attn2.to_k", "attn2.to_v"), SHARED),  # SD3.5 dual attention blocks
         (("attn2.to_out.0",), SHARED),
-        (("ff.net.0.proj",), SHARED),
-        (("ff.net.2",), dict(post_gelu=True)),
-        (("ff_context.net.0.proj",), SHARED),
-        (("ff_context.net.2",), dict(post_gelu=True)),
-        (("norm1.linear",), dict(weight_only=True)),
-        (("norm1_context.linear",), dict(weight_only=True)),
+        *_JOINT_MLP_AND_ADALN,
     )
 
 
