@@ -1,22 +1,22 @@
-"""Fused W4A4 linear vs the real alternatives on FLUX.1-dev linear shapes (one GPU call).
+"""The SVDQuant linear on the INT8 path vs the real alternatives, on FLUX.1-dev shapes (one GPU call).
 
-    python benchmarks/kernels.py --out $OUT            # full run: check, sweep, table
-    python benchmarks/kernels.py --quick               # two shapes, default configs
+    python benchmarks/kernels.py --out $OUT              # check, then the 24-shape table
+    python benchmarks/kernels.py --sweep --out $OUT      # + tile / block sweeps of every kernel first
+    python benchmarks/kernels.py --quick                 # two shapes
 
 For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
-(``triton.testing.do_bench``), inputs drawn at random:
+(``triton.testing.do_bench``), random inputs:
 
-* cuBLAS BF16 ``F.linear``;
-* FP8 row-wise ``torch._scaled_mm``, alone and with its activation quantization (eager torch);
-* unfused SVDQuant: kernel 1 without the branch, kernel 2 without the branch, and the
-  branch as two torch matmuls plus an add;
-* ours: kernel 1 + kernel 2 with the rank-32 branch fused, and without the branch;
-* stages: kernel 1 alone, kernel 2 alone, kernel 2 with int32 accumulation and no
-  per-group rescale (the ceiling of this tiling), a plain bf16 copy of X (bandwidth);
-* NVFP4: kernel 1 + the 16-bit-tensor-core GEMM.
+* cuBLAS BF16 ``F.linear``; FP8 row-wise ``torch._scaled_mm`` alone and with its activation
+  quantization (eager torch); ``torch._int_mm`` (cuBLAS INT8);
+* ours, speed mode (INT8 ``code · m`` resident): activation kernel + INT8 GEMM, rank-32
+  branch fused, and without the branch; memory mode (4-bit resident): + the expand kernel;
+* stages: the activation kernel, the GEMM, the expand kernel alone.
 
-Before timing, each kernel's output is checked against the torch reference on the same
-random inputs. Writes ``kernels.json`` and ``kernels.md`` (the table) to ``--out``.
+The layer is a real :class:`svdquant.SVDQLinear` (``int4`` recipe: two-level INT4 weights,
+INT8 activations) with random valid contents; its output is checked against the torch
+reference before timing. ``--sweep`` also times the W4A16 kernel at M = 1..4 against its
+4-bit bytes. Writes ``kernels.json`` and ``kernels.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -35,307 +35,267 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DEFAULT_TILE = dict(BLOCK_N=64, BLOCK_M=128, GROUP_N=8, num_warps=4, num_stages=4)
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 TOKENS = [4096, 4608]
 BATCHES = [1, 4]
+GEMM_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+]
 
 
-def random_layer(k, n, rank=32, fmt="int4", dtype=torch.bfloat16, device="cuda", seed=0):
-    """An SVDQLinear with random (valid) quantized contents: the kernels must be right on any of them."""
+def random_layer(k, n, rank=32, activations="int8", dtype=torch.bfloat16, device="cuda", seed=0, mode="speed"):
+    """An SVDQLinear (two-level INT4 weights) with random valid contents: kernels must be right on any of them."""
     from svdquant import SVDQLinear
     from svdquant.formats import pack_4bit_halves
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    group = 64 if fmt == "int4" else 16
-    m = SVDQLinear(k, n, True, weights=fmt, activations=fmt, group_size=group, rank=rank, dtype=dtype, device=device)
+    m = SVDQLinear(k, n, True, weights="int4m", activations=activations, rank=rank, dtype=dtype, device=device)
     with torch.no_grad():
-        if fmt == "int4":
-            codes = torch.randint(-7, 8, (n, k), generator=g)
-            m.wscales.copy_((torch.rand(n, k // group, generator=g) * 0.02 + 0.001).to(dtype))
-        else:
-            codes = torch.randint(0, 16, (n, k), generator=g)
-            m.wscales.copy_((torch.rand(n, k // group, generator=g) * 400 + 1).to(torch.float8_e4m3fn))
-            m.wtensor_scale.fill_(1e-4)
-            m.input_scale.fill_(3e-3)
-        m.qweight.copy_(pack_4bit_halves(codes, group).to(device))
-        m.smooth_inv.copy_(torch.exp(0.3 * torch.randn(k, generator=g)))
+        m.qweight.copy_(pack_4bit_halves(torch.randint(-7, 8, (n, k), generator=g), 64))
+        m.wmult.copy_(torch.randint(1, 19, (n, k // 64), generator=g).to(torch.uint8))
+        m.wscales.copy_(torch.rand(n, generator=g) * 2e-4 + 1e-5)
+        m.smooth_inv.copy_(torch.rand(k, generator=g) + 0.5)
         if rank:
-            m.lora_down.copy_((torch.randn(rank, k, generator=g) / k**0.5).to(dtype))
-            m.lora_up.copy_((torch.randn(n, rank, generator=g) * 0.05).to(dtype))
+            m.lora_down.copy_((torch.randn(rank, k, generator=g) * 0.02).to(dtype))
+            m.lora_up.copy_((torch.randn(n, rank, generator=g) * 0.02).to(dtype))
         m.bias.copy_((torch.randn(n, generator=g) * 0.1).to(dtype))
+    m.set_weight_mode(mode)
     return m
 
 
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+def rel_err(y, ref) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def bench(fn, reps_ms=200):
-    import triton.testing
+def bench(fn, ms=100):
+    from triton.testing import do_bench
 
-    return triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
+    return do_bench(fn, warmup=25, rep=ms, return_mode="median")
 
 
-def check(m, x):
-    """Kernel vs reference on the same input; the bound covers bf16 output rounding and tf32 epilogue."""
-    from svdquant.ops import reference_linear
-    from svdquant.kernels import linear
+def check_layer(k, n, m_tokens, activations, mode, dev, dtype=torch.bfloat16):
+    """Our module's output vs the torch reference of the same layer (poisoned output first)."""
+    from svdquant.ops.runners import ReferenceRunner
 
-    y = linear(x, m)
-    ref = reference_linear(x, m)
-    assert torch.isfinite(y).all(), "non-finite kernel output"
+    layer = random_layer(k, n, activations=activations, device=dev, mode=mode, seed=k + n)
+    x = (torch.randn(m_tokens, k, device=dev) * torch.exp(torch.randn(k, device=dev))).to(dtype)
+    y = layer(x)
+    ref = ReferenceRunner(layer)(x)
+    assert torch.isfinite(y).all(), "non-finite output"
     return rel_err(y, ref)
 
 
-K2_TILES = [
-    dict(BLOCK_N=64, BLOCK_M=128, GROUP_N=8, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_M=128, GROUP_N=8, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_M=128, GROUP_N=8, num_warps=8, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_M=256, GROUP_N=8, num_warps=8, num_stages=3),
-]
-K1_CONFIGS = [dict(block_m=64, num_warps=4), dict(block_m=32, num_warps=4), dict(block_m=128, num_warps=8),
-              dict(block_m=64, num_warps=8)]
-LAYOUTS = {0: "packed int4 (unpack in registers)", 1: "int8 codes", 2: "fp8 codes"}
+def sweep_gemm(dev, sms, out_rows):
+    from svdquant import kernels as K
 
-
-def tile_name(cfg):
-    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_M']} w{cfg['num_warps']} s{cfg['num_stages']}"
-
-
-def explore(args, errors):
-    """Which kernel 1 config and which kernel 2 layout / tile / rescale order is fastest, on three shapes."""
-    from svdquant.formats import unpack_4bit_halves
-    from svdquant.kernels import prepared
-    from svdquant.kernels.gemm import w4a4_gemm
-    from svdquant.kernels.quantize import quantize_input
-
-    out = {}
-    for k, n in [(3072, 3072), (3072, 12288)]:  # one K: each variant compiles once
-        M = 4096
-        m4 = random_layer(k, n)
-        kw = prepared(m4)
-        x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
-        res = {"copy_x": bench(lambda: x.clone())}
-        for c in K1_CONFIGS:
-            try:
-                res[f"k1 bm{c['block_m']} w{c['num_warps']}"] = bench(lambda: quantize_input(x, m4.smooth_inv,
-                                                                                         kw.lora_down, **c))
-            except Exception as e:
-                errors.append(f"k1 {c}: {type(e).__name__}: {str(e)[:160]}")
-        w_by_layout = {0: m4.qweight}
-        w_by_layout[1] = unpack_4bit_halves(m4.qweight, 64, signed=True).to(torch.int8).contiguous()
-        w_by_layout[2] = w_by_layout[1].to(torch.float8_e4m3fn)
-        ref = None
-        for layout in (0, 1, 2):
-            cdt = torch.float8_e4m3fn if layout == 2 else torch.int8
-            codes, st, la = quantize_input(x, m4.smooth_inv, kw.lora_down, codes_dtype=cdt)
-            wq = w_by_layout[layout]
-            y = w4a4_gemm(codes, st, wq, kw.wscales_t, la, kw.lora_up, m4.bias, torch.float32, w_layout=layout)
-            if ref is None:
-                ref = y
-            res[f"L{layout} vs L0 rel"] = rel_err(y, ref)
-            for cfg in K2_TILES:
-                if layout == 0 and cfg["BLOCK_M"] == 256:
-                    continue
-                for mode in ("plain", "pipeline", "ceiling", "per-channel-w"):
-                    kw2 = dict(pipeline=mode == "pipeline", no_rescale=mode == "ceiling",
-                               per_channel_w=mode == "per-channel-w")
-                    if mode in ("ceiling", "per-channel-w") and cfg is not K2_TILES[0] and cfg is not K2_TILES[2]:
-                        continue
-                    name = f"k2 L{layout} {tile_name(cfg)} {mode}"
+    for (k, n) in SHAPES:
+        for mt in TOKENS:
+            a = torch.randint(-127, 128, (mt, k), device=dev, dtype=torch.int8)
+            w = torch.randint(-126, 127, (n, k), device=dev, dtype=torch.int8)
+            a_s = torch.rand(mt, device=dev)
+            w_s = torch.rand(n, device=dev)
+            la = torch.randn(mt, 32, device=dev) * 0.01
+            lu = (torch.randn(n, 32, device=dev) * 0.01).to(torch.bfloat16)
+            ref = (torch._int_mm(a, w.t()).float() * a_s[:, None] * w_s[None, :] + la @ lu.float().T)
+            ref = ref.to(torch.bfloat16)
+            flops = 2 * mt * k * n
+            for cfg in GEMM_CONFIGS:
+                for persistent in (True, False):
                     try:
-                        res[name] = bench(lambda: w4a4_gemm(codes, st, wq, kw.wscales_t, la, kw.lora_up, m4.bias,
-                                                            torch.bfloat16, w_layout=layout, **kw2, **cfg), 100)
+                        kw = dict(tma=True, num_programs=sms if persistent else None, config=cfg)
+                        y = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, **kw)
+                        err = rel_err(y, ref)
+                        t = bench(lambda: K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, **kw))
+                        row = dict(k=k, n=n, m=mt, cfg=cfg, persistent=persistent, ms=t, tops=flops / t / 1e9,
+                                   err=err)
+                    except Exception as e:  # e.g. shared memory exceeded
+                        row = dict(k=k, n=n, m=mt, cfg=cfg, persistent=persistent, error=str(e)[:200])
+                    out_rows.append(row)
+                    print("gemm", json.dumps(row), flush=True)
+
+
+def sweep_small(dev, out):
+    """Activation kernel, expand and W4A16 block sizes."""
+    from svdquant import kernels as K
+    from svdquant.formats import pack_4bit_halves, quantize
+
+    rows = []
+    for (k, mt) in [(3072, 4608), (12288, 4608), (15360, 4096)]:
+        x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
+        sinv = torch.rand(k, device=dev) + 0.5
+        down = (torch.randn(32, k, device=dev) * 0.02).to(torch.bfloat16)
+        copy = bench(lambda: x.clone())
+        for bm in (16, 32):
+            for bk in (64, 128, 256):
+                for tp in (512, 1024, 2048):
+                    kw = dict(block_m=bm, block_k=bk, target_programs=tp)
+                    try:
+                        t = bench(lambda: K.quantize_activations(x, sinv, down, **kw))
+                        rows.append(dict(stage="act", k=k, m=mt, **kw, ms=t, copy_ms=copy))
                     except Exception as e:
-                        errors.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
-        flops = 2.0 * M * k * n
-        print(f"--- {k}x{n} M={M}: " + ", ".join(f"{kk}={v:.4f}" if "rel" in kk else
-                                                  f"{kk}={v:.3f}ms/{flops / v / 1e9:.0f}T" if kk.startswith("k2")
-                                                  else f"{kk}={v:.4f}ms" for kk, v in res.items()), flush=True)
-        out[f"{k}x{n}"] = res
-    return out
+                        rows.append(dict(stage="act", k=k, m=mt, **kw, error=str(e)[:200]))
+                    print(json.dumps(rows[-1]), flush=True)
+    for (k, n) in SHAPES:
+        p = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
+        mult = torch.randint(1, 19, (n, k // 64), device=dev, dtype=torch.uint8)
+        for bn in (16, 32, 64):
+            for nw in (4, 8):
+                t = bench(lambda: K.expand_int4m(p, mult, block_n=bn, num_warps=nw))
+                gbs = (p.numel() + mult.numel() + 2 * p.numel()) / t / 1e6
+                rows.append(dict(stage="expand", k=k, n=n, block_n=bn, warps=nw, ms=t, gbs=gbs))
+                print(json.dumps(rows[-1]), flush=True)
+    for (k, n) in [(3072, 18432), (3072, 9216)]:
+        w = torch.randn(n, k, device=dev)
+        q = quantize(w, "int4", scale_dtype=torch.bfloat16)
+        p = pack_4bit_halves(q.codes, 64)
+        s = q.scales
+        for mt in (1, 2, 4):
+            x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
+            for bn in (16, 32, 64):
+                for gps in (2, 4, 8):
+                    for nw in (2, 4):
+                        kw = dict(block_n=bn, groups_per_step=gps, num_warps=nw)
+                        try:
+                            t = bench(lambda: K.w4a16_linear(x, p, s, None, **kw))
+                            gbs = (p.numel() + s.numel() * 2) / t / 1e6
+                            rows.append(dict(stage="w4a16", k=k, n=n, m=mt, **kw, ms=t, gbs=gbs))
+                        except Exception as e:
+                            rows.append(dict(stage="w4a16", k=k, n=n, m=mt, **kw, error=str(e)[:200]))
+                        print(json.dumps(rows[-1]), flush=True)
+    out["small_sweeps"] = rows
 
 
-def best_k2(explored, layouts=(0, 1, 2)):
-    """(layout, tile, pipeline) with the lowest summed time over the explored shapes (rescaled modes only)."""
-    totals = {}
-    for res in explored.values():
-        for key, v in res.items():
-            if key.startswith("k2 ") and (key.endswith(" plain") or key.endswith(" pipeline")):
-                totals[key.split(" ", 1)[1]] = totals.get(key.split(" ", 1)[1], 0.0) + v
-    cands = {k_: v for k_, v in totals.items() if int(k_[1]) in layouts and all(
-        f"k2 {k_}" in r for r in explored.values())}
-    name = min(cands, key=cands.get)
-    layout = int(name[1])
-    tile = next(c for c in K2_TILES if tile_name(c) in name)
-    return layout, tile, name.endswith("pipeline"), name
+def table(dev, shapes, tokens, out, rank=32):
+    from svdquant import kernels as K
 
-
-def best_k1(explored):
-    totals = {}
-    for res in explored.values():
-        for key, v in res.items():
-            if key.startswith("k1 "):
-                totals[key] = totals.get(key, 0.0) + v
-    name = min(totals, key=totals.get)
-    return next(c for c in K1_CONFIGS if f"k1 bm{c['block_m']} w{c['num_warps']}" == name)
-
-
-def run(args):
-    from svdquant.formats import unpack_4bit_halves
-    from svdquant.kernels import prepared
-    from svdquant.kernels.gemm import fp4_gemm, w4a4_gemm
-    from svdquant.kernels.quantize import quantize_input
-
-    dev = "cuda"
-    props = torch.cuda.get_device_properties(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import triton
-
-    env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-               commit=commit or os.environ.get("SVDQ_COMMIT", "?"))
-    print(env, flush=True)
-    rows, errors = [], []
-    explored = explore(args, errors) if args.explore else {}
-    if explored:
-        env["explored"] = explored
-        layout, tile, pipe, name = best_k2(explored)
-        k1cfg = best_k1(explored)
-        # the packed layout is the memory-saving default; report its best too
-        p_layout, p_tile, p_pipe, p_name = best_k2(explored, layouts=(0,))
-        env["chosen"] = dict(k2=name, k1=k1cfg, packed_k2=p_name)
-        print("chosen:", env["chosen"], flush=True)
-    else:
-        layout, tile, pipe, k1cfg = 0, dict(), False, {}
-        p_layout, p_tile, p_pipe = 0, dict(), False
-    shapes = SHAPES[:2] if args.quick else SHAPES
-    tokens = TOKENS[:1] if args.quick else TOKENS
-    batches = BATCHES[:1] if args.quick else BATCHES
-    for k, n in shapes:
-        m4 = random_layer(k, n, fmt="int4")
-        m0 = random_layer(k, n, rank=0, fmt="int4")
-        mf = random_layer(k, n, fmt="nvfp4")
-        w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
-        w8 = w16.to(torch.float8_e4m3fn)
-        ws8 = torch.ones(1, n, device=dev, dtype=torch.float32)
-        kw4, kwf = prepared(m4), prepared(mf)
-        cdt = torch.float8_e4m3fn if layout == 2 else torch.int8
-        wq = m4.qweight if layout == 0 else unpack_4bit_halves(m4.qweight, 64, signed=True).to(cdt).contiguous()
-        for t in tokens:
-            for b in batches:
-                M = t * b
-                x = torch.randn(M, k, device=dev, dtype=torch.bfloat16)
-                flops = 2.0 * M * k * n
-                row = dict(M=M, tokens=t, batch=b, K=k, N=n, layout=LAYOUTS[layout], k2_tile=tile_name({
-                    **DEFAULT_TILE, **tile}), pipeline=pipe)
+    rows = []
+    for mt0 in tokens:
+        for b in BATCHES:
+            mt = mt0 * b
+            for (k, n) in shapes:
+                r = dict(m=mt, k=k, n=n)
                 try:
-                    row["err_int4"] = check(m4, x[:2048])
-                    row["err_nvfp4"] = check(mf, x[:2048])
+                    x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
+                    w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+                    flops = 2 * mt * k * n
+                    r["bf16"] = bench(lambda: F.linear(x, w16))
+                    wf8 = w16.to(torch.float8_e4m3fn)
+                    xs = torch.ones(mt, 1, device=dev)
+                    wsc = torch.ones(1, n, device=dev)
+                    xf8 = x.to(torch.float8_e4m3fn)
+                    r["fp8_mm"] = bench(lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=xs, scale_b=wsc,
+                                                                 out_dtype=torch.bfloat16))
+
+                    def fp8_quant_mm():
+                        s = x.abs().amax(1, keepdim=True).float() / 448
+                        q = (x.float() / s).to(torch.float8_e4m3fn)
+                        return torch._scaled_mm(q, wf8.t(), scale_a=s, scale_b=wsc, out_dtype=torch.bfloat16)
+
+                    r["fp8_mm_quant"] = bench(fp8_quant_mm)
+                    a8 = torch.randint(-127, 128, (mt, k), device=dev, dtype=torch.int8)
+                    w8 = torch.randint(-126, 127, (n, k), device=dev, dtype=torch.int8)
+                    r["int_mm"] = bench(lambda: torch._int_mm(a8, w8.t()))
+                    for mode in ("speed", "memory"):
+                        for rk in (rank, 0):
+                            layer = random_layer(k, n, rank=rk, device=dev, mode=mode)
+                            r[f"ours_{mode}_r{rk}"] = bench(lambda: layer(x))
+                    layer = random_layer(k, n, rank=rank, device=dev, mode="speed")
+                    run = layer._runner
+                    a, a_s, la = K.quantize_activations(x, run.sinv, run.down)
+                    r["act"] = bench(lambda: K.quantize_activations(x, run.sinv, run.down))
+                    r["gemm"] = bench(lambda: K.int8_gemm(a, a_s, run.w, run.w_scale, la, run.up, run.bias,
+                                                          torch.bfloat16, tma=run.tma, w_desc=run.w_desc,
+                                                          num_programs=run.num_programs, config=run.config))
+                    r["gemm_nobranch"] = bench(lambda: K.int8_gemm(a, a_s, run.w, run.w_scale, None, None, run.bias,
+                                                                   torch.bfloat16, tma=run.tma, w_desc=run.w_desc,
+                                                                   num_programs=run.num_programs, config=run.config))
+                    packed = run.packed_weight()
+                    r["expand"] = bench(lambda: K.expand_int4m(packed, run.mult))
+                    r["gemm_tops"] = flops / r["gemm"] / 1e9
+                    r["ours_tops"] = flops / r[f"ours_speed_r{rank}"] / 1e9
+                    del layer, run, x, w16, wf8, xf8, a8, w8
                 except Exception as e:
-                    errors.append(f"check {k}x{n}: {e!r}")
+                    r["error"] = f"{type(e).__name__}: {e}"[:300]
                     traceback.print_exc()
-                row["bf16"] = bench(lambda: F.linear(x, w16))
-
-                def fp8_q():
-                    s_ = x.abs().amax(-1, keepdim=True).float() / 448
-                    return (x / s_).to(torch.float8_e4m3fn), s_
-
-                xq8, s8 = fp8_q()
-                row["fp8_mm"] = bench(lambda: torch._scaled_mm(xq8, w8.t(), scale_a=s8, scale_b=ws8,
-                                                               out_dtype=torch.bfloat16))
-
-                def fp8_full():
-                    q, s_ = fp8_q()
-                    return torch._scaled_mm(q, w8.t(), scale_a=s_, scale_b=ws8, out_dtype=torch.bfloat16)
-
-                row["fp8_with_quant"] = bench(fp8_full)
-                k1 = lambda lora: quantize_input(x, m4.smooth_inv, lora, codes_dtype=cdt, **k1cfg)  # noqa: E731
-                codes, st, la = k1(kw4.lora_down)
-                codes0, st0, _ = k1(None)
-                row["k1"] = bench(lambda: k1(kw4.lora_down))
-                row["k1_norank"] = bench(lambda: k1(None))
-                row["copy_x"] = bench(lambda: x.clone())
-                k2 = lambda c, s_, l_, lu, **kw: w4a4_gemm(c, s_, wq, kw4.wscales_t, l_, lu, m4.bias,  # noqa: E731
-                                                           torch.bfloat16, w_layout=layout, pipeline=pipe, **kw,
-                                                           **tile)
-                row["k2"] = bench(lambda: k2(codes, st, la, kw4.lora_up))
-                row["k2_norank"] = bench(lambda: k2(codes0, st0, None, None))
-                row["k2_ceiling"] = bench(lambda: k2(codes0, st0, None, None, no_rescale=True))
-                row["ours"] = bench(lambda: k2(*k1(kw4.lora_down), kw4.lora_up))
-                row["ours_norank"] = bench(lambda: k2(*k1(None)[:2], None, None))
-
-                def unfused():
-                    c, s_, _ = k1(None)
-                    return k2(c, s_, None, None) + (x @ m4.lora_down.t()) @ m4.lora_up.t()
-
-                row["unfused"] = bench(unfused)
-                if layout != 0:  # the memory-saving packed layout, for comparison
-                    pk2 = lambda c, s_, l_, lu: w4a4_gemm(c, s_, m4.qweight, kw4.wscales_t, l_, lu,  # noqa: E731
-                                                          m4.bias, torch.bfloat16, pipeline=p_pipe, **p_tile)
-                    row["ours_packed"] = bench(lambda: pk2(*quantize_input(x, m4.smooth_inv, kw4.lora_down,
-                                                                           **k1cfg), kw4.lora_up))
-                try:
-                    def fp4():
-                        v, _, l_ = quantize_input(x, mf.smooth_inv, kwf.lora_down, fmt="nvfp4", group_size=16,
-                                                  input_scale=mf.input_scale)
-                        return fp4_gemm(v, mf.qweight, mf.wscales, mf.wtensor_scale, mf.input_scale, l_, kwf.lora_up,
-                                        mf.bias, torch.bfloat16)
-                    row["nvfp4"] = bench(fp4)
-                except Exception as e:
-                    errors.append(f"nvfp4 {k}x{n}: {type(e).__name__}: {str(e)[:200]}")
-                for key in ("bf16", "fp8_mm", "fp8_with_quant", "ours", "ours_norank", "ours_packed", "unfused", "k2",
-                            "k2_ceiling", "nvfp4"):
-                    if key in row:
-                        row[f"tflops_{key}"] = flops / row[key] / 1e9
-                rows.append(row)
-                print(json.dumps({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}),
-                      flush=True)
-                if args.out:
-                    (args.out / "kernels.json").write_text(json.dumps(dict(env=env, rows=rows, errors=errors), indent=1))
-    return env, rows, errors
+                rows.append(r)
+                print("table", json.dumps(r), flush=True)
+                torch.cuda.empty_cache()
+    out["table"] = rows
+    return rows
 
 
-def table(env, rows) -> str:
-    out = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
-           "median ms (triton.testing.do_bench); TFLOP/s = 2·M·K·N / time.", "",
-           "| M | K | N | BF16 ms | FP8 mm (+quant) ms | ours ms | ours/BF16 | no-branch ms | branch cost | "
-           "unfused ms | ours vs unfused | k1 ms | k2 ms | k2 no-rescale ms | packed-layout ms | NVFP4 ms | "
-           "ours TFLOP/s |",
-           "| --- " * 17 + "|"]
+def markdown(rows, header) -> str:
+    cols = ["M", "K", "N", "BF16 ms", "FP8 mm (+quant) ms", "int_mm ms", "ours ms (speed)", "ours/BF16",
+            "ours/FP8 mm", "no-branch ms", "branch cost", "memory mode ms", "mem/BF16", "act ms", "GEMM ms",
+            "expand ms", "GEMM TOPS"]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
-        if "ours" not in r:
+        if "error" in r:
+            lines.append(f"| {r['m']} | {r['k']} | {r['n']} | error: {r['error'][:80]} |")
             continue
-        out.append(
-            f"| {r['M']} | {r['K']} | {r['N']} | {r['bf16']:.3f} | {r['fp8_mm']:.3f} ({r['fp8_with_quant']:.3f}) | "
-            f"{r['ours']:.3f} | {r['bf16'] / r['ours']:.2f}× | {r['ours_norank']:.3f} | "
-            f"{100 * (r['ours'] / r['ours_norank'] - 1):+.1f}% | {r['unfused']:.3f} | {r['unfused'] / r['ours']:.2f}× | "
-            f"{r['k1']:.3f} | {r['k2']:.3f} | {r['k2_ceiling']:.3f} | {r.get('ours_packed', r['ours']):.3f} | "
-            f"{r.get('nvfp4', float('nan')):.3f} | "
-            f"{r['tflops_ours']:.0f} |")
-    return "\n".join(out)
+        s, s0, mm = r["ours_speed_r32"], r["ours_speed_r0"], r["ours_memory_r32"]
+        lines.append(
+            f"| {r['m']} | {r['k']} | {r['n']} | {r['bf16']:.3f} | {r['fp8_mm']:.3f} ({r['fp8_mm_quant']:.3f}) | "
+            f"{r['int_mm']:.3f} | {s:.3f} | {r['bf16'] / s:.2f}× | {r['fp8_mm'] / s:.2f}× | {s0:.3f} | "
+            f"{(s / s0 - 1) * 100:+.1f}% | {mm:.3f} | {r['bf16'] / mm:.2f}× | {r['act']:.3f} | {r['gemm']:.3f} | "
+            f"{r['expand']:.3f} | {r['gemm_tops']:.0f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--explore", action="store_true",
-                    help="first time kernel variants (layouts, tiles, rescale order) on three shapes, then use the best")
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--sweep", action="store_true", help="time tile / block variants of every kernel first")
+    ap.add_argument("--small-sweep", action="store_true", help="time block variants of the non-GEMM kernels")
+    ap.add_argument("--quick", action="store_true", help="two shapes, M = 4096 only")
+    ap.add_argument("--no-table", action="store_true")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    commit = os.environ.get("SVDQUANT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import triton
+
+    out = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+               triton=triton.__version__, commit=commit, checks=[])
     t0 = time.time()
-    env, rows, errors = run(args)
-    md = table(env, rows)
-    print(md)
-    print("errors:", *errors, sep="\n  ")
-    print(f"{time.time() - t0:.0f} s")
-    if args.out:
-        (args.out / "kernels.md").write_text(md + "\n")
-        (args.out / "kernels.json").write_text(json.dumps(dict(env=env, rows=rows, errors=errors), indent=1))
+    for (k, n) in SHAPES:
+        for act in ("int8", "int4m"):
+            for mode in ("speed", "memory"):
+                for dt in (torch.bfloat16, torch.float32):
+                    try:
+                        e = check_layer(k, n, 4608 if k < 15000 else 1000, act, mode, dev, dt)
+                    except Exception as ex:
+                        e = f"{type(ex).__name__}: {ex}"[:300]
+                    out["checks"].append(dict(k=k, n=n, activations=act, mode=mode, dtype=str(dt), rel_err=e))
+                    print("check", k, n, act, mode, dt, e, flush=True)
+    if args.small_sweep:
+        sweep_small(dev, out)
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+    if args.sweep:
+        out["gemm_sweep"] = []
+        sweep_gemm(dev, props.multi_processor_count, out["gemm_sweep"])
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+        sweep_small(dev, out)
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+    if not args.no_table:
+        shapes = SHAPES[:2] if args.quick else SHAPES
+        tokens = TOKENS[:1] if args.quick else TOKENS
+        rows = table(dev, shapes, tokens, out)
+        header = (f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}; "
+                  "median ms (triton.testing.do_bench); TOPS = 2·M·K·N / time.")
+        (out_dir / "kernels.md").write_text(markdown(rows, header) + "\n")
+        print(markdown(rows, header))
+    out["seconds"] = time.time() - t0
+    (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

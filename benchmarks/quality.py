@@ -53,8 +53,13 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(v: str):
+    """``recipe[:activations][@rank]``: e.g. ``int4@32``, ``w4a4-float:int8@32`` (float weight scales, A8)."""
     name, _, rank = v.partition("@")
-    return get_recipe(name, rank=int(rank)) if rank else get_recipe(name)
+    name, _, acts = name.partition(":")
+    over = dict(rank=int(rank)) if rank else {}
+    if acts:
+        over.update(activations=acts, name=f"{name}:{acts}")
+    return get_recipe(name, **over)
 
 
 @torch.no_grad()

@@ -5,16 +5,34 @@ from .checkpoint import CheckpointError, load_pipeline, load_quantized, read_met
 from .lora import LoRAError, load_lora, loaded_loras, set_lora_strength, unload_lora
 from .modules import SVDQConv1x1, SVDQLinear
 from .quantize import QuantReport, quantize
+from .modules.linear import WEIGHT_MODES
 from .recipes import (
-    RECIPES, FP8Config, Int4Config, NF4Config, NVFP4Config, QuantConfig, W4A16Config, W8A8Config, get_recipe,
+    RECIPES, FP8Config, Int4Config, NF4Config, NVFP4Config, QuantConfig, W4A4Config, W4A4FloatConfig, W4A16Config,
+    W8A8Config, get_recipe,
 )
 
 __version__ = "0.1.0"
+
+
+def set_weight_mode(target, mode: str) -> int:
+    """Every INT8-path layer of a model (or pipeline) to ``"speed"`` (INT8 codes resident, fastest) or
+    ``"memory"`` (4-bit codes resident, expanded per layer before its GEMM); returns how many layers."""
+    import torch.nn as nn
+
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weight mode {mode!r} is unknown; choose one of {WEIGHT_MODES}")
+    model = getattr(target, "transformer", target)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_weight_mode takes a pipeline or an nn.Module, got {type(target).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
+    for m in layers:
+        m.set_weight_mode(mode)
+    return len(layers)
 
 __all__ = [
     "quantize", "QuantReport", "Calibration", "DEFAULT_PROMPTS",
     "save_quantized", "load_quantized", "load_pipeline", "read_metadata", "CheckpointError",
     "load_lora", "set_lora_strength", "unload_lora", "loaded_loras", "LoRAError",
-    "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
-    "W4A16Config", "RECIPES", "get_recipe", "__version__",
+    "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "W4A4Config", "W4A4FloatConfig", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
+    "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES", "__version__",
 ]

@@ -102,9 +102,13 @@ def _split_target(target) -> tuple[object | None, nn.Module]:
 
 
 def _weight_only(recipe: QuantConfig) -> QuantConfig:
+    """The recipe for a group that keeps 16-bit activations: the weight format's weight-only choice
+    (two-level INT4 recipes keep 16-bit group scales there: a weight-only GEMV reads them for free)."""
     if recipe.activations is None:
         return recipe
-    return recipe.replace(activations=None, method="naive", rank=0)
+    from .formats import get_format
+
+    return recipe.replace(weights=get_format(recipe.weights).weight_only, activations=None, method="naive", rank=0)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

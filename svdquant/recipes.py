@@ -1,7 +1,7 @@
 """Quantization recipes: one frozen config object per scheme (torchao style).
 
     from svdquant.recipes import Int4Config
-    recipe = Int4Config()                      # SVDQuant W4A4, g64, rank 32
+    recipe = Int4Config()                      # SVDQuant INT4 weights (two-level scales), INT8 activations
     recipe = Int4Config(rank=64, svd="full")   # any knob
     recipe = Int4Config(method="lorc")         # an ablation baseline, same interface
     recipe = get_recipe("nvfp4")               # by name, as the CLI does
@@ -40,8 +40,10 @@ class QuantConfig:
     """Base of every recipe. Subclasses only change defaults.
 
     weights / activations: format names from :mod:`svdquant.formats`; ``activations=None``
-        keeps activations 16-bit (weight-only).
-    group_size: channels per scale along K, for weights and activations (0 = per row).
+        keeps activations 16-bit (weight-only). The weight format's record says which
+        activation formats it multiplies with.
+    group_size: channels per scale along K for the weights, and for activations in a grouped
+        format (per-row formats such as int8 take one scale per token).
     rank: rank of the 16-bit low-rank branch (a multiple of 16 is fastest on GPU).
     method: see the module docstring.
     smooth_grid: (α, β) candidates, ``λ_j = max|X_j|^α / max|W_j|^β``.
@@ -52,8 +54,8 @@ class QuantConfig:
     """
 
     name: str = "custom"
-    weights: str = "int4"
-    activations: str | None = "int4"
+    weights: str = "int4m"
+    activations: str | None = "int8"
     group_size: int = 64
     rank: int = 32
     method: str = "svdquant"
@@ -63,19 +65,22 @@ class QuantConfig:
     eval_tokens: int = 512
 
     def __post_init__(self):
-        from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
+        from .formats import FORMATS
 
-        if self.weights not in WEIGHT_FORMATS:
-            raise ValueError(f"weights={self.weights!r} is not a format; choose one of {WEIGHT_FORMATS}")
-        if self.activations is not None and self.activations not in ACTIVATION_FORMATS:
-            raise ValueError(
-                f"activations={self.activations!r} is not a format; choose one of {ACTIVATION_FORMATS} or None"
-            )
-        if self.activations is not None and self.activations != self.weights:
-            raise ValueError(
-                f"weights={self.weights!r} with activations={self.activations!r}: both operands of the product must "
-                "use one format (or activations=None for weight-only)"
-            )
+        wf = FORMATS.get(self.weights)
+        if wf is None or not wf.weight:
+            raise ValueError(f"weights={self.weights!r} is not a weight format; choose one of "
+                             f"{tuple(n for n, f in FORMATS.items() if f.weight)}")
+        if self.activations is not None:
+            af = FORMATS.get(self.activations)
+            if af is None or not af.activation:
+                raise ValueError(f"activations={self.activations!r} is not an activation format; choose one of "
+                                 f"{tuple(n for n, f in FORMATS.items() if f.activation)} or None")
+            if self.activations not in wf.pairs_with:
+                raise ValueError(
+                    f"weights={self.weights!r} with activations={self.activations!r}: no product of the two; "
+                    f"{self.weights} weights take activations in {wf.pairs_with} (or activations=None for weight-only)"
+                )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {METHODS}")
         if self.svd not in SVD_KINDS:
@@ -88,12 +93,20 @@ class QuantConfig:
             raise ValueError(
                 "smoothing needs quantized activations; weight-only recipes take method='naive' or 'lowrank'"
             )
-        if self.weights == "nvfp4" and self.group_size not in (16, 32):
-            raise ValueError("nvfp4 uses groups of 16 (or 32)")
-        if self.weights in ("int8", "fp8") and self.group_size != 0:
+        if wf.group_sizes == (0,) and self.group_size != 0:
             raise ValueError(f"{self.weights} uses one scale per row: group_size=0")
-        if self.weights in ("int4", "nf4") and (self.group_size <= 0 or self.group_size % 2):
+        if wf.group_sizes is not None and self.group_size not in wf.group_sizes:
+            raise ValueError(f"{self.weights} uses groups of {' or '.join(map(str, wf.group_sizes))}")
+        if wf.group_sizes is None and (self.group_size <= 0 or self.group_size % 2):
             raise ValueError(f"{self.weights} needs a positive even group_size (default 64)")
+
+    @property
+    def act_group_size(self) -> int:
+        """Channels per activation scale: the recipe's group for grouped formats, 0 (per token) for per-row ones."""
+        from .formats import FORMATS
+
+        af = FORMATS[self.activations] if self.activations else None
+        return 0 if af is None or af.group_sizes == (0,) else self.group_size
 
     @property
     def smooths(self) -> bool:
@@ -132,9 +145,33 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class Int4Config(QuantConfig):
-    """SVDQuant INT W4A4: INT4 weights and activations, group 64, rank-32 branch."""
+    """SVDQuant INT4 weights with two-level scales (``int4m``), INT8 per-token activations, rank 32.
+
+    Every quantized linear is then a plain INT8 GEMM with the scales in its epilogue: the
+    fast path on GPUs without 4-bit tensor cores (Hopper, Ampere, Ada), and activations
+    lose less than at 4 bits. The checkpoint is 4-bit either way.
+    """
 
     name: str = "int4"
+
+
+@dataclass(frozen=True)
+class W4A4Config(QuantConfig):
+    """SVDQuant W4A4 with two-level scales on both sides (``int4m`` × ``int4m``): 4-bit activations
+    as a float per token × an integer multiplier per group; still exact in an INT8 GEMM."""
+
+    name: str = "w4a4"
+    activations: str | None = "int4m"
+
+
+@dataclass(frozen=True)
+class W4A4FloatConfig(QuantConfig):
+    """The paper's SVDQuant INT W4A4: a 16-bit scale per group of 64 on both sides (the format of
+    checkpoints made before the two-level scales; its GEMM rescales per group, slow on Hopper)."""
+
+    name: str = "w4a4-float"
+    weights: str = "int4"
+    activations: str | None = "int4"
 
 
 @dataclass(frozen=True)
@@ -183,9 +220,10 @@ class NF4Config(QuantConfig):
 
 @dataclass(frozen=True)
 class W4A16Config(QuantConfig):
-    """INT4 g64 weights with 16-bit activations; used for FLUX's adaLN modulation linears."""
+    """INT4 g64 weights (16-bit group scales) with 16-bit activations; used for FLUX's adaLN modulation linears."""
 
     name: str = "w4a16"
+    weights: str = "int4"
     activations: str | None = None
     rank: int = 0
     method: str = "naive"
@@ -193,6 +231,8 @@ class W4A16Config(QuantConfig):
 
 RECIPES: dict[str, QuantConfig] = {
     "int4": Int4Config(),
+    "w4a4": W4A4Config(),
+    "w4a4-float": W4A4FloatConfig(),
     "nvfp4": NVFP4Config(),
     "w8a8": W8A8Config(),
     "fp8": FP8Config(),
@@ -202,20 +242,21 @@ RECIPES: dict[str, QuantConfig] = {
 
 
 # What `svdquant demo` compares by default: the schemes, and naive W4A4 as the floor.
-DEMO_VARIANTS = ("int4", "nvfp4", "w8a8", "nf4", "int4-naive")
+DEMO_VARIANTS = ("int4", "w4a4", "nvfp4", "w8a8", "nf4", "int4-naive")
 
 
 def get_recipe(recipe: str | QuantConfig, **overrides) -> QuantConfig:
-    """A recipe by name (``"int4"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``, ``"w4a16"``) or as given.
+    """A recipe by name (``"int4"``, ``"w4a4"``, ``"w4a4-float"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``,
+    ``"w4a16"``) or as given.
 
-    A name may carry an ablation method after a dash: ``"int4-naive"``, ``"int4-lorc"``, ``"w8a8-naive"``.
+    A name may carry an ablation method after a dash: ``"int4-naive"``, ``"w4a4-float-lorc"``, ``"w8a8-naive"``.
     """
     if isinstance(recipe, QuantConfig):
         base = recipe
     elif recipe in RECIPES:
         base = RECIPES[recipe]
-    elif "-" in recipe and recipe.split("-", 1)[0] in RECIPES:
-        name, method = recipe.split("-", 1)
+    elif "-" in recipe and recipe.rsplit("-", 1)[0] in RECIPES:
+        name, method = recipe.rsplit("-", 1)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in {recipe!r}; choose one of {METHODS}")
         base = RECIPES[name].replace(name=recipe, method=method)

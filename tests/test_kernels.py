@@ -2,7 +2,7 @@
 
 On a CPU machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set in
 conftest.py) at small shapes; on a GPU the tests marked ``gpu`` run them compiled at FLUX
-shapes. Every test draws fresh random inputs from a seed it prints on failure.
+shapes, through the real module. Inputs are fresh random draws (the seed is in the message).
 """
 
 from __future__ import annotations
@@ -16,28 +16,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from svdquant import Int4Config, NVFP4Config, SVDQLinear  # noqa: E402
-from svdquant.formats.nvfp4 import e2m1_table  # noqa: E402
+from svdquant import SVDQLinear, get_recipe  # noqa: E402
+from svdquant.formats import get_format, pack_4bit_halves, quantize  # noqa: E402
 from svdquant.ops import reference as R  # noqa: E402
-from svdquant.ops import reference_linear  # noqa: E402
+from svdquant.ops.runners import ReferenceRunner, padded_branch  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from svdquant.kernels import KernelWeights  # noqa: E402
-from svdquant.kernels.gemm import fp4_gemm, w4a4_gemm  # noqa: E402
-from svdquant.kernels.quantize import quantize_input  # noqa: E402
+from svdquant import kernels as K  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
                               reason="interpreter tests run on CPU machines")
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-SMALL = dict(BLOCK_N=32, BLOCK_M=32, GROUP_N=2, num_warps=4, num_stages=1)
+SMALL_GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
+SMALL_OLD = dict(BLOCK_N=32, BLOCK_M=32, GROUP_N=2, num_warps=4, num_stages=1)
 
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def layer(fmt, k, n, dtype, seed, post_gelu=False, rank=32):
+def seed_now() -> int:
+    return int.from_bytes(os.urandom(2), "little")
+
+
+def layer(recipe, k, n, dtype, seed, post_gelu=False, rank=32):
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(k, n, dtype=dtype)
     with torch.no_grad():
@@ -46,155 +49,175 @@ def layer(fmt, k, n, dtype, seed, post_gelu=False, rank=32):
     x[:, :3] *= 20
     if post_gelu:
         x = torch.nn.functional.gelu(x)
-    rc = (Int4Config if fmt == "int4" else NVFP4Config)(rank=rank, method="svdquant" if rank else "smooth",
-                                                         iterations=1, eval_tokens=64)
+    rc = get_recipe(recipe).replace(rank=rank, method="svdquant" if rank else "smooth", iterations=1, eval_tokens=64)
     return SVDQLinear.from_linear(lin, x.to(dtype), rc, post_gelu=post_gelu)
 
 
-def inputs(m, rows, seed, dtype):
+def inputs(k, rows, seed, dtype):
     g = torch.Generator().manual_seed(seed + 1000)
-    x = torch.randn(rows, m.in_features, generator=g) * 2
+    x = torch.randn(rows, k, generator=g) * 2
     x[:, :3] *= 20
     return x.to(dtype)
 
 
-# ---------------------------------------------------------------------------- kernel 1, interpreter
+# ---------------------------------------------------------------------------- activation kernel (interpreter)
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("post_gelu", [False, True, 64])
-def test_quantize_kernel_matches_reference_exactly(dtype, post_gelu):
-    seed = 1
-    m = layer("int4", 192, 48, dtype, seed, post_gelu=post_gelu)
-    x = inputs(m, 37, seed, dtype)
-    kw = KernelWeights(m)
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, shift=m.act_shift,
-                                               unsigned_from=m.act_unsigned_from, block_m=16)
-    ref = R.quantize_input(x, m.smooth_inv, m.lora_down, "int4", 64, m.act_shift, None, m.act_unsigned_from)
-    assert torch.equal(codes, ref.codes.to(torch.int8))
-    assert torch.equal(scales_t.t(), ref.scales)
-    lora_sum = lora_act
-    assert lora_sum[:, : m.rank].sub(ref.lora_act).abs().max() <= 1e-5 * ref.lora_act.abs().max()
-    assert torch.all(lora_sum[:, m.rank:] == 0)
+@pytest.mark.parametrize("a4,shift,unsigned_from", [(False, 0.0, 0), (True, 0.0, 0), (True, 0.171875, 0),
+                                                    (True, 0.171875, 128)])
+def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsigned_from):
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    m_tokens, k = 45, 200  # neither a multiple of the blocks: masks and K padding
+    x = (torch.randn(m_tokens, k, generator=g) * torch.exp(torch.randn(k, generator=g))).to(dtype)
+    if shift:
+        x = torch.nn.functional.gelu(x.float()).to(dtype)
+    sinv = torch.rand(k, generator=g) + 0.5
+    down = (torch.randn(16, k, generator=g) * 0.1).to(dtype)
+    q, s, la = K.quantize_activations(x, sinv, down, a4=a4, shift=shift, unsigned_from=unsigned_from, block_m=16)
+    fmt = "int4m" if a4 else "int8"
+    ref = R.quantize_input(x, sinv, down, fmt, 64 if a4 else 0, shift, None, unsigned_from)
+    vals, scale = get_format(fmt).integer_operand(ref.q)
+    assert q.shape == (m_tokens, 256) and torch.all(q[:, k:] == 0), f"seed {seed}"
+    assert torch.equal(q[:, :k], vals[:, :k]), f"seed {seed}"
+    assert torch.equal(s, scale), f"seed {seed}"
+    assert rel(la, ref.lora_act) < 1e-5, f"seed {seed}"
 
 
 @cpu_only
-def test_quantize_kernel_nvfp4_values_are_exact():
-    m = layer("nvfp4", 128, 32, torch.bfloat16, 2)
-    x = inputs(m, 20, 2, torch.bfloat16)
-    kw = KernelWeights(m)
-    values, scales_t, _ = quantize_input(x, m.smooth_inv, kw.lora_down, fmt="nvfp4", group_size=16,
-                                         input_scale=m.input_scale, block_m=16)
-    ref = R.quantize_input(x, m.smooth_inv, m.lora_down, "nvfp4", 16, 0.0, m.input_scale)
-    want = e2m1_table()[ref.codes.long()] * ref.scales.float().repeat_interleave(16, 1)
-    assert torch.equal(values.float(), want)
-    assert torch.equal(scales_t.t().float(), ref.scales.float())
+def test_activation_kernel_k_splits_give_the_same_result():
+    x = inputs(512, 40, 3, torch.float32)
+    sinv = torch.rand(512) + 0.5
+    down = torch.randn(32, 512) * 0.1
+    base = K.quantize_activations(x, sinv, down, target_programs=1)
+    for tp in (8, 64):
+        other = K.quantize_activations(x, sinv, down, target_programs=tp)
+        assert torch.equal(base[0], other[0]) and torch.equal(base[1], other[1])
+        assert rel(other[2], base[2]) < 1e-6
 
 
-# ---------------------------------------------------------------------------- kernel 2, interpreter
+# ---------------------------------------------------------------------------- INT8 GEMM (interpreter)
 @cpu_only
-@pytest.mark.parametrize("pipeline", [False, True])
-@pytest.mark.parametrize("rank", [0, 32])
-def test_int4_gemm_matches_reference(pipeline, rank):
-    seed = 3
-    m = layer("int4", 200, 72, torch.float32, seed, rank=rank)  # K=200 is padded to 256, N=72 is ragged
-    x = inputs(m, 45, seed, torch.float32)
-    kw = KernelWeights(m)
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)
-    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32,
-                  pipeline=pipeline, **SMALL)
-    ref = reference_linear(x, m)
-    assert y.shape == ref.shape
-    assert rel(y, ref) < 1e-6  # fp32 out: only the order of fp32 additions differs
-
-
-@cpu_only
-@pytest.mark.parametrize("split", [1, 3])
-def test_quantize_kernel_split_k_gives_same_result(split):
-    m = layer("int4", 192, 32, torch.float32, 11)
-    x = inputs(m, 24, 11, torch.float32)
-    kw = KernelWeights(m)
-    c1, s1, l1 = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16, split=1)
-    c2, s2, l2 = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16, split=split)
-    assert torch.equal(c1, c2) and torch.equal(s1, s2)
-    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int8_gemm_matches_reference(tma, gelu):
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    m_tokens, k, n = 37, 192, 40
+    a = torch.randint(-127, 128, (m_tokens, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-126, 127, (n, k), generator=g, dtype=torch.int8)
+    a_s, w_s = torch.rand(m_tokens, generator=g), torch.rand(n, generator=g) * 1e-3
+    la, lu = torch.randn(m_tokens, 16, generator=g), torch.randn(n, 16, generator=g)
+    bias = torch.randn(n, generator=g)
+    y = K.int8_gemm(a, a_s, w, w_s, la, lu, bias, torch.float32, gelu=gelu, tma=tma,
+                    num_programs=3 if tma else None, config=SMALL_GEMM)
+    want = (a.long() @ w.long().T).float() * a_s[:, None] * w_s[None, :] + la @ lu.T + bias
+    if gelu:
+        want = torch.nn.functional.gelu(want, approximate="tanh")
+    assert rel(y, want) < 1e-6, f"seed {seed}"
 
 
 @cpu_only
-@pytest.mark.parametrize("w_layout", [1, 2])
-def test_int4_gemm_unpacked_layouts_match(w_layout):
-    from svdquant.formats import unpack_4bit_halves
+def test_int8_gemm_sums_exactly_in_int32_at_the_largest_values():
+    # |q·m| <= 126 on both sides and K = 1024: the worst-case sum is exact in int32 (and fp32 here).
+    k = 1024
+    a = torch.full((16, k), 126, dtype=torch.int8)
+    w = torch.full((16, k), -126, dtype=torch.int8)
+    one = torch.ones(16)
+    y = K.int8_gemm(a, one, w, one, None, None, None, torch.float32, config=SMALL_GEMM)
+    assert torch.all(y == -126 * 126 * k)
 
-    m = layer("int4", 128, 48, torch.float32, 12)
-    x = inputs(m, 30, 12, torch.float32)
-    kw = KernelWeights(m)
-    codes_dtype = torch.int8 if w_layout == 1 else torch.float8_e4m3fn
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16, codes_dtype=codes_dtype)
-    wq = unpack_4bit_halves(m.qweight, 64, signed=True).to(codes_dtype)
-    y = w4a4_gemm(codes, scales_t, wq, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32, w_layout=w_layout,
-                  **SMALL)
-    assert rel(y, reference_linear(x, m)) < 1e-6
+
+# ---------------------------------------------------------------------------- expand, W4A16 (interpreter)
+@cpu_only
+def test_expand_gives_code_times_multiplier():
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-7, 8, (40, 256), generator=g, dtype=torch.int8)
+    mult = torch.randint(1, 19, (40, 4), generator=g, dtype=torch.uint8)
+    w = K.expand_int4m(pack_4bit_halves(codes, 64), mult, block_n=16)
+    want = (codes.view(40, 4, 64).short() * mult.short()[..., None]).view(40, 256).to(torch.int8)
+    assert torch.equal(w, want), f"seed {seed}"
 
 
 @cpu_only
-def test_int4_gemm_gelu_epilogue():
-    m = layer("int4", 128, 40, torch.float32, 4)
-    x = inputs(m, 33, 4, torch.float32)
-    kw = KernelWeights(m)
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)
-    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32, gelu=True,
-                  **SMALL)
-    ref = torch.nn.functional.gelu(reference_linear(x, m), approximate="tanh")
-    assert rel(y, ref) < 1e-6
+@pytest.mark.parametrize("m_tokens", [1, 3, 16])
+def test_w4a16_matches_reference(m_tokens):
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 200, generator=g)
+    q = quantize(w, "int4", scale_dtype=torch.float32)
+    x = torch.randn(m_tokens, 200, generator=g)
+    bias = torch.randn(48, generator=g)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, bias, block_n=16)
+    want = R.weight_only_linear(x, get_format("int4").dequantize(q), None, None, bias)
+    assert rel(y, want) < 1e-6, f"seed {seed}"
 
 
 @cpu_only
-def test_int4_gemm_no_rescale_ceiling_is_a_different_function():
-    # the benchmark-only ceiling mode really skips the scales (so its timing means what it says)
-    m = layer("int4", 128, 32, torch.float32, 5)
-    x = inputs(m, 16, 5, torch.float32)
-    kw = KernelWeights(m)
-    codes, scales_t, _ = quantize_input(x, m.smooth_inv, None, block_m=16)
-    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, None, None, None, torch.float32, no_rescale=True, **SMALL)
-    from svdquant.formats import unpack_4bit_halves
+def test_w4a16_refuses_many_tokens():
+    q = quantize(torch.randn(16, 64), "int4")
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        K.w4a16_linear(torch.randn(17, 64), pack_4bit_halves(q.codes, 64), q.scales, None)
 
-    want = codes.float() @ unpack_4bit_halves(m.qweight, 64, signed=True).float().T
-    assert torch.equal(y, want)
+
+# ---------------------------------------------------------------------------- the paper's formats (interpreter)
+@cpu_only
+@pytest.mark.parametrize("post_gelu", [False, True])
+def test_float_scales_int4_kernels_match_reference(post_gelu):
+    m = layer("w4a4-float", 128, 48, torch.float32, 7, post_gelu=post_gelu)
+    x = inputs(128, 40, 7, torch.float32)
+    if post_gelu:
+        x = torch.nn.functional.gelu(x)
+    down, up = padded_branch(m)
+    codes, scales_t, lora_act = K.quantize_input_float_scales(x, m.smooth_inv, down, shift=m.act_shift,
+                                                              unsigned_from=m.act_unsigned_from, block_m=16)
+    y = K.w4a4_gemm(codes, scales_t, m.qweight, m.wscales.t().contiguous(), lora_act, up, m.bias, torch.float32,
+                    **SMALL_OLD)
+    assert rel(y, ReferenceRunner(m)(x)) < 1e-6
 
 
 @cpu_only
 def test_fp4_gemm_matches_reference():
     m = layer("nvfp4", 192, 40, torch.float32, 6)
-    x = inputs(m, 21, 6, torch.float32)
-    kw = KernelWeights(m)
-    values, _, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, fmt="nvfp4", group_size=16,
-                                         input_scale=m.input_scale, block_m=16)
-    y = fp4_gemm(values, m.qweight, m.wscales, m.wtensor_scale, m.input_scale, lora_act, kw.lora_up, m.bias,
-                 torch.float32, **SMALL)
-    assert rel(y, reference_linear(x, m)) < 1e-6
+    x = inputs(192, 21, 6, torch.float32)
+    down, up = padded_branch(m)
+    values, _, lora_act = K.quantize_input_float_scales(x, m.smooth_inv, down, fmt="nvfp4", group_size=16,
+                                                        input_scale=m.input_scale, block_m=16)
+    y = K.fp4_gemm(values, m.qweight, m.wscales, m.wtensor_scale, m.input_scale, lora_act, up, m.bias,
+                   torch.float32, **SMALL_OLD)
+    assert rel(y, ReferenceRunner(m)(x)) < 1e-6
 
 
 @cpu_only
-def test_bf16_output_within_rounding_of_reference():
-    m = layer("int4", 128, 48, torch.bfloat16, 7)
-    x = inputs(m, 40, 7, torch.bfloat16)
-    kw = KernelWeights(m)
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)
-    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.bfloat16, **SMALL)
-    assert y.dtype == torch.bfloat16
-    # the interpreter truncates to bf16 where the GPU rounds: at most 2^-7 relative per element
-    assert rel(y, reference_linear(x, m)) < 8e-3
-
-
-@cpu_only
-def test_kernel_weights_pad_rank_to_power_of_two():
+def test_padded_branch_rounds_rank_up_to_a_power_of_two_with_loras():
     m = layer("int4", 128, 32, torch.float32, 8, rank=24)
-    kw = KernelWeights(m)
-    assert kw.lora_down.shape == (32, 128) and kw.lora_up.shape == (32, 32)  # rank 24 -> 32
-    assert torch.equal(kw.lora_down[:24], m.lora_down) and torch.all(kw.lora_down[24:] == 0)
-    x = inputs(m, 20, 8, torch.float32)
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)
-    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32, **SMALL)
-    assert rel(y, reference_linear(x, m)) < 1e-6
+    down, up = padded_branch(m)
+    assert down.shape == (32, 128) and up.shape == (32, 32)
+    assert torch.equal(down[:24], m.lora_down) and torch.all(down[24:] == 0)
+    m.add_adapter("a", torch.randn(16, 128) * 0.1, torch.randn(32, 16) * 0.1, 0.5)
+    down, up = padded_branch(m)
+    assert down.shape[0] == 64  # 24 + 16 = 40 -> 64
+
+
+@cpu_only
+@pytest.mark.parametrize("recipe", ["int4", "w4a4", "w8a8"])
+def test_int8_path_end_to_end_through_the_kernels(recipe):
+    """The INT8 path's kernels in the order the GPU runner calls them equal the module's reference."""
+    post_gelu = 64 if recipe == "w4a4" else False
+    m = layer(recipe, 128, 48, torch.float32, 11, post_gelu=post_gelu)
+    m.add_adapter("l", torch.randn(8, 128) * 0.1, torch.randn(48, 8) * 0.1, 0.7)
+    x = inputs(128, 33, 11, torch.float32)
+    down, up = padded_branch(m)
+    a4 = recipe == "w4a4"
+    a, a_s, lora_act = K.quantize_activations(x, m.smooth_inv, down, a4=a4, shift=m.act_shift if a4 else 0.0,
+                                              unsigned_from=m.act_unsigned_from, block_m=16)
+    if m.weights == "int4m":
+        w = K.expand_int4m(m.packed_weight(), m.wmult, block_n=16)
+    else:
+        w = m.qweight
+    y = K.int8_gemm(a, a_s, w, m.wscales, lora_act, up, m.bias, torch.float32, config=SMALL_GEMM)
+    assert rel(y, m(x)) < 1e-6
 
 
 # ---------------------------------------------------------------------------- GPU, FLUX shapes
@@ -204,51 +227,49 @@ FLUX_SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", FLUX_SHAPES)
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_gpu_kernels_match_reference_at_flux_shapes(k, n, fmt):
+@pytest.mark.parametrize("activations", ["int8", "int4m"])
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_gpu_int8_path_matches_reference_at_flux_shapes(k, n, activations, mode):
     from kernels import random_layer
 
-    from svdquant.kernels import linear
-
-    seed = int.from_bytes(os.urandom(2), "little")
-    m = random_layer(k, n, fmt=fmt, seed=seed)
+    seed = seed_now()
+    m = random_layer(k, n, activations=activations, seed=seed, mode=mode)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(1000, k, generator=g) * 2).to("cuda", torch.bfloat16)
-    y = linear(x, m)
-    ref = reference_linear(x, m)
+    y = m(x)
+    ref = ReferenceRunner(m)(x)
     assert torch.isfinite(y).all()
-    # bf16 output rounding (2^-9) and the tf32 branch epilogue; measured ~2e-3
+    # bf16 output rounding (2^-9) and the tf32 branch epilogue
     assert rel(y, ref) < 1e-2, f"seed {seed}"
 
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_module_dispatch_uses_kernels_and_matches_reference():
-    m = layer("int4", 256, 128, torch.bfloat16, 9).cuda()
-    x = inputs(m, 300, 9, torch.bfloat16).cuda().reshape(3, 100, 256)
+def test_gpu_speed_mode_state_dict_is_the_packed_checkpoint():
+    from kernels import random_layer
+
+    m = random_layer(3072, 3072, mode="memory", seed=1)
+    packed = m.qweight.clone()
+    m.set_weight_mode("speed")
+    assert m._buffers["qweight"] is None  # one INT8 copy resident, not two
+    assert torch.equal(m.state_dict()["qweight"], packed)
+    x = torch.randn(256, 3072, device="cuda", dtype=torch.bfloat16)
+    y_speed = m(x)
+    m.set_weight_mode("memory")
+    assert torch.equal(m.qweight, packed) and torch.equal(m(x), y_speed)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["int4", "w4a4", "w4a4-float", "nvfp4", "w8a8", "w4a16"])
+def test_gpu_module_dispatch_matches_reference(recipe):
+    m = layer(recipe, 256, 128, torch.bfloat16, 9).cuda()
+    x = inputs(256, 300, 9, torch.bfloat16).cuda().reshape(3, 100, 256)
     y = m(x)
-    os.environ["SVDQUANT_REFERENCE"] = "1"
-    try:
-        ref = m(x)
-    finally:
-        del os.environ["SVDQUANT_REFERENCE"]
     assert y.shape == (3, 100, 128)
-    assert rel(y, ref) < 1e-2
-
-
-@cpu_only
-def test_kernels_run_loras_concatenated_onto_the_branch():
-    m = layer("int4", 128, 48, torch.float32, 13)
-    g = torch.Generator().manual_seed(13)
-    m.add_adapter("a", torch.randn(8, 128, generator=g) * 0.1, torch.randn(48, 8, generator=g) * 0.1, 0.5)
-    kw = KernelWeights(m)
-    assert kw.lora_down.shape[0] == 64  # rank 32 + 8 = 40, padded to a power of two
-    x = inputs(m, 20, 13, torch.float32)
-    codes, scales_t, lora_act = quantize_input(x, m.smooth_inv, kw.lora_down, block_m=16)
-    y = w4a4_gemm(codes, scales_t, m.qweight, kw.wscales_t, lora_act, kw.lora_up, m.bias, torch.float32, **SMALL)
-    assert rel(y, reference_linear(x, m)) < 1e-6
-    m.set_adapter_strength("a", 2.0)
-    assert m.branch_version != kw.version  # the kernels' cached copy is rebuilt on the next call
+    assert rel(y.reshape(300, 128), ReferenceRunner(m)(x.reshape(300, 256))) < 1e-2
+    y1 = m(x[:1, :4])  # few tokens: the W4A16 kernel for weight-only layers
+    assert rel(y1.reshape(4, 128), ReferenceRunner(m)(x[0, :4])) < 1e-2
 
 
 @gpu
@@ -256,10 +277,20 @@ def test_kernels_run_loras_concatenated_onto_the_branch():
 def test_gpu_lora_through_kernels():
     from kernels import random_layer
 
-    from svdquant.kernels import linear
-
     m = random_layer(3072, 3072, seed=5)
     x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
     m.add_adapter("l", torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16) * 0.01,
                   torch.randn(3072, 64, device="cuda", dtype=torch.bfloat16) * 0.01, 0.8)
-    assert rel(linear(x, m), reference_linear(x, m)) < 1e-2
+    assert rel(m(x), ReferenceRunner(m)(x)) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m_tokens", [1, 2, 4])
+def test_gpu_w4a16_at_flux_adaln_shape(m_tokens):
+    w = torch.randn(18432, 3072, device="cuda")
+    q = quantize(w, "int4", scale_dtype=torch.bfloat16)
+    x = torch.randn(m_tokens, 3072, device="cuda", dtype=torch.bfloat16)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None)
+    want = R.weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None, None, None)
+    assert rel(y, want) < 1e-2

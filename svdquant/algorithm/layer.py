@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats import QTensor, check_finite, fake_quantize, quantize
+from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
 from ..recipes import POST_GELU_SHIFT, QuantConfig
 from .lowrank import low_rank
@@ -75,7 +75,10 @@ class _Problem:
         x = _flatten_inputs(inputs, k).to(self.w.device)
         check_finite(x, "calibration inputs")
         quantized_act = recipe.activations is not None
-        shifted = post_gelu is not False and post_gelu is not None and recipe.activations == "int4"
+        self.act_format = get_format(recipe.activations) if quantized_act else None
+        # Post-GELU inputs are shifted and quantized unsigned only where the activation format has
+        # unsigned groups (4-bit); a per-token INT8 range loses little to GELU's asymmetry.
+        shifted = post_gelu is not False and post_gelu is not None and quantized_act and self.act_format.unsigned_groups
         self.shift = POST_GELU_SHIFT if shifted else 0.0
         self.unsigned_from = (0 if post_gelu is True else int(post_gelu)) if shifted else None
         self.unsigned = (True if self.unsigned_from == 0 else self.unsigned_from) if shifted else False
@@ -94,10 +97,8 @@ class _Problem:
         if r.activations is None:
             return self.x.to(self.dtype).float()
         u = (self.x + self.shift_vec) * inv_smooth
-        ts = None
-        if r.activations == "nvfp4":
-            ts = self.input_scale(inv_smooth)
-        return fake_quantize(u, r.activations, r.group_size or None, unsigned=self.unsigned,
+        ts = self.input_scale(inv_smooth) if self.act_format.static_input_scale else None
+        return fake_quantize(u, r.activations, r.act_group_size, unsigned=self.unsigned,
                              scale_dtype=self.dtype, tensor_scale=ts, check=False)
 
     def input_scale(self, inv_smooth: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class _Problem:
     def fq_weight(self, r_all: torch.Tensor) -> torch.Tensor:
         rc = self.recipe
         def fq(t):
-            return fake_quantize(t, rc.weights, rc.group_size or None, scale_dtype=self.dtype, check=False)
+            return fake_quantize(t, rc.weights, rc.group_size, scale_dtype=self.dtype, weight=True, check=False)
 
         if len(self.splits) == 1:
             return fq(r_all)
@@ -261,10 +262,10 @@ def quantize_linears(
 def _assemble(p: _Problem, lam, up, downs, resid, biases) -> list[QuantizedWeights]:
     rc, dt = p.recipe, p.dtype
     inv = 1.0 / lam if lam is not None else None
-    input_scale = p.input_scale(inv) if rc.activations == "nvfp4" else None
+    input_scale = p.input_scale(inv) if p.act_format is not None and p.act_format.static_input_scale else None
     out = []
     for i, (r_i, up_i) in enumerate(zip(resid.split(p.splits, 0), up.split(p.splits, 0))):
-        q = quantize(r_i, rc.weights, rc.group_size or None, scale_dtype=dt, check=False)
+        q = quantize(r_i, rc.weights, rc.group_size, scale_dtype=dt, weight=True, check=False)
         b = biases[i].detach().float() if biases[i] is not None else None
         if p.shift:
             comp = (q.dequantize() * (inv * p.shift_vec)).sum(1)

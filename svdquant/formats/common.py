@@ -16,8 +16,10 @@ class QTensor:
     to a multiple of ``group_size``; ``scales`` has one entry per group along the last
     dimension (``group_size == 0`` means one scale per row). ``in_features`` is the
     unpadded length of the last dimension. ``tensor_scale`` is the extra fp32 per-tensor
-    factor of NVFP4 and is ``None`` elsewhere. ``fmt`` names the format module that
-    can dequantize it.
+    factor of NVFP4 and is ``None`` elsewhere. ``multipliers`` holds the per-group
+    integer multipliers of the two-level ``int4m`` format (``scales`` is then one fp32
+    per row) and is ``None`` elsewhere. ``fmt`` names the format record that can
+    dequantize it.
     """
 
     codes: torch.Tensor
@@ -26,6 +28,7 @@ class QTensor:
     group_size: int
     in_features: int
     tensor_scale: torch.Tensor | None = None
+    multipliers: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from . import dequantize

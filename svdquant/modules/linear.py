@@ -1,13 +1,15 @@
 """``SVDQLinear``: the drop-in replacement for ``nn.Linear``.
 
-Stored (all as buffers, so ``state_dict`` holds exactly what a checkpoint needs):
+Stored (all as buffers, so ``state_dict`` holds exactly what a checkpoint needs); the weight
+buffers come from the weight format's record (:meth:`svdquant.formats.Format.weight_buffers`):
 
 | buffer        | shape              | dtype                         | what                                |
 | ------------- | ------------------ | ----------------------------- | ----------------------------------- |
-| qweight       | [N, K_pad/2]       | uint8, 2 codes/byte (*)       | Q(R) for int4 / nvfp4 / nf4         |
+| qweight       | [N, K_pad/2]       | uint8, 2 codes/byte (*)       | Q(R) for int4m / int4 / nvfp4 / nf4 |
 |               | [N, K]             | int8 / float8_e4m3fn          | Q(R) for int8 / fp8                 |
-| wscales       | [N, K_pad/g]       | model dtype (int4), e4m3 (nvfp4), fp32 (nf4) | group scales         |
-|               | [N]                | fp32                          | row scales (int8 / fp8)             |
+| wmult         | [N, K_pad/g]       | uint8                         | int4m: integer group multipliers    |
+| wscales       | [N]                | fp32                          | int4m / int8 / fp8: row scales      |
+|               | [N, K_pad/g]       | model dtype (int4), e4m3 (nvfp4), fp32 (nf4) | group scales         |
 | wtensor_scale | []                 | fp32                          | NVFP4 per-tensor weight scale       |
 | input_scale   | []                 | fp32                          | NVFP4 static activation tensor scale|
 | smooth_inv    | [K]                | fp32                          | 1/λ (stored inverted: kernels multiply) |
@@ -16,10 +18,20 @@ Stored (all as buffers, so ``state_dict`` holds exactly what a checkpoint needs)
 | bias          | [N]                | model dtype                   | b' (post-GELU shift compensated)    |
 
 (*) within each group of g codes, byte j holds code j (low nibble) and code j + g/2
-(high nibble): :func:`~svdquant.formats.pack_4bit_halves`, the layout the kernels unpack.
+(high nibble): :func:`~svdquant.formats.pack_4bit_halves`.
 
 Scalars (``act_shift``, formats, sizes) are constructor arguments; :meth:`config`
 returns them so a checkpoint can rebuild the module before loading its tensors.
+
+What runs: :func:`svdquant.ops.prepare` picks the path for the layer's formats and device
+(a fused kernel, ``torch._scaled_mm`` or the torch reference) and builds its kernel-ready
+tensors once, whenever the layer is built, loaded, moved (``.to``), given LoRAs or a new
+weight mode. ``forward`` then only computes.
+
+Weight modes (GPU kernels of the INT8 path): ``"speed"`` expands the 4-bit codes once
+into INT8 ``code × multiplier`` (1 byte per weight resident; the packed copy is dropped
+from the device and rebuilt when the state dict is read), ``"memory"`` keeps 4-bit codes
+resident and expands each layer right before its GEMM. ``"auto"`` is speed.
 """
 
 from __future__ import annotations
@@ -29,9 +41,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..formats import FOUR_BIT, pack_4bit_halves
+from .. import ops
+from ..formats import get_format
 from .lora_linear import AdapterSet
 from ..recipes import QuantConfig, get_recipe
+
+WEIGHT_MODES = ("auto", "speed", "memory")
 
 
 class SVDQLinear(nn.Module, AdapterSet):
@@ -47,8 +62,8 @@ class SVDQLinear(nn.Module, AdapterSet):
         out_features: int,
         bias: bool = True,
         *,
-        weights: str = "int4",
-        activations: str | None = "int4",
+        weights: str = "int4m",
+        activations: str | None = "int8",
         group_size: int = 64,
         rank: int = 32,
         act_shift: float = 0.0,
@@ -58,35 +73,28 @@ class SVDQLinear(nn.Module, AdapterSet):
     ):
         nn.Module.__init__(self)
         AdapterSet.__init__(self)  # LoRAs, concatenated onto the branch (svdquant.lora)
+        wf = get_format(weights)
+        af = get_format(activations) if activations is not None else None
+        if not wf.weight or (af is not None and activations not in wf.pairs_with):
+            raise ValueError(f"no quantized linear with W{weights}A{activations or 16}")
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
         self.group_size, self.rank, self.act_shift = group_size, rank, float(act_shift)
         self.act_unsigned_from = int(act_unsigned_from)
         self.dtype = dtype
         self.quant_report = None
-        self.branch_version = 0  # bumped whenever the low-rank branch changes (kernels cache a padded copy)
+        self.weight_mode = "auto"
+        self._runner = None
         n, k = out_features, in_features
-        kp = k + (-k) % group_size if group_size else k
 
         def buf(name, shape, dt):
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
 
-        if weights in FOUR_BIT:
-            buf("qweight", (n, kp // 2), torch.uint8)
-        elif weights == "int8":
-            buf("qweight", (n, k), torch.int8)
-        elif weights == "fp8":
-            buf("qweight", (n, k), torch.float8_e4m3fn)
-        else:
-            raise ValueError(f"unknown weight format {weights!r}")
-        groups = kp // group_size if group_size else None
-        scale_dtype = {"int4": dtype, "nvfp4": torch.float8_e4m3fn}.get(weights, torch.float32)
-        buf("wscales", (n, groups) if groups else (n,), scale_dtype)
-        if weights == "nvfp4":
-            buf("wtensor_scale", (), torch.float32)
-        if activations == "nvfp4":
+        for name, (shape, dt) in wf.weight_buffers(n, k, group_size, dtype).items():
+            buf(name, shape, dt)
+        if af is not None and af.static_input_scale:
             buf("input_scale", (), torch.float32)
-        if activations is not None:
+        if af is not None:
             buf("smooth_inv", (k,), torch.float32)
         if rank > 0:
             buf("lora_down", (rank, k), dtype)
@@ -95,6 +103,10 @@ class SVDQLinear(nn.Module, AdapterSet):
             buf("bias", (n,), dtype)
         else:
             self.bias = None
+        self.register_load_state_dict_post_hook(lambda mod, _incompatible: mod.refresh())
+        # Fresh buffers hold garbage: a GPU layer is prepared once it is filled (from_quantized,
+        # load_state_dict, .to, or refresh() after filling it by hand); the CPU reference reads them live.
+        self._runner = ops.NotPrepared() if self.wscales.device.type == "cuda" else ops.prepare(self)
 
     # -- construction --------------------------------------------------------------
     @classmethod
@@ -108,11 +120,9 @@ class SVDQLinear(nn.Module, AdapterSet):
                 act_unsigned_from=qw.act_unsigned_from, dtype=dtype,
                 device=q.codes.device)
         with torch.no_grad():
-            m.qweight.copy_(pack_4bit_halves(q.codes, recipe.group_size) if recipe.weights in FOUR_BIT else q.codes)
-            m.wscales.copy_(q.scales)
-            if recipe.weights == "nvfp4":
-                m.wtensor_scale.copy_(q.tensor_scale)
-            if recipe.activations == "nvfp4":
+            for name, t in get_format(recipe.weights).to_buffers(q).items():
+                getattr(m, name).copy_(t)
+            if qw.input_scale is not None:
                 m.input_scale.copy_(qw.input_scale)
             if recipe.activations is not None:
                 m.smooth_inv.copy_(1.0 / qw.smooth)
@@ -121,6 +131,7 @@ class SVDQLinear(nn.Module, AdapterSet):
                 m.lora_up.copy_(qw.lora_up)
             if qw.bias is not None:
                 m.bias.copy_(qw.bias)
+        m.refresh()
         return m
 
     @classmethod
@@ -168,59 +179,96 @@ class SVDQLinear(nn.Module, AdapterSet):
         cfg["dtype"] = getattr(torch, cfg["dtype"])
         return cls(**cfg, device=device)
 
+    @property
+    def device(self) -> torch.device:
+        return self.wscales.device
+
     def branch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The low-rank branch as ``(L1 [r, K], L2 [N, r])``, or ``(None, None)`` without one.
 
-        With LoRAs loaded: ``([L1; A_1; A_2 ...], [L2, s_1·B_1, s_2·B_2 ...])``, built once per
-        change (``branch_version``); the up projection is then held in fp32 so strengths are exact.
+        With LoRAs loaded: ``([L1; A_1; A_2 ...], [L2, s_1·B_1, s_2·B_2 ...])``; the up projection
+        is then held in fp32 so strengths are exact. Built by :meth:`refresh`, not per call.
         """
         base = (self.lora_down, self.lora_up) if self.rank else (None, None)
         live = [(a, b, s) for a, b, s in self.adapters.values() if s != 0]
         if not live:
             return base
-        cache = getattr(self, "_branch_cache", None)
-        if cache is not None and cache[0] == self.branch_version and cache[1].device == self.qweight.device:
-            return cache[1], cache[2]
         downs = ([base[0]] if base[0] is not None else []) + [a for a, _, _ in live]
         ups = ([base[1].float()] if base[1] is not None else []) + [s * b for _, b, s in live]
-        down = torch.cat([d.to(self.qweight.device, self.dtype) for d in downs], 0)
-        up = torch.cat([u.to(self.qweight.device, torch.float32) for u in ups], 1)
-        self._branch_cache = (self.branch_version, down, up)
+        down = torch.cat([d.to(self.device, self.dtype) for d in downs], 0)
+        up = torch.cat([u.to(self.device, torch.float32) for u in ups], 1)
         return down, up
 
     def add_adapter(self, name, down, up, strength=1.0):
         if down.shape[1] != self.in_features or up.shape[0] != self.out_features:
             raise ValueError(f"adapter {name!r} is {up.shape[0]}x{down.shape[1]}, the layer is "
                              f"{self.out_features}x{self.in_features}")
-        super().add_adapter(name, down.to(self.qweight.device, self.dtype), up.to(self.qweight.device, torch.float32),
-                            strength)
+        super().add_adapter(name, down.to(self.device, self.dtype), up.to(self.device, torch.float32), strength)
 
     def _adapters_changed(self) -> None:
-        self.branch_version += 1
+        self.refresh()
+
+    def set_weight_mode(self, mode: str) -> None:
+        """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"weight mode {mode!r} is unknown; choose one of {WEIGHT_MODES}")
+        self.weight_mode = mode
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild what runs (:func:`svdquant.ops.prepare`): after loading, moving, LoRA or mode changes."""
+        self._restore_packed()
+        self._runner = ops.prepare(self)
+        if getattr(self._runner, "owns_packed_weight", False):
+            # speed mode: the runner holds code × multiplier in INT8; the packed copy would double the memory
+            self._buffers["qweight"] = None
+
+    def _restore_packed(self) -> None:
+        if "qweight" in self._buffers and self._buffers["qweight"] is None and self._runner is not None:
+            self._buffers["qweight"] = self._runner.packed_weight()
+
+    def packed_weight(self) -> torch.Tensor:
+        """``qweight`` as stored in checkpoints, rebuilt from the runner's INT8 copy in speed mode."""
+        q = self._buffers["qweight"]
+        return q if q is not None else self._runner.packed_weight()
+
+    def weight_buffers(self) -> dict[str, torch.Tensor]:
+        names = get_format(self.weights).weight_buffers(self.out_features, self.in_features, self.group_size, self.dtype)
+        return {n: (self.packed_weight() if n == "qweight" else getattr(self, n)) for n in names}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The 4-bit residual as a dense ``[N, K]`` matrix in the *smoothed* space (i.e. ``Q(R)``)."""
-        from ..ops.reference import dequantize_weight
-
-        return dequantize_weight(self.weights, self.group_size, self.in_features, self.qweight, self.wscales,
-                                 getattr(self, "wtensor_scale", None), dtype)
+        wf = get_format(self.weights)
+        return wf.dequantize(wf.from_buffers(self.weight_buffers(), self.group_size, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
-        from ..ops import svdq_linear
+        y = self._runner(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-        return svdq_linear(x, self)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "qweight" in self._buffers and self._buffers["qweight"] is None:
+            destination[prefix + "qweight"] = self.packed_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore_packed()  # so that "qweight" is an expected key again
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # The stored dtypes are part of the format (FP8 codes, fp32 1/λ...): `.to(dtype)`
         # or `.half()` on a model must not cast them, only move them between devices.
+        self._restore_packed()
         for name, b in self._buffers.items():
             if b is not None:
                 moved = fn(b)
                 self._buffers[name] = moved if moved.dtype == b.dtype else b.to(device=moved.device)
+        for a in self.adapters.values():
+            a[0], a[1] = a[0].to(self.device), a[1].to(self.device)
+        self.refresh()
         return self
 
     def extra_repr(self) -> str:

@@ -1,64 +1,87 @@
-"""Operators of a quantized linear, dispatched to fused Triton kernels on CUDA and to the torch reference elsewhere.
+"""What a quantized linear runs: the one place that decides between fused kernels, cuBLAS and the reference.
 
-On a CUDA device, INT4 and NVFP4 layers run the fused kernels of :mod:`svdquant.kernels`
-(compute capability 8.0+, else a clear error); FP8 layers run ``torch._scaled_mm``
-(compute capability 8.9+). Everything else, and every layer when ``SVDQUANT_REFERENCE=1``,
-runs :mod:`.reference`.
+:func:`prepare` is called when a :class:`~svdquant.SVDQLinear` is built, loaded, moved
+(``.to``), given LoRAs or a new weight mode. It reads the layer's formats, its device's
+compute capability and ``SVDQUANT_REFERENCE``, builds kernel-ready tensors once, and
+returns a runner whose ``__call__`` only computes:
+
+| weights × activations          | CUDA (compute capability)                        | elsewhere     |
+| ------------------------------ | ------------------------------------------------ | ------------- |
+| int4m / int8 × int8 / int4m    | INT8 GEMM kernels (8.0+; persistent + TMA on 9.0+) | reference   |
+| int4 × int4 (float scales)     | the paper's W4A4 kernels (8.0+)                  | reference     |
+| nvfp4 × nvfp4                  | NVFP4 kernels (8.9+; before: reference, warned)  | reference     |
+| fp8 × fp8                      | ``torch._scaled_mm`` (8.9+, 16-bit inputs)        | reference     |
+| int4 × 16-bit (weight-only)    | W4A16 kernel up to 16 tokens, else reference     | reference     |
+| anything else                  | reference                                        | reference     |
+
+``SVDQUANT_REFERENCE=1`` makes every layer prepared afterwards run the reference.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
+from ..formats import get_format
 from . import reference
+from .runners import (
+    Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, MetaRunner, NotPrepared, ReferenceRunner, W4A16Runner,
+)
+
+MIN_CAPABILITY = (8, 0)
+
+
+class UnsupportedGPUError(RuntimeError):
+    """The layer is on a GPU the kernels cannot run on."""
 
 
 def use_reference() -> bool:
     return os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0")
 
 
-def svdq_linear(x: torch.Tensor, m) -> torch.Tensor:
-    """Forward of :class:`svdquant.SVDQLinear` ``m`` on ``x`` ``[..., K]``."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, m.in_features)
-    if x.is_cuda and not use_reference() and m.activations in ("int4", "nvfp4"):
+def _kernels(device: torch.device):
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise UnsupportedGPUError(
+            f"svdquant's GPU kernels need compute capability 8.0 or newer (A100, RTX 30xx, L40, H100, ...); "
+            f"{name} is sm_{cap[0]}{cap[1]}. Run the model on the CPU, or set SVDQUANT_REFERENCE=1 to use the "
+            "slow torch reference on this GPU."
+        )
+    try:
         from .. import kernels
-
-        y = kernels.linear(x2, m)
-    elif x.is_cuda and not use_reference() and m.activations == "fp8" and _scaled_mm_ok(x):
-        y = _fp8_scaled_mm(x2, m)
-    else:
-        y = reference_linear(x2, m)
-    return y.reshape(*lead, m.out_features)
+    except ImportError:
+        raise UnsupportedGPUError("svdquant's GPU kernels need triton (pip install triton), which ships with "
+                                  "CUDA builds of torch") from None
+    return kernels, cap
 
 
-def reference_linear(x2: torch.Tensor, m) -> torch.Tensor:
-    lora_down, lora_up = m.branch()
-    if m.activations is None:
-        w = m.dequantized_weight(x2.dtype)
-        return reference.weight_only_linear(x2, w, lora_down, lora_up, m.bias)
-    qin = reference.quantize_input(x2, m.smooth_inv, lora_down, m.activations, m.group_size, m.act_shift,
-                                   getattr(m, "input_scale", None), m.act_unsigned_from)
-    return reference.qgemm(qin, m.weights, m.group_size, m.qweight, m.wscales, getattr(m, "wtensor_scale", None),
-                           lora_up, m.bias, x2.dtype)
+def prepare(m):
+    """The runner for :class:`~svdquant.SVDQLinear` ``m`` on its current device (see the module doc)."""
+    device = m.wscales.device
+    if device.type == "meta":
+        return MetaRunner()
+    if device.type != "cuda" or use_reference():
+        return ReferenceRunner(m)
+    wf = get_format(m.weights)
+    af = get_format(m.activations) if m.activations is not None else None
+    kernels, cap = _kernels(device)
+    if af is None:
+        return W4A16Runner(m, kernels) if wf.name in W4A16Runner.FORMATS else ReferenceRunner(m)
+    if wf.integer and af.integer:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return Int8Runner(m, kernels, tma=cap >= (9, 0), num_sms=sms)
+    if (wf.name, af.name) in FloatScalesRunner.PAIRS:
+        if wf.name == "nvfp4" and cap < (8, 9):  # no FP8 conversions before Ada/Hopper
+            warnings.warn("NVFP4 layers need compute capability 8.9+ for the fused kernels; using the torch "
+                          "reference on this GPU (correct, slower)", stacklevel=2)
+            return ReferenceRunner(m)
+        return FloatScalesRunner(m, kernels)
+    if (wf.name, af.name) == ("fp8", "fp8") and cap >= (8, 9):
+        return Fp8ScaledMMRunner(m)
+    return ReferenceRunner(m)
 
 
-def _scaled_mm_ok(x: torch.Tensor) -> bool:
-    return torch.cuda.get_device_capability(x.device) >= (8, 9) and x.dtype in (torch.bfloat16, torch.float16)
-
-
-def _fp8_scaled_mm(x2: torch.Tensor, m) -> torch.Tensor:
-    """FP8 row-wise W8A8 on cuBLAS: the recipe users run on Hopper, behind the same module."""
-    from ..formats import quantize_fp8
-
-    q = quantize_fp8((x2.float() * m.smooth_inv), check=False)
-    y = torch._scaled_mm(q.codes, m.qweight.t(), scale_a=q.scales.float()[:, None],
-                         scale_b=m.wscales.float()[None, :], out_dtype=x2.dtype)
-    lora_down, lora_up = m.branch()
-    if lora_down is not None:
-        y = y + ((x2.float() @ lora_down.float().T) @ lora_up.float().T).to(y.dtype)
-    if m.bias is not None:
-        y = y + m.bias.to(y.dtype)
-    return y
+__all__ = ["prepare", "NotPrepared", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY"]

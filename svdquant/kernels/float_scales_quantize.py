@@ -1,4 +1,5 @@
-"""Kernel 1: one pass over X -> INT4 activation codes, their scales, and the branch's down projection.
+"""The activation kernel of the float-group-scale formats (``int4``, ``nvfp4``): one pass over X -> 4-bit
+activations, their group scales, and the branch's down projection.
 
 Reference: :func:`svdquant.ops.reference.quantize_input`. For each block of tokens and
 each group of 64 channels the kernel loads X once, and from the same registers
@@ -18,24 +19,11 @@ already folded in.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (the CPU tests): its dots cannot take bf16 operands."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _round_half_even(x):
-    r = tl.floor(x + 0.5)
-    tie = (r - x) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
+from .common import interpreting, round_half_even as _round_half_even
 
 
 @triton.jit
@@ -140,11 +128,11 @@ def _split_for(groups: int, m_blocks: int) -> int:
 def quantize_input(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *, fmt: str = "int4",
                    group_size: int = 64, shift: float = 0.0, unsigned_from: int = 0,
                    input_scale: torch.Tensor | None = None, block_m: int | None = None, split: int | None = None,
-                   codes_dtype: torch.dtype = torch.int8, num_warps: int = 4):
+                   num_warps: int = 4):
     """Launch kernel 1. ``x``: ``[M, K]`` contiguous rows; ``lora_down``: ``[R, K]`` with R a power of 2 >= 16.
 
     Returns ``(codes [M, K_pad], scales [groups, M], lora_act [M, R] or None)``: INT4
-    codes in int8 (or ``codes_dtype=float8_e4m3fn``: small integers are exact in E4M3) and
+    codes in int8 and
     scales in x's dtype; for NVFP4 the 16-bit values ``E2M1 · s_g`` (x's dtype) and the E4M3
     group scales (before the per-tensor scale). The kernel writes one partial ``X · L1ᵀ`` per
     K split; they are summed before returning.
@@ -158,7 +146,7 @@ def quantize_input(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.T
         scales = torch.empty(groups, m, dtype=torch.float8_e4m3fn, device=x.device)
         ts = input_scale.reshape(1).float()
     else:
-        codes = torch.empty(m, kp, dtype=codes_dtype, device=x.device)
+        codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
         scales = torch.empty(groups, m, dtype=x.dtype, device=x.device)
         ts = smooth_inv  # unused
     bm = block_m or 64

@@ -1,4 +1,8 @@
-"""Kernel 2: the 4-bit GEMM with the branch's up projection, bias and GELU in its epilogue.
+"""The GEMMs of the float-group-scale formats (``int4`` W4A4, ``nvfp4``), branch, bias and GELU in the epilogue.
+
+These run checkpoints in the paper's formats. On Hopper the INT4 one is slow (its per-group
+float rescale sits in the main loop: BENCHMARKS.md); the two-level ``int4m`` format runs the
+plain INT8 GEMM of :mod:`.int8_gemm` instead.
 
 Reference: :func:`svdquant.ops.reference.qgemm`. Hopper has no 4-bit tensor cores, but
 4-bit integers are exact in INT8, so:
@@ -9,9 +13,7 @@ Reference: :func:`svdquant.ops.reference.qgemm`. Hopper has no 4-bit tensor core
   in int8 containers and go to shared memory untouched as the right operand (on Hopper
   wgmma's right operand must live in shared memory; only the left may be in registers);
 * per 64-deep group: two K=32 int8 dots into a fresh int32 tile, converted and scaled by
-  ``s_x[m] · s_w[n]`` into the fp32 accumulator (``PIPELINE=True`` issues the next
-  group's dot before rescaling the previous one, so the CUDA-core rescale can overlap the
-  tensor cores);
+  ``s_x[m] · s_w[n]`` into the fp32 accumulator;
 * epilogue: ``acc += L2 · lora_actᵀ`` (tf32 dot), ``+ bias``, optional tanh-GELU, cast,
   transposed store into ``Y [M, N]``.
 
@@ -26,13 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import interpreting
-
-
-@triton.jit
-def _gelu_tanh(x):
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+from .common import gelu_tanh as _gelu_tanh, interpreting
 
 
 @triton.jit
@@ -66,31 +62,18 @@ def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, s
 
 
 @triton.jit
-def _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP: tl.constexpr, W_LAYOUT: tl.constexpr):
-    """One 64-deep group's dot, [BLOCK_N, BLOCK_M]: int32 for INT8 operands, fp32 for FP8 ones.
-
-    W_LAYOUT 0: packed halves (uint8 [N, KP/2]), unpacked in registers; 1: int8 codes [N, KP];
-    2: FP8 E4M3 codes [N, KP] (with FP8 activation codes; 4-bit integers are exact in E4M3)."""
-    if W_LAYOUT == 0:
-        half = tl.arange(0, 32)
-        wb = tl.load(wq_ptr + offs_n[:, None] * (KP // 2) + g * 32 + half[None, :], mask=nmask[:, None], other=0)
-        wb = wb.to(tl.int8, bitcast=True)
-        w_lo = (wb << 4) >> 4  # arithmetic shifts sign-extend the nibbles
-        w_hi = wb >> 4
-        x_base = xq_ptr + offs_m[:, None] * KP + g * 64 + half[None, :]
-        x_lo = tl.load(x_base, mask=mmask[:, None], other=0)
-        x_hi = tl.load(x_base + 32, mask=mmask[:, None], other=0)
-        p = tl.dot(w_lo, tl.trans(x_lo), out_dtype=tl.int32)
-        return tl.dot(w_hi, tl.trans(x_hi), p, out_dtype=tl.int32)
-    else:
-        kk = tl.arange(0, 64)
-        w = tl.load(wq_ptr + offs_n[:, None] * KP + g * 64 + kk[None, :], mask=nmask[:, None])
-        x = tl.load(xq_ptr + offs_m[:, None] * KP + g * 64 + kk[None, :], mask=mmask[:, None])
-        # masked-off rows are never stored, so they need no fill value
-        if W_LAYOUT == 1:
-            return tl.dot(w, tl.trans(x), out_dtype=tl.int32)
-        else:
-            return tl.dot(w, tl.trans(x))
+def _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP: tl.constexpr):
+    """One 64-deep group's int32 dot, [BLOCK_N, BLOCK_M]: packed halves (uint8 [N, KP/2]) unpacked in registers."""
+    half = tl.arange(0, 32)
+    wb = tl.load(wq_ptr + offs_n[:, None] * (KP // 2) + g * 32 + half[None, :], mask=nmask[:, None], other=0)
+    wb = wb.to(tl.int8, bitcast=True)
+    w_lo = (wb << 4) >> 4  # arithmetic shifts sign-extend the nibbles
+    w_hi = wb >> 4
+    x_base = xq_ptr + offs_m[:, None] * KP + g * 64 + half[None, :]
+    x_lo = tl.load(x_base, mask=mmask[:, None], other=0)
+    x_hi = tl.load(x_base + 32, mask=mmask[:, None], other=0)
+    p = tl.dot(w_lo, tl.trans(x_lo), out_dtype=tl.int32)
+    return tl.dot(w_hi, tl.trans(x_hi), p, out_dtype=tl.int32)
 
 
 @triton.jit
@@ -99,8 +82,6 @@ def w4a4_gemm_kernel(
     M, N, stride_ym,
     KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
-    PIPELINE: tl.constexpr, W_LAYOUT: tl.constexpr = 0, NO_RESCALE: tl.constexpr = False,
-    PER_CHANNEL_W: tl.constexpr = False,
 ):
     pid_n, pid_m = _tile_ids(M, N, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,45 +90,11 @@ def w4a4_gemm_kernel(
     mmask = offs_m < M
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     n_groups: tl.constexpr = N_GROUPS  # constexpr loop bounds: the CPU interpreter needs them
-    if NO_RESCALE:  # benchmark ceiling: the same loads and dots chained into one accumulator, no group scales
-        if W_LAYOUT == 0:
-            for g in range(0, n_groups):
-                acc += _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT).to(tl.float32)
-        else:
-            kk = tl.arange(0, 64)
-            iacc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-            for g in range(0, n_groups):
-                w = tl.load(wq_ptr + offs_n[:, None] * KP + g * 64 + kk[None, :], mask=nmask[:, None])
-                x = tl.load(xq_ptr + offs_m[:, None] * KP + g * 64 + kk[None, :], mask=mmask[:, None])
-                if W_LAYOUT == 1:
-                    iacc = tl.dot(w, tl.trans(x), iacc, out_dtype=tl.int32)
-                else:
-                    acc = tl.dot(w, tl.trans(x), acc)
-            if W_LAYOUT == 1:
-                acc = iacc.to(tl.float32)
-    elif PER_CHANNEL_W:  # timing of the per-channel-weight-scale alternative: one scale per group (the token's)
-        for g in range(0, n_groups):
-            p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT)
-            xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
-            acc += p.to(tl.float32) * xs[None, :]
-        acc *= tl.load(ws_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
-    elif PIPELINE:
-        p_prev = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, 0, KP, W_LAYOUT)
-        for g in range(1, n_groups):
-            p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT)
-            ws = tl.load(ws_ptr + (g - 1) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            xs = tl.load(xs_ptr + (g - 1) * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
-            acc += p_prev.to(tl.float32) * (ws[:, None] * xs[None, :])
-            p_prev = p
-        ws = tl.load(ws_ptr + (n_groups - 1) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        xs = tl.load(xs_ptr + (n_groups - 1) * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
-        acc += p_prev.to(tl.float32) * (ws[:, None] * xs[None, :])
-    else:
-        for g in range(0, n_groups):
-            p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP, W_LAYOUT)
-            ws = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
-            acc += p.to(tl.float32) * (ws[:, None] * xs[None, :])
+    for g in range(0, n_groups):
+        p = _group_dot(wq_ptr, xq_ptr, offs_n, offs_m, nmask, mmask, g, KP)
+        ws = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
+        acc += p.to(tl.float32) * (ws[:, None] * xs[None, :])
     _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
 
 
@@ -203,19 +150,14 @@ def fp4_gemm_kernel(
 DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_M=128, GROUP_N=8, num_warps=4, num_stages=4)
 
 
-def w4a4_gemm(codes, scales_t, qweight, wscales_t, lora_act, lora_up, bias, out_dtype, *, gelu=False,
-              pipeline=False, no_rescale=False, per_channel_w=False, w_layout=0, **config):
-    """Launch kernel 2 (INT4). ``codes`` [M, K_pad] int8 (or E4M3 with ``w_layout=2``), ``scales_t``
-    [groups, M], ``qweight`` [N, K_pad/2] halves layout (or [N, K_pad] int8 / E4M3 codes for
-    ``w_layout`` 1 / 2), ``wscales_t`` [groups, N], ``lora_act`` [M, R] fp32, ``lora_up`` [N, R]."""
+def w4a4_gemm(codes, scales_t, qweight, wscales_t, lora_act, lora_up, bias, out_dtype, *, gelu=False, **config):
+    """Launch the INT4 float-scale GEMM. ``codes`` [M, K_pad] int8, ``scales_t`` [groups, M], ``qweight``
+    [N, K_pad/2] halves layout, ``wscales_t`` [groups, N], ``lora_act`` [M, R] fp32, ``lora_up`` [N, R]."""
     m, kp = codes.shape
     y, grid, tail, flags, cfg = _launch_setup(m, qweight.shape[0], out_dtype, codes.device, lora_act, lora_up, bias,
                                               config)
-    w4a4_gemm_kernel[grid](
-        qweight, wscales_t, codes, scales_t, *tail,
-        KP=kp, N_GROUPS=kp // 64, **flags,
-        GELU=gelu, PIPELINE=pipeline, W_LAYOUT=w_layout, NO_RESCALE=no_rescale, PER_CHANNEL_W=per_channel_w, **cfg,
-    )
+    w4a4_gemm_kernel[grid](qweight, wscales_t, codes, scales_t, *tail, KP=kp, N_GROUPS=kp // 64, **flags,
+                           GELU=gelu, **cfg)
     return y
 
 

@@ -1,0 +1,222 @@
+"""One record per number format: everything the rest of the library asks about a format.
+
+Recipes validate against it, :class:`~svdquant.SVDQLinear` lays out its buffers from it,
+the algorithm simulates with it, the torch reference multiplies with it, and ``ops``
+picks a kernel from it. Adding a format is one module with its quantize /
+dequantize functions plus one record here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .common import QTensor
+from .fp8 import dequantize_fp8, quantize_fp8
+from .int4 import dequantize_int4, fake_quantize_int4, quantize_int4
+from .int4m import dequantize_int4m, fake_quantize_int4m, int4m_integer_values, quantize_int4m
+from .int8 import dequantize_int8, fake_quantize_int8, quantize_int8
+from .nf4 import dequantize_nf4, quantize_nf4
+from .nvfp4 import dequantize_nvfp4, e2m1_table, fake_quantize_nvfp4, quantize_nvfp4
+from .packing import pack_4bit_halves, unpack_4bit_halves
+
+
+@dataclass(frozen=True)
+class Format:
+    """A number format and how a layer stores it.
+
+    default_group / group_sizes: channels per scale along K (0: one scale per row);
+        ``group_sizes=None`` accepts any positive even size.
+    packed: a layer stores two 4-bit codes per byte (:func:`pack_4bit_halves`).
+    signed: 4-bit codes are two's complement (unpacking sign-extends them).
+    weight / activation: where the format may be used.
+    pairs_with: for a weight format, the activation formats it has a product with.
+    integer: an operand is an exact INT8 matrix times one float per row, so any two
+        such operands multiply as a plain INT8 GEMM with the scales in the epilogue.
+    unsigned_groups: as activations, post-GELU inputs may be shifted by +0.171875 and
+        quantized unsigned (the shift is compensated in the bias).
+    static_input_scale: as activations, a per-tensor scale is calibrated (NVFP4).
+    weight_only: the weight format this recipe uses for its 16-bit-activation layers.
+    best_weights: weights pick each group's scale for the smaller error (``int4m``).
+    """
+
+    name: str
+    summary: str
+    default_group: int
+    group_sizes: tuple[int, ...] | None
+    packed: bool
+    signed: bool
+    weight: bool
+    activation: bool
+    pairs_with: tuple[str, ...]
+    integer: bool
+    unsigned_groups: bool
+    static_input_scale: bool
+    weight_only: str
+    grouped: bool = field(default=False, kw_only=True)
+    _quantize: Callable = field(repr=False)
+    _dequantize: Callable = field(repr=False)
+    _layout: Callable = field(repr=False)
+    _fake: Callable | None = field(default=None, repr=False)
+    _code_values: Callable | None = field(default=None, repr=False)
+    best_weights: bool = False
+
+    # -- numbers -----------------------------------------------------------------
+    def group(self, group_size: int | None) -> int:
+        return self.default_group if group_size is None else group_size
+
+    def quantize(self, x, group_size=None, *, unsigned=False, scale_dtype=None, tensor_scale=None, weight=False,
+                 check=True) -> QTensor:
+        """``weight=True``: the static weight rule (``best_weights``), else the dynamic activation rule."""
+        return self._quantize(x, self.group(group_size), unsigned=unsigned, scale_dtype=scale_dtype,
+                              tensor_scale=tensor_scale, best=weight and self.best_weights, check=check)
+
+    def fake_quantize(self, x, group_size=None, *, unsigned=False, scale_dtype=None, tensor_scale=None, weight=False,
+                      check=True) -> torch.Tensor:
+        """``dequantize(quantize(x))`` in fp32, bit-identical, in fewer passes where the format has a fast path."""
+        kw = dict(unsigned=unsigned, scale_dtype=scale_dtype, tensor_scale=tensor_scale,
+                  best=weight and self.best_weights, check=check)
+        if self._fake is not None:
+            return self._fake(x, self.group(group_size), **kw)
+        return self.dequantize(self._quantize(x, self.group(group_size), **kw))
+
+    def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._dequantize(q, dtype)
+
+    def code_values(self, q: QTensor) -> torch.Tensor:
+        """The codes as fp32 values before any scale (E2M1 codes -> their values)."""
+        return self._code_values(q.codes) if self._code_values is not None else q.codes.float()
+
+    def integer_operand(self, q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(int8 values [.., K], fp32 row scale [..])`` with ``values · scale = dequantize(q)``."""
+        if not self.integer:
+            raise ValueError(f"{self.name} is not an integer format")
+        vals = int4m_integer_values(q) if q.multipliers is not None else q.codes
+        return vals, q.scales.float()
+
+    # -- a layer's storage ---------------------------------------------------------
+    def weight_buffers(self, n: int, k: int, group_size: int, dtype: torch.dtype) -> dict[str, tuple]:
+        """Buffer name -> (shape, dtype) of an [n, k] weight in this format (model dtype ``dtype``)."""
+        kp = k + (-k) % group_size if group_size else k
+        groups = kp // group_size if group_size else 0
+        return self._layout(n, kp, groups, dtype)
+
+    def to_buffers(self, q: QTensor) -> dict[str, torch.Tensor]:
+        codes = pack_4bit_halves(q.codes, q.group_size) if self.packed else q.codes
+        out = {"qweight": codes, "wscales": q.scales}
+        if q.multipliers is not None:
+            out["wmult"] = q.multipliers
+        if q.tensor_scale is not None:
+            out["wtensor_scale"] = q.tensor_scale
+        return out
+
+    def from_buffers(self, buffers: dict[str, torch.Tensor], group_size: int, in_features: int) -> QTensor:
+        codes = buffers["qweight"]
+        if self.packed:
+            codes = unpack_4bit_halves(codes, group_size, signed=self.signed)
+        return QTensor(codes, buffers["wscales"], self.name, group_size, in_features,
+                       tensor_scale=buffers.get("wtensor_scale"), multipliers=buffers.get("wmult"))
+
+
+def _q_int4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_int4(x, g, unsigned=unsigned, scale_dtype=scale_dtype, check=check)
+
+
+def _fq_int4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return fake_quantize_int4(x, g, unsigned=unsigned, scale_dtype=scale_dtype, check=check)
+
+
+def _q_int4m(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_int4m(x, g, unsigned=unsigned, best=best, check=check)
+
+
+def _fq_int4m(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return fake_quantize_int4m(x, g, unsigned=unsigned, best=best, check=check)
+
+
+def _q_nvfp4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_nvfp4(x, g, tensor_scale=tensor_scale, check=check)
+
+
+def _fq_nvfp4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return fake_quantize_nvfp4(x, g, tensor_scale=tensor_scale, check=check)
+
+
+def _q_int8(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_int8(x, check=check)
+
+
+def _fq_int8(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return fake_quantize_int8(x, check=check)
+
+
+def _q_fp8(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_fp8(x, check=check)
+
+
+def _q_nf4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_nf4(x, g, check=check)
+
+
+U8, I8, F32 = torch.uint8, torch.int8, torch.float32
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("int4", "INT4 [-7, 7], a 16-bit scale per group of 64 (the paper's W4A4; uint4 [0, 15] when shifted)",
+           64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int4", "int8"),
+           integer=False, unsigned_groups=True, static_input_scale=False, weight_only="int4", grouped=True,
+           _quantize=_q_int4, _dequantize=dequantize_int4,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt)}, _fake=_fq_int4),
+    Format("int4m", "INT4 [-7, 7] × integer multiplier [1, 18] per group of 64 × fp32 per row (two-level)",
+           64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int8", "int4m"),
+           integer=True, unsigned_groups=True, static_input_scale=False, weight_only="int4",
+           _quantize=_q_int4m, _dequantize=dequantize_int4m,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wmult": ((n, g), U8),
+                                         "wscales": ((n,), F32)},
+           _fake=_fq_int4m, best_weights=True),
+    Format("nvfp4", "FP4 E2M1, an E4M3 scale per group of 16 × fp32 per tensor",
+           16, (16, 32), packed=True, signed=False, weight=True, activation=True, pairs_with=("nvfp4",),
+           integer=False, unsigned_groups=False, static_input_scale=True, weight_only="nvfp4", grouped=True,
+           _quantize=_q_nvfp4, _dequantize=dequantize_nvfp4,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), torch.float8_e4m3fn),
+                   "wtensor_scale": ((), F32)}, _fake=_fq_nvfp4,
+           _code_values=lambda c: e2m1_table(c.device)[c.long()]),
+    Format("int8", "INT8 [-127, 127], an fp32 scale per row (per channel / per token)",
+           0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("int8",),
+           integer=True, unsigned_groups=False, static_input_scale=False, weight_only="int8",
+           _quantize=_q_int8, _dequantize=dequantize_int8,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), I8), "wscales": ((n,), F32)}, _fake=_fq_int8),
+    Format("fp8", "FP8 E4M3, an fp32 scale per row (torch._scaled_mm row-wise)",
+           0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("fp8",),
+           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="fp8",
+           _quantize=_q_fp8, _dequantize=dequantize_fp8,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), torch.float8_e4m3fn), "wscales": ((n,), F32)}),
+    Format("nf4", "NF4 (bitsandbytes), an fp32 absmax per block of 64; weights only",
+           64, None, packed=True, signed=False, weight=True, activation=False, pairs_with=(),
+           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="nf4",
+           _quantize=_q_nf4, _dequantize=dequantize_nf4,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), F32)}),
+)}
+
+# A QTensor of all-unsigned INT4 codes says "uint4"; it dequantizes like int4.
+_ALIASES = {"uint4": "int4"}
+
+
+def get_format(name: str) -> Format:
+    """The record of a format by name, with an error that lists the known ones."""
+    f = FORMATS.get(_ALIASES.get(name, name))
+    if f is None:
+        raise ValueError(f"unknown format {name!r}; choose one of {tuple(FORMATS)}")
+    return f
+
+
+def product_kind(weights: str, activations: str) -> str:
+    """How the reference multiplies two formats: "integer" (exact int32 sums, row scales), "grouped"
+    (per-group float scales folded into fp32 operands) or "dense" (dequantize both, float64)."""
+    w, a = get_format(weights), get_format(activations)
+    if w.integer and a.integer:
+        return "integer"
+    if w.name == a.name and w.grouped:
+        return "grouped"
+    return "dense"

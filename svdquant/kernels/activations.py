@@ -1,0 +1,176 @@
+"""The activation kernels of the INT8 path: smoothing, per-token quantization and ``X · L1ᵀ``.
+
+Reference: :func:`svdquant.ops.reference.quantize_input` with the ``int8`` (A8) or
+``int4m`` (two-level A4) activation format. Two passes, each split over tokens × K slices
+so that enough programs keep enough loads in flight (one program walking a whole row
+reached only a fifth of the copy rate on an H200):
+
+1. load X, accumulate the branch's down projection ``lora_act += x · L1ᵀ`` (tensor cores,
+   fp32), and the row maxima of ``u = (x + shift) · λ⁻¹`` (signed and post-GELU parts);
+2. load X again (the block was just read: it comes from L2) and write the quantized values
+   as int8: A8 ``rne(u / s)`` with ``s = absmax / 127``; A4 ``code · m`` with the two-level
+   rule of :mod:`svdquant.formats.int4m` (``s = max(absmax_signed / 126, max_unsigned / 120)``,
+   ``m = clamp(rne(gmax · s⁻¹ / qmax), 1, m_max)``, ``code = clamp(rne(u / (s · m)))``).
+
+A token's scale needs the whole row, hence the two passes; pass 2 first reduces the K
+slices' partial maxima (and, in its first slice, the partial down projections). Every division is IEEE (``div_rn``), as in torch,
+so the codes equal the reference's bit for bit. Output: values ``[M, K_pad]`` int8 (zero
+beyond K), scales ``[M]`` fp32, ``lora_act`` ``[M, R]`` fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreting, round_half_even
+
+
+@triton.jit
+def _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from):
+    kmask = k < K
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    sinv = tl.load(sinv_ptr + k, mask=kmask, other=0.0)
+    uns = k >= unsigned_from
+    u = (x.to(tl.float32) + tl.where(uns, shift, 0.0)[None, :]) * sinv[None, :]
+    u = tl.where(uns[None, :], tl.maximum(u, 0.0), u)
+    return x, u, uns
+
+
+@triton.jit
+def activation_stats_kernel(
+    x_ptr, sinv_ptr, l1_ptr, st_ptr, lp_ptr,
+    M, K, stride_xm, shift, unsigned_from,
+    BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LORA: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """Pass 1 over one K slice: partial row maxima (signed and unsigned parts) and partial ``x · L1ᵀ``."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i in range(0, BLOCKS_PER_SPLIT):  # constexpr bound: the CPU interpreter needs it
+        k = (split * BLOCKS_PER_SPLIT + i) * BLOCK_K + cols
+        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from)
+        if HAS_LORA:
+            rr = tl.arange(0, R)
+            l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
+            if IEEE:  # fp32 inputs: keep the reference's fp32 accuracy (no tf32)
+                lora = tl.dot(x, l1.to(x.dtype), lora, input_precision="ieee")
+            elif F32_DOT:  # the CPU interpreter cannot multiply bf16; 16-bit values are exact in tf32
+                lora = tl.dot(x.to(tl.float32), l1.to(tl.float32), lora)
+            else:
+                lora = tl.dot(x, l1.to(x.dtype), lora)
+        amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
+        amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))
+    nsplit = tl.num_programs(1)
+    tl.store(st_ptr + split * M + rows, amax_s, mask=rmask)
+    tl.store(st_ptr + (nsplit + split) * M + rows, amax_u, mask=rmask)
+    if HAS_LORA:
+        rr = tl.arange(0, R)
+        tl.store(lp_ptr + split * M * R + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+
+
+@triton.jit
+def quantize_activations_kernel(
+    x_ptr, sinv_ptr, st_ptr, lp_ptr, q_ptr, s_ptr, la_ptr,
+    M, K, stride_xm, shift, unsigned_from,
+    KP: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr, A4: tl.constexpr,
+):
+    """Pass 2 over one K slice: the token scale from the partial maxima, then the int8 values."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j in range(0, STAT_SPLITS):
+        amax_s = tl.maximum(amax_s, tl.load(st_ptr + j * M + rows, mask=rmask, other=0.0))
+        amax_u = tl.maximum(amax_u, tl.load(st_ptr + (STAT_SPLITS + j) * M + rows, mask=rmask, other=0.0))
+    if A4:
+        s = tl.maximum(tl.math.div_rn(amax_s, 126.0), tl.math.div_rn(amax_u, 120.0))
+    else:
+        s = tl.math.div_rn(amax_s, 127.0)
+    inv_s = tl.where(s > 0, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    if split == 0:
+        tl.store(s_ptr + rows, s, mask=rmask)
+        if HAS_LORA:  # the K slices' partial down projections, summed in a fixed order (deterministic)
+            rr = tl.arange(0, R)
+            lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+            for j in range(0, STAT_SPLITS):
+                lora += tl.load(lp_ptr + j * M * R + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
+            tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+    for i in range(0, BLOCKS_PER_SPLIT):
+        kb = split * BLOCKS_PER_SPLIT + i
+        k = kb * BLOCK_K + cols
+        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from)
+        if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
+            g_uns = kb * BLOCK_K >= unsigned_from
+            qmax = tl.where(g_uns, 15.0, 7.0)
+            mmax = tl.where(g_uns, 8.0, 18.0)
+            gmax = tl.max(tl.abs(u), axis=1)
+            m = round_half_even(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax))
+            m = tl.minimum(tl.maximum(m, 1.0), mmax)
+            gs = s * m
+            inv = tl.where(gs > 0, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.where(gs > 0, gs, 1.0)),
+                           0.0)
+            q = round_half_even(u * inv[:, None])
+            q = tl.minimum(tl.maximum(q, tl.where(g_uns, 0.0, -7.0)), qmax)
+            q = q * m[:, None]
+        else:
+            q = round_half_even(u * inv_s[:, None])
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
+
+
+def _splits(blocks: int, m_blocks: int, target: int = 1024) -> int:
+    """A divisor of the K-block count that gives about ``target`` programs (4-8 per SM on an H100/H200)."""
+    for s_ in (16, 12, 8, 6, 4, 3, 2, 1):
+        if blocks % s_ == 0 and (m_blocks * s_ <= target or s_ == 1):
+            return s_
+    return 1
+
+
+def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
+                         a4: bool = False, group_size: int = 64, shift: float = 0.0, unsigned_from: int = 0,
+                         block_m: int = 32, block_k: int | None = None, target_programs: int | None = None,
+                         num_warps: int = 4):
+    """Launch the two passes. ``x``: ``[M, K]`` contiguous rows; ``lora_down``: ``[R, K]``, R a power of two
+    >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K
+    rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only)."""
+    m, k = x.shape
+    kp = k + (-k) % group_size
+    # the fastest measured on an H200 (NOTES-GPU.md): short rows want more, smaller programs
+    block_k = block_k or (64 if k <= 4096 else 128)
+    target_programs = target_programs or (512 if k <= 4096 else 2048)
+    bk = block_k if kp % block_k == 0 else group_size  # pass 1 (and A8's pass 2) block
+    bq = group_size if a4 else bk                       # A4 quantizes one group per step
+    m_blocks = triton.cdiv(m, block_m)
+    s1 = _splits(kp // bk, m_blocks, target_programs)
+    s2 = _splits(kp // bq, m_blocks, target_programs)
+    q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
+    r = lora_down.shape[0] if lora_down is not None else 16
+    has_lora = lora_down is not None
+    partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
+    la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
+    uf = int(unsigned_from) if shift else kp
+    activation_stats_kernel[(m_blocks, s1)](
+        x, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), float(shift), uf,
+        BLOCKS_PER_SPLIT=kp // bk // s1, R=r, BLOCK_M=block_m, BLOCK_K=bk, HAS_LORA=has_lora,
+        IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), num_warps=num_warps,
+    )
+    quantize_activations_kernel[(m_blocks, s2)](
+        x, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), float(shift), uf,
+        KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m, BLOCK_K=bq,
+        HAS_LORA=has_lora, A4=a4, num_warps=num_warps,
+    )
+    return q, s, la

@@ -1,0 +1,33 @@
+"""Helpers the Triton kernels share: exact rounding, and whether the CPU interpreter runs them.
+
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, the CI tests) cannot multiply bf16 in
+``tl.dot`` and truncates instead of rounding on fp32 -> bf16 / fp8 casts, so the kernels
+take an ``F32_DOT`` flag and round scales explicitly; the GPU path is unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU tests): its dots cannot take bf16 operands."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def round_half_even(x):
+    """Round to the nearest integer, ties to even (torch.round's rule), for |x| < 2**22."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))

@@ -1,0 +1,74 @@
+"""Weight-only INT4 (W4A16) for a few tokens: ``Y = X · dequant(W)ᵀ + b`` reading 4-bit weights once.
+
+Reference: :func:`svdquant.ops.reference.weight_only_linear` on the dequantized weight
+(``code · scale`` rounded to X's dtype, as the reference does). FLUX's adaLN modulation
+linears run on one token per image (M = batch), so they are memory-bound: the time is the
+4-bit weight bytes over bandwidth. Each program owns ``BLOCK_N`` output channels and walks
+K one group of 64 at a time: unpack the two halves of the group (byte j = codes j and
+j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
+padded to 16 inside the kernel, never in memory). A split-K variant with several groups
+per step measured slower on an H200 (its extra reduction launch costs more than it saves).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreting
+
+
+@triton.jit
+def w4a16_kernel(x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                 KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 F32_DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    ms = tl.arange(0, 16)
+    mmask = ms < M
+    half = tl.arange(0, GROUP // 2)
+    n_groups: tl.constexpr = KP // GROUP
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for g in range(0, n_groups):
+        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=nmask[:, None], other=0)
+        b = b.to(tl.int8, bitcast=True)
+        sc = tl.load(s_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
+        k_lo = g * GROUP + half
+        x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
+                       other=0.0)
+        x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + GROUP // 2)[None, :],
+                       mask=mmask[:, None] & (k_lo + GROUP // 2 < K)[None, :], other=0.0)
+        w_lo = (((b << 4) >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)  # the reference's weight, x's dtype
+        w_hi = ((b >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)
+        if F32_DOT:  # the CPU interpreter cannot multiply bf16; fp32 inputs keep fp32 accuracy
+            acc = tl.dot(x_lo.to(tl.float32), w_lo.to(tl.float32).T, acc, input_precision="ieee")
+            acc = tl.dot(x_hi.to(tl.float32), w_hi.to(tl.float32).T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_lo, w_lo.T, acc)
+            acc = tl.dot(x_hi, w_hi.T, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+MAX_TOKENS = 16  # beyond this the layer is no longer memory-bound: dequantize once and use cuBLAS
+
+
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+                 group_size: int = 64, block_n: int = 32, num_warps: int = 2, num_stages: int = 4) -> torch.Tensor:
+    """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout), ``scales``
+    ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype. Block defaults: the fastest measured on an H200."""
+    m, k = x.shape
+    if m > MAX_TOKENS:
+        raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
+    n = packed.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    w4a16_kernel[(triton.cdiv(n, block_n),)](
+        x, packed, scales, bias if bias is not None else scales, y, m, n, k, x.stride(0), y.stride(0),
+        KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        F32_DOT=interpreting() or x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+    )
+    return y
