@@ -120,27 +120,41 @@ def sweep_gemm(dev, sms, out_rows):
                     print("gemm", json.dumps(row), flush=True)
 
 
+def sweep_act(dev, rows):
+    """Activation kernel blocks, with the branch's down projection in it, without it, and that projection
+    alone on cuBLAS (what splitting it out would cost)."""
+    from svdquant import kernels as K
+
+    for (k, mt) in [(3072, 4608), (12288, 4608), (15360, 4096)]:
+        x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
+        sinv = torch.rand(k, device=dev) + 0.5
+        down = (torch.randn(32, k, device=dev) * 0.02).to(torch.bfloat16)
+        copy = bench(lambda: x.clone())
+        rows.append(dict(stage="act-cublas-down", k=k, m=mt, ms=bench(lambda: x @ down.T), copy_ms=copy))
+        print(json.dumps(rows[-1]), flush=True)
+        for bm in (16, 32, 64):
+            for bk in (64, 128, 256, 512):
+                for tp in (512, 2048, 8192):
+                    for nw in (4, 8):
+                        for lora in (down, None):
+                            kw = dict(block_m=bm, block_k=bk, target_programs=tp, num_warps=nw)
+                            try:
+                                t = bench(lambda: K.quantize_activations(x, sinv, lora, **kw), ms=50)
+                                rows.append(dict(stage="act", k=k, m=mt, **kw, lora=lora is not None, ms=t,
+                                                 copy_ms=copy))
+                            except Exception as e:
+                                rows.append(dict(stage="act", k=k, m=mt, **kw, lora=lora is not None,
+                                                 error=str(e)[:200]))
+                            print(json.dumps(rows[-1]), flush=True)
+
+
 def sweep_small(dev, out):
     """Activation kernel, expand and W4A16 block sizes."""
     from svdquant import kernels as K
     from svdquant.formats import pack_4bit_halves, quantize
 
     rows = []
-    for (k, mt) in [(3072, 4608), (12288, 4608), (15360, 4096)]:
-        x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
-        sinv = torch.rand(k, device=dev) + 0.5
-        down = (torch.randn(32, k, device=dev) * 0.02).to(torch.bfloat16)
-        copy = bench(lambda: x.clone())
-        for bm in (16, 32):
-            for bk in (64, 128, 256):
-                for tp in (512, 1024, 2048):
-                    kw = dict(block_m=bm, block_k=bk, target_programs=tp)
-                    try:
-                        t = bench(lambda: K.quantize_activations(x, sinv, down, **kw))
-                        rows.append(dict(stage="act", k=k, m=mt, **kw, ms=t, copy_ms=copy))
-                    except Exception as e:
-                        rows.append(dict(stage="act", k=k, m=mt, **kw, error=str(e)[:200]))
-                    print(json.dumps(rows[-1]), flush=True)
+    sweep_act(dev, rows)
     for (k, n) in SHAPES:
         p = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
         mult = torch.randint(1, 19, (n, k // 64), device=dev, dtype=torch.uint8)
@@ -252,9 +266,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out")
     ap.add_argument("--sweep", action="store_true", help="time tile / block variants of every kernel first")
+    ap.add_argument("--act-sweep", action="store_true", help="time block variants of the activation kernel")
     ap.add_argument("--small-sweep", action="store_true", help="time block variants of the non-GEMM kernels")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 4096 only")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +283,7 @@ def main(argv=None):
     out = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                triton=triton.__version__, commit=commit, checks=[])
     t0 = time.time()
-    for (k, n) in SHAPES:
+    for (k, n) in ([] if args.no_check else SHAPES):
         for act in ("int8", "int4m"):
             for mode in ("speed", "memory"):
                 for dt in (torch.bfloat16, torch.float32):
@@ -277,6 +293,10 @@ def main(argv=None):
                         e = f"{type(ex).__name__}: {ex}"[:300]
                     out["checks"].append(dict(k=k, n=n, activations=act, mode=mode, dtype=str(dt), rel_err=e))
                     print("check", k, n, act, mode, dt, e, flush=True)
+    if args.act_sweep:
+        out["act_sweep"] = []
+        sweep_act(dev, out["act_sweep"])
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
     if args.small_sweep:
         sweep_small(dev, out)
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))

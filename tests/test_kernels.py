@@ -49,7 +49,11 @@ def layer(recipe, k, n, dtype, seed, post_gelu=False, rank=32):
     x[:, :3] *= 20
     if post_gelu:
         x = torch.nn.functional.gelu(x)
-    rc = get_recipe(recipe).replace(rank=rank, method="svdquant" if rank else "smooth", iterations=1, eval_tokens=64)
+    rc = get_recipe(recipe)
+    if rc.activations is None:  # weight-only: no smoothing, no branch
+        rc = rc.replace(eval_tokens=64)
+    else:
+        rc = rc.replace(rank=rank, method="svdquant" if rank else "smooth", iterations=1, eval_tokens=64)
     return SVDQLinear.from_linear(lin, x.to(dtype), rc, post_gelu=post_gelu)
 
 

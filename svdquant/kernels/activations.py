@@ -23,18 +23,30 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .common import interpreting, round_half_even
 
 
 @triton.jit
-def _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from):
+def _round(x, FAST_ROUND: tl.constexpr):
+    if FAST_ROUND:  # one cvt.rni on the GPU; the CPU interpreter lacks libdevice
+        return libdevice.rint(x)
+    else:
+        return round_half_even(x)
+
+
+@triton.jit
+def _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from, HAS_SHIFT: tl.constexpr):
     kmask = k < K
     x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     sinv = tl.load(sinv_ptr + k, mask=kmask, other=0.0)
     uns = k >= unsigned_from
-    u = (x.to(tl.float32) + tl.where(uns, shift, 0.0)[None, :]) * sinv[None, :]
-    u = tl.where(uns[None, :], tl.maximum(u, 0.0), u)
+    if HAS_SHIFT:  # post-GELU channels: shifted, clamped at 0 (unsigned); the rest as they are
+        u = (x.to(tl.float32) + tl.where(uns, shift, 0.0)[None, :]) * sinv[None, :]
+        u = tl.where(uns[None, :], tl.maximum(u, 0.0), u)
+    else:
+        u = x.to(tl.float32) * sinv[None, :]
     return x, u, uns
 
 
@@ -43,7 +55,7 @@ def activation_stats_kernel(
     x_ptr, sinv_ptr, l1_ptr, st_ptr, lp_ptr,
     M, K, stride_xm, shift, unsigned_from,
     BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LORA: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """Pass 1 over one K slice: partial row maxima (signed and unsigned parts) and partial ``x · L1ᵀ``."""
     pid = tl.program_id(0)
@@ -56,7 +68,7 @@ def activation_stats_kernel(
     amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_SPLIT):  # constexpr bound: the CPU interpreter needs it
         k = (split * BLOCKS_PER_SPLIT + i) * BLOCK_K + cols
-        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from)
+        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from, HAS_SHIFT)
         if HAS_LORA:
             rr = tl.arange(0, R)
             l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
@@ -66,8 +78,11 @@ def activation_stats_kernel(
                 lora = tl.dot(x.to(tl.float32), l1.to(tl.float32), lora)
             else:
                 lora = tl.dot(x, l1.to(x.dtype), lora)
-        amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
-        amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))
+        if HAS_SHIFT:
+            amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
+            amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))
+        else:
+            amax_s = tl.maximum(amax_s, tl.max(tl.abs(u), axis=1))
     nsplit = tl.num_programs(1)
     tl.store(st_ptr + split * M + rows, amax_s, mask=rmask)
     tl.store(st_ptr + (nsplit + split) * M + rows, amax_u, mask=rmask)
@@ -82,6 +97,7 @@ def quantize_activations_kernel(
     M, K, stride_xm, shift, unsigned_from,
     KP: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr, A4: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, FAST_ROUND: tl.constexpr,
 ):
     """Pass 2 over one K slice: the token scale from the partial maxima, then the int8 values."""
     pid = tl.program_id(0)
@@ -110,22 +126,22 @@ def quantize_activations_kernel(
     for i in range(0, BLOCKS_PER_SPLIT):
         kb = split * BLOCKS_PER_SPLIT + i
         k = kb * BLOCK_K + cols
-        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from)
+        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from, HAS_SHIFT)
         if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
             g_uns = kb * BLOCK_K >= unsigned_from
             qmax = tl.where(g_uns, 15.0, 7.0)
             mmax = tl.where(g_uns, 8.0, 18.0)
             gmax = tl.max(tl.abs(u), axis=1)
-            m = round_half_even(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax))
+            m = _round(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax), FAST_ROUND)
             m = tl.minimum(tl.maximum(m, 1.0), mmax)
             gs = s * m
             inv = tl.where(gs > 0, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.where(gs > 0, gs, 1.0)),
                            0.0)
-            q = round_half_even(u * inv[:, None])
+            q = _round(u * inv[:, None], FAST_ROUND)
             q = tl.minimum(tl.maximum(q, tl.where(g_uns, 0.0, -7.0)), qmax)
             q = q * m[:, None]
         else:
-            q = round_half_even(u * inv_s[:, None])
+            q = _round(u * inv_s[:, None], FAST_ROUND)
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
 
@@ -166,11 +182,11 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     activation_stats_kernel[(m_blocks, s1)](
         x, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), float(shift), uf,
         BLOCKS_PER_SPLIT=kp // bk // s1, R=r, BLOCK_M=block_m, BLOCK_K=bk, HAS_LORA=has_lora,
-        IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), num_warps=num_warps,
+        HAS_SHIFT=bool(shift), IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), num_warps=num_warps,
     )
     quantize_activations_kernel[(m_blocks, s2)](
         x, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), float(shift), uf,
         KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m, BLOCK_K=bq,
-        HAS_LORA=has_lora, A4=a4, num_warps=num_warps,
+        HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), FAST_ROUND=not interpreting(), num_warps=num_warps,
     )
     return q, s, la
