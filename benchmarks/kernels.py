@@ -132,9 +132,9 @@ def sweep_act(dev, rows):
         copy = bench(lambda: x.clone())
         rows.append(dict(stage="act-cublas-down", k=k, m=mt, ms=bench(lambda: x @ down.T), copy_ms=copy))
         print(json.dumps(rows[-1]), flush=True)
-        for bm in (16, 32, 64):
-            for bk in (64, 128, 256, 512):
-                for tp in (512, 2048, 8192):
+        for bm in (16, 32):
+            for bk in (128, 256, 512):
+                for tp in (2048, 8192):
                     for nw in (4, 8):
                         for lora in (down, None):
                             kw = dict(block_m=bm, block_k=bk, target_programs=tp, num_warps=nw)
