@@ -132,12 +132,12 @@ def sweep_act(dev, rows):
         copy = bench(lambda: x.clone())
         rows.append(dict(stage="act-cublas-down", k=k, m=mt, ms=bench(lambda: x @ down.T), copy_ms=copy))
         print(json.dumps(rows[-1]), flush=True)
-        for bm in (16, 32):
-            for bk in (128, 256, 512):
+        for bm in (32, 64, 128):
+            for bk in (64, 128):
                 for tp in (2048, 8192):
                     for nw in (4, 8):
-                        for lora in (down, None):
-                            kw = dict(block_m=bm, block_k=bk, target_programs=tp, num_warps=nw)
+                        for lora in (down,):
+                            kw = dict(stats_block_m=bm, stats_block_k=bk, target_programs=tp, num_warps=nw)
                             try:
                                 t = bench(lambda: K.quantize_activations(x, sinv, lora, **kw), ms=50)
                                 rows.append(dict(stage="act", k=k, m=mt, **kw, lora=lora is not None, ms=t,
@@ -244,6 +244,35 @@ def table(dev, shapes, tokens, out, rank=32):
     return rows
 
 
+def w4a16_table(dev, out):
+    """The adaLN-shaped weight-only layers at a few tokens: our kernel, the dequantize-then-cuBLAS reference,
+    BF16 cuBLAS, and the 4-bit bytes read per second against a device copy's rate."""
+    from svdquant import kernels as K
+    from svdquant.formats import get_format, pack_4bit_halves, quantize
+    from svdquant.ops.reference import weight_only_linear
+
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    copy_tbs = 2 * big.numel() / bench(lambda: big.clone()) / 1e9
+    del big
+    rows = []
+    for (k, n) in [(3072, 18432), (3072, 9216)]:
+        w = torch.randn(n, k, device=dev)
+        q = quantize(w, "int4", scale_dtype=torch.bfloat16)
+        p, sc = pack_4bit_halves(q.codes, 64), q.scales
+        w16 = w.to(torch.bfloat16)
+        nbytes = p.numel() + sc.numel() * 2
+        for mt in (1, 2, 4):
+            x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
+            t = bench(lambda: K.w4a16_linear(x, p, sc, None))
+            t_ref = bench(lambda: weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None,
+                                                     None, None))
+            t16 = bench(lambda: F.linear(x, w16))
+            rows.append(dict(k=k, n=n, m=mt, ms=t, reference_ms=t_ref, bf16_ms=t16, tbs=nbytes / t / 1e9,
+                             copy_tbs=copy_tbs))
+            print("w4a16", json.dumps(rows[-1]), flush=True)
+    out["w4a16"] = rows
+
+
 def markdown(rows, header) -> str:
     cols = ["M", "K", "N", "BF16 ms", "FP8 mm (+quant) ms", "int_mm ms", "ours ms (speed)", "ours/BF16",
             "ours/FP8 mm", "no-branch ms", "branch cost", "memory mode ms", "mem/BF16", "act ms", "GEMM ms",
@@ -307,6 +336,7 @@ def main(argv=None):
         sweep_small(dev, out)
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
     if not args.no_table:
+        w4a16_table(dev, out)
         shapes = SHAPES[:2] if args.quick else SHAPES
         tokens = TOKENS[:1] if args.quick else TOKENS
         rows = table(dev, shapes, tokens, out)

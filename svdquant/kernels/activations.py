@@ -146,9 +146,9 @@ def quantize_activations_kernel(
         tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
 
 
-def _splits(blocks: int, m_blocks: int, target: int = 1024) -> int:
-    """A divisor of the K-block count that gives about ``target`` programs (4-8 per SM on an H100/H200)."""
-    for s_ in (16, 12, 8, 6, 4, 3, 2, 1):
+def _splits(blocks: int, m_blocks: int, target: int) -> int:
+    """The largest divisor of the K-block count (up to 48) that keeps the grid within ``target`` programs."""
+    for s_ in (48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1):
         if blocks % s_ == 0 and (m_blocks * s_ <= target or s_ == 1):
             return s_
     return 1
@@ -156,21 +156,21 @@ def _splits(blocks: int, m_blocks: int, target: int = 1024) -> int:
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
                          a4: bool = False, group_size: int = 64, shift: float = 0.0, unsigned_from: int = 0,
-                         block_m: int = 32, block_k: int | None = None, target_programs: int | None = None,
-                         num_warps: int = 4):
+                         block_m: int = 16, block_k: int = 256, stats_block_m: int = 64, stats_block_k: int = 128,
+                         target_programs: int = 8192, num_warps: int = 8):
     """Launch the two passes. ``x``: ``[M, K]`` contiguous rows; ``lora_down``: ``[R, K]``, R a power of two
     >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K
-    rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only)."""
+    rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
+
+    Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
+    block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
     m, k = x.shape
     kp = k + (-k) % group_size
-    # the fastest measured on an H200 (NOTES-GPU.md): short rows want more, smaller programs
-    block_k = block_k or (64 if k <= 4096 else 128)
-    target_programs = target_programs or (512 if k <= 4096 else 2048)
-    bk = block_k if kp % block_k == 0 else group_size  # pass 1 (and A8's pass 2) block
-    bq = group_size if a4 else bk                       # A4 quantizes one group per step
-    m_blocks = triton.cdiv(m, block_m)
-    s1 = _splits(kp // bk, m_blocks, target_programs)
-    s2 = _splits(kp // bq, m_blocks, target_programs)
+    b1 = stats_block_k if kp % stats_block_k == 0 else group_size
+    bq = group_size if a4 else (block_k if kp % block_k == 0 else group_size)  # A4: one group per step
+    m1, m2 = triton.cdiv(m, stats_block_m), triton.cdiv(m, block_m)
+    s1 = _splits(kp // b1, m1, target_programs)
+    s2 = _splits(kp // bq, m2, target_programs)
     q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
@@ -179,12 +179,12 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
     la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
     uf = int(unsigned_from) if shift else kp
-    activation_stats_kernel[(m_blocks, s1)](
+    activation_stats_kernel[(m1, s1)](
         x, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), float(shift), uf,
-        BLOCKS_PER_SPLIT=kp // bk // s1, R=r, BLOCK_M=block_m, BLOCK_K=bk, HAS_LORA=has_lora,
+        BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1, HAS_LORA=has_lora,
         HAS_SHIFT=bool(shift), IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), num_warps=num_warps,
     )
-    quantize_activations_kernel[(m_blocks, s2)](
+    quantize_activations_kernel[(m2, s2)](
         x, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), float(shift), uf,
         KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m, BLOCK_K=bq,
         HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), FAST_ROUND=not interpreting(), num_warps=num_warps,

@@ -66,11 +66,12 @@ def int8_gemm_kernel(
         a_s = tl.load(as_ptr + offs_am, mask=mmask, other=0.0)
         w_s = tl.load(ws_ptr + offs_wn, mask=nmask, other=0.0)
         y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-        if HAS_LORA:
-            rr = tl.arange(0, R)
-            la = tl.load(la_ptr + offs_am[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
-            lu = tl.load(lu_ptr + offs_wn[:, None] * R + rr[None, :], mask=nmask[:, None], other=0.0)
-            y = tl.dot(la, lu.to(tl.float32).T, y, input_precision="tf32")
+        if HAS_LORA:  # in chunks of 16 ranks: a LoRA-widened branch must not outgrow shared memory
+            for r0 in range(0, R, 16):
+                rr = r0 + tl.arange(0, 16)
+                la = tl.load(la_ptr + offs_am[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
+                lu = tl.load(lu_ptr + offs_wn[:, None] * R + rr[None, :], mask=nmask[:, None], other=0.0)
+                y = tl.dot(la, lu.to(tl.float32).T, y, input_precision="tf32")
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_wn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if GELU:
