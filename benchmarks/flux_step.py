@@ -1,4 +1,4 @@
-"""One FLUX.1-dev transformer step at 1024² (BF16 vs svdquant INT4), and what a rank-64 LoRA adds.
+"""One FLUX.1-dev transformer step at 1024² (BF16 vs svdquant int4), and what a rank-64 LoRA adds.
 
     python benchmarks/flux_step.py --out $OUT
 
@@ -33,25 +33,29 @@ def bench(fn, rep=300):
     return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
 
-def random_svdq(k, n, rank, weight_only, seed):
-    """An SVDQLinear with random contents drawn on the GPU (fast enough for 12B parameters)."""
+def random_svdq(k, n, rank, weight_only, seed, mode="speed"):
+    """An SVDQLinear (the ``int4`` recipe's layouts) with random contents drawn on the GPU (fast for 12B weights)."""
     from svdquant.modules import SVDQLinear
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    m = SVDQLinear(k, n, True, activations=None if weight_only else "int4", rank=0 if weight_only else rank,
-                   dtype=torch.bfloat16, device="cuda")
+    if weight_only:  # the adaLN linears: INT4 with 16-bit group scales, 16-bit activations
+        m = SVDQLinear(k, n, True, weights="int4", activations=None, rank=0, dtype=torch.bfloat16, device="cuda")
+    else:
+        m = SVDQLinear(k, n, True, rank=rank, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         m.qweight.copy_(torch.randint(0, 256, m.qweight.shape, device="cuda", generator=g, dtype=torch.uint8))
         m.wscales.copy_(torch.rand(m.wscales.shape, device="cuda", generator=g) * 0.002 + 1e-4)
         m.bias.zero_()
         if not weight_only:
+            m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device="cuda", generator=g, dtype=torch.uint8))
             m.smooth_inv.fill_(1.0)
             m.lora_down.copy_(torch.randn(m.lora_down.shape, device="cuda", generator=g) / k**0.5)
             m.lora_up.copy_(torch.randn(m.lora_up.shape, device="cuda", generator=g) * 0.01)
+    m.set_weight_mode(mode)  # also prepares the kernels' tensors
     return m
 
 
-def random_quantized(model, rank=32):
+def random_quantized(model, rank=32, mode="speed"):
     """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN)."""
     from svdquant.models import get_adapter
 
@@ -61,7 +65,7 @@ def random_quantized(model, rank=32):
         for g in adapter.groups(block):
             for name in g.names:
                 old = block.get_submodule(name)
-                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n)
+                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode)
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, new)
                 del old
@@ -89,21 +93,20 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     ap.add_argument("--double", type=int, default=19)
     ap.add_argument("--single", type=int, default=38)
+    ap.add_argument("--weight-mode", choices=["speed", "memory"], default="speed")
     args = ap.parse_args(argv)
     from diffusers import FluxTransformer2DModel
     from kernels import random_layer
 
-    from svdquant.kernels import linear
-
     res = dict(device=torch.cuda.get_device_name(), blocks=[args.double, args.single])
     # --- per linear: rank 32 vs rank 32 + a rank-64 LoRA
     for k, n in [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504)]:
-        m = random_layer(k, n)
+        m = random_layer(k, n, mode=args.weight_mode)
         x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
-        t0 = bench(lambda: linear(x, m))
+        t0 = bench(lambda: m(x))
         attach = torch.randn(64, k, device="cuda", dtype=torch.bfloat16) * 0.01
         m.add_adapter("l", attach, torch.randn(n, 64, device="cuda", dtype=torch.bfloat16) * 0.01)
-        t1 = bench(lambda: linear(x, m))
+        t1 = bench(lambda: m(x))
         res[f"linear {k}x{n} M4096"] = dict(rank32_ms=t0, rank32_plus_lora64_ms=t1, added_pct=100 * (t1 / t0 - 1))
         print(k, n, res[f"linear {k}x{n} M4096"], flush=True)
     # --- a whole step
@@ -119,9 +122,11 @@ def main(argv=None):
         ref = model(**kw)[0]
         res["bf16_weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
         print("bf16", res["bf16_step_ms"], flush=True)
-        res["quantized_layers"] = random_quantized(model)
-        res["int4_weights_gb"] = (sum(p.numel() * p.element_size() for p in model.parameters())
-                                  + sum(b.numel() * b.element_size() for b in model.buffers())) / 1e9
+        res["quantized_layers"] = random_quantized(model, mode=args.weight_mode)
+        res["weight_mode"] = args.weight_mode
+        res["int4_checkpoint_gb"] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
+        torch.cuda.synchronize()
+        res["int4_resident_gb"] = torch.cuda.memory_allocated() / 1e9  # what the GPU holds (INT8 codes in speed mode)
         out = model(**kw)[0]  # compile the kernels
         torch.cuda.synchronize()
         assert torch.isfinite(out).all() and out.shape == ref.shape

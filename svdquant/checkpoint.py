@@ -29,7 +29,10 @@ from safetensors.torch import save_file
 
 from .modules import SVDQConv1x1, SVDQLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer). A checkpoint is written
+# with the lowest version that holds its layers, so older svdquant still reads the rest.
+_FORMAT_SINCE = {"int4m": 2}
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
 
@@ -84,9 +87,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; choose another folder or pass overwrite=True (--overwrite)")
+    version = max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values()
+                         for k in ("weights", "activations")])
     meta = {
         "format": "svdquant",
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "svdquant_version": __version__,
         "model_class": type(model).__name__,
         "model_config": _model_config(model),
@@ -171,7 +176,7 @@ def _model_class(name: str, where: Path):
     return cls
 
 
-def _empty_quantized_model(meta: dict[str, Any], where: Path) -> nn.Module:
+def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str = "auto") -> nn.Module:
     cls = _model_class(meta["model_class"], where)
     with torch.device("meta"):
         try:
@@ -182,6 +187,7 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path) -> nn.Module:
         cfg = dict(cfg)
         kind = cfg.pop("type")
         lin = SVDQLinear.from_config(cfg, device="meta")
+        lin.weight_mode = weight_mode  # read when the loaded tensors prepare the layer
         new = SVDQConv1x1(lin) if kind == "conv1x1" else lin
         parent, _, child = name.rpartition(".")
         try:
@@ -197,14 +203,22 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path) -> nn.Module:
     return model
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``."""
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                   weight_mode: str = "auto") -> nn.Module:
+    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``.
+
+    ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
+    ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`)."""
+    from .modules.linear import WEIGHT_MODES
+
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
     path = Path(path)
     meta = read_metadata(path)
     tensor_file = path / TENSOR_FILE if path.is_dir() else path
     if not tensor_file.exists():
         raise CheckpointError(f"{tensor_file} is missing: the checkpoint is incomplete")
-    model = _empty_quantized_model(meta, path)
+    model = _empty_quantized_model(meta, path, weight_mode)
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
     quantized_keys = {f"{layer}.{k}" for layer in meta["layers"] for k in
                       model.get_submodule(layer).state_dict(keep_vars=True)}
@@ -261,7 +275,7 @@ def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
 
 
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
-                  torch_dtype: torch.dtype | None = None):
+                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto"):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized``."""
     meta = read_metadata(quantized)
@@ -276,6 +290,6 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
             f"{quantized} quantizes a {meta['model_class']}, but the pipeline at {base} has a {base_cls}; "
             "pass the base pipeline the checkpoint was made from"
         )
-    transformer = load_quantized(quantized, device=device)
+    transformer = load_quantized(quantized, device=device, weight_mode=weight_mode)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype)
     return pipe.to(device)

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 from svdquant.algorithm import candidate_smoothing, low_rank, quantize_linear, quantize_linears
 from svdquant.formats import dequantize, fake_quantize
-from svdquant.recipes import POST_GELU_SHIFT, Int4Config, QuantConfig, W8A8Config, get_recipe
+from svdquant.recipes import POST_GELU_SHIFT, QuantConfig, W8A8Config, get_recipe
+# The algorithm's properties are asserted on the paper's W4A4 with float group scales (whose numbers the
+# docstring quotes); the two-level default is checked in test_linear.py and test_formats.py.
+from svdquant.recipes import W4A4FloatConfig as Int4Config
 
 K, N, T = 256, 192, 128
 METHODS = ("naive", "smooth", "lowrank", "lorc", "svdquant")
@@ -428,3 +431,15 @@ def test_low_rank_randomized_is_deterministic_and_leaves_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     f2 = low_rank(a, 8, "randomized")
     assert torch.equal(f1.up, f2.up) and torch.equal(f1.down, f2.down)
+
+
+def test_post_gelu_shift_follows_the_activation_format():
+    """Per-token INT8 activations (int4) are not shifted; two-level 4-bit ones (w4a4) are, as float-scale ones."""
+    w, b, x = make_layer(3)
+    h = F.gelu(x)
+    q_a8, _ = quantize_linear(w, b, h, get_recipe("int4", iterations=1), post_gelu=True)
+    q_a4, rep = quantize_linear(w, b, h, get_recipe("w4a4", iterations=1), post_gelu=True)
+    assert q_a8.act_shift == 0.0
+    assert q_a4.act_shift == POST_GELU_SHIFT and q_a4.act_unsigned_from == 0
+    assert q_a4.weight.fmt == "int4m" and q_a4.weight.multipliers.max() <= 18
+    assert rep.rel_error < rep.rel_error_naive

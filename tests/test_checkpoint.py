@@ -218,7 +218,7 @@ def test_metadata(saved, arch):
     model, report, path = saved(arch)
     assert sorted(os.listdir(path)) == [META_FILE, TENSOR_FILE]
     meta = svdquant.read_metadata(path)
-    assert meta["format"] == "svdquant" and meta["format_version"] == FORMAT_VERSION == 1
+    assert meta["format"] == "svdquant" and meta["format_version"] == FORMAT_VERSION == 2  # int4m layers
     assert meta["svdquant_version"] == svdquant.__version__
     assert meta["model_class"] == type(model).__name__
     cfg = meta["model_config"]
@@ -234,8 +234,7 @@ def test_metadata(saved, arch):
         kind = "conv1x1" if isinstance(m, SVDQConv1x1) else "linear"
         lin = m.linear if kind == "conv1x1" else m
         assert cfg == {"type": kind, **lin.config()}, name
-        assert cfg["weights"] == "int4" and cfg["dtype"] == "float32"
-        assert cfg["activations"] in ("int4", None)
+        assert (cfg["weights"], cfg["activations"]) in (("int4m", "int8"), ("int4", None)) and cfg["dtype"] == "float32"
     # the report, JSON-friendly
     rep = meta["report"]
     assert rep["snapshots"] == 2 and rep["model"] == type(model).__name__
@@ -256,7 +255,7 @@ def test_metadata_fields_svdquant_info_prints(saved, capsys):
     out = capsys.readouterr().out
     assert "FluxTransformer2DModel" in out and "version 1" in out
     assert f"{len(svdquant.read_metadata(path)['layers'])} quantized" in out
-    assert "17 × Wint4Aint4 rank 32" in out  # 8 attention + 4 MLP in the double block, 5 in the single
+    assert "17 × Wint4mAint8 rank 32" in out  # 8 attention + 4 MLP in the double block, 5 in the single
     assert "3 × Wint4A16 rank 0" in out  # the adaLN linears
     assert f"kept 16-bit: {len(report.skipped)} layers" in out
 
@@ -620,3 +619,26 @@ def test_load_pipeline_missing_base_folder(saved, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         svdquant.load_pipeline(tmp_path / "no-base", saved("flux")[2])
     assert str(tmp_path / "no-base") in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ versions
+def test_float_scale_checkpoints_stay_version_1_and_load(tmp_path):
+    """The paper's float-scale W4A4 (every checkpoint before two-level scales) is written as version 1, so
+    older svdquant reads it, and a version-1 file with the old recipe entry loads and runs bit-exactly."""
+    model = tm.build_flux()
+    old = svdquant.W4A4FloatConfig(iterations=1, eval_tokens=64)
+    svdquant.quantize(model, old, svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)),
+                      progress=False)
+    path = svdquant.save_quantized(model, tmp_path / "v1")
+    meta = svdquant.read_metadata(path)
+    assert meta["format_version"] == 1
+    assert {cfg["weights"] for cfg in meta["layers"].values()} == {"int4"}
+    # what a checkpoint of the earlier release recorded: recipe "int4" meaning float group scales
+    meta["recipe"] = dict(meta["recipe"], name="int4")
+    (path / META_FILE).write_text(json.dumps(meta))
+    loaded = svdquant.load_quantized(path)
+    recipe = svdquant.QuantConfig.from_dict(loaded._svdquant_recipe)
+    assert (recipe.weights, recipe.activations) == ("int4", "int4")
+    inputs = tm.calibration_inputs("flux", model, 1)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs)[0], model(**inputs)[0])

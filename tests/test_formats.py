@@ -492,8 +492,9 @@ def test_fake_quantize_chunked_cpu_path_is_exact(fmt, kw, monkeypatch):
     x[7, 3] = 60.0  # one far outlier: NVFP4's tensor scale must come from the whole tensor
     assert x.numel() > 2 * 2 ** 18
     calls = []
-    inner = formats._fake_quantize
-    monkeypatch.setattr(formats, "_fake_quantize", lambda t, *a, **k: calls.append(t.shape[0]) or inner(t, *a, **k))
+    inner = formats.Format.fake_quantize
+    monkeypatch.setattr(formats.Format, "fake_quantize",
+                        lambda self, t, *a, **k: calls.append(t.shape[0]) or inner(self, t, *a, **k))
     fq = _fq(x, fmt, **kw)
     monkeypatch.undo()
     assert len(calls) > 1 and sum(calls) == 520  # it really went chunk by chunk
@@ -524,3 +525,100 @@ def test_dequantize_int4_uses_stored_group_size():
     assert q.scales.shape == (1, 2)
     assert q.scales.tolist() == [[1.0, 0.0]]
     assert dequantize_int4(q)[0, :2].tolist() == [7.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- INT4, two-level scales (int4m)
+def _int4m_row():
+    """Four groups of 64 with hand-picked absmax: 126 (m = 18), 14 (m = 2), 9.8 (m* = 1.4), 0 (m = 1)."""
+    row = torch.zeros(1, 256)
+    row[0, :5] = torch.tensor([126.0, -126.0, 9.0, 27.0, -45.0])      # / 18: 7, -7, .5 -> 0, 1.5 -> 2, -2.5 -> -2
+    row[0, 64:69] = torch.tensor([14.0, 3.0, 5.0, -1.0, 7.0])          # / 2: 7, 1.5 -> 2, 2.5 -> 2, -.5 -> 0, 3.5 -> 4
+    row[0, 128] = 9.8
+    return row
+
+
+def test_int4m_known_row_scale_multipliers_and_codes():
+    q = formats.quantize_int4m(_int4m_row(), 64)
+    assert q.fmt == "int4m" and q.codes.dtype == torch.int8 and q.multipliers.dtype == torch.uint8
+    assert q.scales.tolist() == [1.0]                       # absmax 126 / (7 * 18)
+    assert q.multipliers.tolist() == [[18, 2, 1, 1]]        # nearest: rne(1.4) = 1; the zero group clamps to 1
+    assert q.codes[0, :5].tolist() == [7, -7, 0, 2, -2]
+    assert q.codes[0, 64:69].tolist() == [7, 2, 2, 0, 4]
+    assert q.codes[0, 128].item() == 7                      # 9.8 / 1 clips at 7
+    assert q.codes[0, 192:].eq(0).all()
+    d = formats.dequantize(q)
+    assert d[0, :5].tolist() == [126.0, -126.0, 0.0, 36.0, -36.0]
+    assert d[0, 64:69].tolist() == [14.0, 4.0, 4.0, 0.0, 8.0]
+
+
+def test_int4m_best_multiplier_takes_the_smaller_group_error():
+    q = formats.quantize_int4m(_int4m_row(), 64, best=True)
+    # group 2: m = 1 clips 9.8 to 7 (error 2.8), m = 2 gives 10 (error 0.2): best takes 2
+    assert q.multipliers.tolist() == [[18, 2, 2, 1]]
+    assert q.codes[0, 128].item() == 5
+    # the weight rule is what the format record applies to weights
+    assert torch.equal(formats.quantize(_int4m_row(), "int4m", weight=True).multipliers, q.multipliers)
+
+
+def test_int4m_values_are_exact_int8_and_within_126():
+    torch.manual_seed(0)
+    x = torch.randn(64, 512) * torch.logspace(-3, 3, 512)
+    q = formats.quantize_int4m(x, 64, best=True)
+    vals, scale = formats.get_format("int4m").integer_operand(q)
+    assert vals.dtype == torch.int8 and int(vals.abs().max()) <= 126
+    assert q.multipliers.min() >= 1 and q.multipliers.max() <= 18
+    assert torch.equal(vals.float() * scale[:, None], formats.dequantize(q))
+
+
+def test_int4m_unsigned_groups():
+    row = torch.zeros(1, 128)
+    row[0, :3] = torch.tensor([120.0, 7.5, 0.5])      # s = 120 / (15 * 8) = 1, m = 8: 15, .9375 -> 1, .0625 -> 0
+    row[0, 64:67] = torch.tensor([30.0, -3.0, 3.0])   # m = 2: 15, negative -> 0, 1.5 -> 2
+    q = formats.quantize_int4m(row, 64, unsigned=True)
+    assert q.scales.tolist() == [1.0] and q.multipliers.tolist() == [[8, 2]]
+    assert q.codes[0, :3].tolist() == [15, 1, 0] and q.codes[0, 64:67].tolist() == [15, 0, 2]
+    assert int(formats.get_format("int4m").integer_operand(q)[0].max()) == 120  # 15 * 8 fits INT8
+
+
+def test_int4m_mixed_signed_then_unsigned_row_scale():
+    row = torch.zeros(1, 128)
+    row[0, 0] = -63.0    # signed part: 63 / 126 = 0.5
+    row[0, 64] = 120.0   # unsigned part: 120 / 120 = 1 -> the row scale
+    q = formats.quantize_int4m(row, 64, unsigned=64)
+    assert q.scales.tolist() == [1.0] and q.multipliers.tolist() == [[9, 8]]
+    assert q.codes[0, 0].item() == -7 and q.codes[0, 64].item() == 15
+
+
+def test_int4m_zero_row_and_padding_and_fake_quantize():
+    x = torch.randn(3, 100)
+    x[1] = 0.0
+    q = formats.quantize_int4m(x, 64)
+    assert q.codes.shape == (3, 128) and q.multipliers.shape == (3, 2)
+    assert q.scales[1].item() == 0.0 and q.codes[1].eq(0).all() and q.multipliers[1].eq(1).all()
+    assert q.codes[:, 100:].eq(0).all()
+    for best in (False, True):
+        assert torch.equal(formats.fake_quantize_int4m(x, 64, best=best),
+                           formats.dequantize(formats.quantize_int4m(x, 64, best=best)))
+
+
+def test_int4m_loses_little_against_float_group_scales():
+    torch.manual_seed(0)
+    x = torch.randn(256, 3072)
+    def err(d):
+        return float((d - x).norm() / x.norm())
+    e_float = err(formats.dequantize(formats.quantize(x, "int4")))
+    e_two = err(formats.dequantize(formats.quantize(x, "int4m", weight=True)))
+    assert e_two < e_float * 1.02  # measured: the best-multiplier rule is slightly better than float scales
+
+
+def test_every_format_has_a_complete_record():
+    for name, f in formats.FORMATS.items():
+        assert f.name == name and f.summary
+        if f.weight:
+            bufs = f.weight_buffers(32, 128, f.default_group if f.default_group else 0, torch.bfloat16)
+            assert "qweight" in bufs and "wscales" in bufs
+            for act in f.pairs_with:
+                assert formats.FORMATS[act].activation
+        assert formats.get_format(f.weight_only).weight
+    with pytest.raises(ValueError, match="unknown format 'int3'"):
+        formats.get_format("int3")

@@ -225,7 +225,7 @@ def test_tiny_model_layers_are_what_the_tests_assume(arch):
         m = model.get_submodule(name)
         assert type(m) is TYPES[kind], (name, type(m).__name__)
         if kind == "q":
-            assert m.activations == "int4" and m.rank > 0, name
+            assert m.activations == RECIPE.activations and m.rank > 0, name
         if kind == "w4a16":
             assert m.activations is None and m.rank == 0, name
         if kind == "conv":

@@ -33,7 +33,8 @@ from svdquant import SVDQConv1x1, SVDQLinear
 from svdquant.calibration import draw_plan
 from svdquant.recipes import POST_GELU_SHIFT
 
-RECIPE = svdquant.Int4Config(iterations=3, eval_tokens=128)
+# Two-level W4A4: the INT8 engine's format with shifted unsigned post-GELU groups, the layout the adapters mark.
+RECIPE = svdquant.W4A4Config(iterations=3, eval_tokens=128)
 DTYPE = torch.bfloat16
 ARCHS = list(tm.ARCHS)
 BOUNDS = {"flux": 0.016, "sd3": 0.014, "pixart": 0.020, "sana": 0.030}
@@ -177,8 +178,9 @@ def test_every_target_layer_has_expected_format(arch):
     for name in exp["w4a4"] + list(exp["gelu"]):
         m = q.get_submodule(name)
         assert type(m) is SVDQLinear, name
-        assert (m.weights, m.activations, m.group_size, m.rank) == ("int4", "int4", 64, 32), name
-        assert m.dtype == DTYPE and m.wscales.dtype == DTYPE and m.lora_up.dtype == DTYPE, name
+        assert (m.weights, m.activations, m.group_size, m.rank) == ("int4m", "int4m", 64, 32), name
+        assert m.dtype == DTYPE and m.lora_up.dtype == DTYPE, name
+        assert m.wscales.dtype == torch.float32 and m.wmult.dtype == torch.uint8, name
         assert m.smooth_inv.dtype == torch.float32 and m.qweight.dtype == torch.uint8, name
         assert not hasattr(m, "weight"), name
         if name in exp["gelu"]:
@@ -300,7 +302,7 @@ def test_generic_adapter_include_exclude():
     assert sorted(tuple(r.names) for r in report.rows) == sorted((n,) for n in want)
     for n in want:
         m = model.get_submodule(n)
-        assert (m.weights, m.activations, m.act_shift) == ("int4", "int4", 0.0)
+        assert (m.weights, m.activations, m.act_shift) == ("int4m", "int4m", 0.0)
     assert_untouched(before, model, want)
     assert {n for n, _ in report.skipped} == plain_layers(model)
     assert "single_transformer_blocks.0.attn.to_q" in {n for n, _ in report.skipped}  # pattern anchored at start

@@ -40,7 +40,7 @@ def test_post_gelu_shift_constant():
 
 # ---------------------------------------------------------------------------- named recipes
 def test_registry_names():
-    assert sorted(RECIPES) == ["fp8", "int4", "nf4", "nvfp4", "w4a16", "w8a8"]
+    assert sorted(RECIPES) == ["fp8", "int4", "nf4", "nvfp4", "w4a16", "w4a4", "w4a4-float", "w8a8"]
     for name, r in RECIPES.items():
         assert r.name == name
         assert isinstance(r, QuantConfig)
@@ -49,9 +49,20 @@ def test_registry_names():
 def test_int4_defaults():
     r = get_recipe("int4")
     assert isinstance(r, Int4Config)
-    assert (r.weights, r.activations, r.group_size, r.rank, r.method) == ("int4", "int4", 64, 32, "svdquant")
+    assert (r.weights, r.activations, r.group_size, r.rank, r.method) == ("int4m", "int8", 64, 32, "svdquant")
     assert r.svd == "randomized" and r.iterations == 100
     assert r.smooths and r.lowrank == "svd" and r.branch_rank == 32
+    assert r.act_group_size == 0  # INT8 per token
+
+
+def test_w4a4_recipes():
+    r = get_recipe("w4a4")
+    assert (r.weights, r.activations, r.act_group_size) == ("int4m", "int4m", 64)
+    f = get_recipe("w4a4-float")
+    assert (f.weights, f.activations, f.act_group_size) == ("int4", "int4", 64)
+    # a dash-named recipe still takes an ablation method after a further dash
+    assert get_recipe("w4a4-float-naive").method == "naive" and get_recipe("w4a4-float-naive").weights == "int4"
+    assert get_recipe("int4-lorc").weights == "int4m"
 
 
 def test_nvfp4_defaults():
@@ -124,8 +135,8 @@ def test_replace_validates():
 
 # ---------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(weights="int3"), r"weights='int3' is not a format"),
-    (dict(activations="nf4"), r"activations='nf4' is not a format"),
+    (dict(weights="int3"), r"weights='int3' is not a weight format"),
+    (dict(activations="nf4"), r"activations='nf4' is not an activation format"),
     (dict(method="gptq"), r"method='gptq' is unknown"),
     (dict(svd="qr"), r"svd='qr' is unknown"),
     (dict(rank=-1), r"rank must be >= 0"),
@@ -137,8 +148,8 @@ def test_replace_validates():
     (dict(weights="nvfp4", activations="nvfp4", group_size=64), r"nvfp4 uses groups of 16"),
     (dict(weights="int8", activations="int8", group_size=64), r"int8 uses one scale per row"),
     (dict(weights="fp8", activations="fp8", group_size=16), r"fp8 uses one scale per row"),
-    (dict(group_size=0), r"int4 needs a positive even group_size"),
-    (dict(group_size=63), r"int4 needs a positive even group_size"),
+    (dict(group_size=0), r"int4m needs a positive even group_size"),
+    (dict(group_size=63), r"int4m needs a positive even group_size"),
     (dict(weights="nf4", activations=None, method="naive", rank=0, group_size=-64), r"nf4 needs a positive even"),
 ])
 def test_validation_errors(kwargs, match):

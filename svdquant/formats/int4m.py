@@ -67,7 +67,7 @@ def _grid(x, group_size, unsigned, best, check):
             gs = s * m
             inv = torch.where(gs > 0, 1.0 / gs, torch.zeros_like(gs))
             q = torch.minimum(torch.maximum(torch.round(xg * inv), lo), qmax)
-            errs.append((q * gs - xg).square().sum(-1, keepdim=True))
+            errs.append((q * m * s - xg).square().sum(-1, keepdim=True))
         m = torch.where(errs[1] < errs[0], mults[1], mults[0])
     else:
         m = torch.minimum(torch.maximum(torch.round(ideal), torch.ones_like(ideal)), mmax)
@@ -89,12 +89,14 @@ def quantize_int4m(x: torch.Tensor, group_size: int = 64, *, unsigned: bool | in
 def fake_quantize_int4m(x: torch.Tensor, group_size: int = 64, *, unsigned: bool | int = False, best: bool = False,
                         check: bool = True) -> torch.Tensor:
     """``dequantize_int4m(quantize_int4m(x))`` in fewer passes (the search runs it thousands of times)."""
-    xg, _, _, gs, inv, lo, hi, _ = _grid(x, group_size, unsigned, best, check)
+    xg, s, m, _, inv, lo, hi, _ = _grid(x, group_size, unsigned, best, check)
     q = torch.minimum(torch.maximum((xg * inv).round_(), lo), hi)
-    return q.mul_(gs).add_(0.0).flatten(-2)[..., : x.shape[-1]]  # + 0.0: -0.0 -> +0.0, as dequantize gives
+    # (code · m) is an exact integer; one rounding when scaled, as in dequantize and the INT8 GEMM
+    return q.mul_(m).mul_(s).add_(0.0).flatten(-2)[..., : x.shape[-1]]  # + 0.0: -0.0 -> +0.0
 
 
 def dequantize_int4m(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(code · m) · s``: the integer product first (exact), then one rounding."""
     out = grouped(q.codes.float(), q.group_size) * q.multipliers.float().unsqueeze(-1)
     out = out * q.scales.float()[..., None, None]
     return out.flatten(-2)[..., : q.in_features].to(dtype)

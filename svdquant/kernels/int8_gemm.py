@@ -36,7 +36,7 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 def int8_gemm_kernel(
     a_desc, w_desc, a_ptr, w_ptr, as_ptr, ws_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, K, stride_ym,
-    R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    R: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -66,9 +66,9 @@ def int8_gemm_kernel(
         a_s = tl.load(as_ptr + offs_am, mask=mmask, other=0.0)
         w_s = tl.load(ws_ptr + offs_wn, mask=nmask, other=0.0)
         y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-        if HAS_LORA:  # in chunks of 16 ranks: a LoRA-widened branch must not outgrow shared memory
-            for r0 in range(0, R, 16):
-                rr = r0 + tl.arange(0, 16)
+        if HAS_LORA:  # in chunks of 32 ranks: a LoRA-widened branch must not outgrow shared memory
+            for r0 in range(0, R, R_CHUNK):
+                rr = r0 + tl.arange(0, R_CHUNK)
                 la = tl.load(la_ptr + offs_am[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
                 lu = tl.load(lu_ptr + offs_wn[:, None] * R + rr[None, :], mask=nmask[:, None], other=0.0)
                 y = tl.dot(la, lu.to(tl.float32).T, y, input_precision="tf32")
@@ -118,7 +118,8 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
         a_desc, w_desc, a, w, a_scale, w_scale,
         lora_act if has_lora else a_scale, lora_up if has_lora else a_scale, bias if bias is not None else a_scale, y,
         m, n, k, y.stride(0),
-        R=lora_up.shape[1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None, GELU=gelu,
+        R=lora_up.shape[1] if has_lora else 16, R_CHUNK=min(lora_up.shape[1] if has_lora else 16, 32),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, GELU=gelu,
         NUM_PROGRAMS=programs, TMA=tma, **cfg,
     )
     return y

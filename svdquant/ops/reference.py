@@ -72,7 +72,7 @@ def _grouped_values(q: QTensor) -> torch.Tensor:
     """Code values with their group scales folded in (exact in fp32), ``[.., K_pad]``."""
     vals = get_format(q.fmt).code_values(q)
     g = q.group_size
-    out = vals.reshape(*vals.shape[:-1], -1, g) * q.scales.float().unsqueeze(-1)
+    out = vals.reshape(*vals.shape[:-1], vals.shape[-1] // g, g) * q.scales.float().unsqueeze(-1)
     return out.reshape(vals.shape)
 
 
