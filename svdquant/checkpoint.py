@@ -152,7 +152,8 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, name: str = "p
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; a checkpoint is a folder: choose another {name}")
     if not overwrite:
-        raise CheckpointError(f"{path} already exists; choose another folder or pass overwrite=True (--overwrite)")
+        fix = "--overwrite" if name.startswith("-") else "overwrite=True"
+        raise CheckpointError(f"{path} already exists; choose another folder or pass {fix}")
     if any(path.iterdir()) and not (path / META_FILE).is_file():
         raise CheckpointError(f"{path} is a folder of other files, not an svdquant checkpoint; overwrite replaces "
                               "only a checkpoint: choose another folder")
@@ -230,7 +231,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if text is None:
             raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant?")
     else:
-        text = meta_file.read_text()
+        try:
+            text = meta_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{meta_file} is not svdquant metadata (not text); pass a checkpoint folder") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:

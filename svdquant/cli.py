@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -167,7 +169,8 @@ def _validate_generate(args) -> None:
         path, sep, strength = spec.rpartition(":")
         if not sep or not _is_number(strength):  # no ":STRENGTH" suffix
             path, strength = spec, "1"
-        _checks.real(f"--lora {path}:STRENGTH", float(strength))
+        if not math.isfinite(float(strength)):
+            raise UsageError(f"--lora {spec}: the strength must be a finite number, e.g. {path}:0.8")
         if not Path(path).is_file():
             raise UsageError(f"no LoRA file at {path}")
         args.loras.append((path, float(strength)))
@@ -197,7 +200,7 @@ def _bars() -> bool:
 def cmd_quantize(args) -> None:
     from .calibration import Calibration
     from .checkpoint import save_quantized
-    from .pipelines import TINY_BASE, TinyFluxPipeline, load_base_pipeline
+    from .pipelines import TINY_BASE, TinyFluxPipeline, check_size, load_base_pipeline
     from .quantize import quantize
 
     dtype = _dtype(args.dtype, args.device)
@@ -208,6 +211,7 @@ def cmd_quantize(args) -> None:
         pipe, base = load_base_pipeline(args.model, torch_dtype=dtype), args.model
         _quiet(pipe)
     pipe = pipe.to(args.device)
+    check_size(pipe, args.height, args.width, names=("--height", "--width"))  # needs the loaded pipeline's VAE
     calib = Calibration(prompts=args.prompt_list, num_prompts=args.num_prompts, steps=args.steps,
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
                         pipeline_kwargs=_pipeline_kwargs(args))
@@ -442,6 +446,10 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    # transformers notes on every diffusers pipeline load that its image processors lack torchvision;
+    # svdquant uses none of them, and the note would bury the one line a command prints.
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda r: "requires torchvision" not in r.getMessage())
     if not _bars():  # diffusers / transformers loading bars: none in a redirected log
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
@@ -451,6 +459,7 @@ def main(argv=None) -> int:
     try:
         args.validate(args)  # the whole request, before any work
         args.func(args)
+        sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
     except (CheckpointError, UsageError, OSError, ValueError) as e:  # LoRAError is a ValueError
         if isinstance(e, BrokenPipeError):
             return _broken_pipe()
