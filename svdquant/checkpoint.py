@@ -214,6 +214,14 @@ def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def tensor_file_of(path: str | os.PathLike) -> Path:
+    """The tensor file of a checkpoint given as its folder, its tensor file or its svdquant.json."""
+    path = Path(path)
+    if path.is_dir():
+        return path / TENSOR_FILE
+    return path if path.suffix == ".safetensors" else path.with_name(TENSOR_FILE)
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's metadata, with a clear error for anything that is not an svdquant checkpoint."""
     path = Path(path)
@@ -296,7 +304,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
     path = Path(path)
     meta = read_metadata(path)
-    tensor_file = path / TENSOR_FILE if path.is_dir() else path
+    tensor_file = tensor_file_of(path)
     check_tensor_file(tensor_file)
     model = _empty_quantized_model(meta, path)
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
@@ -350,7 +358,8 @@ def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
     """The base pipeline the checkpoint records: a folder (resolved against the checkpoint) or a hub id."""
     base = meta.get("base")
     if base and meta.get("base_is_local"):
-        return str((Path(path) / base).resolve())
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # given as one of its files
+        return str((folder / base).resolve())
     return base
 
 
@@ -371,6 +380,27 @@ def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None) -> st
     return base
 
 
+def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
+    """Raise CheckpointError if the base pipeline holds another model than the checkpoint quantizes
+    (read from config files only, before anything is loaded)."""
+    from .pipelines import tiny_transformer_config, transformer_class_of
+
+    base_cls = transformer_class_of(base)
+    if base_cls is not None and base_cls != meta["model_class"]:
+        raise CheckpointError(
+            f"{quantized} quantizes a {meta['model_class']}, but the pipeline at {base} has a {base_cls}; "
+            "pass the base pipeline the checkpoint was made from"
+        )
+    tiny = tiny_transformer_config(base)
+    if tiny is not None:
+        ours = meta["model_config"]
+        diff = [k for k in sorted(tiny) if not k.startswith("_") and k in ours and ours[k] != tiny[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(f"{quantized} quantizes a {meta['model_class']} with {k}={ours[k]}, but the tiny "
+                                  f"base {base} has {k}={tiny[k]}; pass the base pipeline it was made from")
+
+
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
@@ -381,14 +411,9 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
         raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
     meta = read_metadata(quantized)
     base = base_of(quantized, meta, base)
-    from .pipelines import load_base_pipeline, transformer_class_of
+    check_base(quantized, meta, base)
+    from .pipelines import load_base_pipeline
 
-    base_cls = transformer_class_of(base)
-    if base_cls is not None and base_cls != meta["model_class"]:
-        raise CheckpointError(
-            f"{quantized} quantizes a {meta['model_class']}, but the pipeline at {base} has a {base_cls}; "
-            "pass the base pipeline the checkpoint was made from"
-        )
     transformer = load_quantized(quantized, device=device)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,

@@ -94,7 +94,8 @@ def _validate_quantize(args) -> None:
     if args.prompts is not None:
         f = Path(args.prompts)
         if not f.is_file():
-            raise UsageError(f"--prompts {f}: no such file; give a text file with one prompt per line")
+            what = "is a folder" if f.is_dir() else "no such file"
+            raise UsageError(f"--prompts {f}: {what}; give a text file with one prompt per line")
         try:
             lines = f.read_text(encoding="utf-8").splitlines()
         except (UnicodeDecodeError, OSError) as e:
@@ -145,8 +146,7 @@ def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
 
 def _validate_sampling(args, n_files: int) -> None:
     """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the output."""
-    from .checkpoint import base_of, read_metadata
-    from .pipelines import transformer_class_of
+    from .checkpoint import base_of, check_base, read_metadata
 
     args.device = _device(args.device)
     if not args.prompt.strip():
@@ -159,7 +159,7 @@ def _validate_sampling(args, n_files: int) -> None:
     args.targets = _image_targets("-o", args.output, n_files if n_files else args.num_images, args.overwrite)
     meta = read_metadata(args.checkpoint)  # missing or not a checkpoint: fails before anything loads
     args.base = base_of(args.checkpoint, meta, args.base)
-    transformer_class_of(args.base)  # a base folder that is not there fails here, not after loading
+    check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
 
 
 def _validate_generate(args) -> None:
@@ -310,11 +310,10 @@ def cmd_compare(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import TENSOR_FILE, check_tensor_file, read_metadata, recorded_base
+    from .checkpoint import check_tensor_file, read_metadata, recorded_base, tensor_file_of
 
     meta = read_metadata(args.checkpoint)
-    path = Path(args.checkpoint)
-    tensor_file = path / TENSOR_FILE if path.is_dir() else path
+    tensor_file = tensor_file_of(args.checkpoint)
     check_tensor_file(tensor_file)  # a truncated or damaged file is reported, not described as healthy
     if args.json:  # machine-readable: the JSON alone, so it can be piped
         print(json.dumps(meta, indent=1))
@@ -456,6 +455,11 @@ def main(argv=None) -> int:
 
         dlog.disable_progress_bar()
         tlog.disable_progress_bar()
+    # diffusers' warnings (offline mode, deprecations) would surround the one error line; svdquant's own
+    # checks now catch what they warned about (sizes it would have resized quietly)
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
     try:
         args.validate(args)  # the whole request, before any work
         args.func(args)
@@ -463,7 +467,8 @@ def main(argv=None) -> int:
     except (CheckpointError, UsageError, OSError, ValueError) as e:  # LoRAError is a ValueError
         if isinstance(e, BrokenPipeError):
             return _broken_pipe()
-        print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, even for libraries' multi-line messages
+        print(f"svdquant {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every writer cleans up after itself (temporary names, then renames)
         print(f"svdquant {args.command}: interrupted", file=sys.stderr)

@@ -143,6 +143,9 @@ def test_quantize_rejects_bad_values(tmp_path, case):
 def test_quantize_prompts_file_checked_first(tmp_path):
     rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "none.txt"], "no such file",
              folder=tmp_path)
+    (tmp_path / "prompts").mkdir()
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "prompts"], "is a folder",
+             folder=tmp_path)
     (tmp_path / "blank.txt").write_text("\n  \n")
     rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "blank.txt"], "holds no prompts",
              folder=tmp_path)
@@ -279,6 +282,18 @@ def test_generate_base_folder_missing(ck, tmp_path):
              "no base pipeline at", "does not exist", folder=tmp_path)
 
 
+def test_base_of_another_size_is_refused_before_loading(ck, tmp_path):
+    # the class matches (FluxTransformer2DModel) but the shipped tiny model is wider: it crashed mid-sampling
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--base", "tiny"],
+             "attention_head_dim=32", "tiny base", folder=tmp_path)
+
+
+def test_hub_model_offline_is_one_line(tmp_path):
+    # diffusers' multi-line messages and warnings are folded into the one error line
+    rejected(["quantize", "no-such-owner/no-such-model", "-o", tmp_path / "ck"], "no-such-owner/no-such-model",
+             folder=tmp_path)
+
+
 def test_checkpoint_moved_without_its_base_names_base(ck, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(ck, moved)  # the recorded base is ../pipe, which is not beside the copy
@@ -334,6 +349,14 @@ def test_info_reports_a_damaged_tensor_file(ck, tmp_path, damage):
         f.write_bytes(data + b"\0" * 64)
     why = "is missing" if damage == "missing" else "truncated or corrupt"
     rejected(["info", path], str(f), why, folder=tmp_path)
+
+
+@pytest.mark.parametrize("name", [META_FILE, TENSOR_FILE])
+def test_info_on_one_of_the_checkpoint_files(ck, pipe_dir, name):
+    # the tensor file was looked for at svdquant.json, and a local base resolved against the file
+    rc, out, err = run(["info", ck / name])
+    assert rc == 0, err
+    assert f"base         {pipe_dir.resolve()}\n" in out
 
 
 def test_info_into_a_closed_pipe(ck):

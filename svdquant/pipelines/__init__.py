@@ -10,7 +10,7 @@ import torch
 
 from .. import _checks
 from .tiny import (
-    CIFAR10_CLASSES, PIPELINE_FILE, TINY_BASE, ClassConditioner, TinyFluxPipeline, check_tiny_size, tiny_flux_config,
+    ASSET_DIR, CIFAR10_CLASSES, PIPELINE_FILE, TINY_BASE, ClassConditioner, TinyFluxPipeline, check_tiny_size, tiny_flux_config,
 )
 
 
@@ -43,6 +43,20 @@ def transformer_class_of(base: str | os.PathLike) -> str | None:
         ) from None
     entry = cfg.get("transformer")
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+
+
+def tiny_transformer_config(base) -> dict | None:
+    """The transformer config of a tiny base (the name ``tiny`` or a saved TinyFluxPipeline folder), else None.
+    A FLUX checkpoint of another size passes the class check against these; the config tells them apart."""
+    if str(base) == TINY_BASE:
+        if not (ASSET_DIR / PIPELINE_FILE).exists():
+            return tiny_flux_config()
+        folder = ASSET_DIR
+    elif _is_tiny(base):
+        folder = Path(base)
+    else:
+        return None
+    return json.loads((folder / "transformer" / "config.json").read_text())
 
 
 def _dtype_keyword() -> str:
