@@ -73,8 +73,9 @@ def _validate_sizes(args) -> None:
 
 
 def _validate_quantize(args) -> None:
+    from .calibration import DEFAULT_PROMPTS
     from .checkpoint import check_output_folder
-    from .pipelines.tiny import IMAGE_SIZE, TINY_BASE, check_tiny_size
+    from .pipelines.tiny import CIFAR10_CLASSES, IMAGE_SIZE, TINY_BASE, check_tiny_size
 
     args.device = _device(args.device)
     args.recipe_obj = _recipe(args)
@@ -114,9 +115,6 @@ def _validate_quantize(args) -> None:
     if tiny:
         for k in ("height", "width"):
             check_tiny_size(IMAGE_SIZE, f"--{k}", getattr(args, k))
-    from .calibration import DEFAULT_PROMPTS
-    from .pipelines.tiny import CIFAR10_CLASSES
-
     # the tiny model calibrates on its class names unless --prompts is given
     available = args.prompt_list or (CIFAR10_CLASSES if tiny else DEFAULT_PROMPTS)
     if args.num_prompts is not None and args.num_prompts > len(available):
