@@ -27,6 +27,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import _checks
 from .modules import SVDQConv1x1, SVDQLinear
 
 FORMAT_VERSION = 2
@@ -77,7 +78,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     ``load_pipeline`` and the CLI can find its VAE, text encoders and scheduler.
     """
     from . import __version__
+    from .pipelines.tiny import TINY_BASE
+    from .quantize import QuantReport
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_quantized takes the quantized model (e.g. pipe.transformer), got {type(model).__name__}")
     path = Path(path)
     if getattr(model, "_svdquant_loras", None):
         raise CheckpointError(f"LoRAs are loaded ({', '.join(model._svdquant_loras)}); checkpoints hold the "
@@ -85,10 +90,17 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     layers = _layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; choose another folder or pass overwrite=True (--overwrite)")
+    check_output_folder(path, overwrite)
     version = max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values()
                          for k in ("weights", "activations")])
+    if report is not None and not isinstance(report, QuantReport):
+        raise TypeError(f"report= takes the QuantReport svdquant.quantize returned, got {type(report).__name__}")
+    if base is not None:
+        base = str(base)
+        if base != TINY_BASE and base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+            raise CheckpointError(f"base={base!r} does not exist; pass the base pipeline's folder or hub id")
+    # "tiny" names the shipped model even if the current folder happens to hold a "tiny" folder
+    local = bool(base) and base != TINY_BASE and Path(base).exists()
     meta = {
         "format": "svdquant",
         "format_version": version,
@@ -96,8 +108,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         "model_class": type(model).__name__,
         "model_config": _model_config(model),
         # A local base is stored relative to the checkpoint, so the two can move together.
-        "base": os.path.relpath(Path(base).resolve(), path.resolve()) if base and Path(base).exists() else base,
-        "base_is_local": bool(base and Path(base).exists()),
+        "base": os.path.relpath(Path(base).resolve(), path.resolve()) if local else base,
+        "base_is_local": local,
         "recipe": getattr(model, "_svdquant_recipe", None),
         "layers": layers,
         "report": report.to_dict() if report is not None else None,
@@ -110,6 +122,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as a normal folder
     try:
         save_file(_all_tensors(model), str(tmp / TENSOR_FILE), metadata={"svdquant": text})
+        (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
         (tmp / META_FILE).write_text(text)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -126,6 +139,92 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool, name: str = "path") -> None:
+    """Raise CheckpointError unless a checkpoint can be written to the folder ``path``.
+
+    ``overwrite`` replaces an earlier checkpoint (or an empty folder), never a folder of other files:
+    a mistyped ``-o .`` must not delete the current folder.
+    """
+    path = Path(path)
+    try:
+        _checks.output_parent(name, path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; a checkpoint is a folder: choose another {name}")
+    if not overwrite:
+        fix = "--overwrite" if name.startswith("-") else "overwrite=True"
+        raise CheckpointError(f"{path} already exists; choose another folder or pass {fix}")
+    if any(path.iterdir()) and not (path / META_FILE).is_file():
+        raise CheckpointError(f"{path} is a folder of other files, not an svdquant checkpoint; overwrite replaces "
+                              "only a checkpoint: choose another folder")
+
+
+# bytes per element of each safetensors dtype
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a safetensors file's header and check it against the file: every tensor's byte range
+    matches its shape and dtype, the ranges tile the data, and the file is exactly that long.
+    Returns the header; raises CheckpointError naming the damage. Reads no tensor data."""
+    path = Path(path)
+    bad = f"{path} is truncated or corrupt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{bad}: {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{bad}: the header claims {n} bytes, the file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{bad}: its header is not JSON (not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: its header is not a JSON object")
+    end = 0
+    try:
+        spans = []
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = t["data_offsets"]
+            numel = 1
+            for d in t["shape"]:
+                numel *= d
+            width = _DTYPE_BYTES.get(t["dtype"])  # a dtype newer than this table: only the tiling is checked
+            if width is not None and stop - begin != numel * width:
+                raise CheckpointError(f"{bad}: tensor {name!r} has {stop - begin} bytes for shape {t['shape']} "
+                                      f"{t['dtype']}")
+            spans.append((begin, stop))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{bad}: malformed tensor entry in its header ({type(e).__name__}: {e})") from None
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise CheckpointError(f"{bad}: tensor data overlaps or leaves a gap at byte {end}")
+        end = stop
+    if 8 + n + end != size:
+        raise CheckpointError(f"{bad}: the header describes {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def tensor_file_of(path: str | os.PathLike) -> Path:
+    """The tensor file of a checkpoint given as its folder, its tensor file or its svdquant.json."""
+    path = Path(path)
+    if path.is_dir():
+        return path / TENSOR_FILE
+    return path if path.suffix == ".safetensors" else path.with_name(TENSOR_FILE)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -145,7 +244,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if text is None:
             raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant?")
     else:
-        text = meta_file.read_text()
+        try:
+            text = meta_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{meta_file} is not svdquant metadata (not text); pass a checkpoint folder") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
@@ -213,11 +315,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
+    device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
     path = Path(path)
     meta = read_metadata(path)
-    tensor_file = path / TENSOR_FILE if path.is_dir() else path
-    if not tensor_file.exists():
-        raise CheckpointError(f"{tensor_file} is missing: the checkpoint is incomplete")
+    tensor_file = tensor_file_of(path)
+    check_tensor_file(tensor_file)
     model = _empty_quantized_model(meta, path, weight_mode)
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
     quantized_keys = {f"{layer}.{k}" for layer in meta["layers"] for k in
@@ -270,19 +372,32 @@ def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
     """The base pipeline the checkpoint records: a folder (resolved against the checkpoint) or a hub id."""
     base = meta.get("base")
     if base and meta.get("base_is_local"):
-        return str((Path(path) / base).resolve())
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent  # given as one of its files
+        return str((folder / base).resolve())
     return base
 
 
-def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
-                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto"):
-    """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
-    checkpoint) with the quantized transformer from ``quantized``."""
-    meta = read_metadata(quantized)
-    base = base or recorded_base(quantized, meta)
+def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None) -> str:
+    """The base pipeline to load ``quantized`` with: ``base`` if given, else the recorded one, which must
+    still be there (a checkpoint copied without its base folder is the usual case)."""
+    if base is not None:
+        return str(base)
+    base = recorded_base(quantized, meta)
     if base is None:
-        raise CheckpointError(f"{quantized} does not record its base pipeline; pass base= (a folder or hub id)")
-    from .pipelines import load_base_pipeline, transformer_class_of
+        raise CheckpointError(f"{quantized} does not record its base pipeline; pass base= (svdquant --base) with "
+                              "the pipeline's folder or hub id")
+    if meta.get("base_is_local") and not Path(base).exists():
+        raise FileNotFoundError(
+            f"{quantized} was made from the base pipeline {base} ({meta['base']} relative to the checkpoint), which "
+            "is not there: the checkpoint moved without it; pass base= (svdquant --base) with its folder or hub id"
+        )
+    return base
+
+
+def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
+    """Raise CheckpointError if the base pipeline holds another model than the checkpoint quantizes
+    (read from config files only, before anything is loaded)."""
+    from .pipelines import tiny_transformer_config, transformer_class_of
 
     base_cls = transformer_class_of(base)
     if base_cls is not None and base_cls != meta["model_class"]:
@@ -290,6 +405,35 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
             f"{quantized} quantizes a {meta['model_class']}, but the pipeline at {base} has a {base_cls}; "
             "pass the base pipeline the checkpoint was made from"
         )
+    tiny = tiny_transformer_config(base)
+    if tiny is not None:
+        ours = meta["model_config"]
+        diff = [k for k in sorted(tiny) if not k.startswith("_") and k in ours and ours[k] != tiny[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(f"{quantized} quantizes a {meta['model_class']} with {k}={ours[k]}, but the tiny "
+                                  f"base {base} has {k}={tiny[k]}; pass the base pipeline it was made from")
+
+
+def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
+                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto"):
+    """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
+    checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
+    applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
+    :func:`load_quantized`."""
+    _checks.device("device", device)
+    if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
+    meta = read_metadata(quantized)
+    base = base_of(quantized, meta, base)
+    check_base(quantized, meta, base)
+    from .pipelines import load_base_pipeline
+
     transformer = load_quantized(quantized, device=device, weight_mode=weight_mode)
+    if torch_dtype is not None:
+        # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
+        # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).
+        # nn.Module.to: diffusers' own .to warns about fp32-kept modules even when the list is empty.
+        nn.Module.to(transformer, torch_dtype)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype)
     return pipe.to(device)

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+from . import _checks
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -23,16 +28,14 @@ class UsageError(Exception):
     """A mistake on the command line: ``main`` prints ``svdquant CMD: error: ...`` and returns 2."""
 
 
+# ------------------------------------------------------------------------------------------------ checks
+# One ``_validate_<verb>`` per subcommand runs before the command does anything: every value the
+# user gave is checked (and normalized onto ``args``), so a mistake costs no time and leaves no files.
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-    return name
+    return _checks.device("--device", name)
 
 
 def _dtype(name: str | None, device: str) -> torch.dtype:
@@ -46,7 +49,7 @@ def _recipe(args):
 
     over = {}
     if args.rank is not None:
-        over["rank"] = args.rank
+        over["rank"] = _checks.count("--rank", args.rank, lo=0, hi=4096)
     if getattr(args, "method", None):
         over["method"] = args.method
     return get_recipe(args.recipe, **over)
@@ -61,76 +64,215 @@ def _pipeline_kwargs(args) -> dict:
     return kw
 
 
+def _validate_sizes(args) -> None:
+    for k in ("height", "width"):
+        if getattr(args, k) is not None:
+            _checks.size(f"--{k}", getattr(args, k))
+    if args.guidance_scale is not None:
+        _checks.real("--guidance-scale", args.guidance_scale, lo=0)
+
+
+def _validate_quantize(args) -> None:
+    from .calibration import DEFAULT_PROMPTS
+    from .checkpoint import check_output_folder
+    from .pipelines.tiny import CIFAR10_CLASSES, IMAGE_SIZE, TINY_BASE, check_tiny_size
+
+    args.device = _device(args.device)
+    args.recipe_obj = _recipe(args)
+    tiny = args.model == TINY_BASE
+    model = Path(args.model).expanduser()
+    if not tiny and model.exists():
+        if not (model / "model_index.json").is_file() and not (model / "pipeline.json").is_file():
+            raise UsageError(f"MODEL {args.model} is not a diffusers pipeline folder (no model_index.json); pass "
+                             "the folder that holds model_index.json, a hub id, or 'tiny'")
+    elif not tiny and args.model.startswith(("/", ".", "~")):
+        raise UsageError(f"MODEL {args.model} does not exist; pass a diffusers pipeline folder (with "
+                         "model_index.json), a hub id, or 'tiny'")
+    check_output_folder(args.output, args.overwrite, name="-o")
+    if not tiny and model.exists() and Path(args.output).resolve().is_relative_to(model.resolve()):
+        raise UsageError(f"-o {args.output} is inside the model folder {args.model}; write the checkpoint elsewhere")
+    args.prompt_list = None
+    if args.prompts is not None:
+        f = Path(args.prompts)
+        if not f.is_file():
+            what = "is a folder" if f.is_dir() else "no such file"
+            raise UsageError(f"--prompts {f}: {what}; give a text file with one prompt per line")
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError) as e:
+            raise UsageError(f"--prompts {f} cannot be read as UTF-8 text ({e})") from None
+        args.prompt_list = [ln.strip() for ln in lines if ln.strip()]
+        if not args.prompt_list:
+            raise UsageError(f"--prompts {f} holds no prompts; write one prompt per line")
+    if args.num_prompts is not None:
+        _checks.count("--num-prompts", args.num_prompts)
+    _checks.steps("--steps", args.steps)
+    _checks.count("--snapshots", args.snapshots, hi=100_000)
+    if args.tokens is not None:
+        _checks.count("--tokens", args.tokens, hi=10_000_000, why=" (leave it out for the recipe's eval_tokens)")
+    _checks.seed("--seed", args.seed)
+    _validate_sizes(args)
+    if tiny:
+        for k in ("height", "width"):
+            check_tiny_size(IMAGE_SIZE, f"--{k}", getattr(args, k))
+    # the tiny model calibrates on its class names unless --prompts is given
+    available = args.prompt_list or (CIFAR10_CLASSES if tiny else DEFAULT_PROMPTS)
+    if args.num_prompts is not None and args.num_prompts > len(available):
+        raise UsageError(f"--num-prompts {args.num_prompts}: there are only {len(available)} prompts; "
+                         f"use at most {len(available)}")
+
+
+def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
+    """The files an image-writing command will write, checked before it samples anything."""
+    from PIL import Image
+
+    out = Path(output)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{name} {out}: give an image file name ending in .png, .jpg or .webp")
+    if out.is_dir():
+        raise UsageError(f"{name} {out} is a folder; give an image file name such as {out / 'image.png'}")
+    _checks.output_parent(name, out)
+    targets = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    for t in targets:
+        if t.is_dir():
+            raise UsageError(f"{name} {out}: {t} is a folder")
+        if t.exists() and not overwrite:
+            raise UsageError(f"{t} already exists; choose another {name} or pass --overwrite")
+    return targets
+
+
+def _validate_sampling(args, n_files: int) -> None:
+    """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the output."""
+    from .checkpoint import base_of, check_base, read_metadata
+
+    args.device = _device(args.device)
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty; give what to draw, e.g. \"a photo of a cat\"")
+    if args.steps is not None:
+        _checks.steps("--steps", args.steps)
+    _checks.seed("--seed", args.seed)
+    _checks.count("--num-images", args.num_images, hi=_checks.MAX_IMAGES, why=" (they are sampled as one batch)")
+    _validate_sizes(args)
+    args.targets = _image_targets("-o", args.output, n_files if n_files else args.num_images, args.overwrite)
+    meta = read_metadata(args.checkpoint)  # missing or not a checkpoint: fails before anything loads
+    args.base = base_of(args.checkpoint, meta, args.base)
+    check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
+
+
+def _validate_generate(args) -> None:
+    _validate_sampling(args, 0)
+    args.loras = []
+    for spec in args.lora or ():
+        path, sep, strength = spec.rpartition(":")
+        if not sep or not _is_number(strength):  # no ":STRENGTH" suffix
+            path, strength = spec, "1"
+        if not math.isfinite(float(strength)):
+            raise UsageError(f"--lora {spec}: the strength must be a finite number, e.g. {path}:0.8")
+        if not Path(path).is_file():
+            raise UsageError(f"no LoRA file at {path}")
+        args.loras.append((path, float(strength)))
+
+
+def _validate_compare(args) -> None:
+    _validate_sampling(args, 1)
+
+
+def _validate_info(args) -> None:
+    pass  # cmd_info reads and checks the checkpoint before printing anything
+
+
+def _validate_demo(args) -> None:
+    from .pipelines.demo import check_demo_args
+
+    args.recipes = check_demo_args(args.output, args.recipes, args.steps, args.seed, args.overwrite,
+                                   names=("-o", "--recipes", "--steps", "--seed"))
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _bars() -> bool:
+    """Progress bars only on a terminal: a redirected log gets no bar redraws."""
+    return sys.stderr.isatty()
+
+
 def cmd_quantize(args) -> None:
     from .calibration import Calibration
     from .checkpoint import save_quantized
-    from .pipelines import TinyFluxPipeline, load_base_pipeline
+    from .pipelines import TINY_BASE, TinyFluxPipeline, check_size, load_base_pipeline
     from .quantize import quantize
 
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
-    recipe = _recipe(args)
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"{out} already exists; choose another -o or pass --overwrite")
-    if args.model != "tiny" and args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
-        raise UsageError(f"MODEL {args.model} does not exist; pass a diffusers pipeline folder (with "
-                         "model_index.json), a hub id, or 'tiny'")
-    if args.model == "tiny":
-        pipe = TinyFluxPipeline.default(dtype)
-        base = out.parent / f"{out.name}-base"
-        pipe.save_pretrained(base)
+    dtype = _dtype(args.dtype, args.device)
+    if args.model == TINY_BASE:
+        # the checkpoint records the base by name: the shipped model, nothing saved beside the checkpoint
+        pipe, base = TinyFluxPipeline.default(dtype), TINY_BASE
     else:
-        base = args.model
-        pipe = load_base_pipeline(args.model, torch_dtype=dtype)
-    pipe = pipe.to(device)
-    prompts = None
-    if args.prompts:
-        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-    calib = Calibration(prompts=prompts, num_prompts=args.num_prompts, steps=args.steps, snapshots=args.snapshots,
-                        tokens_per_layer=args.tokens, seed=args.seed, pipeline_kwargs=_pipeline_kwargs(args))
-    report = quantize(pipe, recipe, calib, include=args.include, exclude=args.exclude)
-    save_quantized(pipe.transformer, out, base=str(base), report=report, overwrite=args.overwrite)
+        pipe, base = load_base_pipeline(args.model, torch_dtype=dtype), args.model
+        _quiet(pipe)
+    pipe = pipe.to(args.device)
+    check_size(pipe, args.height, args.width, names=("--height", "--width"))  # needs the loaded pipeline's VAE
+    calib = Calibration(prompts=args.prompt_list, num_prompts=args.num_prompts, steps=args.steps,
+                        snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
+                        pipeline_kwargs=_pipeline_kwargs(args))
+    report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude, progress=_bars())
+    save_quantized(pipe.transformer, args.output, base=str(base), report=report, overwrite=args.overwrite)
     print(report)
-    print(f"saved {out}")
+    print(f"saved {args.output}")
+
+
+def _quiet(pipe) -> None:
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=None if _bars() else True)
 
 
 def _load(args):
     from .checkpoint import load_pipeline
+    from .pipelines import check_size
 
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
-    return load_pipeline(args.base, args.checkpoint, device=device, torch_dtype=dtype), device, dtype
+    dtype = _dtype(args.dtype, args.device)
+    pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype)
+    _quiet(pipe)
+    check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
+    return pipe, args.device, dtype
 
 
 def _sample(pipe, prompt, args, output_type="pil"):
     gen = torch.Generator("cpu").manual_seed(args.seed)
     kw = dict(prompt=prompt, num_images_per_prompt=args.num_images, generator=gen, output_type=output_type,
               **_pipeline_kwargs(args))
-    if args.steps:
+    if args.steps is not None:  # 0 was refused up front; never "the pipeline's default"
         kw["num_inference_steps"] = args.steps
     return pipe(**kw).images
 
 
+def _save_images(pairs) -> None:
+    """Write each image under a temporary name beside its target, then rename them all: an error or
+    Ctrl-C part way leaves no partial or half-set of files."""
+    tmps = []
+    try:
+        for im, target in pairs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}"))
+            im.save(tmps[-1])
+        for tmp, (_, target) in zip(tmps, pairs):
+            os.replace(tmp, target)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
 def cmd_generate(args) -> None:
     pipe, _, _ = _load(args)
-    if args.lora:
+    if args.loras:
         from .lora import LoRAError, load_lora
 
-        for i, spec in enumerate(args.lora):
-            path, sep, strength = spec.rpartition(":")
-            if not sep or not _is_number(strength):  # no ":STRENGTH" suffix
-                path, strength = spec, "1"
+        for i, (path, strength) in enumerate(args.loras):
             try:
-                load_lora(pipe, path, name=f"lora{i}", strength=float(strength))
+                load_lora(pipe, path, name=f"lora{i}", strength=strength)
             except LoRAError as e:  # some messages name the layer only: say which file it is
                 raise LoRAError(str(e) if path in str(e) else f"{path}: {e}") from None
     images = _sample(pipe, args.prompt, args)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        im.save(target)
+    _save_images(list(zip(images, args.targets)))
+    for target in args.targets:
         print(f"wrote {target}")
 
 
@@ -143,22 +285,22 @@ def _is_number(s: str) -> bool:
 
 
 def cmd_compare(args) -> None:
-    from .checkpoint import read_metadata, recorded_base
     from .images import grid, to_pil
     from .metrics import psnr, ssim
     from .pipelines import load_base_pipeline
 
     qpipe, device, dtype = _load(args)
-    base = args.base or recorded_base(args.checkpoint, read_metadata(args.checkpoint))
-    fpipe = load_base_pipeline(base, torch_dtype=dtype).to(device)
+    fpipe = load_base_pipeline(args.base, torch_dtype=dtype).to(device)
+    _quiet(fpipe)
     ref = _sample(fpipe, args.prompt, args, "pt")
     del fpipe
     img = _sample(qpipe, args.prompt, args, "pt")
     p, s = psnr(img, ref), ssim(img, ref)
     recipe = (qpipe.transformer._svdquant_recipe or {}).get("name", "quantized")
     scale = max(1, 256 // ref.shape[-1])
-    canvas = grid([("16-bit", to_pil(ref)), (f"{recipe}", to_pil(img))], scale=scale)
-    canvas.save(args.output)
+    canvas = grid([("16-bit", to_pil(ref)), (f"{recipe}", to_pil(img))], scale=scale,
+                  row_notes=["reference", "PSNR " + ", ".join(f"{v:.2f}" for v in p.tolist()) + " dB"])
+    _save_images([(canvas, args.targets[0])])
     print("| image | PSNR (dB) | SSIM |\n| --- | --- | --- |")
     for i in range(len(p)):
         print(f"| {i} | {p[i]:.2f} | {s[i]:.4f} |")
@@ -166,9 +308,11 @@ def cmd_compare(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import TENSOR_FILE, read_metadata, recorded_base
+    from .checkpoint import check_tensor_file, read_metadata, recorded_base, tensor_file_of
 
     meta = read_metadata(args.checkpoint)
+    tensor_file = tensor_file_of(args.checkpoint)
+    check_tensor_file(tensor_file)  # a truncated or damaged file is reported, not described as healthy
     if args.json:  # machine-readable: the JSON alone, so it can be piped
         print(json.dumps(meta, indent=1))
         return
@@ -177,16 +321,16 @@ def cmd_info(args) -> None:
     for cfg in layers.values():
         key = f"W{cfg['weights']}A{cfg['activations'] or '16'} rank {cfg['rank']}"
         kinds[key] = kinds.get(key, 0) + 1
-    size = Path(args.checkpoint, TENSOR_FILE)
     recipe = meta.get("recipe") or {}
+    base = recorded_base(args.checkpoint, meta)
+    missing = " (missing: pass --base to generate / compare)" if meta.get("base_is_local") and not Path(base).exists() else ""
     print(f"checkpoint   {args.checkpoint}")
     print(f"model        {meta['model_class']}")
-    print(f"base         {recorded_base(args.checkpoint, meta)}")
+    print(f"base         {base}{missing}")
     print(f"recipe       {recipe.get('name')} ({recipe.get('method')}, group {recipe.get('group_size')}, "
           f"rank {recipe.get('rank')}, svd {recipe.get('svd')})")
     print(f"format       version {meta['format_version']}, written by svdquant {meta['svdquant_version']}")
-    if size.exists():
-        print(f"size         {size.stat().st_size / 1e9:.3f} GB")
+    print(f"size         {tensor_file.stat().st_size / 1e9:.3f} GB")
     print(f"layers       {len(layers)} quantized")
     for k, v in sorted(kinds.items()):
         print(f"  {v:5d} × {k}")
@@ -200,16 +344,19 @@ def cmd_demo(args) -> None:
     from .pipelines.demo import run_demo
 
     out = Path(args.output)
-    rows = run_demo(out, args.recipes, steps=args.steps, seed=args.seed)
+    run_demo(out, [r.name for r in args.recipes], steps=args.steps, seed=args.seed, progress=_bars(),
+             overwrite=args.overwrite, log=print)
     print((out / "quality.md").read_text())
     print(f"wrote {out / 'compare.png'} and {out / 'quality.md'}; checkpoints in {out}/<recipe>/")
-    del rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import DEMO_VARIANTS, METHODS, RECIPES
 
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="svdquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"svdquant {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common_device(p):
@@ -221,11 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("prompt")
         p.add_argument("-o", "--output", default=output)
         p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
+        p.add_argument("--overwrite", action="store_true", help="replace the output file(s) if they exist")
 
     def sampling(p):
         p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-        p.add_argument("--num-images", type=int, default=1)
+        p.add_argument("--num-images", type=int, default=1, help=f"images per call (1 to {_checks.MAX_IMAGES})")
         p.add_argument("--height", type=int)
         p.add_argument("--width", type=int)
         p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
@@ -239,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default), int4-lorc, int4-smooth, ...")
     p.add_argument("--steps", type=int, default=6, help="Euler sampling steps (default 6; the model card uses 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--overwrite", action="store_true", help="replace earlier demo outputs in the folder")
+    p.set_defaults(func=cmd_demo, validate=_validate_demo)
 
     p = sub.add_parser("quantize", help="quantize a pipeline's transformer and save a checkpoint",
                        description="Calibrate on prompts, quantize the transformer block by block, save OUT/.")
-    p.add_argument("model", help="diffusers pipeline folder or hub id (FLUX.1, SD3, PixArt-Σ, SANA), or 'tiny'")
+    p.add_argument("model", help="diffusers pipeline folder or hub id (FLUX.1, SD3, PixArt-Σ, SANA), or 'tiny' "
+                                 "(the shipped 32x32 CIFAR-10 model)")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     p.add_argument("--recipe", default="int4", help=f"quantization scheme: {', '.join(sorted(RECIPES))} (default int4)")
     p.add_argument("--method", choices=METHODS, help="ablation baseline instead of svdquant")
@@ -251,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="text file, one calibration prompt per line (default: the built-in 128)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per calibration prompt (default 8)")
-    p.add_argument("--snapshots", type=int, default=128, help="(prompt, step) samples drawn (default 128)")
+    p.add_argument("--snapshots", type=int, default=128,
+                   help="(prompt, step) samples drawn (default 128; at most prompts x steps are)")
     p.add_argument("--tokens", type=int, help="tokens kept per layer (default: the recipe's eval_tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int)
@@ -261,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", help="never quantize layers matching these patterns")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common_device(p)
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=cmd_quantize, validate=_validate_quantize)
 
     p = sub.add_parser("generate", help="sample images with a quantized checkpoint",
                        description="Load the base pipeline the checkpoint records (or --base) with the quantized "
@@ -271,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a LoRA .safetensors file at a strength (default 1); repeatable")
     sampling(p)
     common_device(p)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, validate=_validate_generate)
 
     p = sub.add_parser("compare", help="16-bit and quantized images side by side, with PSNR/SSIM",
                        description="Sample the base pipeline and the quantized one from the same seed; write both "
@@ -279,12 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_prompt(p, "compare.png")
     sampling(p)
     common_device(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, validate=_validate_compare)
 
     p = sub.add_parser("info", help="what a checkpoint holds", description="Print a checkpoint's metadata.")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON instead")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, validate=_validate_info)
     return ap
 
 
@@ -292,12 +443,46 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    # transformers notes on every diffusers pipeline load that its image processors lack torchvision;
+    # svdquant uses none of them, and the note would bury the one line a command prints.
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda r: "requires torchvision" not in r.getMessage())
+    if not _bars():  # diffusers / transformers loading bars: none in a redirected log
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    # diffusers' warnings (offline mode, deprecations) would surround the one error line; svdquant's own
+    # checks now catch what they warned about (sizes it would have resized quietly)
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
     try:
+        args.validate(args)  # the whole request, before any work
         args.func(args)
+        sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
     except (CheckpointError, UsageError, OSError, ValueError) as e:  # LoRAError is a ValueError
-        print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, BrokenPipeError):
+            return _broken_pipe()
+        msg = " ".join(str(e).split())  # one line, even for libraries' multi-line messages
+        print(f"svdquant {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every writer cleans up after itself (temporary names, then renames)
+        print(f"svdquant {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _broken_pipe() -> int:
+    """The reader went away (``svdquant info CK | head``): stop quietly, as other Unix tools do.
+    stdout is pointed at /dev/null so Python's final flush does not print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in tests)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -130,6 +130,21 @@ def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe:
                     rep.rel_error_naive, rep.rel_error, rep.seconds)
 
 
+def _check_pipeline_call(pipe, calib: Calibration) -> None:
+    """What the calibration will ask of the pipeline, checked before it runs (minutes, on a big model)."""
+    from .pipelines import check_size
+
+    prompts = calib.prompt_list()
+    if hasattr(pipe, "labels_for"):  # the tiny model draws only its class names
+        pipe.labels_for(prompts)
+    kw = calib.pipeline_kwargs
+    check_size(pipe, kw.get("height"), kw.get("width"))
+    if kw.get("guidance_scale") is not None:
+        from . import _checks
+
+        _checks.real("guidance_scale", kw["guidance_scale"], lo=0)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -154,16 +169,31 @@ def quantize(
         pipeline). A bare model needs ``Calibration(inputs=[...])``.
     include / exclude: shell-style patterns of layer names; given, they replace the
         architecture's adapter by the generic one (every matching ``nn.Linear``).
+    progress: progress bars (shown only when stderr is a terminal).
     Returns a :class:`QuantReport` (print it for a table).
+
+    Every argument is checked before calibration starts (ValueError / TypeError, one line).
     """
     t0 = time.perf_counter()
     pipe, model = _split_target(target)
+    if not isinstance(recipe, (str, QuantConfig)):
+        raise TypeError(f"recipe= takes a name such as 'int4' or a QuantConfig, got {type(recipe).__name__}")
     recipe = get_recipe(recipe)
+    for name, patterns in (("include", include), ("exclude", exclude)):
+        # a bare string would be read as one pattern per character
+        if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
+            raise TypeError(f"{name}= takes a list of patterns, e.g. {name}=['*attn*'], got {patterns!r}")
     adapter = get_adapter(model, include, exclude)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration= takes a svdquant.Calibration, got {type(calibration).__name__}; "
+                        "e.g. Calibration(prompts=[...])")
     calib = calibration or Calibration()
     if calib.prompts is None and calib.inputs is None and hasattr(pipe, "calibration_prompts"):
         calib = dataclasses.replace(calib, prompts=pipe.calibration_prompts)  # e.g. class names
-    tokens = calib.tokens_per_layer or recipe.eval_tokens
+    if pipe is not None and calib.inputs is None:
+        _check_pipeline_call(pipe, calib)
+    # None means the recipe's; 0 is refused by Calibration, never replaced by the default
+    tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
     device = _model_device(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -185,7 +215,8 @@ def quantize(
         report.seconds_calibration = time.perf_counter() - t0
         if report.snapshots == 0 or not all(entries.values()):
             raise RuntimeError("calibration recorded no model calls; check the calibration prompts/inputs")
-        bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group", disable=not progress)
+        bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group",
+                   disable=None if progress else True)  # None: only on a terminal
         for stack in adapter.stacks:
             snaps = entries[stack]
             stack_blocks = [(n, b, g) for n, b, g in plan if n.rsplit(".", 1)[0] == stack]
@@ -226,7 +257,7 @@ def quantize(
 
         report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
         report.seconds_calibration = time.perf_counter() - t0
-        for g in tqdm(groups, desc="quantizing", unit="group", disable=not progress):
+        for g in tqdm(groups, desc="quantizing", unit="group", disable=None if progress else True):
             x, amax = holder["r"].inputs(g.names[0])
             report.rows.append(_quantize_group(model, "", g, x, amax, recipe))
 

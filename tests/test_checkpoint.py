@@ -534,6 +534,23 @@ def test_checkpoint_folder_has_normal_permissions(saved, tmp_path):
     assert path.stat().st_mode & 0o777 == ref.stat().st_mode & 0o777
 
 
+def test_checkpoint_files_follow_the_umask(saved, tmp_path):
+    """The tensor file was created 0600 by safetensors while the rest followed the umask."""
+    ref = tmp_path / "ref.txt"
+    ref.write_text("x")
+    path = svdquant.save_quantized(saved("flux")[0], tmp_path / "ck")
+    for name in (META_FILE, TENSOR_FILE):
+        assert (path / name).stat().st_mode & 0o777 == ref.stat().st_mode & 0o777, name
+
+
+def test_tensor_file_longer_than_its_header_says(fresh):
+    path = fresh()
+    with open(path / TENSOR_FILE, "ab") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*the header describes"):
+        svdquant.load_quantized(path)
+
+
 # ------------------------------------------------------------------------------------------------ load_pipeline
 @pytest.fixture(scope="module")
 def pipeline_setup(tmp_path_factory):

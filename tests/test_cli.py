@@ -166,9 +166,9 @@ def test_quantize_refuses_existing_output_without_overwrite(ck, flux_pipe, capsy
     assert listing(ck) == before  # not a byte or an mtime changed
 
 
-def test_quantize_overwrite_replaces_folder(root, flux_pipe, capsys):
+def test_quantize_overwrite_replaces_folder(root, ck, flux_pipe, capsys):
     target = root / "overwrite-me"
-    target.mkdir()
+    shutil.copytree(ck, target)  # an earlier checkpoint (overwrite never replaces a folder of other files)
     (target / "stale.txt").write_text("old")
     rc, out, err = call(capsys, ["quantize", flux_pipe, "-o", target, "--recipe", "int4", "--method", "naive",
                                  "--overwrite", *CALIB])
@@ -183,10 +183,11 @@ def test_quantize_tiny(tiny_ck, capsys, tmp_path):
     ck, rc, out, err = tiny_ck
     assert rc == 0, err
     assert (ck / META_FILE).is_file() and (ck / TENSOR_FILE).is_file()
-    base = ck.parent / f"{ck.name}-base"
-    assert (base / "pipeline.json").is_file()  # the 16-bit base is saved beside the checkpoint
     assert f"saved {ck}" in out and "recipe 'int4'" in out
     meta = json.loads((ck / META_FILE).read_text())
+    # the base is the shipped model, recorded by name: nothing is written beside the checkpoint
+    assert meta["base"] == "tiny" and meta["base_is_local"] is False
+    assert sorted(p.name for p in ck.parent.iterdir() if p.name.startswith(ck.name)) == [ck.name]
     assert meta["model_config"]["num_layers"] == 2 and meta["report"]["snapshots"] == 2
     # the checkpoint is usable: a class-name prompt gives a 32x32 image
     rc, out, err = call(capsys, ["generate", ck, "a cat", "-o", tmp_path / "cat.png", "--steps", "2", *CPU])

@@ -51,9 +51,43 @@ class Calibration:
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] | None = None
 
+    # set by the calibration itself; in pipeline_kwargs they would collide with it
+    _RESERVED = ("prompt", "num_inference_steps", "generator", "output_type")
+
+    def __post_init__(self):
+        # Checked here so a bad value fails when the Calibration is made, not minutes into a run.
+        from .. import _checks
+
+        if self.prompts is not None:
+            if isinstance(self.prompts, str):  # iterating it would calibrate on single characters
+                raise ValueError("prompts= takes a list of prompts, got one string; use prompts=[...]")
+            if not all(isinstance(p, str) and p.strip() for p in self.prompts):
+                raise ValueError("prompts= must be non-empty strings")
+            if not self.prompts:
+                raise ValueError("prompts=[] is empty; give at least one prompt, or None for the built-in 128")
+        if self.num_prompts is not None:
+            _checks.count("num_prompts", self.num_prompts)
+        _checks.steps("steps", self.steps)
+        _checks.count("snapshots", self.snapshots)
+        if self.tokens_per_layer is not None:
+            _checks.count("tokens_per_layer", self.tokens_per_layer, why=" (None: the recipe's eval_tokens)")
+        _checks.seed("seed", self.seed)
+        if not isinstance(self.pipeline_kwargs, dict):
+            raise ValueError(f"pipeline_kwargs= must be a dict, got {type(self.pipeline_kwargs).__name__}")
+        clash = sorted(set(self.pipeline_kwargs) & set(self._RESERVED))
+        if clash:
+            raise ValueError(f"pipeline_kwargs sets {clash}, which calibration sets itself; use prompts=, steps=, "
+                             "seed=")
+        if self.inputs is not None:
+            if not self.inputs or not all(isinstance(kw, dict) for kw in self.inputs):
+                raise ValueError("inputs= must be a non-empty list of forward keyword-argument dicts")
+
     def prompt_list(self) -> list[str]:
         prompts = list(self.prompts if self.prompts is not None else DEFAULT_PROMPTS)
         if self.num_prompts is not None:
+            if self.num_prompts > len(prompts):  # taking fewer than asked would pass unnoticed
+                raise ValueError(f"num_prompts={self.num_prompts}, but there are only {len(prompts)} prompts; "
+                                 f"use at most {len(prompts)}")
             prompts = prompts[: self.num_prompts]
         if not prompts:
             raise ValueError("calibration needs at least one prompt")
@@ -203,7 +237,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     if calib.inputs is not None:
         close = selector_hooks(None)
         try:
-            for kw in tqdm(calib.inputs, desc="calibrating", disable=not progress, leave=False):
+            for kw in tqdm(calib.inputs, desc="calibrating", disable=None if progress else True, leave=False):
                 model(**kw)
         finally:
             close()
@@ -220,7 +254,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     try:
         gen_device = "cpu"
         for i in tqdm([i for i in range(len(prompts)) if i in plan], desc="calibrating (prompts)",
-                      disable=not progress, leave=False):
+                      disable=None if progress else True, leave=False):
             selector.start_prompt(i)
             gen = torch.Generator(gen_device).manual_seed(calib.seed + i)
             try:

@@ -8,15 +8,28 @@ from pathlib import Path
 
 import torch
 
-from .tiny import CIFAR10_CLASSES, PIPELINE_FILE, ClassConditioner, TinyFluxPipeline, tiny_flux_config
+from .. import _checks
+from .tiny import (
+    ASSET_DIR, CIFAR10_CLASSES, PIPELINE_FILE, TINY_BASE, ClassConditioner, TinyFluxPipeline, check_tiny_size, tiny_flux_config,
+)
 
 
 def _is_tiny(base) -> bool:
     return Path(base, PIPELINE_FILE).is_file()
 
 
+def _check_local(base) -> None:
+    """A base spelled as a path (``/x``, ``./x``, ``~/x``) that is not there: say so, instead of
+    letting diffusers try it as a hub id and report a connection error."""
+    if str(base).startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+        raise FileNotFoundError(f"no base pipeline at {base}: the folder does not exist")
+
+
 def transformer_class_of(base: str | os.PathLike) -> str | None:
     """The transformer class a base pipeline (folder or hub id) holds, from its config files."""
+    if str(base) == TINY_BASE:
+        return "FluxTransformer2DModel"
+    _check_local(base)
     if _is_tiny(base):
         return json.loads(Path(base, PIPELINE_FILE).read_text())["transformer_class"]
     from diffusers import DiffusionPipeline
@@ -32,6 +45,20 @@ def transformer_class_of(base: str | os.PathLike) -> str | None:
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
 
+def tiny_transformer_config(base) -> dict | None:
+    """The transformer config of a tiny base (the name ``tiny`` or a saved TinyFluxPipeline folder), else None.
+    A FLUX checkpoint of another size passes the class check against these; the config tells them apart."""
+    if str(base) == TINY_BASE:
+        if not (ASSET_DIR / PIPELINE_FILE).exists():
+            return tiny_flux_config()
+        folder = ASSET_DIR
+    elif _is_tiny(base):
+        folder = Path(base)
+    else:
+        return None
+    return json.loads((folder / "transformer" / "config.json").read_text())
+
+
 def _dtype_keyword() -> str:
     """``dtype`` on diffusers that renamed ``torch_dtype`` (and warn about the old name), else ``torch_dtype``."""
     from diffusers.utils import deprecation_utils
@@ -41,6 +68,16 @@ def _dtype_keyword() -> str:
 
 def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: torch.dtype | None = None):
     """The 16-bit pipeline at ``base``, optionally with ``transformer`` in place of its own."""
+    if str(base) == TINY_BASE:
+        if torch_dtype is None:  # as stored: match the transformer given, so the two can run together
+            floats = [p.dtype for p in (transformer.parameters() if transformer is not None else ())
+                      if p.dtype.is_floating_point]
+            torch_dtype = floats[0] if floats else torch.float32
+        pipe = TinyFluxPipeline.default(torch_dtype)
+        if transformer is not None:
+            pipe.transformer = transformer.eval()
+        return pipe
+    _check_local(base)
     if _is_tiny(base):
         return TinyFluxPipeline.from_pretrained(base, transformer=transformer, torch_dtype=torch_dtype)
     from diffusers import DiffusionPipeline
@@ -54,5 +91,25 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
         raise FileNotFoundError(f"cannot load the base pipeline {base!s}: {e}") from None
 
 
+def size_multiple(pipe) -> int:
+    """What image heights and widths must be a multiple of for ``pipe`` (diffusers otherwise resizes quietly)."""
+    vae = getattr(pipe, "vae_scale_factor", 8)
+    if "Flux" in type(pipe).__name__:
+        return vae * 2  # latents are packed 2x2 into tokens
+    patch = getattr(getattr(pipe.transformer, "config", None), "patch_size", None) or 1
+    return vae * patch
+
+
+def check_size(pipe, height=None, width=None, names=("height", "width")) -> None:
+    """Raise ValueError if ``pipe`` cannot draw at this size, naming the sizes it can."""
+    for name, v in zip(names, (height, width)):
+        if v is None:
+            continue
+        if isinstance(pipe, TinyFluxPipeline):
+            check_tiny_size(pipe.image_size, name, v)
+        else:
+            _checks.size(name, v, size_multiple(pipe))
+
+
 __all__ = ["TinyFluxPipeline", "ClassConditioner", "CIFAR10_CLASSES", "tiny_flux_config", "load_base_pipeline",
-           "transformer_class_of"]
+           "transformer_class_of", "check_size", "TINY_BASE"]

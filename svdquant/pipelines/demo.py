@@ -11,40 +11,97 @@ images). A variant is a recipe name, optionally with an ablation method:
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .. import _checks
 from ..calibration import Calibration
 from ..checkpoint import save_quantized
 from ..images import grid, to_pil
 from ..metrics import psnr, ssim
 from ..quantize import quantize
 from ..recipes import DEMO_VARIANTS, get_recipe
-from .tiny import TinyFluxPipeline
+from .tiny import TINY_BASE, TinyFluxPipeline
+
+OUTPUTS = ("compare.png", "quality.md")  # plus one checkpoint folder per variant
+
+
+def check_demo_args(out: str | Path, recipes: Sequence[str], steps: int, seed: int, overwrite: bool,
+                    names=("out", "recipes", "steps", "seed")) -> list:
+    """Every argument of :func:`run_demo`, checked before anything is quantized; returns the recipes.
+
+    ``names`` are how the caller spells the arguments (the CLI passes its option names)."""
+    n_out, n_recipes, n_steps, n_seed = names
+    _checks.steps(n_steps, steps)
+    _checks.seed(n_seed, seed)
+    if isinstance(recipes, str) or not recipes:
+        raise ValueError(f"{_checks.show(n_recipes, recipes)}: give a list of one or more variants, "
+                         f"e.g. {' '.join(DEMO_VARIANTS)}")
+    built = [get_recipe(r) for r in recipes]  # an unknown name fails here, before the first quantization
+    seen = set()
+    for r in built:
+        if r.name in seen:
+            raise ValueError(f"{_checks.show(n_recipes, ' '.join(recipes))}: {r.name} is listed twice")
+        seen.add(r.name)
+    out = Path(out)
+    _checks.output_parent(n_out, out / "x")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{_checks.show(n_out, out)} is a file; the demo writes a folder")
+    clash = [name for name in (*OUTPUTS, *seen) if (out / name).exists()]
+    if clash and not overwrite:
+        fix = "--overwrite" if n_out.startswith("-") else "overwrite=True"
+        raise ValueError(f"{out} already holds {', '.join(clash)}; choose another folder or pass {fix}")
+    return built
 
 
 def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEMO_VARIANTS, *, steps: int = 6,
              seed: int = 0, calib_steps: int = 4, snapshots: int = 8, eval_tokens: int = 256, progress: bool = True,
-             overwrite: bool = True) -> list[dict]:
+             overwrite: bool = False, log=None) -> list[dict]:
     """Returns one row per variant: recipe, PSNR/SSIM against 16-bit, class accuracy, quantization seconds.
 
     The defaults keep the whole job under two minutes on a 2-core CPU (1 min 46 s measured): 6 Euler
     steps, 8 calibration snapshots, 256 tokens to score each smoothing candidate. On the CPU every
     quantized layer runs the torch reference, which is slower than a 16-bit layer.
+
+    Everything is written to a temporary folder beside ``out`` and moved in at the end, so a failure
+    or Ctrl-C leaves no half-written demo. ``overwrite`` replaces earlier demo outputs in ``out``
+    (only the files and variant folders the demo writes). ``log(line)`` reports which variant runs
+    (default: print when ``progress``).
     """
+    recipes = check_demo_args(out, recipes, steps, seed, overwrite)
+    log = log or (print if progress else (lambda line: None))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        results = _run(stage, recipes, steps, seed, calib_steps, snapshots, eval_tokens, progress, log)
+        out.mkdir(exist_ok=True)
+        for item in sorted(stage.iterdir()):
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return results
+
+
+def _run(out: Path, recipes, steps, seed, calib_steps, snapshots, eval_tokens, progress, log) -> list[dict]:
     from ..quality import class_accuracy, load_classifier
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = TinyFluxPipeline.default()
-    base_dir = out / "base"
-    base.save_pretrained(base_dir)
     n = len(base.classes)
     labels = list(range(n))
     noise = base.noise(n, torch.Generator().manual_seed(seed))
+    log(f"16-bit reference: sampling {n} images, {steps} steps")
     ref = base(class_labels=labels, latents=noise, num_inference_steps=steps, output_type="pt", progress=progress).images
     try:
         judge = load_classifier()
@@ -52,22 +109,26 @@ def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEMO_VA
         judge = None
     acc_ref = class_accuracy(judge, ref, torch.tensor(labels))[0] if judge is not None else float("nan")
     rows = [("16-bit", to_pil(ref))]
+    notes = ["reference: the PSNR below each row is against this one"]
     results = [dict(recipe="16-bit", psnr=float("inf"), ssim=1.0, accuracy=acc_ref, quantize_seconds=0.0)]
-    for name in recipes:
-        recipe = get_recipe(name, eval_tokens=eval_tokens)
+    for i, recipe in enumerate(recipes, 1):
+        recipe = recipe.replace(eval_tokens=eval_tokens)
+        log(f"{recipe.name}, {i} of {len(recipes)}: quantizing and sampling")
         pipe = copy.deepcopy(base)
         t0 = time.perf_counter()
         report = quantize(pipe, recipe, Calibration(steps=calib_steps, snapshots=snapshots, seed=seed),
                           progress=progress)
         secs = time.perf_counter() - t0
-        save_quantized(pipe.transformer, out / recipe.name, base=base_dir, report=report, overwrite=overwrite)
+        # the base is the shipped tiny model, by name: no copy of it is needed beside the checkpoints
+        save_quantized(pipe.transformer, out / recipe.name, base=TINY_BASE, report=report)
         imgs = pipe(class_labels=labels, latents=noise, num_inference_steps=steps, output_type="pt",
                     progress=progress).images
         rows.append((recipe.name, to_pil(imgs)))
+        p, s = float(psnr(imgs, ref).mean()), float(ssim(imgs, ref).mean())
+        notes.append(f"PSNR {p:.2f} dB")
         acc = class_accuracy(judge, imgs, torch.tensor(labels))[0] if judge is not None else float("nan")
-        results.append(dict(recipe=recipe.name, psnr=float(psnr(imgs, ref).mean()), ssim=float(ssim(imgs, ref).mean()),
-                            accuracy=acc, quantize_seconds=secs))
-    grid(rows, scale=2, col_labels=base.classes).save(out / "compare.png")
+        results.append(dict(recipe=recipe.name, psnr=p, ssim=s, accuracy=acc, quantize_seconds=secs))
+    grid(rows, scale=2, col_labels=base.classes, row_notes=notes).save(out / "compare.png")
     table = quality_table(results, base, steps, seed)
     (out / "quality.md").write_text(table + "\n")
     return results

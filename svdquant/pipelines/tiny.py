@@ -29,6 +29,10 @@ from ..images import to_pil
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PIPELINE_FILE = "pipeline.json"
+# As a base pipeline name (``svdquant quantize tiny``, a checkpoint's recorded base), the tiny model
+# shipped in the package: nothing needs to be saved next to a checkpoint made from it.
+TINY_BASE = "tiny"
+IMAGE_SIZE = 32
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux-cifar10"
 
 
@@ -70,6 +74,15 @@ def unpack(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return t.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def check_tiny_size(image_size: int, name: str, value) -> None:
+    """The tiny model was trained at one size only; any other would silently be a different model."""
+    from .._checks import show
+
+    if value is not None and value != image_size:
+        raise ValueError(f"{show(name, value)}: the tiny model draws {image_size}x{image_size} images only; "
+                         "leave height and width unset")
+
+
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
     ii, jj = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
     return torch.stack([torch.zeros_like(ii), ii, jj], -1).reshape(-1, 3).float().to(device)
@@ -84,7 +97,7 @@ class TinyFluxPipeline:
     """``pipe(prompt="cat")`` or ``pipe(class_labels=[3, 5])`` -> 32×32 images, diffusers-style."""
 
     def __init__(self, transformer: FluxTransformer2DModel, conditioner: ClassConditioner,
-                 classes: Sequence[str] = CIFAR10_CLASSES, image_size: int = 32, guidance_scale: float = 1.0,
+                 classes: Sequence[str] = CIFAR10_CLASSES, image_size: int = IMAGE_SIZE, guidance_scale: float = 1.0,
                  num_inference_steps: int = 20, info: dict | None = None):
         self.transformer, self.conditioner = transformer, conditioner
         self.classes, self.image_size = tuple(classes), image_size
@@ -181,22 +194,49 @@ class TinyFluxPipeline:
         )[0]
         return unpack(out, self.image_size, self.image_size)
 
+    def check_inputs(self, num_inference_steps=None, num_images_per_prompt: int = 1, guidance_scale=None,
+                     height=None, width=None, output_type: str = "pil") -> None:
+        """Raise ValueError (one line) for a call this model cannot honour, before any sampling."""
+        from .. import _checks
+
+        if num_inference_steps is not None:
+            _checks.steps("num_inference_steps", num_inference_steps)
+        _checks.count("num_images_per_prompt", num_images_per_prompt, hi=_checks.MAX_IMAGES)
+        if guidance_scale is not None:
+            _checks.real("guidance_scale", guidance_scale, lo=0)
+        for name, v in (("height", height), ("width", width)):
+            # The transformer was trained on one size only; any other would be a different model.
+            check_tiny_size(self.image_size, name, v)
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}: use 'pil', 'pt' or 'latent'")
+
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, class_labels=None, num_inference_steps=None,
                  guidance_scale=None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", num_images_per_prompt: int = 1, progress: bool = False, **_):
+                 output_type: str = "pil", num_images_per_prompt: int = 1, progress: bool = False,
+                 height: int | None = None, width: int | None = None):
+        self.check_inputs(num_inference_steps, num_images_per_prompt, guidance_scale, height, width, output_type)
         if class_labels is None:
             if prompt is None:
                 raise ValueError("give a prompt (a class name) or class_labels")
             class_labels = self.labels_for(prompt)
-        labels = torch.as_tensor(class_labels, dtype=torch.long).repeat_interleave(num_images_per_prompt)
-        labels = labels.to(self.device)
-        steps = num_inference_steps or self.num_inference_steps
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= len(self.classes):
+            raise ValueError(f"class_labels={list(class_labels)!r}: each label must be 0 to {len(self.classes) - 1} "
+                             f"({', '.join(self.classes)})")
+        labels = labels.repeat_interleave(num_images_per_prompt).to(self.device)
+        # None = the model's default; 0 is an error above, never "the default".
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         g = self.guidance_scale if guidance_scale is None else guidance_scale
+        if latents is not None and tuple(latents.shape) != (len(labels), 3, self.image_size, self.image_size):
+            raise ValueError(f"latents of shape {tuple(latents.shape)}: expected "
+                             f"{(len(labels), 3, self.image_size, self.image_size)}")
         x = latents.to(self.device, self.dtype) if latents is not None else self.noise(len(labels), generator)
         null = torch.full_like(labels, len(self.classes))
         ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False):
+        # disable=None: tqdm shows the bar only on a terminal, so redirected logs stay readable
+        for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=None if progress else True,
+                              leave=False):
             if g != 1.0:
                 v_c, v_u = self.velocity(torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
                 v = v_u + g * (v_c - v_u)

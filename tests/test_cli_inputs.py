@@ -1,0 +1,542 @@
+"""Every user input checked before work starts (issue 12): one test per rejected input class and per bug.
+
+A rejected command must exit with status 2, print one ``svdquant CMD: error: ...`` line naming the fix,
+no traceback, and leave no new file. The API checks raise ValueError / TypeError / CheckpointError with
+one line. Models are the tiny ones (naive W4A4, 2 steps, 16x16 pixels) so the whole file runs in ~1 min.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import svdquant
+from svdquant.checkpoint import META_FILE, TENSOR_FILE, CheckpointError
+from svdquant.cli import main
+
+CPU = ["--device", "cpu"]
+SAMPLE = ["--steps", "2", "--height", "16", "--width", "16", *CPU]
+CALIB = ["--num-prompts", "1", "--steps", "2", "--snapshots", "2", "--tokens", "64", "--height", "16", "--width", "16",
+         *CPU]
+TINY_CALIB = ["--recipe", "int4", "--method", "naive", "--num-prompts", "1", "--steps", "2", "--snapshots", "2",
+              "--tokens", "64", *CPU]
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def run(argv) -> tuple[int, str, str]:
+    """``main(argv)`` with stdout / stderr captured (not terminals: no progress bars expected)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and mtime: 'no new files, nothing changed'."""
+    return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def rejected(argv, *needles, folder: Path, command: str | None = None) -> str:
+    """Run a command that must be refused: exit 2, one error line (with ``needles``), no traceback, and
+    ``folder`` exactly as before. Returns the line."""
+    command = command or str(argv[0])
+    before = files(folder)
+    rc, out, err = run(argv)
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"svdquant {command}: error: "), err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    assert files(folder) == before, "a refused command changed or left files"
+    return lines[0]
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("inputs")
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(root):
+    return tm.save_flux_pipeline(root / "pipe")
+
+
+@pytest.fixture(scope="module")
+def ck(root, pipe_dir):
+    """A naive-W4A4 checkpoint of the tiny diffusers FLUX pipeline (fp32)."""
+    path = root / "ck"
+    rc, _, err = run(["quantize", pipe_dir, "-o", path, "--recipe", "int4", "--method", "naive", *CALIB])
+    assert rc == 0, err
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ck(root):
+    """``svdquant quantize tiny`` (naive W4A4): stderr must be empty (no progress bars when not a terminal)."""
+    path = root / "tiny"
+    rc, out, err = run(["quantize", "tiny", "-o", path, *TINY_CALIB])
+    assert rc == 0, err
+    return path, out, err
+
+
+# ------------------------------------------------------------------------------------------------ quantize
+QUANTIZE_BAD = {
+    "steps-zero": (["--steps", "0"], ["--steps 0", "between 1 and"]),
+    "steps-negative": (["--steps", "-3"], ["--steps -3"]),
+    "steps-absurd": (["--steps", "100000"], ["--steps 100000", "1000"]),
+    "snapshots-zero": (["--snapshots", "0"], ["--snapshots 0"]),
+    "tokens-zero": (["--tokens", "0"], ["--tokens 0", "leave it out"]),
+    "num-prompts-zero": (["--num-prompts", "0"], ["--num-prompts 0"]),
+    "num-prompts-beyond": (["--num-prompts", "11"], ["--num-prompts 11", "only 10 prompts"]),
+    "seed-negative": (["--seed", "-1"], ["--seed -1"]),
+    "rank-negative": (["--rank", "-1"], ["--rank -1"]),
+    "rank-absurd": (["--rank", "100000"], ["--rank 100000"]),
+    "size-tiny": (["--height", "64"], ["--height 64", "32x32"]),
+    "size-zero": (["--width", "0"], ["--width 0"]),
+    "guidance-nan": (["--guidance-scale", "nan"], ["--guidance-scale nan", "finite"]),
+    "recipe-unknown": (["--recipe", "int5"], ["unknown recipe 'int5'"]),
+    "method-recipe-clash": (["--recipe", "nf4", "--method", "svdquant"], ["rank"]),
+    "device-unknown": (["--device", "tpu0"], ["'tpu0' is not a device"]),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_BAD))
+def test_quantize_rejects_bad_values(tmp_path, case):
+    extra, needles = QUANTIZE_BAD[case]
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", *extra], *needles, folder=tmp_path)
+
+
+def test_quantize_prompts_file_checked_first(tmp_path):
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "none.txt"], "no such file",
+             folder=tmp_path)
+    (tmp_path / "prompts").mkdir()
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "prompts"], "is a folder",
+             folder=tmp_path)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "blank.txt"], "holds no prompts",
+             folder=tmp_path)
+    (tmp_path / "sunset.txt").write_text("a sunset over the sea\n")  # the tiny model draws CIFAR-10 classes only
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--prompts", tmp_path / "sunset.txt", *CPU],
+             "draws only the classes", "'a sunset over the sea'", folder=tmp_path)
+
+
+def test_quantize_output_paths_checked_first(tmp_path, ck, pipe_dir):
+    (tmp_path / "afile").write_text("x")
+    rejected(["quantize", "tiny", "-o", tmp_path / "afile" / "ck"], "afile is a file, not a folder", folder=tmp_path)
+    rejected(["quantize", "tiny", "-o", tmp_path / "afile", "--overwrite"], "is a file", folder=tmp_path)
+    # --overwrite replaces an earlier checkpoint, never a folder of other files (a mistyped `-o .`)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep me")
+    rejected(["quantize", "tiny", "-o", tmp_path / "project", "--overwrite"], "not an svdquant checkpoint",
+             folder=tmp_path)
+    rejected(["quantize", "tiny", "-o", ck], "already exists", "--overwrite", folder=ck)
+    rejected(["quantize", pipe_dir, "-o", pipe_dir / "ck"], "inside the model folder", folder=pipe_dir)
+
+
+def test_quantize_model_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    rejected(["quantize", tmp_path / "weights.bin", "-o", tmp_path / "ck"], "not a diffusers pipeline folder",
+             folder=tmp_path)
+
+
+def test_quantize_tiny_needs_no_base_folder(tiny_ck):
+    path, out, err = tiny_ck
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith("tiny")) == ["tiny"]
+    assert svdquant.read_metadata(path)["base"] == "tiny"
+    assert err == ""  # no progress-bar redraws when stderr is not a terminal
+    assert "\r" not in out
+
+
+def test_quantize_size_the_pipeline_cannot_take(tmp_path, pipe_dir):
+    # the tiny FLUX pipeline's latents are packed 2x2 from a VAE that halves: sizes are multiples of 4
+    rejected(["quantize", pipe_dir, "-o", tmp_path / "ck", *CALIB, "--height", "18"], "--height 18", "multiple of 4",
+             folder=tmp_path)
+
+
+def test_quantize_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    import svdquant.checkpoint as ckpt
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_file", interrupted)  # Ctrl-C while the tensor file is written
+    rc, out, err = run(["quantize", "tiny", "-o", tmp_path / "ck", *TINY_CALIB])
+    assert rc == 130 and err == "svdquant quantize: interrupted\n", err
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary folder, no <out>-base
+
+
+# ------------------------------------------------------------------------------------------------ generate / compare
+SAMPLE_BAD = {
+    "steps-zero": (["--steps", "0"], ["--steps 0"]),  # used to run the pipeline's default
+    "steps-negative": (["--steps", "-2"], ["--steps -2"]),
+    "num-images-zero": (["--num-images", "0"], ["--num-images 0"]),
+    "num-images-absurd": (["--num-images", "100000"], ["--num-images 100000", "one batch"]),
+    "height-zero": (["--height", "0"], ["--height 0"]),
+    "width-negative": (["--width", "-16"], ["--width -16"]),
+    "size-absurd": (["--width", "1000000"], ["--width 1000000"]),
+    "seed-huge": (["--seed", str(2**70)], ["--seed"]),
+    "guidance-negative": (["--guidance-scale", "-1"], ["--guidance-scale"]),
+    "device-unknown": (["--device", "gpu0"], ["'gpu0' is not a device"]),
+}
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+@pytest.mark.parametrize("case", list(SAMPLE_BAD))
+def test_sampling_rejects_bad_values(ck, tmp_path, command, case):
+    extra, needles = SAMPLE_BAD[case]
+    rejected([command, ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, *extra], *needles, folder=tmp_path)
+
+
+def test_generate_size_the_model_cannot_take(ck, tiny_ck, tmp_path):
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--height", "18"], "multiple of 4",
+             folder=tmp_path)
+    # the tiny model draws 32x32 only: a size used to be ignored silently
+    rejected(["generate", tiny_ck[0], "a cat", "-o", tmp_path / "x.png", "--steps", "2", "--height", "16", *CPU],
+             "--height 16", "32x32", folder=tmp_path)
+    rejected(["compare", tiny_ck[0], "a cat", "-o", tmp_path / "x.png", "--steps", "2", "--width", "64", *CPU],
+             "--width 64", "32x32", folder=tmp_path)
+
+
+def test_generate_empty_prompt(ck, tmp_path):
+    rejected(["generate", ck, "  ", "-o", tmp_path / "x.png", *SAMPLE], "the prompt is empty", folder=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["image", "image.txt", "."])
+def test_generate_output_not_an_image_name(ck, tmp_path, name):
+    rejected(["generate", ck, "a cat", "-o", tmp_path / name, *SAMPLE], "image file name", folder=tmp_path)
+
+
+def test_generate_output_is_a_folder(ck, tmp_path):
+    (tmp_path / "pics.png").mkdir()
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "pics.png", *SAMPLE], "is a folder", folder=tmp_path)
+
+
+def test_generate_output_under_a_file(ck, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "afile" / "x.png", *SAMPLE], "is a file, not a folder",
+             folder=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_existing_output_needs_overwrite(ck, tmp_path, command):
+    target = tmp_path / "x.png"
+    Image.new("RGB", (4, 4), "red").save(target)
+    rejected([command, ck, "a cat", "-o", target, *SAMPLE], str(target), "already exists", "--overwrite",
+             folder=tmp_path)
+    rc, out, err = run([command, ck, "a cat", "-o", target, *SAMPLE, "--overwrite"])
+    assert rc == 0, err
+    assert pixels(target).shape != (4, 4, 3)  # replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no temporary file left
+
+
+def test_generate_refuses_when_one_of_several_outputs_exists(ck, tmp_path):
+    (tmp_path / "x-1.png").write_bytes(b"mine")
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", "--num-images", "2", *SAMPLE], "x-1.png",
+             "already exists", folder=tmp_path)
+
+
+def test_generate_lora_checked_before_loading(ck, tmp_path):
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", "--lora", tmp_path / "none.safetensors:0.5",
+              *SAMPLE], "no LoRA file at", folder=tmp_path)
+    (tmp_path / "l.safetensors").write_bytes(b"x")
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", "--lora", f"{tmp_path / 'l.safetensors'}:nan",
+              *SAMPLE], "strength must be a finite number", folder=tmp_path)
+
+
+def test_generate_base_folder_missing(ck, tmp_path):
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", "--base", tmp_path / "no-base", *SAMPLE],
+             "no base pipeline at", "does not exist", folder=tmp_path)
+
+
+def test_base_of_another_size_is_refused_before_loading(ck, tmp_path):
+    # the class matches (FluxTransformer2DModel) but the shipped tiny model is wider: it crashed mid-sampling
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--base", "tiny"],
+             "attention_head_dim=32", "tiny base", folder=tmp_path)
+
+
+def test_hub_model_offline_is_one_line(tmp_path):
+    # diffusers' multi-line messages and warnings are folded into the one error line
+    rejected(["quantize", "no-such-owner/no-such-model", "-o", tmp_path / "ck"], "no-such-owner/no-such-model",
+             folder=tmp_path)
+
+
+def test_checkpoint_moved_without_its_base_names_base(ck, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(ck, moved)  # the recorded base is ../pipe, which is not beside the copy
+    line = rejected(["generate", moved, "a cat", "-o", tmp_path / "x.png", *SAMPLE], "--base", "moved without it",
+                    folder=tmp_path)
+    assert "connect" not in line and "huggingface" not in line  # was a hub connection error
+    with pytest.raises(FileNotFoundError, match="base="):
+        svdquant.load_pipeline(None, moved)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_dtype_16bit_runs_on_cpu(ck, tiny_ck, tmp_path, dtype):
+    # used to crash: the kept 16-bit layers stayed fp32 while the rest of the pipeline ran in bf16/fp16
+    for i, c in enumerate((ck, tiny_ck[0])):
+        size = SAMPLE if c == ck else ["--steps", "2", *CPU]
+        target = tmp_path / f"{i}.png"
+        rc, out, err = run(["generate", c, "a cat", "-o", target, *size, "--dtype", dtype])
+        assert rc == 0, err
+        assert pixels(target).std() > 1
+
+
+def test_quantize_bf16_then_generate_fp32(tmp_path):
+    rc, _, err = run(["quantize", "tiny", "-o", tmp_path / "ck", *TINY_CALIB, "--dtype", "bf16"])
+    assert rc == 0, err
+    rc, _, err = run(["generate", tmp_path / "ck", "a dog", "-o", tmp_path / "dog.png", "--steps", "2", *CPU])
+    assert rc == 0, err
+
+
+@NO_CUDA
+def test_load_pipeline_cuda_without_cuda_says_so(ck):
+    for load in (lambda: svdquant.load_pipeline(None, ck, device="cuda"),
+                 lambda: svdquant.load_quantized(ck, device="cuda:0")):
+        with pytest.raises(ValueError) as e:
+            load()
+        assert "no CUDA GPU" in str(e.value) and "corrupt" not in str(e.value)
+        assert not isinstance(e.value, CheckpointError)
+
+
+# ------------------------------------------------------------------------------------------------ info
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "header-lies"])
+def test_info_reports_a_damaged_tensor_file(ck, tmp_path, damage):
+    path = tmp_path / "ck"
+    shutil.copytree(ck, path)
+    f = path / TENSOR_FILE
+    data = f.read_bytes()
+    if damage == "truncated":
+        f.write_bytes(data[: len(data) - 100])
+    elif damage == "garbage":
+        f.write_bytes(os.urandom(4096))
+    elif damage == "missing":
+        f.unlink()
+    else:  # a valid-looking header whose offsets point past the data
+        f.write_bytes(data + b"\0" * 64)
+    why = "is missing" if damage == "missing" else "truncated or corrupt"
+    rejected(["info", path], str(f), why, folder=tmp_path)
+
+
+@pytest.mark.parametrize("name", [META_FILE, TENSOR_FILE])
+def test_info_on_one_of_the_checkpoint_files(ck, pipe_dir, name):
+    # the tensor file was looked for at svdquant.json, and a local base resolved against the file
+    rc, out, err = run(["info", ck / name])
+    assert rc == 0, err
+    assert f"base         {pipe_dir.resolve()}\n" in out
+
+
+def test_info_into_a_closed_pipe(ck):
+    """`svdquant info CK | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a real pipe
+    p = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "info", str(ck)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # like head after its line: every write now fails with EPIPE
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert err == "", err
+    assert p.returncode == 141
+
+
+# ------------------------------------------------------------------------------------------------ demo
+DEMO_BAD = {
+    "recipe-unknown": (["--recipes", "int4", "int5"], ["unknown recipe 'int5'"]),
+    "recipe-twice": (["--recipes", "int4", "nf4", "int4"], ["int4 is listed twice"]),
+    "steps-zero": (["--steps", "0"], ["--steps 0"]),
+    "steps-negative": (["--steps", "-4"], ["--steps -4"]),  # reported PSNR inf: noise against noise
+    "seed-negative": (["--seed", "-1"], ["--seed -1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DEMO_BAD))
+def test_demo_rejects_before_quantizing(tmp_path, monkeypatch, case):
+    import svdquant.pipelines.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "quantize", lambda *a, **k: calls.append(a) or pytest.fail("quantized"))
+    extra, needles = DEMO_BAD[case]
+    rejected(["demo", "-o", tmp_path / "demo", *extra], *needles, folder=tmp_path)
+    assert calls == []
+
+
+def test_demo_output_checks(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    rejected(["demo", "-o", tmp_path / "afile"], "is a file", folder=tmp_path)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "compare.png").write_bytes(b"earlier run")
+    rejected(["demo", "-o", tmp_path / "old"], "compare.png", "--overwrite", folder=tmp_path)
+
+
+def test_demo_api_checks(tmp_path):
+    from svdquant.pipelines.demo import run_demo
+
+    with pytest.raises(ValueError, match="steps=0"):
+        run_demo(tmp_path / "d", ["int4"], steps=0)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        run_demo(tmp_path / "d", ["int4", "nope"])
+    with pytest.raises(ValueError, match="list of one or more"):
+        run_demo(tmp_path / "d", "int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def demo_run(root):
+    out = root / "demo"
+    rc, stdout, err = run(["demo", "-o", out, "--recipes", "int4-naive", "nf4", "--steps", "1"])
+    return out, rc, stdout, err
+
+
+def test_demo_says_which_variant_runs(demo_run):
+    out, rc, stdout, err = demo_run
+    assert rc == 0, err
+    assert "int4-naive, 1 of 2" in stdout and "nf4, 2 of 2" in stdout
+    assert err == ""  # no progress bars in a redirected log
+    assert sorted(p.name for p in out.iterdir()) == ["compare.png", "int4-naive", "nf4", "quality.md"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".demo")]  # the staging folder is gone
+    assert svdquant.read_metadata(out / "nf4")["base"] == "tiny"  # no base/ copy needed
+
+
+def test_demo_compare_png_has_a_note_under_each_row(demo_run):
+    from svdquant.images import grid
+
+    out, rc, _, err = demo_run
+    assert rc == 0, err
+    with Image.open(out / "compare.png") as im:
+        h = im.size[1]
+    plain = grid([(n, [Image.new("RGB", (32, 32))] * 10) for n in ("16-bit", "a", "b")], scale=2,
+                 col_labels=["x"] * 10)
+    assert h == plain.size[1] + 3 * 14  # one 14-pixel text line under each of the 3 rows
+    img = pixels(out / "compare.png")
+    note_band = img[16 + 64: 16 + 64 + 14, 40:200]  # under the 16-bit row: "reference: ..."
+    assert (note_band < 128).any()  # text is drawn there
+
+
+def test_demo_overwrite(demo_run, tmp_path):
+    out, rc, _, err = demo_run
+    assert rc == 0, err
+    rejected(["demo", "-o", out, "--recipes", "nf4", "--steps", "1"], "already holds", "nf4", folder=out)
+
+
+def test_demo_ctrl_c_leaves_nothing(tmp_path):
+    """A real SIGINT while the demo quantizes: one line, status 130, no output folder, no staging folder."""
+    p = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "demo", "-o", str(tmp_path / "demo"), "--recipes",
+                          "int4", "--steps", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV)
+    deadline = time.time() + 120
+    for line in p.stdout:  # wait until it is quantizing (unbuffered output)
+        if "1 of 1" in line or time.time() > deadline:
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err == "svdquant demo: interrupted\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ the Python API
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(steps=0), "steps=0"), (dict(snapshots=0), "snapshots=0"), (dict(tokens_per_layer=0), "tokens_per_layer=0"),
+    (dict(num_prompts=0), "num_prompts=0"), (dict(seed=-1), "seed=-1"), (dict(prompts="a cat"), "one string"),
+    (dict(prompts=[]), "empty"), (dict(pipeline_kwargs=dict(num_inference_steps=4)), "steps="),
+    (dict(inputs=[]), "inputs="),
+])
+def test_calibration_rejects(kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        svdquant.Calibration(**kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_quantize_api_checks_before_calibrating():
+    from svdquant.pipelines import TinyFluxPipeline
+
+    pipe = TinyFluxPipeline.random(num_layers=1, num_single_layers=1)
+    with pytest.raises(ValueError, match="only 10 prompts"):
+        svdquant.quantize(pipe, "int4", svdquant.Calibration(num_prompts=11))
+    with pytest.raises(ValueError, match="height=16.*32x32"):
+        svdquant.quantize(pipe, "int4", svdquant.Calibration(pipeline_kwargs=dict(height=16)))
+    with pytest.raises(TypeError, match="list of patterns"):
+        svdquant.quantize(pipe, "int4", include="*attn*")
+    with pytest.raises(TypeError, match="Calibration"):
+        svdquant.quantize(pipe, "int4", ["a cat"])
+    assert not any(type(m).__name__ == "SVDQLinear" for m in pipe.transformer.modules())  # nothing was touched
+
+
+def test_tiny_pipeline_call_checks():
+    from svdquant.pipelines import TinyFluxPipeline
+
+    pipe = TinyFluxPipeline.random(num_layers=1, num_single_layers=1)
+    for kw, needle in [(dict(num_inference_steps=0), "num_inference_steps=0"), (dict(height=16), "32x32"),
+                       (dict(num_images_per_prompt=0), "num_images_per_prompt=0"), (dict(class_labels=[10]), "0 to 9"),
+                       (dict(output_type="np"), "output_type"), (dict(guidance_scale=float("inf")), "finite")]:
+        with pytest.raises(ValueError, match=needle):
+            pipe(**{"prompt": "cat", **kw})
+
+
+def test_save_quantized_checks_the_folder_first(tmp_path, ck):
+    model = svdquant.load_quantized(ck)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not an svdquant checkpoint"):
+        svdquant.save_quantized(model, tmp_path / "notes", overwrite=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        svdquant.save_quantized(model, tmp_path / "afile" / "ck")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        svdquant.save_quantized(model, tmp_path / "ck", base="/no/such/pipeline")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes"]
+
+
+def test_load_pipeline_rejects_a_dtype_name(ck):
+    with pytest.raises(ValueError, match="torch.dtype"):
+        svdquant.load_pipeline(None, ck, torch_dtype="bf16")
+
+
+# ------------------------------------------------------------------------------------------------ first hour
+def test_version():
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["--version"])
+    assert e.value.code == 0 and out.getvalue().strip() == f"svdquant {svdquant.__version__}"
+
+
+def test_pytest_q_prints_its_summary_line():
+    """README's `python -m pytest tests -q` must end with the pass/fail line (pyproject had addopts -q too)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_recipes.py", "-q", "-k", "unknown", "-p",
+                        "no:cacheprovider"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent, env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " passed" in r.stdout.strip().splitlines()[-1], r.stdout
