@@ -253,7 +253,7 @@ def test_metadata_fields_svdquant_info_prints(saved, capsys):
     model, report, path = saved("flux")
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "FluxTransformer2DModel" in out and "version 1" in out
+    assert "FluxTransformer2DModel" in out and "version 2" in out
     assert f"{len(svdquant.read_metadata(path)['layers'])} quantized" in out
     assert "17 × Wint4mAint8 rank 32" in out  # 8 attention + 4 MLP in the double block, 5 in the single
     assert "3 × Wint4A16 rank 0" in out  # the adaLN linears

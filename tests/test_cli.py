@@ -149,7 +149,7 @@ def test_quantize_pipeline_folder(flux_ck, flux_pipe):
     # the printed report: summary line, per-layer table, the kept-16-bit list, and where it was saved
     assert "FluxTransformer2DModel with recipe 'int4'" in out
     assert "2 snapshots" in out
-    assert re.search(r"transformer_blocks\.0\.attn\.to_q\+to_k\+to_v\s+Wint4Aint4", out), out
+    assert re.search(r"transformer_blocks\.0\.attn\.to_q\+to_k\+to_v\s+Wint4mAint8", out), out
     assert "SQNR" in out and "kept 16-bit:" in out
     assert f"saved {ck}" in out
     meta = json.loads((ck / META_FILE).read_text())
@@ -325,7 +325,7 @@ def test_info(ck, capsys):
     assert "model        FluxTransformer2DModel" in out
     assert "recipe       int4 (svdquant, group 64, rank 32" in out
     assert f"layers       {len(meta['layers'])} quantized" in out
-    assert "17 × Wint4Aint4 rank 32" in out and "3 × Wint4A16 rank 0" in out
+    assert "17 × Wint4mAint8 rank 32" in out and "3 × Wint4A16 rank 0" in out
     assert "from 2 snapshots" in out
     assert "{" not in out  # no JSON without --json
 

@@ -196,7 +196,7 @@ def test_every_target_layer_has_expected_format(arch):
     for name in exp["conv"]:
         m = q.get_submodule(name)
         assert type(m) is SVDQConv1x1 and type(m.linear) is SVDQLinear, name
-        assert (m.linear.weights, m.linear.activations, m.linear.act_shift) == ("int4", "int4", 0.0), name
+        assert (m.linear.weights, m.linear.activations, m.linear.act_shift) == ("int4m", "int4m", 0.0), name
     for name in exp["kept"]:
         assert type(q.get_submodule(name)) in (nn.Linear, nn.Conv2d), name
 
