@@ -94,13 +94,15 @@ def main(argv=None):
     ap.add_argument("--double", type=int, default=19)
     ap.add_argument("--single", type=int, default=38)
     ap.add_argument("--weight-mode", choices=["speed", "memory"], default="speed")
+    ap.add_argument("--no-linears", action="store_true", help="skip the per-linear LoRA timings")
+    ap.add_argument("--no-lora", action="store_true", help="skip the step with a rank-64 LoRA on every layer")
     args = ap.parse_args(argv)
     from diffusers import FluxTransformer2DModel
     from kernels import random_layer
 
     res = dict(device=torch.cuda.get_device_name(), blocks=[args.double, args.single])
     # --- per linear: rank 32 vs rank 32 + a rank-64 LoRA
-    for k, n in [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504)]:
+    for k, n in ([] if args.no_linears else [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504)]):
         m = random_layer(k, n, mode=args.weight_mode)
         x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
         t0 = bench(lambda: m(x))
@@ -132,10 +134,11 @@ def main(argv=None):
         assert torch.isfinite(out).all() and out.shape == ref.shape
         res["int4_step_ms"] = bench(lambda: model(**kw), 2000)
         print("int4", res["int4_step_ms"], flush=True)
-        res["lora_layers"] = attach_random_loras(model, 64)
-        model(**kw)
-        res["int4_lora64_step_ms"] = bench(lambda: model(**kw), 2000)
-        res["lora_added_pct"] = 100 * (res["int4_lora64_step_ms"] / res["int4_step_ms"] - 1)
+        if not args.no_lora:
+            res["lora_layers"] = attach_random_loras(model, 64)
+            model(**kw)
+            res["int4_lora64_step_ms"] = bench(lambda: model(**kw), 2000)
+            res["lora_added_pct"] = 100 * (res["int4_lora64_step_ms"] / res["int4_step_ms"] - 1)
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print(json.dumps(res, indent=1))
     if args.out:

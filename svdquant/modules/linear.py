@@ -206,7 +206,8 @@ class SVDQLinear(nn.Module, AdapterSet):
         super().add_adapter(name, down.to(self.device, self.dtype), up.to(self.device, torch.float32), strength)
 
     def _adapters_changed(self) -> None:
-        self.refresh()
+        # Only the branch changes: the runner rebuilds it and keeps its prepared weights.
+        self._runner.set_branch(self)
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""

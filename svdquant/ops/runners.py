@@ -40,12 +40,18 @@ def _act_group(m) -> int:
 
 
 class MetaRunner:
+    def set_branch(self, m) -> None:
+        pass
+
     def __call__(self, x2):
         raise RuntimeError("this SVDQLinear is on the meta device: load its tensors (load_state_dict / "
                            "svdquant.load_quantized) before running it")
 
 
 class NotPrepared:
+    def set_branch(self, m) -> None:
+        pass
+
     def __call__(self, x2):
         raise RuntimeError("this SVDQLinear was built empty on a GPU: fill its buffers (load_state_dict, or copy_ "
                            "and then .refresh()) before running it")
@@ -59,13 +65,17 @@ class ReferenceRunner:
         self.af = get_format(m.activations) if m.activations is not None else None
         self.buffers = m.weight_buffers()
         self.group, self.k = m.group_size, m.in_features
-        self.down, self.up = m.branch()
+        self.set_branch(m)
         self.bias = m.bias
         if self.af is not None:
             self.act_group = _act_group(m)
             self.sinv = m.smooth_inv
             self.shift, self.unsigned_from = m.act_shift, m.act_unsigned_from
             self.input_scale = getattr(m, "input_scale", None)
+
+    def set_branch(self, m) -> None:
+        """A LoRA was added, rescaled or removed: only the branch changes."""
+        self.down, self.up = m.branch()
 
     def __call__(self, x2):
         wq = self.wf.from_buffers(self.buffers, self.group, self.k)
@@ -95,7 +105,7 @@ class Int8Runner:
         self.shift = m.act_shift if self.a4 else 0.0
         self.unsigned_from = m.act_unsigned_from
         self.sinv = m.smooth_inv
-        self.down, self.up = padded_branch(m)
+        self.set_branch(m)
         self.bias = m.bias
         self.w_scale = m.wscales.float().contiguous()
         self.group = m.group_size if wf.packed else 64
@@ -115,6 +125,9 @@ class Int8Runner:
             self.w = F.pad(m.qweight, (0, self.kp - self.k)).contiguous()
         if self.w is not None and tma:
             self.w_desc = kernels.weight_descriptor(self.w, self.config)
+
+    def set_branch(self, m) -> None:
+        self.down, self.up = padded_branch(m)
 
     def packed_weight(self) -> torch.Tensor:
         """Speed mode's 4-bit codes again, from ``code · m`` (exact: m divides it)."""
@@ -147,8 +160,11 @@ class FloatScalesRunner:
         self.input_scale = getattr(m, "input_scale", None)
         self.sinv, self.group = m.smooth_inv, m.group_size
         self.shift, self.unsigned_from = m.act_shift, m.act_unsigned_from
-        self.down, self.up = padded_branch(m)
+        self.set_branch(m)
         self.bias = m.bias
+
+    def set_branch(self, m) -> None:
+        self.down, self.up = padded_branch(m)
 
     def __call__(self, x2):
         k = self.kernels
@@ -172,9 +188,13 @@ class W4A16Runner:
     def __init__(self, m, kernels):
         self.kernels = kernels
         self.qweight, self.wscales, self.bias = m.qweight, m.wscales, m.bias
-        self.down, self.up = m.branch()
         self.reference = ReferenceRunner(m)
+        self.set_branch(m)
         self.group = m.group_size
+
+    def set_branch(self, m) -> None:
+        self.down, self.up = m.branch()
+        self.reference.set_branch(m)
 
     def __call__(self, x2):
         if x2.shape[0] > self.kernels.W4A16_MAX_TOKENS:
@@ -192,10 +212,14 @@ class Fp8ScaledMMRunner:
         self.qweight_t = m.qweight.t()
         self.w_scale = m.wscales.float()[None, :]
         self.sinv = m.smooth_inv
-        self.down, self.up = m.branch()
         self.bias = m.bias
         self.reference = ReferenceRunner(m)
+        self.set_branch(m)
         self.fp8 = get_format("fp8")
+
+    def set_branch(self, m) -> None:
+        self.down, self.up = m.branch()
+        self.reference.set_branch(m)
 
     def __call__(self, x2):
         if x2.dtype not in (torch.bfloat16, torch.float16):
