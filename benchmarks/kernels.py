@@ -172,9 +172,9 @@ def sweep_small(dev, out):
         for mt in (1, 2, 4):
             x = torch.randn(mt, k, device=dev, dtype=torch.bfloat16)
             for bn in (16, 32, 64):
-                for gps in (2, 4, 8):
+                for st in (3, 4):
                     for nw in (2, 4):
-                        kw = dict(block_n=bn, groups_per_step=gps, num_warps=nw)
+                        kw = dict(block_n=bn, num_stages=st, num_warps=nw)
                         try:
                             t = bench(lambda: K.w4a16_linear(x, p, s, None, **kw))
                             gbs = (p.numel() + s.numel() * 2) / t / 1e6
