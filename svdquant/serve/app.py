@@ -82,8 +82,9 @@ def create_app(engine: Engine, *, max_queue: int = 16, max_batch: int = 4, batch
                 break
             if await request.is_disconnected():
                 worker.cancel(job)
-                await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)   # settle it; nobody reads the answer
-                return Response(status_code=499)
+                # nobody reads the answer: consume it whenever it comes, so asyncio does not log it as lost
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                return Response(status_code=499)   # nginx's "client closed request"; no one receives it
         try:
             blobs = fut.result()
         except Cancelled:
