@@ -124,6 +124,9 @@ def test_same_seed_same_image(server):
     c = post(server, prompt="ship", seed=6).json()["data"][0]
     assert a["b64_json"] == b["b64_json"]
     assert a["b64_json"] != c["b64_json"]
+    # a LoRA strength is part of the request: 0 changes the image, the loaded default (1) does not
+    assert post(server, prompt="ship", seed=5, loras={"style": 1.0}).json()["data"][0]["b64_json"] == a["b64_json"]
+    assert post(server, prompt="ship", seed=5, loras={"style": 0.0}).json()["data"][0]["b64_json"] != a["b64_json"]
     # the second image of an n=2 request is the n=1 image of its returned seed (noise is drawn per image)
     pair = post(server, prompt="ship", seed=4, n=2).json()["data"]
     assert pair[1]["seed"] == 5

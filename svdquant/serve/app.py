@@ -47,7 +47,7 @@ def create_app(engine: Engine, *, max_queue: int = 16, max_batch: int = 4, batch
         yield
         # uvicorn gets here on SIGTERM after the open requests have been answered; whatever is still
         # queued is sampled before the process exits
-        await asyncio.to_thread(worker.stop, True)
+        await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="svdquant serve", lifespan=lifespan)
     app.state.worker, app.state.metrics, app.state.engine = worker, metrics, engine

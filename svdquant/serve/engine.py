@@ -6,6 +6,7 @@ safe to use from two threads at once.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 from dataclasses import dataclass
@@ -74,7 +75,10 @@ class Engine:
         else:
             side = getattr(pipe, "default_sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
             self.default_size = (side, side)
-            self.default_steps, self.default_guidance = 28, 3.5
+            # the pipeline's own defaults (FLUX.1-schnell and -dev differ), from its __call__ signature
+            params = inspect.signature(pipe.__call__).parameters
+            self.default_steps = _default(params, "num_inference_steps", 28)
+            self.default_guidance = float(_default(params, "guidance_scale", 3.5))
             self.classes = None
         self.multiple = size_multiple(pipe) if not self.tiny else pipe.image_size
 
@@ -128,6 +132,11 @@ class Engine:
                              guidance_scale=settings.guidance).images
         return self.pipe(prompt=prompts, generator=gens, width=settings.width, height=settings.height,
                          num_inference_steps=settings.steps, guidance_scale=settings.guidance).images
+
+
+def _default(params, name: str, fallback):
+    p = params.get(name)
+    return fallback if p is None or p.default in (inspect.Parameter.empty, None) else p.default
 
 
 def encode(image, fmt: str) -> bytes:

@@ -38,7 +38,7 @@ class Cancelled(Exception):
     """The client went away before its job was sampled."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: queue removal must not match another job with equal fields
 class Job:
     settings: Settings
     prompt: str
@@ -92,14 +92,10 @@ class Worker:
                 self.metrics.errors.labels("cancelled").inc()
                 job.future.set_exception(Cancelled())
 
-    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; with ``drain`` finish the queued ones first (SIGTERM), else fail them."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish the queued ones, and wait for the worker (SIGTERM, shutdown)."""
         with self._cond:
             self._stopping = True
-            if not drain:
-                while self._jobs:
-                    self._jobs.popleft().future.set_exception(OutOfMemory("the server is shutting down"))
-                self.metrics.set_depth(0)
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
