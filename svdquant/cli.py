@@ -215,6 +215,15 @@ def _validate_serve(args) -> None:
     _checks.count("--max-queue", args.max_queue, hi=100_000)
     _checks.count("--max-batch", args.max_batch, hi=_checks.MAX_IMAGES)
     _checks.count("--batch-wait-ms", args.batch_wait_ms, lo=0, hi=60_000)
+    if args.replicas is not None:
+        _checks.count("--replicas", args.replicas, hi=1024)
+        try:
+            import ray.serve  # noqa: F401 - large and optional: only --replicas needs it
+        except ImportError:
+            raise UsageError("--replicas runs on Ray Serve, which is not installed: pip install 'ray[serve]' (or svdquant[replicas])") from None
+        if args.device.startswith("cuda") and args.replicas > torch.cuda.device_count():
+            raise UsageError(f"--replicas {args.replicas}: one replica per GPU, and torch sees "
+                             f"{torch.cuda.device_count()}")
     # bind once now: a taken port or an unknown host fails here, before minutes of model loading
     try:
         infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
@@ -395,6 +404,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if args.replicas is not None:
+        from .serve.replicas import run_replicas
+
+        run_replicas(args.model, host=args.host, port=args.port, replicas=args.replicas, device=args.device,
+                     dtype=_dtype(args.dtype, args.device), loras=args.loras, max_queue=args.max_queue,
+                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+        return
     from .serve import run_server
 
     run_server(args.model, host=args.host, port=args.port, device=args.device, dtype=_dtype(args.dtype, args.device),
@@ -500,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images sampled together from compatible requests (default 4)")
     p.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=int, default=10,
                    help="how long the worker waits for compatible requests to fill a batch (default 10)")
+    p.add_argument("--replicas", type=int,
+                   help="deploy N copies with Ray Serve, one per GPU, behind Ray's HTTP proxy (needs ray[serve])")
     common_device(p)
     p.set_defaults(func=cmd_serve, validate=_validate_serve)
 

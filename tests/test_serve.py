@@ -281,11 +281,19 @@ def test_disconnect_cancels_queued_work_and_oom_falls_back_one_by_one(engine):
     (["/no/such/model"], "does not exist"),
     (["--lora", "/no/such.safetensors"], "no LoRA file"),
     (["--device", "cuda:7"], "--device cuda:7"),
+    (["--replicas", "0"], "--replicas 0"),
 ])
 def test_cli_serve_refuses_bad_options_before_loading(argv, words, capsys):
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("svdquant serve: error:") and words in err and err.count("\n") == 1
+
+
+def test_cli_serve_replicas_without_ray_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it raises ImportError
+    assert cli.main(["serve", "--replicas", "2", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "Ray Serve, which is not installed" in err and err.count("\n") == 1
 
 
 def test_cli_serve_refuses_a_taken_port(capsys):
@@ -319,6 +327,37 @@ def test_cli_serve_drains_the_queue_on_sigterm():
         assert proc.wait(60) in (0, -signal.SIGTERM)
         log = proc.stdout.read()
         assert "serving tiny on http://127.0.0.1" in log and "Traceback" not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.slow
+def test_cli_serve_replicas_on_ray_serve():
+    """Two CPU replicas behind Ray Serve's proxy answer like one server (~70 s: Ray and two model loads)."""
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed (an optional, large dependency)")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "serve", "--replicas", "2", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        wait_for(up, "the Ray Serve replicas", limit=180)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            rs = list(pool.map(lambda s: post(base, prompt="deer", seed=s), range(6)))
+        assert [r.status_code for r in rs] == [200] * 6
+        assert rs[0].json()["data"][0]["seed"] == 0 and decode(rs[0].json()["data"][0]).size == (32, 32)
+        again = post(base, prompt="deer", seed=0).json()["data"][0]   # whichever replica: same seed, same image
+        assert again["b64_json"] == rs[0].json()["data"][0]["b64_json"]
+        bad = post(base, prompt="a dragon")
+        assert bad.status_code == 400 and "airplane" in bad.json()["error"]["message"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
