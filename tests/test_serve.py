@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
 import torch
 from safetensors.torch import save_file
 
@@ -183,6 +184,21 @@ def test_bad_inputs_get_their_status_and_never_reach_the_worker(server):
     after = metrics(server)
     assert after['svdquant_errors_total{kind=invalid}'] - before['svdquant_errors_total{kind=invalid}'] == len(BAD) + 1
     assert after["svdquant_batch_images_count"] == before["svdquant_batch_images_count"]  # no sampling happened
+
+
+def test_a_diffusers_pipeline_folder_is_served(tmp_path):
+    """MODEL may be a 16-bit diffusers folder: any prompt, sizes in multiples of 16, batched per-image seeds."""
+    engine = load_engine(str(tm.save_flux_pipeline(tmp_path / "flux")), "cpu", torch.float32)
+    with live(create_app(engine, max_queue=4, max_batch=4, batch_wait_ms=0)) as base:
+        r = post(base, prompt="a red fox", size="48x32", seed=3, n=2, output_format="jpeg")
+        assert r.status_code == 200, r.text
+        assert [decode(d).size for d in r.json()["data"]] == [(48, 32)] * 2
+        alone = post(base, prompt="a red fox", size="48x32", seed=4, output_format="jpeg").json()["data"][0]
+        assert alone["seed"] == 4
+        a, b = (np.asarray(decode(d), dtype=int) for d in (r.json()["data"][1], alone))
+        assert np.abs(a - b).max() <= 2  # the n=2 request's second image is seed 4's (jpeg: near, not exact)
+        assert np.abs(np.asarray(decode(r.json()["data"][0]), dtype=int) - b).max() > 2  # seed 3's is another
+        assert post(base, prompt="a red fox", size="40x32").status_code == 422
 
 
 # ------------------------------------------------------------------------------------------------ load
