@@ -5,6 +5,7 @@
     svdquant generate OUT "a photo of a cat" -o cat.png
     svdquant compare OUT "a photo of a cat" -o compare.png
     svdquant info OUT
+    svdquant serve [MODEL] --port 8000                # HTTP service + web page (default MODEL: tiny)
 """
 
 from __future__ import annotations
@@ -160,10 +161,10 @@ def _validate_sampling(args, n_files: int) -> None:
     check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
 
 
-def _validate_generate(args) -> None:
-    _validate_sampling(args, 0)
-    args.loras = []
-    for spec in args.lora or ():
+def _loras(specs) -> list[tuple[str, float]]:
+    """``--lora PATH[:STRENGTH]`` options as (path, strength) pairs."""
+    loras = []
+    for spec in specs or ():
         path, sep, strength = spec.rpartition(":")
         if not sep or not _is_number(strength):  # no ":STRENGTH" suffix
             path, strength = spec, "1"
@@ -171,7 +172,13 @@ def _validate_generate(args) -> None:
             raise UsageError(f"--lora {spec}: the strength must be a finite number, e.g. {path}:0.8")
         if not Path(path).is_file():
             raise UsageError(f"no LoRA file at {path}")
-        args.loras.append((path, float(strength)))
+        loras.append((path, float(strength)))
+    return loras
+
+
+def _validate_generate(args) -> None:
+    _validate_sampling(args, 0)
+    args.loras = _loras(args.lora)
 
 
 def _validate_compare(args) -> None:
@@ -180,6 +187,52 @@ def _validate_compare(args) -> None:
 
 def _validate_info(args) -> None:
     pass  # cmd_info reads and checks the checkpoint before printing anything
+
+
+def _validate_serve(args) -> None:
+    import socket
+
+    from .checkpoint import META_FILE, base_of, check_base, read_metadata
+    from .pipelines import TINY_BASE
+
+    try:  # dependencies of the package, but a hand-made environment may lack them: say which, not a traceback
+        import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
+    except ImportError as e:
+        raise UsageError(f"serving needs {e.name}: pip install fastapi uvicorn prometheus-client") from None
+    args.device = _device(args.device)
+    if args.model != TINY_BASE:
+        model = Path(args.model).expanduser()
+        if (model / META_FILE).is_file():
+            meta = read_metadata(model)
+            check_base(model, meta, base_of(model, meta, None))  # a missing base fails now, not after loading
+        elif not ((model / "model_index.json").is_file() or (model / "pipeline.json").is_file()):
+            what = "does not exist" if not model.exists() else "is neither an svdquant checkpoint nor a pipeline folder"
+            raise UsageError(f"MODEL {args.model} {what}; pass 'tiny', a checkpoint folder (with {META_FILE}) or a "
+                             "16-bit diffusers pipeline folder (with model_index.json)")
+        args.model = str(model)
+    args.loras = _loras(args.lora)
+    _checks.count("--port", args.port, lo=1, hi=65535)
+    _checks.count("--max-queue", args.max_queue, hi=100_000)
+    _checks.count("--max-batch", args.max_batch, hi=_checks.MAX_IMAGES)
+    _checks.count("--batch-wait-ms", args.batch_wait_ms, lo=0, hi=60_000)
+    if args.replicas is not None:
+        _checks.count("--replicas", args.replicas, hi=1024)
+        try:
+            import ray.serve  # noqa: F401 - large and optional: only --replicas needs it
+        except ImportError:
+            raise UsageError("--replicas runs on Ray Serve, which is not installed: pip install 'ray[serve]' (or svdquant[replicas])") from None
+        if args.device.startswith("cuda") and args.replicas > torch.cuda.device_count():
+            raise UsageError(f"--replicas {args.replicas}: one replica per GPU, and torch sees "
+                             f"{torch.cuda.device_count()}")
+    # bind once now: a taken port or an unknown host fails here, before minutes of model loading
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(infos[0][4])
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another "
+                         "--host or --port") from None
 
 
 def _validate_demo(args) -> None:
@@ -350,6 +403,20 @@ def cmd_demo(args) -> None:
     print(f"wrote {out / 'compare.png'} and {out / 'quality.md'}; checkpoints in {out}/<recipe>/")
 
 
+def cmd_serve(args) -> None:
+    if args.replicas is not None:
+        from .serve.replicas import run_replicas
+
+        run_replicas(args.model, host=args.host, port=args.port, replicas=args.replicas, device=args.device,
+                     dtype=_dtype(args.dtype, args.device), loras=args.loras, max_queue=args.max_queue,
+                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+        return
+    from .serve import run_server
+
+    run_server(args.model, host=args.host, port=args.port, device=args.device, dtype=_dtype(args.dtype, args.device),
+               loras=args.loras, max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import DEMO_VARIANTS, METHODS, RECIPES
 
@@ -431,6 +498,28 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(p)
     common_device(p)
     p.set_defaults(func=cmd_compare, validate=_validate_compare)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible text-to-image HTTP service and web page",
+                       description="Serve MODEL over HTTP: POST /v1/images/generations (OpenAI's images API), "
+                                   "GET /v1/models, /health, /metrics (Prometheus) and a web page at /.")
+    p.add_argument("model", nargs="?", default="tiny",
+                   help="'tiny' (default: the shipped CIFAR-10 model, offline, CPU), an svdquant checkpoint folder, "
+                        "or a 16-bit diffusers pipeline folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
+                   help="load a LoRA .safetensors file at a default strength (1); clients and the page can change "
+                        "it per request; repeatable")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=16,
+                   help="requests waiting at most; more get 429 with Retry-After (default 16)")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=4,
+                   help="images sampled together from compatible requests (default 4)")
+    p.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=int, default=10,
+                   help="how long the worker waits for compatible requests to fill a batch (default 10)")
+    p.add_argument("--replicas", type=int,
+                   help="deploy N copies with Ray Serve, one per GPU, behind Ray's HTTP proxy (needs ray[serve])")
+    common_device(p)
+    p.set_defaults(func=cmd_serve, validate=_validate_serve)
 
     p = sub.add_parser("info", help="what a checkpoint holds", description="Print a checkpoint's metadata.")
     p.add_argument("checkpoint")

@@ -1,0 +1,14 @@
+"""``svdquant serve``: an OpenAI-compatible text-to-image HTTP service and web page.
+
+    from svdquant.serve import create_app, load_engine
+    app = create_app(load_engine("tiny"), max_queue=16, max_batch=4)   # any ASGI server runs it
+
+FastAPI + uvicorn serve it; one worker thread owns the pipeline (``worker.py``); ``schema.py`` is the
+request; ``engine.py`` what the loaded model can draw; ``metrics.py`` the Prometheus metrics.
+"""
+
+from .app import create_app
+from .engine import Engine, load_engine
+from .server import run_server
+
+__all__ = ["create_app", "load_engine", "Engine", "run_server"]

@@ -1,0 +1,146 @@
+"""The loaded pipeline, what it can draw, and one batched call into it.
+
+The worker thread is the only caller of :meth:`Engine.generate`: pipelines and LoRA strengths are not
+safe to use from two threads at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..pipelines import TINY_BASE, TinyFluxPipeline, size_multiple
+from .schema import GenerationRequest, parse_size
+
+
+class RequestError(ValueError):
+    """A well-formed request this model cannot honour: HTTP 400 with this message."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a batch shares: requests with equal settings are sampled together."""
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    loras: tuple[tuple[str, float], ...]
+
+
+def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype | None = None,
+                loras: list[tuple[str, float]] = ()) -> "Engine":
+    """``model``: ``tiny`` (the shipped model), an svdquant checkpoint folder, or a 16-bit pipeline folder."""
+    from ..checkpoint import META_FILE, load_pipeline
+    from ..pipelines import load_base_pipeline
+
+    if model == TINY_BASE:
+        pipe = TinyFluxPipeline.default(dtype or torch.float32)
+    elif (Path(model) / META_FILE).is_file():
+        pipe = load_pipeline(None, model, device=device, torch_dtype=dtype)
+    else:
+        pipe = load_base_pipeline(model, torch_dtype=dtype)
+    pipe = pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # the server log is no terminal
+    names = {}
+    if loras:
+        from ..lora import load_lora
+
+        for path, strength in loras:
+            name = Path(path).stem
+            names[load_lora(pipe, path, name=name if name not in names else f"{name}-{len(names)}",
+                            strength=strength)] = strength
+    model_id = TINY_BASE if model == TINY_BASE else os.path.basename(os.path.normpath(model))
+    return Engine(pipe, model_id, device, names)
+
+
+class Engine:
+    def __init__(self, pipe, model_id: str, device: str, loras: dict[str, float] | None = None):
+        self.pipe, self.model_id, self.device = pipe, model_id, device
+        self.loras = dict(loras or {})      # name -> default strength, as loaded
+        self.tiny = isinstance(pipe, TinyFluxPipeline)
+        if self.tiny:
+            self.default_size = (pipe.image_size, pipe.image_size)
+            self.default_steps, self.default_guidance = pipe.num_inference_steps, pipe.guidance_scale
+            self.classes = list(pipe.classes)
+        else:
+            side = getattr(pipe, "default_sample_size", 64) * getattr(pipe, "vae_scale_factor", 8)
+            self.default_size = (side, side)
+            # the pipeline's own defaults (FLUX.1-schnell and -dev differ), from its __call__ signature
+            params = inspect.signature(pipe.__call__).parameters
+            self.default_steps = _default(params, "num_inference_steps", 28)
+            self.default_guidance = float(_default(params, "guidance_scale", 3.5))
+            self.classes = None
+        self.multiple = size_multiple(pipe) if not self.tiny else pipe.image_size
+
+    def describe(self) -> dict:
+        """What ``GET /v1/models`` and the web page show."""
+        return {"id": self.model_id, "object": "model", "owned_by": "svdquant",
+                "default_size": "%dx%d" % self.default_size, "default_steps": self.default_steps,
+                "default_guidance_scale": self.default_guidance, "classes": self.classes,
+                "loras": self.loras}
+
+    # -- checks, in the request handler: a refused request never reaches the worker -----------------
+    def settings(self, req: GenerationRequest) -> Settings:
+        if req.model is not None and req.model != self.model_id:
+            raise RequestError(f"model {req.model!r} is not served here; this server serves {self.model_id!r} "
+                               "(GET /v1/models)", "model")
+        if self.tiny:
+            try:
+                self.pipe.labels_for(req.prompt)
+            except ValueError:
+                raise RequestError("the tiny model draws CIFAR-10 classes only: the prompt must name one of "
+                                   + ", ".join(self.classes), "prompt") from None
+        w, h = parse_size(req.size) if req.size else self.default_size
+        if self.tiny and (w, h) != self.default_size:
+            raise RequestError(f"size {req.size!r}: the tiny model draws %dx%d images only" % self.default_size,
+                               "size")
+        if w % self.multiple or h % self.multiple:
+            raise RequestError(f"size {req.size!r}: this model needs sides that are multiples of {self.multiple}",
+                               "size")
+        unknown = sorted(set(req.loras) - set(self.loras))
+        if unknown:
+            have = ", ".join(self.loras) or "none"
+            raise RequestError(f"no LoRA named {unknown[0]!r} is loaded (loaded: {have})", "loras")
+        strengths = {**self.loras, **req.loras}
+        return Settings(w, h, req.num_inference_steps or self.default_steps,
+                        self.default_guidance if req.guidance_scale is None else req.guidance_scale,
+                        tuple(sorted(strengths.items())))
+
+    # -- sampling, in the worker thread ----------------------------------------------------------------
+    def generate(self, settings: Settings, prompts: list[str], seeds: list[int]):
+        """One image per (prompt, seed), as PIL images. Each image's noise comes from its own seed, so an
+        image does not depend on what it was batched with (same seed, same image)."""
+        if settings.loras:
+            from ..lora import set_lora_strength
+
+            for name, strength in settings.loras:
+                set_lora_strength(self.pipe, name, strength)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if self.tiny:
+            latents = torch.cat([self.pipe.noise(1, g) for g in gens])
+            return self.pipe(prompt=prompts, latents=latents, num_inference_steps=settings.steps,
+                             guidance_scale=settings.guidance).images
+        return self.pipe(prompt=prompts, generator=gens, width=settings.width, height=settings.height,
+                         num_inference_steps=settings.steps, guidance_scale=settings.guidance).images
+
+
+def _default(params, name: str, fallback):
+    p = params.get(name)
+    return fallback if p is None or p.default in (inspect.Parameter.empty, None) else p.default
+
+
+def encode(image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    # PIL names JPEG "JPEG"; RGB because JPEG has no alpha
+    image.convert("RGB").save(buf, format=fmt.upper(), **({"quality": 95} if fmt in ("jpeg", "webp") else {}))
+    return buf.getvalue()

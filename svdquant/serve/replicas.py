@@ -1,0 +1,67 @@
+"""``svdquant serve --replicas N``: the same app on Ray Serve, one replica per GPU.
+
+Ray's HTTP proxy spreads requests over the replicas (no load balancer of ours); each replica builds the
+app of ``app.py`` around its own engine, worker and bounded queue, so every replica behaves as one
+``svdquant serve`` does. ``/metrics`` answers from whichever replica the request reached: scrape each
+replica (Ray's own metrics export) for totals.
+"""
+
+from __future__ import annotations
+
+
+def _build(model, device, dtype, loras, max_queue, max_batch, batch_wait_ms):
+    """Runs on each replica: load the model there (on the GPU Ray assigned it) and make the app."""
+    from .app import create_app
+    from .engine import load_engine
+
+    return create_app(load_engine(model, device, dtype, loras), max_queue=max_queue, max_batch=max_batch,
+                      batch_wait_ms=batch_wait_ms)
+
+
+def replicas_application(model: str = "tiny", *, replicas: int = 2, device: str = "cpu", dtype=None, loras=(),
+                         max_queue: int = 16, max_batch: int = 4, batch_wait_ms: float = 10.0):
+    """The Ray Serve application (for ``serve.run`` or a Serve config file)."""
+    from ray import serve
+
+    gpu = device.startswith("cuda")
+    args = (model, "cuda" if gpu else device, dtype, list(loras), max_queue, max_batch, batch_wait_ms)
+
+    # a builder, not an app: each replica evaluates it in its own process. A plain function, since Ray takes
+    # any other callable (a functools.partial) for an ASGI app itself
+    def build():
+        return _build(*args)
+
+    deployment = serve.deployment(serve.ingress(build)(), name="svdquant")
+    # one GPU per replica: Ray sets CUDA_VISIBLE_DEVICES, so "cuda" is that replica's GPU
+    return deployment.options(num_replicas=replicas, ray_actor_options={"num_gpus": 1 if gpu else 0}).bind()
+
+
+def run_replicas(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2,
+                 device: str = "cpu", dtype=None, loras=(), max_queue: int = 16, max_batch: int = 4,
+                 batch_wait_ms: float = 10.0, log=print) -> None:
+    import ray
+    from ray import serve
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(replicas_application(model, replicas=replicas, device=device, dtype=dtype, loras=loras,
+                                       max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms),
+                  route_prefix="/")
+        log(f"serving {model} with {replicas} Ray Serve replicas on http://{host}:{port}", flush=True)
+        _wait_for_signal()
+    finally:
+        serve.shutdown()   # each replica's lifespan drains its queue
+        ray.shutdown()
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
