@@ -55,6 +55,11 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
+def format_version(layers: dict[str, dict[str, Any]]) -> int:
+    """The lowest format version that holds these layers."""
+    return max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values() for k in ("weights", "activations")])
+
+
 def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict plus non-persistent buffers (which a meta-device build cannot recreate)."""
     tensors = dict(model.state_dict())
@@ -92,8 +97,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
     check_output_folder(path, overwrite)
-    version = max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values()
-                         for k in ("weights", "activations")])
+    version = format_version(layers)
     if report is not None and not isinstance(report, QuantReport):
         raise TypeError(f"report= takes the QuantReport svdquant.quantize returned, got {type(report).__name__}")
     if base is not None:
@@ -419,7 +423,16 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str =
             model = cls.from_config(meta["model_config"])
         except Exception as e:
             raise CheckpointError(f"{where}: {meta['model_class']} cannot be built from the stored config ({e})") from None
-    for name, cfg in meta["layers"].items():
+    swap_quantized_layers(model, meta["layers"], where, weight_mode)
+    model._svdquant_recipe = meta.get("recipe")
+    return model
+
+
+def swap_quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]], where, weight_mode: str = "auto"):
+    """Replace each layer named in ``layers`` (entries checked by :func:`_check_layer`) by an empty
+    :class:`SVDQLinear` / :class:`SVDQConv1x1` on the meta device; CheckpointError where they do not fit."""
+    model_class = type(model).__name__
+    for name, cfg in layers.items():
         cfg = dict(cfg)
         kind = cfg.pop("type")
         try:  # the types were checked by read_metadata; the values (format names, sizes) are checked here
@@ -435,7 +448,7 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str =
             old = getattr(owner, child)
         except AttributeError:
             raise CheckpointError(
-                f"{where} quantizes layer {name!r}, which {meta['model_class']} built from the stored config "
+                f"{where} quantizes layer {name!r}, which {model_class} built from the stored config "
                 "does not have; the checkpoint and the model code disagree"
             ) from None
         # The layer it replaces must be a linear (a 1x1 conv) of the same size, or the file lies about the
@@ -452,8 +465,6 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str =
                                   f"{'' if not isinstance(old, nn.Linear) else f' {old.in_features}->{old.out_features}'}"
                                   "; the checkpoint and the model code disagree")
         setattr(owner, child, new)
-    model._svdquant_recipe = meta.get("recipe")
-    return model
 
 
 class NonFiniteWarning(UserWarning):
