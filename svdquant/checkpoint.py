@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -307,10 +308,32 @@ def tensor_file_of(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".safetensors" else path.with_name(TENSOR_FILE)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint's local path: ``path`` itself, or for a Hugging Face Hub id ("owner/name") that is not a
+    local path, the hub cache's copy of its svdquant.json and tensor file (downloaded if a network exists)."""
+    local = Path(path)
+    if local.exists() or isinstance(path, Path) or not _HUB_ID.fullmatch(str(path)) or ".." in str(path):
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, TENSOR_FILE, "README.md"]))
+    except Exception as e:  # offline (HF_HUB_OFFLINE or no network), unknown repo, gated repo...
+        raise CheckpointError(
+            f"{path} is neither a local folder nor a Hugging Face Hub checkpoint that can be fetched here "
+            f"({type(e).__name__}: {str(e)[:200]}). Offline: where a network exists run `hf download {path} "
+            "--local-dir DIR`, copy DIR here and pass it; or unset HF_HUB_OFFLINE where the Hub is reachable"
+        ) from None
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's metadata, with a clear error for anything that is not an svdquant checkpoint.
-    Every entry the loader uses is checked for its type here, so a malformed one is a CheckpointError."""
-    path = Path(path)
+    Every entry the loader uses is checked for its type here, so a malformed one is a CheckpointError.
+    ``path``: a checkpoint folder, its svdquant.json or tensor file, or a hub id (:func:`resolve`)."""
+    path = resolve(path)
     meta_file = path / META_FILE if path.is_dir() else path
     if not path.exists():
         raise CheckpointError(f"no svdquant checkpoint at {path}: the path does not exist")
@@ -530,7 +553,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
     device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
-    path = Path(path)
+    path = resolve(path)
     meta = read_metadata(path)
     tensor_file = tensor_file_of(path)
     header = check_tensor_file(tensor_file)
@@ -642,6 +665,7 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     _checks.device("device", device)
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
+    quantized = resolve(quantized)  # a hub id: its cached copy, so a recorded relative base resolves against it
     meta = read_metadata(quantized)
     base = base_of(quantized, meta, base)
     check_base(quantized, meta, base)

@@ -185,3 +185,22 @@ def test_registration_happens_on_import():
 def test_attach_refuses_an_unquantized_model():
     with pytest.raises(CheckpointError, match="no quantized layers"):
         attach(tm.build_flux())
+
+
+@pytest.mark.parametrize("call", ["load_quantized", "read_metadata", "load_pipeline"])
+def test_offline_hub_id_says_what_to_do(call, monkeypatch):
+    """The suite runs with HF_HUB_OFFLINE=1 (tiny_models): a hub id not in the cache cannot be fetched."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ("svdquant-test/not-cached-int4",) if call != "load_pipeline" else ("tiny", "svdquant-test/not-cached-int4")
+    with pytest.raises(CheckpointError) as e:
+        getattr(svdquant, call)(*args)
+    msg = str(e.value)
+    assert "svdquant-test/not-cached-int4" in msg and "hf download svdquant-test/not-cached-int4" in msg
+    assert "HF_HUB_OFFLINE" in msg
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        svdquant.load_quantized(tmp_path / "owner" / "name")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        svdquant.load_quantized("./owner/name")
