@@ -78,11 +78,14 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | None = None, report=None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, model_card: bool = False) -> Path:
     """Write a quantized model to the folder ``path`` (created; atomically replaced with ``overwrite``).
 
     ``base`` records the pipeline (local folder or hub id) the model came from, so
     ``load_pipeline`` and the CLI can find its VAE, text encoders and scheduler.
+    ``model_card=True`` also writes README.md for the Hugging Face Hub (:mod:`svdquant.model_card`):
+    base model, license (the base's, when its README is at hand), recipe, ranks, the report's quality
+    figures and the GPUs the layers run on.
     """
     from . import __version__
     from .pipelines.tiny import TINY_BASE
@@ -130,7 +133,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         save_file(_all_tensors(model), str(tmp / TENSOR_FILE), metadata={"svdquant": text})
         (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
         (tmp / META_FILE).write_text(text)
-        for f in (TENSOR_FILE, META_FILE):  # on disk before the rename publishes them: a crash leaves the old
+        written = [TENSOR_FILE, META_FILE]
+        if model_card:
+            from .model_card import base_license, render
+
+            (tmp / "README.md").write_text(render(meta, license=base_license(base, local)), encoding="utf-8")
+            written.append("README.md")
+        for f in written:  # on disk before the rename publishes them: a crash leaves the old
             _fsync(tmp / f)                 # checkpoint or the new one, never a renamed folder of empty files
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
