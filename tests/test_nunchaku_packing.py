@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdquant.convert.nunchaku_packing import pack_lanes, pack_qweight, unpack_lanes, unpack_qweight
+from svdquant.convert.nunchaku_packing import (pack_lanes, pack_lowrank, pack_qweight, unpack_lanes, unpack_lowrank,
+                                               unpack_qweight)
 
 
 def one_code(n, k, value, shape=(128, 128)):
@@ -86,3 +87,37 @@ def test_lanes_round_trip(shape):
 def test_lanes_need_whole_tiles():
     with pytest.raises(ValueError, match="tiles of 128"):
         pack_lanes(torch.zeros(96))
+
+
+# Low-rank known answers, by hand. down [R=32, K=16] -> [16, 32]: (r 9, k 3): block (k 0, r 0); i = 9 -> ns 1,
+# nl 1; j = 3 -> ks 0, kl 1, e 1; in-block index over (nl, kl, ns, ks, e) = (((1·4 + 1)·2 + 1)·2 + 0)·2 + 1 = 45
+# -> row 1, column 13. (r 16, k 0): the second block -> index 256 -> row 8, column 0.
+# up [N=16, R=32] -> [16, 32]: (n 2, r 17): block (n 0, r 1) -> 256; i = 2 -> nl 2; j = 1 -> e 1;
+# (((2·4 + 0)·2 + 0)·2 + 0)·2 + 1 = 65 -> index 321 -> row 10, column 1.
+LOWRANK_CASES = [
+    (True, (32, 16), (9, 3), (1, 13)),
+    (True, (32, 16), (16, 0), (8, 0)),
+    (False, (16, 32), (2, 17), (10, 1)),
+    (False, (32, 16), (16, 0), (16, 0)),  # up: row blocks outermost -> the second block starts at index 256
+]
+
+
+@pytest.mark.parametrize("down, shape, where, expect", LOWRANK_CASES)
+def test_lowrank_known_answers(down, shape, where, expect):
+    w = torch.zeros(shape, dtype=torch.bfloat16)
+    w[where] = 1.5
+    packed = pack_lowrank(w, down)
+    assert packed.shape == ((shape[1], shape[0]) if down else shape)
+    assert packed.nonzero().tolist() == [list(expect)] and float(packed[expect]) == 1.5
+
+
+@pytest.mark.parametrize("down", [True, False])
+@pytest.mark.parametrize("shape", [(16, 16), (32, 64), (64, 128)])
+def test_lowrank_round_trip(down, shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    assert torch.equal(unpack_lowrank(pack_lowrank(w, down), down), w)
+
+
+def test_lowrank_needs_whole_blocks():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pack_lowrank(torch.zeros(24, 64), down=True)

@@ -16,6 +16,13 @@ fragments want, so its checkpoints store them that way:
     ``b, d`` in ``{0, 1}``: lane 0 holds 0, 1, 8, 9; lane 1 holds 2, 3, 10, 11; lane 4 holds 16, 17, 24, 25.
     Stored ``(n tile, group, a, c, b, d)``: one tile's 128 channels of group 0, of group 1..., then the next
     tile; scales are viewed as ``[G, N]`` but are not a plain transpose once ``N > 128``.
+
+``proj_down`` (16-bit ``[K, R]``, from our ``lora_down`` ``[R, K]``) and ``proj_up`` (``[N, R]``, from our
+    ``lora_up`` ``[N, R]``): 16 × 16 blocks of the MMA operand whose "rows" are the rank for the down
+    projection and the output channels for the up one, "columns" the other index. In a block, row
+    ``i = ns·8 + nl`` and column ``j = ks·8 + kl·2 + e`` are ordered ``(nl, kl, ns, ks, e)``; blocks are
+    ordered column block outer for ``proj_down`` (K block, then R block) and row block outer for ``proj_up``
+    (N block, then R block). R must be a multiple of 16 (K and N already are).
 """
 
 from __future__ import annotations
@@ -88,3 +95,37 @@ def unpack_lanes(packed: torch.Tensor) -> torch.Tensor:
     # (nt, g, a, c, b, d) -> (nt, a, b, c, d, g)
     t = t.permute(0, 2, 4, 3, 5, 1).reshape(n, g)
     return t.reshape(n) if vector else t
+
+
+BLOCK = 16  # low-rank operands: 16 x 16 blocks (8 lane rows x 2, 4 lane columns x 2 x 2 halves)
+
+
+def _check_lowrank(rows: int, cols: int, what: str) -> None:
+    if rows % BLOCK or cols % BLOCK:
+        raise ValueError(f"Nunchaku's low-rank {what} needs both sizes to be multiples of {BLOCK}, got {rows} x {cols}")
+
+
+def pack_lowrank(weight: torch.Tensor, down: bool) -> torch.Tensor:
+    """Our ``lora_down`` ``[R, K]`` (``down=True``) -> ``proj_down`` ``[K, R]``; our ``lora_up`` ``[N, R]`` ->
+    ``proj_up`` ``[N, R]``; both in fragment order (see the module doc). Values are not changed."""
+    rows, cols = weight.shape  # rows: the MMA "n" side (R for down, N for up); cols: the "k" side
+    _check_lowrank(rows, cols, "down projection" if down else "up projection")
+    t = weight.reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+    t = t.permute(2, 0, 1, 3) if down else t.permute(0, 2, 1, 3)  # blocks: (col, row) for down, (row, col) up
+    t = t.reshape(*t.shape[:2], 2, 8, 2, 4, 2)                    # i -> (ns, nl); j -> (ks, kl, e)
+    t = t.permute(0, 1, 3, 5, 2, 4, 6).contiguous()                # -> (nl, kl, ns, ks, e)
+    return t.reshape(cols, rows) if down else t.reshape(rows, cols)
+
+
+def unpack_lowrank(packed: torch.Tensor, down: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_lowrank`: ``proj_down`` ``[K, R]`` -> ``[R, K]``; ``proj_up`` ``[N, R]`` -> ``[N, R]``."""
+    if down:
+        cols, rows = packed.shape
+    else:
+        rows, cols = packed.shape
+    _check_lowrank(rows, cols, "down projection" if down else "up projection")
+    outer = (cols // BLOCK, rows // BLOCK) if down else (rows // BLOCK, cols // BLOCK)
+    t = packed.reshape(*outer, 8, 4, 2, 2, 2).permute(0, 1, 4, 2, 5, 3, 6)  # -> (ns, nl, ks, kl, e)
+    t = t.reshape(*outer, BLOCK, BLOCK)
+    t = t.permute(1, 2, 0, 3) if down else t.permute(0, 2, 1, 3)           # -> (row block, i, col block, j)
+    return t.reshape(rows, cols)
