@@ -13,6 +13,10 @@ from .recipes import (
 
 __version__ = "0.1.0"
 
+from .integrations import register_diffusers_backend  # noqa: E402
+
+register_diffusers_backend()  # quant_method "svdquant" in diffusers' from_pretrained (svdquant/integrations/)
+
 
 def set_weight_mode(target, mode: str) -> int:
     """Every INT8-path layer of a model (or pipeline) to ``"speed"`` (INT8 codes resident, fastest) or

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,11 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
+def format_version(layers: dict[str, dict[str, Any]]) -> int:
+    """The lowest format version that holds these layers."""
+    return max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values() for k in ("weights", "activations")])
+
+
 def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict plus non-persistent buffers (which a meta-device build cannot recreate)."""
     tensors = dict(model.state_dict())
@@ -71,11 +78,14 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | None = None, report=None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, model_card: bool = False) -> Path:
     """Write a quantized model to the folder ``path`` (created; atomically replaced with ``overwrite``).
 
     ``base`` records the pipeline (local folder or hub id) the model came from, so
     ``load_pipeline`` and the CLI can find its VAE, text encoders and scheduler.
+    ``model_card=True`` also writes README.md for the Hugging Face Hub (:mod:`svdquant.model_card`):
+    base model, license (the base's, when its README is at hand), recipe, ranks, the report's quality
+    figures and the GPUs the layers run on.
     """
     from . import __version__
     from .pipelines.tiny import TINY_BASE
@@ -91,8 +101,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
     check_output_folder(path, overwrite)
-    version = max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values()
-                         for k in ("weights", "activations")])
+    version = format_version(layers)
     if report is not None and not isinstance(report, QuantReport):
         raise TypeError(f"report= takes the QuantReport svdquant.quantize returned, got {type(report).__name__}")
     if base is not None:
@@ -124,6 +133,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         save_file(_all_tensors(model), str(tmp / TENSOR_FILE), metadata={"svdquant": text})
         (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
         (tmp / META_FILE).write_text(text)
+        written = [TENSOR_FILE, META_FILE]
+        if model_card:
+            from .model_card import base_license, render
+
+            (tmp / "README.md").write_text(render(meta, license=base_license(base, local)), encoding="utf-8")
+            written.append("README.md")
+        for f in written:  # on disk before the rename publishes them: a crash leaves the old
+            _fsync(tmp / f)                 # checkpoint or the new one, never a renamed folder of empty files
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -139,6 +156,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_output_folder(path: str | os.PathLike, overwrite: bool, name: str = "path") -> None:
@@ -164,52 +189,117 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool, name: str = "p
                               "only a checkpoint: choose another folder")
 
 
-# bytes per element of each safetensors dtype
+# bytes per element of each safetensors dtype, and the torch dtype it reads as
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
                 "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+                 "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64}
+_KEPT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a 16-bit layer is stored in
+
+# Checkpoints come from the internet: every length a file states is checked against these bounds
+# before anything of that length is read or allocated. FLUX.1-dev's header is ~0.3 MB and its
+# svdquant.json ~0.2 MB, so the bounds are far above any real checkpoint and far below a harmful read.
+MAX_HEADER_BYTES = 64 << 20
+MAX_METADATA_BYTES = 16 << 20
+_MAX_DIM = 1 << 40        # no real tensor has a dimension this long; a bigger one is a lie
+_MAX_CONFIG_INT = 1 << 24  # nor a model config a size this large (it would build forever even on meta)
+_MAX_CONFIG_LIST = 1024
+
+
+def _json_object(text, what: str) -> Any:
+    """``json.loads`` with duplicate keys rejected (two entries for one tensor are a lie about the file) and
+    its other failures (deep nesting, 5000-digit integers) turned into CheckpointError."""
+    def no_duplicates(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise CheckpointError(f"{what}: the key {k!r} appears twice")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except CheckpointError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{what} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file no longer than ``limit`` (a FIFO or device would block or never end)."""
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file; {what} must be one")
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{path} is {size} bytes; {what} is never over {limit} (a corrupt or hostile file)")
+        with open(path, "rb") as f:
+            return f.read(limit + 1)[:limit]
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e})") from None
 
 
 def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a safetensors file's header and check it against the file: every tensor's byte range
-    matches its shape and dtype, the ranges tile the data, and the file is exactly that long.
+    """Read a safetensors file's header and check it against the file: a bounded header length, every
+    entry well formed (a known dtype, a shape of non-negative integers, two offsets), every tensor's
+    byte range matching its shape and dtype, the ranges tiling the data, and the file exactly that long.
     Returns the header; raises CheckpointError naming the damage. Reads no tensor data."""
     path = Path(path)
     bad = f"{path} is truncated or corrupt"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{bad}: {size} bytes, too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise CheckpointError(f"{bad}: the header claims {n} bytes, the file has {size - 8} after the length")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{bad}: its header is not JSON (not a safetensors file?)") from None
+    if not path.is_file():  # a FIFO would block the read below
+        raise CheckpointError(f"{path} is not a regular file; a tensor file must be one")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{bad}: {size} bytes, too short for a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(f"{bad}: the header claims {n} bytes, the file has {size - 8} after the length")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{bad}: the header claims {n} bytes; svdquant reads headers of up to "
+                                      f"{MAX_HEADER_BYTES} (a corrupt or hostile file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e})") from None
+    header = _json_object(raw, f"{bad}: its header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: its header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{bad}: its __metadata__ is not a map of strings")
+    spans = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        entry = f"{bad}: malformed tensor entry {name[:100]!r} in its header"
+        if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{entry} (it needs exactly dtype, shape and data_offsets)")
+        offsets, shape, dtype = t["data_offsets"], t["shape"], t["dtype"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{entry} (data_offsets {str(offsets)[:100]})")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape)):
+            raise CheckpointError(f"{entry} (shape {str(shape)[:100]})")
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{entry} (dtype {str(dtype)[:100]})")
+        numel = 1
+        for d in shape:
+            numel *= d
+        width = _DTYPE_BYTES.get(dtype)  # a dtype newer than this table: only the tiling is checked
+        begin, stop = offsets
+        if width is not None and stop - begin != numel * width:
+            raise CheckpointError(f"{bad}: tensor {name!r} has {stop - begin} bytes for shape {shape} {dtype}")
+        spans.append((begin, stop))
     end = 0
-    try:
-        spans = []
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            begin, stop = t["data_offsets"]
-            numel = 1
-            for d in t["shape"]:
-                numel *= d
-            width = _DTYPE_BYTES.get(t["dtype"])  # a dtype newer than this table: only the tiling is checked
-            if width is not None and stop - begin != numel * width:
-                raise CheckpointError(f"{bad}: tensor {name!r} has {stop - begin} bytes for shape {t['shape']} "
-                                      f"{t['dtype']}")
-            spans.append((begin, stop))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{bad}: malformed tensor entry in its header ({type(e).__name__}: {e})") from None
     for begin, stop in sorted(spans):
         if begin != end:
             raise CheckpointError(f"{bad}: tensor data overlaps or leaves a gap at byte {end}")
@@ -227,35 +317,53 @@ def tensor_file_of(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".safetensors" else path.with_name(TENSOR_FILE)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint's local path: ``path`` itself, or for a Hugging Face Hub id ("owner/name") that is not a
+    local path, the hub cache's copy of its svdquant.json and tensor file (downloaded if a network exists)."""
+    local = Path(path)
+    if local.exists() or isinstance(path, Path) or not _HUB_ID.fullmatch(str(path)) or ".." in str(path):
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, TENSOR_FILE, "README.md"]))
+    except Exception as e:  # offline (HF_HUB_OFFLINE or no network), unknown repo, gated repo...
+        raise CheckpointError(
+            f"{path} is neither a local folder nor a Hugging Face Hub checkpoint that can be fetched here "
+            f"({type(e).__name__}: {str(e)[:200]}). Offline: where a network exists run `hf download {path} "
+            "--local-dir DIR`, copy DIR here and pass it; or unset HF_HUB_OFFLINE where the Hub is reachable"
+        ) from None
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's metadata, with a clear error for anything that is not an svdquant checkpoint."""
-    path = Path(path)
+    """The checkpoint's metadata, with a clear error for anything that is not an svdquant checkpoint.
+    Every entry the loader uses is checked for its type here, so a malformed one is a CheckpointError.
+    ``path``: a checkpoint folder, its svdquant.json or tensor file, or a hub id (:func:`resolve`)."""
+    path = resolve(path)
     meta_file = path / META_FILE if path.is_dir() else path
     if not path.exists():
         raise CheckpointError(f"no svdquant checkpoint at {path}: the path does not exist")
     if path.is_dir() and not meta_file.exists():
         raise CheckpointError(f"{path} is not an svdquant checkpoint: {META_FILE} is missing")
     if meta_file.suffix == ".safetensors":
-        try:
-            with safe_open(str(meta_file), "pt") as f:
-                text = (f.metadata() or {}).get("svdquant")
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{meta_file} is not a readable safetensors file ({e})") from None
+        # our own bounded header check, not safe_open: safetensors would parse up to 100 MB of a hostile header
+        text = check_tensor_file(meta_file).get("__metadata__", {}).get("svdquant")
         if text is None:
             raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant?")
     else:
+        raw = _read_bounded(meta_file, MAX_METADATA_BYTES, "svdquant metadata")
         try:
-            text = meta_file.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise CheckpointError(f"{meta_file} is not svdquant metadata (not text); pass a checkpoint folder") from None
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_file} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    meta = _json_object(text, str(meta_file))
     if not isinstance(meta, dict) or meta.get("format") != "svdquant":
         raise CheckpointError(f"{meta_file} is not svdquant metadata")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not _is_int(version) or version < 1:
         raise CheckpointError(f"{meta_file} has no integer format_version ({version!r}); the checkpoint is corrupt")
     if version > FORMAT_VERSION:
         raise CheckpointError(
@@ -265,17 +373,79 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{meta_file} lacks a valid {key!r} entry; the checkpoint is corrupt")
+    for key, kind in (("recipe", dict), ("report", dict), ("base", str), ("base_is_local", bool)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{meta_file} has a malformed {key!r} entry; the checkpoint is corrupt")
+    _check_config(meta["model_config"], f"{meta_file}: model_config")
+    for name, cfg in meta["layers"].items():
+        _check_layer(name, cfg, meta_file)
     return meta
+
+
+def _check_config(value, where: str, depth: int = 0) -> None:
+    """A model config is sizes and flags: bounded integers, short lists, shallow nesting. A huge one
+    would make even a meta-device build run for hours."""
+    if depth > 6:
+        raise CheckpointError(f"{where} is nested too deeply; the checkpoint is corrupt")
+    if _is_int(value) and abs(value) > _MAX_CONFIG_INT:
+        raise CheckpointError(f"{where} = {value} is larger than any real model's; the checkpoint is corrupt")
+    if isinstance(value, list):
+        if len(value) > _MAX_CONFIG_LIST:
+            raise CheckpointError(f"{where} has {len(value)} entries; the checkpoint is corrupt")
+        for i, v in enumerate(value):
+            _check_config(v, f"{where}[{i}]", depth + 1)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_config(v, f"{where}.{k[:100]}", depth + 1)
+
+
+_LAYER_REQUIRED = {"type", "in_features", "out_features", "weights"}
+_LAYER_KEYS = _LAYER_REQUIRED | {"bias", "activations", "group_size", "rank", "act_shift", "act_unsigned_from", "dtype"}
+_LAYER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_layer(name: str, cfg, meta_file: Path) -> None:
+    """One ``layers`` entry: exactly SVDQLinear's constructor arguments, each of the right type and size."""
+    bad = f"{meta_file}: quantized layer {name[:100]!r} has a malformed entry"
+    if not isinstance(cfg, dict) or not _LAYER_REQUIRED <= set(cfg) <= _LAYER_KEYS:
+        raise CheckpointError(f"{bad} (it needs {sorted(_LAYER_REQUIRED)} and at most {sorted(_LAYER_KEYS)})")
+    if cfg["type"] not in ("linear", "conv1x1"):
+        raise CheckpointError(f"{bad} (type {str(cfg['type'])[:50]!r})")
+    for key, low in (("in_features", 1), ("out_features", 1), ("group_size", 0), ("rank", 0),
+                     ("act_unsigned_from", 0)):
+        if key in cfg and not (_is_int(cfg[key]) and low <= cfg[key] <= _MAX_CONFIG_INT):
+            raise CheckpointError(f"{bad} ({key} = {str(cfg[key])[:50]})")
+    for key, ok in (("bias", lambda v: isinstance(v, bool)), ("weights", lambda v: isinstance(v, str)),
+                    ("activations", lambda v: v is None or isinstance(v, str)),
+                    ("act_shift", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and abs(v) < 1e6), ("dtype", lambda v: v in _LAYER_DTYPES)):
+        if key in cfg and not ok(cfg[key]):
+            raise CheckpointError(f"{bad} ({key} = {str(cfg[key])[:50]!r})")
 
 
 def _model_class(name: str, where: Path):
     import diffusers
+    from diffusers import ModelMixin
 
-    cls = getattr(diffusers, name, None)
+    try:
+        cls = getattr(diffusers, name, None)
+    except Exception:  # diffusers' lazy module imports optional backends (flax, onnx...) on first access
+        cls = None
     if cls is None:
         raise CheckpointError(f"{where} is a checkpoint of {name}, which this diffusers ({diffusers.__version__}) "
                               "lacks; install the diffusers version it was made with")
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise CheckpointError(f"{where} names {name!r} as its model class, which is not a diffusers model")
     return cls
+
+
+def _check_layer_counts(meta: dict[str, Any], n_tensors: int, where: Path) -> None:
+    """Every block holds at least one tensor, so a config with more blocks than the file has tensors lies;
+    refusing it first keeps a hostile config from building millions of (meta) blocks."""
+    for key, value in meta["model_config"].items():
+        if ("layers" in key or "blocks" in key) and _is_int(value) and value > n_tensors:
+            raise CheckpointError(f"{where}: model_config {key} = {value}, but the tensor file holds only "
+                                  f"{n_tensors} tensors; the checkpoint is corrupt")
 
 
 def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str = "auto") -> nn.Module:
@@ -285,24 +455,96 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str =
             model = cls.from_config(meta["model_config"])
         except Exception as e:
             raise CheckpointError(f"{where}: {meta['model_class']} cannot be built from the stored config ({e})") from None
-    for name, cfg in meta["layers"].items():
+    swap_quantized_layers(model, meta["layers"], where, weight_mode)
+    model._svdquant_recipe = meta.get("recipe")
+    return model
+
+
+def swap_quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]], where, weight_mode: str = "auto"):
+    """Replace each layer named in ``layers`` (entries checked by :func:`_check_layer`) by an empty
+    :class:`SVDQLinear` / :class:`SVDQConv1x1` on the meta device; CheckpointError where they do not fit."""
+    model_class = type(model).__name__
+    for name, cfg in layers.items():
         cfg = dict(cfg)
         kind = cfg.pop("type")
-        lin = SVDQLinear.from_config(cfg, device="meta")
+        try:  # the types were checked by read_metadata; the values (format names, sizes) are checked here
+            lin = SVDQLinear.from_config(cfg, device="meta")
+        except Exception as e:
+            raise CheckpointError(f"{where}: quantized layer {name[:100]!r} cannot be built ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); the checkpoint is corrupt") from None
         lin.weight_mode = weight_mode  # read when the loaded tensors prepare the layer
         new = SVDQConv1x1(lin) if kind == "conv1x1" else lin
         parent, _, child = name.rpartition(".")
         try:
             owner = model.get_submodule(parent) if parent else model
-            getattr(owner, child)
+            old = getattr(owner, child)
         except AttributeError:
             raise CheckpointError(
-                f"{where} quantizes layer {name!r}, which {meta['model_class']} built from the stored config "
+                f"{where} quantizes layer {name!r}, which {model_class} built from the stored config "
                 "does not have; the checkpoint and the model code disagree"
             ) from None
+        # The layer it replaces must be a linear (a 1x1 conv) of the same size, or the file lies about the
+        # model and the first forward would fail far from here.
+        if kind == "conv1x1":
+            fits = (isinstance(old, nn.Conv2d) and old.kernel_size == (1, 1)
+                    and (old.in_channels, old.out_channels) == (lin.in_features, lin.out_features))
+        else:
+            fits = isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (lin.in_features,
+                                                                                           lin.out_features)
+        if not fits:
+            raise CheckpointError(f"{where} quantizes {name!r} as a {lin.in_features}->{lin.out_features} "
+                                  f"{kind}, but the model has a {type(old).__name__} there"
+                                  f"{'' if not isinstance(old, nn.Linear) else f' {old.in_features}->{old.out_features}'}"
+                                  "; the checkpoint and the model code disagree")
         setattr(owner, child, new)
-    model._svdquant_recipe = meta.get("recipe")
-    return model
+
+
+class NonFiniteWarning(UserWarning):
+    """A loaded checkpoint's 16-bit (kept) layers hold NaN or Inf values."""
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    """How many NaN / Inf values ``t`` holds (float8 has no isfinite on the CPU: read the bit patterns)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())  # e4m3fn: only NaN, no Inf
+    if t.dtype == torch.float8_e5m2:
+        return int(((t.view(torch.uint8) & 0x7C) == 0x7C).sum())
+    if not t.dtype.is_floating_point:
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_keys: set[str],
+                  tensor_file: Path) -> None:
+    """Values a file can hold but svdquant never writes. In quantized layers (scales, 1/λ, branch, bias,
+    codes) they are a CheckpointError: the quantizer checks its inputs and never writes NaN / Inf,
+    int4m multipliers outside [1, 18] or the code -8, and an INT8 kernel would overflow on the last two.
+    Kept 16-bit layers are the base model's own weights: NaN / Inf there get a NonFiniteWarning."""
+    from .formats.int4m import MULT_MAX
+
+    kept = []
+    for k, t in tensors.items():
+        bad = _nonfinite(t)
+        if bad and k in quantized_keys:
+            raise CheckpointError(f"{tensor_file}: tensor {k!r} holds {bad} NaN / Inf values, which svdquant never "
+                                  "writes into a quantized layer; the checkpoint is corrupt")
+        if bad:
+            kept.append(f"{k} ({bad})")
+    for name, m in model.named_modules():
+        if not isinstance(m, SVDQLinear) or "wmult" not in m._buffers:
+            continue
+        prefix = f"{name}." if name else ""
+        mult, codes = tensors[f"{prefix}wmult"], tensors[f"{prefix}qweight"]
+        if mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > MULT_MAX):
+            raise CheckpointError(f"{tensor_file}: {prefix}wmult holds multipliers outside [1, {MULT_MAX}]; "
+                                  "the checkpoint is corrupt")
+        if bool(((codes & 0x0F) == 8).any() or ((codes >> 4) == 8).any()):
+            raise CheckpointError(f"{tensor_file}: {prefix}qweight holds the 4-bit code -8 (codes are in "
+                                  "[-7, 7]); the checkpoint is corrupt")
+    if kept:
+        warnings.warn(f"{tensor_file}: {len(kept)} tensors of 16-bit layers hold NaN / Inf values, e.g. "
+                      f"{', '.join(kept[:3])}; the model will likely produce NaN images", NonFiniteWarning,
+                      stacklevel=3)
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -310,56 +552,64 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``.
 
     ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
-    ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`)."""
+    ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
+
+    Hostile files: everything the files state (lengths, names, shapes, dtypes, offsets, sizes in the
+    config) is checked before anything of that size is read or built, and the values afterwards
+    (:func:`_check_values`); every failure is a :class:`CheckpointError`."""
     from .modules.linear import WEIGHT_MODES
 
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
     device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
-    path = Path(path)
+    path = resolve(path)
     meta = read_metadata(path)
     tensor_file = tensor_file_of(path)
-    check_tensor_file(tensor_file)
+    header = check_tensor_file(tensor_file)
+    header.pop("__metadata__", None)
+    _check_layer_counts(meta, len(header), path)
     model = _empty_quantized_model(meta, path, weight_mode)
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
     quantized_keys = {f"{layer}.{k}" for layer in meta["layers"] for k in
                       model.get_submodule(layer).state_dict(keep_vars=True)}
+    missing = sorted(set(expected) - set(header))
+    if missing:
+        raise CheckpointError(f"{tensor_file} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    unexpected = sorted(set(header) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{tensor_file} has {len(unexpected)} tensors the model does not use, e.g. {unexpected[:3]}; "
+            "is it a checkpoint of another model?"
+        )
+    for k in sorted(header):  # from the header: nothing is read until every tensor is known to fit
+        shape, dtype, want = tuple(header[k]["shape"]), _TORCH_DTYPES.get(header[k]["dtype"]), expected[k]
+        # Kept layers are built in the default dtype; the stored 16/32-bit dtype of a floating tensor
+        # wins (an fp8 one would be a quantized layer in disguise). Packed codes and scales match exactly.
+        same_kind = dtype is not None and (dtype == want.dtype or (
+            dtype in _KEPT_DTYPES and want.dtype.is_floating_point and k not in quantized_keys))
+        if shape != tuple(want.shape) or not same_kind:
+            raise CheckpointError(
+                f"{tensor_file}: tensor {k!r} is {shape} {dtype or header[k]['dtype']}, the model expects "
+                f"{tuple(want.shape)} {want.dtype}"
+            )
     try:
         with safe_open(str(tensor_file), "pt", device=str(device)) as f:
-            keys = set(f.keys())
-            missing = sorted(set(expected) - keys)
-            if missing:
-                raise CheckpointError(f"{tensor_file} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
-            unexpected = sorted(keys - set(expected))
-            if unexpected:
-                raise CheckpointError(
-                    f"{tensor_file} has {len(unexpected)} tensors the model does not use, e.g. {unexpected[:3]}; "
-                    "is it a checkpoint of another model?"
-                )
             tensors = {}
-            for k in sorted(keys):
+            for k in sorted(header):
                 t = f.get_tensor(k)
                 if t.device.type == "cpu":
                     # get_tensor on CPU returns views into one byte buffer at arbitrary offsets, and
                     # unaligned weights make CPU GEMMs round differently from the model that was saved.
                     t = t.clone()
-                want = expected[k]
-                # Kept layers are built in the default dtype; the stored (e.g. bf16) dtype of a floating
-                # tensor wins. Packed codes and scales must match exactly.
-                same_kind = t.dtype == want.dtype or (t.dtype.is_floating_point and want.dtype.is_floating_point
-                                                      and k not in quantized_keys)
-                if tuple(t.shape) != tuple(want.shape) or not same_kind:
-                    raise CheckpointError(
-                        f"{tensor_file}: tensor {k!r} is {tuple(t.shape)} {t.dtype}, the model expects "
-                        f"{tuple(want.shape)} {want.dtype}"
-                    )
                 tensors[k] = t
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated or corrupt file: safetensors' own errors
+    except Exception as e:  # changed under us since the header check: safetensors' own errors
         raise CheckpointError(f"{tensor_file} cannot be read ({e}); the file is truncated or corrupt") from None
+    _check_values(model, tensors, quantized_keys, tensor_file)
     persistent = set(model.state_dict())
-    model.load_state_dict({k: v for k, v in tensors.items() if k in persistent}, strict=True, assign=True)
+    try:
+        model.load_state_dict({k: v for k, v in tensors.items() if k in persistent}, strict=True, assign=True)
+    except RuntimeError as e:  # every name, shape and dtype was checked above: a mismatch here is a format gap
+        raise CheckpointError(f"{tensor_file} does not fit the model ({str(e)[:300]})") from None
     for k, v in tensors.items():
         if k not in persistent:
             owner, _, name = k.rpartition(".")
@@ -424,6 +674,7 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     _checks.device("device", device)
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
+    quantized = resolve(quantized)  # a hub id: its cached copy, so a recorded relative base resolves against it
     meta = read_metadata(quantized)
     base = base_of(quantized, meta, base)
     check_base(quantized, meta, base)

@@ -84,4 +84,24 @@ def prepare(m):
     return ReferenceRunner(m)
 
 
-__all__ = ["prepare", "NotPrepared", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY"]
+def gpu_support(weights: str, activations: str | None) -> str:
+    """Which GPUs run a layer of these formats with a kernel, in words (the table above, which :func:`prepare`
+    implements; keep the two in step). For model cards and ``svdquant info``."""
+    wf = get_format(weights)
+    af = get_format(activations) if activations is not None else None
+    if af is None:
+        if wf.name in W4A16Runner.FORMATS:
+            return "W4A16 kernel on compute capability 8.0+ for up to 16 tokens, the torch reference above that"
+        return "torch reference (any GPU or the CPU)"
+    if wf.integer and af.integer:
+        return "INT8 GEMM kernels on compute capability 8.0+ (A100, RTX 30xx/40xx, L40, H100/H200 with TMA, B200)"
+    if (wf.name, af.name) in FloatScalesRunner.PAIRS:
+        if wf.name == "nvfp4":
+            return "NVFP4 kernels on compute capability 8.9+ (RTX 40xx, L40, H100/H200, B200); reference before"
+        return "the paper's W4A4 kernels on compute capability 8.0+ (slow on Hopper: per-group rescales)"
+    if (wf.name, af.name) == ("fp8", "fp8"):
+        return "torch._scaled_mm on compute capability 8.9+ (RTX 40xx, L40, H100/H200, B200)"
+    return "torch reference (any GPU or the CPU)"
+
+
+__all__ = ["prepare", "gpu_support", "NotPrepared", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY"]

@@ -1,0 +1,113 @@
+"""The model card (README.md) of a checkpoint: ``save_quantized(..., model_card=True)``.
+
+The Hugging Face Hub reads the YAML front matter: ``base_model`` + ``base_model_relation: quantized``
+link the checkpoint to the model it came from, ``library_name`` / ``pipeline_tag`` say how it runs,
+``license`` repeats the base model's (a quantized model is a derivative: its license follows the base).
+The body holds what a user needs to choose it: the recipe, the ranks, the quality figures of the
+quantization report and the GPUs its layers run on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TAG = "text-to-image"  # every architecture svdquant supports (FLUX, SD3, PixArt-Σ, SANA)
+
+
+def base_license(base: str | None, base_is_local: bool, folder: Path | None = None) -> str | None:
+    """The base model's license from its README front matter: a local folder's, or a hub id's README if it
+    is in the hub cache or a network exists; ``None`` when unknown (nothing is guessed)."""
+    if not base:
+        return None
+    readme = None
+    if base_is_local:
+        root = (folder / base) if folder is not None and not Path(base).is_absolute() else Path(base)
+        readme = root / "README.md"
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", base):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            readme = Path(hf_hub_download(base, "README.md"))
+        except Exception:  # offline, not cached, gated: the license stays unknown
+            return None
+    if readme is None or not readme.is_file():
+        return None
+    m = re.match(r"---\s*\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace")[:20000], re.S)
+    lic = re.search(r"^license:\s*['\"]?([\w.+-]+)['\"]?\s*$", m.group(1), re.M) if m else None
+    return lic.group(1) if lic else None
+
+
+def _yaml(front: dict[str, Any]) -> str:
+    # JSON scalars and flow lists are valid YAML: no YAML library needed to write it
+    return "---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in front.items() if v is not None) + "---\n"
+
+
+def render(meta: dict[str, Any], license: str | None = None) -> str:
+    """README.md text for a checkpoint's metadata (``svdquant.json``; its ``report`` gives the figures)."""
+    from .ops import gpu_support
+
+    recipe = meta.get("recipe") or {}
+    layers = meta["layers"]
+    base = meta.get("base")
+    hub_base = base if base and not meta.get("base_is_local") and "/" in base else None
+    front = {
+        "base_model": hub_base,
+        "base_model_relation": "quantized" if hub_base else None,
+        "library_name": "diffusers",
+        "pipeline_tag": PIPELINE_TAG,
+        "license": license,
+        "tags": ["svdquant", "quantized", *([f"{recipe['name']}"] if recipe.get("name") else [])],
+    }
+    name = recipe.get("name", "custom")
+    lines = [_yaml(front), f"# {meta['model_class']}, svdquant `{name}`", ""]
+    lines.append(f"Quantized with svdquant {meta.get('svdquant_version', '')} from "
+                 f"{f'`{base}`' if base else 'an unrecorded base model'}: {len(layers)} quantized layers, "
+                 f"checkpoint format version {meta['format_version']}.")
+    lines += ["", "## Recipe", "", "| setting | value |", "| --- | --- |"]
+    for k in ("weights", "activations", "group_size", "rank", "method", "iterations", "svd"):
+        if k in recipe:
+            lines.append(f"| {k} | `{recipe[k]}` |")
+    ranks = sorted({cfg.get("rank", 0) for cfg in layers.values()})
+    lines.append(f"| ranks used | {', '.join(map(str, ranks))} |")
+
+    report = meta.get("report")
+    lines += ["", "## Quality (from the quantization report)", ""]
+    if report and report.get("rows"):
+        rows = report["rows"]
+        errs = [r["rel_error"] for r in rows]
+        naive = [r["rel_error_naive"] for r in rows]
+        worst = max(rows, key=lambda r: r["rel_error"])
+        sqnr = statistics.median(-20 * math.log10(max(e, 1e-12)) for e in errs)
+        lines += [
+            "Relative output error of each quantized layer group on calibration inputs (lower is better); "
+            "*naive* is plain quantization without the low-rank branch and smoothing.", "",
+            "| figure | value |", "| --- | --- |",
+            f"| layer groups quantized | {len(rows)} |",
+            f"| layers kept 16-bit | {len(report.get('skipped') or [])} |",
+            f"| median relative error | {statistics.median(errs):.4f} (naive {statistics.median(naive):.4f}) |",
+            f"| mean relative error | {statistics.fmean(errs):.4f} (naive {statistics.fmean(naive):.4f}) |",
+            f"| worst group | {worst['rel_error']:.4f} (`{worst['names'][0]}`) |",
+            f"| median SQNR | {sqnr:.1f} dB |",
+            f"| calibration snapshots | {report.get('snapshots', 0)} |",
+            f"| quantization time | {report.get('seconds_total', 0):.0f} s |",
+        ]
+    else:
+        lines.append("No quantization report was saved with this checkpoint (pass `report=` to `save_quantized`).")
+
+    lines += ["", "## GPUs", "", "| layers | count | runs as |", "| --- | --- | --- |"]
+    kinds: dict[tuple, int] = {}
+    for cfg in layers.values():
+        key = (cfg["weights"], cfg.get("activations"))
+        kinds[key] = kinds.get(key, 0) + 1
+    for (w, a), n in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| W{w} A{a or '16'} | {n} | {gpu_support(w, a)} |")
+    lines += ["", "Any other device (or `SVDQUANT_REFERENCE=1`) runs the torch reference: correct, slower.",
+              "", "## Use", "", "```python", "import svdquant", "",
+              "pipe = svdquant.load_pipeline(None, \"THIS_FOLDER_OR_REPO\", device=\"cuda\")",
+              "image = pipe(\"a red fox in the snow\").images[0]", "```", ""]
+    return "\n".join(lines)
