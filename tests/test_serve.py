@@ -369,7 +369,10 @@ def test_cli_serve_replicas_on_ray_serve():
         assert [r.status_code for r in rs] == [200] * 6
         assert rs[0].json()["data"][0]["seed"] == 0 and decode(rs[0].json()["data"][0]).size == (32, 32)
         again = post(base, prompt="deer", seed=0).json()["data"][0]   # whichever replica: same seed, same image
-        assert again["b64_json"] == rs[0].json()["data"][0]["b64_json"]
+        # (the first may have run in a batch: batched matmuls can move a pixel by one level)
+        a = np.asarray(decode(again).convert("RGB"), dtype=np.int16)
+        b = np.asarray(decode(rs[0].json()["data"][0]).convert("RGB"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
         bad = post(base, prompt="a dragon")
         assert bad.status_code == 400 and "airplane" in bad.json()["error"]["message"]
         proc.send_signal(signal.SIGTERM)
