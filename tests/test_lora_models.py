@@ -1,4 +1,5 @@
-"""LoRAs on the tiny SD3 / PixArt-Σ / SANA transformers (tests/test_lora.py covers FLUX).
+"""LoRAs on the tiny SD3 / PixArt-Σ / SANA / Qwen-Image transformers and the SDXL UNet (tests/test_lora.py
+covers FLUX).
 
 For each architecture a LoRA goes onto several quantized layers (attention q/k/v, an output
 projection, an MLP layer; SD3 also a W4A16 adaLN linear, SANA both GLUMBConv 1x1 convolutions,
@@ -34,11 +35,17 @@ from svdquant import Calibration, Int4Config, LoRAError, SVDQConv1x1, SVDQLinear
 from svdquant.modules.lora_linear import LoRALinear
 
 RECIPE = Int4Config(iterations=2, eval_tokens=64)
-ARCHS = ["sd3", "pixart", "sana"]
+ARCHS = ["sd3", "pixart", "sana", "qwenimage", "sdxl"]
 RANK = 4
 SEED = 7  # forward inputs used for every comparison (calibration uses seeds 100, 101)
 LAYER_TOL = 1e-5  # per-layer relative error against the dense delta
 E2E_TOL = 1e-4  # end-to-end max abs error, relative to max |output|
+# The SDXL UNet runs up to ~20 W4A4 layers after a LoRA layer (transformers in down, mid and up blocks,
+# each entered through a quantized proj_in): an fp32-rounding-level difference between the fused branch
+# and the float64 hooked delta flips a few 4-bit activation roundings downstream (measured 4.2e-4 end
+# to end, while every LoRA layer on its own still matches to LAYER_TOL). The LoRA moves the output
+# by > 10x this bound, so it still tells "applied" from "not".
+E2E_TOLS = {"sdxl": 2e-3}
 MIN_EFFECT = 5e-3  # the LoRA must move the output by at least this much (relative to max |output|)
 
 b0 = "transformer_blocks.0."
@@ -63,6 +70,22 @@ LAYERS = {
         b0 + "attn2.to_out.0": "q",
         b0 + "ff.conv_inverted": "conv", b0 + "ff.conv_point": "conv",  # GLUMBConv 1x1s
         b0 + "attn2.to_k": "16bit",
+    },
+    "qwenimage": {
+        b0 + "attn.to_q": "q", b0 + "attn.to_k": "q", b0 + "attn.to_v": "q",
+        b0 + "attn.to_add_out": "q",  # output projection of the text stream
+        b0 + "img_mlp.net.2": "q",  # image MLP down projection (post-GELU)
+        "transformer_blocks.1.txt_mod.1": "w4a16",  # modulation: weight-only
+        "txt_in": "16bit",
+    },
+    "sdxl": {  # nested names: the kohya form must resolve underscores back to them
+        "mid_block.attentions.0.proj_in": "q",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": "q",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k": "q",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_v": "q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "q",  # GEGLU output
+        "up_blocks.0.attentions.1.proj_out": "q",
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": "16bit",  # reads the text embedding
     },
 }
 TYPES = {"q": SVDQLinear, "w4a16": SVDQLinear, "conv": SVDQConv1x1, "16bit": nn.Linear}
@@ -186,12 +209,13 @@ def check_layers(model, xs, before, ab, strength):
         assert err <= LAYER_TOL, f"{n}: LoRA delta off by {err:.2e} (relative)"
 
 
-def check_end_to_end(y, y_ref, y_base):
+def check_end_to_end(y, y_ref, y_base, arch=None):
+    tol = E2E_TOLS.get(arch, E2E_TOL)
     scale = float(y_ref.abs().max())
     effect = float((y_ref - y_base).abs().max()) / scale
-    assert effect > MIN_EFFECT, f"the LoRA barely changes the output ({effect:.1e}): the test could not fail"
+    assert effect > max(MIN_EFFECT, 10 * tol), f"the LoRA barely changes the output ({effect:.1e}): the test could not fail"
     err = float((y - y_ref).abs().max()) / scale
-    assert err <= E2E_TOL, f"output differs from quantized + dense LoRA delta by {err:.2e} (max abs, relative)"
+    assert err <= tol, f"output differs from quantized + dense LoRA delta by {err:.2e} (max abs, relative)"
 
 
 def snapshot(model) -> tuple[dict, dict]:
@@ -250,7 +274,7 @@ def test_peft_lora_is_quantized_output_plus_dense_delta(arch, tmp_path):
         assert type(m) is (LoRALinear if kind == "16bit" else TYPES[kind]), name
         assert "style" in linear_of(model, name).adapters, name
     check_layers(model, xs, before, ab, 0.7)
-    check_end_to_end(run(arch, model), y_ref, y_base)
+    check_end_to_end(run(arch, model), y_ref, y_base, arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -265,12 +289,12 @@ def test_strength_changes_follow_dense_delta_and_unload_is_exact(arch, tmp_path)
     model_ref = quantized(arch)  # an untouched copy, hooked for the references
 
     svdquant.load_lora(model, tmp_path / "a.safetensors", name="a", strength=0.7)
-    check_end_to_end(run(arch, model), reference_output(arch, model_ref, ab, 0.7), y_base)
+    check_end_to_end(run(arch, model), reference_output(arch, model_ref, ab, 0.7), y_base, arch)
     for s in (-1.5, 2.0):
         svdquant.set_lora_strength(model, "a", s)
         assert svdquant.loaded_loras(model) == {"a": s}
         check_layers(model, xs, before, ab, s)
-        check_end_to_end(run(arch, model), reference_output(arch, model_ref, ab, s), y_base)
+        check_end_to_end(run(arch, model), reference_output(arch, model_ref, ab, s), y_base, arch)
     svdquant.set_lora_strength(model, "a", 0.0)
     assert torch.equal(run(arch, model), y_base)  # strength 0: the adapter drops out of the branch exactly
 
@@ -306,7 +330,7 @@ def test_kohya_with_alpha_equals_equivalent_peft(arch, tmp_path):
     assert torch.equal(outs["kohya"], outs["peft"])
     assert not torch.equal(outs["kohya"], outs["unscaled"])  # alpha was not ignored
     base = quantized(arch)
-    check_end_to_end(outs["kohya"], reference_output(arch, base, ab, 0.8 * alpha / RANK), run(arch, base))
+    check_end_to_end(outs["kohya"], reference_output(arch, base, ab, 0.8 * alpha / RANK), run(arch, base), arch)
 
 
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])

@@ -1,4 +1,5 @@
-"""``svdquant.quantize`` on tiny FLUX / SD3 / PixArt-Σ / SANA transformers (random weights, bf16),
+"""``svdquant.quantize`` on tiny FLUX / SD3 / PixArt-Σ / SANA / Qwen-Image transformers and an SDXL UNet
+(random weights, bf16),
 the generic include/exclude adapter, and calibration through a real (tiny, offline) diffusers pipeline.
 
 Output bound: relative L2 error of the quantized model's output against the 16-bit (bf16)
@@ -12,8 +13,14 @@ at ~1.6-2x the largest value seen (the test uses model seed 0):
 | sd3    | 0.0079 - 0.0081 | 0.0117 - 0.0131               | 0.014 |
 | pixart | 0.0072 - 0.0119 | 0.0157 - 0.0199               | 0.020 |
 | sana   | 0.0124 - 0.0191 | 0.0433 - 0.0508               | 0.030 |
+| qwenimage | 0.0063 - 0.0079 | 0.0097 - 0.0129            | 0.013 |
+| sdxl   | 0.0384 - 0.0543 | 0.1047 - 0.1643               | 0.090 |
 
-and SVDQuant's error is below 0.8x the naive one (measured ratios for seed 0: 0.27-0.65).
+(The SDXL UNet's error is larger: its 4 transformers quantize every token's proj_in / proj_out too,
+and its output is the whole UNet's, where FLUX's is one of two blocks.)
+
+and SVDQuant's error is below 0.8x the naive one (measured ratios for seed 0: 0.27-0.65;
+Qwen-Image 0.61-0.65 and SDXL 0.31-0.37 over seeds 0-2).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from svdquant.recipes import POST_GELU_SHIFT
 RECIPE = svdquant.W4A4Config(iterations=3, eval_tokens=128)
 DTYPE = torch.bfloat16
 ARCHS = list(tm.ARCHS)
-BOUNDS = {"flux": 0.016, "sd3": 0.014, "pixart": 0.020, "sana": 0.030}
+BOUNDS = {"flux": 0.016, "sd3": 0.014, "pixart": 0.020, "sana": 0.030, "qwenimage": 0.013, "sdxl": 0.090}
 NAIVE_RATIO = 0.8
 H = tm.HIDDEN
 
@@ -88,7 +95,46 @@ def _expected(arch: str) -> dict:
                   "time_text_embed.text_embedder.linear_2", "context_embedder", "norm_out.linear", "proj_out"],
             groups=[_p(b0, DOUBLE_QKV), _p(b0, DOUBLE_ADD_QKV), _p(b1, DOUBLE_QKV), _p(b1, DOUBLE_ADD_QKV)],
         )
+    if arch == "qwenimage":
+        # FLUX-double-like joint blocks with img_*/txt_* names; the streams' modulation linears are weight-only
+        blocks = [b0, b1]
+        return dict(
+            w4a4=[p + n for p in blocks for n in DOUBLE_QKV + DOUBLE_ADD_QKV + [
+                "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "txt_mlp.net.0.proj"]],
+            gelu={p + n: 0 for p in blocks for n in ("img_mlp.net.2", "txt_mlp.net.2")},
+            weight_only=[p + n for p in blocks for n in ("img_mod.1", "txt_mod.1")],
+            conv=[],
+            kept=["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+                  "img_in", "txt_in", "norm_out.linear", "proj_out"],
+            groups=[_p(p, q) for p in blocks for q in (DOUBLE_QKV, DOUBLE_ADD_QKV)],
+        )
     attn = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0"]
+    if arch == "sdxl":
+        # every Transformer2DModel: linear proj_in / proj_out and its block's attention and GEGLU feed-forward
+        # linears (GEGLU: ff.net.2 reads x·GELU(gate), signed, so not shifted); cross-attention K/V, ResNets
+        # (3x3 convs, 1x1 shortcuts, time_emb_proj), samplers and embeddings stay 16-bit.
+        tf = ["down_blocks.1.attentions.0.", "mid_block.attentions.0.", "up_blocks.0.attentions.0.",
+              "up_blocks.0.attentions.1."]
+        blk = [t + "transformer_blocks.0." for t in tf]
+        resnets = ["down_blocks.0.resnets.0.", "down_blocks.1.resnets.0.", "mid_block.resnets.0.",
+                   "mid_block.resnets.1.", "up_blocks.0.resnets.0.", "up_blocks.0.resnets.1.",
+                   "up_blocks.1.resnets.0.", "up_blocks.1.resnets.1."]
+        shortcut = {"down_blocks.1.resnets.0.", "up_blocks.0.resnets.0.", "up_blocks.0.resnets.1.",
+                    "up_blocks.1.resnets.0.", "up_blocks.1.resnets.1."}
+        return dict(
+            w4a4=[t + n for t in tf for n in ("proj_in", "proj_out")]
+            + [p + n for p in blk for n in attn + ["ff.net.0.proj", "ff.net.2"]],
+            gelu={},
+            weight_only=[],
+            conv=[],
+            kept=["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
+                  "add_embedding.linear_1", "add_embedding.linear_2", "down_blocks.0.downsamplers.0.conv",
+                  "up_blocks.0.upsamplers.0.conv"]
+            + [p + n for p in blk for n in ("attn2.to_k", "attn2.to_v")]
+            + [r + n for r in resnets for n in ("conv1", "conv2", "time_emb_proj")]
+            + [r + "conv_shortcut" for r in resnets if r in shortcut],
+            groups=[_p(p, ["attn1.to_q", "attn1.to_k", "attn1.to_v"]) for p in blk],
+        )
     if arch == "pixart":
         return dict(
             w4a4=_p(b0, attn + ["ff.net.0.proj"]),
@@ -352,7 +398,7 @@ def test_unknown_model_without_patterns_is_a_clear_error():
     msg = str(e.value)
     assert "TinyMLP" in msg and "include" in msg
     for cls in ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel",
-                "SanaTransformer2DModel"):
+                "SanaTransformer2DModel", "QwenImageTransformer2DModel", "UNet2DConditionModel"):
         assert cls in msg
     assert type(model.up) is nn.Linear  # nothing was touched
 

@@ -56,6 +56,22 @@ SANA_CONFIG = dict(
     mlp_ratio=2.5, sample_size=8, patch_size=2,
 )
 
+QWENIMAGE_CONFIG = dict(
+    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=(8, 12, 12),
+)
+
+# SDXL's layout (linear proj_in/proj_out, GEGLU feed-forward, text_time added conditions) at width 64:
+# a 32-channel DownBlock2D, then a 64-channel cross-attention level (one transformer block in the
+# down, mid and each up attention), 8x8 latents.
+SDXL_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, HIDDEN), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(1, 2), transformer_layers_per_block=1, use_linear_projection=True,
+    cross_attention_dim=HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+)
+
 TEXT_TOKENS = 6
 
 
@@ -171,11 +187,60 @@ def sana_inputs(model, seed: int = 0, batch: int = 1) -> dict:
     )
 
 
+# --------------------------------------------------------------------------------------
+# Qwen-Image
+# --------------------------------------------------------------------------------------
+
+def build_qwenimage(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import QwenImageTransformer2DModel
+
+    return _build(QwenImageTransformer2DModel, {**QWENIMAGE_CONFIG, **overrides}, seed, dtype)
+
+
+def qwenimage_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    side = 4  # 4 x 4 = 16 packed (2x2-patch) image tokens
+    return dict(
+        hidden_states=torch.randn(batch, side * side, cfg.in_channels, generator=g).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.joint_attention_dim, generator=g).to(dt),
+        encoder_hidden_states_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.long),
+        timestep=torch.rand(batch, generator=g).to(dt),
+        img_shapes=[[(1, side, side)]] * batch,
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# SDXL (UNet)
+# --------------------------------------------------------------------------------------
+
+def build_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    return _build(UNet2DConditionModel, {**SDXL_CONFIG, **overrides}, seed, dtype)
+
+
+def sdxl_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    # time_ids: original size, crop top-left, target size, as SDXL's pipeline builds them
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1)
+    return dict(
+        sample=torch.randn(batch, cfg.in_channels, 8, 8, generator=g).to(dt),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.cross_attention_dim, generator=g).to(dt),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g).to(dt), "time_ids": time_ids.to(dt)},
+        return_dict=False,
+    )
+
+
 ARCHS = {
     "flux": (build_flux, flux_inputs),
     "sd3": (build_sd3, sd3_inputs),
     "pixart": (build_pixart, pixart_inputs),
     "sana": (build_sana, sana_inputs),
+    "qwenimage": (build_qwenimage, qwenimage_inputs),
+    "sdxl": (build_sdxl, sdxl_inputs),
 }
 
 

@@ -1,4 +1,4 @@
-"""Adapters for the diffusers transformers SVDQuant targets (DESIGN.md §1, §6).
+"""Adapters for the diffusers transformers (and SDXL's UNet) SVDQuant targets (DESIGN.md §1, §6).
 
 Kept 16-bit everywhere: embedders (patch/x/context/time/text/caption), the final norm
 and projection, q/k RMSNorms and attention math (they are not in any group).
@@ -84,6 +84,68 @@ def _sana_groups(block: nn.Module):
     )
 
 
+def _qwenimage_groups(block: nn.Module):
+    # QwenImageTransformerBlock: joint image/text blocks laid out like FLUX double blocks, with
+    # the streams' modules named img_*/txt_* (diffusers' own tensor-parallel plan lists the same
+    # attention/MLP linears).
+    return groups_of(
+        block,
+        # q/k/v of the image stream read the modulated image tokens; add_q/k/v the modulated text
+        # tokens: one λ and one shared branch per stream (one fused GEMM each in the engine).
+        *_JOINT_ATTENTION,
+        (("img_mlp.net.0.proj",), SHARED),
+        # FeedForward(activation_fn="gelu-approximate"): net.2 reads GELU(net.0.proj(x)).
+        (("img_mlp.net.2",), dict(post_gelu=True)),
+        (("txt_mlp.net.0.proj",), SHARED),
+        (("txt_mlp.net.2",), dict(post_gelu=True)),
+        # img_mod / txt_mod = Sequential(SiLU, Linear(dim, 6·dim)): the modulation (adaLN) linears,
+        # read once per call from the timestep embedding: weight-only, as FLUX's norm1.linear.
+        (("img_mod.1",), dict(weight_only=True)),
+        (("txt_mod.1",), dict(weight_only=True)),
+    )
+
+
+def _is_gelu_ff(ff: nn.Module) -> bool:
+    """A diffusers FeedForward whose second linear reads GELU(x) (not GEGLU's x·GELU(gate), which is signed)."""
+    from diffusers.models.activations import GELU
+
+    return isinstance(getattr(ff, "net", [None])[0], GELU)
+
+
+def _unet_groups(model: nn.Module):
+    """SDXL ``UNet2DConditionModel``, quantized as the SVDQuant paper does (arXiv 2411.05007, §5: the
+    attention and feed-forward linears of the transformer blocks are 4-bit; the convolutions stay 16-bit).
+
+    Per ``Transformer2DModel`` (in down, mid and up blocks): ``proj_in`` / ``proj_out`` (linears in SDXL,
+    ``use_linear_projection=True``; 1×1 convs in SD1.x-style configs: both are linears over channels)
+    and, per ``BasicTransformerBlock``, self-attention q/k/v (one group), its output projection, the
+    cross-attention query and output projection, and both feed-forward linears. Cross-attention K/V read
+    the text embedding and stay 16-bit, as in the PixArt / SANA adapters. SDXL's feed-forward is GEGLU:
+    ``ff.net.2`` reads ``x·GELU(gate)``, which is signed, so it is not marked post-GELU.
+
+    Kept 16-bit: every ResNet (3×3 convs, the 1×1 ``conv_shortcut`` s, the per-ResNet ``time_emb_proj``),
+    down/upsamplers, ``conv_in`` / ``conv_out``, all norms, and the time / added-condition embeddings.
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    specs = []
+    for name, m in model.named_modules():
+        if isinstance(m, Transformer2DModel):
+            specs += [((f"{name}.proj_in",), SHARED), ((f"{name}.proj_out",), SHARED)]
+        elif isinstance(m, BasicTransformerBlock):
+            p = name + "."
+            specs += [
+                ((p + "attn1.to_q", p + "attn1.to_k", p + "attn1.to_v"), SHARED),
+                ((p + "attn1.to_out.0",), SHARED),
+                ((p + "attn2.to_q",), SHARED),
+                ((p + "attn2.to_out.0",), SHARED),
+                ((p + "ff.net.0.proj",), SHARED),
+                ((p + "ff.net.2",), dict(post_gelu=_is_gelu_ff(m.ff))),
+            ]
+    return groups_of(model, *specs)
+
+
 ADAPTERS = {
     "FluxTransformer2DModel": lambda: Adapter(
         "flux", ("transformer_blocks", "single_transformer_blocks"), ("encoder_hidden_states", "hidden_states"),
@@ -92,4 +154,13 @@ ADAPTERS = {
         "sd3", ("transformer_blocks",), ("encoder_hidden_states", "hidden_states"), _sd3_groups),
     "PixArtTransformer2DModel": lambda: Adapter("pixart", ("transformer_blocks",), ("hidden_states",), _pixart_groups),
     "SanaTransformer2DModel": lambda: Adapter("sana", ("transformer_blocks",), ("hidden_states",), _sana_groups),
+    "QwenImageTransformer2DModel": lambda: Adapter(
+        "qwenimage", ("transformer_blocks",), ("encoder_hidden_states", "hidden_states"), _qwenimage_groups),
+    # The UNet's transformers sit inside down / mid / up blocks whose inputs (skip connections, the
+    # ResNets' time embedding) are not one block's outputs, so block-by-block replay does not fit:
+    # one calibration pass over the whole UNet (stacks=(), like the generic adapter) records every
+    # group's 16-bit inputs at once.
+    "UNet2DConditionModel": lambda: Adapter(
+        "sdxl", (), (), _unet_groups,
+        notes=["whole-UNet calibration in one pass (nested down/mid/up blocks: no block-by-block replay)"]),
 }
