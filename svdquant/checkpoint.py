@@ -15,8 +15,6 @@ layers are never materialized. safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 import os
 import re
@@ -450,24 +448,6 @@ def _check_layer_counts(meta: dict[str, Any], n_tensors: int, where: Path) -> No
                                   f"{n_tensors} tensors; the checkpoint is corrupt")
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Every parameter is moved to the meta device as it is registered (before any init runs on it);
-    tensors that ``__init__`` computes and keeps as plain attributes stay real."""
-    orig = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        orig(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig
-
-
 def _has_plain_meta_tensors(model: nn.Module) -> bool:
     """A tensor kept as a plain attribute (neither parameter nor buffer: Qwen-Image's rotary tables) is
     in no state dict, so a meta-device build leaves it on meta for good."""
@@ -481,7 +461,9 @@ def _empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str =
             model = cls.from_config(meta["model_config"])
         if _has_plain_meta_tensors(model):
             # rebuild with only the parameters on meta, so those tables are computed as the 16-bit model's are
-            with _parameters_on_meta():
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
                 model = cls.from_config(meta["model_config"])
     except Exception as e:
         raise CheckpointError(f"{where}: {meta['model_class']} cannot be built from the stored config ({e})") from None
