@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .common import interpreting, round_half_even
+from .common import down_projection_dot, interpreting, round_half_even
 
 
 @triton.jit
@@ -72,12 +72,7 @@ def activation_stats_kernel(
         if HAS_LORA:
             rr = tl.arange(0, R)
             l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
-            if IEEE:  # fp32 inputs: keep the reference's fp32 accuracy (no tf32)
-                lora = tl.dot(x, l1.to(x.dtype), lora, input_precision="ieee")
-            elif F32_DOT:  # the CPU interpreter cannot multiply bf16; 16-bit values are exact in tf32
-                lora = tl.dot(x.to(tl.float32), l1.to(tl.float32), lora)
-            else:
-                lora = tl.dot(x, l1.to(x.dtype), lora)
+            lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
         if HAS_SHIFT:
             amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
             amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))

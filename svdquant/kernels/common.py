@@ -31,3 +31,26 @@ def round_half_even(x):
 def gelu_tanh(x):
     inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+
+
+@triton.jit
+def grouped_tile(tile, num_outer, num_inner, GROUP: tl.constexpr):
+    """Tile ``tile`` -> (outer, inner) index in grouped order: GROUP outer tiles share a sweep over the inner
+    ones, so their operands stay in L2 (Triton's matmul tutorial's "super-grouping")."""
+    per_group = GROUP * num_inner
+    first = (tile // per_group) * GROUP
+    size = tl.minimum(num_outer - first, GROUP)
+    outer = first + (tile % per_group) % size
+    inner = (tile % per_group) // size
+    return outer, inner
+
+
+@triton.jit
+def down_projection_dot(x, l1, acc, IEEE: tl.constexpr, F32_DOT: tl.constexpr):
+    """``acc += x · l1`` for the branch's down projection, at the reference's precision."""
+    if IEEE:  # fp32 inputs: keep the reference's fp32 accuracy (no tf32)
+        return tl.dot(x, l1.to(x.dtype), acc, input_precision="ieee")
+    elif F32_DOT:  # the CPU interpreter cannot multiply bf16; 16-bit values are exact in tf32
+        return tl.dot(x.to(tl.float32), l1.to(tl.float32), acc)
+    else:
+        return tl.dot(x, l1.to(x.dtype), acc)

@@ -28,21 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gelu_tanh as _gelu_tanh, interpreting
+from .common import gelu_tanh as _gelu_tanh, grouped_tile, interpreting
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
-    # Grouped ordering: GROUP_N weight tiles share a sweep over token tiles, for L2 reuse.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_N * num_m
-    first_n = (pid // per_group) * GROUP_N
-    size_n = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % size_n
-    pid_m = (pid % per_group) // size_n
-    return pid_n, pid_m
+def _tile(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
+    """This program's output tile: channel and token offsets and their masks (GROUP_N weight tiles share a
+    sweep over token tiles)."""
+    pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_n, offs_m, offs_n < N, offs_m < M
 
 
 @triton.jit
@@ -83,11 +79,7 @@ def w4a4_gemm_kernel(
     KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, pid_m = _tile_ids(M, N, BLOCK_N, BLOCK_M, GROUP_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    nmask = offs_n < N
-    mmask = offs_m < M
+    offs_n, offs_m, nmask, mmask = _tile(M, N, BLOCK_N, BLOCK_M, GROUP_N)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     n_groups: tl.constexpr = N_GROUPS  # constexpr loop bounds: the CPU interpreter needs them
     for g in range(0, n_groups):
@@ -116,11 +108,7 @@ def fp4_gemm_kernel(
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    pid_n, pid_m = _tile_ids(M, N, BLOCK_N, BLOCK_M, GROUP_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    nmask = offs_n < N
-    mmask = offs_m < M
+    offs_n, offs_m, nmask, mmask = _tile(M, N, BLOCK_N, BLOCK_M, GROUP_N)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     i = tl.arange(0, 32)
     # A 64-deep block is 4 groups of 16; byte j of a group holds elements j (low) and j + 8 (high).

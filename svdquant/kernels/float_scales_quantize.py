@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, round_half_even as _round_half_even
+from .common import down_projection_dot, interpreting, round_half_even as _round_half_even
 
 
 @triton.jit
@@ -79,12 +79,7 @@ def quantize_input_kernel(
         if HAS_LORA:
             rr = tl.arange(0, R)
             l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=kmask[:, None], other=0.0)
-            if IEEE:  # fp32 inputs: keep the reference's fp32 accuracy (no tf32)
-                lora = tl.dot(x, l1.to(x.dtype), lora, input_precision="ieee")
-            elif F32_DOT:  # the CPU interpreter cannot multiply bf16; 16-bit values are exact in tf32
-                lora = tl.dot(x.to(tl.float32), l1.to(tl.float32), lora)
-            else:
-                lora = tl.dot(x, l1.to(x.dtype), lora)
+            lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
         sinv = tl.load(sinv_ptr + k, mask=kmask, other=0.0)
         if FP4:  # mirrors formats.nvfp4: s_g = e4m3(absmax / 6 / ts), code = e2m1(u / (s_g · ts))
             u = x.to(tl.float32) * sinv[None, :]

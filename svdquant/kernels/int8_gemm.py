@@ -18,18 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gelu_tanh
-
-
-@triton.jit
-def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    # Grouped order: GROUP_M token tiles share a sweep over weight tiles, for L2 reuse.
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % size_m
-    pid_n = (tile % per_group) // size_m
-    return pid_m, pid_n
+from .common import gelu_tanh, grouped_tile
 
 
 @triton.jit
@@ -44,7 +33,7 @@ def int8_gemm_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=TMA):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)  # GROUP_M token tiles per sweep
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
