@@ -106,7 +106,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.register_load_state_dict_post_hook(lambda mod, _incompatible: mod.refresh())
         # Fresh buffers hold garbage: a GPU layer is prepared once it is filled (from_quantized,
         # load_state_dict, .to, or refresh() after filling it by hand); the CPU reference reads them live.
-        self._runner = ops.NotPrepared() if self.wscales.device.type == "cuda" else ops.prepare(self)
+        self._runner = ops.EMPTY_ON_GPU if self.wscales.device.type == "cuda" else ops.prepare(self)
 
     # -- construction --------------------------------------------------------------
     @classmethod
@@ -261,7 +261,13 @@ class SVDQLinear(nn.Module, AdapterSet):
 
     def _apply(self, fn, recurse=True):
         # The stored dtypes are part of the format (FP8 codes, fp32 1/λ...): `.to(dtype)`
-        # or `.half()` on a model must not cast them, only move them between devices.
+        # or `.half()` on a model must not cast them, only move them between devices. So a call that
+        # moves nothing (`pipe.to(device)` after a load onto that device, `.half()`) changes nothing: it
+        # must not rebuild the packed codes and re-expand them.
+        probe = fn(self.wscales)
+        if probe.device == self.wscales.device and (probe.dtype != self.wscales.dtype
+                                                    or probe.data_ptr() == self.wscales.data_ptr()):
+            return self
         self._restore_packed()
         for name, b in self._buffers.items():
             if b is not None:

@@ -27,7 +27,7 @@ import torch
 from ..formats import get_format
 from . import reference
 from .runners import (
-    Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, MetaRunner, NotPrepared, ReferenceRunner, W4A16Runner,
+    EMPTY_ON_GPU, ON_META, Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, ReferenceRunner, W4A16Runner,
 )
 
 MIN_CAPABILITY = (8, 0)
@@ -62,7 +62,7 @@ def prepare(m):
     """The runner for :class:`~svdquant.SVDQLinear` ``m`` on its current device (see the module doc)."""
     device = m.wscales.device
     if device.type == "meta":
-        return MetaRunner()
+        return ON_META
     if device.type != "cuda" or use_reference():
         return ReferenceRunner(m)
     wf = get_format(m.weights)
@@ -104,4 +104,4 @@ def gpu_support(weights: str, activations: str | None) -> str:
     return "torch reference (any GPU or the CPU)"
 
 
-__all__ = ["prepare", "gpu_support", "NotPrepared", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY"]
+__all__ = ["prepare", "gpu_support", "EMPTY_ON_GPU", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY"]

@@ -39,22 +39,23 @@ def _act_group(m) -> int:
     return 0 if get_format(m.activations).group_sizes == (0,) else m.group_size
 
 
-class MetaRunner:
+class Unready:
+    """A layer whose tensors are not there yet: calling it says what to do."""
+
+    def __init__(self, message: str):
+        self.message = message
+
     def set_branch(self, m) -> None:
         pass
 
     def __call__(self, x2):
-        raise RuntimeError("this SVDQLinear is on the meta device: load its tensors (load_state_dict / "
-                           "svdquant.load_quantized) before running it")
+        raise RuntimeError(self.message)
 
 
-class NotPrepared:
-    def set_branch(self, m) -> None:
-        pass
-
-    def __call__(self, x2):
-        raise RuntimeError("this SVDQLinear was built empty on a GPU: fill its buffers (load_state_dict, or copy_ "
-                           "and then .refresh()) before running it")
+ON_META = Unready("this SVDQLinear is on the meta device: load its tensors (load_state_dict / "
+                  "svdquant.load_quantized) before running it")
+EMPTY_ON_GPU = Unready("this SVDQLinear was built empty on a GPU: fill its buffers (load_state_dict, or copy_ "
+                       "and then .refresh()) before running it")
 
 
 class ReferenceRunner:
