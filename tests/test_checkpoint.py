@@ -181,22 +181,7 @@ def test_bf16_roundtrip(tmp_path, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_load_never_materializes_16bit_weights(saved, arch, monkeypatch):
     model, _, path = saved(arch)
-    # every weight initialization during the load must happen on the meta device
-    inits = []
-    for fn in ("kaiming_uniform_", "uniform_", "normal_", "xavier_uniform_", "zeros_", "ones_", "constant_",
-               "trunc_normal_"):
-        orig = getattr(torch.nn.init, fn)
-
-        def wrapped(tensor, *a, _orig=orig, **k):
-            inits.append(tensor.device.type)
-            return _orig(tensor, *a, **k)
-
-        monkeypatch.setattr(torch.nn.init, fn, wrapped)
-
-    def no_quantizing(*a, **k):
-        raise AssertionError("loading must not quantize")
-
-    monkeypatch.setattr(SVDQLinear, "from_linears", no_quantizing)
+    inits = tm.watch_loading(monkeypatch)  # every weight initialization must happen on the meta device
     loaded = svdquant.load_quantized(path)
     assert set(inits) <= {"meta"}
     for name in quantized_names(loaded):

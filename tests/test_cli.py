@@ -88,14 +88,7 @@ LORA_LAYERS = {"transformer_blocks.0.attn.to_q": (D, D), "single_transformer_blo
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Quantize on one CPU thread: with 2 cores shared with other processes, torch's 2-thread OpenMP regions
-    spin at their barriers and the demo's quantization went from ~15 s to 90-240 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -77,12 +77,7 @@ def pixels(path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -122,20 +122,7 @@ def test_pipeline_from_pretrained(tmp_path):
 
 def test_no_16bit_weight_is_made_for_quantized_layers(made, monkeypatch):
     ours, folder = made("flux")
-    inits = []
-    for fn in ("kaiming_uniform_", "uniform_", "normal_", "xavier_uniform_", "zeros_", "ones_", "constant_"):
-        orig = getattr(torch.nn.init, fn)
-
-        def wrapped(tensor, *a, _orig=orig, **k):
-            inits.append(tensor.device.type)
-            return _orig(tensor, *a, **k)
-
-        monkeypatch.setattr(torch.nn.init, fn, wrapped)
-
-    def no_quantizing(*a, **k):
-        raise AssertionError("loading must not quantize")
-
-    monkeypatch.setattr(SVDQLinear, "from_linears", no_quantizing)
+    inits = tm.watch_loading(monkeypatch)
     built = []
     real_init = SVDQLinear.__init__
 

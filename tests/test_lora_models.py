@@ -91,13 +91,7 @@ LAYERS = {
 TYPES = {"q": SVDQLinear, "w4a16": SVDQLinear, "conv": SVDQConv1x1, "16bit": nn.Linear}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other jobs share the 2 cores: torch's 2-thread OpenMP regions would spin at their barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 _CACHE: dict = {}

@@ -258,6 +258,27 @@ def wait_for(cond, what, limit=30):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
+@contextlib.contextmanager
+def cli_server(args, what, limit, **env):
+    """``svdquant serve ARGS`` in a subprocess on a free 127.0.0.1 port, waited for until /health answers;
+    yields (process, base URL) and kills the process if the test left it running."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "serve", "--port", str(port), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        wait_for(up, what, limit=limit)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
 
 def test_disconnect_cancels_queued_work_and_oom_falls_back_one_by_one(engine):
     gated = GatedEngine(engine)
@@ -321,20 +342,18 @@ def test_cli_serve_refuses_a_taken_port(capsys):
 
 
 def test_cli_serve_drains_the_queue_on_sigterm():
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "serve", "--port", str(port), "--max-batch", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.TransportError):
-                return httpx.get(f"{base}/health", timeout=2).status_code == 200
-        wait_for(up, "svdquant serve to start", limit=120)
+    with cli_server(["--max-batch", "1"], "svdquant serve to start", 120) as (proc, base):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            futs = [pool.submit(post, base, prompt="frog", seed=s, num_inference_steps=4) for s in range(3)]
-            wait_for(lambda: metrics(base)["svdquant_queue_depth"] >= 1, "queued requests")
+            futs = [pool.submit(post, base, prompt="frog", seed=s, num_inference_steps=20) for s in range(3)]
+
+            def all_accepted_some_queued():
+                # SIGTERM only promises the requests the server has taken: wait until all three are (queued,
+                # sampling or done) and one still waits, else a late one meets a closed port
+                m = metrics(base)
+                taken = m["svdquant_queue_depth"] + m["svdquant_in_flight"] + m["svdquant_images_total"]
+                return taken >= 3 and m["svdquant_queue_depth"] >= 1
+
+            wait_for(all_accepted_some_queued, "three accepted requests, one queued")
             proc.send_signal(signal.SIGTERM)
             codes = [f.result(90).status_code for f in futs]
         assert codes == [200, 200, 200]  # queued work finished before the process left
@@ -343,27 +362,13 @@ def test_cli_serve_drains_the_queue_on_sigterm():
         assert proc.wait(60) in (0, -signal.SIGTERM)
         log = proc.stdout.read()
         assert "serving tiny on http://127.0.0.1" in log and "Traceback" not in log, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.mark.slow
 def test_cli_serve_replicas_on_ray_serve():
     """Two CPU replicas behind Ray Serve's proxy answer like one server (~70 s: Ray and two model loads)."""
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed (an optional, large dependency)")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "serve", "--replicas", "2", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def up():
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.TransportError):
-                return httpx.get(f"{base}/health", timeout=2).status_code == 200
-        wait_for(up, "the Ray Serve replicas", limit=180)
+    with cli_server(["--replicas", "2"], "the Ray Serve replicas", 180, RAY_USAGE_STATS_ENABLED="0") as (proc, base):
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             rs = list(pool.map(lambda s: post(base, prompt="deer", seed=s), range(6)))
         assert [r.status_code for r in rs] == [200] * 6
@@ -377,10 +382,6 @@ def test_cli_serve_replicas_on_ray_serve():
         assert bad.status_code == 400 and "airplane" in bad.json()["error"]["message"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 # ------------------------------------------------------------------------------------------------ browser

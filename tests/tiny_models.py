@@ -336,3 +336,26 @@ def sample(pipe, prompt: str = "a cat", steps: int = 2, seed: int = 0, **kwargs)
     with torch.no_grad():
         return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                     output_type="pt", **kw).images
+
+
+def watch_loading(monkeypatch) -> list[str]:
+    """While a checkpoint loads: record the device of every weight initialization (all must be "meta": no
+    16-bit weight is materialized) and fail if anything quantizes. Returns the list it fills."""
+    from svdquant import SVDQLinear
+
+    inits: list[str] = []
+    for fn in ("kaiming_uniform_", "uniform_", "normal_", "xavier_uniform_", "zeros_", "ones_", "constant_",
+               "trunc_normal_"):
+        orig = getattr(torch.nn.init, fn)
+
+        def wrapped(tensor, *a, _orig=orig, **k):
+            inits.append(tensor.device.type)
+            return _orig(tensor, *a, **k)
+
+        monkeypatch.setattr(torch.nn.init, fn, wrapped)
+
+    def no_quantizing(*a, **k):
+        raise AssertionError("loading must not quantize")
+
+    monkeypatch.setattr(SVDQLinear, "from_linears", no_quantizing)
+    return inits
