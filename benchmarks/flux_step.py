@@ -1,14 +1,21 @@
-"""One FLUX.1-dev transformer step at 1024² (BF16 vs svdquant int4), and what a rank-64 LoRA adds.
+"""A FLUX.1-dev transformer step at 1024²: diffusers BF16 (eager, compiled), torchao FP8 row-wise (compiled)
+and svdquant int4 (eager, compiled; speed and memory weight modes), side by side in one run.
 
-    python benchmarks/flux_step.py --out $OUT
+    python benchmarks/flux_step.py --out $OUT                                   # bf16, bf16-compiled, int4, int4-compiled
+    python benchmarks/flux_step.py --variants fp8-torchao-compiled --out $OUT   # needs torchao (its own GPU call)
+    python benchmarks/flux_step.py --smoke                                      # CPU: the plumbing, tiny config
 
-The real FLUX.1-dev architecture (19 double + 38 single blocks, 4096 image + 512 text
-tokens, batch 1) with random weights. The quantized model swaps every layer the FLUX
-adapter targets for an ``SVDQLinear`` with random but valid contents (timing does not
-depend on the values; the kernels are checked against the reference elsewhere), so no
-12-minute calibration is needed to time it. Measured: BF16 eager step; INT4 step; INT4
-step with a rank-64 LoRA on every quantized layer; and per linear, the fused INT4 layer
-with and without the LoRA (the branch grows from rank 32 to 96, padded to 128).
+The real FLUX.1-dev architecture (19 double + 38 single blocks, 4096 image + 512 text tokens per image)
+with random weights. The quantized model swaps every layer the FLUX adapter targets for an ``SVDQLinear``
+with random but valid contents (timing does not depend on the values; the kernels are checked against the
+reference in tests/test_kernels.py), so no calibration is needed to time it.
+
+"Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
+class is compiled once, default inductor mode, static shapes), the same for every variant. All variants
+use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
+first and takes the fastest). Per variant and batch: median ms per step (``triton.testing.do_bench``),
+peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
+steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -26,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
+VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao-compiled", "int4", "int4-compiled", "int4-memory",
+            "int4-memory-compiled")
+ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient")
+
 
 def bench(fn, rep=300):
     import triton.testing
@@ -33,29 +45,39 @@ def bench(fn, rep=300):
     return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
 
-def random_svdq(k, n, rank, weight_only, seed, mode="speed"):
+def cpu_bench(fn, rep=3):
+    fn()
+    ts = []
+    for _ in range(rep):
+        t = time.perf_counter()
+        fn()
+        ts.append(1e3 * (time.perf_counter() - t))
+    return sorted(ts)[len(ts) // 2]
+
+
+def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda"):
     """An SVDQLinear (the ``int4`` recipe's layouts) with random contents drawn on the GPU (fast for 12B weights)."""
     from svdquant.modules import SVDQLinear
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     if weight_only:  # the adaLN linears: INT4 with 16-bit group scales, 16-bit activations
-        m = SVDQLinear(k, n, True, weights="int4", activations=None, rank=0, dtype=torch.bfloat16, device="cuda")
+        m = SVDQLinear(k, n, True, weights="int4", activations=None, rank=0, dtype=torch.bfloat16, device=device)
     else:
-        m = SVDQLinear(k, n, True, rank=rank, dtype=torch.bfloat16, device="cuda")
+        m = SVDQLinear(k, n, True, rank=rank, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
-        m.qweight.copy_(torch.randint(0, 256, m.qweight.shape, device="cuda", generator=g, dtype=torch.uint8))
-        m.wscales.copy_(torch.rand(m.wscales.shape, device="cuda", generator=g) * 0.002 + 1e-4)
+        m.qweight.copy_(torch.randint(0, 256, m.qweight.shape, device=device, generator=g, dtype=torch.uint8))
+        m.wscales.copy_(torch.rand(m.wscales.shape, device=device, generator=g) * 0.002 + 1e-4)
         m.bias.zero_()
         if not weight_only:
-            m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device="cuda", generator=g, dtype=torch.uint8))
+            m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device=device, generator=g, dtype=torch.uint8))
             m.smooth_inv.fill_(1.0)
-            m.lora_down.copy_(torch.randn(m.lora_down.shape, device="cuda", generator=g) / k**0.5)
-            m.lora_up.copy_(torch.randn(m.lora_up.shape, device="cuda", generator=g) * 0.01)
+            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=device, generator=g) / k**0.5)
+            m.lora_up.copy_(torch.randn(m.lora_up.shape, device=device, generator=g) * 0.01)
     m.set_weight_mode(mode)  # also prepares the kernels' tensors
     return m
 
 
-def random_quantized(model, rank=32, mode="speed"):
+def random_quantized(model, rank=32, mode="speed", device="cuda"):
     """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN)."""
     from svdquant.models import get_adapter
 
@@ -65,12 +87,13 @@ def random_quantized(model, rank=32, mode="speed"):
         for g in adapter.groups(block):
             for name in g.names:
                 old = block.get_submodule(name)
-                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode)
+                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode, device)
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, new)
                 del old
                 n += 1
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return n
 
 
@@ -80,70 +103,240 @@ def attach_random_loras(model, rank=64, name="bench"):
     n = 0
     for m in model.modules():
         if isinstance(m, SVDQLinear) and m.activations is not None:
-            g = torch.Generator(device="cuda").manual_seed(n)
-            a = torch.randn(rank, m.in_features, device="cuda", generator=g, dtype=torch.bfloat16) * 0.01
-            b = torch.randn(m.out_features, rank, device="cuda", generator=g, dtype=torch.bfloat16) * 0.01
+            g = torch.Generator(device=m.wscales.device).manual_seed(n)
+            a = torch.randn(rank, m.in_features, device=m.wscales.device, generator=g, dtype=torch.bfloat16) * 0.01
+            b = torch.randn(m.out_features, rank, device=m.wscales.device, generator=g, dtype=torch.bfloat16) * 0.01
             m.add_adapter(name, a, b, 1.0)
             n += 1
     return n
 
 
+def batched(kw: dict, b: int) -> dict:
+    """One image's step inputs repeated into a batch of ``b`` (ids are per token, not per image)."""
+    out = dict(kw)
+    for key in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"):
+        out[key] = kw[key].expand(b, *kw[key].shape[1:]).contiguous()
+    return out
+
+
+def weights_gb(model) -> float:
+    """What the model holds on its device: parameters and buffers (speed mode's INT8 codes included)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():  # INT8 codes the runners hold instead of a buffer (speed mode)
+        w = getattr(getattr(m, "_runner", None), "w", None)
+        if isinstance(w, torch.Tensor) and getattr(m, "_buffers", {}).get("qweight") is None:
+            total += w.numel() * w.element_size()
+    return total / 1e9
+
+
+def checkpoint_gb(model) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
+
+
+def compile_blocks(model, backend):
+    kw = dict(fullgraph=True, dynamic=False)
+    if backend != "inductor":
+        kw["backend"] = backend
+    model.compile_repeated_blocks(**kw)
+
+
+def uncompile_blocks(model):
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def pick_attention(device, dtype, smoke):
+    """The fastest native SDPA backend at FLUX.1-dev's shape (24 heads × 128, 4608 tokens, batch 1)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if smoke:
+        return "native", {}
+    q, k, v = (torch.randn(1, 24, 4608, 128, device=device, dtype=dtype) for _ in range(3))
+    flop = 4 * 4608 * 4608 * 128 * 24
+    times = {}
+    for name, be in (("_native_flash", SDPBackend.FLASH_ATTENTION), ("_native_cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("_native_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(be):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            times[name] = dict(ms=ms, tflops=flop / ms / 1e9)
+        except RuntimeError as e:
+            times[name] = dict(error=str(e).splitlines()[0][:200])
+    ok = {k: v["ms"] for k, v in times.items() if "ms" in v}
+    return min(ok, key=ok.get), times
+
+
+CLASSES = (  # kernel-name fragments -> class, first match wins
+    ("int8_gemm", "INT8 GEMM"), ("activation_stats", "activation pass"), ("quantize_activations", "activation pass"),
+    ("expand_int4m", "expand (memory mode)"), ("w4a16", "adaLN W4A16"),
+    ("flash", "attention"), ("fmha", "attention"), ("cudnn", "attention"), ("attention", "attention"),
+    ("sdpa", "attention"), ("gemm", "other GEMM (cuBLAS)"), ("gemv", "other GEMM (cuBLAS)"),
+    ("nvjet", "other GEMM (cuBLAS)"), ("cutlass", "other GEMM (cuBLAS)"), ("xmma", "other GEMM (cuBLAS)"),
+)
+
+
+def breakdown(fn, steps=3):
+    """GPU time per kernel class, per step, from torch.profiler (kernel self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    classes, rest = {}, {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) / 1e3 / steps  # us -> ms per step
+        if t <= 0:
+            continue
+        name = e.key.lower()
+        cls = next((c for frag, c in CLASSES if frag in name), "elementwise / rest")
+        classes[cls] = classes.get(cls, 0.0) + t
+        if cls == "elementwise / rest":
+            rest[e.key[:90]] = t
+    top = dict(sorted(rest.items(), key=lambda kv: -kv[1])[:12])
+    return dict(classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])), total_ms=sum(classes.values()),
+                top_rest=top)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--variants", default="bf16,bf16-compiled,int4,int4-compiled",
+                    help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--double", type=int, default=19)
     ap.add_argument("--single", type=int, default=38)
-    ap.add_argument("--weight-mode", choices=["speed", "memory"], default="speed")
-    ap.add_argument("--no-linears", action="store_true", help="skip the per-linear LoRA timings")
-    ap.add_argument("--no-lora", action="store_true", help="skip the step with a rank-64 LoRA on every layer")
+    ap.add_argument("--attention", choices=ATTENTION, default="auto")
+    ap.add_argument("--profile", action="store_true", help="per-kernel-class breakdown of the int4 steps")
+    ap.add_argument("--lora", action="store_true", help="also time int4 with a rank-64 LoRA on every layer")
+    ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench time budget per measurement")
+    ap.add_argument("--smoke", action="store_true", help="CPU, a tiny config, aot_eager: checks the plumbing")
     args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if any(b < 1 for b in args.batch):
+        ap.error("--batch values must be >= 1")
     from diffusers import FluxTransformer2DModel
-    from kernels import random_layer
 
-    res = dict(device=torch.cuda.get_device_name(), blocks=[args.double, args.single])
-    # --- per linear: rank 32 vs rank 32 + a rank-64 LoRA
-    for k, n in ([] if args.no_linears else [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504)]):
-        m = random_layer(k, n, mode=args.weight_mode)
-        x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
-        t0 = bench(lambda: m(x))
-        attach = torch.randn(64, k, device="cuda", dtype=torch.bfloat16) * 0.01
-        m.add_adapter("l", attach, torch.randn(n, 64, device="cuda", dtype=torch.bfloat16) * 0.01)
-        t1 = bench(lambda: m(x))
-        res[f"linear {k}x{n} M4096"] = dict(rank32_ms=t0, rank32_plus_lora64_ms=t1, added_pct=100 * (t1 / t0 - 1))
-        print(k, n, res[f"linear {k}x{n} M4096"], flush=True)
-    # --- a whole step
-    torch.manual_seed(0)
-    t = time.perf_counter()
-    with torch.device("cuda"):
-        model = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, **FLUX_DEV)
-    model = model.to(torch.bfloat16).eval()
-    res["build_s"] = time.perf_counter() - t
-    kw = inputs(1)[0]
-    with torch.no_grad():
-        res["bf16_step_ms"] = bench(lambda: model(**kw), 2000)
-        ref = model(**kw)[0]
-        res["bf16_weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-        print("bf16", res["bf16_step_ms"], flush=True)
-        res["quantized_layers"] = random_quantized(model, mode=args.weight_mode)
-        res["weight_mode"] = args.weight_mode
-        res["int4_checkpoint_gb"] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
-        torch.cuda.synchronize()
-        res["int4_resident_gb"] = torch.cuda.memory_allocated() / 1e9  # what the GPU holds (INT8 codes in speed mode)
-        out = model(**kw)[0]  # compile the kernels
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all() and out.shape == ref.shape
-        res["int4_step_ms"] = bench(lambda: model(**kw), 2000)
-        print("int4", res["int4_step_ms"], flush=True)
-        if not args.no_lora:
-            res["lora_layers"] = attach_random_loras(model, 64)
-            model(**kw)
-            res["int4_lora64_step_ms"] = bench(lambda: model(**kw), 2000)
-            res["lora_added_pct"] = 100 * (res["int4_lora64_step_ms"] / res["int4_step_ms"] - 1)
-    res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    print(json.dumps(res, indent=1))
+    device = "cpu" if args.smoke else "cuda"
+    backend = "aot_eager" if args.smoke else "inductor"
+    timer = cpu_bench if args.smoke else (lambda fn: bench(fn, args.rep_ms))
+    cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
+               pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)) if args.smoke else FLUX_DEV
+    tok = dict(img=64, txt=16, width=64, pooled=32) if args.smoke else {}
+    res = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), blocks=[args.double, args.single],
+               variants={}, compile="compile_repeated_blocks(fullgraph=True, dynamic=False), default mode")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "flux_step.json").write_text(json.dumps(res, indent=1))
+
+    def save():
+        if args.out:
+            (args.out / "flux_step.json").write_text(json.dumps(res, indent=1))
+
+    attention, times = (args.attention, {}) if args.attention != "auto" else pick_attention(device, torch.bfloat16,
+                                                                                          args.smoke)
+    res["attention"], res["attention_backends"] = attention, times
+    print("attention:", attention, json.dumps(times), flush=True)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.device(device):
+        model = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, **cfg)
+    model = model.to(torch.bfloat16).eval()
+    model.set_attention_backend(attention)
+    res["build_s"] = time.perf_counter() - t
+    kw1 = inputs(1, device=device, **tok)[0]
+    feeds = {b: batched(kw1, b) for b in args.batch}
+    refs = {}
+
+    def measure(name, m, compiled):
+        row = res["variants"].setdefault(name, {})
+        row["weights_gb"] = weights_gb(m)
+        for b, kw in feeds.items():
+            try:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = m(**kw)[0]
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    first_s = time.perf_counter() - t0
+                    if not torch.isfinite(out).all():
+                        raise RuntimeError("non-finite output")
+                    if name == "bf16":
+                        refs[b] = out.float()
+                    elif b in refs and name.startswith("bf16"):
+                        row[f"b{b}_rel_err_vs_eager"] = float((out.float() - refs[b]).norm() / refs[b].norm())
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    ms = timer(lambda: m(**kw))
+                    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+                row[f"b{b}"] = dict(ms=ms, ms_per_image=ms / b, peak_gb=peak, first_call_s=first_s)
+                if args.profile and name.startswith("int4") and device == "cuda":
+                    with torch.no_grad():
+                        row[f"b{b}"]["breakdown"] = breakdown(lambda: m(**kw))
+            except Exception as e:  # one failed variant must not cost the others' figures
+                row[f"b{b}"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                traceback.print_exc()
+            print(name, b, json.dumps(row[f"b{b}"])[:600], flush=True)
+            save()
+
+    if "bf16" in variants or any(v.startswith("bf16") for v in variants):
+        if "bf16" in variants or "bf16-compiled" in variants:
+            measure("bf16", model, False)  # the reference every variant's error is measured against
+        if "bf16-compiled" in variants:
+            compile_blocks(model, backend)
+            measure("bf16-compiled", model, True)
+            uncompile_blocks(model)
+    if "fp8-torchao-compiled" in variants:
+        import copy
+
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        fp8 = copy.deepcopy(model)
+        # torchao's recipe for diffusion transformers (as in diffusers' torchao docs): every nn.Linear
+        quantize_(fp8, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        compile_blocks(fp8, backend)
+        measure("fp8-torchao-compiled", fp8, True)
+        uncompile_blocks(fp8)
+        del fp8
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    ours = [v for v in variants if v.startswith("int4")]
+    if ours:
+        res["bf16_weights_gb"] = weights_gb(model)
+        mode = "memory" if ours[0].startswith("int4-memory") else "speed"
+        res["quantized_layers"] = random_quantized(model, mode=mode, device=device)
+        res["int4_checkpoint_gb"] = checkpoint_gb(model)
+        for v in ours:
+            want = "memory" if v.startswith("int4-memory") else "speed"
+            if want != mode:
+                from svdquant import set_weight_mode
+
+                set_weight_mode(model, want)
+                mode = want
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if v.endswith("-compiled"):
+                compile_blocks(model, backend)
+                measure(v, model, True)
+                uncompile_blocks(model)
+            else:
+                measure(v, model, False)
+        if args.lora:
+            res["lora_layers"] = attach_random_loras(model, 64)
+            measure("int4+lora64" if mode == "speed" else "int4-memory+lora64", model, False)
+    save()
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,60 @@ def test_compiled_step_equals_eager(quantized_flux):
         eager = model(**inputs)[0]
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)[0]
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the kernels as custom ops (interpreter)
+# On a GPU the runners call torch.ops.svdquant.* under torch.compile. Here the same ops run the Triton
+# kernels in the interpreter on CPU tensors, small shapes: opcheck tests the schema and that the fake
+# implementation agrees with the real one; the compiled runner must equal the eager runner and the reference.
+triton_interpreted = pytest.mark.skipif(torch.cuda.is_available() or __import__("os").environ.get(
+    "TRITON_INTERPRET") != "1", reason="the interpreter runs the kernels on CPU machines")
+
+
+def _layer(recipe, k=128, n=48, post_gelu=False, seed=3):
+    import test_kernels as tk
+
+    return tk.layer(recipe, k, n, torch.float32, seed, post_gelu=post_gelu)
+
+
+@triton_interpreted
+@pytest.mark.parametrize("recipe,mode", [("int4", "speed"), ("w4a4", "memory")])
+def test_int8_runner_compiles_to_the_custom_op_and_matches_eager(recipe, mode):
+    from svdquant import kernels
+    from svdquant.ops.runners import Int8Runner, ReferenceRunner
+
+    m = _layer(recipe, post_gelu=64 if recipe == "w4a4" else False)
+    m.add_adapter("l", torch.randn(8, 128) * 0.1, torch.randn(48, 8) * 0.1, 0.7)
+    m.weight_mode = mode
+    runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    assert (runner.w is None) == (mode == "memory")
+    x = torch.randn(33, 128) * 2
+    eager = runner(x)
+    torch._dynamo.reset()
+    exp = torch._dynamo.explain(runner)(x)
+    assert exp.graph_break_count == 0 and exp.graph_count == 1
+    assert "svdquant.int8_linear" in str(exp.graphs[0].graph)
+    compiled = torch.compile(runner, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(compiled, eager)
+    ref = ReferenceRunner(m)(x)
+    assert float((eager - ref).norm() / ref.norm()) < 1e-6
+
+
+@triton_interpreted
+def test_custom_ops_pass_opcheck():
+    from svdquant.ops.runners import padded_branch
+
+    m = _layer("int4")
+    down, up = padded_branch(m)
+    x = torch.randn(20, 128)
+    w = m.packed_weight()
+    torch.library.opcheck(torch.ops.svdquant.int8_linear.default,
+                          (x, m.smooth_inv, down, up, m.bias, w, m.wmult, m.wscales.float(), False, 64, 0.0, 128,
+                           False, 0))
+    f = _layer("w4a4-float", post_gelu=64)
+    fdown, fup = padded_branch(f)
+    torch.library.opcheck(torch.ops.svdquant.float_scales_linear.default,
+                          (x, f.smooth_inv, fdown, fup, f.bias, f.qweight, f.wscales.t().contiguous(), None, None,
+                           False, 64, f.act_shift, f.act_unsigned_from))
+    wo = _layer("w4a16")
+    torch.library.opcheck(torch.ops.svdquant.w4a16_linear.default, (x[:4], wo.qweight, wo.wscales, wo.bias, 64))

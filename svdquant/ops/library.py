@@ -1,0 +1,102 @@
+"""The kernel paths as torch custom ops (``torch.ops.svdquant.*``), so ``torch.compile`` and CUDA graphs
+capture a quantized model whole.
+
+Dynamo cannot trace a Triton launch that builds host-side TMA descriptors and picks configs in Python;
+a custom op is opaque to it: the compiled graph holds one node per quantized linear, and the op's fake
+implementation tells it the output's shape and dtype without running anything (the pattern of
+https://pytorch.org/tutorials/advanced/python_custom_ops.html). Every argument is a tensor or a
+number decided at :func:`svdquant.ops.prepare` time, so the op makes no capability query and no host
+sync: it records into a CUDA graph as it is.
+
+Eager calls skip the dispatcher (a few microseconds per layer, ~400 layers per FLUX step) and call the
+same ``*_impl`` functions with the prepared weight descriptor; the runners switch on
+``torch.compiler.is_compiling()``, which dynamo folds to a constant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _kernels():
+    from .. import kernels
+
+    return kernels
+
+
+def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
+                     bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
+                     a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
+                     w_desc=None) -> Tensor:
+    """Activation pass + INT8 GEMM. ``weight``: INT8 ``code · m`` [N, K_pad] (speed mode), or the packed
+    4-bit codes [N, K_pad/2] with ``weight_mult`` (memory mode: expanded into a fresh buffer here)."""
+    k = _kernels()
+    a, a_s, lora_act = k.quantize_activations(x.contiguous(), smooth_inv, lora_down, a4=a4, group_size=group_size,
+                                              shift=shift, unsigned_from=unsigned_from)
+    if weight_mult is not None:
+        weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
+    base = k.HOPPER_CONFIG if tma else k.DEFAULT_CONFIG
+    cfg = (k.HOPPER_CONFIG_FP32 if tma else k.DEFAULT_CONFIG) if x.dtype == torch.float32 else base
+    return k.int8_gemm(a, a_s, weight, weight_scale, lora_act, lora_up, bias, x.dtype, tma=tma, w_desc=w_desc,
+                       num_programs=num_programs or None, config=cfg)
+
+
+@torch.library.custom_op("svdquant::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
+                bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
+                a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int) -> Tensor:
+    return int8_linear_impl(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4,
+                            group_size, shift, unsigned_from, tma, num_programs)
+
+
+@int8_linear.register_fake
+def _(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4, group_size, shift,
+      unsigned_from, tma, num_programs):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def float_scales_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
+                             bias: Tensor | None, qweight: Tensor, wscales: Tensor, wtensor_scale: Tensor | None,
+                             input_scale: Tensor | None, fp4: bool, group_size: int, shift: float,
+                             unsigned_from: int) -> Tensor:
+    """The paper's float-group-scale W4A4 (``fp4=False``) or NVFP4: quantize kernel + grouped GEMM."""
+    k = _kernels()
+    x = x.contiguous()
+    if fp4:
+        values, _, lora_act = k.quantize_input_float_scales(x, smooth_inv, lora_down, fmt="nvfp4",
+                                                            group_size=group_size, input_scale=input_scale)
+        return k.fp4_gemm(values, qweight, wscales, wtensor_scale, input_scale, lora_act, lora_up, bias, x.dtype)
+    codes, scales_t, lora_act = k.quantize_input_float_scales(x, smooth_inv, lora_down, fmt="int4",
+                                                              group_size=group_size, shift=shift,
+                                                              unsigned_from=unsigned_from)
+    return k.w4a4_gemm(codes, scales_t, qweight, wscales, lora_act, lora_up, bias, x.dtype)
+
+
+@torch.library.custom_op("svdquant::float_scales_linear", mutates_args=())
+def float_scales_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
+                        bias: Tensor | None, qweight: Tensor, wscales: Tensor, wtensor_scale: Tensor | None,
+                        input_scale: Tensor | None, fp4: bool, group_size: int, shift: float,
+                        unsigned_from: int) -> Tensor:
+    return float_scales_linear_impl(x, smooth_inv, lora_down, lora_up, bias, qweight, wscales, wtensor_scale,
+                                    input_scale, fp4, group_size, shift, unsigned_from)
+
+
+@float_scales_linear.register_fake
+def _(x, smooth_inv, lora_down, lora_up, bias, qweight, wscales, wtensor_scale, input_scale, fp4, group_size,
+      shift, unsigned_from):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("svdquant::w4a16_linear", mutates_args=())
+def w4a16_linear(x: Tensor, qweight: Tensor, wscales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
+    """Weight-only INT4 for a few tokens (the memory-bound kernel)."""
+    return _kernels().w4a16_linear(x.contiguous(), qweight, wscales, bias, group_size=group_size)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, wscales, bias, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+__all__ = ["int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]
