@@ -15,7 +15,8 @@ class is compiled once, default inductor mode, static shapes), the same for ever
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
 first and takes the fastest). Per variant and batch: median ms per step (``triton.testing.do_bench``),
 peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
-steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest).
+steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
+runs each attention's q/k/v as one GEMM (``svdquant.fuse_projections``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao-compiled", "int4", "int4-compiled", "int4-memory",
-            "int4-memory-compiled")
-ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-fused", "int4-memory")
+# base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
+VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
+                 if b + c != "fp8-torchao")
+ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage")
 
 
 def bench(fn, rep=300):
@@ -170,6 +173,18 @@ def pick_attention(device, dtype, smoke):
         except RuntimeError as e:
             times[name] = dict(error=str(e).splitlines()[0][:200])
     ok = {k: v["ms"] for k, v in times.items() if "ms" in v}
+    try:  # 8-bit attention for reference (SageAttention v1, Triton: INT8 QK^T, fp16 PV); timed, never picked
+        from sageattention import sageattn
+
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        out = sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+        ms = bench(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False))
+        bf = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        times["sage (8-bit, not picked)"] = dict(ms=ms, tflops=flop / ms / 1e9,
+                                                rel_err=float((out.float() - ref).norm() / ref.norm()),
+                                                bf16_rel_err=float((bf.float() - ref).norm() / ref.norm()))
+    except Exception as e:  # not installed, or it does not run here: say so in the results
+        times["sage (8-bit, not picked)"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
     return min(ok, key=ok.get), times
 
 
@@ -259,6 +274,20 @@ def main(argv=None):
     feeds = {b: batched(kw1, b) for b in args.batch}
     refs = {}
 
+    def captured(m, kw):
+        """The whole step in one CUDA graph over static inputs: what a serving loop replays."""
+        static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                m(**static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = m(**static)[0]
+        return graph.replay, lambda: out
+
     def measure(name, m, compiled):
         row = res["variants"].setdefault(name, {})
         row["weights_gb"] = weights_gb(m)
@@ -266,7 +295,14 @@ def main(argv=None):
             try:
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = m(**kw)[0]
+                    if name.endswith("-graph"):
+                        replay, result = captured(m, kw)
+                        replay()
+                        step = replay
+                        out = result()
+                    else:
+                        step = lambda: m(**kw)  # noqa: E731
+                        out = step()[0]
                     if device == "cuda":
                         torch.cuda.synchronize()
                     first_s = time.perf_counter() - t0
@@ -274,30 +310,38 @@ def main(argv=None):
                         raise RuntimeError("non-finite output")
                     if name == "bf16":
                         refs[b] = out.float()
-                    elif b in refs and name.startswith("bf16"):
+                    elif b in refs and not name.startswith("int4"):
                         row[f"b{b}_rel_err_vs_eager"] = float((out.float() - refs[b]).norm() / refs[b].norm())
                     if device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    ms = timer(lambda: m(**kw))
+                    ms = timer(step)
                     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
                 row[f"b{b}"] = dict(ms=ms, ms_per_image=ms / b, peak_gb=peak, first_call_s=first_s)
                 if args.profile and name.startswith("int4") and device == "cuda":
                     with torch.no_grad():
-                        row[f"b{b}"]["breakdown"] = breakdown(lambda: m(**kw))
+                        row[f"b{b}"]["breakdown"] = breakdown(step)
             except Exception as e:  # one failed variant must not cost the others' figures
                 row[f"b{b}"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 traceback.print_exc()
             print(name, b, json.dumps(row[f"b{b}"])[:600], flush=True)
             save()
 
-    if "bf16" in variants or any(v.startswith("bf16") for v in variants):
-        if "bf16" in variants or "bf16-compiled" in variants:
-            measure("bf16", model, False)  # the reference every variant's error is measured against
-        if "bf16-compiled" in variants:
-            compile_blocks(model, backend)
-            measure("bf16-compiled", model, True)
-            uncompile_blocks(model)
-    if "fp8-torchao-compiled" in variants:
+    def run_base(base, m):
+        """Every requested variant of one base model: eager, eager + graph, compiled, compiled + graph."""
+        for suffix in ("", "-graph"):
+            if base + suffix in variants:
+                measure(base + suffix, m, False)
+        if any(v.startswith(base + "-compiled") for v in variants):
+            compile_blocks(m, backend)
+            for suffix in ("", "-graph"):
+                if base + "-compiled" + suffix in variants:
+                    measure(base + "-compiled" + suffix, m, True)
+            uncompile_blocks(m)
+
+    if any(v.startswith("bf16") or v.startswith("fp8") for v in variants) and "bf16" not in variants:
+        variants.insert(0, "bf16")  # the reference the other variants' errors are measured against
+    run_base("bf16", model)
+    if any(v.startswith("fp8-torchao") for v in variants):
         import copy
 
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -305,36 +349,31 @@ def main(argv=None):
         fp8 = copy.deepcopy(model)
         # torchao's recipe for diffusion transformers (as in diffusers' torchao docs): every nn.Linear
         quantize_(fp8, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-        compile_blocks(fp8, backend)
-        measure("fp8-torchao-compiled", fp8, True)
-        uncompile_blocks(fp8)
+        run_base("fp8-torchao", fp8)
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [v for v in variants if v.startswith("int4")]
+    ours = [b for b in ("int4", "int4-fused", "int4-memory")
+            if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
-        mode = "memory" if ours[0].startswith("int4-memory") else "speed"
-        res["quantized_layers"] = random_quantized(model, mode=mode, device=device)
+        res["quantized_layers"] = random_quantized(model, mode="memory" if ours[0] == "int4-memory" else "speed",
+                                                   device=device)
         res["int4_checkpoint_gb"] = checkpoint_gb(model)
-        for v in ours:
-            want = "memory" if v.startswith("int4-memory") else "speed"
-            if want != mode:
-                from svdquant import set_weight_mode
+        from svdquant import fuse_projections, set_weight_mode, unfuse_projections
 
-                set_weight_mode(model, want)
-                mode = want
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            if v.endswith("-compiled"):
-                compile_blocks(model, backend)
-                measure(v, model, True)
-                uncompile_blocks(model)
-            else:
-                measure(v, model, False)
+        for base in ours:
+            set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
+            if base == "int4-fused":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
+                res["fused_attentions"] = fuse_projections(model)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            run_base(base, model)
+            if base == "int4-fused":
+                unfuse_projections(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)
-            measure("int4+lora64" if mode == "speed" else "int4-memory+lora64", model, False)
+            measure(f"{ours[-1]}+lora64", model, False)
     save()
     print(json.dumps(res, indent=1))
 

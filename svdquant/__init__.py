@@ -33,10 +33,36 @@ def set_weight_mode(target, mode: str) -> int:
         m.set_weight_mode(mode)
     return len(layers)
 
+
+def _model_of(target, what: str):
+    import torch.nn as nn
+
+    model = getattr(target, "transformer", target)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes a pipeline or an nn.Module, got {type(target).__name__}")
+    return model
+
+
+def fuse_projections(target) -> int:
+    """Run each FLUX attention's quantized q/k/v as one GEMM (one activation pass instead of three); exact.
+    Takes a pipeline or a model; returns how many attentions were fused (see svdquant/modules/fused.py)."""
+    from .modules.fused import fuse_projections as fuse
+
+    return fuse(_model_of(target, "fuse_projections"))
+
+
+def unfuse_projections(target) -> int:
+    """Undo :func:`fuse_projections`."""
+    from .modules.fused import unfuse_projections as unfuse
+
+    return unfuse(_model_of(target, "unfuse_projections"))
+
+
 __all__ = [
     "quantize", "QuantReport", "Calibration", "DEFAULT_PROMPTS",
     "save_quantized", "load_quantized", "load_pipeline", "read_metadata", "CheckpointError",
     "load_lora", "set_lora_strength", "unload_lora", "loaded_loras", "LoRAError",
     "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "W4A4Config", "W4A4FloatConfig", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
-    "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES", "__version__",
+    "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES",
+    "fuse_projections", "unfuse_projections", "__version__",
 ]

@@ -94,3 +94,31 @@ def test_custom_ops_pass_opcheck():
                            False, 64, f.act_shift, f.act_unsigned_from))
     wo = _layer("w4a16")
     torch.library.opcheck(torch.ops.svdquant.w4a16_linear.default, (x[:4], wo.qweight, wo.wscales, wo.bias, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux):
+    """The real kernels: torch.compile (inductor, fullgraph) and one CUDA graph over the whole step."""
+    import copy
+
+    model = copy.deepcopy(quantized_flux[0]).cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in quantized_flux[1].items()}
+    assert svdquant.fuse_projections(model) > 0
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(**inputs)[0]
+        assert float((out - eager).norm() / eager.norm()) < 1e-4
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            compiled(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = compiled(**inputs)[0]
+        graph.replay()
+        torch.cuda.synchronize()
+    assert float((captured - eager).norm() / eager.norm()) < 1e-4

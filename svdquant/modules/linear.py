@@ -208,6 +208,9 @@ class SVDQLinear(nn.Module, AdapterSet):
     def _adapters_changed(self) -> None:
         # Only the branch changes: the runner rebuilds it and keeps its prepared weights.
         self._runner.set_branch(self)
+        owner = self.__dict__.get("_fused_into")  # stacked with q/k/v siblings (modules/fused.py)
+        if owner is not None:
+            owner.refresh_branch()
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""
@@ -223,6 +226,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         if getattr(self._runner, "owns_packed_weight", False):
             # speed mode: the runner holds code × multiplier in INT8; the packed copy would double the memory
             self._buffers["qweight"] = None
+        owner = self.__dict__.get("_fused_into")
+        if owner is not None:
+            owner.refresh()
 
     def _restore_packed(self) -> None:
         if "qweight" in self._buffers and self._buffers["qweight"] is None and self._runner is not None:

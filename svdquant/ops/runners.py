@@ -7,6 +7,8 @@ kernel-ready tensors (transposed scales, a power-of-two-rank branch, INT8 weight
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,35 @@ def padded_branch(m):
     up_p = torch.zeros(m.out_features, rp, dtype=up.dtype, device=up.device)
     up_p[:, :r] = up
     return down_p, up_p
+
+
+def stacked_branch(branches, out_features):
+    """One branch for layers that read the same input, stacked by output rows: exact.
+
+    ``branches``: each layer's padded ``(down [R_i, K], up [N_i, R_i])`` or ``(None, None)``; ``out_features``:
+    each layer's N_i. Layers of one shared-input group share their down projection (one λ, one branch): then it is kept once and the ups
+    are stacked. With per-layer LoRAs the downs differ: they are stacked too and the up is block diagonal
+    (each layer's rows see only its own ranks), padded to a power-of-two rank."""
+    live = [(d, u) for d, u in branches if d is not None]
+    if not live:
+        return None, None
+    if len(live) == len(branches) and all(torch.equal(d, live[0][0]) for d, _ in live):
+        ups = [u for _, u in live]
+        same = all(u.dtype == ups[0].dtype for u in ups)
+        return live[0][0], torch.cat(ups if same else [u.float() for u in ups], 0)
+    rank = sum(d.shape[0] for d, _ in live)
+    rp = _pow2_rank(rank)
+    first = live[0][0]
+    down = torch.zeros(rp, first.shape[1], dtype=first.dtype, device=first.device)
+    up = torch.zeros(sum(out_features), rp, dtype=torch.float32, device=first.device)
+    r0 = n0 = 0
+    for (d, u), n in zip(branches, out_features):
+        if d is not None:
+            down[r0:r0 + d.shape[0]] = d
+            up[n0:n0 + n, r0:r0 + d.shape[0]] = u.float()
+            r0 += d.shape[0]
+        n0 += n
+    return down, up
 
 
 def _act_group(m) -> int:
@@ -128,6 +159,41 @@ class Int8Runner:
 
     def set_branch(self, m) -> None:
         self.down, self.up = padded_branch(m)
+
+    @classmethod
+    def stacked(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
+        """One runner over the output rows of speed-mode runners that read the same input with the same λ
+        (q/k/v of one attention): one activation pass and one GEMM instead of one each. The members are
+        then rebound to row views of its INT8 weight (:meth:`view_rows`), so nothing is held twice."""
+        first = runners[0]
+        for r in runners:
+            if r.w is None or r.mode != "speed":
+                raise ValueError("only speed-mode INT8 runners stack (memory mode expands per layer)")
+            if (r.a4, r.shift, r.unsigned_from, r.group, r.k, r.tma) != (
+                    first.a4, first.shift, first.unsigned_from, first.group, first.k, first.tma) \
+                    or not torch.equal(r.sinv, first.sinv):
+                raise ValueError("layers stack only when they read the same input with the same smoothing "
+                                 "and activation format (one shared-input group)")
+        new = copy.copy(first)
+        new.w = torch.cat([r.w for r in runners], 0)
+        new.w_scale = torch.cat([r.w_scale for r in runners], 0)
+        new.mult = torch.cat([r.mult for r in runners], 0) if first.mult is not None else None
+        if any(r.bias is not None for r in runners):
+            new.bias = torch.cat([r.bias if r.bias is not None else r.w_scale.new_zeros(n).to(first.sinv.device)
+                                  for r, n in zip(runners, out_features)], 0)
+        new.out_features = list(out_features)
+        new.set_stacked_branch(runners)
+        new.owns_packed_weight = False
+        new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma else None
+        return new
+
+    def set_stacked_branch(self, runners) -> None:
+        self.down, self.up = stacked_branch([(r.down, r.up) for r in runners], self.out_features)
+
+    def view_rows(self, fused: "Int8Runner", start: int, stop: int) -> None:
+        """Hold rows ``start:stop`` of ``fused``'s INT8 weight instead of an own copy (a contiguous view)."""
+        self.w = fused.w[start:stop]
+        self.w_desc = self.kernels.weight_descriptor(self.w, self.config) if self.tma else None
 
     def packed_weight(self) -> torch.Tensor:
         """Speed mode's 4-bit codes again, from ``code · m`` (exact: m divides it)."""

@@ -1,0 +1,125 @@
+"""q/k/v as one GEMM: the layers of a shared-input group run as one quantized linear.
+
+The quantizer gives the layers that read the same input (an attention's q/k/v) one smoothing λ and one
+shared low-rank down projection (:mod:`svdquant.models.architectures`), so their quantized activations
+and ``X·L1ᵀ`` are the same tensor. Run apart, the step makes that tensor three times and launches three
+narrow GEMMs; stacked, one activation pass feeds one GEMM three times as wide (the published engine runs
+FLUX's q/k/v the same way: one ``qkv_proj``).
+
+:class:`FusedSVDQLinear` is what diffusers' fused-projection convention calls: a FLUX attention with
+``fused_projections = True`` computes ``to_qkv(x).chunk(3, -1)`` (and ``to_added_qkv`` for the text
+stream). The member layers stay the modules of record: the state dict, checkpoints and LoRAs address
+them, and they can still run alone. On the GPU's speed mode the fused runner holds the stacked INT8
+weight and the members hold row views of it, so nothing is resident twice; elsewhere (the CPU reference,
+memory mode) the fused module concatenates its members' outputs, which is exactly the unfused result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.runners import Int8Runner
+from .linear import SVDQLinear
+
+# (fused attribute, member attributes): diffusers' names (Attention.fuse_projections, FluxAttention)
+PROJECTIONS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+
+
+class FusedSVDQLinear(nn.Module):
+    """Layers that read one input, stacked by output rows (see the module doc)."""
+
+    def __init__(self, members: list[SVDQLinear]):
+        super().__init__()
+        if len(members) < 2 or not all(isinstance(m, SVDQLinear) for m in members):
+            raise TypeError("FusedSVDQLinear stacks two or more SVDQLinear layers")
+        first = members[0]
+        for m in members[1:]:
+            if m.in_features != first.in_features or m.config() | {"out_features": 0} != \
+                    first.config() | {"out_features": 0}:
+                raise ValueError("fused layers must share their input width and quantization layout")
+        self.__dict__["members"] = tuple(members)  # not submodules: the state dict stays the members'
+        self.in_features = first.in_features
+        self.out_features = sum(m.out_features for m in members)
+        for m in members:
+            m.__dict__["_fused_into"] = self
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild after a member was (re)prepared: loading, ``.to``, a weight-mode change."""
+        runners = [m._runner for m in self.members]
+        self._runner = None
+        if all(isinstance(r, Int8Runner) and r.w is not None and r.mode == "speed" for r in runners):
+            if all(torch.equal(r.sinv, runners[0].sinv) for r in runners):
+                outs = [m.out_features for m in self.members]
+                self._runner = Int8Runner.stacked(runners, outs)
+                start = 0
+                for r, n in zip(runners, outs):
+                    r.view_rows(self._runner, start, start + n)
+                    start += n
+
+    def refresh_branch(self) -> None:
+        """A member's LoRAs changed (its runner rebuilt its branch): restack the branches."""
+        if self._runner is not None:
+            self._runner.set_stacked_branch([m._runner for m in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runner is None:
+            return torch.cat([m(x) for m in self.members], dim=-1)
+        y = self._runner(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        path = "one INT8 GEMM" if self._runner is not None else "members in turn"
+        return f"in_features={self.in_features}, out_features={self.out_features}, members={len(self.members)}, {path}"
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Stack the quantized q/k/v of every attention that supports diffusers' fused projections (FLUX's):
+    one activation pass and one GEMM per stream instead of three. Returns how many were fused. Exact:
+    the outputs equal the unfused ones. :func:`unfuse_projections` undoes it."""
+    n = 0
+    for attn in model.modules():
+        if not hasattr(attn, "fused_projections") or attn.fused_projections:
+            continue
+        made = {}
+        for fused_name, names in PROJECTIONS:
+            members = [getattr(attn, a, None) for a in names]
+            if all(isinstance(m, SVDQLinear) for m in members):
+                try:
+                    made[fused_name] = FusedSVDQLinear(members)
+                except ValueError:
+                    made.clear()  # a stream that cannot stack (e.g. different layouts): leave the attention as is
+                    break
+        if "to_qkv" in made:  # the processor fuses both streams or none
+            for fused_name, f in made.items():
+                setattr(attn, fused_name, f)
+            attn.fused_projections = True
+            n += 1
+        else:
+            for f in made.values():
+                _release(f)
+    return n
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo :func:`fuse_projections`: every member layer holds its own weights again."""
+    n = 0
+    for attn in model.modules():
+        fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
+        fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]
+        if not fused:
+            continue
+        for name, f in fused:
+            delattr(attn, name)
+            _release(f)
+            for m in f.members:
+                m.refresh()
+        attn.fused_projections = False
+        n += 1
+    return n
+
+
+def _release(f: FusedSVDQLinear) -> None:
+    for m in f.members:
+        m.__dict__.pop("_fused_into", None)

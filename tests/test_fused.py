@@ -1,0 +1,148 @@
+"""q/k/v stacked into one quantized GEMM (svdquant/modules/fused.py, Int8Runner.stacked): exact against the
+layers run apart, through LoRAs, moves and unfusing, on the tiny FLUX (CPU reference) and under the Triton
+interpreter (the INT8 kernels the GPU runs)."""
+
+from __future__ import annotations
+
+import os
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+
+import pytest
+import torch
+
+import svdquant
+from svdquant import SVDQLinear, get_recipe
+from svdquant.modules import FusedSVDQLinear
+from svdquant.ops.runners import Int8Runner, ReferenceRunner, padded_branch, stacked_branch
+
+interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="the interpreter runs the kernels on CPU machines")
+
+
+@pytest.fixture(scope="module")
+def quantized_flux():
+    torch.manual_seed(0)
+    model = tm.build_flux()
+    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
+    return model, tm.calibration_inputs("flux", model, 1, seed=7)[0]
+
+
+def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
+    model, inputs = quantized_flux
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    keys = list(model.state_dict())
+    n_attn = sum(1 for m in model.modules() if hasattr(m, "fused_projections"))
+    assert svdquant.fuse_projections(model) == n_attn > 0
+    assert all(m.fused_projections for m in model.modules() if hasattr(m, "fused_projections"))
+    assert isinstance(model.transformer_blocks[0].attn.to_added_qkv, FusedSVDQLinear)
+    assert list(model.state_dict()) == keys  # checkpoints and LoRAs still address to_q / to_k / to_v
+    with torch.no_grad():
+        fused = model(**inputs)[0]
+    assert torch.equal(fused, before)
+    assert svdquant.fuse_projections(model) == 0  # already fused
+    assert svdquant.unfuse_projections(model) == n_attn
+    assert not hasattr(model.transformer_blocks[0].attn, "to_qkv")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+
+
+def test_fusing_a_16bit_model_changes_nothing():
+    model = tm.build_flux()
+    assert svdquant.fuse_projections(model) == 0
+    with pytest.raises(TypeError, match="pipeline or an nn.Module"):
+        svdquant.fuse_projections("flux")
+
+
+def test_fused_layer_refuses_layers_of_different_layouts():
+    a = SVDQLinear(64, 32, True, rank=16)
+    b = SVDQLinear(64, 32, True, rank=32)
+    with pytest.raises(ValueError, match="share their input width and quantization layout"):
+        FusedSVDQLinear([a, b])
+    with pytest.raises(TypeError, match="two or more"):
+        FusedSVDQLinear([a])
+
+
+def test_stacked_branch_shares_one_down_and_makes_a_block_up_with_loras():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(16, 8, generator=g)
+    u1, u2 = torch.randn(4, 16, generator=g), torch.randn(6, 16, generator=g)
+    down, up = stacked_branch([(d, u1), (d, u2)], [4, 6])
+    assert down is d and torch.equal(up, torch.cat([u1, u2]))
+    d2 = torch.randn(16, 8, generator=g)
+    down, up = stacked_branch([(d, u1), (d2, u2), (None, None)], [4, 6, 3])
+    assert down.shape == (32, 8) and up.shape == (13, 32)
+    x = torch.randn(5, 8, generator=g)
+    want = torch.cat([x @ d.T @ u1.T, x @ d2.T @ u2.T, torch.zeros(5, 3)], 1)
+    assert torch.allclose(x @ down.T @ up.T, want, atol=1e-5)
+    assert stacked_branch([(None, None)] * 2, [3, 3]) == (None, None)
+
+
+def _group(recipe="int4", k=128, ns=(48, 32, 48), seed=0):
+    """Three layers quantized as one shared-input group (one λ, one branch), as q/k/v are."""
+    g = torch.Generator().manual_seed(seed)
+    lins = [torch.nn.Linear(k, n) for n in ns]
+    with torch.no_grad():
+        for lin in lins:
+            lin.weight.copy_(torch.randn(lin.out_features, k, generator=g) / k**0.5)
+    x = torch.randn(64, k, generator=g)
+    x[:, :3] *= 20
+    rc = get_recipe(recipe).replace(rank=16, iterations=1, eval_tokens=64)
+    return SVDQLinear.from_linears(lins, x, rc), x
+
+
+@interpreted
+@pytest.mark.parametrize("recipe", ["int4", "w4a4"])
+def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe):
+    from svdquant import kernels
+
+    layers, x = _group(recipe)
+    packed = [m.packed_weight().clone() for m in layers]
+    for m in layers:
+        m.weight_mode = "speed"
+        m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)  # the GPU's runner, kernels interpreted
+    apart = torch.cat([m(x) for m in layers], -1)
+    fused = FusedSVDQLinear(layers)
+    assert fused._runner is not None and fused._runner.w.shape[0] == 128
+    assert all(m._runner.w.data_ptr() == fused._runner.w[s:].data_ptr()  # views, not copies
+               for m, s in zip(layers, (0, 48, 80)))
+    assert torch.equal(fused(x), apart)
+    assert torch.equal(torch.cat([m(x) for m in layers], -1), apart)  # members still run alone
+    # a LoRA on one member: its rows see it, the others do not (block up, stacked downs)
+    layers[1].add_adapter("l", torch.randn(8, 128) * 0.1, torch.randn(32, 8) * 0.1, 0.7)
+    assert fused._runner.down.shape[0] == 64  # 16 + 24 (16 + 8 padded) + 16 -> 64
+    ref = torch.cat([ReferenceRunner(m)(x) for m in layers], -1)
+    assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
+    # state dicts still hold each member's own packed codes (rebuilt from its view of the stacked weight)
+    for m, want in zip(layers, packed):
+        assert torch.equal(m.state_dict()["qweight"], want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from kernels import random_layer
+
+    layers = [random_layer(3072, 3072, seed=i) for i in range(3)]
+    with torch.no_grad():
+        for m in layers[1:]:  # one shared-input group: one λ, one branch down projection
+            m.smooth_inv.copy_(layers[0].smooth_inv)
+            m.lora_down.copy_(layers[0].lora_down)
+            m.refresh()
+    x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
+    apart = torch.cat([m(x) for m in layers], -1)
+    allocated = torch.cuda.memory_allocated()
+    fused = FusedSVDQLinear(layers)
+    assert torch.cuda.memory_allocated() - allocated < 2**20  # the members now view the stacked weight
+    y = fused(x)
+    assert float((y.float() - apart.float()).norm() / apart.float().norm()) < 1e-6
+    layers[2].add_adapter("l", torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16) * 0.01,
+                          torch.randn(3072, 64, device="cuda", dtype=torch.bfloat16) * 0.01, 0.8)
+    ref = torch.cat([ReferenceRunner(m)(x) for m in layers], -1)
+    assert float((fused(x).float() - ref.float()).norm() / ref.float().norm()) < 1e-2
