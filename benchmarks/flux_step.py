@@ -125,10 +125,19 @@ def batched(kw: dict, b: int) -> dict:
 def weights_gb(model) -> float:
     """What the model holds on its device: parameters and buffers (speed mode's INT8 codes included)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+
+    def leaves(t):  # tensor subclasses (torchao's FP8 weights) hold their data in inner tensors
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                yield from leaves(getattr(t, name))
+        else:
+            yield t
+
+    for p in list(model.parameters()) + list(model.buffers()):
+        for t in leaves(p):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     for m in model.modules():  # INT8 codes the runners hold instead of a buffer (speed mode)
         w = getattr(getattr(m, "_runner", None), "w", None)
         if isinstance(w, torch.Tensor) and getattr(m, "_buffers", {}).get("qweight") is None:
@@ -293,6 +302,10 @@ def main(argv=None):
         row["weights_gb"] = weights_gb(m)
         for b, kw in feeds.items():
             try:
+                if device == "cuda":  # from here: the first call (or the capture's pool) and the timed steps
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     if name.endswith("-graph"):
@@ -312,10 +325,10 @@ def main(argv=None):
                         refs[b] = out.float()
                     elif b in refs and not name.startswith("int4"):
                         row[f"b{b}_rel_err_vs_eager"] = float((out.float() - refs[b]).norm() / refs[b].norm())
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
                     ms = timer(step)
-                    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+                    # this model's weights + what the step adds (another variant's model may be resident too)
+                    peak = (row["weights_gb"] + (torch.cuda.max_memory_allocated() - before) / 1e9
+                            if device == "cuda" else None)
                 row[f"b{b}"] = dict(ms=ms, ms_per_image=ms / b, peak_gb=peak, first_call_s=first_s)
                 if args.profile and name.startswith("int4") and device == "cuda":
                     with torch.no_grad():

@@ -139,7 +139,8 @@ def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart():
     apart = torch.cat([m(x) for m in layers], -1)
     allocated = torch.cuda.memory_allocated()
     fused = FusedSVDQLinear(layers)
-    assert torch.cuda.memory_allocated() - allocated < 2**20  # the members now view the stacked weight
+    added = torch.cuda.memory_allocated() - allocated
+    assert added < 4 * 2**20, added  # the members view the stacked weight (a copy would add 28 MB)
     y = fused(x)
     assert float((y.float() - apart.float()).norm() / apart.float().norm()) < 1e-6
     layers[2].add_adapter("l", torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16) * 0.01,

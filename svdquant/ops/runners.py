@@ -177,7 +177,7 @@ class Int8Runner:
         new = copy.copy(first)
         new.w = torch.cat([r.w for r in runners], 0)
         new.w_scale = torch.cat([r.w_scale for r in runners], 0)
-        new.mult = torch.cat([r.mult for r in runners], 0) if first.mult is not None else None
+        new.mult = None  # only packed_weight() reads it, and the members give back their own codes
         if any(r.bias is not None for r in runners):
             new.bias = torch.cat([r.bias if r.bias is not None else r.w_scale.new_zeros(n).to(first.sinv.device)
                                   for r, n in zip(runners, out_features)], 0)
