@@ -123,7 +123,8 @@ def batched(kw: dict, b: int) -> dict:
 
 
 def weights_gb(model) -> float:
-    """What the model holds on its device: parameters and buffers (speed mode's INT8 codes included)."""
+    """What the model holds on its device: parameters, buffers and the tensors the runners hold instead of a
+    buffer (speed mode's INT8 codes; fused q/k/v members hold views of one stacked weight), each storage once."""
     seen, total = set(), 0
 
     def leaves(t):  # tensor subclasses (torchao's FP8 weights) hold their data in inner tensors
@@ -133,15 +134,16 @@ def weights_gb(model) -> float:
         else:
             yield t
 
-    for p in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        runner = getattr(m, "_runner", None)
+        tensors += [v for v in vars(runner).values() if isinstance(v, torch.Tensor)] if runner is not None else []
+    for p in tensors:
         for t in leaves(p):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    for m in model.modules():  # INT8 codes the runners hold instead of a buffer (speed mode)
-        w = getattr(getattr(m, "_runner", None), "w", None)
-        if isinstance(w, torch.Tensor) and getattr(m, "_buffers", {}).get("qweight") is None:
-            total += w.numel() * w.element_size()
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
     return total / 1e9
 
 
