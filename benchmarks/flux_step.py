@@ -33,44 +33,48 @@ def bench(fn, rep=300):
     return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
 
-def random_svdq(k, n, rank, weight_only, seed, mode="speed"):
-    """An SVDQLinear (the ``int4`` recipe's layouts) with random contents drawn on the GPU (fast for 12B weights)."""
+def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda"):
+    """An SVDQLinear (the ``int4`` recipe's layouts) with random contents, drawn where it will live (fast on the
+    GPU for 12B weights; on the CPU it runs the torch reference, for smoke tests at a few blocks)."""
     from svdquant.modules import SVDQLinear
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     if weight_only:  # the adaLN linears: INT4 with 16-bit group scales, 16-bit activations
-        m = SVDQLinear(k, n, True, weights="int4", activations=None, rank=0, dtype=torch.bfloat16, device="cuda")
+        m = SVDQLinear(k, n, True, weights="int4", activations=None, rank=0, dtype=torch.bfloat16, device=device)
     else:
-        m = SVDQLinear(k, n, True, rank=rank, dtype=torch.bfloat16, device="cuda")
+        m = SVDQLinear(k, n, True, rank=rank, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
-        m.qweight.copy_(torch.randint(0, 256, m.qweight.shape, device="cuda", generator=g, dtype=torch.uint8))
-        m.wscales.copy_(torch.rand(m.wscales.shape, device="cuda", generator=g) * 0.002 + 1e-4)
+        m.qweight.copy_(torch.randint(0, 256, m.qweight.shape, device=device, generator=g, dtype=torch.uint8))
+        m.wscales.copy_(torch.rand(m.wscales.shape, device=device, generator=g) * 0.002 + 1e-4)
         m.bias.zero_()
         if not weight_only:
-            m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device="cuda", generator=g, dtype=torch.uint8))
+            m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device=device, generator=g, dtype=torch.uint8))
             m.smooth_inv.fill_(1.0)
-            m.lora_down.copy_(torch.randn(m.lora_down.shape, device="cuda", generator=g) / k**0.5)
-            m.lora_up.copy_(torch.randn(m.lora_up.shape, device="cuda", generator=g) * 0.01)
+            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=device, generator=g) / k**0.5)
+            m.lora_up.copy_(torch.randn(m.lora_up.shape, device=device, generator=g) * 0.01)
     m.set_weight_mode(mode)  # also prepares the kernels' tensors
     return m
 
 
 def random_quantized(model, rank=32, mode="speed"):
-    """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN)."""
+    """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN), on the
+    device the model is on."""
     from svdquant.models import get_adapter
 
     adapter = get_adapter(model)
+    device = next(model.parameters()).device
     n = 0
     for bname, block in adapter.blocks(model):
         for g in adapter.groups(block):
             for name in g.names:
                 old = block.get_submodule(name)
-                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode)
+                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode, device)
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, new)
                 del old
                 n += 1
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return n
 
 
