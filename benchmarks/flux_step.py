@@ -80,11 +80,13 @@ def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda"):
     return m
 
 
-def random_quantized(model, rank=32, mode="speed", device="cuda"):
-    """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN)."""
+def random_quantized(model, rank=32, mode="speed", device=None):
+    """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN), drawn on
+    ``device`` (default: where the model is; on the CPU they run the torch reference, for smoke tests)."""
     from svdquant.models import get_adapter
 
     adapter = get_adapter(model)
+    device = str(device or next(model.parameters()).device)
     n = 0
     for bname, block in adapter.blocks(model):
         for g in adapter.groups(block):
@@ -95,7 +97,7 @@ def random_quantized(model, rank=32, mode="speed", device="cuda"):
                 setattr(block.get_submodule(parent) if parent else block, child, new)
                 del old
                 n += 1
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return n
 

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from svdquant import cli  # noqa: E402
 from svdquant.pipelines import CIFAR10_CLASSES  # noqa: E402
-from svdquant.serve import Engine, create_app, load_engine  # noqa: E402
+from svdquant.serve import Engine, create_app, load_engine, serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -45,23 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
 def live(app):
-    """``app`` on a real uvicorn in a thread; yields its base URL; stops it (bounded) afterwards."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    """``app`` on a real uvicorn in a thread on a free port; yields its base URL; stops it (bounded) afterwards."""
+    return serving(app, timeout=30)
 
 
 def metrics(base: str) -> dict[str, float]:

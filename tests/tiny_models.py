@@ -288,35 +288,43 @@ def t5_tokenizer():
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
-def build_flux_pipeline(seed: int = 0):
-    """A diffusers ``FluxPipeline`` with tiny random components (transformer = :func:`build_flux`)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+def tiny_text_encoders(clip_width: int = FLUX_CONFIG["pooled_projection_dim"],
+                       t5_width: int = FLUX_CONFIG["joint_attention_dim"]) -> dict:
+    """FluxPipeline's text side, one layer each, from torch's current random state: a CLIP whose pooled output
+    is ``clip_width`` wide and a T5 encoder ``t5_width`` wide, with the letter tokenizers above. A FLUX-size
+    pipeline gets FLUX.1's widths (768, 4096) at a few million parameters."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=clip_width, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=32,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tok2), d_model=t5_width, d_ff=64, d_kv=16, num_layers=1,
+        num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    ))
+    # freshly built transformers models are in training mode: T5's dropout would make sampling random
+    return dict(text_encoder=text_encoder.eval(), tokenizer=tok, text_encoder_2=text_encoder_2.eval(), tokenizer_2=tok2)
+
+
+def build_flux_pipeline(seed: int = 0):
+    """A diffusers ``FluxPipeline`` with tiny random components (transformer = :func:`build_flux`)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=FLUX_CONFIG["pooled_projection_dim"], intermediate_size=64,
-            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=32,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ))
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=len(tok2), d_model=FLUX_CONFIG["joint_attention_dim"], d_ff=64, d_kv=16, num_layers=1,
-            num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        ))
+        text = tiny_text_encoders()
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
             latent_channels=FLUX_CONFIG["in_channels"] // 4, norm_num_groups=8, sample_size=16,
             use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
         )
-    # freshly built transformers models are in training mode: T5's dropout would make sampling random
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok,
-        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tok2, transformer=build_flux(seed),
-    )
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), transformer=build_flux(seed),
+                        **text)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

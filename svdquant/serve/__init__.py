@@ -1,7 +1,8 @@
 """``svdquant serve``: an OpenAI-compatible text-to-image HTTP service and web page.
 
-    from svdquant.serve import create_app, load_engine
+    from svdquant.serve import create_app, load_engine, serving
     app = create_app(load_engine("tiny"), max_queue=16, max_batch=4)   # any ASGI server runs it
+    with serving(app) as base: ...        # or a uvicorn in a thread, on a free 127.0.0.1 port
 
 FastAPI + uvicorn serve it; one worker thread owns the pipeline (``worker.py``); ``schema.py`` is the
 request; ``engine.py`` what the loaded model can draw; ``metrics.py`` the Prometheus metrics.
@@ -9,6 +10,6 @@ request; ``engine.py`` what the loaded model can draw; ``metrics.py`` the Promet
 
 from .app import create_app
 from .engine import Engine, load_engine
-from .server import run_server
+from .server import run_server, serving
 
-__all__ = ["create_app", "load_engine", "Engine", "run_server"]
+__all__ = ["create_app", "load_engine", "Engine", "run_server", "serving"]

@@ -64,6 +64,11 @@ def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype 
 
 
 class Engine:
+    """What a server draws with: ``pipe`` (the tiny pipeline or a diffusers one, already on ``device``), served
+    under ``model_id``. :func:`load_engine` builds one from a name or folder; a pipeline built in Python (random
+    weights in ``benchmarks/serve.py``, say) serves as it is: ``create_app(Engine(pipe, "my-model", "cuda"))``.
+    ``loras``: name -> default strength of LoRAs already loaded into ``pipe``."""
+
     def __init__(self, pipe, model_id: str, device: str, loras: dict[str, float] | None = None):
         self.pipe, self.model_id, self.device = pipe, model_id, device
         self.loras = dict(loras or {})      # name -> default strength, as loaded
