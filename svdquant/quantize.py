@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -91,7 +92,7 @@ class QuantReport:
             errs = sorted(r.rel_error for r in self.text_encoder_rows if r.names[0].startswith(name + "."))
             lines.append(f"{name} ({te['class']}): {te['layers']} linears {te['weights']} weight-only, group "
                          f"{te['group_size']}, {te['kept']} other linears kept 16-bit; weight error median "
-                         f"{errs[len(errs) // 2]:.4f}, worst {errs[-1]:.4f}; {_size(te['bytes_16bit'])} -> "
+                         f"{statistics.median(errs):.4f}, worst {errs[-1]:.4f}; {_size(te['bytes_16bit'])} -> "
                          f"{_size(te['bytes_quantized'])}")
         return "\n".join(lines)
 

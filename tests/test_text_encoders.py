@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 
 import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
 
@@ -206,6 +207,17 @@ def test_save_writes_each_encoder_once_with_version_3(full):
     stored = load_file(str(path / "text_encoder_2.safetensors"))
     assert "shared.weight" in stored and "encoder.embed_tokens.weight" not in stored
     assert meta["report"]["text_encoders"]["text_encoder_2"]["layers"] == 6
+
+
+def test_model_card_lists_the_text_encoders(full):
+    from svdquant.model_card import render
+
+    text = render(svdquant.read_metadata(full[2]))
+    assert "## Text encoders" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| `text_encoder_2` |"))
+    errs = sorted(r.rel_error for r in full[1].text_encoder_rows if r.names[0].startswith("text_encoder_2."))
+    assert row == f"| `text_encoder_2` | T5EncoderModel | 6 | Wint4 A16 g64 | {statistics.median(errs):.4f} / {errs[-1]:.4f} |"
+    assert "run the torch reference" in text
 
 
 def test_transformer_only_checkpoint_keeps_version_2(tmp_path):
