@@ -104,7 +104,8 @@ def render(meta: dict[str, Any], license: str | None = None) -> str:
         figures = (report or {}).get("text_encoder_rows") or []
         lines += ["", "## Text encoders", "", "Quantized weight-only (no calibration) and stored with the transformer; "
                   "embeddings, norms and the layers after the blocks stay 16-bit.", "",
-                  "| encoder | class | layers | format | median / worst weight error |", "| --- | --- | --- | --- | --- |"]
+                  "| encoder | class | layers | format | median / worst weight error |",
+                  "| --- | --- | --- | --- | --- |"]
         for name, te in encoders.items():
             errs = sorted(r["rel_error"] for r in figures if r["names"][0].startswith(name + "."))
             fmts = ", ".join(sorted({f"W{c['weights']} A16 g{c.get('group_size')}" for c in te["layers"].values()}))

@@ -74,8 +74,8 @@ class QuantReport:
     def __str__(self) -> str:
         lines = []
         if self.rows or not self.text_encoders:
-            lines.append(f"svdquant: {self.model} with recipe {self.recipe['name']!r}: {len(self.rows)} groups quantized, "
-                         f"{len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots, "
+            lines.append(f"svdquant: {self.model} with recipe {self.recipe['name']!r}: {len(self.rows)} groups "
+                         f"quantized, {len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots, "
                          f"{self.seconds_total:.1f} s (calibration {self.seconds_calibration:.1f} s)"
                          + (f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else ""))
             w = max([len(_short(r.names)) for r in self.rows] + [5])
