@@ -144,7 +144,7 @@ def test_text_embedding_error(ref, qpipe):
 
 
 def test_end_to_end_effect_on_images(ref, qpipe, full):
-    """Images against the 16-bit pipeline, 4 prompts, 4 steps. Measured: 4-bit text encoders alone 50.9-57.1 dB
+    """Images against the 16-bit pipeline, 4 prompts, 4 steps. Measured: 4-bit text encoders alone 51.0-56.9 dB
     PSNR; int4 transformer alone 66.7 dB mean; both 53.5 dB mean."""
     i_ref = tm.sample(ref, PROMPTS, steps=4)
     te_only = psnr(tm.sample(qpipe[0], PROMPTS, steps=4), i_ref)
