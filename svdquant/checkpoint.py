@@ -141,8 +141,8 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
                       "too; save_quantized(pipe, ...) saves them with the transformer, this saves the transformer "
                       "alone", stacklevel=2)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save_quantized takes the quantized model (e.g. pipe.transformer) or its pipeline, got "
-                        f"{type(model).__name__}")
+        raise TypeError(f"save_quantized takes the quantized model (e.g. pipe.transformer, pipe.unet) or a pipeline "
+                        f"with a .transformer, got {type(model).__name__}")
     path = Path(path)
     loras = [n for m in (model, *encoders.values()) for n in (getattr(m, "_svdquant_loras", None) or ())]
     if loras:

@@ -403,3 +403,12 @@ def test_damaged_text_encoder_entries_are_checkpoint_errors(full, tmp_path, case
     with pytest.raises(CheckpointError) as e:
         svdquant.load_pipeline(full[3], ck)
     assert needle in str(e.value), str(e.value)
+
+
+def test_save_takes_a_pipeline_only_with_a_transformer(tmp_path):
+    class UNetPipeline:  # SDXL's layout: save pipe.unet itself
+        unet = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"pipe.unet\) or a pipeline with a .transformer, got UNetPipeline"):
+        svdquant.save_quantized(UNetPipeline(), tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
