@@ -164,8 +164,10 @@ def _check_pipeline_call(pipe, calib: Calibration) -> None:
 
 
 def _tensor_bytes(model: nn.Module) -> int:
-    """What the model's state holds in memory (speed-mode INT8 copies excluded: the checkpoint's size)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """What the model's state holds (the checkpoint's size: speed-mode INT8 copies excluded, tied weights such
+    as T5's token embedding once)."""
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _check_text_encoders(pipe, recipe: QuantConfig) -> dict[str, list[str]]:

@@ -109,6 +109,8 @@ def test_report_rows_and_sizes(qpipe):
         assert 0.05 < r.rel_error < 0.15 and r.rel_error == r.rel_error_naive  # INT4 g64 on Gaussian weights
     te = report.text_encoders["text_encoder_2"]
     assert te["class"] == "T5EncoderModel" and te["layers"] == 6 and te["kept"] == 0
+    t5 = tm.build_flux_pipeline(0).text_encoder_2
+    assert te["bytes_16bit"] == sum(p.numel() * 4 for p in t5.parameters())  # the tied embedding once
     # fp32 weights 4 B -> INT4 0.5 B + one fp32 scale per 64: what is left is the 16-bit embedding and norms
     assert te["bytes_quantized"] < te["bytes_16bit"] * 0.6
     text = str(report)
@@ -131,6 +133,14 @@ def test_weight_only_rounding_known_answer():
     assert torch.equal(layer(x), x @ deq.T + 0.25)
     with pytest.raises(ValueError, match="weight-only recipe"):
         quantize_weight_only(w, None, svdquant.get_recipe("int4"))
+
+
+def test_nf4_text_encoders():
+    pipe, ref = tm.build_flux_pipeline(0), tm.build_flux_pipeline(0)
+    report = svdquant.quantize_text_encoders(pipe, "nf4", progress=False)
+    assert {pipe.text_encoder_2.get_submodule(n).weights for n in encoder_layers(ref.text_encoder_2)} == {"nf4"}
+    assert report.text_encoders["text_encoder_2"]["weights"] == "nf4"
+    assert 0.02 < rel(embeds(pipe)[0], embeds(ref)[0]) < 0.2
 
 
 # ------------------------------------------------------------------------------------------------ the figures
