@@ -1,6 +1,7 @@
 """Checkpoints: a folder with ``svdquant.json`` (metadata) and ``transformer.safetensors``.
 
     svdquant.save_quantized(pipe.transformer, "flux-int4", base="black-forest-labs/FLUX.1-dev")
+    svdquant.save_quantized(pipe, "flux-int4", base=...)   # + the 4-bit text encoders, if quantized
     transformer = svdquant.load_quantized("flux-int4", device="cuda")
     pipe = svdquant.load_pipeline("black-forest-labs/FLUX.1-dev", "flux-int4")
 
@@ -11,6 +12,12 @@ The safetensors file holds the whole transformer: packed 4-bit layers and the 16
 layers that were kept. Loading builds the model on the meta device, swaps in empty
 quantized layers and assigns the stored tensors, so the 16-bit weights of quantized
 layers are never materialized. safetensors only: nothing is unpickled.
+
+Quantized text encoders (``svdquant.quantize(pipe, ..., text_encoders=True)``) are stored the same
+way, whole, one file each (``text_encoder_2.safetensors``...), under ``text_encoders`` in the
+metadata: their transformers class and config, quantized layers and tied weights (T5's token
+embedding is one tensor under two names, stored once). ``load_pipeline`` builds them on meta and
+hands them to the base pipeline, so the base's 16-bit encoders are never read.
 """
 
 from __future__ import annotations
@@ -32,10 +39,13 @@ from safetensors.torch import save_file
 from . import _checks
 from .modules import SVDQConv1x1, SVDQLinear
 
-FORMAT_VERSION = 2
-# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer). A checkpoint is written
-# with the lowest version that holds its layers, so older svdquant still reads the rest.
+FORMAT_VERSION = 3
+# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer); version 3 the quantized text
+# encoders (``text_encoders``). A checkpoint is written with the lowest version that holds its
+# contents, so older svdquant still reads the rest: a checkpoint with text encoders is refused by
+# svdquant before 3 ("upgrade") rather than loaded with the base's 16-bit encoders in their place.
 _FORMAT_SINCE = {"int4m": 2}
+TEXT_ENCODERS_SINCE = 3
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
 
@@ -70,16 +80,47 @@ def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def _encoder_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`_all_tensors` with each tied weight once (safetensors refuses shared memory), and the ties
+    as alias -> stored name."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in _all_tensors_live(model).items():
+        if id(t) in seen:
+            tied[name] = seen[id(t)]
+            continue
+        seen[id(t)] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, tied
+
+
+def _all_tensors_live(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.state_dict(keep_vars=True))
+    for name, b in model.named_buffers():
+        if b is not None and name not in tensors:
+            tensors[name] = b
+    return tensors
+
+
+def _quantized_encoders(pipe) -> dict[str, nn.Module]:
+    from .models.text_encoders import text_encoders
+
+    return {n: te for n, te in text_encoders(pipe).items() if _layers(te)}
+
+
 def _model_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise CheckpointError(f"{type(model).__name__} has no .config; only diffusers-style models can be saved")
-    return json.loads(json.dumps(dict(cfg), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)  # a transformers config, or diffusers' dict
+    return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | None = None, report=None,
+def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, report=None,
                    overwrite: bool = False, model_card: bool = False) -> Path:
     """Write a quantized model to the folder ``path`` (created; atomically replaced with ``overwrite``).
+
+    ``model``: the quantized transformer, or its pipeline, which also saves the pipeline's quantized text
+    encoders (``text_encoder_2.safetensors``...; see the module doc).
 
     ``base`` records the pipeline (local folder or hub id) the model came from, so
     ``load_pipeline`` and the CLI can find its VAE, text encoders and scheduler.
@@ -91,17 +132,28 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
     from .pipelines.tiny import TINY_BASE
     from .quantize import QuantReport
 
+    encoders = {}
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "transformer", None), nn.Module):
+        encoders = _quantized_encoders(model)
+        model = model.transformer
+    elif getattr(model, "_svdquant_text_encoders", None):
+        warnings.warn(f"the pipeline's text encoders ({', '.join(model._svdquant_text_encoders)}) were quantized "
+                      "too; save_quantized(pipe, ...) saves them with the transformer, this saves the transformer "
+                      "alone", stacklevel=2)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save_quantized takes the quantized model (e.g. pipe.transformer), got {type(model).__name__}")
+        raise TypeError(f"save_quantized takes the quantized model (e.g. pipe.transformer, pipe.unet) or a pipeline "
+                        f"with a .transformer, got {type(model).__name__}")
     path = Path(path)
-    if getattr(model, "_svdquant_loras", None):
-        raise CheckpointError(f"LoRAs are loaded ({', '.join(model._svdquant_loras)}); checkpoints hold the "
+    loras = [n for m in (model, *encoders.values()) for n in (getattr(m, "_svdquant_loras", None) or ())]
+    if loras:
+        raise CheckpointError(f"LoRAs are loaded ({', '.join(loras)}); checkpoints hold the "
                               "quantized model alone: unload them (svdquant.unload_lora) before saving")
     layers = _layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
     check_output_folder(path, overwrite)
-    version = format_version(layers)
+    version = max([format_version(layers)] + [format_version(_layers(te)) for te in encoders.values()]
+                  + [TEXT_ENCODERS_SINCE] * bool(encoders))
     if report is not None and not isinstance(report, QuantReport):
         raise TypeError(f"report= takes the QuantReport svdquant.quantize returned, got {type(report).__name__}")
     if base is not None:
@@ -123,6 +175,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         "layers": layers,
         "report": report.to_dict() if report is not None else None,
     }
+    encoder_files = {}
+    if encoders:
+        meta["text_encoders"] = {}
+        for name, te in encoders.items():
+            tensors, tied = _encoder_tensors(te)
+            meta["text_encoders"][name] = {"model_class": type(te).__name__, "model_config": _model_config(te),
+                                           "layers": _layers(te), "tied": tied,
+                                           "recipe": getattr(te, "_svdquant_recipe", None)}
+            encoder_files[f"{name}.safetensors"] = tensors
     text = json.dumps(meta, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -134,6 +195,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, base: str | Non
         (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
         (tmp / META_FILE).write_text(text)
         written = [TENSOR_FILE, META_FILE]
+        for fname, tensors in encoder_files.items():
+            save_file(tensors, str(tmp / fname), metadata={"svdquant_text_encoder": fname.removesuffix(".safetensors")})
+            (tmp / fname).chmod(0o666 & ~umask)
+            written.append(fname)
         if model_card:
             from .model_card import base_license, render
 
@@ -329,7 +394,8 @@ def resolve(path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, TENSOR_FILE, "README.md"]))
+        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, TENSOR_FILE, "text_encoder*.safetensors",
+                                                                 "README.md"]))
     except Exception as e:  # offline (HF_HUB_OFFLINE or no network), unknown repo, gated repo...
         raise CheckpointError(
             f"{path} is neither a local folder nor a Hugging Face Hub checkpoint that can be fetched here "
@@ -379,7 +445,45 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     _check_config(meta["model_config"], f"{meta_file}: model_config")
     for name, cfg in meta["layers"].items():
         _check_layer(name, cfg, meta_file)
+    if meta.get("text_encoders") is not None:
+        _check_text_encoders(meta, meta_file)
     return meta
+
+
+_ENCODER_KEYS = {"model_class", "model_config", "layers", "tied", "recipe"}
+
+
+def _check_text_encoders(meta: dict[str, Any], meta_file: Path) -> None:
+    """The ``text_encoders`` entry: names that are file names we write (never a path), and per encoder the
+    same checks as the transformer's entries."""
+    from .models.text_encoders import NAME
+
+    tes = meta["text_encoders"]
+    if not isinstance(tes, dict) or not tes:
+        raise CheckpointError(f"{meta_file} has a malformed 'text_encoders' entry; the checkpoint is corrupt")
+    if meta["format_version"] < TEXT_ENCODERS_SINCE:
+        raise CheckpointError(f"{meta_file} holds text encoders but says format version {meta['format_version']} "
+                              f"(they came with {TEXT_ENCODERS_SINCE}); the checkpoint is corrupt")
+    for name, entry in tes.items():
+        bad = f"{meta_file}: text encoder {name[:100]!r} has a malformed entry"
+        if not NAME.fullmatch(name):
+            raise CheckpointError(f"{meta_file} names a text encoder {name[:100]!r}; svdquant writes text_encoder, "
+                                  "text_encoder_2 ... only: the checkpoint is corrupt")
+        if not isinstance(entry, dict) or not set(entry) <= _ENCODER_KEYS or not {"model_class", "model_config",
+                                                                                    "layers"} <= set(entry):
+            raise CheckpointError(f"{bad} (it needs model_class, model_config and layers, at most "
+                                  f"{sorted(_ENCODER_KEYS)})")
+        for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
+            if not isinstance(entry[key], kind):
+                raise CheckpointError(f"{bad} ({key})")
+        tied = entry.get("tied") or {}
+        if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+            raise CheckpointError(f"{bad} (tied)")
+        if entry.get("recipe") is not None and not isinstance(entry["recipe"], dict):
+            raise CheckpointError(f"{bad} (recipe)")
+        _check_config(entry["model_config"], f"{meta_file}: {name}.model_config")
+        for layer, cfg in entry["layers"].items():
+            _check_layer(layer, cfg, meta_file)
 
 
 def _check_config(value, where: str, depth: int = 0) -> None:
@@ -436,6 +540,22 @@ def _model_class(name: str, where: Path):
                               "lacks; install the diffusers version it was made with")
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise CheckpointError(f"{where} names {name!r} as its model class, which is not a diffusers model")
+    return cls
+
+
+def _transformers_class(name: str, where: Path):
+    import transformers
+
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # transformers' lazy module imports optional backends on first access
+        cls = None
+    if cls is None:
+        raise CheckpointError(f"{where} holds a text encoder of class {name[:100]!r}, which this transformers "
+                              f"({transformers.__version__}) lacks; install the transformers version it was made with")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{where} names {name[:100]!r} as a text encoder class, which is not a transformers "
+                              "model")
     return cls
 
 
@@ -559,30 +679,19 @@ def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_
                       stacklevel=3)
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                   weight_mode: str = "auto") -> nn.Module:
-    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``.
-
-    ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
-    ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
-
-    Hostile files: everything the files state (lengths, names, shapes, dtypes, offsets, sizes in the
-    config) is checked before anything of that size is read or built, and the values afterwards
-    (:func:`_check_values`); every failure is a :class:`CheckpointError`."""
-    from .modules.linear import WEIGHT_MODES
-
-    if weight_mode not in WEIGHT_MODES:
-        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
-    device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
-    path = resolve(path)
-    meta = read_metadata(path)
-    tensor_file = tensor_file_of(path)
-    header = check_tensor_file(tensor_file)
-    header.pop("__metadata__", None)
-    _check_layer_counts(meta, len(header), path)
-    model = _empty_quantized_model(meta, path, weight_mode)
+def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path, header: dict[str, Any], device,
+          tied: dict[str, str] | None = None) -> None:
+    """Load ``tensor_file`` (its checked ``header``) into ``model``, built on meta with its quantized ``layers``
+    swapped in: every name, shape and dtype is checked against the model before any tensor is read, then the
+    values (:func:`_check_values`). ``tied``: alias -> name of weights the model shares (stored once)."""
+    tied = tied or {}
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
-    quantized_keys = {f"{layer}.{k}" for layer in meta["layers"] for k in
+    for alias, source in tied.items():
+        if alias not in expected or source not in expected or expected[alias] is not expected[source]:
+            raise CheckpointError(f"{tensor_file}: the checkpoint ties {alias[:100]!r} to {source[:100]!r}, which "
+                                  f"{type(model).__name__} does not share; the checkpoint is corrupt")
+        del expected[alias]
+    quantized_keys = {f"{layer}.{k}" for layer in layers for k in
                       model.get_submodule(layer).state_dict(keep_vars=True)}
     missing = sorted(set(expected) - set(header))
     if missing:
@@ -618,16 +727,83 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise CheckpointError(f"{tensor_file} cannot be read ({e}); the file is truncated or corrupt") from None
     _check_values(model, tensors, quantized_keys, tensor_file)
     persistent = set(model.state_dict())
+    for alias, source in tied.items():
+        tensors[alias] = tensors[source]
     try:
         model.load_state_dict({k: v for k, v in tensors.items() if k in persistent}, strict=True, assign=True)
     except RuntimeError as e:  # every name, shape and dtype was checked above: a mismatch here is a format gap
         raise CheckpointError(f"{tensor_file} does not fit the model ({str(e)[:300]})") from None
+    for alias, source in tied.items():  # assign=True wrapped each name in its own Parameter: one again
+        owner, _, name = alias.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, name, model.get_parameter(source))
     for k, v in tensors.items():
         if k not in persistent:
             owner, _, name = k.rpartition(".")
             (model.get_submodule(owner) if owner else model)._buffers[name] = v
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                   weight_mode: str = "auto") -> nn.Module:
+    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``.
+
+    ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
+    ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
+
+    Hostile files: everything the files state (lengths, names, shapes, dtypes, offsets, sizes in the
+    config) is checked before anything of that size is read or built, and the values afterwards
+    (:func:`_check_values`); every failure is a :class:`CheckpointError`."""
+    from .modules.linear import WEIGHT_MODES
+
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
+    device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
+    path = resolve(path)
+    meta = read_metadata(path)
+    tensor_file = tensor_file_of(path)
+    header = check_tensor_file(tensor_file)
+    header.pop("__metadata__", None)
+    _check_layer_counts(meta, len(header), path)
+    model = _empty_quantized_model(meta, path, weight_mode)
+    _fill(model, meta["layers"], tensor_file, header, device)
     model.eval()
     return model
+
+
+def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """The checkpoint's quantized text encoders by pipeline attribute (``{}`` if it has none), straight onto
+    ``device``: built on meta from the stored config, quantized layers swapped in, tensors assigned from
+    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s."""
+    device = _checks.device("device", device)
+    path = resolve(path)
+    meta = read_metadata(path)
+    folder = path if path.is_dir() else path.parent
+    out = {}
+    for name, entry in (meta.get("text_encoders") or {}).items():
+        tensor_file = folder / f"{name}.safetensors"
+        header = check_tensor_file(tensor_file)
+        header.pop("__metadata__", None)
+        _check_layer_counts(entry, len(header), tensor_file)
+        cls = _transformers_class(entry["model_class"], tensor_file)
+        try:
+            config = cls.config_class.from_dict(entry["model_config"])
+            with torch.device("meta"):
+                model = cls(config)
+            if _has_plain_meta_tensors(model):  # see _empty_quantized_model
+                from accelerate import init_empty_weights
+
+                with init_empty_weights(include_buffers=False):
+                    model = cls(config)
+        except Exception as e:
+            raise CheckpointError(f"{tensor_file}: {entry['model_class']} cannot be built from the stored config "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        swap_quantized_layers(model, entry["layers"], tensor_file)
+        _fill(model, entry["layers"], tensor_file, header, device, entry.get("tied") or {})
+        from .models.text_encoders import fit_quantized
+
+        fit_quantized(model)
+        model._svdquant_recipe = entry.get("recipe")
+        out[name] = model.eval()
+    return out
 
 
 def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
@@ -693,10 +869,13 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     from .pipelines import load_base_pipeline
 
     transformer = load_quantized(quantized, device=device, weight_mode=weight_mode)
+    encoders = load_text_encoders(quantized, device=device)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).
         # nn.Module.to: diffusers' own .to warns about fp32-kept modules even when the list is empty.
         nn.Module.to(transformer, torch_dtype)
-    pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype)
+        for te in encoders.values():
+            nn.Module.to(te, torch_dtype)
+    pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **encoders)
     return pipe.to(device)

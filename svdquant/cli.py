@@ -116,6 +116,18 @@ def _validate_quantize(args) -> None:
     if tiny:
         for k in ("height", "width"):
             check_tiny_size(IMAGE_SIZE, f"--{k}", getattr(args, k))
+    if args.text_encoders and (tiny or (model / "pipeline.json").is_file()):
+        raise UsageError("--text-encoders: the tiny model has no text encoder (a class label is its prompt); "
+                         "leave --text-encoders out")
+    if args.text_encoders and (model / "model_index.json").is_file():
+        try:
+            index = json.loads((model / "model_index.json").read_text())
+        except (OSError, ValueError):
+            index = None  # loading the pipeline reports it
+        if isinstance(index, dict) and not any(k.startswith("text_encoder") and isinstance(v, list) and v and v[0]
+                                               for k, v in index.items()):
+            raise UsageError(f"--text-encoders: the pipeline in {args.model} has no text encoder; leave "
+                             "--text-encoders out")
     # the tiny model calibrates on its class names unless --prompts is given
     available = args.prompt_list or (CIFAR10_CLASSES if tiny else DEFAULT_PROMPTS)
     if args.num_prompts is not None and args.num_prompts > len(available):
@@ -266,8 +278,10 @@ def cmd_quantize(args) -> None:
     calib = Calibration(prompts=args.prompt_list, num_prompts=args.num_prompts, steps=args.steps,
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
                         pipeline_kwargs=_pipeline_kwargs(args))
-    report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude, progress=_bars())
-    save_quantized(pipe.transformer, args.output, base=str(base), report=report, overwrite=args.overwrite)
+    report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
+                      text_encoders=args.text_encoders, progress=_bars())
+    # the pipeline: its quantized text encoders (--text-encoders) are saved with the transformer
+    save_quantized(pipe, args.output, base=str(base), report=report, overwrite=args.overwrite)
     print(report)
     print(f"saved {args.output}")
 
@@ -387,6 +401,12 @@ def cmd_info(args) -> None:
     print(f"layers       {len(layers)} quantized")
     for k, v in sorted(kinds.items()):
         print(f"  {v:5d} × {k}")
+    for name, te in (meta.get("text_encoders") or {}).items():
+        f = Path(tensor_file).with_name(f"{name}.safetensors")
+        check_tensor_file(f)
+        w = {cfg["weights"] for cfg in te["layers"].values()}
+        print(f"{name:12s} {te['model_class']}: {len(te['layers'])} layers {'/'.join(sorted(w))} weight-only, "
+              f"{f.stat().st_size / 1e9:.3f} GB")
     rep = meta.get("report")
     if rep:
         print(f"quantized in {rep['seconds_total']:.1f} s from {rep['snapshots']} snapshots; "
@@ -477,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     p.add_argument("--include", nargs="+", help="quantize only layers matching these patterns (generic adapter)")
     p.add_argument("--exclude", nargs="+", help="never quantize layers matching these patterns")
+    p.add_argument("--text-encoders", action="store_true",
+                   help="also quantize the text encoders (T5, CLIP, Qwen2.5-VL) weight-only: INT4, group 64 (W4A16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common_device(p)
     p.set_defaults(func=cmd_quantize, validate=_validate_quantize)

@@ -99,6 +99,21 @@ def render(meta: dict[str, Any], license: str | None = None) -> str:
     else:
         lines.append("No quantization report was saved with this checkpoint (pass `report=` to `save_quantized`).")
 
+    encoders = meta.get("text_encoders") or {}
+    if encoders:
+        figures = (report or {}).get("text_encoder_rows") or []
+        lines += ["", "## Text encoders", "", "Quantized weight-only (no calibration) and stored with the transformer; "
+                  "embeddings, norms and the layers after the blocks stay 16-bit.", "",
+                  "| encoder | class | layers | format | median / worst weight error |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, te in encoders.items():
+            errs = sorted(r["rel_error"] for r in figures if r["names"][0].startswith(name + "."))
+            fmts = ", ".join(sorted({f"W{c['weights']} A16 g{c.get('group_size')}" for c in te["layers"].values()}))
+            err = f"{statistics.median(errs):.4f} / {errs[-1]:.4f}" if errs else "not recorded"
+            lines.append(f"| `{name}` | {te['model_class']} | {len(te['layers'])} | {fmts} | {err} |")
+        lines += ["", "On a GPU the INT4 weight-only layers run the W4A16 kernel for up to 16 tokens; a text encoder "
+                  "reads 77 (CLIP) to 512 (T5) tokens, so they run the torch reference: each weight is dequantized "
+                  "to 16-bit for its matmul, one layer at a time."]
     lines += ["", "## GPUs", "", "| layers | count | runs as |", "| --- | --- | --- |"]
     kinds: dict[tuple, int] = {}
     for cfg in layers.values():

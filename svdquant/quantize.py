@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +61,10 @@ class QuantReport:
     seconds_calibration: float = 0.0
     seconds_total: float = 0.0
     peak_memory_gb: float | None = None
+    # text encoders quantized weight-only (quantize(..., text_encoders=True)): one row per linear, whose
+    # errors are the weight's own (no calibration), and per encoder its class and sizes
+    text_encoder_rows: list[LayerRow] = field(default_factory=list)
+    text_encoders: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -67,20 +72,33 @@ class QuantReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"svdquant: {self.model} with recipe {self.recipe['name']!r}: {len(self.rows)} groups quantized, "
-                 f"{len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots, "
-                 f"{self.seconds_total:.1f} s (calibration {self.seconds_calibration:.1f} s)"
-                 + (f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else "")]
-        w = max([len(_short(r.names)) for r in self.rows] + [5])
-        lines.append(f"{'layer':{w}s}  {'format':10s} {'shape':>13s} {'rank':>4s} {'naive':>7s} {'error':>7s} {'SQNR':>6s}")
-        for r in self.rows:
-            fmt = f"W{r.weights}A{r.activations or '16'}"
-            sq = -20 * math.log10(max(r.rel_error, 1e-12))
-            lines.append(f"{_short(r.names):{w}s}  {fmt:10s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
-                         f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB")
-        if self.skipped:
-            lines.append("kept 16-bit: " + ", ".join(n for n, _ in self.skipped))
+        lines = []
+        if self.rows or not self.text_encoders:
+            lines.append(f"svdquant: {self.model} with recipe {self.recipe['name']!r}: {len(self.rows)} groups "
+                         f"quantized, {len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots, "
+                         f"{self.seconds_total:.1f} s (calibration {self.seconds_calibration:.1f} s)"
+                         + (f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else ""))
+            w = max([len(_short(r.names)) for r in self.rows] + [5])
+            lines.append(f"{'layer':{w}s}  {'format':10s} {'shape':>13s} {'rank':>4s} {'naive':>7s} {'error':>7s} "
+                         f"{'SQNR':>6s}")
+            for r in self.rows:
+                fmt = f"W{r.weights}A{r.activations or '16'}"
+                sq = -20 * math.log10(max(r.rel_error, 1e-12))
+                lines.append(f"{_short(r.names):{w}s}  {fmt:10s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
+                             f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB")
+            if self.skipped:
+                lines.append("kept 16-bit: " + ", ".join(n for n, _ in self.skipped))
+        for name, te in self.text_encoders.items():
+            errs = sorted(r.rel_error for r in self.text_encoder_rows if r.names[0].startswith(name + "."))
+            lines.append(f"{name} ({te['class']}): {te['layers']} linears {te['weights']} weight-only, group "
+                         f"{te['group_size']}, {te['kept']} other linears kept 16-bit; weight error median "
+                         f"{statistics.median(errs):.4f}, worst {errs[-1]:.4f}; {_size(te['bytes_16bit'])} -> "
+                         f"{_size(te['bytes_quantized'])}")
         return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def _short(names: list[str]) -> str:
@@ -145,6 +163,77 @@ def _check_pipeline_call(pipe, calib: Calibration) -> None:
         _checks.real("guidance_scale", kw["guidance_scale"], lo=0)
 
 
+def _tensor_bytes(model: nn.Module) -> int:
+    """What the model's state holds (the checkpoint's size: speed-mode INT8 copies excluded, tied weights such
+    as T5's token embedding once)."""
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _check_text_encoders(pipe, recipe: QuantConfig) -> dict[str, list[str]]:
+    """The pipeline's text encoders and the layers to quantize in each, checked before anything runs."""
+    from .models.text_encoders import encoder_layers, text_encoders
+
+    if pipe is None:
+        raise ValueError("text_encoders=True needs the pipeline, whose text encoders it quantizes: pass the "
+                         "pipeline itself, not its transformer")
+    if recipe.activations is not None or recipe.branch_rank:
+        raise ValueError(f"text encoders are quantized weight-only; recipe {recipe.name!r} is not (use 'w4a16' "
+                         "or 'nf4')")
+    found = text_encoders(pipe)
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no text encoder (pipe.text_encoder...); leave text_encoders "
+                         "False")
+    plan = {}
+    for name, te in found.items():
+        if any(isinstance(m, SVDQLinear) for m in te.modules()):
+            raise ValueError(f"{name} ({type(te).__name__}) is already quantized; quantize a fresh pipeline")
+        plan[name] = encoder_layers(te)
+    return plan
+
+
+@torch.no_grad()
+def quantize_text_encoders(pipe, recipe: str | QuantConfig = "w4a16", *, report: QuantReport | None = None,
+                           progress: bool = True) -> QuantReport:
+    """Quantize the linears of every text encoder of ``pipe`` weight-only, in place (no calibration).
+
+    Which layers and why: :mod:`svdquant.models.text_encoders`. ``recipe``: a weight-only recipe,
+    ``"w4a16"`` (INT4, 16-bit scale per group of 64; the default) or ``"nf4"``. Works on any pipeline
+    with ``text_encoder*`` attributes (an SDXL pipeline too). Adds the rows to ``report`` (a new one if
+    None) and returns it.
+    """
+    from .algorithm import quantize_weight_only
+    from .models.text_encoders import fit_quantized, text_encoders
+
+    if not isinstance(recipe, (str, QuantConfig)):
+        raise TypeError(f"recipe= takes a name such as 'w4a16' or a QuantConfig, got {type(recipe).__name__}")
+    recipe = get_recipe(recipe)
+    plan = _check_text_encoders(pipe, recipe)
+    t0 = time.perf_counter()
+    if report is None:
+        report = QuantReport(recipe=recipe.to_dict(), model=type(pipe).__name__)
+    encoders = text_encoders(pipe)
+    for name, layers in plan.items():
+        te = encoders[name]
+        before = _tensor_bytes(te)
+        for layer in tqdm(layers, desc=f"quantizing {name}", unit="layer", disable=None if progress else True):
+            lin = te.get_submodule(layer)
+            qw, rep = quantize_weight_only(lin.weight, lin.bias, recipe)
+            _set_module(te, layer, SVDQLinear.from_quantized(qw, recipe, lin.weight.dtype))
+            report.text_encoder_rows.append(LayerRow([f"{name}.{layer}"], recipe.weights, None, rep.shape, 0, 0.0,
+                                                     0.0, 0, rep.rel_error_naive, rep.rel_error, rep.seconds))
+        fit_quantized(te)
+        te._svdquant_recipe = recipe.to_dict()
+        kept = sum(1 for n, m in te.named_modules() if isinstance(m, nn.Linear))
+        report.text_encoders[name] = {"class": type(te).__name__, "layers": len(layers), "kept": kept,
+                                      "weights": recipe.weights, "group_size": recipe.group_size,
+                                      "bytes_16bit": before, "bytes_quantized": _tensor_bytes(te)}
+    if isinstance(getattr(pipe, "transformer", None), nn.Module):
+        pipe.transformer._svdquant_text_encoders = list(plan)  # so that saving the transformer alone can warn
+    report.seconds_total += time.perf_counter() - t0
+    return report
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -159,6 +248,7 @@ def quantize(
     *,
     include=None,
     exclude=None,
+    text_encoders: bool = False,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize a diffusers pipeline's transformer (or any ``nn.Module``) in place.
@@ -169,6 +259,10 @@ def quantize(
         pipeline). A bare model needs ``Calibration(inputs=[...])``.
     include / exclude: shell-style patterns of layer names; given, they replace the
         architecture's adapter by the generic one (every matching ``nn.Linear``).
+    text_encoders: also quantize the pipeline's text encoders (T5, CLIP, Qwen2.5-VL...) weight-only
+        as W4A16 (INT4, a 16-bit scale per group of 64), after the transformer, which is calibrated on
+        what the 16-bit encoders produce; see :func:`quantize_text_encoders`. Save with
+        ``save_quantized(pipe, ...)`` to keep them.
     progress: progress bars (shown only when stderr is a terminal).
     Returns a :class:`QuantReport` (print it for a table).
 
@@ -193,6 +287,11 @@ def quantize(
     if pipe is not None and calib.inputs is None:
         _check_pipeline_call(pipe, calib)
     # None means the recipe's; 0 is refused by Calibration, never replaced by the default
+    if not isinstance(text_encoders, bool):
+        raise TypeError(f"text_encoders= takes True or False, got {text_encoders!r}")
+    te_recipe = get_recipe("w4a16")
+    if text_encoders:
+        _check_text_encoders(pipe, te_recipe)
     tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
     device = _model_device(model)
     if device.type == "cuda":
@@ -265,6 +364,8 @@ def quantize(
                       if isinstance(m, QUANTIZABLE) and n]
     model._svdquant_recipe = recipe.to_dict()
     model.train(was_training)
+    if text_encoders:
+        quantize_text_encoders(pipe, te_recipe, report=report, progress=progress)
     report.seconds_total = time.perf_counter() - t0
     if device.type == "cuda":
         report.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9

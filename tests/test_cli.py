@@ -152,6 +152,31 @@ def test_quantize_pipeline_folder(flux_ck, flux_pipe):
     assert (ck / meta["base"]).resolve() == flux_pipe.resolve()
 
 
+@pytest.fixture(scope="module")
+def te_ck(root, flux_pipe):
+    """``svdquant quantize <pipeline folder> -o CK --text-encoders`` -> (CK, rc, stdout, stderr)."""
+    ck = root / "flux-int4-te"
+    rc, out, err = run_main(["quantize", flux_pipe, "-o", ck, "--recipe", "int4", "--text-encoders", *CALIB])
+    return ck, rc, out, err
+
+
+def test_quantize_text_encoders_then_info_and_generate(te_ck, tmp_path, capsys):
+    ck, rc, out, err = te_ck
+    assert rc == 0, err
+    assert sorted(p.name for p in ck.iterdir()) == [META_FILE, "text_encoder.safetensors",
+                                                   "text_encoder_2.safetensors", TENSOR_FILE]
+    assert "text_encoder_2 (T5EncoderModel): 6 linears int4 weight-only, group 64" in out
+    assert "text_encoder (CLIPTextModel): 6 linears int4 weight-only" in out
+    assert json.loads((ck / META_FILE).read_text())["format_version"] == 3
+    rc, out, err = call(capsys, ["info", ck])
+    assert rc == 0, err
+    assert "format       version 3" in out
+    assert re.search(r"text_encoder_2\s+T5EncoderModel: 6 layers int4 weight-only, \d\.\d{3} GB", out), out
+    rc, out, err = call(capsys, ["generate", ck, "a cat", "-o", tmp_path / "cat.png", *SAMPLE])
+    assert rc == 0, err
+    assert pixels(tmp_path / "cat.png").shape == (16, 16, 3)
+
+
 def test_quantize_refuses_existing_output_without_overwrite(ck, flux_pipe, capsys):
     before = listing(ck)
     rc, out, err = call(capsys, ["quantize", flux_pipe, "-o", ck, *CALIB])

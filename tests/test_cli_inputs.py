@@ -162,6 +162,18 @@ def test_quantize_output_paths_checked_first(tmp_path, ck, pipe_dir):
     rejected(["quantize", pipe_dir, "-o", pipe_dir / "ck"], "inside the model folder", folder=pipe_dir)
 
 
+def test_quantize_text_encoders_of_a_pipeline_without_them(tmp_path, pipe_dir):
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--text-encoders"], "--text-encoders",
+             "the tiny model has no text encoder", folder=tmp_path)
+    copy = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index.update(text_encoder=[None, None], text_encoder_2=[None, None])
+    (copy / "model_index.json").write_text(json.dumps(index))
+    rejected(["quantize", copy, "-o", tmp_path / "ck", "--text-encoders", *CALIB], "has no text encoder",
+             "leave --text-encoders out", folder=tmp_path)
+
+
 def test_quantize_model_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     rejected(["quantize", tmp_path / "weights.bin", "-o", tmp_path / "ck"], "not a diffusers pipeline folder",

@@ -285,6 +285,32 @@ def _assemble(p: _Problem, lam, up, downs, resid, biases) -> list[QuantizedWeigh
     return out
 
 
+def quantize_weight_only(weight: torch.Tensor, bias: torch.Tensor | None,
+                         recipe: QuantConfig) -> tuple[QuantizedWeights, LayerReport]:
+    """Round a weight to the recipe's weight-only format with no calibration inputs (text encoders).
+
+    Weight-only layers have no smoothing and no branch, so the rounding rule alone decides the
+    result and it needs no activations; the report's errors are the weight's own,
+    ``‖W − Q(W)‖ / ‖W‖``, not an output error.
+    """
+    t0 = time.perf_counter()
+    if recipe.activations is not None or recipe.branch_rank:
+        raise ValueError(f"quantize_weight_only takes a weight-only recipe without a branch (activations=None, "
+                         f"rank 0 or method 'naive'), got {recipe.name!r}")
+    if weight.ndim != 2:
+        raise ValueError(f"the weight must be an [N, K] matrix, got {tuple(weight.shape)}")
+    check_finite(weight, "the weight")
+    dt = weight.dtype
+    w = weight.detach().float()
+    q = quantize(w, recipe.weights, recipe.group_size, scale_dtype=dt, weight=True, check=False)
+    err = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-30))
+    qw = QuantizedWeights(weight=q, bias=bias.detach().to(dt) if bias is not None else None, smooth=None,
+                          lora_down=None, lora_up=None)
+    report = LayerReport(shape=tuple(weight.shape), method=recipe.method, rank=0, rel_error_naive=err,
+                         rel_error=err, seconds=time.perf_counter() - t0)
+    return qw, report
+
+
 def quantize_linear(weight, bias, inputs, recipe: QuantConfig, *, post_gelu: bool | int = False):
     """One linear: :func:`quantize_linears` with a group of one."""
     (qw,), report = quantize_linears([weight], [bias], inputs, recipe, post_gelu=post_gelu)

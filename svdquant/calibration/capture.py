@@ -265,4 +265,18 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     finally:
         close()
         selector.close()
+        _forget_hook_registry_cache(model)
     return selector.n_active
+
+
+def _forget_hook_registry_cache(model: nn.Module) -> None:
+    """Leave diffusers' hook registry as an uncalled pipeline has it.
+
+    diffusers 0.42 caches, on the first ``cache_context()`` (FluxPipeline opens one per step), the list of
+    hook registries under the transformer (``HookRegistry._get_child_registries`` in ``hooks/hooks.py``),
+    and only ``enable_cache()`` clears it: a First-Block Cache added with ``apply_first_block_cache``
+    after any pipeline call, our calibration's included, then fails with "No cache context is set".
+    """
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()

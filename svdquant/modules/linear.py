@@ -25,8 +25,11 @@ returns them so a checkpoint can rebuild the module before loading its tensors.
 
 What runs: :func:`svdquant.ops.prepare` picks the path for the layer's formats and device
 (a fused kernel, ``torch._scaled_mm`` or the torch reference) and builds its kernel-ready
-tensors once, whenever the layer is built, loaded, moved (``.to``), given LoRAs or a new
-weight mode. ``forward`` then only computes.
+tensors once, whenever the layer is built, loaded, moved (``.to``) or given a new weight mode.
+Offload hooks move tensors without ``.to`` (diffusers' group offloading assigns ``.data``,
+accelerate's hooks replace buffers): ``forward`` notices that its buffers are other tensors, or on
+another device, than the runner was made from, and prepares again. A LoRA change rebuilds only the
+branch, at the next call, when the tensors are back on the device that runs it.
 
 Weight modes (GPU kernels of the INT8 path): ``"speed"`` expands the 4-bit codes once
 into INT8 ``code × multiplier`` (1 byte per weight resident; the packed copy is dropped
@@ -107,6 +110,8 @@ class SVDQLinear(nn.Module, AdapterSet):
         # Fresh buffers hold garbage: a GPU layer is prepared once it is filled (from_quantized,
         # load_state_dict, .to, or refresh() after filling it by hand); the CPU reference reads them live.
         self._runner = ops.EMPTY_ON_GPU if self.wscales.device.type == "cuda" else ops.prepare(self)
+        self._prepared_for = (self.wscales, self.wscales.device)
+        self._branch_stale = False
 
     # -- construction --------------------------------------------------------------
     @classmethod
@@ -206,11 +211,15 @@ class SVDQLinear(nn.Module, AdapterSet):
         super().add_adapter(name, down.to(self.device, self.dtype), up.to(self.device, torch.float32), strength)
 
     def _adapters_changed(self) -> None:
-        # Only the branch changes: the runner rebuilds it and keeps its prepared weights.
-        self._runner.set_branch(self)
-        owner = self.__dict__.get("_fused_into")  # stacked with q/k/v siblings (modules/fused.py)
-        if owner is not None:
+        owner = self.__dict__.get("_fused_into")
+        if owner is not None:  # stacked with its q/k/v siblings (modules/fused.py): the fused runner needs it now
+            self._runner.set_branch(self)
+            self._branch_stale = False
             owner.refresh_branch()
+            return
+        # Only the branch changes: the runner rebuilds it at the next call and keeps its prepared weights.
+        # Not now: an offload hook may hold the tensors elsewhere until then (on disk, or on the CPU).
+        self._branch_stale = True
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""
@@ -223,6 +232,8 @@ class SVDQLinear(nn.Module, AdapterSet):
         """Rebuild what runs (:func:`svdquant.ops.prepare`): after loading, moving, LoRA or mode changes."""
         self._restore_packed()
         self._runner = ops.prepare(self)
+        self._prepared_for = (self.wscales, self.wscales.device)
+        self._branch_stale = False
         if getattr(self._runner, "owns_packed_weight", False):
             # speed mode: the runner holds code × multiplier in INT8; the packed copy would double the memory
             self._buffers["qweight"] = None
@@ -253,6 +264,15 @@ class SVDQLinear(nn.Module, AdapterSet):
             raise ValueError(
                 f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
+        w, (prepared, device) = self._buffers["wscales"], self._prepared_for
+        if w is not prepared or w.device != device:
+            # Moved without .to(): diffusers' group offloading assigns each buffer's .data, accelerate's
+            # offload hooks replace the buffers; the runner still holds the old tensors (or was made for the
+            # other device: the reference on GPU tensors, or CPU LoRA branches next to GPU weights).
+            self.refresh()
+        elif self._branch_stale:
+            self._runner.set_branch(self)
+            self._branch_stale = False
         y = self._runner(x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 

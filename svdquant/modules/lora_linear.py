@@ -47,6 +47,11 @@ class LoRALinear(nn.Module, AdapterSet):
         y = self.base(x)
         if not self.adapters:
             return y
+        dev = self.base.weight.device
+        for entry in self.adapters.values():
+            if entry[0].device != dev:
+                # the base layer moved (.to(), or an offload hook assigning .data): the adapters follow it
+                entry[0], entry[1] = entry[0].to(dev), entry[1].to(dev)
         xf = x.float()
         delta = sum(s * ((xf @ a.T) @ b.T) for a, b, s in self.adapters.values() if s != 0)
         return y + delta.to(y.dtype) if torch.is_tensor(delta) else y

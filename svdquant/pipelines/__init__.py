@@ -66,8 +66,12 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
-def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: torch.dtype | None = None):
-    """The 16-bit pipeline at ``base``, optionally with ``transformer`` in place of its own."""
+def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: torch.dtype | None = None,
+                       **components):
+    """The 16-bit pipeline at ``base``, optionally with ``transformer`` (and ``components``, e.g. quantized
+    ``text_encoder_2=``) in place of its own: those are not read from ``base``."""
+    if components and (str(base) == TINY_BASE or _is_tiny(base)):
+        raise ValueError(f"the tiny model has no {', '.join(components)}; a checkpoint of it holds none")
     if str(base) == TINY_BASE:
         if torch_dtype is None:  # as stored: match the transformer given, so the two can run together
             floats = [p.dtype for p in (transformer.parameters() if transformer is not None else ())
@@ -83,6 +87,7 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
     from diffusers import DiffusionPipeline
 
     kw = {"transformer": transformer} if transformer is not None else {}
+    kw.update(components)
     if torch_dtype is not None:
         kw[_dtype_keyword()] = torch_dtype
     try:

@@ -1,0 +1,542 @@
+"""Peak GPU memory, time per image and weight sizes of whole pipelines, 16-bit vs svdquant (issue 15, part 4).
+
+    python benchmarks/pipeline_memory.py --out $OUT                    # FLUX.1-dev, SDXL, Qwen-Image; 1024², 28 steps
+    python benchmarks/pipeline_memory.py --models flux --steps 28 --out $OUT
+    python benchmarks/pipeline_memory.py --quick                        # CPU smoke: tiny configs, seconds
+
+Each pipeline is its diffusers class with the real architecture (FLUX.1-dev: the transformer of
+``benchmarks/quantize_flux.py``'s ``FLUX_DEV``, T5-XXL, CLIP-L, the FLUX VAE; SDXL: its UNet, CLIP-L and
+OpenCLIP-bigG, its VAE; Qwen-Image: its transformer, Qwen2.5-VL-7B, its VAE) built on the GPU with random
+weights, and tokenizers over single letters written offline (so T5 still reads 512 padded tokens and CLIP
+77; Qwen-Image's prompt template becomes ~190 letter tokens instead of ~40 real ones). Nothing downloads.
+One image per call at 1024², ``--steps`` steps (FLUX guidance 3.5; SDXL CFG 5.0: batch 2 per step;
+Qwen-Image true CFG 4.0 with an empty negative prompt: two transformer calls per step). Variants,
+cumulative, on one pipeline:
+
+* ``bf16``: everything 16-bit on the GPU;
+* ``int4``: the transformer (UNet) with svdquant ``int4`` layers where its adapter puts them, random but
+  valid contents (codes in [-7, 7], multipliers in [1, 18], as ``benchmarks/flux_step.py`` does: the time
+  does not depend on the values; calibrating a 12B model would take minutes);
+* ``int4+te4``: + the text encoders quantized by ``svdquant.quantize_text_encoders`` (the real W4A16 g64
+  rounding of the random 16-bit weights; the text embedding's relative error is recorded);
+* ``int4+te4+offload``: + ``enable_model_cpu_offload()`` (weights on the CPU, one model at a time on the
+  GPU), quantized layers in ``--offload-weight-mode`` (memory: 4-bit resident);
+* ``int4+te4+offload+fbc``: + First-Block Cache (``enable_cache(FirstBlockCacheConfig(--fbc-threshold))``;
+  not for the SDXL UNet). With random weights which steps it skips says nothing about real models: the
+  number of steps that ran every block is recorded beside the time.
+
+Per variant: peak GPU memory of one measured call (after a 2-step warm-up call that compiles the kernels),
+its wall time, what stays resident on the GPU between calls, and the stored weights in GB per component
+(the checkpoint's bytes: 4-bit codes + scales + branch for quantized layers). Results are written to
+``--out``/pipeline_memory.json after every variant; a variant that would start after ``--budget-s`` is
+skipped and listed, so one 7-minute device call always returns what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import string
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantize_flux import FLUX_DEV  # noqa: E402
+
+MODELS = ("flux", "sdxl", "qwenimage")
+VARIANTS = ("bf16", "int4", "int4+te4", "int4+te4+offload", "int4+te4+offload+fbc")
+
+# ------------------------------------------------------------------------------------------------ configs
+# Public configs of the real models (model cards' config.json), and tiny ones with the same layouts for --quick.
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+              layer_norm_epsilon=1e-6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rope_theta=1e6,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]))
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+SDXL_VAE = dict(FLUX_VAE, latent_channels=4, scaling_factor=0.13025, shift_factor=None, use_quant_conv=True,
+                use_post_quant_conv=True)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+FLOW_SHIFT = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                  max_image_seq_len=4096)
+
+TINY = dict(
+    flux=dict(num_layers=1, num_single_layers=1, patch_size=1, in_channels=16, out_channels=None,
+              num_attention_heads=2, attention_head_dim=32, joint_attention_dim=32, pooled_projection_dim=32,
+              guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
+    t5=dict(T5_XXL, vocab_size=64, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16),
+    clip=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu"),
+    vae=dict(FLUX_VAE, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+             block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16),
+    unet=dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+              transformer_layers_per_block=1, use_linear_projection=True, cross_attention_dim=64,
+              addition_embed_type="text_time", addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8),
+    qwen_transformer=dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                          in_channels=16, out_channels=4, axes_dims_rope=(8, 12, 12)),
+    qwen_vl=dict(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                  rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+                 vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                    patch_size=2, window_size=8, fullatt_block_indexes=[0])),
+    qwen_vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+def clip_tokenizer(max_length: int = 77):
+    """CLIP BPE over single letters, no merges (as tests/tiny_models.py): real padding to 77 tokens."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+    for c in string.ascii_lowercase:
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def letter_tokenizer():
+    """A Unigram tokenizer over single letters (T5's kind; also stands in for Qwen2.5-VL's)."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + c, -1.0) for c in string.ascii_lowercase] + [(c, -2.0) for c in string.ascii_lowercase]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+def _quiet():
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
+    """(pipeline on ``device`` in ``dtype``, the call's keyword arguments)."""
+    import diffusers as D
+    import transformers as T
+
+    t = TINY if quick else None
+    # schedulers keep their tables on the CPU: made outside the device context
+    schedulers = dict(flux=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT),
+                      sdxl=D.EulerDiscreteScheduler, qwenimage=lambda: D.FlowMatchEulerDiscreteScheduler(**FLOW_SHIFT))
+    if model not in schedulers:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    scheduler = schedulers[model]()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in 16-bit directly: a 12B model never exists in fp32
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            if model == "flux":
+                pipe = D.FluxPipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKL(**(t["vae"] if quick else FLUX_VAE)),
+                    text_encoder=T.CLIPTextModel(T.CLIPTextConfig(**(t["clip"] if quick else CLIP_L))),
+                    tokenizer=clip_tokenizer(),
+                    text_encoder_2=T.T5EncoderModel(T.T5Config(**(t["t5"] if quick else T5_XXL))),
+                    tokenizer_2=letter_tokenizer(),
+                    transformer=D.FluxTransformer2DModel(**(t["flux"] if quick else dict(
+                        num_layers=19, num_single_layers=38, **FLUX_DEV))))
+                kw = dict(guidance_scale=3.5, max_sequence_length=8 if quick else 512)
+            elif model == "sdxl":
+                pipe = D.StableDiffusionXLPipeline(
+                    vae=D.AutoencoderKL(**(t["vae"] if quick else SDXL_VAE)),
+                    text_encoder=T.CLIPTextModel(T.CLIPTextConfig(**(t["clip"] if quick else CLIP_L))),
+                    text_encoder_2=T.CLIPTextModelWithProjection(T.CLIPTextConfig(**(t["clip"] if quick
+                                                                                    else CLIP_BIG_G))),
+                    tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(),
+                    unet=D.UNet2DConditionModel(**(t["unet"] if quick else SDXL_UNET)),
+                    scheduler=scheduler, add_watermarker=False)
+                kw = dict(guidance_scale=5.0)
+            elif model == "qwenimage":
+                pipe = D.QwenImagePipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKLQwenImage(**(t["qwen_vae"] if quick else {})),
+                    text_encoder=T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
+                        **(t["qwen_vl"] if quick else QWEN25_VL_7B))),
+                    tokenizer=letter_tokenizer(),
+                    transformer=D.QwenImageTransformer2DModel(**(t["qwen_transformer"] if quick else {})))
+                kw = dict(true_cfg_scale=4.0, negative_prompt=" ")
+    finally:
+        torch.set_default_dtype(prev)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()  # transformers builds in training mode (dropout)
+    pipe.set_progress_bar_config(disable=True)
+    size = 16 if quick else 1024
+    return pipe, dict(prompt="a red fox in the snow", height=size, width=size, output_type="pt", **kw)
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    model = getattr(pipe, "transformer", None)
+    return model if model is not None else pipe.unet
+
+
+# ------------------------------------------------------------------------------------------------ random int4
+def random_svdq(old: torch.nn.Module, weight_only: bool, gen: torch.Generator, rank: int = 32):
+    """An ``int4``-recipe SVDQLinear for ``old`` (a linear or 1x1 conv) with random valid contents, scaled so
+    outputs keep the size of a default-initialized layer (finite activations through 60 blocks)."""
+    from svdquant.formats import pack_4bit_halves
+    from svdquant.modules import SVDQConv1x1, SVDQLinear
+
+    conv = isinstance(old, torch.nn.Conv2d)
+    k, n = (old.in_channels, old.out_channels) if conv else (old.in_features, old.out_features)
+    dev, dt = old.weight.device, old.weight.dtype
+    kw = dict(weights="int4", activations=None, rank=0) if weight_only else dict(rank=rank)
+    m = SVDQLinear(k, n, old.bias is not None, dtype=dt, device=dev, **kw)
+    kp = k + (-k) % m.group_size
+    codes = torch.randint(-7, 8, (n, kp), device=dev, generator=gen, dtype=torch.int8)
+    std = 0.577 / k**0.5  # nn.Linear's default init: U(±1/√K)
+    with torch.no_grad():
+        m.qweight.copy_(pack_4bit_halves(codes, m.group_size))
+        if weight_only:
+            m.wscales.copy_(torch.full(m.wscales.shape, std / 4.3, device=dev))  # codes' std is ~4.3
+        else:
+            m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device=dev, generator=gen, dtype=torch.uint8))
+            m.wscales.fill_(std / (4.3 * 10.5))  # × a multiplier of 10.5 on average
+            m.smooth_inv.fill_(1.0)
+            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=dev, generator=gen) / k**0.5)
+            m.lora_up.copy_(torch.randn(m.lora_up.shape, device=dev, generator=gen) * 0.01)
+        if m.bias is not None:
+            m.bias.copy_(old.bias)
+    m.refresh()  # random_quantize's set_weight_mode prepares it again in the mode asked for
+    return SVDQConv1x1(m) if conv else m
+
+
+def random_quantize(model: torch.nn.Module, mode: str) -> int:
+    """Replace every layer svdquant's adapter quantizes by :func:`random_svdq`; returns how many."""
+    import svdquant
+    from svdquant.models import get_adapter
+
+    adapter = get_adapter(model)
+    roots = adapter.blocks(model) if adapter.stacks else [("", model)]
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    n = 0
+    for _, root in roots:
+        for g in adapter.groups(root):
+            for name in g.names:
+                parent, _, child = name.rpartition(".")
+                owner = root.get_submodule(parent) if parent else root
+                setattr(owner, child, random_svdq(getattr(owner, child), g.weight_only, gen))
+                n += 1
+    svdquant.set_weight_mode(model, mode)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def stored_bytes(module: torch.nn.Module) -> int:
+    """What a checkpoint of ``module`` holds: every parameter and buffer, a quantized layer's packed 4-bit
+    codes counted as stored even where speed mode keeps INT8 copies instead."""
+    from svdquant.formats import get_format
+    from svdquant.modules import SVDQLinear
+
+    total, seen = 0, set()
+    for m in module.modules():
+        if isinstance(m, SVDQLinear):
+            layout = get_format(m.weights).weight_buffers(m.out_features, m.in_features, m.group_size, m.dtype)
+            for shape, dt in layout.values():
+                total += torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
+            for name, b in m._buffers.items():
+                if b is not None and name not in layout:
+                    total += b.numel() * b.element_size()
+            seen.update(id(b) for b in m._buffers.values() if b is not None)
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def components_gb(pipe) -> dict[str, float]:
+    return {name: round(stored_bytes(m) / 1e9, 6) for name, m in pipe.components.items()
+            if isinstance(m, torch.nn.Module)}
+
+
+class Runs:
+    """Counts the denoiser's calls and those on which its last block ran (First-Block Cache skips the rest)."""
+
+    def __init__(self, model):
+        from svdquant.models import get_adapter
+
+        self.calls = self.full = 0
+        model.register_forward_pre_hook(self._call)
+        last = get_adapter(model).blocks(model)[-1][1]
+        # a leaf inside the block: the block's own pre-hooks fire even when the cache skips its forward
+        inner = next(m for m in last.modules() if m is not last and not list(m.children()))
+        inner.register_forward_pre_hook(self._full)
+
+    def _call(self, *_):
+        self.calls += 1
+
+    def _full(self, *_):
+        self.full += 1
+
+
+def measure(pipe, call: dict, steps: int, device: str, runs: Runs | None = None) -> dict:
+    cuda = device == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    gen = torch.Generator("cpu")
+    with torch.no_grad():
+        pipe(**call, num_inference_steps=2, generator=gen.manual_seed(0))  # compiles the kernels, first moves
+        sync()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() / 1e9 if cuda else None
+        if runs is not None:
+            runs.calls = runs.full = 0
+        t0 = time.perf_counter()
+        out = pipe(**call, num_inference_steps=steps, generator=gen.manual_seed(0)).images
+        sync()
+        seconds = time.perf_counter() - t0
+    res = dict(seconds_per_image=round(seconds, 3), resident_gb=resident and round(resident, 3),
+               peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+               finite=bool(torch.isfinite(out).all()))
+    if runs is not None:
+        res["denoiser_calls"], res["calls_all_blocks_ran"] = runs.calls, runs.full
+    return res
+
+
+def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
+    """What the denoiser reads from the encoders: FLUX [T5 tokens, CLIP pooled]; SDXL [both CLIPs' penultimate
+    hidden states, concatenated; bigG pooled]; Qwen-Image [Qwen2.5-VL's last hidden states]."""
+    with torch.no_grad():
+        if hasattr(pipe, "unet"):
+            out = pipe.encode_prompt(call["prompt"], do_classifier_free_guidance=False)
+            return [out[0], out[2]]
+        if hasattr(pipe, "text_encoder_2"):
+            return list(pipe.encode_prompt(call["prompt"], prompt_2=None,
+                                           max_sequence_length=call["max_sequence_length"])[:2])
+        return [pipe.encode_prompt(call["prompt"])[0]]
+
+
+def run_model(model: str, args, device: str, log, results: dict, t_start: float) -> None:
+    import svdquant
+
+    res = results.setdefault(model, {})
+
+    def budget_left() -> bool:
+        return time.perf_counter() - t_start < args.budget_s
+
+    if not budget_left():
+        res["skipped"] = f"past --budget-s {args.budget_s}"
+        return
+    t = time.perf_counter()
+    pipe, call = build(model, args.quick, device)
+    pipe.to(device)
+    res["build_s"] = round(time.perf_counter() - t, 1)
+    res["call"] = {k: v for k, v in call.items() if k != "output_type"} | {"steps": args.steps}
+    den = denoiser(pipe)
+    for variant in VARIANTS:
+        if variant.endswith("fbc") and not hasattr(den, "enable_cache"):
+            res[variant] = {"skipped": f"{type(den).__name__} has no First-Block Cache in diffusers"}
+            continue
+        if not budget_left():
+            res[variant] = {"skipped": f"past --budget-s {args.budget_s}"}
+            continue
+        runs = None
+        if variant == "int4":
+            res["quantized_layers"] = random_quantize(den, args.weight_mode)
+        elif variant == "int4+te4":
+            before = text_embedding(pipe, call)
+            report = svdquant.quantize_text_encoders(pipe, progress=False)
+            after = text_embedding(pipe, call)
+            res["text_embedding_rel_error"] = [round(float((a.float() - b.float()).norm() / b.float().norm()), 4)
+                                               for a, b in zip(after, before)]
+            res["text_encoder_weight_error_median"] = {
+                name: round(statistics.median(r.rel_error for r in report.text_encoder_rows
+                                              if r.names[0].startswith(name + ".")), 4)
+                for name in report.text_encoders}
+        elif variant == "int4+te4+offload":
+            for m in pipe.components.values():
+                if isinstance(m, torch.nn.Module):
+                    svdquant.set_weight_mode(m, args.offload_weight_mode)
+            pipe.enable_model_cpu_offload(**({"device": "cpu"} if device == "cpu" else {}))
+        elif variant.endswith("fbc"):
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            den.enable_cache(FirstBlockCacheConfig(threshold=args.fbc_threshold))
+            runs = Runs(den)
+        t = time.perf_counter()
+        r = measure(pipe, call, args.steps, device, runs)
+        r["weights_gb"] = components_gb(pipe)
+        r["weight_mode"] = None if variant == "bf16" else (
+            args.offload_weight_mode if "offload" in variant else args.weight_mode)
+        r["wall_s"] = round(time.perf_counter() - t, 1)
+        res[variant] = r
+        log(f"{model:10s} {variant:22s} {json.dumps(r)}")
+        args.save(results)
+    del pipe, den
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def empty_quantize(pipe) -> None:
+    """Swap in empty quantized layers on the meta device, where the real ones would go: the denoiser's as
+    its adapter says (``int4`` layouts), the text encoders' as ``quantize_text_encoders`` does (W4A16 g64).
+    Sizes only: nothing is computed."""
+    from svdquant.models import get_adapter
+    from svdquant.models.text_encoders import encoder_layers, text_encoders
+    from svdquant.modules import SVDQConv1x1, SVDQLinear
+
+    def swap(owner, child, weight_only):
+        old = getattr(owner, child)
+        conv = isinstance(old, torch.nn.Conv2d)
+        k, n = (old.in_channels, old.out_channels) if conv else (old.in_features, old.out_features)
+        kw = dict(weights="int4", activations=None, rank=0) if weight_only else {}
+        new = SVDQLinear(k, n, old.bias is not None, dtype=old.weight.dtype, device="meta", **kw)
+        setattr(owner, child, SVDQConv1x1(new) if conv else new)
+
+    den = denoiser(pipe)
+    adapter = get_adapter(den)
+    for _, root in adapter.blocks(den) if adapter.stacks else [("", den)]:
+        for g in adapter.groups(root):
+            for name in g.names:
+                parent, _, child = name.rpartition(".")
+                swap(root.get_submodule(parent) if parent else root, child, g.weight_only)
+    for te in text_encoders(pipe).values():
+        for name in encoder_layers(te):
+            parent, _, child = name.rpartition(".")
+            swap(te.get_submodule(parent), child, True)
+
+
+def sizes(models) -> dict:
+    """Stored weights in GB per component, 16-bit and quantized, from the real configs built on meta (seconds,
+    no GPU): the ``weights_gb`` a GPU run reports, computed."""
+    out = {}
+    for model in models:
+        pipe, _ = build(model, False, "meta")
+        out[model] = {"bf16": components_gb(pipe)}
+        empty_quantize(pipe)
+        out[model]["int4+te4"] = components_gb(pipe)
+    return out
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def table(results: dict) -> str:
+    lines = ["| model | variant | peak GPU (GB) | resident (GB) | s / image | weights (GB) | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for model, res in results.items():
+        if not isinstance(res, dict) or "skipped" in res and len(res) == 1:
+            lines.append(f"| {model} | - | | | | | {res.get('skipped') if isinstance(res, dict) else res} |")
+            continue
+        for v in VARIANTS:
+            r = res.get(v)
+            if r is None:
+                continue
+            if "skipped" in r:
+                lines.append(f"| {model} | {v} | | | | | {r['skipped']} |")
+                continue
+            w = " + ".join(f"{k} {g:.2f}" for k, g in r["weights_gb"].items())
+            note = [f"{r['weight_mode']} mode"] if r["weight_mode"] else []
+            if "calls_all_blocks_ran" in r:
+                note.append(f"all blocks ran on {r['calls_all_blocks_ran']} of {r['denoiser_calls']} denoiser calls")
+            if not r["finite"]:
+                note.append("non-finite output")
+            lines.append(f"| {model} | {v} | {_num(r['peak_gb'])} | {_num(r['resident_gb'])} | "
+                         f"{r['seconds_per_image']} | {w} | {', '.join(note)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--weight-mode", choices=("speed", "memory"), default="speed",
+                    help="int4 layers while the pipeline stays on the GPU (default speed: INT8 resident)")
+    ap.add_argument("--offload-weight-mode", choices=("speed", "memory"), default="memory",
+                    help="int4 layers under model offload (default memory: 4-bit resident)")
+    ap.add_argument("--fbc-threshold", type=float, default=0.05,
+                    help="First-Block Cache threshold (default 0.05: diffusers' default)")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="start no variant after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="CPU, tiny configs, 16x16, 2 steps: checks the script runs")
+    ap.add_argument("--sizes", action="store_true",
+                    help="only the stored weights per component, 16-bit and quantized, computed on meta (no GPU)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: must be at least 1")
+    if args.sizes:
+        _quiet()
+        res = sizes(args.models)
+        for model, r in res.items():
+            for variant, gb in r.items():
+                print(f"{model:10s} {variant:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in gb.items())
+                      + f"  total {sum(gb.values()):.3f} GB")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "pipeline_sizes.json").write_text(json.dumps(res, indent=1))
+        return res
+    if args.quick:
+        args.steps = min(args.steps, 2)
+    device = "cpu" if args.quick else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA GPU: run on a GPU, or pass --quick for the CPU smoke run")
+    _quiet()
+    import svdquant  # noqa: F401  (registers nothing this needs; fails early if the tree is broken)
+
+    t_start = time.perf_counter()
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (quick)",
+               "torch": torch.__version__, "steps": args.steps, "size": 16 if args.quick else 1024}
+    import diffusers
+    import transformers
+
+    results["diffusers"], results["transformers"] = diffusers.__version__, transformers.__version__
+
+    def save(r):
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "pipeline_memory.json").write_text(json.dumps(r, indent=1))
+
+    args.save = save
+    for model in args.models:
+        run_model(model, args, device, lambda s: print(s, flush=True), results, t_start)
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    save(results)
+    print(table({k: v for k, v in results.items() if k in MODELS}))
+    return results
+
+
+if __name__ == "__main__":
+    main()
