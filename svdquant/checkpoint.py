@@ -32,10 +32,11 @@ from safetensors.torch import save_file
 from . import _checks
 from .modules import SVDQConv1x1, SVDQLinear
 
-FORMAT_VERSION = 2
-# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer). A checkpoint is written
-# with the lowest version that holds its layers, so older svdquant still reads the rest.
-_FORMAT_SINCE = {"int4m": 2}
+FORMAT_VERSION = 3
+# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer), version 3 the zero-point ``int4z``
+# layers (``wzeros``: AWQ adaLN layers imported from Nunchaku). A checkpoint is written with the lowest
+# version that holds its layers, so older svdquant still reads the rest.
+_FORMAT_SINCE = {"int4m": 2, "int4z": 3}
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
 

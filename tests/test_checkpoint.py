@@ -203,7 +203,7 @@ def test_metadata(saved, arch):
     model, report, path = saved(arch)
     assert sorted(os.listdir(path)) == [META_FILE, TENSOR_FILE]
     meta = svdquant.read_metadata(path)
-    assert meta["format"] == "svdquant" and meta["format_version"] == FORMAT_VERSION == 2  # int4m layers
+    assert meta["format"] == "svdquant" and meta["format_version"] == 2 and FORMAT_VERSION == 3  # int4m layers: 2 (int4z: 3)
     assert meta["svdquant_version"] == svdquant.__version__
     assert meta["model_class"] == type(model).__name__
     cfg = meta["model_config"]
