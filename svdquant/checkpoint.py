@@ -351,9 +351,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an svdquant checkpoint: {META_FILE} is missing")
     if meta_file.suffix == ".safetensors":
         # our own bounded header check, not safe_open: safetensors would parse up to 100 MB of a hostile header
-        text = check_tensor_file(meta_file).get("__metadata__", {}).get("svdquant")
+        md = check_tensor_file(meta_file).get("__metadata__", {})
+        text = md.get("svdquant")
         if text is None:
-            raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant?")
+            from .convert.nunchaku import is_nunchaku_header, nunchaku_metadata
+
+            if is_nunchaku_header(md):  # a Nunchaku single-file checkpoint: what importing it amounts to
+                return nunchaku_metadata(meta_file)
+            raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant (or Nunchaku)?")
     else:
         raw = _read_bounded(meta_file, MAX_METADATA_BYTES, "svdquant metadata")
         try:
@@ -562,7 +567,8 @@ def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                    weight_mode: str = "auto") -> nn.Module:
-    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``.
+    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``. ``path`` may also be
+    a Nunchaku single-file INT4 FLUX checkpoint (``.safetensors``): it is imported (:mod:`svdquant.convert.nunchaku`).
 
     ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
     ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
@@ -576,6 +582,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
     device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
     path = resolve(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from .convert.nunchaku import from_nunchaku, is_nunchaku_header
+
+        if is_nunchaku_header(check_tensor_file(path).get("__metadata__", {})):
+            return from_nunchaku(path, device, weight_mode=weight_mode)
     meta = read_metadata(path)
     tensor_file = tensor_file_of(path)
     header = check_tensor_file(tensor_file)

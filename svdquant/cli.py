@@ -382,7 +382,10 @@ def cmd_info(args) -> None:
     print(f"base         {base}{missing}")
     print(f"recipe       {recipe.get('name')} ({recipe.get('method')}, group {recipe.get('group_size')}, "
           f"rank {recipe.get('rank')}, svd {recipe.get('svd')})")
-    print(f"format       version {meta['format_version']}, written by svdquant {meta['svdquant_version']}")
+    if meta.get("source") == "nunchaku":
+        print("format       Nunchaku single-file INT4 (imported on load; svdquant convert nunchaku writes a checkpoint)")
+    else:
+        print(f"format       version {meta['format_version']}, written by svdquant {meta['svdquant_version']}")
     print(f"size         {tensor_file.stat().st_size / 1e9:.3f} GB")
     print(f"layers       {len(layers)} quantized")
     for k, v in sorted(kinds.items()):
