@@ -37,7 +37,9 @@ Exactness. Import is exact: every stored value keeps its bits (smoothing becomes
 Export is exact except for two things the format cannot hold: it stores the smoothing factor in 16 bits
 (ours is fp32: rounded, relative change ≤ 2⁻⁹ in bf16), and it folds ``+ 1`` into the scale chunks' 16-bit
 biases (rounded). Both are then fixed points: a model imported from a Nunchaku file exports back to the
-same tensors, and re-imports to an identical state dict.
+same tensors, and re-imports to an identical state dict. (One exception: a published single block's
+``out_proj`` and ``mlp_fc2`` biases are held as their sum and written back on ``out_proj``, ``mlp_fc2``'s
+zero; the outputs they add up to are the same.)
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ def _bad(path: Path, what: str) -> CheckpointError:
 
 
 def _metadata(path: Path, md: dict[str, str]) -> tuple[dict, dict]:
+    if "svdquant" in md:
+        raise _bad(path, "is an svdquant checkpoint already, not a Nunchaku one; load it as it is")
     if "config" not in md:
         raise _bad(path, "is not a Nunchaku checkpoint (its metadata has no 'config'); svdquant imports Nunchaku's "
                          "single-file checkpoints (python -m nunchaku.merge_safetensors makes one from a folder)")
