@@ -377,12 +377,15 @@ def _w4a4_tensors(read, name: str, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fill_w4a4(path: Path, read, lay: _Layer) -> dict[str, torch.Tensor]:
+def _fill_w4a4(path: Path, read, lay: _Layer, plan_header: dict) -> dict[str, torch.Tensor]:
     parts = [_w4a4_tensors(read, t, r) for t, r in zip(lay.theirs, lay.ranks)]
     for t, p in zip(lay.theirs, parts):
         bad = _nonfinite(p["smooth"]) or int((p["smooth"] == 0).sum())
         if bad:
             raise _bad(path, f"{t}.smooth holds {bad} zero or non-finite smoothing factors; the file is corrupt")
+        # smooth_orig is never read by the kernels (module doc), but NaN / Inf there is a damaged file all the same
+        if t + ".smooth_orig" in plan_header and _nonfinite(read(f"{t}.smooth_orig")):
+            raise _bad(path, f"{t}.smooth_orig holds NaN / Inf values; the file is corrupt")
     if len(parts) == 2:  # proj_out: concatenate along K
         a, b = parts
         ka = a["codes"].shape[1]
@@ -457,7 +460,7 @@ def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *
     read = _read(plan.path)
     tensors: dict[str, torch.Tensor] = {}
     for lay in plan.layers:
-        tensors.update(_fill_w4a4(plan.path, read, lay) if lay.kind == "w4a4" else _fill_awq(read, lay, plan.dtype))
+        tensors.update(_fill_w4a4(plan.path, read, lay, plan.header) if lay.kind == "w4a4" else _fill_awq(read, lay, plan.dtype))
     for ours, theirs in plan.kept.items():
         tensors[ours] = read(theirs)
     quantized = {k for k in tensors if k.rpartition(".")[0] in plan.meta["layers"]}
