@@ -489,3 +489,30 @@ def test_convert_export_data_check_after_loading_leaves_no_file(root, ours, tmp_
     svdquant.save_quantized(model, tmp_path / "ck")
     rejected(["convert", tmp_path / "ck", "--to", "nunchaku", "-o", tmp_path / "x.safetensors"],
              "do not share their smoothing", folder=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_imported_model_runs_the_kernels(file, published):
+    """On CUDA an imported model runs the float-scale W4A4 kernels and the zero-point W4A16 kernel (the published
+    form's int4z adaLN layers); converted to two-level scales, the INT8 GEMM path. Against the CPU reference."""
+    from svdquant.ops import runners as R
+
+    def runners(model):
+        return {type(m._runner).__name__ for m in model.modules() if isinstance(m, SVDQLinear)}
+
+    def on(x, device):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}
+
+    x = tm.flux_inputs(from_nunchaku(file), seed=7)
+    for path in (file, published[0]):
+        cpu, gpu = from_nunchaku(path), from_nunchaku(path, device="cuda")
+        assert runners(gpu) == {R.FloatScalesRunner.__name__, R.W4A16Runner.__name__}
+        want = tm.forward(cpu, x).float()
+        assert float((tm.forward(gpu, on(x, "cuda")).float().cpu() - want).norm() / want.norm()) < 2e-2
+        to_two_level(cpu)
+        to_two_level(gpu)
+        assert runners(gpu) == {R.Int8Runner.__name__, R.W4A16Runner.__name__}
+        want = tm.forward(cpu, x).float()
+        assert float((tm.forward(gpu, on(x, "cuda")).float().cpu() - want).norm() / want.norm()) < 2e-2
