@@ -659,12 +659,13 @@ def nunchaku_tensors(model: nn.Module, where="the model") -> tuple[dict[str, tor
                     out.update(_export_w4a4(model, pre, spec, rank, dtype, where))
                     covered.update(f"{pre}.{o}." for o in spec.ours)
             for theirs, ours in _KEPT[stack].items():
-                out[f"{pre}.{theirs}"] = model.get_submodule(pre).get_parameter(ours)
+                out[f"{pre}.{theirs}"] = model.get_submodule(pre).get_parameter(ours).to(dtype)
                 covered.add(f"{pre}.{ours}")
     blocks = tuple(s + "." for s in STACKS)
     for name, t in model.state_dict().items():
         if not name.startswith(blocks):
-            out[name] = t
+            # Nunchaku builds the model in one 16-bit dtype and requires every stored tensor to match it
+            out[name] = t.to(dtype) if t.is_floating_point() else t
         elif not (name in covered or name.startswith(tuple(c for c in covered if c.endswith(".")))):
             raise CheckpointError(f"{where} holds {name}, which Nunchaku's FLUX blocks do not have")
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
