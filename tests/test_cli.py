@@ -434,7 +434,7 @@ def test_missing_arguments_is_a_usage_error(capsys):
 
 # ------------------------------------------------------------------------------------------------ --help
 HELP = {
-    None: ["demo", "quantize", "generate", "compare", "info"],
+    None: ["demo", "quantize", "generate", "compare", "info", "convert"],
     "demo": ["--output", "--recipes", "--steps", "--seed"],
     "quantize": ["model", "--output", "--recipe", "--method", "--rank", "--prompts", "--num-prompts", "--snapshots",
                  "--overwrite", "--device", "--dtype"],
@@ -442,6 +442,7 @@ HELP = {
                  "--height", "--width", "--device"],
     "compare": ["checkpoint", "prompt", "--output", "--base", "--steps", "--seed", "--device"],
     "info": ["checkpoint", "--json"],
+    "convert": ["SOURCE", "--to", "--output", "--base", "--two-level", "--overwrite", "nunchaku FILE.safetensors"],
 }
 
 
