@@ -276,7 +276,8 @@ def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
     h = _Header(path, header)
     wscales = [k for k in header if k.endswith(".wscales") and header[k]["dtype"] in _TORCH_DTYPES]
     if not wscales:
-        raise _bad(path, "holds no 16-bit INT4 layer scales; it is not a Nunchaku INT4 checkpoint")
+        raise _bad(path, "holds no 16-bit group scales; it is not a Nunchaku INT4 checkpoint (NVFP4 ones, with "
+                         "FP8 scales, are not supported yet)")
     dts = header[wscales[0]]["dtype"]
     dtype = _TORCH_DTYPES[dts]
     layers: list[_Layer] = []
@@ -315,7 +316,7 @@ def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
             raise _bad(path, f"lacks the tensor {theirs!r}; the checkpoint is incomplete")
         if e["dtype"] not in ("BF16", "F16", "F32") or list(e["shape"]) != list(t.shape):
             raise _bad(path, f"tensor {theirs!r} is {e['shape']} {e['dtype']}, the model needs {list(t.shape)} "
-                             "16-bit floats; the file is corrupt or of another model")
+                             "floats; the file is corrupt or of another model")
         h.used.add(theirs)
     extra = sorted(set(header) - h.used)
     if extra:
