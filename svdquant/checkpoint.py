@@ -40,11 +40,12 @@ from . import _checks
 from .modules import SVDQConv1x1, SVDQLinear
 
 FORMAT_VERSION = 3
-# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer); version 3 the quantized text
-# encoders (``text_encoders``). A checkpoint is written with the lowest version that holds its
-# contents, so older svdquant still reads the rest: a checkpoint with text encoders is refused by
-# svdquant before 3 ("upgrade") rather than loaded with the base's 16-bit encoders in their place.
-_FORMAT_SINCE = {"int4m": 2}
+# Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer); version 3 the zero-point ``int4z``
+# layers (``wzeros``: AWQ adaLN layers imported from Nunchaku) and the quantized text encoders
+# (``text_encoders``). A checkpoint is written with the lowest version that holds its contents, so older
+# svdquant still reads the rest: a checkpoint with text encoders is refused by svdquant before 3
+# ("upgrade") rather than loaded with the base's 16-bit encoders in their place.
+_FORMAT_SINCE = {"int4m": 2, "int4z": 3}
 TEXT_ENCODERS_SINCE = 3
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
@@ -416,9 +417,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an svdquant checkpoint: {META_FILE} is missing")
     if meta_file.suffix == ".safetensors":
         # our own bounded header check, not safe_open: safetensors would parse up to 100 MB of a hostile header
-        text = check_tensor_file(meta_file).get("__metadata__", {}).get("svdquant")
+        md = check_tensor_file(meta_file).get("__metadata__", {})
+        text = md.get("svdquant")
         if text is None:
-            raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant?")
+            from .convert.nunchaku import is_nunchaku_header, nunchaku_metadata
+
+            if is_nunchaku_header(md):  # a Nunchaku single-file checkpoint: what importing it amounts to
+                return nunchaku_metadata(meta_file)
+            raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant (or Nunchaku)?")
     else:
         raw = _read_bounded(meta_file, MAX_METADATA_BYTES, "svdquant metadata")
         try:
@@ -744,7 +750,8 @@ def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                    weight_mode: str = "auto") -> nn.Module:
-    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``.
+    """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``. ``path`` may also be
+    a Nunchaku single-file INT4 FLUX checkpoint (``.safetensors``): it is imported (:mod:`svdquant.convert.nunchaku`).
 
     ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
     ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
@@ -758,6 +765,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
     device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
     path = resolve(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from .convert.nunchaku import from_nunchaku, is_nunchaku_header
+
+        if is_nunchaku_header(check_tensor_file(path).get("__metadata__", {})):
+            return from_nunchaku(path, device, weight_mode=weight_mode)
     meta = read_metadata(path)
     tensor_file = tensor_file_of(path)
     header = check_tensor_file(tensor_file)

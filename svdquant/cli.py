@@ -6,6 +6,8 @@
     svdquant compare OUT "a photo of a cat" -o compare.png
     svdquant info OUT
     svdquant serve [MODEL] --port 8000                # HTTP service + web page (default MODEL: tiny)
+    svdquant convert nunchaku FILE.safetensors -o OUT # a Nunchaku INT4 FLUX checkpoint -> svdquant
+    svdquant convert OUT --to nunchaku -o FILE.safetensors   # a w4a4-float FLUX checkpoint -> Nunchaku
 """
 
 from __future__ import annotations
@@ -247,6 +249,45 @@ def _validate_serve(args) -> None:
                          "--host or --port") from None
 
 
+CONVERT_FORMS = ("give 'nunchaku FILE.safetensors -o DIR' to import a Nunchaku checkpoint, or "
+                 "'DIR --to nunchaku -o FILE.safetensors' to write one")
+
+
+def _validate_convert(args) -> None:
+    from .checkpoint import check_base, check_output_folder, read_metadata
+    from .convert.nunchaku import check_exportable, check_output_file, nunchaku_plan
+
+    src = args.source
+    if args.to is None:
+        if len(src) != 2 or src[0] != "nunchaku":
+            raise UsageError(f"convert {' '.join(src)[:100]}: {CONVERT_FORMS}")
+        f = Path(src[1])
+        if not f.exists():
+            raise UsageError(f"no file at {f}; give the Nunchaku checkpoint (.safetensors)")
+        if not f.is_file():
+            raise UsageError(f"{f} is not a file; a Nunchaku checkpoint is one .safetensors file (python -m "
+                             "nunchaku.merge_safetensors makes one from a folder)")
+        args.plan = nunchaku_plan(f)  # the whole file checked (header, shapes, forms) before any conversion
+        check_output_folder(args.output, args.overwrite, name="-o")
+        if args.base is not None:
+            base = Path(args.base).expanduser()
+            if args.base.startswith(("/", ".", "~")) and not base.exists():
+                raise UsageError(f"--base {args.base} does not exist; pass the FLUX pipeline's folder or hub id")
+            if base.exists():
+                check_base(f, args.plan.meta, str(base))
+        return
+    if args.to != "nunchaku":
+        raise UsageError(f"--to {args.to}: svdquant writes 'nunchaku' (Nunchaku's single-file INT4 FLUX format)")
+    if len(src) != 1:
+        raise UsageError(f"convert {' '.join(src)[:100]} --to nunchaku: {CONVERT_FORMS}")
+    for flag, given in (("--two-level", args.two_level), ("--base", args.base is not None)):
+        if given:
+            raise UsageError(f"{flag} applies to imports (svdquant convert nunchaku FILE -o DIR), not to --to nunchaku")
+    meta = read_metadata(src[0])
+    check_exportable(meta["layers"], meta["model_class"], meta["model_config"], src[0])
+    check_output_file(args.output, args.overwrite, "-o")
+
+
 def _validate_demo(args) -> None:
     from .pipelines.demo import check_demo_args
 
@@ -396,7 +437,10 @@ def cmd_info(args) -> None:
     print(f"base         {base}{missing}")
     print(f"recipe       {recipe.get('name')} ({recipe.get('method')}, group {recipe.get('group_size')}, "
           f"rank {recipe.get('rank')}, svd {recipe.get('svd')})")
-    print(f"format       version {meta['format_version']}, written by svdquant {meta['svdquant_version']}")
+    if meta.get("source") == "nunchaku":
+        print("format       Nunchaku single-file INT4 (imported on load; svdquant convert nunchaku writes a checkpoint)")
+    else:
+        print(f"format       version {meta['format_version']}, written by svdquant {meta['svdquant_version']}")
     print(f"size         {tensor_file.stat().st_size / 1e9:.3f} GB")
     print(f"layers       {len(layers)} quantized")
     for k, v in sorted(kinds.items()):
@@ -421,6 +465,24 @@ def cmd_demo(args) -> None:
              overwrite=args.overwrite, log=print)
     print((out / "quality.md").read_text())
     print(f"wrote {out / 'compare.png'} and {out / 'quality.md'}; checkpoints in {out}/<recipe>/")
+
+
+def cmd_convert(args) -> None:
+    if args.to is None:
+        from .checkpoint import save_quantized
+        from .convert import from_nunchaku, to_two_level
+
+        model = from_nunchaku(args.plan.path)
+        if args.two_level:
+            print(to_two_level(model))
+        save_quantized(model, args.output, base=args.base, overwrite=args.overwrite)
+        base = "" if args.base else " (no base pipeline recorded: pass --base to generate / compare)"
+        print(f"wrote {args.output}{base}")
+        return
+    from .convert import to_nunchaku
+
+    to_nunchaku(args.source[0], args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
 
 
 def cmd_serve(args) -> None:
@@ -542,6 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deploy N copies with Ray Serve, one per GPU, behind Ray's HTTP proxy (needs ray[serve])")
     common_device(p)
     p.set_defaults(func=cmd_serve, validate=_validate_serve)
+
+    p = sub.add_parser("convert", help="Nunchaku checkpoints in and out",
+                       description="svdquant convert nunchaku FILE.safetensors -o DIR: import a Nunchaku single-file "
+                                   "INT4 FLUX checkpoint as an svdquant checkpoint (exact). svdquant convert DIR --to "
+                                   "nunchaku -o FILE.safetensors: write a w4a4-float FLUX checkpoint in Nunchaku's "
+                                   "format (its 16-bit smoothing and scale biases rounded).")
+    p.add_argument("source", nargs="+", metavar="SOURCE",
+                   help="'nunchaku FILE.safetensors' to import, or a checkpoint folder with --to nunchaku")
+    p.add_argument("--to", metavar="FORMAT", help="write SOURCE in this format: nunchaku")
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder (import) or .safetensors file (--to)")
+    p.add_argument("--base", help="import: the base pipeline to record, e.g. black-forest-labs/FLUX.1-dev "
+                                  "(Nunchaku files do not say which)")
+    p.add_argument("--two-level", dest="two_level", action="store_true",
+                   help="import: convert the W4A4 layers to two-level scales (the INT8 GEMM path, fast on Hopper) "
+                        "and print the error it adds")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.set_defaults(func=cmd_convert, validate=_validate_convert)
 
     p = sub.add_parser("info", help="what a checkpoint holds", description="Print a checkpoint's metadata.")
     p.add_argument("checkpoint")

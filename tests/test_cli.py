@@ -459,7 +459,7 @@ def test_missing_arguments_is_a_usage_error(capsys):
 
 # ------------------------------------------------------------------------------------------------ --help
 HELP = {
-    None: ["demo", "quantize", "generate", "compare", "info"],
+    None: ["demo", "quantize", "generate", "compare", "info", "convert"],
     "demo": ["--output", "--recipes", "--steps", "--seed"],
     "quantize": ["model", "--output", "--recipe", "--method", "--rank", "--prompts", "--num-prompts", "--snapshots",
                  "--overwrite", "--device", "--dtype"],
@@ -467,6 +467,7 @@ HELP = {
                  "--height", "--width", "--device"],
     "compare": ["checkpoint", "prompt", "--output", "--base", "--steps", "--seed", "--device"],
     "info": ["checkpoint", "--json"],
+    "convert": ["SOURCE", "--to", "--output", "--base", "--two-level", "--overwrite", "nunchaku FILE.safetensors"],
 }
 
 

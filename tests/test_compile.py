@@ -93,7 +93,7 @@ def test_custom_ops_pass_opcheck():
                           (x, f.smooth_inv, fdown, fup, f.bias, f.qweight, f.wscales.t().contiguous(), None, None,
                            False, 64, f.act_shift, f.act_unsigned_from))
     wo = _layer("w4a16")
-    torch.library.opcheck(torch.ops.svdquant.w4a16_linear.default, (x[:4], wo.qweight, wo.wscales, wo.bias, 64))
+    torch.library.opcheck(torch.ops.svdquant.w4a16_linear.default, (x[:4], wo.qweight, wo.wscales, wo.bias, None, 64))
 
 
 @pytest.mark.gpu

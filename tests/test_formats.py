@@ -622,3 +622,44 @@ def test_every_format_has_a_complete_record():
         assert formats.get_format(f.weight_only).weight
     with pytest.raises(ValueError, match="unknown format 'int3'"):
         formats.get_format("int3")
+
+
+# ------------------------------------------------------------------------------------------------ int4z (AWQ W4A16)
+def test_int4z_known_scale_zero_and_codes():
+    """A group [-1, 0.5, ..., 2] by hand: zero = min = -1, scale = (2 - (-1)) / 15 = 0.2 (bf16: 0.2001953125);
+    code of 0.5 = round(1.5 / 0.2001953125) = round(7.49...) = 7, of 2 = round(14.98) = 15, of -1 = 0."""
+    x = torch.full((1, 64), 0.5)
+    x[0, 0], x[0, 1] = -1.0, 2.0
+    q = formats.quantize(x, "int4z", scale_dtype=torch.bfloat16)
+    assert q.codes.dtype == torch.uint8 and q.scales.dtype == q.zeros.dtype == torch.bfloat16
+    assert float(q.zeros[0, 0]) == -1.0 and float(q.scales[0, 0]) == 0.2001953125
+    assert q.codes[0, :3].tolist() == [0, 15, 7]
+    d = formats.dequantize(q)
+    assert float(d[0, 1]) == 15 * 0.2001953125 - 1 and float(d[0, 2]) == 7 * 0.2001953125 - 1
+
+
+def test_int4z_constant_group_is_exact_and_padding_is_cropped():
+    x = torch.full((2, 70), -0.75)
+    q = formats.quantize(x, "int4z", 64)
+    assert q.codes.shape == (2, 128) and q.scales.shape == (2, 2) and not bool(q.codes[:, :64].any())
+    assert float(q.scales[0, 0]) == 0.0 and float(q.zeros[0, 1]) == -0.75  # the padded group's min is the value
+    assert torch.equal(formats.dequantize(q), x)
+
+
+def test_int4z_error_within_half_a_step():
+    torch.manual_seed(1)
+    x = torch.randn(8, 256)
+    q = formats.quantize(x, "int4z", scale_dtype=torch.float32)
+    step = q.scales.repeat_interleave(64, -1)
+    assert bool(((formats.dequantize(q) - x).abs() <= step / 2 + 1e-6).all())
+
+
+def test_int4z_buffers_round_trip():
+    f = formats.get_format("int4z")
+    q = formats.quantize(torch.randn(4, 128, generator=torch.Generator().manual_seed(2)), "int4z",
+                         scale_dtype=torch.bfloat16)
+    bufs = f.to_buffers(q)
+    assert set(bufs) == {"qweight", "wscales", "wzeros"} and bufs["qweight"].shape == (4, 64)
+    assert set(f.weight_buffers(4, 128, 64, torch.bfloat16)) == set(bufs)
+    back = f.from_buffers(bufs, 64, 128)
+    assert torch.equal(back.codes, q.codes) and torch.equal(formats.dequantize(back), formats.dequantize(q))

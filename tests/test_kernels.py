@@ -159,6 +159,21 @@ def test_w4a16_matches_reference(m_tokens):
 
 
 @cpu_only
+@pytest.mark.parametrize("m_tokens", [1, 5])
+def test_w4a16_zero_points_match_reference(m_tokens):
+    """int4z (AWQ layers imported from Nunchaku): unsigned codes, w = code · scale + zero."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 200, generator=g) + 0.3
+    q = quantize(w, "int4z", scale_dtype=torch.float32)
+    assert int(q.codes.max()) == 15 and int(q.codes.min()) == 0  # both nibble ranges are used
+    x = torch.randn(m_tokens, 200, generator=g)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, zeros=q.zeros, block_n=16)
+    want = R.weight_only_linear(x, get_format("int4z").dequantize(q), None, None, None)
+    assert rel(y, want) < 1e-6, f"seed {seed}"
+
+
+@cpu_only
 def test_w4a16_refuses_many_tokens():
     q = quantize(torch.randn(16, 64), "int4")
     with pytest.raises(ValueError, match="at most 16 tokens"):
@@ -286,6 +301,18 @@ def test_gpu_lora_through_kernels():
     m.add_adapter("l", torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16) * 0.01,
                   torch.randn(3072, 64, device="cuda", dtype=torch.bfloat16) * 0.01, 0.8)
     assert rel(m(x), ReferenceRunner(m)(x)) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m_tokens", [1, 4])
+def test_gpu_w4a16_zero_points_at_flux_adaln_shape(m_tokens):
+    w = torch.randn(18432, 3072, device="cuda")
+    q = quantize(w, "int4z", scale_dtype=torch.bfloat16)
+    x = torch.randn(m_tokens, 3072, device="cuda", dtype=torch.bfloat16)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, zeros=q.zeros)
+    want = R.weight_only_linear(x, get_format("int4z").dequantize(q, torch.bfloat16), None, None, None)
+    assert rel(y, want) < 1e-2
 
 
 @gpu

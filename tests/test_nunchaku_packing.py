@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdquant.convert.nunchaku_packing import (pack_lanes, pack_lowrank, pack_qweight, unpack_lanes, unpack_lowrank,
+from svdquant.convert.nunchaku_packing import (deinterleave_rows, interleave_rows, pack_awq, pack_lanes, pack_lowrank,
+                                               pack_qweight, scale_chunks, unpack_awq, unpack_lanes, unpack_lowrank,
                                                unpack_qweight)
 
 
@@ -121,3 +122,67 @@ def test_lowrank_round_trip(down, shape):
 def test_lowrank_needs_whole_blocks():
     with pytest.raises(ValueError, match="multiples of 16"):
         pack_lowrank(torch.zeros(24, 64), down=True)
+
+
+# AWQ known answers, by hand (N = 4 or 8, K = 64 or 128). For code (n, k): b = n // 4, r = n % 4; c = k // 64,
+# h = (k % 64) // 32, i = (k % 32) // 8, j = k % 8; 16-bit word index in row block b = c·64 + r·16 + h·8 + j,
+# nibble i. (1, 9): r 1, i 1, j 1 -> word 17, bits 4-7 -> int32 8 (words 16, 17), value 5 << (16 + 4).
+# (0, 40): h 1, i 1, j 0 -> word 8 = int32 4, low half, bits 4-7. (6, 127): b 1, r 2, c 1, h 1, i 3, j 7
+# -> word 64 + 32 + 8 + 7 = 111 -> int32 55, high half, bits 12-15 (value 0xF at bit 28).
+# (3, 64): r 3, c 1 -> word 64 + 48 = 112 -> int32 56, low half, bits 0-3.
+AWQ_CASES = [
+    ((4, 64), (1, 9, 5), (0, 8, 5 << 20)),
+    ((4, 64), (0, 40, 3), (0, 4, 3 << 4)),
+    ((8, 128), (6, 127, 15), (1, 55, -(1 << 28))),   # 0xF << 28 is negative as int32
+    ((8, 128), (3, 64, 1), (0, 56, 1)),
+]
+
+
+@pytest.mark.parametrize("shape, where, expect", AWQ_CASES)
+def test_awq_known_answers(shape, where, expect):
+    codes = torch.zeros(shape, dtype=torch.uint8)
+    n, k, v = where
+    codes[n, k] = v
+    packed = pack_awq(codes)
+    assert packed.dtype == torch.int32 and packed.shape == (shape[0] // 4, shape[1] // 2)
+    row, col, value = expect
+    assert packed.nonzero().tolist() == [[row, col]] and int(packed[row, col]) == value
+
+
+def test_awq_word_holds_every_eighth_column():
+    """Word j of a run of 32 columns holds columns j, j+8, j+16, j+24 (the GEMV's shuffle order)."""
+    codes = torch.zeros(4, 64, dtype=torch.uint8)
+    codes[0, [0, 8, 16, 24]] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    words = pack_awq(codes).view(torch.int16)
+    assert words.nonzero().tolist() == [[0, 0]] and int(words[0, 0]) == 0x4321
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (8, 128), (24, 192)])
+def test_awq_round_trip(shape):
+    codes = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    assert torch.equal(unpack_awq(pack_awq(codes)), codes)
+
+
+def test_awq_checks_shapes_and_codes():
+    with pytest.raises(ValueError, match="out_features % 4"):
+        pack_awq(torch.zeros(6, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_awq(torch.full((4, 64), -1, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int32"):
+        unpack_awq(torch.zeros(1, 32, dtype=torch.int16))
+
+
+def test_modulation_interleave_known_answer():
+    """D = 2, 6 chunks: diffusers rows [shift_msa 0 1 | scale_msa 2 3 | gate_msa 4 5 | shift_mlp 6 7 | ...];
+    Nunchaku's view(B, D, 6) puts channel 0's six chunks first."""
+    rows = torch.arange(12)
+    assert interleave_rows(rows, 6).tolist() == [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11]
+    assert interleave_rows(torch.arange(6), 3).tolist() == [0, 2, 4, 1, 3, 5]
+    m = torch.arange(24).reshape(12, 2)
+    assert torch.equal(deinterleave_rows(interleave_rows(m, 6), 6), m)
+    with pytest.raises(ValueError, match="modulation chunks"):
+        interleave_rows(torch.arange(10), 6)
+
+
+def test_scale_chunks():
+    assert scale_chunks(6) == (1, 4) and scale_chunks(3) == (1,)  # scale_msa, scale_mlp; the single block's scale

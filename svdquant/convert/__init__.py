@@ -1,2 +1,13 @@
-"""Other projects' checkpoint layouts. So far: Nunchaku's tensor packing (``nunchaku_packing``), the first
-piece of ``svdquant convert nunchaku`` (issue 14, part 3; the converter itself is not written yet)."""
+"""Other projects' checkpoint layouts, and format conversions of quantized models.
+
+* :mod:`.nunchaku` — Nunchaku's single-file INT4 FLUX checkpoints in (:func:`from_nunchaku`, also what
+  :func:`svdquant.load_quantized` does with one) and out (:func:`to_nunchaku`), on the tensor layouts of
+  :mod:`.nunchaku_packing`; ``svdquant convert nunchaku FILE -o DIR`` / ``svdquant convert DIR --to nunchaku -o FILE``;
+* :mod:`.two_level` — float-scale W4A4 layers to two-level scales (:func:`to_two_level`), so imported models
+  run the INT8 GEMM path; reports the error it adds.
+"""
+
+from .nunchaku import from_nunchaku, nunchaku_metadata, to_nunchaku
+from .two_level import TwoLevelReport, to_two_level
+
+__all__ = ["from_nunchaku", "to_nunchaku", "nunchaku_metadata", "to_two_level", "TwoLevelReport"]

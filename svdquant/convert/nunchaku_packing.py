@@ -1,5 +1,7 @@
-"""Nunchaku's tensor layouts for INT4 W4A4 layers, and their inverses (facts from the public nunchaku
-repository, ``nunchaku/lora/flux/packer.py``; the code here is ours).
+"""Nunchaku's tensor layouts for INT4 W4A4 layers and AWQ W4A16 layers, and their inverses (facts from
+the public nunchaku repository, ``nunchaku/lora/flux/packer.py``, ``nunchaku/models/text_encoders/
+tinychat_utils.py`` and ``src/kernels/awq/gemv_awq.cu``, and deepcompressor's
+``backend/nunchaku/utils.py``, which writes the published checkpoints; the code here is ours).
 
 Nunchaku's GEMM reads each warp's operands straight from memory in the order the ``mma`` instruction's
 fragments want, so its checkpoints store them that way:
@@ -23,6 +25,14 @@ fragments want, so its checkpoints store them that way:
     ``i = ns·8 + nl`` and column ``j = ks·8 + kl·2 + e`` are ordered ``(nl, kl, ns, ks, e)``; blocks are
     ordered column block outer for ``proj_down`` (K block, then R block) and row block outer for ``proj_up``
     (N block, then R block). R must be a multiple of 16 (K and N already are).
+
+AWQ W4A16 (FLUX's adaLN modulation linears): ``w = code · wscales + wzeros`` with unsigned codes
+    ``[0, 15]``. ``qweight`` (int32 ``[N/4, K/2]``) interleaves four output rows: for row ``n = 4·b + r``
+    and column ``k = 64·c + 32·h + 8·i + j`` the code is nibble ``i`` (bits ``4i``) of the 16-bit word
+    ``(b, c, r, h, j)`` (so word ``j`` of each run of 32 columns holds columns ``j, j+8, j+16, j+24``, what
+    the GEMV's shuffle after its ``lop3`` extraction expects); two little-endian 16-bit words make one
+    int32. ``wscales`` / ``wzeros`` are ``[K/64, N]``, a plain transpose. The output rows are interleaved
+    by modulation chunk (see :func:`interleave_rows`).
 """
 
 from __future__ import annotations
@@ -129,3 +139,65 @@ def unpack_lowrank(packed: torch.Tensor, down: bool) -> torch.Tensor:
     t = t.reshape(*outer, BLOCK, BLOCK)
     t = t.permute(1, 2, 0, 3) if down else t.permute(0, 2, 1, 3)           # -> (row block, i, col block, j)
     return t.reshape(rows, cols)
+
+
+# ------------------------------------------------------------------------------------------------ AWQ W4A16
+AWQ_ROWS = 4      # output rows interleaved per packed row
+AWQ_CHUNK = 64    # columns per run of the four rows (one group of 64)
+
+
+def _check_awq_shape(n: int, k: int) -> None:
+    if n % AWQ_ROWS or k % AWQ_CHUNK:
+        raise ValueError(f"Nunchaku's AWQ layers need out_features % {AWQ_ROWS} == 0 and in_features % {AWQ_CHUNK} "
+                         f"== 0, got {n} x {k}")
+
+
+def pack_awq(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes ``[N, K]`` in ``[0, 15]`` -> AWQ's ``qweight``: int32 ``[N/4, K/2]``."""
+    n, k = codes.shape
+    _check_awq_shape(n, k)
+    if bool(((codes < 0) | (codes > 15)).any()):
+        raise ValueError("AWQ codes are unsigned 4-bit: [0, 15]")
+    # (b, r, c, h, i, j) -> (b, c, r, h, j, i): nibble i of word (b, c, r, h, j)
+    t = codes.to(torch.int32).reshape(n // AWQ_ROWS, AWQ_ROWS, k // AWQ_CHUNK, 2, 4, 8).permute(0, 2, 1, 3, 5, 4)
+    words = (t << (4 * torch.arange(4, dtype=torch.int32))).sum(-1, dtype=torch.int32)  # each word < 2^16
+    words = torch.where(words >= 1 << 15, words - (1 << 16), words)  # the same 16 bits as a signed int16
+    return words.to(torch.int16).reshape(n // AWQ_ROWS, k).view(torch.int32)
+
+
+def unpack_awq(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_awq`: int32 ``[N/4, K/2]`` -> uint8 codes ``[N, K]``."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"an AWQ qweight is a 2-D int32 tensor, got {tuple(qweight.shape)} {qweight.dtype}")
+    n, k = qweight.shape[0] * AWQ_ROWS, qweight.shape[1] * 2
+    _check_awq_shape(n, k)
+    words = qweight.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    nibbles = (words.unsqueeze(-1) >> (4 * torch.arange(4, dtype=torch.int32))) & 0xF
+    t = nibbles.reshape(n // AWQ_ROWS, k // AWQ_CHUNK, AWQ_ROWS, 2, 8, 4)  # (b, c, r, h, j, i)
+    return t.permute(0, 2, 1, 3, 5, 4).reshape(n, k).to(torch.uint8)
+
+
+def interleave_rows(t: torch.Tensor, chunks: int) -> torch.Tensor:
+    """diffusers' modulation rows ``[chunk·D + d]`` -> Nunchaku's ``[d·chunks + chunk]`` (along dim 0).
+
+    diffusers' ``AdaLayerNormZero`` splits the linear's output with ``chunk(6)`` (shift, scale, gate of the
+    attention, then of the MLP; ``AdaLayerNormZeroSingle``: 3); Nunchaku reads it as ``view(B, D, 6)``, so
+    each channel's chunks sit side by side."""
+    n = t.shape[0]
+    if n % chunks:
+        raise ValueError(f"{n} rows do not split into {chunks} modulation chunks")
+    return t.reshape(chunks, n // chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def deinterleave_rows(t: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Inverse of :func:`interleave_rows`."""
+    n = t.shape[0]
+    if n % chunks:
+        raise ValueError(f"{n} rows do not split into {chunks} modulation chunks")
+    return t.reshape(n // chunks, chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def scale_chunks(chunks: int) -> tuple[int, ...]:
+    """The modulation chunks that are scales (``x · (1 + scale) + shift``): Nunchaku folds their ``+ 1`` into
+    the bias (deepcompressor adds 1 at chunk indices 1 and ``chunks - 2``: scale_msa, scale_mlp)."""
+    return tuple(sorted({1, chunks - 2}))

@@ -5,6 +5,7 @@
 | int4    | [-7, 7]                    | absmax/7 per group of 64 (model dtype)          | int4.py   |
 | uint4   | [0, 15]                    | max/15 per group (shifted post-GELU)            | int4.py   |
 | int4m   | [-7, 7] × m ∈ [1, 18]      | fp32 per row × integer multiplier per group     | int4m.py  |
+| int4z   | [0, 15], + zero            | (max−min)/15 and min per group of 64 (16-bit)   | int4z.py  |
 | nvfp4   | E2M1 ±{0,.5,1,1.5,2,3,4,6} | E4M3 per 16 × fp32 per tensor                   | nvfp4.py  |
 | int8    | [-127, 127]                | absmax/127 per row (fp32)                       | int8.py   |
 | fp8     | E4M3                       | absmax/448 per row (fp32)                       | fp8.py    |

@@ -18,8 +18,9 @@ class QTensor:
     unpadded length of the last dimension. ``tensor_scale`` is the extra fp32 per-tensor
     factor of NVFP4 and is ``None`` elsewhere. ``multipliers`` holds the per-group
     integer multipliers of the two-level ``int4m`` format (``scales`` is then one fp32
-    per row) and is ``None`` elsewhere. ``fmt`` names the format record that can
-    dequantize it.
+    per row) and is ``None`` elsewhere. ``zeros`` holds the per-group zero points of
+    ``int4z`` (AWQ's asymmetric W4A16) and is ``None`` elsewhere. ``fmt`` names the format
+    record that can dequantize it.
     """
 
     codes: torch.Tensor
@@ -29,6 +30,7 @@ class QTensor:
     in_features: int
     tensor_scale: torch.Tensor | None = None
     multipliers: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from . import dequantize

@@ -16,6 +16,7 @@ import torch
 from .common import QTensor
 from .fp8 import dequantize_fp8, quantize_fp8
 from .int4 import dequantize_int4, fake_quantize_int4, quantize_int4
+from .int4z import dequantize_int4z, quantize_int4z
 from .int4m import dequantize_int4m, fake_quantize_int4m, int4m_integer_values, quantize_int4m
 from .int8 import dequantize_int8, fake_quantize_int8, quantize_int8
 from .nf4 import dequantize_nf4, quantize_nf4
@@ -110,6 +111,8 @@ class Format:
             out["wmult"] = q.multipliers
         if q.tensor_scale is not None:
             out["wtensor_scale"] = q.tensor_scale
+        if q.zeros is not None:
+            out["wzeros"] = q.zeros
         return out
 
     def from_buffers(self, buffers: dict[str, torch.Tensor], group_size: int, in_features: int) -> QTensor:
@@ -117,7 +120,8 @@ class Format:
         if self.packed:
             codes = unpack_4bit_halves(codes, group_size, signed=self.signed)
         return QTensor(codes, buffers["wscales"], self.name, group_size, in_features,
-                       tensor_scale=buffers.get("wtensor_scale"), multipliers=buffers.get("wmult"))
+                       tensor_scale=buffers.get("wtensor_scale"), multipliers=buffers.get("wmult"),
+                       zeros=buffers.get("wzeros"))
 
 
 def _q_int4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
@@ -134,6 +138,10 @@ def _q_int4m(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
 
 def _fq_int4m(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
     return fake_quantize_int4m(x, g, unsigned=unsigned, best=best, check=check)
+
+
+def _q_int4z(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
+    return quantize_int4z(x, g, scale_dtype=scale_dtype, check=check)
 
 
 def _q_nvfp4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
@@ -175,6 +183,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wmult": ((n, g), U8),
                                          "wscales": ((n,), F32)},
            _fake=_fq_int4m, best_weights=True),
+    # AWQ's W4A16 (Nunchaku's adaLN layers): kept so imported layers hold their exact values; never a recipe default.
+    Format("int4z", "uint4 [0, 15], a 16-bit scale and a 16-bit zero per group of 64 (AWQ W4A16); weights only",
+           64, None, packed=True, signed=False, weight=True, activation=False, pairs_with=(),
+           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="int4z",
+           _quantize=_q_int4z, _dequantize=dequantize_int4z,
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt),
+                                         "wzeros": ((n, g), dt)}),
     Format("nvfp4", "FP4 E2M1, an E4M3 scale per group of 16 × fp32 per tensor",
            16, (16, 32), packed=True, signed=False, weight=True, activation=True, pairs_with=("nvfp4",),
            integer=False, unsigned_groups=False, static_input_scale=True, weight_only="nvfp4", grouped=True,

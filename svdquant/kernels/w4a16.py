@@ -8,6 +8,9 @@ K one group of 64 at a time: unpack the two halves of the group (byte j = codes 
 j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
 padded to 16 inside the kernel, never in memory). A split-K variant with several groups
 per step measured slower on an H200 (its extra reduction launch costs more than it saves).
+With ``zeros`` (the ``int4z`` format: AWQ layers imported from Nunchaku) the codes are unsigned
+and each weight is ``code · scale + zero``, the product exact in fp32 (4-bit code, 16-bit scale),
+so a fused multiply-add rounds it once, as the reference does.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from .common import interpreting
 
 
 @triton.jit
-def w4a16_kernel(x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                  KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 F32_DOT: tl.constexpr):
+                 HAS_ZEROS: tl.constexpr, F32_DOT: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rows < N
@@ -33,15 +36,21 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_y
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for g in range(0, n_groups):
         b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=nmask[:, None], other=0)
-        b = b.to(tl.int8, bitcast=True)
         sc = tl.load(s_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
         k_lo = g * GROUP + half
         x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
                        other=0.0)
         x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + GROUP // 2)[None, :],
                        mask=mmask[:, None] & (k_lo + GROUP // 2 < K)[None, :], other=0.0)
-        w_lo = (((b << 4) >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)  # the reference's weight, x's dtype
-        w_hi = ((b >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)
+        if HAS_ZEROS:  # unsigned codes: code · scale + zero
+            bu = b.to(tl.int32)
+            zr = tl.load(z_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
+            w_lo = ((bu & 15).to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
+            w_hi = ((bu >> 4).to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
+        else:  # signed codes: shifts on int8 sign-extend the nibbles
+            bs = b.to(tl.int8, bitcast=True)
+            w_lo = (((bs << 4) >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)  # the reference's weight, x's dtype
+            w_hi = ((bs >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)
         if F32_DOT:  # the CPU interpreter cannot multiply bf16; fp32 inputs keep fp32 accuracy
             acc = tl.dot(x_lo.to(tl.float32), w_lo.to(tl.float32).T, acc, input_precision="ieee")
             acc = tl.dot(x_hi.to(tl.float32), w_hi.to(tl.float32).T, acc, input_precision="ieee")
@@ -58,17 +67,20 @@ MAX_TOKENS = 16  # beyond this the layer is no longer memory-bound: dequantize o
 
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-                 group_size: int = 64, block_n: int = 32, num_warps: int = 2, num_stages: int = 4) -> torch.Tensor:
-    """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout), ``scales``
-    ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype. Block defaults: the fastest measured on an H200."""
+                 zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 2,
+                 num_stages: int = 4) -> torch.Tensor:
+    """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout; unsigned with
+    ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype. Block defaults:
+    the fastest measured on an H200."""
     m, k = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w4a16_kernel[(triton.cdiv(n, block_n),)](
-        x, packed, scales, bias if bias is not None else scales, y, m, n, k, x.stride(0), y.stride(0),
-        KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, m, n, k,
+        x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
         F32_DOT=interpreting() or x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     return y

@@ -89,13 +89,14 @@ def _(x, smooth_inv, lora_down, lora_up, bias, qweight, wscales, wtensor_scale, 
 
 
 @torch.library.custom_op("svdquant::w4a16_linear", mutates_args=())
-def w4a16_linear(x: Tensor, qweight: Tensor, wscales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    """Weight-only INT4 for a few tokens (the memory-bound kernel)."""
-    return _kernels().w4a16_linear(x.contiguous(), qweight, wscales, bias, group_size=group_size)
+def w4a16_linear(x: Tensor, qweight: Tensor, wscales: Tensor, bias: Tensor | None, wzeros: Tensor | None,
+                 group_size: int) -> Tensor:
+    """Weight-only INT4 for a few tokens (the memory-bound kernel); ``wzeros``: per-group zero points (int4z)."""
+    return _kernels().w4a16_linear(x.contiguous(), qweight, wscales, bias, zeros=wzeros, group_size=group_size)
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, wscales, bias, group_size):
+def _(x, qweight, wscales, bias, wzeros, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 

@@ -245,11 +245,12 @@ class FloatScalesRunner:
 class W4A16Runner:
     """Weight-only INT4 on CUDA: the memory-bound W4A16 kernel for up to 16 tokens, the reference beyond."""
 
-    FORMATS = ("int4",)
+    FORMATS = ("int4", "int4z")
 
     def __init__(self, m, kernels):
         self.kernels = kernels
         self.qweight, self.wscales, self.bias = m.qweight, m.wscales, m.bias
+        self.wzeros = getattr(m, "wzeros", None)  # int4z: AWQ's zero points
         self.reference = ReferenceRunner(m)
         self.set_branch(m)
         self.group = m.group_size
@@ -262,9 +263,9 @@ class W4A16Runner:
         if x2.shape[0] > self.kernels.W4A16_MAX_TOKENS:
             return self.reference(x2)
         if torch.compiler.is_compiling():
-            y = torch.ops.svdquant.w4a16_linear(x2, self.qweight, self.wscales, self.bias, self.group)
+            y = torch.ops.svdquant.w4a16_linear(x2, self.qweight, self.wscales, self.bias, self.wzeros, self.group)
         else:
-            y = self.kernels.w4a16_linear(x2.contiguous(), self.qweight, self.wscales, self.bias,
+            y = self.kernels.w4a16_linear(x2.contiguous(), self.qweight, self.wscales, self.bias, zeros=self.wzeros,
                                           group_size=self.group)
         if self.down is not None:
             y = y + ((x2.float() @ self.down.float().T) @ self.up.float().T).to(y.dtype)
