@@ -217,6 +217,9 @@ def test_padded_branch_rounds_rank_up_to_a_power_of_two_with_loras():
     m.add_adapter("a", torch.randn(16, 128) * 0.1, torch.randn(32, 16) * 0.1, 0.5)
     down, up = padded_branch(m)
     assert down.shape[0] == 64  # 24 + 16 = 40 -> 64
+    m32 = layer("int4", 128, 32, torch.float32, 8, rank=32)
+    down, up = padded_branch(m32)  # already a power of two: the layer's own tensors, no resident copy
+    assert down.data_ptr() == m32.lora_down.data_ptr() and up.data_ptr() == m32.lora_up.data_ptr()
 
 
 @cpu_only
