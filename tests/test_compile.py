@@ -94,6 +94,8 @@ def test_custom_ops_pass_opcheck():
                            False, 64, f.act_shift, f.act_unsigned_from))
     wo = _layer("w4a16")
     torch.library.opcheck(torch.ops.svdquant.w4a16_linear.default, (x[:4], wo.qweight, wo.wscales, wo.bias, None, 64))
+    torch.library.opcheck(torch.ops.svdquant.dequantize_int4.default,
+                          (wo.qweight, wo.wscales, None, 128, torch.float32, 64))
 
 
 @pytest.mark.gpu

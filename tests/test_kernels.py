@@ -174,6 +174,36 @@ def test_w4a16_zero_points_match_reference(m_tokens):
 
 
 @cpu_only
+@pytest.mark.parametrize("fmt", ["int4", "int4z"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_int4_kernel_equals_the_format(fmt, dtype):
+    """The many-token weight-only path's kernel: code · scale [+ zero] rounded once, K trimmed (200 of 256)."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(40, 200, generator=g) + (0.3 if fmt == "int4z" else 0.0)
+    q = quantize(w, fmt, scale_dtype=torch.bfloat16)
+    got = K.dequantize_int4(pack_4bit_halves(q.codes, 64), q.scales, 200, dtype,
+                            zeros=q.zeros if fmt == "int4z" else None, block_n=16)
+    want = get_format(fmt).dequantize(q, torch.float32)
+    assert got.shape == (40, 200) and got.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(got, want), f"seed {seed}"
+    else:  # the interpreter's fp32 -> 16-bit cast may round differently (DEVELOPERS.md); the GPU is bit-exact
+        assert torch.allclose(got.float(), want.to(dtype).float(), rtol=2**-7, atol=0), f"seed {seed}"
+
+
+@cpu_only
+def test_w4a16_runner_many_tokens_equals_the_reference():
+    from svdquant.ops.runners import W4A16Runner
+
+    m = layer("w4a16", 200, 48, torch.float32, 21)
+    x = inputs(200, 40, 21, torch.float32)
+    runner = W4A16Runner(m, K)
+    assert torch.equal(runner(x), ReferenceRunner(m)(x))
+    assert rel(runner(x[:3]), ReferenceRunner(m)(x[:3])) < 1e-6  # the few-token kernel
+
+
+@cpu_only
 def test_w4a16_refuses_many_tokens():
     q = quantize(torch.randn(16, 64), "int4")
     with pytest.raises(ValueError, match="at most 16 tokens"):
@@ -290,6 +320,8 @@ def test_gpu_module_dispatch_matches_reference(recipe):
     y = m(x)
     assert y.shape == (3, 100, 128)
     assert rel(y.reshape(300, 128), ReferenceRunner(m)(x.reshape(300, 256))) < 1e-2
+    if recipe == "w4a16":  # many tokens: the dequantize kernel + cuBLAS computes what the reference does
+        assert torch.equal(y.reshape(300, 128), ReferenceRunner(m)(x.reshape(300, 256)))
     y1 = m(x[:1, :4])  # few tokens: the W4A16 kernel for weight-only layers
     assert rel(y1.reshape(4, 128), ReferenceRunner(m)(x[0, :4])) < 1e-2
 

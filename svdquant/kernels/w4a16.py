@@ -66,6 +66,53 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
 MAX_TOKENS = 16  # beyond this the layer is no longer memory-bound: dequantize once and use cuBLAS
 
 
+@triton.jit
+def dequantize_int4_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, KP: tl.constexpr, GROUP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    half = tl.arange(0, GROUP // 2)
+    n_groups: tl.constexpr = KP // GROUP
+    for i in range(0, GROUPS_PER_PROG):
+        g = pid_g * GROUPS_PER_PROG + i
+        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=rmask[:, None], other=0)
+        sc = tl.load(s_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:  # the same expressions as w4a16_kernel: one rounding to the output dtype
+            bu = b.to(tl.int32)
+            zr = tl.load(z_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
+            lo = (bu & 15).to(tl.float32) * sc[:, None] + zr[:, None]
+            hi = (bu >> 4).to(tl.float32) * sc[:, None] + zr[:, None]
+        else:
+            bs = b.to(tl.int8, bitcast=True)
+            lo = ((bs << 4) >> 4).to(tl.float32) * sc[:, None]
+            hi = (bs >> 4).to(tl.float32) * sc[:, None]
+        k_lo = g * GROUP + half
+        base = w_ptr + rows[:, None] * K
+        tl.store(base + k_lo[None, :], lo.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & (k_lo < K)[None, :])
+        k_hi = k_lo + GROUP // 2
+        tl.store(base + k_hi[None, :], hi.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & (k_hi < K)[None, :])
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: torch.dtype, *,
+                    zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32,
+                    num_warps: int = 4) -> torch.Tensor:
+    """``packed`` ``[N, K_pad/2]`` -> the 16-bit weight ``[N, k]`` (``code · scale`` [+ zero], rounded once to
+    ``dtype``): the many-token path of a weight-only layer (a text encoder reads 77–512 tokens), one streaming
+    pass into a fresh buffer before a cuBLAS GEMM, as memory mode does for the INT8 path."""
+    n, half = packed.shape
+    kp = half * 2
+    groups = kp // group_size
+    gpp = next(d for d in (8, 6, 4, 3, 2, 1) if groups % d == 0)
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    dequantize_int4_kernel[(triton.cdiv(n, block_n), groups // gpp)](
+        packed, scales, zeros if zeros is not None else scales, w, n, k, KP=kp, GROUP=group_size,
+        BLOCK_N=block_n, GROUPS_PER_PROG=gpp, HAS_ZEROS=zeros is not None, num_warps=num_warps,
+    )
+    return w
+
+
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
                  zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 2,
                  num_stages: int = 4) -> torch.Tensor:

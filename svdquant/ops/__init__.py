@@ -11,7 +11,7 @@ returns a runner whose ``__call__`` only computes:
 | int4 × int4 (float scales)     | the paper's W4A4 kernels (8.0+)                  | reference     |
 | nvfp4 × nvfp4                  | NVFP4 kernels (8.9+; before: reference, warned)  | reference     |
 | fp8 × fp8                      | ``torch._scaled_mm`` (8.9+, 16-bit inputs)        | reference     |
-| int4 × 16-bit (weight-only)    | W4A16 kernel up to 16 tokens, else reference     | reference     |
+| int4 × 16-bit (weight-only)    | W4A16 kernel up to 16 tokens, else dequantize kernel + cuBLAS | reference |
 | anything else                  | reference                                        | reference     |
 
 ``SVDQUANT_REFERENCE=1`` makes every layer prepared afterwards run the reference.
@@ -91,7 +91,7 @@ def gpu_support(weights: str, activations: str | None) -> str:
     af = get_format(activations) if activations is not None else None
     if af is None:
         if wf.name in W4A16Runner.FORMATS:
-            return "W4A16 kernel on compute capability 8.0+ for up to 16 tokens, the torch reference above that"
+            return "W4A16 kernel on compute capability 8.0+ for up to 16 tokens; above that, a dequantize kernel and cuBLAS"
         return "torch reference (any GPU or the CPU)"
     if wf.integer and af.integer:
         return "INT8 GEMM kernels on compute capability 8.0+ (A100, RTX 30xx/40xx, L40, H100/H200 with TMA, B200)"

@@ -100,4 +100,16 @@ def _(x, qweight, wscales, bias, wzeros, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-__all__ = ["int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]
+@torch.library.custom_op("svdquant::dequantize_int4", mutates_args=())
+def dequantize_int4(qweight: Tensor, wscales: Tensor, wzeros: Tensor | None, k: int, dtype: torch.dtype,
+                    group_size: int) -> Tensor:
+    """The 16-bit weight of a weight-only INT4 layer (its many-token path: then a cuBLAS GEMM)."""
+    return _kernels().dequantize_int4(qweight, wscales, k, dtype, zeros=wzeros, group_size=group_size)
+
+
+@dequantize_int4.register_fake
+def _(qweight, wscales, wzeros, k, dtype, group_size):
+    return qweight.new_empty(qweight.shape[0], k, dtype=dtype)
+
+
+__all__ = ["dequantize_int4", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]

@@ -245,7 +245,8 @@ class FloatScalesRunner:
 
 
 class W4A16Runner:
-    """Weight-only INT4 on CUDA: the memory-bound W4A16 kernel for up to 16 tokens, the reference beyond."""
+    """Weight-only INT4 on CUDA: the memory-bound W4A16 kernel for up to 16 tokens; beyond, the weight is
+    dequantized by a kernel into a fresh 16-bit buffer for cuBLAS (the reference's numerics, one pass)."""
 
     FORMATS = ("int4", "int4z")
 
@@ -253,17 +254,22 @@ class W4A16Runner:
         self.kernels = kernels
         self.qweight, self.wscales, self.bias = m.qweight, m.wscales, m.bias
         self.wzeros = getattr(m, "wzeros", None)  # int4z: AWQ's zero points
-        self.reference = ReferenceRunner(m)
         self.set_branch(m)
-        self.group = m.group_size
+        self.group, self.k = m.group_size, m.in_features
 
     def set_branch(self, m) -> None:
         self.down, self.up = m.branch()
-        self.reference.set_branch(m)
 
     def __call__(self, x2):
         if x2.shape[0] > self.kernels.W4A16_MAX_TOKENS:
-            return self.reference(x2)
+            # compute-bound: one pass writes the 16-bit weight (what the reference dequantizes), then cuBLAS
+            if torch.compiler.is_compiling():
+                w = torch.ops.svdquant.dequantize_int4(self.qweight, self.wscales, self.wzeros, self.k, x2.dtype,
+                                                       self.group)
+            else:
+                w = self.kernels.dequantize_int4(self.qweight, self.wscales, self.k, x2.dtype, zeros=self.wzeros,
+                                                 group_size=self.group)
+            return reference.weight_only_linear(x2, w, self.down, self.up, self.bias)
         if torch.compiler.is_compiling():
             y = torch.ops.svdquant.w4a16_linear(x2, self.qweight, self.wscales, self.bias, self.wzeros, self.group)
         else:
