@@ -4,6 +4,7 @@ from .calibration import DEFAULT_PROMPTS, Calibration
 from .checkpoint import (
     CheckpointError, load_pipeline, load_quantized, load_text_encoders, read_metadata, save_quantized,
 )
+from .hub import push_to_hub
 from .lora import LoRAError, load_lora, loaded_loras, set_lora_strength, unload_lora
 from .modules import SVDQConv1x1, SVDQLinear
 from .quantize import QuantReport, quantize, quantize_text_encoders
@@ -62,7 +63,7 @@ def unfuse_projections(target) -> int:
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",
-    "save_quantized", "load_quantized", "load_text_encoders", "load_pipeline", "read_metadata", "CheckpointError",
+    "save_quantized", "push_to_hub", "load_quantized", "load_text_encoders", "load_pipeline", "read_metadata", "CheckpointError",
     "load_lora", "set_lora_strength", "unload_lora", "loaded_loras", "LoRAError",
     "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "W4A4Config", "W4A4FloatConfig", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
     "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES",

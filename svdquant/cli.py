@@ -130,6 +130,16 @@ def _validate_quantize(args) -> None:
                                                for k, v in index.items()):
             raise UsageError(f"--text-encoders: the pipeline in {args.model} has no text encoder; leave "
                              "--text-encoders out")
+    if args.private and not args.push_to_hub:
+        raise UsageError("--private applies to the repo --push-to-hub creates; add --push-to-hub REPO or drop "
+                         "--private")
+    if args.push_to_hub is not None:  # before hours of work: the repo id, the network, a token
+        from .hub import check_push_target
+
+        try:
+            check_push_target(args.push_to_hub, name="--push-to-hub")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     # the tiny model calibrates on its class names unless --prompts is given
     available = args.prompt_list or (CIFAR10_CLASSES if tiny else DEFAULT_PROMPTS)
     if args.num_prompts is not None and args.num_prompts > len(available):
@@ -322,9 +332,14 @@ def cmd_quantize(args) -> None:
     report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
                       text_encoders=args.text_encoders, progress=_bars())
     # the pipeline: its quantized text encoders (--text-encoders) are saved with the transformer
-    save_quantized(pipe, args.output, base=str(base), report=report, overwrite=args.overwrite)
+    save_quantized(pipe, args.output, base=str(base), report=report, overwrite=args.overwrite,
+                   model_card=args.push_to_hub is not None)
     print(report)
     print(f"saved {args.output}")
+    if args.push_to_hub is not None:
+        from .hub import push_to_hub
+
+        print(f"pushed to {push_to_hub(args.output, args.push_to_hub, private=args.private)}")
 
 
 def _quiet(pipe) -> None:
@@ -561,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", help="never quantize layers matching these patterns")
     p.add_argument("--text-encoders", action="store_true",
                    help="also quantize the text encoders (T5, CLIP, Qwen2.5-VL) weight-only: INT4, group 64 (W4A16)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="after saving, upload OUT with its model card to this "
+                   "Hugging Face Hub repo (created if needed; needs a token: `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common_device(p)
     p.set_defaults(func=cmd_quantize, validate=_validate_quantize)

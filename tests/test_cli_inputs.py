@@ -547,3 +547,46 @@ def test_pytest_q_prints_its_summary_line():
                        cwd=Path(__file__).resolve().parent.parent, env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     assert " passed" in r.stdout.strip().splitlines()[-1], r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ --push-to-hub
+@pytest.fixture
+def online_without_token(monkeypatch, tmp_path):
+    """What a machine with a network but no Hugging Face login looks like to huggingface_hub (its own
+    settings: the offline flag tests set, the token's environment variable and file)."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hc, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+
+
+def test_push_to_hub_checked_before_quantizing(tmp_path, monkeypatch):
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--push-to-hub", "not a repo!"],
+             "--push-to-hub 'not a repo!' is not a Hub repo id", folder=tmp_path)
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--private"], "--private", "--push-to-hub REPO",
+             folder=tmp_path)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--push-to-hub", "me/flux-int4"],
+             "HF_HUB_OFFLINE is set", "hf upload me/flux-int4", folder=tmp_path)
+
+
+def test_push_to_hub_needs_a_token(tmp_path, online_without_token):
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--push-to-hub", "me/flux-int4"],
+             "no Hugging Face token", "hf auth login", folder=tmp_path)
+
+
+def test_push_to_hub_python_checks_the_folder_before_any_upload(tmp_path, online_without_token, monkeypatch,
+                                                              tiny_ck):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # checks pass; each case fails before the network
+    with pytest.raises(svdquant.CheckpointError):
+        svdquant.push_to_hub(tmp_path, "me/flux-int4")  # not a checkpoint folder
+    path = tiny_ck[0]
+    assert not (path / "README.md").exists()
+    with pytest.raises(ValueError, match="no model card"):
+        svdquant.push_to_hub(path, "me/flux-int4")
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        svdquant.push_to_hub(path, "me/flux/int4")
