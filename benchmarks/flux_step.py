@@ -16,7 +16,8 @@ use the same attention backend (``--attention``; ``auto`` times the native SDPA 
 first and takes the fastest). Per variant and batch: median ms per step (``triton.testing.do_bench``),
 peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
-runs each attention's q/k/v as one GEMM (``svdquant.fuse_projections``).
+runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, GELU in the MLPs' up-projection epilogues);
+``int4-qkv`` the q/k/v stacking alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-BASES = ("bf16", "fp8-torchao", "int4", "int4-fused", "int4-memory")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-memory")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -370,24 +371,29 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-fused", "int4-memory")
+    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-memory")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
         res["quantized_layers"] = random_quantized(model, mode="memory" if ours[0] == "int4-memory" else "speed",
                                                    device=device)
         res["int4_checkpoint_gb"] = checkpoint_gb(model)
-        from svdquant import fuse_projections, set_weight_mode, unfuse_projections
+        from svdquant import fuse, set_weight_mode, unfuse
+        from svdquant.modules import fuse_projections, unfuse_projections
 
         for base in ours:
             set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
-            if base == "int4-fused":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
+            if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
                 res["fused_attentions"] = fuse_projections(model)
+            if base == "int4-fused":  # + each MLP's GELU in its up projection's epilogue
+                res["fused"] = fuse(model)
             if device == "cuda":
                 torch.cuda.empty_cache()
             run_base(base, model)
-            if base == "int4-fused":
+            if base == "int4-qkv":
                 unfuse_projections(model)
+            if base == "int4-fused":
+                unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)
             measure(f"{ours[-1]}+lora64", model, False)

@@ -46,20 +46,21 @@ def _model_of(target, what: str):
     return model
 
 
-def fuse_projections(target) -> int:
-    """Run each FLUX attention's quantized q/k/v as one GEMM (one activation pass instead of three); exact.
-    Takes a pipeline or a model; returns how many attentions were fused (see svdquant/modules/fused.py)."""
-    from .modules.fused import fuse_projections as fuse
+def fuse(target) -> dict[str, int]:
+    """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each FLUX attention's
+    quantized q/k/v as one activation pass and one GEMM, and each quantized MLP's tanh-GELU in its up
+    projection's GEMM epilogue. Takes a pipeline or a model; returns ``{"qkv": n, "gelu": m}``. Checkpoints
+    and LoRAs address the same layers as before."""
+    from .modules.fused import fuse as fuse_model
 
-    return fuse(_model_of(target, "fuse_projections"))
+    return fuse_model(_model_of(target, "fuse"))
 
 
-def unfuse_projections(target) -> int:
-    """Undo :func:`fuse_projections`."""
-    from .modules.fused import unfuse_projections as unfuse
+def unfuse(target) -> dict[str, int]:
+    """Undo :func:`fuse`."""
+    from .modules.fused import unfuse as unfuse_model
 
-    return unfuse(_model_of(target, "unfuse_projections"))
-
+    return unfuse_model(_model_of(target, "unfuse"))
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",
@@ -67,5 +68,5 @@ __all__ = [
     "load_lora", "set_lora_strength", "unload_lora", "loaded_loras", "LoRAError",
     "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "W4A4Config", "W4A4FloatConfig", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
     "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES",
-    "fuse_projections", "unfuse_projections", "__version__",
+    "fuse", "unfuse", "__version__",
 ]

@@ -13,7 +13,7 @@ import torch
 
 import svdquant
 from svdquant import SVDQLinear, get_recipe
-from svdquant.modules import FusedSVDQLinear
+from svdquant.modules import FusedSVDQLinear, fuse_projections, unfuse_projections
 from svdquant.ops.runners import Int8Runner, ReferenceRunner, padded_branch, stacked_branch
 
 interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -35,15 +35,15 @@ def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
         before = model(**inputs)[0]
     keys = list(model.state_dict())
     n_attn = sum(1 for m in model.modules() if hasattr(m, "fused_projections"))
-    assert svdquant.fuse_projections(model) == n_attn > 0
+    assert fuse_projections(model) == n_attn > 0
     assert all(m.fused_projections for m in model.modules() if hasattr(m, "fused_projections"))
     assert isinstance(model.transformer_blocks[0].attn.to_added_qkv, FusedSVDQLinear)
     assert list(model.state_dict()) == keys  # checkpoints and LoRAs still address to_q / to_k / to_v
     with torch.no_grad():
         fused = model(**inputs)[0]
     assert torch.equal(fused, before)
-    assert svdquant.fuse_projections(model) == 0  # already fused
-    assert svdquant.unfuse_projections(model) == n_attn
+    assert fuse_projections(model) == 0  # already fused
+    assert unfuse_projections(model) == n_attn
     assert not hasattr(model.transformer_blocks[0].attn, "to_qkv")
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
@@ -51,9 +51,53 @@ def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
 
 def test_fusing_a_16bit_model_changes_nothing():
     model = tm.build_flux()
-    assert svdquant.fuse_projections(model) == 0
+    assert fuse_projections(model) == 0
+    assert svdquant.fuse(model) == {"qkv": 0, "gelu": 0}
     with pytest.raises(TypeError, match="pipeline or an nn.Module"):
-        svdquant.fuse_projections("flux")
+        svdquant.fuse("flux")
+
+
+def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
+    from diffusers.models.activations import GELU
+
+    from svdquant.modules.fused import ProjectedGELU
+
+    model, inputs = quantized_flux
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    keys = list(model.state_dict())
+    # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3}
+    ff = model.transformer_blocks[0].ff
+    assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].proj.output_gelu
+    single = model.single_transformer_blocks[0]
+    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():  # the CPU reference applies the GELU after the layer: the same ops, bit for bit
+        assert torch.equal(model(**inputs)[0], before)
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3}
+    assert isinstance(ff.net[0], GELU) and not ff.net[0].proj.output_gelu
+    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_int8_runner_applies_the_gelu_in_its_epilogue(mode):
+    """The INT8 GEMM's epilogue GELU (fp32, before the 16-bit rounding) against the reference + F.gelu."""
+    from svdquant import kernels
+
+    (m,), x = _group(ns=(48,))
+    ref = torch.nn.functional.gelu(ReferenceRunner(m)(x), approximate="tanh")
+    m.weight_mode = mode
+    m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    m.set_output_gelu(True)
+    assert m._runner.gelu
+    y = m(x)
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
+    m.set_output_gelu(False)
+    assert float((m(x) - ReferenceRunner(m)(x)).norm()) < 1e-3
 
 
 def test_fused_layer_refuses_layers_of_different_layouts():
@@ -147,3 +191,22 @@ def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart():
                           torch.randn(3072, 64, device="cuda", dtype=torch.bfloat16) * 0.01, 0.8)
     ref = torch.cat([ReferenceRunner(m)(x) for m in layers], -1)
     assert float((fused(x).float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_gpu_gelu_epilogue_at_the_flux_mlp_shape(mode):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from kernels import random_layer
+
+    m = random_layer(3072, 12288, seed=3, mode=mode)
+    x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
+    want = torch.nn.functional.gelu(ReferenceRunner(m)(x).float(), approximate="tanh")
+    m.set_output_gelu(True)
+    m.refresh()  # a re-prepared runner keeps it
+    y = m(x)
+    assert float((y.float() - want).norm() / want.norm()) < 1e-2

@@ -1,5 +1,6 @@
 from .conv import SVDQConv1x1
-from .fused import FusedSVDQLinear, fuse_projections, unfuse_projections
+from .fused import FusedSVDQLinear, fuse, fuse_projections, unfuse, unfuse_projections
 from .linear import SVDQLinear
 
-__all__ = ["SVDQLinear", "SVDQConv1x1", "FusedSVDQLinear", "fuse_projections", "unfuse_projections"]
+__all__ = ["SVDQLinear", "SVDQConv1x1", "FusedSVDQLinear", "fuse", "unfuse", "fuse_projections",
+           "unfuse_projections"]

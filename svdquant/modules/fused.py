@@ -1,4 +1,6 @@
-"""q/k/v as one GEMM: the layers of a shared-input group run as one quantized linear.
+"""Run-time fusions of a quantized model: q/k/v as one GEMM, and an MLP's GELU in its up projection's epilogue.
+
+**q/k/v.** The layers of a shared-input group run as one quantized linear.
 
 The quantizer gives the layers that read the same input (an attention's q/k/v) one smoothing λ and one
 shared low-rank down projection (:mod:`svdquant.models.architectures`), so their quantized activations
@@ -12,6 +14,14 @@ stream). The member layers stay the modules of record: the state dict, checkpoin
 them, and they can still run alone. On the GPU's speed mode the fused runner holds the stacked INT8
 weight and the members hold row views of it, so nothing is resident twice; elsewhere (the CPU reference,
 memory mode) the fused module concatenates its members' outputs, which is exactly the unfused result.
+
+**GELU.** FLUX's MLPs compute ``GELU_tanh(fc1(x))`` (diffusers' ``GELU`` module of a ``FeedForward``; a single
+block's ``act_mlp(proj_mlp(x))``). The INT8 GEMM can apply the GELU in its epilogue, on the fp32 result
+before it is rounded to 16 bits, so the 16-bit pre-activation never goes to memory and back
+(:meth:`SVDQLinear.set_output_gelu`). The module tree keeps its names (``net.0.proj`` stays the projection),
+so checkpoints and LoRAs are unchanged.
+
+:func:`fuse` applies both; :func:`unfuse` undoes them.
 """
 
 from __future__ import annotations
@@ -118,6 +128,68 @@ def unfuse_projections(model: nn.Module) -> int:
         attn.fused_projections = False
         n += 1
     return n
+
+
+class ProjectedGELU(nn.Module):
+    """diffusers' ``GELU(dim, inner, approximate="tanh")`` whose projection applies the GELU itself."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.proj = original.proj  # the same module: state-dict names stay "net.0.proj.*"
+        self.__dict__["original"] = original  # what unfuse puts back (not a submodule)
+        self.proj.set_output_gelu(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Move every quantized MLP's tanh-GELU into its up projection (see the module doc); returns how many."""
+    from diffusers.models.activations import GELU
+
+    n = 0
+    for mod in list(model.modules()):
+        net = getattr(mod, "net", None)
+        if isinstance(net, nn.ModuleList) and len(net) and isinstance(net[0], GELU) \
+                and net[0].approximate == "tanh" and _quantized(net[0].proj):
+            net[0] = ProjectedGELU(net[0])
+            n += 1
+        act, proj = getattr(mod, "act_mlp", None), getattr(mod, "proj_mlp", None)
+        if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj):
+            proj.set_output_gelu(True)
+            mod.__dict__["_svdquant_act_mlp"] = act
+            mod.act_mlp = nn.Identity()
+            n += 1
+    return n
+
+
+def unfuse_gelu(model: nn.Module) -> int:
+    n = 0
+    for mod in list(model.modules()):
+        net = getattr(mod, "net", None)
+        if isinstance(net, nn.ModuleList) and len(net) and isinstance(net[0], ProjectedGELU):
+            net[0].proj.set_output_gelu(False)
+            net[0] = net[0].original
+            n += 1
+        act = mod.__dict__.pop("_svdquant_act_mlp", None)
+        if act is not None:
+            mod.proj_mlp.set_output_gelu(False)
+            mod.act_mlp = act
+            n += 1
+    return n
+
+
+def fuse(model: nn.Module) -> dict[str, int]:
+    """Every run-time fusion: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc1}``."""
+    return {"qkv": fuse_projections(model), "gelu": fuse_gelu(model)}
+
+
+def unfuse(model: nn.Module) -> dict[str, int]:
+    return {"qkv": unfuse_projections(model), "gelu": unfuse_gelu(model)}
+
+
+def _quantized(m) -> bool:
+    return isinstance(m, SVDQLinear) and m.activations is not None
 
 
 def _release(f: FusedSVDQLinear) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import ops
 from ..formats import get_format
@@ -87,6 +88,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.dtype = dtype
         self.quant_report = None
         self.weight_mode = "auto"
+        # tanh-GELU on the output, set by svdquant.fuse for an MLP's up projection: the INT8 runner applies it
+        # in its GEMM epilogue, the others after (modules/fused.py)
+        self.output_gelu = False
         self._runner = None
         n, k = out_features, in_features
 
@@ -221,6 +225,13 @@ class SVDQLinear(nn.Module, AdapterSet):
         # Not now: an offload hook may hold the tensors elsewhere until then (on disk, or on the CPU).
         self._branch_stale = True
 
+    def set_output_gelu(self, on: bool) -> None:
+        """Apply tanh-GELU to the output (an MLP's up projection fused with its activation, ``svdquant.fuse``):
+        in the INT8 GEMM's epilogue where that runs, after the runner elsewhere. No weight is rebuilt."""
+        self.output_gelu = bool(on)
+        if hasattr(self._runner, "gelu"):
+            self._runner.gelu = self.output_gelu
+
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""
         if mode not in WEIGHT_MODES:
@@ -274,6 +285,8 @@ class SVDQLinear(nn.Module, AdapterSet):
             self._runner.set_branch(self)
             self._branch_stale = False
         y = self._runner(x.reshape(-1, self.in_features))
+        if self.output_gelu and not getattr(self._runner, "fuses_gelu", False):
+            y = F.gelu(y, approximate="tanh")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -28,9 +28,10 @@ def _kernels():
 def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                      bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                      a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
-                     w_desc=None) -> Tensor:
+                     gelu: bool = False, w_desc=None) -> Tensor:
     """Activation pass + INT8 GEMM. ``weight``: INT8 ``code · m`` [N, K_pad] (speed mode), or the packed
-    4-bit codes [N, K_pad/2] with ``weight_mult`` (memory mode: expanded into a fresh buffer here)."""
+    4-bit codes [N, K_pad/2] with ``weight_mult`` (memory mode: expanded into a fresh buffer here).
+    ``gelu``: tanh-GELU applied in the GEMM's epilogue (an MLP's up projection, see modules/fused.py)."""
     k = _kernels()
     a, a_s, lora_act = k.quantize_activations(x.contiguous(), smooth_inv, lora_down, a4=a4, group_size=group_size,
                                               shift=shift, unsigned_from=unsigned_from)
@@ -38,21 +39,22 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
     base = k.HOPPER_CONFIG if tma else k.DEFAULT_CONFIG
     cfg = (k.HOPPER_CONFIG_FP32 if tma else k.DEFAULT_CONFIG) if x.dtype == torch.float32 else base
-    return k.int8_gemm(a, a_s, weight, weight_scale, lora_act, lora_up, bias, x.dtype, tma=tma, w_desc=w_desc,
-                       num_programs=num_programs or None, config=cfg)
+    return k.int8_gemm(a, a_s, weight, weight_scale, lora_act, lora_up, bias, x.dtype, gelu=gelu, tma=tma,
+                       w_desc=w_desc, num_programs=num_programs or None, config=cfg)
 
 
 @torch.library.custom_op("svdquant::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                 bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
-                a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int) -> Tensor:
+                a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
+                gelu: bool) -> Tensor:
     return int8_linear_impl(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4,
-                            group_size, shift, unsigned_from, tma, num_programs)
+                            group_size, shift, unsigned_from, tma, num_programs, gelu)
 
 
 @int8_linear.register_fake
 def _(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4, group_size, shift,
-      unsigned_from, tma, num_programs):
+      unsigned_from, tma, num_programs, gelu):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

@@ -128,9 +128,12 @@ class Int8Runner:
     packed copy (``owns_packed_weight``); "memory" keeps the 4-bit codes and expands per call.
     """
 
+    fuses_gelu = True  # a layer's output_gelu runs in the GEMM's epilogue (fp32, before the 16-bit rounding)
+
     def __init__(self, m, kernels, *, tma: bool, num_sms: int):
         self.kernels = kernels
         self.tma = tma
+        self.gelu = bool(getattr(m, "output_gelu", False))
         self.config = dict(kernels.HOPPER_CONFIG if tma else kernels.DEFAULT_CONFIG)
         self.num_programs = num_sms if tma else None
         wf = get_format(m.weights)
@@ -209,11 +212,11 @@ class Int8Runner:
             return torch.ops.svdquant.int8_linear(
                 x2, self.sinv, self.down, self.up, self.bias, self.w if self.w is not None else self.packed,
                 self.mult if self.w is None else None, self.w_scale, self.a4, self.group, self.shift,
-                self.unsigned_from, self.tma, self.num_programs or 0)
+                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu)
         return library.int8_linear_impl(
             x2, self.sinv, self.down, self.up, self.bias, self.w if self.w is not None else self.packed,
             self.mult if self.w is None else None, self.w_scale, self.a4, self.group, self.shift,
-            self.unsigned_from, self.tma, self.num_programs or 0, w_desc=self.w_desc)
+            self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, w_desc=self.w_desc)
 
 
 class FloatScalesRunner:
