@@ -580,6 +580,16 @@ def test_load_pipeline_uses_recorded_base(pipeline_setup):
     _check_pipeline(svdquant.load_pipeline(None, pipeline_setup["ck"]), pipeline_setup)
 
 
+def test_load_pipeline_fuse_is_exact_and_checked(pipeline_setup):
+    p = svdquant.load_pipeline(None, pipeline_setup["ck"], fuse=True)  # default: only on a CUDA device
+    assert p.transformer.transformer_blocks[0].attn.fused_projections
+    _check_pipeline(p, pipeline_setup)
+    assert not svdquant.load_pipeline(None, pipeline_setup["ck"]).transformer.transformer_blocks[0].attn \
+        .fused_projections
+    with pytest.raises(ValueError, match="fuse='yes'"):
+        svdquant.load_pipeline(None, pipeline_setup["ck"], fuse="yes")
+
+
 def test_recorded_relative_base_survives_moving_both(pipeline_setup, tmp_path):
     s = pipeline_setup
     moved = tmp_path / "elsewhere" / "project-moved"

@@ -88,9 +88,13 @@ def fuse_projections(model: nn.Module) -> int:
     """Stack the quantized q/k/v of every attention that supports diffusers' fused projections (FLUX's):
     one activation pass and one GEMM per stream instead of three. Returns how many were fused. Exact:
     the outputs equal the unfused ones. :func:`unfuse_projections` undoes it."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
     n = 0
     for attn in model.modules():
-        if not hasattr(attn, "fused_projections") or attn.fused_projections:
+        # only where the processor reads the fused layers (SD3's JointAttnProcessor2_0 ignores the flag, and
+        # diffusers' FusedJointAttnProcessor2_0 drops SD3.5's q/k norms)
+        if not isinstance(attn, FluxAttention) or attn.fused_projections:
             continue
         made = {}
         for fused_name, names in PROJECTIONS:
