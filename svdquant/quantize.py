@@ -469,7 +469,8 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
         transfers = clock.flush().pop("transfers", 0.0)
         report.seconds_calibration = time.perf_counter() - t0
         clock.add("calibration", time.perf_counter() - t_calib - transfers)
-        clock.add("calibration transfers", transfers)
+        if stream:
+            clock.add("calibration transfers", transfers)
 
     if adapter.stacks:
         plan = [(name, block, adapter.groups(block)) for name, block in blocks]

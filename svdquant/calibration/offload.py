@@ -46,53 +46,62 @@ def move(obj, device, pin: bool = False, non_blocking: bool = False):
 
 
 class DeviceUnit:
-    """The own parameters and buffers of ``modules`` (not of their children unless listed)."""
+    """The own parameters and buffers of ``modules`` (not of their children unless listed).
+
+    Onloading puts a new ``Parameter`` holding the device copy in each owner's slot, and offloading puts the
+    original back (its ``.data`` the home tensor), rather than assigning ``.data``: that works for every
+    device (``meta`` included) and the home tensors are never touched by the move."""
 
     def __init__(self, modules, device, pin: bool):
         self.device = torch.device(device)
         self.loaded = False
-        self._params: list[nn.Parameter] = []
-        self._buffers: list[tuple[nn.Module, str]] = []
-        seen: set[int] = set()
+        self._params: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
+        self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         for m in modules:
-            for p in m._parameters.values():
-                if p is not None and id(p) not in seen:  # a tied weight (T5's embedding) once
-                    seen.add(id(p))
-                    self._params.append(p)
+            for name, p in m._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in self._params:
+                    if pin:  # one tensor at a time, each replacing its pageable original: never the model twice
+                        p.data = _pinned(p.data)
+                    self._params[id(p)] = (p, [])
+                self._params[id(p)][1].append((m, name))  # a tied weight (T5's embedding): every owner
             for name, b in m._buffers.items():
                 if b is not None:
-                    self._buffers.append((m, name))
-        self._home_params = [p.data for p in self._params]
-        self._home_buffers = [m._buffers[n] for m, n in self._buffers]
-        if pin:
-            self._home_params = [_pinned(t) for t in self._home_params]
-            self._home_buffers = [_pinned(t) for t in self._home_buffers]
-            self.offload()
+                    if pin:
+                        m._buffers[name] = b = _pinned(b)
+                    self._buffers.append((m, name, b))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._home_params + self._home_buffers)
+        tensors = [p for p, _ in self._params.values()] + [b for _, _, b in self._buffers]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def onload(self) -> None:
         if self.loaded:
             return
-        for p, h in zip(self._params, self._home_params):
-            p.data = h.to(self.device, non_blocking=True)
-        for (m, n), h in zip(self._buffers, self._home_buffers):
-            m._buffers[n] = h.to(self.device, non_blocking=True)
+        for p, owners in self._params.values():
+            t = p.data.to(self.device, non_blocking=True)
+            if t is not p.data:
+                moved = nn.Parameter(t, requires_grad=p.requires_grad)
+                for m, name in owners:
+                    m._parameters[name] = moved
+        for m, name, b in self._buffers:
+            m._buffers[name] = b.to(self.device, non_blocking=True)
         self.loaded = True
 
     def offload(self) -> None:
-        for p, h in zip(self._params, self._home_params):
-            p.data = h
-        for (m, n), h in zip(self._buffers, self._home_buffers):
-            m._buffers[n] = h
+        for p, owners in self._params.values():
+            for m, name in owners:
+                m._parameters[name] = p
+        for m, name, b in self._buffers:
+            m._buffers[name] = b
         self.loaded = False
 
     def release(self) -> None:
         """Forget the tensors: once a block's linears are replaced, the home copies of their 16-bit weights
         would otherwise stay alive (12 GB of pinned memory by the end of FLUX)."""
-        self._params, self._buffers, self._home_params, self._home_buffers = [], [], [], []
+        self._params, self._buffers = {}, []
         self.loaded = False
 
 
@@ -127,7 +136,8 @@ class Streamed:
         self._entry(model, self.rest)
         for b in blocks:
             unit = self.blocks[id(b)]
-            self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u)))
+            # prepended, as at the model's entry: other hooks on the block (the snapshot recorder) see it loaded
+            self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u), prepend=True))
             self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
         for m, unit in self.others:
             self._entry(m, unit)
