@@ -93,15 +93,9 @@ class QuantReport:
                 sq = -20 * math.log10(max(r.rel_error, 1e-12))
                 lines.append(f"{_short(r.names):{w}s}  {fmt:10s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
                              f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB")
+            lines += self._stage_lines()
             if self.skipped:
                 lines.append("kept 16-bit: " + ", ".join(n for n, _ in self.skipped))
-        if self.stages:
-            lines.append(f"{'stage':22s} {'seconds':>8s} {'share':>6s}")
-            total = max(self.seconds_total, 1e-9)
-            for stage, seconds in self.stages.items():
-                lines.append(f"{stage:22s} {seconds:8.2f} {100 * seconds / total:5.1f}%")
-            rest = self.seconds_total - sum(self.stages.values())
-            lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
         for name, te in self.text_encoders.items():
             errs = sorted(r.rel_error for r in self.text_encoder_rows if r.names[0].startswith(name + "."))
             lines.append(f"{name} ({te['class']}): {te['layers']} linears {te['weights']} weight-only, group "
@@ -109,6 +103,19 @@ class QuantReport:
                          f"{statistics.median(errs):.4f}, worst {errs[-1]:.4f}; {_size(te['bytes_16bit'])} -> "
                          f"{_size(te['bytes_quantized'])}")
         return "\n".join(lines)
+
+
+    def _stage_lines(self) -> list[str]:
+        """Where the time went: seconds and share of the total per stage (the profile of issue 16)."""
+        if not self.stages:
+            return []
+        total = max(self.seconds_total, 1e-9)
+        lines = [f"{'stage':22s} {'seconds':>8s} {'share':>6s}"]
+        for stage, seconds in self.stages.items():
+            lines.append(f"{stage:22s} {seconds:8.2f} {100 * seconds / total:5.1f}%")
+        rest = self.seconds_total - sum(self.stages.values())
+        lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
+        return lines
 
 
 def _size(n: int) -> str:
