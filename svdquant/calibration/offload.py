@@ -72,11 +72,6 @@ class DeviceUnit:
                         m._buffers[name] = b = _pinned(b)
                     self._buffers.append((m, name, b))
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [p for p, _ in self._params.values()] + [b for _, _, b in self._buffers]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def onload(self) -> None:
         if self.loaded:
             return
