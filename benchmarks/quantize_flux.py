@@ -1,6 +1,8 @@
 """Wall time and peak memory of quantizing FLUX.1-dev-shaped blocks, extrapolated to the 12B transformer.
 
     python benchmarks/quantize_flux.py --double 1 --single 2 --snapshots 128 --out $OUT
+    # the whole 57-block transformer kept on the CPU, streamed to the GPU one block at a time under a cap:
+    python benchmarks/quantize_flux.py --double 19 --single 38 --max-gpu-memory 24GB --out $OUT
 
 Builds ``FluxTransformer2DModel`` with the real FLUX.1-dev config (hidden 3072, 24 heads,
 MLP 12288, 4096 image + 512 text tokens at 1024²) but only a few blocks and random
@@ -9,12 +11,21 @@ quantizes with ``svdquant.quantize`` (block by block, as for the full model). Th
 per-block times, the 16-bit forward time and the 19 + 38 block count give the estimate
 for the whole transformer; the calibration estimate counts the pipeline calls a real run
 makes (``--prompts`` × ``--steps``, stopping each prompt after its last drawn step).
+
+``--stream`` (implied by ``--max-gpu-memory``) moves the model and its snapshots to the CPU before
+quantizing and passes ``device="cuda"``: calibration and quantization then stream one block at a time
+(``svdquant.quantize(..., device=, max_gpu_memory=)``). The result has the run's stage profile
+(``QuantReport.stages``: calibration and its transfers, transfers, replays, smoothing search,
+refinement...) and the peak GPU memory allocated and reserved. ``--smoke --stream`` runs the same
+streaming code on the CPU (every move a no-op), as ``tests/test_stream.py`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,8 +64,12 @@ def main(argv=None):
     ap.add_argument("--recipe", default="int4")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
+    ap.add_argument("--stream", action="store_true",
+                    help="keep the model and snapshots on the CPU and stream blocks to the device")
+    ap.add_argument("--max-gpu-memory", help="cap the GPU memory torch may use, e.g. 24GB (implies --stream)")
     args = ap.parse_args(argv)
     dev = "cpu" if args.smoke else "cuda"
+    stream = args.stream or args.max_gpu_memory is not None
     cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
                pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)) if args.smoke else FLUX_DEV
 
@@ -79,13 +94,21 @@ def main(argv=None):
             model(**s)
         sync()
     fwd = (time.perf_counter() - t0) / min(8, len(snaps))
+    if stream:  # the model as a user's is: in CPU memory, the GPU empty
+        model = model.to("cpu")
+        snaps = [{k: v.to("cpu") if torch.is_tensor(v) else v for k, v in s.items()} for s in snaps]
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    report = svdquant.quantize(model, args.recipe, Calibration(inputs=snaps), progress=False)
+    report = svdquant.quantize(model, args.recipe, Calibration(inputs=snaps), progress=False,
+                               device=dev if stream else None, max_gpu_memory=args.max_gpu_memory)
     sync()
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else float("nan")
+    peak_reserved = torch.cuda.max_memory_reserved() / 1e9 if dev == "cuda" else float("nan")
+    on = {str(p.device) for p in model.parameters()} | {str(b.device) for b in model.buffers()}
 
     per_block: dict[str, float] = {}
     for r in report.rows:
@@ -101,16 +124,26 @@ def main(argv=None):
     plan = draw_plan(args.prompts, args.steps, args.snapshots, 0)
     calls = sum(max(s) + 1 for s in plan.values())
     est_calib = calls * fwd_full
+    commit = os.environ.get("SVDQUANT_COMMIT")  # the device's copy of .git may be stale
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            commit = ""
     res = dict(
-        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", recipe=args.recipe, blocks=dict(double=args.double, single=args.single),
+        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
+        recipe=args.recipe, blocks=dict(double=args.double, single=args.single),
+        stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
-        seconds_replay_overhead=overhead, peak_gb=peak, forward_ms_this_model=fwd * 1e3,
+        seconds_replay_overhead=overhead, peak_gb=peak, peak_reserved_gb=peak_reserved,
+        stages=report.stages, forward_ms_this_model=fwd * 1e3,
         forward_ms_57_blocks_est=fwd_full * 1e3, pipeline_calls_est=calls, est_calibration_s=est_calib,
         est_quantization_s=est_quant, est_total_min=(est_calib + est_quant) / 60,
         iterations=[r.iterations for r in report.rows], rows=[(r.names, r.rel_error, r.seconds) for r in report.rows],
     )
-    print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "iterations")}, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "quantize_flux.json").write_text(json.dumps(res, indent=1))

@@ -92,3 +92,35 @@ def output_parent(name: str, path: Path) -> None:
         raise ValueError(f"{show(name, path)}: {probe} is a file, not a folder; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{show(name, path)}: cannot write into {probe} (permission denied); choose another path")
+
+
+
+_MEMORY_UNITS = {"gb": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20}
+
+
+def memory_size(name: str, value) -> int:
+    """An amount of memory in bytes: ``"16GB"``, ``"15.5 GiB"``, ``"24000MB"`` (from Python also a whole number
+    of bytes). A bare number in a string is refused: GB and GiB differ by 7 %, and a cap 7 % too large is
+    how a 24 GB card still runs out of memory."""
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise ValueError(f"{show(name, value)}: give an amount such as '16GB' (units GB, GiB, MB, MiB)")
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        number = text.rstrip("GgIiMmBb")
+        unit = text[len(number):].lower()
+        if unit not in _MEMORY_UNITS:
+            raise ValueError(f"{show(name, value)}: give a unit, GB, GiB, MB or MiB (e.g. 16GB)")
+        try:
+            amount = float(number)
+        except ValueError:
+            raise ValueError(f"{show(name, value)}: {number!r} is not a number; e.g. 16GB") from None
+        if not math.isfinite(amount):
+            raise ValueError(f"{show(name, value)}: must be a finite amount, e.g. 16GB")
+        total = amount * _MEMORY_UNITS[unit]
+    else:
+        total = int(value)
+    if total <= 0:
+        raise ValueError(f"{show(name, value)}: must be positive, e.g. 16GB")
+    if total < 2**20:  # no block fits below a megabyte: a unit slip (bytes for MB, MB for GB)
+        raise ValueError(f"{show(name, value)}: less than 1 MiB; did you mean GB?")
+    return int(total)

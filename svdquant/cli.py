@@ -81,6 +81,7 @@ def _validate_quantize(args) -> None:
     from .pipelines.tiny import CIFAR10_CLASSES, IMAGE_SIZE, TINY_BASE, check_tiny_size
 
     args.device = _device(args.device)
+    _validate_gpu_memory(args)
     args.recipe_obj = _recipe(args)
     tiny = args.model == TINY_BASE
     model = Path(args.model).expanduser()
@@ -145,6 +146,24 @@ def _validate_quantize(args) -> None:
     if args.num_prompts is not None and args.num_prompts > len(available):
         raise UsageError(f"--num-prompts {args.num_prompts}: there are only {len(available)} prompts; "
                          f"use at most {len(available)}")
+
+
+def _validate_gpu_memory(args) -> None:
+    """``--max-gpu-memory``: an amount with a unit that a CUDA ``--device`` has; it implies ``--stream``."""
+    args.max_gpu_bytes = None
+    if args.max_gpu_memory is None:
+        return
+    args.max_gpu_bytes = _checks.memory_size("--max-gpu-memory", args.max_gpu_memory)
+    if not args.device.startswith("cuda"):
+        why = "" if torch.cuda.is_available() else " (torch sees no CUDA GPU)"
+        fix = " or use --device cuda" if torch.cuda.is_available() else ""
+        raise UsageError(f"--max-gpu-memory {args.max_gpu_memory} caps GPU memory, but the quantization runs on "
+                         f"{args.device}{why}; leave --max-gpu-memory out{fix}")
+    total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+    if args.max_gpu_bytes > total:
+        raise UsageError(f"--max-gpu-memory {args.max_gpu_memory} is more than {args.device} has "
+                         f"({total / 1e9:.1f} GB); give at most that")
+    args.stream = True
 
 
 def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
@@ -324,13 +343,15 @@ def cmd_quantize(args) -> None:
     else:
         pipe, base = load_base_pipeline(args.model, torch_dtype=dtype), args.model
         _quiet(pipe)
-    pipe = pipe.to(args.device)
+    if not args.stream:  # streaming keeps the 16-bit pipeline in CPU memory, blocks visit the device
+        pipe = pipe.to(args.device)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # needs the loaded pipeline's VAE
     calib = Calibration(prompts=args.prompt_list, num_prompts=args.num_prompts, steps=args.steps,
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
                         pipeline_kwargs=_pipeline_kwargs(args))
     report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
-                      text_encoders=args.text_encoders, progress=_bars())
+                      text_encoders=args.text_encoders, progress=_bars(),
+                      device=args.device if args.stream else None, max_gpu_memory=args.max_gpu_bytes)
     # the pipeline: its quantized text encoders (--text-encoders) are saved with the transformer
     save_quantized(pipe, args.output, base=str(base), report=report, overwrite=args.overwrite,
                    model_card=args.push_to_hub is not None)
@@ -579,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="after saving, upload OUT with its model card to this "
                    "Hugging Face Hub repo (created if needed; needs a token: `hf auth login`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--stream", action="store_true",
+                   help="keep the 16-bit pipeline in CPU memory and move each block, text encoder and snapshot to "
+                        "--device only while it is used: the GPU needs about one block's memory")
+    p.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="cap the GPU memory torch may use, e.g. 24GB, 22GiB, 16000MB (implies --stream)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common_device(p)
     p.set_defaults(func=cmd_quantize, validate=_validate_quantize)

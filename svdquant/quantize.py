@@ -16,6 +16,7 @@ every layer is calibrated on 16-bit inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -26,7 +27,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration, to_device
+from ._timing import StageClock
+from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
+from .calibration.offload import Streamed, move
 from .models import Group, get_adapter
 from .models.base import QUANTIZABLE, is_quantizable
 from .modules import SVDQConv1x1, SVDQLinear
@@ -65,6 +68,10 @@ class QuantReport:
     # errors are the weight's own (no calibration), and per encoder its class and sizes
     text_encoder_rows: list[LayerRow] = field(default_factory=list)
     text_encoders: dict[str, dict] = field(default_factory=dict)
+    # seconds per stage, summed over the run (disjoint, so they add up to at most seconds_total): calibration
+    # (and its transfers, when streaming), pin memory, transfers, replays, and per group setup, smoothing
+    # search, refinement, assemble, build modules; text encoders
+    stages: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -86,6 +93,7 @@ class QuantReport:
                 sq = -20 * math.log10(max(r.rel_error, 1e-12))
                 lines.append(f"{_short(r.names):{w}s}  {fmt:10s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
                              f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB")
+            lines += self._stage_lines()
             if self.skipped:
                 lines.append("kept 16-bit: " + ", ".join(n for n, _ in self.skipped))
         for name, te in self.text_encoders.items():
@@ -95,6 +103,19 @@ class QuantReport:
                          f"{statistics.median(errs):.4f}, worst {errs[-1]:.4f}; {_size(te['bytes_16bit'])} -> "
                          f"{_size(te['bytes_quantized'])}")
         return "\n".join(lines)
+
+
+    def _stage_lines(self) -> list[str]:
+        """Where the time went: seconds and share of the total per stage (the profile of issue 16)."""
+        if not self.stages:
+            return []
+        total = max(self.seconds_total, 1e-9)
+        lines = [f"{'stage':22s} {'seconds':>8s} {'share':>6s}"]
+        for stage, seconds in self.stages.items():
+            lines.append(f"{stage:22s} {seconds:8.2f} {100 * seconds / total:5.1f}%")
+        rest = self.seconds_total - sum(self.stages.values())
+        lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
+        return lines
 
 
 def _size(n: int) -> str:
@@ -134,7 +155,9 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe: QuantConfig) -> LayerRow:
+def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe: QuantConfig,
+                    clock: StageClock | None = None) -> LayerRow:
+    t0 = time.perf_counter()
     full = [f"{prefix}.{n}" if prefix else n for n in group.names]
     mods = [root.get_submodule(n) for n in full]
     lins = [as_linear(m) if isinstance(m, nn.Conv2d) else m for m in mods]
@@ -144,6 +167,11 @@ def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe:
     for name, old, q in zip(full, mods, qmods):
         _set_module(root, name, SVDQConv1x1(q) if isinstance(old, nn.Conv2d) else q)
     rep = qmods[0].quant_report
+    if clock is not None:
+        for stage, seconds in rep.stages.items():
+            clock.add(stage, seconds)
+        # packing the codes, the runner, swapping the modules in
+        clock.add("build modules", time.perf_counter() - t0 - sum(rep.stages.values()))
     return LayerRow(full, rc.weights, rc.activations, rep.shape, rep.rank, rep.alpha, rep.beta, rep.iterations,
                     rep.rel_error_naive, rep.rel_error, rep.seconds)
 
@@ -194,13 +222,14 @@ def _check_text_encoders(pipe, recipe: QuantConfig) -> dict[str, list[str]]:
 
 @torch.no_grad()
 def quantize_text_encoders(pipe, recipe: str | QuantConfig = "w4a16", *, report: QuantReport | None = None,
-                           progress: bool = True) -> QuantReport:
+                           progress: bool = True, device=None) -> QuantReport:
     """Quantize the linears of every text encoder of ``pipe`` weight-only, in place (no calibration).
 
     Which layers and why: :mod:`svdquant.models.text_encoders`. ``recipe``: a weight-only recipe,
     ``"w4a16"`` (INT4, 16-bit scale per group of 64; the default) or ``"nf4"``. Works on any pipeline
     with ``text_encoder*`` attributes (an SDXL pipeline too). Adds the rows to ``report`` (a new one if
-    None) and returns it.
+    None) and returns it. ``device``: round each weight there (a GPU) and bring the layer back to where
+    the encoder is (default: where the encoder is).
     """
     from .algorithm import quantize_weight_only
     from .models.text_encoders import fit_quantized, text_encoders
@@ -208,6 +237,10 @@ def quantize_text_encoders(pipe, recipe: str | QuantConfig = "w4a16", *, report:
     if not isinstance(recipe, (str, QuantConfig)):
         raise TypeError(f"recipe= takes a name such as 'w4a16' or a QuantConfig, got {type(recipe).__name__}")
     recipe = get_recipe(recipe)
+    if device is not None:
+        from . import _checks
+
+        device = _checks.device("device", device)
     plan = _check_text_encoders(pipe, recipe)
     t0 = time.perf_counter()
     if report is None:
@@ -218,8 +251,11 @@ def quantize_text_encoders(pipe, recipe: str | QuantConfig = "w4a16", *, report:
         before = _tensor_bytes(te)
         for layer in tqdm(layers, desc=f"quantizing {name}", unit="layer", disable=None if progress else True):
             lin = te.get_submodule(layer)
-            qw, rep = quantize_weight_only(lin.weight, lin.bias, recipe)
-            _set_module(te, layer, SVDQLinear.from_quantized(qw, recipe, lin.weight.dtype))
+            w, b = lin.weight, lin.bias
+            if device is not None:
+                w, b = w.to(device), b.to(device) if b is not None else None
+            qw, rep = quantize_weight_only(w, b, recipe)
+            _set_module(te, layer, SVDQLinear.from_quantized(qw, recipe, w.dtype).to(lin.weight.device))
             report.text_encoder_rows.append(LayerRow([f"{name}.{layer}"], recipe.weights, None, rep.shape, 0, 0.0,
                                                      0.0, 0, rep.rel_error_naive, rep.rel_error, rep.seconds))
         fit_quantized(te)
@@ -240,6 +276,95 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _work_device(device, home: torch.device) -> tuple[torch.device, bool]:
+    """(the device that computes, whether the model streams to it from the CPU)."""
+    if device is None:
+        return home, False
+    from . import _checks
+
+    dev = torch.device(_checks.device("device", device))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if home.type == "cpu":
+        return dev, True
+    if dev == home:
+        return dev, False  # already there: nothing to stream
+    raise ValueError(f"device={str(device)!r} streams a model kept on the CPU, but the model is on {home}; "
+                     "move it to the CPU first (pipe.to('cpu')) or leave device= out")
+
+
+def _gpu_cap(max_gpu_memory, device: torch.device) -> int | None:
+    """The byte cap of ``max_gpu_memory=``, checked against the device it applies to."""
+    if max_gpu_memory is None:
+        return None
+    from . import _checks
+
+    cap = _checks.memory_size("max_gpu_memory", max_gpu_memory)
+    if device.type != "cuda":
+        raise ValueError(f"max_gpu_memory={max_gpu_memory!r} caps a CUDA GPU, but the model is quantized on "
+                         f"{device}; pass device='cuda' to stream it there, or leave max_gpu_memory out")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap > total:
+        raise ValueError(f"max_gpu_memory={max_gpu_memory!r} is more than {device} has ({total / 1e9:.1f} GB); "
+                         "give at most that, or leave it out")
+    return cap
+
+
+@contextlib.contextmanager
+def _memory_cap(cap: int | None, device: torch.device):
+    """Caps what torch's allocator may hold on ``device`` while the quantizer runs, then puts back the
+    fraction that was set before (1.0 unless the caller had set one)."""
+    if cap is None:
+        yield
+        return
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.6
+    before = get(device) if get is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
+
+
+def _pipeline_models(pipe, model: nn.Module) -> list[nn.Module]:
+    """A pipeline's models other than ``model`` (text encoders, VAE...): streamed to the GPU one at a time."""
+    parts = getattr(pipe, "components", None)
+    if not isinstance(parts, dict):
+        parts = vars(pipe)
+    found = []
+    for m in parts.values():
+        if isinstance(m, nn.Module) and m is not model and all(m is not f for f in found):
+            if _has_offload(m):
+                raise ValueError(f"the pipeline's {type(m).__name__} has offload hooks; streaming places the "
+                                 "models itself: call pipe.remove_all_hooks() first, or leave device= out")
+            found.append(m)
+    return found
+
+
+def _has_offload(m: nn.Module) -> bool:
+    """accelerate's hooks (``enable_model_cpu_offload``...) or diffusers' group offloading."""
+    if hasattr(m, "_hf_hook"):
+        return True
+    if not hasattr(m, "_diffusers_hook"):
+        return False
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(m)
+
+
+def progress_postfix(block: str, index: int, n_blocks: int, group: str | None = None,
+                     gpu_bytes: int | None = None, gpu_cap: int | None = None) -> str:
+    """What the quantize bar shows after its count and ETA: the block (1-based ``index`` of ``n_blocks``),
+    how many blocks remain after it, the group being quantized and, on a GPU, the memory in use (of the
+    cap, when one is set)."""
+    parts = [f"block {index}/{n_blocks} {block}", f"{n_blocks - index} left"]
+    if group:
+        parts.append(group)
+    if gpu_bytes is not None:
+        parts.append(f"GPU {gpu_bytes / 1e9:.1f}" + (f"/{gpu_cap / 1e9:.1f}" if gpu_cap else "") + " GB")
+    return ", ".join(parts)
+
+
 @torch.no_grad()
 def quantize(
     target,
@@ -250,6 +375,9 @@ def quantize(
     exclude=None,
     text_encoders: bool = False,
     progress: bool = True,
+    device=None,
+    max_gpu_memory=None,
+    keep_on_device: bool = False,
 ) -> QuantReport:
     """Quantize a diffusers pipeline's transformer (or any ``nn.Module``) in place.
 
@@ -264,6 +392,12 @@ def quantize(
         what the 16-bit encoders produce; see :func:`quantize_text_encoders`. Save with
         ``save_quantized(pipe, ...)`` to keep them.
     progress: progress bars (shown only when stderr is a terminal).
+    device: where to compute (default: where the model is). With a model (pipeline) on the CPU and
+        ``device="cuda"``, the 16-bit weights stay in CPU memory and stream: each block, text encoder and
+        snapshot is on the GPU only while it is used, so the GPU holds about one block at a time.
+    max_gpu_memory: cap the GPU memory torch may use, e.g. ``"16GB"`` / ``"22GiB"`` (or bytes), for the
+        duration of the call (``torch.cuda.set_per_process_memory_fraction``).
+    keep_on_device: with streaming, leave the quantized model on ``device`` (default: back on the CPU).
     Returns a :class:`QuantReport` (print it for a table).
 
     Every argument is checked before calibration starts (ValueError / TypeError, one line).
@@ -292,54 +426,121 @@ def quantize(
     te_recipe = get_recipe("w4a16")
     if text_encoders:
         _check_text_encoders(pipe, te_recipe)
+    if not isinstance(keep_on_device, bool):
+        raise TypeError(f"keep_on_device= takes True or False, got {keep_on_device!r}")
+    home = _model_device(model)
+    device, stream = _work_device(device, home)
+    cap = _gpu_cap(max_gpu_memory, device)
+    if stream and _has_offload(model):
+        raise ValueError(f"the {type(model).__name__} has offload hooks; streaming places the blocks itself: "
+                         "remove the hooks first (pipe.remove_all_hooks()), or leave device= out")
+    others = _pipeline_models(pipe, model) if stream and pipe is not None and calib.inputs is None else []
     tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
-    device = _model_device(model)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    report = QuantReport(recipe=recipe.to_dict(), model=type(model).__name__)
-    was_training = model.training
-    model.eval()
+    with _memory_cap(cap, device):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        report = QuantReport(recipe=recipe.to_dict(), model=type(model).__name__)
+        was_training = model.training
+        model.eval()
+        clock = StageClock(device)
+        _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, progress, device, home, stream,
+                        others, cap, keep_on_device, t0)
+        report.skipped = [(n, type(m).__name__) for n, m in model.named_modules()
+                          if isinstance(m, QUANTIZABLE) and n]
+        model._svdquant_recipe = recipe.to_dict()
+        model.train(was_training)
+        if text_encoders:
+            t1 = time.perf_counter()
+            quantize_text_encoders(pipe, te_recipe, report=report, progress=progress,
+                                   device=device if stream else None)
+            clock.add("text encoders", time.perf_counter() - t1)
+        report.stages = dict(clock.flush())
+        report.seconds_total = time.perf_counter() - t0
+        if device.type == "cuda":
+            report.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    return report
+
+
+def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, progress, device, home, stream,
+                    others, cap, keep_on_device, t0) -> None:
+    pin = stream and device.type == "cuda"  # snapshots and block weights wait in pinned CPU memory
+    blocks = adapter.blocks(model) if adapter.stacks else []
+    streamed = None
+    if stream:
+        t1 = time.perf_counter()
+        streamed = Streamed(model, [b for _, b in blocks], device, home, others=others, clock=clock)
+        clock.add("pin memory", time.perf_counter() - t1)
+    t_calib = time.perf_counter()
+
+    def calibrated():
+        transfers = clock.flush().pop("transfers", 0.0)
+        report.seconds_calibration = time.perf_counter() - t0
+        clock.add("calibration", time.perf_counter() - t_calib - transfers)
+        if stream:
+            clock.add("calibration transfers", transfers)
 
     if adapter.stacks:
-        blocks = adapter.blocks(model)
         plan = [(name, block, adapter.groups(block)) for name, block in blocks]
         recorder: dict[str, EntryRecorder] = {}
 
         def hooks(selector):
-            recorder["r"] = EntryRecorder(model, adapter.stacks, selector, device)
+            recorder["r"] = EntryRecorder(model, adapter.stacks, selector, home if stream else device, pin=pin)
             return recorder["r"].close
 
-        report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
+        try:
+            report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
+        finally:
+            if streamed is not None:
+                streamed.close()
         entries = recorder["r"].entries
-        report.seconds_calibration = time.perf_counter() - t0
+        calibrated()
         if report.snapshots == 0 or not all(entries.values()):
             raise RuntimeError("calibration recorded no model calls; check the calibration prompts/inputs")
         bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group",
                    disable=None if progress else True)  # None: only on a terminal
+        index = 0
         for stack in adapter.stacks:
             snaps = entries[stack]
             stack_blocks = [(n, b, g) for n, b, g in plan if n.rsplit(".", 1)[0] == stack]
             for bi, (bname, block, groups) in enumerate(stack_blocks):
-                bar.set_description(f"quantizing {bname}")
+                index += 1
+                bar.set_postfix_str(progress_postfix(bname, index, len(plan), None, *_gpu_memory(device, cap)))
+                if streamed is not None:
+                    with clock.stage("transfers"):
+                        streamed.unit(block).onload()
                 firsts = {g.names[0]: block.get_submodule(g.names[0]) for g in groups}
                 rec = LinearInputRecorder(firsts, len(snaps), tokens, calib.seed)
                 last = bi == len(stack_blocks) - 1
                 nxt = []
                 try:
                     for s in snaps:
-                        out = block(**s)
+                        if stream:
+                            with clock.stage("transfers"):
+                                s_dev = move(s, device, non_blocking=pin)
+                        else:
+                            s_dev = s
+                        with clock.stage("replays"):
+                            out = block(**s_dev)
                         if not last:
-                            outs = out if isinstance(out, tuple) else (out,)
-                            nxt.append({**s, **dict(zip(adapter.outputs, outs))})
+                            outs = dict(zip(adapter.outputs, out if isinstance(out, tuple) else (out,)))
+                            if stream:
+                                with clock.stage("transfers"):
+                                    outs = move(outs, home, pin=pin, non_blocking=pin)
+                            nxt.append({**s, **outs})
+                        del s_dev, out
                 finally:
                     rec.close()
+                clock.flush()  # the replays end here, before the (host-timed) search starts
                 for g in groups:
-                    bar.set_postfix_str(_short(list(g.names)))
+                    bar.set_postfix_str(progress_postfix(bname, index, len(plan), _short(list(g.names)),
+                                                         *_gpu_memory(device, cap)))
                     x, amax = rec.inputs(g.names[0])
-                    report.rows.append(_quantize_group(block, "", g, x, amax, recipe))
+                    report.rows.append(_quantize_group(block, "", g, x, amax, recipe, clock))
                     report.rows[-1].names = [f"{bname}.{n}" for n in g.names]
                     bar.update(1)
-                del rec
+                rec = x = amax = None  # frees the layer inputs before the next block's arrive
+                if streamed is not None:
+                    _finish_block(streamed.unit(block), block, home, keep_on_device, clock)
                 snaps = nxt
         bar.close()
     else:
@@ -354,19 +555,36 @@ def quantize(
             holder["r"] = LinearInputRecorder(firsts, n_snap, tokens, calib.seed, selector)
             return holder["r"].close
 
-        report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
-        report.seconds_calibration = time.perf_counter() - t0
+        try:
+            report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
+        finally:
+            if streamed is not None:
+                streamed.close()
+        calibrated()
+        if streamed is not None:  # no blocks: the whole model is one unit, on the device while it is quantized
+            with clock.stage("transfers"):
+                streamed.rest.onload()
         for g in tqdm(groups, desc="quantizing", unit="group", disable=None if progress else True):
             x, amax = holder["r"].inputs(g.names[0])
-            report.rows.append(_quantize_group(model, "", g, x, amax, recipe))
+            report.rows.append(_quantize_group(model, "", g, x, amax, recipe, clock))
+        if streamed is not None:
+            _finish_block(streamed.rest, model, home, keep_on_device, clock)
+    if stream and keep_on_device:
+        with clock.stage("transfers"):
+            model.to(device)
 
-    report.skipped = [(n, type(m).__name__) for n, m in model.named_modules()
-                      if isinstance(m, QUANTIZABLE) and n]
-    model._svdquant_recipe = recipe.to_dict()
-    model.train(was_training)
-    if text_encoders:
-        quantize_text_encoders(pipe, te_recipe, report=report, progress=progress)
-    report.seconds_total = time.perf_counter() - t0
-    if device.type == "cuda":
-        report.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
-    return report
+
+def _finish_block(unit, block: nn.Module, home: torch.device, keep_on_device: bool, clock: StageClock) -> None:
+    """A quantized block's place: back home (its 16-bit leftovers point at their home copies again, its new
+    quantized layers move), or kept on the device."""
+    with clock.stage("transfers"):
+        if not keep_on_device:
+            unit.offload()
+            block.to(home)
+        unit.release()
+
+
+def _gpu_memory(device: torch.device, cap: int | None) -> tuple[int | None, int | None]:
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.memory_allocated(device), cap

@@ -126,6 +126,17 @@ QUANTIZE_BAD = {
     "recipe-unknown": (["--recipe", "int5"], ["unknown recipe 'int5'"]),
     "method-recipe-clash": (["--recipe", "nf4", "--method", "svdquant"], ["rank"]),
     "device-unknown": (["--device", "tpu0"], ["'tpu0' is not a device"]),
+    # --max-gpu-memory (issue 16): parsed before anything else about the GPU, so checkable without one
+    "gpu-memory-no-unit": (["--max-gpu-memory", "16"], ["--max-gpu-memory 16", "GB, GiB, MB or MiB"]),
+    "gpu-memory-unknown-unit": (["--max-gpu-memory", "16TB"], ["--max-gpu-memory 16TB", "give a unit"]),
+    "gpu-memory-zero": (["--max-gpu-memory", "0GB"], ["--max-gpu-memory 0GB", "positive"]),
+    "gpu-memory-negative": (["--max-gpu-memory=-3GB"], ["--max-gpu-memory -3GB", "positive"]),
+    "gpu-memory-not-a-number": (["--max-gpu-memory", "lotsGB"], ["'lots' is not a number"]),
+    "gpu-memory-nan": (["--max-gpu-memory", "nanGiB"], ["--max-gpu-memory nanGiB", "finite"]),
+    "gpu-memory-inf": (["--max-gpu-memory", "infGB"], ["finite"]),
+    "gpu-memory-unit-slip": (["--max-gpu-memory", "0.5MB"], ["less than 1 MiB", "GB?"]),
+    "gpu-memory-on-cpu": (["--max-gpu-memory", "16GB"], ["--max-gpu-memory 16GB", "runs on cpu",
+                                                           "leave --max-gpu-memory out"]),
 }
 
 
@@ -133,6 +144,33 @@ QUANTIZE_BAD = {
 def test_quantize_rejects_bad_values(tmp_path, case):
     extra, needles = QUANTIZE_BAD[case]
     rejected(["quantize", "tiny", "-o", tmp_path / "ck", *extra], *needles, folder=tmp_path)
+
+
+@NO_CUDA
+@pytest.mark.parametrize("device", [[], ["--device", "auto"]])
+def test_quantize_max_gpu_memory_without_a_gpu(tmp_path, device):
+    """The default --device on a machine without CUDA is the CPU: the cap has nothing to cap."""
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--max-gpu-memory", "24GB", *device],
+             "--max-gpu-memory 24GB", "torch sees no CUDA GPU", folder=tmp_path)
+
+
+@NO_CUDA
+def test_quantize_max_gpu_memory_with_device_cuda_without_a_gpu(tmp_path):
+    """--device cuda is refused first, with the message every command gives for it."""
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--device", "cuda", "--max-gpu-memory", "24GB"],
+             "--device cuda was asked for", "use --device cpu", folder=tmp_path)
+
+
+def test_quantize_stream_on_the_cpu(tmp_path):
+    """--stream with --device cpu: the streaming path end to end (moves are no-ops), the same checkpoint."""
+    outs = []
+    for extra in ([], ["--stream"]):
+        out = tmp_path / f"ck{len(extra)}"
+        rc, _, err = run(["quantize", "tiny", "-o", out, *TINY_CALIB, *extra])
+        assert rc == 0 and err == "", err
+        outs.append(out)
+    a, b = (svdquant.load_quantized(o).state_dict() for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_quantize_prompts_file_checked_first(tmp_path):
@@ -499,6 +537,22 @@ def test_quantize_api_checks_before_calibrating():
         svdquant.quantize(pipe, "int4", include="*attn*")
     with pytest.raises(TypeError, match="Calibration"):
         svdquant.quantize(pipe, "int4", ["a cat"])
+    # issue 16: device=, max_gpu_memory=, keep_on_device=
+    for kw, needle in [(dict(device="tpu"), "'tpu' is not a device"),
+                       (dict(max_gpu_memory="16"), "give a unit"), (dict(max_gpu_memory=0), "positive"),
+                       (dict(max_gpu_memory=-2**30), "positive"), (dict(max_gpu_memory=16.0), "such as '16GB'"),
+                       (dict(max_gpu_memory=True), "such as '16GB'"), (dict(max_gpu_memory="xGB"), "not a number"),
+                       (dict(max_gpu_memory=512), "less than 1 MiB"),
+                       (dict(max_gpu_memory="16GB"), "caps a CUDA GPU, but the model is quantized on cpu"),
+                       (dict(device="cpu", max_gpu_memory="16GB"), "pass device='cuda'")]:
+        with pytest.raises(ValueError, match=needle) as e:
+            svdquant.quantize(pipe, "int4", **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(TypeError, match="keep_on_device"):
+        svdquant.quantize(pipe, "int4", device="cpu", keep_on_device="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' was asked for, but torch sees no CUDA GPU"):
+            svdquant.quantize(pipe, "int4", device="cuda", max_gpu_memory="16GB")
     assert not any(type(m).__name__ == "SVDQLinear" for m in pipe.transformer.modules())  # nothing was touched
 
 

@@ -57,6 +57,9 @@ class LayerReport:
     rel_error: float = float("nan")         # ‖Ŷ − Y‖ / ‖Y‖ on the scoring tokens
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # error of each refinement iterate
+    # wall seconds of "setup" (inputs, reference output, naive error), "smoothing search" (a branch and a
+    # residual per candidate λ), "refinement" (the SVD iterations) and "assemble" (the final rounding)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def sqnr_db(self) -> float:
@@ -207,6 +210,9 @@ def quantize_linears(
     no_branch = (p.w.new_zeros(p.w.shape[0], 0), [p.w.new_zeros(0, k)] * len(p.splits))
     ones = torch.ones(k, device=p.w.device) if rc.activations is not None else None
     report.rel_error_naive = math.sqrt(p.error(p.fq_act(ones), p.fq_weight(p.w), ones, *no_branch) / p.y_energy)
+    # each stage ends in a float() of an error, a host sync on a GPU: wall time is the stage's time
+    t_stage = time.perf_counter()
+    report.stages["setup"] = t_stage - t0
 
     def fit(lam):
         """Branch and residual for one λ (no refinement): (error, up, downs, residual)."""
@@ -235,6 +241,8 @@ def quantize_linears(
         best = fit(lam)
     err, up, downs, resid, wq = best
     report.history.append(err)
+    now = time.perf_counter()
+    report.stages["smoothing search"], t_stage = now - t_stage, now
 
     if rc.method == "svdquant" and rc.iterations > 0:
         # L_k = SVD_r(Ŵ − Q(Ŵ − L_{k−1})): refit the branch to what the quantized residual misses.
@@ -254,7 +262,10 @@ def quantize_linears(
             report.iterations += 1
 
     report.rel_error = math.sqrt(err / p.y_energy)
+    now = time.perf_counter()
+    report.stages["refinement"], t_stage = now - t_stage, now
     out = _assemble(p, lam, up, downs, resid, biases)
+    report.stages["assemble"] = time.perf_counter() - t_stage
     report.seconds = time.perf_counter() - t0
     return out, report
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .offload import move
 from .prompts import DEFAULT_PROMPTS
 
 
@@ -140,9 +141,10 @@ def to_device(obj, device):
 class EntryRecorder:
     """Records the (bound) arguments of the first block of each stack on drawn calls."""
 
-    def __init__(self, model: nn.Module, stacks: Sequence[str], selector: CallSelector | None, store_device):
+    def __init__(self, model: nn.Module, stacks: Sequence[str], selector: CallSelector | None, store_device,
+                 pin: bool = False):
         self.entries: dict[str, list[dict[str, Any]]] = {s: [] for s in stacks}
-        self.selector, self.store_device = selector, store_device
+        self.selector, self.store_device, self.pin = selector, store_device, pin
         self._handles = []
         for s in stacks:
             first = model.get_submodule(s)[0]
@@ -152,7 +154,10 @@ class EntryRecorder:
         def pre(module, args, kwargs):
             if self.selector is None or self.selector.active:
                 snap = _bind(block, args, kwargs)
-                self.entries[stack].append(to_device({k: _detach(v) for k, v in snap.items()}, self.store_device))
+                snap = {k: _detach(v) for k, v in snap.items()}
+                # pinned: a streaming run copies each snapshot back to the GPU asynchronously
+                self.entries[stack].append(move(snap, self.store_device, pin=self.pin) if self.pin
+                                           else to_device(snap, self.store_device))
         return pre
 
     def close(self):

@@ -1,0 +1,172 @@
+"""Running a model kept in CPU memory on a GPU, one piece at a time (streaming quantization, issue 16).
+
+A :class:`DeviceUnit` is the own tensors of some modules (a block; a model minus its blocks; a text
+encoder). They stay at home, in pinned CPU memory when the device is a GPU, and :meth:`DeviceUnit.onload`
+points the modules at device copies; :meth:`DeviceUnit.offload` points them back at the home tensors and
+so frees the copies with no transfer back: nothing changes a weight during calibration. Where the
+device is the home (``device="cpu"`` with a model on the CPU) every move is a no-op, the same code runs,
+and the results are bit for bit those of the unstreamed path.
+
+:class:`Streamed` puts units on a model's blocks, on the rest of the model and on a pipeline's other
+models (text encoders...), each on the device only during its own forward: a FLUX pipeline's T5 and
+transformer never sit on the GPU together, and the transformer's peak is one block plus the small
+embedders. Inputs go to the device at each model's entry and outputs come back home, so the pipeline
+itself runs on the CPU (latents, scheduler: small tensors), as under accelerate's offload hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .._timing import StageClock
+
+
+def move(obj, device, pin: bool = False, non_blocking: bool = False):
+    """Every tensor of a nested structure on ``device``; to pinned CPU memory with ``pin`` (so that the
+    copy back to the GPU can be asynchronous). Model outputs (diffusers' and transformers' ``BaseOutput`` /
+    ``ModelOutput``, ordered dicts that also carry their fields as attributes) are updated in place, so
+    they keep their type and attributes."""
+    if torch.is_tensor(obj):
+        if obj.device == torch.device(device) and not (pin and not obj.is_pinned()):
+            return obj
+        if pin and torch.device(device).type == "cpu":
+            out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return out.copy_(obj, non_blocking=non_blocking)
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: move(v, device, pin, non_blocking) for k, v in obj.items()}
+        for k in list(obj.keys()):
+            obj[k] = move(obj[k], device, pin, non_blocking)
+        return obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(move(v, device, pin, non_blocking) for v in obj)
+    return obj
+
+
+class DeviceUnit:
+    """The own parameters and buffers of ``modules`` (not of their children unless listed).
+
+    Onloading puts a new ``Parameter`` holding the device copy in each owner's slot, and offloading puts the
+    original back (its ``.data`` the home tensor), rather than assigning ``.data``: that works for every
+    device (``meta`` included) and the home tensors are never touched by the move."""
+
+    def __init__(self, modules, device, pin: bool):
+        self.device = torch.device(device)
+        self.loaded = False
+        self._params: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
+        self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        for m in modules:
+            for name, p in m._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in self._params:
+                    if pin:  # one tensor at a time, each replacing its pageable original: never the model twice
+                        p.data = _pinned(p.data)
+                    self._params[id(p)] = (p, [])
+                self._params[id(p)][1].append((m, name))  # a tied weight (T5's embedding): every owner
+            for name, b in m._buffers.items():
+                if b is not None:
+                    if pin:
+                        m._buffers[name] = b = _pinned(b)
+                    self._buffers.append((m, name, b))
+
+    def onload(self) -> None:
+        if self.loaded:
+            return
+        for p, owners in self._params.values():
+            t = p.data.to(self.device, non_blocking=True)
+            if t is not p.data:
+                moved = nn.Parameter(t, requires_grad=p.requires_grad)
+                for m, name in owners:
+                    m._parameters[name] = moved
+        for m, name, b in self._buffers:
+            m._buffers[name] = b.to(self.device, non_blocking=True)
+        self.loaded = True
+
+    def offload(self) -> None:
+        for p, owners in self._params.values():
+            for m, name in owners:
+                m._parameters[name] = p
+        for m, name, b in self._buffers:
+            m._buffers[name] = b
+        self.loaded = False
+
+    def release(self) -> None:
+        """Forget the tensors: once a block's linears are replaced, the home copies of their 16-bit weights
+        would otherwise stay alive (12 GB of pinned memory by the end of FLUX)."""
+        self._params, self._buffers = {}, []
+        self.loaded = False
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cpu" or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
+def own_modules(root: nn.Module, exclude: list[nn.Module]) -> list[nn.Module]:
+    """``root`` and its submodules that are not inside one of ``exclude`` (the blocks)."""
+    skip = {id(m) for e in exclude for m in e.modules()}
+    return [m for m in root.modules() if id(m) not in skip]
+
+
+class Streamed:
+    """Hooks that run ``model`` (and ``others``: a pipeline's other models) on ``device`` while their tensors
+    stay at home. ``blocks``: the model's blocks, each its own unit; the rest of the model is one unit.
+    Transfers are timed on ``clock`` as the stage ``transfers``. Use as a context manager: on exit every
+    unit is offloaded and every hook removed."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
+                 clock: StageClock | None = None):
+        self.device, self.home = torch.device(device), torch.device(home)
+        self.clock = clock or StageClock(self.device)
+        pin = self.device.type == "cuda" and self.home.type == "cpu"
+        self.pin = pin
+        self.blocks = {id(b): DeviceUnit(list(b.modules()), device, pin) for b in blocks}
+        self.rest = DeviceUnit(own_modules(model, blocks), device, pin)
+        self.others = [(m, DeviceUnit(list(m.modules()), device, pin)) for m in others]
+        self._handles = []
+        self._entry(model, self.rest)
+        for b in blocks:
+            unit = self.blocks[id(b)]
+            # prepended, as at the model's entry: other hooks on the block (the snapshot recorder) see it loaded
+            self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u), prepend=True))
+            self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
+        for m, unit in self.others:
+            self._entry(m, unit)
+
+    def unit(self, block: nn.Module) -> DeviceUnit:
+        return self.blocks[id(block)]
+
+    def _onload(self, unit: DeviceUnit) -> None:
+        if not unit.loaded:
+            with self.clock.stage("transfers"):
+                unit.onload()
+
+    def _entry(self, module: nn.Module, unit: DeviceUnit) -> None:
+        def pre(m, args, kwargs):
+            self._onload(unit)
+            return move(args, self.device, non_blocking=self.pin), move(kwargs, self.device, non_blocking=self.pin)
+
+        def post(m, args, kwargs, out):
+            unit.offload()
+            return move(out, self.home)
+
+        # prepend: the pre-hook runs before hooks a caller registered earlier, which then see device inputs
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for unit in [*self.blocks.values(), self.rest, *(u for _, u in self.others)]:
+            unit.offload()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
