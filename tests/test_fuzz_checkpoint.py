@@ -8,13 +8,12 @@ NaN / Inf values, impossible codes) and loads it. Every case must end in a model
 exception fails the test, and hypothesis' deadline fails a case that hangs or allocates for long.
 Where the damage is certain (truncation, a missing tensor...) the case must be a CheckpointError.
 
-derandomize=True: the same cases every run, so CI is stable; the counts are in MAX_EXAMPLES.
+derandomize=True: the same cases every run, so CI is stable; the counts are in FUZZ (tests/safetensors_fuzz.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -22,16 +21,15 @@ import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is impor
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from safetensors_fuzz import flip_bytes, fuzz_settings, parse, resized, retyped, serialize, with_header
 
 import svdquant
 from svdquant.checkpoint import META_FILE, TENSOR_FILE, CheckpointError, NonFiniteWarning
 
 # per test; 10 tests -> 4000 cases. SVDQUANT_FUZZ_EXAMPLES=N runs N each (a longer local campaign, or a quick look)
-MAX_EXAMPLES = int(os.environ.get("SVDQUANT_FUZZ_EXAMPLES", "400"))
-FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=5000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(400)
 
 
 # ------------------------------------------------------------------------------------------------ the checkpoint
@@ -45,12 +43,7 @@ class Original:
         self.saved = svdquant.save_quantized(model, root / "orig")
         self.tensor_bytes = (self.saved / TENSOR_FILE).read_bytes()
         self.meta_text = (self.saved / META_FILE).read_text()
-        n = int.from_bytes(self.tensor_bytes[:8], "little")
-        self.header = json.loads(self.tensor_bytes[8:8 + n])
-        self.metadata = self.header.pop("__metadata__")
-        data = self.tensor_bytes[8 + n:]
-        self.entries = {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
-                        for k, v in self.header.items()}
+        self.header, self.metadata, self.entries = parse(self.tensor_bytes)
         self.names = sorted(self.entries)
         self.quantized = {k for k in self.names if k.rpartition(".")[0] in json.loads(self.meta_text)["layers"]}
         self.case = root / "case"
@@ -60,20 +53,6 @@ class Original:
 @pytest.fixture(scope="module")
 def orig(tmp_path_factory):
     return Original(tmp_path_factory.mktemp("fuzz"))
-
-
-def serialize(entries: dict, metadata: dict | None, header_extra: dict | None = None) -> bytes:
-    """A safetensors file from ``name -> (dtype, shape, bytes)`` (offsets computed, in name order)."""
-    header, data, off = {}, [], 0
-    for k, (dtype, shape, raw) in entries.items():
-        header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(raw)]}
-        data.append(raw)
-        off += len(raw)
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    header.update(header_extra or {})
-    h = json.dumps(header).encode()
-    return len(h).to_bytes(8, "little") + h + b"".join(data)
 
 
 def load(orig: Original, tensor_bytes: bytes | None = None, meta_text: str | None = None):
@@ -109,12 +88,7 @@ def test_truncated_file(orig, data):
 @given(data=st.data())
 def test_flipped_bytes(orig, data):
     """Flips anywhere (mostly in the header, where they do the most harm): a model or a CheckpointError."""
-    raw = bytearray(orig.tensor_bytes)
-    n = int.from_bytes(raw[:8], "little")
-    for _ in range(data.draw(st.integers(1, 8))):
-        where = data.draw(st.one_of(st.integers(0, 8 + n - 1), st.integers(0, len(raw) - 1)))
-        raw[where] ^= data.draw(st.integers(1, 255))
-    load(orig, bytes(raw))
+    load(orig, flip_bytes(orig.tensor_bytes, data))
 
 
 @FUZZ
@@ -143,10 +117,7 @@ def test_header_lies(orig, data):
     else:
         header[name][field] = new
     changed = header != orig.header
-    header["__metadata__"] = orig.metadata
-    h = json.dumps(header).encode()
-    old_n = int.from_bytes(orig.tensor_bytes[:8], "little")
-    result = load(orig, len(h).to_bytes(8, "little") + h + orig.tensor_bytes[8 + old_n:])
+    result = load(orig, with_header(orig.tensor_bytes, {**header, "__metadata__": orig.metadata}))
     assert result[0] == "error" or not changed
 
 
@@ -181,8 +152,7 @@ def test_malformed_headers(orig, data):
         meta = data.draw(st.one_of(st.integers(), st.lists(st.text(max_size=3), max_size=3),
                                    st.dictionaries(st.text(max_size=3), st.integers(), min_size=1, max_size=3)))
         h = json.dumps({**orig.header, "__metadata__": meta}).encode()
-    n = int.from_bytes(orig.tensor_bytes[:8], "little")
-    assert load(orig, len(h).to_bytes(8, "little") + h + orig.tensor_bytes[8 + n:])[0] == "error"
+    assert load(orig, with_header(orig.tensor_bytes, h))[0] == "error"
 
 
 @FUZZ
@@ -201,20 +171,17 @@ def test_missing_extra_and_resized_tensors(orig, data):
             return
         entries[extra] = ("F32", [2], bytes(8))
     elif kind == "resized":
-        dtype, shape, raw = entries[name]
-        width = len(raw) // max(1, torch.Size(shape).numel())
         new = data.draw(st.lists(st.integers(0, 70), min_size=0, max_size=3))
-        if new == shape:
+        if new == entries[name][1]:
             return
-        entries[name] = (dtype, new, bytes(width * torch.Size(new).numel()))
+        entries[name] = resized(entries[name], new)
     else:
-        dtype, shape, raw = entries[name]
+        dtype = entries[name][0]
         new = data.draw(st.sampled_from(["F32", "F16", "BF16", "U8", "I8", "I32", "F8_E4M3"]))
-        widths = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "F8_E4M3": 1}
         floats = {"F32", "F16", "BF16"}
         if new == dtype or (new in floats and dtype in floats and name not in orig.quantized):
             return  # a kept layer may be stored in any float dtype: not damage
-        entries[name] = (new, shape, bytes(widths[new] * torch.Size(shape).numel()))
+        entries[name] = retyped(entries[name], new)
     assert load(orig, serialize(dict(sorted(entries.items())), orig.metadata))[0] == "error"
 
 

@@ -16,7 +16,6 @@ SVDQUANT_FUZZ_EXAMPLES=N runs N per test.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -24,21 +23,19 @@ import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is impor
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from safetensors_fuzz import flip_bytes, fuzz_settings, parse, resized, retyped, serialize, with_header
 
 import svdquant
 from svdquant.checkpoint import CheckpointError, NonFiniteWarning
 from svdquant.convert import from_nunchaku, to_nunchaku
 from svdquant.convert.nunchaku_packing import pack_awq, pack_lowrank, unpack_awq, unpack_lowrank
 from test_cli_inputs import run
-from test_fuzz_checkpoint import serialize
 
-MAX_EXAMPLES = int(os.environ.get("SVDQUANT_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=5000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(40)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
@@ -63,12 +60,7 @@ class Original:
         self.path = root / "published.safetensors"
         save_file(t, str(self.path), metadata=metadata)
         self.bytes = self.path.read_bytes()
-        n = int.from_bytes(self.bytes[:8], "little")
-        self.header = json.loads(self.bytes[8:8 + n])
-        self.metadata = self.header.pop("__metadata__")
-        data = self.bytes[8 + n:]
-        self.entries = {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
-                        for k, v in self.header.items()}
+        self.header, self.metadata, self.entries = parse(self.bytes)
         self.names = sorted(self.entries)
         blocks = ("transformer_blocks.", "single_transformer_blocks.")
         self.kept = {k for k in self.names if not k.startswith(blocks) or ".norm_" in k}
@@ -119,12 +111,7 @@ def test_truncated(orig, data):
 @FUZZ
 @given(data=st.data())
 def test_flipped_bytes(orig, data):
-    raw = bytearray(orig.bytes)
-    n = int.from_bytes(raw[:8], "little")
-    for _ in range(data.draw(st.integers(1, 8))):
-        where = data.draw(st.one_of(st.integers(0, 8 + n - 1), st.integers(0, len(raw) - 1)))
-        raw[where] ^= data.draw(st.integers(1, 255))
-    load(orig, bytes(raw))
+    load(orig, flip_bytes(orig.bytes, data))
 
 
 @FUZZ
@@ -150,9 +137,7 @@ def test_header_lies(orig, data):
     same_width_float = (field == "dtype" and name in orig.kept and header[name]["dtype"] in ("F16", "BF16")
                         and orig.header[name]["dtype"] in ("F16", "BF16"))  # kept: either 16-bit float is fine
     changed = header != orig.header and not same_width_float
-    h = json.dumps({**header, "__metadata__": orig.metadata}).encode()
-    n = int.from_bytes(orig.bytes[:8], "little")
-    result = load(orig, len(h).to_bytes(8, "little") + h + orig.bytes[8 + n:])
+    result = load(orig, with_header(orig.bytes, {**header, "__metadata__": orig.metadata}))
     assert result[0] == "error" or not changed
 
 
@@ -175,19 +160,15 @@ def test_missing_extra_resized_and_retyped_tensors(orig, data):
             return
         entries[extra] = ("F32", [2], bytes(8))
     elif kind == "resized":
-        dtype, shape, raw = entries[name]
-        width = len(raw) // max(1, torch.Size(shape).numel())
         new = data.draw(st.lists(st.integers(0, 800), min_size=0, max_size=3))
-        if new == shape:
+        if new == entries[name][1]:
             return
-        entries[name] = (dtype, new, bytes(width * torch.Size(new).numel()))
+        entries[name] = resized(entries[name], new)
     else:
-        dtype, shape, raw = entries[name]
         new = data.draw(st.sampled_from(["F32", "F16", "BF16", "U8", "I8", "I32", "F8_E4M3"]))
-        widths = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "F8_E4M3": 1}
-        if new == dtype or (name in orig.kept and new in ("F32", "F16", "BF16")):
+        if new == entries[name][0] or (name in orig.kept and new in ("F32", "F16", "BF16")):
             return  # a kept tensor may be stored in any float dtype: not damage
-        entries[name] = (new, shape, bytes(widths[new] * torch.Size(shape).numel()))
+        entries[name] = retyped(entries[name], new)
     assert load(orig, rewrite(orig, entries))[0] == "error"
 
 
@@ -248,8 +229,7 @@ def test_values(orig, data):
     assert result[0] == ("warned" if name in orig.kept else "error"), (name, value, result)
 
 
-@settings(max_examples=max(5, MAX_EXAMPLES // 4), deadline=20000, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz_settings(40, divide=4, at_least=5, deadline=20000)
 @given(data=st.data())
 def test_convert_command_leaves_nothing_on_damage(orig, data):
     """``svdquant convert nunchaku`` on a truncated or flipped file: exit 2, one line, no output folder (or a
