@@ -18,6 +18,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def groups_per_program(groups: int) -> int:
+    """How many 64-groups one program of a streaming weight pass walks: the largest of 8, 6, 4, 3, 2, 1 that
+    divides the group count (loop bounds are constexpr for the interpreter)."""
+    return next(d for d in (8, 6, 4, 3, 2, 1) if groups % d == 0)
+
+
+@triton.jit
+def load_halves(p_ptr, rows, rmask, g, KP: tl.constexpr, GROUP: tl.constexpr, SIGNED: tl.constexpr):
+    """Group ``g``'s codes of ``rows``, packed in halves (byte j holds code j low, j + GROUP/2 high;
+    :func:`svdquant.formats.pack_4bit_halves`): ``(codes[:, :GROUP/2], codes[:, GROUP/2:])``. Signed codes
+    sign-extend by a shift pair on int8; unsigned ones (``int4z``) are masked."""
+    half = tl.arange(0, GROUP // 2)
+    b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=rmask[:, None], other=0)
+    if SIGNED:
+        bs = b.to(tl.int8, bitcast=True)
+        return (bs << 4) >> 4, bs >> 4
+    else:
+        bu = b.to(tl.int32)
+        return bu & 15, bu >> 4
+
+
 @triton.jit
 def round_half_even(x):
     """Round to the nearest integer, ties to even (torch.round's rule), for |x| < 2**22."""

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import groups_per_program, load_halves
+
 
 @triton.jit
 def expand_int4m_kernel(p_ptr, m_ptr, w_ptr, N, KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -23,15 +25,13 @@ def expand_int4m_kernel(p_ptr, m_ptr, w_ptr, N, KP: tl.constexpr, GROUP: tl.cons
     pid_g = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    half = tl.arange(0, GROUP // 2)
     n_groups: tl.constexpr = KP // GROUP
     for i in range(0, GROUPS_PER_PROG):
         g = pid_g * GROUPS_PER_PROG + i
-        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=rmask[:, None], other=0)
-        b = b.to(tl.int8, bitcast=True)
+        lo, hi = load_halves(p_ptr, rows, rmask, g, KP, GROUP, True)
         mult = tl.load(m_ptr + rows * n_groups + g, mask=rmask, other=0).to(tl.int8)
-        lo = ((b << 4) >> 4) * mult[:, None]  # |code · m| <= 126: no int8 overflow
-        hi = (b >> 4) * mult[:, None]
+        lo = lo * mult[:, None]  # |code · m| <= 126: no int8 overflow
+        hi = hi * mult[:, None]
         vals = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_N, GROUP))  # [lo | hi], one wide store
         cols = tl.arange(0, GROUP)
         tl.store(w_ptr + rows[:, None] * KP + g * GROUP + cols[None, :], vals, mask=rmask[:, None])
@@ -44,7 +44,7 @@ def expand_int4m(packed: torch.Tensor, mult: torch.Tensor, *, out: torch.Tensor 
     kp = half * 2
     groups = kp // group_size
     if groups_per_prog is None:
-        groups_per_prog = next(d for d in (8, 6, 4, 3, 2, 1) if groups % d == 0)
+        groups_per_prog = groups_per_program(groups)
     w = out if out is not None else torch.empty(n, kp, dtype=torch.int8, device=packed.device)
     expand_int4m_kernel[(triton.cdiv(n, block_n), groups // groups_per_prog)](
         packed, mult, w, n, KP=kp, GROUP=group_size, BLOCK_N=block_n, GROUPS_PER_PROG=groups_per_prog,

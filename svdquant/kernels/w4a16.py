@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting
+from .common import groups_per_program, interpreting, load_halves
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
     n_groups: tl.constexpr = KP // GROUP
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for g in range(0, n_groups):
-        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=nmask[:, None], other=0)
+        c_lo, c_hi = load_halves(p_ptr, rows, nmask, g, KP, GROUP, not HAS_ZEROS)
         sc = tl.load(s_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
         k_lo = g * GROUP + half
         x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
@@ -43,14 +43,12 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + GROUP // 2)[None, :],
                        mask=mmask[:, None] & (k_lo + GROUP // 2 < K)[None, :], other=0.0)
         if HAS_ZEROS:  # unsigned codes: code · scale + zero
-            bu = b.to(tl.int32)
             zr = tl.load(z_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
-            w_lo = ((bu & 15).to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
-            w_hi = ((bu >> 4).to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
-        else:  # signed codes: shifts on int8 sign-extend the nibbles
-            bs = b.to(tl.int8, bitcast=True)
-            w_lo = (((bs << 4) >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)  # the reference's weight, x's dtype
-            w_hi = ((bs >> 4).to(tl.float32) * sc[:, None]).to(x_lo.dtype)
+            w_lo = (c_lo.to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
+            w_hi = (c_hi.to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
+        else:  # the reference's weight, in x's dtype
+            w_lo = (c_lo.to(tl.float32) * sc[:, None]).to(x_lo.dtype)
+            w_hi = (c_hi.to(tl.float32) * sc[:, None]).to(x_lo.dtype)
         if F32_DOT:  # the CPU interpreter cannot multiply bf16; fp32 inputs keep fp32 accuracy
             acc = tl.dot(x_lo.to(tl.float32), w_lo.to(tl.float32).T, acc, input_precision="ieee")
             acc = tl.dot(x_hi.to(tl.float32), w_hi.to(tl.float32).T, acc, input_precision="ieee")
@@ -77,17 +75,14 @@ def dequantize_int4_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, KP: tl.constexpr, G
     n_groups: tl.constexpr = KP // GROUP
     for i in range(0, GROUPS_PER_PROG):
         g = pid_g * GROUPS_PER_PROG + i
-        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=rmask[:, None], other=0)
+        c_lo, c_hi = load_halves(p_ptr, rows, rmask, g, KP, GROUP, not HAS_ZEROS)
         sc = tl.load(s_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:  # the same expressions as w4a16_kernel: one rounding to the output dtype
-            bu = b.to(tl.int32)
+        lo = c_lo.to(tl.float32) * sc[:, None]  # the same expressions as w4a16_kernel: one rounding at the store
+        hi = c_hi.to(tl.float32) * sc[:, None]
+        if HAS_ZEROS:
             zr = tl.load(z_ptr + rows * n_groups + g, mask=rmask, other=0.0).to(tl.float32)
-            lo = (bu & 15).to(tl.float32) * sc[:, None] + zr[:, None]
-            hi = (bu >> 4).to(tl.float32) * sc[:, None] + zr[:, None]
-        else:
-            bs = b.to(tl.int8, bitcast=True)
-            lo = ((bs << 4) >> 4).to(tl.float32) * sc[:, None]
-            hi = (bs >> 4).to(tl.float32) * sc[:, None]
+            lo += zr[:, None]
+            hi += zr[:, None]
         k_lo = g * GROUP + half
         base = w_ptr + rows[:, None] * K
         tl.store(base + k_lo[None, :], lo.to(w_ptr.dtype.element_ty), mask=rmask[:, None] & (k_lo < K)[None, :])
@@ -104,7 +99,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: t
     n, half = packed.shape
     kp = half * 2
     groups = kp // group_size
-    gpp = next(d for d in (8, 6, 4, 3, 2, 1) if groups % d == 0)
+    gpp = groups_per_program(groups)
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
     dequantize_int4_kernel[(triton.cdiv(n, block_n), groups // gpp)](
         packed, scales, zeros if zeros is not None else scales, w, n, k, KP=kp, GROUP=group_size,
