@@ -302,7 +302,7 @@ def main(argv=None):
             out = m(**static)[0]
         return graph.replay, lambda: out
 
-    def measure(name, m, compiled):
+    def measure(name, m):
         row = res["variants"].setdefault(name, {})
         row["weights_gb"] = weights_gb(m)
         for b, kw in feeds.items():
@@ -348,12 +348,12 @@ def main(argv=None):
         """Every requested variant of one base model: eager, eager + graph, compiled, compiled + graph."""
         for suffix in ("", "-graph"):
             if base + suffix in variants:
-                measure(base + suffix, m, False)
+                measure(base + suffix, m)
         if any(v.startswith(base + "-compiled") for v in variants):
             compile_blocks(m, backend)
             for suffix in ("", "-graph"):
                 if base + "-compiled" + suffix in variants:
-                    measure(base + "-compiled" + suffix, m, True)
+                    measure(base + "-compiled" + suffix, m)
             uncompile_blocks(m)
 
     if any(v.startswith("bf16") or v.startswith("fp8") for v in variants) and "bf16" not in variants:
@@ -396,7 +396,7 @@ def main(argv=None):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)
-            measure(f"{ours[-1]}+lora64", model, False)
+            measure(f"{ours[-1]}+lora64", model)
     save()
     print(json.dumps(res, indent=1))
 

@@ -58,15 +58,18 @@ class FusedSVDQLinear(nn.Module):
     def refresh(self) -> None:
         """Rebuild after a member was (re)prepared: loading, ``.to``, a weight-mode change."""
         runners = [m._runner for m in self.members]
+        outs = [m.out_features for m in self.members]
         self._runner = None
-        if all(isinstance(r, Int8Runner) and r.w is not None and r.mode == "speed" for r in runners):
-            if all(torch.equal(r.sinv, runners[0].sinv) for r in runners):
-                outs = [m.out_features for m in self.members]
-                self._runner = Int8Runner.stacked(runners, outs)
-                start = 0
-                for r, n in zip(runners, outs):
-                    r.view_rows(self._runner, start, start + n)
-                    start += n
+        if not all(isinstance(r, Int8Runner) for r in runners):
+            return  # the CPU reference, or another path: the members run in turn
+        try:
+            self._runner = Int8Runner.stacked(runners, outs)
+        except ValueError:  # memory mode, or layers that do not share their input's smoothing
+            return
+        start = 0
+        for r, n in zip(runners, outs):
+            r.view_rows(self._runner, start, start + n)
+            start += n
 
     def refresh_branch(self) -> None:
         """A member's LoRAs changed (its runner rebuilt its branch): restack the branches."""

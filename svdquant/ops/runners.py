@@ -183,8 +183,9 @@ class Int8Runner:
         new.w = torch.cat([r.w for r in runners], 0)
         new.w_scale = torch.cat([r.w_scale for r in runners], 0)
         new.mult = None  # only packed_weight() reads it, and the members give back their own codes
-        if any(r.bias is not None for r in runners):
-            new.bias = torch.cat([r.bias if r.bias is not None else r.w_scale.new_zeros(n).to(first.sinv.device)
+        some = next((r.bias for r in runners if r.bias is not None), None)
+        if some is not None:  # a layer without a bias adds zeros (in the others' dtype)
+            new.bias = torch.cat([r.bias if r.bias is not None else some.new_zeros(n)
                                   for r, n in zip(runners, out_features)], 0)
         new.out_features = list(out_features)
         new.set_stacked_branch(runners)
@@ -208,15 +209,13 @@ class Int8Runner:
 
     def __call__(self, x2):
         # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
+        speed = self.w is not None
+        args = (x2, self.sinv, self.down, self.up, self.bias, self.w if speed else self.packed,
+                None if speed else self.mult, self.w_scale, self.a4, self.group, self.shift, self.unsigned_from,
+                self.tma, self.num_programs or 0, self.gelu)
         if torch.compiler.is_compiling():
-            return torch.ops.svdquant.int8_linear(
-                x2, self.sinv, self.down, self.up, self.bias, self.w if self.w is not None else self.packed,
-                self.mult if self.w is None else None, self.w_scale, self.a4, self.group, self.shift,
-                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu)
-        return library.int8_linear_impl(
-            x2, self.sinv, self.down, self.up, self.bias, self.w if self.w is not None else self.packed,
-            self.mult if self.w is None else None, self.w_scale, self.a4, self.group, self.shift,
-            self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, w_desc=self.w_desc)
+            return torch.ops.svdquant.int8_linear(*args)
+        return library.int8_linear_impl(*args, w_desc=self.w_desc)
 
 
 class FloatScalesRunner:
