@@ -132,6 +132,40 @@ def test_int8_gemm_sums_exactly_in_int32_at_the_largest_values():
     assert torch.all(y == -126 * 126 * k)
 
 
+# ---------------------------------------------------------------------------- the quantizer's weight rounding
+def _weights_to_round(g, n, k, device="cpu"):
+    """Rows of different magnitudes, a zero group, a zero row and an outlier: every branch of the rule."""
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 3
+    w[0, :64] = 0
+    w[1] = 0
+    w[2, 5] = 40
+    return w.to(device)
+
+
+@cpu_only
+@pytest.mark.parametrize("k", [64, 200, 1100])
+def test_round_int4m_weights_is_the_reference_bit_for_bit(k):
+    seed = seed_now()
+    w = _weights_to_round(torch.Generator().manual_seed(seed), 9, k)
+    want = get_format("int4m").fake_quantize(w, 64, weight=True)
+    assert torch.equal(K.round_int4m_weights(w), want), f"seed {seed}"
+
+
+def test_round_int4m_weights_refuses_what_it_cannot_round():
+    with pytest.raises(ValueError, match="fp32"):
+        K.round_int4m_weights(torch.zeros(4, 64, dtype=torch.bfloat16))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(9216, 3072), (3072, 12288), (21504, 3072), (3072, 15360)])
+def test_gpu_round_int4m_weights_at_flux_shapes(n, k):
+    seed = seed_now()
+    w = _weights_to_round(torch.Generator().manual_seed(seed), n, k, "cuda")
+    want = get_format("int4m").fake_quantize(w, 64, weight=True)
+    assert torch.equal(K.round_int4m_weights(w), want), f"seed {seed}"
+
+
 # ---------------------------------------------------------------------------- expand, W4A16 (interpreter)
 @cpu_only
 def test_expand_gives_code_times_multiplier():

@@ -17,7 +17,9 @@ shared branch (SVD of the stacked weights) or one branch each.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -93,6 +95,7 @@ class _Problem:
         self.x = x[idx].contiguous()
         self.y = self.x @ self.w.T
         self.y_energy = max(float(self.y.square().sum()), 1e-30)
+        self.round_kernel = _weight_rounding_kernel(recipe, self.w.device)
 
     # -- the quantizers, as the module applies them ---------------------------------
     def fq_act(self, inv_smooth: torch.Tensor | None) -> torch.Tensor:
@@ -110,6 +113,9 @@ class _Problem:
 
     def fq_weight(self, r_all: torch.Tensor) -> torch.Tensor:
         rc = self.recipe
+        if self.round_kernel is not None:  # row by row, bit-identical to fake_quantize below
+            return self.round_kernel(r_all)
+
         def fq(t):
             return fake_quantize(t, rc.weights, rc.group_size, scale_dtype=self.dtype, weight=True, check=False)
 
@@ -149,6 +155,18 @@ class _Problem:
                 cols.append(cache[id(d)] @ u.T)
             y += torch.cat(cols, 1)
         return float((y - self.y).square().sum())
+
+
+def _weight_rounding_kernel(recipe: QuantConfig, device: torch.device):
+    """The GPU kernel that rounds this recipe's weights for the search, or None (on the CPU, where the format
+    has none, or when ``SVDQUANT_REFERENCE=1`` asks for the torch reference everywhere)."""
+    fmt = get_format(recipe.weights)
+    reference = os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0")
+    if fmt.weight_rounding_kernel is None or device.type != "cuda" or reference:
+        return None
+    from .. import kernels
+
+    return functools.partial(getattr(kernels, fmt.weight_rounding_kernel), group_size=fmt.group(recipe.group_size))
 
 
 def _flatten_inputs(inputs, k: int) -> torch.Tensor:

@@ -67,7 +67,8 @@ def _grid(x, group_size, unsigned, best, check):
             gs = s * m
             inv = torch.where(gs > 0, 1.0 / gs, torch.zeros_like(gs))
             q = torch.minimum(torch.maximum(torch.round(xg * inv), lo), qmax)
-            errs.append((q * m * s - xg).square().sum(-1, keepdim=True))
+            # float64 sums: the choice then does not hang on a reduction's order (a kernel sums differently)
+            errs.append((q * m * s - xg).double().square().sum(-1, keepdim=True))
         m = torch.where(errs[1] < errs[0], mults[1], mults[0])
     else:
         m = torch.minimum(torch.maximum(torch.round(ideal), torch.ones_like(ideal)), mmax)

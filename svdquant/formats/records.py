@@ -41,6 +41,8 @@ class Format:
     static_input_scale: as activations, a per-tensor scale is calibrated (NVFP4).
     weight_only: the weight format this recipe uses for its 16-bit-activation layers.
     best_weights: weights pick each group's scale for the smaller error (``int4m``).
+    weight_rounding_kernel: the :mod:`svdquant.kernels` function that computes ``fake_quantize(w, weight=True)``
+        on a GPU, row by row, bit-identical (the quantizer's search runs it for every candidate).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Format:
     _fake: Callable | None = field(default=None, repr=False)
     _code_values: Callable | None = field(default=None, repr=False)
     best_weights: bool = False
+    weight_rounding_kernel: str | None = None
 
     # -- numbers -----------------------------------------------------------------
     def group(self, group_size: int | None) -> int:
@@ -182,7 +185,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _quantize=_q_int4m, _dequantize=dequantize_int4m,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wmult": ((n, g), U8),
                                          "wscales": ((n,), F32)},
-           _fake=_fq_int4m, best_weights=True),
+           _fake=_fq_int4m, best_weights=True, weight_rounding_kernel="round_int4m_weights"),
     # AWQ's W4A16 (Nunchaku's adaLN layers): kept so imported layers hold their exact values; never a recipe default.
     Format("int4z", "uint4 [0, 15], a 16-bit scale and a 16-bit zero per group of 64 (AWQ W4A16); weights only",
            64, None, packed=True, signed=False, weight=True, activation=False, pairs_with=(),
