@@ -114,6 +114,102 @@ def test_streamed_blocks_visit_the_device_one_at_a_time():
     assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks_before
 
 
+# ------------------------------------------------------------------------------------------------ stopping at the first block
+def count_calls(module: nn.Module) -> list[int]:
+    """Completed forwards of ``module`` (one item each)."""
+    calls: list[int] = []
+    module.register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls
+
+
+
+def test_chain_check_on_a_plain_forward():
+    """ChainCheck alone: FLUX's blocks chain (double -> double -> single); a residual added between the stacks
+    (ControlNet's) or a block called twice breaks it."""
+    from svdquant.calibration.capture import ChainCheck
+
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
+    chain = [*model.transformer_blocks, model.single_transformer_blocks[0]]
+    outputs = ("encoder_hidden_states", "hidden_states")
+    x = tm.flux_inputs(model, seed=0)
+    with torch.no_grad():
+        check = ChainCheck(chain, outputs)
+        model(**x)
+        check.close()
+        assert check.ok
+        check = ChainCheck(chain, outputs)
+        model(**x, controlnet_block_samples=[torch.ones(1, 16, tm.HIDDEN, dtype=DTYPE)])
+        check.close()
+        assert not check.ok
+        check = ChainCheck(chain, outputs)
+        model(**x)
+        model(**x)  # the second forward calls every block again
+        check.close()
+        assert not check.ok
+        check = ChainCheck(chain, outputs)  # no forward
+        check.close()
+        assert not check.ok
+    assert not hooks_left(model)
+
+
+def test_stopped_forwards_keep_one_entry_each_and_share_what_repeats():
+    """The recorder that stops each forward at the first block, on a real FLUX: one entry per input, the forward
+    never completes, and the rotary embedding (the same for every input at one resolution) is held once
+    while the per-input tensors are not shared."""
+    from svdquant.calibration.capture import EntryRecorder, run_inputs
+
+    model = tm.build_flux(seed=0, dtype=DTYPE)
+    completed = count_calls(model)
+    singles = count_calls(model.single_transformer_blocks[0])
+    inputs = tm.calibration_inputs("flux", model, 3)
+    stops = []
+    rec = EntryRecorder(model, ("transformer_blocks",), None, "cpu", stop=True,
+                        share_except=("encoder_hidden_states", "hidden_states"))
+    with torch.no_grad():
+        run_inputs(model, inputs, on_stop=lambda: stops.append(1), progress=False)
+    rec.close()
+    entries = rec.entries["transformer_blocks"]
+    assert len(entries) == 3 and len(stops) == 3 and not completed and not singles
+    assert all(e["image_rotary_emb"] is entries[0]["image_rotary_emb"] for e in entries)
+    for key in ("hidden_states", "encoder_hidden_states", "temb"):
+        assert entries[1][key] is not entries[0][key] and not torch.equal(entries[1][key], entries[0][key])
+    model._forward_hooks.clear()
+    model.single_transformer_blocks[0]._forward_hooks.clear()
+    assert not hooks_left(model)
+
+
+def test_stopped_forwards_leave_nothing_on_the_device():
+    """``meta`` as the device: the forwards that stop at the first block leave the model's rest (embedders) on the
+    device until ``Streamed.offload`` puts it back; the first block is never even onloaded (the stopping hook runs
+    before the streaming one), and afterwards every tensor is its home tensor and no hook is left."""
+    from svdquant.calibration.capture import EntryRecorder, run_inputs
+
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    home = {id(p): p.data_ptr() for p in model.parameters()}
+    hooks_before = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+    after_stop = []
+    with Streamed(model, blocks, "meta", "cpu") as streamed:
+        onloads = []
+        first = streamed.unit(blocks[0])
+        first.onload = lambda: onloads.append(1)
+
+        def on_stop():
+            after_stop.append(streamed.rest.loaded)  # the rest is still on the device here
+            streamed.offload()
+            after_stop.append(streamed.rest.loaded or {p.device.type for p in model.parameters()} != {"cpu"})
+
+        rec = EntryRecorder(model, ("transformer_blocks",), None, "meta", stop=True)
+        run_inputs(model, tm.calibration_inputs("flux", model, 2), on_stop=on_stop, progress=False)
+        rec.close()
+    assert after_stop == [True, False] * 2
+    assert not onloads
+    assert len(rec.entries["transformer_blocks"]) == 2
+    assert rec.entries["transformer_blocks"][0]["hidden_states"].device.type == "meta"
+    assert {id(p): p.data_ptr() for p in model.parameters()} == home
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks_before
+
+
 # ------------------------------------------------------------------------------------------------ report, bar
 def test_stage_times_are_in_the_report_and_within_the_total():
     model = tm.build_flux(seed=0, dtype=DTYPE)
