@@ -18,6 +18,14 @@ quantizing and passes ``device="cuda"``: calibration and quantization then strea
 (``QuantReport.stages``: calibration and its transfers, transfers, replays, smoothing search,
 refinement...) and the peak GPU memory allocated and reserved. ``--smoke --stream`` runs the same
 streaming code on the CPU (every move a no-op), as ``tests/test_stream.py`` does.
+
+The benchmark calibrates on forward inputs (``Calibration(inputs=)``), so ``seconds_calibration_pass`` is
+one whole forward (the check that the double and single stacks chain) and, for every other snapshot, a
+forward stopped at the first double block; the single blocks' inputs come from the replays. Streaming,
+the model is not pinned (no ``pin memory`` stage: a pipeline's calibration pins it), and the snapshots
+stay on the GPU for the whole quantize phase when they fit the cap with room to spare
+(``snapshots_fit`` in ``svdquant/quantize.py``): ``transfers`` is then the blocks' weights alone.
+``est_calibration_s`` still estimates a pipeline's calibration (every step's forward whole).
 """
 
 from __future__ import annotations

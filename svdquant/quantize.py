@@ -12,6 +12,14 @@ each block is replayed in 16 bits on those inputs, with hooks keeping what its l
 read, its linears are quantized and swapped in place, and the block's 16-bit outputs
 become the next block's inputs. Only one block's layer inputs are held at once, and
 every layer is calibrated on 16-bit inputs.
+
+Calibrating on forward inputs (``Calibration(inputs=)``), the whole forwards would compute
+nothing the replays do not compute again: once one forward has shown that the model chains
+its stacks as the replays do (each stack's last block returns what the next stack's first
+takes: FLUX's double and single blocks), the other forwards stop at the first block and the
+last block of a stack makes the next stack's inputs (``_calibrate_stacks``). Streaming from
+the CPU, the snapshots stay on the device for the whole quantize phase when they fit
+(:func:`snapshots_fit`), else wait at home and cross for every block.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ._timing import StageClock
 from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
+from .calibration.capture import ChainCheck, keep_entry, next_inputs, run_inputs
 from .calibration.offload import Streamed, move
 from .models import Group, get_adapter
 from .models.base import QUANTIZABLE, is_quantizable
@@ -393,8 +402,11 @@ def quantize(
         ``save_quantized(pipe, ...)`` to keep them.
     progress: progress bars (shown only when stderr is a terminal).
     device: where to compute (default: where the model is). With a model (pipeline) on the CPU and
-        ``device="cuda"``, the 16-bit weights stay in CPU memory and stream: each block, text encoder and
-        snapshot is on the GPU only while it is used, so the GPU holds about one block at a time.
+        ``device="cuda"``, the 16-bit weights stay in CPU memory and stream: each block and text encoder is
+        on the GPU only while it is used, so the GPU holds about one block at a time, and the snapshots
+        (the blocks' inputs) stay on the GPU when they fit the cap (or the free memory) with room to spare,
+        else each is there only while it is used. The weights are pinned first only when calibrating
+        through a pipeline (many forwards); on ``Calibration(inputs=)`` each block crosses about twice.
     max_gpu_memory: cap the GPU memory torch may use, e.g. ``"16GB"`` / ``"22GiB"`` (or bytes), for the
         duration of the call (``torch.cuda.set_per_process_memory_fraction``).
     keep_on_device: with streaming, leave the quantized model on ``device`` (default: back on the CPU).
@@ -463,13 +475,17 @@ def quantize(
 
 def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, progress, device, home, stream,
                     others, cap, keep_on_device, t0) -> None:
-    pin = stream and device.type == "cuda"  # snapshots and block weights wait in pinned CPU memory
     blocks = adapter.blocks(model) if adapter.stacks else []
     streamed = None
     if stream:
+        # Pinned home memory makes every later copy faster but costs about a second per GB up front: it pays when
+        # each block crosses many times (a pipeline's every denoising step), not when each crosses about twice
+        # (forward inputs: the calibration forwards stop at the first block).
+        pin_model = device.type == "cuda" and calib.inputs is None
         t1 = time.perf_counter()
-        streamed = Streamed(model, [b for _, b in blocks], device, home, others=others, clock=clock)
-        clock.add("pin memory", time.perf_counter() - t1)
+        streamed = Streamed(model, [b for _, b in blocks], device, home, others=others, clock=clock, pin=pin_model)
+        if pin_model:
+            clock.add("pin memory", time.perf_counter() - t1)
     t_calib = time.perf_counter()
 
     def calibrated():
@@ -481,26 +497,33 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
 
     if adapter.stacks:
         plan = [(name, block, adapter.groups(block)) for name, block in blocks]
-        recorder: dict[str, EntryRecorder] = {}
-
-        def hooks(selector):
-            recorder["r"] = EntryRecorder(model, adapter.stacks, selector, home if stream else device, pin=pin)
-            return recorder["r"].close
-
         try:
-            report.snapshots = run_calibration(pipe, model, calib, hooks, progress)
+            cal = _calibrate_stacks(pipe, model, adapter, calib, blocks, device, home, stream, cap, progress, streamed)
         finally:
             if streamed is not None:
                 streamed.close()
-        entries = recorder["r"].entries
         calibrated()
-        if report.snapshots == 0 or not all(entries.values()):
+        report.snapshots = cal.count
+        if report.snapshots == 0 or not all(cal.entries.values()):
             raise RuntimeError("calibration recorded no model calls; check the calibration prompts/inputs")
+        # snapshots at home cross to the device and back for every block; held on the device, they never move
+        spill = stream and not cal.on_device
+        pin = spill and device.type == "cuda"
+        store = home if spill else device  # where a stack's last block leaves the next stack's entries
+        if stream and cal.on_device and calib.inputs is None:
+            with clock.stage("transfers"):  # recorded at home through the pipeline: one crossing for all blocks
+                memo: dict = {}  # a value shared by all snapshots (rotary embedding) crosses once
+                cal.entries = {k: move(v, device, memo=memo) for k, v in cal.entries.items()}
+                del memo
         bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group",
                    disable=None if progress else True)  # None: only on a terminal
         index = 0
-        for stack in adapter.stacks:
-            snaps = entries[stack]
+        snaps: list[dict] = []
+        for si, stack in enumerate(adapter.stacks):
+            if not (cal.chained and si > 0):
+                snaps = cal.entries.pop(stack)  # recorded (else: made by the previous stack's last block)
+            # this stack's last block makes the next stack's entries (cal.chained: the model was checked to chain so)
+            chain_on = cal.chained and si < len(adapter.stacks) - 1
             stack_blocks = [(n, b, g) for n, b, g in plan if n.rsplit(".", 1)[0] == stack]
             for bi, (bname, block, groups) in enumerate(stack_blocks):
                 index += 1
@@ -514,7 +537,7 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
                 nxt = []
                 try:
                     for s in snaps:
-                        if stream:
+                        if spill:
                             with clock.stage("transfers"):
                                 s_dev = move(s, device, non_blocking=pin)
                         else:
@@ -522,11 +545,13 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
                         with clock.stage("replays"):
                             out = block(**s_dev)
                         if not last:
-                            outs = dict(zip(adapter.outputs, out if isinstance(out, tuple) else (out,)))
-                            if stream:
+                            if spill:
                                 with clock.stage("transfers"):
-                                    outs = move(outs, home, pin=pin, non_blocking=pin)
-                            nxt.append({**s, **outs})
+                                    out = move(out, home, pin=pin, non_blocking=pin)
+                            nxt.append(next_inputs(s, out, adapter.outputs))
+                        elif chain_on:  # the next stack's entry, kept as the calibration keeps a recorded one
+                            with clock.stage("transfers" if spill else "replays"):
+                                nxt.append({**s, **keep_entry(next_inputs({}, out, adapter.outputs), store, pin)})
                         del s_dev, out
                 finally:
                     rec.close()
@@ -572,6 +597,135 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
     if stream and keep_on_device:
         with clock.stage("transfers"):
             model.to(device)
+
+
+@dataclass
+class _Calibrated:
+    """What the calibration leaves for the block replays."""
+
+    entries: dict[str, list[dict]]  # per stack, one dict of first-block arguments per snapshot
+    chained: bool  # only the first stack's entries: each stack's last block makes the next stack's
+    on_device: bool  # the snapshots stay on the device for the whole quantize phase (else at home, moved per block)
+    count: int  # snapshots
+
+
+def _calibrate_stacks(pipe, model, adapter, calib, blocks, device, home, stream, cap, progress,
+                      streamed) -> _Calibrated:
+    """Runs the calibration calls, keeping the arguments of each stack's first block (the snapshots).
+
+    Through a pipeline, every call runs whole (the denoising trajectory needs every step) and each stack's entry
+    is recorded. On forward inputs (``Calibration(inputs=)``), the whole forward computes nothing the block
+    replays do not compute again: the first input runs whole under a :class:`ChainCheck`, and if the model
+    chains its blocks and stacks the way the replays do (FLUX: each stack's last block returns what the next
+    stack's first block takes), the other inputs stop at the first block and only the first stack's entries
+    are kept; otherwise (ControlNet residuals added between blocks...) they run whole, as through a pipeline.
+    Either way the replays then see bit for bit the same block inputs.
+    """
+    stacks = adapter.stacks
+    home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
+    home_store = home if stream else device
+    block_bytes = max(_tensor_bytes(b) for _, b in blocks)
+    on_stop = streamed.offload if streamed is not None else None
+    if calib.inputs is None:
+        holder: dict[str, EntryRecorder] = {}
+
+        def hooks(selector):
+            holder["r"] = EntryRecorder(model, stacks, selector, home_store, pin=home_pin,
+                                        share_except=adapter.outputs)
+            return holder["r"].close
+
+        count = run_calibration(pipe, model, calib, hooks, progress)
+        entries = holder["r"].entries
+        held = _nbytes(entries) + max(_nbytes(e) for e in entries.values())  # and one stack's outputs
+        return _Calibrated(entries, False, _hold_snapshots(device, cap, stream, held, block_bytes), count)
+    first, chained = _record_first(model, adapter, calib.inputs[0], home_store, on_stop)
+    count = len(calib.inputs)
+    one = max(_nbytes(e) for e in first.values())  # one snapshot of one stack
+    # held at once: one stack's entries and the outputs made from them (and, recording every stack, all of them)
+    held = count * (2 * one if chained else _nbytes(first) + one)
+    on_device = _hold_snapshots(device, cap, stream, held, block_bytes)
+    store, pin = (device, False) if on_device or not stream else (home, home_pin)
+    kept = stacks[:1] if chained else stacks
+    rec = EntryRecorder(model, kept, None, store, pin, stop=chained, share_except=adapter.outputs,
+                        first={s: [move(e, store, pin=pin) for e in first[s]] for s in kept})
+    try:
+        run_inputs(model, calib.inputs[1:], on_stop=on_stop, progress=progress)
+    finally:
+        rec.close()
+    return _Calibrated(rec.entries, chained, on_device, count)
+
+
+def _record_first(model, adapter, kw: dict, store, on_stop) -> tuple[dict[str, list[dict]], bool]:
+    """The first snapshot's entry of every stack (a list each: empty if the model never called the stack), from
+    one forward on ``kw``, and whether the replays may derive the later stacks' entries (:class:`ChainCheck`
+    over every block up to the last stack's first; one stack: nothing to derive, and the forward stops at the
+    first block)."""
+    stacks = adapter.stacks
+    if len(stacks) == 1:
+        rec = EntryRecorder(model, stacks, None, store, stop=True)
+        try:
+            run_inputs(model, [kw], on_stop=on_stop, progress=False)
+        finally:
+            rec.close()
+        return rec.entries, True
+    seqs = [model.get_submodule(s) for s in stacks]
+    check = ChainCheck([b for seq in seqs[:-1] for b in seq] + [seqs[-1][0]], adapter.outputs)
+    rec = EntryRecorder(model, stacks, None, store)
+    try:
+        model(**kw)
+    finally:
+        rec.close()
+        check.close()
+    return rec.entries, check.ok
+
+
+# Room the quantize phase keeps free besides its snapshots: the block on the device and the search over its
+# groups (the 16-bit weights in fp32, the layer inputs, the candidates), 4 x the largest block + 4 GB. A
+# FLUX.1-dev double block is 0.68 GB; the search's peak over a streamed FLUX was 3.7 GB in all.
+_BLOCK_MARGIN = 4
+_SEARCH_MARGIN = 4 * 10**9
+
+
+def snapshots_fit(snapshot_bytes: int, block_bytes: int, room: int) -> bool:
+    """Whether a streaming quantization may keep its snapshots on the device from the first block to the last:
+    ``snapshot_bytes`` (what the replays hold at once: the block inputs and the outputs made from them) plus
+    the margin for the block and its search (4 x ``block_bytes``, the largest block, + 4 GB) within ``room``
+    (the cap, or what the device has free). FLUX.1-dev, 128 snapshots at 1024²: 2 x 4.3 GB + 2.7 GB + 4 GB,
+    which fits a 24 GB cap."""
+    return snapshot_bytes + _BLOCK_MARGIN * block_bytes + _SEARCH_MARGIN <= room
+
+
+def _hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int) -> bool:
+    """Whether the snapshots stay on the device (no move per block): always unless streaming; streaming, when
+    they fit the CUDA device (:func:`snapshots_fit`), or on the CPU, where device and home memory are one."""
+    if not stream or device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    return snapshots_fit(held, block_bytes, _device_room(device, cap))
+
+
+def _device_room(device: torch.device, cap: int | None) -> int:
+    """Bytes a CUDA device can still give torch: what is free (torch's unused cache included), within the cap."""
+    free, _ = torch.cuda.mem_get_info(device)
+    used = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - used
+    return free if cap is None else min(free, cap - used)
+
+
+def _nbytes(obj, seen: set | None = None) -> int:
+    """Bytes of the tensors in a nested structure, a tensor shared by several snapshots once."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v, seen) for v in obj)
+    return 0
 
 
 def _finish_block(unit, block: nn.Module, home: torch.device, keep_on_device: bool, clock: StageClock) -> None:

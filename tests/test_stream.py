@@ -114,12 +114,233 @@ def test_streamed_blocks_visit_the_device_one_at_a_time():
     assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks_before
 
 
+# ------------------------------------------------------------------------------------------------ calibrating on inputs
+Q = sys.modules["svdquant.quantize"]  # the module (svdquant.quantize is the function)
+
+
+def force_chained(monkeypatch, chained: bool) -> None:
+    """Make the quantizer take (True) or skip (False) the calibration that stops at the first block, whatever its
+    check of the model found."""
+    record_first = Q._record_first
+
+    def forced(model, adapter, kw, store, on_stop):
+        if chained:
+            return record_first(model, adapter, kw, store, on_stop)[0], True
+        entries = Q.EntryRecorder(model, adapter.stacks, None, store)  # the full forward, as the fallback runs it
+        try:
+            model(**kw)
+        finally:
+            entries.close()
+        return entries.entries, False
+
+    monkeypatch.setattr(Q, "_record_first", forced)
+
+
+def count_calls(module: nn.Module) -> list[int]:
+    """Completed forwards of ``module`` (one item each)."""
+    calls: list[int] = []
+    module.register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls
+
+
+def quantize_counting(model, calib, **kw):
+    """``svdquant.quantize`` on ``model``, with the model's completed forwards counted (the hook then removed)."""
+    calls = count_calls(model)
+    report = svdquant.quantize(model, RECIPE, calib, progress=False, **kw)
+    model._forward_hooks.clear()
+    return report, len(calls)
+
+
+def test_inputs_calibration_stops_at_the_first_block_and_is_bit_identical(monkeypatch):
+    """Calibrating on forward inputs, one full forward (the check that FLUX chains its two stacks) and the other
+    forwards stop at the first double block; the single blocks' inputs come from the replays. The result is bit
+    for bit that of running every forward whole (the path before; still the path through a pipeline), with
+    the snapshots held on the device and with them moved per block (spilled) alike."""
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
+    calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 3))
+    fast, whole, spilled = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    r_fast, n_fast = quantize_counting(fast, calib, device="cpu")
+    with monkeypatch.context() as mp:
+        force_chained(mp, False)
+        mp.setattr(Q, "_hold_snapshots", lambda *a: False)  # today's path: every forward whole, snapshots moved
+        r_whole, n_whole = quantize_counting(whole, calib, device="cpu")
+    with monkeypatch.context() as mp:
+        mp.setattr(Q, "_hold_snapshots", lambda *a: False)
+        r_spilled, n_spilled = quantize_counting(spilled, calib, device="cpu")
+    assert (n_fast, n_whole, n_spilled) == (1, 3, 1)
+    assert_same_state(whole, fast)
+    assert_same_state(whole, spilled)
+    rows = [(r.names, r.rel_error) for r in r_whole.rows]
+    assert [(r.names, r.rel_error) for r in r_fast.rows] == rows == [(r.names, r.rel_error) for r in r_spilled.rows]
+    assert r_fast.snapshots == r_whole.snapshots == 3
+    assert not hooks_left(fast) and not hooks_left(spilled)
+
+
+def test_one_stack_model_never_runs_a_whole_forward(monkeypatch):
+    """SD3 has one stack: no stack to derive, so not even the first input runs past the first block."""
+    model = tm.build_sd3(seed=0, dtype=DTYPE)
+    calib = svdquant.Calibration(inputs=tm.calibration_inputs("sd3", model, 2))
+    fast, whole = copy.deepcopy(model), copy.deepcopy(model)
+    _, n_fast = quantize_counting(fast, calib)
+    with monkeypatch.context() as mp:
+        force_chained(mp, False)
+        _, n_whole = quantize_counting(whole, calib)
+    assert (n_fast, n_whole) == (0, 2)
+    assert_same_state(whole, fast)
+    assert not hooks_left(fast)
+
+
+def test_a_model_that_does_not_chain_its_stacks_falls_back_to_whole_forwards(monkeypatch):
+    """FLUX with ControlNet residuals in its inputs adds them to the last double block's outputs before the single
+    blocks: the check fails on the first input, every input runs whole, and the single blocks replay on exactly
+    the inputs the real forward gives them. Forcing the shortcut instead would replay them on other inputs."""
+    model = tm.build_flux(seed=0, dtype=DTYPE)
+    inputs = tm.calibration_inputs("flux", model, 2)
+    g = torch.Generator().manual_seed(7)
+    for kw in inputs:
+        kw["controlnet_block_samples"] = [torch.randn(1, 16, tm.HIDDEN, generator=g).to(DTYPE)]
+    calib = svdquant.Calibration(inputs=inputs)
+    single = "single_transformer_blocks.0"
+
+    def entries_of_single(m: nn.Module, run) -> list[torch.Tensor]:
+        seen = []
+        handle = m.get_submodule(single).register_forward_pre_hook(
+            lambda mod, a, kw: seen.append(kw["hidden_states"].clone()), with_kwargs=True)
+        run()
+        handle.remove()
+        return seen
+
+    truth = entries_of_single(model, lambda: [model(**kw) for kw in inputs])  # the 16-bit model, whole forwards
+    fell_back, forced = copy.deepcopy(model), copy.deepcopy(model)
+    seen = entries_of_single(fell_back, lambda: quantize_counting(fell_back, calib, device="cpu"))
+    assert len(seen) == 2 + 2  # the calibration's two whole forwards, then the two replays
+    assert all(torch.equal(a, b) for a, b in zip(seen[2:], truth))
+    with monkeypatch.context() as mp:
+        force_chained(mp, True)
+        seen_forced = entries_of_single(forced, lambda: quantize_counting(forced, calib, device="cpu"))
+    assert len(seen_forced) == 1 + 2  # the one whole forward, then the replays on derived inputs
+    assert not any(torch.equal(a, b) for a, b in zip(seen_forced[1:], truth))
+    # (the fast path is the default; the fallback is what ran: the results differ from the forced shortcut's)
+    assert not all(torch.equal(a, b) for a, b in zip(fell_back.state_dict().values(), forced.state_dict().values()))
+
+
+def test_chain_check_on_a_plain_forward():
+    """ChainCheck alone: FLUX's blocks chain (double -> double -> single); a residual added between the stacks
+    (ControlNet's) or a block called twice breaks it."""
+    from svdquant.calibration.capture import ChainCheck
+
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
+    chain = [*model.transformer_blocks, model.single_transformer_blocks[0]]
+    outputs = ("encoder_hidden_states", "hidden_states")
+    x = tm.flux_inputs(model, seed=0)
+    with torch.no_grad():
+        check = ChainCheck(chain, outputs)
+        model(**x)
+        check.close()
+        assert check.ok
+        check = ChainCheck(chain, outputs)
+        model(**x, controlnet_block_samples=[torch.ones(1, 16, tm.HIDDEN, dtype=DTYPE)])
+        check.close()
+        assert not check.ok
+        check = ChainCheck(chain, outputs)
+        model(**x)
+        model(**x)  # the second forward calls every block again
+        check.close()
+        assert not check.ok
+        check = ChainCheck(chain, outputs)  # no forward
+        check.close()
+        assert not check.ok
+    assert not hooks_left(model)
+
+
+def test_stopped_forwards_keep_one_entry_each_and_share_what_repeats():
+    """The recorder that stops each forward at the first block, on a real FLUX: one entry per input, the forward
+    never completes, and the rotary embedding (the same for every input at one resolution) is held once
+    while the per-input tensors are not shared."""
+    from svdquant.calibration.capture import EntryRecorder, run_inputs
+
+    model = tm.build_flux(seed=0, dtype=DTYPE)
+    completed = count_calls(model)
+    singles = count_calls(model.single_transformer_blocks[0])
+    inputs = tm.calibration_inputs("flux", model, 3)
+    stops = []
+    rec = EntryRecorder(model, ("transformer_blocks",), None, "cpu", stop=True,
+                        share_except=("encoder_hidden_states", "hidden_states"))
+    with torch.no_grad():
+        run_inputs(model, inputs, on_stop=lambda: stops.append(1), progress=False)
+    rec.close()
+    entries = rec.entries["transformer_blocks"]
+    assert len(entries) == 3 and len(stops) == 3 and not completed and not singles
+    assert all(e["image_rotary_emb"] is entries[0]["image_rotary_emb"] for e in entries)
+    for key in ("hidden_states", "encoder_hidden_states", "temb"):
+        assert entries[1][key] is not entries[0][key] and not torch.equal(entries[1][key], entries[0][key])
+    model._forward_hooks.clear()
+    model.single_transformer_blocks[0]._forward_hooks.clear()
+    assert not hooks_left(model)
+
+
+def test_stopped_forwards_leave_nothing_on_the_device():
+    """``meta`` as the device: the forwards that stop at the first block leave the model's rest (embedders) on the
+    device until ``Streamed.offload`` puts it back; the first block is never even onloaded (the stopping hook runs
+    before the streaming one), and afterwards every tensor is its home tensor and no hook is left."""
+    from svdquant.calibration.capture import EntryRecorder, run_inputs
+
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    home = {id(p): p.data_ptr() for p in model.parameters()}
+    hooks_before = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+    after_stop = []
+    with Streamed(model, blocks, "meta", "cpu") as streamed:
+        onloads = []
+        first = streamed.unit(blocks[0])
+        first.onload = lambda: onloads.append(1)
+
+        def on_stop():
+            after_stop.append(streamed.rest.loaded)  # the rest is still on the device here
+            streamed.offload()
+            after_stop.append(streamed.rest.loaded or {p.device.type for p in model.parameters()} != {"cpu"})
+
+        rec = EntryRecorder(model, ("transformer_blocks",), None, "meta", stop=True)
+        run_inputs(model, tm.calibration_inputs("flux", model, 2), on_stop=on_stop, progress=False)
+        rec.close()
+    assert after_stop == [True, False] * 2
+    assert not onloads
+    assert len(rec.entries["transformer_blocks"]) == 2
+    assert rec.entries["transformer_blocks"][0]["hidden_states"].device.type == "meta"
+    assert {id(p): p.data_ptr() for p in model.parameters()} == home
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks_before
+
+
+# ------------------------------------------------------------------------------------------------ snapshots on device
+@pytest.mark.parametrize("snapshots,block,room,fits", [
+    # FLUX.1-dev at 1024², 128 snapshots: 33 MB each, held twice; a 0.68 GB double block
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 24 * 10**9, True),   # 8.45 + 2.72 + 4 = 15.2 GB in a 24 GB cap
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 16 * 10**9, True),
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 15 * 10**9, False),
+    (2 * 512 * 33 * 10**6, 68 * 10**7, 24 * 10**9, False),  # 512 snapshots: 33.8 GB
+    (10**9, 10**9, 9 * 10**9, True),                         # exactly full: fits
+    (10**9, 10**9, 9 * 10**9 - 1, False),
+    (0, 0, 4 * 10**9 - 1, False),                            # the search's 4 GB alone
+])
+def test_snapshots_fit(snapshots, block, room, fits):
+    assert Q.snapshots_fit(snapshots, block, room) is fits
+
+
+def test_snapshots_stay_on_the_cpu_device():
+    """Where the snapshots wait: not streaming, or streaming on the CPU, they never move; a device whose free
+    memory torch cannot tell (not CUDA) gets them per block."""
+    assert Q._hold_snapshots(torch.device("cpu"), None, False, 10**15, 10**12)
+    assert Q._hold_snapshots(torch.device("cpu"), None, True, 10**15, 10**12)
+    assert not Q._hold_snapshots(torch.device("mps"), None, True, 1, 1)
+
+
 # ------------------------------------------------------------------------------------------------ report, bar
 def test_stage_times_are_in_the_report_and_within_the_total():
     model = tm.build_flux(seed=0, dtype=DTYPE)
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
     report = svdquant.quantize(model, RECIPE, calib, progress=False, device="cpu")
-    want = {"pin memory", "calibration", "calibration transfers", "transfers", "replays", "setup", "smoothing search",
+    # no "pin memory": the model is pinned only for a pipeline's calibration on a GPU
+    want = {"calibration", "calibration transfers", "transfers", "replays", "setup", "smoothing search",
             "refinement", "assemble", "build modules"}
     assert set(report.stages) == want
     assert all(v >= 0 for v in report.stages.values())
@@ -165,9 +386,15 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_gpu_streaming_holds_one_block_on_the_gpu():
+@pytest.mark.parametrize("cap,on_device", [("1GB", False), (None, True)])
+def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
     """A CPU model quantized with device="cuda": at every block call (calibration and replays) only that block
-    is on the GPU; the result matches quantizing on the GPU (same kernels, same inputs), and lands on the CPU."""
+    is on the GPU; the result matches quantizing on the GPU (same kernels, same inputs), and lands on the CPU.
+    Under a 1 GB cap the snapshots cross for every block (the 4 GB margin alone is more); with the whole GPU
+    they stay there. The model is not pinned (calibration on inputs)."""
+    held = []
+    hold = Q._hold_snapshots
+    monkeypatch.setattr(Q, "_hold_snapshots", lambda *a: held.append(hold(*a)) or held[-1])
     model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=2)
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     calls: list[list[int]] = []
@@ -179,7 +406,9 @@ def test_gpu_streaming_holds_one_block_on_the_gpu():
         b.register_forward_pre_hook(pre, with_kwargs=True)
     ref = copy.deepcopy(model).cuda()
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
-    report = svdquant.quantize(model, RECIPE, calib, progress=False, device="cuda", max_gpu_memory="1GB")
+    report = svdquant.quantize(model, RECIPE, calib, progress=False, device="cuda", max_gpu_memory=cap)
+    assert held == [on_device]
+    assert "pin memory" not in report.stages and not any(p.is_pinned() for p in model.parameters())
     assert calls and all(len(c) == 1 for c in calls), calls
     assert {t.device.type for t in model.state_dict().values()} == {"cpu"}
     if hasattr(torch.cuda, "get_per_process_memory_fraction"):
@@ -203,8 +432,9 @@ def test_gpu_streamed_pipeline_never_holds_text_encoders_and_transformer_togethe
 
     pipe.transformer.transformer_blocks[0].register_forward_pre_hook(pre)
     calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
-    svdquant.quantize(pipe, RECIPE, calib, progress=False, device="cuda", keep_on_device=True)
+    report = svdquant.quantize(pipe, RECIPE, calib, progress=False, device="cuda", keep_on_device=True)
     assert together and not any(together)
+    assert "pin memory" in report.stages  # many forwards through the pipeline: the weights were pinned
     assert {t.device.type for t in pipe.transformer.state_dict().values()} == {"cuda"}  # keep_on_device
     assert {p.device.type for p in pipe.text_encoder_2.parameters()} == {"cpu"}
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is SVDQLinear

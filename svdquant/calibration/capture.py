@@ -7,7 +7,10 @@ of ``snapshots`` (prompt, call) pairs) and stops each prompt after its last draw
 Other hooks record only while a drawn call runs:
 
 * :class:`EntryRecorder` keeps the arguments of the first block of each stack, so
-  blocks can later be replayed one at a time (:mod:`svdquant.quantize`);
+  blocks can later be replayed one at a time (:mod:`svdquant.quantize`); with ``stop``
+  it ends the forward right there (:func:`run_inputs` catches it): calibrating on
+  forward inputs, nothing after the first block is needed when the replays can derive
+  the later stacks' entries, which :class:`ChainCheck` verifies on one full forward;
 * :class:`LinearInputRecorder` keeps, per group of linears that share an input, the
   running ``max |X_j|`` over every token and a fixed-seed random subset of tokens.
 """
@@ -138,26 +141,53 @@ def to_device(obj, device):
     return obj
 
 
+class _EntryRecorded(Exception):
+    """Raised from the first block's pre-hook by an :class:`EntryRecorder` with ``stop``: the entry is kept, the
+    rest of the forward is not needed."""
+
+
+def keep_entry(snap: dict[str, Any], store_device, pin: bool = False) -> dict[str, Any]:
+    """A block's arguments as a snapshot: detached copies on ``store_device`` (pinned CPU memory with ``pin``: a
+    streaming run copies each snapshot back to the GPU asynchronously)."""
+    snap = {k: _detach(v) for k, v in snap.items()}
+    return move(snap, store_device, pin=True) if pin else to_device(snap, store_device)
+
+
 class EntryRecorder:
-    """Records the (bound) arguments of the first block of each stack on drawn calls."""
+    """Records the (bound) arguments of the first block of each stack on drawn calls.
+
+    stop: raise ``_EntryRecorded`` once the entry is kept, so that the forward ends there (one stack only; the
+        hook is put before every other hook of the block, so that a streamed block is not even onloaded).
+    share_except: a value of a new snapshot that is bit for bit the first snapshot's (:func:`same`; FLUX's
+        rotary embedding, the same for every call at one resolution) is replaced by the first's object, so
+        that one copy is held, not one per snapshot; the names given (the block outputs) are never compared.
+    first: snapshots already recorded, per stack (they come first and are the ones shared with).
+    """
 
     def __init__(self, model: nn.Module, stacks: Sequence[str], selector: CallSelector | None, store_device,
-                 pin: bool = False):
-        self.entries: dict[str, list[dict[str, Any]]] = {s: [] for s in stacks}
-        self.selector, self.store_device, self.pin = selector, store_device, pin
+                 pin: bool = False, *, stop: bool = False, share_except: Sequence[str] | None = None,
+                 first: dict[str, list[dict[str, Any]]] | None = None):
+        if stop and len(stacks) != 1:
+            raise ValueError("EntryRecorder(stop=True) records one stack")
+        self.entries: dict[str, list[dict[str, Any]]] = {s: list((first or {}).get(s, [])) for s in stacks}
+        self.selector, self.store_device, self.pin, self.stop = selector, store_device, pin, stop
+        self.share_except = None if share_except is None else set(share_except)
         self._handles = []
         for s in stacks:
-            first = model.get_submodule(s)[0]
-            self._handles.append(first.register_forward_pre_hook(self._hook(s, first), with_kwargs=True))
+            block = model.get_submodule(s)[0]
+            self._handles.append(block.register_forward_pre_hook(self._hook(s, block), with_kwargs=True,
+                                                                 prepend=stop))
 
     def _hook(self, stack, block):
         def pre(module, args, kwargs):
             if self.selector is None or self.selector.active:
-                snap = _bind(block, args, kwargs)
-                snap = {k: _detach(v) for k, v in snap.items()}
-                # pinned: a streaming run copies each snapshot back to the GPU asynchronously
-                self.entries[stack].append(move(snap, self.store_device, pin=self.pin) if self.pin
-                                           else to_device(snap, self.store_device))
+                snap = keep_entry(_bind(block, args, kwargs), self.store_device, self.pin)
+                kept = self.entries[stack]
+                if kept and self.share_except is not None:
+                    share_repeats(snap, kept[0], self.share_except)
+                kept.append(snap)
+                if self.stop:
+                    raise _EntryRecorded
         return pre
 
     def close(self):
@@ -171,6 +201,121 @@ def _detach(v):
     if isinstance(v, (list, tuple)):
         return type(v)(_detach(t) for t in v)
     return v
+
+
+def next_inputs(inputs: dict[str, Any], out, outputs: Sequence[str]) -> dict[str, Any]:
+    """The next block's arguments as the replays make them: this block's ``inputs`` with its outputs (``out``, a
+    tuple or one tensor, named by ``outputs`` in order) in place of the same-named ones."""
+    return {**inputs, **dict(zip(outputs, out if isinstance(out, tuple) else (out,)))}
+
+
+_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` read as integers of its width: equality of bits (NaN equals NaN, -0.0 differs from 0.0)."""
+    width = _SAME_WIDTH.get(t.element_size()) if t.dtype.is_floating_point or t.dtype.is_complex else None
+    if width is None:
+        return t
+    try:
+        return t.view(width)
+    except RuntimeError:  # a dtype torch will not reinterpret: its values then
+        return t
+
+
+def same(a, b) -> bool:
+    """Bit for bit the same value: tensors of one dtype, shape, strides and device holding the same bits; dicts
+    (same keys), lists and tuples of such, item by item; anything else by ``==``."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and a.device == b.device and torch.equal(_bits(a), _bits(b)))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an == that does not give one truth value
+        return False
+
+
+def share_repeats(snap: dict[str, Any], first: dict[str, Any], skip) -> None:
+    """Points each value of ``snap`` (but those named in ``skip``) that is bit for bit ``first``'s at ``first``'s
+    object, in place."""
+    for k, v in snap.items():
+        if k not in skip and k in first and v is not first[k] and same(v, first[k]):
+            snap[k] = first[k]
+
+
+def _keep(v):
+    """A copy of a tensor (in containers) with the same strides, so that :func:`same` can compare it later."""
+    if torch.is_tensor(v):
+        v = v.detach()
+        try:
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
+        except RuntimeError:  # overlapping memory (an expanded tensor): a plain copy, whose strides then differ
+            return v.clone()
+    if isinstance(v, dict):
+        return {k: _keep(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return type(v)(_keep(x) for x in v)
+    return v
+
+
+class ChainCheck:
+    """Whether a model chains its blocks the way the replays do, checked on one forward: each of ``blocks`` (in
+    the order the model calls them; the first block of a later stack included) runs once, and its arguments are
+    bit for bit the previous block's with its outputs put in (:func:`next_inputs`). Then the replays' outputs of
+    a stack's last block give the next stack's entry, and the forward need not run past the first block. It
+    fails on FLUX with ControlNet residuals, which the model adds to a block's outputs before the next block.
+
+    Hooks the blocks until :meth:`close`; ``ok`` says the result once the forward has run. Holds one block's
+    arguments and outputs (copies: an in-place change between two blocks would otherwise go unseen)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], outputs: Sequence[str]):
+        self.outputs = tuple(outputs)
+        self.n = len(blocks)
+        self._ok, self._expect, self._done = True, 0, False
+        self._args: dict[str, Any] | None = None
+        self._derived: dict[str, Any] | None = None
+        self._handles = []
+        for i, b in enumerate(blocks):
+            self._handles.append(b.register_forward_pre_hook(self._pre(i, b), with_kwargs=True))
+            if i < self.n - 1:
+                self._handles.append(b.register_forward_hook(self._post(i)))
+
+    @property
+    def ok(self) -> bool:
+        return self._ok and self._done
+
+    def _pre(self, i, block):
+        def pre(module, args, kwargs):
+            bound = _bind(block, args, kwargs)
+            if i != self._expect or self._done:  # out of order, or a block called twice
+                self._ok = False
+            elif i > 0:
+                self._ok = self._ok and same(self._derived, bound)
+            self._derived, self._expect = None, -1
+            if i < self.n - 1:
+                self._args = _keep(bound)
+            else:
+                self._done = True
+        return pre
+
+    def _post(self, i):
+        def post(module, args, out):
+            if self._args is None:
+                self._ok = False
+                return
+            self._derived = next_inputs(self._args, _keep(out), self.outputs)
+            self._args, self._expect = None, i + 1
+        return post
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._args = self._derived = None
 
 
 def tokens_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -242,8 +387,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     if calib.inputs is not None:
         close = selector_hooks(None)
         try:
-            for kw in tqdm(calib.inputs, desc="calibrating", disable=None if progress else True, leave=False):
-                model(**kw)
+            run_inputs(model, calib.inputs, progress=progress)
         finally:
             close()
         return len(calib.inputs)
@@ -272,6 +416,18 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
         selector.close()
         _forget_hook_registry_cache(model)
     return selector.n_active
+
+
+def run_inputs(model: nn.Module, inputs: Sequence[dict[str, Any]], on_stop=None, progress: bool = True) -> None:
+    """``model(**kw)`` for each of ``inputs``; a forward that an :class:`EntryRecorder` with ``stop`` ended is
+    not an error, and ``on_stop()`` then cleans up what the forward's unfinished hooks left (a streamed model's
+    rest still on the device)."""
+    for kw in tqdm(inputs, desc="calibrating", disable=None if progress else True, leave=False):
+        try:
+            model(**kw)
+        except _EntryRecorded:
+            if on_stop is not None:
+                on_stop()
 
 
 def _forget_hook_registry_cache(model: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """Running a model kept in CPU memory on a GPU, one piece at a time (streaming quantization, issue 16).
 
 A :class:`DeviceUnit` is the own tensors of some modules (a block; a model minus its blocks; a text
-encoder). They stay at home, in pinned CPU memory when the device is a GPU, and :meth:`DeviceUnit.onload`
+encoder). They stay at home (in pinned CPU memory with ``pin``), and :meth:`DeviceUnit.onload`
 points the modules at device copies; :meth:`DeviceUnit.offload` points them back at the home tensors and
 so frees the copies with no transfer back: nothing changes a weight during calibration. Where the
 device is the home (``device="cpu"`` with a model on the CPU) every move is a no-op, the same code runs,
@@ -22,26 +22,32 @@ import torch.nn as nn
 from .._timing import StageClock
 
 
-def move(obj, device, pin: bool = False, non_blocking: bool = False):
+def move(obj, device, pin: bool = False, non_blocking: bool = False, memo: dict | None = None):
     """Every tensor of a nested structure on ``device``; to pinned CPU memory with ``pin`` (so that the
     copy back to the GPU can be asynchronous). Model outputs (diffusers' and transformers' ``BaseOutput`` /
     ``ModelOutput``, ordered dicts that also carry their fields as attributes) are updated in place, so
-    they keep their type and attributes."""
+    they keep their type and attributes. ``memo`` (a dict): a tensor met again is moved once, so that
+    tensors shared between snapshots stay shared."""
     if torch.is_tensor(obj):
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)][1]
         if obj.device == torch.device(device) and not (pin and not obj.is_pinned()):
-            return obj
-        if pin and torch.device(device).type == "cpu":
-            out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-            return out.copy_(obj, non_blocking=non_blocking)
-        return obj.to(device, non_blocking=non_blocking)
+            out = obj
+        elif pin and torch.device(device).type == "cpu":
+            out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj, non_blocking=non_blocking)
+        else:
+            out = obj.to(device, non_blocking=non_blocking)
+        if memo is not None:
+            memo[id(obj)] = (obj, out)  # the source kept alive: its id stays its own
+        return out
     if isinstance(obj, dict):
         if type(obj) is dict:
-            return {k: move(v, device, pin, non_blocking) for k, v in obj.items()}
+            return {k: move(v, device, pin, non_blocking, memo) for k, v in obj.items()}
         for k in list(obj.keys()):
-            obj[k] = move(obj[k], device, pin, non_blocking)
+            obj[k] = move(obj[k], device, pin, non_blocking, memo)
         return obj
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(move(v, device, pin, non_blocking) for v in obj)
+        return type(obj)(move(v, device, pin, non_blocking, memo) for v in obj)
     return obj
 
 
@@ -116,13 +122,19 @@ class Streamed:
     """Hooks that run ``model`` (and ``others``: a pipeline's other models) on ``device`` while their tensors
     stay at home. ``blocks``: the model's blocks, each its own unit; the rest of the model is one unit.
     Transfers are timed on ``clock`` as the stage ``transfers``. Use as a context manager: on exit every
-    unit is offloaded and every hook removed."""
+    unit is offloaded and every hook removed.
+
+    pin: move the home tensors to pinned CPU memory first (default: when streaming from the CPU to a GPU).
+    Pinning costs about a second per GB up front and pays back on every copy after, so it pays when each
+    block crosses many times (calibrating through a pipeline: one forward per denoising step), not when
+    each crosses about twice (calibrating on forward inputs, where the forwards stop at the first block)."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
-                 clock: StageClock | None = None):
+                 clock: StageClock | None = None, pin: bool | None = None):
         self.device, self.home = torch.device(device), torch.device(home)
         self.clock = clock or StageClock(self.device)
-        pin = self.device.type == "cuda" and self.home.type == "cpu"
+        if pin is None:
+            pin = self.device.type == "cuda" and self.home.type == "cpu"
         self.pin = pin
         self.blocks = {id(b): DeviceUnit(list(b.modules()), device, pin) for b in blocks}
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin)
@@ -157,6 +169,13 @@ class Streamed:
         # prepend: the pre-hook runs before hooks a caller registered earlier, which then see device inputs
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+    def offload(self) -> None:
+        """Every unit back home: after a forward that ended early (an exception, or the calibration stopping it
+        at the first block), whose forward hooks did not run."""
+        for unit in [*self.blocks.values(), self.rest, *(u for _, u in self.others)]:
+            if unit.loaded:
+                unit.offload()
 
     def close(self) -> None:
         for h in self._handles:
