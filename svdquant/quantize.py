@@ -517,56 +517,42 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
                 del memo
         bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group",
                    disable=None if progress else True)  # None: only on a terminal
-        index = 0
-        snaps: list[dict] = []
+        jobs: list[_ReplayJob] = []
         for si, stack in enumerate(adapter.stacks):
-            if not (cal.chained and si > 0):
-                snaps = cal.entries.pop(stack)  # recorded (else: made by the previous stack's last block)
-            # this stack's last block makes the next stack's entries (cal.chained: the model was checked to chain so)
-            chain_on = cal.chained and si < len(adapter.stacks) - 1
+            # recorded entries (else: made by the previous stack's last block, cal.chained: the model was checked
+            # to chain so)
+            recorded = None if (cal.chained and si > 0) else cal.entries.pop(stack)
+            chain_on = cal.chained and si < len(adapter.stacks) - 1  # this stack's last block makes the next's
             stack_blocks = [(n, b, g) for n, b, g in plan if n.rsplit(".", 1)[0] == stack]
             for bi, (bname, block, groups) in enumerate(stack_blocks):
-                index += 1
-                bar.set_postfix_str(progress_postfix(bname, index, len(plan), None, *_gpu_memory(device, cap)))
-                if streamed is not None:
-                    with clock.stage("transfers"):
-                        streamed.unit(block).onload()
-                firsts = {g.names[0]: block.get_submodule(g.names[0]) for g in groups}
-                rec = LinearInputRecorder(firsts, len(snaps), tokens, calib.seed)
                 last = bi == len(stack_blocks) - 1
-                nxt = []
-                try:
-                    for s in snaps:
-                        if spill:
-                            with clock.stage("transfers"):
-                                s_dev = move(s, device, non_blocking=pin)
-                        else:
-                            s_dev = s
-                        with clock.stage("replays"):
-                            out = block(**s_dev)
-                        if not last:
-                            if spill:
-                                with clock.stage("transfers"):
-                                    out = move(out, home, pin=pin, non_blocking=pin)
-                            nxt.append(next_inputs(s, out, adapter.outputs))
-                        elif chain_on:  # the next stack's entry, kept as the calibration keeps a recorded one
-                            with clock.stage("transfers" if spill else "replays"):
-                                nxt.append({**s, **keep_entry(next_inputs({}, out, adapter.outputs), store, pin)})
-                        del s_dev, out
-                finally:
-                    rec.close()
-                clock.flush()  # the replays end here, before the (host-timed) search starts
-                for g in groups:
-                    bar.set_postfix_str(progress_postfix(bname, index, len(plan), _short(list(g.names)),
+                jobs.append(_ReplayJob(bname, block, groups, recorded if bi == 0 else None, last, last and chain_on))
+        replayer = _Replayer(adapter, streamed, device, home, spill, pin, store, tokens, calib.seed,
+                             overlap=_overlap_replays(device))
+        try:
+            pending = replayer.start(jobs[0], jobs[0].recorded)
+            for index, job in enumerate(jobs, 1):
+                bar.set_postfix_str(progress_postfix(job.name, index, len(plan), None, *_gpu_memory(device, cap)))
+                rec, nxt = replayer.finish(pending, clock)
+                if index < len(jobs):  # the next block replays (on a side stream) while this one is searched
+                    following = jobs[index]
+                    pending = replayer.start(following, following.recorded if following.recorded is not None
+                                             else nxt)
+                nxt = None
+                for g in job.groups:
+                    bar.set_postfix_str(progress_postfix(job.name, index, len(plan), _short(list(g.names)),
                                                          *_gpu_memory(device, cap)))
                     x, amax = rec.inputs(g.names[0])
-                    report.rows.append(_quantize_group(block, "", g, x, amax, recipe, clock))
-                    report.rows[-1].names = [f"{bname}.{n}" for n in g.names]
+                    report.rows.append(_quantize_group(job.block, "", g, x, amax, recipe, clock))
+                    report.rows[-1].names = [f"{job.name}.{n}" for n in g.names]
                     bar.update(1)
+                replayer.settle()  # this block's kernels are done before the memory it read can be reused
                 rec = x = amax = None  # frees the layer inputs before the next block's arrive
+                job.recorded = None
                 if streamed is not None:
-                    _finish_block(streamed.unit(block), block, home, keep_on_device, clock)
-                snaps = nxt
+                    _finish_block(streamed.unit(job.block), job.block, home, keep_on_device, clock)
+        finally:
+            replayer.close()
         bar.close()
     else:
         groups = adapter.groups(model)
@@ -597,6 +583,114 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
     if stream and keep_on_device:
         with clock.stage("transfers"):
             model.to(device)
+
+
+@dataclass
+class _ReplayJob:
+    name: str
+    block: nn.Module
+    groups: list
+    recorded: list[dict] | None  # the stack's recorded entries, for its first block
+    last: bool  # the stack's last block: its outputs are no block's inputs...
+    chain: bool  # ...unless they make the next stack's entries
+
+
+def _overlap_replays(device: torch.device) -> bool:
+    """Replay the next block while this one is searched: on a GPU, where the search leaves it mostly idle
+    (the search is bound by the host's kernel launches, ``benchmarks/quantize_search.py``)."""
+    return device.type == "cuda"
+
+
+class _Replayer:
+    """Each block in 16 bits on every snapshot, its linears' inputs recorded; with ``overlap``, in a worker
+    thread on a side CUDA stream, so that a block's replays run while the previous block is searched.
+
+    The two streams share tensors one way at a time: a replay's outputs, recordings and onloaded weights are
+    read by the search only after :meth:`finish` made the main stream wait for the replay, and the main stream
+    is drained (:meth:`settle`) before a searched block's tensors are freed, so the allocator never hands the
+    side stream memory that a queued main-stream kernel still reads."""
+
+    def __init__(self, adapter, streamed, device, home, spill, pin, store, tokens, seed, *, overlap: bool):
+        self.adapter, self.streamed, self.device, self.home = adapter, streamed, device, home
+        self.spill, self.pin, self.store, self.tokens, self.seed = spill, pin, store, tokens, seed
+        self.overlap = overlap
+        self.cuda = overlap and device.type == "cuda"
+        self._pool = None
+        if overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="svdquant-replay")
+            self._side = torch.cuda.Stream(device) if self.cuda else None
+
+    def start(self, job: _ReplayJob, snaps: list[dict]):
+        clock = StageClock(self.device)
+        if not self.overlap:  # run when finished: one block on the device at a time
+            return (job, snaps), None, clock
+
+        def work():
+            with torch.cuda.stream(self._side) if self.cuda else contextlib.nullcontext():
+                out = self.replay(job, snaps, clock)
+                done = torch.cuda.Event() if self.cuda else None
+                if done is not None:
+                    done.record(self._side)
+            return out, done
+
+        return None, self._pool.submit(work), clock
+
+    def finish(self, pending, clock: StageClock):
+        """The replay's (recorder, next block's inputs), once the main stream may read them; its stage times
+        go to ``clock`` (with ``overlap``, "waiting for replays" is what the search did not hide)."""
+        result, future, own = pending
+        if future is None:
+            result = self.replay(*result, own)
+        else:
+            t0 = time.perf_counter()
+            result, done = future.result()
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
+            clock.add("waiting for replays", time.perf_counter() - t0)
+        for stage, seconds in own.flush().items():
+            clock.add(stage, seconds)
+        return result
+
+    def settle(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # a replay still running (an error in the search) ends first
+
+    def replay(self, job: _ReplayJob, snaps: list[dict], clock: StageClock):
+        block, spill, pin, device, home = job.block, self.spill, self.pin, self.device, self.home
+        if self.streamed is not None:
+            with clock.stage("transfers"):
+                self.streamed.unit(block).onload()
+        firsts = {g.names[0]: block.get_submodule(g.names[0]) for g in job.groups}
+        rec = LinearInputRecorder(firsts, len(snaps), self.tokens, self.seed)
+        nxt = []
+        try:
+            for s in snaps:
+                if spill:
+                    with clock.stage("transfers"):
+                        s_dev = move(s, device, non_blocking=pin)
+                else:
+                    s_dev = s
+                with clock.stage("replays"):
+                    out = block(**s_dev)
+                if not job.last:
+                    if spill:
+                        with clock.stage("transfers"):
+                            out = move(out, home, pin=pin, non_blocking=pin)
+                    nxt.append(next_inputs(s, out, self.adapter.outputs))
+                elif job.chain:  # the next stack's entry, kept as the calibration keeps a recorded one
+                    with clock.stage("transfers" if spill else "replays"):
+                        nxt.append({**s, **keep_entry(next_inputs({}, out, self.adapter.outputs), self.store,
+                                                      pin)})
+                del s_dev, out
+        finally:
+            rec.close()
+        return rec, nxt
 
 
 @dataclass

@@ -176,6 +176,41 @@ def test_search_picks_the_best_candidate():
     assert len(set(round(v, 6) for v in single.values())) == len(grid)  # the candidates really differ
 
 
+@pytest.mark.parametrize("recipe, method, post_gelu, members", [
+    ("int4", "svdquant", False, 1), ("int4", "svdquant", False, 3), ("int4", "lorc", False, 1),
+    ("int4", "smooth", False, 1), ("w4a4", "svdquant", True, 1), ("w4a4-float", "svdquant", False, 2),
+])
+def test_batched_candidates_choose_as_one_at_a_time(monkeypatch, recipe, method, post_gelu, members):
+    """On a GPU the search scores candidates in batches (fewer launches); forced on the CPU, a batch of 4 (and the
+    ragged last batch of 39) picks the candidate one at a time picks, with the same error, for every
+    branch kind (one, shared by q/k/v-like members, per member), LoRC, smoothing only and post-GELU inputs."""
+    from svdquant.algorithm import layer
+
+    w, b, x = make_layer(3)
+    if post_gelu:
+        x = F.gelu(x, approximate="tanh")
+    ws, bs = list(w.chunk(members, 0)), list(b.chunk(members, 0))
+    rc = get_recipe(recipe).replace(method=method, iterations=3)
+    shared = members != 2
+    one, rep1 = quantize_linears(ws, bs, x, rc, post_gelu=post_gelu, shared_branch=shared)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p: 4)
+    many, rep4 = quantize_linears(ws, bs, x, rc, post_gelu=post_gelu, shared_branch=shared)
+    assert (rep4.alpha, rep4.beta) == (rep1.alpha, rep1.beta)
+    assert rep4.rel_error == pytest.approx(rep1.rel_error, rel=1e-5)
+    for a, c in zip(one, many):
+        assert torch.equal(a.smooth, c.smooth)
+        assert torch.equal(a.weight.codes, c.weight.codes) or rel_err(a.weight.dequantize(), c.weight.dequantize()) < 1e-3
+    if method == "svdquant" and shared and members > 1:  # one shared down projection, as one at a time
+        assert all(torch.equal(c.lora_down, many[0].lora_down) for c in many)
+
+
+def test_candidates_per_batch_is_one_on_the_cpu():
+    from svdquant.algorithm.layer import _candidates_per_batch, _Problem
+
+    w, b, x = make_layer(0)
+    assert _candidates_per_batch(_Problem([w], x, get_recipe("int4"), False)) == 1
+
+
 def test_smoothing_factor_formula():
     # lambda_j = max|X_j|^a / max|W_j|^b, normalized to geometric mean 1
     w, b, x = make_layer(1)

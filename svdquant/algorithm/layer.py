@@ -102,7 +102,7 @@ class _Problem:
         r = self.recipe
         if r.activations is None:
             return self.x.to(self.dtype).float()
-        u = (self.x + self.shift_vec) * inv_smooth
+        u = (self.x + self.shift_vec) * inv_smooth[..., None, :]  # a batch of candidates: [B, T, K]
         ts = self.input_scale(inv_smooth) if self.act_format.static_input_scale else None
         return fake_quantize(u, r.activations, r.act_group_size, unsigned=self.unsigned,
                              scale_dtype=self.dtype, tensor_scale=ts, check=False)
@@ -122,7 +122,7 @@ class _Problem:
         if len(self.splits) == 1:
             return fq(r_all)
         # Per member: NVFP4's tensor scale belongs to each weight, not to the group.
-        return torch.cat([fq(t) for t in r_all.split(self.splits, 0)], 0)
+        return torch.cat([fq(t) for t in r_all.split(self.splits, -2)], -2)
 
     def branch(self, a: torch.Tensor, shared: bool, bases=None):
         """Low-rank fit of ``a`` [N_total, K]: stacked ``up`` [N_total, r], one ``down`` per member,
@@ -132,29 +132,66 @@ class _Problem:
             f = low_rank(a, rc.branch_rank, rc.svd, bases[0] if bases else None)
             return f.up, [f.down] * len(self.splits), [f.basis]
         fits = [low_rank(p, rc.branch_rank, rc.svd, bases[i] if bases else None)
-                for i, p in enumerate(a.split(self.splits, 0))]
-        return torch.cat([f.up for f in fits], 0), [f.down for f in fits], [f.basis for f in fits]
+                for i, p in enumerate(a.split(self.splits, -2))]
+        return torch.cat([f.up for f in fits], -2), [f.down for f in fits], [f.basis for f in fits]
 
     def product(self, up: torch.Tensor, downs: list[torch.Tensor]) -> torch.Tensor:
         if all(d is downs[0] for d in downs):
             return up @ downs[0]
-        return torch.cat([u @ d for u, d in zip(up.split(self.splits, 0), downs)], 0)
+        return torch.cat([u @ d for u, d in zip(up.split(self.splits, -2), downs)], -2)
 
     def error(self, xq, wq, inv_smooth, up, downs) -> float:
         """Squared output error of the quantized layer on the scoring tokens."""
-        y = xq @ wq.T
-        if inv_smooth is not None and self.shift:
-            y -= (wq * (inv_smooth * self.shift_vec)).sum(1)
-        if up.shape[1]:
-            ups = up.split(self.splits, 0)
+        return float(self.errors(xq, wq, inv_smooth, up, downs))
+
+    def errors(self, xq, wq, inv_smooth, up, downs) -> torch.Tensor:
+        """:meth:`error` as a tensor, one per candidate for a batch (leading dimension of every argument)."""
+        y = xq @ wq.mT
+        inv = inv_smooth[..., None, :] if inv_smooth is not None else None  # [.., 1, K]
+        if inv is not None and self.shift:
+            y -= (wq * (inv * self.shift_vec)).sum(-1)[..., None, :]
+        if up.shape[-1]:
+            ups = up.split(self.splits, -2)
             cache: dict[int, torch.Tensor] = {}
             cols = []
             for u, d in zip(ups, downs):
                 if id(d) not in cache:  # a shared branch's down projection is computed once
-                    cache[id(d)] = self.x @ (d * inv_smooth if inv_smooth is not None else d).T
-                cols.append(cache[id(d)] @ u.T)
-            y += torch.cat(cols, 1)
-        return float((y - self.y).square().sum())
+                    cache[id(d)] = self.x @ (d * inv if inv is not None else d).mT
+                cols.append(cache[id(d)] @ u.mT)
+            y += torch.cat(cols, -1)
+        return (y - self.y).square().sum((-2, -1))
+
+
+def _candidate(res, j: int):
+    """Candidate ``j`` of a batched fit, copied out of the batch (so the batch can be freed); a branch shared by
+    the members stays one tensor."""
+    errs, up, downs, resid, wq = res
+
+    def take(t):  # no branch: the empty factors are shared by the batch
+        return t[j].clone() if t.ndim == resid.ndim else t
+
+    own = {id(d): take(d) for d in downs}
+    return float(errs[j]), take(up), [own[id(d)] for d in downs], resid[j].clone(), wq[j].clone()
+
+
+def _candidates_per_batch(p: "_Problem") -> int:
+    """How many smoothing candidates one batched fit scores: on a GPU, as many as a quarter of the memory torch
+    may still allocate holds (the next block's replay runs alongside), at most 8; one at a time on the CPU
+    (no launch cost to amortize) and for formats with a per-tensor scale (NVFP4: a batch is not row-wise)."""
+    rc = p.recipe
+    if p.w.device.type != "cuda" or get_format(rc.weights).static_input_scale or (
+            p.act_format is not None and p.act_format.static_input_scale):
+        return 1
+    dev = p.w.device
+    n, k = p.w.shape
+    t = p.x.shape[0]
+    per = 4 * (5 * n * k + 3 * t * n + 2 * t * k)  # w·λ, branch product, residual, rounded, error terms
+    free, total = torch.cuda.mem_get_info(dev)
+    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    cap = (get(dev) if get is not None else 1.0) * total - torch.cuda.memory_allocated(dev)
+    room = min(free + cached, cap)
+    return max(1, min(8, int(room // 4 // per)))
 
 
 def _weight_rounding_kernel(recipe: QuantConfig, device: torch.device):
@@ -233,9 +270,10 @@ def quantize_linears(
     report.stages["setup"] = t_stage - t0
 
     def fit(lam):
-        """Branch and residual for one λ (no refinement): (error, up, downs, residual)."""
+        """Branch and residual for one λ ``[K]``, or a batch of them ``[B, K]`` (no refinement):
+        (squared error(s) as a tensor, up, downs, residual, rounded residual)."""
         inv = 1.0 / lam if lam is not None else None
-        w_hat = p.w * lam if lam is not None else p.w
+        w_hat = p.w * lam[..., None, :] if lam is not None else p.w
         if rc.lowrank == "svd":
             up, downs, _ = p.branch(w_hat, shared_branch)
             resid = w_hat - p.product(up, downs)
@@ -246,17 +284,28 @@ def quantize_linears(
             up, downs = no_branch
             resid = w_hat
         wq = p.fq_weight(resid)
-        return p.error(p.fq_act(inv), wq, inv, up, downs), up, downs, resid, wq
+        return p.errors(p.fq_act(inv), wq, inv, up, downs), up, downs, resid, wq
 
     lam = ones
     best = None
     if rc.smooths:
-        for alpha, beta, cand in candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid):
-            res = fit(cand)
-            if best is None or res[0] < best[0]:
-                best, lam, report.alpha, report.beta = res, cand, alpha, beta
+        cands = candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid)
+        size = _candidates_per_batch(p)
+        for start in range(0, len(cands), size):
+            chunk = cands[start:start + size]
+            if len(chunk) == 1:
+                res = fit(chunk[0][2])
+                errs, pick = [float(res[0])], lambda j, res=res: (float(res[0]), *res[1:])
+            else:  # one launch per step for the whole chunk: the search is bound by the host's launches
+                res = fit(torch.stack([c for _, _, c in chunk]))
+                errs, pick = res[0].tolist(), lambda j, res=res: _candidate(res, j)
+            j = min(range(len(chunk)), key=errs.__getitem__)  # the first smallest, as one at a time
+            if best is None or errs[j] < best[0]:
+                best, lam, report.alpha, report.beta = pick(j), chunk[j][2], chunk[j][0], chunk[j][1]
+            res = pick = None
     else:
-        best = fit(lam)
+        res = fit(lam)
+        best = (float(res[0]), *res[1:])
     err, up, downs, resid, wq = best
     report.history.append(err)
     now = time.perf_counter()

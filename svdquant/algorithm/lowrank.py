@@ -30,11 +30,11 @@ def _orth(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     iterations' intermediate bases take one pass: only their span matters, which one pass keeps exactly.
     """
     q = y.double()
-    eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     for _ in range(passes):
         g = q.mT @ q
-        shift = g.diagonal().sum() * 1e-15 + torch.finfo(q.dtype).tiny
-        l = torch.linalg.cholesky_ex(g + shift * eye).L
+        shift = g.diagonal(dim1=-2, dim2=-1).sum(-1) * 1e-15 + torch.finfo(q.dtype).tiny
+        l = torch.linalg.cholesky_ex(g + shift[..., None, None] * eye).L
         q = torch.linalg.solve_triangular(l.mT, q, upper=True, left=False)
     return q
 
@@ -47,16 +47,17 @@ def _svd_in_basis(c: torch.Tensor, p: torch.Tensor):
     cd = c.double()
     # q × q on the host: on a GPU, eigh is ~50 small kernel launches, more than the search's products
     lam, w = (t.to(c.device) for t in torch.linalg.eigh((cd.mT @ cd).cpu()))
-    lam, w = lam.flip(0).clamp_min(0), w.flip(1)
+    lam, w = lam.flip(-1).clamp_min(0), w.flip(-1)
     s = lam.sqrt()
-    keep = s > s[0] * 1e-12
+    keep = s > s[..., :1] * 1e-12
     s = torch.where(keep, s, torch.zeros_like(s))
-    u = (cd @ w) * torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    u = (cd @ w) * torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))[..., None, :]
     return u, s, p @ w
 
 
 def low_rank(a: torch.Tensor, rank: int, kind: str = "randomized", basis: torch.Tensor | None = None) -> LowRank:
-    """Best rank-``rank`` approximation of ``a`` (``[N, K]``) as ``up [N, r] @ down [r, K]`` in fp32.
+    """Best rank-``rank`` approximation of ``a`` (``[N, K]``, or a batch ``[B, N, K]``: each matrix on its own)
+    as ``up [N, r] @ down [r, K]`` in fp32.
 
     The singular values are split evenly so both factors have moderate magnitudes in
     16 bits. ``kind="randomized"`` is deterministic (fixed seed) and works on the right singular
@@ -65,15 +66,16 @@ def low_rank(a: torch.Tensor, rank: int, kind: str = "randomized", basis: torch.
     (the refinement loop does) replaces the random start and the power iterations by one subspace
     iteration from it: two products with ``a`` instead of six.
     """
-    n, k = a.shape
+    *batch, n, k = a.shape
     r = min(rank, n, k)
     if r <= 0:
-        return LowRank(a.new_zeros(n, 0, dtype=torch.float32), a.new_zeros(0, k, dtype=torch.float32), None)
+        return LowRank(a.new_zeros(*batch, n, 0, dtype=torch.float32), a.new_zeros(*batch, 0, k, dtype=torch.float32),
+                       None)
     if kind == "full":
         u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
-        u, s, v = u[:, :r], s[:r], vh[:r].T
-        sq = s.sqrt()
-        return LowRank((u * sq).float(), (v * sq).T.float().contiguous(), None)
+        u, s, v = u[..., :r], s[..., :r], vh[..., :r, :].mT
+        sq = s.sqrt()[..., None, :]
+        return LowRank((u * sq).float(), (v * sq).mT.float().contiguous(), None)
     if kind != "randomized":
         raise ValueError(f"unknown SVD kind {kind!r}; use 'randomized' or 'full'")
     a = a.float()
@@ -88,7 +90,7 @@ def low_rank(a: torch.Tensor, rank: int, kind: str = "randomized", basis: torch.
             p = _orth(a.mT @ _orth(a @ p.float(), passes=1).float(), passes=2 if i == NITER - 1 else 1)
         u, s, v = _svd_in_basis(a @ p.float(), p)
     else:  # one subspace iteration, ending on the column side: Aᵀ restricted to the basis Q of A·basis
-        cols = _orth(a @ basis[:, :q].float())
+        cols = _orth(a @ basis[..., :q].float())
         v, s, u = _svd_in_basis(a.mT @ cols.float(), cols)
-    sq = s[:r].sqrt()
-    return LowRank((u[:, :r] * sq).float(), (v[:, :r] * sq).mT.float().contiguous(), v.float())
+    sq = s[..., None, :r].sqrt()
+    return LowRank((u[..., :r] * sq).float(), (v[..., :r] * sq).mT.float().contiguous(), v.float())
