@@ -77,9 +77,10 @@ class QuantReport:
     # errors are the weight's own (no calibration), and per encoder its class and sizes
     text_encoder_rows: list[LayerRow] = field(default_factory=list)
     text_encoders: dict[str, dict] = field(default_factory=dict)
-    # seconds per stage, summed over the run (disjoint, so they add up to at most seconds_total): calibration
-    # (and its transfers, when streaming), pin memory, transfers, replays, and per group setup, smoothing
-    # search, refinement, assemble, build modules; text encoders
+    # seconds per stage, summed over the run: calibration (and its transfers, when streaming), pin memory,
+    # transfers, replays, and per group setup, smoothing search, refinement, assemble, build modules; text
+    # encoders. Disjoint, so they add up to at most seconds_total, except on a GPU, where each block's replays
+    # (and its transfers) run during the previous block's search and "waiting for replays" is what it did not hide
     stages: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -123,7 +124,10 @@ class QuantReport:
         for stage, seconds in self.stages.items():
             lines.append(f"{stage:22s} {seconds:8.2f} {100 * seconds / total:5.1f}%")
         rest = self.seconds_total - sum(self.stages.values())
-        lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
+        if "waiting for replays" in self.stages:  # replays overlapped the search: the stages add up to more
+            lines.append("(replays and their transfers ran during the previous block's search)")
+        else:
+            lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
         return lines
 
 
@@ -605,10 +609,11 @@ class _Replayer:
     """Each block in 16 bits on every snapshot, its linears' inputs recorded; with ``overlap``, in a worker
     thread on a side CUDA stream, so that a block's replays run while the previous block is searched.
 
-    The two streams share tensors one way at a time: a replay's outputs, recordings and onloaded weights are
-    read by the search only after :meth:`finish` made the main stream wait for the replay, and the main stream
-    is drained (:meth:`settle`) before a searched block's tensors are freed, so the allocator never hands the
-    side stream memory that a queued main-stream kernel still reads."""
+    Tensors change streams only at two host synchronizations: a replay's outputs, recordings and onloaded
+    weights reach the search after :meth:`finish` waited for the replay to complete, and the main stream is
+    drained (:meth:`settle`) before a searched block's tensors are freed; so neither stream's allocator hands
+    out memory that a kernel queued on the other still reads. A replay usually ends before the search of the
+    previous block does, so the waits cost nothing."""
 
     def __init__(self, adapter, streamed, device, home, spill, pin, store, tokens, seed, *, overlap: bool):
         self.adapter, self.streamed, self.device, self.home = adapter, streamed, device, home
@@ -646,8 +651,8 @@ class _Replayer:
         else:
             t0 = time.perf_counter()
             result, done = future.result()
-            if done is not None:
-                torch.cuda.current_stream(self.device).wait_event(done)
+            if done is not None:  # the host waits too: no tensor changes streams while one still uses it
+                done.synchronize()
             clock.add("waiting for replays", time.perf_counter() - t0)
         for stage, seconds in own.flush().items():
             clock.add(stage, seconds)

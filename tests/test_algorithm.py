@@ -204,6 +204,50 @@ def test_batched_candidates_choose_as_one_at_a_time(monkeypatch, recipe, method,
         assert all(torch.equal(c.lora_down, many[0].lora_down) for c in many)
 
 
+def test_batched_candidates_through_the_rounding_kernel(monkeypatch):
+    """The GPU's weight rounding (the Triton kernel, here in its interpreter on the CPU) on a batch of candidates:
+    the same choice and the same rounded weights as the torch rounding one candidate at a time."""
+    pytest.importorskip("triton")
+    import os
+
+    from svdquant import kernels
+    from svdquant.algorithm import layer
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel in Triton's interpreter")
+    w, b, x = make_layer(5, k=128, n=48, tokens=64)
+    rc = get_recipe("int4").replace(smooth_grid=((0.0, 0.0), (0.3, 0.0), (0.5, 0.5), (0.7, 0.3), (0.9, 0.0)),
+                                    iterations=1)
+    one, rep1 = quantize_linears([w], [b], x, rc)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p: 3)
+    monkeypatch.setattr(layer, "_weight_rounding_kernel",
+                        lambda recipe, device: functools.partial(kernels.round_int4m_weights, group_size=64))
+    many, rep3 = quantize_linears([w], [b], x, rc)
+    assert (rep3.alpha, rep3.beta) == (rep1.alpha, rep1.beta)
+    assert rep3.rel_error == pytest.approx(rep1.rel_error, rel=1e-5)
+    assert torch.equal(one[0].weight.codes, many[0].weight.codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_batched_candidates_choose_as_one_at_a_time(monkeypatch):
+    """At a FLUX q/k/v shape on a GPU: batches (as many as memory allows) against one at a time."""
+    from svdquant.algorithm import layer
+
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(3072, 3072, generator=g) * 0.02).cuda().bfloat16() for _ in range(3)]
+    x = torch.randn(512, 3072, generator=g)
+    x[:, ::97] *= 20
+    x = x.cuda().bfloat16()
+    rc = get_recipe("int4").replace(iterations=2)
+    assert layer._candidates_per_batch(layer._Problem(ws, x, rc, False)) > 1
+    _, batched = quantize_linears(ws, [None] * 3, x, rc)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p: 1)
+    _, single = quantize_linears(ws, [None] * 3, x, rc)
+    assert (batched.alpha, batched.beta) == (single.alpha, single.beta)
+    assert batched.rel_error == pytest.approx(single.rel_error, rel=1e-4)
+
+
 def test_candidates_per_batch_is_one_on_the_cpu():
     from svdquant.algorithm.layer import _candidates_per_batch, _Problem
 

@@ -49,6 +49,38 @@ def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
         assert torch.equal(model(**inputs)[0], before)
 
 
+@pytest.mark.parametrize("sd35", [False, True])
+def test_fused_sd3_equals_unfused(sd35):
+    """SD3's joint attention (and SD3.5's: q/k RMS norms, dual-attention blocks whose second attention has no
+    text stream) through FusedJointAttnProcessor: bit for bit the unfused model, same state dict, and unfusing
+    puts diffusers' processor back."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from svdquant.modules.fused import FusedJointAttnProcessor
+
+    extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}
+    model = tm.build_sd3(seed=0, **extra)
+    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=[tm.sd3_inputs(model, seed=1)]), progress=False)
+    inputs = tm.sd3_inputs(model, seed=7)
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    keys = list(model.state_dict())
+    attns = [m for m in model.modules() if type(getattr(m, "processor", None)) is JointAttnProcessor2_0]
+    assert len(attns) == 2 + sd35
+    assert svdquant.fuse(model)["qkv"] == len(attns)
+    assert all(isinstance(a.processor, FusedJointAttnProcessor) and isinstance(a.to_qkv, FusedSVDQLinear)
+               for a in attns)
+    assert isinstance(model.transformer_blocks[0].attn.to_added_qkv, FusedSVDQLinear)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+    assert unfuse_projections(model) == len(attns)
+    assert all(type(a.processor) is JointAttnProcessor2_0 and not hasattr(a, "to_qkv") for a in attns)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+
+
 def test_fusing_a_16bit_model_changes_nothing():
     model = tm.build_flux()
     assert fuse_projections(model) == 0

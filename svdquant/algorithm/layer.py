@@ -113,8 +113,8 @@ class _Problem:
 
     def fq_weight(self, r_all: torch.Tensor) -> torch.Tensor:
         rc = self.recipe
-        if self.round_kernel is not None:  # row by row, bit-identical to fake_quantize below
-            return self.round_kernel(r_all)
+        if self.round_kernel is not None:  # row by row (a batch of candidates too), bit-identical to fq below
+            return self.round_kernel(r_all.reshape(-1, r_all.shape[-1])).view(r_all.shape)
 
         def fq(t):
             return fake_quantize(t, rc.weights, rc.group_size, scale_dtype=self.dtype, weight=True, check=False)

@@ -10,7 +10,8 @@ FLUX's q/k/v the same way: one ``qkv_proj``).
 
 :class:`FusedSVDQLinear` is what diffusers' fused-projection convention calls: a FLUX attention with
 ``fused_projections = True`` computes ``to_qkv(x).chunk(3, -1)`` (and ``to_added_qkv`` for the text
-stream). The member layers stay the modules of record: the state dict, checkpoints and LoRAs address
+stream); an SD3 joint attention gets :class:`FusedJointAttnProcessor`, which reads them the same way. The
+member layers stay the modules of record: the state dict, checkpoints and LoRAs address
 them, and they can still run alone. On the GPU's speed mode the fused runner holds the stacked INT8
 weight and the members hold row views of it, so nothing is resident twice; elsewhere (the CPU reference,
 memory mode) the fused module concatenates its members' outputs, which is exactly the unfused result.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops.runners import Int8Runner
 from .linear import SVDQLinear
@@ -87,17 +89,62 @@ class FusedSVDQLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, members={len(self.members)}, {path}"
 
 
-def fuse_projections(model: nn.Module) -> int:
-    """Stack the quantized q/k/v of every attention that supports diffusers' fused projections (FLUX's):
-    one activation pass and one GEMM per stream instead of three. Returns how many were fused. Exact:
-    the outputs equal the unfused ones. :func:`unfuse_projections` undoes it."""
+class FusedJointAttnProcessor:
+    """SD3's joint attention reading the stacked projections: diffusers' ``JointAttnProcessor2_0`` (the same
+    steps: per-stream q/k/v, SD3.5's q/k RMS norms, one attention over the image then text tokens, the
+    output projections) with ``to_qkv`` / ``to_added_qkv`` for the three projections of each stream.
+
+    diffusers' own ``FusedJointAttnProcessor2_0`` cannot be used: it skips the q/k norms of SD3.5."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, n_image = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(t):
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        def project(x, fused, names, norm_q, norm_k):
+            if isinstance(fused, FusedSVDQLinear):
+                q, k, v = (heads(t) for t in fused(x).chunk(3, dim=-1))
+            else:
+                q, k, v = (heads(getattr(attn, a)(x)) for a in names)
+            return (norm_q(q) if norm_q is not None else q), (norm_k(k) if norm_k is not None else k), v
+
+        q, k, v = project(hidden_states, getattr(attn, "to_qkv", None), PROJECTIONS[0][1], attn.norm_q, attn.norm_k)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = project(encoder_hidden_states, getattr(attn, "to_added_qkv", None), PROJECTIONS[1][1],
+                                 attn.norm_added_q, attn.norm_added_k)
+            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        if encoder_hidden_states is not None:
+            out, encoder_hidden_states = out[:, :n_image], out[:, n_image:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, encoder_hidden_states) if encoder_hidden_states is not None else out
+
+
+def _fusable(attn) -> str | None:
+    """"flux" (diffusers reads ``to_qkv`` when ``fused_projections``), "joint" (SD3: the processor is
+    swapped for :class:`FusedJointAttnProcessor`), or None."""
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
+    if isinstance(attn, FluxAttention):
+        return None if attn.fused_projections else "flux"
+    if isinstance(attn, Attention) and type(attn.processor) is JointAttnProcessor2_0:
+        return "joint"
+    return None
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Stack the quantized q/k/v of every FLUX attention (diffusers' fused projections) and SD3 joint attention
+    (our processor): one activation pass and one GEMM per stream instead of three. Returns how many were
+    fused. Exact: the outputs equal the unfused ones. :func:`unfuse_projections` undoes it."""
     n = 0
     for attn in model.modules():
-        # only where the processor reads the fused layers (SD3's JointAttnProcessor2_0 ignores the flag, and
-        # diffusers' FusedJointAttnProcessor2_0 drops SD3.5's q/k norms)
-        if not isinstance(attn, FluxAttention) or attn.fused_projections:
+        kind = _fusable(attn)
+        if kind is None:
             continue
         made = {}
         for fused_name, names in PROJECTIONS:
@@ -108,10 +155,16 @@ def fuse_projections(model: nn.Module) -> int:
                 except ValueError:
                     made.clear()  # a stream that cannot stack (e.g. different layouts): leave the attention as is
                     break
-        if "to_qkv" in made:  # the processor fuses both streams or none
+        if "to_qkv" in made and (kind == "joint" or len(made) == len(PROJECTIONS) or
+                                 getattr(attn, "add_q_proj", None) is None):
+            # FLUX's processor fuses both streams or none; ours takes each stream as it is
             for fused_name, f in made.items():
                 setattr(attn, fused_name, f)
-            attn.fused_projections = True
+            if kind == "joint":
+                attn.__dict__["_svdquant_processor"] = attn.processor
+                attn.processor = FusedJointAttnProcessor()  # not set_processor: it would drop nothing, but logs
+            else:
+                attn.fused_projections = True
             n += 1
         else:
             for f in made.values():
@@ -132,7 +185,11 @@ def unfuse_projections(model: nn.Module) -> int:
             _release(f)
             for m in f.members:
                 m.refresh()
-        attn.fused_projections = False
+        processor = attn.__dict__.pop("_svdquant_processor", None)
+        if processor is not None:
+            attn.processor = processor
+        else:
+            attn.fused_projections = False
         n += 1
     return n
 
