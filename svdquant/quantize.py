@@ -557,6 +557,8 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
                     _finish_block(streamed.unit(job.block), job.block, home, keep_on_device, clock)
         finally:
             replayer.close()
+            if streamed is not None:  # after an error: a block the worker onloaded goes back home
+                streamed.offload()
         bar.close()
     else:
         groups = adapter.groups(model)
@@ -609,11 +611,12 @@ class _Replayer:
     """Each block in 16 bits on every snapshot, its linears' inputs recorded; with ``overlap``, in a worker
     thread on a side CUDA stream, so that a block's replays run while the previous block is searched.
 
-    Tensors change streams only at two host synchronizations: a replay's outputs, recordings and onloaded
-    weights reach the search after :meth:`finish` waited for the replay to complete, and the main stream is
-    drained (:meth:`settle`) before a searched block's tensors are freed; so neither stream's allocator hands
-    out memory that a kernel queued on the other still reads. A replay usually ends before the search of the
-    previous block does, so the waits cost nothing."""
+    Tensors change streams at three points: a replay starts after the work the main stream has queued
+    (:meth:`start`: the calibration's entries), its outputs, recordings and onloaded weights reach the search
+    after :meth:`finish` waited on the host for the replay to complete, and the main stream is drained
+    (:meth:`settle`) before a searched block's tensors are freed; so neither stream reads what the other has
+    not finished writing, and neither allocator hands out memory that a kernel queued on the other still
+    reads. A replay usually ends before the search of the previous block does, so the waits cost nothing."""
 
     def __init__(self, adapter, streamed, device, home, spill, pin, store, tokens, seed, *, overlap: bool):
         self.adapter, self.streamed, self.device, self.home = adapter, streamed, device, home
@@ -632,8 +635,12 @@ class _Replayer:
         if not self.overlap:  # run when finished: one block on the device at a time
             return (job, snaps), None, clock
 
+        if self.cuda:  # the side stream starts after what the main stream queued (the calibration's entries)
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+
         def work():
-            with torch.cuda.stream(self._side) if self.cuda else contextlib.nullcontext():
+            # grad mode is per thread: without this the worker's forwards would record autograd graphs
+            with torch.no_grad(), torch.cuda.stream(self._side) if self.cuda else contextlib.nullcontext():
                 out = self.replay(job, snaps, clock)
                 done = torch.cuda.Event() if self.cuda else None
                 if done is not None:
@@ -778,9 +785,11 @@ def _record_first(model, adapter, kw: dict, store, on_stop) -> tuple[dict[str, l
     return rec.entries, check.ok
 
 
-# Room the quantize phase keeps free besides its snapshots: the block on the device and the search over its
-# groups (the 16-bit weights in fp32, the layer inputs, the candidates), 4 x the largest block + 4 GB. A
-# FLUX.1-dev double block is 0.68 GB; the search's peak over a streamed FLUX was 3.7 GB in all.
+# Room the quantize phase keeps free besides its snapshots: the searched block and, on a GPU, the next one
+# replaying alongside, with their layer inputs and the search over its groups (the 16-bit weights in fp32, a
+# batch of candidates sized to a quarter of what is then free), 4 x the largest block + 4 GB. A FLUX.1-dev
+# double block is 0.68 GB; a streamed FLUX.1-dev quantization (one block at a time, candidates one by one)
+# peaked at 11.3 GB with 7 GB of snapshots held (commit f2f8c57).
 _BLOCK_MARGIN = 4
 _SEARCH_MARGIN = 4 * 10**9
 

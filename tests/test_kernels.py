@@ -151,6 +151,18 @@ def test_round_int4m_weights_is_the_reference_bit_for_bit(k):
     assert torch.equal(K.round_int4m_weights(w), want), f"seed {seed}"
 
 
+def test_the_search_rounds_in_torch_where_the_kernel_cannot(monkeypatch):
+    """The kernel's group is a power of two; a recipe's other even group sizes keep the torch rounding."""
+    from svdquant.algorithm.layer import _weight_rounding_kernel
+
+    cuda = torch.device("cuda")
+    assert _weight_rounding_kernel(get_recipe("int4"), cuda) is not None
+    assert _weight_rounding_kernel(get_recipe("int4").replace(group_size=96), cuda) is None
+    assert _weight_rounding_kernel(get_recipe("int4"), torch.device("cpu")) is None
+    monkeypatch.setenv("SVDQUANT_REFERENCE", "1")
+    assert _weight_rounding_kernel(get_recipe("int4"), cuda) is None
+
+
 def test_round_int4m_weights_refuses_what_it_cannot_round():
     with pytest.raises(ValueError, match="fp32"):
         K.round_int4m_weights(torch.zeros(4, 64, dtype=torch.bfloat16))

@@ -75,7 +75,13 @@ def test_overlapped_replays_are_bit_identical(monkeypatch, stream):
     seq, over = copy.deepcopy(model), copy.deepcopy(model)
     r0 = svdquant.quantize(seq, RECIPE, calib, progress=False, **kw)
     monkeypatch.setattr(Q, "_overlap_replays", lambda device: True)
+    grad_modes = []  # the worker thread's grad mode (per thread: it must not record autograd graphs)
+    handles = [b.register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
+               for b in [*over.transformer_blocks, *over.single_transformer_blocks]]
     r1 = svdquant.quantize(over, RECIPE, calib, progress=False, **kw)
+    for h in handles:
+        h.remove()
+    assert grad_modes and not any(grad_modes)
     assert_same_state(seq, over)
     assert [(r.names, r.rel_error) for r in r0.rows] == [(r.names, r.rel_error) for r in r1.rows]
     assert "waiting for replays" in r1.stages and "waiting for replays" not in r0.stages

@@ -199,11 +199,13 @@ def _weight_rounding_kernel(recipe: QuantConfig, device: torch.device):
     has none, or when ``SVDQUANT_REFERENCE=1`` asks for the torch reference everywhere)."""
     fmt = get_format(recipe.weights)
     reference = os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0")
-    if fmt.weight_rounding_kernel is None or device.type != "cuda" or reference:
+    group = fmt.group(recipe.group_size)
+    # the kernel's group is a tl.arange: a power of two (recipes accept any even size)
+    if fmt.weight_rounding_kernel is None or device.type != "cuda" or reference or group & (group - 1):
         return None
     from .. import kernels
 
-    return functools.partial(getattr(kernels, fmt.weight_rounding_kernel), group_size=fmt.group(recipe.group_size))
+    return functools.partial(getattr(kernels, fmt.weight_rounding_kernel), group_size=group)
 
 
 def _flatten_inputs(inputs, k: int) -> torch.Tensor:

@@ -25,8 +25,9 @@ def _orth(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     Cholesky QR, twice (CholeskyQR2; Fukaya et al., arXiv 1406.5913): a Gram matrix, a ``q × q``
     Cholesky factor and a triangular solve, instead of Householder QR, which on a GPU runs as hundreds of
     small kernels (the quantizer's profile: 20 % of the search's device time in ``geqr2``). The tiny
-    diagonal shift keeps a rank-deficient ``y`` (a zero or low-rank weight) factorable; its null columns
-    come out near zero rather than NaN, and the second pass restores orthogonality elsewhere. The power
+    diagonal shift keeps a rank-deficient ``y`` (a zero or low-rank weight) factorable: its null directions
+    come out as finite noise columns rather than NaN, which the second pass makes orthonormal too (they then
+    carry singular values ~0, which :func:`_svd_in_basis` zeroes). The power
     iterations' intermediate bases take one pass: only their span matters, which one pass keeps exactly.
     """
     q = y.double()

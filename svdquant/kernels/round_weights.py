@@ -7,8 +7,8 @@ is ~40 elementwise kernels over the whole weight (3.2 ms for FLUX's 9216 × 3072
 
 Per row: ``s = absmax / 126``; per group of 64, both ``floor`` and ``ceil`` of ``gmax · s⁻¹ / 7``
 (clamped to [1, 18]) round the group, and the multiplier whose reconstruction has the smaller squared
-error wins (the sums in float64, as the reference takes them, so the choice does not hang on the order
-of a reduction). Every division is IEEE (``div_rn``) and every product is rounded on its own (launched
+error wins (the sums in float64, as the reference takes them: the squares are exact there, so only a near-tie
+could still round differently with the order of a reduction). Every division is IEEE (``div_rn``) and every product is rounded on its own (launched
 with ``enable_fp_fusion=False``: a fused multiply-add would round ``q·m·s − x`` once instead of twice),
 so the output equals the reference bit for bit.
 """
