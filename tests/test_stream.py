@@ -155,6 +155,59 @@ def test_streamed_blocks_visit_the_device_one_at_a_time():
     assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks_before
 
 
+def test_resident_blocks_stay_between_calls_and_make_room_for_a_text_encoder():
+    """``meta`` as the device, two of five blocks resident: once loaded they (and the model's rest) stay on the
+    device across the model's calls, the others come and go at each block's call, and a text encoder's call
+    sends the resident ones home first; closing leaves every tensor at home and no hook."""
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=3)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    encoder = nn.Linear(4, 4)
+    seen: list[tuple[int, list[int]]] = []
+
+    def on_device():
+        return [i for i, b in enumerate(blocks) if next(b.parameters()).device.type == "meta"]
+
+    model.register_forward_hook(lambda m, a, out: (torch.zeros(out[0].shape, dtype=out[0].dtype),))
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, on_device())))
+    encoder.register_forward_pre_hook(lambda m, a: seen.append((-1, on_device())))
+    encoder.register_forward_hook(lambda m, a, out: torch.zeros(out.shape))  # meta: no data to bring home
+    x = tm.flux_inputs(model, seed=0)
+    hooks_before = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+    with Streamed(model, blocks, "meta", "cpu", others=[encoder], resident=2) as st:
+        for _ in range(2):  # a prompt: its text encoding, then two denoising steps
+            encoder(torch.zeros(1, 4))
+            model(**x)
+            assert on_device() == [0, 1] and model.x_embedder.weight.device.type == "meta"
+            model(**x)
+        assert len(st.resident) == 3  # the two blocks and the rest
+    assert [i for i, _ in seen] == ([-1] + list(range(5)) * 2) * 2
+    for i, here in seen:
+        if i == -1:
+            assert here == [], here  # the encoder runs alone
+        else:
+            assert set(here) - {0, 1} == {i} - {0, 1} and i in here, (i, here)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()} == hooks_before
+    assert (len(encoder._forward_pre_hooks), len(encoder._forward_hooks)) == (1, 1)
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("sizes, rest, room, want", [
+    ([10, 10, 10], 5, 4 * GB + 5 + 40 + 30, 3),  # the 4 GB margin, the rest, 4 x the largest block, all three
+    ([10, 10, 10], 5, 4 * GB + 5 + 40 + 29, 2),  # one byte short of the third
+    ([10, 20, 10], 5, 4 * GB + 5 + 80 + 15, 1),  # the first ones only, in order: the second does not fit
+    ([10, 10, 10], 5, 4 * GB + 44, 0),           # not even one
+    ([], 5, 10**12, 0),
+    # FLUX.1-dev under a 24 GB cap: 19 double blocks of 0.68 GB, 38 single of 0.28 GB, 0.13 GB of rest
+    ([68 * 10**7] * 19 + [28 * 10**7] * 38, 13 * 10**7, 24 * GB, 19 + 15),
+])
+def test_resident_blocks_counts_what_fits_after_the_margin(sizes, rest, room, want):
+    assert Q.resident_blocks(sizes, rest, room) == want
+
+
 # ------------------------------------------------------------------------------------------------ calibrating on inputs
 Q = sys.modules["svdquant.quantize"]  # the module (svdquant.quantize is the function)
 

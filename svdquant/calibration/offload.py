@@ -124,13 +124,17 @@ class Streamed:
     Transfers are timed on ``clock`` as the stage ``transfers``. Use as a context manager: on exit every
     unit is offloaded and every hook removed.
 
+    resident: how many of ``blocks`` (the first ones) stay on the device between the model's calls once they
+    have been there: through a pipeline the model runs once per denoising step, and each resident block then
+    crosses once per prompt instead of once per step. They make room, with the rest of the model, whenever one
+    of ``others`` (a text encoder) runs, and come back at the model's next call.
     pin: move the home tensors to pinned CPU memory first (default: when streaming from the CPU to a GPU).
     Pinning costs about a second per GB up front and pays back on every copy after, so it pays when each
     block crosses many times (calibrating through a pipeline: one forward per denoising step), not when
     each crosses about twice (calibrating on forward inputs, where the forwards stop at the first block)."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
-                 clock: StageClock | None = None, pin: bool | None = None):
+                 clock: StageClock | None = None, pin: bool | None = None, resident: int = 0):
         self.device, self.home = torch.device(device), torch.device(home)
         self.clock = clock or StageClock(self.device)
         if pin is None:
@@ -140,14 +144,18 @@ class Streamed:
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin)
         self.others = [(m, DeviceUnit(list(m.modules()), device, pin)) for m in others]
         self._handles = []
-        self._entry(model, self.rest)
-        for b in blocks:
+        self.resident = [self.blocks[id(b)] for b in blocks[:resident]]
+        if self.resident:
+            self.resident.append(self.rest)
+        self._entry(model, self.rest, keep=bool(self.resident))
+        for i, b in enumerate(blocks):
             unit = self.blocks[id(b)]
             # prepended, as at the model's entry: other hooks on the block (the snapshot recorder) see it loaded
             self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u), prepend=True))
-            self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
+            if i >= resident:
+                self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
         for m, unit in self.others:
-            self._entry(m, unit)
+            self._entry(m, unit, make_room=True)
 
     def unit(self, block: nn.Module) -> DeviceUnit:
         return self.blocks[id(block)]
@@ -157,13 +165,17 @@ class Streamed:
             with self.clock.stage("transfers"):
                 unit.onload()
 
-    def _entry(self, module: nn.Module, unit: DeviceUnit) -> None:
+    def _entry(self, module: nn.Module, unit: DeviceUnit, keep: bool = False, make_room: bool = False) -> None:
         def pre(m, args, kwargs):
+            if make_room:
+                for u in self.resident:
+                    u.offload()
             self._onload(unit)
             return move(args, self.device, non_blocking=self.pin), move(kwargs, self.device, non_blocking=self.pin)
 
         def post(m, args, kwargs, out):
-            unit.offload()
+            if not keep:
+                unit.offload()
             return move(out, self.home)
 
         # prepend: the pre-hook runs before hooks a caller registered earlier, which then see device inputs
