@@ -477,6 +477,18 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
     assert len(res["rows"]) == 10 + 2 * 3  # 1 double block, 2 single blocks
 
 
+def test_quantize_pipeline_benchmark_smoke(tmp_path):
+    """``benchmarks/quantize_pipeline.py --smoke``: a tiny FLUX pipeline calibrated through its prompts and
+    quantized, streamed on the CPU; the report the GPU call writes."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_pipeline.py"), "--smoke", "--prompts",
+                        "2", "--steps", "2", "--snapshots", "3", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "quantize_pipeline.json").read_text())
+    assert res["snapshots"] == 3 and res["groups"] > 0 and res["resident_blocks"] == 0  # nothing resides on a CPU
+    assert {"calibration", "calibration transfers", "replays", "smoothing search"} <= set(res["stages"])
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -526,7 +538,11 @@ def test_gpu_streamed_pipeline_never_holds_text_encoders_and_transformer_togethe
         encoders = any(p.is_cuda for te in (pipe.text_encoder, pipe.text_encoder_2) for p in te.parameters())
         together.append(encoders)
 
+    def encoder_pre(module, args):  # the resident blocks (all of them: no cap) made room for the encoder
+        together.append(any(p.is_cuda for p in pipe.transformer.parameters()))
+
     pipe.transformer.transformer_blocks[0].register_forward_pre_hook(pre)
+    pipe.text_encoder_2.register_forward_pre_hook(encoder_pre)
     calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
     report = svdquant.quantize(pipe, RECIPE, calib, progress=False, device="cuda", keep_on_device=True)
     assert together and not any(together)

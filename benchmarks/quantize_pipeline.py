@@ -1,0 +1,96 @@
+"""Quantizing a whole FLUX.1-dev pipeline as a user does: held in CPU memory, calibrated through its prompts,
+streamed to a capped GPU (issue 16's real-user case; ``quantize_flux.py`` times the bare transformer).
+
+    python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --out $OUT                 # on a GPU
+    python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --resident off --out $OUT  # the ablation
+    python benchmarks/quantize_pipeline.py --smoke                                          # CPU: the plumbing
+
+The pipeline is ``benchmarks/pipeline_memory.py``'s FLUX.1-dev: the real architectures and sizes of the
+transformer (23.8 GB in BF16), T5-XXL (9.5 GB) and CLIP-L, random weights, built on the CPU in BF16.
+``svdquant.quantize(pipe, recipe, Calibration(num_prompts=, steps=, snapshots=, pipeline_kwargs=...),
+device="cuda", max_gpu_memory=...)`` runs the calibration prompts through the pipeline at ``--size``²: each
+denoising step is a whole transformer forward, so streamed blocks cross PCIe at every step, except the
+first ones that fit the cap, which stay on the GPU from step to step (``resident_blocks`` in
+``svdquant/quantize.py``); ``--resident off`` streams every block at every step, for comparison. Writes
+the time, the peak GPU memory, the stage profile and the resident block count to ``OUT/quantize_pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=16, help="calibration prompts (of the built-in 128)")
+    ap.add_argument("--steps", type=int, default=4, help="denoising steps per prompt")
+    ap.add_argument("--snapshots", type=int, default=16, help="(prompt, step) calls drawn as snapshots")
+    ap.add_argument("--size", type=int, default=1024, help="image height and width")
+    ap.add_argument("--recipe", default="int4")
+    ap.add_argument("--max-gpu-memory", help="cap the GPU memory torch may use, e.g. 24GB")
+    ap.add_argument("--resident", choices=["on", "off"], default="on",
+                    help="off: no block stays on the GPU between steps (the ablation)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny models: checks the script runs")
+    args = ap.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("quantize_pipeline.py: needs a CUDA GPU; use --smoke on the CPU")
+
+    import svdquant
+    from pipeline_memory import build
+    from svdquant.calibration import Calibration
+
+    quantize_module = sys.modules["svdquant.quantize"]
+    resident = {}
+    choose = quantize_module.resident_blocks
+
+    def counted(*a):
+        resident["blocks"] = choose(*a) if args.resident == "on" else 0
+        return resident["blocks"]
+
+    quantize_module.resident_blocks = counted  # the ablation switch, and the count for the report
+
+    t0 = time.perf_counter()
+    pipe, kw = build("flux", quick=args.smoke, device="cpu")
+    build_s = time.perf_counter() - t0
+    size = 16 if args.smoke else args.size
+    calib = Calibration(num_prompts=args.prompts, steps=args.steps, snapshots=args.snapshots,
+                        pipeline_kwargs=dict(height=size, width=size, guidance_scale=kw["guidance_scale"],
+                                             max_sequence_length=kw["max_sequence_length"]))
+    dev = "cpu" if args.smoke else "cuda"
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    report = svdquant.quantize(pipe, args.recipe, calib, progress=False, device=dev,
+                               max_gpu_memory=None if args.smoke else args.max_gpu_memory)
+    total = time.perf_counter() - t0
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    res = dict(
+        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)",
+        commit=os.environ.get("SVDQUANT_COMMIT", ""), torch=torch.__version__, recipe=args.recipe,
+        prompts=args.prompts, steps=args.steps, snapshots=report.snapshots, size=size,
+        max_gpu_memory=args.max_gpu_memory, resident=args.resident, resident_blocks=resident.get("blocks", 0),
+        blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,
+        peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,
+        peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if dev == "cuda" else None,
+        stages=report.stages, groups=len(report.rows),
+    )
+    print(json.dumps(res, indent=1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quantize_pipeline.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
