@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ._memory import device_room
 from ._timing import StageClock
 from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
 from .calibration.capture import ChainCheck, keep_entry, next_inputs, run_inputs
@@ -489,7 +490,7 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
         resident = 0
         if pin_model and blocks:  # the same reason: blocks that fit stay on the GPU from step to step
             sizes = [_tensor_bytes(b) for _, b in blocks]
-            resident = resident_blocks(sizes, _tensor_bytes(model) - sum(sizes), _device_room(device, cap))
+            resident = resident_blocks(sizes, _tensor_bytes(model) - sum(sizes), device_room(device, cap))
         t1 = time.perf_counter()
         streamed = Streamed(model, [b for _, b in blocks], device, home, others=others, clock=clock, pin=pin_model,
                             resident=resident)
@@ -618,7 +619,7 @@ class _Replayer:
 
     Tensors change streams at three points: a replay starts after the work the main stream has queued
     (:meth:`start`: the calibration's entries), its outputs, recordings and onloaded weights reach the search
-    after :meth:`finish` waited on the host for the replay to complete, and the main stream is drained
+    after the worker waited on the host for the replay to complete, and the main stream is drained
     (:meth:`settle`) before a searched block's tensors are freed; so neither stream reads what the other has
     not finished writing, and neither allocator hands out memory that a kernel queued on the other still
     reads. A replay usually ends before the search of the previous block does, so the waits cost nothing."""
@@ -636,35 +637,33 @@ class _Replayer:
             self._side = torch.cuda.Stream(device) if self.cuda else None
 
     def start(self, job: _ReplayJob, snaps: list[dict]):
+        """Starts the replay (with ``overlap``; else it runs in :meth:`finish`: one block on the device at a
+        time); returns what :meth:`finish` takes."""
         clock = StageClock(self.device)
-        if not self.overlap:  # run when finished: one block on the device at a time
-            return (job, snaps), None, clock
-
+        if not self.overlap:
+            return job, snaps, None, clock
         if self.cuda:  # the side stream starts after what the main stream queued (the calibration's entries)
             self._side.wait_stream(torch.cuda.current_stream(self.device))
 
         def work():
-            # grad mode is per thread: without this the worker's forwards would record autograd graphs
+            # grad mode is per thread: without no_grad the worker's forwards would record autograd graphs
             with torch.no_grad(), torch.cuda.stream(self._side) if self.cuda else contextlib.nullcontext():
                 out = self.replay(job, snaps, clock)
-                done = torch.cuda.Event() if self.cuda else None
-                if done is not None:
-                    done.record(self._side)
-            return out, done
+            if self.cuda:  # complete before the search reads it: no tensor changes streams while one still uses it
+                self._side.synchronize()
+            return out
 
-        return None, self._pool.submit(work), clock
+        return job, snaps, self._pool.submit(work), clock
 
     def finish(self, pending, clock: StageClock):
         """The replay's (recorder, next block's inputs), once the main stream may read them; its stage times
         go to ``clock`` (with ``overlap``, "waiting for replays" is what the search did not hide)."""
-        result, future, own = pending
+        job, snaps, future, own = pending
         if future is None:
-            result = self.replay(*result, own)
+            result = self.replay(job, snaps, own)
         else:
             t0 = time.perf_counter()
-            result, done = future.result()
-            if done is not None:  # the host waits too: no tensor changes streams while one still uses it
-                done.synchronize()
+            result = future.result()
             clock.add("waiting for replays", time.perf_counter() - t0)
         for stage, seconds in own.flush().items():
             clock.add(stage, seconds)
@@ -829,15 +828,7 @@ def _hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: i
         return True
     if device.type != "cuda":
         return False
-    return snapshots_fit(held, block_bytes, _device_room(device, cap))
-
-
-def _device_room(device: torch.device, cap: int | None) -> int:
-    """Bytes a CUDA device can still give torch: what is free (torch's unused cache included), within the cap."""
-    free, _ = torch.cuda.mem_get_info(device)
-    used = torch.cuda.memory_allocated(device)
-    free += torch.cuda.memory_reserved(device) - used
-    return free if cap is None else min(free, cap - used)
+    return snapshots_fit(held, block_bytes, device_room(device, cap))
 
 
 def _nbytes(obj, seen: set | None = None) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._memory import device_room
 from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
 from ..recipes import POST_GELU_SHIFT, QuantConfig
@@ -182,15 +183,10 @@ def _candidates_per_batch(p: "_Problem") -> int:
     if p.w.device.type != "cuda" or get_format(rc.weights).static_input_scale or (
             p.act_format is not None and p.act_format.static_input_scale):
         return 1
-    dev = p.w.device
     n, k = p.w.shape
     t = p.x.shape[0]
     per = 4 * (5 * n * k + 3 * t * n + 2 * t * k)  # w·λ, branch product, residual, rounded, error terms
-    free, total = torch.cuda.mem_get_info(dev)
-    cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    cap = (get(dev) if get is not None else 1.0) * total - torch.cuda.memory_allocated(dev)
-    room = min(free + cached, cap)
+    room = device_room(p.w.device)
     return max(1, min(8, int(room // 4 // per)))
 
 
@@ -295,16 +291,14 @@ def quantize_linears(
         size = _candidates_per_batch(p)
         for start in range(0, len(cands), size):
             chunk = cands[start:start + size]
-            if len(chunk) == 1:
-                res = fit(chunk[0][2])
-                errs, pick = [float(res[0])], lambda j, res=res: (float(res[0]), *res[1:])
-            else:  # one launch per step for the whole chunk: the search is bound by the host's launches
-                res = fit(torch.stack([c for _, _, c in chunk]))
-                errs, pick = res[0].tolist(), lambda j, res=res: _candidate(res, j)
+            batched = len(chunk) > 1  # one launch per step for the chunk: the search is bound by the host's launches
+            res = fit(torch.stack([c for _, _, c in chunk]) if batched else chunk[0][2])
+            errs = res[0].reshape(-1).tolist()
             j = min(range(len(chunk)), key=errs.__getitem__)  # the first smallest, as one at a time
             if best is None or errs[j] < best[0]:
-                best, lam, report.alpha, report.beta = pick(j), chunk[j][2], chunk[j][0], chunk[j][1]
-            res = pick = None
+                best = _candidate(res, j) if batched else (errs[0], *res[1:])
+                lam, report.alpha, report.beta = chunk[j][2], chunk[j][0], chunk[j][1]
+            res = None
     else:
         res = fit(lam)
         best = (float(res[0]), *res[1:])

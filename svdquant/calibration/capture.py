@@ -150,7 +150,7 @@ def keep_entry(snap: dict[str, Any], store_device, pin: bool = False) -> dict[st
     """A block's arguments as a snapshot: detached copies on ``store_device`` (pinned CPU memory with ``pin``: a
     streaming run copies each snapshot back to the GPU asynchronously)."""
     snap = {k: _detach(v) for k, v in snap.items()}
-    return move(snap, store_device, pin=True) if pin else to_device(snap, store_device)
+    return move(snap, store_device, pin=pin)
 
 
 class EntryRecorder:

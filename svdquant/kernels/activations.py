@@ -23,17 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from .common import down_projection_dot, interpreting, round_half_even
-
-
-@triton.jit
-def _round(x, FAST_ROUND: tl.constexpr):
-    if FAST_ROUND:  # one cvt.rni on the GPU; the CPU interpreter lacks libdevice
-        return libdevice.rint(x)
-    else:
-        return round_half_even(x)
+from .common import down_projection_dot, interpreting, reciprocal, rne
 
 
 @triton.jit
@@ -109,7 +100,7 @@ def quantize_activations_kernel(
         s = tl.maximum(tl.math.div_rn(amax_s, 126.0), tl.math.div_rn(amax_u, 120.0))
     else:
         s = tl.math.div_rn(amax_s, 127.0)
-    inv_s = tl.where(s > 0, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    inv_s = reciprocal(s)
     if split == 0:
         tl.store(s_ptr + rows, s, mask=rmask)
         if HAS_LORA:  # the K slices' partial down projections, summed in a fixed order (deterministic)
@@ -127,16 +118,15 @@ def quantize_activations_kernel(
             qmax = tl.where(g_uns, 15.0, 7.0)
             mmax = tl.where(g_uns, 8.0, 18.0)
             gmax = tl.max(tl.abs(u), axis=1)
-            m = _round(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax), FAST_ROUND)
+            m = rne(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax), FAST_ROUND)
             m = tl.minimum(tl.maximum(m, 1.0), mmax)
             gs = s * m
-            inv = tl.where(gs > 0, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.where(gs > 0, gs, 1.0)),
-                           0.0)
-            q = _round(u * inv[:, None], FAST_ROUND)
+            inv = reciprocal(gs)
+            q = rne(u * inv[:, None], FAST_ROUND)
             q = tl.minimum(tl.maximum(q, tl.where(g_uns, 0.0, -7.0)), qmax)
             q = q * m[:, None]
         else:
-            q = _round(u * inv_s[:, None], FAST_ROUND)
+            q = rne(u * inv_s[:, None], FAST_ROUND)
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
 

@@ -11,6 +11,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def interpreting() -> bool:
@@ -46,6 +47,21 @@ def round_half_even(x):
     tie = (r - x) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def rne(x, FAST_ROUND: tl.constexpr):
+    """Round half to even: one ``cvt.rni`` on the GPU (``FAST_ROUND``); the CPU interpreter lacks libdevice."""
+    if FAST_ROUND:
+        return libdevice.rint(x)
+    else:
+        return round_half_even(x)
+
+
+@triton.jit
+def reciprocal(v):
+    """``1 / v`` (IEEE, as torch divides) where ``v > 0``, else 0: a zero scale quantizes to zero codes."""
+    return tl.where(v > 0, tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.where(v > 0, v, 1.0)), 0.0)
 
 
 @triton.jit

@@ -18,32 +18,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from .common import interpreting, round_half_even
-
-INT4_MAX = 7.0
-MULT_MAX = 18.0
-
-
-@triton.jit
-def _rne(x, FAST_ROUND: tl.constexpr):
-    if FAST_ROUND:  # one cvt.rni on the GPU; the CPU interpreter lacks libdevice
-        return libdevice.rint(x)
-    else:
-        return round_half_even(x)
-
-
-@triton.jit
-def _reciprocal(v):
-    return tl.where(v > 0, tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.where(v > 0, v, 1.0)), 0.0)
-
+from .common import interpreting, reciprocal, rne
 
 @triton.jit
 def _round_group(x, m, s, FAST_ROUND: tl.constexpr):
     """``(q · m) · s`` with ``q = clamp(rne(x · (s · m)⁻¹), -7, 7)`` for a [GROUPS, GROUP] tile."""
-    inv = _reciprocal(s * m)
-    q = tl.minimum(tl.maximum(_rne(x * inv[:, None], FAST_ROUND), -7.0), 7.0)
+    inv = reciprocal(s * m)
+    q = tl.minimum(tl.maximum(rne(x * inv[:, None], FAST_ROUND), -7.0), 7.0)
     return (q * m[:, None]) * s
 
 
@@ -63,7 +45,7 @@ def round_int4m_weights_kernel(
         x = tl.load(xr + k, mask=k < K, other=0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
     s = tl.math.div_rn(tl.max(amax, axis=0), 126.0)
-    inv_s = _reciprocal(s)
+    inv_s = reciprocal(s)
     for t in range(TILES):
         k = t * GROUPS * GROUP + offs
         x = tl.load(xr + k, mask=k < K, other=0.0)
