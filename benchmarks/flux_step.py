@@ -17,7 +17,9 @@ first and takes the fastest). Per variant and batch: median ms per step (``trito
 peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
 runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, GELU in the MLPs' up-projection epilogues);
-``int4-qkv`` the q/k/v stacking alone.
+``int4-qkv`` the q/k/v stacking alone; ``int4-act`` q/k/v stacked with the A8 activation quantization left to
+inductor (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU
+kernels; only its compiled variants differ from ``int4-qkv``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-memory")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-act", "int4-memory")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -371,7 +373,7 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-memory")
+    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-act", "int4-memory")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -387,12 +389,14 @@ def main(argv=None):
                 res["fused_attentions"] = fuse_projections(model)
             if base == "int4-fused":  # + each MLP's GELU in its up projection's epilogue
                 res["fused"] = fuse(model)
+            if base == "int4-act":  # q/k/v + the A8 quantization in the compiled graph (inductor fuses it)
+                res["fused_act"] = fuse(model, gelu=False, compiled_activations=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
             run_base(base, model)
             if base == "int4-qkv":
                 unfuse_projections(model)
-            if base == "int4-fused":
+            if base in ("int4-fused", "int4-act"):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)

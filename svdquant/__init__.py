@@ -46,14 +46,16 @@ def _model_of(target, what: str):
     return model
 
 
-def fuse(target) -> dict[str, int]:
+def fuse(target, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
     """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each FLUX attention's
-    quantized q/k/v as one activation pass and one GEMM, and each quantized MLP's tanh-GELU in its up
-    projection's GEMM epilogue. Takes a pipeline or a model; returns ``{"qkv": n, "gelu": m}``. Checkpoints
-    and LoRAs address the same layers as before."""
+    quantized q/k/v as one activation pass and one GEMM, and (``gelu``) each quantized MLP's tanh-GELU in its up
+    projection's GEMM epilogue. ``compiled_activations=True``: under ``torch.compile``, INT8 activations are
+    quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm + modulation, GELU)
+    instead of a separate activation kernel. Takes a pipeline or a model; returns how many of each
+    (``{"qkv": n, "gelu": m, "compiled_activations": k}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
 
-    return fuse_model(_model_of(target, "fuse"))
+    return fuse_model(_model_of(target, "fuse"), gelu=gelu, compiled_activations=compiled_activations)
 
 
 def unfuse(target) -> dict[str, int]:

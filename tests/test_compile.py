@@ -77,6 +77,68 @@ def test_int8_runner_compiles_to_the_custom_op_and_matches_eager(recipe, mode):
 
 
 @triton_interpreted
+@pytest.mark.parametrize("k", [128, 96])  # 96: padded to the 64-group as the kernel pads
+def test_int8_activations_in_torch_ops_equal_the_kernel(k):
+    """The A8 pass that inductor fuses into the producer gives the activation kernel's codes and scales bit for bit."""
+    from svdquant import kernels
+    from svdquant.ops.reference import int8_activations
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(37, k, generator=g) * 3
+    x[5] = 0  # an all-zero token: scale 0, codes 0
+    sinv = torch.rand(k, generator=g) + 0.5
+    down = torch.randn(32, k, generator=g) * 0.1
+    kp = k + (-k) % 64
+    v, s, la = int8_activations(x, sinv, down, kp)
+    kv, ks, kla = kernels.quantize_activations(x, sinv, down)
+    assert v.shape == (37, kp) and v.dtype == torch.int8
+    assert torch.equal(v, kv) and torch.equal(s, ks)
+    assert float(s[5]) == 0 and not v[5].any()
+    assert torch.allclose(la, kla, rtol=1e-5, atol=1e-5)
+
+
+@triton_interpreted
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_compiled_activations_run_the_gemm_op_and_match_eager(mode):
+    """set_compiled_activations: under compile the graph holds the torch-op quantization and the GEMM op (no
+    int8_linear), eager is untouched, and both compute the same layer."""
+    from svdquant import kernels
+    from svdquant.ops.runners import Int8Runner, ReferenceRunner
+
+    m = _layer("int4")
+    m.weight_mode = mode
+    m.set_compiled_activations(True)
+    runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    assert runner.act_in_graph
+    x = torch.randn(33, 128) * 2
+    eager = runner(x)
+    torch._dynamo.reset()
+    exp = torch._dynamo.explain(runner)(x)
+    assert exp.graph_break_count == 0 and exp.graph_count == 1
+    graph = str(exp.graphs[0].graph)
+    assert "svdquant.int8_gemm" in graph and "int8_linear" not in graph
+    compiled = torch.compile(runner, backend="aot_eager", fullgraph=True)(x)
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-6
+    ref = ReferenceRunner(m)(x)
+    assert float((compiled - ref).norm() / ref.norm()) < 1e-6
+    m.set_compiled_activations(False)  # what a runner built before the switch follows: its own flag
+    assert Int8Runner(m, kernels, tma=False, num_sms=0).act_in_graph is False
+
+
+@triton_interpreted
+def test_compiled_activations_leave_a4_layers_to_the_kernel():
+    from svdquant import kernels
+    from svdquant.ops.runners import Int8Runner
+
+    m = _layer("w4a4")
+    m.set_compiled_activations(True)
+    runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    torch._dynamo.reset()
+    exp = torch._dynamo.explain(runner)(torch.randn(9, 128))
+    assert "svdquant.int8_linear" in str(exp.graphs[0].graph)
+
+
+@triton_interpreted
 def test_custom_ops_pass_opcheck():
     from svdquant.ops.runners import padded_branch
 
@@ -87,6 +149,11 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.svdquant.int8_linear.default,
                           (x, m.smooth_inv, down, up, m.bias, w, m.wmult, m.wscales.float(), False, 64, 0.0, 128,
                            False, 0, True))  # with the epilogue GELU
+    from svdquant.ops.reference import int8_activations
+
+    a, a_s, la = int8_activations(x, m.smooth_inv, down, 128)
+    torch.library.opcheck(torch.ops.svdquant.int8_gemm.default,
+                          (a, a_s, la, up, m.bias, w, m.wmult, m.wscales.float(), 64, False, 0, False, torch.float32))
     f = _layer("w4a4-float", post_gelu=64)
     fdown, fup = padded_branch(f)
     torch.library.opcheck(torch.ops.svdquant.float_scales_linear.default,
@@ -100,13 +167,19 @@ def test_custom_ops_pass_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux):
-    """The real kernels: torch.compile (inductor, fullgraph) and one CUDA graph over the whole step."""
+@pytest.mark.parametrize("compiled_activations", [False, True])
+def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux, compiled_activations):
+    """The real kernels: torch.compile (inductor, fullgraph) and one CUDA graph over the whole step; with
+    compiled_activations, inductor's own A8 quantization fused into the LayerNorm/modulation and GELU kernels
+    (then the GELU stays out of fc1's epilogue)."""
     import copy
 
     model = copy.deepcopy(quantized_flux[0]).cuda()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in quantized_flux[1].items()}
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3}  # tiny FLUX: 1 double + 1 single block
+    got = svdquant.fuse(model, gelu=not compiled_activations, compiled_activations=compiled_activations)
+    # tiny FLUX: 1 double + 1 single block; 17 INT8-activation layers
+    assert got == {"qkv": 2, "gelu": 0 if compiled_activations else 3,
+                   "compiled_activations": 17 if compiled_activations else 0}
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(**inputs)[0]

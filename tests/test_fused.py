@@ -84,7 +84,7 @@ def test_fused_sd3_equals_unfused(sd35):
 def test_fusing_a_16bit_model_changes_nothing():
     model = tm.build_flux()
     assert fuse_projections(model) == 0
-    assert svdquant.fuse(model) == {"qkv": 0, "gelu": 0}
+    assert svdquant.fuse(model, compiled_activations=True) == {"qkv": 0, "gelu": 0, "compiled_activations": 0}
     with pytest.raises(TypeError, match="pipeline or an nn.Module"):
         svdquant.fuse("flux")
 
@@ -99,7 +99,7 @@ def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
         before = model(**inputs)[0]
     keys = list(model.state_dict())
     # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3}
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     ff = model.transformer_blocks[0].ff
     assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].proj.output_gelu
     single = model.single_transformer_blocks[0]
@@ -107,11 +107,29 @@ def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
     assert list(model.state_dict()) == keys
     with torch.no_grad():  # the CPU reference applies the GELU after the layer: the same ops, bit for bit
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     assert isinstance(ff.net[0], GELU) and not ff.net[0].proj.output_gelu
     assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
+
+
+def test_compiled_activations_mark_every_a8_layer_and_leave_eager_unchanged(quantized_flux):
+    from svdquant.modules import SVDQLinear
+
+    model, inputs = quantized_flux
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    a8 = [m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations == "int8"]
+    assert len(a8) == 17  # tiny FLUX: 12 in the double block, 5 in the single one (the adaLN layers are W4A16)
+    got = svdquant.fuse(model, gelu=False, compiled_activations=True)
+    assert got == {"qkv": 2, "gelu": 0, "compiled_activations": 17}
+    assert all(m.compiled_activations for m in a8)
+    assert svdquant.fuse(model, gelu=False, compiled_activations=True)["compiled_activations"] == 0  # already on
+    with torch.no_grad():  # eager (here the CPU reference) is not touched
+        assert torch.equal(model(**inputs)[0], before)
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 0, "compiled_activations": 17}
+    assert not any(m.compiled_activations for m in a8)
 
 
 @interpreted

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..formats import get_format
 from ..ops.runners import Int8Runner
 from .linear import SVDQLinear
 
@@ -243,13 +244,30 @@ def unfuse_gelu(model: nn.Module) -> int:
     return n
 
 
-def fuse(model: nn.Module) -> dict[str, int]:
-    """Every run-time fusion: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc1}``."""
-    return {"qkv": fuse_projections(model), "gelu": fuse_gelu(model)}
+def set_compiled_activations(model: nn.Module, on: bool = True) -> int:
+    """Under ``torch.compile``, quantize every INT8-activation layer's input in torch ops that inductor fuses into
+    the kernel producing it (:meth:`SVDQLinear.set_compiled_activations`); returns how many layers changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SVDQLinear) and m.activations is not None and get_format(m.activations).name == "int8" \
+                and m.compiled_activations != on:
+            m.set_compiled_activations(on)
+            n += 1
+    return n
+
+
+def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
+    """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc1,
+    "compiled_activations": layers whose A8 quantization inductor fuses into the input's producer}``. The last
+    is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then fuses fc2's
+    quantization into its GELU kernel)."""
+    return {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
+            "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
 
 
 def unfuse(model: nn.Module) -> dict[str, int]:
-    return {"qkv": unfuse_projections(model), "gelu": unfuse_gelu(model)}
+    return {"qkv": unfuse_projections(model), "gelu": unfuse_gelu(model),
+            "compiled_activations": set_compiled_activations(model, False)}
 
 
 def _quantized(m) -> bool:

@@ -91,6 +91,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         # tanh-GELU on the output, set by svdquant.fuse for an MLP's up projection: the INT8 runner applies it
         # in its GEMM epilogue, the others after (modules/fused.py)
         self.output_gelu = False
+        # INT8 activations quantized in torch ops under torch.compile, fused by inductor into the producer of the
+        # input (set by svdquant.fuse(..., compiled_activations=True)); eager runs are unchanged
+        self.compiled_activations = False
         self._runner = None
         n, k = out_features, in_features
 
@@ -231,6 +234,15 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.output_gelu = bool(on)
         if hasattr(self._runner, "gelu"):
             self._runner.gelu = self.output_gelu
+
+    def set_compiled_activations(self, on: bool) -> None:
+        """Under ``torch.compile``, quantize INT8 activations in torch ops (:func:`svdquant.ops.reference.int8_activations`)
+        that inductor fuses into the kernel producing the input, instead of the separate activation kernel. Same
+        numbers up to inductor's float rounding; eager calls and other formats are unchanged."""
+        self.compiled_activations = bool(on)
+        for runner in (self._runner, getattr(self.__dict__.get("_fused_into"), "_runner", None)):
+            if hasattr(runner, "act_in_graph"):
+                runner.act_in_graph = self.compiled_activations
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""

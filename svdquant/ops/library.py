@@ -25,22 +25,33 @@ def _kernels():
     return kernels
 
 
+def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
+                   weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
+                   num_programs: int, gelu: bool, out_dtype: torch.dtype, w_desc=None) -> Tensor:
+    """The INT8 GEMM of quantized activations ``a`` [M, K_pad] (scales ``a_scale`` [M]) with ``weight``: INT8
+    ``code · m`` [N, K_pad] (speed mode), or the packed 4-bit codes [N, K_pad/2] with ``weight_mult`` (memory
+    mode: expanded into a fresh buffer here); ``lora_act·L2ᵀ``, the bias and (``gelu``) tanh-GELU in its
+    epilogue."""
+    k = _kernels()
+    if weight_mult is not None:
+        weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
+    base = k.HOPPER_CONFIG if tma else k.DEFAULT_CONFIG
+    cfg = (k.HOPPER_CONFIG_FP32 if tma else k.DEFAULT_CONFIG) if out_dtype == torch.float32 else base
+    return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
+                       tma=tma, w_desc=w_desc, num_programs=num_programs or None, config=cfg)
+
+
 def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                      bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                      a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
                      gelu: bool = False, w_desc=None) -> Tensor:
-    """Activation pass + INT8 GEMM. ``weight``: INT8 ``code · m`` [N, K_pad] (speed mode), or the packed
-    4-bit codes [N, K_pad/2] with ``weight_mult`` (memory mode: expanded into a fresh buffer here).
+    """Activation pass (the Triton kernel: smooth, quantize, ``X·L1ᵀ``) + :func:`int8_gemm_impl`.
     ``gelu``: tanh-GELU applied in the GEMM's epilogue (an MLP's up projection, see modules/fused.py)."""
-    k = _kernels()
-    a, a_s, lora_act = k.quantize_activations(x.contiguous(), smooth_inv, lora_down, a4=a4, group_size=group_size,
-                                              shift=shift, unsigned_from=unsigned_from)
-    if weight_mult is not None:
-        weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
-    base = k.HOPPER_CONFIG if tma else k.DEFAULT_CONFIG
-    cfg = (k.HOPPER_CONFIG_FP32 if tma else k.DEFAULT_CONFIG) if x.dtype == torch.float32 else base
-    return k.int8_gemm(a, a_s, weight, weight_scale, lora_act, lora_up, bias, x.dtype, gelu=gelu, tma=tma,
-                       w_desc=w_desc, num_programs=num_programs or None, config=cfg)
+    a, a_s, lora_act = _kernels().quantize_activations(x.contiguous(), smooth_inv, lora_down, a4=a4,
+                                                       group_size=group_size, shift=shift,
+                                                       unsigned_from=unsigned_from)
+    return int8_gemm_impl(a, a_s, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
+                          num_programs, gelu, x.dtype, w_desc=w_desc)
 
 
 @torch.library.custom_op("svdquant::int8_linear", mutates_args=())
@@ -56,6 +67,22 @@ def int8_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up
 def _(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4, group_size, shift,
       unsigned_from, tma, num_programs, gelu):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("svdquant::int8_gemm", mutates_args=())
+def int8_gemm(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
+              weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
+              num_programs: int, gelu: bool, out_dtype: torch.dtype) -> Tensor:
+    """The GEMM alone, for activations quantized in the compiled graph (:func:`svdquant.ops.reference.int8_activations`:
+    inductor fuses that into the kernel producing ``x``)."""
+    return int8_gemm_impl(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
+                          num_programs, gelu, out_dtype)
+
+
+@int8_gemm.register_fake
+def _(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma, num_programs, gelu,
+      out_dtype):
+    return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
 def float_scales_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
@@ -114,4 +141,4 @@ def _(qweight, wscales, wzeros, k, dtype, group_size):
     return qweight.new_empty(qweight.shape[0], k, dtype=dtype)
 
 
-__all__ = ["dequantize_int4", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]
+__all__ = ["dequantize_int4", "int8_gemm", "int8_gemm_impl", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]

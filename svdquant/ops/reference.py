@@ -68,6 +68,26 @@ def quantize_input(
     return QuantizedInput(q, lora_act)
 
 
+def int8_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, k_pad: int):
+    """The A8 activation pass in torch ops, as the INT8 GEMM takes it: ``(values [M, k_pad] int8, scales [M] fp32,
+    lora_act [M, R] fp32 or None)``, the numbers :func:`quantize_input` gives for ``int8``.
+
+    Under ``torch.compile`` the INT8 runner quantizes this way instead of calling the activation kernel: an opaque
+    kernel cannot be fused, while these pointwise ops and the row maximum fuse into the kernel inductor writes for
+    whatever produced ``x`` (LayerNorm + adaLN modulation, GELU), so the 16-bit ``x`` is not read again to be
+    quantized (what torchao's FP8 recipe gets from inductor). The down projection is a cuBLAS GEMM with fp32
+    output where that exists (CUDA, 16-bit ``x``; ``torch.mm(..., out_dtype=)``, torch >= 2.8)."""
+    q = get_format("int8").quantize(x.float() * smooth_inv, 0, check=False)
+    values = F.pad(q.codes, (0, k_pad - x.shape[-1])) if k_pad != x.shape[-1] else q.codes
+    lora_act = None
+    if lora_down is not None:
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == lora_down.dtype:
+            lora_act = torch.mm(x, lora_down.mT, out_dtype=torch.float32)
+        else:
+            lora_act = x.float() @ lora_down.float().mT
+    return values, q.scales.float(), lora_act
+
+
 def _grouped_values(q: QTensor) -> torch.Tensor:
     """Code values with their group scales folded in (exact in fp32), ``[.., K_pad]``."""
     vals = get_format(q.fmt).code_values(q)

@@ -134,6 +134,8 @@ class Int8Runner:
         self.kernels = kernels
         self.tma = tma
         self.gelu = bool(getattr(m, "output_gelu", False))
+        # A8 under torch.compile: quantize in torch ops that inductor fuses into x's producer (set_compiled_activations)
+        self.act_in_graph = bool(getattr(m, "compiled_activations", False))
         self.config = dict(kernels.HOPPER_CONFIG if tma else kernels.DEFAULT_CONFIG)
         self.num_programs = num_sms if tma else None
         wf = get_format(m.weights)
@@ -210,12 +212,19 @@ class Int8Runner:
     def __call__(self, x2):
         # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
         speed = self.w is not None
-        args = (x2, self.sinv, self.down, self.up, self.bias, self.w if speed else self.packed,
-                None if speed else self.mult, self.w_scale, self.a4, self.group, self.shift, self.unsigned_from,
-                self.tma, self.num_programs or 0, self.gelu)
+        w, mult = (self.w, None) if speed else (self.packed, self.mult)
         if torch.compiler.is_compiling():
-            return torch.ops.svdquant.int8_linear(*args)
-        return library.int8_linear_impl(*args, w_desc=self.w_desc)
+            if self.act_in_graph and not self.a4:
+                a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
+                return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
+                                                    self.group, self.tma, self.num_programs or 0, self.gelu,
+                                                    x2.dtype)
+            return torch.ops.svdquant.int8_linear(x2, self.sinv, self.down, self.up, self.bias, w, mult,
+                                                  self.w_scale, self.a4, self.group, self.shift,
+                                                  self.unsigned_from, self.tma, self.num_programs or 0, self.gelu)
+        return library.int8_linear_impl(x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4,
+                                        self.group, self.shift, self.unsigned_from, self.tma, self.num_programs or 0,
+                                        self.gelu, w_desc=self.w_desc)
 
 
 class FloatScalesRunner:
