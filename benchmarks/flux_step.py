@@ -16,10 +16,10 @@ use the same attention backend (``--attention``; ``auto`` times the native SDPA 
 first and takes the fastest). Per variant and batch: median ms per step (``triton.testing.do_bench``),
 peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
-runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, GELU in the MLPs' up-projection epilogues);
-``int4-qkv`` the q/k/v stacking alone; ``int4-act`` q/k/v stacked with the A8 activation quantization left to
-inductor (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU
-kernels; only its compiled variants differ from ``int4-qkv``).
+runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
+GELU in the double blocks' up-projection epilogues); ``int4-qkv`` the q/k/v stacking alone (single blocks' MLPs
+apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
+(``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
 """
 
 from __future__ import annotations
@@ -386,7 +386,7 @@ def main(argv=None):
         for base in ours:
             set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
             if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
-                res["fused_attentions"] = fuse_projections(model)
+                res["fused_attentions"] = fuse_projections(model, single_mlp=False)
             if base == "int4-fused":  # + each MLP's GELU in its up projection's epilogue
                 res["fused"] = fuse(model)
             if base == "int4-act":  # q/k/v + the A8 quantization in the compiled graph (inductor fuses it)

@@ -14,6 +14,7 @@ import torch
 import svdquant
 from svdquant import SVDQLinear, get_recipe
 from svdquant.modules import FusedSVDQLinear, fuse_projections, unfuse_projections
+from svdquant.modules.fused import Projected
 from svdquant.ops.runners import Int8Runner, ReferenceRunner, padded_branch, stacked_branch
 
 interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -38,6 +39,10 @@ def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
     assert fuse_projections(model) == n_attn > 0
     assert all(m.fused_projections for m in model.modules() if hasattr(m, "fused_projections"))
     assert isinstance(model.transformer_blocks[0].attn.to_added_qkv, FusedSVDQLinear)
+    single = model.single_transformer_blocks[0]  # q/k/v and the MLP's up projection: one GEMM
+    stacked = single.__dict__["_svdquant_qkv_mlp"]
+    assert stacked.members == (single.attn.to_q, single.attn.to_k, single.attn.to_v, single.proj_mlp)
+    assert isinstance(single.attn.to_qkv, Projected) and isinstance(single.act_mlp, torch.nn.GELU)
     assert list(model.state_dict()) == keys  # checkpoints and LoRAs still address to_q / to_k / to_v
     with torch.no_grad():
         fused = model(**inputs)[0]
@@ -45,8 +50,47 @@ def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
     assert fuse_projections(model) == 0  # already fused
     assert unfuse_projections(model) == n_attn
     assert not hasattr(model.transformer_blocks[0].attn, "to_qkv")
+    assert "forward" not in single.__dict__ and not hasattr(single.attn, "to_qkv") \
+        and not single.attn.fused_projections
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
+
+
+def test_single_block_stacks_only_what_reads_one_input(quantized_flux):
+    """single_mlp=False, or a proj_mlp smoothed apart from q/k/v (e.g. imported), leaves the MLP out: q/k/v alone."""
+    import copy
+
+    model, inputs = quantized_flux
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    for variant in ("flag", "lambda"):
+        m = copy.deepcopy(model)
+        if variant == "lambda":
+            with torch.no_grad():
+                m.single_transformer_blocks[0].proj_mlp.smooth_inv.mul_(1.5)
+        assert fuse_projections(m, single_mlp=variant != "flag") == 2
+        single = m.single_transformer_blocks[0]
+        assert "_svdquant_qkv_mlp" not in single.__dict__ and isinstance(single.attn.to_qkv, FusedSVDQLinear)
+        assert len(single.attn.to_qkv.members) == 3
+        if variant == "flag":
+            with torch.no_grad():
+                assert torch.equal(m(**inputs)[0], before)
+
+
+def test_stacked_single_block_follows_loras(quantized_flux):
+    """A LoRA on proj_mlp (a stacked member) and on to_q, added after fusing, changes the output as unfused."""
+    import copy
+
+    model, inputs = quantized_flux
+    ref, fused = copy.deepcopy(model), copy.deepcopy(model)
+    fuse_projections(fused)
+    for m in (ref, fused):
+        blk = m.single_transformer_blocks[0]
+        for lin in (blk.proj_mlp, blk.attn.to_q):
+            lin.add_adapter("l", torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(1)) * 0.1,
+                            torch.randn(lin.out_features, 4, generator=torch.Generator().manual_seed(2)) * 0.1, 0.8)
+    with torch.no_grad():
+        assert torch.equal(fused(**inputs)[0], ref(**inputs)[0])
 
 
 @pytest.mark.parametrize("sd35", [False, True])
@@ -89,29 +133,91 @@ def test_fusing_a_16bit_model_changes_nothing():
         svdquant.fuse("flux")
 
 
+def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
+    """First-Block Cache after fusing wraps the stacked forward (exact at threshold 0); unfusing then says to
+    remove the hook first and changes nothing; a block hooked before fusing keeps its MLP apart."""
+    import copy
+
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model, inputs = quantized_flux
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    m = copy.deepcopy(model)
+    fuse_projections(m)
+    m.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    with torch.no_grad(), m.cache_context("fused"):
+        assert torch.equal(m(**inputs)[0], before)
+    with pytest.raises(RuntimeError, match="remove it before unfusing"):
+        unfuse_projections(m)
+    assert "_svdquant_qkv_mlp" in m.single_transformer_blocks[0].__dict__  # untouched
+    assert isinstance(m.transformer_blocks[0].attn.to_qkv, FusedSVDQLinear)
+    m.disable_cache()
+    assert unfuse_projections(m) == 2
+    m.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    assert fuse_projections(m) == 2
+    single = m.single_transformer_blocks[0]
+    assert "_svdquant_qkv_mlp" not in single.__dict__ and len(single.attn.to_qkv.members) == 3
+    with torch.no_grad(), m.cache_context("hooked first"):
+        assert torch.equal(m(**inputs)[0], before)
+
+
+@interpreted
+def test_stacked_single_block_on_the_int8_kernels(quantized_flux):
+    """The INT8 runners (Triton interpreter) as on a GPU: the single block's q/k/v + proj_mlp stacked runner gives
+    the unfused model's step bit for bit, with LoRAs added before fusing (on proj_mlp, and on a double block's
+    to_q: a stacked runner once took its members' branches as of their last call, without such a LoRA)."""
+    import copy
+
+    from svdquant import kernels
+
+    model, inputs = quantized_flux
+    ref, fused = copy.deepcopy(model), copy.deepcopy(model)
+    for m in (ref, fused):
+        for lin in m.modules():
+            if isinstance(lin, SVDQLinear) and lin.activations == "int8":
+                lin._runner = Int8Runner(lin, kernels, tma=False, num_sms=0)
+        for lin in (m.single_transformer_blocks[0].proj_mlp, m.transformer_blocks[0].attn.to_q):
+            lin.add_adapter("l", torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(1)) * 0.1,
+                            torch.randn(lin.out_features, 4, generator=torch.Generator().manual_seed(2)) * 0.1, 0.8)
+    fuse_projections(fused)
+    stacked = fused.single_transformer_blocks[0].__dict__["_svdquant_qkv_mlp"]
+    assert stacked._runner is not None and stacked._runner.w.shape[0] == stacked.out_features
+    with torch.no_grad():
+        want, got = ref(**inputs)[0], fused(**inputs)[0]
+    assert torch.equal(got, want)
+
+
 def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
     from diffusers.models.activations import GELU
 
-    from svdquant.modules.fused import ProjectedGELU
+    from svdquant.modules.fused import ProjectedGELU, fuse_gelu
 
     model, inputs = quantized_flux
     with torch.no_grad():
         before = model(**inputs)[0]
     keys = list(model.state_dict())
-    # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
+    # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions. The single block's proj_mlp
+    # is stacked with its q/k/v, so its GELU stays a module; moved only where fuse_projections left it alone.
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
     ff = model.transformer_blocks[0].ff
     assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].proj.output_gelu
     single = model.single_transformer_blocks[0]
-    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
+    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
     assert list(model.state_dict()) == keys
     with torch.no_grad():  # the CPU reference applies the GELU after the layer: the same ops, bit for bit
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
     assert isinstance(ff.net[0], GELU) and not ff.net[0].proj.output_gelu
-    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
+    assert fuse_gelu(model) == 3  # without the stacking, the single block's GELU moves too
+    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
+    assert fuse_projections(model) == 2 and "_svdquant_qkv_mlp" not in single.__dict__  # its GELU is gone
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
+    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
 
 
 def test_compiled_activations_mark_every_a8_layer_and_leave_eager_unchanged(quantized_flux):
@@ -124,6 +230,7 @@ def test_compiled_activations_mark_every_a8_layer_and_leave_eager_unchanged(quan
     assert len(a8) == 17  # tiny FLUX: 12 in the double block, 5 in the single one (the adaLN layers are W4A16)
     got = svdquant.fuse(model, gelu=False, compiled_activations=True)
     assert got == {"qkv": 2, "gelu": 0, "compiled_activations": 17}
+    # the single block's stacked runner (q/k/v + proj_mlp) follows a later switch too (members set it on theirs)
     assert all(m.compiled_activations for m in a8)
     assert svdquant.fuse(model, gelu=False, compiled_activations=True)["compiled_activations"] == 0  # already on
     with torch.no_grad():  # eager (here the CPU reference) is not touched

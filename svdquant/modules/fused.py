@@ -6,7 +6,10 @@ The quantizer gives the layers that read the same input (an attention's q/k/v) o
 shared low-rank down projection (:mod:`svdquant.models.architectures`), so their quantized activations
 and ``X·L1ᵀ`` are the same tensor. Run apart, the step makes that tensor three times and launches three
 narrow GEMMs; stacked, one activation pass feeds one GEMM three times as wide (the published engine runs
-FLUX's q/k/v the same way: one ``qkv_proj``).
+FLUX's q/k/v the same way: one ``qkv_proj``). A FLUX single block's MLP up projection reads the same normed input
+with the same λ (one quantization group), so there q/k/v and ``proj_mlp`` stack into one GEMM 7 × 3072 wide:
+:func:`fuse_projections` then runs the block through :func:`_stacked_single_block_forward` (diffusers' steps, one
+projection; the attention receives the projections through :class:`Projected`).
 
 :class:`FusedSVDQLinear` is what diffusers' fused-projection convention calls: a FLUX attention with
 ``fused_projections = True`` computes ``to_qkv(x).chunk(3, -1)`` (and ``to_added_qkv`` for the text
@@ -60,6 +63,10 @@ class FusedSVDQLinear(nn.Module):
 
     def refresh(self) -> None:
         """Rebuild after a member was (re)prepared: loading, ``.to``, a weight-mode change."""
+        for m in self.members:  # a LoRA added since a member last ran is not in its runner yet
+            if m._branch_stale:
+                m._runner.set_branch(m)
+                m._branch_stale = False
         runners = [m._runner for m in self.members]
         outs = [m.out_features for m in self.members]
         self._runner = None
@@ -125,6 +132,75 @@ class FusedJointAttnProcessor:
         return (out, encoder_hidden_states) if encoder_hidden_states is not None else out
 
 
+class Projected(nn.Module):
+    """A single block's ``to_qkv`` when the block already projected q/k/v (stacked with its MLP's up projection):
+    the attention is handed the projections and diffusers' processor reads them through here."""
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return qkv
+
+
+def _stacked_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                                  joint_attention_kwargs=None):
+    """diffusers' ``FluxSingleTransformerBlock.forward`` (0.42) with q/k/v and ``proj_mlp`` as one GEMM."""
+    text_seq_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    stacked = self.__dict__["_svdquant_qkv_mlp"]
+    mlp_width = self.proj_mlp.out_features
+    qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
+    mlp_hidden_states = self.act_mlp(mlp)
+    attn_output = self.attn(hidden_states=qkv, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+    hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _stackable_single_block(block) -> list[SVDQLinear] | None:
+    """q, k, v, proj_mlp of an unfused FLUX single block that read their input with one λ, or None."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
+
+    if type(block) is not FluxSingleTransformerBlock or "forward" in block.__dict__:
+        return None
+    attn = block.attn
+    if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or \
+            not isinstance(block.act_mlp, nn.GELU):  # its GELU still in place (not moved into proj_mlp's epilogue)
+        return None
+    members = [getattr(attn, a, None) for a in PROJECTIONS[0][1]] + [block.proj_mlp]
+    if not all(isinstance(m, SVDQLinear) and m.activations is not None for m in members) or \
+            not all(torch.equal(m.smooth_inv, members[0].smooth_inv) for m in members[1:]):
+        return None
+    return members
+
+
+def _stack_single_block(block, members) -> bool:
+    try:
+        stacked = FusedSVDQLinear(members)
+    except ValueError:
+        return False
+    block.__dict__["_svdquant_qkv_mlp"] = stacked
+    block.attn.to_qkv = Projected()
+    block.attn.fused_projections = True
+    block.forward = _stacked_single_block_forward.__get__(block)
+    return True
+
+
+def _unstack_single_block(block) -> bool:
+    if "_svdquant_qkv_mlp" not in block.__dict__:
+        return False
+    stacked = block.__dict__.pop("_svdquant_qkv_mlp")
+    del block.forward
+    del block.attn.to_qkv
+    block.attn.fused_projections = False
+    _release(stacked)
+    for m in stacked.members:
+        m.refresh()
+    return True
+
+
 def _fusable(attn) -> str | None:
     """"flux" (diffusers reads ``to_qkv`` when ``fused_projections``), "joint" (SD3: the processor is
     swapped for :class:`FusedJointAttnProcessor`), or None."""
@@ -138,11 +214,16 @@ def _fusable(attn) -> str | None:
     return None
 
 
-def fuse_projections(model: nn.Module) -> int:
+def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
     """Stack the quantized q/k/v of every FLUX attention (diffusers' fused projections) and SD3 joint attention
-    (our processor): one activation pass and one GEMM per stream instead of three. Returns how many were
-    fused. Exact: the outputs equal the unfused ones. :func:`unfuse_projections` undoes it."""
+    (our processor): one activation pass and one GEMM per stream instead of three; in a FLUX single block also its
+    MLP's up projection (``single_mlp``). Returns how many attentions were fused. Exact: the outputs equal the
+    unfused ones. :func:`unfuse_projections` undoes it."""
     n = 0
+    if single_mlp:
+        for block in list(model.modules()):
+            members = _stackable_single_block(block)
+            n += bool(members) and _stack_single_block(block, members)
     for attn in model.modules():
         kind = _fusable(attn)
         if kind is None:
@@ -175,7 +256,12 @@ def fuse_projections(model: nn.Module) -> int:
 
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member layer holds its own weights again."""
-    n = 0
+    blocks = [b for b in model.modules() if "_svdquant_qkv_mlp" in b.__dict__]
+    for block in blocks:  # before changing anything
+        if getattr(block.__dict__.get("forward"), "__func__", None) is not _stacked_single_block_forward:
+            raise RuntimeError(f"a hook wraps the forward of a fused {type(block).__name__} (a cache or offload "
+                               "hook added after svdquant.fuse); remove it before unfusing")
+    n = sum(_unstack_single_block(block) for block in blocks)
     for attn in model.modules():
         fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
         fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]
@@ -220,7 +306,9 @@ def fuse_gelu(model: nn.Module) -> int:
             net[0] = ProjectedGELU(net[0])
             n += 1
         act, proj = getattr(mod, "act_mlp", None), getattr(mod, "proj_mlp", None)
-        if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj):
+        # a single block whose proj_mlp is stacked with q/k/v keeps its GELU: the stacked GEMM's epilogue has one
+        if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj) \
+                and "_svdquant_qkv_mlp" not in mod.__dict__:
             proj.set_output_gelu(True)
             mod.__dict__["_svdquant_act_mlp"] = act
             mod.act_mlp = nn.Identity()
