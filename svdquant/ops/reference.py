@@ -68,6 +68,9 @@ def quantize_input(
     return QuantizedInput(q, lora_act)
 
 
+_MM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA inputs
+
+
 def int8_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, k_pad: int):
     """The A8 activation pass in torch ops, as the INT8 GEMM takes it: ``(values [M, k_pad] int8, scales [M] fp32,
     lora_act [M, R] fp32 or None)``, the numbers :func:`quantize_input` gives for ``int8``.
@@ -81,7 +84,7 @@ def int8_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch
     values = F.pad(q.codes, (0, k_pad - x.shape[-1])) if k_pad != x.shape[-1] else q.codes
     lora_act = None
     if lora_down is not None:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == lora_down.dtype:
+        if _MM_OUT_DTYPE and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == lora_down.dtype:
             lora_act = torch.mm(x, lora_down.mT, out_dtype=torch.float32)
         else:
             lora_act = x.float() @ lora_down.float().mT
