@@ -870,8 +870,9 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
-    :func:`load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, GELU in the MLPs'
-    epilogues; exact); ``None`` = on a CUDA device, where it pays (FLUX.1-dev step, H200, eager: 194 → 176 ms)."""
+    :func:`load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
+    block's MLP up projection; the other MLPs' GELU in their GEMM epilogue; exact); ``None`` = on a CUDA device,
+    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md)."""
     _checks.device("device", device)
     if fuse is not None and not isinstance(fuse, bool):
         raise ValueError(f"fuse={fuse!r}: use True, False or None (on a CUDA device)")

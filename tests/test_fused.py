@@ -75,6 +75,8 @@ def test_single_block_stacks_only_what_reads_one_input(quantized_flux):
         if variant == "flag":
             with torch.no_grad():
                 assert torch.equal(m(**inputs)[0], before)
+    meta = copy.deepcopy(model).to("meta")  # built before its weights are loaded: λ cannot be compared, stacked
+    assert fuse_projections(meta) == 2 and "_svdquant_qkv_mlp" in meta.single_transformer_blocks[0].__dict__
 
 
 def test_stacked_single_block_follows_loras(quantized_flux):
@@ -183,6 +185,13 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux):
     fuse_projections(fused)
     stacked = fused.single_transformer_blocks[0].__dict__["_svdquant_qkv_mlp"]
     assert stacked._runner is not None and stacked._runner.w.shape[0] == stacked.out_features
+    with torch.no_grad():
+        want, got = ref(**inputs)[0], fused(**inputs)[0]
+    assert torch.equal(got, want)
+    for m in (ref, fused):  # and one added after: the stacked runner restacks its branch
+        k = m.single_transformer_blocks[0].attn.to_k
+        k.add_adapter("k", torch.randn(4, k.in_features, generator=torch.Generator().manual_seed(3)) * 0.1,
+                      torch.randn(k.out_features, 4, generator=torch.Generator().manual_seed(4)) * 0.1, 1.0)
     with torch.no_grad():
         want, got = ref(**inputs)[0], fused(**inputs)[0]
     assert torch.equal(got, want)
@@ -367,3 +376,47 @@ def test_gpu_gelu_epilogue_at_the_flux_mlp_shape(mode):
     m.refresh()  # a re-prepared runner keeps it
     y = m(x)
     assert float((y.float() - want).norm() / want.norm()) < 1e-2
+
+
+def test_diffusers_unfuse_qkv_projections_leaves_a_stacked_single_block_working(quantized_flux):
+    """transformer.unfuse_qkv_projections() (diffusers' API) after svdquant.fuse: the single block's to_qkv is
+    not a projection; removing it broke the block's forward and then svdquant.unfuse (half-way)."""
+    import copy
+
+    model, inputs = quantized_flux
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    m = copy.deepcopy(model)
+    svdquant.fuse(m)
+    m.unfuse_qkv_projections()
+    with torch.no_grad():
+        assert torch.equal(m(**inputs)[0], before)
+    svdquant.unfuse(m)
+    single = m.single_transformer_blocks[0]
+    assert "forward" not in single.__dict__ and "_fused_into" not in single.proj_mlp.__dict__
+    with torch.no_grad():
+        assert torch.equal(m(**inputs)[0], before)
+
+
+@interpreted
+def test_fuse_compiled_activations_reach_the_stacked_runners(quantized_flux):
+    """On the INT8 runners: svdquant.fuse(compiled_activations=True) puts every A8 quantization in the graph,
+    stacked runners included (no int8_linear left), and the compiled step equals eager."""
+    import copy
+
+    from svdquant import kernels
+
+    model, inputs = quantized_flux
+    m = copy.deepcopy(model)
+    for lin in m.modules():
+        if isinstance(lin, SVDQLinear) and lin.activations == "int8":
+            lin._runner = Int8Runner(lin, kernels, tma=False, num_sms=0)
+    svdquant.fuse(m, gelu=False, compiled_activations=True)
+    assert m.single_transformer_blocks[0].__dict__["_svdquant_qkv_mlp"]._runner.act_in_graph
+    torch._dynamo.reset()
+    graph = "\n".join(str(g.graph) for g in torch._dynamo.explain(m)(**inputs).graphs)
+    assert "svdquant.int8_gemm" in graph and "int8_linear" not in graph
+    with torch.no_grad():
+        eager = m(**inputs)[0]
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(**inputs)[0]
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-6

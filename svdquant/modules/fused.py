@@ -76,6 +76,8 @@ class FusedSVDQLinear(nn.Module):
             self._runner = Int8Runner.stacked(runners, outs)
         except ValueError:  # memory mode, or layers that do not share their input's smoothing
             return
+        # one activation pass for all: in the graph only when every member asks for it (not the first's flag)
+        self._runner.act_in_graph = all(m.compiled_activations for m in self.members)
         start = 0
         for r, n in zip(runners, outs):
             r.view_rows(self._runner, start, start + n)
@@ -171,7 +173,8 @@ def _stackable_single_block(block) -> list[SVDQLinear] | None:
         return None
     members = [getattr(attn, a, None) for a in PROJECTIONS[0][1]] + [block.proj_mlp]
     if not all(isinstance(m, SVDQLinear) and m.activations is not None for m in members) or \
-            not all(torch.equal(m.smooth_inv, members[0].smooth_inv) for m in members[1:]):
+            not (members[0].smooth_inv.is_meta or  # not loaded yet: stacked anyway, exact either way
+                 all(torch.equal(m.smooth_inv, members[0].smooth_inv) for m in members[1:])):
         return None
     return members
 
@@ -184,6 +187,9 @@ def _stack_single_block(block, members) -> bool:
     block.__dict__["_svdquant_qkv_mlp"] = stacked
     block.attn.to_qkv = Projected()
     block.attn.fused_projections = True
+    # diffusers' (un)fuse_qkv_projections must leave this attention alone: its to_qkv is not a projection
+    # (diffusers' own convention for always-fused attentions, e.g. Flux2's single blocks)
+    block.attn._supports_qkv_fusion = False
     block.forward = _stacked_single_block_forward.__get__(block)
     return True
 
@@ -193,7 +199,8 @@ def _unstack_single_block(block) -> bool:
         return False
     stacked = block.__dict__.pop("_svdquant_qkv_mlp")
     del block.forward
-    del block.attn.to_qkv
+    block.attn._modules.pop("to_qkv", None)
+    block.attn.__dict__.pop("_supports_qkv_fusion", None)
     block.attn.fused_projections = False
     _release(stacked)
     for m in stacked.members:

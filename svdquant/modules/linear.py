@@ -240,9 +240,11 @@ class SVDQLinear(nn.Module, AdapterSet):
         that inductor fuses into the kernel producing the input, instead of the separate activation kernel. Same
         numbers up to inductor's float rounding; eager calls and other formats are unchanged."""
         self.compiled_activations = bool(on)
-        for runner in (self._runner, getattr(self.__dict__.get("_fused_into"), "_runner", None)):
-            if hasattr(runner, "act_in_graph"):
-                runner.act_in_graph = self.compiled_activations
+        if hasattr(self._runner, "act_in_graph"):
+            self._runner.act_in_graph = self.compiled_activations
+        owner = self.__dict__.get("_fused_into")
+        if hasattr(getattr(owner, "_runner", None), "act_in_graph"):
+            owner._runner.act_in_graph = all(m.compiled_activations for m in owner.members)
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""
