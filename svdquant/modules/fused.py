@@ -64,9 +64,7 @@ class FusedSVDQLinear(nn.Module):
     def refresh(self) -> None:
         """Rebuild after a member was (re)prepared: loading, ``.to``, a weight-mode change."""
         for m in self.members:  # a LoRA added since a member last ran is not in its runner yet
-            if m._branch_stale:
-                m._runner.set_branch(m)
-                m._branch_stale = False
+            m._apply_stale_branch()
         runners = [m._runner for m in self.members]
         outs = [m.out_features for m in self.members]
         self._runner = None
@@ -76,12 +74,16 @@ class FusedSVDQLinear(nn.Module):
             self._runner = Int8Runner.stacked(runners, outs)
         except ValueError:  # memory mode, or layers that do not share their input's smoothing
             return
-        # one activation pass for all: in the graph only when every member asks for it (not the first's flag)
-        self._runner.act_in_graph = all(m.compiled_activations for m in self.members)
+        self.sync_compiled_activations()
         start = 0
         for r, n in zip(runners, outs):
             r.view_rows(self._runner, start, start + n)
             start += n
+
+    def sync_compiled_activations(self) -> None:
+        """One activation pass for all members: in the compiled graph only when every member asks for it."""
+        if self._runner is not None:
+            self._runner.act_in_graph = all(m.compiled_activations for m in self.members)
 
     def refresh_branch(self) -> None:
         """A member's LoRAs changed (its runner rebuilt its branch): restack the branches."""
@@ -227,10 +229,10 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
     MLP's up projection (``single_mlp``). Returns how many attentions were fused. Exact: the outputs equal the
     unfused ones. :func:`unfuse_projections` undoes it."""
     n = 0
-    if single_mlp:
-        for block in list(model.modules()):
-            members = _stackable_single_block(block)
-            n += bool(members) and _stack_single_block(block, members)
+    for block in list(model.modules()) if single_mlp else []:
+        members = _stackable_single_block(block)
+        if members is not None and _stack_single_block(block, members):
+            n += 1
     for attn in model.modules():
         kind = _fusable(attn)
         if kind is None:
@@ -344,8 +346,9 @@ def set_compiled_activations(model: nn.Module, on: bool = True) -> int:
     the kernel producing it (:meth:`SVDQLinear.set_compiled_activations`); returns how many layers changed."""
     n = 0
     for m in model.modules():
-        if isinstance(m, SVDQLinear) and m.activations is not None and get_format(m.activations).name == "int8" \
-                and m.compiled_activations != on:
+        af = get_format(m.activations) if isinstance(m, SVDQLinear) and m.activations is not None else None
+        # A8: integer activations with one scale per token (the two-level A4 keeps its kernel)
+        if af is not None and af.integer and af.group_sizes == (0,) and m.compiled_activations != on:
             m.set_compiled_activations(on)
             n += 1
     return n

@@ -228,6 +228,12 @@ class SVDQLinear(nn.Module, AdapterSet):
         # Not now: an offload hook may hold the tensors elsewhere until then (on disk, or on the CPU).
         self._branch_stale = True
 
+    def _apply_stale_branch(self) -> None:
+        """Bring the runner's branch up to the LoRAs changed since it last ran (see _adapters_changed)."""
+        if self._branch_stale:
+            self._runner.set_branch(self)
+            self._branch_stale = False
+
     def set_output_gelu(self, on: bool) -> None:
         """Apply tanh-GELU to the output (an MLP's up projection fused with its activation, ``svdquant.fuse``):
         in the INT8 GEMM's epilogue where that runs, after the runner elsewhere. No weight is rebuilt."""
@@ -243,8 +249,8 @@ class SVDQLinear(nn.Module, AdapterSet):
         if hasattr(self._runner, "act_in_graph"):
             self._runner.act_in_graph = self.compiled_activations
         owner = self.__dict__.get("_fused_into")
-        if hasattr(getattr(owner, "_runner", None), "act_in_graph"):
-            owner._runner.act_in_graph = all(m.compiled_activations for m in owner.members)
+        if owner is not None:
+            owner.sync_compiled_activations()
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""
@@ -295,9 +301,8 @@ class SVDQLinear(nn.Module, AdapterSet):
             # offload hooks replace the buffers; the runner still holds the old tensors (or was made for the
             # other device: the reference on GPU tensors, or CPU LoRA branches next to GPU weights).
             self.refresh()
-        elif self._branch_stale:
-            self._runner.set_branch(self)
-            self._branch_stale = False
+        else:
+            self._apply_stale_branch()
         y = self._runner(x.reshape(-1, self.in_features))
         if self.output_gelu and not getattr(self._runner, "fuses_gelu", False):
             y = F.gelu(y, approximate="tanh")

@@ -88,7 +88,7 @@ def int8_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch
             lora_act = torch.mm(x, lora_down.mT, out_dtype=torch.float32)
         else:
             lora_act = x.float() @ lora_down.float().mT
-    return values, q.scales.float(), lora_act
+    return values, q.scales, lora_act
 
 
 def _grouped_values(q: QTensor) -> torch.Tensor:

@@ -213,18 +213,15 @@ class Int8Runner:
         # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
         speed = self.w is not None
         w, mult = (self.w, None) if speed else (self.packed, self.mult)
+        if torch.compiler.is_compiling() and self.act_in_graph and not self.a4:
+            a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
+            return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
+                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype)
+        args = (x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4, self.group, self.shift,
+                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu)
         if torch.compiler.is_compiling():
-            if self.act_in_graph and not self.a4:
-                a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
-                return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
-                                                    self.group, self.tma, self.num_programs or 0, self.gelu,
-                                                    x2.dtype)
-            return torch.ops.svdquant.int8_linear(x2, self.sinv, self.down, self.up, self.bias, w, mult,
-                                                  self.w_scale, self.a4, self.group, self.shift,
-                                                  self.unsigned_from, self.tma, self.num_programs or 0, self.gelu)
-        return library.int8_linear_impl(x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4,
-                                        self.group, self.shift, self.unsigned_from, self.tma, self.num_programs or 0,
-                                        self.gelu, w_desc=self.w_desc)
+            return torch.ops.svdquant.int8_linear(*args)
+        return library.int8_linear_impl(*args, w_desc=self.w_desc)
 
 
 class FloatScalesRunner:
