@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -247,15 +248,19 @@ def wait_for(cond, what, limit=30):
 @contextlib.contextmanager
 def cli_server(args, what, limit, **env):
     """``svdquant serve ARGS`` in a subprocess on a free 127.0.0.1 port, waited for until /health answers;
-    yields (process, base URL) and kills the process if the test left it running."""
+    yields (process, base URL) and kills the process if the test left it running. Its output goes to a file
+    (``proc.log()`` reads it): an undrained pipe fills up (Ray's processes log every second) and blocks the
+    server's writes, which once made Ray's shutdown abort."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    out = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "serve", "--port", str(port), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = lambda: (out.seek(0), out.read())[1]
     base = f"http://127.0.0.1:{port}"
     try:
         def up():
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, proc.log()
             with contextlib.suppress(httpx.TransportError):
                 return httpx.get(f"{base}/health", timeout=2).status_code == 200
         wait_for(up, what, limit=limit)
@@ -264,6 +269,7 @@ def cli_server(args, what, limit, **env):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        out.close()
 
 
 def test_disconnect_cancels_queued_work_and_oom_falls_back_one_by_one(engine):
@@ -346,7 +352,7 @@ def test_cli_serve_drains_the_queue_on_sigterm():
         # uvicorn re-raises the signal once its graceful shutdown is done, so the process ends "killed by
         # SIGTERM" (what a supervisor expects); any other status is a crash
         assert proc.wait(60) in (0, -signal.SIGTERM)
-        log = proc.stdout.read()
+        log = proc.log()
         assert "serving tiny on http://127.0.0.1" in log and "Traceback" not in log, log
 
 
@@ -367,7 +373,7 @@ def test_cli_serve_replicas_on_ray_serve():
         bad = post(base, prompt="a dragon")
         assert bad.status_code == 400 and "airplane" in bad.json()["error"]["message"]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0
+        assert proc.wait(120) == 0, proc.log()[-4000:]
 
 
 # ------------------------------------------------------------------------------------------------ browser

@@ -43,25 +43,28 @@ def run_replicas(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 80
     from ray import serve
 
     ray.init(include_dashboard=False, log_to_driver=False)
+    # ours from here on: Ray's handler aborts the process on a SIGTERM that comes while Serve starts (a supervisor
+    # may send it as soon as /health answers, before serve.run returns)
+    stop = _stop_on_signals()
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(replicas_application(model, replicas=replicas, device=device, dtype=dtype, loras=loras,
                                        max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms),
                   route_prefix="/")
         log(f"serving {model} with {replicas} Ray Serve replicas on http://{host}:{port}", flush=True)
-        _wait_for_signal()
+        while not stop.wait(1):
+            pass
     finally:
         serve.shutdown()   # each replica's lifespan drains its queue
         ray.shutdown()
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
+def _stop_on_signals():
+    """An event that SIGINT or SIGTERM sets."""
     import signal
     import threading
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1):
-        pass
+    return stop
