@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import _checks
+from ._cpu import keep_freed_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -677,6 +678,7 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large CPU temporaries reused instead of page-faulted in anew (svdquant/_cpu.py)
     # transformers notes on every diffusers pipeline load that its image processors lack torchvision;
     # svdquant uses none of them, and the note would bury the one line a command prints.
     logging.getLogger("transformers.utils.import_utils").addFilter(

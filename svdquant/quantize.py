@@ -433,8 +433,7 @@ def quantize(
         raise TypeError(f"calibration= takes a svdquant.Calibration, got {type(calibration).__name__}; "
                         "e.g. Calibration(prompts=[...])")
     calib = calibration or Calibration()
-    if calib.prompts is None and calib.inputs is None and hasattr(pipe, "calibration_prompts"):
-        calib = dataclasses.replace(calib, prompts=pipe.calibration_prompts)  # e.g. class names
+    calib = calib.for_pipeline(pipe)
     if pipe is not None and calib.inputs is None:
         _check_pipeline_call(pipe, calib)
     # None means the recipe's; 0 is refused by Calibration, never replaced by the default

@@ -25,6 +25,7 @@ from typing import Any
 
 METHODS = ("svdquant", "naive", "smooth", "lowrank", "lorc")
 SVD_KINDS = ("randomized", "full")
+SMOOTH_SEARCHES = ("coarse-to-fine", "full")  # svdquant.algorithm.search
 
 POST_GELU_SHIFT = 0.171875  # GELU(x) >= -0.17; exact in bf16/fp16
 
@@ -51,6 +52,9 @@ class QuantConfig:
         does not lower the output error.
     svd: "randomized" (``torch.svd_lowrank``, the fast default) or "full" (float64).
     eval_tokens: calibration tokens used to score candidates (a deterministic subsample).
+    smooth_search: "coarse-to-fine" (every 4th α of each family of the grid, then the neighbours of the best:
+        about half the candidates, the same choice where the error has one minimum along α) or "full" (every
+        candidate); see :mod:`svdquant.algorithm.search`.
     """
 
     name: str = "custom"
@@ -63,6 +67,7 @@ class QuantConfig:
     iterations: int = 100
     svd: str = "randomized"
     eval_tokens: int = 512
+    smooth_search: str = "coarse-to-fine"
 
     def __post_init__(self):
         from .formats import FORMATS
@@ -83,6 +88,8 @@ class QuantConfig:
                 )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {METHODS}")
+        if self.smooth_search not in SMOOTH_SEARCHES:
+            raise ValueError(f"smooth_search={self.smooth_search!r} is unknown; choose one of {SMOOTH_SEARCHES}")
         if self.svd not in SVD_KINDS:
             raise ValueError(f"svd={self.svd!r} is unknown; choose one of {SVD_KINDS}")
         if self.rank < 0:

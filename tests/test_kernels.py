@@ -328,7 +328,7 @@ FLUX_SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 
 @pytest.mark.parametrize("activations", ["int8", "int4m"])
 @pytest.mark.parametrize("mode", ["speed", "memory"])
 def test_gpu_int8_path_matches_reference_at_flux_shapes(k, n, activations, mode):
-    from kernels import random_layer
+    from kernel_speed import random_layer
 
     seed = seed_now()
     m = random_layer(k, n, activations=activations, seed=seed, mode=mode)
@@ -344,7 +344,7 @@ def test_gpu_int8_path_matches_reference_at_flux_shapes(k, n, activations, mode)
 @gpu
 @pytest.mark.gpu
 def test_gpu_speed_mode_state_dict_is_the_packed_checkpoint():
-    from kernels import random_layer
+    from kernel_speed import random_layer
 
     m = random_layer(3072, 3072, mode="memory", seed=1)
     packed = m.qweight.clone()
@@ -375,7 +375,7 @@ def test_gpu_module_dispatch_matches_reference(recipe):
 @gpu
 @pytest.mark.gpu
 def test_gpu_lora_through_kernels():
-    from kernels import random_layer
+    from kernel_speed import random_layer
 
     m = random_layer(3072, 3072, seed=5)
     x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)

@@ -30,6 +30,7 @@ from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
 from ..recipes import POST_GELU_SHIFT, QuantConfig
 from .lowrank import low_rank
+from .search import search
 
 
 @dataclass
@@ -285,20 +286,31 @@ def quantize_linears(
         return p.errors(p.fq_act(inv), wq, inv, up, downs), up, downs, resid, wq
 
     lam = ones
-    best = None
     if rc.smooths:
         cands = candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid)
         size = _candidates_per_batch(p)
-        for start in range(0, len(cands), size):
-            chunk = cands[start:start + size]
-            batched = len(chunk) > 1  # one launch per step for the chunk: the search is bound by the host's launches
-            res = fit(torch.stack([c for _, _, c in chunk]) if batched else chunk[0][2])
-            errs = res[0].reshape(-1).tolist()
-            j = min(range(len(chunk)), key=errs.__getitem__)  # the first smallest, as one at a time
-            if best is None or errs[j] < best[0]:
-                best = _candidate(res, j) if batched else (errs[0], *res[1:])
-                lam, report.alpha, report.beta = chunk[j][2], chunk[j][0], chunk[j][1]
-            res = None
+        kept = None  # the best so far: (error, grid index, up, downs, residual, rounded residual)
+
+        def score(indices):
+            nonlocal kept
+            errs = []
+            for start in range(0, len(indices), size):
+                chunk = indices[start:start + size]
+                batched = len(chunk) > 1  # one launch per step for the chunk: the search is bound by the host's launches
+                res = fit(torch.stack([cands[i][2] for i in chunk]) if batched else cands[chunk[0]][2])
+                e = res[0].reshape(-1).tolist()
+                j = min(range(len(chunk)), key=lambda j: (e[j], chunk[j]))  # ties: the earlier candidate
+                if kept is None or (e[j], chunk[j]) < kept[:2]:
+                    c = _candidate(res, j) if batched else (e[0], *res[1:])
+                    kept = (c[0], chunk[j], *c[1:])
+                errs += e
+                res = None
+            return errs
+
+        search([a for a, _, _ in cands], score, rc.smooth_search)
+        err, i, *rest = kept
+        best = (err, *rest)
+        lam, report.alpha, report.beta = cands[i][2], cands[i][0], cands[i][1]
     else:
         res = fit(lam)
         best = (float(res[0]), *res[1:])

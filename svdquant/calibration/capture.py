@@ -17,6 +17,7 @@ Other hooks record only while a drawn call runs:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import random
@@ -85,6 +86,13 @@ class Calibration:
         if self.inputs is not None:
             if not self.inputs or not all(isinstance(kw, dict) for kw in self.inputs):
                 raise ValueError("inputs= must be a non-empty list of forward keyword-argument dicts")
+
+    def for_pipeline(self, pipe) -> "Calibration":
+        """This calibration as run through ``pipe``: without prompts of its own, the pipeline's calibration
+        prompts where it has some (the tiny model draws only its class names)."""
+        if self.prompts is None and self.inputs is None and hasattr(pipe, "calibration_prompts"):
+            return dataclasses.replace(self, prompts=pipe.calibration_prompts)
+        return self
 
     def prompt_list(self) -> list[str]:
         prompts = list(self.prompts if self.prompts is not None else DEFAULT_PROMPTS)
@@ -416,6 +424,26 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
         selector.close()
         _forget_hook_registry_cache(model)
     return selector.n_active
+
+
+def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = True) -> list[dict[str, Any]]:
+    """``model``'s forward arguments, as keyword arguments, on the calls that calibrating through ``pipe`` draws:
+    what ``Calibration(inputs=...)`` takes. Several quantizations of one model then share one pass through the
+    pipeline (the demo's variants), each calibrating on exactly the snapshots it would have drawn itself."""
+    if calib.inputs is not None:
+        return list(calib.inputs)
+    calib = calib.for_pipeline(pipe)
+    recorded: list[dict[str, Any]] = []
+
+    def hooks(selector):
+        def pre(module, args, kwargs):
+            if selector.active:
+                recorded.append(keep_entry(_bind(module, args, kwargs), next(module.parameters()).device))
+        handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+        return handle.remove
+
+    run_calibration(pipe, model, calib, hooks, progress=progress)
+    return recorded
 
 
 def run_inputs(model: nn.Module, inputs: Sequence[dict[str, Any]], on_stop=None, progress: bool = True) -> None:

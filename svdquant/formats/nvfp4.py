@@ -41,7 +41,10 @@ def round_to_e2m1_values(v: torch.Tensor) -> torch.Tensor:
     of ``|v| / step`` is exactly the format's tie rule (0.25 -> 0, 0.75 -> 1, 5 -> 4).
     """
     mag = v.abs()
-    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    # The step 2^clamp(floor(log2 |v|) - 1, -1, 1): three times faster on the CPU than selecting it with
+    # comparisons. log2 may be an ulp off just below 2 or 4, where the two stretches' steps round alike
+    # (1.99 -> 2 with step 0.5 or 1; 3.99 -> 4 with step 1 or 2), so the result is the same.
+    step = torch.log2(mag).floor_().sub_(1).clamp_(-1, 1).exp2_()
     return (mag / step).round_().mul_(step).clamp_(max=E2M1_MAX).copysign_(v)
 
 
@@ -97,6 +100,13 @@ def fake_quantize_nvfp4(x, group_size=16, *, tensor_scale=None, check=True) -> t
     """``dequantize_nvfp4(quantize_nvfp4(x))`` without building the codes."""
     xg, _, _, full, inv = _nvfp4_grid(x, group_size, tensor_scale, check)
     return round_to_e2m1_values(xg * inv).mul_(full).add_(0.0).flatten(-2)[..., : x.shape[-1]]  # -0.0 -> +0.0
+
+
+def nvfp4_operand(x, group_size=16, *, tensor_scale=None):
+    """E2M1 values × their E4M3 group scale as fp32 ``[.., K_pad]`` (exact; what the reference multiplies) and the
+    tensor scale, without building codes (the CPU's layers)."""
+    xg, ts, gscale, _, inv = _nvfp4_grid(x, group_size, tensor_scale, False)
+    return (round_to_e2m1_values(xg * inv) * gscale.float()).flatten(-2), ts
 
 
 def dequantize_nvfp4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

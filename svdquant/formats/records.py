@@ -17,10 +17,10 @@ from .common import QTensor
 from .fp8 import dequantize_fp8, quantize_fp8
 from .int4 import dequantize_int4, fake_quantize_int4, quantize_int4
 from .int4z import dequantize_int4z, quantize_int4z
-from .int4m import dequantize_int4m, fake_quantize_int4m, int4m_integer_values, quantize_int4m
-from .int8 import dequantize_int8, fake_quantize_int8, quantize_int8
+from .int4m import dequantize_int4m, fake_quantize_int4m, int4m_integer_values, int4m_operand, quantize_int4m
+from .int8 import dequantize_int8, fake_quantize_int8, int8_code_values, quantize_int8
 from .nf4 import dequantize_nf4, quantize_nf4
-from .nvfp4 import dequantize_nvfp4, e2m1_table, fake_quantize_nvfp4, quantize_nvfp4
+from .nvfp4 import dequantize_nvfp4, e2m1_table, fake_quantize_nvfp4, nvfp4_operand, quantize_nvfp4
 from .packing import pack_4bit_halves, unpack_4bit_halves
 
 
@@ -64,6 +64,7 @@ class Format:
     _layout: Callable = field(repr=False)
     _fake: Callable | None = field(default=None, repr=False)
     _code_values: Callable | None = field(default=None, repr=False)
+    _operand: Callable | None = field(default=None, repr=False)
     best_weights: bool = False
     weight_rounding_kernel: str | None = None
 
@@ -88,6 +89,19 @@ class Format:
 
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._dequantize(q, dtype)
+
+    @property
+    def has_operand(self) -> bool:
+        return self._operand is not None
+
+    def operand(self, x, group_size=None, *, unsigned=False, tensor_scale=None):
+        """Activations quantized straight into what :func:`svdquant.ops.reference.qgemm` multiplies, as fp32
+        ``(values [.., K_pad], row scale [.., 1] or None, tensor scale or None)``: an integer format's exact
+        ``integer_operand`` values, a grouped format's code values × group scales. The same numbers as quantizing
+        and reading the codes back, in fewer passes (the CPU's quantized layers); None for formats without it."""
+        if self._operand is None:
+            return None
+        return self._operand(x, self.group(group_size), unsigned=unsigned, tensor_scale=tensor_scale)
 
     def code_values(self, q: QTensor) -> torch.Tensor:
         """The codes as fp32 values before any scale (E2M1 codes -> their values)."""
@@ -173,6 +187,12 @@ def _q_nf4(x, g, *, unsigned, scale_dtype, tensor_scale, best, check):
 
 U8, I8, F32 = torch.uint8, torch.int8, torch.float32
 
+
+def _pair(values_and_tensor_scale):
+    """A grouped format's operand: (values, no row scale, tensor scale)."""
+    values, ts = values_and_tensor_scale
+    return values, None, ts
+
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int4", "INT4 [-7, 7], a 16-bit scale per group of 64 (the paper's W4A4; uint4 [0, 15] when shifted)",
            64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int4", "int8"),
@@ -185,7 +205,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _quantize=_q_int4m, _dequantize=dequantize_int4m,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wmult": ((n, g), U8),
                                          "wscales": ((n,), F32)},
-           _fake=_fq_int4m, best_weights=True, weight_rounding_kernel="round_int4m_weights"),
+           _fake=_fq_int4m, best_weights=True, weight_rounding_kernel="round_int4m_weights",
+           _operand=lambda x, g, *, unsigned, tensor_scale: (*int4m_operand(x, g, unsigned=unsigned), None)),
     # AWQ's W4A16 (Nunchaku's adaLN layers): kept so imported layers hold their exact values; never a recipe default.
     Format("int4z", "uint4 [0, 15], a 16-bit scale and a 16-bit zero per group of 64 (AWQ W4A16); weights only",
            64, None, packed=True, signed=False, weight=True, activation=False, pairs_with=(),
@@ -199,12 +220,14 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _quantize=_q_nvfp4, _dequantize=dequantize_nvfp4,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), torch.float8_e4m3fn),
                    "wtensor_scale": ((), F32)}, _fake=_fq_nvfp4,
-           _code_values=lambda c: e2m1_table(c.device)[c.long()]),
+           _code_values=lambda c: e2m1_table(c.device)[c.long()],
+           _operand=lambda x, g, *, unsigned, tensor_scale: _pair(nvfp4_operand(x, g, tensor_scale=tensor_scale))),
     Format("int8", "INT8 [-127, 127], an fp32 scale per row (per channel / per token)",
            0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("int8",),
            integer=True, unsigned_groups=False, static_input_scale=False, weight_only="int8",
            _quantize=_q_int8, _dequantize=dequantize_int8,
-           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), I8), "wscales": ((n,), F32)}, _fake=_fq_int8),
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), I8), "wscales": ((n,), F32)}, _fake=_fq_int8,
+           _operand=lambda x, g, *, unsigned, tensor_scale: (*int8_code_values(x), None)),
     Format("fp8", "FP8 E4M3, an fp32 scale per row (torch._scaled_mm row-wise)",
            0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("fp8",),
            integer=False, unsigned_groups=False, static_input_scale=False, weight_only="fp8",

@@ -1,6 +1,6 @@
 from .conv import SVDQConv1x1
 from .fused import FusedSVDQLinear, fuse, fuse_projections, unfuse, unfuse_projections
-from .linear import SVDQLinear
+from .linear import SVDQLinear, revision
 
 __all__ = ["SVDQLinear", "SVDQConv1x1", "FusedSVDQLinear", "fuse", "unfuse", "fuse_projections",
-           "unfuse_projections"]
+           "unfuse_projections", "revision"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..formats import get_format
 from ..ops.runners import Int8Runner
-from .linear import SVDQLinear
+from .linear import SVDQLinear, bump_revision
 
 # (fused attribute, member attributes): diffusers' names (Attention.fuse_projections, FluxAttention)
 PROJECTIONS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
@@ -68,6 +68,7 @@ class FusedSVDQLinear(nn.Module):
         runners = [m._runner for m in self.members]
         outs = [m.out_features for m in self.members]
         self._runner = None
+        bump_revision()
         if not all(isinstance(r, Int8Runner) for r in runners):
             return  # the CPU reference, or another path: the members run in turn
         try:
@@ -85,10 +86,12 @@ class FusedSVDQLinear(nn.Module):
         if self._runner is not None:
             self._runner.act_in_graph = all(m.compiled_activations for m in self.members)
 
-    def refresh_branch(self) -> None:
-        """A member's LoRAs changed (its runner rebuilt its branch): restack the branches."""
+    def refresh_branch(self) -> bool:
+        """A member's LoRAs changed (its runner rebuilt its branch): restack the branches (in place where the
+        shapes stay; True if the stacked runner now holds other tensors)."""
         if self._runner is not None:
-            self._runner.set_stacked_branch([m._runner for m in self.members])
+            return self._runner.set_stacked_branch([m._runner for m in self.members])
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runner is None:
@@ -359,13 +362,17 @@ def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = Fa
     "compiled_activations": layers whose A8 quantization inductor fuses into the input's producer}``. The last
     is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then fuses fc2's
     quantization into its GELU kernel)."""
-    return {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
+    done = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
             "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
+    bump_revision()  # forwards and modules were swapped: captured CUDA graphs are stale
+    return done
 
 
 def unfuse(model: nn.Module) -> dict[str, int]:
-    return {"qkv": unfuse_projections(model), "gelu": unfuse_gelu(model),
+    done = {"qkv": unfuse_projections(model), "gelu": unfuse_gelu(model),
             "compiled_activations": set_compiled_activations(model, False)}
+    bump_revision()
+    return done
 
 
 def _quantized(m) -> bool:

@@ -52,6 +52,21 @@ from ..recipes import QuantConfig, get_recipe
 
 WEIGHT_MODES = ("auto", "speed", "memory")
 
+_revision = 0
+
+
+def revision() -> int:
+    """Counts the changes to what quantized layers run: a runner rebuilt (load, ``.to``, weight mode, fuse) or a
+    branch replaced by other tensors (a LoRA added or removed; a strength change rewrites it in place and does not
+    count). A CUDA graph captured before a change would replay the old tensors: ``svdquant.optimize``'s graphs
+    are captured again after one."""
+    return _revision
+
+
+def bump_revision() -> None:
+    global _revision
+    _revision += 1
+
 
 class SVDQLinear(nn.Module, AdapterSet):
     """``Y ≈ Q((X + s)/λ)·Q(R)ᵀ + (X·L1ᵀ)·L2ᵀ + b'`` for any leading batch shape.
@@ -220,9 +235,10 @@ class SVDQLinear(nn.Module, AdapterSet):
     def _adapters_changed(self) -> None:
         owner = self.__dict__.get("_fused_into")
         if owner is not None:  # stacked with its q/k/v siblings (modules/fused.py): the fused runner needs it now
-            self._runner.set_branch(self)
+            replaced = self._runner.set_branch(self)
             self._branch_stale = False
-            owner.refresh_branch()
+            if owner.refresh_branch() or replaced:
+                bump_revision()
             return
         # Only the branch changes: the runner rebuilds it at the next call and keeps its prepared weights.
         # Not now: an offload hook may hold the tensors elsewhere until then (on disk, or on the CPU).
@@ -231,7 +247,8 @@ class SVDQLinear(nn.Module, AdapterSet):
     def _apply_stale_branch(self) -> None:
         """Bring the runner's branch up to the LoRAs changed since it last ran (see _adapters_changed)."""
         if self._branch_stale:
-            self._runner.set_branch(self)
+            if self._runner.set_branch(self):
+                bump_revision()
             self._branch_stale = False
 
     def set_output_gelu(self, on: bool) -> None:
@@ -240,6 +257,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.output_gelu = bool(on)
         if hasattr(self._runner, "gelu"):
             self._runner.gelu = self.output_gelu
+        bump_revision()
 
     def set_compiled_activations(self, on: bool) -> None:
         """Under ``torch.compile``, quantize INT8 activations in torch ops (:func:`svdquant.ops.reference.int8_activations`)
@@ -248,6 +266,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.compiled_activations = bool(on)
         if hasattr(self._runner, "act_in_graph"):
             self._runner.act_in_graph = self.compiled_activations
+        bump_revision()
         owner = self.__dict__.get("_fused_into")
         if owner is not None:
             owner.sync_compiled_activations()
@@ -263,6 +282,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         """Rebuild what runs (:func:`svdquant.ops.prepare`): after loading, moving, LoRA or mode changes."""
         self._restore_packed()
         self._runner = ops.prepare(self)
+        bump_revision()
         self._prepared_for = (self.wscales, self.wscales.device)
         self._branch_stale = False
         if getattr(self._runner, "owns_packed_weight", False):

@@ -7,9 +7,9 @@ returns a runner whose ``__call__`` only computes:
 
 | weights × activations          | CUDA (compute capability)                        | elsewhere     |
 | ------------------------------ | ------------------------------------------------ | ------------- |
-| int4m / int8 × int8 / int4m    | INT8 GEMM kernels (8.0+; persistent + TMA on 9.0+) | reference   |
+| int4m / int8 × int8 / int4m    | INT8 GEMM kernels (8.0+; persistent + TMA on 9.0+) | ``CpuRunner`` (the reference's numbers, fewer passes) |
 | int4 × int4 (float scales)     | the paper's W4A4 kernels (8.0+)                  | reference     |
-| nvfp4 × nvfp4                  | NVFP4 kernels (8.9+; before: reference, warned)  | reference     |
+| nvfp4 × nvfp4                  | NVFP4 kernels (8.9+; before: reference, warned)  | ``CpuRunner`` |
 | fp8 × fp8                      | ``torch._scaled_mm`` (8.9+, 16-bit inputs)        | reference     |
 | int4 × 16-bit (weight-only)    | W4A16 kernel up to 16 tokens, else dequantize kernel + cuBLAS | reference |
 | anything else                  | reference                                        | reference     |
@@ -24,10 +24,10 @@ import warnings
 
 import torch
 
-from ..formats import get_format
+from ..formats import get_format, product_kind
 from . import reference
 from .runners import (
-    EMPTY_ON_GPU, ON_META, Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, ReferenceRunner, W4A16Runner,
+    EMPTY_ON_GPU, ON_META, CpuRunner, Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, ReferenceRunner, W4A16Runner,
 )
 
 MIN_CAPABILITY = (8, 0)
@@ -63,10 +63,13 @@ def prepare(m):
     device = m.wscales.device
     if device.type == "meta":
         return ON_META
-    if device.type != "cuda" or use_reference():
-        return ReferenceRunner(m)
     wf = get_format(m.weights)
     af = get_format(m.activations) if m.activations is not None else None
+    if device.type == "cpu" and af is not None and af.has_operand and \
+            product_kind(wf.name, af.name) in ("integer", "grouped"):
+        return CpuRunner(m)  # the reference's numbers in fewer passes
+    if device.type != "cuda" or use_reference():
+        return ReferenceRunner(m)
     kernels, cap = _kernels(device)
     if af is None:
         return W4A16Runner(m, kernels) if wf.name in W4A16Runner.FORMATS else ReferenceRunner(m)

@@ -60,7 +60,7 @@ def quantize_input(
         u = (x.float() + shift_vector(x.shape[-1], shift, unsigned_from, x.device)) * smooth_inv
         unsigned = unsigned_from
     else:
-        u = (x.float() + shift) * smooth_inv
+        u = ((x.float() + shift) if shift else x.float()) * smooth_inv  # + 0.0 would only turn -0.0 into +0.0
         unsigned = bool(shift)
     q = get_format(fmt).quantize(u, group_size, unsigned=unsigned, scale_dtype=x.dtype, tensor_scale=input_scale,
                                  check=False)
@@ -99,16 +99,51 @@ def _grouped_values(q: QTensor) -> torch.Tensor:
     return out.reshape(vals.shape)
 
 
+def weight_operand(wq: QTensor, activations: str):
+    """What :func:`qgemm` multiplies for this weight, which a caller may keep between calls: the integer operand
+    ``(int8 values, fp32 row scales)``, the grouped fp32 values, or None (the "dense" kind dequantizes per call)."""
+    kind = product_kind(wq.fmt, activations)
+    if kind == "integer":
+        return get_format(wq.fmt).integer_operand(wq)
+    if kind == "grouped":
+        return _grouped_values(wq)
+    return None
+
+
+# Float32 holds every integer below 2**24 exactly, and 1024 · 127² < 2**24: a float32 product of int8 values summed
+# over at most 1024 of K has only exact partial sums, whatever order the BLAS adds them in (bf16 or tf32 operands,
+# which a reduced matmul precision may pick, hold int8 values exactly too).
+EXACT_FLOAT_K = 1024
+
+
 def int8_dot(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact int32 sums of int8 products ``a [M, K] · w [N, K]ᵀ``: ``torch._int_mm`` where it runs (CPU;
-    cuBLAS when M > 16 and K, N are multiples of 8), else float64 (exact for any K a layer has)."""
-    cuda_ok = a.shape[0] > 16 and w.shape[1] % 8 == 0 and w.shape[0] % 8 == 0
-    if hasattr(torch, "_int_mm") and (not a.is_cuda or cuda_ok):
+    """Exact int32 sums of int8 products ``a [M, K] · w [N, K]ᵀ``.
+
+    On the CPU: float32 matmuls over chunks of at most :data:`EXACT_FLOAT_K` of K, each exact, summed in int32
+    (``torch._int_mm`` is 20-40× slower there: it took 89 % of a quantized tiny-model step). On CUDA:
+    ``torch._int_mm`` (cuBLAS) when M > 16 and K, N are multiples of 8, else float64 (exact for any K a layer has)."""
+    if not a.is_cuda:
+        acc = None
+        for k0 in range(0, a.shape[1], EXACT_FLOAT_K):
+            part = (a[:, k0:k0 + EXACT_FLOAT_K].float() @ w[:, k0:k0 + EXACT_FLOAT_K].float().T).to(torch.int32)
+            acc = part if acc is None else acc.add_(part)
+        return acc if acc is not None else a.new_zeros(a.shape[0], w.shape[0], dtype=torch.int32)
+    if a.shape[0] > 16 and w.shape[1] % 8 == 0 and w.shape[0] % 8 == 0:
         try:
             return torch._int_mm(a.contiguous(), w.t())
         except RuntimeError:  # a build or shape without an int8 kernel
             pass
     return (a.double() @ w.double().T).to(torch.int32)
+
+
+def int8_dot_float(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``int8_dot(a, w).float()``; ``a`` may also hold the int8 values as floats. On the CPU with
+    K <= EXACT_FLOAT_K one float32 matmul gives those numbers directly (its sums are exact integers)."""
+    if not a.is_cuda and a.shape[1] <= EXACT_FLOAT_K:
+        return a.float() @ w.float().T
+    if a.is_floating_point():
+        a = a.to(torch.int8)
+    return int8_dot(a, w).float()
 
 
 def qgemm(
@@ -117,17 +152,19 @@ def qgemm(
     lora_up: torch.Tensor | None,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    w_operand=None,
 ) -> torch.Tensor:
-    """The quantized product plus the branch's up projection and the bias: ``[M, N]`` in ``out_dtype``."""
+    """The quantized product plus the branch's up projection and the bias: ``[M, N]`` in ``out_dtype``.
+    ``w_operand``: :func:`weight_operand` of ``wq``, when the caller keeps it."""
     qa, k = qin.q, wq.in_features
     kind = product_kind(wq.fmt, qa.fmt)
     if kind == "integer":
         a, a_s = get_format(qa.fmt).integer_operand(qa)
-        w, w_s = get_format(wq.fmt).integer_operand(wq)
-        acc = int8_dot(a[:, :k], w[:, :k]).float()
-        acc = acc * a_s[:, None] * w_s[None, :]
+        w, w_s = w_operand if w_operand is not None else get_format(wq.fmt).integer_operand(wq)
+        acc = int8_dot_float(a[:, :k], w[:, :k])
+        acc = acc.mul_(a_s[:, None]).mul_(w_s[None, :])
     elif kind == "grouped":
-        acc = _grouped_values(qa) @ _grouped_values(wq).T
+        acc = _grouped_values(qa) @ (w_operand if w_operand is not None else _grouped_values(wq)).T
         if wq.tensor_scale is not None:
             acc *= qa.tensor_scale * wq.tensor_scale
     else:

@@ -1,8 +1,8 @@
 """The SVDQuant linear on the INT8 path vs the real alternatives, on FLUX.1-dev shapes (one GPU call).
 
-    python benchmarks/kernels.py --out $OUT              # check, then the 24-shape table
-    python benchmarks/kernels.py --sweep --out $OUT      # + tile / block sweeps of every kernel first
-    python benchmarks/kernels.py --quick                 # two shapes
+    python benchmarks/kernel_speed.py --out $OUT              # check, then the 24-shape table
+    python benchmarks/kernel_speed.py --sweep --out $OUT      # + tile / block sweeps of every kernel first
+    python benchmarks/kernel_speed.py --quick                 # two shapes
 
 For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
 (``triton.testing.do_bench``), random inputs:
