@@ -14,6 +14,8 @@ from .recipes import (
     W8A8Config, get_recipe,
 )
 
+from .pipelines.optimize import Optimized, deoptimize, optimize
+
 __version__ = "0.1.0"
 
 from .integrations import register_diffusers_backend  # noqa: E402

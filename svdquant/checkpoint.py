@@ -866,16 +866,20 @@ def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) ->
 
 
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
-                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None):
+                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
+                  optimize: bool | None = None):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
     :func:`load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
     block's MLP up projection; the other MLPs' GELU in their GEMM epilogue; exact); ``None`` = on a CUDA device,
-    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md)."""
+    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md). ``optimize``:
+    :func:`svdquant.optimize` (fusing as ``fuse`` says, the fastest attention backend, compiled blocks, CUDA
+    graphs; the first call at each size compiles); ``None`` = on a CUDA device."""
     _checks.device("device", device)
-    if fuse is not None and not isinstance(fuse, bool):
-        raise ValueError(f"fuse={fuse!r}: use True, False or None (on a CUDA device)")
+    for name, value in (("fuse", fuse), ("optimize", optimize)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: use True, False or None (on a CUDA device)")
     if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
     quantized = resolve(quantized)  # a hub id: its cached copy, so a recorded relative base resolves against it
@@ -894,8 +898,14 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
         for te in encoders.values():
             nn.Module.to(te, torch_dtype)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **encoders).to(device)
-    if fuse or (fuse is None and torch.device(device).type == "cuda"):
+    cuda = torch.device(device).type == "cuda"
+    # after the move: the stacked weights are built once, where they run
+    if optimize or (optimize is None and cuda):
+        from .pipelines.optimize import optimize as optimize_pipeline
+
+        optimize_pipeline(pipe, fuse=fuse is not False)
+    elif fuse or (fuse is None and cuda):
         from .modules.fused import fuse as fuse_model
 
-        fuse_model(pipe.transformer)  # after the move: the stacked weights are built once, where they run
+        fuse_model(pipe.transformer)
     return pipe

@@ -374,7 +374,8 @@ def _load(args):
     from .pipelines import check_size
 
     dtype = _dtype(args.dtype, args.device)
-    pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype)
+    pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype,
+                         optimize=None if getattr(args, "optimize", True) else False)
     _quiet(pipe)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
     return pipe, args.device, dtype
@@ -415,10 +416,22 @@ def cmd_generate(args) -> None:
                 load_lora(pipe, path, name=f"lora{i}", strength=strength)
             except LoRAError as e:  # some messages name the layer only: say which file it is
                 raise LoRAError(str(e) if path in str(e) else f"{path}: {e}") from None
+    _say_compiling(pipe, "generate")
     images = _sample(pipe, args.prompt, args)
     _save_images(list(zip(images, args.targets)))
     for target in args.targets:
         print(f"wrote {target}")
+
+
+def _say_compiling(pipe, command: str) -> None:
+    """svdquant.optimize compiles the blocks at the first call of each size: say so before the wait."""
+    from .pipelines.optimize import denoiser
+
+    report = denoiser(pipe).__dict__.get("_svdquant_optimized")
+    if report is not None and report.compiled_blocks:
+        print(f"svdquant {command}: compiling {report.compiled_blocks} blocks for this size and capturing a CUDA graph "
+              "(the first call only: about a minute for FLUX.1-dev; --no-optimize skips it)", file=sys.stderr,
+              flush=True)
 
 
 def _is_number(s: str) -> bool:
@@ -549,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
         p.add_argument("--dtype", choices=list(DTYPES), help="16-bit compute dtype (default: bf16 on GPU, fp32 on CPU)")
 
+    def optimize_flag(p):
+        p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                       help="on CUDA, skip svdquant.optimize (fused layers, the fastest attention backend, compiled "
+                            "blocks, CUDA graphs): no compilation at the first call, slower steps")
+
     def checkpoint_prompt(p, output):
         p.add_argument("checkpoint")
         p.add_argument("prompt")
@@ -618,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a LoRA .safetensors file at a strength (default 1); repeatable")
     sampling(p)
     common_device(p)
+    optimize_flag(p)
     p.set_defaults(func=cmd_generate, validate=_validate_generate)
 
     p = sub.add_parser("compare", help="16-bit and quantized images side by side, with PSNR/SSIM",
@@ -626,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_prompt(p, "compare.png")
     sampling(p)
     common_device(p)
+    optimize_flag(p)
     p.set_defaults(func=cmd_compare, validate=_validate_compare)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible text-to-image HTTP service and web page",

@@ -68,6 +68,15 @@ def bump_revision() -> None:
     _revision += 1
 
 
+_pending = 0
+
+
+def pending_branches() -> int:
+    """Counts LoRA changes left for the layers' next call (see ``SVDQLinear._adapters_changed``): a graph cache
+    that replays without calling forward applies them first when this moved."""
+    return _pending
+
+
 class SVDQLinear(nn.Module, AdapterSet):
     """``Y ≈ Q((X + s)/λ)·Q(R)ᵀ + (X·L1ᵀ)·L2ᵀ + b'`` for any leading batch shape.
 
@@ -241,8 +250,11 @@ class SVDQLinear(nn.Module, AdapterSet):
                 bump_revision()
             return
         # Only the branch changes: the runner rebuilds it at the next call and keeps its prepared weights.
-        # Not now: an offload hook may hold the tensors elsewhere until then (on disk, or on the CPU).
+        # Not now: an offload hook may hold the tensors elsewhere until then (on disk, or on the CPU). A captured
+        # CUDA graph never calls forward: svdquant.optimize's graphs apply pending branches before a replay.
         self._branch_stale = True
+        global _pending
+        _pending += 1
 
     def _apply_stale_branch(self) -> None:
         """Bring the runner's branch up to the LoRAs changed since it last ran (see _adapters_changed)."""

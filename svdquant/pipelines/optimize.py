@@ -1,0 +1,261 @@
+"""``svdquant.optimize``: a loaded pipeline as fast as svdquant makes it, in one call.
+
+    pipe = svdquant.load_pipeline(None, "flux-int4", device="cuda")   # already optimized (optimize=None: on CUDA)
+    report = svdquant.optimize(pipe)                                   # a pipeline built another way
+    print(report)                                                      # what it did, and what it skipped and why
+
+On a CUDA device, in this order (each step can be turned off):
+
+1. ``fuse``: :func:`svdquant.fuse` (q/k/v as one GEMM; a FLUX single block's MLP up projection with them; an MLP's
+   GELU in its GEMM epilogue). Exact.
+2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) at the model's attention
+   shape, timed once per process and GPU, through diffusers' ``set_attention_backend`` where the model's attention
+   supports it.
+3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
+   through ``torch.compile(dynamic=False)``; the quantized kernels are custom ops, so a block is one graph.
+   Compilation happens at the first call at each new shape (tens of seconds for FLUX.1-dev).
+4. ``cuda_graphs``: the denoiser's whole forward replayed from a CUDA graph per call signature
+   (:mod:`svdquant.pipelines.graphs`: a small cache of shapes and batch sizes; LoRA strength changes stay in the
+   graph; an added LoRA, a weight-mode change or a new resolution captures again).
+
+What each costs and gains is measured in BENCHMARKS.md ("Fast by default"). On the CPU it does nothing (the
+report says so): the CPU runs the quantized layers through :class:`svdquant.ops.runners.CpuRunner` already.
+:func:`deoptimize` undoes steps 2-4 (fusion stays; :func:`svdquant.unfuse` undoes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .graphs import DEFAULT_GRAPHS, StepGraphs
+
+ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
+_attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype) -> backend, timed once per process
+
+
+@dataclass
+class Optimized:
+    """What :func:`optimize` did to a denoiser (``str()`` for a summary)."""
+
+    device: str
+    fused: dict = field(default_factory=dict)
+    attention: str | None = None
+    attention_ms: dict = field(default_factory=dict)
+    compiled_blocks: int = 0
+    cuda_graphs: bool = False
+    max_graphs: int = 0
+    skipped: dict = field(default_factory=dict)  # step -> why
+
+    def __str__(self) -> str:
+        done = []
+        if any(self.fused.values()):
+            done.append("fused " + ", ".join(f"{k} {v}" for k, v in self.fused.items() if v))
+        if self.attention:
+            done.append(f"attention {self.attention}")
+        if self.compiled_blocks:
+            done.append(f"{self.compiled_blocks} blocks compiled (at the first call of each shape)")
+        if self.cuda_graphs:
+            done.append(f"CUDA graphs (up to {self.max_graphs} shapes)")
+        line = f"svdquant.optimize on {self.device}: " + ("; ".join(done) if done else "nothing to do")
+        for step, why in self.skipped.items():
+            line += f"\n  {step}: skipped ({why})"
+        return line
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def denoiser(target) -> nn.Module:
+    """The model a pipeline denoises with (``.transformer`` or ``.unet``), or the module itself."""
+    for name in ("transformer", "unet"):
+        model = getattr(target, name, None)
+        if isinstance(model, nn.Module):
+            return model
+    if isinstance(target, nn.Module):
+        return target
+    raise TypeError(f"svdquant.optimize takes a diffusers pipeline (with a .transformer or .unet) or an nn.Module, "
+                    f"got {type(target).__name__}")
+
+
+def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool = True,
+             cuda_graphs: bool = True, max_graphs: int = DEFAULT_GRAPHS) -> Optimized:
+    """Make a pipeline's (or model's) denoiser as fast as svdquant can on its CUDA device; see the module doc.
+
+    ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, or ``None`` (leave
+    it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
+    again is harmless (what is done stays done). Returns an :class:`Optimized` report."""
+    model = denoiser(target)
+    for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: use True or False")
+    if attention is not None and attention != "auto" and attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={attention!r}: use 'auto', None or one of {ATTENTION_BACKENDS}")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs={max_graphs!r}: use a whole number >= 1")
+    device = _device_of(model)
+    report = Optimized(device=str(device))
+    if device.type != "cuda":
+        report.skipped["all"] = "not on a CUDA device: the CPU runs the quantized layers as they are"
+        return report
+    if fuse:
+        from ..modules.fused import fuse as fuse_model
+
+        report.fused = fuse_model(model)
+    if attention is not None:
+        _set_attention(model, attention, report)
+    if compile:
+        report.compiled_blocks = compile_blocks(model)
+        if not report.compiled_blocks:
+            report.skipped["compile"] = "no repeated blocks known for this model"
+    if cuda_graphs:
+        why = _why_no_graphs(model)
+        if why:
+            report.skipped["cuda_graphs"] = why
+        else:
+            graphs = model.__dict__.get("forward")
+            if isinstance(graphs, StepGraphs):
+                graphs.max_graphs = max_graphs
+            else:
+                modules = list(model.modules())
+                model.forward = StepGraphs(model, model.forward, max_graphs, bypass=lambda: _hooked(modules))
+            report.cuda_graphs, report.max_graphs = True, max_graphs
+    model.__dict__["_svdquant_optimized"] = report
+    return report
+
+
+def deoptimize(target) -> None:
+    """Undo :func:`optimize`'s graphs, compilation and attention choice (fusion stays: :func:`svdquant.unfuse`)."""
+    model = denoiser(target)
+    graphs = model.__dict__.get("forward")
+    if isinstance(graphs, StepGraphs):
+        graphs.remove()
+    for block in _blocks(model):
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
+    report = model.__dict__.pop("_svdquant_optimized", None)
+    if report is not None and report.attention and hasattr(model, "reset_attention_backend"):
+        model.reset_attention_backend()
+
+
+def graphs_of(target) -> StepGraphs | None:
+    """The CUDA-graph cache :func:`optimize` put on a pipeline's denoiser, if any (``captures``, ``replays``)."""
+    graphs = denoiser(target).__dict__.get("forward")
+    return graphs if isinstance(graphs, StepGraphs) else None
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to compile: the adapter's stacks where svdquant knows the model, else diffusers'."""
+    from ..models import get_adapter
+
+    try:
+        adapter = get_adapter(model)
+    except (TypeError, ValueError):
+        adapter = None
+    if adapter is not None and adapter.stacks:
+        return [block for _, block in adapter.blocks(model)]
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each repeated block in place (static shapes); returns how many."""
+    blocks = _blocks(model)
+    for block in blocks:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(dynamic=False)
+    return len(blocks)
+
+
+def _attention_shape(model: nn.Module):
+    cfg = getattr(model, "config", {})
+    heads = cfg.get("num_attention_heads") if hasattr(cfg, "get") else None
+    dim = cfg.get("attention_head_dim") if hasattr(cfg, "get") else None
+    if not isinstance(heads, int) or not isinstance(dim, int):
+        return None
+    return heads, dim, 4096  # a 1024² image's tokens: the shape these models spend their attention time on
+
+
+def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
+    if not hasattr(model, "set_attention_backend"):
+        report.skipped["attention"] = "the model has no set_attention_backend"
+        return
+    if attention == "auto":
+        shape = _attention_shape(model)
+        if shape is None:
+            report.skipped["attention"] = "no attention shape in the model's config"
+            return
+        dtype = next(model.parameters()).dtype
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        key = (torch.cuda.get_device_name(_device_of(model)), *shape, dtype)
+        if key not in _attention_choice:
+            _attention_choice[key] = _time_attention(*shape, dtype, _device_of(model))
+        attention, report.attention_ms = _attention_choice[key]
+        if attention is None:
+            report.skipped["attention"] = "no SDPA backend ran at the model's shape"
+            return
+    try:
+        model.set_attention_backend(attention)
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        report.skipped["attention"] = f"{attention}: {str(e).splitlines()[0][:200]}"
+        return
+    report.attention = attention
+
+
+def _time_attention(heads: int, dim: int, tokens: int, dtype, device):
+    """(fastest backend, {backend: ms}) of SDPA at one image's shape; each backend timed with CUDA events."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_flash": SDPBackend.FLASH_ATTENTION,
+               "_native_efficient": SDPBackend.EFFICIENT_ATTENTION}
+    q, k, v = (torch.randn(1, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
+    times = {}
+    for name in ATTENTION_BACKENDS:
+        try:
+            with sdpa_kernel(kernels[name]):
+                times[name] = _cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        except RuntimeError:  # not available for this GPU, dtype or head size
+            continue
+    best = min(times, key=times.get) if times else None
+    return best, {k: round(v, 4) for k, v in times.items()}
+
+
+def _cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _hooked(modules) -> bool:
+    """Hooks that move weights between calls (accelerate's offload, diffusers' group offloading) or decide on the
+    host what runs (diffusers' caches: First-Block Cache skips blocks by comparing tensors): a graph would replay
+    stale memory or one fixed path. Checked at every call, on every module (a hook may be added after optimize)."""
+    return any("_hf_hook" in m.__dict__ or getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)
+               for m in modules)
+
+
+def _why_no_graphs(model: nn.Module) -> str | None:
+    if _hooked(list(model.modules())):
+        return "hooks on the model (offloading or a cache): its weights move, or blocks are skipped on the host"
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if len(devices) != 1:
+        return f"the model spans {len(devices)} devices"
+    return None

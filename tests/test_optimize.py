@@ -1,0 +1,172 @@
+"""``svdquant.optimize`` (issue 22): fuse, attention backend, compiled blocks and CUDA graphs by default on CUDA.
+
+On the CPU: the argument checks, the report, that nothing changes off CUDA, the graph cache's signatures and
+output rebuilding, and what keeps a captured graph valid (a LoRA strength change rewrites the branch in place;
+an added LoRA, a weight-mode change or fusing bumps the revision). On a GPU: the graphs themselves against eager."""
+
+from __future__ import annotations
+
+import copy
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+
+import pytest
+import torch
+
+import svdquant
+from svdquant.modules import SVDQLinear, revision
+from svdquant.pipelines import graphs as G
+from svdquant.pipelines.optimize import denoiser, optimize
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def quantized_flux():
+    torch.manual_seed(0)
+    model = tm.build_flux()
+    svdquant.quantize(model, svdquant.get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
+    return model, tm.calibration_inputs("flux", model, 1)[0]
+
+
+def test_optimize_does_nothing_off_cuda(quantized_flux):
+    model = copy.deepcopy(quantized_flux[0])
+    report = optimize(model)
+    assert "not on a CUDA device" in report.skipped["all"] and "forward" not in model.__dict__
+    assert not report.cuda_graphs and not report.compiled_blocks and not any(report.fused.values())
+    assert "nothing to do" in str(report)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fuse="yes"), "fuse='yes': use True or False"),
+    (dict(compile=1), "compile=1: use True or False"),
+    (dict(attention="sage"), "attention='sage': use 'auto', None or one of"),
+    (dict(max_graphs=0), "max_graphs=0: use a whole number >= 1"),
+    (dict(max_graphs=True), "max_graphs=True: use a whole number >= 1"),
+])
+def test_optimize_argument_errors(quantized_flux, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        optimize(quantized_flux[0], **kwargs)
+
+
+def test_optimize_takes_pipelines_and_models_only():
+    with pytest.raises(TypeError, match="takes a diffusers pipeline"):
+        optimize("flux-int4")
+    pipe = tm.build_flux_pipeline()
+    assert denoiser(pipe) is pipe.transformer
+
+
+def test_signature_and_rebuild():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    with pytest.raises(G._Unsupported):  # a CPU tensor
+        G.signature((torch.zeros(2),))
+    with pytest.raises(G._Unsupported):
+        G.signature({"x": object()})
+    assert G.signature({"b": None, "a": (1, 2.5, "s")}) == G.signature({"a": (1, 2.5, "s"), "b": None})
+    assert G.signature({"a": 1}) != G.signature({"a": 2})
+    out = Transformer2DModelOutput(sample=torch.ones(2))
+    t = G._tensors(out, [])
+    assert len(t) == 1 and t[0] is out.sample
+    rebuilt = G._rebuild(out, iter([torch.zeros(2)]))
+    assert type(rebuilt) is Transformer2DModelOutput and torch.equal(rebuilt.sample, torch.zeros(2))
+    args = ((torch.ones(1), [torch.ones(2), 3]), {"z": torch.ones(3), "a": {"k": torch.ones(4)}})
+    flat = G._tensors(args, [])
+    assert [x.numel() for x in flat] == [1, 2, 4, 3]  # dict keys sorted
+    back = G._rebuild(args, iter([x * 2 for x in flat]))
+    assert torch.equal(back[1]["a"]["k"], torch.full((4,), 2.0)) and back[0][1][1] == 3
+
+
+def _add_lora(lin, name, rank=4, strength=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin.add_adapter(name, torch.randn(rank, lin.in_features, generator=g) * 0.1,
+                    torch.randn(lin.out_features, rank, generator=g) * 0.1, strength)
+
+
+def test_lora_strength_is_rewritten_in_place_and_adding_one_bumps_the_revision(quantized_flux):
+    model, inputs = copy.deepcopy(quantized_flux[0]), quantized_flux[1]
+    lin = next(m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations)
+    _add_lora(lin, "a", strength=0.5)
+    with torch.no_grad():
+        model(**inputs)  # the runner takes the branch at its next call
+    down, up, rev = lin._runner.down, lin._runner.up, revision()
+    lin.set_adapter_strength("a", 1.5)
+    with torch.no_grad():
+        model(**inputs)
+    assert lin._runner.down is down and lin._runner.up is up and revision() == rev  # graph-safe
+    want = lin.branch()
+    assert torch.equal(lin._runner.up, want[1]) and torch.equal(lin._runner.down, want[0])
+    _add_lora(lin, "b", rank=8, seed=1)
+    with torch.no_grad():
+        model(**inputs)
+    assert revision() > rev and lin._runner.down is not down  # new shapes: new tensors, graphs re-captured
+    rev = revision()
+    svdquant.set_weight_mode(model, "memory")
+    assert revision() > rev
+
+
+def test_the_layers_buffers_are_never_rewritten(quantized_flux):
+    """Without LoRAs a runner holds the layer's own branch buffers: a change must replace, never write into them."""
+    model = copy.deepcopy(quantized_flux[0])
+    lin = next(m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations)
+    before = lin.lora_up.clone()
+    from svdquant.ops.runners import assign_branch
+
+    runner = lin._runner
+    assert runner.up is lin.lora_up
+    assert assign_branch(runner, lin.lora_down.clone(), lin.lora_up * 2, (lin.lora_down, lin.lora_up))
+    assert torch.equal(lin.lora_up, before)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+def _cuda(model, inputs, dtype=torch.bfloat16):
+    model = copy.deepcopy(model).to("cuda", dtype)
+    inputs = {k: v.to("cuda", dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return model, inputs
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_optimized_step_equals_eager_and_keeps_its_graphs(quantized_flux):
+    """Fused, compiled, graph-captured: the same step as eager (bf16 rounding and inductor's fusions apart); a
+    strength change replays the same graph with the new branch; an added LoRA and a new shape capture again."""
+    model, inputs = _cuda(*quantized_flux)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+    report = optimize(model, attention=None)
+    assert report.cuda_graphs and report.compiled_blocks == 2 and report.fused["qkv"] == 2
+    graphs = model.__dict__["forward"]
+    with torch.no_grad():
+        first = model(**inputs)[0]
+        second = model(**inputs)[0]
+    assert graphs.captures == 1 and graphs.replays == 2
+    assert _rel(first, eager) < 2e-2 and torch.equal(first, second)
+    lin = model.transformer_blocks[0].ff.net[2]
+    _add_lora(lin, "a", strength=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    captures = graphs.captures
+    assert captures == 2  # the LoRA added new tensors
+    lin.set_adapter_strength("a", 2.0)
+    with torch.no_grad():
+        graphed = model(**inputs)[0]
+    assert graphs.captures == captures  # in place: the same graph
+    svdquant.deoptimize(model)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+    assert _rel(graphed, plain) < 2e-2
+    optimize(model, attention=None)
+    graphs = model.__dict__["forward"]
+    bigger = dict(tm.flux_inputs(quantized_flux[0], batch=2))
+    _, bigger = _cuda(quantized_flux[0], bigger)
+    with torch.no_grad():
+        model(**inputs)
+        model(**bigger)
+        model(**inputs)
+    assert graphs.captures == 2 and len(graphs.graphs) == 2
