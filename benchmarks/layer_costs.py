@@ -4,9 +4,10 @@
 
 The pipelines are ``benchmarks/pipeline_memory.py``'s (real architectures, random weights, 1024², the CFG batch
 each uses); the denoiser's layers become ``int4`` ``SVDQLinear`` (speed mode). One pipeline step records, per
-quantized layer, the rows it reads (tokens × batch), its K and N; each distinct (M, K, N) is then timed alone
-(CUDA events, median of ``--reps``): the quantized runner (activation kernel + INT8 GEMM) against ``F.linear`` in
-bf16 with a weight of the same shape. The table says, per model, how many layers and how much time per step
+quantized layer, the rows it reads (tokens × batch), its K and N; each distinct (M, K, N) is then timed alone,
+GPU time from CUDA-graph replays (what a compiled, graph-captured step pays) and eager wall time (launch overhead
+included): the quantized runner (activation kernel + INT8 GEMM) against ``F.linear`` in bf16 with a weight of the
+same shape. The table says, per model, how many layers and how much time per step
 sit in shapes where the quantized layer is slower: what a per-layer choice (``svdquant.optimize``'s layer
 costs) would recover, and what the layers add up to against the whole step.
 """
@@ -29,18 +30,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_memory import MODELS, _quiet, build, denoiser, random_quantize  # noqa: E402
 
 
-def cuda_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
+def cuda_ms(fn, reps: int, inner: int = 10) -> float:
+    """GPU time of one call: ``inner`` calls captured in one CUDA graph, replayed ``reps`` times (median), so the
+    host's launch overhead (an eager SVDQLinear call costs ~0.15 ms of Python) does not count: what a compiled,
+    graph-captured step pays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return statistics.median(times)
+
+
+def eager_ms(fn, reps: int) -> float:
+    """Wall time of one eager call, launch overhead included (what an uncompiled step pays per layer)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
 
 
 def record_shapes(pipe, call: dict) -> dict:
@@ -82,8 +107,11 @@ def run(model: str, args, results: dict) -> None:
         with torch.no_grad():
             q_ms = cuda_ms(lambda: layer(x), args.reps)
             b_ms = cuda_ms(lambda: F.linear(x, w, bias), args.reps)
+            q_eager = eager_ms(lambda: layer(x), args.reps)
+            b_eager = eager_ms(lambda: F.linear(x, w, bias), args.reps)
         rows.append(dict(M=m_rows, K=k, N=n, calls_per_step=len(names), example=names[0], int4_ms=round(q_ms, 4),
-                         bf16_ms=round(b_ms, 4), speedup=round(b_ms / q_ms, 3)))
+                         bf16_ms=round(b_ms, 4), speedup=round(b_ms / q_ms, 3), int4_eager_ms=round(q_eager, 4),
+                         bf16_eager_ms=round(b_eager, 4)))
     slower = [r for r in rows if r["speedup"] < 1]
     step_q = sum(r["int4_ms"] * r["calls_per_step"] for r in rows)
     step_b = sum(r["bf16_ms"] * r["calls_per_step"] for r in rows)
@@ -96,7 +124,8 @@ def run(model: str, args, results: dict) -> None:
     print(model, json.dumps({k: v for k, v in results[model].items() if k != "shapes"}), flush=True)
     for r in rows:
         print(f"  M {r['M']:6d} K {r['K']:5d} N {r['N']:5d} x{r['calls_per_step']:3d}  int4 {r['int4_ms']:.4f} "
-              f"bf16 {r['bf16_ms']:.4f}  {r['speedup']:.2f}x  {r['example']}", flush=True)
+              f"bf16 {r['bf16_ms']:.4f}  {r['speedup']:.2f}x  eager {r['int4_eager_ms']:.3f} / {r['bf16_eager_ms']:.3f}"
+              f"  {r['example']}", flush=True)
     del pipe, den
     torch.cuda.empty_cache()
 

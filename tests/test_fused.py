@@ -337,7 +337,7 @@ def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from kernels import random_layer
+    from kernel_speed import random_layer
 
     layers = [random_layer(3072, 3072, seed=i) for i in range(3)]
     with torch.no_grad():
@@ -367,7 +367,7 @@ def test_gpu_gelu_epilogue_at_the_flux_mlp_shape(mode):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from kernels import random_layer
+    from kernel_speed import random_layer
 
     m = random_layer(3072, 12288, seed=3, mode=mode)
     x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)

@@ -139,7 +139,7 @@ def test_gpu_optimized_step_equals_eager_and_keeps_its_graphs(quantized_flux):
     model, inputs = _cuda(*quantized_flux)
     with torch.no_grad():
         eager = model(**inputs)[0]
-    report = optimize(model, attention=None)
+    report = optimize(model, attention=None, layers=False)  # every layer on the INT8 path (the choice: below)
     assert report.cuda_graphs and report.compiled_blocks == 2 and report.fused["qkv"] == 2
     graphs = model.__dict__["forward"]
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_gpu_optimized_step_equals_eager_and_keeps_its_graphs(quantized_flux):
     with torch.no_grad():
         plain = model(**inputs)[0]
     assert _rel(graphed, plain) < 2e-2
-    optimize(model, attention=None)
+    optimize(model, attention=None, layers=False)
     graphs = model.__dict__["forward"]
     bigger = dict(tm.flux_inputs(quantized_flux[0], batch=2))
     _, bigger = _cuda(quantized_flux[0], bigger)
@@ -170,3 +170,72 @@ def test_gpu_optimized_step_equals_eager_and_keeps_its_graphs(quantized_flux):
         model(**bigger)
         model(**inputs)
     assert graphs.captures == 2 and len(graphs.graphs) == 2
+
+
+def test_dense_runner_is_the_layer_without_activation_rounding(quantized_flux):
+    """compute="dense" (the layer choice's 16-bit GEMM): W = Q(R)·diag(λ⁻¹) + L2·L1, the post-GELU shift folded into
+    the bias. On the CPU the layer keeps its runner (dense is a GPU choice); the dense weight is checked here by
+    building the runner by hand against the layer with its activations unrounded."""
+    from svdquant.ops.runners import DenseRunner
+
+    model = quantized_flux[0]
+    for lin in (model.transformer_blocks[0].attn.to_q, model.transformer_blocks[0].ff.net[2]):
+        runner = DenseRunner(lin)
+        x = torch.randn(7, lin.in_features)
+        wf = svdquant.formats.get_format(lin.weights)
+        r = wf.dequantize(wf.from_buffers(lin.weight_buffers(), lin.group_size, lin.in_features))[:, :lin.in_features]
+        from svdquant.formats.int4 import shift_vector
+
+        shift = shift_vector(lin.in_features, lin.act_shift, lin.act_unsigned_from)
+        want = ((x + shift) * lin.smooth_inv) @ r.T + (x @ lin.lora_down.T) @ lin.lora_up.T + lin.bias
+        torch.testing.assert_close(runner(x), want, rtol=1e-5, atol=1e-5)
+        # and close to the quantized layer itself (which rounds its activations to INT8)
+        y = lin(x)
+        assert float((runner(x) - y).norm() / y.norm()) < 2e-2
+
+
+def test_dense_runners_stack_into_one_gemm():
+    from svdquant.modules import FusedSVDQLinear
+    from svdquant.ops.runners import DenseRunner
+
+    g = torch.Generator().manual_seed(0)
+    lins = [torch.nn.Linear(64, n) for n in (16, 8, 16)]
+    x = torch.randn(32, 64, generator=g)
+    layers = SVDQLinear.from_linears(lins, x, svdquant.get_recipe("int4", rank=16, iterations=1))
+    runners = [DenseRunner(m) for m in layers]
+    apart = torch.cat([r(x) for r in runners], -1)
+    stacked = DenseRunner.stacked(runners)
+    # one GEMM of N = 40 against three: the same products, summed in the order the BLAS picks per shape
+    assert float((stacked(x) - apart).norm() / apart.norm()) < 1e-6
+    assert runners[1].weight.data_ptr() == stacked.weight[16:].data_ptr()  # views, not copies
+    assert FusedSVDQLinear  # the fused module builds this stack when all its members are dense (GPU)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_layer_choice_runs_what_measured_faster(quantized_flux):
+    """At the first call each quantized shape is timed both ways; the step stays the step (the dense layers drop
+    only their activation rounding) and a LoRA strength change reaches a dense layer in place."""
+    model, inputs = _cuda(*quantized_flux)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+    report = optimize(model, attention=None)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    layers = report.layers
+    assert layers is not None and layers["dense_layers"] + layers["quantized_layers"] == 17
+    assert all(s["dense"] == (s["dense_ms"] < 0.95 * s["quantized_ms"]) for s in layers["shapes"])
+    assert _rel(out, eager) < 2e-2
+    dense = [m for m in model.modules() if isinstance(m, SVDQLinear) and m.compute == "dense"]
+    if dense:
+        graphs = model.__dict__["forward"]
+        _add_lora(dense[0], "a", strength=0.5)
+        with torch.no_grad():
+            model(**inputs)
+        captures = graphs.captures
+        dense[0].set_adapter_strength("a", 1.5)
+        with torch.no_grad():
+            a = model(**inputs)[0]
+        assert graphs.captures == captures
+        svdquant.deoptimize(model)
+        assert all(m.compute == "quantized" for m in dense)

@@ -47,8 +47,10 @@ def _grid(x, group_size, unsigned, best, check):
     xg = grouped(pad_to_group(x.float(), group_size), group_size)
     start = _unsigned_from(unsigned, x.shape[-1], group_size)
     groups = xg.shape[-2]
-    if start is None:  # all signed (weights): plain numbers, no per-group selections
-        qmax, mmax, lo = float(INT4_MAX), float(MULT_MAX), -float(INT4_MAX)
+    if start is None:  # all signed (weights): no per-group selections
+        # 0-dim tensors on x's device, not Python numbers: CUDA divides by a host scalar as a multiplication by its
+        # reciprocal, which rounds differently from the division the GPU rounding kernel does
+        qmax, mmax, lo = (xg.new_tensor(float(v)) for v in (INT4_MAX, MULT_MAX, -INT4_MAX))
         amax = torch.maximum(-xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True))  # [.., G, 1]
     else:
         ug = (torch.arange(groups, device=x.device) >= start // group_size)[:, None]
@@ -85,7 +87,7 @@ def _grid(x, group_size, unsigned, best, check):
 def _codes(xg, inv, lo, hi):
     """``clamp(rne(x / (s · m)), lo, hi)`` as floats (the division is the fp32 reciprocal, as in a kernel)."""
     q = torch.round(xg * inv)
-    return (q.clamp_(lo, hi) if isinstance(lo, float) else torch.minimum(torch.maximum(q, lo), hi))
+    return q.clamp_(lo, hi) if lo.ndim == 0 else torch.minimum(torch.maximum(q, lo), hi)
 
 
 def quantize_int4m(x: torch.Tensor, group_size: int = 64, *, unsigned: bool | int = False, best: bool = False,

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..formats import get_format
-from ..ops.runners import Int8Runner
+from ..ops.runners import DenseRunner, Int8Runner
 from .linear import SVDQLinear, bump_revision
 
 # (fused attribute, member attributes): diffusers' names (Attention.fuse_projections, FluxAttention)
@@ -69,6 +69,9 @@ class FusedSVDQLinear(nn.Module):
         outs = [m.out_features for m in self.members]
         self._runner = None
         bump_revision()
+        if all(isinstance(r, DenseRunner) for r in runners):  # svdquant.optimize's choice: one 16-bit GEMM
+            self._runner = DenseRunner.stacked(runners)
+            return
         if not all(isinstance(r, Int8Runner) for r in runners):
             return  # the CPU reference, or another path: the members run in turn
         try:
@@ -83,15 +86,15 @@ class FusedSVDQLinear(nn.Module):
 
     def sync_compiled_activations(self) -> None:
         """One activation pass for all members: in the compiled graph only when every member asks for it."""
-        if self._runner is not None:
+        if isinstance(self._runner, Int8Runner):
             self._runner.act_in_graph = all(m.compiled_activations for m in self.members)
 
     def refresh_branch(self) -> bool:
         """A member's LoRAs changed (its runner rebuilt its branch): restack the branches (in place where the
         shapes stay; True if the stacked runner now holds other tensors)."""
-        if self._runner is not None:
+        if isinstance(self._runner, Int8Runner):
             return self._runner.set_stacked_branch([m._runner for m in self.members])
-        return False
+        return False  # none, or dense: the members rewrote their rows of the stacked weight in place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runner is None:

@@ -118,6 +118,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         # INT8 activations quantized in torch ops under torch.compile, fused by inductor into the producer of the
         # input (set by svdquant.fuse(..., compiled_activations=True)); eager runs are unchanged
         self.compiled_activations = False
+        # "dense": run as one 16-bit linear of the dequantized weight (svdquant.optimize's choice where cuBLAS
+        # measures faster at the layer's shape on this GPU); a run-time choice, not stored in checkpoints
+        self.compute = "quantized"
         self._runner = None
         n, k = out_features, in_features
 
@@ -282,6 +285,15 @@ class SVDQLinear(nn.Module, AdapterSet):
         owner = self.__dict__.get("_fused_into")
         if owner is not None:
             owner.sync_compiled_activations()
+
+    def set_compute(self, mode: str) -> None:
+        """``"quantized"`` (the kernels) or ``"dense"`` (a 16-bit cuBLAS linear of the dequantized weight and branch,
+        on CUDA only); see :class:`svdquant.ops.runners.DenseRunner`."""
+        if mode not in ("quantized", "dense"):
+            raise ValueError(f"compute {mode!r} is unknown; choose 'quantized' or 'dense'")
+        if mode != self.compute:
+            self.compute = mode
+            self.refresh()
 
     def set_weight_mode(self, mode: str) -> None:
         """``"speed"`` (INT8 codes resident), ``"memory"`` (4-bit resident) or ``"auto"``; see the module doc."""

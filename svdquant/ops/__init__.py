@@ -13,6 +13,7 @@ returns a runner whose ``__call__`` only computes:
 | fp8 × fp8                      | ``torch._scaled_mm`` (8.9+, 16-bit inputs)        | reference     |
 | int4 × 16-bit (weight-only)    | W4A16 kernel up to 16 tokens, else dequantize kernel + cuBLAS | reference |
 | anything else                  | reference                                        | reference     |
+| a layer set to ``compute="dense"`` (``svdquant.optimize``'s layer choice) | ``DenseRunner``: one 16-bit cuBLAS linear | as above |
 
 ``SVDQUANT_REFERENCE=1`` makes every layer prepared afterwards run the reference.
 """
@@ -27,7 +28,7 @@ import torch
 from ..formats import get_format, product_kind
 from . import reference
 from .runners import (
-    EMPTY_ON_GPU, ON_META, CpuRunner, Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, ReferenceRunner, W4A16Runner,
+    EMPTY_ON_GPU, ON_META, CpuRunner, DenseRunner, Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, ReferenceRunner, W4A16Runner,
 )
 
 MIN_CAPABILITY = (8, 0)
@@ -70,6 +71,8 @@ def prepare(m):
         return CpuRunner(m)  # the reference's numbers in fewer passes
     if device.type != "cuda" or use_reference():
         return ReferenceRunner(m)
+    if af is not None and getattr(m, "compute", "quantized") == "dense":
+        return DenseRunner(m)  # svdquant.optimize measured cuBLAS faster for this layer's shape
     kernels, cap = _kernels(device)
     if af is None:
         return W4A16Runner(m, kernels) if wf.name in W4A16Runner.FORMATS else ReferenceRunner(m)

@@ -310,6 +310,63 @@ class Int8Runner:
         return library.int8_linear_impl(*args, w_desc=self.w_desc)
 
 
+class DenseRunner:
+    """A quantized layer computed as one 16-bit cuBLAS linear, for shapes where that measures faster on this GPU
+    (``svdquant.optimize``'s layer choice: few tokens, narrow layers): ``W = Q(R)·diag(λ⁻¹) + L2·L1`` (LoRAs
+    included) and ``b = b' + Q(R)·(s·λ⁻¹)`` (the post-GELU shift the bias compensated), both in the layer's
+    dtype. The same layer minus the activation rounding: at least as close to the 16-bit model. Holds 2 bytes
+    per weight; the layer keeps its packed 4-bit codes for checkpoints. A LoRA change rebuilds ``W`` in place."""
+
+    def __init__(self, m):
+        self.weight, self.bias = None, None
+        self.set_branch(m)
+
+    def set_branch(self, m) -> bool:
+        wf = get_format(m.weights)
+        w = wf.dequantize(wf.from_buffers(m.weight_buffers(), m.group_size, m.in_features), torch.float32)
+        w = w[:, : m.in_features]
+        bias = m.bias.float() if m.bias is not None else None
+        if m.activations is not None:
+            shift = shift_vector(m.in_features, m.act_shift, m.act_unsigned_from, w.device) * m.smooth_inv
+            if m.act_shift:
+                bias = (w @ shift) + (bias if bias is not None else 0.0)
+            w = w * m.smooth_inv
+        down, up = m.branch()
+        if down is not None:
+            w = w.addmm_(up.float(), down.float())
+        w = w.to(m.dtype)
+        bias = bias.to(m.dtype) if bias is not None else None
+        if self.weight is not None and self.weight.shape == w.shape and (self.bias is None) == (bias is None):
+            with torch.no_grad():  # in place: a captured CUDA graph keeps reading the same memory
+                self.weight.copy_(w)
+                if bias is not None:
+                    self.bias.copy_(bias)
+            return False
+        self.weight, self.bias = w.contiguous(), bias
+        return True
+
+    @classmethod
+    def stacked(cls, runners: list["DenseRunner"]) -> "DenseRunner":
+        """One GEMM over the members' rows (q/k/v); the members then hold row views of it."""
+        new = cls.__new__(cls)
+        new.weight = torch.cat([r.weight for r in runners], 0)
+        biases = [r.bias for r in runners]
+        some = next((b for b in biases if b is not None), None)
+        new.bias = None if some is None else torch.cat(
+            [b if b is not None else some.new_zeros(r.weight.shape[0]) for b, r in zip(biases, runners)], 0)
+        start = 0
+        for r in runners:
+            n = r.weight.shape[0]
+            r.weight = new.weight[start:start + n]
+            if new.bias is not None:
+                r.bias = new.bias[start:start + n]
+            start += n
+        return new
+
+    def __call__(self, x2):
+        return F.linear(x2, self.weight, self.bias)
+
+
 class FloatScalesRunner:
     """The paper's formats with float group scales: INT4 W4A4 and NVFP4 (quantize kernel + grouped GEMM)."""
 

@@ -99,11 +99,13 @@ class StepGraphs:
     :meth:`remove`; ``captures`` counts the graphs captured so far (a re-capture after a change included)."""
 
     def __init__(self, model: torch.nn.Module, forward: Callable, max_graphs: int = DEFAULT_GRAPHS,
-                 bypass: Callable[[], bool] = lambda: False):
+                 bypass: Callable[[], bool] = lambda: False, prepare: Callable | None = None):
         if max_graphs < 1:
             raise ValueError(f"max_graphs={max_graphs}: keep at least one graph")
-        # bypass(): True when a call must run the forward as it is (hooks that move weights or skip blocks)
+        # bypass(): True when a call must run the forward as it is (hooks that move weights or skip blocks);
+        # prepare(args, kwargs): once, before the first capture (svdquant.optimize's layer choice)
         self.model, self.forward, self.max_graphs, self.bypass = model, forward, max_graphs, bypass
+        self.prepare = prepare
         self.graphs: OrderedDict[Any, _Graph] = OrderedDict()
         self.pool = None
         self.revision, self.pending = revision(), pending_branches()
@@ -123,6 +125,11 @@ class StepGraphs:
                 if isinstance(m, SVDQLinear):
                     m._apply_stale_branch()  # a strength change rewrites in place; a new LoRA bumps the revision
         if self.revision != revision():  # the layers changed what they run: every graph is stale
+            self.clear()
+            self.revision = revision()
+        if self.prepare is not None:
+            prepare, self.prepare = self.prepare, None
+            prepare(args, kwargs)
             self.clear()
             self.revision = revision()
         entry = self.graphs.get(key)

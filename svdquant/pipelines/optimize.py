@@ -14,13 +14,16 @@ On a CUDA device, in this order (each step can be turned off):
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
    through ``torch.compile(dynamic=False)``; the quantized kernels are custom ops, so a block is one graph.
    Compilation happens at the first call at each new shape (tens of seconds for FLUX.1-dev).
-4. ``cuda_graphs``: the denoiser's whole forward replayed from a CUDA graph per call signature
+4. ``layers`` (with graphs): at the first call, each quantized layer's shape is timed on this GPU against a
+   16-bit cuBLAS linear of its dequantized weight, and runs as one where that is faster
+   (:mod:`svdquant.pipelines.layer_choice`: few tokens, narrow layers);
+5. ``cuda_graphs``: the denoiser's whole forward replayed from a CUDA graph per call signature
    (:mod:`svdquant.pipelines.graphs`: a small cache of shapes and batch sizes; LoRA strength changes stay in the
    graph; an added LoRA, a weight-mode change or a new resolution captures again).
 
 What each costs and gains is measured in BENCHMARKS.md ("Fast by default"). On the CPU it does nothing (the
 report says so): the CPU runs the quantized layers through :class:`svdquant.ops.runners.CpuRunner` already.
-:func:`deoptimize` undoes steps 2-4 (fusion stays; :func:`svdquant.unfuse` undoes it).
+:func:`deoptimize` undoes steps 2-5 (fusion stays; :func:`svdquant.unfuse` undoes it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch
 import torch.nn as nn
 
 from .graphs import DEFAULT_GRAPHS, StepGraphs
+from ..modules import SVDQLinear
+from .layer_choice import choose_layers
 
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
 _attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype) -> backend, timed once per process
@@ -48,6 +53,8 @@ class Optimized:
     compiled_blocks: int = 0
     cuda_graphs: bool = False
     max_graphs: int = 0
+    # the layer choice, made at the first call: {"dense_layers", "quantized_layers", "shapes": [...]}
+    layers: dict | None = None
     skipped: dict = field(default_factory=dict)  # step -> why
 
     def __str__(self) -> str:
@@ -60,6 +67,9 @@ class Optimized:
             done.append(f"{self.compiled_blocks} blocks compiled (at the first call of each shape)")
         if self.cuda_graphs:
             done.append(f"CUDA graphs (up to {self.max_graphs} shapes)")
+        if self.layers is not None:
+            done.append(f"{self.layers['dense_layers']} quantized layers run as 16-bit GEMMs where cuBLAS measured "
+                        f"faster, {self.layers['quantized_layers']} on the INT8 path")
         line = f"svdquant.optimize on {self.device}: " + ("; ".join(done) if done else "nothing to do")
         for step, why in self.skipped.items():
             line += f"\n  {step}: skipped ({why})"
@@ -82,14 +92,14 @@ def denoiser(target) -> nn.Module:
 
 
 def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool = True,
-             cuda_graphs: bool = True, max_graphs: int = DEFAULT_GRAPHS) -> Optimized:
+             cuda_graphs: bool = True, max_graphs: int = DEFAULT_GRAPHS, layers: bool = True) -> Optimized:
     """Make a pipeline's (or model's) denoiser as fast as svdquant can on its CUDA device; see the module doc.
 
     ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, or ``None`` (leave
     it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
     again is harmless (what is done stays done). Returns an :class:`Optimized` report."""
     model = denoiser(target)
-    for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs)):
+    for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
     if attention is not None and attention != "auto" and attention not in ATTENTION_BACKENDS:
@@ -121,8 +131,14 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
                 graphs.max_graphs = max_graphs
             else:
                 modules = list(model.modules())
-                model.forward = StepGraphs(model, model.forward, max_graphs, bypass=lambda: _hooked(modules))
+                graphs = StepGraphs(model, model.forward, max_graphs, bypass=lambda: _hooked(modules))
+                model.forward = graphs
+            if layers:
+                graphs.prepare = lambda args, kwargs: report.__setattr__(
+                    "layers", choose_layers(model, graphs.forward, args, kwargs))
             report.cuda_graphs, report.max_graphs = True, max_graphs
+    if layers and not report.cuda_graphs:
+        report.skipped["layers"] = "decided at the first call of a graph-captured model only"
     model.__dict__["_svdquant_optimized"] = report
     return report
 
@@ -136,6 +152,9 @@ def deoptimize(target) -> None:
     for block in _blocks(model):
         if getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
+    for m in model.modules():  # the layer choice
+        if isinstance(m, SVDQLinear) and m.compute != "quantized":
+            m.set_compute("quantized")
     report = model.__dict__.pop("_svdquant_optimized", None)
     if report is not None and report.attention and hasattr(model, "reset_attention_backend"):
         model.reset_attention_backend()

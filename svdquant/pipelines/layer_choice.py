@@ -1,0 +1,111 @@
+"""Which quantized layers run as one 16-bit cuBLAS linear instead (``svdquant.optimize``'s layer choice).
+
+The INT8 path pays an activation pass and a GEMM tiled for thousands of tokens; where a layer reads few tokens
+(FLUX's and Qwen-Image's text stream: 146-512) or is narrow (the SDXL UNet: 640-1280 wide), cuBLAS's 16-bit GEMM
+of the dequantized weight is faster (``benchmarks/layer_costs.py``: 0.3-0.5x there on an H200, 0.9-1.2x at
+FLUX's image-stream shapes). At the first call of an optimized pipeline, one eager forward records the rows each
+quantized layer (or stacked q/k/v) reads; each distinct shape is then timed both ways on this GPU, GPU time only
+(CUDA-graph replays, as the optimized step runs), and a layer goes 16-bit where that is faster by more than
+:data:`MARGIN`. It costs 2 bytes per weight for those layers (:class:`svdquant.ops.runners.DenseRunner`) and
+is exact to the layer minus its activation rounding. Decided once, at the first call's shapes; timings are kept
+per process and GPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modules import FusedSVDQLinear, SVDQLinear
+
+MARGIN = 0.95  # 16-bit only when at least 5 % faster: the quantized layer holds less memory
+_costs: dict = {}  # (GPU, kind, M, K, N, formats, mode) -> (quantized ms, 16-bit ms)
+
+
+def _graph_ms(fn, reps: int = 10, inner: int = 10) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / inner)
+    return statistics.median(times)
+
+
+def _candidates(model: nn.Module) -> list[nn.Module]:
+    """The modules that run a quantized GEMM: stacked q/k/v, and quantized-activation layers that run alone."""
+    fused = [m for m in model.modules() if isinstance(m, FusedSVDQLinear)]
+    members = {id(x) for f in fused for x in f.members}
+    for blk in model.modules():  # a FLUX single block's q/k/v + MLP stack is held outside the module tree
+        stack = blk.__dict__.get("_svdquant_qkv_mlp")
+        if stack is not None:
+            fused.append(stack)
+            members.update(id(x) for x in stack.members)
+    alone = [m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations is not None
+             and id(m) not in members]
+    return fused + alone
+
+
+def record_rows(model: nn.Module, forward, args, kwargs) -> dict:
+    """{module: rows it read} over one forward (the largest call, if one runs more than once)."""
+    rows: dict = {}
+    handles = []
+    for m in _candidates(model):
+        def pre(mod, inputs):
+            x = inputs[0]
+            rows[mod] = max(rows.get(mod, 0), x.numel() // x.shape[-1])
+        handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            forward(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def _key(m, rows: int):
+    first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
+    return (torch.cuda.get_device_name(first.device), type(m).__name__, rows, m.in_features, m.out_features,
+            first.weights, first.activations, first.weight_mode, first.dtype)
+
+
+def choose_layers(model: nn.Module, forward, args, kwargs) -> dict:
+    """Time and apply the choice (see the module doc); returns what was decided, for the optimize report."""
+    decided = {"dense_layers": 0, "quantized_layers": 0, "shapes": []}
+    for m, rows in record_rows(model, forward, args, kwargs).items():
+        key = _key(m, rows)
+        if key not in _costs:
+            first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
+            x = torch.randn(rows, m.in_features, device=first.device, dtype=first.dtype)
+            w = torch.randn(m.out_features, m.in_features, device=first.device, dtype=first.dtype)
+            b = torch.zeros(m.out_features, device=first.device, dtype=first.dtype)
+            with torch.no_grad():
+                _costs[key] = (_graph_ms(lambda: m(x)), _graph_ms(lambda: F.linear(x, w, b)))
+            del x, w, b
+        q_ms, d_ms = _costs[key]
+        dense = d_ms < MARGIN * q_ms
+        layers = list(m.members) if isinstance(m, FusedSVDQLinear) else [m]
+        for layer in layers:
+            layer.set_compute("dense" if dense else "quantized")
+        decided["dense_layers" if dense else "quantized_layers"] += len(layers)
+        shape = dict(rows=rows, k=m.in_features, n=m.out_features, quantized_ms=round(q_ms, 4),
+                     dense_ms=round(d_ms, 4), dense=dense)
+        if shape not in decided["shapes"]:
+            decided["shapes"].append(shape)
+    return decided
