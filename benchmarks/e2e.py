@@ -115,7 +115,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
         elif variant == "int4":
             uncompile(den)
             row["quantized_layers"] = random_quantize(den, "speed")
-            row["optimize"] = svdquant.optimize(pipe).to_dict()
+            report = svdquant.optimize(pipe)
         for b in args.batch:
             if not left():
                 row[f"b{b}"] = {"skipped": f"past --budget-s {args.budget_s}"}
@@ -134,6 +134,8 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             log(f"{model:10s} {variant:14s} b{b} {json.dumps(r)}")
             args.save(results)
         row["weights_gb"] = components_gb(pipe)
+        if variant == "int4":
+            row["optimize"] = report.to_dict()  # after the calls: the layer choice is made at the first
         if variant == "fp8-torchao":
             break  # the pipeline now holds torchao's tensors; the int4 variant needs a fresh one
     del pipe, den

@@ -169,8 +169,10 @@ class StepGraphs:
         return _Graph(graph, static_args, static_kwargs, out)
 
     def clear(self) -> None:
-        """Drop every graph (the next call captures again)."""
+        """Drop every graph (the next call captures again). The memory pool goes with them: the caching allocator
+        refuses a capture into a pool whose graphs are all gone (an internal assert in PyTorch 2.11)."""
         self.graphs.clear()
+        self.pool = None
 
     def remove(self) -> None:
         """Give the model its forward back."""
