@@ -364,6 +364,8 @@ class DenseRunner:
         return new
 
     def __call__(self, x2):
+        if x2.dtype != self.weight.dtype:  # a layer made in another dtype than it now reads (model.to(dtype))
+            return F.linear(x2, self.weight.to(x2.dtype), self.bias.to(x2.dtype) if self.bias is not None else None)
         return F.linear(x2, self.weight, self.bias)
 
 

@@ -62,13 +62,13 @@ def _candidates(model: nn.Module) -> list[nn.Module]:
 
 
 def record_rows(model: nn.Module, forward, args, kwargs) -> dict:
-    """{module: rows it read} over one forward (the largest call, if one runs more than once)."""
+    """{module: (rows it read, their dtype)} over one forward (the largest call, if one runs more than once)."""
     rows: dict = {}
     handles = []
     for m in _candidates(model):
         def pre(mod, inputs):
             x = inputs[0]
-            rows[mod] = max(rows.get(mod, 0), x.numel() // x.shape[-1])
+            rows[mod] = (max(rows.get(mod, (0,))[0], x.numel() // x.shape[-1]), x.dtype)
         handles.append(m.register_forward_pre_hook(pre))
     try:
         # eager: hooks inside compiled blocks would be traced into them, one graph per block instance, until
@@ -81,22 +81,22 @@ def record_rows(model: nn.Module, forward, args, kwargs) -> dict:
     return rows
 
 
-def _key(m, rows: int):
+def _key(m, rows: int, dtype):
     first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
     return (torch.cuda.get_device_name(first.device), type(m).__name__, rows, m.in_features, m.out_features,
-            first.weights, first.activations, first.weight_mode, first.dtype)
+            first.weights, first.activations, first.weight_mode, dtype)
 
 
 def choose_layers(model: nn.Module, forward, args, kwargs) -> dict:
     """Time and apply the choice (see the module doc); returns what was decided, for the optimize report."""
     decided = {"dense_layers": 0, "quantized_layers": 0, "shapes": []}
-    for m, rows in record_rows(model, forward, args, kwargs).items():
-        key = _key(m, rows)
+    for m, (rows, dtype) in record_rows(model, forward, args, kwargs).items():
+        key = _key(m, rows, dtype)
         if key not in _costs:
             first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
-            x = torch.randn(rows, m.in_features, device=first.device, dtype=first.dtype)
-            w = torch.randn(m.out_features, m.in_features, device=first.device, dtype=first.dtype)
-            b = torch.zeros(m.out_features, device=first.device, dtype=first.dtype)
+            x = torch.randn(rows, m.in_features, device=first.device, dtype=dtype)
+            w = torch.randn(m.out_features, m.in_features, device=first.device, dtype=dtype)
+            b = torch.zeros(m.out_features, device=first.device, dtype=dtype)
             with torch.no_grad():
                 _costs[key] = (_graph_ms(lambda: m(x)), _graph_ms(lambda: F.linear(x, w, b)))
             del x, w, b
