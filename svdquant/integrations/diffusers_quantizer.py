@@ -144,7 +144,12 @@ class SVDQuantQuantizer(DiffusersQuantizer):
         _check_values(model, tensors, quantized, type(model).__name__)
         for _, m in layers:
             m.refresh()  # the buffers were set directly: prepare what runs, as a load_state_dict would
-        return model.eval()
+        model.eval()
+        if any(t.device.type == "cuda" for t in model.parameters()):  # loaded onto a GPU (device_map)
+            from ..pipelines.optimize import optimize
+
+            optimize(model)  # the default on CUDA, as load_pipeline does; svdquant.deoptimize(model) undoes it
+        return model
 
     @property
     def is_serializable(self):
