@@ -505,6 +505,28 @@ def cmd_info(args) -> None:
     if rep:
         print(f"quantized in {rep['seconds_total']:.1f} s from {rep['snapshots']} snapshots; "
               f"kept 16-bit: {len(rep['skipped'])} layers")
+    _print_layer_choice(layers)
+
+
+def _print_layer_choice(layers: dict) -> None:
+    """What svdquant.optimize's measured table (kept per GPU on this machine) says about these layers' shapes."""
+    from .pipelines.layer_choice import cost_file, decision, load_costs
+
+    # by input width and formats: a stacked q/k/v's rows are the sum of its layers'
+    inputs = {(c["in_features"], c["weights"], c["activations"]) for c in layers.values() if c.get("activations")}
+    rows = []
+    for k, entry in sorted(load_costs().items()):
+        gpu, m, kk, n, w, a, mode, dtype = k.split("|")
+        if (int(kk), w, a) in inputs:
+            rows.append(f"  {gpu}: {m} rows × {kk} → {n} ({mode}, {dtype}): INT8 path {entry[0]:.4f} ms, 16-bit "
+                        f"{entry[1]:.4f} ms → {'16-bit' if decision(entry) else 'INT8 path'}")
+    if rows:
+        print(f"on CUDA      svdquant.optimize runs a layer as a 16-bit GEMM where the table measured on this machine "
+              f"says so ({cost_file()}):")
+        print("\n".join(rows))
+    else:
+        print("on CUDA      svdquant.optimize times each layer shape at the first call on the GPU at hand and runs it "
+              "as a 16-bit GEMM where cuBLAS is faster (nothing measured on this machine yet)")
 
 
 def cmd_demo(args) -> None:

@@ -239,3 +239,32 @@ def test_gpu_layer_choice_runs_what_measured_faster(quantized_flux):
         assert graphs.captures == captures
         svdquant.deoptimize(model)
         assert all(m.compute == "quantized" for m in dense)
+
+
+def test_the_cost_table_is_kept_on_disk_and_shown_by_info(tmp_path, monkeypatch, capsys):
+    """The layer choice's timings persist per machine (one table, GPU name in each key); `svdquant info` prints the
+    decisions for the checkpoint's layer widths, and says when nothing was measured."""
+    from svdquant.cli import main
+    from svdquant.pipelines import layer_choice as lc
+
+    monkeypatch.setenv("SVDQUANT_CACHE", str(tmp_path / "cache"))
+    assert lc.cost_file() == tmp_path / "cache" / "layer_costs.json" and lc.load_costs() == {}
+    model = tm.build_flux()
+    svdquant.quantize(model, svdquant.get_recipe("int4", iterations=0, eval_tokens=32),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
+    svdquant.save_quantized(model, tmp_path / "ck", base="tiny")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    assert "nothing measured on this machine yet" in capsys.readouterr().out
+    k = model.transformer_blocks[0].attn.to_q.in_features
+    table = {lc.key("NVIDIA H200", 512, k, 96, "int4m", "int8", "speed", torch.bfloat16): [0.03, 0.01],
+             lc.key("NVIDIA H200", 4096, k, 96, "int4m", "int8", "speed", torch.bfloat16): [0.10, 0.12],
+             lc.key("NVIDIA H200", 4096, 99999, 96, "int4m", "int8", "speed", torch.bfloat16): [0.10, 0.01]}
+    lc._save_costs(table)
+    assert lc.load_costs() == table
+    (tmp_path / "cache" / "layer_costs.json").with_name("junk").write_text("{")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert f"512 rows × {k} → 96 (speed, bfloat16): INT8 path 0.0300 ms, 16-bit 0.0100 ms → 16-bit" in out
+    assert f"4096 rows × {k} → 96" in out and "→ INT8 path" in out and "99999" not in out
+    (tmp_path / "cache" / "layer_costs.json").write_text("{not json")
+    assert lc.load_costs() == {}  # only a cache: a damaged one is ignored

@@ -7,13 +7,17 @@ FLUX's image-stream shapes). At the first call of an optimized pipeline, one eag
 quantized layer (or stacked q/k/v) reads; each distinct shape is then timed both ways on this GPU, GPU time only
 (CUDA-graph replays, as the optimized step runs), and a layer goes 16-bit where that is faster by more than
 :data:`MARGIN`. It costs 2 bytes per weight for those layers (:class:`svdquant.ops.runners.DenseRunner`) and
-is exact to the layer minus its activation rounding. Decided once, at the first call's shapes; timings are kept
-per process and GPU.
+is exact to the layer minus its activation rounding. Decided once, at the first call's shapes. The timings are a
+table per GPU kept on disk (:func:`cost_file`), so a shape is timed once per machine; ``svdquant info`` shows the
+table's decisions for a checkpoint's layers; delete the file to measure again.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,7 +26,40 @@ import torch.nn.functional as F
 from ..modules import FusedSVDQLinear, SVDQLinear
 
 MARGIN = 0.95  # 16-bit only when at least 5 % faster: the quantized layer holds less memory
-_costs: dict = {}  # (GPU, kind, M, K, N, formats, mode) -> (quantized ms, 16-bit ms)
+_costs: dict | None = None  # "GPU|kind|M|K|N|formats|mode|dtype" -> [quantized ms, 16-bit ms]
+
+
+def cost_file() -> Path:
+    """Where the measured table is kept between processes: ``$SVDQUANT_CACHE``, else ``$XDG_CACHE_HOME/svdquant``
+    or ``~/.cache/svdquant``, file ``layer_costs.json`` (one table for every GPU: the GPU's name is in each key)."""
+    root = os.environ.get("SVDQUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "svdquant")
+    return Path(root) / "layer_costs.json"
+
+
+def load_costs() -> dict:
+    """The measured table (empty if there is none or it cannot be read: it is only a cache)."""
+    try:
+        table = json.loads(cost_file().read_text())
+        return {k: v for k, v in table.items() if isinstance(v, list) and len(v) == 2} if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_costs(table: dict) -> None:
+    path = cost_file()
+    try:  # a temporary file renamed into place: a reader never sees half a table
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choice still holds for this process
+        pass
+
+
+def decision(entry) -> bool:
+    """16-bit for a table entry ``[quantized ms, 16-bit ms]``."""
+    return entry[1] < MARGIN * entry[0]
 
 
 def _graph_ms(fn, reps: int = 10, inner: int = 10) -> float:
@@ -81,27 +118,37 @@ def record_rows(model: nn.Module, forward, args, kwargs) -> dict:
     return rows
 
 
-def _key(m, rows: int, dtype):
+def key(gpu: str, rows: int, k: int, n: int, weights: str, activations: str, mode: str, dtype) -> str:
+    return "|".join(map(str, (gpu, rows, k, n, weights, activations, mode, str(dtype).removeprefix("torch."))))
+
+
+def _key(m, rows: int, dtype) -> str:
     first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
-    return (torch.cuda.get_device_name(first.device), type(m).__name__, rows, m.in_features, m.out_features,
-            first.weights, first.activations, first.weight_mode, dtype)
+    mode = "memory" if first.weight_mode == "memory" else "speed"
+    return key(torch.cuda.get_device_name(first.device), rows, m.in_features, m.out_features, first.weights,
+               first.activations, mode, dtype)
 
 
 def choose_layers(model: nn.Module, forward, args, kwargs) -> dict:
     """Time and apply the choice (see the module doc); returns what was decided, for the optimize report."""
-    decided = {"dense_layers": 0, "quantized_layers": 0, "shapes": []}
+    global _costs
+    if _costs is None:
+        _costs = load_costs()
+    measured = False
+    decided = {"dense_layers": 0, "quantized_layers": 0, "shapes": [], "table": str(cost_file())}
     for m, (rows, dtype) in record_rows(model, forward, args, kwargs).items():
-        key = _key(m, rows, dtype)
-        if key not in _costs:
+        k = _key(m, rows, dtype)
+        if k not in _costs:
+            measured = True
             first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
             x = torch.randn(rows, m.in_features, device=first.device, dtype=dtype)
             w = torch.randn(m.out_features, m.in_features, device=first.device, dtype=dtype)
             b = torch.zeros(m.out_features, device=first.device, dtype=dtype)
             with torch.no_grad():
-                _costs[key] = (_graph_ms(lambda: m(x)), _graph_ms(lambda: F.linear(x, w, b)))
+                _costs[k] = [_graph_ms(lambda: m(x)), _graph_ms(lambda: F.linear(x, w, b))]
             del x, w, b
-        q_ms, d_ms = _costs[key]
-        dense = d_ms < MARGIN * q_ms
+        q_ms, d_ms = _costs[k]
+        dense = decision(_costs[k])
         layers = list(m.members) if isinstance(m, FusedSVDQLinear) else [m]
         for layer in layers:
             layer.set_compute("dense" if dense else "quantized")
@@ -110,4 +157,6 @@ def choose_layers(model: nn.Module, forward, args, kwargs) -> dict:
                      dense_ms=round(d_ms, 4), dense=dense)
         if shape not in decided["shapes"]:
             decided["shapes"].append(shape)
+    if measured:
+        _save_costs(_costs)
     return decided
