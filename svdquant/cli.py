@@ -111,8 +111,10 @@ def _validate_quantize(args) -> None:
             raise UsageError(f"--prompts {f} holds no prompts; write one prompt per line")
     if args.num_prompts is not None:
         _checks.count("--num-prompts", args.num_prompts)
-    _checks.steps("--steps", args.steps)
-    _checks.count("--snapshots", args.snapshots, hi=100_000)
+    if args.steps is not None:
+        _checks.steps("--steps", args.steps)
+    if args.snapshots is not None:
+        _checks.count("--snapshots", args.snapshots, hi=100_000)
     if args.tokens is not None:
         _checks.count("--tokens", args.tokens, hi=10_000_000, why=" (leave it out for the recipe's eval_tokens)")
     _checks.seed("--seed", args.seed)
@@ -626,9 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="low-rank branch rank (default: the recipe's)")
     p.add_argument("--prompts", help="text file, one calibration prompt per line (default: the built-in 128)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps per calibration prompt (default 8)")
-    p.add_argument("--snapshots", type=int, default=128,
-                   help="(prompt, step) samples drawn (default 128; at most prompts x steps are)")
+    p.add_argument("--steps", type=int, help="denoising steps per calibration prompt (default 8; tiny: 4)")
+    p.add_argument("--snapshots", type=int,
+                   help="(prompt, step) samples drawn (default 128, tiny: 16; at most prompts x steps are)")
     p.add_argument("--tokens", type=int, help="tokens kept per layer (default: the recipe's eval_tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int)

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ._cpu import single_thread_if_contended
 from ._memory import device_room
 from ._timing import StageClock
 from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
@@ -452,7 +453,10 @@ def quantize(
                          "remove the hooks first (pipe.remove_all_hooks()), or leave device= out")
     others = _pipeline_models(pipe, model) if stream and pipe is not None and calib.inputs is None else []
     tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
-    with _memory_cap(cap, device):
+    # on the CPU, one torch thread while other jobs hold the cores (svdquant/_cpu.py: their OpenMP barriers
+    # would spin through every small op of the search and the replays)
+    threads = single_thread_if_contended() if device.type == "cpu" else contextlib.nullcontext()
+    with _memory_cap(cap, device), threads:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         report = QuantReport(recipe=recipe.to_dict(), model=type(model).__name__)

@@ -239,3 +239,26 @@ def test_keep_freed_memory_on_glibc():
         assert keep_freed_memory() is True
     else:
         assert keep_freed_memory() is False
+
+
+def test_contention_probe_and_thread_guard():
+    """One thread needs no probe; the guard restores the thread count whatever the probe said."""
+    from svdquant._cpu import contended, single_thread_if_contended
+
+    assert contended(1) is False
+    before = torch.get_num_threads()
+    with single_thread_if_contended() as g:
+        assert torch.get_num_threads() == (1 if g.single else before)
+    assert torch.get_num_threads() == before
+
+
+def test_calibration_defaults_come_from_the_pipeline():
+    """steps / snapshots left None: the tiny model's own (4, 16), else 8 and 128; given values are kept."""
+    from svdquant.calibration import Calibration
+    from svdquant.pipelines import TinyFluxPipeline
+
+    tiny = TinyFluxPipeline.random()
+    c = Calibration().for_pipeline(tiny)
+    assert (c.steps, c.snapshots) == (4, 16) and c.prompts == list(tiny.classes)
+    assert (Calibration().for_pipeline(None).steps, Calibration().for_pipeline(None).snapshots) == (8, 128)
+    assert Calibration(steps=2, snapshots=5).for_pipeline(tiny).snapshots == 5

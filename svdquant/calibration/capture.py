@@ -38,8 +38,9 @@ class Calibration:
 
     prompts: captions (default: the 128 of :data:`DEFAULT_PROMPTS`); ``num_prompts``
         takes the first N.
-    steps: denoising steps per prompt (the pipeline's ``num_inference_steps``).
-    snapshots: (prompt, step) calls drawn at random as samples (the paper uses 128).
+    steps: denoising steps per prompt (the pipeline's ``num_inference_steps``; ``None``: 8, or the pipeline's
+        ``calibration_defaults``: the tiny model's 10 class names take 4).
+    snapshots: (prompt, step) calls drawn at random as samples (``None``: 128, the paper's; the tiny model 16).
     tokens_per_layer: tokens kept per layer input over all snapshots (``None``: the
         recipe's ``eval_tokens``); ``max |X_j|`` always covers every token.
     pipeline_kwargs: extra arguments for every pipeline call (height, width, guidance...).
@@ -49,8 +50,8 @@ class Calibration:
 
     prompts: Sequence[str] | None = None
     num_prompts: int | None = None
-    steps: int = 8
-    snapshots: int = 128
+    steps: int | None = None
+    snapshots: int | None = None
     tokens_per_layer: int | None = None
     seed: int = 0
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -72,8 +73,10 @@ class Calibration:
                 raise ValueError("prompts=[] is empty; give at least one prompt, or None for the built-in 128")
         if self.num_prompts is not None:
             _checks.count("num_prompts", self.num_prompts)
-        _checks.steps("steps", self.steps)
-        _checks.count("snapshots", self.snapshots)
+        if self.steps is not None:
+            _checks.steps("steps", self.steps)
+        if self.snapshots is not None:
+            _checks.count("snapshots", self.snapshots)
         if self.tokens_per_layer is not None:
             _checks.count("tokens_per_layer", self.tokens_per_layer, why=" (None: the recipe's eval_tokens)")
         _checks.seed("seed", self.seed)
@@ -87,12 +90,18 @@ class Calibration:
             if not self.inputs or not all(isinstance(kw, dict) for kw in self.inputs):
                 raise ValueError("inputs= must be a non-empty list of forward keyword-argument dicts")
 
+    DEFAULTS = {"steps": 8, "snapshots": 128}
+
     def for_pipeline(self, pipe) -> "Calibration":
-        """This calibration as run through ``pipe``: without prompts of its own, the pipeline's calibration
-        prompts where it has some (the tiny model draws only its class names)."""
-        if self.prompts is None and self.inputs is None and hasattr(pipe, "calibration_prompts"):
-            return dataclasses.replace(self, prompts=pipe.calibration_prompts)
-        return self
+        """This calibration as run through ``pipe`` (or ``None``): without prompts of its own, the pipeline's
+        calibration prompts where it has some (the tiny model draws only its class names); steps and snapshots
+        left ``None``, the pipeline's ``calibration_defaults`` or :attr:`DEFAULTS`."""
+        calib = self
+        if calib.prompts is None and calib.inputs is None and hasattr(pipe, "calibration_prompts"):
+            calib = dataclasses.replace(calib, prompts=pipe.calibration_prompts)
+        defaults = {**self.DEFAULTS, **getattr(pipe, "calibration_defaults", {})}
+        unset = {k: v for k, v in defaults.items() if getattr(calib, k) is None}
+        return dataclasses.replace(calib, **unset) if unset else calib
 
     def prompt_list(self) -> list[str]:
         prompts = list(self.prompts if self.prompts is not None else DEFAULT_PROMPTS)
@@ -392,6 +401,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     ``runner`` is a pipeline (called with ``prompt=`` per prompt) or ``None`` when
     ``calib.inputs`` holds forward kwargs for ``model``. Returns the number of snapshots.
     """
+    calib = calib.for_pipeline(runner)
     if calib.inputs is not None:
         close = selector_hooks(None)
         try:

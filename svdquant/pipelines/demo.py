@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .. import _checks
+from .._cpu import single_thread_if_contended
 from ..calibration import Calibration, record_inputs
 from ..checkpoint import save_quantized
 from ..images import grid, to_pil
@@ -80,7 +81,10 @@ def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEMO_VA
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        results = _run(stage, recipes, steps, seed, calib_steps, snapshots, eval_tokens, progress, log)
+        with single_thread_if_contended() as threads:  # other jobs on the cores: one thread (svdquant/_cpu.py)
+            if threads.single:
+                log("other jobs are using the CPU cores: running on one thread")
+            results = _run(stage, recipes, steps, seed, calib_steps, snapshots, eval_tokens, progress, log)
         out.mkdir(exist_ok=True)
         for item in sorted(stage.iterdir()):
             target = out / item.name
