@@ -3,7 +3,8 @@
 A tiny FLUX, 128 wide (Nunchaku's INT4 layers are multiples of 128 on both sides), quantized by us with
 ``w4a4-float`` in bf16 and written as a Nunchaku file: the layout of every tensor, the import, the two
 things the format rounds on the way out (16-bit smoothing, the ``+ 1`` folded into the scale biases) and
-that nothing else changes; then the fixed point (import -> export -> import is bit-identical), a file in the
+that nothing else changes; then the fixed point (import -> export -> import is bit-identical; outputs of the
+same layers on the same tensors, so compared bit for bit), a file in the
 form deepcompressor publishes (two branches for proj_out, AWQ zeros that are not -8 · scale), direct
 loading, the two-level conversion and every ``svdquant convert`` error.
 """
