@@ -291,6 +291,7 @@ def _validate_convert(args) -> None:
     if args.to is None:
         if len(src) != 2 or src[0] != "nunchaku":
             raise UsageError(f"convert {' '.join(src)[:100]}: {CONVERT_FORMS}")
+        check_output_folder(args.output, args.overwrite, name="-o")  # cheap, and a typo here is the common one
         f = Path(src[1])
         if not f.exists():
             raise UsageError(f"no file at {f}; give the Nunchaku checkpoint (.safetensors)")
@@ -298,7 +299,6 @@ def _validate_convert(args) -> None:
             raise UsageError(f"{f} is not a file; a Nunchaku checkpoint is one .safetensors file (python -m "
                              "nunchaku.merge_safetensors makes one from a folder)")
         args.plan = nunchaku_plan(f)  # the whole file checked (header, shapes, forms) before any conversion
-        check_output_folder(args.output, args.overwrite, name="-o")
         if args.base is not None:
             base = Path(args.base).expanduser()
             if args.base.startswith(("/", ".", "~")) and not base.exists():
@@ -313,9 +313,9 @@ def _validate_convert(args) -> None:
     for flag, given in (("--two-level", args.two_level), ("--base", args.base is not None)):
         if given:
             raise UsageError(f"{flag} applies to imports (svdquant convert nunchaku FILE -o DIR), not to --to nunchaku")
+    check_output_file(args.output, args.overwrite, "-o")
     meta = read_metadata(src[0])
     check_exportable(meta["layers"], meta["model_class"], meta["model_config"], src[0])
-    check_output_file(args.output, args.overwrite, "-o")
 
 
 def _validate_demo(args) -> None:

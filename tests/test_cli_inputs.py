@@ -200,6 +200,55 @@ def test_quantize_output_paths_checked_first(tmp_path, ck, pipe_dir):
     rejected(["quantize", pipe_dir, "-o", pipe_dir / "ck"], "inside the model folder", folder=pipe_dir)
 
 
+UNWRITABLE = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder that takes "
+                                "no new files (even for root, whom os.access lets through)")
+
+
+@UNWRITABLE
+@pytest.mark.parametrize("argv", [
+    ["quantize", "tiny", "-o", "/proc/ckout", *CPU],
+    ["demo", "-o", "/proc/demo"],
+    ["convert", "nunchaku", "/nonexistent/svdq.safetensors", "-o", "/proc/ck"],
+    ["convert", "/nonexistent/ck", "--to", "nunchaku", "-o", "/proc/ck.safetensors"],
+], ids=["quantize", "demo", "convert-import", "convert-export"])
+def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch, argv):
+    """`quantize tiny -o /proc/ckout` quantized fully, then printed a raw [Errno 2] about its temporary folder."""
+    import svdquant.pipelines.demo as demo
+
+    monkeypatch.setattr(demo, "quantize", lambda *a, **k: pytest.fail("quantized"))
+    rejected(argv, f"-o {argv[argv.index('-o') + 1]}: cannot write into /proc", "choose another path",
+             folder=tmp_path)
+
+
+@UNWRITABLE
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_unwritable_image_output_is_refused_before_sampling(ck, tmp_path, command):
+    rejected([command, ck, "a cat", "-o", "/proc/b5.png", *SAMPLE], "-o /proc/b5.png: cannot write into /proc",
+             folder=tmp_path)
+    rejected([command, ck, "a cat", "-o", "/proc/new/b5.png", *SAMPLE], "cannot write into /proc", folder=tmp_path)
+
+
+@UNWRITABLE
+def test_unwritable_output_in_the_python_api(ck, tmp_path):
+    model = svdquant.load_quantized(ck)
+    with pytest.raises(CheckpointError, match="cannot write into /proc"):
+        svdquant.save_quantized(model, "/proc/ck")
+    from svdquant.pipelines.demo import run_demo
+
+    with pytest.raises(ValueError, match="cannot write into /proc"):
+        run_demo("/proc/demo", ["int4"])
+
+
+def test_write_check_leaves_the_folder_as_it_was(tmp_path):
+    """The check writes an empty file and removes it; the folder's mtime is put back too."""
+    from svdquant import _checks
+
+    (tmp_path / "out").mkdir()
+    os.utime(tmp_path / "out", ns=(10**18, 10**18))
+    _checks.output_parent("-o", tmp_path / "out" / "x.png")
+    assert list((tmp_path / "out").iterdir()) == [] and (tmp_path / "out").stat().st_mtime_ns == 10**18
+
+
 def test_quantize_text_encoders_of_a_pipeline_without_them(tmp_path, pipe_dir):
     rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--text-encoders"], "--text-encoders",
              "the tiny model has no text encoder", folder=tmp_path)

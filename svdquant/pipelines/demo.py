@@ -50,9 +50,11 @@ def check_demo_args(out: str | Path, recipes: Sequence[str], steps: int, seed: i
             raise ValueError(f"{_checks.show(n_recipes, ' '.join(recipes))}: {r.name} is listed twice")
         seen.add(r.name)
     out = Path(out)
-    _checks.output_parent(n_out, out / "x")
+    _checks.output_parent(n_out, out)  # the demo is staged beside out, then moved into it
     if out.exists() and not out.is_dir():
         raise ValueError(f"{_checks.show(n_out, out)} is a file; the demo writes a folder")
+    if out.is_dir():
+        _checks.writable_folder(n_out, out, out)
     clash = [name for name in (*OUTPUTS, *seen) if (out / name).exists()]
     if clash and not overwrite:
         fix = "--overwrite" if n_out.startswith("-") else "overwrite=True"
