@@ -327,7 +327,8 @@ def _validate_demo(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _bars() -> bool:
-    """Progress bars only on a terminal: a redirected log gets no bar redraws."""
+    """Progress bars only on a terminal: a redirected log gets no bar redraws (svdquant's own steps print a
+    plain line now and then there instead: svdquant/_progress.py)."""
     return sys.stderr.isatty()
 
 
@@ -351,7 +352,7 @@ def cmd_quantize(args) -> None:
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
                         pipeline_kwargs=_pipeline_kwargs(args))
     report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
-                      text_encoders=args.text_encoders, progress=_bars(),
+                      text_encoders=args.text_encoders, progress=True,
                       device=args.device if args.stream else None, max_gpu_memory=args.max_gpu_bytes)
     # the pipeline: its quantized text encoders (--text-encoders) are saved with the transformer
     save_quantized(pipe, args.output, base=str(base), report=report, overwrite=args.overwrite,
@@ -369,13 +370,26 @@ def _quiet(pipe) -> None:
         pipe.set_progress_bar_config(disable=None if _bars() else True)
 
 
+def _sampling_progress(pipe) -> None:
+    """generate / compare: the denoising steps report themselves, as a bar on a terminal and as a plain line
+    now and then in a log (a FLUX image on a slow machine takes minutes)."""
+    from ._progress import progress
+    from .pipelines import TinyFluxPipeline
+
+    if isinstance(pipe, TinyFluxPipeline):
+        return  # its __call__ takes progress=True (_sample)
+    # diffusers' DiffusionPipeline.progress_bar(iterable=None, total=None) makes the bar of its denoising loop
+    pipe.progress_bar = lambda iterable=None, total=None: progress(iterable, total=total, desc="sampling",
+                                                                   unit="step")
+
+
 def _load(args):
     from .checkpoint import load_pipeline
     from .pipelines import check_size
 
     dtype = _dtype(args.dtype, args.device)
     pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype)
-    _quiet(pipe)
+    _sampling_progress(pipe)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
     return pipe, args.device, dtype
 
@@ -386,6 +400,10 @@ def _sample(pipe, prompt, args, output_type="pil"):
               **_pipeline_kwargs(args))
     if args.steps is not None:  # 0 was refused up front; never "the pipeline's default"
         kw["num_inference_steps"] = args.steps
+    from .pipelines import TinyFluxPipeline
+
+    if isinstance(pipe, TinyFluxPipeline):
+        kw["progress"] = True  # a bar on a terminal, a line now and then in a log (svdquant/_progress.py)
     return pipe(**kw).images
 
 
@@ -436,7 +454,7 @@ def cmd_compare(args) -> None:
 
     qpipe, device, dtype = _load(args)
     fpipe = load_base_pipeline(args.base, torch_dtype=dtype).to(device)
-    _quiet(fpipe)
+    _sampling_progress(fpipe)
     ref = _sample(fpipe, args.prompt, args, "pt")
     del fpipe
     img = _sample(qpipe, args.prompt, args, "pt")
@@ -498,7 +516,7 @@ def cmd_demo(args) -> None:
     from .pipelines.demo import run_demo
 
     out = Path(args.output)
-    run_demo(out, [r.name for r in args.recipes], steps=args.steps, seed=args.seed, progress=_bars(),
+    run_demo(out, [r.name for r in args.recipes], steps=args.steps, seed=args.seed, progress=True,
              overwrite=args.overwrite, log=print)
     print((out / "quality.md").read_text())
     print(f"wrote {out / 'compare.png'} and {out / 'quality.md'}; checkpoints in {out}/<recipe>/")

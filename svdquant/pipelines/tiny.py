@@ -23,8 +23,8 @@ import torch.nn as nn
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from tqdm.auto import tqdm
 
+from .._progress import progress as progress_bar
 from ..images import to_pil
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -234,9 +234,9 @@ class TinyFluxPipeline:
         x = latents.to(self.device, self.dtype) if latents is not None else self.noise(len(labels), generator)
         null = torch.full_like(labels, len(self.classes))
         ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        # disable=None: tqdm shows the bar only on a terminal, so redirected logs stay readable
-        for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=None if progress else True,
-                              leave=False):
+        # a bar on a terminal; a redirected log gets a plain line now and then (svdquant/_progress.py)
+        for t, t_next in progress_bar(list(zip(ts[:-1], ts[1:])), desc="sampling", unit="step", enabled=progress,
+                                      leave=False):
             if g != 1.0:
                 v_c, v_u = self.velocity(torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
                 v = v_u + g * (v_c - v_u)
