@@ -7,6 +7,7 @@ one line. Models are the tiny ones (naive W4A4, 2 steps, 16x16 pixels) so the wh
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -699,6 +700,49 @@ def test_load_pipeline_rejects_a_dtype_name(ck):
 
 
 # ------------------------------------------------------------------------------------------------ first hour
+@pytest.mark.parametrize("argv, needle", [
+    (["quantize", "tiny", "-o", "x", "--rank", "abc"], "argument --rank: invalid int value: 'abc'"),
+    (["generate"], "the following arguments are required: checkpoint, prompt"),
+    (["quantize", "tiny", "-o", "x", "--recipe-name", "int4"], "unrecognized arguments: --recipe-name int4"),
+    (["demo", "--steps"], "argument --steps: expected one argument"),
+])
+def test_argparse_errors_are_one_line(argv, needle, capsys):
+    """`--rank abc` printed 12 lines of usage above the error; now the one line every other mistake gets."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"svdquant {argv[0]}: error: {needle}; see svdquant {argv[0]} --help\n", err
+
+
+def test_every_option_has_help():
+    """--seed, --height, --width and --guidance-scale had none."""
+    from svdquant.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {', '.join(a.option_strings)}" for name, p in sub.choices.items() for a in p._actions
+               if a.option_strings and not a.help]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "tiny", "-o", "x", "--rank", "-5"],
+    ["quantize", "tiny", "-o", "x", "--steps", "0"],
+    ["demo", "--steps", "0"],
+    ["generate", "ck", " ", "-o", "a.png"],
+    ["convert", "ck", "--to", "nunchaku", "-o", "a.txt"],
+])
+def test_mistakes_are_reported_before_diffusers_is_imported(tmp_path, argv):
+    """Importing diffusers and transformers takes 3-6 s here (10-50 s on a loaded machine, before this was fixed)
+    and trivial mistakes waited for it: the checks now run first."""
+    code = ("import sys; from svdquant.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'diffusers' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=ENV,
+                       cwd=tmp_path)
+    assert r.stdout.split() == ["2", "False", "False"], (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"svdquant {argv[0]}: error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_version():
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
         main(["--version"])
