@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import torch
 
@@ -19,3 +20,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_in_pytests_folder(tmp_path_factory):
+    """What the tests, the library and the commands they start write to the system temp folder (tempfile,
+    TMPDIR) goes into pytest's own folder instead, which a passing run removes (pyproject.toml's
+    tmp_path_retention_policy): the suite leaves nothing in /tmp."""
+    folder = tmp_path_factory.mktemp("system-tmp", numbered=False)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    yield folder
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
