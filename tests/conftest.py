@@ -37,3 +37,34 @@ def temp_files_in_pytests_folder(tmp_path_factory):
         os.environ["TMPDIR"] = saved[0]
     tempfile.tempdir = saved[1]
 
+
+# The parts of the suite that need something optional, as (name, word in the skip reason, how to get it): a run
+# that skipped them says so at the end, one line each, instead of a bare "s" among the dots.
+OPTIONAL_PARTS = (
+    ("ray", "ray", "pip install 'ray[serve]'"),
+    ("chromium", "chromium", "apt-get install chromium (Debian's; .ci/run installs it) and pip install playwright"),
+    ("playwright", "playwright", "pip install playwright"),
+    ("triton", "triton", "pip install -e '.[dev]'"),
+    ("GPU", "cuda gpu", None),
+)
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter):
+    groups: dict[str, list[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report)
+        part = next((p for p in OPTIONAL_PARTS if p[1] in reason.lower()), None)
+        groups.setdefault(part[0] if part else reason, []).append(reason)
+    fixes = {name: fix for name, _, fix in OPTIONAL_PARTS}
+    for name, reasons in groups.items():
+        n = f"{len(reasons)} test{'s' if len(reasons) > 1 else ''}"
+        if name in fixes:
+            fix = f"; to run: {fixes[name]}" if fixes[name] else ""
+            terminalreporter.write_line(f"skipped {name} ({n}): {reasons[0]}{fix}")
+        else:
+            terminalreporter.write_line(f"skipped ({n}): {name}")

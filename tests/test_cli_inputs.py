@@ -758,6 +758,28 @@ def test_pytest_q_prints_its_summary_line():
     assert " passed" in r.stdout.strip().splitlines()[-1], r.stdout
 
 
+def test_pytest_names_the_optional_parts_it_skipped(tmp_path):
+    """`pytest -q` ends with one line per optional part it skipped (ray, chromium, a GPU), why, and how to get it:
+    the browser test was skipped silently on machines without chromium."""
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_parts.py").write_text(
+        "import pytest\n\n"
+        "def test_replicas():\n    pytest.importorskip('ray_is_not_here', reason='ray[serve] is not installed')\n\n"
+        "@pytest.mark.skipif(True, reason='no /usr/bin/chromium: install it')\ndef test_page():\n    pass\n\n"
+        "@pytest.mark.parametrize('i', [1, 2])\n@pytest.mark.skipif(True, reason='needs a CUDA GPU')\n"
+        "def test_gpu(i):\n    pass\n\n"
+        "def test_runs():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "skipped ray (1 test): ray[serve] is not installed; to run: pip install 'ray[serve]'" in lines, lines
+    assert any(line.startswith("skipped chromium (1 test): no /usr/bin/chromium: install it; to run: apt-get")
+               for line in lines), lines
+    assert "skipped GPU (2 tests): needs a CUDA GPU" in lines, lines
+    assert " passed" in lines[-1] and "4 skipped" in lines[-1]
+
+
 # ------------------------------------------------------------------------------------------------ --push-to-hub
 @pytest.fixture
 def online_without_token(monkeypatch, tmp_path):
