@@ -358,6 +358,22 @@ def test_two_level_and_fp32_models_are_refused(root):
     assert not (root / "x.safetensors").exists()
 
 
+def test_every_obstacle_is_named_at_once(root, tmp_path):
+    """An fp32 two-level checkpoint: both obstacles in one message, with the one re-quantization that removes
+    both (it said --dtype bf16 first, and --recipe w4a4-float only after that 134 s re-quantization)."""
+    model = build(dtype=torch.float32, recipe=svdquant.get_recipe("int4-naive"))
+    with pytest.raises(CheckpointError) as e:
+        nunchaku_tensors(model)
+    msg = str(e.value)
+    assert "for 2 reasons: (1)" in msg and "float32; Nunchaku runs bf16 or fp16" in msg and "Wint4mAint8" in msg, msg
+    assert msg.endswith("Fix them all at once: re-quantize once with --dtype bf16 --recipe w4a4-float"), msg
+    assert "(16 more like it)" in msg and "\n" not in msg  # the first layer named, the others counted
+    svdquant.save_quantized(model, root / "fp32-int4")
+    line = rejected(["convert", root / "fp32-int4", "--to", "nunchaku", "-o", tmp_path / "x.safetensors"],
+                    "--dtype bf16 --recipe w4a4-float", folder=tmp_path)
+    assert "for 2 reasons" in line
+
+
 def test_qkv_that_do_not_share_their_branch_are_refused(ours):
     model = from_nunchaku_copy(ours)
     with torch.no_grad():
