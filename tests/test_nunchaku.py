@@ -212,6 +212,26 @@ def test_import_export_import_is_a_fixed_point(imported, root, file):
     sa, sb = imported.state_dict(), twice.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(out(imported), out(twice))
+    # the files too, byte for byte (safetensors' own writer orders the metadata differently on every run, and an
+    # imported model lists its config in another order)
+    assert again.read_bytes() == file.read_bytes()
+    third = root / "third.safetensors"
+    to_nunchaku(twice, third)
+    assert third.read_bytes() == file.read_bytes()
+
+
+def test_no_local_path_in_what_is_written(root, tmp_path):
+    """A model loaded from a folder carries that folder in its config (_name_or_path: a user's absolute path);
+    neither an svdquant checkpoint nor a Nunchaku file may hold it (both get published)."""
+    model = build()
+    local = tmp_path / "home" / "ann" / "FLUX.1-dev" / "transformer"
+    model.register_to_config(_name_or_path=str(local))  # what from_pretrained(folder) records
+    to_nunchaku(model, tmp_path / "x.safetensors")
+    svdquant.save_quantized(model, tmp_path / "ck")
+    for f in (tmp_path / "x.safetensors", tmp_path / "ck" / "svdquant.json", *(tmp_path / "ck").glob("*.safetensors")):
+        assert b"/home/ann" not in f.read_bytes(), f
+    assert "_name_or_path" not in json.loads(read(tmp_path / "x.safetensors")[1]["config"])
+    assert svdquant.load_quantized(tmp_path / "ck") is not None
 
 
 def test_load_quantized_read_metadata_and_info_take_a_nunchaku_file(file, imported):
@@ -411,10 +431,11 @@ def test_to_nunchaku_output_checks(root, ours):
 def test_a_failed_export_leaves_no_file(root, ours, monkeypatch):
     import svdquant.convert.nunchaku as nk
 
-    def boom(*a, **k):
+    def boom(tensors, path, metadata):
+        Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr(nk, "_save_safetensors", boom)
     before = files(root)
     with pytest.raises(OSError, match="disk full"):
         nk.to_nunchaku(ours, root / "ours.safetensors", overwrite=True)

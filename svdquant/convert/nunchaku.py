@@ -712,8 +712,39 @@ def nunchaku_tensors(model: nn.Module, where="the model") -> tuple[dict[str, tor
     qc = {"method": "svdquant", "weight": {"dtype": "int4", "scale_dtype": None, "group_size": GROUP},
           "activation": {"dtype": "int4", "scale_dtype": None, "group_size": GROUP}, "rank": rank}
     config = {"_class_name": MODEL_CLASS, **{k: v for k, v in config.items() if k != "_class_name"}}
-    meta = {"config": json.dumps(config), "model_class": NUNCHAKU_CLASS, "quantization_config": json.dumps(qc)}
+    # keys sorted: a model imported from this file lists its config in another order, and export -> import ->
+    # export must give the same bytes
+    meta = {"config": json.dumps(config, sort_keys=True), "model_class": NUNCHAKU_CLASS,
+            "quantization_config": json.dumps(qc, sort_keys=True)}
     return out, meta
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
+    """The safetensors format, written here rather than by ``safetensors.torch.save_file``, whose writer takes the
+    metadata through a hash map and orders it differently on every run: the same model must give the same
+    bytes. The layout is safetensors' own (8-byte header length, JSON header padded with spaces to a multiple
+    of 8, the tensors' bytes back to back), tensors ordered as it orders them: largest element first, then by
+    name."""
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for k in names:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in names:  # a uint8 view of the contiguous CPU tensor: its bytes as stored, any dtype
+            f.write(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool, name: str = "path") -> Path:
@@ -740,8 +771,6 @@ def to_nunchaku(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
     """Write a ``w4a4-float`` FLUX model (or checkpoint folder) as a Nunchaku single-file INT4 checkpoint that
     Nunchaku's ``NunchakuFluxTransformer2dModel.from_pretrained`` loads. Written to a temporary file and renamed:
     a failure leaves no file (and an existing one untouched)."""
-    from safetensors.torch import save_file
-
     path = check_output_file(path, overwrite)
     if not isinstance(model, nn.Module):
         from ..checkpoint import load_quantized, read_metadata
@@ -754,7 +783,7 @@ def to_nunchaku(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        _save_safetensors(tensors, tmp, meta)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
