@@ -7,9 +7,11 @@ Python API (shown as ``steps=0``) or ``"--steps"`` on the command line (shown as
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -90,8 +92,27 @@ def output_parent(name: str, path: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise ValueError(f"{show(name, path)}: {probe} is a file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{show(name, path)}: cannot write into {probe} (permission denied); choose another path")
+    writable_folder(name, path, probe)
+
+
+def writable_folder(name: str, path, folder: Path) -> None:
+    """A new file can be made in the existing folder ``folder`` (where ``path``, as given, will be written)."""
+    # Ask the file system, not the permission bits: os.access lets root through everywhere, also into /proc or
+    # a read-only mount, where the write would fail only after the quantization or sampling it was to save.
+    # The probe is an empty file, removed at once, and the folder's times are put back: a command refused
+    # later changes nothing.
+    times = os.stat(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".svdquant-write-check-", dir=folder)
+    except OSError as e:
+        why = "it takes no new files" if e.errno == errno.ENOENT else (e.strerror or str(e)).lower()
+        raise ValueError(f"{show(name, path)}: cannot write into {folder} ({why}); choose another path") from None
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
+    except OSError:  # a folder we may write into but do not own: its times are not ours to set
+        pass
 
 
 

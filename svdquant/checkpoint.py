@@ -108,11 +108,17 @@ def _quantized_encoders(pipe) -> dict[str, nn.Module]:
     return {n: te for n, te in text_encoders(pipe).items() if _layers(te)}
 
 
+# Config entries that say where the model was loaded from (a user's absolute path, e.g. /home/ann/FLUX.1-dev/
+# transformer), not what it is: never written into a checkpoint that may be published.
+_WHERE_FROM = ("_name_or_path",)
+
+
 def _model_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise CheckpointError(f"{type(model).__name__} has no .config; only diffusers-style models can be saved")
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)  # a transformers config, or diffusers' dict
+    cfg = {k: v for k, v in cfg.items() if k not in _WHERE_FROM}
     return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 

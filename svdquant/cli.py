@@ -32,6 +32,14 @@ class UsageError(Exception):
     """A mistake on the command line: ``main`` prints ``svdquant CMD: error: ...`` and returns 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing argument, ``--rank abc``) as the one line every other mistake gets,
+    instead of the usage block above it; exit status 2 as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 # ------------------------------------------------------------------------------------------------ checks
 # One ``_validate_<verb>`` per subcommand runs before the command does anything: every value the
 # user gave is checked (and normalized onto ``args``), so a mistake costs no time and leaves no files.
@@ -79,7 +87,7 @@ def _validate_sizes(args) -> None:
 def _validate_quantize(args) -> None:
     from .calibration import DEFAULT_PROMPTS
     from .checkpoint import check_output_folder
-    from .pipelines.tiny import CIFAR10_CLASSES, IMAGE_SIZE, TINY_BASE, check_tiny_size
+    from ._tiny_facts import CIFAR10_CLASSES, IMAGE_SIZE, TINY_BASE, check_tiny_size  # not pipelines: no diffusers
 
     args.device = _device(args.device)
     _validate_gpu_memory(args)
@@ -293,6 +301,7 @@ def _validate_convert(args) -> None:
     if args.to is None:
         if len(src) != 2 or src[0] != "nunchaku":
             raise UsageError(f"convert {' '.join(src)[:100]}: {CONVERT_FORMS}")
+        check_output_folder(args.output, args.overwrite, name="-o")  # cheap, and a typo here is the common one
         f = Path(src[1])
         if not f.exists():
             raise UsageError(f"no file at {f}; give the Nunchaku checkpoint (.safetensors)")
@@ -300,7 +309,6 @@ def _validate_convert(args) -> None:
             raise UsageError(f"{f} is not a file; a Nunchaku checkpoint is one .safetensors file (python -m "
                              "nunchaku.merge_safetensors makes one from a folder)")
         args.plan = nunchaku_plan(f)  # the whole file checked (header, shapes, forms) before any conversion
-        check_output_folder(args.output, args.overwrite, name="-o")
         if args.base is not None:
             base = Path(args.base).expanduser()
             if args.base.startswith(("/", ".", "~")) and not base.exists():
@@ -315,13 +323,13 @@ def _validate_convert(args) -> None:
     for flag, given in (("--two-level", args.two_level), ("--base", args.base is not None)):
         if given:
             raise UsageError(f"{flag} applies to imports (svdquant convert nunchaku FILE -o DIR), not to --to nunchaku")
+    check_output_file(args.output, args.overwrite, "-o")
     meta = read_metadata(src[0])
     check_exportable(meta["layers"], meta["model_class"], meta["model_config"], src[0])
-    check_output_file(args.output, args.overwrite, "-o")
 
 
 def _validate_demo(args) -> None:
-    from .pipelines.demo import check_demo_args
+    from ._tiny_facts import check_demo_args  # not pipelines.demo: no diffusers yet
 
     args.recipes = check_demo_args(args.output, args.recipes, args.steps, args.seed, args.overwrite,
                                    names=("-o", "--recipes", "--steps", "--seed"))
@@ -329,7 +337,8 @@ def _validate_demo(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _bars() -> bool:
-    """Progress bars only on a terminal: a redirected log gets no bar redraws."""
+    """Progress bars only on a terminal: a redirected log gets no bar redraws (svdquant's own steps print a
+    plain line now and then there instead: svdquant/_progress.py)."""
     return sys.stderr.isatty()
 
 
@@ -353,7 +362,7 @@ def cmd_quantize(args) -> None:
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
                         pipeline_kwargs=_pipeline_kwargs(args))
     report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
-                      text_encoders=args.text_encoders, progress=_bars(),
+                      text_encoders=args.text_encoders, progress=True,
                       device=args.device if args.stream else None, max_gpu_memory=args.max_gpu_bytes)
     # the pipeline: its quantized text encoders (--text-encoders) are saved with the transformer
     save_quantized(pipe, args.output, base=str(base), report=report, overwrite=args.overwrite,
@@ -371,6 +380,19 @@ def _quiet(pipe) -> None:
         pipe.set_progress_bar_config(disable=None if _bars() else True)
 
 
+def _sampling_progress(pipe) -> None:
+    """generate / compare: the denoising steps report themselves, as a bar on a terminal and as a plain line
+    now and then in a log (a FLUX image on a slow machine takes minutes)."""
+    from ._progress import progress
+    from .pipelines import TinyFluxPipeline
+
+    if isinstance(pipe, TinyFluxPipeline):
+        return  # its __call__ takes progress=True (_sample)
+    # diffusers' DiffusionPipeline.progress_bar(iterable=None, total=None) makes the bar of its denoising loop
+    pipe.progress_bar = lambda iterable=None, total=None: progress(iterable, total=total, desc="sampling",
+                                                                   unit="step")
+
+
 def _load(args):
     from .checkpoint import load_pipeline
     from .pipelines import check_size
@@ -378,7 +400,7 @@ def _load(args):
     dtype = _dtype(args.dtype, args.device)
     pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype,
                          optimize=None if getattr(args, "optimize", True) else False)
-    _quiet(pipe)
+    _sampling_progress(pipe)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
     return pipe, args.device, dtype
 
@@ -389,6 +411,10 @@ def _sample(pipe, prompt, args, output_type="pil"):
               **_pipeline_kwargs(args))
     if args.steps is not None:  # 0 was refused up front; never "the pipeline's default"
         kw["num_inference_steps"] = args.steps
+    from .pipelines import TinyFluxPipeline
+
+    if isinstance(pipe, TinyFluxPipeline):
+        kw["progress"] = True  # a bar on a terminal, a line now and then in a log (svdquant/_progress.py)
     return pipe(**kw).images
 
 
@@ -451,7 +477,7 @@ def cmd_compare(args) -> None:
 
     qpipe, device, dtype = _load(args)
     fpipe = load_base_pipeline(args.base, torch_dtype=dtype).to(device)
-    _quiet(fpipe)
+    _sampling_progress(fpipe)
     ref = _sample(fpipe, args.prompt, args, "pt")
     del fpipe
     img = _sample(qpipe, args.prompt, args, "pt")
@@ -535,7 +561,7 @@ def cmd_demo(args) -> None:
     from .pipelines.demo import run_demo
 
     out = Path(args.output)
-    run_demo(out, [r.name for r in args.recipes], steps=args.steps, seed=args.seed, progress=_bars(),
+    run_demo(out, [r.name for r in args.recipes], steps=args.steps, seed=args.seed, progress=True,
              overwrite=args.overwrite, log=print)
     print((out / "quality.md").read_text())
     print(f"wrote {out / 'compare.png'} and {out / 'quality.md'}; checkpoints in {out}/<recipe>/")
@@ -578,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import __version__
 
-    ap = argparse.ArgumentParser(prog="svdquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="svdquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"svdquant {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    ap.verbs = sub.choices  # name -> subcommand parser, for errors that argparse reports at the top (main)
 
     def common_device(p):
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -594,17 +621,26 @@ def build_parser() -> argparse.ArgumentParser:
     def checkpoint_prompt(p, output):
         p.add_argument("checkpoint")
         p.add_argument("prompt")
-        p.add_argument("-o", "--output", default=output)
+        stem, suffix = output.rsplit(".", 1)
+        many = f"; with --num-images 2: {stem}-0.{suffix} and {stem}-1.{suffix}" if output == "image.png" else ""
+        p.add_argument("-o", "--output", default=output, help=f"image file to write (default {output}{many})")
         p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
         p.add_argument("--overwrite", action="store_true", help="replace the output file(s) if they exist")
 
     def sampling(p):
         p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+        p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0; image i of a call "
+                                                            "uses the same generator, so a seed gives the same images)")
         p.add_argument("--num-images", type=int, default=1, help=f"images per call (1 to {_checks.MAX_IMAGES})")
-        p.add_argument("--height", type=int)
-        p.add_argument("--width", type=int)
-        p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+        size_options(p, "image")
+        p.add_argument("--guidance-scale", dest="guidance_scale", type=float,
+                       help="classifier-free / distilled guidance (default: the pipeline's)")
+
+    def size_options(p, what):
+        p.add_argument("--height", type=int, help=f"{what} height in pixels (default: the pipeline's; the tiny "
+                                                  "model draws 32 only)")
+        p.add_argument("--width", type=int, help=f"{what} width in pixels (default: the pipeline's; the tiny model "
+                                                 "draws 32 only)")
 
     p = sub.add_parser("demo", help="offline default job: tiny model, 16-bit vs 4-bit images, compare.png",
                        description="Build the tiny model (no download), quantize it with each recipe, sample one "
@@ -614,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"recipes to compare, optionally with an ablation method: {' '.join(DEMO_VARIANTS)} "
                         "(default), int4-lorc, int4-smooth, ...")
     p.add_argument("--steps", type=int, default=6, help="Euler sampling steps (default 6; the model card uses 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise all variants sample from (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier demo outputs in the folder")
     p.set_defaults(func=cmd_demo, validate=_validate_demo)
 
@@ -632,10 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshots", type=int,
                    help="(prompt, step) samples drawn (default 128, tiny: 16; at most prompts x steps are)")
     p.add_argument("--tokens", type=int, help="tokens kept per layer (default: the recipe's eval_tokens)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration: which (prompt, step) samples "
+                                                        "are drawn and each prompt's noise (default 0)")
+    size_options(p, "calibration image")
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float,
+                   help="guidance of the calibration runs (default: the pipeline's)")
     p.add_argument("--include", nargs="+", help="quantize only layers matching these patterns (generic adapter)")
     p.add_argument("--exclude", nargs="+", help="never quantize layers matching these patterns")
     p.add_argument("--text-encoders", action="store_true",
@@ -679,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'tiny' (default: the shipped CIFAR-10 model, offline, CPU), an svdquant checkpoint folder, "
                         "or a 16-bit diffusers pipeline folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
                    help="load a LoRA .safetensors file at a default strength (1); clients and the page can change "
                         "it per request; repeatable")
@@ -718,28 +755,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_libraries() -> None:
+    """diffusers' and transformers' logging and loading bars, set once they are imported."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    if not _bars():  # diffusers / transformers loading bars: none in a redirected log
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    # diffusers' warnings (offline mode, deprecations) would surround the one error line; svdquant's own
+    # checks now catch what they warned about (sizes it would have resized quietly)
+    dlog.set_verbosity_error()
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, whose options they were meant to be
+        parser.verbs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     keep_freed_memory()  # large CPU temporaries reused instead of page-faulted in anew (svdquant/_cpu.py)
     # transformers notes on every diffusers pipeline load that its image processors lack torchvision;
     # svdquant uses none of them, and the note would bury the one line a command prints.
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda r: "requires torchvision" not in r.getMessage())
-    if not _bars():  # diffusers / transformers loading bars: none in a redirected log
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-    # diffusers' warnings (offline mode, deprecations) would surround the one error line; svdquant's own
-    # checks now catch what they warned about (sizes it would have resized quietly)
-    from diffusers.utils import logging as dlog
-
-    dlog.set_verbosity_error()
+    if "diffusers" not in sys.modules:  # its level is read when it is imported, which a check may do
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        args.validate(args)  # the whole request, before any work
+        # The whole request, before any work, and before diffusers is imported where the checks need it not
+        # (importing it takes seconds, which a mistyped option should not wait for).
+        args.validate(args)
+        _quiet_libraries()
         args.func(args)
         sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
     except (CheckpointError, UsageError, OSError, ValueError) as e:  # LoRAError is a ValueError

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ._cpu import single_thread_if_contended
 from ._memory import device_room
+from ._progress import progress as progress_bar
 from ._timing import StageClock
 from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
 from .calibration.capture import ChainCheck, keep_entry, next_inputs, run_inputs
@@ -264,7 +264,7 @@ def quantize_text_encoders(pipe, recipe: str | QuantConfig = "w4a16", *, report:
     for name, layers in plan.items():
         te = encoders[name]
         before = _tensor_bytes(te)
-        for layer in tqdm(layers, desc=f"quantizing {name}", unit="layer", disable=None if progress else True):
+        for layer in progress_bar(layers, desc=f"quantizing {name}", unit="layer", enabled=progress):
             lin = te.get_submodule(layer)
             w, b = lin.weight, lin.bias
             if device is not None:
@@ -406,7 +406,8 @@ def quantize(
         as W4A16 (INT4, a 16-bit scale per group of 64), after the transformer, which is calibrated on
         what the 16-bit encoders produce; see :func:`quantize_text_encoders`. Save with
         ``save_quantized(pipe, ...)`` to keep them.
-    progress: progress bars (shown only when stderr is a terminal).
+    progress: report the steps: bars on a terminal, a plain line at most every 20 s elsewhere (a log file;
+        ``SVDQUANT_PROGRESS_SECONDS``), nothing when False.
     device: where to compute (default: where the model is). With a model (pipeline) on the CPU and
         ``device="cuda"``, the 16-bit weights stay in CPU memory and stream: each block and text encoder is
         on the GPU only while it is used, so the GPU holds about one block at a time, and the snapshots
@@ -528,8 +529,8 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
                 memo: dict = {}  # a value shared by all snapshots (rotary embedding) crosses once
                 cal.entries = {k: move(v, device, memo=memo) for k, v in cal.entries.items()}
                 del memo
-        bar = tqdm(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group",
-                   disable=None if progress else True)  # None: only on a terminal
+        bar = progress_bar(total=sum(len(g) for _, _, g in plan), desc="quantizing", unit="group",
+                           enabled=progress)  # a bar on a terminal, a line now and then in a log
         jobs: list[_ReplayJob] = []
         for si, stack in enumerate(adapter.stacks):
             # recorded entries (else: made by the previous stack's last block, cal.chained: the model was checked
@@ -590,7 +591,7 @@ def _quantize_model(pipe, model, adapter, calib, recipe, tokens, report, clock, 
         if streamed is not None:  # no blocks: the whole model is one unit, on the device while it is quantized
             with clock.stage("transfers"):
                 streamed.rest.onload()
-        for g in tqdm(groups, desc="quantizing", unit="group", disable=None if progress else True):
+        for g in progress_bar(groups, desc="quantizing", unit="group", enabled=progress):
             x, amax = holder["r"].inputs(g.names[0])
             report.rows.append(_quantize_group(model, "", g, x, amax, recipe, clock))
         if streamed is not None:

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import torch
 
@@ -19,3 +20,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_in_pytests_folder(tmp_path_factory):
+    """What the tests, the library and the commands they start write to the system temp folder (tempfile,
+    TMPDIR) goes into pytest's own folder instead, which a passing run removes (pyproject.toml's
+    tmp_path_retention_policy): the suite leaves nothing in /tmp."""
+    folder = tmp_path_factory.mktemp("system-tmp", numbered=False)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    yield folder
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+
+# The parts of the suite that need something optional, as (name, word in the skip reason, how to get it): a run
+# that skipped them says so at the end, one line each, instead of a bare "s" among the dots.
+OPTIONAL_PARTS = (
+    ("ray", "ray", "pip install 'ray[serve]'"),
+    ("chromium", "chromium", "apt-get install chromium (Debian's; .ci/run installs it) and pip install playwright"),
+    ("playwright", "playwright", "pip install playwright"),
+    ("triton", "triton", "pip install -e '.[dev]'"),
+    ("GPU", "cuda gpu", None),
+)
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter):
+    groups: dict[str, list[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report)
+        part = next((p for p in OPTIONAL_PARTS if p[1] in reason.lower()), None)
+        groups.setdefault(part[0] if part else reason, []).append(reason)
+    fixes = {name: fix for name, _, fix in OPTIONAL_PARTS}
+    for name, reasons in groups.items():
+        n = f"{len(reasons)} test{'s' if len(reasons) > 1 else ''}"
+        if name in fixes:
+            fix = f"; to run: {fixes[name]}" if fixes[name] else ""
+            terminalreporter.write_line(f"skipped {name} ({n}): {reasons[0]}{fix}")
+        else:
+            terminalreporter.write_line(f"skipped ({n}): {name}")

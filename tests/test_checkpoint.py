@@ -2,7 +2,9 @@
 the metadata, every error case (missing / truncated / mismatched files, another architecture,
 newer format), and saves that fail or overwrite.
 
-The round trips use fp32 models, plus one bf16 round trip.
+The round trips use fp32 models, plus one bf16 round trip. Their forwards are compared bit for bit: a loaded
+model runs the same ops on the same shapes and the same tensor values as the saved one (only the tensors' memory
+alignment could differ, which is why the loader aligns them; ``test_loaded_tensors_are_allocator_aligned``).
 """
 
 from __future__ import annotations

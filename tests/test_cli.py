@@ -454,7 +454,8 @@ def test_missing_arguments_is_a_usage_error(capsys):
         main(["generate"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: svdquant generate" in err and "checkpoint" in err
+    assert err == ("svdquant generate: error: the following arguments are required: checkpoint, prompt; see svdquant "
+                   "generate --help\n")
 
 
 # ------------------------------------------------------------------------------------------------ --help

@@ -7,10 +7,12 @@ one line. Models are the tiny ones (naive W4A4, 2 steps, 16x16 pixels) so the wh
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +71,17 @@ def rejected(argv, *needles, folder: Path, command: str | None = None) -> str:
         assert str(n) in lines[0], (n, lines[0])
     assert files(folder) == before, "a refused command changed or left files"
     return lines[0]
+
+
+# svdquant/_progress.py's line: "quantizing: 5 of 38 groups, 13 %, 1 min 2 s, block 1/8 ..."
+PROGRESS_LINE = re.compile(r"[\w ()]+: \d+( of \d+)? \w+(, \d+ %)?, (\d+ s|\d+ min \d+ s|\d+ h \d+ min)(, .+)?")
+
+
+def log_lines_only(err: str) -> None:
+    """stderr that is not a terminal: no progress-bar redraws (carriage returns), at most the plain progress lines
+    a step prints when it runs long (every 20 s by default: a slow machine may print some)."""
+    assert "\r" not in err, err
+    assert all(PROGRESS_LINE.fullmatch(line) for line in err.splitlines()), err
 
 
 def pixels(path) -> np.ndarray:
@@ -167,7 +180,8 @@ def test_quantize_stream_on_the_cpu(tmp_path):
     for extra in ([], ["--stream"]):
         out = tmp_path / f"ck{len(extra)}"
         rc, _, err = run(["quantize", "tiny", "-o", out, *TINY_CALIB, *extra])
-        assert rc == 0 and err == "", err
+        assert rc == 0, err
+        log_lines_only(err)
         outs.append(out)
     a, b = (svdquant.load_quantized(o).state_dict() for o in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -200,6 +214,55 @@ def test_quantize_output_paths_checked_first(tmp_path, ck, pipe_dir):
     rejected(["quantize", pipe_dir, "-o", pipe_dir / "ck"], "inside the model folder", folder=pipe_dir)
 
 
+UNWRITABLE = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder that takes "
+                                "no new files (even for root, whom os.access lets through)")
+
+
+@UNWRITABLE
+@pytest.mark.parametrize("argv", [
+    ["quantize", "tiny", "-o", "/proc/ckout", *CPU],
+    ["demo", "-o", "/proc/demo"],
+    ["convert", "nunchaku", "/nonexistent/svdq.safetensors", "-o", "/proc/ck"],
+    ["convert", "/nonexistent/ck", "--to", "nunchaku", "-o", "/proc/ck.safetensors"],
+], ids=["quantize", "demo", "convert-import", "convert-export"])
+def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch, argv):
+    """`quantize tiny -o /proc/ckout` quantized fully, then printed a raw [Errno 2] about its temporary folder."""
+    import svdquant.pipelines.demo as demo
+
+    monkeypatch.setattr(demo, "quantize", lambda *a, **k: pytest.fail("quantized"))
+    rejected(argv, f"-o {argv[argv.index('-o') + 1]}: cannot write into /proc", "choose another path",
+             folder=tmp_path)
+
+
+@UNWRITABLE
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_unwritable_image_output_is_refused_before_sampling(ck, tmp_path, command):
+    rejected([command, ck, "a cat", "-o", "/proc/b5.png", *SAMPLE], "-o /proc/b5.png: cannot write into /proc",
+             folder=tmp_path)
+    rejected([command, ck, "a cat", "-o", "/proc/new/b5.png", *SAMPLE], "cannot write into /proc", folder=tmp_path)
+
+
+@UNWRITABLE
+def test_unwritable_output_in_the_python_api(ck, tmp_path):
+    model = svdquant.load_quantized(ck)
+    with pytest.raises(CheckpointError, match="cannot write into /proc"):
+        svdquant.save_quantized(model, "/proc/ck")
+    from svdquant.pipelines.demo import run_demo
+
+    with pytest.raises(ValueError, match="cannot write into /proc"):
+        run_demo("/proc/demo", ["int4"])
+
+
+def test_write_check_leaves_the_folder_as_it_was(tmp_path):
+    """The check writes an empty file and removes it; the folder's mtime is put back too."""
+    from svdquant import _checks
+
+    (tmp_path / "out").mkdir()
+    os.utime(tmp_path / "out", ns=(10**18, 10**18))
+    _checks.output_parent("-o", tmp_path / "out" / "x.png")
+    assert list((tmp_path / "out").iterdir()) == [] and (tmp_path / "out").stat().st_mtime_ns == 10**18
+
+
 def test_quantize_text_encoders_of_a_pipeline_without_them(tmp_path, pipe_dir):
     rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--text-encoders"], "--text-encoders",
              "the tiny model has no text encoder", folder=tmp_path)
@@ -222,8 +285,55 @@ def test_quantize_tiny_needs_no_base_folder(tiny_ck):
     path, out, err = tiny_ck
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith("tiny")) == ["tiny"]
     assert svdquant.read_metadata(path)["base"] == "tiny"
-    assert err == ""  # no progress-bar redraws when stderr is not a terminal
+    log_lines_only(err)  # no progress-bar redraws when stderr is not a terminal
     assert "\r" not in out
+
+
+def test_progress_lines_in_a_log(tmp_path):
+    """stderr into a pipe, as in `svdquant quantize ... 2> log`: no bars, but the calibration and the quantization
+    report themselves as plain lines (here after every step: SVDQUANT_PROGRESS_SECONDS=0 instead of 20 s). A
+    21-minute quantization once printed nothing to its log."""
+    r = subprocess.run([sys.executable, "-m", "svdquant.cli", "quantize", "tiny", "-o", str(tmp_path / "ck"),
+                        *TINY_CALIB], capture_output=True, text=True, timeout=600,
+                       env={**ENV, "SVDQUANT_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    log_lines_only(r.stderr)
+    assert "calibrating: 1 of 1 prompt, 100 %" in r.stderr
+    done = [tuple(map(int, m.groups())) for m in re.finditer(r"^quantizing: (\d+) of (\d+) groups", r.stderr, re.M)]
+    assert len(done) > 10 and done == sorted(done) and done[-1][0] == done[-1][1] > 10, done
+    assert ", block 1/8 transformer_blocks.0, 7 left" in r.stderr  # what runs now
+
+
+@pytest.mark.parametrize("model", ["tiny", "diffusers"])
+def test_sampling_progress_lines_in_a_log(ck, tiny_ck, tmp_path, monkeypatch, model):
+    """generate's denoising steps: the tiny pipeline's own loop and a diffusers pipeline's progress_bar."""
+    monkeypatch.setenv("SVDQUANT_PROGRESS_SECONDS", "0")
+    argv = [tiny_ck[0], "cat", "-o", tmp_path / "a.png", "--steps", "3", *CPU] if model == "tiny" else \
+        [ck, "a cat", "-o", tmp_path / "a.png", *SAMPLE[2:], "--steps", "3"]
+    rc, _, err = run(["generate", *argv])
+    assert rc == 0, err
+    log_lines_only(err)
+    assert "sampling: 1 of 3 steps, 33 %" in err and "sampling: 3 of 3 steps, 100 %" in err
+
+
+def test_progress_lines_are_throttled(monkeypatch, capsys):
+    """At most one line per interval (and one when the step ends); a step shorter than the interval prints none."""
+    from svdquant._progress import LineProgress, progress
+
+    for _ in progress(range(5), desc="short", unit="step"):  # the default 20 s never pass here
+        pass
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("SVDQUANT_PROGRESS_SECONDS", "0.2")
+    t0 = time.monotonic()
+    for _ in LineProgress(range(12), desc="slow", unit="step"):
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= elapsed / 0.2 + 1, (elapsed, lines)
+    assert lines[-1].startswith("slow: 12 of 12 steps, 100 %, 0 s") and all(map(PROGRESS_LINE.fullmatch, lines))
+    for _ in progress(range(3), desc="off", enabled=False):
+        time.sleep(0.25)
+    assert capsys.readouterr().err == ""
 
 
 def test_quantize_size_the_pipeline_cannot_take(tmp_path, pipe_dir):
@@ -240,7 +350,8 @@ def test_quantize_interrupted_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "save_file", interrupted)  # Ctrl-C while the tensor file is written
     rc, out, err = run(["quantize", "tiny", "-o", tmp_path / "ck", *TINY_CALIB])
-    assert rc == 130 and err == "svdquant quantize: interrupted\n", err
+    assert rc == 130 and err.endswith("svdquant quantize: interrupted\n"), err
+    log_lines_only(err.removesuffix("svdquant quantize: interrupted\n"))
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary folder, no <out>-base
 
 
@@ -469,7 +580,7 @@ def test_demo_says_which_variant_runs(demo_run):
     out, rc, stdout, err = demo_run
     assert rc == 0, err
     assert "int4-naive, 1 of 2" in stdout and "nf4, 2 of 2" in stdout
-    assert err == ""  # no progress bars in a redirected log
+    log_lines_only(err)  # no progress bars in a redirected log
     assert sorted(p.name for p in out.iterdir()) == ["compare.png", "int4-naive", "nf4", "quality.md"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".demo")]  # the staging folder is gone
     assert svdquant.read_metadata(out / "nf4")["base"] == "tiny"  # no base/ copy needed
@@ -508,7 +619,8 @@ def test_demo_ctrl_c_leaves_nothing(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert err == "svdquant demo: interrupted\n", err
+    assert err.endswith("svdquant demo: interrupted\n"), err
+    log_lines_only(err.removesuffix("svdquant demo: interrupted\n"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -588,6 +700,49 @@ def test_load_pipeline_rejects_a_dtype_name(ck):
 
 
 # ------------------------------------------------------------------------------------------------ first hour
+@pytest.mark.parametrize("argv, needle", [
+    (["quantize", "tiny", "-o", "x", "--rank", "abc"], "argument --rank: invalid int value: 'abc'"),
+    (["generate"], "the following arguments are required: checkpoint, prompt"),
+    (["quantize", "tiny", "-o", "x", "--recipe-name", "int4"], "unrecognized arguments: --recipe-name int4"),
+    (["demo", "--steps"], "argument --steps: expected one argument"),
+])
+def test_argparse_errors_are_one_line(argv, needle, capsys):
+    """`--rank abc` printed 12 lines of usage above the error; now the one line every other mistake gets."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"svdquant {argv[0]}: error: {needle}; see svdquant {argv[0]} --help\n", err
+
+
+def test_every_option_has_help():
+    """--seed, --height, --width and --guidance-scale had none."""
+    from svdquant.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {', '.join(a.option_strings)}" for name, p in sub.choices.items() for a in p._actions
+               if a.option_strings and not a.help]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "tiny", "-o", "x", "--rank", "-5"],
+    ["quantize", "tiny", "-o", "x", "--steps", "0"],
+    ["demo", "--steps", "0"],
+    ["generate", "ck", " ", "-o", "a.png"],
+    ["convert", "ck", "--to", "nunchaku", "-o", "a.txt"],
+])
+def test_mistakes_are_reported_before_diffusers_is_imported(tmp_path, argv):
+    """Importing diffusers and transformers takes 3-6 s here (10-50 s on a loaded machine, before this was fixed)
+    and trivial mistakes waited for it: the checks now run first."""
+    code = ("import sys; from svdquant.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'diffusers' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=ENV,
+                       cwd=tmp_path)
+    assert r.stdout.split() == ["2", "False", "False"], (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"svdquant {argv[0]}: error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_version():
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
         main(["--version"])
@@ -601,6 +756,28 @@ def test_pytest_q_prints_its_summary_line():
                        cwd=Path(__file__).resolve().parent.parent, env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     assert " passed" in r.stdout.strip().splitlines()[-1], r.stdout
+
+
+def test_pytest_names_the_optional_parts_it_skipped(tmp_path):
+    """`pytest -q` ends with one line per optional part it skipped (ray, chromium, a GPU), why, and how to get it:
+    the browser test was skipped silently on machines without chromium."""
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_parts.py").write_text(
+        "import pytest\n\n"
+        "def test_replicas():\n    pytest.importorskip('ray_is_not_here', reason='ray[serve] is not installed')\n\n"
+        "@pytest.mark.skipif(True, reason='no /usr/bin/chromium: install it')\ndef test_page():\n    pass\n\n"
+        "@pytest.mark.parametrize('i', [1, 2])\n@pytest.mark.skipif(True, reason='needs a CUDA GPU')\n"
+        "def test_gpu(i):\n    pass\n\n"
+        "def test_runs():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "skipped ray (1 test): ray[serve] is not installed; to run: pip install 'ray[serve]'" in lines, lines
+    assert any(line.startswith("skipped chromium (1 test): no /usr/bin/chromium: install it; to run: apt-get")
+               for line in lines), lines
+    assert "skipped GPU (2 tests): needs a CUDA GPU" in lines, lines
+    assert " passed" in lines[-1] and "4 skipped" in lines[-1]
 
 
 # ------------------------------------------------------------------------------------------------ --push-to-hub

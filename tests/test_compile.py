@@ -1,7 +1,8 @@
 """torch.compile captures a whole quantized step: the groundwork of the Hopper step issue (fused blocks,
 custom ops). On the CPU every layer runs the torch reference; the test asserts dynamo sees one graph with no
 break (the runners' forward does nothing dynamo cannot trace: no syncs, no environment reads, no state changes)
-and that the compiled step computes what the eager one does."""
+and that the compiled step computes what the eager one does (bit for bit where the compiled graph calls the
+custom op, whose implementation is the eager path's function: the same ops on the same shapes)."""
 
 from __future__ import annotations
 

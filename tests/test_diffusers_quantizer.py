@@ -2,8 +2,8 @@
 
 A tiny FLUX / SD3 is quantized and saved with ``svdquant.save_quantized``; ``load_quantized`` + ``attach`` +
 ``save_pretrained`` writes the diffusers layout; ``<Model>.from_pretrained`` (and a pipeline's) loads it
-with SVDQLinears built on the meta device, bit-exact against ``svdquant.load_quantized``; saving that
-again writes the same tensors.
+with SVDQLinears built on the meta device, bit-exact against ``svdquant.load_quantized`` (the same layers and
+tensors: the same ops on the same shapes); saving that again writes the same tensors.
 """
 
 from __future__ import annotations

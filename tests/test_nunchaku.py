@@ -3,7 +3,8 @@
 A tiny FLUX, 128 wide (Nunchaku's INT4 layers are multiples of 128 on both sides), quantized by us with
 ``w4a4-float`` in bf16 and written as a Nunchaku file: the layout of every tensor, the import, the two
 things the format rounds on the way out (16-bit smoothing, the ``+ 1`` folded into the scale biases) and
-that nothing else changes; then the fixed point (import -> export -> import is bit-identical), a file in the
+that nothing else changes; then the fixed point (import -> export -> import is bit-identical; outputs of the
+same layers on the same tensors, so compared bit for bit), a file in the
 form deepcompressor publishes (two branches for proj_out, AWQ zeros that are not -8 · scale), direct
 loading, the two-level conversion and every ``svdquant convert`` error.
 """
@@ -211,6 +212,26 @@ def test_import_export_import_is_a_fixed_point(imported, root, file):
     sa, sb = imported.state_dict(), twice.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(out(imported), out(twice))
+    # the files too, byte for byte (safetensors' own writer orders the metadata differently on every run, and an
+    # imported model lists its config in another order)
+    assert again.read_bytes() == file.read_bytes()
+    third = root / "third.safetensors"
+    to_nunchaku(twice, third)
+    assert third.read_bytes() == file.read_bytes()
+
+
+def test_no_local_path_in_what_is_written(root, tmp_path):
+    """A model loaded from a folder carries that folder in its config (_name_or_path: a user's absolute path);
+    neither an svdquant checkpoint nor a Nunchaku file may hold it (both get published)."""
+    model = build()
+    local = tmp_path / "home" / "ann" / "FLUX.1-dev" / "transformer"
+    model.register_to_config(_name_or_path=str(local))  # what from_pretrained(folder) records
+    to_nunchaku(model, tmp_path / "x.safetensors")
+    svdquant.save_quantized(model, tmp_path / "ck")
+    for f in (tmp_path / "x.safetensors", tmp_path / "ck" / "svdquant.json", *(tmp_path / "ck").glob("*.safetensors")):
+        assert b"/home/ann" not in f.read_bytes(), f
+    assert "_name_or_path" not in json.loads(read(tmp_path / "x.safetensors")[1]["config"])
+    assert svdquant.load_quantized(tmp_path / "ck") is not None
 
 
 def test_load_quantized_read_metadata_and_info_take_a_nunchaku_file(file, imported):
@@ -357,6 +378,22 @@ def test_two_level_and_fp32_models_are_refused(root):
     assert not (root / "x.safetensors").exists()
 
 
+def test_every_obstacle_is_named_at_once(root, tmp_path):
+    """An fp32 two-level checkpoint: both obstacles in one message, with the one re-quantization that removes
+    both (it said --dtype bf16 first, and --recipe w4a4-float only after that 134 s re-quantization)."""
+    model = build(dtype=torch.float32, recipe=svdquant.get_recipe("int4-naive"))
+    with pytest.raises(CheckpointError) as e:
+        nunchaku_tensors(model)
+    msg = str(e.value)
+    assert "for 2 reasons: (1)" in msg and "float32; Nunchaku runs bf16 or fp16" in msg and "Wint4mAint8" in msg, msg
+    assert msg.endswith("Fix them all at once: re-quantize once with --dtype bf16 --recipe w4a4-float"), msg
+    assert "(16 more like it)" in msg and "\n" not in msg  # the first layer named, the others counted
+    svdquant.save_quantized(model, root / "fp32-int4")
+    line = rejected(["convert", root / "fp32-int4", "--to", "nunchaku", "-o", tmp_path / "x.safetensors"],
+                    "--dtype bf16 --recipe w4a4-float", folder=tmp_path)
+    assert "for 2 reasons" in line
+
+
 def test_qkv_that_do_not_share_their_branch_are_refused(ours):
     model = from_nunchaku_copy(ours)
     with torch.no_grad():
@@ -394,10 +431,11 @@ def test_to_nunchaku_output_checks(root, ours):
 def test_a_failed_export_leaves_no_file(root, ours, monkeypatch):
     import svdquant.convert.nunchaku as nk
 
-    def boom(*a, **k):
+    def boom(tensors, path, metadata):
+        Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr(nk, "_save_safetensors", boom)
     before = files(root)
     with pytest.raises(OSError, match="disk full"):
         nk.to_nunchaku(ours, root / "ours.safetensors", overwrite=True)

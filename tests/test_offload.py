@@ -1,7 +1,8 @@
 """Offloading and caching on quantized pipelines (issue 15, part 3), on the CPU.
 
 The tiny diffusers FluxPipeline with an int4 transformer and 4-bit text encoders, loaded from one
-checkpoint per test (hooks change the pipeline), against the same pipeline without hooks, bit for bit:
+checkpoint per test (hooks change the pipeline), against the same pipeline without hooks, bit for bit (exact,
+not within a bound: hooks move tensors and skip nothing at threshold 0, so the same ops run on the same shapes):
 
 * ``enable_model_cpu_offload`` (accelerate's ``CpuOffload``: each model ``.to()`` its device on entry):
   diffusers refuses it without an accelerator, so it runs here with ``device="cpu"``: the hooks fire,

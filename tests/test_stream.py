@@ -1,7 +1,9 @@
 """Streaming quantization (issue 16): a model kept in CPU memory, each block on the device only while used.
 
 On the CPU, ``device="cpu"`` runs the streaming code with every move a no-op; it must give the unstreamed
-result bit for bit (a bare FLUX, the block-less SDXL UNet, a diffusers pipeline with its text encoders).
+result bit for bit (a bare FLUX, the block-less SDXL UNet, a diffusers pipeline with its text encoders):
+exact, not within a bound, because streaming changes where tensors live, never which ops run on which shapes
+(the replays, the search and the forwards are the unstreamed ones, on one thread: ``one_torch_thread``).
 The device moves themselves are checked for real with ``meta`` as the device, where tensors really
 leave the CPU: the calibration hooks (``Streamed``) must hold one block (and the model's small rest) there
 at a time and bring every tensor back. What needs a GPU (the quantization phase's moves, pinned memory, the

@@ -3,7 +3,8 @@
 On the tiny diffusers FluxPipeline (tests/tiny_models.py: a 1-layer CLIP and a 1-layer T5 from
 configs, random weights): which layers are quantized and which stay 16-bit, the rounding rule
 against hand-worked codes, the text embedding's error and the images' against the 16-bit
-pipeline, T5's fp32 ``wo`` in fp16, save / load bit for bit (T5's tied embedding stored once, the
+pipeline, T5's fp32 ``wo`` in fp16, save / load bit for bit (the loaded layers run the same ops on the same
+tensors; T5's tied embedding stored once, the
 base's own encoders never read), the other encoder families' layer choice, and every error.
 """
 

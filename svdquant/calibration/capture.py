@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from .._progress import progress as progress_bar
 from .offload import move
 from .prompts import DEFAULT_PROMPTS
 
@@ -420,8 +420,8 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     close = selector_hooks(selector)
     try:
         gen_device = "cpu"
-        for i in tqdm([i for i in range(len(prompts)) if i in plan], desc="calibrating (prompts)",
-                      disable=None if progress else True, leave=False):
+        for i in progress_bar([i for i in range(len(prompts)) if i in plan], desc="calibrating", unit="prompt",
+                              enabled=progress, leave=False):
             selector.start_prompt(i)
             gen = torch.Generator(gen_device).manual_seed(calib.seed + i)
             try:
@@ -460,7 +460,7 @@ def run_inputs(model: nn.Module, inputs: Sequence[dict[str, Any]], on_stop=None,
     """``model(**kw)`` for each of ``inputs``; a forward that an :class:`EntryRecorder` with ``stop`` ended is
     not an error, and ``on_stop()`` then cleans up what the forward's unfinished hooks left (a streamed model's
     rest still on the device)."""
-    for kw in tqdm(inputs, desc="calibrating", disable=None if progress else True, leave=False):
+    for kw in progress_bar(inputs, desc="calibrating", unit="input", enabled=progress, leave=False):
         try:
             model(**kw)
         except _EntryRecorded:

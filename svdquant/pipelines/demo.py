@@ -20,45 +20,16 @@ from typing import Sequence
 
 import torch
 
-from .. import _checks
 from .._cpu import single_thread_if_contended
 from ..calibration import Calibration, record_inputs
 from ..checkpoint import save_quantized
 from ..images import grid, to_pil
 from ..metrics import psnr, ssim
 from ..quantize import quantize
-from ..recipes import DEMO_VARIANTS, get_recipe
+from ..recipes import DEMO_VARIANTS
+# what run_demo writes and its argument checks live apart: the command line checks before importing diffusers
+from .._tiny_facts import OUTPUTS, check_demo_args  # noqa: F401
 from .tiny import TINY_BASE, TinyFluxPipeline
-
-OUTPUTS = ("compare.png", "quality.md")  # plus one checkpoint folder per variant
-
-
-def check_demo_args(out: str | Path, recipes: Sequence[str], steps: int, seed: int, overwrite: bool,
-                    names=("out", "recipes", "steps", "seed")) -> list:
-    """Every argument of :func:`run_demo`, checked before anything is quantized; returns the recipes.
-
-    ``names`` are how the caller spells the arguments (the CLI passes its option names)."""
-    n_out, n_recipes, n_steps, n_seed = names
-    _checks.steps(n_steps, steps)
-    _checks.seed(n_seed, seed)
-    if isinstance(recipes, str) or not recipes:
-        raise ValueError(f"{_checks.show(n_recipes, recipes)}: give a list of one or more variants, "
-                         f"e.g. {' '.join(DEMO_VARIANTS)}")
-    built = [get_recipe(r) for r in recipes]  # an unknown name fails here, before the first quantization
-    seen = set()
-    for r in built:
-        if r.name in seen:
-            raise ValueError(f"{_checks.show(n_recipes, ' '.join(recipes))}: {r.name} is listed twice")
-        seen.add(r.name)
-    out = Path(out)
-    _checks.output_parent(n_out, out / "x")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{_checks.show(n_out, out)} is a file; the demo writes a folder")
-    clash = [name for name in (*OUTPUTS, *seen) if (out / name).exists()]
-    if clash and not overwrite:
-        fix = "--overwrite" if n_out.startswith("-") else "overwrite=True"
-        raise ValueError(f"{out} already holds {', '.join(clash)}; choose another folder or pass {fix}")
-    return built
 
 
 def run_demo(out: str | Path = "svdquant-demo", recipes: Sequence[str] = DEMO_VARIANTS, *, steps: int = 6,

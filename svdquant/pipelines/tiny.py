@@ -23,16 +23,12 @@ import torch.nn as nn
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from tqdm.auto import tqdm
 
+from .._progress import progress as progress_bar
+# the name, classes and size live apart: the command line checks them before diffusers is imported
+from .._tiny_facts import CIFAR10_CLASSES, IMAGE_SIZE, PIPELINE_FILE, TINY_BASE, check_tiny_size  # noqa: F401
 from ..images import to_pil
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-PIPELINE_FILE = "pipeline.json"
-# As a base pipeline name (``svdquant quantize tiny``, a checkpoint's recorded base), the tiny model
-# shipped in the package: nothing needs to be saved next to a checkpoint made from it.
-TINY_BASE = "tiny"
-IMAGE_SIZE = 32
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux-cifar10"
 
 
@@ -72,15 +68,6 @@ def unpack(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = t.shape
     c = d // 4
     return t.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def check_tiny_size(image_size: int, name: str, value) -> None:
-    """The tiny model was trained at one size only; any other would silently be a different model."""
-    from .._checks import show
-
-    if value is not None and value != image_size:
-        raise ValueError(f"{show(name, value)}: the tiny model draws {image_size}x{image_size} images only; "
-                         "leave height and width unset")
 
 
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
@@ -239,9 +226,9 @@ class TinyFluxPipeline:
         x = latents.to(self.device, self.dtype) if latents is not None else self.noise(len(labels), generator)
         null = torch.full_like(labels, len(self.classes))
         ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        # disable=None: tqdm shows the bar only on a terminal, so redirected logs stay readable
-        for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=None if progress else True,
-                              leave=False):
+        # a bar on a terminal; a redirected log gets a plain line now and then (svdquant/_progress.py)
+        for t, t_next in progress_bar(list(zip(ts[:-1], ts[1:])), desc="sampling", unit="step", enabled=progress,
+                                      leave=False):
             if g != 1.0:
                 v_c, v_u = self.velocity(torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
                 v = v_u + g * (v_c - v_u)
