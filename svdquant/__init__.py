@@ -14,8 +14,6 @@ from .recipes import (
     W8A8Config, get_recipe,
 )
 
-from .pipelines.optimize import Optimized, deoptimize, optimize
-
 __version__ = "0.1.0"
 
 from .integrations import register_diffusers_backend  # noqa: E402
@@ -72,5 +70,18 @@ __all__ = [
     "load_lora", "set_lora_strength", "unload_lora", "loaded_loras", "LoRAError",
     "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "W4A4Config", "W4A4FloatConfig", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
     "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES",
-    "fuse", "unfuse", "__version__",
+    "fuse", "unfuse", "optimize", "deoptimize", "Optimized", "__version__",
 ]
+
+
+_LAZY = {"optimize": "optimize", "deoptimize": "deoptimize", "Optimized": "Optimized"}
+
+
+def __getattr__(name: str):
+    # svdquant.optimize lives with the pipelines, whose package imports diffusers (~3 s): loaded at first use, so
+    # `import svdquant` (and a CLI mistake reported before any heavy import) stays fast
+    if name in _LAZY:
+        from .pipelines import optimize as module
+
+        return getattr(module, _LAZY[name])
+    raise AttributeError(f"module 'svdquant' has no attribute {name!r}")
