@@ -29,31 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline_memory import MODELS, _quiet, build, denoiser, random_quantize  # noqa: E402
 
-
-def cuda_ms(fn, reps: int, inner: int = 10) -> float:
-    """GPU time of one call: ``inner`` calls captured in one CUDA graph, replayed ``reps`` times (median), so the
-    host's launch overhead (an eager SVDQLinear call costs ~0.15 ms of Python) does not count: what a compiled,
-    graph-captured step pays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
+from svdquant.pipelines.layer_choice import graph_ms  # noqa: E402  (what the layer choice measures with)
 
 
 def eager_ms(fn, reps: int) -> float:
@@ -105,8 +81,8 @@ def run(model: str, args, results: dict) -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         bias = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            q_ms = cuda_ms(lambda: layer(x), args.reps)
-            b_ms = cuda_ms(lambda: F.linear(x, w, bias), args.reps)
+            q_ms = graph_ms(lambda: layer(x), args.reps)
+            b_ms = graph_ms(lambda: F.linear(x, w, bias), args.reps)
             q_eager = eager_ms(lambda: layer(x), args.reps)
             b_eager = eager_ms(lambda: F.linear(x, w, bias), args.reps)
         rows.append(dict(M=m_rows, K=k, N=n, calls_per_step=len(names), example=names[0], int4_ms=round(q_ms, 4),

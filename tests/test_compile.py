@@ -16,11 +16,7 @@ import svdquant
 
 @pytest.fixture(scope="module")
 def quantized_flux():
-    torch.manual_seed(0)
-    model = tm.build_flux()
-    svdquant.quantize(model, svdquant.get_recipe("int4", iterations=1, eval_tokens=64),
-                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
-    return model, tm.calibration_inputs("flux", model, 1)[0]
+    return tm.quantized_flux()
 
 
 def test_a_quantized_flux_step_is_one_graph(quantized_flux):

@@ -23,11 +23,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture(scope="module")
 def quantized_flux():
-    torch.manual_seed(0)
-    model = tm.build_flux()
-    svdquant.quantize(model, svdquant.get_recipe("int4", iterations=1, eval_tokens=64),
-                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
-    return model, tm.calibration_inputs("flux", model, 1)[0]
+    return tm.quantized_flux()
 
 
 def test_optimize_does_nothing_off_cuda(quantized_flux):

@@ -367,3 +367,14 @@ def watch_loading(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(SVDQLinear, "from_linears", no_quantizing)
     return inits
+
+
+def quantized_flux(recipe: str = "int4", iterations: int = 1):
+    """A tiny FLUX quantized on one calibration call, and that call's inputs: what the compile and optimize tests run."""
+    import svdquant
+
+    torch.manual_seed(0)
+    model = build_flux()
+    svdquant.quantize(model, svdquant.get_recipe(recipe, iterations=iterations, eval_tokens=64),
+                      svdquant.Calibration(inputs=calibration_inputs("flux", model, 1)), progress=False)
+    return model, calibration_inputs("flux", model, 1)[0]

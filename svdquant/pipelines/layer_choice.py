@@ -62,7 +62,9 @@ def decision(entry) -> bool:
     return entry[1] < MARGIN * entry[0]
 
 
-def _graph_ms(fn, reps: int = 10, inner: int = 10) -> float:
+def graph_ms(fn, reps: int = 10, inner: int = 10) -> float:
+    """GPU milliseconds of one ``fn()``: ``inner`` calls captured in one CUDA graph, replayed ``reps`` times
+    (median), so host launch overhead does not count: what a compiled, graph-captured step pays."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -145,7 +147,7 @@ def choose_layers(model: nn.Module, forward, args, kwargs) -> dict:
             w = torch.randn(m.out_features, m.in_features, device=first.device, dtype=dtype)
             b = torch.zeros(m.out_features, device=first.device, dtype=dtype)
             with torch.no_grad():
-                _costs[k] = [_graph_ms(lambda: m(x)), _graph_ms(lambda: F.linear(x, w, b))]
+                _costs[k] = [graph_ms(lambda: m(x)), graph_ms(lambda: F.linear(x, w, b))]
             del x, w, b
         q_ms, d_ms = _costs[k]
         dense = decision(_costs[k])
