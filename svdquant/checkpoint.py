@@ -827,11 +827,13 @@ def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
     return base
 
 
-def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None) -> str:
+def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None, *, allow_outside: bool = False) -> str:
     """The base pipeline to load ``quantized`` with: ``base`` if given, else the recorded one, which must
-    still be there (a checkpoint copied without its base folder is the usual case)."""
+    still be there (a checkpoint copied without its base folder is the usual case) and, if it is a local folder,
+    inside the folder that holds the checkpoint or the current directory (:func:`check_base_location`) unless
+    ``allow_outside``."""
     if base is not None:
-        return str(base)
+        return str(base)  # the user's own choice: trusted as given
     base = recorded_base(quantized, meta)
     if base is None:
         raise CheckpointError(f"{quantized} does not record its base pipeline; pass base= (svdquant --base) with "
@@ -841,7 +843,35 @@ def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None) -> st
             f"{quantized} was made from the base pipeline {base} ({meta['base']} relative to the checkpoint), which "
             "is not there: the checkpoint moved without it; pass base= (svdquant --base) with its folder or hub id"
         )
+    if not allow_outside:
+        check_base_location(quantized, meta, base)
     return base
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def check_base_location(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
+    """A checkpoint from the internet must not choose which local files get loaded: a recorded base that is a
+    local folder (``base_is_local``, or a path-like or existing ``base``) must resolve, symlinks followed, inside
+    the folder that holds the checkpoint folder (where :func:`save_quantized` records a sibling base as
+    ``../name``) or the current directory. CheckpointError otherwise, naming both fixes."""
+    from .pipelines.tiny import TINY_BASE
+
+    if base == TINY_BASE or (not meta.get("base_is_local") and _is_hub_id(base) and not Path(base).exists()):
+        return  # the shipped model, or a hub id (fetched to the hub cache, never a local path)
+    q = Path(quantized)
+    folder = q if q.is_dir() else q.parent
+    roots = [folder.resolve().parent, Path.cwd().resolve()]
+    where = Path(base).expanduser().resolve()
+    if any(where == r or where.is_relative_to(r) for r in roots):
+        return
+    raise CheckpointError(
+        f"{quantized} records its base pipeline at {where}, outside {roots[0]} (the folder holding the checkpoint) "
+        "and the current directory; a downloaded checkpoint must not pick local files to load: pass the base "
+        "yourself (base= / --base), or allow_base_outside=True (svdquant serve --allow-base-outside) if you trust it"
+    )
 
 
 def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
@@ -866,13 +896,16 @@ def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) ->
 
 
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
-                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None):
+                  torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
+                  allow_base_outside: bool = False):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
     :func:`load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
     block's MLP up projection; the other MLPs' GELU in their GEMM epilogue; exact); ``None`` = on a CUDA device,
-    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md)."""
+    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md).
+    ``allow_base_outside``: load a recorded local base that lies outside the folder holding
+    the checkpoint and the current directory (:func:`check_base_location`); off, such a checkpoint is refused."""
     _checks.device("device", device)
     if fuse is not None and not isinstance(fuse, bool):
         raise ValueError(f"fuse={fuse!r}: use True, False or None (on a CUDA device)")
@@ -880,7 +913,7 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
         raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
     quantized = resolve(quantized)  # a hub id: its cached copy, so a recorded relative base resolves against it
     meta = read_metadata(quantized)
-    base = base_of(quantized, meta, base)
+    base = base_of(quantized, meta, base, allow_outside=allow_base_outside)
     check_base(quantized, meta, base)
     from .pipelines import load_base_pipeline
 

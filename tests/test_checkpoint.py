@@ -638,6 +638,96 @@ def test_load_pipeline_missing_base_folder(saved, tmp_path):
     assert str(tmp_path / "no-base") in str(e.value)
 
 
+# ------------------------------------------------------------------------------------------------ loading safety
+def _copy_checkpoint(ck: Path, to: Path, **meta_changes) -> Path:
+    """``ck`` copied to ``to`` with svdquant.json entries replaced (no hashes: this is what a hand-edited or
+    hostile checkpoint looks like)."""
+    shutil.copytree(ck, to)
+    meta = json.loads((to / META_FILE).read_text())
+    meta.update(meta_changes)
+    meta.pop("sha256", None)
+    (to / META_FILE).write_text(json.dumps(meta))
+    return to
+
+
+def test_a_recorded_base_outside_the_checkpoints_folder_is_refused(pipeline_setup, tmp_path):
+    """A downloaded checkpoint whose svdquant.json points (through ``..``, an absolute path or a symlink) outside
+    the folder holding it and the current directory is refused before anything is read from there."""
+    s = pipeline_setup
+    base = s["base"].resolve()
+    climb = os.path.relpath(base, tmp_path / "downloads" / "ck")   # ../../.. up to base: escapes downloads/
+    cases = {
+        "dotdot": _copy_checkpoint(s["ck"], tmp_path / "downloads" / "ck", base=climb, base_is_local=True),
+        "absolute": _copy_checkpoint(s["ck"], tmp_path / "downloads2" / "ck", base=str(base), base_is_local=False),
+    }
+    link_home = tmp_path / "downloads3"
+    cases["symlink"] = _copy_checkpoint(s["ck"], link_home / "ck", base=os.path.join("..", "base"), base_is_local=True)
+    (link_home / "base").symlink_to(base, target_is_directory=True)   # a sibling name, a target elsewhere
+    for kind, ck in cases.items():
+        with pytest.raises(CheckpointError, match="outside.*pass the base yourself.*allow_base_outside") as e:
+            svdquant.load_pipeline(None, ck)
+        assert str(base) in str(e.value), kind
+    # trusted: the flag, or the base given by the caller, loads it
+    _check_pipeline(svdquant.load_pipeline(None, cases["dotdot"], allow_base_outside=True), s)
+    _check_pipeline(svdquant.load_pipeline(s["base"], cases["absolute"]), s)
+
+
+def test_a_recorded_base_inside_the_current_directory_loads(pipeline_setup, tmp_path, monkeypatch):
+    s = pipeline_setup
+    ck = _copy_checkpoint(s["ck"], tmp_path / "a" / "b" / "ck", base=os.path.relpath(s["base"], tmp_path / "a" / "b" / "ck"),
+                          base_is_local=True)
+    with pytest.raises(CheckpointError, match="outside"):
+        svdquant.load_pipeline(None, ck)
+    monkeypatch.chdir(s["base"].parent)   # where the user keeps the base: allowed
+    _check_pipeline(svdquant.load_pipeline(None, ck), s)
+
+
+class _Exploit:
+    """A pickle that touches ``marker`` when it is unpickled: what a hostile .bin does (with worse commands)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("component,safe,pickled", [
+    ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+    ("text_encoder_2", "model.safetensors", "pytorch_model.bin"),
+])
+def test_a_base_with_pickled_weights_is_refused_unread(pipeline_setup, tmp_path, component, safe, pickled):
+    """diffusers / transformers would unpickle a .bin in place of a missing .safetensors: every component is loaded
+    with use_safetensors=True, so the pickle is never opened. (The base's transformer is never read at all.)"""
+    import pickle
+
+    s = pipeline_setup
+    base = tmp_path / "base"
+    shutil.copytree(s["base"], base)
+    (base / component / safe).unlink()
+    marker = tmp_path / "pwned"
+    (base / component / pickled).write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ValueError, match="pickled weights.*never unpickles"):
+        svdquant.load_pipeline(base, s["ck"])
+    assert not marker.exists()
+
+
+def test_a_tiny_base_with_pickled_weights_is_refused_unread(tmp_path):
+    import pickle
+
+    from svdquant.pipelines import TinyFluxPipeline, load_base_pipeline
+
+    base = tmp_path / "tiny"
+    TinyFluxPipeline.random(num_layers=1, num_single_layers=1).save_pretrained(base)
+    (base / "conditioner" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (base / "conditioner" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ValueError, match="pickled weights"):
+        load_base_pipeline(base)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------------------ versions
 def test_float_scale_checkpoints_stay_version_1_and_load(tmp_path):
     """The paper's float-scale W4A4 (every checkpoint before two-level scales) is written as version 1, so

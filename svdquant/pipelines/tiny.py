@@ -140,10 +140,17 @@ class TinyFluxPipeline:
                         torch_dtype: torch.dtype | None = None) -> "TinyFluxPipeline":
         path = Path(path)
         cfg = json.loads((path / PIPELINE_FILE).read_text())
+        # safetensors only: a pickled .bin can run code as it loads (and a folder may come with a checkpoint)
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        if transformer is None:
-            transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", **kw)
-        cond = ClassConditioner.from_pretrained(path / "conditioner", **kw)
+        kw["use_safetensors"] = True
+        try:
+            if transformer is None:
+                transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", **kw)
+            cond = ClassConditioner.from_pretrained(path / "conditioner", **kw)
+        except OSError as e:
+            from . import pickled_only_error
+
+            raise pickled_only_error(path, e) from None
         return cls(transformer.eval(), cond.eval(), cfg["classes"], cfg["image_size"], cfg["guidance_scale"],
                    cfg["num_inference_steps"], cfg.get("info"))
 
