@@ -22,6 +22,7 @@ hands them to the base pipeline, so the base's 16-bit encoders are never read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -192,14 +193,16 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as a normal folder
     try:
+        # the header keeps the metadata without the hashes: they are hashes of the very file it sits in
         save_file(_all_tensors(model), str(tmp / TENSOR_FILE), metadata={"svdquant": text})
         (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
-        (tmp / META_FILE).write_text(text)
         written = [TENSOR_FILE, META_FILE]
         for fname, tensors in encoder_files.items():
             save_file(tensors, str(tmp / fname), metadata={"svdquant_text_encoder": fname.removesuffix(".safetensors")})
             (tmp / fname).chmod(0o666 & ~umask)
             written.append(fname)
+        meta["sha256"] = {f: sha256_of(tmp / f) for f in [TENSOR_FILE, *encoder_files]}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if model_card:
             from .model_card import base_license, render
 
@@ -222,6 +225,36 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The file's SHA-256 as 64 hex digits, read in 8 MiB chunks (a checkpoint may be larger than the memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(tensor_file: Path, meta: dict[str, Any]) -> None:
+    """Compare ``tensor_file`` with the SHA-256 its svdquant.json records (checkpoints written before hashes, or
+    read through the tensor file's own header copy, record none: nothing to compare)."""
+    hashes = meta.get("sha256")
+    if hashes is None:
+        return
+    want = hashes.get(tensor_file.name)
+    if want is None:
+        raise CheckpointError(f"{tensor_file.parent / META_FILE} records SHA-256 hashes but none for "
+                              f"{tensor_file.name}; "
+                              "the checkpoint is corrupt (or pass verify=False to load it unchecked)")
+    try:
+        got = sha256_of(tensor_file)
+    except OSError as e:
+        raise CheckpointError(f"{tensor_file} cannot be read ({e})") from None
+    if got != want:
+        raise CheckpointError(f"{tensor_file} has SHA-256 {got[:16]}..., its {META_FILE} records {want[:16]}...: the "
+                              "file was damaged or changed after saving; copy or download it again (verify=False loads "
+                              "it unchecked)")
 
 
 def _fsync(path: Path) -> None:
@@ -453,7 +486,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         _check_layer(name, cfg, meta_file)
     if meta.get("text_encoders") is not None:
         _check_text_encoders(meta, meta_file)
+    if meta.get("sha256") is not None:
+        files = {TENSOR_FILE} | {f"{n}.safetensors" for n in meta.get("text_encoders") or ()}
+        h = meta["sha256"]
+        if not (isinstance(h, dict) and set(h) <= files
+                and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in h.values())):
+            raise CheckpointError(f"{meta_file} has a malformed 'sha256' entry (64 hex digits per tensor file of "
+                                  "the checkpoint); the checkpoint is corrupt")
     return meta
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 _ENCODER_KEYS = {"model_class", "model_config", "layers", "tied", "recipe"}
@@ -686,10 +729,12 @@ def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_
 
 
 def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path, header: dict[str, Any], device,
-          tied: dict[str, str] | None = None) -> None:
+          tied: dict[str, str] | None = None, verify: dict[str, Any] | None = None) -> None:
     """Load ``tensor_file`` (its checked ``header``) into ``model``, built on meta with its quantized ``layers``
     swapped in: every name, shape and dtype is checked against the model before any tensor is read, then the
-    values (:func:`_check_values`). ``tied``: alias -> name of weights the model shares (stored once)."""
+    values (:func:`_check_values`), then, with the metadata as ``verify``, the file's SHA-256 (last: the checks
+    before it name the damage they find, and the file it reads again is in the page cache by then; nothing has
+    run on the tensors yet). ``tied``: alias -> name of weights the model shares (stored once)."""
     tied = tied or {}
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
     for alias, source in tied.items():
@@ -732,6 +777,8 @@ def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path
     except Exception as e:  # changed under us since the header check: safetensors' own errors
         raise CheckpointError(f"{tensor_file} cannot be read ({e}); the file is truncated or corrupt") from None
     _check_values(model, tensors, quantized_keys, tensor_file)
+    if verify is not None:
+        _verify(tensor_file, verify)
     persistent = set(model.state_dict())
     for alias, source in tied.items():
         tensors[alias] = tensors[source]
@@ -749,12 +796,17 @@ def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                   weight_mode: str = "auto") -> nn.Module:
+                   weight_mode: str = "auto", verify: bool = True) -> nn.Module:
     """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``. ``path`` may also be
     a Nunchaku single-file INT4 FLUX checkpoint (``.safetensors``): it is imported (:mod:`svdquant.convert.nunchaku`).
 
     ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
     ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
+
+    ``verify``: compare the tensor file with the SHA-256 that ``svdquant.json`` records (written by every save
+    since format hashes came in; a checkpoint without them loads unverified, and so does one given as its
+    tensor file), once the other checks have passed and before the model is built from the tensors. It catches
+    any damage in transfer or on disk that those let through; ``verify=False`` skips the read it costs.
 
     Hostile files: everything the files state (lengths, names, shapes, dtypes, offsets, sizes in the
     config) is checked before anything of that size is read or built, and the values afterwards
@@ -776,15 +828,16 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     header.pop("__metadata__", None)
     _check_layer_counts(meta, len(header), path)
     model = _empty_quantized_model(meta, path, weight_mode)
-    _fill(model, meta["layers"], tensor_file, header, device)
+    _fill(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None)
     model.eval()
     return model
 
 
-def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                       verify: bool = True) -> dict[str, nn.Module]:
     """The checkpoint's quantized text encoders by pipeline attribute (``{}`` if it has none), straight onto
     ``device``: built on meta from the stored config, quantized layers swapped in, tensors assigned from
-    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s."""
+    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s (``verify`` too)."""
     device = _checks.device("device", device)
     path = resolve(path)
     meta = read_metadata(path)
@@ -809,7 +862,8 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
             raise CheckpointError(f"{tensor_file}: {entry['model_class']} cannot be built from the stored config "
                                   f"({type(e).__name__}: {str(e)[:200]})") from None
         swap_quantized_layers(model, entry["layers"], tensor_file)
-        _fill(model, entry["layers"], tensor_file, header, device, entry.get("tied") or {})
+        _fill(model, entry["layers"], tensor_file, header, device, entry.get("tied") or {},
+              verify=meta if verify else None)
         from .models.text_encoders import fit_quantized
 
         fit_quantized(model)
@@ -897,15 +951,16 @@ def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) ->
 
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
-                  allow_base_outside: bool = False):
+                  verify: bool = True, allow_base_outside: bool = False):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
     :func:`load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
     block's MLP up projection; the other MLPs' GELU in their GEMM epilogue; exact); ``None`` = on a CUDA device,
     where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md).
-    ``allow_base_outside``: load a recorded local base that lies outside the folder holding
-    the checkpoint and the current directory (:func:`check_base_location`); off, such a checkpoint is refused."""
+    ``verify``: see :func:`load_quantized`. ``allow_base_outside``: load a recorded local base that lies outside
+    the folder holding the checkpoint and the current directory (:func:`check_base_location`); off, such a
+    checkpoint is refused."""
     _checks.device("device", device)
     if fuse is not None and not isinstance(fuse, bool):
         raise ValueError(f"fuse={fuse!r}: use True, False or None (on a CUDA device)")
@@ -917,8 +972,8 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     check_base(quantized, meta, base)
     from .pipelines import load_base_pipeline
 
-    transformer = load_quantized(quantized, device=device, weight_mode=weight_mode)
-    encoders = load_text_encoders(quantized, device=device)
+    transformer = load_quantized(quantized, device=device, weight_mode=weight_mode, verify=verify)
+    encoders = load_text_encoders(quantized, device=device, verify=verify)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).

@@ -69,13 +69,16 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 
 def rewrite_tensors(path: Path, change):
-    """Rewrite ``path/transformer.safetensors`` with ``change(tensors)`` applied, keeping its metadata."""
+    """Rewrite ``path/transformer.safetensors`` with ``change(tensors)`` applied, keeping its metadata, and record
+    its new SHA-256 (as whoever wrote a hostile file would): the checks behind the hash get the file."""
     f = path / TENSOR_FILE
     with safe_open(str(f), "pt") as h:
         meta = h.metadata()
     tensors = load_file(str(f))
     change(tensors)
     save_file(tensors, str(f), metadata=meta)
+    if (path / META_FILE).is_file():
+        edit_meta(path, lambda m: m.get("sha256", {}).update({TENSOR_FILE: ckpt_mod.sha256_of(f)}))
 
 
 def edit_meta(path: Path, change):
@@ -231,10 +234,11 @@ def test_metadata(saved, arch):
     assert [tuple(s) for s in rep["skipped"]] == report.skipped
     assert [r["names"] for r in rep["rows"]] == [r.names for r in report.rows]
     assert rep["seconds_total"] > 0
-    # the tensor file carries the same metadata: alone it still says what it is
-    assert svdquant.read_metadata(path / TENSOR_FILE) == meta
+    # the tensor file carries the same metadata, less its own hash: alone it still says what it is
+    inside = {k: v for k, v in meta.items() if k != "sha256"}
+    assert svdquant.read_metadata(path / TENSOR_FILE) == inside
     with safe_open(str(path / TENSOR_FILE), "pt") as f:
-        assert json.loads(f.metadata()["svdquant"]) == meta
+        assert json.loads(f.metadata()["svdquant"]) == inside
 
 
 def test_metadata_fields_svdquant_info_prints(saved, capsys):
@@ -674,8 +678,8 @@ def test_a_recorded_base_outside_the_checkpoints_folder_is_refused(pipeline_setu
 
 def test_a_recorded_base_inside_the_current_directory_loads(pipeline_setup, tmp_path, monkeypatch):
     s = pipeline_setup
-    ck = _copy_checkpoint(s["ck"], tmp_path / "a" / "b" / "ck", base=os.path.relpath(s["base"], tmp_path / "a" / "b" / "ck"),
-                          base_is_local=True)
+    ck = tmp_path / "a" / "b" / "ck"
+    ck = _copy_checkpoint(s["ck"], ck, base=os.path.relpath(s["base"], ck), base_is_local=True)
     with pytest.raises(CheckpointError, match="outside"):
         svdquant.load_pipeline(None, ck)
     monkeypatch.chdir(s["base"].parent)   # where the user keeps the base: allowed
@@ -726,6 +730,73 @@ def test_a_tiny_base_with_pickled_weights_is_refused_unread(tmp_path):
     with pytest.raises(ValueError, match="pickled weights"):
         load_base_pipeline(base)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ hashes
+def _flip_low_bit(tensor_file: Path, name: str) -> None:
+    """Flip the lowest bit of ``name``'s first element (little-endian: its first byte), the file staying well formed."""
+    raw = bytearray(tensor_file.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    entry = json.loads(raw[8:8 + n])[name]
+    raw[8 + n + entry["data_offsets"][0]] ^= 1
+    tensor_file.write_bytes(bytes(raw))
+
+
+def test_save_records_a_sha256_per_tensor_file_and_load_checks_it(fresh):
+    import hashlib
+
+    path = fresh()
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["sha256"] == {TENSOR_FILE: hashlib.sha256((path / TENSOR_FILE).read_bytes()).hexdigest()}
+    with safe_open(str(path / TENSOR_FILE), "pt") as f:   # the header's copy of the metadata cannot hold it
+        assert "sha256" not in json.loads(f.metadata()["svdquant"])
+    _flip_low_bit(path / TENSOR_FILE, "proj_out.weight")    # a kept fp32 weight: loads fine unverified
+    with pytest.raises(CheckpointError, match="SHA-256 .* records .*verify=False"):
+        svdquant.load_quantized(path)
+    svdquant.load_quantized(path, verify=False)
+    svdquant.load_quantized(path / TENSOR_FILE)          # given as its tensor file: no hashes to compare
+
+
+def test_a_checkpoint_without_hashes_loads_unverified(fresh):
+    path = fresh()
+    meta = json.loads((path / META_FILE).read_text())
+    del meta["sha256"]                                      # as written before hashes came in
+    (path / META_FILE).write_text(json.dumps(meta))
+    _flip_low_bit(path / TENSOR_FILE, "proj_out.weight")
+    svdquant.load_quantized(path)
+
+
+@pytest.mark.parametrize("value,words", [
+    ("abc", "malformed 'sha256'"),
+    ({TENSOR_FILE: "0" * 63}, "malformed 'sha256'"),
+    ({TENSOR_FILE: "0" * 64, "../etc/passwd": "0" * 64}, "malformed 'sha256'"),
+    ({"text_encoder.safetensors": "0" * 64}, "malformed .sha256."),   # not a file of this checkpoint
+    ({}, "none for transformer.safetensors"),
+])
+def test_malformed_hashes_are_refused(fresh, value, words):
+    path = fresh()
+    meta = json.loads((path / META_FILE).read_text())
+    meta["sha256"] = value
+    (path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=words):
+        svdquant.load_quantized(path)
+
+
+def test_text_encoder_files_are_hashed_and_verified(tmp_path):
+    pipe = tm.build_flux_pipeline(0)
+    svdquant.quantize(pipe.transformer, svdquant.get_recipe("int4", iterations=0, eval_tokens=32),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", pipe.transformer, 1)), progress=False)
+    svdquant.quantize_text_encoders(pipe, progress=False)
+    path = svdquant.save_quantized(pipe, tmp_path / "ck")
+    meta = json.loads((path / META_FILE).read_text())
+    assert sorted(meta["sha256"]) == sorted([TENSOR_FILE, "text_encoder.safetensors", "text_encoder_2.safetensors"])
+    te = path / "text_encoder_2.safetensors"
+    with safe_open(str(te), "pt") as f:
+        kept = next(k for k in f.keys() if k.endswith("layer_norm.weight"))
+    _flip_low_bit(te, kept)
+    with pytest.raises(CheckpointError, match="text_encoder_2.safetensors has SHA-256"):
+        svdquant.load_text_encoders(path)
+    assert set(svdquant.load_text_encoders(path, verify=False)) == {"text_encoder", "text_encoder_2"}
 
 
 # ------------------------------------------------------------------------------------------------ versions

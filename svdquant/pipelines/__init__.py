@@ -107,7 +107,8 @@ def pickled_only_error(base, e: Exception) -> Exception:
     pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLED) \
         if folder.is_dir() else []
     if pickles and "safetensors" in str(e).lower():
-        return ValueError(f"the base pipeline {base} holds pickled weights ({pickles[0]}) where safetensors are needed; "
+        return ValueError(f"the base pipeline {base} holds pickled weights ({pickles[0]}) where safetensors are "
+                          "needed; "
                           "svdquant never unpickles (a pickle can run code as it loads): convert them to .safetensors "
                           "(e.g. load and save_pretrained it once in a trusted environment)")
     return FileNotFoundError(f"cannot load the base pipeline {base!s}: {e}")
