@@ -343,12 +343,19 @@ def _read_bounded(path: Path, limit: int, what: str) -> bytes:
         raise CheckpointError(f"{path} cannot be read ({e})") from None
 
 
-def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a safetensors file's header and check it against the file: a bounded header length, every
-    entry well formed (a known dtype, a shape of non-negative integers, two offsets), every tensor's
-    byte range matching its shape and dtype, the ranges tiling the data, and the file exactly that long.
-    Returns the header; raises CheckpointError naming the damage. Reads no tensor data."""
-    path = Path(path)
+# At most this many tensors in one safetensors file (FLUX.1-dev's transformer holds ~2,000, a Qwen-Image one
+# ~7,000): a header is refused above it before it is parsed. Loading a checkpoint also bounds it by the model
+# its config builds. A valid header holds 5 strings per entry (its name, "dtype", the dtype, "shape",
+# "data_offsets") and at most 11 commas (8 dimensions), "__metadata__" and at most MAX_METADATA_KEYS entries of
+# two strings there.
+MAX_TENSORS = 100_000
+MAX_METADATA_KEYS = 64      # ours write 1, diffusers 1, Nunchaku's tools 3
+_ESCAPES = re.compile(rb"\\.", re.S)
+_STRINGS = re.compile(rb'"[^"]*"')
+
+
+def _header_bytes(path: Path) -> bytes:
+    """The header of a safetensors file, its length checked against the file and MAX_HEADER_BYTES."""
     bad = f"{path} is truncated or corrupt"
     if not path.exists():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
@@ -366,15 +373,46 @@ def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{bad}: the header claims {n} bytes; svdquant reads headers of up to "
                                       f"{MAX_HEADER_BYTES} (a corrupt or hostile file)")
-            raw = f.read(n)
+            return f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e})") from None
+
+
+def _header_budget(path: Path, raw: bytes, max_entries: int) -> int:
+    """Refuse a header with more than ``max_entries`` tensors, or more commas than they can hold, without parsing
+    it (parsing 600,000 empty entries cost 4 s and 200 MB); returns how many entries it can hold at most. Counted
+    outside strings, after dropping escapes: C-speed passes with no backtracking; the strings are removed (the
+    slow part, per string) only when the raw comma count is over the budget, and by then there are few."""
+    bare = _ESCAPES.sub(b"", raw)
+    strings = bare.count(b'"') // 2
+    commas = bare.count(b",")
+    if commas > 11 * max_entries + MAX_METADATA_KEYS and strings <= 5 * max_entries + 1 + 2 * MAX_METADATA_KEYS:
+        commas = _STRINGS.sub(b"", bare).count(b",")  # those in the metadata's strings do not count
+    if strings > 5 * max_entries + 1 + 2 * MAX_METADATA_KEYS or commas > 11 * max_entries + MAX_METADATA_KEYS:
+        raise CheckpointError(f"{path} is truncated or corrupt: its header holds {strings} strings and {commas} commas, "
+                              f"more than a safetensors header of at most {max_entries} tensors can (a hostile file?)")
+    return strings // 5
+
+
+def check_tensor_file(path: str | os.PathLike, max_entries: int = MAX_TENSORS) -> dict[str, Any]:
+    """Read a safetensors file's header and check it against the file: a bounded header length, no more than
+    ``max_entries`` tensors (counted before the header is parsed), every entry well formed (a known dtype, a
+    shape of non-negative integers, two offsets), every tensor's byte range matching its shape and dtype, the
+    ranges tiling the data, and the file exactly that long. Returns the header; raises CheckpointError naming
+    the damage. Reads no tensor data."""
+    path = Path(path)
+    bad = f"{path} is truncated or corrupt"
+    raw = _header_bytes(path)
+    n, size = len(raw), path.stat().st_size
+    _header_budget(path, raw, min(max_entries, MAX_TENSORS))
     header = _json_object(raw, f"{bad}: its header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: its header is not a JSON object")
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{bad}: its __metadata__ is not a map of strings")
+    if len(meta) > MAX_METADATA_KEYS:
+        raise CheckpointError(f"{bad}: its __metadata__ has {len(meta)} entries; at most {MAX_METADATA_KEYS} are read")
     spans = []
     for name, t in header.items():
         if name == "__metadata__":
@@ -608,6 +646,24 @@ def _transformers_class(name: str, where: Path):
     return cls
 
 
+def _check_layer_counts_unparsed(meta: dict[str, Any], tensor_file: Path, where: Path) -> None:
+    """:func:`_check_layer_counts` against how many tensors the header can describe at most, from its unparsed
+    text (:func:`_header_budget`). When that fails, the header (then known to be under the hard cap) is parsed:
+    a damaged one is reported as such, a sound one with its exact count."""
+    try:
+        _check_layer_counts(meta, _header_budget(tensor_file, _header_bytes(tensor_file), MAX_TENSORS), where)
+    except CheckpointError:
+        header = check_tensor_file(tensor_file)
+        header.pop("__metadata__", None)
+        _check_layer_counts(meta, len(header), where)
+        raise
+
+
+def _tensor_count(model: nn.Module) -> int:
+    """The tensors a checkpoint of ``model`` holds (parameters and buffers, persistent or not, by name)."""
+    return len({**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())})
+
+
 def _check_layer_counts(meta: dict[str, Any], n_tensors: int, where: Path) -> None:
     """Every block holds at least one tensor, so a config with more blocks than the file has tensors lies;
     refusing it first keeps a hostile config from building millions of (meta) blocks."""
@@ -824,10 +880,11 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             return from_nunchaku(path, device, weight_mode=weight_mode)
     meta = read_metadata(path)
     tensor_file = tensor_file_of(path)
-    header = check_tensor_file(tensor_file)
-    header.pop("__metadata__", None)
-    _check_layer_counts(meta, len(header), path)
+    _check_layer_counts_unparsed(meta, tensor_file, path)  # before a hostile config builds millions of blocks
     model = _empty_quantized_model(meta, path, weight_mode)
+    # no more entries than the model has tensors, counted before the header is parsed
+    header = check_tensor_file(tensor_file, max_entries=_tensor_count(model))
+    header.pop("__metadata__", None)
     _fill(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None)
     model.eval()
     return model
@@ -845,9 +902,7 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
     out = {}
     for name, entry in (meta.get("text_encoders") or {}).items():
         tensor_file = folder / f"{name}.safetensors"
-        header = check_tensor_file(tensor_file)
-        header.pop("__metadata__", None)
-        _check_layer_counts(entry, len(header), tensor_file)
+        _check_layer_counts_unparsed(entry, tensor_file, tensor_file)
         cls = _transformers_class(entry["model_class"], tensor_file)
         try:
             config = cls.config_class.from_dict(entry["model_config"])
@@ -862,7 +917,10 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
             raise CheckpointError(f"{tensor_file}: {entry['model_class']} cannot be built from the stored config "
                                   f"({type(e).__name__}: {str(e)[:200]})") from None
         swap_quantized_layers(model, entry["layers"], tensor_file)
-        _fill(model, entry["layers"], tensor_file, header, device, entry.get("tied") or {},
+        tied = entry.get("tied") or {}
+        header = check_tensor_file(tensor_file, max_entries=max(0, _tensor_count(model) - len(tied)))
+        header.pop("__metadata__", None)
+        _fill(model, entry["layers"], tensor_file, header, device, tied,
               verify=meta if verify else None)
         from .models.text_encoders import fit_quantized
 

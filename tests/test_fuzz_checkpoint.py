@@ -320,3 +320,35 @@ def test_layer_count_above_the_tensor_count_is_refused_before_building(orig):
     meta["model_config"]["num_single_layers"] = 1_000_000
     kind, err = load(orig, meta_text=json.dumps(meta))
     assert kind == "error" and "holds only" in str(err)
+
+
+def test_a_header_of_many_entries_is_refused_before_it_is_parsed(orig):
+    """600,000 empty entries (22 MB): counted in the unparsed text and refused at once (the hard cap: before the
+    config builds a model). Parsing it first took seconds and hundreds of MB."""
+    import time
+    import tracemalloc
+
+    h = ("{" + ",".join(f'"tensor_with_a_long_name_{i:07d}":{{}}' for i in range(600_000)) + "}").encode()
+    (orig.case / META_FILE).write_text(orig.meta_text)
+    (orig.case / TENSOR_FILE).write_bytes(len(h).to_bytes(8, "little") + h)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="more than a safetensors header of at most 100000 tensors"):
+        svdquant.load_quantized(orig.case)
+    took, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert took < 2 and peak < 3 * len(h), (took, peak)
+
+
+@pytest.mark.parametrize("kind", ["entries", "commas"])
+def test_a_well_formed_header_over_the_models_bound_is_refused_unparsed(orig, kind):
+    """Valid-looking entries, three times as many as the model has; or one shape of a million dimensions: refused
+    at the bound the model built from the config sets (the message comes from the count, before any parse)."""
+    if kind == "entries":
+        entries = {f"t{i}": ("F32", [1], bytes(4)) for i in range(3 * len(orig.names))}
+    else:
+        entries = {**orig.entries, orig.names[0]: ("U8", [1] * 1_000_000, bytes(1))}
+    (orig.case / META_FILE).write_text(orig.meta_text)
+    (orig.case / TENSOR_FILE).write_bytes(serialize(entries, orig.metadata))
+    with pytest.raises(CheckpointError, match=f"more than a safetensors header of at most {len(orig.names)} tensors"):
+        svdquant.load_quantized(orig.case)
