@@ -175,6 +175,9 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
         "base_is_local": local,
         "recipe": getattr(model, "_svdquant_recipe", None),
         "layers": layers,
+        # where the layers came from when not from svdquant's quantizer ("nunchaku"): the load then checks only
+        # what holds for any quantizer (see _check_values)
+        **({"source": model._svdquant_source} if getattr(model, "_svdquant_source", None) else {}),
         "report": report.to_dict() if report is not None else None,
     }
     encoder_files = {}
@@ -516,7 +519,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{meta_file} lacks a valid {key!r} entry; the checkpoint is corrupt")
-    for key, kind in (("recipe", dict), ("report", dict), ("base", str), ("base_is_local", bool)):
+    for key, kind in (("recipe", dict), ("report", dict), ("base", str), ("base_is_local", bool), ("source", str)):
         if meta.get(key) is not None and not isinstance(meta[key], kind):
             raise CheckpointError(f"{meta_file} has a malformed {key!r} entry; the checkpoint is corrupt")
     _check_config(meta["model_config"], f"{meta_file}: model_config")
@@ -751,15 +754,38 @@ def _nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
+# What the quantizer can write, derived from svdquant/algorithm (checked on load, so a damaged or hostile file
+# cannot load values that make NaN images; measured margins on the tiny test models in the comments):
+# * 1/λ: candidate_smoothing clamps λ to [1e-6, 1e6] (λ = 1 without smoothing);
+SMOOTH_INV_RANGE = (1e-6 * (1 - 1e-6), 1e6 * (1 + 1e-6))
+# * the branch: low_rank splits each singular value evenly, up = U·√S and down·λ = √S·Vᵀ (layers reading one input
+#   share one down and split the rows of up), so for every rank component j, summed over the layers sharing a
+#   down, ‖up[:, j]‖² = ‖(down·λ)[j]‖² = s_j. Tolerance 2⁻⁴ for 16-bit rounding (measured ≤ 0.5 %);
+BRANCH_BALANCE_TOL = 2.0 ** -4
+# * the residual, for methods whose branch is the top of Ŵ's spectrum (svdquant, lowrank): every entry of Ŵ and of
+#   its rank-r part is at most the spectral norm σ₁ ≈ s₀ (the branch's first component), so |Q(R)| ≤ 2·s₀ plus
+#   rounding; 4·s₀ allowed (measured ≤ 0.14·s₀). LoRC fits the branch to the rounding error instead: no bound;
+RESIDUAL_BOUND = 4.0
+# * everything the algorithm takes from the base model as it is (kept layers, biases, weight-only layers, and any
+#   layer without the bounds above): finite, and beyond float16's largest value a NonFiniteWarning (no diffusion
+#   model's weights come near; bit flips in an exponent do).
+BASE_VALUE_WARN = 65504.0
+_DERIVED_METHODS = {"svdquant": True, "lowrank": True, "lorc": False}  # method -> residual bounded by the branch
+
+
 def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_keys: set[str],
-                  tensor_file: Path) -> None:
+                  tensor_file: Path, method: str | None = None) -> None:
     """Values a file can hold but svdquant never writes. In quantized layers (scales, 1/λ, branch, bias,
     codes) they are a CheckpointError: the quantizer checks its inputs and never writes NaN / Inf,
     int4m multipliers outside [1, 18] or the code -8, and an INT8 kernel would overflow on the last two.
-    Kept 16-bit layers are the base model's own weights: NaN / Inf there get a NonFiniteWarning."""
+    ``method``: the recipe's method when svdquant's quantizer wrote the layers (not an import): then 1/λ, the
+    branch and the residual's scales must also lie within the bounds it can produce (SMOOTH_INV_RANGE,
+    BRANCH_BALANCE_TOL, RESIDUAL_BOUND above). Kept 16-bit layers are the base model's own weights: NaN / Inf
+    there, and values the base model cannot have held (beyond BASE_VALUE_WARN) anywhere, get a NonFiniteWarning."""
+    from .formats import get_format
     from .formats.int4m import MULT_MAX
 
-    kept = []
+    kept, huge = [], []
     for k, t in tensors.items():
         bad = _nonfinite(t)
         if bad and k in quantized_keys:
@@ -767,25 +793,101 @@ def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_
                                   "writes into a quantized layer; the checkpoint is corrupt")
         if bad:
             kept.append(f"{k} ({bad})")
+        elif k not in quantized_keys and t.is_floating_point() and t.numel() and float(t.abs().max()) > BASE_VALUE_WARN:
+            huge.append(k)
+    shared: dict[tuple, list[str]] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, SVDQLinear) or "wmult" not in m._buffers:
+        if not isinstance(m, SVDQLinear):
             continue
         prefix = f"{name}." if name else ""
-        mult, codes = tensors[f"{prefix}wmult"], tensors[f"{prefix}qweight"]
-        if mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > MULT_MAX):
-            raise CheckpointError(f"{tensor_file}: {prefix}wmult holds multipliers outside [1, {MULT_MAX}]; "
-                                  "the checkpoint is corrupt")
-        if bool(((codes & 0x0F) == 8).any() or ((codes >> 4) == 8).any()):
-            raise CheckpointError(f"{tensor_file}: {prefix}qweight holds the 4-bit code -8 (codes are in "
-                                  "[-7, 7]); the checkpoint is corrupt")
+        t = {k: tensors[prefix + k] for k in m._buffers if prefix + k in tensors}
+        if "wmult" in t:
+            mult, codes = t["wmult"], t["qweight"]
+            if mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > MULT_MAX):
+                raise CheckpointError(f"{tensor_file}: {prefix}wmult holds multipliers outside [1, {MULT_MAX}]; "
+                                      "the checkpoint is corrupt")
+            if bool(((codes & 0x0F) == 8).any() or ((codes >> 4) == 8).any()):
+                raise CheckpointError(f"{tensor_file}: {prefix}qweight holds the 4-bit code -8 (codes are in "
+                                      "[-7, 7]); the checkpoint is corrupt")
+        sinv = t.get("smooth_inv")
+        if method in _DERIVED_METHODS or method in ("naive", "smooth"):
+            if sinv is not None and sinv.numel() and not (SMOOTH_INV_RANGE[0] <= float(sinv.min())
+                                                          and float(sinv.max()) <= SMOOTH_INV_RANGE[1]):
+                raise CheckpointError(f"{tensor_file}: {prefix}smooth_inv holds {float(sinv.min()):g} .. "
+                                      f"{float(sinv.max()):g}; svdquant's smoothing keeps 1/λ within [1e-6, 1e6]: "
+                                      "the checkpoint is corrupt")
+        if "bias" in t and t["bias"].numel() and float(t["bias"].abs().max()) > BASE_VALUE_WARN:
+            huge.append(prefix + "bias")  # the base model's bias (less the post-GELU shift's compensation)
+        if m.rank and method in _DERIVED_METHODS:
+            key = tuple(None if x is None else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                        for x in (t["lora_down"], sinv))  # bit-identical down and 1/λ: one shared branch
+            shared.setdefault(key, []).append(prefix)
+            continue
+        # no relation to check: bound what the layer can add to an output entry by the base model's range
+        scale = float(sinv.max()) if sinv is not None and sinv.numel() else 1.0
+        reach = float(get_format(m.weights).magnitude_bound(t).max()) * scale if m.out_features else 0.0
+        if m.rank:
+            reach = max(reach, m.rank * float(t["lora_up"].abs().max()) * float(t["lora_down"].abs().max()))
+        if reach > BASE_VALUE_WARN:
+            huge.append(prefix.rstrip("."))
+    for prefixes in shared.values():
+        _check_branch(model, tensors, prefixes, tensor_file, method)
     if kept:
         warnings.warn(f"{tensor_file}: {len(kept)} tensors of 16-bit layers hold NaN / Inf values, e.g. "
                       f"{', '.join(kept[:3])}; the model will likely produce NaN images", NonFiniteWarning,
                       stacklevel=3)
+    if huge:
+        warnings.warn(f"{tensor_file}: {len(huge)} tensors or layers hold values beyond ±{BASE_VALUE_WARN:g} (float16's "
+                      f"largest; no model's weights come near), e.g. {', '.join(huge[:3])}; the model will likely "
+                      "produce NaN images", NonFiniteWarning, stacklevel=3)
+
+
+def _check_branch(model: nn.Module, tensors: dict[str, torch.Tensor], prefixes: list[str], tensor_file: Path,
+                  method: str) -> None:
+    """The layers sharing one down projection (and 1/λ): their branch against the even split of the singular
+    values, and (svdquant, lowrank) their residual's reach against the largest singular value."""
+    from .formats import get_format
+
+    first = prefixes[0]
+    down = tensors[first + "lora_down"].double()
+    sinv = tensors.get(first + "smooth_inv")
+    if sinv is not None:
+        down = down / sinv.double()  # down·λ = √S·Vᵀ
+    s = down.square().sum(1)
+    u = sum(tensors[p + "lora_up"].double().square().sum(0) for p in prefixes)
+    top = float(torch.maximum(s, u).max())
+    off = (u - s).abs() > BRANCH_BALANCE_TOL * torch.maximum(u, s) + 2.0 ** -20 * top
+    if bool(off.any()):
+        j = int(off.nonzero()[0])
+        raise CheckpointError(
+            f"{tensor_file}: the low-rank branch of {', '.join(p.rstrip('.') for p in prefixes)[:200]} is out of "
+            f"balance (component {j}: ‖up‖² = {float(u[j]):.4g}, ‖down·λ‖² = {float(s[j]):.4g}); svdquant splits "
+            "each singular value evenly between the two: the checkpoint is corrupt")
+    if not _DERIVED_METHODS[method]:
+        return
+    s0 = float(s.max())
+    for p in prefixes:
+        m = model.get_submodule(p.rstrip("."))
+        t = {k: tensors[p + k] for k in m._buffers if p + k in tensors}
+        reach = float(get_format(m.weights).magnitude_bound(t).max())
+        if reach > RESIDUAL_BOUND * s0 + 2.0 ** -10:
+            raise CheckpointError(
+                f"{tensor_file}: {p}wscales reach {reach:.4g}, above {RESIDUAL_BOUND:g}× the branch's largest "
+                f"singular value ({s0:.4g}), which svdquant's residual never exceeds: the checkpoint is corrupt")
+
+
+def _quantizer_method(meta: dict[str, Any]) -> str | None:
+    """The recipe's method when svdquant's quantizer wrote the layers, else None (an import, an unknown recipe)."""
+    from .recipes import METHODS
+
+    recipe = meta.get("recipe")
+    if meta.get("source") is not None or not isinstance(recipe, dict):
+        return None
+    return recipe.get("method") if recipe.get("method") in METHODS else None
 
 
 def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path, header: dict[str, Any], device,
-          tied: dict[str, str] | None = None, verify: dict[str, Any] | None = None) -> None:
+          tied: dict[str, str] | None = None, verify: dict[str, Any] | None = None, method: str | None = None) -> None:
     """Load ``tensor_file`` (its checked ``header``) into ``model``, built on meta with its quantized ``layers``
     swapped in: every name, shape and dtype is checked against the model before any tensor is read, then the
     values (:func:`_check_values`), then, with the metadata as ``verify``, the file's SHA-256 (last: the checks
@@ -832,7 +934,7 @@ def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path
                 tensors[k] = t
     except Exception as e:  # changed under us since the header check: safetensors' own errors
         raise CheckpointError(f"{tensor_file} cannot be read ({e}); the file is truncated or corrupt") from None
-    _check_values(model, tensors, quantized_keys, tensor_file)
+    _check_values(model, tensors, quantized_keys, tensor_file, method)
     if verify is not None:
         _verify(tensor_file, verify)
     persistent = set(model.state_dict())
@@ -885,7 +987,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     # no more entries than the model has tensors, counted before the header is parsed
     header = check_tensor_file(tensor_file, max_entries=_tensor_count(model))
     header.pop("__metadata__", None)
-    _fill(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None)
+    _fill(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None,
+          method=_quantizer_method(meta))
+    model._svdquant_source = meta.get("source")
     model.eval()
     return model
 
@@ -920,8 +1024,8 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
         tied = entry.get("tied") or {}
         header = check_tensor_file(tensor_file, max_entries=max(0, _tensor_count(model) - len(tied)))
         header.pop("__metadata__", None)
-        _fill(model, entry["layers"], tensor_file, header, device, tied,
-              verify=meta if verify else None)
+        _fill(model, entry["layers"], tensor_file, header, device, tied, verify=meta if verify else None,
+              method=_quantizer_method({**entry, "source": meta.get("source")}))
         from .models.text_encoders import fit_quantized
 
         fit_quantized(model)

@@ -799,6 +799,57 @@ def test_text_encoder_files_are_hashed_and_verified(tmp_path):
     assert set(svdquant.load_text_encoders(path, verify=False)) == {"text_encoder", "text_encoder_2"}
 
 
+# ------------------------------------------------------------------------------------------------ value bounds
+BOUNDED = [  # (tensor, change, words): values a file can hold but svdquant's quantizer cannot write
+    ("transformer_blocks.0.attn.to_q.smooth_inv", lambda t: t.mul_(1e7), "within \\[1e-6, 1e6\\]"),
+    ("transformer_blocks.0.attn.to_q.smooth_inv", lambda t: t.mul_(1e-7), "within \\[1e-6, 1e6\\]"),
+    ("transformer_blocks.0.attn.to_k.lora_up", lambda t: t[:, 3].mul_(4.0), "out of balance \\(component 3"),
+    ("transformer_blocks.0.ff.net.2.lora_down", lambda t: t[0].mul_(2.0 ** 20), "out of balance \\(component 0"),
+    ("single_transformer_blocks.0.proj_mlp.wscales", lambda t: t[5].mul_(2.0 ** 40), "above 4× the branch"),
+]
+
+
+@pytest.mark.parametrize("name,change,words", BOUNDED, ids=[f"{b[0].rsplit('.', 1)[1]}-{i}" for i, b in enumerate(BOUNDED)])
+def test_values_out_of_the_quantizers_bounds_are_refused(fresh, name, change, words):
+    path = fresh()
+    rewrite_tensors(path, lambda t: change(t[name]))
+    with pytest.raises(CheckpointError, match=words) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and "corrupt" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["proj_out.weight", "transformer_blocks.0.attn.to_q.bias",
+                                  "transformer_blocks.0.norm1.linear.wscales"])   # kept, a bias, a W4A16 layer
+def test_base_model_values_beyond_float16_warn(fresh, name):
+    """What the quantizer takes from the base model as it is has no bound but the base's own range: beyond
+    float16's largest value, a NonFiniteWarning (the load goes on)."""
+    path = fresh()
+    rewrite_tensors(path, lambda t: t[name].view(-1)[0].fill_(1e30))
+    with pytest.warns(svdquant.checkpoint.NonFiniteWarning, match="beyond ±65504"):
+        svdquant.load_quantized(path)
+
+
+def test_imported_layers_are_held_to_what_any_quantizer_writes(fresh):
+    """A Nunchaku import (``source``) splits its branch its own way: the even-split check does not apply."""
+    path = fresh()
+    rewrite_tensors(path, lambda t: t["transformer_blocks.0.ff.net.2.lora_down"].mul_(2.0))
+    with pytest.raises(CheckpointError, match="out of balance"):
+        svdquant.load_quantized(path)
+    edit_meta(path, lambda m: m.update(source="nunchaku"))
+    assert svdquant.load_quantized(path)._svdquant_source == "nunchaku"
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4m", "int4z", "nvfp4", "int8", "fp8", "nf4"])
+def test_magnitude_bound_covers_every_value(fmt):
+    from svdquant.formats import get_format
+
+    f = get_format(fmt)
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 48)[:, None]
+    q = f.quantize(w, None, weight=True, scale_dtype=torch.bfloat16)
+    bound, real = f.magnitude_bound(f.to_buffers(q)), f.dequantize(q).abs().amax(-1)
+    assert bool((bound >= real).all()) and bool((bound <= real * 8 / 7 * 1.001).all())
+
+
 # ------------------------------------------------------------------------------------------------ versions
 def test_float_scale_checkpoints_stay_version_1_and_load(tmp_path):
     """The paper's float-scale W4A4 (every checkpoint before two-level scales) is written as version 1, so

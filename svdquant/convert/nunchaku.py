@@ -472,6 +472,7 @@ def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *
     _check_values(model, tensors, quantized, plan.path)
     model.load_state_dict(tensors, strict=True, assign=True)
     model._svdquant_recipe = plan.meta["recipe"]
+    model._svdquant_source = "nunchaku"  # saved with it: a later load skips the checks of svdquant's own quantizer
     model.eval()
     return model.to(device) if str(device) != "cpu" else model
 
