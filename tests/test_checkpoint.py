@@ -686,6 +686,17 @@ def test_a_recorded_base_inside_the_current_directory_loads(pipeline_setup, tmp_
     _check_pipeline(svdquant.load_pipeline(None, ck), s)
 
 
+def test_a_symlinked_checkpoint_is_followed_as_its_target(pipeline_setup, tmp_path):
+    """Decided: a checkpoint folder reached through a symlink loads as its target (the hub cache's snapshots are
+    links too); its recorded base is looked for next to the target, and must lie inside the target's parent."""
+    s = pipeline_setup
+    link = tmp_path / "elsewhere" / "ck-link"
+    link.parent.mkdir()
+    link.symlink_to(s["ck"].resolve(), target_is_directory=True)
+    _check_pipeline(svdquant.load_pipeline(None, link), s)   # ../base of the target, not of the link
+    assert not (link.parent / "base").exists()
+
+
 class _Exploit:
     """A pickle that touches ``marker`` when it is unpickled: what a hostile .bin does (with worse commands)."""
 
