@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from . import _checks
 from .modules import SVDQConv1x1, SVDQLinear
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer); version 3 the zero-point ``int4z``
 # layers (``wzeros``: AWQ adaLN layers imported from Nunchaku) and the quantized text encoders
 # (``text_encoders``). A checkpoint is written with the lowest version that holds its contents, so older
@@ -48,6 +48,9 @@ FORMAT_VERSION = 3
 # ("upgrade") rather than loaded with the base's 16-bit encoders in their place.
 _FORMAT_SINCE = {"int4m": 2, "int4z": 3}
 TEXT_ENCODERS_SINCE = 3
+# Version 4: a layer may hold its bias in fp32 (``bias_dtype``: Nunchaku adaLN scale biases the model dtype cannot
+# hold exactly once the folded 1 is taken out); older svdquant would refuse the key as a malformed entry.
+BIAS_DTYPE_SINCE = 4
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
 
@@ -70,7 +73,8 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def format_version(layers: dict[str, dict[str, Any]]) -> int:
     """The lowest format version that holds these layers."""
-    return max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values() for k in ("weights", "activations")])
+    return max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values() for k in ("weights", "activations")]
+               + [BIAS_DTYPE_SINCE for cfg in layers.values() if "bias_dtype" in cfg])
 
 
 def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -594,7 +598,8 @@ def _check_config(value, where: str, depth: int = 0) -> None:
 
 
 _LAYER_REQUIRED = {"type", "in_features", "out_features", "weights"}
-_LAYER_KEYS = _LAYER_REQUIRED | {"bias", "activations", "group_size", "rank", "act_shift", "act_unsigned_from", "dtype"}
+_LAYER_KEYS = _LAYER_REQUIRED | {"bias", "activations", "group_size", "rank", "act_shift", "act_unsigned_from", "dtype",
+                                  "bias_dtype"}
 _LAYER_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -612,7 +617,8 @@ def _check_layer(name: str, cfg, meta_file: Path) -> None:
     for key, ok in (("bias", lambda v: isinstance(v, bool)), ("weights", lambda v: isinstance(v, str)),
                     ("activations", lambda v: v is None or isinstance(v, str)),
                     ("act_shift", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and abs(v) < 1e6), ("dtype", lambda v: v in _LAYER_DTYPES)):
+                     and abs(v) < 1e6), ("dtype", lambda v: v in _LAYER_DTYPES),
+                    ("bias_dtype", lambda v: v in _LAYER_DTYPES)):
         if key in cfg and not ok(cfg[key]):
             raise CheckpointError(f"{bad} ({key} = {str(cfg[key])[:50]!r})")
 
