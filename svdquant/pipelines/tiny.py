@@ -221,7 +221,9 @@ class TinyFluxPipeline:
     def __call__(self, prompt: str | Sequence[str] | None = None, class_labels=None, num_inference_steps=None,
                  guidance_scale=None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", num_images_per_prompt: int = 1, progress: bool = False,
-                 height: int | None = None, width: int | None = None):
+                 height: int | None = None, width: int | None = None, callback_on_step_end=None):
+        """``callback_on_step_end(pipe, step, t, {"latents": x})`` runs after every step, as diffusers' does: it
+        may return a dict with new ``latents``, or raise to stop sampling there (``svdquant serve`` does)."""
         self.check_inputs(num_inference_steps, num_images_per_prompt, guidance_scale, height, width, output_type)
         if class_labels is None:
             if prompt is None:
@@ -242,14 +244,16 @@ class TinyFluxPipeline:
         null = torch.full_like(labels, len(self.classes))
         ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
         # disable=None: tqdm shows the bar only on a terminal, so redirected logs stay readable
-        for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=None if progress else True,
-                              leave=False):
+        for i, (t, t_next) in enumerate(tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling",
+                                             disable=None if progress else True, leave=False)):
             if g != 1.0:
                 v_c, v_u = self.velocity(torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
                 v = v_u + g * (v_c - v_u)
             else:
                 v = self.velocity(x, t, labels)
             x = x + (t_next - t) * v
+            if callback_on_step_end is not None:
+                x = (callback_on_step_end(self, i, t, {"latents": x}) or {}).get("latents", x)
         if output_type == "latent":
             return TinyOutput(x)
         img = ((x.float() + 1) / 2).clamp(0, 1)
