@@ -44,6 +44,7 @@ def _protocol():
             self.max_connections = getattr(config, "svdquant_max_connections", None)
             self.metrics = getattr(config, "svdquant_metrics", None)
             self._head_timer = None
+            self._head_bytes = 0      # of the head now arriving
 
         def _count(self, kind: str) -> None:
             if self.metrics is not None:
@@ -63,8 +64,18 @@ def _protocol():
 
         def data_received(self, data: bytes) -> None:
             waiting_for_head = self.cycle is None or self.cycle.response_complete
-            if waiting_for_head and self._head_timer is None:
-                self._arm()
+            if waiting_for_head:
+                if self._head_timer is None:
+                    self._arm()
+                # h11 bounds only a head that is still incomplete; one that arrives whole in a chunk is counted here
+                end = data.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else end + 4
+                if self._head_bytes > MAX_HEADER_BYTES:
+                    return self._reply_and_close(431, b"Request Header Fields Too Large",
+                                                 f"the request's head is over {MAX_HEADER_BYTES} bytes; send fewer or "
+                                                 "shorter headers")
+                if end >= 0:
+                    self._head_bytes = 0
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
                 self._disarm()   # the head is in; the body has its own deadline (guard.Gate)
@@ -85,15 +96,17 @@ def _protocol():
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            import h11
+            self._reply_and_close(400, b"Bad Request", f"the request's HTTP head is malformed or over "
+                                  f"{MAX_HEADER_BYTES} bytes ({msg.rstrip('.')})")
 
+        def _reply_and_close(self, status: int, reason: bytes, message: str) -> None:
+            """An OpenAI error object written straight to the socket (h11 may be in no state to send one: the head
+            was never parsed), then the connection closed."""
             self._count("malformed")
-            body = json.dumps(error_body(f"the request's HTTP head is malformed or over {MAX_HEADER_BYTES} bytes "
-                                         f"({msg.rstrip('.')})")).encode()
-            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                          h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
+            self._disarm()
+            body = json.dumps(error_body(message)).encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n" % (status, reason, len(body)) + body)
             self.transport.close()
 
     return GuardedH11

@@ -101,11 +101,14 @@ class Worker:
 
     @property
     def state(self) -> str:
-        """``warming up``, ``ready``, ``draining`` or ``stopped``: only ``ready`` takes traffic."""
+        """``warming up``, ``ready``, ``draining``, ``stopped`` or ``failed`` (the warm-up raised): only ``ready``
+        takes traffic."""
+        if self._failed:
+            return "failed"
+        if self._drain_deadline is not None or self._stopping:
+            return "draining"   # also once the thread has ended: the process is on its way out
         if not self.alive:
             return "stopped"
-        if self._drain_deadline is not None or self._stopping:
-            return "draining"
         return "ready" if self._warm.is_set() else "warming up"
 
     @property
