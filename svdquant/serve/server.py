@@ -159,8 +159,9 @@ def run_server(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 8000
                batch_wait_ms: float = 10.0, api_key: str | None = None, allowed_hosts=(), cors_origins=(),
                max_body_bytes: int | None = None, read_timeout: float = READ_TIMEOUT_S,
                drain_timeout: float = DRAIN_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
-               allow_base_outside: bool = False, log=print) -> None:
-    """``allowed_hosts``: names besides the loopback ones and ``host`` that clients may use (``"*"``: any)."""
+               allow_base_outside: bool = False, warmup=None, log=print) -> None:
+    """``allowed_hosts``: names besides the loopback ones and ``host`` that clients may use (``"*"``: any).
+    ``warmup``: run by the worker before it is ready (:func:`~svdquant.serve.create_app`)."""
     from .app import MAX_BODY_BYTES
 
     _access_log_to_stdout()
@@ -170,7 +171,7 @@ def run_server(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 8000
     app = create_app(engine, max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                      max_body_bytes=max_body_bytes or MAX_BODY_BYTES, api_key=api_key, allowed_hosts=names,
                      cors_origins=cors_origins, read_timeout=read_timeout, drain_timeout=drain_timeout,
-                     max_connections=max_connections)
+                     max_connections=max_connections, warmup=warmup)
     if not is_loopback(host) and not api_key:
         print(f"svdquant serve: warning: listening on {host}, beyond this machine, without an API key: anyone who "
               "can reach it can use it; set SVDQUANT_API_KEY (or --api-key)", file=sys.stderr, flush=True)
