@@ -22,6 +22,7 @@ hands them to the base pipeline, so the base's 16-bit encoders are never read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from safetensors.torch import save_file
 from . import _checks
 from .modules import SVDQConv1x1, SVDQLinear
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer); version 3 the zero-point ``int4z``
 # layers (``wzeros``: AWQ adaLN layers imported from Nunchaku) and the quantized text encoders
 # (``text_encoders``). A checkpoint is written with the lowest version that holds its contents, so older
@@ -47,6 +48,9 @@ FORMAT_VERSION = 3
 # ("upgrade") rather than loaded with the base's 16-bit encoders in their place.
 _FORMAT_SINCE = {"int4m": 2, "int4z": 3}
 TEXT_ENCODERS_SINCE = 3
+# Version 4: a layer may hold its bias in fp32 (``bias_dtype``: Nunchaku adaLN scale biases the model dtype cannot
+# hold exactly once the folded 1 is taken out); older svdquant would refuse the key as a malformed entry.
+BIAS_DTYPE_SINCE = 4
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
 
@@ -69,7 +73,8 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def format_version(layers: dict[str, dict[str, Any]]) -> int:
     """The lowest format version that holds these layers."""
-    return max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values() for k in ("weights", "activations")])
+    return max([1] + [_FORMAT_SINCE.get(cfg.get(k), 1) for cfg in layers.values() for k in ("weights", "activations")]
+               + [BIAS_DTYPE_SINCE for cfg in layers.values() if "bias_dtype" in cfg])
 
 
 def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -180,6 +185,9 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
         "base_is_local": local,
         "recipe": getattr(model, "_svdquant_recipe", None),
         "layers": layers,
+        # where the layers came from when not from svdquant's quantizer ("nunchaku"): the load then checks only
+        # what holds for any quantizer (see _check_values)
+        **({"source": model._svdquant_source} if getattr(model, "_svdquant_source", None) else {}),
         "report": report.to_dict() if report is not None else None,
     }
     encoder_files = {}
@@ -198,14 +206,16 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as a normal folder
     try:
+        # the header keeps the metadata without the hashes: they are hashes of the very file it sits in
         save_file(_all_tensors(model), str(tmp / TENSOR_FILE), metadata={"svdquant": text})
         (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
-        (tmp / META_FILE).write_text(text)
         written = [TENSOR_FILE, META_FILE]
         for fname, tensors in encoder_files.items():
             save_file(tensors, str(tmp / fname), metadata={"svdquant_text_encoder": fname.removesuffix(".safetensors")})
             (tmp / fname).chmod(0o666 & ~umask)
             written.append(fname)
+        meta["sha256"] = {f: sha256_of(tmp / f) for f in [TENSOR_FILE, *encoder_files]}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if model_card:
             from .model_card import base_license, render
 
@@ -228,6 +238,36 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The file's SHA-256 as 64 hex digits, read in 8 MiB chunks (a checkpoint may be larger than the memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(tensor_file: Path, meta: dict[str, Any]) -> None:
+    """Compare ``tensor_file`` with the SHA-256 its svdquant.json records (checkpoints written before hashes, or
+    read through the tensor file's own header copy, record none: nothing to compare)."""
+    hashes = meta.get("sha256")
+    if hashes is None:
+        return
+    want = hashes.get(tensor_file.name)
+    if want is None:
+        raise CheckpointError(f"{tensor_file.parent / META_FILE} records SHA-256 hashes but none for "
+                              f"{tensor_file.name}; "
+                              "the checkpoint is corrupt (or pass verify=False to load it unchecked)")
+    try:
+        got = sha256_of(tensor_file)
+    except OSError as e:
+        raise CheckpointError(f"{tensor_file} cannot be read ({e})") from None
+    if got != want:
+        raise CheckpointError(f"{tensor_file} has SHA-256 {got[:16]}..., its {META_FILE} records {want[:16]}...: the "
+                              "file was damaged or changed after saving; copy or download it again (verify=False loads "
+                              "it unchecked)")
 
 
 def _fsync(path: Path) -> None:
@@ -316,12 +356,19 @@ def _read_bounded(path: Path, limit: int, what: str) -> bytes:
         raise CheckpointError(f"{path} cannot be read ({e})") from None
 
 
-def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a safetensors file's header and check it against the file: a bounded header length, every
-    entry well formed (a known dtype, a shape of non-negative integers, two offsets), every tensor's
-    byte range matching its shape and dtype, the ranges tiling the data, and the file exactly that long.
-    Returns the header; raises CheckpointError naming the damage. Reads no tensor data."""
-    path = Path(path)
+# At most this many tensors in one safetensors file (FLUX.1-dev's transformer holds ~2,000, a Qwen-Image one
+# ~7,000): a header is refused above it before it is parsed. Loading a checkpoint also bounds it by the model
+# its config builds. A valid header holds 5 strings per entry (its name, "dtype", the dtype, "shape",
+# "data_offsets") and at most 11 commas (8 dimensions), "__metadata__" and at most MAX_METADATA_KEYS entries of
+# two strings there.
+MAX_TENSORS = 100_000
+MAX_METADATA_KEYS = 64      # ours write 1, diffusers 1, Nunchaku's tools 3
+_ESCAPES = re.compile(rb"\\.", re.S)
+_STRINGS = re.compile(rb'"[^"]*"')
+
+
+def _header_bytes(path: Path) -> bytes:
+    """The header of a safetensors file, its length checked against the file and MAX_HEADER_BYTES."""
     bad = f"{path} is truncated or corrupt"
     if not path.exists():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
@@ -339,15 +386,46 @@ def check_tensor_file(path: str | os.PathLike) -> dict[str, Any]:
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{bad}: the header claims {n} bytes; svdquant reads headers of up to "
                                       f"{MAX_HEADER_BYTES} (a corrupt or hostile file)")
-            raw = f.read(n)
+            return f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e})") from None
+
+
+def _header_budget(path: Path, raw: bytes, max_entries: int) -> int:
+    """Refuse a header with more than ``max_entries`` tensors, or more commas than they can hold, without parsing
+    it (parsing 600,000 empty entries cost 4 s and 200 MB); returns how many entries it can hold at most. Counted
+    outside strings, after dropping escapes: C-speed passes with no backtracking; the strings are removed (the
+    slow part, per string) only when the raw comma count is over the budget, and by then there are few."""
+    bare = _ESCAPES.sub(b"", raw)
+    strings = bare.count(b'"') // 2
+    commas = bare.count(b",")
+    if commas > 11 * max_entries + MAX_METADATA_KEYS and strings <= 5 * max_entries + 1 + 2 * MAX_METADATA_KEYS:
+        commas = _STRINGS.sub(b"", bare).count(b",")  # those in the metadata's strings do not count
+    if strings > 5 * max_entries + 1 + 2 * MAX_METADATA_KEYS or commas > 11 * max_entries + MAX_METADATA_KEYS:
+        raise CheckpointError(f"{path} is truncated or corrupt: its header holds {strings} strings and {commas} commas, "
+                              f"more than a safetensors header of at most {max_entries} tensors can (a hostile file?)")
+    return strings // 5
+
+
+def check_tensor_file(path: str | os.PathLike, max_entries: int = MAX_TENSORS) -> dict[str, Any]:
+    """Read a safetensors file's header and check it against the file: a bounded header length, no more than
+    ``max_entries`` tensors (counted before the header is parsed), every entry well formed (a known dtype, a
+    shape of non-negative integers, two offsets), every tensor's byte range matching its shape and dtype, the
+    ranges tiling the data, and the file exactly that long. Returns the header; raises CheckpointError naming
+    the damage. Reads no tensor data."""
+    path = Path(path)
+    bad = f"{path} is truncated or corrupt"
+    raw = _header_bytes(path)
+    n, size = len(raw), path.stat().st_size
+    _header_budget(path, raw, min(max_entries, MAX_TENSORS))
     header = _json_object(raw, f"{bad}: its header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: its header is not a JSON object")
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{bad}: its __metadata__ is not a map of strings")
+    if len(meta) > MAX_METADATA_KEYS:
+        raise CheckpointError(f"{bad}: its __metadata__ has {len(meta)} entries; at most {MAX_METADATA_KEYS} are read")
     spans = []
     for name, t in header.items():
         if name == "__metadata__":
@@ -451,7 +529,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{meta_file} lacks a valid {key!r} entry; the checkpoint is corrupt")
-    for key, kind in (("recipe", dict), ("report", dict), ("base", str), ("base_is_local", bool)):
+    for key, kind in (("recipe", dict), ("report", dict), ("base", str), ("base_is_local", bool), ("source", str)):
         if meta.get(key) is not None and not isinstance(meta[key], kind):
             raise CheckpointError(f"{meta_file} has a malformed {key!r} entry; the checkpoint is corrupt")
     _check_config(meta["model_config"], f"{meta_file}: model_config")
@@ -459,7 +537,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         _check_layer(name, cfg, meta_file)
     if meta.get("text_encoders") is not None:
         _check_text_encoders(meta, meta_file)
+    if meta.get("sha256") is not None:
+        files = {TENSOR_FILE} | {f"{n}.safetensors" for n in meta.get("text_encoders") or ()}
+        h = meta["sha256"]
+        if not (isinstance(h, dict) and set(h) <= files
+                and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in h.values())):
+            raise CheckpointError(f"{meta_file} has a malformed 'sha256' entry (64 hex digits per tensor file of "
+                                  "the checkpoint); the checkpoint is corrupt")
     return meta
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 _ENCODER_KEYS = {"model_class", "model_config", "layers", "tied", "recipe"}
@@ -516,7 +604,8 @@ def _check_config(value, where: str, depth: int = 0) -> None:
 
 
 _LAYER_REQUIRED = {"type", "in_features", "out_features", "weights"}
-_LAYER_KEYS = _LAYER_REQUIRED | {"bias", "activations", "group_size", "rank", "act_shift", "act_unsigned_from", "dtype"}
+_LAYER_KEYS = _LAYER_REQUIRED | {"bias", "activations", "group_size", "rank", "act_shift", "act_unsigned_from", "dtype",
+                                  "bias_dtype"}
 _LAYER_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -534,7 +623,8 @@ def _check_layer(name: str, cfg, meta_file: Path) -> None:
     for key, ok in (("bias", lambda v: isinstance(v, bool)), ("weights", lambda v: isinstance(v, str)),
                     ("activations", lambda v: v is None or isinstance(v, str)),
                     ("act_shift", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and abs(v) < 1e6), ("dtype", lambda v: v in _LAYER_DTYPES)):
+                     and abs(v) < 1e6), ("dtype", lambda v: v in _LAYER_DTYPES),
+                    ("bias_dtype", lambda v: v in _LAYER_DTYPES)):
         if key in cfg and not ok(cfg[key]):
             raise CheckpointError(f"{bad} ({key} = {str(cfg[key])[:50]!r})")
 
@@ -569,6 +659,24 @@ def _transformers_class(name: str, where: Path):
         raise CheckpointError(f"{where} names {name[:100]!r} as a text encoder class, which is not a transformers "
                               "model")
     return cls
+
+
+def _check_layer_counts_unparsed(meta: dict[str, Any], tensor_file: Path, where: Path) -> None:
+    """:func:`_check_layer_counts` against how many tensors the header can describe at most, from its unparsed
+    text (:func:`_header_budget`). When that fails, the header (then known to be under the hard cap) is parsed:
+    a damaged one is reported as such, a sound one with its exact count."""
+    try:
+        _check_layer_counts(meta, _header_budget(tensor_file, _header_bytes(tensor_file), MAX_TENSORS), where)
+    except CheckpointError:
+        header = check_tensor_file(tensor_file)
+        header.pop("__metadata__", None)
+        _check_layer_counts(meta, len(header), where)
+        raise
+
+
+def _tensor_count(model: nn.Module) -> int:
+    """The tensors a checkpoint of ``model`` holds (parameters and buffers, persistent or not, by name)."""
+    return len({**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())})
 
 
 def _check_layer_counts(meta: dict[str, Any], n_tensors: int, where: Path) -> None:
@@ -658,15 +766,38 @@ def _nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
+# What the quantizer can write, derived from svdquant/algorithm (checked on load, so a damaged or hostile file
+# cannot load values that make NaN images; measured margins on the tiny test models in the comments):
+# * 1/λ: candidate_smoothing clamps λ to [1e-6, 1e6] (λ = 1 without smoothing);
+SMOOTH_INV_RANGE = (1e-6 * (1 - 1e-6), 1e6 * (1 + 1e-6))
+# * the branch: low_rank splits each singular value evenly, up = U·√S and down·λ = √S·Vᵀ (layers reading one input
+#   share one down and split the rows of up), so for every rank component j, summed over the layers sharing a
+#   down, ‖up[:, j]‖² = ‖(down·λ)[j]‖² = s_j. Tolerance 2⁻⁴ for 16-bit rounding (measured ≤ 0.5 %);
+BRANCH_BALANCE_TOL = 2.0 ** -4
+# * the residual, for methods whose branch is the top of Ŵ's spectrum (svdquant, lowrank): every entry of Ŵ and of
+#   its rank-r part is at most the spectral norm σ₁ ≈ s₀ (the branch's first component), so |Q(R)| ≤ 2·s₀ plus
+#   rounding; 4·s₀ allowed (measured ≤ 0.14·s₀). LoRC fits the branch to the rounding error instead: no bound;
+RESIDUAL_BOUND = 4.0
+# * everything the algorithm takes from the base model as it is (kept layers, biases, weight-only layers, and any
+#   layer without the bounds above): finite, and beyond float16's largest value a NonFiniteWarning (no diffusion
+#   model's weights come near; bit flips in an exponent do).
+BASE_VALUE_WARN = 65504.0
+_DERIVED_METHODS = {"svdquant": True, "lowrank": True, "lorc": False}  # method -> residual bounded by the branch
+
+
 def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_keys: set[str],
-                  tensor_file: Path) -> None:
+                  tensor_file: Path, method: str | None = None) -> None:
     """Values a file can hold but svdquant never writes. In quantized layers (scales, 1/λ, branch, bias,
     codes) they are a CheckpointError: the quantizer checks its inputs and never writes NaN / Inf,
     int4m multipliers outside [1, 18] or the code -8, and an INT8 kernel would overflow on the last two.
-    Kept 16-bit layers are the base model's own weights: NaN / Inf there get a NonFiniteWarning."""
+    ``method``: the recipe's method when svdquant's quantizer wrote the layers (not an import): then 1/λ, the
+    branch and the residual's scales must also lie within the bounds it can produce (SMOOTH_INV_RANGE,
+    BRANCH_BALANCE_TOL, RESIDUAL_BOUND above). Kept 16-bit layers are the base model's own weights: NaN / Inf
+    there, and values the base model cannot have held (beyond BASE_VALUE_WARN) anywhere, get a NonFiniteWarning."""
+    from .formats import get_format
     from .formats.int4m import MULT_MAX
 
-    kept = []
+    kept, huge = [], []
     for k, t in tensors.items():
         bad = _nonfinite(t)
         if bad and k in quantized_keys:
@@ -674,28 +805,106 @@ def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], quantized_
                                   "writes into a quantized layer; the checkpoint is corrupt")
         if bad:
             kept.append(f"{k} ({bad})")
+        elif k not in quantized_keys and t.is_floating_point() and t.numel() and float(t.abs().max()) > BASE_VALUE_WARN:
+            huge.append(k)
+    shared: dict[tuple, list[str]] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, SVDQLinear) or "wmult" not in m._buffers:
+        if not isinstance(m, SVDQLinear):
             continue
         prefix = f"{name}." if name else ""
-        mult, codes = tensors[f"{prefix}wmult"], tensors[f"{prefix}qweight"]
-        if mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > MULT_MAX):
-            raise CheckpointError(f"{tensor_file}: {prefix}wmult holds multipliers outside [1, {MULT_MAX}]; "
-                                  "the checkpoint is corrupt")
-        if bool(((codes & 0x0F) == 8).any() or ((codes >> 4) == 8).any()):
-            raise CheckpointError(f"{tensor_file}: {prefix}qweight holds the 4-bit code -8 (codes are in "
-                                  "[-7, 7]); the checkpoint is corrupt")
+        t = {k: tensors[prefix + k] for k in m._buffers if prefix + k in tensors}
+        if "wmult" in t:
+            mult, codes = t["wmult"], t["qweight"]
+            if mult.numel() and (int(mult.min()) < 1 or int(mult.max()) > MULT_MAX):
+                raise CheckpointError(f"{tensor_file}: {prefix}wmult holds multipliers outside [1, {MULT_MAX}]; "
+                                      "the checkpoint is corrupt")
+            if bool(((codes & 0x0F) == 8).any() or ((codes >> 4) == 8).any()):
+                raise CheckpointError(f"{tensor_file}: {prefix}qweight holds the 4-bit code -8 (codes are in "
+                                      "[-7, 7]); the checkpoint is corrupt")
+        sinv = t.get("smooth_inv")
+        if method in _DERIVED_METHODS or method in ("naive", "smooth"):
+            if sinv is not None and sinv.numel() and not (SMOOTH_INV_RANGE[0] <= float(sinv.min())
+                                                          and float(sinv.max()) <= SMOOTH_INV_RANGE[1]):
+                raise CheckpointError(f"{tensor_file}: {prefix}smooth_inv holds {float(sinv.min()):g} .. "
+                                      f"{float(sinv.max()):g}; svdquant's smoothing keeps 1/λ within [1e-6, 1e6]: "
+                                      "the checkpoint is corrupt")
+        if "bias" in t and t["bias"].numel() and float(t["bias"].abs().max()) > BASE_VALUE_WARN:
+            huge.append(prefix + "bias")  # the base model's bias (less the post-GELU shift's compensation)
+        if m.rank and method in _DERIVED_METHODS:
+            key = tuple(None if x is None else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                        for x in (t["lora_down"], sinv))  # bit-identical down and 1/λ: one shared branch
+            shared.setdefault(key, []).append(prefix)
+            continue
+        # no relation to check: bound what the layer can add to an output entry by the base model's range
+        scale = float(sinv.max()) if sinv is not None and sinv.numel() else 1.0
+        reach = float(get_format(m.weights).magnitude_bound(t).max()) * scale if m.out_features else 0.0
+        if m.rank:
+            reach = max(reach, m.rank * float(t["lora_up"].abs().max()) * float(t["lora_down"].abs().max()))
+        if reach > BASE_VALUE_WARN:
+            huge.append(prefix.rstrip("."))
+    for prefixes in shared.values():
+        _check_branch(model, tensors, prefixes, tensor_file, method)
     if kept:
         warnings.warn(f"{tensor_file}: {len(kept)} tensors of 16-bit layers hold NaN / Inf values, e.g. "
                       f"{', '.join(kept[:3])}; the model will likely produce NaN images", NonFiniteWarning,
                       stacklevel=3)
+    if huge:
+        warnings.warn(f"{tensor_file}: {len(huge)} tensors or layers hold values beyond ±{BASE_VALUE_WARN:g} (float16's "
+                      f"largest; no model's weights come near), e.g. {', '.join(huge[:3])}; the model will likely "
+                      "produce NaN images", NonFiniteWarning, stacklevel=3)
+
+
+def _check_branch(model: nn.Module, tensors: dict[str, torch.Tensor], prefixes: list[str], tensor_file: Path,
+                  method: str) -> None:
+    """The layers sharing one down projection (and 1/λ): their branch against the even split of the singular
+    values, and (svdquant, lowrank) their residual's reach against the largest singular value."""
+    from .formats import get_format
+
+    first = prefixes[0]
+    down = tensors[first + "lora_down"].double()
+    sinv = tensors.get(first + "smooth_inv")
+    if sinv is not None:
+        down = down / sinv.double()  # down·λ = √S·Vᵀ
+    s = down.square().sum(1)
+    u = sum(tensors[p + "lora_up"].double().square().sum(0) for p in prefixes)
+    top = float(torch.maximum(s, u).max())
+    off = (u - s).abs() > BRANCH_BALANCE_TOL * torch.maximum(u, s) + 2.0 ** -20 * top
+    if bool(off.any()):
+        j = int(off.nonzero()[0])
+        raise CheckpointError(
+            f"{tensor_file}: the low-rank branch of {', '.join(p.rstrip('.') for p in prefixes)[:200]} is out of "
+            f"balance (component {j}: ‖up‖² = {float(u[j]):.4g}, ‖down·λ‖² = {float(s[j]):.4g}); svdquant splits "
+            "each singular value evenly between the two: the checkpoint is corrupt")
+    if not _DERIVED_METHODS[method]:
+        return
+    s0 = float(s.max())
+    for p in prefixes:
+        m = model.get_submodule(p.rstrip("."))
+        t = {k: tensors[p + k] for k in m._buffers if p + k in tensors}
+        reach = float(get_format(m.weights).magnitude_bound(t).max())
+        if reach > RESIDUAL_BOUND * s0 + 2.0 ** -10:
+            raise CheckpointError(
+                f"{tensor_file}: {p}wscales reach {reach:.4g}, above {RESIDUAL_BOUND:g}× the branch's largest "
+                f"singular value ({s0:.4g}), which svdquant's residual never exceeds: the checkpoint is corrupt")
+
+
+def _quantizer_method(meta: dict[str, Any]) -> str | None:
+    """The recipe's method when svdquant's quantizer wrote the layers, else None (an import, an unknown recipe)."""
+    from .recipes import METHODS
+
+    recipe = meta.get("recipe")
+    if meta.get("source") is not None or not isinstance(recipe, dict):
+        return None
+    return recipe.get("method") if recipe.get("method") in METHODS else None
 
 
 def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path, header: dict[str, Any], device,
-          tied: dict[str, str] | None = None) -> None:
+          tied: dict[str, str] | None = None, verify: dict[str, Any] | None = None, method: str | None = None) -> None:
     """Load ``tensor_file`` (its checked ``header``) into ``model``, built on meta with its quantized ``layers``
     swapped in: every name, shape and dtype is checked against the model before any tensor is read, then the
-    values (:func:`_check_values`). ``tied``: alias -> name of weights the model shares (stored once)."""
+    values (:func:`_check_values`), then, with the metadata as ``verify``, the file's SHA-256 (last: the checks
+    before it name the damage they find, and the file it reads again is in the page cache by then; nothing has
+    run on the tensors yet). ``tied``: alias -> name of weights the model shares (stored once)."""
     tied = tied or {}
     expected = {**dict(model.state_dict(keep_vars=True)), **dict(model.named_buffers())}
     for alias, source in tied.items():
@@ -737,7 +946,9 @@ def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path
                 tensors[k] = t
     except Exception as e:  # changed under us since the header check: safetensors' own errors
         raise CheckpointError(f"{tensor_file} cannot be read ({e}); the file is truncated or corrupt") from None
-    _check_values(model, tensors, quantized_keys, tensor_file)
+    _check_values(model, tensors, quantized_keys, tensor_file, method)
+    if verify is not None:
+        _verify(tensor_file, verify)
     persistent = set(model.state_dict())
     for alias, source in tied.items():
         tensors[alias] = tensors[source]
@@ -755,12 +966,17 @@ def _fill(model: nn.Module, layers: dict[str, dict[str, Any]], tensor_file: Path
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                   weight_mode: str = "auto") -> nn.Module:
+                   weight_mode: str = "auto", verify: bool = True) -> nn.Module:
     """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``. ``path`` may also be
     a Nunchaku single-file INT4 FLUX checkpoint (``.safetensors``): it is imported (:mod:`svdquant.convert.nunchaku`).
 
     ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
     ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
+
+    ``verify``: compare the tensor file with the SHA-256 that ``svdquant.json`` records (written by every save
+    since format hashes came in; a checkpoint without them loads unverified, and so does one given as its
+    tensor file), once the other checks have passed and before the model is built from the tensors. It catches
+    any damage in transfer or on disk that those let through; ``verify=False`` skips the read it costs.
 
     Hostile files: everything the files state (lengths, names, shapes, dtypes, offsets, sizes in the
     config) is checked before anything of that size is read or built, and the values afterwards
@@ -778,19 +994,23 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             return from_nunchaku(path, device, weight_mode=weight_mode)
     meta = read_metadata(path)
     tensor_file = tensor_file_of(path)
-    header = check_tensor_file(tensor_file)
-    header.pop("__metadata__", None)
-    _check_layer_counts(meta, len(header), path)
+    _check_layer_counts_unparsed(meta, tensor_file, path)  # before a hostile config builds millions of blocks
     model = _empty_quantized_model(meta, path, weight_mode)
-    _fill(model, meta["layers"], tensor_file, header, device)
+    # no more entries than the model has tensors, counted before the header is parsed
+    header = check_tensor_file(tensor_file, max_entries=_tensor_count(model))
+    header.pop("__metadata__", None)
+    _fill(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None,
+          method=_quantizer_method(meta))
+    model._svdquant_source = meta.get("source")
     model.eval()
     return model
 
 
-def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                       verify: bool = True) -> dict[str, nn.Module]:
     """The checkpoint's quantized text encoders by pipeline attribute (``{}`` if it has none), straight onto
     ``device``: built on meta from the stored config, quantized layers swapped in, tensors assigned from
-    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s."""
+    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s (``verify`` too)."""
     device = _checks.device("device", device)
     path = resolve(path)
     meta = read_metadata(path)
@@ -798,9 +1018,7 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
     out = {}
     for name, entry in (meta.get("text_encoders") or {}).items():
         tensor_file = folder / f"{name}.safetensors"
-        header = check_tensor_file(tensor_file)
-        header.pop("__metadata__", None)
-        _check_layer_counts(entry, len(header), tensor_file)
+        _check_layer_counts_unparsed(entry, tensor_file, tensor_file)
         cls = _transformers_class(entry["model_class"], tensor_file)
         try:
             config = cls.config_class.from_dict(entry["model_config"])
@@ -815,7 +1033,11 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
             raise CheckpointError(f"{tensor_file}: {entry['model_class']} cannot be built from the stored config "
                                   f"({type(e).__name__}: {str(e)[:200]})") from None
         swap_quantized_layers(model, entry["layers"], tensor_file)
-        _fill(model, entry["layers"], tensor_file, header, device, entry.get("tied") or {})
+        tied = entry.get("tied") or {}
+        header = check_tensor_file(tensor_file, max_entries=max(0, _tensor_count(model) - len(tied)))
+        header.pop("__metadata__", None)
+        _fill(model, entry["layers"], tensor_file, header, device, tied, verify=meta if verify else None,
+              method=_quantizer_method({**entry, "source": meta.get("source")}))
         from .models.text_encoders import fit_quantized
 
         fit_quantized(model)
@@ -833,11 +1055,13 @@ def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
     return base
 
 
-def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None) -> str:
+def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None, *, allow_outside: bool = False) -> str:
     """The base pipeline to load ``quantized`` with: ``base`` if given, else the recorded one, which must
-    still be there (a checkpoint copied without its base folder is the usual case)."""
+    still be there (a checkpoint copied without its base folder is the usual case) and, if it is a local folder,
+    inside the folder that holds the checkpoint or the current directory (:func:`check_base_location`) unless
+    ``allow_outside``."""
     if base is not None:
-        return str(base)
+        return str(base)  # the user's own choice: trusted as given
     base = recorded_base(quantized, meta)
     if base is None:
         raise CheckpointError(f"{quantized} does not record its base pipeline; pass base= (svdquant --base) with "
@@ -847,7 +1071,35 @@ def base_of(quantized: str | os.PathLike, meta: dict[str, Any], base=None) -> st
             f"{quantized} was made from the base pipeline {base} ({meta['base']} relative to the checkpoint), which "
             "is not there: the checkpoint moved without it; pass base= (svdquant --base) with its folder or hub id"
         )
+    if not allow_outside:
+        check_base_location(quantized, meta, base)
     return base
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def check_base_location(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
+    """A checkpoint from the internet must not choose which local files get loaded: a recorded base that is a
+    local folder (``base_is_local``, or a path-like or existing ``base``) must resolve, symlinks followed, inside
+    the folder that holds the checkpoint folder (where :func:`save_quantized` records a sibling base as
+    ``../name``) or the current directory. CheckpointError otherwise, naming both fixes."""
+    from .pipelines.tiny import TINY_BASE
+
+    if base == TINY_BASE or (not meta.get("base_is_local") and _is_hub_id(base) and not Path(base).exists()):
+        return  # the shipped model, or a hub id (fetched to the hub cache, never a local path)
+    q = Path(quantized)
+    folder = q if q.is_dir() else q.parent
+    roots = [folder.resolve().parent, Path.cwd().resolve()]
+    where = Path(base).expanduser().resolve()
+    if any(where == r or where.is_relative_to(r) for r in roots):
+        return
+    raise CheckpointError(
+        f"{quantized} records its base pipeline at {where}, outside {roots[0]} (the folder holding the checkpoint) "
+        "and the current directory; a downloaded checkpoint must not pick local files to load: pass the base "
+        "yourself (base= / --base), or allow_base_outside=True (svdquant serve --allow-base-outside) if you trust it"
+    )
 
 
 def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
@@ -873,15 +1125,18 @@ def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) ->
 
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
-                  optimize: bool | None = None):
+                  verify: bool = True, allow_base_outside: bool = False, optimize: bool | None = None):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
     :func:`load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
     block's MLP up projection; the other MLPs' GELU in their GEMM epilogue; exact); ``None`` = on a CUDA device,
-    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md). ``optimize``:
-    :func:`svdquant.optimize` (fusing as ``fuse`` says, the fastest attention backend, compiled blocks, CUDA
-    graphs; the first call at each size compiles); ``None`` = on a CUDA device."""
+    where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; see BENCHMARKS.md).
+    ``verify``: see :func:`load_quantized`. ``allow_base_outside``: load a recorded local base that lies outside
+    the folder holding the checkpoint and the current directory (:func:`check_base_location`); off, such a
+    checkpoint is refused. ``optimize``: :func:`svdquant.optimize` (fusing as ``fuse`` says, the fastest attention
+    backend, compiled blocks, the layer choice, CUDA graphs; the first call at each size compiles); ``None`` = on a
+    CUDA device."""
     _checks.device("device", device)
     for name, value in (("fuse", fuse), ("optimize", optimize)):
         if value is not None and not isinstance(value, bool):
@@ -890,12 +1145,12 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
         raise ValueError(f"torch_dtype={torch_dtype!r}: use a floating torch.dtype such as torch.bfloat16, or None")
     quantized = resolve(quantized)  # a hub id: its cached copy, so a recorded relative base resolves against it
     meta = read_metadata(quantized)
-    base = base_of(quantized, meta, base)
+    base = base_of(quantized, meta, base, allow_outside=allow_base_outside)
     check_base(quantized, meta, base)
     from .pipelines import load_base_pipeline
 
-    transformer = load_quantized(quantized, device=device, weight_mode=weight_mode)
-    encoders = load_text_encoders(quantized, device=device)
+    transformer = load_quantized(quantized, device=device, weight_mode=weight_mode, verify=verify)
+    encoders = load_text_encoders(quantized, device=device, verify=verify)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).

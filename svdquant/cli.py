@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import os
 import sys
 from pathlib import Path
@@ -258,7 +259,8 @@ def _validate_serve(args) -> None:
         model = Path(args.model).expanduser()
         if (model / META_FILE).is_file():
             meta = read_metadata(model)
-            check_base(model, meta, base_of(model, meta, None))  # a missing base fails now, not after loading
+            # a missing base, or one outside the checkpoint's folder and here, fails now, not after loading
+            check_base(model, meta, base_of(model, meta, None, allow_outside=args.allow_base_outside))
         elif not ((model / "model_index.json").is_file() or (model / "pipeline.json").is_file()):
             what = "does not exist" if not model.exists() else "is neither an svdquant checkpoint nor a pipeline folder"
             raise UsageError(f"MODEL {args.model} {what}; pass 'tiny', a checkpoint folder (with {META_FILE}) or a "
@@ -269,6 +271,26 @@ def _validate_serve(args) -> None:
     _checks.count("--max-queue", args.max_queue, hi=100_000)
     _checks.count("--max-batch", args.max_batch, hi=_checks.MAX_IMAGES)
     _checks.count("--batch-wait-ms", args.batch_wait_ms, lo=0, hi=60_000)
+    _checks.count("--max-body-bytes", args.max_body_bytes, lo=1024, hi=64 << 20)
+    _checks.count("--max-connections", args.max_connections, hi=100_000)
+    for name, value, hi in (("--read-timeout", args.read_timeout, 600), ("--drain-timeout", args.drain_timeout, 3600)):
+        _checks.real(name, value, lo=0)
+        if (name == "--read-timeout" and value < 0.1) or value > hi:
+            raise UsageError(f"{name} {value:g}: must be between {0.1 if name == '--read-timeout' else 0:g} and "
+                             f"{hi} seconds")
+    if args.api_key is None:
+        args.api_key = os.environ.get("SVDQUANT_API_KEY") or None
+    if args.api_key is not None and (len(args.api_key) < 8 or any(c.isspace() for c in args.api_key)):
+        raise UsageError("--api-key (or SVDQUANT_API_KEY): use at least 8 characters and no spaces, e.g. the output "
+                         "of: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    for origin in args.cors_origin or ():
+        if not re.fullmatch(r"https?://[^/\s?#]+", origin):
+            raise UsageError(f"--cors-origin {origin}: give a web origin, scheme://host[:port] with nothing after it, "
+                             "e.g. https://app.example.com")
+    for name in args.allowed_host or ():
+        if name != "*" and not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]{1,253}", name):
+            raise UsageError(f"--allowed-host {name}: give a host name or address (no scheme, port or path), or '*' "
+                             "for any")
     if args.replicas is not None:
         _checks.count("--replicas", args.replicas, hi=1024)
         try:
@@ -591,12 +613,20 @@ def cmd_serve(args) -> None:
 
         run_replicas(args.model, host=args.host, port=args.port, replicas=args.replicas, device=args.device,
                      dtype=_dtype(args.dtype, args.device), loras=args.loras, max_queue=args.max_queue,
-                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                     # what the app itself enforces; Ray's proxy, not uvicorn, holds the connections
+                     app_options=dict(api_key=args.api_key, cors_origins=tuple(args.cors_origin or ()),
+                                      max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
+                                      allowed_hosts=None if "*" in (args.allowed_host or ()) else
+                                      ("localhost", "127.0.0.1", "::1", args.host, *(args.allowed_host or ()))))
         return
     from .serve import run_server
 
     run_server(args.model, host=args.host, port=args.port, device=args.device, dtype=_dtype(args.dtype, args.device),
-               loras=args.loras, max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+               loras=args.loras, max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+               api_key=args.api_key, allowed_hosts=args.allowed_host or (), cors_origins=args.cors_origin or (),
+               max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout, drain_timeout=args.drain_timeout,
+               max_connections=args.max_connections, allow_base_outside=args.allow_base_outside)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -728,6 +758,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the worker waits for compatible requests to fill a batch (default 10)")
     p.add_argument("--replicas", type=int,
                    help="deploy N copies with Ray Serve, one per GPU, behind Ray's HTTP proxy (needs ray[serve])")
+    p.add_argument("--api-key", dest="api_key", metavar="KEY",
+                   help="require Authorization: Bearer KEY on the API and /metrics (default: $SVDQUANT_API_KEY; "
+                        "prefer it: a command line is visible to other users)")
+    p.add_argument("--allowed-host", dest="allowed_host", action="append", metavar="NAME",
+                   help="a name clients reach the server by, besides the loopback names and --host (Host header; "
+                        "anything else gets 403, which stops DNS rebinding); '*' for any; repeatable")
+    p.add_argument("--cors-origin", dest="cors_origin", action="append", metavar="ORIGIN",
+                   help="a web origin (https://app.example.com) whose pages may call the API; repeatable (default: "
+                        "none, only the server's own page)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413, unread (default 1048576)")
+    p.add_argument("--read-timeout", dest="read_timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, then its body (default 10)")
+    p.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to finish queued and running work; then the rest gets 503 and the "
+                        "process exits (default 30)")
+    p.add_argument("--max-connections", dest="max_connections", type=int, default=128,
+                   help="open connections at most; more are closed as they open (default 128)")
+    p.add_argument("--allow-base-outside", dest="allow_base_outside", action="store_true",
+                   help="load a checkpoint's recorded base pipeline even outside the checkpoint's folder and the "
+                        "current directory (trust the checkpoint)")
     common_device(p)
     p.set_defaults(func=cmd_serve, validate=_validate_serve)
 

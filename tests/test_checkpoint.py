@@ -71,13 +71,16 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 
 def rewrite_tensors(path: Path, change):
-    """Rewrite ``path/transformer.safetensors`` with ``change(tensors)`` applied, keeping its metadata."""
+    """Rewrite ``path/transformer.safetensors`` with ``change(tensors)`` applied, keeping its metadata, and record
+    its new SHA-256 (as whoever wrote a hostile file would): the checks behind the hash get the file."""
     f = path / TENSOR_FILE
     with safe_open(str(f), "pt") as h:
         meta = h.metadata()
     tensors = load_file(str(f))
     change(tensors)
     save_file(tensors, str(f), metadata=meta)
+    if (path / META_FILE).is_file():
+        edit_meta(path, lambda m: m.get("sha256", {}).update({TENSOR_FILE: ckpt_mod.sha256_of(f)}))
 
 
 def edit_meta(path: Path, change):
@@ -205,8 +208,8 @@ def test_metadata(saved, arch):
     model, report, path = saved(arch)
     assert sorted(os.listdir(path)) == [META_FILE, TENSOR_FILE]
     meta = svdquant.read_metadata(path)
-    # int4m layers: version 2; 3 (FORMAT_VERSION) only with int4z layers or text encoders
-    assert meta["format"] == "svdquant" and meta["format_version"] == 2 and FORMAT_VERSION == 3
+    # int4m layers: version 2; 3 only with int4z layers or text encoders, 4 (FORMAT_VERSION) with an fp32 bias
+    assert meta["format"] == "svdquant" and meta["format_version"] == 2 and FORMAT_VERSION == 4
     assert meta["svdquant_version"] == svdquant.__version__
     assert meta["model_class"] == type(model).__name__
     cfg = meta["model_config"]
@@ -233,10 +236,11 @@ def test_metadata(saved, arch):
     assert [tuple(s) for s in rep["skipped"]] == report.skipped
     assert [r["names"] for r in rep["rows"]] == [r.names for r in report.rows]
     assert rep["seconds_total"] > 0
-    # the tensor file carries the same metadata: alone it still says what it is
-    assert svdquant.read_metadata(path / TENSOR_FILE) == meta
+    # the tensor file carries the same metadata, less its own hash: alone it still says what it is
+    inside = {k: v for k, v in meta.items() if k != "sha256"}
+    assert svdquant.read_metadata(path / TENSOR_FILE) == inside
     with safe_open(str(path / TENSOR_FILE), "pt") as f:
-        assert json.loads(f.metadata()["svdquant"]) == meta
+        assert json.loads(f.metadata()["svdquant"]) == inside
 
 
 def test_metadata_fields_svdquant_info_prints(saved, capsys):
@@ -638,6 +642,225 @@ def test_load_pipeline_missing_base_folder(saved, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         svdquant.load_pipeline(tmp_path / "no-base", saved("flux")[2])
     assert str(tmp_path / "no-base") in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ loading safety
+def _copy_checkpoint(ck: Path, to: Path, **meta_changes) -> Path:
+    """``ck`` copied to ``to`` with svdquant.json entries replaced (no hashes: this is what a hand-edited or
+    hostile checkpoint looks like)."""
+    shutil.copytree(ck, to)
+    meta = json.loads((to / META_FILE).read_text())
+    meta.update(meta_changes)
+    meta.pop("sha256", None)
+    (to / META_FILE).write_text(json.dumps(meta))
+    return to
+
+
+def test_a_recorded_base_outside_the_checkpoints_folder_is_refused(pipeline_setup, tmp_path):
+    """A downloaded checkpoint whose svdquant.json points (through ``..``, an absolute path or a symlink) outside
+    the folder holding it and the current directory is refused before anything is read from there."""
+    s = pipeline_setup
+    base = s["base"].resolve()
+    climb = os.path.relpath(base, tmp_path / "downloads" / "ck")   # ../../.. up to base: escapes downloads/
+    cases = {
+        "dotdot": _copy_checkpoint(s["ck"], tmp_path / "downloads" / "ck", base=climb, base_is_local=True),
+        "absolute": _copy_checkpoint(s["ck"], tmp_path / "downloads2" / "ck", base=str(base), base_is_local=False),
+    }
+    link_home = tmp_path / "downloads3"
+    cases["symlink"] = _copy_checkpoint(s["ck"], link_home / "ck", base=os.path.join("..", "base"), base_is_local=True)
+    (link_home / "base").symlink_to(base, target_is_directory=True)   # a sibling name, a target elsewhere
+    for kind, ck in cases.items():
+        with pytest.raises(CheckpointError, match="outside.*pass the base yourself.*allow_base_outside") as e:
+            svdquant.load_pipeline(None, ck)
+        assert str(base) in str(e.value), kind
+    # trusted: the flag, or the base given by the caller, loads it
+    _check_pipeline(svdquant.load_pipeline(None, cases["dotdot"], allow_base_outside=True), s)
+    _check_pipeline(svdquant.load_pipeline(s["base"], cases["absolute"]), s)
+
+
+def test_a_recorded_base_inside_the_current_directory_loads(pipeline_setup, tmp_path, monkeypatch):
+    s = pipeline_setup
+    ck = tmp_path / "a" / "b" / "ck"
+    ck = _copy_checkpoint(s["ck"], ck, base=os.path.relpath(s["base"], ck), base_is_local=True)
+    with pytest.raises(CheckpointError, match="outside"):
+        svdquant.load_pipeline(None, ck)
+    monkeypatch.chdir(s["base"].parent)   # where the user keeps the base: allowed
+    _check_pipeline(svdquant.load_pipeline(None, ck), s)
+
+
+def test_a_symlinked_checkpoint_is_followed_as_its_target(pipeline_setup, tmp_path):
+    """Decided: a checkpoint folder reached through a symlink loads as its target (the hub cache's snapshots are
+    links too); its recorded base is looked for next to the target, and must lie inside the target's parent."""
+    s = pipeline_setup
+    link = tmp_path / "elsewhere" / "ck-link"
+    link.parent.mkdir()
+    link.symlink_to(s["ck"].resolve(), target_is_directory=True)
+    _check_pipeline(svdquant.load_pipeline(None, link), s)   # ../base of the target, not of the link
+    assert not (link.parent / "base").exists()
+
+
+class _Exploit:
+    """A pickle that touches ``marker`` when it is unpickled: what a hostile .bin does (with worse commands)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("component,safe,pickled", [
+    ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+    ("text_encoder_2", "model.safetensors", "pytorch_model.bin"),
+])
+def test_a_base_with_pickled_weights_is_refused_unread(pipeline_setup, tmp_path, component, safe, pickled):
+    """diffusers / transformers would unpickle a .bin in place of a missing .safetensors: every component is loaded
+    with use_safetensors=True, so the pickle is never opened. (The base's transformer is never read at all.)"""
+    import pickle
+
+    s = pipeline_setup
+    base = tmp_path / "base"
+    shutil.copytree(s["base"], base)
+    (base / component / safe).unlink()
+    marker = tmp_path / "pwned"
+    (base / component / pickled).write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ValueError, match="pickled weights.*never unpickles"):
+        svdquant.load_pipeline(base, s["ck"])
+    assert not marker.exists()
+
+
+def test_a_tiny_base_with_pickled_weights_is_refused_unread(tmp_path):
+    import pickle
+
+    from svdquant.pipelines import TinyFluxPipeline, load_base_pipeline
+
+    base = tmp_path / "tiny"
+    TinyFluxPipeline.random(num_layers=1, num_single_layers=1).save_pretrained(base)
+    (base / "conditioner" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (base / "conditioner" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ValueError, match="pickled weights"):
+        load_base_pipeline(base)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ hashes
+def _flip_low_bit(tensor_file: Path, name: str) -> None:
+    """Flip the lowest bit of ``name``'s first element (little-endian: its first byte), the file staying well formed."""
+    raw = bytearray(tensor_file.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    entry = json.loads(raw[8:8 + n])[name]
+    raw[8 + n + entry["data_offsets"][0]] ^= 1
+    tensor_file.write_bytes(bytes(raw))
+
+
+def test_save_records_a_sha256_per_tensor_file_and_load_checks_it(fresh):
+    import hashlib
+
+    path = fresh()
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["sha256"] == {TENSOR_FILE: hashlib.sha256((path / TENSOR_FILE).read_bytes()).hexdigest()}
+    with safe_open(str(path / TENSOR_FILE), "pt") as f:   # the header's copy of the metadata cannot hold it
+        assert "sha256" not in json.loads(f.metadata()["svdquant"])
+    _flip_low_bit(path / TENSOR_FILE, "proj_out.weight")    # a kept fp32 weight: loads fine unverified
+    with pytest.raises(CheckpointError, match="SHA-256 .* records .*verify=False"):
+        svdquant.load_quantized(path)
+    svdquant.load_quantized(path, verify=False)
+    svdquant.load_quantized(path / TENSOR_FILE)          # given as its tensor file: no hashes to compare
+
+
+def test_a_checkpoint_without_hashes_loads_unverified(fresh):
+    path = fresh()
+    meta = json.loads((path / META_FILE).read_text())
+    del meta["sha256"]                                      # as written before hashes came in
+    (path / META_FILE).write_text(json.dumps(meta))
+    _flip_low_bit(path / TENSOR_FILE, "proj_out.weight")
+    svdquant.load_quantized(path)
+
+
+@pytest.mark.parametrize("value,words", [
+    ("abc", "malformed 'sha256'"),
+    ({TENSOR_FILE: "0" * 63}, "malformed 'sha256'"),
+    ({TENSOR_FILE: "0" * 64, "../etc/passwd": "0" * 64}, "malformed 'sha256'"),
+    ({"text_encoder.safetensors": "0" * 64}, "malformed .sha256."),   # not a file of this checkpoint
+    ({}, "none for transformer.safetensors"),
+])
+def test_malformed_hashes_are_refused(fresh, value, words):
+    path = fresh()
+    meta = json.loads((path / META_FILE).read_text())
+    meta["sha256"] = value
+    (path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=words):
+        svdquant.load_quantized(path)
+
+
+def test_text_encoder_files_are_hashed_and_verified(tmp_path):
+    pipe = tm.build_flux_pipeline(0)
+    svdquant.quantize(pipe.transformer, svdquant.get_recipe("int4", iterations=0, eval_tokens=32),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", pipe.transformer, 1)), progress=False)
+    svdquant.quantize_text_encoders(pipe, progress=False)
+    path = svdquant.save_quantized(pipe, tmp_path / "ck")
+    meta = json.loads((path / META_FILE).read_text())
+    assert sorted(meta["sha256"]) == sorted([TENSOR_FILE, "text_encoder.safetensors", "text_encoder_2.safetensors"])
+    te = path / "text_encoder_2.safetensors"
+    with safe_open(str(te), "pt") as f:
+        kept = next(k for k in f.keys() if k.endswith("layer_norm.weight"))
+    _flip_low_bit(te, kept)
+    with pytest.raises(CheckpointError, match="text_encoder_2.safetensors has SHA-256"):
+        svdquant.load_text_encoders(path)
+    assert set(svdquant.load_text_encoders(path, verify=False)) == {"text_encoder", "text_encoder_2"}
+
+
+# ------------------------------------------------------------------------------------------------ value bounds
+BOUNDED = [  # (tensor, change, words): values a file can hold but svdquant's quantizer cannot write
+    ("transformer_blocks.0.attn.to_q.smooth_inv", lambda t: t.mul_(1e7), "within \\[1e-6, 1e6\\]"),
+    ("transformer_blocks.0.attn.to_q.smooth_inv", lambda t: t.mul_(1e-7), "within \\[1e-6, 1e6\\]"),
+    ("transformer_blocks.0.attn.to_k.lora_up", lambda t: t[:, 3].mul_(4.0), "out of balance \\(component 3"),
+    ("transformer_blocks.0.ff.net.2.lora_down", lambda t: t[0].mul_(2.0 ** 20), "out of balance \\(component 0"),
+    ("single_transformer_blocks.0.proj_mlp.wscales", lambda t: t[5].mul_(2.0 ** 40), "above 4× the branch"),
+]
+
+
+@pytest.mark.parametrize("name,change,words", BOUNDED, ids=[f"{b[0].rsplit('.', 1)[1]}-{i}" for i, b in enumerate(BOUNDED)])
+def test_values_out_of_the_quantizers_bounds_are_refused(fresh, name, change, words):
+    path = fresh()
+    rewrite_tensors(path, lambda t: change(t[name]))
+    with pytest.raises(CheckpointError, match=words) as e:
+        svdquant.load_quantized(path)
+    assert str(path / TENSOR_FILE) in str(e.value) and "corrupt" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["proj_out.weight", "transformer_blocks.0.attn.to_q.bias",
+                                  "transformer_blocks.0.norm1.linear.wscales"])   # kept, a bias, a W4A16 layer
+def test_base_model_values_beyond_float16_warn(fresh, name):
+    """What the quantizer takes from the base model as it is has no bound but the base's own range: beyond
+    float16's largest value, a NonFiniteWarning (the load goes on)."""
+    path = fresh()
+    rewrite_tensors(path, lambda t: t[name].view(-1)[0].fill_(1e30))
+    with pytest.warns(svdquant.checkpoint.NonFiniteWarning, match="beyond ±65504"):
+        svdquant.load_quantized(path)
+
+
+def test_imported_layers_are_held_to_what_any_quantizer_writes(fresh):
+    """A Nunchaku import (``source``) splits its branch its own way: the even-split check does not apply."""
+    path = fresh()
+    rewrite_tensors(path, lambda t: t["transformer_blocks.0.ff.net.2.lora_down"].mul_(2.0))
+    with pytest.raises(CheckpointError, match="out of balance"):
+        svdquant.load_quantized(path)
+    edit_meta(path, lambda m: m.update(source="nunchaku"))
+    assert svdquant.load_quantized(path)._svdquant_source == "nunchaku"
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4m", "int4z", "nvfp4", "int8", "fp8", "nf4"])
+def test_magnitude_bound_covers_every_value(fmt):
+    from svdquant.formats import get_format
+
+    f = get_format(fmt)
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 48)[:, None]
+    q = f.quantize(w, None, weight=True, scale_dtype=torch.bfloat16)
+    bound, real = f.magnitude_bound(f.to_buffers(q)), f.dequantize(q).abs().amax(-1)
+    assert bool((bound >= real).all()) and bool((bound <= real * 8 / 7 * 1.001).all())
 
 
 # ------------------------------------------------------------------------------------------------ versions

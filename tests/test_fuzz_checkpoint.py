@@ -48,6 +48,7 @@ class Original:
         self.quantized = {k for k in self.names if k.rpartition(".")[0] in json.loads(self.meta_text)["layers"]}
         self.case = root / "case"
         self.case.mkdir()
+        self.inputs = tm.calibration_inputs("flux", model, 1, seed=7)[0]
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +56,17 @@ def orig(tmp_path_factory):
     return Original(tmp_path_factory.mktemp("fuzz"))
 
 
-def load(orig: Original, tensor_bytes: bytes | None = None, meta_text: str | None = None):
+def load(orig: Original, tensor_bytes: bytes | None = None, meta_text: str | None = None, verify: bool = False):
     """Write the case and load it: ``("ok", model)``, ``("error", CheckpointError)`` or ``("warned", model)``.
-    Anything else raises, which fails the test."""
+    Anything else raises, which fails the test. Unverified by default: the SHA-256 in svdquant.json would refuse
+    every changed tensor file at once, while a hostile author writes matching hashes; the checks behind it are
+    what these cases test."""
     (orig.case / TENSOR_FILE).write_bytes(orig.tensor_bytes if tensor_bytes is None else tensor_bytes)
     (orig.case / META_FILE).write_text(orig.meta_text if meta_text is None else meta_text)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = svdquant.load_quantized(orig.case)
+            model = svdquant.load_quantized(orig.case, verify=verify)
         except CheckpointError as e:
             return "error", e
     if any(issubclass(w.category, NonFiniteWarning) for w in caught):
@@ -225,6 +228,33 @@ def test_impossible_codes(orig, data):
     assert result[0] == ("ok" if fine else "error"), result
 
 
+@fuzz_settings(300, divide=3)
+@given(data=st.data())
+def test_what_loads_without_a_warning_runs_finite(orig, data):
+    """Bits flipped in the values of floating tensors (exponent bytes mostly: huge but finite numbers, as a disk
+    or a download flips them), loaded unverified: what loads without a NonFiniteWarning must run a forward pass
+    to a finite output (before the range checks, 29 of 300 such files loaded silently and gave NaN), and the
+    SHA-256 refuses every one of them when verified."""
+    floats = [k for k in orig.names if orig.entries[k][0] == "F32" and orig.entries[k][2]]
+    entries = dict(orig.entries)
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(floats))
+        dtype, shape, raw = entries[name]
+        raw = bytearray(raw)
+        i = data.draw(st.integers(0, len(raw) // 4 - 1))
+        byte = data.draw(st.one_of(st.just(3), st.integers(0, 3)))  # 3: sign and exponent (little-endian)
+        raw[4 * i + byte] ^= data.draw(st.integers(1, 255))
+        entries[name] = (dtype, shape, bytes(raw))
+    tensor_bytes = serialize(entries, orig.metadata)
+    kind, model = load(orig, tensor_bytes)
+    if kind == "ok":
+        with torch.no_grad():
+            out = model(**orig.inputs)[0]
+        assert torch.isfinite(out).all(), [k for k in entries if entries[k] != orig.entries[k]]
+    if entries != orig.entries:
+        assert load(orig, tensor_bytes, verify=True)[0] == "error"
+
+
 # ------------------------------------------------------------------------------------------------ svdquant.json
 def _paths(value, prefix=()):
     """Every (path, value) inside a JSON document."""
@@ -318,3 +348,35 @@ def test_layer_count_above_the_tensor_count_is_refused_before_building(orig):
     meta["model_config"]["num_single_layers"] = 1_000_000
     kind, err = load(orig, meta_text=json.dumps(meta))
     assert kind == "error" and "holds only" in str(err)
+
+
+def test_a_header_of_many_entries_is_refused_before_it_is_parsed(orig):
+    """600,000 empty entries (22 MB): counted in the unparsed text and refused at once (the hard cap: before the
+    config builds a model). Parsing it first took seconds and hundreds of MB."""
+    import time
+    import tracemalloc
+
+    h = ("{" + ",".join(f'"tensor_with_a_long_name_{i:07d}":{{}}' for i in range(600_000)) + "}").encode()
+    (orig.case / META_FILE).write_text(orig.meta_text)
+    (orig.case / TENSOR_FILE).write_bytes(len(h).to_bytes(8, "little") + h)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="more than a safetensors header of at most 100000 tensors"):
+        svdquant.load_quantized(orig.case)
+    took, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert took < 2 and peak < 3 * len(h), (took, peak)
+
+
+@pytest.mark.parametrize("kind", ["entries", "commas"])
+def test_a_well_formed_header_over_the_models_bound_is_refused_unparsed(orig, kind):
+    """Valid-looking entries, three times as many as the model has; or one shape of a million dimensions: refused
+    at the bound the model built from the config sets (the message comes from the count, before any parse)."""
+    if kind == "entries":
+        entries = {f"t{i}": ("F32", [1], bytes(4)) for i in range(3 * len(orig.names))}
+    else:
+        entries = {**orig.entries, orig.names[0]: ("U8", [1] * 1_000_000, bytes(1))}
+    (orig.case / META_FILE).write_text(orig.meta_text)
+    (orig.case / TENSOR_FILE).write_bytes(serialize(entries, orig.metadata))
+    with pytest.raises(CheckpointError, match=f"more than a safetensors header of at most {len(orig.names)} tensors"):
+        svdquant.load_quantized(orig.case)

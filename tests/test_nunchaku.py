@@ -234,6 +234,57 @@ def test_no_local_path_in_what_is_written(root, tmp_path):
     assert svdquant.load_quantized(tmp_path / "ck") is not None
 
 
+# stored 1 + b values of an adaLN bias, as bf16 bit patterns written by hand (not by our packer): inside [0.5, 2], where
+# the bias b = stored − 1 is a bf16 number, and outside, where it needs more bits (0.30078125, −1.0078125, 3.0,
+# −123.5, 0.00994873046875, 65280.0, 1.0, 0.50390625, 2.0078125, −0.5)
+HAND_BIAS_BITS = (0x3E9A, 0xBF81, 0x4040, 0xC2F7, 0x3C23, 0x477F, 0x3F80, 0x3F01, 0x4000 | 0x01, 0xBF00)
+
+
+def _splice(path: Path, name: str, raw: bytes) -> None:
+    """Overwrite tensor ``name``'s bytes in the safetensors file at ``path`` in place (same length)."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    begin, stop = json.loads(data[8:8 + n])[name]["data_offsets"]
+    assert stop - begin == len(raw)
+    data[8 + n + begin:8 + n + stop] = raw
+    path.write_bytes(bytes(data))
+
+
+def _tensor_bytes(path: Path, name: str) -> bytes:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    begin, stop = json.loads(data[8:8 + n])[name]["data_offsets"]
+    return data[8 + n + begin:8 + n + stop]
+
+
+def test_adaln_scale_biases_outside_half_to_two_come_back_bit_exact(file, tmp_path):
+    """Nunchaku stores 1 + b for the scale chunks; where that lies outside [0.5, 2], b itself needs more than 16
+    bits: the import keeps such a layer's bias in fp32 (before: a bf16 copy, and the export differed in 38–85
+    values per tensor of a published file). Export gives back the hand-written bytes, also through a checkpoint."""
+    import struct
+
+    name = "transformer_blocks.0.norm1.linear.bias"
+    n = 6 * D
+    hand = struct.pack(f"<{n}H", *(HAND_BIAS_BITS[i % len(HAND_BIAS_BITS)] for i in range(n)))
+    f = tmp_path / "hand.safetensors"
+    f.write_bytes(file.read_bytes())
+    _splice(f, name, hand)
+    model = from_nunchaku(f)
+    lin = model.transformer_blocks[0].norm1.linear
+    assert lin.bias.dtype == torch.float32 and lin.config()["bias_dtype"] == "float32"
+    assert model.transformer_blocks[0].norm1_context.linear.bias.dtype == torch.bfloat16  # only where needed
+    to_nunchaku(model, tmp_path / "back.safetensors")
+    assert _tensor_bytes(tmp_path / "back.safetensors", name) == hand
+    ck = svdquant.save_quantized(model, tmp_path / "ck")
+    assert svdquant.read_metadata(ck)["format_version"] == 4   # older svdquant refuses it ("upgrade")
+    to_nunchaku(svdquant.load_quantized(ck), tmp_path / "again.safetensors")
+    assert _tensor_bytes(tmp_path / "again.safetensors", name) == hand
+    # the fp32 bias computes what the 16-bit one did to within its rounding
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ref = torch.nn.functional.linear(x.float(), lin.dequantized_weight(), lin.bias.float())
+    assert float((lin(x).float() - ref).abs().max() / ref.abs().max()) < 2 ** -6
+
+
 def test_load_quantized_read_metadata_and_info_take_a_nunchaku_file(file, imported):
     model = svdquant.load_quantized(file)
     assert torch.equal(out(model), out(imported))
@@ -524,6 +575,8 @@ def test_convert_export_data_check_after_loading_leaves_no_file(root, ours, tmp_
     model = from_nunchaku_copy(ours)
     with torch.no_grad():
         model.transformer_blocks[0].attn.to_v.smooth_inv.mul_(2)
+    # edited by hand: not what svdquant's quantizer writes, so its bounds (a shared branch in balance) do not apply
+    model._svdquant_source = "hand-edited"
     svdquant.save_quantized(model, tmp_path / "ck")
     rejected(["convert", tmp_path / "ck", "--to", "nunchaku", "-o", tmp_path / "x.safetensors"],
              "do not share their smoothing", folder=tmp_path)

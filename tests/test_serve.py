@@ -167,9 +167,10 @@ def test_bad_inputs_get_their_status_and_never_reach_the_worker(server):
         assert "\n" not in msg and all(w in msg for w in words), (body, msg)
     r = httpx.post(f"{server}/v1/images/generations", content=b"{not json", timeout=10,
                    headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     after = metrics(server)
-    assert after['svdquant_errors_total{kind=invalid}'] - before['svdquant_errors_total{kind=invalid}'] == len(BAD) + 1
+    assert after['svdquant_errors_total{kind=invalid}'] - before['svdquant_errors_total{kind=invalid}'] == len(BAD)
+    assert after['svdquant_errors_total{kind=malformed}'] - before['svdquant_errors_total{kind=malformed}'] == 1
     assert after["svdquant_batch_images_count"] == before["svdquant_batch_images_count"]  # no sampling happened
 
 
@@ -311,11 +312,48 @@ def test_disconnect_cancels_queued_work_and_oom_falls_back_one_by_one(engine):
     (["--lora", "/no/such.safetensors"], "no LoRA file"),
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--replicas", "0"], "--replicas 0"),
+    (["--api-key", "short"], "at least 8 characters"),
+    (["--cors-origin", "https://app.example/path"], "--cors-origin https://app.example/path"),
+    (["--allowed-host", "http://x"], "--allowed-host http://x"),
+    (["--max-body-bytes", "10"], "--max-body-bytes 10"),
+    (["--read-timeout", "0"], "--read-timeout 0"),
+    (["--drain-timeout", "-1"], "--drain-timeout -1"),
+    (["--max-connections", "0"], "--max-connections 0"),
 ])
 def test_cli_serve_refuses_bad_options_before_loading(argv, words, capsys):
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("svdquant serve: error:") and words in err and err.count("\n") == 1
+
+
+def test_cli_serve_refuses_a_recorded_base_outside_unless_allowed(tmp_path, capsys):
+    """A checkpoint whose svdquant.json points its base outside its folder and here is refused before loading;
+    --allow-base-outside lets it through to the next check (this base is no pipeline: another error)."""
+    import json
+
+    (tmp_path / "elsewhere").mkdir()
+    ck = tmp_path / "downloads" / "ck"
+    ck.mkdir(parents=True)
+    (ck / "svdquant.json").write_text(json.dumps({
+        "format": "svdquant", "format_version": 2, "model_class": "FluxTransformer2DModel", "model_config": {},
+        "layers": {}, "base": "../../elsewhere", "base_is_local": True}))
+    port = str(free_port())
+    assert cli.main(["serve", str(ck), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert "outside" in err and "--allow-base-outside" in err and err.count("\n") == 1
+    assert cli.main(["serve", str(ck), "--port", port, "--allow-base-outside"]) == 2
+    assert "outside" not in capsys.readouterr().err
+
+
+def test_cli_serve_warns_when_listening_beyond_this_machine_without_a_key():
+    with cli_server(["--host", "0.0.0.0"], "svdquant serve to start", 120, SVDQUANT_API_KEY="") as (proc, base):
+        r = httpx.get(f"{base}/health/ready", timeout=5)
+        assert r.status_code == 200 and r.headers["x-request-id"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        log = proc.log()
+    assert "warning: listening on 0.0.0.0, beyond this machine, without an API key" in log, log
+    assert '"GET /health/ready" 200' in log   # the access log
 
 
 def test_cli_serve_replicas_without_ray_says_so(monkeypatch, capsys):

@@ -33,7 +33,9 @@ which writes the published checkpoints; the code here is ours):
   of each scale chunk folded into the bias. Imported as our ``int4z`` format (or ``int4`` when every zero is
   ``-8 · scale``, which is how we export symmetric layers), rows and bias restored.
 
-Exactness. Import is exact: every stored value keeps its bits (smoothing becomes ``1 / smooth`` in fp32).
+Exactness. Import is exact: every stored value keeps its bits (smoothing becomes ``1 / smooth`` in fp32; an adaLN
+layer whose scale biases, stored as ``1 + b``, lie outside [0.5, 2] somewhere keeps its bias in fp32, since
+``stored − 1`` then needs more bits than 16: published files have 38–85 such values per tensor).
 Export is exact except for two things the format cannot hold: it stores the smoothing factor in 16 bits
 (ours is fp32: rounded, relative change ≤ 2⁻⁹ in bf16), and it folds ``+ 1`` into the scale chunks' 16-bit
 biases (rounded). Both are then fixed points: a model imported from a Nunchaku file exports back to the
@@ -257,10 +259,11 @@ def _awq_entries(h: _Header, name: str, n: int, k: int, dt: str) -> None:
 
 
 def _layer_config(k: int, n: int, dt: torch.dtype, *, weights="int4", activations="int4", rank=0, shift=0.0,
-                  unsigned_from=0) -> dict[str, Any]:
+                  unsigned_from=0, fp32_bias=False) -> dict[str, Any]:
     return {"type": "linear", "in_features": k, "out_features": n, "bias": True, "weights": weights,
             "activations": activations, "group_size": GROUP, "rank": rank, "act_shift": shift,
-            "act_unsigned_from": unsigned_from, "dtype": str(dt).removeprefix("torch.")}
+            "act_unsigned_from": unsigned_from, "dtype": str(dt).removeprefix("torch."),
+            **({"bias_dtype": "float32"} if fp32_bias else {})}
 
 
 def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
@@ -352,8 +355,12 @@ def _decide_forms(path: Path, layers: list[_Layer], dtype: torch.dtype) -> None:
         if lay.kind == "awq":
             scales, zeros = read(f"{lay.theirs[0]}.wscales"), read(f"{lay.theirs[0]}.wzeros")
             lay.form = "int4" if torch.equal((-8 * scales.float()).to(dtype), zeros) else "int4z"
+            bias = _awq_bias(read, lay)
+            # stored − 1 is a 16-bit number only where the stored 1 + b lies in [0.5, 2]: elsewhere the bias is kept in
+            # fp32, exact, so that the export (b + 1, rounded once) gives back the stored bits
             lay.configs = {lay.ours[0]: _layer_config(lay.ks[0], lay.outs[0], dtype, weights=lay.form,
-                                                      activations=None)}
+                                                      activations=None,
+                                                      fp32_bias=not torch.equal(bias.to(dtype).float(), bias))}
             continue
         shift = POST_GELU_SHIFT if lay.post_gelu else 0.0
         if len(lay.theirs) == 2:
@@ -427,16 +434,23 @@ def _fill_w4a4(path: Path, read, lay: _Layer, plan_header: dict) -> dict[str, to
     return out
 
 
+def _awq_bias(read, lay: _Layer) -> torch.Tensor:
+    """An AWQ layer's bias in our row order, fp32, with the 1 Nunchaku folds into the scale chunks taken out
+    (exact: the difference of a 16-bit number and 1 is an fp32 number)."""
+    bias = deinterleave_rows(read(f"{lay.theirs[0]}.bias"), lay.chunks).float()
+    d = bias.shape[0] // lay.chunks
+    for c in scale_chunks(lay.chunks):  # Nunchaku folds the 1 of (1 + scale) into the bias
+        bias[c * d:(c + 1) * d] -= 1
+    return bias
+
+
 def _fill_awq(read, lay: _Layer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     name, ours, chunks = lay.theirs[0], lay.ours[0], lay.chunks
     codes = deinterleave_rows(unpack_awq(read(f"{name}.qweight")), chunks)
     scales = deinterleave_rows(read(f"{name}.wscales").t(), chunks).contiguous()
     zeros = deinterleave_rows(read(f"{name}.wzeros").t(), chunks).contiguous()
-    bias = deinterleave_rows(read(f"{name}.bias"), chunks).float()
-    d = bias.shape[0] // chunks
-    for c in scale_chunks(chunks):  # Nunchaku folds the 1 of (1 + scale) into the bias
-        bias[c * d:(c + 1) * d] -= 1
-    out = {f"{ours}.wscales": scales, f"{ours}.bias": bias.to(dtype)}
+    fp32 = "bias_dtype" in lay.configs[ours]
+    out = {f"{ours}.wscales": scales, f"{ours}.bias": _awq_bias(read, lay).to(torch.float32 if fp32 else dtype)}
     if lay.form == "int4":
         out[f"{ours}.qweight"] = pack_4bit_halves(codes.to(torch.int8) - 8, GROUP)
     else:
@@ -472,6 +486,7 @@ def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *
     _check_values(model, tensors, quantized, plan.path)
     model.load_state_dict(tensors, strict=True, assign=True)
     model._svdquant_recipe = plan.meta["recipe"]
+    model._svdquant_source = "nunchaku"  # saved with it: a later load skips the checks of svdquant's own quantizer
     model.eval()
     return model.to(device) if str(device) != "cpu" else model
 

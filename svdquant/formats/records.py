@@ -67,6 +67,9 @@ class Format:
     _operand: Callable | None = field(default=None, repr=False)
     best_weights: bool = False
     weight_rounding_kernel: str | None = None
+    # the stored codes (as :meth:`dequantize` reads them) that reach the smallest and largest values, for
+    # :meth:`magnitude_bound`; the int4 ones include -8, which a file can hold though the quantizer never writes it
+    extreme_codes: tuple[float, ...] = ()
 
     # -- numbers -----------------------------------------------------------------
     def group(self, group_size: int | None) -> int:
@@ -113,6 +116,21 @@ class Format:
             raise ValueError(f"{self.name} is not an integer format")
         vals = int4m_integer_values(q) if q.multipliers is not None else q.codes
         return vals, q.scales.float()
+
+    def magnitude_bound(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The largest ``|dequantized value|`` each row of a layer's weight can hold, ``[N]`` fp32, from its scales
+        (and multipliers, zeros, tensor scale) alone: the extreme codes dequantized under every group's factors.
+        Reads ``N × groups`` numbers, never the ``N × K`` codes (a checkpoint's range check runs it per layer)."""
+        s = buffers["wscales"]
+        per = buffers.get("wmult", s)  # int4m: one fp32 scale per row, the groups are in the multipliers
+        n, g = per.shape[0], (per.shape[1] if per.ndim == 2 else 1)
+        out = torch.zeros(n, device=s.device)
+        for c in self.extreme_codes:  # one code per group (group size 1) under the group's real factors
+            q = QTensor(torch.full((n, g), float(c), device=s.device), s, self.name, 1, g,
+                        tensor_scale=buffers.get("wtensor_scale"), multipliers=buffers.get("wmult"),
+                        zeros=buffers.get("wzeros"))
+            out = torch.maximum(out, self.dequantize(q).abs().reshape(n, -1).amax(-1))
+        return out
 
     # -- a layer's storage ---------------------------------------------------------
     def weight_buffers(self, n: int, k: int, group_size: int, dtype: torch.dtype) -> dict[str, tuple]:
@@ -198,14 +216,15 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int4", "int8"),
            integer=False, unsigned_groups=True, static_input_scale=False, weight_only="int4", grouped=True,
            _quantize=_q_int4, _dequantize=dequantize_int4,
-           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt)}, _fake=_fq_int4),
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt)}, _fake=_fq_int4,
+           extreme_codes=(-8, 7)),
     Format("int4m", "INT4 [-7, 7] × integer multiplier [1, 18] per group of 64 × fp32 per row (two-level)",
            64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int8", "int4m"),
            integer=True, unsigned_groups=True, static_input_scale=False, weight_only="int4",
            _quantize=_q_int4m, _dequantize=dequantize_int4m,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wmult": ((n, g), U8),
                                          "wscales": ((n,), F32)},
-           _fake=_fq_int4m, best_weights=True, weight_rounding_kernel="round_int4m_weights",
+           _fake=_fq_int4m, best_weights=True, weight_rounding_kernel="round_int4m_weights", extreme_codes=(-8, 7),
            _operand=lambda x, g, *, unsigned, tensor_scale: (*int4m_operand(x, g, unsigned=unsigned), None)),
     # AWQ's W4A16 (Nunchaku's adaLN layers): kept so imported layers hold their exact values; never a recipe default.
     Format("int4z", "uint4 [0, 15], a 16-bit scale and a 16-bit zero per group of 64 (AWQ W4A16); weights only",
@@ -213,31 +232,34 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            integer=False, unsigned_groups=False, static_input_scale=False, weight_only="int4z",
            _quantize=_q_int4z, _dequantize=dequantize_int4z,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt),
-                                         "wzeros": ((n, g), dt)}),
+                                         "wzeros": ((n, g), dt)}, extreme_codes=(0, 15)),
     Format("nvfp4", "FP4 E2M1, an E4M3 scale per group of 16 × fp32 per tensor",
            16, (16, 32), packed=True, signed=False, weight=True, activation=True, pairs_with=("nvfp4",),
            integer=False, unsigned_groups=False, static_input_scale=True, weight_only="nvfp4", grouped=True,
            _quantize=_q_nvfp4, _dequantize=dequantize_nvfp4,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), torch.float8_e4m3fn),
                    "wtensor_scale": ((), F32)}, _fake=_fq_nvfp4,
-           _code_values=lambda c: e2m1_table(c.device)[c.long()],
+           _code_values=lambda c: e2m1_table(c.device)[c.long()], extreme_codes=(7, 15),  # E2M1 ±6
            _operand=lambda x, g, *, unsigned, tensor_scale: _pair(nvfp4_operand(x, g, tensor_scale=tensor_scale))),
     Format("int8", "INT8 [-127, 127], an fp32 scale per row (per channel / per token)",
            0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("int8",),
            integer=True, unsigned_groups=False, static_input_scale=False, weight_only="int8",
            _quantize=_q_int8, _dequantize=dequantize_int8,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), I8), "wscales": ((n,), F32)}, _fake=_fq_int8,
+           extreme_codes=(-128, 127),
            _operand=lambda x, g, *, unsigned, tensor_scale: (*int8_code_values(x), None)),
     Format("fp8", "FP8 E4M3, an fp32 scale per row (torch._scaled_mm row-wise)",
            0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("fp8",),
            integer=False, unsigned_groups=False, static_input_scale=False, weight_only="fp8",
            _quantize=_q_fp8, _dequantize=dequantize_fp8,
-           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), torch.float8_e4m3fn), "wscales": ((n,), F32)}),
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), torch.float8_e4m3fn), "wscales": ((n,), F32)},
+           extreme_codes=(-448.0, 448.0)),
     Format("nf4", "NF4 (bitsandbytes), an fp32 absmax per block of 64; weights only",
            64, None, packed=True, signed=False, weight=True, activation=False, pairs_with=(),
            integer=False, unsigned_groups=False, static_input_scale=False, weight_only="nf4",
            _quantize=_q_nf4, _dequantize=dequantize_nf4,
-           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), F32)}),
+           _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), F32)},
+           extreme_codes=(0, 15)),  # the NF4 table's -1 and 1
 )}
 
 # A QTensor of all-unsigned INT4 codes says "uint4"; it dequantizes like int4.

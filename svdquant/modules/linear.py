@@ -15,7 +15,7 @@ buffers come from the weight format's record (:meth:`svdquant.formats.Format.wei
 | smooth_inv    | [K]                | fp32                          | 1/λ (stored inverted: kernels multiply) |
 | lora_down     | [rank, K]          | model dtype                   | L1 (already divided by λ)           |
 | lora_up       | [N, rank]          | model dtype                   | L2                                  |
-| bias          | [N]                | model dtype                   | b' (post-GELU shift compensated)    |
+| bias          | [N]                | model dtype (or ``bias_dtype``) | b' (post-GELU shift compensated)  |
 
 (*) within each group of g codes, byte j holds code j (low nibble) and code j + g/2
 (high nibble): :func:`~svdquant.formats.pack_4bit_halves`.
@@ -98,6 +98,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         act_unsigned_from: int = 0,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        bias_dtype: torch.dtype | None = None,
     ):
         nn.Module.__init__(self)
         AdapterSet.__init__(self)  # LoRAs, concatenated onto the branch (svdquant.lora)
@@ -110,6 +111,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.group_size, self.rank, self.act_shift = group_size, rank, float(act_shift)
         self.act_unsigned_from = int(act_unsigned_from)
         self.dtype = dtype
+        # fp32 where an import must keep a bias its 16-bit form cannot hold (Nunchaku's adaLN scale biases less the
+        # folded 1); every runner adds the bias in fp32 or casts it to the output dtype, as with a 16-bit one
+        self.bias_dtype = bias_dtype if bias_dtype not in (None, dtype) else None
         self.quant_report = None
         self.weight_mode = "auto"
         # tanh-GELU on the output, set by svdquant.fuse for an MLP's up projection: the INT8 runner applies it
@@ -137,7 +141,7 @@ class SVDQLinear(nn.Module, AdapterSet):
             buf("lora_down", (rank, k), dtype)
             buf("lora_up", (n, rank), dtype)
         if bias:
-            buf("bias", (n,), dtype)
+            buf("bias", (n,), self.bias_dtype or dtype)
         else:
             self.bias = None
         self.register_load_state_dict_post_hook(lambda mod, _incompatible: mod.refresh())
@@ -210,12 +214,15 @@ class SVDQLinear(nn.Module, AdapterSet):
             "weights": self.weights, "activations": self.activations, "group_size": self.group_size,
             "rank": self.rank, "act_shift": self.act_shift, "act_unsigned_from": self.act_unsigned_from,
             "dtype": str(self.dtype).removeprefix("torch."),
+            **({"bias_dtype": str(self.bias_dtype).removeprefix("torch.")} if self.bias_dtype else {}),
         }
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device=None) -> "SVDQLinear":
         cfg = dict(cfg)
         cfg["dtype"] = getattr(torch, cfg["dtype"])
+        if "bias_dtype" in cfg:
+            cfg["bias_dtype"] = getattr(torch, cfg["bias_dtype"])
         return cls(**cfg, device=device)
 
     @property

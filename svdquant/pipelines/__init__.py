@@ -91,9 +91,27 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
     if torch_dtype is not None:
         kw[_dtype_keyword()] = torch_dtype
     try:
-        return DiffusionPipeline.from_pretrained(str(base), **kw)
+        # safetensors only, for every component (diffusers passes it on to transformers): a pickled .bin can run
+        # code as it loads, and a base folder may come from the same download as the checkpoint naming it
+        return DiffusionPipeline.from_pretrained(str(base), use_safetensors=True, **kw)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"cannot load the base pipeline {base!s}: {e}") from None
+        raise pickled_only_error(base, e) from None
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickled_only_error(base, e: Exception) -> Exception:
+    """The error for a base pipeline that failed to load: a clear one when it holds pickled weights only."""
+    folder = Path(str(base)).expanduser()
+    pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLED) \
+        if folder.is_dir() else []
+    if pickles and "safetensors" in str(e).lower():
+        return ValueError(f"the base pipeline {base} holds pickled weights ({pickles[0]}) where safetensors are "
+                          "needed; "
+                          "svdquant never unpickles (a pickle can run code as it loads): convert them to .safetensors "
+                          "(e.g. load and save_pretrained it once in a trusted environment)")
+    return FileNotFoundError(f"cannot load the base pipeline {base!s}: {e}")
 
 
 def size_multiple(pipe) -> int:

@@ -127,10 +127,17 @@ class TinyFluxPipeline:
                         torch_dtype: torch.dtype | None = None) -> "TinyFluxPipeline":
         path = Path(path)
         cfg = json.loads((path / PIPELINE_FILE).read_text())
+        # safetensors only: a pickled .bin can run code as it loads (and a folder may come with a checkpoint)
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        if transformer is None:
-            transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", **kw)
-        cond = ClassConditioner.from_pretrained(path / "conditioner", **kw)
+        kw["use_safetensors"] = True
+        try:
+            if transformer is None:
+                transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", **kw)
+            cond = ClassConditioner.from_pretrained(path / "conditioner", **kw)
+        except OSError as e:
+            from . import pickled_only_error
+
+            raise pickled_only_error(path, e) from None
         return cls(transformer.eval(), cond.eval(), cfg["classes"], cfg["image_size"], cfg["guidance_scale"],
                    cfg["num_inference_steps"], cfg.get("info"))
 
@@ -206,7 +213,9 @@ class TinyFluxPipeline:
     def __call__(self, prompt: str | Sequence[str] | None = None, class_labels=None, num_inference_steps=None,
                  guidance_scale=None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", num_images_per_prompt: int = 1, progress: bool = False,
-                 height: int | None = None, width: int | None = None):
+                 height: int | None = None, width: int | None = None, callback_on_step_end=None):
+        """``callback_on_step_end(pipe, step, t, {"latents": x})`` runs after every step, as diffusers' does: it
+        may return a dict with new ``latents``, or raise to stop sampling there (``svdquant serve`` does)."""
         self.check_inputs(num_inference_steps, num_images_per_prompt, guidance_scale, height, width, output_type)
         if class_labels is None:
             if prompt is None:
@@ -227,14 +236,16 @@ class TinyFluxPipeline:
         null = torch.full_like(labels, len(self.classes))
         ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
         # a bar on a terminal; a redirected log gets a plain line now and then (svdquant/_progress.py)
-        for t, t_next in progress_bar(list(zip(ts[:-1], ts[1:])), desc="sampling", unit="step", enabled=progress,
-                                      leave=False):
+        for i, (t, t_next) in enumerate(progress_bar(list(zip(ts[:-1], ts[1:])), desc="sampling", unit="step",
+                                                     enabled=progress, leave=False)):
             if g != 1.0:
                 v_c, v_u = self.velocity(torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
                 v = v_u + g * (v_c - v_u)
             else:
                 v = self.velocity(x, t, labels)
             x = x + (t_next - t) * v
+            if callback_on_step_end is not None:
+                x = (callback_on_step_end(self, i, t, {"latents": x}) or {}).get("latents", x)
         if output_type == "latent":
             return TinyOutput(x)
         img = ((x.float() + 1) / 2).clamp(0, 1)

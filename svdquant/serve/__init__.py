@@ -5,7 +5,10 @@
     with serving(app) as base: ...        # or a uvicorn in a thread, on a free 127.0.0.1 port
 
 FastAPI + uvicorn serve it; one worker thread owns the pipeline (``worker.py``); ``schema.py`` is the
-request; ``engine.py`` what the loaded model can draw; ``metrics.py`` the Prometheus metrics.
+request and how a body becomes one; ``engine.py`` what the loaded model can draw; ``metrics.py`` the Prometheus
+metrics; ``guard.py`` the ASGI middleware between the network and the app (request ids and the access log,
+Host / Origin, the API key, body limits); ``server.py`` how uvicorn runs it (head timeouts, the connection cap,
+the drain on SIGTERM).
 """
 
 from .app import create_app

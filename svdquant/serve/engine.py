@@ -18,6 +18,11 @@ from ..pipelines import TINY_BASE, TinyFluxPipeline, size_multiple
 from .schema import GenerationRequest, parse_size
 
 
+class StopSampling(Exception):
+    """Raised between two denoising steps when nobody waits for the batch any more (every client gone or past its
+    deadline, or the drain timed out): the pipeline call ends there instead of running to the end for nobody."""
+
+
 class RequestError(ValueError):
     """A well-formed request this model cannot honour: HTTP 400 with this message."""
 
@@ -37,15 +42,16 @@ class Settings:
 
 
 def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype | None = None,
-                loras: list[tuple[str, float]] = ()) -> "Engine":
-    """``model``: ``tiny`` (the shipped model), an svdquant checkpoint folder, or a 16-bit pipeline folder."""
+                loras: list[tuple[str, float]] = (), *, allow_base_outside: bool = False) -> "Engine":
+    """``model``: ``tiny`` (the shipped model), an svdquant checkpoint folder, or a 16-bit pipeline folder.
+    ``allow_base_outside``: see :func:`svdquant.load_pipeline` (a checkpoint's recorded base outside its folder)."""
     from ..checkpoint import META_FILE, load_pipeline
     from ..pipelines import load_base_pipeline
 
     if model == TINY_BASE:
         pipe = TinyFluxPipeline.default(dtype or torch.float32)
     elif (Path(model) / META_FILE).is_file():
-        pipe = load_pipeline(None, model, device=device, torch_dtype=dtype)
+        pipe = load_pipeline(None, model, device=device, torch_dtype=dtype, allow_base_outside=allow_base_outside)
     else:
         pipe = load_base_pipeline(model, torch_dtype=dtype)
     pipe = pipe.to(device)
@@ -86,6 +92,10 @@ class Engine:
             self.default_guidance = float(_default(params, "guidance_scale", 3.5))
             self.classes = None
         self.multiple = size_multiple(pipe) if not self.tiny else pipe.image_size
+        # set by the worker around each call (the only caller): True once the batch should stop, checked after
+        # every denoising step through the pipeline's callback_on_step_end (diffusers' and the tiny pipeline's)
+        self.stop_check = None
+        self._steps_callable = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
 
     def describe(self) -> dict:
         """What ``GET /v1/models`` and the web page show."""
@@ -131,12 +141,21 @@ class Engine:
             for name, strength in settings.loras:
                 set_lora_strength(self.pipe, name, strength)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        kw = {}
+        check = self.stop_check
+        if check is not None and self._steps_callable:
+            def stop_between_steps(pipe, step, timestep, callback_kwargs):
+                if check():
+                    raise StopSampling()
+                return callback_kwargs  # diffusers reads its tensors back from the returned dict
+
+            kw["callback_on_step_end"] = stop_between_steps
         if self.tiny:
             latents = torch.cat([self.pipe.noise(1, g) for g in gens])
             return self.pipe(prompt=prompts, latents=latents, num_inference_steps=settings.steps,
-                             guidance_scale=settings.guidance).images
+                             guidance_scale=settings.guidance, **kw).images
         return self.pipe(prompt=prompts, generator=gens, width=settings.width, height=settings.height,
-                         num_inference_steps=settings.steps, guidance_scale=settings.guidance).images
+                         num_inference_steps=settings.steps, guidance_scale=settings.guidance, **kw).images
 
 
 def _default(params, name: str, fallback):
