@@ -626,7 +626,8 @@ def cmd_serve(args) -> None:
                loras=args.loras, max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                api_key=args.api_key, allowed_hosts=args.allowed_host or (), cors_origins=args.cors_origin or (),
                max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout, drain_timeout=args.drain_timeout,
-               max_connections=args.max_connections, allow_base_outside=args.allow_base_outside)
+               max_connections=args.max_connections, allow_base_outside=args.allow_base_outside,
+               optimize=args.optimize)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -780,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a checkpoint's recorded base pipeline even outside the checkpoint's folder and the "
                         "current directory (trust the checkpoint)")
     common_device(p)
+    optimize_flag(p)
     p.set_defaults(func=cmd_serve, validate=_validate_serve)
 
     p = sub.add_parser("convert", help="Nunchaku checkpoints in and out",

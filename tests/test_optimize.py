@@ -264,3 +264,14 @@ def test_the_cost_table_is_kept_on_disk_and_shown_by_info(tmp_path, monkeypatch,
     assert f"4096 rows × {k} → 96" in out and "→ INT8 path" in out and "99999" not in out
     (tmp_path / "cache" / "layer_costs.json").write_text("{not json")
     assert lc.load_costs() == {}  # only a cache: a damaged one is ignored
+
+
+def test_serve_warms_up_only_what_compiles_lazily():
+    """The server's default warm-up: nothing to do for a pipeline that does not compile lazily (the CPU, the tiny
+    model): no sampling, 0 s, and /health says so; on CUDA it samples every batch size (GPU run, NOTES-GPU.md)."""
+    from svdquant.serve.engine import load_engine
+
+    engine = load_engine("tiny")
+    lines = []
+    assert engine.warmup(4, log=lambda *a, **k: lines.append(a)) == 0.0 and engine.warmup_seconds == 0.0
+    assert lines == []

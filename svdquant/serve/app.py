@@ -139,7 +139,7 @@ def create_app(engine: Engine, *, max_queue: int = 16, max_batch: int = 4, batch
     async def health():
         alive = worker.alive
         body = {"status": "ok" if alive else "worker stopped", "state": worker.state, "queue": worker.depth,
-                "max_queue": worker.max_queue}
+                "max_queue": worker.max_queue, "warmup_seconds": getattr(engine, "warmup_seconds", None)}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/health/live")

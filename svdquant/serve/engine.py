@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +43,27 @@ class Settings:
 
 
 def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype | None = None,
-                loras: list[tuple[str, float]] = (), *, allow_base_outside: bool = False) -> "Engine":
+                loras: list[tuple[str, float]] = (), *, allow_base_outside: bool = False,
+                optimize: bool = True) -> "Engine":
     """``model``: ``tiny`` (the shipped model), an svdquant checkpoint folder, or a 16-bit pipeline folder.
-    ``allow_base_outside``: see :func:`svdquant.load_pipeline` (a checkpoint's recorded base outside its folder)."""
+    ``allow_base_outside``: see :func:`svdquant.load_pipeline` (a checkpoint's recorded base outside its folder).
+    ``optimize``: on a CUDA device, :func:`svdquant.optimize` the pipeline (a 16-bit one too); the server compiles
+    and captures it before it reports ready (:meth:`Engine.warmup`)."""
     from ..checkpoint import META_FILE, load_pipeline
     from ..pipelines import load_base_pipeline
 
+    cuda = torch.device(device).type == "cuda"
     if model == TINY_BASE:
         pipe = TinyFluxPipeline.default(dtype or torch.float32)
     elif (Path(model) / META_FILE).is_file():
-        pipe = load_pipeline(None, model, device=device, torch_dtype=dtype, allow_base_outside=allow_base_outside)
+        pipe = load_pipeline(None, model, device=device, torch_dtype=dtype, allow_base_outside=allow_base_outside,
+                             optimize=None if optimize else False)
     else:
-        pipe = load_base_pipeline(model, torch_dtype=dtype)
+        pipe = load_base_pipeline(model, torch_dtype=dtype).to(device)
+        if optimize and cuda:
+            from ..pipelines.optimize import optimize as optimize_pipeline
+
+            optimize_pipeline(pipe)
     pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # the server log is no terminal
@@ -132,6 +142,30 @@ class Engine:
                         tuple(sorted(strengths.items())))
 
     # -- sampling, in the worker thread ----------------------------------------------------------------
+    def warmup(self, max_batch: int, log=print) -> float:
+        """Compile and capture the optimized pipeline (:func:`svdquant.optimize`) at the default size for every batch
+        size up to ``max_batch``, so that no request pays it; the server is ready only after. Returns the seconds
+        it took (0 when nothing compiles lazily: the CPU, an unoptimized pipeline). Another size compiles at its
+        first request."""
+        from ..pipelines.optimize import graphs_of
+
+        graphs = graphs_of(self.pipe)
+        self.warmup_seconds = 0.0
+        if graphs is None:
+            return 0.0
+        # a true-CFG pipeline (Qwen-Image) calls its model with two text lengths per step: two graphs a batch size
+        graphs.max_graphs = max(graphs.max_graphs, 2 * max_batch + 2)
+        t0 = time.perf_counter()
+        w, h = self.default_size
+        prompt = self.classes[0] if self.tiny else "a photograph"
+        for b in range(1, max_batch + 1):
+            settings = Settings(w, h, 2, self.default_guidance, tuple(sorted(self.loras.items())))
+            self.generate(settings, [prompt] * b, list(range(b)))
+        self.warmup_seconds = time.perf_counter() - t0
+        log(f"warmed up in {self.warmup_seconds:.1f} s: compiled and captured {w}x{h} at batch sizes 1-{max_batch} "
+            f"({graphs.captures} CUDA graphs); other sizes compile at their first request", flush=True)
+        return self.warmup_seconds
+
     def generate(self, settings: Settings, prompts: list[str], seeds: list[int]):
         """One image per (prompt, seed), as PIL images. Each image's noise comes from its own seed, so an
         image does not depend on what it was batched with (same seed, same image)."""

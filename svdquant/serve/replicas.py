@@ -14,8 +14,9 @@ def _build(model, device, dtype, loras, max_queue, max_batch, batch_wait_ms, app
     from .app import create_app
     from .engine import load_engine
 
-    return create_app(load_engine(model, device, dtype, loras), max_queue=max_queue, max_batch=max_batch,
-                      batch_wait_ms=batch_wait_ms, **(app_options or {}))
+    engine = load_engine(model, device, dtype, loras)
+    return create_app(engine, max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                      warmup=lambda: engine.warmup(max_batch), **(app_options or {}))
 
 
 def replicas_application(model: str = "tiny", *, replicas: int = 2, device: str = "cpu", dtype=None, loras=(),
