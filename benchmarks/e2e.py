@@ -2,12 +2,16 @@
 
     python benchmarks/e2e.py --models flux --batch 1 4 --out $OUT          # bf16, bf16-compiled, int4 (default path)
     python benchmarks/e2e.py --models sdxl qwenimage --batch 1 --out $OUT
+    python benchmarks/e2e.py --models sd3 sana pixart --batch 1 --out $OUT
     python benchmarks/e2e.py --models flux --variants fp8-torchao --out $OUT   # torchao FP8 row-wise (its own call)
     python benchmarks/e2e.py --quick                                         # CPU smoke: tiny configs
 
 Each model is its diffusers pipeline with the real architecture and random weights, built on the GPU as
-``benchmarks/pipeline_memory.py`` builds it (FLUX.1-dev 1024² 28 steps guidance 3.5; SDXL 1024² 28 steps CFG 5;
-Qwen-Image 1024² 28 steps true CFG 4). Variants, on one pipeline per model:
+``benchmarks/pipeline_memory.py`` builds it (its docstring has the details), all at 1024² and ``--steps`` (default
+28) steps: FLUX.1-dev guidance 3.5; SDXL CFG 5; Qwen-Image true CFG 4; SD3.5 Large CFG 3.5, T5 256 tokens;
+SANA 1600M CFG 4.5, Gemma 300 tokens (SANA's usual is 20 steps: pass ``--steps 20``); PixArt-Σ XL CFG 4.5,
+T5 300 tokens (usually 20 steps too). SDXL, SD3.5, SANA and PixArt-Σ run CFG as batch 2 per step, Qwen-Image's
+true CFG as two calls. Variants, on one pipeline per model:
 
 * ``bf16``: diffusers as loaded, eager;
 * ``bf16-compiled``: the denoiser's repeated blocks through ``torch.compile`` (what diffusers recommends,
@@ -90,6 +94,7 @@ def uncompile(den) -> None:
 
 def run_model(model: str, args, device: str, results: dict, t_start: float, log) -> None:
     import svdquant
+    from svdquant.pipelines.optimize import graphs_of  # svdquant loads its pipelines package lazily
 
     res = results.setdefault(model, {})
 
@@ -128,7 +133,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
 
                 traceback.print_exc()
             row[f"b{b}"] = r
-            graphs = svdquant.pipelines.optimize.graphs_of(pipe)
+            graphs = graphs_of(pipe)
             if graphs is not None:
                 r["graph_captures"], r["graph_replays"] = graphs.captures, graphs.replays
             log(f"{model:10s} {variant:14s} b{b} {json.dumps(r)}")
@@ -175,7 +180,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--repeats", type=int, default=2, help="steady calls per measurement (median)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no measurement after this many seconds")
-    ap.add_argument("--quick", action="store_true", help="CPU, tiny configs, 16x16, 2 steps: checks the script runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU, tiny configs, 16x16 (SANA 32x32), 2 steps: checks the script runs")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or any(b < 1 for b in args.batch):

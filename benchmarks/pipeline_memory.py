@@ -1,16 +1,29 @@
 """Peak GPU memory, time per image and weight sizes of whole pipelines, 16-bit vs svdquant (issue 15, part 4).
 
-    python benchmarks/pipeline_memory.py --out $OUT                    # FLUX.1-dev, SDXL, Qwen-Image; 1024², 28 steps
+    python benchmarks/pipeline_memory.py --out $OUT                    # all six below; 1024², 28 steps
     python benchmarks/pipeline_memory.py --models flux --steps 28 --out $OUT
     python benchmarks/pipeline_memory.py --quick                        # CPU smoke: tiny configs, seconds
 
-Each pipeline is its diffusers class with the real architecture (FLUX.1-dev: the transformer of
-``benchmarks/quantize_flux.py``'s ``FLUX_DEV``, T5-XXL, CLIP-L, the FLUX VAE; SDXL: its UNet, CLIP-L and
-OpenCLIP-bigG, its VAE; Qwen-Image: its transformer, Qwen2.5-VL-7B, its VAE) built on the GPU with random
-weights, and tokenizers over single letters written offline (so T5 still reads 512 padded tokens and CLIP
-77; Qwen-Image's prompt template becomes ~190 letter tokens instead of ~40 real ones). Nothing downloads.
-One image per call at 1024², ``--steps`` steps (FLUX guidance 3.5; SDXL CFG 5.0: batch 2 per step;
-Qwen-Image true CFG 4.0 with an empty negative prompt: two transformer calls per step). Variants,
+Each pipeline is its diffusers class with the real architecture, built on the GPU with random weights:
+
+* ``flux``: FLUX.1-dev (the transformer of ``benchmarks/quantize_flux.py``'s ``FLUX_DEV``, T5-XXL, CLIP-L, the
+  FLUX VAE); guidance 3.5 (distilled: one transformer call per step), T5 512 tokens;
+* ``sdxl``: SDXL base (its UNet, CLIP-L and OpenCLIP-bigG, its VAE); CFG 5.0 (batch 2 per step);
+* ``qwenimage``: Qwen-Image (its transformer, Qwen2.5-VL-7B, its VAE); true CFG 4.0 with an empty negative
+  prompt (two transformer calls per step);
+* ``sd3``: Stable Diffusion 3.5 Large (``SD3Transformer2DModel``, 38 blocks of 2432, QK RMSNorm; CLIP-L,
+  OpenCLIP-bigG, T5-XXL; the 16-channel VAE with SD3's scale and shift; flow matching, shift 3.0); CFG 3.5
+  (batch 2 per step), T5 256 tokens (SD3's default);
+* ``sana``: SANA 1600M 1024px (``SanaTransformer2DModel``, 20 linear-attention blocks of 2240; Gemma-2-2B;
+  the DC-AE f32c32 autoencoder; flow DPM-Solver, shift 3.0); CFG 4.5 (batch 2 per step), Gemma 300 tokens
+  after SANA's default complex-human-instruction preamble (SANA's usual is 20 steps);
+* ``pixart``: PixArt-Σ XL 1024 (``PixArtTransformer2DModel``, 28 blocks of 1152; T5-XXL; the SDXL VAE;
+  DPM-Solver++); CFG 4.5 (batch 2 per step), T5 300 tokens (PixArt-Σ's usual is 20 steps).
+
+Tokenizers are over single letters, written offline (so T5 still reads its 512 / 256 / 300 padded tokens and
+CLIP 77; Qwen-Image's prompt template becomes ~190 letter tokens instead of ~40 real ones; SANA's 166-word
+preamble ~890 tokens through Gemma, of which the pipeline keeps the first and the last 299, as with the real
+tokenizer). Nothing downloads. One image per call at 1024², ``--steps`` steps. Variants,
 cumulative, on one pipeline:
 
 * ``bf16``: everything 16-bit on the GPU;
@@ -22,8 +35,9 @@ cumulative, on one pipeline:
 * ``int4+te4+offload``: + ``enable_model_cpu_offload()`` (weights on the CPU, one model at a time on the
   GPU), quantized layers in ``--offload-weight-mode`` (memory: 4-bit resident);
 * ``int4+te4+offload+fbc``: + First-Block Cache (``enable_cache(FirstBlockCacheConfig(--fbc-threshold))``;
-  not for the SDXL UNet). With random weights which steps it skips says nothing about real models: the
-  number of steps that ran every block is recorded beside the time.
+  FLUX and Qwen-Image only: diffusers has no cache hooks for the SDXL UNet, nor for the SD3, SANA and PixArt
+  transformers, so the variant is listed as skipped there). With random weights which steps it skips says
+  nothing about real models: the number of steps that ran every block is recorded beside the time.
 
 Per variant: peak GPU memory of one measured call (after a 2-step warm-up call that compiles the kernels),
 its wall time, what stays resident on the GPU between calls, and the stored weights in GB per component
@@ -50,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV  # noqa: E402
 
-MODELS = ("flux", "sdxl", "qwenimage")
+MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart")
 VARIANTS = ("bf16", "int4", "int4+te4", "int4+te4+offload", "int4+te4+offload+fbc")
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -82,6 +96,41 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
                  attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+# SD3.5 Large (stabilityai/stable-diffusion-3.5-large transformer/config.json; no dual attention layers:
+# those are SD3.5 Medium's MMDiT-X); its VAE is FLUX's layout with SD3's latent scale and shift.
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, dual_attention_layers=(),
+                  qk_norm="rms_norm")
+SD3_VAE = dict(FLUX_VAE, scaling_factor=1.5305, shift_factor=0.0609)
+# SANA 1600M 1024px (Efficient-Large-Model/Sana_1600M_1024px_diffusers; diffusers'
+# scripts/convert_sana_to_diffusers.py: SanaMS_1600M_P1_D20 at 1024, flow DPM-Solver with shift 3.0), its text
+# encoder the decoder of Gemma-2-2B-it (Gemma2Model), its autoencoder DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0).
+SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
+                  norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None, qk_norm=None)
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                 max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
+                 final_logit_softcapping=30.0, attn_logit_softcapping=50.0, rms_norm_eps=1e-6)
+DC_AE_F32C32 = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
+                    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                    decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+                    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                    decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                    downsample_block_type="Conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+                    decoder_act_fns="silu", scaling_factor=0.41407)
+# PixArt-Σ XL/2 1024 (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS; diffusers' scripts/convert_pixart_sigma_to_diffusers.py:
+# positions interpolated 2x at 1024, no micro-conditions); T5-XXL, the SDXL VAE, DPMSolverMultistepScheduler().
+PIXART_SIGMA_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                       cross_attention_dim=1152, attention_bias=True, sample_size=128, patch_size=2,
+                       activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                       norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, interpolation_scale=2,
+                       use_additional_conditions=False)
 FLOW_SHIFT = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                   max_image_seq_len=4096)
 
@@ -110,6 +159,26 @@ TINY = dict(
                                     patch_size=2, window_size=8, fullatt_block_indexes=[0])),
     qwen_vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+    # SD3 pads the two CLIPs' concatenated tokens (2 x 32) to T5's width: its tiny T5 is 64 wide
+    sd3=dict(SD35_LARGE, sample_size=8, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
+             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+             pos_embed_max_size=8),
+    sd3_t5=dict(T5_XXL, vocab_size=64, d_model=64, d_ff=64, d_kv=16, num_heads=2, num_layers=1,
+                relative_attention_num_buckets=8, relative_attention_max_distance=16),
+    sana=dict(SANA_1600M, in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64, num_layers=2,
+              num_cross_attention_heads=2, cross_attention_head_dim=64, cross_attention_dim=128, caption_channels=32,
+              sample_size=8),
+    gemma2=dict(GEMMA2_2B, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                query_pre_attn_scalar=16, sliding_window=64),
+    dc_ae=dict(DC_AE_F32C32, latent_channels=4, attention_head_dim=8,
+               encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+               decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+               encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+               encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+               encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,))),
+    pixart=dict(PIXART_SIGMA_XL, num_attention_heads=2, attention_head_dim=64, num_layers=2, cross_attention_dim=128,
+                caption_channels=32, sample_size=8, interpolation_scale=1),
 )
 
 
@@ -152,7 +221,11 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
     t = TINY if quick else None
     # schedulers keep their tables on the CPU: made outside the device context
     schedulers = dict(flux=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT),
-                      sdxl=D.EulerDiscreteScheduler, qwenimage=lambda: D.FlowMatchEulerDiscreteScheduler(**FLOW_SHIFT))
+                      sdxl=D.EulerDiscreteScheduler, qwenimage=lambda: D.FlowMatchEulerDiscreteScheduler(**FLOW_SHIFT),
+                      sd3=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                      sana=lambda: D.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                                                 prediction_type="flow_prediction"),
+                      pixart=D.DPMSolverMultistepScheduler)
     if model not in schedulers:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     scheduler = schedulers[model]()
@@ -189,13 +262,42 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                     tokenizer=letter_tokenizer(),
                     transformer=D.QwenImageTransformer2DModel(**(t["qwen_transformer"] if quick else {})))
                 kw = dict(true_cfg_scale=4.0, negative_prompt=" ")
+            elif model == "sd3":
+                pipe = D.StableDiffusion3Pipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKL(**(t["vae"] if quick else SD3_VAE)),
+                    text_encoder=T.CLIPTextModelWithProjection(T.CLIPTextConfig(**(t["clip"] if quick else CLIP_L))),
+                    text_encoder_2=T.CLIPTextModelWithProjection(T.CLIPTextConfig(**(t["clip"] if quick
+                                                                                    else CLIP_BIG_G))),
+                    text_encoder_3=T.T5EncoderModel(T.T5Config(**(t["sd3_t5"] if quick else T5_XXL))),
+                    tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), tokenizer_3=letter_tokenizer(),
+                    transformer=D.SD3Transformer2DModel(**(t["sd3"] if quick else SD35_LARGE)))
+                kw = dict(guidance_scale=3.5, max_sequence_length=8 if quick else 256)
+            elif model == "sana":
+                pipe = D.SanaPipeline(
+                    scheduler=scheduler, vae=D.AutoencoderDC(**(t["dc_ae"] if quick else DC_AE_F32C32)),
+                    text_encoder=T.Gemma2Model(T.Gemma2Config(**(t["gemma2"] if quick else GEMMA2_2B))),
+                    tokenizer=letter_tokenizer(),  # the pipeline pads on the right itself, as Gemma's needs
+                    transformer=D.SanaTransformer2DModel(**(t["sana"] if quick else SANA_1600M)))
+                kw = dict(guidance_scale=4.5, max_sequence_length=8 if quick else 300)
+            elif model == "pixart":
+                pipe = D.PixArtSigmaPipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKL(**(t["vae"] if quick else SDXL_VAE)),
+                    text_encoder=T.T5EncoderModel(T.T5Config(**(t["t5"] if quick else T5_XXL))),
+                    tokenizer=letter_tokenizer(),
+                    transformer=D.PixArtTransformer2DModel(**(t["pixart"] if quick else PIXART_SIGMA_XL)))
+                # clean_caption needs bs4 + ftfy and only rewrites the prompt's text: off, as SANA's default
+                kw = dict(guidance_scale=4.5, max_sequence_length=8 if quick else 300, clean_caption=False)
     finally:
         torch.set_default_dtype(prev)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.eval()  # transformers builds in training mode (dropout)
     pipe.set_progress_bar_config(disable=True)
-    size = 16 if quick else 1024
+    size = 1024
+    if quick:
+        size = 32 if model == "sana" else 16  # SANA's pipeline takes multiples of 32 only
+        if model in ("sana", "pixart"):
+            kw["use_resolution_binning"] = False  # bins by sample_size: none for the tiny ones
     return pipe, dict(prompt="a red fox in the snow", height=size, width=size, output_type="pt", **kw)
 
 
@@ -336,15 +438,33 @@ def measure(pipe, call: dict, steps: int, device: str, runs: Runs | None = None)
 
 def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
     """What the denoiser reads from the encoders: FLUX [T5 tokens, CLIP pooled]; SDXL [both CLIPs' penultimate
-    hidden states, concatenated; bigG pooled]; Qwen-Image [Qwen2.5-VL's last hidden states]."""
+    hidden states, concatenated; bigG pooled]; Qwen-Image [Qwen2.5-VL's last hidden states]; SD3 [CLIP-L and
+    bigG penultimate states, concatenated, padded and joined to T5's tokens; both CLIPs' pooled]; SANA [Gemma's
+    last hidden states, after the complex-human-instruction preamble the call puts before the prompt];
+    PixArt-Σ [T5 tokens]."""
+    import inspect
+
+    kind = type(pipe).__name__
+    prompt = call["prompt"]
     with torch.no_grad():
-        if hasattr(pipe, "unet"):
-            out = pipe.encode_prompt(call["prompt"], do_classifier_free_guidance=False)
+        if kind == "StableDiffusionXLPipeline":
+            out = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
             return [out[0], out[2]]
-        if hasattr(pipe, "text_encoder_2"):
-            return list(pipe.encode_prompt(call["prompt"], prompt_2=None,
+        if kind == "StableDiffusion3Pipeline":
+            out = pipe.encode_prompt(prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                                     max_sequence_length=call["max_sequence_length"])
+            return [out[0], out[2]]
+        if kind == "FluxPipeline":
+            return list(pipe.encode_prompt(prompt, prompt_2=None,
                                            max_sequence_length=call["max_sequence_length"])[:2])
-        return [pipe.encode_prompt(call["prompt"])[0]]
+        if kind == "SanaPipeline":
+            chi = inspect.signature(pipe.__call__).parameters["complex_human_instruction"].default
+            return [pipe.encode_prompt(prompt, do_classifier_free_guidance=False, complex_human_instruction=chi,
+                                       max_sequence_length=call["max_sequence_length"])[0]]
+        if kind == "PixArtSigmaPipeline":
+            return [pipe.encode_prompt(prompt, do_classifier_free_guidance=False, clean_caption=False,
+                                       max_sequence_length=call["max_sequence_length"])[0]]
+        return [pipe.encode_prompt(prompt)[0]]
 
 
 def run_model(model: str, args, device: str, log, results: dict, t_start: float) -> None:
@@ -490,7 +610,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--fbc-threshold", type=float, default=0.05,
                     help="First-Block Cache threshold (default 0.05: diffusers' default)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="start no variant after this many seconds")
-    ap.add_argument("--quick", action="store_true", help="CPU, tiny configs, 16x16, 2 steps: checks the script runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU, tiny configs, 16x16 (SANA 32x32), 2 steps: checks the script runs")
     ap.add_argument("--sizes", action="store_true",
                     help="only the stored weights per component, 16-bit and quantized, computed on meta (no GPU)")
     ap.add_argument("--out", type=Path)
