@@ -53,10 +53,23 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(v: str):
-    """``recipe[:activations][@rank]``: e.g. ``int4@32``, ``w4a4-float:int8@32`` (float weight scales, A8)."""
+    """``recipe[:activations][@rank][+gptq|-gptq]``: e.g. ``int4@32``, ``w4a4-float:int8@32`` (float weight scales,
+    A8), ``w4a4@32+gptq`` (GPTQ on the residual), ``int4-gptq`` (the recipe with GPTQ turned off); any recipe field
+    after a slash: ``int4@32/iterations=0``."""
+    over = {}
+    v, *fields = v.split("/")
+    for f in fields:
+        key, _, val = f.partition("=")
+        over[key] = {"true": True, "false": False}.get(val.lower(), None)
+        if over[key] is None:
+            over[key] = float(val) if "." in val else int(val)
+    for tag, on in (("+gptq", True), ("-gptq", False)):
+        if v.endswith(tag):
+            v, over["gptq"] = v[: -len(tag)], on
     name, _, rank = v.partition("@")
     name, _, acts = name.partition(":")
-    over = dict(rank=int(rank)) if rank else {}
+    if rank:
+        over["rank"] = int(rank)
     if acts:
         over.update(activations=acts, name=f"{name}:{acts}")
     return get_recipe(name, **over)

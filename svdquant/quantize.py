@@ -61,6 +61,7 @@ class LayerRow:
     rel_error_naive: float
     rel_error: float
     seconds: float
+    rel_error_rtn: float = float("nan")  # with the residual rounded to nearest: differs from rel_error with GPTQ
 
 
 @dataclass
@@ -98,13 +99,16 @@ class QuantReport:
                          f"{self.seconds_total:.1f} s (calibration {self.seconds_calibration:.1f} s)"
                          + (f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else ""))
             w = max([len(_short(r.names)) for r in self.rows] + [5])
+            gptq = bool(self.recipe.get("gptq"))  # one more column: what GPTQ gained over rounding to nearest
             lines.append(f"{'layer':{w}s}  {'format':10s} {'shape':>13s} {'rank':>4s} {'naive':>7s} {'error':>7s} "
-                         f"{'SQNR':>6s}")
+                         f"{'SQNR':>6s}" + (f" {'GPTQ':>7s}" if gptq else ""))
             for r in self.rows:
                 fmt = f"W{r.weights}A{r.activations or '16'}"
                 sq = -20 * math.log10(max(r.rel_error, 1e-12))
+                gain = 20 * math.log10(max(r.rel_error_rtn, 1e-12) / max(r.rel_error, 1e-12)) if gptq else 0.0
                 lines.append(f"{_short(r.names):{w}s}  {fmt:10s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
-                             f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB")
+                             f"{r.rank:4d} {r.rel_error_naive:7.4f} {r.rel_error:7.4f} {sq:5.1f}dB"
+                             + (f" {gain:+5.2f}dB" if gptq else ""))
             lines += self._stage_lines()
             if self.skipped:
                 lines.append("kept 16-bit: " + ", ".join(n for n, _ in self.skipped))
@@ -188,7 +192,7 @@ def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe:
         # packing the codes, the runner, swapping the modules in
         clock.add("build modules", time.perf_counter() - t0 - sum(rep.stages.values()))
     return LayerRow(full, rc.weights, rc.activations, rep.shape, rep.rank, rep.alpha, rep.beta, rep.iterations,
-                    rep.rel_error_naive, rep.rel_error, rep.seconds)
+                    rep.rel_error_naive, rep.rel_error, rep.seconds, rep.rel_error_rtn)
 
 
 def _check_pipeline_call(pipe, calib: Calibration) -> None:

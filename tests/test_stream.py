@@ -504,6 +504,7 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
     hold = Q._hold_snapshots
     monkeypatch.setattr(Q, "_hold_snapshots", lambda *a: held.append(hold(*a)) or held[-1])
     model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=2)
+    ref = copy.deepcopy(model).cuda()  # before the hooks: a copy would carry them into the reference run
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     calls: list[list[int]] = []
 
@@ -513,7 +514,6 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
 
     for b in blocks:
         b.register_forward_pre_hook(pre, with_kwargs=True)
-    ref = copy.deepcopy(model).cuda()
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
     report = svdquant.quantize(model, RECIPE, calib, progress=False, device="cuda", max_gpu_memory=cap)
     assert held == [on_device]

@@ -29,6 +29,7 @@ from .._memory import device_room
 from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
 from ..recipes import POST_GELU_SHIFT, QuantConfig
+from .gptq import gptq, hessian
 from .lowrank import low_rank
 from .search import search
 
@@ -59,10 +60,11 @@ class LayerReport:
     iterations: int = 0
     rel_error_naive: float = float("nan")   # round-to-nearest with the same formats
     rel_error: float = float("nan")         # ‖Ŷ − Y‖ / ‖Y‖ on the scoring tokens
+    rel_error_rtn: float = float("nan")     # the same with the residual rounded to nearest (differs with GPTQ)
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # error of each refinement iterate
     # wall seconds of "setup" (inputs, reference output, naive error), "smoothing search" (a branch and a
-    # residual per candidate λ), "refinement" (the SVD iterations) and "assemble" (the final rounding)
+    # residual per candidate λ), "refinement" (the SVD iterations), "gptq" and "assemble" (the final rounding)
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -92,6 +94,8 @@ class _Problem:
         self.shift_vec = shift_vector(k, self.shift, self.unsigned_from, x.device)
         self.act_max = (x + self.shift_vec).abs().amax(0).clamp_min(1e-5) if quantized_act else None
         self.w_max = self.w.abs().amax(0).clamp_min(1e-5)
+        # GPTQ's Hessian of the raw inputs, over every calibration token (the smoothing rescales it later)
+        self.xtx = hessian(x) if recipe.gptq else None
         n_eval = min(recipe.eval_tokens, x.shape[0]) if recipe.eval_tokens > 0 else x.shape[0]
         idx = torch.linspace(0, x.shape[0] - 1, n_eval, device=x.device).round().long()
         self.x = x[idx].contiguous()
@@ -336,22 +340,46 @@ def quantize_linears(
             err, up, downs, resid, wq = cur_err, cur_up, cur_downs, cur_resid, cur_wq
             report.iterations += 1
 
-    report.rel_error = math.sqrt(err / p.y_energy)
+    report.rel_error = report.rel_error_rtn = math.sqrt(err / p.y_energy)
     now = time.perf_counter()
     report.stages["refinement"], t_stage = now - t_stage, now
-    out = _assemble(p, lam, up, downs, resid, biases)
+    rounded = None
+    if rc.gptq:
+        rounded, g_err = _gptq_residual(p, lam, up, downs, resid)
+        if g_err < err:  # on the scoring tokens; else round to nearest stays
+            report.rel_error = math.sqrt(g_err / p.y_energy)
+        else:
+            rounded = None
+        now = time.perf_counter()
+        report.stages["gptq"], t_stage = now - t_stage, now
+    out = _assemble(p, lam, up, downs, resid, biases, rounded)
     report.stages["assemble"] = time.perf_counter() - t_stage
     report.seconds = time.perf_counter() - t0
     return out, report
 
 
-def _assemble(p: _Problem, lam, up, downs, resid, biases) -> list[QuantizedWeights]:
+def _round(p: _Problem, r_i: torch.Tensor) -> QTensor:
+    """One member's residual rounded to nearest, the weight rule (the stored form of ``fq_weight``)."""
+    return quantize(r_i, p.recipe.weights, p.recipe.group_size, scale_dtype=p.dtype, weight=True, check=False)
+
+
+def _gptq_residual(p: _Problem, lam, up, downs, resid) -> tuple[list[QTensor], float]:
+    """Each member's residual rounded by GPTQ under its round-to-nearest scales, with the Hessian of what the
+    residual multiplies (the inputs divided by λ), and the squared output error it gives on the scoring tokens."""
+    inv = 1.0 / lam if lam is not None else None
+    h = p.xtx * inv[:, None] * inv[None, :] if inv is not None else p.xtx
+    qs = [gptq(r_i, h, _round(p, r_i), damp=p.recipe.gptq_damp) for r_i in resid.split(p.splits, 0)]
+    wq = torch.cat([q.dequantize() for q in qs], 0)
+    return qs, p.error(p.fq_act(inv), wq, inv, up, downs)
+
+
+def _assemble(p: _Problem, lam, up, downs, resid, biases, rounded=None) -> list[QuantizedWeights]:
     rc, dt = p.recipe, p.dtype
     inv = 1.0 / lam if lam is not None else None
     input_scale = p.input_scale(inv) if p.act_format is not None and p.act_format.static_input_scale else None
     out = []
     for i, (r_i, up_i) in enumerate(zip(resid.split(p.splits, 0), up.split(p.splits, 0))):
-        q = quantize(r_i, rc.weights, rc.group_size, scale_dtype=dt, weight=True, check=False)
+        q = rounded[i] if rounded is not None else _round(p, r_i)
         b = biases[i].detach().float() if biases[i] is not None else None
         if p.shift:
             comp = (q.dequantize() * (inv * p.shift_vec)).sum(1)
@@ -383,6 +411,9 @@ def quantize_weight_only(weight: torch.Tensor, bias: torch.Tensor | None,
     if recipe.activations is not None or recipe.branch_rank:
         raise ValueError(f"quantize_weight_only takes a weight-only recipe without a branch (activations=None, "
                          f"rank 0 or method 'naive'), got {recipe.name!r}")
+    if recipe.gptq:
+        raise ValueError(f"recipe {recipe.name!r} has gptq=True, which needs calibration inputs; weight-only "
+                         "rounding has none: use recipe.replace(gptq=False)")
     if weight.ndim != 2:
         raise ValueError(f"the weight must be an [N, K] matrix, got {tuple(weight.shape)}")
     check_finite(weight, "the weight")

@@ -98,6 +98,13 @@ def dequantize_int4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Ten
     return out.flatten(-2)[..., : q.in_features].to(dtype)
 
 
+def int4_weight_grid(q: QTensor):
+    """A signed weight's rounding grid under its fixed scales: element = scale · code, code in [-7, 7] (GPTQ)."""
+    factors = grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * q.scales.float().unsqueeze(-1)
+    values = torch.arange(-INT4_MAX, INT4_MAX + 1, dtype=torch.float32, device=q.codes.device)
+    return factors.flatten(-2), values, values.to(torch.int8)
+
+
 def shift_vector(k: int, shift: float, start: int | None, device=None) -> torch.Tensor:
     """Per-channel post-GELU shift: ``shift`` on channels ``>= start``, 0 elsewhere (all 0 if no shift)."""
     v = torch.zeros(k, device=device)

@@ -128,3 +128,12 @@ def int4m_integer_values(q: QTensor) -> torch.Tensor:
     """``code · multiplier`` as exact int8 ``[.., K_pad]``: the operand an INT8 GEMM multiplies."""
     v = grouped(q.codes.to(torch.int16), q.group_size) * q.multipliers.to(torch.int16).unsqueeze(-1)
     return v.flatten(-2).to(torch.int8)
+
+
+def int4m_weight_grid(q: QTensor):
+    """A weight's rounding grid under its fixed row scale and multipliers: element = (s · m) · code, code in [-7, 7]
+    (GPTQ; the stored value rounds (code · m) · s once, which differs from this by at most an ulp)."""
+    factors = grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * q.multipliers.float().unsqueeze(-1)
+    factors = factors * q.scales.float()[..., None, None]
+    values = torch.arange(-INT4_MAX, INT4_MAX + 1, dtype=torch.float32, device=q.codes.device)
+    return factors.flatten(-2), values, values.to(torch.int8)

@@ -43,3 +43,9 @@ def quantize_nf4(x: torch.Tensor, group_size: int = 64, *, check: bool = True) -
 def dequantize_nf4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     vals = grouped(nf4_table(q.codes.device)[q.codes.long()], q.group_size)
     return (vals * q.scales.float().unsqueeze(-1)).flatten(-2)[..., : q.in_features].to(dtype)
+
+
+def nf4_weight_grid(q: QTensor):
+    """A weight's rounding grid under its fixed block absmax: element = absmax · level, codes 0..15 (GPTQ)."""
+    factors = grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * q.scales.float().unsqueeze(-1)
+    return factors.flatten(-2), nf4_table(q.codes.device), torch.arange(16, dtype=torch.uint8, device=q.codes.device)

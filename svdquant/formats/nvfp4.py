@@ -113,3 +113,13 @@ def dequantize_nvfp4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Te
     vals = e2m1_table(q.codes.device)[q.codes.long()]
     full = q.scales.float().unsqueeze(-1) * q.tensor_scale
     return (grouped(vals, q.group_size) * full).flatten(-2)[..., : q.in_features].to(dtype)
+
+
+def nvfp4_weight_grid(q: QTensor):
+    """A weight's rounding grid under its fixed E4M3 group scales and tensor scale: element = s_g · t · E2M1 value,
+    the 15 distinct values ascending with their codes (zero is code 0) (GPTQ)."""
+    full = q.scales.float().unsqueeze(-1) * q.tensor_scale
+    factors = (grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * full).flatten(-2)
+    table = e2m1_table(q.codes.device)
+    codes = torch.cat([torch.arange(15, 8, -1), torch.arange(0, 8)]).to(q.codes.device)  # -6 .. -0.5, 0 .. 6
+    return factors, table[codes], codes.to(torch.uint8)

@@ -15,12 +15,14 @@ import torch
 
 from .common import QTensor
 from .fp8 import dequantize_fp8, quantize_fp8
-from .int4 import dequantize_int4, fake_quantize_int4, quantize_int4
+from .int4 import dequantize_int4, fake_quantize_int4, int4_weight_grid, quantize_int4
 from .int4z import dequantize_int4z, quantize_int4z
-from .int4m import dequantize_int4m, fake_quantize_int4m, int4m_integer_values, int4m_operand, quantize_int4m
+from .int4m import (dequantize_int4m, fake_quantize_int4m, int4m_integer_values, int4m_operand, int4m_weight_grid,
+                    quantize_int4m)
 from .int8 import dequantize_int8, fake_quantize_int8, int8_code_values, quantize_int8
-from .nf4 import dequantize_nf4, quantize_nf4
-from .nvfp4 import dequantize_nvfp4, e2m1_table, fake_quantize_nvfp4, nvfp4_operand, quantize_nvfp4
+from .nf4 import dequantize_nf4, nf4_weight_grid, quantize_nf4
+from .nvfp4 import (dequantize_nvfp4, e2m1_table, fake_quantize_nvfp4, nvfp4_operand, nvfp4_weight_grid,
+                    quantize_nvfp4)
 from .packing import pack_4bit_halves, unpack_4bit_halves
 
 
@@ -41,6 +43,8 @@ class Format:
     static_input_scale: as activations, a per-tensor scale is calibrated (NVFP4).
     weight_only: the weight format this recipe uses for its 16-bit-activation layers.
     best_weights: weights pick each group's scale for the smaller error (``int4m``).
+    has_weight_grid: a weight in this format can be re-rounded column by column under its fixed scales
+        (:meth:`weight_grid`; what GPTQ needs).
     weight_rounding_kernel: the :mod:`svdquant.kernels` function that computes ``fake_quantize(w, weight=True)``
         on a GPU, row by row, bit-identical (the quantizer's search runs it for every candidate).
     """
@@ -65,6 +69,7 @@ class Format:
     _fake: Callable | None = field(default=None, repr=False)
     _code_values: Callable | None = field(default=None, repr=False)
     _operand: Callable | None = field(default=None, repr=False)
+    _weight_grid: Callable | None = field(default=None, repr=False)
     best_weights: bool = False
     weight_rounding_kernel: str | None = None
     # the stored codes (as :meth:`dequantize` reads them) that reach the smallest and largest values, for
@@ -105,6 +110,18 @@ class Format:
         if self._operand is None:
             return None
         return self._operand(x, self.group(group_size), unsigned=unsigned, tensor_scale=tensor_scale)
+
+    @property
+    def has_weight_grid(self) -> bool:
+        return self._weight_grid is not None
+
+    def weight_grid(self, q: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The values a weight ``q`` could hold under its own (fixed) scales, for rounding it again element by
+        element (GPTQ): ``(factors [.., K_pad] fp32, values [m] fp32 ascending, codes [m])``, where the element
+        at ``[n, k]`` may be ``factors[n, k] · values[i]``, stored as ``codes[i]``."""
+        if self._weight_grid is None:
+            raise ValueError(f"{self.name} weights have no rounding grid (GPTQ takes int4, int4m, nvfp4 or nf4)")
+        return self._weight_grid(q)
 
     def code_values(self, q: QTensor) -> torch.Tensor:
         """The codes as fp32 values before any scale (E2M1 codes -> their values)."""
@@ -217,7 +234,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            integer=False, unsigned_groups=True, static_input_scale=False, weight_only="int4", grouped=True,
            _quantize=_q_int4, _dequantize=dequantize_int4,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt)}, _fake=_fq_int4,
-           extreme_codes=(-8, 7)),
+           extreme_codes=(-8, 7), _weight_grid=int4_weight_grid),
     Format("int4m", "INT4 [-7, 7] × integer multiplier [1, 18] per group of 64 × fp32 per row (two-level)",
            64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int8", "int4m"),
            integer=True, unsigned_groups=True, static_input_scale=False, weight_only="int4",
@@ -225,6 +242,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wmult": ((n, g), U8),
                                          "wscales": ((n,), F32)},
            _fake=_fq_int4m, best_weights=True, weight_rounding_kernel="round_int4m_weights", extreme_codes=(-8, 7),
+           _weight_grid=int4m_weight_grid,
            _operand=lambda x, g, *, unsigned, tensor_scale: (*int4m_operand(x, g, unsigned=unsigned), None)),
     # AWQ's W4A16 (Nunchaku's adaLN layers): kept so imported layers hold their exact values; never a recipe default.
     Format("int4z", "uint4 [0, 15], a 16-bit scale and a 16-bit zero per group of 64 (AWQ W4A16); weights only",
@@ -240,6 +258,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), torch.float8_e4m3fn),
                    "wtensor_scale": ((), F32)}, _fake=_fq_nvfp4,
            _code_values=lambda c: e2m1_table(c.device)[c.long()], extreme_codes=(7, 15),  # E2M1 ±6
+           _weight_grid=nvfp4_weight_grid,
            _operand=lambda x, g, *, unsigned, tensor_scale: _pair(nvfp4_operand(x, g, tensor_scale=tensor_scale))),
     Format("int8", "INT8 [-127, 127], an fp32 scale per row (per channel / per token)",
            0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("int8",),
@@ -259,7 +278,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            integer=False, unsigned_groups=False, static_input_scale=False, weight_only="nf4",
            _quantize=_q_nf4, _dequantize=dequantize_nf4,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), F32)},
-           extreme_codes=(0, 15)),  # the NF4 table's -1 and 1
+           extreme_codes=(0, 15), _weight_grid=nf4_weight_grid),  # the NF4 table's -1 and 1
 )}
 
 # A QTensor of all-unsigned INT4 codes says "uint4"; it dequantizes like int4.

@@ -12,6 +12,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | expand.py                | two-level INT4 weights -> INT8 ``code · m`` (load time, or memory mode)  |
 | w4a16.py                 | weight-only INT4: a few tokens (FLUX's adaLN), or dequantize for many    |
 | round_weights.py         | two-level INT4 rounding of weights (the quantizer's smoothing search)    |
+| gptq.py                  | GPTQ's inner block: columns rounded in turn, errors spread (quantizer)   |
 | float_scales_quantize.py | the paper's W4A4 / NVFP4 activation kernel (float group scales)          |
 | float_scales_gemm.py     | the paper's W4A4 / NVFP4 GEMMs (per-group rescale in the main loop)      |
 """
@@ -20,6 +21,7 @@ from .activations import quantize_activations
 from .common import interpreting
 from .expand import expand_int4m
 from .float_scales_gemm import fp4_gemm, w4a4_gemm
+from .gptq import gptq_round_block
 from .float_scales_quantize import quantize_input as quantize_input_float_scales
 from .int8_gemm import DEFAULT_CONFIG, HOPPER_CONFIG, HOPPER_CONFIG_FP32, int8_gemm, weight_descriptor
 from .round_weights import round_int4m_weights
@@ -27,6 +29,6 @@ from .w4a16 import MAX_TOKENS as W4A16_MAX_TOKENS, dequantize_int4, w4a16_linear
 
 __all__ = [
     "quantize_activations", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
-    "round_int4m_weights",
+    "round_int4m_weights", "gptq_round_block",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
 ]

@@ -1,0 +1,113 @@
+"""GPTQ on the residual: round a weight column by column, each column's rounding error spread onto the columns not
+yet rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., arXiv 2210.17323).
+
+SVDQuant rounds its residual ``R`` to nearest; the low-rank branch has already taken the outliers, so what is left is
+the plain rounding problem GPTQ solves: minimize ``‖X̂ (R − Q(R))ᵀ‖²`` over the calibration inputs ``X̂`` (the
+smoothed inputs ``X / λ``, which is what the residual multiplies). The SVDQuant authors report that GPTQ on the
+residual lifts FLUX.1-dev W4A4 from 20.1 to 21.0 dB PSNR (arXiv 2411.05007, appendix; NVFP4: 21.5 dB).
+
+The choices, as in the reference implementation and AutoGPTQ:
+
+* damping: ``H + d · mean(diag H) · I`` with ``d`` = ``QuantConfig.gptq_damp`` (0.01), so a rank-deficient ``H``
+  (fewer tokens than channels) is still invertible; a channel that never carries input (``H_jj = 0``) is zeroed;
+* act-order: columns in descending ``H_jj``, the ones that matter most rounded first, while most columns are still
+  free to absorb their error;
+* static scales: the group scales are the round-to-nearest ones of ``R``, fixed before the first column (with
+  act-order a group's columns are not contiguous in rounding order; the format's scales stay per contiguous
+  group, which is what the kernels read). Each element is then rounded to the nearest value the format can hold
+  under its group's scale (:meth:`svdquant.formats.Format.weight_grid`), so the codes stay valid.
+* the lazy-batch update: columns in blocks of ``BLOCK``; inside a block one column at a time, and the block's errors
+  reach the later columns in one matrix product.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..formats import QTensor, get_format
+
+BLOCK = 128
+# The GPU kernel keeps its block in registers and pays O(block) work per element to walk it: 64 columns measured
+# fastest at FLUX shapes (benchmarks/gptq_speed.py; 32 and 128 take 1.1-1.5x as long).
+KERNEL_BLOCK = 64
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ X`` ``[K, K]`` fp32 of inputs ``[T, K]`` (the factor 2 of the squared error does not change the solution)."""
+    x = x.float()
+    return x.mT @ x
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``(H + damping)⁻¹`` (``UᵀU = H⁻¹``): its row ``j`` is what column ``j``'s
+    error is spread with. From one Cholesky factorization and one triangular inverse, instead of the reference
+    implementation's three cubic steps (factor, invert, factor again): with ``J`` the reversal permutation and
+    ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal."""
+    k = h.shape[0]
+    mean = h.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    hr = h.flip(0, 1) + (damp * mean) * eye
+    for extra in (0.0, 1e-4, 1e-2, 1.0):  # an ill-conditioned H: more damping until the factor exists
+        l, info = torch.linalg.cholesky_ex(hr + (extra * mean) * eye if extra else hr)
+        if int(info) == 0:
+            break
+    else:
+        raise ValueError("GPTQ: the calibration inputs' Hessian is not positive definite even with damping; "
+                         "raise QuantConfig.gptq_damp or turn gptq off")
+    return torch.linalg.solve_triangular(l, eye, upper=False).flip(0, 1)
+
+
+def _round_block(w: torch.Tensor, f: torch.Tensor, u: torch.Tensor, values: torch.Tensor, mids: torch.Tensor):
+    """Round the columns of one block in order: ``w``, ``f`` ``[N, B]`` (weights, grid factors), ``u`` ``[B, B]`` the
+    block of the inverse factor. Returns (grid indices ``[N, B]``, errors ``[N, B]`` scaled by ``1/u_jj``)."""
+    w = w.clone()
+    idx = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    err = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        col, fj = w[:, j], f[:, j]
+        i = torch.bucketize(torch.where(fj > 0, col / fj.clamp_min(1e-30), torch.zeros_like(col)), mids)
+        e = (col - fj * values[i]) / u[j, j]
+        w[:, j:] -= e[:, None] * u[j, j:][None, :]
+        idx[:, j], err[:, j] = i, e
+    return idx, err
+
+
+def _block_kernel(device: torch.device):
+    """The Triton block kernel on a GPU (one launch per block instead of ~8 per column), else None (the CPU, or
+    ``SVDQUANT_REFERENCE=1``, which asks for the torch reference everywhere)."""
+    if device.type != "cuda" or os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0"):
+        return None
+    from .. import kernels
+
+    return kernels.gptq_round_block
+
+
+def gptq(r: torch.Tensor, h: torch.Tensor, q0: QTensor, *, damp: float = 0.01) -> QTensor:
+    """Round ``r`` ``[N, K]`` with GPTQ under the scales of ``q0`` (its round-to-nearest quantization, weight rule),
+    for inputs with Hessian ``h`` ``[K, K]``. Returns a :class:`QTensor` like ``q0`` with new codes."""
+    fmt = get_format(q0.fmt)
+    factors, values, codes = fmt.weight_grid(q0)
+    n, k = r.shape
+    w = r.detach().float().clone()
+    h = h.detach().float().clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)  # act-order
+    w, f, h = w[:, order], factors[:, :k][:, order].contiguous(), h[order][:, order]
+    u = _inverse_factor(h, damp)
+    kernel = _block_kernel(w.device)
+    round_block, block = (kernel, KERNEL_BLOCK) if kernel is not None else (_round_block, BLOCK)
+    mids = (values[1:] + values[:-1]) / 2
+    idx = torch.empty(n, k, dtype=torch.long, device=w.device)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        idx[:, b0:b1], err = round_block(w[:, b0:b1], f[:, b0:b1], u[b0:b1, b0:b1], values, mids)
+        if b1 < k:
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+    out = q0.codes.clone()  # the padding columns keep their codes (the format's zero)
+    out[:, order] = codes[idx]
+    return QTensor(out, q0.scales, q0.fmt, q0.group_size, q0.in_features, tensor_scale=q0.tensor_scale,
+                   multipliers=q0.multipliers, zeros=q0.zeros)
