@@ -65,6 +65,10 @@ def _recipe(args):
         over["rank"] = _checks.count("--rank", args.rank, lo=0, hi=4096)
     if getattr(args, "method", None):
         over["method"] = args.method
+        if args.method != "svdquant":  # the ablations are the paper's baselines: rounded to nearest
+            over["gptq"] = False
+    if getattr(args, "no_gptq", False):
+        over["gptq"] = False
     return get_recipe(args.recipe, **over)
 
 
@@ -693,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="int4", help=f"quantization scheme: {', '.join(sorted(RECIPES))} (default int4)")
     p.add_argument("--method", choices=METHODS, help="ablation baseline instead of svdquant")
     p.add_argument("--rank", type=int, help="low-rank branch rank (default: the recipe's)")
+    p.add_argument("--no-gptq", action="store_true",
+                   help="round the residual to nearest instead of with GPTQ (the 4-bit recipes' default)")
     p.add_argument("--prompts", help="text file, one calibration prompt per line (default: the built-in 128)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--steps", type=int, help="denoising steps per calibration prompt (default 8; tiny: 4)")

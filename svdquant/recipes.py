@@ -53,8 +53,8 @@ class QuantConfig:
     svd: "randomized" (``torch.svd_lowrank``, the fast default) or "full" (float64).
     eval_tokens: calibration tokens used to score candidates (a deterministic subsample).
     gptq: round the residual with GPTQ (Hessian of the calibration inputs, act-order, damping) instead of to
-        nearest; see :mod:`svdquant.algorithm.gptq`. Kept per layer only where it lowers the output error on the
-        scoring tokens.
+        nearest; see :mod:`svdquant.algorithm.gptq`. The Hessian leaves out the scoring tokens (at most half of
+        the tokens then score), and GPTQ is kept per layer only where it lowers the output error on them.
     gptq_damp: GPTQ's damping, a fraction of the Hessian's mean diagonal added to it.
     smooth_search: "coarse-to-fine" (every 4th α of each family of the grid, then the neighbours of the best:
         about half the candidates, the same choice where the error has one minimum along α) or "full" (every

@@ -821,3 +821,16 @@ def test_push_to_hub_python_checks_the_folder_before_any_upload(tmp_path, online
         svdquant.push_to_hub(path, "me/flux-int4")
     with pytest.raises(ValueError, match="not a Hub repo id"):
         svdquant.push_to_hub(path, "me/flux/int4")
+
+
+@pytest.mark.parametrize("argv,gptq,method", [
+    ([], True, "svdquant"),                          # the 4-bit recipes round with GPTQ by default
+    (["--no-gptq"], False, "svdquant"),
+    (["--method", "naive"], False, "naive"),         # an ablation is the paper's baseline: round to nearest
+    (["--recipe", "w8a8"], False, "svdquant"),       # no GPTQ for INT8 weights
+])
+def test_quantize_gptq_option(argv, gptq, method):
+    from svdquant.cli import _recipe, build_parser
+
+    r = _recipe(build_parser().parse_args(["quantize", "tiny", "-o", "x", *argv]))
+    assert (r.gptq, r.method) == (gptq, method)

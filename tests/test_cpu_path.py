@@ -222,10 +222,10 @@ def test_layer_search_scores_about_half_the_grid(monkeypatch):
     m, x = _layer("int4", 128, 32, False, torch.float32)
     w = torch.randn(32, 128)
     fits.clear()
-    layer_mod.quantize_linears([w], [None], x, get_recipe("int4", iterations=0))
+    layer_mod.quantize_linears([w], [None], x, get_recipe("int4", iterations=0, gptq=False))
     assert counted[-1] == 39 and len(fits) - 1 <= 21  # - 1: the naive error of the setup
     fits.clear()
-    layer_mod.quantize_linears([w], [None], x, get_recipe("int4", iterations=0, smooth_search="full"))
+    layer_mod.quantize_linears([w], [None], x, get_recipe("int4", iterations=0, smooth_search="full", gptq=False))
     assert len(fits) - 1 == 39
 
 

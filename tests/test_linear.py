@@ -116,6 +116,9 @@ def test_module_matches_the_reported_simulation(name):
     else:
         lin, calib, _, m = built(name, dtype=torch.float32)
     assert m.quant_report.rel_error < 0.3
+    recipe = EXTRA_RECIPES[name] if name in EXTRA_RECIPES else get_recipe(name)
+    if recipe.gptq:  # then half of the tokens score (the Hessian takes the others): the same subsample
+        calib = calib[torch.linspace(0, len(calib) - 1, len(calib) // 2).round().long()]
     with torch.no_grad():
         y = m(calib)
     err = float((y.double() - float_ref(lin, calib)).norm() / (calib.double() @ lin.weight.detach().double().T).norm())
