@@ -69,7 +69,9 @@ def test_every_method_runs(method):
         assert (rep.alpha, rep.beta) == (0.0, 0.0)
     if method == "naive":  # round to nearest before GPTQ is the naive rounding itself
         assert rep.rel_error_rtn == rep.rel_error_naive
-        assert rep.rel_error < rep.rel_error_naive  # and GPTQ (on by default for int4) lowers it
+        # GPTQ (on by default for int4) is kept only where held-out tokens say it helps: 512 tokens for K = 256
+        # are too few here, and it falls back
+        assert rep.rel_error <= rep.rel_error_naive
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -114,7 +116,7 @@ def test_model_dtype_is_kept():
 # ---------------------------------------------------------------------------- refinement
 def test_refinement_history():
     w, b, x = make_layer(0)
-    _, rep = _run(0, "svdquant")
+    _, rep = _run(0, "svdquant", gptq=False)  # every token scores (with GPTQ, half of them)
     energy = float((x @ w.T).square().sum())
     h = rep.history
     it = rep.iterations
@@ -127,10 +129,10 @@ def test_refinement_history():
         assert h[-1] >= h[it]
     assert rep.rel_error_rtn == pytest.approx(math.sqrt(h[it] / energy), rel=1e-5)
     # the first entry is the unrefined fit: the same as a run with iterations=0
-    _, rep0 = _run(0, "svdquant", iterations=0)
+    _, rep0 = _run(0, "svdquant", iterations=0, gptq=False)
     assert rep0.iterations == 0 and len(rep0.history) == 1
     assert rep0.history[0] == pytest.approx(h[0], rel=1e-6)
-    assert rep.rel_error_rtn < 0.9 * rep0.rel_error_rtn  # measured: 0.82x (before GPTQ, which narrows it)
+    assert rep.rel_error < 0.9 * rep0.rel_error  # measured: 0.82x
 
 
 def test_refinement_respects_iteration_cap():
@@ -322,13 +324,13 @@ def test_separate_branches_differ():
 
 def test_group_error_is_measured_on_the_stacked_output():
     ws, x = _qkv()
-    qws, rep = quantize_linears(ws, [None] * 3, x, Int4Config(iterations=4), shared_branch=True)
+    qws, rep = quantize_linears(ws, [None] * 3, x, Int4Config(iterations=4, gptq=False), shared_branch=True)
     inv = 1.0 / qws[0].smooth
     xq = fake_quantize(x * inv, "int4", 64)
     ys = [xq @ dequantize(q.weight).T + (x @ q.lora_down.T) @ q.lora_up.T for q in qws]
     ref = x @ torch.cat(ws).T
     assert rel_err(torch.cat(ys, 1), ref) == pytest.approx(rep.rel_error, rel=1e-4)
-    _, naive = quantize_linears(ws, [None] * 3, x, Int4Config(method="naive"))
+    _, naive = quantize_linears(ws, [None] * 3, x, Int4Config(method="naive", gptq=False))
     assert rep.rel_error <= naive.rel_error
     assert naive.rel_error_rtn == pytest.approx(rep.rel_error_naive, rel=1e-6)
 
@@ -367,7 +369,7 @@ def _gelu_layer(seed=0):
 
 def test_post_gelu_int4_shift_unsigned_and_bias_compensation():
     w, b, h = _gelu_layer()
-    qw, rep = quantize_linear(w, b, h, Int4Config(iterations=5), post_gelu=True)
+    qw, rep = quantize_linear(w, b, h, Int4Config(iterations=5, gptq=False), post_gelu=True)
     assert qw.act_shift == 0.171875 == POST_GELU_SHIFT
     inv = 1.0 / qw.smooth
     deq = dequantize(qw.weight)
