@@ -151,6 +151,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         d = dict(d)
+        d.setdefault("gptq", False)  # written before GPTQ existed: the residual was rounded to nearest
         if "smooth_grid" in d:
             d["smooth_grid"] = tuple(tuple(p) for p in d["smooth_grid"])
         known = {f.name for f in dataclasses.fields(QuantConfig)}

@@ -11,6 +11,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under `pytest -n N` (pytest-xdist, the README's command) each worker is one of N processes sharing the cores:
+# torch's own thread pool per worker would oversubscribe them (2 workers x 2 threads on 2 cores: 9 min 57 s for
+# the suite; one thread each: 7 min 34 s). A user's OMP_NUM_THREADS wins; commands the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

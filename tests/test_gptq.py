@@ -163,3 +163,12 @@ def test_block_kernel_is_the_reference(n, b, fmt, group):
 @pytest.mark.parametrize("n,fmt,group", [(3072, "int4m", 64), (9216, "int4m", 64), (3072, "nvfp4", 16)])
 def test_gpu_block_kernel_at_flux_shapes(n, fmt, group):
     _check_block(n, 128, fmt, group, "cuda")
+
+
+def test_a_recipe_written_before_gptq_reads_as_rounded_to_nearest():
+    from svdquant.recipes import QuantConfig
+
+    d = get_recipe("int4").to_dict()
+    assert d["gptq"] is True and QuantConfig.from_dict(d).gptq is True
+    del d["gptq"]
+    assert QuantConfig.from_dict(d).gptq is False
