@@ -42,7 +42,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline_memory import MODELS, _quiet, build, components_gb, denoiser, random_quantize  # noqa: E402
+from pipeline_memory import (  # noqa: E402
+    MODELS, _quiet, build, components_gb, denoiser, random_quantize, run_device, run_facts,
+)
 
 VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4")
 
@@ -190,17 +192,14 @@ def main(argv=None) -> dict:
         ap.error("fp8-torchao must come last (it quantizes the pipeline in place)")
     if args.quick:
         args.steps, args.repeats = min(args.steps, 2), 1
-    device = "cpu" if args.quick else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        ap.error("no CUDA GPU: run on a GPU, or pass --quick for the CPU smoke run")
+    device = run_device(ap, args.quick)
     _quiet()
     import diffusers
     import svdquant
 
     t_start = time.perf_counter()
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (quick)",
-               "torch": torch.__version__, "diffusers": diffusers.__version__, "svdquant": svdquant.__version__,
-               "steps": args.steps, "size": 16 if args.quick else 1024, "command": " ".join(sys.argv)}
+    results = {**run_facts(device, args.steps, args.quick), "diffusers": diffusers.__version__,
+               "svdquant": svdquant.__version__, "command": " ".join(sys.argv)}
 
     def save(r):
         if args.out:

@@ -84,6 +84,7 @@ def main(argv=None):
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gptq_speed.json").write_text(json.dumps(summary, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

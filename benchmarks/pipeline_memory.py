@@ -182,6 +182,20 @@ TINY = dict(
 )
 
 
+# ------------------------------------------------------------------------------------------------ runs
+def run_device(ap: argparse.ArgumentParser, quick: bool) -> str:
+    """"cuda", or "cpu" for the ``--quick`` smoke run; a one-line error without a GPU."""
+    if not quick and not torch.cuda.is_available():
+        ap.error("no CUDA GPU: run on a GPU, or pass --quick for the CPU smoke run")
+    return "cpu" if quick else "cuda"
+
+
+def run_facts(device: str, steps: int, quick: bool) -> dict:
+    """What every result file starts with: the device, torch, the steps and the image size."""
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (quick)",
+            "torch": torch.__version__, "steps": steps, "size": 16 if quick else 1024}
+
+
 # ------------------------------------------------------------------------------------------------ tokenizers
 def clip_tokenizer(max_length: int = 77):
     """CLIP BPE over single letters, no merges (as tests/tiny_models.py): real padding to 77 tokens."""
@@ -631,15 +645,12 @@ def main(argv=None) -> dict:
         return res
     if args.quick:
         args.steps = min(args.steps, 2)
-    device = "cpu" if args.quick else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        ap.error("no CUDA GPU: run on a GPU, or pass --quick for the CPU smoke run")
+    device = run_device(ap, args.quick)
     _quiet()
     import svdquant  # noqa: F401  (registers nothing this needs; fails early if the tree is broken)
 
     t_start = time.perf_counter()
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (quick)",
-               "torch": torch.__version__, "steps": args.steps, "size": 16 if args.quick else 1024}
+    results = run_facts(device, args.steps, args.quick)
     import diffusers
     import transformers
 

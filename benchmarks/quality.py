@@ -52,6 +52,18 @@ DEFAULT_VARIANTS = (
 )
 
 
+def _field_value(text: str):
+    """A recipe field's value as written after ``/key=``: true / false, a number, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_variant(v: str):
     """``recipe[:activations][@rank][+gptq|-gptq]``: e.g. ``int4@32``, ``w4a4-float:int8@32`` (float weight scales,
     A8), ``w4a4@32+gptq`` (GPTQ on the residual), ``int4-gptq`` (the recipe with GPTQ turned off); any recipe field
@@ -60,9 +72,7 @@ def parse_variant(v: str):
     v, *fields = v.split("/")
     for f in fields:
         key, _, val = f.partition("=")
-        over[key] = {"true": True, "false": False}.get(val.lower(), None)
-        if over[key] is None:
-            over[key] = float(val) if "." in val else int(val)
+        over[key] = _field_value(val)
     for tag, on in (("+gptq", True), ("-gptq", False)):
         if v.endswith(tag):
             v, over["gptq"] = v[: -len(tag)], on

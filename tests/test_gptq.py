@@ -172,3 +172,12 @@ def test_a_recipe_written_before_gptq_reads_as_rounded_to_nearest():
     assert d["gptq"] is True and QuantConfig.from_dict(d).gptq is True
     del d["gptq"]
     assert QuantConfig.from_dict(d).gptq is False
+
+
+def test_a_channel_without_input_is_zeroed():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 5] = 0
+    w = torch.randn(16, 64, generator=g)
+    q = G.gptq(w, G.hessian(x), quantize(w, "int4", 16, weight=True))
+    assert (q.codes[:, 5] == 0).all() and (q.codes[:, 4] != 0).any()

@@ -1,4 +1,4 @@
-"""benchmarks/pipeline_memory.py --quick: the GPU measurement's script runs end to end on the CPU (tiny configs,
+"""benchmarks/pipeline_memory.py --quick (and e2e.py, gptq_speed.py): the GPU measurement scripts run end to end on the CPU (tiny configs,
 every model and variant), so it cannot rot between GPU runs (~10 s)."""
 
 from __future__ import annotations
@@ -86,3 +86,23 @@ def test_sizes_of_the_real_configs_on_meta():
     assert res["int4+te4"]["transformer"] == pytest.approx(6.565, abs=5e-4)
     assert res["int4+te4"]["text_encoder_2"] == pytest.approx(2.724, abs=5e-4)  # 3.5x smaller
     assert res["int4+te4"]["vae"] == res["bf16"]["vae"]
+
+
+def test_e2e_quick_runs_and_writes_its_table(tmp_path):
+    """benchmarks/e2e.py shares the builders: its CPU smoke run (one model, eager and ours, batch 1) must not rot."""
+    import e2e
+
+    res = e2e.main(["--quick", "--models", "flux", "--variants", "bf16", "int4", "--batch", "1", "--out",
+                    str(tmp_path)])
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert saved["device"] == "cpu (quick)" and saved["size"] == 16 and "command" in saved
+    assert json.dumps(res, sort_keys=True) == json.dumps(saved, sort_keys=True)
+    assert "| flux | int4 | 1 |" in e2e.table(res)
+
+
+def test_gptq_speed_quick():
+    """benchmarks/gptq_speed.py --quick: the torch block loop and gptq() timed at small shapes on the CPU."""
+    import gptq_speed
+
+    rows = gptq_speed.main(["--quick"])
+    assert len(rows) == 2 and all(r["gptq_s"] > 0 and "torch_loop_b128_s" in r for r in rows)

@@ -22,10 +22,9 @@ The choices, as in the reference implementation and AutoGPTQ:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .._env import use_reference
 from ..formats import QTensor, get_format
 
 BLOCK = 128
@@ -45,17 +44,19 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     error is spread with. From one Cholesky factorization and one triangular inverse, instead of the reference
     implementation's three cubic steps (factor, invert, factor again): with ``J`` the reversal permutation and
     ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal."""
-    k = h.shape[0]
     mean = h.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    hr = h.flip(0, 1) + (damp * mean) * eye
+    hr = h.flip(0, 1)  # a copy, damped in place
+    added = 0.0
     for extra in (0.0, 1e-4, 1e-2, 1.0):  # an ill-conditioned H: more damping until the factor exists
-        l, info = torch.linalg.cholesky_ex(hr + (extra * mean) * eye if extra else hr)
+        hr.diagonal().add_((damp + extra - added) * mean)
+        added = damp + extra
+        l, info = torch.linalg.cholesky_ex(hr)
         if int(info) == 0:
             break
     else:
         raise ValueError("GPTQ: the calibration inputs' Hessian is not positive definite even with damping; "
                          "raise QuantConfig.gptq_damp or turn gptq off")
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return torch.linalg.solve_triangular(l, eye, upper=False).flip(0, 1)
 
 
@@ -81,7 +82,7 @@ def _round_block(w: torch.Tensor, f: torch.Tensor, u: torch.Tensor, values: torc
 def _block_kernel(device: torch.device):
     """The Triton block kernel on a GPU (one launch per block instead of ~8 per column), else None (the CPU, or
     ``SVDQUANT_REFERENCE=1``, which asks for the torch reference everywhere)."""
-    if device.type != "cuda" or os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0"):
+    if device.type != "cuda" or use_reference():
         return None
     from .. import kernels
 
@@ -94,13 +95,13 @@ def gptq(r: torch.Tensor, h: torch.Tensor, q0: QTensor, *, damp: float = 0.01) -
     fmt = get_format(q0.fmt)
     factors, values, codes = fmt.weight_grid(q0)
     n, k = r.shape
-    w = r.detach().float().clone()
-    h = h.detach().float().clone()
-    dead = h.diagonal() <= 0
+    diag = h.diagonal()
+    dead = diag <= 0  # a channel that never carries input: its weight is zeroed and its H_jj set to 1
+    order = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)  # act-order
+    # the permuted copies are the working ones
+    h, w, f, dead = h.detach().float()[order][:, order], r.detach().float()[:, order], factors[:, order], dead[order]
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(h.diagonal(), descending=True, stable=True)  # act-order
-    w, f, h = w[:, order], factors[:, :k][:, order].contiguous(), h[order][:, order]
     u = _inverse_factor(h, damp)
     kernel = _block_kernel(w.device)
     round_block, block = (kernel, KERNEL_BLOCK) if kernel is not None else (_round_block, BLOCK)

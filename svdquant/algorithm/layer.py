@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from .._env import use_reference
 from .._memory import device_room
 from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
@@ -103,7 +103,7 @@ class _Problem:
         # GPTQ's Hessian of the raw inputs (the smoothing rescales it later) over the tokens that do not score, so
         # keeping GPTQ or rounding to nearest is decided on held-out tokens: with few tokens (fewer than K) GPTQ
         # fits them and does worse on others. As a difference: no copy of the other tokens.
-        self.xtx = hessian(x) - hessian(self.x) if recipe.gptq and t > 1 else None
+        self.xtx = hessian(x).sub_(hessian(self.x)) if recipe.gptq and t > 1 else None
         self.y = self.x @ self.w.T
         self.y_energy = max(float(self.y.square().sum()), 1e-30)
         self.round_kernel = _weight_rounding_kernel(recipe, self.w.device)
@@ -204,10 +204,9 @@ def _weight_rounding_kernel(recipe: QuantConfig, device: torch.device):
     """The GPU kernel that rounds this recipe's weights for the search, or None (on the CPU, where the format
     has none, or when ``SVDQUANT_REFERENCE=1`` asks for the torch reference everywhere)."""
     fmt = get_format(recipe.weights)
-    reference = os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0")
     group = fmt.group(recipe.group_size)
     # the kernel's group is a tl.arange: a power of two (recipes accept any even size)
-    if fmt.weight_rounding_kernel is None or device.type != "cuda" or reference or group & (group - 1):
+    if fmt.weight_rounding_kernel is None or device.type != "cuda" or use_reference() or group & (group - 1):
         return None
     from .. import kernels
 
@@ -372,7 +371,7 @@ def _gptq_residual(p: _Problem, lam, up, downs, resid) -> tuple[list[QTensor], f
     """Each member's residual rounded by GPTQ under its round-to-nearest scales, with the Hessian of what the
     residual multiplies (the inputs divided by λ), and the squared output error it gives on the scoring tokens."""
     inv = 1.0 / lam if lam is not None else None
-    h = p.xtx * inv[:, None] * inv[None, :] if inv is not None else p.xtx
+    h = torch.outer(inv, inv).mul_(p.xtx) if inv is not None else p.xtx
     qs = [gptq(r_i, h, _round(p, r_i), damp=p.recipe.gptq_damp) for r_i in resid.split(p.splits, 0)]
     wq = torch.cat([q.dequantize() for q in qs], 0)
     return qs, p.error(p.fq_act(inv), wq, inv, up, downs)

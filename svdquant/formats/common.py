@@ -69,6 +69,11 @@ def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
+def per_element(scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group factors ``[.., K_pad / g]`` spread over their groups' elements, ``[.., K_pad]`` fp32."""
+    return scales.float().repeat_interleave(group_size, dim=-1)
+
+
 def check_group_size(group_size: int, allowed: tuple[int, ...] | None = None) -> None:
     if group_size < 0 or (group_size and group_size % 2):
         raise ValueError(f"group_size must be 0 (per row) or a positive even number, got {group_size}")

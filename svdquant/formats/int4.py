@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group
+from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group, per_element
 
 INT4_MAX = 7
 UINT4_MAX = 15
@@ -100,9 +100,8 @@ def dequantize_int4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Ten
 
 def int4_weight_grid(q: QTensor):
     """A signed weight's rounding grid under its fixed scales: element = scale · code, code in [-7, 7] (GPTQ)."""
-    factors = grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * q.scales.float().unsqueeze(-1)
     values = torch.arange(-INT4_MAX, INT4_MAX + 1, dtype=torch.float32, device=q.codes.device)
-    return factors.flatten(-2), values, values.to(torch.int8)
+    return per_element(q.scales, q.group_size), values, values.to(torch.int8)
 
 
 def shift_vector(k: int, shift: float, start: int | None, device=None) -> torch.Tensor:

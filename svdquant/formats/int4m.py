@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group
+from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group, per_element
 from .int4 import INT4_MAX, UINT4_MAX, _unsigned_from
 
 MULT_MAX = 18           # signed groups: 7 · 18 = 126 <= 127
@@ -133,7 +133,5 @@ def int4m_integer_values(q: QTensor) -> torch.Tensor:
 def int4m_weight_grid(q: QTensor):
     """A weight's rounding grid under its fixed row scale and multipliers: element = (s · m) · code, code in [-7, 7]
     (GPTQ; the stored value rounds (code · m) · s once, which differs from this by at most an ulp)."""
-    factors = grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * q.multipliers.float().unsqueeze(-1)
-    factors = factors * q.scales.float()[..., None, None]
     values = torch.arange(-INT4_MAX, INT4_MAX + 1, dtype=torch.float32, device=q.codes.device)
-    return factors.flatten(-2), values, values.to(torch.int8)
+    return per_element(q.multipliers, q.group_size) * q.scales.float()[..., None], values, values.to(torch.int8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group
+from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group, per_element
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -47,5 +47,4 @@ def dequantize_nf4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 def nf4_weight_grid(q: QTensor):
     """A weight's rounding grid under its fixed block absmax: element = absmax · level, codes 0..15 (GPTQ)."""
-    factors = grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * q.scales.float().unsqueeze(-1)
-    return factors.flatten(-2), nf4_table(q.codes.device), torch.arange(16, dtype=torch.uint8, device=q.codes.device)
+    return per_element(q.scales, q.group_size), nf4_table(q.codes.device), torch.arange(16, dtype=torch.uint8, device=q.codes.device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group
+from .common import QTensor, check_finite, check_group_size, grouped, pad_to_group, per_element
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
@@ -118,8 +118,7 @@ def dequantize_nvfp4(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Te
 def nvfp4_weight_grid(q: QTensor):
     """A weight's rounding grid under its fixed E4M3 group scales and tensor scale: element = s_g · t · E2M1 value,
     the 15 distinct values ascending with their codes (zero is code 0) (GPTQ)."""
-    full = q.scales.float().unsqueeze(-1) * q.tensor_scale
-    factors = (grouped(torch.ones_like(q.codes, dtype=torch.float32), q.group_size) * full).flatten(-2)
+    factors = per_element(q.scales, q.group_size) * q.tensor_scale
     table = e2m1_table(q.codes.device)
     codes = torch.cat([torch.arange(15, 8, -1), torch.arange(0, 8)]).to(q.codes.device)  # -6 .. -0.5, 0 .. 6
     return factors, table[codes], codes.to(torch.uint8)

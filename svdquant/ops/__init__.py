@@ -20,11 +20,11 @@ returns a runner whose ``__call__`` only computes:
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from .._env import use_reference
 from ..formats import get_format, product_kind
 from . import reference
 from .runners import (
@@ -36,10 +36,6 @@ MIN_CAPABILITY = (8, 0)
 
 class UnsupportedGPUError(RuntimeError):
     """The layer is on a GPU the kernels cannot run on."""
-
-
-def use_reference() -> bool:
-    return os.environ.get("SVDQUANT_REFERENCE", "0") not in ("", "0")
 
 
 def _kernels(device: torch.device):

@@ -182,12 +182,15 @@ class CpuRunner(ReferenceRunner):
     def __init__(self, m):
         super().__init__(m)
         self.kind = product_kind(m.weights, m.activations)
+        # a shift on only the post-GELU channels: its vector made once, not per call
+        mixed = bool(self.shift and self.unsigned_from)
+        self.shift_vec = shift_vector(self.k, self.shift, self.unsigned_from, self.sinv.device) if mixed else None
 
     def __call__(self, x2):
         wq, w = self.weight()
         k = self.k
-        if self.shift and self.unsigned_from:
-            u = (x2.float() + shift_vector(k, self.shift, self.unsigned_from, x2.device)) * self.sinv
+        if self.shift_vec is not None:
+            u = (x2.float() + self.shift_vec) * self.sinv
             unsigned = self.unsigned_from
         else:
             u = ((x2.float() + self.shift) if self.shift else x2.float()) * self.sinv

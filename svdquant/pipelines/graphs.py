@@ -125,19 +125,16 @@ class StepGraphs:
                 if isinstance(m, SVDQLinear):
                     m._apply_stale_branch()  # a strength change rewrites in place; a new LoRA bumps the revision
         if self.revision != revision():  # the layers changed what they run: every graph is stale
-            self.clear()
-            self.revision = revision()
+            self._restart()
         if self.prepare is not None:
             prepare, self.prepare = self.prepare, None
             prepare(args, kwargs)
-            self.clear()
-            self.revision = revision()
+            self._restart()
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(args, kwargs)
             if self.revision != revision():  # the capture itself rebuilt a layer (first call after a move)
-                self.clear()
-                self.revision = revision()
+                self._restart()
                 entry = self._capture(args, kwargs)
             self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
@@ -173,6 +170,11 @@ class StepGraphs:
         refuses a capture into a pool whose graphs are all gone (an internal assert in PyTorch 2.11)."""
         self.graphs.clear()
         self.pool = None
+
+    def _restart(self) -> None:
+        """Drop every graph and take the layers' current revision as the one the next captures see."""
+        self.clear()
+        self.revision = revision()
 
     def remove(self) -> None:
         """Give the model its forward back."""
