@@ -371,7 +371,7 @@ def _gptq_residual(p: _Problem, lam, up, downs, resid) -> tuple[list[QTensor], f
     """Each member's residual rounded by GPTQ under its round-to-nearest scales, with the Hessian of what the
     residual multiplies (the inputs divided by λ), and the squared output error it gives on the scoring tokens."""
     inv = 1.0 / lam if lam is not None else None
-    h = torch.outer(inv, inv).mul_(p.xtx) if inv is not None else p.xtx
+    h = p.xtx * inv[:, None] * inv[None, :] if inv is not None else p.xtx
     qs = [gptq(r_i, h, _round(p, r_i), damp=p.recipe.gptq_damp) for r_i in resid.split(p.splits, 0)]
     wq = torch.cat([q.dequantize() for q in qs], 0)
     return qs, p.error(p.fq_act(inv), wq, inv, up, downs)
