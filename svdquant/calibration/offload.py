@@ -51,6 +51,20 @@ def move(obj, device, pin: bool = False, non_blocking: bool = False, memo: dict 
     return obj
 
 
+def _device_of(obj, default) -> torch.device:
+    """The device of the first tensor in a nested structure of arguments, else ``default``."""
+    if torch.is_tensor(obj):
+        return obj.device
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            d = _device_of(v, None)
+            if d is not None:
+                return d
+    return default
+
+
 class DeviceUnit:
     """The own parameters and buffers of ``modules`` (not of their children unless listed).
 
@@ -166,17 +180,22 @@ class Streamed:
                 unit.onload()
 
     def _entry(self, module: nn.Module, unit: DeviceUnit, keep: bool = False, make_room: bool = False) -> None:
+        caller = []  # where the caller's inputs were: its outputs go back there
+
         def pre(m, args, kwargs):
             if make_room:
                 for u in self.resident:
                     u.offload()
             self._onload(unit)
+            caller[:] = [_device_of((args, kwargs), self.home)]
             return move(args, self.device, non_blocking=self.pin), move(kwargs, self.device, non_blocking=self.pin)
 
         def post(m, args, kwargs, out):
             if not keep:
                 unit.offload()
-            return move(out, self.home)
+            # Not always home: a pipeline asks its modules' device for where to make latents, and with resident
+            # blocks on the GPU between calls it answers the GPU; the scheduler then needs the output there too.
+            return move(out, caller[0] if caller else self.home)
 
         # prepend: the pre-hook runs before hooks a caller registered earlier, which then see device inputs
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
