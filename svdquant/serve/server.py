@@ -29,85 +29,91 @@ MAX_HEADER_BYTES = 16 * 1024        # h11 keeps at most this much of an incomple
 log = logging.getLogger("svdquant.serve")
 
 
+class _HeadGuard:
+    """What uvicorn's h11 protocol lacks, mixed into it by :func:`_protocol` (``GuardedH11``): a deadline for each
+    request's headers (armed when a connection opens or a new request's first bytes arrive, disarmed once its head
+    is complete; without it 1,000 half-open connections held 1,000 descriptors for good), a cap on open
+    connections (one over it is closed at once), and its 400s (a malformed or oversized head) as OpenAI error
+    objects, counted."""
+
+    def __init__(self, config, server_state, app_state, _loop=None):
+        super().__init__(config, server_state, app_state, _loop)
+        self.header_timeout = getattr(config, "svdquant_header_timeout", READ_TIMEOUT_S)
+        self.max_connections = getattr(config, "svdquant_max_connections", None)
+        self.metrics = getattr(config, "svdquant_metrics", None)
+        self._head_timer = None
+        self._head_bytes = 0      # of the head now arriving
+
+    def _count(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels(kind).inc()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self._count("too_many_connections")
+            transport.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        waiting_for_head = self.cycle is None or self.cycle.response_complete
+        if waiting_for_head:
+            if self._head_timer is None:
+                self._arm()
+            # h11 bounds only a head that is still incomplete; one that arrives whole in a chunk is counted here
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end + 4
+            if self._head_bytes > MAX_HEADER_BYTES:
+                return self._reply_and_close(431, b"Request Header Fields Too Large",
+                                             f"the request's head is over {MAX_HEADER_BYTES} bytes; send fewer or "
+                                             "shorter headers")
+            if end >= 0:
+                self._head_bytes = 0
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm()   # the head is in; the body has its own deadline (guard.Gate)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self._count("read_timeout")
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        self._reply_and_close(400, b"Bad Request", f"the request's HTTP head is malformed or over "
+                              f"{MAX_HEADER_BYTES} bytes ({msg.rstrip('.')})")
+
+    def _reply_and_close(self, status: int, reason: bytes, message: str) -> None:
+        """An OpenAI error object written straight to the socket (h11 may be in no state to send one: the head
+        was never parsed), then the connection closed."""
+        self._count("malformed")
+        self._disarm()
+        body = json.dumps(error_body(message)).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n" % (status, reason, len(body)) + body)
+        self.transport.close()
+
+
 def _protocol():
+    """uvicorn's h11 protocol with :class:`_HeadGuard`; uvicorn is imported only when a server is configured."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11(H11Protocol):
-        """uvicorn's h11 protocol plus what it lacks: a deadline for each request's headers (armed when a
-        connection opens or a new request's first bytes arrive, disarmed once its head is complete; without it
-        1,000 half-open connections held 1,000 descriptors for good), a cap on open connections (one over it is
-        closed at once), and its 400s (a malformed or oversized head) as OpenAI error objects, counted."""
-
-        def __init__(self, config, server_state, app_state, _loop=None):
-            super().__init__(config, server_state, app_state, _loop)
-            self.header_timeout = getattr(config, "svdquant_header_timeout", READ_TIMEOUT_S)
-            self.max_connections = getattr(config, "svdquant_max_connections", None)
-            self.metrics = getattr(config, "svdquant_metrics", None)
-            self._head_timer = None
-            self._head_bytes = 0      # of the head now arriving
-
-        def _count(self, kind: str) -> None:
-            if self.metrics is not None:
-                self.metrics.errors.labels(kind).inc()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if self.max_connections is not None and len(self.connections) > self.max_connections:
-                self._count("too_many_connections")
-                transport.close()
-                return
-            self._arm()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            waiting_for_head = self.cycle is None or self.cycle.response_complete
-            if waiting_for_head:
-                if self._head_timer is None:
-                    self._arm()
-                # h11 bounds only a head that is still incomplete; one that arrives whole in a chunk is counted here
-                end = data.find(b"\r\n\r\n")
-                self._head_bytes += len(data) if end < 0 else end + 4
-                if self._head_bytes > MAX_HEADER_BYTES:
-                    return self._reply_and_close(431, b"Request Header Fields Too Large",
-                                                 f"the request's head is over {MAX_HEADER_BYTES} bytes; send fewer or "
-                                                 "shorter headers")
-                if end >= 0:
-                    self._head_bytes = 0
-            super().data_received(data)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()   # the head is in; the body has its own deadline (guard.Gate)
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self._count("read_timeout")
-                self.transport.close()
-
-        def send_400_response(self, msg: str) -> None:
-            self._reply_and_close(400, b"Bad Request", f"the request's HTTP head is malformed or over "
-                                  f"{MAX_HEADER_BYTES} bytes ({msg.rstrip('.')})")
-
-        def _reply_and_close(self, status: int, reason: bytes, message: str) -> None:
-            """An OpenAI error object written straight to the socket (h11 may be in no state to send one: the head
-            was never parsed), then the connection closed."""
-            self._count("malformed")
-            self._disarm()
-            body = json.dumps(error_body(message)).encode()
-            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                                 b"connection: close\r\n\r\n" % (status, reason, len(body)) + body)
-            self.transport.close()
+    class GuardedH11(_HeadGuard, H11Protocol):
+        __doc__ = _HeadGuard.__doc__
 
     return GuardedH11
 

@@ -1,0 +1,7 @@
+"""``python -m svdquant.cli``: the ``svdquant`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
