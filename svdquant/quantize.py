@@ -38,6 +38,7 @@ from ._cpu import single_thread_if_contended
 from ._memory import device_room
 from ._progress import progress as progress_bar
 from ._timing import StageClock
+from .algorithm import quantize_linears  # h-runners
 from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
 from .calibration.capture import ChainCheck, keep_entry, next_inputs, run_inputs
 from .calibration.offload import Streamed, move
@@ -181,11 +182,12 @@ def _quantize_group(root: nn.Module, prefix: str, group: Group, x, amax, recipe:
     mods = [root.get_submodule(n) for n in full]
     lins = [as_linear(m) if isinstance(m, nn.Conv2d) else m for m in mods]
     rc = _weight_only(recipe) if group.weight_only else recipe
-    qmods = SVDQLinear.from_linears(lins, x, rc, post_gelu=group.post_gelu, shared_branch=group.shared_branch,
-                                    act_max=amax)
+    # h-runners: the quantizer runs the algorithm and builds the layers from its result
+    qws, rep = quantize_linears([lin.weight for lin in lins], [lin.bias for lin in lins], x, rc,
+                                post_gelu=group.post_gelu, shared_branch=group.shared_branch, act_max=amax)
+    qmods = [SVDQLinear.from_quantized(qw, rc, lin.weight.dtype, rep) for qw, lin in zip(qws, lins)]
     for name, old, q in zip(full, mods, qmods):
         _set_module(root, name, SVDQConv1x1(q) if isinstance(old, nn.Conv2d) else q)
-    rep = qmods[0].quant_report
     if clock is not None:
         for stage, seconds in rep.stages.items():
             clock.add(stage, seconds)

@@ -154,7 +154,7 @@ def test_compiled_activations_leave_a4_layers_to_the_kernel():
 
 @triton_interpreted
 def test_custom_ops_pass_opcheck():
-    from svdquant.ops.runners import padded_branch
+    from svdquant.ops.branch import padded_branch
 
     m = _layer("int4")
     down, up = padded_branch(m)

@@ -24,7 +24,8 @@ import svdquant
 from svdquant import SVDQLinear, get_recipe
 from svdquant.modules import FusedSVDQLinear, fuse_projections, unfuse_projections
 from svdquant.modules.fused import Projected
-from svdquant.ops.runners import Int8Runner, ReferenceRunner, padded_branch, stacked_branch
+from svdquant.ops.branch import padded_branch, stacked_branch
+from svdquant.ops.runners import Int8Runner, ReferenceRunner
 
 # fp32's unit roundoff. Two orders of summing the same n fp32 products differ by at most 2·γ_n ≈ 2·n·u of the sum of
 # the products' magnitudes (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1); the float part of a

@@ -116,7 +116,7 @@ def test_recipe_checks():
         get_recipe("w8a8", gptq=True)
     with pytest.raises(ValueError, match="gptq_damp must be in"):
         get_recipe("int4", gptq_damp=0.0)
-    from svdquant.algorithm.layer import quantize_weight_only
+    from svdquant.algorithm.weight_only import quantize_weight_only
 
     with pytest.raises(ValueError, match="needs calibration inputs"):
         quantize_weight_only(torch.randn(8, 64), None, get_recipe("nf4", gptq=True))

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from svdquant import SVDQLinear, get_recipe  # noqa: E402
 from svdquant.formats import get_format, pack_4bit_halves, quantize  # noqa: E402
 from svdquant.ops import reference as R  # noqa: E402
-from svdquant.ops.runners import ReferenceRunner, padded_branch  # noqa: E402
+from svdquant.ops.branch import padded_branch  # noqa: E402
+from svdquant.ops.runners import ReferenceRunner  # noqa: E402
 
 triton = pytest.importorskip("triton")
 from svdquant import kernels as K  # noqa: E402
@@ -277,7 +278,7 @@ def test_fp4_gemm_matches_reference():
     m = layer("nvfp4", 192, 40, torch.float32, 6)
     x = inputs(192, 21, 6, torch.float32)
     down, up = padded_branch(m)
-    values, _, lora_act = K.quantize_input_float_scales(x, m.smooth_inv, down, fmt="nvfp4", group_size=16,
+    values, _, lora_act = K.quantize_input_float_scales(x, m.smooth_inv, down, fp4=True, group_size=16,
                                                         input_scale=m.input_scale, block_m=16)
     y = K.fp4_gemm(values, m.qweight, m.wscales, m.wtensor_scale, m.input_scale, lora_act, up, m.bias,
                    torch.float32, **SMALL_OLD)

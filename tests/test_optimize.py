@@ -107,7 +107,7 @@ def test_the_layers_buffers_are_never_rewritten(quantized_flux):
     model = copy.deepcopy(quantized_flux[0])
     lin = next(m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations)
     before = lin.lora_up.clone()
-    from svdquant.ops.runners import assign_branch
+    from svdquant.ops.branch import assign_branch
 
     runner = lin._runner
     assert runner.up is lin.lora_up

@@ -256,13 +256,7 @@ def quantize_linears(
     :class:`QuantizedWeights` per weight and one report for the group.
     """
     t0 = time.perf_counter()
-    if not weights:
-        raise ValueError("quantize_linears needs at least one weight")
-    k = weights[0].shape[1]
-    for w in weights:
-        if w.ndim != 2 or w.shape[1] != k:
-            raise ValueError(f"weights must all be [N, {k}] matrices, got {tuple(w.shape)}")
-        check_finite(w, "the weight")
+    k = _check_weights(weights)
     p = _Problem(weights, inputs, recipe, post_gelu)
     if act_max is not None and p.act_max is not None:
         p.act_max = torch.maximum(p.act_max, (act_max.to(p.w.device).float() + p.shift_vec).abs().clamp_min(1e-5))
@@ -276,73 +270,20 @@ def quantize_linears(
     t_stage = time.perf_counter()
     report.stages["setup"] = t_stage - t0
 
-    def fit(lam):
-        """Branch and residual for one λ ``[K]``, or a batch of them ``[B, K]`` (no refinement):
-        (squared error(s) as a tensor, up, downs, residual, rounded residual)."""
-        inv = 1.0 / lam if lam is not None else None
-        w_hat = p.w * lam[..., None, :] if lam is not None else p.w
-        if rc.lowrank == "svd":
-            up, downs, _ = p.branch(w_hat, shared_branch)
-            resid = w_hat - p.product(up, downs)
-        elif rc.lowrank == "lorc":
-            up, downs, _ = p.branch(w_hat - p.fq_weight(w_hat), shared_branch)
-            resid = w_hat
-        else:
-            up, downs = no_branch
-            resid = w_hat
-        wq = p.fq_weight(resid)
-        return p.errors(p.fq_act(inv), wq, inv, up, downs), up, downs, resid, wq
-
-    lam = ones
+    fit = _fitter(p, shared_branch, no_branch)
     if rc.smooths:
-        cands = candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid)
-        size = _candidates_per_batch(p)
-        kept = None  # the best so far: (error, grid index, up, downs, residual, rounded residual)
-
-        def score(indices):
-            nonlocal kept
-            errs = []
-            for start in range(0, len(indices), size):
-                chunk = indices[start:start + size]
-                batched = len(chunk) > 1  # one launch per step for the chunk: the search is bound by the host's launches
-                res = fit(torch.stack([cands[i][2] for i in chunk]) if batched else cands[chunk[0]][2])
-                e = res[0].reshape(-1).tolist()
-                j = min(range(len(chunk)), key=lambda j: (e[j], chunk[j]))  # ties: the earlier candidate
-                if kept is None or (e[j], chunk[j]) < kept[:2]:
-                    c = _candidate(res, j) if batched else (e[0], *res[1:])
-                    kept = (c[0], chunk[j], *c[1:])
-                errs += e
-                res = None
-            return errs
-
-        search([a for a, _, _ in cands], score, rc.smooth_search)
-        err, i, *rest = kept
-        best = (err, *rest)
-        lam, report.alpha, report.beta = cands[i][2], cands[i][0], cands[i][1]
+        lam, best = _search_smoothing(p, fit, report)
     else:
+        lam = ones
         res = fit(lam)
         best = (float(res[0]), *res[1:])
-    err, up, downs, resid, wq = best
-    report.history.append(err)
+    report.history.append(best[0])
     now = time.perf_counter()
     report.stages["smoothing search"], t_stage = now - t_stage, now
 
     if rc.method == "svdquant" and rc.iterations > 0:
-        # L_k = SVD_r(Ŵ − Q(Ŵ − L_{k−1})): refit the branch to what the quantized residual misses.
-        inv = 1.0 / lam if lam is not None else None
-        w_hat = p.w * lam if lam is not None else p.w
-        xq = p.fq_act(inv)
-        bases = None
-        for _ in range(rc.iterations):
-            cur_up, cur_downs, bases = p.branch(w_hat - wq, shared_branch, bases)
-            cur_resid = w_hat - p.product(cur_up, cur_downs)
-            cur_wq = p.fq_weight(cur_resid)
-            cur_err = p.error(xq, cur_wq, inv, cur_up, cur_downs)
-            report.history.append(cur_err)
-            if cur_err >= err:
-                break
-            err, up, downs, resid, wq = cur_err, cur_up, cur_downs, cur_resid, cur_wq
-            report.iterations += 1
+        best = _refine(p, lam, best, shared_branch, report)
+    err, up, downs, resid, wq = best
 
     report.rel_error = report.rel_error_rtn = math.sqrt(err / p.y_energy)
     now = time.perf_counter()
@@ -360,6 +301,92 @@ def quantize_linears(
     report.stages["assemble"] = time.perf_counter() - t_stage
     report.seconds = time.perf_counter() - t0
     return out, report
+
+
+def _check_weights(weights: list[torch.Tensor]) -> int:
+    """The group's common input width K, after checking every weight is a finite ``[N_i, K]`` matrix."""
+    if not weights:
+        raise ValueError("quantize_linears needs at least one weight")
+    k = weights[0].shape[1]
+    for w in weights:
+        if w.ndim != 2 or w.shape[1] != k:
+            raise ValueError(f"weights must all be [N, {k}] matrices, got {tuple(w.shape)}")
+        check_finite(w, "the weight")
+    return k
+
+
+def _fitter(p: _Problem, shared_branch: bool, no_branch):
+    """``fit(lam)``: branch and residual for one λ ``[K]``, or a batch of them ``[B, K]`` (no refinement):
+    (squared error(s) as a tensor, up, downs, residual, rounded residual)."""
+    rc = p.recipe
+
+    def fit(lam):
+        inv = 1.0 / lam if lam is not None else None
+        w_hat = p.w * lam[..., None, :] if lam is not None else p.w
+        if rc.lowrank == "svd":
+            up, downs, _ = p.branch(w_hat, shared_branch)
+            resid = w_hat - p.product(up, downs)
+        elif rc.lowrank == "lorc":
+            up, downs, _ = p.branch(w_hat - p.fq_weight(w_hat), shared_branch)
+            resid = w_hat
+        else:
+            up, downs = no_branch
+            resid = w_hat
+        wq = p.fq_weight(resid)
+        return p.errors(p.fq_act(inv), wq, inv, up, downs), up, downs, resid, wq
+
+    return fit
+
+
+def _search_smoothing(p: _Problem, fit, report: LayerReport):
+    """The smoothing search over the recipe's grid: ``(λ, (error, up, downs, residual, rounded residual))`` of the
+    best candidate; its (α, β) go into ``report``."""
+    rc = p.recipe
+    cands = candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid)
+    size = _candidates_per_batch(p)
+    kept = None  # the best so far: (error, grid index, up, downs, residual, rounded residual)
+
+    def score(indices):
+        nonlocal kept
+        errs = []
+        for start in range(0, len(indices), size):
+            chunk = indices[start:start + size]
+            batched = len(chunk) > 1  # one launch per step for the chunk: the search is bound by the host's launches
+            res = fit(torch.stack([cands[i][2] for i in chunk]) if batched else cands[chunk[0]][2])
+            e = res[0].reshape(-1).tolist()
+            j = min(range(len(chunk)), key=lambda j: (e[j], chunk[j]))  # ties: the earlier candidate
+            if kept is None or (e[j], chunk[j]) < kept[:2]:
+                c = _candidate(res, j) if batched else (e[0], *res[1:])
+                kept = (c[0], chunk[j], *c[1:])
+            errs += e
+            res = None
+        return errs
+
+    search([a for a, _, _ in cands], score, rc.smooth_search)
+    err, i, *rest = kept
+    report.alpha, report.beta = cands[i][0], cands[i][1]
+    return cands[i][2], (err, *rest)
+
+
+def _refine(p: _Problem, lam, best, shared_branch: bool, report: LayerReport):
+    """L_k = SVD_r(Ŵ − Q(Ŵ − L_{k−1})): refit the branch to what the quantized residual misses, while the error
+    falls. Returns the best ``(error, up, downs, residual, rounded residual)``."""
+    err, up, downs, resid, wq = best
+    inv = 1.0 / lam if lam is not None else None
+    w_hat = p.w * lam if lam is not None else p.w
+    xq = p.fq_act(inv)
+    bases = None
+    for _ in range(p.recipe.iterations):
+        cur_up, cur_downs, bases = p.branch(w_hat - wq, shared_branch, bases)
+        cur_resid = w_hat - p.product(cur_up, cur_downs)
+        cur_wq = p.fq_weight(cur_resid)
+        cur_err = p.error(xq, cur_wq, inv, cur_up, cur_downs)
+        report.history.append(cur_err)
+        if cur_err >= err:
+            break
+        err, up, downs, resid, wq = cur_err, cur_up, cur_downs, cur_resid, cur_wq
+        report.iterations += 1
+    return err, up, downs, resid, wq
 
 
 def _round(p: _Problem, r_i: torch.Tensor) -> QTensor:
@@ -401,35 +428,6 @@ def _assemble(p: _Problem, lam, up, downs, resid, biases, rounded=None) -> list[
             input_scale=input_scale,
         ))
     return out
-
-
-def quantize_weight_only(weight: torch.Tensor, bias: torch.Tensor | None,
-                         recipe: QuantConfig) -> tuple[QuantizedWeights, LayerReport]:
-    """Round a weight to the recipe's weight-only format with no calibration inputs (text encoders).
-
-    Weight-only layers have no smoothing and no branch, so the rounding rule alone decides the
-    result and it needs no activations; the report's errors are the weight's own,
-    ``‖W − Q(W)‖ / ‖W‖``, not an output error.
-    """
-    t0 = time.perf_counter()
-    if recipe.activations is not None or recipe.branch_rank:
-        raise ValueError(f"quantize_weight_only takes a weight-only recipe without a branch (activations=None, "
-                         f"rank 0 or method 'naive'), got {recipe.name!r}")
-    if recipe.gptq:
-        raise ValueError(f"recipe {recipe.name!r} has gptq=True, which needs calibration inputs; weight-only "
-                         "rounding has none: use recipe.replace(gptq=False)")
-    if weight.ndim != 2:
-        raise ValueError(f"the weight must be an [N, K] matrix, got {tuple(weight.shape)}")
-    check_finite(weight, "the weight")
-    dt = weight.dtype
-    w = weight.detach().float()
-    q = quantize(w, recipe.weights, recipe.group_size, scale_dtype=dt, weight=True, check=False)
-    err = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-30))
-    qw = QuantizedWeights(weight=q, bias=bias.detach().to(dt) if bias is not None else None, smooth=None,
-                          lora_down=None, lora_up=None)
-    report = LayerReport(shape=tuple(weight.shape), method=recipe.method, rank=0, rel_error_naive=err,
-                         rel_error=err, seconds=time.perf_counter() - t0)
-    return qw, report
 
 
 def quantize_linear(weight, bias, inputs, recipe: QuantConfig, *, post_gelu: bool | int = False):

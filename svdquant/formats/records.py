@@ -2,7 +2,8 @@
 
 Recipes validate against it, :class:`~svdquant.SVDQLinear` lays out its buffers from it,
 the algorithm simulates with it, the torch reference multiplies with it, and ``ops``
-picks a kernel from it. Adding a format is one module with its quantize /
+picks a kernel from its fields (``integer``, ``grouped``, ``fp4``, ``scaled_mm``, ``w4a16``;
+:mod:`svdquant.ops.routes`). Adding a format is one module with its quantize /
 dequantize functions plus one record here.
 """
 
@@ -47,6 +48,15 @@ class Format:
         (:meth:`weight_grid`; what GPTQ needs).
     weight_rounding_kernel: the :mod:`svdquant.kernels` function that computes ``fake_quantize(w, weight=True)``
         on a GPU, row by row, bit-identical (the quantizer's search runs it for every candidate).
+
+    Which GPU kernel multiplies a layer (:mod:`svdquant.ops.routes` reads these, never the name):
+    grouped: a code times its float group scale is exact in fp32; as weights and activations of the same
+        format, the float-group-scale kernels run it (the paper's W4A4, NVFP4).
+    fp4: the codes are E2M1 floats (FP4) with E4M3 group scales: those kernels convert through FP8
+        (compute capability 8.9+).
+    scaled_mm: FP8 codes with a row scale: ``torch._scaled_mm`` multiplies two such operands.
+    w4a16: as weights with 16-bit activations, the W4A16 kernel runs it (4-bit codes with 16-bit group scales
+        and, where the format has them, zero points).
     """
 
     name: str
@@ -63,6 +73,9 @@ class Format:
     static_input_scale: bool
     weight_only: str
     grouped: bool = field(default=False, kw_only=True)
+    fp4: bool = field(default=False, kw_only=True)
+    scaled_mm: bool = field(default=False, kw_only=True)
+    w4a16: bool = field(default=False, kw_only=True)
     _quantize: Callable = field(repr=False)
     _dequantize: Callable = field(repr=False)
     _layout: Callable = field(repr=False)
@@ -232,7 +245,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int4", "INT4 [-7, 7], a 16-bit scale per group of 64 (the paper's W4A4; uint4 [0, 15] when shifted)",
            64, None, packed=True, signed=True, weight=True, activation=True, pairs_with=("int4", "int8"),
            integer=False, unsigned_groups=True, static_input_scale=False, weight_only="int4", grouped=True,
-           _quantize=_q_int4, _dequantize=dequantize_int4,
+           w4a16=True, _quantize=_q_int4, _dequantize=dequantize_int4,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt)}, _fake=_fq_int4,
            extreme_codes=(-8, 7), _weight_grid=int4_weight_grid),
     Format("int4m", "INT4 [-7, 7] × integer multiplier [1, 18] per group of 64 × fp32 per row (two-level)",
@@ -247,14 +260,14 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     # AWQ's W4A16 (Nunchaku's adaLN layers): kept so imported layers hold their exact values; never a recipe default.
     Format("int4z", "uint4 [0, 15], a 16-bit scale and a 16-bit zero per group of 64 (AWQ W4A16); weights only",
            64, None, packed=True, signed=False, weight=True, activation=False, pairs_with=(),
-           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="int4z",
+           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="int4z", w4a16=True,
            _quantize=_q_int4z, _dequantize=dequantize_int4z,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), dt),
                                          "wzeros": ((n, g), dt)}, extreme_codes=(0, 15)),
     Format("nvfp4", "FP4 E2M1, an E4M3 scale per group of 16 × fp32 per tensor",
            16, (16, 32), packed=True, signed=False, weight=True, activation=True, pairs_with=("nvfp4",),
            integer=False, unsigned_groups=False, static_input_scale=True, weight_only="nvfp4", grouped=True,
-           _quantize=_q_nvfp4, _dequantize=dequantize_nvfp4,
+           fp4=True, _quantize=_q_nvfp4, _dequantize=dequantize_nvfp4,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp // 2), U8), "wscales": ((n, g), torch.float8_e4m3fn),
                    "wtensor_scale": ((), F32)}, _fake=_fq_nvfp4,
            _code_values=lambda c: e2m1_table(c.device)[c.long()], extreme_codes=(7, 15),  # E2M1 ±6
@@ -269,7 +282,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _operand=lambda x, g, *, unsigned, tensor_scale: (*int8_code_values(x), None)),
     Format("fp8", "FP8 E4M3, an fp32 scale per row (torch._scaled_mm row-wise)",
            0, (0,), packed=False, signed=True, weight=True, activation=True, pairs_with=("fp8",),
-           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="fp8",
+           integer=False, unsigned_groups=False, static_input_scale=False, weight_only="fp8", scaled_mm=True,
            _quantize=_q_fp8, _dequantize=dequantize_fp8,
            _layout=lambda n, kp, g, dt: {"qweight": ((n, kp), torch.float8_e4m3fn), "wscales": ((n,), F32)},
            extreme_codes=(-448.0, 448.0)),

@@ -120,12 +120,13 @@ def _split_for(groups: int, m_blocks: int) -> int:
     return 1
 
 
-def quantize_input(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *, fmt: str = "int4",
+def quantize_input(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *, fp4: bool = False,
                    group_size: int = 64, shift: float = 0.0, unsigned_from: int = 0,
                    input_scale: torch.Tensor | None = None, block_m: int | None = None, split: int | None = None,
                    num_warps: int = 4):
     """Launch kernel 1. ``x``: ``[M, K]`` contiguous rows; ``lora_down``: ``[R, K]`` with R a power of 2 >= 16.
 
+    ``fp4``: NVFP4 activations (E2M1 codes, E4M3 group scales, ``input_scale`` per tensor), else INT4.
     Returns ``(codes [M, K_pad], scales [groups, M], lora_act [M, R] or None)``: INT4
     codes in int8 and
     scales in x's dtype; for NVFP4 the 16-bit values ``E2M1 · s_g`` (x's dtype) and the E4M3
@@ -135,7 +136,6 @@ def quantize_input(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.T
     m, k = x.shape
     kp = k + (-k) % group_size
     groups = kp // group_size
-    fp4 = fmt == "nvfp4"
     if fp4:
         codes = torch.empty(m, kp, dtype=x.dtype, device=x.device)
         scales = torch.empty(groups, m, dtype=torch.float8_e4m3fn, device=x.device)

@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..formats import get_format
-from ..ops.runners import DenseRunner, Int8Runner
 from .linear import SVDQLinear, bump_revision
 
 # (fused attribute, member attributes): diffusers' names (Attention.fuse_projections, FluxAttention)
@@ -58,7 +57,7 @@ class FusedSVDQLinear(nn.Module):
         self.in_features = first.in_features
         self.out_features = sum(m.out_features for m in members)
         for m in members:
-            m.__dict__["_fused_into"] = self
+            m.set_stacked_in(self)
         self.refresh()
 
     def refresh(self) -> None:
@@ -69,32 +68,27 @@ class FusedSVDQLinear(nn.Module):
         outs = [m.out_features for m in self.members]
         self._runner = None
         bump_revision()
-        if all(isinstance(r, DenseRunner) for r in runners):  # svdquant.optimize's choice: one 16-bit GEMM
-            self._runner = DenseRunner.stacked(runners)
-            return
-        if not all(isinstance(r, Int8Runner) for r in runners):
+        kind = type(runners[0])
+        if not kind.stacks or any(type(r) is not kind for r in runners):
             return  # the CPU reference, or another path: the members run in turn
-        try:
-            self._runner = Int8Runner.stacked(runners, outs)
+        try:  # the INT8 kernels (members then hold row views), or svdquant.optimize's one 16-bit GEMM
+            self._runner = kind.stack(runners, outs)
         except ValueError:  # memory mode, or layers that do not share their input's smoothing
             return
         self.sync_compiled_activations()
-        start = 0
-        for r, n in zip(runners, outs):
-            r.view_rows(self._runner, start, start + n)
-            start += n
 
     def sync_compiled_activations(self) -> None:
         """One activation pass for all members: in the compiled graph only when every member asks for it."""
-        if isinstance(self._runner, Int8Runner):
+        if self._runner is not None and self._runner.quantizes_in_graph:
             self._runner.act_in_graph = all(m.compiled_activations for m in self.members)
 
     def refresh_branch(self) -> bool:
         """A member's LoRAs changed (its runner rebuilt its branch): restack the branches (in place where the
         shapes stay; True if the stacked runner now holds other tensors)."""
-        if isinstance(self._runner, Int8Runner):
-            return self._runner.set_stacked_branch([m._runner for m in self.members])
-        return False  # none, or dense: the members rewrote their rows of the stacked weight in place
+        if self._runner is None:
+            return False
+        # dense: the members rewrote their rows of the stacked weight in place, nothing to restack
+        return self._runner.restack_branch([m._runner for m in self.members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runner is None:
@@ -384,4 +378,4 @@ def _quantized(m) -> bool:
 
 def _release(f: FusedSVDQLinear) -> None:
     for m in f.members:
-        m.__dict__.pop("_fused_into", None)
+        m.set_stacked_in(None)

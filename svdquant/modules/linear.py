@@ -126,6 +126,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         # measures faster at the layer's shape on this GPU); a run-time choice, not stored in checkpoints
         self.compute = "quantized"
         self._runner = None
+        # the FusedSVDQLinear running this layer with its siblings (svdquant.fuse), see stacked_in; in __dict__,
+        # out of nn.Module's registries: the stack is not a submodule of its members
+        self.__dict__["_stack"] = None
         n, k = out_features, in_features
 
         def buf(name, shape, dt):
@@ -153,8 +156,9 @@ class SVDQLinear(nn.Module, AdapterSet):
 
     # -- construction --------------------------------------------------------------
     @classmethod
-    def from_quantized(cls, qw, recipe: QuantConfig, dtype: torch.dtype) -> "SVDQLinear":
-        """Build from :class:`svdquant.algorithm.QuantizedWeights`."""
+    def from_quantized(cls, qw, recipe: QuantConfig, dtype: torch.dtype, report=None) -> "SVDQLinear":
+        """Build from :class:`svdquant.algorithm.QuantizedWeights` (what the quantizer's algorithm returns);
+        ``report``, the algorithm's :class:`~svdquant.algorithm.LayerReport`, is kept as ``.quant_report``."""
         q = qw.weight
         n, k = q.codes.shape[0], q.in_features
         rank = qw.lora_down.shape[0] if qw.lora_down is not None else 0
@@ -174,6 +178,7 @@ class SVDQLinear(nn.Module, AdapterSet):
                 m.lora_up.copy_(qw.lora_up)
             if qw.bias is not None:
                 m.bias.copy_(qw.bias)
+        m.quant_report = report
         m.refresh()
         return m
 
@@ -192,7 +197,10 @@ class SVDQLinear(nn.Module, AdapterSet):
     @classmethod
     def from_linears(cls, linears, inputs, recipe: str | QuantConfig = "int4", *, post_gelu: bool | int = False,
                      shared_branch: bool = True, act_max: torch.Tensor | None = None) -> list["SVDQLinear"]:
-        """Quantize linears that read the same input (q/k/v) with one λ and, by default, one shared branch."""
+        """Quantize linears that read the same input (q/k/v) with one λ and, by default, one shared branch.
+
+        A convenience for one group at a time (``svdquant.quantize`` runs :func:`svdquant.algorithm.quantize_linears`
+        itself and builds the layers with :meth:`from_quantized`)."""
         from ..algorithm import quantize_linears
 
         recipe = get_recipe(recipe)
@@ -201,10 +209,7 @@ class SVDQLinear(nn.Module, AdapterSet):
                 raise TypeError(f"expected nn.Linear, got {type(lin).__name__}")
         qws, report = quantize_linears([lin.weight for lin in linears], [lin.bias for lin in linears], inputs,
                                        recipe, post_gelu=post_gelu, shared_branch=shared_branch, act_max=act_max)
-        mods = [cls.from_quantized(qw, recipe, lin.weight.dtype) for qw, lin in zip(qws, linears)]
-        for m in mods:
-            m.quant_report = report
-        return mods
+        return [cls.from_quantized(qw, recipe, lin.weight.dtype, report) for qw, lin in zip(qws, linears)]
 
     # -- use -------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -251,12 +256,22 @@ class SVDQLinear(nn.Module, AdapterSet):
                              f"{self.out_features}x{self.in_features}")
         super().add_adapter(name, down.to(self.device, self.dtype), up.to(self.device, torch.float32), strength)
 
+    @property
+    def stacked_in(self):
+        """The :class:`~svdquant.modules.FusedSVDQLinear` that runs this layer with its q/k/v siblings
+        (``svdquant.fuse``), or None. It is told of this layer's changes (a refresh, LoRAs, compiled activations)."""
+        return self.__dict__.get("_stack")
+
+    def set_stacked_in(self, stack) -> None:
+        """Called by the stack that takes this layer in, and with None by the one that lets it go."""
+        self.__dict__["_stack"] = stack
+
     def _adapters_changed(self) -> None:
-        owner = self.__dict__.get("_fused_into")
-        if owner is not None:  # stacked with its q/k/v siblings (modules/fused.py): the fused runner needs it now
+        stack = self.stacked_in
+        if stack is not None:  # stacked with its q/k/v siblings (modules/fused.py): the fused runner needs it now
             replaced = self._runner.set_branch(self)
             self._branch_stale = False
-            if owner.refresh_branch() or replaced:
+            if stack.refresh_branch() or replaced:
                 bump_revision()
             return
         # Only the branch changes: the runner rebuilds it at the next call and keeps its prepared weights.
@@ -277,7 +292,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         """Apply tanh-GELU to the output (an MLP's up projection fused with its activation, ``svdquant.fuse``):
         in the INT8 GEMM's epilogue where that runs, after the runner elsewhere. No weight is rebuilt."""
         self.output_gelu = bool(on)
-        if hasattr(self._runner, "gelu"):
+        if self._runner.fuses_gelu:
             self._runner.gelu = self.output_gelu
         bump_revision()
 
@@ -286,12 +301,11 @@ class SVDQLinear(nn.Module, AdapterSet):
         that inductor fuses into the kernel producing the input, instead of the separate activation kernel. Same
         numbers up to inductor's float rounding; eager calls and other formats are unchanged."""
         self.compiled_activations = bool(on)
-        if hasattr(self._runner, "act_in_graph"):
+        if self._runner.quantizes_in_graph:
             self._runner.act_in_graph = self.compiled_activations
         bump_revision()
-        owner = self.__dict__.get("_fused_into")
-        if owner is not None:
-            owner.sync_compiled_activations()
+        if self.stacked_in is not None:
+            self.stacked_in.sync_compiled_activations()
 
     def set_compute(self, mode: str) -> None:
         """``"quantized"`` (the kernels) or ``"dense"`` (a 16-bit cuBLAS linear of the dequantized weight and branch,
@@ -316,12 +330,11 @@ class SVDQLinear(nn.Module, AdapterSet):
         bump_revision()
         self._prepared_for = (self.wscales, self.wscales.device)
         self._branch_stale = False
-        if getattr(self._runner, "owns_packed_weight", False):
+        if self._runner.owns_packed_weight:
             # speed mode: the runner holds code × multiplier in INT8; the packed copy would double the memory
             self._buffers["qweight"] = None
-        owner = self.__dict__.get("_fused_into")
-        if owner is not None:
-            owner.refresh()
+        if self.stacked_in is not None:
+            self.stacked_in.refresh()
 
     def _restore_packed(self) -> None:
         if "qweight" in self._buffers and self._buffers["qweight"] is None and self._runner is not None:
@@ -355,7 +368,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         else:
             self._apply_stale_branch()
         y = self._runner(x.reshape(-1, self.in_features))
-        if self.output_gelu and not getattr(self._runner, "fuses_gelu", False):
+        if self.output_gelu and not self._runner.fuses_gelu:
             y = F.gelu(y, approximate="tanh")
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -3,7 +3,8 @@
 :func:`prepare` is called when a :class:`~svdquant.SVDQLinear` is built, loaded, moved
 (``.to``), given LoRAs or a new weight mode. It reads the layer's formats, its device's
 compute capability and ``SVDQUANT_REFERENCE``, builds kernel-ready tensors once, and
-returns a runner whose ``__call__`` only computes:
+returns a runner whose ``__call__`` only computes. On CUDA the kernel paths are the ordered table
+:data:`~svdquant.ops.routes.ROUTES` (:mod:`svdquant.ops.routes`), which :func:`gpu_support` reads too:
 
 | weights × activations          | CUDA (compute capability)                        | elsewhere     |
 | ------------------------------ | ------------------------------------------------ | ------------- |
@@ -16,20 +17,27 @@ returns a runner whose ``__call__`` only computes:
 | a layer set to ``compute="dense"`` (``svdquant.optimize``'s layer choice) | ``DenseRunner``: one 16-bit cuBLAS linear | as above |
 
 ``SVDQUANT_REFERENCE=1`` makes every layer prepared afterwards run the reference.
+
+| module        | what                                                                            |
+| ------------- | ------------------------------------------------------------------------------- |
+| runner.py     | the runner interface and its declared capabilities (``fuses_gelu``, ``stacks``...) |
+| runners/      | one class per path                                                              |
+| routes.py     | which runner a CUDA layer gets, by its formats' fields and the GPU's capability |
+| branch.py     | the low-rank branch as runners hold it (padded, stacked, rewritten in place)    |
+| library.py    | the kernel paths as torch custom ops (``torch.compile``, CUDA graphs)           |
+| reference.py  | the numerics in plain torch: what every kernel is tested against                |
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 from .._env import use_reference
 from ..formats import get_format, product_kind
 from . import reference
-from .runners import (
-    EMPTY_ON_GPU, ON_META, CpuRunner, DenseRunner, Fp8ScaledMMRunner, FloatScalesRunner, Int8Runner, ReferenceRunner, W4A16Runner,
-)
+from .routes import choose
+from .runner import EMPTY_ON_GPU, ON_META, Gpu, Runner
+from .runners import CpuRunner, DenseRunner, ReferenceRunner
 
 MIN_CAPABILITY = (8, 0)
 
@@ -55,7 +63,7 @@ def _kernels(device: torch.device):
     return kernels, cap
 
 
-def prepare(m):
+def prepare(m) -> Runner:
     """The runner for :class:`~svdquant.SVDQLinear` ``m`` on its current device (see the module doc)."""
     device = m.wscales.device
     if device.type == "meta":
@@ -70,40 +78,14 @@ def prepare(m):
     if af is not None and getattr(m, "compute", "quantized") == "dense":
         return DenseRunner(m)  # svdquant.optimize measured cuBLAS faster for this layer's shape
     kernels, cap = _kernels(device)
-    if af is None:
-        return W4A16Runner(m, kernels) if wf.name in W4A16Runner.FORMATS else ReferenceRunner(m)
-    if wf.integer and af.integer:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return Int8Runner(m, kernels, tma=cap >= (9, 0), num_sms=sms)
-    if (wf.name, af.name) in FloatScalesRunner.PAIRS:
-        if wf.name == "nvfp4" and cap < (8, 9):  # no FP8 conversions before Ada/Hopper
-            warnings.warn("NVFP4 layers need compute capability 8.9+ for the fused kernels; using the torch "
-                          "reference on this GPU (correct, slower)", stacklevel=2)
-            return ReferenceRunner(m)
-        return FloatScalesRunner(m, kernels)
-    if (wf.name, af.name) == ("fp8", "fp8") and cap >= (8, 9):
-        return Fp8ScaledMMRunner(m)
-    return ReferenceRunner(m)
+    return choose(wf, af, cap).runner.build(m, Gpu(device, cap, kernels))
 
 
 def gpu_support(weights: str, activations: str | None) -> str:
-    """Which GPUs run a layer of these formats with a kernel, in words (the table above, which :func:`prepare`
-    implements; keep the two in step). For model cards and ``svdquant info``."""
-    wf = get_format(weights)
-    af = get_format(activations) if activations is not None else None
-    if af is None:
-        if wf.name in W4A16Runner.FORMATS:
-            return "W4A16 kernel on compute capability 8.0+ for up to 16 tokens; above that, a dequantize kernel and cuBLAS"
-        return "torch reference (any GPU or the CPU)"
-    if wf.integer and af.integer:
-        return "INT8 GEMM kernels on compute capability 8.0+ (A100, RTX 30xx/40xx, L40, H100/H200 with TMA, B200)"
-    if (wf.name, af.name) in FloatScalesRunner.PAIRS:
-        if wf.name == "nvfp4":
-            return "NVFP4 kernels on compute capability 8.9+ (RTX 40xx, L40, H100/H200, B200); reference before"
-        return "the paper's W4A4 kernels on compute capability 8.0+ (slow on Hopper: per-group rescales)"
-    if (wf.name, af.name) == ("fp8", "fp8"):
-        return "torch._scaled_mm on compute capability 8.9+ (RTX 40xx, L40, H100/H200, B200)"
-    return "torch reference (any GPU or the CPU)"
+    """Which GPUs run a layer of these formats with a kernel, in words (the route :func:`prepare` takes,
+    :mod:`svdquant.ops.routes`). For model cards and ``svdquant info``."""
+    return choose(get_format(weights), get_format(activations) if activations is not None else None).support
 
 
-__all__ = ["prepare", "gpu_support", "EMPTY_ON_GPU", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY"]
+__all__ = ["prepare", "gpu_support", "EMPTY_ON_GPU", "reference", "use_reference", "UnsupportedGPUError", "MIN_CAPABILITY",
+           "Runner"]

@@ -35,10 +35,9 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
     k = _kernels()
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
-    base = k.HOPPER_CONFIG if tma else k.DEFAULT_CONFIG
-    cfg = (k.HOPPER_CONFIG_FP32 if tma else k.DEFAULT_CONFIG) if out_dtype == torch.float32 else base
     return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
-                       tma=tma, w_desc=w_desc, num_programs=num_programs or None, config=cfg)
+                       tma=tma, w_desc=w_desc, num_programs=num_programs or None,
+                       config=k.int8_tile_config(tma, out_dtype))
 
 
 def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
@@ -93,10 +92,10 @@ def float_scales_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | 
     k = _kernels()
     x = x.contiguous()
     if fp4:
-        values, _, lora_act = k.quantize_input_float_scales(x, smooth_inv, lora_down, fmt="nvfp4",
+        values, _, lora_act = k.quantize_input_float_scales(x, smooth_inv, lora_down, fp4=True,
                                                             group_size=group_size, input_scale=input_scale)
         return k.fp4_gemm(values, qweight, wscales, wtensor_scale, input_scale, lora_act, lora_up, bias, x.dtype)
-    codes, scales_t, lora_act = k.quantize_input_float_scales(x, smooth_inv, lora_down, fmt="int4",
+    codes, scales_t, lora_act = k.quantize_input_float_scales(x, smooth_inv, lora_down, fp4=False,
                                                               group_size=group_size, shift=shift,
                                                               unsigned_from=unsigned_from)
     return k.w4a4_gemm(codes, scales_t, qweight, wscales, lora_act, lora_up, bias, x.dtype)

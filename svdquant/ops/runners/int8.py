@@ -1,0 +1,136 @@
+"""Two-level INT4 (or INT8) weights × INT8 / two-level A4 activations on CUDA: activation kernel + INT8 GEMM."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ...formats import get_format, pack_4bit_halves
+from .. import library, reference
+from ..branch import assign_branch, branch_sources, padded_branch, stacked_branch
+from ..runner import Gpu, Runner, activation_group
+
+# Hopper's tensor memory accelerator: the GEMM reads its tiles through TMA descriptors, in a persistent grid
+TMA_CAPABILITY = (9, 0)
+
+
+class Int8Runner(Runner):
+    """Two-level INT4 (or INT8) weights × INT8 / two-level A4 activations: activation kernel + INT8 GEMM.
+
+    Weight modes: "speed" (default) expands ``code · m`` to INT8 once here and drops the
+    packed copy (``owns_packed_weight``); "memory" keeps the 4-bit codes and expands per call.
+    """
+
+    fuses_gelu = True  # a layer's output_gelu runs in the GEMM's epilogue (fp32, before the 16-bit rounding)
+    quantizes_in_graph = True  # A8 under torch.compile (act_in_graph)
+    stacks = True  # q/k/v of one attention: one activation pass, one GEMM
+
+    @classmethod
+    def build(cls, m, gpu: Gpu) -> "Int8Runner":
+        sms = torch.cuda.get_device_properties(gpu.device).multi_processor_count
+        return cls(m, gpu.kernels, tma=gpu.capability >= TMA_CAPABILITY, num_sms=sms)
+
+    def __init__(self, m, kernels, *, tma: bool, num_sms: int):
+        self.kernels = kernels
+        self.tma = tma
+        self.gelu = bool(getattr(m, "output_gelu", False))
+        # A8 under torch.compile: quantize in torch ops that inductor fuses into x's producer (set_compiled_activations)
+        self.act_in_graph = bool(getattr(m, "compiled_activations", False))
+        self.config = kernels.int8_tile_config(tma)  # the weight descriptor's tiles
+        self.num_programs = num_sms if tma else None
+        wf = get_format(m.weights)
+        self.a4 = activation_group(m) > 0
+        self.shift = m.act_shift if self.a4 else 0.0
+        self.unsigned_from = m.act_unsigned_from
+        self.sinv = m.smooth_inv
+        self.set_branch(m)
+        self.bias = m.bias
+        self.w_scale = m.wscales.float().contiguous()
+        self.group = m.group_size if wf.packed else 64
+        self.k = m.in_features
+        self.kp = self.k + (-self.k) % self.group
+        self.w = self.packed = self.mult = self.w_desc = None
+        self.owns_packed_weight = False
+        self.mode = "memory" if (wf.packed and m.weight_mode == "memory") else "speed"
+        if wf.packed:
+            self.mult = m.wmult
+            if self.mode == "speed":
+                self.w = kernels.expand_int4m(m.packed_weight(), self.mult, group_size=self.group)
+                self.owns_packed_weight = True
+            else:
+                self.packed = m.packed_weight()
+        else:  # int8 weights: zero-pad K to the activation kernel's padded width
+            self.w = F.pad(m.qweight, (0, self.kp - self.k)).contiguous()
+        if self.w is not None and tma:
+            self.w_desc = kernels.weight_descriptor(self.w, self.config)
+
+    def set_branch(self, m) -> bool:
+        return assign_branch(self, *padded_branch(m), branch_sources(m))
+
+    @classmethod
+    def stack(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
+        """One runner over the output rows of speed-mode runners that read the same input with the same λ
+        (q/k/v of one attention): one activation pass and one GEMM instead of one each. The members are
+        then rebound to row views of its INT8 weight (:meth:`view_rows`), so nothing is held twice."""
+        new = cls._stacked(runners, out_features)
+        start = 0
+        for r, n in zip(runners, out_features):
+            r.view_rows(new, start, start + n)
+            start += n
+        return new
+
+    @classmethod
+    def _stacked(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
+        first = runners[0]
+        for r in runners:
+            if r.w is None or r.mode != "speed":
+                raise ValueError("only speed-mode INT8 runners stack (memory mode expands per layer)")
+            if (r.a4, r.shift, r.unsigned_from, r.group, r.k, r.tma) != (
+                    first.a4, first.shift, first.unsigned_from, first.group, first.k, first.tma) \
+                    or not torch.equal(r.sinv, first.sinv):
+                raise ValueError("layers stack only when they read the same input with the same smoothing "
+                                 "and activation format (one shared-input group)")
+        new = copy.copy(first)
+        new.w = torch.cat([r.w for r in runners], 0)
+        new.w_scale = torch.cat([r.w_scale for r in runners], 0)
+        new.mult = None  # only packed_weight() reads it, and the members give back their own codes
+        some = next((r.bias for r in runners if r.bias is not None), None)
+        if some is not None:  # a layer without a bias adds zeros (in the others' dtype)
+            new.bias = torch.cat([r.bias if r.bias is not None else some.new_zeros(n)
+                                  for r, n in zip(runners, out_features)], 0)
+        new.out_features = list(out_features)
+        new.restack_branch(runners)
+        new.owns_packed_weight = False
+        new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma else None
+        return new
+
+    def restack_branch(self, runners) -> bool:
+        members = tuple(t for r in runners for t in (r.down, r.up) if t is not None)
+        return assign_branch(self, *stacked_branch([(r.down, r.up) for r in runners], self.out_features), members)
+
+    def view_rows(self, fused: "Int8Runner", start: int, stop: int) -> None:
+        """Hold rows ``start:stop`` of ``fused``'s INT8 weight instead of an own copy (a contiguous view)."""
+        self.w = fused.w[start:stop]
+        self.w_desc = self.kernels.weight_descriptor(self.w, self.config) if self.tma else None
+
+    def packed_weight(self) -> torch.Tensor:
+        """Speed mode's 4-bit codes again, from ``code · m`` (exact: m divides it)."""
+        n = self.w.shape[0]
+        codes = self.w.view(n, -1, self.group).to(torch.int16) // self.mult.to(torch.int16).unsqueeze(-1)
+        return pack_4bit_halves(codes.to(torch.int8).reshape(n, -1), self.group)
+
+    def __call__(self, x2):
+        # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
+        speed = self.w is not None
+        w, mult = (self.w, None) if speed else (self.packed, self.mult)
+        if torch.compiler.is_compiling() and self.act_in_graph and not self.a4:
+            a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
+            return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
+                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype)
+        args = (x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4, self.group, self.shift,
+                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu)
+        if torch.compiler.is_compiling():
+            return torch.ops.svdquant.int8_linear(*args)
+        return library.int8_linear_impl(*args, w_desc=self.w_desc)
