@@ -434,7 +434,7 @@ def test_diffusers_unfuse_qkv_projections_leaves_a_stacked_single_block_working(
         assert torch.equal(m(**inputs)[0], before)
     svdquant.unfuse(m)
     single = m.single_transformer_blocks[0]
-    assert "forward" not in single.__dict__ and "_fused_into" not in single.proj_mlp.__dict__
+    assert "forward" not in single.__dict__ and single.proj_mlp.stacked_in is None
     with torch.no_grad():
         assert torch.equal(m(**inputs)[0], before)
 
