@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .graphs import DEFAULT_GRAPHS, StepGraphs
-from ..integrations.diffusers.compat import has_hooks
+from ..integrations.diffusers.compat import has_hooks, repeated_block_names
 from ..modules import SVDQLinear
 from .layer_choice import choose_layers
 
@@ -186,7 +186,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         adapter = None
     if adapter is not None and adapter.stacks:
         return [block for _, block in adapter.blocks(model)]
-    names = set(getattr(model, "_repeated_blocks", None) or ())
+    names = repeated_block_names(model)
     return [m for m in model.modules() if type(m).__name__ in names]
 
 

@@ -11,8 +11,8 @@ use warns once (:class:`DiffusersVersionWarning`). What lives here:
   ``load_quantized``, the converters), runs the callbacks given to :func:`when_quantized` (the diffusers backend's
   ``attach``: ``save_pretrained`` then writes the ``quantization_config`` that ``from_pretrained`` needs);
 * hooks: :func:`has_offload_hooks`, :func:`has_hooks`, :func:`forget_hook_registry_cache`;
-* FLUX single blocks: :func:`stacked_single_block_forward` (diffusers' forward with one stacked projection) and
-  :func:`set_qkv_fusion_supported`;
+* blocks: :func:`stacked_single_block_forward` (a FLUX single block's forward with one stacked projection),
+  :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
 * loading: :func:`dtype_keyword`.
 
 It imports only the standard library, torch and diffusers (inside functions: ``import svdquant`` stays fast).
@@ -177,7 +177,7 @@ def forget_hook_registry_cache(model: torch.nn.Module) -> None:
         registry.invalidate_child_registries_cache()
 
 
-# --- FLUX single blocks -------------------------------------------------------------------------------------------
+# --- blocks -------------------------------------------------------------------------------------------------------
 
 def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                  joint_attention_kwargs=None):
@@ -207,6 +207,11 @@ def set_qkv_fusion_supported(attn: torch.nn.Module, supported: bool) -> None:
     else:
         check_version()
         attn._supports_qkv_fusion = False
+
+
+def repeated_block_names(model: torch.nn.Module) -> set[str]:
+    """The class names of the blocks a diffusers model repeats (what its ``compile_repeated_blocks`` compiles)."""
+    return set(getattr(model, "_repeated_blocks", None) or ())
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
