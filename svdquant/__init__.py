@@ -16,9 +16,10 @@ from .recipes import (
 
 __version__ = "0.1.0"
 
-from .integrations import register_diffusers_backend  # noqa: E402
+from .integrations.diffusers import register_on_first_use  # noqa: E402
 
-register_diffusers_backend()  # quant_method "svdquant" in diffusers' from_pretrained (svdquant/integrations/)
+# quant_method "svdquant" in diffusers' from_pretrained, registered when diffusers loads its quantizers
+register_on_first_use()
 
 
 def set_weight_mode(target, mode: str) -> int:

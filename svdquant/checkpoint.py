@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import _checks
+from .integrations.diffusers import compat  # h-diffusers
 from .modules import SVDQConv1x1, SVDQLinear
 
 FORMAT_VERSION = 4
@@ -123,7 +124,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     if cfg is None:
         raise CheckpointError(f"{type(model).__name__} has no .config; only diffusers-style models can be saved")
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)  # a transformers config, or diffusers' dict
-    cfg = {k: v for k, v in cfg.items() if k not in _WHERE_FROM}
+    cfg = {k: v for k, v in cfg.items() if k not in _WHERE_FROM and k not in compat.QUANTIZER_CONFIG_KEYS}  # h-diffusers
     return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
@@ -1003,7 +1004,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
           method=_quantizer_method(meta))
     model._svdquant_source = meta.get("source")
     model.eval()
-    return model
+    return compat.quantized(model)  # h-diffusers: save_pretrained writes its quantization_config
 
 
 def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu", *,

@@ -39,6 +39,7 @@ from ._memory import device_room
 from ._progress import progress as progress_bar
 from ._timing import StageClock
 from .algorithm import quantize_linears  # h-runners
+from .integrations.diffusers import compat  # h-diffusers
 from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_calibration
 from .calibration.capture import ChainCheck, keep_entry, next_inputs, run_inputs
 from .calibration.offload import Streamed, move
@@ -362,15 +363,7 @@ def _pipeline_models(pipe, model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _has_offload(m: nn.Module) -> bool:
-    """accelerate's hooks (``enable_model_cpu_offload``...) or diffusers' group offloading."""
-    if hasattr(m, "_hf_hook"):
-        return True
-    if not hasattr(m, "_diffusers_hook"):
-        return False
-    from diffusers.hooks.group_offloading import _is_group_offload_enabled
-
-    return _is_group_offload_enabled(m)
+_has_offload = compat.has_offload_hooks  # h-diffusers: accelerate's hooks or diffusers' group offloading
 
 
 def progress_postfix(block: str, index: int, n_blocks: int, group: str | None = None,
@@ -475,6 +468,7 @@ def quantize(
         report.skipped = [(n, type(m).__name__) for n, m in model.named_modules()
                           if isinstance(m, QUANTIZABLE) and n]
         model._svdquant_recipe = recipe.to_dict()
+        compat.quantized(model)  # h-diffusers: save_pretrained writes its quantization_config
         model.train(was_training)
         if text_encoders:
             t1 = time.perf_counter()

@@ -18,11 +18,13 @@ from safetensors.torch import load_file
 
 import svdquant
 from svdquant import CheckpointError, SVDQLinear
-from svdquant.integrations.diffusers_quantizer import SVDQuantConfig, SVDQuantQuantizer, attach
+from svdquant.integrations.diffusers import attach, compat
+from svdquant.integrations.diffusers.quantizer import SVDQuantConfig, SVDQuantQuantizer
 
 RECIPE = svdquant.get_recipe("int4", iterations=1, eval_tokens=64)
 CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
 _CACHE: dict = {}
+_QUANTIZED: dict = {}  # arch -> the model svdquant.quantize made (what made() saved)
 
 
 def model_class(arch):
@@ -43,6 +45,7 @@ def made(tmp_path_factory):
             svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 1)),
                               progress=False)
             ours = svdquant.save_quantized(model, root / f"{arch}-svdq")
+            _QUANTIZED[arch] = model
             attach(svdquant.load_quantized(ours)).save_pretrained(root / f"{arch}-diffusers" / "transformer")
             _CACHE[arch] = (ours, root / f"{arch}-diffusers")
         return _CACHE[arch]
@@ -191,3 +194,115 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path):
         svdquant.load_quantized(tmp_path / "owner" / "name")
     with pytest.raises(CheckpointError, match="does not exist"):
         svdquant.load_quantized("./owner/name")
+
+
+# Every quantized model saves the diffusers way with no attach(): svdquant.quantize, load_quantized and the
+# converters finish it through compat.quantized (issue 25: before, save_pretrained wrote a 16-bit config and
+# from_pretrained came back with random weights and only diffusers' "newly initialized" warning).
+
+@pytest.mark.parametrize("arch", list(CLASSES))
+def test_quantize_then_save_pretrained_needs_no_attach(made, arch, tmp_path):
+    ours, _ = made(arch)
+    model = _QUANTIZED[arch]
+    model.save_pretrained(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "svdquant" and cfg["layers"] == svdquant.read_metadata(ours)["layers"]
+    loaded = model_class(arch).from_pretrained(tmp_path / "t")
+    assert isinstance(loaded.hf_quantizer, SVDQuantQuantizer)
+    kwargs = tm.ARCHS[arch][1](model, seed=5)
+    assert torch.equal(tm.forward(model, kwargs), tm.forward(loaded, kwargs))
+
+
+def test_load_quantized_then_save_pretrained_needs_no_attach(made, tmp_path):
+    ours, _ = made("flux")
+    ref = svdquant.load_quantized(ours)
+    ref.save_pretrained(tmp_path / "t")
+    loaded = model_class("flux").from_pretrained(tmp_path / "t")
+    assert_same_model(ref, loaded)
+    kwargs = tm.ARCHS["flux"][1](ref, seed=6)
+    assert torch.equal(tm.forward(ref, kwargs), tm.forward(loaded, kwargs))
+
+
+def test_save_quantized_keeps_the_quantizer_out_of_model_config(made):
+    ours, _ = made("flux")
+    assert "quantization_config" in _QUANTIZED["flux"].config  # what save_pretrained writes...
+    assert not set(compat.QUANTIZER_CONFIG_KEYS) & set(svdquant.read_metadata(ours)["model_config"])  # ...not ours
+
+
+def test_two_level_conversion_saves_its_new_formats(tmp_path):
+    """to_two_level changes the layers' formats: the config save_pretrained writes names the new ones."""
+    from svdquant.convert import to_two_level
+
+    model = tm.build_flux()
+    svdquant.quantize(model, svdquant.get_recipe("w4a4-float", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
+    assert to_two_level(model).errors
+    model.save_pretrained(tmp_path / "t")
+    loaded = model_class("flux").from_pretrained(tmp_path / "t")
+    assert_same_model(model, loaded)
+    kwargs = tm.flux_inputs(model, seed=2)
+    assert torch.equal(tm.forward(model, kwargs), tm.forward(loaded, kwargs))
+
+
+DAMAGES = {
+    "no layers": lambda q: q.pop("layers"),
+    "empty layers": lambda q: q.update(layers={}),
+    "malformed layer": lambda q: q["layers"]["transformer_blocks.0.attn.to_q"].update(weights=7),
+    "unknown format": lambda q: q["layers"]["transformer_blocks.0.attn.to_q"].update(weights="int9"),
+    "wrong size": lambda q: q["layers"]["transformer_blocks.0.attn.to_q"].update(in_features=32),
+    "format version": lambda q: q.update(format_version="one"),
+    "recipe": lambda q: q.update(recipe=[]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_quantization_config_fails_in_one_line_that_names_the_fix(made, tmp_path, damage):
+    import shutil
+
+    _, folder = made("flux")
+    dst = tmp_path / "bad"
+    shutil.copytree(folder / "transformer", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    DAMAGES[damage](cfg["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        model_class("flux").from_pretrained(dst)
+    msg = str(e.value)
+    assert "\n" not in msg and "config.json is damaged" in msg and ".save_pretrained(folder)" in msg, msg
+
+
+def test_import_svdquant_leaves_diffusers_unloaded_and_from_pretrained_works(made):
+    """Registration waits for diffusers to load its quantizers (any diffusers model class does), so
+    ``import svdquant`` stays fast and ``<Model>.from_pretrained`` still finds the backend."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, folder = made("flux")
+    code = (
+        "import sys, svdquant\n"
+        "assert 'diffusers' not in sys.modules, 'import svdquant imported diffusers'\n"
+        "from diffusers import FluxTransformer2DModel\n"
+        f"m = FluxTransformer2DModel.from_pretrained({str(folder)!r}, subfolder='transformer')\n"
+        "print(type(m.hf_quantizer).__name__, sum(type(x).__name__ == 'SVDQLinear' for x in m.modules()))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, n = out.stdout.split()
+    assert name == "SVDQuantQuantizer" and int(n) > 0
+
+
+def test_diffusers_version_check_warns_once_outside_the_tested_range():
+    assert compat.in_tested_range("0.42.1") and compat.in_tested_range("0.42.0")
+    assert not compat.in_tested_range("0.43.0.dev0") and not compat.in_tested_range("0.41.9")
+    assert compat.check_version()  # the installed one (pyproject.toml pins the tested range)
+    with pytest.warns(compat.DiffusersVersionWarning, match="9.1.0"):
+        assert not compat.check_version("9.1.0")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not compat.check_version("9.1.0")  # once per process

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .._progress import progress as progress_bar
+from ..integrations.diffusers.compat import forget_hook_registry_cache  # h-diffusers
 from .offload import move
 from .prompts import DEFAULT_PROMPTS
 
@@ -432,7 +433,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     finally:
         close()
         selector.close()
-        _forget_hook_registry_cache(model)
+        forget_hook_registry_cache(model)  # h-diffusers: diffusers' hook registry through compat
     return selector.n_active
 
 
@@ -466,16 +467,3 @@ def run_inputs(model: nn.Module, inputs: Sequence[dict[str, Any]], on_stop=None,
         except _EntryRecorded:
             if on_stop is not None:
                 on_stop()
-
-
-def _forget_hook_registry_cache(model: nn.Module) -> None:
-    """Leave diffusers' hook registry as an uncalled pipeline has it.
-
-    diffusers 0.42 caches, on the first ``cache_context()`` (FluxPipeline opens one per step), the list of
-    hook registries under the transformer (``HookRegistry._get_child_registries`` in ``hooks/hooks.py``),
-    and only ``enable_cache()`` clears it: a First-Block Cache added with ``apply_first_block_cache``
-    after any pipeline call, our calibration's included, then fails with "No cache context is set".
-    """
-    registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
-        registry.invalidate_child_registries_cache()

@@ -60,6 +60,7 @@ from ..checkpoint import (FORMAT_VERSION, CheckpointError, _check_config, _check
                           _check_values, _empty_quantized_model, _fsync, _json_object, _layers, _model_config,
                           _nonfinite, check_tensor_file)
 from ..formats import pack_4bit_halves, unpack_4bit_halves
+from ..integrations.diffusers import compat  # h-diffusers
 from ..modules import SVDQLinear
 from ..recipes import POST_GELU_SHIFT, get_recipe
 from .nunchaku_packing import (deinterleave_rows, interleave_rows, pack_awq, pack_lanes, pack_lowrank, pack_qweight,
@@ -488,6 +489,7 @@ def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *
     model._svdquant_recipe = plan.meta["recipe"]
     model._svdquant_source = "nunchaku"  # saved with it: a later load skips the checks of svdquant's own quantizer
     model.eval()
+    compat.quantized(model)  # h-diffusers: save_pretrained writes its quantization_config
     return model.to(device) if str(device) != "cpu" else model
 
 

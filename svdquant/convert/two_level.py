@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..formats import get_format, quantize
 from ..formats.int4 import shift_vector
+from ..integrations.diffusers import compat  # h-diffusers
 from ..modules import SVDQLinear
 from ..recipes import get_recipe
 
@@ -129,4 +130,5 @@ def to_two_level(model: nn.Module, *, seed: int = 0) -> TwoLevelReport:
         rank = max(rank, m.rank)
     if targets:
         model._svdquant_recipe = get_recipe("w4a4", rank=rank).to_dict()
+        compat.quantized(model)  # h-diffusers: its quantization_config names the new formats
     return report

@@ -8,7 +8,7 @@ and ``X·L1ᵀ`` are the same tensor. Run apart, the step makes that tensor thre
 narrow GEMMs; stacked, one activation pass feeds one GEMM three times as wide (the published engine runs
 FLUX's q/k/v the same way: one ``qkv_proj``). A FLUX single block's MLP up projection reads the same normed input
 with the same λ (one quantization group), so there q/k/v and ``proj_mlp`` stack into one GEMM 7 × 3072 wide:
-:func:`fuse_projections` then runs the block through :func:`_stacked_single_block_forward` (diffusers' steps, one
+:func:`fuse_projections` then runs the block through ``compat.stacked_single_block_forward`` (diffusers' steps, one
 projection; the attention receives the projections through :class:`Projected`).
 
 :class:`FusedSVDQLinear` is what diffusers' fused-projection convention calls: a FLUX attention with
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..formats import get_format
+from ..integrations.diffusers import compat  # diffusers' internals go through compat
 from .linear import SVDQLinear, bump_revision
 
 # (fused attribute, member attributes): diffusers' names (Attention.fuse_projections, FluxAttention)
@@ -144,25 +145,6 @@ class Projected(nn.Module):
         return qkv
 
 
-def _stacked_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
-                                  joint_attention_kwargs=None):
-    """diffusers' ``FluxSingleTransformerBlock.forward`` (0.42) with q/k/v and ``proj_mlp`` as one GEMM."""
-    text_seq_len = encoder_hidden_states.shape[1]
-    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    residual = hidden_states
-    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    stacked = self.__dict__["_svdquant_qkv_mlp"]
-    mlp_width = self.proj_mlp.out_features
-    qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
-    mlp_hidden_states = self.act_mlp(mlp)
-    attn_output = self.attn(hidden_states=qkv, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
-    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
-    hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
-    if hidden_states.dtype == torch.float16:
-        hidden_states = hidden_states.clip(-65504, 65504)
-    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
-
-
 def _stackable_single_block(block) -> list[SVDQLinear] | None:
     """q, k, v, proj_mlp of an unfused FLUX single block that read their input with one λ, or None."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
@@ -190,9 +172,8 @@ def _stack_single_block(block, members) -> bool:
     block.attn.to_qkv = Projected()
     block.attn.fused_projections = True
     # diffusers' (un)fuse_qkv_projections must leave this attention alone: its to_qkv is not a projection
-    # (diffusers' own convention for always-fused attentions, e.g. Flux2's single blocks)
-    block.attn._supports_qkv_fusion = False
-    block.forward = _stacked_single_block_forward.__get__(block)
+    compat.set_qkv_fusion_supported(block.attn, False)  # h-diffusers
+    block.forward = compat.stacked_single_block_forward.__get__(block)  # h-diffusers
     return True
 
 
@@ -202,7 +183,7 @@ def _unstack_single_block(block) -> bool:
     stacked = block.__dict__.pop("_svdquant_qkv_mlp")
     del block.forward
     block.attn._modules.pop("to_qkv", None)
-    block.attn.__dict__.pop("_supports_qkv_fusion", None)
+    compat.set_qkv_fusion_supported(block.attn, True)  # h-diffusers
     block.attn.fused_projections = False
     _release(stacked)
     for m in stacked.members:
@@ -266,8 +247,9 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member layer holds its own weights again."""
     blocks = [b for b in model.modules() if "_svdquant_qkv_mlp" in b.__dict__]
+    stacked_forward = compat.stacked_single_block_forward  # h-diffusers
     for block in blocks:  # before changing anything
-        if getattr(block.__dict__.get("forward"), "__func__", None) is not _stacked_single_block_forward:
+        if getattr(block.__dict__.get("forward"), "__func__", None) is not stacked_forward:
             raise RuntimeError(f"a hook wraps the forward of a fused {type(block).__name__} (a cache or offload "
                                "hook added after svdquant.fuse); remove it before unfusing")
     n = sum(_unstack_single_block(block) for block in blocks)

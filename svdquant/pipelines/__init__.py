@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import _checks
+from ..integrations.diffusers.compat import dtype_keyword
 from .tiny import (
     ASSET_DIR, CIFAR10_CLASSES, PIPELINE_FILE, TINY_BASE, ClassConditioner, TinyFluxPipeline, check_tiny_size, tiny_flux_config,
 )
@@ -59,13 +60,6 @@ def tiny_transformer_config(base) -> dict | None:
     return json.loads((folder / "transformer" / "config.json").read_text())
 
 
-def _dtype_keyword() -> str:
-    """``dtype`` on diffusers that renamed ``torch_dtype`` (and warn about the old name), else ``torch_dtype``."""
-    from diffusers.utils import deprecation_utils
-
-    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
 def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: torch.dtype | None = None,
                        **components):
     """The 16-bit pipeline at ``base``, optionally with ``transformer`` (and ``components``, e.g. quantized
@@ -89,7 +83,7 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
     kw = {"transformer": transformer} if transformer is not None else {}
     kw.update(components)
     if torch_dtype is not None:
-        kw[_dtype_keyword()] = torch_dtype
+        kw[dtype_keyword()] = torch_dtype
     try:
         # safetensors only, for every component (diffusers passes it on to transformers): a pickled .bin can run
         # code as it loads, and a base folder may come from the same download as the checkpoint naming it

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .graphs import DEFAULT_GRAPHS, StepGraphs
+from ..integrations.diffusers.compat import has_hooks, repeated_block_names
 from ..modules import SVDQLinear
 from .layer_choice import choose_layers
 
@@ -185,7 +186,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         adapter = None
     if adapter is not None and adapter.stacks:
         return [block for _, block in adapter.blocks(model)]
-    names = set(getattr(model, "_repeated_blocks", None) or ())
+    names = repeated_block_names(model)
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
@@ -267,8 +268,7 @@ def _hooked(modules) -> bool:
     """Hooks that move weights between calls (accelerate's offload, diffusers' group offloading) or decide on the
     host what runs (diffusers' caches: First-Block Cache skips blocks by comparing tensors): a graph would replay
     stale memory or one fixed path. Checked at every call, on every module (a hook may be added after optimize)."""
-    return any("_hf_hook" in m.__dict__ or getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)
-               for m in modules)
+    return any(map(has_hooks, modules))
 
 
 def _why_no_graphs(model: nn.Module) -> str | None:

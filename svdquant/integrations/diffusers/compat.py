@@ -1,0 +1,224 @@
+"""Every place svdquant reaches into diffusers beyond its documented API, each a small named function.
+
+The rest of the library calls these instead of touching diffusers' private names, so a diffusers upgrade is
+checked here, against the range in :data:`DIFFUSERS_TESTED` (the pin in ``pyproject.toml``); outside it, the first
+use warns once (:class:`DiffusersVersionWarning`). What lives here:
+
+* the quantizer registry: :func:`add_quantizer` (diffusers' ``AUTO_*`` mappings, which have no public
+  registration) and :func:`when_imported` (run a callback once a module has been imported, e.g. the module
+  holding those mappings: importing it costs ~3 s, which ``import svdquant`` must not pay);
+* quantized models: :func:`quantized`, called by whatever finishes a quantized model (``svdquant.quantize``,
+  ``load_quantized``, the converters), runs the callbacks given to :func:`when_quantized` (the diffusers backend's
+  ``attach``: ``save_pretrained`` then writes the ``quantization_config`` that ``from_pretrained`` needs);
+* hooks: :func:`has_offload_hooks`, :func:`has_hooks`, :func:`forget_hook_registry_cache`;
+* blocks: :func:`stacked_single_block_forward` (a FLUX single block's forward with one stacked projection),
+  :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
+* loading: :func:`dtype_keyword`.
+
+It imports only the standard library, torch and diffusers (inside functions: ``import svdquant`` stays fast).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import operator
+import sys
+import warnings
+from typing import Callable
+
+import torch
+
+# keep in step with pyproject.toml's diffusers pin; when bumping both, run tests/test_diffusers_quantizer.py,
+# tests/test_fused.py and tests/test_offload.py
+DIFFUSERS_TESTED = ">=0.42,<0.43"
+QUANTIZER_AUTO = "diffusers.quantizers.auto"  # holds AUTO_QUANTIZER_MAPPING / AUTO_QUANTIZATION_CONFIG_MAPPING
+# what diffusers adds to a quantized model's config: the quantizer's record, not the architecture
+QUANTIZER_CONFIG_KEYS = ("quantization_config", "_pre_quantization_dtype")
+
+
+class DiffusersVersionWarning(UserWarning):
+    """The installed diffusers is outside :data:`DIFFUSERS_TESTED`: the internals used here may have changed."""
+
+
+_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
+_WARNED: set[str] = set()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version: "0.43.0.dev0" -> (0, 43, 0)."""
+    out = []
+    for part in version.strip().split("."):
+        digits = part[:len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:
+            break
+    return tuple(out)
+
+
+def in_tested_range(version: str, spec: str = DIFFUSERS_TESTED) -> bool:
+    for clause in (c.strip() for c in spec.split(",")):
+        op = next(o for o in _OPS if clause.startswith(o))
+        if not _OPS[op](_release(version), _release(clause[len(op):])):
+            return False
+    return True
+
+
+def check_version(version: str | None = None) -> bool:
+    """Whether diffusers ``version`` (``None``: the installed one) is in the tested range; warns once if not."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("diffusers")
+        except importlib.metadata.PackageNotFoundError:
+            return True  # a source checkout without metadata: nothing to compare
+    if in_tested_range(version):
+        return True
+    if version not in _WARNED:
+        _WARNED.add(version)
+        warnings.warn(f"diffusers {version} is outside the range svdquant is tested with ({DIFFUSERS_TESTED}); "
+                      "its quantizer backend and fused FLUX blocks use diffusers internals that may have changed "
+                      "(svdquant/integrations/diffusers/compat.py)", DiffusersVersionWarning, stacklevel=3)
+    return False
+
+
+# --- the quantizer registry ---------------------------------------------------------------------------------------
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of one module to run a callback after it has run."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot, and so the lookup below finds the real spec
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        real_exec, callback = spec.loader.exec_module, self.callback
+
+        def exec_module(module):
+            real_exec(module)
+            callback()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def when_imported(name: str, callback: Callable[[], None]) -> None:
+    """``callback()`` now if module ``name`` is imported, else right after it is (once)."""
+    if name in sys.modules:
+        callback()
+    elif not any(isinstance(f, _AfterImport) and f.name == name and f.callback is callback for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+def add_quantizer(method: str, quantizer_cls: type, config_cls: type) -> None:
+    """``quant_method: method`` in a config.json loads through ``quantizer_cls`` (idempotent)."""
+    check_version()
+    from diffusers.quantizers import auto
+
+    auto.AUTO_QUANTIZER_MAPPING.setdefault(method, quantizer_cls)
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(method, config_cls)
+
+
+# --- quantized models ---------------------------------------------------------------------------------------------
+
+_ON_QUANTIZED: list[Callable[[torch.nn.Module], object]] = []
+
+
+def when_quantized(callback: Callable[[torch.nn.Module], object]) -> None:
+    """Run ``callback(model)`` on every model :func:`quantized` is called on (idempotent)."""
+    if callback not in _ON_QUANTIZED:
+        _ON_QUANTIZED.append(callback)
+
+
+def quantized(model: torch.nn.Module) -> torch.nn.Module:
+    """A model svdquant just quantized, loaded or converted: make it save and load the diffusers way
+    (``model.save_pretrained(d)`` then ``<Model>.from_pretrained(d)``) with no further call."""
+    for callback in _ON_QUANTIZED:
+        callback(model)
+    return model
+
+
+# --- hooks --------------------------------------------------------------------------------------------------------
+
+def has_offload_hooks(module: torch.nn.Module) -> bool:
+    """accelerate's hooks (``enable_model_cpu_offload``...) or diffusers' group offloading on ``module``."""
+    if hasattr(module, "_hf_hook"):
+        return True
+    if not hasattr(module, "_diffusers_hook"):
+        return False
+    check_version()
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(module)
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Any accelerate hook or diffusers hook (offloading, caches) on ``module`` itself. Called per step: no import."""
+    return "_hf_hook" in module.__dict__ or bool(getattr(module.__dict__.get("_diffusers_hook"), "hooks", None))
+
+
+def forget_hook_registry_cache(model: torch.nn.Module) -> None:
+    """Leave diffusers' hook registry as an uncalled pipeline has it.
+
+    diffusers 0.42 caches, on the first ``cache_context()`` (FluxPipeline opens one per step), the list of
+    hook registries under the transformer (``HookRegistry._get_child_registries`` in ``hooks/hooks.py``),
+    and only ``enable_cache()`` clears it: a First-Block Cache added with ``apply_first_block_cache``
+    after any pipeline call, our calibration's included, then fails with "No cache context is set".
+    """
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+
+
+# --- blocks -------------------------------------------------------------------------------------------------------
+
+def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                                 joint_attention_kwargs=None):
+    """diffusers' ``FluxSingleTransformerBlock.forward`` (0.42) with q/k/v and ``proj_mlp`` as one GEMM: the
+    stacked layer svdquant.modules.fused keeps on the block; the attention reads the projections it is handed."""
+    text_seq_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    stacked = self.__dict__["_svdquant_qkv_mlp"]
+    mlp_width = self.proj_mlp.out_features
+    qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
+    mlp_hidden_states = self.act_mlp(mlp)
+    attn_output = self.attn(hidden_states=qkv, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+    hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def set_qkv_fusion_supported(attn: torch.nn.Module, supported: bool) -> None:
+    """``False``: diffusers' (un)fuse_qkv_projections leave this attention alone (its ``to_qkv`` is not a projection;
+    diffusers' own convention for always-fused attentions, e.g. Flux2's single blocks). ``True``: its class's default."""
+    if supported:
+        attn.__dict__.pop("_supports_qkv_fusion", None)
+    else:
+        check_version()
+        attn._supports_qkv_fusion = False
+
+
+def repeated_block_names(model: torch.nn.Module) -> set[str]:
+    """The class names of the blocks a diffusers model repeats (what its ``compile_repeated_blocks`` compiles)."""
+    return set(getattr(model, "_repeated_blocks", None) or ())
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+def dtype_keyword() -> str:
+    """``dtype`` on diffusers that renamed ``torch_dtype`` (and warn about the old name), else ``torch_dtype``."""
+    check_version()
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
