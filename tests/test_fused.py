@@ -22,6 +22,7 @@ import torch
 
 import svdquant
 from svdquant import SVDQLinear, get_recipe
+from svdquant._state import peek
 from svdquant.modules import FusedSVDQLinear, fuse_projections, unfuse_projections
 from svdquant.modules.fused import Projected
 from svdquant.ops.branch import padded_branch, stacked_branch
@@ -66,7 +67,7 @@ def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):
     assert all(m.fused_projections for m in model.modules() if hasattr(m, "fused_projections"))
     assert isinstance(model.transformer_blocks[0].attn.to_added_qkv, FusedSVDQLinear)
     single = model.single_transformer_blocks[0]  # q/k/v and the MLP's up projection: one GEMM
-    stacked = single.__dict__["_svdquant_qkv_mlp"]
+    stacked = peek(single).stack
     assert stacked.members == (single.attn.to_q, single.attn.to_k, single.attn.to_v, single.proj_mlp)
     assert isinstance(single.attn.to_qkv, Projected) and isinstance(single.act_mlp, torch.nn.GELU)
     assert list(model.state_dict()) == keys  # checkpoints and LoRAs still address to_q / to_k / to_v
@@ -96,13 +97,13 @@ def test_single_block_stacks_only_what_reads_one_input(quantized_flux):
                 m.single_transformer_blocks[0].proj_mlp.smooth_inv.mul_(1.5)
         assert fuse_projections(m, single_mlp=variant != "flag") == 2
         single = m.single_transformer_blocks[0]
-        assert "_svdquant_qkv_mlp" not in single.__dict__ and isinstance(single.attn.to_qkv, FusedSVDQLinear)
+        assert peek(single).stack is None and isinstance(single.attn.to_qkv, FusedSVDQLinear)
         assert len(single.attn.to_qkv.members) == 3
         if variant == "flag":
             with torch.no_grad():
                 assert torch.equal(m(**inputs)[0], before)
     meta = copy.deepcopy(model).to("meta")  # built before its weights are loaded: λ cannot be compared, stacked
-    assert fuse_projections(meta) == 2 and "_svdquant_qkv_mlp" in meta.single_transformer_blocks[0].__dict__
+    assert fuse_projections(meta) == 2 and peek(meta.single_transformer_blocks[0]).stack is not None
 
 
 def test_stacked_single_block_follows_loras(quantized_flux):
@@ -179,14 +180,14 @@ def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
         assert torch.equal(m(**inputs)[0], before)
     with pytest.raises(RuntimeError, match="remove it before unfusing"):
         unfuse_projections(m)
-    assert "_svdquant_qkv_mlp" in m.single_transformer_blocks[0].__dict__  # untouched
+    assert peek(m.single_transformer_blocks[0]).stack is not None  # untouched
     assert isinstance(m.transformer_blocks[0].attn.to_qkv, FusedSVDQLinear)
     m.disable_cache()
     assert unfuse_projections(m) == 2
     m.enable_cache(FirstBlockCacheConfig(threshold=0.0))
     assert fuse_projections(m) == 2
     single = m.single_transformer_blocks[0]
-    assert "_svdquant_qkv_mlp" not in single.__dict__ and len(single.attn.to_qkv.members) == 3
+    assert peek(single).stack is None and len(single.attn.to_qkv.members) == 3
     with torch.no_grad(), m.cache_context("hooked first"):
         assert torch.equal(m(**inputs)[0], before)
 
@@ -218,7 +219,7 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux):
             lin.add_adapter("l", torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(1)) * 0.1,
                             torch.randn(lin.out_features, 4, generator=torch.Generator().manual_seed(2)) * 0.1, 0.8)
     fuse_projections(fused)
-    stacked = fused.single_transformer_blocks[0].__dict__["_svdquant_qkv_mlp"]
+    stacked = peek(fused.single_transformer_blocks[0]).stack
     assert stacked._runner is not None and stacked._runner.w.shape[0] == stacked.out_features
     bound = 1e-4  # see the docstring
     with torch.no_grad():
@@ -258,7 +259,7 @@ def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
         assert torch.equal(model(**inputs)[0], before)
     assert fuse_gelu(model) == 3  # without the stacking, the single block's GELU moves too
     assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
-    assert fuse_projections(model) == 2 and "_svdquant_qkv_mlp" not in single.__dict__  # its GELU is gone
+    assert fuse_projections(model) == 2 and peek(single).stack is None  # its GELU is gone
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
     assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
@@ -453,7 +454,7 @@ def test_fuse_compiled_activations_reach_the_stacked_runners(quantized_flux):
         if isinstance(lin, SVDQLinear) and lin.activations == "int8":
             lin._runner = Int8Runner(lin, kernels, tma=False, num_sms=0)
     svdquant.fuse(m, gelu=False, compiled_activations=True)
-    assert m.single_transformer_blocks[0].__dict__["_svdquant_qkv_mlp"]._runner.act_in_graph
+    assert peek(m.single_transformer_blocks[0]).stack._runner.act_in_graph
     torch._dynamo.reset()
     graph = "\n".join(str(g.graph) for g in torch._dynamo.explain(m)(**inputs).graphs)
     assert "svdquant.int8_gemm" in graph and "int8_linear" not in graph

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import _checks
+from .._state import peek
 from .common import UsageError, parse_loras, pipeline_kwargs, resolve_device, resolve_dtype, validate_sizes
 
 
@@ -135,7 +136,7 @@ def _say_compiling(pipe, command: str) -> None:
     """svdquant.optimize compiles the blocks at the first call of each size: say so before the wait."""
     from ..pipelines.optimize import denoiser
 
-    report = denoiser(pipe).__dict__.get("_svdquant_optimized")
+    report = peek(denoiser(pipe)).optimized
     if report is not None and report.compiled_blocks:
         print(f"svdquant {command}: compiling {report.compiled_blocks} blocks for this size and capturing a CUDA graph "
               "(the first call only: about a minute for FLUX.1-dev; --no-optimize skips it)", file=sys.stderr,

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._state import peek, state, take
 from ..formats import get_format
 from ..integrations.diffusers import compat  # diffusers' internals go through compat
 from .linear import SVDQLinear, bump_revision
@@ -168,7 +169,7 @@ def _stack_single_block(block, members) -> bool:
         stacked = FusedSVDQLinear(members)
     except ValueError:
         return False
-    block.__dict__["_svdquant_qkv_mlp"] = stacked
+    state(block).stack = stacked
     block.attn.to_qkv = Projected()
     block.attn.fused_projections = True
     # diffusers' (un)fuse_qkv_projections must leave this attention alone: its to_qkv is not a projection
@@ -178,9 +179,9 @@ def _stack_single_block(block, members) -> bool:
 
 
 def _unstack_single_block(block) -> bool:
-    if "_svdquant_qkv_mlp" not in block.__dict__:
+    stacked = take(block, "stack")
+    if stacked is None:
         return False
-    stacked = block.__dict__.pop("_svdquant_qkv_mlp")
     del block.forward
     block.attn._modules.pop("to_qkv", None)
     compat.set_qkv_fusion_supported(block.attn, True)  # h-diffusers
@@ -233,7 +234,7 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
             for fused_name, f in made.items():
                 setattr(attn, fused_name, f)
             if kind == "joint":
-                attn.__dict__["_svdquant_processor"] = attn.processor
+                state(attn).processor = attn.processor
                 attn.processor = FusedJointAttnProcessor()  # not set_processor: it would drop nothing, but logs
             else:
                 attn.fused_projections = True
@@ -246,7 +247,7 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
 
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member layer holds its own weights again."""
-    blocks = [b for b in model.modules() if "_svdquant_qkv_mlp" in b.__dict__]
+    blocks = [b for b in model.modules() if peek(b).stack is not None]
     stacked_forward = compat.stacked_single_block_forward  # h-diffusers
     for block in blocks:  # before changing anything
         if getattr(block.__dict__.get("forward"), "__func__", None) is not stacked_forward:
@@ -263,7 +264,7 @@ def unfuse_projections(model: nn.Module) -> int:
             _release(f)
             for m in f.members:
                 m.refresh()
-        processor = attn.__dict__.pop("_svdquant_processor", None)
+        processor = take(attn, "processor")
         if processor is not None:
             attn.processor = processor
         else:
@@ -299,9 +300,9 @@ def fuse_gelu(model: nn.Module) -> int:
         act, proj = getattr(mod, "act_mlp", None), getattr(mod, "proj_mlp", None)
         # a single block whose proj_mlp is stacked with q/k/v keeps its GELU: the stacked GEMM's epilogue has one
         if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj) \
-                and "_svdquant_qkv_mlp" not in mod.__dict__:
+                and peek(mod).stack is None:
             proj.set_output_gelu(True)
-            mod.__dict__["_svdquant_act_mlp"] = act
+            state(mod).act_mlp = act
             mod.act_mlp = nn.Identity()
             n += 1
     return n
@@ -315,7 +316,7 @@ def unfuse_gelu(model: nn.Module) -> int:
             net[0].proj.set_output_gelu(False)
             net[0] = net[0].original
             n += 1
-        act = mod.__dict__.pop("_svdquant_act_mlp", None)
+        act = take(mod, "act_mlp")
         if act is not None:
             mod.proj_mlp.set_output_gelu(False)
             mod.act_mlp = act

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._state import peek
 from ..modules import FusedSVDQLinear, SVDQLinear
 
 MARGIN = 0.95  # 16-bit only when at least 5 % faster: the quantized layer holds less memory
@@ -91,7 +92,7 @@ def _candidates(model: nn.Module) -> list[nn.Module]:
     fused = [m for m in model.modules() if isinstance(m, FusedSVDQLinear)]
     members = {id(x) for f in fused for x in f.members}
     for blk in model.modules():  # a FLUX single block's q/k/v + MLP stack is held outside the module tree
-        stack = blk.__dict__.get("_svdquant_qkv_mlp")
+        stack = peek(blk).stack
         if stack is not None:
             fused.append(stack)
             members.update(id(x) for x in stack.members)

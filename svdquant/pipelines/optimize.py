@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .._state import state, take
 from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.compat import has_hooks, repeated_block_names
 from ..modules import SVDQLinear
@@ -140,7 +141,7 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
             report.cuda_graphs, report.max_graphs = True, max_graphs
     if layers and not report.cuda_graphs:
         report.skipped["layers"] = "decided at the first call of a graph-captured model only"
-    model.__dict__["_svdquant_optimized"] = report
+    state(model).optimized = report
     return report
 
 
@@ -156,7 +157,7 @@ def deoptimize(target) -> None:
     for m in model.modules():  # the layer choice
         if isinstance(m, SVDQLinear) and m.compute != "quantized":
             m.set_compute("quantized")
-    report = model.__dict__.pop("_svdquant_optimized", None)
+    report = take(model, "optimized")
     if report is not None and report.attention and hasattr(model, "reset_attention_backend"):
         model.reset_attention_backend()
 

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from ..._state import peek
+
 # keep in step with pyproject.toml's diffusers pin; when bumping both, run tests/test_diffusers_quantizer.py,
 # tests/test_fused.py and tests/test_offload.py
 DIFFUSERS_TESTED = ">=0.42,<0.43"
@@ -187,7 +189,7 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    stacked = self.__dict__["_svdquant_qkv_mlp"]
+    stacked = peek(self).stack
     mlp_width = self.proj_mlp.out_features
     qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
     mlp_hidden_states = self.act_mlp(mlp)
