@@ -23,6 +23,8 @@ from .offload import move
 
 @dataclass
 class ReplayJob:
+    """One block to replay: its name in the model, its groups, and where its inputs come from."""
+
     name: str
     block: nn.Module
     groups: list

@@ -12,6 +12,8 @@ from ..recipes import QuantConfig
 
 @dataclass
 class LayerRow:
+    """One quantized group: its layers' full names in the model, the formats, what the search chose, the errors."""
+
     names: list[str]
     weights: str
     activations: str | None
