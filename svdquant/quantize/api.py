@@ -68,6 +68,8 @@ def quantize(
 
 
 def _run(plan: QuantPlan) -> QuantReport:
+    """The checked call: the model quantized under the plan's cap (and, on the CPU, thread setting), then its text
+    encoders; the report is made from what the quantize phase returned."""
     model, device = plan.model, plan.device
     # on the CPU, one torch thread while other jobs hold the cores (svdquant/_cpu.py: their OpenMP barriers
     # would spin through every small op of the search and the replays)
