@@ -24,7 +24,7 @@ one whole forward (the check that the double and single stacks chain) and, for e
 forward stopped at the first double block; the single blocks' inputs come from the replays. Streaming,
 the model is not pinned (no ``pin memory`` stage: a pipeline's calibration pins it), and the snapshots
 stay on the GPU for the whole quantize phase when they fit the cap with room to spare
-(``snapshots_fit`` in ``svdquant/quantize.py``): ``transfers`` is then the blocks' weights alone.
+(``snapshots_fit`` in ``svdquant/calibration/memory.py``): ``transfers`` is then the blocks' weights alone.
 ``est_calibration_s`` still estimates a pipeline's calibration (every step's forward whole).
 """
 

@@ -11,7 +11,7 @@ transformer (23.8 GB in BF16), T5-XXL (9.5 GB) and CLIP-L, random weights, built
 device="cuda", max_gpu_memory=...)`` runs the calibration prompts through the pipeline at ``--size``²: each
 denoising step is a whole transformer forward, so streamed blocks cross PCIe at every step, except the
 first ones that fit the cap, which stay on the GPU from step to step (``resident_blocks`` in
-``svdquant/quantize.py``); ``--resident off`` streams every block at every step, for comparison. Writes
+``svdquant/calibration/memory.py``); ``--resident off`` streams every block at every step, for comparison. Writes
 the time, the peak GPU memory, the stage profile and the resident block count to ``OUT/quantize_pipeline.json``.
 """
 
@@ -50,15 +50,16 @@ def main(argv=None):
     from pipeline_memory import build
     from svdquant.calibration import Calibration
 
-    quantize_module = sys.modules["svdquant.quantize"]
+    from svdquant.calibration import memory as memory_policy
+
     resident = {}
-    choose = quantize_module.resident_blocks
+    choose = memory_policy.resident_blocks
 
     def counted(*a):
         resident["blocks"] = choose(*a) if args.resident == "on" else 0
         return resident["blocks"]
 
-    quantize_module.resident_blocks = counted  # the ablation switch, and the count for the report
+    memory_policy.resident_blocks = counted  # the ablation switch, and the count for the report
 
     t0 = time.perf_counter()
     pipe, kw = build("flux", quick=args.smoke, device="cpu")

@@ -27,8 +27,10 @@ import torch.nn as nn
 
 import svdquant
 from svdquant import SVDQLinear
+from svdquant.calibration import EntryRecorder
+from svdquant.calibration import memory as calib_memory, replay as calib_replay, schedule as calib_schedule
 from svdquant.calibration.offload import Streamed, move
-from svdquant.quantize import progress_postfix
+from svdquant.quantize import blocks as quantize_blocks, progress_postfix
 
 RECIPE = svdquant.Int4Config(iterations=3, eval_tokens=128)
 DTYPE = torch.bfloat16
@@ -76,7 +78,7 @@ def test_overlapped_replays_are_bit_identical(monkeypatch, stream):
     kw = dict(device="cpu") if stream else {}
     seq, over = copy.deepcopy(model), copy.deepcopy(model)
     r0 = svdquant.quantize(seq, RECIPE, calib, progress=False, **kw)
-    monkeypatch.setattr(Q, "_overlap_replays", lambda device: True)
+    monkeypatch.setattr(calib_replay, "overlap_replays", lambda device: True)
     grad_modes = []  # the worker thread's grad mode (per thread: it must not record autograd graphs)
     handles = [b.register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
                for b in [*over.transformer_blocks, *over.single_transformer_blocks]]
@@ -96,12 +98,12 @@ def test_an_error_in_the_search_stops_the_replay_worker(monkeypatch):
 
     model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
-    monkeypatch.setattr(Q, "_overlap_replays", lambda device: True)
+    monkeypatch.setattr(calib_replay, "overlap_replays", lambda device: True)
 
     def boom(*a, **k):
         raise RuntimeError("search failed")
 
-    monkeypatch.setattr(Q, "_quantize_group", boom)
+    monkeypatch.setattr(quantize_blocks, "quantize_group", boom)
     with pytest.raises(RuntimeError, match="search failed"):
         svdquant.quantize(model, RECIPE, calib, progress=False)
     assert not [t for t in threading.enumerate() if t.name.startswith("svdquant-replay")]
@@ -207,29 +209,28 @@ GB = 10**9
     ([68 * 10**7] * 19 + [28 * 10**7] * 38, 13 * 10**7, 24 * GB, 19 + 15),
 ])
 def test_resident_blocks_counts_what_fits_after_the_margin(sizes, rest, room, want):
-    assert Q.resident_blocks(sizes, rest, room) == want
+    assert calib_memory.resident_blocks(sizes, rest, room) == want
 
 
 # ------------------------------------------------------------------------------------------------ calibrating on inputs
-Q = sys.modules["svdquant.quantize"]  # the module (svdquant.quantize is the function)
 
 
 def force_chained(monkeypatch, chained: bool) -> None:
     """Make the quantizer take (True) or skip (False) the calibration that stops at the first block, whatever its
     check of the model found."""
-    record_first = Q._record_first
+    record_first = calib_schedule.record_first
 
     def forced(model, adapter, kw, store, on_stop):
         if chained:
             return record_first(model, adapter, kw, store, on_stop)[0], True
-        entries = Q.EntryRecorder(model, adapter.stacks, None, store)  # the full forward, as the fallback runs it
+        entries = EntryRecorder(model, adapter.stacks, None, store)  # the full forward, as the fallback runs it
         try:
             model(**kw)
         finally:
             entries.close()
         return entries.entries, False
 
-    monkeypatch.setattr(Q, "_record_first", forced)
+    monkeypatch.setattr(calib_schedule, "record_first", forced)
 
 
 def count_calls(module: nn.Module) -> list[int]:
@@ -258,10 +259,10 @@ def test_inputs_calibration_stops_at_the_first_block_and_is_bit_identical(monkey
     r_fast, n_fast = quantize_counting(fast, calib, device="cpu")
     with monkeypatch.context() as mp:
         force_chained(mp, False)
-        mp.setattr(Q, "_hold_snapshots", lambda *a: False)  # today's path: every forward whole, snapshots moved
+        mp.setattr(calib_memory, "hold_snapshots", lambda *a: False)  # today's path: every forward whole, snapshots moved
         r_whole, n_whole = quantize_counting(whole, calib, device="cpu")
     with monkeypatch.context() as mp:
-        mp.setattr(Q, "_hold_snapshots", lambda *a: False)
+        mp.setattr(calib_memory, "hold_snapshots", lambda *a: False)
         r_spilled, n_spilled = quantize_counting(spilled, calib, device="cpu")
     assert (n_fast, n_whole, n_spilled) == (1, 3, 1)
     assert_same_state(whole, fast)
@@ -419,15 +420,15 @@ def test_stopped_forwards_leave_nothing_on_the_device():
     (0, 0, 4 * 10**9 - 1, False),                            # the search's 4 GB alone
 ])
 def test_snapshots_fit(snapshots, block, room, fits):
-    assert Q.snapshots_fit(snapshots, block, room) is fits
+    assert calib_memory.snapshots_fit(snapshots, block, room) is fits
 
 
 def test_snapshots_stay_on_the_cpu_device():
     """Where the snapshots wait: not streaming, or streaming on the CPU, they never move; a device whose free
     memory torch cannot tell (not CUDA) gets them per block."""
-    assert Q._hold_snapshots(torch.device("cpu"), None, False, 10**15, 10**12)
-    assert Q._hold_snapshots(torch.device("cpu"), None, True, 10**15, 10**12)
-    assert not Q._hold_snapshots(torch.device("mps"), None, True, 1, 1)
+    assert calib_memory.hold_snapshots(torch.device("cpu"), None, False, 10**15, 10**12)
+    assert calib_memory.hold_snapshots(torch.device("cpu"), None, True, 10**15, 10**12)
+    assert not calib_memory.hold_snapshots(torch.device("mps"), None, True, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------ report, bar
@@ -501,8 +502,8 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
     Under a 1 GB cap the snapshots cross for every block (the 4 GB margin alone is more); with the whole GPU
     they stay there. The model is not pinned (calibration on inputs)."""
     held = []
-    hold = Q._hold_snapshots
-    monkeypatch.setattr(Q, "_hold_snapshots", lambda *a: held.append(hold(*a)) or held[-1])
+    hold = calib_memory.hold_snapshots
+    monkeypatch.setattr(calib_memory, "hold_snapshots", lambda *a: held.append(hold(*a)) or held[-1])
     model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=2)
     ref = copy.deepcopy(model).cuda()  # before the hooks: a copy would carry them into the reference run
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
@@ -523,7 +524,7 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
     if hasattr(torch.cuda, "get_per_process_memory_fraction"):
         assert torch.cuda.get_per_process_memory_fraction(0) == 1.0  # the cap is lifted afterwards
     assert report.peak_memory_gb is not None and report.stages["calibration transfers"] > 0
-    monkeypatch.setattr(Q, "_overlap_replays", lambda device: False)  # the reference: one block at a time
+    monkeypatch.setattr(calib_replay, "overlap_replays", lambda device: False)  # the reference: one block at a time
     svdquant.quantize(ref, RECIPE, svdquant.Calibration(inputs=move(calib.inputs, "cuda")), progress=False)
     a, b = model.state_dict(), ref.state_dict()
     for k in a:

@@ -220,3 +220,14 @@ class Streamed:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def finish_block(unit: DeviceUnit, block: nn.Module, home: torch.device, keep_on_device: bool,
+                 clock: StageClock) -> None:
+    """A quantized block's place: back home (its 16-bit leftovers point at their home copies again, its new
+    quantized layers move), or kept on the device."""
+    with clock.stage("transfers"):
+        if not keep_on_device:
+            unit.offload()
+            block.to(home)
+        unit.release()

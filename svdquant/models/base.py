@@ -79,6 +79,12 @@ def is_quantizable(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1)
 
 
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``root``'s submodule ``name`` (a dotted path)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def groups_of(block: nn.Module, *specs) -> list[Group]:
     """Build groups from ``(names, kwargs)`` specs, dropping members the block lacks."""
     out = []

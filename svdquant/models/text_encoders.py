@@ -24,6 +24,9 @@ Kept 16-bit, each for a reason:
 Nunchaku's published 4-bit T5 (AWQ, group 128) quantizes ``q, k, v, o, wi_0`` and keeps ``wi_1`` and
 ``wo`` 16-bit (``deepcompressor``'s ``quantize_t5_encoder``); this module quantizes all of them, and
 the error it reports per layer is what a caller can use to exclude more.
+
+:func:`check_text_encoders` checks a pipeline's encoders before anything runs and :func:`quantize_encoder` rounds
+one in place; ``svdquant.quantize_text_encoders`` (in :mod:`svdquant.quantize`) drives them and reports.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ import re
 
 import torch
 import torch.nn as nn
+
+from .._memory import tensor_bytes
+from .._progress import progress as progress_bar
+from ..recipes import QuantConfig
+from .base import set_module
 
 # Where each family keeps its blocks, across transformers versions (CLIPTextModel lost its
 # ``text_model.`` prefix in transformers 5); the first that exists as a non-empty ModuleList is used.
@@ -85,4 +93,54 @@ def fit_quantized(encoder: nn.Module) -> None:
             m.weight = torch.empty(0, dtype=m.dtype)
 
 
-__all__ = ["BLOCK_STACKS", "NAME", "text_encoders", "block_stack", "encoder_layers", "fit_quantized"]
+def check_text_encoders(pipe, recipe: QuantConfig) -> dict[str, list[str]]:
+    """The pipeline's text encoders and the layers to quantize in each, checked before anything runs."""
+    from ..modules import SVDQLinear
+
+    if pipe is None:
+        raise ValueError("text_encoders=True needs the pipeline, whose text encoders it quantizes: pass the "
+                         "pipeline itself, not its transformer")
+    if recipe.activations is not None or recipe.branch_rank:
+        raise ValueError(f"text encoders are quantized weight-only; recipe {recipe.name!r} is not (use 'w4a16' "
+                         "or 'nf4')")
+    found = text_encoders(pipe)
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no text encoder (pipe.text_encoder...); leave text_encoders "
+                         "False")
+    plan = {}
+    for name, te in found.items():
+        if any(isinstance(m, SVDQLinear) for m in te.modules()):
+            raise ValueError(f"{name} ({type(te).__name__}) is already quantized; quantize a fresh pipeline")
+        plan[name] = encoder_layers(te)
+    return plan
+
+
+def quantize_encoder(name: str, encoder: nn.Module, layers: list[str], recipe: QuantConfig, *, device=None,
+                     progress: bool = True) -> tuple[list[tuple[str, object]], dict]:
+    """Quantize ``layers`` of the text encoder ``name`` weight-only, in place (each weight rounded on ``device``
+    when given, the layer brought back to where the weight was). Returns, per layer, its full name
+    (``"text_encoder_2.encoder.block.0..."``) with the algorithm's report, and the encoder's summary (class,
+    sizes before and after)."""
+    from ..algorithm import quantize_weight_only
+    from ..modules import SVDQLinear
+
+    before = tensor_bytes(encoder)
+    done = []
+    for layer in progress_bar(layers, desc=f"quantizing {name}", unit="layer", enabled=progress):
+        lin = encoder.get_submodule(layer)
+        w, b = lin.weight, lin.bias
+        if device is not None:
+            w, b = w.to(device), b.to(device) if b is not None else None
+        qw, rep = quantize_weight_only(w, b, recipe)
+        set_module(encoder, layer, SVDQLinear.from_quantized(qw, recipe, w.dtype).to(lin.weight.device))
+        done.append((f"{name}.{layer}", rep))
+    fit_quantized(encoder)
+    encoder._svdquant_recipe = recipe.to_dict()
+    kept = sum(1 for n, m in encoder.named_modules() if isinstance(m, nn.Linear))
+    summary = {"class": type(encoder).__name__, "layers": len(layers), "kept": kept, "weights": recipe.weights,
+               "group_size": recipe.group_size, "bytes_16bit": before, "bytes_quantized": tensor_bytes(encoder)}
+    return done, summary
+
+
+__all__ = ["BLOCK_STACKS", "NAME", "text_encoders", "block_stack", "encoder_layers", "fit_quantized",
+           "check_text_encoders", "quantize_encoder"]

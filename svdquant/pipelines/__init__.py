@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .. import _checks
 from ..integrations.diffusers.compat import dtype_keyword
+from ..models.sizes import check_size, size_multiple
 from .tiny import (
-    ASSET_DIR, CIFAR10_CLASSES, PIPELINE_FILE, TINY_BASE, ClassConditioner, TinyFluxPipeline, check_tiny_size, tiny_flux_config,
+    ASSET_DIR, CIFAR10_CLASSES, PIPELINE_FILE, TINY_BASE, ClassConditioner, TinyFluxPipeline, tiny_flux_config,
 )
 
 
@@ -106,26 +106,6 @@ def pickled_only_error(base, e: Exception) -> Exception:
                           "svdquant never unpickles (a pickle can run code as it loads): convert them to .safetensors "
                           "(e.g. load and save_pretrained it once in a trusted environment)")
     return FileNotFoundError(f"cannot load the base pipeline {base!s}: {e}")
-
-
-def size_multiple(pipe) -> int:
-    """What image heights and widths must be a multiple of for ``pipe`` (diffusers otherwise resizes quietly)."""
-    vae = getattr(pipe, "vae_scale_factor", 8)
-    if "Flux" in type(pipe).__name__:
-        return vae * 2  # latents are packed 2x2 into tokens
-    patch = getattr(getattr(pipe.transformer, "config", None), "patch_size", None) or 1
-    return vae * patch
-
-
-def check_size(pipe, height=None, width=None, names=("height", "width")) -> None:
-    """Raise ValueError if ``pipe`` cannot draw at this size, naming the sizes it can."""
-    for name, v in zip(names, (height, width)):
-        if v is None:
-            continue
-        if isinstance(pipe, TinyFluxPipeline):
-            check_tiny_size(pipe.image_size, name, v)
-        else:
-            _checks.size(name, v, size_multiple(pipe))
 
 
 __all__ = ["TinyFluxPipeline", "ClassConditioner", "CIFAR10_CLASSES", "tiny_flux_config", "load_base_pipeline",

@@ -1,0 +1,107 @@
+"""What to run to calibrate (:class:`Calibration`), checked when it is made, and what a calibration through a
+pipeline asks of that pipeline (:func:`check_pipeline_call`), checked before it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .prompts import DEFAULT_PROMPTS
+
+
+@dataclass
+class Calibration:
+    """What to run to calibrate.
+
+    prompts: captions (default: the 128 of :data:`DEFAULT_PROMPTS`); ``num_prompts``
+        takes the first N.
+    steps: denoising steps per prompt (the pipeline's ``num_inference_steps``; ``None``: 8, or the pipeline's
+        ``calibration_defaults``: the tiny model's 10 class names take 4).
+    snapshots: (prompt, step) calls drawn at random as samples (``None``: 128, the paper's; the tiny model 16).
+    tokens_per_layer: tokens kept per layer input over all snapshots (``None``: the
+        recipe's ``eval_tokens``); ``max |X_j|`` always covers every token.
+    pipeline_kwargs: extra arguments for every pipeline call (height, width, guidance...).
+    inputs: instead of a pipeline, a list of keyword-argument dicts for the model's
+        forward, one snapshot each (for bare models, and for tests).
+    """
+
+    prompts: Sequence[str] | None = None
+    num_prompts: int | None = None
+    steps: int | None = None
+    snapshots: int | None = None
+    tokens_per_layer: int | None = None
+    seed: int = 0
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] | None = None
+
+    # set by the calibration itself; in pipeline_kwargs they would collide with it
+    _RESERVED = ("prompt", "num_inference_steps", "generator", "output_type")
+
+    def __post_init__(self):
+        # Checked here so a bad value fails when the Calibration is made, not minutes into a run.
+        from .. import _checks
+
+        if self.prompts is not None:
+            if isinstance(self.prompts, str):  # iterating it would calibrate on single characters
+                raise ValueError("prompts= takes a list of prompts, got one string; use prompts=[...]")
+            if not all(isinstance(p, str) and p.strip() for p in self.prompts):
+                raise ValueError("prompts= must be non-empty strings")
+            if not self.prompts:
+                raise ValueError("prompts=[] is empty; give at least one prompt, or None for the built-in 128")
+        if self.num_prompts is not None:
+            _checks.count("num_prompts", self.num_prompts)
+        if self.steps is not None:
+            _checks.steps("steps", self.steps)
+        if self.snapshots is not None:
+            _checks.count("snapshots", self.snapshots)
+        if self.tokens_per_layer is not None:
+            _checks.count("tokens_per_layer", self.tokens_per_layer, why=" (None: the recipe's eval_tokens)")
+        _checks.seed("seed", self.seed)
+        if not isinstance(self.pipeline_kwargs, dict):
+            raise ValueError(f"pipeline_kwargs= must be a dict, got {type(self.pipeline_kwargs).__name__}")
+        clash = sorted(set(self.pipeline_kwargs) & set(self._RESERVED))
+        if clash:
+            raise ValueError(f"pipeline_kwargs sets {clash}, which calibration sets itself; use prompts=, steps=, "
+                             "seed=")
+        if self.inputs is not None:
+            if not self.inputs or not all(isinstance(kw, dict) for kw in self.inputs):
+                raise ValueError("inputs= must be a non-empty list of forward keyword-argument dicts")
+
+    DEFAULTS = {"steps": 8, "snapshots": 128}
+
+    def for_pipeline(self, pipe) -> "Calibration":
+        """This calibration as run through ``pipe`` (or ``None``): without prompts of its own, the pipeline's
+        calibration prompts where it has some (the tiny model draws only its class names); steps and snapshots
+        left ``None``, the pipeline's ``calibration_defaults`` or :attr:`DEFAULTS`."""
+        calib = self
+        if calib.prompts is None and calib.inputs is None and hasattr(pipe, "calibration_prompts"):
+            calib = dataclasses.replace(calib, prompts=pipe.calibration_prompts)
+        defaults = {**self.DEFAULTS, **getattr(pipe, "calibration_defaults", {})}
+        unset = {k: v for k, v in defaults.items() if getattr(calib, k) is None}
+        return dataclasses.replace(calib, **unset) if unset else calib
+
+    def prompt_list(self) -> list[str]:
+        prompts = list(self.prompts if self.prompts is not None else DEFAULT_PROMPTS)
+        if self.num_prompts is not None:
+            if self.num_prompts > len(prompts):  # taking fewer than asked would pass unnoticed
+                raise ValueError(f"num_prompts={self.num_prompts}, but there are only {len(prompts)} prompts; "
+                                 f"use at most {len(prompts)}")
+            prompts = prompts[: self.num_prompts]
+        if not prompts:
+            raise ValueError("calibration needs at least one prompt")
+        return prompts
+
+
+def check_pipeline_call(pipe, calib: Calibration) -> None:
+    """What the calibration will ask of the pipeline, checked before it runs (minutes, on a big model)."""
+    from .. import _checks
+    from ..models.sizes import check_size
+
+    prompts = calib.prompt_list()
+    if hasattr(pipe, "labels_for"):  # the tiny model draws only its class names
+        pipe.labels_for(prompts)
+    kw = calib.pipeline_kwargs
+    check_size(pipe, kw.get("height"), kw.get("width"))
+    if kw.get("guidance_scale") is not None:
+        _checks.real("guidance_scale", kw["guidance_scale"], lo=0)

@@ -1,0 +1,136 @@
+"""The quantizer's memory policy: what stays on the device while a model streams to it from the CPU.
+
+Streaming (``quantize(device=...)`` with a model on the CPU), the blocks live at home and cross to the device
+when used. Through a pipeline, the first blocks that fit stay on the device between denoising steps
+(:func:`resident_blocks`); in the quantize phase, the snapshots (the blocks' inputs) stay there from the first
+block to the last when they fit with room for the search (:func:`snapshots_fit`), else wait at home and cross
+for every block. ``max_gpu_memory=`` caps what torch may allocate for the duration of the call
+(:func:`gpu_cap`, :func:`memory_cap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn as nn
+
+from .._memory import device_room, tensor_bytes
+from .._timing import StageClock
+from .offload import Streamed
+
+# Room the quantize phase keeps free besides its snapshots: the searched block and, on a GPU, the next one
+# replaying alongside, with their layer inputs and the search over its groups (the 16-bit weights in fp32, a
+# batch of candidates sized to a quarter of what is then free), 4 x the largest block + 4 GB. A FLUX.1-dev
+# double block is 0.68 GB; a streamed FLUX.1-dev quantization (one block at a time, candidates one by one)
+# peaked at 11.3 GB with 7 GB of snapshots held (commit f2f8c57).
+_BLOCK_MARGIN = 4
+_SEARCH_MARGIN = 4 * 10**9
+
+
+def snapshots_fit(snapshot_bytes: int, block_bytes: int, room: int) -> bool:
+    """Whether a streaming quantization may keep its snapshots on the device from the first block to the last:
+    ``snapshot_bytes`` (what the replays hold at once: the block inputs and the outputs made from them) plus
+    the margin for the block and its search (4 x ``block_bytes``, the largest block, + 4 GB) within ``room``
+    (the cap, or what the device has free). FLUX.1-dev, 128 snapshots at 1024²: 2 x 4.3 GB + 2.7 GB + 4 GB,
+    which fits a 24 GB cap."""
+    return snapshot_bytes + _BLOCK_MARGIN * block_bytes + _SEARCH_MARGIN <= room
+
+
+def resident_blocks(block_bytes: list[int], rest_bytes: int, room: int) -> int:
+    """How many of the first blocks stay on the device through a streamed pipeline calibration (``Streamed``'s
+    ``resident``): as many as ``room`` holds after the rest of the model and the forward's margin (4 x the
+    largest block + 4 GB). They make room while a text encoder runs. FLUX.1-dev under a 24 GB cap: 17 of its
+    23.8 GB, so each denoising step moves about 7 GB instead of 23.8."""
+    budget = room - rest_bytes - _BLOCK_MARGIN * max(block_bytes, default=0) - _SEARCH_MARGIN
+    n = used = 0
+    for b in block_bytes:
+        if used + b > budget:
+            break
+        used, n = used + b, n + 1
+    return n
+
+
+def hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int) -> bool:
+    """Whether the snapshots stay on the device (no move per block): always unless streaming; streaming, when
+    they fit the CUDA device (:func:`snapshots_fit`), or on the CPU, where device and home memory are one."""
+    if not stream or device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    return snapshots_fit(held, block_bytes, device_room(device, cap))
+
+
+def nbytes(obj, seen: set | None = None) -> int:
+    """Bytes of the tensors in a nested structure, a tensor shared by several snapshots once."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v, seen) for v in obj)
+    return 0
+
+
+def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device, home: torch.device, *,
+                 others: list[nn.Module], clock: StageClock, cap: int | None, through_pipeline: bool) -> Streamed:
+    """The :class:`Streamed` hooks for a calibration of ``model`` on ``device`` from ``home``, the memory
+    choices made: whether to pin the home tensors and how many blocks stay resident."""
+    # Pinned home memory makes every later copy faster but costs about a second per GB up front: it pays when each
+    # block crosses many times (a pipeline's every denoising step), not when each crosses about twice (forward
+    # inputs: the calibration forwards stop at the first block).
+    pin_model = device.type == "cuda" and through_pipeline
+    resident = 0
+    if pin_model and blocks:  # the same reason: blocks that fit stay on the GPU from step to step
+        sizes = [tensor_bytes(b) for b in blocks]
+        resident = resident_blocks(sizes, tensor_bytes(model) - sum(sizes), device_room(device, cap))
+    t1 = time.perf_counter()
+    streamed = Streamed(model, blocks, device, home, others=others, clock=clock, pin=pin_model, resident=resident)
+    if pin_model:
+        clock.add("pin memory", time.perf_counter() - t1)
+    return streamed
+
+
+def gpu_cap(max_gpu_memory, device: torch.device) -> int | None:
+    """The byte cap of ``max_gpu_memory=``, checked against the device it applies to."""
+    if max_gpu_memory is None:
+        return None
+    from .. import _checks
+
+    cap = _checks.memory_size("max_gpu_memory", max_gpu_memory)
+    if device.type != "cuda":
+        raise ValueError(f"max_gpu_memory={max_gpu_memory!r} caps a CUDA GPU, but the model is quantized on "
+                         f"{device}; pass device='cuda' to stream it there, or leave max_gpu_memory out")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap > total:
+        raise ValueError(f"max_gpu_memory={max_gpu_memory!r} is more than {device} has ({total / 1e9:.1f} GB); "
+                         "give at most that, or leave it out")
+    return cap
+
+
+@contextlib.contextmanager
+def memory_cap(cap: int | None, device: torch.device):
+    """Caps what torch's allocator may hold on ``device`` while the quantizer runs, then puts back the
+    fraction that was set before (1.0 unless the caller had set one)."""
+    if cap is None:
+        yield
+        return
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.6
+    before = get(device) if get is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
+
+
+def gpu_memory(device: torch.device, cap: int | None) -> tuple[int | None, int | None]:
+    """(bytes allocated on ``device``, the cap) for the progress bar; (None, None) off a GPU."""
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.memory_allocated(device), cap

@@ -1,0 +1,107 @@
+"""Calibration scheduling: which calibration calls run, how far, and what they leave for the block replays.
+
+:func:`calibrate_stacks` runs the calibration calls and keeps each stack's first-block arguments (the snapshots),
+on the device or at home as the memory policy says (:mod:`svdquant.calibration.memory`). Calibrating on forward
+inputs, the whole forwards would compute nothing the replays do not compute again: once one forward has shown
+that the model chains its stacks as the replays do (each stack's last block returns what the next stack's first
+takes: FLUX's double and single blocks), the other forwards stop at the first block and the last block of a
+stack makes the next stack's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._memory import tensor_bytes
+from .._timing import StageClock
+from . import memory
+from .capture import ChainCheck, EntryRecorder, run_calibration, run_inputs
+from .offload import move
+
+
+@dataclass
+class Calibrated:
+    """What the calibration leaves for the block replays."""
+
+    entries: dict[str, list[dict]]  # per stack, one dict of first-block arguments per snapshot
+    chained: bool  # only the first stack's entries: each stack's last block makes the next stack's
+    on_device: bool  # the snapshots stay on the device for the whole quantize phase (else at home, moved per block)
+    count: int  # snapshots
+
+    def move_entries(self, device, clock: StageClock) -> None:
+        """The entries on ``device`` at once (recorded at home through a pipeline, held on the device): one
+        crossing for all blocks."""
+        with clock.stage("transfers"):
+            memo: dict = {}  # a value shared by all snapshots (rotary embedding) crosses once
+            self.entries = {k: move(v, device, memo=memo) for k, v in self.entries.items()}
+
+
+def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, home, stream: bool, cap: int | None,
+                     progress: bool) -> Calibrated:
+    """Runs the calibration calls, keeping the arguments of each stack's first block (the snapshots).
+
+    Through a pipeline, every call runs whole (the denoising trajectory needs every step) and each stack's entry
+    is recorded. On forward inputs (``Calibration(inputs=)``), the whole forward computes nothing the block
+    replays do not compute again: the first input runs whole under a :class:`ChainCheck`, and if the model
+    chains its blocks and stacks the way the replays do (FLUX: each stack's last block returns what the next
+    stack's first block takes), the other inputs stop at the first block and only the first stack's entries
+    are kept; otherwise (ControlNet residuals added between blocks...) they run whole, as through a pipeline.
+    Either way the replays then see bit for bit the same block inputs. ``blocks``: the model's (name, block)
+    pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when streaming, else None.
+    """
+    stacks = adapter.stacks
+    home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
+    home_store = home if stream else device
+    block_bytes = max(tensor_bytes(b) for _, b in blocks)
+    on_stop = streamed.offload if streamed is not None else None
+    if calib.inputs is None:
+        holder: dict[str, EntryRecorder] = {}
+
+        def hooks(selector):
+            holder["r"] = EntryRecorder(model, stacks, selector, home_store, pin=home_pin,
+                                        share_except=adapter.outputs)
+            return holder["r"].close
+
+        count = run_calibration(pipe, model, calib, hooks, progress)
+        entries = holder["r"].entries
+        held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
+        return Calibrated(entries, False, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)
+    first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
+    count = len(calib.inputs)
+    one = max(memory.nbytes(e) for e in first.values())  # one snapshot of one stack
+    # held at once: one stack's entries and the outputs made from them (and, recording every stack, all of them)
+    held = count * (2 * one if chained else memory.nbytes(first) + one)
+    on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes)
+    store, pin = (device, False) if on_device or not stream else (home, home_pin)
+    kept = stacks[:1] if chained else stacks
+    rec = EntryRecorder(model, kept, None, store, pin, stop=chained, share_except=adapter.outputs,
+                        first={s: [move(e, store, pin=pin) for e in first[s]] for s in kept})
+    try:
+        run_inputs(model, calib.inputs[1:], on_stop=on_stop, progress=progress)
+    finally:
+        rec.close()
+    return Calibrated(rec.entries, chained, on_device, count)
+
+
+def record_first(model, adapter, kw: dict, store, on_stop) -> tuple[dict[str, list[dict]], bool]:
+    """The first snapshot's entry of every stack (a list each: empty if the model never called the stack), from
+    one forward on ``kw``, and whether the replays may derive the later stacks' entries (:class:`ChainCheck`
+    over every block up to the last stack's first; one stack: nothing to derive, and the forward stops at the
+    first block)."""
+    stacks = adapter.stacks
+    if len(stacks) == 1:
+        rec = EntryRecorder(model, stacks, None, store, stop=True)
+        try:
+            run_inputs(model, [kw], on_stop=on_stop, progress=False)
+        finally:
+            rec.close()
+        return rec.entries, True
+    seqs = [model.get_submodule(s) for s in stacks]
+    check = ChainCheck([b for seq in seqs[:-1] for b in seq] + [seqs[-1][0]], adapter.outputs)
+    rec = EntryRecorder(model, stacks, None, store)
+    try:
+        model(**kw)
+    finally:
+        rec.close()
+        check.close()
+    return rec.entries, check.ok

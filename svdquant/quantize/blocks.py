@@ -1,0 +1,194 @@
+"""The quantize phase, block by block: calibrate, then per block replay it in 16 bits, quantize its groups and
+swap them in place.
+
+With stacks of blocks (every supported transformer): the calibration keeps each stack's first-block arguments
+(:func:`svdquant.calibration.calibrate_stacks`), then each block replays on them while hooks keep what its
+linears read (:class:`svdquant.calibration.Replayer`), its groups are quantized (:func:`quantize_group`) and its
+16-bit outputs become the next block's inputs; only one block's layer inputs are held at once, and every layer
+is calibrated on 16-bit inputs. Without stacks (the generic adapter, the SDXL UNet): one calibration pass records
+every group's inputs, then the groups are quantized in turn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .._progress import progress as progress_bar
+from .._timing import StageClock
+from ..algorithm import quantize_linears
+from ..calibration import (
+    LinearInputRecorder, Replayer, calibrate_stacks, finish_block, gpu_memory, replay_jobs, run_calibration,
+    stream_model,
+)
+from ..models import Group
+from ..models.base import set_module
+from ..modules import SVDQConv1x1, SVDQLinear
+from ..modules.conv import as_linear
+from ..recipes import QuantConfig
+from .plan import QuantPlan
+from .report import LayerRow, progress_postfix, short_names
+
+
+@dataclass
+class Quantized:
+    """What the quantize phase did to the model: one row per group, the snapshots drawn, and the seconds from
+    the call's start to the end of calibration."""
+
+    rows: list[LayerRow]
+    snapshots: int
+    seconds_calibration: float
+
+
+def weight_only(recipe: QuantConfig) -> QuantConfig:
+    """The recipe for a group that keeps 16-bit activations: the weight format's weight-only choice
+    (two-level INT4 recipes keep 16-bit group scales there: a weight-only GEMV reads them for free)."""
+    if recipe.activations is None:
+        return recipe
+    from ..formats import get_format
+
+    return recipe.replace(weights=get_format(recipe.weights).weight_only, activations=None, method="naive", rank=0)
+
+
+def quantize_group(root: nn.Module, group: Group, x, amax, recipe: QuantConfig, clock: StageClock | None = None,
+                   prefix: str = "") -> LayerRow:
+    """Quantize ``group`` (names relative to ``root``) from its inputs ``x`` and their ``amax`` and swap the new
+    layers into ``root``; the row names the layers as the model does (``prefix``: ``root``'s name in it)."""
+    t0 = time.perf_counter()
+    mods = [root.get_submodule(n) for n in group.names]
+    lins = [as_linear(m) if isinstance(m, nn.Conv2d) else m for m in mods]
+    rc = weight_only(recipe) if group.weight_only else recipe
+    # the quantizer runs the algorithm; the modules are built from its result
+    qws, rep = quantize_linears([lin.weight for lin in lins], [lin.bias for lin in lins], x, rc,
+                                post_gelu=group.post_gelu, shared_branch=group.shared_branch, act_max=amax)
+    qmods = [SVDQLinear.from_quantized(qw, rc, lin.weight.dtype, rep) for qw, lin in zip(qws, lins)]
+    for name, old, q in zip(group.names, mods, qmods):
+        set_module(root, name, SVDQConv1x1(q) if isinstance(old, nn.Conv2d) else q)
+    if clock is not None:
+        for stage, seconds in rep.stages.items():
+            clock.add(stage, seconds)
+        # packing the codes, the runner, swapping the modules in
+        clock.add("build modules", time.perf_counter() - t0 - sum(rep.stages.values()))
+    return LayerRow.of_group([f"{prefix}.{n}" if prefix else n for n in group.names], rc, rep)
+
+
+def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
+    """Calibrate ``plan.model`` and quantize it in place, block by block (or in one pass without stacks),
+    streaming it to the device when the plan says so."""
+    blocks = plan.adapter.blocks(plan.model) if plan.adapter.stacks else []
+    streamed = None
+    if plan.stream:
+        streamed = stream_model(plan.model, [b for _, b in blocks], plan.device, plan.home, others=plan.others,
+                                clock=clock, cap=plan.cap, through_pipeline=plan.calib.inputs is None)
+    t_calib = time.perf_counter()
+    if plan.adapter.stacks:
+        done = _quantize_stacks(plan, blocks, streamed, clock, t_calib)
+    else:
+        done = _quantize_whole(plan, streamed, clock, t_calib)
+    if plan.stream and plan.keep_on_device:
+        with clock.stage("transfers"):
+            plan.model.to(plan.device)
+    return done
+
+
+def _calibrated(plan: QuantPlan, clock: StageClock, t_calib: float) -> float:
+    """The calibration's stages on ``clock`` once it ended; returns the seconds since the call started."""
+    transfers = clock.flush().pop("transfers", 0.0)
+    seconds = time.perf_counter() - plan.started
+    clock.add("calibration", time.perf_counter() - t_calib - transfers)
+    if plan.stream:
+        clock.add("calibration transfers", transfers)
+    return seconds
+
+
+def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_calib: float) -> Quantized:
+    planned = [(name, block, plan.adapter.groups(block)) for name, block in blocks]
+    try:
+        cal = calibrate_stacks(plan.pipe, plan.model, plan.adapter, plan.calib, blocks, streamed, device=plan.device,
+                               home=plan.home, stream=plan.stream, cap=plan.cap, progress=plan.progress)
+    finally:
+        if streamed is not None:
+            streamed.close()
+    seconds = _calibrated(plan, clock, t_calib)
+    if cal.count == 0 or not all(cal.entries.values()):
+        raise RuntimeError("calibration recorded no model calls; check the calibration prompts/inputs")
+    # snapshots at home cross to the device and back for every block; held on the device, they never move
+    spill = plan.stream and not cal.on_device
+    pin = spill and plan.device.type == "cuda"
+    store = plan.home if spill else plan.device  # where a stack's last block leaves the next stack's entries
+    if plan.stream and cal.on_device and plan.calib.inputs is None:
+        cal.move_entries(plan.device, clock)  # recorded at home through the pipeline: one crossing for all blocks
+    bar = progress_bar(total=sum(len(g) for _, _, g in planned), desc="quantizing", unit="group",
+                       enabled=plan.progress)  # a bar on a terminal, a line now and then in a log
+    jobs = replay_jobs(plan.adapter.stacks, planned, cal.entries, cal.chained)
+    replayer = Replayer(plan.adapter, streamed, plan.device, plan.home, spill, pin, store, plan.tokens,
+                        plan.calib.seed)
+    try:
+        rows = _replay_and_search(plan, jobs, replayer, streamed, clock, bar)
+    finally:
+        replayer.close()
+        if streamed is not None:  # after an error: a block the worker onloaded goes back home
+            streamed.offload()
+    bar.close()
+    return Quantized(rows, cal.count, seconds)
+
+
+def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, clock: StageClock, bar) -> list[LayerRow]:
+    """Each block's replay, then the search over its groups; the next block replays (on a side stream) while
+    this one is searched."""
+    rows = []
+    pending = replayer.start(jobs[0], jobs[0].recorded)
+    for index, job in enumerate(jobs, 1):
+        bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), None, *gpu_memory(plan.device, plan.cap)))
+        rec, nxt = replayer.finish(pending, clock)
+        if index < len(jobs):
+            following = jobs[index]
+            pending = replayer.start(following, following.recorded if following.recorded is not None else nxt)
+        nxt = None
+        for g in job.groups:
+            bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), short_names(list(g.names)),
+                                                 *gpu_memory(plan.device, plan.cap)))
+            x, amax = rec.inputs(g.names[0])
+            rows.append(quantize_group(job.block, g, x, amax, plan.recipe, clock, prefix=job.name))
+            bar.update(1)
+        replayer.settle()  # this block's kernels are done before the memory it read can be reused
+        rec = x = amax = None  # frees the layer inputs before the next block's arrive
+        job.recorded = None
+        if streamed is not None:
+            finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
+    return rows
+
+
+def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float) -> Quantized:
+    """No stacks: one calibration pass records every group's inputs; with streaming, the whole model is one unit,
+    on the device while it is quantized."""
+    model, calib = plan.model, plan.calib
+    groups = plan.adapter.groups(model)
+    if not groups:
+        raise ValueError("no layer of the model matches the include/exclude patterns")
+    firsts = {g.names[0]: model.get_submodule(g.names[0]) for g in groups}
+    n_snap = len(calib.inputs) if calib.inputs is not None else calib.snapshots
+    holder = {}
+
+    def hooks(selector):
+        holder["r"] = LinearInputRecorder(firsts, n_snap, plan.tokens, calib.seed, selector)
+        return holder["r"].close
+
+    try:
+        snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress)
+    finally:
+        if streamed is not None:
+            streamed.close()
+    seconds = _calibrated(plan, clock, t_calib)
+    if streamed is not None:
+        with clock.stage("transfers"):
+            streamed.rest.onload()
+    rows = []
+    for g in progress_bar(groups, desc="quantizing", unit="group", enabled=plan.progress):
+        x, amax = holder["r"].inputs(g.names[0])
+        rows.append(quantize_group(model, g, x, amax, plan.recipe, clock))
+    if streamed is not None:
+        finish_block(streamed.rest, model, plan.home, plan.keep_on_device, clock)
+    return Quantized(rows, snapshots, seconds)

@@ -1,0 +1,128 @@
+"""Every argument of ``quantize`` checked before calibration starts, into one :class:`QuantPlan`.
+
+A wrong argument fails here, in one line (ValueError / TypeError), not minutes into a run; what the run then
+needs (the model, its adapter, the calibration, where it computes, the cap...) is decided once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import _checks
+from ..calibration import Calibration, check_pipeline_call, gpu_cap
+from ..integrations.diffusers.compat import has_offload_hooks
+from ..models import Adapter, get_adapter
+from ..models.text_encoders import check_text_encoders
+from ..recipes import QuantConfig, get_recipe
+
+
+@dataclass
+class QuantPlan:
+    """What one ``quantize`` call runs, made once its arguments are checked."""
+
+    pipe: object | None  # the diffusers pipeline, or None for a bare model
+    model: nn.Module  # what is quantized: the pipeline's transformer, or the model given
+    adapter: Adapter
+    calib: Calibration  # as run through ``pipe`` (its defaults filled in)
+    recipe: QuantConfig
+    tokens: int  # tokens kept per layer input
+    text_encoders: bool
+    te_recipe: QuantConfig  # the text encoders' weight-only recipe
+    progress: bool
+    device: torch.device  # where the work is computed
+    home: torch.device  # where the model is
+    stream: bool  # the model streams to ``device`` from the CPU
+    others: list[nn.Module]  # a pipeline's other models, streamed to the device one at a time
+    cap: int | None  # max_gpu_memory in bytes
+    keep_on_device: bool
+    started: float  # time.perf_counter() when the call began: the report's times count from it
+
+
+def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, progress, device, max_gpu_memory,
+              keep_on_device, started: float | None = None) -> QuantPlan:
+    """``quantize``'s arguments checked, in the order a caller reads them, into a plan."""
+    started = time.perf_counter() if started is None else started
+    pipe, model = _split_target(target)
+    if not isinstance(recipe, (str, QuantConfig)):
+        raise TypeError(f"recipe= takes a name such as 'int4' or a QuantConfig, got {type(recipe).__name__}")
+    recipe = get_recipe(recipe)
+    for name, patterns in (("include", include), ("exclude", exclude)):
+        # a bare string would be read as one pattern per character
+        if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
+            raise TypeError(f"{name}= takes a list of patterns, e.g. {name}=['*attn*'], got {patterns!r}")
+    adapter = get_adapter(model, include, exclude)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration= takes a svdquant.Calibration, got {type(calibration).__name__}; "
+                        "e.g. Calibration(prompts=[...])")
+    calib = (calibration or Calibration()).for_pipeline(pipe)
+    if pipe is not None and calib.inputs is None:
+        check_pipeline_call(pipe, calib)
+    if not isinstance(text_encoders, bool):
+        raise TypeError(f"text_encoders= takes True or False, got {text_encoders!r}")
+    te_recipe = get_recipe("w4a16")
+    if text_encoders:
+        check_text_encoders(pipe, te_recipe)
+    if not isinstance(keep_on_device, bool):
+        raise TypeError(f"keep_on_device= takes True or False, got {keep_on_device!r}")
+    home = _model_device(model)
+    device, stream = _work_device(device, home)
+    cap = gpu_cap(max_gpu_memory, device)
+    if stream and has_offload_hooks(model):
+        raise ValueError(f"the {type(model).__name__} has offload hooks; streaming places the blocks itself: "
+                         "remove the hooks first (pipe.remove_all_hooks()), or leave device= out")
+    others = _pipeline_models(pipe, model) if stream and pipe is not None and calib.inputs is None else []
+    # None means the recipe's; 0 is refused by Calibration, never replaced by the default
+    tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
+    return QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, device, home,
+                     stream, others, cap, keep_on_device, started)
+
+
+def _split_target(target) -> tuple[object | None, nn.Module]:
+    model = getattr(target, "transformer", None)
+    if isinstance(model, nn.Module):
+        return target, model
+    if isinstance(target, nn.Module):
+        return None, target
+    raise TypeError(
+        f"svdquant.quantize takes a diffusers pipeline (with a .transformer) or an nn.Module, got {type(target).__name__}"
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _work_device(device, home: torch.device) -> tuple[torch.device, bool]:
+    """(the device that computes, whether the model streams to it from the CPU)."""
+    if device is None:
+        return home, False
+    dev = torch.device(_checks.device("device", device))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if home.type == "cpu":
+        return dev, True
+    if dev == home:
+        return dev, False  # already there: nothing to stream
+    raise ValueError(f"device={str(device)!r} streams a model kept on the CPU, but the model is on {home}; "
+                     "move it to the CPU first (pipe.to('cpu')) or leave device= out")
+
+
+def _pipeline_models(pipe, model: nn.Module) -> list[nn.Module]:
+    """A pipeline's models other than ``model`` (text encoders, VAE...): streamed to the GPU one at a time."""
+    parts = getattr(pipe, "components", None)
+    if not isinstance(parts, dict):
+        parts = vars(pipe)
+    found = []
+    for m in parts.values():
+        if isinstance(m, nn.Module) and m is not model and all(m is not f for f in found):
+            if has_offload_hooks(m):
+                raise ValueError(f"the pipeline's {type(m).__name__} has offload hooks; streaming places the "
+                                 "models itself: call pipe.remove_all_hooks() first, or leave device= out")
+            found.append(m)
+    return found
