@@ -204,7 +204,8 @@ def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
 
 def _validate_sampling(args, n_files: int) -> None:
     """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the output."""
-    from .checkpoint import base_of, check_base, read_metadata
+    from .checkpoint import base_of, read_metadata
+    from .pipelines.load import check_base
 
     args.device = _device(args.device)
     if not args.prompt.strip():
@@ -251,7 +252,8 @@ def _validate_info(args) -> None:
 def _validate_serve(args) -> None:
     import socket
 
-    from .checkpoint import META_FILE, base_of, check_base, read_metadata
+    from .checkpoint import META_FILE, base_of, read_metadata
+    from .pipelines.load import check_base
     from .pipelines import TINY_BASE
 
     try:  # dependencies of the package, but a hand-made environment may lack them: say which, not a traceback
@@ -320,7 +322,8 @@ CONVERT_FORMS = ("give 'nunchaku FILE.safetensors -o DIR' to import a Nunchaku c
 
 
 def _validate_convert(args) -> None:
-    from .checkpoint import check_base, check_output_folder, read_metadata
+    from .checkpoint import check_output_folder, read_metadata
+    from .pipelines.load import check_base
     from .convert.nunchaku import check_exportable, check_output_file, nunchaku_plan
 
     src = args.source
@@ -420,7 +423,7 @@ def _sampling_progress(pipe) -> None:
 
 
 def _load(args):
-    from .checkpoint import load_pipeline
+    from .pipelines.load import load_pipeline
     from .pipelines import check_size
 
     dtype = _dtype(args.dtype, args.device)

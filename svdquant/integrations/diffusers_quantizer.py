@@ -28,8 +28,9 @@ import torch.nn as nn
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint import (FORMAT_VERSION, CheckpointError, _all_tensors, _check_layer, _check_values, _is_int,
-                          _layers, format_version, swap_quantized_layers)
+from ..checkpoint import FORMAT_VERSION, CheckpointError, format_version, swap_quantized_layers
+from ..checkpoint import all_tensors as _all_tensors, check_layer as _check_layer, check_values as _check_values
+from ..checkpoint import is_int as _is_int, quantized_layers as _layers
 from ..modules import SVDQLinear
 
 DIFFUSERS_TESTED = ">=0.42,<0.43"  # keep in step with pyproject.toml
