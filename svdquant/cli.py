@@ -205,7 +205,6 @@ def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
 def _validate_sampling(args, n_files: int) -> None:
     """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the output."""
     from .checkpoint import base_of, read_metadata
-    from .pipelines.load import check_base
 
     args.device = _device(args.device)
     if not args.prompt.strip():
@@ -218,6 +217,8 @@ def _validate_sampling(args, n_files: int) -> None:
     args.targets = _image_targets("-o", args.output, n_files if n_files else args.num_images, args.overwrite)
     meta = read_metadata(args.checkpoint)  # missing or not a checkpoint: fails before anything loads
     args.base = base_of(args.checkpoint, meta, args.base)
+    from .pipelines.load import check_base  # imports diffusers: after the cheap checks
+
     check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
 
 
@@ -323,7 +324,6 @@ CONVERT_FORMS = ("give 'nunchaku FILE.safetensors -o DIR' to import a Nunchaku c
 
 def _validate_convert(args) -> None:
     from .checkpoint import check_output_folder, read_metadata
-    from .pipelines.load import check_base
     from .convert.nunchaku import check_exportable, check_output_file, nunchaku_plan
 
     src = args.source
@@ -343,6 +343,8 @@ def _validate_convert(args) -> None:
             if args.base.startswith(("/", ".", "~")) and not base.exists():
                 raise UsageError(f"--base {args.base} does not exist; pass the FLUX pipeline's folder or hub id")
             if base.exists():
+                from .pipelines.load import check_base  # imports diffusers: only when there is a base to check
+
                 check_base(f, args.plan.meta, str(base))
         return
     if args.to != "nunchaku":

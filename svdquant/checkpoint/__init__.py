@@ -32,7 +32,7 @@ Where things live (each module imports only the ones above it in this list):
 * :mod:`.save` — :func:`save_quantized`; :mod:`.load` — :func:`load_quantized`, :func:`load_text_encoders`.
 """
 
-from .build import empty_quantized_model, fill_from_file, swap_quantized_layers
+from .build import empty_quantized_model, swap_quantized_layers
 from .foreign import ForeignFormat, register_foreign_format
 from .header import (MAX_HEADER_BYTES, MAX_METADATA_BYTES, MAX_METADATA_KEYS, MAX_TENSORS, check_tensor_file, is_int,
                      json_object, sha256_of)
@@ -54,5 +54,5 @@ __all__ = [
     # for the converters and the diffusers integration, which read and write the same layout
     "quantized_layers", "format_version", "all_tensors", "model_config_of", "json_object", "is_int", "check_config",
     "check_layer", "check_layer_counts", "check_values", "count_nonfinite", "empty_quantized_model",
-    "swap_quantized_layers", "fill_from_file", "fsync_file", "ForeignFormat", "register_foreign_format",
+    "swap_quantized_layers", "fsync_file", "ForeignFormat", "register_foreign_format",
 ]

@@ -4,6 +4,7 @@ svdquant model after the checks every checkpoint gets (:func:`from_nunchaku`).""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -16,7 +16,6 @@ from ... import _checks
 from ...checkpoint import CheckpointError, fsync_file, load_quantized, model_config_of, quantized_layers, read_metadata
 from ...formats import unpack_4bit_halves
 from ...modules import SVDQLinear
-from ...recipes import POST_GELU_SHIFT
 from .exportable import check_exportable
 from .keymap import AWQ, GROUP, KEPT, MODEL_CLASS, NUNCHAKU_CLASS, PLANS, STACKS, W4A4
 from .packing import interleave_rows, pack_awq, pack_lanes, pack_lowrank, pack_qweight, scale_chunks
