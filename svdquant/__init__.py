@@ -1,9 +1,8 @@
 """svdquant: 4-bit weights and activations for diffusion models, fast on every GPU."""
 
 from .calibration import DEFAULT_PROMPTS, Calibration
-from .checkpoint import (
-    CheckpointError, load_pipeline, load_quantized, load_text_encoders, read_metadata, save_quantized,
-)
+from .checkpoint import CheckpointError, load_quantized, load_text_encoders, read_metadata, save_quantized
+from . import convert  # noqa: F401  (registers the Nunchaku reader: load_quantized / read_metadata take its files)
 from .hub import push_to_hub
 from .lora import LoRAError, load_lora, loaded_loras, set_lora_strength, unload_lora
 from .modules import SVDQConv1x1, SVDQLinear
@@ -14,7 +13,7 @@ from .recipes import (
     W8A8Config, get_recipe,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .integrations.diffusers import register_on_first_use  # noqa: E402
 
@@ -75,14 +74,13 @@ __all__ = [
 ]
 
 
-_LAZY = {"optimize": "optimize", "deoptimize": "deoptimize", "Optimized": "Optimized"}
-
-
 def __getattr__(name: str):
-    # svdquant.optimize lives with the pipelines, whose package imports diffusers (~3 s): loaded at first use, so
-    # `import svdquant` (and a CLI mistake reported before any heavy import) stays fast
-    if name in _LAZY:
+    # svdquant.optimize and svdquant.load_pipeline live with the pipelines, whose package imports diffusers (~3 s):
+    # loaded at first use, so `import svdquant` (and a CLI mistake reported before any heavy import) stays fast
+    if name in ("optimize", "deoptimize", "Optimized"):
         from .pipelines import optimize as module
-
-        return getattr(module, _LAZY[name])
-    raise AttributeError(f"module 'svdquant' has no attribute {name!r}")
+    elif name == "load_pipeline":
+        from .pipelines import load as module
+    else:
+        raise AttributeError(f"module 'svdquant' has no attribute {name!r}")
+    return getattr(module, name)

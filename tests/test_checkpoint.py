@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import svdquant
 import svdquant.checkpoint as ckpt_mod
+import svdquant.checkpoint.save as ckpt_save
 from svdquant import CheckpointError, SVDQConv1x1, SVDQLinear
 from svdquant.checkpoint import FORMAT_VERSION, META_FILE, TENSOR_FILE
 
@@ -476,7 +477,7 @@ def test_failed_save_leaves_nothing_behind(saved, tmp_path, monkeypatch, exc):
     model = saved("flux")[0]
     parent = tmp_path / "out"
     parent.mkdir()
-    monkeypatch.setattr(ckpt_mod, "save_file", _failing_save_file(exc))
+    monkeypatch.setattr(ckpt_save, "save_file", _failing_save_file(exc))
     with pytest.raises(type(exc)):
         svdquant.save_quantized(model, parent / "ck")
     assert os.listdir(parent) == []  # no checkpoint, no temporary folder
@@ -485,7 +486,7 @@ def test_failed_save_leaves_nothing_behind(saved, tmp_path, monkeypatch, exc):
 def test_failed_overwrite_keeps_the_old_checkpoint(saved, fresh, monkeypatch):
     path = fresh()
     before = listing(path)
-    monkeypatch.setattr(ckpt_mod, "save_file", _failing_save_file(OSError(28, "No space left on device")))
+    monkeypatch.setattr(ckpt_save, "save_file", _failing_save_file(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
         svdquant.save_quantized(saved("sd3")[0], path, overwrite=True)
     assert listing(path) == before

@@ -343,7 +343,7 @@ def test_quantize_size_the_pipeline_cannot_take(tmp_path, pipe_dir):
 
 
 def test_quantize_interrupted_leaves_nothing(tmp_path, monkeypatch):
-    import svdquant.checkpoint as ckpt
+    import svdquant.checkpoint.save as ckpt
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -32,7 +32,7 @@ from safetensors_fuzz import flip_bytes, fuzz_settings, parse, resized, retyped,
 import svdquant
 from svdquant.checkpoint import CheckpointError, NonFiniteWarning
 from svdquant.convert import from_nunchaku, to_nunchaku
-from svdquant.convert.nunchaku_packing import pack_awq, pack_lowrank, unpack_awq, unpack_lowrank
+from svdquant.convert.nunchaku.packing import pack_awq, pack_lowrank, unpack_awq, unpack_lowrank
 from test_cli_inputs import run
 
 FUZZ = fuzz_settings(40)

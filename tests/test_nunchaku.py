@@ -25,7 +25,7 @@ import svdquant
 from svdquant.checkpoint import CheckpointError
 from svdquant.convert import from_nunchaku, to_nunchaku, to_two_level
 from svdquant.convert.nunchaku import nunchaku_tensors
-from svdquant.convert.nunchaku_packing import (interleave_rows, pack_awq, pack_lanes, pack_lowrank, unpack_awq,
+from svdquant.convert.nunchaku.packing import (interleave_rows, pack_awq, pack_lanes, pack_lowrank, unpack_awq,
                                                unpack_lanes, unpack_lowrank, unpack_qweight)
 from svdquant.formats import unpack_4bit_halves
 from svdquant.modules import SVDQLinear
@@ -353,7 +353,7 @@ def test_published_form_imports_two_branches_and_zero_points(published):
     lin = model.transformer_blocks[0].norm1.linear
     assert lin.weights == "int4z" and lin.wzeros.shape == (6 * D, D // 64)
     pre = "transformer_blocks.0.norm1.linear"
-    from svdquant.convert.nunchaku_packing import deinterleave_rows
+    from svdquant.convert.nunchaku.packing import deinterleave_rows
     codes = deinterleave_rows(unpack_awq(t[f"{pre}.qweight"]), 6).float()
     s = deinterleave_rows(t[f"{pre}.wscales"].t(), 6).float().repeat_interleave(64, 1)
     z = deinterleave_rows(t[f"{pre}.wzeros"].t(), 6).float().repeat_interleave(64, 1)
@@ -480,7 +480,7 @@ def test_to_nunchaku_output_checks(root, ours):
 
 
 def test_a_failed_export_leaves_no_file(root, ours, monkeypatch):
-    import svdquant.convert.nunchaku as nk
+    import svdquant.convert.nunchaku.writer as nk
 
     def boom(tensors, path, metadata):
         Path(path).write_bytes(b"half a file")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdquant.convert.nunchaku_packing import (deinterleave_rows, interleave_rows, pack_awq, pack_lanes, pack_lowrank,
+from svdquant.convert.nunchaku.packing import (deinterleave_rows, interleave_rows, pack_awq, pack_lanes, pack_lowrank,
                                                pack_qweight, scale_chunks, unpack_awq, unpack_lanes, unpack_lowrank,
                                                unpack_qweight)
 

@@ -222,7 +222,7 @@ def test_save_writes_each_encoder_once_with_version_3(full):
 
 
 def test_model_card_lists_the_text_encoders(full):
-    from svdquant.model_card import render
+    from svdquant.checkpoint.card import render
 
     text = render(svdquant.read_metadata(full[2]))
     assert "## Text encoders" in text

@@ -12,7 +12,7 @@ CONVERT_FORMS = ("give 'nunchaku FILE.safetensors -o DIR' to import a Nunchaku c
 
 
 def validate_convert(args) -> None:
-    from ..checkpoint import check_base, check_output_folder, read_metadata
+    from ..checkpoint import check_output_folder, read_metadata
     from ..convert.nunchaku import check_exportable, check_output_file, nunchaku_plan
 
     src = args.source
@@ -32,6 +32,8 @@ def validate_convert(args) -> None:
             if args.base.startswith(("/", ".", "~")) and not base.exists():
                 raise UsageError(f"--base {args.base} does not exist; pass the FLUX pipeline's folder or hub id")
             if base.exists():
+                from ..pipelines.load import check_base  # imports diffusers: only when there is a base to check
+
                 check_base(f, args.plan.meta, str(base))
         return
     if args.to != "nunchaku":

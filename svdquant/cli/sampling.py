@@ -36,7 +36,7 @@ def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
 
 def _validate_sampling(args, n_files: int) -> None:
     """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the output."""
-    from ..checkpoint import base_of, check_base, read_metadata
+    from ..checkpoint import base_of, read_metadata
 
     args.device = resolve_device(args.device)
     if not args.prompt.strip():
@@ -49,6 +49,8 @@ def _validate_sampling(args, n_files: int) -> None:
     args.targets = _image_targets("-o", args.output, n_files if n_files else args.num_images, args.overwrite)
     meta = read_metadata(args.checkpoint)  # missing or not a checkpoint: fails before anything loads
     args.base = base_of(args.checkpoint, meta, args.base)
+    from ..pipelines.load import check_base  # imports diffusers: after the cheap checks
+
     check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
 
 

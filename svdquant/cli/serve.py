@@ -16,8 +16,9 @@ from .common import UsageError, parse_loras, resolve_device, resolve_dtype
 def validate_serve(args) -> None:
     import socket
 
-    from ..checkpoint import META_FILE, base_of, check_base, read_metadata
+    from ..checkpoint import META_FILE, base_of, read_metadata
     from ..pipelines import TINY_BASE
+    from ..pipelines.load import check_base
 
     try:  # dependencies of the package, but a hand-made environment may lack them: say which, not a traceback
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401

@@ -1,8 +1,9 @@
 """Other projects' checkpoint layouts, and format conversions of quantized models.
 
 * :mod:`.nunchaku` — Nunchaku's single-file INT4 FLUX checkpoints in (:func:`from_nunchaku`, also what
-  :func:`svdquant.load_quantized` does with one) and out (:func:`to_nunchaku`), on the tensor layouts of
-  :mod:`.nunchaku_packing`; ``svdquant convert nunchaku FILE -o DIR`` / ``svdquant convert DIR --to nunchaku -o FILE``;
+  :func:`svdquant.load_quantized` does with one: importing this package registers it with the checkpoint loader)
+  and out (:func:`to_nunchaku`), on the tensor layouts of :mod:`.nunchaku.packing`; ``svdquant convert nunchaku FILE
+  -o DIR`` / ``svdquant convert DIR --to nunchaku -o FILE``;
 * :mod:`.two_level` — float-scale W4A4 layers to two-level scales (:func:`to_two_level`), so imported models
   run the INT8 GEMM path; reports the error it adds.
 """

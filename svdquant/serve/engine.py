@@ -49,7 +49,8 @@ def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype 
     ``allow_base_outside``: see :func:`svdquant.load_pipeline` (a checkpoint's recorded base outside its folder).
     ``optimize``: on a CUDA device, :func:`svdquant.optimize` the pipeline (a 16-bit one too); the server compiles
     and captures it before it reports ready (:meth:`Engine.warmup`)."""
-    from ..checkpoint import META_FILE, load_pipeline
+    from ..checkpoint import META_FILE
+    from ..pipelines.load import load_pipeline
     from ..pipelines import load_base_pipeline
 
     cuda = torch.device(device).type == "cuda"

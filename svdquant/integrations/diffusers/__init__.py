@@ -36,9 +36,9 @@ def attach(model: nn.Module) -> nn.Module:
     config.json, and ``from_pretrained`` loads the folder as quantized. ``svdquant.quantize``,
     ``svdquant.load_quantized`` and the converters do this themselves; call it after changing a model's
     quantized layers by hand."""
-    from ...checkpoint import CheckpointError, _layers
+    from ...checkpoint import CheckpointError, quantized_layers
 
-    layers = _layers(model)
+    layers = quantized_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
     if not hasattr(model, "register_to_config"):
@@ -60,9 +60,9 @@ def _attach(model: nn.Module, layers: dict) -> nn.Module:
 def _attach_diffusers_model(model: nn.Module) -> None:
     """:func:`attach` for what :func:`compat.quantized` is given, when it is a diffusers model with quantized layers
     (a plain ``nn.Module`` has no ``save_pretrained``: ``svdquant.save_quantized`` saves it)."""
-    from ...checkpoint import _layers
+    from ...checkpoint import quantized_layers
 
-    layers = _layers(model) if hasattr(model, "register_to_config") else None
+    layers = quantized_layers(model) if hasattr(model, "register_to_config") else None
     if layers:
         _attach(model, layers)
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from ...checkpoint import (FORMAT_VERSION, CheckpointError, _all_tensors, _check_layer, _check_values, _is_int,
+from ...checkpoint import (FORMAT_VERSION, CheckpointError, all_tensors, check_layer, check_values, is_int,
                            swap_quantized_layers)
 from ...modules import SVDQLinear
 from . import compat
@@ -55,7 +55,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if unknown:
             raise CheckpointError(f"quantization_config has entries this svdquant does not know: {sorted(unknown)}; "
                                   "upgrade svdquant")
-        if not _is_int(format_version) or format_version < 1:
+        if not is_int(format_version) or format_version < 1:
             raise CheckpointError(f"quantization_config has format_version {str(format_version)[:50]!r}{REPAIR}")
         if format_version > FORMAT_VERSION:
             raise CheckpointError(f"quantization_config has format_version {format_version!r}; this svdquant reads "
@@ -66,7 +66,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
             raise CheckpointError(f"quantization_config has a malformed 'recipe' entry{REPAIR}")
         try:
             for name, cfg in layers.items():
-                _check_layer(name, cfg, "quantization_config")
+                check_layer(name, cfg, "quantization_config")
         except CheckpointError as e:
             raise CheckpointError(f"{e}{REPAIR}") from None
         self.quant_method = SVDQuantMethod.SVDQUANT
@@ -150,9 +150,9 @@ class SVDQuantQuantizer(DiffusersQuantizer):
                     if t is not None and t.device.type == "cpu" and t.data_ptr() % 64:
                         store[k] = nn.Parameter(t.detach().clone(), t.requires_grad) if isinstance(
                             t, nn.Parameter) else t.clone()
-        tensors = _all_tensors(model)
+        tensors = all_tensors(model)
         quantized = {f"{n}.{b}" for n, m in layers for b in m.state_dict()}
-        _check_values(model, tensors, quantized, type(model).__name__)
+        check_values(model, tensors, quantized, type(model).__name__)
         for _, m in layers:
             m.refresh()  # the buffers were set directly: prepare what runs, as a load_state_dict would
         model.eval()

@@ -49,7 +49,7 @@ def _yaml(front: dict[str, Any]) -> str:
 
 def render(meta: dict[str, Any], license: str | None = None) -> str:
     """README.md text for a checkpoint's metadata (``svdquant.json``; its ``report`` gives the figures)."""
-    from .ops import gpu_support
+    from ..ops import gpu_support
 
     recipe = meta.get("recipe") or {}
     layers = meta["layers"]

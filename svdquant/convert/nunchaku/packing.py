@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.packing import pack_4bit, unpack_4bit
+from ...formats.packing import pack_4bit, unpack_4bit
 
 WARP_N = 128      # output channels per warp tile
 TILE_K = 64       # input channels per MMA tile for 4-bit codes (256 bits / 4)
