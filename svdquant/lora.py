@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from ._state import peek, state
 from .modules import SVDQConv1x1, SVDQLinear
 from .modules.lora_linear import LoRALinear
 
@@ -121,7 +122,7 @@ def load_lora(target, path: str | os.PathLike, name: str | None = None, strength
     """Apply a LoRA file to a model or pipeline; returns the adapter's name (default: the file's stem)."""
     model = _model(target)
     name = name or Path(path).stem
-    loaded = getattr(model, "_svdquant_loras", {})
+    loaded = peek(model).loras
     if name in loaded:
         raise LoRAError(f"a LoRA named {name!r} is already loaded; unload it or choose another name")
     pairs, unmatched = lora_pairs(read_lora_file(path), model)
@@ -150,13 +151,13 @@ def load_lora(target, path: str | os.PathLike, name: str | None = None, strength
             setattr(model.get_submodule(parent) if parent else model, child, wrapped)
             mod = wrapped
         mod.add_adapter(name, a, b * scale, strength)
-    model._svdquant_loras = {**loaded, name: float(strength)}
+    state(model).loras = {**loaded, name: float(strength)}
     return name
 
 
 def _adapted(model: nn.Module, name: str):
-    if name not in getattr(model, "_svdquant_loras", {}):
-        raise LoRAError(f"no LoRA named {name!r} is loaded (loaded: {sorted(getattr(model, '_svdquant_loras', {}))})")
+    if name not in peek(model).loras:
+        raise LoRAError(f"no LoRA named {name!r} is loaded (loaded: {sorted(peek(model).loras)})")
     return [m for m in model.modules() if isinstance(m, (SVDQLinear, LoRALinear)) and name in m.adapters]
 
 
@@ -165,7 +166,7 @@ def set_lora_strength(target, name: str, strength: float) -> None:
     model = _model(target)
     for m in _adapted(model, name):
         m.set_adapter_strength(name, strength)
-    model._svdquant_loras[name] = float(strength)
+    state(model).loras[name] = float(strength)
 
 
 def unload_lora(target, name: str) -> None:
@@ -177,9 +178,9 @@ def unload_lora(target, name: str) -> None:
         if isinstance(m, LoRALinear) and not m.adapters:
             parent, _, child = n.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, m.base)
-    del model._svdquant_loras[name]
+    del state(model).loras[name]
 
 
 def loaded_loras(target) -> dict[str, float]:
     """Loaded LoRA names and their strengths."""
-    return dict(getattr(_model(target), "_svdquant_loras", {}))
+    return dict(peek(_model(target)).loras)

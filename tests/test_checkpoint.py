@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import svdquant
+from svdquant._state import peek
 import svdquant.checkpoint as ckpt_mod
 import svdquant.checkpoint.save as ckpt_save
 from svdquant import CheckpointError, SVDQConv1x1, SVDQLinear
@@ -136,7 +137,7 @@ def test_roundtrip_tensors_exact(saved, arch):
         m, l = model.get_submodule(name), loaded.get_submodule(name)
         m, l = (m.linear, l.linear) if isinstance(m, SVDQConv1x1) else (m, l)
         assert type(l) is type(m) and l.config() == m.config(), name
-    assert loaded._svdquant_recipe == RECIPE.to_dict()
+    assert peek(loaded).recipe == RECIPE.to_dict()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -850,7 +851,7 @@ def test_imported_layers_are_held_to_what_any_quantizer_writes(fresh):
     with pytest.raises(CheckpointError, match="out of balance"):
         svdquant.load_quantized(path)
     edit_meta(path, lambda m: m.update(source="nunchaku"))
-    assert svdquant.load_quantized(path)._svdquant_source == "nunchaku"
+    assert peek(svdquant.load_quantized(path)).source == "nunchaku"
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4m", "int4z", "nvfp4", "int8", "fp8", "nf4"])
@@ -880,7 +881,7 @@ def test_float_scale_checkpoints_stay_version_1_and_load(tmp_path):
     meta["recipe"] = dict(meta["recipe"], name="int4")
     (path / META_FILE).write_text(json.dumps(meta))
     loaded = svdquant.load_quantized(path)
-    recipe = svdquant.QuantConfig.from_dict(loaded._svdquant_recipe)
+    recipe = svdquant.QuantConfig.from_dict(peek(loaded).recipe)
     assert (recipe.weights, recipe.activations) == ("int4", "int4")
     inputs = tm.calibration_inputs("flux", model, 1)[0]
     with torch.no_grad():

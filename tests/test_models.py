@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import svdquant
+from svdquant._state import peek
 from svdquant import SVDQConv1x1, SVDQLinear
 from svdquant.calibration import draw_plan
 from svdquant.recipes import POST_GELU_SHIFT
@@ -322,7 +323,7 @@ def test_report_rows_and_skipped_layers(arch):
         assert r.shape == (sum((q.get_submodule(n).linear if isinstance(q.get_submodule(n), SVDQConv1x1)
                                 else q.get_submodule(n)).out_features for n in r.names), first.in_features)
         assert 0 < r.rel_error < 0.2 and r.rel_error <= r.rel_error_naive + 1e-9
-    assert q._svdquant_recipe == RECIPE.to_dict()
+    assert peek(q).recipe == RECIPE.to_dict()
     assert not q.training
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import svdquant
+from svdquant._state import peek, state
 from svdquant.checkpoint import CheckpointError
 from svdquant.convert import from_nunchaku, to_nunchaku, to_two_level
 from svdquant.convert.nunchaku import nunchaku_tensors
@@ -199,7 +200,7 @@ def test_imported_layers(imported):
     assert torch.equal(blk.attn.to_q.lora_down, blk.attn.to_v.lora_down)
     po = imported.single_transformer_blocks[0].proj_out
     assert (po.rank, po.act_unsigned_from, po.act_shift) == (32, D, SHIFT)  # equal ups: one branch
-    assert blk.norm1.linear.weights == "int4" and imported._svdquant_recipe["name"] == "w4a4-float"
+    assert blk.norm1.linear.weights == "int4" and peek(imported).recipe["name"] == "w4a4-float"
 
 
 def test_import_export_import_is_a_fixed_point(imported, root, file):
@@ -390,7 +391,7 @@ def test_two_level_conversion(file, root):
     assert text.startswith("two-level scales: 17 W4A4 layers converted") and "16-bit activations" in text
     rel = float((out(model).float() - y_float).norm() / y_float.norm())
     assert rel < 0.05
-    assert model._svdquant_recipe["name"] == "w4a4"
+    assert peek(model).recipe["name"] == "w4a4"
     svdquant.save_quantized(model, root / "two-level")
     assert torch.equal(out(svdquant.load_quantized(root / "two-level")), out(model))
 
@@ -576,7 +577,7 @@ def test_convert_export_data_check_after_loading_leaves_no_file(root, ours, tmp_
     with torch.no_grad():
         model.transformer_blocks[0].attn.to_v.smooth_inv.mul_(2)
     # edited by hand: not what svdquant's quantizer writes, so its bounds (a shared branch in balance) do not apply
-    model._svdquant_source = "hand-edited"
+    state(model).source = "hand-edited"
     svdquant.save_quantized(model, tmp_path / "ck")
     rejected(["convert", tmp_path / "ck", "--to", "nunchaku", "-o", tmp_path / "x.safetensors"],
              "do not share their smoothing", folder=tmp_path)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from .._state import state
 from ..modules import SVDQConv1x1, SVDQLinear
 from .header import verify_sha256
 from .layout import CheckpointError
@@ -75,7 +76,7 @@ def empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str = 
     except Exception as e:
         raise CheckpointError(f"{where}: {meta['model_class']} cannot be built from the stored config ({e})") from None
     swap_quantized_layers(model, meta["layers"], where, weight_mode)
-    model._svdquant_recipe = meta.get("recipe")
+    state(model).recipe = meta.get("recipe")
     return model
 
 

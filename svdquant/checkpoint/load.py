@@ -8,6 +8,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .._state import state
 from .. import _checks
 from ..integrations.diffusers import compat
 from .build import (empty_quantized_model, fill_from_file, has_plain_meta_tensors, swap_quantized_layers,
@@ -55,7 +56,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     header.pop("__metadata__", None)
     fill_from_file(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None,
                    method=quantizer_method(meta))
-    model._svdquant_source = meta.get("source")
+    state(model).source = meta.get("source")
     model.eval()
     return compat.quantized(model)  # save_pretrained then writes its quantization_config
 
@@ -95,6 +96,6 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
         from ..models.text_encoders import fit_quantized
 
         fit_quantized(model)
-        model._svdquant_recipe = entry.get("recipe")
+        state(model).recipe = entry.get("recipe")
         out[name] = model.eval()
     return out

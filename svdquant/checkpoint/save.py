@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from .._state import peek
 from .. import _checks
 from .._tiny_facts import TINY_BASE
 from .._version import __version__
@@ -42,7 +43,7 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
 
     model, encoders = _transformer_and_encoders(model)
     path = Path(path)
-    loras = [n for m in (model, *encoders.values()) for n in (getattr(m, "_svdquant_loras", None) or ())]
+    loras = [n for m in (model, *encoders.values()) for n in (peek(m).loras or ())]
     if loras:
         raise CheckpointError(f"LoRAs are loaded ({', '.join(loras)}); checkpoints hold the "
                               "quantized model alone: unload them (svdquant.unload_lora) before saving")
@@ -64,11 +65,11 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
         # A local base is stored relative to the checkpoint, so the two can move together.
         "base": os.path.relpath(Path(base).resolve(), path.resolve()) if local else base,
         "base_is_local": local,
-        "recipe": getattr(model, "_svdquant_recipe", None),
+        "recipe": peek(model).recipe,
         "layers": layers,
         # where the layers came from when not from svdquant's quantizer ("nunchaku"): the load then checks only
         # what holds for any quantizer (see check_values)
-        **({"source": model._svdquant_source} if getattr(model, "_svdquant_source", None) else {}),
+        **({"source": peek(model).source} if peek(model).source else {}),
         "report": report.to_dict() if report is not None else None,
     }
     encoder_files = _encoder_entries(meta, encoders)
@@ -83,8 +84,8 @@ def _transformer_and_encoders(model) -> tuple[nn.Module, dict[str, nn.Module]]:
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "transformer", None), nn.Module):
         encoders = quantized_encoders(model)
         model = model.transformer
-    elif getattr(model, "_svdquant_text_encoders", None):
-        warnings.warn(f"the pipeline's text encoders ({', '.join(model._svdquant_text_encoders)}) were quantized "
+    elif peek(model).text_encoders:
+        warnings.warn(f"the pipeline's text encoders ({', '.join(peek(model).text_encoders)}) were quantized "
                       "too; save_quantized(pipe, ...) saves them with the transformer, this saves the transformer "
                       "alone", stacklevel=3)
     if not isinstance(model, nn.Module):
@@ -112,7 +113,7 @@ def _encoder_entries(meta: dict[str, Any], encoders: dict[str, nn.Module]) -> di
             tensors, tied = encoder_tensors(te)
             meta["text_encoders"][name] = {"model_class": type(te).__name__, "model_config": model_config_of(te),
                                            "layers": quantized_layers(te), "tied": tied,
-                                           "recipe": getattr(te, "_svdquant_recipe", None)}
+                                           "recipe": peek(te).recipe}
             encoder_files[f"{name}.safetensors"] = tensors
     return encoder_files
 

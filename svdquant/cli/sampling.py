@@ -157,7 +157,7 @@ def cmd_compare(args) -> None:
     del fpipe
     img = _sample(qpipe, args.prompt, args, "pt")
     p, s = psnr(img, ref), ssim(img, ref)
-    recipe = (qpipe.transformer._svdquant_recipe or {}).get("name", "quantized")
+    recipe = (peek(qpipe.transformer).recipe or {}).get("name", "quantized")
     scale = max(1, 256 // ref.shape[-1])
     canvas = grid([("16-bit", to_pil(ref)), (f"{recipe}", to_pil(img))], scale=scale,
                   row_notes=["reference", "PSNR " + ", ".join(f"{v:.2f}" for v in p.tolist()) + " dB"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .._state import peek, state
 from ..formats import get_format, quantize
 from ..formats.int4 import shift_vector
 from ..integrations.diffusers import compat  # h-diffusers
@@ -110,8 +111,8 @@ def to_two_level(model: nn.Module, *, seed: int = 0) -> TwoLevelReport:
     Weight-only layers are left as they are (their W4A16 kernel has no per-group rescale to avoid)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_two_level takes the quantized model (e.g. pipe.transformer), got {type(model).__name__}")
-    if getattr(model, "_svdquant_loras", None):
-        raise ValueError(f"LoRAs are loaded ({', '.join(model._svdquant_loras)}); unload them "
+    if peek(model).loras:
+        raise ValueError(f"LoRAs are loaded ({', '.join(peek(model).loras)}); unload them "
                          "(svdquant.unload_lora) before converting")
     report = TwoLevelReport()
     gen = torch.Generator().manual_seed(seed)
@@ -129,6 +130,6 @@ def to_two_level(model: nn.Module, *, seed: int = 0) -> TwoLevelReport:
         setattr(model.get_submodule(parent) if parent else model, child, new)
         rank = max(rank, m.rank)
     if targets:
-        model._svdquant_recipe = get_recipe("w4a4", rank=rank).to_dict()
+        state(model).recipe = get_recipe("w4a4", rank=rank).to_dict()
         compat.quantized(model)  # h-diffusers: its quantization_config names the new formats
     return report

@@ -36,6 +36,7 @@ import re
 import torch
 import torch.nn as nn
 
+from .._state import state
 from .._memory import tensor_bytes
 from .._progress import progress as progress_bar
 from ..recipes import QuantConfig
@@ -135,7 +136,7 @@ def quantize_encoder(name: str, encoder: nn.Module, layers: list[str], recipe: Q
         set_module(encoder, layer, SVDQLinear.from_quantized(qw, recipe, w.dtype).to(lin.weight.device))
         done.append((f"{name}.{layer}", rep))
     fit_quantized(encoder)
-    encoder._svdquant_recipe = recipe.to_dict()
+    state(encoder).recipe = recipe.to_dict()
     kept = sum(1 for n, m in encoder.named_modules() if isinstance(m, nn.Linear))
     summary = {"class": type(encoder).__name__, "layers": len(layers), "kept": kept, "weights": recipe.weights,
                "group_size": recipe.group_size, "bytes_16bit": before, "bytes_quantized": tensor_bytes(encoder)}

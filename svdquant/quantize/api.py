@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .._state import state
 from .. import _checks
 from .._cpu import single_thread_if_contended
 from .._timing import StageClock
@@ -86,7 +87,7 @@ def _run(plan: QuantPlan) -> QuantReport:
                              snapshots=done.snapshots, seconds_calibration=done.seconds_calibration)
         report.skipped = [(n, type(m).__name__) for n, m in model.named_modules()
                           if isinstance(m, QUANTIZABLE) and n]
-        model._svdquant_recipe = plan.recipe.to_dict()
+        state(model).recipe = plan.recipe.to_dict()
         compat.quantized(model)  # save_pretrained then writes its quantization_config
         model.train(was_training)
         if plan.text_encoders:
@@ -127,6 +128,6 @@ def quantize_text_encoders(pipe, recipe: str | QuantConfig = "w4a16", *, report:
         report.text_encoder_rows += [LayerRow.of_weight(layer, recipe, rep) for layer, rep in done]
         report.text_encoders[name] = summary
     if isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
-        pipe.transformer._svdquant_text_encoders = list(plan)  # so that saving the transformer alone can warn
+        state(pipe.transformer).text_encoders = list(plan)  # so that saving the transformer alone can warn
     report.seconds_total += time.perf_counter() - t0
     return report

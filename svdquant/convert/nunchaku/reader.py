@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..._state import state
 from ... import _checks
 from ...checkpoint import check_values, count_nonfinite, empty_quantized_model
 from ...formats import pack_4bit_halves
@@ -117,8 +118,8 @@ def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *
                                   f", extra {sorted(set(tensors) - set(expected))[:3]})")
     check_values(model, tensors, quantized, plan.path)
     model.load_state_dict(tensors, strict=True, assign=True)
-    model._svdquant_recipe = plan.meta["recipe"]
-    model._svdquant_source = "nunchaku"  # saved with it: a later load skips the checks of svdquant's own quantizer
+    state(model).recipe = plan.meta["recipe"]
+    state(model).source = "nunchaku"  # saved with it: a later load skips the checks of svdquant's own quantizer
     model.eval()
     compat.quantized(model)  # save_pretrained then writes its quantization_config
     return model.to(device) if str(device) != "cpu" else model

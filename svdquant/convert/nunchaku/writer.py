@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..._state import peek
 from ... import _checks
 from ...checkpoint import CheckpointError, fsync_file, load_quantized, model_config_of, quantized_layers, read_metadata
 from ...formats import unpack_4bit_halves
@@ -99,8 +100,8 @@ def _export_awq(model: nn.Module, pre: str, spec: AWQ, dtype) -> dict[str, torch
 
 def nunchaku_tensors(model: nn.Module, where="the model") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of the Nunchaku file for ``model`` (checked first; CheckpointError with the fix)."""
-    if getattr(model, "_svdquant_loras", None):
-        raise CheckpointError(f"LoRAs are loaded ({', '.join(model._svdquant_loras)}); unload them "
+    if peek(model).loras:
+        raise CheckpointError(f"LoRAs are loaded ({', '.join(peek(model).loras)}); unload them "
                               "(svdquant.unload_lora) before converting")
     config = model_config_of(model)
     rank = check_exportable(quantized_layers(model), type(model).__name__, config, where)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..._state import peek
 from . import compat
 
 
@@ -51,7 +52,7 @@ def _attach(model: nn.Module, layers: dict) -> nn.Module:
     from .quantizer import SVDQuantConfig, SVDQuantQuantizer
 
     config = SVDQuantConfig(layers=layers, format_version=format_version(layers),
-                            recipe=getattr(model, "_svdquant_recipe", None))
+                            recipe=peek(model).recipe)
     model.register_to_config(quantization_config=config)
     model.hf_quantizer = SVDQuantQuantizer(config, pre_quantized=True)
     return model

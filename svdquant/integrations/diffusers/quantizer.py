@@ -28,6 +28,7 @@ import torch.nn as nn
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
+from ..._state import state
 from ...checkpoint import (FORMAT_VERSION, CheckpointError, all_tensors, check_layer, check_values, is_int,
                            swap_quantized_layers)
 from ...modules import SVDQLinear
@@ -136,7 +137,7 @@ class SVDQuantQuantizer(DiffusersQuantizer):
             swap_quantized_layers(model, self.quantization_config.layers, f"{type(model).__name__} quantization_config")
         except CheckpointError as e:
             raise CheckpointError(f"{e}{REPAIR}") from None
-        model._svdquant_recipe = self.quantization_config.recipe
+        state(model).recipe = self.quantization_config.recipe
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
