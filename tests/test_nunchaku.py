@@ -1,4 +1,4 @@
-"""Nunchaku checkpoints in and out (svdquant/convert/nunchaku.py, two_level.py; issue 14, part 3).
+"""Nunchaku checkpoints in and out (svdquant/convert/nunchaku/, two_level.py; issue 14, part 3).
 
 A tiny FLUX, 128 wide (Nunchaku's INT4 layers are multiples of 128 on both sides), quantized by us with
 ``w4a4-float`` in bf16 and written as a Nunchaku file: the layout of every tensor, the import, the two

@@ -1,4 +1,4 @@
-"""Nunchaku's INT4 tensor layouts (svdquant/convert/nunchaku_packing.py): known answers worked out by hand
+"""Nunchaku's INT4 tensor layouts (svdquant/convert/nunchaku/packing.py): known answers worked out by hand
 from the fragment coordinates (see the module doc), Nunchaku's own documented lane table, and exact
 round trips."""
 
