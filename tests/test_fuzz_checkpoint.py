@@ -319,6 +319,15 @@ def test_metadata_layer_names_lie(orig, data):
 
 
 # ------------------------------------------------------------------------------------------------ fixed cases
+@pytest.mark.parametrize("new", ["__len__", "config", "dtype", "norm_out.norm", "forward"])
+def test_layer_named_after_a_non_module_attribute(orig, new):
+    """Names that getattr answers without a module (diffusers' config lookup raised KeyError for ``__len__``)."""
+    meta = json.loads(orig.meta_text)
+    old = sorted(meta["layers"])[0]
+    meta["layers"][new] = meta["layers"].pop(old)
+    assert load(orig, meta_text=json.dumps(meta))[0] == "error"
+
+
 def test_huge_header_length_is_not_read(orig):
     """A header length above MAX_HEADER_BYTES in a file that is really that long: refused before reading it."""
     from svdquant.checkpoint import MAX_HEADER_BYTES

@@ -80,6 +80,17 @@ def empty_quantized_model(meta: dict[str, Any], where: Path, weight_mode: str = 
     return model
 
 
+def _registered(module: nn.Module, name: str) -> nn.Module | None:
+    """The submodule registered at dotted ``name``, else None. Walks ``_modules`` only: ``getattr`` would also find
+    methods, buffers and config fields, and diffusers' ``__getattr__`` answers a name like ``__len__`` from the
+    config with a KeyError."""
+    for part in name.split("."):
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
+
+
 def swap_quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]], where, weight_mode: str = "auto"):
     """Replace each layer named in ``layers`` (entries checked by :func:`check_layer`) by an empty
     :class:`SVDQLinear` / :class:`SVDQConv1x1` on the meta device; CheckpointError where they do not fit."""
@@ -95,14 +106,13 @@ def swap_quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]], w
         lin.weight_mode = weight_mode  # read when the loaded tensors prepare the layer
         new = SVDQConv1x1(lin) if kind == "conv1x1" else lin
         parent, _, child = name.rpartition(".")
-        try:
-            owner = model.get_submodule(parent) if parent else model
-            old = getattr(owner, child)
-        except AttributeError:
+        owner = _registered(model, parent) if parent else model
+        old = _registered(owner, child) if owner is not None else None
+        if old is None:
             raise CheckpointError(
                 f"{where} quantizes layer {name!r}, which {model_class} built from the stored config "
                 "does not have; the checkpoint and the model code disagree"
-            ) from None
+            )
         # The layer it replaces must be a linear (a 1x1 conv) of the same size, or the file lies about the
         # model and the first forward would fail far from here.
         if kind == "conv1x1":
