@@ -42,6 +42,7 @@ from .calibration import Calibration, EntryRecorder, LinearInputRecorder, run_ca
 from .calibration.capture import ChainCheck, keep_entry, next_inputs, run_inputs
 from .calibration.offload import Streamed, move
 from .models import Group, get_adapter
+from .models.pipeline_needs import check_pipeline_inputs  # h-models
 from .models.base import QUANTIZABLE, is_quantizable
 from .modules import SVDQConv1x1, SVDQLinear
 from .modules.conv import as_linear
@@ -442,6 +443,8 @@ def quantize(
     calib = calib.for_pipeline(pipe)
     if pipe is not None and calib.inputs is None:
         _check_pipeline_call(pipe, calib)
+        # h-models: edit pipelines need input images; a second expert (Wan 2.2) is refused, not left 16-bit
+        check_pipeline_inputs(pipe, calib.images, calib.pipeline_kwargs)
     # None means the recipe's; 0 is refused by Calibration, never replaced by the default
     if not isinstance(text_encoders, bool):
         raise TypeError(f"text_encoders= takes True or False, got {text_encoders!r}")
@@ -706,11 +709,11 @@ class _Replayer:
                     if spill:
                         with clock.stage("transfers"):
                             out = move(out, home, pin=pin, non_blocking=pin)
-                    nxt.append(next_inputs(s, out, self.adapter.outputs))
+                    nxt.append(next_inputs(s, out, self.adapter.outputs_of(job.name)))  # h-models: per stack
                 elif job.chain:  # the next stack's entry, kept as the calibration keeps a recorded one
                     with clock.stage("transfers" if spill else "replays"):
-                        nxt.append({**s, **keep_entry(next_inputs({}, out, self.adapter.outputs), self.store,
-                                                      pin)})
+                        nxt.append({**s, **keep_entry(next_inputs({}, out, self.adapter.outputs_of(job.name)),
+                                                      self.store, pin)})  # h-models: per stack
                 del s_dev, out
         finally:
             rec.close()

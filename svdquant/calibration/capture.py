@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .._progress import progress as progress_bar
+from .inputs import check_images, image_for
 from .offload import move
 from .prompts import DEFAULT_PROMPTS
 
@@ -46,6 +47,8 @@ class Calibration:
     pipeline_kwargs: extra arguments for every pipeline call (height, width, guidance...).
     inputs: instead of a pipeline, a list of keyword-argument dicts for the model's
         forward, one snapshot each (for bare models, and for tests).
+    images: input images for an edit pipeline (FLUX.1 Kontext, Qwen-Image-Edit, Wan image-to-video), PIL
+        images or file paths: prompt ``i`` edits image ``i mod n`` (:mod:`svdquant.calibration.inputs`).
     """
 
     prompts: Sequence[str] | None = None
@@ -56,6 +59,7 @@ class Calibration:
     seed: int = 0
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] | None = None
+    images: Sequence[Any] | None = None
 
     # set by the calibration itself; in pipeline_kwargs they would collide with it
     _RESERVED = ("prompt", "num_inference_steps", "generator", "output_type")
@@ -89,6 +93,10 @@ class Calibration:
         if self.inputs is not None:
             if not self.inputs or not all(isinstance(kw, dict) for kw in self.inputs):
                 raise ValueError("inputs= must be a non-empty list of forward keyword-argument dicts")
+        if self.images is not None:
+            if "image" in self.pipeline_kwargs:
+                raise ValueError("pipeline_kwargs sets 'image' and images= is given; give the images as images=")
+            self.images = check_images(self.images)
 
     DEFAULTS = {"steps": 8, "snapshots": 128}
 
@@ -426,7 +434,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
             gen = torch.Generator(gen_device).manual_seed(calib.seed + i)
             try:
                 runner(prompt=prompts[i], num_inference_steps=calib.steps, generator=gen, output_type="latent",
-                       **calib.pipeline_kwargs)
+                       **image_for(calib.images, i), **calib.pipeline_kwargs)
             except _StopPrompt:
                 pass
     finally:

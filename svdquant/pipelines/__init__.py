@@ -115,12 +115,11 @@ def pickled_only_error(base, e: Exception) -> Exception:
 
 
 def size_multiple(pipe) -> int:
-    """What image heights and widths must be a multiple of for ``pipe`` (diffusers otherwise resizes quietly)."""
-    vae = getattr(pipe, "vae_scale_factor", 8)
-    if "Flux" in type(pipe).__name__:
-        return vae * 2  # latents are packed 2x2 into tokens
-    patch = getattr(getattr(pipe.transformer, "config", None), "patch_size", None) or 1
-    return vae * patch
+    """What image heights and widths must be a multiple of for ``pipe`` (diffusers otherwise resizes quietly,
+    or refuses): its transformer's adapter knows the latent pixels per token (:mod:`svdquant.models`)."""
+    from ..models.pipeline_needs import size_multiple as from_adapter
+
+    return from_adapter(pipe)
 
 
 def check_size(pipe, height=None, width=None, names=("height", "width")) -> None:
