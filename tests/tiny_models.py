@@ -72,6 +72,26 @@ SDXL_CONFIG = dict(
     projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
 )
 
+# FLUX.2 / [klein]: SwiGLU feed-forwards 3x wide (192 = 3 x 64), four RoPE axes of 8 (one head of 32).
+FLUX2_CONFIG = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=32, timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(8, 8, 8, 8),
+    guidance_embeds=False,
+)
+
+# Z-Image: width 192 so that its SwiGLU's int(dim / 3 * 8) = 512 is whole groups of 64 (at 64 it would be 170);
+# one block per stack (noise refiner, context refiner, main layers).
+ZIMAGE_CONFIG = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=192, n_layers=1, n_refiner_layers=1, n_heads=2,
+    n_kv_heads=2, cap_feat_dim=32, axes_dims=[32, 32, 32], axes_lens=[64, 32, 32],
+)
+
+# Wan 2.1 text-to-video layout; patch (1, 2, 2): 2 latent frames of 8 x 8 are 32 tokens.
+WAN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=32,
+    freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32,
+)
+
 TEXT_TOKENS = 6
 
 
@@ -234,8 +254,79 @@ def sdxl_inputs(model, seed: int = 0, batch: int = 1) -> dict:
     )
 
 
+# --------------------------------------------------------------------------------------
+# FLUX.2
+# --------------------------------------------------------------------------------------
+
+def build_flux2(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    return _build(Flux2Transformer2DModel, {**FLUX2_CONFIG, **overrides}, seed, dtype)
+
+
+def flux2_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    side = 4  # 16 image tokens; ids (t, h, w, l) as Flux2Pipeline makes them
+    ii, jj = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(ii), ii, jj, torch.zeros_like(ii)], -1).reshape(-1, 4)
+    txt_ids = torch.stack([torch.zeros(TEXT_TOKENS), torch.zeros(TEXT_TOKENS), torch.zeros(TEXT_TOKENS),
+                           torch.arange(TEXT_TOKENS).float()], -1)
+    return dict(
+        hidden_states=torch.randn(batch, side * side, cfg.in_channels, generator=g).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.joint_attention_dim, generator=g).to(dt),
+        timestep=torch.rand(batch, generator=g).to(dt),
+        img_ids=img_ids.float(),
+        txt_ids=txt_ids,
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Z-Image
+# --------------------------------------------------------------------------------------
+
+def build_zimage(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import ZImageTransformer2DModel
+
+    return _build(ZImageTransformer2DModel, {**ZIMAGE_CONFIG, **overrides}, seed, dtype)
+
+
+def zimage_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    """Z-Image takes lists: per image ``[C, 1, H, W]`` latents (8 x 8: 16 tokens of 2x2) and its caption features."""
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        x=[torch.randn(cfg.in_channels, 1, 16, 16, generator=g).to(dt) for _ in range(batch)],
+        t=torch.rand(batch, generator=g).to(dt),
+        cap_feats=[torch.randn(TEXT_TOKENS, cfg.cap_feat_dim, generator=g).to(dt) for _ in range(batch)],
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Wan (video)
+# --------------------------------------------------------------------------------------
+
+def build_wan(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    return _build(WanTransformer3DModel, {**WAN_CONFIG, **overrides}, seed, dtype)
+
+
+def wan_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, 2, 8, 8, generator=g).to(dt),  # 2 x 4 x 4 = 32 tokens
+        timestep=(torch.rand(batch, generator=g) * 1000).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.text_dim, generator=g).to(dt),
+        return_dict=False,
+    )
+
+
 ARCHS = {
     "flux": (build_flux, flux_inputs),
+    "flux2": (build_flux2, flux2_inputs),
+    "zimage": (build_zimage, zimage_inputs),
+    "wan": (build_wan, wan_inputs),
     "sd3": (build_sd3, sd3_inputs),
     "pixart": (build_pixart, pixart_inputs),
     "sana": (build_sana, sana_inputs),
@@ -254,7 +345,8 @@ def forward(model, kwargs: dict) -> torch.Tensor:
     """The model's output tensor for one set of forward kwargs."""
     with torch.no_grad():
         out = model(**kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out.sample
+    out = out[0] if isinstance(out, (tuple, list)) else out.sample
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image returns a list, one tensor per image
 
 
 # --------------------------------------------------------------------------------------

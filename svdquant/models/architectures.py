@@ -87,9 +87,9 @@ def _zimage_groups(block: nn.Module):
         # signed, so it is not shifted as a post-GELU input is
         (("feed_forward.w1", "feed_forward.w3"), SHARED),
         (("feed_forward.w2",), SHARED),
-        # adaLN_modulation = Sequential(Linear(256, 4·dim)) reads the timestep embedding once per call:
-        # weight-only, as FLUX's norm1.linear (the context refiner's blocks have none)
-        (("adaLN_modulation.0",), dict(weight_only=True)),
+        # adaLN_modulation = Sequential(Linear(min(dim, 256), 4·dim)) stays 16-bit: unlike FLUX's norm1.linear
+        # (dim -> 6·dim, 9% of FLUX.1's weights) it reads the 256-wide timestep embedding, 2% of Z-Image's
+        # weights, and its tanh gates and scales multiply every token, so 4 bits there cost more than they save.
     )
 
 
