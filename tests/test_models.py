@@ -51,7 +51,7 @@ from svdquant.recipes import POST_GELU_SHIFT
 # Two-level W4A4: the INT8 engine's format with shifted unsigned post-GELU groups, the layout the adapters mark.
 RECIPE = svdquant.W4A4Config(iterations=3, eval_tokens=128)
 DTYPE = torch.bfloat16
-ARCHS = list(tm.ARCHS)
+ARCHS = list(tm.ALL_ARCHS)
 BOUNDS = {"flux": 0.016, "sd3": 0.014, "pixart": 0.020, "sana": 0.030, "qwenimage": 0.013, "sdxl": 0.090,
           "flux2": 0.008, "zimage": 0.110, "wan": 0.025}
 NAIVE_RATIO = 0.8
@@ -259,7 +259,7 @@ _CACHE: dict = {}
 def quantized(arch: str):
     """(16-bit model, quantized copy, report, 16-bit state) for ``arch``, built once per session."""
     if arch not in _CACHE:
-        build, _ = tm.ARCHS[arch]
+        build, _ = tm.ALL_ARCHS[arch]
         model = build(seed=0, dtype=DTYPE)
         before = state(model)
         q = copy.deepcopy(model)
@@ -333,7 +333,7 @@ def test_layers_not_quantized_are_bit_identical(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_output_close_to_16bit(arch):
     model, q, _, _ = quantized(arch)
-    make = tm.ARCHS[arch][1]
+    make = tm.ALL_ARCHS[arch][1]
     naive = copy.deepcopy(model)
     svdquant.quantize(naive, RECIPE.replace(method="naive", rank=0),
                       svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 2)), progress=False)
