@@ -475,3 +475,64 @@ def quantized_flux(recipe: str = "int4", iterations: int = 1):
     svdquant.quantize(model, svdquant.get_recipe(recipe, iterations=iterations, eval_tokens=64),
                       svdquant.Calibration(inputs=calibration_inputs("flux", model, 1)), progress=False)
     return model, calibration_inputs("flux", model, 1)[0]
+
+
+# --------------------------------------------------------------------------------------
+# edit and video pipelines, built offline
+# --------------------------------------------------------------------------------------
+
+# FluxKontextPipeline resizes the input image to a preferred (1024-ish) resolution and the output to max_area
+# unless told otherwise: 16 x 16 stays 16 x 16 (16 latent tokens and 16 of the input image).
+KONTEXT_KWARGS = dict(height=16, width=16, max_area=16 * 16, _auto_resize=False, max_sequence_length=8)
+
+
+def build_kontext_pipeline(seed: int = 0):
+    """A diffusers ``FluxKontextPipeline`` on :func:`build_flux_pipeline`'s tiny components."""
+    from diffusers import FluxKontextPipeline
+
+    flux = build_flux_pipeline(seed)
+    pipe = FluxKontextPipeline(**{k: v for k, v in flux.components.items() if k in (
+        "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def input_image(seed: int = 0, size: int = 16):
+    """A fixed-seed random RGB picture (PIL) for the edit pipelines."""
+    from PIL import Image
+
+    arr = torch.randint(0, 256, (size, size, 3), generator=_gen(seed), dtype=torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+# WanPipeline call: 5 frames of 64 x 64 -> 2 latent frames of 8 x 8 -> 32 tokens; 8 UMT5 tokens (default 512).
+WAN_KWARGS = dict(height=64, width=64, num_frames=5, max_sequence_length=8, guidance_scale=5.0)
+
+
+def build_wan_pipeline(seed: int = 0, two_experts: bool = False):
+    """A diffusers ``WanPipeline`` (Wan 2.1 text-to-video) with tiny random components; ``two_experts``: Wan 2.2
+    A14B's layout, a second transformer for the low-noise steps (``transformer_2``, ``boundary_ratio``)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        tok = t5_tokenizer()
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tok), d_model=WAN_CONFIG["text_dim"], d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1))
+        vae = AutoencoderKLWan(base_dim=8, z_dim=WAN_CONFIG["in_channels"], dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    extra = dict(transformer_2=build_wan(seed + 2), boundary_ratio=0.5) if two_experts else {}
+    pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=build_wan(seed), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_video(pipe, prompt: str = "a cat", steps: int = 2, seed: int = 0) -> torch.Tensor:
+    """``pipe(prompt)``'s latents (no VAE decode: the tiny Wan VAE is random), fixed noise, tiny sizes."""
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=steps, generator=_gen(seed), output_type="latent",
+                    **WAN_KWARGS).frames
