@@ -834,3 +834,34 @@ def test_quantize_gptq_option(argv, gptq, method):
 
     r = _recipe(build_parser().parse_args(["quantize", "tiny", "-o", "x", *argv]))
     assert (r.gptq, r.method) == (gptq, method)
+
+
+# ------------------------------------------------------------------------------------------------ --images (edit pipelines)
+@pytest.fixture(scope="module")
+def kontext_dir(root):
+    folder = root / "kontext"
+    tm.build_kontext_pipeline().save_pretrained(folder)
+    return folder
+
+
+KONTEXT_CALIB = ["--num-prompts", "1", "--steps", "2", "--snapshots", "2", "--tokens", "64", "--height", "16",
+                 "--width", "16", "--recipe", "int4", "--method", "naive", *CPU]
+
+
+def test_quantize_edit_pipeline_without_images_is_refused_first(tmp_path, kontext_dir):
+    rejected(["quantize", kontext_dir, "-o", tmp_path / "ck", *KONTEXT_CALIB], "FluxKontextPipeline",
+             "--images FILE", folder=tmp_path)
+
+
+def test_quantize_images_checked_first(tmp_path, kontext_dir, pipe_dir):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rejected(["quantize", kontext_dir, "-o", tmp_path / "ck", "--images", tmp_path / "none.png", *KONTEXT_CALIB],
+             "--images", "none.png", "no such file", folder=tmp_path)
+    rejected(["quantize", kontext_dir, "-o", tmp_path / "ck", "--images", tmp_path / "bad.png", *KONTEXT_CALIB],
+             "bad.png", "cannot be read as an image", folder=tmp_path)
+    tm.input_image().save(tmp_path / "a.png")
+    rejected(["quantize", pipe_dir, "-o", tmp_path / "ck", "--images", tmp_path / "a.png", *CALIB],
+             "FluxPipeline takes no input image", folder=tmp_path)
+    rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--images", tmp_path / "a.png", *TINY_CALIB],
+             "the tiny model takes no input image", folder=tmp_path)
+

@@ -22,7 +22,8 @@ from svdquant.integrations.diffusers import attach, compat
 from svdquant.integrations.diffusers.quantizer import SVDQuantConfig, SVDQuantQuantizer
 
 RECIPE = svdquant.get_recipe("int4", iterations=1, eval_tokens=64)
-CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "flux2": "Flux2Transformer2DModel",
+           "zimage": "ZImageTransformer2DModel", "wan": "WanTransformer3DModel"}
 _CACHE: dict = {}
 _QUANTIZED: dict = {}  # arch -> the model svdquant.quantize made (what made() saved)
 
@@ -40,7 +41,7 @@ def made(tmp_path_factory):
 
     def get(arch):
         if arch not in _CACHE:
-            build, _ = tm.ARCHS[arch]
+            build, _ = tm.ALL_ARCHS[arch]
             model = build()
             svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 1)),
                               progress=False)
@@ -75,7 +76,7 @@ def test_from_pretrained_is_bit_exact(made, arch):
     assert sum(isinstance(m, SVDQLinear) for m in loaded.modules()) == sum(
         isinstance(m, SVDQLinear) for m in ref.modules()) > 0
     assert_same_model(ref, loaded)
-    kwargs = tm.ARCHS[arch][1](ref, seed=7)
+    kwargs = tm.ALL_ARCHS[arch][1](ref, seed=7)
     assert torch.equal(tm.forward(ref, kwargs), tm.forward(loaded, kwargs))
 
 
@@ -90,7 +91,7 @@ def test_save_pretrained_round_trip(made, arch, tmp_path):
     second = load_file(str(tmp_path / "again" / "diffusion_pytorch_model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     again = model_class(arch).from_pretrained(tmp_path / "again")
-    kwargs = tm.ARCHS[arch][1](loaded, seed=3)
+    kwargs = tm.ALL_ARCHS[arch][1](loaded, seed=3)
     assert torch.equal(tm.forward(loaded, kwargs), tm.forward(again, kwargs))
 
 

@@ -3,7 +3,7 @@
 Nothing here downloads anything: every model is built from a config with fixed-seed random
 weights, and the tiny FLUX pipeline's tokenizers are written from a small vocabulary.
 
-``ARCHS`` maps an architecture name to ``(build, make_inputs)``:
+``ARCHS`` maps an architecture name to ``(build, make_inputs)`` (``ALL_ARCHS`` adds ``MORE_ARCHS``):
 
 * ``build(seed=0, dtype=torch.float32)`` -> the transformer in eval mode;
 * ``make_inputs(model, seed=0, batch=1)`` -> keyword arguments for one forward call
@@ -70,6 +70,26 @@ SDXL_CONFIG = dict(
     attention_head_dim=(1, 2), transformer_layers_per_block=1, use_linear_projection=True,
     cross_attention_dim=HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+)
+
+# FLUX.2 / [klein]: SwiGLU feed-forwards 3x wide (192 = 3 x 64), four RoPE axes of 8 (one head of 32).
+FLUX2_CONFIG = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=32, timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(8, 8, 8, 8),
+    guidance_embeds=False,
+)
+
+# Z-Image: width 192 so that its SwiGLU's int(dim / 3 * 8) = 512 is whole groups of 64 (at 64 it would be 170);
+# one block per stack (noise refiner, context refiner, main layers).
+ZIMAGE_CONFIG = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=192, n_layers=1, n_refiner_layers=1, n_heads=2,
+    n_kv_heads=2, cap_feat_dim=32, axes_dims=[32, 32, 32], axes_lens=[64, 32, 32],
+)
+
+# Wan 2.1 text-to-video layout; patch (1, 2, 2): 2 latent frames of 8 x 8 are 32 tokens.
+WAN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=32,
+    freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32,
 )
 
 TEXT_TOKENS = 6
@@ -234,8 +254,78 @@ def sdxl_inputs(model, seed: int = 0, batch: int = 1) -> dict:
     )
 
 
+# --------------------------------------------------------------------------------------
+# FLUX.2
+# --------------------------------------------------------------------------------------
+
+def build_flux2(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    return _build(Flux2Transformer2DModel, {**FLUX2_CONFIG, **overrides}, seed, dtype)
+
+
+def flux2_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    side = 4  # 16 image tokens; ids (t, h, w, l) as Flux2Pipeline makes them
+    ii, jj = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(ii), ii, jj, torch.zeros_like(ii)], -1).reshape(-1, 4)
+    txt_ids = torch.stack([torch.zeros(TEXT_TOKENS), torch.zeros(TEXT_TOKENS), torch.zeros(TEXT_TOKENS),
+                           torch.arange(TEXT_TOKENS).float()], -1)
+    return dict(
+        hidden_states=torch.randn(batch, side * side, cfg.in_channels, generator=g).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.joint_attention_dim, generator=g).to(dt),
+        timestep=torch.rand(batch, generator=g).to(dt),
+        img_ids=img_ids.float(),
+        txt_ids=txt_ids,
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Z-Image
+# --------------------------------------------------------------------------------------
+
+def build_zimage(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import ZImageTransformer2DModel
+
+    return _build(ZImageTransformer2DModel, {**ZIMAGE_CONFIG, **overrides}, seed, dtype)
+
+
+def zimage_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    """Z-Image takes lists: per image ``[C, 1, H, W]`` latents (8 x 8: 16 tokens of 2x2) and its caption features."""
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        x=[torch.randn(cfg.in_channels, 1, 16, 16, generator=g).to(dt) for _ in range(batch)],
+        t=torch.rand(batch, generator=g).to(dt),
+        cap_feats=[torch.randn(TEXT_TOKENS, cfg.cap_feat_dim, generator=g).to(dt) for _ in range(batch)],
+        return_dict=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Wan (video)
+# --------------------------------------------------------------------------------------
+
+def build_wan(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    return _build(WanTransformer3DModel, {**WAN_CONFIG, **overrides}, seed, dtype)
+
+
+def wan_inputs(model, seed: int = 0, batch: int = 1) -> dict:
+    cfg, dt, g = model.config, _dtype_of(model), _gen(seed)
+    return dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, 2, 8, 8, generator=g).to(dt),  # 2 x 4 x 4 = 32 tokens
+        timestep=(torch.rand(batch, generator=g) * 1000).to(dt),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg.text_dim, generator=g).to(dt),
+        return_dict=False,
+    )
+
+
 ARCHS = {
     "flux": (build_flux, flux_inputs),
+    "flux2": (build_flux2, flux2_inputs),
+    "wan": (build_wan, wan_inputs),
     "sd3": (build_sd3, sd3_inputs),
     "pixart": (build_pixart, pixart_inputs),
     "sana": (build_sana, sana_inputs),
@@ -244,9 +334,15 @@ ARCHS = {
 }
 
 
+# Z-Image's config names its sizes dim / n_layers / n_heads, not num_layers / attention_head_dim...: it is tested
+# where the tests read the model, not the config's names (test_models, test_diffusers_quantizer).
+MORE_ARCHS = {"zimage": (build_zimage, zimage_inputs)}
+ALL_ARCHS = {**ARCHS, **MORE_ARCHS}
+
+
 def calibration_inputs(arch: str, model, n: int = 2, seed: int = 100) -> list[dict]:
     """``n`` snapshots (forward kwargs) for ``model``; seeds ``seed``, ``seed + 1``..."""
-    make = ARCHS[arch][1]
+    make = ALL_ARCHS[arch][1]
     return [make(model, seed=seed + i) for i in range(n)]
 
 
@@ -254,7 +350,8 @@ def forward(model, kwargs: dict) -> torch.Tensor:
     """The model's output tensor for one set of forward kwargs."""
     with torch.no_grad():
         out = model(**kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out.sample
+    out = out[0] if isinstance(out, (tuple, list)) else out.sample
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image returns a list, one tensor per image
 
 
 # --------------------------------------------------------------------------------------
@@ -378,3 +475,64 @@ def quantized_flux(recipe: str = "int4", iterations: int = 1):
     svdquant.quantize(model, svdquant.get_recipe(recipe, iterations=iterations, eval_tokens=64),
                       svdquant.Calibration(inputs=calibration_inputs("flux", model, 1)), progress=False)
     return model, calibration_inputs("flux", model, 1)[0]
+
+
+# --------------------------------------------------------------------------------------
+# edit and video pipelines, built offline
+# --------------------------------------------------------------------------------------
+
+# FluxKontextPipeline resizes the input image to a preferred (1024-ish) resolution and the output to max_area
+# unless told otherwise: 16 x 16 stays 16 x 16 (16 latent tokens and 16 of the input image).
+KONTEXT_KWARGS = dict(height=16, width=16, max_area=16 * 16, _auto_resize=False, max_sequence_length=8)
+
+
+def build_kontext_pipeline(seed: int = 0):
+    """A diffusers ``FluxKontextPipeline`` on :func:`build_flux_pipeline`'s tiny components."""
+    from diffusers import FluxKontextPipeline
+
+    flux = build_flux_pipeline(seed)
+    pipe = FluxKontextPipeline(**{k: v for k, v in flux.components.items() if k in (
+        "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def input_image(seed: int = 0, size: int = 16):
+    """A fixed-seed random RGB picture (PIL) for the edit pipelines."""
+    from PIL import Image
+
+    arr = torch.randint(0, 256, (size, size, 3), generator=_gen(seed), dtype=torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+# WanPipeline call: 5 frames of 64 x 64 -> 2 latent frames of 8 x 8 -> 32 tokens; 8 UMT5 tokens (default 512).
+WAN_KWARGS = dict(height=64, width=64, num_frames=5, max_sequence_length=8, guidance_scale=5.0)
+
+
+def build_wan_pipeline(seed: int = 0, two_experts: bool = False):
+    """A diffusers ``WanPipeline`` (Wan 2.1 text-to-video) with tiny random components; ``two_experts``: Wan 2.2
+    A14B's layout, a second transformer for the low-noise steps (``transformer_2``, ``boundary_ratio``)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        tok = t5_tokenizer()
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tok), d_model=WAN_CONFIG["text_dim"], d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1))
+        vae = AutoencoderKLWan(base_dim=8, z_dim=WAN_CONFIG["in_channels"], dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    extra = dict(transformer_2=build_wan(seed + 2), boundary_ratio=0.5) if two_experts else {}
+    pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=build_wan(seed), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_video(pipe, prompt: str = "a cat", steps: int = 2, seed: int = 0) -> torch.Tensor:
+    """``pipe(prompt)``'s latents (no VAE decode: the tiny Wan VAE is random), fixed noise, tiny sizes."""
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=steps, generator=_gen(seed), output_type="latent",
+                    **WAN_KWARGS).frames

@@ -28,6 +28,7 @@ import torch.nn as nn
 from .._progress import progress as progress_bar
 from ..integrations.diffusers.compat import forget_hook_registry_cache
 from .config import Calibration
+from .inputs import image_for
 from .offload import move
 
 
@@ -342,7 +343,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
             gen = torch.Generator(gen_device).manual_seed(calib.seed + i)
             try:
                 runner(prompt=prompts[i], num_inference_steps=calib.steps, generator=gen, output_type="latent",
-                       **calib.pipeline_kwargs)
+                       **image_for(calib.images, i), **calib.pipeline_kwargs)
             except _StopPrompt:
                 pass
     finally:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .inputs import check_images
 from .prompts import DEFAULT_PROMPTS
 
 
@@ -24,6 +25,8 @@ class Calibration:
     pipeline_kwargs: extra arguments for every pipeline call (height, width, guidance...).
     inputs: instead of a pipeline, a list of keyword-argument dicts for the model's
         forward, one snapshot each (for bare models, and for tests).
+    images: input images for an edit pipeline (FLUX.1 Kontext, Qwen-Image-Edit, Wan image-to-video), PIL
+        images or file paths: prompt ``i`` edits image ``i mod n`` (:mod:`svdquant.calibration.inputs`).
     """
 
     prompts: Sequence[str] | None = None
@@ -34,6 +37,7 @@ class Calibration:
     seed: int = 0
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] | None = None
+    images: Sequence[Any] | None = None
 
     # set by the calibration itself; in pipeline_kwargs they would collide with it
     _RESERVED = ("prompt", "num_inference_steps", "generator", "output_type")
@@ -67,6 +71,10 @@ class Calibration:
         if self.inputs is not None:
             if not self.inputs or not all(isinstance(kw, dict) for kw in self.inputs):
                 raise ValueError("inputs= must be a non-empty list of forward keyword-argument dicts")
+        if self.images is not None:
+            if "image" in self.pipeline_kwargs:
+                raise ValueError("pipeline_kwargs sets 'image' and images= is given; give the images as images=")
+            self.images = check_images(self.images)
 
     DEFAULTS = {"steps": 8, "snapshots": 128}
 

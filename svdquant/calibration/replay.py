@@ -127,11 +127,11 @@ class Replayer:
                     if spill:
                         with clock.stage("transfers"):
                             out = move(out, home, pin=pin, non_blocking=pin)
-                    nxt.append(next_inputs(s, out, self.adapter.outputs))
+                    nxt.append(next_inputs(s, out, self.adapter.outputs_of(job.name)))  # per stack
                 elif job.chain:  # the next stack's entry, kept as the calibration keeps a recorded one
                     with clock.stage("transfers" if spill else "replays"):
-                        nxt.append({**s, **keep_entry(next_inputs({}, out, self.adapter.outputs), self.store,
-                                                      pin)})
+                        nxt.append({**s, **keep_entry(next_inputs({}, out, self.adapter.outputs_of(job.name)),
+                                                      self.store, pin)})
                 del s_dev, out
         finally:
             rec.close()

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round the residual to nearest instead of with GPTQ (the 4-bit recipes' default)")
     p.add_argument("--prompts", help="text file, one calibration prompt per line (default: the built-in 128)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--images", nargs="+", metavar="FILE",
+                   help="input images for an edit pipeline (FLUX.1 Kontext, Qwen-Image-Edit, Wan image-to-video): "
+                        "prompt i edits image i mod N; required for those, refused for the others")
     p.add_argument("--steps", type=int, help="denoising steps per calibration prompt (default 8; tiny: 4)")
     p.add_argument("--snapshots", type=int,
                    help="(prompt, step) samples drawn (default 128, tiny: 16; at most prompts x steps are)")

@@ -94,11 +94,37 @@ def validate_quantize(args) -> None:
             check_push_target(args.push_to_hub, name="--push-to-hub")
         except ValueError as e:
             raise UsageError(str(e)) from None
+    _validate_images(args, tiny, model)
     # the tiny model calibrates on its class names unless --prompts is given
     available = args.prompt_list or (CIFAR10_CLASSES if tiny else DEFAULT_PROMPTS)
     if args.num_prompts is not None and args.num_prompts > len(available):
         raise UsageError(f"--num-prompts {args.num_prompts}: there are only {len(available)} prompts; "
                          f"use at most {len(available)}")
+
+
+def _validate_images(args, tiny: bool, model: Path) -> None:
+    """--images: readable pictures, given exactly when the pipeline edits an input image (from its
+    model_index.json, before loading it)."""
+    from ..calibration.inputs import check_images
+    from ..models.pipeline_needs import EDIT_PIPELINES
+
+    args.image_list = None
+    if args.images is not None:
+        try:
+            args.image_list = check_images(args.images, name="--images")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    index = model / "model_index.json"
+    try:
+        cls = None if tiny or not index.is_file() else json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        cls = None  # loading the pipeline reports it
+    if cls in EDIT_PIPELINES and args.images is None:
+        raise UsageError(f"{args.model} is a {cls}, which edits an input image: calibrate it with --images FILE... "
+                         "(pictures like those it will edit)")
+    if args.images is not None and (tiny or (cls is not None and cls not in EDIT_PIPELINES)):
+        raise UsageError(f"--images is for edit pipelines ({', '.join(sorted(EDIT_PIPELINES))}); "
+                         f"{'the tiny model' if tiny else cls} takes no input image: leave --images out")
 
 
 def _validate_gpu_memory(args) -> None:
@@ -137,7 +163,7 @@ def cmd_quantize(args) -> None:
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # needs the loaded pipeline's VAE
     calib = Calibration(prompts=args.prompt_list, num_prompts=args.num_prompts, steps=args.steps,
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
-                        pipeline_kwargs=pipeline_kwargs(args))
+                        pipeline_kwargs=pipeline_kwargs(args), images=args.image_list)
     report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
                       text_encoders=args.text_encoders, progress=True,
                       device=args.device if args.stream else None, max_gpu_memory=args.max_gpu_bytes)

@@ -1,7 +1,10 @@
 """Adapters for the diffusers transformers (and SDXL's UNet) SVDQuant targets (DESIGN.md §1, §6).
 
 Kept 16-bit everywhere: embedders (patch/x/context/time/text/caption), the final norm
-and projection, q/k RMSNorms and attention math (they are not in any group).
+and projection, q/k RMSNorms and attention math (they are not in any group). The embedders
+and the final projection read or write the latents and the text encoder's features
+directly, run once per call on few channels, and hold a tiny share of the weights: 4 bits
+there would cost quality for no speed or memory worth having.
 """
 
 from __future__ import annotations
@@ -46,6 +49,70 @@ _JOINT_MLP_AND_ADALN = (
     (("norm1.linear",), dict(weight_only=True)),
     (("norm1_context.linear",), dict(weight_only=True)),
 )
+
+
+def _flux2_groups(block: nn.Module):
+    """FLUX.2 (``Flux2Transformer2DModel``, FLUX.2 [dev] and [klein]): FLUX.1's double / single layout with
+    SwiGLU feed-forwards and no biases. Its adaLN modulation is not in the blocks: three ``Flux2Modulation``
+    linears on the model (``double_stream_modulation_img/_txt``, ``single_stream_modulation``) make every
+    block's shift/scale/gate once per call from the timestep embedding, and stay 16-bit with the embedders
+    (one token per call; about 2% of FLUX.2 [dev]'s weights)."""
+    if hasattr(block.attn, "to_qkv_mlp_proj"):  # Flux2SingleTransformerBlock
+        return groups_of(
+            block,
+            # one linear already: q/k/v and the SwiGLU gate/up read the same normed, modulated tokens
+            (("attn.to_qkv_mlp_proj",), SHARED),
+            # to_out reads [attention | SiLU(gate)·up]: signed on both sides (SwiGLU is not GELU), no shift
+            (("attn.to_out",), SHARED),
+        )
+    return groups_of(
+        block,
+        *_JOINT_ATTENTION,
+        # Flux2FeedForward: linear_in makes [gate | up]; linear_out reads SiLU(gate)·up, which is signed
+        (("ff.linear_in",), SHARED),
+        (("ff.linear_out",), SHARED),
+        (("ff_context.linear_in",), SHARED),
+        (("ff_context.linear_out",), SHARED),
+    )
+
+
+def _zimage_groups(block: nn.Module):
+    """Z-Image (``ZImageTransformerBlock``: the noise and context refiners and the main layers, one kind of
+    block). Single-stream: image and caption tokens run through the same linears."""
+    return groups_of(
+        block,
+        (("attention.to_q", "attention.to_k", "attention.to_v"), SHARED),
+        (("attention.to_out.0",), SHARED),
+        # SwiGLU feed-forward: w1 (gate) and w3 (up) read the same normed tokens; w2 reads SiLU(w1 x)·w3 x,
+        # signed, so it is not shifted as a post-GELU input is
+        (("feed_forward.w1", "feed_forward.w3"), SHARED),
+        (("feed_forward.w2",), SHARED),
+        # adaLN_modulation = Sequential(Linear(min(dim, 256), 4·dim)) stays 16-bit: unlike FLUX's norm1.linear
+        # (dim -> 6·dim, 9% of FLUX.1's weights) it reads the 256-wide timestep embedding, 2% of Z-Image's
+        # weights, and its tanh gates and scales multiply every token, so 4 bits there cost more than they save.
+    )
+
+
+def _wan_groups(block: nn.Module):
+    """Wan 2.1 / 2.2 (``WanTransformerBlock``): self-attention, cross-attention to the text (and, for image to
+    video 2.1, to the CLIP image tokens), GELU feed-forward. No modulation linear in the block: a learned
+    ``scale_shift_table`` plus the model's one ``condition_embedder.time_proj`` (16-bit with the embedders,
+    about 1% of Wan 2.1 14B's weights)."""
+    return groups_of(
+        block,
+        (("attn1.to_q", "attn1.to_k", "attn1.to_v"), SHARED),
+        (("attn1.to_out.0",), SHARED),
+        (("attn2.to_q",), SHARED),
+        # cross-attention K/V read the 512 text tokens (add_k/add_v the 257 image tokens), not the ~32k video
+        # tokens of a 480p clip: their GEMMs cost little, their weights do not (2 x dim² per block, 15% of
+        # the 14B model). Weight-only keeps the text activations 16-bit and still stores them in 4 bits.
+        (("attn2.to_k", "attn2.to_v"), dict(weight_only=True)),
+        (("attn2.add_k_proj", "attn2.add_v_proj"), dict(weight_only=True)),
+        (("attn2.to_out.0",), SHARED),
+        (("ffn.net.0.proj",), SHARED),
+        # FeedForward(activation_fn="gelu-approximate"): net.2 reads GELU(net.0.proj(x))
+        (("ffn.net.2",), dict(post_gelu=True)),
+    )
 
 
 def _sd3_groups(block: nn.Module):
@@ -147,13 +214,28 @@ def _unet_groups(model: nn.Module):
 
 
 ADAPTERS = {
+    # FLUX.1 [dev]/[schnell] and FLUX.1 Kontext (FluxKontextPipeline: the same transformer, the input image's
+    # tokens appended to the latents'). Its pipelines pack 2x2 latents into a token: patch 2.
     "FluxTransformer2DModel": lambda: Adapter(
         "flux", ("transformer_blocks", "single_transformer_blocks"), ("encoder_hidden_states", "hidden_states"),
-        _flux_groups),
+        _flux_groups, patch=2),
+    # FLUX.2 [dev] (Flux2Pipeline) and [klein] (Flux2KleinPipeline): the single blocks take and return the
+    # one joint stream [text | image] the model concatenates after the double blocks.
+    "Flux2Transformer2DModel": lambda: Adapter(
+        "flux2", ("transformer_blocks", "single_transformer_blocks"), ("encoder_hidden_states", "hidden_states"),
+        _flux2_groups, stack_outputs={"single_transformer_blocks": ("hidden_states",)}, patch=2),
+    # Z-Image (ZImagePipeline): image tokens refined, caption tokens refined, then both through the main
+    # layers; each block returns its one stream ``x``. The pipeline patchifies 2x2 latents.
+    "ZImageTransformer2DModel": lambda: Adapter(
+        "zimage", ("noise_refiner", "context_refiner", "layers"), ("x",), _zimage_groups, patch=2),
+    # Wan 2.1 / 2.2 (WanPipeline, WanImageToVideoPipeline): one stack; patch (1, 2, 2) over (t, h, w).
+    "WanTransformer3DModel": lambda: Adapter("wan", ("blocks",), ("hidden_states",), _wan_groups, patch=2),
     "SD3Transformer2DModel": lambda: Adapter(
         "sd3", ("transformer_blocks",), ("encoder_hidden_states", "hidden_states"), _sd3_groups),
     "PixArtTransformer2DModel": lambda: Adapter("pixart", ("transformer_blocks",), ("hidden_states",), _pixart_groups),
     "SanaTransformer2DModel": lambda: Adapter("sana", ("transformer_blocks",), ("hidden_states",), _sana_groups),
+    # Qwen-Image and Qwen-Image-Edit (QwenImageEditPipeline, QwenImageEditPlusPipeline: the same transformer,
+    # the input images' tokens appended to the latents').
     "QwenImageTransformer2DModel": lambda: Adapter(
         "qwenimage", ("transformer_blocks",), ("encoder_hidden_states", "hidden_states"), _qwenimage_groups),
     # The UNet's transformers sit inside down / mid / up blocks whose inputs (skip connections, the

@@ -44,6 +44,10 @@ class Adapter:
     outputs: names of the values a block returns, in order (``("encoder_hidden_states",
         "hidden_states")`` for FLUX); they replace the same-named inputs of the next block.
     groups: block -> the groups to quantize in it.
+    stack_outputs: per stack, its blocks' outputs where they differ from ``outputs`` (FLUX.2's single
+        blocks return the one joint stream its double blocks split in two).
+    patch: latent pixels per token side, where the transformer's config does not say it as one
+        ``patch_size`` int (FLUX packs 2x2 latents in its pipeline; Wan's patch is (t, h, w)).
     """
 
     name: str
@@ -51,6 +55,21 @@ class Adapter:
     outputs: tuple[str, ...]
     groups: Callable[[nn.Module], list[Group]]
     notes: list[str] = field(default_factory=list)
+    stack_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    patch: int | None = None
+
+    def outputs_of(self, block: str) -> tuple[str, ...]:
+        """What the block named ``block`` (``"stack.i"``) returns, in order."""
+        return self.stack_outputs.get(block.rsplit(".", 1)[0], self.outputs)
+
+    def size_multiple(self, pipe) -> int:
+        """What image heights and widths must be a multiple of for ``pipe`` running this model: the VAE's
+        spatial factor times the latent pixels per token (diffusers otherwise resizes quietly, or refuses)."""
+        vae = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+        patch = self.patch
+        if patch is None:
+            patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None) or 1
+        return vae * patch
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         out = []

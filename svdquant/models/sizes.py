@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from .. import _checks
 from .._tiny_facts import check_tiny_size
+from .architectures import ADAPTERS
+from .base import Adapter
 
 
 def size_multiple(pipe) -> int:
-    """What image heights and widths must be a multiple of for ``pipe`` (diffusers otherwise resizes quietly)."""
-    vae = getattr(pipe, "vae_scale_factor", 8)
-    if "Flux" in type(pipe).__name__:
-        return vae * 2  # latents are packed 2x2 into tokens
-    patch = getattr(getattr(pipe.transformer, "config", None), "patch_size", None) or 1
-    return vae * patch
+    """What image heights and widths must be a multiple of for ``pipe`` (diffusers otherwise resizes quietly, or
+    refuses), from its transformer's adapter (:meth:`Adapter.size_multiple`: the latent pixels per token); a
+    transformer svdquant has no adapter for: VAE factor x config patch."""
+    factory = ADAPTERS.get(type(getattr(pipe, "transformer", None)).__name__)
+    adapter = factory() if factory is not None else Adapter("generic", (), (), lambda block: [])
+    return adapter.size_multiple(pipe)
 
 
 def _one_size(pipe) -> int | None:

@@ -16,6 +16,7 @@ from .. import _checks
 from ..calibration import Calibration, check_pipeline_call, gpu_cap
 from ..integrations.diffusers.compat import has_offload_hooks
 from ..models import Adapter, get_adapter
+from ..models.pipeline_needs import check_pipeline_inputs
 from ..models.text_encoders import check_text_encoders
 from ..recipes import QuantConfig, get_recipe
 
@@ -61,6 +62,8 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
     calib = (calibration or Calibration()).for_pipeline(pipe)
     if pipe is not None and calib.inputs is None:
         check_pipeline_call(pipe, calib)
+        # edit pipelines need input images; a second expert (Wan 2.2) is refused, not left 16-bit
+        check_pipeline_inputs(pipe, calib.images, calib.pipeline_kwargs)
     if not isinstance(text_encoders, bool):
         raise TypeError(f"text_encoders= takes True or False, got {text_encoders!r}")
     te_recipe = get_recipe("w4a16")
