@@ -210,7 +210,7 @@ def test_quantize_then_save_pretrained_needs_no_attach(made, arch, tmp_path):
     assert cfg["quant_method"] == "svdquant" and cfg["layers"] == svdquant.read_metadata(ours)["layers"]
     loaded = model_class(arch).from_pretrained(tmp_path / "t")
     assert isinstance(loaded.hf_quantizer, SVDQuantQuantizer)
-    kwargs = tm.ARCHS[arch][1](model, seed=5)
+    kwargs = tm.ALL_ARCHS[arch][1](model, seed=5)
     assert torch.equal(tm.forward(model, kwargs), tm.forward(loaded, kwargs))
 
 
