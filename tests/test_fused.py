@@ -462,3 +462,37 @@ def test_fuse_compiled_activations_reach_the_stacked_runners(quantized_flux):
         eager = m(**inputs)[0]
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(**inputs)[0]
     assert float((compiled - eager).norm() / eager.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["flux2", "wan"])
+def test_fused_flux2_and_wan_equal_unfused(arch):
+    """FLUX.2's attentions (both streams) and Wan's self-attention read diffusers' ``to_qkv`` / ``to_added_qkv``
+    once fused; Wan's cross-attention (which would read a ``to_kv``) and FLUX.2's single blocks (one linear
+    already) stay as they are. Bit for bit on the CPU, same state dict, and unfusing restores the attentions."""
+    build, make_inputs = tm.ARCHS[arch]
+    model = build(seed=0)
+    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 1)), progress=False)
+    inputs = make_inputs(model, seed=7)
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    keys = list(model.state_dict())
+    if arch == "flux2":
+        attns = [b.attn for b in model.transformer_blocks]
+        untouched = [b.attn for b in model.single_transformer_blocks]
+    else:
+        attns = [b.attn1 for b in model.blocks]
+        untouched = [b.attn2 for b in model.blocks]
+    assert attns and untouched
+    assert svdquant.fuse(model)["qkv"] == len(attns)
+    assert all(a.fused_projections and isinstance(a.to_qkv, FusedSVDQLinear) for a in attns)
+    if arch == "flux2":
+        assert all(isinstance(a.to_added_qkv, FusedSVDQLinear) for a in attns)
+    assert not any(a.fused_projections or hasattr(a, "to_qkv") for a in untouched if arch == "wan")
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+    assert unfuse_projections(model) == len(attns)
+    assert not any(a.fused_projections or hasattr(a, "to_qkv") for a in attns)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)

@@ -1,6 +1,7 @@
 """Run-time fusions of a quantized model: q/k/v as one GEMM, and an MLP's GELU in its up projection's epilogue.
 
-**q/k/v.** The layers of a shared-input group run as one quantized linear.
+**q/k/v.** The layers of a shared-input group run as one quantized linear: FLUX.1's and FLUX.2's attentions (both
+streams), Wan's self-attention, SD3's joint attention.
 
 The quantizer gives the layers that read the same input (an attention's q/k/v) one smoothing λ and one
 shared low-rank down projection (:mod:`svdquant.models.architectures`), so their quantized activations
@@ -193,12 +194,17 @@ def _unstack_single_block(block) -> bool:
 
 
 def _fusable(attn) -> str | None:
-    """"flux" (diffusers reads ``to_qkv`` when ``fused_projections``), "joint" (SD3: the processor is
-    swapped for :class:`FusedJointAttnProcessor`), or None."""
+    """"flux" (diffusers reads ``to_qkv`` when ``fused_projections``: FLUX.1's and FLUX.2's attentions, Wan's
+    self-attention), "joint" (SD3: the processor is swapped for :class:`FusedJointAttnProcessor`), or None."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttention
+    from diffusers.models.transformers.transformer_flux2 import Flux2Attention
+    from diffusers.models.transformers.transformer_wan import WanAttention
 
-    if isinstance(attn, FluxAttention):
+    # Wan's cross-attention with fused projections reads ``to_kv`` (the text's k/v, weight-only here) instead:
+    # only its self-attention reads ``to_qkv``
+    if isinstance(attn, (FluxAttention, Flux2Attention)) or (isinstance(attn, WanAttention) and
+                                                             not attn.is_cross_attention):
         return None if attn.fused_projections else "flux"
     if isinstance(attn, Attention) and type(attn.processor) is JointAttnProcessor2_0:
         return "joint"
