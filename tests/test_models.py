@@ -460,11 +460,22 @@ def test_unknown_model_without_patterns_is_a_clear_error():
     assert type(model.up) is nn.Linear  # nothing was touched
 
 
-def test_patterns_matching_nothing_is_a_clear_error():
+def test_patterns_matching_nothing_is_a_clear_error_before_any_work():
     model = tm.build_flux()
-    with pytest.raises(ValueError, match="no layer of the model matches"):
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"no layer of the FluxTransformer2DModel matches include=\['no.such.layer\*'\] "
+                                         r"exclude=None; its layers are named like time_text_embed"):
         svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)),
                           include=["no.such.layer*"], progress=False)
+    assert not calls  # refused before calibration ran the model
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == 1  # only ours
+
+
+def test_a_model_without_linears_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no layer of the Sequential matches include=\['\*'\] exclude=None$"):
+        svdquant.quantize(nn.Sequential(nn.ReLU()), RECIPE, svdquant.Calibration(inputs=[{"input": torch.ones(1, 4)}]),
+                          include=["*"], progress=False)
 
 
 def test_bare_model_needs_inputs():

@@ -56,6 +56,8 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
         if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
             raise TypeError(f"{name}= takes a list of patterns, e.g. {name}=['*attn*'], got {patterns!r}")
     adapter = get_adapter(model, include, exclude)
+    if not adapter.stacks and not adapter.groups(model):  # before any hook, transfer or calibration
+        raise ValueError(_no_layer_message(model, include, exclude))
     if calibration is not None and not isinstance(calibration, Calibration):
         raise TypeError(f"calibration= takes a svdquant.Calibration, got {type(calibration).__name__}; "
                         "e.g. Calibration(prompts=[...])")
@@ -82,6 +84,12 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
     tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
     return QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, device, home,
                      stream, others, cap, keep_on_device, started)
+
+
+def _no_layer_message(model: nn.Module, include, exclude) -> str:
+    names = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))][:2]
+    seen = f"; its layers are named like {', '.join(names)}" if names else ""
+    return f"no layer of the {type(model).__name__} matches include={include!r} exclude={exclude!r}{seen}"
 
 
 def _split_target(target) -> tuple[object | None, nn.Module]:
