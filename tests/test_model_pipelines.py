@@ -12,7 +12,7 @@ import torch
 
 import svdquant
 from svdquant import SVDQLinear
-from svdquant.calibration import record_inputs
+from svdquant.calibration import LinearInputRecorder, record_inputs
 from svdquant.models import get_adapter
 
 RECIPE = svdquant.get_recipe("int4", iterations=1, eval_tokens=64)
@@ -91,3 +91,33 @@ def test_pipeline_quantizes_saves_reloads_bit_exact_and_generates(name, tmp_path
     assert images.shape == expected_shape(kwargs) and torch.isfinite(images).all()
     assert torch.equal(images, generate(pipe, kwargs, needs_image))
 
+
+def test_a_call_in_which_a_layer_reads_no_tokens_adds_nothing():
+    """Found on Wan image-to-video: a layer of an empty stream (an empty slice of the context) reads ``[B, 0, K]``;
+    such a call is skipped, and a layer that read no token in any call is named, not an IndexError in a hook."""
+    lin = torch.nn.Linear(8, 4)
+    rec = LinearInputRecorder({"lin": lin}, n_snapshots=2, tokens_per_layer=16, seed=0)
+    x = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        lin(torch.randn(1, 0, 8))
+        lin(x)
+    tokens, amax = rec.inputs("lin")
+    assert tokens.shape == (3, 8) and torch.equal(amax, x[0].abs().amax(0))
+    rec.close()
+    rec = LinearInputRecorder({"lin": lin}, n_snapshots=2, tokens_per_layer=16, seed=0)
+    with torch.no_grad():
+        lin(torch.randn(2, 0, 8))
+    with pytest.raises(RuntimeError, match="never reached lin: the layer did not run, or read no tokens"):
+        rec.inputs("lin")
+    rec.close()
+
+
+def test_wan_i2v_with_short_text_names_the_image_projections(one_torch_thread):
+    """Wan's cross-attention takes the context's first ``length - 512`` tokens as the image's: with 8 text tokens
+    the image projections read none (diffusers then ignores the picture without a word)."""
+    needs_ftfy()
+    build, kwargs, _ = tp.PIPELINES["wan-i2v"]
+    pipe = build()
+    with pytest.raises(RuntimeError, match=r"never reached attn2\.add_k_proj: .*read no tokens"):
+        svdquant.quantize(pipe, RECIPE, calib({**kwargs, "max_sequence_length": 8}, True, snapshots=4),
+                          progress=False)
