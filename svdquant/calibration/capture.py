@@ -277,6 +277,8 @@ class LinearInputRecorder:
             if self.selector is not None and not self.selector.active:
                 return
             x = tokens_of(module, args[0].detach())
+            if x.shape[0] == 0:  # a call in which the layer read no tokens (an empty stream) adds nothing
+                return
             am = x.abs().amax(0).float()
             self.amax[key] = am if key not in self.amax else torch.maximum(self.amax[key], am)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls[key])
@@ -290,8 +292,8 @@ class LinearInputRecorder:
         """``([tokens, K], amax [K])`` for a group; raises if its layer never ran."""
         if not self.samples[key]:
             raise RuntimeError(
-                f"calibration never reached {key}: the layer did not run during the calibration calls "
-                "(is it used by this model's forward?)"
+                f"calibration never reached {key}: the layer did not run, or read no tokens, during the "
+                "calibration calls (is it used by this model's forward with these inputs?)"
             )
         x = torch.cat(self.samples[key], 0)
         return x[: self.cap], self.amax[key]
