@@ -1,15 +1,16 @@
 """Fuzzing the Nunchaku importer with hostile files (issue 14, parts 3 and 4).
 
-The approach of test_fuzz_checkpoint.py, on one Nunchaku file: a 128-wide tiny FLUX quantized with
+The approach of test_fuzz_checkpoint.py, on one Nunchaku file per model: a 128-wide tiny FLUX quantized with
 ``w4a4-float``, exported, then rewritten in the form deepcompressor publishes (two branches for the single
-block's proj_out, AWQ zeros that are not -8 · scale), so every import path is reached. Hypothesis rewrites it
+block's proj_out, AWQ zeros that are not -8 · scale), so every import path is reached; and a 128-wide tiny
+Qwen-Image the same way (its modulation layers with such zeros: Qwen-Image's names and strict tensor set). Hypothesis rewrites it
 (truncations, flipped bytes, headers that lie about dtype, shape or offsets, missing / extra / resized /
 retyped tensors, metadata that lies, NaN / Inf / zero values) and imports it with ``from_nunchaku``: every
 case must end in a model, a ``CheckpointError`` or (NaN / Inf in a kept 16-bit tensor) a
 ``NonFiniteWarning``; any other exception fails. ``svdquant convert nunchaku`` on damaged files must exit 2
 with one line and leave no output folder.
 
-derandomize=True; 40 cases per test by default (~300 in all, ~40 s on one core);
+derandomize=True; 40 cases per test by default (~500 in all, both models, ~40 s on one core);
 SVDQUANT_FUZZ_EXAMPLES=N runs N per test.
 """
 
@@ -39,21 +40,27 @@ FUZZ = fuzz_settings(40)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
+AWQ_LAYERS = {"flux": ("transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear"),
+              "qwenimage": ("transformer_blocks.0.img_mod.1", "transformer_blocks.1.txt_mod.1")}
+
+
 class Original:
     """The Nunchaku file's bytes, its parsed header and metadata, and where each case is written."""
 
-    def __init__(self, root: Path):
-        model = tm.build_flux(dtype=torch.bfloat16, num_attention_heads=4)
+    def __init__(self, root: Path, arch: str):
+        self.arch = arch
+        model = tm.ARCHS[arch][0](dtype=torch.bfloat16, num_attention_heads=4)
         svdquant.quantize(model, svdquant.get_recipe("w4a4-float", iterations=1, eval_tokens=64),
-                          svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
+                          svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 1)), progress=False)
         plain = to_nunchaku(model, root / "plain.safetensors")
         with safe_open(str(plain), "pt") as f:
             metadata = f.metadata()
         t = load_file(str(plain))
-        b = "single_transformer_blocks.0.mlp_fc2"
-        t[f"{b}.lora_up"] = pack_lowrank((unpack_lowrank(t[f"{b}.lora_up"], False).float() * 2).to(torch.bfloat16),
-                                         False)
-        for norm in ("transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear"):
+        if arch == "flux":
+            b = "single_transformer_blocks.0.mlp_fc2"
+            up = unpack_lowrank(t[f"{b}.lora_up"], False).float() * 2
+            t[f"{b}.lora_up"] = pack_lowrank(up.to(torch.bfloat16), False)
+        for norm in AWQ_LAYERS[arch]:
             codes = unpack_awq(t[f"{norm}.qweight"])
             t[f"{norm}.qweight"] = pack_awq((codes.to(torch.int16) - 1).clamp(0, 15).to(torch.uint8))
             t[f"{norm}.wzeros"] = (-7 * t[f"{norm}.wscales"].float()).to(torch.bfloat16)
@@ -69,9 +76,9 @@ class Original:
         self.out = root / "out"
 
 
-@pytest.fixture(scope="module")
-def orig(tmp_path_factory):
-    return Original(tmp_path_factory.mktemp("fuzz-nunchaku"))
+@pytest.fixture(scope="module", params=["flux", "qwenimage"])
+def orig(tmp_path_factory, request):
+    return Original(tmp_path_factory.mktemp("fuzz-nunchaku"), request.param)
 
 
 def load(orig: Original, raw: bytes | None = None):
@@ -97,8 +104,9 @@ def test_the_original_imports(orig):
     assert load(orig)[0] == "ok"
     assert load(orig, rewrite(orig))[0] == "ok"  # the serializer itself is faithful
     model = load(orig)[1]
-    assert model.single_transformer_blocks[0].proj_out.rank == 64 and \
-        model.transformer_blocks[0].norm1.linear.weights == "int4z"
+    assert all(model.get_submodule(name).weights == "int4z" for name in AWQ_LAYERS[orig.arch])
+    if orig.arch == "flux":
+        assert model.single_transformer_blocks[0].proj_out.rank == 64
 
 
 @FUZZ
@@ -149,11 +157,12 @@ def test_missing_extra_resized_and_retyped_tensors(orig, data):
     kind = data.draw(st.sampled_from(["missing", "extra", "resized", "retyped"]))
     if kind == "missing":
         if name.endswith(".smooth_orig"):
-            return  # optional: Nunchaku's kernels never read it
+            return  # optional in FLUX files: Nunchaku's kernels never read it (Qwen-Image's loader needs it)
         del entries[name]
     elif kind == "extra":
         extra = data.draw(st.one_of(st.sampled_from([n + "x" for n in orig.names] + [
             "transformer_blocks.0.qkv_proj.wtscale", "transformer_blocks.0.qkv_proj.wcscales",
+            "transformer_blocks.0.attn.to_qkv.wtscale", "transformer_blocks.0.attn.to_qkv.wcscales",
             "transformer_blocks.1.qkv_proj.qweight", "transformer_blocks.0.norm1.linear.lora_down"]),
             st.text(min_size=1, max_size=8)))
         if extra in entries:
@@ -203,7 +212,7 @@ def test_metadata_lies(orig, data):
         md["svdquant"] = "{}"
     result = load(orig, rewrite(orig, metadata=md))
     if kind in ("class", "svdquant") or (kind == "drop" and "config" not in md):
-        assert result[0] == "error" or md.get("model_class") == "NunchakuFluxTransformer2dModel"
+        assert result[0] == "error" or md.get("model_class") == orig.metadata["model_class"]
 
 
 @FUZZ
@@ -222,7 +231,7 @@ def test_values(orig, data):
         return
     t = torch.frombuffer(raw, dtype=getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]))
     t = t.clone()
-    zero_smooth = name.endswith(".smooth")
+    zero_smooth = name.endswith((".smooth", ".smooth_factor"))
     value = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")] + ([0.0] if zero_smooth else [])))
     t[data.draw(st.integers(0, t.numel() - 1))] = value
     result = load(orig, rewrite(orig, {**orig.entries, name: (dtype, shape, t.view(torch.uint8).numpy().tobytes())}))

@@ -1,6 +1,8 @@
-"""Nunchaku's single-file INT4 FLUX checkpoints, in and out (issue 14, part 3).
+"""Nunchaku's single-file INT4 checkpoints of FLUX.1 (dev, schnell, Kontext) and Qwen-Image (and -Edit), in and out
+(issue 14, part 3; issue 26).
 
     model = svdquant.load_quantized("svdq-int4_r32-flux.1-dev.safetensors")      # import on load
+    model = svdquant.load_quantized("svdq-int4_r32-qwen-image-edit.safetensors") # a QwenImageTransformer2DModel
     svdquant.convert.to_nunchaku("flux-w4a4f", "flux-nunchaku.safetensors")      # a w4a4-float checkpoint out
     svdquant convert nunchaku FILE.safetensors -o DIR     /     svdquant convert DIR --to nunchaku -o FILE
 
@@ -33,6 +35,17 @@ which writes the published checkpoints; the code here is ours):
   of each scale chunk folded into the bias. Imported as our ``int4z`` format (or ``int4`` when every zero is
   ``-8 · scale``, which is how we export symmetric layers), rows and bias restored.
 
+FLUX.1 Kontext files are FLUX files: Nunchaku loads them with the same classes (``examples/v1/flux.1-kontext-dev.py``)
+into diffusers' ``FluxTransformer2DModel``. Qwen-Image files (``NunchakuQwenImageTransformer2DModel`` in
+``nunchaku/models/transformers/transformer_qwenimage.py``, which also loads the -Edit, -Edit-2509 and Lightning
+files) are the strictly loaded state dict of diffusers' ``QwenImageTransformer2DModel`` with its blocks patched:
+the same kernels and tensor layouts, other names (:mod:`.keymap`): ``attn.to_qkv`` / ``attn.add_qkv_proj`` (q | k | v
+along N), ``attn.to_out.0``, ``attn.to_add_out``, ``img_mlp`` / ``txt_mlp`` ``net.0.proj`` and ``net.2`` (post-GELU:
+shifted, unsigned) as W4A4 with ``smooth_factor`` / ``smooth_factor_orig`` / ``proj_down`` / ``proj_up``; the
+modulation ``img_mod.1`` / ``txt_mod.1`` as AWQ with six chunks interleaved and both scale chunks' ``+ 1`` in the bias
+(the block runs with ``scale_shift=0``); ``attn.norm_q`` ... 16-bit. Which model a file holds: its metadata's
+``model_class`` and its config's ``_class_name`` (they must agree), else its tensors. NVFP4 files are refused.
+
 Exactness. Import is exact: every stored value keeps its bits (smoothing becomes ``1 / smooth`` in fp32; an adaLN
 layer whose scale biases, stored as ``1 + b``, lie outside [0.5, 2] somewhere keeps its bias in fp32, since
 ``stored − 1`` then needs more bits than 16: published files have 38–85 such values per tensor).
@@ -43,12 +56,13 @@ same tensors, and re-imports to an identical state dict. (One exception: a publi
 ``out_proj`` and ``mlp_fc2`` biases are held as their sum and written back on ``out_proj``, ``mlp_fc2``'s
 zero; the outputs they add up to are the same.)
 
-Where things live: :mod:`.keymap` (Nunchaku's layer names against ours), :mod:`.packing` (its tensor layouts, with
-inverses); import: :mod:`.plan` (the header checked and worked out into a plan before any data is read), then
-:mod:`.reader` (:func:`from_nunchaku`); export: :mod:`.exportable` (:func:`check_exportable`, from the metadata
-alone), then :mod:`.writer` (:func:`nunchaku_tensors`, :func:`to_nunchaku`). Importing this package registers the
-reader with :mod:`svdquant.checkpoint` (:class:`~svdquant.checkpoint.ForeignFormat`), so ``svdquant.load_quantized``
-and ``svdquant.read_metadata`` take Nunchaku files; the checkpoint package never imports this one.
+Where things live: :mod:`.keymap` (Nunchaku's layer names against ours, per model), :mod:`.packing` (its tensor
+layouts, with inverses); import: :mod:`.plan` (the header checked and worked out into a plan before any data is
+read), then :mod:`.reader` (:func:`from_nunchaku`); export: :mod:`.exportable` (:func:`check_exportable`, from
+the metadata alone), then :mod:`.writer` (:func:`nunchaku_tensors`, :func:`to_nunchaku`). Importing this package
+registers the reader with :mod:`svdquant.checkpoint` (:class:`~svdquant.checkpoint.ForeignFormat`), so
+``svdquant.load_quantized`` and ``svdquant.read_metadata`` take Nunchaku files; the checkpoint package never imports
+this one.
 """
 
 from ...checkpoint import ForeignFormat, register_foreign_format

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ...checkpoint import CheckpointError
 from ...recipes import POST_GELU_SHIFT
-from .keymap import AWQ, GROUP, MODEL_CLASS, PLANS, STACKS
+from .keymap import AWQ, GROUP, LAYOUTS
 
 
 def _is_w4a4_float(cfg: dict) -> bool:
@@ -17,22 +17,25 @@ def check_exportable(layers: dict[str, dict], model_class: str, model_config: di
     from its metadata alone; returns the branch rank. Raises :class:`CheckpointError` naming every obstacle at
     once, with the one re-quantization that removes them all: a user once re-quantized for ``--dtype bf16``
     (134 s) only to be told then about ``--recipe w4a4-float``."""
-    if model_class != MODEL_CLASS:
-        raise CheckpointError(f"{where} quantizes a {model_class}; Nunchaku's single-file format holds FLUX "
-                              f"({MODEL_CLASS}) models only")
+    layout = LAYOUTS.get(model_class)
+    if layout is None:
+        known = " and ".join(f"{lay.label} ({lay.model_class})" for lay in LAYOUTS.values())
+        raise CheckpointError(f"{where} quantizes a {model_class}; svdquant writes Nunchaku files of {known} "
+                              "models only")
+    adapter = f"svdquant's {layout.label} adapter"
     found = _Obstacles()
     dtypes = set()
-    for stack, key in zip(STACKS, ("num_layers", "num_single_layers")):
+    for stack, key in zip(layout.stacks, layout.counts):
         for i in range(int(model_config.get(key, 0))):
             pre = f"{stack}.{i}"
-            for spec in PLANS[stack]:
+            for spec in layout.plans[stack]:
                 names = (spec.ours,) if isinstance(spec, AWQ) else spec.ours
                 for o in names:
                     name = f"{pre}.{o}"
                     cfg = layers.get(name)
                     if cfg is None:
-                        found.add("16-bit", f"{where} keeps {name} 16-bit; Nunchaku's FLUX quantizes every block "
-                                  "linear", "quantize with svdquant's FLUX adapter (no --include/--exclude)")
+                        found.add("16-bit", f"{where} keeps {name} 16-bit; Nunchaku's {layout.label} quantizes every "
+                                  "block linear", f"quantize with {adapter} (no --include/--exclude)")
                         continue
                     if cfg.get("dtype") not in ("bfloat16", "float16"):
                         found.add("dtype", f"{where} is in {cfg.get('dtype')}; Nunchaku runs bf16 or fp16 models",
@@ -56,16 +59,17 @@ def check_exportable(layers: dict[str, dict], model_class: str, model_config: di
                     if k % 128 or n % 128:
                         found.add("size", f"{where}: {name} is {n} x {k}; Nunchaku's kernels need both sides to be "
                                   "multiples of 128", None)
-                    if cfg.get("rank", 0) % 16:
+                    if cfg.get("rank", 0) % 16 or (layout.strict and not cfg.get("rank", 0)):
                         found.add("rank", f"{where}: {name} has rank {cfg.get('rank')}; Nunchaku's branch rank is a "
-                                  "multiple of 16", "re-quantize with --rank 32", "--rank 32")
+                                  f"multiple of 16{', not 0' if layout.strict else ''}", "re-quantize with --rank 32",
+                                  "--rank 32")
                     want_shift = POST_GELU_SHIFT if spec.post_gelu else 0.0
                     want_from = (cfg["in_features"] - _mlp_width(model_config)) if len(spec.theirs) == 2 else 0
                     if _is_w4a4_float(cfg) and (cfg.get("act_shift", 0.0) != want_shift
                                                 or cfg.get("act_unsigned_from", 0) != want_from):
                         found.add("shift", f"{where}: {name} shifts its inputs by {cfg.get('act_shift')} from "
                                   f"channel {cfg.get('act_unsigned_from')}; Nunchaku shifts exactly the post-GELU "
-                                  f"inputs by {POST_GELU_SHIFT}", "re-quantize with svdquant's FLUX adapter")
+                                  f"inputs by {POST_GELU_SHIFT}", f"re-quantize with {adapter}")
     if len(dtypes) > 1:
         found.add("dtype", f"{where} mixes {sorted(dtypes)} layers; a Nunchaku file has one 16-bit dtype",
                   "quantize the model in bfloat16 (--dtype bf16)", "--dtype bf16")

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ...checkpoint import (FORMAT_VERSION, CheckpointError, check_config, check_layer_counts, check_tensor_file,
                            json_object)
 from ...recipes import POST_GELU_SHIFT, get_recipe
-from .keymap import AWQ, GROUP, KEPT, MODEL_CLASS, NUNCHAKU_CLASS, PLANS, STACKS
+from .keymap import AWQ, FLUX, GROUP, KNOWN, LAYOUTS, QWENIMAGE, Layout
 from .packing import deinterleave_rows, scale_chunks
 
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}  # the 16-bit dtypes of Nunchaku's INT4 files
@@ -49,6 +49,7 @@ class NunchakuPlan:
     layers: list[PlannedLayer]
     kept: dict[str, str]              # our kept tensor -> Nunchaku tensor
     meta: dict[str, Any]              # the svdquant metadata this import amounts to
+    layout: Layout = FLUX
 
 
 def bad_file(path: Path, what: str) -> CheckpointError:
@@ -64,13 +65,6 @@ def _metadata(path: Path, md: dict[str, str]) -> tuple[dict, dict]:
     config = json_object(md["config"], f"{path}: the 'config' in its metadata")
     if not isinstance(config, dict):
         raise bad_file(path, "its 'config' metadata is not a JSON object; the file is corrupt")
-    model_class = md.get("model_class")
-    if model_class is not None and not (model_class.startswith("Nunchaku") and "Flux" in model_class):
-        raise bad_file(path, f"is a {model_class[:80]} checkpoint; svdquant converts Nunchaku's FLUX checkpoints "
-                         f"({NUNCHAKU_CLASS}) only")
-    if config.get("_class_name", MODEL_CLASS) != MODEL_CLASS:
-        raise bad_file(path, f"its config describes a {str(config['_class_name'])[:80]}; svdquant converts Nunchaku's "
-                         "FLUX checkpoints only")
     qc = {}
     if "quantization_config" in md:
         qc = json_object(md["quantization_config"], f"{path}: the 'quantization_config' in its metadata")
@@ -84,15 +78,40 @@ def _metadata(path: Path, md: dict[str, str]) -> tuple[dict, dict]:
     return config, qc
 
 
-def _flux_16bit(config: dict, path: Path) -> nn.Module:
+def _layout(path: Path, md: dict[str, str], config: dict, header: dict) -> Layout:
+    """Which model the file holds: its metadata's ``model_class`` (what merge_safetensors records) and its config's
+    ``_class_name``, which must agree where both are given. Nunchaku's loaders read neither (the class is the
+    caller's choice), so where both are absent the tensors decide: Qwen-Image's image input is ``img_in``,
+    FLUX's ``x_embedder``."""
+    model_class = md.get("model_class")
+    by_class = None
+    if model_class is not None:
+        by_class = next((lay for lay in LAYOUTS.values()
+                         if model_class.startswith("Nunchaku") and lay.marker in model_class), None)
+        if by_class is None:
+            raise bad_file(path, f"is a {model_class[:80]} checkpoint; svdquant imports Nunchaku's {KNOWN} "
+                                 "checkpoints only")
+    if "_class_name" not in config:
+        return by_class or (QWENIMAGE if "img_in.weight" in header else FLUX)
+    name = config["_class_name"]
+    by_config = LAYOUTS.get(name) if isinstance(name, str) else None
+    if by_config is None:
+        raise bad_file(path, f"its config describes a {str(name)[:80]}; svdquant imports Nunchaku's {KNOWN} "
+                             "checkpoints only")
+    if by_class is not None and by_class is not by_config:
+        raise bad_file(path, f"its metadata names a {model_class[:80]} but its config a {name}; the file is corrupt")
+    return by_config
+
+
+def _model_16bit(layout: Layout, config: dict, path: Path) -> nn.Module:
     """The 16-bit model the config describes, on the meta device (sizes only)."""
-    from diffusers import FluxTransformer2DModel
+    import diffusers
 
     try:
         with torch.device("meta"):
-            return FluxTransformer2DModel.from_config(config)
+            return getattr(diffusers, layout.model_class).from_config(config)
     except Exception as e:
-        raise bad_file(path, f"its config does not build a FLUX transformer ({type(e).__name__}: "
+        raise bad_file(path, f"its config does not build a {layout.label} transformer ({type(e).__name__}: "
                              f"{str(e)[:200]})") from None
 
 
@@ -122,25 +141,25 @@ class _Header:
         self.used.add(name)
 
 
-def _w4a4_entries(h: _Header, name: str, n: int, k: int, dt: str) -> int:
+def _w4a4_entries(h: _Header, layout: Layout, name: str, n: int, k: int, dt: str) -> int:
     """Check one Nunchaku W4A4 layer's tensors; returns its rank."""
     if n % 128 or k % 128:
         raise bad_file(h.path, f"{name} would be {n} x {k}; Nunchaku's INT4 layers are multiples of 128 on both sides")
-    has_down, has_up = h.has(f"{name}.lora_down"), h.has(f"{name}.lora_up")
+    down_name, up_name = layout.w4a4(name, "lora_down"), layout.w4a4(name, "lora_up")
     rank = 0
-    if has_down or has_up:
-        down = h.shape(f"{name}.lora_down")
+    if layout.strict or h.has(down_name) or h.has(up_name):
+        down = h.shape(down_name)
         rank = down[1] if len(down) == 2 and isinstance(down[1], int) else -1
         if rank < 0 or rank % 16:
-            raise bad_file(h.path, f"{name}.lora_down is {down}: the low-rank branch is [in_features, rank], rank a "
+            raise bad_file(h.path, f"{down_name} is {down}: the low-rank branch is [in_features, rank], rank a "
                                "multiple of 16; the file is corrupt")
-        h.expect(f"{name}.lora_down", dt, [k, rank])
-        h.expect(f"{name}.lora_up", dt, [n, rank])
-    h.expect(f"{name}.qweight", "I8", [n, k // 2])
-    h.expect(f"{name}.wscales", dt, [k // GROUP, n])
-    h.expect(f"{name}.bias", dt, [n])
-    h.expect(f"{name}.smooth", dt, [k])
-    h.expect(f"{name}.smooth_orig", dt, [k], optional=True)
+        h.expect(down_name, dt, [k, rank])
+        h.expect(up_name, dt, [n, rank])
+    h.expect(layout.w4a4(name, "qweight"), "I8", [n, k // 2])
+    h.expect(layout.w4a4(name, "wscales"), dt, [k // GROUP, n])
+    h.expect(layout.w4a4(name, "bias"), dt, [n])
+    h.expect(layout.w4a4(name, "smooth"), dt, [k])
+    h.expect(layout.w4a4(name, "smooth_orig"), dt, [k], optional=not layout.strict)
     return rank
 
 
@@ -161,6 +180,36 @@ def _layer_config(k: int, n: int, dt: torch.dtype, *, weights="int4", activation
             **({"bias_dtype": "float32"} if fp32_bias else {})}
 
 
+def _plan_blocks(h: _Header, layout: Layout, model: nn.Module, dts: str) -> tuple[list[PlannedLayer], dict[str, str]]:
+    """Every block's quantized layers checked against the header and planned, and the blocks' 16-bit tensors."""
+    layers: list[PlannedLayer] = []
+    kept: dict[str, str] = {}
+    for stack in layout.stacks:
+        for i, block in enumerate(model.get_submodule(stack)):
+            pre = f"{stack}.{i}"
+            for spec in layout.plans[stack]:
+                if isinstance(spec, AWQ):
+                    lin = block.get_submodule(spec.ours)
+                    _awq_entries(h, f"{pre}.{spec.theirs}", lin.out_features, lin.in_features, dts)
+                    layers.append(PlannedLayer("awq", (f"{pre}.{spec.theirs}",), (f"{pre}.{spec.ours}",),
+                                               (lin.out_features,), (lin.in_features,), chunks=spec.chunks))
+                    continue
+                lins = [block.get_submodule(o) for o in spec.ours]
+                if len(spec.theirs) == 2:  # FLUX's single-block proj_out = [attention | GELU(mlp)]
+                    gelu = block.proj_mlp.out_features
+                    ks = (lins[0].in_features - gelu, gelu)
+                else:
+                    ks = (lins[0].in_features,)
+                n = sum(m.out_features for m in lins)
+                ranks = tuple(_w4a4_entries(h, layout, f"{pre}.{t}", n, k, dts) for t, k in zip(spec.theirs, ks))
+                layers.append(PlannedLayer("w4a4", tuple(f"{pre}.{t}" for t in spec.theirs),
+                                           tuple(f"{pre}.{o}" for o in spec.ours), tuple(m.out_features for m in lins),
+                                           ks, ranks, spec.post_gelu))
+            for theirs, ours in layout.kept[stack].items():
+                kept[f"{pre}.{ours}"] = f"{pre}.{theirs}"
+    return layers, kept
+
+
 def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
     """Check a Nunchaku file and work out the svdquant model it amounts to, reading only its header and the
     small tensors that decide a layer's form (the single blocks' up projections, the AWQ scales and zeros).
@@ -169,8 +218,9 @@ def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
     header = check_tensor_file(path)
     md = header.pop("__metadata__", {})
     config, _ = _metadata(path, md)
+    layout = _layout(path, md, config, header)
     check_layer_counts({"model_config": config}, len(header), path)
-    model = _flux_16bit(config, path)
+    model = _model_16bit(layout, config, path)
     h = _Header(path, header)
     wscales = [k for k in header if k.endswith(".wscales") and header[k]["dtype"] in _TORCH_DTYPES]
     if not wscales:
@@ -178,34 +228,10 @@ def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
                          "FP8 scales, are not supported yet)")
     dts = header[wscales[0]]["dtype"]
     dtype = _TORCH_DTYPES[dts]
-    layers: list[PlannedLayer] = []
-    kept: dict[str, str] = {}
-    for stack in STACKS:
-        for i, block in enumerate(model.get_submodule(stack)):
-            pre = f"{stack}.{i}"
-            for spec in PLANS[stack]:
-                if isinstance(spec, AWQ):
-                    lin = block.get_submodule(spec.ours)
-                    _awq_entries(h, f"{pre}.{spec.theirs}", lin.out_features, lin.in_features, dts)
-                    layers.append(PlannedLayer("awq", (f"{pre}.{spec.theirs}",), (f"{pre}.{spec.ours}",),
-                                               (lin.out_features,), (lin.in_features,), chunks=spec.chunks))
-                    continue
-                lins = [block.get_submodule(o) for o in spec.ours]
-                if len(spec.theirs) == 2:  # proj_out = [attention | GELU(mlp)]
-                    gelu = block.proj_mlp.out_features
-                    ks = (lins[0].in_features - gelu, gelu)
-                else:
-                    ks = (lins[0].in_features,)
-                n = sum(m.out_features for m in lins)
-                ranks = tuple(_w4a4_entries(h, f"{pre}.{t}", n, k, dts) for t, k in zip(spec.theirs, ks))
-                layers.append(PlannedLayer("w4a4", tuple(f"{pre}.{t}" for t in spec.theirs),
-                                           tuple(f"{pre}.{o}" for o in spec.ours), tuple(m.out_features for m in lins),
-                                           ks, ranks, spec.post_gelu))
-            for theirs, ours in KEPT[stack].items():
-                kept[f"{pre}.{ours}"] = f"{pre}.{theirs}"
+    layers, kept = _plan_blocks(h, layout, model, dts)
     sd = model.state_dict()
     for name in sd:
-        if not name.startswith(tuple(s + "." for s in STACKS)):
+        if not name.startswith(tuple(s + "." for s in layout.stacks)):
             kept[name] = name
     for ours, theirs in kept.items():
         t = sd[ours]
@@ -218,17 +244,17 @@ def nunchaku_plan(path: str | os.PathLike) -> NunchakuPlan:
         h.used.add(theirs)
     extra = sorted(set(header) - h.used)
     if extra:
-        raise bad_file(path, f"holds {len(extra)} tensors a FLUX model does not use, e.g. {extra[:3]}; is it a "
-                         "checkpoint of another model, or of a newer Nunchaku format?")
-    _decide_forms(path, layers, dtype)
+        raise bad_file(path, f"holds {len(extra)} tensors a {layout.label} model does not use, e.g. {extra[:3]}; is it "
+                         "a checkpoint of another model, or of a newer Nunchaku format?")
+    _decide_forms(path, layout, layers, dtype)
     meta = {
         "format": "svdquant", "format_version": FORMAT_VERSION, "svdquant_version": "(imported from Nunchaku)",
-        "model_class": MODEL_CLASS, "model_config": config, "base": None, "base_is_local": False,
+        "model_class": layout.model_class, "model_config": config, "base": None, "base_is_local": False,
         "recipe": _recipe(max([r for lay in layers for r in lay.ranks] + [0])),
         "layers": {name: cfg for lay in layers for name, cfg in lay.configs.items()},
         "report": None, "source": "nunchaku",
     }
-    return NunchakuPlan(path, header, config, dtype, layers, kept, meta)
+    return NunchakuPlan(path, header, config, dtype, layers, kept, meta, layout)
 
 
 def tensor_reader(path: Path) -> Callable[[str], torch.Tensor]:
@@ -243,7 +269,7 @@ def tensor_reader(path: Path) -> Callable[[str], torch.Tensor]:
     return read
 
 
-def _decide_forms(path: Path, layers: list[PlannedLayer], dtype: torch.dtype) -> None:
+def _decide_forms(path: Path, layout: Layout, layers: list[PlannedLayer], dtype: torch.dtype) -> None:
     """The forms that depend on values, and every layer's config."""
     read = tensor_reader(path)
     for lay in layers:
@@ -259,8 +285,8 @@ def _decide_forms(path: Path, layers: list[PlannedLayer], dtype: torch.dtype) ->
             continue
         shift = POST_GELU_SHIFT if lay.post_gelu else 0.0
         if len(lay.theirs) == 2:
-            same = lay.ranks[0] == lay.ranks[1] and (
-                lay.ranks[0] == 0 or torch.equal(read(f"{lay.theirs[0]}.lora_up"), read(f"{lay.theirs[1]}.lora_up")))
+            ups = [layout.w4a4(t, "lora_up") for t in lay.theirs]
+            same = lay.ranks[0] == lay.ranks[1] and (lay.ranks[0] == 0 or torch.equal(read(ups[0]), read(ups[1])))
             lay.form = "shared" if same else "block"
             rank = lay.ranks[0] if same else sum(lay.ranks)
             lay.configs = {lay.ours[0]: _layer_config(sum(lay.ks), lay.outs[0], dtype, rank=rank, shift=shift,

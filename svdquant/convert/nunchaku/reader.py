@@ -14,30 +14,36 @@ from ... import _checks
 from ...checkpoint import check_values, count_nonfinite, empty_quantized_model
 from ...formats import pack_4bit_halves
 from ...integrations.diffusers import compat
-from .keymap import GROUP, MODEL_CLASS
+from .keymap import GROUP, Layout
 from .packing import deinterleave_rows, unpack_awq, unpack_lanes, unpack_lowrank, unpack_qweight
-from .plan import PlannedLayer, awq_bias, bad_file, nunchaku_plan, tensor_reader
+from .plan import NunchakuPlan, PlannedLayer, awq_bias, bad_file, nunchaku_plan, tensor_reader
 
 
-def _w4a4_tensors(read, name: str, rank: int) -> dict[str, torch.Tensor]:
+def _w4a4_tensors(read, layout: Layout, name: str, rank: int) -> dict[str, torch.Tensor]:
     """One Nunchaku W4A4 layer in plain order: codes [N, K], scales [N, G], bias [N], smooth [K], down [R, K], up."""
-    out = {"codes": unpack_qweight(read(f"{name}.qweight")), "scales": unpack_lanes(read(f"{name}.wscales")),
-           "bias": unpack_lanes(read(f"{name}.bias")), "smooth": unpack_lanes(read(f"{name}.smooth"))}
+    def get(role: str) -> torch.Tensor:
+        return read(layout.w4a4(name, role))
+
+    out = {"codes": unpack_qweight(get("qweight")), "scales": unpack_lanes(get("wscales")),
+           "bias": unpack_lanes(get("bias")), "smooth": unpack_lanes(get("smooth"))}
     if rank:
-        out["down"] = unpack_lowrank(read(f"{name}.lora_down"), down=True)
-        out["up"] = unpack_lowrank(read(f"{name}.lora_up"), down=False)
+        out["down"] = unpack_lowrank(get("lora_down"), down=True)
+        out["up"] = unpack_lowrank(get("lora_up"), down=False)
     return out
 
 
-def _fill_w4a4(path: Path, read, lay: PlannedLayer, plan_header: dict) -> dict[str, torch.Tensor]:
-    parts = [_w4a4_tensors(read, t, r) for t, r in zip(lay.theirs, lay.ranks)]
+def _fill_w4a4(plan: NunchakuPlan, read, lay: PlannedLayer) -> dict[str, torch.Tensor]:
+    path, layout = plan.path, plan.layout
+    parts = [_w4a4_tensors(read, layout, t, r) for t, r in zip(lay.theirs, lay.ranks)]
     for t, p in zip(lay.theirs, parts):
         bad = count_nonfinite(p["smooth"]) or int((p["smooth"] == 0).sum())
         if bad:
-            raise bad_file(path, f"{t}.smooth holds {bad} zero or non-finite smoothing factors; the file is corrupt")
+            raise bad_file(path, f"{layout.w4a4(t, 'smooth')} holds {bad} zero or non-finite smoothing factors; the "
+                                 "file is corrupt")
         # smooth_orig is never read by the kernels (module doc), but NaN / Inf there is a damaged file all the same
-        if t + ".smooth_orig" in plan_header and count_nonfinite(read(f"{t}.smooth_orig")):
-            raise bad_file(path, f"{t}.smooth_orig holds NaN / Inf values; the file is corrupt")
+        orig = layout.w4a4(t, "smooth_orig")
+        if orig in plan.header and count_nonfinite(read(orig)):
+            raise bad_file(path, f"{orig} holds NaN / Inf values; the file is corrupt")
     if len(parts) == 2:  # proj_out: concatenate along K
         a, b = parts
         ka = a["codes"].shape[1]
@@ -95,9 +101,10 @@ def _fill_awq(read, lay: PlannedLayer, dtype: torch.dtype) -> dict[str, torch.Te
 
 def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                   weight_mode: str = "auto") -> nn.Module:
-    """A Nunchaku single-file INT4 FLUX checkpoint as an svdquant-quantized ``FluxTransformer2DModel`` (W4A4 layers
-    in ``w4a4-float`` formats, adaLN layers ``int4z`` / ``int4`` weight-only). Checked as hostile input: every
-    failure is a :class:`CheckpointError`. :func:`svdquant.load_quantized` calls this for Nunchaku files."""
+    """A Nunchaku single-file INT4 checkpoint (FLUX.1, Kontext, Qwen-Image / -Edit) as an svdquant-quantized
+    ``FluxTransformer2DModel`` / ``QwenImageTransformer2DModel`` (W4A4 layers in ``w4a4-float`` formats, adaLN
+    layers ``int4z`` / ``int4`` weight-only). Checked as hostile input: every failure is a
+    :class:`CheckpointError`. :func:`svdquant.load_quantized` calls this for Nunchaku files."""
     from ...modules.linear import WEIGHT_MODES
 
     if weight_mode not in WEIGHT_MODES:
@@ -108,13 +115,14 @@ def from_nunchaku(path: str | os.PathLike, device: str | torch.device = "cpu", *
     read = tensor_reader(plan.path)
     tensors: dict[str, torch.Tensor] = {}
     for lay in plan.layers:
-        tensors.update(_fill_w4a4(plan.path, read, lay, plan.header) if lay.kind == "w4a4" else _fill_awq(read, lay, plan.dtype))
+        tensors.update(_fill_w4a4(plan, read, lay) if lay.kind == "w4a4" else _fill_awq(read, lay, plan.dtype))
     for ours, theirs in plan.kept.items():
         tensors[ours] = read(theirs)
     quantized = {k for k in tensors if k.rpartition(".")[0] in plan.meta["layers"]}
     expected = dict(model.state_dict(keep_vars=True))
     if set(expected) != set(tensors):  # the plan and the model disagree: a gap in this converter, not the file
-        raise bad_file(plan.path, f"does not map onto {MODEL_CLASS} (missing {sorted(set(expected) - set(tensors))[:3]}"
+        raise bad_file(plan.path, f"does not map onto {plan.layout.model_class} (missing "
+                                  f"{sorted(set(expected) - set(tensors))[:3]}"
                                   f", extra {sorted(set(tensors) - set(expected))[:3]})")
     check_values(model, tensors, quantized, plan.path)
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -1,4 +1,4 @@
-"""Exporting, second step: an svdquant FLUX model as the tensors and metadata of a Nunchaku file
+"""Exporting, second step: an svdquant FLUX or Qwen-Image model as the tensors and metadata of a Nunchaku file
 (:func:`nunchaku_tensors`), written byte-reproducibly and atomically (:func:`to_nunchaku`)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ...checkpoint import CheckpointError, fsync_file, load_quantized, model_con
 from ...formats import unpack_4bit_halves
 from ...modules import SVDQLinear
 from .exportable import check_exportable
-from .keymap import AWQ, GROUP, KEPT, MODEL_CLASS, NUNCHAKU_CLASS, PLANS, STACKS, W4A4
+from .keymap import AWQ, GROUP, LAYOUTS, W4A4, Layout
 from .packing import interleave_rows, pack_awq, pack_lanes, pack_lowrank, pack_qweight, scale_chunks
 
 
@@ -43,13 +43,15 @@ def _nunchaku_w4a4(codes, scales, bias, smooth, down, up, dtype) -> dict[str, to
     return out
 
 
-def _export_w4a4(model: nn.Module, pre: str, spec: W4A4, rank: int, dtype, where) -> dict[str, torch.Tensor]:
+def _export_w4a4(model: nn.Module, layout: Layout, pre: str, spec: W4A4, rank: int, dtype,
+                 where) -> dict[str, torch.Tensor]:
     mods = [model.get_submodule(f"{pre}.{o}") for o in spec.ours]
     parts = [_our_w4a4(m) for m in mods]
     for key, what in (("smooth_inv", "smoothing"), ("down", "low-rank down projection")):
         if not _same([p[key] for p in parts]):
             raise CheckpointError(f"{where}: {', '.join(f'{pre}.{o}' for o in spec.ours)} do not share their {what}, "
-                                  "which Nunchaku's fused qkv_proj needs: quantize with svdquant's FLUX adapter")
+                                  f"which Nunchaku's fused {spec.theirs[0].rpartition('.')[2]} needs: quantize with "
+                                  f"svdquant's {layout.label} adapter")
     # the smoothing factor λ = 1 / smooth_inv, in the 16-bit dtype Nunchaku stores it in (rounded; see module doc)
     smooth = (1.0 / parts[0]["smooth_inv"].double()).to(dtype)
     codes = torch.cat([p["codes"] for p in parts])
@@ -58,7 +60,7 @@ def _export_w4a4(model: nn.Module, pre: str, spec: W4A4, rank: int, dtype, where
     down = parts[0]["down"]
     up = torch.cat([p["up"] for p in parts]) if down is not None else None
     if len(spec.theirs) == 1:
-        return {f"{pre}.{spec.theirs[0]}.{k}": v for k, v in
+        return {layout.w4a4(f"{pre}.{spec.theirs[0]}", k): v for k, v in
                 _nunchaku_w4a4(codes, scales, bias, smooth, down, up, dtype).items()}
     ka = mods[0].act_unsigned_from  # proj_out -> out_proj (attention) | mlp_fc2 (GELU part)
     ga = ka // GROUP
@@ -74,7 +76,7 @@ def _export_w4a4(model: nn.Module, pre: str, spec: W4A4, rank: int, dtype, where
     out = {}
     for t, cols, gcols, b, d, u in zip(spec.theirs, (slice(None, ka), slice(ka, None)), (slice(None, ga), slice(ga, None)),
                                        (bias, torch.zeros_like(bias)), downs, ups):
-        out.update({f"{pre}.{t}.{k}": v for k, v in _nunchaku_w4a4(
+        out.update({layout.w4a4(f"{pre}.{t}", k): v for k, v in _nunchaku_w4a4(
             codes[:, cols], scales[:, gcols], b, smooth[cols], d, u, dtype).items()})
     return out
 
@@ -105,37 +107,38 @@ def nunchaku_tensors(model: nn.Module, where="the model") -> tuple[dict[str, tor
                               "(svdquant.unload_lora) before converting")
     config = model_config_of(model)
     rank = check_exportable(quantized_layers(model), type(model).__name__, config, where)
+    layout = LAYOUTS[type(model).__name__]
     layers = quantized_layers(model)
     dtype = getattr(torch, next(iter(layers.values()))["dtype"])
     out: dict[str, torch.Tensor] = {}
     covered = set()
-    for stack in STACKS:
+    for stack in layout.stacks:
         for i in range(len(model.get_submodule(stack))):
             pre = f"{stack}.{i}"
-            for spec in PLANS[stack]:
+            for spec in layout.plans[stack]:
                 if isinstance(spec, AWQ):
                     out.update(_export_awq(model, pre, spec, dtype))
                     covered.add(f"{pre}.{spec.ours}.")
                 else:
-                    out.update(_export_w4a4(model, pre, spec, rank, dtype, where))
+                    out.update(_export_w4a4(model, layout, pre, spec, rank, dtype, where))
                     covered.update(f"{pre}.{o}." for o in spec.ours)
-            for theirs, ours in KEPT[stack].items():
+            for theirs, ours in layout.kept[stack].items():
                 out[f"{pre}.{theirs}"] = model.get_submodule(pre).get_parameter(ours).to(dtype)
                 covered.add(f"{pre}.{ours}")
-    blocks = tuple(s + "." for s in STACKS)
+    blocks = tuple(s + "." for s in layout.stacks)
     for name, t in model.state_dict().items():
         if not name.startswith(blocks):
             # Nunchaku builds the model in one 16-bit dtype and requires every stored tensor to match it
             out[name] = t.to(dtype) if t.is_floating_point() else t
         elif not (name in covered or name.startswith(tuple(c for c in covered if c.endswith(".")))):
-            raise CheckpointError(f"{where} holds {name}, which Nunchaku's FLUX blocks do not have")
+            raise CheckpointError(f"{where} holds {name}, which Nunchaku's {layout.label} blocks do not have")
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
     qc = {"method": "svdquant", "weight": {"dtype": "int4", "scale_dtype": None, "group_size": GROUP},
           "activation": {"dtype": "int4", "scale_dtype": None, "group_size": GROUP}, "rank": rank}
-    config = {"_class_name": MODEL_CLASS, **{k: v for k, v in config.items() if k != "_class_name"}}
+    config = {"_class_name": layout.model_class, **{k: v for k, v in config.items() if k != "_class_name"}}
     # keys sorted: a model imported from this file lists its config in another order, and export -> import ->
     # export must give the same bytes
-    meta = {"config": json.dumps(config, sort_keys=True), "model_class": NUNCHAKU_CLASS,
+    meta = {"config": json.dumps(config, sort_keys=True), "model_class": layout.nunchaku_class,
             "quantization_config": json.dumps(qc, sort_keys=True)}
     return out, meta
 
@@ -187,8 +190,9 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, name: str = "pat
 
 
 def to_nunchaku(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a ``w4a4-float`` FLUX model (or checkpoint folder) as a Nunchaku single-file INT4 checkpoint that
-    Nunchaku's ``NunchakuFluxTransformer2dModel.from_pretrained`` loads. Written to a temporary file and renamed:
+    """Write a ``w4a4-float`` FLUX or Qwen-Image model (or checkpoint folder) as a Nunchaku single-file INT4
+    checkpoint that Nunchaku's ``NunchakuFluxTransformer2dModel`` / ``NunchakuQwenImageTransformer2DModel``
+    ``.from_pretrained`` loads. Written to a temporary file and renamed:
     a failure leaves no file (and an existing one untouched)."""
     path = check_output_file(path, overwrite)
     if not isinstance(model, nn.Module):
