@@ -30,14 +30,14 @@ def validate_convert(args) -> None:
         if args.base is not None:
             base = Path(args.base).expanduser()
             if args.base.startswith(("/", ".", "~")) and not base.exists():
-                raise UsageError(f"--base {args.base} does not exist; pass the FLUX pipeline's folder or hub id")
+                raise UsageError(f"--base {args.base} does not exist; pass the base pipeline's folder or hub id")
             if base.exists():
                 from ..pipelines.load import check_base  # imports diffusers: only when there is a base to check
 
                 check_base(f, args.plan.meta, str(base))
         return
     if args.to != "nunchaku":
-        raise UsageError(f"--to {args.to}: svdquant writes 'nunchaku' (Nunchaku's single-file INT4 FLUX format)")
+        raise UsageError(f"--to {args.to}: svdquant writes 'nunchaku' (Nunchaku's single-file INT4 format)")
     if len(src) != 1:
         raise UsageError(f"convert {' '.join(src)[:100]} --to nunchaku: {CONVERT_FORMS}")
     for flag, given in (("--two-level", args.two_level), ("--base", args.base is not None)):

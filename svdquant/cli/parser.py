@@ -22,8 +22,8 @@ USAGE = """The ``svdquant`` command.
     svdquant compare OUT "a photo of a cat" -o compare.png
     svdquant info OUT
     svdquant serve [MODEL] --port 8000                # HTTP service + web page (default MODEL: tiny)
-    svdquant convert nunchaku FILE.safetensors -o OUT # a Nunchaku INT4 FLUX checkpoint -> svdquant
-    svdquant convert OUT --to nunchaku -o FILE.safetensors   # a w4a4-float FLUX checkpoint -> Nunchaku
+    svdquant convert nunchaku FILE.safetensors -o OUT # a Nunchaku INT4 FLUX or Qwen-Image file -> svdquant
+    svdquant convert OUT --to nunchaku -o FILE.safetensors   # a w4a4-float FLUX or Qwen-Image checkpoint -> Nunchaku
 """
 
 
@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="Nunchaku checkpoints in and out",
                        description="svdquant convert nunchaku FILE.safetensors -o DIR: import a Nunchaku single-file "
-                                   "INT4 FLUX checkpoint as an svdquant checkpoint (exact). svdquant convert DIR --to "
-                                   "nunchaku -o FILE.safetensors: write a w4a4-float FLUX checkpoint in Nunchaku's "
+                                   "INT4 FLUX.1 or Qwen-Image checkpoint as an svdquant checkpoint (exact). svdquant convert DIR --to "
+                                   "nunchaku -o FILE.safetensors: write a w4a4-float FLUX.1 or Qwen-Image checkpoint in Nunchaku's "
                                    "format (its 16-bit smoothing and scale biases rounded).")
     p.add_argument("source", nargs="+", metavar="SOURCE",
                    help="'nunchaku FILE.safetensors' to import, or a checkpoint folder with --to nunchaku")

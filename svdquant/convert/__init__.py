@@ -1,6 +1,7 @@
 """Other projects' checkpoint layouts, and format conversions of quantized models.
 
-* :mod:`.nunchaku` — Nunchaku's single-file INT4 FLUX checkpoints in (:func:`from_nunchaku`, also what
+* :mod:`.nunchaku` — Nunchaku's single-file INT4 checkpoints of FLUX.1 (and Kontext) and Qwen-Image (and -Edit)
+  in (:func:`from_nunchaku`, also what
   :func:`svdquant.load_quantized` does with one: importing this package registers it with the checkpoint loader)
   and out (:func:`to_nunchaku`), on the tensor layouts of :mod:`.nunchaku.packing`; ``svdquant convert nunchaku FILE
   -o DIR`` / ``svdquant convert DIR --to nunchaku -o FILE``;
