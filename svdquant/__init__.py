@@ -1,7 +1,8 @@
 """svdquant: 4-bit weights and activations for diffusion models, fast on every GPU."""
 
 from .calibration import DEFAULT_PROMPTS, Calibration
-from .checkpoint import CheckpointError, load_quantized, load_text_encoders, read_metadata, save_quantized
+from .checkpoint import (CheckpointError, load_experts, load_quantized, load_text_encoders, read_metadata,
+                         save_quantized)
 from . import convert  # noqa: F401  (registers the Nunchaku reader: load_quantized / read_metadata take its files)
 from .hub import push_to_hub
 from .lora import LoRAError, load_lora, loaded_loras, set_lora_strength, unload_lora
@@ -66,7 +67,7 @@ def unfuse(target) -> dict[str, int]:
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",
-    "save_quantized", "push_to_hub", "load_quantized", "load_text_encoders", "load_pipeline", "read_metadata", "CheckpointError",
+    "save_quantized", "push_to_hub", "load_quantized", "load_experts", "load_text_encoders", "load_pipeline", "read_metadata", "CheckpointError",
     "load_lora", "set_lora_strength", "unload_lora", "loaded_loras", "LoRAError",
     "SVDQLinear", "SVDQConv1x1", "QuantConfig", "Int4Config", "W4A4Config", "W4A4FloatConfig", "NVFP4Config", "W8A8Config", "FP8Config", "NF4Config",
     "W4A16Config", "RECIPES", "get_recipe", "set_weight_mode", "WEIGHT_MODES",

@@ -210,8 +210,9 @@ def test_metadata(saved, arch):
     model, report, path = saved(arch)
     assert sorted(os.listdir(path)) == [META_FILE, TENSOR_FILE]
     meta = svdquant.read_metadata(path)
-    # int4m layers: version 2; 3 only with int4z layers or text encoders, 4 (FORMAT_VERSION) with an fp32 bias
-    assert meta["format"] == "svdquant" and meta["format_version"] == 2 and FORMAT_VERSION == 4
+    # int4m layers: version 2; 3 only with int4z layers or text encoders, 4 with an fp32 bias, 5 (FORMAT_VERSION)
+    # with a second expert
+    assert meta["format"] == "svdquant" and meta["format_version"] == 2 and FORMAT_VERSION == 5
     assert meta["svdquant_version"] == svdquant.__version__
     assert meta["model_class"] == type(model).__name__
     cfg = meta["model_config"]

@@ -1,6 +1,7 @@
 """Video: a tiny Wan 2.1 text-to-video pipeline calibrated through diffusers' WanPipeline (two transformer calls a
 step with guidance, frames as tokens), the per-layer token budget bounded however many tokens a call has, the
-size multiple from the adapter, and Wan 2.2's two experts refused rather than half quantized."""
+size multiple from the adapter, and Wan 2.2's two experts both quantized, each on its own calls (their checkpoint
+and the errors around them: test_experts.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 import svdquant
 from svdquant import SVDQLinear
-from svdquant.calibration import LinearInputRecorder, record_inputs
+from svdquant.calibration import LinearInputRecorder, capture, record_inputs
 from svdquant.pipelines import check_size, size_multiple
 
 RECIPE = svdquant.W4A4Config(iterations=1, eval_tokens=64)
@@ -71,21 +72,45 @@ def test_size_multiple_comes_from_the_adapter():
         svdquant.quantize(wan, RECIPE, calib(pipeline_kwargs={**tm.WAN_KWARGS, "height": 40}), progress=False)
 
 
-def test_two_experts_are_refused_before_any_work():
+def test_two_experts_are_both_quantized_each_on_its_own_calls(monkeypatch):
+    """quantize(pipe) on Wan 2.2's layout quantizes transformer and transformer_2, each calibrated on the calls the
+    pipeline makes to it (timesteps on its side of the boundary), the low-noise one while the high-noise one is
+    still 16-bit (so its calls follow the 16-bit trajectory)."""
     pipe = tm.build_wan_pipeline(two_experts=True)
-    called = []
-    handles = [m.register_forward_pre_hook(lambda *a: called.append(1)) for m in (pipe.transformer, pipe.transformer_2)]
-    with pytest.raises(ValueError, match="two experts .*transformer_2"):
-        svdquant.quantize(pipe, RECIPE, calib(), progress=False)
-    for h in handles:
-        h.remove()
-    assert not called
-    for m in (pipe.transformer, pipe.transformer_2):
-        assert not any(isinstance(x, SVDQLinear) for x in m.modules())
+    ref = tm.sample_video(pipe)
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    last_t, drawn = {}, []
+    for name, m in experts.items():
+        m.register_forward_pre_hook(lambda m, a, kw, name=name: last_t.__setitem__(name, float(kw["timestep"][0])),
+                                    with_kwargs=True)
+    selector_pre = capture.CallSelector._pre
+
+    def pre(self, module, args):  # the calls each calibration draws, by expert
+        selector_pre(self, module, args)
+        if self.active:
+            name = next(n for n, m in experts.items() if m is module)
+            sixteen_bit = not any(isinstance(x, SVDQLinear) for x in pipe.transformer.modules())
+            drawn.append((name, last_t[name], sixteen_bit))
+
+    monkeypatch.setattr(capture.CallSelector, "_pre", pre)
+    report = svdquant.quantize(pipe, RECIPE, calib(), progress=False)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    high = [t for n, t, _ in drawn if n == "transformer"]
+    low = [(t, sixteen) for n, t, sixteen in drawn if n == "transformer_2"]
+    assert len(high) == len(low) == 4 and report.snapshots == 8  # 2 prompts x 1 step x (cond, uncond) each
+    assert all(t >= boundary for t in high) and all(t < boundary and sixteen for t, sixteen in low)
+    for m in experts.values():
+        assert type(m.blocks[0].attn1.to_q) is SVDQLinear and type(m.blocks[1].ffn.net[2]) is SVDQLinear
+    names = [r.names[0] for r in report.rows]
+    assert len(names) == 28 and sum(n.startswith("transformer_2.blocks.") for n in names) == 14
+    assert "blocks.0.attn1.to_q" in names and "transformer_2.blocks.0.attn1.to_q" in names
+    assert {n for n, _ in report.skipped} >= {"proj_out", "transformer_2.proj_out"}
+    out = tm.sample_video(pipe)
+    assert torch.isfinite(out).all() and 0 < rel_err(out, ref) < 0.05, rel_err(out, ref)
 
 
 def test_each_expert_quantizes_as_a_bare_model_on_its_own_calls():
-    """The way the refusal names: the low-noise expert calibrated on the calls the pipeline makes to it."""
+    """The manual way, still open: each expert as a bare model, calibrated on the calls the pipeline makes to it."""
     pipe = tm.build_wan_pipeline(two_experts=True)
     c = calib(steps=4)
     for expert in (pipe.transformer, pipe.transformer_2):

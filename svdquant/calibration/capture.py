@@ -314,11 +314,13 @@ def draw_plan(n_prompts: int, steps: int, snapshots: int, seed: int) -> dict[int
     return plan
 
 
-def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks, progress: bool = True) -> int:
+def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks, progress: bool = True,
+                    desc: str = "calibrating") -> int:
     """Run the calibration calls; ``selector_hooks(selector)`` installs recorders and returns a closer.
 
     ``runner`` is a pipeline (called with ``prompt=`` per prompt) or ``None`` when
-    ``calib.inputs`` holds forward kwargs for ``model``. Returns the number of snapshots.
+    ``calib.inputs`` holds forward kwargs for ``model``. Returns the number of snapshots. ``desc``: the progress
+    bar's title (which expert of a two-expert pipeline).
     """
     calib = calib.for_pipeline(runner)
     if calib.inputs is not None:
@@ -339,7 +341,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     close = selector_hooks(selector)
     try:
         gen_device = "cpu"
-        for i in progress_bar([i for i in range(len(prompts)) if i in plan], desc="calibrating", unit="prompt",
+        for i in progress_bar([i for i in range(len(prompts)) if i in plan], desc=desc, unit="prompt",
                               enabled=progress, leave=False):
             selector.start_prompt(i)
             gen = torch.Generator(gen_device).manual_seed(calib.seed + i)

@@ -37,7 +37,7 @@ class Calibrated:
 
 
 def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, home, stream: bool, cap: int | None,
-                     progress: bool) -> Calibrated:
+                     progress: bool, desc: str = "calibrating") -> Calibrated:
     """Runs the calibration calls, keeping the arguments of each stack's first block (the snapshots).
 
     Through a pipeline, every call runs whole (the denoising trajectory needs every step) and each stack's entry
@@ -47,7 +47,8 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     stack's first block takes), the other inputs stop at the first block and only the first stack's entries
     are kept; otherwise (ControlNet residuals added between blocks...) they run whole, as through a pipeline.
     Either way the replays then see bit for bit the same block inputs. ``blocks``: the model's (name, block)
-    pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when streaming, else None.
+    pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when streaming, else None;
+    ``desc``: the progress bar's title.
     """
     stacks = adapter.stacks
     home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
@@ -62,7 +63,7 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
                                         share_except=adapter.outputs)
             return holder["r"].close
 
-        count = run_calibration(pipe, model, calib, hooks, progress)
+        count = run_calibration(pipe, model, calib, hooks, progress, desc)
         entries = holder["r"].entries
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
         return Calibrated(entries, False, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)

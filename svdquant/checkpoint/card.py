@@ -49,10 +49,10 @@ def _yaml(front: dict[str, Any]) -> str:
 
 def render(meta: dict[str, Any], license: str | None = None) -> str:
     """README.md text for a checkpoint's metadata (``svdquant.json``; its ``report`` gives the figures)."""
-    from ..ops import gpu_support
-
     recipe = meta.get("recipe") or {}
     layers = meta["layers"]
+    experts = meta.get("experts") or {}  # a two-expert pipeline's second transformer
+    every_layer = [*layers.values(), *(cfg for e in experts.values() for cfg in e["layers"].values())]
     base = meta.get("base")
     hub_base = base if base and not meta.get("base_is_local") and "/" in base else None
     front = {
@@ -67,12 +67,14 @@ def render(meta: dict[str, Any], license: str | None = None) -> str:
     lines = [_yaml(front), f"# {meta['model_class']}, svdquant `{name}`", ""]
     lines.append(f"Quantized with svdquant {meta.get('svdquant_version', '')} from "
                  f"{f'`{base}`' if base else 'an unrecorded base model'}: {len(layers)} quantized layers, "
-                 f"checkpoint format version {meta['format_version']}.")
+                 + "".join(f"and the second expert `{n}` (the low-noise steps; `transformer` runs the high-noise "
+                           f"ones) with {len(e['layers'])}, " for n, e in experts.items())
+                 + f"checkpoint format version {meta['format_version']}.")
     lines += ["", "## Recipe", "", "| setting | value |", "| --- | --- |"]
     for k in ("weights", "activations", "group_size", "rank", "method", "iterations", "svd"):
         if k in recipe:
             lines.append(f"| {k} | `{recipe[k]}` |")
-    ranks = sorted({cfg.get("rank", 0) for cfg in layers.values()})
+    ranks = sorted({cfg.get("rank", 0) for cfg in every_layer})
     lines.append(f"| ranks used | {', '.join(map(str, ranks))} |")
 
     report = meta.get("report")
@@ -114,15 +116,23 @@ def render(meta: dict[str, Any], license: str | None = None) -> str:
         lines += ["", "On a GPU the INT4 weight-only layers run the W4A16 kernel for up to 16 tokens; a text encoder "
                   "reads 77 (CLIP) to 512 (T5) tokens, so they run the torch reference: each weight is dequantized "
                   "to 16-bit for its matmul, one layer at a time."]
-    lines += ["", "## GPUs", "", "| layers | count | runs as |", "| --- | --- | --- |"]
-    kinds: dict[tuple, int] = {}
-    for cfg in layers.values():
-        key = (cfg["weights"], cfg.get("activations"))
-        kinds[key] = kinds.get(key, 0) + 1
-    for (w, a), n in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| W{w} A{a or '16'} | {n} | {gpu_support(w, a)} |")
+    lines += _gpu_table(every_layer)
     lines += ["", "Any other device (or `SVDQUANT_REFERENCE=1`) runs the torch reference: correct, slower.",
               "", "## Use", "", "```python", "import svdquant", "",
               "pipe = svdquant.load_pipeline(None, \"THIS_FOLDER_OR_REPO\", device=\"cuda\")",
               "image = pipe(\"a red fox in the snow\").images[0]", "```", ""]
     return "\n".join(lines)
+
+
+def _gpu_table(layers: list[dict[str, Any]]) -> list[str]:
+    """The card's GPUs section: per layer kind, how many and what runs them."""
+    from ..ops import gpu_support
+
+    lines = ["", "## GPUs", "", "| layers | count | runs as |", "| --- | --- | --- |"]
+    kinds: dict[tuple, int] = {}
+    for cfg in layers:
+        key = (cfg["weights"], cfg.get("activations"))
+        kinds[key] = kinds.get(key, 0) + 1
+    for (w, a), n in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| W{w} A{a or '16'} | {n} | {gpu_support(w, a)} |")
+    return lines

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..integrations.diffusers import compat
 from ..modules import SVDQConv1x1, SVDQLinear
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Version 2 added the two-level ``int4m`` layers (a ``wmult`` buffer); version 3 the zero-point ``int4z``
 # layers (``wzeros``: AWQ adaLN layers imported from Nunchaku) and the quantized text encoders
 # (``text_encoders``). A checkpoint is written with the lowest version that holds its contents, so older
@@ -23,6 +23,10 @@ TEXT_ENCODERS_SINCE = 3
 # Version 4: a layer may hold its bias in fp32 (``bias_dtype``: Nunchaku adaLN scale biases the model dtype cannot
 # hold exactly once the folded 1 is taken out); older svdquant would refuse the key as a malformed entry.
 BIAS_DTYPE_SINCE = 4
+# Version 5: a two-expert pipeline's second transformer (Wan 2.2 A14B's ``transformer_2``) stored beside the first
+# (``experts`` in the metadata, ``transformer_2.safetensors``); older svdquant refuses such a checkpoint
+# ("upgrade") rather than loading the first expert and leaving the base's 16-bit second one in the pipeline.
+EXPERTS_SINCE = 5
 META_FILE = "svdquant.json"
 TENSOR_FILE = "transformer.safetensors"
 

@@ -1,5 +1,6 @@
-"""Loading a checkpoint: the quantized transformer (:func:`load_quantized`; a foreign file is imported) and the
-quantized text encoders (:func:`load_text_encoders`), each built on meta and filled after every check."""
+"""Loading a checkpoint: the quantized transformer (:func:`load_quantized`; a foreign file is imported), a
+two-expert pipeline's second one (:func:`load_experts`) and the quantized text encoders (:func:`load_text_encoders`),
+each built on meta and filled after every check."""
 
 from __future__ import annotations
 
@@ -48,14 +49,38 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         if foreign is not None:
             return foreign.load(path, device, weight_mode=weight_mode)
     meta = read_metadata(path)
-    tensor_file = tensor_file_of(path)
-    check_layer_counts_unparsed(meta, tensor_file, path)  # before a hostile config builds millions of blocks
-    model = empty_quantized_model(meta, path, weight_mode)
+    return _load_model(meta, meta, tensor_file_of(path), path, device, weight_mode, verify)
+
+
+def load_experts(path: str | os.PathLike, device: str | torch.device = "cpu", *, weight_mode: str = "auto",
+                 verify: bool = True) -> dict[str, nn.Module]:
+    """A two-expert checkpoint's second transformer by pipeline attribute (``{"transformer_2": model}``; ``{}`` for
+    a checkpoint of one), straight onto ``device``, after the same checks as :func:`load_quantized`'s
+    (``weight_mode`` and ``verify`` too): ``pipe.transformer_2 = load_experts(path)["transformer_2"]`` beside
+    ``pipe.transformer = load_quantized(path)``; :func:`svdquant.load_pipeline` does both."""
+    from ..modules.linear import WEIGHT_MODES
+
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
+    device = _checks.device("device", device)
+    path = resolve(path)
+    meta = read_metadata(path)
+    folder = path if path.is_dir() else path.parent
+    return {name: _load_model(entry, meta, folder / f"{name}.safetensors", folder / f"{name}.safetensors", device,
+                              weight_mode, verify)
+            for name, entry in (meta.get("experts") or {}).items()}
+
+
+def _load_model(entry: dict, meta: dict, tensor_file, where, device, weight_mode: str, verify: bool) -> nn.Module:
+    """The diffusers model ``entry`` describes (the transformer's metadata, or an expert's entry in it), filled from
+    ``tensor_file`` once every check has passed; ``meta``: the whole metadata (its hashes and source)."""
+    check_layer_counts_unparsed(entry, tensor_file, where)  # before a hostile config builds millions of blocks
+    model = empty_quantized_model(entry, where, weight_mode)
     # no more entries than the model has tensors, counted before the header is parsed
     header = check_tensor_file(tensor_file, max_entries=tensor_count(model))
     header.pop("__metadata__", None)
-    fill_from_file(model, meta["layers"], tensor_file, header, device, verify=meta if verify else None,
-                   method=quantizer_method(meta))
+    fill_from_file(model, entry["layers"], tensor_file, header, device, verify=meta if verify else None,
+                   method=quantizer_method({**entry, "source": meta.get("source")}))
     state(model).source = meta.get("source")
     model.eval()
     return compat.quantized(model)  # save_pretrained then writes its quantization_config

@@ -31,8 +31,9 @@ def resolve(path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, TENSOR_FILE, "text_encoder*.safetensors",
-                                                                 "README.md"]))
+        # transformer*: a two-expert checkpoint's transformer_2.safetensors too
+        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, "transformer*.safetensors",
+                                                                 "text_encoder*.safetensors", "README.md"]))
     except Exception as e:  # offline (HF_HUB_OFFLINE or no network), unknown repo, gated repo...
         raise CheckpointError(
             f"{path} is neither a local folder nor a Hugging Face Hub checkpoint that can be fetched here "

@@ -11,7 +11,7 @@ from .foreign import foreign_format
 from .header import MAX_METADATA_BYTES, check_tensor_file, is_int, json_object, read_bounded
 from .layout import FORMAT_VERSION, META_FILE, TENSOR_FILE, CheckpointError
 from .locate import resolve
-from .validation import check_config, check_layer, check_text_encoders
+from .validation import check_config, check_experts, check_layer, check_text_encoders
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -61,8 +61,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         check_layer(name, cfg, meta_file)
     if meta.get("text_encoders") is not None:
         check_text_encoders(meta, meta_file)
+    if meta.get("experts") is not None:
+        check_experts(meta, meta_file)
     if meta.get("sha256") is not None:
-        files = {TENSOR_FILE} | {f"{n}.safetensors" for n in meta.get("text_encoders") or ()}
+        files = {TENSOR_FILE} | {f"{n}.safetensors" for key in ("text_encoders", "experts") for n in meta.get(key) or ()}
         h = meta["sha256"]
         if not (isinstance(h, dict) and set(h) <= files
                 and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in h.values())):

@@ -22,8 +22,8 @@ from .._tiny_facts import TINY_BASE
 from .._version import __version__
 from .card import base_license, render
 from .header import sha256_of
-from .layout import (META_FILE, TENSOR_FILE, TEXT_ENCODERS_SINCE, CheckpointError, all_tensors, encoder_tensors,
-                     format_version, model_config_of, quantized_encoders, quantized_layers)
+from .layout import (EXPERTS_SINCE, META_FILE, TENSOR_FILE, TEXT_ENCODERS_SINCE, CheckpointError, all_tensors,
+                     encoder_tensors, format_version, model_config_of, quantized_encoders, quantized_layers)
 
 
 def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, report=None,
@@ -31,7 +31,8 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
     """Write a quantized model to the folder ``path`` (created; atomically replaced with ``overwrite``).
 
     ``model``: the quantized transformer, or its pipeline, which also saves the pipeline's quantized text
-    encoders (``text_encoder_2.safetensors``...; see the package doc).
+    encoders (``text_encoder_2.safetensors``...; see the package doc) and, of a two-expert pipeline (Wan 2.2
+    A14B), the second expert (``transformer_2.safetensors``): one checkpoint of both.
 
     ``base`` records the pipeline (local folder or hub id) the model came from, so
     ``load_pipeline`` and the CLI can find its VAE, text encoders and scheduler.
@@ -41,18 +42,24 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
     """
     from ..quantize import QuantReport
 
-    model, encoders = _transformer_and_encoders(model)
+    model, encoders, experts = _saved_models(model)
     path = Path(path)
-    loras = [n for m in (model, *encoders.values()) for n in (peek(m).loras or ())]
+    loras = [n for m in (model, *encoders.values(), *experts.values()) for n in (peek(m).loras or ())]
     if loras:
         raise CheckpointError(f"LoRAs are loaded ({', '.join(loras)}); checkpoints hold the "
                               "quantized model alone: unload them (svdquant.unload_lora) before saving")
     layers = quantized_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers; run svdquant.quantize(...) on it first")
+    for name, expert in experts.items():
+        if not quantized_layers(expert):
+            raise CheckpointError(f"the pipeline's {name} has no quantized layers, and a checkpoint of the pipeline "
+                                  f"holds both experts: svdquant.quantize(pipe, ...) quantizes both (or save "
+                                  "pipe.transformer alone)")
     check_output_folder(path, overwrite)
-    version = max([format_version(layers)] + [format_version(quantized_layers(te)) for te in encoders.values()]
-                  + [TEXT_ENCODERS_SINCE] * bool(encoders))
+    others = [*encoders.values(), *experts.values()]
+    version = max([format_version(layers)] + [format_version(quantized_layers(m)) for m in others]
+                  + [TEXT_ENCODERS_SINCE] * bool(encoders) + [EXPERTS_SINCE] * bool(experts))
     if report is not None and not isinstance(report, QuantReport):
         raise TypeError(f"report= takes the QuantReport svdquant.quantize returned, got {type(report).__name__}")
     base, local = _checked_base(base)
@@ -72,17 +79,23 @@ def save_quantized(model, path: str | os.PathLike, *, base: str | None = None, r
         **({"source": peek(model).source} if peek(model).source else {}),
         "report": report.to_dict() if report is not None else None,
     }
-    encoder_files = _encoder_entries(meta, encoders)
+    files = _encoder_entries(meta, encoders)
+    files.update(_expert_entries(meta, experts))
     readme = (lambda meta: render(meta, license=base_license(base, local))) if model_card else None
-    _write_folder(path, meta, all_tensors(model), encoder_files, readme)
+    _write_folder(path, meta, all_tensors(model), files, readme)
     return path
 
 
-def _transformer_and_encoders(model) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """What :func:`save_quantized` was given: a pipeline (its transformer and quantized text encoders) or a model."""
-    encoders = {}
+def _saved_models(model) -> tuple[nn.Module, dict[str, nn.Module], dict[str, nn.Module]]:
+    """What :func:`save_quantized` was given: a pipeline (its transformer, quantized text encoders and second
+    expert) or a model (alone)."""
+    from ..models.pipeline_needs import SECOND_EXPERT, second_expert
+
+    encoders, experts = {}, {}
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "transformer", None), nn.Module):
         encoders = quantized_encoders(model)
+        if second_expert(model) is not None:
+            experts[SECOND_EXPERT] = second_expert(model)
         model = model.transformer
     elif peek(model).text_encoders:
         warnings.warn(f"the pipeline's text encoders ({', '.join(peek(model).text_encoders)}) were quantized "
@@ -91,7 +104,7 @@ def _transformer_and_encoders(model) -> tuple[nn.Module, dict[str, nn.Module]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_quantized takes the quantized model (e.g. pipe.transformer, pipe.unet) or a pipeline "
                         f"with a .transformer, got {type(model).__name__}")
-    return model, encoders
+    return model, encoders, experts
 
 
 def _checked_base(base) -> tuple[str | None, bool]:
@@ -104,8 +117,12 @@ def _checked_base(base) -> tuple[str | None, bool]:
     return base, bool(base) and base != TINY_BASE and Path(base).exists()
 
 
-def _encoder_entries(meta: dict[str, Any], encoders: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """Each quantized text encoder's entry under ``meta["text_encoders"]``; returns their tensors by file name."""
+# a tensor file beside the transformer's: its tensors and its safetensors header metadata (what the file is)
+_Extra = tuple[dict[str, torch.Tensor], dict[str, str]]
+
+
+def _encoder_entries(meta: dict[str, Any], encoders: dict[str, nn.Module]) -> dict[str, _Extra]:
+    """Each quantized text encoder's entry under ``meta["text_encoders"]``; returns their files by name."""
     encoder_files = {}
     if encoders:
         meta["text_encoders"] = {}
@@ -114,12 +131,25 @@ def _encoder_entries(meta: dict[str, Any], encoders: dict[str, nn.Module]) -> di
             meta["text_encoders"][name] = {"model_class": type(te).__name__, "model_config": model_config_of(te),
                                            "layers": quantized_layers(te), "tied": tied,
                                            "recipe": peek(te).recipe}
-            encoder_files[f"{name}.safetensors"] = tensors
+            encoder_files[f"{name}.safetensors"] = (tensors, {"svdquant_text_encoder": name})
     return encoder_files
 
 
+def _expert_entries(meta: dict[str, Any], experts: dict[str, nn.Module]) -> dict[str, _Extra]:
+    """The second expert's entry under ``meta["experts"]`` (what the transformer's own entries say of it); returns
+    its file by name."""
+    files = {}
+    if experts:
+        meta["experts"] = {}
+        for name, m in experts.items():
+            meta["experts"][name] = {"model_class": type(m).__name__, "model_config": model_config_of(m),
+                                     "layers": quantized_layers(m), "recipe": peek(m).recipe}
+            files[f"{name}.safetensors"] = (all_tensors(m), {"svdquant_expert": name})
+    return files
+
+
 def _write_folder(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-                  encoder_files: dict[str, dict[str, torch.Tensor]], readme: Callable[[dict], str] | None) -> None:
+                  extra_files: dict[str, _Extra], readme: Callable[[dict], str] | None) -> None:
     """The checkpoint folder, written in a temporary folder beside ``path`` and renamed into place (replacing an
     old checkpoint only once the new one is complete on disk). ``readme``: the model card, from the final meta."""
     text = json.dumps(meta, indent=1)
@@ -133,11 +163,11 @@ def _write_folder(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Ten
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"svdquant": text})
         (tmp / TENSOR_FILE).chmod(0o666 & ~umask)  # safetensors creates it 0600; follow the umask like the rest
         written = [TENSOR_FILE, META_FILE]
-        for fname, te_tensors in encoder_files.items():
-            save_file(te_tensors, str(tmp / fname), metadata={"svdquant_text_encoder": fname.removesuffix(".safetensors")})
+        for fname, (extra, header) in extra_files.items():
+            save_file(extra, str(tmp / fname), metadata=header)
             (tmp / fname).chmod(0o666 & ~umask)
             written.append(fname)
-        meta["sha256"] = {f: sha256_of(tmp / f) for f in [TENSOR_FILE, *encoder_files]}
+        meta["sha256"] = {f: sha256_of(tmp / f) for f in [TENSOR_FILE, *extra_files]}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if readme is not None:
             (tmp / "README.md").write_text(readme(meta), encoding="utf-8")

@@ -1,7 +1,7 @@
 """What a checkpoint from the internet is checked against before it is built or run: the metadata's entries
-(model config, quantized layers, text encoders), the layer counts against the tensor file, and the values
-(:func:`check_values`: what svdquant's quantizer can write). Every failure is a :class:`CheckpointError`; suspect
-16-bit values a :class:`NonFiniteWarning`."""
+(model config, quantized layers, text encoders, a second expert), the layer counts against the tensor file, and
+the values (:func:`check_values`: what svdquant's quantizer can write). Every failure is a
+:class:`CheckpointError`; suspect 16-bit values a :class:`NonFiniteWarning`."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import torch.nn as nn
 
 from ..modules import SVDQLinear
 from .header import MAX_TENSORS, check_tensor_file, header_budget, header_bytes, is_int
-from .layout import TEXT_ENCODERS_SINCE, CheckpointError
+from .layout import EXPERTS_SINCE, TEXT_ENCODERS_SINCE, CheckpointError
 
 # no real model config has a size this large, or lists this long (it would build forever even on meta)
 _MAX_CONFIG_INT = 1 << 24
 _MAX_CONFIG_LIST = 1024
 
 _ENCODER_KEYS = {"model_class", "model_config", "layers", "tied", "recipe"}
+_EXPERT_KEYS = {"model_class", "model_config", "layers", "recipe"}
 
 
 def check_text_encoders(meta: dict[str, Any], meta_file: Path) -> None:
@@ -35,25 +36,50 @@ def check_text_encoders(meta: dict[str, Any], meta_file: Path) -> None:
         raise CheckpointError(f"{meta_file} holds text encoders but says format version {meta['format_version']} "
                               f"(they came with {TEXT_ENCODERS_SINCE}); the checkpoint is corrupt")
     for name, entry in tes.items():
-        bad = f"{meta_file}: text encoder {name[:100]!r} has a malformed entry"
         if not NAME.fullmatch(name):
             raise CheckpointError(f"{meta_file} names a text encoder {name[:100]!r}; svdquant writes text_encoder, "
                                   "text_encoder_2 ... only: the checkpoint is corrupt")
-        if not isinstance(entry, dict) or not set(entry) <= _ENCODER_KEYS or not {"model_class", "model_config",
-                                                                                    "layers"} <= set(entry):
-            raise CheckpointError(f"{bad} (it needs model_class, model_config and layers, at most "
-                                  f"{sorted(_ENCODER_KEYS)})")
-        for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
-            if not isinstance(entry[key], kind):
-                raise CheckpointError(f"{bad} ({key})")
+        _check_model_entry(entry, f"{meta_file}: text encoder {name[:100]!r}", _ENCODER_KEYS)
         tied = entry.get("tied") or {}
         if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
-            raise CheckpointError(f"{bad} (tied)")
-        if entry.get("recipe") is not None and not isinstance(entry["recipe"], dict):
-            raise CheckpointError(f"{bad} (recipe)")
+            raise CheckpointError(f"{meta_file}: text encoder {name[:100]!r} has a malformed entry (tied)")
         check_config(entry["model_config"], f"{meta_file}: {name}.model_config")
         for layer, cfg in entry["layers"].items():
             check_layer(layer, cfg, meta_file)
+
+
+def check_experts(meta: dict[str, Any], meta_file: Path) -> None:
+    """The ``experts`` entry (a two-expert pipeline's second transformer): the one name svdquant writes (it names
+    the expert's tensor file, so never a path), a format version that has experts, and the same checks as the
+    transformer's entries."""
+    from ..models.pipeline_needs import SECOND_EXPERT
+
+    experts = meta["experts"]
+    if not isinstance(experts, dict) or set(experts) != {SECOND_EXPERT}:
+        names = sorted(map(str, experts))[:3] if isinstance(experts, dict) else type(experts).__name__
+        raise CheckpointError(f"{meta_file} has a malformed 'experts' entry ({str(names)[:100]}; svdquant writes "
+                              f"one, {SECOND_EXPERT!r}): the checkpoint is corrupt")
+    if meta["format_version"] < EXPERTS_SINCE:
+        raise CheckpointError(f"{meta_file} holds a second expert but says format version {meta['format_version']} "
+                              f"(experts came with {EXPERTS_SINCE}); the checkpoint is corrupt")
+    for name, entry in experts.items():
+        _check_model_entry(entry, f"{meta_file}: expert {name!r}", _EXPERT_KEYS)
+        check_config(entry["model_config"], f"{meta_file}: {name}.model_config")
+        for layer, cfg in entry["layers"].items():
+            check_layer(layer, cfg, meta_file)
+
+
+def _check_model_entry(entry, what: str, keys: set[str]) -> None:
+    """A model stored beside the transformer: its class, config and layers (required), its recipe, no other key."""
+    bad = f"{what} has a malformed entry"
+    if not isinstance(entry, dict) or not set(entry) <= keys or not {"model_class", "model_config",
+                                                                   "layers"} <= set(entry):
+        raise CheckpointError(f"{bad} (it needs model_class, model_config and layers, at most {sorted(keys)})")
+    for key, kind in (("model_class", str), ("model_config", dict), ("layers", dict)):
+        if not isinstance(entry[key], kind):
+            raise CheckpointError(f"{bad} ({key})")
+    if entry.get("recipe") is not None and not isinstance(entry["recipe"], dict):
+        raise CheckpointError(f"{bad} (recipe)")
 
 
 def check_config(value, where: str, depth: int = 0) -> None:

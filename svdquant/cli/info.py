@@ -40,6 +40,11 @@ def cmd_info(args) -> None:
     print(f"layers       {len(layers)} quantized")
     for k, v in sorted(kinds.items()):
         print(f"  {v:5d} × {k}")
+    for name, expert in (meta.get("experts") or {}).items():
+        f = Path(tensor_file).with_name(f"{name}.safetensors")
+        check_tensor_file(f)
+        print(f"{name:12s} {expert['model_class']} (second expert: the low-noise steps): {len(expert['layers'])} "
+              f"layers quantized, {f.stat().st_size / 1e9:.3f} GB")
     for name, te in (meta.get("text_encoders") or {}).items():
         f = Path(tensor_file).with_name(f"{name}.safetensors")
         check_tensor_file(f)

@@ -1,11 +1,13 @@
 """What calibrating through a diffusers pipeline asks of the pipeline, per model: whether it edits an input image,
-and whether it runs a second expert (the size its images must be a multiple of: :mod:`.sizes`).
+and whether it runs a second expert and on which steps (the size its images must be a multiple of: :mod:`.sizes`).
 
-Read from the pipeline object (its class and components) without running it, so that ``quantize`` can refuse a
-call that would fail or calibrate the wrong thing before minutes of work.
+Read from the pipeline object (its class, components, config and scheduler) without running it, so that
+``quantize`` can refuse a call that would fail or calibrate the wrong thing before minutes of work.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch.nn as nn
 
@@ -23,16 +25,62 @@ def needs_images(pipe) -> bool:
     return any(c.__name__ in EDIT_PIPELINES for c in type(pipe).__mro__)
 
 
+# The pipeline attribute of the second expert (Wan 2.2 A14B: ``transformer`` runs the high-noise steps,
+# ``transformer_2`` the low-noise ones); a checkpoint stores it as ``<name>.safetensors``.
+SECOND_EXPERT = "transformer_2"
+
+
 def second_expert(pipe) -> nn.Module | None:
     """The low-noise expert of a two-expert pipeline (Wan 2.2 A14B's ``transformer_2``), else None."""
-    m = getattr(pipe, "transformer_2", None)
+    m = getattr(pipe, SECOND_EXPERT, None)
     return m if isinstance(m, nn.Module) else None
+
+
+def expert_steps(pipe, steps: int) -> tuple[int, int] | None:
+    """How many of ``steps`` denoising steps a two-expert pipeline gives each expert, (high-noise ``transformer``,
+    low-noise ``transformer_2``), by the rule its docstring states: timesteps at or above ``boundary_ratio`` ×
+    ``num_train_timesteps`` go to ``transformer``. None when its scheduler cannot list the timesteps from the step
+    count alone (dynamic shifting needs the image size)."""
+    ratio = _boundary_ratio(pipe)
+    if ratio is None:
+        return steps, 0
+    scheduler = copy.deepcopy(pipe.scheduler)  # set_timesteps changes the scheduler; the pipeline's stays as it is
+    try:
+        scheduler.set_timesteps(steps)
+    except (TypeError, ValueError):
+        return None
+    boundary = ratio * scheduler.config.num_train_timesteps
+    high = sum(float(t) >= boundary for t in scheduler.timesteps)
+    return high, len(scheduler.timesteps) - high
+
+
+def _boundary_ratio(pipe) -> float | None:
+    return (getattr(pipe, "config", None) or {}).get("boundary_ratio")
+
+
+def check_experts(pipe, steps: int) -> None:
+    """Refuse, before any work, a calibration of a two-expert pipeline in which one expert runs on no step: it
+    would record no call to quantize it from."""
+    if second_expert(pipe) is None:
+        return
+    name = type(pipe).__name__
+    if _boundary_ratio(pipe) is None:
+        raise ValueError(f"{name} has a {SECOND_EXPERT} but no boundary_ratio, so it never runs it: load the "
+                         f"pipeline with its boundary_ratio (Wan 2.2 A14B's model_index.json has one), or drop the "
+                         f"unused expert (pipe.{SECOND_EXPERT} = None)")
+    split = expert_steps(pipe, steps)
+    if split is None or min(split) > 0:
+        return
+    enough = next((n for n in range(steps + 1, steps + 65) if min(expert_steps(pipe, n)) > 0), None)
+    idle = "transformer" if split[0] == 0 else SECOND_EXPERT
+    raise ValueError(f"{name} runs {idle} on none of {steps} calibration steps (boundary_ratio "
+                     f"{_boundary_ratio(pipe)} splits them {split[0]} + {split[1]}): calibrate with more "
+                     f"steps{f', e.g. Calibration(steps={enough}) (CLI: --steps {enough})' if enough else ''}")
 
 
 def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
     """Refuse, before any work, a calibration through ``pipe`` that cannot be right: an edit pipeline without
-    input images (``images``, or an ``image`` in ``pipeline_kwargs``), images for a pipeline that takes none,
-    or a second expert quantize would leave 16-bit."""
+    input images (``images``, or an ``image`` in ``pipeline_kwargs``), or images for a pipeline that takes none."""
     name = type(pipe).__name__
     if images is None and "image" in (pipeline_kwargs or {}):
         images = [pipeline_kwargs["image"]]
@@ -42,10 +90,3 @@ def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
     if images is not None and not needs_images(pipe):
         raise ValueError(f"Calibration(images=) is for edit pipelines ({', '.join(sorted(EDIT_PIPELINES))}); "
                          f"{name} takes no input image: leave images out")
-    if second_expert(pipe) is not None:
-        # h-models: one checkpoint holds one transformer so far (svdquant.checkpoint); quantizing only the
-        # first expert would leave half of the denoising steps 16-bit without a word.
-        raise ValueError(f"{name} runs two experts (transformer and transformer_2, Wan 2.2 A14B); one checkpoint "
-                         "of both is not supported yet: quantize each expert as a bare model, e.g. quantize("
-                         "pipe.transformer_2, recipe, Calibration(inputs=svdquant.calibration.record_inputs(pipe, "
-                         "pipe.transformer_2, calib)))")

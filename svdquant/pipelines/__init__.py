@@ -26,13 +26,15 @@ def _check_local(base) -> None:
         raise FileNotFoundError(f"no base pipeline at {base}: the folder does not exist")
 
 
-def transformer_class_of(base: str | os.PathLike) -> str | None:
-    """The transformer class a base pipeline (folder or hub id) holds, from its config files."""
+def transformer_class_of(base: str | os.PathLike, component: str = "transformer") -> str | None:
+    """The transformer class a base pipeline (folder or hub id) holds, from its config files; ``component``:
+    another one (``transformer_2``, a two-expert pipeline's second expert); None where it has none."""
     if str(base) == TINY_BASE:
-        return "FluxTransformer2DModel"
+        return "FluxTransformer2DModel" if component == "transformer" else None
     _check_local(base)
     if _is_tiny(base):
-        return json.loads(Path(base, PIPELINE_FILE).read_text())["transformer_class"]
+        tiny = json.loads(Path(base, PIPELINE_FILE).read_text())["transformer_class"]
+        return tiny if component == "transformer" else None
     from diffusers import DiffusionPipeline
 
     try:
@@ -42,8 +44,9 @@ def transformer_class_of(base: str | os.PathLike) -> str | None:
             f"cannot read the base pipeline {base!s}: {e}. Pass a local diffusers pipeline folder "
             "(with model_index.json) or a hub id you can download"
         ) from None
-    entry = cfg.get("transformer")
-    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    entry = cfg.get(component)
+    # an optional component the pipeline lacks is saved as [null, null]
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str) else None
 
 
 def tiny_transformer_config(base) -> dict | None:
@@ -78,8 +81,6 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
     _check_local(base)
     if _is_tiny(base):
         return TinyFluxPipeline.from_pretrained(base, transformer=transformer, torch_dtype=torch_dtype)
-    from diffusers import DiffusionPipeline
-
     kw = {"transformer": transformer} if transformer is not None else {}
     kw.update(components)
     if torch_dtype is not None:
@@ -87,9 +88,25 @@ def load_base_pipeline(base: str | os.PathLike, transformer=None, torch_dtype: t
     try:
         # safetensors only, for every component (diffusers passes it on to transformers): a pickled .bin can run
         # code as it loads, and a base folder may come from the same download as the checkpoint naming it
-        return DiffusionPipeline.from_pretrained(str(base), use_safetensors=True, **kw)
+        return _pipeline_class(base).from_pretrained(str(base), use_safetensors=True, **kw)
     except (OSError, ValueError) as e:
         raise pickled_only_error(base, e) from None
+
+
+def _pipeline_class(base):
+    """The pipeline class ``base``'s model_index.json names, else DiffusionPipeline. DiffusionPipeline.from_pretrained
+    asks DiffusionPipeline, not the class it resolves, which components are optional (diffusers 0.42), so an
+    optional component given to it (Wan's ``transformer`` and ``transformer_2``) is dropped and the base's own
+    16-bit one loaded in its place; the pipeline's own class honours it."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(str(base)).get("_class_name")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    except Exception:  # unreadable or unknown: from_pretrained reports it in its own words
+        return DiffusionPipeline
+    return cls if isinstance(cls, type) and issubclass(cls, DiffusionPipeline) else DiffusionPipeline
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

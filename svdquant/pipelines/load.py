@@ -1,6 +1,6 @@
 """A ready pipeline from a checkpoint: :func:`load_pipeline` (the base pipeline's components with the quantized
-transformer and text encoders), and :func:`check_base`, which reads the base's config files to refuse a base of
-another model before anything is loaded."""
+transformer, or both experts, and text encoders), and :func:`check_base`, which reads the base's config files to
+refuse a base of another model, or with another number of experts, before anything is loaded."""
 
 from __future__ import annotations
 
@@ -11,19 +11,22 @@ import torch
 import torch.nn as nn
 
 from .. import _checks
-from ..checkpoint import CheckpointError, base_of, load_quantized, load_text_encoders, read_metadata, resolve
+from ..checkpoint import (CheckpointError, base_of, load_experts, load_quantized, load_text_encoders, read_metadata,
+                          resolve)
+from ..models.pipeline_needs import SECOND_EXPERT
 from . import load_base_pipeline, tiny_transformer_config, transformer_class_of
 
 
 def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
     """Raise CheckpointError if the base pipeline holds another model than the checkpoint quantizes
-    (read from config files only, before anything is loaded)."""
+    (read from config files only, before anything is loaded), or runs another number of experts."""
     base_cls = transformer_class_of(base)
     if base_cls is not None and base_cls != meta["model_class"]:
         raise CheckpointError(
             f"{quantized} quantizes a {meta['model_class']}, but the pipeline at {base} has a {base_cls}; "
             "pass the base pipeline the checkpoint was made from"
         )
+    _check_experts(quantized, meta, base)
     tiny = tiny_transformer_config(base)
     if tiny is not None:
         ours = meta["model_config"]
@@ -34,11 +37,31 @@ def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) ->
                                   f"base {base} has {k}={tiny[k]}; pass the base pipeline it was made from")
 
 
+def _check_experts(quantized, meta: dict[str, Any], base: str) -> None:
+    """A checkpoint of both experts needs a base that runs two, and a checkpoint of one a base that runs one: the
+    base's 16-bit second expert would otherwise run the low-noise steps unquantized."""
+    second = (meta.get("experts") or {}).get(SECOND_EXPERT)
+    base_second = transformer_class_of(base, SECOND_EXPERT)
+    if second is not None and base_second is None:
+        raise CheckpointError(f"{quantized} holds two experts (transformer and {SECOND_EXPERT}, Wan 2.2 A14B), but the "
+                              f"pipeline at {base} runs one; pass the two-expert base the checkpoint was made from")
+    if second is None and base_second is not None:
+        raise CheckpointError(f"{quantized} holds one transformer, but the pipeline at {base} runs two experts "
+                              f"(transformer and {SECOND_EXPERT}), whose 16-bit {SECOND_EXPERT} would run the "
+                              "low-noise steps; quantize and save both (svdquant.quantize(pipe, ...), "
+                              "svdquant.save_quantized(pipe, ...)), or pass a one-transformer base")
+    if second is not None and base_second != second["model_class"]:
+        raise CheckpointError(f"{quantized} quantizes a {second['model_class']} as {SECOND_EXPERT}, but the pipeline "
+                              f"at {base} has a {base_second}; pass the base pipeline the checkpoint was made from")
+
+
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
                   verify: bool = True, allow_base_outside: bool = False, optimize: bool | None = None):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
-    checkpoint) with the quantized transformer from ``quantized``. ``torch_dtype`` (``None``: as stored)
+    checkpoint) with the quantized transformer from ``quantized`` (both experts, ``transformer`` and
+    ``transformer_2``, of a two-expert checkpoint; a base with another number of experts is refused before
+    anything is loaded). ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
     :func:`svdquant.load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
     block's MLP up projection; the other MLPs' GELU in their GEMM epilogue; exact); ``None`` = on a CUDA device,
@@ -59,23 +82,26 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     base = base_of(quantized, meta, base, allow_outside=allow_base_outside)
     check_base(quantized, meta, base)
     transformer = load_quantized(quantized, device=device, weight_mode=weight_mode, verify=verify)
+    experts = load_experts(quantized, device=device, weight_mode=weight_mode, verify=verify)
     encoders = load_text_encoders(quantized, device=device, verify=verify)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).
         # nn.Module.to: diffusers' own .to warns about fp32-kept modules even when the list is empty.
-        nn.Module.to(transformer, torch_dtype)
-        for te in encoders.values():
-            nn.Module.to(te, torch_dtype)
-    pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **encoders).to(device)
+        for m in (transformer, *experts.values(), *encoders.values()):
+            nn.Module.to(m, torch_dtype)
+    pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders).to(device)
     cuda = torch.device(device).type == "cuda"
+    denoisers = [pipe.transformer, *(getattr(pipe, name) for name in experts)]
     # after the move: the stacked weights are built once, where they run
     if optimize or (optimize is None and cuda):
         from .optimize import optimize as optimize_pipeline
 
-        optimize_pipeline(pipe, fuse=fuse is not False)
+        for m in denoisers:
+            optimize_pipeline(m, fuse=fuse is not False)
     elif fuse or (fuse is None and cuda):
         from ..modules.fused import fuse as fuse_model
 
-        fuse_model(pipe.transformer)
+        for m in denoisers:
+            fuse_model(m)
     return pipe

@@ -4,6 +4,7 @@ block by block) and :func:`quantize_text_encoders` (a pipeline's text encoders, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
@@ -36,7 +37,9 @@ def quantize(
     max_gpu_memory=None,
     keep_on_device: bool = False,
 ) -> QuantReport:
-    """Quantize a diffusers pipeline's transformer (or any ``nn.Module``) in place.
+    """Quantize a diffusers pipeline's transformer (or any ``nn.Module``) in place; both experts of a two-expert
+    pipeline (Wan 2.2 A14B: ``transformer`` and ``transformer_2``), each calibrated on the calls the pipeline makes
+    to it, the report's rows of the second named ``transformer_2.<layer>``.
 
     recipe: a name (``"int4"``, ``"nvfp4"``, ``"w8a8"``, ``"fp8"``, ``"nf4"``) or a
         :class:`~svdquant.recipes.QuantConfig`.
@@ -70,36 +73,55 @@ def quantize(
 
 
 def _run(plan: QuantPlan) -> QuantReport:
-    """The checked call: the model quantized under the plan's cap (and, on the CPU, thread setting), then its text
-    encoders; the report is made from what the quantize phase returned."""
-    model, device = plan.model, plan.device
+    """The checked call: the model (each expert of a two-expert pipeline in turn) quantized under the plan's cap
+    (and, on the CPU, thread setting), then its text encoders; the report is made from what the quantize phases
+    returned."""
+    device = plan.device
     # on the CPU, one torch thread while other jobs hold the cores (svdquant/_cpu.py: their OpenMP barriers
     # would spin through every small op of the search and the replays)
     threads = single_thread_if_contended() if device.type == "cpu" else contextlib.nullcontext()
     with memory_cap(plan.cap, device), threads:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        was_training = model.training
-        model.eval()
-        clock = StageClock(device)
-        done = quantize_model(plan, clock)
-        report = QuantReport(recipe=plan.recipe.to_dict(), model=type(model).__name__, rows=done.rows,
-                             snapshots=done.snapshots, seconds_calibration=done.seconds_calibration)
-        report.skipped = [(n, type(m).__name__) for n, m in model.named_modules()
-                          if isinstance(m, QUANTIZABLE) and n]
-        state(model).recipe = plan.recipe.to_dict()
-        compat.quantized(model)  # save_pretrained then writes its quantization_config
-        model.train(was_training)
+        report = QuantReport(recipe=plan.recipe.to_dict(), model=type(plan.model).__name__)
+        stages: dict[str, float] = {}
+        for i, part in enumerate(plan.experts or [plan]):
+            # each expert's calibration time counts from its own start
+            _quantize_part(part if i == 0 else dataclasses.replace(part, started=time.perf_counter()), report,
+                           stages)
         if plan.text_encoders:
             t1 = time.perf_counter()
             quantize_text_encoders(plan.pipe, plan.te_recipe, report=report, progress=plan.progress,
                                    device=device if plan.stream else None)
-            clock.add("text encoders", time.perf_counter() - t1)
-        report.stages = dict(clock.flush())
+            stages["text encoders"] = time.perf_counter() - t1
+        report.stages = stages
         report.seconds_total = time.perf_counter() - plan.started
         if device.type == "cuda":
             report.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     return report
+
+
+def _quantize_part(plan: QuantPlan, report: QuantReport, stages: dict[str, float]) -> None:
+    """``plan.model`` quantized in place, its rows, kept layers, snapshots and stages added to ``report`` and
+    ``stages``; a second expert's layers are named as the pipeline holds them (``transformer_2.blocks.0...``)."""
+    model = plan.model
+    prefix = f"{plan.expert}." if plan.expert and plan.expert != "transformer" else ""
+    was_training = model.training
+    model.eval()
+    clock = StageClock(plan.device)
+    done = quantize_model(plan, clock)
+    for row in done.rows:
+        row.names = [prefix + n for n in row.names]
+    report.rows += done.rows
+    report.skipped += [(prefix + n, type(m).__name__) for n, m in model.named_modules()
+                       if isinstance(m, QUANTIZABLE) and n]
+    report.snapshots += done.snapshots
+    report.seconds_calibration += done.seconds_calibration
+    for stage, seconds in clock.flush().items():
+        stages[stage] = stages.get(stage, 0.0) + seconds
+    state(model).recipe = plan.recipe.to_dict()
+    compat.quantized(model)  # save_pretrained then writes its quantization_config
+    model.train(was_training)
 
 
 @torch.no_grad()

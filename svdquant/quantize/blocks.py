@@ -93,6 +93,11 @@ def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
     return done
 
 
+def _desc(step: str, plan: QuantPlan) -> str:
+    """A progress bar's title: the step, and which expert of a two-expert pipeline it works on."""
+    return f"{step} {plan.label}" if plan.label else step
+
+
 def _calibrated(plan: QuantPlan, clock: StageClock, t_calib: float) -> float:
     """The calibration's stages on ``clock`` once it ended; returns the seconds since the call started."""
     transfers = clock.flush().pop("transfers", 0.0)
@@ -107,7 +112,8 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
     planned = [(name, block, plan.adapter.groups(block)) for name, block in blocks]
     try:
         cal = calibrate_stacks(plan.pipe, plan.model, plan.adapter, plan.calib, blocks, streamed, device=plan.device,
-                               home=plan.home, stream=plan.stream, cap=plan.cap, progress=plan.progress)
+                               home=plan.home, stream=plan.stream, cap=plan.cap, progress=plan.progress,
+                               desc=_desc("calibrating", plan))
     finally:
         if streamed is not None:
             streamed.close()
@@ -120,7 +126,7 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
     store = plan.home if spill else plan.device  # where a stack's last block leaves the next stack's entries
     if plan.stream and cal.on_device and plan.calib.inputs is None:
         cal.move_entries(plan.device, clock)  # recorded at home through the pipeline: one crossing for all blocks
-    bar = progress_bar(total=sum(len(g) for _, _, g in planned), desc="quantizing", unit="group",
+    bar = progress_bar(total=sum(len(g) for _, _, g in planned), desc=_desc("quantizing", plan), unit="group",
                        enabled=plan.progress)  # a bar on a terminal, a line now and then in a log
     jobs = replay_jobs(plan.adapter.stacks, planned, cal.entries, cal.chained)
     replayer = Replayer(plan.adapter, streamed, plan.device, plan.home, spill, pin, store, plan.tokens,
@@ -175,7 +181,7 @@ def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float
         return holder["r"].close
 
     try:
-        snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress)
+        snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress, _desc("calibrating", plan))
     finally:
         if streamed is not None:
             streamed.close()
@@ -184,7 +190,7 @@ def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float
         with clock.stage("transfers"):
             streamed.rest.onload()
     rows = []
-    for g in progress_bar(groups, desc="quantizing", unit="group", enabled=plan.progress):
+    for g in progress_bar(groups, desc=_desc("quantizing", plan), unit="group", enabled=plan.progress):
         x, amax = holder["r"].inputs(g.names[0])
         rows.append(quantize_group(model, g, x, amax, plan.recipe, clock))
     if streamed is not None:

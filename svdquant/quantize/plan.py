@@ -6,8 +6,9 @@ needs (the model, its adapter, the calibration, where it computes, the cap...) i
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ from .. import _checks
 from ..calibration import Calibration, check_pipeline_call, gpu_cap
 from ..integrations.diffusers.compat import has_offload_hooks
 from ..models import Adapter, get_adapter
-from ..models.pipeline_needs import check_pipeline_inputs
+from ..models.pipeline_needs import SECOND_EXPERT, check_experts, check_pipeline_inputs, second_expert
 from ..models.text_encoders import check_text_encoders
 from ..recipes import QuantConfig, get_recipe
 
@@ -41,6 +42,11 @@ class QuantPlan:
     cap: int | None  # max_gpu_memory in bytes
     keep_on_device: bool
     started: float  # time.perf_counter() when the call began: the report's times count from it
+    # A two-expert pipeline (Wan 2.2 A14B): one plan per expert, in the order they are quantized, each with
+    # ``expert`` (the pipeline attribute of its model) and ``label`` (what its progress bars say) set
+    experts: list["QuantPlan"] = field(default_factory=list)
+    expert: str = ""
+    label: str = ""
 
 
 def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, progress, device, max_gpu_memory,
@@ -64,7 +70,7 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
     calib = (calibration or Calibration()).for_pipeline(pipe)
     if pipe is not None and calib.inputs is None:
         check_pipeline_call(pipe, calib)
-        # edit pipelines need input images; a second expert (Wan 2.2) is refused, not left 16-bit
+        # edit pipelines need input images
         check_pipeline_inputs(pipe, calib.images, calib.pipeline_kwargs)
     if not isinstance(text_encoders, bool):
         raise TypeError(f"text_encoders= takes True or False, got {text_encoders!r}")
@@ -73,17 +79,43 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
         check_text_encoders(pipe, te_recipe)
     if not isinstance(keep_on_device, bool):
         raise TypeError(f"keep_on_device= takes True or False, got {keep_on_device!r}")
+    placed = _placement(pipe, model, device, through_pipeline=pipe is not None and calib.inputs is None)
+    cap = gpu_cap(max_gpu_memory, placed["device"])
+    # None means the recipe's; 0 is refused by Calibration, never replaced by the default
+    tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
+    plan = QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, cap=cap,
+                     keep_on_device=keep_on_device, started=started, **placed)
+    if pipe is not None and second_expert(pipe) is not None:
+        plan.experts = _expert_plans(plan, include, exclude, device)
+    return plan
+
+
+def _expert_plans(plan: QuantPlan, include, exclude, device) -> list[QuantPlan]:
+    """One plan per expert of a two-expert pipeline, the low-noise one first: its calibration then runs the
+    high-noise steps through the 16-bit ``transformer``, and the high-noise expert's own calls come before any
+    call to the quantized one, so both are calibrated on the 16-bit pipeline's trajectory."""
+    if plan.calib.inputs is not None:
+        raise ValueError(f"{type(plan.pipe).__name__} runs two experts (transformer, {SECOND_EXPERT}), and "
+                         "Calibration(inputs=) holds one model's forward inputs: leave inputs out to calibrate each "
+                         "expert on its own calls through the pipeline, or quantize each expert as a bare model")
+    check_experts(plan.pipe, plan.calib.steps)
+    second = getattr(plan.pipe, SECOND_EXPERT)
+    low = dataclasses.replace(plan, model=second, adapter=get_adapter(second, include, exclude),
+                              **_placement(plan.pipe, second, device, through_pipeline=True))
+    return [dataclasses.replace(part, expert=name, label=f"{name}, expert {i} of 2")
+            for i, (name, part) in enumerate(((SECOND_EXPERT, low), ("transformer", plan)), 1)]
+
+
+def _placement(pipe, model: nn.Module, device, *, through_pipeline: bool) -> dict:
+    """Where ``model`` is and is computed: home, device, whether it streams, and the pipeline's other models that
+    stream with it (checked: no offload hooks where streaming places the blocks itself)."""
     home = _model_device(model)
     device, stream = _work_device(device, home)
-    cap = gpu_cap(max_gpu_memory, device)
     if stream and has_offload_hooks(model):
         raise ValueError(f"the {type(model).__name__} has offload hooks; streaming places the blocks itself: "
                          "remove the hooks first (pipe.remove_all_hooks()), or leave device= out")
-    others = _pipeline_models(pipe, model) if stream and pipe is not None and calib.inputs is None else []
-    # None means the recipe's; 0 is refused by Calibration, never replaced by the default
-    tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
-    return QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, device, home,
-                     stream, others, cap, keep_on_device, started)
+    others = _pipeline_models(pipe, model) if stream and through_pipeline else []
+    return dict(home=home, device=device, stream=stream, others=others)
 
 
 def _no_layer_message(model: nn.Module, include, exclude) -> str:
