@@ -25,7 +25,10 @@ from .validation import check_layer_counts_unparsed, quantizer_method
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                    weight_mode: str = "auto", verify: bool = True) -> nn.Module:
     """Rebuild a quantized transformer from a checkpoint folder, straight onto ``device``. ``path`` may also be
-    a Nunchaku single-file INT4 FLUX checkpoint (``.safetensors``): it is imported (:mod:`svdquant.convert.nunchaku`).
+    a Nunchaku single-file INT4 FLUX.1 or Qwen-Image checkpoint (``.safetensors``): it is imported
+    (:mod:`svdquant.convert.nunchaku`). The checkpoint's other models are not returned here: a two-expert
+    pipeline's ``transformer_2`` comes from :func:`load_experts`, quantized text encoders from
+    :func:`load_text_encoders`; :func:`svdquant.load_pipeline` loads all of them into the base pipeline.
 
     ``weight_mode``: on a GPU, ``"speed"`` (``"auto"``) expands two-level INT4 codes to INT8 once, at load;
     ``"memory"`` keeps them 4-bit and expands each layer before its GEMM (see :class:`SVDQLinear`).
