@@ -84,6 +84,16 @@ def test_load_pipeline_restores_both_experts_bit_exact(done):
                                                               forward(done.pipe.transformer_2))
 
 
+def test_optimize_takes_both_experts(done):
+    """svdquant.optimize on a two-expert pipeline reports on both denoisers (on the CPU each is left as it is)."""
+    report = svdquant.optimize(done.pipe)
+    assert list(report.experts) == ["transformer_2"]
+    assert "all" in report.skipped and "all" in report.experts["transformer_2"].skipped
+    assert "transformer_2: svdquant.optimize on cpu" in str(report)
+    assert not svdquant.optimize(done.pipe.transformer).experts  # a bare model: itself only
+    svdquant.deoptimize(done.pipe)
+
+
 def test_load_pipeline_never_reads_the_base_experts(done, tmp_path):
     """The checkpoint's experts replace the base's: those are not loaded (diffusers' DiffusionPipeline.from_pretrained
     drops Wan's transformer= and transformer_2= and loads the base's own; the pipeline's class keeps them)."""

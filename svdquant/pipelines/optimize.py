@@ -37,6 +37,7 @@ import torch.nn as nn
 from .._state import state, take
 from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.compat import has_hooks, repeated_block_names
+from ..models.pipeline_needs import second_expert
 from ..modules import SVDQLinear
 from .layer_choice import choose_layers
 
@@ -58,6 +59,8 @@ class Optimized:
     # the layer choice, made at the first call: {"dense_layers", "quantized_layers", "shapes": [...]}
     layers: dict | None = None
     skipped: dict = field(default_factory=dict)  # step -> why
+    # a two-expert pipeline's other denoiser (Wan 2.2's ``transformer_2``): its own report
+    experts: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         done = []
@@ -75,6 +78,8 @@ class Optimized:
         line = f"svdquant.optimize on {self.device}: " + ("; ".join(done) if done else "nothing to do")
         for step, why in self.skipped.items():
             line += f"\n  {step}: skipped ({why})"
+        for name, report in self.experts.items():
+            line += f"\n{name}: " + str(report)
         return line
 
     def to_dict(self) -> dict:
@@ -99,8 +104,10 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
 
     ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, or ``None`` (leave
     it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
-    again is harmless (what is done stays done). Returns an :class:`Optimized` report."""
+    again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
+    (Wan 2.2 A14B) gets both denoisers optimized, the second's report under ``experts["transformer_2"]``."""
     model = denoiser(target)
+    second = None if isinstance(target, nn.Module) else second_expert(target)
     for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
@@ -112,6 +119,9 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     report = Optimized(device=str(device))
     if device.type != "cuda":
         report.skipped["all"] = "not on a CUDA device: the CPU runs the quantized layers as they are"
+        if second is not None:
+            report.experts["transformer_2"] = optimize(second, fuse=fuse, attention=attention, compile=compile,
+                                                       cuda_graphs=cuda_graphs, max_graphs=max_graphs, layers=layers)
         return report
     if fuse:
         from ..modules.fused import fuse as fuse_model
@@ -142,12 +152,19 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     if layers and not report.cuda_graphs:
         report.skipped["layers"] = "decided at the first call of a graph-captured model only"
     state(model).optimized = report
+    if second is not None:
+        report.experts["transformer_2"] = optimize(second, fuse=fuse, attention=attention, compile=compile,
+                                                   cuda_graphs=cuda_graphs, max_graphs=max_graphs, layers=layers)
     return report
 
 
 def deoptimize(target) -> None:
-    """Undo :func:`optimize`'s graphs, compilation and attention choice (fusion stays: :func:`svdquant.unfuse`)."""
+    """Undo :func:`optimize`'s graphs, compilation and attention choice (fusion stays: :func:`svdquant.unfuse`), on
+    both denoisers of a two-expert pipeline."""
     model = denoiser(target)
+    second = None if isinstance(target, nn.Module) else second_expert(target)
+    if second is not None:
+        deoptimize(second)
     graphs = model.__dict__.get("forward")
     if isinstance(graphs, StepGraphs):
         graphs.remove()
