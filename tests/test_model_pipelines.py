@@ -121,3 +121,19 @@ def test_wan_i2v_with_short_text_names_the_image_projections(one_torch_thread):
     with pytest.raises(RuntimeError, match=r"never reached attn2\.add_k_proj: .*read no tokens"):
         svdquant.quantize(pipe, RECIPE, calib({**kwargs, "max_sequence_length": 8}, True, snapshots=4),
                           progress=False)
+
+
+def test_wan_i2v_without_ftfy_is_refused_before_any_work(monkeypatch):
+    """diffusers' WanImageToVideoPipeline runs ftfy on every prompt without checking it is installed; the check
+    names the package before calibration runs anything."""
+    import sys
+
+    build, kwargs, _ = tp.PIPELINES["wan-i2v"]
+    pipe = build()
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # what an import sees when the package is not installed
+    with pytest.raises(ValueError, match=r"^WanImageToVideoPipeline runs every prompt through the ftfy package, "
+                                         r"which is not installed: pip install ftfy$"):
+        svdquant.quantize(pipe, RECIPE, calib(kwargs, True), progress=False)
+    assert not calls

@@ -8,6 +8,7 @@ Read from the pipeline object (its class, components, config and scheduler) with
 from __future__ import annotations
 
 import copy
+import importlib
 
 import torch.nn as nn
 
@@ -78,10 +79,30 @@ def check_experts(pipe, steps: int) -> None:
                      f"steps{f', e.g. Calibration(steps={enough}) (CLI: --steps {enough})' if enough else ''}")
 
 
+# Packages a pipeline calls without checking they are installed: diffusers 0.42's WanImageToVideoPipeline runs
+# ftfy.fix_text on every prompt (pipeline_wan_i2v.py imports it only if available; WanPipeline checks first), so
+# without it the first calibration call fails with a NameError deep inside the pipeline.
+PIPELINE_PACKAGES = {"WanImageToVideoPipeline": "ftfy"}
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
+
+
 def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
     """Refuse, before any work, a calibration through ``pipe`` that cannot be right: an edit pipeline without
-    input images (``images``, or an ``image`` in ``pipeline_kwargs``), or images for a pipeline that takes none."""
+    input images (``images``, or an ``image`` in ``pipeline_kwargs``), images for a pipeline that takes none, or
+    a pipeline whose prompts need a package that is not installed."""
     name = type(pipe).__name__
+    package = next((PIPELINE_PACKAGES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in PIPELINE_PACKAGES),
+                   None)
+    if package is not None and not _installed(package):
+        raise ValueError(f"{name} runs every prompt through the {package} package, which is not installed: "
+                         f"pip install {package}")
     if images is None and "image" in (pipeline_kwargs or {}):
         images = [pipeline_kwargs["image"]]
     if needs_images(pipe) and images is None:
