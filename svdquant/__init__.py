@@ -17,9 +17,12 @@ from .recipes import (
 from ._version import __version__
 
 from .integrations.diffusers import register_on_first_use  # noqa: E402
+from .integrations import transformers as _transformers_backend  # noqa: E402
 
-# quant_method "svdquant" in diffusers' from_pretrained, registered when diffusers loads its quantizers
+# quant_method "svdquant" in diffusers' from_pretrained, registered when diffusers loads its quantizers, and in
+# transformers' (quantized text encoders), when transformers loads its own
 register_on_first_use()
+_transformers_backend.register_on_first_use()
 
 
 def set_weight_mode(target, mode: str) -> int:

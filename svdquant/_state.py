@@ -10,7 +10,7 @@ Which object carries which field:
 
 | field | on | set by | read by |
 | --- | --- | --- | --- |
-| ``recipe`` | a quantized model or text encoder | quantize, load_quantized, the Nunchaku / two-level imports, diffusers' from_pretrained | save_quantized, the model card, info |
+| ``recipe`` | a quantized model or text encoder | quantize, load_quantized, the Nunchaku / two-level imports, diffusers' and transformers' from_pretrained | save_quantized, the model card, info, the quantization_config |
 | ``source`` | a loaded model | load_quantized (``"nunchaku"`` for an import) | save_quantized, export |
 | ``loras`` | a quantized model | load_lora / set_lora_strength / unload_lora | lora, save_quantized and export (refuse while loaded) |
 | ``text_encoders`` | a pipeline's transformer | quantize_text_encoders | save_quantized of the transformer alone (warns) |

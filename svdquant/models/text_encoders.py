@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .._state import state
 from .._memory import tensor_bytes
+from ..integrations.diffusers import compat
 from .._progress import progress as progress_bar
 from ..recipes import QuantConfig
 from .base import set_module
@@ -137,6 +138,7 @@ def quantize_encoder(name: str, encoder: nn.Module, layers: list[str], recipe: Q
         done.append((f"{name}.{layer}", rep))
     fit_quantized(encoder)
     state(encoder).recipe = recipe.to_dict()
+    compat.quantized(encoder)  # save_pretrained then writes its quantization_config (integrations/transformers)
     kept = sum(1 for n, m in encoder.named_modules() if isinstance(m, nn.Linear))
     summary = {"class": type(encoder).__name__, "layers": len(layers), "kept": kept, "weights": recipe.weights,
                "group_size": recipe.group_size, "bytes_16bit": before, "bytes_quantized": tensor_bytes(encoder)}

@@ -29,9 +29,9 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from ..._state import state
-from ...checkpoint import (FORMAT_VERSION, CheckpointError, all_tensors, check_layer, check_values, is_int,
-                           swap_quantized_layers)
+from ...checkpoint import FORMAT_VERSION, CheckpointError, all_tensors, check_values, swap_quantized_layers
 from ...modules import SVDQLinear
+from ..quantization_config import check_quantization_config, recipe_name
 from . import compat
 
 # a folder whose quantization_config cannot be read: what to do about it, at the end of the one-line error
@@ -51,25 +51,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
 
     def __init__(self, layers: dict[str, dict[str, Any]] | None = None, format_version: int = FORMAT_VERSION,
                  recipe: dict | None = None, quant_method: str = "svdquant", **unknown):
-        if quant_method != "svdquant":
-            raise ValueError(f"SVDQuantConfig is for quant_method 'svdquant', got {quant_method!r}")
-        if unknown:
-            raise CheckpointError(f"quantization_config has entries this svdquant does not know: {sorted(unknown)}; "
-                                  "upgrade svdquant")
-        if not is_int(format_version) or format_version < 1:
-            raise CheckpointError(f"quantization_config has format_version {str(format_version)[:50]!r}{REPAIR}")
-        if format_version > FORMAT_VERSION:
-            raise CheckpointError(f"quantization_config has format_version {format_version!r}; this svdquant reads "
-                                  f"1 to {FORMAT_VERSION}. Upgrade svdquant.")
-        if not isinstance(layers, dict) or not layers:
-            raise CheckpointError(f"quantization_config has no quantized layers{REPAIR}")
-        if recipe is not None and not isinstance(recipe, dict):
-            raise CheckpointError(f"quantization_config has a malformed 'recipe' entry{REPAIR}")
-        try:
-            for name, cfg in layers.items():
-                check_layer(name, cfg, "quantization_config")
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}{REPAIR}") from None
+        check_quantization_config(layers, format_version, recipe, quant_method, unknown, REPAIR)
         self.quant_method = SVDQuantMethod.SVDQUANT
         self.format_version = format_version
         self.recipe = recipe
@@ -79,8 +61,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
         return self.to_dict()
 
     def __repr__(self) -> str:  # the mixin's repr prints every layer (hundreds for FLUX) into diffusers' logs
-        name = (self.recipe or {}).get("name")
-        return f"SVDQuantConfig(format_version={self.format_version}, recipe={name!r}, {len(self.layers)} layers)"
+        return (f"SVDQuantConfig(format_version={self.format_version}, recipe={recipe_name(self.recipe)!r}, "
+                f"{len(self.layers)} layers)")
 
     def model_dtype(self) -> torch.dtype:
         """The dtype the quantized model was made in (its layers' 16-bit buffers)."""
