@@ -194,6 +194,9 @@ def test_svdquant_checkpoints_keep_the_quantizer_out_of_model_config(saved, tmp_
         assert "quantization_config" not in entry["model_config"]
     encoders = svdquant.load_text_encoders(path)
     assert_same_encoder(pipe.text_encoder_2, encoders["text_encoder_2"])
+    # and what svdquant loaded saves the transformers way too (no random weights when read back)
+    encoders["text_encoder_2"].save_pretrained(tmp_path / "t5")
+    assert_same_encoder(pipe.text_encoder_2, encoder_class("text_encoder_2").from_pretrained(tmp_path / "t5"))
 
 
 def test_an_unquantized_pipeline_saves_and_loads_as_before(tmp_path):

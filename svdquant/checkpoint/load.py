@@ -125,5 +125,5 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
 
         fit_quantized(model)
         state(model).recipe = entry.get("recipe")
-        out[name] = model.eval()
+        out[name] = compat.quantized(model.eval())  # so its save_pretrained writes its quantization_config
     return out
