@@ -85,8 +85,8 @@ def test_two_experts_are_both_quantized_each_on_its_own_calls(monkeypatch):
                                     with_kwargs=True)
     selector_pre = capture.CallSelector._pre
 
-    def pre(self, module, args):  # the calls each calibration draws, by expert
-        selector_pre(self, module, args)
+    def pre(self, module, args, kwargs):  # the calls each calibration draws, by expert
+        selector_pre(self, module, args, kwargs)
         if self.active:
             name = next(n for n, m in experts.items() if m is module)
             sixteen_bit = not any(isinstance(x, SVDQLinear) for x in pipe.transformer.modules())
@@ -97,7 +97,8 @@ def test_two_experts_are_both_quantized_each_on_its_own_calls(monkeypatch):
     boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
     high = [t for n, t, _ in drawn if n == "transformer"]
     low = [(t, sixteen) for n, t, sixteen in drawn if n == "transformer_2"]
-    assert len(high) == len(low) == 4 and report.snapshots == 8  # 2 prompts x 1 step x (cond, uncond) each
+    # 2 prompts x the expert's 1 step each: the step's first (conditional) call, not its unconditional one too
+    assert len(high) == len(low) == 2 and report.snapshots == 4
     assert all(t >= boundary for t in high) and all(t < boundary and sixteen for t, sixteen in low)
     for m in experts.values():
         assert type(m.blocks[0].attn1.to_q) is SVDQLinear and type(m.blocks[1].ffn.net[2]) is SVDQLinear
@@ -119,3 +120,27 @@ def test_each_expert_quantizes_as_a_bare_model_on_its_own_calls():
         svdquant.quantize(expert, RECIPE, svdquant.Calibration(inputs=inputs), progress=False)
         assert type(expert.blocks[0].attn1.to_q) is SVDQLinear
     assert torch.isfinite(tm.sample_video(pipe, steps=4)).all()
+
+
+def test_draws_cover_every_step_when_guidance_runs_two_calls_per_step():
+    """Wan runs classifier-free guidance as two transformer calls per step: drawing calls would cover only the first
+    half of the steps (the noisiest). Steps are drawn: with every step drawn, every step's timestep is recorded,
+    once, from its first (conditional) call."""
+    pipe = tm.build_wan_pipeline()
+    assert tm.WAN_KWARGS["guidance_scale"] > 1  # two calls per step
+    calls, texts = [], []
+
+    def seen(m, a, kw):
+        calls.append(float(kw["timestep"][0]))
+        texts.append(kw["encoder_hidden_states"].clone())
+
+    pipe.transformer.register_forward_pre_hook(seen, with_kwargs=True)
+    inputs = record_inputs(pipe, pipe.transformer, calib(prompts=["a cat"], steps=4, snapshots=4), progress=False)
+    assert len(calls) == 8 and calls[0::2] == calls[1::2] and len(set(calls)) == 4  # two calls per step
+    assert [float(x["timestep"][0]) for x in inputs] == calls[0::2]
+    # each the step's first call: the prompt's embedding, not the negative prompt's of the second
+    assert not torch.equal(texts[0], texts[1])
+    assert all(torch.equal(x["encoder_hidden_states"], texts[2 * i]) for i, x in enumerate(inputs))
+    # a draw of 2 of the 4 steps: two different steps, not the two calls of one
+    two = record_inputs(pipe, pipe.transformer, calib(prompts=["a cat"], steps=4, snapshots=2), progress=False)
+    assert len({float(x["timestep"][0]) for x in two}) == 2

@@ -3,7 +3,10 @@
 A *snapshot* is one call of the model being quantized (one denoising step of one
 prompt). :func:`run_calibration` drives the pipeline over the prompts and, through a
 pre-hook on the model, marks the calls that were drawn as snapshots (a fixed-seed draw
-of ``snapshots`` (prompt, call) pairs) and stops each prompt after its last drawn call.
+of ``snapshots`` (prompt, step) pairs) and stops each prompt after its last drawn step.
+A step is a run of calls at one timestep: a pipeline that runs classifier-free guidance as two calls per step
+(Wan; Qwen-Image with a negative prompt) would otherwise have its draws cover only the first half of the
+denoising, the noisiest steps; the snapshot is the step's first call (the conditional one in diffusers' pipelines).
 Other hooks record only while a drawn call runs:
 
 * :class:`EntryRecorder` keeps the arguments of the first block of each stack, so
@@ -27,6 +30,7 @@ import torch.nn as nn
 
 from .._progress import progress as progress_bar
 from ..integrations.diffusers.compat import forget_hook_registry_cache
+from ..models.pipeline_needs import steps_of
 from .config import Calibration
 from .inputs import image_for
 from .offload import move
@@ -37,23 +41,30 @@ class _StopPrompt(Exception):
 
 
 class CallSelector:
-    """Counts the model's calls per prompt and says whether the current one is a snapshot."""
+    """Counts the model's denoising steps per prompt (a new step where the timestep it is called with changes; every
+    call is a step for a model called without one) and says whether the current call is a snapshot: the first call of
+    a drawn step."""
 
     def __init__(self, model: nn.Module, plan: dict[int, set[int]]):
-        self.plan, self.prompt, self.call, self.active = plan, 0, -1, False
-        self.n_active = 0
-        self._handle = model.register_forward_pre_hook(self._pre)
+        self.plan, self.active, self.n_active = plan, False, 0
+        self.start_prompt(0)
+        self._handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def start_prompt(self, i: int):
-        self.prompt, self.call, self.active = i, -1, False
+        self.prompt, self.step, self.active, self._t = i, -1, False, None
 
-    def _pre(self, module, args):
-        self.call += 1
-        wanted = self.plan.get(self.prompt, set())
-        if not wanted or self.call > max(wanted):
-            raise _StopPrompt
-        self.active = self.call in wanted
-        self.n_active += self.active
+    def _pre(self, module, args, kwargs):
+        t = timestep_of(module, args, kwargs)
+        if t is None or self._t is None or not same(t, self._t):
+            self.step += 1
+            wanted = self.plan.get(self.prompt, set())
+            if not wanted or self.step > max(wanted):
+                raise _StopPrompt
+            self.active = self.step in wanted
+            self.n_active += self.active
+        else:  # the step's second call (the unconditional one): its first was the snapshot
+            self.active = False
+        self._t = t
 
     def close(self):
         self._handle.remove()
@@ -62,6 +73,20 @@ class CallSelector:
 def _bind(module: nn.Module, args, kwargs) -> dict[str, Any]:
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     return dict(bound.arguments)
+
+
+# what diffusers' denoisers call their timestep argument (Z-Image: ``t``; SDXL's UNet takes it second, positionally)
+TIMESTEP_ARGS = ("timestep", "t")
+
+
+def timestep_of(module: nn.Module, args, kwargs):
+    """The timestep ``module`` is called with, or None for a model that takes none (or a call it cannot bind)."""
+    if not any(name in kwargs for name in TIMESTEP_ARGS):
+        try:
+            kwargs = _bind(module, args, kwargs)
+        except TypeError:
+            return None
+    return next((kwargs[name] for name in TIMESTEP_ARGS if kwargs.get(name) is not None), None)
 
 
 def to_device(obj, device):
@@ -304,7 +329,7 @@ class LinearInputRecorder:
 
 
 def draw_plan(n_prompts: int, steps: int, snapshots: int, seed: int) -> dict[int, set[int]]:
-    """A fixed-seed draw of ``snapshots`` (prompt, call) pairs out of ``n_prompts × steps``."""
+    """A fixed-seed draw of ``snapshots`` (prompt, step) pairs out of ``n_prompts × steps``."""
     pairs = [(p, s) for p in range(n_prompts) for s in range(steps)]
     rng = random.Random(seed)
     chosen = pairs if snapshots >= len(pairs) else rng.sample(pairs, snapshots)
@@ -336,7 +361,8 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
             "diffusers pipeline so svdquant can run it on prompts"
         )
     prompts = calib.prompt_list()
-    plan = draw_plan(len(prompts), calib.steps, calib.snapshots, calib.seed)
+    # an expert of a two-expert pipeline is drawn from its own steps: draws past them would record nothing
+    plan = draw_plan(len(prompts), steps_of(runner, model, calib.steps), calib.snapshots, calib.seed)
     selector = CallSelector(model, plan)
     close = selector_hooks(selector)
     try:

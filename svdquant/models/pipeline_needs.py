@@ -55,6 +55,16 @@ def expert_steps(pipe, steps: int) -> tuple[int, int] | None:
     return high, len(scheduler.timesteps) - high
 
 
+def steps_of(pipe, model: nn.Module, steps: int) -> int:
+    """How many of ``steps`` denoising steps ``pipe`` runs ``model`` on: all of them, or one expert's share in a
+    two-expert pipeline (``steps`` where the split cannot be worked out from the step count alone)."""
+    second = second_expert(pipe)
+    split = expert_steps(pipe, steps) if second is not None else None
+    if split is None:
+        return steps
+    return split[1] if model is second else split[0]
+
+
 def _boundary_ratio(pipe) -> float | None:
     return (getattr(pipe, "config", None) or {}).get("boundary_ratio")
 
