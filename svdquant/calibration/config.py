@@ -19,7 +19,8 @@ class Calibration:
         takes the first N.
     steps: denoising steps per prompt (the pipeline's ``num_inference_steps``; ``None``: 8, or the pipeline's
         ``calibration_defaults``: the tiny model's 10 class names take 4).
-    snapshots: (prompt, step) pairs drawn at random as samples, each the step's first call of the model (``None``: 128, the paper's; the tiny model 16).
+    snapshots: (prompt, step) pairs drawn at random as samples, each the step's first call of the model
+        (``None``: 128, the paper's; the tiny model 16).
     tokens_per_layer: tokens kept per layer input over all snapshots (``None``: the
         recipe's ``eval_tokens``); ``max |X_j|`` always covers every token.
     pipeline_kwargs: extra arguments for every pipeline call (height, width, guidance...).
