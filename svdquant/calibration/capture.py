@@ -285,10 +285,12 @@ def tokens_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearInputRecorder:
-    """Per group (keyed by its first member's full name): running amax and a random token subset."""
+    """Per group (keyed by its first member's name): running amax and a random token subset. ``where``: the block
+    the names are relative to, for messages (``"blocks.3"``; empty for names in the whole model)."""
 
     def __init__(self, modules: dict[str, nn.Module], n_snapshots: int, tokens_per_layer: int, seed: int,
-                 selector: CallSelector | None = None):
+                 selector: CallSelector | None = None, where: str = ""):
+        self.where = where
         self.per_call = max(1, math.ceil(tokens_per_layer / max(1, n_snapshots)))
         self.cap = tokens_per_layer
         self.selector, self.seed = selector, seed
@@ -317,7 +319,7 @@ class LinearInputRecorder:
         """``([tokens, K], amax [K])`` for a group; raises if its layer never ran."""
         if not self.samples[key]:
             raise RuntimeError(
-                f"calibration never reached {key}: the layer did not run, or read no tokens, during the "
+                f"calibration never reached {self.where + '.' if self.where else ''}{key}: the layer did not run, or read no tokens, during the "
                 "calibration calls (is it used by this model's forward with these inputs?)"
             )
         x = torch.cat(self.samples[key], 0)

@@ -112,7 +112,7 @@ class Replayer:
             with clock.stage("transfers"):
                 self.streamed.unit(block).onload()
         firsts = {g.names[0]: block.get_submodule(g.names[0]) for g in job.groups}
-        rec = LinearInputRecorder(firsts, len(snaps), self.tokens, self.seed)
+        rec = LinearInputRecorder(firsts, len(snaps), self.tokens, self.seed, where=job.name)
         nxt = []
         try:
             for s in snaps:
