@@ -112,15 +112,18 @@ def test_a_call_in_which_a_layer_reads_no_tokens_adds_nothing():
     rec.close()
 
 
-def test_wan_i2v_with_short_text_names_the_image_projections(one_torch_thread):
+def test_wan_i2v_with_another_text_length_is_refused_before_any_work(one_torch_thread):
     """Wan's cross-attention takes the context's first ``length - 512`` tokens as the image's: with 8 text tokens
-    the image projections read none (diffusers then ignores the picture without a word)."""
-    needs_ftfy()
+    the image projections would read none (diffusers then ignores the picture without a word)."""
     build, kwargs, _ = tp.PIPELINES["wan-i2v"]
     pipe = build()
-    with pytest.raises(RuntimeError, match=r"never reached blocks\.0\.attn2\.add_k_proj: .*read no tokens"):
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"^WanImageToVideoPipeline with image tokens needs max_sequence_length=512 "
+                                         r".* got 8: leave max_sequence_length out of pipeline_kwargs$"):
         svdquant.quantize(pipe, RECIPE, calib({**kwargs, "max_sequence_length": 8}, True, snapshots=4),
                           progress=False)
+    assert not calls
 
 
 def test_wan_i2v_without_ftfy_is_refused_before_any_work(monkeypatch):

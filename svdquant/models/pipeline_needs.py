@@ -103,6 +103,23 @@ def _installed(package: str) -> bool:
     return True
 
 
+# Wan 2.1 image-to-video puts the CLIP image tokens before the text and its cross-attention splits them off as
+# "all but the last 512" (diffusers' transformer_wan.py: "512 is the context length of the text encoder, hardcoded"):
+# with another text length the image projections read the wrong tokens, or none.
+WAN_TEXT_TOKENS = 512
+
+
+def _check_image_context(pipe, pipeline_kwargs: dict) -> None:
+    model = getattr(pipe, "transformer", None)
+    if getattr(getattr(model, "config", None), "image_dim", None) is None:
+        return
+    length = pipeline_kwargs.get("max_sequence_length", WAN_TEXT_TOKENS)
+    if length != WAN_TEXT_TOKENS:
+        raise ValueError(f"{type(pipe).__name__} with image tokens needs max_sequence_length={WAN_TEXT_TOKENS} (its "
+                         f"cross-attention takes all but the last {WAN_TEXT_TOKENS} context tokens as the image's), "
+                         f"got {length}: leave max_sequence_length out of pipeline_kwargs")
+
+
 def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
     """Refuse, before any work, a calibration through ``pipe`` that cannot be right: an edit pipeline without
     input images (``images``, or an ``image`` in ``pipeline_kwargs``), images for a pipeline that takes none, or
@@ -113,6 +130,7 @@ def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
     if package is not None and not _installed(package):
         raise ValueError(f"{name} runs every prompt through the {package} package, which is not installed: "
                          f"pip install {package}")
+    _check_image_context(pipe, pipeline_kwargs or {})
     if images is None and "image" in (pipeline_kwargs or {}):
         images = [pipeline_kwargs["image"]]
     if needs_images(pipe) and images is None:
