@@ -15,8 +15,13 @@ layer's output (the weights are never touched, so unloading is exact there too).
 
 Formats: diffusers / PEFT keys (``...to_q.lora_A.weight``), kohya keys
 (``lora_unet_..._lora_down.weight`` with ``.alpha``) using the model's module names,
-and for FLUX every format diffusers' FLUX loader converts (kohya with the original
-``double_blocks`` names, XLabs, BFL). Files are read with safetensors only.
+and for FLUX, FLUX.2, Wan, Qwen-Image and Z-Image every format diffusers' loader of that model converts (FLUX: kohya
+with the original ``double_blocks`` names, XLabs, BFL; Wan: its original ``diffusion_model.blocks.N.self_attn.q``
+names and musubi-tuner's). Files are read with safetensors only.
+
+A two-expert pipeline (Wan 2.2 A14B) takes one LoRA per expert, as its LoRAs come (high- and low-noise files):
+``load_lora(pipe, "high.safetensors")`` goes to ``pipe.transformer``, ``load_lora(pipe.transformer_2,
+"low.safetensors")`` to the low-noise expert.
 """
 
 from __future__ import annotations
@@ -59,8 +64,30 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+# The models whose LoRAs circulate in their original repositories' names (Wan's ``diffusion_model.blocks.0.
+# self_attn.q``, musubi-tuner's ``lora_unet_...``, Qwen-Image's and Z-Image's kohya / ``diffusion_model.`` files,
+# FLUX.2's kohya files): diffusers' loader of each model converts them to diffusers' names, and leaves files already
+# in diffusers' names as they are (diffusers/loaders/lora_pipeline.py, ``<Mixin>.lora_state_dict``).
+DIFFUSERS_CONVERTERS = {
+    "WanTransformer3DModel": "WanLoraLoaderMixin",
+    "QwenImageTransformer2DModel": "QwenImageLoraLoaderMixin",
+    "ZImageTransformer2DModel": "ZImageLoraLoaderMixin",
+    "Flux2Transformer2DModel": "Flux2LoraLoaderMixin",
+}
+
+
 def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """FLUX-specific formats (kohya with BFL names, XLabs, ...) through diffusers' own converter."""
+    """Other projects' LoRA formats in diffusers' names, through diffusers' own converters: FLUX's (kohya with BFL
+    names, XLabs, ...) and those of :data:`DIFFUSERS_CONVERTERS`."""
+    mixin = DIFFUSERS_CONVERTERS.get(type(model).__name__)
+    if mixin is not None:
+        import diffusers.loaders
+
+        try:
+            return getattr(diffusers.loaders, mixin).lora_state_dict(dict(sd))
+        except Exception as e:
+            raise LoRAError(f"diffusers could not convert this {type(model).__name__} LoRA "
+                            f"({type(e).__name__}: {e})") from None
     if type(model).__name__ == "FluxTransformer2DModel" and any(
         k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks", "double_blocks", "single_blocks",
                       "diffusion_model.double_blocks", "lora_transformer_single_transformer_blocks"))

@@ -252,3 +252,24 @@ def test_progress_names_the_expert(capsys, monkeypatch):
     order = [err.index(s) for s in ("calibrating transformer_2, expert 1 of 2", "quantizing transformer_2, expert 1 of 2",
                                     "calibrating transformer, expert 2 of 2", "quantizing transformer, expert 2 of 2")]
     assert order == sorted(order)
+
+
+def test_a_lora_per_expert(done, tmp_path):
+    """Wan 2.2's LoRAs come as a high- and a low-noise file: each loads into its expert, the other untouched."""
+    from safetensors.torch import save_file as save
+
+    pipe = done.pipe
+    lin = pipe.transformer_2.blocks[0].attn1.to_q
+    g = torch.Generator().manual_seed(3)
+    save({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, lin.in_features, generator=g) * 0.1,
+          "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(lin.out_features, 4, generator=g) * 0.1},
+         str(tmp_path / "low.safetensors"))
+    before = {name: forward(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
+    svdquant.load_lora(pipe.transformer_2, tmp_path / "low.safetensors", name="low")
+    try:
+        assert svdquant.loaded_loras(pipe.transformer_2) == {"low": 1.0} and not svdquant.loaded_loras(pipe)
+        assert torch.equal(forward(pipe.transformer), before["transformer"])
+        assert not torch.equal(forward(pipe.transformer_2), before["transformer_2"])
+    finally:
+        svdquant.unload_lora(pipe.transformer_2, "low")
+    assert torch.equal(forward(pipe.transformer_2), before["transformer_2"])

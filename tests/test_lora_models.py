@@ -345,7 +345,8 @@ def test_lora_for_a_missing_module_is_refused_and_nothing_is_applied(arch, fmt, 
         key = "lora_unet_" + ghost.replace(".", "_")
         save_kohya(path, arch, ab, 4.0, extra={f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b,
                                                f"{key}.alpha": torch.tensor(4.0)})
-        shown = ghost.replace(".", "_")
+        # Qwen-Image's kohya files go through diffusers' converter, which names the layer the diffusers way
+        shown = ghost if arch == "qwenimage" else ghost.replace(".", "_")
     with pytest.raises(LoRAError, match=r"match no layer.*" + shown) as e:
         svdquant.load_lora(model, path, name="other")
     for name in LAYERS[arch]:  # only the missing layer is reported, not the good ones
@@ -357,3 +358,38 @@ def test_lora_for_a_missing_module_is_refused_and_nothing_is_applied(arch, fmt, 
     save_peft(tmp_path / "ok.safetensors", arch, ab)
     svdquant.load_lora(model, tmp_path / "ok.safetensors", name="other")
     assert not torch.equal(run(arch, model), y0)
+
+
+# Wan's original layer names (its repository's WanModel, and the LoRAs trained on it) against diffusers': a known
+# answer per kind of layer (diffusers/loaders/lora_conversion_utils.py maps the same)
+WAN_ORIGINAL = {"blocks.0.self_attn.q": "blocks.0.attn1.to_q", "blocks.0.cross_attn.o": "blocks.0.attn2.to_out.0",
+                "blocks.1.ffn.2": "blocks.1.ffn.net.2"}
+
+
+def test_wan_lora_in_its_original_names_equals_the_diffusers_names(tmp_path):
+    """A Wan LoRA as the community ships it (``diffusion_model.blocks.N.self_attn.q.lora_down.weight`` with alpha)
+    goes through diffusers' Wan converter: the same output as the file in diffusers' names with alpha folded in."""
+    build, make_inputs = tm.ARCHS["wan"]
+    model = build(seed=0)
+    svdquant.quantize(model, RECIPE, Calibration(inputs=tm.calibration_inputs("wan", model, 2)), progress=False)
+    g, alpha = torch.Generator().manual_seed(9), 2.0  # alpha / rank = 0.5: exact wherever it is applied
+    original, peft = {}, {}
+    for orig, name in WAN_ORIGINAL.items():
+        lin = model.get_submodule(name)
+        assert isinstance(lin, SVDQLinear), name
+        a = torch.randn(RANK, lin.in_features, generator=g) * 0.1
+        b = torch.randn(lin.out_features, RANK, generator=g) * 0.1
+        original.update({f"diffusion_model.{orig}.lora_down.weight": a, f"diffusion_model.{orig}.lora_up.weight": b,
+                         f"diffusion_model.{orig}.alpha": torch.tensor(alpha)})
+        peft.update({f"transformer.{name}.lora_A.weight": a, f"transformer.{name}.lora_B.weight": b * (alpha / RANK)})
+    save_file(original, str(tmp_path / "wan.safetensors"))
+    save_file(peft, str(tmp_path / "peft.safetensors"))
+    inputs = make_inputs(model, seed=SEED)
+    base = tm.forward(model, inputs)
+    outs = []
+    for stem in ("wan", "peft"):
+        m = copy.deepcopy(model)
+        svdquant.load_lora(m, tmp_path / f"{stem}.safetensors", strength=0.9)
+        assert all(stem in m.get_submodule(name).adapters for name in WAN_ORIGINAL.values())
+        outs.append(tm.forward(m, inputs))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], base)
