@@ -105,3 +105,18 @@ def test_card_loads_with_the_checkpoint(quantized, tmp_path):
 def test_gpu_support_follows_the_runner_table(recipe, words):
     r = svdquant.get_recipe(recipe)
     assert words in gpu_support(r.weights, r.activations)
+
+
+@pytest.mark.parametrize("meta, tag", [
+    (dict(model_class="FluxTransformer2DModel", base="black-forest-labs/FLUX.1-dev"), "text-to-image"),
+    (dict(model_class="FluxTransformer2DModel", base="black-forest-labs/FLUX.1-Kontext-dev"), "image-to-image"),
+    (dict(model_class="QwenImageTransformer2DModel", base="Qwen/Qwen-Image-Edit-2509"), "image-to-image"),
+    (dict(model_class="WanTransformer3DModel", base="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+          model_config=dict(in_channels=16, image_dim=None)), "text-to-video"),
+    (dict(model_class="WanTransformer3DModel", model_config=dict(in_channels=36, image_dim=1280)), "image-to-video"),
+    (dict(model_class="WanTransformer3DModel", model_config=dict(in_channels=36)), "image-to-video"),  # Wan 2.2 I2V
+])
+def test_pipeline_tag_follows_the_pipeline(meta, tag):
+    from svdquant.checkpoint.card import pipeline_tag
+
+    assert pipeline_tag(meta) == tag

@@ -16,7 +16,20 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-PIPELINE_TAG = "text-to-image"  # every architecture svdquant supports (FLUX, SD3, PixArt-Σ, SANA)
+PIPELINE_TAG = "text-to-image"  # the image models (FLUX, SD3, PixArt-Σ, SANA, Qwen-Image, Z-Image, SDXL)
+
+
+def pipeline_tag(meta: dict[str, Any]) -> str:
+    """The Hub task of the pipeline the checkpoint runs in: video for Wan (image-to-video where its transformer reads
+    the image: Wan 2.1's CLIP image tokens, ``image_dim``, or Wan 2.2's latent channels, 36 in), image-to-image for
+    the edit models' bases (the transformer is FLUX.1's or Qwen-Image's, so only the base's name says so)."""
+    config = meta.get("model_config") or {}
+    if meta.get("model_class") == "WanTransformer3DModel":
+        i2v = config.get("image_dim") is not None or config.get("in_channels") == 36
+        return "image-to-video" if i2v else "text-to-video"
+    if re.search(r"kontext|edit", str(meta.get("base") or ""), re.I):
+        return "image-to-image"
+    return PIPELINE_TAG
 
 
 def base_license(base: str | None, base_is_local: bool, folder: Path | None = None) -> str | None:
@@ -59,7 +72,7 @@ def render(meta: dict[str, Any], license: str | None = None) -> str:
         "base_model": hub_base,
         "base_model_relation": "quantized" if hub_base else None,
         "library_name": "diffusers",
-        "pipeline_tag": PIPELINE_TAG,
+        "pipeline_tag": pipeline_tag(meta),
         "license": license,
         "tags": ["svdquant", "quantized", *([f"{recipe['name']}"] if recipe.get("name") else [])],
     }
