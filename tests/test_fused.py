@@ -496,3 +496,62 @@ def test_fused_flux2_and_wan_equal_unfused(arch):
     assert not any(a.fused_projections or hasattr(a, "to_qkv") for a in attns)
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
+
+
+@pytest.mark.parametrize("arch, streams", [("qwenimage", 2), ("zimage", 1), ("pixart", 1), ("sana", 1), ("sdxl", 1)])
+def test_fused_view_equals_unfused(arch, streams):
+    """Attentions whose diffusers processor calls to_q, to_k, to_v one by one (Qwen-Image's two streams, Z-Image's,
+    PixArt-Σ's and SANA's self-attention) run them as one stacked GEMM through a view of the attention: bit for bit
+    the unfused model on the CPU, same state dict, cross-attentions untouched, diffusers' processors back after
+    unfusing; the attention backend set on the model reaches diffusers' processor inside."""
+    from svdquant.modules.fused_view import FusedViewProcessor
+
+    build, make_inputs = tm.ALL_ARCHS[arch]
+    model = build(seed=0)
+    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 1)), progress=False)
+    inputs = make_inputs(model, seed=7)
+    before = tm.forward(model, inputs)
+    keys = list(model.state_dict())
+    processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    attns = [m for m in model.modules() if hasattr(m, "processor") and not getattr(m, "is_cross_attention", False)]
+    assert attns
+    assert svdquant.fuse(model)["qkv"] == len(attns)
+    for a in attns:
+        assert isinstance(a.processor, FusedViewProcessor) and isinstance(a.to_qkv, FusedSVDQLinear)
+        assert isinstance(getattr(a, "to_added_qkv", None), FusedSVDQLinear) == (streams == 2)
+    for n, m in model.named_modules():  # cross-attentions keep diffusers' processor
+        if hasattr(m, "processor") and m not in attns:
+            assert m.processor is processors[n]
+    assert list(model.state_dict()) == keys
+    stacked_calls = []
+    hooks = [a.to_qkv.register_forward_hook(lambda *_: stacked_calls.append(1)) for a in attns]
+    assert torch.equal(tm.forward(model, inputs), before)
+    assert len(stacked_calls) >= len(attns)  # the processors ran the stacked GEMM, not the members alone
+    for h in hooks:
+        h.remove()
+    if hasattr(attns[0].processor, "_attention_backend"):  # diffusers' set_attention_backend writes it there
+        model.set_attention_backend("native")
+        assert all(a.processor.inner._attention_backend is not None for a in attns)
+        model.reset_attention_backend()
+    assert unfuse_projections(model) == len(attns)
+    assert {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")} == processors
+    assert not any(hasattr(a, "to_qkv") for a in attns)
+    assert torch.equal(tm.forward(model, inputs), before)
+
+
+def test_fused_view_traces_in_one_graph():
+    """The view and the wrapped processor must not break torch.compile's graph (CUDA graphs and the compiled blocks of
+    svdquant.optimize need whole graphs): Qwen-Image's blocks, both streams fused, compile with fullgraph=True."""
+    import torch._dynamo
+
+    model = tm.build_qwenimage(seed=0)
+    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("qwenimage", model, 1)), progress=False)
+    inputs = tm.qwenimage_inputs(model, seed=7)
+    before = tm.forward(model, inputs)
+    assert svdquant.fuse(model)["qkv"] == len(model.transformer_blocks)
+    torch._dynamo.reset()
+    for block in model.transformer_blocks:
+        block.compile(fullgraph=True, backend="eager")  # a graph break raises here
+    assert torch.equal(tm.forward(model, inputs), before)

@@ -1,7 +1,8 @@
 """Run-time fusions of a quantized model: q/k/v as one GEMM, and an MLP's GELU in its up projection's epilogue.
 
 **q/k/v.** The layers of a shared-input group run as one quantized linear: FLUX.1's and FLUX.2's attentions (both
-streams), Wan's self-attention, SD3's joint attention.
+streams), Wan's self-attention, SD3's joint attention, and through :mod:`.fused_view` Qwen-Image's (both streams),
+Z-Image's and the self-attention of PixArt-Σ, SANA and SDXL's UNet.
 
 The quantizer gives the layers that read the same input (an attention's q/k/v) one smoothing λ and one
 shared low-rank down projection (:mod:`svdquant.models.architectures`), so their quantized activations
@@ -38,10 +39,9 @@ import torch.nn.functional as F
 from .._state import peek, state, take
 from ..formats import get_format
 from ..integrations.diffusers import compat  # diffusers' internals go through compat
+from .fused_view import PROJECTIONS, view_processor, viewable
 from .linear import SVDQLinear, bump_revision
 
-# (fused attribute, member attributes): diffusers' names (Attention.fuse_projections, FluxAttention)
-PROJECTIONS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
 
 
 class FusedSVDQLinear(nn.Module):
@@ -195,7 +195,8 @@ def _unstack_single_block(block) -> bool:
 
 def _fusable(attn) -> str | None:
     """"flux" (diffusers reads ``to_qkv`` when ``fused_projections``: FLUX.1's and FLUX.2's attentions, Wan's
-    self-attention), "joint" (SD3: the processor is swapped for :class:`FusedJointAttnProcessor`), or None."""
+    self-attention), "joint" (SD3: the processor is swapped for :class:`FusedJointAttnProcessor`), "view" (diffusers'
+    processor wrapped: :mod:`.fused_view`), or None."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttention
     from diffusers.models.transformers.transformer_flux2 import Flux2Attention
@@ -208,6 +209,8 @@ def _fusable(attn) -> str | None:
         return None if attn.fused_projections else "flux"
     if isinstance(attn, Attention) and type(attn.processor) is JointAttnProcessor2_0:
         return "joint"
+    if viewable(attn):
+        return "view"
     return None
 
 
@@ -234,14 +237,15 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
                 except ValueError:
                     made.clear()  # a stream that cannot stack (e.g. different layouts): leave the attention as is
                     break
-        if "to_qkv" in made and (kind == "joint" or len(made) == len(PROJECTIONS) or
+        if "to_qkv" in made and (kind != "flux" or len(made) == len(PROJECTIONS) or
                                  getattr(attn, "add_q_proj", None) is None):
-            # FLUX's processor fuses both streams or none; ours takes each stream as it is
+            # FLUX's processor fuses both streams or none; ours take each stream as it is
             for fused_name, f in made.items():
                 setattr(attn, fused_name, f)
-            if kind == "joint":
+            if kind != "flux":
                 state(attn).processor = attn.processor
-                attn.processor = FusedJointAttnProcessor()  # not set_processor: it would drop nothing, but logs
+                # not set_processor: it would drop nothing, but logs
+                attn.processor = FusedJointAttnProcessor() if kind == "joint" else view_processor(attn.processor)
             else:
                 attn.fused_projections = True
             n += 1
