@@ -4,7 +4,9 @@
 * ``parser.py`` — every subcommand and option (:func:`build_parser`), each bound to its checks and its work;
 * ``common.py`` — what the checks share: :class:`UsageError`, device, dtype, image sizes, ``--lora`` values;
 * one module per command: ``quantize.py``, ``sampling.py`` (generate, compare), ``serve.py``, ``convert.py``,
-  ``info.py``, ``demo.py``; each has a ``validate_<verb>`` and a ``cmd_<verb>``.
+  ``info.py``, ``demo.py``; each has a ``validate_<verb>`` and a ``cmd_<verb>``;
+* ``media.py`` — what generate and compare write (images; a video pipeline's animations and .mp4 files) and the
+  input image an edit pipeline takes.
 
 Every value the user gave is checked before the command does anything, and before diffusers is imported (which
 takes seconds): a mistake costs no time, leaves no files, and is reported in one line with exit status 2. The

@@ -10,6 +10,7 @@ from .common import DTYPES
 from .convert import cmd_convert, validate_convert
 from .demo import cmd_demo, validate_demo
 from .info import cmd_info, validate_info
+from .media import DEFAULT_FPS, DEFAULT_VIDEO as VIDEO_DEFAULT
 from .quantize import cmd_quantize, validate_quantize
 from .sampling import cmd_compare, cmd_generate, validate_compare, validate_generate
 from .serve import cmd_serve, validate_serve
@@ -19,6 +20,8 @@ USAGE = """The ``svdquant`` command.
     svdquant demo                                   # offline: tiny model, 16-bit vs 4-bit, compare.png
     svdquant quantize MODEL -o OUT --recipe int4    # MODEL: diffusers pipeline folder or hub id
     svdquant generate OUT "a photo of a cat" -o cat.png
+    svdquant generate KONTEXT_OUT "make it snow" --image in.png -o out.png   # an edit pipeline: its input image
+    svdquant generate WAN_OUT "a fox running" -o fox.webp     # a video pipeline: .webp, .gif (animated) or .mp4
     svdquant compare OUT "a photo of a cat" -o compare.png
     svdquant info OUT
     svdquant serve [MODEL] --port 8000                # HTTP service + web page (default MODEL: tiny)
@@ -59,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("prompt")
         stem, suffix = output.rsplit(".", 1)
         many = f"; with --num-images 2: {stem}-0.{suffix} and {stem}-1.{suffix}" if output == "image.png" else ""
-        p.add_argument("-o", "--output", default=output, help=f"image file to write (default {output}{many})")
+        video = (f"; a video pipeline (Wan) writes an animated .webp (lossless) or .gif, or .mp4 (needs imageio "
+                 f"and imageio-ffmpeg), default {VIDEO_DEFAULT}") if output == "image.png" else ""
+        p.add_argument("-o", "--output", help=f"image file to write (default {output}{many}){video}")
+        p.set_defaults(default_output=output)  # -o's default: set once the pipeline's kind is known
         p.add_argument("--base", help="base pipeline folder or hub id (default: the one the checkpoint records)")
         p.add_argument("--overwrite", action="store_true", help="replace the output file(s) if they exist")
 
@@ -67,10 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0; image i of a call "
                                                             "uses the same generator, so a seed gives the same images)")
-        p.add_argument("--num-images", type=int, default=1, help=f"images per call (1 to {_checks.MAX_IMAGES})")
+        p.add_argument("--num-images", type=int, default=1,
+                       help=f"images (videos) per call (1 to {_checks.MAX_IMAGES})")
         size_options(p, "image")
         p.add_argument("--guidance-scale", dest="guidance_scale", type=float,
                        help="classifier-free / distilled guidance (default: the pipeline's)")
+        p.add_argument("--image", metavar="FILE",
+                       help="the input image of an edit pipeline (FLUX.1 Kontext, Qwen-Image-Edit, Wan "
+                            "image-to-video): required for those, refused for the others")
 
     def size_options(p, what):
         p.add_argument("--height", type=int, help=f"{what} height in pixels (default: the pipeline's; the tiny "
@@ -130,13 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     common_device(p)
     p.set_defaults(func=cmd_quantize, validate=validate_quantize)
 
-    p = sub.add_parser("generate", help="sample images with a quantized checkpoint",
+    p = sub.add_parser("generate", help="sample images (or videos) with a quantized checkpoint",
                        description="Load the base pipeline the checkpoint records (or --base) with the quantized "
-                                   "transformer and sample.")
+                                   "transformer and sample: images, edits of --image, or videos.")
     checkpoint_prompt(p, "image.png")
     p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
                    help="apply a LoRA .safetensors file at a strength (default 1); repeatable")
     sampling(p)
+    p.add_argument("--num-frames", dest="num_frames", type=int,
+                   help="video pipelines: frames per video (default: the pipeline's, 81 for Wan; Wan takes 4k+1)")
+    p.add_argument("--fps", type=int, help=f"video pipelines: frames per second of the file (default {DEFAULT_FPS}, "
+                                           "Wan 2.1's)")
     common_device(p)
     optimize_flag(p)
     p.set_defaults(func=cmd_generate, validate=validate_generate)

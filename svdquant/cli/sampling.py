@@ -1,9 +1,9 @@
 """``svdquant generate`` and ``svdquant compare``: sampling a quantized checkpoint (and, for compare, its 16-bit
-base from the same seed) into image files written whole or not at all."""
+base from the same seed) into image or video files written whole or not at all (:mod:`.media`)."""
 
 from __future__ import annotations
 
-import os
+import inspect
 import sys
 from pathlib import Path
 
@@ -11,31 +11,16 @@ import torch
 
 from .. import _checks
 from .._state import peek
+from . import media
 from .common import UsageError, parse_loras, pipeline_kwargs, resolve_device, resolve_dtype, validate_sizes
 
 
-def _image_targets(name: str, output, n: int, overwrite: bool) -> list[Path]:
-    """The files an image-writing command will write, checked before it samples anything."""
-    from PIL import Image
-
-    out = Path(output)
-    fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise UsageError(f"{name} {out}: give an image file name ending in .png, .jpg or .webp")
-    if out.is_dir():
-        raise UsageError(f"{name} {out} is a folder; give an image file name such as {out / 'image.png'}")
-    _checks.output_parent(name, out)
-    targets = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
-    for t in targets:
-        if t.is_dir():
-            raise UsageError(f"{name} {out}: {t} is a folder")
-        if t.exists() and not overwrite:
-            raise UsageError(f"{t} already exists; choose another {name} or pass --overwrite")
-    return targets
+MAX_FRAMES = 1025  # Wan 2.1 makes 81; a batch of frames is sampled as one tensor
 
 
-def _validate_sampling(args, n_files: int) -> None:
-    """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the output."""
+def _validate_sampling(args, command: str) -> None:
+    """What generate and compare share: the checkpoint, its base, the prompt, sampling numbers, the input image, the
+    output; then what the base's pipeline class asks (:func:`_validate_kind`), all before anything loads."""
     from ..checkpoint import base_of, read_metadata
 
     args.device = resolve_device(args.device)
@@ -46,21 +31,63 @@ def _validate_sampling(args, n_files: int) -> None:
     _checks.seed("--seed", args.seed)
     _checks.count("--num-images", args.num_images, hi=_checks.MAX_IMAGES, why=" (they are sampled as one batch)")
     validate_sizes(args)
-    args.targets = _image_targets("-o", args.output, n_files if n_files else args.num_images, args.overwrite)
+    if getattr(args, "num_frames", None) is not None:
+        _checks.count("--num-frames", args.num_frames, hi=MAX_FRAMES)
+    if getattr(args, "fps", None) is not None:
+        _checks.count("--fps", args.fps, hi=240)
+    args.n_files = 1 if command == "compare" else args.num_images  # compare writes one side-by-side picture
+    # without -o, the name depends on what the pipeline makes: decided in _validate_kind
+    args.targets = None if args.output is None else media.targets("-o", args.output, args.n_files, args.overwrite)
+    args.input_image = None if args.image is None else media.input_image(args.image)
     meta = read_metadata(args.checkpoint)  # missing or not a checkpoint: fails before anything loads
     args.base = base_of(args.checkpoint, meta, args.base)
+    from ..pipelines import pipeline_class_of
     from ..pipelines.load import check_base  # imports diffusers: after the cheap checks
 
     check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
+    _validate_kind(args, command, pipeline_class_of(args.base))
+
+
+def _validate_kind(args, command: str, cls: str | None) -> None:
+    """What the pipeline class ``cls`` (from the base's model_index.json; None: it names none) asks of the command:
+    an edit pipeline its ``--image`` and no other pipeline one, a video pipeline a video file name and a frame
+    count its VAE takes, and compare an image pipeline."""
+    from ..models.pipeline_needs import EDIT_PIPELINES, VIDEO_PIPELINES, makes_video, missing_package, needs_images
+    from ..pipelines import TinyFluxPipeline, frame_step_of
+
+    args.video = cls is not None and makes_video(cls)
+    what = "the tiny model" if cls == TinyFluxPipeline.__name__ else cls
+    if args.video and command == "compare":
+        raise UsageError(f"compare draws images side by side, and {cls} makes videos: for a video pipeline use "
+                         "svdquant generate")
+    if cls is not None and needs_images(cls) and args.image is None:
+        raise UsageError(f"{cls} edits an input image: give it with --image FILE")
+    if args.image is not None and cls is not None and not needs_images(cls):
+        raise UsageError(f"--image is for edit pipelines ({', '.join(sorted(EDIT_PIPELINES))}); {what} takes no "
+                         "input image: leave --image out")
+    for option, value in (("--num-frames", getattr(args, "num_frames", None)), ("--fps", getattr(args, "fps", None))):
+        if value is not None and not args.video:
+            raise UsageError(f"{option} is for video pipelines ({', '.join(sorted(VIDEO_PIPELINES))}); "
+                             f"{what or 'this pipeline'} draws images: leave {option} out")
+    package = missing_package(cls) if cls is not None else None
+    if package is not None:  # diffusers' Wan image-to-video calls it unguarded: a NameError after loading
+        raise UsageError(f"{cls} runs every prompt through the {package} package, which is not installed: "
+                         f"pip install {package}")
+    if args.output is None:
+        args.output = media.DEFAULT_VIDEO if args.video else args.default_output
+        args.targets = media.targets("-o", args.output, args.n_files, args.overwrite)
+    media.check_output_kind("-o", Path(args.output), what or "the pipeline", args.video, getattr(args, "fps", None))
+    if args.video and args.num_frames is not None:
+        media.check_frames(args.num_frames, frame_step_of(args.base), cls)
 
 
 def validate_generate(args) -> None:
-    _validate_sampling(args, 0)
+    _validate_sampling(args, "generate")
     args.loras = parse_loras(args.lora)
 
 
 def validate_compare(args) -> None:
-    _validate_sampling(args, 1)
+    _validate_sampling(args, "compare")
 
 
 def _load(args):
@@ -89,32 +116,33 @@ def _sampling_progress(pipe) -> None:
 
 
 def _sample(pipe, prompt, args, output_type="pil"):
+    """One call: a list of images, or of videos (each a list of frames) for a video pipeline."""
     gen = torch.Generator("cpu").manual_seed(args.seed)
-    kw = dict(prompt=prompt, num_images_per_prompt=args.num_images, generator=gen, output_type=output_type,
-              **pipeline_kwargs(args))
+    kw = dict(prompt=prompt, generator=gen, output_type=output_type, **pipeline_kwargs(args))
+    # diffusers' video pipelines count videos, not images
+    kw["num_videos_per_prompt" if args.video else "num_images_per_prompt"] = args.num_images
+    if args.input_image is not None:
+        kw["image"] = args.input_image
+    if getattr(args, "num_frames", None) is not None:
+        kw["num_frames"] = args.num_frames
+    _area(pipe, kw)
     if args.steps is not None:  # 0 was refused up front; never "the pipeline's default"
         kw["num_inference_steps"] = args.steps
     from ..pipelines import TinyFluxPipeline
 
     if isinstance(pipe, TinyFluxPipeline):
         kw["progress"] = True  # a bar on a terminal, a line now and then in a log (svdquant/_progress.py)
-    return pipe(**kw).images
+    out = pipe(**kw)
+    return out.frames if args.video else out.images
 
 
-def _save_images(pairs) -> None:
-    """Write each image under a temporary name beside its target, then rename them all: an error or
-    Ctrl-C part way leaves no partial or half-set of files."""
-    tmps = []
-    try:
-        for im, target in pairs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmps.append(target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}"))
-            im.save(tmps[-1])
-        for tmp, (_, target) in zip(tmps, pairs):
-            os.replace(tmp, target)
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+def _area(pipe, kw: dict) -> None:
+    """FLUX.1 Kontext reads height and width as an aspect ratio and draws ``max_area`` pixels (1024² unless told):
+    a size asked for (--height / --width) is passed as its area too, so that it is the size drawn."""
+    if "max_area" not in inspect.signature(pipe.__call__).parameters or not {"height", "width"} & kw.keys():
+        return
+    side = pipe.default_sample_size * pipe.vae_scale_factor  # the pipeline's own default height and width
+    kw["max_area"] = kw.get("height", side) * kw.get("width", side)
 
 
 def cmd_generate(args) -> None:
@@ -128,8 +156,9 @@ def cmd_generate(args) -> None:
             except LoRAError as e:  # some messages name the layer only: say which file it is
                 raise LoRAError(str(e) if path in str(e) else f"{path}: {e}") from None
     _say_compiling(pipe, "generate")
-    images = _sample(pipe, args.prompt, args)
-    _save_images(list(zip(images, args.targets)))
+    outputs = _sample(pipe, args.prompt, args)
+    write = media.video_writer(args.fps or media.DEFAULT_FPS) if args.video else media.save_image
+    media.write_whole(list(zip(outputs, args.targets)), write)
     for target in args.targets:
         print(f"wrote {target}")
 
@@ -161,7 +190,7 @@ def cmd_compare(args) -> None:
     scale = max(1, 256 // ref.shape[-1])
     canvas = grid([("16-bit", to_pil(ref)), (f"{recipe}", to_pil(img))], scale=scale,
                   row_notes=["reference", "PSNR " + ", ".join(f"{v:.2f}" for v in p.tolist()) + " dB"])
-    _save_images([(canvas, args.targets[0])])
+    media.write_whole([(canvas, args.targets[0])], media.save_image)
     print("| image | PSNR (dB) | SSIM |\n| --- | --- | --- |")
     for i in range(len(p)):
         print(f"| {i} | {p[i]:.2f} | {s[i]:.4f} |")

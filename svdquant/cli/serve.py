@@ -17,7 +17,7 @@ def validate_serve(args) -> None:
     import socket
 
     from ..checkpoint import META_FILE, base_of, read_metadata
-    from ..pipelines import TINY_BASE
+    from ..pipelines import TINY_BASE, pipeline_class_of
     from ..pipelines.load import check_base
 
     try:  # dependencies of the package, but a hand-made environment may lack them: say which, not a traceback
@@ -29,12 +29,16 @@ def validate_serve(args) -> None:
         model = Path(args.model).expanduser()
         if (model / META_FILE).is_file():
             meta = read_metadata(model)
+            base = base_of(model, meta, None, allow_outside=args.allow_base_outside)
             # a missing base, or one outside the checkpoint's folder and here, fails now, not after loading
-            check_base(model, meta, base_of(model, meta, None, allow_outside=args.allow_base_outside))
+            check_base(model, meta, base)
         elif not ((model / "model_index.json").is_file() or (model / "pipeline.json").is_file()):
             what = "does not exist" if not model.exists() else "is neither an svdquant checkpoint nor a pipeline folder"
             raise UsageError(f"MODEL {args.model} {what}; pass 'tiny', a checkpoint folder (with {META_FILE}) or a "
                              "16-bit diffusers pipeline folder (with model_index.json)")
+        else:
+            base = model
+        _refuse_non_image(pipeline_class_of(base))
         args.model = str(model)
     args.loras = parse_loras(args.lora)
     _checks.count("--port", args.port, lo=1, hi=65535)
@@ -79,6 +83,20 @@ def validate_serve(args) -> None:
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another "
                          "--host or --port") from None
+
+
+def _refuse_non_image(cls: str | None) -> None:
+    """The server draws images from a prompt alone (its API has no input image, its answers no video): a video or
+    edit pipeline is refused before minutes of loading, with the command that runs it."""
+    from ..models.pipeline_needs import makes_video, needs_images
+
+    if cls is None or not (makes_video(cls) or needs_images(cls)):
+        return
+    what = {(True, False): "makes videos", (False, True): "edits an input image",
+            (True, True): "makes videos from an input image"}[makes_video(cls), needs_images(cls)]
+    how = "svdquant generate CHECKPOINT PROMPT" + (" --image FILE" if needs_images(cls) else "") + \
+        (" -o video.webp" if makes_video(cls) else "")
+    raise UsageError(f"serve draws images from a prompt alone, and {cls} {what}; run it with: {how}")
 
 
 def cmd_serve(args) -> None:

@@ -1,5 +1,5 @@
-"""What calibrating through a diffusers pipeline asks of the pipeline, per model: whether it edits an input image,
-and whether it runs a second expert and on which steps (the size its images must be a multiple of: :mod:`.sizes`).
+"""What calibrating through (and sampling) a diffusers pipeline asks of the pipeline, per model: whether it edits an
+input image, whether it makes a video, and whether it runs a second expert and on which steps (the size its images must be a multiple of: :mod:`.sizes`).
 
 Read from the pipeline object (its class, components, config and scheduler) without running it, so that
 ``quantize`` can refuse a call that would fail or calibrate the wrong thing before minutes of work.
@@ -21,9 +21,28 @@ EDIT_PIPELINES = frozenset({
 })
 
 
+# Pipelines that make a video: their output is ``.frames`` and they take ``num_frames``, which their VAE needs to be
+# k x its temporal compression + 1 (diffusers rounds any other count down, with a warning only).
+VIDEO_PIPELINES = frozenset({"WanPipeline", "WanImageToVideoPipeline"})
+
+
+def _class_names(pipe) -> list[str]:
+    """``pipe`` (a pipeline, its class, or a class name from a model_index.json) as the names of its classes."""
+    if isinstance(pipe, str):
+        return [pipe]
+    return [c.__name__ for c in (pipe if isinstance(pipe, type) else type(pipe)).__mro__]
+
+
 def needs_images(pipe) -> bool:
-    """Whether ``pipe`` edits an input image (:data:`EDIT_PIPELINES`, or a subclass of one)."""
-    return any(c.__name__ in EDIT_PIPELINES for c in type(pipe).__mro__)
+    """Whether ``pipe`` (a pipeline, its class or its class name) edits an input image (:data:`EDIT_PIPELINES`, or
+    a subclass of one)."""
+    return any(name in EDIT_PIPELINES for name in _class_names(pipe))
+
+
+def makes_video(pipe) -> bool:
+    """Whether ``pipe`` (a pipeline, its class or its class name) makes a video (:data:`VIDEO_PIPELINES`, or a
+    subclass of one)."""
+    return any(name in VIDEO_PIPELINES for name in _class_names(pipe))
 
 
 # The pipeline attribute of the second expert (Wan 2.2 A14B: ``transformer`` runs the high-noise steps,
@@ -109,6 +128,13 @@ def _installed(package: str) -> bool:
 WAN_TEXT_TOKENS = 512
 
 
+def missing_package(pipe) -> str | None:
+    """The package ``pipe`` (a pipeline, its class or its class name) runs its prompts through that is not
+    installed (:data:`PIPELINE_PACKAGES`), or None."""
+    package = next((PIPELINE_PACKAGES[n] for n in _class_names(pipe) if n in PIPELINE_PACKAGES), None)
+    return package if package is not None and not _installed(package) else None
+
+
 def _check_image_context(pipe, pipeline_kwargs: dict) -> None:
     model = getattr(pipe, "transformer", None)
     if getattr(getattr(model, "config", None), "image_dim", None) is None:
@@ -125,9 +151,8 @@ def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
     input images (``images``, or an ``image`` in ``pipeline_kwargs``), images for a pipeline that takes none, or
     a pipeline whose prompts need a package that is not installed."""
     name = type(pipe).__name__
-    package = next((PIPELINE_PACKAGES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in PIPELINE_PACKAGES),
-                   None)
-    if package is not None and not _installed(package):
+    package = missing_package(pipe)
+    if package is not None:
         raise ValueError(f"{name} runs every prompt through the {package} package, which is not installed: "
                          f"pip install {package}")
     _check_image_context(pipe, pipeline_kwargs or {})

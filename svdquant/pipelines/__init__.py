@@ -49,6 +49,32 @@ def transformer_class_of(base: str | os.PathLike, component: str = "transformer"
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str) else None
 
 
+def pipeline_class_of(base: str | os.PathLike) -> str | None:
+    """The pipeline class a base pipeline (folder or hub id) is, from its model_index.json (``TinyFluxPipeline`` for
+    the tiny model); None where it names none. Read before loading, to check a command's inputs against it."""
+    if str(base) == TINY_BASE or _is_tiny(base):
+        return TinyFluxPipeline.__name__
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(str(base)).get("_class_name")
+    except Exception:  # unreadable: loading the pipeline reports it in its own words
+        return None
+    return name if isinstance(name, str) else None
+
+
+def frame_step_of(base: str | os.PathLike) -> int:
+    """The temporal compression of a video pipeline's VAE (its frame counts are k x this + 1), from the VAE's
+    config.json as the pipeline reads it (``vae.config.scale_factor_temporal``, default 4: Wan's)."""
+    from diffusers import ModelMixin
+
+    try:
+        step = ModelMixin.load_config(str(base), subfolder="vae").get("scale_factor_temporal", 4)
+    except Exception:  # no readable VAE config: the pipeline's own fallback, as diffusers' Wan pipelines take it
+        return 4
+    return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 4
+
+
 def tiny_transformer_config(base) -> dict | None:
     """The transformer config of a tiny base (the name ``tiny`` or a saved TinyFluxPipeline folder), else None.
     A FLUX checkpoint of another size passes the class check against these; the config tells them apart."""
@@ -126,4 +152,4 @@ def pickled_only_error(base, e: Exception) -> Exception:
 
 
 __all__ = ["TinyFluxPipeline", "ClassConditioner", "CIFAR10_CLASSES", "tiny_flux_config", "load_base_pipeline",
-           "transformer_class_of", "check_size", "TINY_BASE"]
+           "transformer_class_of", "pipeline_class_of", "frame_step_of", "check_size", "TINY_BASE"]

@@ -87,6 +87,12 @@ class Engine:
     ``loras``: name -> default strength of LoRAs already loaded into ``pipe``."""
 
     def __init__(self, pipe, model_id: str, device: str, loras: dict[str, float] | None = None):
+        from ..models.pipeline_needs import makes_video, needs_images
+
+        if makes_video(pipe) or needs_images(pipe):  # requests carry no input image, answers no video
+            raise ValueError(f"the server draws images from a prompt alone; {type(pipe).__name__} "
+                             f"{'makes videos' if makes_video(pipe) else 'edits an input image'}: sample it with "
+                             "svdquant generate (or the pipeline itself)")
         self.pipe, self.model_id, self.device = pipe, model_id, device
         self.loras = dict(loras or {})      # name -> default strength, as loaded
         self.tiny = isinstance(pipe, TinyFluxPipeline)
