@@ -97,3 +97,15 @@ def test_unreadable_image_and_folder(tmp_path):
 def test_image_in_pipeline_kwargs_and_images_clash():
     with pytest.raises(ValueError, match="give the images as images="):
         svdquant.Calibration(images=[tm.input_image()], pipeline_kwargs={"image": tm.input_image()})
+
+
+def test_a_size_asked_of_kontext_is_the_size_calibrated():
+    """FLUX.1 Kontext reads height and width as an aspect ratio and draws max_area pixels (1024² by default): the size
+    given is passed as the area too, in calibration as in `svdquant generate`."""
+    pipe = tm.build_kontext_pipeline()
+    c = svdquant.Calibration(pipeline_kwargs=dict(height=32, width=48)).for_pipeline(pipe)
+    assert c.pipeline_kwargs == dict(height=32, width=48, max_area=32 * 48)
+    c = svdquant.Calibration(pipeline_kwargs=dict(height=32, width=48, max_area=64 * 64)).for_pipeline(pipe)
+    assert c.pipeline_kwargs["max_area"] == 64 * 64  # given: kept
+    flux = tm.build_flux_pipeline()  # no max_area: nothing added
+    assert svdquant.Calibration(pipeline_kwargs=dict(height=32)).for_pipeline(flux).pipeline_kwargs == dict(height=32)

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..models.pipeline_needs import with_area
 from .inputs import check_images
 from .prompts import DEFAULT_PROMPTS
 
@@ -88,6 +89,10 @@ class Calibration:
             calib = dataclasses.replace(calib, prompts=pipe.calibration_prompts)
         defaults = {**self.DEFAULTS, **getattr(pipe, "calibration_defaults", {})}
         unset = {k: v for k, v in defaults.items() if getattr(calib, k) is None}
+        if pipe is not None and calib.inputs is None:  # FLUX.1 Kontext: calibrate at the size asked for
+            sized = with_area(pipe, calib.pipeline_kwargs)
+            if sized is not calib.pipeline_kwargs:
+                unset["pipeline_kwargs"] = sized
         return dataclasses.replace(calib, **unset) if unset else calib
 
     def prompt_list(self) -> list[str]:

@@ -3,7 +3,6 @@ base from the same seed) into image or video files written whole or not at all (
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -125,7 +124,9 @@ def _sample(pipe, prompt, args, output_type="pil"):
         kw["image"] = args.input_image
     if getattr(args, "num_frames", None) is not None:
         kw["num_frames"] = args.num_frames
-    _area(pipe, kw)
+    from ..models.pipeline_needs import with_area
+
+    kw = with_area(pipe, kw)  # FLUX.1 Kontext: the size asked for is the size drawn
     if args.steps is not None:  # 0 was refused up front; never "the pipeline's default"
         kw["num_inference_steps"] = args.steps
     from ..pipelines import TinyFluxPipeline
@@ -134,15 +135,6 @@ def _sample(pipe, prompt, args, output_type="pil"):
         kw["progress"] = True  # a bar on a terminal, a line now and then in a log (svdquant/_progress.py)
     out = pipe(**kw)
     return out.frames if args.video else out.images
-
-
-def _area(pipe, kw: dict) -> None:
-    """FLUX.1 Kontext reads height and width as an aspect ratio and draws ``max_area`` pixels (1024² unless told):
-    a size asked for (--height / --width) is passed as its area too, so that it is the size drawn."""
-    if "max_area" not in inspect.signature(pipe.__call__).parameters or not {"height", "width"} & kw.keys():
-        return
-    side = pipe.default_sample_size * pipe.vae_scale_factor  # the pipeline's own default height and width
-    kw["max_area"] = kw.get("height", side) * kw.get("width", side)
 
 
 def cmd_generate(args) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 
 import torch.nn as nn
 
@@ -144,6 +145,17 @@ def _check_image_context(pipe, pipeline_kwargs: dict) -> None:
         raise ValueError(f"{type(pipe).__name__} with image tokens needs max_sequence_length={WAN_TEXT_TOKENS} (its "
                          f"cross-attention takes all but the last {WAN_TEXT_TOKENS} context tokens as the image's), "
                          f"got {length}: leave max_sequence_length out of pipeline_kwargs")
+
+
+def with_area(pipe, kwargs: dict) -> dict:
+    """``kwargs`` of a call of ``pipe`` with the size asked for as its area too, where the pipeline takes one: FLUX.1
+    Kontext reads ``height`` and ``width`` as an aspect ratio only and draws ``max_area`` pixels (1024² unless told),
+    so without it a size asked for is not the size drawn (or calibrated on)."""
+    if "max_area" in kwargs or not {"height", "width"} & kwargs.keys() or \
+            "max_area" not in inspect.signature(pipe.__call__).parameters:
+        return kwargs
+    side = pipe.default_sample_size * pipe.vae_scale_factor  # the pipeline's own default height and width
+    return {**kwargs, "max_area": kwargs.get("height", side) * kwargs.get("width", side)}
 
 
 def check_pipeline_inputs(pipe, images, pipeline_kwargs=None) -> None:
