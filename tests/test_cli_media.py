@@ -253,7 +253,10 @@ def test_generate_wan_mp4(wan_ck, tmp_path):
     if mp4_encoder_missing():
         pytest.skip(f"no .mp4 encoder for diffusers' export_to_video: pip install {mp4_encoder_missing()}")
     generated(["generate", wan_ck, "a cat", "-o", tmp_path / "clip.mp4", *WAN])
-    assert (tmp_path / "clip.mp4").stat().st_size > 0
+    import imageio
+
+    reader = imageio.get_reader(str(tmp_path / "clip.mp4"), "ffmpeg")  # decoded back: 5 frames at 16 fps
+    assert sum(1 for _ in reader) == 5 and reader.get_meta_data()["fps"] == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
