@@ -144,3 +144,16 @@ def test_draws_cover_every_step_when_guidance_runs_two_calls_per_step():
     # a draw of 2 of the 4 steps: two different steps, not the two calls of one
     two = record_inputs(pipe, pipe.transformer, calib(prompts=["a cat"], steps=4, snapshots=2), progress=False)
     assert len({float(x["timestep"][0]) for x in two}) == 2
+
+
+def test_the_high_noise_expert_calibrates_without_running_the_low_noise_steps():
+    """Calibrating ``transformer`` of a two-expert pipeline stops each prompt where the low-noise expert would take
+    over: its steps would record nothing (on Wan 2.2 A14B, 14B-parameter calls for nothing)."""
+    pipe = tm.build_wan_pipeline(two_experts=True)
+    low_calls = []
+    pipe.transformer_2.register_forward_hook(lambda *a: low_calls.append(1))  # calls that ran to the end
+    inputs = record_inputs(pipe, pipe.transformer, calib(prompts=["a cat"], steps=4, snapshots=8), progress=False)
+    assert inputs and not low_calls
+    # and the low-noise expert's own calibration still runs the high-noise steps it follows
+    assert record_inputs(pipe, pipe.transformer_2, calib(prompts=["a cat"], steps=4, snapshots=8), progress=False)
+    assert low_calls

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .._progress import progress as progress_bar
 from ..integrations.diffusers.compat import forget_hook_registry_cache
-from ..models.pipeline_needs import steps_of
+from ..models.pipeline_needs import second_expert, steps_of
 from .config import Calibration
 from .inputs import image_for
 from .offload import move
@@ -45,10 +45,14 @@ class CallSelector:
     call is a step for a model called without one) and says whether the current call is a snapshot: the first call of
     a drawn step."""
 
-    def __init__(self, model: nn.Module, plan: dict[int, set[int]]):
+    def __init__(self, model: nn.Module, plan: dict[int, set[int]], after: nn.Module | None = None):
+        """``after``: a model whose call means ``model``'s steps are over (the low-noise expert of a two-expert
+        pipeline, when the high-noise one calibrates): the prompt stops there rather than run the rest for nothing."""
         self.plan, self.active, self.n_active = plan, False, 0
         self.start_prompt(0)
-        self._handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        if after is not None:
+            self._handles.append(after.register_forward_pre_hook(self._stop))
 
     def start_prompt(self, i: int):
         self.prompt, self.step, self.active, self._t = i, -1, False, None
@@ -66,8 +70,12 @@ class CallSelector:
             self.active = False
         self._t = t
 
+    def _stop(self, module, args):
+        raise _StopPrompt
+
     def close(self):
-        self._handle.remove()
+        for h in self._handles:
+            h.remove()
 
 
 def _bind(module: nn.Module, args, kwargs) -> dict[str, Any]:
@@ -365,7 +373,9 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     prompts = calib.prompt_list()
     # an expert of a two-expert pipeline is drawn from its own steps: draws past them would record nothing
     plan = draw_plan(len(prompts), steps_of(runner, model, calib.steps), calib.snapshots, calib.seed)
-    selector = CallSelector(model, plan)
+    second = second_expert(runner)
+    # Wan 2.2 runs its high-noise steps first: once the low-noise expert is called, the high-noise one is done
+    selector = CallSelector(model, plan, after=second if second is not None and second is not model else None)
     close = selector_hooks(selector)
     try:
         gen_device = "cpu"
