@@ -32,41 +32,48 @@ def set_weight_mode(target, mode: str) -> int:
 
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r} is unknown; choose one of {WEIGHT_MODES}")
-    model = getattr(target, "transformer", target)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"set_weight_mode takes a pipeline or an nn.Module, got {type(target).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
+    layers = [m for model in _models_of(target, "set_weight_mode") for m in model.modules() if isinstance(m, SVDQLinear)]
     for m in layers:
         m.set_weight_mode(mode)
     return len(layers)
 
 
-def _model_of(target, what: str):
+def _models_of(target, what: str) -> list:
+    """The denoiser(s) a pipeline-or-model call acts on: the model itself, or the pipeline's transformer and, for a
+    two-expert pipeline (Wan 2.2), its ``transformer_2`` too."""
     import torch.nn as nn
+
+    from .models.pipeline_needs import second_expert
 
     model = getattr(target, "transformer", target)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} takes a pipeline or an nn.Module, got {type(target).__name__}")
-    return model
+    second = None if isinstance(target, nn.Module) else second_expert(target)
+    return [model] + ([second] if second is not None else [])
+
+
+def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    return {k: sum(c[k] for c in counts) for k in counts[0]}
 
 
 def fuse(target, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
-    """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each FLUX attention's
-    quantized q/k/v as one activation pass and one GEMM, and (``gelu``) each quantized MLP's tanh-GELU in its up
+    """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each attention's quantized
+    q/k/v as one activation pass and one GEMM (FLUX.1/.2, SD3, Wan, Qwen-Image, Z-Image, PixArt-Σ, SANA, SDXL), and (``gelu``) each quantized MLP's tanh-GELU in its up
     projection's GEMM epilogue. ``compiled_activations=True``: under ``torch.compile``, INT8 activations are
     quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm + modulation, GELU)
     instead of a separate activation kernel. Takes a pipeline or a model; returns how many of each
     (``{"qkv": n, "gelu": m, "compiled_activations": k}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
 
-    return fuse_model(_model_of(target, "fuse"), gelu=gelu, compiled_activations=compiled_activations)
+    return _summed([fuse_model(m, gelu=gelu, compiled_activations=compiled_activations)
+                    for m in _models_of(target, "fuse")])
 
 
 def unfuse(target) -> dict[str, int]:
     """Undo :func:`fuse`."""
     from .modules.fused import unfuse as unfuse_model
 
-    return unfuse_model(_model_of(target, "unfuse"))
+    return _summed([unfuse_model(m) for m in _models_of(target, "unfuse")])
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",

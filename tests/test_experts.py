@@ -94,6 +94,20 @@ def test_optimize_takes_both_experts(done):
     svdquant.deoptimize(done.pipe)
 
 
+def test_fuse_and_weight_mode_take_both_experts(done):
+    pipe = done.pipe
+    layers = [m for e in (pipe.transformer, pipe.transformer_2) for m in e.modules() if isinstance(m, SVDQLinear)]
+    assert svdquant.set_weight_mode(pipe, "speed") == len(layers)
+    before = {name: forward(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
+    n_blocks = len(pipe.transformer.blocks) + len(pipe.transformer_2.blocks)
+    try:
+        assert svdquant.fuse(pipe)["qkv"] == n_blocks  # each expert's self-attentions
+        assert all(b.attn1.fused_projections for e in (pipe.transformer, pipe.transformer_2) for b in e.blocks)
+        assert all(torch.equal(forward(getattr(pipe, n)), y) for n, y in before.items())
+    finally:
+        assert svdquant.unfuse(pipe)["qkv"] == n_blocks
+
+
 def test_load_pipeline_never_reads_the_base_experts(done, tmp_path):
     """The checkpoint's experts replace the base's: those are not loaded (diffusers' DiffusionPipeline.from_pretrained
     drops Wan's transformer= and transformer_2= and loads the base's own; the pipeline's class keeps them)."""

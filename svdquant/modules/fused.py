@@ -215,8 +215,9 @@ def _fusable(attn) -> str | None:
 
 
 def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
-    """Stack the quantized q/k/v of every FLUX attention (diffusers' fused projections) and SD3 joint attention
-    (our processor): one activation pass and one GEMM per stream instead of three; in a FLUX single block also its
+    """Stack the quantized q/k/v of every attention that allows it (FLUX.1/.2 and Wan self-attention through
+    diffusers' fused projections, SD3's joint attention through our processor, the others through
+    :mod:`.fused_view`): one activation pass and one GEMM per stream instead of three; in a FLUX single block also its
     MLP's up projection (``single_mlp``). Returns how many attentions were fused. Exact: the outputs equal the
     unfused ones. :func:`unfuse_projections` undoes it."""
     n = 0
