@@ -13,6 +13,7 @@ Two kinds of claim:
 
 from __future__ import annotations
 
+import copy
 import os
 
 import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
@@ -514,7 +515,8 @@ def test_fused_view_equals_unfused(arch, streams):
     before = tm.forward(model, inputs)
     keys = list(model.state_dict())
     processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
-    attns = [m for m in model.modules() if hasattr(m, "processor") and not getattr(m, "is_cross_attention", False)]
+    names = [n for n, m in model.named_modules() if hasattr(m, "processor") and not getattr(m, "is_cross_attention", False)]
+    attns = [model.get_submodule(n) for n in names]
     assert attns
     assert svdquant.fuse(model)["qkv"] == len(attns)
     for a in attns:
@@ -534,6 +536,9 @@ def test_fused_view_equals_unfused(arch, streams):
         model.set_attention_backend("native")
         assert all(a.processor.inner._attention_backend is not None for a in attns)
         model.reset_attention_backend()
+    copied = copy.deepcopy(model)  # a fused model copies (the wrapper classes are made at run time)
+    assert type(copied.get_submodule(names[0]).processor) is type(attns[0].processor)
+    assert torch.equal(tm.forward(copied, inputs), before)
     assert unfuse_projections(model) == len(attns)
     assert {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")} == processors
     assert not any(hasattr(a, "to_qkv") for a in attns)

@@ -36,7 +36,7 @@ class _FusedView:
     def __getattr__(self, name):
         return getattr(self._attn, name)
 
-    def _project(self, stream: str, index: int, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, stream: int, index: int, x: torch.Tensor) -> torch.Tensor:
         fused_name, names = PROJECTIONS[stream]
         fused = self._attn.__dict__["_modules"].get(fused_name)
         if fused is None:
@@ -45,7 +45,8 @@ class _FusedView:
         if index == 0 or last is None or last[0] is not x:
             if index != 0:  # k or v of a tensor q was not computed for: the member alone
                 return getattr(self._attn, names[index])(x)
-            last = (x, fused(x).chunk(3, dim=-1))
+            # by the members' widths: k and v may be narrower than q (fewer key/value heads)
+            last = (x, fused(x).split([m.out_features for m in fused.members], dim=-1))
             self._last[fused_name] = last
         return last[1][index]
 
@@ -77,7 +78,13 @@ class FusedViewProcessor:
         self.__dict__["inner"] = inner
 
     def __getattr__(self, name):
-        return getattr(self.__dict__["inner"], name)
+        inner = self.__dict__.get("inner")  # absent while copy / pickle probe a bare instance
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __reduce__(self):  # copies and pickles rebuild through view_processor (its classes are made at run time)
+        return view_processor, (self.__dict__["inner"],)
 
     def __setattr__(self, name, value):
         setattr(self.__dict__["inner"], name, value)
