@@ -287,3 +287,43 @@ def test_a_lora_per_expert(done, tmp_path):
     finally:
         svdquant.unload_lora(pipe.transformer_2, "low")
     assert torch.equal(forward(pipe.transformer_2), before["transformer_2"])
+
+
+def test_a_hub_checkpoint_downloads_only_the_files_it_names(tmp_path, monkeypatch):
+    """A hub id downloads svdquant.json first, then exactly the tensor files it names: the hub's patterns match across
+    folders, so "transformer*.safetensors" would also take a diffusers repo's transformer/ shards. The hub is stood in
+    for by a local folder served through huggingface_hub's own pattern filter (no network in tests)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from svdquant.checkpoint.locate import resolve
+
+    repo = tmp_path / "repo"
+    files = ["svdquant.json", "README.md", "transformer.safetensors", "transformer_2.safetensors",
+             "text_encoder_2.safetensors", "transformer/diffusion_pytorch_model.safetensors",
+             "transformer_2/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors", "vae/x.bin"]
+    for f in files:
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        (repo / f).write_text("x")
+    (repo / "svdquant.json").write_text(json.dumps({"experts": {"transformer_2": {}, "../../etc/passwd": {}},
+                                                    "text_encoders": {"text_encoder_2": {}, "*": {}}}))
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        got = list(filter_repo_objects([f for f in files if (repo / f).exists()], allow_patterns=allow_patterns))
+        fetched.append(sorted(got))
+        out = tmp_path / "cache" / repo_id
+        for f in got:
+            (out / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / f, out / f)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve("someone/wan-int4") == tmp_path / "cache" / "someone/wan-int4"
+    assert fetched == [["README.md", "svdquant.json"],
+                       ["README.md", "svdquant.json", "text_encoder_2.safetensors", "transformer.safetensors",
+                        "transformer_2.safetensors"]]
+    (repo / "svdquant.json").unlink()  # not a checkpoint (a diffusers repo): no weights fetched
+    fetched.clear()
+    resolve("someone/diffusers-repo")
+    assert fetched == [["README.md"]]

@@ -31,15 +31,42 @@ def resolve(path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        # transformer*: a two-expert checkpoint's transformer_2.safetensors too
-        return Path(snapshot_download(str(path), allow_patterns=[META_FILE, "transformer*.safetensors",
-                                                                 "text_encoder*.safetensors", "README.md"]))
+        # svdquant.json first, then exactly the tensor files it names: the hub's patterns match across folders
+        # ("transformer*.safetensors" would take a diffusers repo's transformer/ shards too), and a repo that is
+        # not a checkpoint should cost one small file, not its weights
+        meta_dir = Path(snapshot_download(str(path), allow_patterns=[META_FILE, "README.md"]))
+        if not (meta_dir / META_FILE).is_file():
+            return meta_dir  # not an svdquant checkpoint: read_metadata says so
+        files = [META_FILE, "README.md", TENSOR_FILE, *_named_tensor_files(meta_dir / META_FILE)]
+        return Path(snapshot_download(str(path), allow_patterns=files))
     except Exception as e:  # offline (HF_HUB_OFFLINE or no network), unknown repo, gated repo...
         raise CheckpointError(
             f"{path} is neither a local folder nor a Hugging Face Hub checkpoint that can be fetched here "
             f"({type(e).__name__}: {str(e)[:200]}). Offline: where a network exists run `hf download {path} "
             "--local-dir DIR`, copy DIR here and pass it; or unset HF_HUB_OFFLINE where the Hub is reachable"
         ) from None
+
+
+# what a checkpoint calls its other models (text_encoder_2, transformer_2): a plain name, so never a pattern or path
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _named_tensor_files(meta_file: Path) -> list[str]:
+    """The extra tensor files (``<name>.safetensors``) of the second expert and the text encoders that a downloaded
+    svdquant.json names; nothing for a missing or unreadable one (read_metadata then says what is wrong)."""
+    import json
+
+    from .header import MAX_METADATA_BYTES
+
+    try:
+        if meta_file.stat().st_size > MAX_METADATA_BYTES:
+            return []
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = [n for key in ("experts", "text_encoders") if isinstance(meta, dict) and isinstance(meta.get(key), dict)
+             for n in meta[key]]
+    return [f"{n}.safetensors" for n in names if isinstance(n, str) and _MODEL_NAME.fullmatch(n)]
 
 
 def recorded_base(path: str | os.PathLike, meta: dict[str, Any]) -> str | None:
