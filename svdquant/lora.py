@@ -80,7 +80,7 @@ def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.T
     """Other projects' LoRA formats in diffusers' names, through diffusers' own converters: FLUX's (kohya with BFL
     names, XLabs, ...) and those of :data:`DIFFUSERS_CONVERTERS`."""
     mixin = DIFFUSERS_CONVERTERS.get(type(model).__name__)
-    if mixin is not None:
+    if mixin is not None and not _maps_onto(sd, model):  # a file in the model's own names needs no converter
         import diffusers.loaders
 
         try:
@@ -102,6 +102,32 @@ def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.T
     return sd
 
 
+def _parse(key: str, modules: dict, underscored: dict) -> tuple[str, str] | None:
+    """(the module name a LoRA key addresses, which tensor it is: lora_A / lora_down / lora_B / lora_up / alpha), in
+    diffusers' names or kohya's (the module names with underscores), or None for a key of no LoRA pair."""
+    m = re.match(r"(.+?)\.(lora_A|lora_down|lora_B|lora_up)(?:\.[^.]+)?\.weight$", key) or re.match(
+        r"(.+?)\.(alpha)$", key)
+    if m is None:
+        return None
+    base = m.group(1)
+    for p in _PREFIXES:
+        if base.startswith(p):
+            base = base[len(p):]
+    if base.startswith("lora_unet_") or base.startswith("lora_transformer_"):
+        base = underscored.get(base.split("_", 2)[2], base)
+    elif base not in modules and base in underscored:
+        base = underscored[base]
+    return base, m.group(2)
+
+
+def _maps_onto(sd: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    """Whether every key of ``sd`` is a LoRA tensor of one of ``model``'s modules by its own names."""
+    modules = dict(model.named_modules())
+    underscored = {n.replace(".", "_"): n for n in modules if n}
+    parsed = [_parse(k, modules, underscored) for k in sd if "dora_scale" not in k]
+    return bool(parsed) and all(p is not None and p[0] in modules for p in parsed)
+
+
 def lora_pairs(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, tuple], list[str]]:
     """``{module name: (A [r, K], B [N, r], scale)}`` and the keys that name no module of ``model``."""
     sd = _convert(sd, model)
@@ -109,19 +135,11 @@ def lora_pairs(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str,
     underscored = {n.replace(".", "_"): n for n in modules if n}
     downs, ups, alphas, other = {}, {}, {}, []
     for key, t in sd.items():
-        m = re.match(r"(.+?)\.(lora_A|lora_down|lora_B|lora_up)(?:\.[^.]+)?\.weight$", key) or re.match(
-            r"(.+?)\.(alpha)$", key)
-        if m is None:
+        parsed = _parse(key, modules, underscored)
+        if parsed is None:
             other.append(key)
             continue
-        base, kind = m.group(1), m.group(2)
-        for p in _PREFIXES:
-            if base.startswith(p):
-                base = base[len(p):]
-        if base.startswith("lora_unet_") or base.startswith("lora_transformer_"):
-            base = underscored.get(base.split("_", 2)[2], base)
-        elif base not in modules and base in underscored:
-            base = underscored[base]
+        base, kind = parsed
         {"lora_A": downs, "lora_down": downs, "lora_B": ups, "lora_up": ups, "alpha": alphas}[kind][base] = t
     unmatched = [k for k in other if "dora_scale" not in k]
     pairs = {}

@@ -373,7 +373,7 @@ def test_wan_lora_in_its_original_names_equals_the_diffusers_names(tmp_path):
     model = build(seed=0)
     svdquant.quantize(model, RECIPE, Calibration(inputs=tm.calibration_inputs("wan", model, 2)), progress=False)
     g, alpha = torch.Generator().manual_seed(9), 2.0  # alpha / rank = 0.5: exact wherever it is applied
-    original, peft = {}, {}
+    original, peft, kohya = {}, {}, {}
     for orig, name in WAN_ORIGINAL.items():
         lin = model.get_submodule(name)
         assert isinstance(lin, SVDQLinear), name
@@ -382,14 +382,17 @@ def test_wan_lora_in_its_original_names_equals_the_diffusers_names(tmp_path):
         original.update({f"diffusion_model.{orig}.lora_down.weight": a, f"diffusion_model.{orig}.lora_up.weight": b,
                          f"diffusion_model.{orig}.alpha": torch.tensor(alpha)})
         peft.update({f"transformer.{name}.lora_A.weight": a, f"transformer.{name}.lora_B.weight": b * (alpha / RANK)})
+        k = "lora_unet_" + name.replace(".", "_")  # kohya in diffusers' module names: no converter needed
+        kohya.update({f"{k}.lora_down.weight": a, f"{k}.lora_up.weight": b, f"{k}.alpha": torch.tensor(alpha)})
     save_file(original, str(tmp_path / "wan.safetensors"))
     save_file(peft, str(tmp_path / "peft.safetensors"))
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
     inputs = make_inputs(model, seed=SEED)
     base = tm.forward(model, inputs)
     outs = []
-    for stem in ("wan", "peft"):
+    for stem in ("wan", "peft", "kohya"):
         m = copy.deepcopy(model)
         svdquant.load_lora(m, tmp_path / f"{stem}.safetensors", strength=0.9)
         assert all(stem in m.get_submodule(name).adapters for name in WAN_ORIGINAL.values())
         outs.append(tm.forward(m, inputs))
-    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], base)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], base)
