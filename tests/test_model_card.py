@@ -115,6 +115,8 @@ def test_gpu_support_follows_the_runner_table(recipe, words):
           model_config=dict(in_channels=16, image_dim=None)), "text-to-video"),
     (dict(model_class="WanTransformer3DModel", model_config=dict(in_channels=36, image_dim=1280)), "image-to-video"),
     (dict(model_class="WanTransformer3DModel", model_config=dict(in_channels=36)), "image-to-video"),  # Wan 2.2 I2V
+    (dict(model_class="FluxTransformer2DModel", base="../credit/FLUX.1-dev", base_is_local=True), "text-to-image"),
+    (dict(model_class="FluxTransformer2DModel", base="editors/FLUX.1-dev"), "text-to-image"),  # the owner's name
 ])
 def test_pipeline_tag_follows_the_pipeline(meta, tag):
     from svdquant.checkpoint.card import pipeline_tag

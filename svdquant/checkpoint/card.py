@@ -27,7 +27,9 @@ def pipeline_tag(meta: dict[str, Any]) -> str:
     if meta.get("model_class") == "WanTransformer3DModel":
         i2v = config.get("image_dim") is not None or config.get("in_channels") == 36
         return "image-to-video" if i2v else "text-to-video"
-    if re.search(r"kontext|edit", str(meta.get("base") or ""), re.I):
+    base = meta.get("base")
+    # a hub repository's name only: a local path's folders say nothing of the model (/data/credit/flux)
+    if base and not meta.get("base_is_local") and re.search(r"kontext|edit", base.rsplit("/", 1)[-1], re.I):
         return "image-to-image"
     return PIPELINE_TAG
 
