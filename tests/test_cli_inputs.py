@@ -865,3 +865,18 @@ def test_quantize_images_checked_first(tmp_path, kontext_dir, pipe_dir):
     rejected(["quantize", "tiny", "-o", tmp_path / "ck", "--images", tmp_path / "a.png", *TINY_CALIB],
              "the tiny model takes no input image", folder=tmp_path)
 
+
+
+def test_quantize_a_pipeline_whose_package_is_missing_is_refused_before_loading(tmp_path, monkeypatch):
+    """diffusers' WanImageToVideoPipeline runs ftfy on every prompt: without it, quantize says so from the folder's
+    model_index.json, before loading the pipeline (two 14B experts for Wan 2.2). The folder holds nothing else, so a
+    load would fail another way."""
+    import sys
+
+    base = tmp_path / "wan-i2v"
+    base.mkdir()
+    (base / "model_index.json").write_text('{"_class_name": "WanImageToVideoPipeline"}')
+    tm.input_image().save(tmp_path / "a.png")
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # what an import sees when the package is not installed
+    rejected(["quantize", base, "-o", tmp_path / "ck", "--images", tmp_path / "a.png", *CPU],
+             "WanImageToVideoPipeline", "pip install ftfy", folder=tmp_path)

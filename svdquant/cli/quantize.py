@@ -106,7 +106,7 @@ def _validate_images(args, tiny: bool, model: Path) -> None:
     """--images: readable pictures, given exactly when the pipeline edits an input image (from its
     model_index.json, before loading it)."""
     from ..calibration.inputs import check_images
-    from ..models.pipeline_needs import EDIT_PIPELINES
+    from ..models.pipeline_needs import EDIT_PIPELINES, missing_package, needs_images
 
     args.image_list = None
     if args.images is not None:
@@ -119,10 +119,14 @@ def _validate_images(args, tiny: bool, model: Path) -> None:
         cls = None if tiny or not index.is_file() else json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         cls = None  # loading the pipeline reports it
-    if cls in EDIT_PIPELINES and args.images is None:
+    package = missing_package(cls) if cls is not None else None
+    if package is not None:  # before the pipeline loads (two 14B experts for Wan 2.2), not after
+        raise UsageError(f"{args.model} is a {cls}, which runs every prompt through the {package} package: "
+                         f"pip install {package}")
+    if cls is not None and needs_images(cls) and args.images is None:
         raise UsageError(f"{args.model} is a {cls}, which edits an input image: calibrate it with --images FILE... "
                          "(pictures like those it will edit)")
-    if args.images is not None and (tiny or (cls is not None and cls not in EDIT_PIPELINES)):
+    if args.images is not None and (tiny or (cls is not None and not needs_images(cls))):
         raise UsageError(f"--images is for edit pipelines ({', '.join(sorted(EDIT_PIPELINES))}); "
                          f"{'the tiny model' if tiny else cls} takes no input image: leave --images out")
 
