@@ -327,3 +327,20 @@ def test_a_hub_checkpoint_downloads_only_the_files_it_names(tmp_path, monkeypatc
     fetched.clear()
     resolve("someone/diffusers-repo")
     assert fetched == [["README.md"]]
+
+
+def test_generate_refuses_one_lora_for_two_experts(done, tmp_path):
+    import contextlib
+    import io
+
+    from svdquant.cli import main
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["generate", str(done.ck), "a cat", "-o", str(tmp_path / "x.webp"), "--lora", str(lora),
+                   "--device", "cpu"])
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "two experts" in lines[0] and "load_lora(pipe.transformer_2" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]

@@ -44,6 +44,7 @@ def _validate_sampling(args, command: str) -> None:
     from ..pipelines.load import check_base  # imports diffusers: after the cheap checks
 
     check_base(args.checkpoint, meta, args.base)  # a missing or mismatched base fails here, not after loading
+    args.experts = sorted(meta.get("experts") or {})
     _validate_kind(args, command, pipeline_class_of(args.base))
 
 
@@ -83,6 +84,12 @@ def _validate_kind(args, command: str, cls: str | None) -> None:
 def validate_generate(args) -> None:
     _validate_sampling(args, "generate")
     args.loras = parse_loras(args.lora)
+    if args.loras and args.experts:
+        # Wan 2.2's LoRAs come one file per expert, and --lora cannot say which: the high-noise one alone would be
+        # half a LoRA without a word
+        raise UsageError(f"--lora: {args.checkpoint} holds two experts (transformer and {args.experts[0]}), whose "
+                         "LoRAs come one file each; load them in Python: svdquant.load_lora(pipe, HIGH) and "
+                         f"svdquant.load_lora(pipe.{args.experts[0]}, LOW)")
 
 
 def validate_compare(args) -> None:
