@@ -344,3 +344,9 @@ def test_generate_refuses_one_lora_for_two_experts(done, tmp_path):
     lines = err.getvalue().strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "two experts" in lines[0] and "load_lora(pipe.transformer_2" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
+
+
+def test_an_expert_file_given_alone_names_the_folder(done):
+    with pytest.raises(CheckpointError, match=r"is the transformer_2 file of an svdquant checkpoint: pass the "
+                                              r"checkpoint folder"):
+        svdquant.load_quantized(done.ck / EXPERT_FILE)

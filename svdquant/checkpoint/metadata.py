@@ -32,6 +32,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             foreign = foreign_format(md)
             if foreign is not None:  # e.g. a Nunchaku single-file checkpoint: what importing it amounts to
                 return foreign.metadata(meta_file)
+            part = md.get("svdquant_expert") or md.get("svdquant_text_encoder")
+            if isinstance(part, str):  # one of a checkpoint's other tensor files, given by itself
+                raise CheckpointError(f"{meta_file} is the {part[:40]} file of an svdquant checkpoint: pass the "
+                                      f"checkpoint folder ({meta_file.parent})")
             raise CheckpointError(f"{meta_file} has no svdquant metadata; was it written by svdquant (or Nunchaku)?")
     else:
         raw = read_bounded(meta_file, MAX_METADATA_BYTES, "svdquant metadata")
