@@ -8,9 +8,28 @@ built from it, and a damaged one fails in one line that ends with ``repair`` (ho
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from ..checkpoint import FORMAT_VERSION, CheckpointError, check_layer, is_int
+
+
+class SVDQuantMethod(str, Enum):
+    # diffusers reads ``quant_method.value`` (its own methods are a str Enum), transformers ``getattr(quant_method,
+    # "value", quant_method)``; a str Enum member also hashes and compares as its value, so both libraries' mappings
+    # keyed by "svdquant" find it, and json writes it as "svdquant"
+    SVDQUANT = "svdquant"
+
+
+def fill_config(config, layers: Any, format_version: Any, recipe: Any, quant_method: Any, unknown: dict[str, Any],
+                repair: str) -> None:
+    """Either backend's config object, given the entries of a ``quantization_config``: checked
+    (:func:`check_quantization_config`), then set."""
+    check_quantization_config(layers, format_version, recipe, quant_method, unknown, repair)
+    config.quant_method = SVDQuantMethod.SVDQUANT
+    config.format_version = format_version
+    config.recipe = recipe
+    config.layers = layers
 
 
 def check_quantization_config(layers: Any, format_version: Any, recipe: Any, quant_method: Any,
@@ -42,4 +61,4 @@ def recipe_name(recipe: dict | None) -> str | None:
     return (recipe or {}).get("name")
 
 
-__all__ = ["check_quantization_config", "recipe_name"]
+__all__ = ["SVDQuantMethod", "check_quantization_config", "fill_config", "recipe_name"]

@@ -20,7 +20,6 @@ Tested with the diffusers range pinned in pyproject.toml (``compat.DIFFUSERS_TES
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
 import torch
@@ -31,18 +30,12 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from ..._state import state
 from ...checkpoint import FORMAT_VERSION, CheckpointError, all_tensors, check_values, swap_quantized_layers
 from ...modules import SVDQLinear
-from ..quantization_config import check_quantization_config, recipe_name
+from ..quantization_config import SVDQuantMethod, fill_config, recipe_name
 from . import compat
 
 # a folder whose quantization_config cannot be read: what to do about it, at the end of the one-line error
 REPAIR = ("; the folder's config.json is damaged: restore it, or write the folder again from the quantized model "
           "(svdquant.load_quantized(checkpoint).save_pretrained(folder))")
-
-
-class SVDQuantMethod(str, Enum):
-    # diffusers reads ``quant_method.value`` (its own methods are a str Enum); a str Enum member also
-    # hashes and compares as its value, so the mappings keyed by "svdquant" find it.
-    SVDQUANT = "svdquant"
 
 
 class SVDQuantConfig(QuantizationConfigMixin):
@@ -51,11 +44,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
 
     def __init__(self, layers: dict[str, dict[str, Any]] | None = None, format_version: int = FORMAT_VERSION,
                  recipe: dict | None = None, quant_method: str = "svdquant", **unknown):
-        check_quantization_config(layers, format_version, recipe, quant_method, unknown, REPAIR)
-        self.quant_method = SVDQuantMethod.SVDQUANT
-        self.format_version = format_version
-        self.recipe = recipe
-        self.layers = layers
+        fill_config(self, layers, format_version, recipe, quant_method, unknown, REPAIR)
 
     def to_diff_dict(self) -> dict[str, Any]:  # the mixin's to_json_string asks for it but does not define it
         return self.to_dict()

@@ -23,7 +23,6 @@ quantizes. The versions it works with: :mod:`.compat`.
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from ..._state import state
 from ...checkpoint import FORMAT_VERSION, CheckpointError, all_tensors, check_tensor_file, check_values
 from ...checkpoint import swap_quantized_layers
 from ...modules import SVDQLinear
-from ..quantization_config import check_quantization_config, recipe_name
+from ..quantization_config import SVDQuantMethod, fill_config, recipe_name
 from . import compat
 
 # a folder whose quantization_config cannot be read: what to do about it, at the end of the one-line error
@@ -52,23 +51,13 @@ SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32", t
 _PLACEHOLDER = torch.empty(0, device="meta")
 
 
-class SVDQuantMethod(str, Enum):
-    # transformers reads ``getattr(quant_method, "value", quant_method)``; a str Enum member also hashes and
-    # compares as its value, so the mappings keyed by "svdquant" find it, and json writes it as "svdquant"
-    SVDQUANT = "svdquant"
-
-
 class SVDQuantTextConfig(QuantizationConfigMixin):
     """What a text encoder's config.json ``quantization_config`` holds: the format version, the recipe, and every
     quantized layer's constructor arguments (as in ``svdquant.json``'s ``layers``)."""
 
     def __init__(self, layers: dict[str, dict[str, Any]] | None = None, format_version: int = FORMAT_VERSION,
                  recipe: dict | None = None, quant_method: str = "svdquant", **unknown):
-        check_quantization_config(layers, format_version, recipe, quant_method, unknown, REPAIR)
-        self.quant_method = SVDQuantMethod.SVDQUANT
-        self.format_version = format_version
-        self.recipe = recipe
-        self.layers = layers
+        fill_config(self, layers, format_version, recipe, quant_method, unknown, REPAIR)
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
