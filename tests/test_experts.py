@@ -350,3 +350,20 @@ def test_an_expert_file_given_alone_names_the_folder(done):
     with pytest.raises(CheckpointError, match=r"is the transformer_2 file of an svdquant checkpoint: pass the "
                                               r"checkpoint folder"):
         svdquant.load_quantized(done.ck / EXPERT_FILE)
+
+
+def test_quantizing_again_is_refused_and_a_half_done_pipeline_finishes():
+    """A model already quantized is refused (it would report nothing and record the new recipe over the old); a
+    two-expert pipeline whose call stopped after one expert finishes with the other, leaving the first as it is."""
+    pipe = tm.build_wan_pipeline(two_experts=True)
+    svdquant.quantize(pipe.transformer_2, RECIPE, svdquant.Calibration(
+        inputs=svdquant.calibration.record_inputs(pipe, pipe.transformer_2, calib(), progress=False)), progress=False)
+    kept = {k: v.clone() for k, v in pipe.transformer_2.state_dict().items()}
+    report = svdquant.quantize(pipe, RECIPE, calib(), progress=False)
+    assert report.rows and not any(n.startswith("transformer_2.") for r in report.rows for n in r.names)
+    assert type(pipe.transformer.blocks[0].attn1.to_q) is SVDQLinear
+    assert all(torch.equal(v, pipe.transformer_2.state_dict()[k]) for k, v in kept.items())
+    with pytest.raises(ValueError, match=r"^the WanTransformer3DModel is already quantized \(no 16-bit layer left"):
+        svdquant.quantize(pipe, RECIPE, calib(), progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        svdquant.quantize(pipe.transformer, RECIPE, calib(), progress=False)

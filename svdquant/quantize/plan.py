@@ -19,6 +19,7 @@ from ..integrations.diffusers.compat import has_offload_hooks
 from ..models import Adapter, get_adapter
 from ..models.pipeline_needs import SECOND_EXPERT, check_experts, check_pipeline_inputs, second_expert
 from ..models.text_encoders import check_text_encoders
+from ..modules import SVDQLinear
 from ..recipes import QuantConfig, get_recipe
 
 
@@ -62,8 +63,14 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
         if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
             raise TypeError(f"{name}= takes a list of patterns, e.g. {name}=['*attn*'], got {patterns!r}")
     adapter = get_adapter(model, include, exclude)
-    if not adapter.stacks and not adapter.groups(model):  # before any hook, transfer or calibration
-        raise ValueError(_no_layer_message(model, include, exclude))
+    second = second_expert(pipe) if pipe is not None else None
+    if not _left(model, adapter) and not (second is not None and _left(second, get_adapter(second, include, exclude))):
+        # before any hook, transfer or calibration
+        if any(isinstance(m, SVDQLinear) for m in model.modules()):
+            raise ValueError(f"the {type(model).__name__} is already quantized (no 16-bit layer left for it): load the "
+                             "16-bit model again to quantize it another way")
+        if not adapter.stacks:
+            raise ValueError(_no_layer_message(model, include, exclude))
     if calibration is not None and not isinstance(calibration, Calibration):
         raise TypeError(f"calibration= takes a svdquant.Calibration, got {type(calibration).__name__}; "
                         "e.g. Calibration(prompts=[...])")
@@ -85,9 +92,15 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
     tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
     plan = QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, cap=cap,
                      keep_on_device=keep_on_device, started=started, **placed)
-    if pipe is not None and second_expert(pipe) is not None:
+    if second is not None:
         plan.experts = _expert_plans(plan, include, exclude, device)
     return plan
+
+
+def _left(model: nn.Module, adapter: Adapter) -> bool:
+    """Whether ``adapter`` still finds a 16-bit layer of ``model`` to quantize."""
+    blocks = [b for _, b in adapter.blocks(model)] if adapter.stacks else [model]
+    return any(adapter.groups(b) for b in blocks)
 
 
 def _expert_plans(plan: QuantPlan, include, exclude, device) -> list[QuantPlan]:
@@ -102,8 +115,11 @@ def _expert_plans(plan: QuantPlan, include, exclude, device) -> list[QuantPlan]:
     second = getattr(plan.pipe, SECOND_EXPERT)
     low = dataclasses.replace(plan, model=second, adapter=get_adapter(second, include, exclude),
                               **_placement(plan.pipe, second, device, through_pipeline=True))
-    return [dataclasses.replace(part, expert=name, label=f"{name}, expert {i} of 2")
-            for i, (name, part) in enumerate(((SECOND_EXPERT, low), ("transformer", plan)), 1)]
+    # an expert already quantized (a call that failed part way through the other) is left as it is
+    parts = [(name, part) for name, part in ((SECOND_EXPERT, low), ("transformer", plan)) if _left(part.model,
+                                                                                                  part.adapter)]
+    return [dataclasses.replace(part, expert=name, label=f"{name}, expert {i} of {len(parts)}")
+            for i, (name, part) in enumerate(parts, 1)]
 
 
 def _placement(pipe, model: nn.Module, device, *, through_pipeline: bool) -> dict:
