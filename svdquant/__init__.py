@@ -28,28 +28,20 @@ _transformers_backend.register_on_first_use()
 def set_weight_mode(target, mode: str) -> int:
     """Every INT8-path layer of a model (or pipeline) to ``"speed"`` (INT8 codes resident, fastest) or
     ``"memory"`` (4-bit codes resident, expanded per layer before its GEMM); returns how many layers."""
-    import torch.nn as nn
-
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r} is unknown; choose one of {WEIGHT_MODES}")
-    layers = [m for model in _models_of(target, "set_weight_mode") for m in model.modules() if isinstance(m, SVDQLinear)]
+    models = _models_of(target, "set_weight_mode")
+    layers = [m for model in models for m in model.modules() if isinstance(m, SVDQLinear)]
     for m in layers:
         m.set_weight_mode(mode)
     return len(layers)
 
 
 def _models_of(target, what: str) -> list:
-    """The denoiser(s) a pipeline-or-model call acts on: the model itself, or the pipeline's transformer and, for a
-    two-expert pipeline (Wan 2.2), its ``transformer_2`` too."""
-    import torch.nn as nn
+    """The denoiser(s) a pipeline-or-model call acts on (both experts of Wan 2.2)."""
+    from .pipelines.optimize import denoisers
 
-    from .models.pipeline_needs import second_expert
-
-    model = getattr(target, "transformer", target)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{what} takes a pipeline or an nn.Module, got {type(target).__name__}")
-    second = None if isinstance(target, nn.Module) else second_expert(target)
-    return [model] + ([second] if second is not None else [])
+    return denoisers(target, what)
 
 
 def _summed(counts: list[dict[str, int]]) -> dict[str, int]:

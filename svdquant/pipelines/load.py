@@ -92,16 +92,15 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
             nn.Module.to(m, torch_dtype)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders).to(device)
     cuda = torch.device(device).type == "cuda"
-    denoisers = [pipe.transformer, *(getattr(pipe, name) for name in experts)]
-    # after the move: the stacked weights are built once, where they run
+    # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
     if optimize or (optimize is None and cuda):
         from .optimize import optimize as optimize_pipeline
 
-        for m in denoisers:
-            optimize_pipeline(m, fuse=fuse is not False)
+        optimize_pipeline(pipe, fuse=fuse is not False)
     elif fuse or (fuse is None and cuda):
         from ..modules.fused import fuse as fuse_model
+        from .optimize import denoisers
 
-        for m in denoisers:
+        for m in denoisers(pipe):
             fuse_model(m)
     return pipe

@@ -37,7 +37,7 @@ import torch.nn as nn
 from .._state import state, take
 from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.compat import has_hooks, repeated_block_names
-from ..models.pipeline_needs import second_expert
+from ..models.pipeline_needs import SECOND_EXPERT, second_expert
 from ..modules import SVDQLinear
 from .layer_choice import choose_layers
 
@@ -86,7 +86,7 @@ class Optimized:
         return dataclasses.asdict(self)
 
 
-def denoiser(target) -> nn.Module:
+def denoiser(target, what: str = "svdquant.optimize") -> nn.Module:
     """The model a pipeline denoises with (``.transformer`` or ``.unet``), or the module itself."""
     for name in ("transformer", "unet"):
         model = getattr(target, name, None)
@@ -94,8 +94,15 @@ def denoiser(target) -> nn.Module:
             return model
     if isinstance(target, nn.Module):
         return target
-    raise TypeError(f"svdquant.optimize takes a diffusers pipeline (with a .transformer or .unet) or an nn.Module, "
+    raise TypeError(f"{what} takes a diffusers pipeline or an nn.Module (a pipeline with a .transformer or .unet), "
                     f"got {type(target).__name__}")
+
+
+def denoisers(target, what: str = "svdquant.optimize") -> list[nn.Module]:
+    """:func:`denoiser`, and a two-expert pipeline's second one (Wan 2.2's ``transformer_2``) after it."""
+    model = denoiser(target, what)
+    second = second_expert(target)
+    return [model] if second is None or second is model else [model, second]
 
 
 def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool = True,
@@ -106,8 +113,7 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
     again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
     (Wan 2.2 A14B) gets both denoisers optimized, the second's report under ``experts["transformer_2"]``."""
-    model = denoiser(target)
-    second = None if isinstance(target, nn.Module) else second_expert(target)
+    models = denoisers(target)
     for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
@@ -115,13 +121,18 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
         raise ValueError(f"attention={attention!r}: use 'auto', None or one of {ATTENTION_BACKENDS}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r}: use a whole number >= 1")
+    reports = [_optimize_model(m, fuse, attention, compile, cuda_graphs, max_graphs, layers) for m in models]
+    reports[0].experts.update({SECOND_EXPERT: r for r in reports[1:]})
+    return reports[0]
+
+
+def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile: bool, cuda_graphs: bool,
+                    max_graphs: int, layers: bool) -> Optimized:
+    """:func:`optimize`'s steps on one denoiser, its arguments checked."""
     device = _device_of(model)
     report = Optimized(device=str(device))
     if device.type != "cuda":
         report.skipped["all"] = "not on a CUDA device: the CPU runs the quantized layers as they are"
-        if second is not None:
-            report.experts["transformer_2"] = optimize(second, fuse=fuse, attention=attention, compile=compile,
-                                                       cuda_graphs=cuda_graphs, max_graphs=max_graphs, layers=layers)
         return report
     if fuse:
         from ..modules.fused import fuse as fuse_model
@@ -152,19 +163,17 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     if layers and not report.cuda_graphs:
         report.skipped["layers"] = "decided at the first call of a graph-captured model only"
     state(model).optimized = report
-    if second is not None:
-        report.experts["transformer_2"] = optimize(second, fuse=fuse, attention=attention, compile=compile,
-                                                   cuda_graphs=cuda_graphs, max_graphs=max_graphs, layers=layers)
     return report
 
 
 def deoptimize(target) -> None:
     """Undo :func:`optimize`'s graphs, compilation and attention choice (fusion stays: :func:`svdquant.unfuse`), on
     both denoisers of a two-expert pipeline."""
-    model = denoiser(target)
-    second = None if isinstance(target, nn.Module) else second_expert(target)
-    if second is not None:
-        deoptimize(second)
+    for model in denoisers(target):
+        _deoptimize_model(model)
+
+
+def _deoptimize_model(model: nn.Module) -> None:
     graphs = model.__dict__.get("forward")
     if isinstance(graphs, StepGraphs):
         graphs.remove()
