@@ -64,7 +64,8 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
             raise TypeError(f"{name}= takes a list of patterns, e.g. {name}=['*attn*'], got {patterns!r}")
     adapter = get_adapter(model, include, exclude)
     second = second_expert(pipe) if pipe is not None else None
-    if not _left(model, adapter) and not (second is not None and _left(second, get_adapter(second, include, exclude))):
+    second_adapter = get_adapter(second, include, exclude) if second is not None else None
+    if not _left(model, adapter) and not (second is not None and _left(second, second_adapter)):
         # before any hook, transfer or calibration
         if any(isinstance(m, SVDQLinear) for m in model.modules()):
             raise ValueError(f"the {type(model).__name__} is already quantized (no 16-bit layer left for it): load the "
@@ -93,7 +94,7 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
     plan = QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, cap=cap,
                      keep_on_device=keep_on_device, started=started, **placed)
     if second is not None:
-        plan.experts = _expert_plans(plan, include, exclude, device)
+        plan.experts = _expert_plans(plan, second, second_adapter, device)
     return plan
 
 
@@ -103,7 +104,7 @@ def _left(model: nn.Module, adapter: Adapter) -> bool:
     return any(adapter.groups(b) for b in blocks)
 
 
-def _expert_plans(plan: QuantPlan, include, exclude, device) -> list[QuantPlan]:
+def _expert_plans(plan: QuantPlan, second: nn.Module, adapter: Adapter, device) -> list[QuantPlan]:
     """One plan per expert of a two-expert pipeline, the low-noise one first: its calibration then runs the
     high-noise steps through the 16-bit ``transformer``, and the high-noise expert's own calls come before any
     call to the quantized one, so both are calibrated on the 16-bit pipeline's trajectory."""
@@ -112,12 +113,11 @@ def _expert_plans(plan: QuantPlan, include, exclude, device) -> list[QuantPlan]:
                          "Calibration(inputs=) holds one model's forward inputs: leave inputs out to calibrate each "
                          "expert on its own calls through the pipeline, or quantize each expert as a bare model")
     check_experts(plan.pipe, plan.calib.steps)
-    second = getattr(plan.pipe, SECOND_EXPERT)
-    low = dataclasses.replace(plan, model=second, adapter=get_adapter(second, include, exclude),
+    low = dataclasses.replace(plan, model=second, adapter=adapter,
                               **_placement(plan.pipe, second, device, through_pipeline=True))
     # an expert already quantized (a call that failed part way through the other) is left as it is
-    parts = [(name, part) for name, part in ((SECOND_EXPERT, low), ("transformer", plan)) if _left(part.model,
-                                                                                                  part.adapter)]
+    parts = [(name, part) for name, part in ((SECOND_EXPERT, low), ("transformer", plan))
+             if _left(part.model, part.adapter)]
     return [dataclasses.replace(part, expert=name, label=f"{name}, expert {i} of {len(parts)}")
             for i, (name, part) in enumerate(parts, 1)]
 
