@@ -127,14 +127,7 @@ def test_pipeline_from_pretrained(tmp_path):
 def test_no_16bit_weight_is_made_for_quantized_layers(made, monkeypatch):
     ours, folder = made("flux")
     inits = tm.watch_loading(monkeypatch)
-    built = []
-    real_init = SVDQLinear.__init__
-
-    def spy(self, *a, device=None, **k):
-        built.append(torch.device(device).type if device is not None else "default")
-        real_init(self, *a, device=device, **k)
-
-    monkeypatch.setattr(SVDQLinear, "__init__", spy)
+    built = tm.watch_quantized_builds(monkeypatch)
     loaded = model_class("flux").from_pretrained(folder, subfolder="transformer")
     assert set(inits) <= {"meta"} and built and set(built) == {"meta"}
     for m in loaded.modules():
@@ -275,11 +268,6 @@ def test_a_damaged_quantization_config_fails_in_one_line_that_names_the_fix(made
 def test_import_svdquant_leaves_diffusers_unloaded_and_from_pretrained_works(made):
     """Registration waits for diffusers to load its quantizers (any diffusers model class does), so
     ``import svdquant`` stays fast and ``<Model>.from_pretrained`` still finds the backend."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     _, folder = made("flux")
     code = (
         "import sys, svdquant\n"
@@ -288,11 +276,7 @@ def test_import_svdquant_leaves_diffusers_unloaded_and_from_pretrained_works(mad
         f"m = FluxTransformer2DModel.from_pretrained({str(folder)!r}, subfolder='transformer')\n"
         "print(type(m.hf_quantizer).__name__, sum(type(x).__name__ == 'SVDQLinear' for x in m.modules()))\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    name, n = out.stdout.split()
+    name, n = tm.run_fresh_python(code).split()
     assert name == "SVDQuantQuantizer" and int(n) > 0
 
 

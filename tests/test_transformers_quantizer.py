@@ -122,14 +122,7 @@ def test_config_json_carries_the_quantization_config(saved, name):
 def test_no_16bit_weight_is_made_for_quantized_layers(saved, monkeypatch):
     _, folder = saved
     inits = tm.watch_loading(monkeypatch)
-    built = []
-    real_init = SVDQLinear.__init__
-
-    def spy(self, *a, device=None, **k):
-        built.append(torch.device(device).type if device is not None else "default")
-        real_init(self, *a, device=device, **k)
-
-    monkeypatch.setattr(SVDQLinear, "__init__", spy)
+    built = tm.watch_quantized_builds(monkeypatch)
     te = encoder_class("text_encoder_2").from_pretrained(folder / "text_encoder_2")
     assert set(inits) <= {"meta"} and len(built) == 6 and set(built) == {"meta"}
     for n, m in te.named_modules():
@@ -330,11 +323,6 @@ def test_registration_through_transformers_public_functions_and_without_them(mon
 def test_import_svdquant_leaves_transformers_unloaded_and_from_pretrained_works(saved):
     """Registration waits for transformers to load its quantizers (any transformers model class does), so
     ``import svdquant`` stays fast and ``<Model>.from_pretrained`` still finds the backend."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     _, folder = saved
     code = (
         "import sys, svdquant\n"
@@ -343,9 +331,5 @@ def test_import_svdquant_leaves_transformers_unloaded_and_from_pretrained_works(
         f"m = T5EncoderModel.from_pretrained({str(folder / 'text_encoder_2')!r})\n"
         "print(type(m.hf_quantizer).__name__, sum(type(x).__name__ == 'SVDQLinear' for x in m.modules()))\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    name, n = out.stdout.split()
+    name, n = tm.run_fresh_python(code).split()
     assert name == "SVDQuantHfQuantizer" and int(n) == 6

@@ -466,6 +466,36 @@ def watch_loading(monkeypatch) -> list[str]:
     return inits
 
 
+def watch_quantized_builds(monkeypatch) -> list[str]:
+    """The device every SVDQLinear is built on ("default" when none is given): a loader must build them on "meta"
+    and fill them from the file. Returns the list it fills."""
+    from svdquant import SVDQLinear
+
+    built: list[str] = []
+    real_init = SVDQLinear.__init__
+
+    def spy(self, *a, device=None, **k):
+        built.append(torch.device(device).type if device is not None else "default")
+        real_init(self, *a, device=device, **k)
+
+    monkeypatch.setattr(SVDQLinear, "__init__", spy)
+    return built
+
+
+def run_fresh_python(code: str) -> str:
+    """``code`` run in a new Python process with this checkout importable (what a user's fresh ``import svdquant``
+    sees); its stdout, after checking it exited cleanly."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def quantized_flux(recipe: str = "int4", iterations: int = 1):
     """A tiny FLUX quantized on one calibration call, and that call's inputs: what the compile and optimize tests run."""
     import svdquant
