@@ -78,10 +78,11 @@ DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps
 
 def tile_config(tma: bool, out_dtype: torch.dtype | None = None) -> dict:
     """The GEMM's tiles, chosen here only: Hopper's (``tma``) or the default, halved in tokens for fp32 outputs on
-    Hopper. A weight's TMA descriptor depends only on ``BLOCK_N`` / ``BLOCK_K``, the same for every output dtype."""
+    Hopper. A weight's TMA descriptor depends only on ``BLOCK_N`` / ``BLOCK_K``, the same for every output dtype.
+    The module's own dicts, read only: asked on every GEMM call, so nothing is copied."""
     if tma:
-        return dict(HOPPER_CONFIG_FP32 if out_dtype == torch.float32 else HOPPER_CONFIG)
-    return dict(DEFAULT_CONFIG)
+        return HOPPER_CONFIG_FP32 if out_dtype == torch.float32 else HOPPER_CONFIG
+    return DEFAULT_CONFIG
 
 
 def weight_descriptor(w: torch.Tensor, config: dict):
@@ -97,7 +98,7 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
     fp32 (K a multiple of ``BLOCK_K``), ``lora_act`` ``[M, R]`` fp32, ``lora_up`` ``[N, R]``, ``bias`` ``[N]``.
     ``tma=True`` (sm_90+) uses tensor descriptors (``w_desc``: a prepared one for ``w``); ``num_programs``: the
     persistent grid size (the SM count), else one program per tile."""
-    cfg = dict(config or tile_config(tma))
+    cfg = config or tile_config(tma)  # read only
     m, k = a.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)

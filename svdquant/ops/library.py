@@ -19,10 +19,17 @@ import torch
 from torch import Tensor
 
 
-def _kernels():
-    from .. import kernels
+_KERNELS = []
 
-    return kernels
+
+def _kernels():
+    """svdquant.kernels, imported at the first launch (importing it loads Triton) and held from then on: the
+    eager path calls this once or twice per layer call."""
+    if not _KERNELS:
+        from .. import kernels
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,

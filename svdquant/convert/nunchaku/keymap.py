@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 GROUP = 64
 W4A4_ROLES = ("qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up")
-AWQ_TENSORS = ("qweight", "wscales", "wzeros", "bias")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ It imports only the standard library, torch and diffusers (inside functions: ``i
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
@@ -69,12 +70,20 @@ def in_tested_range(version: str, spec: str = DIFFUSERS_TESTED) -> bool:
     return True
 
 
+@functools.cache
+def _installed_diffusers() -> str | None:
+    """The installed diffusers' version, read from its metadata once (every fuse of a block asks)."""
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def check_version(version: str | None = None) -> bool:
     """Whether diffusers ``version`` (``None``: the installed one) is in the tested range; warns once if not."""
     if version is None:
-        try:
-            version = importlib.metadata.version("diffusers")
-        except importlib.metadata.PackageNotFoundError:
+        version = _installed_diffusers()
+        if version is None:
             return True  # a source checkout without metadata: nothing to compare
     if in_tested_range(version):
         return True
