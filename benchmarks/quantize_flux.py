@@ -70,7 +70,10 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=128, help="calibration prompts of the real run (estimate)")
     ap.add_argument("--steps", type=int, default=8, help="steps per prompt of the real run (estimate)")
     ap.add_argument("--recipe", default="int4")
-    ap.add_argument("--gptq", action="store_true", help="GPTQ on the residual (recipe option gptq=True)")
+    ap.add_argument("--gptq", choices=("on", "off"), help="GPTQ on the residual (recipe option gptq); default: the "
+                    "recipe's own (on for int4)")
+    ap.add_argument("--iterations", type=int, help="low-rank refinement steps at most (recipe option iterations; "
+                    "default: the recipe's own, 100)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -111,7 +114,10 @@ def main(argv=None):
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    recipe = svdquant.get_recipe(args.recipe, **({"gptq": True} if args.gptq else {}))
+    overrides = {} if args.gptq is None else {"gptq": args.gptq == "on"}
+    if args.iterations is not None:
+        overrides["iterations"] = args.iterations
+    recipe = svdquant.get_recipe(args.recipe, **overrides)
     report = svdquant.quantize(model, recipe, Calibration(inputs=snaps), progress=False,
                                device=dev if stream else None, max_gpu_memory=args.max_gpu_memory)
     sync()
@@ -143,7 +149,7 @@ def main(argv=None):
             commit = ""
     res = dict(
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
-        recipe=args.recipe, gptq=args.gptq, blocks=dict(double=args.double, single=args.single),
+        recipe=args.recipe, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
