@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV  # noqa: E402
 
-MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart")
+MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart", "zimage", "flux2klein")
 VARIANTS = ("bf16", "int4", "int4+te4", "int4+te4+offload", "int4+te4+offload+fbc")
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -131,6 +131,18 @@ PIXART_SIGMA_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channel
                        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
                        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, interpolation_scale=2,
                        use_additional_conditions=False)
+# Qwen3-4B (Qwen/Qwen3-4B config.json): Z-Image's text encoder (it reads the last-but-one hidden state, 2560 wide)
+# and FLUX.2 [klein] 4B's (three hidden states stacked: 3 x 2560 = the transformer's joint_attention_dim).
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+# FLUX.2 [klein] 4B (black-forest-labs/FLUX.2-klein-4B): 5 double and 20 single blocks of 24 heads x 128, latents
+# of 32 channels patchified 2 x 2 (128), no guidance embedding (step-distilled, 4 steps, no CFG).
+FLUX2_KLEIN_4B = dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128,
+                      in_channels=128, joint_attention_dim=3 * 2560, guidance_embeds=False)
+FLUX2_VAE = dict(use_quant_conv=True, use_post_quant_conv=True)  # diffusers' AutoencoderKLFlux2 defaults otherwise
+# Z-Image Turbo (Tongyi-MAI/Z-Image-Turbo): ZImageTransformer2DModel's defaults are its config (30 blocks of 3840,
+# 2 refiner blocks per stream, Qwen3-4B's 2560-wide features); the FLUX.1 VAE; 8 steps, no CFG.
 FLOW_SHIFT = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                   max_image_seq_len=4096)
 
@@ -179,6 +191,17 @@ TINY = dict(
                encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,))),
     pixart=dict(PIXART_SIGMA_XL, num_attention_heads=2, attention_head_dim=64, num_layers=2, cross_attention_dim=128,
                 caption_channels=32, sample_size=8, interpolation_scale=1),
+    qwen3=dict(QWEN3_4B, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024),
+    # width 192: Z-Image's SwiGLU int(dim / 3 * 8) = 512 is whole groups of 64 (as tests/tiny_models.py)
+    zimage=dict(dim=192, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                axes_dims=[32, 32, 32], axes_lens=[256, 64, 64]),
+    flux2klein=dict(FLUX2_KLEIN_4B, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
+                    in_channels=16, joint_attention_dim=3 * 32, timestep_guidance_channels=32,
+                    axes_dims_rope=(8, 8, 8, 8)),
+    flux2_vae=dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                   sample_size=16, use_quant_conv=False, use_post_quant_conv=False),
 )
 
 
@@ -207,6 +230,15 @@ def clip_tokenizer(max_length: int = 77):
     for c in string.ascii_lowercase:
         vocab[c + "</w>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer over bytes with Qwen's chat markers and template (as tests/tiny_pipelines.py builds it):
+    Z-Image and FLUX.2 [klein] render the prompt through the chat template, one token a byte."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_pipelines import qwen_tokenizer as tiny_qwen_tokenizer
+
+    return tiny_qwen_tokenizer()
 
 
 def letter_tokenizer():
@@ -239,7 +271,9 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                       sd3=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0),
                       sana=lambda: D.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
                                                                  prediction_type="flow_prediction"),
-                      pixart=D.DPMSolverMultistepScheduler)
+                      pixart=D.DPMSolverMultistepScheduler,
+                      zimage=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                      flux2klein=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT))
     if model not in schedulers:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     scheduler = schedulers[model]()
@@ -301,6 +335,22 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                     transformer=D.PixArtTransformer2DModel(**(t["pixart"] if quick else PIXART_SIGMA_XL)))
                 # clean_caption needs bs4 + ftfy and only rewrites the prompt's text: off, as SANA's default
                 kw = dict(guidance_scale=4.5, max_sequence_length=8 if quick else 300, clean_caption=False)
+            elif model == "zimage":
+                pipe = D.ZImagePipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKL(**(dict(t["vae"], latent_channels=16) if quick
+                                                                else dict(FLUX_VAE, use_quant_conv=False))),
+                    text_encoder=T.Qwen3Model(T.Qwen3Config(**(t["qwen3"] if quick else QWEN3_4B))),
+                    tokenizer=qwen_tokenizer(),
+                    transformer=D.ZImageTransformer2DModel(**(t["zimage"] if quick else {})))
+                kw = dict(guidance_scale=0.0, max_sequence_length=32 if quick else 512)  # Turbo: no CFG
+            elif model == "flux2klein":
+                pipe = D.Flux2KleinPipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKLFlux2(**(t["flux2_vae"] if quick else FLUX2_VAE)),
+                    text_encoder=T.Qwen3ForCausalLM(T.Qwen3Config(**(t["qwen3"] if quick else QWEN3_4B))),
+                    tokenizer=qwen_tokenizer(), is_distilled=True,
+                    transformer=D.Flux2Transformer2DModel(**(t["flux2klein"] if quick else FLUX2_KLEIN_4B)))
+                kw = dict(guidance_scale=1.0, max_sequence_length=48 if quick else 512,
+                          text_encoder_out_layers=(1, 2, 3) if quick else (9, 18, 27))
     finally:
         torch.set_default_dtype(prev)
     for m in pipe.components.values():
@@ -309,7 +359,7 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
     pipe.set_progress_bar_config(disable=True)
     size = 1024
     if quick:
-        size = 32 if model == "sana" else 16  # SANA's pipeline takes multiples of 32 only
+        size = 32 if model in ("sana", "zimage") else 16  # SANA's and Z-Image's pipelines take multiples of 32
         if model in ("sana", "pixart"):
             kw["use_resolution_binning"] = False  # bins by sample_size: none for the tiny ones
     return pipe, dict(prompt="a red fox in the snow", height=size, width=size, output_type="pt", **kw)

@@ -42,6 +42,8 @@ def test_gpu_optimize_fuses_compiles_and_graphs_every_model(arch):
                       svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 1)), progress=False)
     model = model.to("cuda", torch.bfloat16)
     inputs = _to(make_inputs(model, seed=7))
+    if arch == "qwenimage":  # as QwenImagePipeline passes it for unpadded prompts (a padded mask: the test below)
+        inputs["encoder_hidden_states_mask"] = None
     eager = tm.forward(model, inputs)
     report = svdquant.optimize(model, attention=None, layers=False)  # every layer on the INT8 path
     assert report.fused.get("qkv", 0) > 0, report
@@ -55,6 +57,29 @@ def test_gpu_optimize_fuses_compiles_and_graphs_every_model(arch):
     assert _rel(first, eager) < 2e-2, _rel(first, eager)
     svdquant.deoptimize(model)
     assert _rel(tm.forward(model, inputs), eager) < 1e-6  # unfused and eager again
+
+
+def test_gpu_a_call_that_cannot_be_captured_runs_as_it_is():
+    """Qwen-Image's transformer given a padded text mask (prompts of different lengths in one batch) copies a host
+    scalar to the GPU, which a CUDA graph cannot hold: that call runs compiled but without a graph, once warned,
+    and calls without the mask still replay a graph."""
+    model = tm.build_qwenimage(seed=0)
+    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("qwenimage", model, 1)), progress=False)
+    model = model.to("cuda", torch.bfloat16)
+    padded = _to(tm.qwenimage_inputs(model, seed=7, batch=2))
+    padded["encoder_hidden_states_mask"][1, -2:] = 0
+    plain = dict(padded, encoder_hidden_states_mask=None)
+    want_padded, want_plain = tm.forward(model, padded), tm.forward(model, plain)
+    svdquant.optimize(model, attention=None, layers=False)
+    with pytest.warns(UserWarning, match="cannot be captured in a CUDA graph"):
+        got = tm.forward(model, padded)
+    graphs = model.__dict__["forward"]
+    assert len(graphs.uncapturable) == 1 and not graphs.graphs
+    assert _rel(got, want_padded) < 2e-2
+    assert _rel(tm.forward(model, padded), want_padded) < 2e-2  # not tried again
+    assert _rel(tm.forward(model, plain), want_plain) < 2e-2 and _rel(tm.forward(model, plain), want_plain) < 2e-2
+    assert graphs.captures == 1 and graphs.replays == 2 and len(graphs.graphs) == 1
 
 
 def test_gpu_fused_view_at_the_qwenimage_width():

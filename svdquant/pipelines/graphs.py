@@ -15,6 +15,9 @@ line or dynamo guard runs per step, which is what a FLUX.1-dev step lost to laun
   graph and captures again.
 * Calls that cannot replay run the forward as it is: gradients enabled, tensors off CUDA, arguments that are not
   plain values (no signature), or while the model is offloaded by hooks (its weights would move).
+* A forward that does what a capture cannot hold for some inputs (Qwen-Image's transformer, given a text mask
+  with padding, copies a host scalar to the GPU) fails its capture: that signature then runs as it is (still
+  compiled), once warned, and is not captured again; the other signatures keep their graphs.
 
 Sharing one memory pool is safe because graphs are never replayed concurrently and every graph's static inputs
 and outputs stay referenced (PyTorch's CUDA graph notes: "sharing memory across captures").
@@ -22,6 +25,7 @@ and outputs stay referenced (PyTorch's CUDA graph notes: "sharing memory across 
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -111,6 +115,7 @@ class StepGraphs:
         self.revision, self.pending = revision(), pending_branches()
         self.captures = 0
         self.replays = 0
+        self.uncapturable: dict[Any, str] = {}  # signature -> why its capture failed (those run as they are)
 
     def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled() or self.bypass():
@@ -130,12 +135,19 @@ class StepGraphs:
             prepare, self.prepare = self.prepare, None
             prepare(args, kwargs)
             self._restart()
+        if key in self.uncapturable:
+            return self.forward(*args, **kwargs)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(args, kwargs)
-            if self.revision != revision():  # the capture itself rebuilt a layer (first call after a move)
-                self._restart()
+            try:
                 entry = self._capture(args, kwargs)
+                if self.revision != revision():  # the capture itself rebuilt a layer (first call after a move)
+                    self._restart()
+                    entry = self._capture(args, kwargs)
+            except RuntimeError as e:
+                if "captur" not in str(e).lower():
+                    raise
+                return self._uncapturable(key, e, args, kwargs)
             self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
@@ -146,6 +158,16 @@ class StepGraphs:
         entry.graph.replay()
         self.replays += 1
         return _rebuild(entry.out, iter([t.clone() for t in _tensors(entry.out, [])]))
+
+    def _uncapturable(self, key, error: RuntimeError, args, kwargs):
+        """Remember that ``key``'s forward cannot be captured and run it as it is."""
+        if not self.uncapturable:
+            warnings.warn(f"svdquant.optimize: a {type(self.model).__name__} call of these inputs cannot be captured "
+                          f"in a CUDA graph ({str(error).splitlines()[0]}); such calls run without one", stacklevel=3)
+        self.uncapturable[key] = str(error).splitlines()[0]
+        if not self.graphs:  # the failed capture's memory pool holds no graph: a new capture needs a new pool
+            self.pool = None
+        return self.forward(*args, **kwargs)
 
     def _capture(self, args, kwargs) -> _Graph:
         src = _tensors((args, kwargs), [])
@@ -169,6 +191,7 @@ class StepGraphs:
         """Drop every graph (the next call captures again). The memory pool goes with them: the caching allocator
         refuses a capture into a pool whose graphs are all gone (an internal assert in PyTorch 2.11)."""
         self.graphs.clear()
+        self.uncapturable.clear()  # the layers may run otherwise now
         self.pool = None
 
     def _restart(self) -> None:
