@@ -304,6 +304,26 @@ def test_int8_runner_applies_the_gelu_in_its_epilogue(mode):
     assert float((m(x) - ReferenceRunner(m)(x)).norm()) < 1e-3
 
 
+@interpreted
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_a_model_on_the_int8_runners_deep_copies(mode):
+    """copy.deepcopy of a layer whose runner holds the kernels module and the GEMM's read-only tile table (a GPU
+    model after loading) gives a layer that runs on its own tensors, as fused layers do."""
+    from svdquant import kernels
+
+    layers, x = _group()
+    for m in layers:
+        m.weight_mode = mode
+        m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    want = torch.cat([m(x) for m in layers], -1)
+    fused = FusedSVDQLinear(layers)
+    copied = copy.deepcopy(torch.nn.ModuleList([fused, *layers]))
+    assert copied[1]._runner.kernels is kernels and copied[1]._runner.config == layers[0]._runner.config
+    if mode == "speed":
+        assert copied[1]._runner.w.data_ptr() != layers[0]._runner.w.data_ptr()
+    assert torch.equal(copied[0](x), fused(x)) and torch.equal(torch.cat([m(x) for m in copied[1:]], -1), want)
+
+
 def test_fused_layer_refuses_layers_of_different_layouts():
     a = SVDQLinear(64, 32, True, rank=16)
     b = SVDQLinear(64, 32, True, rank=32)

@@ -15,6 +15,8 @@ beyond that is declared here as class attributes, so the layers ask the runner, 
 
 from __future__ import annotations
 
+import copy
+import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +41,16 @@ class Runner:
     quantizes_in_graph: ClassVar[bool] = False
     stacks: ClassVar[bool] = False
     owns_packed_weight: bool = False
+
+    def __deepcopy__(self, memo) -> "Runner":
+        """A copy of a model copies its runners: tensors through ``memo`` (so the copy's runner holds the copy's
+        buffers), the kernels module they launch from and read-only tables by reference (neither copies)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            shared = isinstance(value, (types.ModuleType, types.MappingProxyType))
+            setattr(new, name, value if shared else copy.deepcopy(value, memo))
+        return new
 
     @classmethod
     def build(cls, m, gpu: Gpu) -> "Runner":
