@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
         elif variant == "int4-24gb":
             svdquant.deoptimize(pipe)
             svdquant.set_weight_mode(pipe, "memory")
-            svdquant.optimize(pipe, cuda_graphs=False)
+            results["optimize_24gb"] = str(svdquant.optimize(pipe, cuda_graphs=False))
             if device == "cuda":
                 pipe.enable_model_cpu_offload()
         for size in args.sizes:

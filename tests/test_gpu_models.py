@@ -29,9 +29,16 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _to(inputs: dict, dtype=torch.bfloat16) -> dict:
-    return {k: (v.to("cuda", dtype) if v.is_floating_point() and not k.endswith("_ids") else v.to("cuda"))
-            if torch.is_tensor(v) else v for k, v in inputs.items()}
+def _to(value, dtype=torch.bfloat16, key: str = ""):
+    """Forward kwargs on the GPU, floats in ``dtype`` (position ids stay as they are), through the lists (Z-Image's
+    images) and dicts (SDXL's added_cond_kwargs) they hold."""
+    if torch.is_tensor(value):
+        return value.to("cuda", dtype) if value.is_floating_point() and not key.endswith("_ids") else value.to("cuda")
+    if isinstance(value, dict):
+        return {k: _to(v, dtype, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, dtype, key) for v in value)
+    return value
 
 
 @pytest.mark.parametrize("arch", ["qwenimage", "zimage", "pixart", "sana", "sdxl", "flux2", "wan"])
