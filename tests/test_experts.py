@@ -94,6 +94,39 @@ def test_optimize_takes_both_experts(done):
     svdquant.deoptimize(done.pipe)
 
 
+def test_streaming_runs_the_other_expert_one_block_at_a_time(done, monkeypatch):
+    """quantize(pipe, device=...) with the pipeline at home: while one expert is calibrated, the other runs its own
+    steps one block at a time on the device (each block its own unit, loaded only during its forward), so a 14B
+    expert never needs its 28 GB there. On the CPU every move is a no-op but the units load and unload as on a
+    GPU, and the result is the unstreamed quantization's, bit for bit."""
+    from svdquant.calibration import offload
+
+    made = []
+    original = offload.Streamed.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(offload.Streamed, "__init__", spy)
+    pipe = tm.build_wan_pipeline(two_experts=True)
+    loaded_then = []  # per forward of a block of the expert not being calibrated: its block units on the device
+
+    def watch(block, args):
+        streamed = made[-1] if made else None
+        if streamed is not None and streamed.other_block_units and id(block) not in streamed.blocks:
+            loaded_then.append(sum(u.loaded for u in streamed.other_block_units))
+
+    for expert in (pipe.transformer, pipe.transformer_2):
+        for block in expert.blocks:
+            block.register_forward_pre_hook(watch)
+    svdquant.quantize(pipe, RECIPE, calib(), progress=False, device="cpu")
+    assert len(made) == 2 and len(made[0].other_block_units) == len(pipe.transformer.blocks)
+    assert loaded_then and set(loaded_then) == {1}  # the block that runs, no other
+    for name in ("transformer", "transformer_2"):
+        assert torch.equal(forward(getattr(pipe, name)), forward(getattr(done.pipe, name))), name
+
+
 def test_fuse_and_weight_mode_take_both_experts(done):
     pipe = done.pipe
     layers = [m for e in (pipe.transformer, pipe.transformer_2) for m in e.modules() if isinstance(m, SVDQLinear)]

@@ -78,9 +78,11 @@ def nbytes(obj, seen: set | None = None) -> int:
 
 
 def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device, home: torch.device, *,
-                 others: list[nn.Module], clock: StageClock, cap: int | None, through_pipeline: bool) -> Streamed:
+                 others: list[nn.Module], clock: StageClock, cap: int | None, through_pipeline: bool,
+                 other_blocks: dict[int, list[nn.Module]] | None = None) -> Streamed:
     """The :class:`Streamed` hooks for a calibration of ``model`` on ``device`` from ``home``, the memory
-    choices made: whether to pin the home tensors and how many blocks stay resident."""
+    choices made: whether to pin the home tensors and how many blocks stay resident (``other_blocks``: see
+    :class:`Streamed`)."""
     # Pinned home memory makes every later copy faster but costs about a second per GB up front: it pays when each
     # block crosses many times (a pipeline's every denoising step), not when each crosses about twice (forward
     # inputs: the calibration forwards stop at the first block).
@@ -90,7 +92,8 @@ def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device
         sizes = [tensor_bytes(b) for b in blocks]
         resident = resident_blocks(sizes, tensor_bytes(model) - sum(sizes), device_room(device, cap))
     t1 = time.perf_counter()
-    streamed = Streamed(model, blocks, device, home, others=others, clock=clock, pin=pin_model, resident=resident)
+    streamed = Streamed(model, blocks, device, home, others=others, other_blocks=other_blocks, clock=clock,
+                        pin=pin_model, resident=resident)
     if pin_model:
         clock.add("pin memory", time.perf_counter() - t1)
     return streamed

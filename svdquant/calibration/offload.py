@@ -142,13 +142,17 @@ class Streamed:
     have been there: through a pipeline the model runs once per denoising step, and each resident block then
     crosses once per prompt instead of once per step. They make room, with the rest of the model, whenever one
     of ``others`` (a text encoder) runs, and come back at the model's next call.
+    other_blocks: ``{id(model): its blocks}`` for those of ``others`` that are denoisers too (Wan 2.2's other
+    expert, which runs the steps it owns while this one is calibrated): each of those blocks is its own unit, on the
+    device only during its forward, so a 14B expert never needs its 28 GB on the device at once.
     pin: move the home tensors to pinned CPU memory first (default: when streaming from the CPU to a GPU).
     Pinning costs about a second per GB up front and pays back on every copy after, so it pays when each
     block crosses many times (calibrating through a pipeline: one forward per denoising step), not when
     each crosses about twice (calibrating on forward inputs, where the forwards stop at the first block)."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
-                 clock: StageClock | None = None, pin: bool | None = None, resident: int = 0):
+                 other_blocks: dict[int, list[nn.Module]] | None = None, clock: StageClock | None = None,
+                 pin: bool | None = None, resident: int = 0):
         self.device, self.home = torch.device(device), torch.device(home)
         self.clock = clock or StageClock(self.device)
         if pin is None:
@@ -156,7 +160,10 @@ class Streamed:
         self.pin = pin
         self.blocks = {id(b): DeviceUnit(list(b.modules()), device, pin) for b in blocks}
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin)
-        self.others = [(m, DeviceUnit(list(m.modules()), device, pin)) for m in others]
+        other_blocks = other_blocks or {}
+        self.others = [(m, DeviceUnit(own_modules(m, other_blocks.get(id(m), [])), device, pin)) for m in others]
+        self.other_block_units = [DeviceUnit(list(b.modules()), device, pin)
+                                  for m in others for b in other_blocks.get(id(m), [])]
         self._handles = []
         self.resident = [self.blocks[id(b)] for b in blocks[:resident]]
         if self.resident:
@@ -170,6 +177,11 @@ class Streamed:
                 self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
         for m, unit in self.others:
             self._entry(m, unit, make_room=True)
+        other_units = iter(self.other_block_units)
+        for b in (b for m in others for b in other_blocks.get(id(m), [])):
+            unit = next(other_units)
+            self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u), prepend=True))
+            self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
 
     def unit(self, block: nn.Module) -> DeviceUnit:
         return self.blocks[id(block)]
@@ -204,7 +216,7 @@ class Streamed:
     def offload(self) -> None:
         """Every unit back home: after a forward that ended early (an exception, or the calibration stopping it
         at the first block), whose forward hooks did not run."""
-        for unit in [*self.blocks.values(), self.rest, *(u for _, u in self.others)]:
+        for unit in self._units():
             if unit.loaded:
                 unit.offload()
 
@@ -212,8 +224,11 @@ class Streamed:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for unit in [*self.blocks.values(), self.rest, *(u for _, u in self.others)]:
+        for unit in self._units():
             unit.offload()
+
+    def _units(self) -> list[DeviceUnit]:
+        return [*self.blocks.values(), self.rest, *(u for _, u in self.others), *self.other_block_units]
 
     def __enter__(self):
         return self

@@ -81,7 +81,8 @@ def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
     streamed = None
     if plan.stream:
         streamed = stream_model(plan.model, [b for _, b in blocks], plan.device, plan.home, others=plan.others,
-                                clock=clock, cap=plan.cap, through_pipeline=plan.calib.inputs is None)
+                                other_blocks=_other_expert_blocks(plan), clock=clock, cap=plan.cap,
+                                through_pipeline=plan.calib.inputs is None)
     t_calib = time.perf_counter()
     if plan.adapter.stacks:
         done = _quantize_stacks(plan, blocks, streamed, clock, t_calib)
@@ -91,6 +92,14 @@ def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
         with clock.stage("transfers"):
             plan.model.to(plan.device)
     return done
+
+
+def _other_expert_blocks(plan: QuantPlan) -> dict[int, list[nn.Module]]:
+    """The blocks of a two-expert pipeline's other denoiser (the same class as ``plan.model``), which streams block
+    by block while it runs its own steps during this one's calibration; empty otherwise."""
+    if not plan.adapter.stacks:
+        return {}
+    return {id(m): [b for _, b in plan.adapter.blocks(m)] for m in plan.others if type(m) is type(plan.model)}
 
 
 def _desc(step: str, plan: QuantPlan) -> str:
