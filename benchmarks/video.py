@@ -104,7 +104,7 @@ def timed_call(pipe, call: dict, steps: int, device: str, reset_after_first_step
     return time.perf_counter() - t0, out
 
 
-def measure(pipe, call: dict, args, device: str, memory: bool = False) -> dict:
+def measure(pipe, call: dict, args, device: str, memory: bool = False) -> tuple[dict, torch.Tensor]:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -196,12 +196,13 @@ def main(argv=None) -> dict:
             results["quantized_layers"] = random_quantize(den, "speed")
             quantized = True
             results["weights_gb_int4"] = components_gb(pipe)
+        report = None
         if variant == "int4":
-            results["optimize"] = str(svdquant.optimize(pipe))
+            report = svdquant.optimize(pipe)
         elif variant == "int4-24gb":
             svdquant.deoptimize(pipe)
             svdquant.set_weight_mode(pipe, "memory")
-            results["optimize_24gb"] = str(svdquant.optimize(pipe, cuda_graphs=False))
+            report = svdquant.optimize(pipe, cuda_graphs=False)
             if device == "cuda":
                 pipe.enable_model_cpu_offload()
         for size in args.sizes:
@@ -227,6 +228,8 @@ def main(argv=None) -> dict:
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             results[key] = r
+            if report is not None:  # after the calls: the layer choice is made at the first
+                results[f"optimize {variant}"] = str(report)
             print(f"{key:20s} {json.dumps(r)}", flush=True)
             save()
     results["total_s"] = round(time.perf_counter() - t_start, 1)

@@ -80,6 +80,18 @@ def _add_lora(lin, name, rank=4, strength=1.0, seed=0):
                     torch.randn(lin.out_features, rank, generator=g) * 0.1, strength)
 
 
+def test_a_model_with_graphs_refuses_deepcopy_in_one_line(quantized_flux):
+    """The graphs (and the hooks check, the layer choice) belong to the model they were made for: a deep copy would
+    replay or prepare the original's. Refused, naming the fix; deoptimize gives a model that copies."""
+    model = copy.deepcopy(quantized_flux[0])
+    graphs = G.StepGraphs(model, model.forward)  # what optimize installs on CUDA (nothing here needs a GPU)
+    model.__dict__["forward"] = graphs
+    with pytest.raises(TypeError, match=r"copy it before optimize, or call svdquant.deoptimize\(model\) first"):
+        copy.deepcopy(model)
+    graphs.remove()
+    assert "forward" not in model.__dict__ and isinstance(copy.deepcopy(model), type(model))
+
+
 def test_lora_strength_is_rewritten_in_place_and_adding_one_bumps_the_revision(quantized_flux):
     model, inputs = copy.deepcopy(quantized_flux[0]), quantized_flux[1]
     lin = next(m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations)

@@ -17,7 +17,9 @@ line or dynamo guard runs per step, which is what a FLUX.1-dev step lost to laun
   plain values (no signature), or while the model is offloaded by hooks (its weights would move).
 * A forward that does what a capture cannot hold for some inputs (Qwen-Image's transformer, given a text mask
   with padding, copies a host scalar to the GPU) fails its capture: that signature then runs as it is (still
-  compiled), once warned, and is not captured again; the other signatures keep their graphs.
+  compiled), once warned, and is not captured again; the other signatures keep their graphs. After
+  :data:`MAX_FAILED_CAPTURES` such signatures, new ones run without a try. A model with graphs refuses
+  ``copy.deepcopy`` in one line (its graphs and hooks belong to it): copy it before ``optimize``, or ``deoptimize``.
 
 Sharing one memory pool is safe because graphs are never replayed concurrently and every graph's static inputs
 and outputs stay referenced (PyTorch's CUDA graph notes: "sharing memory across captures").
@@ -34,6 +36,9 @@ import torch
 from ..modules import SVDQLinear, pending_branches, revision
 
 DEFAULT_GRAPHS = 4
+# after this many call signatures failed their capture, new signatures run without trying (a capture costs two
+# warm-up forwards first; Qwen-Image fails one per padded text length)
+MAX_FAILED_CAPTURES = 2
 WARMUP_CALLS = 2  # before a capture, on a side stream: compiles the blocks for the shape, settles cuBLAS/cuDNN
 
 
@@ -135,10 +140,11 @@ class StepGraphs:
             prepare, self.prepare = self.prepare, None
             prepare(args, kwargs)
             self._restart()
-        if key in self.uncapturable:
-            return self.forward(*args, **kwargs)
         entry = self.graphs.get(key)
+        if entry is None and (key in self.uncapturable or len(self.uncapturable) >= MAX_FAILED_CAPTURES):
+            return self.forward(*args, **kwargs)
         if entry is None:
+            failed = None
             try:
                 entry = self._capture(args, kwargs)
                 if self.revision != revision():  # the capture itself rebuilt a layer (first call after a move)
@@ -147,7 +153,10 @@ class StepGraphs:
             except RuntimeError as e:
                 if "captur" not in str(e).lower():
                     raise
-                return self._uncapturable(key, e, args, kwargs)
+                failed = str(e).splitlines()[0]
+            if failed is not None:  # outside the handler: the failed capture's memory goes with the exception
+                self._uncapturable(key, failed)
+                return self.forward(*args, **kwargs)
             self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
@@ -159,17 +168,30 @@ class StepGraphs:
         self.replays += 1
         return _rebuild(entry.out, iter([t.clone() for t in _tensors(entry.out, [])]))
 
-    def _uncapturable(self, key, error: RuntimeError, args, kwargs):
-        """Remember that ``key``'s forward cannot be captured and run it as it is."""
+    def _uncapturable(self, key, why: str) -> None:
+        """Remember that ``key``'s forward cannot be captured (its calls then run as they are)."""
         if not self.uncapturable:
             warnings.warn(f"svdquant.optimize: a {type(self.model).__name__} call of these inputs cannot be captured "
-                          f"in a CUDA graph ({str(error).splitlines()[0]}); such calls run without one", stacklevel=3)
-        self.uncapturable[key] = str(error).splitlines()[0]
-        if not self.graphs:  # the failed capture's memory pool holds no graph: a new capture needs a new pool
-            self.pool = None
-        return self.forward(*args, **kwargs)
+                          f"in a CUDA graph ({why}); such calls run without one", stacklevel=3)
+        self.uncapturable[key] = why
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a model svdquant.optimize made CUDA graphs for cannot be deep-copied (its graphs belong to "
+                        "this model): copy it before optimize, or call svdquant.deoptimize(model) first")
 
     def _capture(self, args, kwargs) -> _Graph:
+        stream = torch.cuda.current_stream()
+        try:
+            return self._capture_on(args, kwargs)
+        except BaseException:
+            # A failed capture leaves torch.cuda.graph's capture stream current (its exit raises before it restores
+            # the caller's), and a pool with no graph in it, which the caching allocator refuses to capture into.
+            torch.cuda.set_stream(stream)
+            if not self.graphs:
+                self.pool = None
+            raise
+
+    def _capture_on(self, args, kwargs) -> _Graph:
         src = _tensors((args, kwargs), [])
         static = iter([t.clone() for t in src])
         static_args, static_kwargs = _rebuild((args, kwargs), static)
