@@ -464,7 +464,7 @@ HELP = {
     "demo": ["--output", "--recipes", "--steps", "--seed"],
     "quantize": ["model", "--output", "--recipe", "--method", "--rank", "--prompts", "--num-prompts", "--snapshots",
                  "--overwrite", "--device", "--dtype"],
-    "generate": ["checkpoint", "prompt", "--output", "--base", "--lora", "--steps", "--seed", "--num-images",
+    "generate": ["checkpoint", "prompt", "--output", "--base", "--lora", "--steps", "--seed", "--num-images", "--offload",
                  "--height", "--width", "--device"],
     "compare": ["checkpoint", "prompt", "--output", "--base", "--steps", "--seed", "--device"],
     "info": ["checkpoint", "--json"],

@@ -387,6 +387,20 @@ def test_generate_size_the_model_cannot_take(ck, tiny_ck, tmp_path):
              "--width 64", "32x32", folder=tmp_path)
 
 
+def test_generate_offload_refusals(ck, tiny_ck, tmp_path, monkeypatch):
+    """--offload (model offload to a GPU): refused on the CPU and for the tiny model, before anything loads; the
+    library refuses the same (load_pipeline(offload=True))."""
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--offload"],
+             "--offload moves the models", "--device cpu", "leave --offload out", folder=tmp_path)
+    rejected(["generate", tiny_ck[0], "a cat", "-o", tmp_path / "x.png", "--steps", "2", "--offload"],
+             "--offload: the tiny model fits any GPU", folder=tmp_path)
+    from svdquant.pipelines import load as load_module
+
+    monkeypatch.setattr(load_module._checks, "device", lambda name, d: d)  # "cuda" passes without a GPU
+    with pytest.raises(ValueError, match="the tiny model's pipeline has no model offload"):
+        svdquant.load_pipeline(None, tiny_ck[0], device="cuda", offload=True)
+
+
 def test_generate_empty_prompt(ck, tmp_path):
     rejected(["generate", ck, "  ", "-o", tmp_path / "x.png", *SAMPLE], "the prompt is empty", folder=tmp_path)
 

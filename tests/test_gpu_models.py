@@ -140,3 +140,24 @@ def test_gpu_two_expert_pipeline_optimizes_both():
     for name in ("transformer", "transformer_2"):
         assert getattr(pipe, name).__dict__["forward"].captures >= 1, name  # each expert ran its own graph
     assert _rel(out, eager) < 5e-2, _rel(out, eager)
+
+
+def test_gpu_load_pipeline_offloaded(tmp_path):
+    """load_pipeline(..., offload=True) on a GPU: every model in CPU memory between its runs, the quantized layers
+    4-bit resident, optimized (compiled) without graphs; the video latents those of the plain load."""
+    base = tmp_path / "base"
+    tm.build_wan_pipeline().save_pretrained(base)
+    pipe = tm.build_wan_pipeline()
+    svdquant.quantize(pipe, get_recipe("int4", iterations=1, eval_tokens=64),
+                      svdquant.Calibration(prompts=["a cat"], steps=2, snapshots=2,
+                                           pipeline_kwargs=dict(tm.WAN_KWARGS)), progress=False)
+    ck = svdquant.save_quantized(pipe, tmp_path / "ck", base=str(base))
+    plain = svdquant.load_pipeline(None, ck, device="cuda", torch_dtype=torch.bfloat16)
+    want = tm.sample_video(plain)
+    del plain
+    pipe = svdquant.load_pipeline(None, ck, device="cuda", torch_dtype=torch.bfloat16, offload=True)
+    assert {m.weight_mode for m in pipe.transformer.modules() if isinstance(m, svdquant.SVDQLinear)} == {"memory"}
+    assert next(pipe.transformer.parameters()).device.type == "cpu"  # between calls
+    got = tm.sample_video(pipe)
+    assert next(pipe.text_encoder.parameters()).device.type == "cpu"
+    assert _rel(got, want) < 5e-2, _rel(got, want)

@@ -114,6 +114,31 @@ def test_model_cpu_offload(made, reference, lora):
     check(pipe, reference, lora)
 
 
+def test_load_pipeline_offload_is_model_offload_in_memory_mode(made, reference, monkeypatch):
+    """load_pipeline(..., offload=True): the pipeline stays in CPU memory behind diffusers' model-offload hooks, the
+    quantized layers 4-bit resident (memory mode unless a mode is given), images as without hooks. load_pipeline
+    refuses device='cpu' with offload (pointless for users) and 'cuda' without a GPU, while diffusers' offload runs
+    to the CPU on a CPU machine: the device check is stepped around and the hooks offload to the CPU here."""
+    from svdquant.pipelines import load as load_module
+
+    with pytest.raises(ValueError, match="offload=True keeps the models in CPU memory .* leave offload out"):
+        svdquant.load_pipeline(None, made[0], device="cpu", offload=True)
+    with pytest.raises(ValueError, match="offload='yes': use True or False"):
+        svdquant.load_pipeline(None, made[0], offload="yes")
+    from svdquant.pipelines.load import offloaded
+
+    monkeypatch.setattr(load_module._checks, "device", lambda name, d: d)  # "cuda" passes without a GPU
+    monkeypatch.setattr(load_module, "offloaded", lambda pipe, device, **kw: offloaded(pipe, "cpu", **kw))
+    pipe = svdquant.load_pipeline(None, made[0], device="cuda", offload=True)  # loads into CPU memory
+    pipe.set_progress_bar_config(disable=True)
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, SVDQLinear)]
+    assert layers and {m.weight_mode for m in layers} == {"memory"}
+    assert len(pipe._all_hooks) == 4
+    check(pipe, reference, None)
+    pipe = svdquant.load_pipeline(None, made[0], device="cuda", offload=True, weight_mode="speed")
+    assert {m.weight_mode for m in pipe.transformer.modules() if isinstance(m, SVDQLinear)} == {"speed"}
+
+
 # ------------------------------------------------------------------------------------------------ group offload
 GROUPS = {
     "block": dict(offload_type="block_level", num_blocks_per_group=1),

@@ -56,6 +56,7 @@ def _validate_kind(args, command: str, cls: str | None) -> None:
     from ..pipelines import TinyFluxPipeline, frame_step_of
 
     args.video = cls is not None and makes_video(cls)
+    args.tiny = cls == TinyFluxPipeline.__name__
     what = "the tiny model" if cls == TinyFluxPipeline.__name__ else cls
     if args.video and command == "compare":
         raise UsageError(f"compare draws images side by side, and {cls} makes videos: for a video pipeline use "
@@ -83,6 +84,12 @@ def _validate_kind(args, command: str, cls: str | None) -> None:
 
 def validate_generate(args) -> None:
     _validate_sampling(args, "generate")
+    if args.offload and args.tiny:
+        raise UsageError("--offload: the tiny model fits any GPU and its pipeline has no model offload; leave "
+                         "--offload out")
+    if args.offload and args.device == "cpu":
+        raise UsageError("--offload moves the models between CPU memory and a GPU; on --device cpu they are all in "
+                         "CPU memory already: leave --offload out")
     args.loras = parse_loras(args.lora)
     if args.loras and args.experts:
         # Wan 2.2's LoRAs come one file per expert, and --lora cannot say which: the high-noise one alone would be
@@ -102,7 +109,8 @@ def _load(args):
 
     dtype = resolve_dtype(args.dtype, args.device)
     pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype,
-                         optimize=None if getattr(args, "optimize", True) else False)
+                         optimize=None if getattr(args, "optimize", True) else False,
+                         offload=getattr(args, "offload", False))
     _sampling_progress(pipe)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
     return pipe, args.device, dtype

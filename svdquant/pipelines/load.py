@@ -14,7 +14,8 @@ from .. import _checks
 from ..checkpoint import (CheckpointError, base_of, load_experts, load_quantized, load_text_encoders, read_metadata,
                           resolve)
 from ..models.pipeline_needs import SECOND_EXPERT
-from . import load_base_pipeline, tiny_transformer_config, transformer_class_of
+from . import (TinyFluxPipeline, load_base_pipeline, pipeline_class_of, tiny_transformer_config,
+               transformer_class_of)
 
 
 def check_base(quantized: str | os.PathLike, meta: dict[str, Any], base: str) -> None:
@@ -57,7 +58,8 @@ def _check_experts(quantized, meta: dict[str, Any], base: str) -> None:
 
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
-                  verify: bool = True, allow_base_outside: bool = False, optimize: bool | None = None):
+                  verify: bool = True, allow_base_outside: bool = False, optimize: bool | None = None,
+                  offload: bool = False):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized`` (both experts, ``transformer`` and
     ``transformer_2``, of a two-expert checkpoint; a base with another number of experts is refused before
@@ -70,8 +72,18 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     outside the folder holding the checkpoint and the current directory
     (:func:`svdquant.checkpoint.check_base_location`); off, such a checkpoint is refused. ``optimize``: :func:`svdquant.optimize` (fusing as ``fuse`` says, the fastest attention
     backend, compiled blocks, the layer choice, CUDA graphs; the first call at each size compiles); ``None`` = on a
-    CUDA device."""
+    CUDA device. ``offload``: the pipeline's models stay in CPU memory and each moves to ``device`` only while it runs
+    (diffusers' ``enable_model_cpu_offload``), the quantized layers 4-bit resident (``weight_mode="memory"`` unless
+    another mode is given); optimized on the device first, with no CUDA graphs (offload hooks move the weights).
+    Wan 2.1 14B at 480p then peaks at 11.4 GB on an H200 (BENCHMARKS.md)."""
     _checks.device("device", device)
+    if not isinstance(offload, bool):
+        raise ValueError(f"offload={offload!r}: use True or False")
+    if offload and torch.device(device).type == "cpu":
+        raise ValueError("offload=True keeps the models in CPU memory and moves each to device= while it runs: give "
+                         "an accelerator (device='cuda'), or leave offload out")
+    if offload and weight_mode == "auto":
+        weight_mode = "memory"  # the point is the GPU memory: INT8 copies of the weights would double it
     for name, value in (("fuse", fuse), ("optimize", optimize)):
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True, False or None (on a CUDA device)")
@@ -81,16 +93,23 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     meta = read_metadata(quantized)
     base = base_of(quantized, meta, base, allow_outside=allow_base_outside)
     check_base(quantized, meta, base)
-    transformer = load_quantized(quantized, device=device, weight_mode=weight_mode, verify=verify)
-    experts = load_experts(quantized, device=device, weight_mode=weight_mode, verify=verify)
-    encoders = load_text_encoders(quantized, device=device, verify=verify)
+    if offload and pipeline_class_of(base) == TinyFluxPipeline.__name__:
+        raise ValueError("offload=True: the tiny model's pipeline has no model offload (it fits any GPU); leave "
+                         "offload out")
+    home = "cpu" if offload else device  # offloaded, every model lives in CPU memory
+    transformer = load_quantized(quantized, device=home, weight_mode=weight_mode, verify=verify)
+    experts = load_experts(quantized, device=home, weight_mode=weight_mode, verify=verify)
+    encoders = load_text_encoders(quantized, device=home, verify=verify)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).
         # nn.Module.to: diffusers' own .to warns about fp32-kept modules even when the list is empty.
         for m in (transformer, *experts.values(), *encoders.values()):
             nn.Module.to(m, torch_dtype)
-    pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders).to(device)
+    pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders)
+    if offload:
+        return offloaded(pipe, device, optimize=optimize, fuse=fuse)
+    pipe = pipe.to(device)
     cuda = torch.device(device).type == "cuda"
     # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
     if optimize or (optimize is None and cuda):
@@ -103,4 +122,25 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
 
         for m in denoisers(pipe):
             fuse_model(m)
+    return pipe
+
+
+def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None = None):
+    """``pipe`` (in CPU memory) run with diffusers' model offload to ``device``: its denoisers optimized there first
+    (``optimize=None``: on a CUDA device), then every model back in CPU memory behind accelerate's hooks."""
+    from .optimize import denoisers
+
+    cuda = torch.device(device).type == "cuda"
+    if optimize or (optimize is None and cuda):
+        from .optimize import optimize as optimize_pipeline
+
+        for m in denoisers(pipe):  # attention timing and the fused weights happen on the device they run on
+            m.to(device)
+        optimize_pipeline(pipe, fuse=fuse is not False)
+    elif fuse:
+        from ..modules.fused import fuse as fuse_model
+
+        for m in denoisers(pipe):
+            fuse_model(m)
+    pipe.enable_model_cpu_offload(device=device)
     return pipe
