@@ -1,0 +1,90 @@
+"""The end-to-end table as a picture: speed-up over diffusers' BF16 eager per model and variant.
+
+    python benchmarks/plot_e2e.py                                  # benchmarks/results/e2e-h200.json -> docs/e2e-h200.png
+    python benchmarks/plot_e2e.py --results R.json --out fig.png
+
+The results file holds the figures BENCHMARKS.md reports (seconds per image, or per step for video), one row per
+model: ``{"rows": {model: {variant: seconds}}}`` with ``bf16`` in every row. Needs matplotlib (in ``.[dev]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"bf16": "BF16 eager (diffusers)", "bf16-compiled": "BF16 compiled", "fp8-torchao": "torchao FP8 compiled",
+            "int4": "svdquant int4 (default path)"}
+COLORS = {"bf16": "#b0b0b0", "bf16-compiled": "#6f6f6f", "fp8-torchao": "#e39b3b", "int4": "#2a7ab9"}
+
+
+def speedups(rows: dict) -> dict[str, dict[str, float]]:
+    """``{model: {variant: bf16 seconds / variant seconds}}``; a row without its ``bf16`` figure is refused."""
+    out = {}
+    for model, row in rows.items():
+        if not row.get("bf16"):
+            raise ValueError(f"{model}: no bf16 figure to compare with")
+        unknown = set(row) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"{model}: unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+        out[model] = {v: row["bf16"] / s for v, s in row.items()}
+    return out
+
+
+def plot(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ups = speedups(results["rows"])
+    models = list(ups)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(models) + 1.6), dpi=120)
+    drawn = set()
+    for m_i, model in enumerate(models):
+        present = [v for v in VARIANTS if v in ups[model]]  # no gap where a variant was not measured
+        height = 0.8 / len(present)
+        for i, v in enumerate(present):
+            y = m_i + (i - (len(present) - 1) / 2) * height
+            x = ups[model][v]
+            ax.barh(y, x, height, color=COLORS[v], label=None if v in drawn else VARIANTS[v])
+            drawn.add(v)
+            if v == "int4":
+                ax.text(x + 0.01, y, f"{x:.2f}x", va="center", fontsize=7)
+    ax.set_yticks(range(len(models)), models)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.6)
+    ax.set_xlim(0, max(max(u.values()) for u in ups.values()) * 1.1)
+    ax.set_xlabel("speed-up over BF16 eager (higher is faster)")
+    ax.set_title("End to end on one H200, batch 1 (BENCHMARKS.md)", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    order = [labels.index(VARIANTS[v]) for v in VARIANTS if VARIANTS[v] in labels]
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center", ncol=4, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "e2e-h200.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "e2e-h200.png")
+    args = ap.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        ap.error("needs matplotlib: pip install matplotlib (or pip install -e '.[dev]')")
+    try:
+        results = json.loads(args.results.read_text())
+        return plot(results, args.out)
+    except (OSError, ValueError, KeyError) as e:
+        ap.error(f"{args.results}: {e}")
+
+
+if __name__ == "__main__":
+    print(main(), file=sys.stderr)
