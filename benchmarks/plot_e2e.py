@@ -20,15 +20,23 @@ VARIANTS = {"bf16": "BF16 eager (diffusers)", "bf16-compiled": "BF16 compiled", 
 COLORS = {"bf16": "#b0b0b0", "bf16-compiled": "#6f6f6f", "fp8-torchao": "#e39b3b", "int4": "#2a7ab9"}
 
 
-def speedups(rows: dict) -> dict[str, dict[str, float]]:
-    """``{model: {variant: bf16 seconds / variant seconds}}``; a row without its ``bf16`` figure is refused."""
+def speedups(rows) -> dict[str, dict[str, float]]:
+    """``{model: {variant: bf16 seconds / variant seconds}}``; anything but models mapping variants to positive
+    seconds, with ``bf16`` in each, is refused."""
+    if not isinstance(rows, dict) or not rows:
+        raise ValueError('"rows" must map model names to their figures, e.g. {"FLUX.1-dev": {"bf16": 5.13, ...}}')
     out = {}
     for model, row in rows.items():
-        if not row.get("bf16"):
+        if not isinstance(row, dict):
+            raise ValueError(f"{model}: its figures must be {{variant: seconds}}, got {type(row).__name__}")
+        if "bf16" not in row:
             raise ValueError(f"{model}: no bf16 figure to compare with")
         unknown = set(row) - set(VARIANTS)
         if unknown:
             raise ValueError(f"{model}: unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+        bad = {v: s for v, s in row.items() if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0}
+        if bad:
+            raise ValueError(f"{model}: seconds must be positive numbers, got {bad}")
         out[model] = {v: row["bf16"] / s for v, s in row.items()}
     return out
 
@@ -81,9 +89,15 @@ def main(argv=None) -> Path:
         ap.error("needs matplotlib: pip install matplotlib (or pip install -e '.[dev]')")
     try:
         results = json.loads(args.results.read_text())
-        return plot(results, args.out)
-    except (OSError, ValueError, KeyError) as e:
+        if not isinstance(results, dict) or "rows" not in results:
+            raise ValueError('no "rows" in it')
+        speedups(results["rows"])  # every figure checked before anything is drawn
+    except (OSError, ValueError) as e:
         ap.error(f"{args.results}: {e}")
+    try:
+        return plot(results, args.out)
+    except OSError as e:
+        ap.error(f"{args.out}: {e}")
 
 
 if __name__ == "__main__":

@@ -392,6 +392,8 @@ def test_generate_offload_refusals(ck, tiny_ck, tmp_path, monkeypatch):
     library refuses the same (load_pipeline(offload=True))."""
     rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--offload"],
              "--offload moves the models", "--device cpu", "leave --offload out", folder=tmp_path)
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE[:-1], "cpu:0", "--offload"],
+             "--offload moves the models", folder=tmp_path)
     rejected(["generate", tiny_ck[0], "a cat", "-o", tmp_path / "x.png", "--steps", "2", "--offload"],
              "--offload: the tiny model fits any GPU", folder=tmp_path)
     from svdquant.pipelines import load as load_module

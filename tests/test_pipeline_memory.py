@@ -141,7 +141,9 @@ def test_plot_e2e_draws_the_results_file_and_checks_it(tmp_path):
     out = plot_e2e.main(["--out", str(tmp_path / "e2e.png")])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_e2e.speedups({"m": {"bf16": 2.0, "int4": 1.0}}) == {"m": {"bf16": 1.0, "int4": 2.0}}
-    for bad, message in (({"m": {"int4": 1.0}}, "no bf16 figure"), ({"m": {"bf16": 1.0, "nf4": 1.0}}, "unknown")):
+    for bad, message in (({"m": {"int4": 1.0}}, "no bf16 figure"), ({"m": {"bf16": 1.0, "nf4": 1.0}}, "unknown"),
+                         ({"m": {"bf16": 1.0, "int4": 0}}, "positive numbers"), ({"m": [1.0]}, "must be"),
+                         ({}, "must map model names"), ([1], "must map model names")):
         (tmp_path / "bad.json").write_text(json.dumps({"rows": bad}))
         with pytest.raises(SystemExit):
             plot_e2e.main(["--results", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad.png")])

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true",
                    help="GPUs with little memory: keep the pipeline's models in CPU memory and move each to the GPU "
                         "only while it runs, the quantized layers 4-bit resident (Wan 2.1 14B at 480p peaks at "
-                        "11.4 GB); slower (the moves; no CUDA graphs)")
+                        "11.4 GB); every call moves the models in and out, and runs without CUDA graphs")
     p.set_defaults(func=cmd_generate, validate=validate_generate)
 
     p = sub.add_parser("compare", help="16-bit and quantized images side by side, with PSNR/SSIM",

@@ -87,7 +87,7 @@ def validate_generate(args) -> None:
     if args.offload and args.tiny:
         raise UsageError("--offload: the tiny model fits any GPU and its pipeline has no model offload; leave "
                          "--offload out")
-    if args.offload and args.device == "cpu":
+    if args.offload and torch.device(args.device).type == "cpu":
         raise UsageError("--offload moves the models between CPU memory and a GPU; on --device cpu they are all in "
                          "CPU memory already: leave --offload out")
     args.loras = parse_loras(args.lora)
@@ -176,7 +176,8 @@ def _say_compiling(pipe, command: str) -> None:
 
     report = peek(denoiser(pipe)).optimized
     if report is not None and report.compiled_blocks:
-        print(f"svdquant {command}: compiling {report.compiled_blocks} blocks for this size and capturing a CUDA graph "
+        graph = " and capturing a CUDA graph" if report.cuda_graphs else ""
+        print(f"svdquant {command}: compiling {report.compiled_blocks} blocks for this size{graph} "
               "(the first call only: about a minute for FLUX.1-dev; --no-optimize skips it)", file=sys.stderr,
               flush=True)
 

@@ -14,6 +14,7 @@ from .. import _checks
 from ..checkpoint import (CheckpointError, base_of, load_experts, load_quantized, load_text_encoders, read_metadata,
                           resolve)
 from ..models.pipeline_needs import SECOND_EXPERT
+from ..modules import SVDQLinear
 from . import (TinyFluxPipeline, load_base_pipeline, pipeline_class_of, tiny_transformer_config,
                transformer_class_of)
 
@@ -100,6 +101,9 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     transformer = load_quantized(quantized, device=home, weight_mode=weight_mode, verify=verify)
     experts = load_experts(quantized, device=home, weight_mode=weight_mode, verify=verify)
     encoders = load_text_encoders(quantized, device=home, verify=verify)
+    if offload:  # 4-bit text encoders too: each call moves them in, and an INT8 copy would double what moves
+        for layer in (m for enc in encoders.values() for m in enc.modules() if isinstance(m, SVDQLinear)):
+            layer.set_weight_mode(weight_mode)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).
@@ -132,12 +136,15 @@ def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None =
 
     cuda = torch.device(device).type == "cuda"
     if optimize or (optimize is None and cuda):
-        from .optimize import optimize as optimize_pipeline
+        from .optimize import optimize as optimize_model
 
-        for m in denoisers(pipe):  # attention timing and the fused weights happen on the device they run on
+        # one denoiser on the device at a time (Wan 2.2's two experts would need both there at once): the attention
+        # timing and the compiled blocks are made where they run; no CUDA graphs, which offload hooks bypass
+        for m in denoisers(pipe):
             m.to(device)
-        optimize_pipeline(pipe, fuse=fuse is not False)
-    elif fuse:
+            optimize_model(m, fuse=fuse is not False, cuda_graphs=False)
+            m.to("cpu")
+    elif fuse or (fuse is None and cuda):
         from ..modules.fused import fuse as fuse_model
 
         for m in denoisers(pipe):
