@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from e2e import _sync, compile_denoiser, uncompile  # noqa: E402
 from pipeline_memory import T5_XXL, _quiet, components_gb, letter_tokenizer, random_quantize, run_device  # noqa: E402
 
 VARIANTS = ("bf16", "bf16-compiled", "int4", "int4-24gb")
@@ -79,11 +80,6 @@ def build(quick: bool, device: str, dtype=torch.bfloat16):
             m.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed_call(pipe, call: dict, steps: int, device: str, reset_after_first_step: bool = False):
@@ -185,14 +181,9 @@ def main(argv=None) -> dict:
     quantized = False
     for variant in order:
         if variant == "bf16-compiled":
-            from svdquant.pipelines.optimize import compile_blocks
-
-            compile_blocks(den)
+            compile_denoiser(den)
         elif variant.startswith("int4") and not quantized:
-            for m in den.modules():  # the compiled bf16 blocks go: the int4 layers compile anew
-                if getattr(m, "_compiled_call_impl", None) is not None:
-                    m._compiled_call_impl = None
-            torch._dynamo.reset()
+            uncompile(den)  # the compiled bf16 blocks go: the int4 layers compile anew
             results["quantized_layers"] = random_quantize(den, "speed")
             quantized = True
             results["weights_gb_int4"] = components_gb(pipe)

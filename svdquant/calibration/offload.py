@@ -162,26 +162,25 @@ class Streamed:
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin)
         other_blocks = other_blocks or {}
         self.others = [(m, DeviceUnit(own_modules(m, other_blocks.get(id(m), [])), device, pin)) for m in others]
-        self.other_block_units = [DeviceUnit(list(b.modules()), device, pin)
-                                  for m in others for b in other_blocks.get(id(m), [])]
         self._handles = []
         self.resident = [self.blocks[id(b)] for b in blocks[:resident]]
         if self.resident:
             self.resident.append(self.rest)
         self._entry(model, self.rest, keep=bool(self.resident))
         for i, b in enumerate(blocks):
-            unit = self.blocks[id(b)]
-            # prepended, as at the model's entry: other hooks on the block (the snapshot recorder) see it loaded
-            self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u), prepend=True))
-            if i >= resident:
-                self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
+            self._stream_block(b, self.blocks[id(b)], offload_after=i >= resident)
         for m, unit in self.others:
             self._entry(m, unit, make_room=True)
-        other_units = iter(self.other_block_units)
+        self.other_block_units = []
         for b in (b for m in others for b in other_blocks.get(id(m), [])):
-            unit = next(other_units)
-            self._handles.append(b.register_forward_pre_hook(lambda m, a, u=unit: self._onload(u), prepend=True))
-            self._handles.append(b.register_forward_hook(lambda m, a, o, u=unit: u.offload()))
+            self.other_block_units.append(DeviceUnit(list(b.modules()), device, pin))
+            self._stream_block(b, self.other_block_units[-1])
+
+    def _stream_block(self, block: nn.Module, unit: DeviceUnit, offload_after: bool = True) -> None:
+        # prepended, as at the model's entry: other hooks on the block (the snapshot recorder) see it loaded
+        self._handles.append(block.register_forward_pre_hook(lambda m, a: self._onload(unit), prepend=True))
+        if offload_after:
+            self._handles.append(block.register_forward_hook(lambda m, a, o: unit.offload()))
 
     def unit(self, block: nn.Module) -> DeviceUnit:
         return self.blocks[id(block)]

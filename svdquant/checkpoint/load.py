@@ -41,10 +41,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     Hostile files: everything the files state (lengths, names, shapes, dtypes, offsets, sizes in the
     config) is checked before anything of that size is read or built, and the values afterwards
     (:func:`check_values`); every failure is a :class:`CheckpointError`."""
-    from ..modules.linear import WEIGHT_MODES
-
-    if weight_mode not in WEIGHT_MODES:
-        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
+    _check_weight_mode(weight_mode)
     device = _checks.device("device", device)  # before any file is read, so a missing GPU is not blamed on them
     path = resolve(path)
     if path.suffix == ".safetensors" and path.is_file():
@@ -61,10 +58,7 @@ def load_experts(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     a checkpoint of one), straight onto ``device``, after the same checks as :func:`load_quantized`'s
     (``weight_mode`` and ``verify`` too): ``pipe.transformer_2 = load_experts(path)["transformer_2"]`` beside
     ``pipe.transformer = load_quantized(path)``; :func:`svdquant.load_pipeline` does both."""
-    from ..modules.linear import WEIGHT_MODES
-
-    if weight_mode not in WEIGHT_MODES:
-        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")
+    _check_weight_mode(weight_mode)
     device = _checks.device("device", device)
     path = resolve(path)
     meta = read_metadata(path)
@@ -89,11 +83,13 @@ def _load_model(entry: dict, meta: dict, tensor_file, where, device, weight_mode
     return compat.quantized(model)  # save_pretrained then writes its quantization_config
 
 
-def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cpu", *, weight_mode: str = "auto",
                        verify: bool = True) -> dict[str, nn.Module]:
     """The checkpoint's quantized text encoders by pipeline attribute (``{}`` if it has none), straight onto
     ``device``: built on meta from the stored config, quantized layers swapped in, tensors assigned from
-    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s (``verify`` too)."""
+    ``text_encoder*.safetensors`` after the same checks as :func:`load_quantized`'s (``weight_mode`` and ``verify``
+    too)."""
+    _check_weight_mode(weight_mode)
     device = _checks.device("device", device)
     path = resolve(path)
     meta = read_metadata(path)
@@ -115,7 +111,7 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
         except Exception as e:
             raise CheckpointError(f"{tensor_file}: {entry['model_class']} cannot be built from the stored config "
                                   f"({type(e).__name__}: {str(e)[:200]})") from None
-        swap_quantized_layers(model, entry["layers"], tensor_file)
+        swap_quantized_layers(model, entry["layers"], tensor_file, weight_mode)
         tied = entry.get("tied") or {}
         header = check_tensor_file(tensor_file, max_entries=max(0, tensor_count(model) - len(tied)))
         header.pop("__metadata__", None)
@@ -127,3 +123,10 @@ def load_text_encoders(path: str | os.PathLike, device: str | torch.device = "cp
         state(model).recipe = entry.get("recipe")
         out[name] = compat.quantized(model.eval())  # so its save_pretrained writes its quantization_config
     return out
+
+
+def _check_weight_mode(weight_mode: str) -> None:
+    from ..modules.linear import WEIGHT_MODES
+
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode={weight_mode!r} is unknown; choose one of {WEIGHT_MODES}")

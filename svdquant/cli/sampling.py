@@ -57,7 +57,7 @@ def _validate_kind(args, command: str, cls: str | None) -> None:
 
     args.video = cls is not None and makes_video(cls)
     args.tiny = cls == TinyFluxPipeline.__name__
-    what = "the tiny model" if cls == TinyFluxPipeline.__name__ else cls
+    what = "the tiny model" if args.tiny else cls
     if args.video and command == "compare":
         raise UsageError(f"compare draws images side by side, and {cls} makes videos: for a video pipeline use "
                          "svdquant generate")

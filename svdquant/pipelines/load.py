@@ -14,7 +14,6 @@ from .. import _checks
 from ..checkpoint import (CheckpointError, base_of, load_experts, load_quantized, load_text_encoders, read_metadata,
                           resolve)
 from ..models.pipeline_needs import SECOND_EXPERT
-from ..modules import SVDQLinear
 from . import (TinyFluxPipeline, load_base_pipeline, pipeline_class_of, tiny_transformer_config,
                transformer_class_of)
 
@@ -100,10 +99,9 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     home = "cpu" if offload else device  # offloaded, every model lives in CPU memory
     transformer = load_quantized(quantized, device=home, weight_mode=weight_mode, verify=verify)
     experts = load_experts(quantized, device=home, weight_mode=weight_mode, verify=verify)
-    encoders = load_text_encoders(quantized, device=home, verify=verify)
-    if offload:  # 4-bit text encoders too: each call moves them in, and an INT8 copy would double what moves
-        for layer in (m for enc in encoders.values() for m in enc.modules() if isinstance(m, SVDQLinear)):
-            layer.set_weight_mode(weight_mode)
+    # offloaded, 4-bit text encoders too stay 4-bit: each call moves them in, and an INT8 copy would double that
+    encoders = load_text_encoders(quantized, device=home, weight_mode=weight_mode if offload else "auto",
+                                  verify=verify)
     if torch_dtype is not None:
         # The kept 16-bit layers load in the stored dtype; the rest of the pipeline runs in torch_dtype,
         # and a mix fails in the first matmul. Quantized layers keep their formats (SVDQLinear._apply).
@@ -114,33 +112,32 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     if offload:
         return offloaded(pipe, device, optimize=optimize, fuse=fuse)
     pipe = pipe.to(device)
-    cuda = torch.device(device).type == "cuda"
     # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
-    if optimize or (optimize is None and cuda):
-        from .optimize import optimize as optimize_pipeline
-
-        optimize_pipeline(pipe, fuse=fuse is not False)
-    elif fuse or (fuse is None and cuda):
-        from ..modules.fused import fuse as fuse_model
-        from .optimize import denoisers
-
-        for m in denoisers(pipe):
-            fuse_model(m)
+    _speed_up(pipe, device, optimize, fuse)
     return pipe
 
 
 def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None = None):
     """``pipe`` (in CPU memory) run with diffusers' model offload to ``device``: its denoisers optimized there first
     (``optimize=None``: on a CUDA device), then every model back in CPU memory behind accelerate's hooks."""
+    _speed_up(pipe, device, optimize, fuse, offload=True)
+    pipe.enable_model_cpu_offload(device=device)
+    return pipe
+
+
+def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: bool = False) -> None:
+    """:func:`svdquant.optimize` or only :func:`svdquant.fuse` on ``pipe``'s denoisers, as asked (``None``: on a
+    CUDA device). Offloaded, one denoiser at a time goes to the device for it (Wan 2.2's two experts would need
+    both there at once) and comes back, and no CUDA graphs are asked for (offload hooks bypass them)."""
     from .optimize import denoisers
+    from .optimize import optimize as optimize_model
 
     cuda = torch.device(device).type == "cuda"
     if optimize or (optimize is None and cuda):
-        from .optimize import optimize as optimize_model
-
-        # one denoiser on the device at a time (Wan 2.2's two experts would need both there at once): the attention
-        # timing and the compiled blocks are made where they run; no CUDA graphs, which offload hooks bypass
-        for m in denoisers(pipe):
+        if not offload:
+            optimize_model(pipe, fuse=fuse is not False)
+            return
+        for m in denoisers(pipe):  # the attention timing and the compiled blocks are made where they run
             m.to(device)
             optimize_model(m, fuse=fuse is not False, cuda_graphs=False)
             m.to("cpu")
@@ -149,5 +146,3 @@ def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None =
 
         for m in denoisers(pipe):
             fuse_model(m)
-    pipe.enable_model_cpu_offload(device=device)
-    return pipe
