@@ -74,6 +74,8 @@ def main(argv=None):
                     "recipe's own (on for int4)")
     ap.add_argument("--iterations", type=int, help="low-rank refinement steps at most (recipe option iterations; "
                     "default: the recipe's own, 100)")
+    ap.add_argument("--workers", type=int, help="groups of a block quantized at once (quantize(workers=); default: "
+                                                "the library's, 3 on a GPU)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -119,7 +121,8 @@ def main(argv=None):
         overrides["iterations"] = args.iterations
     recipe = svdquant.get_recipe(args.recipe, **overrides)
     report = svdquant.quantize(model, recipe, Calibration(inputs=snaps), progress=False,
-                               device=dev if stream else None, max_gpu_memory=args.max_gpu_memory)
+                               device=dev if stream else None, max_gpu_memory=args.max_gpu_memory,
+                               workers=args.workers)
     sync()
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else float("nan")
@@ -149,7 +152,7 @@ def main(argv=None):
             commit = ""
     res = dict(
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
-        recipe=args.recipe, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
+        recipe=args.recipe, workers=args.workers, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),

@@ -197,7 +197,7 @@ def test_batched_candidates_choose_as_one_at_a_time(monkeypatch, recipe, method,
     rc = get_recipe(recipe).replace(method=method, iterations=3)
     shared = members != 2
     one, rep1 = quantize_linears(ws, bs, x, rc, post_gelu=post_gelu, shared_branch=shared)
-    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p: 4)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p, concurrent=1: 4)
     many, rep4 = quantize_linears(ws, bs, x, rc, post_gelu=post_gelu, shared_branch=shared)
     assert (rep4.alpha, rep4.beta) == (rep1.alpha, rep1.beta)
     assert rep4.rel_error == pytest.approx(rep1.rel_error, rel=1e-5)
@@ -223,7 +223,7 @@ def test_batched_candidates_through_the_rounding_kernel(monkeypatch):
     rc = get_recipe("int4").replace(smooth_grid=((0.0, 0.0), (0.3, 0.0), (0.5, 0.5), (0.7, 0.3), (0.9, 0.0)),
                                     iterations=1)
     one, rep1 = quantize_linears([w], [b], x, rc)
-    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p: 3)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p, concurrent=1: 3)
     monkeypatch.setattr(layer, "_weight_rounding_kernel",
                         lambda recipe, device: functools.partial(kernels.round_int4m_weights, group_size=64))
     many, rep3 = quantize_linears([w], [b], x, rc)
@@ -246,7 +246,7 @@ def test_gpu_batched_candidates_choose_as_one_at_a_time(monkeypatch):
     rc = get_recipe("int4").replace(iterations=2)
     assert layer._candidates_per_batch(layer._Problem(ws, x, rc, False)) > 1
     _, batched = quantize_linears(ws, [None] * 3, x, rc)
-    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p: 1)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p, concurrent=1: 1)
     _, single = quantize_linears(ws, [None] * 3, x, rc)
     assert (batched.alpha, batched.beta) == (single.alpha, single.beta)
     assert batched.rel_error == pytest.approx(single.rel_error, rel=1e-4)

@@ -103,7 +103,7 @@ def test_an_error_in_the_search_stops_the_replay_worker(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("search failed")
 
-    monkeypatch.setattr(quantize_blocks, "quantize_group", boom)
+    monkeypatch.setattr(quantize_blocks, "solve_group", boom)
     with pytest.raises(RuntimeError, match="search failed"):
         svdquant.quantize(model, RECIPE, calib, progress=False)
     assert not [t for t in threading.enumerate() if t.name.startswith("svdquant-replay")]

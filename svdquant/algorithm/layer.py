@@ -185,9 +185,10 @@ def _candidate(res, j: int):
     return float(errs[j]), take(up), [own[id(d)] for d in downs], resid[j].clone(), wq[j].clone()
 
 
-def _candidates_per_batch(p: "_Problem") -> int:
+def _candidates_per_batch(p: "_Problem", concurrent: int = 1) -> int:
     """How many smoothing candidates one batched fit scores: on a GPU, as many as a quarter of the memory torch
-    may still allocate holds (the next block's replay runs alongside), at most 8; one at a time on the CPU
+    may still allocate holds (the next block's replay runs alongside), at most 8; with ``concurrent`` groups
+    quantized at once, each takes ``1 / (2 · (concurrent + 1))`` of it (the same quarter for one); one at a time on the CPU
     (no launch cost to amortize) and for formats with a per-tensor scale (NVFP4: a batch is not row-wise)."""
     rc = p.recipe
     if p.w.device.type != "cuda" or get_format(rc.weights).static_input_scale or (
@@ -197,7 +198,7 @@ def _candidates_per_batch(p: "_Problem") -> int:
     t = p.x.shape[0]
     per = 4 * (5 * n * k + 3 * t * n + 2 * t * k)  # w·λ, branch product, residual, rounded, error terms
     room = device_room(p.w.device)
-    return max(1, min(8, int(room // 4 // per)))
+    return max(1, min(8, int(room // (2 * (concurrent + 1)) // per)))
 
 
 def _weight_rounding_kernel(recipe: QuantConfig, device: torch.device):
@@ -244,6 +245,7 @@ def quantize_linears(
     post_gelu: bool | int = False,
     shared_branch: bool = True,
     act_max: torch.Tensor | None = None,
+    concurrent: int = 1,
 ) -> tuple[list[QuantizedWeights], LayerReport]:
     """Quantize linears that read the same input with one smoothing factor.
 
@@ -252,7 +254,9 @@ def quantize_linears(
     them) of calibration inputs, ``post_gelu`` marks inputs that follow a GELU (INT4
     activations then use the unsigned shifted format): ``True`` for all channels or the
     index of the first GELU channel (a multiple of the group). ``act_max`` optionally
-    gives ``max|X_j|`` over more tokens than ``inputs`` holds. Returns one
+    gives ``max|X_j|`` over more tokens than ``inputs`` holds; ``concurrent`` says how many groups are
+    quantized at once on this device (each batch of smoothing candidates takes its share of the free memory).
+    Returns one
     :class:`QuantizedWeights` per weight and one report for the group.
     """
     t0 = time.perf_counter()
@@ -272,7 +276,7 @@ def quantize_linears(
 
     fit = _fitter(p, shared_branch, no_branch)
     if rc.smooths:
-        lam, best = _search_smoothing(p, fit, report)
+        lam, best = _search_smoothing(p, fit, report, concurrent)
     else:
         lam = ones
         res = fit(lam)
@@ -338,12 +342,12 @@ def _fitter(p: _Problem, shared_branch: bool, no_branch):
     return fit
 
 
-def _search_smoothing(p: _Problem, fit, report: LayerReport):
+def _search_smoothing(p: _Problem, fit, report: LayerReport, concurrent: int = 1):
     """The smoothing search over the recipe's grid: ``(λ, (error, up, downs, residual, rounded residual))`` of the
     best candidate; its (α, β) go into ``report``."""
     rc = p.recipe
     cands = candidate_smoothing(p.act_max, p.w_max, rc.smooth_grid)
-    size = _candidates_per_batch(p)
+    size = _candidates_per_batch(p, concurrent)
     kept = None  # the best so far: (error, grid index, up, downs, residual, rounded residual)
 
     def score(indices):

@@ -36,6 +36,7 @@ def quantize(
     device=None,
     max_gpu_memory=None,
     keep_on_device: bool = False,
+    workers: int | None = None,
 ) -> QuantReport:
     """Quantize a diffusers pipeline's transformer (or any ``nn.Module``) in place; both experts of a two-expert
     pipeline (Wan 2.2 A14B: ``transformer`` and ``transformer_2``), each calibrated on the calls the pipeline makes
@@ -62,13 +63,17 @@ def quantize(
     max_gpu_memory: cap the GPU memory torch may use, e.g. ``"16GB"`` / ``"22GiB"`` (or bytes), for the
         duration of the call (``torch.cuda.set_per_process_memory_fraction``).
     keep_on_device: with streaming, leave the quantized model on ``device`` (default: back on the CPU).
+    workers: how many groups of a block (q/k/v, the MLP...) are quantized at once, each in a thread with its own
+        CUDA stream: the per-group search is bound by the host's kernel launches, so several keep the GPU busy.
+        Default: 3 on a GPU, 1 on the CPU. The result does not depend on it (each group's result is its own),
+        except through the candidate batch size, which shrinks with the memory each group may take.
     Returns a :class:`QuantReport` (print it for a table).
 
     Every argument is checked before calibration starts (ValueError / TypeError, one line).
     """
     plan = make_plan(target, recipe, calibration, include=include, exclude=exclude, text_encoders=text_encoders,
                      progress=progress, device=device, max_gpu_memory=max_gpu_memory, keep_on_device=keep_on_device,
-                     started=time.perf_counter())
+                     workers=workers, started=time.perf_counter())
     return _run(plan)
 
 

@@ -11,6 +11,7 @@ every group's inputs, then the groups are quantized in turn.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from ..models.base import set_module
 from ..modules import SVDQConv1x1, SVDQLinear
 from ..modules.conv import as_linear
 from ..recipes import QuantConfig
+from .concurrent import GroupWorkers
 from .plan import QuantPlan
 from .report import LayerRow, progress_postfix, short_names
 
@@ -56,22 +58,50 @@ def quantize_group(root: nn.Module, group: Group, x, amax, recipe: QuantConfig, 
                    prefix: str = "") -> LayerRow:
     """Quantize ``group`` (names relative to ``root``) from its inputs ``x`` and their ``amax`` and swap the new
     layers into ``root``; the row names the layers as the model does (``prefix``: ``root``'s name in it)."""
+    return install_group(root, group, solve_group(root, group, x, amax, recipe), clock, prefix)
+
+
+@dataclass
+class Solved:
+    """One group's quantizer result, before its modules are built: what :func:`install_group` swaps in."""
+
+    recipe: QuantConfig  # the recipe the group was quantized with (weight-only groups: their own)
+    weights: list  # QuantizedWeights, one per layer
+    report: object  # the group's LayerReport
+    seconds: float  # wall seconds of the quantizer
+
+
+def solve_group(root: nn.Module, group: Group, x, amax, recipe: QuantConfig, concurrent: int = 1) -> Solved:
+    """The quantizer's part of :func:`quantize_group`: reads the layers, changes nothing (a worker thread may run
+    it while others quantize the block's other groups; ``concurrent`` of them share the free GPU memory)."""
+    t0 = time.perf_counter()
+    lins = [_linear(root.get_submodule(n)) for n in group.names]
+    rc = weight_only(recipe) if group.weight_only else recipe
+    qws, rep = quantize_linears([lin.weight for lin in lins], [lin.bias for lin in lins], x, rc,
+                                post_gelu=group.post_gelu, shared_branch=group.shared_branch, act_max=amax,
+                                concurrent=concurrent)
+    return Solved(rc, qws, rep, time.perf_counter() - t0)
+
+
+def install_group(root: nn.Module, group: Group, solved: Solved, clock: StageClock | None = None,
+                  prefix: str = "") -> LayerRow:
+    """The modules built from ``solved`` swapped into ``root``; its stages go to ``clock``."""
     t0 = time.perf_counter()
     mods = [root.get_submodule(n) for n in group.names]
-    lins = [as_linear(m) if isinstance(m, nn.Conv2d) else m for m in mods]
-    rc = weight_only(recipe) if group.weight_only else recipe
-    # the quantizer runs the algorithm; the modules are built from its result
-    qws, rep = quantize_linears([lin.weight for lin in lins], [lin.bias for lin in lins], x, rc,
-                                post_gelu=group.post_gelu, shared_branch=group.shared_branch, act_max=amax)
-    qmods = [SVDQLinear.from_quantized(qw, rc, lin.weight.dtype, rep) for qw, lin in zip(qws, lins)]
+    rc, rep = solved.recipe, solved.report
+    qmods = [SVDQLinear.from_quantized(qw, rc, m.weight.dtype, rep) for qw, m in zip(solved.weights, mods)]
     for name, old, q in zip(group.names, mods, qmods):
         set_module(root, name, SVDQConv1x1(q) if isinstance(old, nn.Conv2d) else q)
     if clock is not None:
         for stage, seconds in rep.stages.items():
             clock.add(stage, seconds)
-        # packing the codes, the runner, swapping the modules in
-        clock.add("build modules", time.perf_counter() - t0 - sum(rep.stages.values()))
+        # packing the codes, the runner, swapping the modules in (and reading the layers before the quantizer)
+        clock.add("build modules", time.perf_counter() - t0 + solved.seconds - sum(rep.stages.values()))
     return LayerRow.of_group([f"{prefix}.{n}" if prefix else n for n in group.names], rc, rep)
+
+
+def _linear(m: nn.Module) -> nn.Module:
+    return as_linear(m) if isinstance(m, nn.Conv2d) else m
 
 
 def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
@@ -151,28 +181,46 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
 
 
 def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, clock: StageClock, bar) -> list[LayerRow]:
-    """Each block's replay, then the search over its groups; the next block replays (on a side stream) while
+    """Each block's replay, then the search over its groups (``plan.workers`` at a time, but one at a time in a
+    stack's first block: :mod:`svdquant.quantize.concurrent`); the next block replays (on a side stream) while
     this one is searched."""
     rows = []
+    workers = GroupWorkers(plan.device, plan.workers)
+    seen: set[str] = set()  # the stacks whose first block is done
     pending = replayer.start(jobs[0], jobs[0].recorded)
-    for index, job in enumerate(jobs, 1):
-        bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), None, *gpu_memory(plan.device, plan.cap)))
-        rec, nxt = replayer.finish(pending, clock)
-        if index < len(jobs):
-            following = jobs[index]
-            pending = replayer.start(following, following.recorded if following.recorded is not None else nxt)
-        nxt = None
-        for g in job.groups:
-            bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), short_names(list(g.names)),
-                                                 *gpu_memory(plan.device, plan.cap)))
-            x, amax = rec.inputs(g.names[0])
-            rows.append(quantize_group(job.block, g, x, amax, plan.recipe, clock, prefix=job.name))
-            bar.update(1)
-        replayer.settle()  # this block's kernels are done before the memory it read can be reused
-        rec = x = amax = None  # frees the layer inputs before the next block's arrive
-        job.recorded = None
-        if streamed is not None:
-            finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
+    try:
+        for index, job in enumerate(jobs, 1):
+            bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), None, *gpu_memory(plan.device, plan.cap)))
+            rec, nxt = replayer.finish(pending, clock)
+            if index < len(jobs):
+                following = jobs[index]
+                pending = replayer.start(following, following.recorded if following.recorded is not None else nxt)
+            nxt = None
+            stack = job.name.rsplit(".", 1)[0]
+            at_once = workers.workers if stack in seen else 1  # a stack's first block: its groups one at a time
+            seen.add(stack)
+
+            def task(g, at_once=at_once, job=job, rec=rec):
+                x, amax = rec.inputs(g.names[0])
+                return solve_group(job.block, g, x, amax, plan.recipe, concurrent=at_once)
+
+            def done(i, job=job, index=index, at_once=at_once):
+                bar.update(1)
+                bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), short_names(list(job.groups[i].names))
+                                                     if at_once == 1 else f"{at_once} groups at once",
+                                                     *gpu_memory(plan.device, plan.cap)))
+
+            solved, wall = workers.run([functools.partial(task, g) for g in job.groups], done, concurrent=at_once > 1)
+            if wall:
+                clock.add("groups at once (wall)", wall)
+            rows += [install_group(job.block, g, s, clock, prefix=job.name) for g, s in zip(job.groups, solved)]
+            replayer.settle()  # this block's kernels are done before the memory it read can be reused
+            rec = solved = None  # frees the layer inputs before the next block's arrive
+            job.recorded = None
+            if streamed is not None:
+                finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
+    finally:
+        workers.close()
     return rows
 
 

@@ -21,6 +21,7 @@ from ..models.pipeline_needs import SECOND_EXPERT, check_experts, check_pipeline
 from ..models.text_encoders import check_text_encoders
 from ..modules import SVDQLinear
 from ..recipes import QuantConfig, get_recipe
+from .concurrent import default_workers
 
 
 @dataclass
@@ -43,6 +44,7 @@ class QuantPlan:
     cap: int | None  # max_gpu_memory in bytes
     keep_on_device: bool
     started: float  # time.perf_counter() when the call began: the report's times count from it
+    workers: int = 1  # groups of a block quantized at once (svdquant.quantize.concurrent)
     # A two-expert pipeline (Wan 2.2 A14B): one plan per expert, in the order they are quantized, each with
     # ``expert`` (the pipeline attribute of its model) and ``label`` (what its progress bars say) set
     experts: list["QuantPlan"] = field(default_factory=list)
@@ -51,7 +53,7 @@ class QuantPlan:
 
 
 def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, progress, device, max_gpu_memory,
-              keep_on_device, started: float | None = None) -> QuantPlan:
+              keep_on_device, workers=None, started: float | None = None) -> QuantPlan:
     """``quantize``'s arguments checked, in the order a caller reads them, into a plan."""
     started = time.perf_counter() if started is None else started
     pipe, model = _split_target(target)
@@ -87,12 +89,15 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
         check_text_encoders(pipe, te_recipe)
     if not isinstance(keep_on_device, bool):
         raise TypeError(f"keep_on_device= takes True or False, got {keep_on_device!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers= takes a whole number of groups quantized at once, 1 or more, got {workers!r}")
     placed = _placement(pipe, model, device, through_pipeline=pipe is not None and calib.inputs is None)
     cap = gpu_cap(max_gpu_memory, placed["device"])
+    workers = default_workers(placed["device"]) if workers is None else workers
     # None means the recipe's; 0 is refused by Calibration, never replaced by the default
     tokens = recipe.eval_tokens if calib.tokens_per_layer is None else calib.tokens_per_layer
     plan = QuantPlan(pipe, model, adapter, calib, recipe, tokens, text_encoders, te_recipe, progress, cap=cap,
-                     keep_on_device=keep_on_device, started=started, **placed)
+                     keep_on_device=keep_on_device, started=started, workers=workers, **placed)
     if second is not None:
         plan.experts = _expert_plans(plan, second, second_adapter, device)
     return plan

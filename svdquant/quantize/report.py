@@ -105,9 +105,15 @@ class QuantReport:
         for stage, seconds in self.stages.items():
             lines.append(f"{stage:22s} {seconds:8.2f} {100 * seconds / total:5.1f}%")
         rest = self.seconds_total - sum(self.stages.values())
+        overlapped = False
         if "waiting for replays" in self.stages:  # replays overlapped the search: the stages add up to more
             lines.append("(replays and their transfers ran during the previous block's search)")
-        else:
+            overlapped = True
+        if "groups at once (wall)" in self.stages:
+            lines.append("(setup, search, refinement, GPTQ and assemble add up the groups quantized at once; "
+                         "'groups at once (wall)' is the time those blocks took)")
+            overlapped = True
+        if not overlapped:
             lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
         return lines
 

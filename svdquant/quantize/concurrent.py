@@ -1,0 +1,118 @@
+"""Several groups of one block quantized at once on a GPU, each in a worker thread on its own CUDA stream.
+
+Why: one group's search, refinement and GPTQ are bound by the host. Each candidate batch is dozens of small
+launches ending in a copy to the host (an eigendecomposition there, then the errors), so one thread leaves the
+GPU idle most of the time: ``benchmarks/quantize_search.py`` measured 419 ms of CPU against 137 ms of GPU for a
+FLUX q/k/v group. PyTorch releases the GIL while it dispatches and launches an op and while it waits for a copy,
+so one worker launches while another waits on its stream, and their kernels overlap on the GPU.
+
+What keeps it safe:
+
+* the groups of a block are independent: each reads its own recorded inputs and weights and only returns its
+  result; the modules are swapped in by the caller, in the block's order, after every group is done;
+* each worker waits for what the caller's stream had queued when the groups were submitted, and synchronizes its
+  stream before returning, so the caller reads only finished tensors; the caller starts no new workers before
+  its own stream is drained (the block loop settles it), so no allocator hands out memory a kernel queued on
+  another stream still reads;
+* the first block of each stack runs its groups one at a time (``concurrent=False``): it compiles the Triton
+  kernels of the search once (Triton's JIT is not safe to enter from two threads for one new kernel);
+* a group that runs out of GPU memory beside the others runs again alone after them.
+
+Grad mode is per thread: every worker runs under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Callable, Sequence
+
+import torch
+
+# Groups at once on a GPU by default. Measured on an H200 with a FLUX.1-dev-size transformer
+# (BENCHMARKS.md, "FLUX.1-dev on one H200 (part 2)"): see the table there for 1-4.
+DEFAULT_GPU_WORKERS = 3
+
+
+def default_workers(device: torch.device) -> int:
+    """Groups quantized at once when ``quantize(workers=None)``: one on the CPU (the torch threads already use
+    every core), :data:`DEFAULT_GPU_WORKERS` on a GPU."""
+    return DEFAULT_GPU_WORKERS if device.type == "cuda" else 1
+
+
+class GroupWorkers:
+    """Runs the tasks of one block (each quantizes one group) ``workers`` at a time; ``run`` returns their results
+    in order. With one worker (or ``concurrent=False``) the tasks run in the caller's thread, one after the
+    other, as they always did."""
+
+    def __init__(self, device: torch.device, workers: int):
+        self.device, self.workers = device, workers
+        self.cuda = device.type == "cuda"
+        self._pool = None
+        if workers > 1:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="svdquant-group")
+            self._streams: queue.SimpleQueue = queue.SimpleQueue()
+            for _ in range(workers):
+                self._streams.put(torch.cuda.Stream(device) if self.cuda else None)
+
+    def run(self, tasks: Sequence[Callable[[], object]], done: Callable[[int], None] | None = None,
+            concurrent: bool = True) -> tuple[list, float]:
+        """``[task() for task in tasks]`` and the wall seconds the tasks ran at once (0.0 when they ran one after
+        the other); ``done(i)`` is called in the caller's thread as task ``i`` finishes."""
+        if self._pool is None or not concurrent or len(tasks) < 2:
+            out = []
+            for i, task in enumerate(tasks):
+                out.append(task())
+                if done is not None:
+                    done(i)
+            return out, 0.0
+        t0 = time.perf_counter()
+        ready = None
+        if self.cuda:  # what the caller's stream queued (inputs, weights) comes before the workers' reads
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        futures = {self._pool.submit(self._work, task, ready): i for i, task in enumerate(tasks)}
+        out: list = [None] * len(tasks)
+        again, error = [], None
+        for f in as_completed(futures):
+            i = futures[f]
+            try:
+                out[i] = f.result()
+            except torch.OutOfMemoryError:
+                again.append(i)  # beside the others; alone below
+                continue
+            except BaseException as e:  # the others finish first: no worker outlives the call
+                error = error or e
+                continue
+            if done is not None:
+                done(i)
+        if error is not None:
+            raise error
+        wall = time.perf_counter() - t0
+        if again and self.cuda:
+            torch.cuda.empty_cache()
+        for i in sorted(again):
+            out[i] = tasks[i]()
+            if done is not None:
+                done(i)
+        return out, wall
+
+    def _work(self, task, ready):
+        stream = self._streams.get()
+        try:
+            with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if ready is not None:
+                    stream.wait_event(ready)
+                out = task()
+            if stream is not None:  # finished before the caller, on its own stream, reads the result
+                stream.synchronize()
+            return out
+        finally:
+            self._streams.put(stream)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+

@@ -1,0 +1,143 @@
+"""Several groups of a block quantized at once (``quantize(workers=)``, :mod:`svdquant.quantize.concurrent`).
+
+On the CPU the workers are plain threads (no CUDA streams): the result must equal the one-at-a-time result bit
+for bit, since each group's quantizer reads only its own inputs and weights. Also: a stack's first block runs
+one group at a time (it compiles the search's Triton kernels once on a GPU), a failing group ends the call
+with no worker left, a group out of GPU memory beside the others runs again alone, and ``workers=`` is
+checked. On a GPU (``-m gpu``): the same equality with streams.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+
+import pytest
+import torch
+
+import svdquant
+from svdquant.quantize import blocks as quantize_blocks
+from svdquant.quantize.concurrent import DEFAULT_GPU_WORKERS, GroupWorkers, default_workers
+
+RECIPE = svdquant.Int4Config(iterations=3, eval_tokens=128)
+DTYPE = torch.bfloat16
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
+
+def flux():
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=2)
+    return model, svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
+
+
+def same_state(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def record_threads(monkeypatch):
+    """The list of (block, thread name) of every group's quantizer call, and the spy (its .model: where blocks are named)."""
+    seen = []
+    solve = quantize_blocks.solve_group
+
+    def spy(root, group, *a, **k):
+        block = next(n for n, m in spy.model.named_modules() if m is root)
+        seen.append((block, threading.current_thread().name))
+        return solve(root, group, *a, **k)
+
+    monkeypatch.setattr(quantize_blocks, "solve_group", spy)
+    return seen, spy
+
+
+def test_groups_at_once_equal_one_at_a_time(monkeypatch):
+    model, calib = flux()
+    seq, par = copy.deepcopy(model), copy.deepcopy(model)
+    r0 = svdquant.quantize(seq, RECIPE, calib, progress=False, workers=1)
+    seen, spy = record_threads(monkeypatch)
+    spy.model = par
+    r1 = svdquant.quantize(par, RECIPE, calib, progress=False, workers=3)
+    assert same_state(seq, par)
+    assert [(r.names, r.rel_error) for r in r0.rows] == [(r.names, r.rel_error) for r in r1.rows]
+    # the first block of each stack one group at a time, in the caller's thread; the others in the workers
+    first = {"transformer_blocks.0", "single_transformer_blocks.0"}
+    assert {b for b, t in seen if t == threading.current_thread().name} == first
+    assert {b for b, t in seen if t.startswith("svdquant-group")} == {"transformer_blocks.1",
+                                                                      "single_transformer_blocks.1"}
+    assert "groups at once (wall)" in r1.stages and "groups at once (wall)" not in r0.stages
+    assert "add up the groups quantized at once" in str(r1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("svdquant-group")]
+
+
+def test_a_failing_group_ends_the_call_and_leaves_no_worker(monkeypatch):
+    model, calib = flux()
+    solve = quantize_blocks.solve_group
+
+    def boom(root, group, *a, **k):
+        if root is model.transformer_blocks[1] and group.names[0].startswith("ff."):
+            raise RuntimeError("search failed")
+        return solve(root, group, *a, **k)
+
+    monkeypatch.setattr(quantize_blocks, "solve_group", boom)
+    with pytest.raises(RuntimeError, match="search failed"):
+        svdquant.quantize(model, RECIPE, calib, progress=False, workers=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("svdquant-group", "svdquant-replay"))]
+
+
+def test_a_group_out_of_memory_beside_the_others_runs_again_alone():
+    """GroupWorkers: the task that raised OutOfMemoryError in a worker runs again in the caller's thread after
+    the others; the results come back in order and ``done`` is called once per task."""
+    calls, done = [], []
+
+    def task(i, fail_once=[True]):
+        def run():
+            calls.append((i, threading.current_thread().name))
+            if i == 1 and fail_once[0]:
+                fail_once[0] = False
+                raise torch.OutOfMemoryError("out of memory")
+            return i * 10
+        return run
+
+    workers = GroupWorkers(torch.device("cpu"), 2)
+    try:
+        out, wall = workers.run([task(i) for i in range(4)], done.append)
+    finally:
+        workers.close()
+    assert out == [0, 10, 20, 30] and sorted(done) == [0, 1, 2, 3] and done[-1] == 1 and wall > 0
+    assert calls[-1] == (1, threading.current_thread().name)
+    assert sum(1 for i, _ in calls if i == 1) == 2
+
+
+def test_one_worker_runs_in_the_callers_thread():
+    workers = GroupWorkers(torch.device("cpu"), 1)
+    names = []
+    out, wall = workers.run([lambda: names.append(threading.current_thread().name) or 5] * 2)
+    assert out == [5, 5] and wall == 0.0 and set(names) == {threading.current_thread().name}
+
+
+def test_default_workers():
+    assert default_workers(torch.device("cpu")) == 1
+    assert default_workers(torch.device("cuda", 0)) == DEFAULT_GPU_WORKERS > 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
+def test_workers_is_checked_before_any_work(bad):
+    model, calib = flux()
+    with pytest.raises(ValueError, match=r"^workers= takes a whole number of groups quantized at once, 1 or more, "
+                                         rf"got {bad!r}$".replace("(", r"\(")):
+        svdquant.quantize(model, RECIPE, calib, progress=False, workers=bad)
+    assert not any(isinstance(m, svdquant.SVDQLinear) for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_groups_at_once_equal_one_at_a_time():
+    """On a GPU, workers on their own CUDA streams, streamed from the CPU under a cap: bit for bit the
+    one-at-a-time result."""
+    model, calib = flux()
+    seq, par = copy.deepcopy(model), copy.deepcopy(model)
+    svdquant.quantize(seq, RECIPE, calib, progress=False, device="cuda", workers=1)
+    r = svdquant.quantize(par, RECIPE, calib, progress=False, device="cuda", max_gpu_memory="8GB")
+    assert "groups at once (wall)" in r.stages
+    assert same_state(seq, par)
