@@ -3,6 +3,8 @@
     python benchmarks/e2e.py --models flux --batch 1 4 --out $OUT          # bf16, bf16-compiled, int4 (default path)
     python benchmarks/e2e.py --models sdxl qwenimage --batch 1 --out $OUT
     python benchmarks/e2e.py --models sd3 sana pixart --batch 1 --out $OUT
+    python benchmarks/e2e.py --models kontext --batch 1 --out $OUT              # FLUX.1 Kontext, a 1024² picture in
+    python benchmarks/e2e.py --models qwenimage-edit --batch 1 --out $OUT       # Qwen-Image-Edit, the same
     python benchmarks/e2e.py --models flux --variants fp8-torchao --out $OUT   # torchao FP8 row-wise (its own call)
     python benchmarks/e2e.py --quick                                         # CPU smoke: tiny configs
 
@@ -10,8 +12,10 @@ Each model is its diffusers pipeline with the real architecture and random weigh
 ``benchmarks/pipeline_memory.py`` builds it (its docstring has the details), all at 1024² and ``--steps`` (default
 28) steps: FLUX.1-dev guidance 3.5; SDXL CFG 5; Qwen-Image true CFG 4; SD3.5 Large CFG 3.5, T5 256 tokens;
 SANA 1600M CFG 4.5, Gemma 300 tokens (SANA's usual is 20 steps: pass ``--steps 20``); PixArt-Σ XL CFG 4.5,
-T5 300 tokens (usually 20 steps too). SDXL, SD3.5, SANA and PixArt-Σ run CFG as batch 2 per step, Qwen-Image's
-true CFG as two calls. Variants, on one pipeline per model:
+T5 300 tokens (usually 20 steps too); FLUX.1 Kontext [dev] guidance 2.5 and Qwen-Image-Edit true CFG 4, each
+editing a fixed random 1024² picture given as ``image=`` (its latent tokens join the denoised ones: 8192 image
+tokens per transformer call; Qwen2.5-VL reads the picture too). SDXL, SD3.5, SANA and PixArt-Σ run CFG as batch
+2 per step, Qwen-Image's and Qwen-Image-Edit's true CFG as two calls. Variants, on one pipeline per model:
 
 * ``bf16``: diffusers as loaded, eager;
 * ``bf16-compiled``: the denoiser's repeated blocks through ``torch.compile`` (what diffusers recommends,
@@ -43,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline_memory import (  # noqa: E402
-    MODELS, _quiet, build, components_gb, denoiser, random_quantize, run_device, run_facts,
+    MODELS, _quiet, build, call_facts, components_gb, denoiser, random_quantize, run_device, run_facts,
 )
 
 VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4")
@@ -78,7 +82,7 @@ def measure(pipe, call: dict, steps: int, batch: int, repeats: int, device: str)
                 seconds_per_image=round(s / batch, 3), runs=[round(t, 3) for t in times],
                 resident_gb=resident and round(resident, 2),
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
-                finite=bool(torch.isfinite(out).all()))
+                finite=bool(torch.isfinite(out).all()), shape=list(out.shape))
 
 
 def compile_denoiser(den) -> int:
@@ -107,7 +111,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
     pipe, call = build(model, args.quick, device)
     pipe.to(device)
     res["build_s"] = round(time.perf_counter() - t, 1)
-    res["call"] = {k: v for k, v in call.items() if k != "output_type"} | {"steps": args.steps}
+    res["call"] = call_facts(call) | {"steps": args.steps}
     den = denoiser(pipe)
     for variant in args.variants:
         row = res.setdefault(variant, {})
@@ -183,7 +187,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2, help="steady calls per measurement (median)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no measurement after this many seconds")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU, tiny configs, 16x16 (SANA 32x32), 2 steps: checks the script runs")
+                    help="CPU, tiny configs, 16x16 (SANA, Z-Image 32x32; Qwen-Image-Edit 64x64), 2 steps: checks the "
+                         "script runs")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or any(b < 1 for b in args.batch):

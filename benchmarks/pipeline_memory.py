@@ -1,7 +1,8 @@
 """Peak GPU memory, time per image and weight sizes of whole pipelines, 16-bit vs svdquant (issue 15, part 4).
 
-    python benchmarks/pipeline_memory.py --out $OUT                    # all six below; 1024², 28 steps
+    python benchmarks/pipeline_memory.py --out $OUT                    # every model below; 1024², 28 steps
     python benchmarks/pipeline_memory.py --models flux --steps 28 --out $OUT
+    python benchmarks/pipeline_memory.py --models kontext qwenimage-edit --out $OUT   # the two editing pipelines
     python benchmarks/pipeline_memory.py --quick                        # CPU smoke: tiny configs, seconds
 
 Each pipeline is its diffusers class with the real architecture, built on the GPU with random weights:
@@ -18,12 +19,27 @@ Each pipeline is its diffusers class with the real architecture, built on the GP
   the DC-AE f32c32 autoencoder; flow DPM-Solver, shift 3.0); CFG 4.5 (batch 2 per step), Gemma 300 tokens
   after SANA's default complex-human-instruction preamble (SANA's usual is 20 steps);
 * ``pixart``: PixArt-Σ XL 1024 (``PixArtTransformer2DModel``, 28 blocks of 1152; T5-XXL; the SDXL VAE;
-  DPM-Solver++); CFG 4.5 (batch 2 per step), T5 300 tokens (PixArt-Σ's usual is 20 steps).
+  DPM-Solver++); CFG 4.5 (batch 2 per step), T5 300 tokens (PixArt-Σ's usual is 20 steps);
+* ``zimage``: Z-Image Turbo (``ZImageTransformer2DModel``; Qwen3-4B; the FLUX VAE); no CFG;
+* ``flux2klein``: FLUX.2 [klein] 4B (``Flux2Transformer2DModel``; Qwen3-4B, three hidden states; its VAE); no CFG;
+* ``kontext``: FLUX.1 Kontext [dev] (``FluxKontextPipeline``: ``flux``'s transformer, T5-XXL, CLIP-L and VAE; the
+  same architecture as FLUX.1-dev), editing a fixed random 1024² RGB picture: the picture's 4096 latent tokens
+  join the 4096 being denoised, so every transformer call reads 8192 image tokens (twice FLUX.1-dev's);
+  guidance 2.5 (its model card; distilled: one transformer call per step), T5 512 tokens;
+* ``qwenimage-edit``: Qwen-Image-Edit (``QwenImageEditPipeline``: ``qwenimage``'s transformer and VAE; Qwen2.5-VL-7B
+  with its vision tower run on the picture, through a ``Qwen2VLProcessor`` built offline with Qwen2.5-VL's
+  image settings: 14-pixel patches merged 2 x 2, 3136 to 12,845,056 pixels, CLIP's mean and std), editing a
+  fixed random 1024² picture: the VAE encodes it at ~1024² whatever its size (4096 more image tokens per
+  call, 8192 in all) and Qwen2.5-VL sees it at 1036² (5476 patches, 1369 image tokens in the prompt); true
+  CFG 4.0 with a blank negative prompt (two transformer calls per step).
 
 Tokenizers are over single letters, written offline (so T5 still reads its 512 / 256 / 300 padded tokens and
 CLIP 77; Qwen-Image's prompt template becomes ~190 letter tokens instead of ~40 real ones; SANA's 166-word
 preamble ~890 tokens through Gemma, of which the pipeline keeps the first and the last 299, as with the real
-tokenizer). Nothing downloads. One image per call at 1024², ``--steps`` steps. Variants,
+tokenizer; Qwen-Image-Edit's processor uses Qwen's byte-level tokenizer with its chat markers, one token a byte:
+after the pipeline drops the template's first 64 tokens the transformer reads 1369 image + 292 text tokens where
+the real tokenizer leaves 1369 + ~13, so ~3% more tokens per transformer call: 9853 instead of ~9575).
+Nothing downloads. One image per call at 1024², ``--steps`` steps. Variants,
 cumulative, on one pipeline:
 
 * ``bf16``: everything 16-bit on the GPU;
@@ -35,8 +51,9 @@ cumulative, on one pipeline:
 * ``int4+te4+offload``: + ``enable_model_cpu_offload()`` (weights on the CPU, one model at a time on the
   GPU), quantized layers in ``--offload-weight-mode`` (memory: 4-bit resident);
 * ``int4+te4+offload+fbc``: + First-Block Cache (``enable_cache(FirstBlockCacheConfig(--fbc-threshold))``;
-  FLUX and Qwen-Image only: diffusers has no cache hooks for the SDXL UNet, nor for the SD3, SANA and PixArt
-  transformers, so the variant is listed as skipped there). With random weights which steps it skips says
+  FLUX, Qwen-Image and Qwen-Image-Edit only: diffusers has no cache hooks for the SDXL UNet, nor for the SD3, SANA,
+  PixArt and Z-Image transformers, and on FLUX.2 [klein] and FLUX.1 Kontext the cache fails (``FBC_FAILS``), so
+  the variant is listed as skipped there, with the reason). With random weights which steps it skips says
   nothing about real models: the number of steps that ran every block is recorded beside the time.
 
 Per variant: peak GPU memory of one measured call (after a 2-step warm-up call that compiles the kernels),
@@ -64,11 +81,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV  # noqa: E402
 
-MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart", "zimage", "flux2klein")
+MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart", "zimage", "flux2klein", "kontext", "qwenimage-edit")
 VARIANTS = ("bf16", "int4", "int4+te4", "int4+te4+offload", "int4+te4+offload+fbc")
-# Models whose transformer has diffusers' cache hooks but whose blocks First-Block Cache cannot take (0.42.1)
+# Models whose transformer has diffusers' cache hooks but on which First-Block Cache fails (0.42.1)
 FBC_FAILS = {"flux2klein": "a TypeError inside the hook: it subtracts its recorded head-block output, a list, "
-                           "from a tensor"}
+                           "from a tensor",
+             "kontext": "FluxKontextPipeline calls its transformer outside the cache_context the hooks need: "
+                        "'ValueError: No cache context is set'"}
 
 # ------------------------------------------------------------------------------------------------ configs
 # Public configs of the real models (model cards' config.json), and tiny ones with the same layouts for --quick.
@@ -86,6 +105,9 @@ QWEN25_VL_7B = dict(
     vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                        fullatt_block_indexes=[7, 15, 23, 31]))
+# Qwen2.5-VL-7B-Instruct's image processor (preprocessor_config.json: Qwen2VLImageProcessor; what Qwen-Image-Edit's
+# processor/ holds): 14-pixel patches, 2 x 2 merged, 2 frames per temporal patch, 3136 to 12,845,056 pixels.
+QWEN25_VL_IMAGES = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136, max_pixels=12845056)
 FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                 latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
@@ -174,6 +196,17 @@ TINY = dict(
                                     patch_size=2, window_size=8, fullatt_block_indexes=[0])),
     qwen_vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+    # Qwen-Image-Edit: the byte tokenizer's ~265 ids; the processor shows the vision tower 16 x 16 pixels (8 x 8
+    # patches of 2, 16 image tokens); the VAE at 16x, since the pipeline encodes the picture at ~1024² whatever its
+    # size (64 x 64 latents, 1024 tokens; qwen_vae's 2x would make 65,536)
+    qwen_vl_edit=dict(text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                                       rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+                      vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                         patch_size=2, window_size=8, fullatt_block_indexes=[0])),
+    qwen_vl_images=dict(QWEN25_VL_IMAGES, patch_size=2, min_pixels=16 * 16, max_pixels=16 * 16),
+    qwen_edit_vae=dict(base_dim=2, z_dim=4, dim_mult=[1, 1, 2, 2, 2], num_res_blocks=1,
+                       temperal_downsample=[False] * 4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
     # SD3 pads the two CLIPs' concatenated tokens (2 x 32) to T5's width: its tiny T5 is 64 wide
     sd3=dict(SD35_LARGE, sample_size=8, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
              num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
@@ -244,6 +277,46 @@ def qwen_tokenizer():
     return tiny_qwen_tokenizer()
 
 
+def qwen_vl_processor(images: dict):
+    """A ``Qwen2VLProcessor`` (what Qwen-Image-Edit's ``processor`` is), built offline: :func:`qwen_tokenizer` (its
+    ``<|image_pad|>`` marker is what the processor repeats once per merged patch) and Qwen2-VL's image processor
+    with ``images``' settings (transformers' torchvision backend where installed, else its PIL one). No video
+    processor: the pipeline shows it no video, and transformers' needs torchvision."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    class ImageQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return ImageQwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**images), tokenizer=qwen_tokenizer())
+
+
+def vision_token_ids(tok) -> dict:
+    """Qwen2.5-VL's config entries for the vision markers, as ``tok`` numbers them."""
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def random_image(width: int, height: int | None = None, seed: int = 0):
+    """A fixed random RGB picture (PIL): what the editing and image-to-video pipelines start from."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height or width, width, 3), dtype=np.uint8))
+
+
+def call_facts(call: dict) -> dict:
+    """The call's arguments as the result files record them (a picture by its size)."""
+    out = {}
+    for k, v in call.items():
+        if k == "output_type":
+            continue
+        out[k] = f"random RGB {v.size[0]}x{v.size[1]} (PIL)" if hasattr(v, "getpixel") else v
+    return out
+
+
 def letter_tokenizer():
     """A Unigram tokenizer over single letters (T5's kind; also stands in for Qwen2.5-VL's)."""
     from transformers import T5TokenizerFast
@@ -270,6 +343,8 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
     t = TINY if quick else None
     # schedulers keep their tables on the CPU: made outside the device context
     schedulers = dict(flux=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT),
+                      kontext=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT),
+                      **{"qwenimage-edit": lambda: D.FlowMatchEulerDiscreteScheduler(**FLOW_SHIFT)},
                       sdxl=D.EulerDiscreteScheduler, qwenimage=lambda: D.FlowMatchEulerDiscreteScheduler(**FLOW_SHIFT),
                       sd3=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0),
                       sana=lambda: D.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
@@ -285,8 +360,8 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            if model == "flux":
-                pipe = D.FluxPipeline(
+            if model in ("flux", "kontext"):  # FLUX.1 Kontext [dev]: FLUX.1-dev's architecture, components
+                parts = dict(
                     scheduler=scheduler, vae=D.AutoencoderKL(**(t["vae"] if quick else FLUX_VAE)),
                     text_encoder=T.CLIPTextModel(T.CLIPTextConfig(**(t["clip"] if quick else CLIP_L))),
                     tokenizer=clip_tokenizer(),
@@ -294,7 +369,16 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                     tokenizer_2=letter_tokenizer(),
                     transformer=D.FluxTransformer2DModel(**(t["flux"] if quick else dict(
                         num_layers=19, num_single_layers=38, **FLUX_DEV))))
-                kw = dict(guidance_scale=3.5, max_sequence_length=8 if quick else 512)
+                if model == "flux":
+                    pipe = D.FluxPipeline(**parts)
+                    kw = dict(guidance_scale=3.5, max_sequence_length=8 if quick else 512)
+                else:
+                    pipe = D.FluxKontextPipeline(**parts)
+                    side = 16 if quick else 1024
+                    # 1024² is one of Kontext's preferred resolutions: the picture is encoded at 1024² as given
+                    # (the tiny run turns the resizing off: it would pick a preferred ~1024² size)
+                    kw = dict(image=random_image(side), guidance_scale=2.5, max_sequence_length=8 if quick else 512,
+                              max_area=side * side, **({"_auto_resize": False} if quick else {}))
             elif model == "sdxl":
                 pipe = D.StableDiffusionXLPipeline(
                     vae=D.AutoencoderKL(**(t["vae"] if quick else SDXL_VAE)),
@@ -313,6 +397,18 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                     tokenizer=letter_tokenizer(),
                     transformer=D.QwenImageTransformer2DModel(**(t["qwen_transformer"] if quick else {})))
                 kw = dict(true_cfg_scale=4.0, negative_prompt=" ")
+            elif model == "qwenimage-edit":
+                processor = qwen_vl_processor(t["qwen_vl_images"] if quick else QWEN25_VL_IMAGES)
+                vl = t["qwen_vl_edit"] if quick else QWEN25_VL_7B
+                pipe = D.QwenImageEditPipeline(
+                    scheduler=scheduler,
+                    vae=D.AutoencoderKLQwenImage(**(t["qwen_edit_vae"] if quick else {})),
+                    text_encoder=T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
+                        **vl, **vision_token_ids(processor.tokenizer))),
+                    tokenizer=processor.tokenizer, processor=processor,
+                    transformer=D.QwenImageTransformer2DModel(**(t["qwen_transformer"] if quick else {})))
+                # the pipeline sizes its VAE input (and, by default, its output) to ~1024² from the picture
+                kw = dict(image=random_image(16 if quick else 1024), true_cfg_scale=4.0, negative_prompt=" ")
             elif model == "sd3":
                 pipe = D.StableDiffusion3Pipeline(
                     scheduler=scheduler, vae=D.AutoencoderKL(**(t["vae"] if quick else SD3_VAE)),
@@ -363,6 +459,8 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
     size = 1024
     if quick:
         size = 32 if model in ("sana", "zimage") else 16  # SANA's and Z-Image's pipelines take multiples of 32
+        if model == "qwenimage-edit":
+            size = 64  # multiples of 32 (its tiny VAE is 16x, x 2 packing): 2 x 2 tokens beside the picture's 1024
         if model in ("sana", "pixart"):
             kw["use_resolution_binning"] = False  # bins by sample_size: none for the tiny ones
     return pipe, dict(prompt="a red fox in the snow", height=size, width=size, output_type="pt", **kw)
@@ -497,7 +595,7 @@ def measure(pipe, call: dict, steps: int, device: str, runs: Runs | None = None)
         seconds = time.perf_counter() - t0
     res = dict(seconds_per_image=round(seconds, 3), resident_gb=resident and round(resident, 3),
                peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
-               finite=bool(torch.isfinite(out).all()))
+               finite=bool(torch.isfinite(out).all()), shape=list(out.shape))
     if runs is not None:
         res["denoiser_calls"], res["calls_all_blocks_ran"] = runs.calls, runs.full
     return res
@@ -509,7 +607,8 @@ def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
     bigG penultimate states, concatenated, padded and joined to T5's tokens; both CLIPs' pooled]; SANA [Gemma's
     last hidden states, after the complex-human-instruction preamble the call puts before the prompt];
     PixArt-Σ [T5 tokens]; Z-Image [Qwen3's last-but-one hidden states]; FLUX.2 [klein] [three of Qwen3's hidden
-    states, stacked]."""
+    states, stacked]; FLUX.1 Kontext as FLUX; Qwen-Image-Edit [Qwen2.5-VL's last hidden states over the prompt
+    and the picture's image tokens]."""
     import inspect
 
     kind = type(pipe).__name__
@@ -522,7 +621,7 @@ def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
             out = pipe.encode_prompt(prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
                                      max_sequence_length=call["max_sequence_length"])
             return [out[0], out[2]]
-        if kind == "FluxPipeline":
+        if kind in ("FluxPipeline", "FluxKontextPipeline"):  # Kontext's prompt does not see the picture
             return list(pipe.encode_prompt(prompt, prompt_2=None,
                                            max_sequence_length=call["max_sequence_length"])[:2])
         if kind == "SanaPipeline":
@@ -538,6 +637,12 @@ def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
         if kind == "Flux2KleinPipeline":
             return [pipe.encode_prompt(prompt, max_sequence_length=call["max_sequence_length"],
                                        text_encoder_out_layers=call["text_encoder_out_layers"])[0]]
+        if kind == "QwenImageEditPipeline":  # Qwen2.5-VL reads the picture too, resized as the call resizes it
+            from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+            image = call["image"]
+            w, h, _ = calculate_dimensions(1024 * 1024, image.size[0] / image.size[1])
+            return [pipe.encode_prompt(prompt, image=pipe.image_processor.resize(image, h, w))[0]]
         return [pipe.encode_prompt(prompt)[0]]
 
 
@@ -556,7 +661,7 @@ def run_model(model: str, args, device: str, log, results: dict, t_start: float)
     pipe, call = build(model, args.quick, device)
     pipe.to(device)
     res["build_s"] = round(time.perf_counter() - t, 1)
-    res["call"] = {k: v for k, v in call.items() if k != "output_type"} | {"steps": args.steps}
+    res["call"] = call_facts(call) | {"steps": args.steps}
     den = denoiser(pipe)
     for variant in VARIANTS:
         if variant.endswith("fbc") and not hasattr(den, "enable_cache"):
@@ -688,7 +793,8 @@ def main(argv=None) -> dict:
                     help="First-Block Cache threshold (default 0.05: diffusers' default)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="start no variant after this many seconds")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU, tiny configs, 16x16 (SANA 32x32), 2 steps: checks the script runs")
+                    help="CPU, tiny configs, 16x16 (SANA, Z-Image 32x32; Qwen-Image-Edit 64x64), 2 steps: checks the "
+                         "script runs")
     ap.add_argument("--sizes", action="store_true",
                     help="only the stored weights per component, 16-bit and quantized, computed on meta (no GPU)")
     ap.add_argument("--out", type=Path)

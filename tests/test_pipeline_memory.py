@@ -1,5 +1,5 @@
-"""benchmarks/pipeline_memory.py --quick (and e2e.py, gptq_speed.py): the GPU measurement scripts run end to end on the CPU (tiny configs,
-every model and variant), so it cannot rot between GPU runs (~10 s)."""
+"""benchmarks/pipeline_memory.py --quick (and e2e.py, gptq_speed.py, video.py): the GPU measurement scripts run end to
+end on the CPU (tiny configs, every model and variant), so they cannot rot between GPU runs."""
 
 from __future__ import annotations
 
@@ -65,8 +65,44 @@ def test_quantized_variants_are_smaller(results):
 def test_first_block_cache_counts_the_calls(results):
     _, saved = results
     flux, qwen = saved["flux"]["int4+te4+offload+fbc"], saved["qwenimage"]["int4+te4+offload+fbc"]
-    assert flux["denoiser_calls"] == 2 and qwen["denoiser_calls"] == 4  # Qwen-Image's true CFG: 2 per step
+    edit = saved["qwenimage-edit"]["int4+te4+offload+fbc"]
+    assert flux["denoiser_calls"] == 2 and qwen["denoiser_calls"] == edit["denoiser_calls"] == 4  # true CFG: 2 a step
     assert 1 <= flux["calls_all_blocks_ran"] <= 2 and 1 <= qwen["calls_all_blocks_ran"] <= 4
+    assert 1 <= edit["calls_all_blocks_ran"] <= 4
+    # FluxKontextPipeline calls its transformer outside a cache context: skipped with the reason, not crashed
+    assert "No cache context" in saved["kontext"]["int4+te4+offload+fbc"]["skipped"]
+
+
+def test_edit_models_edit_their_picture(results):
+    """FLUX.1 Kontext and Qwen-Image-Edit (--quick): every variant gives a picture of the asked size from the call's
+    input picture, recorded by its size; the picture's latent tokens reach the transformer beside the ones being
+    denoised, and Qwen-Image-Edit's text encoder reads the picture as image tokens."""
+    _, saved = results
+    for model, side in (("kontext", 16), ("qwenimage-edit", 64)):
+        res = saved[model]
+        assert res["call"]["image"] == "random RGB 16x16 (PIL)"
+        assert res["call"]["height"] == res["call"]["width"] == side
+        for variant in ("bf16", "int4", "int4+te4", "int4+te4+offload"):
+            assert res[variant]["shape"] == [1, 3, side, side], (model, variant)
+
+    seen = {}
+    for model in ("kontext", "qwenimage-edit"):
+        pipe, call = pm.build(model, True, "cpu")
+
+        def record(module, args, kwargs, model=model):
+            seen.setdefault(model, (kwargs["hidden_states"].shape, kwargs["encoder_hidden_states"].shape))
+
+        pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+        pipe(**call, num_inference_steps=1)
+    # Kontext: 16² out through the 2x tiny VAE, 2 x 2 packing: 16 tokens, and the 16² picture's 16 more
+    assert seen["kontext"][0][1] == 16 + 16
+    # Qwen-Image-Edit: 64² out through its 16x tiny VAE: 4 tokens; the picture encoded at 1024²: 1024 more;
+    # the prompt's hidden states include the 16 image tokens of the picture shown at 16² (8 x 8 patches, 2 x 2 merged)
+    assert seen["qwenimage-edit"][0][1] == 4 + 1024
+    text = pipe.prompt_template_encode.format(call["prompt"])
+    ids = pipe.processor(text=[text], images=call["image"], return_tensors="pt")["input_ids"][0]
+    assert int((ids == pipe.processor.image_token_id).sum()) == 16
+    assert seen["qwenimage-edit"][1][1] == len(ids) - pipe.prompt_template_encode_start_idx
 
 
 def test_table_and_options():
@@ -89,6 +125,46 @@ def test_sizes_of_the_real_configs_on_meta():
     assert res["int4+te4"]["transformer"] == pytest.approx(6.565, abs=5e-4)
     assert res["int4+te4"]["text_encoder_2"] == pytest.approx(2.724, abs=5e-4)  # 3.5x smaller
     assert res["int4+te4"]["vae"] == res["bf16"]["vae"]
+
+
+def test_sizes_of_the_edit_pipelines_and_qwen_image_edits_processor():
+    """--sizes: FLUX.1 Kontext [dev] is FLUX.1-dev's components, Qwen-Image-Edit Qwen-Image's (the vision tower was
+    always part of Qwen2.5-VL-7B). The full Qwen-Image-Edit processor, built offline with Qwen2.5-VL's image
+    settings, shows Qwen2.5-VL a 1024² picture as 1036² (74 x 74 patches of 14): 1369 image tokens, under the
+    token id the full text encoder's config names."""
+    res = pm.main(["--sizes", "--models", "flux", "kontext", "qwenimage", "qwenimage-edit"])
+    assert res["kontext"] == res["flux"] and res["qwenimage-edit"] == res["qwenimage"]
+    assert res["qwenimage-edit"]["bf16"]["transformer"] == pytest.approx(40.861, abs=5e-4)
+
+    pipe, call = pm.build("qwenimage-edit", False, "meta")
+    assert call["image"].size == (1024, 1024) and call["true_cfg_scale"] == 4.0
+    processor = pipe.processor
+    assert processor.image_processor.patch_size == 14 and processor.image_processor.merge_size == 2
+    out = processor(text=["<|vision_start|><|image_pad|><|vision_end|>a fox"], images=call["image"],
+                    return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 74, 74]]
+    assert int((out["input_ids"][0] == pipe.text_encoder.config.image_token_id).sum()) == 37 * 37
+    kontext, kcall = pm.build("kontext", False, "meta")
+    assert type(kontext).__name__ == "FluxKontextPipeline" and kcall["image"].size == (1024, 1024)
+
+
+def test_e2e_quick_edits_a_picture(tmp_path):
+    """benchmarks/e2e.py --models kontext qwenimage-edit --quick: a row per model and variant, the input picture
+    in the recorded call, the output of the asked size."""
+    import e2e
+
+    res = e2e.main(["--quick", "--models", "kontext", "qwenimage-edit", "--variants", "bf16", "int4", "--batch", "1",
+                    "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert json.dumps(res, sort_keys=True) == json.dumps(saved, sort_keys=True)
+    table = e2e.table(res)
+    for model, side in (("kontext", 16), ("qwenimage-edit", 64)):
+        assert saved[model]["call"]["image"] == "random RGB 16x16 (PIL)"
+        assert saved[model]["int4"]["quantized_layers"] > 0
+        for variant in ("bf16", "int4"):
+            r = saved[model][variant]["b1"]
+            assert r["finite"] and r["shape"] == [1, 3, side, side], (model, variant)
+            assert f"| {model} | {variant} | 1 |" in table
 
 
 def test_e2e_quick_runs_and_writes_its_table(tmp_path):
@@ -129,6 +205,51 @@ def test_video_quick_runs_every_variant_it_is_given(tmp_path):
         video.main(["--quick", "--frames", "80"])
     with pytest.raises(SystemExit):
         video.main(["--quick", "--steps-a", "3", "--steps-b", "3"])
+    with pytest.raises(SystemExit):
+        video.main(["--quick", "--model", "t2v2"])
+    assert saved["model"] == "t2v" and saved["clip_steps"] == 50 and saved["steps"] == [1, 3]
+    assert saved["bf16 480p"]["latents_shape"] == [1, 16, 2, 8, 8] and "expert_steps" not in saved["bf16 480p"]
+
+
+def test_video_quick_image_to_video(tmp_path):
+    """video.py --model i2v --quick: Wan 2.1 I2V's pipeline (CLIP image encoder, 36 input channels) animates its
+    picture; the image cross-attention's add_k / add_v projections are quantized too (4 more layers than T2V's 20)."""
+    import video
+
+    res = video.main(["--quick", "--model", "i2v", "--variants", "bf16", "int4", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "video-i2v.json").read_text())
+    assert json.dumps(res, sort_keys=True) == json.dumps(saved, sort_keys=True)
+    assert saved["model"] == "i2v" and "WanImageToVideoPipeline" in saved["pipeline"] and saved["clip_steps"] == 40
+    assert "image_encoder" in saved["weights_gb_bf16"] and saved["quantized_layers"] == 24
+    for variant in ("bf16", "int4"):
+        r = saved[f"{variant} 480p"]
+        assert r["finite"] and r["latents_shape"] == [1, 16, 2, 8, 8] and r["clip_s_est"] > 0, variant
+    assert saved["bf16 480p"]["decode"]["frames"] == 5
+    pipe = video.build(True, "cpu", "i2v")
+    assert pipe.transformer.config.in_channels == 36 and pipe.transformer.blocks[0].attn2.add_k_proj is not None
+    assert video.build(False, "meta", "i2v").transformer.config.image_dim == 1280  # the real config, on meta
+
+
+def test_video_quick_wan22_two_experts(tmp_path):
+    """video.py --model wan22 --quick: Wan 2.2 A14B's two experts, both quantized and both compiled; the timed calls
+    run 1 + 1 and 2 + 1 [high-noise, low-noise] steps (flow shift 12, boundary 0.875), the first call all 3."""
+    import video
+
+    res = video.main(["--quick", "--model", "wan22", "--variants", "bf16", "bf16-compiled", "int4", "int4-24gb",
+                      "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "video-wan22.json").read_text())
+    assert json.dumps(res, sort_keys=True) == json.dumps(saved, sort_keys=True)
+    assert saved["model"] == "wan22" and saved["boundary_ratio"] == 0.875 and saved["steps"] == [2, 3]
+    assert saved["guidance"] == {"guidance_scale": 4.0, "guidance_scale_2": 3.0} and saved["clip_steps"] == 40
+    assert saved["weights_gb_bf16"]["transformer_2"] == saved["weights_gb_bf16"]["transformer"]
+    assert saved["quantized_layers_per_expert"] == [20, 20] and saved["quantized_layers"] == 40
+    assert saved["compiled_blocks"] == [2, 2]
+    for variant in ("bf16", "bf16-compiled", "int4", "int4-24gb"):
+        r = saved[f"{variant} 480p"]
+        assert r["finite"] and r["latents_shape"] == [1, 16, 2, 8, 8], variant
+        assert r["first_call_steps"] == 3 and r["expert_steps"] == {"call_a": [1, 1], "call_b": [2, 1]}
+        assert "clip_s_est" in r  # (tiny timings: their difference can round to 0 or below)
+    assert "transformer_2:" in saved["optimize int4"]  # svdquant.optimize reports on both experts
 
 
 def test_plot_e2e_draws_the_results_file_and_checks_it(tmp_path):
