@@ -20,6 +20,7 @@ Other hooks record only while a drawn call runs:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import random
@@ -292,6 +293,20 @@ def tokens_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+@functools.lru_cache(maxsize=8192)
+def token_subset(seed: int, n: int, take: int, device: torch.device) -> torch.Tensor:
+    """The ``take`` tokens of ``n`` that a recorder keeps for the call with this seed: a fixed-seed permutation
+    drawn on the CPU (the same subset wherever the model runs), made once per (seed, n, take, device) and kept on
+    the device (a few integers each). Every group of a block, and every block, draws the same subset for its c-th call, so a replay
+    reuses them: a new index tensor copied from pageable memory would make the host wait for the replay's queued
+    kernels at every layer. Read only."""
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:take]
+    idx = idx.to(device)
+    if device.type == "cuda":  # complete before any stream reads it (once per entry)
+        torch.cuda.current_stream(device).synchronize()
+    return idx
+
+
 class LinearInputRecorder:
     """Per group (keyed by its first member's name): running amax and a random token subset. ``where``: the block
     the names are relative to, for messages (``"blocks.3"``; empty for names in the whole model)."""
@@ -316,10 +331,9 @@ class LinearInputRecorder:
                 return
             am = x.abs().amax(0).float()
             self.amax[key] = am if key not in self.amax else torch.maximum(self.amax[key], am)
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls[key])
+            idx = token_subset(self.seed * 1_000_003 + self.calls[key], x.shape[0], min(self.per_call, x.shape[0]),
+                               x.device)
             self.calls[key] += 1
-            take = min(self.per_call, x.shape[0])
-            idx = torch.randperm(x.shape[0], generator=g)[:take].to(x.device)
             self.samples[key].append(x[idx].clone())
         return pre
 
