@@ -91,6 +91,7 @@ def main(argv=None):
 
     import svdquant
     from svdquant.calibration import Calibration, draw_plan
+    from svdquant.quantize.concurrent import default_workers
 
     torch.manual_seed(0)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -135,9 +136,15 @@ def main(argv=None):
         per_block[blk] = per_block.get(blk, 0.0) + r.seconds
     dbl = [v for k, v in per_block.items() if k.startswith("transformer_blocks")]
     sgl = [v for k, v in per_block.items() if k.startswith("single_transformer_blocks")]
-    overhead = total - report.seconds_calibration - sum(per_block.values())  # block replays, hooks
     n_blocks = args.double + args.single
-    est_quant = 19 * sum(dbl) / len(dbl) + 38 * sum(sgl) / len(sgl) + overhead * 57 / n_blocks
+    workers = args.workers if args.workers is not None else default_workers(torch.device(dev))
+    if workers == 1:
+        overhead = total - report.seconds_calibration - sum(per_block.values())  # block replays, hooks
+        est_quant = 19 * sum(dbl) / len(dbl) + 38 * sum(sgl) / len(sgl) + overhead * 57 / n_blocks
+    else:  # the groups' own seconds overlap: the quantize phase's wall time, scaled by the block count (a stack's
+        # first block runs one group at a time, so a run of few blocks overstates the 57-block time)
+        overhead = float("nan")
+        est_quant = (total - report.seconds_calibration) * 57 / n_blocks
     # forward of the 57-block model ~ forward of this one scaled by block count (embedders are negligible)
     fwd_full = fwd * 57 / n_blocks
     plan = draw_plan(args.prompts, args.steps, args.snapshots, 0)
@@ -152,11 +159,11 @@ def main(argv=None):
             commit = ""
     res = dict(
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
-        recipe=args.recipe, workers=args.workers, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
+        recipe=args.recipe, workers=workers, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
-        seconds_replay_overhead=overhead, peak_gb=peak, peak_reserved_gb=peak_reserved,
+        seconds_replay_overhead=overhead,  # NaN with workers > 1; the per-block seconds then add up overlapping groups peak_gb=peak, peak_reserved_gb=peak_reserved,
         stages=report.stages, forward_ms_this_model=fwd * 1e3,
         forward_ms_57_blocks_est=fwd_full * 1e3, pipeline_calls_est=calls, est_calibration_s=est_calib,
         est_quantization_s=est_quant, est_total_min=(est_calib + est_quant) / 60,

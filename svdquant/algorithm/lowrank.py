@@ -46,9 +46,13 @@ def _orth(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _start(n: int, q: int, device: torch.device) -> torch.Tensor:
     """The random start ``[n, q]``: fixed-seed Gaussian columns, drawn once per shape and device (the search
-    fits the same shapes hundreds of times; forking the generator each time cost as much as the draw). Read only."""
+    fits the same shapes hundreds of times; forking the generator each time cost as much as the draw). Read only;
+    on a GPU complete before it is returned, since groups quantized at once read it from other CUDA streams."""
     g = torch.Generator(device=device).manual_seed(0)
-    return torch.randn(n, q, device=device, generator=g)
+    start = torch.randn(n, q, device=device, generator=g)
+    if start.device.type == "cuda":
+        torch.cuda.current_stream(start.device).synchronize()
+    return start
 
 
 def _svd_in_basis(c: torch.Tensor, p: torch.Tensor):

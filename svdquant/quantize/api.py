@@ -64,9 +64,11 @@ def quantize(
         duration of the call (``torch.cuda.set_per_process_memory_fraction``).
     keep_on_device: with streaming, leave the quantized model on ``device`` (default: back on the CPU).
     workers: how many groups of a block (q/k/v, the MLP...) are quantized at once, each in a thread with its own
-        CUDA stream: the per-group search is bound by the host's kernel launches, so several keep the GPU busy.
-        Default: 3 on a GPU, 1 on the CPU. The result does not depend on it (each group's result is its own),
-        except through the candidate batch size, which shrinks with the memory each group may take.
+        CUDA stream: one group's search leaves the GPU idle between its launches and host syncs, so several keep
+        it busier. Default: 3 on a GPU, 1 on the CPU. A stack's first block, and models without stacks of blocks
+        (the SDXL UNet, include=/exclude=), run one group at a time. Each group's result is its own; only when
+        memory is short (a cap, a small GPU) do groups at once score fewer smoothing candidates per batch, which
+        can move the last bits of the result.
     Returns a :class:`QuantReport` (print it for a table).
 
     Every argument is checked before calibration starts (ValueError / TypeError, one line).

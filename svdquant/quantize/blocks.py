@@ -100,6 +100,12 @@ def install_group(root: nn.Module, group: Group, solved: Solved, clock: StageClo
     return LayerRow.of_group([f"{prefix}.{n}" if prefix else n for n in group.names], rc, rep)
 
 
+def _solve_recorded(rec, block: nn.Module, group: Group, recipe: QuantConfig, concurrent: int) -> Solved:
+    """:func:`solve_group` on the inputs ``rec`` (a block's recorder) kept for ``group``."""
+    x, amax = rec.inputs(group.names[0])
+    return solve_group(block, group, x, amax, recipe, concurrent=concurrent)
+
+
 def _linear(m: nn.Module) -> nn.Module:
     return as_linear(m) if isinstance(m, nn.Conv2d) else m
 
@@ -199,23 +205,22 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
             stack = job.name.rsplit(".", 1)[0]
             at_once = workers.workers if stack in seen else 1  # a stack's first block: its groups one at a time
             seen.add(stack)
+            names = [short_names(list(g.names)) if at_once == 1 else f"{at_once} groups at once" for g in job.groups]
 
-            def task(g, at_once=at_once, job=job, rec=rec):
-                x, amax = rec.inputs(g.names[0])
-                return solve_group(job.block, g, x, amax, plan.recipe, concurrent=at_once)
-
-            def done(i, job=job, index=index, at_once=at_once):
-                bar.update(1)
-                bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), short_names(list(job.groups[i].names))
-                                                     if at_once == 1 else f"{at_once} groups at once",
+            def done(i, job=job, index=index, names=names):
+                bar.update(1)  # and the group that runs next (one at a time), or the block's label
+                bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), names[min(i + 1, len(names) - 1)],
                                                      *gpu_memory(plan.device, plan.cap)))
 
-            solved, wall = workers.run([functools.partial(task, g) for g in job.groups], done, concurrent=at_once > 1)
+            bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), names[0],
+                                                 *gpu_memory(plan.device, plan.cap)))
+            tasks = [functools.partial(_solve_recorded, rec, job.block, g, plan.recipe, at_once) for g in job.groups]
+            solved, wall = workers.run(tasks, done, concurrent=at_once > 1)
             if wall:
                 clock.add("groups at once (wall)", wall)
             rows += [install_group(job.block, g, s, clock, prefix=job.name) for g, s in zip(job.groups, solved)]
             replayer.settle()  # this block's kernels are done before the memory it read can be reused
-            rec = solved = None  # frees the layer inputs before the next block's arrive
+            rec = solved = tasks = None  # frees the layer inputs before the next block's arrive (the tasks held them)
             job.recorded = None
             if streamed is not None:
                 finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)

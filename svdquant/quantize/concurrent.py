@@ -16,7 +16,8 @@ What keeps it safe:
   another stream still reads;
 * the first block of each stack runs its groups one at a time (``concurrent=False``): it compiles the Triton
   kernels of the search once (Triton's JIT is not safe to enter from two threads for one new kernel);
-* a group that runs out of GPU memory beside the others runs again alone after them.
+* a group that runs out of GPU memory beside the others runs again alone after them; any other error cancels
+  the groups not yet started and is raised once the running ones end.
 
 Grad mode is per thread: every worker runs under ``torch.no_grad()``.
 """
@@ -26,13 +27,16 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from typing import Callable, Sequence
 
 import torch
 
-# Groups at once on a GPU by default. Measured on an H200 with a FLUX.1-dev-size transformer
-# (BENCHMARKS.md, "FLUX.1-dev on one H200 (part 2)"): see the table there for 1-4.
+_OUT_OF_MEMORY = object()  # what a worker returns for a group that ran out of GPU memory
+
+# Groups at once on a GPU by default. Measured on an H200 (BENCHMARKS.md, "FLUX.1-dev on one H200 (part 2)"):
+# a 9-block FLUX.1-dev-size model took 18.6 / 15.7 / 15.3 / 15.5 s with 1 / 2 / 3 / 4 workers, and the 57-block
+# one 103.6 s with one, 82.6 s with three.
 DEFAULT_GPU_WORKERS = 3
 
 
@@ -75,24 +79,27 @@ class GroupWorkers:
             ready.record(torch.cuda.current_stream(self.device))
         futures = {self._pool.submit(self._work, task, ready): i for i, task in enumerate(tasks)}
         out: list = [None] * len(tasks)
-        again, error = [], None
-        for f in as_completed(futures):
-            i = futures[f]
-            try:
-                out[i] = f.result()
-            except torch.OutOfMemoryError:
-                again.append(i)  # beside the others; alone below
-                continue
-            except BaseException as e:  # the others finish first: no worker outlives the call
-                error = error or e
-                continue
-            if done is not None:
-                done(i)
-        if error is not None:
-            raise error
+        again = []
+        try:
+            for f in as_completed(futures):
+                i = futures[f]
+                res = f.result()  # an error: the groups not started are cancelled below, the running ones end
+                if res is _OUT_OF_MEMORY:
+                    again.append(i)  # beside the others; alone below
+                    continue
+                out[i] = res
+                if done is not None:
+                    done(i)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            wait(futures)  # no worker still reads this block's tensors when the caller unwinds
+            raise
+        finally:
+            futures = f = None
         wall = time.perf_counter() - t0
         if again and self.cuda:
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the failed attempts' memory: nothing refers to it any more (see _work)
         for i in sorted(again):
             out[i] = tasks[i]()
             if done is not None:
@@ -105,14 +112,19 @@ class GroupWorkers:
             with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 if ready is not None:
                     stream.wait_event(ready)
-                out = task()
-            if stream is not None:  # finished before the caller, on its own stream, reads the result
-                stream.synchronize()
-            return out
+                try:
+                    return task()
+                except torch.OutOfMemoryError:
+                    # a marker, not the exception: its traceback would hold the failed attempt's tensors (the
+                    # group's fp32 problem, a candidate batch) until the caller drops it, through the retry
+                    pass
+            return _OUT_OF_MEMORY
         finally:
+            if stream is not None:  # finished (or failed) before the caller reads the result or frees the inputs
+                stream.synchronize()
             self._streams.put(stream)
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
 

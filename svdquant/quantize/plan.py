@@ -7,6 +7,7 @@ needs (the model, its adapter, the calibration, where it computes, the cap...) i
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -89,8 +90,12 @@ def make_plan(target, recipe, calibration, *, include, exclude, text_encoders, p
         check_text_encoders(pipe, te_recipe)
     if not isinstance(keep_on_device, bool):
         raise TypeError(f"keep_on_device= takes True or False, got {keep_on_device!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers= takes a whole number of groups quantized at once, 1 or more, got {workers!r}")
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, numbers.Integral):
+            raise TypeError(f"workers= takes a whole number of groups quantized at once, got {workers!r}")
+        if workers < 1:
+            raise ValueError(f"workers= takes 1 or more groups quantized at once, got {workers}")
+        workers = int(workers)
     placed = _placement(pipe, model, device, through_pipeline=pipe is not None and calib.inputs is None)
     cap = gpu_cap(max_gpu_memory, placed["device"])
     workers = default_workers(placed["device"]) if workers is None else workers

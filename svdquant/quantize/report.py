@@ -59,7 +59,9 @@ class QuantReport:
     # seconds per stage, summed over the run: calibration (and its transfers, when streaming), pin memory,
     # transfers, replays, and per group setup, smoothing search, refinement, assemble, build modules; text
     # encoders. Disjoint, so they add up to at most seconds_total, except on a GPU, where each block's replays
-    # (and its transfers) run during the previous block's search and "waiting for replays" is what it did not hide
+    # (and its transfers) run during the previous block's search and "waiting for replays" is what it did not hide,
+    # and where groups quantized at once (workers > 1) add up their own times; "groups at once (wall)" is the wall
+    # time of those blocks' groups (not of a stack's first block, nor of a group run again after running out of memory)
     stages: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -111,7 +113,7 @@ class QuantReport:
             overlapped = True
         if "groups at once (wall)" in self.stages:
             lines.append("(setup, search, refinement, GPTQ and assemble add up the groups quantized at once; "
-                         "'groups at once (wall)' is the time those blocks took)")
+                         "'groups at once (wall)' is the wall time of those groups)")
             overlapped = True
         if not overlapped:
             lines.append(f"{'other (hooks, Python)':22s} {rest:8.2f} {100 * rest / total:5.1f}%")
