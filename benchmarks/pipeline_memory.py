@@ -472,20 +472,41 @@ def denoiser(pipe) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ random int4
-def random_svdq(old: torch.nn.Module, weight_only: bool, gen: torch.Generator, rank: int = 32):
+def layer_formats(weight_only: bool, weight_format: str | None = None, rank: int = 32) -> dict:
+    """What an ``int4``-recipe layer of a group is built with: the recipe's own formats, or a weight-only group's
+    (svdquant's rule for them, :func:`svdquant.quantize.blocks.weight_only`, ``weight_format`` its override)."""
+    import svdquant
+    from svdquant.quantize.blocks import weight_only as weight_only_recipe
+
+    if not weight_only:
+        return dict(rank=rank)
+    rc = weight_only_recipe(svdquant.get_recipe("int4"), weight_format)
+    return dict(weights=rc.weights, activations=None, rank=0, group_size=rc.group_size)
+
+
+def random_svdq(old: torch.nn.Module, weight_only: bool, gen: torch.Generator, rank: int = 32,
+                weight_format: str | None = None):
     """An ``int4``-recipe SVDQLinear for ``old`` (a linear or 1x1 conv) with random valid contents, scaled so
-    outputs keep the size of a default-initialized layer (finite activations through 60 blocks)."""
+    outputs keep the size of a default-initialized layer (finite activations through 60 blocks); a weight-only
+    group with its ``weight_format`` (Z-Image's INT8 adaLN)."""
     from svdquant.formats import pack_4bit_halves
     from svdquant.modules import SVDQConv1x1, SVDQLinear
 
     conv = isinstance(old, torch.nn.Conv2d)
     k, n = (old.in_channels, old.out_channels) if conv else (old.in_features, old.out_features)
     dev, dt = old.weight.device, old.weight.dtype
-    kw = dict(weights="int4", activations=None, rank=0) if weight_only else dict(rank=rank)
-    m = SVDQLinear(k, n, old.bias is not None, dtype=dt, device=dev, **kw)
+    m = SVDQLinear(k, n, old.bias is not None, dtype=dt, device=dev, **layer_formats(weight_only, weight_format, rank))
+    std = 0.577 / k**0.5  # nn.Linear's default init: U(±1/√K)
+    if m.weights == "int8":  # per-row scales, unpacked codes (uniform in ±127: std ~73)
+        with torch.no_grad():
+            m.qweight.copy_(torch.randint(-127, 128, m.qweight.shape, device=dev, generator=gen, dtype=torch.int8))
+            m.wscales.fill_(std / 73.0)
+            if m.bias is not None:
+                m.bias.copy_(old.bias)
+        m.refresh()
+        return SVDQConv1x1(m) if conv else m
     kp = k + (-k) % m.group_size
     codes = torch.randint(-7, 8, (n, kp), device=dev, generator=gen, dtype=torch.int8)
-    std = 0.577 / k**0.5  # nn.Linear's default init: U(±1/√K)
     with torch.no_grad():
         m.qweight.copy_(pack_4bit_halves(codes, m.group_size))
         if weight_only:
@@ -516,7 +537,8 @@ def random_quantize(model: torch.nn.Module, mode: str) -> int:
             for name in g.names:
                 parent, _, child = name.rpartition(".")
                 owner = root.get_submodule(parent) if parent else root
-                setattr(owner, child, random_svdq(getattr(owner, child), g.weight_only, gen))
+                setattr(owner, child, random_svdq(getattr(owner, child), g.weight_only, gen,
+                                                  weight_format=g.weight_format))
                 n += 1
     svdquant.set_weight_mode(model, mode)
     return n
@@ -719,12 +741,12 @@ def empty_quantize(pipe) -> None:
     from svdquant.models.text_encoders import encoder_layers, text_encoders
     from svdquant.modules import SVDQConv1x1, SVDQLinear
 
-    def swap(owner, child, weight_only):
+    def swap(owner, child, weight_only, weight_format=None):
         old = getattr(owner, child)
         conv = isinstance(old, torch.nn.Conv2d)
         k, n = (old.in_channels, old.out_channels) if conv else (old.in_features, old.out_features)
-        kw = dict(weights="int4", activations=None, rank=0) if weight_only else {}
-        new = SVDQLinear(k, n, old.bias is not None, dtype=old.weight.dtype, device="meta", **kw)
+        new = SVDQLinear(k, n, old.bias is not None, dtype=old.weight.dtype, device="meta",
+                         **layer_formats(weight_only, weight_format))
         setattr(owner, child, SVDQConv1x1(new) if conv else new)
 
     den = denoiser(pipe)
@@ -733,7 +755,7 @@ def empty_quantize(pipe) -> None:
         for g in adapter.groups(root):
             for name in g.names:
                 parent, _, child = name.rpartition(".")
-                swap(root.get_submodule(parent) if parent else root, child, g.weight_only)
+                swap(root.get_submodule(parent) if parent else root, child, g.weight_only, g.weight_format)
     for te in text_encoders(pipe).values():
         for name in encoder_layers(te):
             parent, _, child = name.rpartition(".")

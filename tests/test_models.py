@@ -194,10 +194,12 @@ def _expected_new(arch: str) -> dict:
         return dict(
             w4a4=[p + n for p in blocks for n in qkv + ["attention.to_out.0", "feed_forward.w1", "feed_forward.w3",
                                                        "feed_forward.w2"]],
-            gelu={}, weight_only=[], conv=[],
+            # the blocks' adaLN: INT8 weight-only whatever the recipe (the context refiner has none)
+            gelu={}, weight_only=["noise_refiner.0.adaLN_modulation.0", "layers.0.adaLN_modulation.0"], conv=[],
+            weight_format={"noise_refiner.0.adaLN_modulation.0": ("int8", 0),
+                           "layers.0.adaLN_modulation.0": ("int8", 0)},
             kept=["all_x_embedder.2-1", "all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1",
-                  "t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1", "noise_refiner.0.adaLN_modulation.0",
-                  "layers.0.adaLN_modulation.0"],
+                  "t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1"],
             groups=[_p(p, q) for p in blocks for q in (qkv, ["feed_forward.w1", "feed_forward.w3"])],
         )
     assert arch == "wan"
@@ -294,7 +296,8 @@ def test_every_target_layer_has_expected_format(arch):
     for name in exp["weight_only"]:
         m = q.get_submodule(name)
         assert type(m) is SVDQLinear, name
-        assert (m.weights, m.activations, m.rank, m.act_shift) == ("int4", None, 0, 0.0), name
+        fmt, group = exp.get("weight_format", {}).get(name, ("int4", 64))
+        assert (m.weights, m.activations, m.group_size, m.rank, m.act_shift) == (fmt, None, group, 0, 0.0), name
         assert not hasattr(m, "smooth_inv") and not hasattr(m, "lora_down"), name
     for name in exp["conv"]:
         m = q.get_submodule(name)
@@ -572,3 +575,17 @@ def test_pipeline_quantization_close_to_16bit():
                                                          pipeline_kwargs=dict(tm.PIPE_KWARGS)), progress=False)
     img = tm.sample(pipe)
     assert 0 < rel_err(img, ref) < 0.004  # measured 0.0012-0.0016 on pipeline seeds 0-2
+
+
+def test_a_weight_only_group_can_name_its_own_format():
+    """``Group.weight_format`` (Z-Image's adaLN: INT8): that format with its default grouping, no GPTQ where the
+    format has no grid to round to; without it, the recipe's weight-only format, GPTQ as the recipe says."""
+    from svdquant.quantize.blocks import weight_only
+
+    rc = svdquant.get_recipe("int4")
+    assert rc.gptq
+    own = weight_only(rc, "int8")
+    assert (own.weights, own.activations, own.group_size, own.rank, own.gptq) == ("int8", None, 0, 0, False)
+    assert (weight_only(rc).weights, weight_only(rc).group_size, weight_only(rc).gptq) == ("int4", 64, True)
+    nf4 = weight_only(rc, "nf4")
+    assert (nf4.weights, nf4.gptq) == ("nf4", True)

@@ -211,6 +211,8 @@ def test_silent_and_slow_connections_are_closed_after_the_read_timeout(server):
                 closed_at = time.monotonic()
         except socket.timeout:
             pass
+        except OSError:  # closed with our drip unread: the kernel resets the connection instead of ending it
+            closed_at = time.monotonic()
     assert closed_at is not None and closed_at - t0 < READ_TIMEOUT + 1.5
     for s in silent:
         s.settimeout(READ_TIMEOUT + 3)

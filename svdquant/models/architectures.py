@@ -87,9 +87,12 @@ def _zimage_groups(block: nn.Module):
         # signed, so it is not shifted as a post-GELU input is
         (("feed_forward.w1", "feed_forward.w3"), SHARED),
         (("feed_forward.w2",), SHARED),
-        # adaLN_modulation = Sequential(Linear(min(dim, 256), 4·dim)) stays 16-bit: unlike FLUX's norm1.linear
-        # (dim -> 6·dim, 9% of FLUX.1's weights) it reads the 256-wide timestep embedding, 2% of Z-Image's
-        # weights, and its tanh gates and scales multiply every token, so 4 bits there cost more than they save.
+        # adaLN_modulation = Sequential(Linear(min(dim, 256), 4·dim)): INT8 weight-only (per-channel scales), not
+        # the recipe's 4 bits. Unlike FLUX's norm1.linear (dim -> 6·dim, 9% of FLUX.1's weights) it reads the
+        # 256-wide timestep embedding, 2% of Z-Image's weights, and its tanh gates and scales multiply every token:
+        # 4 bits there cost ~1 dB on the tiny Z-Image, 8 bits nothing measurable, and keep the transformer 3.5x+
+        # smaller than 16-bit (BENCHMARKS.md, "The new models end to end").
+        (("adaLN_modulation.0",), dict(weight_only=True, weight_format="int8")),
     )
 
 

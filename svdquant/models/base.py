@@ -27,12 +27,15 @@ class Group:
     post_gelu: the input follows a GELU: ``True`` for all channels, or the first channel
         index of a GELU part (FLUX single-block ``proj_out`` reads [attention | GELU(mlp)]).
     shared_branch: one low-rank branch for the whole group (q/k/v) or one per member.
+    weight_format: a weight-only group's format when it is not the recipe's weight-only one (Z-Image's adaLN:
+        ``"int8"``, per-channel scales, whatever the recipe), a name from :mod:`svdquant.formats`.
     """
 
     names: tuple[str, ...]
     weight_only: bool = False
     post_gelu: bool | int = False
     shared_branch: bool = True
+    weight_format: str | None = None
 
 
 @dataclass

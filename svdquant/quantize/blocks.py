@@ -44,13 +44,18 @@ class Quantized:
     seconds_calibration: float
 
 
-def weight_only(recipe: QuantConfig) -> QuantConfig:
-    """The recipe for a group that keeps 16-bit activations: the weight format's weight-only choice
-    (two-level INT4 recipes keep 16-bit group scales there: a weight-only GEMV reads them for free)."""
-    if recipe.activations is None:
-        return recipe
+def weight_only(recipe: QuantConfig, fmt: str | None = None) -> QuantConfig:
+    """The recipe for a group that keeps 16-bit activations: the weight format's weight-only choice (two-level
+    INT4 recipes keep 16-bit group scales there: a weight-only GEMV reads them for free), or the group's own
+    ``fmt`` (:attr:`svdquant.models.Group.weight_format`) with that format's default grouping."""
     from ..formats import get_format
 
+    if fmt is not None:  # GPTQ where the format has a grid to round to (INT8's per-row rounding has none)
+        f = get_format(fmt)
+        return recipe.replace(weights=fmt, activations=None, method="naive", rank=0, group_size=f.default_group,
+                              gptq=recipe.gptq and f.has_weight_grid)
+    if recipe.activations is None:
+        return recipe
     return recipe.replace(weights=get_format(recipe.weights).weight_only, activations=None, method="naive", rank=0)
 
 
@@ -76,7 +81,7 @@ def solve_group(root: nn.Module, group: Group, x, amax, recipe: QuantConfig, con
     it while others quantize the block's other groups; ``concurrent`` of them share the free GPU memory)."""
     t0 = time.perf_counter()
     lins = [_linear(root.get_submodule(n)) for n in group.names]
-    rc = weight_only(recipe) if group.weight_only else recipe
+    rc = weight_only(recipe, group.weight_format) if group.weight_only else recipe
     qws, rep = quantize_linears([lin.weight for lin in lins], [lin.bias for lin in lins], x, rc,
                                 post_gelu=group.post_gelu, shared_branch=group.shared_branch, act_max=amax,
                                 concurrent=concurrent)
