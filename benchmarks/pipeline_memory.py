@@ -523,18 +523,25 @@ def random_svdq(old: torch.nn.Module, weight_only: bool, gen: torch.Generator, r
     return SVDQConv1x1(m) if conv else m
 
 
+def _groups_by_root(adapter, model):
+    """(module, its groups) for each block (or the model without stacks), then the model and the adapter's groups
+    outside the blocks (FLUX.2's modulation and embedders), as ``svdquant.quantize`` walks them."""
+    roots = adapter.blocks(model) if adapter.stacks else [("", model)]
+    return [(root, adapter.groups(root)) for _, root in roots] + [(model, list(adapter.model_groups))]
+
+
 def random_quantize(model: torch.nn.Module, mode: str) -> int:
     """Replace every layer svdquant's adapter quantizes by :func:`random_svdq`; returns how many."""
     import svdquant
     from svdquant.models import get_adapter
+    from svdquant.models.base import present
 
     adapter = get_adapter(model)
-    roots = adapter.blocks(model) if adapter.stacks else [("", model)]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     n = 0
-    for _, root in roots:
-        for g in adapter.groups(root):
-            for name in g.names:
+    for root, groups in _groups_by_root(adapter, model):
+        for g in groups:
+            for name in present(root, *g.names):
                 parent, _, child = name.rpartition(".")
                 owner = root.get_submodule(parent) if parent else root
                 setattr(owner, child, random_svdq(getattr(owner, child), g.weight_only, gen,
@@ -738,6 +745,7 @@ def empty_quantize(pipe) -> None:
     its adapter says (``int4`` layouts), the text encoders' as ``quantize_text_encoders`` does (W4A16 g64).
     Sizes only: nothing is computed."""
     from svdquant.models import get_adapter
+    from svdquant.models.base import present
     from svdquant.models.text_encoders import encoder_layers, text_encoders
     from svdquant.modules import SVDQConv1x1, SVDQLinear
 
@@ -751,9 +759,9 @@ def empty_quantize(pipe) -> None:
 
     den = denoiser(pipe)
     adapter = get_adapter(den)
-    for _, root in adapter.blocks(den) if adapter.stacks else [("", den)]:
-        for g in adapter.groups(root):
-            for name in g.names:
+    for root, groups in _groups_by_root(adapter, den):
+        for g in groups:
+            for name in present(root, *g.names):
                 parent, _, child = name.rpartition(".")
                 swap(root.get_submodule(parent) if parent else root, child, g.weight_only, g.weight_format)
     for te in text_encoders(pipe).values():

@@ -181,11 +181,16 @@ def _expected_new(arch: str) -> dict:
                                                        "ff.linear_out", "ff_context.linear_in",
                                                        "ff_context.linear_out"])
             + _p(s0, ["attn.to_qkv_mlp_proj", "attn.to_out"]),
-            gelu={}, weight_only=[], conv=[],
+            # the modulation, text embedder and final adaLN on the model: INT8 weight-only (the adapter's model_groups)
+            gelu={}, conv=[],
+            weight_only=["double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+                         "single_stream_modulation.linear", "context_embedder", "norm_out.linear"],
+            weight_format={n: ("int8", 0) for n in ["double_stream_modulation_img.linear",
+                                                    "double_stream_modulation_txt.linear",
+                                                    "single_stream_modulation.linear", "context_embedder",
+                                                    "norm_out.linear"]},
             kept=["time_guidance_embed.timestep_embedder.linear_1", "time_guidance_embed.timestep_embedder.linear_2",
-                  "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
-                  "single_stream_modulation.linear", "x_embedder", "context_embedder", "norm_out.linear",
-                  "proj_out"],
+                  "x_embedder", "proj_out"],
             groups=[_p(b0, DOUBLE_QKV), _p(b0, DOUBLE_ADD_QKV)],
         )
     if arch == "zimage":

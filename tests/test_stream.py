@@ -553,3 +553,22 @@ def test_gpu_streamed_pipeline_never_holds_text_encoders_and_transformer_togethe
     assert {t.device.type for t in pipe.transformer.state_dict().values()} == {"cuda"}  # keep_on_device
     assert {p.device.type for p in pipe.text_encoder_2.parameters()} == {"cpu"}
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is SVDQLinear
+
+
+def test_layers_outside_the_blocks_are_quantized_streamed_too():
+    """FLUX.2's modulation and embedders (the adapter's model_groups): INT8 weight-only after the blocks, the same
+    streamed as not, back where they were, one report row each (the weight's own error), their stage timed."""
+    model = tm.build_flux2(seed=0, dtype=DTYPE)
+    calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux2", model, 2))
+    plain, streamed = copy.deepcopy(model), copy.deepcopy(model)
+    r0 = svdquant.quantize(plain, RECIPE, calib, progress=False)
+    r1 = svdquant.quantize(streamed, RECIPE, calib, progress=False, device="cpu")
+    assert_same_state(plain, streamed)
+    outside = [r for r in r0.rows if r.names[0] in ("double_stream_modulation_img.linear",
+                                                    "double_stream_modulation_txt.linear",
+                                                    "single_stream_modulation.linear", "context_embedder",
+                                                    "norm_out.linear")]
+    assert len(outside) == 5 and all((r.weights, r.activations) == ("int8", None) for r in outside)
+    assert all(0 < r.rel_error < 0.01 for r in outside)  # per-channel INT8: the weight's own error, ~0.4 %
+    assert "layers outside the blocks" in r0.stages and "layers outside the blocks" in r1.stages
+    assert isinstance(plain.x_embedder, nn.Linear) and isinstance(plain.proj_out, nn.Linear)

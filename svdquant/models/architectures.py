@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .base import Adapter, groups_of
+from .base import Adapter, Group, groups_of
 
 SHARED = {}  # default Group kwargs: one λ and one shared branch
 
@@ -51,12 +51,23 @@ _JOINT_MLP_AND_ADALN = (
 )
 
 
+# FLUX.2's adaLN modulation is not in the blocks: three ``Flux2Modulation`` linears on the model make every block's
+# shift/scale/gate once per call from the timestep embedding (3.7 % of FLUX.2 [klein] 4B's weights, ~2 % of
+# [dev]'s). They, the text (context) embedder and the final adaLN are INT8 weight-only with per-channel scales,
+# which takes [klein] past 3.5x smaller: on the tiny FLUX.2 (three seeds) the output error moved +3 to +6 %
+# (BENCHMARKS.md, "The new models end to end"), where W4A16 on the modulation alone made it 1.6x. The timestep
+# embedder (+4-5 % each of its two linears, 0.3 % of the weights), the image patch embedder and the output
+# projection (INT8 there: 5x the error, 0.02 % of the weights) stay 16-bit.
+_FLUX2_MODEL_GROUPS = (
+    Group(("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+           "single_stream_modulation.linear", "context_embedder", "norm_out.linear"),
+          weight_only=True, weight_format="int8"),
+)
+
+
 def _flux2_groups(block: nn.Module):
     """FLUX.2 (``Flux2Transformer2DModel``, FLUX.2 [dev] and [klein]): FLUX.1's double / single layout with
-    SwiGLU feed-forwards and no biases. Its adaLN modulation is not in the blocks: three ``Flux2Modulation``
-    linears on the model (``double_stream_modulation_img/_txt``, ``single_stream_modulation``) make every
-    block's shift/scale/gate once per call from the timestep embedding, and stay 16-bit with the embedders
-    (one token per call; about 2% of FLUX.2 [dev]'s weights)."""
+    SwiGLU feed-forwards and no biases; its modulation and embedders are on the model (``_FLUX2_MODEL_GROUPS``)."""
     if hasattr(block.attn, "to_qkv_mlp_proj"):  # Flux2SingleTransformerBlock
         return groups_of(
             block,
@@ -226,7 +237,8 @@ ADAPTERS = {
     # one joint stream [text | image] the model concatenates after the double blocks.
     "Flux2Transformer2DModel": lambda: Adapter(
         "flux2", ("transformer_blocks", "single_transformer_blocks"), ("encoder_hidden_states", "hidden_states"),
-        _flux2_groups, stack_outputs={"single_transformer_blocks": ("hidden_states",)}, patch=2),
+        _flux2_groups, stack_outputs={"single_transformer_blocks": ("hidden_states",)}, patch=2,
+        model_groups=_FLUX2_MODEL_GROUPS),
     # Z-Image (ZImagePipeline): image tokens refined, caption tokens refined, then both through the main
     # layers; each block returns its one stream ``x``. The pipeline patchifies 2x2 latents.
     "ZImageTransformer2DModel": lambda: Adapter(

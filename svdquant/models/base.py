@@ -51,6 +51,9 @@ class Adapter:
         blocks return the one joint stream its double blocks split in two).
     patch: latent pixels per token side, where the transformer's config does not say it as one
         ``patch_size`` int (FLUX packs 2x2 latents in its pipeline; Wan's patch is (t, h, w)).
+    model_groups: linears of the model outside its blocks (FLUX.2's shared modulation, embedders), each a
+        weight-only :class:`Group` with its ``weight_format``, named from the model's root: rounded to nearest
+        after the blocks, with no calibration inputs.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Adapter:
     notes: list[str] = field(default_factory=list)
     stack_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     patch: int | None = None
+    model_groups: tuple[Group, ...] = ()
 
     def outputs_of(self, block: str) -> tuple[str, ...]:
         """What the block named ``block`` (``"stack.i"``) returns, in order."""
