@@ -5,6 +5,7 @@
     python benchmarks/e2e.py --models sd3 sana pixart --batch 1 --out $OUT
     python benchmarks/e2e.py --models kontext --batch 1 --out $OUT              # FLUX.1 Kontext, a 1024² picture in
     python benchmarks/e2e.py --models qwenimage-edit --batch 1 --out $OUT       # Qwen-Image-Edit, the same
+    python benchmarks/e2e.py --models flux2 --batch 1 --steps 28 --repeats 2 --out $OUT   # FLUX.2 [dev] 32B
     python benchmarks/e2e.py --models flux --variants fp8-torchao --out $OUT   # torchao FP8 row-wise (its own call)
     python benchmarks/e2e.py --quick                                         # CPU smoke: tiny configs
 
@@ -14,8 +15,19 @@ Each model is its diffusers pipeline with the real architecture and random weigh
 SANA 1600M CFG 4.5, Gemma 300 tokens (SANA's usual is 20 steps: pass ``--steps 20``); PixArt-Σ XL CFG 4.5,
 T5 300 tokens (usually 20 steps too); FLUX.1 Kontext [dev] guidance 2.5 and Qwen-Image-Edit true CFG 4, each
 editing a fixed random 1024² picture given as ``image=`` (its latent tokens join the denoised ones: 8192 image
-tokens per transformer call; Qwen2.5-VL reads the picture too). SDXL, SD3.5, SANA and PixArt-Σ run CFG as batch
-2 per step, Qwen-Image's and Qwen-Image-Edit's true CFG as two calls. Variants, on one pipeline per model:
+tokens per transformer call; Qwen2.5-VL reads the picture too); FLUX.2 [dev] guidance 4.0 (guidance-distilled),
+Mistral Small 3.1 512 tokens. SDXL, SD3.5, SANA and PixArt-Σ run CFG as batch 2 per step, Qwen-Image's and
+Qwen-Image-Edit's true CFG as two calls.
+
+FLUX.2 [dev] (``flux2``) is too tight on one H200 with its text encoder resident: its transformer is 64.45 GB in
+BF16 and Mistral Small 3.1 24B 48.0 GB, 112.6 GB with the VAE before activations, compiled graphs and the int4
+variant's new layers. Both are built on the GPU (random init there: no copy in CPU memory), the prompt is encoded once
+(``pipe.encode_prompt``, timed: a first call and a second), then the text encoder is dropped
+(``pipe.text_encoder = None``, its 48 GB freed) before any variant, and every timed call of every variant gives the
+pipeline ``prompt_embeds=`` instead of the prompt (batch b: the pipeline repeats them b times). Its s / image
+excludes the text encoding; the result's ``text_encoding`` records that and the encoding's own seconds and memory.
+
+Variants, on one pipeline per model:
 
 * ``bf16``: diffusers as loaded, eager;
 * ``bf16-compiled``: the denoiser's repeated blocks through ``torch.compile`` (what diffusers recommends,
@@ -51,6 +63,9 @@ from pipeline_memory import (  # noqa: E402
 )
 
 VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4")
+# Models whose prompt is encoded once, before the variants, then their text encoder dropped from the GPU: every
+# timed call reads the precomputed prompt_embeds (FLUX.2 [dev]: 64.45 + 48.0 GB of BF16 weights)
+PRECOMPUTED_TEXT = ("flux2",)
 
 
 def _sync(device):
@@ -85,6 +100,45 @@ def measure(pipe, call: dict, steps: int, batch: int, repeats: int, device: str)
                 finite=bool(torch.isfinite(out).all()), shape=list(out.shape))
 
 
+def precompute_text(pipe, call: dict, device: str) -> tuple[dict, dict]:
+    """Encode ``call``'s prompt once with the pipeline's text encoder (twice, timed: the first call pays the
+    kernels' first launches), then drop the text encoder (``pipe.text_encoder = None``, freed from the GPU).
+    Returns (the call with ``prompt_embeds=`` in place of the prompt and the text encoder's arguments, what to
+    record). FLUX.2's pipelines: ``encode_prompt(prompt, device, max_sequence_length, text_encoder_out_layers)``
+    -> (prompt_embeds, text_ids); given ``prompt_embeds`` (and no prompt) a call never touches the text encoder."""
+    cuda = device == "cuda"
+    text_kw = {k: call[k] for k in ("max_sequence_length", "text_encoder_out_layers") if k in call}
+    weights = components_gb(pipe)["text_encoder"]
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / 1e9 if cuda else None
+    times = []
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            embeds = pipe.encode_prompt(call["prompt"], device=pipe._execution_device, **text_kw)[0]
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    encoder = pipe.text_encoder
+    pipe.text_encoder = None  # a registered component may be None: the pipeline's config follows
+    del encoder
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    timed = {k: v for k, v in call.items() if k != "prompt" and k not in text_kw}
+    timed["prompt_embeds"] = embeds
+    facts = dict(excluded_from_seconds_per_image=True, first_call_s=round(times[0], 3), seconds=round(times[1], 3),
+                 text_encoder_weights_gb=weights, resident_gb_with_text_encoder=resident and round(resident, 2),
+                 peak_gb=peak and round(peak, 2),
+                 resident_gb_after_drop=round(torch.cuda.memory_allocated() / 1e9, 2) if cuda else None,
+                 prompt_embeds_shape=list(embeds.shape), text_encoder="dropped before the variants "
+                 "(pipe.text_encoder = None); every timed call reads prompt_embeds")
+    return timed, facts
+
+
 def compile_denoiser(den) -> int:
     from svdquant.pipelines.optimize import compile_blocks
 
@@ -112,6 +166,12 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
     pipe.to(device)
     res["build_s"] = round(time.perf_counter() - t, 1)
     res["call"] = call_facts(call) | {"steps": args.steps}
+    if model in PRECOMPUTED_TEXT:
+        call, res["text_encoding"] = precompute_text(pipe, call, device)
+        res["call"]["prompt_embeds"] = (f"precomputed {res['text_encoding']['prompt_embeds_shape']} from the prompt "
+                                        "(the text encoder dropped)")
+        log(f"{model:10s} text encoding (excluded from s / image) {json.dumps(res['text_encoding'])}")
+        args.save(results)
     den = denoiser(pipe)
     for variant in args.variants:
         row = res.setdefault(variant, {})
@@ -175,6 +235,13 @@ def table(results: dict) -> str:
                     ratios.append(f"{ref / r['seconds_per_image']:.2f}x" if ref else "-")
                 lines.append(f"| {model} | {v} | {r['batch']} | {r['seconds_per_image']:.3f} | {r['first_call_s']:.1f} | "
                              f"{r['peak_gb']} | {r['resident_gb']} | {ratios[0]} | {ratios[1]} |")
+    for model in MODELS:
+        te = (results.get(model) or {}).get("text_encoding") if isinstance(results.get(model), dict) else None
+        if te:
+            peak = "" if te["peak_gb"] is None else (f", peak {te['peak_gb']} GB with the text encoder "
+                                                     f"({te['text_encoder_weights_gb']:.2f} GB) resident")
+            lines.append(f"\n{model}: s / image excludes the text encoding, run once before the variants: "
+                         f"{te['seconds']} s ({te['first_call_s']} s the first call){peak}")
     return "\n".join(lines)
 
 

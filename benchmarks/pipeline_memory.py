@@ -22,6 +22,13 @@ Each pipeline is its diffusers class with the real architecture, built on the GP
   DPM-Solver++); CFG 4.5 (batch 2 per step), T5 300 tokens (PixArt-Σ's usual is 20 steps);
 * ``zimage``: Z-Image Turbo (``ZImageTransformer2DModel``; Qwen3-4B; the FLUX VAE); no CFG;
 * ``flux2klein``: FLUX.2 [klein] 4B (``Flux2Transformer2DModel``; Qwen3-4B, three hidden states; its VAE); no CFG;
+* ``flux2``: FLUX.2 [dev] 32B (``Flux2Pipeline``: ``Flux2Transformer2DModel`` with its constructor defaults, FLUX.2
+  [dev]'s config: 8 double and 48 single blocks of 48 heads x 128, 64.45 GB in BF16; Mistral Small 3.1 24B as
+  ``Mistral3ForConditionalGeneration``, text and Pixtral vision tower, 48.0 GB, of which the pipeline stacks the
+  hidden states after layers 10, 20 and 30: 3 x 5120 = the transformer's joint_attention_dim 15360; FLUX.2's
+  VAE); guidance 4.0 (guidance-distilled: one transformer call per step), Mistral 512 tokens. The pipeline is
+  112.6 GB in BF16, all of it resident in this script's ``bf16`` variant (not yet run on a GPU);
+  ``benchmarks/e2e.py`` encodes the prompt once and drops the text encoder before its variants;
 * ``kontext``: FLUX.1 Kontext [dev] (``FluxKontextPipeline``: ``flux``'s transformer, T5-XXL, CLIP-L and VAE; the
   same architecture as FLUX.1-dev), editing a fixed random 1024² RGB picture: the picture's 4096 latent tokens
   join the 4096 being denoised, so every transformer call reads 8192 image tokens (twice FLUX.1-dev's);
@@ -38,7 +45,9 @@ CLIP 77; Qwen-Image's prompt template becomes ~190 letter tokens instead of ~40 
 preamble ~890 tokens through Gemma, of which the pipeline keeps the first and the last 299, as with the real
 tokenizer; Qwen-Image-Edit's processor uses Qwen's byte-level tokenizer with its chat markers, one token a byte:
 after the pipeline drops the template's first 64 tokens the transformer reads 1369 image + 292 text tokens where
-the real tokenizer leaves 1369 + ~13, so ~3% more tokens per transformer call: 9853 instead of ~9575).
+the real tokenizer leaves 1369 + ~13, so ~3% more tokens per transformer call: 9853 instead of ~9575; FLUX.2 [dev]'s
+Mistral tokenizer is a byte-level one with Mistral's chat markers and template (FLUX.2's system message and the
+prompt are 193 byte tokens instead of a few dozen real ones, padded to 512 either way, as the pipeline pads).
 Nothing downloads. One image per call at 1024², ``--steps`` steps. Variants,
 cumulative, on one pipeline:
 
@@ -52,7 +61,7 @@ cumulative, on one pipeline:
   GPU), quantized layers in ``--offload-weight-mode`` (memory: 4-bit resident);
 * ``int4+te4+offload+fbc``: + First-Block Cache (``enable_cache(FirstBlockCacheConfig(--fbc-threshold))``;
   FLUX, Qwen-Image and Qwen-Image-Edit only: diffusers has no cache hooks for the SDXL UNet, nor for the SD3, SANA,
-  PixArt and Z-Image transformers, and on FLUX.2 [klein] and FLUX.1 Kontext the cache fails (``FBC_FAILS``), so
+  PixArt and Z-Image transformers, and on FLUX.2 and FLUX.1 Kontext the cache fails (``FBC_FAILS``), so
   the variant is listed as skipped there, with the reason). With random weights which steps it skips says
   nothing about real models: the number of steps that ran every block is recorded beside the time.
 
@@ -81,11 +90,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV  # noqa: E402
 
-MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart", "zimage", "flux2klein", "kontext", "qwenimage-edit")
+MODELS = ("flux", "sdxl", "qwenimage", "sd3", "sana", "pixart", "zimage", "flux2klein", "flux2", "kontext",
+          "qwenimage-edit")
 VARIANTS = ("bf16", "int4", "int4+te4", "int4+te4+offload", "int4+te4+offload+fbc")
 # Models whose transformer has diffusers' cache hooks but on which First-Block Cache fails (0.42.1)
 FBC_FAILS = {"flux2klein": "a TypeError inside the hook: it subtracts its recorded head-block output, a list, "
                            "from a tensor",
+             "flux2": "Flux2Pipeline calls its transformer outside the cache_context the hooks need: "
+                      "'ValueError: No cache context is set'",
              "kontext": "FluxKontextPipeline calls its transformer outside the cache_context the hooks need: "
                         "'ValueError: No cache context is set'"}
 
@@ -166,6 +178,30 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
 FLUX2_KLEIN_4B = dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128,
                       in_channels=128, joint_attention_dim=3 * 2560, guidance_embeds=False)
 FLUX2_VAE = dict(use_quant_conv=True, use_post_quant_conv=True)  # diffusers' AutoencoderKLFlux2 defaults otherwise
+# FLUX.2 [dev] (black-forest-labs/FLUX.2-dev): Flux2Transformer2DModel's constructor defaults are its config, written
+# out: 8 double and 48 single blocks of 48 heads x 128 (6144 wide), latents of 32 channels patchified 2 x 2 (128),
+# the guidance embedded (guidance-distilled), the text read as three of Mistral's hidden states stacked (3 x 5120).
+FLUX2_DEV = dict(num_layers=8, num_single_layers=48, num_attention_heads=48, attention_head_dim=128, in_channels=128,
+                 joint_attention_dim=3 * 5120, guidance_embeds=True)
+# Flux2Pipeline's text_encoder_out_layers default: hidden_states[10], [20], [30] of Mistral's 40 layers
+# (hidden_states[0] is the token embedding)
+FLUX2_DEV_TEXT_LAYERS = (10, 20, 30)
+# Mistral Small 3.1 24B (FLUX.2-dev's text_encoder/config.json, mistralai/Mistral-Small-3.1-24B-Instruct-2503):
+# Mistral3ForConditionalGeneration, a 40-layer Mistral text model and a 24-layer Pixtral vision tower (which a
+# text-to-image call never runs: its 0.44 B parameters only take memory). The lm_head is its own matrix in the
+# checkpoint (the text config's tie_word_embeddings is false); transformers 5's Mistral3Config defaults the
+# top-level flag to true, which would share it with the token embedding (0.67 B parameters, 1.3 GB fewer):
+# set false. 24.0 B parameters, 48.0 GB in BF16.
+MISTRAL_SMALL_31 = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e9,
+                     sliding_window=None, tie_word_embeddings=False),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, num_channels=3, image_size=1540, patch_size=14,
+                       hidden_act="silu", rope_theta=10000.0),
+    image_token_index=10, projector_hidden_act="gelu", spatial_merge_size=2, multimodal_projector_bias=False,
+    vision_feature_layer=-1, tie_word_embeddings=False)
 # Z-Image Turbo (Tongyi-MAI/Z-Image-Turbo): ZImageTransformer2DModel's defaults are its config (30 blocks of 3840,
 # 2 refiner blocks per stream, Qwen3-4B's 2560-wide features); the FLUX.1 VAE; 8 steps, no CFG.
 FLOW_SHIFT = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -235,6 +271,17 @@ TINY = dict(
     flux2klein=dict(FLUX2_KLEIN_4B, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
                     in_channels=16, joint_attention_dim=3 * 32, timestep_guidance_channels=32,
                     axes_dims_rope=(8, 8, 8, 8)),
+    flux2=dict(FLUX2_DEV, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
+               in_channels=16, joint_attention_dim=3 * 32, timestep_guidance_channels=32, axes_dims_rope=(8, 8, 8, 8)),
+    # three 32-wide layers, all three stacked (3 x 32 = the tiny transformer's joint_attention_dim); the byte
+    # tokenizer's ~270 ids
+    mistral3=dict(MISTRAL_SMALL_31,
+                  text_config=dict(MISTRAL_SMALL_31["text_config"], vocab_size=300, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, max_position_embeddings=1024),
+                  vision_config=dict(MISTRAL_SMALL_31["vision_config"], hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, head_dim=16, image_size=32,
+                                     patch_size=8)),
     flux2_vae=dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                    block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                    sample_size=16, use_quant_conv=False, use_post_quant_conv=False),
@@ -275,6 +322,16 @@ def qwen_tokenizer():
     from tiny_pipelines import qwen_tokenizer as tiny_qwen_tokenizer
 
     return tiny_qwen_tokenizer()
+
+
+def mistral_tokenizer():
+    """A Llama-class fast tokenizer over bytes with Mistral's chat markers and template (as tests/tiny_pipelines.py
+    builds it): FLUX.2 [dev] renders [system, user] through the template, one token a byte. It stands in for
+    FLUX.2-dev's PixtralProcessor, whose tokenizer alone renders a text-only conversation."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_pipelines import mistral_tokenizer as tiny_mistral_tokenizer
+
+    return tiny_mistral_tokenizer()
 
 
 def qwen_vl_processor(images: dict):
@@ -351,7 +408,8 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                                                                  prediction_type="flow_prediction"),
                       pixart=D.DPMSolverMultistepScheduler,
                       zimage=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0),
-                      flux2klein=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT))
+                      flux2klein=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT),
+                      flux2=lambda: D.FlowMatchEulerDiscreteScheduler(shift=3.0, **FLOW_SHIFT))
     if model not in schedulers:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     scheduler = schedulers[model]()
@@ -450,6 +508,18 @@ def build(model: str, quick: bool, device: str, dtype=torch.bfloat16):
                     transformer=D.Flux2Transformer2DModel(**(t["flux2klein"] if quick else FLUX2_KLEIN_4B)))
                 kw = dict(guidance_scale=1.0, max_sequence_length=48 if quick else 512,
                           text_encoder_out_layers=(1, 2, 3) if quick else (9, 18, 27))
+            elif model == "flux2":  # FLUX.2 [dev]: every component built on the device, none twice in memory
+                pipe = D.Flux2Pipeline(
+                    scheduler=scheduler, vae=D.AutoencoderKLFlux2(**(t["flux2_vae"] if quick else FLUX2_VAE)),
+                    text_encoder=T.Mistral3ForConditionalGeneration(T.Mistral3Config(
+                        **(t["mistral3"] if quick else MISTRAL_SMALL_31))),
+                    tokenizer=mistral_tokenizer(),
+                    transformer=D.Flux2Transformer2DModel(**(t["flux2"] if quick else FLUX2_DEV)))
+                # guidance 4.0: Flux2Pipeline's default (embedded by the transformer: one call per step whatever its
+                # value); the template, the system message and the prompt are 193 byte tokens: the quick run's 256
+                # hold them too
+                kw = dict(guidance_scale=4.0, max_sequence_length=256 if quick else 512,
+                          text_encoder_out_layers=(1, 2, 3) if quick else FLUX2_DEV_TEXT_LAYERS)
     finally:
         torch.set_default_dtype(prev)
     for m in pipe.components.values():
@@ -636,8 +706,8 @@ def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
     bigG penultimate states, concatenated, padded and joined to T5's tokens; both CLIPs' pooled]; SANA [Gemma's
     last hidden states, after the complex-human-instruction preamble the call puts before the prompt];
     PixArt-Σ [T5 tokens]; Z-Image [Qwen3's last-but-one hidden states]; FLUX.2 [klein] [three of Qwen3's hidden
-    states, stacked]; FLUX.1 Kontext as FLUX; Qwen-Image-Edit [Qwen2.5-VL's last hidden states over the prompt
-    and the picture's image tokens]."""
+    states, stacked]; FLUX.2 [dev] [three of Mistral's hidden states, stacked]; FLUX.1 Kontext as FLUX;
+    Qwen-Image-Edit [Qwen2.5-VL's last hidden states over the prompt and the picture's image tokens]."""
     import inspect
 
     kind = type(pipe).__name__
@@ -663,7 +733,7 @@ def text_embedding(pipe, call: dict) -> list[torch.Tensor]:
         if kind == "ZImagePipeline":  # one tensor per prompt, its own length
             return list(pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
                                            max_sequence_length=call["max_sequence_length"])[0])
-        if kind == "Flux2KleinPipeline":
+        if kind in ("Flux2KleinPipeline", "Flux2Pipeline"):
             return [pipe.encode_prompt(prompt, max_sequence_length=call["max_sequence_length"],
                                        text_encoder_out_layers=call["text_encoder_out_layers"])[0]]
         if kind == "QwenImageEditPipeline":  # Qwen2.5-VL reads the picture too, resized as the call resizes it

@@ -10,6 +10,7 @@ from pathlib import Path
 import tiny_models  # noqa: F401  (first: sets HF_HUB_OFFLINE before diffusers is imported)
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -165,6 +166,70 @@ def test_e2e_quick_edits_a_picture(tmp_path):
             r = saved[model][variant]["b1"]
             assert r["finite"] and r["shape"] == [1, 3, side, side], (model, variant)
             assert f"| {model} | {variant} | 1 |" in table
+
+
+def test_flux2_dev_as_built_for_the_gpu_on_meta():
+    """FLUX.2 [dev] (``flux2``) with the real configs, on meta: the transformer is Flux2Transformer2DModel's
+    defaults (64.45 GB in BF16, 17.52 GB int4: BENCHMARKS.md's sizes), Mistral Small 3.1 24B 48.0 GB with its own
+    lm_head; the pipeline stacks three of Mistral's 40 layers, 3 x 5120 = the transformer's joint_attention_dim."""
+    import inspect
+
+    from diffusers import Flux2Transformer2DModel
+
+    defaults = {k: p.default for k, p in inspect.signature(Flux2Transformer2DModel.__init__).parameters.items()}
+    assert {k: defaults[k] for k in pm.FLUX2_DEV} == pm.FLUX2_DEV
+    res = pm.main(["--sizes", "--models", "flux2"])["flux2"]
+    assert res["bf16"]["transformer"] == pytest.approx(64.447, abs=5e-4)
+    assert res["int4+te4"]["transformer"] == pytest.approx(17.519, abs=5e-4)
+    assert res["bf16"]["text_encoder"] == pytest.approx(48.023, abs=5e-4)
+    pipe, call = pm.build("flux2", False, "meta")
+    te, tr = pipe.text_encoder, pipe.transformer
+    assert type(pipe).__name__ == "Flux2Pipeline" and type(te).__name__ == "Mistral3ForConditionalGeneration"
+    assert te.lm_head.weight is not te.model.language_model.embed_tokens.weight
+    text = te.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.intermediate_size, text.vocab_size) == (5120, 40, 32, 8, 128, 32768, 131072)
+    layers = call["text_encoder_out_layers"]
+    assert layers == (10, 20, 30) and max(layers) <= text.num_hidden_layers
+    assert len(layers) * text.hidden_size == tr.config.joint_attention_dim == 15360
+    assert tr.config.guidance_embeds and call["guidance_scale"] == 4.0 and call["max_sequence_length"] == 512
+
+
+def test_e2e_quick_flux2_excludes_the_text_encoding(tmp_path):
+    """e2e.py --models flux2 --quick: the prompt is encoded once before the variants (timed, recorded as excluded
+    from s / image) and the text encoder dropped; every timed call of every variant reads the precomputed
+    prompt_embeds (repeated per image at batch 2). From the embeddings the pipeline makes the picture it makes from
+    the prompt, its transformer reading the same text tokens."""
+    import e2e
+
+    res = e2e.main(["--quick", "--models", "flux2", "--variants", "bf16", "int4", "--batch", "1", "2", "--out",
+                    str(tmp_path)])
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert json.dumps(res, sort_keys=True) == json.dumps(saved, sort_keys=True)
+    f2 = saved["flux2"]
+    te = f2["text_encoding"]
+    assert te["excluded_from_seconds_per_image"] is True and te["seconds"] > 0 and te["first_call_s"] > 0
+    assert te["prompt_embeds_shape"] == [1, 256, 3 * 32] and te["text_encoder_weights_gb"] > 0
+    assert te["peak_gb"] is None  # no GPU: no memory figures invented
+    assert f2["call"]["prompt"] == "a red fox in the snow" and f2["call"]["prompt_embeds"].startswith("precomputed")
+    assert f2["int4"]["quantized_layers"] > 0
+    for variant in ("bf16", "int4"):
+        assert "text_encoder" not in f2[variant]["weights_gb"], variant  # dropped before the first variant
+        for b in (1, 2):
+            r = f2[variant][f"b{b}"]
+            assert r["finite"] and r["shape"] == [b, 3, 16, 16], (variant, b)
+    assert "flux2: s / image excludes the text encoding" in e2e.table(res)
+
+    pipe, call = pm.build("flux2", True, "cpu")
+    gen = torch.Generator("cpu")
+    from_prompt = pipe(**call, num_inference_steps=1, generator=gen.manual_seed(0)).images
+    timed, facts = e2e.precompute_text(pipe, call, "cpu")
+    assert pipe.text_encoder is None and "prompt" not in timed and facts["excluded_from_seconds_per_image"]
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape), with_kwargs=True)
+    from_embeds = pipe(**timed, num_inference_steps=1, generator=gen.manual_seed(0)).images
+    assert torch.equal(from_prompt, from_embeds) and seen == [torch.Size([1, 256, 96])]
 
 
 def test_e2e_quick_runs_and_writes_its_table(tmp_path):
