@@ -1,0 +1,116 @@
+"""Would FP8 attention keep the images? The shipped tiny FLUX with its attention computed as FP8 attention computes
+it (:func:`svdquant.ops.fp8_attention.fp8_sdpa_reference`), against its own 16-bit images (issue 23, lever 1: the
+gate is the tiny FLUX table moving at most 0.3 dB).
+
+    python benchmarks/fp8_attention_quality.py --per-class 3 --out OUT       # CPU: a few minutes
+
+Samples ``--per-class`` images of every class from fixed noise with the 16-bit model, then, from the same noise:
+the 16-bit model and the ``int4`` model, each with exact attention and with FP8 attention at each scale
+granularity (per tensor, per head, per 128-token block), K smoothed by its token mean or not. Reports PSNR against
+the 16-bit images (mean over images) and writes ``fp8_attention_quality.json``. The attention is swapped by
+replacing ``torch.nn.functional.scaled_dot_product_attention`` for the sampling calls (what diffusers' native
+attention backend calls): a what-if of the numerics, not a kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from svdquant import Calibration, quantize  # noqa: E402
+from svdquant.metrics import psnr  # noqa: E402
+from svdquant.ops.fp8_attention import fp8_sdpa_reference  # noqa: E402
+from svdquant.pipelines import TinyFluxPipeline  # noqa: E402
+
+# (name, granularity, smooth K, FP8 probabilities, FP8 output)
+VARIANTS = [("exact", None, None, None, None), ("fp8 tensor", "tensor", False, True, True),
+            ("fp8 tensor, K smoothed", "tensor", True, True, True), ("fp8 head", "head", False, True, True),
+            ("fp8 head, K smoothed", "head", True, True, True), ("fp8 block, K smoothed", "block", True, True, True),
+            ("fp8 head, K smoothed, fp32 P", "head", True, False, True),
+            ("fp8 head, K smoothed, fp32 output", "head", True, True, False),
+            ("fp8 Q/K/V only (head, K smoothed)", "head", True, False, False)]
+
+
+@contextlib.contextmanager
+def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True):
+    """``F.scaled_dot_product_attention`` computed as FP8 attention for the duration (no mask, no dropout: what
+    the tiny FLUX asks), or left alone for ``granularity=None``."""
+    if granularity is None:
+        yield
+        return
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def fp8(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+            raise NotImplementedError("the FP8 reference takes plain attention only")
+        return fp8_sdpa_reference(query, key, value, granularity=granularity, smooth_k=smooth_k, scale=scale,
+                                  fp8_probabilities=fp8_probabilities, fp8_output=fp8_output)
+
+    torch.nn.functional.scaled_dot_product_attention = fp8
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def sample(pipe, labels, noise, steps, batch):
+    return torch.cat([
+        pipe(class_labels=labels[i:i + batch], latents=noise[i:i + batch], num_inference_steps=steps,
+             output_type="pt").images.float().cpu()
+        for i in range(0, len(labels), batch)
+    ])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-class", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--recipe", default="int4")
+    ap.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS], help="default: all")
+    ap.add_argument("--models", nargs="+", choices=("16-bit", "int4"), default=["16-bit", "int4"],
+                    help="int4: the --recipe")
+    ap.add_argument("--quick", action="store_true", help="one image per class, 2 steps, two variants")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    variants = VARIANTS[:2] if args.quick else [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    if args.quick:
+        args.per_class, args.steps = 1, 2
+    t0 = time.perf_counter()
+    base = TinyFluxPipeline.default(torch.float32)
+    labels = torch.arange(len(base.classes)).repeat_interleave(args.per_class)
+    noise = base.noise(len(labels), torch.Generator().manual_seed(args.seed))
+    ref = sample(base, labels, noise, args.steps, args.batch)
+    models = [("16-bit", base)] if "16-bit" in args.models else []
+    if "int4" in args.models:
+        quantized = copy.deepcopy(base)
+        quantize(quantized, args.recipe, Calibration(steps=args.steps, snapshots=32, seed=args.seed), progress=False)
+        models.append((args.recipe, quantized))
+    rows = []
+    for model, pipe in models:
+        for name, *numerics in variants:
+            with attention(*numerics):
+                imgs = sample(pipe, labels, noise, args.steps, args.batch)
+            p = float(psnr(imgs, ref).clamp_max(100.0).mean())  # identical images: 100 dB, not inf (JSON)
+            rows.append(dict(model=model, attention=name, psnr_db=round(p, 2)))
+            print(f"{model:8s} {name:24s} PSNR {p:6.2f} dB", flush=True)
+    res = dict(images=len(labels), steps=args.steps, seed=args.seed, recipe=args.recipe, rows=rows,
+               seconds=round(time.perf_counter() - t0, 1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fp8_attention_quality.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
