@@ -61,3 +61,21 @@ def test_errors():
         fp8_sdpa_reference(q, k, v, granularity="row")
     with pytest.raises(ValueError, match=r"^q, k, v must be \[batch, heads, tokens, head_dim\], got \(300, 64\)"):
         fp8_sdpa_reference(q[0, 0], k, v)
+
+
+def test_quality_benchmark_quick(tmp_path):
+    """benchmarks/fp8_attention_quality.py on the shipped tiny FLUX: the exact row reproduces the 16-bit images,
+    the FP8 row differs from them, and the JSON is written."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import fp8_attention_quality
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    res = fp8_attention_quality.main(["--quick", "--models", "16-bit", "--out", str(tmp_path)])
+    rows = {r["attention"]: r["psnr_db"] for r in res["rows"]}
+    assert rows["exact"] == 100.0 and 20.0 < rows["fp8 tensor"] < 100.0, rows
+    assert json.loads((tmp_path / "fp8_attention_quality.json").read_text())["rows"] == res["rows"]
+    assert torch.nn.functional.scaled_dot_product_attention is original  # restored
