@@ -25,11 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from svdquant import Calibration, quantize  # noqa: E402
 from svdquant.metrics import psnr  # noqa: E402
 from svdquant.ops.fp8_attention import fp8_sdpa_reference  # noqa: E402
 from svdquant.pipelines import TinyFluxPipeline  # noqa: E402
+
+from quality import sample  # noqa: E402  (the same fixed-noise sampling as the quality table)
 
 # (name, granularity, smooth K, FP8 probabilities, FP8 output)
 VARIANTS = [("exact", None, None, None, None), ("fp8 tensor", "tensor", False, True, True),
@@ -60,14 +63,6 @@ def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True):
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
-
-
-def sample(pipe, labels, noise, steps, batch):
-    return torch.cat([
-        pipe(class_labels=labels[i:i + batch], latents=noise[i:i + batch], num_inference_steps=steps,
-             output_type="pt").images.float().cpu()
-        for i in range(0, len(labels), batch)
-    ])
 
 
 def main(argv=None) -> dict:
