@@ -34,17 +34,19 @@ from svdquant.pipelines import TinyFluxPipeline  # noqa: E402
 
 from quality import sample  # noqa: E402  (the same fixed-noise sampling as the quality table)
 
-# (name, granularity, smooth K, FP8 probabilities, FP8 output)
+# (name, granularity, smooth K, FP8 probabilities, FP8 output[, INT8 Q/K, FP8 V])
 VARIANTS = [("exact", None, None, None, None), ("fp8 tensor", "tensor", False, True, True),
             ("fp8 tensor, K smoothed", "tensor", True, True, True), ("fp8 head", "head", False, True, True),
             ("fp8 head, K smoothed", "head", True, True, True), ("fp8 block, K smoothed", "block", True, True, True),
             ("fp8 head, K smoothed, fp32 P", "head", True, False, True),
             ("fp8 head, K smoothed, fp32 output", "head", True, True, False),
-            ("fp8 Q/K/V only (head, K smoothed)", "head", True, False, False)]
+            ("fp8 Q/K/V only (head, K smoothed)", "head", True, False, False),
+            ("int8 Q/K (block, K smoothed), fp8 P/V/output", "block", True, True, True, True, True),
+            ("int8 Q/K (block, K smoothed), 16-bit P/V/output", "block", True, False, False, True, False)]
 
 
 @contextlib.contextmanager
-def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True):
+def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True, int8_qk=False, fp8_v=True):
     """``F.scaled_dot_product_attention`` computed as FP8 attention for the duration (no mask, no dropout: what
     the tiny FLUX asks), or left alone for ``granularity=None``."""
     if granularity is None:
@@ -56,7 +58,8 @@ def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True):
         if attn_mask is not None or dropout_p or is_causal or enable_gqa:
             raise NotImplementedError("the FP8 reference takes plain attention only")
         return fp8_sdpa_reference(query, key, value, granularity=granularity, smooth_k=smooth_k, scale=scale,
-                                  fp8_probabilities=fp8_probabilities, fp8_output=fp8_output)
+                                  fp8_probabilities=fp8_probabilities, fp8_output=fp8_output, int8_qk=int8_qk,
+                                  fp8_v=fp8_v)
 
     torch.nn.functional.scaled_dot_product_attention = fp8
     try:

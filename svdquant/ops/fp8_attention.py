@@ -40,22 +40,31 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(b, h, (s + pad) // block, block, d)
 
 
-def _quantize_qk(x: torch.Tensor, granularity: str) -> torch.Tensor:
+def _quantize_qk(x: torch.Tensor, granularity: str, rnd=e4m3) -> torch.Tensor:
     if granularity == "tensor":
-        return e4m3(x, (0, 1, 2, 3))
+        return rnd(x, (0, 1, 2, 3))
     if granularity == "head":
-        return e4m3(x, (2, 3))
+        return rnd(x, (2, 3))
     s = x.shape[2]
-    return e4m3(_blocks(x, BLOCK), (3, 4)).flatten(2, 3)[:, :, :s]
+    return rnd(_blocks(x, BLOCK), (3, 4)).flatten(2, 3)[:, :, :s]
+
+
+def int8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x`` rounded to INT8 ([-127, 127]) under one scale per slice that ``dims`` reduces (``amax / 127``), in
+    fp32."""
+    x = x.float()
+    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(x / scale).clamp(-127, 127) * scale
 
 
 def fp8_sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granularity: str = "head",
                        smooth_k: bool = True, scale: float | None = None, fp8_probabilities: bool = True,
-                       fp8_output: bool = True) -> torch.Tensor:
+                       fp8_output: bool = True, int8_qk: bool = False, fp8_v: bool = True) -> torch.Tensor:
     """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` (no mask) as FP8 attention computes it; returns the
     output ``[B, H, S_q, D]`` in ``q``'s dtype. ``scale``: the scores' factor (default ``1 / sqrt(D)``).
-    ``fp8_probabilities`` / ``fp8_output`` False keep those in fp32: what each rounding costs (a kernel on
-    Hopper rounds both)."""
+    ``fp8_probabilities`` / ``fp8_output`` / ``fp8_v`` False keep those in fp32: what each rounding costs (a
+    kernel on Hopper rounds them). ``int8_qk``: Q and K as INT8 at ``granularity`` instead of E4M3 (SageAttention2's
+    split, arXiv 2411.10958: 7 bits of precision for the scores, INT8 tensor cores at the FP8 rate)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is unknown; choose one of {GRANULARITIES}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -65,8 +74,9 @@ def fp8_sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gra
     kf = k.float()
     if smooth_k:
         kf = kf - kf.mean(dim=2, keepdim=True)
-    qq, kq = _quantize_qk(q.float(), granularity), _quantize_qk(kf, granularity)
-    vq = e4m3(v, (0, 1, 2, 3) if granularity == "tensor" else (2, 3))
+    rnd = int8 if int8_qk else e4m3
+    qq, kq = _quantize_qk(q.float(), granularity, rnd), _quantize_qk(kf, granularity, rnd)
+    vq = e4m3(v, (0, 1, 2, 3) if granularity == "tensor" else (2, 3)) if fp8_v else v.float()
     s = (qq @ kq.mT) * scale
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))  # un-normalized, in (0, 1]: what the kernel quantizes
     denom = p.sum(dim=-1, keepdim=True)
@@ -76,4 +86,4 @@ def fp8_sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gra
     return (e4m3(out, (0, 1, 2, 3)) if fp8_output else out).to(q.dtype)  # the FP8 output: one scale, its amax
 
 
-__all__ = ["E4M3_MAX", "GRANULARITIES", "BLOCK", "e4m3", "fp8_sdpa_reference"]
+__all__ = ["E4M3_MAX", "GRANULARITIES", "BLOCK", "e4m3", "int8", "fp8_sdpa_reference"]
