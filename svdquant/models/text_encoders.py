@@ -117,25 +117,32 @@ def check_text_encoders(pipe, recipe: QuantConfig) -> dict[str, list[str]]:
     return plan
 
 
+def quantize_layer_weight_only(root: nn.Module, layer: str, recipe: QuantConfig, *, device=None):
+    """The linear ``layer`` of ``root`` replaced by its weight-only quantization under ``recipe`` (no calibration
+    inputs: rounded to nearest), the weight rounded on ``device`` when given and the new layer put where the old
+    one was. Returns the algorithm's report (the weight's own error)."""
+    from ..algorithm import quantize_weight_only
+    from ..modules import SVDQLinear
+
+    lin = root.get_submodule(layer)
+    w, b = lin.weight, lin.bias
+    if device is not None:
+        w, b = w.to(device), b.to(device) if b is not None else None
+    qw, rep = quantize_weight_only(w, b, recipe)
+    set_module(root, layer, SVDQLinear.from_quantized(qw, recipe, w.dtype).to(lin.weight.device))
+    return rep
+
+
 def quantize_encoder(name: str, encoder: nn.Module, layers: list[str], recipe: QuantConfig, *, device=None,
                      progress: bool = True) -> tuple[list[tuple[str, object]], dict]:
     """Quantize ``layers`` of the text encoder ``name`` weight-only, in place (each weight rounded on ``device``
     when given, the layer brought back to where the weight was). Returns, per layer, its full name
     (``"text_encoder_2.encoder.block.0..."``) with the algorithm's report, and the encoder's summary (class,
     sizes before and after)."""
-    from ..algorithm import quantize_weight_only
-    from ..modules import SVDQLinear
-
     before = tensor_bytes(encoder)
     done = []
     for layer in progress_bar(layers, desc=f"quantizing {name}", unit="layer", enabled=progress):
-        lin = encoder.get_submodule(layer)
-        w, b = lin.weight, lin.bias
-        if device is not None:
-            w, b = w.to(device), b.to(device) if b is not None else None
-        qw, rep = quantize_weight_only(w, b, recipe)
-        set_module(encoder, layer, SVDQLinear.from_quantized(qw, recipe, w.dtype).to(lin.weight.device))
-        done.append((f"{name}.{layer}", rep))
+        done.append((f"{name}.{layer}", quantize_layer_weight_only(encoder, layer, recipe, device=device)))
     fit_quantized(encoder)
     state(encoder).recipe = recipe.to_dict()
     compat.quantized(encoder)  # save_pretrained then writes its quantization_config (integrations/transformers)
@@ -146,4 +153,4 @@ def quantize_encoder(name: str, encoder: nn.Module, layers: list[str], recipe: Q
 
 
 __all__ = ["BLOCK_STACKS", "NAME", "text_encoders", "block_stack", "encoder_layers", "fit_quantized",
-           "check_text_encoders", "quantize_encoder"]
+           "check_text_encoders", "quantize_layer_weight_only", "quantize_encoder"]

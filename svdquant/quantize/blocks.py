@@ -26,6 +26,7 @@ from ..calibration import (
 )
 from ..models import Group
 from ..models.base import present, set_module
+from ..models.text_encoders import quantize_layer_weight_only
 from ..modules import SVDQConv1x1, SVDQLinear
 from ..modules.conv import as_linear
 from ..recipes import QuantConfig
@@ -140,18 +141,13 @@ def _quantize_model_groups(plan: QuantPlan, clock: StageClock) -> list[LayerRow]
     """The adapter's layers outside the blocks (:attr:`svdquant.models.Adapter.model_groups`), weight-only in their
     group's format, rounded to nearest (no calibration inputs: none were kept for them) on the device and put back
     where the layer was. Their rows' errors are the weights' own, as a text encoder's."""
-    from ..algorithm import quantize_weight_only
-
     rows = []
     t0 = time.perf_counter()
     for g in plan.adapter.model_groups:
         rc = weight_only(plan.recipe, g.weight_format).replace(gptq=False)
         for name in present(plan.model, *g.names):
-            lin = plan.model.get_submodule(name)
-            w, b = lin.weight.to(plan.device), lin.bias.to(plan.device) if lin.bias is not None else None
-            qw, rep = quantize_weight_only(w, b, rc)
-            set_module(plan.model, name, SVDQLinear.from_quantized(qw, rc, lin.weight.dtype).to(lin.weight.device))
-            rows.append(LayerRow.of_weight(name, rc, rep))
+            rows.append(LayerRow.of_weight(name, rc, quantize_layer_weight_only(plan.model, name, rc,
+                                                                               device=plan.device)))
     if rows:
         clock.add("layers outside the blocks", time.perf_counter() - t0)
     return rows
