@@ -13,6 +13,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | w4a16.py                 | weight-only INT4: a few tokens (FLUX's adaLN), or dequantize for many    |
 | round_weights.py         | two-level INT4 rounding of weights (the quantizer's smoothing search)    |
 | gptq.py                  | GPTQ's inner block: columns rounded in turn, errors spread (quantizer)   |
+| int8_attention.py        | attention with INT8 Q·Kᵀ per token and a 16-bit P·V (opt-in)             |
 | float_scales_quantize.py | the paper's W4A4 / NVFP4 activation kernel (float group scales)          |
 | float_scales_gemm.py     | the paper's W4A4 / NVFP4 GEMMs (per-group rescale in the main loop)      |
 """
@@ -22,6 +23,7 @@ from .common import interpreting
 from .expand import expand_int4m
 from .float_scales_gemm import fp4_gemm, w4a4_gemm
 from .gptq import gptq_round_block
+from .int8_attention import int8_attention, quantize_tokens as quantize_attention_tokens
 from .float_scales_quantize import quantize_input as quantize_input_float_scales
 from .int8_gemm import (DEFAULT_CONFIG, HOPPER_CONFIG, HOPPER_CONFIG_FP32, int8_gemm, tile_config as int8_tile_config,
                         weight_descriptor)
@@ -30,7 +32,7 @@ from .w4a16 import MAX_TOKENS as W4A16_MAX_TOKENS, dequantize_int4, w4a16_linear
 
 __all__ = [
     "quantize_activations", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
-    "round_int4m_weights", "gptq_round_block",
+    "round_int4m_weights", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
     "int8_tile_config",
 ]

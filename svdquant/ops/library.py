@@ -147,4 +147,23 @@ def _(qweight, wscales, wzeros, k, dtype, group_size):
     return qweight.new_empty(qweight.shape[0], k, dtype=dtype)
 
 
-__all__ = ["dequantize_int4", "int8_gemm", "int8_gemm_impl", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]
+def int8_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_mean: Tensor, q_factor: Tensor, k_factor: Tensor,
+                        qk_scale: float) -> Tensor:
+    """Attention with INT8 Q·Kᵀ per token and a 16-bit P·V (:mod:`svdquant.ops.int8_attention`), ``[B, S, H, D]``
+    in and out; ``k_mean`` / ``q_factor`` / ``k_factor`` ``[B, H, D]``: the smoothing; ``qk_scale``: the scores'
+    factor times log2(e)."""
+    return _kernels().int8_attention(q, k, v, qk_scale, k_mean, q_factor, k_factor)
+
+
+@torch.library.custom_op("svdquant::int8_attention", mutates_args=())
+def int8_attention(q: Tensor, k: Tensor, v: Tensor, k_mean: Tensor, q_factor: Tensor, k_factor: Tensor,
+                   qk_scale: float) -> Tensor:
+    return int8_attention_impl(q, k, v, k_mean, q_factor, k_factor, qk_scale)
+
+
+@int8_attention.register_fake
+def _(q, k, v, k_mean, q_factor, k_factor, qk_scale):
+    return v.new_empty(q.shape)
+
+
+__all__ = ["dequantize_int4", "int8_attention", "int8_attention_impl", "int8_gemm", "int8_gemm_impl", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]

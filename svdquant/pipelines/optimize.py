@@ -10,7 +10,9 @@ On a CUDA device, in this order (each step can be turned off):
    GELU in its GEMM epilogue). Exact.
 2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) at the model's attention
    shape, timed once per process and GPU, through diffusers' ``set_attention_backend`` where the model's attention
-   supports it.
+   supports it. ``attention="int8"`` (opt-in) instead runs svdquant's INT8 Q·Kᵀ attention
+   (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.1-0.5 dB, BENCHMARKS.md), calls it cannot take on
+   PyTorch's SDPA.
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
    through ``torch.compile(dynamic=False)``; the quantized kernels are custom ops, so a block is one graph.
    Compilation happens at the first call at each new shape (tens of seconds for FLUX.1-dev).
@@ -42,6 +44,7 @@ from ..modules import SVDQLinear
 from .layer_choice import choose_layers
 
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
+INT8_ATTENTION = "int8"  # svdquant's INT8 Q·Kᵀ attention, registered in diffusers' dispatcher when asked
 _attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype) -> backend, timed once per process
 
 
@@ -109,16 +112,17 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
              cuda_graphs: bool = True, max_graphs: int = DEFAULT_GRAPHS, layers: bool = True) -> Optimized:
     """Make a pipeline's (or model's) denoiser as fast as svdquant can on its CUDA device; see the module doc.
 
-    ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, or ``None`` (leave
-    it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
+    ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, ``"int8"``
+    (svdquant's INT8 Q·Kᵀ attention; opt-in) or ``None`` (leave it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
     again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
     (Wan 2.2 A14B) gets both denoisers optimized, the second's report under ``experts["transformer_2"]``."""
     models = denoisers(target)
     for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
-    if attention is not None and attention != "auto" and attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention={attention!r}: use 'auto', None or one of {ATTENTION_BACKENDS}")
+    if attention is not None and attention not in ("auto", INT8_ATTENTION, *ATTENTION_BACKENDS):
+        raise ValueError(f"attention={attention!r}: use 'auto', None, {INT8_ATTENTION!r} or one of "
+                         f"{ATTENTION_BACKENDS}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r}: use a whole number >= 1")
     reports = [_optimize_model(m, fuse, attention, compile, cuda_graphs, max_graphs, layers) for m in models]
@@ -238,6 +242,13 @@ def _attention_shape(model: nn.Module):
 def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
     if not hasattr(model, "set_attention_backend"):
         report.skipped["attention"] = "the model has no set_attention_backend"
+        return
+    if attention == INT8_ATTENTION:
+        from ..integrations.diffusers import attention as int8_backend
+        from ..integrations.diffusers.compat import set_attention_backend_locally
+
+        set_attention_backend_locally(model, int8_backend.register())  # not the process's default for others
+        report.attention = int8_backend.BACKEND
         return
     if attention == "auto":
         shape = _attention_shape(model)

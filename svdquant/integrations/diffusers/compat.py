@@ -13,7 +13,9 @@ use warns once (:class:`DiffusersVersionWarning`). What lives here:
 * hooks: :func:`has_offload_hooks`, :func:`has_hooks`, :func:`forget_hook_registry_cache`;
 * blocks: :func:`stacked_single_block_forward` (a FLUX single block's forward with one stacked projection),
   :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
-* loading: :func:`dtype_keyword`.
+* loading: :func:`dtype_keyword`;
+* attention: :func:`add_attention_backend` (a backend of svdquant's in diffusers' attention dispatcher, whose
+  names are a closed enum) and :func:`set_attention_backend_locally`.
 
 It imports only the standard library, torch and diffusers (inside functions: ``import svdquant`` stays fast).
 """
@@ -233,3 +235,41 @@ def dtype_keyword() -> str:
     from diffusers.utils import deprecation_utils
 
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+def add_attention_backend(value: str, fn: Callable) -> None:
+    """Make ``model.set_attention_backend(value)`` route a diffusers model's attention to ``fn`` (idempotent).
+
+    diffusers 0.42 names its backends in the enum ``AttentionBackendName`` and checks a name against its members
+    (``ModelMixin.set_attention_backend``, ``dispatch_attention_fn``), with no way to add one: the member is added
+    here as ``enum.Enum`` stores members (``_member_map_``, ``_value2member_map_``, ``_member_names_``), then
+    registered with ``_AttentionBackendRegistry.register`` as diffusers registers its own. ``fn`` takes diffusers'
+    backend signature (``query``, ``key``, ``value`` in ``[B, S, H, D]``, ``attn_mask``, ...)."""
+    check_version()
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    member = AttentionBackendName._value2member_map_.get(value)
+    if member is None:
+        member = str.__new__(AttentionBackendName, value)
+        member._name_, member._value_ = value.upper(), value
+        member.__objclass__ = AttentionBackendName
+        type.__setattr__(AttentionBackendName, member._name_, member)
+        AttentionBackendName._member_map_[member._name_] = member
+        AttentionBackendName._value2member_map_[value] = member
+        AttentionBackendName._member_names_.append(member._name_)
+    if _AttentionBackendRegistry._backends.get(member) is not fn:
+        _AttentionBackendRegistry.register(member)(fn)
+
+
+def set_attention_backend_locally(model: torch.nn.Module, value: str) -> None:
+    """``model.set_attention_backend(value)`` without its side effect on every other model: diffusers 0.42 also
+    makes ``value`` the process's active backend, which attention modules left on the default then use."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    try:
+        model.set_attention_backend(value)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)

@@ -1,0 +1,140 @@
+"""Attention with INT8 Q·Kᵀ (one scale per token) and a 16-bit P·V, forward only (no mask).
+
+Reference: :func:`svdquant.ops.int8_attention.int8_attention_reference`. Two kernels:
+
+* ``quantize_tokens_kernel``: Q or K, smoothed (K minus its token mean, each channel times a factor) -> INT8
+  codes and one fp32 scale per token, in head-major order so the attention kernel reads each head's tokens
+  contiguously;
+* ``int8_attention_kernel``: FlashAttention's loop (arXiv 2205.14135; Triton's fused-attention tutorial 06) with
+  the scores an int8 × int8 -> int32 tensor-core product rescaled by the row and column scales, the softmax on
+  exp2 (log2(e) folded into the scale) with fp32 running max and sum, and P rounded to V's dtype for P·V.
+
+Both take their inputs in diffusers' ``[B, S, H, D]`` layout through strides (the last dim contiguous), so the
+projections' outputs are read where they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreting, rne
+
+
+@triton.jit
+def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, c_ptr, s_ptr, S, H, stride_b, stride_s, stride_h,
+                           D: tl.constexpr, BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FACTOR: tl.constexpr,
+                           FAST_ROUND: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    toks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tmask = toks < S
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + b * stride_b + h * stride_h + toks[:, None] * stride_s + d[None, :], mask=tmask[:, None],
+                other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x -= tl.load(shift_ptr + bh * D + d)[None, :]
+    if HAS_FACTOR:
+        x *= tl.load(factor_ptr + bh * D + d)[None, :]
+    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.zeros([BLOCK], tl.float32) + 127.0)  # as torch divides
+    safe = tl.where(scale > 0, scale, 1.0)
+    codes = tl.minimum(tl.maximum(rne(tl.math.div_rn(x, safe[:, None]), FAST_ROUND), -127.0), 127.0)
+    codes = tl.where((scale > 0)[:, None], codes, 0.0)
+    tl.store(c_ptr + (bh * S + toks)[:, None] * D + d[None, :], codes.to(tl.int8), mask=tmask[:, None])
+    tl.store(s_ptr + bh * S + toks, scale, mask=tmask)
+
+
+@triton.jit
+def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, qk_scale,
+                          stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                          F32_DOT: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < SQ
+    d = tl.arange(0, D)
+    q = tl.load(qc_ptr + (bh * SQ + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0)
+    qs = tl.load(qs_ptr + bh * SQ + rows, mask=rmask, other=0.0) * qk_scale  # scale · log2(e) folded in once
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    kc_ptr += bh * SK * D
+    ks_ptr += bh * SK
+    v_ptr += b * stride_vb + h * stride_vh
+    for start in range(0, SK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        if EVEN_N:
+            k = tl.load(kc_ptr + cols[:, None] * D + d[None, :])
+            ks = tl.load(ks_ptr + cols)
+            v = tl.load(v_ptr + cols[:, None] * stride_vs + d[None, :])
+        else:
+            cmask = cols < SK
+            k = tl.load(kc_ptr + cols[:, None] * D + d[None, :], mask=cmask[:, None], other=0)
+            ks = tl.load(ks_ptr + cols, mask=cmask, other=0.0)
+            v = tl.load(v_ptr + cols[:, None] * stride_vs + d[None, :], mask=cmask[:, None], other=0.0)
+        s = tl.dot(q, k.T, out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
+        if not EVEN_N:
+            s = tl.where(cmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if F32_DOT:  # the CPU interpreter cannot multiply 16-bit operands: P rounded to V's dtype, then fp32
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+QUANTIZE_BLOCK = 64  # tokens per program of the quantization pass
+# Tiles for sm_80+ (the FlashAttention-2 shape for D = 128); the benchmark's --sweep times others on a GPU.
+CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+CONFIG_D64 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quantize_tokens(x: torch.Tensor, shift: torch.Tensor | None = None,
+                    factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x - shift) · factor`` (``x`` ``[B, S, H, D]``; ``shift``, ``factor`` ``[B, H, D]`` fp32, contiguous, each
+    optional) -> ``(codes [B, H, S, D] int8, scales [B, H, S] fp32)``, the numbers of
+    :func:`svdquant.ops.int8_attention.quantize_tokens` on ``x.transpose(1, 2)``."""
+    x = _last_dim_contiguous(x)
+    b, s, h, d = x.shape
+    codes = torch.empty(b, h, s, d, dtype=torch.int8, device=x.device)
+    scales = torch.empty(b, h, s, dtype=torch.float32, device=x.device)
+    quantize_tokens_kernel[(triton.cdiv(s, QUANTIZE_BLOCK), b * h)](
+        x, shift if shift is not None else scales, factor if factor is not None else scales, codes, scales, s, h,
+        x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK=QUANTIZE_BLOCK, HAS_SHIFT=shift is not None,
+        HAS_FACTOR=factor is not None, FAST_ROUND=not interpreting(), num_warps=4)
+    return codes, scales
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float, k_mean: torch.Tensor,
+                   q_factor: torch.Tensor | None = None, k_factor: torch.Tensor | None = None,
+                   config: dict | None = None) -> torch.Tensor:
+    """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128, no mask):
+    ``[B, S_q, H, D]`` in ``v``'s dtype. ``qk_scale``: the scores' factor times log2(e); ``k_mean``, ``q_factor``,
+    ``k_factor`` ``[B, H, D]`` fp32: the smoothing (:func:`svdquant.ops.int8_attention.smoothing`)."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    cfg = config or (CONFIG if d > 64 else CONFIG_D64)
+    qc, qs = quantize_tokens(q, None, _fp32(q_factor))
+    kc, ks = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor))
+    v = _last_dim_contiguous(v)
+    o = torch.empty(b, sq, h, d, dtype=v.dtype, device=v.device)
+    int8_attention_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), b * h)](
+        qc, qs, kc, ks, v, o, sq, sk, h, qk_scale, v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), D=d, EVEN_N=sk % cfg["BLOCK_N"] == 0, F32_DOT=interpreting(), **cfg)
+    return o

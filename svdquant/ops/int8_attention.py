@@ -1,0 +1,113 @@
+"""Attention with INT8 Q·Kᵀ and a 16-bit P·V: the numerics, and the op a model calls.
+
+SageAttention's split (arXiv 2410.02367; SageAttention2, arXiv 2411.10958): Q and K are rounded to INT8 with one
+scale per token (K first smoothed by its mean over the tokens, which moves every score of a query by the same
+amount and so leaves the softmax alone, and each channel balanced between Q and K: :func:`smoothing`), their product is an exact int32 sum on the INT8 tensor cores (on Hopper
+the FP8 rate, twice BF16's), and the probabilities multiply V in 16 bits with fp32 accumulation, as
+FlashAttention does. Issue 23 measured on the tiny FLUX what each rounding costs (BENCHMARKS.md, "FP8
+attention's numerics"): E4M3 Q and K cost ~7 dB, INT8 Q and K per 128-token block 0.45 dB; this module's
+per-token scales are the finest an INT8 GEMM takes for free (a row and a column scale on the int32 sums).
+
+:func:`int8_attention_reference` is what the Triton kernel (:mod:`svdquant.kernels.int8_attention`) computes,
+in plain torch: the kernel is tested against it, and ``benchmarks/fp8_attention_quality.py`` measures its
+images. :func:`int8_attention` is the op: the kernel on a CUDA GPU (a torch custom op, so ``torch.compile``
+and CUDA graphs take it whole), the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import library
+
+LOG2E = 1.4426950408889634  # the kernel's softmax runs on exp2: scores are scaled by log2(e) once, in the scale
+BALANCE = 0.5  # the channel balance's exponent between Q and K (BENCHMARKS.md: measured on the tiny FLUX)
+HEAD_DIMS = (32, 64, 128)  # built and tested for these (FLUX, Wan: 128; SD3: 64; SANA: 32; not PixArt-Σ: 72)
+
+
+def smoothing(q: Tensor, k: Tensor, tokens_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What Q and K are smoothed by before rounding, each ``[B, H, D]`` fp32: ``(K's mean over the tokens, Q's
+    channel factor 1 / a, K's channel factor a)``, ``a = (amax|Q| / amax|K - mean|) ** BALANCE`` per channel
+    (over the tokens; 1 where either is 0). Q / a times (K - mean) · a has Q·Kᵀ's scores (less one amount per
+    query, which the softmax ignores), and an outlier channel of either no longer sets its tokens' scales alone
+    (SmoothQuant's balance, arXiv 2211.10438, between the two operands of Q·Kᵀ)."""
+    kf = k.float()
+    mean = kf.mean(dim=tokens_dim, keepdim=True)
+    aq = q.float().abs().amax(dim=tokens_dim)
+    ak = (kf - mean).abs().amax(dim=tokens_dim)
+    ok = (aq > 0) & (ak > 0)
+    a = torch.where(ok, (aq / torch.where(ok, ak, 1.0)) ** BALANCE, 1.0)
+    return mean.squeeze(tokens_dim), 1.0 / a, a
+
+
+def quantize_tokens(x: Tensor, shift: Tensor | None = None, factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(x - shift) · factor`` (``x`` ``[B, H, S, D]``; ``shift`` / ``factor`` ``[B, H, D]`` fp32, each optional)
+    as INT8 codes with one fp32 scale per token: ``(codes [B, H, S, D] int8, scales [B, H, S] fp32)``,
+    ``scale = amax / 127`` and ``code = round(x / scale)`` (ties to even); a token of zeros gets scale 0 and zero
+    codes."""
+    xf = x.float()
+    if shift is not None:
+        xf = xf - shift[:, :, None, :]
+    if factor is not None:
+        xf = xf * factor[:, :, None, :]
+    scale = xf.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(xf / safe[..., None]).clamp_(-127, 127)
+    codes = torch.where((scale > 0)[..., None], codes, torch.zeros_like(codes))
+    return codes.to(torch.int8), scale
+
+
+def int8_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                             p_dtype: torch.dtype | None = None) -> Tensor:
+    """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` (no mask) with INT8 Q·Kᵀ per token and K smoothed;
+    the probabilities rounded to ``p_dtype`` (default ``v``'s dtype, as the kernel does) before P·V (fp32 sums),
+    the output in ``v``'s dtype. ``scale``: the scores' factor (default ``1 / sqrt(D)``)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mean, q_factor, k_factor = smoothing(q, k, tokens_dim=2)
+    qc, qs = quantize_tokens(q, None, q_factor)
+    kc, ks = quantize_tokens(k, mean, k_factor)
+    # int8 products summed in fp32 are exact up to 2**24 (D <= 128: 128 * 127**2 < 2**21)
+    s = (qc.float() @ kc.float().mT) * qs[..., :, None] * ks[..., None, :] * (scale * LOG2E)
+    p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
+    out = (p.to(p_dtype or v.dtype).float() @ v.float()) / p.sum(dim=-1, keepdim=True)
+    return out.to(v.dtype)
+
+
+def unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                enable_gqa: bool = False) -> str | None:
+    """Why :func:`int8_attention` cannot take this call (``[B, S, H, D]`` tensors), or None if it can. Read from
+    shapes, dtypes and arguments only: under ``torch.compile`` it is decided while tracing."""
+    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+        return "a mask, dropout, causal attention or grouped-query attention"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"tensors of {q.ndim}, {k.ndim}, {v.ndim} dims (it takes [batch, tokens, heads, head_dim])"
+    if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return f"head size {q.shape[-1]} (it takes {', '.join(map(str, HEAD_DIMS[:-1]))} or {HEAD_DIMS[-1]}, the same " \
+               "for q, k, v)"
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        return f"q, k, v of shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if q.device.type == "cuda" and not (q.dtype == k.dtype == v.dtype and v.dtype in (torch.float16, torch.bfloat16)):
+        return f"{q.dtype} / {k.dtype} / {v.dtype} on a GPU (the kernel takes float16 or bfloat16)"
+    return None
+
+
+def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Attention with INT8 Q·Kᵀ per token and a 16-bit P·V, ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H,
+    D]`` (diffusers' layout) -> ``[B, S_q, H, D]``: the Triton kernel on a CUDA GPU, the reference elsewhere.
+    Check :func:`unsupported` first (a mask, another head size: use SDPA)."""
+    why = unsupported(q, k, v)
+    if why is not None:
+        raise ValueError(f"INT8 attention cannot take {why}; use torch's scaled_dot_product_attention for it")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.device.type == "cuda":
+        mean, q_factor, k_factor = smoothing(q, k, tokens_dim=1)  # torch ops: inductor fuses them in a graph
+        if torch.compiler.is_compiling():
+            return torch.ops.svdquant.int8_attention(q, k, v, mean, q_factor, k_factor, scale * LOG2E)
+        return library.int8_attention_impl(q, k, v, mean, q_factor, k_factor, scale * LOG2E)
+    return int8_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
+
+
+__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "smoothing", "quantize_tokens", "int8_attention_reference", "int8_attention", "unsupported"]
