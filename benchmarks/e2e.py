@@ -35,7 +35,8 @@ Variants, on one pipeline per model:
 * ``fp8-torchao``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on every linear of the
   denoiser, compiled the same way (its compile is slow: give it its own device call);
 * ``int4``: the denoiser's layers as svdquant ``int4`` (random valid contents), then ``svdquant.optimize(pipe)``:
-  what ``load_pipeline`` gives on CUDA by default (fused, attention backend, compiled blocks, CUDA graphs).
+  what ``load_pipeline`` gives on CUDA by default (fused, attention backend, compiled blocks, CUDA graphs);
+* ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")``: INT8 Q·Kᵀ attention (opt-in).
 
 Per variant and batch size: the first call's seconds (compilation, capture) and the steady seconds per image
 (median of ``--repeats`` calls), peak GPU memory of a steady call and what stays resident. Results go to
@@ -62,7 +63,7 @@ from pipeline_memory import (  # noqa: E402
     MODELS, _quiet, build, call_facts, components_gb, denoiser, random_quantize, run_device, run_facts,
 )
 
-VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4")
+VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn")
 # Models whose prompt is encoded once, before the variants, then their text encoder dropped from the GPU: every
 # timed call reads the precomputed prompt_embeds (FLUX.2 [dev]: 64.45 + 48.0 GB of BF16 weights)
 PRECOMPUTED_TEXT = ("flux2",)
@@ -173,6 +174,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
         log(f"{model:10s} text encoding (excluded from s / image) {json.dumps(res['text_encoding'])}")
         args.save(results)
     den = denoiser(pipe)
+    quantized = False
     for variant in args.variants:
         row = res.setdefault(variant, {})
         if variant == "bf16-compiled":
@@ -183,10 +185,14 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             uncompile(den)
             quantize_(den, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
             row["compiled_blocks"] = compile_denoiser(den)
-        elif variant == "int4":
-            uncompile(den)
-            row["quantized_layers"] = random_quantize(den, "speed")
-            report = svdquant.optimize(pipe)
+        elif variant in ("int4", "int4-int8attn"):
+            if quantized:  # after the int4 variant: the same layers, optimized again
+                svdquant.deoptimize(pipe)
+            else:
+                uncompile(den)
+                row["quantized_layers"] = random_quantize(den, "speed")
+                quantized = True
+            report = svdquant.optimize(pipe, attention="int8" if variant == "int4-int8attn" else "auto")
         for b in args.batch:
             if not left():
                 row[f"b{b}"] = {"skipped": f"past --budget-s {args.budget_s}"}
@@ -205,7 +211,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             log(f"{model:10s} {variant:14s} b{b} {json.dumps(r)}")
             args.save(results)
         row["weights_gb"] = components_gb(pipe)
-        if variant == "int4":
+        if variant in ("int4", "int4-int8attn"):
             row["optimize"] = report.to_dict()  # after the calls: the layer choice is made at the first
         if variant == "fp8-torchao":
             break  # the pipeline now holds torchao's tensors; the int4 variant needs a fresh one

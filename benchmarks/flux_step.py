@@ -13,7 +13,7 @@ reference in tests/test_kernels.py), so no calibration is needed to time it.
 "Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
 class is compiled once, default inductor mode, static shapes), the same for every variant. All variants
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
-first and takes the fastest). Per variant and batch: median ms per step (``triton.testing.do_bench``),
+first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention). Per variant and batch: median ms per step (``triton.testing.do_bench``),
 peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
 runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
@@ -42,7 +42,7 @@ BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-act", "i
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
-ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage")
+ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage", "svdquant_int8")
 
 
 def bench(fn, rep=300):
@@ -284,6 +284,10 @@ def main(argv=None):
     with torch.device(device):
         model = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, **cfg)
     model = model.to(torch.bfloat16).eval()
+    if attention == "svdquant_int8":  # svdquant's INT8 Q·Kᵀ attention (for every variant, BF16 ones included)
+        from svdquant.integrations.diffusers.attention import register
+
+        register()
     model.set_attention_backend(attention)
     res["build_s"] = time.perf_counter() - t
     kw1 = inputs(1, device=device, **tok)[0]

@@ -6,7 +6,8 @@ gate is the tiny FLUX table moving at most 0.3 dB).
 
 Samples ``--per-class`` images of every class from fixed noise with the 16-bit model, then, from the same noise:
 the 16-bit model and the ``int4`` model, each with exact attention and with FP8 attention at each scale
-granularity (per tensor, per head, per 128-token block), K smoothed by its token mean or not. Reports PSNR against
+granularity (per tensor, per head, per 128-token block), K smoothed by its token mean or not, and with the INT8 Q·Kᵀ
+attention kernel's numerics (:func:`svdquant.ops.int8_attention.int8_attention_reference`). Reports PSNR against
 the 16-bit images (mean over images) and writes ``fp8_attention_quality.json``. The attention is swapped by
 replacing ``torch.nn.functional.scaled_dot_product_attention`` for the sampling calls (what diffusers' native
 attention backend calls): a what-if of the numerics, not a kernel.
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from svdquant import Calibration, quantize  # noqa: E402
 from svdquant.metrics import psnr  # noqa: E402
 from svdquant.ops.fp8_attention import fp8_sdpa_reference  # noqa: E402
+from svdquant.ops.int8_attention import int8_attention_reference  # noqa: E402
 from svdquant.pipelines import TinyFluxPipeline  # noqa: E402
 
 from quality import sample  # noqa: E402  (the same fixed-noise sampling as the quality table)
@@ -42,7 +44,11 @@ VARIANTS = [("exact", None, None, None, None), ("fp8 tensor", "tensor", False, T
             ("fp8 head, K smoothed, fp32 output", "head", True, True, False),
             ("fp8 Q/K/V only (head, K smoothed)", "head", True, False, False),
             ("int8 Q/K (block, K smoothed), fp8 P/V/output", "block", True, True, True, True, True),
-            ("int8 Q/K (block, K smoothed), 16-bit P/V/output", "block", True, False, False, True, False)]
+            ("int8 Q/K (block, K smoothed), 16-bit P/V/output", "block", True, False, False, True, False),
+            # the INT8 attention kernel's numerics (svdquant/ops/int8_attention.py): one scale per token, K smoothed,
+            # channels balanced between Q and K
+            ("int8 Q/K per token, fp32 P/V", "token", torch.float32),
+            ("int8 Q/K per token, bf16 P: the kernel", "token", torch.bfloat16)]
 
 
 @contextlib.contextmanager
@@ -57,6 +63,8 @@ def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True, in
     def fp8(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or dropout_p or is_causal or enable_gqa:
             raise NotImplementedError("the FP8 reference takes plain attention only")
+        if granularity == "token":  # smooth_k holds the probabilities' dtype here
+            return int8_attention_reference(query, key, value, scale, p_dtype=smooth_k)
         return fp8_sdpa_reference(query, key, value, granularity=granularity, smooth_k=smooth_k, scale=scale,
                                   fp8_probabilities=fp8_probabilities, fp8_output=fp8_output, int8_qk=int8_qk,
                                   fp8_v=fp8_v)

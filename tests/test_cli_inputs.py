@@ -403,6 +403,26 @@ def test_generate_offload_refusals(ck, tiny_ck, tmp_path, monkeypatch):
         svdquant.load_pipeline(None, tiny_ck[0], device="cuda", offload=True)
 
 
+def test_attention_int8_refusals(ck, tmp_path):
+    """--attention int8 is set by svdquant.optimize on a CUDA GPU: refused on the CPU, with --no-optimize, and for the
+    tiny model's server, before anything loads; load_pipeline refuses the same and an unknown name."""
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--attention", "int8"],
+             "--attention int8 runs on a CUDA GPU; on cpu leave it out", folder=tmp_path)
+    rejected(["compare", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--attention", "int8", "--no-optimize"],
+             "--attention int8 is set by svdquant.optimize: drop --no-optimize", folder=tmp_path)
+    rejected(["serve", "tiny", "--attention", "int8", "--no-optimize"], "drop --no-optimize", folder=tmp_path)
+    rejected(["serve", "tiny", *CPU, "--attention", "int8"], "runs on a CUDA GPU", folder=tmp_path)
+    from svdquant.cli.common import check_attention_flag
+
+    import argparse
+
+    check_attention_flag(argparse.Namespace(attention="int8", optimize=True, device="cuda:0"))  # accepted
+    with pytest.raises(ValueError, match=r"^attention='int8' is set by svdquant.optimize, which runs on a CUDA "):
+        svdquant.load_pipeline(None, ck, attention="int8")
+    with pytest.raises(ValueError, match=r"^attention='sage': use 'auto', None, 'int8' or one of"):
+        svdquant.load_pipeline(None, ck, attention="sage")
+
+
 def test_generate_empty_prompt(ck, tmp_path):
     rejected(["generate", ck, "  ", "-o", tmp_path / "x.png", *SAMPLE], "the prompt is empty", folder=tmp_path)
 

@@ -3,6 +3,7 @@ on the CPU, real shapes on a GPU), the op's errors, and the diffusers backend (`
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -110,6 +111,11 @@ kernels = pytest.importorskip("svdquant.kernels") if CUDA or os.environ.get("TRI
 needs_kernels = pytest.mark.skipif(kernels is None, reason="needs a GPU or TRITON_INTERPRET=1")
 
 
+def kernel_module():
+    """svdquant.kernels.int8_attention itself (the package exports a function of that name)."""
+    return importlib.import_module("svdquant.kernels.int8_attention")
+
+
 @needs_kernels
 @pytest.mark.parametrize("seed", [0, 1])
 def test_quantize_kernel_equals_the_reference_exactly(seed):
@@ -131,14 +137,21 @@ BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
 @needs_kernels
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] + ([] if CUDA else [torch.float32]))
 @pytest.mark.parametrize("shape", [(1, 100, 77, 2, 64), (2, 130, 128, 3, 128), (1, 64, 200, 1, 128), (1, 50, 40, 2, 32)])
-def test_attention_kernel_against_the_reference(dtype, shape):
+def test_attention_kernel_against_the_reference(dtype, shape, tma):
+    """Pointer loads and TMA descriptors (V a strided slice of a fused q/k/v projection, as diffusers hands it)."""
     b, sq, sk, h, d = shape
-    seed = hash((str(dtype), shape)) % 1000
-    q, k, v = bshd(seed, b, sq, h, d, dtype), bshd(seed + 1, b, sk, h, d, dtype, 0.5), bshd(seed + 2, b, sk, h, d, dtype)
+    seed = (hash(str(dtype)) + sum(shape)) % 1000
+    q = bshd(seed, b, sq, h, d, dtype)
+    kv = bshd(seed + 1, b, sk, h, 2 * d, dtype)
+    k, v = kv[..., :d] + 0.5, kv[..., d:]
+    if tma and CUDA and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    assert kernel_module().tma_ready(v)  # the descriptors' path, where asked
     mean, q_factor, k_factor = smoothing(q, k, tokens_dim=1)
-    out = kernels.int8_attention(q, k, v, LOG2E / math.sqrt(d), mean, q_factor, k_factor)
+    out = kernels.int8_attention(q, k, v, LOG2E / math.sqrt(d), mean, q_factor, k_factor, tma=tma)
     assert out.shape == (b, sq, h, d) and out.dtype == dtype
     ref = reference(q, k, v)
     assert rel(out, ref) < BOUNDS[dtype], rel(out, ref)

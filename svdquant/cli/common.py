@@ -18,6 +18,17 @@ class UsageError(Exception):
     """A mistake on the command line: ``main`` prints ``svdquant CMD: error: ...`` and returns 2."""
 
 
+def check_attention_flag(args) -> None:
+    """``--attention int8`` is set by svdquant.optimize: on a CUDA device, without ``--no-optimize``. Call after
+    :func:`resolve_device`."""
+    if getattr(args, "attention", "auto") == "auto":
+        return
+    if not getattr(args, "optimize", True):
+        raise UsageError(f"--attention {args.attention} is set by svdquant.optimize: drop --no-optimize")
+    if not str(args.device).startswith("cuda"):
+        raise UsageError(f"--attention {args.attention} runs on a CUDA GPU; on {args.device} leave it out")
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

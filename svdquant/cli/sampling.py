@@ -11,7 +11,8 @@ import torch
 from .. import _checks
 from .._state import peek
 from . import media
-from .common import UsageError, parse_loras, pipeline_kwargs, resolve_device, resolve_dtype, validate_sizes
+from .common import (UsageError, check_attention_flag, parse_loras, pipeline_kwargs, resolve_device, resolve_dtype,
+                     validate_sizes)
 
 
 MAX_FRAMES = 1025  # Wan 2.1 makes 81; a batch of frames is sampled as one tensor
@@ -23,6 +24,7 @@ def _validate_sampling(args, command: str) -> None:
     from ..checkpoint import base_of, read_metadata
 
     args.device = resolve_device(args.device)
+    check_attention_flag(args)
     if not args.prompt.strip():
         raise UsageError("the prompt is empty; give what to draw, e.g. \"a photo of a cat\"")
     if args.steps is not None:
@@ -110,7 +112,7 @@ def _load(args):
     dtype = resolve_dtype(args.dtype, args.device)
     pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype,
                          optimize=None if getattr(args, "optimize", True) else False,
-                         offload=getattr(args, "offload", False))
+                         offload=getattr(args, "offload", False), attention=getattr(args, "attention", "auto"))
     _sampling_progress(pipe)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
     return pipe, args.device, dtype

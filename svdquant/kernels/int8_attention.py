@@ -46,10 +46,10 @@ def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, c_ptr, s_ptr, S, H, str
 
 
 @triton.jit
-def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, qk_scale,
+def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, k_desc, v_desc, SQ, SK, H, qk_scale,
                           stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-                          F32_DOT: tl.constexpr):
+                          TMA: tl.constexpr, F32_DOT: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,7 +65,15 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, 
     v_ptr += b * stride_vb + h * stride_vh
     for start in range(0, SK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        if EVEN_N:
+        if TMA:  # Hopper: K's codes ([B·H·S_k, D]) and V ([B, S_k, H, D], zero past S_k) through tensor descriptors
+            k = k_desc.load([bh * SK + start, 0])  # rows past S_k are the next head's: their scores are masked
+            v = v_desc.load([b, start, h, 0]).reshape([BLOCK_N, D])
+            if EVEN_N:
+                ks = tl.load(ks_ptr + cols)
+            else:
+                cmask = cols < SK
+                ks = tl.load(ks_ptr + cols, mask=cmask, other=0.0)
+        elif EVEN_N:
             k = tl.load(kc_ptr + cols[:, None] * D + d[None, :])
             ks = tl.load(ks_ptr + cols)
             v = tl.load(v_ptr + cols[:, None] * stride_vs + d[None, :])
@@ -121,20 +129,55 @@ def quantize_tokens(x: torch.Tensor, shift: torch.Tensor | None = None,
     return codes, scales
 
 
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float, k_mean: torch.Tensor,
-                   q_factor: torch.Tensor | None = None, k_factor: torch.Tensor | None = None,
-                   config: dict | None = None) -> torch.Tensor:
-    """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128, no mask):
-    ``[B, S_q, H, D]`` in ``v``'s dtype. ``qk_scale``: the scores' factor times log2(e); ``k_mean``, ``q_factor``,
-    ``k_factor`` ``[B, H, D]`` fp32: the smoothing (:func:`svdquant.ops.int8_attention.smoothing`)."""
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
+_HOPPER: dict[int, bool] = {}  # CUDA device index -> compute capability 9.0+, asked once per device
+
+
+def hopper(device: torch.device) -> bool:
+    """Whether ``device`` (a CUDA device) has TMA (sm_90+); the capability is asked at its first call only."""
+    if device.index not in _HOPPER:
+        _HOPPER[device.index] = torch.cuda.get_device_capability(device) >= (9, 0)
+    return _HOPPER[device.index]
+
+
+def tma_ready(v: torch.Tensor) -> bool:
+    """Whether ``v`` can be read through a TMA descriptor: a 16-byte aligned base and strides."""
+    return v.data_ptr() % 16 == 0 and all(s * v.element_size() % 16 == 0 for s in v.stride()[:-1])
+
+
+def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, qk_scale: float,
+           *, tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
+    """The attention kernel on quantized Q and K (:func:`quantize_tokens`' outputs) and ``v`` ``[B, S_k, H, D]``:
+    ``[B, S_q, H, D]`` in ``v``'s dtype. ``tma`` (sm_90+): K and V through tensor descriptors (pointers where
+    ``v`` is not 16-byte aligned); ``None``: on a GPU that has them."""
+    b, h, sq, d = qc.shape
+    sk = kc.shape[2]
     cfg = config or (CONFIG if d > 64 else CONFIG_D64)
-    qc, qs = quantize_tokens(q, None, _fp32(q_factor))
-    kc, ks = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor))
     v = _last_dim_contiguous(v)
     o = torch.empty(b, sq, h, d, dtype=v.dtype, device=v.device)
+    if tma is None:
+        tma = v.device.type == "cuda" and hopper(v.device)
+    tma = tma and tma_ready(v)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor.from_tensor(kc.view(b * h * sk, d), [cfg["BLOCK_N"], d])
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, cfg["BLOCK_N"], 1, d])
+    else:
+        k_desc = v_desc = kc  # unused
     int8_attention_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), b * h)](
-        qc, qs, kc, ks, v, o, sq, sk, h, qk_scale, v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), D=d, EVEN_N=sk % cfg["BLOCK_N"] == 0, F32_DOT=interpreting(), **cfg)
+        qc, qs, kc, ks, v, o, k_desc, v_desc, sq, sk, h, qk_scale, v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), D=d, EVEN_N=sk % cfg["BLOCK_N"] == 0, TMA=tma,
+        F32_DOT=interpreting(), **cfg)
     return o
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float, k_mean: torch.Tensor,
+                   q_factor: torch.Tensor | None = None, k_factor: torch.Tensor | None = None, *,
+                   tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
+    """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128, no mask):
+    ``[B, S_q, H, D]`` in ``v``'s dtype: :func:`quantize_tokens` of Q and K, then :func:`attend`. ``qk_scale``:
+    the scores' factor times log2(e); ``k_mean``, ``q_factor``, ``k_factor`` ``[B, H, D]`` fp32: the smoothing
+    (:func:`svdquant.ops.int8_attention.smoothing`)."""
+    qc, qs = quantize_tokens(q, None, _fp32(q_factor))
+    kc, ks = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor))
+    return attend(qc, qs, kc, ks, v, qk_scale, tma=tma, config=config)

@@ -59,7 +59,7 @@ def _check_experts(quantized, meta: dict[str, Any], base: str) -> None:
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
                   verify: bool = True, allow_base_outside: bool = False, optimize: bool | None = None,
-                  offload: bool = False):
+                  offload: bool = False, attention: str | None = "auto"):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized`` (both experts, ``transformer`` and
     ``transformer_2``, of a two-expert checkpoint; a base with another number of experts is refused before
@@ -75,8 +75,16 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     CUDA device. ``offload``: the pipeline's models stay in CPU memory and each moves to ``device`` only while it runs
     (diffusers' ``enable_model_cpu_offload``), the quantized layers 4-bit resident (``weight_mode="memory"`` unless
     another mode is given); optimized on the device first, with no CUDA graphs (offload hooks move the weights).
-    Wan 2.1 14B at 480p then peaks at 11.4 GB on an H200 (BENCHMARKS.md)."""
+    Wan 2.1 14B at 480p then peaks at 11.4 GB on an H200 (BENCHMARKS.md). ``attention``: what
+    :func:`svdquant.optimize` sets (``"auto"``: the fastest SDPA backend; ``"int8"``: svdquant's INT8 Q·Kᵀ
+    attention, opt-in, README "Fast by default")."""
+    from .optimize import check_attention
+
     _checks.device("device", device)
+    check_attention(attention)
+    if attention not in ("auto", None) and (optimize is False or torch.device(device).type != "cuda"):
+        raise ValueError(f"attention={attention!r} is set by svdquant.optimize, which runs on a CUDA device: give "
+                         "device='cuda' (and leave optimize on), or leave attention out")
     if not isinstance(offload, bool):
         raise ValueError(f"offload={offload!r}: use True or False")
     if offload and torch.device(device).type == "cpu":
@@ -110,22 +118,24 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
             nn.Module.to(m, torch_dtype)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders)
     if offload:
-        return offloaded(pipe, device, optimize=optimize, fuse=fuse)
+        return offloaded(pipe, device, optimize=optimize, fuse=fuse, attention=attention)
     pipe = pipe.to(device)
     # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
-    _speed_up(pipe, device, optimize, fuse)
+    _speed_up(pipe, device, optimize, fuse, attention=attention)
     return pipe
 
 
-def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None = None):
+def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None = None,
+              attention: str | None = "auto"):
     """``pipe`` (in CPU memory) run with diffusers' model offload to ``device``: its denoisers optimized there first
     (``optimize=None``: on a CUDA device), then every model back in CPU memory behind accelerate's hooks."""
-    _speed_up(pipe, device, optimize, fuse, offload=True)
+    _speed_up(pipe, device, optimize, fuse, offload=True, attention=attention)
     pipe.enable_model_cpu_offload(device=device)
     return pipe
 
 
-def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: bool = False) -> None:
+def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: bool = False,
+              attention: str | None = "auto") -> None:
     """:func:`svdquant.optimize` or only :func:`svdquant.fuse` on ``pipe``'s denoisers, as asked (``None``: on a
     CUDA device). Offloaded, one denoiser at a time goes to the device for it (Wan 2.2's two experts would need
     both there at once) and comes back, and no CUDA graphs are asked for (offload hooks bypass them)."""
@@ -135,11 +145,11 @@ def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: b
     cuda = torch.device(device).type == "cuda"
     if optimize or (optimize is None and cuda):
         if not offload:
-            optimize_model(pipe, fuse=fuse is not False)
+            optimize_model(pipe, fuse=fuse is not False, attention=attention)
             return
         for m in denoisers(pipe):  # the attention timing and the compiled blocks are made where they run
             m.to(device)
-            optimize_model(m, fuse=fuse is not False, cuda_graphs=False)
+            optimize_model(m, fuse=fuse is not False, cuda_graphs=False, attention=attention)
             m.to("cpu")
     elif fuse or (fuse is None and cuda):
         from ..modules.fused import fuse as fuse_model

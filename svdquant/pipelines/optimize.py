@@ -108,6 +108,13 @@ def denoisers(target, what: str = "svdquant.optimize") -> list[nn.Module]:
     return [model] if second is None or second is model else [model, second]
 
 
+def check_attention(attention) -> None:
+    """``attention=`` of :func:`optimize` and :func:`svdquant.load_pipeline`, checked before any work."""
+    if attention is not None and attention not in ("auto", INT8_ATTENTION, *ATTENTION_BACKENDS):
+        raise ValueError(f"attention={attention!r}: use 'auto', None, {INT8_ATTENTION!r} or one of "
+                         f"{ATTENTION_BACKENDS}")
+
+
 def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool = True,
              cuda_graphs: bool = True, max_graphs: int = DEFAULT_GRAPHS, layers: bool = True) -> Optimized:
     """Make a pipeline's (or model's) denoiser as fast as svdquant can on its CUDA device; see the module doc.
@@ -120,9 +127,7 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
-    if attention is not None and attention not in ("auto", INT8_ATTENTION, *ATTENTION_BACKENDS):
-        raise ValueError(f"attention={attention!r}: use 'auto', None, {INT8_ATTENTION!r} or one of "
-                         f"{ATTENTION_BACKENDS}")
+    check_attention(attention)
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r}: use a whole number >= 1")
     reports = [_optimize_model(m, fuse, attention, compile, cuda_graphs, max_graphs, layers) for m in models]

@@ -44,11 +44,12 @@ class Settings:
 
 def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype | None = None,
                 loras: list[tuple[str, float]] = (), *, allow_base_outside: bool = False,
-                optimize: bool = True) -> "Engine":
+                optimize: bool = True, attention: str | None = "auto") -> "Engine":
     """``model``: ``tiny`` (the shipped model), an svdquant checkpoint folder, or a 16-bit pipeline folder.
     ``allow_base_outside``: see :func:`svdquant.load_pipeline` (a checkpoint's recorded base outside its folder).
     ``optimize``: on a CUDA device, :func:`svdquant.optimize` the pipeline (a 16-bit one too); the server compiles
-    and captures it before it reports ready (:meth:`Engine.warmup`)."""
+    and captures it before it reports ready (:meth:`Engine.warmup`); ``attention``: what it sets (see
+    :func:`svdquant.load_pipeline`)."""
     from ..checkpoint import META_FILE
     from ..pipelines.load import load_pipeline
     from ..pipelines import load_base_pipeline
@@ -58,13 +59,13 @@ def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype 
         pipe = TinyFluxPipeline.default(dtype or torch.float32)
     elif (Path(model) / META_FILE).is_file():
         pipe = load_pipeline(None, model, device=device, torch_dtype=dtype, allow_base_outside=allow_base_outside,
-                             optimize=None if optimize else False)
+                             optimize=None if optimize else False, attention=attention)
     else:
         pipe = load_base_pipeline(model, torch_dtype=dtype).to(device)
         if optimize and cuda:
             from ..pipelines.optimize import optimize as optimize_pipeline
 
-            optimize_pipeline(pipe)
+            optimize_pipeline(pipe, attention=attention)
     pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # the server log is no terminal

@@ -9,26 +9,28 @@ replica (Ray's own metrics export) for totals.
 from __future__ import annotations
 
 
-def _build(model, device, dtype, loras, max_queue, max_batch, batch_wait_ms, app_options=None):
+def _build(model, device, dtype, loras, max_queue, max_batch, batch_wait_ms, app_options=None, engine_options=None):
     """Runs on each replica: load the model there (on the GPU Ray assigned it) and make the app."""
     from .app import create_app
     from .engine import load_engine
 
-    engine = load_engine(model, device, dtype, loras)
+    engine = load_engine(model, device, dtype, loras, **(engine_options or {}))
     return create_app(engine, max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                       warmup=lambda: engine.warmup(max_batch), **(app_options or {}))
 
 
 def replicas_application(model: str = "tiny", *, replicas: int = 2, device: str = "cpu", dtype=None, loras=(),
                          max_queue: int = 16, max_batch: int = 4, batch_wait_ms: float = 10.0,
-                         app_options: dict | None = None):
+                         app_options: dict | None = None, engine_options: dict | None = None):
     """The Ray Serve application (for ``serve.run`` or a Serve config file). ``app_options``: more keyword
     arguments of :func:`~svdquant.serve.create_app` (API key, body limit, allowed hosts...), enforced by each
-    replica's app; connection limits and header timeouts are then Ray's proxy's."""
+    replica's app; connection limits and header timeouts are then Ray's proxy's. ``engine_options``: more keyword
+    arguments of :func:`~svdquant.serve.engine.load_engine` (``optimize``, ``attention``)."""
     from ray import serve
 
     gpu = device.startswith("cuda")
-    args = (model, "cuda" if gpu else device, dtype, list(loras), max_queue, max_batch, batch_wait_ms, app_options)
+    args = (model, "cuda" if gpu else device, dtype, list(loras), max_queue, max_batch, batch_wait_ms, app_options,
+            engine_options)
 
     # a builder, not an app: each replica evaluates it in its own process. A plain function, since Ray takes
     # any other callable (a functools.partial) for an ASGI app itself
@@ -42,7 +44,8 @@ def replicas_application(model: str = "tiny", *, replicas: int = 2, device: str 
 
 def run_replicas(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2,
                  device: str = "cpu", dtype=None, loras=(), max_queue: int = 16, max_batch: int = 4,
-                 batch_wait_ms: float = 10.0, app_options: dict | None = None, log=print) -> None:
+                 batch_wait_ms: float = 10.0, app_options: dict | None = None, engine_options: dict | None = None,
+                 log=print) -> None:
     import ray
     from ray import serve
 
@@ -54,7 +57,7 @@ def run_replicas(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 80
         serve.start(http_options={"host": host, "port": port})
         serve.run(replicas_application(model, replicas=replicas, device=device, dtype=dtype, loras=loras,
                                        max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                                       app_options=app_options),
+                                       app_options=app_options, engine_options=engine_options),
                   route_prefix="/")
         log(f"serving {model} with {replicas} Ray Serve replicas on http://{host}:{port}", flush=True)
         while not stop.wait(1):
