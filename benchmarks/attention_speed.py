@@ -11,7 +11,7 @@ runs (``triton.testing.do_bench``):
   picks from today;
 * SageAttention 1.0.6 (``sageattn``, INT8 Q·Kᵀ per block, FP16 P·V, Triton), if installed: the published kernel
   of the same split;
-* ours (:func:`svdquant.ops.int8_attention.int8_attention`, eager): the whole op (the smoothing in torch ops,
+* ours (what :func:`svdquant.ops.int8_attention.int8_attention` runs on a GPU, eager): the whole op (the smoothing in torch ops,
   Q and K quantized per token, the attention), and its stages alone (the smoothing, the quantization kernel,
   the attention kernel on quantized inputs). Compiled, inductor fuses the smoothing's reductions.
 
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from svdquant.ops.int8_attention import LOG2E, int8_attention, int8_attention_reference, smoothing  # noqa: E402
+from svdquant.ops import library  # noqa: E402
+from svdquant.ops.int8_attention import LOG2E, int8_attention_reference, smoothing  # noqa: E402
 
 # (name, B, S, H, D): one 1024² image (FLUX.1: 4,096 image + 512 text tokens; SD3.5 Large: 4,096 + 333 text
 # tokens, 38 heads of 64), a batch of four FLUX images, a 480p 81-frame Wan 2.1 14B clip (21 × 60 × 104 / 4)
@@ -89,7 +90,10 @@ def variants(cuda: bool):
             out["SageAttention 1.0.6 (INT8 QK, FP16 PV)"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
         except ImportError:
             pass
-    out["ours: INT8 QK per token + BF16 PV"] = int8_attention  # the op: smoothing, quantization, attention
+    # what the op runs on a GPU, eager (the kernels on the CPU too, through the interpreter): smoothing,
+    # quantization, attention
+    out["ours: INT8 QK per token + BF16 PV"] = lambda q, k, v: library.int8_attention_impl(
+        q, k, v, *smoothing(q, k, tokens_dim=1), LOG2E / math.sqrt(q.shape[-1]))
     return out
 
 

@@ -421,6 +421,10 @@ def test_attention_int8_refusals(ck, tmp_path):
         svdquant.load_pipeline(None, ck, attention="int8")
     with pytest.raises(ValueError, match=r"^attention='sage': use 'auto', None, 'int8' or one of"):
         svdquant.load_pipeline(None, ck, attention="sage")
+    from svdquant.serve.engine import load_engine
+
+    with pytest.raises(ValueError, match=r"^attention='int8' is set by svdquant.optimize on a CUDA device"):
+        load_engine("tiny", "cpu", attention="int8")
 
 
 def test_generate_empty_prompt(ck, tmp_path):

@@ -143,7 +143,7 @@ BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 def test_attention_kernel_against_the_reference(dtype, shape, tma):
     """Pointer loads and TMA descriptors (V a strided slice of a fused q/k/v projection, as diffusers hands it)."""
     b, sq, sk, h, d = shape
-    seed = (hash(str(dtype)) + sum(shape)) % 1000
+    seed = sum(shape) + {torch.float16: 0, torch.bfloat16: 100, torch.float32: 200}[dtype] + tma
     q = bshd(seed, b, sq, h, d, dtype)
     kv = bshd(seed + 1, b, sk, h, 2 * d, dtype)
     k, v = kv[..., :d] + 0.5, kv[..., d:]
@@ -166,9 +166,13 @@ def test_the_custom_op_and_its_fake_agree():
 
 
 # ---------------------------------------------------------------------------------------- the op and its errors
-def test_the_op_on_the_cpu_is_the_reference():
-    q, k, v = (bshd(i, 1, 33, 2, 128, device="cpu") for i in range(3))
-    assert torch.equal(int8_attention(q, k, v, 0.05), reference(q, k, v, 0.05))
+def test_the_op_takes_the_scale_and_diffusers_layout():
+    """``scale`` reaches the scores (a sharper softmax than 1/sqrt(D)), and [B, S, H, D] comes back as it went in."""
+    q, k, v = (bshd(i, 2, 33, 3, 128, device="cpu") for i in range(3))
+    out = int8_attention(q, k, v, 0.3)
+    assert out.shape == q.shape
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=0.3)
+    assert rel(out, want.transpose(1, 2)) < 0.03 and rel(out, exact(q, k, v)) > 0.3
 
 
 @pytest.mark.parametrize("change, message", [
@@ -231,6 +235,33 @@ def test_the_backend_runs_a_diffusers_model_and_leaves_others_alone(monkeypatch)
         assert torch.equal(m(**inputs).sample, native)
 
 
+def test_optimize_sets_int8_attention_only_where_the_kernel_runs():
+    """``optimize(attention="int8")``'s attention step (on the CPU optimize stops before it: called directly): a
+    16-bit model with head size 32 gets the backend and its captured graphs are retired; head size 48 or an fp32
+    model is left as it was, the report says why."""
+    from svdquant.modules import revision
+    from svdquant.pipelines.optimize import Optimized, _set_attention
+
+    m, _ = tiny_flux()
+    report = Optimized(device="cpu")
+    _set_attention(m, "int8", report)
+    assert report.attention is None and "a torch.float32 model" in report.skipped["attention"]
+    m = m.to(torch.bfloat16)
+    before = revision()
+    report = Optimized(device="cpu")
+    _set_attention(m, "int8", report)
+    assert report.attention == "svdquant_int8" and revision() > before
+    assert {p._attention_backend.value for p in m.attn_processors.values()} == {"svdquant_int8"}
+    from diffusers import FluxTransformer2DModel
+
+    wide = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=0, attention_head_dim=48,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=[8, 20, 20]).to(torch.bfloat16)
+    report = Optimized(device="cpu")
+    _set_attention(wide, "int8", report)
+    assert report.attention is None and "head size 48 (the kernel takes 32, 64, 128)" in report.skipped["attention"]
+
+
 def test_the_backend_hands_what_it_cannot_take_to_sdpa():
     from svdquant.integrations.diffusers.attention import svdquant_int8_attention
 
@@ -251,7 +282,7 @@ def test_gpu_kernel_at_the_flux_shape():
     assert rel(out, reference(q, k, v)) < 5e-3
     assert rel(out, exact(q, k, v)) < 0.02
     compiled = torch.compile(lambda a, b, c: int8_attention(a, b, c), fullgraph=True)
-    assert torch.equal(compiled(q, k, v), out)
+    assert rel(compiled(q, k, v), out) < 1e-3  # inductor sums K's mean in another order: a few codes may differ
 
 
 @needs_kernels

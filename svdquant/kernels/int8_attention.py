@@ -26,7 +26,7 @@ from .common import interpreting, rne
 def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, c_ptr, s_ptr, S, H, stride_b, stride_s, stride_h,
                            D: tl.constexpr, BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FACTOR: tl.constexpr,
                            FAST_ROUND: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a Wan 720p batch of fused q/k/v passes 2**31 elements
     b, h = bh // H, bh % H
     toks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tmask = toks < S
@@ -50,7 +50,7 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, k_desc, 
                           stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
                           TMA: tl.constexpr, F32_DOT: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets, as above
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < SQ
@@ -66,8 +66,9 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, k_desc, 
     for start in range(0, SK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         if TMA:  # Hopper: K's codes ([B·H·S_k, D]) and V ([B, S_k, H, D], zero past S_k) through tensor descriptors
-            k = k_desc.load([bh * SK + start, 0])  # rows past S_k are the next head's: their scores are masked
-            v = v_desc.load([b, start, h, 0]).reshape([BLOCK_N, D])
+            # descriptor coordinates are 32-bit (rows: B·H·S_k); rows past S_k are the next head's: masked scores
+            k = k_desc.load([(bh * SK + start).to(tl.int32), 0])
+            v = v_desc.load([b.to(tl.int32), start, h.to(tl.int32), 0]).reshape([BLOCK_N, D])
             if EVEN_N:
                 ks = tl.load(ks_ptr + cols)
             else:
@@ -148,7 +149,8 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
            *, tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
     """The attention kernel on quantized Q and K (:func:`quantize_tokens`' outputs) and ``v`` ``[B, S_k, H, D]``:
     ``[B, S_q, H, D]`` in ``v``'s dtype. ``tma`` (sm_90+): K and V through tensor descriptors (pointers where
-    ``v`` is not 16-byte aligned); ``None``: on a GPU that has them."""
+    ``v`` is not 16-byte aligned, or on a GPU before sm_90); ``None``: on a GPU that has them. (The CPU
+    interpreter takes ``tma=True``: the tests.)"""
     b, h, sq, d = qc.shape
     sk = kc.shape[2]
     cfg = config or (CONFIG if d > 64 else CONFIG_D64)
@@ -156,6 +158,8 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
     o = torch.empty(b, sq, h, d, dtype=v.dtype, device=v.device)
     if tma is None:
         tma = v.device.type == "cuda" and hopper(v.device)
+    elif tma and v.device.type == "cuda":
+        tma = hopper(v.device)  # asked for on a GPU before sm_90: pointers
     tma = tma and tma_ready(v)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

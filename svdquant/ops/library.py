@@ -151,7 +151,8 @@ def int8_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_mean: Tensor, q_facto
                         qk_scale: float) -> Tensor:
     """Attention with INT8 Q·Kᵀ per token and a 16-bit P·V (:mod:`svdquant.ops.int8_attention`), ``[B, S, H, D]``
     in and out; ``k_mean`` / ``q_factor`` / ``k_factor`` ``[B, H, D]``: the smoothing; ``qk_scale``: the scores'
-    factor times log2(e)."""
+    factor times log2(e). The kernel picks TMA from the device's capability, asked once per device and kept
+    (:func:`svdquant.kernels.int8_attention.hopper`), not per call."""
     return _kernels().int8_attention(q, k, v, qk_scale, k_mean, q_factor, k_factor)
 
 

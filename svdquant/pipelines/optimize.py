@@ -41,6 +41,7 @@ from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.compat import has_hooks, repeated_block_names
 from ..models.pipeline_needs import SECOND_EXPERT, second_expert
 from ..modules import SVDQLinear
+from ..modules.linear import bump_revision
 from .layer_choice import choose_layers
 
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
@@ -251,8 +252,18 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
     if attention == INT8_ATTENTION:
         from ..integrations.diffusers import attention as int8_backend
         from ..integrations.diffusers.compat import set_attention_backend_locally
+        from ..ops.int8_attention import HEAD_DIMS
 
+        shape, dtype = _attention_shape(model), next(model.parameters()).dtype
+        if shape is not None and shape[1] not in HEAD_DIMS:
+            report.skipped["attention"] = (f"int8: head size {shape[1]} (the kernel takes "
+                                           f"{', '.join(map(str, HEAD_DIMS))}); attention left as it was")
+            return
+        if dtype not in (torch.float16, torch.bfloat16):
+            report.skipped["attention"] = f"int8: a {dtype} model (the kernel takes 16-bit); attention left as it was"
+            return
         set_attention_backend_locally(model, int8_backend.register())  # not the process's default for others
+        bump_revision()  # graphs captured with the previous attention are captured again
         report.attention = int8_backend.BACKEND
         return
     if attention == "auto":
@@ -271,6 +282,7 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
             return
     try:
         model.set_attention_backend(attention)
+        bump_revision()
     except (ValueError, RuntimeError, NotImplementedError) as e:
         report.skipped["attention"] = f"{attention}: {str(e).splitlines()[0][:200]}"
         return

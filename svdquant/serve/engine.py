@@ -54,7 +54,13 @@ def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype 
     from ..pipelines.load import load_pipeline
     from ..pipelines import load_base_pipeline
 
+    from ..pipelines.optimize import check_attention
+
     cuda = torch.device(device).type == "cuda"
+    check_attention(attention)
+    if attention not in ("auto", None) and (model == TINY_BASE or not optimize or not cuda):
+        raise ValueError(f"attention={attention!r} is set by svdquant.optimize on a CUDA device, for a checkpoint "
+                         "or a 16-bit pipeline (not the tiny model): leave it out here")
     if model == TINY_BASE:
         pipe = TinyFluxPipeline.default(dtype or torch.float32)
     elif (Path(model) / META_FILE).is_file():

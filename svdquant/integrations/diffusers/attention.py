@@ -1,7 +1,7 @@
 """svdquant's INT8 attention as a diffusers attention backend: ``model.set_attention_backend("svdquant_int8")``
 after :func:`register` (``svdquant.optimize(pipe, attention="int8")`` does both).
 
-Calls the kernel cannot take (a mask, dropout, a head size other than 64 or 128, 32-bit tensors on a GPU) run
+Calls the kernel cannot take (a mask, dropout, a head size other than 32, 64 or 128, 32-bit tensors on a GPU) run
 diffusers' native backend (PyTorch's SDPA) instead: the same attention, exactly, and decided from shapes and
 arguments, so a compiled model decides it once while tracing.
 """
