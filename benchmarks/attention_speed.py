@@ -98,18 +98,19 @@ def variants(cuda: bool):
 
 
 def stages(q, k, v, cuda: bool, config=None, tma=None) -> dict:
-    """The op's stages alone: the smoothing (torch ops: K's mean, the channel balance), the quantization of Q and
-    K, and the attention kernel on its output."""
+    """The op's stages alone: the smoothing (torch ops: the means, the channel balance), the quantization of Q and
+    K (with the mean query's scores), and the attention kernel on its output."""
     ka = importlib.import_module("svdquant.kernels.int8_attention")  # the module (the package exports the function)
-    mean, qf, kf = smoothing(q, k, tokens_dim=1)
+    sm = smoothing(q, k, tokens_dim=1)
 
     def quantize():
-        return ka.quantize_tokens(q, None, qf), ka.quantize_tokens(k, mean, kf)
+        return ka.quantize_tokens(q, sm.q_mean, sm.q_factor), ka.quantize_tokens(k, sm.k_mean, sm.k_factor,
+                                                                                   dot=sm.q_mean)
 
-    (qc, qs), (kc, ks) = quantize()
+    (qc, qs), (kc, ks, kb) = quantize()
 
     def attend():
-        return ka.attend(qc, qs, kc, ks, v, LOG2E / math.sqrt(q.shape[-1]), tma=tma, config=config)
+        return ka.attend(qc, qs, kc, ks, v, LOG2E / math.sqrt(q.shape[-1]), kb, tma=tma, config=config)
 
     ms = dict(smoothing=bench(lambda: smoothing(q, k, tokens_dim=1), cuda), quantize=bench(quantize, cuda),
               attention=bench(attend, cuda))

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from svdquant.ops.int8_attention import (BALANCE, LOG2E, int8_attention, int8_attention_reference, quantize_tokens,
-                                         smoothing, unsupported)
+from svdquant.ops.int8_attention import (BALANCE, LOG2E, int8_attention, int8_attention_reference, mean_query_scores,
+                                         quantize_tokens, smoothing, unsupported)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -53,14 +53,32 @@ def test_quantize_tokens_known_answers():
 
 
 def test_smoothing_known_answer():
-    """Two tokens, two channels: K's mean, then a = (amax|Q| / amax|K - mean|) ** BALANCE per channel, 1 where a
-    channel of either is all zeros."""
-    q = torch.tensor([[4.0, 0.0], [-2.0, 0.0]])[None, :, None, :]  # [B, S, H, D]
+    """Two tokens, two channels: the means, then a = (amax|Q - Q̄| / amax|K - K̄|) ** BALANCE per channel, 1 where a
+    channel of either is constant; the mean query's score of each key."""
+    q = torch.tensor([[4.0, 7.0], [-2.0, 7.0]])[None, :, None, :]  # [B, S, H, D]; Q's channel 2 constant
     k = torch.tensor([[3.0, 1.0], [1.0, 5.0]])[None, :, None, :]
-    mean, q_factor, k_factor = smoothing(q, k, tokens_dim=1)
-    assert mean.shape == q_factor.shape == (1, 1, 2) and mean.flatten().tolist() == [2.0, 3.0]
-    assert k_factor.flatten().tolist() == [pytest.approx(4.0 ** BALANCE), 1.0]  # |K - mean| max 1; Q's channel 2: 0
-    assert torch.equal(q_factor, 1.0 / k_factor)
+    sm = smoothing(q, k, tokens_dim=1)
+    assert sm.q_mean.shape == sm.q_factor.shape == (1, 1, 2)
+    assert sm.q_mean.flatten().tolist() == [1.0, 7.0] and sm.k_mean.flatten().tolist() == [2.0, 3.0]
+    assert sm.k_factor.flatten().tolist() == [pytest.approx(3.0 ** BALANCE), 1.0]  # amax |Q - Q̄| 3, |K - K̄| 1
+    assert torch.equal(sm.q_factor, 1.0 / sm.k_factor)
+    # Q̄·(K - K̄): key 1 (1, -2) -> 1 - 14 = -13, key 2 (-1, 2) -> 13
+    assert mean_query_scores(k.transpose(1, 2), sm).flatten().tolist() == [-13.0, 13.0]
+
+
+def test_centring_q_keeps_a_shared_query_offset_free():
+    """A query offset common to all tokens (a bias in the Q projection) changes each key's score by Q̄·k_j, which
+    the softmax does not ignore: centred Q rounds the same, and the mean query's scores come back exactly."""
+    q, k, v = (bshd(i, 1, 90, 2, 64, device="cpu") for i in range(3))
+    offset = 4.0 * torch.randn(1, 1, 2, 64, generator=torch.Generator().manual_seed(11))
+    want = exact(q + offset, k, v)
+    centred = rel(reference(q + offset, k, v), want)
+    # Q as it is (K centred): the offset sets each query's scale
+    qt, kt, vt = (x.transpose(1, 2) for x in (q + offset, k, v))
+    (qc, qs), (kc, ks) = quantize_tokens(qt), quantize_tokens(kt, kt.float().mean(dim=2))
+    s = (qc.float() @ kc.float().mT) * qs[..., None] * ks[..., None, :] / 8.0
+    raw = rel((torch.softmax(s, dim=-1) @ vt).transpose(1, 2), want)
+    assert centred < 0.01 and raw > 2.5 * centred, (centred, raw)
 
 
 def test_reference_is_close_to_exact_attention():
@@ -124,10 +142,11 @@ def test_quantize_kernel_equals_the_reference_exactly(seed):
     qkv = bshd(seed, 2, 70, 3, 3 * 64, offset=0.7)
     k = qkv[..., 64:128]
     assert k.stride(-1) == 1 and not k.is_contiguous()
-    mean, _, factor = smoothing(qkv[..., :64], k, tokens_dim=1)
-    codes, scales = kernels.quantize_attention_tokens(k, mean, factor)
-    ref_codes, ref_scales = quantize_tokens(k.transpose(1, 2), mean, factor)
+    sm = smoothing(qkv[..., :64], k, tokens_dim=1)
+    codes, scales, dots = kernels.quantize_attention_tokens(k, sm.k_mean, sm.k_factor, dot=sm.q_mean)
+    ref_codes, ref_scales = quantize_tokens(k.transpose(1, 2), sm.k_mean, sm.k_factor)
     assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    assert torch.allclose(dots, mean_query_scores(k.transpose(1, 2), sm), rtol=1e-5, atol=1e-5)
     codes, scales = kernels.quantize_attention_tokens(torch.zeros(1, 5, 1, 64, device=DEV))
     assert not codes.any() and not scales.any()
 
@@ -150,8 +169,9 @@ def test_attention_kernel_against_the_reference(dtype, shape, tma):
     if tma and CUDA and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm_90")
     assert kernel_module().tma_ready(v)  # the descriptors' path, where asked
-    mean, q_factor, k_factor = smoothing(q, k, tokens_dim=1)
-    out = kernels.int8_attention(q, k, v, LOG2E / math.sqrt(d), mean, q_factor, k_factor, tma=tma)
+    sm = smoothing(q, k, tokens_dim=1)
+    out = kernels.int8_attention(q, k, v, LOG2E / math.sqrt(d), sm.k_mean, sm.q_factor, sm.k_factor, q_mean=sm.q_mean,
+                                 tma=tma)
     assert out.shape == (b, sq, h, d) and out.dtype == dtype
     ref = reference(q, k, v)
     assert rel(out, ref) < BOUNDS[dtype], rel(out, ref)

@@ -2,12 +2,13 @@
 
 Reference: :func:`svdquant.ops.int8_attention.int8_attention_reference`. Two kernels:
 
-* ``quantize_tokens_kernel``: Q or K, smoothed (K minus its token mean, each channel times a factor) -> INT8
+* ``quantize_tokens_kernel``: Q or K, smoothed (minus its token mean, each channel times a factor) -> INT8
   codes and one fp32 scale per token, in head-major order so the attention kernel reads each head's tokens
-  contiguously;
+  contiguously; for K also the mean query's score of each key (the part of Q·Kᵀ that centring Q removed);
 * ``int8_attention_kernel``: FlashAttention's loop (arXiv 2205.14135; Triton's fused-attention tutorial 06) with
   the scores an int8 × int8 -> int32 tensor-core product rescaled by the row and column scales, the softmax on
-  exp2 (log2(e) folded into the scale) with fp32 running max and sum, and P rounded to V's dtype for P·V.
+  exp2 (log2(e) folded into the scale) with fp32 running max and sum, the mean query's scores added per key, and
+  P rounded to V's dtype for P·V.
 
 Both take their inputs in diffusers' ``[B, S, H, D]`` layout through strides (the last dim contiguous), so the
 projections' outputs are read where they are.
@@ -23,9 +24,9 @@ from .common import interpreting, rne
 
 
 @triton.jit
-def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, c_ptr, s_ptr, S, H, stride_b, stride_s, stride_h,
-                           D: tl.constexpr, BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_FACTOR: tl.constexpr,
-                           FAST_ROUND: tl.constexpr):
+def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, dot_ptr, c_ptr, s_ptr, dots_ptr, S, H, stride_b, stride_s,
+                           stride_h, D: tl.constexpr, BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                           HAS_FACTOR: tl.constexpr, HAS_DOT: tl.constexpr, FAST_ROUND: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a Wan 720p batch of fused q/k/v passes 2**31 elements
     b, h = bh // H, bh % H
     toks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -35,6 +36,8 @@ def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, c_ptr, s_ptr, S, H, str
                 other=0.0).to(tl.float32)
     if HAS_SHIFT:
         x -= tl.load(shift_ptr + bh * D + d)[None, :]
+    if HAS_DOT:  # each (shifted) token's dot product with a vector: the mean query's scores, for K
+        tl.store(dots_ptr + bh * S + toks, tl.sum(x * tl.load(dot_ptr + bh * D + d)[None, :], axis=1), mask=tmask)
     if HAS_FACTOR:
         x *= tl.load(factor_ptr + bh * D + d)[None, :]
     scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.zeros([BLOCK], tl.float32) + 127.0)  # as torch divides
@@ -46,10 +49,10 @@ def quantize_tokens_kernel(x_ptr, shift_ptr, factor_ptr, c_ptr, s_ptr, S, H, str
 
 
 @triton.jit
-def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, k_desc, v_desc, SQ, SK, H, qk_scale,
+def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, kb_ptr, v_ptr, o_ptr, k_desc, v_desc, SQ, SK, H, qk_scale,
                           stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-                          TMA: tl.constexpr, F32_DOT: tl.constexpr):
+                          HAS_KB: tl.constexpr, TMA: tl.constexpr, F32_DOT: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets, as above
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,28 +65,28 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, k_desc, 
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     kc_ptr += bh * SK * D
     ks_ptr += bh * SK
+    kb_ptr += bh * SK
     v_ptr += b * stride_vb + h * stride_vh
     for start in range(0, SK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < SK  # all true with EVEN_N, and then unused
         if TMA:  # Hopper: K's codes ([B·H·S_k, D]) and V ([B, S_k, H, D], zero past S_k) through tensor descriptors
             # descriptor coordinates are 32-bit (rows: B·H·S_k); rows past S_k are the next head's: masked scores
             k = k_desc.load([(bh * SK + start).to(tl.int32), 0])
             v = v_desc.load([b.to(tl.int32), start, h.to(tl.int32), 0]).reshape([BLOCK_N, D])
-            if EVEN_N:
-                ks = tl.load(ks_ptr + cols)
-            else:
-                cmask = cols < SK
-                ks = tl.load(ks_ptr + cols, mask=cmask, other=0.0)
         elif EVEN_N:
             k = tl.load(kc_ptr + cols[:, None] * D + d[None, :])
-            ks = tl.load(ks_ptr + cols)
             v = tl.load(v_ptr + cols[:, None] * stride_vs + d[None, :])
         else:
-            cmask = cols < SK
             k = tl.load(kc_ptr + cols[:, None] * D + d[None, :], mask=cmask[:, None], other=0)
-            ks = tl.load(ks_ptr + cols, mask=cmask, other=0.0)
             v = tl.load(v_ptr + cols[:, None] * stride_vs + d[None, :], mask=cmask[:, None], other=0.0)
+        if EVEN_N:
+            ks = tl.load(ks_ptr + cols)
+        else:
+            ks = tl.load(ks_ptr + cols, mask=cmask, other=0.0)
         s = tl.dot(q, k.T, out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
+        if HAS_KB:  # the mean query's score of each key, scaled as the rest
+            s += (tl.load(kb_ptr + cols, mask=cmask, other=0.0) * qk_scale)[None, :]
         if not EVEN_N:
             s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -114,20 +117,23 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def quantize_tokens(x: torch.Tensor, shift: torch.Tensor | None = None,
-                    factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tokens(x: torch.Tensor, shift: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+                    dot: torch.Tensor | None = None):
     """``(x - shift) · factor`` (``x`` ``[B, S, H, D]``; ``shift``, ``factor`` ``[B, H, D]`` fp32, contiguous, each
     optional) -> ``(codes [B, H, S, D] int8, scales [B, H, S] fp32)``, the numbers of
-    :func:`svdquant.ops.int8_attention.quantize_tokens` on ``x.transpose(1, 2)``."""
+    :func:`svdquant.ops.int8_attention.quantize_tokens` on ``x.transpose(1, 2)``; with ``dot`` ``[B, H, D]`` fp32
+    also ``(x - shift) · dot`` per token, ``[B, H, S]`` fp32, as a third output."""
     x = _last_dim_contiguous(x)
     b, s, h, d = x.shape
     codes = torch.empty(b, h, s, d, dtype=torch.int8, device=x.device)
     scales = torch.empty(b, h, s, dtype=torch.float32, device=x.device)
+    dots = torch.empty(b, h, s, dtype=torch.float32, device=x.device) if dot is not None else scales
     quantize_tokens_kernel[(triton.cdiv(s, QUANTIZE_BLOCK), b * h)](
-        x, shift if shift is not None else scales, factor if factor is not None else scales, codes, scales, s, h,
-        x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK=QUANTIZE_BLOCK, HAS_SHIFT=shift is not None,
-        HAS_FACTOR=factor is not None, FAST_ROUND=not interpreting(), num_warps=4)
-    return codes, scales
+        x, shift if shift is not None else scales, factor if factor is not None else scales,
+        dot if dot is not None else scales, codes, scales, dots, s, h, x.stride(0), x.stride(1), x.stride(2), D=d,
+        BLOCK=QUANTIZE_BLOCK, HAS_SHIFT=shift is not None, HAS_FACTOR=factor is not None, HAS_DOT=dot is not None,
+        FAST_ROUND=not interpreting(), num_warps=4)
+    return (codes, scales) if dot is None else (codes, scales, dots)
 
 
 _HOPPER: dict[int, bool] = {}  # CUDA device index -> compute capability 9.0+, asked once per device
@@ -146,9 +152,10 @@ def tma_ready(v: torch.Tensor) -> bool:
 
 
 def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, qk_scale: float,
-           *, tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
+           key_bias: torch.Tensor | None = None, *, tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
     """The attention kernel on quantized Q and K (:func:`quantize_tokens`' outputs) and ``v`` ``[B, S_k, H, D]``:
-    ``[B, S_q, H, D]`` in ``v``'s dtype. ``tma`` (sm_90+): K and V through tensor descriptors (pointers where
+    ``[B, S_q, H, D]`` in ``v``'s dtype; ``key_bias`` ``[B, H, S_k]`` fp32: added to every query's score of each
+    key (before ``qk_scale``). ``tma`` (sm_90+): K and V through tensor descriptors (pointers where
     ``v`` is not 16-byte aligned, or on a GPU before sm_90); ``None``: on a GPU that has them. (The CPU
     interpreter takes ``tma=True``: the tests.)"""
     b, h, sq, d = qc.shape
@@ -169,19 +176,24 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
     else:
         k_desc = v_desc = kc  # unused
     int8_attention_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), b * h)](
-        qc, qs, kc, ks, v, o, k_desc, v_desc, sq, sk, h, qk_scale, v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), D=d, EVEN_N=sk % cfg["BLOCK_N"] == 0, TMA=tma,
-        F32_DOT=interpreting(), **cfg)
+        qc, qs, kc, ks, key_bias if key_bias is not None else ks, v, o, k_desc, v_desc, sq, sk, h, qk_scale,
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), D=d,
+        EVEN_N=sk % cfg["BLOCK_N"] == 0, HAS_KB=key_bias is not None, TMA=tma, F32_DOT=interpreting(), **cfg)
     return o
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float, k_mean: torch.Tensor,
                    q_factor: torch.Tensor | None = None, k_factor: torch.Tensor | None = None, *,
-                   tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
+                   q_mean: torch.Tensor | None = None, tma: bool | None = None,
+                   config: dict | None = None) -> torch.Tensor:
     """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128, no mask):
     ``[B, S_q, H, D]`` in ``v``'s dtype: :func:`quantize_tokens` of Q and K, then :func:`attend`. ``qk_scale``:
-    the scores' factor times log2(e); ``k_mean``, ``q_factor``, ``k_factor`` ``[B, H, D]`` fp32: the smoothing
-    (:func:`svdquant.ops.int8_attention.smoothing`)."""
-    qc, qs = quantize_tokens(q, None, _fp32(q_factor))
-    kc, ks = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor))
-    return attend(qc, qs, kc, ks, v, qk_scale, tma=tma, config=config)
+    the scores' factor times log2(e); ``k_mean``, ``q_factor``, ``k_factor``, ``q_mean`` ``[B, H, D]`` fp32: the
+    smoothing (:func:`svdquant.ops.int8_attention.smoothing`; with ``q_mean``, Q is centred and the mean query's
+    scores are computed by K's quantization pass and added back)."""
+    qc, qs = quantize_tokens(q, _fp32(q_mean), _fp32(q_factor))
+    if q_mean is None:
+        kc, ks = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor))
+        return attend(qc, qs, kc, ks, v, qk_scale, tma=tma, config=config)
+    kc, ks, key_bias = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor), dot=_fp32(q_mean))
+    return attend(qc, qs, kc, ks, v, qk_scale, key_bias, tma=tma, config=config)

@@ -1,8 +1,8 @@
 """Attention with INT8 Q·Kᵀ and a 16-bit P·V: the numerics, and the op a model calls.
 
 SageAttention's split (arXiv 2410.02367; SageAttention2, arXiv 2411.10958): Q and K are rounded to INT8 with one
-scale per token (K first smoothed by its mean over the tokens, which moves every score of a query by the same
-amount and so leaves the softmax alone, and each channel balanced between Q and K: :func:`smoothing`), their product is an exact int32 sum on the INT8 tensor cores (on Hopper
+scale per token (each first smoothed by its mean over the tokens, the mean query's scores added back exactly, and
+each channel balanced between Q and K: :func:`smoothing`), their product is an exact int32 sum on the INT8 tensor cores (on Hopper
 the FP8 rate, twice BF16's), and the probabilities multiply V in 16 bits with fp32 accumulation, as
 FlashAttention does. Issue 23 measured on the tiny FLUX what each rounding costs (BENCHMARKS.md, "FP8
 attention's numerics"): E4M3 Q and K cost ~7 dB, INT8 Q and K per 128-token block 0.45 dB; this module's
@@ -17,6 +17,7 @@ and CUDA graphs take it whole), the reference elsewhere.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,19 +30,36 @@ BALANCE = 0.5  # the channel balance's exponent (SmoothQuant's default; on the t
 HEAD_DIMS = (32, 64, 128)  # built and tested for these (FLUX, Wan: 128; SD3: 64; SANA: 32; not PixArt-Σ: 72)
 
 
-def smoothing(q: Tensor, k: Tensor, tokens_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What Q and K are smoothed by before rounding, each ``[B, H, D]`` fp32: ``(K's mean over the tokens, Q's
-    channel factor 1 / a, K's channel factor a)``, ``a = (amax|Q| / amax|K - mean|) ** BALANCE`` per channel
-    (over the tokens; 1 where either is 0). Q / a times (K - mean) · a has Q·Kᵀ's scores (less one amount per
-    query, which the softmax ignores), and an outlier channel of either no longer sets its tokens' scales alone
-    (SmoothQuant's balance, arXiv 2211.10438, between the two operands of Q·Kᵀ)."""
-    kf = k.float()
-    mean = kf.mean(dim=tokens_dim, keepdim=True)
-    aq = q.float().abs().amax(dim=tokens_dim)
-    ak = (kf - mean).abs().amax(dim=tokens_dim)
+class Smoothing(NamedTuple):
+    """What Q and K are smoothed by before rounding, each ``[B, H, D]`` fp32 (:func:`smoothing`)."""
+
+    q_mean: Tensor
+    k_mean: Tensor
+    q_factor: Tensor
+    k_factor: Tensor
+
+
+def smoothing(q: Tensor, k: Tensor, tokens_dim: int) -> Smoothing:
+    """Q's and K's means over the tokens, and a channel factor ``a = (amax|Q - Q̄| / amax|K - K̄|) ** BALANCE``
+    (over the tokens; 1 where either is 0): Q's factor ``1 / a``, K's ``a``.
+
+    Q·Kᵀ = (Q - Q̄)·(K - K̄)ᵀ + Q̄·(K - K̄)ᵀ + (a per query, which the softmax ignores). The first term is what INT8
+    computes, each operand centred (SageAttention2, arXiv 2411.10958, smooths both), with (Q - Q̄) / a and
+    (K - K̄) · a sharing each channel's range, so that an outlier channel of either no longer sets its tokens'
+    scales alone (SmoothQuant's balance, arXiv 2211.10438, between the two operands); the second, the mean
+    query's score of each key, is added back exactly (in fp32, by the K quantization pass)."""
+    qf, kf = q.float(), k.float()
+    q_mean, k_mean = qf.mean(dim=tokens_dim, keepdim=True), kf.mean(dim=tokens_dim, keepdim=True)
+    aq = (qf - q_mean).abs().amax(dim=tokens_dim)
+    ak = (kf - k_mean).abs().amax(dim=tokens_dim)
     ok = (aq > 0) & (ak > 0)
     a = torch.where(ok, (aq / torch.where(ok, ak, 1.0)) ** BALANCE, 1.0)
-    return mean.squeeze(tokens_dim), 1.0 / a, a
+    return Smoothing(q_mean.squeeze(tokens_dim), k_mean.squeeze(tokens_dim), 1.0 / a, a)
+
+
+def mean_query_scores(k: Tensor, sm: Smoothing) -> Tensor:
+    """``Q̄·(K - K̄)ᵀ`` per key, ``[B, H, S_k]`` fp32, for ``k`` ``[B, H, S_k, D]``."""
+    return ((k.float() - sm.k_mean[:, :, None, :]) * sm.q_mean[:, :, None, :]).sum(dim=-1)
 
 
 def quantize_tokens(x: Tensor, shift: Tensor | None = None, factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -63,15 +81,16 @@ def quantize_tokens(x: Tensor, shift: Tensor | None = None, factor: Tensor | Non
 
 def int8_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
                              p_dtype: torch.dtype | None = None) -> Tensor:
-    """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` (no mask) with INT8 Q·Kᵀ per token and K smoothed;
+    """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` (no mask) with INT8 Q·Kᵀ per token, Q and K smoothed;
     the probabilities rounded to ``p_dtype`` (default ``v``'s dtype, as the kernel does) before P·V (fp32 sums),
     the output in ``v``'s dtype. ``scale``: the scores' factor (default ``1 / sqrt(D)``)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mean, q_factor, k_factor = smoothing(q, k, tokens_dim=2)
-    qc, qs = quantize_tokens(q, None, q_factor)
-    kc, ks = quantize_tokens(k, mean, k_factor)
+    sm = smoothing(q, k, tokens_dim=2)
+    qc, qs = quantize_tokens(q, sm.q_mean, sm.q_factor)
+    kc, ks = quantize_tokens(k, sm.k_mean, sm.k_factor)
     # int8 products summed in fp32 are exact up to 2**24 (D <= 128: 128 * 127**2 < 2**21)
-    s = (qc.float() @ kc.float().mT) * qs[..., :, None] * ks[..., None, :] * (scale * LOG2E)
+    s = (qc.float() @ kc.float().mT) * qs[..., :, None] * ks[..., None, :] + mean_query_scores(k, sm)[..., None, :]
+    s = s * (scale * LOG2E)
     p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
     out = (p.to(p_dtype or v.dtype).float() @ v.float()) / p.sum(dim=-1, keepdim=True)
     return out.to(v.dtype)
@@ -106,11 +125,11 @@ def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) 
         raise ValueError(f"INT8 attention cannot take {why}; use torch's scaled_dot_product_attention for it")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.device.type == "cuda":
-        mean, q_factor, k_factor = smoothing(q, k, tokens_dim=1)  # torch ops: inductor fuses them in a graph
+        sm = smoothing(q, k, tokens_dim=1)  # torch ops: inductor fuses them in a graph
         if torch.compiler.is_compiling():
-            return torch.ops.svdquant.int8_attention(q, k, v, mean, q_factor, k_factor, scale * LOG2E)
-        return library.int8_attention_impl(q, k, v, mean, q_factor, k_factor, scale * LOG2E)
+            return torch.ops.svdquant.int8_attention(q, k, v, *sm, scale * LOG2E)
+        return library.int8_attention_impl(q, k, v, *sm, scale * LOG2E)
     return int8_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
 
 
-__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "smoothing", "quantize_tokens", "int8_attention_reference", "int8_attention", "unsupported"]
+__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "Smoothing", "smoothing", "mean_query_scores", "quantize_tokens", "int8_attention_reference", "int8_attention", "unsupported"]
