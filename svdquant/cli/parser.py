@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--attention", choices=("auto", "int8"), default="auto",
                        help="on CUDA, the attention svdquant.optimize sets: auto (the fastest of PyTorch's SDPA "
                             "backends, exact) or int8 (svdquant's INT8 Q·Kᵀ attention: opt-in, costs the tiny "
-                            "FLUX ~0.3 dB)")
+                            "FLUX ~0.2 dB)")
 
     def checkpoint_prompt(p, output):
         p.add_argument("checkpoint")

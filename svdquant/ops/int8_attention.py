@@ -25,8 +25,8 @@ from torch import Tensor
 from . import library
 
 LOG2E = 1.4426950408889634  # the kernel's softmax runs on exp2: scores are scaled by log2(e) once, in the scale
-BALANCE = 0.5  # the channel balance's exponent (SmoothQuant's default; on the tiny FLUX, BENCHMARKS.md, 16-bit model
-# against itself: 63.3 dB unbalanced, 64.0 at 0.5, 63.8 at 0.75)
+BALANCE = 0.5  # the channel balance's exponent (SmoothQuant's default; the tiny FLUX's 16-bit model against itself,
+# before Q was centred, seed 0: 63.3 dB unbalanced, 64.0 at 0.5, 63.8 at 0.75)
 HEAD_DIMS = (32, 64, 128)  # built and tested for these (FLUX, Wan: 128; SD3: 64; SANA: 32; not PixArt-Σ: 72)
 
 

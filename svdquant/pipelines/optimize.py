@@ -11,7 +11,7 @@ On a CUDA device, in this order (each step can be turned off):
 2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) at the model's attention
    shape, timed once per process and GPU, through diffusers' ``set_attention_backend`` where the model's attention
    supports it. ``attention="int8"`` (opt-in) instead runs svdquant's INT8 Q·Kᵀ attention
-   (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.1-0.5 dB, BENCHMARKS.md), calls it cannot take on
+   (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.2 dB, BENCHMARKS.md), calls it cannot take on
    PyTorch's SDPA.
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
    through ``torch.compile(dynamic=False)``; the quantized kernels are custom ops, so a block is one graph.
