@@ -35,6 +35,15 @@ def reference(q, k, v, scale=None):
     return int8_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
 
 
+def unsmoothed(q, k, v, centre_k: bool = True):
+    """INT8 attention per token without the smoothing under test (Q as it is, K centred or not): what the
+    smoothing is measured against."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    (qc, qs), (kc, ks) = quantize_tokens(qt), quantize_tokens(kt, kt.float().mean(dim=2) if centre_k else None)
+    s = (qc.float() @ kc.float().mT) * qs[..., None] * ks[..., None, :] / math.sqrt(q.shape[-1])
+    return (torch.softmax(s, dim=-1) @ vt.float()).transpose(1, 2)
+
+
 # ------------------------------------------------------------------------------------------------- the reference
 def test_quantize_tokens_known_answers():
     # one token of amax 127 (scale 1: ties to even), one of zeros, one of amax 254 (scale 2)
@@ -73,11 +82,7 @@ def test_centring_q_keeps_a_shared_query_offset_free():
     offset = 4.0 * torch.randn(1, 1, 2, 64, generator=torch.Generator().manual_seed(11))
     want = exact(q + offset, k, v)
     centred = rel(reference(q + offset, k, v), want)
-    # Q as it is (K centred): the offset sets each query's scale
-    qt, kt, vt = (x.transpose(1, 2) for x in (q + offset, k, v))
-    (qc, qs), (kc, ks) = quantize_tokens(qt), quantize_tokens(kt, kt.float().mean(dim=2))
-    s = (qc.float() @ kc.float().mT) * qs[..., None] * ks[..., None, :] / 8.0
-    raw = rel((torch.softmax(s, dim=-1) @ vt).transpose(1, 2), want)
+    raw = rel(unsmoothed(q + offset, k, v), want)  # Q as it is: the offset sets each query's scale
     assert centred < 0.01 and raw > 2.5 * centred, (centred, raw)
 
 
@@ -95,11 +100,7 @@ def test_smoothing_makes_a_shared_key_offset_free():
     a, b = reference(q, k, v), reference(q, k + offset, v)
     assert rel(a, b) < 1e-3  # a few codes differ: k + offset - mean is not k to the last bit
     smoothed = rel(b, exact(q, k + offset, v))
-    # unsmoothed, the offset sets each key's scale and the rest rounds away
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k + offset, v))
-    (qc, qs), (kc, ks) = quantize_tokens(qt), quantize_tokens(kt)
-    s = (qc.float() @ kc.float().mT) * qs[..., None] * ks[..., None, :] / 8.0
-    raw = rel(torch.softmax(s, dim=-1) @ vt, exact(q, k + offset, v).transpose(1, 2))
+    raw = rel(unsmoothed(q, k + offset, v, centre_k=False), exact(q, k + offset, v))  # the offset sets K's scales
     assert smoothed < 0.02 and raw > 5 * smoothed, (smoothed, raw)
 
 
@@ -110,10 +111,7 @@ def test_the_channel_balance_tames_outlier_channels():
     q[..., 3] *= 20.0
     want = exact(q, k, v)
     balanced = rel(reference(q, k, v), want)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    (qc, qs), (kc, ks) = quantize_tokens(qt), quantize_tokens(kt, kt.float().mean(dim=2))
-    s = (qc.float() @ kc.float().mT) * qs[..., None] * ks[..., None, :] / 8.0
-    unbalanced = rel((torch.softmax(s, dim=-1) @ vt).transpose(1, 2), want)
+    unbalanced = rel(unsmoothed(q, k, v), want)
     assert balanced < 0.02 and unbalanced > 1.5 * balanced, (balanced, unbalanced)
 
 
