@@ -103,9 +103,10 @@ def test_activation_kernel_k_splits_give_the_same_result():
 
 # ---------------------------------------------------------------------------- INT8 GEMM (interpreter)
 @cpu_only
-@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("tma, ws", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_int8_gemm_matches_reference(tma, gelu):
+def test_int8_gemm_matches_reference(tma, ws, gelu):
+    """Pointer loads, TMA descriptors, and TMA with the warp-specialized persistent loop (a sweep option)."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     m_tokens, k, n = 37, 192, 40
@@ -115,7 +116,7 @@ def test_int8_gemm_matches_reference(tma, gelu):
     la, lu = torch.randn(m_tokens, 16, generator=g), torch.randn(n, 16, generator=g)
     bias = torch.randn(n, generator=g)
     y = K.int8_gemm(a, a_s, w, w_s, la, lu, bias, torch.float32, gelu=gelu, tma=tma,
-                    num_programs=3 if tma else None, config=SMALL_GEMM)
+                    num_programs=3 if tma else None, config=dict(SMALL_GEMM, WARP_SPECIALIZE=ws) if ws else SMALL_GEMM)
     want = (a.long() @ w.long().T).float() * a_s[:, None] * w_s[None, :] + la @ lu.T + bias
     if gelu:
         want = torch.nn.functional.gelu(want, approximate="tanh")

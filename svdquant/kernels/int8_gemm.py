@@ -27,12 +27,15 @@ def int8_gemm_kernel(
     M, N, K, stride_ym,
     R: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=TMA):
+    # WARP_SPECIALIZE (persistent + TMA, sm_90+; a tile config's option, off in the shipped ones until measured):
+    # loads and MMAs in separate warp groups, as Triton's persistent matmul tutorial (09) does with descriptors
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=TMA and not WARP_SPECIALIZE,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)  # GROUP_M token tiles per sweep
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
