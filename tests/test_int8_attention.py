@@ -349,3 +349,18 @@ def test_gpu_optimize_with_int8_attention():
     with torch.no_grad():
         first, second = model(**inputs)[0], model(**inputs)[0]
     assert torch.equal(first, second) and 0 < rel(first, sdpa) < 3e-2
+
+
+def test_importing_svdquant_makes_the_backend_a_diffusers_name():
+    """``import svdquant`` registers the backend when diffusers loads its attention dispatcher (a fresh process:
+    before or after diffusers), so diffusers' own ``set_attention_backend`` takes the name."""
+    import subprocess
+    import sys
+
+    code = ("import {first}, {second}\n"
+            "from diffusers.models.attention_dispatch import AttentionBackendName\n"
+            "print(AttentionBackendName('svdquant_int8').value)\n")
+    for first, second in (("svdquant", "diffusers"), ("diffusers.models.attention_dispatch", "svdquant")):
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0 and out.stdout.strip() == "svdquant_int8", out.stderr[-2000:]

@@ -1,7 +1,8 @@
 """svdquant in diffusers: ``quant_method: "svdquant"`` in a model's config.json loads through
 ``<Model>.from_pretrained``, and every quantized model saves with ``save_pretrained``.
 
-* here: :func:`register` / :func:`register_on_first_use` (the backend in diffusers' quantizer mappings) and
+* here: :func:`register` / :func:`register_on_first_use` (the backend in diffusers' quantizer mappings, and
+  svdquant's INT8 attention among diffusers' attention backends: :func:`register_attention`, :mod:`.attention`) and
   :func:`attach` (a quantized model's ``quantization_config``; run for every model svdquant quantizes, loads or
   converts, through :func:`compat.quantized`);
 * :mod:`.quantizer`: :class:`SVDQuantConfig` and :class:`SVDQuantQuantizer`, diffusers' quantizer API;
@@ -27,9 +28,19 @@ def register() -> None:
     from . import quantizer  # noqa: F401  (registers at its end; see there)
 
 
+def register_attention() -> None:
+    """Add svdquant's INT8 attention to diffusers' attention backends (idempotent): then
+    ``model.set_attention_backend("svdquant_int8")`` works on any diffusers model (:mod:`.attention`)."""
+    from . import attention
+
+    attention.register()
+
+
 def register_on_first_use() -> None:
-    """:func:`register` now if diffusers' quantizer mappings are imported, else when diffusers imports them."""
+    """:func:`register` now if diffusers' quantizer mappings are imported, else when diffusers imports them; the
+    same for :func:`register_attention` and diffusers' attention dispatcher."""
     compat.when_imported(compat.QUANTIZER_AUTO, register)
+    compat.when_imported(compat.ATTENTION_DISPATCH, register_attention)
 
 
 def attach(model: nn.Module) -> nn.Module:
@@ -70,4 +81,4 @@ def _attach_diffusers_model(model: nn.Module) -> None:
 
 compat.when_quantized(_attach_diffusers_model)
 
-__all__ = ["attach", "register", "register_on_first_use", "compat"]
+__all__ = ["attach", "register", "register_attention", "register_on_first_use", "compat"]

@@ -1,5 +1,6 @@
-"""svdquant's INT8 attention as a diffusers attention backend: ``model.set_attention_backend("svdquant_int8")``
-after :func:`register` (``svdquant.optimize(pipe, attention="int8")`` does both).
+"""svdquant's INT8 attention as a diffusers attention backend: ``model.set_attention_backend("svdquant_int8")`` on
+any diffusers model once ``svdquant`` is imported (:func:`register` runs when diffusers loads its attention
+dispatcher), or ``svdquant.optimize(pipe, attention="int8")``.
 
 Calls the kernel cannot take (a mask, dropout, a head size other than 32, 64 or 128, 32-bit tensors on a GPU) run
 diffusers' native backend (PyTorch's SDPA) instead: the same attention, exactly, and decided from shapes and

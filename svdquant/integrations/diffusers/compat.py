@@ -39,6 +39,7 @@ from ..._state import peek
 # tests/test_fused.py and tests/test_offload.py
 DIFFUSERS_TESTED = ">=0.42,<0.43"
 QUANTIZER_AUTO = "diffusers.quantizers.auto"  # holds AUTO_QUANTIZER_MAPPING / AUTO_QUANTIZATION_CONFIG_MAPPING
+ATTENTION_DISPATCH = "diffusers.models.attention_dispatch"  # AttentionBackendName, _AttentionBackendRegistry
 # what diffusers adds to a quantized model's config: the quantizer's record, not the architecture
 QUANTIZER_CONFIG_KEYS = ("quantization_config", "_pre_quantization_dtype")
 
