@@ -75,6 +75,16 @@ def test_smoothing_known_answer():
     assert mean_query_scores(k.transpose(1, 2), sm).flatten().tolist() == [-13.0, 13.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_centred_amax_from_max_and_min_is_exact(dtype):
+    """The smoothing takes amax|x - mean| as max(max x - mean, mean - min x): the same bits as subtracting first."""
+    from svdquant.ops.int8_attention import _mean_and_centred_amax
+
+    x = (torch.randn(2, 300, 3, 64, generator=torch.Generator().manual_seed(5)) * 5 + 2).to(dtype)
+    mean, amax = _mean_and_centred_amax(x, 1)
+    assert torch.equal(amax, (x.float() - mean[:, None]).abs().amax(dim=1))
+
+
 def test_centring_q_keeps_a_shared_query_offset_free():
     """A query offset common to all tokens (a bias in the Q projection) changes each key's score by Q̄·k_j, which
     the softmax does not ignore: centred Q rounds the same, and the mean query's scores come back exactly."""

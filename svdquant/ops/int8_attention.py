@@ -48,13 +48,19 @@ def smoothing(q: Tensor, k: Tensor, tokens_dim: int) -> Smoothing:
     (K - K̄) · a sharing each channel's range, so that an outlier channel of either no longer sets its tokens'
     scales alone (SmoothQuant's balance, arXiv 2211.10438, between the two operands); the second, the mean
     query's score of each key, is added back exactly (in fp32, by the K quantization pass)."""
-    qf, kf = q.float(), k.float()
-    q_mean, k_mean = qf.mean(dim=tokens_dim, keepdim=True), kf.mean(dim=tokens_dim, keepdim=True)
-    aq = (qf - q_mean).abs().amax(dim=tokens_dim)
-    ak = (kf - k_mean).abs().amax(dim=tokens_dim)
+    q_mean, aq = _mean_and_centred_amax(q, tokens_dim)
+    k_mean, ak = _mean_and_centred_amax(k, tokens_dim)
     ok = (aq > 0) & (ak > 0)
     a = torch.where(ok, (aq / torch.where(ok, ak, 1.0)) ** BALANCE, 1.0)
-    return Smoothing(q_mean.squeeze(tokens_dim), k_mean.squeeze(tokens_dim), 1.0 / a, a)
+    return Smoothing(q_mean, k_mean, 1.0 / a, a)
+
+
+def _mean_and_centred_amax(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``x``'s mean over ``dim`` and ``amax |x - mean|``, fp32, from three reductions of ``x`` itself (one pass
+    once compiled): ``max |x - m| = max(max x - m, m - min x)``, to the bit, since rounding ``x_i - m`` is monotonic
+    in ``x_i``."""
+    mean = x.mean(dim=dim, dtype=torch.float32)
+    return mean, torch.maximum(x.amax(dim=dim).float() - mean, mean - x.amin(dim=dim).float())
 
 
 def mean_query_scores(k: Tensor, sm: Smoothing) -> Tensor:
