@@ -1,12 +1,13 @@
 """Attention with INT8 Q·Kᵀ and a 16-bit P·V: the numerics, and the op a model calls.
 
 SageAttention's split (arXiv 2410.02367; SageAttention2, arXiv 2411.10958): Q and K are rounded to INT8 with one
-scale per token (each first smoothed by its mean over the tokens, the mean query's scores added back exactly, and
-each channel balanced between Q and K: :func:`smoothing`), their product is an exact int32 sum on the INT8 tensor cores (on Hopper
-the FP8 rate, twice BF16's), and the probabilities multiply V in 16 bits with fp32 accumulation, as
-FlashAttention does. Issue 23 measured on the tiny FLUX what each rounding costs (BENCHMARKS.md, "FP8
-attention's numerics"): E4M3 Q and K cost ~7 dB, INT8 Q and K per 128-token block 0.45 dB; this module's
-per-token scales are the finest an INT8 GEMM takes for free (a row and a column scale on the int32 sums).
+scale per token (each first centred on its mean over the tokens, the mean query's scores added back exactly, and
+each channel balanced between Q and K: :func:`smoothing`), their product is an exact int32 sum on the INT8 tensor
+cores (on Hopper the FP8 rate, twice BF16's), and the probabilities multiply V in 16 bits with fp32 accumulation,
+as FlashAttention does. Issue 23 measured on the tiny FLUX what each rounding costs (BENCHMARKS.md, "FP8
+attention's numerics" and "INT8 Q·Kᵀ attention"): E4M3 Q and K cost ~7 dB, INT8 Q and K per 128-token block 0.45
+dB, this module's numerics 0.23 dB on average. Per-token scales are the finest an INT8 GEMM takes for free (a row
+and a column scale on the int32 sums).
 
 :func:`int8_attention_reference` is what the Triton kernel (:mod:`svdquant.kernels.int8_attention`) computes,
 in plain torch: the kernel is tested against it, and ``benchmarks/fp8_attention_quality.py`` measures its
