@@ -50,6 +50,7 @@ Variants, in order, on one pipeline:
 * ``bf16-compiled``: the transformer's blocks through ``torch.compile`` (what svdquant compiles too; both experts);
 * ``int4``: the transformer's layers as svdquant ``int4`` (random valid contents, speed mode; each expert's), then
   ``svdquant.optimize(pipe)``: fused q/k/v, attention backend, compiled blocks, CUDA graphs;
+* ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")`` (INT8 Q·Kᵀ attention, opt-in);
 * ``int4-24gb``: the same layers in memory mode (4-bit resident) and ``pipe.enable_model_cpu_offload()``: the
   text encoder (UMT5-XXL, 11 GB), the image encoder and the VAE wait on the CPU while the transformer runs, and
   of two experts only the one running is on the GPU (diffusers moves the other out first). ``peak_steps_gb`` is the
@@ -80,7 +81,7 @@ from pipeline_memory import (  # noqa: E402
     T5_XXL, _quiet, components_gb, letter_tokenizer, random_image, random_quantize, run_device,
 )
 
-VARIANTS = ("bf16", "bf16-compiled", "int4", "int4-24gb")
+VARIANTS = ("bf16", "bf16-compiled", "int4", "int4-int8attn", "int4-24gb")
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 # per model: the pipeline, Wan's sampling defaults (flow shift, a clip's steps, guidance), --steps-a's default
 MODELS = {
@@ -291,6 +292,9 @@ def main(argv=None) -> dict:
         report = None
         if variant == "int4":
             report = svdquant.optimize(pipe)
+        elif variant == "int4-int8attn":  # attention is most of a video step (32,760 tokens at 480p)
+            svdquant.deoptimize(pipe)
+            report = svdquant.optimize(pipe, attention="int8")
         elif variant == "int4-24gb":
             svdquant.deoptimize(pipe)
             svdquant.set_weight_mode(pipe, "memory")

@@ -259,11 +259,11 @@ def test_video_quick_runs_every_variant_it_is_given(tmp_path):
     and on the CPU no memory figure; its arguments checked before any work."""
     import video
 
-    res = video.main(["--quick", "--variants", "bf16", "int4", "int4-24gb", "--out", str(tmp_path)])
+    res = video.main(["--quick", "--variants", "bf16", "int4", "int4-int8attn", "int4-24gb", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "video.json").read_text())
     assert json.dumps(res, sort_keys=True) == json.dumps(saved, sort_keys=True)
     assert saved["quantized_layers"] > 0  # (tiny widths: the rank-32 branches outweigh the 4-bit savings)
-    for variant in ("bf16", "int4", "int4-24gb"):
+    for variant in ("bf16", "int4", "int4-int8attn", "int4-24gb"):
         r = saved[f"{variant} 480p"]
         assert r["finite"] and r["seconds_per_step"] == pytest.approx((r["call_b_s"] - r["call_a_s"]) / 2, abs=2e-3)
         assert r["clip_s_est"] > 0 and "peak_gb" not in r and "peak_steps_gb" not in r
