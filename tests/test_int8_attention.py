@@ -374,3 +374,46 @@ def test_importing_svdquant_makes_the_backend_a_diffusers_name():
         out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], capture_output=True,
                              text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert out.returncode == 0 and out.stdout.strip() == "svdquant_int8", out.stderr[-2000:]
+
+
+# which tiny models' attention goes through diffusers' backends (the rest call PyTorch's SDPA from diffusers'
+# legacy processors: set_attention_backend does not reach them, and optimize says so)
+DISPATCHING = {"flux": 2, "flux2": 2, "wan": 4, "zimage": None, "qwenimage": 0}  # INT8 calls in one forward
+LEGACY = ["sd3", "pixart", "sana", "sdxl"]
+
+
+def _first(out):
+    out = out[0]
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+@pytest.mark.parametrize("arch", [*DISPATCHING, *LEGACY])
+def test_the_backend_on_every_architecture(arch, monkeypatch):
+    """Each tiny model (diffusers classes, real processors) with its attention on the backend: a forward close to
+    SDPA's, and how many attention calls took INT8 (Qwen-Image's tiny inputs carry a text mask: SDPA); the models
+    whose processors do not dispatch through diffusers' backends are refused by optimize with the reason."""
+    import tiny_models as tm
+
+    from svdquant.integrations.diffusers import attention as backend
+    from svdquant.integrations.diffusers.compat import set_attention_backend_locally
+    from svdquant.pipelines.optimize import Optimized, _set_attention
+
+    model = getattr(tm, f"build_{arch}")()
+    inputs = getattr(tm, f"{arch}_inputs")(model)
+    with torch.no_grad():
+        native = _first(model(**inputs))
+    if arch in LEGACY:
+        report = Optimized(device="cpu")
+        _set_attention(model.to(torch.bfloat16), "int8", report)
+        assert report.attention is None and "legacy" in report.skipped["attention"], report.skipped
+        return
+    calls = []
+    real = backend.int8_attention
+    monkeypatch.setattr(backend, "int8_attention", lambda *a: calls.append(1) or real(*a))
+    set_attention_backend_locally(model, backend.register())
+    with torch.no_grad():
+        out = _first(model(**inputs))
+    assert torch.isfinite(out).all() and rel(out, native) < 0.02, rel(out, native)
+    if DISPATCHING[arch] is not None:
+        assert len(calls) == DISPATCHING[arch]
+    assert (rel(out, native) > 0) == bool(calls)

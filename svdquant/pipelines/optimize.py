@@ -251,9 +251,13 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
         return
     if attention == INT8_ATTENTION:
         from ..integrations.diffusers import attention as int8_backend
-        from ..integrations.diffusers.compat import set_attention_backend_locally
+        from ..integrations.diffusers.compat import dispatches_attention, set_attention_backend_locally
         from ..ops.int8_attention import HEAD_DIMS
 
+        if not dispatches_attention(model):
+            report.skipped["attention"] = ("int8: the model's attention processors are diffusers' legacy ones, which "
+                                           "call PyTorch's SDPA themselves; attention left as it was")
+            return
         shape, dtype = _attention_shape(model), next(model.parameters()).dtype
         if shape is not None and shape[1] not in HEAD_DIMS:
             report.skipped["attention"] = (f"int8: head size {shape[1]} (the kernel takes "

@@ -15,7 +15,7 @@ use warns once (:class:`DiffusersVersionWarning`). What lives here:
   :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
 * loading: :func:`dtype_keyword`;
 * attention: :func:`add_attention_backend` (a backend of svdquant's in diffusers' attention dispatcher, whose
-  names are a closed enum) and :func:`set_attention_backend_locally`.
+  names are a closed enum), :func:`dispatches_attention` and :func:`set_attention_backend_locally`.
 
 It imports only the standard library, torch and diffusers (inside functions: ``import svdquant`` stays fast).
 """
@@ -262,6 +262,13 @@ def add_attention_backend(value: str, fn: Callable) -> None:
         AttentionBackendName._member_names_.append(member._name_)
     if _AttentionBackendRegistry._backends.get(member) is not fn:
         _AttentionBackendRegistry.register(member)(fn)
+
+
+def dispatches_attention(model: torch.nn.Module) -> bool:
+    """Whether any attention of ``model`` runs through diffusers' attention backends: its processor carries the
+    ``_attention_backend`` that ``set_attention_backend`` writes (diffusers 0.42's own check). diffusers' legacy
+    processors (``AttnProcessor2_0`` and kin: SD3, PixArt-Σ, SANA, the SDXL UNet) call PyTorch's SDPA themselves."""
+    return any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in model.modules())
 
 
 def set_attention_backend_locally(model: torch.nn.Module, value: str) -> None:
