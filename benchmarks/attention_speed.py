@@ -93,7 +93,7 @@ def variants(cuda: bool):
     # what the op runs on a GPU, eager (the kernels on the CPU too, through the interpreter): smoothing,
     # quantization, attention
     out["ours: INT8 QK per token + BF16 PV"] = lambda q, k, v: library.int8_attention_impl(
-        q, k, v, *smoothing(q, k, tokens_dim=1), LOG2E / math.sqrt(q.shape[-1]))
+        q, k, v, *smoothing(q, k, tokens_dim=1), None, LOG2E / math.sqrt(q.shape[-1]))
     return out
 
 

@@ -189,8 +189,33 @@ def test_attention_kernel_against_the_reference(dtype, shape, tma):
 @needs_kernels
 def test_the_custom_op_and_its_fake_agree():
     q, k, v = (bshd(i, 1, 40, 2, 64, torch.float16) for i in range(3))
-    torch.library.opcheck(torch.ops.svdquant.int8_attention.default, (q, k, v, *smoothing(q, k, 1), 0.2),
+    torch.library.opcheck(torch.ops.svdquant.int8_attention.default, (q, k, v, *smoothing(q, k, 1), None, 0.2),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bool", "additive", "batch-shared"])
+def test_attention_kernel_with_a_padding_mask(kind):
+    """One entry per key (Qwen-Image's and Z-Image's padding masks, [B, 1, 1, S_k]): the kernel against the reference
+    and against SDPA with the same mask, a whole 64-key tile masked in the second batch element."""
+    b, sq, sk, h, d = 2, 70, 150, 2, 64
+    q, k, v = bshd(1, b, sq, h, d, torch.float16), bshd(2, b, sk, h, d, torch.float16), bshd(3, b, sk, h, d, torch.float16)
+    keep = torch.ones(b, sk, dtype=torch.bool)
+    keep[1, 40:] = False  # tiles 1 and 2 of the second element: nothing but padding
+    mask = keep if kind != "additive" else torch.zeros(b, sk).masked_fill(~keep, -1e4)
+    mask = mask[1:] if kind == "batch-shared" else mask  # the padded row, for both elements
+    mask = mask[:, None, None, :].to(DEV)
+    sm = smoothing(q, k, tokens_dim=1)
+    from svdquant.ops.int8_attention import key_bias, key_mask
+
+    bias = key_bias(key_mask(mask, b, sk), 1 / math.sqrt(d))
+    out = kernels.int8_attention(q, k, v, LOG2E / math.sqrt(d), sm.k_mean, sm.q_factor, sm.k_factor, q_mean=sm.q_mean,
+                                 key_bias=bias)
+    ref = int8_attention_reference(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask).transpose(1, 2)
+    assert rel(out, ref) < BOUNDS[torch.float16], rel(out, ref)
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)),
+                                                            attn_mask=mask).transpose(1, 2)
+    assert rel(out, want) < 0.03 and rel(out, exact(q, k, v)) > 0.05  # the mask mattered
 
 
 # ---------------------------------------------------------------------------------------- the op and its errors
@@ -204,8 +229,10 @@ def test_the_op_takes_the_scale_and_diffusers_layout():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(attn_mask=torch.ones(1, 1, 10, 10, dtype=torch.bool)), "a mask, dropout, causal attention"),
-    (dict(is_causal=True), "a mask, dropout, causal attention"),
+    (dict(attn_mask=torch.ones(1, 1, 10, 10, dtype=torch.bool)),
+     "a mask of shape (1, 1, 10, 10) (it takes one entry per key: [B, S_k] or [B, 1, 1, S_k])"),
+    (dict(attn_mask=torch.ones(3, 10, dtype=torch.bool)), "a mask of shape (3, 10)"),
+    (dict(is_causal=True), "dropout, causal attention or grouped-query attention"),
     (dict(d=72), "head size 72 (it takes 32, 64 or 128, the same for q, k, v)"),
     (dict(k_tokens=7), "q, k, v of shapes (1, 10, 2, 64), (1, 7, 2, 64), (1, 10, 2, 64)"),
     (dict(bhs=True), "tensors of 3, 3, 3 dims"),
@@ -378,7 +405,7 @@ def test_importing_svdquant_makes_the_backend_a_diffusers_name():
 
 # which tiny models' attention goes through diffusers' backends (the rest call PyTorch's SDPA from diffusers'
 # legacy processors: set_attention_backend does not reach them, and optimize says so)
-DISPATCHING = {"flux": 2, "flux2": 2, "wan": 4, "zimage": None, "qwenimage": 0}  # INT8 calls in one forward
+DISPATCHING = {"flux": 2, "flux2": 2, "wan": 4, "zimage": None, "qwenimage": 2}  # INT8 calls in one forward
 LEGACY = ["sd3", "pixart", "sana", "sdxl"]
 
 
@@ -390,8 +417,9 @@ def _first(out):
 @pytest.mark.parametrize("arch", [*DISPATCHING, *LEGACY])
 def test_the_backend_on_every_architecture(arch, monkeypatch):
     """Each tiny model (diffusers classes, real processors) with its attention on the backend: a forward close to
-    SDPA's, and how many attention calls took INT8 (Qwen-Image's tiny inputs carry a text mask: SDPA); the models
-    whose processors do not dispatch through diffusers' backends are refused by optimize with the reason."""
+    SDPA's, and how many attention calls took INT8 (Qwen-Image's with its text padding mask; the tiny Z-Image's
+    head size 96 goes to SDPA); the models whose processors do not dispatch through diffusers' backends are refused
+    by optimize with the reason."""
     import tiny_models as tm
 
     from svdquant.integrations.diffusers import attention as backend

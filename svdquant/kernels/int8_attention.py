@@ -90,8 +90,9 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, kb_ptr, v_ptr, o_ptr, 
         if not EVEN_N:
             s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose keys so far are all masked: p, alpha 0
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if F32_DOT:  # the CPU interpreter cannot multiply 16-bit operands: P rounded to V's dtype, then fp32
             acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
@@ -184,16 +185,21 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float, k_mean: torch.Tensor,
                    q_factor: torch.Tensor | None = None, k_factor: torch.Tensor | None = None, *,
-                   q_mean: torch.Tensor | None = None, tma: bool | None = None,
-                   config: dict | None = None) -> torch.Tensor:
+                   q_mean: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                   tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
     """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128, no mask):
     ``[B, S_q, H, D]`` in ``v``'s dtype: :func:`quantize_tokens` of Q and K, then :func:`attend`. ``qk_scale``:
     the scores' factor times log2(e); ``k_mean``, ``q_factor``, ``k_factor``, ``q_mean`` ``[B, H, D]`` fp32: the
     smoothing (:func:`svdquant.ops.int8_attention.smoothing`; with ``q_mean``, Q is centred and the mean query's
-    scores are computed by K's quantization pass and added back)."""
+    scores are computed by K's quantization pass and added back); ``key_bias`` ``[B or 1, S_k]`` fp32: added to
+    every score of each key before ``qk_scale`` (a padding mask: 0 or -inf)."""
     qc, qs = quantize_tokens(q, _fp32(q_mean), _fp32(q_factor))
     if q_mean is None:
         kc, ks = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor))
-        return attend(qc, qs, kc, ks, v, qk_scale, tma=tma, config=config)
-    kc, ks, key_bias = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor), dot=_fp32(q_mean))
-    return attend(qc, qs, kc, ks, v, qk_scale, key_bias, tma=tma, config=config)
+        kb = None
+    else:
+        kc, ks, kb = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor), dot=_fp32(q_mean))
+    if key_bias is not None:  # per key, the same for every head
+        extra = key_bias.float()[:, None, :]
+        kb = (extra.expand(qc.shape[0], qc.shape[1], -1) if kb is None else kb + extra).contiguous()
+    return attend(qc, qs, kc, ks, v, qk_scale, kb, tma=tma, config=config)

@@ -86,17 +86,39 @@ def quantize_tokens(x: Tensor, shift: Tensor | None = None, factor: Tensor | Non
     return codes.to(torch.int8), scale
 
 
+def key_mask(attn_mask: Tensor, batch: int, keys: int) -> Tensor | None:
+    """``attn_mask`` as one entry per key, ``[B or 1, S_k]``, if it is that (``[B, S_k]`` or ``[B, 1, 1, S_k]``, bool
+    or additive: a padding mask, as Qwen-Image and Z-Image pass for prompts of different lengths); else None."""
+    shape = tuple(attn_mask.shape)
+    if attn_mask.ndim == 4 and shape[1:3] == (1, 1):
+        shape = (shape[0], shape[3])
+    if len(shape) != 2 or shape[1] != keys or shape[0] not in (1, batch):
+        return None
+    return attn_mask.reshape(shape)
+
+
+def key_bias(mask: Tensor, scale: float) -> Tensor:
+    """A :func:`key_mask` as what is added to the raw scores ``Q·Kᵀ`` before ``scale``, fp32: 0 / -inf for a bool
+    mask, ``mask / scale`` for an additive one (SDPA adds it after the scale)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.float() / scale
+
+
 def int8_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                             p_dtype: torch.dtype | None = None) -> Tensor:
+                             p_dtype: torch.dtype | None = None, attn_mask: Tensor | None = None) -> Tensor:
     """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` (no mask) with INT8 Q·Kᵀ per token, Q and K smoothed;
     the probabilities rounded to ``p_dtype`` (default ``v``'s dtype, as the kernel does) before P·V (fp32 sums),
-    the output in ``v``'s dtype. ``scale``: the scores' factor (default ``1 / sqrt(D)``)."""
+    the output in ``v``'s dtype. ``scale``: the scores' factor (default ``1 / sqrt(D)``); ``attn_mask``: one entry
+    per key (:func:`key_mask`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     sm = smoothing(q, k, tokens_dim=2)
     qc, qs = quantize_tokens(q, sm.q_mean, sm.q_factor)
     kc, ks = quantize_tokens(k, sm.k_mean, sm.k_factor)
     # int8 products summed in fp32 are exact up to 2**24 (D <= 128: 128 * 127**2 < 2**21)
     s = (qc.float() @ kc.float().mT) * qs[..., :, None] * ks[..., None, :] + mean_query_scores(k, sm)[..., None, :]
+    if attn_mask is not None:
+        s = s + key_bias(key_mask(attn_mask, q.shape[0], k.shape[2]), scale)[:, None, None, :]
     s = s * (scale * LOG2E)
     p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
     out = (p.to(p_dtype or v.dtype).float() @ v.float()) / p.sum(dim=-1, keepdim=True)
@@ -107,10 +129,12 @@ def unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: floa
                 enable_gqa: bool = False) -> str | None:
     """Why :func:`int8_attention` cannot take this call (``[B, S, H, D]`` tensors), or None if it can. Read from
     shapes, dtypes and arguments only: under ``torch.compile`` it is decided while tracing."""
-    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
-        return "a mask, dropout, causal attention or grouped-query attention"
+    if dropout_p or is_causal or enable_gqa:
+        return "dropout, causal attention or grouped-query attention"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return f"tensors of {q.ndim}, {k.ndim}, {v.ndim} dims (it takes [batch, tokens, heads, head_dim])"
+    if attn_mask is not None and key_mask(attn_mask, q.shape[0], k.shape[1]) is None:
+        return f"a mask of shape {tuple(attn_mask.shape)} (it takes one entry per key: [B, S_k] or [B, 1, 1, S_k])"
     if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return f"head size {q.shape[-1]} (it takes {', '.join(map(str, HEAD_DIMS[:-1]))} or {HEAD_DIMS[-1]}, the same " \
                "for q, k, v)"
@@ -123,20 +147,24 @@ def unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: floa
     return None
 
 
-def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                   attn_mask: Tensor | None = None) -> Tensor:
     """Attention with INT8 Q·Kᵀ per token and a 16-bit P·V, ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H,
     D]`` (diffusers' layout) -> ``[B, S_q, H, D]``: the Triton kernel on a CUDA GPU, the reference elsewhere.
-    Check :func:`unsupported` first (a mask, another head size: use SDPA)."""
-    why = unsupported(q, k, v)
+    ``attn_mask``: one entry per key (:func:`key_mask`). Check :func:`unsupported` first (another mask, another
+    head size: use SDPA)."""
+    why = unsupported(q, k, v, attn_mask)
     if why is not None:
         raise ValueError(f"INT8 attention cannot take {why}; use torch's scaled_dot_product_attention for it")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.device.type == "cuda":
         sm = smoothing(q, k, tokens_dim=1)  # torch ops: inductor fuses them in a graph
+        bias = None if attn_mask is None else key_bias(key_mask(attn_mask, q.shape[0], k.shape[1]), scale)
         if torch.compiler.is_compiling():
-            return torch.ops.svdquant.int8_attention(q, k, v, *sm, scale * LOG2E)
-        return library.int8_attention_impl(q, k, v, *sm, scale * LOG2E)
-    return int8_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
+            return torch.ops.svdquant.int8_attention(q, k, v, *sm, bias, scale * LOG2E)
+        return library.int8_attention_impl(q, k, v, *sm, bias, scale * LOG2E)
+    return int8_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale,
+                                    attn_mask=attn_mask).transpose(1, 2)
 
 
-__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "Smoothing", "smoothing", "mean_query_scores", "quantize_tokens", "int8_attention_reference", "int8_attention", "unsupported"]
+__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "Smoothing", "smoothing", "mean_query_scores", "key_mask", "key_bias", "quantize_tokens", "int8_attention_reference", "int8_attention", "unsupported"]

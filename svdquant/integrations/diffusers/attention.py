@@ -2,7 +2,8 @@
 any diffusers model once ``svdquant`` is imported (:func:`register` runs when diffusers loads its attention
 dispatcher), or ``svdquant.optimize(pipe, attention="int8")``.
 
-Calls the kernel cannot take (a mask, dropout, a head size other than 32, 64 or 128, 32-bit tensors on a GPU) run
+Calls the kernel cannot take (a mask other than one per key, dropout, a head size other than 32, 64 or 128, 32-bit
+tensors on a GPU) run
 diffusers' native backend (PyTorch's SDPA) instead: the same attention, exactly, and decided from shapes and
 arguments, so a compiled model decides it once while tracing.
 """
@@ -24,7 +25,7 @@ def svdquant_int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     (:mod:`svdquant.ops.int8_attention`), or the native backend for what it cannot take."""
     if not return_lse and _parallel_config is None and \
             unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) is None:
-        return int8_attention(query, key, value, scale)
+        return int8_attention(query, key, value, scale, attn_mask)
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
