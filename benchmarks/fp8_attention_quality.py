@@ -36,25 +36,31 @@ from svdquant.pipelines import TinyFluxPipeline  # noqa: E402
 
 from quality import sample  # noqa: E402  (the same fixed-noise sampling as the quality table)
 
-# (name, granularity, smooth K, FP8 probabilities, FP8 output[, INT8 Q/K, FP8 V])
-VARIANTS = [("exact", None, None, None, None), ("fp8 tensor", "tensor", False, True, True),
-            ("fp8 tensor, K smoothed", "tensor", True, True, True), ("fp8 head", "head", False, True, True),
-            ("fp8 head, K smoothed", "head", True, True, True), ("fp8 block, K smoothed", "block", True, True, True),
-            ("fp8 head, K smoothed, fp32 P", "head", True, False, True),
-            ("fp8 head, K smoothed, fp32 output", "head", True, True, False),
-            ("fp8 Q/K/V only (head, K smoothed)", "head", True, False, False),
-            ("int8 Q/K (block, K smoothed), fp8 P/V/output", "block", True, True, True, True, True),
-            ("int8 Q/K (block, K smoothed), 16-bit P/V/output", "block", True, False, False, True, False),
-            # the INT8 attention kernel's numerics (svdquant/ops/int8_attention.py): one scale per token, K smoothed,
-            # channels balanced between Q and K
-            ("int8 Q/K per token, fp32 P/V", "token", torch.float32),
-            ("int8 Q/K per token, bf16 P", "token", torch.bfloat16)]  # V and the output stay the model's fp32
+# (name, the numerics: attention()'s keywords; {} is exact attention)
+FP8_BLOCK_SMOOTHED = dict(granularity="block", smooth_k=True)
+VARIANTS = [("exact", {}), ("fp8 tensor", dict(granularity="tensor")),
+            ("fp8 tensor, K smoothed", dict(granularity="tensor", smooth_k=True)),
+            ("fp8 head", dict(granularity="head")), ("fp8 head, K smoothed", dict(granularity="head", smooth_k=True)),
+            ("fp8 block, K smoothed", FP8_BLOCK_SMOOTHED),
+            ("fp8 head, K smoothed, fp32 P", dict(granularity="head", smooth_k=True, fp8_probabilities=False)),
+            ("fp8 head, K smoothed, fp32 output", dict(granularity="head", smooth_k=True, fp8_output=False)),
+            ("fp8 Q/K/V only (head, K smoothed)",
+             dict(granularity="head", smooth_k=True, fp8_probabilities=False, fp8_output=False)),
+            ("int8 Q/K (block, K smoothed), fp8 P/V/output", dict(FP8_BLOCK_SMOOTHED, int8_qk=True)),
+            ("int8 Q/K (block, K smoothed), 16-bit P/V/output",
+             dict(FP8_BLOCK_SMOOTHED, int8_qk=True, fp8_probabilities=False, fp8_output=False, fp8_v=False)),
+            # the INT8 attention kernel's numerics (svdquant/ops/int8_attention.py): one scale per token, Q and K
+            # centred, channels balanced between them
+            ("int8 Q/K per token, fp32 P/V", dict(granularity="token", p_dtype=torch.float32)),
+            ("int8 Q/K per token, bf16 P", dict(granularity="token", p_dtype=torch.bfloat16))]  # V, output: fp32
 
 
 @contextlib.contextmanager
-def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True, int8_qk=False, fp8_v=True):
+def attention(granularity=None, smooth_k=False, fp8_probabilities=True, fp8_output=True, int8_qk=False, fp8_v=True,
+              p_dtype=None):
     """``F.scaled_dot_product_attention`` computed as FP8 attention for the duration (no mask, no dropout: what
-    the tiny FLUX asks), or left alone for ``granularity=None``."""
+    the tiny FLUX asks), as the INT8 attention kernel computes it for ``granularity="token"`` (``p_dtype``: the
+    probabilities' rounding), or left alone for ``granularity=None``."""
     if granularity is None:
         yield
         return
@@ -63,8 +69,8 @@ def attention(granularity, smooth_k, fp8_probabilities=True, fp8_output=True, in
     def fp8(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or dropout_p or is_causal or enable_gqa:
             raise NotImplementedError("the FP8 reference takes plain attention only")
-        if granularity == "token":  # smooth_k holds the probabilities' dtype here
-            return int8_attention_reference(query, key, value, scale, p_dtype=smooth_k)
+        if granularity == "token":
+            return int8_attention_reference(query, key, value, scale, p_dtype=p_dtype)
         return fp8_sdpa_reference(query, key, value, granularity=granularity, smooth_k=smooth_k, scale=scale,
                                   fp8_probabilities=fp8_probabilities, fp8_output=fp8_output, int8_qk=int8_qk,
                                   fp8_v=fp8_v)
@@ -104,8 +110,8 @@ def main(argv=None) -> dict:
         models.append((args.recipe, quantized))
     rows = []
     for model, pipe in models:
-        for name, *numerics in variants:
-            with attention(*numerics):
+        for name, numerics in variants:
+            with attention(**numerics):
                 imgs = sample(pipe, labels, noise, args.steps, args.batch)
             p = float(psnr(imgs, ref).clamp_max(100.0).mean())  # identical images: 100 dB, not inf (JSON)
             rows.append(dict(model=model, attention=name, psnr_db=round(p, 2)))

@@ -206,11 +206,11 @@ def test_attention_kernel_with_a_padding_mask(kind):
     mask = mask[1:] if kind == "batch-shared" else mask  # the padded row, for both elements
     mask = mask[:, None, None, :].to(DEV)
     sm = smoothing(q, k, tokens_dim=1)
-    from svdquant.ops.int8_attention import key_bias, key_mask
+    from svdquant.ops.int8_attention import key_mask, mask_bias
 
-    bias = key_bias(key_mask(mask, b, sk), 1 / math.sqrt(d))
+    bias = mask_bias(key_mask(mask, b, sk), 1 / math.sqrt(d))
     out = kernels.int8_attention(q, k, v, LOG2E / math.sqrt(d), sm.k_mean, sm.q_factor, sm.k_factor, q_mean=sm.q_mean,
-                                 key_bias=bias)
+                                 mask_bias=bias)
     ref = int8_attention_reference(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask).transpose(1, 2)
     assert rel(out, ref) < BOUNDS[torch.float16], rel(out, ref)
     want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)),
@@ -277,8 +277,8 @@ def test_the_backend_runs_a_diffusers_model_and_leaves_others_alone(monkeypatch)
     active = _AttentionBackendRegistry._active_backend
     assert backend.register() == backend.register() == "svdquant_int8"
     calls = []
-    real = backend.int8_attention
-    monkeypatch.setattr(backend, "int8_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = backend.int8_attention_unchecked
+    monkeypatch.setattr(backend, "int8_attention_unchecked", lambda *a: calls.append(a[0].shape) or real(*a))
     set_attention_backend_locally(m, "svdquant_int8")
     assert _AttentionBackendRegistry._active_backend == active  # other models keep the default
     with torch.no_grad():
@@ -436,8 +436,8 @@ def test_the_backend_on_every_architecture(arch, monkeypatch):
         assert report.attention is None and "legacy" in report.skipped["attention"], report.skipped
         return
     calls = []
-    real = backend.int8_attention
-    monkeypatch.setattr(backend, "int8_attention", lambda *a: calls.append(1) or real(*a))
+    real = backend.int8_attention_unchecked
+    monkeypatch.setattr(backend, "int8_attention_unchecked", lambda *a: calls.append(1) or real(*a))
     set_attention_backend_locally(model, backend.register())
     with torch.no_grad():
         out = _first(model(**inputs))

@@ -1,4 +1,4 @@
-"""Attention with INT8 Q·Kᵀ (one scale per token) and a 16-bit P·V, forward only (no mask).
+"""Attention with INT8 Q·Kᵀ (one scale per token) and a 16-bit P·V, forward only (masks: one entry per key).
 
 Reference: :func:`svdquant.ops.int8_attention.int8_attention_reference`. Two kernels:
 
@@ -185,13 +185,13 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float, k_mean: torch.Tensor,
                    q_factor: torch.Tensor | None = None, k_factor: torch.Tensor | None = None, *,
-                   q_mean: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                   q_mean: torch.Tensor | None = None, mask_bias: torch.Tensor | None = None,
                    tma: bool | None = None, config: dict | None = None) -> torch.Tensor:
-    """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128, no mask):
+    """Attention of ``q`` ``[B, S_q, H, D]``, ``k`` / ``v`` ``[B, S_k, H, D]`` (D 32, 64 or 128):
     ``[B, S_q, H, D]`` in ``v``'s dtype: :func:`quantize_tokens` of Q and K, then :func:`attend`. ``qk_scale``:
     the scores' factor times log2(e); ``k_mean``, ``q_factor``, ``k_factor``, ``q_mean`` ``[B, H, D]`` fp32: the
     smoothing (:func:`svdquant.ops.int8_attention.smoothing`; with ``q_mean``, Q is centred and the mean query's
-    scores are computed by K's quantization pass and added back); ``key_bias`` ``[B or 1, S_k]`` fp32: added to
+    scores are computed by K's quantization pass and added back); ``mask_bias`` ``[B or 1, S_k]`` fp32: added to
     every score of each key before ``qk_scale`` (a padding mask: 0 or -inf)."""
     qc, qs = quantize_tokens(q, _fp32(q_mean), _fp32(q_factor))
     if q_mean is None:
@@ -199,7 +199,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: 
         kb = None
     else:
         kc, ks, kb = quantize_tokens(k, _fp32(k_mean), _fp32(k_factor), dot=_fp32(q_mean))
-    if key_bias is not None:  # per key, the same for every head
-        extra = key_bias.float()[:, None, :]
+    if mask_bias is not None:  # per key, the same for every head
+        extra = mask_bias.float()[:, None, :]
         kb = (extra.expand(qc.shape[0], qc.shape[1], -1) if kb is None else kb + extra).contiguous()
     return attend(qc, qs, kc, ks, v, qk_scale, kb, tma=tma, config=config)

@@ -97,7 +97,7 @@ def key_mask(attn_mask: Tensor, batch: int, keys: int) -> Tensor | None:
     return attn_mask.reshape(shape)
 
 
-def key_bias(mask: Tensor, scale: float) -> Tensor:
+def mask_bias(mask: Tensor, scale: float) -> Tensor:
     """A :func:`key_mask` as what is added to the raw scores ``Q·Kᵀ`` before ``scale``, fp32: 0 / -inf for a bool
     mask, ``mask / scale`` for an additive one (SDPA adds it after the scale)."""
     if mask.dtype == torch.bool:
@@ -107,7 +107,7 @@ def key_bias(mask: Tensor, scale: float) -> Tensor:
 
 def int8_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
                              p_dtype: torch.dtype | None = None, attn_mask: Tensor | None = None) -> Tensor:
-    """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` (no mask) with INT8 Q·Kᵀ per token, Q and K smoothed;
+    """Attention of ``q``, ``k``, ``v`` ``[B, H, S, D]`` with INT8 Q·Kᵀ per token, Q and K smoothed;
     the probabilities rounded to ``p_dtype`` (default ``v``'s dtype, as the kernel does) before P·V (fp32 sums),
     the output in ``v``'s dtype. ``scale``: the scores' factor (default ``1 / sqrt(D)``); ``attn_mask``: one entry
     per key (:func:`key_mask`)."""
@@ -118,7 +118,7 @@ def int8_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | Non
     # int8 products summed in fp32 are exact up to 2**24 (D <= 128: 128 * 127**2 < 2**21)
     s = (qc.float() @ kc.float().mT) * qs[..., :, None] * ks[..., None, :] + mean_query_scores(k, sm)[..., None, :]
     if attn_mask is not None:
-        s = s + key_bias(key_mask(attn_mask, q.shape[0], k.shape[2]), scale)[:, None, None, :]
+        s = s + mask_bias(key_mask(attn_mask, q.shape[0], k.shape[2]), scale)[:, None, None, :]
     s = s * (scale * LOG2E)
     p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
     out = (p.to(p_dtype or v.dtype).float() @ v.float()) / p.sum(dim=-1, keepdim=True)
@@ -156,10 +156,16 @@ def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     why = unsupported(q, k, v, attn_mask)
     if why is not None:
         raise ValueError(f"INT8 attention cannot take {why}; use torch's scaled_dot_product_attention for it")
+    return int8_attention_unchecked(q, k, v, scale, attn_mask)
+
+
+def int8_attention_unchecked(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                             attn_mask: Tensor | None = None) -> Tensor:
+    """:func:`int8_attention` for a caller that asked :func:`unsupported` itself (diffusers' backend, per call)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.device.type == "cuda":
         sm = smoothing(q, k, tokens_dim=1)  # torch ops: inductor fuses them in a graph
-        bias = None if attn_mask is None else key_bias(key_mask(attn_mask, q.shape[0], k.shape[1]), scale)
+        bias = None if attn_mask is None else mask_bias(key_mask(attn_mask, q.shape[0], k.shape[1]), scale)
         if torch.compiler.is_compiling():
             return torch.ops.svdquant.int8_attention(q, k, v, *sm, bias, scale * LOG2E)
         return library.int8_attention_impl(q, k, v, *sm, bias, scale * LOG2E)
@@ -167,4 +173,5 @@ def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
                                     attn_mask=attn_mask).transpose(1, 2)
 
 
-__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "Smoothing", "smoothing", "mean_query_scores", "key_mask", "key_bias", "quantize_tokens", "int8_attention_reference", "int8_attention", "unsupported"]
+__all__ = ["LOG2E", "BALANCE", "HEAD_DIMS", "Smoothing", "smoothing", "mean_query_scores", "key_mask", "mask_bias",
+           "quantize_tokens", "int8_attention_reference", "int8_attention", "int8_attention_unchecked", "unsupported"]

@@ -148,22 +148,22 @@ def _(qweight, wscales, wzeros, k, dtype, group_size):
 
 
 def int8_attention_impl(q: Tensor, k: Tensor, v: Tensor, q_mean: Tensor, k_mean: Tensor, q_factor: Tensor,
-                        k_factor: Tensor, key_bias: Tensor | None, qk_scale: float) -> Tensor:
+                        k_factor: Tensor, mask_bias: Tensor | None, qk_scale: float) -> Tensor:
     """Attention with INT8 Q·Kᵀ per token and a 16-bit P·V (:mod:`svdquant.ops.int8_attention`), ``[B, S, H, D]``
-    in and out; ``q_mean`` / ``k_mean`` / ``q_factor`` / ``k_factor`` ``[B, H, D]``: the smoothing; ``key_bias``
+    in and out; ``q_mean`` / ``k_mean`` / ``q_factor`` / ``k_factor`` ``[B, H, D]``: the smoothing; ``mask_bias``
     ``[B or 1, S_k]`` fp32: a padding mask, added to the raw scores; ``qk_scale``: the scores' factor times log2(e). The kernel picks TMA from the device's capability, asked once per device and kept
     (:func:`svdquant.kernels.int8_attention.hopper`), not per call."""
-    return _kernels().int8_attention(q, k, v, qk_scale, k_mean, q_factor, k_factor, q_mean=q_mean, key_bias=key_bias)
+    return _kernels().int8_attention(q, k, v, qk_scale, k_mean, q_factor, k_factor, q_mean=q_mean, mask_bias=mask_bias)
 
 
 @torch.library.custom_op("svdquant::int8_attention", mutates_args=())
 def int8_attention(q: Tensor, k: Tensor, v: Tensor, q_mean: Tensor, k_mean: Tensor, q_factor: Tensor,
-                   k_factor: Tensor, key_bias: Tensor | None, qk_scale: float) -> Tensor:
-    return int8_attention_impl(q, k, v, q_mean, k_mean, q_factor, k_factor, key_bias, qk_scale)
+                   k_factor: Tensor, mask_bias: Tensor | None, qk_scale: float) -> Tensor:
+    return int8_attention_impl(q, k, v, q_mean, k_mean, q_factor, k_factor, mask_bias, qk_scale)
 
 
 @int8_attention.register_fake
-def _(q, k, v, q_mean, k_mean, q_factor, k_factor, key_bias, qk_scale):
+def _(q, k, v, q_mean, k_mean, q_factor, k_factor, mask_bias, qk_scale):
     return v.new_empty(q.shape)
 
 

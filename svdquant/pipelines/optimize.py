@@ -121,8 +121,8 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     """Make a pipeline's (or model's) denoiser as fast as svdquant can on its CUDA device; see the module doc.
 
     ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, ``"int8"``
-    (svdquant's INT8 Q·Kᵀ attention; opt-in) or ``None`` (leave it). ``max_graphs``: how many call signatures (resolution × batch size) keep a captured graph. Calling it
-    again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
+    (svdquant's INT8 Q·Kᵀ attention; opt-in) or ``None`` (leave it). ``max_graphs``: how many call signatures
+    (resolution × batch size) keep a captured graph. Calling it again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
     (Wan 2.2 A14B) gets both denoisers optimized, the second's report under ``experts["transformer_2"]``."""
     models = denoisers(target)
     for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
@@ -245,26 +245,33 @@ def _attention_shape(model: nn.Module):
     return heads, dim, 4096  # a 1024² image's tokens: the shape these models spend their attention time on
 
 
+def _why_not_int8_attention(model: nn.Module) -> str | None:
+    """Why svdquant's INT8 attention cannot run ``model``'s attention (read from its processors, config and dtype),
+    or None."""
+    from ..integrations.diffusers.compat import dispatches_attention
+    from ..ops.int8_attention import HEAD_DIMS
+
+    if not dispatches_attention(model):
+        return "the model's attention processors are diffusers' legacy ones, which call PyTorch's SDPA themselves"
+    shape, dtype = _attention_shape(model), next(model.parameters()).dtype
+    if shape is not None and shape[1] not in HEAD_DIMS:
+        return f"head size {shape[1]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"a {dtype} model (the kernel takes 16-bit)"
+    return None
+
+
 def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
     if not hasattr(model, "set_attention_backend"):
         report.skipped["attention"] = "the model has no set_attention_backend"
         return
     if attention == INT8_ATTENTION:
         from ..integrations.diffusers import attention as int8_backend
-        from ..integrations.diffusers.compat import dispatches_attention, set_attention_backend_locally
-        from ..ops.int8_attention import HEAD_DIMS
+        from ..integrations.diffusers.compat import set_attention_backend_locally
 
-        if not dispatches_attention(model):
-            report.skipped["attention"] = ("int8: the model's attention processors are diffusers' legacy ones, which "
-                                           "call PyTorch's SDPA themselves; attention left as it was")
-            return
-        shape, dtype = _attention_shape(model), next(model.parameters()).dtype
-        if shape is not None and shape[1] not in HEAD_DIMS:
-            report.skipped["attention"] = (f"int8: head size {shape[1]} (the kernel takes "
-                                           f"{', '.join(map(str, HEAD_DIMS))}); attention left as it was")
-            return
-        if dtype not in (torch.float16, torch.bfloat16):
-            report.skipped["attention"] = f"int8: a {dtype} model (the kernel takes 16-bit); attention left as it was"
+        why = _why_not_int8_attention(model)
+        if why is not None:
+            report.skipped["attention"] = f"int8: {why}; attention left as it was"
             return
         set_attention_backend_locally(model, int8_backend.register())  # not the process's default for others
         bump_revision()  # graphs captured with the previous attention are captured again

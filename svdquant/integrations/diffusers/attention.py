@@ -3,16 +3,15 @@ any diffusers model once ``svdquant`` is imported (:func:`register` runs when di
 dispatcher), or ``svdquant.optimize(pipe, attention="int8")``.
 
 Calls the kernel cannot take (a mask other than one per key, dropout, a head size other than 32, 64 or 128, 32-bit
-tensors on a GPU) run
-diffusers' native backend (PyTorch's SDPA) instead: the same attention, exactly, and decided from shapes and
-arguments, so a compiled model decides it once while tracing.
+tensors on a GPU) run diffusers' native backend (PyTorch's SDPA) instead: the same attention, exactly, and decided
+from shapes and arguments, so a compiled model decides it once while tracing.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...ops.int8_attention import int8_attention, unsupported
+from ...ops.int8_attention import int8_attention_unchecked, unsupported
 from . import compat
 
 BACKEND = "svdquant_int8"
@@ -25,11 +24,8 @@ def svdquant_int8_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     (:mod:`svdquant.ops.int8_attention`), or the native backend for what it cannot take."""
     if not return_lse and _parallel_config is None and \
             unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) is None:
-        return int8_attention(query, key, value, scale, attn_mask)
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
-    return native(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        return int8_attention_unchecked(query, key, value, scale, attn_mask)
+    return compat.native_attention_backend()(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                   enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
 
 

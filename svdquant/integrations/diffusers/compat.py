@@ -15,7 +15,8 @@ use warns once (:class:`DiffusersVersionWarning`). What lives here:
   :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
 * loading: :func:`dtype_keyword`;
 * attention: :func:`add_attention_backend` (a backend of svdquant's in diffusers' attention dispatcher, whose
-  names are a closed enum), :func:`dispatches_attention` and :func:`set_attention_backend_locally`.
+  names are a closed enum), :func:`native_attention_backend`, :func:`dispatches_attention` and
+  :func:`set_attention_backend_locally`.
 
 It imports only the standard library, torch and diffusers (inside functions: ``import svdquant`` stays fast).
 """
@@ -262,6 +263,13 @@ def add_attention_backend(value: str, fn: Callable) -> None:
         AttentionBackendName._member_names_.append(member._name_)
     if _AttentionBackendRegistry._backends.get(member) is not fn:
         _AttentionBackendRegistry.register(member)(fn)
+
+
+def native_attention_backend() -> Callable:
+    """diffusers' own ``native`` attention backend (PyTorch's SDPA), with its backend signature."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
 
 
 def dispatches_attention(model: torch.nn.Module) -> bool:
