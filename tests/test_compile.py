@@ -38,12 +38,12 @@ def test_compiled_step_equals_eager(quantized_flux):
 
 def test_a_fused_flux_step_is_one_graph(quantized_flux):
     """svdquant.fuse's structures (stacked q/k/v, the single block's q/k/v + MLP through its own forward, the GELU
-    moved into fc1) trace whole too."""
+    moved into fc1 and into the single block's stack, its proj_out reading two parts) trace whole too."""
     import copy
 
     model, inputs = quantized_flux
     model = copy.deepcopy(model)
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     torch._dynamo.reset()
     exp = torch._dynamo.explain(model)(**inputs)
     assert exp.graph_break_count == 0, [str(r.reason) for r in exp.break_reasons]
@@ -88,6 +88,35 @@ def test_int8_runner_compiles_to_the_custom_op_and_matches_eager(recipe, mode):
     assert torch.equal(compiled, eager)
     ref = ReferenceRunner(m)(x)
     assert float((eager - ref).norm() / ref.norm()) < 1e-6
+
+
+@triton_interpreted
+def test_inductor_hands_an_input_part_to_the_op_where_it_lies():
+    """A layer fed ``(head, tail=y[:, 64:])`` under inductor: the op receives the slice of the producer's output
+    as a view (``reinterpret_tensor`` of that buffer, its row stride 192), and no buffer as wide as the layer's
+    input (the concatenation) is made; compiled equals eager."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from svdquant import kernels
+    from svdquant.ops.runners import Int8Runner
+
+    producer, consumer = _layer("int4", k=128, n=192), _layer("int4", k=192, n=48, seed=4)
+    for m in (producer, consumer):
+        m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+
+    def step(x, h):
+        return consumer(h * 2, tail=producer(x)[:, 64:])
+
+    x, h = torch.randn(33, 128), torch.randn(33, 64)
+    eager = step(x, h)
+    torch._dynamo.reset()
+    out, (code,) = run_and_get_code(torch.compile(step, fullgraph=True), x, h)
+    calls = [line for line in code.splitlines() if "svdquant.int8_linear.default(" in line]
+    assert len(calls) == 2 and re.search(r"reinterpret_tensor\(buf\d+, \(33, 128\), \(192, 1\), 64\)\)$", calls[1])
+    assert "(33, 192), (192, 1)" not in "".join(l for l in code.splitlines() if "empty_strided" in l)
+    assert float((out - eager).norm() / eager.norm()) < 1e-6
 
 
 @triton_interpreted

@@ -194,7 +194,8 @@ def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
 
 
 @interpreted
-def test_stacked_single_block_on_the_int8_kernels(quantized_flux):
+@pytest.mark.parametrize("fusion", ["projections", "all"])
+def test_stacked_single_block_on_the_int8_kernels(quantized_flux, fusion):
     """The INT8 runners (Triton interpreter) as on a GPU: the single block's q/k/v + proj_mlp stacked runner gives
     the unfused model's step within the numerics' bound, with LoRAs added before fusing (on proj_mlp, and on a
     double block's to_q: a stacked runner once took its members' branches as of their last call, without such a
@@ -205,7 +206,11 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux):
     activation code of a later layer across its rounding boundary: one step of 1/127 of that token's absmax on one
     element, ~1.3e-5 of this output (measured by perturbing every quantized layer's output by 2e-7 relative: 23 of
     300 runs moved one code). The bound, 1e-4, covers both with a margin of 5 (several moved codes); it stays 45x
-    below the missing LoRA's 4.5e-3."""
+    below the missing LoRA's 4.5e-3.
+
+    ``fusion="all"`` (:func:`svdquant.fuse`): the stack applies the GELU to proj_mlp's columns in its epilogue (fp32,
+    Triton's tanh against torch's: ~1e-7 apart) and proj_out reads the attention output and that slice of the
+    stack's output as two parts (no concatenation): within the same bound."""
     import copy
 
     from svdquant import kernels
@@ -219,13 +224,28 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux):
         for lin in (m.single_transformer_blocks[0].proj_mlp, m.transformer_blocks[0].attn.to_q):
             lin.add_adapter("l", torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(1)) * 0.1,
                             torch.randn(lin.out_features, 4, generator=torch.Generator().manual_seed(2)) * 0.1, 0.8)
-    fuse_projections(fused)
-    stacked = peek(fused.single_transformer_blocks[0]).stack
+    single = fused.single_transformer_blocks[0]
+    if fusion == "all":
+        svdquant.fuse(fused)
+    else:
+        fuse_projections(fused)
+    stacked = peek(single).stack
     assert stacked._runner is not None and stacked._runner.w.shape[0] == stacked.out_features
+    parts = []
+    if fusion == "all":
+        qkv_width = stacked.out_features - single.proj_mlp.out_features
+        assert stacked._runner.gelu and stacked._runner.gelu_from == qkv_width
+        assert isinstance(single.act_mlp, torch.nn.Identity)
+        runner = single.proj_out._runner
+        call = runner.call_concat
+        runner.call_concat = lambda head, tail: parts.append((head.shape, tail.stride())) or call(head, tail)
     bound = 1e-4  # see the docstring
     with torch.no_grad():
         want, got = ref(**inputs)[0], fused(**inputs)[0]
     assert rel(got, want) < bound
+    if fusion == "all":  # proj_out was handed the MLP's output where the stack wrote it (row stride: its width)
+        tokens = got.shape[1] + inputs["encoder_hidden_states"].shape[1]
+        assert parts == [((tokens, qkv_width // 3), (stacked.out_features, 1))], parts
     for m in (ref, fused):  # and one added after: the stacked runner restacks its branch
         k = m.single_transformer_blocks[0].attn.to_k
         k.add_adapter("k", torch.randn(4, k.in_features, generator=torch.Generator().manual_seed(3)) * 0.1,
@@ -245,22 +265,24 @@ def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
         before = model(**inputs)[0]
     keys = list(model.state_dict())
     # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions. The single block's proj_mlp
-    # is stacked with its q/k/v, so its GELU stays a module; moved only where fuse_projections left it alone.
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
+    # is stacked with its q/k/v: its GELU moves into the stack, on proj_mlp's columns.
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     ff = model.transformer_blocks[0].ff
     assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].proj.output_gelu
     single = model.single_transformer_blocks[0]
-    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
+    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
+    assert peek(single).stack is not None
     assert list(model.state_dict()) == keys
     with torch.no_grad():  # the CPU reference applies the GELU after the layer: the same ops, bit for bit
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     assert isinstance(ff.net[0], GELU) and not ff.net[0].proj.output_gelu
+    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
-    assert fuse_gelu(model) == 3  # without the stacking, the single block's GELU moves too
+    assert fuse_gelu(model) == 3  # the other order: the GELU first, then the stack takes it
     assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
-    assert fuse_projections(model) == 2 and peek(single).stack is None  # its GELU is gone
+    assert fuse_projections(model) == 2 and peek(single).stack is not None
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
     assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
@@ -391,6 +413,32 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe)
     # state dicts still hold each member's own packed codes (rebuilt from its view of the stacked weight)
     for m, want in zip(layers, packed):
         assert torch.equal(m.state_dict()["qweight"], want)
+
+
+@pytest.mark.parametrize("runner", ["dense", "int8"])
+def test_a_stack_applies_its_last_members_gelu(runner):
+    """A stack whose last member applies a GELU (a FLUX single block's proj_mlp after svdquant.fuse): on those
+    columns only, in the INT8 GEMM's epilogue or after a runner that has none (optimize's 16-bit GEMM); a GELU on
+    a member that is not last cannot be one column range: the members then run in turn."""
+    from svdquant.ops.runners.cublas import DenseRunner
+
+    if runner == "int8" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("the interpreter runs the kernels on CPU machines")
+    from svdquant import kernels
+
+    layers, x = _group()
+    for m in layers:
+        m.weight_mode = "speed"
+        m._runner = DenseRunner(m) if runner == "dense" else Int8Runner(m, kernels, tma=False, num_sms=0)
+    layers[2].set_output_gelu(True)
+    apart = torch.cat([m(x) for m in layers], -1)
+    fused = FusedSVDQLinear(layers)
+    assert fused._runner is not None
+    assert rel(fused(x), apart) < 1e-5  # measured: a GELU on every column is 0.62 off, one applied twice 0.015
+    layers[2].set_output_gelu(False)  # the stack follows its member
+    assert fused._runner is not None and rel(fused(x), torch.cat([m(x) for m in layers], -1)) < 1e-5
+    layers[1].set_output_gelu(True)  # not last: the members in turn, each with its own
+    assert fused._runner is None and torch.equal(fused(x), torch.cat([m(x) for m in layers], -1))
 
 
 @pytest.mark.gpu

@@ -90,6 +90,33 @@ def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsign
 
 
 @cpu_only
+@pytest.mark.parametrize("a4", [False, True])
+def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4):
+    """``[head | tail]`` read from both tensors: the codes, scales and ``X·L1ᵀ`` of their concatenation, bit for bit.
+    The tail is a column slice of a wider tensor (a stacked GEMM's output: row stride 300, not its width), the head
+    ends inside a K block (72 = 64 + 8) and the width 200 needs padding."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    m_tokens, kh, kt = 45, 72, 128
+    head = torch.randn(m_tokens, kh, generator=g).to(torch.bfloat16) * 3
+    wide = torch.randn(m_tokens, 300, generator=g).to(torch.bfloat16)
+    tail = wide[:, 100:100 + kt]
+    assert tail.stride(0) == 300 and not tail.is_contiguous()
+    sinv = torch.rand(kh + kt, generator=g) + 0.5
+    down = (torch.randn(16, kh + kt, generator=g) * 0.1).to(torch.bfloat16)
+    whole = torch.cat([head, tail], 1)
+    got = K.quantize_activations(head, sinv, down, tail=tail, a4=a4, block_m=16)
+    want = K.quantize_activations(whole, sinv, down, a4=a4, block_m=16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
+    assert rel(got[2], want[2]) < 1e-6, f"seed {seed}"
+    ref = R.quantize_input(whole, sinv, down, "int4m" if a4 else "int8", 64 if a4 else 0, 0.0, None, 0)
+    vals, scale = get_format("int4m" if a4 else "int8").integer_operand(ref.q)
+    assert torch.equal(got[0][:, :kh + kt], vals[:, :kh + kt]) and torch.equal(got[1], scale), f"seed {seed}"
+    wrong = K.quantize_activations(torch.cat([tail, head], 1), sinv, down, a4=a4, block_m=16)  # parts swapped
+    assert not torch.equal(wrong[0], got[0])
+
+
+@cpu_only
 def test_activation_kernel_k_splits_give_the_same_result():
     x = inputs(512, 40, 3, torch.float32)
     sinv = torch.rand(512) + 0.5
@@ -104,9 +131,11 @@ def test_activation_kernel_k_splits_give_the_same_result():
 # ---------------------------------------------------------------------------- INT8 GEMM (interpreter)
 @cpu_only
 @pytest.mark.parametrize("tma, ws", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("gelu", [False, True])
-def test_int8_gemm_matches_reference(tma, ws, gelu):
-    """Pointer loads, TMA descriptors, and TMA with the warp-specialized persistent loop (a sweep option)."""
+@pytest.mark.parametrize("gelu_from", [None, 0, 24])
+def test_int8_gemm_matches_reference(tma, ws, gelu_from):
+    """Pointer loads, TMA descriptors, and TMA with the warp-specialized persistent loop (a sweep option); the
+    epilogue's GELU on every column, or from column 24 on (inside a tile: a stack whose last member is an MLP's)."""
+    gelu = gelu_from is not None
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     m_tokens, k, n = 37, 192, 40
@@ -115,12 +144,14 @@ def test_int8_gemm_matches_reference(tma, ws, gelu):
     a_s, w_s = torch.rand(m_tokens, generator=g), torch.rand(n, generator=g) * 1e-3
     la, lu = torch.randn(m_tokens, 16, generator=g), torch.randn(n, 16, generator=g)
     bias = torch.randn(n, generator=g)
-    y = K.int8_gemm(a, a_s, w, w_s, la, lu, bias, torch.float32, gelu=gelu, tma=tma,
+    y = K.int8_gemm(a, a_s, w, w_s, la, lu, bias, torch.float32, gelu=gelu, gelu_from=gelu_from or 0, tma=tma,
                     num_programs=3 if tma else None, config=dict(SMALL_GEMM, WARP_SPECIALIZE=ws) if ws else SMALL_GEMM)
     want = (a.long() @ w.long().T).float() * a_s[:, None] * w_s[None, :] + la @ lu.T + bias
     if gelu:
-        want = torch.nn.functional.gelu(want, approximate="tanh")
+        want[:, gelu_from:] = torch.nn.functional.gelu(want[:, gelu_from:], approximate="tanh")
     assert rel(y, want) < 1e-6, f"seed {seed}"
+    if gelu_from:  # the columns before it are the plain product (a GELU there would move them by ~0.5 relative)
+        assert rel(y[:, :gelu_from], want[:, :gelu_from]) < 1e-6, f"seed {seed}"
 
 
 @cpu_only
@@ -341,6 +372,25 @@ def test_gpu_int8_path_matches_reference_at_flux_shapes(k, n, activations, mode)
     assert torch.isfinite(y).all()
     # bf16 output rounding (2^-9) and the tf32 branch epilogue
     assert rel(y, ref) < 1e-2, f"seed {seed}"
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_proj_out_reads_its_two_parts_at_the_flux_shape():
+    """A FLUX single block's proj_out (15,360 → 3,072, 4,608 tokens) fed its attention output and a column slice
+    of the stacked q/k/v + MLP output (row stride 21,504): the same codes as the concatenation, the same output."""
+    from kernel_speed import random_layer
+
+    m = random_layer(15360, 3072, seed=seed_now())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    attn = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16, generator=g)
+    stacked = torch.randn(4608, 21504, device="cuda", dtype=torch.bfloat16, generator=g)
+    mlp = stacked[:, 9216:]
+    whole = torch.cat([attn, mlp], -1)
+    got = K.quantize_activations(attn, m.smooth_inv, m.lora_down, tail=mlp)
+    want = K.quantize_activations(whole, m.smooth_inv, m.lora_down)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(m(attn, tail=mlp), m(whole))
 
 
 @gpu

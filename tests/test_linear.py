@@ -194,6 +194,30 @@ def test_wrong_input_last_dim_raises():
         m(torch.randn(3, 512, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("name", ["int4", "w4a16", "w8a8"])
+def test_an_input_in_two_parts_gives_its_concatenation(name):
+    """``m(head, tail=tail)`` is ``m(torch.cat([head, tail], -1))``: bit for bit where the runner concatenates
+    (the CPU reference), whatever the leading shape; the tail may be a column slice of a wider tensor."""
+    _, _, test, m = built(name)
+    x = test[:12].reshape(3, 4, 256)
+    wide = torch.cat([x, torch.randn(3, 4, 50, dtype=x.dtype)], -1)
+    with torch.no_grad():
+        want = m(x)
+        assert torch.equal(m(x[..., :100], tail=wide[..., 100:256]), want)
+        assert torch.equal(m(x[..., :1], tail=x[..., 1:]), want)
+        assert not torch.equal(m(x[..., 100:], tail=x[..., :100]), want)  # the order of the parts counts
+
+
+def test_an_input_in_two_parts_is_checked():
+    _, _, test, m = built("int4")
+    with pytest.raises(ValueError, match=r"last dimensions add up to 256, got shapes \(4, 100\) and \(4, 150\)"):
+        m(test[:4, :100], tail=test[:4, :150])
+    with pytest.raises(ValueError, match="the same leading shape"):
+        m(test[:4, :100], tail=test[:5, 100:])
+    with pytest.raises(ValueError, match="one dtype on one device, got torch.bfloat16 on cpu and torch.float32"):
+        m(test[:4, :100], tail=test[:4, 100:].float())
+
+
 # ---------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("name", ALL)
 def test_safetensors_round_trip_meta_device(name, tmp_path):

@@ -28,9 +28,25 @@ from .common import down_projection_dot, interpreting, reciprocal, rne
 
 
 @triton.jit
-def _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from, HAS_SHIFT: tl.constexpr):
+def _load_x(x_ptr, t_ptr, rows, rmask, k, K, stride_xm, stride_tm, k_head, HAS_TAIL: tl.constexpr):
+    """Columns ``k`` of ``X``: of ``x`` alone, or of ``[x | t]`` (``x`` holds the first ``k_head`` columns)."""
     kmask = k < K
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    if HAS_TAIL:  # masked-off lanes read nothing: each column is loaded from the one part that holds it
+        head = k < k_head
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & (kmask & head)[None, :],
+                    other=0.0)
+        x += tl.load(t_ptr + rows[:, None] * stride_tm + (k - k_head)[None, :],
+                     mask=rmask[:, None] & (kmask & ~head)[None, :], other=0.0)
+    else:
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
+            HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr):
+    kmask = k < K
+    x = _load_x(x_ptr, t_ptr, rows, rmask, k, K, stride_xm, stride_tm, k_head, HAS_TAIL)
     sinv = tl.load(sinv_ptr + k, mask=kmask, other=0.0)
     uns = k >= unsigned_from
     if HAS_SHIFT:  # post-GELU channels: shifted, clamped at 0 (unsigned); the rest as they are
@@ -43,10 +59,11 @@ def _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from,
 
 @triton.jit
 def activation_stats_kernel(
-    x_ptr, sinv_ptr, l1_ptr, st_ptr, lp_ptr,
-    M, K, stride_xm, shift, unsigned_from,
+    x_ptr, t_ptr, sinv_ptr, l1_ptr, st_ptr, lp_ptr,
+    M, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
     BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, IEEE: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):
     """Pass 1 over one K slice: partial row maxima (signed and unsigned parts) and partial ``x · L1ᵀ``."""
     pid = tl.program_id(0)
@@ -59,7 +76,8 @@ def activation_stats_kernel(
     amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_SPLIT):  # constexpr bound: the CPU interpreter needs it
         k = (split * BLOCKS_PER_SPLIT + i) * BLOCK_K + cols
-        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from, HAS_SHIFT)
+        x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, stride_tm, k_head, shift,
+                            unsigned_from, HAS_SHIFT, HAS_TAIL)
         if HAS_LORA:
             rr = tl.arange(0, R)
             l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
@@ -79,11 +97,11 @@ def activation_stats_kernel(
 
 @triton.jit
 def quantize_activations_kernel(
-    x_ptr, sinv_ptr, st_ptr, lp_ptr, q_ptr, s_ptr, la_ptr,
-    M, K, stride_xm, shift, unsigned_from,
+    x_ptr, t_ptr, sinv_ptr, st_ptr, lp_ptr, q_ptr, s_ptr, la_ptr,
+    M, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
     KP: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr, A4: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, FAST_ROUND: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, FAST_ROUND: tl.constexpr,
 ):
     """Pass 2 over one K slice: the token scale from the partial maxima, then the int8 values."""
     pid = tl.program_id(0)
@@ -112,7 +130,8 @@ def quantize_activations_kernel(
     for i in range(0, BLOCKS_PER_SPLIT):
         kb = split * BLOCKS_PER_SPLIT + i
         k = kb * BLOCK_K + cols
-        x, u, uns = _load_u(x_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, shift, unsigned_from, HAS_SHIFT)
+        x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k, K, stride_xm, stride_tm, k_head, shift,
+                            unsigned_from, HAS_SHIFT, HAS_TAIL)
         if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
             g_uns = kb * BLOCK_K >= unsigned_from
             qmax = tl.where(g_uns, 15.0, 7.0)
@@ -140,16 +159,20 @@ def _splits(blocks: int, m_blocks: int, target: int) -> int:
 
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
-                         a4: bool = False, group_size: int = 64, shift: float = 0.0, unsigned_from: int = 0,
-                         block_m: int = 16, block_k: int = 256, stats_block_m: int = 64, stats_block_k: int = 128,
-                         target_programs: int = 8192, num_warps: int = 8):
-    """Launch the two passes. ``x``: ``[M, K]`` contiguous rows; ``lora_down``: ``[R, K]``, R a power of two
-    >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K
-    rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
+                         tail: torch.Tensor | None = None, a4: bool = False, group_size: int = 64,
+                         shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
+                         stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
+                         num_warps: int = 8):
+    """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
+    a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is ``[x | tail]``
+    (the kernels read both where they are: no concatenated copy); ``lora_down``: ``[R, K]`` (K counting the tail),
+    R a power of two >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``;
+    K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
 
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
-    m, k = x.shape
+    m, k_head = x.shape
+    k = k_head + (tail.shape[1] if tail is not None else 0)
     kp = k + (-k) % group_size
     b1 = stats_block_k if kp % stats_block_k == 0 else group_size
     bq = group_size if a4 else (block_k if kp % block_k == 0 else group_size)  # A4: one group per step
@@ -164,14 +187,17 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
     la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
     uf = int(unsigned_from) if shift else kp
+    t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, 0)
     activation_stats_kernel[(m1, s1)](
-        x, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), float(shift), uf,
-        BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1, HAS_LORA=has_lora,
-        HAS_SHIFT=bool(shift), IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), num_warps=num_warps,
+        x, t, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), stride_t, k_head,
+        float(shift), uf, BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1,
+        HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None, IEEE=x.dtype == torch.float32,
+        F32_DOT=interpreting(), num_warps=num_warps,
     )
     quantize_activations_kernel[(m2, s2)](
-        x, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), float(shift), uf,
-        KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m, BLOCK_K=bq,
-        HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), FAST_ROUND=not interpreting(), num_warps=num_warps,
+        x, t, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), stride_t, k_head,
+        float(shift), uf, KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m,
+        BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None,
+        FAST_ROUND=not interpreting(), num_warps=num_warps,
     )
     return q, s, la

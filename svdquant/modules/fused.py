@@ -25,7 +25,10 @@ memory mode) the fused module concatenates its members' outputs, which is exactl
 block's ``act_mlp(proj_mlp(x))``). The INT8 GEMM can apply the GELU in its epilogue, on the fp32 result
 before it is rounded to 16 bits, so the 16-bit pre-activation never goes to memory and back
 (:meth:`SVDQLinear.set_output_gelu`). The module tree keeps its names (``net.0.proj`` stays the projection),
-so checkpoints and LoRAs are unchanged.
+so checkpoints and LoRAs are unchanged. In a FLUX single block's stack the GELU applies to ``proj_mlp``'s columns
+only, and ``proj_out`` reads the attention output and that slice of the stack's output as two parts
+(``SVDQLinear.forward``'s ``tail``): diffusers' ``torch.cat([attn_output, act_mlp(mlp)])``, a pass that reads and
+writes the whole 15,360-wide input of ``proj_out``, is not made at all.
 
 :func:`fuse` applies both; :func:`unfuse` undoes them.
 """
@@ -59,6 +62,7 @@ class FusedSVDQLinear(nn.Module):
         self.__dict__["members"] = tuple(members)  # not submodules: the state dict stays the members'
         self.in_features = first.in_features
         self.out_features = sum(m.out_features for m in members)
+        self._gelu_from = None  # where a stacked runner that does not fuse GELU leaves it to forward
         for m in members:
             m.set_stacked_in(self)
         self.refresh()
@@ -69,15 +73,19 @@ class FusedSVDQLinear(nn.Module):
             m._apply_stale_branch()
         runners = [m._runner for m in self.members]
         outs = [m.out_features for m in self.members]
-        self._runner = None
+        self._runner, self._gelu_from = None, None
         bump_revision()
         kind = type(runners[0])
-        if not kind.stacks or any(type(r) is not kind for r in runners):
-            return  # the CPU reference, or another path: the members run in turn
+        gelus = [m.output_gelu for m in self.members]
+        first = gelus.index(True) if any(gelus) else len(gelus)
+        if not kind.stacks or any(type(r) is not kind for r in runners) or not all(gelus[first:]):
+            return  # the CPU reference, another path, or a GELU not on the last members: the members run in turn
         try:  # the INT8 kernels (members then hold row views), or svdquant.optimize's one 16-bit GEMM
             self._runner = kind.stack(runners, outs)
         except ValueError:  # memory mode, or layers that do not share their input's smoothing
             return
+        # the GELU of the last members' columns (the INT8 GEMM's epilogue applies it itself)
+        self._gelu_from = sum(outs[:first]) if first < len(gelus) and not kind.fuses_gelu else None
         self.sync_compiled_activations()
 
     def sync_compiled_activations(self) -> None:
@@ -97,6 +105,9 @@ class FusedSVDQLinear(nn.Module):
         if self._runner is None:
             return torch.cat([m(x) for m in self.members], dim=-1)
         y = self._runner(x.reshape(-1, self.in_features))
+        if self._gelu_from is not None:
+            g = self._gelu_from
+            y = torch.cat([y[:, :g], F.gelu(y[:, g:], approximate="tanh")], dim=-1)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -154,8 +165,9 @@ def _stackable_single_block(block) -> list[SVDQLinear] | None:
     if type(block) is not FluxSingleTransformerBlock or "forward" in block.__dict__:
         return None
     attn = block.attn
+    # its GELU in place, or moved into proj_mlp by fuse_gelu (the stack then applies it to proj_mlp's columns)
     if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or \
-            not isinstance(block.act_mlp, nn.GELU):  # its GELU still in place (not moved into proj_mlp's epilogue)
+            not (isinstance(block.act_mlp, nn.GELU) or peek(block).act_mlp is not None):
         return None
     members = [getattr(attn, a, None) for a in PROJECTIONS[0][1]] + [block.proj_mlp]
     if not all(isinstance(m, SVDQLinear) and m.activations is not None for m in members) or \
@@ -309,9 +321,9 @@ def fuse_gelu(model: nn.Module) -> int:
             net[0] = ProjectedGELU(net[0])
             n += 1
         act, proj = getattr(mod, "act_mlp", None), getattr(mod, "proj_mlp", None)
-        # a single block whose proj_mlp is stacked with q/k/v keeps its GELU: the stacked GEMM's epilogue has one
-        if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj) \
-                and peek(mod).stack is None:
+        # a single block whose proj_mlp is stacked with q/k/v: the stacked GEMM applies it to proj_mlp's columns,
+        # so the MLP's output goes from the GEMM to proj_out's activation pass with no pass between
+        if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj):
             proj.set_output_gelu(True)
             state(mod).act_mlp = act
             mod.act_mlp = nn.Identity()

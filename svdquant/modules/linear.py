@@ -84,6 +84,8 @@ class SVDQLinear(nn.Module, AdapterSet):
     or construct it empty (``device="meta"`` works) and ``load_state_dict``.
     """
 
+    takes_tail = True  # forward(x, tail=...): an input given as two column parts (a FLUX single block's proj_out)
+
     def __init__(
         self,
         in_features: int,
@@ -294,6 +296,8 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.output_gelu = bool(on)
         if self._runner.fuses_gelu:
             self._runner.gelu = self.output_gelu
+        if self.stacked_in is not None:  # a stack's last member (a FLUX single block's proj_mlp): its epilogue
+            self.stacked_in.refresh()
         bump_revision()
 
     def set_compiled_activations(self, on: bool) -> None:
@@ -354,11 +358,29 @@ class SVDQLinear(nn.Module, AdapterSet):
         wf = get_format(self.weights)
         return wf.dequantize(wf.from_buffers(self.weight_buffers(), self.group_size, self.in_features), dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}"
-            )
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """``tail``: the input is ``torch.cat([x, tail], -1)``, which runners that ``reads_parts`` (the INT8 path:
+        its activation pass takes ``[x | tail]``) read from both tensors where they are, with no concatenated copy.
+        A FLUX single block's ``proj_out`` reads its attention output (3,072 wide) and its MLP's (12,288, a column
+        slice of the stacked GEMM's output): the copy would be a read and a write of the whole 15,360-wide input."""
+        if tail is None:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape "
+                                 f"{tuple(x.shape)}")
+            self._ready()
+            return self._finish(self._runner(x.reshape(-1, self.in_features)), x.shape[:-1])
+        if x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != self.in_features:
+            raise ValueError(f"SVDQLinear expected an input and a tail with the same leading shape whose last "
+                             f"dimensions add up to {self.in_features}, got shapes {tuple(x.shape)} and "
+                             f"{tuple(tail.shape)}")
+        if x.dtype != tail.dtype or x.device != tail.device:
+            raise ValueError(f"SVDQLinear expected an input and a tail of one dtype on one device, got {x.dtype} on "
+                             f"{x.device} and {tail.dtype} on {tail.device}")
+        self._ready()
+        y = self._runner.call_concat(x.reshape(-1, x.shape[-1]), tail.reshape(-1, tail.shape[-1]))
+        return self._finish(y, x.shape[:-1])
+
+    def _ready(self) -> None:
         w, (prepared, device) = self._buffers["wscales"], self._prepared_for
         if w is not prepared or w.device != device:
             # Moved without .to(): diffusers' group offloading assigns each buffer's .data, accelerate's
@@ -367,10 +389,11 @@ class SVDQLinear(nn.Module, AdapterSet):
             self.refresh()
         else:
             self._apply_stale_branch()
-        y = self._runner(x.reshape(-1, self.in_features))
+
+    def _finish(self, y: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         if self.output_gelu and not self._runner.fuses_gelu:
             y = F.gelu(y, approximate="tanh")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*lead, self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

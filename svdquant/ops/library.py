@@ -34,60 +34,70 @@ def _kernels():
 
 def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
                    weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
-                   num_programs: int, gelu: bool, out_dtype: torch.dtype, w_desc=None) -> Tensor:
+                   num_programs: int, gelu: bool, out_dtype: torch.dtype, gelu_from: int = 0,
+                   w_desc=None) -> Tensor:
     """The INT8 GEMM of quantized activations ``a`` [M, K_pad] (scales ``a_scale`` [M]) with ``weight``: INT8
     ``code · m`` [N, K_pad] (speed mode), or the packed 4-bit codes [N, K_pad/2] with ``weight_mult`` (memory
-    mode: expanded into a fresh buffer here); ``lora_act·L2ᵀ``, the bias and (``gelu``) tanh-GELU in its
-    epilogue."""
+    mode: expanded into a fresh buffer here); ``lora_act·L2ᵀ``, the bias and (``gelu``) tanh-GELU on the output
+    columns from ``gelu_from`` on in its epilogue."""
     k = _kernels()
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
     return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
-                       tma=tma, w_desc=w_desc, num_programs=num_programs or None,
+                       gelu_from=gelu_from, tma=tma, w_desc=w_desc, num_programs=num_programs or None,
                        config=k.int8_tile_config(tma, out_dtype))
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` [M, K] as the activation kernels read it: unit column stride, any row stride (a column slice of a
+    wider tensor, e.g. a split of a stacked GEMM's output, is read where it is, not copied)."""
+    return x if x.stride(1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
 
 
 def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                      bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                      a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
-                     gelu: bool = False, w_desc=None) -> Tensor:
+                     gelu: bool = False, gelu_from: int = 0, tail: Tensor | None = None, w_desc=None) -> Tensor:
     """Activation pass (the Triton kernel: smooth, quantize, ``X·L1ᵀ``) + :func:`int8_gemm_impl`.
-    ``gelu``: tanh-GELU applied in the GEMM's epilogue (an MLP's up projection, see modules/fused.py)."""
-    a, a_s, lora_act = _kernels().quantize_activations(x.contiguous(), smooth_inv, lora_down, a4=a4,
+    ``gelu``: tanh-GELU applied in the GEMM's epilogue to the columns from ``gelu_from`` on (an MLP's up
+    projection, alone or last in a stack, see modules/fused.py).
+    ``tail``: the input is ``[x | tail]`` along K, read from both where they are (no concatenated copy)."""
+    a, a_s, lora_act = _kernels().quantize_activations(_rows(x), smooth_inv, lora_down,
+                                                       tail=_rows(tail) if tail is not None else None, a4=a4,
                                                        group_size=group_size, shift=shift,
                                                        unsigned_from=unsigned_from)
     return int8_gemm_impl(a, a_s, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, x.dtype, w_desc=w_desc)
+                          num_programs, gelu, x.dtype, gelu_from, w_desc=w_desc)
 
 
 @torch.library.custom_op("svdquant::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                 bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                 a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
-                gelu: bool) -> Tensor:
+                gelu: bool, gelu_from: int = 0, tail: Tensor | None = None) -> Tensor:
     return int8_linear_impl(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4,
-                            group_size, shift, unsigned_from, tma, num_programs, gelu)
+                            group_size, shift, unsigned_from, tma, num_programs, gelu, gelu_from, tail)
 
 
 @int8_linear.register_fake
 def _(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4, group_size, shift,
-      unsigned_from, tma, num_programs, gelu):
+      unsigned_from, tma, num_programs, gelu, gelu_from=0, tail=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("svdquant::int8_gemm", mutates_args=())
 def int8_gemm(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
               weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
-              num_programs: int, gelu: bool, out_dtype: torch.dtype) -> Tensor:
+              num_programs: int, gelu: bool, out_dtype: torch.dtype, gelu_from: int = 0) -> Tensor:
     """The GEMM alone, for activations quantized in the compiled graph (:func:`svdquant.ops.reference.int8_activations`:
     inductor fuses that into the kernel producing ``x``)."""
     return int8_gemm_impl(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, out_dtype)
+                          num_programs, gelu, out_dtype, gelu_from)
 
 
 @int8_gemm.register_fake
 def _(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma, num_programs, gelu,
-      out_dtype):
+      out_dtype, gelu_from=0):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 

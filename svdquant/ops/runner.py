@@ -9,6 +9,8 @@ beyond that is declared here as class attributes, so the layers ask the runner, 
 | fuses_gelu          | applies the layer's output tanh-GELU itself (its ``gelu`` attribute)            | INT8     |
 | quantizes_in_graph  | can quantize its activations in torch ops under ``torch.compile`` (``act_in_graph``) | INT8 |
 | stacks              | runners that read one input combine into one (:meth:`Runner.stack`)              | INT8, dense |
+| reads_parts         | :meth:`Runner.call_concat` reads an input's two column parts where they are, with | INT8     |
+|                     | no concatenated copy (the others concatenate)                                   |          |
 | owns_packed_weight  | holds the layer's only copy of its weight: the layer drops its packed codes and | INT8 speed mode |
 |                     | asks :meth:`Runner.packed_weight` for them (an instance's value)                |          |
 """
@@ -40,6 +42,7 @@ class Runner:
     fuses_gelu: ClassVar[bool] = False
     quantizes_in_graph: ClassVar[bool] = False
     stacks: ClassVar[bool] = False
+    reads_parts: ClassVar[bool] = False
     owns_packed_weight: bool = False
 
     def __deepcopy__(self, memo) -> "Runner":
@@ -64,6 +67,10 @@ class Runner:
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def call_concat(self, head2: torch.Tensor, tail2: torch.Tensor) -> torch.Tensor:
+        """``self(torch.cat([head2, tail2], -1))``: runners that ``reads_parts`` read both where they are."""
+        return self(torch.cat([head2, tail2], -1))
 
     def packed_weight(self) -> torch.Tensor:
         """The layer's packed 4-bit codes, rebuilt (runners that ``owns_packed_weight``)."""

@@ -197,7 +197,9 @@ def forget_hook_registry_cache(model: torch.nn.Module) -> None:
 def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                  joint_attention_kwargs=None):
     """diffusers' ``FluxSingleTransformerBlock.forward`` (0.42) with q/k/v and ``proj_mlp`` as one GEMM: the
-    stacked layer svdquant.modules.fused keeps on the block; the attention reads the projections it is handed."""
+    stacked layer svdquant.modules.fused keeps on the block; the attention reads the projections it is handed. A
+    quantized ``proj_out`` takes the attention output and the MLP's as two parts (``SVDQLinear.forward``'s
+    ``tail``) instead of their concatenation."""
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
@@ -207,8 +209,11 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
     mlp_hidden_states = self.act_mlp(mlp)
     attn_output = self.attn(hidden_states=qkv, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
-    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
-    hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+    if getattr(self.proj_out, "takes_tail", False):  # a quantized proj_out reads both parts: no concatenated copy
+        out = self.proj_out(attn_output, tail=mlp_hidden_states)
+    else:
+        out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
+    hidden_states = residual + gate.unsqueeze(1) * out
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
