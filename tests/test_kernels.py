@@ -91,13 +91,16 @@ def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsign
 
 @cpu_only
 @pytest.mark.parametrize("a4", [False, True])
-def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4):
-    """``[head | tail]`` read from both tensors: the codes, scales and ``X·L1ᵀ`` of their concatenation, bit for bit.
-    The tail is a column slice of a wider tensor (a stacked GEMM's output: row stride 300, not its width), the head
-    ends inside a K block (72 = 64 + 8) and the width 200 needs padding."""
+@pytest.mark.parametrize("kh", [256, 72])
+def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh):
+    """``[head | tail]``: the codes, scales and ``X·L1ᵀ`` of their concatenation, bit for bit. The tail is a column
+    slice of a wider tensor (a stacked GEMM's output: row stride 300, not its width). A head of 256 columns is a
+    whole number of both passes' K blocks: read from both tensors where they are; one of 72 ends inside a block:
+    concatenated first (the same numbers)."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
-    m_tokens, kh, kt = 45, 72, 128
+    m_tokens, kt = 45, 128
+    assert K.reads_in_place(kh, kh + kt, a4=a4) == (kh == 256)
     head = torch.randn(m_tokens, kh, generator=g).to(torch.bfloat16) * 3
     wide = torch.randn(m_tokens, 300, generator=g).to(torch.bfloat16)
     tail = wide[:, 100:100 + kt]
@@ -112,8 +115,12 @@ def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4):
     ref = R.quantize_input(whole, sinv, down, "int4m" if a4 else "int8", 64 if a4 else 0, 0.0, None, 0)
     vals, scale = get_format("int4m" if a4 else "int8").integer_operand(ref.q)
     assert torch.equal(got[0][:, :kh + kt], vals[:, :kh + kt]) and torch.equal(got[1], scale), f"seed {seed}"
-    wrong = K.quantize_activations(torch.cat([tail, head], 1), sinv, down, a4=a4, block_m=16)  # parts swapped
-    assert not torch.equal(wrong[0], got[0])
+
+
+def test_two_part_inputs_are_read_in_place_at_flux_shapes():
+    """A FLUX single block's proj_out (3,072 + 12,288) takes the in-place path with the shipped block sizes."""
+    assert K.reads_in_place(3072, 15360) and K.reads_in_place(3072, 15360, a4=True)
+    assert not K.reads_in_place(3000, 15360)
 
 
 @cpu_only

@@ -18,7 +18,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | float_scales_gemm.py     | the paper's W4A4 / NVFP4 GEMMs (per-group rescale in the main loop)      |
 """
 
-from .activations import quantize_activations
+from .activations import quantize_activations, reads_in_place
 from .common import interpreting
 from .expand import expand_int4m
 from .float_scales_gemm import fp4_gemm, w4a4_gemm
@@ -31,7 +31,7 @@ from .round_weights import round_int4m_weights
 from .w4a16 import MAX_TOKENS as W4A16_MAX_TOKENS, dequantize_int4, w4a16_linear
 
 __all__ = [
-    "quantize_activations", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
+    "quantize_activations", "reads_in_place", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
     "round_int4m_weights", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
     "int8_tile_config",
