@@ -17,8 +17,10 @@ first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attentio
 peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
 runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
-GELU in the double blocks' up-projection epilogues); ``int4-qkv`` the q/k/v stacking alone (single blocks' MLPs
-apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
+each MLP's GELU in its down projection's activation pass, a single block's ``proj_out`` reading its two parts);
+``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before 2026-12-05:
+the single blocks' GELU and concatenation a pass of their own); ``int4-qkv`` the q/k/v stacking alone (single
+blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
 (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
 """
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-act", "int4-memory")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -377,7 +379,7 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-act", "int4-memory")
+    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -391,8 +393,12 @@ def main(argv=None):
             set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
             if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
                 res["fused_attentions"] = fuse_projections(model, single_mlp=False)
-            if base == "int4-fused":  # + each MLP's GELU in its up projection's epilogue
+            if base == "int4-fused":  # + each MLP's GELU in its down projection's activation pass
                 res["fused"] = fuse(model)
+            if base == "int4-fused-up":  # the GELUs in the up projections' epilogues instead
+                from svdquant.modules.fused import fuse_gelu
+
+                res["fused_up"] = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model, into="up")}
             if base == "int4-act":  # q/k/v + the A8 quantization in the compiled graph (inductor fuses it)
                 res["fused_act"] = fuse(model, gelu=False, compiled_activations=True)
             if device == "cuda":
@@ -400,7 +406,7 @@ def main(argv=None):
             run_base(base, model)
             if base == "int4-qkv":
                 unfuse_projections(model)
-            if base in ("int4-fused", "int4-act"):
+            if base in ("int4-fused", "int4-fused-up", "int4-act"):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)

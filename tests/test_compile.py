@@ -114,7 +114,7 @@ def test_inductor_hands_an_input_part_to_the_op_where_it_lies():
     torch._dynamo.reset()
     out, (code,) = run_and_get_code(torch.compile(step, fullgraph=True), x, h)
     calls = [line for line in code.splitlines() if "svdquant.int8_linear.default(" in line]
-    assert len(calls) == 2 and re.search(r"reinterpret_tensor\(buf\d+, \(33, 128\), \(192, 1\), 64\)\)$", calls[1])
+    assert len(calls) == 2 and re.search(r"reinterpret_tensor\(buf\d+, \(33, 128\), \(192, 1\), 64\)", calls[1])
     assert "(33, 192), (192, 1)" not in "".join(l for l in code.splitlines() if "empty_strided" in l)
     assert float((out - eager).norm() / eager.norm()) < 1e-6
 

@@ -208,9 +208,10 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux, fusion):
     300 runs moved one code). The bound, 1e-4, covers both with a margin of 5 (several moved codes); it stays 45x
     below the missing LoRA's 4.5e-3.
 
-    ``fusion="all"`` (:func:`svdquant.fuse`): the stack applies the GELU to proj_mlp's columns in its epilogue (fp32,
-    Triton's tanh against torch's: ~1e-7 apart) and proj_out reads the attention output and that slice of the
-    stack's output as two parts (no concatenation): within the same bound."""
+    ``fusion="all"`` (:func:`svdquant.fuse`): the MLPs' GELUs move into their down projections' activation passes
+    (fp32 here: Triton's tanh-GELU against torch's, ~1e-7 apart), and the single block's proj_out reads the
+    attention output and the stack's MLP columns as two parts (no concatenation, no GELU pass): within the same
+    bound."""
     import copy
 
     from svdquant import kernels
@@ -234,8 +235,11 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux, fusion):
     parts = []
     if fusion == "all":
         qkv_width = stacked.out_features - single.proj_mlp.out_features
-        assert stacked._runner.gelu and stacked._runner.gelu_from == qkv_width
-        assert isinstance(single.act_mlp, torch.nn.Identity)
+        assert not stacked._runner.gelu and isinstance(single.act_mlp, torch.nn.Identity)
+        assert single.proj_out.input_gelu_from == qkv_width // 3 == single.proj_out._runner.input_gelu_from
+        fc2 = fused.transformer_blocks[0].ff.net[2]
+        assert fc2.input_gelu_from == 0 == fc2._runner.input_gelu_from
+        assert not fused.transformer_blocks[0].ff.net[0].proj.output_gelu
         runner = single.proj_out._runner
         call = runner.call_concat
         runner.call_concat = lambda head, tail: parts.append((head.shape, tail.stride())) or call(head, tail)
@@ -255,7 +259,7 @@ def test_stacked_single_block_on_the_int8_kernels(quantized_flux, fusion):
     assert rel(got, want) < bound
 
 
-def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
+def test_fuse_moves_every_mlp_gelu_into_its_down_projection_and_back(quantized_flux):
     from diffusers.models.activations import GELU
 
     from svdquant.modules.fused import ProjectedGELU, fuse_gelu
@@ -264,29 +268,65 @@ def test_fuse_moves_every_mlp_gelu_into_its_projection_and_back(quantized_flux):
     with torch.no_grad():
         before = model(**inputs)[0]
     keys = list(model.state_dict())
-    # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions. The single block's proj_mlp
-    # is stacked with its q/k/v: its GELU moves into the stack, on proj_mlp's columns.
+    # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions. Every MLP's GELU moves into the
+    # layer reading its output: fc2 from its first channel, the single block's proj_out after the attention's
     assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     ff = model.transformer_blocks[0].ff
-    assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].proj.output_gelu
+    assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].down is ff.net[2] and ff.net[2].input_gelu_from == 0
+    assert not ff.net[0].proj.output_gelu
     single = model.single_transformer_blocks[0]
-    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
-    assert peek(single).stack is not None
+    attn_width = single.proj_out.in_features - single.proj_mlp.out_features
+    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_out.input_gelu_from == attn_width
+    assert peek(single).stack is not None and not single.proj_mlp.output_gelu
     assert list(model.state_dict()) == keys
-    with torch.no_grad():  # the CPU reference applies the GELU after the layer: the same ops, bit for bit
+    with torch.no_grad():  # the CPU reference applies the GELU before the layer: the same ops, bit for bit
         assert torch.equal(model(**inputs)[0], before)
     assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
-    assert isinstance(ff.net[0], GELU) and not ff.net[0].proj.output_gelu
-    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
+    assert isinstance(ff.net[0], GELU) and ff.net[2].input_gelu_from is None and not ff.net[0].proj.output_gelu
+    assert isinstance(single.act_mlp, torch.nn.GELU) and single.proj_out.input_gelu_from is None
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
-    assert fuse_gelu(model) == 3  # the other order: the GELU first, then the stack takes it
-    assert isinstance(single.act_mlp, torch.nn.Identity) and single.proj_mlp.output_gelu
-    assert fuse_projections(model) == 2 and peek(single).stack is not None
+    # the other order: the GELUs first, then the stack (its members carry no GELU of their own)
+    assert fuse_gelu(model) == 3 and fuse_projections(model) == 2 and peek(single).stack is not None
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
     assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
-    assert isinstance(single.act_mlp, torch.nn.GELU) and not single.proj_mlp.output_gelu
+    # into="up": the up projections' epilogues; a stacked single block keeps its GELU (one GEMM, one member's GELU)
+    assert fuse_projections(model) == 2 and fuse_gelu(model, into="up") == 2
+    assert ff.net[0].proj.output_gelu and ff.net[2].input_gelu_from is None
+    assert isinstance(single.act_mlp, torch.nn.GELU) and single.proj_out.input_gelu_from is None
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
+    assert not ff.net[0].proj.output_gelu and isinstance(ff.net[0], GELU)
+    with pytest.raises(ValueError, match="into='sideways': use one of"):
+        fuse_gelu(model, into="sideways")
+
+
+@interpreted
+def test_an_input_gelu_in_the_activation_pass_matches_the_gelu_before_the_layer():
+    """set_input_gelu on the INT8 runner against F.gelu before the reference layer, the input whole or in two parts:
+    from channel 0 (an fc2: in the interpreted kernels, both activation passes), and from channels that are not a
+    whole number of this layer's K blocks (64, 40 of 128: applied in torch ops first; the kernels' own start at a
+    block boundary is tested in test_kernels.py). fp32: Triton's tanh-GELU and torch's agree to ~1e-7; a missing
+    GELU moves the output by far more than the bound."""
+    from svdquant import kernels
+    from svdquant.ops.reference import gelu_columns
+
+    (m,), x = _group(ns=(48,))
+    ref = ReferenceRunner(m)
+    m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    plain = ref(x)
+    for start in (0, 64, 40):
+        m.set_input_gelu(start)
+        want = ref(gelu_columns(x, None, start))
+        assert rel(want, plain) > 0.01
+        assert rel(m(x), want) < 1e-5, start
+        assert rel(m(x[:, :64], tail=x[:, 64:]), want) < 1e-5, start
+    m.set_input_gelu(None)
+    assert rel(m(x), plain) < 1e-5
+    with pytest.raises(ValueError, match=r"set_input_gelu\(128\): the first GELU channel must be in \[0, 128\)"):
+        m.set_input_gelu(128)
 
 
 def test_compiled_activations_mark_every_a8_layer_and_leave_eager_unchanged(quantized_flux):
@@ -416,10 +456,10 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe)
 
 
 @pytest.mark.parametrize("runner", ["dense", "int8"])
-def test_a_stack_applies_its_last_members_gelu(runner):
-    """A stack whose last member applies a GELU (a FLUX single block's proj_mlp after svdquant.fuse): on those
-    columns only, in the INT8 GEMM's epilogue or after a runner that has none (optimize's 16-bit GEMM); a GELU on
-    a member that is not last cannot be one column range: the members then run in turn."""
+@pytest.mark.parametrize("gelu", ["output", "input"])
+def test_a_stack_whose_member_has_its_own_gelu_runs_its_members_in_turn(runner, gelu):
+    """One GEMM for a stack cannot apply one member's GELU (on its output, or on its input): set on a member, the
+    stack runs its members in turn (each with its GELU), and stacks again once it is off."""
     from svdquant.ops.runners.cublas import DenseRunner
 
     if runner == "int8" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
@@ -430,15 +470,19 @@ def test_a_stack_applies_its_last_members_gelu(runner):
     for m in layers:
         m.weight_mode = "speed"
         m._runner = DenseRunner(m) if runner == "dense" else Int8Runner(m, kernels, tma=False, num_sms=0)
-    layers[2].set_output_gelu(True)
-    apart = torch.cat([m(x) for m in layers], -1)
     fused = FusedSVDQLinear(layers)
     assert fused._runner is not None
-    assert rel(fused(x), apart) < 1e-5  # measured: a GELU on every column is 0.62 off, one applied twice 0.015
-    layers[2].set_output_gelu(False)  # the stack follows its member
-    assert fused._runner is not None and rel(fused(x), torch.cat([m(x) for m in layers], -1)) < 1e-5
-    layers[1].set_output_gelu(True)  # not last: the members in turn, each with its own
-    assert fused._runner is None and torch.equal(fused(x), torch.cat([m(x) for m in layers], -1))
+    plain = torch.cat([m(x) for m in layers], -1)
+    if gelu == "output":
+        layers[2].set_output_gelu(True)
+    else:
+        layers[2].set_input_gelu(64)
+    assert fused._runner is None
+    apart = torch.cat([m(x) for m in layers], -1)
+    assert torch.equal(fused(x), apart) and rel(apart[:, 80:], plain[:, 80:]) > 0.01  # the GELU did apply
+    layers[2].set_output_gelu(False)
+    layers[2].set_input_gelu(None)
+    assert fused._runner is not None and rel(fused(x), plain) < 1e-5
 
 
 @pytest.mark.gpu

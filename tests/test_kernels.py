@@ -117,6 +117,32 @@ def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh):
     assert torch.equal(got[0][:, :kh + kt], vals[:, :kh + kt]) and torch.equal(got[1], scale), f"seed {seed}"
 
 
+@cpu_only
+@pytest.mark.parametrize("two_parts", [False, True])
+def test_activation_kernel_applies_an_input_gelu_from_a_block(two_parts):
+    """``input_gelu_from=128`` (a FLUX single block's proj_out: the MLP's channels after the attention's) against
+    the kernel on the input GELU'd in torch first. fp32: Triton's tanh-GELU and torch's differ by ~1e-7, which can
+    move a code across its rounding boundary: at most 0.2 % of the codes, by one step."""
+    from svdquant.ops.reference import gelu_columns
+
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(45, 256, generator=g) * 2
+    sinv = torch.rand(256, generator=g) + 0.5
+    down = torch.randn(16, 256, generator=g) * 0.1
+    blocks = dict(block_k=64, stats_block_k=64, block_m=16)
+    parts = dict(tail=x[:, 128:]) if two_parts else {}
+    got = K.quantize_activations(x[:, :128] if two_parts else x, sinv, down, input_gelu_from=128, **parts, **blocks)
+    want = K.quantize_activations(gelu_columns(x, None, 128), sinv, down, **blocks)
+    moved = (got[0].int() - want[0].int()).abs()
+    assert int(moved.max()) <= 1 and float((moved > 0).float().mean()) < 2e-3, f"seed {seed}"
+    assert rel(got[1], want[1]) < 1e-6 and rel(got[2], want[2]) < 1e-5, f"seed {seed}"
+    plain = K.quantize_activations(x, sinv, down, **blocks)
+    assert float((plain[0] != got[0]).float().mean()) > 0.2  # without the GELU: most codes differ
+    with pytest.raises(ValueError, match="not a whole number of K blocks"):
+        K.quantize_activations(x, sinv, down, input_gelu_from=100, **blocks)
+
+
 def test_two_part_inputs_are_read_in_place_at_flux_shapes():
     """A FLUX single block's proj_out (3,072 + 12,288) takes the in-place path with the shipped block sizes."""
     assert K.reads_in_place(3072, 15360) and K.reads_in_place(3072, 15360, a4=True)
@@ -138,11 +164,9 @@ def test_activation_kernel_k_splits_give_the_same_result():
 # ---------------------------------------------------------------------------- INT8 GEMM (interpreter)
 @cpu_only
 @pytest.mark.parametrize("tma, ws", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("gelu_from", [None, 0, 24])
-def test_int8_gemm_matches_reference(tma, ws, gelu_from):
-    """Pointer loads, TMA descriptors, and TMA with the warp-specialized persistent loop (a sweep option); the
-    epilogue's GELU on every column, or from column 24 on (inside a tile: a stack whose last member is an MLP's)."""
-    gelu = gelu_from is not None
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int8_gemm_matches_reference(tma, ws, gelu):
+    """Pointer loads, TMA descriptors, and TMA with the warp-specialized persistent loop (a sweep option)."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     m_tokens, k, n = 37, 192, 40
@@ -151,14 +175,12 @@ def test_int8_gemm_matches_reference(tma, ws, gelu_from):
     a_s, w_s = torch.rand(m_tokens, generator=g), torch.rand(n, generator=g) * 1e-3
     la, lu = torch.randn(m_tokens, 16, generator=g), torch.randn(n, 16, generator=g)
     bias = torch.randn(n, generator=g)
-    y = K.int8_gemm(a, a_s, w, w_s, la, lu, bias, torch.float32, gelu=gelu, gelu_from=gelu_from or 0, tma=tma,
+    y = K.int8_gemm(a, a_s, w, w_s, la, lu, bias, torch.float32, gelu=gelu, tma=tma,
                     num_programs=3 if tma else None, config=dict(SMALL_GEMM, WARP_SPECIALIZE=ws) if ws else SMALL_GEMM)
     want = (a.long() @ w.long().T).float() * a_s[:, None] * w_s[None, :] + la @ lu.T + bias
     if gelu:
-        want[:, gelu_from:] = torch.nn.functional.gelu(want[:, gelu_from:], approximate="tanh")
+        want = torch.nn.functional.gelu(want, approximate="tanh")
     assert rel(y, want) < 1e-6, f"seed {seed}"
-    if gelu_from:  # the columns before it are the plain product (a GELU there would move them by ~0.5 relative)
-        assert rel(y[:, :gelu_from], want[:, :gelu_from]) < 1e-6, f"seed {seed}"
 
 
 @cpu_only
@@ -398,6 +420,30 @@ def test_gpu_proj_out_reads_its_two_parts_at_the_flux_shape():
     want = K.quantize_activations(whole, m.smooth_inv, m.lora_down)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(m(attn, tail=mlp), m(whole))
+    # the MLP's GELU moved into it (svdquant.fuse): applied to the tail's blocks as they are read
+    from svdquant.ops.reference import gelu_columns
+
+    m.set_input_gelu(3072)
+    want = ReferenceRunner(m)(gelu_columns(attn, mlp, 3072))
+    assert rel(m(attn, tail=mlp), want) < 1e-2 and rel(m(whole), want) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_gpu_fc2_applies_its_input_gelu_at_the_flux_shape(mode):
+    """FLUX's MLP down projection (12,288 → 3,072, 4,608 tokens) reading fc1's pre-activation, its GELU in the
+    activation pass, against the reference layer after F.gelu (bf16 rounding and the tf32 branch: 1e-2)."""
+    from kernel_speed import random_layer
+
+    from svdquant.ops.reference import gelu_columns
+
+    m = random_layer(12288, 3072, seed=seed_now(), mode=mode)
+    x = (torch.randn(4608, 12288, generator=torch.Generator().manual_seed(2)) * 2).to("cuda", torch.bfloat16)
+    m.set_input_gelu(0)
+    want = ReferenceRunner(m)(gelu_columns(x, None, 0))
+    assert rel(m(x), want) < 1e-2
+    assert rel(m(x), ReferenceRunner(m)(x)) > 0.05  # the GELU did apply
 
 
 @gpu

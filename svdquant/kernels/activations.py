@@ -22,6 +22,11 @@ a column slice of the stacked q/k/v + MLP GEMM's output): each K block is loaded
 once per block, so the concatenation is never made. Compiled for sm_90 (Triton 3.9, ahead of time) the two-part
 kernels use fewer registers than the one-part ones (196 / 98 against 234 / 150), with no spills; selecting the part
 per element instead (a pointer ``tl.where``) spilled.
+
+An input's columns from one block on may be pre-activations (``input_gelu_from``: an MLP's down projection, whose
+GELU ``svdquant.fuse`` moves here): each such block is tanh-GELU'd as it is loaded, in both passes. An INT8 GEMM
+applying the GELU in its epilogue instead spilled (888 B of stack at 128 × 256 tiles, sm_90, Triton 3.9; session
+6 measured that epilogue slower than inductor's separate GELU pass); these passes take it without spilling.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import down_projection_dot, interpreting, reciprocal, rne
+from .common import down_projection_dot, gelu_tanh, interpreting, reciprocal, rne
 
 
 @triton.jit
@@ -50,9 +55,12 @@ def _load_x(x_ptr, t_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, H
 
 @triton.jit
 def _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
-            HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr):
+            gelu_from, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr):
     kmask = k < K
     x = _load_x(x_ptr, t_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, HAS_TAIL)
+    if HAS_GELU:  # pre-activations from gelu_from on (a whole number of blocks): as diffusers' GELU module gives them
+        if k0 >= gelu_from:
+            x = gelu_tanh(x.to(tl.float32)).to(x.dtype)
     sinv = tl.load(sinv_ptr + k, mask=kmask, other=0.0)
     uns = k >= unsigned_from
     if HAS_SHIFT:  # post-GELU channels: shifted, clamped at 0 (unsigned); the rest as they are
@@ -66,10 +74,10 @@ def _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm,
 @triton.jit
 def activation_stats_kernel(
     x_ptr, t_ptr, sinv_ptr, l1_ptr, st_ptr, lp_ptr,
-    M, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
+    M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
     BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, IEEE: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
+    IEEE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """Pass 1 over one K slice: partial row maxima (signed and unsigned parts) and partial ``x · L1ᵀ``."""
     pid = tl.program_id(0)
@@ -84,7 +92,7 @@ def activation_stats_kernel(
         k0 = (split * BLOCKS_PER_SPLIT + i) * BLOCK_K
         k = k0 + cols
         x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift,
-                            unsigned_from, HAS_SHIFT, HAS_TAIL)
+                            unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU)
         if HAS_LORA:
             rr = tl.arange(0, R)
             l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
@@ -105,10 +113,10 @@ def activation_stats_kernel(
 @triton.jit
 def quantize_activations_kernel(
     x_ptr, t_ptr, sinv_ptr, st_ptr, lp_ptr, q_ptr, s_ptr, la_ptr,
-    M, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
+    M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
     KP: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr, A4: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, FAST_ROUND: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr, FAST_ROUND: tl.constexpr,
 ):
     """Pass 2 over one K slice: the token scale from the partial maxima, then the int8 values."""
     pid = tl.program_id(0)
@@ -138,7 +146,7 @@ def quantize_activations_kernel(
         kb = split * BLOCKS_PER_SPLIT + i
         k = kb * BLOCK_K + cols
         x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
-                            shift, unsigned_from, HAS_SHIFT, HAS_TAIL)
+                            shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU)
         if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
             g_uns = kb * BLOCK_K >= unsigned_from
             qmax = tl.where(g_uns, 15.0, 7.0)
@@ -176,20 +184,23 @@ def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 6
                    stats_block_k: int = 128) -> bool:
     """Whether :func:`quantize_activations` reads an input ``[head | tail]`` whose head is ``k_head`` of ``k``
     columns from both tensors (the head a whole number of both passes' K blocks: FLUX's 3,072 is), rather than
-    from their concatenation, made first."""
+    from their concatenation, made first; also whether an input GELU may start at column ``k_head``."""
     b1, bq = _blocks(k + (-k) % group_size, a4, group_size, block_k, stats_block_k)
     return k_head % b1 == 0 and k_head % bq == 0
 
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
-                         tail: torch.Tensor | None = None, a4: bool = False, group_size: int = 64,
+                         tail: torch.Tensor | None = None, input_gelu_from: int | None = None, a4: bool = False,
+                         group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
                          num_warps: int = 8):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
-    ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``;
+    ``input_gelu_from``: the input's columns from this one on are pre-activations (an MLP's down projection: its
+    GELU moved here by ``svdquant.fuse``), tanh-GELU'd as they are read, in the input's dtype, before anything
+    else. ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``;
     K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
 
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
@@ -198,6 +209,9 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     k = k_head + (tail.shape[1] if tail is not None else 0)
     kp = k + (-k) % group_size
     b1, bq = _blocks(kp, a4, group_size, block_k, stats_block_k)
+    if input_gelu_from is not None and (input_gelu_from % b1 or input_gelu_from % bq):
+        raise ValueError(f"input_gelu_from={input_gelu_from} is not a whole number of K blocks ({b1}, {bq}): "
+                         "apply that GELU before (svdquant.ops.reference.gelu_columns)")
     if tail is not None and (k_head % b1 or k_head % bq):  # a head that ends inside a block: one concatenation
         x, tail, k_head = torch.cat([x, tail], 1), None, k
     m1, m2 = triton.cdiv(m, stats_block_m), triton.cdiv(m, block_m)
@@ -212,16 +226,18 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
     uf = int(unsigned_from) if shift else kp
     t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, 0)
+    gelu_from = input_gelu_from if input_gelu_from is not None else kp
     activation_stats_kernel[(m1, s1)](
         x, t, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), stride_t, k_head,
-        float(shift), uf, BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1,
-        HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None, IEEE=x.dtype == torch.float32,
+        gelu_from, float(shift), uf, BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1,
+        HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None,
+        HAS_GELU=input_gelu_from is not None, IEEE=x.dtype == torch.float32,
         F32_DOT=interpreting(), num_warps=num_warps,
     )
     quantize_activations_kernel[(m2, s2)](
         x, t, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), stride_t, k_head,
-        float(shift), uf, KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m,
+        gelu_from, float(shift), uf, KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m,
         BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None,
-        FAST_ROUND=not interpreting(), num_warps=num_warps,
+        HAS_GELU=input_gelu_from is not None, FAST_ROUND=not interpreting(), num_warps=num_warps,
     )
     return q, s, la

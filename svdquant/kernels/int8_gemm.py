@@ -24,7 +24,7 @@ from .common import gelu_tanh, grouped_tile
 @triton.jit
 def int8_gemm_kernel(
     a_desc, w_desc, a_ptr, w_ptr, as_ptr, ws_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
-    M, N, K, stride_ym, gelu_from,
+    M, N, K, stride_ym,
     R: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
@@ -66,8 +66,8 @@ def int8_gemm_kernel(
                 y = tl.dot(la, lu.to(tl.float32).T, y, input_precision="tf32")
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_wn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if GELU:  # on the columns from gelu_from on (a stack whose last member is an MLP's up projection)
-            y = tl.where((offs_wn >= gelu_from)[None, :], gelu_tanh(y), y)
+        if GELU:
+            y = gelu_tanh(y)
         tl.store(y_ptr + offs_am[:, None] * stride_ym + offs_wn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
@@ -95,11 +95,10 @@ def weight_descriptor(w: torch.Tensor, config: dict):
     return TensorDescriptor.from_tensor(w, [config["BLOCK_N"], config["BLOCK_K"]])
 
 
-def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gelu=False, gelu_from=0, tma=False,
-              w_desc=None, num_programs=None, config=None):
+def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gelu=False, tma=False, w_desc=None,
+              num_programs=None, config=None):
     """Launch the GEMM. ``a`` ``[M, K]`` int8, ``a_scale`` ``[M]`` fp32, ``w`` ``[N, K]`` int8, ``w_scale`` ``[N]``
     fp32 (K a multiple of ``BLOCK_K``), ``lora_act`` ``[M, R]`` fp32, ``lora_up`` ``[N, R]``, ``bias`` ``[N]``.
-    ``gelu``: tanh-GELU on the output columns from ``gelu_from`` on (0: all).
     ``tma=True`` (sm_90+) uses tensor descriptors (``w_desc``: a prepared one for ``w``); ``num_programs``: the
     persistent grid size (the SM count), else one program per tile."""
     cfg = config or tile_config(tma)  # read only
@@ -119,7 +118,7 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
     int8_gemm_kernel[(programs,)](
         a_desc, w_desc, a, w, a_scale, w_scale,
         lora_act if has_lora else a_scale, lora_up if has_lora else a_scale, bias if bias is not None else a_scale, y,
-        m, n, k, y.stride(0), int(gelu_from),
+        m, n, k, y.stride(0),
         R=lora_up.shape[1] if has_lora else 16, R_CHUNK=min(lora_up.shape[1] if has_lora else 16, 32),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, GELU=gelu,
         NUM_PROGRAMS=programs, TMA=tma, **cfg,

@@ -1,4 +1,4 @@
-"""Run-time fusions of a quantized model: q/k/v as one GEMM, and an MLP's GELU in its up projection's epilogue.
+"""Run-time fusions of a quantized model: q/k/v as one GEMM, and an MLP's GELU moved into its down projection.
 
 **q/k/v.** The layers of a shared-input group run as one quantized linear: FLUX.1's and FLUX.2's attentions (both
 streams), Wan's self-attention, SD3's joint attention, and through :mod:`.fused_view` Qwen-Image's (both streams),
@@ -21,14 +21,21 @@ them, and they can still run alone. On the GPU's speed mode the fused runner hol
 weight and the members hold row views of it, so nothing is resident twice; elsewhere (the CPU reference,
 memory mode) the fused module concatenates its members' outputs, which is exactly the unfused result.
 
-**GELU.** FLUX's MLPs compute ``GELU_tanh(fc1(x))`` (diffusers' ``GELU`` module of a ``FeedForward``; a single
-block's ``act_mlp(proj_mlp(x))``). The INT8 GEMM can apply the GELU in its epilogue, on the fp32 result
-before it is rounded to 16 bits, so the 16-bit pre-activation never goes to memory and back
-(:meth:`SVDQLinear.set_output_gelu`). The module tree keeps its names (``net.0.proj`` stays the projection),
-so checkpoints and LoRAs are unchanged. In a FLUX single block's stack the GELU applies to ``proj_mlp``'s columns
-only, and ``proj_out`` reads the attention output and that slice of the stack's output as two parts
-(``SVDQLinear.forward``'s ``tail``): diffusers' ``torch.cat([attn_output, act_mlp(mlp)])``, a pass that reads and
-writes the whole 15,360-wide input of ``proj_out``, is not made at all.
+**GELU.** FLUX's and Wan's MLPs compute ``fc2(GELU_tanh(fc1(x)))`` (diffusers' ``GELU`` module of a
+``FeedForward``; a FLUX single block's ``proj_out(cat([attention, act_mlp(proj_mlp(x))]))``). Unfused, the GELU
+is a pass of its own: the 16-bit pre-activation goes to memory, back, and out again. :func:`fuse_gelu` moves it
+into fc2 (:meth:`SVDQLinear.set_input_gelu`): the INT8 activation pass that reads fc2's input anyway applies the
+GELU to each block as it loads it, in both of its passes (:mod:`svdquant.kernels.activations`); fc1 writes its
+plain output. In a FLUX single block ``proj_out``'s input channels after the attention's (3,072) are the MLP's,
+so its GELU starts there; the stacked q/k/v + ``proj_mlp`` GEMM writes the MLP's pre-activation, and ``proj_out``
+reads the attention output and that column slice of the stack's output as two parts (``SVDQLinear.forward``'s
+``tail``): diffusers' GELU and ``torch.cat``, a pass over the whole 15,360-wide input, are not made at all.
+Where fc2 does not quantize its activations, the GELU goes into fc1's GEMM epilogue instead
+(:meth:`SVDQLinear.set_output_gelu`, ``fuse_gelu(into="up")``): on the fp32 result before it is rounded to 16
+bits. That epilogue spills registers at Hopper's 128 × 256 tiles (ahead-of-time compile: 888 B of stack, Triton
+3.9) and measured slower than inductor's separate GELU pass (session 6); the activation passes take the GELU
+without spilling. The module tree keeps its names (``net.0.proj`` stays the projection), so checkpoints and
+LoRAs are unchanged.
 
 :func:`fuse` applies both; :func:`unfuse` undoes them.
 """
@@ -62,7 +69,6 @@ class FusedSVDQLinear(nn.Module):
         self.__dict__["members"] = tuple(members)  # not submodules: the state dict stays the members'
         self.in_features = first.in_features
         self.out_features = sum(m.out_features for m in members)
-        self._gelu_from = None  # where a stacked runner that does not fuse GELU leaves it to forward
         for m in members:
             m.set_stacked_in(self)
         self.refresh()
@@ -73,19 +79,16 @@ class FusedSVDQLinear(nn.Module):
             m._apply_stale_branch()
         runners = [m._runner for m in self.members]
         outs = [m.out_features for m in self.members]
-        self._runner, self._gelu_from = None, None
+        self._runner = None
         bump_revision()
         kind = type(runners[0])
-        gelus = [m.output_gelu for m in self.members]
-        first = gelus.index(True) if any(gelus) else len(gelus)
-        if not kind.stacks or any(type(r) is not kind for r in runners) or not all(gelus[first:]):
-            return  # the CPU reference, another path, or a GELU not on the last members: the members run in turn
+        gelu = any(m.output_gelu or m.input_gelu_from is not None for m in self.members)
+        if not kind.stacks or any(type(r) is not kind for r in runners) or gelu:
+            return  # the CPU reference, another path, or a member's own GELU: the members run in turn
         try:  # the INT8 kernels (members then hold row views), or svdquant.optimize's one 16-bit GEMM
             self._runner = kind.stack(runners, outs)
         except ValueError:  # memory mode, or layers that do not share their input's smoothing
             return
-        # the GELU of the last members' columns (the INT8 GEMM's epilogue applies it itself)
-        self._gelu_from = sum(outs[:first]) if first < len(gelus) and not kind.fuses_gelu else None
         self.sync_compiled_activations()
 
     def sync_compiled_activations(self) -> None:
@@ -105,9 +108,6 @@ class FusedSVDQLinear(nn.Module):
         if self._runner is None:
             return torch.cat([m(x) for m in self.members], dim=-1)
         y = self._runner(x.reshape(-1, self.in_features))
-        if self._gelu_from is not None:
-            g = self._gelu_from
-            y = torch.cat([y[:, :g], F.gelu(y[:, g:], approximate="tanh")], dim=-1)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -297,37 +297,69 @@ def unfuse_projections(model: nn.Module) -> int:
 
 
 class ProjectedGELU(nn.Module):
-    """diffusers' ``GELU(dim, inner, approximate="tanh")`` whose projection applies the GELU itself."""
+    """diffusers' ``GELU(dim, inner, approximate="tanh")`` whose tanh-GELU another step applies: the down projection
+    reading its output, in its activation pass (``down``: the MLP's last layer), or else its own projection, in the
+    GEMM's epilogue."""
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, down: nn.Module | None):
         super().__init__()
         self.proj = original.proj  # the same module: state-dict names stay "net.0.proj.*"
         self.__dict__["original"] = original  # what unfuse puts back (not a submodule)
-        self.proj.set_output_gelu(True)
+        self.__dict__["down"] = down
+        if down is not None:
+            down.set_input_gelu(0)
+        else:
+            self.proj.set_output_gelu(True)
+
+    def restore(self) -> nn.Module:
+        if self.down is not None:
+            self.down.set_input_gelu(None)
+        else:
+            self.proj.set_output_gelu(False)
+        return self.original
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
 
 
-def fuse_gelu(model: nn.Module) -> int:
-    """Move every quantized MLP's tanh-GELU into its up projection (see the module doc); returns how many."""
+GELU_INTO = ("down", "up")
+
+
+def _takes_input_gelu(m) -> bool:
+    """A layer whose runner can apply an input GELU as it reads X: quantized activations (the INT8 path on a GPU)."""
+    return isinstance(m, SVDQLinear) and m.activations is not None
+
+
+def fuse_gelu(model: nn.Module, *, into: str = "down") -> int:
+    """Move every quantized MLP's tanh-GELU out of its own pass (see the module doc); returns how many. ``into="down"``:
+    into the down projection's activation pass where that layer quantizes its activations (else into the up
+    projection's epilogue); ``"up"``: into the up projection's epilogue."""
     from diffusers.models.activations import GELU
 
+    if into not in GELU_INTO:
+        raise ValueError(f"into={into!r}: use one of {GELU_INTO}")
     n = 0
     for mod in list(model.modules()):
         net = getattr(mod, "net", None)
         if isinstance(net, nn.ModuleList) and len(net) and isinstance(net[0], GELU) \
                 and net[0].approximate == "tanh" and _quantized(net[0].proj):
-            net[0] = ProjectedGELU(net[0])
+            down = net[-1] if into == "down" and _takes_input_gelu(net[-1]) else None
+            net[0] = ProjectedGELU(net[0], down)
             n += 1
         act, proj = getattr(mod, "act_mlp", None), getattr(mod, "proj_mlp", None)
-        # a single block whose proj_mlp is stacked with q/k/v: the stacked GEMM applies it to proj_mlp's columns,
-        # so the MLP's output goes from the GEMM to proj_out's activation pass with no pass between
-        if isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj):
+        if not (isinstance(act, nn.GELU) and act.approximate == "tanh" and _quantized(proj)):
+            continue
+        # a FLUX single block: proj_out reads [attention output | act_mlp(proj_mlp(x))]
+        out = getattr(mod, "proj_out", None)
+        if into == "down" and _takes_input_gelu(out) and out.in_features > proj.out_features:
+            out.set_input_gelu(out.in_features - proj.out_features)
+        elif peek(mod).stack is None:  # one stacked GEMM cannot apply a member's GELU
             proj.set_output_gelu(True)
-            state(mod).act_mlp = act
-            mod.act_mlp = nn.Identity()
-            n += 1
+        else:
+            continue
+        state(mod).act_mlp = act
+        mod.act_mlp = nn.Identity()
+        n += 1
     return n
 
 
@@ -336,12 +368,14 @@ def unfuse_gelu(model: nn.Module) -> int:
     for mod in list(model.modules()):
         net = getattr(mod, "net", None)
         if isinstance(net, nn.ModuleList) and len(net) and isinstance(net[0], ProjectedGELU):
-            net[0].proj.set_output_gelu(False)
-            net[0] = net[0].original
+            net[0] = net[0].restore()
             n += 1
         act = take(mod, "act_mlp")
         if act is not None:
-            mod.proj_mlp.set_output_gelu(False)
+            if mod.proj_mlp.output_gelu:
+                mod.proj_mlp.set_output_gelu(False)
+            else:
+                mod.proj_out.set_input_gelu(None)
             mod.act_mlp = act
             n += 1
     return n
@@ -361,10 +395,10 @@ def set_compiled_activations(model: nn.Module, on: bool = True) -> int:
 
 
 def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
-    """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc1,
-    "compiled_activations": layers whose A8 quantization inductor fuses into the input's producer}``. The last
-    is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then fuses fc2's
-    quantization into its GELU kernel)."""
+    """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc2's activation
+    pass (or fc1's epilogue), "compiled_activations": layers whose A8 quantization inductor fuses into the input's
+    producer}``. The last is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then
+    fuses fc2's quantization into its GELU kernel)."""
     done = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
             "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
     bump_revision()  # forwards and modules were swapped: captured CUDA graphs are stale

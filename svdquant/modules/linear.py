@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.reference import gelu_columns
 from ..formats import get_format
 from .lora_linear import AdapterSet
 from ..recipes import QuantConfig, get_recipe
@@ -121,6 +122,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         # tanh-GELU on the output, set by svdquant.fuse for an MLP's up projection: the INT8 runner applies it
         # in its GEMM epilogue, the others after (modules/fused.py)
         self.output_gelu = False
+        self.input_gelu_from = None  # set_input_gelu: an MLP's GELU on this layer's input channels from here on
         # INT8 activations quantized in torch ops under torch.compile, fused by inductor into the producer of the
         # input (set by svdquant.fuse(..., compiled_activations=True)); eager runs are unchanged
         self.compiled_activations = False
@@ -296,7 +298,19 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.output_gelu = bool(on)
         if self._runner.fuses_gelu:
             self._runner.gelu = self.output_gelu
-        if self.stacked_in is not None:  # a stack's last member (a FLUX single block's proj_mlp): its epilogue
+        if self.stacked_in is not None:  # one GEMM for the stack cannot apply one member's GELU: members in turn
+            self.stacked_in.refresh()
+        bump_revision()
+
+    def set_input_gelu(self, start: int | None) -> None:
+        """Apply tanh-GELU to the input's channels from ``start`` on (``None``: off) first: an MLP's GELU moved into
+        its down projection (``svdquant.fuse``): in the INT8 activation pass, elsewhere before the runner."""
+        if start is not None and not 0 <= int(start) < self.in_features:
+            raise ValueError(f"set_input_gelu({start}): the first GELU channel must be in [0, {self.in_features})")
+        self.input_gelu_from = None if start is None else int(start)
+        if self._runner.fuses_input_gelu:
+            self._runner.input_gelu_from = self.input_gelu_from
+        if self.stacked_in is not None:
             self.stacked_in.refresh()
         bump_revision()
 
@@ -359,26 +373,30 @@ class SVDQLinear(nn.Module, AdapterSet):
         return wf.dequantize(wf.from_buffers(self.weight_buffers(), self.group_size, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
-        """``tail``: the input is ``torch.cat([x, tail], -1)``, which runners that ``reads_parts`` (the INT8 path:
-        its activation pass takes ``[x | tail]``) read from both tensors where they are, with no concatenated copy.
-        A FLUX single block's ``proj_out`` reads its attention output (3,072 wide) and its MLP's (12,288, a column
-        slice of the stacked GEMM's output): the copy would be a read and a write of the whole 15,360-wide input."""
+        """``tail``: the input is ``torch.cat([x, tail], -1)``, read from both tensors where they are by runners
+        that ``reads_parts`` (a FLUX single block's ``proj_out``: its attention output and the MLP's, a column slice
+        of the stacked GEMM's output; the concatenation would read and write the whole 15,360-wide input)."""
+        self._check_input(x, tail)
+        self._ready()
+        lead, run = x.shape[:-1], self._runner
+        if self.input_gelu_from is not None and not run.fuses_input_gelu:
+            x, tail = gelu_columns(x, tail, self.input_gelu_from), None
+        if tail is None:
+            return self._finish(run(x.reshape(-1, self.in_features)), lead)
+        return self._finish(run.call_concat(x.reshape(-1, x.shape[-1]), tail.reshape(-1, tail.shape[-1])), lead)
+
+    def _check_input(self, x: torch.Tensor, tail: torch.Tensor | None) -> None:
         if tail is None:
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape "
                                  f"{tuple(x.shape)}")
-            self._ready()
-            return self._finish(self._runner(x.reshape(-1, self.in_features)), x.shape[:-1])
-        if x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != self.in_features:
+        elif x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != self.in_features:
             raise ValueError(f"SVDQLinear expected an input and a tail with the same leading shape whose last "
                              f"dimensions add up to {self.in_features}, got shapes {tuple(x.shape)} and "
                              f"{tuple(tail.shape)}")
-        if x.dtype != tail.dtype or x.device != tail.device:
+        elif x.dtype != tail.dtype or x.device != tail.device:
             raise ValueError(f"SVDQLinear expected an input and a tail of one dtype on one device, got {x.dtype} on "
                              f"{x.device} and {tail.dtype} on {tail.device}")
-        self._ready()
-        y = self._runner.call_concat(x.reshape(-1, x.shape[-1]), tail.reshape(-1, tail.shape[-1]))
-        return self._finish(y, x.shape[:-1])
 
     def _ready(self) -> None:
         w, (prepared, device) = self._buffers["wscales"], self._prepared_for

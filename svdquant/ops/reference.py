@@ -71,6 +71,15 @@ def quantize_input(
 _MM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA inputs
 
 
+def gelu_columns(x: torch.Tensor, tail: torch.Tensor | None, start: int) -> torch.Tensor:
+    """``[x | tail]`` (``x`` alone without a tail) with tanh-GELU on its columns from ``start`` on, in the input's
+    dtype as diffusers' GELU module gives it: a layer's input whose GELU was moved into it (``input_gelu_from``)."""
+    whole = torch.cat([x, tail], -1) if tail is not None else x
+    if start == 0:
+        return F.gelu(whole, approximate="tanh")
+    return torch.cat([whole[..., :start], F.gelu(whole[..., start:], approximate="tanh")], -1)
+
+
 def int8_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, k_pad: int):
     """The A8 activation pass in torch ops, as the INT8 GEMM takes it: ``(values [M, k_pad] int8, scales [M] fp32,
     lora_act [M, R] fp32 or None)``, the numbers :func:`quantize_input` gives for ``int8``.

@@ -11,6 +11,7 @@ beyond that is declared here as class attributes, so the layers ask the runner, 
 | stacks              | runners that read one input combine into one (:meth:`Runner.stack`)              | INT8, dense |
 | reads_parts         | :meth:`Runner.call_concat` reads an input's two column parts where they are, with | INT8     |
 |                     | no concatenated copy (the others concatenate)                                   |          |
+| fuses_input_gelu    | applies the layer's input GELU itself (``input_gelu_from``), as it reads X      | INT8     |
 | owns_packed_weight  | holds the layer's only copy of its weight: the layer drops its packed codes and | INT8 speed mode |
 |                     | asks :meth:`Runner.packed_weight` for them (an instance's value)                |          |
 """
@@ -43,6 +44,7 @@ class Runner:
     quantizes_in_graph: ClassVar[bool] = False
     stacks: ClassVar[bool] = False
     reads_parts: ClassVar[bool] = False
+    fuses_input_gelu: ClassVar[bool] = False
     owns_packed_weight: bool = False
 
     def __deepcopy__(self, memo) -> "Runner":

@@ -27,6 +27,7 @@ class Int8Runner(Runner):
     quantizes_in_graph = True  # A8 under torch.compile (act_in_graph)
     stacks = True  # q/k/v of one attention: one activation pass, one GEMM
     reads_parts = True  # call_concat: the activation pass reads [head | tail] from both tensors
+    fuses_input_gelu = True  # a layer's input_gelu_from runs in its activation pass
 
     @classmethod
     def build(cls, m, gpu: Gpu) -> "Int8Runner":
@@ -37,7 +38,7 @@ class Int8Runner(Runner):
         self.kernels = kernels
         self.tma = tma
         self.gelu = bool(getattr(m, "output_gelu", False))
-        self.gelu_from = 0  # the GELU's first output column: a stack's MLP member (set_gelu_columns)
+        self.input_gelu_from = getattr(m, "input_gelu_from", None)
         # A8 under torch.compile: quantize in torch ops that inductor fuses into x's producer (set_compiled_activations)
         self.act_in_graph = bool(getattr(m, "compiled_activations", False))
         self.config = kernels.int8_tile_config(tma)  # the weight descriptor's tiles
@@ -103,21 +104,10 @@ class Int8Runner(Runner):
             new.bias = torch.cat([r.bias if r.bias is not None else some.new_zeros(n)
                                   for r, n in zip(runners, out_features)], 0)
         new.out_features = list(out_features)
-        new.set_gelu_columns([r.gelu for r in runners])
         new.restack_branch(runners)
         new.owns_packed_weight = False
         new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma else None
         return new
-
-    def set_gelu_columns(self, gelus: list[bool]) -> None:
-        """A stack's GELU from its members' (``out_features`` order): on the output columns of the members that
-        apply one, which must come last (a FLUX single block's q, k, v, then its MLP's up projection); ValueError
-        otherwise (the members then run in turn)."""
-        first = gelus.index(True) if any(gelus) else len(gelus)
-        if not all(gelus[first:]):
-            raise ValueError("a stack applies its GELU to its last members only")
-        self.gelu = first < len(gelus)
-        self.gelu_from = sum(self.out_features[:first])
 
     def restack_branch(self, runners) -> bool:
         members = tuple(t for r in runners for t in (r.down, r.up) if t is not None)
@@ -139,14 +129,16 @@ class Int8Runner(Runner):
         speed = self.w is not None
         w, mult = (self.w, None) if speed else (self.packed, self.mult)
         if torch.compiler.is_compiling() and self.act_in_graph and not self.a4:
-            if tail2 is not None:  # inductor writes the concatenation from the producers' kernels
+            # inductor writes the concatenation and the GELU from the producers' kernels
+            if self.input_gelu_from is not None:
+                x2 = reference.gelu_columns(x2, tail2, self.input_gelu_from)
+            elif tail2 is not None:
                 x2 = torch.cat([x2, tail2], -1)
             a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
             return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
-                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype,
-                                                self.gelu_from)
+                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype)
         args = (x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4, self.group, self.shift,
-                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, self.gelu_from, tail2)
+                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from)
         if torch.compiler.is_compiling():
             return torch.ops.svdquant.int8_linear(*args)
         return library.int8_linear_impl(*args, w_desc=self.w_desc)
