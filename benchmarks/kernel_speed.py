@@ -124,6 +124,30 @@ def sweep_gemm(dev, sms, out_rows):
                     print("gemm", json.dumps(row), flush=True)
 
 
+def act_gelu(rows, K, x, sinv, down, k, mt, copy):
+    """The shipped activation pass with the MLP's GELU in it (``input_gelu_from``), against the GELU as its own
+    pass before it (what unfused diffusers does); at K = 15,360 also a FLUX single block's proj_out: the input
+    as two parts (attention 3,072 | a column slice of the stacked 21,504-wide GEMM output) with the GELU on the
+    second, against the GELU + concatenation before the pass."""
+    import torch.nn.functional as F
+
+    gelu_at = 3072 if k == 15360 else 0
+    cases = {"plain": lambda: K.quantize_activations(x, sinv, down),
+             "gelu-in-pass": lambda: K.quantize_activations(x, sinv, down, input_gelu_from=gelu_at),
+             "gelu-pass-first": lambda: K.quantize_activations(
+                 torch.cat([x[:, :gelu_at], F.gelu(x[:, gelu_at:], approximate="tanh")], 1), sinv, down)}
+    if k == 15360:
+        attn = x[:, :3072].contiguous()
+        mlp = torch.randn(mt, 21504, device=x.device, dtype=x.dtype)[:, 9216:]
+        cases["two-parts-gelu-in-pass"] = lambda: K.quantize_activations(attn, sinv, down, tail=mlp,
+                                                                          input_gelu_from=3072)
+        cases["gelu-cat-first"] = lambda: K.quantize_activations(
+            torch.cat([attn, F.gelu(mlp, approximate="tanh")], 1), sinv, down)
+    for name, fn in cases.items():
+        rows.append(dict(stage="act-gelu", case=name, k=k, m=mt, ms=bench(fn), copy_ms=copy))
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def sweep_act(dev, rows):
     """Activation kernel blocks, with the branch's down projection in it, without it, and that projection
     alone on cuBLAS (what splitting it out would cost)."""
@@ -136,6 +160,7 @@ def sweep_act(dev, rows):
         copy = bench(lambda: x.clone())
         rows.append(dict(stage="act-cublas-down", k=k, m=mt, ms=bench(lambda: x @ down.T), copy_ms=copy))
         print(json.dumps(rows[-1]), flush=True)
+        act_gelu(rows, K, x, sinv, down, k, mt, copy)
         for bm in (32, 64, 128):
             for bk in (64, 128):
                 for tp in (2048, 8192):
