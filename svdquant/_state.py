@@ -17,7 +17,7 @@ Which object carries which field:
 | ``optimized`` | a pipeline's denoiser | svdquant.optimize | deoptimize, the CLI's report |
 | ``stack`` | a FLUX single block | fuse (q/k/v + MLP up projection as one runner) | its stacked forward, unfuse, the layer choice |
 | ``processor`` | an attention module | fuse (the processor it had) | unfuse |
-| ``act_mlp`` | a GELU MLP | fuse (GELU moved into the up projection) | unfuse |
+| ``act_mlp`` | a FLUX single block | fuse (its GELU moved into proj_out's input, or proj_mlp's epilogue) | unfuse |
 """
 
 from __future__ import annotations

@@ -169,6 +169,28 @@ def test_compiled_activations_run_the_gemm_op_and_match_eager(mode):
 
 
 @triton_interpreted
+def test_compiled_activations_take_an_input_in_two_parts_with_its_gelu():
+    """The compiled-activations path (the GELU and the concatenation in torch ops for inductor) with an input GELU
+    from channel 64 and the input as two parts: compiled equals eager (the kernels) and the reference layer."""
+    from svdquant import kernels
+    from svdquant.ops.reference import gelu_columns
+    from svdquant.ops.runners import Int8Runner, ReferenceRunner
+
+    m = _layer("int4")
+    m.set_compiled_activations(True)
+    m.set_input_gelu(64)
+    runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    x = torch.randn(33, 128) * 2
+    eager = runner.call_concat(x[:, :64], x[:, 64:])
+    torch._dynamo.reset()
+    compiled = torch.compile(runner.call_concat, backend="aot_eager", fullgraph=True)(x[:, :64], x[:, 64:])
+    ref = ReferenceRunner(m)(gelu_columns(x, None, 64))
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-5
+    assert float((compiled - ref).norm() / ref.norm()) < 1e-5
+    assert float((ReferenceRunner(m)(x) - ref).norm() / ref.norm()) > 0.01  # the GELU did apply
+
+
+@triton_interpreted
 def test_compiled_activations_leave_a4_layers_to_the_kernel():
     from svdquant import kernels
     from svdquant.ops.runners import Int8Runner
@@ -192,6 +214,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.svdquant.int8_linear.default,
                           (x, m.smooth_inv, down, up, m.bias, w, m.wmult, m.wscales.float(), False, 64, 0.0, 128,
                            False, 0, True))  # with the epilogue GELU
+    torch.library.opcheck(torch.ops.svdquant.int8_linear.default,  # the input in two parts, the MLP's GELU in it
+                          (x[:, :64], m.smooth_inv, down, up, m.bias, w, m.wmult, m.wscales.float(), False, 64, 0.0,
+                           128, False, 0, False, x[:, 64:], 64))
     from svdquant.ops.reference import int8_activations
 
     a, a_s, la = int8_activations(x, m.smooth_inv, down, 128)
@@ -214,14 +239,14 @@ def test_custom_ops_pass_opcheck():
 def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux, compiled_activations):
     """The real kernels: torch.compile (inductor, fullgraph) and one CUDA graph over the whole step; with
     compiled_activations, inductor's own A8 quantization fused into the LayerNorm/modulation and GELU kernels
-    (then the GELU stays out of fc1's epilogue)."""
+    (then the GELUs stay a pass of their own, which inductor fuses the quantization into)."""
     import copy
 
     model = copy.deepcopy(quantized_flux[0]).cuda()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in quantized_flux[1].items()}
     got = svdquant.fuse(model, gelu=not compiled_activations, compiled_activations=compiled_activations)
     # tiny FLUX: 1 double + 1 single block; 17 INT8-activation layers
-    assert got == {"qkv": 2, "gelu": 0 if compiled_activations else 2,
+    assert got == {"qkv": 2, "gelu": 0 if compiled_activations else 3,
                    "compiled_activations": 17 if compiled_activations else 0}
     torch._dynamo.reset()
     with torch.no_grad():

@@ -299,6 +299,13 @@ def test_fuse_moves_every_mlp_gelu_into_its_down_projection_and_back(quantized_f
         assert torch.equal(model(**inputs)[0], before)
     assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0}
     assert not ff.net[0].proj.output_gelu and isinstance(ff.net[0], GELU)
+    # into="up" first: the unstacked single block's GELU goes into proj_mlp's epilogue, and it is not stacked
+    # after (its members would run in turn: slower than the block as it is)
+    assert fuse_gelu(model, into="up") == 3 and single.proj_mlp.output_gelu
+    assert fuse_projections(model) == 2 and peek(single).stack is None
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], before)
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     with pytest.raises(ValueError, match="into='sideways': use one of"):
         fuse_gelu(model, into="sideways")
 

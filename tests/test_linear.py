@@ -210,12 +210,14 @@ def test_an_input_in_two_parts_gives_its_concatenation(name):
 
 def test_an_input_in_two_parts_is_checked():
     _, _, test, m = built("int4")
-    with pytest.raises(ValueError, match=r"last dimensions add up to 256, got shapes \(4, 100\) and \(4, 150\)"):
+    with pytest.raises(ValueError, match=r"last dimensions \(both > 0\) add up to 256, got shapes \(4, 100\) and \(4, 150\)"):
         m(test[:4, :100], tail=test[:4, :150])
     with pytest.raises(ValueError, match="the same leading shape"):
         m(test[:4, :100], tail=test[:5, 100:])
     with pytest.raises(ValueError, match="one dtype on one device, got torch.bfloat16 on cpu and torch.float32"):
         m(test[:4, :100], tail=test[:4, 100:].float())
+    with pytest.raises(ValueError, match=r"\(both > 0\) add up to 256, got shapes \(4, 256\) and \(4, 0\)"):
+        m(test[:4], tail=test[:4, :0])
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -13,9 +13,10 @@ reached only a fifth of the copy rate on an H200):
    ``m = clamp(rne(gmax · s⁻¹ / qmax), 1, m_max)``, ``code = clamp(rne(u / (s · m)))``).
 
 A token's scale needs the whole row, hence the two passes; pass 2 first reduces the K
-slices' partial maxima (and, in its first slice, the partial down projections). Every division is IEEE (``div_rn``), as in torch,
-so the codes equal the reference's bit for bit. Output: values ``[M, K_pad]`` int8 (zero
-beyond K), scales ``[M]`` fp32, ``lora_act`` ``[M, R]`` fp32.
+slices' partial maxima (and, in its first slice, the partial down projections). Every division is IEEE
+(``div_rn``), as in torch, so the codes equal the reference's bit for bit (with an input GELU, up to its last
+bit: Triton's tanh-GELU against torch's). Output: values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]``
+fp32, ``lora_act`` ``[M, R]`` fp32.
 
 An input may come in two column parts, ``[x | tail]`` (a FLUX single block's ``proj_out``: its attention output and
 a column slice of the stacked q/k/v + MLP GEMM's output): each K block is loaded from the part holding it, chosen
@@ -24,9 +25,10 @@ kernels use fewer registers than the one-part ones (196 / 98 against 234 / 150),
 per element instead (a pointer ``tl.where``) spilled.
 
 An input's columns from one block on may be pre-activations (``input_gelu_from``: an MLP's down projection, whose
-GELU ``svdquant.fuse`` moves here): each such block is tanh-GELU'd as it is loaded, in both passes. An INT8 GEMM
-applying the GELU in its epilogue instead spilled (888 B of stack at 128 × 256 tiles, sm_90, Triton 3.9; session
-6 measured that epilogue slower than inductor's separate GELU pass); these passes take it without spilling.
+GELU ``svdquant.fuse`` moves here): each such block is tanh-GELU'd as it is loaded, in both passes (compiled:
+232 / 100 registers with the input in two parts, 255 / 148 in one, no spills). An INT8 GEMM applying the GELU in
+its epilogue instead spills (616 B of stack at 128 × 256 tiles, sm_90, Triton 3.9; session 6 measured that
+epilogue slower than inductor's separate GELU pass).
 """
 
 from __future__ import annotations

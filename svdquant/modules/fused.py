@@ -32,9 +32,9 @@ reads the attention output and that column slice of the stack's output as two pa
 ``tail``): diffusers' GELU and ``torch.cat``, a pass over the whole 15,360-wide input, are not made at all.
 Where fc2 does not quantize its activations, the GELU goes into fc1's GEMM epilogue instead
 (:meth:`SVDQLinear.set_output_gelu`, ``fuse_gelu(into="up")``): on the fp32 result before it is rounded to 16
-bits. That epilogue spills registers at Hopper's 128 × 256 tiles (ahead-of-time compile: 888 B of stack, Triton
-3.9) and measured slower than inductor's separate GELU pass (session 6); the activation passes take the GELU
-without spilling. The module tree keeps its names (``net.0.proj`` stays the projection), so checkpoints and
+bits. That epilogue spills registers at Hopper's 128 × 256 tiles (ahead-of-time compile, Triton 3.9: 616 B of
+stack, 1,352 B in the GELU's earlier form) and measured slower than inductor's separate GELU pass (session 6);
+the activation passes take the GELU without spilling. The module tree keeps its names (``net.0.proj`` stays the projection), so checkpoints and
 LoRAs are unchanged.
 
 :func:`fuse` applies both; :func:`unfuse` undoes them.
@@ -158,6 +158,10 @@ class Projected(nn.Module):
         return qkv
 
 
+def _output_gelu(m) -> bool:
+    return isinstance(m, SVDQLinear) and m.output_gelu
+
+
 def _stackable_single_block(block) -> list[SVDQLinear] | None:
     """q, k, v, proj_mlp of an unfused FLUX single block that read their input with one λ, or None."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
@@ -165,8 +169,9 @@ def _stackable_single_block(block) -> list[SVDQLinear] | None:
     if type(block) is not FluxSingleTransformerBlock or "forward" in block.__dict__:
         return None
     attn = block.attn
-    # its GELU in place, or moved into proj_mlp by fuse_gelu (the stack then applies it to proj_mlp's columns)
-    if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or \
+    # its GELU in place, or moved into proj_out by fuse_gelu; not one moved into proj_mlp's epilogue (one GEMM
+    # for the stack cannot apply one member's GELU: it would run its members in turn, slower than unstacked)
+    if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or _output_gelu(block.proj_mlp) or \
             not (isinstance(block.act_mlp, nn.GELU) or peek(block).act_mlp is not None):
         return None
     members = [getattr(attn, a, None) for a in PROJECTIONS[0][1]] + [block.proj_mlp]
@@ -326,8 +331,9 @@ GELU_INTO = ("down", "up")
 
 
 def _takes_input_gelu(m) -> bool:
-    """A layer whose runner can apply an input GELU as it reads X: quantized activations (the INT8 path on a GPU)."""
-    return isinstance(m, SVDQLinear) and m.activations is not None
+    """A layer whose GPU runner applies an input GELU as its activation pass reads X: integer activations (the INT8
+    path; elsewhere, the CPU included, the layer applies it before its runner, the same numbers)."""
+    return isinstance(m, SVDQLinear) and m.activations is not None and get_format(m.activations).integer
 
 
 def fuse_gelu(model: nn.Module, *, into: str = "down") -> int:

@@ -85,7 +85,7 @@ class SVDQLinear(nn.Module, AdapterSet):
     or construct it empty (``device="meta"`` works) and ``load_state_dict``.
     """
 
-    takes_tail = True  # forward(x, tail=...): an input given as two column parts (a FLUX single block's proj_out)
+    takes_tail = True  # forward(x, tail=...): the input in two column parts (a FLUX single block's proj_out)
 
     def __init__(
         self,
@@ -119,8 +119,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         self.bias_dtype = bias_dtype if bias_dtype not in (None, dtype) else None
         self.quant_report = None
         self.weight_mode = "auto"
-        # tanh-GELU on the output, set by svdquant.fuse for an MLP's up projection: the INT8 runner applies it
-        # in its GEMM epilogue, the others after (modules/fused.py)
+        # tanh-GELU on the output (set_output_gelu): the INT8 runner applies it in its GEMM epilogue, others after
         self.output_gelu = False
         self.input_gelu_from = None  # set_input_gelu: an MLP's GELU on this layer's input channels from here on
         # INT8 activations quantized in torch ops under torch.compile, fused by inductor into the producer of the
@@ -390,9 +389,10 @@ class SVDQLinear(nn.Module, AdapterSet):
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"SVDQLinear expected inputs with last dimension {self.in_features}, got shape "
                                  f"{tuple(x.shape)}")
-        elif x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != self.in_features:
+        elif x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != self.in_features \
+                or not x.shape[-1] or not tail.shape[-1]:
             raise ValueError(f"SVDQLinear expected an input and a tail with the same leading shape whose last "
-                             f"dimensions add up to {self.in_features}, got shapes {tuple(x.shape)} and "
+                             f"dimensions (both > 0) add up to {self.in_features}, got shapes {tuple(x.shape)} and "
                              f"{tuple(tail.shape)}")
         elif x.dtype != tail.dtype or x.device != tail.device:
             raise ValueError(f"SVDQLinear expected an input and a tail of one dtype on one device, got {x.dtype} on "

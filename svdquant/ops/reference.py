@@ -74,6 +74,8 @@ _MM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.mm(..., out_dtype=torch.floa
 def gelu_columns(x: torch.Tensor, tail: torch.Tensor | None, start: int) -> torch.Tensor:
     """``[x | tail]`` (``x`` alone without a tail) with tanh-GELU on its columns from ``start`` on, in the input's
     dtype as diffusers' GELU module gives it: a layer's input whose GELU was moved into it (``input_gelu_from``)."""
+    if tail is not None and start == x.shape[-1]:  # a FLUX single block's proj_out: the MLP's part
+        return torch.cat([x, F.gelu(tail, approximate="tanh")], -1)
     whole = torch.cat([x, tail], -1) if tail is not None else x
     if start == 0:
         return F.gelu(whole, approximate="tanh")

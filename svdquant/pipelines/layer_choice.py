@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .._state import peek
 from ..modules import FusedSVDQLinear, SVDQLinear
+from ..ops.reference import gelu_columns
 
 MARGIN = 0.95  # 16-bit only when at least 5 % faster: the quantized layer holds less memory
 _costs: dict | None = None  # "GPU|kind|M|K|N|formats|mode|dtype" -> [quantized ms, 16-bit ms]
@@ -125,9 +126,16 @@ def key(gpu: str, rows: int, k: int, n: int, weights: str, activations: str, mod
     return "|".join(map(str, (gpu, rows, k, n, weights, activations, mode, str(dtype).removeprefix("torch."))))
 
 
+def _gelu_from(m) -> int | None:
+    """Where the layer's input GELU starts (an MLP's, moved into its down projection by svdquant.fuse), or None."""
+    return None if isinstance(m, FusedSVDQLinear) else m.input_gelu_from
+
+
 def _key(m, rows: int, dtype) -> str:
     first = m.members[0] if isinstance(m, FusedSVDQLinear) else m
     mode = "memory" if first.weight_mode == "memory" else "speed"
+    if _gelu_from(m) is not None:  # both paths then pay the GELU: the INT8 one in its activation pass
+        mode += "+gelu"
     return key(torch.cuda.get_device_name(first.device), rows, m.in_features, m.out_features, first.weights,
                first.activations, mode, dtype)
 
@@ -147,8 +155,10 @@ def choose_layers(model: nn.Module, forward, args, kwargs) -> dict:
             x = torch.randn(rows, m.in_features, device=first.device, dtype=dtype)
             w = torch.randn(m.out_features, m.in_features, device=first.device, dtype=dtype)
             b = torch.zeros(m.out_features, device=first.device, dtype=dtype)
-            with torch.no_grad():
-                _costs[k] = [graph_ms(lambda: m(x)), graph_ms(lambda: F.linear(x, w, b))]
+            g = _gelu_from(m)
+            with torch.no_grad():  # the 16-bit path as the layer would run it: its input GELU first
+                _costs[k] = [graph_ms(lambda: m(x)), graph_ms(
+                    lambda: F.linear(gelu_columns(x, None, g) if g is not None else x, w, b))]
             del x, w, b
         q_ms, d_ms = _costs[k]
         dense = decision(_costs[k])
