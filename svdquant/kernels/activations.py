@@ -196,7 +196,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
-                         num_warps: int = 8):
+                         num_warps: int = 8, per_block_base: bool = False):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -204,6 +204,10 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     GELU moved here by ``svdquant.fuse``), tanh-GELU'd as they are read, in the input's dtype, before anything
     else. ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``;
     K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
+
+    ``per_block_base``: load a one-part input through the two-part code (each block's base chosen by scalars),
+    which compiles to fewer registers on sm_90 (pass 1 / 2: 196 / 98 against 234 / 150: twice the resident
+    warps in pass 2); a sweep option (``kernel_speed.py --act-sweep``) until a GPU says which is faster.
 
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
@@ -227,19 +231,20 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
     la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
     uf = int(unsigned_from) if shift else kp
-    t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, 0)
+    two = tail is not None or per_block_base
+    t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, x.stride(0))
     gelu_from = input_gelu_from if input_gelu_from is not None else kp
     activation_stats_kernel[(m1, s1)](
         x, t, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), stride_t, k_head,
         gelu_from, float(shift), uf, BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1,
-        HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None,
+        HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=two,
         HAS_GELU=input_gelu_from is not None, IEEE=x.dtype == torch.float32,
         F32_DOT=interpreting(), num_warps=num_warps,
     )
     quantize_activations_kernel[(m2, s2)](
         x, t, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), stride_t, k_head,
         gelu_from, float(shift), uf, KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m,
-        BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None,
+        BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=two,
         HAS_GELU=input_gelu_from is not None, FAST_ROUND=not interpreting(), num_warps=num_warps,
     )
     return q, s, la
