@@ -18,8 +18,8 @@ peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
 runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
 each MLP's GELU in its down projection's activation pass, a single block's ``proj_out`` reading its two parts);
-``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before 2026-12-05),
-where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
+``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
+2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
 blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
 (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
 """

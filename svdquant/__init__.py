@@ -50,11 +50,12 @@ def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
 
 def fuse(target, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
     """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each attention's quantized
-    q/k/v as one activation pass and one GEMM (FLUX.1/.2, SD3, Wan, Qwen-Image, Z-Image, PixArt-Σ, SANA, SDXL), and (``gelu``) each quantized MLP's tanh-GELU moved
-    into its down projection's INT8 activation pass (a FLUX single block's ``proj_out`` then reads its two inputs
-    without their concatenation), or where that layer has no such pass, into the up projection's GEMM epilogue. ``compiled_activations=True``: under ``torch.compile``, INT8 activations are
-    quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm + modulation, GELU)
-    instead of a separate activation kernel. Takes a pipeline or a model; returns how many of each
+    q/k/v as one activation pass and one GEMM (FLUX.1/.2, SD3, Wan, Qwen-Image, Z-Image, PixArt-Σ, SANA, SDXL),
+    and (``gelu``) each quantized MLP's tanh-GELU moved into its down projection's INT8 activation pass (a FLUX
+    single block's ``proj_out`` then reads its two inputs without their concatenation), or where that layer has no
+    such pass, into the up projection's GEMM epilogue. ``compiled_activations=True``: under ``torch.compile``, INT8
+    activations are quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm +
+    modulation, GELU) instead of a separate activation kernel. Takes a pipeline or a model; returns how many of each
     (``{"qkv": n, "gelu": m, "compiled_activations": k}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
 

@@ -202,8 +202,8 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
     ``input_gelu_from``: the input's columns from this one on are pre-activations (an MLP's down projection: its
     GELU moved here by ``svdquant.fuse``), tanh-GELU'd as they are read, in the input's dtype, before anything
-    else. ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad] int8, scales [M] fp32, lora_act [M, R] fp32 or None)``;
-    K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
+    else. ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad]
+    int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
 
     ``per_block_base``: load a one-part input through the two-part code (each block's base chosen by scalars),
     which compiles to fewer registers on sm_90 (pass 1 / 2: 196 / 98 against 234 / 150: twice the resident

@@ -34,8 +34,8 @@ Where fc2 does not quantize its activations, the GELU goes into fc1's GEMM epilo
 (:meth:`SVDQLinear.set_output_gelu`, ``fuse_gelu(into="up")``): on the fp32 result before it is rounded to 16
 bits. That epilogue spills registers at Hopper's 128 × 256 tiles (ahead-of-time compile, Triton 3.9: 616 B of
 stack, 1,352 B in the GELU's earlier form) and measured slower than inductor's separate GELU pass (session 6);
-the activation passes take the GELU without spilling. The module tree keeps its names (``net.0.proj`` stays the projection), so checkpoints and
-LoRAs are unchanged.
+the activation passes take the GELU without spilling. The module tree keeps its names (``net.0.proj`` stays the
+projection), so checkpoints and LoRAs are unchanged.
 
 :func:`fuse` applies both; :func:`unfuse` undoes them.
 """
