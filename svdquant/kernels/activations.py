@@ -20,13 +20,13 @@ fp32, ``lora_act`` ``[M, R]`` fp32.
 
 An input may come in two column parts, ``[x | tail]`` (a FLUX single block's ``proj_out``: its attention output and
 a column slice of the stacked q/k/v + MLP GEMM's output): each K block is loaded from the part holding it, chosen
-once per block, so the concatenation is never made. Compiled for sm_90 (Triton 3.9, ahead of time) the two-part
-kernels use fewer registers than the one-part ones (196 / 98 against 234 / 150), with no spills; selecting the part
-per element instead (a pointer ``tl.where``) spilled.
+once per block, so the concatenation is never made. Compiled for sm_90 at FLUX's ``proj_out`` launch (Triton 3.9,
+ahead of time: ``benchmarks/kernel_resources.py``) the two-part passes use 207 / 128 registers against 238 / 146
+for one part, with no spills; selecting the part per element instead (a pointer ``tl.where``) spilled.
 
 An input's columns from one block on may be pre-activations (``input_gelu_from``: an MLP's down projection, whose
 GELU ``svdquant.fuse`` moves here): each such block is tanh-GELU'd as it is loaded, in both passes (compiled:
-232 / 100 registers with the input in two parts, 255 / 148 in one, no spills). An INT8 GEMM applying the GELU in
+247 / 98 registers with the input in two parts, 248 / 112 in one, no spills). An INT8 GEMM applying the GELU in
 its epilogue instead spills (616 B of stack at 128 × 256 tiles, sm_90, Triton 3.9; session 6 measured that
 epilogue slower than inductor's separate GELU pass).
 """
@@ -206,8 +206,9 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
 
     ``per_block_base``: load a one-part input through the two-part code (each block's base chosen by scalars),
-    which compiles to fewer registers on sm_90 (pass 1 / 2: 196 / 98 against 234 / 150: twice the resident
-    warps in pass 2); a sweep option (``kernel_speed.py --act-sweep``) until a GPU says which is faster.
+    which compiles to fewer registers on sm_90 (pass 1 / 2 at K = 15,360: 207 / 128 against 238 / 146; 128 lets
+    two 256-thread programs share an SM in pass 2); a sweep option (``kernel_speed.py --act-sweep``) until a GPU
+    says which is faster.
 
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""

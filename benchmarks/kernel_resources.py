@@ -1,0 +1,128 @@
+"""Registers, stack (spills) and shared memory of the shipped Triton kernels, compiled ahead of time for a GPU
+target on any machine (no GPU needed): what a session without a device can still check.
+
+    python benchmarks/kernel_resources.py                     # sm_90, every shipped config
+    python benchmarks/kernel_resources.py --arch 80 86 89 90 --out OUT
+
+Each kernel is compiled by the installed Triton for ``GPUTarget("cuda", arch, 32)`` (``triton.compile`` of an
+``ASTSource``: the signature and constexprs the launchers pass), and its cubin read with the ``cuobjdump`` that
+ships in Triton's wheel (``--dump-resource-usage``). A stack frame means the kernel spills registers to local
+memory: in these kernels a measured slowdown (the INT8 GEMM's GELU epilogue, NOTES-GPU.md session 15). The figures
+are the installed Triton's; the GPU machine's Triton (3.6) may allocate differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    """``{"registers", "stack", "shared"}`` of ``fn`` compiled for sm_``arch``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    k = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        Path(path).write_bytes(k.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return dict(registers=regs, stack=stack, shared=k.metadata.shared)
+
+
+def _gemm(gelu: bool, tma: bool):
+    G = importlib.import_module("svdquant.kernels.int8_gemm")  # the package exports a function of that name
+
+    cfg = G.HOPPER_CONFIG if tma else G.DEFAULT_CONFIG
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sig = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8",
+               w_desc=f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
+               a_ptr="*i8", w_ptr="*i8", as_ptr="*fp32", ws_ptr="*fp32", la_ptr="*fp32", lu_ptr="*bf16",
+               b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32")
+    consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, NUM_PROGRAMS=132, TMA=tma,
+                  WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
+    return G.int8_gemm_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
+
+
+_ACT_SIG = dict(x_ptr="*bf16", t_ptr="*bf16", sinv_ptr="*fp32", M="i32", K="i32", stride_xm="i32",
+                stride_tm="i32", k_head="i32", gelu_from="i32", shift="fp32", unsigned_from="i32")
+
+
+def _activation_pass(stage: int, two_parts: bool, gelu: bool):
+    """The shipped launch of each pass (kernels/activations.py defaults) at FLUX's proj_out (K = 15,360)."""
+    A = importlib.import_module("svdquant.kernels.activations")
+
+    flags = dict(HAS_LORA=True, HAS_SHIFT=False, HAS_TAIL=two_parts, HAS_GELU=gelu)
+    if stage == 1:
+        sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", lp_ptr="*fp32")
+        consts = dict(BLOCKS_PER_SPLIT=5, R=32, BLOCK_M=64, BLOCK_K=128, IEEE=False, F32_DOT=False, **flags)
+        return A.activation_stats_kernel, sig, consts, 8, 3
+    sig = dict(_ACT_SIG, st_ptr="*fp32", lp_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", la_ptr="*fp32")
+    consts = dict(KP=15360, STAT_SPLITS=24, BLOCKS_PER_SPLIT=5, R=32, BLOCK_M=16, BLOCK_K=256, A4=False,
+                  FAST_ROUND=True, **flags)
+    return A.quantize_activations_kernel, sig, consts, 8, 3
+
+
+def _attention(d: int, tma: bool):
+    T = importlib.import_module("svdquant.kernels.int8_attention")
+
+    cfg = T.CONFIG if d == 128 else T.CONFIG_D64
+    bn = cfg["BLOCK_N"]
+    sig = dict(qc_ptr="*i8", qs_ptr="*fp32", kc_ptr="*i8", ks_ptr="*fp32", kb_ptr="*fp32", v_ptr="*bf16",
+               o_ptr="*bf16", k_desc=f"tensordesc<i8[{bn}, {d}]>" if tma else "*i8",
+               v_desc=f"tensordesc<bf16[1, {bn}, 1, {d}]>" if tma else "*i8", SQ="i32", SK="i32", H="i32",
+               qk_scale="fp32", stride_vb="i64", stride_vs="i64", stride_vh="i64", stride_ob="i64",
+               stride_os="i64", stride_oh="i64")
+    consts = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, EVEN_N=False, HAS_KB=True, TMA=tma, F32_DOT=False)
+    return T.int8_attention_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
+
+
+def shipped(arch: int) -> dict:
+    """Name -> (kernel, signature, constexprs, warps, stages) of every shipped config on ``arch``."""
+    tma = arch >= 90
+    kernels = {f"int8_gemm{' tma' if tma else ''}": _gemm(False, tma),
+               f"int8_gemm{' tma' if tma else ''} + GELU epilogue (fuse_gelu into='up')": _gemm(True, tma)}
+    for stage in (1, 2):
+        for two, gelu in ((False, False), (True, False), (False, True), (True, True)):
+            name = f"activation pass {stage}{', two parts' if two else ''}{', input GELU' if gelu else ''}"
+            kernels[name] = _activation_pass(stage, two, gelu)
+    for d in (128, 64):
+        kernels[f"int8_attention D={d}{' tma' if tma else ''}"] = _attention(d, tma)
+    return kernels
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 86 89 90")
+    ap.add_argument("--out", type=Path, help="folder for resources.json")
+    args = ap.parse_args()
+    rows = []
+    for arch in args.arch:
+        for name, spec in shipped(arch).items():
+            try:
+                row = dict(arch=arch, kernel=name, **compile_resources(*spec, arch))
+            except Exception as e:  # recorded; the other kernels still compile
+                row = dict(arch=arch, kernel=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "resources.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
