@@ -91,6 +91,23 @@ def _attention(d: int, tma: bool):
     return T.int8_attention_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
+def _w4a16():
+    """The adaLN layers' weight-only kernel (FLUX: 3,072 → 18,432 at one token), its launcher's defaults."""
+    W = importlib.import_module("svdquant.kernels.w4a16")
+    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", M="i32",
+               N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, HAS_BIAS=True, HAS_ZEROS=False, F32_DOT=False)
+    return W.w4a16_kernel, sig, consts, 2, 4
+
+
+def _expand():
+    """Memory mode's per-call expansion of 4-bit codes to INT8 (a 3,072-wide weight)."""
+    E = importlib.import_module("svdquant.kernels.expand")
+    sig = dict(p_ptr="*u8", m_ptr="*u8", w_ptr="*i8", N="i32")
+    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, GROUPS_PER_PROG=E.groups_per_program(48))
+    return E.expand_int4m_kernel, sig, consts, 4, 3
+
+
 def shipped(arch: int) -> dict:
     """Name -> (kernel, signature, constexprs, warps, stages) of every shipped config on ``arch``."""
     tma = arch >= 90
@@ -102,6 +119,8 @@ def shipped(arch: int) -> dict:
             kernels[name] = _activation_pass(stage, two, gelu)
     for d in (128, 64):
         kernels[f"int8_attention D={d}{' tma' if tma else ''}"] = _attention(d, tma)
+    kernels["w4a16"] = _w4a16()
+    kernels["expand_int4m"] = _expand()
     return kernels
 
 
