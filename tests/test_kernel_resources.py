@@ -1,4 +1,4 @@
-"""The shipped kernel configs compile for Hopper without spilling registers (ahead of time, no GPU needed).
+"""The shipped kernel configs compile for Hopper (sm_90) and Ada (sm_89) without spilling registers (ahead of time, no GPU needed).
 
 A spill (a stack frame in the cubin) costs real time in these kernels: the INT8 GEMM's GELU epilogue spills at
 the 128 × 256 tiles and measured slower than a separate GELU pass (NOTES-GPU.md sessions 6 and 15), which is why
