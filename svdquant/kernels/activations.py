@@ -46,7 +46,7 @@ def _load_x(x_ptr, t_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, H
     ``k_head`` columns, a whole number of blocks: :func:`quantize_activations` checks). One load either way: the
     block's part is chosen once per block (scalars), not per element."""
     if HAS_TAIL:
-        base, stride, first = x_ptr, stride_xm, k_head - k_head
+        base, stride, first = x_ptr, stride_xm, k_head - k_head  # an i32 zero: both branches give one type
         if k0 >= k_head:
             base, stride, first = t_ptr, stride_tm, k_head
     else:

@@ -158,10 +158,6 @@ class Projected(nn.Module):
         return qkv
 
 
-def _output_gelu(m) -> bool:
-    return isinstance(m, SVDQLinear) and m.output_gelu
-
-
 def _stackable_single_block(block) -> list[SVDQLinear] | None:
     """q, k, v, proj_mlp of an unfused FLUX single block that read their input with one λ, or None."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
@@ -171,7 +167,8 @@ def _stackable_single_block(block) -> list[SVDQLinear] | None:
     attn = block.attn
     # its GELU in place, or moved into proj_out by fuse_gelu; not one moved into proj_mlp's epilogue (one GEMM
     # for the stack cannot apply one member's GELU: it would run its members in turn, slower than unstacked)
-    if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or _output_gelu(block.proj_mlp) or \
+    if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or \
+            getattr(block.proj_mlp, "output_gelu", False) or \
             not (isinstance(block.act_mlp, nn.GELU) or peek(block).act_mlp is not None):
         return None
     members = [getattr(attn, a, None) for a in PROJECTIONS[0][1]] + [block.proj_mlp]

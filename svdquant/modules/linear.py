@@ -372,9 +372,9 @@ class SVDQLinear(nn.Module, AdapterSet):
         return wf.dequantize(wf.from_buffers(self.weight_buffers(), self.group_size, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
-        """``tail``: the input is ``torch.cat([x, tail], -1)``, read from both tensors where they are by runners
-        that ``reads_parts`` (a FLUX single block's ``proj_out``: its attention output and the MLP's, a column slice
-        of the stacked GEMM's output; the concatenation would read and write the whole 15,360-wide input)."""
+        """``tail``: the input is ``torch.cat([x, tail], -1)``, read from both tensors where they are by the INT8
+        runner (``Runner.call_concat``; a FLUX single block's ``proj_out``: its attention output and the MLP's, a
+        column slice of the stacked GEMM's output; the concatenation would read and write the 15,360-wide input)."""
         self._check_input(x, tail)
         self._ready()
         lead, run = x.shape[:-1], self._runner

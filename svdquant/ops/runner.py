@@ -9,8 +9,6 @@ beyond that is declared here as class attributes, so the layers ask the runner, 
 | fuses_gelu          | applies the layer's output tanh-GELU itself (its ``gelu`` attribute)            | INT8     |
 | quantizes_in_graph  | can quantize its activations in torch ops under ``torch.compile`` (``act_in_graph``) | INT8 |
 | stacks              | runners that read one input combine into one (:meth:`Runner.stack`)              | INT8, dense |
-| reads_parts         | :meth:`Runner.call_concat` reads an input's two column parts where they are, with | INT8     |
-|                     | no concatenated copy (the others concatenate)                                   |          |
 | fuses_input_gelu    | applies the layer's input GELU itself (``input_gelu_from``), as it reads X      | INT8     |
 | owns_packed_weight  | holds the layer's only copy of its weight: the layer drops its packed codes and | INT8 speed mode |
 |                     | asks :meth:`Runner.packed_weight` for them (an instance's value)                |          |
@@ -43,7 +41,6 @@ class Runner:
     fuses_gelu: ClassVar[bool] = False
     quantizes_in_graph: ClassVar[bool] = False
     stacks: ClassVar[bool] = False
-    reads_parts: ClassVar[bool] = False
     fuses_input_gelu: ClassVar[bool] = False
     owns_packed_weight: bool = False
 
@@ -71,7 +68,7 @@ class Runner:
         raise NotImplementedError
 
     def call_concat(self, head2: torch.Tensor, tail2: torch.Tensor) -> torch.Tensor:
-        """``self(torch.cat([head2, tail2], -1))``: runners that ``reads_parts`` read both where they are."""
+        """``self(torch.cat([head2, tail2], -1))``; the INT8 runner overrides it to read both where they are."""
         return self(torch.cat([head2, tail2], -1))
 
     def packed_weight(self) -> torch.Tensor:

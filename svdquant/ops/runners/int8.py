@@ -26,7 +26,6 @@ class Int8Runner(Runner):
     fuses_gelu = True  # a layer's output_gelu runs in the GEMM's epilogue (fp32, before the 16-bit rounding)
     quantizes_in_graph = True  # A8 under torch.compile (act_in_graph)
     stacks = True  # q/k/v of one attention: one activation pass, one GEMM
-    reads_parts = True  # call_concat: the activation pass reads [head | tail] from both tensors
     fuses_input_gelu = True  # a layer's input_gelu_from runs in its activation pass
 
     @classmethod
@@ -143,5 +142,5 @@ class Int8Runner(Runner):
             return torch.ops.svdquant.int8_linear(*args)
         return library.int8_linear_impl(*args, w_desc=self.w_desc)
 
-    def call_concat(self, head2, tail2):
+    def call_concat(self, head2, tail2):  # the activation pass reads [head | tail] from both tensors
         return self(head2, tail2)
