@@ -53,7 +53,7 @@ def _gemm(gelu: bool, tma: bool):
                w_desc=f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
                a_ptr="*i8", w_ptr="*i8", as_ptr="*fp32", ws_ptr="*fp32", la_ptr="*fp32", lu_ptr="*bf16",
                b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32")
-    consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, NUM_PROGRAMS=132, TMA=tma,
+    consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, APPROX_GELU=True, NUM_PROGRAMS=132, TMA=tma,
                   WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
     return G.int8_gemm_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
@@ -66,7 +66,7 @@ def _activation_pass(stage: int, two_parts: bool, gelu: bool):
     """The shipped launch of each pass (kernels/activations.py defaults) at FLUX's proj_out (K = 15,360)."""
     A = importlib.import_module("svdquant.kernels.activations")
 
-    flags = dict(HAS_LORA=True, HAS_SHIFT=False, HAS_TAIL=two_parts, HAS_GELU=gelu)
+    flags = dict(HAS_LORA=True, HAS_SHIFT=False, HAS_TAIL=two_parts, HAS_GELU=gelu, APPROX_GELU=True)
     if stage == 1:
         sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", lp_ptr="*fp32")
         consts = dict(BLOCKS_PER_SPLIT=5, R=32, BLOCK_M=64, BLOCK_K=128, IEEE=False, F32_DOT=False, **flags)

@@ -128,13 +128,15 @@ def act_gelu(rows, K, x, sinv, down, k, mt, copy):
     """The shipped activation pass with the MLP's GELU in it (``input_gelu_from``), against the GELU as its own
     pass before it (what unfused diffusers does); at K = 15,360 also a FLUX single block's proj_out: the input
     as two parts (attention 3,072 | a column slice of the stacked 21,504-wide GEMM output) with the GELU on the
-    second, against the GELU + concatenation before the pass."""
+    second, against the GELU + concatenation before the pass. ``-exact``: the GELU without ``tanh.approx``."""
     import torch.nn.functional as F
 
     gelu_at = 3072 if k == 15360 else 0
     cases = {"plain": lambda: K.quantize_activations(x, sinv, down),
              "plain-per-block-base": lambda: K.quantize_activations(x, sinv, down, per_block_base=True),
              "gelu-in-pass": lambda: K.quantize_activations(x, sinv, down, input_gelu_from=gelu_at),
+             "gelu-in-pass-exact": lambda: K.quantize_activations(x, sinv, down, input_gelu_from=gelu_at,
+                                                                  exact_gelu=True),
              "gelu-pass-first": lambda: K.quantize_activations(
                  torch.cat([x[:, :gelu_at], F.gelu(x[:, gelu_at:], approximate="tanh")], 1), sinv, down)}
     if k == 15360:
@@ -142,6 +144,8 @@ def act_gelu(rows, K, x, sinv, down, k, mt, copy):
         mlp = torch.randn(mt, 21504, device=x.device, dtype=x.dtype)[:, 9216:]
         cases["two-parts-gelu-in-pass"] = lambda: K.quantize_activations(attn, sinv, down, tail=mlp,
                                                                           input_gelu_from=3072)
+        cases["two-parts-gelu-in-pass-exact"] = lambda: K.quantize_activations(attn, sinv, down, tail=mlp,
+                                                                                input_gelu_from=3072, exact_gelu=True)
         cases["gelu-cat-first"] = lambda: K.quantize_activations(
             torch.cat([attn, F.gelu(mlp, approximate="tanh")], 1), sinv, down)
     for name, fn in cases.items():

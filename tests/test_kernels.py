@@ -450,6 +450,31 @@ def test_gpu_fc2_applies_its_input_gelu_at_the_flux_shape(mode):
 
 @gpu
 @pytest.mark.gpu
+def test_gpu_approximate_gelu_moves_codes_at_most_one_step():
+    """The activation pass's input GELU on the GPU is one ``tanh.approx.f32`` (relative error ~2^-11): against the
+    exact form (``exp`` and a division), at FLUX's fc2 shape, no code moves more than one step and few move; the
+    GEMM's GELU epilogue stays within bf16 rounding of F.gelu after the GEMM."""
+    g = torch.Generator().manual_seed(seed_now())
+    x = (torch.randn(4608, 12288, generator=g) * 2).to("cuda", torch.bfloat16)
+    sinv = (torch.rand(12288, generator=g) + 0.5).cuda()
+    down = (torch.randn(32, 12288, generator=g) * 0.01).to("cuda", torch.bfloat16)
+    q, s, la = K.quantize_activations(x, sinv, down, input_gelu_from=0)
+    qe, se, lae = K.quantize_activations(x, sinv, down, input_gelu_from=0, exact_gelu=True)
+    moved = (q.int() - qe.int()).abs()
+    assert int(moved.max()) <= 1 and float(moved.float().mean()) < 0.05, float(moved.float().mean())
+    assert rel(s, se) < 1e-3 and rel(la, lae) < 1e-3
+    a = torch.randint(-127, 128, (4608, 3072), dtype=torch.int8, generator=g).cuda()
+    w = torch.randint(-127, 128, (12288, 3072), dtype=torch.int8, generator=g).cuda()
+    a_s, w_s = (torch.rand(4608, generator=g) * 1e-3).cuda(), (torch.rand(12288, generator=g) * 1e-2).cuda()
+    tma = torch.cuda.get_device_capability()[0] >= 9
+    plain = K.int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=tma)
+    fused = K.int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, gelu=True, tma=tma)
+    want = torch.nn.functional.gelu(plain.float(), approximate="tanh")
+    assert float((fused.float() - want).norm() / want.norm()) < 5e-3
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_speed_mode_state_dict_is_the_packed_checkpoint():
     from kernel_speed import random_layer
 

@@ -57,12 +57,13 @@ def _load_x(x_ptr, t_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, H
 
 @triton.jit
 def _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift, unsigned_from,
-            gelu_from, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr):
+            gelu_from, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
+            APPROX_GELU: tl.constexpr):
     kmask = k < K
     x = _load_x(x_ptr, t_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, HAS_TAIL)
     if HAS_GELU:  # pre-activations from gelu_from on (a whole number of blocks): as diffusers' GELU module gives them
         if k0 >= gelu_from:
-            x = gelu_tanh(x.to(tl.float32)).to(x.dtype)
+            x = gelu_tanh(x.to(tl.float32), APPROX_GELU).to(x.dtype)
     sinv = tl.load(sinv_ptr + k, mask=kmask, other=0.0)
     uns = k >= unsigned_from
     if HAS_SHIFT:  # post-GELU channels: shifted, clamped at 0 (unsigned); the rest as they are
@@ -79,7 +80,7 @@ def activation_stats_kernel(
     M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
     BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
-    IEEE: tl.constexpr, F32_DOT: tl.constexpr,
+    APPROX_GELU: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     """Pass 1 over one K slice: partial row maxima (signed and unsigned parts) and partial ``x · L1ᵀ``."""
     pid = tl.program_id(0)
@@ -94,7 +95,7 @@ def activation_stats_kernel(
         k0 = (split * BLOCKS_PER_SPLIT + i) * BLOCK_K
         k = k0 + cols
         x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift,
-                            unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU)
+                            unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
         if HAS_LORA:
             rr = tl.arange(0, R)
             l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
@@ -118,7 +119,8 @@ def quantize_activations_kernel(
     M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
     KP: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr, A4: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr, FAST_ROUND: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr, APPROX_GELU: tl.constexpr,
+    FAST_ROUND: tl.constexpr,
 ):
     """Pass 2 over one K slice: the token scale from the partial maxima, then the int8 values."""
     pid = tl.program_id(0)
@@ -148,7 +150,7 @@ def quantize_activations_kernel(
         kb = split * BLOCKS_PER_SPLIT + i
         k = kb * BLOCK_K + cols
         x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
-                            shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU)
+                            shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
         if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
             g_uns = kb * BLOCK_K >= unsigned_from
             qmax = tl.where(g_uns, 15.0, 7.0)
@@ -196,7 +198,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
-                         num_warps: int = 8, per_block_base: bool = False):
+                         num_warps: int = 8, per_block_base: bool = False, exact_gelu: bool = False):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -235,17 +237,18 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     two = tail is not None or per_block_base
     t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, x.stride(0))
     gelu_from = input_gelu_from if input_gelu_from is not None else kp
+    approx = not (exact_gelu or interpreting())
     activation_stats_kernel[(m1, s1)](
         x, t, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), stride_t, k_head,
         gelu_from, float(shift), uf, BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1,
         HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=two,
-        HAS_GELU=input_gelu_from is not None, IEEE=x.dtype == torch.float32,
+        HAS_GELU=input_gelu_from is not None, APPROX_GELU=approx, IEEE=x.dtype == torch.float32,
         F32_DOT=interpreting(), num_warps=num_warps,
     )
     quantize_activations_kernel[(m2, s2)](
         x, t, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), stride_t, k_head,
         gelu_from, float(shift), uf, KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m,
         BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=two,
-        HAS_GELU=input_gelu_from is not None, FAST_ROUND=not interpreting(), num_warps=num_warps,
+        HAS_GELU=input_gelu_from is not None, APPROX_GELU=approx, FAST_ROUND=not interpreting(), num_warps=num_warps,
     )
     return q, s, la

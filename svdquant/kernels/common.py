@@ -65,12 +65,23 @@ def reciprocal(v):
 
 
 @triton.jit
-def gelu_tanh(x):
-    """``0.5 x (1 + tanh(u))`` as ``x / (1 + exp(-2u))`` (the same function: 1 + tanh(u) = 2 / (1 + exp(-2u))):
-    one division and no multiply-adds around it. In a 128 × 256 GEMM epilogue (sm_90, Triton 3.9) this form
-    spilled 616 B of stack against 1,352 B for ``0.5 x (1 + (2 / (1 + exp(-2u)) - 1))``."""
+def gelu_tanh(x, APPROX: tl.constexpr):
+    """diffusers' tanh GELU, ``0.5 x (1 + tanh(u))``, on fp32 ``x``.
+
+    ``APPROX`` (the GPU): one ``tanh.approx.f32`` (PTX ISA, sm_75+: a single special-function-unit instruction,
+    relative error about 2^-11), where ``tl.exp`` plus a division cost two. In the activation passes, which GELU
+    every block twice, the two-instruction form made the pass 1.7x slower than without a GELU at K = 15,360 (H200,
+    NOTES-GPU.md session 16): the special-function unit, not memory, was the bound. Otherwise (the CPU
+    interpreter, which runs no PTX) ``x / (1 + exp(-2u))``, the same function (1 + tanh(u) = 2 / (1 + exp(-2u))),
+    with no multiply-adds around the division: in a 128 × 256 GEMM epilogue (sm_90, Triton 3.9) it spilled 616 B
+    of stack against 1,352 B for ``0.5 x (1 + (2 / (1 + exp(-2u)) - 1))``."""
     inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return x / (1.0 + tl.exp(-2.0 * inner))
+    if APPROX:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return x * (0.5 + 0.5 * t)
+    else:
+        return x / (1.0 + tl.exp(-2.0 * inner))
 
 
 @triton.jit

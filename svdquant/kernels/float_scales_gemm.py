@@ -43,7 +43,8 @@ def _tile(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.conste
 
 @triton.jit
 def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym,
-              R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+              R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+              APPROX_GELU: tl.constexpr):
     if HAS_LORA:
         rr = tl.arange(0, R)
         lu = tl.load(lu_ptr + offs_n[:, None] * R + rr[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
@@ -52,7 +53,7 @@ def _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, s
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
     if GELU:
-        acc = _gelu_tanh(acc)
+        acc = _gelu_tanh(acc, APPROX_GELU)
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
@@ -77,7 +78,7 @@ def w4a4_gemm_kernel(
     wq_ptr, ws_ptr, xq_ptr, xs_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, stride_ym,
     KP: tl.constexpr, N_GROUPS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, APPROX_GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     offs_n, offs_m, nmask, mmask = _tile(M, N, BLOCK_N, BLOCK_M, GROUP_N)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -87,7 +88,8 @@ def w4a4_gemm_kernel(
         ws = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
         xs = tl.load(xs_ptr + g * M + offs_m, mask=mmask, other=0.0).to(tl.float32)
         acc += p.to(tl.float32) * (ws[:, None] * xs[None, :])
-    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
+    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU,
+              APPROX_GELU)
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def fp4_gemm_kernel(
     wq_ptr, ws_ptr, xv_ptr, wts_ptr, xts_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, stride_ym,
     KP: tl.constexpr, N_BLOCKS: tl.constexpr, R: tl.constexpr, HAS_LORA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, APPROX_GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
     offs_n, offs_m, nmask, mmask = _tile(M, N, BLOCK_N, BLOCK_M, GROUP_N)
@@ -132,7 +134,8 @@ def fp4_gemm_kernel(
             acc = tl.dot(w_lo.to(x_lo.dtype), tl.trans(x_lo), acc)
             acc = tl.dot(w_hi.to(x_hi.dtype), tl.trans(x_hi), acc)
     acc = acc * (tl.load(wts_ptr) * tl.load(xts_ptr))
-    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU)
+    _epilogue(acc, offs_n, offs_m, nmask, mmask, la_ptr, lu_ptr, b_ptr, y_ptr, stride_ym, R, HAS_LORA, HAS_BIAS, GELU,
+              APPROX_GELU)
 
 
 DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_M=128, GROUP_N=8, num_warps=4, num_stages=4)
@@ -158,7 +161,8 @@ def _launch_setup(m, n, out_dtype, device, lora_act, lora_up, bias, config):
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
     tail = (lora_act if has_lora else y, lora_up if has_lora else y, bias if bias is not None else y, y,
             m, n, y.stride(0))
-    flags = dict(R=lora_up.shape[1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None)
+    flags = dict(R=lora_up.shape[1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+                 APPROX_GELU=not interpreting())
     return y, grid, tail, flags, cfg
 
 

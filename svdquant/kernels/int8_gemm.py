@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gelu_tanh, grouped_tile
+from .common import gelu_tanh, grouped_tile, interpreting
 
 
 @triton.jit
@@ -26,6 +26,7 @@ def int8_gemm_kernel(
     a_desc, w_desc, a_ptr, w_ptr, as_ptr, ws_ptr, la_ptr, lu_ptr, b_ptr, y_ptr,
     M, N, K, stride_ym,
     R: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    APPROX_GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
@@ -67,7 +68,7 @@ def int8_gemm_kernel(
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_wn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if GELU:
-            y = gelu_tanh(y)
+            y = gelu_tanh(y, APPROX_GELU)
         tl.store(y_ptr + offs_am[:, None] * stride_ym + offs_wn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
@@ -124,7 +125,7 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
         lora_act if has_lora else a_scale, lora_up if has_lora else a_scale, bias if bias is not None else a_scale, y,
         m, n, k, y.stride(0),
         R=lora_up.shape[1] if has_lora else 16, R_CHUNK=min(lora_up.shape[1] if has_lora else 16, 32),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, GELU=gelu,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, GELU=gelu, APPROX_GELU=not interpreting(),
         NUM_PROGRAMS=programs, TMA=tma, **cfg,
     )
     return y
