@@ -114,8 +114,10 @@ def stages(q, k, v, cuda: bool, config=None, tma=None) -> dict:
 
     ms = dict(smoothing=bench(lambda: smoothing(q, k, tokens_dim=1), cuda), quantize=bench(quantize, cuda),
               attention=bench(attend, cuda))
-    ref = int8_attention_reference(*(x[:1].transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-    return ms, rel(attend()[:1], ref)
+    # heads are independent (the smoothing too): two of them keep the reference's S x S scores in memory at
+    # Wan's 32,760 tokens (all 40 asked for 160 GB)
+    ref = int8_attention_reference(*(x[:1, :, :2].transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    return ms, rel(attend()[:1, :, :2], ref)
 
 
 def sweep(shapes, dev, cuda: bool) -> list[dict]:

@@ -105,10 +105,11 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, kb_ptr, v_ptr, o_ptr, 
 
 
 QUANTIZE_BLOCK = 64  # tokens per program of the quantization pass
-# Tiles for sm_80+ (the FlashAttention-2 shape); the benchmark's --sweep times others on a GPU. Compiled ahead of
-# time for sm_90 (Triton 3.9, cuobjdump's resource usage), 3 stages spilled at D = 128 (40 B of stack with TMA),
-# and 4 warps at D = 64 (320 B): these are the nearest configs that compiled with no spill (254 / 186 registers).
-CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+# Tiles for sm_80+. D = 128: the fastest of attention_speed.py --sweep's 36 at FLUX's shape (H200, TMA; NOTES-GPU.md
+# session 16): 0.503 ms against 0.861 for the 8-warp / 2-stage tile chosen before only because it compiled with no
+# spill (both compile to 254 registers with no stack under Triton 3.9 and spill 16 B under 3.6). D = 64 (SD3): the
+# nearest no-spill config to the FlashAttention-2 shape (4 warps spilled 320 B ahead of time, sm_90), not timed.
+CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
 CONFIG_D64 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
