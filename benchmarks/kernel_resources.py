@@ -80,7 +80,7 @@ def _activation_pass(stage: int, two_parts: bool, gelu: bool):
 def _attention(d: int, tma: bool):
     T = importlib.import_module("svdquant.kernels.int8_attention")
 
-    cfg = T.CONFIG if d == 128 else T.CONFIG_D64
+    cfg = T.CONFIG_D64 if d == 64 else T.HOPPER_CONFIG if tma else T.CONFIG
     bn = cfg["BLOCK_N"]
     sig = dict(qc_ptr="*i8", qs_ptr="*fp32", kc_ptr="*i8", ks_ptr="*fp32", kb_ptr="*fp32", v_ptr="*bf16",
                o_ptr="*bf16", k_desc=f"tensordesc<i8[{bn}, {d}]>" if tma else "*i8",
@@ -118,7 +118,8 @@ def shipped(arch: int) -> dict:
             name = f"activation pass {stage}{', two parts' if two else ''}{', input GELU' if gelu else ''}"
             kernels[name] = _activation_pass(stage, two, gelu)
     for d in (128, 64):
-        kernels[f"int8_attention D={d}{' tma' if tma else ''}"] = _attention(d, tma)
+        measured = " (measured tile, spills)" if tma and d == 128 else ""
+        kernels[f"int8_attention D={d}{' tma' if tma else ''}{measured}"] = _attention(d, tma)
     kernels["w4a16"] = _w4a16()
     kernels["expand_int4m"] = _expand()
     return kernels

@@ -37,7 +37,9 @@ def resources(tmp_path_factory):
 def test_shipped_kernels_compile_for_sm90_without_spilling(resources):
     rows = {name: row for (arch, name), row in resources.items() if arch == 90}
     assert len(rows) == 14 and not [r for r in rows.values() if "error" in r], rows
-    assert {name for name, r in rows.items() if r["stack"]} == set(), rows
+    # the one exception: Hopper's INT8 attention tile at D = 128, which spills and measured 1.7x faster than the
+    # tile that does not (kernels/int8_attention.py)
+    assert {name for name, r in rows.items() if r["stack"]} <= {"int8_attention D=128 tma (measured tile, spills)"}
     assert all(r["shared"] <= 227 * 1024 for r in rows.values()), rows  # an H100 / H200 block's shared memory
 
 

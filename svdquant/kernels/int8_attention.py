@@ -105,11 +105,13 @@ def int8_attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, kb_ptr, v_ptr, o_ptr, 
 
 
 QUANTIZE_BLOCK = 64  # tokens per program of the quantization pass
-# Tiles for sm_80+. D = 128: the fastest of attention_speed.py --sweep's 36 at FLUX's shape (H200, TMA; NOTES-GPU.md
-# session 16): 0.503 ms against 0.861 for the 8-warp / 2-stage tile chosen before only because it compiled with no
-# spill (both compile to 254 registers with no stack under Triton 3.9 and spill 16 B under 3.6). D = 64 (SD3): the
-# nearest no-spill config to the FlashAttention-2 shape (4 warps spilled 320 B ahead of time, sm_90), not timed.
-CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+# Tiles. Hopper, D = 128 (with TMA): the fastest of attention_speed.py --sweep's 36 at FLUX's shape (H200,
+# NOTES-GPU.md session 16): 0.503 ms against 0.861 for the 8-warp / 2-stage tile, though ahead of time it spills
+# 792 B of stack (Triton 3.9) where that one spills none: measured time decides. Elsewhere (sm_80-89, untimed: no
+# such GPU is lent) and at D = 64 (SD3, untimed): the nearest configs to the FlashAttention-2 shape that compile
+# with no spill for sm_90 (3 stages spilled 40 B at D = 128, 4 warps 320 B at D = 64).
+HOPPER_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 CONFIG_D64 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
@@ -164,7 +166,6 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
     interpreter takes ``tma=True``: the tests.)"""
     b, h, sq, d = qc.shape
     sk = kc.shape[2]
-    cfg = config or (CONFIG if d > 64 else CONFIG_D64)
     v = _last_dim_contiguous(v)
     o = torch.empty(b, sq, h, d, dtype=v.dtype, device=v.device)
     if tma is None:
@@ -172,6 +173,7 @@ def attend(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tenso
     elif tma and v.device.type == "cuda":
         tma = hopper(v.device)  # asked for on a GPU before sm_90: pointers
     tma = tma and tma_ready(v)
+    cfg = config or (CONFIG_D64 if d <= 64 else HOPPER_CONFIG if tma else CONFIG)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
