@@ -109,6 +109,13 @@ def sweep_gemm(dev, sms, out_rows):
             ref = (torch._int_mm(a, w.t()).float() * a_s[:, None] * w_s[None, :] + la @ lu.float().T)
             ref = ref.to(torch.bfloat16)
             flops = 2 * mt * k * n
+            # the bar (issue 23): bare FP8 row-wise _scaled_mm at the same shape, in the same run
+            af8, wf8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            ones_a, ones_w = torch.ones(mt, 1, device=dev), torch.ones(1, n, device=dev)
+            fp8 = bench(lambda: torch._scaled_mm(af8, wf8.t(), scale_a=ones_a, scale_b=ones_w,
+                                                 out_dtype=torch.bfloat16))
+            out_rows.append(dict(k=k, n=n, m=mt, fp8_mm=fp8, fp8_tops=flops / fp8 / 1e9))
+            print("gemm", json.dumps(out_rows[-1]), flush=True)
             for cfg in GEMM_CONFIGS:
                 for persistent in (True, False):
                     try:
@@ -153,9 +160,10 @@ def act_gelu(rows, K, x, sinv, down, k, mt, copy):
         print(json.dumps(rows[-1]), flush=True)
 
 
-def sweep_act(dev, rows):
+def sweep_act(dev, rows, blocks=True):
     """Activation kernel blocks, with the branch's down projection in it, without it, and that projection
-    alone on cuBLAS (what splitting it out would cost)."""
+    alone on cuBLAS (what splitting it out would cost); the GELU cases (:func:`act_gelu`) first, and only them
+    without ``blocks``."""
     from svdquant import kernels as K
 
     for (k, mt) in [(3072, 4608), (12288, 4608), (15360, 4096)]:
@@ -166,6 +174,8 @@ def sweep_act(dev, rows):
         rows.append(dict(stage="act-cublas-down", k=k, m=mt, ms=bench(lambda: x @ down.T), copy_ms=copy))
         print(json.dumps(rows[-1]), flush=True)
         act_gelu(rows, K, x, sinv, down, k, mt, copy)
+        if not blocks:
+            continue
         for bm in (32, 64, 128):
             for bk in (64, 128):
                 for tp in (2048, 8192):
@@ -331,6 +341,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time tile / block variants of every kernel first")
     ap.add_argument("--act-sweep", action="store_true", help="time block variants of the activation kernel")
     ap.add_argument("--small-sweep", action="store_true", help="time block variants of the non-GEMM kernels")
+    ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMM tiles (with bare FP8 _scaled_mm)")
+    ap.add_argument("--gelu-sweep", action="store_true", help="only the activation pass's GELU cases")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 4096 only")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--no-check", action="store_true")
@@ -359,6 +371,14 @@ def main(argv=None):
     if args.act_sweep:
         out["act_sweep"] = []
         sweep_act(dev, out["act_sweep"])
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+    if args.gelu_sweep:
+        out["act_sweep"] = []
+        sweep_act(dev, out["act_sweep"], blocks=False)
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+    if args.gemm_sweep:
+        out["gemm_sweep"] = []
+        sweep_gemm(dev, props.multi_processor_count, out["gemm_sweep"])
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
     if args.small_sweep:
         sweep_small(dev, out)
