@@ -14,9 +14,14 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 
+# Read once, at import, as Triton itself decides at ``@triton.jit`` time whether a kernel is interpreted: the
+# launchers ask on every call, and a hot path reads no environment.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (the CPU tests): its dots cannot take bf16 operands."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True under TRITON_INTERPRET=1 (the CPU tests): its dots cannot take bf16 operands, it runs no PTX."""
+    return _INTERPRETING
 
 
 def groups_per_program(groups: int) -> int:
