@@ -26,9 +26,9 @@ for one part, with no spills; selecting the part per element instead (a pointer 
 
 An input's columns from one block on may be pre-activations (``input_gelu_from``: an MLP's down projection, whose
 GELU ``svdquant.fuse`` moves here): each such block is tanh-GELU'd as it is loaded, in both passes (compiled:
-247 / 98 registers with the input in two parts, 248 / 112 in one, no spills). An INT8 GEMM applying the GELU in
-its epilogue instead spills (616 B of stack at 128 × 256 tiles, sm_90, Triton 3.9; session 6 measured that
-epilogue slower than inductor's separate GELU pass).
+247 / 98 registers with the input in two parts, 248 / 112 in one, no spills). On the GPU the GELU is one
+``tanh.approx.f32`` per element (:func:`~svdquant.kernels.common.gelu_tanh`): evaluated twice per element, its
+earlier ``exp`` and division bound the passes on the special-function unit (1.7x the plain pass at K = 15,360).
 """
 
 from __future__ import annotations

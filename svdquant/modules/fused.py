@@ -32,9 +32,10 @@ reads the attention output and that column slice of the stack's output as two pa
 ``tail``): diffusers' GELU and ``torch.cat``, a pass over the whole 15,360-wide input, are not made at all.
 Where fc2 does not quantize its activations, the GELU goes into fc1's GEMM epilogue instead
 (:meth:`SVDQLinear.set_output_gelu`, ``fuse_gelu(into="up")``): on the fp32 result before it is rounded to 16
-bits. That epilogue spills registers at Hopper's 128 × 256 tiles (ahead-of-time compile, Triton 3.9: 616 B of
-stack, 1,352 B in the GELU's earlier form) and measured slower than inductor's separate GELU pass (session 6);
-the activation passes take the GELU without spilling. The module tree keeps its names (``net.0.proj`` stays the
+bits. Both placements measured on an H200 (BENCHMARKS.md, "The MLP's GELU"): a FLUX.1-dev step took 110.95 ms
+with the GELU in the down projections' passes against 111.91 in the up projections' epilogues (batch 1; 104.19
+against 105.08 per image at batch 4), once the GELU was one ``tanh.approx`` instruction; with ``exp`` and a
+division it spilled the epilogue's registers and bound the passes on the special-function unit. The module tree keeps its names (``net.0.proj`` stays the
 projection), so checkpoints and LoRAs are unchanged.
 
 :func:`fuse` applies both; :func:`unfuse` undoes them.
