@@ -144,7 +144,6 @@ def act_gelu(rows, K, x, sinv, down, k, mt, copy):
 
     gelu_at = 3072 if k == 15360 else 0
     cases = {"plain": lambda: K.quantize_activations(x, sinv, down),
-             "plain-per-block-base": lambda: K.quantize_activations(x, sinv, down, per_block_base=True),
              "gelu-in-pass": lambda: K.quantize_activations(x, sinv, down, input_gelu_from=gelu_at),
              "gelu-in-pass-exact": lambda: K.quantize_activations(x, sinv, down, input_gelu_from=gelu_at,
                                                                   exact_gelu=True),

@@ -115,8 +115,6 @@ def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh):
     ref = R.quantize_input(whole, sinv, down, "int4m" if a4 else "int8", 64 if a4 else 0, 0.0, None, 0)
     vals, scale = get_format("int4m" if a4 else "int8").integer_operand(ref.q)
     assert torch.equal(got[0][:, :kh + kt], vals[:, :kh + kt]) and torch.equal(got[1], scale), f"seed {seed}"
-    one = K.quantize_activations(whole, sinv, down, a4=a4, block_m=16, per_block_base=True)  # a sweep option
-    assert torch.equal(one[0], want[0]) and torch.equal(one[1], want[1]) and rel(one[2], want[2]) < 1e-6
 
 
 @cpu_only

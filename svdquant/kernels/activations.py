@@ -198,7 +198,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
-                         num_warps: int = 8, per_block_base: bool = False, exact_gelu: bool = False):
+                         num_warps: int = 8, exact_gelu: bool = False):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -207,10 +207,9 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     else. ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad]
     int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
 
-    ``per_block_base``: load a one-part input through the two-part code (each block's base chosen by scalars),
-    which compiles to fewer registers on sm_90 (pass 1 / 2 at K = 15,360: 207 / 128 against 238 / 146; 128 lets
-    two 256-thread programs share an SM in pass 2); a sweep option (``kernel_speed.py --act-sweep``) until a GPU
-    says which is faster.
+    ``exact_gelu``: the input GELU with ``exp`` and a division instead of one ``tanh.approx`` on the GPU
+    (:func:`~svdquant.kernels.common.gelu_tanh`); a sweep option (``kernel_speed.py --gelu-sweep``), to time what
+    the approximation saves.
 
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
@@ -234,7 +233,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
     la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
     uf = int(unsigned_from) if shift else kp
-    two = tail is not None or per_block_base
+    two = tail is not None
     t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, x.stride(0))
     gelu_from = input_gelu_from if input_gelu_from is not None else kp
     approx = not (exact_gelu or interpreting())
