@@ -46,10 +46,7 @@ GEMM_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=2),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-    # half the token tile, same weight tile (so the same weight descriptor): at 4,608 tokens and N = 3,072,
-    # 128 x 256 makes 432 tiles, 3.3 waves on 132 SMs (the last a quarter full); 64 x 256 makes 864 (6.5)
-    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    # (64 x 256, to fill the last wave of N = 3,072 at 4,608 tokens, was slower: BENCHMARKS.md, "a tile sweep")
     # warp-specialized (issue 23, lever 2): Triton runs it on Hopper for descriptor-based persistent loops
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, WARP_SPECIALIZE=True),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, WARP_SPECIALIZE=True),
@@ -371,25 +368,15 @@ def main(argv=None):
                         e = f"{type(ex).__name__}: {ex}"[:300]
                     out["checks"].append(dict(k=k, n=n, activations=act, mode=mode, dtype=str(dt), rel_err=e))
                     print("check", k, n, act, mode, dt, e, flush=True)
-    if args.act_sweep:
+    if args.act_sweep or args.gelu_sweep:  # --gelu-sweep: its GELU cases only
         out["act_sweep"] = []
-        sweep_act(dev, out["act_sweep"])
+        sweep_act(dev, out["act_sweep"], blocks=args.act_sweep)
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
-    if args.gelu_sweep:
-        out["act_sweep"] = []
-        sweep_act(dev, out["act_sweep"], blocks=False)
-        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
-    if args.gemm_sweep:
+    if args.gemm_sweep or args.sweep:
         out["gemm_sweep"] = []
         sweep_gemm(dev, props.multi_processor_count, out["gemm_sweep"])
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
-    if args.small_sweep:
-        sweep_small(dev, out)
-        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
-    if args.sweep:
-        out["gemm_sweep"] = []
-        sweep_gemm(dev, props.multi_processor_count, out["gemm_sweep"])
-        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+    if args.small_sweep or args.sweep:
         sweep_small(dev, out)
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
     if not args.no_table:

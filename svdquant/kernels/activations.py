@@ -14,8 +14,8 @@ reached only a fifth of the copy rate on an H200):
 
 A token's scale needs the whole row, hence the two passes; pass 2 first reduces the K
 slices' partial maxima (and, in its first slice, the partial down projections). Every division is IEEE
-(``div_rn``), as in torch, so the codes equal the reference's bit for bit (with an input GELU, up to its last
-bit: Triton's tanh-GELU against torch's). Output: values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]``
+(``div_rn``), as in torch, so the codes equal the reference's bit for bit (with an input GELU, a code may move
+one step: the interpreter's tanh-GELU against torch's in the last bit, the GPU's ``tanh.approx`` more). Output: values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]``
 fp32, ``lora_act`` ``[M, R]`` fp32.
 
 An input may come in two column parts, ``[x | tail]`` (a FLUX single block's ``proj_out``: its attention output and

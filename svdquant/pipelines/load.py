@@ -66,7 +66,8 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     anything is loaded). ``torch_dtype`` (``None``: as stored)
     applies to the whole pipeline, the quantized transformer's 16-bit layers included. ``weight_mode``: see
     :func:`svdquant.load_quantized`. ``fuse``: apply :func:`svdquant.fuse` (q/k/v as one GEMM, with a FLUX single
-    block's MLP up projection; each MLP's GELU in its down projection's activation pass; the same math); ``None``
+    block's MLP up projection; each MLP's GELU in its down projection's activation pass; the same math but for the
+    GPU's ``tanh.approx`` in the GELU); ``None``
     = on a CUDA device, where it pays (FLUX.1-dev step, H200, eager, q/k/v alone: 194 → 176 ms; BENCHMARKS.md).
     ``verify``: see :func:`svdquant.load_quantized`. ``allow_base_outside``: load a recorded local base that lies
     outside the folder holding the checkpoint and the current directory

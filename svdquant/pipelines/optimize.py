@@ -7,7 +7,8 @@
 On a CUDA device, in this order (each step can be turned off):
 
 1. ``fuse``: :func:`svdquant.fuse` (q/k/v as one GEMM; a FLUX single block's MLP up projection with them; an MLP's
-   GELU in its down projection's activation pass). The same math.
+   GELU in its down projection's activation pass). The same math, but for the GPU's one-instruction tanh in
+   the GELU (an INT8 code moves by at most one step).
 2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) at the model's attention
    shape, timed once per process and GPU, through diffusers' ``set_attention_backend`` where the model's attention
    supports it. ``attention="int8"`` (opt-in) instead runs svdquant's INT8 Q·Kᵀ attention
