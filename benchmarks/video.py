@@ -42,7 +42,10 @@ encoding and the scheduler's setup cancel), after a first call that compiles / c
 3-step call two on the high-noise one and one on the other, so both calls move each expert once under offload and
 the difference is one high-noise step (the experts have the same shape); its first call runs ``--steps-b`` steps,
 so both experts are compiled / captured before anything is timed. ``expert_steps`` records each timed call's
-[high-noise, low-noise] steps.
+[high-noise, low-noise] steps, ``step_s`` every step's seconds. Under ``int4-24gb`` a Wan 2.2 call moves both
+experts between CPU and GPU memory, and those moves vary by seconds from call to call (a 3-step call once measured
+0.56 s longer than a 2-step one), so per step is there the median of call b's steady steps (run by the expert of
+the step before: nothing moved in them); ``seconds_per_step_difference`` keeps the calls' difference.
 
 Variants, in order, on one pipeline:
 
@@ -67,6 +70,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,53 +157,75 @@ def experts(pipe) -> list:
     return [pipe.transformer] + ([second] if second is not None else [])
 
 
-def expert_steps(pipe) -> list[int] | None:
-    """[high-noise, low-noise] steps of the call just made (its scheduler's timesteps against the boundary), or
-    None for a one-transformer pipeline."""
+def step_experts(pipe) -> list[int] | None:
+    """The expert of each step of the call just made (0: high-noise, 1: low-noise; its scheduler's timesteps
+    against the boundary), or None for a one-transformer pipeline."""
     ratio = pipe.config.get("boundary_ratio")
     if ratio is None:
         return None
-    high = int((pipe.scheduler.timesteps >= ratio * pipe.scheduler.config.num_train_timesteps).sum())
-    return [high, len(pipe.scheduler.timesteps) - high]
+    bound = ratio * pipe.scheduler.config.num_train_timesteps
+    return [0 if float(t) >= bound else 1 for t in pipe.scheduler.timesteps]
+
+
+def expert_steps(pipe) -> list[int] | None:
+    """[high-noise, low-noise] steps of the call just made, or None for a one-transformer pipeline."""
+    which = step_experts(pipe)
+    return None if which is None else [which.count(0), which.count(1)]
 
 
 def timed_call(pipe, call: dict, steps: int, device: str, reset_after_first_step: bool = False):
-    """(seconds, latents) of one call with ``steps`` steps; with ``reset_after_first_step`` the peak memory counter
-    restarts at the end of the first step."""
-    def reset(p, i, t, kw):
-        if i == 0 and device == "cuda":
+    """(seconds, latents, step seconds) of one call with ``steps`` steps: the step seconds from the end of one
+    step to the end of the next (the first from the call's start: the text encoding and setup in it), each step's
+    end synchronized with the GPU (steps take seconds: the sync costs nothing measurable); with
+    ``reset_after_first_step`` the peak memory counter restarts at the end of the first step."""
+    ends = []
+
+    def at_step_end(p, i, t, kw):
+        _sync(device)
+        ends.append(time.perf_counter())
+        if i == 0 and reset_after_first_step and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         return kw
 
-    extra = dict(callback_on_step_end=reset) if reset_after_first_step else {}
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = pipe(**call, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
-                   output_type="latent", **extra).frames
+                   output_type="latent", callback_on_step_end=at_step_end).frames
     _sync(device)
-    return time.perf_counter() - t0, out
+    t = time.perf_counter() - t0
+    return t, out, [round(b - a, 3) for a, b in zip([t0] + ends[:-1], ends)]
 
 
 def measure(pipe, call: dict, args, device: str, memory: bool = False) -> tuple[dict, torch.Tensor]:
+    """Per step: ``(t_b - t_a) / (b - a)``, except under offload with two experts (``memory`` on Wan 2.2), where
+    each call moves both experts between CPU and GPU memory and those moves vary by seconds from call to call (one
+    run measured a 3-step call 0.56 s longer than a 2-step one): there, the median of the steady steps of call b,
+    those run by the expert of the step before (no move in them)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     # compiles, captures: every expert the timed calls use (a two-expert call of --steps-b steps runs both)
     first_steps = args.steps_b if len(experts(pipe)) > 1 else args.steps_a
-    t_first, _ = timed_call(pipe, call, first_steps, device)
-    t_a, _ = timed_call(pipe, call, args.steps_a, device)
+    t_first, _, _ = timed_call(pipe, call, first_steps, device)
+    t_a, _, steps_a = timed_call(pipe, call, args.steps_a, device)
     split_a = expert_steps(pipe)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_b, latents = timed_call(pipe, call, args.steps_b, device, reset_after_first_step=memory)
+    t_b, latents, steps_b = timed_call(pipe, call, args.steps_b, device, reset_after_first_step=memory)
     per_step = (t_b - t_a) / (args.steps_b - args.steps_a)
     r = dict(first_call_s=round(t_first, 2), call_a_s=round(t_a, 3), call_b_s=round(t_b, 3),
-             seconds_per_step=round(per_step, 3), finite=bool(torch.isfinite(latents).all()),
-             latents_shape=list(latents.shape))
-    if split_a is not None:
+             step_s={"call_a": steps_a, "call_b": steps_b}, seconds_per_step=round(per_step, 3),
+             finite=bool(torch.isfinite(latents).all()), latents_shape=list(latents.shape))
+    which = step_experts(pipe)
+    if which is not None:
         r["first_call_steps"] = first_steps
         r["expert_steps"] = {"call_a": split_a, "call_b": expert_steps(pipe)}
+        steady = [s for i, s in enumerate(steps_b) if i > 0 and which[i] == which[i - 1]]
+        if memory and steady:
+            r["seconds_per_step_difference"] = r["seconds_per_step"]
+            r["seconds_per_step"] = round(statistics.median(steady), 3)
+            r["per_step_from"] = "the median steady step of call b (no expert moved in it)"
     if device == "cuda":
         r["peak_steps_gb" if memory else "peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return r, latents

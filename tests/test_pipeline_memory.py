@@ -316,6 +316,13 @@ def test_video_quick_wan22_two_experts(tmp_path):
         assert r["finite"] and r["latents_shape"] == [1, 16, 2, 8, 8], variant
         assert r["first_call_steps"] == 3 and r["expert_steps"] == {"call_a": [1, 1], "call_b": [2, 1]}
         assert "clip_s_est" in r  # (tiny timings: their difference can round to 0 or below)
+        assert [len(r["step_s"]["call_a"]), len(r["step_s"]["call_b"])] == [2, 3], variant
+    # under offload each call moves both experts, by seconds more or less from call to call: per step is the one
+    # steady step of call b (its second, on the high-noise expert like the first), not the calls' difference
+    r = saved["int4-24gb 480p"]
+    assert r["seconds_per_step"] == r["step_s"]["call_b"][1] and "no expert moved" in r["per_step_from"]
+    assert r["seconds_per_step_difference"] == pytest.approx(r["call_b_s"] - r["call_a_s"], abs=2e-3)
+    assert "per_step_from" not in saved["int4 480p"]
     assert "transformer_2:" in saved["optimize int4"]  # svdquant.optimize reports on both experts
 
 
