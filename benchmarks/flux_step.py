@@ -19,9 +19,7 @@ steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the r
 runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
 each MLP's GELU in its down projection's activation pass, a single block's ``proj_out`` reading its two parts);
 ``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
-2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts);
-``int4-fused-onetile`` as ``int4-fused`` with every INT8 GEMM on Hopper's 128 x 256 tile (before 2026-12-05 the
-only one; now the larger weights take 256 x 128, ``kernels/int8_gemm.tile_config``); ``int4-qkv`` the q/k/v stacking alone (single
+2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
 blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
 (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
 """
@@ -29,7 +27,6 @@ blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 ac
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -43,8 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-fused-onetile", "int4-act",
-         "int4-memory")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -383,8 +379,7 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-fused-onetile", "int4-act",
-                        "int4-memory")
+    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -394,15 +389,11 @@ def main(argv=None):
         from svdquant import fuse, set_weight_mode, unfuse
         from svdquant.modules import fuse_projections, unfuse_projections
 
-        gemm = importlib.import_module("svdquant.kernels.int8_gemm")  # the package exports a function of that name
-        wide_from = gemm.HOPPER_WIDE_FROM
         for base in ours:
-            # int4-fused-onetile: every INT8 GEMM on Hopper's 128 x 256 tile (as before 2026-12-05), rebuilt below
-            gemm.HOPPER_WIDE_FROM = 2**62 if base == "int4-fused-onetile" else wide_from
             set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
             if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
                 res["fused_attentions"] = fuse_projections(model, single_mlp=False)
-            if base in ("int4-fused", "int4-fused-onetile"):  # + each MLP's GELU in its down projection's pass
+            if base == "int4-fused":  # + each MLP's GELU in its down projection's activation pass
                 res["fused"] = fuse(model)
             if base == "int4-fused-up":  # the GELUs in the up projections' epilogues instead
                 from svdquant.modules.fused import fuse_gelu
@@ -415,9 +406,8 @@ def main(argv=None):
             run_base(base, model)
             if base == "int4-qkv":
                 unfuse_projections(model)
-            if base in ("int4-fused", "int4-fused-up", "int4-fused-onetile", "int4-act"):
+            if base in ("int4-fused", "int4-fused-up", "int4-act"):
                 unfuse(model)
-        gemm.HOPPER_WIDE_FROM = wide_from
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)
             measure(f"{ours[-1]}+lora64", model)

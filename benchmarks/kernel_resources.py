@@ -44,10 +44,10 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, num
     return dict(registers=regs, stack=stack, shared=k.metadata.shared)
 
 
-def _gemm(gelu: bool, tma: bool, wide: bool = False):
+def _gemm(gelu: bool, tma: bool):
     G = importlib.import_module("svdquant.kernels.int8_gemm")  # the package exports a function of that name
 
-    cfg = (G.HOPPER_WIDE_CONFIG if wide else G.HOPPER_CONFIG) if tma else G.DEFAULT_CONFIG
+    cfg = G.HOPPER_CONFIG if tma else G.DEFAULT_CONFIG
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     sig = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8",
                w_desc=f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
@@ -113,9 +113,6 @@ def shipped(arch: int) -> dict:
     tma = arch >= 90
     kernels = {f"int8_gemm{' tma' if tma else ''}": _gemm(False, tma),
                f"int8_gemm{' tma' if tma else ''} + GELU epilogue (fuse_gelu into='up')": _gemm(True, tma)}
-    if tma:  # Hopper's second tile, for the larger weights
-        kernels["int8_gemm tma, wide weights"] = _gemm(False, tma, wide=True)
-        kernels["int8_gemm tma, wide weights + GELU epilogue (fuse_gelu into='up')"] = _gemm(True, tma, wide=True)
     for stage in (1, 2):
         for two, gelu in ((False, False), (True, False), (False, True), (True, True)):
             name = f"activation pass {stage}{', two parts' if two else ''}{', input GELU' if gelu else ''}"

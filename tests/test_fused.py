@@ -462,33 +462,6 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe)
         assert torch.equal(m.state_dict()["qweight"], want)
 
 
-@interpreted
-def test_stacked_runner_takes_the_tile_of_its_own_weight(monkeypatch):
-    """On Hopper the GEMM's tile depends on the weight's size (``kernels/int8_gemm.tile_config``), and a weight's
-    TMA descriptor is built at load with that tile's ``BLOCK_N`` / ``BLOCK_K``: a stack of q/k/v is larger than
-    each member, so it must take its own tile and descriptor, and every call the tile its descriptor was built
-    for. Here the threshold is lowered so that the stack (128 x 128) takes the wide tile and the members (48 / 32 /
-    48 rows) the other; TMA descriptors and the persistent grid run in Triton's interpreter."""
-    import importlib
-
-    from svdquant import kernels
-
-    gemm = importlib.import_module("svdquant.kernels.int8_gemm")
-    monkeypatch.setattr(gemm, "HOPPER_WIDE_FROM", 128 * 128)
-    layers, x = _group("int4")
-    for m in layers:
-        m.weight_mode = "speed"
-        m._runner = Int8Runner(m, kernels, tma=True, num_sms=3)
-    apart = torch.cat([m(x) for m in layers], -1)
-    fused = FusedSVDQLinear(layers)
-    stack = fused._runner
-    assert stack.config is gemm.HOPPER_WIDE_CONFIG and stack.w_desc.block_shape == [128, 128]
-    for m in layers:
-        assert m._runner.config is gemm.HOPPER_CONFIG and m._runner.w_desc.block_shape == [256, 128]
-    assert rel(fused(x), apart) < reassociation_bound(128)
-    assert torch.equal(torch.cat([m(x) for m in layers], -1), apart)  # members on their own tile still
-
-
 @pytest.mark.parametrize("runner", ["dense", "int8"])
 @pytest.mark.parametrize("gelu", ["output", "input"])
 def test_a_stack_whose_member_has_its_own_gelu_runs_its_members_in_turn(runner, gelu):

@@ -7,7 +7,6 @@ shapes, through the real module. Inputs are fresh random draws (the seed is in t
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -182,23 +181,6 @@ def test_int8_gemm_matches_reference(tma, ws, gelu):
     if gelu:
         want = torch.nn.functional.gelu(want, approximate="tanh")
     assert rel(y, want) < 1e-6, f"seed {seed}"
-
-
-def test_int8_tile_config_follows_the_weight_size():
-    """Hopper's two tiles (BENCHMARKS.md, "a tile sweep"): 128 x 256 for FLUX's 3072 x 3072 GEMMs, 256 x 128 from
-    16 M weight elements on; fp32 outputs halve the token tile with the same weight tile (the descriptor built at
-    load fits both); other GPUs one tile whatever the shape."""
-    G = importlib.import_module("svdquant.kernels.int8_gemm")  # the package exports a function of that name
-    assert K.int8_tile_config(True, torch.bfloat16, 3072, 3072) is G.HOPPER_CONFIG
-    for n, k in ((9216, 3072), (3072, 12288), (21504, 3072), (3072, 15360), (4096, 4096)):
-        assert K.int8_tile_config(True, torch.bfloat16, n, k) is G.HOPPER_WIDE_CONFIG, (n, k)
-    assert G.HOPPER_WIDE_CONFIG["BLOCK_M"] == 256 and G.HOPPER_WIDE_CONFIG["BLOCK_N"] == 128
-    assert K.int8_tile_config(True, torch.bfloat16, 4095, 4096) is G.HOPPER_CONFIG  # just under 16 M
-    for n, k in ((3072, 3072), (9216, 3072)):
-        narrow, wide32 = K.int8_tile_config(True, None, n, k), K.int8_tile_config(True, torch.float32, n, k)
-        assert (wide32["BLOCK_N"], wide32["BLOCK_K"]) == (narrow["BLOCK_N"], narrow["BLOCK_K"])
-        assert wide32["BLOCK_M"] == 64
-    assert K.int8_tile_config(False, torch.bfloat16, 9216, 3072) is G.DEFAULT_CONFIG
 
 
 @cpu_only

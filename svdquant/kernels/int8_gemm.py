@@ -73,16 +73,10 @@ def int8_gemm_kernel(
                  mask=mmask[:, None] & nmask[None, :])
 
 
-# Tiles measured on an H200 (NOTES-GPU.md); elsewhere a smaller tile that fits sm_80's shared memory. Hopper has
-# two, chosen by the weight's size (``kernel_speed.py --gemm-sweep``, BENCHMARKS.md "a tile sweep"): 128 x 256 was
-# fastest on FLUX's 3072 x 3072 GEMMs, 256 x 128 by 1-4 % on every larger one (3072 -> 9216 / 12288 / 21504 and
-# 12288 -> 3072, at 4,096 and 4,608 tokens).
+# Tiles measured on an H200 (NOTES-GPU.md); elsewhere a smaller tile that fits sm_80's shared memory.
 HOPPER_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-HOPPER_WIDE_CONFIG = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-HOPPER_WIDE_FROM = 16 * 2**20  # weights of N * K elements from this on take HOPPER_WIDE_CONFIG (3072^2 is 9.4 M)
-# fp32 outputs double the epilogue's shared-memory staging: a smaller token tile (same weight tile and descriptor)
+# fp32 outputs double the epilogue's shared-memory staging: half the token tile (same weight tile and descriptor)
 HOPPER_CONFIG_FP32 = dict(HOPPER_CONFIG, BLOCK_M=64, num_warps=4)
-HOPPER_WIDE_CONFIG_FP32 = dict(HOPPER_WIDE_CONFIG, BLOCK_M=64, num_warps=4)
 # sm_80-89 (A100, RTX 3090 / 4090, L40S): no GPU of these kinds has timed it. Compiled ahead of time
 # (benchmarks/kernel_resources.py), the earlier 128 × 128 × 64 / 4 warps spilled 3.2-5.2 KB of stack on sm_80, 86
 # and 89 under Triton 3.6 and 3.9 (ptxas kept 32-40 registers); this tile compiles with none on sm_86 / 89 under
@@ -90,17 +84,12 @@ HOPPER_WIDE_CONFIG_FP32 = dict(HOPPER_WIDE_CONFIG, BLOCK_M=64, num_warps=4)
 DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-def tile_config(tma: bool, out_dtype: torch.dtype | None, n: int, k: int) -> dict:
-    """The GEMM's tiles for a weight ``[n, k]``, chosen here only: on Hopper (``tma``) by the weight's size, with
-    half the token tile for fp32 outputs; elsewhere the default. A weight's TMA descriptor depends only on
-    ``BLOCK_N`` / ``BLOCK_K``, which depend only on ``n`` and ``k``: the same for every output dtype and token
-    count, so a descriptor built at load fits every call. The module's own dicts, read only (asked on every GEMM
-    call: nothing is copied)."""
+def tile_config(tma: bool, out_dtype: torch.dtype | None = None) -> dict:
+    """The GEMM's tiles, chosen here only: Hopper's (``tma``) or the default, halved in tokens for fp32 outputs on
+    Hopper. A weight's TMA descriptor depends only on ``BLOCK_N`` / ``BLOCK_K``, the same for every output dtype.
+    The module's own dicts, read only: asked on every GEMM call, so nothing is copied."""
     if tma:
-        wide = n * k >= HOPPER_WIDE_FROM
-        if out_dtype == torch.float32:
-            return HOPPER_WIDE_CONFIG_FP32 if wide else HOPPER_CONFIG_FP32
-        return HOPPER_WIDE_CONFIG if wide else HOPPER_CONFIG
+        return HOPPER_CONFIG_FP32 if out_dtype == torch.float32 else HOPPER_CONFIG
     return DEFAULT_CONFIG
 
 
@@ -117,9 +106,9 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
     fp32 (K a multiple of ``BLOCK_K``), ``lora_act`` ``[M, R]`` fp32, ``lora_up`` ``[N, R]``, ``bias`` ``[N]``.
     ``tma=True`` (sm_90+) uses tensor descriptors (``w_desc``: a prepared one for ``w``); ``num_programs``: the
     persistent grid size (the SM count), else one program per tile."""
+    cfg = config or tile_config(tma)  # read only
     m, k = a.shape
     n = w.shape[0]
-    cfg = config or tile_config(tma, out_dtype, n, k)  # read only
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     programs = min(num_programs, tiles) if num_programs else tiles

@@ -46,7 +46,7 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
     return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
                        tma=tma, w_desc=w_desc, num_programs=num_programs or None,
-                       config=k.int8_tile_config(tma, out_dtype, *weight.shape))  # w_desc's tiles: the same rule
+                       config=k.int8_tile_config(tma, out_dtype))
 
 
 def _rows(x: Tensor) -> Tensor:

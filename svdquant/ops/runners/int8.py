@@ -40,6 +40,7 @@ class Int8Runner(Runner):
         self.input_gelu_from = getattr(m, "input_gelu_from", None)
         # A8 under torch.compile: quantize in torch ops that inductor fuses into x's producer (set_compiled_activations)
         self.act_in_graph = bool(getattr(m, "compiled_activations", False))
+        self.config = kernels.int8_tile_config(tma)  # the weight descriptor's tiles
         self.num_programs = num_sms if tma else None
         wf = get_format(m.weights)
         self.a4 = activation_group(m) > 0
@@ -64,8 +65,6 @@ class Int8Runner(Runner):
                 self.packed = m.packed_weight()
         else:  # int8 weights: zero-pad K to the activation kernel's padded width
             self.w = F.pad(m.qweight, (0, self.kp - self.k)).contiguous()
-        self.config = kernels.int8_tile_config(tma, None, self.w.shape[0] if self.w is not None else m.out_features,
-                                               self.kp)  # its descriptor's tiles
         if self.w is not None and tma:
             self.w_desc = kernels.weight_descriptor(self.w, self.config)
 
@@ -106,7 +105,6 @@ class Int8Runner(Runner):
         new.out_features = list(out_features)
         new.restack_branch(runners)
         new.owns_packed_weight = False
-        new.config = new.kernels.int8_tile_config(new.tma, None, *new.w.shape)  # the stacked weight's tiles
         new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma else None
         return new
 
