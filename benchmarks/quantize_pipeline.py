@@ -64,6 +64,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     pipe, kw = build("flux", quick=args.smoke, device="cpu")
     build_s = time.perf_counter() - t0
+    print(f"built the pipeline on the CPU in {build_s:.1f} s", flush=True)  # a run cut short still says where it was
     size = 16 if args.smoke else args.size
     calib = Calibration(num_prompts=args.prompts, steps=args.steps, snapshots=args.snapshots,
                         pipeline_kwargs=dict(height=size, width=size, guidance_scale=kw["guidance_scale"],
@@ -72,7 +73,8 @@ def main(argv=None):
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    report = svdquant.quantize(pipe, args.recipe, calib, progress=False, device=dev,
+    # progress: a line at most every 20 s in a log (bars on a terminal), so a run cut short shows its stage
+    report = svdquant.quantize(pipe, args.recipe, calib, progress=not args.smoke, device=dev,
                                max_gpu_memory=None if args.smoke else args.max_gpu_memory)
     total = time.perf_counter() - t0
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
