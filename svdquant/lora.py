@@ -80,14 +80,22 @@ def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.T
     """Other projects' LoRA formats in diffusers' names, through diffusers' own converters: FLUX's (kohya with BFL
     names, XLabs, ...) and those of :data:`DIFFUSERS_CONVERTERS`."""
     mixin = DIFFUSERS_CONVERTERS.get(type(model).__name__)
-    if mixin is not None and not _maps_onto(sd, model):  # a file in the model's own names needs no converter
+    own, total = _matching(sd, model)
+    if mixin is not None and own < total:  # a file in the model's own names needs no converter
         import diffusers.loaders
 
         try:
-            return getattr(diffusers.loaders, mixin).lora_state_dict(dict(sd))
+            converted, error = getattr(diffusers.loaders, mixin).lora_state_dict(dict(sd)), None
         except Exception as e:
+            converted, error = None, e
+        # The converter is taken when it maps more of the file; a file mostly in the model's own names with a few
+        # stray layers stays as it is, so that load_lora names the strays (the converters drop such files
+        # whole, or fail on them: diffusers' Wan converter with an IndexError).
+        if converted is not None and (own == 0 or _matching(converted, model)[0] > own):
+            return converted
+        if own == 0:  # the converter failed on a file of none of the model's names
             raise LoRAError(f"diffusers could not convert this {type(model).__name__} LoRA "
-                            f"({type(e).__name__}: {e})") from None
+                            f"({type(error).__name__}: {error})") from None
     if type(model).__name__ == "FluxTransformer2DModel" and any(
         k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks", "double_blocks", "single_blocks",
                       "diffusion_model.double_blocks", "lora_transformer_single_transformer_blocks"))
@@ -120,12 +128,12 @@ def _parse(key: str, modules: dict, underscored: dict) -> tuple[str, str] | None
     return base, m.group(2)
 
 
-def _maps_onto(sd: dict[str, torch.Tensor], model: nn.Module) -> bool:
-    """Whether every key of ``sd`` is a LoRA tensor of one of ``model``'s modules by its own names."""
+def _matching(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[int, int]:
+    """(how many keys of ``sd`` are LoRA tensors of ``model``'s modules by its own names, how many keys)."""
     modules = dict(model.named_modules())
     underscored = {n.replace(".", "_"): n for n in modules if n}
     parsed = [_parse(k, modules, underscored) for k in sd if "dora_scale" not in k]
-    return bool(parsed) and all(p is not None and p[0] in modules for p in parsed)
+    return sum(p is not None and p[0] in modules for p in parsed), len(parsed)
 
 
 def lora_pairs(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, tuple], list[str]]:

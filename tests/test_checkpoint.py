@@ -31,12 +31,12 @@ from svdquant import CheckpointError, SVDQConv1x1, SVDQLinear
 from svdquant.checkpoint import FORMAT_VERSION, META_FILE, TENSOR_FILE
 
 RECIPE = svdquant.Int4Config(iterations=3, eval_tokens=128)
-ARCHS = list(tm.ARCHS)
+ARCHS = list(tm.ALL_ARCHS)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def quantize(arch: str, dtype=torch.float32, seed: int = 0):
-    build, _ = tm.ARCHS[arch]
+    build, _ = tm.ALL_ARCHS[arch]
     model = build(seed=seed, dtype=dtype)
     report = svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=tm.calibration_inputs(arch, model, 2)),
                                progress=False)
@@ -145,7 +145,7 @@ def test_roundtrip_forward_exact_once_realigned(saved, arch):
     """The loaded model computes exactly what the in-memory one does (given the same memory alignment)."""
     model, _, path = saved(arch)
     loaded = realign(svdquant.load_quantized(path))
-    make = tm.ARCHS[arch][1]
+    make = tm.ALL_ARCHS[arch][1]
     for seed in range(2):
         x = make(model, seed=seed)
         assert torch.equal(tm.forward(loaded, x), tm.forward(model, x))
@@ -155,7 +155,7 @@ def test_roundtrip_forward_exact_once_realigned(saved, arch):
 def test_roundtrip_forward_close(saved, arch):
     model, _, path = saved(arch)
     loaded = svdquant.load_quantized(path)
-    x = tm.ARCHS[arch][1](model, seed=0)
+    x = tm.ALL_ARCHS[arch][1](model, seed=0)
     torch.testing.assert_close(tm.forward(loaded, x), tm.forward(model, x), rtol=0, atol=1e-5)
 
 
@@ -164,7 +164,7 @@ def test_roundtrip_forward_close(saved, arch):
 def test_roundtrip_forward_exact(saved, arch):
     model, _, path = saved(arch)
     loaded = svdquant.load_quantized(path)
-    make = tm.ARCHS[arch][1]
+    make = tm.ALL_ARCHS[arch][1]
     for seed in range(2):
         x = make(model, seed=seed)
         assert torch.equal(tm.forward(loaded, x), tm.forward(model, x))
@@ -181,7 +181,7 @@ def test_bf16_roundtrip(tmp_path, arch):
     model, report = quantize(arch, dtype=torch.bfloat16)
     path = svdquant.save_quantized(model, tmp_path / "ck", report=report)
     loaded = realign(svdquant.load_quantized(path))
-    x = tm.ARCHS[arch][1](model, seed=0)
+    x = tm.ALL_ARCHS[arch][1](model, seed=0)
     assert torch.equal(tm.forward(loaded, x), tm.forward(model, x))
 
 
@@ -198,7 +198,7 @@ def test_load_never_materializes_16bit_weights(saved, arch, monkeypatch):
         assert not any(True for _ in m.parameters()), name  # all state is packed buffers
     n_params = sum(p.numel() for p in loaded.parameters())
     assert n_params == sum(p.numel() for p in model.parameters())
-    assert n_params < sum(p.numel() for p in tm.ARCHS[arch][0]().parameters())  # fewer than the 16-bit model
+    assert n_params < sum(p.numel() for p in tm.ALL_ARCHS[arch][0]().parameters())  # fewer than the 16-bit model
     assert not any(t.is_meta for t in all_tensors(loaded).values())
     assert sum(t.numel() * t.element_size() for t in all_tensors(loaded).values()) == \
         sum(t.numel() * t.element_size() for t in all_tensors(model).values())
@@ -216,9 +216,10 @@ def test_metadata(saved, arch):
     assert meta["svdquant_version"] == svdquant.__version__
     assert meta["model_class"] == type(model).__name__
     cfg = meta["model_config"]
-    # the UNet has no num_layers; its per-level sizes are tuples (JSON lists in the metadata)
+    # the UNet has no num_layers; its per-level sizes are tuples (JSON lists in the metadata); Z-Image names its sizes
+    # dim / n_layers / n_heads
     keys = [k for k in ("num_layers", "attention_head_dim", "num_attention_heads", "in_channels", "block_out_channels",
-                        "down_block_types") if k in model.config]
+                        "down_block_types", "dim", "n_layers", "n_heads") if k in model.config]
     assert len(keys) >= 4, keys
     for k in keys:
         assert cfg[k] == json.loads(json.dumps(model.config[k])), k

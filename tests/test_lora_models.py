@@ -1,9 +1,10 @@
-"""LoRAs on the tiny SD3 / PixArt-Σ / SANA / Qwen-Image transformers and the SDXL UNet (tests/test_lora.py
-covers FLUX).
+"""LoRAs on the tiny SD3 / PixArt-Σ / SANA / Qwen-Image / FLUX.2 / Z-Image / Wan transformers and the SDXL UNet
+(tests/test_lora.py covers FLUX).
 
 For each architecture a LoRA goes onto several quantized layers (attention q/k/v, an output
-projection, an MLP layer; SD3 also a W4A16 adaLN linear, SANA both GLUMBConv 1x1 convolutions,
-which the adapter turns into ``SVDQConv1x1``) and onto one layer left 16-bit.
+projection, an MLP layer; SD3 also a W4A16 adaLN linear, FLUX.2 and Z-Image an INT8 weight-only modulation,
+Wan a W4A16 cross-attention key, SANA both GLUMBConv 1x1 convolutions, which the adapter turns into
+``SVDQConv1x1``) and onto one layer left 16-bit.
 
 What "correct" means here: the model with the LoRA loaded must match the same quantized model
 with ``+ s·(x·Aᵀ)·Bᵀ`` (computed in float64) added to each target layer's output by a forward hook.
@@ -35,7 +36,7 @@ from svdquant import Calibration, Int4Config, LoRAError, SVDQConv1x1, SVDQLinear
 from svdquant.modules.lora_linear import LoRALinear
 
 RECIPE = Int4Config(iterations=2, eval_tokens=64)
-ARCHS = ["sd3", "pixart", "sana", "qwenimage", "sdxl"]
+ARCHS = ["sd3", "pixart", "sana", "qwenimage", "sdxl", "flux2", "zimage", "wan"]
 RANK = 4
 SEED = 7  # forward inputs used for every comparison (calibration uses seeds 100, 101)
 LAYER_TOL = 1e-5  # per-layer relative error against the dense delta
@@ -45,7 +46,9 @@ E2E_TOL = 1e-4  # end-to-end max abs error, relative to max |output|
 # and the float64 hooked delta flips a few 4-bit activation roundings downstream (measured 4.2e-4 end
 # to end, while every LoRA layer on its own still matches to LAYER_TOL). The LoRA moves the output
 # by > 10x this bound, so it still tells "applied" from "not".
-E2E_TOLS = {"sdxl": 2e-3}
+# Z-Image alike: its layers after the LoRA layer of block 0 run W4A4, and a strength of 0.7 measured 3.6e-4 end to
+# end where -0.5, 1.5 and 2.0 measured ~3e-7 (a flipped rounding); its LoRA moves the output by ~0.1.
+E2E_TOLS = {"sdxl": 2e-3, "zimage": 2e-3}
 MIN_EFFECT = 5e-3  # the LoRA must move the output by at least this much (relative to max |output|)
 
 b0 = "transformer_blocks.0."
@@ -78,6 +81,28 @@ LAYERS = {
         "transformer_blocks.1.txt_mod.1": "w4a16",  # modulation: weight-only
         "txt_in": "16bit",
     },
+    "flux2": {
+        b0 + "attn.to_q": "q", b0 + "attn.to_k": "q", b0 + "attn.to_v": "q",
+        b0 + "attn.to_add_out": "q",  # output projection of the text stream
+        b0 + "ff.linear_out": "q",  # SwiGLU down projection
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj": "q",  # q/k/v + MLP in one layer
+        "double_stream_modulation_img.linear": "w4a16",  # the model's modulation: INT8 weight-only
+        "x_embedder": "16bit",
+    },
+    "zimage": {
+        "layers.0.attention.to_q": "q", "layers.0.attention.to_k": "q", "layers.0.attention.to_v": "q",
+        "layers.0.attention.to_out.0": "q",
+        "layers.0.feed_forward.w2": "q",  # SwiGLU down projection
+        "layers.0.adaLN_modulation.0": "w4a16",  # INT8 weight-only
+        "cap_embedder.1": "16bit",
+    },
+    "wan": {
+        "blocks.0.attn1.to_q": "q", "blocks.0.attn1.to_k": "q", "blocks.0.attn1.to_v": "q",
+        "blocks.0.attn1.to_out.0": "q",
+        "blocks.0.ffn.net.2": "q",  # GELU MLP down projection
+        "blocks.0.attn2.to_k": "w4a16",  # cross-attention K reads the text tokens: weight-only
+        "proj_out": "16bit",
+    },
     "sdxl": {  # nested names: the kohya form must resolve underscores back to them
         "mid_block.attentions.0.proj_in": "q",
         "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": "q",
@@ -100,7 +125,7 @@ _CACHE: dict = {}
 def quantized(arch: str) -> nn.Module:
     """The fp32 tiny model of ``arch``, quantized once per module (tests take deep copies)."""
     if arch not in _CACHE:
-        build, _ = tm.ARCHS[arch]
+        build, _ = tm.ALL_ARCHS[arch]
         model = build(seed=0)
         svdquant.quantize(model, RECIPE, Calibration(inputs=tm.calibration_inputs(arch, model, 2)), progress=False)
         _CACHE[arch] = model
@@ -109,7 +134,7 @@ def quantized(arch: str) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def run(arch: str, model: nn.Module, seed: int = SEED) -> torch.Tensor:
-    return tm.forward(model, tm.ARCHS[arch][1](model, seed=seed))
+    return tm.forward(model, tm.ALL_ARCHS[arch][1](model, seed=seed))
 
 
 def linear_of(model: nn.Module, name: str) -> nn.Module:
@@ -345,8 +370,9 @@ def test_lora_for_a_missing_module_is_refused_and_nothing_is_applied(arch, fmt, 
         key = "lora_unet_" + ghost.replace(".", "_")
         save_kohya(path, arch, ab, 4.0, extra={f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b,
                                                f"{key}.alpha": torch.tensor(4.0)})
-        # Qwen-Image's kohya files go through diffusers' converter, which names the layer the diffusers way
-        shown = ghost if arch == "qwenimage" else ghost.replace(".", "_")
+        # the file's own key, also where diffusers has a converter for the model (Qwen-Image, FLUX.2, Z-Image, Wan):
+        # a file in the model's names with one stray layer is not converted (the converters drop or fail on it)
+        shown = ghost.replace(".", "_")
     with pytest.raises(LoRAError, match=r"match no layer.*" + shown) as e:
         svdquant.load_lora(model, path, name="other")
     for name in LAYERS[arch]:  # only the missing layer is reported, not the good ones
@@ -396,3 +422,19 @@ def test_wan_lora_in_its_original_names_equals_the_diffusers_names(tmp_path):
         assert all(stem in m.get_submodule(name).adapters for name in WAN_ORIGINAL.values())
         outs.append(tm.forward(m, inputs))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], base)
+
+
+def test_a_lora_diffusers_cannot_convert_is_refused_in_one_line(tmp_path):
+    """A Wan file in none of the model's names goes to diffusers' Wan converter; when that fails (here an
+    IndexError on a kohya key of another model's layout), the user gets one line naming the model and the cause,
+    and the model is untouched."""
+    model = quantized("wan")
+    snap0 = snapshot(model)
+    g = torch.Generator().manual_seed(6)
+    key = "lora_unet_transformer_blocks_9_attn_to_q"
+    save_file({f"{key}.lora_down.weight": torch.randn(RANK, tm.HIDDEN, generator=g),
+               f"{key}.lora_up.weight": torch.randn(tm.HIDDEN, RANK, generator=g)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(LoRAError, match=r"^diffusers could not convert this WanTransformer3DModel LoRA \(\w+Error: "):
+        svdquant.load_lora(model, tmp_path / "x.safetensors")
+    assert_same(snapshot(model), snap0)
+    assert_no_adapters(model)

@@ -335,7 +335,8 @@ ARCHS = {
 
 
 # Z-Image's config names its sizes dim / n_layers / n_heads, not num_layers / attention_head_dim...: it is tested
-# where the tests read the model, not the config's names (test_models, test_diffusers_quantizer).
+# where the tests read the model, not the config's names (test_models, test_diffusers_quantizer, test_checkpoint,
+# test_lora_models).
 MORE_ARCHS = {"zimage": (build_zimage, zimage_inputs)}
 ALL_ARCHS = {**ARCHS, **MORE_ARCHS}
 
