@@ -327,17 +327,19 @@ def test_video_quick_wan22_two_experts(tmp_path):
 
 
 def test_plot_e2e_draws_the_results_file_and_checks_it(tmp_path):
-    """benchmarks/plot_e2e.py: the committed results draw (a PNG); speed-ups are bf16 / variant; a row without its
-    bf16 figure or with an unknown variant is refused in one line."""
+    """benchmarks/plot_e2e.py: the committed results draw (a PNG); speed-ups are bf16-compiled / variant; a row
+    without its bf16-compiled figure or with an unknown variant is refused in one line."""
     import plot_e2e
 
     rows = json.loads((Path(plot_e2e.__file__).parent / "results" / "e2e-h200.json").read_text())["rows"]
     assert rows["FLUX.1-dev"]["int4"] == 3.33  # as BENCHMARKS.md and the README say
     out = plot_e2e.main(["--out", str(tmp_path / "e2e.png")])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot_e2e.speedups({"m": {"bf16": 2.0, "int4": 1.0}}) == {"m": {"bf16": 1.0, "int4": 2.0}}
-    for bad, message in (({"m": {"int4": 1.0}}, "no bf16 figure"), ({"m": {"bf16": 1.0, "nf4": 1.0}}, "unknown"),
-                         ({"m": {"bf16": 1.0, "int4": 0}}, "positive numbers"), ({"m": [1.0]}, "must be"),
+    assert plot_e2e.speedups({"m": {"bf16": 3.0, "bf16-compiled": 2.0, "int4": 1.0}}) == \
+        {"m": {"bf16": 2 / 3, "bf16-compiled": 1.0, "int4": 2.0}}
+    for bad, message in (({"m": {"bf16": 2.0, "int4": 1.0}}, "no bf16-compiled figure"),
+                         ({"m": {"bf16-compiled": 1.0, "nf4": 1.0}}, "unknown"),
+                         ({"m": {"bf16-compiled": 1.0, "int4": 0}}, "positive numbers"), ({"m": [1.0]}, "must be"),
                          ({}, "must map model names"), ([1], "must map model names")):
         (tmp_path / "bad.json").write_text(json.dumps({"rows": bad}))
         with pytest.raises(SystemExit):
