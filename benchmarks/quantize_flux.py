@@ -17,7 +17,10 @@ quantizing and passes ``device="cuda"``: calibration and quantization then strea
 (``svdquant.quantize(..., device=, max_gpu_memory=)``). The result has the run's stage profile
 (``QuantReport.stages``: calibration and its transfers, transfers, replays, smoothing search,
 refinement...) and the peak GPU memory allocated and reserved. ``--smoke --stream`` runs the same
-streaming code on the CPU (every move a no-op), as ``tests/test_stream.py`` does.
+streaming code on the CPU (every move a no-op), as ``tests/test_stream.py`` does. ``--profile`` runs the quantize
+call under ``torch.profiler``: the GPU's milliseconds per kernel class (matrix products, QR / Cholesky, svdquant's
+Triton kernels, copies...), the kernel launches and host op calls, and the top kernels and host ops in
+``OUT/quantize_profile.txt``: which kernels fill the GPU while the groups and the replays run.
 
 The benchmark calibrates on forward inputs (``Calibration(inputs=)``), so ``seconds_calibration_pass`` is
 one whole forward (the check that the double and single stacks chain) and, for every other snapshot, a
@@ -31,6 +34,7 @@ stay on the GPU for the whole quantize phase when they fit the cap with room to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -62,6 +66,55 @@ def inputs(n, img=4096, txt=512, device="cuda", dtype=torch.bfloat16, seed=0, wi
     return out
 
 
+# GPU kernels by what they do, first match wins (cuBLAS / cuSOLVER / Triton kernel names as the profiler gives them)
+KERNEL_CLASSES = (
+    ("matrix products (cuBLAS)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "dot_kernel")),
+    ("QR / Cholesky / triangular (cuSOLVER, cuBLAS)", ("geqrf", "orgqr", "ormqr", "potrf", "potri", "trsm", "trsv",
+                                                       "trtri", "syevd", "gesvd", "larf", "cusolver")),
+    ("svdquant Triton kernels", ("round_", "gptq", "expand_int4", "quantize_", "int8_gemm", "w4a16")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("copies", ("memcpy", "memset", "copy")),
+    ("reductions", ("reduce", "norm_kernel", "argmax", "max_kernel", "sum_kernel")),
+)
+
+
+def profiler(dev: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    return profile(activities=acts)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "elementwise / other"
+
+
+def profile_summary(prof) -> tuple[dict, str]:
+    """GPU milliseconds per kernel class and in all (kernels, as the device ran them), the host's milliseconds in
+    torch ops; and the tables of the top 40 kernels and host ops."""
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    dev_ms = {}
+    for e in kernels:
+        cls = kernel_class(e.key)
+        dev_ms[cls] = dev_ms.get(cls, 0.0) + e.self_device_time_total / 1e3
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    out = dict(gpu_ms_by_class={k: round(v, 1) for k, v in sorted(dev_ms.items(), key=lambda kv: -kv[1])},
+               gpu_ms_total=round(sum(dev_ms.values()), 1), kernel_launches=sum(e.count for e in kernels),
+               host_op_calls=sum(e.count for e in host if e.key.startswith("aten::")))
+    tables = ""
+    if kernels:
+        tables += events.table(sort_by="self_device_time_total", row_limit=40) + "\n"
+    tables += events.table(sort_by="self_cpu_time_total", row_limit=40)
+    return out, tables
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--double", type=int, default=1)
@@ -81,6 +134,10 @@ def main(argv=None):
     ap.add_argument("--stream", action="store_true",
                     help="keep the model and snapshots on the CPU and stream blocks to the device")
     ap.add_argument("--max-gpu-memory", help="cap the GPU memory torch may use, e.g. 24GB (implies --stream)")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over the quantize call: GPU time per kernel class and the top kernels and "
+                         "host ops, in the result and OUT/quantize_profile.txt (a few blocks: the trace grows with "
+                         "the run)")
     args = ap.parse_args(argv)
     dev = "cpu" if args.smoke else "cuda"
     stream = args.stream or args.max_gpu_memory is not None
@@ -121,10 +178,12 @@ def main(argv=None):
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
     recipe = svdquant.get_recipe(args.recipe, **overrides)
-    report = svdquant.quantize(model, recipe, Calibration(inputs=snaps), progress=False,
-                               device=dev if stream else None, max_gpu_memory=args.max_gpu_memory,
-                               workers=args.workers)
-    sync()
+    prof = profiler(dev) if args.profile else contextlib.nullcontext()
+    with prof:
+        report = svdquant.quantize(model, recipe, Calibration(inputs=snaps), progress=False,
+                                   device=dev if stream else None, max_gpu_memory=args.max_gpu_memory,
+                                   workers=args.workers)
+        sync()
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else float("nan")
     peak_reserved = torch.cuda.max_memory_reserved() / 1e9 if dev == "cuda" else float("nan")
@@ -163,12 +222,18 @@ def main(argv=None):
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
-        seconds_replay_overhead=overhead,  # NaN with workers > 1; the per-block seconds then add up overlapping groups peak_gb=peak, peak_reserved_gb=peak_reserved,
+        seconds_replay_overhead=overhead,  # NaN with workers > 1: the per-block seconds then add up overlapping groups
+        peak_gb=peak, peak_reserved_gb=peak_reserved,
         stages=report.stages, forward_ms_this_model=fwd * 1e3,
         forward_ms_57_blocks_est=fwd_full * 1e3, pipeline_calls_est=calls, est_calibration_s=est_calib,
         est_quantization_s=est_quant, est_total_min=(est_calib + est_quant) / 60,
         iterations=[r.iterations for r in report.rows], rows=[(r.names, r.rel_error, r.seconds) for r in report.rows],
     )
+    if args.profile:
+        res["profile"], tables = profile_summary(prof)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "quantize_profile.txt").write_text(tables)
     print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "iterations")}, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

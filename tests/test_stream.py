@@ -467,12 +467,16 @@ def test_progress_postfix(args, text):
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_quantize_flux_benchmark_smoke_streams(tmp_path):
-    """``benchmarks/quantize_flux.py --smoke --stream``: the streaming run the GPU call makes, on the CPU."""
+    """``benchmarks/quantize_flux.py --smoke --stream --profile``: the streaming run the GPU call makes, on the CPU,
+    under torch.profiler (no kernels on a CPU: the host's op calls and their table)."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_flux.py"), "--smoke", "--stream",
-                        "--snapshots", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                        "--snapshots", "3", "--profile", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "quantize_flux.json").read_text())
+    assert res["profile"]["gpu_ms_by_class"] == {} and res["profile"]["host_op_calls"] > 1000
+    assert "aten::mm" in (tmp_path / "quantize_profile.txt").read_text()
+    assert res["peak_gb"] != res["peak_gb"]  # NaN on the CPU: a field of its own, not lost in a comment
     assert res["stream"] is True and res["model_ends_on"] == ["cpu"]
     assert {"calibration", "calibration transfers", "transfers", "replays", "smoothing search",
             "refinement"} <= set(res["stages"])
