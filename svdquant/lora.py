@@ -88,9 +88,9 @@ def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.T
             converted, error = getattr(diffusers.loaders, mixin).lora_state_dict(dict(sd)), None
         except Exception as e:
             converted, error = None, e
-        # The converter is taken when it maps more of the file; a file mostly in the model's own names with a few
-        # stray layers stays as it is, so that load_lora names the strays (the converters drop such files
-        # whole, or fail on them: diffusers' Wan converter with an IndexError).
+        # The converter's result is taken when it maps more of the file onto the model than the file's own names
+        # do. A file partly in the model's names (a few stray layers) stays as it is, so that load_lora names the
+        # strays: the converters drop such a file whole (FLUX.2's) or fail on it (Wan's, with an IndexError).
         if converted is not None and (own == 0 or _matching(converted, model)[0] > own):
             return converted
         if own == 0:  # the converter failed on a file of none of the model's names
