@@ -1,12 +1,14 @@
-"""Text encoders: which linears of a pipeline's T5 / CLIP / Qwen2.5-VL / Gemma encoders are quantized.
+"""Text encoders: which linears of a pipeline's T5 / UMT5 / CLIP / Qwen2.5-VL / Qwen3 / Mistral 3 / Gemma encoders are
+quantized.
 
 A text encoder runs once per prompt, not once per denoising step, so its cost is memory, not time:
 T5-XXL is 9.5 GB in 16-bit, more than FLUX.1-dev's 4-bit transformer. Its linears are quantized
 weight-only (W4A16: INT4, a 16-bit scale per group of 64, 16-bit activations), which needs no
 calibration: with no smoothing and no branch the rounding rule alone decides the result.
 
-Quantized: every ``nn.Linear`` inside the encoder's stack of blocks (T5 ``encoder.block``, CLIP
-``encoder.layers``, Qwen2.5-VL ``model.language_model.layers``, Gemma ``layers``): attention q/k/v/o
+Quantized: every ``nn.Linear`` inside the encoder's stack of blocks (T5 / UMT5 ``encoder.block``, CLIP
+``encoder.layers``, Qwen2.5-VL and Mistral 3 ``model.language_model.layers``, Qwen3 and Gemma ``layers`` /
+``model.layers``): attention q/k/v/o
 and the feed-forward linears (T5 ``wi`` / ``wi_0`` / ``wi_1`` / ``wo``, CLIP ``fc1`` / ``fc2``,
 Qwen / Gemma ``gate`` / ``up`` / ``down``). They hold nearly all the weights (T5-XXL: 4.63 of 4.76 B parameters).
 
@@ -19,7 +21,8 @@ Kept 16-bit, each for a reason:
 * layers after the block stack (CLIP's ``text_projection``, the pooled vector FLUX and SDXL condition
   on directly; Qwen2.5-VL's ``lm_head``, which pipelines never call): their output *is* the embedding,
   with no later block to average their error out;
-* Qwen2.5-VL's vision tower: only Qwen-Image Edit runs it, on images; nothing here measures it.
+* Qwen2.5-VL's and Mistral 3's vision towers and projectors: only the edit pipelines run Qwen2.5-VL's, on images,
+  and FLUX.2 reads Mistral 3's text path alone; nothing here measures them.
 
 Nunchaku's published 4-bit T5 (AWQ, group 128) quantizes ``q, k, v, o, wi_0`` and keeps ``wi_1`` and
 ``wo`` 16-bit (``deepcompressor``'s ``quantize_t5_encoder``); this module quantizes all of them, and
