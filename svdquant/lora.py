@@ -76,11 +76,11 @@ DIFFUSERS_CONVERTERS = {
 }
 
 
-def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def _convert(sd: dict[str, torch.Tensor], model: nn.Module, names) -> dict[str, torch.Tensor]:
     """Other projects' LoRA formats in diffusers' names, through diffusers' own converters: FLUX's (kohya with BFL
-    names, XLabs, ...) and those of :data:`DIFFUSERS_CONVERTERS`."""
+    names, XLabs, ...) and those of :data:`DIFFUSERS_CONVERTERS`. ``names``: :func:`_module_names` of ``model``."""
     mixin = DIFFUSERS_CONVERTERS.get(type(model).__name__)
-    own, total = _matching(sd, model)
+    own, total = _matching(sd, names)
     if mixin is not None and own < total:  # a file in the model's own names needs no converter
         import diffusers.loaders
 
@@ -91,7 +91,7 @@ def _convert(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.T
         # The converter's result is taken when it maps more of the file onto the model than the file's own names
         # do. A file partly in the model's names (a few stray layers) stays as it is, so that load_lora names the
         # strays: the converters drop such a file whole (FLUX.2's) or fail on it (Wan's, with an IndexError).
-        if converted is not None and (own == 0 or _matching(converted, model)[0] > own):
+        if converted is not None and (own == 0 or _matching(converted, names)[0] > own):
             return converted
         if own == 0:  # the converter failed on a file of none of the model's names
             raise LoRAError(f"diffusers could not convert this {type(model).__name__} LoRA "
@@ -128,19 +128,25 @@ def _parse(key: str, modules: dict, underscored: dict) -> tuple[str, str] | None
     return base, m.group(2)
 
 
-def _matching(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[int, int]:
-    """(how many keys of ``sd`` are LoRA tensors of ``model``'s modules by its own names, how many keys)."""
+def _module_names(model: nn.Module) -> tuple[dict, dict]:
+    """``model``'s modules by name, and their names by the underscored form kohya's keys use."""
     modules = dict(model.named_modules())
-    underscored = {n.replace(".", "_"): n for n in modules if n}
+    return modules, {n.replace(".", "_"): n for n in modules if n}
+
+
+def _matching(sd: dict[str, torch.Tensor], names) -> tuple[int, int]:
+    """(how many keys of ``sd`` are LoRA tensors of a model's modules by its own names, how many keys); ``names``:
+    :func:`_module_names` of the model."""
+    modules, underscored = names
     parsed = [_parse(k, modules, underscored) for k in sd if "dora_scale" not in k]
     return sum(p is not None and p[0] in modules for p in parsed), len(parsed)
 
 
 def lora_pairs(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, tuple], list[str]]:
     """``{module name: (A [r, K], B [N, r], scale)}`` and the keys that name no module of ``model``."""
-    sd = _convert(sd, model)
-    modules = dict(model.named_modules())
-    underscored = {n.replace(".", "_"): n for n in modules if n}
+    names = _module_names(model)
+    sd = _convert(sd, model, names)
+    modules, underscored = names
     downs, ups, alphas, other = {}, {}, {}, []
     for key, t in sd.items():
         parsed = _parse(key, modules, underscored)
