@@ -127,6 +127,9 @@ QUANTIZE_BAD = {
     "steps-negative": (["--steps", "-3"], ["--steps -3"]),
     "steps-absurd": (["--steps", "100000"], ["--steps 100000", "1000"]),
     "snapshots-zero": (["--snapshots", "0"], ["--snapshots 0"]),
+    "calibration-batch-zero": (["--calibration-batch", "0"], ["--calibration-batch 0", "between 1 and 64"]),
+    "calibration-batch-with-images": (["--calibration-batch", "2", "--images", "a.png"],
+                                      ["--calibration-batch 2 with --images", "leave --calibration-batch out"]),
     "tokens-zero": (["--tokens", "0"], ["--tokens 0", "leave it out"]),
     "num-prompts-zero": (["--num-prompts", "0"], ["--num-prompts 0"]),
     "num-prompts-beyond": (["--num-prompts", "11"], ["--num-prompts 11", "only 10 prompts"]),
@@ -302,6 +305,22 @@ def test_progress_lines_in_a_log(tmp_path):
     done = [tuple(map(int, m.groups())) for m in re.finditer(r"^quantizing: (\d+) of (\d+) groups", r.stderr, re.M)]
     assert len(done) > 10 and done == sorted(done) and done[-1][0] == done[-1][1] > 10, done
     assert ", block 1/8 transformer_blocks.0, 7 left" in r.stderr  # what runs now
+
+
+def test_quantize_with_batched_calibration_calls(tmp_path, monkeypatch):
+    """--calibration-batch 4: the prompts drawn at the same steps run as one call (here four prompts of the tiny
+    model, each drawn at both steps: one call), every drawn (prompt, step) pair still a snapshot."""
+    from svdquant.pipelines import TinyFluxPipeline
+
+    calls, real_call = [], TinyFluxPipeline.__call__
+    monkeypatch.setattr(TinyFluxPipeline, "__call__",
+                        lambda self, *a, **kw: calls.append(kw.get("prompt")) or real_call(self, *a, **kw))
+    rc, _, err = run(["quantize", "tiny", "-o", tmp_path / "ck", "--recipe", "int4", "--method", "naive",
+                      "--num-prompts", "4", "--steps", "2", "--snapshots", "8", "--tokens", "64", *CPU,
+                      "--calibration-batch", "4"])
+    assert rc == 0, err
+    assert calls == [["airplane", "automobile", "bird", "cat"]]
+    assert svdquant.read_metadata(tmp_path / "ck")["report"]["snapshots"] == 8
 
 
 @pytest.mark.parametrize("model", ["tiny", "diffusers"])

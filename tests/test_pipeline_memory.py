@@ -4,6 +4,7 @@ end on the CPU (tiny configs, every model and variant), so they cannot rot betwe
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -266,7 +267,9 @@ def test_video_quick_runs_every_variant_it_is_given(tmp_path):
     for variant in ("bf16", "int4", "int4-int8attn", "int4-24gb"):
         r = saved[f"{variant} 480p"]
         assert r["finite"] and r["seconds_per_step"] == pytest.approx((r["call_b_s"] - r["call_a_s"]) / 2, abs=2e-3)
-        assert r["clip_s_est"] > 0 and "peak_gb" not in r and "peak_steps_gb" not in r
+        # (a tiny step takes milliseconds: the calls' difference, and the estimate rounded to 0.1 s, may be 0 or
+        # below on a loaded machine; the figure is a benchmark's, not this test's)
+        assert math.isfinite(r["clip_s_est"]) and "peak_gb" not in r and "peak_steps_gb" not in r
     assert saved["bf16 480p"]["decode"]["frames"] == 5
     with pytest.raises(SystemExit):
         video.main(["--quick", "--frames", "80"])

@@ -4,6 +4,8 @@ Where things live:
 
 * ``config.py``: what to run (:class:`Calibration`), and what a calibration asks of a pipeline, checked first;
 * ``prompts.py``: the 128 built-in prompts;
+* ``draw.py``: which (prompt, step) pairs are drawn, and the pipeline calls that run them (prompts drawn at the
+  same steps together);
 * ``capture.py``: the hooks (which calls are snapshots, each stack's first-block arguments, the linears' inputs)
   and the check that a model chains its blocks as the replays do;
 * ``schedule.py``: which calibration calls run and how far (:func:`calibrate_stacks`);
@@ -12,8 +14,9 @@ Where things live:
 * ``memory.py``: what stays on the device while it streams (resident blocks, snapshots, the cap).
 """
 
-from .capture import EntryRecorder, LinearInputRecorder, draw_plan, record_inputs, run_calibration, to_device
+from .capture import EntryRecorder, LinearInputRecorder, record_inputs, run_calibration, to_device
 from .config import Calibration, check_pipeline_call
+from .draw import calibration_batches, draw_plan
 from .memory import gpu_cap, gpu_memory, memory_cap, resident_blocks, snapshots_fit, stream_model
 from .offload import Streamed, finish_block, move
 from .prompts import DEFAULT_PROMPTS
@@ -21,6 +24,6 @@ from .replay import ReplayJob, Replayer, replay_jobs
 from .schedule import Calibrated, calibrate_stacks
 
 __all__ = ["Calibrated", "Calibration", "DEFAULT_PROMPTS", "EntryRecorder", "LinearInputRecorder", "ReplayJob",
-           "Replayer", "Streamed", "calibrate_stacks", "check_pipeline_call", "draw_plan", "finish_block",
-           "gpu_cap", "gpu_memory", "memory_cap", "move", "record_inputs", "replay_jobs", "resident_blocks",
-           "run_calibration", "snapshots_fit", "stream_model", "to_device"]
+           "Replayer", "Streamed", "calibrate_stacks", "calibration_batches", "check_pipeline_call", "draw_plan",
+           "finish_block", "gpu_cap", "gpu_memory", "memory_cap", "move", "record_inputs", "replay_jobs",
+           "resident_blocks", "run_calibration", "snapshots_fit", "stream_model", "to_device"]

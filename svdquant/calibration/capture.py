@@ -1,9 +1,9 @@
 """Capturing calibration data with forward hooks.
 
-A *snapshot* is one call of the model being quantized (one denoising step of one
-prompt). :func:`run_calibration` drives the pipeline over the prompts and, through a
-pre-hook on the model, marks the calls that were drawn as snapshots (a fixed-seed draw
-of ``snapshots`` (prompt, step) pairs) and stops each prompt after its last drawn step.
+A *snapshot* is one denoising step of one prompt: a call of the model being quantized, or one prompt's rows of a
+batched call. :func:`run_calibration` drives the pipeline over the prompts (those drawn at the same steps together,
+:func:`calibration_batches`) and, through a pre-hook on the model, marks the calls that were drawn (a fixed-seed
+draw of ``snapshots`` (prompt, step) pairs) and stops each pipeline call after its last drawn step.
 A step is a run of calls at one timestep: a pipeline that runs classifier-free guidance as two calls per step
 (Wan; Qwen-Image with a negative prompt) would otherwise have its draws cover only the first half of the
 denoising, the noisiest steps; the snapshot is the step's first call (the conditional one in diffusers' pipelines).
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import random
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +32,7 @@ from .._progress import progress as progress_bar
 from ..integrations.diffusers.compat import forget_hook_registry_cache
 from ..models.pipeline_needs import second_expert, steps_of
 from .config import Calibration
+from .draw import calibration_batches, draw_plan, prompt_call
 from .inputs import image_for
 from .offload import move
 
@@ -42,31 +42,36 @@ class _StopPrompt(Exception):
 
 
 class CallSelector:
-    """Counts the model's denoising steps per prompt (a new step where the timestep it is called with changes; every
-    call is a step for a model called without one) and says whether the current call is a snapshot: the first call of
-    a drawn step."""
+    """Counts the model's denoising steps in the current pipeline call (a new step where the timestep it is called
+    with changes; every call is a step for a model called without one) and says whether the current model call is a
+    snapshot: the first call of a drawn step. A pipeline call runs one batch of :func:`calibration_batches` (one
+    prompt, or several drawn at the same steps); :meth:`start` is told its drawn steps and how many prompts it holds.
 
-    def __init__(self, model: nn.Module, plan: dict[int, set[int]], after: nn.Module | None = None):
+    ``calls``: the model calls the batches draw (what a recorder spreads its tokens over); ``n_active``: the
+    (prompt, step) pairs recorded so far, a batched call counting each of its prompts."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[tuple[list[int], set[int]]], after: nn.Module | None = None):
         """``after``: a model whose call means ``model``'s steps are over (the low-noise expert of a two-expert
-        pipeline, when the high-noise one calibrates): the prompt stops there rather than run the rest for nothing."""
-        self.plan, self.active, self.n_active = plan, False, 0
-        self.start_prompt(0)
+        pipeline, when the high-noise one calibrates): the call stops there rather than run the rest for nothing."""
+        self.calls = sum(len(steps) for _, steps in batches)
+        self.active, self.n_active = False, 0
+        self.start(set(), 1)
         self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
         if after is not None:
             self._handles.append(after.register_forward_pre_hook(self._stop))
 
-    def start_prompt(self, i: int):
-        self.prompt, self.step, self.active, self._t = i, -1, False, None
+    def start(self, steps: set[int], rows: int):
+        """A new pipeline call: its drawn ``steps``, for ``rows`` prompts."""
+        self.wanted, self.rows, self.step, self.active, self._t = steps, rows, -1, False, None
 
     def _pre(self, module, args, kwargs):
         t = timestep_of(module, args, kwargs)
         if t is None or self._t is None or not same(t, self._t):
             self.step += 1
-            wanted = self.plan.get(self.prompt, set())
-            if not wanted or self.step > max(wanted):
+            if not self.wanted or self.step > max(self.wanted):
                 raise _StopPrompt
-            self.active = self.step in wanted
-            self.n_active += self.active
+            self.active = self.step in self.wanted
+            self.n_active += self.rows if self.active else 0
         else:  # the step's second call (the unconditional one): its first was the snapshot
             self.active = False
         self._t = t
@@ -352,24 +357,14 @@ class LinearInputRecorder:
             h.remove()
 
 
-def draw_plan(n_prompts: int, steps: int, snapshots: int, seed: int) -> dict[int, set[int]]:
-    """A fixed-seed draw of ``snapshots`` (prompt, step) pairs out of ``n_prompts × steps``."""
-    pairs = [(p, s) for p in range(n_prompts) for s in range(steps)]
-    rng = random.Random(seed)
-    chosen = pairs if snapshots >= len(pairs) else rng.sample(pairs, snapshots)
-    plan: dict[int, set[int]] = {}
-    for p, s in chosen:
-        plan.setdefault(p, set()).add(s)
-    return plan
-
-
 def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks, progress: bool = True,
-                    desc: str = "calibrating") -> int:
+                    desc: str = "calibrating", device=None) -> int:
     """Run the calibration calls; ``selector_hooks(selector)`` installs recorders and returns a closer.
 
-    ``runner`` is a pipeline (called with ``prompt=`` per prompt) or ``None`` when
-    ``calib.inputs`` holds forward kwargs for ``model``. Returns the number of snapshots. ``desc``: the progress
-    bar's title (which expert of a two-expert pipeline).
+    ``runner`` is a pipeline (called with ``prompt=``, one prompt or a batch of them: :func:`calibration_batches`,
+    :meth:`Calibration.batch_for` on ``device``, where the pipeline runs) or ``None`` when ``calib.inputs`` holds
+    forward kwargs for ``model``. Returns the number of snapshots ((prompt, step) pairs recorded). ``desc``: the
+    progress bar's title (which expert of a two-expert pipeline).
     """
     calib = calib.for_pipeline(runner)
     if calib.inputs is not None:
@@ -387,21 +382,22 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     prompts = calib.prompt_list()
     # an expert of a two-expert pipeline is drawn from its own steps: draws past them would record nothing
     plan = draw_plan(len(prompts), steps_of(runner, model, calib.steps), calib.snapshots, calib.seed)
+    batches = calibration_batches(plan, calib.batch_for(runner, device))
     second = second_expert(runner)
     # Wan 2.2 runs its high-noise steps first: once the low-noise expert is called, the high-noise one is done
-    selector = CallSelector(model, plan, after=second if second is not None and second is not model else None)
+    selector = CallSelector(model, batches, after=second if second is not None and second is not model else None)
     close = selector_hooks(selector)
     try:
-        gen_device = "cpu"
-        for i in progress_bar([i for i in range(len(prompts)) if i in plan], desc=desc, unit="prompt",
-                              enabled=progress, leave=False):
-            selector.start_prompt(i)
-            gen = torch.Generator(gen_device).manual_seed(calib.seed + i)
-            try:
-                runner(prompt=prompts[i], num_inference_steps=calib.steps, generator=gen, output_type="latent",
-                       **image_for(calib.images, i), **calib.pipeline_kwargs)
-            except _StopPrompt:
-                pass
+        with progress_bar(total=len(plan), desc=desc, unit="prompt", enabled=progress, leave=False) as bar:
+            for rows, steps in batches:
+                selector.start(steps, len(rows))
+                kw = prompt_call(prompts, rows, calib.seed, calib.pipeline_kwargs)
+                try:
+                    runner(num_inference_steps=calib.steps, output_type="latent", **image_for(calib.images, rows[0]),
+                           **kw)
+                except _StopPrompt:
+                    pass
+                bar.update(len(rows))
     finally:
         close()
         selector.close()
@@ -425,7 +421,7 @@ def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = T
         handle = model.register_forward_pre_hook(pre, with_kwargs=True)
         return handle.remove
 
-    run_calibration(pipe, model, calib, hooks, progress=progress)
+    run_calibration(pipe, model, calib, hooks, progress=progress, device=next(model.parameters()).device)
     return recorded
 
 

@@ -7,9 +7,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..models.pipeline_needs import with_area
+import torch
+
+from ..models.pipeline_needs import makes_video, needs_images, with_area
 from .inputs import check_images
 from .prompts import DEFAULT_PROMPTS
+
+
+# Prompts per calibration call on a GPU when ``batch_size`` is unset: FLUX.1-dev at 1024² then holds about 2 GB
+# more of activations per call, within the margin ``memory.resident_blocks`` keeps for a forward (4 GB + 4 blocks).
+GPU_BATCH = 4
+MAX_BATCH = 64
 
 
 @dataclass
@@ -29,6 +37,10 @@ class Calibration:
         forward, one snapshot each (for bare models, and for tests).
     images: input images for an edit pipeline (FLUX.1 Kontext, Qwen-Image-Edit, Wan image-to-video), PIL
         images or file paths: prompt ``i`` edits image ``i mod n`` (:mod:`svdquant.calibration.inputs`).
+    batch_size: prompts per pipeline call. Prompts drawn at the same steps go through the pipeline together, so
+        a batch runs no step its prompts would not run alone, and each prompt keeps its own seeded noise
+        (``None``: :data:`GPU_BATCH` on a GPU, where one call streams the weights and launches the kernels for all
+        of its prompts; one on the CPU, for videos and for edits, whose calls are large or take one image each).
     """
 
     prompts: Sequence[str] | None = None
@@ -40,6 +52,7 @@ class Calibration:
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     inputs: list[dict[str, Any]] | None = None
     images: Sequence[Any] | None = None
+    batch_size: int | None = None
 
     # set by the calibration itself; in pipeline_kwargs they would collide with it
     _RESERVED = ("prompt", "num_inference_steps", "generator", "output_type")
@@ -57,6 +70,8 @@ class Calibration:
                 raise ValueError("prompts=[] is empty; give at least one prompt, or None for the built-in 128")
         if self.num_prompts is not None:
             _checks.count("num_prompts", self.num_prompts)
+        if self.batch_size is not None:
+            _checks.count("batch_size", self.batch_size, hi=MAX_BATCH)
         if self.steps is not None:
             _checks.steps("steps", self.steps)
         if self.snapshots is not None:
@@ -77,6 +92,9 @@ class Calibration:
             if "image" in self.pipeline_kwargs:
                 raise ValueError("pipeline_kwargs sets 'image' and images= is given; give the images as images=")
             self.images = check_images(self.images)
+        if self.batch_size not in (None, 1) and (self.images is not None or "image" in self.pipeline_kwargs):
+            raise ValueError(f"batch_size={self.batch_size} with input images: an edit calibration runs one prompt "
+                             "and its image per call; leave batch_size unset or 1")
 
     DEFAULTS = {"steps": 8, "snapshots": 128}
 
@@ -94,6 +112,17 @@ class Calibration:
             if sized is not calib.pipeline_kwargs:
                 unset["pipeline_kwargs"] = sized
         return dataclasses.replace(calib, **unset) if unset else calib
+
+    def batch_for(self, pipe, device) -> int:
+        """Prompts per pipeline call on ``device``: ``batch_size``, or when unset :data:`GPU_BATCH` for an image
+        pipeline run on a GPU without input images, else one."""
+        if self.batch_size is not None:
+            return self.batch_size
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        if not on_gpu or self.images is not None or "image" in self.pipeline_kwargs or makes_video(pipe) \
+                or needs_images(pipe):
+            return 1
+        return GPU_BATCH
 
     def prompt_list(self) -> list[str]:
         prompts = list(self.prompts if self.prompts is not None else DEFAULT_PROMPTS)

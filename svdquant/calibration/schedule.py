@@ -63,7 +63,7 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
                                         share_except=adapter.outputs)
             return holder["r"].close
 
-        count = run_calibration(pipe, model, calib, hooks, progress, desc)
+        count = run_calibration(pipe, model, calib, hooks, progress, desc, device=device)
         entries = holder["r"].entries
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
         return Calibrated(entries, False, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)

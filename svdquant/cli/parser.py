@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshots", type=int,
                    help="(prompt, step) samples drawn (default 128, tiny: 16; at most prompts x steps are)")
     p.add_argument("--tokens", type=int, help="tokens kept per layer (default: the recipe's eval_tokens)")
+    p.add_argument("--calibration-batch", dest="calibration_batch", type=int, metavar="N",
+                   help="prompts per calibration call: prompts drawn at the same steps run together (default 4 on "
+                        "a GPU, 1 on the CPU and for videos and edits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration: which (prompt, step) samples "
                                                         "are drawn and each prompt's noise (default 0)")
     size_options(p, "calibration image")

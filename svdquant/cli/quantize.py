@@ -28,6 +28,7 @@ def _recipe(args):
 
 def validate_quantize(args) -> None:
     from ..calibration import DEFAULT_PROMPTS
+    from ..calibration.config import MAX_BATCH
     from ..checkpoint import check_output_folder
     from .._tiny_facts import CIFAR10_CLASSES, IMAGE_SIZE, TINY_BASE, check_tiny_size  # not pipelines: no diffusers
 
@@ -67,6 +68,11 @@ def validate_quantize(args) -> None:
         _checks.count("--snapshots", args.snapshots, hi=100_000)
     if args.tokens is not None:
         _checks.count("--tokens", args.tokens, hi=10_000_000, why=" (leave it out for the recipe's eval_tokens)")
+    if args.calibration_batch is not None:
+        _checks.count("--calibration-batch", args.calibration_batch, hi=MAX_BATCH)
+        if args.calibration_batch > 1 and args.images:
+            raise UsageError(f"--calibration-batch {args.calibration_batch} with --images: an edit calibration runs "
+                             "one prompt and its image per call; leave --calibration-batch out")
     _checks.seed("--seed", args.seed)
     validate_sizes(args)
     if tiny:
@@ -167,7 +173,8 @@ def cmd_quantize(args) -> None:
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # needs the loaded pipeline's VAE
     calib = Calibration(prompts=args.prompt_list, num_prompts=args.num_prompts, steps=args.steps,
                         snapshots=args.snapshots, tokens_per_layer=args.tokens, seed=args.seed,
-                        pipeline_kwargs=pipeline_kwargs(args), images=args.image_list)
+                        pipeline_kwargs=pipeline_kwargs(args), images=args.image_list,
+                        batch_size=args.calibration_batch)
     report = quantize(pipe, args.recipe_obj, calib, include=args.include, exclude=args.exclude,
                       text_encoders=args.text_encoders, progress=True,
                       device=args.device if args.stream else None, max_gpu_memory=args.max_gpu_bytes)

@@ -176,8 +176,15 @@ class TinyFluxPipeline:
             labels.append(hits[0])
         return labels
 
-    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def noise(self, n: int, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """``n`` images' starting noise: from one generator, or one generator per image (diffusers' convention: the
+        same image then gets the same noise alone or in a batch)."""
         s = self.image_size
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"{len(generator)} generators for {n} images: pass one generator, or one per image")
+            return torch.cat([torch.randn(1, 3, s, s, generator=g, device="cpu") for g in generator]).to(
+                self.device, self.dtype)
         return torch.randn(n, 3, s, s, generator=generator, device="cpu").to(self.device, self.dtype)
 
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,7 +218,8 @@ class TinyFluxPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, class_labels=None, num_inference_steps=None,
-                 guidance_scale=None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 guidance_scale=None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None,
                  output_type: str = "pil", num_images_per_prompt: int = 1, progress: bool = False,
                  height: int | None = None, width: int | None = None, callback_on_step_end=None):
         """``callback_on_step_end(pipe, step, t, {"latents": x})`` runs after every step, as diffusers' does: it

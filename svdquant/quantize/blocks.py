@@ -258,15 +258,16 @@ def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float
     model, calib = plan.model, plan.calib
     groups = plan.adapter.groups(model)  # not empty: make_plan refused that
     firsts = {g.names[0]: model.get_submodule(g.names[0]) for g in groups}
-    n_snap = len(calib.inputs) if calib.inputs is not None else calib.snapshots
     holder = {}
 
-    def hooks(selector):
-        holder["r"] = LinearInputRecorder(firsts, n_snap, plan.tokens, calib.seed, selector)
+    def hooks(selector):  # the tokens are spread over the model calls (a batched call holds several snapshots)
+        calls = selector.calls if selector is not None else len(calib.inputs)
+        holder["r"] = LinearInputRecorder(firsts, calls, plan.tokens, calib.seed, selector)
         return holder["r"].close
 
     try:
-        snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress, _desc("calibrating", plan))
+        snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress, _desc("calibrating", plan),
+                                    device=plan.device)
     finally:
         if streamed is not None:
             streamed.close()

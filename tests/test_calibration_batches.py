@@ -1,0 +1,159 @@
+"""Batched calibration calls: prompts drawn at the same steps go through the pipeline together
+(``Calibration(batch_size=)``; by default 4 on a GPU), recording exactly the drawn (prompt, step) pairs with each
+prompt's own noise, and running no denoising step a prompt alone would not run."""
+
+from __future__ import annotations
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+import tiny_pipelines as tp
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import svdquant
+from svdquant.calibration import Calibration, draw_plan, record_inputs
+from svdquant.calibration.draw import calibration_batches, prompt_call
+from svdquant.calibration.config import GPU_BATCH
+from svdquant.pipelines import TinyFluxPipeline
+
+
+def test_prompts_drawn_at_the_same_steps_share_a_call():
+    plan = {0: {1}, 1: {1}, 2: {0, 2}, 3: {1}, 4: {2, 0}, 5: {3}, 6: {1}}
+    assert calibration_batches(plan, 2) == [([0, 1], {1}), ([2, 4], {0, 2}), ([3, 6], {1}), ([5], {3})]
+    assert calibration_batches(plan, 3) == [([0, 1, 3], {1}), ([2, 4], {0, 2}), ([5], {3}), ([6], {1})]
+    assert calibration_batches(plan, 1) == [([p], plan[p]) for p in sorted(plan)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 10), st.integers(1, 200), st.integers(0, 5), st.integers(1, 9))
+def test_batches_record_every_drawn_pair_once_and_run_no_extra_step(prompts, steps, snapshots, seed, size):
+    plan = draw_plan(prompts, steps, snapshots, seed)
+    calls = calibration_batches(plan, size)
+    pairs = [(p, s) for rows, drawn in calls for p in rows for s in drawn]
+    assert sorted(pairs) == sorted((p, s) for p, drawn in plan.items() for s in drawn)
+    assert all(1 <= len(rows) <= size and all(plan[p] == drawn for p in rows) for rows, drawn in calls)
+    # each prompt still stops at its own last drawn step: the prompt-steps run are those of one prompt at a time
+    assert sum(len(rows) * (max(drawn) + 1) for rows, drawn in calls) == sum(max(d) + 1 for d in plan.values())
+    assert len(calls) <= len(plan)
+
+
+def test_the_default_draw_streams_the_model_half_as_often_in_batches_of_four():
+    """128 snapshots of 128 prompts x 8 steps (the large-model default): 412 model calls one prompt at a time,
+    216 in batches of four (each streams the weights once, under a memory cap)."""
+    plan = draw_plan(128, 8, 128, seed=0)
+    single, batched = calibration_batches(plan, 1), calibration_batches(plan, GPU_BATCH)
+    assert sum(max(d) + 1 for _, d in single) == 412
+    assert sum(max(d) + 1 for _, d in batched) == 216
+
+
+def test_batch_size_defaults_to_one_off_the_gpu_and_for_videos_and_edits():
+    flux, wan, kontext = tm.build_flux_pipeline(), tm.build_wan_pipeline(), tm.build_kontext_pipeline()
+    c = Calibration()
+    assert c.batch_for(flux, torch.device("cpu")) == 1 and c.batch_for(flux, "cuda") == GPU_BATCH == 4
+    assert c.batch_for(flux, None) == 1
+    assert c.batch_for(wan, "cuda") == 1 and c.batch_for(kontext, "cuda") == 1
+    assert Calibration(images=[tm.input_image(0)]).batch_for(kontext, "cuda") == 1
+    assert Calibration(batch_size=3).batch_for(flux, "cpu") == 3 and Calibration(batch_size=2).batch_for(wan, "cuda") == 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch_size=0), "batch_size=0: must be between 1 and 64"),
+    (dict(batch_size=2.0), "batch_size=2.0: must be a whole number"),
+    (dict(batch_size=2, images=["x.png"]), "batch_size=2 with input images: an edit calibration runs one prompt"),
+])
+def test_bad_batch_sizes_are_refused_when_the_calibration_is_made(kw, message, monkeypatch):
+    monkeypatch.setattr("svdquant.calibration.config.check_images", lambda images: images)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Calibration(**kw)
+
+
+def test_a_batched_call_gives_each_prompt_its_own_noise_and_repeats_a_negative_prompt():
+    prompts = ["a", "b", "c", "d"]
+    one = prompt_call(prompts, [2], 10, {"negative_prompt": "blurry", "height": 16})
+    assert one["prompt"] == "c" and one["negative_prompt"] == "blurry" and one["height"] == 16
+    assert torch.equal(torch.randn(3, generator=one["generator"]), torch.randn(3, generator=torch.Generator().manual_seed(12)))
+    two = prompt_call(prompts, [1, 3], 10, {"negative_prompt": "blurry", "negative_prompt_2": ["x", "y"],
+                                                 "height": 16})
+    assert two["prompt"] == ["b", "d"] and two["negative_prompt"] == ["blurry", "blurry"]
+    assert two["negative_prompt_2"] == ["x", "y"] and two["height"] == 16
+    seeds = [torch.randn(3, generator=g) for g in two["generator"]]
+    assert all(torch.equal(s, torch.randn(3, generator=torch.Generator().manual_seed(10 + i)))
+               for s, i in zip(seeds, [1, 3]))
+
+
+def test_the_tiny_pipeline_takes_one_generator_per_image():
+    pipe = TinyFluxPipeline.default()
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    both = pipe.noise(2, gens())
+    assert torch.equal(both[1:], pipe.noise(1, torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="2 generators for 3 images: pass one generator, or one per image"):
+        pipe.noise(3, gens())
+
+
+def _row(entry: dict, rows: int, j: int, like: dict) -> dict:
+    """Prompt ``j`` of a call recorded for ``rows`` prompts, shaped as ``like`` (the same call for one prompt):
+    a tensor with ``rows`` times ``like``'s leading size is sliced, as a pipeline stacks a guided batch (the
+    conditional rows of every prompt, then the unconditional ones: ``n`` blocks of ``rows``); one the batch shares
+    (positions) is whole."""
+    out = {}
+    for k, v in entry.items():
+        ref = like[k]
+        if torch.is_tensor(v) and v.shape != ref.shape:
+            n = ref.shape[0]
+            assert v.shape[0] == rows * n, (k, v.shape, ref.shape)
+            v = v.reshape(n, rows, *v.shape[1:])[:, j]
+        out[k] = v
+    return out
+
+
+PIPELINES = {
+    "flux": (tm.build_flux_pipeline, tm.PIPE_KWARGS),
+    "flux2": (tp.build_flux2_pipeline, tp.FLUX2_KWARGS),
+    "flux2-klein": (tp.build_flux2_klein_pipeline, tp.FLUX2_KWARGS),
+    "tiny": (TinyFluxPipeline.default, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_batched_calls_record_the_same_snapshots_in_fewer_model_calls(name, one_torch_thread):
+    build, kwargs = PIPELINES[name]
+    pipe = build()
+    prompts = None if name == "tiny" else ["a cat", "a dog on a hill", "a red cube", "two birds", "a boat", "rain"]
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def record(size):
+        calls.clear()
+        c = Calibration(prompts=prompts, num_prompts=6, steps=3, snapshots=9, seed=2, batch_size=size,
+                        pipeline_kwargs=dict(kwargs))
+        return record_inputs(pipe, pipe.transformer, c, progress=False), len(calls)
+
+    (single, n_single), (batched, n_batched) = record(1), record(3)
+    plan = draw_plan(6, 3, 9, seed=2)  # prompts 0, 1 and 3 share their drawn steps
+    order = [(p, s) for p in sorted(plan) for s in sorted(plan[p])]
+    assert len(single) == len(order) == 9 and n_batched < n_single
+    k = 0
+    for rows, drawn in calibration_batches(plan, 3):
+        for s in sorted(drawn):
+            for j, p in enumerate(rows):
+                like = single[order.index((p, s))]
+                got = _row(batched[k], len(rows), j, like)
+                assert got.keys() == like.keys()
+                for key, v in got.items():
+                    if torch.is_tensor(v):
+                        torch.testing.assert_close(v, like[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+            k += 1
+    assert k == len(batched)
+
+
+def test_quantize_through_batched_calls_counts_prompt_step_pairs(one_torch_thread):
+    pipe = tm.build_flux_pipeline()
+    ref = tm.sample(pipe)
+    c = Calibration(prompts=["a cat", "a dog on a hill", "a red cube", "two birds"], steps=2, snapshots=6,
+                    batch_size=4, pipeline_kwargs=dict(tm.PIPE_KWARGS))
+    report = svdquant.quantize(pipe, svdquant.get_recipe("int4", iterations=1, eval_tokens=64), c, progress=False)
+    assert report.snapshots == 6
+    out = tm.sample(pipe)
+    assert torch.isfinite(out).all() and 0 < (out - ref).norm() / ref.norm() < 0.05
