@@ -157,3 +157,44 @@ def test_quantize_through_batched_calls_counts_prompt_step_pairs(one_torch_threa
     assert report.snapshots == 6
     out = tm.sample(pipe)
     assert torch.isfinite(out).all() and 0 < (out - ref).norm() / ref.norm() < 0.05
+
+
+# The other architectures, as benchmarks/pipeline_memory.py builds them on tiny configs: their denoiser's latent
+# input per prompt, batched against one prompt a call (the text inputs may differ in padding: Qwen-Image pads a
+# batch's prompts to the longest, with a mask, so only the latents and timesteps are compared, and a latent that
+# matches at every drawn step says the masked text changed nothing).
+OTHER_MODELS = {"sdxl": "sample", "qwenimage": "hidden_states", "sd3": "hidden_states", "sana": "hidden_states",
+                "pixart": "hidden_states"}
+
+
+@pytest.mark.parametrize("name", list(OTHER_MODELS))
+def test_batched_calls_on_the_other_architectures(name, one_torch_thread):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import pipeline_memory as pm
+
+    pipe, kw = pm.build(name, quick=True, device="cpu", dtype=torch.float32)
+    model = getattr(pipe, "transformer", None) or pipe.unet
+    call = {k: v for k, v in kw.items() if k not in ("prompt", "num_inference_steps", "generator", "output_type")}
+    prompts = ["a cat", "a dog on a hill", "a red cube", "two birds", "a boat", "rain"]
+
+    def record(size):
+        c = Calibration(prompts=prompts, steps=3, snapshots=9, seed=2, batch_size=size, pipeline_kwargs=call)
+        return record_inputs(pipe, model, c, progress=False)
+
+    single, batched = record(1), record(3)
+    plan = draw_plan(6, 3, 9, seed=2)
+    order = [(p, s) for p in sorted(plan) for s in sorted(plan[p])]
+    key = OTHER_MODELS[name]
+    k = 0
+    for rows, drawn in calibration_batches(plan, 3):
+        for s in sorted(drawn):
+            for j, p in enumerate(rows):
+                like = single[order.index((p, s))]
+                got = _row({key: batched[k][key]}, len(rows), j, {key: like[key]})
+                # (the tiny random denoisers drive latents to a few hundred: the bound is relative to their size)
+                torch.testing.assert_close(got[key], like[key], rtol=1e-4, atol=1e-5 * float(like[key].abs().max()))
+            k += 1
+    assert k == len(batched) < len(single)
