@@ -350,3 +350,15 @@ def test_plot_e2e_draws_the_results_file_and_checks_it(tmp_path):
         with pytest.raises(ValueError, match=message):
             plot_e2e.speedups(bad)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_calibration_memory_quick(tmp_path):
+    """benchmarks/calibration_memory.py --quick: a FLUX double and single block at tiny widths, one prompt and four,
+    each in its own process, and the table it writes."""
+    import calibration_memory
+
+    res = calibration_memory.main(["--quick", "--out", str(tmp_path)])
+    assert [(r["block"], r["batch"]) for r in res["rows"]] == [("double", 1), ("double", 4), ("single", 1),
+                                                               ("single", 4)]
+    assert all(r["transient_gb"] >= 0 for r in res["rows"])
+    assert json.loads((tmp_path / "calibration_memory.json").read_text()) == res

@@ -14,8 +14,10 @@ from .inputs import check_images
 from .prompts import DEFAULT_PROMPTS
 
 
-# Prompts per calibration call on a GPU when ``batch_size`` is unset: FLUX.1-dev at 1024² then holds about 2 GB
-# more of activations per call, within the margin ``memory.resident_blocks`` keeps for a forward (4 GB + 4 blocks).
+# Prompts per calibration call on a GPU when ``batch_size`` is unset. A FLUX.1-dev block's forward at 1024² in BF16
+# holds 0.43-0.52 GB of transient activations for one prompt and 1.3-1.8 GB for four (double / single block,
+# benchmarks/calibration_memory.py on the CPU), within the margin ``memory.resident_blocks`` keeps for a
+# forward (4 GB + 4 blocks).
 GPU_BATCH = 4
 MAX_BATCH = 64
 
