@@ -39,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="denoising steps per prompt (default: the library's, 8)")
     ap.add_argument("--snapshots", type=int, help="(prompt, step) calls drawn as snapshots (default 128)")
     ap.add_argument("--calibration-batch", type=int,
-                    help="prompts per calibration call (default: the library's, 4 on a GPU)")
+                    help="prompts per calibration call (default: the library's, up to 4 when streaming)")
     ap.add_argument("--size", type=int, default=1024, help="image height and width")
     ap.add_argument("--recipe", default="int4")
     ap.add_argument("--max-gpu-memory", help="cap the GPU memory torch may use, e.g. 24GB")
@@ -82,7 +82,7 @@ def main(argv=None):
                         pipeline_kwargs=dict(height=size, width=size, guidance_scale=kw["guidance_scale"],
                                              max_sequence_length=kw["max_sequence_length"]))
     dev = "cpu" if args.smoke else "cuda"
-    # the transformer forwards the calibration ran, and their batch sizes (one streams the weights once)
+    # the transformer forwards the calibration ran (each streams the non-resident blocks once)
     forwards = []
     hook = pipe.transformer.register_forward_hook(lambda m, a, out: forwards.append(1))
     if dev == "cuda":
@@ -93,11 +93,12 @@ def main(argv=None):
                                max_gpu_memory=None if args.smoke else args.max_gpu_memory)
     total = time.perf_counter() - t0
     hook.remove()
+    ran = calib.for_pipeline(pipe)  # the prompts and steps the defaults gave
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     res = dict(
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)",
         commit=os.environ.get("SVDQUANT_COMMIT", ""), torch=torch.__version__, recipe=args.recipe,
-        prompts=args.prompts, steps=args.steps, snapshots=report.snapshots, size=size,
+        prompts=len(ran.prompt_list()), steps=ran.steps, snapshots=report.snapshots, size=size,
         calibration_batch=args.calibration_batch, calibration_forwards=len(forwards),
         max_gpu_memory=args.max_gpu_memory, resident=args.resident, resident_blocks=resident.get("blocks", 0),
         blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,

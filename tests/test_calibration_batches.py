@@ -4,6 +4,8 @@ prompt's own noise, and running no denoising step a prompt alone would not run."
 
 from __future__ import annotations
 
+import re
+
 import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
 import tiny_pipelines as tp
 
@@ -48,24 +50,35 @@ def test_the_default_draw_streams_the_model_half_as_often_in_batches_of_four():
     assert sum(max(d) + 1 for _, d in batched) == 216
 
 
-def test_batch_size_defaults_to_one_off_the_gpu_and_for_videos_and_edits():
+def test_batch_size_defaults_to_four_only_where_the_model_streams_to_a_gpu():
+    """Streaming (each call moves the blocks): up to four; a resident model, videos, edits, pipelines that pad a
+    batch's prompts to the longest, and calls given per-prompt arguments: one."""
     flux, wan, kontext = tm.build_flux_pipeline(), tm.build_wan_pipeline(), tm.build_kontext_pipeline()
+    zimage = tp.build_zimage_pipeline()
     c = Calibration()
-    assert c.batch_for(flux, torch.device("cpu")) == 1 and c.batch_for(flux, "cuda") == GPU_BATCH == 4
-    assert c.batch_for(flux, None) == 1
-    assert c.batch_for(wan, "cuda") == 1 and c.batch_for(kontext, "cuda") == 1
-    assert Calibration(images=[tm.input_image(0)]).batch_for(kontext, "cuda") == 1
-    assert Calibration(batch_size=3).batch_for(flux, "cpu") == 3 and Calibration(batch_size=2).batch_for(wan, "cuda") == 2
+    assert c.batch_for(flux, streaming=True) == GPU_BATCH == 4 and c.batch_for(flux, streaming=False) == 1
+    assert c.batch_for(wan, True) == c.batch_for(kontext, True) == c.batch_for(zimage, True) == 1
+    assert c.batch_for("QwenImagePipeline", True) == 1
+    assert Calibration(images=[tm.input_image(0)]).batch_for(kontext, True) == 1
+    for kw in ({"latents": torch.zeros(1)}, {"prompt_embeds": torch.zeros(1)}, {"num_images_per_prompt": 2},
+               {"ip_adapter_image": "x.png"}):
+        assert Calibration(pipeline_kwargs=kw).batch_for(flux, True) == 1, kw
+    assert Calibration(pipeline_kwargs={"num_images_per_prompt": 1, "height": 16}).batch_for(flux, True) == 4
+    assert Calibration(batch_size=3).batch_for(flux, False) == 3 and Calibration(batch_size=2).batch_for(wan, True) == 2
 
 
 @pytest.mark.parametrize("kw, message", [
     (dict(batch_size=0), "batch_size=0: must be between 1 and 64"),
     (dict(batch_size=2.0), "batch_size=2.0: must be a whole number"),
     (dict(batch_size=2, images=["x.png"]), "batch_size=2 with input images: an edit calibration runs one prompt"),
+    (dict(batch_size=2, pipeline_kwargs={"latents": 0, "num_images_per_prompt": 2}),
+     "batch_size=2 with pipeline_kwargs ['latents', 'num_images_per_prompt'], which describe one prompt's call; "
+     "leave batch_size unset or 1"),
+    (dict(batch_size=4, inputs=[{"x": 0}]), "batch_size=4 with inputs=: those are the model's calls as given"),
 ])
 def test_bad_batch_sizes_are_refused_when_the_calibration_is_made(kw, message, monkeypatch):
     monkeypatch.setattr("svdquant.calibration.config.check_images", lambda images: images)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         Calibration(**kw)
 
 
@@ -78,6 +91,8 @@ def test_a_batched_call_gives_each_prompt_its_own_noise_and_repeats_a_negative_p
                                                  "height": 16})
     assert two["prompt"] == ["b", "d"] and two["negative_prompt"] == ["blurry", "blurry"]
     assert two["negative_prompt_2"] == ["x", "y"] and two["height"] == 16
+    three = prompt_call(prompts, [0, 1, 2], 0, {"prompt_2": "t5 text", "negative_prompt": ["blurry"]})
+    assert three["prompt_2"] == ["t5 text"] * 3 and three["negative_prompt"] == ["blurry"] * 3
     seeds = [torch.randn(3, generator=g) for g in two["generator"]]
     assert all(torch.equal(s, torch.randn(3, generator=torch.Generator().manual_seed(10 + i)))
                for s, i in zip(seeds, [1, 3]))
@@ -151,10 +166,14 @@ def test_batched_calls_record_the_same_snapshots_in_fewer_model_calls(name, one_
 def test_quantize_through_batched_calls_counts_prompt_step_pairs(one_torch_thread):
     pipe = tm.build_flux_pipeline()
     ref = tm.sample(pipe)
-    c = Calibration(prompts=["a cat", "a dog on a hill", "a red cube", "two birds"], steps=2, snapshots=6,
+    rows = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]),
+                                                      with_kwargs=True)
+    c = Calibration(prompts=["a cat", "a dog on a hill", "a red cube", "two birds"], steps=2, snapshots=8,
                     batch_size=4, pipeline_kwargs=dict(tm.PIPE_KWARGS))
     report = svdquant.quantize(pipe, svdquant.get_recipe("int4", iterations=1, eval_tokens=64), c, progress=False)
-    assert report.snapshots == 6
+    hook.remove()
+    assert report.snapshots == 8 and rows == [4, 4]  # every prompt drawn at both steps: one call of four
     out = tm.sample(pipe)
     assert torch.isfinite(out).all() and 0 < (out - ref).norm() / ref.norm() < 0.05
 
@@ -198,3 +217,21 @@ def test_batched_calls_on_the_other_architectures(name, one_torch_thread):
                 torch.testing.assert_close(got[key], like[key], rtol=1e-4, atol=1e-5 * float(like[key].abs().max()))
             k += 1
     assert k == len(batched) < len(single)
+
+
+def test_a_calibration_streamed_to_a_gpu_batches_its_calls(one_torch_thread):
+    """run_calibration(streaming=True), as quantize(pipe, device="cuda") with the pipeline in CPU memory runs it: the
+    default batch (here on the CPU, where only the batch size depends on it); without streaming, one a call."""
+    from svdquant.calibration import run_calibration
+
+    pipe = tm.build_flux_pipeline()
+    prompts = ["a cat", "a dog on a hill", "a red cube", "two birds", "a boat"]
+    for streaming, want in ((True, [4, 4, 1, 1]), (False, [1] * 10)):
+        rows = []
+        hook = pipe.transformer.register_forward_pre_hook(
+            lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+        c = Calibration(prompts=prompts, steps=2, snapshots=10, pipeline_kwargs=dict(tm.PIPE_KWARGS))
+        n = run_calibration(pipe, pipe.transformer, c, lambda selector: (lambda: None), progress=False,
+                            streaming=streaming)
+        hook.remove()
+        assert n == 10 and rows == want, (streaming, rows)

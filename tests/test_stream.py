@@ -496,6 +496,7 @@ def test_quantize_pipeline_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "quantize_pipeline.json").read_text())
     assert res["snapshots"] == 4 and res["groups"] > 0 and res["resident_blocks"] == 0  # nothing resides on a CPU
     assert res["calibration_batch"] == 2 and res["calibration_forwards"] == 2
+    assert (res["prompts"], res["steps"]) == (2, 2)
     assert {"calibration", "calibration transfers", "replays", "smoothing search"} <= set(res["stages"])
 
 

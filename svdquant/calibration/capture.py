@@ -358,11 +358,11 @@ class LinearInputRecorder:
 
 
 def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks, progress: bool = True,
-                    desc: str = "calibrating", device=None) -> int:
+                    desc: str = "calibrating", streaming: bool = False) -> int:
     """Run the calibration calls; ``selector_hooks(selector)`` installs recorders and returns a closer.
 
     ``runner`` is a pipeline (called with ``prompt=``, one prompt or a batch of them: :func:`calibration_batches`,
-    :meth:`Calibration.batch_for` on ``device``, where the pipeline runs) or ``None`` when ``calib.inputs`` holds
+    :meth:`Calibration.batch_for`; ``streaming``: the model streams to a GPU) or ``None`` when ``calib.inputs`` holds
     forward kwargs for ``model``. Returns the number of snapshots ((prompt, step) pairs recorded). ``desc``: the
     progress bar's title (which expert of a two-expert pipeline).
     """
@@ -382,7 +382,7 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     prompts = calib.prompt_list()
     # an expert of a two-expert pipeline is drawn from its own steps: draws past them would record nothing
     plan = draw_plan(len(prompts), steps_of(runner, model, calib.steps), calib.snapshots, calib.seed)
-    batches = calibration_batches(plan, calib.batch_for(runner, device))
+    batches = calibration_batches(plan, calib.batch_for(runner, streaming))
     second = second_expert(runner)
     # Wan 2.2 runs its high-noise steps first: once the low-noise expert is called, the high-noise one is done
     selector = CallSelector(model, batches, after=second if second is not None and second is not model else None)
@@ -421,7 +421,8 @@ def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = T
         handle = model.register_forward_pre_hook(pre, with_kwargs=True)
         return handle.remove
 
-    run_calibration(pipe, model, calib, hooks, progress=progress, device=next(model.parameters()).device)
+    # one prompt a call unless asked: Calibration(inputs=) counts each recorded call as one snapshot
+    run_calibration(pipe, model, calib, hooks, progress=progress)
     return recorded
 
 

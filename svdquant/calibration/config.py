@@ -7,19 +7,25 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
-
-from ..models.pipeline_needs import makes_video, needs_images, with_area
+from ..models.pipeline_needs import makes_video, needs_images, pads_batched_prompts, with_area
 from .inputs import check_images
 from .prompts import DEFAULT_PROMPTS
 
 
-# Prompts per calibration call on a GPU when ``batch_size`` is unset. A FLUX.1-dev block's forward at 1024² in BF16
-# holds 0.43-0.52 GB of transient activations for one prompt and 1.3-1.8 GB for four (double / single block,
-# benchmarks/calibration_memory.py on the CPU), within the margin ``memory.resident_blocks`` keeps for a
-# forward (4 GB + 4 blocks).
+# Prompts per calibration call when ``batch_size`` is unset and the calibration streams the model to a GPU (the
+# pipeline in CPU memory: every call moves the blocks that do not stay on the GPU, once for all of its prompts). A
+# FLUX.1-dev block's forward at 1024² in BF16 holds 0.43-0.52 GB of transient activations for one prompt and
+# 1.3-1.8 GB for four (double / single block, benchmarks/calibration_memory.py on the CPU), within the margin
+# ``memory.resident_blocks`` keeps for a forward (4 GB + 4 blocks). A pipeline resident on the GPU runs one prompt a
+# call: there batching saves only launches, and its activations have no margin kept for them.
 GPU_BATCH = 4
 MAX_BATCH = 64
+def per_prompt_kwargs(kwargs: dict) -> list[str]:
+    """The keys of ``kwargs`` that describe one prompt's call, which a batch of prompts would not match: given
+    ``latents`` or ``*_embeds``, an IP-Adapter's image, ``num_images_per_prompt`` other than 1."""
+    return sorted(k for k, v in kwargs.items()
+                  if k == "latents" or k.endswith("_embeds") or k.startswith("ip_adapter_")
+                  or (k == "num_images_per_prompt" and v != 1))
 
 
 @dataclass
@@ -39,10 +45,12 @@ class Calibration:
         forward, one snapshot each (for bare models, and for tests).
     images: input images for an edit pipeline (FLUX.1 Kontext, Qwen-Image-Edit, Wan image-to-video), PIL
         images or file paths: prompt ``i`` edits image ``i mod n`` (:mod:`svdquant.calibration.inputs`).
-    batch_size: prompts per pipeline call. Prompts drawn at the same steps go through the pipeline together, so
-        a batch runs no step its prompts would not run alone, and each prompt keeps its own seeded noise
-        (``None``: :data:`GPU_BATCH` on a GPU, where one call streams the weights and launches the kernels for all
-        of its prompts; one on the CPU, for videos and for edits, whose calls are large or take one image each).
+    batch_size: prompts per pipeline call, at most. Prompts drawn at the same steps go through the pipeline
+        together, so a batch runs no step its prompts would not run alone, and each prompt keeps its own seeded
+        noise (``None``: up to :data:`GPU_BATCH` when the calibration streams the model from CPU memory to a GPU,
+        where one call moves the weights once for all of its prompts; else one, and always one for videos, edits,
+        pipelines that pad a batch's prompts to the longest (Qwen-Image, Z-Image: the padding would reach the
+        recorded tokens) and calls given per-prompt arguments such as ``latents``).
     """
 
     prompts: Sequence[str] | None = None
@@ -94,9 +102,14 @@ class Calibration:
             if "image" in self.pipeline_kwargs:
                 raise ValueError("pipeline_kwargs sets 'image' and images= is given; give the images as images=")
             self.images = check_images(self.images)
-        if self.batch_size not in (None, 1) and (self.images is not None or "image" in self.pipeline_kwargs):
-            raise ValueError(f"batch_size={self.batch_size} with input images: an edit calibration runs one prompt "
-                             "and its image per call; leave batch_size unset or 1")
+        if self.batch_size not in (None, 1):
+            why = ("input images: an edit calibration runs one prompt and its image per call"
+                   if self.images is not None or "image" in self.pipeline_kwargs else
+                   "inputs=: those are the model's calls as given" if self.inputs is not None else
+                   f"pipeline_kwargs {per_prompt_kwargs(self.pipeline_kwargs)}, which describe one prompt's call"
+                   if per_prompt_kwargs(self.pipeline_kwargs) else None)
+            if why:
+                raise ValueError(f"batch_size={self.batch_size} with {why}; leave batch_size unset or 1")
 
     DEFAULTS = {"steps": 8, "snapshots": 128}
 
@@ -115,14 +128,13 @@ class Calibration:
                 unset["pipeline_kwargs"] = sized
         return dataclasses.replace(calib, **unset) if unset else calib
 
-    def batch_for(self, pipe, device) -> int:
-        """Prompts per pipeline call on ``device``: ``batch_size``, or when unset :data:`GPU_BATCH` for an image
-        pipeline run on a GPU without input images, else one."""
+    def batch_for(self, pipe, streaming: bool) -> int:
+        """Prompts per pipeline call at most: ``batch_size``, or when unset :data:`GPU_BATCH` where the calibration
+        streams the model to a GPU (``streaming``) and nothing asks for one prompt a call (see ``batch_size``)."""
         if self.batch_size is not None:
             return self.batch_size
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        if not on_gpu or self.images is not None or "image" in self.pipeline_kwargs or makes_video(pipe) \
-                or needs_images(pipe):
+        if not streaming or self.images is not None or "image" in self.pipeline_kwargs or makes_video(pipe) \
+                or needs_images(pipe) or pads_batched_prompts(pipe) or per_prompt_kwargs(self.pipeline_kwargs):
             return 1
         return GPU_BATCH
 

@@ -37,14 +37,27 @@ def calibration_batches(plan: dict[int, set[int]], size: int) -> list[tuple[list
     return sorted(calls, key=lambda c: c[0][0])
 
 
+# Pipeline arguments given once that hold one text per prompt: repeated for each prompt of a batched call
+PER_PROMPT_TEXTS = ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
 def prompt_call(prompts: list[str], rows: list[int], seed: int, pipeline_kwargs: dict) -> dict[str, Any]:
     """The pipeline's keyword arguments for one call of the prompts ``rows``: one prompt as a string with its
     generator, as a user calls it; several as lists, each prompt with the generator it would have alone (diffusers
-    draws a batch's noise per generator), and a negative prompt given once repeated for each."""
+    draws a batch's noise per generator), and a second text or a negative prompt given once (a string, or a list of
+    one) repeated for each."""
     if len(rows) == 1:
         return {**pipeline_kwargs, "prompt": prompts[rows[0]],
                 "generator": torch.Generator("cpu").manual_seed(seed + rows[0])}
-    kw = {k: ([v] * len(rows) if k.startswith("negative_prompt") and isinstance(v, str) else v)
-          for k, v in pipeline_kwargs.items()}
+
+    def per_prompt(k, v):
+        if k in PER_PROMPT_TEXTS and isinstance(v, (str, list, tuple)):
+            if isinstance(v, str):
+                return [v] * len(rows)
+            if len(v) == 1:
+                return list(v) * len(rows)
+        return v
+
+    kw = {k: per_prompt(k, v) for k, v in pipeline_kwargs.items()}
     return {**kw, "prompt": [prompts[i] for i in rows],
             "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in rows]}

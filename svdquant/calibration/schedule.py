@@ -63,15 +63,19 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
                                         share_except=adapter.outputs)
             return holder["r"].close
 
-        count = run_calibration(pipe, model, calib, hooks, progress, desc, device=device)
+        # batched where each call streams the blocks to a GPU (Calibration.batch_for)
+        to_gpu = stream and device.type == "cuda"
+        count = run_calibration(pipe, model, calib, hooks, progress, desc, streaming=to_gpu)
         entries = holder["r"].entries
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
         return Calibrated(entries, False, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)
     first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
     count = len(calib.inputs)
     one = max(memory.nbytes(e) for e in first.values())  # one snapshot of one stack
-    # held at once: one stack's entries and the outputs made from them (and, recording every stack, all of them)
-    held = count * (2 * one if chained else memory.nbytes(first) + one)
+    # held at once: one stack's entries and the outputs made from them (and, recording every stack, all of them),
+    # scaled from the first input to all of them by their own sizes (inputs may hold different batches)
+    scale = sum(memory.nbytes(kw) for kw in calib.inputs) / max(1, memory.nbytes(calib.inputs[0]))
+    held = int(scale * (2 * one if chained else memory.nbytes(first) + one))
     on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes)
     store, pin = (device, False) if on_device or not stream else (home, home_pin)
     kept = stacks[:1] if chained else stacks

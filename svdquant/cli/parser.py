@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(prompt, step) samples drawn (default 128, tiny: 16; at most prompts x steps are)")
     p.add_argument("--tokens", type=int, help="tokens kept per layer (default: the recipe's eval_tokens)")
     p.add_argument("--calibration-batch", dest="calibration_batch", type=int, metavar="N",
-                   help="prompts per calibration call: prompts drawn at the same steps run together (default 4 on "
-                        "a GPU, 1 on the CPU and for videos and edits)")
+                   help="prompts per calibration call, at most: prompts drawn at the same steps run together "
+                        "(default: up to 4 with --stream / --max-gpu-memory, where each call streams the model to "
+                        "the GPU; else 1, and 1 for videos, edits, Qwen-Image and Z-Image)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration: which (prompt, step) samples "
                                                         "are drawn and each prompt's noise (default 0)")
     size_options(p, "calibration image")

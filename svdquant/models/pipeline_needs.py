@@ -22,6 +22,12 @@ EDIT_PIPELINES = frozenset({
 })
 
 
+# Pipelines that pad a batch's prompts to its longest (Qwen-Image's tokenizer, ``padding=True``; Z-Image's transformer,
+# ``pad_sequence`` over its prompts' captions): the padding then runs through the linears, tokens a one-prompt call
+# never has
+PADDING_PIPELINES = frozenset({"QwenImagePipeline", "ZImagePipeline"})
+
+
 # Pipelines that make a video: their output is ``.frames`` and they take ``num_frames``, which their VAE needs to be
 # k x its temporal compression + 1 (diffusers rounds any other count down, with a warning only).
 VIDEO_PIPELINES = frozenset({"WanPipeline", "WanImageToVideoPipeline"})
@@ -49,6 +55,11 @@ def makes_video(pipe) -> bool:
 # The pipeline attribute of the second expert (Wan 2.2 A14B: ``transformer`` runs the high-noise steps,
 # ``transformer_2`` the low-noise ones); a checkpoint stores it as ``<name>.safetensors``.
 SECOND_EXPERT = "transformer_2"
+
+
+def pads_batched_prompts(pipe) -> bool:
+    """Whether ``pipe`` pads a batch of prompts to the longest (:data:`PADDING_PIPELINES`, or a subclass of one)."""
+    return any(name in PADDING_PIPELINES for name in _class_names(pipe))
 
 
 def second_expert(pipe) -> nn.Module | None:

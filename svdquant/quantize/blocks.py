@@ -267,7 +267,7 @@ def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float
 
     try:
         snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress, _desc("calibrating", plan),
-                                    device=plan.device)
+                                    streaming=plan.stream and plan.device.type == "cuda")
     finally:
         if streamed is not None:
             streamed.close()
