@@ -94,8 +94,10 @@ def kernel_class(name: str) -> str:
 
 
 def profile_summary(prof) -> tuple[dict, str]:
-    """GPU milliseconds per kernel class and in all (kernels, as the device ran them), the host's milliseconds in
-    torch ops; and the tables of the top 40 kernels and host ops."""
+    """GPU milliseconds per kernel class and in all (kernels, as the device ran them), per quantizer stage (the
+    ``svdquant::<stage>`` ranges: the kernels each launched, on whichever thread; "replays" and "transfers" run
+    beside the groups' stages), the host's milliseconds per stage and in torch ops; and the tables of the top 40
+    kernels and host ops."""
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
@@ -108,6 +110,9 @@ def profile_summary(prof) -> tuple[dict, str]:
     out = dict(gpu_ms_by_class={k: round(v, 1) for k, v in sorted(dev_ms.items(), key=lambda kv: -kv[1])},
                gpu_ms_total=round(sum(dev_ms.values()), 1), kernel_launches=sum(e.count for e in kernels),
                host_op_calls=sum(e.count for e in host if e.key.startswith("aten::")))
+    stages = sorted((e for e in host if e.key.startswith("svdquant::")), key=lambda e: -e.device_time_total)
+    out["gpu_ms_by_stage"] = {e.key.split("::", 1)[1]: round(e.device_time_total / 1e3, 1) for e in stages}
+    out["host_ms_by_stage"] = {e.key.split("::", 1)[1]: round(e.cpu_time_total / 1e3, 1) for e in stages}
     tables = ""
     if kernels:
         tables += events.table(sort_by="self_device_time_total", row_limit=40) + "\n"

@@ -475,6 +475,10 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "quantize_flux.json").read_text())
     assert res["profile"]["gpu_ms_by_class"] == {} and res["profile"]["host_op_calls"] > 1000
+    # every stage a profiler range: the groups' (svdquant/algorithm/layer.py) and the run's (svdquant/_timing.py)
+    stages = res["profile"]["host_ms_by_stage"]
+    assert {"setup", "smoothing search", "refinement", "gptq", "assemble", "replays"} <= set(stages), stages
+    assert all(v > 0 for v in stages.values()) and set(res["profile"]["gpu_ms_by_stage"]) == set(stages)
     assert "aten::mm" in (tmp_path / "quantize_profile.txt").read_text()
     assert res["peak_gb"] != res["peak_gb"]  # NaN on the CPU: a field of its own, not lost in a comment
     assert res["stream"] is True and res["model_ends_on"] == ["cpu"]
@@ -580,3 +584,24 @@ def test_layers_outside_the_blocks_are_quantized_streamed_too():
     assert all(0 < r.rel_error < 0.01 for r in outside)  # per-channel INT8: the weight's own error, ~0.4 %
     assert "layers outside the blocks" in r0.stages and "layers outside the blocks" in r1.stages
     assert isinstance(plain.x_embedder, nn.Linear) and isinstance(plain.proj_out, nn.Linear)
+
+
+def test_a_stage_is_timed_and_named_for_the_profiler_even_when_it_fails():
+    """StageClock.stage (svdquant/_timing.py): wall seconds summed per stage on the CPU, an ``svdquant::<stage>``
+    profiler range around it, and an error inside it still ends the stage and reaches the caller."""
+    from torch.profiler import profile
+
+    from svdquant._timing import StageClock
+
+    clock = StageClock("cpu")
+    with profile() as prof:
+        with clock.stage("replays"):
+            torch.ones(8).sum()
+        with pytest.raises(ValueError, match="inside"):
+            with clock.stage("transfers"):
+                raise ValueError("inside")
+        with clock.stage("replays"):
+            pass
+    names = [e.key for e in prof.key_averages() if e.key.startswith("svdquant::")]
+    assert sorted(names) == ["svdquant::replays", "svdquant::transfers"]
+    assert set(clock.flush()) == {"replays", "transfers"} and all(v >= 0 for v in clock.seconds.values())

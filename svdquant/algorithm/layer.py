@@ -17,6 +17,7 @@ shared branch (SVD of the stacked weights) or one branch each.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -260,51 +261,55 @@ def quantize_linears(
     :class:`QuantizedWeights` per weight and one report for the group.
     """
     t0 = time.perf_counter()
-    k = _check_weights(weights)
-    p = _Problem(weights, inputs, recipe, post_gelu)
-    if act_max is not None and p.act_max is not None:
-        p.act_max = torch.maximum(p.act_max, (act_max.to(p.w.device).float() + p.shift_vec).abs().clamp_min(1e-5))
-    rc = recipe
-    report = LayerReport(shape=(sum(p.splits), k), method=rc.method, rank=rc.branch_rank)
+    stages: dict[str, float] = {}
+    with _stage(stages, "setup"):
+        k = _check_weights(weights)
+        p = _Problem(weights, inputs, recipe, post_gelu)
+        if act_max is not None and p.act_max is not None:
+            p.act_max = torch.maximum(p.act_max, (act_max.to(p.w.device).float() + p.shift_vec).abs().clamp_min(1e-5))
+        rc = recipe
+        report = LayerReport(shape=(sum(p.splits), k), method=rc.method, rank=rc.branch_rank, stages=stages)
+        no_branch = (p.w.new_zeros(p.w.shape[0], 0), [p.w.new_zeros(0, k)] * len(p.splits))
+        ones = torch.ones(k, device=p.w.device) if rc.activations is not None else None
+        report.rel_error_naive = math.sqrt(p.error(p.fq_act(ones), p.fq_weight(p.w), ones, *no_branch) / p.y_energy)
 
-    no_branch = (p.w.new_zeros(p.w.shape[0], 0), [p.w.new_zeros(0, k)] * len(p.splits))
-    ones = torch.ones(k, device=p.w.device) if rc.activations is not None else None
-    report.rel_error_naive = math.sqrt(p.error(p.fq_act(ones), p.fq_weight(p.w), ones, *no_branch) / p.y_energy)
-    # each stage ends in a float() of an error, a host sync on a GPU: wall time is the stage's time
-    t_stage = time.perf_counter()
-    report.stages["setup"] = t_stage - t0
+    with _stage(stages, "smoothing search"):
+        fit = _fitter(p, shared_branch, no_branch)
+        if rc.smooths:
+            lam, best = _search_smoothing(p, fit, report, concurrent)
+        else:
+            lam = ones
+            res = fit(lam)
+            best = (float(res[0]), *res[1:])
+        report.history.append(best[0])
 
-    fit = _fitter(p, shared_branch, no_branch)
-    if rc.smooths:
-        lam, best = _search_smoothing(p, fit, report, concurrent)
-    else:
-        lam = ones
-        res = fit(lam)
-        best = (float(res[0]), *res[1:])
-    report.history.append(best[0])
-    now = time.perf_counter()
-    report.stages["smoothing search"], t_stage = now - t_stage, now
-
-    if rc.method == "svdquant" and rc.iterations > 0:
-        best = _refine(p, lam, best, shared_branch, report)
-    err, up, downs, resid, wq = best
-
-    report.rel_error = report.rel_error_rtn = math.sqrt(err / p.y_energy)
-    now = time.perf_counter()
-    report.stages["refinement"], t_stage = now - t_stage, now
+    with _stage(stages, "refinement"):
+        if rc.method == "svdquant" and rc.iterations > 0:
+            best = _refine(p, lam, best, shared_branch, report)
+        err, up, downs, resid, wq = best
+        report.rel_error = report.rel_error_rtn = math.sqrt(err / p.y_energy)
     rounded = None
     if p.xtx is not None:
-        rounded, g_err = _gptq_residual(p, lam, up, downs, resid)
-        if g_err < err:  # on the scoring tokens, which GPTQ did not see; else round to nearest stays
-            report.rel_error = math.sqrt(g_err / p.y_energy)
-        else:
-            rounded = None
-        now = time.perf_counter()
-        report.stages["gptq"], t_stage = now - t_stage, now
-    out = _assemble(p, lam, up, downs, resid, biases, rounded)
-    report.stages["assemble"] = time.perf_counter() - t_stage
+        with _stage(stages, "gptq"):
+            rounded, g_err = _gptq_residual(p, lam, up, downs, resid)
+            if g_err < err:  # on the scoring tokens, which GPTQ did not see; else round to nearest stays
+                report.rel_error = math.sqrt(g_err / p.y_energy)
+            else:
+                rounded = None
+    with _stage(stages, "assemble"):
+        out = _assemble(p, lam, up, downs, resid, biases, rounded)
     report.seconds = time.perf_counter() - t0
     return out, report
+
+
+@contextlib.contextmanager
+def _stage(stages: dict[str, float], name: str):
+    """A stage of one group: its wall seconds into ``stages`` (each ends in a float() of an error, a host sync on a
+    GPU: wall time is the stage's time), and a profiler range ``svdquant::<name>`` (svdquant/_timing.py)."""
+    t = time.perf_counter()
+    with torch.profiler.record_function(f"svdquant::{name}"):
+        yield
+    stages[name] = time.perf_counter() - t
 
 
 def _check_weights(weights: list[torch.Tensor]) -> int:
