@@ -536,3 +536,61 @@ def test_gpu_w4a16_at_flux_adaln_shape(m_tokens):
     y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None, None, None)
     assert rel(y, want) < 1e-2
+
+
+# ---------------------------------------------------------------------------- q / k RMSNorm + RoPE epilogue
+def test_qk_norm_rope_reference_is_diffusers_flux_attention_in_fp32():
+    """The epilogue's reference does what diffusers' FLUX attention does to q and k between the projections and
+    the attention (``RMSNorm(D, eps=1e-6)`` per head, then ``apply_rotary_emb`` with interleaved real pairs), in fp32;
+    other columns (v, the MLP's) pass through."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    g = torch.Generator().manual_seed(seed_now())
+    seq, heads, d, extra = 12, 3, 16, 20
+    y = torch.randn(seq, 2 * heads * d + extra, generator=g)
+    theta = torch.rand(seq, d // 2, generator=g) * 6.28
+    norms = [RMSNorm(d, eps=1e-6) for _ in range(2)]
+    for n in norms:
+        n.weight.data = torch.rand(d, generator=g) + 0.5
+    want = []
+    for i, n in enumerate(norms):
+        h = n(y[:, i * heads * d:(i + 1) * heads * d].reshape(1, seq, heads, d))
+        rot = apply_rotary_emb(h, (theta.cos().repeat_interleave(2, -1), theta.sin().repeat_interleave(2, -1)),
+                               use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+        want.append(rot.reshape(seq, heads * d))
+    got = R.qk_norm_rope(y, torch.stack([n.weight.data for n in norms]), theta.cos(), theta.sin(), 2 * heads * d, seq)
+    assert torch.allclose(got[:, :2 * heads * d], torch.cat(want, 1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, 2 * heads * d:], y[:, 2 * heads * d:])
+
+
+@cpu_only
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("tables", ["contiguous", "repeated"])
+def test_int8_gemm_qk_norm_rope_epilogue_matches_reference(tma, tables):
+    """The GEMM with q / k RMSNorm + RoPE in its epilogue against the plain GEMM followed by the reference: two
+    images of 9 tokens (positions from 4 on: a text stream of 4 before them), heads of 16 columns, v and 16 more
+    columns untouched; one head per tile. The rotary tables as [positions, D / 2], or as views of diffusers' tables
+    (each angle repeated for its pair, read with a stride of 2), as the FLUX processor passes them."""
+    g = torch.Generator().manual_seed(seed_now())
+    seq, heads, d, k = 9, 2, 16, 128
+    m, n, qk_cols = 2 * seq, 3 * heads * d + 16, 2 * heads * d
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-126, 127, (n, k), generator=g, dtype=torch.int8)
+    a_s, w_s = torch.rand(m, generator=g) * 1e-2, torch.rand(n, generator=g) * 1e-3
+    la, lu = torch.randn(m, 16, generator=g), torch.randn(n, 16, generator=g)
+    qkw = torch.rand(2, d, generator=g) + 0.5
+    theta = torch.rand(4 + seq, d // 2, generator=g) * 6.28
+    cos, sin = theta.cos(), theta.sin()
+    if tables == "repeated":
+        cos, sin = cos.repeat_interleave(2, -1)[:, ::2], sin.repeat_interleave(2, -1)[:, ::2]
+    spec = dict(qk_weight=qkw, cos=cos, sin=sin, qk_cols=qk_cols, seq=seq, pos0=4, eps=1e-6)
+    kw = dict(tma=tma, num_programs=3 if tma else None, config=SMALL_GEMM)
+    plain = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, **kw)
+    fused = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=spec, **kw)
+    want = R.qk_norm_rope(plain, qkw, theta.cos(), theta.sin(), qk_cols, seq, pos0=4)
+    assert rel(fused, want) < 1e-5
+    assert torch.equal(fused[:, qk_cols:], plain[:, qk_cols:])
+    assert rel(fused[:, :qk_cols], plain[:, :qk_cols]) > 0.1  # the epilogue did something
+    with pytest.raises(ValueError, match="whole tiles of whole heads"):
+        K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=dict(spec, qk_cols=48), **kw)

@@ -497,6 +497,18 @@ def run_fresh_python(code: str) -> str:
     return out.stdout
 
 
+def on_int8_kernels(model):
+    """``model`` with every INT8-activation SVDQLinear on the INT8 runner (the GPU's path; its Triton kernels run in
+    the interpreter on a CPU machine), without TMA; returns it."""
+    from svdquant import SVDQLinear, kernels
+    from svdquant.ops.runners import Int8Runner
+
+    for lin in model.modules():
+        if isinstance(lin, SVDQLinear) and lin.activations == "int8":
+            lin._runner = Int8Runner(lin, kernels, tma=False, num_sms=0)
+    return model
+
+
 def quantized_flux(recipe: str = "int4", iterations: int = 1):
     """A tiny FLUX quantized on one calibration call, and that call's inputs: what the compile and optimize tests run."""
     import svdquant

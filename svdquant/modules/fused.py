@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from .._state import peek, state, take
 from ..formats import get_format
 from ..integrations.diffusers import compat  # diffusers' internals go through compat
+from ..ops import reference
+from ..ops.runner import QkNormRope
 from .fused_view import PROJECTIONS, view_processor, viewable
 from .linear import SVDQLinear, bump_revision
 
@@ -105,11 +107,19 @@ class FusedSVDQLinear(nn.Module):
         # dense: the members rewrote their rows of the stacked weight in place, nothing to restack
         return self._runner.restack_branch([m._runner for m in self.members])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, qk: QkNormRope | None = None) -> torch.Tensor:
+        """``qk``: the first two members are q and k, returned RMS-normed and rotated (:mod:`.flux_qk`): in the
+        GEMM's epilogue where the runner takes it, else by the torch reference after it."""
+        x2 = x.reshape(-1, self.in_features)
+        if qk is not None and self._runner is not None and self._runner.takes_qk(qk.qk_cols, qk.weight.shape[1]):
+            return self._runner(x2, qk=qk).reshape(*x.shape[:-1], self.out_features)
         if self._runner is None:
-            return torch.cat([m(x) for m in self.members], dim=-1)
-        y = self._runner(x.reshape(-1, self.in_features))
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = torch.cat([m(x) for m in self.members], dim=-1)
+        else:
+            y = self._runner(x2).reshape(*x.shape[:-1], self.out_features)
+        if qk is not None:
+            y = reference.qk_norm_rope(y.reshape(-1, self.out_features), *qk).to(y.dtype).reshape(y.shape)
+        return y
 
     def extra_repr(self) -> str:
         path = "one INT8 GEMM" if self._runner is not None else "members in turn"
@@ -199,6 +209,7 @@ def _unstack_single_block(block) -> bool:
     if stacked is None:
         return False
     del block.forward
+    take(block, "qk")  # fuse_qk's spec for the stack (svdquant.modules.flux_qk)
     block.attn._modules.pop("to_qkv", None)
     compat.set_qkv_fusion_supported(block.attn, True)  # h-diffusers
     block.attn.fused_projections = False
@@ -281,6 +292,9 @@ def unfuse_projections(model: nn.Module) -> int:
                                "hook added after svdquant.fuse); remove it before unfusing")
     n = sum(_unstack_single_block(block) for block in blocks)
     for attn in model.modules():
+        qk_processor = take(attn, "qk_processor")  # fuse_qk's processor reads the stacks: diffusers' back first
+        if qk_processor is not None:
+            attn.processor = qk_processor
         fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
         fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]
         if not fused:
@@ -402,7 +416,8 @@ def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = Fa
     """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc2's activation
     pass (or fc1's epilogue), "compiled_activations": layers whose A8 quantization inductor fuses into the input's
     producer}``. The last is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then
-    fuses fc2's quantization into its GELU kernel)."""
+    fuses fc2's quantization into its GELU kernel). FLUX.1's q / k epilogue builds on these stacks:
+    :func:`svdquant.modules.flux_qk.fuse_qk`."""
     done = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
             "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
     bump_revision()  # forwards and modules were swapped: captured CUDA graphs are stale
