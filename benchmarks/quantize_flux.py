@@ -101,7 +101,8 @@ def profile_summary(prof) -> tuple[dict, str]:
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # not the device-side copies of the svdquant::<stage> ranges (Kineto's user annotations): they span kernels
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     dev_ms = {}
     for e in kernels:
         cls = kernel_class(e.key)

@@ -63,8 +63,8 @@ def test_fuse_qk_swaps_the_processors_and_unfuse_restores_them(quantized_flux):
 
 
 def test_unfusing_the_projections_alone_puts_diffusers_processors_back(quantized_flux):
-    """svdquant.modules.fused.unfuse (what deoptimize and a weight-mode change run) after fuse_qk: the processors
-    that read the stacks go with them."""
+    """svdquant.modules.fused.unfuse (the module-level undo, without svdquant.unfuse's unfuse_qk) after fuse_qk: the
+    processors that read the stacks go with them."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     from svdquant.modules.fused import unfuse as unfuse_model
@@ -82,20 +82,64 @@ def test_unfusing_the_projections_alone_puts_diffusers_processors_back(quantized
         assert torch.equal(model(**inputs)[0], before)
 
 
-def test_the_epilogue_does_what_diffusers_norm_and_rotation_do(quantized_flux):
-    """Without the norms (weights zeroed) q and k are zero and the attention uniform: the output changes, so the
-    q / k path is really the processor's; with them, within rounding of diffusers' result."""
+def _batch_of_two(inputs: dict) -> dict:
+    """The tiny FLUX's call for two images: the second its own noise and text (positions are per image)."""
+    g = torch.Generator().manual_seed(11)
+    two = {}
+    for k, v in inputs.items():
+        if k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance") and \
+                torch.is_tensor(v):
+            other = v * 0.7 if v.ndim == 1 else torch.randn(v.shape, generator=g, dtype=v.dtype) * v.std() + v.mean()
+            two[k] = torch.cat([v, other])  # (a timestep: another step's)
+        else:
+            two[k] = v
+    return two
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_epilogue_does_what_diffusers_norm_and_rotation_do(quantized_flux, batch):
+    """With the epilogue, within rounding of diffusers' norm and rotation (one image, or two: each row at its own
+    image's positions); a norm's weight tripled moves both alike, so the q / k path really reads the norms."""
     model, inputs = quantized_flux
+    inputs = inputs if batch == 1 else _batch_of_two(inputs)
     fused, plain = copy.deepcopy(model), copy.deepcopy(model)
     svdquant.fuse(fused, qk_epilogue=True)
     svdquant.fuse(plain)
     with torch.no_grad():
         want, got = plain(**inputs)[0], fused(**inputs)[0]
+        assert got.shape[0] == batch
         assert rel(got, want) < 1e-5
         for m in (fused, plain):
             m.transformer_blocks[0].attn.norm_added_k.weight.mul_(3.0)
         moved_want, moved_got = plain(**inputs)[0], fused(**inputs)[0]
     assert rel(moved_want, want) > 1e-3 and rel(moved_got, moved_want) < 1e-5
+
+
+def test_a_processor_set_afterwards_and_a_call_without_rotation_norm_q_and_k_once(quantized_flux):
+    """A processor set after fuse_qk (diffusers' own again) makes the single block's stack leave q and k alone; a call
+    without a rotary table goes to diffusers' processor (there is nothing to rotate); an attention backend set before
+    fusing is kept, and one set since is handed back on unfusing."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    model, inputs = quantized_flux
+    plain, fused = copy.deepcopy(model), copy.deepcopy(model)
+    svdquant.fuse(plain)
+    for a in (fused.transformer_blocks[0].attn, fused.single_transformer_blocks[0].attn):
+        a.processor._attention_backend = "native"
+    svdquant.fuse(fused, qk_epilogue=True)
+    attn = fused.single_transformer_blocks[0].attn
+    assert isinstance(attn.processor, QkEpilogueFluxAttnProcessor) and attn.processor._attention_backend == "native"
+    with torch.no_grad():
+        want = plain(**inputs)[0]
+        g = torch.Generator().manual_seed(2)
+        x, e = torch.randn(1, 5, 64, generator=g), torch.randn(1, 3, 64, generator=g)
+        block = fused.transformer_blocks[0].attn
+        no_rope = block.processor(block, x, e, None, None)
+        assert all(torch.equal(a, b) for a, b in zip(no_rope, FluxAttnProcessor()(block, x, e, None, None)))
+        attn.processor = FluxAttnProcessor()  # the user's processor: the stack must not norm q / k any more
+        assert rel(fused(**inputs)[0], want) < 1e-5
+    svdquant.unfuse(fused)
+    assert fused.transformer_blocks[0].attn.processor._attention_backend == "native"
 
 
 def test_a_copied_model_uses_its_own_norms(quantized_flux):
@@ -114,7 +158,8 @@ def test_a_copied_model_uses_its_own_norms(quantized_flux):
 
 
 @interpreted
-def test_the_epilogue_on_the_int8_kernels(quantized_flux, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_epilogue_on_the_int8_kernels(quantized_flux, monkeypatch, batch):
     """The INT8 runners (Triton interpreter) as on a GPU: the stacked GEMMs normalize and rotate q / k in their
     epilogue (both streams of the double block, the single block's q/k/v + MLP stack), against the same runners
     with diffusers' norm and rotation after them. The bound is test_fused.py's for the INT8 path (1e-4: a later
@@ -123,6 +168,7 @@ def test_the_epilogue_on_the_int8_kernels(quantized_flux, monkeypatch):
     from svdquant import kernels
 
     model, inputs = quantized_flux
+    inputs = inputs if batch == 1 else _batch_of_two(inputs)
     ref, fused = tm.on_int8_kernels(copy.deepcopy(model)), tm.on_int8_kernels(copy.deepcopy(model))
     svdquant.fuse(ref)
     svdquant.fuse(fused, qk_epilogue=True)

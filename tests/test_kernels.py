@@ -594,3 +594,13 @@ def test_int8_gemm_qk_norm_rope_epilogue_matches_reference(tma, tables):
     assert rel(fused[:, :qk_cols], plain[:, :qk_cols]) > 0.1  # the epilogue did something
     with pytest.raises(ValueError, match="whole tiles of whole heads"):
         K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=dict(spec, qk_cols=48), **kw)
+    with pytest.raises(ValueError, match=r"the rotary tables must be \[positions, 8\] each"):  # diffusers' whole table
+        K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, **kw,
+                    qk_norm_rope=dict(spec, cos=cos.repeat_interleave(2, -1), sin=sin.repeat_interleave(2, -1)))
+    with pytest.raises(ValueError, match="rows at positions up to 13 but the rotary tables hold 12"):
+        K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=dict(spec, cos=cos[:12], sin=sin[:12]),
+                    **kw)
+    # tables laid out apart (one a view, one contiguous) are read through contiguous copies: the same result
+    mixed = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, **kw,
+                        qk_norm_rope=dict(spec, cos=cos.contiguous(), sin=sin.repeat_interleave(2, -1)[:, ::2]))
+    assert torch.equal(mixed, fused)

@@ -478,7 +478,8 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
     # every stage a profiler range: the groups' (svdquant/algorithm/layer.py) and the run's (svdquant/_timing.py)
     stages = res["profile"]["host_ms_by_stage"]
     assert {"setup", "smoothing search", "refinement", "gptq", "assemble", "replays"} <= set(stages), stages
-    assert all(v > 0 for v in stages.values()) and set(res["profile"]["gpu_ms_by_stage"]) == set(stages)
+    assert all(v > 0 for v in stages.values())
+    assert all(v == 0 for v in res["profile"]["gpu_ms_by_stage"].values())  # no kernels on a CPU
     assert "aten::mm" in (tmp_path / "quantize_profile.txt").read_text()
     assert res["peak_gb"] != res["peak_gb"]  # NaN on the CPU: a field of its own, not lost in a comment
     assert res["stream"] is True and res["model_ends_on"] == ["cpu"]

@@ -167,8 +167,15 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
         if not takes_qk_norm_rope(cfg, qk_norm_rope["qk_cols"], d):
             raise ValueError(f"qk_cols={qk_norm_rope['qk_cols']} (q and k) must each be whole tiles of whole heads: "
                              f"BLOCK_N {cfg['BLOCK_N']}, head {d}")
-        if qk_norm_rope["cos"].stride() != qk_norm_rope["sin"].stride():
-            raise ValueError("the rotary tables cos and sin must have the same strides")
+        cos, sin = qk_norm_rope["cos"], qk_norm_rope["sin"]
+        if cos.shape != sin.shape or cos.shape[1] != d // 2:
+            raise ValueError(f"the rotary tables must be [positions, {d // 2}] each (an angle per pair of the head's "
+                             f"columns), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        if qk_norm_rope.get("pos0", 0) + qk_norm_rope["seq"] > cos.shape[0]:
+            raise ValueError(f"rows at positions up to {qk_norm_rope.get('pos0', 0) + qk_norm_rope['seq']} but the "
+                             f"rotary tables hold {cos.shape[0]}")
+        if cos.stride() != sin.stride():  # one pair of launch constants reads both
+            qk_norm_rope = dict(qk_norm_rope, cos=cos.contiguous(), sin=sin.contiguous())
         qk = dict(qkw_ptr=qk_norm_rope["qk_weight"], cos_ptr=qk_norm_rope["cos"], sin_ptr=qk_norm_rope["sin"],
                   qk_cols=qk_norm_rope["qk_cols"], seq=qk_norm_rope["seq"], pos0=qk_norm_rope.get("pos0", 0),
                   eps=float(qk_norm_rope.get("eps", 1e-6)), ROPE_S0=qk_norm_rope["cos"].stride(0),

@@ -43,12 +43,15 @@ class QkEpilogueFluxAttnProcessor:
     """diffusers' ``FluxAttnProcessor`` (0.42) for fused projections whose q and k come normed and rotated: by the
     stacked GEMMs called here with the spec, or (a stacked single block) by the block's own GEMM."""
 
-    _attention_backend = None  # diffusers' attention dispatch reads these (set_attention_backend)
-    _parallel_config = None
+    _attention_backend = None  # diffusers' attention dispatch reads these (set_attention_backend, context
+    _parallel_config = None    # parallelism): fuse_qk carries them over from the processor it replaces
+    normed_qk = True  # a stacked single block's forward asks for the epilogue only under this processor (compat)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+        if image_rotary_emb is None:  # nothing to rotate: diffusers' processor, which norms q and k itself
+            return peek(attn).qk_processor(attn, hidden_states, encoder_hidden_states, attention_mask, None)
         if isinstance(attn.to_qkv, Projected):  # a stacked single block: its GEMM did q and k (its forward)
             query, key, value = hidden_states.chunk(3, dim=-1)
         else:
@@ -72,6 +75,12 @@ class QkEpilogueFluxAttnProcessor:
         return out, attn.to_add_out(encoder_out.contiguous())
 
 
+def _carry_dispatch(old, new) -> None:
+    """``old``'s attention backend and context-parallel config onto ``new`` (diffusers keeps them per processor)."""
+    new._attention_backend = getattr(old, "_attention_backend", None)
+    new._parallel_config = getattr(old, "_parallel_config", None)
+
+
 def _eligible(attn) -> bool:
     """A FLUX.1 attention with diffusers' processor, its projections fused by svdquant, RMS norms on q and k."""
     from diffusers.models.normalization import RMSNorm
@@ -85,9 +94,10 @@ def _eligible(attn) -> bool:
         if not isinstance(getattr(attn, "to_added_qkv", None), FusedSVDQLinear):
             return False
         norms += [attn.norm_added_q, attn.norm_added_k]
-    # FLUX's attention makes torch's RMSNorm (diffusers 0.42), older ones diffusers' own: the same computation
+    # FLUX's attention makes torch's RMSNorm (diffusers 0.42), older ones diffusers' own: the same computation; one
+    # eps for the epilogue (q's is passed for both)
     return all(isinstance(n, (RMSNorm, nn.RMSNorm)) and getattr(n, "weight", None) is not None and
-               getattr(n, "eps", None) is not None for n in norms)
+               getattr(n, "eps", None) == norms[0].eps for n in norms) and norms[0].eps is not None
 
 
 def single_block_spec(block: nn.Module, rotary, seq: int) -> QkNormRope:
@@ -108,8 +118,10 @@ def fuse_qk(model: nn.Module) -> int:
     for attn in model.modules():
         if _eligible(attn) and peek(attn).qk_processor is None and \
                 (not isinstance(attn.to_qkv, Projected) or id(attn) in stacked):
+            new = QkEpilogueFluxAttnProcessor()
+            _carry_dispatch(attn.processor, new)
             state(attn).qk_processor = attn.processor
-            attn.processor = QkEpilogueFluxAttnProcessor()  # not set_processor: it would drop nothing, but logs
+            attn.processor = new  # not set_processor: it would drop nothing, but logs
             n += 1
     if n:
         bump_revision()  # the processors changed: captured CUDA graphs are stale
@@ -123,6 +135,7 @@ def unfuse_qk(model: nn.Module) -> int:
         take(m, "qk")
         processor = take(m, "qk_processor")
         if processor is not None:
+            _carry_dispatch(m.processor, processor)  # a backend set since fusing stays
             m.processor = processor
             n += 1
     if n:

@@ -117,8 +117,9 @@ class FusedSVDQLinear(nn.Module):
             y = torch.cat([m(x) for m in self.members], dim=-1)
         else:
             y = self._runner(x2).reshape(*x.shape[:-1], self.out_features)
-        if qk is not None:
-            y = reference.qk_norm_rope(y.reshape(-1, self.out_features), *qk).to(y.dtype).reshape(y.shape)
+        if qk is not None:  # the q / k columns only (a single block's stack is 7 x 3,072 wide)
+            y2 = y.reshape(-1, self.out_features)
+            y2[:, :qk.qk_cols] = reference.qk_norm_rope(y2[:, :qk.qk_cols], *qk).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
@@ -294,6 +295,8 @@ def unfuse_projections(model: nn.Module) -> int:
     for attn in model.modules():
         qk_processor = take(attn, "qk_processor")  # fuse_qk's processor reads the stacks: diffusers' back first
         if qk_processor is not None:
+            qk_processor._attention_backend = getattr(attn.processor, "_attention_backend", None)
+            qk_processor._parallel_config = getattr(attn.processor, "_parallel_config", None)
             attn.processor = qk_processor
         fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
         fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]

@@ -205,6 +205,8 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
     stacked, qk = peek(self).stack, peek(self).qk  # qk: q / k normed and rotated by the stack (fuse_qk)
+    if not getattr(self.attn.processor, "normed_qk", False) or image_rotary_emb is None:
+        qk = None  # the processor (replaced since, or with nothing to rotate) norms q and k itself
     mlp_width = self.proj_mlp.out_features
     projected = stacked(norm_hidden_states) if qk is None else \
         stacked(norm_hidden_states, qk=qk(self, image_rotary_emb, norm_hidden_states.shape[1]))
