@@ -50,16 +50,19 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_attention_h
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
-def inputs(n, img=4096, txt=512, device="cuda", dtype=torch.bfloat16, seed=0, width=4096, pooled=768):
+def inputs(n, img=4096, txt=512, device="cuda", dtype=torch.bfloat16, seed=0, width=4096, pooled=768, batch=1):
+    """``n`` images' forward inputs, ``batch`` images a call (the last call takes what is left): what a pipeline's
+    batched calibration calls record (``Calibration(batch_size=)``)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
-    for i in range(n):
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
         out.append(dict(
-            hidden_states=torch.randn(1, img, 64, generator=g).to(device, dtype),
-            encoder_hidden_states=torch.randn(1, txt, width, generator=g).to(device, dtype),
-            pooled_projections=torch.randn(1, pooled, generator=g).to(device, dtype),
-            timestep=torch.rand(1, generator=g).to(device, dtype),
-            guidance=torch.full((1,), 3.5, device=device, dtype=dtype),
+            hidden_states=torch.randn(b, img, 64, generator=g).to(device, dtype),
+            encoder_hidden_states=torch.randn(b, txt, width, generator=g).to(device, dtype),
+            pooled_projections=torch.randn(b, pooled, generator=g).to(device, dtype),
+            timestep=torch.rand(b, generator=g).to(device, dtype),
+            guidance=torch.full((b,), 3.5, device=device, dtype=dtype),
             img_ids=torch.zeros(img, 3, device=device), txt_ids=torch.zeros(txt, 3, device=device),
             return_dict=False,
         ))
@@ -125,7 +128,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--double", type=int, default=1)
     ap.add_argument("--single", type=int, default=2)
-    ap.add_argument("--snapshots", type=int, default=128)
+    ap.add_argument("--snapshots", type=int, default=128, help="images calibrated on")
+    ap.add_argument("--batch", type=int, default=1, help="images per recorded call (a batched pipeline calibration's "
+                                                         "snapshots: the replays then run that many images a call)")
     ap.add_argument("--prompts", type=int, default=128, help="calibration prompts of the real run (estimate)")
     ap.add_argument("--steps", type=int, default=8, help="steps per prompt of the real run (estimate)")
     ap.add_argument("--recipe", default="int4")
@@ -162,7 +167,7 @@ def main(argv=None):
         model = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, **cfg)
     model = model.to(torch.bfloat16).eval()
     snaps = inputs(args.snapshots, *((64, 8) if args.smoke else (4096, 512)), device=dev,
-                   width=cfg["joint_attention_dim"], pooled=cfg["pooled_projection_dim"])
+                   width=cfg["joint_attention_dim"], pooled=cfg["pooled_projection_dim"], batch=args.batch)
     sync()
     with torch.no_grad():
         model(**snaps[0])
@@ -171,7 +176,7 @@ def main(argv=None):
         for s in snaps[:8]:
             model(**s)
         sync()
-    fwd = (time.perf_counter() - t0) / min(8, len(snaps))
+    fwd = (time.perf_counter() - t0) / sum(s["hidden_states"].shape[0] for s in snaps[:8])  # per image
     if stream:  # the model as a user's is: in CPU memory, the GPU empty
         model = model.to("cpu")
         snaps = [{k: v.to("cpu") if torch.is_tensor(v) else v for k, v in s.items()} for s in snaps]
@@ -226,7 +231,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
         recipe=args.recipe, workers=workers, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
-        snapshots=args.snapshots, seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
+        snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
         seconds_replay_overhead=overhead,  # NaN with workers > 1: the per-block seconds then add up overlapping groups
         peak_gb=peak, peak_reserved_gb=peak_reserved,

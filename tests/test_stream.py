@@ -606,3 +606,14 @@ def test_a_stage_is_timed_and_named_for_the_profiler_even_when_it_fails():
     names = [e.key for e in prof.key_averages() if e.key.startswith("svdquant::")]
     assert sorted(names) == ["svdquant::replays", "svdquant::transfers"]
     assert set(clock.flush()) == {"replays", "transfers"} and all(v >= 0 for v in clock.seconds.values())
+
+
+def test_quantize_flux_benchmark_smoke_batched_snapshots(tmp_path):
+    """``benchmarks/quantize_flux.py --smoke --batch 2``: 5 images recorded as calls of 2, 2 and 1 (a batched
+    pipeline calibration's snapshots), replayed that way."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_flux.py"), "--smoke", "--snapshots", "5",
+                        "--batch", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "quantize_flux.json").read_text())
+    assert (res["snapshots"], res["batch"], res["recorded_calls"]) == (5, 2, 3) and res["rows"]
