@@ -362,3 +362,17 @@ def test_calibration_memory_quick(tmp_path):
                                                                ("single", 4)]
     assert all(r["transient_gb"] >= 0 for r in res["rows"])
     assert json.loads((tmp_path / "calibration_memory.json").read_text()) == res
+
+
+def test_scoring_precision_quick(tmp_path):
+    """benchmarks/scoring_precision.py --quick: the demo's table with the candidates' error products read from
+    TF32-rounded operands, against fp32; the rounding itself has exact answers."""
+    import scoring_precision as sp
+
+    x = torch.tensor([1.0, 1.0 + 2**-11, 1.0 + 2**-10, 1.0 + 3 * 2**-11, 3.14159265, -2.0 - 2**-12])
+    assert sp.tf32(x).tolist() == [1.0, 1.0, 1.0 + 2**-10, 1.0 + 2**-9, 3.140625, -2.0]  # ties to even
+    rows = sp.main(["--quick", "--modes", "fp32", "tf32", "--out", str(tmp_path)])
+    assert [(r["mode"], r["recipe"]) for r in rows] == [("fp32", "w8a8"), ("tf32", "w8a8")]
+    assert all(r["psnr"] > 40 for r in rows)
+    from svdquant.algorithm import layer
+    assert layer._Problem.errors.__name__ == "errors" and layer._Problem.errors.__module__ == layer.__name__
