@@ -52,7 +52,7 @@ def _gemm(gelu: bool, tma: bool, qk: bool = False):
     sig = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8",
                w_desc=f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
                a_ptr="*i8", w_ptr="*i8", as_ptr="*fp32", ws_ptr="*fp32", la_ptr="*fp32", lu_ptr="*bf16",
-               b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32", qkw_ptr="*fp32",
+               b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32", qw_ptr="*bf16", kw_ptr="*bf16",
                cos_ptr="*fp32", sin_ptr="*fp32", qk_cols="i32", seq="i32", pos0="i32", eps="fp32")
     consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, APPROX_GELU=True, NUM_PROGRAMS=132, TMA=tma,
                   WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], QK_NORM_ROPE=qk,

@@ -144,8 +144,8 @@ def sweep_qk_epilogue(dev, sms, rows):
     from svdquant import kernels as K
     from svdquant.ops import reference as R
 
-    def after(y, qkw, cos, sin, qk_cols, seq, pos0):  # diffusers' order in fp32, one 16-bit result (inductor fuses)
-        return torch.cat([R.qk_norm_rope(y[:, :qk_cols], qkw, cos, sin, qk_cols, seq, pos0).to(y.dtype),
+    def after(y, qw, kw, cos, sin, qk_cols, seq, pos0):  # diffusers' order in fp32, one 16-bit result (inductor fuses)
+        return torch.cat([R.qk_norm_rope(y[:, :qk_cols], qw, kw, cos, sin, qk_cols, seq, pos0).to(y.dtype),
                           y[:, qk_cols:]], 1)
 
     compiled = torch.compile(after, dynamic=False)
@@ -155,23 +155,23 @@ def sweep_qk_epilogue(dev, sms, rows):
         a_s, w_s = torch.rand(mt, device=dev) * 1e-2, torch.rand(n, device=dev) * 1e-3
         la = torch.randn(mt, 32, device=dev) * 0.01
         lu = (torch.randn(n, 32, device=dev) * 0.01).to(torch.bfloat16)
-        qkw = torch.rand(2, 128, device=dev) + 0.5
+        qw, kw = ((torch.rand(128, device=dev) + 0.5).to(torch.bfloat16) for _ in range(2))  # the model's norms
         theta = torch.rand(pos0 + seq, 64, device=dev) * 6.28
         # as the FLUX processor passes them: views of diffusers' tables, each angle repeated for its pair
         cos, sin = (t.repeat_interleave(2, -1)[:, ::2] for t in (theta.cos(), theta.sin()))
-        spec = dict(qk_weight=qkw, cos=cos, sin=sin, qk_cols=6144, seq=seq, pos0=pos0)
+        spec = dict(q_weight=qw, k_weight=kw, cos=cos, sin=sin, qk_cols=6144, seq=seq, pos0=pos0)
         kw = dict(tma=True, num_programs=sms)
 
         def plain():
             return K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, **kw)
 
         def two_kernels():
-            return compiled(plain(), qkw, cos, sin, 6144, seq, pos0)
+            return compiled(plain(), qw, kw, cos, sin, 6144, seq, pos0)
 
         def fused():
             return K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, qk_norm_rope=spec, **kw)
 
-        err = rel_err(fused(), R.qk_norm_rope(plain().float(), qkw, cos, sin, 6144, seq, pos0))
+        err = rel_err(fused(), R.qk_norm_rope(plain().float(), qw, kw, cos, sin, 6144, seq, pos0))
         t_plain, t_two, t_fused = bench(plain), bench(two_kernels), bench(fused)
         row = dict(shape=name, k=k, n=n, m=mt, rel_err=err, gemm_ms=t_plain, gemm_then_norm_rope_ms=t_two,
                    fused_ms=t_fused, saved_ms_per_step=(t_two - t_fused) * per_step)

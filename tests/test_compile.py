@@ -231,7 +231,7 @@ def test_custom_ops_pass_opcheck():
     qdown, qup = padded_branch(q)
     theta = torch.rand(13, 16, generator=torch.Generator().manual_seed(4)) * 6.28
     cos, sin = (t.repeat_interleave(2, -1)[:, ::2] for t in (theta.cos(), theta.sin()))
-    epilogue = (torch.rand(2, 32) + 0.5, cos, sin, 128, 10, 3, 1e-6)
+    epilogue = (torch.rand(32) + 0.5, torch.rand(32) + 0.5, cos, sin, 128, 10, 3, 1e-6)
     torch.library.opcheck(torch.ops.svdquant.int8_linear.default,
                           (x, q.smooth_inv, qdown, qup, q.bias, q.packed_weight(), q.wmult, q.wscales.float(), False,
                            64, 0.0, 128, False, 0, False, None, None, *epilogue))

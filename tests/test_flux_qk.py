@@ -207,7 +207,7 @@ def test_gpu_epilogue_at_flux_shapes(stream):
     lu = (torch.randn(n, 32, device=dev, generator=g) * 0.01).to(torch.bfloat16)
     theta = torch.rand(n_txt + n_img, 64, device=dev, generator=g) * 6.28
     cos, sin = (t.repeat_interleave(2, -1)[:, ::2] for t in (theta.cos(), theta.sin()))
-    qkw = torch.rand(2, 128, device=dev, generator=g) + 0.5
+    qw, kw = ((torch.rand(128, device=dev, generator=g) + 0.5).to(torch.bfloat16) for _ in range(2))  # the norms
     tma = torch.cuda.get_device_capability() >= (9, 0)
     cfg = K.int8_tile_config(tma, torch.bfloat16)
     if not K.takes_qk_norm_rope(cfg, 6144, 128):
@@ -215,8 +215,8 @@ def test_gpu_epilogue_at_flux_shapes(stream):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     kw = dict(tma=tma, num_programs=sms if tma else None)
     plain = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, **kw)
-    spec = dict(qk_weight=qkw, cos=cos, sin=sin, qk_cols=6144, seq=seq, pos0=pos0, eps=1e-6)
+    spec = dict(q_weight=qw, k_weight=kw, cos=cos, sin=sin, qk_cols=6144, seq=seq, pos0=pos0, eps=1e-6)
     fused = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, qk_norm_rope=spec, **kw)
-    want = R.qk_norm_rope(plain.float(), qkw, cos, sin, 6144, seq, pos0)
+    want = R.qk_norm_rope(plain.float(), qw, kw, cos, sin, 6144, seq, pos0)
     assert rel(fused.float(), want) < 1e-2  # bf16 output; the reference starts from the plain GEMM's bf16 rounding
     assert torch.equal(fused[:, 6144:], plain[:, 6144:])

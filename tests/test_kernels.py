@@ -559,7 +559,7 @@ def test_qk_norm_rope_reference_is_diffusers_flux_attention_in_fp32():
         rot = apply_rotary_emb(h, (theta.cos().repeat_interleave(2, -1), theta.sin().repeat_interleave(2, -1)),
                                use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
         want.append(rot.reshape(seq, heads * d))
-    got = R.qk_norm_rope(y, torch.stack([n.weight.data for n in norms]), theta.cos(), theta.sin(), 2 * heads * d, seq)
+    got = R.qk_norm_rope(y, norms[0].weight.data, norms[1].weight.data, theta.cos(), theta.sin(), 2 * heads * d, seq)
     assert torch.allclose(got[:, :2 * heads * d], torch.cat(want, 1), atol=1e-5, rtol=1e-5)
     assert torch.equal(got[:, 2 * heads * d:], y[:, 2 * heads * d:])
 
@@ -579,16 +579,16 @@ def test_int8_gemm_qk_norm_rope_epilogue_matches_reference(tma, tables):
     w = torch.randint(-126, 127, (n, k), generator=g, dtype=torch.int8)
     a_s, w_s = torch.rand(m, generator=g) * 1e-2, torch.rand(n, generator=g) * 1e-3
     la, lu = torch.randn(m, 16, generator=g), torch.randn(n, 16, generator=g)
-    qkw = torch.rand(2, d, generator=g) + 0.5
+    q_norm, k_norm = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5  # q's and k's norm weights
     theta = torch.rand(4 + seq, d // 2, generator=g) * 6.28
     cos, sin = theta.cos(), theta.sin()
     if tables == "repeated":
         cos, sin = cos.repeat_interleave(2, -1)[:, ::2], sin.repeat_interleave(2, -1)[:, ::2]
-    spec = dict(qk_weight=qkw, cos=cos, sin=sin, qk_cols=qk_cols, seq=seq, pos0=4, eps=1e-6)
+    spec = dict(q_weight=q_norm, k_weight=k_norm, cos=cos, sin=sin, qk_cols=qk_cols, seq=seq, pos0=4, eps=1e-6)
     kw = dict(tma=tma, num_programs=3 if tma else None, config=SMALL_GEMM)
     plain = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, **kw)
     fused = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=spec, **kw)
-    want = R.qk_norm_rope(plain, qkw, theta.cos(), theta.sin(), qk_cols, seq, pos0=4)
+    want = R.qk_norm_rope(plain, q_norm, k_norm, theta.cos(), theta.sin(), qk_cols, seq, pos0=4)
     assert rel(fused, want) < 1e-5
     assert torch.equal(fused[:, qk_cols:], plain[:, qk_cols:])
     assert rel(fused[:, :qk_cols], plain[:, :qk_cols]) > 0.1  # the epilogue did something
@@ -599,6 +599,10 @@ def test_int8_gemm_qk_norm_rope_epilogue_matches_reference(tma, tables):
                     qk_norm_rope=dict(spec, cos=cos.repeat_interleave(2, -1), sin=sin.repeat_interleave(2, -1)))
     with pytest.raises(ValueError, match="rows at positions up to 13 but the rotary tables hold 12"):
         K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=dict(spec, cos=cos[:12], sin=sin[:12]),
+                    **kw)
+    with pytest.raises(ValueError, match=r"the q and k norm weights must be two \[D\] tensors of one dtype, got \(16,\) "
+                       r"torch.float32 and \(16,\) torch.bfloat16"):
+        K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, qk_norm_rope=dict(spec, k_weight=k_norm.bfloat16()),
                     **kw)
     # tables laid out apart (one a view, one contiguous) are read through contiguous copies: the same result
     mixed = K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.float32, **kw,

@@ -31,7 +31,7 @@ def int8_gemm_kernel(
     APPROX_GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
-    qkw_ptr=None, cos_ptr=None, sin_ptr=None, qk_cols=0, seq=1, pos0=0, eps=1e-6,
+    qw_ptr=None, kw_ptr=None, cos_ptr=None, sin_ptr=None, qk_cols=0, seq=1, pos0=0, eps=1e-6,
     QK_NORM_ROPE: tl.constexpr = False, HEAD_D: tl.constexpr = 128, ROPE_S0: tl.constexpr = 64,
     ROPE_S1: tl.constexpr = 1,
 ):
@@ -76,24 +76,27 @@ def int8_gemm_kernel(
             y = gelu_tanh(y, APPROX_GELU)
         if QK_NORM_ROPE:  # q / k columns (whole tiles of whole heads): RMSNorm per head, then the rotary embedding
             if off_n < qk_cols:
-                y = _qk_norm_rope(y, qkw_ptr, cos_ptr, sin_ptr, (off_n >= qk_cols // 2).to(tl.int32), offs_am, mmask,
-                                  seq, pos0, eps, ROPE_S0, ROPE_S1, BLOCK_M, BLOCK_N, HEAD_D)
+                w_norm = qw_ptr
+                if off_n >= qk_cols // 2:  # k's heads (a pointer chosen per tile: loading both and choosing per
+                    w_norm = kw_ptr        # element spilled 160 B of stack on sm_90)
+                y = _qk_norm_rope(y, w_norm, cos_ptr, sin_ptr, offs_am, mmask, seq, pos0, eps, ROPE_S0, ROPE_S1,
+                                  BLOCK_M, BLOCK_N, HEAD_D)
         tl.store(y_ptr + offs_am[:, None] * stride_ym + offs_wn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
-def _qk_norm_rope(y, qkw_ptr, cos_ptr, sin_ptr, which, offs_am, mmask, seq, pos0, eps, rope_s0: tl.constexpr,
+def _qk_norm_rope(y, w_ptr, cos_ptr, sin_ptr, offs_am, mmask, seq, pos0, eps, rope_s0: tl.constexpr,
                   rope_s1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """``y`` [BLOCK_M, BLOCK_N] fp32, whole heads of ``D`` columns of q (``which`` 0) or k (1): each head divided
-    by its root mean square and multiplied by the norm's weight (``qkw`` [2, D]), then its (even, odd) pairs
-    rotated by the token's angles (``cos`` / ``sin`` [positions, D / 2] with strides ``rope_s0`` / ``rope_s1``:
-    diffusers' tables repeat each angle twice, read here with a stride of 2; constants of the launch, since as
-    arguments their address arithmetic spilled 96 B of stack on sm_90 against 48; row m is position
+    """``y`` [BLOCK_M, BLOCK_N] fp32, whole heads of ``D`` columns of q or k: each head divided by its root mean
+    square and multiplied by its norm's weight (``w`` [D], the model's own tensor), then its (even,
+    odd) pairs rotated by the token's angles (``cos`` / ``sin`` [positions, D / 2] with strides ``rope_s0`` /
+    ``rope_s1``: diffusers' tables repeat each angle twice, read here with a stride of 2; constants of the launch,
+    since as arguments their address arithmetic spilled 96 B of stack on sm_90 against 48; row m is position
     ``pos0 + m % seq``)."""
     y3 = tl.reshape(y, [BLOCK_M, BLOCK_N // D, D])
     r = tl.math.rsqrt(tl.sum(y3 * y3, axis=2) / D + eps)
-    w = tl.load(qkw_ptr + which * D + tl.arange(0, D))
+    w = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)
     y3 = y3 * r[:, :, None] * w[None, None, :]
     x0, x1 = tl.split(tl.reshape(y3, [BLOCK_M, BLOCK_N // D, D // 2, 2]))
     pos = pos0 + offs_am % seq
@@ -142,11 +145,12 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
     """Launch the GEMM. ``a`` ``[M, K]`` int8, ``a_scale`` ``[M]`` fp32, ``w`` ``[N, K]`` int8, ``w_scale`` ``[N]``
     fp32 (K a multiple of ``BLOCK_K``), ``lora_act`` ``[M, R]`` fp32, ``lora_up`` ``[N, R]``, ``bias`` ``[N]``.
     ``tma=True`` (sm_90+) uses tensor descriptors (``w_desc``: a prepared one for ``w``); ``num_programs``: the
-    persistent grid size (the SM count), else one program per tile. ``qk_norm_rope``: a dict ``qk_weight`` [2, D]
-    fp32 (q's and k's RMSNorm weights), ``cos`` / ``sin`` [positions, D / 2] fp32 (any strides, the same for
-    both: a view of diffusers' repeated tables, ``cos[:, ::2]``), ``qk_cols`` (the first columns
-    are q then k heads, a whole number of tiles), ``seq`` and ``pos0`` (row m is position ``pos0 + m % seq``),
-    ``eps``: the q / k heads normalized and rotated in the epilogue (:func:`svdquant.ops.reference.qk_norm_rope`)."""
+    persistent grid size (the SM count), else one program per tile. ``qk_norm_rope``: a dict ``q_weight`` /
+    ``k_weight`` [D] (q's and k's RMSNorm weights, as the model holds them), ``cos`` / ``sin`` [positions, D / 2]
+    fp32 (any strides, the same for both: a view of diffusers' repeated tables, ``cos[:, ::2]``), ``qk_cols`` (the
+    first columns are q then k heads, a whole number of tiles), ``seq`` and ``pos0`` (row m is position
+    ``pos0 + m % seq``), ``eps``: the q / k heads normalized and rotated in the epilogue
+    (:func:`svdquant.ops.reference.qk_norm_rope`)."""
     cfg = config or tile_config(tma)  # read only
     m, k = a.shape
     n = w.shape[0]
@@ -163,7 +167,11 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
     has_lora = lora_act is not None
     qk = {}
     if qk_norm_rope is not None:
-        d = qk_norm_rope["qk_weight"].shape[1]
+        d = qk_norm_rope["q_weight"].shape[0]
+        qw, kw = qk_norm_rope["q_weight"], qk_norm_rope["k_weight"]
+        if qw.shape != (d,) or kw.shape != (d,) or qw.dtype != kw.dtype:  # one pointer type reads either
+            raise ValueError(f"the q and k norm weights must be two [D] tensors of one dtype, got {tuple(qw.shape)} "
+                             f"{qw.dtype} and {tuple(kw.shape)} {kw.dtype}")
         if not takes_qk_norm_rope(cfg, qk_norm_rope["qk_cols"], d):
             raise ValueError(f"qk_cols={qk_norm_rope['qk_cols']} (q and k) must each be whole tiles of whole heads: "
                              f"BLOCK_N {cfg['BLOCK_N']}, head {d}")
@@ -176,10 +184,11 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
                              f"rotary tables hold {cos.shape[0]}")
         if cos.stride() != sin.stride():  # one pair of launch constants reads both
             qk_norm_rope = dict(qk_norm_rope, cos=cos.contiguous(), sin=sin.contiguous())
-        qk = dict(qkw_ptr=qk_norm_rope["qk_weight"], cos_ptr=qk_norm_rope["cos"], sin_ptr=qk_norm_rope["sin"],
-                  qk_cols=qk_norm_rope["qk_cols"], seq=qk_norm_rope["seq"], pos0=qk_norm_rope.get("pos0", 0),
-                  eps=float(qk_norm_rope.get("eps", 1e-6)), ROPE_S0=qk_norm_rope["cos"].stride(0),
-                  ROPE_S1=qk_norm_rope["cos"].stride(1), QK_NORM_ROPE=True, HEAD_D=d)
+        qk = dict(qw_ptr=qk_norm_rope["q_weight"], kw_ptr=qk_norm_rope["k_weight"], cos_ptr=qk_norm_rope["cos"],
+                  sin_ptr=qk_norm_rope["sin"], qk_cols=qk_norm_rope["qk_cols"], seq=qk_norm_rope["seq"],
+                  pos0=qk_norm_rope.get("pos0", 0), eps=float(qk_norm_rope.get("eps", 1e-6)),
+                  ROPE_S0=qk_norm_rope["cos"].stride(0), ROPE_S1=qk_norm_rope["cos"].stride(1), QK_NORM_ROPE=True,
+                  HEAD_D=d)
     int8_gemm_kernel[(programs,)](
         a_desc, w_desc, a, w, a_scale, w_scale,
         lora_act if has_lora else a_scale, lora_up if has_lora else a_scale, bias if bias is not None else a_scale, y,

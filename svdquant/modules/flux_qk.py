@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .._state import peek, state, take
 from ..ops.runner import QkNormRope
-from .fused import FusedSVDQLinear, Projected
+from .fused import FusedSVDQLinear, Projected, carry_dispatch
 from .linear import bump_revision
 
 
@@ -31,8 +31,7 @@ def qk_spec(norm_q: nn.Module, norm_k: nn.Module, rotary, qk_cols: int, seq: int
     """The epilogue's arguments for q / k normed by ``norm_q`` / ``norm_k`` (``RMSNorm``s) and rotated by
     ``rotary`` (diffusers' ``(cos, sin)`` [positions, D], each angle repeated for its pair: read every other one)."""
     cos, sin = rotary
-    return QkNormRope(torch.stack([norm_q.weight, norm_k.weight]).float(), cos[:, ::2], sin[:, ::2], qk_cols, seq,
-                      pos0, float(norm_q.eps))
+    return QkNormRope(norm_q.weight, norm_k.weight, cos[:, ::2], sin[:, ::2], qk_cols, seq, pos0, float(norm_q.eps))
 
 
 def _qk_cols(stack: FusedSVDQLinear) -> int:
@@ -75,12 +74,6 @@ class QkEpilogueFluxAttnProcessor:
         return out, attn.to_add_out(encoder_out.contiguous())
 
 
-def _carry_dispatch(old, new) -> None:
-    """``old``'s attention backend and context-parallel config onto ``new`` (diffusers keeps them per processor)."""
-    new._attention_backend = getattr(old, "_attention_backend", None)
-    new._parallel_config = getattr(old, "_parallel_config", None)
-
-
 def _eligible(attn) -> bool:
     """A FLUX.1 attention with diffusers' processor, its projections fused by svdquant, RMS norms on q and k."""
     from diffusers.models.normalization import RMSNorm
@@ -119,7 +112,7 @@ def fuse_qk(model: nn.Module) -> int:
         if _eligible(attn) and peek(attn).qk_processor is None and \
                 (not isinstance(attn.to_qkv, Projected) or id(attn) in stacked):
             new = QkEpilogueFluxAttnProcessor()
-            _carry_dispatch(attn.processor, new)
+            carry_dispatch(attn.processor, new)
             state(attn).qk_processor = attn.processor
             attn.processor = new  # not set_processor: it would drop nothing, but logs
             n += 1
@@ -135,7 +128,7 @@ def unfuse_qk(model: nn.Module) -> int:
         take(m, "qk")
         processor = take(m, "qk_processor")
         if processor is not None:
-            _carry_dispatch(m.processor, processor)  # a backend set since fusing stays
+            carry_dispatch(m.processor, processor)  # a backend set since fusing stays
             m.processor = processor
             n += 1
     if n:

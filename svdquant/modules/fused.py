@@ -110,14 +110,14 @@ class FusedSVDQLinear(nn.Module):
     def forward(self, x: torch.Tensor, qk: QkNormRope | None = None) -> torch.Tensor:
         """``qk``: the first two members are q and k, returned RMS-normed and rotated (:mod:`.flux_qk`): in the
         GEMM's epilogue where the runner takes it, else by the torch reference after it."""
-        x2 = x.reshape(-1, self.in_features)
-        if qk is not None and self._runner is not None and self._runner.takes_qk(qk.qk_cols, qk.weight.shape[1]):
-            return self._runner(x2, qk=qk).reshape(*x.shape[:-1], self.out_features)
         if self._runner is None:
-            y = torch.cat([m(x) for m in self.members], dim=-1)
+            y, in_gemm = torch.cat([m(x) for m in self.members], dim=-1), False
         else:
-            y = self._runner(x2).reshape(*x.shape[:-1], self.out_features)
-        if qk is not None:  # the q / k columns only (a single block's stack is 7 x 3,072 wide)
+            in_gemm = qk is not None and self._runner.takes_qk(qk.qk_cols, qk.q_weight.shape[0])
+            x2 = x.reshape(-1, self.in_features)
+            y = self._runner(x2, qk=qk) if in_gemm else self._runner(x2)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        if qk is not None and not in_gemm:  # the q / k columns only (a single block's stack is 7 x 3,072 wide)
             y2 = y.reshape(-1, self.out_features)
             y2[:, :qk.qk_cols] = reference.qk_norm_rope(y2[:, :qk.qk_cols], *qk).to(y.dtype)
         return y
@@ -283,6 +283,13 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
     return n
 
 
+def carry_dispatch(old, new) -> None:
+    """``old``'s attention backend and context-parallel config onto ``new``, a processor put in its place (diffusers
+    keeps them per processor: ``set_attention_backend``, context parallelism)."""
+    new._attention_backend = getattr(old, "_attention_backend", None)
+    new._parallel_config = getattr(old, "_parallel_config", None)
+
+
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member layer holds its own weights again."""
     blocks = [b for b in model.modules() if peek(b).stack is not None]
@@ -295,8 +302,7 @@ def unfuse_projections(model: nn.Module) -> int:
     for attn in model.modules():
         qk_processor = take(attn, "qk_processor")  # fuse_qk's processor reads the stacks: diffusers' back first
         if qk_processor is not None:
-            qk_processor._attention_backend = getattr(attn.processor, "_attention_backend", None)
-            qk_processor._parallel_config = getattr(attn.processor, "_parallel_config", None)
+            carry_dispatch(attn.processor, qk_processor)
             attn.processor = qk_processor
         fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
         fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]

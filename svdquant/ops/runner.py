@@ -31,10 +31,12 @@ from ..formats import get_format
 class QkNormRope(NamedTuple):
     """What a FLUX attention does to q and k between the projections and the attention, for a stacked q/k/v runner
     to do in its epilogue: each head of q (the first ``qk_cols / 2`` output columns) and of k (the next) RMS-normed
-    with ``weight`` [2, D] fp32 (q's, k's) and ``eps``, then its (even, odd) pairs rotated by ``cos`` / ``sin``
-    [positions, D / 2] at the position ``pos0 + row % seq`` (:func:`svdquant.ops.reference.qk_norm_rope`)."""
+    with ``q_weight`` / ``k_weight`` [D] (the norms' own tensors) and ``eps``, then its (even, odd) pairs rotated by
+    ``cos`` / ``sin`` [positions, D / 2] at the position ``pos0 + row % seq``
+    (:func:`svdquant.ops.reference.qk_norm_rope`)."""
 
-    weight: torch.Tensor
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     qk_cols: int

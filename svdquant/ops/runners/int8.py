@@ -131,7 +131,7 @@ class Int8Runner(Runner):
         # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
         speed = self.w is not None
         w, mult = (self.w, None) if speed else (self.packed, self.mult)
-        epilogue = () if qk is None else (qk.weight, qk.cos, qk.sin, qk.qk_cols, qk.seq, qk.pos0, qk.eps)
+        epilogue = () if qk is None else tuple(qk)
         if torch.compiler.is_compiling() and self.act_in_graph and not self.a4:
             # inductor writes the concatenation and the GELU from the producers' kernels
             if self.input_gelu_from is not None:
