@@ -82,9 +82,11 @@ def main(argv=None):
                         pipeline_kwargs=dict(height=size, width=size, guidance_scale=kw["guidance_scale"],
                                              max_sequence_length=kw["max_sequence_length"]))
     dev = "cpu" if args.smoke else "cuda"
-    # the transformer forwards the calibration ran (each streams the non-resident blocks once)
-    forwards = []
-    hook = pipe.transformer.register_forward_hook(lambda m, a, out: forwards.append(1))
+    # the transformer forwards the calibration ran whole (each streams the non-resident blocks once), and those it
+    # began: a call's last drawn forward ends at the first block
+    forwards, begun = [], []
+    hooks = [pipe.transformer.register_forward_hook(lambda m, a, out: forwards.append(1)),
+             pipe.transformer.register_forward_pre_hook(lambda m, a: begun.append(1))]
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -92,7 +94,8 @@ def main(argv=None):
     report = svdquant.quantize(pipe, args.recipe, calib, progress=not args.smoke, device=dev,
                                max_gpu_memory=None if args.smoke else args.max_gpu_memory)
     total = time.perf_counter() - t0
-    hook.remove()
+    for h in hooks:
+        h.remove()
     ran = calib.for_pipeline(pipe)  # the prompts and steps the defaults gave
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     res = dict(
@@ -100,6 +103,7 @@ def main(argv=None):
         commit=os.environ.get("SVDQUANT_COMMIT", ""), torch=torch.__version__, recipe=args.recipe,
         prompts=len(ran.prompt_list()), steps=ran.steps, snapshots=report.snapshots, size=size,
         calibration_batch=args.calibration_batch, calibration_forwards=len(forwards),
+        calibration_forwards_ended_early=len(begun) - len(forwards),
         max_gpu_memory=args.max_gpu_memory, resident=args.resident, resident_blocks=resident.get("blocks", 0),
         blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,

@@ -43,11 +43,12 @@ def test_batches_record_every_drawn_pair_once_and_run_no_extra_step(prompts, ste
 
 def test_the_default_draw_streams_the_model_half_as_often_in_batches_of_four():
     """128 snapshots of 128 prompts x 8 steps (the large-model default): 412 model calls one prompt at a time,
-    216 in batches of four (each streams the weights once, under a memory cap)."""
+    216 in batches of four (each streams the weights once, under a memory cap). Each call's last drawn forward ends
+    at the first block (tests/test_calibration_last_forward.py), so 329 and 177 of them run whole."""
     plan = draw_plan(128, 8, 128, seed=0)
     single, batched = calibration_batches(plan, 1), calibration_batches(plan, GPU_BATCH)
-    assert sum(max(d) + 1 for _, d in single) == 412
-    assert sum(max(d) + 1 for _, d in batched) == 216
+    assert sum(max(d) + 1 for _, d in single) == 412 and sum(max(d) for _, d in single) == 329
+    assert sum(max(d) + 1 for _, d in batched) == 216 and sum(max(d) for _, d in batched) == 177
 
 
 def test_batch_size_defaults_to_four_only_where_the_model_streams_to_a_gpu():

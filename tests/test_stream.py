@@ -492,7 +492,8 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
 def test_quantize_pipeline_benchmark_smoke(tmp_path):
     """``benchmarks/quantize_pipeline.py --smoke``: a tiny FLUX pipeline calibrated through its prompts and
     quantized, streamed on the CPU; the report the GPU call writes. Both prompts are drawn at both steps, so in
-    batches of two the calibration runs two transformer forwards instead of four."""
+    batches of two the calibration runs one whole transformer forward instead of four: step 0's (the chain check,
+    and the trajectory), while step 1's, the call's last drawn, ends at the first block."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_pipeline.py"), "--smoke", "--prompts",
                         "2", "--steps", "2", "--snapshots", "4", "--calibration-batch", "2", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300,
@@ -500,7 +501,8 @@ def test_quantize_pipeline_benchmark_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "quantize_pipeline.json").read_text())
     assert res["snapshots"] == 4 and res["groups"] > 0 and res["resident_blocks"] == 0  # nothing resides on a CPU
-    assert res["calibration_batch"] == 2 and res["calibration_forwards"] == 2
+    assert res["calibration_batch"] == 2 and res["calibration_forwards"] == 1
+    assert res["calibration_forwards_ended_early"] == 1
     assert (res["prompts"], res["steps"]) == (2, 2)
     assert {"calibration", "calibration transfers", "replays", "smoothing search"} <= set(res["stages"])
 

@@ -13,7 +13,9 @@ Other hooks record only while a drawn call runs:
   blocks can later be replayed one at a time (:mod:`svdquant.calibration.replay`); with ``stop``
   it ends the forward right there (:func:`run_inputs` catches it): calibrating on
   forward inputs, nothing after the first block is needed when the replays can derive
-  the later stacks' entries, which :class:`ChainCheck` verifies on one full forward;
+  the later stacks' entries, which :class:`ChainCheck` verifies on one full forward. Through a pipeline, with
+  ``finish_calls``, it ends the call's last drawn forward once it holds that forward's entries: nothing later in
+  the call is needed, the denoising trajectory included;
 * :class:`LinearInputRecorder` keeps, per group of linears that share an input, the
   running ``max |X_j|`` over every token and a fixed-seed random subset of tokens.
 """
@@ -38,7 +40,8 @@ from .offload import move
 
 
 class _StopPrompt(Exception):
-    """Raised from the model's pre-hook once a prompt's last drawn call has run."""
+    """Raised from the model's pre-hook once a prompt's last drawn call has run, or by a recorder that holds all it
+    needs of the last drawn call (:attr:`CallSelector.last`)."""
 
 
 class CallSelector:
@@ -48,13 +51,15 @@ class CallSelector:
     prompt, or several drawn at the same steps); :meth:`start` is told its drawn steps and how many prompts it holds.
 
     ``calls``: the model calls the batches draw (what a recorder spreads its tokens over); ``n_active``: the
-    (prompt, step) pairs recorded so far, a batched call counting each of its prompts."""
+    (prompt, step) pairs recorded so far, a batched call counting each of its prompts; ``last``: the current model
+    call is the snapshot of the pipeline call's last drawn step (a recorder that has what it needs of it may end
+    the pipeline call there); ``forward``: how many model calls began so far (which one a hook sees)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[tuple[list[int], set[int]]], after: nn.Module | None = None):
         """``after``: a model whose call means ``model``'s steps are over (the low-noise expert of a two-expert
         pipeline, when the high-noise one calibrates): the call stops there rather than run the rest for nothing."""
         self.calls = sum(len(steps) for _, steps in batches)
-        self.active, self.n_active = False, 0
+        self.active, self.last, self.n_active, self.forward = False, False, 0, 0
         self.start(set(), 1)
         self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
         if after is not None:
@@ -62,18 +67,20 @@ class CallSelector:
 
     def start(self, steps: set[int], rows: int):
         """A new pipeline call: its drawn ``steps``, for ``rows`` prompts."""
-        self.wanted, self.rows, self.step, self.active, self._t = steps, rows, -1, False, None
+        self.wanted, self.rows, self.step, self.active, self.last, self._t = steps, rows, -1, False, False, None
 
     def _pre(self, module, args, kwargs):
+        self.forward += 1
         t = timestep_of(module, args, kwargs)
         if t is None or self._t is None or not same(t, self._t):
             self.step += 1
             if not self.wanted or self.step > max(self.wanted):
                 raise _StopPrompt
             self.active = self.step in self.wanted
+            self.last = self.active and self.step == max(self.wanted)
             self.n_active += self.rows if self.active else 0
         else:  # the step's second call (the unconditional one): its first was the snapshot
-            self.active = False
+            self.active = self.last = False
         self._t = t
 
     def _stop(self, module, args):
@@ -135,21 +142,27 @@ class EntryRecorder:
         rotary embedding, the same for every call at one resolution) is replaced by the first's object, so
         that one copy is held, not one per snapshot; the names given (the block outputs) are never compared.
     first: snapshots already recorded, per stack (they come first and are the ones shared with).
+    finish_calls: through a pipeline (``selector``), end the pipeline call (``_StopPrompt``) in its last drawn
+        forward (:attr:`CallSelector.last`) once every stack recorded has its entry of that forward. Settable:
+        the pipeline calibration turns it on once the first forward has shown which stacks it must record.
     """
 
     def __init__(self, model: nn.Module, stacks: Sequence[str], selector: CallSelector | None, store_device,
                  pin: bool = False, *, stop: bool = False, share_except: Sequence[str] | None = None,
-                 first: dict[str, list[dict[str, Any]]] | None = None):
+                 first: dict[str, list[dict[str, Any]]] | None = None, finish_calls: bool = False):
         if stop and len(stacks) != 1:
             raise ValueError("EntryRecorder(stop=True) records one stack")
         self.entries: dict[str, list[dict[str, Any]]] = {s: list((first or {}).get(s, [])) for s in stacks}
         self.selector, self.store_device, self.pin, self.stop = selector, store_device, pin, stop
+        self.finish_calls = finish_calls
         self.share_except = None if share_except is None else set(share_except)
-        self._handles = []
+        self._seen: tuple[int, set[str]] = (-1, set())  # the stacks recorded in the selector's current forward
+        self._handles = {}
         for s in stacks:
             block = model.get_submodule(s)[0]
-            self._handles.append(block.register_forward_pre_hook(self._hook(s, block), with_kwargs=True,
-                                                                 prepend=stop))
+            # first where the forward may end here, so that a streamed block is not onloaded for nothing
+            self._handles[s] = block.register_forward_pre_hook(self._hook(s, block), with_kwargs=True,
+                                                               prepend=stop or selector is not None)
 
     def _hook(self, stack, block):
         def pre(module, args, kwargs):
@@ -161,10 +174,24 @@ class EntryRecorder:
                 kept.append(snap)
                 if self.stop:
                     raise _EntryRecorded
+                if self.finish_calls and self.selector is not None and self.selector.last:
+                    forward, seen = self._seen
+                    if forward != self.selector.forward:
+                        seen = set()
+                        self._seen = (self.selector.forward, seen)
+                    seen.add(stack)
+                    if seen >= self.entries.keys():
+                        raise _StopPrompt
         return pre
 
+    def keep(self, stacks: Sequence[str]) -> None:
+        """Record only ``stacks`` from now on, and drop what was recorded of the others (the replays derive them)."""
+        for s in [s for s in self.entries if s not in stacks]:
+            del self.entries[s]
+            self._handles.pop(s).remove()
+
     def close(self):
-        for h in self._handles:
+        for h in self._handles.values():
             h.remove()
 
 
@@ -358,13 +385,14 @@ class LinearInputRecorder:
 
 
 def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks, progress: bool = True,
-                    desc: str = "calibrating", streaming: bool = False) -> int:
+                    desc: str = "calibrating", streaming: bool = False, on_stop=None) -> int:
     """Run the calibration calls; ``selector_hooks(selector)`` installs recorders and returns a closer.
 
     ``runner`` is a pipeline (called with ``prompt=``, one prompt or a batch of them: :func:`calibration_batches`,
     :meth:`Calibration.batch_for`; ``streaming``: the model streams to a GPU) or ``None`` when ``calib.inputs`` holds
     forward kwargs for ``model``. Returns the number of snapshots ((prompt, step) pairs recorded). ``desc``: the
-    progress bar's title (which expert of a two-expert pipeline).
+    progress bar's title (which expert of a two-expert pipeline). ``on_stop()`` cleans up after a call that a hook
+    ended inside the model's forward (a streamed block left on the device).
     """
     calib = calib.for_pipeline(runner)
     if calib.inputs is not None:
@@ -396,7 +424,8 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
                     runner(num_inference_steps=calib.steps, output_type="latent", **image_for(calib.images, rows[0]),
                            **kw)
                 except _StopPrompt:
-                    pass
+                    if on_stop is not None:
+                        on_stop()
                 bar.update(len(rows))
     finally:
         close()
@@ -418,6 +447,8 @@ def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = T
         def pre(module, args, kwargs):
             if selector.active:
                 recorded.append(keep_entry(_bind(module, args, kwargs), next(module.parameters()).device))
+                if selector.last:  # the call's last drawn forward: what it would compute is not needed
+                    raise _StopPrompt
         handle = model.register_forward_pre_hook(pre, with_kwargs=True)
         return handle.remove
 

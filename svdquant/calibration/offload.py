@@ -219,6 +219,14 @@ class Streamed:
             if unit.loaded:
                 unit.offload()
 
+    def settle(self) -> None:
+        """After a forward the calibration ended early: every unit its end would have sent home goes home; the
+        resident blocks (and the rest with them) stay for the next call, as after a whole forward."""
+        stay = {id(u) for u in self.resident}
+        for unit in self._units():
+            if unit.loaded and id(unit) not in stay:
+                unit.offload()
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()

@@ -5,7 +5,9 @@ on the device or at home as the memory policy says (:mod:`svdquant.calibration.m
 inputs, the whole forwards would compute nothing the replays do not compute again: once one forward has shown
 that the model chains its stacks as the replays do (each stack's last block returns what the next stack's first
 takes: FLUX's double and single blocks), the other forwards stop at the first block and the last block of a
-stack makes the next stack's inputs.
+stack makes the next stack's inputs. Through a pipeline the forwards before a call's last drawn step must run whole
+(they make the denoising trajectory), but its last drawn forward stops as soon as it has given what is recorded:
+at the first block when the stacks chain.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
                      progress: bool, desc: str = "calibrating") -> Calibrated:
     """Runs the calibration calls, keeping the arguments of each stack's first block (the snapshots).
 
-    Through a pipeline, every call runs whole (the denoising trajectory needs every step) and each stack's entry
-    is recorded. On forward inputs (``Calibration(inputs=)``), the whole forward computes nothing the block
+    Through a pipeline, a call's forwards run whole up to its last drawn step (the denoising trajectory needs
+    them), and the first of them is checked as below: if the model chains its stacks, only the first stack's
+    entries are kept (those recorded before the check ended included) and every call's last drawn forward stops
+    at the first block; if not, each stack's entry is recorded and that forward stops at the last stack's first
+    block. A one-stack model's calls stop at the first block from the start. On forward inputs (``Calibration(inputs=)``), the whole forward computes nothing the block
     replays do not compute again: the first input runs whole under a :class:`ChainCheck`, and if the model
     chains its blocks and stacks the way the replays do (FLUX: each stack's last block returns what the next
     stack's first block takes), the other inputs stop at the first block and only the first stack's entries
@@ -59,16 +64,21 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
         holder: dict[str, EntryRecorder] = {}
 
         def hooks(selector):
-            holder["r"] = EntryRecorder(model, stacks, selector, home_store, pin=home_pin,
-                                        share_except=adapter.outputs)
-            return holder["r"].close
+            rec = holder["r"] = EntryRecorder(model, stacks, selector, home_store, pin=home_pin,
+                                              share_except=adapter.outputs, finish_calls=len(stacks) == 1)
+            if len(stacks) == 1:
+                return rec.close
+            check_first = chain_after_first_forward(model, adapter, rec)
+            return lambda: (check_first(), rec.close())
 
         # batched where each call streams the blocks to a GPU (Calibration.batch_for)
         to_gpu = stream and device.type == "cuda"
-        count = run_calibration(pipe, model, calib, hooks, progress, desc, streaming=to_gpu)
+        count = run_calibration(pipe, model, calib, hooks, progress, desc, streaming=to_gpu,
+                                on_stop=streamed.settle if streamed is not None else None)
         entries = holder["r"].entries
+        chained = len(stacks) > 1 and len(entries) == 1
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
-        return Calibrated(entries, False, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)
+        return Calibrated(entries, chained, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)
     first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
     count = len(calib.inputs)
     one = max(memory.nbytes(e) for e in first.values())  # one snapshot of one stack
@@ -88,6 +98,33 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     return Calibrated(rec.entries, chained, on_device, count)
 
 
+def chain_check(model, adapter) -> ChainCheck:
+    """A :class:`ChainCheck` over every block up to the last stack's first."""
+    seqs = [model.get_submodule(s) for s in adapter.stacks]
+    return ChainCheck([b for seq in seqs[:-1] for b in seq] + [seqs[-1][0]], adapter.outputs)
+
+
+def chain_after_first_forward(model, adapter, rec: EntryRecorder):
+    """Through a pipeline: checks the model's first forward (:func:`chain_check`); once it has run, ``rec`` keeps the
+    first stack only if the stacks chain, and ends each call's last drawn forward as soon as it holds that forward's
+    entries. Returns the closer of the check."""
+    check = chain_check(model, adapter)
+    handle = None
+
+    def after_first(module, args, out):
+        close()
+        if check.ok:
+            rec.keep(adapter.stacks[:1])
+        rec.finish_calls = True
+
+    def close():
+        handle.remove()
+        check.close()
+
+    handle = model.register_forward_hook(after_first)
+    return close
+
+
 def record_first(model, adapter, kw: dict, store, on_stop) -> tuple[dict[str, list[dict]], bool]:
     """The first snapshot's entry of every stack (a list each: empty if the model never called the stack), from
     one forward on ``kw``, and whether the replays may derive the later stacks' entries (:class:`ChainCheck`
@@ -101,8 +138,7 @@ def record_first(model, adapter, kw: dict, store, on_stop) -> tuple[dict[str, li
         finally:
             rec.close()
         return rec.entries, True
-    seqs = [model.get_submodule(s) for s in stacks]
-    check = ChainCheck([b for seq in seqs[:-1] for b in seq] + [seqs[-1][0]], adapter.outputs)
+    check = chain_check(model, adapter)
     rec = EntryRecorder(model, stacks, None, store)
     try:
         model(**kw)
