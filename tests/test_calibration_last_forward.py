@@ -10,6 +10,8 @@ blocks run.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
 
 import pytest
@@ -35,7 +37,7 @@ class _WholeForwards(EntryRecorder):
 
 def whole_forwards(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(calib_schedule, "EntryRecorder", _WholeForwards)
-    mp.setattr(calib_schedule, "chain_after_first_forward", lambda *a: (lambda: None))
+    mp.setattr(calib_schedule, "chain_after_first_forward", lambda *a: SimpleNamespace(close=lambda: None, chained=False))
 
 
 def completed(module: nn.Module) -> list[int]:
@@ -183,3 +185,50 @@ def test_settle_sends_home_what_a_whole_forward_would_and_keeps_the_resident_blo
         assert [u.loaded for u in units] == [True, False, False] and streamed.rest.loaded
         assert {p.device.type for p in blocks[1].parameters()} == {"cpu"}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_controlnet_residuals_are_named_and_a_zero_scaled_controlnet_is_not_chained():
+    """A ControlNet scaled to 0 at the first step (``control_guidance_start``) adds zeros between the blocks: the
+    forward chains bit for bit, but later steps add real residuals, so a call that passes them is never chained."""
+    from svdquant.calibration.chain import adds_between_blocks
+    from svdquant.calibration.schedule import chain_after_first_forward
+    from svdquant.models import get_adapter
+
+    assert adds_between_blocks({"controlnet_block_samples": [torch.zeros(1)], "hidden_states": torch.zeros(1)})
+    assert adds_between_blocks({"block_controlnet_hidden_states": (torch.zeros(1),)})
+    assert not adds_between_blocks({"controlnet_block_samples": None, "controlnet_single_block_samples": None,
+                                    "hidden_states": torch.zeros(1)})
+    model = tm.build_flux(seed=0, dtype=torch.bfloat16, num_layers=2, num_single_layers=1)
+    adapter = get_adapter(model)
+    x = tm.flux_inputs(model, seed=0)
+    for residuals, chained in ((None, True), ([torch.zeros(1, 16, tm.HIDDEN, dtype=torch.bfloat16)], False)):
+        rec = EntryRecorder(model, adapter.stacks, None, "cpu")
+        check = chain_after_first_forward(model, adapter, rec)
+        assert not rec.finish_calls
+        with torch.no_grad():
+            model(**x, controlnet_block_samples=residuals)
+        assert check.chained is chained and rec.finish_calls
+        assert list(rec.entries) == list(adapter.stacks[:1] if chained else adapter.stacks)
+        assert all(len(e) == 1 for e in rec.entries.values())
+        check.close()
+        rec.close()
+        assert not hooks_left(model)
+
+
+def test_settle_sends_home_the_rest_when_nothing_is_resident():
+    """With no resident block the model's rest (embedders, norm_out) goes home too, as after a whole forward."""
+    model = tm.build_flux(seed=0, dtype=torch.bfloat16, num_layers=1, num_single_layers=1)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+
+    def stop(m, a, kw):
+        raise RuntimeError("stop")
+
+    with Streamed(model, blocks, "meta", "cpu") as streamed:
+        handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        with pytest.raises(RuntimeError, match="stop"):
+            model(**tm.flux_inputs(model, seed=0))
+        handle.remove()
+        assert streamed.rest.loaded and streamed.unit(blocks[0]).loaded
+        streamed.settle()
+        assert not streamed.rest.loaded and not streamed.unit(blocks[0]).loaded
+        assert {p.device.type for p in model.parameters()} == {"cpu"}

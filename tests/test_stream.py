@@ -231,6 +231,8 @@ def force_chained(monkeypatch, chained: bool) -> None:
         return entries.entries, False
 
     monkeypatch.setattr(calib_schedule, "record_first", forced)
+    if chained:  # ControlNet residuals in the inputs too
+        monkeypatch.setattr(calib_schedule, "adds_between_blocks", lambda kw: False)
 
 
 def count_calls(module: nn.Module) -> list[int]:
@@ -251,20 +253,21 @@ def quantize_counting(model, calib, **kw):
 def test_inputs_calibration_stops_at_the_first_block_and_is_bit_identical(monkeypatch):
     """Calibrating on forward inputs, one full forward (the check that FLUX chains its two stacks) and the other
     forwards stop at the first double block; the single blocks' inputs come from the replays. The result is bit
-    for bit that of running every forward whole (the path before; still the path through a pipeline), with
-    the snapshots held on the device and with them moved per block (spilled) alike."""
+    for bit that of recording both stacks from the forwards (the fallback, forced: the forwards after the first
+    then stop at the first single block), with the snapshots held on the device and with them moved per block
+    (spilled) alike."""
     model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 3))
     fast, whole, spilled = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     r_fast, n_fast = quantize_counting(fast, calib, device="cpu")
     with monkeypatch.context() as mp:
         force_chained(mp, False)
-        mp.setattr(calib_memory, "hold_snapshots", lambda *a: False)  # today's path: every forward whole, snapshots moved
+        mp.setattr(calib_memory, "hold_snapshots", lambda *a: False)  # both stacks recorded, snapshots moved
         r_whole, n_whole = quantize_counting(whole, calib, device="cpu")
     with monkeypatch.context() as mp:
         mp.setattr(calib_memory, "hold_snapshots", lambda *a: False)
         r_spilled, n_spilled = quantize_counting(spilled, calib, device="cpu")
-    assert (n_fast, n_whole, n_spilled) == (1, 3, 1)
+    assert (n_fast, n_whole, n_spilled) == (1, 1, 1)
     assert_same_state(whole, fast)
     assert_same_state(whole, spilled)
     rows = [(r.names, r.rel_error) for r in r_whole.rows]
@@ -274,7 +277,8 @@ def test_inputs_calibration_stops_at_the_first_block_and_is_bit_identical(monkey
 
 
 def test_one_stack_model_never_runs_a_whole_forward(monkeypatch):
-    """SD3 has one stack: no stack to derive, so not even the first input runs past the first block."""
+    """SD3 has one stack: no stack to derive, so not even the first input runs past the first block (forcing the
+    check on the first input, only that one runs whole)."""
     model = tm.build_sd3(seed=0, dtype=DTYPE)
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("sd3", model, 2))
     fast, whole = copy.deepcopy(model), copy.deepcopy(model)
@@ -282,15 +286,16 @@ def test_one_stack_model_never_runs_a_whole_forward(monkeypatch):
     with monkeypatch.context() as mp:
         force_chained(mp, False)
         _, n_whole = quantize_counting(whole, calib)
-    assert (n_fast, n_whole) == (0, 2)
+    assert (n_fast, n_whole) == (0, 1)
     assert_same_state(whole, fast)
     assert not hooks_left(fast)
 
 
 def test_a_model_that_does_not_chain_its_stacks_falls_back_to_whole_forwards(monkeypatch):
     """FLUX with ControlNet residuals in its inputs adds them to the last double block's outputs before the single
-    blocks: the check fails on the first input, every input runs whole, and the single blocks replay on exactly
-    the inputs the real forward gives them. Forcing the shortcut instead would replay them on other inputs."""
+    blocks: the check fails on the first input, the other inputs run up to the first single block, whose
+    arguments are kept, and the single blocks replay on exactly the inputs the real forward gives them. Forcing
+    the shortcut instead would replay them on other inputs."""
     model = tm.build_flux(seed=0, dtype=DTYPE)
     inputs = tm.calibration_inputs("flux", model, 2)
     g = torch.Generator().manual_seed(7)
@@ -310,8 +315,9 @@ def test_a_model_that_does_not_chain_its_stacks_falls_back_to_whole_forwards(mon
     truth = entries_of_single(model, lambda: [model(**kw) for kw in inputs])  # the 16-bit model, whole forwards
     fell_back, forced = copy.deepcopy(model), copy.deepcopy(model)
     seen = entries_of_single(fell_back, lambda: quantize_counting(fell_back, calib, device="cpu"))
-    assert len(seen) == 2 + 2  # the calibration's two whole forwards, then the two replays
-    assert all(torch.equal(a, b) for a, b in zip(seen[2:], truth))
+    # the first input's whole forward, then the two replays (the second input's forward ended before this hook)
+    assert len(seen) == 1 + 2
+    assert all(torch.equal(a, b) for a, b in zip(seen[1:], truth))
     with monkeypatch.context() as mp:
         force_chained(mp, True)
         seen_forced = entries_of_single(forced, lambda: quantize_counting(forced, calib, device="cpu"))
@@ -324,7 +330,7 @@ def test_a_model_that_does_not_chain_its_stacks_falls_back_to_whole_forwards(mon
 def test_chain_check_on_a_plain_forward():
     """ChainCheck alone: FLUX's blocks chain (double -> double -> single); a residual added between the stacks
     (ControlNet's) or a block called twice breaks it."""
-    from svdquant.calibration.capture import ChainCheck
+    from svdquant.calibration.chain import ChainCheck
 
     model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
     chain = [*model.transformer_blocks, model.single_transformer_blocks[0]]

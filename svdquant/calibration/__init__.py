@@ -6,8 +6,9 @@ Where things live:
 * ``prompts.py``: the 128 built-in prompts;
 * ``draw.py``: which (prompt, step) pairs are drawn, and the pipeline calls that run them (prompts drawn at the
   same steps together);
-* ``capture.py``: the hooks (which calls are snapshots, each stack's first-block arguments, the linears' inputs)
-  and the check that a model chains its blocks as the replays do;
+* ``capture.py``: the hooks (which calls are snapshots, each stack's first-block arguments, the linears' inputs);
+* ``chain.py``: the check that a model chains its blocks as the replays do (then only the first stack's inputs
+  are recorded, and the forwards stop at the first block);
 * ``schedule.py``: which calibration calls run and how far (:func:`calibrate_stacks`);
 * ``replay.py``: the blocks replayed in 16 bits on the snapshots, on a side CUDA stream on a GPU;
 * ``offload.py``: a CPU-held model streamed through a GPU one piece at a time;

@@ -13,7 +13,7 @@ Other hooks record only while a drawn call runs:
   blocks can later be replayed one at a time (:mod:`svdquant.calibration.replay`); with ``stop``
   it ends the forward right there (:func:`run_inputs` catches it): calibrating on
   forward inputs, nothing after the first block is needed when the replays can derive
-  the later stacks' entries, which :class:`ChainCheck` verifies on one full forward. Through a pipeline, with
+  the later stacks' entries, which :class:`~svdquant.calibration.chain.ChainCheck` verifies on one full forward. Through a pipeline, with
   ``finish_calls``, it ends the call's last drawn forward once it holds that forward's entries: nothing later in
   the call is needed, the denoising trajectory included;
 * :class:`LinearInputRecorder` keeps, per group of linears that share an input, the
@@ -23,7 +23,6 @@ Other hooks record only while a drawn call runs:
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Any, Sequence
 
@@ -33,6 +32,7 @@ import torch.nn as nn
 from .._progress import progress as progress_bar
 from ..integrations.diffusers.compat import forget_hook_registry_cache
 from ..models.pipeline_needs import second_expert, steps_of
+from .chain import bound_arguments, same, share_repeats
 from .config import Calibration
 from .draw import calibration_batches, draw_plan, prompt_call
 from .inputs import image_for
@@ -53,24 +53,26 @@ class CallSelector:
     ``calls``: the model calls the batches draw (what a recorder spreads its tokens over); ``n_active``: the
     (prompt, step) pairs recorded so far, a batched call counting each of its prompts; ``last``: the current model
     call is the snapshot of the pipeline call's last drawn step (a recorder that has what it needs of it may end
-    the pipeline call there); ``forward``: how many model calls began so far (which one a hook sees)."""
+    the pipeline call there).
+
+    Its hooks come before any other on the model (a streamed model's onload included): a call it ends is not
+    moved to the device for nothing."""
 
     def __init__(self, model: nn.Module, batches: Sequence[tuple[list[int], set[int]]], after: nn.Module | None = None):
         """``after``: a model whose call means ``model``'s steps are over (the low-noise expert of a two-expert
         pipeline, when the high-noise one calibrates): the call stops there rather than run the rest for nothing."""
         self.calls = sum(len(steps) for _, steps in batches)
-        self.active, self.last, self.n_active, self.forward = False, False, 0, 0
+        self.active, self.last, self.n_active = False, False, 0
         self.start(set(), 1)
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)]
         if after is not None:
-            self._handles.append(after.register_forward_pre_hook(self._stop))
+            self._handles.append(after.register_forward_pre_hook(self._stop, prepend=True))
 
     def start(self, steps: set[int], rows: int):
         """A new pipeline call: its drawn ``steps``, for ``rows`` prompts."""
         self.wanted, self.rows, self.step, self.active, self.last, self._t = steps, rows, -1, False, False, None
 
     def _pre(self, module, args, kwargs):
-        self.forward += 1
         t = timestep_of(module, args, kwargs)
         if t is None or self._t is None or not same(t, self._t):
             self.step += 1
@@ -91,11 +93,6 @@ class CallSelector:
             h.remove()
 
 
-def _bind(module: nn.Module, args, kwargs) -> dict[str, Any]:
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return dict(bound.arguments)
-
-
 # what diffusers' denoisers call their timestep argument (Z-Image: ``t``; SDXL's UNet takes it second, positionally)
 TIMESTEP_ARGS = ("timestep", "t")
 
@@ -104,7 +101,7 @@ def timestep_of(module: nn.Module, args, kwargs):
     """The timestep ``module`` is called with, or None for a model that takes none (or a call it cannot bind)."""
     if not any(name in kwargs for name in TIMESTEP_ARGS):
         try:
-            kwargs = _bind(module, args, kwargs)
+            kwargs = bound_arguments(module, args, kwargs)
         except TypeError:
             return None
     return next((kwargs[name] for name in TIMESTEP_ARGS if kwargs.get(name) is not None), None)
@@ -142,9 +139,15 @@ class EntryRecorder:
         rotary embedding, the same for every call at one resolution) is replaced by the first's object, so
         that one copy is held, not one per snapshot; the names given (the block outputs) are never compared.
     first: snapshots already recorded, per stack (they come first and are the ones shared with).
-    finish_calls: through a pipeline (``selector``), end the pipeline call (``_StopPrompt``) in its last drawn
-        forward (:attr:`CallSelector.last`) once every stack recorded has its entry of that forward. Settable:
-        the pipeline calibration turns it on once the first forward has shown which stacks it must record.
+    finish_calls: end a forward once every stack recorded has its entry of it: through a pipeline (``selector``)
+        only the call's last drawn forward (:attr:`CallSelector.last`), ending the pipeline call (``_StopPrompt``);
+        on forward inputs every forward (``_EntryRecorded``, which :func:`run_inputs` catches). Settable: the
+        pipeline calibration turns it on once the first forward has shown which stacks it must record.
+
+    The hooks come before any other on the block (a streamed block's onload included) where the forward may end
+    there: a block is not moved to the device for nothing, and the arguments kept are the ones the block is called
+    with, before another pre-hook of the block changes them (the replays call the block, so such a hook runs
+    there, once).
     """
 
     def __init__(self, model: nn.Module, stacks: Sequence[str], selector: CallSelector | None, store_device,
@@ -156,32 +159,29 @@ class EntryRecorder:
         self.selector, self.store_device, self.pin, self.stop = selector, store_device, pin, stop
         self.finish_calls = finish_calls
         self.share_except = None if share_except is None else set(share_except)
-        self._seen: tuple[int, set[str]] = (-1, set())  # the stacks recorded in the selector's current forward
+        self._seen: set[str] = set()  # the stacks recorded in the current forward
         self._handles = {}
         for s in stacks:
             block = model.get_submodule(s)[0]
-            # first where the forward may end here, so that a streamed block is not onloaded for nothing
-            self._handles[s] = block.register_forward_pre_hook(self._hook(s, block), with_kwargs=True,
-                                                               prepend=stop or selector is not None)
+            self._handles[s] = block.register_forward_pre_hook(
+                self._hook(s, block), with_kwargs=True, prepend=stop or finish_calls or selector is not None)
 
     def _hook(self, stack, block):
         def pre(module, args, kwargs):
             if self.selector is None or self.selector.active:
-                snap = keep_entry(_bind(block, args, kwargs), self.store_device, self.pin)
+                snap = keep_entry(bound_arguments(block, args, kwargs), self.store_device, self.pin)
                 kept = self.entries[stack]
                 if kept and self.share_except is not None:
                     share_repeats(snap, kept[0], self.share_except)
                 kept.append(snap)
                 if self.stop:
                     raise _EntryRecorded
-                if self.finish_calls and self.selector is not None and self.selector.last:
-                    forward, seen = self._seen
-                    if forward != self.selector.forward:
-                        seen = set()
-                        self._seen = (self.selector.forward, seen)
-                    seen.add(stack)
-                    if seen >= self.entries.keys():
-                        raise _StopPrompt
+                if self.finish_calls and (self.selector is None or self.selector.last):
+                    if stack == next(iter(self.entries)):  # stacks run in order: the first begins a forward
+                        self._seen = set()
+                    self._seen.add(stack)
+                    if self._seen >= self.entries.keys():
+                        raise _EntryRecorded if self.selector is None else _StopPrompt
         return pre
 
     def keep(self, stacks: Sequence[str]) -> None:
@@ -201,121 +201,6 @@ def _detach(v):
     if isinstance(v, (list, tuple)):
         return type(v)(_detach(t) for t in v)
     return v
-
-
-def next_inputs(inputs: dict[str, Any], out, outputs: Sequence[str]) -> dict[str, Any]:
-    """The next block's arguments as the replays make them: this block's ``inputs`` with its outputs (``out``, a
-    tuple or one tensor, named by ``outputs`` in order) in place of the same-named ones."""
-    return {**inputs, **dict(zip(outputs, out if isinstance(out, tuple) else (out,)))}
-
-
-_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` read as integers of its width: equality of bits (NaN equals NaN, -0.0 differs from 0.0)."""
-    width = _SAME_WIDTH.get(t.element_size()) if t.dtype.is_floating_point or t.dtype.is_complex else None
-    if width is None:
-        return t
-    try:
-        return t.view(width)
-    except RuntimeError:  # a dtype torch will not reinterpret: its values then
-        return t
-
-
-def same(a, b) -> bool:
-    """Bit for bit the same value: tensors of one dtype, shape, strides and device holding the same bits; dicts
-    (same keys), lists and tuples of such, item by item; anything else by ``==``."""
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and a.stride() == b.stride() and a.device == b.device and torch.equal(_bits(a), _bits(b)))
-    if isinstance(a, dict) or isinstance(b, dict):
-        return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # an == that does not give one truth value
-        return False
-
-
-def share_repeats(snap: dict[str, Any], first: dict[str, Any], skip) -> None:
-    """Points each value of ``snap`` (but those named in ``skip``) that is bit for bit ``first``'s at ``first``'s
-    object, in place."""
-    for k, v in snap.items():
-        if k not in skip and k in first and v is not first[k] and same(v, first[k]):
-            snap[k] = first[k]
-
-
-def _keep(v):
-    """A copy of a tensor (in containers) with the same strides, so that :func:`same` can compare it later."""
-    if torch.is_tensor(v):
-        v = v.detach()
-        try:
-            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
-        except RuntimeError:  # overlapping memory (an expanded tensor): a plain copy, whose strides then differ
-            return v.clone()
-    if isinstance(v, dict):
-        return {k: _keep(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-        return type(v)(_keep(x) for x in v)
-    return v
-
-
-class ChainCheck:
-    """Whether a model chains its blocks the way the replays do, checked on one forward: each of ``blocks`` (in
-    the order the model calls them; the first block of a later stack included) runs once, and its arguments are
-    bit for bit the previous block's with its outputs put in (:func:`next_inputs`). Then the replays' outputs of
-    a stack's last block give the next stack's entry, and the forward need not run past the first block. It
-    fails on FLUX with ControlNet residuals, which the model adds to a block's outputs before the next block.
-
-    Hooks the blocks until :meth:`close`; ``ok`` says the result once the forward has run. Holds one block's
-    arguments and outputs (copies: an in-place change between two blocks would otherwise go unseen)."""
-
-    def __init__(self, blocks: Sequence[nn.Module], outputs: Sequence[str]):
-        self.outputs = tuple(outputs)
-        self.n = len(blocks)
-        self._ok, self._expect, self._done = True, 0, False
-        self._args: dict[str, Any] | None = None
-        self._derived: dict[str, Any] | None = None
-        self._handles = []
-        for i, b in enumerate(blocks):
-            self._handles.append(b.register_forward_pre_hook(self._pre(i, b), with_kwargs=True))
-            if i < self.n - 1:
-                self._handles.append(b.register_forward_hook(self._post(i)))
-
-    @property
-    def ok(self) -> bool:
-        return self._ok and self._done
-
-    def _pre(self, i, block):
-        def pre(module, args, kwargs):
-            bound = _bind(block, args, kwargs)
-            if i != self._expect or self._done:  # out of order, or a block called twice
-                self._ok = False
-            elif i > 0:
-                self._ok = self._ok and same(self._derived, bound)
-            self._derived, self._expect = None, -1
-            if i < self.n - 1:
-                self._args = _keep(bound)
-            else:
-                self._done = True
-        return pre
-
-    def _post(self, i):
-        def post(module, args, out):
-            if self._args is None:
-                self._ok = False
-                return
-            self._derived = next_inputs(self._args, _keep(out), self.outputs)
-            self._args, self._expect = None, i + 1
-        return post
-
-    def close(self):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._args = self._derived = None
 
 
 def tokens_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -446,7 +331,7 @@ def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = T
     def hooks(selector):
         def pre(module, args, kwargs):
             if selector.active:
-                recorded.append(keep_entry(_bind(module, args, kwargs), next(module.parameters()).device))
+                recorded.append(keep_entry(bound_arguments(module, args, kwargs), next(module.parameters()).device))
                 if selector.last:  # the call's last drawn forward: what it would compute is not needed
                     raise _StopPrompt
         handle = model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -177,7 +177,8 @@ class Streamed:
             self._stream_block(b, self.other_block_units[-1])
 
     def _stream_block(self, block: nn.Module, unit: DeviceUnit, offload_after: bool = True) -> None:
-        # prepended, as at the model's entry: other hooks on the block (the snapshot recorder) see it loaded
+        # prepended, as at the model's entry: hooks registered on the block before streaming began see it loaded
+        # (a snapshot recorder that may end the forward there goes first: it reads only the block's arguments)
         self._handles.append(block.register_forward_pre_hook(lambda m, a: self._onload(unit), prepend=True))
         if offload_after:
             self._handles.append(block.register_forward_hook(lambda m, a, o: unit.offload()))

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from .._timing import StageClock
-from .capture import LinearInputRecorder, keep_entry, next_inputs
+from .capture import LinearInputRecorder, keep_entry
+from .chain import next_inputs
 from .offload import move
 
 

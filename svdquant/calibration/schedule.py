@@ -5,7 +5,7 @@ on the device or at home as the memory policy says (:mod:`svdquant.calibration.m
 inputs, the whole forwards would compute nothing the replays do not compute again: once one forward has shown
 that the model chains its stacks as the replays do (each stack's last block returns what the next stack's first
 takes: FLUX's double and single blocks), the other forwards stop at the first block and the last block of a
-stack makes the next stack's inputs. Through a pipeline the forwards before a call's last drawn step must run whole
+stack makes the next stack's inputs (if not, they stop at the last stack's first block). Through a pipeline the forwards before a call's last drawn step must run whole
 (they make the denoising trajectory), but its last drawn forward stops as soon as it has given what is recorded:
 at the first block when the stacks chain.
 """
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from .._memory import tensor_bytes
 from .._timing import StageClock
 from . import memory
-from .capture import ChainCheck, EntryRecorder, run_calibration, run_inputs
+from .capture import EntryRecorder, run_calibration, run_inputs
+from .chain import ChainCheck, adds_between_blocks
 from .offload import move
 
 
@@ -46,12 +47,13 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     them), and the first of them is checked as below: if the model chains its stacks, only the first stack's
     entries are kept (those recorded before the check ended included) and every call's last drawn forward stops
     at the first block; if not, each stack's entry is recorded and that forward stops at the last stack's first
-    block. A one-stack model's calls stop at the first block from the start. On forward inputs (``Calibration(inputs=)``), the whole forward computes nothing the block
-    replays do not compute again: the first input runs whole under a :class:`ChainCheck`, and if the model
-    chains its blocks and stacks the way the replays do (FLUX: each stack's last block returns what the next
-    stack's first block takes), the other inputs stop at the first block and only the first stack's entries
-    are kept; otherwise (ControlNet residuals added between blocks...) they run whole, as through a pipeline.
-    Either way the replays then see bit for bit the same block inputs. ``blocks``: the model's (name, block)
+    block. A one-stack model's calls stop at the first block from the start. On forward inputs
+    (``Calibration(inputs=)``), the whole forward computes nothing the block replays do not compute again: the
+    first input runs whole under a :class:`ChainCheck`, and if the model chains its blocks and stacks the way the
+    replays do (FLUX: each stack's last block returns what the next stack's first block takes) and no input passes
+    ControlNet residuals, the other inputs stop at the first block and only the first stack's entries are kept;
+    otherwise (residuals added between blocks, FLUX.2's and Z-Image's stacks) they stop at the last stack's first
+    block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the model's (name, block)
     pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when streaming, else None;
     ``desc``: the progress bar's title.
     """
@@ -68,18 +70,19 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
                                               share_except=adapter.outputs, finish_calls=len(stacks) == 1)
             if len(stacks) == 1:
                 return rec.close
-            check_first = chain_after_first_forward(model, adapter, rec)
-            return lambda: (check_first(), rec.close())
+            holder["chain"] = chain_after_first_forward(model, adapter, rec)
+            return lambda: (holder["chain"].close(), rec.close())
 
         # batched where each call streams the blocks to a GPU (Calibration.batch_for)
         to_gpu = stream and device.type == "cuda"
         count = run_calibration(pipe, model, calib, hooks, progress, desc, streaming=to_gpu,
                                 on_stop=streamed.settle if streamed is not None else None)
         entries = holder["r"].entries
-        chained = len(stacks) > 1 and len(entries) == 1
+        chained = "chain" in holder and holder["chain"].chained
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
         return Calibrated(entries, chained, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)
     first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
+    chained = chained and not any(adds_between_blocks(kw) for kw in calib.inputs)
     count = len(calib.inputs)
     one = max(memory.nbytes(e) for e in first.values())  # one snapshot of one stack
     # held at once: one stack's entries and the outputs made from them (and, recording every stack, all of them),
@@ -89,7 +92,8 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes)
     store, pin = (device, False) if on_device or not stream else (home, home_pin)
     kept = stacks[:1] if chained else stacks
-    rec = EntryRecorder(model, kept, None, store, pin, stop=chained, share_except=adapter.outputs,
+    # every forward ends once it has given its entries: at the first block when chained, else at the last stack's
+    rec = EntryRecorder(model, kept, None, store, pin, finish_calls=True, share_except=adapter.outputs,
                         first={s: [move(e, store, pin=pin) for e in first[s]] for s in kept})
     try:
         run_inputs(model, calib.inputs[1:], on_stop=on_stop, progress=progress)
@@ -104,25 +108,34 @@ def chain_check(model, adapter) -> ChainCheck:
     return ChainCheck([b for seq in seqs[:-1] for b in seq] + [seqs[-1][0]], adapter.outputs)
 
 
-def chain_after_first_forward(model, adapter, rec: EntryRecorder):
-    """Through a pipeline: checks the model's first forward (:func:`chain_check`); once it has run, ``rec`` keeps the
-    first stack only if the stacks chain, and ends each call's last drawn forward as soon as it holds that forward's
-    entries. Returns the closer of the check."""
-    check = chain_check(model, adapter)
-    handle = None
+class chain_after_first_forward:
+    """Through a pipeline: checks the model's first forward (:func:`chain_check`, and no ControlNet residuals in its
+    call: :func:`~svdquant.calibration.chain.adds_between_blocks`); once it has run, ``rec`` keeps the first stack
+    only if the stacks chain (``chained``), and ends each call's last drawn forward as soon as it holds that
+    forward's entries. ``close()`` removes the check's hooks (after the first forward, or at the end)."""
 
-    def after_first(module, args, out):
-        close()
-        if check.ok:
-            rec.keep(adapter.stacks[:1])
-        rec.finish_calls = True
+    def __init__(self, model, adapter, rec: EntryRecorder):
+        self.chained = False
+        self._check = chain_check(model, adapter)
+        self._residuals = False
 
-    def close():
-        handle.remove()
-        check.close()
+        def before_first(module, args, kwargs):
+            self._residuals = adds_between_blocks(kwargs)
 
-    handle = model.register_forward_hook(after_first)
-    return close
+        def after_first(module, args, out):
+            self.close()
+            self.chained = self._check.ok and not self._residuals
+            if self.chained:
+                rec.keep(adapter.stacks[:1])
+            rec.finish_calls = True
+
+        self._handles = [model.register_forward_pre_hook(before_first, with_kwargs=True),
+                         model.register_forward_hook(after_first)]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._check.close()
 
 
 def record_first(model, adapter, kw: dict, store, on_stop) -> tuple[dict[str, list[dict]], bool]:

@@ -221,6 +221,7 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
         for index, job in enumerate(jobs, 1):
             bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), None, *gpu_memory(plan.device, plan.cap)))
             rec, nxt = replayer.finish(pending, clock)
+            job.recorded = None  # replayed: the search does not read the entries, and the next blocks' are coming
             if index < len(jobs):
                 following = jobs[index]
                 pending = replayer.start(following, following.recorded if following.recorded is not None else nxt)
@@ -244,7 +245,6 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
             rows += [install_group(job.block, g, s, clock, prefix=job.name) for g, s in zip(job.groups, solved)]
             replayer.settle()  # this block's kernels are done before the memory it read can be reused
             rec = solved = tasks = None  # frees the layer inputs before the next block's arrive (the tasks held them)
-            job.recorded = None
             if streamed is not None:
                 finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
     finally:
@@ -267,7 +267,8 @@ def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float
 
     try:
         snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress, _desc("calibrating", plan),
-                                    streaming=plan.stream and plan.device.type == "cuda")
+                                    streaming=plan.stream and plan.device.type == "cuda",
+                                    on_stop=streamed.settle if streamed is not None else None)
     finally:
         if streamed is not None:
             streamed.close()
