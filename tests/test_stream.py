@@ -30,6 +30,7 @@ from svdquant import SVDQLinear
 from svdquant.calibration import EntryRecorder
 from svdquant.calibration import memory as calib_memory, replay as calib_replay, schedule as calib_schedule
 from svdquant.calibration.offload import Streamed, move
+from svdquant.models.text_encoders import block_stack
 from svdquant.quantize import blocks as quantize_blocks, progress_postfix
 
 RECIPE = svdquant.Int4Config(iterations=3, eval_tokens=128)
@@ -109,13 +110,21 @@ def test_an_error_in_the_search_stops_the_replay_worker(monkeypatch):
     assert not [t for t in threading.enumerate() if t.name.startswith("svdquant-replay")]
 
 
-def test_streaming_a_pipeline_on_the_cpu_is_bit_identical():
+def test_streaming_a_pipeline_on_the_cpu_is_bit_identical(monkeypatch):
     """Through a diffusers FluxPipeline: its CLIP and T5 run under the streaming hooks (inputs to the device,
-    outputs back, as accelerate's offload does), and --text-encoders rounds their weights on the device."""
+    outputs back, as accelerate's offload does) layer by layer, and --text-encoders rounds their weights on the
+    device."""
     calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
     plain, streamed = tm.build_flux_pipeline(), tm.build_flux_pipeline()
     svdquant.quantize(plain, RECIPE, calib, progress=False, text_encoders=True)
+    made = []
+    stream_model = quantize_blocks.stream_model
+    monkeypatch.setattr(quantize_blocks, "stream_model", lambda *a, **kw: made.append(kw) or stream_model(*a, **kw))
     svdquant.quantize(streamed, RECIPE, calib, progress=False, text_encoders=True, device="cpu")
+    (kw,) = made
+    clip, t5 = streamed.text_encoder, streamed.text_encoder_2
+    assert kw["other_blocks"] == {id(clip): list(clip.get_submodule(block_stack(clip))), id(t5): list(t5.encoder.block)}
+    assert block_stack(clip).endswith("encoder.layers")
     for name in ("transformer", "text_encoder", "text_encoder_2"):
         assert_same_state(getattr(plain, name), getattr(streamed, name))
         assert not hooks_left(getattr(streamed, name)), name
@@ -197,6 +206,45 @@ def test_resident_blocks_stay_between_calls_and_make_room_for_a_text_encoder():
 
 
 GB = 10**9
+
+
+def test_a_text_encoder_streamed_by_layer_runs_beside_the_resident_blocks():
+    """``meta`` as the device, two of five blocks resident and a two-layer encoder that runs beside them: during the
+    encoder's call the resident blocks (and the model's rest) stay, and only the encoder layer being called is on
+    the device; afterwards every tensor is at home and no hook is left."""
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=3)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    encoder = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    layers = list(encoder)
+    seen = []
+
+    def on_device(mods):
+        return [i for i, b in enumerate(mods) if next(b.parameters()).device.type == "meta"]
+
+    model.register_forward_hook(lambda m, a, out: (torch.zeros(out[0].shape, dtype=out[0].dtype),))
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, on_device(blocks), on_device(layers))))
+    encoder.register_forward_hook(lambda m, a, out: torch.zeros(out.shape))
+    x = tm.flux_inputs(model, seed=0)
+    with Streamed(model, blocks, "meta", "cpu", others=[encoder], other_blocks={id(encoder): layers}, resident=2,
+                  beside=[id(encoder)]):
+        for _ in range(2):
+            encoder(torch.zeros(1, 4))
+            model(**x)
+            assert on_device(blocks) == [0, 1] and not on_device(layers)
+    assert seen[:2] == [(0, [], [0]), (1, [], [1])]  # the first call: nothing resident yet
+    assert seen[2:] == [(0, [0, 1], [0]), (1, [0, 1], [1])]  # then the resident blocks stay beside it
+    assert {p.device.type for p in [*model.parameters(), *encoder.parameters()]} == {"cpu"}
+
+
+@pytest.mark.parametrize("model_bytes, blocks, beside", [
+    (26 * 10**7 + 24 * 39 * 10**7, [39 * 10**7] * 24, True),  # T5-XXL: 0.26 GB of embeddings, 24 blocks of 0.39 GB
+    (4 * GB, [GB], True),                                       # 3 GB of rest + a 1 GB block: exactly the 4 GB
+    (4 * GB + 1, [GB], False),
+    (GB, [], False),                                            # no blocks known: it streams whole
+])
+def test_which_encoders_run_beside_the_resident_blocks(model_bytes, blocks, beside):
+    assert calib_memory.runs_beside(model_bytes, blocks) is beside
 
 
 @pytest.mark.parametrize("sizes, rest, room, want", [

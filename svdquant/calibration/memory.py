@@ -52,6 +52,15 @@ def resident_blocks(block_bytes: list[int], rest_bytes: int, room: int) -> int:
     return n
 
 
+def runs_beside(model_bytes: int, block_bytes: list[int]) -> bool:
+    """Whether another model of the pipeline (a text encoder) streamed one block at a time fits in the room a
+    streamed forward keeps free (the 4 GB of the search margin; :func:`resident_blocks`): its rest and its largest
+    block. Then it runs beside the resident blocks rather than send them home. T5-XXL: 0.26 GB of embeddings and
+    0.39 GB blocks."""
+    rest = model_bytes - sum(block_bytes)
+    return bool(block_bytes) and rest + max(block_bytes) <= _SEARCH_MARGIN
+
+
 def hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int) -> bool:
     """Whether the snapshots stay on the device (no move per block): always unless streaming; streaming, when
     they fit the CUDA device (:func:`snapshots_fit`), or on the CPU, where device and home memory are one."""
@@ -81,8 +90,8 @@ def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device
                  others: list[nn.Module], clock: StageClock, cap: int | None, through_pipeline: bool,
                  other_blocks: dict[int, list[nn.Module]] | None = None) -> Streamed:
     """The :class:`Streamed` hooks for a calibration of ``model`` on ``device`` from ``home``, the memory
-    choices made: whether to pin the home tensors and how many blocks stay resident (``other_blocks``: see
-    :class:`Streamed`)."""
+    choices made: whether to pin the home tensors, how many blocks stay resident and which of ``others`` run
+    beside them (``other_blocks``: see :class:`Streamed`)."""
     # Pinned home memory makes every later copy faster but costs about a second per GB up front: it pays when each
     # block crosses many times (a pipeline's every denoising step), not when each crosses about twice (forward
     # inputs: the calibration forwards stop at the first block).
@@ -92,8 +101,11 @@ def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device
         sizes = [tensor_bytes(b) for b in blocks]
         resident = resident_blocks(sizes, tensor_bytes(model) - sum(sizes), device_room(device, cap))
     t1 = time.perf_counter()
+    other_blocks = other_blocks or {}
+    beside = [id(m) for m in others if id(m) in other_blocks
+              and runs_beside(tensor_bytes(m), [tensor_bytes(b) for b in other_blocks[id(m)]])]
     streamed = Streamed(model, blocks, device, home, others=others, other_blocks=other_blocks, clock=clock,
-                        pin=pin_model, resident=resident)
+                        pin=pin_model, resident=resident, beside=beside)
     if pin_model:
         clock.add("pin memory", time.perf_counter() - t1)
     return streamed

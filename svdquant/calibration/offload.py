@@ -141,10 +141,14 @@ class Streamed:
     resident: how many of ``blocks`` (the first ones) stay on the device between the model's calls once they
     have been there: through a pipeline the model runs once per denoising step, and each resident block then
     crosses once per prompt instead of once per step. They make room, with the rest of the model, whenever one
-    of ``others`` (a text encoder) runs, and come back at the model's next call.
-    other_blocks: ``{id(model): its blocks}`` for those of ``others`` that are denoisers too (Wan 2.2's other
-    expert, which runs the steps it owns while this one is calibrated): each of those blocks is its own unit, on the
-    device only during its forward, so a 14B expert never needs its 28 GB on the device at once.
+    of ``others`` (a text encoder) runs, and come back at the model's next call, unless that one runs beside them.
+    other_blocks: ``{id(model): its blocks}`` for those of ``others`` that stream block by block (Wan 2.2's other
+    expert, which runs the steps it owns while this one is calibrated; a text encoder's layers): each of those
+    blocks is its own unit, on the device only during its forward, so a 14B expert never needs its 28 GB on the
+    device at once.
+    beside: the ids of those of ``others`` that run beside the resident blocks, one of their blocks at a time in the
+    room the model's forward leaves (:func:`svdquant.calibration.memory.runs_beside`): at each pipeline call T5-XXL
+    would otherwise send FLUX.1-dev's 17 resident GB home and bring them back.
     pin: move the home tensors to pinned CPU memory first (default: when streaming from the CPU to a GPU).
     Pinning costs about a second per GB up front and pays back on every copy after, so it pays when each
     block crosses many times (calibrating through a pipeline: one forward per denoising step), not when
@@ -152,7 +156,7 @@ class Streamed:
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
                  other_blocks: dict[int, list[nn.Module]] | None = None, clock: StageClock | None = None,
-                 pin: bool | None = None, resident: int = 0):
+                 pin: bool | None = None, resident: int = 0, beside=()):
         self.device, self.home = torch.device(device), torch.device(home)
         self.clock = clock or StageClock(self.device)
         if pin is None:
@@ -170,7 +174,7 @@ class Streamed:
         for i, b in enumerate(blocks):
             self._stream_block(b, self.blocks[id(b)], offload_after=i >= resident)
         for m, unit in self.others:
-            self._entry(m, unit, make_room=True)
+            self._entry(m, unit, make_room=id(m) not in beside)
         self.other_block_units = []
         for b in (b for m in others for b in other_blocks.get(id(m), [])):
             self.other_block_units.append(DeviceUnit(list(b.modules()), device, pin))

@@ -26,7 +26,7 @@ from ..calibration import (
 )
 from ..models import Group
 from ..models.base import present, set_module
-from ..models.text_encoders import quantize_layer_weight_only
+from ..models.text_encoders import block_stack, quantize_layer_weight_only, text_encoders
 from ..modules import SVDQConv1x1, SVDQLinear
 from ..modules.conv import as_linear
 from ..recipes import QuantConfig
@@ -123,7 +123,7 @@ def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
     streamed = None
     if plan.stream:
         streamed = stream_model(plan.model, [b for _, b in blocks], plan.device, plan.home, others=plan.others,
-                                other_blocks=_other_expert_blocks(plan), clock=clock, cap=plan.cap,
+                                other_blocks=_other_blocks(plan), clock=clock, cap=plan.cap,
                                 through_pipeline=plan.calib.inputs is None)
     t_calib = time.perf_counter()
     if plan.adapter.stacks:
@@ -153,12 +153,20 @@ def _quantize_model_groups(plan: QuantPlan, clock: StageClock) -> list[LayerRow]
     return rows
 
 
-def _other_expert_blocks(plan: QuantPlan) -> dict[int, list[nn.Module]]:
-    """The blocks of a two-expert pipeline's other denoiser (the same class as ``plan.model``), which streams block
-    by block while it runs its own steps during this one's calibration; empty otherwise."""
-    if not plan.adapter.stacks:
-        return {}
-    return {id(m): [b for _, b in plan.adapter.blocks(m)] for m in plan.others if type(m) is type(plan.model)}
+def _other_blocks(plan: QuantPlan) -> dict[int, list[nn.Module]]:
+    """The blocks of the pipeline's other models that stream block by block during this one's calibration: a
+    two-expert pipeline's other denoiser (the same class as ``plan.model``), which runs its own steps, and the text
+    encoders' layers (the stack their quantization knows; an encoder it does not know streams whole)."""
+    found = {}
+    if plan.adapter.stacks:
+        found = {id(m): [b for _, b in plan.adapter.blocks(m)] for m in plan.others if type(m) is type(plan.model)}
+    for te in text_encoders(plan.pipe).values() if plan.pipe is not None else ():
+        if any(te is m for m in plan.others):
+            try:
+                found[id(te)] = list(te.get_submodule(block_stack(te)))
+            except ValueError:
+                pass
+    return found
 
 
 def _desc(step: str, plan: QuantPlan) -> str:
