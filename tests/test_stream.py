@@ -237,6 +237,40 @@ def test_a_text_encoder_streamed_by_layer_runs_beside_the_resident_blocks():
     assert {p.device.type for p in [*model.parameters(), *encoder.parameters()]} == {"cpu"}
 
 
+def test_prefetch_brings_the_next_streamed_block_while_this_one_runs():
+    """``meta`` as the device, one of five blocks resident, prefetch forced (on a GPU it is on with pinned memory,
+    the copy on a side stream): at each block's call that block and the next streamed one are on the device, with
+    the resident one; after the forward only the resident block stays, and a forward stopped after a prefetch
+    leaves the prefetched block for ``settle`` to send home."""
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=3)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    seen = []
+
+    def on_device():
+        return [i for i, b in enumerate(blocks) if next(b.parameters()).device.type == "meta"]
+
+    model.register_forward_hook(lambda m, a, out: (torch.zeros(out[0].shape, dtype=out[0].dtype),))
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, on_device())))
+    x = tm.flux_inputs(model, seed=0)
+    with Streamed(model, blocks, "meta", "cpu", resident=1, prefetch=True) as streamed:
+        model(**x)
+        assert on_device() == [0]
+        assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 2, 3]), (3, [0, 3, 4]), (4, [0, 4])]
+
+        def stop(m, a):
+            raise RuntimeError("stop")
+
+        handle = blocks[2].register_forward_pre_hook(stop)  # after the streaming hook: block 3 is on its way
+        with pytest.raises(RuntimeError, match="stop"):
+            model(**x)
+        handle.remove()
+        assert on_device() == [0, 2, 3]
+        streamed.settle()
+        assert on_device() == [0]
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
 @pytest.mark.parametrize("model_bytes, blocks, beside", [
     (26 * 10**7 + 24 * 39 * 10**7, [39 * 10**7] * 24, True),  # T5-XXL: 0.26 GB of embeddings, 24 blocks of 0.39 GB
     (4 * GB, [GB], True),                                       # 3 GB of rest + a 1 GB block: exactly the 4 GB
@@ -602,26 +636,49 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_gpu_streamed_pipeline_never_holds_text_encoders_and_transformer_together():
+def test_gpu_streamed_pipeline_runs_its_t5_layer_by_layer_beside_the_resident_blocks():
+    """Streamed through a FLUX pipeline with the whole GPU (every block resident once loaded): no T5 layer is on the
+    GPU while the transformer runs; T5 runs one layer at a time, and from the second call on beside the resident
+    blocks (they are not sent home for it)."""
     pipe = tm.build_flux_pipeline()
-    together = []
+    layers = list(pipe.text_encoder_2.encoder.block)
+    at_block, at_layer = [], []
 
-    def pre(module, args):
-        encoders = any(p.is_cuda for te in (pipe.text_encoder, pipe.text_encoder_2) for p in te.parameters())
-        together.append(encoders)
+    def t5_on_gpu():
+        return sum(any(p.is_cuda for p in layer.parameters()) for layer in layers)
 
-    def encoder_pre(module, args):  # the resident blocks (all of them: no cap) made room for the encoder
-        together.append(any(p.is_cuda for p in pipe.transformer.parameters()))
-
-    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(pre)
-    pipe.text_encoder_2.register_forward_pre_hook(encoder_pre)
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda m, a: at_block.append(t5_on_gpu()))
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, a: at_layer.append(
+            (t5_on_gpu(), any(p.is_cuda for p in pipe.transformer.transformer_blocks[0].parameters()))))
     calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
     report = svdquant.quantize(pipe, RECIPE, calib, progress=False, device="cuda", keep_on_device=True)
-    assert together and not any(together)
+    assert at_block and not any(at_block)
+    assert at_layer and all(n in (1, 2) for n, _ in at_layer)  # this layer, and the next one's prefetch
+    assert not at_layer[0][1] and at_layer[-1][1]  # the first call: nothing resident yet; the last: beside them
     assert "pin memory" in report.stages  # many forwards through the pipeline: the weights were pinned
     assert {t.device.type for t in pipe.transformer.state_dict().values()} == {"cuda"}  # keep_on_device
     assert {p.device.type for p in pipe.text_encoder_2.parameters()} == {"cpu"}
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is SVDQLinear
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_prefetched_streaming_is_bit_identical(monkeypatch):
+    """Through a pipeline (pinned weights) the next block's copy runs on a side stream during this block's
+    compute; the quantized transformer is bit for bit the one streamed without prefetch."""
+    calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
+    made = []
+    stream_model = quantize_blocks.stream_model
+    monkeypatch.setattr(quantize_blocks, "stream_model", lambda *a, **kw: made.append(stream_model(*a, **kw)) or made[-1])
+    with_prefetch, without = tm.build_flux_pipeline(), tm.build_flux_pipeline()
+    # a 1 GB cap: nothing resident, every block streamed at every call
+    svdquant.quantize(with_prefetch, RECIPE, calib, progress=False, device="cuda", max_gpu_memory="1GB")
+    init = Streamed.__init__
+    monkeypatch.setattr(Streamed, "__init__", lambda self, *a, **kw: init(self, *a, **{**kw, "prefetch": False}))
+    svdquant.quantize(without, RECIPE, calib, progress=False, device="cuda", max_gpu_memory="1GB")
+    assert made[0]._copies is not None and made[1]._copies is None
+    assert_same_state(with_prefetch.transformer, without.transformer)
 
 
 def test_layers_outside_the_blocks_are_quantized_streamed_too():

@@ -8,13 +8,16 @@ device is the home (``device="cpu"`` with a model on the CPU) every move is a no
 and the results are bit for bit those of the unstreamed path.
 
 :class:`Streamed` puts units on a model's blocks, on the rest of the model and on a pipeline's other
-models (text encoders...), each on the device only during its own forward: a FLUX pipeline's T5 and
-transformer never sit on the GPU together, and the transformer's peak is one block plus the small
-embedders. Inputs go to the device at each model's entry and outputs come back home, so the pipeline
-itself runs on the CPU (latents, scheduler: small tensors), as under accelerate's offload hooks.
+models (text encoders, layer by layer where their layers are known...), each on the device only during its own
+forward (but the resident blocks, which stay between calls), and the transformer's peak is one block plus the small
+embedders; from pinned memory the next block's copy runs on a side stream during this block's compute (prefetch).
+Inputs go to the device at each model's entry and outputs come back home, so the pipeline itself runs on the CPU
+(latents, scheduler: small tensors), as under accelerate's offload hooks.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -75,6 +78,7 @@ class DeviceUnit:
     def __init__(self, modules, device, pin: bool):
         self.device = torch.device(device)
         self.loaded = False
+        self._pending: tuple | None = None  # a copy on a side stream: (its event, the tensors it made)
         self._params: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         for m in modules:
@@ -92,20 +96,41 @@ class DeviceUnit:
                         m._buffers[name] = b = _pinned(b)
                     self._buffers.append((m, name, b))
 
-    def onload(self) -> None:
+    def onload(self, stream=None) -> None:
+        """The device copies in place; with a CUDA ``stream``, copied there (from pinned memory, asynchronously):
+        :meth:`ready_for` then makes a stream wait for them before it reads them."""
         if self.loaded:
             return
-        for p, owners in self._params.values():
-            t = p.data.to(self.device, non_blocking=True)
-            if t is not p.data:
-                moved = nn.Parameter(t, requires_grad=p.requires_grad)
-                for m, name in owners:
-                    m._parameters[name] = moved
-        for m, name, b in self._buffers:
-            m._buffers[name] = b.to(self.device, non_blocking=True)
+        made = []
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for p, owners in self._params.values():
+                t = p.data.to(self.device, non_blocking=True)
+                if t is not p.data:
+                    moved = nn.Parameter(t, requires_grad=p.requires_grad)
+                    made.append(t)
+                    for m, name in owners:
+                        m._parameters[name] = moved
+            for m, name, b in self._buffers:
+                m._buffers[name] = t = b.to(self.device, non_blocking=True)
+                made.append(t)
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._pending = (event, made)
         self.loaded = True
 
+    def ready_for(self, stream) -> None:
+        """``stream`` waits for a copy made on a side stream, and the copies' memory is not reused until what
+        ``stream`` has queued by then is done (they were allocated on the side stream)."""
+        if self._pending is not None:
+            event, made = self._pending
+            stream.wait_event(event)
+            for t in made:
+                t.record_stream(stream)
+            self._pending = None
+
     def offload(self) -> None:
+        self._pending = None
         for p, owners in self._params.values():
             for m, name in owners:
                 m._parameters[name] = p
@@ -118,6 +143,14 @@ class DeviceUnit:
         would otherwise stay alive (12 GB of pinned memory by the end of FLUX)."""
         self._params, self._buffers = {}, []
         self.loaded = False
+
+
+def _streamed_after(units: list[DeviceUnit], resident: int, i: int) -> DeviceUnit | None:
+    """The unit to prefetch when block ``i`` is called: the next block that is not resident (from the first block:
+    not from the model's entry, where a calibration forward that ends at the first block would have it cross for
+    nothing)."""
+    j = max(i + 1, resident)
+    return units[j] if j < len(units) else None
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -152,16 +185,24 @@ class Streamed:
     pin: move the home tensors to pinned CPU memory first (default: when streaming from the CPU to a GPU).
     Pinning costs about a second per GB up front and pays back on every copy after, so it pays when each
     block crosses many times (calibrating through a pipeline: one forward per denoising step), not when
-    each crosses about twice (calibrating on forward inputs, where the forwards stop at the first block)."""
+    each crosses about twice (calibrating on forward inputs, where the forwards stop at the first block).
+    prefetch: when a block is called, the next streamed (not resident) block's copy starts, on a
+    side CUDA stream, so that it crosses while this one computes; the next block then waits for it (default: with
+    ``pin`` on a GPU, where copies can be asynchronous; forced elsewhere, the copies are made then and there, in the
+    same order). It holds one more block on the device: the margin counts four."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
                  other_blocks: dict[int, list[nn.Module]] | None = None, clock: StageClock | None = None,
-                 pin: bool | None = None, resident: int = 0, beside=()):
+                 pin: bool | None = None, resident: int = 0, beside=(), prefetch: bool | None = None):
         self.device, self.home = torch.device(device), torch.device(home)
         self.clock = clock or StageClock(self.device)
         if pin is None:
             pin = self.device.type == "cuda" and self.home.type == "cpu"
         self.pin = pin
+        if prefetch is None:
+            prefetch = pin and self.device.type == "cuda"
+        self._copies = torch.cuda.Stream(self.device) if prefetch and self.device.type == "cuda" else None
+        self._prefetch = prefetch
         self.blocks = {id(b): DeviceUnit(list(b.modules()), device, pin) for b in blocks}
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin)
         other_blocks = other_blocks or {}
@@ -170,20 +211,27 @@ class Streamed:
         self.resident = [self.blocks[id(b)] for b in blocks[:resident]]
         if self.resident:
             self.resident.append(self.rest)
+        units = [self.blocks[id(b)] for b in blocks]
         self._entry(model, self.rest, keep=bool(self.resident))
-        for i, b in enumerate(blocks):
-            self._stream_block(b, self.blocks[id(b)], offload_after=i >= resident)
-        for m, unit in self.others:
-            self._entry(m, unit, make_room=id(m) not in beside)
+        for i, (b, unit) in enumerate(zip(blocks, units)):
+            self._stream_block(b, unit, offload_after=i >= resident, then=_streamed_after(units, resident, i))
         self.other_block_units = []
-        for b in (b for m in others for b in other_blocks.get(id(m), [])):
-            self.other_block_units.append(DeviceUnit(list(b.modules()), device, pin))
-            self._stream_block(b, self.other_block_units[-1])
+        for m, unit in self.others:
+            own = [DeviceUnit(list(b.modules()), device, pin) for b in other_blocks.get(id(m), [])]
+            self._entry(m, unit, make_room=id(m) not in beside)
+            for i, (b, u) in enumerate(zip(other_blocks.get(id(m), []), own)):
+                self._stream_block(b, u, then=own[i + 1] if i + 1 < len(own) else None)
+            self.other_block_units += own
 
-    def _stream_block(self, block: nn.Module, unit: DeviceUnit, offload_after: bool = True) -> None:
+    def _stream_block(self, block: nn.Module, unit: DeviceUnit, offload_after: bool = True,
+                      then: DeviceUnit | None = None) -> None:
         # prepended, as at the model's entry: hooks registered on the block before streaming began see it loaded
         # (a snapshot recorder that may end the forward there goes first: it reads only the block's arguments)
-        self._handles.append(block.register_forward_pre_hook(lambda m, a: self._onload(unit), prepend=True))
+        def pre(m, a):
+            self._onload(unit)
+            self._start(then)
+
+        self._handles.append(block.register_forward_pre_hook(pre, prepend=True))
         if offload_after:
             self._handles.append(block.register_forward_hook(lambda m, a, o: unit.offload()))
 
@@ -194,6 +242,14 @@ class Streamed:
         if not unit.loaded:
             with self.clock.stage("transfers"):
                 unit.onload()
+        elif self._copies is not None:  # prefetched: the copy was queued on the side stream
+            unit.ready_for(torch.cuda.current_stream(self.device))
+
+    def _start(self, unit: DeviceUnit | None) -> None:
+        """The prefetch of ``unit`` (the next streamed block), if it is not on the device already."""
+        if self._prefetch and unit is not None and not unit.loaded:
+            with self.clock.stage("transfers"):
+                unit.onload(self._copies)
 
     def _entry(self, module: nn.Module, unit: DeviceUnit, keep: bool = False, make_room: bool = False) -> None:
         caller = []  # where the caller's inputs were: its outputs go back there
