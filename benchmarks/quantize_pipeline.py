@@ -4,6 +4,7 @@ streamed to a capped GPU (issue 16's real-user case; ``quantize_flux.py`` times 
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --out $OUT                 # on a GPU
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --calibration-batch 1 --out $OUT  # one prompt a call
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --resident off --out $OUT  # the ablation
+    python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --prefetch off --beside off --out $OUT  # the others
     python benchmarks/quantize_pipeline.py --smoke                                          # CPU: the plumbing
 
 The pipeline is ``benchmarks/pipeline_memory.py``'s FLUX.1-dev: the real architectures and sizes of the
@@ -13,8 +14,11 @@ CPU memory.
 device="cuda", max_gpu_memory=...)`` runs the calibration prompts through the pipeline at ``--size``²: each
 denoising step is a whole transformer forward, so streamed blocks cross PCIe at every step, except the
 first ones that fit the cap, which stay on the GPU from step to step (``resident_blocks`` in
-``svdquant/calibration/memory.py``); ``--resident off`` streams every block at every step, for comparison. Writes
-the time, the peak GPU memory, the stage profile and the resident block count to ``OUT/quantize_pipeline.json``.
+``svdquant/calibration/memory.py``); ``--resident off`` streams every block at every step, for comparison;
+``--prefetch off`` copies each streamed block on the compute stream when it is called instead of during the
+previous block's compute; ``--beside off`` makes the resident blocks leave the GPU while a text encoder runs
+(whole) instead of the encoders running layer by layer beside them. Writes the time, the peak GPU memory, the stage
+profile and the resident block count to ``OUT/quantize_pipeline.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def main(argv=None):
     ap.add_argument("--max-gpu-memory", help="cap the GPU memory torch may use, e.g. 24GB")
     ap.add_argument("--resident", choices=["on", "off"], default="on",
                     help="off: no block stays on the GPU between steps (the ablation)")
+    ap.add_argument("--prefetch", choices=["on", "off"], default="on",
+                    help="off: each streamed block crosses when it is called (the ablation)")
+    ap.add_argument("--beside", choices=["on", "off"], default="on",
+                    help="off: the text encoders cross whole, the resident blocks making room (the ablation)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models: checks the script runs")
     args = ap.parse_args(argv)
@@ -65,6 +73,12 @@ def main(argv=None):
         return resident["blocks"]
 
     memory_policy.resident_blocks = counted  # the ablation switch, and the count for the report
+    if args.prefetch == "off":
+        import functools
+
+        memory_policy.Streamed = functools.partial(memory_policy.Streamed, prefetch=False)
+    if args.beside == "off":
+        memory_policy.runs_beside = lambda *a: False
 
     t0 = time.perf_counter()
     # random weights drawn on the GPU (the 16 B parameters' fill on the CPU is what a 10-minute call spent its time
@@ -104,7 +118,8 @@ def main(argv=None):
         prompts=len(ran.prompt_list()), steps=ran.steps, snapshots=report.snapshots, size=size,
         calibration_batch=args.calibration_batch, calibration_forwards=len(forwards),
         calibration_forwards_ended_early=len(begun) - len(forwards),
-        max_gpu_memory=args.max_gpu_memory, resident=args.resident, resident_blocks=resident.get("blocks", 0),
+        max_gpu_memory=args.max_gpu_memory, resident=args.resident, prefetch=args.prefetch, beside=args.beside,
+        resident_blocks=resident.get("blocks", 0),
         blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,
         peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if dev == "cuda" else None,

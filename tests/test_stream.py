@@ -583,7 +583,8 @@ def test_quantize_pipeline_benchmark_smoke(tmp_path):
     batches of two the calibration runs one whole transformer forward instead of four: step 0's (the chain check,
     and the trajectory), while step 1's, the call's last drawn, ends at the first block."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_pipeline.py"), "--smoke", "--prompts",
-                        "2", "--steps", "2", "--snapshots", "4", "--calibration-batch", "2", "--out", str(tmp_path)],
+                        "2", "--steps", "2", "--snapshots", "4", "--calibration-batch", "2", "--prefetch", "off", "--beside",
+                        "off", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -591,7 +592,7 @@ def test_quantize_pipeline_benchmark_smoke(tmp_path):
     assert res["snapshots"] == 4 and res["groups"] > 0 and res["resident_blocks"] == 0  # nothing resides on a CPU
     assert res["calibration_batch"] == 2 and res["calibration_forwards"] == 1
     assert res["calibration_forwards_ended_early"] == 1
-    assert (res["prompts"], res["steps"]) == (2, 2)
+    assert (res["prompts"], res["steps"]) == (2, 2) and (res["prefetch"], res["beside"]) == ("off", "off")
     assert {"calibration", "calibration transfers", "replays", "smoothing search"} <= set(res["stages"])
 
 
