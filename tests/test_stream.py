@@ -273,8 +273,9 @@ def test_prefetch_brings_the_next_streamed_block_while_this_one_runs():
 
 @pytest.mark.parametrize("model_bytes, blocks, beside", [
     (26 * 10**7 + 24 * 39 * 10**7, [39 * 10**7] * 24, True),  # T5-XXL: 0.26 GB of embeddings, 24 blocks of 0.39 GB
-    (4 * GB, [GB], True),                                       # 3 GB of rest + a 1 GB block: exactly the 4 GB
-    (4 * GB + 1, [GB], False),
+    (3 * GB, [GB], True),                       # 2 GB of rest + a 1 GB block and the next, prefetched: exactly 4 GB
+    (3 * GB + 1, [GB], False),
+    (int(3.53 * GB) + 28 * 47 * 10**7, [47 * 10**7] * 28, False),  # Qwen2.5-VL-7B: 3.53 GB of rest, 0.47 GB layers
     (GB, [], False),                                            # no blocks known: it streams whole
 ])
 def test_which_encoders_run_beside_the_resident_blocks(model_bytes, blocks, beside):

@@ -53,12 +53,13 @@ def resident_blocks(block_bytes: list[int], rest_bytes: int, room: int) -> int:
 
 
 def runs_beside(model_bytes: int, block_bytes: list[int]) -> bool:
-    """Whether another model of the pipeline (a text encoder) streamed one block at a time fits in the room a
-    streamed forward keeps free (the 4 GB of the search margin; :func:`resident_blocks`): its rest and its largest
-    block. Then it runs beside the resident blocks rather than send them home. T5-XXL: 0.26 GB of embeddings and
-    0.39 GB blocks."""
+    """Whether a text encoder streamed one layer at a time fits in the room a streamed forward keeps free (the 4 GB
+    of the search margin; :func:`resident_blocks`; the 4-block margin is left for its activations): its rest and
+    two of its largest layers (the one running and the next, prefetched). Then it runs beside the resident blocks
+    rather than send them home. T5-XXL: 0.26 GB of embeddings and 0.39 GB layers; Qwen2.5-VL-7B (3.5 GB of
+    embeddings, head and vision tower) and Mistral 3 (3.6 GB, 1.1 GB layers) do not."""
     rest = model_bytes - sum(block_bytes)
-    return bool(block_bytes) and rest + max(block_bytes) <= _SEARCH_MARGIN
+    return bool(block_bytes) and rest + 2 * max(block_bytes) <= _SEARCH_MARGIN
 
 
 def hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int) -> bool:
@@ -88,10 +89,11 @@ def nbytes(obj, seen: set | None = None) -> int:
 
 def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device, home: torch.device, *,
                  others: list[nn.Module], clock: StageClock, cap: int | None, through_pipeline: bool,
-                 other_blocks: dict[int, list[nn.Module]] | None = None) -> Streamed:
+                 other_blocks: dict[int, list[nn.Module]] | None = None, encoders=()) -> Streamed:
     """The :class:`Streamed` hooks for a calibration of ``model`` on ``device`` from ``home``, the memory
     choices made: whether to pin the home tensors, how many blocks stay resident and which of ``others`` run
-    beside them (``other_blocks``: see :class:`Streamed`)."""
+    beside them: of the text encoders (``encoders``, ids), those whose layers stream (``other_blocks``: see
+    :class:`Streamed`) and fit (:func:`runs_beside`); a two-expert pipeline's other denoiser makes room."""
     # Pinned home memory makes every later copy faster but costs about a second per GB up front: it pays when each
     # block crosses many times (a pipeline's every denoising step), not when each crosses about twice (forward
     # inputs: the calibration forwards stop at the first block).
@@ -102,7 +104,7 @@ def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device
         resident = resident_blocks(sizes, tensor_bytes(model) - sum(sizes), device_room(device, cap))
     t1 = time.perf_counter()
     other_blocks = other_blocks or {}
-    beside = [id(m) for m in others if id(m) in other_blocks
+    beside = [id(m) for m in others if id(m) in other_blocks and id(m) in encoders
               and runs_beside(tensor_bytes(m), [tensor_bytes(b) for b in other_blocks[id(m)]])]
     streamed = Streamed(model, blocks, device, home, others=others, other_blocks=other_blocks, clock=clock,
                         pin=pin_model, resident=resident, beside=beside)

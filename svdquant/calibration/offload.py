@@ -9,15 +9,14 @@ and the results are bit for bit those of the unstreamed path.
 
 :class:`Streamed` puts units on a model's blocks, on the rest of the model and on a pipeline's other
 models (text encoders, layer by layer where their layers are known...), each on the device only during its own
-forward (but the resident blocks, which stay between calls), and the transformer's peak is one block plus the small
-embedders; from pinned memory the next block's copy runs on a side stream during this block's compute (prefetch).
+forward (but the resident blocks, which stay between calls, and the next block, which with pinned memory is copied on
+a side stream during this block's compute: prefetch), and the transformer's peak is two streamed blocks plus the
+resident ones and the small embedders.
 Inputs go to the device at each model's entry and outputs come back home, so the pipeline itself runs on the CPU
 (latents, scheduler: small tensors), as under accelerate's offload hooks.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -78,7 +77,7 @@ class DeviceUnit:
     def __init__(self, modules, device, pin: bool):
         self.device = torch.device(device)
         self.loaded = False
-        self._pending: tuple | None = None  # a copy on a side stream: (its event, the tensors it made)
+        self._pending = None  # the event of a copy on a side stream
         self._params: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         for m in modules:
@@ -97,36 +96,42 @@ class DeviceUnit:
                     self._buffers.append((m, name, b))
 
     def onload(self, stream=None) -> None:
-        """The device copies in place; with a CUDA ``stream``, copied there (from pinned memory, asynchronously):
-        :meth:`ready_for` then makes a stream wait for them before it reads them."""
+        """The device copies in place; with a CUDA ``stream`` (a side stream), copied there from pinned memory,
+        asynchronously, into memory allocated on the current (compute) stream: the copy first waits for what the
+        compute stream has queued (the memory may be a block it just freed), and the compute stream's allocator
+        reuses it in its own order, so prefetching never holds more than the blocks themselves. :meth:`ready_for`
+        then makes the compute stream wait for the copy before it reads it."""
         if self.loaded:
             return
-        made = []
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if stream is None:
             for p, owners in self._params.values():
-                t = p.data.to(self.device, non_blocking=True)
-                if t is not p.data:
-                    moved = nn.Parameter(t, requires_grad=p.requires_grad)
-                    made.append(t)
-                    for m, name in owners:
-                        m._parameters[name] = moved
+                self._point(owners, p, p.data.to(self.device, non_blocking=True))
             for m, name, b in self._buffers:
-                m._buffers[name] = t = b.to(self.device, non_blocking=True)
-                made.append(t)
-            if stream is not None:
+                m._buffers[name] = b.to(self.device, non_blocking=True)
+        else:
+            params = [(p, owners, torch.empty_like(p.data, device=self.device)) for p, owners in self._params.values()]
+            buffers = [(m, name, b, torch.empty_like(b, device=self.device)) for m, name, b in self._buffers]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for p, owners, t in params:
+                    self._point(owners, p, t.copy_(p.data, non_blocking=True))
+                for m, name, b, t in buffers:
+                    m._buffers[name] = t.copy_(b, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
-                self._pending = (event, made)
+            self._pending = event
         self.loaded = True
 
+    @staticmethod
+    def _point(owners, p: nn.Parameter, t: torch.Tensor) -> None:
+        moved = nn.Parameter(t, requires_grad=p.requires_grad)
+        for m, name in owners:
+            m._parameters[name] = moved
+
     def ready_for(self, stream) -> None:
-        """``stream`` waits for a copy made on a side stream, and the copies' memory is not reused until what
-        ``stream`` has queued by then is done (they were allocated on the side stream)."""
+        """``stream`` waits for the copy :meth:`onload` made on a side stream."""
         if self._pending is not None:
-            event, made = self._pending
-            stream.wait_event(event)
-            for t in made:
-                t.record_stream(stream)
+            stream.wait_event(self._pending)
             self._pending = None
 
     def offload(self) -> None:
@@ -243,7 +248,8 @@ class Streamed:
             with self.clock.stage("transfers"):
                 unit.onload()
         elif self._copies is not None:  # prefetched: the copy was queued on the side stream
-            unit.ready_for(torch.cuda.current_stream(self.device))
+            with self.clock.stage("transfers"):  # what the compute stream waits for it
+                unit.ready_for(torch.cuda.current_stream(self.device))
 
     def _start(self, unit: DeviceUnit | None) -> None:
         """The prefetch of ``unit`` (the next streamed block), if it is not on the device already."""

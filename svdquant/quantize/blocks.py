@@ -122,8 +122,9 @@ def quantize_model(plan: QuantPlan, clock: StageClock) -> Quantized:
     blocks = plan.adapter.blocks(plan.model) if plan.adapter.stacks else []
     streamed = None
     if plan.stream:
+        encoders = {id(te) for te in text_encoders(plan.pipe).values()} if plan.pipe is not None else set()
         streamed = stream_model(plan.model, [b for _, b in blocks], plan.device, plan.home, others=plan.others,
-                                other_blocks=_other_blocks(plan), clock=clock, cap=plan.cap,
+                                other_blocks=_other_blocks(plan), clock=clock, cap=plan.cap, encoders=encoders,
                                 through_pipeline=plan.calib.inputs is None)
     t_calib = time.perf_counter()
     if plan.adapter.stacks:
