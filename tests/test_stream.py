@@ -237,6 +237,42 @@ def test_a_text_encoder_streamed_by_layer_runs_beside_the_resident_blocks():
     assert {p.device.type for p in [*model.parameters(), *encoder.parameters()]} == {"cpu"}
 
 
+def test_resident_blocks_are_pinned_only_once_something_sends_them_home(monkeypatch):
+    """Pinning costs about a second per GB: the resident blocks and the rest, which cross once, stay pageable; the
+    streamed blocks and the encoders are pinned up front; an encoder that does not run beside the resident blocks
+    sends them home, and they are pinned then, once. (A CPU-only torch cannot pin: the pinning is recorded.)"""
+    from svdquant.calibration import offload
+
+    pinned = set()
+
+    def pin(t):
+        out = t.clone()
+        pinned.add(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(offload, "_pinned", pin)
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=3)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    encoder = nn.Linear(4, 4)
+    encoder.register_forward_hook(lambda m, a, out: torch.zeros(out.shape))
+
+    def is_pinned(module):
+        return {p.data_ptr() in pinned for p in module.parameters()}
+
+    model.register_forward_hook(lambda m, a, out: (torch.zeros(out[0].shape, dtype=out[0].dtype),))
+    with Streamed(model, blocks, "meta", "cpu", others=[encoder], resident=2, pin=True, prefetch=False) as streamed:
+        assert [is_pinned(b) for b in blocks] == [{False}, {False}, {True}, {True}, {True}]
+        assert is_pinned(model.x_embedder) == {False} and is_pinned(encoder) == {True}
+        model(**tm.flux_inputs(model, seed=0))
+        assert "pin memory" not in streamed.clock.seconds
+        encoder(torch.zeros(1, 4))  # not beside: the resident blocks go home, pinned from now on
+        assert [is_pinned(b) for b in blocks] == [{True}] * 5 and is_pinned(model.x_embedder) == {True}
+        n = len(pinned)
+        encoder(torch.zeros(1, 4))
+        assert len(pinned) == n and "pin memory" in streamed.clock.seconds
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
 def test_prefetch_brings_the_next_streamed_block_while_this_one_runs():
     """``meta`` as the device, one of five blocks resident, prefetch forced (on a GPU it is on with pinned memory,
     the copy on a side stream): at each block's call that block and the next streamed one are on the device, with
