@@ -37,7 +37,7 @@ class _WholeForwards(EntryRecorder):
 
 def whole_forwards(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(calib_schedule, "EntryRecorder", _WholeForwards)
-    mp.setattr(calib_schedule, "chain_after_first_forward", lambda *a: SimpleNamespace(close=lambda: None, chained=False))
+    mp.setattr(calib_schedule, "FirstForwardCheck", lambda *a: SimpleNamespace(close=lambda: None, chained=False))
 
 
 def completed(module: nn.Module) -> list[int]:
@@ -191,7 +191,7 @@ def test_controlnet_residuals_are_named_and_a_zero_scaled_controlnet_is_not_chai
     """A ControlNet scaled to 0 at the first step (``control_guidance_start``) adds zeros between the blocks: the
     forward chains bit for bit, but later steps add real residuals, so a call that passes them is never chained."""
     from svdquant.calibration.chain import adds_between_blocks
-    from svdquant.calibration.schedule import chain_after_first_forward
+    from svdquant.calibration.schedule import FirstForwardCheck
     from svdquant.models import get_adapter
 
     assert adds_between_blocks({"controlnet_block_samples": [torch.zeros(1)], "hidden_states": torch.zeros(1)})
@@ -203,7 +203,7 @@ def test_controlnet_residuals_are_named_and_a_zero_scaled_controlnet_is_not_chai
     x = tm.flux_inputs(model, seed=0)
     for residuals, chained in ((None, True), ([torch.zeros(1, 16, tm.HIDDEN, dtype=torch.bfloat16)], False)):
         rec = EntryRecorder(model, adapter.stacks, None, "cpu")
-        check = chain_after_first_forward(model, adapter, rec)
+        check = FirstForwardCheck(model, adapter, rec)
         assert not rec.finish_calls
         with torch.no_grad():
             model(**x, controlnet_block_samples=residuals)

@@ -620,8 +620,8 @@ def test_quantize_pipeline_benchmark_smoke(tmp_path):
     batches of two the calibration runs one whole transformer forward instead of four: step 0's (the chain check,
     and the trajectory), while step 1's, the call's last drawn, ends at the first block."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_pipeline.py"), "--smoke", "--prompts",
-                        "2", "--steps", "2", "--snapshots", "4", "--calibration-batch", "2", "--prefetch", "off", "--beside",
-                        "off", "--out", str(tmp_path)],
+                        "2", "--steps", "2", "--snapshots", "4", "--calibration-batch", "2", "--prefetch", "off",
+                        "--beside", "off", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -708,7 +708,8 @@ def test_gpu_prefetched_streaming_is_bit_identical(monkeypatch):
     calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
     made = []
     stream_model = quantize_blocks.stream_model
-    monkeypatch.setattr(quantize_blocks, "stream_model", lambda *a, **kw: made.append(stream_model(*a, **kw)) or made[-1])
+    monkeypatch.setattr(quantize_blocks, "stream_model",
+                        lambda *a, **kw: made.append(stream_model(*a, **kw)) or made[-1])
     with_prefetch, without = tm.build_flux_pipeline(), tm.build_flux_pipeline()
     # a 1 GB cap: nothing resident, every block streamed at every call
     svdquant.quantize(with_prefetch, RECIPE, calib, progress=False, device="cuda", max_gpu_memory="1GB")

@@ -13,9 +13,9 @@ Other hooks record only while a drawn call runs:
   blocks can later be replayed one at a time (:mod:`svdquant.calibration.replay`); with ``stop``
   it ends the forward right there (:func:`run_inputs` catches it): calibrating on
   forward inputs, nothing after the first block is needed when the replays can derive
-  the later stacks' entries, which :class:`~svdquant.calibration.chain.ChainCheck` verifies on one full forward. Through a pipeline, with
-  ``finish_calls``, it ends the call's last drawn forward once it holds that forward's entries: nothing later in
-  the call is needed, the denoising trajectory included;
+  the later stacks' entries, which :class:`~svdquant.calibration.chain.ChainCheck` verifies on one full
+  forward. Through a pipeline, with ``finish_calls``, it ends the call's last drawn forward once it holds that
+  forward's entries: nothing later in the call is needed, the denoising trajectory included;
 * :class:`LinearInputRecorder` keeps, per group of linears that share an input, the
   running ``max |X_j|`` over every token and a fixed-seed random subset of tokens.
 """

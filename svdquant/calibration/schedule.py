@@ -5,9 +5,9 @@ on the device or at home as the memory policy says (:mod:`svdquant.calibration.m
 inputs, the whole forwards would compute nothing the replays do not compute again: once one forward has shown
 that the model chains its stacks as the replays do (each stack's last block returns what the next stack's first
 takes: FLUX's double and single blocks), the other forwards stop at the first block and the last block of a
-stack makes the next stack's inputs (if not, they stop at the last stack's first block). Through a pipeline the forwards before a call's last drawn step must run whole
-(they make the denoising trajectory), but its last drawn forward stops as soon as it has given what is recorded:
-at the first block when the stacks chain.
+stack makes the next stack's inputs (if not, they stop at the last stack's first block). Through a pipeline the
+forwards before a call's last drawn step must run whole (they make the denoising trajectory), but its last drawn
+forward stops as soon as it has given what is recorded: at the first block when the stacks chain.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     replays do (FLUX: each stack's last block returns what the next stack's first block takes) and no input passes
     ControlNet residuals, the other inputs stop at the first block and only the first stack's entries are kept;
     otherwise (residuals added between blocks, FLUX.2's and Z-Image's stacks) they stop at the last stack's first
-    block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the model's (name, block)
-    pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when streaming, else None;
-    ``desc``: the progress bar's title.
+    block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the
+    model's (name, block) pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when
+    streaming, else None; ``desc``: the progress bar's title.
     """
     stacks = adapter.stacks
     home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
@@ -63,14 +63,14 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     block_bytes = max(tensor_bytes(b) for _, b in blocks)
     on_stop = streamed.offload if streamed is not None else None
     if calib.inputs is None:
-        holder: dict[str, EntryRecorder] = {}
+        holder: dict = {}  # the recorder, and the check of the first forward
 
         def hooks(selector):
             rec = holder["r"] = EntryRecorder(model, stacks, selector, home_store, pin=home_pin,
                                               share_except=adapter.outputs, finish_calls=len(stacks) == 1)
             if len(stacks) == 1:
                 return rec.close
-            holder["chain"] = chain_after_first_forward(model, adapter, rec)
+            holder["chain"] = FirstForwardCheck(model, adapter, rec)
             return lambda: (holder["chain"].close(), rec.close())
 
         # batched where each call streams the blocks to a GPU (Calibration.batch_for)
@@ -108,7 +108,7 @@ def chain_check(model, adapter) -> ChainCheck:
     return ChainCheck([b for seq in seqs[:-1] for b in seq] + [seqs[-1][0]], adapter.outputs)
 
 
-class chain_after_first_forward:
+class FirstForwardCheck:
     """Through a pipeline: checks the model's first forward (:func:`chain_check`, and no ControlNet residuals in its
     call: :func:`~svdquant.calibration.chain.adds_between_blocks`); once it has run, ``rec`` keeps the first stack
     only if the stacks chain (``chained``), and ends each call's last drawn forward as soon as it holds that
