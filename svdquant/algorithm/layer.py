@@ -17,7 +17,6 @@ shared branch (SVD of the stacked weights) or one branch each.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._env import use_reference
+from .._timing import StageClock
 from .._memory import device_room
 from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
@@ -261,8 +261,10 @@ def quantize_linears(
     :class:`QuantizedWeights` per weight and one report for the group.
     """
     t0 = time.perf_counter()
-    stages: dict[str, float] = {}
-    with _stage(stages, "setup"):
+    # wall time per stage (each ends in a float() of an error, a host sync on a GPU), and a profiler range each
+    clock = StageClock()
+    stages = clock.seconds
+    with clock.stage("setup"):
         k = _check_weights(weights)
         p = _Problem(weights, inputs, recipe, post_gelu)
         if act_max is not None and p.act_max is not None:
@@ -273,7 +275,7 @@ def quantize_linears(
         ones = torch.ones(k, device=p.w.device) if rc.activations is not None else None
         report.rel_error_naive = math.sqrt(p.error(p.fq_act(ones), p.fq_weight(p.w), ones, *no_branch) / p.y_energy)
 
-    with _stage(stages, "smoothing search"):
+    with clock.stage("smoothing search"):
         fit = _fitter(p, shared_branch, no_branch)
         if rc.smooths:
             lam, best = _search_smoothing(p, fit, report, concurrent)
@@ -283,33 +285,23 @@ def quantize_linears(
             best = (float(res[0]), *res[1:])
         report.history.append(best[0])
 
-    with _stage(stages, "refinement"):
+    with clock.stage("refinement"):
         if rc.method == "svdquant" and rc.iterations > 0:
             best = _refine(p, lam, best, shared_branch, report)
         err, up, downs, resid, wq = best
         report.rel_error = report.rel_error_rtn = math.sqrt(err / p.y_energy)
     rounded = None
     if p.xtx is not None:
-        with _stage(stages, "gptq"):
+        with clock.stage("gptq"):
             rounded, g_err = _gptq_residual(p, lam, up, downs, resid)
             if g_err < err:  # on the scoring tokens, which GPTQ did not see; else round to nearest stays
                 report.rel_error = math.sqrt(g_err / p.y_energy)
             else:
                 rounded = None
-    with _stage(stages, "assemble"):
+    with clock.stage("assemble"):
         out = _assemble(p, lam, up, downs, resid, biases, rounded)
     report.seconds = time.perf_counter() - t0
     return out, report
-
-
-@contextlib.contextmanager
-def _stage(stages: dict[str, float], name: str):
-    """A stage of one group: its wall seconds into ``stages`` (each ends in a float() of an error, a host sync on a
-    GPU: wall time is the stage's time), and a profiler range ``svdquant::<name>`` (svdquant/_timing.py)."""
-    t = time.perf_counter()
-    with torch.profiler.record_function(f"svdquant::{name}"):
-        yield
-    stages[name] = time.perf_counter() - t
 
 
 def _check_weights(weights: list[torch.Tensor]) -> int:

@@ -20,6 +20,8 @@ from .prompts import DEFAULT_PROMPTS
 # call: there batching saves only launches, and its activations have no margin kept for them.
 GPU_BATCH = 4
 MAX_BATCH = 64
+
+
 def per_prompt_kwargs(kwargs: dict) -> list[str]:
     """The keys of ``kwargs`` that describe one prompt's call, which a batch of prompts would not match: given
     ``latents`` or ``*_embeds``, an IP-Adapter's image, ``num_images_per_prompt`` other than 1."""
@@ -103,11 +105,11 @@ class Calibration:
                 raise ValueError("pipeline_kwargs sets 'image' and images= is given; give the images as images=")
             self.images = check_images(self.images)
         if self.batch_size not in (None, 1):
+            one_prompt = per_prompt_kwargs(self.pipeline_kwargs)
             why = ("input images: an edit calibration runs one prompt and its image per call"
                    if self.images is not None or "image" in self.pipeline_kwargs else
                    "inputs=: those are the model's calls as given" if self.inputs is not None else
-                   f"pipeline_kwargs {per_prompt_kwargs(self.pipeline_kwargs)}, which describe one prompt's call"
-                   if per_prompt_kwargs(self.pipeline_kwargs) else None)
+                   f"pipeline_kwargs {one_prompt}, which describe one prompt's call" if one_prompt else None)
             if why:
                 raise ValueError(f"batch_size={self.batch_size} with {why}; leave batch_size unset or 1")
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .._state import peek, state, take
 from ..ops.runner import QkNormRope
-from .fused import FusedSVDQLinear, Projected, carry_dispatch
+from .fused import FusedSVDQLinear, Projected, carry_dispatch, restore_qk_processor
 from .linear import bump_revision
 
 
@@ -46,9 +46,12 @@ class QkEpilogueFluxAttnProcessor:
     _parallel_config = None    # parallelism): fuse_qk carries them over from the processor it replaces
     normed_qk = True  # a stacked single block's forward asks for the epilogue only under this processor (compat)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __init__(self):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+        self._dispatch = dispatch_attention_fn  # resolved here: the call does only compute
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if image_rotary_emb is None:  # nothing to rotate: diffusers' processor, which norms q and k itself
             return peek(attn).qk_processor(attn, hidden_states, encoder_hidden_states, attention_mask, None)
         if isinstance(attn.to_qkv, Projected):  # a stacked single block: its GEMM did q and k (its forward)
@@ -64,7 +67,7 @@ class QkEpilogueFluxAttnProcessor:
                 eq, ek, ev = attn.to_added_qkv(encoder_hidden_states, qk=spec).chunk(3, dim=-1)
                 query, key, value = (torch.cat([e, t], dim=1) for e, t in ((eq, query), (ek, key), (ev, value)))
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+        out = self._dispatch(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
@@ -126,11 +129,7 @@ def unfuse_qk(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         take(m, "qk")
-        processor = take(m, "qk_processor")
-        if processor is not None:
-            carry_dispatch(m.processor, processor)  # a backend set since fusing stays
-            m.processor = processor
-            n += 1
+        n += restore_qk_processor(m)
     if n:
         bump_revision()
     return n

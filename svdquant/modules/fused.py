@@ -290,6 +290,17 @@ def carry_dispatch(old, new) -> None:
     new._parallel_config = getattr(old, "_parallel_config", None)
 
 
+def restore_qk_processor(attn: nn.Module) -> bool:
+    """diffusers' processor back where :func:`svdquant.modules.flux_qk.fuse_qk` replaced it (a backend set since
+    carries over); whether there was one."""
+    processor = take(attn, "qk_processor")
+    if processor is None:
+        return False
+    carry_dispatch(attn.processor, processor)
+    attn.processor = processor
+    return True
+
+
 def unfuse_projections(model: nn.Module) -> int:
     """Undo :func:`fuse_projections`: every member layer holds its own weights again."""
     blocks = [b for b in model.modules() if peek(b).stack is not None]
@@ -300,10 +311,7 @@ def unfuse_projections(model: nn.Module) -> int:
                                "hook added after svdquant.fuse); remove it before unfusing")
     n = sum(_unstack_single_block(block) for block in blocks)
     for attn in model.modules():
-        qk_processor = take(attn, "qk_processor")  # fuse_qk's processor reads the stacks: diffusers' back first
-        if qk_processor is not None:
-            carry_dispatch(attn.processor, qk_processor)
-            attn.processor = qk_processor
+        restore_qk_processor(attn)  # fuse_qk's processor reads the stacks: diffusers' back first
         fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
         fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]
         if not fused:
