@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from .._state import peek, state, take
 from ..ops.runner import QkNormRope
-from .fused import FusedSVDQLinear, Projected, carry_dispatch, restore_qk_processor
+from .fused import FusedSVDQLinear, Projected
+from .processors import carry_dispatch, restore_qk_processor
 from .linear import bump_revision
 
 

@@ -53,6 +53,7 @@ from ..integrations.diffusers import compat  # diffusers' internals go through c
 from ..ops import reference
 from ..ops.runner import QkNormRope
 from .fused_view import PROJECTIONS, view_processor, viewable
+from .processors import restore_qk_processor
 from .linear import SVDQLinear, bump_revision
 
 
@@ -281,24 +282,6 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
             for f in made.values():
                 _release(f)
     return n
-
-
-def carry_dispatch(old, new) -> None:
-    """``old``'s attention backend and context-parallel config onto ``new``, a processor put in its place (diffusers
-    keeps them per processor: ``set_attention_backend``, context parallelism)."""
-    new._attention_backend = getattr(old, "_attention_backend", None)
-    new._parallel_config = getattr(old, "_parallel_config", None)
-
-
-def restore_qk_processor(attn: nn.Module) -> bool:
-    """diffusers' processor back where :func:`svdquant.modules.flux_qk.fuse_qk` replaced it (a backend set since
-    carries over); whether there was one."""
-    processor = take(attn, "qk_processor")
-    if processor is None:
-        return False
-    carry_dispatch(attn.processor, processor)
-    attn.processor = processor
-    return True
 
 
 def unfuse_projections(model: nn.Module) -> int:
