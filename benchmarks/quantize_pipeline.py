@@ -5,6 +5,7 @@ streamed to a capped GPU (issue 16's real-user case; ``quantize_flux.py`` times 
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --calibration-batch 1 --out $OUT  # one prompt a call
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --resident off --out $OUT  # the ablation
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --prefetch off --beside off --out $OUT  # the others
+    python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --ahead off --out $OUT     # encoders in every call
     python benchmarks/quantize_pipeline.py --smoke                                          # CPU: the plumbing
 
 The pipeline is ``benchmarks/pipeline_memory.py``'s FLUX.1-dev: the real architectures and sizes of the
@@ -17,7 +18,8 @@ first ones that fit the cap, which stay on the GPU from step to step (``resident
 ``svdquant/calibration/memory.py``); ``--resident off`` streams every block at every step, for comparison;
 ``--prefetch off`` copies each streamed block on the compute stream when it is called instead of during the
 previous block's compute; ``--beside off`` makes the resident blocks leave the GPU while a text encoder runs
-(whole) instead of the encoders running layer by layer beside them. Writes the time, the peak GPU memory, the stage
+(whole) instead of the encoders running layer by layer beside them; ``--ahead off`` runs the text encoders in every
+calibration call instead of once, ahead of them (``svdquant/calibration/ahead.py``). Writes the time, the peak GPU memory, the stage
 profile and the resident block count to ``OUT/quantize_pipeline.json``.
 """
 
@@ -53,6 +55,8 @@ def main(argv=None):
                     help="off: each streamed block crosses when it is called (the ablation)")
     ap.add_argument("--beside", choices=["on", "off"], default="on",
                     help="off: the text encoders cross whole, the resident blocks making room (the ablation)")
+    ap.add_argument("--ahead", choices=["on", "off"], default="on",
+                    help="off: each calibration call runs its text encoders (no pass ahead; the ablation)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models: checks the script runs")
     args = ap.parse_args(argv)
@@ -79,6 +83,10 @@ def main(argv=None):
         memory_policy.Streamed = functools.partial(memory_policy.Streamed, prefetch=False)
     if args.beside == "off":
         memory_policy.runs_beside = lambda *a: False
+    if args.ahead == "off":
+        from svdquant.calibration import schedule
+
+        schedule.encode_ahead = lambda *a, **kw: None
 
     t0 = time.perf_counter()
     # random weights drawn on the GPU (the 16 B parameters' fill on the CPU is what a 10-minute call spent its time
@@ -119,6 +127,7 @@ def main(argv=None):
         calibration_batch=args.calibration_batch, calibration_forwards=len(forwards),
         calibration_forwards_ended_early=len(begun) - len(forwards),
         max_gpu_memory=args.max_gpu_memory, resident=args.resident, prefetch=args.prefetch, beside=args.beside,
+        ahead=args.ahead,
         resident_blocks=resident.get("blocks", 0),
         blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,

@@ -22,6 +22,7 @@ Other hooks record only while a drawn call runs:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Sequence
@@ -270,14 +271,16 @@ class LinearInputRecorder:
 
 
 def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks, progress: bool = True,
-                    desc: str = "calibrating", streaming: bool = False, on_stop=None) -> int:
+                    desc: str = "calibrating", streaming: bool = False, on_stop=None, ahead=None) -> int:
     """Run the calibration calls; ``selector_hooks(selector)`` installs recorders and returns a closer.
 
     ``runner`` is a pipeline (called with ``prompt=``, one prompt or a batch of them: :func:`calibration_batches`,
     :meth:`Calibration.batch_for`; ``streaming``: the model streams to a GPU) or ``None`` when ``calib.inputs`` holds
     forward kwargs for ``model``. Returns the number of snapshots ((prompt, step) pairs recorded). ``desc``: the
     progress bar's title (which expert of a two-expert pipeline). ``on_stop()`` cleans up after a call that a hook
-    ended inside the model's forward (a streamed block left on the device).
+    ended inside the model's forward (a streamed block left on the device). ``ahead(calls)``: the text encoders'
+    pass ahead of the calls (:func:`svdquant.calibration.ahead.encode_ahead`, given how many pipeline calls there
+    are), or None for none.
     """
     calib = calib.for_pipeline(runner)
     if calib.inputs is not None:
@@ -297,17 +300,21 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     plan = draw_plan(len(prompts), steps_of(runner, model, calib.steps), calib.snapshots, calib.seed)
     batches = calibration_batches(plan, calib.batch_for(runner, streaming))
     second = second_expert(runner)
+    encoded = ahead(len(batches)) if ahead is not None else None
+    if encoded is not None:
+        denoisers = [m for m in (model, second, getattr(runner, "transformer", None), getattr(runner, "unet", None))
+                     if isinstance(m, nn.Module)]
+        run_ahead(runner, denoisers, calib, prompts, batches, encoded, progress)
     # Wan 2.2 runs its high-noise steps first: once the low-noise expert is called, the high-noise one is done
     selector = CallSelector(model, batches, after=second if second is not None and second is not model else None)
     close = selector_hooks(selector)
     try:
-        with progress_bar(total=len(plan), desc=desc, unit="prompt", enabled=progress, leave=False) as bar:
+        with progress_bar(total=len(plan), desc=desc, unit="prompt", enabled=progress, leave=False) as bar, \
+                encoded.answering() if encoded is not None else contextlib.nullcontext():
             for rows, steps in batches:
                 selector.start(steps, len(rows))
-                kw = prompt_call(prompts, rows, calib.seed, calib.pipeline_kwargs)
                 try:
-                    runner(num_inference_steps=calib.steps, output_type="latent", **image_for(calib.images, rows[0]),
-                           **kw)
+                    _pipeline_call(runner, calib, prompts, rows)
                 except _StopPrompt:
                     if on_stop is not None:
                         on_stop()
@@ -317,6 +324,37 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
         selector.close()
         forget_hook_registry_cache(model)  # h-diffusers: diffusers' hook registry through compat
     return selector.n_active
+
+
+def _pipeline_call(runner, calib: Calibration, prompts: list[str], rows: list[int]) -> None:
+    kw = prompt_call(prompts, rows, calib.seed, calib.pipeline_kwargs)
+    runner(num_inference_steps=calib.steps, output_type="latent", **image_for(calib.images, rows[0]), **kw)
+
+
+def run_ahead(runner, denoisers: list[nn.Module], calib: Calibration, prompts: list[str], batches, encoded,
+              progress: bool) -> None:
+    """The text encoders' pass ahead (:mod:`svdquant.calibration.ahead`): each calibration call up to the first
+    call of one of ``denoisers`` (a hook that comes before their streaming ones: nothing of them moves)."""
+    def stop(module, args):
+        raise _StopPrompt
+
+    handles = [m.register_forward_pre_hook(stop, prepend=True) for m in denoisers]
+    try:
+        with encoded.recording(), progress_bar(total=len(batches), desc="encoding prompts", unit="call",
+                                               enabled=progress, leave=False) as bar:
+            for i, (rows, _) in enumerate(batches):
+                try:
+                    _pipeline_call(runner, calib, prompts, rows)
+                except _StopPrompt:
+                    pass
+                if i == 0:
+                    encoded.first_call_done()
+                    if encoded.dropped:
+                        break
+                bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = True) -> list[dict[str, Any]]:

@@ -62,6 +62,25 @@ def runs_beside(model_bytes: int, block_bytes: list[int]) -> bool:
     return bool(block_bytes) and rest + 2 * max(block_bytes) <= _SEARCH_MARGIN
 
 
+# What the pass ahead may keep of the text encoders' outputs, at home, for the calibration calls: T5-XXL's for
+# FLUX.1-dev's default draw are 0.64 GB (39 calls of 4 x 512 x 4,096 bf16); Qwen2.5-VL's hidden states of every layer
+# for Qwen-Image's ~3.6 GB; Mistral 3's for FLUX.2 [dev] (41 layers x 512 x 5,120 a prompt) ~27 GB, which it does not
+# keep: those calls run their encoders as before.
+AHEAD_BYTES = 8 * 10**9
+
+
+def held_ahead(encoder_bytes: list[int], room: float) -> int:
+    """How many of the text encoders (in their call order) stay on the device through the calibration's pass
+    ahead: those that fit ``room`` together, with the 4 GB margin for their activations. Under a 24 GB cap, FLUX.1's
+    CLIP-L and T5-XXL (9.8 GB) and Qwen2.5-VL-7B (16.6 GB) do; Mistral 3 (48 GB) streams layer by layer."""
+    n = used = 0
+    for b in encoder_bytes:
+        if used + b + _SEARCH_MARGIN > room:
+            break
+        used, n = used + b, n + 1
+    return n
+
+
 def hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int) -> bool:
     """Whether the snapshots stay on the device (no move per block): always unless streaming; streaming, when
     they fit the CUDA device (:func:`snapshots_fit`), or on the CPU, where device and home memory are one."""

@@ -231,6 +231,8 @@ class Streamed:
         other_blocks = other_blocks or {}
         self.others = [(m, DeviceUnit(own_modules(m, other_blocks.get(id(m), [])), device, pin)) for m in others]
         self._handles = []
+        self._held: set[int] = set()  # others that stay on the device after their calls (:meth:`hold`)
+        self._answered: set[int] = set()  # others whose current call runs nothing (:meth:`answer`)
         self.resident = [self.blocks[id(b)] for b in blocks[:resident]]
         if self.resident:
             self.resident.append(self.rest)
@@ -243,11 +245,11 @@ class Streamed:
             own = [DeviceUnit(list(b.modules()), device, pin) for b in other_blocks.get(id(m), [])]
             self._entry(m, unit, make_room=id(m) not in beside)
             for i, (b, u) in enumerate(zip(other_blocks.get(id(m), []), own)):
-                self._stream_block(b, u, then=own[i + 1] if i + 1 < len(own) else None)
+                self._stream_block(b, u, then=own[i + 1] if i + 1 < len(own) else None, owner=id(m))
             self.other_block_units += own
 
     def _stream_block(self, block: nn.Module, unit: DeviceUnit, offload_after: bool = True,
-                      then: DeviceUnit | None = None) -> None:
+                      then: DeviceUnit | None = None, owner: int | None = None) -> None:
         # prepended, as at the model's entry: hooks registered on the block before streaming began see it loaded
         # (a snapshot recorder that may end the forward there goes first: it reads only the block's arguments)
         def pre(m, a):
@@ -256,7 +258,8 @@ class Streamed:
 
         self._handles.append(block.register_forward_pre_hook(pre, prepend=True))
         if offload_after:
-            self._handles.append(block.register_forward_hook(lambda m, a, o: unit.offload()))
+            self._handles.append(block.register_forward_hook(
+                lambda m, a, o: None if owner in self._held else unit.offload()))
 
     def unit(self, block: nn.Module) -> DeviceUnit:
         return self.blocks[id(block)]
@@ -279,8 +282,10 @@ class Streamed:
         caller = []  # where the caller's inputs were: its outputs go back there
 
         def pre(m, args, kwargs):
+            if id(m) in self._answered:
+                return None
             if make_room:
-                for u in self.resident:
+                for u in [u for u in self.resident if u.loaded]:
                     u.offload()
                     if self.pin and not u.pinned:  # they will cross again at every call: pinned from now on
                         t0 = time.perf_counter()
@@ -291,7 +296,10 @@ class Streamed:
             return move(args, self.device, non_blocking=self.pin), move(kwargs, self.device, non_blocking=self.pin)
 
         def post(m, args, kwargs, out):
-            if not keep:
+            if id(m) in self._answered:
+                self._answered.discard(id(m))
+                return None
+            if not keep and id(m) not in self._held:
                 unit.offload()
             # Not always home: a pipeline asks its modules' device for where to make latents, and with resident
             # blocks on the GPU between calls it answers the GPU; the scheduler then needs the output there too.
@@ -300,6 +308,24 @@ class Streamed:
         # prepend: the pre-hook runs before hooks a caller registered earlier, which then see device inputs
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+    def hold(self, models) -> None:
+        """``models`` (of ``others``) stay on the device after their calls, their blocks too, until :meth:`let_go`:
+        the text encoders of the calibration's pass ahead (:mod:`svdquant.calibration.ahead`), in which no
+        denoiser call needs the room."""
+        self._held = {id(m) for m in models}
+
+    def let_go(self) -> None:
+        """The held models back home (and held no more)."""
+        self._held = set()
+        for unit in [*(u for _, u in self.others), *self.other_block_units]:
+            if unit.loaded:
+                unit.offload()
+
+    def answer(self, model: nn.Module) -> None:
+        """``model``'s current call (one of ``others``, told by a pre-hook that runs before this one's) moves
+        nothing: its output is known and its forward only returns it (:mod:`svdquant.calibration.ahead`)."""
+        self._answered.add(id(model))
 
     def offload(self) -> None:
         """Every unit back home: after a forward that ended early (an exception, or the calibration stopping it

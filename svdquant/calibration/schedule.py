@@ -12,11 +12,13 @@ forward stops as soon as it has given what is recorded: at the first block when 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .._memory import tensor_bytes
 from .._timing import StageClock
 from . import memory
+from .ahead import encode_ahead
 from .capture import EntryRecorder, run_calibration, run_inputs
 from .chain import ChainCheck, adds_between_blocks
 from .offload import move
@@ -76,7 +78,8 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
         # batched where each call streams the blocks to a GPU (Calibration.batch_for)
         to_gpu = stream and device.type == "cuda"
         count = run_calibration(pipe, model, calib, hooks, progress, desc, streaming=to_gpu,
-                                on_stop=streamed.settle if streamed is not None else None)
+                                on_stop=streamed.settle if streamed is not None else None,
+                                ahead=functools.partial(encode_ahead, pipe, streamed, cap=cap))
         entries = holder["r"].entries
         chained = "chain" in holder and holder["chain"].chained
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs

@@ -24,6 +24,7 @@ from ..calibration import (
     LinearInputRecorder, Replayer, calibrate_stacks, finish_block, gpu_memory, replay_jobs, run_calibration,
     stream_model,
 )
+from ..calibration.ahead import encode_ahead
 from ..models import Group
 from ..models.base import present, set_module
 from ..models.text_encoders import block_stack, quantize_layer_weight_only, text_encoders
@@ -277,7 +278,8 @@ def _quantize_whole(plan: QuantPlan, streamed, clock: StageClock, t_calib: float
     try:
         snapshots = run_calibration(plan.pipe, model, calib, hooks, plan.progress, _desc("calibrating", plan),
                                     streaming=plan.stream and plan.device.type == "cuda",
-                                    on_stop=streamed.settle if streamed is not None else None)
+                                    on_stop=streamed.settle if streamed is not None else None,
+                                    ahead=functools.partial(encode_ahead, plan.pipe, streamed, cap=plan.cap))
     finally:
         if streamed is not None:
             streamed.close()

@@ -1,0 +1,364 @@
+"""A CUTLASS-class INT8 GEMM for Hopper, in NVIDIA's CuTe DSL, against what we have: is it worth building?
+
+Our Triton INT8 GEMM (``svdquant/kernels/int8_gemm.py``) reaches 0.75-0.97× of cuBLAS FP8 row-wise
+``torch._scaled_mm`` on FLUX.1 shapes, though INT8 and FP8 wgmma peaks are equal on Hopper. This probe measures
+whether CUTLASS's structure (TMA loads into an mbarrier-guarded multistage ring, a producer warp and two consumer
+warpgroups, a persistent tile scheduler, clusters multicasting W) closes the gap, before any such kernel is
+built. The kernel, ``benchmarks/cutlass_int8_gemm_kernel.py``, computes the GEMM's epilogue semantics
+``Y = (A · Wᵀ)·a_scale[M]·w_scale[N]`` → bf16 (``--lora``: ``+ lora_act · lora_upᵀ``, rank 32, bf16 operands).
+
+    python benchmarks/cutlass_int8_gemm.py --compile-only              # no GPU: compile every config for sm_90a
+    python benchmarks/cutlass_int8_gemm.py --compile-only --keep-ptx DIR --lora
+    python benchmarks/cutlass_int8_gemm.py --out $OUT                   # H100 / H200: check, then time
+    python benchmarks/cutlass_int8_gemm.py --out $OUT --lora --configs 128x256_c1x1
+
+``--compile-only`` compiles each tile configuration once with symbolic M, N, K (fake tensors, no GPU; the
+target comes from ``CUTE_DSL_ARCH``, set to ``sm_90a`` unless given), reports the wgmma instructions of its PTX,
+registers and spills (ptxas), and statically checks the accumulator → coordinate and epilogue store mappings
+for every consumer thread. On a GPU each configuration is compiled once (shapes are dynamic) and, per FLUX.1-dev
+shape (M tokens = 4096, 4608), checked against the torch reference (bf16: max |error| / max |reference| ≤ 1e-2;
+the raw int32 product: equal to ``torch._int_mm``) and timed (``triton.testing.do_bench``, median) beside bare
+FP8 row-wise ``torch._scaled_mm``, ``torch._int_mm`` and our Triton kernel. Writes ``cutlass_int8_gemm.json``.
+A configuration that fails to compile, fails its check or hangs is reported and the others still run.
+
+Needs ``nvidia-cutlass-dsl`` (4.8.1; ``cuda-bindings`` comes with it), which is not a project dependency.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # svdquant, for the Triton kernel
+sys.path.insert(0, str(HERE))  # the kernel module beside this file
+
+SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
+TOKENS = [4096, 4608]
+RANK = 32
+CONFIGS = {  # name: (CTA tile M × N, cluster M × N); two consumer warpgroups in all
+    "128x256_c1x1": ((128, 256), (1, 1)),
+    "128x256_c2x1": ((128, 256), (2, 1)),
+    "256x128_c1x1": ((256, 128), (1, 1)),
+    "256x128_c2x1": ((256, 128), (2, 1)),
+}
+SM90_SMS = 132  # H100 SXM and H200: the persistent grid a compile without a GPU assumes
+TOLERANCE = 1e-2
+
+
+def load_dsl(compile_only):
+    if compile_only:  # no GPU to ask: the DSL would otherwise target sm_100
+        os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the DSL's notices about its own utils
+    import cutlass
+    import cutlass.cute as cute
+
+    import cutlass_int8_gemm_kernel as kern
+
+    return cutlass, cute, kern
+
+
+def variants(names, lora, int32=True):
+    """(label, config name, out, rank): the scaled bf16 GEMM, the raw int32 product, the fused branch."""
+    outs = [("bf16", 0)] + ([("int32", 0)] if int32 else []) + ([("bf16", RANK)] if lora else [])
+    return [(f"{name}/{'lora' if rank else out}", name, out, rank) for name in names for out, rank in outs]
+
+
+def make_gemm(kern, name, out, rank):
+    tile, cluster = CONFIGS[name]
+    return kern.Int8GemmSm90(tile, cluster, out, rank)
+
+
+@contextlib.contextmanager
+def stderr_to(sink):
+    """Capture file descriptor 2 (ptxas's report is written there, below Python) into the list ``sink``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode(errors="replace"))
+
+
+def ptxas_facts(log):
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(regs[-1]) if regs else None,
+                spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else None)
+
+
+def compile_fake(cutlass, cute, gemm, out, rank, clusters):
+    """Compile for symbolic M, N, K (one compile serves every shape) without a GPU; PTX kept, ptxas's report
+    captured."""
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    m, n, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
+
+    def mat(dtype, rows, cols):  # row-major, 16-byte aligned, as the GPU run passes torch tensors
+        return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=16)
+
+    args = [mat(cutlass.Int8, m, k), mat(cutlass.Int8, n, k),
+            make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=16),
+            make_fake_compact_tensor(cutlass.Float32, (n,), assumed_align=16),
+            mat(cutlass.BFloat16 if out == "bf16" else cutlass.Int32, m, n),
+            mat(cutlass.BFloat16, m, rank) if rank else None, mat(cutlass.BFloat16, n, rank) if rank else None]
+    log = []
+    with stderr_to(log):
+        compiled = cute.compile(gemm, *args, clusters, make_fake_stream(), options="--keep-ptx remarks{ptx}")
+    return compiled, log[0]
+
+
+def compile_only(args):
+    cutlass, cute, kern = load_dsl(True)
+    print(f"nvidia-cutlass-dsl {dsl_version()}, target {os.environ.get('CUTE_DSL_ARCH')}")
+    failures = 0
+    checked = {}
+    for label, name, out, rank in variants(args.configs, args.lora):
+        tile = CONFIGS[name][0]
+        if (tile, out) not in checked:  # the cluster shape does not enter these mappings
+            bad = []
+            t0 = time.time()
+            cute.compile(kern.check_epilogue_mapping, *tile, out, bad)
+            checked[tile, out] = bad
+            failures += bool(bad)
+            print(f"mapping check {tile[0]}x{tile[1]} {out}: {'OK' if not bad else f'{len(bad)} MISMATCHES'} "
+                  f"(all 256 consumer threads, {time.time() - t0:.0f} s){'' if not bad else f': {bad[:3]}'}")
+        try:
+            gemm = make_gemm(kern, name, out, rank)
+            size = CONFIGS[name][1][0] * CONFIGS[name][1][1]
+            t0 = time.time()
+            compiled, log = compile_fake(cutlass, cute, gemm, out, rank, SM90_SMS // size)
+            ptx = compiled.__ptx__ or ""
+            mma = sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx)))
+            int8 = any(op.endswith(".s32.s8.s8") for op in mma)
+            facts = ptxas_facts(log)
+            failures += not int8 or bool(facts["spill_bytes"])
+            if args.keep_ptx:
+                Path(args.keep_ptx).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep_ptx) / f"{label.replace('/', '_')}.ptx").write_text(ptx)
+            print(f"{label:22s} compiled OK in {time.time() - t0:4.1f} s: {gemm.ab_stage} stages, "
+                  f"{gemm.smem_bytes} B smem, {facts['registers']} registers, {facts['spill_bytes']} B spilled; "
+                  f"{' '.join(mma)}{'' if int8 else '  NO s8 WGMMA'}")
+            for k, n in SHAPES:
+                for m in TOKENS:
+                    if (why := gemm.problem_error(m, n, k)) is not None:
+                        failures += 1
+                        print(f"    M={m} K={k} N={n}: {why}")
+        except Exception as e:
+            failures += 1
+            print(f"{label:22s} FAILED: {type(e).__name__}: {str(e).strip()[:400]}")
+    print(f"every config covers all {len(SHAPES) * len(TOKENS)} shapes (M, N, K symbolic); "
+          f"{failures} problem(s)")
+    return 1 if failures else 0
+
+
+def dsl_version():
+    from importlib.metadata import version
+
+    return version("nvidia-cutlass-dsl")
+
+
+class Watchdog:
+    """A kernel that deadlocks (an mbarrier never completing) blocks the host in a CUDA call forever: past
+    ``seconds`` without a ``beat`` the process reports the step and exits, its rows already written."""
+
+    def __init__(self, seconds):
+        self.seconds, self.label, self.deadline = seconds, "start", time.time() + seconds
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self, label):
+        self.label, self.deadline = label, time.time() + self.seconds
+
+    def _watch(self):
+        while True:
+            time.sleep(1)
+            if time.time() > self.deadline:
+                print(f"HUNG for {self.seconds} s in {self.label}: exiting; results so far are in the JSON",
+                      flush=True)
+                os._exit(3)
+
+
+def make_data(torch, m, k, n, dev):
+    g = torch.Generator(device=dev).manual_seed(m + k + n)
+    a = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
+    w = torch.randint(-126, 127, (n, k), device=dev, dtype=torch.int8, generator=g)
+    a_s = torch.rand(m, device=dev, generator=g) * 1e-2 + 1e-3
+    w_s = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
+    la = (torch.randn(m, RANK, device=dev, generator=g) * 0.5).to(torch.bfloat16)
+    lu = (torch.randn(n, RANK, device=dev, generator=g) * 0.05).to(torch.bfloat16)
+    return dict(a=a, w=w, a_s=a_s, w_s=w_s, la=la, lu=lu)
+
+
+def baselines(torch, d, sms, bench):
+    """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out) and our Triton kernel (without / with the branch)."""
+    from svdquant.kernels.int8_gemm import int8_gemm
+
+    a, w, a_s, w_s = d["a"], d["w"], d["a_s"], d["w_s"]
+    af8, wf8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    sa, sw = a_s[:, None].contiguous(), w_s[None, :].contiguous()
+    la32 = d["la"].float()  # the same values the CUTLASS branch multiplies, in the Triton kernel's dtype
+    return dict(
+        fp8=bench(lambda: torch._scaled_mm(af8, wf8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16)),
+        int_mm=bench(lambda: torch._int_mm(a, w.t())),
+        triton=bench(lambda: int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=True,
+                                       num_programs=sms)),
+        triton_lora=bench(lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
+                                            num_programs=sms)))
+
+
+def check(torch, y, d, out, rank, int_mm):
+    """(ok, error, mismatching elements) against the torch reference; the output was poisoned before the run."""
+    if out == "int32":
+        bad = int((y != int_mm).sum())
+        return bad == 0, float((y - int_mm).abs().max()), bad
+    ref = int_mm.float() * d["a_s"][:, None] * d["w_s"][None, :]
+    if rank:
+        ref = ref + d["la"].float() @ d["lu"].float().T
+    ref = ref.to(torch.bfloat16)
+    err = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+    ok = bool(torch.isfinite(y).all()) and err <= TOLERANCE
+    return ok, err, int((y != ref).sum())
+
+
+def run_variant(torch, cute_view, compiled, stream, d, out, rank, int_mm, bench):
+    m, n = d["a"].shape[0], d["w"].shape[0]
+    y = torch.empty(m, n, device=d["a"].device, dtype=torch.bfloat16 if out == "bf16" else torch.int32)
+    y.fill_(float("nan") if out == "bf16" else -(2 ** 31))  # an unwritten tile cannot pass
+    views = [cute_view(t) for t in (d["a"], d["w"], d["a_s"], d["w_s"], y)]
+    views += [cute_view(d["la"]), cute_view(d["lu"])] if rank else [None, None]
+    compiled(*views, stream)
+    torch.cuda.synchronize()
+    ok, err, mismatches = check(torch, y, d, out, rank, int_mm)
+    ms = bench(lambda: compiled(*views, stream)) if ok else None
+    return dict(ok=ok, err=err, mismatches=mismatches, ms=ms)
+
+
+def gpu_run(args):
+    import torch
+    import triton
+    from triton.testing import do_bench
+
+    cutlass, cute, kern = load_dsl(False)
+    import cuda.bindings.driver as cuda
+    from cutlass.cute.runtime import from_dlpack
+
+    props = torch.cuda.get_device_properties(0)
+    if props.major != 9:
+        raise SystemExit(f"{props.name} is sm_{props.major}{props.minor}; this kernel is for sm_90a (H100 / H200)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, cuda=torch.version.cuda,
+               triton=triton.__version__, cutlass_dsl=dsl_version(), tolerance=TOLERANCE, baselines=[], rows=[])
+
+    def save():
+        (out_dir / "cutlass_int8_gemm.json").write_text(json.dumps(res, indent=1))
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
+
+    def cute_view(t):  # dynamic shape and leading stride: one compile serves every shape; TMA needs 16-byte bases
+        return from_dlpack(t, assumed_align=16).mark_layout_dynamic(leading_dim=t.dim() - 1)
+
+    dog = Watchdog(args.hang_seconds)
+    stream = cuda.CUstream(torch.cuda.current_stream().cuda_stream)  # do_bench's events are on this stream
+    problems = [(m, k, n) for k, n in SHAPES[:args.shapes] for m in TOKENS]
+    data = {}
+    for m, k, n in problems:
+        dog.beat(f"baselines {m}x{k}x{n}")
+        d = data[m, k, n] = make_data(torch, m, k, n, "cuda")
+        d["int_mm"] = torch._int_mm(d["a"], d["w"].t())
+        res["baselines"].append(dict(m=m, k=k, n=n, **baselines(torch, d, props.multi_processor_count, bench)))
+        print("baseline", json.dumps(res["baselines"][-1]), flush=True)
+        save()
+    clusters = {s: cutlass.utils.HardwareInfo().get_max_active_clusters(s) for s in (1, 2, 4)}
+    for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32):
+        compiled = None
+        for m, k, n in problems:
+            d = data[m, k, n]
+            gemm = make_gemm(kern, name, out, rank)
+            row = dict(variant=label, config=name, out=out, rank=rank, m=m, k=k, n=n, stages=gemm.ab_stage)
+            try:
+                if (why := gemm.problem_error(m, n, k)) is not None:
+                    raise ValueError(why)
+                if compiled is None or args.compile_per_shape:
+                    dog.beat(f"compiling {label}")
+                    y0 = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if out == "bf16" else torch.int32)
+                    views = [cute_view(t) for t in (d["a"], d["w"], d["a_s"], d["w_s"], y0)]
+                    views += [cute_view(d["la"]), cute_view(d["lu"])] if rank else [None, None]
+                    size = CONFIGS[name][1][0] * CONFIGS[name][1][1]
+                    compiled = cute.compile(gemm, *views, clusters[size], stream)
+                dog.beat(f"{label} at {m}x{k}x{n}")
+                row.update(run_variant(torch, cute_view, compiled, stream, d, out, rank, d["int_mm"], bench))
+            except Exception as e:
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[:300]}")
+                traceback.print_exc(limit=2)
+            res["rows"].append(row)
+            print("row", json.dumps(row), flush=True)
+            save()
+    print(table(res, problems))
+    save()
+
+
+def table(res, problems):
+    """One line per shape: the baselines, then each variant's ms, TOPS and speed relative to FP8 (fp8 ms / ms)."""
+    labels = list(dict.fromkeys(r["variant"] for r in res["rows"]))
+    base = {(b["m"], b["k"], b["n"]): b for b in res["baselines"]}
+    cells = {(r["m"], r["k"], r["n"], r["variant"]): r for r in res["rows"]}
+    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×fp8)", "triton+lora ms"] + labels
+    lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}, nvidia-cutlass-dsl "
+             f"{res['cutlass_dsl']}; median ms; (×fp8) = FP8 _scaled_mm ms / ms, above 1 is faster than FP8; "
+             "int32 variants: the raw product, compare with int_mm",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, k, n in problems:
+        b = base[m, k, n]
+        row = [str(m), str(k), str(n), f"{b['fp8']:.3f}", f"{b['int_mm']:.3f}",
+               f"{b['triton']:.3f} ({b['fp8'] / b['triton']:.2f})", f"{b['triton_lora']:.3f}"]
+        for label in labels:
+            r = cells.get((m, k, n, label), {})
+            if r.get("ms"):
+                tops = 2 * m * k * n / r["ms"] / 1e9
+                row.append(f"{r['ms']:.3f} ({b['fp8'] / r['ms']:.2f}) {tops:.0f} TOPS")
+            else:
+                row.append("FAIL " + (r.get("error") or f"err {r.get('err')}")[:40])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compile-only", action="store_true", help="no GPU: compile every config for sm_90a")
+    ap.add_argument("--keep-ptx", metavar="DIR", help="with --compile-only: write each config's PTX here")
+    ap.add_argument("--out", help="the GPU run's output folder (cutlass_int8_gemm.json)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--lora", action="store_true", help=f"also the fused rank-{RANK} branch (bf16 operands)")
+    ap.add_argument("--no-int32", action="store_true", help="skip the raw int32 variants")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="only the first N (K, N) shapes")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench's rep (ms)")
+    ap.add_argument("--compile-per-shape", action="store_true",
+                    help="compile each shape apart (should dynamic shapes misbehave)")
+    ap.add_argument("--hang-seconds", type=int, default=180, help="give up on a step this long (a deadlock)")
+    args = ap.parse_args(argv)
+    if args.compile_only:
+        return compile_only(args)
+    if not args.out:
+        ap.error("--out DIR (GPU run) or --compile-only")
+    gpu_run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
