@@ -57,6 +57,8 @@ TOLERANCE = 1e-2
 def load_dsl(compile_only):
     if compile_only:  # no GPU to ask: the DSL would otherwise target sm_100
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+        # --keep-ptx (needed to read the PTX back) also writes a file per compile into this folder, else the cwd
+        os.environ.setdefault("CUTE_DSL_DUMP_DIR", tempfile.mkdtemp(prefix="cutlass_int8_gemm_"))
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # the DSL's notices about its own utils
     import cutlass
     import cutlass.cute as cute
@@ -127,7 +129,7 @@ def compile_only(args):
     print(f"nvidia-cutlass-dsl {dsl_version()}, target {os.environ.get('CUTE_DSL_ARCH')}")
     failures = 0
     checked = {}
-    for label, name, out, rank in variants(args.configs, args.lora):
+    for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32):
         tile = CONFIGS[name][0]
         if (tile, out) not in checked:  # the cluster shape does not enter these mappings
             bad = []
@@ -198,33 +200,41 @@ def make_data(torch, m, k, n, dev):
     w = torch.randint(-126, 127, (n, k), device=dev, dtype=torch.int8, generator=g)
     a_s = torch.rand(m, device=dev, generator=g) * 1e-2 + 1e-3
     w_s = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
-    la = (torch.randn(m, RANK, device=dev, generator=g) * 0.5).to(torch.bfloat16)
+    # a branch over 5 % of the main term's largest value at every shape: dropping it, in any tile, fails the check
+    la = torch.randn(m, RANK, device=dev, generator=g).to(torch.bfloat16)
     lu = (torch.randn(n, RANK, device=dev, generator=g) * 0.05).to(torch.bfloat16)
     return dict(a=a, w=w, a_s=a_s, w_s=w_s, la=la, lu=lu)
 
 
 def baselines(torch, d, sms, bench):
-    """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out) and our Triton kernel (without / with the branch)."""
+    """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out) and our Triton kernel (without / with the branch), in
+    ms (None where one failed: the error beside it)."""
     from svdquant.kernels.int8_gemm import int8_gemm
 
     a, w, a_s, w_s = d["a"], d["w"], d["a_s"], d["w_s"]
     af8, wf8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
     sa, sw = a_s[:, None].contiguous(), w_s[None, :].contiguous()
     la32 = d["la"].float()  # the same values the CUTLASS branch multiplies, in the Triton kernel's dtype
-    return dict(
-        fp8=bench(lambda: torch._scaled_mm(af8, wf8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16)),
-        int_mm=bench(lambda: torch._int_mm(a, w.t())),
-        triton=bench(lambda: int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=True,
-                                       num_programs=sms)),
-        triton_lora=bench(lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
-                                            num_programs=sms)))
+    fns = dict(
+        fp8=lambda: torch._scaled_mm(af8, wf8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16),
+        int_mm=lambda: torch._int_mm(a, w.t()),
+        triton=lambda: int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=True, num_programs=sms),
+        triton_lora=lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
+                                      num_programs=sms))
+    res = {}
+    for key, fn in fns.items():
+        try:
+            res[key] = bench(fn)
+        except Exception as e:
+            res[key], res[f"{key}_error"] = None, f"{type(e).__name__}: {str(e).strip()[:200]}"
+    return res
 
 
 def check(torch, y, d, out, rank, int_mm):
     """(ok, error, mismatching elements) against the torch reference; the output was poisoned before the run."""
     if out == "int32":
         bad = int((y != int_mm).sum())
-        return bad == 0, float((y - int_mm).abs().max()), bad
+        return bad == 0, float((y.long() - int_mm.long()).abs().max()), bad
     ref = int_mm.float() * d["a_s"][:, None] * d["w_s"][None, :]
     if rank:
         ref = ref + d["la"].float() @ d["lu"].float().T
@@ -284,12 +294,11 @@ def gpu_run(args):
         res["baselines"].append(dict(m=m, k=k, n=n, **baselines(torch, d, props.multi_processor_count, bench)))
         print("baseline", json.dumps(res["baselines"][-1]), flush=True)
         save()
-    clusters = {s: cutlass.utils.HardwareInfo().get_max_active_clusters(s) for s in (1, 2, 4)}
     for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32):
         compiled = None
+        gemm = make_gemm(kern, name, out, rank)
         for m, k, n in problems:
             d = data[m, k, n]
-            gemm = make_gemm(kern, name, out, rank)
             row = dict(variant=label, config=name, out=out, rank=rank, m=m, k=k, n=n, stages=gemm.ab_stage)
             try:
                 if (why := gemm.problem_error(m, n, k)) is not None:
@@ -299,8 +308,10 @@ def gpu_run(args):
                     y0 = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if out == "bf16" else torch.int32)
                     views = [cute_view(t) for t in (d["a"], d["w"], d["a_s"], d["w_s"], y0)]
                     views += [cute_view(d["la"]), cute_view(d["lu"])] if rank else [None, None]
+                    # clusters of this size that fit the GPU at once (one CTA per SM): the persistent grid
                     size = CONFIGS[name][1][0] * CONFIGS[name][1][1]
-                    compiled = cute.compile(gemm, *views, clusters[size], stream)
+                    clusters = cutlass.utils.HardwareInfo().get_max_active_clusters(size)
+                    compiled = cute.compile(gemm, *views, clusters, stream)
                 dog.beat(f"{label} at {m}x{k}x{n}")
                 row.update(run_variant(torch, cute_view, compiled, stream, d, out, rank, d["int_mm"], bench))
             except Exception as e:
@@ -314,24 +325,29 @@ def gpu_run(args):
 
 
 def table(res, problems):
-    """One line per shape: the baselines, then each variant's ms, TOPS and speed relative to FP8 (fp8 ms / ms)."""
+    """One line per shape: the baselines, then each variant's ms, speed relative to FP8 (fp8 ms / ms; to int_mm
+    for the raw int32 product, which has int_mm's output) and TOPS."""
     labels = list(dict.fromkeys(r["variant"] for r in res["rows"]))
     base = {(b["m"], b["k"], b["n"]): b for b in res["baselines"]}
     cells = {(r["m"], r["k"], r["n"], r["variant"]): r for r in res["rows"]}
-    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×fp8)", "triton+lora ms"] + labels
+    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×)", "triton+lora ms (×)"] + labels
     lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}, nvidia-cutlass-dsl "
-             f"{res['cutlass_dsl']}; median ms; (×fp8) = FP8 _scaled_mm ms / ms, above 1 is faster than FP8; "
-             "int32 variants: the raw product, compare with int_mm",
+             f"{res['cutlass_dsl']}; median ms; (×) = FP8 _scaled_mm ms / ms, above 1 is faster than FP8 "
+             "(the raw int32 variants: int_mm ms / ms)",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, k, n in problems:
         b = base[m, k, n]
-        row = [str(m), str(k), str(n), f"{b['fp8']:.3f}", f"{b['int_mm']:.3f}",
-               f"{b['triton']:.3f} ({b['fp8'] / b['triton']:.2f})", f"{b['triton_lora']:.3f}"]
+        fp8 = b["fp8"]
+
+        def ms(t, bar=fp8):  # "ms (× bar)"
+            return "—" if t is None else f"{t:.3f}" + ("" if bar is None else f" ({bar / t:.2f})")
+
+        row = [str(m), str(k), str(n), ms(fp8, None), ms(b["int_mm"], None), ms(b["triton"]), ms(b["triton_lora"])]
         for label in labels:
             r = cells.get((m, k, n, label), {})
             if r.get("ms"):
-                tops = 2 * m * k * n / r["ms"] / 1e9
-                row.append(f"{r['ms']:.3f} ({b['fp8'] / r['ms']:.2f}) {tops:.0f} TOPS")
+                bar = b["int_mm"] if label.endswith("/int32") else fp8
+                row.append(f"{ms(r['ms'], bar)} {2 * m * k * n / r['ms'] / 1e9:.0f} TOPS")
             else:
                 row.append("FAIL " + (r.get("error") or f"err {r.get('err')}")[:40])
         lines.append("| " + " | ".join(row) + " |")

@@ -1,9 +1,9 @@
 """The Hopper (sm_90a) INT8 GEMM that ``benchmarks/cutlass_int8_gemm.py`` measures, in NVIDIA's CuTe DSL.
 
-``Y[M, N] = (A[M, K] · W[N, K]ᵀ, int8 × int8 → int32) · a_scale[M] · w_scale[N]`` in fp32, stored as bf16, or the
-raw int32 product (to check the main loop exactly); A and W K-major, as ``torch._int_mm(a, w.t())`` takes them.
+``Y[M, N] = (A[M, K] · W[N, K]ᵀ, int8 × int8 → int32) · a_scale[M] · w_scale[N]`` in fp32, stored as bf16, or
+the raw int32 product (to check the main loop exactly); A and W K-major, as ``torch._int_mm(a, w.t())`` takes them.
 With ``rank`` R > 0 the low-rank branch is added before the rounding: ``+ lora_act[M, R] · lora_up[N, R]ᵀ``, both
-bf16 (wgmma has no fp32 / tf32 operand path in this DSL; bf16 is the cheapest exact-enough one), multiplied by a
+bf16 (this DSL's warpgroup MMAs take no tf32, which Triton's kernel uses on an fp32 ``lora_act``), multiplied by a
 second wgmma straight into the scaled fp32 accumulators.
 
 The structure of CUTLASS's sm90 warp-specialized persistent "cooperative" GEMM: warpgroup 0 gives its registers
@@ -120,7 +120,8 @@ class Int8GemmSm90:
             lora_tile = (bm, bn, self.rank)
             la_smem = sm90_utils.make_smem_layout_a(ROW_MAJOR, lora_tile, cutlass.BFloat16, 1)
             lu_smem = sm90_utils.make_smem_layout_b(ROW_MAJOR, lora_tile, cutlass.BFloat16, 1)
-            lora = (make_mma(cutlass.BFloat16, cutlass.Float32, bn), la_smem, lu_smem, *self._tma_load(lora_act, la_smem, (bm, self.rank), self.mcast_a),
+            lora = (make_mma(cutlass.BFloat16, cutlass.Float32, bn), la_smem, lu_smem,
+                    *self._tma_load(lora_act, la_smem, (bm, self.rank), self.mcast_a),
                     *self._tma_load(lora_up, lu_smem, (bn, self.rank), self.mcast_b))
         tiles = cute.zipped_divide(y, tiler=(bm, bn))[(0, (None, None))].shape
         sched = utils.PersistentTileSchedulerParams(
@@ -345,8 +346,8 @@ class Int8GemmSm90:
     @cute.jit
     def scale(self, acc, tCgAs, tCgWs):
         """``acc · a_scale[row] · w_scale[col]`` in fp32, in the order of the torch reference (so equal to it bit
-        for bit before the bf16 rounding). The compiler merges the repeated loads of a scale (one per distinct row
-        and column pair of columns in the PTX)."""
+        for bit before the bf16 rounding). The compiler merges the repeated loads of a scale: the PTX has one load
+        per distinct row and one 8-byte load per column pair."""
         out = cute.make_rmem_tensor(acc.shape, cutlass.Float32)  # the same compact layout as ``acc``
         for i in cutlass.range_constexpr(cute.size(acc)):
             out[i] = cutlass.Float32(acc[i]) * tCgAs[i] * tCgWs[i]
