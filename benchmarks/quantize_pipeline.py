@@ -83,10 +83,16 @@ def main(argv=None):
         memory_policy.Streamed = functools.partial(memory_policy.Streamed, prefetch=False)
     if args.beside == "off":
         memory_policy.runs_beside = lambda *a: False
-    if args.ahead == "off":
-        from svdquant.calibration import schedule
+    from svdquant.calibration import ahead as calib_ahead, schedule
+    from svdquant.quantize import blocks as quantize_blocks
 
-        schedule.encode_ahead = lambda *a, **kw: None
+    passes = []  # the text encoders' pass ahead: what it kept and answered (the ablation runs none)
+
+    def encode_ahead(*a, **kw):
+        passes.append(calib_ahead.encode_ahead(*a, **kw) if args.ahead == "on" else None)
+        return passes[-1]
+
+    schedule.encode_ahead = quantize_blocks.encode_ahead = encode_ahead
 
     t0 = time.perf_counter()
     # random weights drawn on the GPU (the 16 B parameters' fill on the CPU is what a 10-minute call spent its time
@@ -127,7 +133,9 @@ def main(argv=None):
         calibration_batch=args.calibration_batch, calibration_forwards=len(forwards),
         calibration_forwards_ended_early=len(begun) - len(forwards),
         max_gpu_memory=args.max_gpu_memory, resident=args.resident, prefetch=args.prefetch, beside=args.beside,
-        ahead=args.ahead,
+        ahead=args.ahead, ahead_answered=sum(p.answered for p in passes if p is not None),
+        ahead_kept_gb=sum(p.kept_bytes for p in passes if p is not None) / 1e9,
+        ahead_dropped=any(p.dropped for p in passes if p is not None),
         resident_blocks=resident.get("blocks", 0),
         blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,

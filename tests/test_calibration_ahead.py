@@ -82,38 +82,97 @@ def test_outputs_that_would_not_fit_are_dropped_and_the_encoders_run_as_before(m
     assert len(runs) == 1 + 2  # the pass's first call, then the calibration's two
 
 
-def test_held_encoders_stay_through_the_pass_and_answered_calls_move_nothing():
-    """``meta`` as the device, a two-layer encoder streamed by layer: held through the pass ahead, its layers stay
-    on the device from call to call and go home at its end; answering, a seen input returns the kept output (a new
-    tensor) with nothing moved, and an unseen input runs the encoder as before."""
+class Encoder(nn.Module):
+    """A text encoder as the streaming sees one: its own weights (the rest) and a stack of layers. Streamed to
+    ``meta``, its layers compute no data: the n-th run returns n everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.runs = 0
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        self.runs += 1
+        return torch.full((1, 4), float(self.runs))
+
+
+def streamed_with_encoder(resident: int = 0):
     model = tm.build_flux(seed=0, dtype=torch.bfloat16, num_layers=1, num_single_layers=1)
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    encoder = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    layers = list(encoder)
+    encoder = Encoder()
+    st = Streamed(model, blocks, "meta", "cpu", others=[encoder], other_blocks={id(encoder): list(encoder.layers)},
+                  resident=resident)
+    return model, blocks, encoder, st
+
+
+def test_held_encoders_stay_through_the_pass_and_answered_calls_move_nothing():
+    """``meta`` as the device, an encoder streamed by layer: held through the pass ahead, it stays on the device
+    from call to call and goes home at its end; answering, a seen input returns the kept output (a new tensor) with
+    nothing moved, and an unseen input runs the encoder as before."""
+    model, blocks, encoder, st = streamed_with_encoder()
     loaded = []
-    for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda m, a: loaded.append([next(x.parameters()).device.type for x in layers]))
-    ran: list[int] = []  # a run's meta output holds no data: the n-th run gives n everywhere (an answer is kept)
-    encoder.register_forward_hook(
-        lambda m, a, out: (ran.append(1) or torch.full(out.shape, float(len(ran)))) if out.device.type == "meta" else out)
+    for layer in encoder.layers:
+        layer.register_forward_pre_hook(
+            lambda m, a: loaded.append([next(x.parameters()).device.type for x in encoder.layers]))
     x1, x2, x3 = torch.zeros(1, 4), torch.ones(1, 4), torch.full((1, 4), 2.0)
-    with Streamed(model, blocks, "meta", "cpu", others=[encoder], other_blocks={id(encoder): layers}) as st:
-        encoded = EncodedAhead(st, [encoder], [encoder], calls=2)
+    with st:
+        encoded = EncodedAhead(st, [encoder], [encoder], rows=2)
         with encoded.recording():
             out1, out2 = encoder(x1), encoder(x2)
-            assert [p.device.type for p in encoder.parameters()] == ["meta"] * 4  # held
-        assert [p.device.type for p in encoder.parameters()] == ["cpu"] * 4
+            assert {p.device.type for p in encoder.parameters()} == {"meta"}  # held
+        assert {p.device.type for p in encoder.parameters()} == {"cpu"}
         assert loaded == [["meta", "cpu"], ["meta", "meta"], ["meta", "meta"], ["meta", "meta"]]
         loaded.clear()
         with encoded.answering():
             again = encoder(x2)
-            assert not loaded and encoded.answered == 1
+            assert not loaded and encoded.answered == 1 and encoder.runs == 2
             assert torch.equal(again, out2) and again is not out2 and again.device.type == "cpu"
-            encoder(x3)  # not seen ahead: streamed and run
+            assert torch.equal(encoder(x3), torch.full((1, 4), 3.0))  # not seen ahead: streamed and run
             assert loaded == [["meta", "cpu"], ["cpu", "meta"]]
         assert "forward" not in encoder.__dict__
-    assert torch.equal(out1, torch.ones(1, 4)) and len(ran) == 3
+    assert torch.equal(out1, torch.ones(1, 4))
     assert {p.device.type for p in encoder.parameters()} == {"cpu"}
+
+
+def test_an_answered_call_leaves_the_resident_blocks_and_moves_no_encoder_weight():
+    """An encoder that does not run beside the resident blocks sends them home when it runs; answered, it moves
+    nothing: the resident blocks stay, none of its weights goes to the device, and nothing stays marked."""
+    model, blocks, encoder, st = streamed_with_encoder(resident=2)
+    onloads = []
+    with st:
+        encoded = EncodedAhead(st, [encoder], [], rows=1)
+        with encoded.recording():
+            encoder(torch.ones(1, 4))
+        for u in st.resident:
+            u.onload()  # as after the model's first call
+        (unit,) = [u for _, u in st.others]
+        unit.onload = lambda *a: onloads.append(1)
+        with encoded.answering():
+            encoder(torch.ones(1, 4))
+            assert encoded.answered == 1 and encoder.runs == 1
+            assert all(u.loaded for u in st.resident), "an answered call sent the resident blocks home"
+            assert not onloads and not st._answered
+            assert {p.device.type for p in encoder.parameters()} == {"cpu"}
+
+
+def test_a_call_that_cannot_be_compared_or_copied_is_not_kept():
+    """An argument the key cannot compare by value (an object whose repr may summarize or show an address) or an
+    output holding an object it cannot copy: that call is not kept, and the calibration call runs the encoder."""
+    _, _, encoder, st = streamed_with_encoder()
+    with st:
+        encoded = EncodedAhead(st, [encoder], [encoder], rows=2)
+        with encoded.recording():
+            encoder(torch.ones(1, 4))
+            encoder.forward(torch.ones(1, 4, device="meta"))  # called past its hooks: no key
+        assert len(encoded.outputs[id(encoder)]) == 1
+        with pytest.raises(calib_ahead.Unkept):
+            call_key((object(),), {})
+        with pytest.raises(calib_ahead.Unkept):
+            rebuilt({"a": object()}, "cpu")
 
 
 @pytest.mark.parametrize("sizes, room, want", [

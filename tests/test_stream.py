@@ -238,9 +238,11 @@ def test_a_text_encoder_streamed_by_layer_runs_beside_the_resident_blocks():
 
 
 def test_resident_blocks_are_pinned_only_once_something_sends_them_home(monkeypatch):
-    """Pinning costs about a second per GB: the resident blocks and the rest, which cross once, stay pageable; the
-    streamed blocks and the encoders are pinned up front; an encoder that does not run beside the resident blocks
-    sends them home, and they are pinned then, once. (A CPU-only torch cannot pin: the pinning is recorded.)"""
+    """Pinning costs about a second per GB: the resident blocks and the rest, which cross once, stay pageable, and
+    so does an encoder until it crosses a second time (with the calibration's pass ahead it crosses once); the
+    streamed blocks are pinned up front. An encoder called before the model's first call has nothing to send home;
+    one that does not run beside the resident blocks sends them home, and they are pinned then, once. (A CPU-only
+    torch cannot pin: the pinning is recorded.)"""
     from svdquant.calibration import offload
 
     pinned = set()
@@ -262,11 +264,14 @@ def test_resident_blocks_are_pinned_only_once_something_sends_them_home(monkeypa
     model.register_forward_hook(lambda m, a, out: (torch.zeros(out[0].shape, dtype=out[0].dtype),))
     with Streamed(model, blocks, "meta", "cpu", others=[encoder], resident=2, pin=True, prefetch=False) as streamed:
         assert [is_pinned(b) for b in blocks] == [{False}, {False}, {True}, {True}, {True}]
-        assert is_pinned(model.x_embedder) == {False} and is_pinned(encoder) == {True}
+        assert is_pinned(model.x_embedder) == {False} and is_pinned(encoder) == {False}
+        encoder(torch.zeros(1, 4))  # its first crossing, before the model's first call: nothing else pinned
+        assert is_pinned(encoder) == {False} and is_pinned(blocks[0]) == {False}
         model(**tm.flux_inputs(model, seed=0))
         assert "pin memory" not in streamed.clock.seconds
-        encoder(torch.zeros(1, 4))  # not beside: the resident blocks go home, pinned from now on
+        encoder(torch.zeros(1, 4))  # not beside: the resident blocks go home, pinned from now on; it is pinned too
         assert [is_pinned(b) for b in blocks] == [{True}] * 5 and is_pinned(model.x_embedder) == {True}
+        assert is_pinned(encoder) == {True}
         n = len(pinned)
         encoder(torch.zeros(1, 4))
         assert len(pinned) == n and "pin memory" in streamed.clock.seconds
@@ -674,10 +679,11 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_gpu_streamed_pipeline_runs_its_t5_layer_by_layer_beside_the_resident_blocks():
-    """Streamed through a FLUX pipeline with the whole GPU (every block resident once loaded): no T5 layer is on the
-    GPU while the transformer runs; T5 runs one layer at a time, and from the second call on beside the resident
-    blocks (they are not sent home for it)."""
+def test_gpu_streamed_pipeline_runs_its_t5_layer_by_layer_beside_the_resident_blocks(monkeypatch):
+    """Streamed through a FLUX pipeline with the whole GPU (every block resident once loaded), without the pass
+    ahead (whose calls run no transformer): no T5 layer is on the GPU while the transformer runs; T5 runs one layer
+    at a time, and from the second call on beside the resident blocks (they are not sent home for it)."""
+    monkeypatch.setattr(calib_schedule, "encode_ahead", lambda *a, **kw: None)
     pipe = tm.build_flux_pipeline()
     layers = list(pipe.text_encoder_2.encoder.block)
     at_block, at_layer = [], []
@@ -698,6 +704,28 @@ def test_gpu_streamed_pipeline_runs_its_t5_layer_by_layer_beside_the_resident_bl
     assert {t.device.type for t in pipe.transformer.state_dict().values()} == {"cuda"}  # keep_on_device
     assert {p.device.type for p in pipe.text_encoder_2.parameters()} == {"cpu"}
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is SVDQLinear
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_the_pass_ahead_runs_t5_once_per_call_held_and_changes_nothing(monkeypatch):
+    """With the pass ahead (the default), T5 runs once per pipeline call, all before the transformer's first call,
+    held on the GPU from call to call; it is home afterwards, and the quantized transformer is bit for bit the one
+    calibrated with T5 in every call."""
+    calib = svdquant.Calibration(prompts=["a cat", "a dog"], steps=2, snapshots=3, pipeline_kwargs=dict(tm.PIPE_KWARGS))
+    ahead, plain = tm.build_flux_pipeline(), tm.build_flux_pipeline()
+    layer, block = ahead.text_encoder_2.encoder.block[0], ahead.transformer.transformer_blocks[0]
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append(("t5", next(m.parameters()).is_cuda)))
+    block.register_forward_pre_hook(lambda m, a: seen.append(("block", None)))
+    svdquant.quantize(ahead, RECIPE, calib, progress=False, device="cuda")
+    t5 = [i for i, (what, _) in enumerate(seen) if what == "t5"]
+    assert t5 and max(t5) < seen.index(("block", None))  # all in the pass, before any transformer call
+    assert all(on_gpu for what, on_gpu in seen if what == "t5")
+    assert {p.device.type for p in ahead.text_encoder_2.parameters()} == {"cpu"}
+    monkeypatch.setattr(calib_schedule, "encode_ahead", lambda *a, **kw: None)
+    svdquant.quantize(plain, RECIPE, calib, progress=False, device="cuda")
+    assert_same_state(ahead.transformer, plain.transformer)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,9 @@ An input not seen ahead runs the encoder as before.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,10 +27,19 @@ from . import memory
 from .offload import Streamed, _device_of
 
 
+class Unkept(Exception):
+    """A call the pass ahead does not keep: an argument it cannot compare by value, or an output holding an object
+    it cannot copy. That call runs its encoder in the calibration call, as without the pass."""
+
+
+# plain values compared by repr; anything else (an object whose repr summarizes or shows an address) is not keyed
+_SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+
+
 def call_key(args, kwargs) -> bytes:
-    """A digest of a call's arguments by value (tensor contents, wherever they are; other values by ``repr``): the
+    """A digest of a call's arguments by value (tensor contents, wherever they are; plain values by ``repr``): the
     pass ahead and the calibration call give an encoder the same arguments, on whatever device the pipeline then
-    makes its inputs."""
+    makes its inputs. Raises :class:`Unkept` for an argument of another kind."""
     h = hashlib.blake2b(digest_size=20)
 
     def feed(v):
@@ -36,48 +47,61 @@ def call_key(args, kwargs) -> bytes:
             t = v.detach().reshape(-1).cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(v.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes())
-        elif isinstance(v, dict):
+        elif isinstance(v, Mapping):
+            h.update(f"M{len(v)}".encode())
             for k in v:
-                h.update(repr(k).encode())
+                h.update(f"K{k!r}".encode())
                 feed(v[k])
         elif isinstance(v, (list, tuple)):
-            h.update(f"L{len(v)}".encode())
+            h.update(f"L{type(v).__name__}{len(v)}".encode())
             for x in v:
                 feed(x)
+        elif isinstance(v, _SCALARS):
+            h.update(f"S{type(v).__name__}:{v!r}".encode())
         else:
-            h.update(repr(v).encode())
+            raise Unkept(type(v).__name__)
 
     feed((args, kwargs))
     return h.digest()
 
 
+# An encoder's language-model logits and key / value cache: no diffusers pipeline reads them from a text encoder,
+# and Qwen2.5-VL returns both (its logits alone outweigh its 29 hidden states; its cache lives on the GPU).
+_NOT_KEPT = ("logits", "past_key_values")
+
+
+def _is_cache(obj) -> bool:
+    return any(c.__name__ == "Cache" for c in type(obj).__mro__)  # transformers.cache_utils.Cache, not imported
+
+
 def rebuilt(obj, device):
     """A copy of a nested output on ``device``, the structure new (transformers' ``ModelOutput`` and diffusers'
-    ``BaseOutput`` rebuilt from their fields) and every tensor a new one: the copy kept and the one handed to the
-    pipeline share nothing."""
+    ``BaseOutput`` rebuilt from their fields, less :data:`_NOT_KEPT`) and every tensor a new one: the copy kept and
+    the one handed to the pipeline share nothing. Raises :class:`Unkept` for an object it cannot copy."""
     if torch.is_tensor(obj):
         return obj.detach().to(device, copy=True)
     if isinstance(obj, dict):
-        fields = {k: rebuilt(v, device) for k, v in obj.items()}
+        fields = {k: rebuilt(v, device) for k, v in obj.items() if type(obj) is dict or k not in _NOT_KEPT}
         return fields if type(obj) is dict else type(obj)(**fields)
     if isinstance(obj, (list, tuple)):
         items = [rebuilt(v, device) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
-
-
-def _nbytes(obj) -> int:
-    return memory.nbytes(obj)
+    if _is_cache(obj):
+        return None
+    if isinstance(obj, _SCALARS):
+        return obj
+    raise Unkept(type(obj).__name__)
 
 
 class EncodedAhead:
     """The pass ahead's outputs of ``encoders`` (of ``streamed``'s others), and the hooks that record and answer
-    them. ``hold``: the encoders kept on the device through the pass ahead. ``calls``: how many pipeline calls the
-    pass makes (to tell after the first whether all it keeps stays within
-    :data:`~svdquant.calibration.memory.AHEAD_BYTES`; if not, nothing is answered)."""
+    them. ``hold``: the encoders kept on the device through the pass ahead. ``rows``: how many prompts the pass's
+    calls hold in all (to tell, from the first call's outputs per prompt, whether all it keeps stays within
+    :data:`~svdquant.calibration.memory.AHEAD_BYTES`; it also stops keeping once past it; then nothing is
+    answered)."""
 
-    def __init__(self, streamed: Streamed, encoders: list[nn.Module], hold: list[nn.Module], calls: int):
-        self.streamed, self.encoders, self.hold, self.calls = streamed, encoders, hold, calls
+    def __init__(self, streamed: Streamed, encoders: list[nn.Module], hold: list[nn.Module], rows: int):
+        self.streamed, self.encoders, self.hold, self.rows = streamed, encoders, hold, rows
         self.outputs: dict[int, dict[bytes, Any]] = {id(e): {} for e in encoders}
         self.kept_bytes = 0
         self.dropped = False  # the outputs would not fit AHEAD_BYTES: the calibration calls run the encoders
@@ -85,35 +109,53 @@ class EncodedAhead:
 
     @contextlib.contextmanager
     def recording(self):
-        """Keep each encoder's output per input, the held encoders staying on the device between calls."""
-        handles = []
-        for e in self.encoders:
-            pending: list[bytes] = []
-
-            def pre(m, args, kwargs, pending=pending):  # before the streaming hook moves the inputs
-                pending.append(call_key(args, kwargs))
-
-            def post(m, args, kwargs, out, pending=pending):  # after it has brought the output back
-                key = pending.pop()
-                kept = self.outputs.get(id(m))
-                if kept is not None and key not in kept:
-                    kept[key] = rebuilt(out, self.streamed.home)
-                    self.kept_bytes += _nbytes(kept[key])
-
-            handles += [e.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
-                        e.register_forward_hook(post, with_kwargs=True)]
-        self.streamed.hold(self.hold)
+        """Keep each encoder's output per input (what its forward returns, before any forward hook), the held
+        encoders staying on the device between calls."""
+        handles, swapped = [], []
         try:
+            for e in self.encoders:
+                keys: list[bytes | None] = []
+
+                def pre(m, args, kwargs, keys=keys):  # before the streaming hook moves the inputs
+                    try:
+                        keys[:] = [call_key(args, kwargs)]
+                    except Unkept:
+                        keys[:] = [None]
+
+                handles.append(e.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+                swapped.append((e, e.__dict__.get("forward")))
+                e.forward = _recording_forward(e.forward, keys, self._keep(e))
+            self.streamed.hold(self.hold)
             yield self
         finally:
-            for h in handles:
-                h.remove()
+            _restore(handles, swapped)
             self.streamed.let_go()
 
-    def first_call_done(self) -> None:
-        """After the pass's first pipeline call: drop everything if all the calls' outputs would not fit
-        :data:`~svdquant.calibration.memory.AHEAD_BYTES` (Mistral 3's hidden states of every layer)."""
-        if self.kept_bytes * self.calls > memory.AHEAD_BYTES:
+    def _keep(self, e: nn.Module):
+        def keep(key, out):
+            kept = self.outputs.get(id(e))
+            if kept is None or key is None or key in kept:
+                return
+            try:
+                kept[key] = rebuilt(out, self.streamed.home)
+            except Unkept:
+                return
+            self.kept_bytes += memory.nbytes(kept[key])
+            if self.kept_bytes > memory.AHEAD_BYTES:
+                self.drop()
+        return keep
+
+    def not_encoders(self) -> list[nn.Module]:
+        """The streamed models that are not its encoders (a ControlNet, an image encoder): the pass stops at their
+        first call, as at the denoiser's."""
+        ids = {id(e) for e in self.encoders}
+        return [m for m, _ in self.streamed.others if id(m) not in ids]
+
+    def call_done(self, first_rows: int | None = None) -> None:
+        """After a pipeline call of the pass; after the first (``first_rows`` prompts): drop everything if all the
+        calls' outputs, at this call's bytes per prompt, would not fit :data:`~svdquant.calibration.memory.AHEAD_BYTES`
+        (FLUX.2 [dev]'s Mistral 3 hidden states of every layer)."""
+        if first_rows and self.kept_bytes / first_rows * self.rows > memory.AHEAD_BYTES:
             self.drop()
 
     def drop(self) -> None:
@@ -127,30 +169,41 @@ class EncodedAhead:
         if self.dropped:
             yield self
             return
-        handles, swapped = [], []
-        for e in self.encoders:
-            ready: list[Any] = []
-
-            def pre(m, args, kwargs, ready=ready):
-                out = self.outputs[id(m)].get(call_key(args, kwargs))
-                if out is not None:
-                    ready.append(rebuilt(out, _device_of((args, kwargs), self.streamed.home)))
-                    self.streamed.answer(m)
-                    self.answered += 1
-
-            handles.append(e.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-            swapped.append((e, e.__dict__.get("forward")))
-            e.forward = _answering_forward(e.forward, ready)
+        handles, swapped, pending = [], [], []
         try:
+            for e in self.encoders:
+                ready: list[Any] = []
+                pending.append(ready)
+
+                def pre(m, args, kwargs, ready=ready):
+                    ready.clear()
+                    try:
+                        out = self.outputs[id(m)].get(call_key(args, kwargs))
+                    except Unkept:
+                        out = None
+                    if out is not None:
+                        ready.append(rebuilt(out, _device_of((args, kwargs), self.streamed.home)))
+                        self.streamed.answer(m)
+                        self.answered += 1
+
+                handles.append(e.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+                swapped.append((e, e.__dict__.get("forward")))
+                e.forward = _answering_forward(e.forward, ready)
             yield self
         finally:
-            for h in handles:
-                h.remove()
-            for e, before in swapped:
-                if before is None:
-                    del e.forward
-                else:
-                    e.forward = before
+            _restore(handles, swapped)
+            for ready in pending:
+                ready.clear()
+            self.streamed.answered_none()
+
+
+def _recording_forward(forward, keys: list, keep):
+    def run_and_keep(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        keep(keys.pop() if keys else None, out)
+        return out
+
+    return run_and_keep
 
 
 def _answering_forward(forward, ready: list):
@@ -160,17 +213,28 @@ def _answering_forward(forward, ready: list):
     return answered_or_run
 
 
-def encode_ahead(pipe, streamed: Streamed | None, calls: int, cap: int | None) -> EncodedAhead | None:
-    """The pass ahead for a calibration through ``pipe`` streamed by ``streamed`` in ``calls`` pipeline calls: its
-    text encoders among the streamed others, those that fit held on the device (on a GPU: within the cap or what
-    is free; elsewhere all of them). None when there is nothing to run ahead."""
+def _restore(handles, swapped) -> None:
+    for h in handles:
+        h.remove()
+    for e, before in swapped:
+        if before is None:
+            e.__dict__.pop("forward", None)
+        else:
+            e.forward = before
+
+
+def encode_ahead(pipe, streamed: Streamed | None, rows: int, cap: int | None) -> EncodedAhead | None:
+    """The pass ahead for a calibration through ``pipe`` streamed by ``streamed``, its calls holding ``rows``
+    prompts in all: its text encoders among the streamed others (each once, whatever attributes name it), those that
+    fit held on the device (on a GPU: within the cap or what is free; elsewhere all of them). None when there is
+    nothing to run ahead."""
     if streamed is None or pipe is None:
         return None
     others = {id(m) for m, _ in streamed.others}
-    encoders = [e for e in text_encoders(pipe).values() if id(e) in others]
+    encoders = list({id(e): e for e in text_encoders(pipe).values() if id(e) in others}.values())
     if not encoders:
         return None
     device = streamed.device
     room = device_room(device, cap) if device.type == "cuda" else float("inf")
     hold = encoders[: memory.held_ahead([tensor_bytes(e) for e in encoders], room)]
-    return EncodedAhead(streamed, encoders, hold, calls)
+    return EncodedAhead(streamed, encoders, hold, rows)

@@ -300,11 +300,11 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     plan = draw_plan(len(prompts), steps_of(runner, model, calib.steps), calib.snapshots, calib.seed)
     batches = calibration_batches(plan, calib.batch_for(runner, streaming))
     second = second_expert(runner)
-    encoded = ahead(len(batches)) if ahead is not None else None
+    encoded = ahead(sum(len(rows) for rows, _ in batches)) if ahead is not None else None
     if encoded is not None:
-        denoisers = [m for m in (model, second, getattr(runner, "transformer", None), getattr(runner, "unet", None))
-                     if isinstance(m, nn.Module)]
-        run_ahead(runner, denoisers, calib, prompts, batches, encoded, progress)
+        stops = [m for m in (model, second, getattr(runner, "transformer", None), getattr(runner, "unet", None))
+                 if isinstance(m, nn.Module)]
+        run_ahead(runner, stops + encoded.not_encoders(), calib, prompts, batches, encoded, progress)
     # Wan 2.2 runs its high-noise steps first: once the low-noise expert is called, the high-noise one is done
     selector = CallSelector(model, batches, after=second if second is not None and second is not model else None)
     close = selector_hooks(selector)
@@ -331,14 +331,15 @@ def _pipeline_call(runner, calib: Calibration, prompts: list[str], rows: list[in
     runner(num_inference_steps=calib.steps, output_type="latent", **image_for(calib.images, rows[0]), **kw)
 
 
-def run_ahead(runner, denoisers: list[nn.Module], calib: Calibration, prompts: list[str], batches, encoded,
+def run_ahead(runner, stops: list[nn.Module], calib: Calibration, prompts: list[str], batches, encoded,
               progress: bool) -> None:
     """The text encoders' pass ahead (:mod:`svdquant.calibration.ahead`): each calibration call up to the first
-    call of one of ``denoisers`` (a hook that comes before their streaming ones: nothing of them moves)."""
+    call of one of ``stops`` (the denoisers and the other models that are not text encoders; a hook that comes
+    before their streaming ones: nothing of them moves)."""
     def stop(module, args):
         raise _StopPrompt
 
-    handles = [m.register_forward_pre_hook(stop, prepend=True) for m in denoisers]
+    handles = [m.register_forward_pre_hook(stop, prepend=True) for m in stops]
     try:
         with encoded.recording(), progress_bar(total=len(batches), desc="encoding prompts", unit="call",
                                                enabled=progress, leave=False) as bar:
@@ -347,10 +348,9 @@ def run_ahead(runner, denoisers: list[nn.Module], calib: Calibration, prompts: l
                     _pipeline_call(runner, calib, prompts, rows)
                 except _StopPrompt:
                     pass
-                if i == 0:
-                    encoded.first_call_done()
-                    if encoded.dropped:
-                        break
+                encoded.call_done(len(rows) if i == 0 else None)
+                if encoded.dropped:
+                    break
                 bar.update(1)
     finally:
         for h in handles:

@@ -62,10 +62,11 @@ def runs_beside(model_bytes: int, block_bytes: list[int]) -> bool:
     return bool(block_bytes) and rest + 2 * max(block_bytes) <= _SEARCH_MARGIN
 
 
-# What the pass ahead may keep of the text encoders' outputs, at home, for the calibration calls: T5-XXL's for
-# FLUX.1-dev's default draw are 0.64 GB (39 calls of 4 x 512 x 4,096 bf16); Qwen2.5-VL's hidden states of every layer
-# for Qwen-Image's ~3.6 GB; Mistral 3's for FLUX.2 [dev] (41 layers x 512 x 5,120 a prompt) ~27 GB, which it does not
-# keep: those calls run their encoders as before.
+# What the pass ahead may keep of the text encoders' outputs, at home, for the calibration calls (the default draw's
+# 83 prompts): T5-XXL's for FLUX.1-dev 0.35 GB (512 x 4,096 bf16 a prompt); Qwen2.5-VL's hidden states of every
+# layer for Qwen-Image ~2.3 GB (29 x ~134 tokens x 3,584; its logits and cache are not kept); with an edit's image
+# (~1,300 vision tokens, in the negative prompt's encoding too) ~50 GB, and Mistral 3's for FLUX.2 [dev] (41 layers
+# x 512 x 5,120 a prompt) ~18 GB, which it does not keep: those calls run their encoders as before.
 AHEAD_BYTES = 8 * 10**9
 
 

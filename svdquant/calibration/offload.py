@@ -76,9 +76,12 @@ class DeviceUnit:
     original back (its ``.data`` the home tensor), rather than assigning ``.data``: that works for every
     device (``meta`` included) and the home tensors are never touched by the move."""
 
-    def __init__(self, modules, device, pin: bool):
+    def __init__(self, modules, device, pin: bool, pin_later: bool = False):
+        """``pin``: pin the home tensors now; ``pin_later``: pin them when the unit crosses a second time (a text
+        encoder, which crosses once when the calibration's pass ahead keeps its outputs, else at every call)."""
         self.device = torch.device(device)
         self.loaded = False
+        self.pin_later, self.crossed = pin_later, False
         self._pending = None  # the event of a copy on a side stream
         self.pinned = False
         self._params: dict[int, tuple[nn.Parameter, list[tuple[nn.Module, str]]]] = {}
@@ -117,6 +120,9 @@ class DeviceUnit:
         then makes the compute stream wait for the copy before it reads it."""
         if self.loaded:
             return
+        if self.pin_later and self.crossed:
+            self.pin_home()  # once: a no-op when pinned
+        self.crossed = True
         if stream is None:
             for p, owners in self._params.values():
                 self._point(owners, p, p.data.to(self.device, non_blocking=True))
@@ -207,7 +213,8 @@ class Streamed:
     each crosses about twice (calibrating on forward inputs, where the forwards stop at the first block).
     The resident blocks (and the rest with them) are pinned only once something sends them home (a model that does
     not run beside them): until then they cross once, and pinning them would cost more than that crossing (about a
-    second per GB: 17 s for FLUX.1-dev's resident 17 GB at a 24 GB cap).
+    second per GB: 17 s for FLUX.1-dev's resident 17 GB at a 24 GB cap). The others are pinned when they cross a
+    second time: a text encoder whose outputs the calibration's pass ahead keeps crosses once.
     prefetch: when a block is called, the next streamed (not resident) block's copy starts, on a
     side CUDA stream, so that it crosses while this one computes; the next block then waits for it (default: with
     ``pin`` on a GPU, where copies can be asynchronous; forced elsewhere, the copies are made then and there, in the
@@ -229,7 +236,9 @@ class Streamed:
                        for i, b in enumerate(blocks)}
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin and not resident)
         other_blocks = other_blocks or {}
-        self.others = [(m, DeviceUnit(own_modules(m, other_blocks.get(id(m), [])), device, pin)) for m in others]
+        # the others (text encoders) cross once when the pass ahead keeps their outputs: pinned if they cross again
+        self.others = [(m, DeviceUnit(own_modules(m, other_blocks.get(id(m), [])), device, False, pin_later=pin))
+                       for m in others]
         self._handles = []
         self._held: set[int] = set()  # others that stay on the device after their calls (:meth:`hold`)
         self._answered: set[int] = set()  # others whose current call runs nothing (:meth:`answer`)
@@ -242,7 +251,7 @@ class Streamed:
             self._stream_block(b, unit, offload_after=i >= resident, then=_streamed_after(units, resident, i))
         self.other_block_units = []
         for m, unit in self.others:
-            own = [DeviceUnit(list(b.modules()), device, pin) for b in other_blocks.get(id(m), [])]
+            own = [DeviceUnit(list(b.modules()), device, False, pin_later=pin) for b in other_blocks.get(id(m), [])]
             self._entry(m, unit, make_room=id(m) not in beside)
             for i, (b, u) in enumerate(zip(other_blocks.get(id(m), []), own)):
                 self._stream_block(b, u, then=own[i + 1] if i + 1 < len(own) else None, owner=id(m))
@@ -326,6 +335,10 @@ class Streamed:
         """``model``'s current call (one of ``others``, told by a pre-hook that runs before this one's) moves
         nothing: its output is known and its forward only returns it (:mod:`svdquant.calibration.ahead`)."""
         self._answered.add(id(model))
+
+    def answered_none(self) -> None:
+        """Forget calls marked answered (:meth:`answer`) whose forward never ran: a hook that raised in between."""
+        self._answered = set()
 
     def offload(self) -> None:
         """Every unit back home: after a forward that ended early (an exception, or the calibration stopping it
