@@ -278,9 +278,9 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     :meth:`Calibration.batch_for`; ``streaming``: the model streams to a GPU) or ``None`` when ``calib.inputs`` holds
     forward kwargs for ``model``. Returns the number of snapshots ((prompt, step) pairs recorded). ``desc``: the
     progress bar's title (which expert of a two-expert pipeline). ``on_stop()`` cleans up after a call that a hook
-    ended inside the model's forward (a streamed block left on the device). ``ahead(calls)``: the text encoders'
-    pass ahead of the calls (:func:`svdquant.calibration.ahead.encode_ahead`, given how many pipeline calls there
-    are), or None for none.
+    ended inside the model's forward (a streamed block left on the device). ``ahead(rows)``: the text encoders'
+    pass ahead of the calls (:func:`svdquant.calibration.ahead.encode_ahead`, given how many prompts the calls hold
+    in all), or None for none.
     """
     calib = calib.for_pipeline(runner)
     if calib.inputs is not None:
