@@ -6,9 +6,11 @@ streamed to a capped GPU (issue 16's real-user case; ``quantize_flux.py`` times 
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --resident off --out $OUT  # the ablation
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --prefetch off --beside off --out $OUT  # the others
     python benchmarks/quantize_pipeline.py --max-gpu-memory 24GB --ahead off --out $OUT     # encoders in every call
+    python benchmarks/quantize_pipeline.py --model qwenimage --max-gpu-memory 24GB --out $OUT  # Qwen-Image
     python benchmarks/quantize_pipeline.py --smoke                                          # CPU: the plumbing
 
-The pipeline is ``benchmarks/pipeline_memory.py``'s FLUX.1-dev: the real architectures and sizes of the
+The pipeline is ``benchmarks/pipeline_memory.py``'s FLUX.1-dev (``--model``: another of its text-to-image
+pipelines, called as it calls them, e.g. Qwen-Image with true CFG): the real architectures and sizes of the
 transformer (23.8 GB in BF16), T5-XXL (9.5 GB) and CLIP-L, random weights drawn on the GPU in BF16 and held in
 CPU memory.
 ``svdquant.quantize(pipe, recipe, Calibration(num_prompts=, steps=, snapshots=, pipeline_kwargs=...),
@@ -41,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # unset: the library's defaults (128 prompts, 8 steps, 128 snapshots), what `svdquant quantize` runs
+    ap.add_argument("--model", default="flux", choices=["flux", "qwenimage", "sd3", "pixart", "sana"],
+                    help="the pipeline (benchmarks/pipeline_memory.py's build; default FLUX.1-dev)")
     ap.add_argument("--prompts", type=int, help="calibration prompts (of the built-in 128; default all)")
     ap.add_argument("--steps", type=int, help="denoising steps per prompt (default: the library's, 8)")
     ap.add_argument("--snapshots", type=int, help="(prompt, step) calls drawn as snapshots (default 128)")
@@ -98,17 +102,17 @@ def main(argv=None):
     # random weights drawn on the GPU (the 16 B parameters' fill on the CPU is what a 10-minute call spent its time
     # in before, NOTES-GPU.md session 17), then held in CPU memory as a user's loaded pipeline is; the GPU's cache
     # is emptied before the capped run
-    pipe, kw = build("flux", quick=args.smoke, device="cpu" if args.smoke else "cuda")
+    pipe, kw = build(args.model, quick=args.smoke, device="cpu" if args.smoke else "cuda")
     if not args.smoke:
         pipe.to("cpu")
         torch.cuda.empty_cache()
     build_s = time.perf_counter() - t0
     print(f"built the pipeline in CPU memory in {build_s:.1f} s", flush=True)  # a run cut short says where it was
-    size = 16 if args.smoke else args.size
+    size = kw["height"] if args.smoke else args.size  # the tiny pipelines' own sizes (multiples of 32 for some)
+    call = {k: v for k, v in kw.items() if k not in ("prompt", "output_type", "height", "width", "image")}
     calib = Calibration(num_prompts=args.prompts, steps=args.steps, snapshots=args.snapshots,
                         batch_size=args.calibration_batch,
-                        pipeline_kwargs=dict(height=size, width=size, guidance_scale=kw["guidance_scale"],
-                                             max_sequence_length=kw["max_sequence_length"]))
+                        pipeline_kwargs={**call, "height": size, "width": size})  # the model's call, as a user's
     dev = "cpu" if args.smoke else "cuda"
     # the transformer forwards the calibration ran whole (each streams the non-resident blocks once), and those it
     # began: a call's last drawn forward ends at the first block
@@ -125,9 +129,9 @@ def main(argv=None):
     for h in hooks:
         h.remove()
     ran = calib.for_pipeline(pipe)  # the prompts and steps the defaults gave
-    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    blocks = sum(len(m) for m in pipe.transformer.children() if isinstance(m, torch.nn.ModuleList))
     res = dict(
-        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)",
+        model=args.model, device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)",
         commit=os.environ.get("SVDQUANT_COMMIT", ""), torch=torch.__version__, recipe=args.recipe,
         prompts=len(ran.prompt_list()), steps=ran.steps, snapshots=report.snapshots, size=size,
         calibration_batch=args.calibration_batch, calibration_forwards=len(forwards),
