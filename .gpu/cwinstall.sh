@@ -1,0 +1,2 @@
+# installs the CUTLASS DSL from the stashed parts into /tmp/cwsite (after every part has been carried once)
+cd /tmp/cwstash && cat part0 part1 part2 part3 part4 > nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl && md5sum -c md5 && cd - >/dev/null && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/cwsite /tmp/cwstash/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/cwsite && python3 -c "import cutlass; print('cutlass dsl ok')"

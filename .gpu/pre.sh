@@ -1,0 +1,10 @@
+# sourced by every .gpu/callNN.sh: wheels into /tmp/site, the repo on the path, timing helpers
+[ -d .whl ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed"; }
+export PYTHONPATH=/tmp/site:$PWD SVDQUANT_COMMIT=$(cat .gpu/commit) PYTHONUNBUFFERED=1
+T0=$(date +%s); LIMIT=${1:-590}
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt 2>&1
+echo "commit $SVDQUANT_COMMIT; $(python3 -c 'import torch,triton;print(torch.__version__,triton.__version__)')"
+gtest() { timeout $1 python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -m gpu -q "${@:2}"; echo "pytest rc=$?"; }
+# the CUTLASS DSL's 92 MB wheel travels in parts (a carry holds 64 MiB with the repo): each call stashes what it carries
+mkdir -p /tmp/cwstash; for d in .cw?; do [ -d "$d" ] && cp -n $d/* /tmp/cwstash/ 2>/dev/null; done; echo "cutlass parts stashed: $(ls /tmp/cwstash | tr '\n' ' ')"
