@@ -21,8 +21,9 @@ first ones that fit the cap, which stay on the GPU from step to step (``resident
 ``--prefetch off`` copies each streamed block on the compute stream when it is called instead of during the
 previous block's compute; ``--beside off`` makes the resident blocks leave the GPU while a text encoder runs
 (whole) instead of the encoders running layer by layer beside them; ``--ahead off`` runs the text encoders in every
-calibration call instead of once, ahead of them (``svdquant/calibration/ahead.py``). Writes the time, the peak GPU memory, the stage
-profile and the resident block count to ``OUT/quantize_pipeline.json``.
+calibration call instead of once, ahead of them (``svdquant/calibration/ahead.py``). Writes the time, the peak GPU
+memory, the stage profile, the resident block count and what the pass ahead kept and answered to
+``OUT/quantize_pipeline.json``.
 """
 
 from __future__ import annotations
