@@ -109,3 +109,19 @@ def test_a_size_asked_of_kontext_is_the_size_calibrated():
     assert c.pipeline_kwargs["max_area"] == 64 * 64  # given: kept
     flux = tm.build_flux_pipeline()  # no max_area: nothing added
     assert svdquant.Calibration(pipeline_kwargs=dict(height=32)).for_pipeline(flux).pipeline_kwargs == dict(height=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cap", [None, "1GB"])
+def test_gpu_kontext_streamed_through_the_gpu(cap):
+    """Kontext held in CPU memory, calibrated streamed through the GPU: with the whole GPU the text encoders are
+    held there through the pass ahead and the blocks stay between calls, so diffusers makes its inputs on the GPU,
+    the input image's ``vae.encode`` (not ``forward``: no streaming hook) included; with a 1 GB cap nothing stays.
+    Either way it calibrates and leaves every weight home."""
+    pipe = tm.build_kontext_pipeline()
+    report = svdquant.quantize(pipe, RECIPE, calib(images=[tm.input_image(0), tm.input_image(1)]), progress=False,
+                               device="cuda", max_gpu_memory=cap)
+    assert report.snapshots == 3
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is SVDQLinear
+    assert {p.device.type for p in pipe.vae.parameters()} == {"cpu"}
