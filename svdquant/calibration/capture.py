@@ -301,10 +301,8 @@ def run_calibration(runner, model: nn.Module, calib: Calibration, selector_hooks
     batches = calibration_batches(plan, calib.batch_for(runner, streaming))
     second = second_expert(runner)
     encoded = ahead(sum(len(rows) for rows, _ in batches)) if ahead is not None else None
-    if encoded is not None:
-        stops = [m for m in (model, second, getattr(runner, "transformer", None), getattr(runner, "unet", None))
-                 if isinstance(m, nn.Module)]
-        run_ahead(runner, stops + encoded.not_encoders(), calib, prompts, batches, encoded, progress)
+    if encoded is not None:  # the streamed others hold every other model of the pipeline (a second expert too)
+        run_ahead(runner, [model, *encoded.not_encoders()], calib, prompts, batches, encoded, progress)
     # Wan 2.2 runs its high-noise steps first: once the low-noise expert is called, the high-noise one is done
     selector = CallSelector(model, batches, after=second if second is not None and second is not model else None)
     close = selector_hooks(selector)
