@@ -20,8 +20,7 @@ runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single bloc
 each MLP's GELU in its down projection's activation pass, a single block's ``proj_out`` reading its two parts);
 ``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
 2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
-blocks' MLPs apart, as first measured); ``int4-fused-qk`` ``int4-fused`` with FLUX's q / k RMSNorm and RoPE in
-the stacked GEMMs' epilogue (``svdquant.fuse(qk_epilogue=True)``); ``int4-act`` the stacking with the A8 activation quantization left to inductor
+blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
 (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
 """
 
@@ -41,8 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-qk", "int4-fused-up", "int4-act",
-         "int4-memory")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -381,7 +379,7 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-qk", "int4-fused-up", "int4-act", "int4-memory")
+    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -397,8 +395,6 @@ def main(argv=None):
                 res["fused_attentions"] = fuse_projections(model, single_mlp=False)
             if base == "int4-fused":  # + each MLP's GELU in its down projection's activation pass
                 res["fused"] = fuse(model)
-            if base == "int4-fused-qk":  # + q / k RMSNorm and RoPE in the stacked GEMMs' epilogue
-                res["fused_qk"] = fuse(model, qk_epilogue=True)
             if base == "int4-fused-up":  # the GELUs in the up projections' epilogues instead
                 from svdquant.modules.fused import fuse_gelu
 
@@ -410,7 +406,7 @@ def main(argv=None):
             run_base(base, model)
             if base == "int4-qkv":
                 unfuse_projections(model)
-            if base in ("int4-fused", "int4-fused-qk", "int4-fused-up", "int4-act"):
+            if base in ("int4-fused", "int4-fused-up", "int4-act"):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)

@@ -44,7 +44,7 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, num
     return dict(registers=regs, stack=stack, shared=k.metadata.shared)
 
 
-def _gemm(gelu: bool, tma: bool, qk: bool = False):
+def _gemm(gelu: bool, tma: bool):
     G = importlib.import_module("svdquant.kernels.int8_gemm")  # the package exports a function of that name
 
     cfg = G.HOPPER_CONFIG if tma else G.DEFAULT_CONFIG
@@ -52,11 +52,9 @@ def _gemm(gelu: bool, tma: bool, qk: bool = False):
     sig = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8",
                w_desc=f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
                a_ptr="*i8", w_ptr="*i8", as_ptr="*fp32", ws_ptr="*fp32", la_ptr="*fp32", lu_ptr="*bf16",
-               b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32", qw_ptr="*bf16", kw_ptr="*bf16",
-               cos_ptr="*fp32", sin_ptr="*fp32", qk_cols="i32", seq="i32", pos0="i32", eps="fp32")
+               b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32")
     consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, APPROX_GELU=True, NUM_PROGRAMS=132, TMA=tma,
-                  WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], QK_NORM_ROPE=qk,
-                  HEAD_D=128, ROPE_S0=128, ROPE_S1=2)
+                  WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
     return G.int8_gemm_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -115,8 +113,6 @@ def shipped(arch: int) -> dict:
     tma = arch >= 90
     kernels = {f"int8_gemm{' tma' if tma else ''}": _gemm(False, tma),
                f"int8_gemm{' tma' if tma else ''} + GELU epilogue (fuse_gelu into='up')": _gemm(True, tma)}
-    if tma:  # the q / k RMSNorm + RoPE epilogue (fuse(qk_epilogue=True), FLUX.1; only Hopper's tile takes it)
-        kernels["int8_gemm tma + q/k RMSNorm + RoPE epilogue"] = _gemm(False, tma, qk=True)
     for stage in (1, 2):
         for two, gelu in ((False, False), (True, False), (False, True), (True, True)):
             name = f"activation pass {stage}{', two parts' if two else ''}{', input GELU' if gelu else ''}"

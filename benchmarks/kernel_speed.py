@@ -132,53 +132,6 @@ def sweep_gemm(dev, sms, out_rows):
                     print("gemm", json.dumps(row), flush=True)
 
 
-# FLUX's stacked GEMMs whose first columns are q then k (24 heads of 128 each): (name, K, N, tokens, seq, pos0, per step)
-QK_SHAPES = (("single block: q/k/v + MLP up", 3072, 21504, 4608, 4608, 0, 38),
-             ("double block, image stream: q/k/v", 3072, 9216, 4096, 4096, 512, 19))
-
-
-def sweep_qk_epilogue(dev, sms, rows):
-    """The stacked q/k/v GEMM with q / k RMSNorm + RoPE in its epilogue, against the shipped GEMM followed by the same
-    in one compiled (inductor) kernel over q and k, as the compiled FLUX block runs it: what the epilogue would save
-    per step (issue 23). Checked against the reference first."""
-    from svdquant import kernels as K
-    from svdquant.ops import reference as R
-
-    def after(y, qw, kw, cos, sin, qk_cols, seq, pos0):  # diffusers' order in fp32, one 16-bit result (inductor fuses)
-        return torch.cat([R.qk_norm_rope(y[:, :qk_cols], qw, kw, cos, sin, qk_cols, seq, pos0).to(y.dtype),
-                          y[:, qk_cols:]], 1)
-
-    compiled = torch.compile(after, dynamic=False)
-    for name, k, n, mt, seq, pos0, per_step in QK_SHAPES:
-        a = torch.randint(-127, 128, (mt, k), device=dev, dtype=torch.int8)
-        w = torch.randint(-126, 127, (n, k), device=dev, dtype=torch.int8)
-        a_s, w_s = torch.rand(mt, device=dev) * 1e-2, torch.rand(n, device=dev) * 1e-3
-        la = torch.randn(mt, 32, device=dev) * 0.01
-        lu = (torch.randn(n, 32, device=dev) * 0.01).to(torch.bfloat16)
-        qw, kw = ((torch.rand(128, device=dev) + 0.5).to(torch.bfloat16) for _ in range(2))  # the model's norms
-        theta = torch.rand(pos0 + seq, 64, device=dev) * 6.28
-        # as the FLUX processor passes them: views of diffusers' tables, each angle repeated for its pair
-        cos, sin = (t.repeat_interleave(2, -1)[:, ::2] for t in (theta.cos(), theta.sin()))
-        spec = dict(q_weight=qw, k_weight=kw, cos=cos, sin=sin, qk_cols=6144, seq=seq, pos0=pos0)
-        kw = dict(tma=True, num_programs=sms)
-
-        def plain():
-            return K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, **kw)
-
-        def two_kernels():
-            return compiled(plain(), qw, kw, cos, sin, 6144, seq, pos0)
-
-        def fused():
-            return K.int8_gemm(a, a_s, w, w_s, la, lu, None, torch.bfloat16, qk_norm_rope=spec, **kw)
-
-        err = rel_err(fused(), R.qk_norm_rope(plain().float(), qw, kw, cos, sin, 6144, seq, pos0))
-        t_plain, t_two, t_fused = bench(plain), bench(two_kernels), bench(fused)
-        row = dict(shape=name, k=k, n=n, m=mt, rel_err=err, gemm_ms=t_plain, gemm_then_norm_rope_ms=t_two,
-                   fused_ms=t_fused, saved_ms_per_step=(t_two - t_fused) * per_step)
-        rows.append(row)
-        print("qk-epilogue", json.dumps(row), flush=True)
-
-
 def act_gelu(rows, K, x, sinv, down, k, mt, copy):
     """The shipped activation pass with the MLP's GELU in it (``input_gelu_from``), against the GELU as its own
     pass before it (what unfused diffusers does); at K = 15,360 also a FLUX single block's proj_out: the input
@@ -390,8 +343,6 @@ def main(argv=None):
     ap.add_argument("--small-sweep", action="store_true", help="time block variants of the non-GEMM kernels")
     ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMM tiles (with bare FP8 _scaled_mm)")
     ap.add_argument("--gelu-sweep", action="store_true", help="only the activation pass's GELU cases")
-    ap.add_argument("--qk-epilogue", action="store_true",
-                    help="the q / k RMSNorm + RoPE in the stacked GEMM's epilogue against a compiled pass after it")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 4096 only")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--no-check", action="store_true")
@@ -420,10 +371,6 @@ def main(argv=None):
     if args.act_sweep or args.gelu_sweep:  # --gelu-sweep: its GELU cases only
         out["act_sweep"] = []
         sweep_act(dev, out["act_sweep"], blocks=args.act_sweep)
-        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
-    if args.qk_epilogue:
-        out["qk_epilogue"] = []
-        sweep_qk_epilogue(dev, props.multi_processor_count, out["qk_epilogue"])
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
     if args.gemm_sweep or args.sweep:
         out["gemm_sweep"] = []

@@ -48,38 +48,26 @@ def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
     return {k: sum(c[k] for c in counts) for k in counts[0]}
 
 
-def fuse(target, *, gelu: bool = True, compiled_activations: bool = False, qk_epilogue: bool = False) -> dict[str, int]:
+def fuse(target, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
     """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each attention's quantized
     q/k/v as one activation pass and one GEMM (FLUX.1/.2, SD3, Wan, Qwen-Image, Z-Image, PixArt-Σ, SANA, SDXL),
     and (``gelu``) each quantized MLP's tanh-GELU moved into its down projection's INT8 activation pass (a FLUX
     single block's ``proj_out`` then reads its two inputs without their concatenation), or where that layer has no
     such pass, into the up projection's GEMM epilogue. ``compiled_activations=True``: under ``torch.compile``, INT8
     activations are quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm +
-    modulation, GELU) instead of a separate activation kernel. ``qk_epilogue=True``: FLUX.1's q / k RMSNorm and
-    rotary embedding run in the stacked q/k/v GEMMs' epilogue (svdquant/modules/flux_qk.py). Both are off until
-    measured faster on a GPU. Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu": m,
-    "compiled_activations": k, "qk_epilogue": a}``). Checkpoints and LoRAs address the same layers."""
-    from .modules.flux_qk import fuse_qk
+    modulation, GELU) instead of a separate activation kernel. Takes a pipeline or a model; returns how many of each
+    (``{"qkv": n, "gelu": m, "compiled_activations": k}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
 
-    counts = []
-    for m in _models_of(target, "fuse"):
-        done = fuse_model(m, gelu=gelu, compiled_activations=compiled_activations)
-        done["qk_epilogue"] = fuse_qk(m) if qk_epilogue else 0  # on the stacks just made
-        counts.append(done)
-    return _summed(counts)
+    return _summed([fuse_model(m, gelu=gelu, compiled_activations=compiled_activations)
+                    for m in _models_of(target, "fuse")])
 
 
 def unfuse(target) -> dict[str, int]:
     """Undo :func:`fuse`."""
-    from .modules.flux_qk import unfuse_qk
     from .modules.fused import unfuse as unfuse_model
 
-    counts = []
-    for m in _models_of(target, "unfuse"):
-        qk = unfuse_qk(m)
-        counts.append({**unfuse_model(m), "qk_epilogue": qk})
-    return _summed(counts)
+    return _summed([unfuse_model(m) for m in _models_of(target, "unfuse")])
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",

@@ -18,8 +18,6 @@ Which object carries which field:
 | ``stack`` | a FLUX single block | fuse (q/k/v + MLP up projection as one runner) | its stacked forward, unfuse, the layer choice |
 | ``processor`` | an attention module | fuse (the processor it had) | unfuse |
 | ``act_mlp`` | a FLUX single block | fuse (its GELU moved into proj_out's input, or proj_mlp's epilogue) | unfuse |
-| ``qk`` | a FLUX single block | fuse(qk_epilogue=True): the function making its stack's q / k epilogue spec | its stacked forward, unfuse |
-| ``qk_processor`` | a FLUX attention | fuse(qk_epilogue=True) (the processor it had) | unfuse |
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ class State:
     stack: Any = None
     processor: Any = None
     act_mlp: Any = None
-    qk: Any = None
-    qk_processor: Any = None
 
 
 def state(obj) -> State:

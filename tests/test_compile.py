@@ -36,17 +36,14 @@ def test_compiled_step_equals_eager(quantized_flux):
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("qk_epilogue", [False, True])
-def test_a_fused_flux_step_is_one_graph(quantized_flux, qk_epilogue):
+def test_a_fused_flux_step_is_one_graph(quantized_flux):
     """svdquant.fuse's structures (stacked q/k/v, the single block's q/k/v + MLP through its own forward, the GELU
-    moved into fc1 and into the single block's stack, its proj_out reading two parts; with ``qk_epilogue`` FLUX's
-    attention processor handing the stacks the q / k norm and rotation) trace whole too."""
+    moved into fc1 and into the single block's stack, its proj_out reading two parts) trace whole too."""
     import copy
 
     model, inputs = quantized_flux
     model = copy.deepcopy(model)
-    assert svdquant.fuse(model, qk_epilogue=qk_epilogue) == {"qkv": 2, "gelu": 3, "compiled_activations": 0,
-                                                             "qk_epilogue": 2 if qk_epilogue else 0}
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
     torch._dynamo.reset()
     exp = torch._dynamo.explain(model)(**inputs)
     assert exp.graph_break_count == 0, [str(r.reason) for r in exp.break_reasons]
@@ -225,20 +222,6 @@ def test_custom_ops_pass_opcheck():
     a, a_s, la = int8_activations(x, m.smooth_inv, down, 128)
     torch.library.opcheck(torch.ops.svdquant.int8_gemm.default,
                           (a, a_s, la, up, m.bias, w, m.wmult, m.wscales.float(), 64, False, 0, False, torch.float32))
-    # FLUX.1's q / k epilogue (svdquant.fuse(qk_epilogue=True)): a 128-wide stack, q and k one 64-column tile each
-    # in heads of 32, rows of two images of 10 tokens from position 3, diffusers' repeated tables read in place
-    q = _layer("int4", n=128)
-    qdown, qup = padded_branch(q)
-    theta = torch.rand(13, 16, generator=torch.Generator().manual_seed(4)) * 6.28
-    cos, sin = (t.repeat_interleave(2, -1)[:, ::2] for t in (theta.cos(), theta.sin()))
-    epilogue = (torch.rand(32) + 0.5, torch.rand(32) + 0.5, cos, sin, 128, 10, 3, 1e-6)
-    torch.library.opcheck(torch.ops.svdquant.int8_linear.default,
-                          (x, q.smooth_inv, qdown, qup, q.bias, q.packed_weight(), q.wmult, q.wscales.float(), False,
-                           64, 0.0, 128, False, 0, False, None, None, *epilogue))
-    qa, qa_s, qla = int8_activations(x, q.smooth_inv, qdown, 128)
-    torch.library.opcheck(torch.ops.svdquant.int8_gemm.default,
-                          (qa, qa_s, qla, qup, q.bias, q.packed_weight(), q.wmult, q.wscales.float(), 64, False, 0,
-                           False, torch.float32, *epilogue))
     f = _layer("w4a4-float", post_gelu=64)
     fdown, fup = padded_branch(f)
     torch.library.opcheck(torch.ops.svdquant.float_scales_linear.default,
@@ -252,21 +235,19 @@ def test_custom_ops_pass_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compiled_activations,qk_epilogue", [(False, False), (True, False), (False, True)])
-def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux, compiled_activations, qk_epilogue):
+@pytest.mark.parametrize("compiled_activations", [False, True])
+def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux, compiled_activations):
     """The real kernels: torch.compile (inductor, fullgraph) and one CUDA graph over the whole step; with
     compiled_activations, inductor's own A8 quantization fused into the LayerNorm/modulation and GELU kernels
-    (then the GELUs stay a pass of their own, which inductor fuses the quantization into); with qk_epilogue, FLUX's
-    q / k norm and rotation handed to the stacked GEMMs (svdquant/modules/flux_qk.py)."""
+    (then the GELUs stay a pass of their own, which inductor fuses the quantization into)."""
     import copy
 
     model = copy.deepcopy(quantized_flux[0]).cuda()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in quantized_flux[1].items()}
-    got = svdquant.fuse(model, gelu=not compiled_activations, compiled_activations=compiled_activations,
-                        qk_epilogue=qk_epilogue)
+    got = svdquant.fuse(model, gelu=not compiled_activations, compiled_activations=compiled_activations)
     # tiny FLUX: 1 double + 1 single block; 17 INT8-activation layers
     assert got == {"qkv": 2, "gelu": 0 if compiled_activations else 3,
-                   "compiled_activations": 17 if compiled_activations else 0, "qk_epilogue": 2 if qk_epilogue else 0}
+                   "compiled_activations": 17 if compiled_activations else 0}
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(**inputs)[0]

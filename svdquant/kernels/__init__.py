@@ -25,8 +25,8 @@ from .float_scales_gemm import fp4_gemm, w4a4_gemm
 from .gptq import gptq_round_block
 from .int8_attention import int8_attention, quantize_tokens as quantize_attention_tokens
 from .float_scales_quantize import quantize_input as quantize_input_float_scales
-from .int8_gemm import (DEFAULT_CONFIG, HOPPER_CONFIG, HOPPER_CONFIG_FP32, int8_gemm, takes_qk_norm_rope,
-                        tile_config as int8_tile_config, weight_descriptor)
+from .int8_gemm import (DEFAULT_CONFIG, HOPPER_CONFIG, HOPPER_CONFIG_FP32, int8_gemm, tile_config as int8_tile_config,
+                        weight_descriptor)
 from .round_weights import round_int4m_weights
 from .w4a16 import MAX_TOKENS as W4A16_MAX_TOKENS, dequantize_int4, w4a16_linear
 
@@ -34,5 +34,5 @@ __all__ = [
     "quantize_activations", "reads_in_place", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
     "round_int4m_weights", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
-    "int8_tile_config", "takes_qk_norm_rope",
+    "int8_tile_config",
 ]

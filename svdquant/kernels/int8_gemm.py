@@ -4,9 +4,7 @@ Reference: :func:`svdquant.ops.reference.qgemm` for integer products. ``A`` hold
 activation values (``int8`` codes, or two-level ``code · m``), ``W`` the weights'
 ``code · m`` (or ``int8`` codes), both exact INT8; the main loop is a plain int8 × int8 →
 int32 tensor-core GEMM over all of K with nothing else in it. The float work, the
-branch's up projection, the bias and the GELU are in the epilogue, and for FLUX.1's stacked q/k/v (opt-in,
-``svdquant.fuse(qk_epilogue=True)``) the q / k heads' RMSNorm and rotary embedding
-(:func:`svdquant.ops.reference.qk_norm_rope`).
+branch's up projection, the bias and the GELU are in the epilogue.
 
 On Hopper (``TMA=True``) the kernel is persistent (one program per SM walks the output
 tiles) and loads A and W tiles through TMA tensor descriptors, the structure of Triton's
@@ -31,9 +29,6 @@ def int8_gemm_kernel(
     APPROX_GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
-    qw_ptr=None, kw_ptr=None, cos_ptr=None, sin_ptr=None, qk_cols=0, seq=1, pos0=0, eps=1e-6,
-    QK_NORM_ROPE: tl.constexpr = False, HEAD_D: tl.constexpr = 128, ROPE_S0: tl.constexpr = 64,
-    ROPE_S1: tl.constexpr = 1,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -74,37 +69,8 @@ def int8_gemm_kernel(
             y += tl.load(b_ptr + offs_wn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if GELU:
             y = gelu_tanh(y, APPROX_GELU)
-        if QK_NORM_ROPE:  # q / k columns (whole tiles of whole heads): RMSNorm per head, then the rotary embedding
-            if off_n < qk_cols:
-                w_norm = qw_ptr
-                if off_n >= qk_cols // 2:  # k's heads (a pointer chosen per tile: loading both and choosing per
-                    w_norm = kw_ptr        # element spilled 160 B of stack on sm_90)
-                y = _qk_norm_rope(y, w_norm, cos_ptr, sin_ptr, offs_am, mmask, seq, pos0, eps, ROPE_S0, ROPE_S1,
-                                  BLOCK_M, BLOCK_N, HEAD_D)
         tl.store(y_ptr + offs_am[:, None] * stride_ym + offs_wn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _qk_norm_rope(y, w_ptr, cos_ptr, sin_ptr, offs_am, mmask, seq, pos0, eps, rope_s0: tl.constexpr,
-                  rope_s1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """``y`` [BLOCK_M, BLOCK_N] fp32, whole heads of ``D`` columns of q or k: each head divided by its root mean
-    square and multiplied by its norm's weight (``w`` [D], the model's own tensor), then its (even,
-    odd) pairs rotated by the token's angles (``cos`` / ``sin`` [positions, D / 2] with strides ``rope_s0`` /
-    ``rope_s1``: diffusers' tables repeat each angle twice, read here with a stride of 2; constants of the launch,
-    since as arguments their address arithmetic spilled 96 B of stack on sm_90 against 48; row m is position
-    ``pos0 + m % seq``)."""
-    y3 = tl.reshape(y, [BLOCK_M, BLOCK_N // D, D])
-    r = tl.math.rsqrt(tl.sum(y3 * y3, axis=2) / D + eps)
-    w = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)
-    y3 = y3 * r[:, :, None] * w[None, None, :]
-    x0, x1 = tl.split(tl.reshape(y3, [BLOCK_M, BLOCK_N // D, D // 2, 2]))
-    pos = pos0 + offs_am % seq
-    hh = tl.arange(0, D // 2)
-    at = pos[:, None] * rope_s0 + hh[None, :] * rope_s1
-    c = tl.load(cos_ptr + at, mask=mmask[:, None], other=0.0)[:, None, :]
-    s = tl.load(sin_ptr + at, mask=mmask[:, None], other=0.0)[:, None, :]
-    return tl.reshape(tl.join(x0 * c - x1 * s, x1 * c + x0 * s), [BLOCK_M, BLOCK_N])
 
 
 # Tiles measured on an H200 (NOTES-GPU.md); elsewhere a smaller tile that fits sm_80's shared memory.
@@ -127,12 +93,6 @@ def tile_config(tma: bool, out_dtype: torch.dtype | None = None) -> dict:
     return DEFAULT_CONFIG
 
 
-def takes_qk_norm_rope(config: dict, qk_cols: int, head_dim: int) -> bool:
-    """Whether the q / k epilogue applies at this tile: q's and k's columns each whole tiles, a tile whole heads
-    (FLUX.1: 3,072 columns each in heads of 128; Hopper's 256-column tiles take it, the 64-column default does not)."""
-    return qk_cols > 0 and qk_cols % (2 * config["BLOCK_N"]) == 0 and config["BLOCK_N"] % head_dim == 0
-
-
 def weight_descriptor(w: torch.Tensor, config: dict):
     """The TMA descriptor of a resident INT8 weight ``[N, K]`` (built once, at load)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -141,16 +101,11 @@ def weight_descriptor(w: torch.Tensor, config: dict):
 
 
 def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gelu=False, tma=False, w_desc=None,
-              num_programs=None, config=None, qk_norm_rope=None):
+              num_programs=None, config=None):
     """Launch the GEMM. ``a`` ``[M, K]`` int8, ``a_scale`` ``[M]`` fp32, ``w`` ``[N, K]`` int8, ``w_scale`` ``[N]``
     fp32 (K a multiple of ``BLOCK_K``), ``lora_act`` ``[M, R]`` fp32, ``lora_up`` ``[N, R]``, ``bias`` ``[N]``.
     ``tma=True`` (sm_90+) uses tensor descriptors (``w_desc``: a prepared one for ``w``); ``num_programs``: the
-    persistent grid size (the SM count), else one program per tile. ``qk_norm_rope``: a dict ``q_weight`` /
-    ``k_weight`` [D] (q's and k's RMSNorm weights, as the model holds them), ``cos`` / ``sin`` [positions, D / 2]
-    fp32 (any strides, the same for both: a view of diffusers' repeated tables, ``cos[:, ::2]``), ``qk_cols`` (the
-    first columns are q then k heads, a whole number of tiles), ``seq`` and ``pos0`` (row m is position
-    ``pos0 + m % seq``), ``eps``: the q / k heads normalized and rotated in the epilogue
-    (:func:`svdquant.ops.reference.qk_norm_rope`)."""
+    persistent grid size (the SM count), else one program per tile."""
     cfg = config or tile_config(tma)  # read only
     m, k = a.shape
     n = w.shape[0]
@@ -165,36 +120,12 @@ def int8_gemm(a, a_scale, w, w_scale, lora_act, lora_up, bias, out_dtype, *, gel
     else:
         a_desc = w_desc = a  # unused
     has_lora = lora_act is not None
-    qk = {}
-    if qk_norm_rope is not None:
-        d = qk_norm_rope["q_weight"].shape[0]
-        qw, kw = qk_norm_rope["q_weight"], qk_norm_rope["k_weight"]
-        if qw.shape != (d,) or kw.shape != (d,) or qw.dtype != kw.dtype:  # one pointer type reads either
-            raise ValueError(f"the q and k norm weights must be two [D] tensors of one dtype, got {tuple(qw.shape)} "
-                             f"{qw.dtype} and {tuple(kw.shape)} {kw.dtype}")
-        if not takes_qk_norm_rope(cfg, qk_norm_rope["qk_cols"], d):
-            raise ValueError(f"qk_cols={qk_norm_rope['qk_cols']} (q and k) must each be whole tiles of whole heads: "
-                             f"BLOCK_N {cfg['BLOCK_N']}, head {d}")
-        cos, sin = qk_norm_rope["cos"], qk_norm_rope["sin"]
-        if cos.shape != sin.shape or cos.shape[1] != d // 2:
-            raise ValueError(f"the rotary tables must be [positions, {d // 2}] each (an angle per pair of the head's "
-                             f"columns), got {tuple(cos.shape)} and {tuple(sin.shape)}")
-        if qk_norm_rope.get("pos0", 0) + qk_norm_rope["seq"] > cos.shape[0]:
-            raise ValueError(f"rows at positions up to {qk_norm_rope.get('pos0', 0) + qk_norm_rope['seq']} but the "
-                             f"rotary tables hold {cos.shape[0]}")
-        if cos.stride() != sin.stride():  # one pair of launch constants reads both
-            qk_norm_rope = dict(qk_norm_rope, cos=cos.contiguous(), sin=sin.contiguous())
-        qk = dict(qw_ptr=qk_norm_rope["q_weight"], kw_ptr=qk_norm_rope["k_weight"], cos_ptr=qk_norm_rope["cos"],
-                  sin_ptr=qk_norm_rope["sin"], qk_cols=qk_norm_rope["qk_cols"], seq=qk_norm_rope["seq"],
-                  pos0=qk_norm_rope.get("pos0", 0), eps=float(qk_norm_rope.get("eps", 1e-6)),
-                  ROPE_S0=qk_norm_rope["cos"].stride(0), ROPE_S1=qk_norm_rope["cos"].stride(1), QK_NORM_ROPE=True,
-                  HEAD_D=d)
     int8_gemm_kernel[(programs,)](
         a_desc, w_desc, a, w, a_scale, w_scale,
         lora_act if has_lora else a_scale, lora_up if has_lora else a_scale, bias if bias is not None else a_scale, y,
         m, n, k, y.stride(0),
         R=lora_up.shape[1] if has_lora else 16, R_CHUNK=min(lora_up.shape[1] if has_lora else 16, 32),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, GELU=gelu, APPROX_GELU=not interpreting(),
-        NUM_PROGRAMS=programs, TMA=tma, **cfg, **qk,
+        NUM_PROGRAMS=programs, TMA=tma, **cfg,
     )
     return y

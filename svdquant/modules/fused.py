@@ -50,10 +50,7 @@ import torch.nn.functional as F
 from .._state import peek, state, take
 from ..formats import get_format
 from ..integrations.diffusers import compat  # diffusers' internals go through compat
-from ..ops import reference
-from ..ops.runner import QkNormRope
 from .fused_view import PROJECTIONS, view_processor, viewable
-from .processors import restore_qk_processor
 from .linear import SVDQLinear, bump_revision
 
 
@@ -108,20 +105,11 @@ class FusedSVDQLinear(nn.Module):
         # dense: the members rewrote their rows of the stacked weight in place, nothing to restack
         return self._runner.restack_branch([m._runner for m in self.members])
 
-    def forward(self, x: torch.Tensor, qk: QkNormRope | None = None) -> torch.Tensor:
-        """``qk``: the first two members are q and k, returned RMS-normed and rotated (:mod:`.flux_qk`): in the
-        GEMM's epilogue where the runner takes it, else by the torch reference after it."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runner is None:
-            y, in_gemm = torch.cat([m(x) for m in self.members], dim=-1), False
-        else:
-            in_gemm = qk is not None and self._runner.takes_qk(qk.qk_cols, qk.q_weight.shape[0])
-            x2 = x.reshape(-1, self.in_features)
-            y = self._runner(x2, qk=qk) if in_gemm else self._runner(x2)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        if qk is not None and not in_gemm:  # the q / k columns only (a single block's stack is 7 x 3,072 wide)
-            y2 = y.reshape(-1, self.out_features)
-            y2[:, :qk.qk_cols] = reference.qk_norm_rope(y2[:, :qk.qk_cols], *qk).to(y.dtype)
-        return y
+            return torch.cat([m(x) for m in self.members], dim=-1)
+        y = self._runner(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         path = "one INT8 GEMM" if self._runner is not None else "members in turn"
@@ -211,7 +199,6 @@ def _unstack_single_block(block) -> bool:
     if stacked is None:
         return False
     del block.forward
-    take(block, "qk")  # fuse_qk's spec for the stack (svdquant.modules.flux_qk)
     block.attn._modules.pop("to_qkv", None)
     compat.set_qkv_fusion_supported(block.attn, True)  # h-diffusers
     block.attn.fused_projections = False
@@ -294,7 +281,6 @@ def unfuse_projections(model: nn.Module) -> int:
                                "hook added after svdquant.fuse); remove it before unfusing")
     n = sum(_unstack_single_block(block) for block in blocks)
     for attn in model.modules():
-        restore_qk_processor(attn)  # fuse_qk's processor reads the stacks: diffusers' back first
         fused = [(name, getattr(attn, name, None)) for name, _ in PROJECTIONS]
         fused = [(name, f) for name, f in fused if isinstance(f, FusedSVDQLinear)]
         if not fused:
@@ -416,8 +402,7 @@ def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = Fa
     """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc2's activation
     pass (or fc1's epilogue), "compiled_activations": layers whose A8 quantization inductor fuses into the input's
     producer}``. The last is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then
-    fuses fc2's quantization into its GELU kernel). FLUX.1's q / k epilogue builds on these stacks:
-    :func:`svdquant.modules.flux_qk.fuse_qk`."""
+    fuses fc2's quantization into its GELU kernel)."""
     done = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
             "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
     bump_revision()  # forwards and modules were swapped: captured CUDA graphs are stale

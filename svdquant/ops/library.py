@@ -36,24 +36,17 @@ def _kernels():
 
 def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
                    weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
-                   num_programs: int, gelu: bool, out_dtype: torch.dtype, q_norm: Tensor | None = None,
-                   k_norm: Tensor | None = None, rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
-                   qk_cols: int = 0, rope_seq: int = 1, rope_pos0: int = 0, qk_eps: float = 1e-6,
-                   w_desc=None) -> Tensor:
+                   num_programs: int, gelu: bool, out_dtype: torch.dtype, w_desc=None) -> Tensor:
     """The INT8 GEMM of quantized activations ``a`` [M, K_pad] (scales ``a_scale`` [M]) with ``weight``: INT8
     ``code · m`` [N, K_pad] (speed mode), or the packed 4-bit codes [N, K_pad/2] with ``weight_mult`` (memory
     mode: expanded into a fresh buffer here); ``lora_act·L2ᵀ``, the bias and (``gelu``) tanh-GELU in its
-    epilogue; with ``q_norm`` / ``k_norm`` (the RMSNorms' weights), the first ``qk_cols`` columns (q's heads,
-    k's) RMS-normed and rotated there too (:func:`svdquant.ops.reference.qk_norm_rope`: ``rope_cos`` /
-    ``rope_sin`` [positions, D / 2], row m at position ``rope_pos0 + m % rope_seq``)."""
+    epilogue."""
     k = _kernels()
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
-    qk = None if q_norm is None else dict(q_weight=q_norm, k_weight=k_norm, cos=rope_cos, sin=rope_sin,
-                                          qk_cols=qk_cols, seq=rope_seq, pos0=rope_pos0, eps=qk_eps)
     return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
                        tma=tma, w_desc=w_desc, num_programs=num_programs or None,
-                       config=k.int8_tile_config(tma, out_dtype), qk_norm_rope=qk)
+                       config=k.int8_tile_config(tma, out_dtype))
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -66,15 +59,12 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
                      bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                      a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
                      gelu: bool = False, tail: Tensor | None = None, input_gelu_from: int | None = None,
-                     q_norm: Tensor | None = None, k_norm: Tensor | None = None, rope_cos: Tensor | None = None,
-                     rope_sin: Tensor | None = None, qk_cols: int = 0, rope_seq: int = 1, rope_pos0: int = 0,
-                     qk_eps: float = 1e-6, w_desc=None) -> Tensor:
+                     w_desc=None) -> Tensor:
     """Activation pass (the Triton kernel: smooth, quantize, ``X·L1ᵀ``) + :func:`int8_gemm_impl`.
     ``gelu``: tanh-GELU applied in the GEMM's epilogue (an MLP's up projection, see modules/fused.py).
     ``tail``: the input is ``[x | tail]`` along K, read from both where they are (no concatenated copy).
     ``input_gelu_from``: the input's channels from this one on are pre-activations, tanh-GELU'd as they are read
-    (an MLP's down projection, see modules/fused.py). ``q_norm`` ...: the q / k epilogue
-    (:func:`int8_gemm_impl`)."""
+    (an MLP's down projection, see modules/fused.py)."""
     k = _kernels()
     if input_gelu_from is not None and not k.reads_in_place(input_gelu_from, smooth_inv.shape[0], a4=a4,
                                                            group_size=group_size):
@@ -84,45 +74,37 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
                                               input_gelu_from=input_gelu_from, a4=a4, group_size=group_size,
                                               shift=shift, unsigned_from=unsigned_from)
     return int8_gemm_impl(a, a_s, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, x.dtype, q_norm, k_norm, rope_cos, rope_sin, qk_cols, rope_seq, rope_pos0,
-                          qk_eps, w_desc=w_desc)
+                          num_programs, gelu, x.dtype, w_desc=w_desc)
 
 
 @torch.library.custom_op("svdquant::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                 bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                 a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
-                gelu: bool, tail: Tensor | None = None, input_gelu_from: int | None = None,
-                q_norm: Tensor | None = None, k_norm: Tensor | None = None, rope_cos: Tensor | None = None,
-                rope_sin: Tensor | None = None, qk_cols: int = 0, rope_seq: int = 1, rope_pos0: int = 0,
-                qk_eps: float = 1e-6) -> Tensor:
+                gelu: bool, tail: Tensor | None = None, input_gelu_from: int | None = None) -> Tensor:
     return int8_linear_impl(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4,
-                            group_size, shift, unsigned_from, tma, num_programs, gelu, tail, input_gelu_from,
-                            q_norm, k_norm, rope_cos, rope_sin, qk_cols, rope_seq, rope_pos0, qk_eps)
+                            group_size, shift, unsigned_from, tma, num_programs, gelu, tail, input_gelu_from)
 
 
 @int8_linear.register_fake
 def _(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4, group_size, shift,
-      unsigned_from, tma, num_programs, gelu, tail=None, input_gelu_from=None, *qk):
+      unsigned_from, tma, num_programs, gelu, tail=None, input_gelu_from=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("svdquant::int8_gemm", mutates_args=())
 def int8_gemm(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
               weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
-              num_programs: int, gelu: bool, out_dtype: torch.dtype, q_norm: Tensor | None = None,
-              k_norm: Tensor | None = None, rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
-              qk_cols: int = 0, rope_seq: int = 1, rope_pos0: int = 0, qk_eps: float = 1e-6) -> Tensor:
+              num_programs: int, gelu: bool, out_dtype: torch.dtype) -> Tensor:
     """The GEMM alone, for activations quantized in the compiled graph (:func:`svdquant.ops.reference.int8_activations`:
     inductor fuses that into the kernel producing ``x``)."""
     return int8_gemm_impl(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, out_dtype, q_norm, k_norm, rope_cos, rope_sin, qk_cols, rope_seq,
-                          rope_pos0, qk_eps)
+                          num_programs, gelu, out_dtype)
 
 
 @int8_gemm.register_fake
 def _(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma, num_programs, gelu,
-      out_dtype, *qk):
+      out_dtype):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 

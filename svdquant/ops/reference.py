@@ -82,26 +82,6 @@ def gelu_columns(x: torch.Tensor, tail: torch.Tensor | None, start: int) -> torc
     return torch.cat([whole[..., :start], F.gelu(whole[..., start:], approximate="tanh")], -1)
 
 
-def qk_norm_rope(y: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, qk_cols: int, seq: int, pos0: int = 0, eps: float = 1e-6) -> torch.Tensor:
-    """The reference of the INT8 GEMM's q / k epilogue, in fp32: of ``y`` [M, N], the first ``qk_cols`` columns are
-    q's heads then k's (``D = q_weight.shape[0]`` wide); each head is divided by its root mean square (+ ``eps``),
-    multiplied by its norm's weight (``q_weight`` / ``k_weight`` [D]), and its (even, odd) column pairs rotated by
-    the angles of the row's position ``pos0 + m % seq`` (``cos`` / ``sin`` [positions, D / 2]): diffusers' FLUX
-    attention (``RMSNorm`` on q and k, then ``apply_rotary_emb`` with real, interleaved pairs) without its
-    intermediate 16-bit roundings. The other columns are returned as they are."""
-    m, d = y.shape[0], q_weight.shape[0]
-    qk_weight = torch.stack([q_weight, k_weight])
-    out = y.float().clone()
-    h = out[:, :qk_cols].reshape(m, 2, -1, d)
-    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps) * qk_weight.float()[None, :, None, :]
-    pos = pos0 + torch.arange(m, device=y.device) % seq
-    c, s = cos.float()[pos][:, None, None, :], sin.float()[pos][:, None, None, :]
-    x0, x1 = h[..., 0::2], h[..., 1::2]
-    out[:, :qk_cols] = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).reshape(m, qk_cols)
-    return out
-
-
 def int8_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, k_pad: int):
     """The A8 activation pass in torch ops, as the INT8 GEMM takes it: ``(values [M, k_pad] int8, scales [M] fp32,
     lora_act [M, R] fp32 or None)``, the numbers :func:`quantize_input` gives for ``int8``.

@@ -12,8 +12,6 @@ beyond that is declared here as class attributes, so the layers ask the runner, 
 | fuses_input_gelu    | applies the layer's input GELU itself (``input_gelu_from``), as it reads X      | INT8     |
 | owns_packed_weight  | holds the layer's only copy of its weight: the layer drops its packed codes and | INT8 speed mode |
 |                     | asks :meth:`Runner.packed_weight` for them (an instance's value)                |          |
-| takes_qk            | normalizes and rotates q / k in its epilogue (``__call__(x2, qk=QkNormRope)``),  | INT8, stacked |
-|                     | where :meth:`Runner.takes_qk` says so for the layout                           |          |
 """
 
 from __future__ import annotations
@@ -21,28 +19,11 @@ from __future__ import annotations
 import copy
 import types
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 
 from ..formats import get_format
-
-
-class QkNormRope(NamedTuple):
-    """What a FLUX attention does to q and k between the projections and the attention, for a stacked q/k/v runner
-    to do in its epilogue: each head of q (the first ``qk_cols / 2`` output columns) and of k (the next) RMS-normed
-    with ``q_weight`` / ``k_weight`` [D] (the norms' own tensors) and ``eps``, then its (even, odd) pairs rotated by
-    ``cos`` / ``sin`` [positions, D / 2] at the position ``pos0 + row % seq``
-    (:func:`svdquant.ops.reference.qk_norm_rope`)."""
-
-    q_weight: torch.Tensor
-    k_weight: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    qk_cols: int
-    seq: int
-    pos0: int
-    eps: float
 
 
 @dataclass(frozen=True)
@@ -85,11 +66,6 @@ class Runner:
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def takes_qk(self, qk_cols: int, head_dim: int) -> bool:
-        """Whether ``__call__(x2, qk=...)`` applies :class:`QkNormRope` for q / k of ``qk_cols`` columns in heads of
-        ``head_dim`` (else the caller normalizes and rotates them itself)."""
-        return False
 
     def call_concat(self, head2: torch.Tensor, tail2: torch.Tensor) -> torch.Tensor:
         """``self(torch.cat([head2, tail2], -1))``; the INT8 runner overrides it to read both where they are."""

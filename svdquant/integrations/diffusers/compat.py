@@ -204,13 +204,9 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    stacked, qk = peek(self).stack, peek(self).qk  # qk: q / k normed and rotated by the stack (fuse_qk)
-    if not getattr(self.attn.processor, "normed_qk", False) or image_rotary_emb is None:
-        qk = None  # the processor (replaced since, or with nothing to rotate) norms q and k itself
+    stacked = peek(self).stack
     mlp_width = self.proj_mlp.out_features
-    projected = stacked(norm_hidden_states) if qk is None else \
-        stacked(norm_hidden_states, qk=qk(self, image_rotary_emb, norm_hidden_states.shape[1]))
-    qkv, mlp = projected.split([stacked.out_features - mlp_width, mlp_width], dim=-1)
+    qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
     mlp_hidden_states = self.act_mlp(mlp)
     attn_output = self.attn(hidden_states=qkv, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
     if getattr(self.proj_out, "takes_tail", False):  # a quantized proj_out reads both parts: no concatenated copy

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ...formats import get_format, pack_4bit_halves
 from .. import library, reference
 from ..branch import assign_branch, branch_sources, padded_branch, stacked_branch
-from ..runner import Gpu, QkNormRope, Runner, activation_group
+from ..runner import Gpu, Runner, activation_group
 
 # Hopper's tensor memory accelerator: the GEMM reads its tiles through TMA descriptors, in a persistent grid
 TMA_CAPABILITY = (9, 0)
@@ -123,15 +123,10 @@ class Int8Runner(Runner):
         codes = self.w.view(n, -1, self.group).to(torch.int16) // self.mult.to(torch.int16).unsqueeze(-1)
         return pack_4bit_halves(codes.to(torch.int8).reshape(n, -1), self.group)
 
-    def takes_qk(self, qk_cols: int, head_dim: int) -> bool:
-        # the epilogue's tile holds whole heads of q or k (Hopper's 256 columns: FLUX's heads of 128; not sm_80-89's 64)
-        return self.w is not None and self.kernels.takes_qk_norm_rope(self.config, qk_cols, head_dim)
-
-    def __call__(self, x2, tail2=None, qk: QkNormRope | None = None):
+    def __call__(self, x2, tail2=None):
         # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
         speed = self.w is not None
         w, mult = (self.w, None) if speed else (self.packed, self.mult)
-        epilogue = () if qk is None else tuple(qk)
         if torch.compiler.is_compiling() and self.act_in_graph and not self.a4:
             # inductor writes the concatenation and the GELU from the producers' kernels
             if self.input_gelu_from is not None:
@@ -140,11 +135,9 @@ class Int8Runner(Runner):
                 x2 = torch.cat([x2, tail2], -1)
             a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
             return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
-                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype,
-                                                *epilogue)
+                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype)
         args = (x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4, self.group, self.shift,
-                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from,
-                *epilogue)
+                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from)
         if torch.compiler.is_compiling():
             return torch.ops.svdquant.int8_linear(*args)
         return library.int8_linear_impl(*args, w_desc=self.w_desc)
