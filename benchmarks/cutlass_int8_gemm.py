@@ -4,7 +4,7 @@ Our Triton INT8 GEMM (``svdquant/kernels/int8_gemm.py``) reaches 0.75-0.97× of 
 ``torch._scaled_mm`` on FLUX.1 shapes, though INT8 and FP8 wgmma peaks are equal on Hopper. This probe measures
 whether CUTLASS's structure (TMA loads into an mbarrier-guarded multistage ring, a producer warp and two consumer
 warpgroups, a persistent tile scheduler, clusters multicasting W) closes the gap, before any such kernel is
-built. The kernel, ``benchmarks/cutlass_int8_gemm_kernel.py``, computes the GEMM's epilogue semantics
+built. The kernel, ``svdquant/kernels/cutlass_gemm.py``, computes the GEMM's epilogue semantics
 ``Y = (A · Wᵀ)·a_scale[M]·w_scale[N]`` → bf16 (``--lora``: ``+ lora_act · lora_upᵀ``, rank 32, bf16 operands).
 
     python benchmarks/cutlass_int8_gemm.py --compile-only              # no GPU: compile every config for sm_90a
@@ -38,8 +38,8 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # svdquant, for the Triton kernel
-sys.path.insert(0, str(HERE))  # the kernel module beside this file
+sys.path.insert(0, str(HERE.parent))  # svdquant: the kernel and the Triton one
+sys.path.insert(0, str(HERE))  # kernel_speed, beside this file
 
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
 TOKENS = [4096, 4608]
@@ -63,7 +63,7 @@ def load_dsl(compile_only):
     import cutlass
     import cutlass.cute as cute
 
-    import cutlass_int8_gemm_kernel as kern
+    from svdquant.kernels import cutlass_gemm as kern
 
     return cutlass, cute, kern
 
@@ -117,11 +117,56 @@ def compile_fake(cutlass, cute, gemm, out, rank, clusters):
             make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=16),
             make_fake_compact_tensor(cutlass.Float32, (n,), assumed_align=16),
             mat(cutlass.BFloat16 if out == "bf16" else cutlass.Int32, m, n),
-            mat(cutlass.BFloat16, m, rank) if rank else None, mat(cutlass.BFloat16, n, rank) if rank else None]
+            mat(cutlass.BFloat16, m, rank) if rank else None, mat(cutlass.BFloat16, n, rank) if rank else None,
+            None]  # no bias
     log = []
     with stderr_to(log):
         compiled = cute.compile(gemm, *args, clusters, make_fake_stream(), options="--keep-ptx remarks{ptx}")
     return compiled, log[0]
+
+
+def epilogue_mapping_check(cutlass, cute, kern, bm, bn, out):
+    """The mismatches of :func:`check_epilogue_mapping` (compiled with the DSL imported here), [] if none."""
+
+    @cute.jit(preprocess=False)  # plain Python control flow: every value here is static
+    def check_epilogue_mapping(kern: cutlass.Constexpr, bm: cutlass.Constexpr, bn: cutlass.Constexpr,
+                               out: cutlass.Constexpr, bad: cutlass.Constexpr):
+        """A static check of the two index mappings the kernel relies on, for every consumer thread (no GPU: the
+        layouts are compile-time). (1) The coordinate ``partition_C`` gives each accumulator register (hence the
+        scales ``scale`` reads) is the PTX ISA's wgmma D-fragment layout: row 16·warp + lane/4 (+8), column
+        2·(lane%4) (+1) (+8 per register quad), per 64-row warpgroup block. (2) The register ``store_tile`` sends
+        as value v of sub-tile s lands, through the stmatrix partition and the TMA store of sub-tile s, on that
+        register's own coordinate. Appends the mismatches to the list ``bad``."""
+        tiled_mma = kern.make_mma(cutlass.Int8, cutlass.Int32, bn)
+        copy_r2s = kern.make_copy_r2s(tiled_mma, kern.OUT_DTYPES[out])
+        cC = cute.make_identity_tensor((bm, bn))
+        cE = cute.make_identity_tensor(kern.EPI_TILE)
+        subs_n = bn // kern.EPI_TILE[1]
+        # store_tile's walk of sub-tiles
+        order = cute.make_layout((bm // kern.EPI_TILE[0], subs_n), stride=(subs_n, 1))
+        for s in range(bm // kern.EPI_TILE[0] * subs_n):
+            if tuple(order.get_hier_coord(s)) != (s // subs_n, s % subs_n):
+                bad.append(("sub-tile order", s, tuple(order.get_hier_coord(s))))
+        for t in range(kern.MMA_WARPGROUPS * kern.WG_THREADS):
+            tc = tiled_mma.get_slice(t).partition_C(cC)
+            wg, warp, lane = t // kern.WG_THREADS, t % kern.WG_THREADS // 32, t % 32
+            for i in range(cute.size(tc)):
+                row = i // (bn // 2) * 128 + wg * 64 + warp * 16 + lane // 4 + 8 * (i // 2 % 2)
+                col = 8 * (i // 4 % (bn // 8)) + 2 * (lane % 4) + i % 2
+                if tuple(tc[i]) != (row, col):
+                    bad.append(("accumulator", t, i, tuple(tc[i]), (row, col)))
+            rc = copy_r2s.retile(tc)
+            ts = copy_r2s.get_slice(t).partition_S(cE)
+            per_sub = cute.size(ts)
+            for s in range(bm // kern.EPI_TILE[0] * subs_n):
+                for v in range(per_sub):
+                    lands = (s // subs_n * kern.EPI_TILE[0] + ts[v][0], s % subs_n * kern.EPI_TILE[1] + ts[v][1])
+                    if tuple(rc[s * per_sub + v]) != lands:
+                        bad.append(("epilogue", t, s, v, tuple(rc[s * per_sub + v]), lands))
+
+    bad = []
+    cute.compile(check_epilogue_mapping, kern, bm, bn, out, bad)
+    return bad
 
 
 def compile_only(args):
@@ -132,9 +177,8 @@ def compile_only(args):
     for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32):
         tile = CONFIGS[name][0]
         if (tile, out) not in checked:  # the cluster shape does not enter these mappings
-            bad = []
             t0 = time.time()
-            cute.compile(kern.check_epilogue_mapping, *tile, out, bad)
+            bad = epilogue_mapping_check(cutlass, cute, kern, *tile, out)
             checked[tile, out] = bad
             failures += bool(bad)
             print(f"mapping check {tile[0]}x{tile[1]} {out}: {'OK' if not bad else f'{len(bad)} MISMATCHES'} "
@@ -250,6 +294,7 @@ def run_variant(torch, cute_view, compiled, stream, d, out, rank, int_mm, bench)
     y.fill_(float("nan") if out == "bf16" else -(2 ** 31))  # an unwritten tile cannot pass
     views = [cute_view(t) for t in (d["a"], d["w"], d["a_s"], d["w_s"], y)]
     views += [cute_view(d["la"]), cute_view(d["lu"])] if rank else [None, None]
+    views.append(None)  # no bias
     compiled(*views, stream)
     torch.cuda.synchronize()
     ok, err, mismatches = check(torch, y, d, out, rank, int_mm)
@@ -308,6 +353,7 @@ def gpu_run(args):
                     y0 = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if out == "bf16" else torch.int32)
                     views = [cute_view(t) for t in (d["a"], d["w"], d["a_s"], d["w_s"], y0)]
                     views += [cute_view(d["la"]), cute_view(d["lu"])] if rank else [None, None]
+                    views.append(None)  # no bias
                     # clusters of this size that fit the GPU at once (one CTA per SM): the persistent grid
                     size = CONFIGS[name][1][0] * CONFIGS[name][1][1]
                     clusters = cutlass.utils.HardwareInfo().get_max_active_clusters(size)

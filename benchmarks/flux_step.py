@@ -18,7 +18,8 @@ peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-
 steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
 runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
 each MLP's GELU in its down projection's activation pass, a single block's ``proj_out`` reading its two parts);
-``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
+``int4-fused-triton`` the same with the Triton INT8 GEMM wherever an H100 / H200 would run the CUTLASS one
+(the GEMMs' A/B); ``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
 2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
 blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
 (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
@@ -40,11 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
+BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
+         "int4-memory")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
 ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage", "svdquant_int8")
+
+
+def use_sm90_gemm(model, on: bool) -> int:
+    """Let (or stop) the quantized layers' runners use the CUTLASS GEMM on an H100 / H200 (``Int8Runner.sm90``,
+    decided at load); returns how many runners could."""
+    n = 0
+    for mod in model.modules():
+        r = getattr(mod, "_runner", None)
+        if getattr(r, "sm90_ready", False):
+            r.sm90 = on
+            n += 1
+    return n
 
 
 def bench(fn, rep=300):
@@ -379,7 +393,8 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-up", "int4-act", "int4-memory")
+    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
+                        "int4-memory")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -393,8 +408,10 @@ def main(argv=None):
             set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
             if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
                 res["fused_attentions"] = fuse_projections(model, single_mlp=False)
-            if base == "int4-fused":  # + each MLP's GELU in its down projection's activation pass
+            if base in ("int4-fused", "int4-fused-triton"):  # + each MLP's GELU in its down projection's pass
                 res["fused"] = fuse(model)
+            if base == "int4-fused-triton":  # the Triton INT8 GEMM where the CUTLASS one would run (H100 / H200)
+                res["sm90_gemm_layers"] = use_sm90_gemm(model, False)
             if base == "int4-fused-up":  # the GELUs in the up projections' epilogues instead
                 from svdquant.modules.fused import fuse_gelu
 
@@ -406,7 +423,9 @@ def main(argv=None):
             run_base(base, model)
             if base == "int4-qkv":
                 unfuse_projections(model)
-            if base in ("int4-fused", "int4-fused-up", "int4-act"):
+            if base == "int4-fused-triton":
+                use_sm90_gemm(model, True)
+            if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act"):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)

@@ -9,6 +9,8 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | ------------------------ | ----------------------------------------------------------------------- |
 | activations.py           | smooth + per-token INT8 (A8) or two-level A4 quantization + X·L1ᵀ        |
 | int8_gemm.py             | INT8 GEMM (persistent + TMA on Hopper), scales/branch/bias/GELU epilogue |
+| cutlass_gemm.py          | the same GEMM in NVIDIA's CuTe DSL for H100 / H200 (faster than FP8)     |
+| cutlass_launch.py        | that kernel from torch: whether it applies, compile per variant, launch  |
 | expand.py                | two-level INT4 weights -> INT8 ``code · m`` (load time, or memory mode)  |
 | w4a16.py                 | weight-only INT4: a few tokens (FLUX's adaLN), or dequantize for many    |
 | round_weights.py         | two-level INT4 rounding of weights (the quantizer's smoothing search)    |
@@ -19,6 +21,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 """
 
 from .activations import quantize_activations, reads_in_place
+from .cutlass_launch import available as cutlass_available, int8_gemm_sm90, takes as cutlass_takes
 from .common import interpreting
 from .expand import expand_int4m
 from .float_scales_gemm import fp4_gemm, w4a4_gemm
@@ -34,5 +37,5 @@ __all__ = [
     "quantize_activations", "reads_in_place", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
     "round_int4m_weights", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
-    "int8_tile_config",
+    "int8_tile_config", "cutlass_available", "cutlass_takes", "int8_gemm_sm90",
 ]

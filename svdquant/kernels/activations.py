@@ -198,14 +198,16 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
-                         num_warps: int = 8, exact_gelu: bool = False):
+                         num_warps: int = 8, exact_gelu: bool = False, lora_dtype: torch.dtype = torch.float32):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
     ``input_gelu_from``: the input's columns from this one on are pre-activations (an MLP's down projection: its
     GELU moved here by ``svdquant.fuse``), tanh-GELU'd as they are read, in the input's dtype, before anything
     else. ``lora_down``: ``[R, K]`` (K counting the tail), R a power of two >= 16. Returns ``(values [M, K_pad]
-    int8, scales [M] fp32, lora_act [M, R] fp32 or None)``; K_pad is K rounded up to ``group_size``. ``shift`` applies to channels ``>= unsigned_from`` (A4 only).
+    int8, scales [M] fp32, lora_act [M, R] in ``lora_dtype`` or None)``; K_pad is K rounded up to ``group_size``
+    (``lora_dtype`` bf16 for the Hopper GEMM's bf16 branch, :mod:`svdquant.kernels.cutlass_launch`). ``shift``
+    applies to channels ``>= unsigned_from`` (A4 only).
 
     ``exact_gelu``: the input GELU with ``exp`` and a division instead of one ``tanh.approx`` on the GPU
     (:func:`~svdquant.kernels.common.gelu_tanh`); a sweep option (``kernel_speed.py --gelu-sweep``), to time what
@@ -231,7 +233,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     r = lora_down.shape[0] if lora_down is not None else 16
     has_lora = lora_down is not None
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
-    la = torch.empty(m, r, dtype=torch.float32, device=x.device) if has_lora else None
+    la = torch.empty(m, r, dtype=lora_dtype, device=x.device) if has_lora else None  # stored rounded to it
     uf = int(unsigned_from) if shift else kp
     two = tail is not None
     t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, x.stride(0))

@@ -36,17 +36,33 @@ def _kernels():
 
 def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
                    weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
-                   num_programs: int, gelu: bool, out_dtype: torch.dtype, w_desc=None) -> Tensor:
+                   num_programs: int, gelu: bool, out_dtype: torch.dtype, sm90: bool = False, w_desc=None) -> Tensor:
     """The INT8 GEMM of quantized activations ``a`` [M, K_pad] (scales ``a_scale`` [M]) with ``weight``: INT8
     ``code · m`` [N, K_pad] (speed mode), or the packed 4-bit codes [N, K_pad/2] with ``weight_mult`` (memory
     mode: expanded into a fresh buffer here); ``lora_act·L2ᵀ``, the bias and (``gelu``) tanh-GELU in its
-    epilogue."""
+    epilogue. ``sm90``: an H100 / H200 with the CUTLASS DSL, whose GEMM (:mod:`svdquant.kernels.cutlass_launch`)
+    runs the layers it takes; the Triton kernel runs the others."""
     k = _kernels()
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
+    if sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, a, lora_act):
+        if lora_act is not None and lora_act.dtype != torch.bfloat16:  # activations quantized in the graph
+            lora_act = lora_act.to(torch.bfloat16)
+        return k.int8_gemm_sm90(a, a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu)
+    if lora_act is not None and lora_act.dtype != torch.float32:  # rounded to bf16 for the Hopper GEMM
+        lora_act = lora_act.float()
     return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
                        tma=tma, w_desc=w_desc, num_programs=num_programs or None,
                        config=k.int8_tile_config(tma, out_dtype))
+
+
+def _sm90_takes(k, out_dtype, lora_up, bias, weight, a=None, lora_act=None) -> bool:
+    """Whether the Hopper GEMM takes this product: its formats (:func:`svdquant.kernels.cutlass_takes`) and, where
+    the tensors are known, 16-byte aligned, contiguous operands (TMA's)."""
+    if not k.cutlass_takes(out_dtype, lora_up, bias, weight.shape[0], weight.shape[1]):
+        return False
+    ops = [t for t in (a, weight, lora_act, lora_up, bias) if t is not None]
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ops)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -59,52 +75,56 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
                      bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                      a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
                      gelu: bool = False, tail: Tensor | None = None, input_gelu_from: int | None = None,
-                     w_desc=None) -> Tensor:
+                     sm90: bool = False, w_desc=None) -> Tensor:
     """Activation pass (the Triton kernel: smooth, quantize, ``X·L1ᵀ``) + :func:`int8_gemm_impl`.
     ``gelu``: tanh-GELU applied in the GEMM's epilogue (an MLP's up projection, see modules/fused.py).
     ``tail``: the input is ``[x | tail]`` along K, read from both where they are (no concatenated copy).
     ``input_gelu_from``: the input's channels from this one on are pre-activations, tanh-GELU'd as they are read
-    (an MLP's down projection, see modules/fused.py)."""
+    (an MLP's down projection, see modules/fused.py). ``sm90``: see :func:`int8_gemm_impl` (the Hopper GEMM's
+    branch takes ``X·L1ᵀ`` in bf16, written so by the activation pass)."""
     k = _kernels()
+    sm90 = sm90 and _sm90_takes(k, x.dtype, lora_up, bias, weight)
     if input_gelu_from is not None and not k.reads_in_place(input_gelu_from, smooth_inv.shape[0], a4=a4,
                                                            group_size=group_size):
         x, tail, input_gelu_from = reference.gelu_columns(x, tail, input_gelu_from), None, None
     a, a_s, lora_act = k.quantize_activations(_rows(x), smooth_inv, lora_down,
                                               tail=_rows(tail) if tail is not None else None,
                                               input_gelu_from=input_gelu_from, a4=a4, group_size=group_size,
-                                              shift=shift, unsigned_from=unsigned_from)
+                                              shift=shift, unsigned_from=unsigned_from,
+                                              lora_dtype=torch.bfloat16 if sm90 else torch.float32)
     return int8_gemm_impl(a, a_s, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, x.dtype, w_desc=w_desc)
+                          num_programs, gelu, x.dtype, sm90, w_desc=w_desc)
 
 
 @torch.library.custom_op("svdquant::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                 bias: Tensor | None, weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor,
                 a4: bool, group_size: int, shift: float, unsigned_from: int, tma: bool, num_programs: int,
-                gelu: bool, tail: Tensor | None = None, input_gelu_from: int | None = None) -> Tensor:
+                gelu: bool, tail: Tensor | None = None, input_gelu_from: int | None = None,
+                sm90: bool = False) -> Tensor:
     return int8_linear_impl(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4,
-                            group_size, shift, unsigned_from, tma, num_programs, gelu, tail, input_gelu_from)
+                            group_size, shift, unsigned_from, tma, num_programs, gelu, tail, input_gelu_from, sm90)
 
 
 @int8_linear.register_fake
 def _(x, smooth_inv, lora_down, lora_up, bias, weight, weight_mult, weight_scale, a4, group_size, shift,
-      unsigned_from, tma, num_programs, gelu, tail=None, input_gelu_from=None):
+      unsigned_from, tma, num_programs, gelu, tail=None, input_gelu_from=None, sm90=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("svdquant::int8_gemm", mutates_args=())
 def int8_gemm(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None,
               weight: Tensor, weight_mult: Tensor | None, weight_scale: Tensor, group_size: int, tma: bool,
-              num_programs: int, gelu: bool, out_dtype: torch.dtype) -> Tensor:
+              num_programs: int, gelu: bool, out_dtype: torch.dtype, sm90: bool = False) -> Tensor:
     """The GEMM alone, for activations quantized in the compiled graph (:func:`svdquant.ops.reference.int8_activations`:
     inductor fuses that into the kernel producing ``x``)."""
     return int8_gemm_impl(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, out_dtype)
+                          num_programs, gelu, out_dtype, sm90)
 
 
 @int8_gemm.register_fake
 def _(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma, num_programs, gelu,
-      out_dtype):
+      out_dtype, sm90=False):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 

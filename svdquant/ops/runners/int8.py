@@ -14,6 +14,8 @@ from ..runner import Gpu, Runner, activation_group
 
 # Hopper's tensor memory accelerator: the GEMM reads its tiles through TMA descriptors, in a persistent grid
 TMA_CAPABILITY = (9, 0)
+# H100 / H200 exactly: the CuTe DSL GEMM's warpgroup MMAs are sm_90a's (Blackwell has none)
+SM90 = (9, 0)
 
 
 class Int8Runner(Runner):
@@ -31,11 +33,13 @@ class Int8Runner(Runner):
     @classmethod
     def build(cls, m, gpu: Gpu) -> "Int8Runner":
         sms = torch.cuda.get_device_properties(gpu.device).multi_processor_count
-        return cls(m, gpu.kernels, tma=gpu.capability >= TMA_CAPABILITY, num_sms=sms)
+        return cls(m, gpu.kernels, tma=gpu.capability >= TMA_CAPABILITY, num_sms=sms,
+                   sm90=gpu.capability == SM90 and gpu.kernels.cutlass_available())
 
-    def __init__(self, m, kernels, *, tma: bool, num_sms: int):
+    def __init__(self, m, kernels, *, tma: bool, num_sms: int, sm90: bool = False):
         self.kernels = kernels
         self.tma = tma
+        self.sm90 = self.sm90_ready = sm90  # the CUTLASS GEMM where it applies (svdquant.kernels.cutlass_launch)
         self.gelu = bool(getattr(m, "output_gelu", False))
         self.input_gelu_from = getattr(m, "input_gelu_from", None)
         # A8 under torch.compile: quantize in torch ops that inductor fuses into x's producer (set_compiled_activations)
@@ -135,9 +139,11 @@ class Int8Runner(Runner):
                 x2 = torch.cat([x2, tail2], -1)
             a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
             return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
-                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype)
+                                                self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype,
+                                                self.sm90)
         args = (x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4, self.group, self.shift,
-                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from)
+                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from,
+                self.sm90)
         if torch.compiler.is_compiling():
             return torch.ops.svdquant.int8_linear(*args)
         return library.int8_linear_impl(*args, w_desc=self.w_desc)

@@ -1,10 +1,12 @@
-"""The Hopper (sm_90a) INT8 GEMM that ``benchmarks/cutlass_int8_gemm.py`` measures, in NVIDIA's CuTe DSL.
+"""The Hopper (sm_90a) INT8 GEMM in NVIDIA's CuTe DSL: the fused linear's GEMM on H100 / H200.
 
-``Y[M, N] = (A[M, K] · W[N, K]ᵀ, int8 × int8 → int32) · a_scale[M] · w_scale[N]`` in fp32, stored as bf16, or
-the raw int32 product (to check the main loop exactly); A and W K-major, as ``torch._int_mm(a, w.t())`` takes them.
-With ``rank`` R > 0 the low-rank branch is added before the rounding: ``+ lora_act[M, R] · lora_up[N, R]ᵀ``, both
-bf16 (this DSL's warpgroup MMAs take no tf32, which Triton's kernel uses on an fp32 ``lora_act``), multiplied by a
-second wgmma straight into the scaled fp32 accumulators.
+``Y[M, N] = (A[M, K] · W[N, K]ᵀ, int8 × int8 → int32) · a_scale[M] · w_scale[N] (+ lora_act · lora_upᵀ) (+ bias)``,
+then optionally tanh-GELU, in fp32, stored as bf16 / fp16 (or the raw int32 product, to check the main loop
+exactly); A and W K-major, as ``torch._int_mm(a, w.t())`` takes them. The rank-R branch's operands are bf16 (this
+DSL's warpgroup MMAs take no tf32) and a second wgmma adds them straight into the scaled fp32 accumulators. The
+semantics of :func:`svdquant.kernels.int8_gemm.int8_gemm` (Triton), which it replaces on sm_90 where it applies
+(:mod:`svdquant.kernels.cutlass_launch`): on an H200 it ran at 1.03-1.29x bare FP8 row-wise ``torch._scaled_mm``
+at FLUX.1's shapes where the Triton kernel reached 0.81-1.05x (BENCHMARKS.md).
 
 The structure of CUTLASS's sm90 warp-specialized persistent "cooperative" GEMM: warpgroup 0 gives its registers
 away and one of its warps issues the TMA loads of A and W k-tiles into a ring of shared-memory stages guarded by
@@ -15,7 +17,6 @@ stores them with TMA. Clusters of 2 along M multicast W's tile to both CTAs.
 
 API usage and the epilogue's staging follow NVIDIA's example ``examples/python/CuTeDSL/cute/hopper/kernel/
 dense_gemm/dense_gemm_persistent.py``, specialised to K-major int8 operands, int32 accumulators and the scales.
-Needs ``nvidia-cutlass-dsl`` (4.8.1), which is not a dependency of the project.
 """
 
 import cuda.bindings.driver as cuda
@@ -37,7 +38,8 @@ EPI_TILE = (128, 32)  # rows of both consumer warpgroups × 32 columns per TMA s
 EPI_STAGES = 4
 BARRIER_BYTES = 1024  # mbarriers and the 1 KiB alignment of the operand buffers
 LOAD_REGS, MMA_REGS = 40, 232  # setmaxnreg: 128 × 40 + 256 × 232 fits the 64 K registers of an SM
-OUT_DTYPES = {"bf16": cutlass.BFloat16, "int32": cutlass.Int32}
+OUT_DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "int32": cutlass.Int32}
+GELU_C = 0.7978845608028654  # sqrt(2 / pi), diffusers' tanh GELU
 
 
 def make_mma(ab_dtype, acc_dtype, bn):
@@ -56,24 +58,30 @@ def make_copy_r2s(tiled_mma, out_dtype):
 
 class Int8GemmSm90:
     """One tile configuration: ``tile_mn`` the CTA's output tile, ``cluster_mn`` CTAs per cluster (2 along M share
-    W's tile through TMA multicast), ``out`` ``"bf16"`` (scaled) or ``"int32"`` (raw product), ``rank`` of the
-    low-rank branch (0: none), ``swizzle`` the scheduler's grouping of clusters (1: a plain M-major walk)."""
+    W's tile through TMA multicast), ``out`` ``"bf16"`` / ``"fp16"`` (scaled) or ``"int32"`` (raw product),
+    ``rank`` of the low-rank branch (0: none), ``bias``: a bias's dtype name (``"bf16"`` / ``"fp16"``) or None,
+    ``gelu``: tanh-GELU last, ``swizzle`` the scheduler's grouping of clusters (1: a plain M-major walk)."""
 
-    def __init__(self, tile_mn=(128, 256), cluster_mn=(1, 1), out="bf16", rank=0, swizzle=1):
+    def __init__(self, tile_mn=(128, 256), cluster_mn=(1, 1), out="bf16", rank=0, swizzle=1, bias=None,
+                 gelu=False):
         bm, bn = tile_mn
         # Each consumer thread holds bm · bn / 256 int32 accumulators: 128 at 128 × 256 and 256 × 128
         if bm not in (128, 256) or bn not in (128, 256) or bm * bn > 128 * 256:
             raise ValueError(f"tile {tile_mn}: M and N in 128 / 256, at most 128 × 256 elements")
         if cluster_mn not in ((1, 1), (2, 1), (1, 2), (2, 2)):
             raise ValueError(f"cluster {cluster_mn}: 1 or 2 CTAs along M and N")
-        if out not in OUT_DTYPES or (rank and out != "bf16"):
-            raise ValueError(f"out {out!r}: one of {sorted(OUT_DTYPES)}, bf16 with a low-rank branch")
+        if out not in OUT_DTYPES or ((rank or bias or gelu) and out == "int32"):
+            raise ValueError(f"out {out!r}: one of {sorted(OUT_DTYPES)}, a 16-bit one with a branch, bias or GELU")
+        if bias not in (None, "bf16", "fp16"):
+            raise ValueError(f"bias {bias!r}: 'bf16', 'fp16' or None")
         if rank % 16 or not 0 <= rank <= 64:  # bf16 wgmma k-steps of 16; 64 bf16 = one 128-byte swizzle row
             raise ValueError(f"rank {rank}: a multiple of 16 up to 64")
         self.tile_mnk = (bm, bn, K_TILE)
         self.cluster_mn = cluster_mn
         self.out_dtype = OUT_DTYPES[out]
         self.rank = rank
+        self.bias_dtype = OUT_DTYPES[bias] if bias else None
+        self.gelu = gelu
         self.swizzle = swizzle
         self.mcast_a = cluster_mn[1]  # the CTAs of one cluster row read the same A (and lora_act) tile
         self.mcast_b = cluster_mn[0]  # those of one cluster column the same W (and lora_up) tile
@@ -88,17 +96,18 @@ class Int8GemmSm90:
             raise ValueError(f"tile {tile_mn}: {self.ab_stage} pipeline stage(s) fit shared memory")
 
     def problem_error(self, m, n, k):
-        """Why this configuration cannot run an [m, k] × [n, k]ᵀ problem, or None. The scales are read without
-        bounds checks, so tiles must be whole (TMA alone would clip them)."""
-        bm, bn, bk = self.tile_mnk
-        if m % bm or n % bn or k % bk:
-            return f"M={m}, N={n}, K={k} must be multiples of {bm}, {bn}, {bk}"
+        """Why this configuration cannot run an [m, k] × [n, k]ᵀ problem, or None. TMA clips partial tiles (loads
+        zero-fill, stores drop), but the scales and the bias are read without bounds checks: the launcher pads
+        them to whole tiles (:func:`svdquant.kernels.cutlass_launch.pad_to`). Rows must start 16-byte aligned."""
+        if k % 16 or n % 8:
+            return f"K={k} must be a multiple of 16 and N={n} of 8 (TMA's 16-byte row alignment)"
         return None
 
     @cute.jit
     def __call__(self, a: cute.Tensor, w: cute.Tensor, a_scale: cute.Tensor, w_scale: cute.Tensor, y: cute.Tensor,
-                 lora_act, lora_up, max_active_clusters: cutlass.Constexpr, stream: cuda.CUstream):
-        """``lora_act`` [M, R] / ``lora_up`` [N, R] bf16 tensors with ``rank`` R, else None."""
+                 lora_act, lora_up, bias, max_active_clusters: cutlass.Constexpr, stream: cuda.CUstream):
+        """``lora_act`` [M, R] / ``lora_up`` [N, R] bf16 tensors with ``rank`` R, else None; ``bias`` [N] of the
+        configured dtype, else None. ``a_scale``, ``w_scale`` and ``bias`` hold whole tiles (padded)."""
         if cutlass.const_expr(a.element_type != cutlass.Int8 or w.element_type != cutlass.Int8):
             raise TypeError(f"A and W must be int8, got {a.element_type} and {w.element_type}")
         if cutlass.const_expr(y.element_type != self.out_dtype):
@@ -128,7 +137,7 @@ class Int8GemmSm90:
             (tiles[0], tiles[1], 1), (*self.cluster_mn, 1), self.swizzle, True)
         grid = utils.StaticPersistentTileScheduler.get_grid_shape(sched, max_active_clusters)
         self.shared_storage = self._shared_storage(a_smem, b_smem, epi_smem, lora[1], lora[2])
-        self.kernel(tma_a, tma_ga, tma_b, tma_gb, tma_y, tma_gy, a_scale, w_scale, tiled_mma,
+        self.kernel(tma_a, tma_ga, tma_b, tma_gb, tma_y, tma_gy, a_scale, w_scale, bias, tiled_mma,
                     cute.make_layout((*self.cluster_mn, 1)), a_smem, b_smem, epi_smem, sched, *lora).launch(
             grid=grid, block=[self.threads, 1, 1], cluster=(*self.cluster_mn, 1), min_blocks_per_mp=1,
             stream=stream)
@@ -171,7 +180,8 @@ class Int8GemmSm90:
 
     @cute.kernel
     def kernel(self, tma_a: cute.CopyAtom, mA: cute.Tensor, tma_b: cute.CopyAtom, mB: cute.Tensor,
-               tma_y: cute.CopyAtom, mY: cute.Tensor, mAs: cute.Tensor, mWs: cute.Tensor, tiled_mma: cute.TiledMma,
+               tma_y: cute.CopyAtom, mY: cute.Tensor, mAs: cute.Tensor, mWs: cute.Tensor, mBias,
+               tiled_mma: cute.TiledMma,
                cta_layout: cute.Layout, a_smem: cute.ComposedLayout, b_smem: cute.ComposedLayout,
                epi_smem: cute.ComposedLayout, sched: utils.PersistentTileSchedulerParams, lora_mma, la_smem,
                lu_smem, tma_la, mLa, tma_lu, mLu):
@@ -208,6 +218,10 @@ class Int8GemmSm90:
                               (bm, bn), (None, None))
         gWs = cute.local_tile(cute.make_tensor(mWs.iterator, cute.make_layout((m, n), stride=(0, 1))),
                               (bm, bn), (None, None))
+        gBias = None
+        if cutlass.const_expr(self.bias_dtype is not None):
+            gBias = cute.local_tile(cute.make_tensor(mBias.iterator, cute.make_layout((m, n), stride=(0, 1))),
+                                    (bm, bn), (None, None))
         pipeline_init_wait(cluster_shape_mn=self.cluster_mn)
         wg_idx = cute.arch.make_warp_uniform(tidx // WG_THREADS)
         if wg_idx == 0:
@@ -216,7 +230,7 @@ class Int8GemmSm90:
                 self.producer(tma_a, tma_b, sA, sB, gA, gB, ab_pipe, cta_layout, sched, tma_la, tma_lu, lora)
         else:
             cute.arch.setmaxregister_increase(MMA_REGS)
-            self.consumer(tiled_mma, tma_y, sA, sB, sY, gY, gAs, gWs, ab_pipe, sched, cute.size(gA, mode=[3]),
+            self.consumer(tiled_mma, tma_y, sA, sB, sY, gY, gAs, gWs, gBias, ab_pipe, sched, cute.size(gA, mode=[3]),
                           tidx - WG_THREADS, wg_idx - 1, warp_idx, lora_mma, lora)
 
     @cute.jit
@@ -272,8 +286,8 @@ class Int8GemmSm90:
             lora_pipe.producer_tail(lora_state)
 
     @cute.jit
-    def consumer(self, tiled_mma, tma_y, sA, sB, sY, gY, gAs, gWs, ab_pipe, sched_params, k_tiles, ctid, mma_wg,
-                 warp_idx, lora_mma, lora):
+    def consumer(self, tiled_mma, tma_y, sA, sB, sY, gY, gAs, gWs, gBias, ab_pipe, sched_params, k_tiles, ctid,
+                 mma_wg, warp_idx, lora_mma, lora):
         """The two MMA warpgroups (``ctid`` 0-255 among them): main loop, then the scaled epilogue, per tile."""
         # wgmma operands are shared-memory descriptors per warpgroup; the accumulators are per thread
         wg_mma = tiled_mma.get_slice(mma_wg * WG_THREADS)
@@ -308,6 +322,10 @@ class Int8GemmSm90:
                                  thr_mma.partition_C(gWs[(None, None, tm, tn)]))
             if cutlass.const_expr(self.rank > 0):
                 lora_read = self.low_rank(lora_mma, out, tCrLa, tCrLu, lora_pipe, lora_read)
+            if cutlass.const_expr(self.bias_dtype is not None):
+                self.add_bias(out, thr_mma.partition_C(gBias[(None, None, tm, tn)]))
+            if cutlass.const_expr(self.gelu):
+                self.apply_gelu(out)
             self.store_tile(out, copy_r2s, copy_r2s.get_slice(ctid), tma_y, sY, gY[(None, None, tm, tn)],
                             store_pipe, tile_sched.num_tiles_executed, warp_idx)
             tile_sched.advance_to_next_work()
@@ -354,6 +372,18 @@ class Int8GemmSm90:
         return out
 
     @cute.jit
+    def add_bias(self, out, tCgBias):
+        for i in cutlass.range_constexpr(cute.size(out)):
+            out[i] = out[i] + cutlass.Float32(tCgBias[i])
+
+    @cute.jit
+    def apply_gelu(self, out):
+        """diffusers' tanh GELU, ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x³)))``, as the Triton kernel's."""
+        for i in cutlass.range_constexpr(cute.size(out)):
+            x = out[i]
+            out[i] = 0.5 * x * (1.0 + cute.math.tanh(GELU_C * (x + 0.044715 * x * x * x), fastmath=True))
+
+    @cute.jit
     def low_rank(self, lora_mma, out, tCrLa, tCrLu, lora_pipe, lora_read):
         """``out += lora_act · lora_upᵀ`` for the tile: a bf16 wgmma whose fp32 accumulators are ``out`` itself
         (same 64 × bn atoms and warpgroup layout as the main product, so the same register layout)."""
@@ -398,39 +428,3 @@ class Int8GemmSm90:
                 store_pipe.producer_commit()
                 store_pipe.producer_acquire()  # the oldest store in flight has read its buffer: reusable
             bar.arrive_and_wait()
-
-
-@cute.jit(preprocess=False)  # plain Python control flow: every value here is static
-def check_epilogue_mapping(bm: cutlass.Constexpr, bn: cutlass.Constexpr, out: cutlass.Constexpr,
-                           bad: cutlass.Constexpr):
-    """A static check of the two index mappings the kernel relies on, for every consumer thread (no GPU: the
-    layouts are compile-time). (1) The coordinate ``partition_C`` gives each accumulator register (hence the scales
-    ``scale`` reads) is the PTX ISA's wgmma D-fragment layout: row 16·warp + lane/4 (+8), column 2·(lane%4) (+1)
-    (+8 per register quad), per 64-row warpgroup block. (2) The register ``store_tile`` sends as value v of sub-tile
-    s lands, through the stmatrix partition and the TMA store of sub-tile s, on that register's own coordinate.
-    Appends the mismatches to the list ``bad``."""
-    tiled_mma = make_mma(cutlass.Int8, cutlass.Int32, bn)
-    copy_r2s = make_copy_r2s(tiled_mma, OUT_DTYPES[out])
-    cC = cute.make_identity_tensor((bm, bn))
-    cE = cute.make_identity_tensor(EPI_TILE)
-    subs_n = bn // EPI_TILE[1]
-    order = cute.make_layout((bm // EPI_TILE[0], subs_n), stride=(subs_n, 1))  # store_tile's walk of sub-tiles
-    for s in range(bm // EPI_TILE[0] * subs_n):
-        if tuple(order.get_hier_coord(s)) != (s // subs_n, s % subs_n):
-            bad.append(("sub-tile order", s, tuple(order.get_hier_coord(s))))
-    for t in range(MMA_WARPGROUPS * WG_THREADS):
-        tc = tiled_mma.get_slice(t).partition_C(cC)
-        wg, warp, lane = t // WG_THREADS, t % WG_THREADS // 32, t % 32
-        for i in range(cute.size(tc)):
-            row = i // (bn // 2) * 128 + wg * 64 + warp * 16 + lane // 4 + 8 * (i // 2 % 2)
-            col = 8 * (i // 4 % (bn // 8)) + 2 * (lane % 4) + i % 2
-            if tuple(tc[i]) != (row, col):
-                bad.append(("accumulator", t, i, tuple(tc[i]), (row, col)))
-        rc = copy_r2s.retile(tc)
-        ts = copy_r2s.get_slice(t).partition_S(cE)
-        per_sub = cute.size(ts)
-        for s in range(bm // EPI_TILE[0] * subs_n):
-            for v in range(per_sub):
-                lands = (s // subs_n * EPI_TILE[0] + ts[v][0], s % subs_n * EPI_TILE[1] + ts[v][1])
-                if tuple(rc[s * per_sub + v]) != lands:
-                    bad.append(("epilogue", t, s, v, tuple(rc[s * per_sub + v]), lands))

@@ -1,0 +1,99 @@
+"""The Hopper GEMM of :mod:`svdquant.kernels.cutlass_gemm` called from torch: whether it can run, one compile per
+epilogue variant, the launch.
+
+``nvidia-cutlass-dsl`` is imported only here and only when asked (:func:`available`), so nothing else of the
+library needs it. Each variant (output dtype, branch rank, bias dtype, GELU) compiles once per process, about
+1-2 s, with dynamic M, N and K: the first call of a variant compiles it, as a Triton kernel's first launch does,
+and then loads and runs it once at a small shape, so a CUDA graph captured later records only the launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TILE = (128, 256)  # the fastest at every FLUX.1 shape but one on an H200, with no cluster (BENCHMARKS.md)
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at most
+
+_STATE: dict = {}  # "dsl": the imported modules or None, and the compiled variants by key
+
+
+def available() -> bool:
+    """Whether ``nvidia-cutlass-dsl`` imports here (asked once per process)."""
+    if "dsl" not in _STATE:
+        try:
+            import cuda.bindings.driver as cuda
+            import cutlass
+            import cutlass.cute as cute
+            from cutlass.cute.runtime import from_dlpack
+
+            from . import cutlass_gemm
+
+            _STATE["dsl"] = (cuda, cutlass, cute, from_dlpack, cutlass_gemm)
+        except ImportError:  # pragma: no cover - the extra is installed in CI and on GPUs
+            _STATE["dsl"] = None
+    return _STATE["dsl"] is not None
+
+
+def takes(out_dtype: torch.dtype, lora_up: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int) -> bool:
+    """Whether the kernel computes this layer's product (static facts only, no device query): a 16-bit output and
+    bias, a branch of bf16 weights and rank 16 / 32 / 64 (or none), TMA's 16-byte row alignment of W and Y."""
+    if out_dtype not in DTYPES or k % 16 or n % 8 or (bias is not None and bias.dtype not in DTYPES):
+        return False
+    return lora_up is None or (lora_up.dtype == torch.bfloat16 and lora_up.shape[1] in RANKS)
+
+
+def pad_to(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """A 1-D ``t`` zero-padded to a whole number of tiles: the epilogue reads scales and bias without bounds checks."""
+    return t if t.shape[0] % multiple == 0 else F.pad(t, (0, -t.shape[0] % multiple))
+
+
+def _view(t: torch.Tensor | None):
+    if t is None:
+        return None
+    # dynamic shapes and leading stride: one compile serves every shape; TMA needs 16-byte aligned bases
+    return _STATE["dsl"][3](t, assumed_align=16).mark_layout_dynamic(leading_dim=t.dim() - 1)
+
+
+def _stream():
+    return _STATE["dsl"][0].CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def _compiled(out: str, rank: int, bias: str | None, gelu: bool, device: torch.device):
+    key = (out, rank, bias, gelu, device.index)
+    fn = _STATE.get(key)
+    if fn is None:
+        _, cutlass, cute, _, kern = _STATE["dsl"]
+        gemm = kern.Int8GemmSm90(TILE, (1, 1), out, rank, bias=bias, gelu=gelu)
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32}
+        m, n, k = TILE[0], TILE[1], 128
+        t = dict(a=torch.zeros(m, k, dtype=torch.int8, device=device), w=torch.zeros(n, k, dtype=torch.int8,
+                 device=device), s_a=torch.ones(m, device=device), s_w=torch.ones(n, device=device),
+                 y=torch.empty(m, n, dtype=dt[out], device=device),
+                 la=torch.zeros(m, rank, dtype=torch.bfloat16, device=device) if rank else None,
+                 lu=torch.zeros(n, rank, dtype=torch.bfloat16, device=device) if rank else None,
+                 b=torch.zeros(n, dtype=dt[bias], device=device) if bias else None)
+        views = [_view(v) for v in t.values()]
+        clusters = cutlass.utils.HardwareInfo().get_max_active_clusters(1)  # one CTA per SM: the persistent grid
+        fn = cute.compile(gemm, *views, clusters, _stream())
+        fn(*views, _stream())  # loads the module now, outside any CUDA graph capture
+        _STATE[key] = fn
+    return fn
+
+
+def int8_gemm_sm90(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                   lora_act: torch.Tensor | None, lora_up: torch.Tensor | None, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    """``(a · wᵀ) · a_scale · w_scale (+ lora_act · lora_upᵀ) (+ bias)``, then tanh-GELU if ``gelu``, as
+    :func:`svdquant.kernels.int8_gemm.int8_gemm` computes it: ``a`` [M, K] / ``w`` [N, K] int8, scales fp32,
+    ``lora_act`` [M, R] / ``lora_up`` [N, R] bf16, ``bias`` [N] 16-bit (where :func:`takes`; ``w_scale`` and
+    ``bias`` best padded to whole tiles once, at load, by :func:`pad_to`)."""
+    m, n = a.shape[0], w.shape[0]
+    rank = 0 if lora_up is None else lora_up.shape[1]
+    fn = _compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu, a.device)
+    y = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    views = [_view(t) for t in (a, w, pad_to(a_scale, TILE[0]), pad_to(w_scale, TILE[1]), y, lora_act, lora_up,
+                                None if bias is None else pad_to(bias, TILE[1]))]
+    fn(*views, _stream())
+    return y

@@ -1,0 +1,227 @@
+"""The Hopper INT8 GEMM in the CuTe DSL (svdquant/kernels/cutlass_gemm.py, cutlass_launch.py).
+
+On the CPU: every epilogue variant the engine launches compiles for sm_90a (symbolic M, N, K, no GPU), into int8
+wgmmas without spills, and the register → coordinate mappings its epilogue relies on hold for every consumer
+thread. On an H100 / H200: against the torch reference at FLUX.1's shapes and at shapes that end inside a tile,
+and through a quantized layer, eager, compiled and in a CUDA graph."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("cutlass") is None:
+    pytest.skip("nvidia-cutlass-dsl is not installed", allow_module_level=True)
+if not torch.cuda.is_available():  # read when the DSL is imported: without a GPU it would target sm_100a
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+VARIANTS = [  # (out, rank, bias, gelu): what a FLUX.1 / SD3 layer launches
+    ("bf16", 32, "bf16", False),  # q/k/v, out projections
+    ("bf16", 32, "bf16", True),  # an MLP's up projection with its GELU
+    ("fp16", 32, "fp16", True),  # fp16 models
+    ("bf16", 0, None, False),  # no branch, no bias
+    ("bf16", 64, None, False),  # a branch widened by a LoRA
+]
+
+
+@pytest.fixture(scope="module")
+def dsl():
+    import cutlass_int8_gemm as bench
+
+    return bench.load_dsl(compile_only=True), bench
+
+
+def _fake_compile(dsl, capfd, out, rank, bias, gelu):
+    (cutlass, cute, kern), bench = dsl
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    m, n, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
+    dt = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
+
+    def mat(dtype, rows, cols):
+        return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=16)
+
+    def vec(dtype, size):
+        return make_fake_compact_tensor(dtype, (size,), assumed_align=16)
+
+    gemm = kern.Int8GemmSm90((128, 256), (1, 1), out, rank, bias=bias, gelu=gelu)
+    args = [mat(cutlass.Int8, m, k), mat(cutlass.Int8, n, k), vec(cutlass.Float32, m), vec(cutlass.Float32, n),
+            mat(dt[out], m, n), mat(cutlass.BFloat16, m, rank) if rank else None,
+            mat(cutlass.BFloat16, n, rank) if rank else None, vec(dt[bias], n) if bias else None]
+    capfd.readouterr()
+    compiled = cute.compile(gemm, *args, 132, make_fake_stream(), options="--keep-ptx remarks{ptx}")
+    return compiled.__ptx__ or "", bench.ptxas_facts(capfd.readouterr().err)  # ptxas's report
+
+
+@pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS)
+def test_every_epilogue_variant_compiles_for_sm90_into_int8_wgmma_without_spills(dsl, capfd, out, rank, bias,
+                                                                                 gelu):
+    ptx, facts = _fake_compile(dsl, capfd, out, rank, bias, gelu)
+    assert "wgmma.mma_async.sync.aligned.m64n256k32.satfinite.s32.s8.s8" in ptx
+    assert ("f32.bf16.bf16" in ptx) == bool(rank)  # the branch's own wgmma, only with a branch
+    assert facts["spill_bytes"] == 0, facts
+    assert ("tanh" in ptx) == gelu
+    # the bias is read as a 16-bit vector only where there is one
+    assert bool(re.search(r"ld\.global[\w.]*\.b16|ld\.global[\w.]*\.u16", ptx)) == bool(bias)
+
+
+def test_the_epilogue_mappings_hold_for_every_consumer_thread(dsl):
+    (cutlass, cute, kern), bench = dsl
+    assert bench.epilogue_mapping_check(cutlass, cute, kern, 128, 256, "bf16") == []
+
+
+def test_the_kernel_refuses_what_it_cannot_compute(dsl):
+    (_, _, kern), _ = dsl
+    with pytest.raises(ValueError, match="a 16-bit one with a branch"):
+        kern.Int8GemmSm90(out="int32", rank=32)
+    with pytest.raises(ValueError, match="rank 40"):
+        kern.Int8GemmSm90(rank=40)
+    with pytest.raises(ValueError, match="bias 'fp32'"):
+        kern.Int8GemmSm90(bias="fp32")
+    assert kern.Int8GemmSm90().problem_error(4080, 3072, 3072) is None  # partial tiles: TMA clips them
+    assert "multiple of 16" in kern.Int8GemmSm90().problem_error(4096, 3072, 3000)
+
+
+def test_what_the_launcher_takes():
+    from svdquant.kernels import cutlass_launch as cl
+
+    up = torch.zeros(3072, 32, dtype=torch.bfloat16)
+    b = torch.zeros(3072, dtype=torch.bfloat16)
+    assert cl.takes(torch.bfloat16, up, b, 3072, 3072) and cl.takes(torch.float16, None, None, 3072, 3072)
+    assert not cl.takes(torch.float32, up, b, 3072, 3072)  # fp32 outputs: the Triton kernel
+    assert not cl.takes(torch.bfloat16, up, b.float(), 3072, 3072)
+    assert not cl.takes(torch.bfloat16, up.float(), b, 3072, 3072)  # an fp32 branch (stacked LoRAs)
+    assert not cl.takes(torch.bfloat16, torch.zeros(3072, 128, dtype=torch.bfloat16), b, 3072, 3072)
+    assert not cl.takes(torch.bfloat16, up, b, 3072, 3000)
+    assert cl.pad_to(torch.ones(300), 256).tolist() == [1.0] * 300 + [0.0] * 212
+    t = torch.ones(512)
+    assert cl.pad_to(t, 256) is t
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton interpreter runs the activation kernel on CPU machines")
+@pytest.mark.parametrize("dtype,rank,taken", [(torch.bfloat16, 32, True), (torch.float32, 32, False),
+                                              (torch.bfloat16, 128, False)])
+def test_a_layer_routes_to_the_sm90_gemm_where_it_applies(monkeypatch, dtype, rank, taken):
+    """The dispatch alone (the kernel itself runs only on an H100 / H200, tested there): an Int8Runner built for
+    sm_90 hands the GEMM to ``int8_gemm_sm90`` for bf16 layers of a branch it takes, with the activation pass's
+    ``X·L1ᵀ`` written in bf16, and to the Triton kernel otherwise; the step equals the Triton path's within the
+    bf16 rounding of the branch. Here ``int8_gemm_sm90`` is swapped for its semantics in torch, recording calls."""
+    import test_kernels as tk
+
+    from svdquant import kernels
+    from svdquant.ops.runners import Int8Runner
+
+    calls = []
+
+    def sm90_semantics(a, a_s, w, w_s, la, lu, bias, out_dtype, gelu=False):
+        calls.append(la.dtype)
+        return _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype)
+
+    monkeypatch.setattr(kernels, "int8_gemm_sm90", sm90_semantics)
+    m = tk.layer("int4", 256, 192, dtype, 3, rank=rank)  # a branch of rank 128 fits
+    assert m.branch()[0].shape[0] == rank
+    x = tk.inputs(256, 33, 3, dtype)
+    hopper = Int8Runner(m, kernels, tma=False, num_sms=0, sm90=True)
+    got = hopper(x)
+    assert calls == ([torch.bfloat16] if taken else [])
+    want = Int8Runner(m, kernels, tma=False, num_sms=0)(x)
+    err = float((got.float() - want.float()).norm() / want.float().norm())
+    assert err < (1e-2 if taken else 1e-6), err
+
+
+# ---------------------------------------------------------------- on an H100 / H200
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+gpu = pytest.mark.skipif(not _hopper(), reason="needs an H100 / H200 (sm_90)")
+
+
+def _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype):
+    y = (a.float() @ w.float().T) * a_s[:, None] * w_s[None, :]
+    if la is not None:
+        y = y + la.float() @ lu.float().T
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    return y.to(out_dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m,k,n", [(4096, 3072, 9216), (4608, 15360, 3072), (512, 3072, 12288),
+                                   (4080, 3072, 3072), (77, 1152, 1000), (300, 2560, 264)])
+@pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS)
+def test_gpu_matches_the_reference(m, k, n, out, rank, bias, gelu):
+    from svdquant.kernels.cutlass_launch import int8_gemm_sm90
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
+    a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
+    w = torch.randint(-126, 127, (n, k), device="cuda", dtype=torch.int8, generator=g)
+    a_s = torch.rand(m, device="cuda", generator=g) * 1e-2 + 1e-3
+    w_s = torch.rand(n, device="cuda", generator=g) * 1e-3 + 1e-4
+    la = torch.randn(m, rank, device="cuda", generator=g).bfloat16() if rank else None
+    lu = (torch.randn(n, rank, device="cuda", generator=g) * 0.05).bfloat16() if rank else None
+    b = torch.randn(n, device="cuda", generator=g).to(dt[bias]) if bias else None
+    y = int8_gemm_sm90(a, a_s, w, w_s, la, lu, b, dt[out], gelu=gelu)
+    ref = _reference(a, a_s, w, w_s, la, lu, b, gelu, dt[out])
+    err = (y.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert torch.isfinite(y).all() and err < 1e-2, float(err)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_a_bf16_tiny_flux_runs_the_sm90_gemm_eager_compiled_and_captured():
+    """Every fused INT8 layer of a bf16 tiny FLUX on the CUTLASS GEMM (its compiled variants appear), within bf16's
+    rounding of the branch of the Triton GEMM's step, and the same compiled (inductor) and in one CUDA graph."""
+    import copy
+
+    import tiny_models as tm
+
+    import svdquant
+    from svdquant.kernels import cutlass_launch
+
+    model, inputs = tm.quantized_flux()
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda", torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
+              else v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    svdquant.fuse(model)
+    runners = [r for r in (getattr(mod, "_runner", None) for mod in model.modules()) if hasattr(r, "sm90")]
+    assert runners and all(r.sm90 for r in runners)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**inputs)[0].float()
+        assert any(isinstance(k, tuple) for k in cutlass_launch._STATE)  # a variant was compiled and ran
+        for r in runners:
+            r.sm90 = False
+        triton_step = model(**inputs)[0].float()
+        for r in runners:
+            r.sm90 = True
+        assert float((eager - triton_step).norm() / triton_step.norm()) < 1e-2
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(**inputs)[0].float()
+        assert float((out - eager).norm() / eager.norm()) < 1e-2
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            compiled(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = compiled(**inputs)[0]
+        graph.replay()
+        torch.cuda.synchronize()
+    assert float((captured.float() - eager).norm() / eager.norm()) < 1e-2
