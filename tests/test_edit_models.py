@@ -111,14 +111,35 @@ def test_a_size_asked_of_kontext_is_the_size_calibrated():
     assert svdquant.Calibration(pipeline_kwargs=dict(height=32)).for_pipeline(flux).pipeline_kwargs == dict(height=32)
 
 
+def test_kontext_streamed_on_the_cpu_calls_its_vae_through_the_streaming_hooks():
+    """``device="cpu"`` runs the streaming code, every move a no-op. The input image's ``vae.encode`` is a call of
+    the streamed VAE, as its forward would be (on a GPU its weights then cross for it: see the GPU test below), so
+    the text encoders' pass ahead stops there as at the transformer: the VAE encodes once per calibration call, as
+    unstreamed. The quantized transformer is bit for bit the unstreamed one, and the VAE is left as it was."""
+    images = [tm.input_image(0), tm.input_image(1)]
+    plain, streamed = tm.build_kontext_pipeline(), tm.build_kontext_pipeline()
+    runs = []
+    for pipe in (plain, streamed):
+        runs.append([])
+        pipe.vae.encoder.register_forward_pre_hook(lambda m, a, seen=runs[-1]: seen.append(1))
+    svdquant.quantize(plain, RECIPE, calib(images=images), progress=False)
+    svdquant.quantize(streamed, RECIPE, calib(images=images), progress=False, device="cpu")
+    assert runs[0] and len(runs[1]) == len(runs[0])
+    a, b = plain.transformer.state_dict(), streamed.transformer.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not {"encode", "decode", "forward"} & set(streamed.vae.__dict__)
+    assert (len(streamed.vae._forward_pre_hooks), len(streamed.vae._forward_hooks)) == (0, 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cap", [None, "1GB"])
 def test_gpu_kontext_streamed_through_the_gpu(cap):
     """Kontext held in CPU memory, calibrated streamed through the GPU: with the whole GPU the text encoders are
     held there through the pass ahead and the blocks stay between calls, so diffusers makes its inputs on the GPU,
-    the input image's ``vae.encode`` (not ``forward``: no streaming hook) included; with a 1 GB cap nothing stays.
-    Either way it calibrates and leaves every weight home."""
+    the input image for ``vae.encode`` included (a call that is not the VAE's forward: it failed there, the VAE's
+    weights at home, until ``encode`` ran under the streaming hooks too); with a 1 GB cap nothing stays. Either way
+    it calibrates and leaves every weight home."""
     pipe = tm.build_kontext_pipeline()
     report = svdquant.quantize(pipe, RECIPE, calib(images=[tm.input_image(0), tm.input_image(1)]), progress=False,
                                device="cuda", max_gpu_memory=cap)

@@ -312,6 +312,82 @@ def test_prefetch_brings_the_next_streamed_block_while_this_one_runs():
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
+def layer_devices(module: nn.Module) -> tuple[list[str], list[str]]:
+    """Pre-hooks on ``module``'s layers that note each call's weight device and each layer whose input is elsewhere
+    (a GPU would raise there: "Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor)..."; ``meta``
+    computes on)."""
+    seen, mismatched = [], []
+
+    def check(m, args):
+        w, x = next(m.parameters(recurse=False)), next((a for a in args if torch.is_tensor(a)), None)
+        seen.append(w.device.type)
+        if x is not None and x.device != w.device:
+            mismatched.append(f"{type(m).__name__}: input on {x.device}, weight on {w.device}")
+
+    for m in module.modules():
+        if next(m.parameters(recurse=False), None) is not None:
+            m.register_forward_pre_hook(check)
+    return seen, mismatched
+
+
+def test_a_streamed_vae_is_on_the_device_for_its_encode_and_decode():
+    """``meta`` as the device (the GPU): once anything of a pipeline stays on the device between calls (resident
+    blocks, the text encoders the pass ahead holds), diffusers makes its inputs there, and FluxKontextPipeline hands
+    its input image to ``vae.encode``, not to the VAE's forward. The streamed VAE must be on the device for that
+    call, and for ``decode``: every layer finds its weights where its input is (on a GPU the calibration failed
+    there, the VAE's weights at home). The output stays where the input was; afterwards every tensor is at home,
+    ``encode`` and ``decode`` are the class's again and no hook is left."""
+    pipe = tm.build_kontext_pipeline()
+    model, vae = pipe.transformer, pipe.vae
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    seen, mismatched = layer_devices(vae)
+    hooks = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in vae.named_modules()}
+    image = torch.zeros(1, 3, 16, 16, device="meta")  # what the pipeline makes on its execution device
+    with Streamed(model, blocks, "meta", "cpu", others=[vae]):
+        latents = pipe._encode_vae_image(image, generator=torch.Generator().manual_seed(0))
+        assert {p.device.type for p in vae.parameters()} == {"cpu"}  # home again between calls
+        n = len(seen)
+        decoded = vae.decode(latents, return_dict=False)[0]
+    assert not mismatched, mismatched
+    assert 0 < n < len(seen) and set(seen) == {"meta"}
+    assert latents.device.type == "meta" and decoded.shape == (1, 3, 16, 16) and decoded.device.type == "meta"
+    assert {p.device.type for p in vae.parameters()} == {"cpu"}
+    assert not {"encode", "decode", "forward"} & set(vae.__dict__)
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in vae.named_modules()} == hooks
+
+
+def test_a_streamed_vae_crosses_once_for_a_forward_that_calls_its_encode_and_decode():
+    """AutoencoderKL's forward calls its own ``encode`` and ``decode``: calls inside a call of the VAE move
+    nothing, so the VAE crosses once, stays for both, and goes home after the forward."""
+    pipe = tm.build_kontext_pipeline()
+    model, vae = pipe.transformer, pipe.vae
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    seen, mismatched = layer_devices(vae)
+    with Streamed(model, blocks, "meta", "cpu", others=[vae]) as streamed:
+        ((_, unit),) = streamed.others
+        onloads, onload = [], unit.onload
+        unit.onload = lambda *a: onloads.append(1) or onload(*a)
+        out = vae(torch.zeros(1, 3, 16, 16, device="meta")).sample
+        assert {p.device.type for p in vae.parameters()} == {"cpu"}
+    assert onloads == [1] and not mismatched and set(seen) == {"meta"}
+    assert out.shape == (1, 3, 16, 16) and out.device.type == "meta"
+
+
+def test_move_takes_an_object_holding_tensors_along_in_a_copy():
+    """A VAE's ``encode`` returns its latents in a ``DiagonalGaussianDistribution`` (not a tensor, dict or list):
+    brought back from the device with the output, in a copy, the original untouched; nothing to move, no copy."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    out = AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.randn(1, 8, 2, 2)))
+    dist = out.latent_dist
+    assert move(out, "meta") is out and out.latent_dist is not dist
+    assert out.latent_dist.mode().device.type == "meta" and out.latent_dist.std.device.type == "meta"
+    assert dist.mean.device.type == "cpu" and dist.parameters.device.type == "cpu"
+    assert move(out, "meta").latent_dist is out.latent_dist
+    assert move(nn.Linear(2, 2), "meta").weight.device.type == "cpu"  # a module is no object to move
+
+
 @pytest.mark.parametrize("model_bytes, blocks, beside", [
     (26 * 10**7 + 24 * 39 * 10**7, [39 * 10**7] * 24, True),  # T5-XXL: 0.26 GB of embeddings, 24 blocks of 0.39 GB
     (3 * GB, [GB], True),                       # 2 GB of rest + a 1 GB block and the next, prefetched: exactly 4 GB

@@ -147,7 +147,8 @@ class EncodedAhead:
 
     def not_encoders(self) -> list[nn.Module]:
         """The streamed models that are not its encoders (a two-expert pipeline's other denoiser, a ControlNet, an
-        image encoder): the pass stops at their first call, as at the denoiser's."""
+        image encoder, the VAE, whose ``encode`` is a call too): the pass stops at their first call, as at the
+        denoiser's."""
         ids = {id(e) for e in self.encoders}
         return [m for m, _ in self.streamed.others if id(m) not in ids]
 

@@ -13,25 +13,30 @@ forward (but the resident blocks, which stay between calls, and the next block, 
 a side stream during this block's compute: prefetch), and the transformer's peak is two streamed blocks plus the
 resident ones and the small embedders.
 Inputs go to the device at each model's entry and outputs come back home, so the pipeline itself runs on the CPU
-(latents, scheduler: small tensors), as under accelerate's offload hooks.
+(latents, scheduler: small tensors), as under accelerate's offload hooks. A model's entry is its forward, and for the
+others also the methods a pipeline calls instead (an autoencoder's ``encode`` and ``decode``), which
+:class:`~svdquant.calibration.entry.CallThrough` runs as calls of the model, its forward hooks around them.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 import torch.nn as nn
 
 from .._timing import StageClock
+from .entry import CallThrough, entry_methods
 
 
 def move(obj, device, pin: bool = False, non_blocking: bool = False, memo: dict | None = None):
     """Every tensor of a nested structure on ``device``; to pinned CPU memory with ``pin`` (so that the
     copy back to the GPU can be asynchronous). Model outputs (diffusers' and transformers' ``BaseOutput`` /
     ``ModelOutput``, ordered dicts that also carry their fields as attributes) are updated in place, so
-    they keep their type and attributes. ``memo`` (a dict): a tensor met again is moved once, so that
-    tensors shared between snapshots stay shared."""
+    they keep their type and attributes; another object's own tensors (not those of its lists or dicts) are moved
+    in a shallow copy (a VAE's ``latent_dist``, a ``DiagonalGaussianDistribution``). ``memo`` (a dict): a tensor
+    met again is moved once, so that tensors shared between snapshots stay shared."""
     if torch.is_tensor(obj):
         if memo is not None and id(obj) in memo:
             return memo[id(obj)][1]
@@ -52,6 +57,12 @@ def move(obj, device, pin: bool = False, non_blocking: bool = False, memo: dict 
         return obj
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(move(v, device, pin, non_blocking, memo) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
+        # an object holding tensors (a VAE's latent_dist): a copy with them moved; the original is left as it is
+        moved = {k: move(v, device, pin, non_blocking, memo) for k, v in vars(obj).items() if torch.is_tensor(v)}
+        if any(v is not vars(obj)[k] for k, v in moved.items()):
+            obj = copy.copy(obj)
+            vars(obj).update(moved)
     return obj
 
 
@@ -242,6 +253,7 @@ class Streamed:
         self._handles = []
         self._held: set[int] = set()  # others that stay on the device after their calls (:meth:`hold`)
         self._answered: set[int] = set()  # others whose current call runs nothing (:meth:`answer`)
+        self._calls: dict[int, list] = {}  # per model, its calls under way (:meth:`_entry`)
         self.resident = [self.blocks[id(b)] for b in blocks[:resident]]
         if self.resident:
             self.resident.append(self.rest)
@@ -253,6 +265,7 @@ class Streamed:
         for m, unit in self.others:
             own = [DeviceUnit(list(b.modules()), device, False, pin_later=pin) for b in other_blocks.get(id(m), [])]
             self._entry(m, unit, make_room=id(m) not in beside)
+            self._handles += [CallThrough(m, name) for name in entry_methods(m)]
             for i, (b, u) in enumerate(zip(other_blocks.get(id(m), []), own)):
                 self._stream_block(b, u, then=own[i + 1] if i + 1 < len(own) else None, owner=id(m))
             self.other_block_units += own
@@ -288,10 +301,15 @@ class Streamed:
                 unit.onload(self._copies)
 
     def _entry(self, module: nn.Module, unit: DeviceUnit, keep: bool = False, make_room: bool = False) -> None:
-        caller = []  # where the caller's inputs were: its outputs go back there
+        # per call under way, where the caller's inputs were (its outputs go back there), None for a call inside a
+        # call of the module (AutoencoderKL's forward calls its encode): that one moves nothing
+        calls = self._calls.setdefault(id(module), [])
 
         def pre(m, args, kwargs):
             if id(m) in self._answered:
+                return None
+            if calls:
+                calls.append(None)
                 return None
             if make_room:
                 for u in [u for u in self.resident if u.loaded]:
@@ -301,18 +319,21 @@ class Streamed:
                         u.pin_home()
                         self.clock.add("pin memory", time.perf_counter() - t0)
             self._onload(unit)
-            caller[:] = [_device_of((args, kwargs), self.home)]
+            calls.append(_device_of((args, kwargs), self.home))
             return move(args, self.device, non_blocking=self.pin), move(kwargs, self.device, non_blocking=self.pin)
 
         def post(m, args, kwargs, out):
             if id(m) in self._answered:
                 self._answered.discard(id(m))
                 return None
+            caller = calls.pop() if calls else self.home
+            if caller is None:
+                return None
             if not keep and id(m) not in self._held:
                 unit.offload()
             # Not always home: a pipeline asks its modules' device for where to make latents, and with resident
             # blocks on the GPU between calls it answers the GPU; the scheduler then needs the output there too.
-            return move(out, caller[0] if caller else self.home)
+            return move(out, caller)
 
         # prepend: the pre-hook runs before hooks a caller registered earlier, which then see device inputs
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
@@ -343,6 +364,7 @@ class Streamed:
     def offload(self) -> None:
         """Every unit back home: after a forward that ended early (an exception, or the calibration stopping it
         at the first block), whose forward hooks did not run."""
+        self._ended()
         for unit in self._units():
             if unit.loaded:
                 unit.offload()
@@ -350,10 +372,16 @@ class Streamed:
     def settle(self) -> None:
         """After a forward the calibration ended early: every unit its end would have sent home goes home; the
         resident blocks (and the rest with them) stay for the next call, as after a whole forward."""
+        self._ended()
         stay = {id(u) for u in self.resident}
         for unit in self._units():
             if unit.loaded and id(unit) not in stay:
                 unit.offload()
+
+    def _ended(self) -> None:
+        """The calls under way ended (their forward hooks will not run)."""
+        for calls in self._calls.values():
+            calls.clear()
 
     def close(self) -> None:
         for h in self._handles:
