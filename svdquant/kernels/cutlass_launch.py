@@ -36,10 +36,15 @@ def available() -> bool:
     return _STATE["dsl"] is not None
 
 
-def takes(out_dtype: torch.dtype, lora_up: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int) -> bool:
-    """Whether the kernel computes this layer's product (static facts only, no device query): a 16-bit output and
-    bias, a branch of bf16 weights and rank 16 / 32 / 64 (or none), TMA's 16-byte row alignment of W and Y."""
-    if out_dtype not in DTYPES or k % 16 or n % 8 or (bias is not None and bias.dtype not in DTYPES):
+def takes(out_dtype: torch.dtype, lora_up: torch.Tensor | None, bias: torch.Tensor | None, m: int, n: int,
+          k: int) -> bool:
+    """Whether the kernel computes this product (static facts only, no device query): a 16-bit output and bias, a
+    branch of bf16 weights and rank 16 / 32 / 64 (or none), and whole tiles: M, N and K multiples of 128, 256 and
+    128 (FLUX.1's and SD3's at 1024² are). Partial tiles went wrong on an H200 (NOTES-GPU.md, session 21): until
+    that is found, the Triton kernel runs them."""
+    if out_dtype not in DTYPES or m % TILE[0] or n % TILE[1] or k % 128:
+        return False
+    if bias is not None and bias.dtype not in DTYPES:
         return False
     return lora_up is None or (lora_up.dtype == torch.bfloat16 and lora_up.shape[1] in RANKS)
 

@@ -45,7 +45,7 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
     k = _kernels()
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
-    if sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, a, lora_act):
+    if sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, a.shape[0], a.shape[1], a, lora_act):
         if lora_act is not None and lora_act.dtype != torch.bfloat16:  # activations quantized in the graph
             lora_act = lora_act.to(torch.bfloat16)
         return k.int8_gemm_sm90(a, a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu)
@@ -56,10 +56,11 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
                        config=k.int8_tile_config(tma, out_dtype))
 
 
-def _sm90_takes(k, out_dtype, lora_up, bias, weight, a=None, lora_act=None) -> bool:
-    """Whether the Hopper GEMM takes this product: its formats (:func:`svdquant.kernels.cutlass_takes`) and, where
-    the tensors are known, 16-byte aligned, contiguous operands (TMA's)."""
-    if not k.cutlass_takes(out_dtype, lora_up, bias, weight.shape[0], weight.shape[1]):
+def _sm90_takes(k, out_dtype, lora_up, bias, weight, m, width, a=None, lora_act=None) -> bool:
+    """Whether the Hopper GEMM takes this product of ``m`` tokens over ``width`` (K_pad): its formats and tiles
+    (:func:`svdquant.kernels.cutlass_takes`) and, where the tensors are known, 16-byte aligned, contiguous operands
+    (TMA's)."""
+    if not k.cutlass_takes(out_dtype, lora_up, bias, m, weight.shape[0], width):
         return False
     ops = [t for t in (a, weight, lora_act, lora_up, bias) if t is not None]
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ops)
@@ -83,7 +84,8 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
     (an MLP's down projection, see modules/fused.py). ``sm90``: see :func:`int8_gemm_impl` (the Hopper GEMM's
     branch takes ``X·L1ᵀ`` in bf16, written so by the activation pass)."""
     k = _kernels()
-    sm90 = sm90 and _sm90_takes(k, x.dtype, lora_up, bias, weight)
+    width = weight.shape[1] * (2 if weight_mult is not None else 1)  # memory mode: packed 4-bit codes
+    sm90 = sm90 and _sm90_takes(k, x.dtype, lora_up, bias, weight, x.shape[0], width)
     if input_gelu_from is not None and not k.reads_in_place(input_gelu_from, smooth_inv.shape[0], a4=a4,
                                                            group_size=group_size):
         x, tail, input_gelu_from = reference.gelu_columns(x, tail, input_gelu_from), None, None
