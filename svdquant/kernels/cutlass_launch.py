@@ -69,6 +69,8 @@ def _compiled(out: str, rank: int, bias: str | None, gelu: bool, device: torch.d
     key = (out, rank, bias, gelu, device.index)
     fn = _STATE.get(key)
     if fn is None:
+        if not available():
+            raise RuntimeError("the Hopper GEMM needs nvidia-cutlass-dsl: pip install nvidia-cutlass-dsl")
         _, cutlass, cute, _, kern = _STATE["dsl"]
         gemm = kern.Int8GemmSm90(TILE, (1, 1), out, rank, bias=bias, gelu=gelu)
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32}
