@@ -23,6 +23,9 @@ if not torch.cuda.is_available():  # read when the DSL is imported: without a GP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+# the DSL's notices about its own helpers (the tile scheduler moves to its examples after 4.8; pyproject pins <4.9)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 VARIANTS = [  # (out, rank, bias, gelu): what a FLUX.1 / SD3 layer launches
     ("bf16", 32, "bf16", False),  # q/k/v, out projections
     ("bf16", 32, "bf16", True),  # an MLP's up projection with its GELU
@@ -100,8 +103,9 @@ def test_what_the_launcher_takes():
     assert not cl.takes(torch.bfloat16, up, b.float(), 4096, 3072, 3072)
     assert not cl.takes(torch.bfloat16, up.float(), b, 4096, 3072, 3072)  # an fp32 branch (stacked LoRAs)
     assert not cl.takes(torch.bfloat16, torch.zeros(3072, 128, dtype=torch.bfloat16), b, 4096, 3072, 3072)
-    for m, n, k in ((4080, 3072, 3072), (4096, 3000, 3072), (4096, 3072, 3008)):  # partial tiles
-        assert not cl.takes(torch.bfloat16, up, b, m, n, k)
+    assert cl.takes(torch.bfloat16, up[:3000], b[:3000], 4080, 3000, 3072)  # partial M and N tiles
+    assert not cl.takes(torch.bfloat16, up, b, 4096, 3072, 3008)  # a partial k-tile
+    assert not cl.takes(torch.bfloat16, up[:3004], b[:3004], 4096, 3004, 3072)  # Y's rows not 16-byte aligned
     assert cl.pad_to(torch.ones(300), 256).tolist() == [1.0] * 300 + [0.0] * 212
     t = torch.ones(512)
     assert cl.pad_to(t, 256) is t
@@ -128,9 +132,9 @@ def test_a_layer_routes_to_the_sm90_gemm_where_it_applies(monkeypatch, dtype, ra
         return _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype)
 
     monkeypatch.setattr(kernels, "int8_gemm_sm90", sm90_semantics)
-    m = tk.layer("int4", 256, 256, dtype, 3, rank=rank)  # whole tiles; a branch of rank 128 fits
+    m = tk.layer("int4", 256, 192, dtype, 3, rank=rank)  # a branch of rank 128 fits
     assert m.branch()[0].shape[0] == rank
-    x = tk.inputs(256, 128, 3, dtype)
+    x = tk.inputs(256, 33, 3, dtype)
     hopper = Int8Runner(m, kernels, tma=False, num_sms=0, sm90=True)
     got = hopper(x)
     assert calls == ([torch.bfloat16] if taken else [])
@@ -162,7 +166,8 @@ def _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("m,k,n", [(4096, 3072, 9216), (4608, 15360, 3072), (512, 3072, 12288), (256, 1152, 1280)])
+@pytest.mark.parametrize("m,k,n", [(4096, 3072, 9216), (4608, 15360, 3072), (512, 3072, 12288), (256, 1152, 1280),
+                                   (4080, 3072, 3072), (77, 1152, 1000)])  # the last two: partial tiles
 @pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS)
 def test_gpu_matches_the_reference(m, k, n, out, rank, bias, gelu):
     from svdquant.kernels.cutlass_launch import int8_gemm_sm90

@@ -9,6 +9,8 @@ and then loads and runs it once at a small shape, so a CUDA graph captured later
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -39,10 +41,10 @@ def available() -> bool:
 def takes(out_dtype: torch.dtype, lora_up: torch.Tensor | None, bias: torch.Tensor | None, m: int, n: int,
           k: int) -> bool:
     """Whether the kernel computes this product (static facts only, no device query): a 16-bit output and bias, a
-    branch of bf16 weights and rank 16 / 32 / 64 (or none), and whole tiles: M, N and K multiples of 128, 256 and
-    128 (FLUX.1's and SD3's at 1024² are). Partial tiles went wrong on an H200 (NOTES-GPU.md, session 21): until
-    that is found, the Triton kernel runs them."""
-    if out_dtype not in DTYPES or m % TILE[0] or n % TILE[1] or k % 128:
+    branch of bf16 weights and rank 16 / 32 / 64 (or none), N a multiple of 8 (TMA's 16-byte rows of Y) and K of
+    128 (whole k-tiles: a partial one has not run on a GPU). Any M: partial M and N tiles were checked on an H200
+    (NOTES-GPU.md, session 21)."""
+    if out_dtype not in DTYPES or n % 8 or k % 128:
         return False
     if bias is not None and bias.dtype not in DTYPES:
         return False
@@ -83,7 +85,9 @@ def _compiled(out: str, rank: int, bias: str | None, gelu: bool, device: torch.d
                  b=torch.zeros(n, dtype=dt[bias], device=device) if bias else None)
         views = [_view(v) for v in t.values()]
         clusters = cutlass.utils.HardwareInfo().get_max_active_clusters(1)  # one CTA per SM: the persistent grid
-        fn = cute.compile(gemm, *views, clusters, _stream())
+        with warnings.catch_warnings():  # the DSL's notices about its own helpers (pinned below 4.9 for them)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            fn = cute.compile(gemm, *views, clusters, _stream())
         fn(*views, _stream())  # loads the module now, outside any CUDA graph capture
         _STATE[key] = fn
     return fn

@@ -35,7 +35,8 @@ ROUTES: tuple[Route, ...] = (
     Route(lambda w, a: a is None and w.w4a16, W4A16Runner, (8, 0),
           "W4A16 kernel on compute capability 8.0+ for up to 16 tokens; above that, a dequantize kernel and cuBLAS"),
     Route(lambda w, a: a is not None and w.integer and a.integer, Int8Runner, (8, 0),
-          "INT8 GEMM kernels on compute capability 8.0+ (A100, RTX 30xx/40xx, L40, H100/H200 with TMA, B200)"),
+          "INT8 GEMM kernels on compute capability 8.0+ (A100, RTX 30xx/40xx, L40, B200; on H100/H200 a CUTLASS "
+          "GEMM faster than FP8 where nvidia-cutlass-dsl is installed, TMA Triton kernels otherwise)"),
     # no FP8 conversions before Ada/Hopper
     Route(lambda w, a: w is a and w.grouped and w.fp4, FloatScalesRunner, (8, 9),
           "NVFP4 kernels on compute capability 8.9+ (RTX 40xx, L40, H100/H200, B200); reference before",
