@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # the DSL's notices about its own helpers (the tile scheduler moves to its examples after 4.8; pyproject pins <4.9)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-VARIANTS = [  # (out, rank, bias, gelu): what a FLUX.1 / SD3 layer launches
-    ("bf16", 32, "bf16", False),  # q/k/v, out projections
-    ("bf16", 32, "bf16", True),  # an MLP's up projection with its GELU
-    ("fp16", 32, "fp16", True),  # fp16 models
+VARIANTS = [  # (out, rank, bias, gelu): what the engine launches
+    ("bf16", 32, "bf16", False),  # FLUX.1's q/k/v, out projections
+    ("bf16", 32, "bf16", True),  # an MLP's up projection with its GELU (svdquant.fuse(gelu=False), other models)
+    ("fp16", 32, "fp16", True),  # fp16 models (their branch's up projection copied to bf16 by the runner)
     ("bf16", 0, None, False),  # no branch, no bias
-    ("bf16", 64, None, False),  # a branch widened by a LoRA
+    ("bf16", 64, None, False),  # a branch widened by a LoRA (rank 32 + 32, copied to bf16 by the runner)
+    ("bf16", 16, "bf16", False),  # a rank-16 branch
 ]
 
 
@@ -113,31 +114,55 @@ def test_what_the_launcher_takes():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton interpreter runs the activation kernel on CPU machines")
-@pytest.mark.parametrize("dtype,rank,taken", [(torch.bfloat16, 32, True), (torch.float32, 32, False),
-                                              (torch.bfloat16, 128, False)])
-def test_a_layer_routes_to_the_sm90_gemm_where_it_applies(monkeypatch, dtype, rank, taken):
+@pytest.mark.parametrize("dtype,rank,mode,taken", [
+    (torch.bfloat16, 32, "speed", True), (torch.bfloat16, 32, "memory", True), (torch.bfloat16, 32, "in-graph", True),
+    (torch.bfloat16, 32, "lora", True), (torch.float16, 32, "speed", True), (torch.float32, 32, "speed", False),
+    (torch.bfloat16, 128, "speed", False)])
+def test_a_layer_routes_to_the_sm90_gemm_where_it_applies(monkeypatch, dtype, rank, mode, taken):
     """The dispatch alone (the kernel itself runs only on an H100 / H200, tested there): an Int8Runner built for
     sm_90 hands the GEMM to ``int8_gemm_sm90`` for bf16 layers of a branch it takes, with the activation pass's
     ``X·L1ᵀ`` written in bf16, and to the Triton kernel otherwise; the step equals the Triton path's within the
-    bf16 rounding of the branch. Here ``int8_gemm_sm90`` is swapped for its semantics in torch, recording calls."""
+    bf16 rounding of the branch. Memory mode (4-bit codes expanded per call), activations quantized in the compiled
+    graph, and an fp32 LoRA branch (the runner keeps a bf16 copy of its up projection) take it too. Here
+    ``int8_gemm_sm90`` is swapped for its semantics in torch, recording calls, and the activation pass is watched
+    for the dtype it writes ``X·L1ᵀ`` in."""
     import test_kernels as tk
 
     from svdquant import kernels
     from svdquant.ops.runners import Int8Runner
 
-    calls = []
+    calls, written = [], []
 
     def sm90_semantics(a, a_s, w, w_s, la, lu, bias, out_dtype, gelu=False):
-        calls.append(la.dtype)
+        calls.append((la.dtype, lu.dtype))
         return _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype)
 
+    quantize = kernels.quantize_activations
+
+    def watched(*args, **kw):
+        out = quantize(*args, **kw)
+        written.append(out[2].dtype)
+        return out
+
     monkeypatch.setattr(kernels, "int8_gemm_sm90", sm90_semantics)
+    monkeypatch.setattr(kernels, "quantize_activations", watched)
     m = tk.layer("int4", 256, 192, dtype, 3, rank=rank)  # a branch of rank 128 fits
     assert m.branch()[0].shape[0] == rank
+    if mode == "memory":
+        m.weight_mode = "memory"
+    if mode == "lora":  # an adapter's fp32 up projection widens the branch to 32 + 16, padded to 64
+        m.add_adapter("l", torch.randn(16, 256) * 0.1, torch.randn(192, 16) * 0.1, 0.7)
+        assert m.branch()[1].dtype == torch.float32
     x = tk.inputs(256, 33, 3, dtype)
     hopper = Int8Runner(m, kernels, tma=False, num_sms=0, sm90=True)
-    got = hopper(x)
-    assert calls == ([torch.bfloat16] if taken else [])
+    if mode == "in-graph":  # the compiled graph quantizes (torch ops) and calls the GEMM op alone
+        hopper.act_in_graph = True
+        torch._dynamo.reset()
+        got = torch.compile(hopper, backend="aot_eager", fullgraph=True)(x)
+    else:
+        got = hopper(x)
+    assert calls == ([(torch.bfloat16, torch.bfloat16)] if taken else [])
+    assert written == ([] if mode == "in-graph" else [torch.bfloat16 if taken else torch.float32])
     want = Int8Runner(m, kernels, tma=False, num_sms=0)(x)
     err = float((got.float() - want.float()).norm() / want.float().norm())
     assert err < (1e-2 if taken else 1e-6), err
@@ -190,7 +215,7 @@ def test_gpu_matches_the_reference(m, k, n, out, rank, bias, gelu):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("post_gelu", [False, True])
-def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(post_gelu):
+def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(monkeypatch, post_gelu):
     """A bf16 int4 layer of whole tiles on the CUTLASS GEMM (its compiled variant appears) equals the Triton
     GEMM's output within bf16's rounding of the branch, eager, under torch.compile and in a CUDA graph."""
     import test_kernels as tk
@@ -205,11 +230,19 @@ def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(post_gelu):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     hopper = Int8Runner(m, kernels, tma=True, num_sms=sms, sm90=True)
     plain = Int8Runner(m, kernels, tma=True, num_sms=sms)
+    launched = []
+
+    def counted(*args, **kw):
+        y = cutlass_launch.int8_gemm_sm90(*args, **kw)
+        launched.append(y is not None)
+        return y
+
+    monkeypatch.setattr(kernels, "int8_gemm_sm90", counted)
     with torch.no_grad():
-        before = len(cutlass_launch._STATE)
         eager = hopper(x).float()
-        assert len(cutlass_launch._STATE) > before or any(isinstance(k, tuple) for k in cutlass_launch._STATE)
+        assert launched == [True]
         want = plain(x).float()
+        assert launched == [True]
         assert float((eager - want).norm() / want.norm()) < 1e-2
         torch._dynamo.reset()
         compiled = torch.compile(hopper, fullgraph=True)
@@ -222,6 +255,7 @@ def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(post_gelu):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = compiled(x)
+        assert launched == [True] * len(launched) and len(launched) >= 4  # compiled, warm-up, capture: the kernel
         x.mul_(0.5)  # new inputs in place: the replay must compute them, not repeat the capture's output
         graph.replay()
         torch.cuda.synchronize()

@@ -5,8 +5,8 @@ then optionally tanh-GELU, in fp32, stored as bf16 / fp16 (or the raw int32 prod
 exactly); A and W K-major, as ``torch._int_mm(a, w.t())`` takes them. The rank-R branch's operands are bf16 (this
 DSL's warpgroup MMAs take no tf32) and a second wgmma adds them straight into the scaled fp32 accumulators. The
 semantics of :func:`svdquant.kernels.int8_gemm.int8_gemm` (Triton), which it replaces on sm_90 where it applies
-(:mod:`svdquant.kernels.cutlass_launch`): on an H200 it ran at 1.03-1.29x bare FP8 row-wise ``torch._scaled_mm``
-at FLUX.1's shapes where the Triton kernel reached 0.81-1.05x (BENCHMARKS.md).
+(:mod:`svdquant.kernels.cutlass_launch`): on an H200 it ran at 1.01-1.25x bare FP8 row-wise ``torch._scaled_mm``
+at FLUX.1's shapes with the branch, where the Triton kernel reached 0.76-1.03x (BENCHMARKS.md).
 
 The structure of CUTLASS's sm90 warp-specialized persistent "cooperative" GEMM: warpgroup 0 gives its registers
 away and one of its warps issues the TMA loads of A and W k-tiles into a ring of shared-memory stages guarded by

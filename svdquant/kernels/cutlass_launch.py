@@ -2,9 +2,11 @@
 epilogue variant, the launch.
 
 ``nvidia-cutlass-dsl`` is imported only here and only when asked (:func:`available`), so nothing else of the
-library needs it. Each variant (output dtype, branch rank, bias dtype, GELU) compiles once per process, about
-1-2 s, with dynamic M, N and K: the first call of a variant compiles it, as a Triton kernel's first launch does,
-and then loads and runs it once at a small shape, so a CUDA graph captured later records only the launch.
+library needs it. Each variant (output dtype, branch rank, bias dtype, GELU) compiles once per process and GPU,
+about 1-2 s, with dynamic M, N and K: the first call of a variant compiles it, as a Triton kernel's first launch
+does, then loads and runs it once at a small shape, so a CUDA graph captured after a warm-up call (as
+``svdquant.optimize`` captures) records only the launch. A variant that fails to compile or load warns once and
+is not tried again: :func:`int8_gemm_sm90` then returns None and the caller runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-TILE = (128, 256)  # the fastest at every FLUX.1 shape but one on an H200, with no cluster (BENCHMARKS.md)
+TILE = (128, 256)  # the fastest at 11 of FLUX.1's 12 shapes on an H200 without a cluster (BENCHMARKS.md)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at most
 
-_STATE: dict = {}  # "dsl": the imported modules or None, and the compiled variants by key
+_STATE: dict = {}  # "dsl": the imported modules or None; per variant key, its compiled kernel or False (failed)
 
 
 def available() -> bool:
-    """Whether ``nvidia-cutlass-dsl`` imports here (asked once per process)."""
+    """Whether ``nvidia-cutlass-dsl`` imports here (asked once per process; a failed import is said once)."""
     if "dsl" not in _STATE:
         try:
             import cuda.bindings.driver as cuda
@@ -33,8 +35,10 @@ def available() -> bool:
             from . import cutlass_gemm
 
             _STATE["dsl"] = (cuda, cutlass, cute, from_dlpack, cutlass_gemm)
-        except ImportError:  # pragma: no cover - the extra is installed in CI and on GPUs
+        except ImportError as e:
             _STATE["dsl"] = None
+            warnings.warn(f"nvidia-cutlass-dsl does not import ({e}); the INT8 GEMMs run Triton's kernel, slower on "
+                          "H100 / H200: pip install 'nvidia-cutlass-dsl>=4.8.1,<4.9'", stacklevel=2)
     return _STATE["dsl"] is not None
 
 
@@ -42,9 +46,9 @@ def takes(out_dtype: torch.dtype, lora_up: torch.Tensor | None, bias: torch.Tens
           k: int) -> bool:
     """Whether the kernel computes this product (static facts only, no device query): a 16-bit output and bias, a
     branch of bf16 weights and rank 16 / 32 / 64 (or none), N a multiple of 8 (TMA's 16-byte rows of Y) and K of
-    128 (whole k-tiles: a partial one has not run on a GPU). Any M: partial M and N tiles were checked on an H200
-    (NOTES-GPU.md, session 21)."""
-    if out_dtype not in DTYPES or n % 8 or k % 128:
+    128 (whole k-tiles: a partial one has not run on a GPU). Any M > 0: partial M and N tiles were checked on an
+    H200 (NOTES-GPU.md, session 21)."""
+    if out_dtype not in DTYPES or m <= 0 or n % 8 or k % 128:
         return False
     if bias is not None and bias.dtype not in DTYPES:
         return False
@@ -63,48 +67,70 @@ def _view(t: torch.Tensor | None):
     return _STATE["dsl"][3](t, assumed_align=16).mark_layout_dynamic(leading_dim=t.dim() - 1)
 
 
-def _stream():
-    return _STATE["dsl"][0].CUstream(torch.cuda.current_stream().cuda_stream)
+def _stream(device: torch.device):
+    return _STATE["dsl"][0].CUstream(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _compile(key, device: torch.device):
+    out, rank, bias, gelu = key[:4]
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the first call of a CUTLASS GEMM variant compiles it, which a CUDA graph capture cannot "
+                           "hold: run the model once before capturing (svdquant.optimize does)")
+    _, cutlass, cute, _, kern = _STATE["dsl"]
+    gemm = kern.Int8GemmSm90(TILE, (1, 1), out, rank, bias=bias, gelu=gelu)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    m, n, k = TILE[0], TILE[1], 128
+    t = dict(a=torch.zeros(m, k, dtype=torch.int8, device=device), w=torch.zeros(n, k, dtype=torch.int8,
+             device=device), s_a=torch.ones(m, device=device), s_w=torch.ones(n, device=device),
+             y=torch.empty(m, n, dtype=dt[out], device=device),
+             la=torch.zeros(m, rank, dtype=torch.bfloat16, device=device) if rank else None,
+             lu=torch.zeros(n, rank, dtype=torch.bfloat16, device=device) if rank else None,
+             b=torch.zeros(n, dtype=dt[bias], device=device) if bias else None)
+    views = [_view(v) for v in t.values()]
+    # one CTA per SM (the kernel's shared memory allows no second): the persistent grid
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    with warnings.catch_warnings():  # the DSL's notices about its own helpers (pinned below 4.9 for them)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fn = cute.compile(gemm, *views, sms, _stream(device))
+    fn(*views, _stream(device))  # loads the module now, outside any later CUDA graph capture
+    return fn
 
 
 def _compiled(out: str, rank: int, bias: str | None, gelu: bool, device: torch.device):
+    """The compiled variant on ``device``, or None where the DSL is missing or the variant failed (said once)."""
     key = (out, rank, bias, gelu, device.index)
     fn = _STATE.get(key)
     if fn is None:
-        if not available():
-            raise RuntimeError("the Hopper GEMM needs nvidia-cutlass-dsl: pip install nvidia-cutlass-dsl")
-        _, cutlass, cute, _, kern = _STATE["dsl"]
-        gemm = kern.Int8GemmSm90(TILE, (1, 1), out, rank, bias=bias, gelu=gelu)
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32}
-        m, n, k = TILE[0], TILE[1], 128
-        t = dict(a=torch.zeros(m, k, dtype=torch.int8, device=device), w=torch.zeros(n, k, dtype=torch.int8,
-                 device=device), s_a=torch.ones(m, device=device), s_w=torch.ones(n, device=device),
-                 y=torch.empty(m, n, dtype=dt[out], device=device),
-                 la=torch.zeros(m, rank, dtype=torch.bfloat16, device=device) if rank else None,
-                 lu=torch.zeros(n, rank, dtype=torch.bfloat16, device=device) if rank else None,
-                 b=torch.zeros(n, dtype=dt[bias], device=device) if bias else None)
-        views = [_view(v) for v in t.values()]
-        clusters = cutlass.utils.HardwareInfo().get_max_active_clusters(1)  # one CTA per SM: the persistent grid
-        with warnings.catch_warnings():  # the DSL's notices about its own helpers (pinned below 4.9 for them)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            fn = cute.compile(gemm, *views, clusters, _stream())
-        fn(*views, _stream())  # loads the module now, outside any CUDA graph capture
+        fn = False
+        if available():
+            try:
+                with torch.cuda.device(device):
+                    fn = _compile(key, device)
+            except Exception as e:  # a driver or toolchain the DSL refuses: the Triton kernel still runs
+                if isinstance(e, RuntimeError) and "CUDA graph capture" in str(e):
+                    raise
+                warnings.warn(f"the CUTLASS INT8 GEMM ({out}, rank {rank}, bias {bias}, GELU {gelu}) failed to "
+                              f"compile on {device}, so these layers run Triton's GEMM: {type(e).__name__}: "
+                              f"{str(e).strip()[:300]}", stacklevel=3)
         _STATE[key] = fn
-    return fn
+    return fn or None
 
 
 def int8_gemm_sm90(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                    lora_act: torch.Tensor | None, lora_up: torch.Tensor | None, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+                   out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor | None:
     """``(a · wᵀ) · a_scale · w_scale (+ lora_act · lora_upᵀ) (+ bias)``, then tanh-GELU if ``gelu``, as
     :func:`svdquant.kernels.int8_gemm.int8_gemm` computes it: ``a`` [M, K] / ``w`` [N, K] int8, scales fp32,
-    ``lora_act`` [M, R] / ``lora_up`` [N, R] bf16, ``bias`` [N] 16-bit (where :func:`takes`; ``w_scale`` and
-    ``bias`` best padded to whole tiles once, at load, by :func:`pad_to`)."""
+    ``lora_act`` [M, R] / ``lora_up`` [N, R] bf16, ``bias`` [N] 16-bit, all contiguous (where :func:`takes`).
+    None where this variant cannot run here (:func:`_compiled`): the caller runs another kernel."""
     m, n = a.shape[0], w.shape[0]
     rank = 0 if lora_up is None else lora_up.shape[1]
     fn = _compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu, a.device)
+    if fn is None:
+        return None
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
     views = [_view(t) for t in (a, w, pad_to(a_scale, TILE[0]), pad_to(w_scale, TILE[1]), y, lora_act, lora_up,
                                 None if bias is None else pad_to(bias, TILE[1]))]
-    fn(*views, _stream())
+    with torch.cuda.device(a.device):
+        fn(*views, _stream(a.device))
     return y

@@ -41,14 +41,17 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
     ``code · m`` [N, K_pad] (speed mode), or the packed 4-bit codes [N, K_pad/2] with ``weight_mult`` (memory
     mode: expanded into a fresh buffer here); ``lora_act·L2ᵀ``, the bias and (``gelu``) tanh-GELU in its
     epilogue. ``sm90``: an H100 / H200 with the CUTLASS DSL, whose GEMM (:mod:`svdquant.kernels.cutlass_launch`)
-    runs the layers it takes; the Triton kernel runs the others."""
+    runs the layers it takes (and compiles here); the Triton kernel runs the others."""
     k = _kernels()
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
-    if sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, a.shape[0], a.shape[1], a, lora_act):
+    if sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, a.shape[0], a.shape[1], a, lora_act,
+                            (a_scale, weight_scale)):
         if lora_act is not None and lora_act.dtype != torch.bfloat16:  # activations quantized in the graph
             lora_act = lora_act.to(torch.bfloat16)
-        return k.int8_gemm_sm90(a, a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu)
+        y = k.int8_gemm_sm90(a, a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu)
+        if y is not None:
+            return y
     if lora_act is not None and lora_act.dtype != torch.float32:  # rounded to bf16 for the Hopper GEMM
         lora_act = lora_act.float()
     return k.int8_gemm(a.contiguous(), a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu,
@@ -56,13 +59,15 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
                        config=k.int8_tile_config(tma, out_dtype))
 
 
-def _sm90_takes(k, out_dtype, lora_up, bias, weight, m, width, a=None, lora_act=None) -> bool:
+def _sm90_takes(k, out_dtype, lora_up, bias, weight, m, width, a=None, lora_act=None, scales=()) -> bool:
     """Whether the Hopper GEMM takes this product of ``m`` tokens over ``width`` (K_pad): its formats and tiles
     (:func:`svdquant.kernels.cutlass_takes`) and, where the tensors are known, 16-byte aligned, contiguous operands
-    (TMA's)."""
+    (TMA's; the kernel reads the fp32 scales as dense vectors)."""
     if not k.cutlass_takes(out_dtype, lora_up, bias, m, weight.shape[0], width):
         return False
-    ops = [t for t in (a, weight, lora_act, lora_up, bias) if t is not None]
+    if any(s.dtype != torch.float32 for s in scales):
+        return False
+    ops = [t for t in (a, weight, lora_act, lora_up, bias, *scales) if t is not None]
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ops)
 
 

@@ -136,6 +136,8 @@ def _key(m, rows: int, dtype) -> str:
     mode = "memory" if first.weight_mode == "memory" else "speed"
     if _gelu_from(m) is not None:  # both paths then pay the GELU: the INT8 one in its activation pass
         mode += "+gelu"
+    if getattr(getattr(m, "_runner", None), "sm90", False):  # the CUTLASS GEMM: tables timed with Triton's differ
+        mode += "+cutlass"
     return key(torch.cuda.get_device_name(first.device), rows, m.in_features, m.out_features, first.weights,
                first.activations, mode, dtype)
 

@@ -73,7 +73,18 @@ class Int8Runner(Runner):
             self.w_desc = kernels.weight_descriptor(self.w, self.config)
 
     def set_branch(self, m) -> bool:
-        return assign_branch(self, *padded_branch(m), branch_sources(m))
+        own = getattr(m, "lora_up", None)
+        self.branch16 = own is not None and own.dtype in (torch.bfloat16, torch.float16)  # a 16-bit model's layer
+        return assign_branch(self, *self._for_gemm(*padded_branch(m)), branch_sources(m))
+
+    def _for_gemm(self, down, up):
+        """The branch as the GEMM reads it: in a 16-bit model on sm_90, the up projection in bf16, the CUTLASS
+        GEMM's operand type (a LoRA's fp32 up, an fp16 model's; a bf16 one is the layer's own tensor, not copied).
+        The copy keeps its dtype across LoRA strength changes, so :func:`assign_branch` rewrites it in place
+        (graph-safe). An fp32 model's layers run the Triton GEMM and keep theirs."""
+        if self.sm90_ready and self.branch16 and up is not None and up.dtype != torch.bfloat16:
+            up = up.to(torch.bfloat16)
+        return down, up
 
     @classmethod
     def stack(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
@@ -114,7 +125,8 @@ class Int8Runner(Runner):
 
     def restack_branch(self, runners) -> bool:
         members = tuple(t for r in runners for t in (r.down, r.up) if t is not None)
-        return assign_branch(self, *stacked_branch([(r.down, r.up) for r in runners], self.out_features), members)
+        branch = stacked_branch([(r.down, r.up) for r in runners], self.out_features)
+        return assign_branch(self, *self._for_gemm(*branch), members)
 
     def view_rows(self, fused: "Int8Runner", start: int, stop: int) -> None:
         """Hold rows ``start:stop`` of ``fused``'s INT8 weight instead of an own copy (a contiguous view)."""
