@@ -42,13 +42,15 @@ sys.path.insert(0, str(HERE.parent))  # svdquant: the kernel and the Triton one
 sys.path.insert(0, str(HERE))  # kernel_speed, beside this file
 
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
-TOKENS = [4096, 4608]
+TOKENS = [4096, 4608]  # FLUX.1's image stream and single blocks at 1024²; --tokens 512 for the text stream
 RANK = 32
 CONFIGS = {  # name: (CTA tile M × N, cluster M × N); two consumer warpgroups in all
     "128x256_c1x1": ((128, 256), (1, 1)),
     "128x256_c2x1": ((128, 256), (2, 1)),
     "256x128_c1x1": ((256, 128), (1, 1)),
     "256x128_c2x1": ((256, 128), (2, 1)),
+    # twice the tiles of 128 × 256: for M = 512 (FLUX's text stream) 128 × 256 fills 48 of 132 SMs at N = 3,072
+    "128x128_c1x1": ((128, 128), (1, 1)),
 }
 SM90_SMS = 132  # H100 SXM and H200: the persistent grid a compile without a GPU assumes
 TOLERANCE = 1e-2
@@ -200,14 +202,14 @@ def compile_only(args):
                   f"{gemm.smem_bytes} B smem, {facts['registers']} registers, {facts['spill_bytes']} B spilled; "
                   f"{' '.join(mma)}{'' if int8 else '  NO s8 WGMMA'}")
             for k, n in SHAPES:
-                for m in TOKENS:
+                for m in args.tokens:
                     if (why := gemm.problem_error(m, n, k)) is not None:
                         failures += 1
                         print(f"    M={m} K={k} N={n}: {why}")
         except Exception as e:
             failures += 1
             print(f"{label:22s} FAILED: {type(e).__name__}: {str(e).strip()[:400]}")
-    print(f"every config covers all {len(SHAPES) * len(TOKENS)} shapes (M, N, K symbolic); "
+    print(f"every config covers all {len(SHAPES) * len(args.tokens)} shapes (M, N, K symbolic); "
           f"{failures} problem(s)")
     return 1 if failures else 0
 
@@ -251,8 +253,11 @@ def make_data(torch, m, k, n, dev):
 
 
 def baselines(torch, d, sms, bench):
-    """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out) and our Triton kernel (without / with the branch), in
-    ms (None where one failed: the error beside it)."""
+    """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out), our Triton kernel (without / with the branch) and the
+    engine's launch of the CUTLASS kernel with the branch (``engine_lora``: ``int8_gemm_sm90`` as a layer calls it
+    eagerly, its host-side conversions included: where it is slower than the bare compiled kernel, the host is the
+    bound), in ms (None where one failed: the error beside it)."""
+    from svdquant.kernels.cutlass_launch import int8_gemm_sm90
     from svdquant.kernels.int8_gemm import int8_gemm
 
     a, w, a_s, w_s = d["a"], d["w"], d["a_s"], d["w_s"]
@@ -264,7 +269,8 @@ def baselines(torch, d, sms, bench):
         int_mm=lambda: torch._int_mm(a, w.t()),
         triton=lambda: int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=True, num_programs=sms),
         triton_lora=lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
-                                      num_programs=sms))
+                                      num_programs=sms),
+        engine_lora=lambda: int8_gemm_sm90(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
     res = {}
     for key, fn in fns.items():
         try:
@@ -330,7 +336,7 @@ def gpu_run(args):
 
     dog = Watchdog(args.hang_seconds)
     stream = cuda.CUstream(torch.cuda.current_stream().cuda_stream)  # do_bench's events are on this stream
-    problems = [(m, k, n) for k, n in SHAPES[:args.shapes] for m in TOKENS]
+    problems = [(m, k, n) for k, n in SHAPES[:args.shapes] for m in args.tokens]
     data = {}
     for m, k, n in problems:
         dog.beat(f"baselines {m}x{k}x{n}")
@@ -376,7 +382,7 @@ def table(res, problems):
     labels = list(dict.fromkeys(r["variant"] for r in res["rows"]))
     base = {(b["m"], b["k"], b["n"]): b for b in res["baselines"]}
     cells = {(r["m"], r["k"], r["n"], r["variant"]): r for r in res["rows"]}
-    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×)", "triton+lora ms (×)"] + labels
+    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×)", "triton+lora ms (×)", "engine+lora ms (×)"] + labels
     lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}, nvidia-cutlass-dsl "
              f"{res['cutlass_dsl']}; median ms; (×) = FP8 _scaled_mm ms / ms, above 1 is faster than FP8 "
              "(the raw int32 variants: int_mm ms / ms)",
@@ -388,7 +394,8 @@ def table(res, problems):
         def ms(t, bar=fp8):  # "ms (× bar)"
             return "—" if t is None else f"{t:.3f}" + ("" if bar is None else f" ({bar / t:.2f})")
 
-        row = [str(m), str(k), str(n), ms(fp8, None), ms(b["int_mm"], None), ms(b["triton"]), ms(b["triton_lora"])]
+        row = [str(m), str(k), str(n), ms(fp8, None), ms(b["int_mm"], None), ms(b["triton"]), ms(b["triton_lora"]),
+               ms(b.get("engine_lora"))]
         for label in labels:
             r = cells.get((m, k, n, label), {})
             if r.get("ms"):
@@ -408,6 +415,7 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--lora", action="store_true", help=f"also the fused rank-{RANK} branch (bf16 operands)")
     ap.add_argument("--no-int32", action="store_true", help="skip the raw int32 variants")
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="the M values (tokens) of every shape")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="only the first N (K, N) shapes")
     ap.add_argument("--rep", type=int, default=100, help="do_bench's rep (ms)")
     ap.add_argument("--compile-per-shape", action="store_true",
