@@ -10,21 +10,13 @@ CASES = [("bf16", 32, "bf16", False, 4096, 3072, 3072), ("bf16", 32, "bf16", Tru
 ONE = r'''
 import sys, torch
 sys.path.insert(0, "tests")
-from test_cutlass_gemm import _reference
+from test_cutlass_gemm import DTYPES, _reference, problem
 from svdquant.kernels.cutlass_launch import int8_gemm_sm90
 out, rank, bias, gelu, m, k, n = eval(sys.argv[1])
-dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
-g = torch.Generator(device="cuda").manual_seed(1)
-a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
-w = torch.randint(-126, 127, (n, k), device="cuda", dtype=torch.int8, generator=g)
-a_s = torch.rand(m, device="cuda", generator=g) * 1e-2 + 1e-3
-w_s = torch.rand(n, device="cuda", generator=g) * 1e-3 + 1e-4
-la = torch.randn(m, rank, device="cuda", generator=g).bfloat16() if rank else None
-lu = (torch.randn(n, rank, device="cuda", generator=g) * 0.05).bfloat16() if rank else None
-b = torch.randn(n, device="cuda", generator=g).to(dt[bias]) if bias else None
-y = int8_gemm_sm90(a, a_s, w, w_s, la, lu, b, dt[out], gelu=gelu)
+args = problem(m, k, n, rank, bias, seed=1)
+y = int8_gemm_sm90(*args, DTYPES[out], gelu=gelu)
 torch.cuda.synchronize()
-ref = _reference(a, a_s, w, w_s, la, lu, b, gelu, dt[out]).float()
+ref = _reference(*args, gelu, DTYPES[out]).float()
 d = (y.float() - ref).abs()
 bad = d > 1e-2 * ref.abs().max()
 rows = bad.any(1).nonzero().flatten().tolist(); cols = bad.any(0).nonzero().flatten().tolist()

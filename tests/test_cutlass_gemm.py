@@ -197,19 +197,28 @@ def _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype):
 def test_gpu_matches_the_reference(m, k, n, out, rank, bias, gelu):
     from svdquant.kernels.cutlass_launch import int8_gemm_sm90
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
+    args = problem(m, k, n, rank, bias, seed=m * 7 + n)
+    y = int8_gemm_sm90(*args, DTYPES[out], gelu=gelu)
+    ref = _reference(*args, gelu, DTYPES[out])
+    err = (y.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert torch.isfinite(y).all() and err < 1e-2, float(err)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def problem(m, k, n, rank, bias, seed):
+    """Random int8 operands, fp32 scales, a bf16 branch of ``rank`` over ~5 % of the main term and a ``bias``
+    (dtype name or None) on the GPU: ``(a, a_scale, w, w_scale, lora_act, lora_up, bias)``."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
     a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
     w = torch.randint(-126, 127, (n, k), device="cuda", dtype=torch.int8, generator=g)
     a_s = torch.rand(m, device="cuda", generator=g) * 1e-2 + 1e-3
     w_s = torch.rand(n, device="cuda", generator=g) * 1e-3 + 1e-4
     la = torch.randn(m, rank, device="cuda", generator=g).bfloat16() if rank else None
     lu = (torch.randn(n, rank, device="cuda", generator=g) * 0.05).bfloat16() if rank else None
-    b = torch.randn(n, device="cuda", generator=g).to(dt[bias]) if bias else None
-    y = int8_gemm_sm90(a, a_s, w, w_s, la, lu, b, dt[out], gelu=gelu)
-    ref = _reference(a, a_s, w, w_s, la, lu, b, gelu, dt[out])
-    err = (y.float() - ref.float()).abs().max() / ref.float().abs().max()
-    assert torch.isfinite(y).all() and err < 1e-2, float(err)
+    b = torch.randn(n, device="cuda", generator=g).to(DTYPES[bias]) if bias else None
+    return a, a_s, w, w_s, la, lu, b
 
 
 @pytest.mark.gpu
