@@ -21,7 +21,8 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 """
 
 from .activations import quantize_activations, reads_in_place
-from .cutlass_launch import available as cutlass_available, int8_gemm_sm90, takes as cutlass_takes
+from .cutlass_launch import (available as cutlass_available, int8_gemm_sm90, pad_columns as cutlass_pad_columns,
+                             takes as cutlass_takes)
 from .common import interpreting
 from .expand import expand_int4m
 from .float_scales_gemm import fp4_gemm, w4a4_gemm
@@ -37,5 +38,5 @@ __all__ = [
     "quantize_activations", "reads_in_place", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
     "round_int4m_weights", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
-    "int8_tile_config", "cutlass_available", "cutlass_takes", "int8_gemm_sm90",
+    "int8_tile_config", "cutlass_available", "cutlass_takes", "int8_gemm_sm90", "cutlass_pad_columns",
 ]

@@ -54,6 +54,7 @@ class Int8Runner(Runner):
         self.set_branch(m)
         self.bias = m.bias
         self.w_scale = m.wscales.float().contiguous()
+        self.pad_columns()
         self.group = m.group_size if wf.packed else 64
         self.k = m.in_features
         self.kp = self.k + (-self.k) % self.group
@@ -71,6 +72,14 @@ class Int8Runner(Runner):
             self.w = F.pad(m.qweight, (0, self.kp - self.k)).contiguous()
         if self.w is not None and tma:
             self.w_desc = kernels.weight_descriptor(self.w, self.config)
+
+    def pad_columns(self) -> None:
+        """``w_scale`` and the bias as the GEMMs read them: on sm_90 zero-padded to whole tiles once, here (the
+        CUTLASS epilogue reads them without bounds checks; the Triton kernel masks by N, so it reads them too).
+        ``w_scale`` / ``bias`` stay the layer's own, for stacking."""
+        pad = self.kernels.cutlass_pad_columns if self.sm90_ready else (lambda t: t)
+        self.w_scale_gemm = pad(self.w_scale)
+        self.bias_gemm = None if self.bias is None else pad(self.bias)
 
     def set_branch(self, m) -> bool:
         own = getattr(m, "lora_up", None)
@@ -118,6 +127,7 @@ class Int8Runner(Runner):
             new.bias = torch.cat([r.bias if r.bias is not None else some.new_zeros(n)
                                   for r, n in zip(runners, out_features)], 0)
         new.out_features = list(out_features)
+        new.pad_columns()
         new.restack_branch(runners)
         new.owns_packed_weight = False
         new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma else None
@@ -150,10 +160,11 @@ class Int8Runner(Runner):
             elif tail2 is not None:
                 x2 = torch.cat([x2, tail2], -1)
             a, a_s, lora_act = reference.int8_activations(x2, self.sinv, self.down, self.kp)
-            return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias, w, mult, self.w_scale,
+            return torch.ops.svdquant.int8_gemm(a, a_s, lora_act, self.up, self.bias_gemm, w, mult, self.w_scale_gemm,
                                                 self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype,
                                                 self.sm90)
-        args = (x2, self.sinv, self.down, self.up, self.bias, w, mult, self.w_scale, self.a4, self.group, self.shift,
+        args = (x2, self.sinv, self.down, self.up, self.bias_gemm, w, mult, self.w_scale_gemm, self.a4, self.group,
+                self.shift,
                 self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from,
                 self.sm90)
         if torch.compiler.is_compiling():
