@@ -105,9 +105,9 @@ def ptxas_facts(log):
                 spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else None)
 
 
-def compile_fake(cutlass, cute, gemm, out, rank, clusters):
-    """Compile for symbolic M, N, K (one compile serves every shape) without a GPU; PTX kept, ptxas's report
-    captured."""
+def compile_fake(cutlass, cute, gemm, clusters):
+    """Compile ``gemm`` (its output, branch and bias as configured) for symbolic M, N, K (one compile serves every
+    shape) without a GPU, PTX kept; ptxas reports on standard error."""
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     m, n, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
@@ -115,16 +115,14 @@ def compile_fake(cutlass, cute, gemm, out, rank, clusters):
     def mat(dtype, rows, cols):  # row-major, 16-byte aligned, as the GPU run passes torch tensors
         return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=16)
 
-    args = [mat(cutlass.Int8, m, k), mat(cutlass.Int8, n, k),
-            make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=16),
-            make_fake_compact_tensor(cutlass.Float32, (n,), assumed_align=16),
-            mat(cutlass.BFloat16 if out == "bf16" else cutlass.Int32, m, n),
-            mat(cutlass.BFloat16, m, rank) if rank else None, mat(cutlass.BFloat16, n, rank) if rank else None,
-            None]  # no bias
-    log = []
-    with stderr_to(log):
-        compiled = cute.compile(gemm, *args, clusters, make_fake_stream(), options="--keep-ptx remarks{ptx}")
-    return compiled, log[0]
+    def vec(dtype, size):
+        return make_fake_compact_tensor(dtype, (size,), assumed_align=16)
+
+    r = gemm.rank
+    args = [mat(cutlass.Int8, m, k), mat(cutlass.Int8, n, k), vec(cutlass.Float32, m), vec(cutlass.Float32, n),
+            mat(gemm.out_dtype, m, n), mat(cutlass.BFloat16, m, r) if r else None,
+            mat(cutlass.BFloat16, n, r) if r else None, vec(gemm.bias_dtype, n) if gemm.bias_dtype else None]
+    return cute.compile(gemm, *args, clusters, make_fake_stream(), options="--keep-ptx remarks{ptx}")
 
 
 def epilogue_mapping_check(cutlass, cute, kern, bm, bn, out):
@@ -189,7 +187,10 @@ def compile_only(args):
             gemm = make_gemm(kern, name, out, rank)
             size = CONFIGS[name][1][0] * CONFIGS[name][1][1]
             t0 = time.time()
-            compiled, log = compile_fake(cutlass, cute, gemm, out, rank, SM90_SMS // size)
+            logs = []
+            with stderr_to(logs):
+                compiled = compile_fake(cutlass, cute, gemm, SM90_SMS // size)
+            log = logs[0]
             ptx = compiled.__ptx__ or ""
             mma = sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx)))
             int8 = any(op.endswith(".s32.s8.s8") for op in mma)

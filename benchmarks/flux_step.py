@@ -49,16 +49,10 @@ VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("
 ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage", "svdquant_int8")
 
 
-def use_sm90_gemm(model, on: bool) -> int:
-    """Let (or stop) the quantized layers' runners use the CUTLASS GEMM on an H100 / H200 (``Int8Runner.sm90``,
-    decided at load); returns how many runners could."""
-    n = 0
-    for mod in model.modules():
-        r = getattr(mod, "_runner", None)
-        if getattr(r, "sm90_ready", False):
-            r.sm90 = on
-            n += 1
-    return n
+def sm90_runners(model) -> list:
+    """The quantized layers' runners that use the CUTLASS GEMM on an H100 / H200 (``Int8Runner.sm90``, decided at
+    load): setting their ``sm90`` to False runs the Triton GEMM instead (their branch and padded scales read alike)."""
+    return [r for r in (getattr(mod, "_runner", None) for mod in model.modules()) if getattr(r, "sm90", False)]
 
 
 def bench(fn, rep=300):
@@ -411,7 +405,10 @@ def main(argv=None):
             if base in ("int4-fused", "int4-fused-triton"):  # + each MLP's GELU in its down projection's pass
                 res["fused"] = fuse(model)
             if base == "int4-fused-triton":  # the Triton INT8 GEMM where the CUTLASS one would run (H100 / H200)
-                res["sm90_gemm_layers"] = use_sm90_gemm(model, False)
+                switched = sm90_runners(model)
+                res["sm90_gemm_layers"] = len(switched)
+                for r in switched:
+                    r.sm90 = False
             if base == "int4-fused-up":  # the GELUs in the up projections' epilogues instead
                 from svdquant.modules.fused import fuse_gelu
 
@@ -424,7 +421,8 @@ def main(argv=None):
             if base == "int4-qkv":
                 unfuse_projections(model)
             if base == "int4-fused-triton":
-                use_sm90_gemm(model, True)
+                for r in switched:
+                    r.sm90 = True
             if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act"):
                 unfuse(model)
         if args.lora:

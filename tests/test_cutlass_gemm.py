@@ -45,23 +45,9 @@ def dsl():
 
 def _fake_compile(dsl, capfd, out, rank, bias, gelu):
     (cutlass, cute, kern), bench = dsl
-    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
-
-    m, n, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
-    dt = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
-
-    def mat(dtype, rows, cols):
-        return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=16)
-
-    def vec(dtype, size):
-        return make_fake_compact_tensor(dtype, (size,), assumed_align=16)
-
     gemm = kern.Int8GemmSm90((128, 256), (1, 1), out, rank, bias=bias, gelu=gelu)
-    args = [mat(cutlass.Int8, m, k), mat(cutlass.Int8, n, k), vec(cutlass.Float32, m), vec(cutlass.Float32, n),
-            mat(dt[out], m, n), mat(cutlass.BFloat16, m, rank) if rank else None,
-            mat(cutlass.BFloat16, n, rank) if rank else None, vec(dt[bias], n) if bias else None]
     capfd.readouterr()
-    compiled = cute.compile(gemm, *args, 132, make_fake_stream(), options="--keep-ptx remarks{ptx}")
+    compiled = bench.compile_fake(cutlass, cute, gemm, bench.SM90_SMS)
     return compiled.__ptx__ or "", bench.ptxas_facts(capfd.readouterr().err)  # ptxas's report
 
 

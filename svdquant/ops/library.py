@@ -43,10 +43,18 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
     epilogue. ``sm90``: an H100 / H200 with the CUTLASS DSL, whose GEMM (:mod:`svdquant.kernels.cutlass_launch`)
     runs the layers it takes (and compiles here); the Triton kernel runs the others."""
     k = _kernels()
+    sm90 = sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, weight_scale, a.shape[0], a.shape[1]) and \
+        all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (a, a_scale, lora_act) if t is not None)
+    return _gemm(k, a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
+                 num_programs, gelu, out_dtype, sm90, w_desc)
+
+
+def _gemm(k, a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma, num_programs,
+          gelu, out_dtype, sm90, w_desc):
+    """:func:`int8_gemm_impl` once ``sm90`` is decided (the CUTLASS GEMM takes this product)."""
     if weight_mult is not None:
         weight, w_desc = k.expand_int4m(weight, weight_mult, group_size=group_size), None
-    if sm90 and _sm90_takes(k, out_dtype, lora_up, bias, weight, a.shape[0], a.shape[1], a, lora_act,
-                            (a_scale, weight_scale)):
+    if sm90:
         if lora_act is not None and lora_act.dtype != torch.bfloat16:  # activations quantized in the graph
             lora_act = lora_act.to(torch.bfloat16)
         y = k.int8_gemm_sm90(a, a_scale, weight, weight_scale, lora_act, lora_up, bias, out_dtype, gelu=gelu)
@@ -59,16 +67,15 @@ def int8_gemm_impl(a: Tensor, a_scale: Tensor, lora_act: Tensor | None, lora_up:
                        config=k.int8_tile_config(tma, out_dtype))
 
 
-def _sm90_takes(k, out_dtype, lora_up, bias, weight, m, width, a=None, lora_act=None, scales=()) -> bool:
+def _sm90_takes(k, out_dtype, lora_up, bias, weight, weight_scale, m, width) -> bool:
     """Whether the Hopper GEMM takes this product of ``m`` tokens over ``width`` (K_pad): its formats and tiles
-    (:func:`svdquant.kernels.cutlass_takes`) and, where the tensors are known, 16-byte aligned, contiguous operands
-    (TMA's; the kernel reads the fp32 scales as dense vectors)."""
-    if not k.cutlass_takes(out_dtype, lora_up, bias, m, weight.shape[0], width):
+    (:func:`svdquant.kernels.cutlass_takes`) and the layer's tensors contiguous and 16-byte aligned (TMA's; the
+    kernel reads the fp32 scales as dense vectors). The activation side is checked where it comes from elsewhere
+    (:func:`int8_gemm_impl`); the activation pass makes it so."""
+    if not k.cutlass_takes(out_dtype, lora_up, bias, m, weight.shape[0], width) or weight_scale.dtype != torch.float32:
         return False
-    if any(s.dtype != torch.float32 for s in scales):
-        return False
-    ops = [t for t in (a, weight, lora_act, lora_up, bias, *scales) if t is not None]
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ops)
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (weight, weight_scale, lora_up, bias)
+               if t is not None)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -90,7 +97,7 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
     branch takes ``X·L1ᵀ`` in bf16, written so by the activation pass)."""
     k = _kernels()
     width = weight.shape[1] * (2 if weight_mult is not None else 1)  # memory mode: packed 4-bit codes
-    sm90 = sm90 and _sm90_takes(k, x.dtype, lora_up, bias, weight, x.shape[0], width)
+    sm90 = sm90 and _sm90_takes(k, x.dtype, lora_up, bias, weight, weight_scale, x.shape[0], width)
     if input_gelu_from is not None and not k.reads_in_place(input_gelu_from, smooth_inv.shape[0], a4=a4,
                                                            group_size=group_size):
         x, tail, input_gelu_from = reference.gelu_columns(x, tail, input_gelu_from), None, None
@@ -99,8 +106,8 @@ def int8_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lo
                                               input_gelu_from=input_gelu_from, a4=a4, group_size=group_size,
                                               shift=shift, unsigned_from=unsigned_from,
                                               lora_dtype=torch.bfloat16 if sm90 else torch.float32)
-    return int8_gemm_impl(a, a_s, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma,
-                          num_programs, gelu, x.dtype, sm90, w_desc=w_desc)
+    return _gemm(k, a, a_s, lora_act, lora_up, bias, weight, weight_mult, weight_scale, group_size, tma, num_programs,
+                 gelu, x.dtype, sm90, w_desc)  # decided above; a, a_s and lora_act are the pass's own allocations
 
 
 @torch.library.custom_op("svdquant::int8_linear", mutates_args=())

@@ -39,7 +39,7 @@ class Int8Runner(Runner):
     def __init__(self, m, kernels, *, tma: bool, num_sms: int, sm90: bool = False):
         self.kernels = kernels
         self.tma = tma
-        self.sm90 = self.sm90_ready = sm90  # the CUTLASS GEMM where it applies (svdquant.kernels.cutlass_launch)
+        self.sm90 = sm90  # the CUTLASS GEMM where it applies (svdquant.kernels.cutlass_launch)
         self.gelu = bool(getattr(m, "output_gelu", False))
         self.input_gelu_from = getattr(m, "input_gelu_from", None)
         # A8 under torch.compile: quantize in torch ops that inductor fuses into x's producer (set_compiled_activations)
@@ -77,7 +77,7 @@ class Int8Runner(Runner):
         """``w_scale`` and the bias as the GEMMs read them: on sm_90 zero-padded to whole tiles once, here (the
         CUTLASS epilogue reads them without bounds checks; the Triton kernel masks by N, so it reads them too).
         ``w_scale`` / ``bias`` stay the layer's own, for stacking."""
-        pad = self.kernels.cutlass_pad_columns if self.sm90_ready else (lambda t: t)
+        pad = self.kernels.cutlass_pad_columns if self.sm90 else (lambda t: t)
         self.w_scale_gemm = pad(self.w_scale)
         self.bias_gemm = None if self.bias is None else pad(self.bias)
 
@@ -91,7 +91,7 @@ class Int8Runner(Runner):
         GEMM's operand type (a LoRA's fp32 up, an fp16 model's; a bf16 one is the layer's own tensor, not copied).
         The copy keeps its dtype across LoRA strength changes, so :func:`assign_branch` rewrites it in place
         (graph-safe). An fp32 model's layers run the Triton GEMM and keep theirs."""
-        if self.sm90_ready and self.branch16 and up is not None and up.dtype != torch.bfloat16:
+        if self.sm90 and self.branch16 and up is not None and up.dtype != torch.bfloat16:
             up = up.to(torch.bfloat16)
         return down, up
 
@@ -164,9 +164,8 @@ class Int8Runner(Runner):
                                                 self.group, self.tma, self.num_programs or 0, self.gelu, x2.dtype,
                                                 self.sm90)
         args = (x2, self.sinv, self.down, self.up, self.bias_gemm, w, mult, self.w_scale_gemm, self.a4, self.group,
-                self.shift,
-                self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2, self.input_gelu_from,
-                self.sm90)
+                self.shift, self.unsigned_from, self.tma, self.num_programs or 0, self.gelu, tail2,
+                self.input_gelu_from, self.sm90)
         if torch.compiler.is_compiling():
             return torch.ops.svdquant.int8_linear(*args)
         return library.int8_linear_impl(*args, w_desc=self.w_desc)
