@@ -225,11 +225,15 @@ def measure(pipe, call: dict, args, device: str, memory: bool = False) -> tuple[
         r["expert_steps"] = {"call_a": split_a, "call_b": expert_steps(pipe)}
         steady = [s for i, s in enumerate(steps_b) if i > 0 and which[i] == which[i - 1]]
     # the difference of two calls is noise where the calls vary by more than the steps they differ by: the expert
-    # moves under offload, or a loaded CPU on the tiny run (a negative "step")
-    if (memory and which is not None or per_step <= 0) and steady:
+    # moves under offload (per_step_from), or a loaded CPU on the tiny run, a step of zero or less (per_step_fallback)
+    moves = memory and which is not None
+    if (moves or per_step <= 0) and steady:
         r["seconds_per_step_difference"] = r["seconds_per_step"]
         r["seconds_per_step"] = round(statistics.median(steady), 3)
-        r["per_step_from"] = "the median steady step of call b (no expert moved in it)"
+        if moves:
+            r["per_step_from"] = "the median steady step of call b (no expert moved in it)"
+        else:
+            r["per_step_fallback"] = "the median of call b's steps after the first: the calls' difference was <= 0"
     if device == "cuda":
         r["peak_steps_gb" if memory else "peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return r, latents
