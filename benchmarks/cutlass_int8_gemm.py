@@ -44,13 +44,20 @@ sys.path.insert(0, str(HERE))  # kernel_speed, beside this file
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
 TOKENS = [4096, 4608]  # FLUX.1's image stream and single blocks at 1024²; --tokens 512 for the text stream
 RANK = 32
-CONFIGS = {  # name: (CTA tile M × N, cluster M × N); two consumer warpgroups in all
-    "128x256_c1x1": ((128, 256), (1, 1)),
-    "128x256_c2x1": ((128, 256), (2, 1)),
-    "256x128_c1x1": ((256, 128), (1, 1)),
-    "256x128_c2x1": ((256, 128), (2, 1)),
+CONFIGS = {  # name: (CTA tile M × N, cluster M × N, walk down M first, swizzle); two consumer warpgroups in all
+    "128x256_c1x1": ((128, 256), (1, 1), True, 1),
+    "128x256_c2x1": ((128, 256), (2, 1), True, 1),
+    "256x128_c1x1": ((256, 128), (1, 1), True, 1),
+    "256x128_c2x1": ((256, 128), (2, 1), True, 1),
     # twice the tiles of 128 × 256: for M = 512 (FLUX's text stream) 128 × 256 fills 48 of 132 SMs at N = 3,072
-    "128x128_c1x1": ((128, 128), (1, 1)),
+    "128x128_c1x1": ((128, 128), (1, 1), True, 1),
+    # along N first: the CTAs at work share A's rows and sweep W, for A larger than L2 (batch 4: M = 16,384)
+    "128x256_c1x1_rn": ((128, 256), (1, 1), False, 1),
+    "128x128_c1x1_rn": ((128, 128), (1, 1), False, 1),
+    # in groups of 4 tiles: down M over 4 N tiles (A swept once per group), or along N over 4 M tiles (W swept once
+    # per group, Triton's GROUP_M order); the grouped tile count must be a multiple of 4
+    "128x256_c1x1_s4": ((128, 256), (1, 1), True, 4),
+    "128x256_c1x1_rn_s4": ((128, 256), (1, 1), False, 4),
 }
 SM90_SMS = 132  # H100 SXM and H200: the persistent grid a compile without a GPU assumes
 TOLERANCE = 1e-2
@@ -77,8 +84,8 @@ def variants(names, lora, int32=True):
 
 
 def make_gemm(kern, name, out, rank):
-    tile, cluster = CONFIGS[name]
-    return kern.Int8GemmSm90(tile, cluster, out, rank)
+    tile, cluster, raster_m, swizzle = CONFIGS[name]
+    return kern.Int8GemmSm90(tile, cluster, out, rank, swizzle=swizzle, raster_m=raster_m)
 
 
 @contextlib.contextmanager

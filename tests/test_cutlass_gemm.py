@@ -43,9 +43,9 @@ def dsl():
     return bench.load_dsl(compile_only=True), bench
 
 
-def _fake_compile(dsl, capfd, out, rank, bias, gelu):
+def _fake_compile(dsl, capfd, out, rank, bias, gelu, tile=(128, 256), raster_m=True, swizzle=1):
     (cutlass, cute, kern), bench = dsl
-    gemm = kern.Int8GemmSm90((128, 256), (1, 1), out, rank, bias=bias, gelu=gelu)
+    gemm = kern.Int8GemmSm90(tile, (1, 1), out, rank, bias=bias, gelu=gelu, raster_m=raster_m, swizzle=swizzle)
     capfd.readouterr()
     compiled = bench.compile_fake(cutlass, cute, gemm, bench.SM90_SMS)
     return compiled.__ptx__ or "", bench.ptxas_facts(capfd.readouterr().err)  # ptxas's report
@@ -63,9 +63,18 @@ def test_every_epilogue_variant_compiles_for_sm90_into_int8_wgmma_without_spills
     assert bool(re.search(r"ld\.global[\w.]*\.b16|ld\.global[\w.]*\.u16", ptx)) == bool(bias)
 
 
-def test_the_epilogue_mappings_hold_for_every_consumer_thread(dsl):
+@pytest.mark.parametrize("tile,raster_m,swizzle", [((128, 128), True, 1), ((128, 256), False, 1), ((128, 256), True, 4)])
+@pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS[:2])
+def test_every_plan_the_launcher_picks_compiles(dsl, capfd, out, rank, bias, gelu, tile, raster_m, swizzle):
+    ptx, facts = _fake_compile(dsl, capfd, out, rank, bias, gelu, tile, raster_m, swizzle)
+    assert f"wgmma.mma_async.sync.aligned.m64n{tile[1]}k32.satfinite.s32.s8.s8" in ptx
+    assert facts["spill_bytes"] == 0, facts
+
+
+@pytest.mark.parametrize("bn", [256, 128])
+def test_the_epilogue_mappings_hold_for_every_consumer_thread(dsl, bn):
     (cutlass, cute, kern), bench = dsl
-    assert bench.epilogue_mapping_check(cutlass, cute, kern, 128, 256, "bf16") == []
+    assert bench.epilogue_mapping_check(cutlass, cute, kern, 128, bn, "bf16") == []
 
 
 def test_the_kernel_refuses_what_it_cannot_compute(dsl):
@@ -78,6 +87,26 @@ def test_the_kernel_refuses_what_it_cannot_compute(dsl):
         kern.Int8GemmSm90(bias="fp32")
     assert kern.Int8GemmSm90().problem_error(4080, 3072, 3072) is None  # partial tiles: TMA clips them
     assert "multiple of 16" in kern.Int8GemmSm90().problem_error(4096, 3072, 3000)
+    # a swizzled walk rounds its groups up: the epilogue of a tile past the end would read scales out of bounds
+    assert kern.Int8GemmSm90(swizzle=4).problem_error(4096, 3072, 3072) is None  # 12 N tiles: 3 groups
+    assert "N=2560 is not a whole number of groups" in kern.Int8GemmSm90(swizzle=4).problem_error(4096, 2560, 3072)
+    assert "M=4608" in kern.Int8GemmSm90(swizzle=8, raster_m=False).problem_error(4608, 3072, 3072)  # 36 M tiles
+
+
+def test_the_launch_plan():
+    from svdquant.kernels.cutlass_launch import plan
+
+    big, small = (128, 256), (128, 128)
+    # FLUX.1 at 1024², batch 1: A (4,096 x 3,072 int8, 12.6 MB) stays in L2, so the walk goes down M
+    assert plan(4096, 9216, 3072, 132) == (big, True, 1)
+    # the text stream's 512 tokens: 48 tiles of 128 x 256 for 132 SMs, 96 of 128 x 128
+    assert plan(512, 3072, 3072, 132) == (small, True, 1)
+    assert plan(512, 21504, 3072, 132) == (big, True, 1)  # 336 tiles: 3 waves either way, the big tile's rate wins
+    # batch 4: A (16,384 x 3,072, 50 MB) does not fit L2 but W (9.4 MB) does: along N, W stays
+    assert plan(16384, 3072, 3072, 132) == (big, False, 1)
+    # neither fits: down M in groups of 4 N tiles, A swept once per group instead of once per N tile
+    assert plan(16384, 12288, 3072, 132) == (big, True, 4)
+    assert plan(16384, 12800, 3072, 132) == (big, True, 1)  # 50 N tiles: no whole groups of 4
 
 
 def test_what_the_launcher_takes():
@@ -179,8 +208,9 @@ def _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("m,k,n", [(4096, 3072, 9216), (4608, 15360, 3072), (512, 3072, 12288), (256, 1152, 1280),
-                                   (4080, 3072, 3072), (77, 1152, 1000)])  # the last two: partial tiles
+@pytest.mark.parametrize("m,k,n", [  # every plan: 128 x 256 / x 128, down M / along N, groups of 4 (cutlass_launch.plan)
+    (4096, 3072, 9216), (4608, 15360, 3072), (512, 3072, 12288), (256, 1152, 1280), (16384, 3072, 3072),
+    (4080, 3072, 3072), (77, 1152, 1000)])  # the last two: partial tiles
 @pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS)
 def test_gpu_matches_the_reference(m, k, n, out, rank, bias, gelu):
     from svdquant.kernels.cutlass_launch import int8_gemm_sm90

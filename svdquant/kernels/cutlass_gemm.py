@@ -60,10 +60,13 @@ class Int8GemmSm90:
     """One tile configuration: ``tile_mn`` the CTA's output tile, ``cluster_mn`` CTAs per cluster (2 along M share
     W's tile through TMA multicast), ``out`` ``"bf16"`` / ``"fp16"`` (scaled) or ``"int32"`` (raw product),
     ``rank`` of the low-rank branch (0: none), ``bias``: a bias's dtype name (``"bf16"`` / ``"fp16"``) or None,
-    ``gelu``: tanh-GELU last, ``swizzle`` the scheduler's grouping of clusters (1: a plain M-major walk)."""
+    ``gelu``: tanh-GELU last, ``swizzle`` the scheduler's grouping of clusters (1: a plain walk), ``raster_m``
+    the walk's order: down M first (the CTAs at work share W's tiles and sweep all of A) or along N first (they
+    share A's rows and sweep all of W). Whichever operand is swept should fit L2 (see
+    :func:`svdquant.kernels.cutlass_launch.plan`)."""
 
     def __init__(self, tile_mn=(128, 256), cluster_mn=(1, 1), out="bf16", rank=0, swizzle=1, bias=None,
-                 gelu=False):
+                 gelu=False, raster_m=True):
         bm, bn = tile_mn
         # Each consumer thread holds bm · bn / 256 int32 accumulators: 128 at 128 × 256 and 256 × 128
         if bm not in (128, 256) or bn not in (128, 256) or bm * bn > 128 * 256:
@@ -83,6 +86,7 @@ class Int8GemmSm90:
         self.bias_dtype = OUT_DTYPES[bias] if bias else None
         self.gelu = gelu
         self.swizzle = swizzle
+        self.raster_m = raster_m
         self.mcast_a = cluster_mn[1]  # the CTAs of one cluster row read the same A (and lora_act) tile
         self.mcast_b = cluster_mn[0]  # those of one cluster column the same W (and lora_up) tile
         self.threads = (1 + MMA_WARPGROUPS) * WG_THREADS
@@ -101,6 +105,11 @@ class Int8GemmSm90:
         them to whole tiles (:func:`svdquant.kernels.cutlass_launch.pad_to`). Rows must start 16-byte aligned."""
         if k % 16 or n % 8:
             return f"K={k} must be a multiple of 16 and N={n} of 8 (TMA's 16-byte row alignment)"
+        # a swizzled walk rounds the grouped tile count up, and the epilogue of a tile past the end would read
+        # scales out of bounds
+        size, tile = (n, self.tile_mnk[1]) if self.raster_m else (m, self.tile_mnk[0])
+        if self.swizzle > 1 and -(-size // tile) % self.swizzle:
+            return f"swizzle {self.swizzle}: {'N' if self.raster_m else 'M'}={size} is not a whole number of groups"
         return None
 
     @cute.jit
@@ -134,7 +143,7 @@ class Int8GemmSm90:
                     *self._tma_load(lora_up, lu_smem, (bn, self.rank), self.mcast_b))
         tiles = cute.zipped_divide(y, tiler=(bm, bn))[(0, (None, None))].shape
         sched = utils.PersistentTileSchedulerParams(
-            (tiles[0], tiles[1], 1), (*self.cluster_mn, 1), self.swizzle, True)
+            (tiles[0], tiles[1], 1), (*self.cluster_mn, 1), self.swizzle, self.raster_m)
         grid = utils.StaticPersistentTileScheduler.get_grid_shape(sched, max_active_clusters)
         self.shared_storage = self._shared_storage(a_smem, b_smem, epi_smem, lora[1], lora[2])
         self.kernel(tma_a, tma_ga, tma_b, tma_gb, tma_y, tma_gy, a_scale, w_scale, bias, tiled_mma,

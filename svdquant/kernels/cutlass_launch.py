@@ -2,7 +2,8 @@
 epilogue variant, the launch.
 
 ``nvidia-cutlass-dsl`` is imported only here and only when asked (:func:`available`), so nothing else of the
-library needs it. Each variant (output dtype, branch rank, bias dtype, GELU) compiles once per process and GPU,
+library needs it. Each variant (output dtype, branch rank, bias dtype, GELU; the tile and walk :func:`plan` picks
+for the shape) compiles once per process and GPU,
 about 1-2 s, with dynamic M, N and K: the first call of a variant compiles it, as a Triton kernel's first launch
 does, then loads and runs it once at a small shape, so a CUDA graph captured after a warm-up call (as
 ``svdquant.optimize`` captures) records only the launch. A variant that fails to compile or load warns once and
@@ -17,6 +18,11 @@ import torch
 import torch.nn.functional as F
 
 TILE = (128, 256)  # the fastest at 11 of FLUX.1's 12 shapes on an H200 without a cluster (BENCHMARKS.md)
+SMALL_TILE = (128, 128)  # twice the CTAs, for products too small to fill the GPU with 128 × 256 tiles
+SMALL_TILE_RATE = 0.85  # 128 × 128's rate per output element against 128 × 256's when both fill every SM
+# An operand this small stays in L2 (50 MB on H100 / H200, two partitions) while the other one's tiles stream past
+L2_RESIDENT_BYTES = 24 << 20
+SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at most
 
@@ -66,6 +72,24 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
     return pad_to(t, TILE[1])
 
 
+def plan(m: int, n: int, k: int, sms: int) -> tuple[tuple[int, int], bool, int]:
+    """(tile, raster_m, swizzle) for an [m, k] × [n, k]ᵀ product on ``sms`` SMs. The persistent grid runs whole
+    waves of one tile per SM: the tile is the one whose waves cost least (128 × 256, unless 128 × 128's finer waves
+    win at its lower rate: FLUX's 512-token text stream). The walk keeps one operand in L2 and streams the other:
+    down M (W's tile shared by the CTAs at work, A swept once per N tile) where A fits L2, else along N where W
+    fits, else down M in groups of :data:`SWIZZLE` N tiles."""
+    def waves(tile):
+        tiles = -(-m // tile[0]) * -(-n // tile[1])
+        return -(-tiles // sms) * tile[0] * tile[1] / (1.0 if tile == TILE else SMALL_TILE_RATE)
+
+    tile = min((TILE, SMALL_TILE), key=waves)
+    if m * k <= L2_RESIDENT_BYTES:
+        return tile, True, 1
+    if n * k <= L2_RESIDENT_BYTES:
+        return tile, False, 1
+    return tile, True, SWIZZLE if -(-n // tile[1]) % SWIZZLE == 0 else 1
+
+
 def _view(t: torch.Tensor | None):
     if t is None:
         return None
@@ -78,11 +102,11 @@ def _stream(device: torch.device):
 
 
 def _compile(key, device: torch.device):
-    out, rank, bias, gelu = key[:4]
+    out, rank, bias, gelu, tile, raster_m, swizzle = key[:7]
     _, cutlass, cute, _, kern = _STATE["dsl"]
-    gemm = kern.Int8GemmSm90(TILE, (1, 1), out, rank, bias=bias, gelu=gelu)
+    gemm = kern.Int8GemmSm90(tile, (1, 1), out, rank, swizzle=swizzle, bias=bias, gelu=gelu, raster_m=raster_m)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    m, n, k = TILE[0], TILE[1], 128
+    m, n, k = tile[0] * swizzle, tile[1] * swizzle, 128  # whole swizzle groups either way
     t = dict(a=torch.zeros(m, k, dtype=torch.int8, device=device), w=torch.zeros(n, k, dtype=torch.int8,
              device=device), s_a=torch.ones(m, device=device), s_w=torch.ones(n, device=device),
              y=torch.empty(m, n, dtype=dt[out], device=device),
@@ -91,7 +115,7 @@ def _compile(key, device: torch.device):
              b=torch.zeros(n, dtype=dt[bias], device=device) if bias else None)
     views = [_view(v) for v in t.values()]
     # one CTA per SM (the kernel's shared memory allows no second): the persistent grid
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sms(device)
     with warnings.catch_warnings():  # the DSL's notices about its own helpers (pinned below 4.9 for them)
         warnings.simplefilter("ignore", DeprecationWarning)
         fn = cute.compile(gemm, *views, sms, _stream(device))
@@ -99,9 +123,17 @@ def _compile(key, device: torch.device):
     return fn
 
 
-def _compiled(out: str, rank: int, bias: str | None, gelu: bool, device: torch.device):
+def _sms(device: torch.device) -> int:
+    key = ("sms", device.index)
+    if key not in _STATE:  # asked once per GPU, on the first call (a device query is not free)
+        _STATE[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _STATE[key]
+
+
+def _compiled(out: str, rank: int, bias: str | None, gelu: bool, tile, raster_m: bool, swizzle: int,
+              device: torch.device):
     """The compiled variant on ``device``, or None where the DSL is missing or the variant failed (said once)."""
-    key = (out, rank, bias, gelu, device.index)
+    key = (out, rank, bias, gelu, tile, raster_m, swizzle, device.index)
     fn = _STATE.get(key)
     if fn is None:
         if torch.cuda.is_current_stream_capturing():
@@ -113,7 +145,8 @@ def _compiled(out: str, rank: int, bias: str | None, gelu: bool, device: torch.d
                 with torch.cuda.device(device):
                     fn = _compile(key, device)
             except Exception as e:  # a driver or toolchain the DSL refuses: the Triton kernel still runs
-                warnings.warn(f"the CUTLASS INT8 GEMM ({out}, rank {rank}, bias {bias}, GELU {gelu}) failed to "
+                warnings.warn(f"the CUTLASS INT8 GEMM ({out}, rank {rank}, bias {bias}, GELU {gelu}, tile "
+                              f"{tile[0]} x {tile[1]}, {'M' if raster_m else 'N'} first, swizzle {swizzle}) failed to "
                               f"compile on {device}, so these layers run Triton's GEMM: {type(e).__name__}: "
                               f"{str(e).strip()[:300]}", stacklevel=3)
         _STATE[key] = fn
@@ -129,7 +162,8 @@ def int8_gemm_sm90(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     None where this variant cannot run here (:func:`_compiled`): the caller runs another kernel."""
     m, n = a.shape[0], w.shape[0]
     rank = 0 if lora_up is None else lora_up.shape[1]
-    fn = _compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu, a.device)
+    fn = _compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu,
+                   *plan(m, n, a.shape[1], _sms(a.device)), a.device)
     if fn is None:
         return None
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
