@@ -3,7 +3,7 @@
 set -e
 P="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d "$1" "${@:2}"; }
-mkdir -p .whl && get .whl diffusers==0.42.1 importlib_metadata zipp torchao==0.18.0 ftfy wcwidth sageattention==1.0.6
+mkdir -p .whl && get .whl diffusers==0.42.1 importlib_metadata zipp torchao==0.18.0 ftfy wcwidth sageattention==1.0.6 apache-tvm-ffi==0.1.15.post2
 tmp=$(mktemp -d) && get $tmp nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu12==4.8.1
 (cd $tmp && split -b 20000000 -d -a 1 nvidia_cutlass_dsl_libs_cu12-*.whl part && md5sum nvidia_cutlass_dsl_libs_cu12-*.whl > md5)
 for i in 0 1 2 3 4; do mkdir -p .cw$((i+1)) && cp $tmp/part$i .cw$((i+1))/; done

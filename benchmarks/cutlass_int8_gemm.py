@@ -112,9 +112,10 @@ def ptxas_facts(log):
                 spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else None)
 
 
-def compile_fake(cutlass, cute, gemm, clusters):
+def compile_fake(cutlass, cute, gemm, clusters, tvm_ffi=False):
     """Compile ``gemm`` (its output, branch and bias as configured) for symbolic M, N, K (one compile serves every
-    shape) without a GPU, PTX kept; ptxas reports on standard error."""
+    shape) without a GPU, PTX kept; ptxas reports on standard error. ``tvm_ffi``: as the engine launches it, taking
+    torch tensors and torch's current stream through apache-tvm-ffi."""
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     m, n, k = cute.sym_int(), cute.sym_int(), cute.sym_int()
@@ -129,7 +130,8 @@ def compile_fake(cutlass, cute, gemm, clusters):
     args = [mat(cutlass.Int8, m, k), mat(cutlass.Int8, n, k), vec(cutlass.Float32, m), vec(cutlass.Float32, n),
             mat(gemm.out_dtype, m, n), mat(cutlass.BFloat16, m, r) if r else None,
             mat(cutlass.BFloat16, n, r) if r else None, vec(gemm.bias_dtype, n) if gemm.bias_dtype else None]
-    return cute.compile(gemm, *args, clusters, make_fake_stream(), options="--keep-ptx remarks{ptx}")
+    options = "--keep-ptx remarks{ptx}" + (" --enable-tvm-ffi" if tvm_ffi else "")
+    return cute.compile(gemm, *args, clusters, make_fake_stream(use_tvm_ffi_env_stream=tvm_ffi), options=options)
 
 
 def epilogue_mapping_check(cutlass, cute, kern, bm, bn, out):
@@ -264,7 +266,8 @@ def baselines(torch, d, sms, bench):
     """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out), our Triton kernel (without / with the branch) and the
     engine's launch of the CUTLASS kernel with the branch (``engine_lora``: ``int8_gemm_sm90`` as a layer calls it
     eagerly, its host-side conversions included: where it is slower than the bare compiled kernel, the host is the
-    bound), in ms (None where one failed: the error beside it)."""
+    bound; ``engine_lora_views`` the same through DLPack views instead of apache-tvm-ffi), in ms (None where one
+    failed: the error beside it)."""
     from svdquant.kernels.cutlass_launch import int8_gemm_sm90
     from svdquant.kernels.int8_gemm import int8_gemm
 
@@ -278,7 +281,8 @@ def baselines(torch, d, sms, bench):
         triton=lambda: int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=True, num_programs=sms),
         triton_lora=lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
                                       num_programs=sms),
-        engine_lora=lambda: int8_gemm_sm90(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
+        engine_lora=lambda: int8_gemm_sm90(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16),
+        engine_lora_views=lambda: engine_through_views(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
     res = {}
     for key, fn in fns.items():
         try:
@@ -286,6 +290,21 @@ def baselines(torch, d, sms, bench):
         except Exception as e:
             res[key], res[f"{key}_error"] = None, f"{type(e).__name__}: {str(e).strip()[:200]}"
     return res
+
+
+_VIEWS_STATE: dict = {}  # the launcher's compiled kernels when launched through DLPack views
+
+
+def engine_through_views(*args):
+    """``int8_gemm_sm90`` launching through the DSL's DLPack views instead of apache-tvm-ffi (its host cost)."""
+    from svdquant.kernels import cutlass_launch as cl
+
+    saved = cl._STATE, cl.TVM_FFI
+    cl._STATE, cl.TVM_FFI = _VIEWS_STATE, False
+    try:
+        return cl.int8_gemm_sm90(*args)
+    finally:
+        cl._STATE, cl.TVM_FFI = saved
 
 
 def check(torch, y, d, out, rank, int_mm):
@@ -390,7 +409,8 @@ def table(res, problems):
     labels = list(dict.fromkeys(r["variant"] for r in res["rows"]))
     base = {(b["m"], b["k"], b["n"]): b for b in res["baselines"]}
     cells = {(r["m"], r["k"], r["n"], r["variant"]): r for r in res["rows"]}
-    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×)", "triton+lora ms (×)", "engine+lora ms (×)"] + labels
+    head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×)", "triton+lora ms (×)", "engine+lora ms (×)",
+            "engine+lora, views ms (×)"] + labels
     lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}, nvidia-cutlass-dsl "
              f"{res['cutlass_dsl']}; median ms; (×) = FP8 _scaled_mm ms / ms, above 1 is faster than FP8 "
              "(the raw int32 variants: int_mm ms / ms)",
@@ -403,7 +423,7 @@ def table(res, problems):
             return "—" if t is None else f"{t:.3f}" + ("" if bar is None else f" ({bar / t:.2f})")
 
         row = [str(m), str(k), str(n), ms(fp8, None), ms(b["int_mm"], None), ms(b["triton"]), ms(b["triton_lora"]),
-               ms(b.get("engine_lora"))]
+               ms(b.get("engine_lora")), ms(b.get("engine_lora_views"))]
         for label in labels:
             r = cells.get((m, k, n, label), {})
             if r.get("ms"):

@@ -71,6 +71,21 @@ def test_every_plan_the_launcher_picks_compiles(dsl, capfd, out, rank, bias, gel
     assert facts["spill_bytes"] == 0, facts
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tvm_ffi") is None, reason="apache-tvm-ffi is not installed")
+def test_the_tvm_ffi_entry_takes_torch_tensors_and_checks_them(dsl):
+    (cutlass, cute, kern), bench = dsl
+    gemm = kern.Int8GemmSm90((128, 256), (1, 1), "bf16", 32, bias="bf16")
+    fn = bench.compile_fake(cutlass, cute, gemm, bench.SM90_SMS, tvm_ffi=True)
+    i8, bf = torch.int8, torch.bfloat16
+    args = [torch.zeros(256, 128, dtype=i8), torch.zeros(256, 128, dtype=i8), torch.ones(256), torch.ones(256),
+            torch.zeros(256, 256, dtype=bf), torch.zeros(256, 32, dtype=bf), torch.zeros(256, 32, dtype=bf),
+            torch.zeros(256, dtype=bf)]
+    with pytest.raises(ValueError, match="expected device_type=cuda"):  # torch tensors go in; CPU ones are refused
+        fn(*args)
+    with pytest.raises(TypeError, match="argument #0"):  # so is anything not a tensor where one is expected
+        fn(None, *args[1:])
+
+
 @pytest.mark.parametrize("bn", [256, 128])
 def test_the_epilogue_mappings_hold_for_every_consumer_thread(dsl, bn):
     (cutlass, cute, kern), bench = dsl

@@ -12,6 +12,7 @@ is not tried again: :func:`int8_gemm_sm90` then returns None and the caller runs
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -26,6 +27,10 @@ SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept o
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at most
 
+# Call the kernels through apache-tvm-ffi where it is installed (a dependency beside the DSL): torch tensors go in
+# directly, where the DSL's DLPack views cost ~0.15 ms of host time per call (NOTES-GPU.md, session 22). False: the
+# views (an A/B switch for benchmarks, read when the DSL is first imported)
+TVM_FFI = True
 _STATE: dict = {}  # "dsl": the imported modules or None; per variant key, its compiled kernel or False (failed)
 
 
@@ -41,6 +46,7 @@ def available() -> bool:
             from . import cutlass_gemm
 
             _STATE["dsl"] = (cuda, cutlass, cute, from_dlpack, cutlass_gemm)
+            _STATE["ffi"] = TVM_FFI and importlib.util.find_spec("tvm_ffi") is not None
         except ImportError as e:
             _STATE["dsl"] = None
             warnings.warn(f"nvidia-cutlass-dsl does not import ({e}); the INT8 GEMMs run Triton's kernel, slower on "
@@ -90,11 +96,11 @@ def plan(m: int, n: int, k: int, sms: int) -> tuple[tuple[int, int], bool, int]:
     return tile, True, SWIZZLE if -(-n // tile[1]) % SWIZZLE == 0 else 1
 
 
-def _view(t: torch.Tensor | None):
+def _view(t: torch.Tensor | None, ffi: bool = False):
     if t is None:
         return None
     # dynamic shapes and leading stride: one compile serves every shape; TMA needs 16-byte aligned bases
-    return _STATE["dsl"][3](t, assumed_align=16).mark_layout_dynamic(leading_dim=t.dim() - 1)
+    return _STATE["dsl"][3](t, assumed_align=16, enable_tvm_ffi=ffi).mark_layout_dynamic(leading_dim=t.dim() - 1)
 
 
 def _stream(device: torch.device):
@@ -102,8 +108,10 @@ def _stream(device: torch.device):
 
 
 def _compile(key, device: torch.device):
+    """The variant compiled and loaded on ``device``, as a function of the torch tensors (a, w, a_scale, w_scale,
+    y, lora_act, lora_up, bias) that launches on the current stream."""
     out, rank, bias, gelu, tile, raster_m, swizzle = key[:7]
-    _, cutlass, cute, _, kern = _STATE["dsl"]
+    _, cutlass, cute, from_dlpack, kern = _STATE["dsl"]
     gemm = kern.Int8GemmSm90(tile, (1, 1), out, rank, swizzle=swizzle, bias=bias, gelu=gelu, raster_m=raster_m)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
     m, n, k = tile[0] * swizzle, tile[1] * swizzle, 128  # whole swizzle groups either way
@@ -113,13 +121,23 @@ def _compile(key, device: torch.device):
              la=torch.zeros(m, rank, dtype=torch.bfloat16, device=device) if rank else None,
              lu=torch.zeros(n, rank, dtype=torch.bfloat16, device=device) if rank else None,
              b=torch.zeros(n, dtype=dt[bias], device=device) if bias else None)
-    views = [_view(v) for v in t.values()]
+    ffi = _STATE["ffi"]
+    views = [_view(v, ffi) for v in t.values()]
     # one CTA per SM (the kernel's shared memory allows no second): the persistent grid
     sms = _sms(device)
     with warnings.catch_warnings():  # the DSL's notices about its own helpers (pinned below 4.9 for them)
         warnings.simplefilter("ignore", DeprecationWarning)
-        fn = cute.compile(gemm, *views, sms, _stream(device))
-    fn(*views, _stream(device))  # loads the module now, outside any later CUDA graph capture
+        if ffi:  # called with torch tensors on torch's current stream (TVM-FFI's environment stream)
+            from cutlass.cute.runtime import make_fake_stream
+
+            fn = cute.compile(gemm, *views, sms, make_fake_stream(use_tvm_ffi_env_stream=True),
+                              options="--enable-tvm-ffi")
+        else:
+            compiled = cute.compile(gemm, *views, sms, _stream(device))
+
+            def fn(*tensors):  # eight DLPack views and a stream object per call: ~0.15 ms of host time (H100)
+                return compiled(*[_view(x) for x in tensors], _stream(device))
+    fn(*t.values())  # loads the module now, outside any later CUDA graph capture
     return fn
 
 
@@ -167,8 +185,7 @@ def int8_gemm_sm90(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     if fn is None:
         return None
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    views = [_view(t) for t in (a, w, pad_to(a_scale, TILE[0]), pad_to(w_scale, TILE[1]), y, lora_act, lora_up,
-                                None if bias is None else pad_to(bias, TILE[1]))]
     with torch.cuda.device(a.device):
-        fn(*views, _stream(a.device))
+        fn(a, w, pad_to(a_scale, TILE[0]), pad_to(w_scale, TILE[1]), y, lora_act, lora_up,
+           None if bias is None else pad_to(bias, TILE[1]))
     return y
