@@ -4,7 +4,7 @@
 . .gpu/pre.sh "$@"
 . .gpu/cwinstall.sh || exit 1
 python3 -c "import tvm_ffi; print('tvm_ffi', tvm_ffi.__version__)" || exit 1
-gtest 100 tests/test_cutlass_gemm.py 2>&1 | grep -E "^(E  |FAILED)|passed|failed|rc=" | head -20 | tee $OUT/tests.txt
+gtest 60 tests/test_cutlass_gemm.py -k "layer or test_gpu_matches_the_reference and 77" 2>&1 | grep -E "^(E  |FAILED)|passed|failed|rc=" | head -20 | tee $OUT/tests.txt
 timeout 70 python3 benchmarks/cutlass_int8_gemm.py --out $OUT --lora --no-int32 --rep 50 --tokens 512 4096 --shapes 2 --configs 128x128_c1x1 > $OUT/cutlass.log 2>&1; echo "cutlass rc=$?"
 grep -E "^\| (512|4096) " $OUT/cutlass.log
 for mode in ffi views; do
