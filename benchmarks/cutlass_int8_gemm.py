@@ -266,7 +266,7 @@ def baselines(torch, d, sms, bench):
     """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out), our Triton kernel (without / with the branch) and the
     engine's launch of the CUTLASS kernel with the branch (``engine_lora``: ``int8_gemm_sm90`` as a layer calls it
     eagerly, its host-side conversions included: where it is slower than the bare compiled kernel, the host is the
-    bound; ``engine_lora_views`` the same through DLPack views instead of apache-tvm-ffi), in ms (None where one
+    bound; ``engine_lora_ffi`` the same through apache-tvm-ffi instead of DLPack views), in ms (None where one
     failed: the error beside it)."""
     from svdquant.kernels.cutlass_launch import int8_gemm_sm90
     from svdquant.kernels.int8_gemm import int8_gemm
@@ -282,7 +282,7 @@ def baselines(torch, d, sms, bench):
         triton_lora=lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
                                       num_programs=sms),
         engine_lora=lambda: int8_gemm_sm90(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16),
-        engine_lora_views=lambda: engine_through_views(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
+        engine_lora_ffi=lambda: engine_through_ffi(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
     res = {}
     for key, fn in fns.items():
         try:
@@ -292,15 +292,15 @@ def baselines(torch, d, sms, bench):
     return res
 
 
-_VIEWS_STATE: dict = {}  # the launcher's compiled kernels when launched through DLPack views
+_FFI_STATE: dict = {}  # the launcher's compiled kernels when launched through apache-tvm-ffi
 
 
-def engine_through_views(*args):
-    """``int8_gemm_sm90`` launching through the DSL's DLPack views instead of apache-tvm-ffi (its host cost)."""
+def engine_through_ffi(*args):
+    """``int8_gemm_sm90`` launching through apache-tvm-ffi instead of the DSL's DLPack views (its host cost)."""
     from svdquant.kernels import cutlass_launch as cl
 
     saved = cl._STATE, cl.TVM_FFI
-    cl._STATE, cl.TVM_FFI = _VIEWS_STATE, False
+    cl._STATE, cl.TVM_FFI = _FFI_STATE, True
     try:
         return cl.int8_gemm_sm90(*args)
     finally:
@@ -410,7 +410,7 @@ def table(res, problems):
     base = {(b["m"], b["k"], b["n"]): b for b in res["baselines"]}
     cells = {(r["m"], r["k"], r["n"], r["variant"]): r for r in res["rows"]}
     head = ["M", "K", "N", "fp8 ms", "int_mm ms", "triton ms (×)", "triton+lora ms (×)", "engine+lora ms (×)",
-            "engine+lora, views ms (×)"] + labels
+            "engine+lora, tvm-ffi ms (×)"] + labels
     lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}, nvidia-cutlass-dsl "
              f"{res['cutlass_dsl']}; median ms; (×) = FP8 _scaled_mm ms / ms, above 1 is faster than FP8 "
              "(the raw int32 variants: int_mm ms / ms)",
@@ -423,7 +423,7 @@ def table(res, problems):
             return "—" if t is None else f"{t:.3f}" + ("" if bar is None else f" ({bar / t:.2f})")
 
         row = [str(m), str(k), str(n), ms(fp8, None), ms(b["int_mm"], None), ms(b["triton"]), ms(b["triton_lora"]),
-               ms(b.get("engine_lora")), ms(b.get("engine_lora_views"))]
+               ms(b.get("engine_lora")), ms(b.get("engine_lora_ffi"))]
         for label in labels:
             r = cells.get((m, k, n, label), {})
             if r.get("ms"):

@@ -256,15 +256,23 @@ def problem(m, k, n, rank, bias, seed):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("launch", ["views", "tvm-ffi"])
 @pytest.mark.parametrize("post_gelu", [False, True])
-def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(monkeypatch, post_gelu):
+def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(monkeypatch, post_gelu, launch):
     """A bf16 int4 layer of whole tiles on the CUTLASS GEMM (its compiled variant appears) equals the Triton
-    GEMM's output within bf16's rounding of the branch, eager, under torch.compile and in a CUDA graph."""
+    GEMM's output within bf16's rounding of the branch, eager, under torch.compile and in a CUDA graph (whose
+    capture runs on a side stream: the launch must follow torch's current stream), launched through DLPack views
+    and through apache-tvm-ffi."""
     import test_kernels as tk
 
     from svdquant import kernels
     from svdquant.kernels import cutlass_launch
     from svdquant.ops.runners import Int8Runner
+
+    if launch == "tvm-ffi" and importlib.util.find_spec("tvm_ffi") is None:
+        pytest.skip("apache-tvm-ffi is not installed")
+    monkeypatch.setattr(cutlass_launch, "TVM_FFI", launch == "tvm-ffi")
+    monkeypatch.setattr(cutlass_launch, "_STATE", {})  # compiled afresh for this launch
 
     m = tk.layer("int4", 1024, 512, torch.bfloat16, 3).cuda()
     m.output_gelu = post_gelu

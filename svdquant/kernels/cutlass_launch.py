@@ -27,10 +27,12 @@ SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept o
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at most
 
-# Call the kernels through apache-tvm-ffi where it is installed (a dependency beside the DSL): torch tensors go in
-# directly, where the DSL's DLPack views cost ~0.15 ms of host time per call (NOTES-GPU.md, session 22). False: the
-# views (an A/B switch for benchmarks, read when the DSL is first imported)
-TVM_FFI = True
+# Call the kernels through apache-tvm-ffi: torch tensors go in directly and the launch takes torch's current stream,
+# where the DSL's DLPack views cost ~0.15 ms of host time per call (an H100, NOTES-GPU.md session 22). Off until
+# that path has run on a GPU (compiled and argument-checked on the CPU only): True uses it where apache-tvm-ffi is
+# installed and torch exports its DLPack exchange API (torch >= 2.10; older torch would make tvm_ffi build an
+# extension at import). Read when the DSL is first imported.
+TVM_FFI = False
 _STATE: dict = {}  # "dsl": the imported modules or None; per variant key, its compiled kernel or False (failed)
 
 
@@ -46,7 +48,8 @@ def available() -> bool:
             from . import cutlass_gemm
 
             _STATE["dsl"] = (cuda, cutlass, cute, from_dlpack, cutlass_gemm)
-            _STATE["ffi"] = TVM_FFI and importlib.util.find_spec("tvm_ffi") is not None
+            _STATE["ffi"] = (TVM_FFI and hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+                             and importlib.util.find_spec("tvm_ffi") is not None)
         except ImportError as e:
             _STATE["dsl"] = None
             warnings.warn(f"nvidia-cutlass-dsl does not import ({e}); the INT8 GEMMs run Triton's kernel, slower on "
