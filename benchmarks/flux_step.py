@@ -71,8 +71,9 @@ def cpu_bench(fn, rep=3):
     return sorted(ts)[len(ts) // 2]
 
 
-def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda"):
-    """An SVDQLinear (the ``int4`` recipe's layouts) with random contents drawn on the GPU (fast for 12B weights)."""
+def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda", down=None):
+    """An SVDQLinear (the ``int4`` recipe's layouts) with random contents drawn on the GPU (fast for 12B weights);
+    ``down``: its branch's down projection (another member's of its group), else drawn too."""
     from svdquant.modules import SVDQLinear
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -87,7 +88,8 @@ def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda"):
         if not weight_only:
             m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device=device, generator=g, dtype=torch.uint8))
             m.smooth_inv.fill_(1.0)
-            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=device, generator=g) / k**0.5)
+            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=device, generator=g) / k**0.5 if down is None
+                              else down)
             m.lora_up.copy_(torch.randn(m.lora_up.shape, device=device, generator=g) * 0.01)
     m.set_weight_mode(mode)  # also prepares the kernels' tensors
     return m
@@ -95,7 +97,10 @@ def random_svdq(k, n, rank, weight_only, seed, mode="speed", device="cuda"):
 
 def random_quantized(model, rank=32, mode="speed", device=None):
     """Replace the adapter's target layers by SVDQLinear with random contents (weight-only for adaLN), drawn on
-    ``device`` (default: where the model is; on the CPU they run the torch reference, for smoke tests)."""
+    ``device`` (default: where the model is; on the CPU they run the torch reference, for smoke tests). The
+    members of a shared-branch group (q/k/v) share one down projection, as a quantized checkpoint's do: their
+    stacked GEMM then has a rank-32 branch, not a block-diagonal rank-96 (padded to 128) one, which the CUTLASS
+    GEMM does not take (before session 22 every stacked GEMM here ran Triton's kernel with a rank-128 branch)."""
     from svdquant.models import get_adapter
 
     adapter = get_adapter(model)
@@ -103,9 +108,12 @@ def random_quantized(model, rank=32, mode="speed", device=None):
     n = 0
     for bname, block in adapter.blocks(model):
         for g in adapter.groups(block):
+            down = None
             for name in g.names:
                 old = block.get_submodule(name)
-                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode, device)
+                new = random_svdq(old.in_features, old.out_features, rank, g.weight_only, n, mode, device, down)
+                if g.shared_branch and not g.weight_only and down is None:  # the group's one branch
+                    down = new.lora_down
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, new)
                 del old

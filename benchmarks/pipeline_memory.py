@@ -555,10 +555,11 @@ def layer_formats(weight_only: bool, weight_format: str | None = None, rank: int
 
 
 def random_svdq(old: torch.nn.Module, weight_only: bool, gen: torch.Generator, rank: int = 32,
-                weight_format: str | None = None):
+                weight_format: str | None = None, down: torch.Tensor | None = None):
     """An ``int4``-recipe SVDQLinear for ``old`` (a linear or 1x1 conv) with random valid contents, scaled so
     outputs keep the size of a default-initialized layer (finite activations through 60 blocks); a weight-only
-    group with its ``weight_format`` (Z-Image's INT8 adaLN)."""
+    group with its ``weight_format`` (Z-Image's INT8 adaLN). ``down``: its branch's down projection (another
+    member's of its shared-branch group), else drawn too."""
     from svdquant.formats import pack_4bit_halves
     from svdquant.modules import SVDQConv1x1, SVDQLinear
 
@@ -585,7 +586,8 @@ def random_svdq(old: torch.nn.Module, weight_only: bool, gen: torch.Generator, r
             m.wmult.copy_(torch.randint(1, 19, m.wmult.shape, device=dev, generator=gen, dtype=torch.uint8))
             m.wscales.fill_(std / (4.3 * 10.5))  # × a multiplier of 10.5 on average
             m.smooth_inv.fill_(1.0)
-            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=dev, generator=gen) / k**0.5)
+            m.lora_down.copy_(torch.randn(m.lora_down.shape, device=dev, generator=gen) / k**0.5 if down is None
+                              else down)
             m.lora_up.copy_(torch.randn(m.lora_up.shape, device=dev, generator=gen) * 0.01)
         if m.bias is not None:
             m.bias.copy_(old.bias)
@@ -601,7 +603,10 @@ def _groups_by_root(adapter, model):
 
 
 def random_quantize(model: torch.nn.Module, mode: str) -> int:
-    """Replace every layer svdquant's adapter quantizes by :func:`random_svdq`; returns how many."""
+    """Replace every layer svdquant's adapter quantizes by :func:`random_svdq`; returns how many. The members of a
+    shared-branch group (q/k/v) share one down projection, as a quantized checkpoint's do, so their stacked GEMM's
+    branch keeps rank 32 (before session 22 it was block-diagonal, rank 96 padded to 128: a slower activation pass,
+    and Triton's GEMM where an H100 / H200 runs the CUTLASS one)."""
     import svdquant
     from svdquant.models import get_adapter
     from svdquant.models.base import present
@@ -611,11 +616,15 @@ def random_quantize(model: torch.nn.Module, mode: str) -> int:
     n = 0
     for root, groups in _groups_by_root(adapter, model):
         for g in groups:
+            down = None
             for name in present(root, *g.names):
                 parent, _, child = name.rpartition(".")
                 owner = root.get_submodule(parent) if parent else root
-                setattr(owner, child, random_svdq(getattr(owner, child), g.weight_only, gen,
-                                                  weight_format=g.weight_format))
+                new = random_svdq(getattr(owner, child), g.weight_only, gen, weight_format=g.weight_format,
+                                  down=down)
+                if g.shared_branch and not g.weight_only and down is None:  # the group's one branch
+                    down = (new if hasattr(new, "lora_down") else new.linear).lora_down  # a 1x1 conv wraps its linear
+                setattr(owner, child, new)
                 n += 1
     svdquant.set_weight_mode(model, mode)
     return n

@@ -376,3 +376,32 @@ def test_scoring_precision_quick(tmp_path):
     assert all(r["psnr"] > 40 for r in rows)
     from svdquant.algorithm import layer
     assert layer._Problem.errors.__name__ == "errors" and layer._Problem.errors.__module__ == layer.__name__
+
+
+@pytest.mark.parametrize("bench", ["flux_step", "pipeline_memory"])
+def test_random_models_give_a_shared_branch_group_one_down_projection(bench):
+    """Both benchmark builders' random layers are laid out as a quantized checkpoint's: the members of a
+    shared-branch group (q/k/v, a FLUX single block's q/k/v + MLP) hold one down projection, so their stacked GEMM
+    keeps a rank-32 branch (the Hopper GEMM takes ranks up to 64), not a block-diagonal one of rank 96 or 128."""
+    import flux_step
+
+    from svdquant.models import get_adapter
+    from svdquant.ops.branch import padded_branch, stacked_branch
+
+    model = tiny_models.build_flux(dtype=torch.bfloat16)
+    adapter = get_adapter(model)
+    groups = [(block, adapter.groups(block)) for _, block in adapter.blocks(model)]  # of nn.Linears: asked first
+    if bench == "flux_step":
+        flux_step.random_quantized(model, device="cpu")
+    else:
+        pm.random_quantize(model, "speed")
+    stacked = 0
+    for block, block_groups in groups:
+        for g in block_groups:
+            members = [block.get_submodule(n) for n in g.names]
+            if g.weight_only or not g.shared_branch or len(members) < 2:
+                continue
+            down, _ = stacked_branch([padded_branch(m) for m in members], [m.out_features for m in members])
+            assert down.shape[0] == 32 and all(torch.equal(m.lora_down, members[0].lora_down) for m in members)
+            stacked += 1
+    assert stacked == 2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)
