@@ -413,6 +413,32 @@ def test_stacked_branch_shares_one_down_and_makes_a_block_up_with_loras():
     assert stacked_branch([(None, None)] * 2, [3, 3]) == (None, None)
 
 
+def test_stacked_branch_keeps_the_groups_rows_once_with_each_members_loras_after_them():
+    """q/k/v + MLP of a FLUX single block with a rank-8 LoRA on each: the group's 32 rows once, then each member's 8
+    (its padding's zero rows dropped): rank 64, what the Hopper GEMM takes, not 4 · 64 = 256. Each member's rows
+    of the product are its own branch's."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(32, 24, dtype=torch.float64, generator=g)
+    members, ns = [], (5, 6, 7, 9)
+    for n in ns:
+        lora = torch.randn(8, 24, dtype=torch.float64, generator=g)
+        down = torch.cat([base, lora, torch.zeros(24, 24, dtype=torch.float64)])  # padded_branch's 40 -> 64
+        up = torch.cat([torch.randn(n, 40, dtype=torch.float64, generator=g), torch.zeros(n, 24, dtype=torch.float64)],
+                       1)
+        members.append((down, up))
+    down, up = stacked_branch(members, list(ns))
+    assert down.shape == (64, 24) and up.shape == (sum(ns), 64)
+    x = torch.randn(3, 24, dtype=torch.float64, generator=g)
+    want = torch.cat([x @ d.T @ u.T for d, u in members], 1)
+    assert rel(x @ down.T @ up.T.double(), want) < 1e-6  # the up is held in fp32
+    # rows shared by only some members are not shared: those members' rows are their own
+    other = (torch.cat([torch.randn(32, 24, dtype=torch.float64, generator=g), members[0][0][32:]]), members[0][1])
+    down, up = stacked_branch([other] + members[1:], list(ns))
+    assert down.shape[0] == 256  # no row shared by all four: 40 + 3 · 40 rows -> 256
+    want = torch.cat([x @ d.T @ u.T for d, u in [other] + members[1:]], 1)
+    assert rel(x @ down.T @ up.T.double(), want) < 1e-6
+
+
 def _group(recipe="int4", k=128, ns=(48, 32, 48), seed=0):
     """Three layers quantized as one shared-input group (one λ, one branch), as q/k/v are."""
     g = torch.Generator().manual_seed(seed)
@@ -448,9 +474,9 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe)
                for m, s in zip(layers, (0, 48, 80)))
     assert rel(fused(x), apart) < reassociation_bound(128)
     assert torch.equal(torch.cat([m(x) for m in layers], -1), apart)  # members still run alone
-    # a LoRA on one member: its rows see it, the others do not (block up, stacked downs)
+    # a LoRA on one member: its rows see it, the others do not (the shared rows once, then the LoRA's, block up)
     layers[1].add_adapter("l", torch.randn(8, 128) * 0.1, torch.randn(32, 8) * 0.1, 0.7)
-    assert fused._runner.down.shape[0] == 64  # 16 + 24 (16 + 8 padded) + 16 -> 64
+    assert fused._runner.down.shape[0] == 32  # 16 shared + 8 -> 32 (each member's own copy: 16 + 24 + 16 -> 64)
     ref = torch.cat([ReferenceRunner(m)(x) for m in layers], -1)
     assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
     # state dicts still hold each member's own packed codes (rebuilt from its view of the stacked weight)

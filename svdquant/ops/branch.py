@@ -57,9 +57,12 @@ def stacked_branch(branches, out_features):
     """One branch for layers that read the same input, stacked by output rows: exact.
 
     ``branches``: each layer's padded ``(down [R_i, K], up [N_i, R_i])`` or ``(None, None)``; ``out_features``:
-    each layer's N_i. Layers of one shared-input group share their down projection (one λ, one branch): then it is kept once and the ups
-    are stacked. With per-layer LoRAs the downs differ: they are stacked too and the up is block diagonal
-    (each layer's rows see only its own ranks), padded to a power-of-two rank."""
+    each layer's N_i. Layers of one shared-input group share their down projection (one λ, one branch): then it is
+    kept once and the ups are stacked. With per-layer LoRAs the downs differ after the rows they share (the group's
+    branch, then each layer's LoRAs): the shared rows are kept once, each layer's own rows (its LoRAs, without the
+    zero rows of its padding) follow, and the up is block diagonal over the own rows, padded to a power-of-two
+    rank. A rank-32 group with a rank-8 LoRA on four members stacks to rank 64, not 4 · 64: what the Hopper GEMM
+    takes (ranks up to 64), and a smaller ``X·L1ᵀ`` in the activation pass either way."""
     live = [(d, u) for d, u in branches if d is not None]
     if not live:
         return None, None
@@ -67,16 +70,37 @@ def stacked_branch(branches, out_features):
         ups = [u for _, u in live]
         same = all(u.dtype == ups[0].dtype for u in ups)
         return live[0][0], torch.cat(ups if same else [u.float() for u in ups], 0)
-    rank = sum(d.shape[0] for d, _ in live)
-    rp = _pow2_rank(rank)
+    shared = _shared_rows([d for d, _ in live]) if len(live) == len(branches) else 0
     first = live[0][0]
+    own = [(d[shared:_used_rows(d)], u) for d, u in live]  # each layer's rows after the shared ones
+    rp = _pow2_rank(shared + sum(d.shape[0] for d, _ in own))
     down = torch.zeros(rp, first.shape[1], dtype=first.dtype, device=first.device)
+    down[:shared] = first[:shared]
     up = torch.zeros(sum(out_features), rp, dtype=torch.float32, device=first.device)
-    r0 = n0 = 0
-    for (d, u), n in zip(branches, out_features):
+    r0, n0, i = shared, 0, 0
+    for (d, _), n in zip(branches, out_features):
         if d is not None:
-            down[r0:r0 + d.shape[0]] = d
-            up[n0:n0 + n, r0:r0 + d.shape[0]] = u.float()
-            r0 += d.shape[0]
+            rows, u = own[i]
+            up[n0:n0 + n, :shared] = u[:, :shared].float()
+            down[r0:r0 + rows.shape[0]] = rows
+            up[n0:n0 + n, r0:r0 + rows.shape[0]] = u[:, shared:shared + rows.shape[0]].float()
+            r0 += rows.shape[0]
+            i += 1
         n0 += n
     return down, up
+
+
+def _shared_rows(downs) -> int:
+    """How many leading rows every down projection has in common (bit for bit)."""
+    n = min(d.shape[0] for d in downs)
+    same = torch.ones(n, dtype=torch.bool, device=downs[0].device)
+    for d in downs[1:]:
+        same &= (d[:n] == downs[0][:n]).all(1)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+def _used_rows(down) -> int:
+    """The rows of ``down`` before its trailing zero rows (the padding of :func:`padded_branch`)."""
+    nonzero = down.ne(0).any(1).nonzero()
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
