@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 TILE = (128, 256)  # the fastest at 11 of FLUX.1's 12 shapes on an H200 without a cluster (BENCHMARKS.md)
 SMALL_TILE = (128, 128)  # twice the CTAs, for products too small to fill the GPU with 128 × 256 tiles
-SMALL_TILE_RATE = 0.85  # 128 × 128's rate per output element against 128 × 256's when both fill every SM
+# 128 × 128's rate per output element against 128 × 256's when both run whole waves (H100, M = 4,096, N = 3,072:
+# 0.92 against 1.09 × FP8, 6 and 3 waves; BENCHMARKS.md, "Issue 23 on an H100")
+SMALL_TILE_RATE = 0.85
 # An operand this small stays in L2 (50 MB on H100 / H200, two partitions) while the other one's tiles stream past
 L2_RESIDENT_BYTES = 24 << 20
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
