@@ -149,7 +149,14 @@ def main(argv=None):
     ap.add_argument("--pow2-scales", action="store_true",
                     help="what-if: round every INT4 group scale (weights and activations) up to a power of two, "
                          "as an FP8-folded GEMM would need (runs the torch reference)")
+    ap.add_argument("--gemm", choices=["default", "triton"], default="default",
+                    help="triton: Triton's INT8 GEMM where an H100 / H200 would run the CUTLASS one (its bf16 "
+                         "branch against the Triton kernel's tf32: the quality gate's A/B)")
     args = ap.parse_args(argv)
+    if args.gemm == "triton":
+        from svdquant.kernels import cutlass_launch
+
+        cutlass_launch.ENABLED = False
     if args.pow2_scales:
         use_pow2_int4_scales()
     torch.manual_seed(args.seed)
@@ -221,7 +228,8 @@ def report(rows, ratios, args, seconds) -> str:
     lines = [
         f"Tiny FLUX (CIFAR-10, 32×32), {n} samples ({args.per_class} per class), {args.steps} Euler steps, "
         f"guidance 2, seed {args.seed}; calibration {args.snapshots} snapshots of {args.calib_steps}-step runs"
-        f"{'; INT4 group scales rounded up to powers of two (torch reference)' if args.pow2_scales else ''}. "
+        f"{'; INT4 group scales rounded up to powers of two (torch reference)' if args.pow2_scales else ''}"
+        f"{'; Triton INT8 GEMM (CUTLASS off)' if args.gemm == 'triton' else ''}. "
         f"Model in {args.dtype} on {_device_name(args.device)}, torch {torch.__version__}, "
         f"commit {commit}, {seconds / 60:.1f} min.",
         "",

@@ -108,6 +108,15 @@ def test_the_kernel_refuses_what_it_cannot_compute(dsl):
     assert "M=4608" in kern.Int8GemmSm90(swizzle=8, raster_m=False).problem_error(4608, 3072, 3072)  # 36 M tiles
 
 
+def test_the_ab_switch_turns_the_kernel_off(monkeypatch):
+    from svdquant.kernels import cutlass_launch as cl
+
+    monkeypatch.setattr(cl, "_STATE", {})
+    assert cl.available()  # the DSL imports here (the module is skipped where it does not)
+    monkeypatch.setattr(cl, "ENABLED", False)  # quality.py --gemm triton: the runners then take Triton's GEMM
+    assert not cl.available()
+
+
 def test_the_launch_plan():
     from svdquant.kernels.cutlass_launch import plan
 

@@ -35,11 +35,17 @@ RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at mo
 # installed and torch exports its DLPack exchange API (torch >= 2.10; older torch would make tvm_ffi build an
 # extension at import). Read when the DSL is first imported.
 TVM_FFI = False
+# False: every INT8 GEMM runs Triton's kernel (an A/B switch for benchmarks: quality.py --gemm triton); read when a
+# runner is built
+ENABLED = True
 _STATE: dict = {}  # "dsl": the imported modules or None; per variant key, its compiled kernel or False (failed)
 
 
 def available() -> bool:
-    """Whether ``nvidia-cutlass-dsl`` imports here (asked once per process; a failed import is said once)."""
+    """Whether ``nvidia-cutlass-dsl`` imports here (asked once per process; a failed import is said once), and
+    :data:`ENABLED`."""
+    if not ENABLED:
+        return False
     if "dsl" not in _STATE:
         try:
             import cuda.bindings.driver as cuda
