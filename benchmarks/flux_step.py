@@ -223,7 +223,9 @@ def pick_attention(device, dtype, smoke):
 
 
 CLASSES = (  # kernel-name fragments -> class, first match wins
-    ("int8_gemm", "INT8 GEMM"), ("activation_stats", "activation pass"), ("quantize_activations", "activation pass"),
+    # the CuTe DSL names its kernel after the class (kernel_cutlass_kernel_...Int8GemmSm90_object_at_...)
+    ("int8gemmsm90", "INT8 GEMM (CUTLASS)"), ("int8_gemm", "INT8 GEMM (Triton)"),
+    ("activation_stats", "activation pass"), ("quantize_activations", "activation pass"),
     ("expand_int4m", "expand (memory mode)"), ("w4a16", "adaLN W4A16"),
     ("flash", "attention"), ("fmha", "attention"), ("cudnn", "attention"), ("attention", "attention"),
     ("sdpa", "attention"), ("gemm", "other GEMM (cuBLAS)"), ("gemv", "other GEMM (cuBLAS)"),
