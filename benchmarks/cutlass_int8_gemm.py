@@ -441,7 +441,9 @@ def main(argv=None):
     ap.add_argument("--keep-ptx", metavar="DIR", help="with --compile-only: write each config's PTX here")
     ap.add_argument("--out", help="the GPU run's output folder (cutlass_int8_gemm.json)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--lora", action="store_true", help=f"also the fused rank-{RANK} branch (bf16 operands)")
+    ap.add_argument("--lora", action="store_true", help="also the fused low-rank branch (bf16 operands)")
+    ap.add_argument("--lora-rank", type=int, default=RANK, help=f"its rank (default {RANK}; up to 128: a stacked "
+                    "group's branch with its members' LoRAs, on 128 x 128 tiles)")
     ap.add_argument("--no-int32", action="store_true", help="skip the raw int32 variants")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="the M values (tokens) of every shape")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="only the first N (K, N) shapes")
@@ -450,6 +452,7 @@ def main(argv=None):
                     help="compile each shape apart (should dynamic shapes misbehave)")
     ap.add_argument("--hang-seconds", type=int, default=180, help="give up on a step this long (a deadlock)")
     args = ap.parse_args(argv)
+    globals()["RANK"] = args.lora_rank  # read by variants() and make_data()
     if args.compile_only:
         return compile_only(args)
     if not args.out:

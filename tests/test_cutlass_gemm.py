@@ -33,6 +33,9 @@ VARIANTS = [  # (out, rank, bias, gelu): what the engine launches
     ("bf16", 0, None, False),  # no branch, no bias
     ("bf16", 64, None, False),  # a branch widened by a LoRA (rank 32 + 32, copied to bf16 by the runner)
     ("bf16", 16, "bf16", False),  # a rank-16 branch
+    # a stacked group whose members carry LoRAs (32 shared + 4 x 16, padded): 128 x 128 tiles (cutlass_launch.plan);
+    # the engine takes it once the GPU reference test has passed (NOTES-GPU.md, session 22)
+    ("bf16", 128, "bf16", False),
 ]
 
 
@@ -54,8 +57,11 @@ def _fake_compile(dsl, capfd, out, rank, bias, gelu, tile=(128, 256), raster_m=T
 @pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS)
 def test_every_epilogue_variant_compiles_for_sm90_into_int8_wgmma_without_spills(dsl, capfd, out, rank, bias,
                                                                                  gelu):
-    ptx, facts = _fake_compile(dsl, capfd, out, rank, bias, gelu)
-    assert "wgmma.mma_async.sync.aligned.m64n256k32.satfinite.s32.s8.s8" in ptx
+    from svdquant.kernels.cutlass_launch import plan
+
+    tile, raster_m, swizzle = plan(4096, 3072, 3072, 132, rank)
+    ptx, facts = _fake_compile(dsl, capfd, out, rank, bias, gelu, tile, raster_m, swizzle)
+    assert f"wgmma.mma_async.sync.aligned.m64n{tile[1]}k32.satfinite.s32.s8.s8" in ptx
     assert ("f32.bf16.bf16" in ptx) == bool(rank)  # the branch's own wgmma, only with a branch
     assert facts["spill_bytes"] == 0, facts
     assert ("tanh" in ptx) == gelu
@@ -98,6 +104,8 @@ def test_the_kernel_refuses_what_it_cannot_compute(dsl):
         kern.Int8GemmSm90(out="int32", rank=32)
     with pytest.raises(ValueError, match="rank 40"):
         kern.Int8GemmSm90(rank=40)
+    with pytest.raises(ValueError, match="rank 144"):
+        kern.Int8GemmSm90(rank=144)
     with pytest.raises(ValueError, match="bias 'fp32'"):
         kern.Int8GemmSm90(bias="fp32")
     assert kern.Int8GemmSm90().problem_error(4080, 3072, 3072) is None  # partial tiles: TMA clips them
@@ -131,6 +139,8 @@ def test_the_launch_plan():
     # neither fits: down M in groups of 4 N tiles, A swept once per group instead of once per N tile
     assert plan(16384, 12288, 3072, 132) == (big, True, 4)
     assert plan(16384, 12800, 3072, 132) == (big, True, 1)  # 50 N tiles: no whole groups of 4
+    # a rank-128 branch's operands leave 128 x 256 tiles 2 pipeline stages; 128 x 128 keeps 4
+    assert plan(4096, 9216, 3072, 132, 128) == (small, True, 1)
 
 
 def test_what_the_launcher_takes():

@@ -77,8 +77,10 @@ class Int8GemmSm90:
             raise ValueError(f"out {out!r}: one of {sorted(OUT_DTYPES)}, a 16-bit one with a branch, bias or GELU")
         if bias not in (None, "bf16", "fp16"):
             raise ValueError(f"bias {bias!r}: 'bf16', 'fp16' or None")
-        if rank % 16 or not 0 <= rank <= 64:  # bf16 wgmma k-steps of 16; 64 bf16 = one 128-byte swizzle row
-            raise ValueError(f"rank {rank}: a multiple of 16 up to 64")
+        # bf16 wgmma k-steps of 16; 64 bf16 fill one 128-byte swizzle row, a rank of 128 two (its operands take
+        # 96 KB of shared memory at 128 x 256, leaving 2 pipeline stages; 64 KB and 4 stages at 128 x 128)
+        if rank % 16 or not 0 <= rank <= 128:
+            raise ValueError(f"rank {rank}: a multiple of 16 up to 128")
         self.tile_mnk = (bm, bn, K_TILE)
         self.cluster_mn = cluster_mn
         self.out_dtype = OUT_DTYPES[out]

@@ -89,17 +89,18 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
     return pad_to(t, TILE[1])
 
 
-def plan(m: int, n: int, k: int, sms: int) -> tuple[tuple[int, int], bool, int]:
-    """(tile, raster_m, swizzle) for an [m, k] × [n, k]ᵀ product on ``sms`` SMs. The persistent grid runs whole
-    waves of one tile per SM: the tile is the one whose waves cost least (128 × 256, unless 128 × 128's finer waves
-    win at its lower rate: FLUX's 512-token text stream). The walk keeps one operand in L2 and streams the other:
-    down M (W's tile shared by the CTAs at work, A swept once per N tile) where A fits L2, else along N where W
-    fits, else down M in groups of :data:`SWIZZLE` N tiles."""
+def plan(m: int, n: int, k: int, sms: int, rank: int = 0) -> tuple[tuple[int, int], bool, int]:
+    """(tile, raster_m, swizzle) for an [m, k] × [n, k]ᵀ product with a branch of ``rank`` on ``sms`` SMs. The
+    persistent grid runs whole waves of one tile per SM: the tile is the one whose waves cost least (128 × 256,
+    unless 128 × 128's finer waves win at its lower rate: FLUX's 512-token text stream; always 128 × 128 for a
+    branch wider than 64, whose operands would leave 128 × 256 two pipeline stages). The walk keeps one operand in
+    L2 and streams the other: down M (W's tile shared by the CTAs at work, A swept once per N tile) where A fits
+    L2, else along N where W fits, else down M in groups of :data:`SWIZZLE` N tiles."""
     def waves(tile):
         tiles = -(-m // tile[0]) * -(-n // tile[1])
         return -(-tiles // sms) * tile[0] * tile[1] / (1.0 if tile == TILE else SMALL_TILE_RATE)
 
-    tile = min((TILE, SMALL_TILE), key=waves)
+    tile = SMALL_TILE if rank > 64 else min((TILE, SMALL_TILE), key=waves)
     if m * k <= L2_RESIDENT_BYTES:
         return tile, True, 1
     if n * k <= L2_RESIDENT_BYTES:
@@ -192,7 +193,7 @@ def int8_gemm_sm90(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     m, n = a.shape[0], w.shape[0]
     rank = 0 if lora_up is None else lora_up.shape[1]
     fn = _compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu,
-                   *plan(m, n, a.shape[1], _sms(a.device)), a.device)
+                   *plan(m, n, a.shape[1], _sms(a.device), rank), a.device)
     if fn is None:
         return None
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
