@@ -27,7 +27,7 @@ SMALL_TILE_RATE = 0.85
 L2_RESIDENT_BYTES = 24 << 20
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-RANKS = (16, 32, 64)  # bf16 wgmma k-steps of 16, one 128-byte swizzle row at most
+RANKS = (16, 32, 64)  # the kernel takes 128 too (two swizzle rows); not the engine until it has run on a GPU
 
 # Call the kernels through apache-tvm-ffi: torch tensors go in directly and the launch takes torch's current stream,
 # where the DSL's DLPack views cost ~0.15 ms of host time per call (an H100, NOTES-GPU.md session 22). Off until
