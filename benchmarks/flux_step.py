@@ -278,7 +278,6 @@ def main(argv=None):
         from svdquant.kernels import cutlass_launch
 
         cutlass_launch.TVM_FFI = True  # read when the DSL is first imported, before any layer runs
-    launch = "apache-tvm-ffi where installed" if args.cutlass_ffi else "DLPack views"
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -299,13 +298,17 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
 
     def save():
+        from svdquant.kernels import cutlass_launch
+
+        # what the runs used, not what was asked ("not used" where no runner loaded the DSL)
+        used = cutlass_launch._STATE.get("ffi") if cutlass_launch._STATE.get("dsl") else None
+        res["cutlass_launch"] = {None: "not used", True: "apache-tvm-ffi", False: "DLPack views"}[used]
         if args.out:
             (args.out / "flux_step.json").write_text(json.dumps(res, indent=1))
 
     attention, times = (args.attention, {}) if args.attention != "auto" else pick_attention(device, torch.bfloat16,
                                                                                           args.smoke)
     res["attention"], res["attention_backends"] = attention, times
-    res["cutlass_launch"] = launch
     print("attention:", attention, json.dumps(times), flush=True)
     torch.manual_seed(0)
     t = time.perf_counter()

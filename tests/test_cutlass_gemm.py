@@ -114,6 +114,8 @@ def test_the_kernel_refuses_what_it_cannot_compute(dsl):
     assert kern.Int8GemmSm90(swizzle=4).problem_error(4096, 3072, 3072) is None  # 12 N tiles: 3 groups
     assert "N=2560 is not a whole number of groups" in kern.Int8GemmSm90(swizzle=4).problem_error(4096, 2560, 3072)
     assert "M=4608" in kern.Int8GemmSm90(swizzle=8, raster_m=False).problem_error(4608, 3072, 3072)  # 36 M tiles
+    # so does a cluster's CTA past the end (the probe's 2 x 1 clusters at an odd number of M tiles)
+    assert "not a whole number of clusters" in kern.Int8GemmSm90(cluster_mn=(2, 1)).problem_error(4480, 3072, 3072)
 
 
 def test_the_ab_switch_turns_the_kernel_off(monkeypatch):
@@ -310,6 +312,7 @@ def test_gpu_a_layer_on_the_sm90_gemm_eager_compiled_and_captured(monkeypatch, p
     with torch.no_grad():
         eager = hopper(x).float()
         assert launched == [True]
+        assert cutlass_launch._STATE["ffi"] == (launch == "tvm-ffi")  # the launch asked for is the one that ran
         want = plain(x).float()
         assert launched == [True]
         assert float((eager - want).norm() / want.norm()) < 1e-2

@@ -107,11 +107,16 @@ class Int8GemmSm90:
         them to whole tiles (:func:`svdquant.kernels.cutlass_launch.pad_to`). Rows must start 16-byte aligned."""
         if k % 16 or n % 8:
             return f"K={k} must be a multiple of 16 and N={n} of 8 (TMA's 16-byte row alignment)"
-        # a swizzled walk rounds the grouped tile count up, and the epilogue of a tile past the end would read
-        # scales out of bounds
-        size, tile = (n, self.tile_mnk[1]) if self.raster_m else (m, self.tile_mnk[0])
-        if self.swizzle > 1 and -(-size // tile) % self.swizzle:
-            return f"swizzle {self.swizzle}: {'N' if self.raster_m else 'M'}={size} is not a whole number of groups"
+        # The scheduler hands out whole clusters, and a swizzled walk rounds the grouped cluster count up: the
+        # epilogue of a tile past the end would read scales out of bounds
+        for dim, size, tile, per_cluster in (("M", m, self.tile_mnk[0], self.cluster_mn[0]),
+                                             ("N", n, self.tile_mnk[1], self.cluster_mn[1])):
+            tiles = -(-size // tile)
+            if tiles % per_cluster:
+                return f"cluster {self.cluster_mn}: {dim}={size} is not a whole number of clusters"
+            grouped = dim == ("N" if self.raster_m else "M")
+            if grouped and self.swizzle > 1 and tiles // per_cluster % self.swizzle:
+                return f"swizzle {self.swizzle}: {dim}={size} is not a whole number of groups"
         return None
 
     @cute.jit
