@@ -431,6 +431,11 @@ def test_stacked_branch_keeps_the_groups_rows_once_with_each_members_loras_after
     x = torch.randn(3, 24, dtype=torch.float64, generator=g)
     want = torch.cat([x @ d.T @ u.T for d, u in members], 1)
     assert rel(x @ down.T @ up.T.double(), want) < 1e-6  # the up is held in fp32
+    # a member without a branch: the others still share theirs, its rows of the product are zero
+    down, up = stacked_branch(members[:2] + [(None, None)], [5, 6, 4])
+    assert down.shape == (64, 24) and not up[11:].any()  # 32 shared + 2 x 8 -> 64
+    want = torch.cat([x @ d.T @ u.T for d, u in members[:2]] + [torch.zeros(3, 4, dtype=torch.float64)], 1)
+    assert rel(x @ down.T @ up.T.double(), want) < 1e-6
     # rows shared by only some members are not shared: those members' rows are their own
     other = (torch.cat([torch.randn(32, 24, dtype=torch.float64, generator=g), members[0][0][32:]]), members[0][1])
     down, up = stacked_branch([other] + members[1:], list(ns))

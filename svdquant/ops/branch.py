@@ -70,7 +70,7 @@ def stacked_branch(branches, out_features):
         ups = [u for _, u in live]
         same = all(u.dtype == ups[0].dtype for u in ups)
         return live[0][0], torch.cat(ups if same else [u.float() for u in ups], 0)
-    shared = _shared_rows([d for d, _ in live]) if len(live) == len(branches) else 0
+    shared = _shared_rows([d for d, _ in live])  # a member without a branch gets zeros in those columns too
     first = live[0][0]
     own = [(d[shared:_used_rows(d)], u) for d, u in live]  # each layer's rows after the shared ones
     rp = _pow2_rank(shared + sum(d.shape[0] for d, _ in own))
