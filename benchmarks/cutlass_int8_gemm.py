@@ -77,9 +77,9 @@ def load_dsl(compile_only):
     return cutlass, cute, kern
 
 
-def variants(names, lora, int32=True):
+def variants(names, lora, int32=True, rank=RANK):
     """(label, config name, out, rank): the scaled bf16 GEMM, the raw int32 product, the fused branch."""
-    outs = [("bf16", 0)] + ([("int32", 0)] if int32 else []) + ([("bf16", RANK)] if lora else [])
+    outs = [("bf16", 0)] + ([("int32", 0)] if int32 else []) + ([("bf16", rank)] if lora else [])
     return [(f"{name}/{'lora' if rank else out}", name, out, rank) for name in names for out, rank in outs]
 
 
@@ -183,7 +183,7 @@ def compile_only(args):
     print(f"nvidia-cutlass-dsl {dsl_version()}, target {os.environ.get('CUTE_DSL_ARCH')}")
     failures = 0
     checked = {}
-    for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32):
+    for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32, args.lora_rank):
         tile = CONFIGS[name][0]
         if (tile, out) not in checked:  # the cluster shape does not enter these mappings
             t0 = time.time()
@@ -250,15 +250,15 @@ class Watchdog:
                 os._exit(3)
 
 
-def make_data(torch, m, k, n, dev):
+def make_data(torch, m, k, n, dev, rank=RANK):
     g = torch.Generator(device=dev).manual_seed(m + k + n)
     a = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
     w = torch.randint(-126, 127, (n, k), device=dev, dtype=torch.int8, generator=g)
     a_s = torch.rand(m, device=dev, generator=g) * 1e-2 + 1e-3
     w_s = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
     # a branch over 5 % of the main term's largest value at every shape: dropping it, in any tile, fails the check
-    la = torch.randn(m, RANK, device=dev, generator=g).to(torch.bfloat16)
-    lu = (torch.randn(n, RANK, device=dev, generator=g) * 0.05).to(torch.bfloat16)
+    la = torch.randn(m, rank, device=dev, generator=g).to(torch.bfloat16)
+    lu = (torch.randn(n, rank, device=dev, generator=g) * 0.05).to(torch.bfloat16)
     return dict(a=a, w=w, a_s=a_s, w_s=w_s, la=la, lu=lu)
 
 
@@ -367,12 +367,12 @@ def gpu_run(args):
     data = {}
     for m, k, n in problems:
         dog.beat(f"baselines {m}x{k}x{n}")
-        d = data[m, k, n] = make_data(torch, m, k, n, "cuda")
+        d = data[m, k, n] = make_data(torch, m, k, n, "cuda", args.lora_rank)
         d["int_mm"] = torch._int_mm(d["a"], d["w"].t())
         res["baselines"].append(dict(m=m, k=k, n=n, **baselines(torch, d, props.multi_processor_count, bench)))
         print("baseline", json.dumps(res["baselines"][-1]), flush=True)
         save()
-    for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32):
+    for label, name, out, rank in variants(args.configs, args.lora, not args.no_int32, args.lora_rank):
         compiled = None
         gemm = make_gemm(kern, name, out, rank)
         for m, k, n in problems:
@@ -452,7 +452,6 @@ def main(argv=None):
                     help="compile each shape apart (should dynamic shapes misbehave)")
     ap.add_argument("--hang-seconds", type=int, default=180, help="give up on a step this long (a deadlock)")
     args = ap.parse_args(argv)
-    globals()["RANK"] = args.lora_rank  # read by variants() and make_data()
     if args.compile_only:
         return compile_only(args)
     if not args.out:

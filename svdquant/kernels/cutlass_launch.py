@@ -124,7 +124,7 @@ def _compile(key, device: torch.device):
     out, rank, bias, gelu, tile, raster_m, swizzle = key[:7]
     _, cutlass, cute, from_dlpack, kern = _STATE["dsl"]
     gemm = kern.Int8GemmSm90(tile, (1, 1), out, rank, swizzle=swizzle, bias=bias, gelu=gelu, raster_m=raster_m)
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    dt = {name: dtype for dtype, name in DTYPES.items()}
     m, n, k = tile[0] * swizzle, tile[1] * swizzle, 128  # whole swizzle groups either way
     t = dict(a=torch.zeros(m, k, dtype=torch.int8, device=device), w=torch.zeros(n, k, dtype=torch.int8,
              device=device), s_a=torch.ones(m, device=device), s_w=torch.ones(n, device=device),
