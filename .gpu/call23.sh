@@ -8,7 +8,7 @@ gtest 60 tests/test_cutlass_gemm.py -k "layer or test_gpu_matches_the_reference 
 timeout 70 python3 benchmarks/cutlass_int8_gemm.py --out $OUT --lora --no-int32 --rep 50 --tokens 512 4096 --shapes 2 --configs 128x128_c1x1 > $OUT/cutlass.log 2>&1; echo "cutlass rc=$?"
 grep -E "^\| (512|4096) " $OUT/cutlass.log
 for mode in views ffi; do
-  flag=$([ $mode = ffi ] && echo --cutlass-ffi); share=$([ $mode = views ] && echo 2 || echo 1)
+  flag=$([ $mode = views ] && echo --cutlass-views); share=$([ $mode = views ] && echo 2 || echo 1)
   timeout $(( ($(left) - 10) / share )) python3 benchmarks/flux_step.py --variants int4-fused-compiled --batch 1 --attention _native_cudnn $flag --out $OUT/$mode > $OUT/step_$mode.log 2>&1; echo "step $mode rc=$?"
   grep -E '^int4' $OUT/step_$mode.log | cut -c1-200
 done

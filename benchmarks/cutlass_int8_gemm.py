@@ -265,10 +265,9 @@ def make_data(torch, m, k, n, dev, rank=RANK):
 def baselines(torch, d, sms, bench):
     """Bare FP8 row-wise cuBLAS, cuBLASLt INT8 (int32 out), our Triton kernel (without / with the branch) and the
     engine's launch of the CUTLASS kernel with the branch (``engine_lora``: ``int8_gemm_sm90`` as a layer calls it
-    eagerly, its host-side conversions included: where it is slower than the bare compiled kernel, the host is the
-    bound; ``engine_lora_ffi`` the same through apache-tvm-ffi instead of DLPack views), in ms (None where one
-    failed: the error beside it)."""
-    from svdquant.kernels.cutlass_launch import int8_gemm_sm90
+    eagerly, through the DSL's DLPack views, its host-side conversions included: where it is slower than the bare
+    compiled kernel, the host is the bound; ``engine_lora_ffi`` the same through apache-tvm-ffi, the engine's
+    default), in ms (None where one failed: the error beside it)."""
     from svdquant.kernels.int8_gemm import int8_gemm
 
     a, w, a_s, w_s = d["a"], d["w"], d["a_s"], d["w_s"]
@@ -281,8 +280,8 @@ def baselines(torch, d, sms, bench):
         triton=lambda: int8_gemm(a, a_s, w, w_s, None, None, None, torch.bfloat16, tma=True, num_programs=sms),
         triton_lora=lambda: int8_gemm(a, a_s, w, w_s, la32, d["lu"], None, torch.bfloat16, tma=True,
                                       num_programs=sms),
-        engine_lora=lambda: int8_gemm_sm90(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16),
-        engine_lora_ffi=lambda: engine_through_ffi(a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
+        engine_lora=lambda: engine_through(False, a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16),
+        engine_lora_ffi=lambda: engine_through(True, a, a_s, w, w_s, d["la"], d["lu"], None, torch.bfloat16))
     res = {}
     for key, fn in fns.items():
         try:
@@ -292,15 +291,15 @@ def baselines(torch, d, sms, bench):
     return res
 
 
-_FFI_STATE: dict = {}  # the launcher's compiled kernels when launched through apache-tvm-ffi
+_LAUNCH_STATES: dict = {True: {}, False: {}}  # the launcher's compiled kernels per launch (tvm-ffi or views)
 
 
-def engine_through_ffi(*args):
-    """``int8_gemm_sm90`` launching through apache-tvm-ffi instead of the DSL's DLPack views (its host cost)."""
+def engine_through(ffi: bool, *args):
+    """``int8_gemm_sm90`` launching through apache-tvm-ffi (``ffi``) or the DSL's DLPack views (their host cost)."""
     from svdquant.kernels import cutlass_launch as cl
 
     saved = cl._STATE, cl.TVM_FFI
-    cl._STATE, cl.TVM_FFI = _FFI_STATE, True
+    cl._STATE, cl.TVM_FFI = _LAUNCH_STATES[ffi], ffi
     try:
         return cl.int8_gemm_sm90(*args)
     finally:

@@ -271,13 +271,14 @@ def main(argv=None):
     ap.add_argument("--lora", action="store_true", help="also time int4 with a rank-64 LoRA on every layer")
     ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench time budget per measurement")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny config, aot_eager: checks the plumbing")
-    ap.add_argument("--cutlass-ffi", action="store_true",
-                    help="launch the CUTLASS GEMM through apache-tvm-ffi instead of DLPack views (the host-cost A/B)")
+    ap.add_argument("--cutlass-views", action="store_true",
+                    help="launch the CUTLASS GEMM through the DSL's DLPack views instead of apache-tvm-ffi (the "
+                         "host-cost A/B)")
     args = ap.parse_args(argv)
-    if args.cutlass_ffi:
+    if args.cutlass_views:
         from svdquant.kernels import cutlass_launch
 
-        cutlass_launch.TVM_FFI = True  # read when the DSL is first imported, before any layer runs
+        cutlass_launch.TVM_FFI = False  # read when the DSL is first imported, before any layer runs
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:

@@ -154,7 +154,9 @@ def test_what_the_launcher_takes():
     assert not cl.takes(torch.float32, up, b, 4096, 3072, 3072)  # fp32 outputs: the Triton kernel
     assert not cl.takes(torch.bfloat16, up, b.float(), 4096, 3072, 3072)
     assert not cl.takes(torch.bfloat16, up.float(), b, 4096, 3072, 3072)  # an fp32 branch (stacked LoRAs)
-    assert not cl.takes(torch.bfloat16, torch.zeros(3072, 128, dtype=torch.bfloat16), b, 4096, 3072, 3072)
+    assert cl.takes(torch.bfloat16, torch.zeros(3072, 128, dtype=torch.bfloat16), b, 4096, 3072, 3072)
+    assert not cl.takes(torch.bfloat16, torch.zeros(3072, 256, dtype=torch.bfloat16), b, 4096, 3072, 3072)
+    assert not cl.takes(torch.bfloat16, torch.zeros(3072, 48, dtype=torch.bfloat16), b, 4096, 3072, 3072)
     assert cl.takes(torch.bfloat16, up[:3000], b[:3000], 4080, 3000, 3072)  # partial M and N tiles
     assert not cl.takes(torch.bfloat16, up, b, 4096, 3072, 3008)  # a partial k-tile
     assert not cl.takes(torch.bfloat16, up[:3004], b[:3004], 4096, 3004, 3072)  # Y's rows not 16-byte aligned
@@ -168,7 +170,7 @@ def test_what_the_launcher_takes():
 @pytest.mark.parametrize("dtype,rank,mode,taken", [
     (torch.bfloat16, 32, "speed", True), (torch.bfloat16, 32, "memory", True), (torch.bfloat16, 32, "in-graph", True),
     (torch.bfloat16, 32, "lora", True), (torch.float16, 32, "speed", True), (torch.float32, 32, "speed", False),
-    (torch.bfloat16, 128, "speed", False)])
+    (torch.bfloat16, 128, "speed", True)])
 def test_a_layer_routes_to_the_sm90_gemm_where_it_applies(monkeypatch, dtype, rank, mode, taken):
     """The dispatch alone (the kernel itself runs only on an H100 / H200, tested there): an Int8Runner built for
     sm_90 hands the GEMM to ``int8_gemm_sm90`` for bf16 layers of a branch it takes, with the activation pass's

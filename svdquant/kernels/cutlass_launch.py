@@ -26,14 +26,16 @@ SMALL_TILE_RATE = 0.85
 L2_RESIDENT_BYTES = 24 << 20
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-RANKS = (16, 32, 64)  # the kernel takes 128 too (two swizzle rows); not the engine until it has run on a GPU
+# 128 at 128 × 128 tiles only (two swizzle rows): at 0.88-1.07x bare FP8 on an H200 where Triton's kernel ran
+# 0.67-1.00x (NOTES-GPU.md session 23)
+RANKS = (16, 32, 64, 128)
 
 # Call the kernels through apache-tvm-ffi: torch tensors go in directly and the launch takes torch's current stream,
-# where the DSL's DLPack views cost ~0.15 ms of host time per call (an H100, NOTES-GPU.md session 22). Off until
-# that path has run on a GPU (compiled and argument-checked on the CPU only): True uses it where apache-tvm-ffi is
-# installed and torch exports its DLPack exchange API (torch >= 2.10; older torch would make tvm_ffi build an
-# extension at import). Read when the DSL is first imported.
-TVM_FFI = False
+# where the DSL's DLPack views cost ~0.15 ms of host time per call. On an H200 the eager launch at M = 512 went from
+# 0.17-0.40x bare FP8 through views to 1.00-1.03x (NOTES-GPU.md session 23). Used where apache-tvm-ffi is installed
+# (a dependency on Linux) and torch exports its DLPack exchange API (torch >= 2.10; older torch would make tvm_ffi
+# build an extension at import); False is the A/B switch back to views. Read when the DSL is first imported.
+TVM_FFI = True
 # False: every INT8 GEMM runs Triton's kernel (an A/B switch for benchmarks: quality.py --gemm triton); read when a
 # runner is built
 ENABLED = True
@@ -67,7 +69,7 @@ def available() -> bool:
 def takes(out_dtype: torch.dtype, lora_up: torch.Tensor | None, bias: torch.Tensor | None, m: int, n: int,
           k: int) -> bool:
     """Whether the kernel computes this product (static facts only, no device query): a 16-bit output and bias, a
-    branch of bf16 weights and rank 16 / 32 / 64 (or none), N a multiple of 8 (TMA's 16-byte rows of Y) and K of
+    branch of bf16 weights and rank 16 / 32 / 64 / 128 (or none), N a multiple of 8 (TMA's 16-byte rows of Y) and K of
     128 (whole k-tiles: a partial one has not run on a GPU). Any M > 0: partial M and N tiles were checked on an
     H200 (NOTES-GPU.md, session 21)."""
     if out_dtype not in DTYPES or m <= 0 or n % 8 or k % 128:

@@ -62,7 +62,8 @@ def stacked_branch(branches, out_features):
     branch, then each layer's LoRAs): the shared rows are kept once, each layer's own rows (its LoRAs, without the
     zero rows of its padding) follow, and the up is block diagonal over the own rows, padded to a power-of-two
     rank. A rank-32 group with a rank-8 LoRA on four members stacks to rank 64, not 4 · 64: what the Hopper GEMM
-    takes (ranks up to 64), and a smaller ``X·L1ᵀ`` in the activation pass either way."""
+    takes at its faster tiles (ranks up to 64; 128 at 128 × 128 tiles only), and a smaller ``X·L1ᵀ`` in the
+    activation pass either way."""
     live = [(d, u) for d, u in branches if d is not None]
     if not live:
         return None, None
