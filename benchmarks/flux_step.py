@@ -22,7 +22,8 @@ each MLP's GELU in its down projection's activation pass, a single block's ``pro
 (the GEMMs' A/B); ``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
 2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
 blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
-(``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels).
+(``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels);
+``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-         "int4-memory")
+         "int4-memory", "int4-memory-fused")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -410,21 +411,21 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-                        "int4-memory")
+                        "int4-memory", "int4-memory-fused")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
-        res["quantized_layers"] = random_quantized(model, mode="memory" if ours[0] == "int4-memory" else "speed",
-                                                   device=device)
+        memory = ours[0].startswith("int4-memory")
+        res["quantized_layers"] = random_quantized(model, mode="memory" if memory else "speed", device=device)
         res["int4_checkpoint_gb"] = checkpoint_gb(model)
         from svdquant import fuse, set_weight_mode, unfuse
         from svdquant.modules import fuse_projections, unfuse_projections
 
         for base in ours:
-            set_weight_mode(model, "memory" if base == "int4-memory" else "speed")
+            set_weight_mode(model, "memory" if base.startswith("int4-memory") else "speed")
             if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
                 res["fused_attentions"] = fuse_projections(model, single_mlp=False)
-            if base in ("int4-fused", "int4-fused-triton"):  # + each MLP's GELU in its down projection's pass
+            if base in ("int4-fused", "int4-fused-triton", "int4-memory-fused"):  # + the MLPs' GELUs
                 res["fused"] = fuse(model)
             if base == "int4-fused-triton":  # the Triton INT8 GEMM where the CUTLASS one would run (H100 / H200)
                 switched = sm90_runners(model)
@@ -445,7 +446,7 @@ def main(argv=None):
             if base == "int4-fused-triton":
                 for r in switched:
                     r.sm90 = True
-            if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act"):
+            if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act", "int4-memory-fused"):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)

@@ -91,6 +91,34 @@ def test_int8_runner_compiles_to_the_custom_op_and_matches_eager(recipe, mode):
 
 
 @triton_interpreted
+def test_a_memory_mode_stack_compiles_to_one_expand_and_one_linear_and_matches_eager():
+    """q/k/v stacked in memory mode: the graph expands the layers' codes into one operand (``expand_rows``, its
+    rows exactly each layer's own expansion) and runs one ``int8_linear``, as eager does."""
+    from svdquant import kernels
+    from svdquant.modules import FusedSVDQLinear
+    from svdquant.ops.runners import Int8Runner
+
+    layers = [_layer("int4", n=n, seed=3) for n in (48, 32)]
+    with torch.no_grad():  # one shared-input group: one λ, one down projection
+        layers[1].smooth_inv.copy_(layers[0].smooth_inv)
+        layers[1].lora_down.copy_(layers[0].lora_down)
+    for m in layers:
+        m.weight_mode = "memory"
+        m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    runner = FusedSVDQLinear(layers)._runner
+    assert runner is not None and runner.parts is not None
+    w = torch.ops.svdquant.expand_rows(*runner.parts, 64)
+    assert torch.equal(w, torch.cat([kernels.expand_int4m(m.packed_weight(), m.wmult) for m in layers]))
+    x = torch.randn(33, 128) * 2
+    eager = runner(x)
+    torch._dynamo.reset()
+    graph = str(torch._dynamo.explain(runner)(x).graphs[0].graph)
+    assert graph.count("svdquant.expand_rows") == 1 and graph.count("svdquant.int8_linear") == 1
+    assert torch.equal(torch.compile(runner, backend="aot_eager", fullgraph=True)(x), eager)
+    assert torch.equal(eager, torch.cat([m(x) for m in layers], -1))
+
+
+@triton_interpreted
 def test_inductor_hands_an_input_part_to_the_op_where_it_lies():
     """A layer fed ``(head, tail=y[:, 64:])`` under inductor: the op receives the slice of the producer's output
     as a view (``reinterpret_tensor`` of that buffer, its row stride 192), and no buffer as wide as the layer's
@@ -227,6 +255,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.svdquant.float_scales_linear.default,
                           (x, f.smooth_inv, fdown, fup, f.bias, f.qweight, f.wscales.t().contiguous(), None, None,
                            False, 64, f.act_shift, f.act_unsigned_from))
+    other = _layer("int4", n=16, seed=4)
+    torch.library.opcheck(torch.ops.svdquant.expand_rows.default,  # a memory-mode stack's INT8 operand
+                          ([w, other.packed_weight()], [m.wmult, other.wmult], 64))
     wo = _layer("w4a16")
     torch.library.opcheck(torch.ops.svdquant.w4a16_linear.default, (x[:4], wo.qweight, wo.wscales, wo.bias, None, 64))
     torch.library.opcheck(torch.ops.svdquant.dequantize_int4.default,

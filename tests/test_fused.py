@@ -458,25 +458,33 @@ def _group(recipe="int4", k=128, ns=(48, 32, 48), seed=0):
 
 
 @interpreted
-@pytest.mark.parametrize("recipe", ["int4", "w4a4"])
-def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe):
+@pytest.mark.parametrize("recipe,mode", [("int4", "speed"), ("w4a4", "speed"), ("int4", "memory"),
+                                         ("w4a4", "memory")])
+def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe, mode):
     """One INT8 runner over the three layers' rows (N = 128) gives what they give apart (N = 48 / 32 / 48) within
     the numerics' bound: the integer GEMM is exact; the fp32 branch (K = 128) is summed in another order when
     stacked, ``reassociation_bound(128)`` = 1.5e-5 at most (measured 3.5e-8 without a LoRA, 1.5e-7 with one; a
     LoRA's effect, which the bound must catch, is ~0.1). Members run alone again afterwards on their own shapes:
-    the same ops as before stacking (their weights are views of the stacked one), so that is bit for bit."""
+    the same ops as before stacking (speed mode: their weights are views of the stacked one), so that is bit for
+    bit. Memory mode holds no copy: the stack expands the layers' own 4-bit codes (their buffers) per call."""
     from svdquant import kernels
 
     layers, x = _group(recipe)
     packed = [m.packed_weight().clone() for m in layers]
     for m in layers:
-        m.weight_mode = "speed"
+        m.weight_mode = mode
         m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)  # the GPU's runner, kernels interpreted
     apart = torch.cat([m(x) for m in layers], -1)
     fused = FusedSVDQLinear(layers)
-    assert fused._runner is not None and fused._runner.w.shape[0] == 128
-    assert all(m._runner.w.data_ptr() == fused._runner.w[s:].data_ptr()  # views, not copies
-               for m, s in zip(layers, (0, 48, 80)))
+    assert fused._runner is not None
+    if mode == "speed":
+        assert fused._runner.w.shape[0] == 128
+        assert all(m._runner.w.data_ptr() == fused._runner.w[s:].data_ptr()  # views, not copies
+                   for m, s in zip(layers, (0, 48, 80)))
+    else:
+        codes, mults = fused._runner.parts
+        assert all(c is m._buffers["qweight"] and u is m.wmult for c, u, m in zip(codes, mults, layers))
+        assert fused._runner.w is None and fused._runner.packed is None
     assert rel(fused(x), apart) < reassociation_bound(128)
     assert torch.equal(torch.cat([m(x) for m in layers], -1), apart)  # members still run alone
     # a LoRA on one member: its rows see it, the others do not (the shared rows once, then the LoRA's, block up)
@@ -484,7 +492,7 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe)
     assert fused._runner.down.shape[0] == 32  # 16 shared + 8 -> 32 (each member's own copy: 16 + 24 + 16 -> 64)
     ref = torch.cat([ReferenceRunner(m)(x) for m in layers], -1)
     assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
-    # state dicts still hold each member's own packed codes (rebuilt from its view of the stacked weight)
+    # state dicts still hold each member's own packed codes (speed mode: rebuilt from its view of the stacked weight)
     for m, want in zip(layers, packed):
         assert torch.equal(m.state_dict()["qweight"], want)
 
@@ -521,7 +529,10 @@ def test_a_stack_whose_member_has_its_own_gelu_runs_its_members_in_turn(runner, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart():
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart(mode):
+    """In either weight mode the stack adds no resident weight: speed mode's members view its INT8 rows, memory
+    mode's stack expands the members' own 4-bit codes per call."""
     import sys
     from pathlib import Path
 
@@ -533,7 +544,9 @@ def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart():
         for m in layers[1:]:  # one shared-input group: one λ, one branch down projection
             m.smooth_inv.copy_(layers[0].smooth_inv)
             m.lora_down.copy_(layers[0].lora_down)
-            m.refresh()
+    for m in layers:
+        m.weight_mode = mode
+        m.refresh()
     x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
     apart = torch.cat([m(x) for m in layers], -1)
     allocated = torch.cuda.memory_allocated()

@@ -18,8 +18,10 @@ projection; the attention receives the projections through :class:`Projected`).
 stream); an SD3 joint attention gets :class:`FusedJointAttnProcessor`, which reads them the same way. The
 member layers stay the modules of record: the state dict, checkpoints and LoRAs address
 them, and they can still run alone. On the GPU's speed mode the fused runner holds the stacked INT8
-weight and the members hold row views of it, so nothing is resident twice; elsewhere (the CPU reference,
-memory mode) the fused module concatenates its members' outputs, which is exactly the unfused result.
+weight and the members hold row views of it, so nothing is resident twice; in memory mode it expands the members'
+own 4-bit codes (their buffers, where offloading hooks move them) into one INT8 operand per call (memory mode ran
+its members in turn before: on an H200 its FLUX.1-dev step was 15.7 % slower than fused speed mode). Elsewhere (the
+CPU reference) the fused module concatenates its members' outputs, which is exactly the unfused result.
 
 **GELU.** FLUX's and Wan's MLPs compute ``fc2(GELU_tanh(fc1(x)))`` (diffusers' ``GELU`` module of a
 ``FeedForward``; a FLUX single block's ``proj_out(cat([attention, act_mlp(proj_mlp(x))]))``). Unfused, the GELU
@@ -88,7 +90,7 @@ class FusedSVDQLinear(nn.Module):
             return  # the CPU reference, another path, or a member's own GELU: the members run in turn
         try:  # the INT8 kernels (members then hold row views), or svdquant.optimize's one 16-bit GEMM
             self._runner = kind.stack(runners, outs)
-        except ValueError:  # memory mode, or layers that do not share their input's smoothing
+        except ValueError:  # layers that do not share their input's smoothing, or in two weight modes
             return
         self.sync_compiled_activations()
 

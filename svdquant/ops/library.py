@@ -142,6 +142,29 @@ def _(a, a_scale, lora_act, lora_up, bias, weight, weight_mult, weight_scale, gr
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
+def expand_rows_impl(packed: list[Tensor], mult: list[Tensor], group_size: int) -> Tensor:
+    """Memory mode's stacked weight: each layer's packed 4-bit codes expanded to INT8 ``code · m`` into its rows of
+    one fresh ``[sum N, K_pad]`` buffer (a q/k/v stack's GEMM operand; the codes stay in their layers' buffers)."""
+    k = _kernels()
+    w = torch.empty(sum(p.shape[0] for p in packed), packed[0].shape[1] * 2, dtype=torch.int8,
+                    device=packed[0].device)
+    start = 0
+    for p, m in zip(packed, mult):
+        k.expand_int4m(p, m, out=w[start:start + p.shape[0]], group_size=group_size)
+        start += p.shape[0]
+    return w
+
+
+@torch.library.custom_op("svdquant::expand_rows", mutates_args=())
+def expand_rows(packed: list[Tensor], mult: list[Tensor], group_size: int) -> Tensor:
+    return expand_rows_impl(packed, mult, group_size)
+
+
+@expand_rows.register_fake
+def _(packed, mult, group_size):
+    return packed[0].new_empty(sum(p.shape[0] for p in packed), packed[0].shape[1] * 2, dtype=torch.int8)
+
+
 def float_scales_linear_impl(x: Tensor, smooth_inv: Tensor, lora_down: Tensor | None, lora_up: Tensor | None,
                              bias: Tensor | None, qweight: Tensor, wscales: Tensor, wtensor_scale: Tensor | None,
                              input_scale: Tensor | None, fp4: bool, group_size: int, shift: float,

@@ -22,7 +22,7 @@ class Int8Runner(Runner):
     """Two-level INT4 (or INT8) weights × INT8 / two-level A4 activations: activation kernel + INT8 GEMM.
 
     Weight modes: "speed" (default) expands ``code · m`` to INT8 once here and drops the
-    packed copy (``owns_packed_weight``); "memory" keeps the 4-bit codes and expands per call.
+    packed copy (``owns_packed_weight``); "memory" keeps the 4-bit codes and expands per call. Both stack.
     """
 
     fuses_gelu = True  # a layer's output_gelu runs in the GEMM's epilogue (fp32, before the 16-bit rounding)
@@ -59,6 +59,7 @@ class Int8Runner(Runner):
         self.k = m.in_features
         self.kp = self.k + (-self.k) % self.group
         self.w = self.packed = self.mult = self.w_desc = None
+        self.parts = None  # a memory-mode stack: its layers' (packed codes, multipliers), expanded per call
         self.owns_packed_weight = False
         self.mode = "memory" if (wf.packed and m.weight_mode == "memory") else "speed"
         if wf.packed:
@@ -97,31 +98,37 @@ class Int8Runner(Runner):
 
     @classmethod
     def stack(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
-        """One runner over the output rows of speed-mode runners that read the same input with the same λ
-        (q/k/v of one attention): one activation pass and one GEMM instead of one each. The members are
-        then rebound to row views of its INT8 weight (:meth:`view_rows`), so nothing is held twice."""
+        """One runner over the output rows of runners that read the same input with the same λ (q/k/v of one
+        attention): one activation pass and one GEMM instead of one each. Speed mode: the members are then rebound
+        to row views of its INT8 weight (:meth:`view_rows`), so nothing is held twice. Memory mode: it expands
+        the members' own 4-bit codes into one INT8 operand per call (:func:`~svdquant.ops.library.expand_rows`):
+        the codes stay in the layers' buffers, where offloading hooks move them."""
         new = cls._stacked(runners, out_features)
-        start = 0
-        for r, n in zip(runners, out_features):
-            r.view_rows(new, start, start + n)
-            start += n
+        if new.mode == "speed":
+            start = 0
+            for r, n in zip(runners, out_features):
+                r.view_rows(new, start, start + n)
+                start += n
         return new
 
     @classmethod
     def _stacked(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
         first = runners[0]
         for r in runners:
-            if r.w is None or r.mode != "speed":
-                raise ValueError("only speed-mode INT8 runners stack (memory mode expands per layer)")
+            if r.mode != first.mode or (r.w if r.mode == "speed" else r.packed) is None:
+                raise ValueError("layers stack only in one weight mode")
             if (r.a4, r.shift, r.unsigned_from, r.group, r.k, r.tma) != (
                     first.a4, first.shift, first.unsigned_from, first.group, first.k, first.tma) \
                     or not torch.equal(r.sinv, first.sinv):
                 raise ValueError("layers stack only when they read the same input with the same smoothing "
                                  "and activation format (one shared-input group)")
         new = copy.copy(first)
-        new.w = torch.cat([r.w for r in runners], 0)
+        if first.mode == "speed":
+            new.w = torch.cat([r.w for r in runners], 0)
+        else:  # the layers' own tensors (their modules' buffers), not copies
+            new.packed, new.parts = None, (tuple(r.packed for r in runners), tuple(r.mult for r in runners))
+        new.mult = None  # speed mode: only packed_weight() reads it, and the members give back their own codes
         new.w_scale = torch.cat([r.w_scale for r in runners], 0)
-        new.mult = None  # only packed_weight() reads it, and the members give back their own codes
         some = next((r.bias for r in runners if r.bias is not None), None)
         if some is not None:  # a layer without a bias adds zeros (in the others' dtype)
             new.bias = torch.cat([r.bias if r.bias is not None else some.new_zeros(n)
@@ -130,7 +137,7 @@ class Int8Runner(Runner):
         new.pad_columns()
         new.restack_branch(runners)
         new.owns_packed_weight = False
-        new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma else None
+        new.w_desc = new.kernels.weight_descriptor(new.w, new.config) if new.tma and new.w is not None else None
         return new
 
     def restack_branch(self, runners) -> bool:
@@ -151,8 +158,13 @@ class Int8Runner(Runner):
 
     def __call__(self, x2, tail2=None):
         # Both calls compute the same; the compiled graph needs the opaque op, eager skips the dispatcher.
-        speed = self.w is not None
-        w, mult = (self.w, None) if speed else (self.packed, self.mult)
+        if self.parts is not None:  # a memory-mode stack: one INT8 operand from its layers' codes
+            expand = torch.ops.svdquant.expand_rows if torch.compiler.is_compiling() else library.expand_rows_impl
+            w, mult = expand(*self.parts, self.group), None
+        elif self.w is not None:
+            w, mult = self.w, None
+        else:
+            w, mult = self.packed, self.mult
         if torch.compiler.is_compiling() and self.act_in_graph and not self.a4:
             # inductor writes the concatenation and the GELU from the producers' kernels
             if self.input_gelu_from is not None:
