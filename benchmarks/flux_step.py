@@ -52,8 +52,13 @@ ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_effici
 
 def sm90_runners(model) -> list:
     """The quantized layers' runners that use the CUTLASS GEMM on an H100 / H200 (``Int8Runner.sm90``, decided at
-    load): setting their ``sm90`` to False runs the Triton GEMM instead (their branch and padded scales read alike)."""
-    return [r for r in (getattr(mod, "_runner", None) for mod in model.modules()) if getattr(r, "sm90", False)]
+    load): setting their ``sm90`` to False runs the Triton GEMM instead (their branch and padded scales read alike).
+    A FLUX single block's stack (q/k/v + the MLP's up projection) is held in the block's state, not as a submodule:
+    its runner is counted too (until 2026-12-05 it was missed, and the Triton A/B ran those GEMMs on CUTLASS)."""
+    from svdquant._state import peek
+
+    holders = [*model.modules(), *(peek(mod).stack for mod in model.modules() if peek(mod).stack is not None)]
+    return [r for r in (getattr(h, "_runner", None) for h in holders) if getattr(r, "sm90", False)]
 
 
 def bench(fn, rep=300):

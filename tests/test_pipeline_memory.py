@@ -405,3 +405,28 @@ def test_random_models_give_a_shared_branch_group_one_down_projection(bench):
             assert down.shape[0] == 32 and all(torch.equal(m.lora_down, members[0].lora_down) for m in members)
             stacked += 1
     assert stacked == 2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)
+
+
+def test_flux_steps_triton_switch_reaches_every_stack():
+    """``flux_step.sm90_runners`` (the CUTLASS / Triton GEMM A/B) finds the runner of every stack ``svdquant.fuse``
+    makes: the attentions' ``to_qkv`` / ``to_added_qkv`` (submodules) and a FLUX single block's q/k/v + MLP stack
+    (held in the block's state, not a submodule; the A/B once missed it). On this CPU no runner asks for the Hopper
+    GEMM, so each stack's is marked as if it did."""
+    import types
+
+    import flux_step
+
+    from svdquant import fuse
+    from svdquant._state import peek
+    from svdquant.modules import FusedSVDQLinear
+
+    model = tiny_models.build_flux(dtype=torch.bfloat16)
+    flux_step.random_quantized(model, device="cpu")
+    fuse(model)
+    assert flux_step.sm90_runners(model) == []
+    stacks = [m for m in model.modules() if isinstance(m, FusedSVDQLinear)]
+    stacks += [peek(m).stack for m in model.modules() if peek(m).stack is not None]
+    assert len(stacks) == 2 * len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    for s in stacks:
+        s._runner = types.SimpleNamespace(sm90=True)
+    assert sorted(map(id, flux_step.sm90_runners(model))) == sorted(id(s._runner) for s in stacks)
