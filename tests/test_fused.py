@@ -497,6 +497,34 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe,
         assert torch.equal(m.state_dict()["qweight"], want)
 
 
+@interpreted
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_a_stack_notices_a_member_whose_buffers_were_replaced(monkeypatch, mode):
+    """accelerate's ``cpu_offload(offload_buffers=True)`` puts new tensors in a layer's buffers (not ``.data``): the
+    stack's forward makes the check each member's forward makes, so the member and the stack are rebuilt on the new
+    tensors (a memory-mode stack expands the layers' own buffers: it must not keep the old ones alive)."""
+    from svdquant import kernels
+    from svdquant.modules import linear
+
+    layers, x = _group()
+    monkeypatch.setattr(linear.ops, "prepare", lambda m: Int8Runner(m, kernels, tma=False, num_sms=0))
+    for m in layers:
+        m.weight_mode = mode
+        m.refresh()
+    fused = FusedSVDQLinear(layers)
+    want = fused(x)
+    old = fused._runner
+    member = layers[1]
+    member._restore_packed()
+    for name, b in list(member._buffers.items()):
+        if b is not None:
+            member._buffers[name] = b.clone()  # what set_module_tensor_to_device does on the way back
+    assert torch.equal(fused(x), want)
+    assert fused._runner is not old
+    if mode == "memory":
+        assert fused._runner.parts[0][1] is member._buffers["qweight"]
+
+
 @pytest.mark.parametrize("runner", ["dense", "int8"])
 @pytest.mark.parametrize("gelu", ["output", "input"])
 def test_a_stack_whose_member_has_its_own_gelu_runs_its_members_in_turn(runner, gelu):

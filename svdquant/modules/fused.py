@@ -108,6 +108,8 @@ class FusedSVDQLinear(nn.Module):
         return self._runner.restack_branch([m._runner for m in self.members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.members:  # the check each member's own forward makes: tensors moved without .to() (an
+            m._ready()  # offload hook that replaces buffers) rebuild the member, and with it this stack
         if self._runner is None:
             return torch.cat([m(x) for m in self.members], dim=-1)
         y = self._runner(x.reshape(-1, self.in_features))
