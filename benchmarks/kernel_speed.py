@@ -11,7 +11,8 @@ For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
   quantization (eager torch); ``torch._int_mm`` (cuBLAS INT8);
 * ours, speed mode (INT8 ``code · m`` resident): activation kernel + INT8 GEMM, rank-32
   branch fused, and without the branch; memory mode (4-bit resident): + the expand kernel;
-* stages: the activation kernel, the GEMM, the expand kernel alone.
+* stages: the activation kernel, the GEMM as the layer runs it (the CUTLASS kernel on H100 / H200, Triton's
+  elsewhere; before 2026-12-05 this column timed Triton's everywhere), the expand kernel alone.
 
 The layer is a real :class:`svdquant.SVDQLinear` (``int4`` recipe: two-level INT4 weights,
 INT8 activations) with random valid contents; its output is checked against the torch
@@ -265,14 +266,13 @@ def table(dev, shapes, tokens, out, rank=32):
                             r[f"ours_{mode}_r{rk}"] = bench(lambda: layer(x))
                     layer = random_layer(k, n, rank=rank, device=dev, mode="speed")
                     run = layer._runner
-                    a, a_s, la = K.quantize_activations(x, run.sinv, run.down)
-                    r["act"] = bench(lambda: K.quantize_activations(x, run.sinv, run.down))
-                    r["gemm"] = bench(lambda: K.int8_gemm(a, a_s, run.w, run.w_scale, la, run.up, run.bias,
-                                                          torch.bfloat16, tma=run.tma, w_desc=run.w_desc,
-                                                          num_programs=run.num_programs, config=run.config))
-                    r["gemm_nobranch"] = bench(lambda: K.int8_gemm(a, a_s, run.w, run.w_scale, None, None, run.bias,
-                                                                   torch.bfloat16, tma=run.tma, w_desc=run.w_desc,
-                                                                   num_programs=run.num_programs, config=run.config))
+                    # the stages as the layer runs them: X·L1ᵀ in bf16 for the CUTLASS GEMM (H100 / H200)
+                    lora_dtype = torch.bfloat16 if run.sm90 else torch.float32
+                    a, a_s, la = K.quantize_activations(x, run.sinv, run.down, lora_dtype=lora_dtype)
+                    r["act"] = bench(lambda: K.quantize_activations(x, run.sinv, run.down, lora_dtype=lora_dtype))
+                    r["gemm_kernel"] = "CUTLASS" if run.sm90 else "Triton"
+                    r["gemm"] = bench(lambda: layer_gemm(run, a, a_s, la))
+                    r["gemm_nobranch"] = bench(lambda: layer_gemm(run, a, a_s, None))
                     packed = run.packed_weight()
                     r["expand"] = bench(lambda: K.expand_int4m(packed, run.mult))
                     r["gemm_tops"] = flops / r["gemm"] / 1e9
@@ -286,6 +286,16 @@ def table(dev, shapes, tokens, out, rank=32):
                 torch.cuda.empty_cache()
     out["table"] = rows
     return rows
+
+
+def layer_gemm(run, a, a_s, la, out_dtype=torch.bfloat16):
+    """The GEMM of a speed-mode layer's runner as its forward calls it (the CUTLASS kernel where the runner uses it,
+    else Triton's), with its branch or (``la`` None) without."""
+    from svdquant.ops import library
+
+    return library.int8_gemm_impl(a, a_s, la, run.up if la is not None else None, run.bias_gemm, run.w, None,
+                                  run.w_scale_gemm, run.group, run.tma, run.num_programs or 0, False, out_dtype,
+                                  run.sm90, w_desc=run.w_desc)
 
 
 def w4a16_table(dev, out):
@@ -385,7 +395,9 @@ def main(argv=None):
         tokens = TOKENS[:1] if args.quick else TOKENS
         rows = table(dev, shapes, tokens, out)
         header = (f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}; "
-                  "median ms (triton.testing.do_bench); TOPS = 2·M·K·N / time.")
+                  "median ms (triton.testing.do_bench); TOPS = 2·M·K·N / time; GEMM: "
+                  f"{', '.join(sorted({r.get('gemm_kernel', '?') for r in rows if 'error' not in r}))}'s kernel, "
+                  "as the layer runs it.")
         (out_dir / "kernels.md").write_text(markdown(rows, header) + "\n")
         print(markdown(rows, header))
     out["seconds"] = time.time() - t0

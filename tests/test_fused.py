@@ -747,3 +747,24 @@ def test_fused_view_traces_in_one_graph():
     for block in model.transformer_blocks:
         block.compile(fullgraph=True, backend="eager")  # a graph break raises here
     assert torch.equal(tm.forward(model, inputs), before)
+
+
+@interpreted
+def test_kernel_speeds_gemm_stage_is_the_layers_own_gemm():
+    """benchmarks/kernel_speed.py times the GEMM stage through ``layer_gemm``: with the layer's own activation pass
+    it gives the layer's output exactly (the same kernel and operands as the runner's call), and without the
+    branch it differs by the branch."""
+    import sys
+    from pathlib import Path
+
+    from svdquant import kernels
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from kernel_speed import layer_gemm
+
+    (m,), x = _group(ns=(48,))
+    run = Int8Runner(m, kernels, tma=False, num_sms=0)
+    a, a_s, la = kernels.quantize_activations(x, run.sinv, run.down)
+    y = run(x)
+    assert torch.equal(layer_gemm(run, a, a_s, la, x.dtype), y)
+    assert rel(layer_gemm(run, a, a_s, None, x.dtype), y) > 1e-3
