@@ -27,7 +27,8 @@ _transformers_backend.register_on_first_use()
 
 def set_weight_mode(target, mode: str) -> int:
     """Every INT8-path layer of a model (or pipeline) to ``"speed"`` (INT8 codes resident, fastest) or
-    ``"memory"`` (4-bit codes resident, expanded per layer before its GEMM); returns how many layers."""
+    ``"memory"`` (4-bit codes resident, expanded before each GEMM: per layer, or once per call for the layers
+    ``svdquant.fuse`` stacks); returns how many layers."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r} is unknown; choose one of {WEIGHT_MODES}")
     models = _models_of(target, "set_weight_mode")

@@ -386,6 +386,9 @@ def test_a_model_on_the_int8_runners_deep_copies(mode):
     assert copied[1]._runner.kernels is kernels and copied[1]._runner.config == layers[0]._runner.config
     if mode == "speed":
         assert copied[1]._runner.w.data_ptr() != layers[0]._runner.w.data_ptr()
+    else:  # the copied stack reads the copied layers' own buffers
+        codes, mults = copied[0]._runner.parts
+        assert all(c is m._buffers["qweight"] and u is m._buffers["wmult"] for c, u, m in zip(codes, mults, copied[1:]))
     assert torch.equal(copied[0](x), fused(x)) and torch.equal(torch.cat([m(x) for m in copied[1:]], -1), want)
 
 
@@ -483,7 +486,7 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe,
                    for m, s in zip(layers, (0, 48, 80)))
     else:
         codes, mults = fused._runner.parts
-        assert all(c is m._buffers["qweight"] and u is m.wmult for c, u, m in zip(codes, mults, layers))
+        assert all(c is m._buffers["qweight"] and u is m._buffers["wmult"] for c, u, m in zip(codes, mults, layers))
         assert fused._runner.w is None and fused._runner.packed is None
     assert rel(fused(x), apart) < reassociation_bound(128)
     assert torch.equal(torch.cat([m(x) for m in layers], -1), apart)  # members still run alone
@@ -498,31 +501,35 @@ def test_stacked_int8_runner_equals_the_layers_apart_through_the_kernels(recipe,
 
 
 @interpreted
-@pytest.mark.parametrize("mode", ["speed", "memory"])
-def test_a_stack_notices_a_member_whose_buffers_were_replaced(monkeypatch, mode):
-    """accelerate's ``cpu_offload(offload_buffers=True)`` puts new tensors in a layer's buffers (not ``.data``): the
-    stack's forward makes the check each member's forward makes, so the member and the stack are rebuilt on the new
-    tensors (a memory-mode stack expands the layers' own buffers: it must not keep the old ones alive)."""
+def test_a_memory_mode_stack_runs_its_members_in_turn_under_their_offload_hooks(monkeypatch):
+    """A memory-mode stack expands its members' buffers; offload hooks on the members (here accelerate's
+    ``cpu_offload(offload_buffers=True)``, which keeps them on ``meta`` between calls; diffusers' leaf-level group
+    offloading alike) bring those in only when a member's own forward runs. So the stack runs its members in turn
+    there: each member's GEMM, none over the stack's rows, and the stacked result within the branch's reassociation
+    bound. Without hooks it runs the one GEMM."""
+    from accelerate import cpu_offload
+
     from svdquant import kernels
+    from svdquant.integrations.diffusers import compat
     from svdquant.modules import linear
 
     layers, x = _group()
     monkeypatch.setattr(linear.ops, "prepare", lambda m: Int8Runner(m, kernels, tma=False, num_sms=0))
     for m in layers:
-        m.weight_mode = mode
+        m.weight_mode = "memory"
         m.refresh()
     fused = FusedSVDQLinear(layers)
+    widths = []
+    gemm = kernels.int8_gemm
+    monkeypatch.setattr(kernels, "int8_gemm", lambda a, a_s, w, *r, **kw: widths.append(w.shape[0]) or
+                        gemm(a, a_s, w, *r, **kw))
     want = fused(x)
-    old = fused._runner
-    member = layers[1]
-    member._restore_packed()
-    for name, b in list(member._buffers.items()):
-        if b is not None:
-            member._buffers[name] = b.clone()  # what set_module_tensor_to_device does on the way back
-    assert torch.equal(fused(x), want)
-    assert fused._runner is not old
-    if mode == "memory":
-        assert fused._runner.parts[0][1] is member._buffers["qweight"]
+    assert fused._reads_members and widths == [128]
+    cpu_offload(torch.nn.ModuleList(layers), execution_device="cpu", offload_buffers=True)
+    assert all(compat.has_hooks(m) for m in layers) and all(m.qweight.is_meta for m in layers)
+    widths.clear()
+    assert rel(fused(x), want) < reassociation_bound(128)
+    assert widths == [48, 32, 48]
 
 
 @pytest.mark.parametrize("runner", ["dense", "int8"])
@@ -581,6 +588,7 @@ def test_gpu_fused_qkv_at_flux_shape_equals_the_layers_apart(mode):
     fused = FusedSVDQLinear(layers)
     added = torch.cuda.memory_allocated() - allocated
     assert added < 4 * 2**20, added  # the members view the stacked weight (a copy would add 28 MB)
+    assert fused._runner is not None and (fused._runner.parts is not None) == (mode == "memory")
     y = fused(x)
     assert float((y.float() - apart.float()).norm() / apart.float().norm()) < 1e-6
     layers[2].add_adapter("l", torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16) * 0.01,
@@ -768,3 +776,20 @@ def test_kernel_speeds_gemm_stage_is_the_layers_own_gemm():
     y = run(x)
     assert torch.equal(layer_gemm(run, a, a_s, la, x.dtype), y)
     assert rel(layer_gemm(run, a, a_s, None, x.dtype), y) > 1e-3
+
+
+@interpreted
+def test_the_layer_choice_times_a_memory_mode_stack_under_its_own_key(monkeypatch):
+    """svdquant.optimize's cost table (one file per machine, kept across versions) timed memory-mode stacks when
+    they ran their members in turn: a stack that runs one GEMM gets a key of its own, so it is timed afresh."""
+    from svdquant import kernels
+    from svdquant.pipelines.layer_choice import _key
+
+    layers, x = _group()
+    for m in layers:
+        m.weight_mode = "memory"
+        m._runner = Int8Runner(m, kernels, tma=False, num_sms=0)
+    fused = FusedSVDQLinear(layers)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    assert _key(fused, 64, torch.float32).split("|")[6] == "memory+stacked"
+    assert _key(layers[0], 64, torch.float32).split("|")[6] == "memory"

@@ -382,7 +382,8 @@ def test_scoring_precision_quick(tmp_path):
 def test_random_models_give_a_shared_branch_group_one_down_projection(bench):
     """Both benchmark builders' random layers are laid out as a quantized checkpoint's: the members of a
     shared-branch group (q/k/v, a FLUX single block's q/k/v + MLP) hold one down projection, so their stacked GEMM
-    keeps a rank-32 branch (the Hopper GEMM takes ranks up to 64), not a block-diagonal one of rank 96 or 128."""
+    keeps a rank-32 branch (the Hopper GEMM's 128 × 256 tiles take ranks up to 64), not a block-diagonal one of rank 96
+    or 128."""
     import flux_step
 
     from svdquant.models import get_adapter

@@ -19,9 +19,10 @@ stream); an SD3 joint attention gets :class:`FusedJointAttnProcessor`, which rea
 member layers stay the modules of record: the state dict, checkpoints and LoRAs address
 them, and they can still run alone. On the GPU's speed mode the fused runner holds the stacked INT8
 weight and the members hold row views of it, so nothing is resident twice; in memory mode it expands the members'
-own 4-bit codes (their buffers, where offloading hooks move them) into one INT8 operand per call (memory mode ran
-its members in turn before: on an H200 its FLUX.1-dev step was 15.7 % slower than fused speed mode). Elsewhere (the
-CPU reference) the fused module concatenates its members' outputs, which is exactly the unfused result.
+own 4-bit codes (their buffers) into one INT8 operand per call (memory mode ran its members in turn before: on an
+H200 its FLUX.1-dev step was 15.7 % slower than fused speed mode). Where offload hooks sit on the members (leaf-level
+group offloading), a memory-mode stack runs its members in turn, so that the hooks bring their buffers in. Elsewhere
+(the CPU reference) the fused module concatenates its members' outputs, which is exactly the unfused result.
 
 **GELU.** FLUX's and Wan's MLPs compute ``fc2(GELU_tanh(fc1(x)))`` (diffusers' ``GELU`` module of a
 ``FeedForward``; a FLUX single block's ``proj_out(cat([attention, act_mlp(proj_mlp(x))]))``). Unfused, the GELU
@@ -83,15 +84,17 @@ class FusedSVDQLinear(nn.Module):
         runners = [m._runner for m in self.members]
         outs = [m.out_features for m in self.members]
         self._runner = None
+        self._reads_members = False
         bump_revision()
         kind = type(runners[0])
         gelu = any(m.output_gelu or m.input_gelu_from is not None for m in self.members)
         if not kind.stacks or any(type(r) is not kind for r in runners) or gelu:
             return  # the CPU reference, another path, or a member's own GELU: the members run in turn
-        try:  # the INT8 kernels (members then hold row views), or svdquant.optimize's one 16-bit GEMM
+        try:  # the INT8 kernels (speed mode: members then hold row views), or svdquant.optimize's one 16-bit GEMM
             self._runner = kind.stack(runners, outs)
         except ValueError:  # layers that do not share their input's smoothing, or in two weight modes
             return
+        self._reads_members = getattr(self._runner, "parts", None) is not None  # memory mode: their buffers
         self.sync_compiled_activations()
 
     def sync_compiled_activations(self) -> None:
@@ -108,9 +111,9 @@ class FusedSVDQLinear(nn.Module):
         return self._runner.restack_branch([m._runner for m in self.members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.members:  # the check each member's own forward makes: tensors moved without .to() (an
-            m._ready()  # offload hook that replaces buffers) rebuild the member, and with it this stack
-        if self._runner is None:
+        # a memory-mode stack reads its members' buffers, which offload hooks on the members (leaf-level group
+        # offloading, accelerate's cpu_offload) bring in only when the members' own forwards run
+        if self._runner is None or (self._reads_members and any(compat.has_hooks(m) for m in self.members)):
             return torch.cat([m(x) for m in self.members], dim=-1)
         y = self._runner(x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)

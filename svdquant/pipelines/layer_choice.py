@@ -138,6 +138,8 @@ def _key(m, rows: int, dtype) -> str:
         mode += "+gelu"
     if getattr(getattr(m, "_runner", None), "sm90", False):  # the CUTLASS GEMM: tables timed with Triton's differ
         mode += "+cutlass"
+    if getattr(getattr(m, "_runner", None), "parts", None) is not None:  # a memory-mode stack: one GEMM since
+        mode += "+stacked"  # 2026-12-05 (its members in turn before, which older tables timed under "memory")
     return key(torch.cuda.get_device_name(first.device), rows, m.in_features, m.out_features, first.weights,
                first.activations, mode, dtype)
 

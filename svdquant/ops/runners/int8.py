@@ -102,7 +102,7 @@ class Int8Runner(Runner):
         attention): one activation pass and one GEMM instead of one each. Speed mode: the members are then rebound
         to row views of its INT8 weight (:meth:`view_rows`), so nothing is held twice. Memory mode: it expands
         the members' own 4-bit codes into one INT8 operand per call (:func:`~svdquant.ops.library.expand_rows`):
-        the codes stay in the layers' buffers, where offloading hooks move them."""
+        the codes stay in the layers' buffers."""
         new = cls._stacked(runners, out_features)
         if new.mode == "speed":
             start = 0
@@ -115,8 +115,10 @@ class Int8Runner(Runner):
     def _stacked(cls, runners: list["Int8Runner"], out_features: list[int]) -> "Int8Runner":
         first = runners[0]
         for r in runners:
-            if r.mode != first.mode or (r.w if r.mode == "speed" else r.packed) is None:
+            if r.mode != first.mode:
                 raise ValueError("layers stack only in one weight mode")
+            if (r.w if r.mode == "speed" else r.packed) is None:
+                raise ValueError("a layer without its weight (not prepared) does not stack")
             if (r.a4, r.shift, r.unsigned_from, r.group, r.k, r.tma) != (
                     first.a4, first.shift, first.unsigned_from, first.group, first.k, first.tma) \
                     or not torch.equal(r.sinv, first.sinv):
