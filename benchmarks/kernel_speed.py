@@ -16,8 +16,8 @@ For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
 
 The layer is a real :class:`svdquant.SVDQLinear` (``int4`` recipe: two-level INT4 weights,
 INT8 activations) with random valid contents; its output is checked against the torch
-reference before timing. ``--sweep`` also times the W4A16 kernel at M = 1..4 against its
-4-bit bytes. Writes ``kernels.json`` and ``kernels.md`` to ``--out``.
+reference before timing. The W4A16 kernel (adaLN shapes, M = 1..4, with a sweep of its steps and blocks) is
+timed against its 4-bit bytes. Writes ``kernels.json`` and ``kernels.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
+ADALN_SHAPES = [(3072, 18432), (3072, 9216)]  # FLUX.1's adaLN modulations: double blocks, single blocks
+# the W4A16 kernel's sweep (FLUX's adaLN GEMVs run at 12-17 % of the copy rate with its defaults: latency-bound)
+W4A16_CONFIGS = [dict(groups_per_step=g, block_n=b, num_warps=w) for g in (1, 2, 4, 8, 16) for b in (16, 32, 64)
+                 for w in (2, 4)]
 TOKENS = [4096, 4608]
 BATCHES = [1, 4]
 GEMM_CONFIGS = [
@@ -209,7 +213,7 @@ def sweep_small(dev, out):
                 gbs = (p.numel() + mult.numel() + 2 * p.numel()) / t / 1e6
                 rows.append(dict(stage="expand", k=k, n=n, block_n=bn, warps=nw, ms=t, gbs=gbs))
                 print(json.dumps(rows[-1]), flush=True)
-    for (k, n) in [(3072, 18432), (3072, 9216)]:
+    for (k, n) in ADALN_SHAPES:
         w = torch.randn(n, k, device=dev)
         q = quantize(w, "int4", scale_dtype=torch.bfloat16)
         p = pack_4bit_halves(q.codes, 64)
@@ -309,7 +313,7 @@ def w4a16_table(dev, out):
     copy_tbs = 2 * big.numel() / bench(lambda: big.clone()) / 1e9
     del big
     rows = []
-    for (k, n) in [(3072, 18432), (3072, 9216)]:
+    for (k, n) in ADALN_SHAPES:
         w = torch.randn(n, k, device=dev)
         q = quantize(w, "int4", scale_dtype=torch.bfloat16)
         p, sc = pack_4bit_halves(q.codes, 64), q.scales
@@ -321,8 +325,20 @@ def w4a16_table(dev, out):
             t_ref = bench(lambda: weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None,
                                                      None, None))
             t16 = bench(lambda: F.linear(x, w16))
+            want = K.w4a16_linear(x, p, sc, None).float()
+            sweep = {}  # more groups per loop step (bytes in flight per program), other blocks: checked, then timed
+            for cfg in W4A16_CONFIGS:
+                try:
+                    got = K.w4a16_linear(x, p, sc, None, **cfg).float()
+                    ok = float((got - want).norm() / want.norm()) < 1e-2
+                    sweep[json.dumps(cfg)] = bench(lambda: K.w4a16_linear(x, p, sc, None, **cfg)) if ok else "wrong"
+                except Exception as e:  # a config that does not compile: said, not fatal
+                    sweep[json.dumps(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
+            timed = {c: v for c, v in sweep.items() if isinstance(v, float)}
+            best = min(timed, key=timed.get) if timed else None
             rows.append(dict(k=k, n=n, m=mt, ms=t, reference_ms=t_ref, bf16_ms=t16, tbs=nbytes / t / 1e9,
-                             copy_tbs=copy_tbs))
+                             copy_tbs=copy_tbs, sweep=sweep, best=best, best_ms=timed.get(best),
+                             best_tbs=nbytes / timed[best] / 1e9 if best else None))
             print("w4a16", json.dumps(rows[-1]), flush=True)
     out["w4a16"] = rows
 

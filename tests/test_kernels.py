@@ -253,22 +253,23 @@ def test_expand_gives_code_times_multiplier():
 
 
 @cpu_only
-@pytest.mark.parametrize("m_tokens", [1, 3, 16])
-def test_w4a16_matches_reference(m_tokens):
+@pytest.mark.parametrize("m_tokens,groups_per_step", [(1, 1), (3, 1), (16, 1), (3, 2), (5, 4)])
+def test_w4a16_matches_reference(m_tokens, groups_per_step):
+    """K = 200 (4 groups, the last partial) read one group per step or several: the same result."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(48, 200, generator=g)
     q = quantize(w, "int4", scale_dtype=torch.float32)
     x = torch.randn(m_tokens, 200, generator=g)
     bias = torch.randn(48, generator=g)
-    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, bias, block_n=16)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, bias, block_n=16, groups_per_step=groups_per_step)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q), None, None, bias)
     assert rel(y, want) < 1e-6, f"seed {seed}"
 
 
 @cpu_only
-@pytest.mark.parametrize("m_tokens", [1, 5])
-def test_w4a16_zero_points_match_reference(m_tokens):
+@pytest.mark.parametrize("m_tokens,groups_per_step", [(1, 1), (5, 1), (5, 4)])
+def test_w4a16_zero_points_match_reference(m_tokens, groups_per_step):
     """int4z (AWQ layers imported from Nunchaku): unsigned codes, w = code · scale + zero."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
@@ -276,7 +277,8 @@ def test_w4a16_zero_points_match_reference(m_tokens):
     q = quantize(w, "int4z", scale_dtype=torch.float32)
     assert int(q.codes.max()) == 15 and int(q.codes.min()) == 0  # both nibble ranges are used
     x = torch.randn(m_tokens, 200, generator=g)
-    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, zeros=q.zeros, block_n=16)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, zeros=q.zeros, block_n=16,
+                       groups_per_step=groups_per_step)
     want = R.weight_only_linear(x, get_format("int4z").dequantize(q), None, None, None)
     assert rel(y, want) < 1e-6, f"seed {seed}"
 
@@ -316,6 +318,10 @@ def test_w4a16_refuses_many_tokens():
     q = quantize(torch.randn(16, 64), "int4")
     with pytest.raises(ValueError, match="at most 16 tokens"):
         K.w4a16_linear(torch.randn(17, 64), pack_4bit_halves(q.codes, 64), q.scales, None)
+    q = quantize(torch.randn(16, 384), "int4")  # 6 groups a row
+    for bad in (0, 3, 4):
+        with pytest.raises(ValueError, match=f"groups_per_step={bad} must be a power of two dividing the 6 groups"):
+            K.w4a16_linear(torch.randn(2, 384), pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=bad)
 
 
 # ---------------------------------------------------------------------------- the paper's formats (interpreter)
@@ -528,11 +534,11 @@ def test_gpu_w4a16_zero_points_at_flux_adaln_shape(m_tokens):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m_tokens", [1, 2, 4])
-def test_gpu_w4a16_at_flux_adaln_shape(m_tokens):
+@pytest.mark.parametrize("m_tokens,groups_per_step", [(1, 1), (2, 1), (4, 1), (1, 4), (4, 8), (4, 16)])
+def test_gpu_w4a16_at_flux_adaln_shape(m_tokens, groups_per_step):
     w = torch.randn(18432, 3072, device="cuda")
     q = quantize(w, "int4", scale_dtype=torch.bfloat16)
     x = torch.randn(m_tokens, 3072, device="cuda", dtype=torch.bfloat16)
-    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=groups_per_step)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None, None, None)
     assert rel(y, want) < 1e-2

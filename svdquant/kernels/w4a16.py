@@ -4,10 +4,12 @@ Reference: :func:`svdquant.ops.reference.weight_only_linear` on the dequantized 
 (``code · scale`` rounded to X's dtype, as the reference does). FLUX's adaLN modulation
 linears run on one token per image (M = batch), so they are memory-bound: the time is the
 4-bit weight bytes over bandwidth. Each program owns ``BLOCK_N`` output channels and walks
-K one group of 64 at a time: unpack the two halves of the group (byte j = codes j and
-j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
-padded to 16 inside the kernel, never in memory). A split-K variant with several groups
-per step measured slower on an H200 (its extra reduction launch costs more than it saves).
+K ``GROUPS_PER_STEP`` groups of 64 at a time: unpack the two halves of each group (byte j = codes j
+and j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
+padded to 16 inside the kernel, never in memory). One group a step (the default) reads at 12-17 % of
+the copy rate on an H200 (latency-bound: 1 KB per program per step); wider steps put more bytes in
+flight and await the GPU sweep (``benchmarks/kernel_speed.py``). A split-K variant with a separate
+reduction launch measured slower on an H200 (the extra launch costs more than it saves).
 With ``zeros`` (the ``int4z`` format: AWQ layers imported from Nunchaku) the codes are unsigned
 and each weight is ``code · scale + zero``, the product exact in fp32 (4-bit code, 16-bit scale),
 so a fused multiply-add rounds it once, as the reference does.
@@ -25,30 +27,43 @@ from .common import groups_per_program, interpreting, load_halves
 @triton.jit
 def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                  KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, F32_DOT: tl.constexpr):
+                 HAS_ZEROS: tl.constexpr, F32_DOT: tl.constexpr, GROUPS_PER_STEP: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rows < N
     ms = tl.arange(0, 16)
     mmask = ms < M
-    half = tl.arange(0, GROUP // 2)
+    H: tl.constexpr = GROUP // 2
+    STEP: tl.constexpr = GROUPS_PER_STEP * H  # packed bytes per row per step: GROUPS_PER_STEP whole groups
+    byte = tl.arange(0, STEP)
+    within = byte % H  # code j (low nibble) and j + GROUP/2 (high) of group byte // H
     n_groups: tl.constexpr = KP // GROUP
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for g in range(0, n_groups):
-        c_lo, c_hi = load_halves(p_ptr, rows, nmask, g, KP, GROUP, not HAS_ZEROS)
-        sc = tl.load(s_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
-        k_lo = g * GROUP + half
+    for step in range(0, n_groups // GROUPS_PER_STEP):
+        g0 = step * GROUPS_PER_STEP
+        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g0 * H + byte[None, :], mask=nmask[:, None], other=0)
+        if HAS_ZEROS:  # unsigned codes
+            bu = b.to(tl.int32)
+            c_lo, c_hi = bu & 15, bu >> 4
+        else:  # signed: a shift pair on int8 sign-extends each half
+            bs = b.to(tl.int8, bitcast=True)
+            c_lo, c_hi = (bs << 4) >> 4, bs >> 4
+        gcols = g0 + tl.arange(0, GROUPS_PER_STEP)
+        sc = _per_code(tl.load(s_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
+                               other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
+        k_lo = (g0 + byte // H) * GROUP + within
         x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
                        other=0.0)
-        x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + GROUP // 2)[None, :],
-                       mask=mmask[:, None] & (k_lo + GROUP // 2 < K)[None, :], other=0.0)
-        if HAS_ZEROS:  # unsigned codes: code · scale + zero
-            zr = tl.load(z_ptr + rows * n_groups + g, mask=nmask, other=0.0).to(tl.float32)
-            w_lo = (c_lo.to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
-            w_hi = (c_hi.to(tl.float32) * sc[:, None] + zr[:, None]).to(x_lo.dtype)
+        x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + H)[None, :],
+                       mask=mmask[:, None] & (k_lo + H < K)[None, :], other=0.0)
+        if HAS_ZEROS:  # code · scale + zero, the product exact in fp32: one rounding, as the reference
+            zr = _per_code(tl.load(z_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
+                                   other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
+            w_lo = (c_lo.to(tl.float32) * sc + zr).to(x_lo.dtype)
+            w_hi = (c_hi.to(tl.float32) * sc + zr).to(x_lo.dtype)
         else:  # the reference's weight, in x's dtype
-            w_lo = (c_lo.to(tl.float32) * sc[:, None]).to(x_lo.dtype)
-            w_hi = (c_hi.to(tl.float32) * sc[:, None]).to(x_lo.dtype)
+            w_lo = (c_lo.to(tl.float32) * sc).to(x_lo.dtype)
+            w_hi = (c_hi.to(tl.float32) * sc).to(x_lo.dtype)
         if F32_DOT:  # the CPU interpreter cannot multiply bf16; fp32 inputs keep fp32 accuracy
             acc = tl.dot(x_lo.to(tl.float32), w_lo.to(tl.float32).T, acc, input_precision="ieee")
             acc = tl.dot(x_hi.to(tl.float32), w_hi.to(tl.float32).T, acc, input_precision="ieee")
@@ -59,6 +74,12 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         acc += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _per_code(v, BLOCK_N: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
+    """``v`` [BLOCK_N, G] (one value per group) repeated for each of a group's H codes: [BLOCK_N, G · H]."""
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, G, H)), (BLOCK_N, G * H))
 
 
 MAX_TOKENS = 16  # beyond this the layer is no longer memory-bound: dequantize once and use cuBLAS
@@ -110,19 +131,26 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: t
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
                  zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 2,
-                 num_stages: int = 4) -> torch.Tensor:
+                 num_stages: int = 4, groups_per_step: int = 1) -> torch.Tensor:
     """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout; unsigned with
     ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype. Block defaults:
-    the fastest measured on an H200."""
+    the fastest measured on an H200. ``groups_per_step`` (a power of two dividing the group count): groups each
+    loop step reads, so more bytes are in flight per program; 1 is the measured kernel, wider steps are for the
+    sweep (``benchmarks/kernel_speed.py --sweep``) until one measures faster."""
     m, k = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
+    groups = packed.shape[1] * 2 // group_size
+    if groups_per_step < 1 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
+        raise ValueError(f"groups_per_step={groups_per_step} must be a power of two dividing the {groups} groups "
+                         "of a row")
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w4a16_kernel[(triton.cdiv(n, block_n),)](
         x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, m, n, k,
         x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
         HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
-        F32_DOT=interpreting() or x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        F32_DOT=interpreting() or x.dtype == torch.float32, GROUPS_PER_STEP=groups_per_step, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return y
