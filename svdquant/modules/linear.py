@@ -31,11 +31,10 @@ accelerate's hooks replace buffers): ``forward`` notices that its buffers are ot
 another device, than the runner was made from, and prepares again. A LoRA change rebuilds only the
 branch, at the next call, when the tensors are back on the device that runs it.
 
-Weight modes (GPU kernels of the INT8 path): ``"speed"`` expands the 4-bit codes once
-into INT8 ``code × multiplier`` (1 byte per weight resident; the packed copy is dropped
-from the device and rebuilt when the state dict is read), ``"memory"`` keeps 4-bit codes
-resident and expands each layer right before its GEMM (the q/k/v that :func:`svdquant.fuse` stacks together, once
-per call). ``"auto"`` is speed.
+Weight modes (GPU kernels of the INT8 path): ``"speed"`` expands the 4-bit codes once into INT8 ``code ×
+multiplier`` (1 byte per weight resident; the packed copy is dropped from the device and rebuilt when the state dict
+is read), ``"memory"`` keeps 4-bit codes resident and expands each layer right before its GEMM (the q/k/v that
+:func:`svdquant.fuse` stacks, together). ``"auto"`` is speed.
 """
 
 from __future__ import annotations
