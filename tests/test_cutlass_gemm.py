@@ -34,7 +34,7 @@ VARIANTS = [  # (out, rank, bias, gelu): what the engine launches
     ("bf16", 64, None, False),  # a branch widened by a LoRA (rank 32 + 32, copied to bf16 by the runner)
     ("bf16", 16, "bf16", False),  # a rank-16 branch
     # a stacked group whose members carry LoRAs (32 shared + 4 x 16, padded): 128 x 128 tiles (cutlass_launch.plan);
-    # the engine takes it once the GPU reference test has passed (NOTES-GPU.md, session 22)
+    # the engine takes it since this test passed on an H200 (NOTES-GPU.md, session 23)
     ("bf16", 128, "bf16", False),
 ]
 
