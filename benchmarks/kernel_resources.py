@@ -96,7 +96,7 @@ def _w4a16():
     W = importlib.import_module("svdquant.kernels.w4a16")
     sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", M="i32",
                N="i32", K="i32", stride_xm="i32", stride_ym="i32")
-    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, HAS_BIAS=True, HAS_ZEROS=False, F32_DOT=False)
+    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, HAS_BIAS=True, HAS_ZEROS=False, F32_DOT=False, GROUPS_PER_STEP=1)
     return W.w4a16_kernel, sig, consts, 2, 4
 
 
