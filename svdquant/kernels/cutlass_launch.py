@@ -26,7 +26,7 @@ SMALL_TILE_RATE = 0.85
 L2_RESIDENT_BYTES = 24 << 20
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-# 128 at 128 × 128 tiles only (two swizzle rows): at 0.88-1.07x bare FP8 on an H200 where Triton's kernel ran
+# 128 at 128 × 128 tiles only (two swizzle rows): at 0.81-1.07x bare FP8 on an H200 where Triton's kernel ran
 # 0.67-1.00x (NOTES-GPU.md session 23)
 RANKS = (16, 32, 64, 128)
 

@@ -241,4 +241,4 @@ def _(q, k, v, q_mean, k_mean, q_factor, k_factor, mask_bias, qk_scale):
     return v.new_empty(q.shape)
 
 
-__all__ = ["dequantize_int4", "int8_attention", "int8_attention_impl", "int8_gemm", "int8_gemm_impl", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]
+__all__ = ["dequantize_int4", "expand_rows", "expand_rows_impl", "int8_attention", "int8_attention_impl", "int8_gemm", "int8_gemm_impl", "int8_linear", "int8_linear_impl", "float_scales_linear", "float_scales_linear_impl", "w4a16_linear"]
