@@ -1,0 +1,193 @@
+"""The INT8 activation passes of a FLUX.1-dev step, each timed in a CUDA graph, against their bandwidth floor.
+
+    python3 benchmarks/activation_passes.py --out $OUT            # GPU: the step's passes, then a block sweep
+    python3 benchmarks/activation_passes.py --no-sweep --out $OUT # the passes at the shipped blocks only
+    python benchmarks/activation_passes.py --smoke                # CPU: tiny shapes through the interpreter
+
+A compiled FLUX.1-dev step spends 12.8 ms (H200, batch 1) in ~228 activation passes (smoothing, per-token INT8
+quantization and ``X·L1ᵀ``: :func:`svdquant.kernels.quantize_activations`, two kernels each), where reading X twice
+and writing its codes once at the copy rate would take ~5 ms. Timing the kernel eagerly cannot say where the rest
+goes: a pass is ~15-100 µs of GPU work behind ~50 µs of host work (Python, five allocations, two launches), so
+``do_bench`` times the host at the small shapes. Here every pass type of the step (the image and text streams of
+a double block, a single block's stacked input and its two-part ``proj_out`` with the MLP's GELU) is captured
+``--calls`` times in one CUDA graph and replayed, as the step runs it: µs per pass, against its floor (the bytes
+of one and two reads of X, the partial maxima and down projections pass 1 writes and pass 2 reads, and the codes,
+at this card's copy rate), and the step's total (count × µs). The calls of one graph read the same X: a small one
+stays in L2 between them, as a pass's input, just written by its producer, often does in the step. ``--sweep`` then times the kernel's block options per
+pass type (each checked against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3).
+Writes ``activation_passes.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RANK = 32
+# name, rows per image, K, GELU from (None: no GELU), K of the first part (None: one part), passes per step
+FLUX_PASSES = [
+    ("double, image: q/k/v, out, fc1", 4096, 3072, None, None, 19 * 3),
+    ("double, image: fc2 (GELU)", 4096, 12288, 0, None, 19),
+    ("double, text: q/k/v, out, fc1", 512, 3072, None, None, 19 * 3),
+    ("double, text: fc2 (GELU)", 512, 12288, 0, None, 19),
+    ("single: q/k/v + MLP up", 4608, 3072, None, None, 38),
+    ("single: proj_out (two parts, GELU)", 4608, 15360, 3072, 3072, 38),
+]
+SWEEP = dict(stats_block_m=(32, 64, 128), stats_block_k=(128, 256), target_programs=(512, 1024, 2048, 8192),
+             num_warps=(4, 8))
+SMOKE_SWEEP = dict(stats_block_m=(32,), stats_block_k=(128,), target_programs=(512, 8192), num_warps=(4,))
+
+
+def pass_inputs(m, k, gelu_from, head, device, dtype, seed=0):
+    """X (or its two parts), 1/λ and a rank-32 down projection, random."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    sinv = (torch.rand(k, generator=g) + 0.5).to(device)
+    down = (torch.randn(RANK, k, generator=g) * 0.02).to(device, dtype)
+    kw = dict(input_gelu_from=gelu_from, lora_dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+    if head is not None:  # the attention output | a column slice of the stacked GEMM's 21,504-wide output
+        wide = torch.randn(m, 9216 + k - head, generator=g).to(device, dtype)
+        return (x[:, :head].contiguous(), sinv, down), dict(kw, tail=wide[:, 9216:])
+    return (x, sinv, down), kw
+
+
+def floor_us(m, k, copy_gbs, splits, with_lora=True) -> dict:
+    """The pass's bytes at the copy rate: X read once or twice, pass 1's partials (maxima, and the down projections
+    in fp32) written and read, the codes and scales written."""
+    x = m * k * 2
+    partials = splits * m * (2 * 4 + (RANK * 4 if with_lora else 0))
+    out = m * (k + 4 + RANK * 2)
+    return {"one_read_us": (x + out) / copy_gbs / 1e3, "two_reads_us": (2 * x + 2 * partials + out) / copy_gbs / 1e3}
+
+
+def graph_us(fn, calls: int, reps: int) -> float:
+    """µs per call of ``fn`` captured ``calls`` times in one CUDA graph and replayed ``reps`` times (median)."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def wall_us(fn, calls: int, reps: int) -> float:
+    """The CPU smoke run's stand-in for :func:`graph_us` (the interpreter: plumbing, not speed)."""
+    fn()
+    t = time.perf_counter()
+    for _ in range(calls * reps):
+        fn()
+    return (time.perf_counter() - t) * 1e6 / (calls * reps)
+
+
+def same(a, b) -> bool:
+    """Codes and scales equal, ``X·L1ᵀ`` within 1e-3 (another split sums the down projection in another order)."""
+    la, lb = a[2].float(), b[2].float()
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and float((la - lb).norm() / lb.norm()) < 1e-3
+
+
+def splits_of(k, m, kw) -> int:
+    """Pass 1's K splits for these blocks, as the launcher picks them."""
+    from svdquant.kernels import activations as A
+
+    kp = k + (-k) % 64
+    b1, _ = A._blocks(kp, False, 64, kw.get("block_k", 256), kw.get("stats_block_k", 128))
+    return A._splits(kp // b1, -(-m // kw.get("stats_block_m", 64)), kw.get("target_programs", 8192))
+
+
+def run(args) -> dict:
+    from svdquant import kernels as K
+
+    dev = "cpu" if args.smoke else "cuda"
+    timer = wall_us if args.smoke else graph_us
+    scale = (64, 16) if args.smoke else (1, 1)  # tiny shapes through the interpreter
+    if args.smoke:
+        copy_gbs = 1.0
+    else:
+        big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        copy_gbs = 2 * big.numel() / timer(lambda: big.clone(), 5, 10) / 1e3
+        del big
+    res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", batch=args.batch,
+               copy_gbs=copy_gbs, passes=[])
+    for name, rows, k, gelu_from, head, count in FLUX_PASSES:
+        m, k = rows * args.batch // scale[0], k // scale[1]
+        gelu_from = None if gelu_from is None else gelu_from // scale[1]
+        head = None if head is None else head // scale[1]
+        pos, kw = pass_inputs(m, k, gelu_from, head, dev, torch.float32 if args.smoke else torch.bfloat16)
+        want = K.quantize_activations(*pos, **kw)
+        us = timer(lambda: K.quantize_activations(*pos, **kw), args.calls, args.reps)
+        row = dict(name=name, m=m, k=k, count=count, us=us, step_ms=count * us / 1e3,
+                   **floor_us(m, k, copy_gbs, splits_of(k, m, {})))
+        if args.sweep:
+            row["sweep"] = {}
+            sweep = SMOKE_SWEEP if args.smoke else SWEEP
+            for values in itertools.product(*sweep.values()):
+                blocks = dict(zip(sweep, values))
+                try:
+                    ok = same(K.quantize_activations(*pos, **kw, **blocks), want)
+                    row["sweep"][json.dumps(blocks)] = (
+                        timer(lambda: K.quantize_activations(*pos, **kw, **blocks), args.calls, args.reps)
+                        if ok else "wrong")
+                except Exception as e:  # a block choice that does not compile or launch: said, not fatal
+                    row["sweep"][json.dumps(blocks)] = f"{type(e).__name__}: {str(e)[:120]}"
+            timed = {c: t for c, t in row["sweep"].items() if isinstance(t, float)}
+            if timed:
+                row["best"] = min(timed, key=timed.get)
+                row["best_us"] = timed[row["best"]]
+        res["passes"].append(row)
+        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ != "sweep"}), flush=True)
+    res["step_ms"] = sum(r["step_ms"] for r in res["passes"])
+    res["step_ms_best"] = sum(r["count"] * r.get("best_us", r["us"]) / 1e3 for r in res["passes"])
+    res["step_floor_ms"] = sum(r["count"] * r["two_reads_us"] / 1e3 for r in res["passes"])
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=20, help="passes captured in one graph")
+    ap.add_argument("--reps", type=int, default=20, help="graph replays (the median is taken)")
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="the shipped blocks only")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through Triton's interpreter")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.calls < 1 or args.reps < 1:
+        ap.error("--batch, --calls and --reps must be at least 1")
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU; --smoke runs the plumbing on the CPU")
+    if args.smoke:
+        args.calls, args.reps = 1, 1
+    res = run(args)
+    print(f"step: {res['step_ms']:.2f} ms in activation passes (best blocks {res['step_ms_best']:.2f}, floor with "
+          f"two reads {res['step_floor_ms']:.2f})")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "activation_passes.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
