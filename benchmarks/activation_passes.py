@@ -69,29 +69,11 @@ def floor_us(m, k, copy_gbs, splits, with_lora=True) -> dict:
 
 
 def graph_us(fn, calls: int, reps: int) -> float:
-    """µs per call of ``fn`` captured ``calls`` times in one CUDA graph and replayed ``reps`` times (median)."""
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+    """µs per call of ``fn`` captured ``calls`` times in one CUDA graph and replayed ``reps`` times (median): the
+    layer choice's own timer (:func:`svdquant.pipelines.layer_choice.graph_ms`)."""
+    from svdquant.pipelines.layer_choice import graph_ms
+
+    return graph_ms(fn, reps=reps, inner=calls) * 1e3
 
 
 def wall_us(fn, calls: int, reps: int) -> float:
