@@ -55,10 +55,11 @@ def sm90_runners(model) -> list:
     load): setting their ``sm90`` to False runs the Triton GEMM instead (their branch and padded scales read alike).
     A FLUX single block's stack (q/k/v + the MLP's up projection) is held in the block's state, not as a submodule:
     its runner is counted too (until 2026-12-05 it was missed, and the Triton A/B ran those GEMMs on CUTLASS)."""
-    from svdquant._state import peek
+    from svdquant.modules import stacks
 
-    holders = [*model.modules(), *(peek(mod).stack for mod in model.modules() if peek(mod).stack is not None)]
-    return [r for r in (getattr(h, "_runner", None) for h in holders) if getattr(r, "sm90", False)]
+    holders = [*model.modules(), *stacks(model)]  # a stack among the submodules comes twice: counted once
+    return list({id(r): r for r in (getattr(h, "_runner", None) for h in holders) if getattr(r, "sm90", False)}
+                .values())
 
 
 def bench(fn, rep=300):

@@ -31,11 +31,14 @@ def groups_per_program(groups: int) -> int:
 
 
 @triton.jit
-def load_halves(p_ptr, rows, rmask, g, KP: tl.constexpr, GROUP: tl.constexpr, SIGNED: tl.constexpr):
+def load_halves(p_ptr, rows, rmask, g, KP: tl.constexpr, GROUP: tl.constexpr, SIGNED: tl.constexpr,
+                GROUPS: tl.constexpr = 1):
     """Group ``g``'s codes of ``rows``, packed in halves (byte j holds code j low, j + GROUP/2 high;
     :func:`svdquant.formats.pack_4bit_halves`): ``(codes[:, :GROUP/2], codes[:, GROUP/2:])``. Signed codes
-    sign-extend by a shift pair on int8; unsigned ones (``int4z``) are masked."""
-    half = tl.arange(0, GROUP // 2)
+    sign-extend by a shift pair on int8; unsigned ones (``int4z``) are masked. ``GROUPS`` groups from ``g`` on
+    (their bytes are contiguous): each half then holds the groups' halves side by side,
+    ``[rows, GROUPS · GROUP/2]``."""
+    half = tl.arange(0, GROUPS * GROUP // 2)
     b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g * (GROUP // 2) + half[None, :], mask=rmask[:, None], other=0)
     if SIGNED:
         bs = b.to(tl.int8, bitcast=True)

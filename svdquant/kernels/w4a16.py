@@ -41,13 +41,7 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for step in range(0, n_groups // GROUPS_PER_STEP):
         g0 = step * GROUPS_PER_STEP
-        b = tl.load(p_ptr + rows[:, None] * (KP // 2) + g0 * H + byte[None, :], mask=nmask[:, None], other=0)
-        if HAS_ZEROS:  # unsigned codes
-            bu = b.to(tl.int32)
-            c_lo, c_hi = bu & 15, bu >> 4
-        else:  # signed: a shift pair on int8 sign-extends each half
-            bs = b.to(tl.int8, bitcast=True)
-            c_lo, c_hi = (bs << 4) >> 4, bs >> 4
+        c_lo, c_hi = load_halves(p_ptr, rows, nmask, g0, KP, GROUP, not HAS_ZEROS, GROUPS_PER_STEP)
         gcols = g0 + tl.arange(0, GROUPS_PER_STEP)
         sc = _per_code(tl.load(s_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
                                other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)

@@ -423,6 +423,13 @@ def unfuse(model: nn.Module) -> dict[str, int]:
     return done
 
 
+def stacks(model: nn.Module) -> list[FusedSVDQLinear]:
+    """Every stack of ``model``: the fused projections among its submodules, then each FLUX single block's q/k/v + MLP
+    stack, which the block's state holds (not a submodule)."""
+    found = [m for m in model.modules() if isinstance(m, FusedSVDQLinear)]
+    return found + [peek(b).stack for b in model.modules() if peek(b).stack is not None]
+
+
 def _quantized(m) -> bool:
     return isinstance(m, SVDQLinear) and m.activations is not None
 

@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._state import peek
-from ..modules import FusedSVDQLinear, SVDQLinear
+from ..modules import FusedSVDQLinear, SVDQLinear, stacks
 from ..ops.reference import gelu_columns
 
 MARGIN = 0.95  # 16-bit only when at least 5 % faster: the quantized layer holds less memory
@@ -90,13 +89,8 @@ def graph_ms(fn, reps: int = 10, inner: int = 10) -> float:
 
 def _candidates(model: nn.Module) -> list[nn.Module]:
     """The modules that run a quantized GEMM: stacked q/k/v, and quantized-activation layers that run alone."""
-    fused = [m for m in model.modules() if isinstance(m, FusedSVDQLinear)]
+    fused = stacks(model)
     members = {id(x) for f in fused for x in f.members}
-    for blk in model.modules():  # a FLUX single block's q/k/v + MLP stack is held outside the module tree
-        stack = peek(blk).stack
-        if stack is not None:
-            fused.append(stack)
-            members.update(id(x) for x in stack.members)
     alone = [m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations is not None
              and id(m) not in members]
     return fused + alone
