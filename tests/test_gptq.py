@@ -147,7 +147,7 @@ def _check_block(n, b, fmt, group, device):
     idx, err = K.gptq_round_block(*args)
     want_idx, want_err = G._round_block(*args)
     # every product rounded on its own, IEEE divisions: the same numbers as torch
-    assert torch.equal(idx, want_idx), f"seed {seed}: {(idx != want_idx).sum()} of {idx.numel()} differ"
+    assert idx.dtype == torch.int32 and torch.equal(idx.long(), want_idx), f"seed {seed}: {(idx != want_idx).sum()} of {idx.numel()} differ"
     torch.testing.assert_close(err, want_err, rtol=0, atol=0, msg=f"seed {seed}")
 
 
@@ -181,3 +181,19 @@ def test_a_channel_without_input_is_zeroed():
     w = torch.randn(16, 64, generator=g)
     q = G.gptq(w, G.hessian(x), quantize(w, "int4", 16, weight=True))
     assert (q.codes[:, 5] == 0).all() and (q.codes[:, 4] != 0).any()
+
+
+@pytest.mark.parametrize("fmt,group", [("int4m", 64), ("nvfp4", 16)])
+def test_a_groups_members_rounded_together_are_each_rounded_alone(fmt, group):
+    """q / k / v share one Hessian: one pass over their stacked rows gives each member's own GPTQ codes (NVFP4:
+    each member keeps its own tensor scale)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(640, 320, generator=g) * (torch.rand(320, generator=g) * 3 + 0.2)
+    ws = [torch.randn(n, 320, generator=g) * s for n, s in ((24, 1.0), (16, 5.0), (40, 0.3))]
+    q0s = [quantize(w, fmt, group, weight=True) for w in ws]
+    h = G.hessian(x)
+    together = G.gptq_members(ws, h, q0s)
+    for w, q0, got in zip(ws, q0s, together):
+        alone = G.gptq(w, h, q0)
+        assert torch.equal(got.codes, alone.codes) and got.scales is q0.scales
+        assert got.tensor_scale is q0.tensor_scale

@@ -92,27 +92,40 @@ def _block_kernel(device: torch.device):
 def gptq(r: torch.Tensor, h: torch.Tensor, q0: QTensor, *, damp: float = 0.01) -> QTensor:
     """Round ``r`` ``[N, K]`` with GPTQ under the scales of ``q0`` (its round-to-nearest quantization, weight rule),
     for inputs with Hessian ``h`` ``[K, K]``. Returns a :class:`QTensor` like ``q0`` with new codes."""
-    fmt = get_format(q0.fmt)
-    factors, values, codes = fmt.weight_grid(q0)
-    n, k = r.shape
+    return gptq_members([r], h, [q0], damp=damp)[0]
+
+
+def gptq_members(rs: list[torch.Tensor], h: torch.Tensor, q0s: list[QTensor], *, damp: float = 0.01) -> list[QTensor]:
+    """:func:`gptq` for the members of a group that read the same inputs (q / k / v): one Hessian, so one
+    ordering and one inverse factor, and their rows rounded in one pass. GPTQ spreads a column's error along its
+    own row only, so stacking the rows changes nothing but the number of launches and factorizations."""
+    fmt = get_format(q0s[0].fmt)
+    grids = [fmt.weight_grid(q0) for q0 in q0s]
+    values, codes = grids[0][1], grids[0][2]  # the format's grid: the same for every member
+    k = rs[0].shape[1]
     diag = h.diagonal()
     dead = diag <= 0  # a channel that never carries input: its weight is zeroed and its H_jj set to 1
     order = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)  # act-order
     # the permuted copies are the working ones
-    h, w, f, dead = h.detach().float()[order][:, order], r.detach().float()[:, order], factors[:, order], dead[order]
+    h, dead = h.detach().float()[order][:, order], dead[order]
+    w = torch.cat([r.detach().float() for r in rs], 0)[:, order]
+    f = torch.cat([g[0][:, :k] for g in grids], 0)[:, order]
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     u = _inverse_factor(h, damp)
     kernel = _block_kernel(w.device)
     round_block, block = (kernel, KERNEL_BLOCK) if kernel is not None else (_round_block, BLOCK)
     mids = (values[1:] + values[:-1]) / 2
-    idx = torch.empty(n, k, dtype=torch.long, device=w.device)
+    idx = torch.empty(w.shape, dtype=torch.int32, device=w.device)  # grid indices (< 16 values)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         idx[:, b0:b1], err = round_block(w[:, b0:b1], f[:, b0:b1], u[b0:b1, b0:b1], values, mids)
         if b1 < k:
             w[:, b1:] -= err @ u[b0:b1, b1:]
-    out = q0.codes.clone()  # the padding columns keep their codes (the format's zero)
-    out[:, order] = codes[idx]
-    return QTensor(out, q0.scales, q0.fmt, q0.group_size, q0.in_features, tensor_scale=q0.tensor_scale,
-                   multipliers=q0.multipliers, zeros=q0.zeros)
+    out = []
+    for q0, rows in zip(q0s, codes[idx].split([r.shape[0] for r in rs], 0)):
+        c = q0.codes.clone()  # the padding columns keep their codes (the format's zero)
+        c[:, order] = rows
+        out.append(QTensor(c, q0.scales, q0.fmt, q0.group_size, q0.in_features, tensor_scale=q0.tensor_scale,
+                           multipliers=q0.multipliers, zeros=q0.zeros))
+    return out

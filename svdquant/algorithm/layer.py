@@ -30,7 +30,7 @@ from .._memory import device_room
 from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
 from ..formats.int4 import shift_vector
 from ..recipes import POST_GELU_SHIFT, QuantConfig
-from .gptq import gptq, hessian
+from .gptq import gptq_members, hessian
 from .lowrank import low_rank
 from .search import search
 
@@ -400,7 +400,8 @@ def _gptq_residual(p: _Problem, lam, up, downs, resid) -> tuple[list[QTensor], f
     residual multiplies (the inputs divided by λ), and the squared output error it gives on the scoring tokens."""
     inv = 1.0 / lam if lam is not None else None
     h = p.xtx * inv[:, None] * inv[None, :] if inv is not None else p.xtx
-    qs = [gptq(r_i, h, _round(p, r_i), damp=p.recipe.gptq_damp) for r_i in resid.split(p.splits, 0)]
+    rs = resid.split(p.splits, 0)
+    qs = gptq_members(list(rs), h, [_round(p, r_i) for r_i in rs], damp=p.recipe.gptq_damp)
     wq = torch.cat([q.dequantize() for q in qs], 0)
     return qs, p.error(p.fq_act(inv), wq, inv, up, downs)
 

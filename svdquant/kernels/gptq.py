@@ -47,7 +47,7 @@ def gptq_block_kernel(w_ptr, f_ptr, u_ptr, v_ptr, m_ptr, idx_ptr, err_ptr, N, B,
 
 
 def gptq_round_block(w: torch.Tensor, f: torch.Tensor, u: torch.Tensor, values: torch.Tensor, mids: torch.Tensor):
-    """``(grid indices int64 [N, B], errors fp32 [N, B])`` of one block: ``w``, ``f`` fp32 ``[N, B]``, ``u`` fp32
+    """``(grid indices int32 [N, B], errors fp32 [N, B])`` of one block: ``w``, ``f`` fp32 ``[N, B]``, ``u`` fp32
     ``[B, B]`` the block of GPTQ's upper inverse factor, ``values`` / ``mids`` fp32 the grid."""
     n, b = w.shape
     w, f, u = (t.float().contiguous() for t in (w, f, u))
@@ -58,4 +58,4 @@ def gptq_round_block(w: torch.Tensor, f: torch.Tensor, u: torch.Tensor, values: 
     gptq_block_kernel[(triton.cdiv(n, block_n),)](
         w, f, u, values.float().contiguous(), mids.float().contiguous(), idx, err, n, b,
         NV=values.numel(), BLOCK_N=block_n, BP=bp, num_warps=4, enable_fp_fusion=False)
-    return idx.long(), err
+    return idx, err
