@@ -108,6 +108,16 @@ def _expand():
     return E.expand_int4m_kernel, sig, consts, 4, 3
 
 
+def _scoring():
+    """The quantizer's TF32 error products (kernels/scoring.py), its launcher's config."""
+    S = importlib.import_module("svdquant.kernels.scoring")
+    sig = dict(a_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp32", T="i32", N="i32", K="i32", stride_ab="i64",
+               stride_at="i32", stride_bb="i64", stride_bn="i32", stride_yb="i64", stride_yt="i32")
+    cfg = S.CONFIG
+    consts = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], IEEE=False)
+    return S.scoring_product_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
+
+
 def shipped(arch: int) -> dict:
     """Name -> (kernel, signature, constexprs, warps, stages) of every shipped config on ``arch``."""
     tma = arch >= 90
@@ -122,6 +132,7 @@ def shipped(arch: int) -> dict:
         kernels[f"int8_attention D={d}{' tma' if tma else ''}{measured}"] = _attention(d, tma)
     kernels["w4a16"] = _w4a16()
     kernels["expand_int4m"] = _expand()
+    kernels["scoring_product (quantizer)"] = _scoring()
     return kernels
 
 

@@ -152,7 +152,14 @@ def main(argv=None):
     ap.add_argument("--gemm", choices=["default", "triton"], default="default",
                     help="triton: Triton's INT8 GEMM where an H100 / H200 would run the CUTLASS one (its bf16 "
                          "branch against the Triton kernel's tf32: the quality gate's A/B)")
+    ap.add_argument("--scoring", choices=("fp32", "tf32"),
+                    help="the quantizer's error products on a GPU: fp32 or the TF32 kernel (gpu_kernels.SCORING_TF32; "
+                         "the A/B that decides its default); default: the library's")
     args = ap.parse_args(argv)
+    if args.scoring is not None:
+        from svdquant.algorithm import gpu_kernels
+
+        gpu_kernels.SCORING_TF32 = args.scoring == "tf32"
     if args.gemm == "triton":
         from svdquant.kernels import cutlass_launch
 
@@ -229,7 +236,8 @@ def report(rows, ratios, args, seconds) -> str:
         f"Tiny FLUX (CIFAR-10, 32×32), {n} samples ({args.per_class} per class), {args.steps} Euler steps, "
         f"guidance 2, seed {args.seed}; calibration {args.snapshots} snapshots of {args.calib_steps}-step runs"
         f"{'; INT4 group scales rounded up to powers of two (torch reference)' if args.pow2_scales else ''}"
-        f"{'; Triton INT8 GEMM (CUTLASS off)' if args.gemm == 'triton' else ''}. "
+        f"{'; Triton INT8 GEMM (CUTLASS off)' if args.gemm == 'triton' else ''}"
+        f"{'; scoring products in ' + args.scoring if args.scoring else ''}. "
         f"Model in {args.dtype} on {_device_name(args.device)}, torch {torch.__version__}, "
         f"commit {commit}, {seconds / 60:.1f} min.",
         "",

@@ -140,6 +140,9 @@ def main(argv=None):
                     "default: the recipe's own, 100)")
     ap.add_argument("--workers", type=int, help="groups of a block quantized at once (quantize(workers=); default: "
                                                 "the library's, 3 on a GPU)")
+    ap.add_argument("--scoring", choices=("fp32", "tf32"),
+                    help="the candidates' error products on a GPU: fp32 or the TF32 kernel "
+                         "(svdquant.algorithm.gpu_kernels.SCORING_TF32); default: the library's")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -150,6 +153,10 @@ def main(argv=None):
                          "host ops, in the result and OUT/quantize_profile.txt (a few blocks: the trace grows with "
                          "the run)")
     args = ap.parse_args(argv)
+    from svdquant.algorithm import gpu_kernels
+
+    if args.scoring is not None:
+        gpu_kernels.SCORING_TF32 = args.scoring == "tf32"
     dev = "cpu" if args.smoke else "cuda"
     stream = args.stream or args.max_gpu_memory is not None
     cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
@@ -229,7 +236,8 @@ def main(argv=None):
             commit = ""
     res = dict(
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
-        recipe=args.recipe, workers=workers, gptq=recipe.gptq, iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
+        recipe=args.recipe, workers=workers, gptq=recipe.gptq, scoring_tf32=gpu_kernels.SCORING_TF32,
+        iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),

@@ -224,12 +224,34 @@ def test_batched_candidates_through_the_rounding_kernel(monkeypatch):
                                     iterations=1)
     one, rep1 = quantize_linears([w], [b], x, rc)
     monkeypatch.setattr(layer, "_candidates_per_batch", lambda p, concurrent=1: 3)
-    monkeypatch.setattr(layer, "_weight_rounding_kernel",
+    monkeypatch.setattr(layer, "weight_rounding_kernel",
                         lambda recipe, device: functools.partial(kernels.round_int4m_weights, group_size=64))
     many, rep3 = quantize_linears([w], [b], x, rc)
     assert (rep3.alpha, rep3.beta) == (rep1.alpha, rep1.beta)
     assert rep3.rel_error == pytest.approx(rep1.rel_error, rel=1e-5)
     assert torch.equal(one[0].weight.codes, many[0].weight.codes)
+
+
+def test_candidates_scored_through_the_scoring_kernel(monkeypatch):
+    """The GPU's scoring products (the Triton kernel, here in its interpreter on the CPU, which multiplies in fp32)
+    on batches of candidates and in the refinement: the same choice and codes as the fp32 products."""
+    pytest.importorskip("triton")
+    import os
+
+    from svdquant import kernels
+    from svdquant.algorithm import layer
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel in Triton's interpreter")
+    w, b, x = make_layer(7, k=128, n=48, tokens=64)
+    rc = get_recipe("int4").replace(smooth_grid=((0.0, 0.0), (0.3, 0.0), (0.5, 0.5), (0.7, 0.3)), iterations=2)
+    monkeypatch.setattr(layer, "_candidates_per_batch", lambda p, concurrent=1: 2)
+    want, rep_want = quantize_linears([w], [b], x, rc)
+    monkeypatch.setattr(layer, "scoring_product", lambda device: kernels.scoring_product)
+    got, rep = quantize_linears([w], [b], x, rc)
+    assert (rep.alpha, rep.beta, rep.iterations) == (rep_want.alpha, rep_want.beta, rep_want.iterations)
+    assert rep.rel_error == pytest.approx(rep_want.rel_error, rel=1e-5)
+    assert torch.equal(got[0].weight.codes, want[0].weight.codes)
 
 
 @pytest.mark.gpu

@@ -215,14 +215,14 @@ def test_round_int4m_weights_is_the_reference_bit_for_bit(k):
 
 def test_the_search_rounds_in_torch_where_the_kernel_cannot(monkeypatch):
     """The kernel's group is a power of two; a recipe's other even group sizes keep the torch rounding."""
-    from svdquant.algorithm.layer import _weight_rounding_kernel
+    from svdquant.algorithm.gpu_kernels import weight_rounding_kernel
 
     cuda = torch.device("cuda")
-    assert _weight_rounding_kernel(get_recipe("int4"), cuda) is not None
-    assert _weight_rounding_kernel(get_recipe("int4").replace(group_size=96), cuda) is None
-    assert _weight_rounding_kernel(get_recipe("int4"), torch.device("cpu")) is None
+    assert weight_rounding_kernel(get_recipe("int4"), cuda) is not None
+    assert weight_rounding_kernel(get_recipe("int4").replace(group_size=96), cuda) is None
+    assert weight_rounding_kernel(get_recipe("int4"), torch.device("cpu")) is None
     monkeypatch.setenv("SVDQUANT_REFERENCE", "1")
-    assert _weight_rounding_kernel(get_recipe("int4"), cuda) is None
+    assert weight_rounding_kernel(get_recipe("int4"), cuda) is None
 
 
 def test_round_int4m_weights_refuses_what_it_cannot_round():
@@ -238,6 +238,56 @@ def test_gpu_round_int4m_weights_at_flux_shapes(n, k):
     w = _weights_to_round(torch.Generator().manual_seed(seed), n, k, "cuda")
     want = get_format("int4m").fake_quantize(w, 64, weight=True)
     assert torch.equal(K.round_int4m_weights(w), want), f"seed {seed}"
+
+
+# ---------------------------------------------------------------------------- the quantizer's scoring products
+@cpu_only
+@pytest.mark.parametrize("a_shape, b_shape", [((3, 37, 70), (3, 50, 70)), ((37, 70), (2, 130, 70)),
+                                              ((2, 140, 33), (45, 33)), ((20, 64), (16, 64))])
+def test_scoring_product_is_the_fp32_product(a_shape, b_shape):
+    """Batched, one operand shared by the batch, or neither; ragged tiles along T, N and K (the interpreter reads
+    fp32, as the reference)."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(a_shape, generator=g), torch.randn(b_shape, generator=g)
+    got = K.scoring_product(a, b)
+    want = a @ b.mT
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=f"seed {seed}")
+
+
+def test_scoring_product_refuses_what_it_cannot_multiply():
+    with pytest.raises(ValueError, match="fp32"):
+        K.scoring_product(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="fp32"):
+        K.scoring_product(torch.zeros(4, 8), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        K.scoring_product(torch.zeros(2, 4, 8), torch.zeros(3, 4, 8))
+
+
+def test_the_search_scores_in_tf32_only_where_asked(monkeypatch):
+    from svdquant.algorithm import gpu_kernels
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(gpu_kernels, "SCORING_TF32", False)
+    assert gpu_kernels.scoring_product(cuda) is gpu_kernels._fp32_product
+    monkeypatch.setattr(gpu_kernels, "SCORING_TF32", True)
+    assert gpu_kernels.scoring_product(cuda) is K.scoring_product
+    assert gpu_kernels.scoring_product(cpu) is gpu_kernels._fp32_product
+    monkeypatch.setenv("SVDQUANT_REFERENCE", "1")
+    assert gpu_kernels.scoring_product(cuda) is gpu_kernels._fp32_product
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, n, k", [(8, 9216, 3072), (4, 3072, 12288), (2, 21504, 3072), (1, 3072, 15360)])
+def test_gpu_scoring_product_at_flux_shapes(batch, n, k):
+    """512 scoring tokens of FLUX's groups, a batch of candidates: within TF32's rounding of the fp32 product."""
+    seed = seed_now()
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(batch, 512, k, device="cuda", generator=g)
+    b = torch.randn(batch, n, k, device="cuda", generator=g) * 0.02
+    assert rel(K.scoring_product(a, b), a @ b.mT) < 2e-3, f"seed {seed}"
 
 
 # ---------------------------------------------------------------------------- expand, W4A16 (interpreter)

@@ -17,14 +17,12 @@ shared branch (SVD of the stacked weights) or one branch each.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .._env import use_reference
 from .._timing import StageClock
 from .._memory import device_room
 from ..formats import QTensor, check_finite, fake_quantize, get_format, quantize
@@ -33,6 +31,7 @@ from ..recipes import POST_GELU_SHIFT, QuantConfig
 from .gptq import gptq_members, hessian
 from .lowrank import low_rank
 from .search import search
+from .gpu_kernels import scoring_product, weight_rounding_kernel
 
 
 @dataclass
@@ -107,7 +106,8 @@ class _Problem:
         self.xtx = hessian(x).sub_(hessian(self.x)) if recipe.gptq and t > 1 else None
         self.y = self.x @ self.w.T
         self.y_energy = max(float(self.y.square().sum()), 1e-30)
-        self.round_kernel = _weight_rounding_kernel(recipe, self.w.device)
+        self.round_kernel = weight_rounding_kernel(recipe, self.w.device)
+        self.scoring = scoring_product(self.w.device)
 
     # -- the quantizers, as the module applies them ---------------------------------
     def fq_act(self, inv_smooth: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +158,7 @@ class _Problem:
 
     def errors(self, xq, wq, inv_smooth, up, downs) -> torch.Tensor:
         """:meth:`error` as a tensor, one per candidate for a batch (leading dimension of every argument)."""
-        y = xq @ wq.mT
+        y = self.scoring(xq, wq)
         inv = inv_smooth[..., None, :] if inv_smooth is not None else None  # [.., 1, K]
         if inv is not None and self.shift:
             y -= (wq * (inv * self.shift_vec)).sum(-1)[..., None, :]
@@ -200,19 +200,6 @@ def _candidates_per_batch(p: "_Problem", concurrent: int = 1) -> int:
     per = 4 * (5 * n * k + 3 * t * n + 2 * t * k)  # w·λ, branch product, residual, rounded, error terms
     room = device_room(p.w.device)
     return max(1, min(8, int(room // (2 * (concurrent + 1)) // per)))
-
-
-def _weight_rounding_kernel(recipe: QuantConfig, device: torch.device):
-    """The GPU kernel that rounds this recipe's weights for the search, or None (on the CPU, where the format
-    has none, or when ``SVDQUANT_REFERENCE=1`` asks for the torch reference everywhere)."""
-    fmt = get_format(recipe.weights)
-    group = fmt.group(recipe.group_size)
-    # the kernel's group is a tl.arange: a power of two (recipes accept any even size)
-    if fmt.weight_rounding_kernel is None or device.type != "cuda" or use_reference() or group & (group - 1):
-        return None
-    from .. import kernels
-
-    return functools.partial(getattr(kernels, fmt.weight_rounding_kernel), group_size=group)
 
 
 def _flatten_inputs(inputs, k: int) -> torch.Tensor:
@@ -407,7 +394,7 @@ def _gptq_residual(p: _Problem, lam, up, downs, resid) -> tuple[list[QTensor], f
 
 
 def _assemble(p: _Problem, lam, up, downs, resid, biases, rounded=None) -> list[QuantizedWeights]:
-    rc, dt = p.recipe, p.dtype
+    dt = p.dtype
     inv = 1.0 / lam if lam is not None else None
     input_scale = p.input_scale(inv) if p.act_format is not None and p.act_format.static_input_scale else None
     out = []

@@ -15,6 +15,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | w4a16.py                 | weight-only INT4: a few tokens (FLUX's adaLN), or dequantize for many    |
 | round_weights.py         | two-level INT4 rounding of weights (the quantizer's smoothing search)    |
 | gptq.py                  | GPTQ's inner block: columns rounded in turn, errors spread (quantizer)   |
+| scoring.py               | the search's error products X·Wᵀ on TF32 tensor cores (quantizer)       |
 | int8_attention.py        | attention with INT8 Q·Kᵀ per token and a 16-bit P·V (opt-in)             |
 | float_scales_quantize.py | the paper's W4A4 / NVFP4 activation kernel (float group scales)          |
 | float_scales_gemm.py     | the paper's W4A4 / NVFP4 GEMMs (per-group rescale in the main loop)      |
@@ -32,11 +33,12 @@ from .float_scales_quantize import quantize_input as quantize_input_float_scales
 from .int8_gemm import (DEFAULT_CONFIG, HOPPER_CONFIG, HOPPER_CONFIG_FP32, int8_gemm, tile_config as int8_tile_config,
                         weight_descriptor)
 from .round_weights import round_int4m_weights
+from .scoring import scoring_product
 from .w4a16 import MAX_TOKENS as W4A16_MAX_TOKENS, dequantize_int4, w4a16_linear
 
 __all__ = [
     "quantize_activations", "reads_in_place", "int8_gemm", "weight_descriptor", "expand_int4m", "w4a16_linear", "W4A16_MAX_TOKENS", "dequantize_int4",
-    "round_int4m_weights", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
+    "round_int4m_weights", "scoring_product", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
     "int8_tile_config", "cutlass_available", "cutlass_takes", "int8_gemm_sm90", "cutlass_pad_columns",
 ]
