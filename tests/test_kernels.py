@@ -278,6 +278,18 @@ def test_the_search_scores_in_tf32_only_where_asked(monkeypatch):
     assert gpu_kernels.scoring_product(cuda) is gpu_kernels._fp32_product
 
 
+@cpu_only
+def test_scoring_speed_quick(tmp_path):
+    """benchmarks/scoring_speed.py --quick: the kernel (interpreter) and the fp32 product timed, its error recorded."""
+    import json
+
+    import scoring_speed
+
+    rows = scoring_speed.main(["--quick", "--out", str(tmp_path)])
+    assert len(rows) == 2 and all(r["rel_error"] < 1e-5 and r["kernel_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
+    assert json.loads((tmp_path / "scoring_speed.json").read_text())["rows"] == rows
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, n, k", [(8, 9216, 3072), (4, 3072, 12288), (2, 21504, 3072), (1, 3072, 15360)])
