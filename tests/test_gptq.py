@@ -197,3 +197,17 @@ def test_a_groups_members_rounded_together_are_each_rounded_alone(fmt, group):
         alone = G.gptq(w, h, q0)
         assert torch.equal(got.codes, alone.codes) and got.scales is q0.scales
         assert got.tensor_scale is q0.tensor_scale
+
+
+def test_the_triangular_inverse_by_halves_is_the_solves(monkeypatch):
+    """Past INVERSE_BASE rows the inverse factor's triangular inverse is built from products of halves (odd sizes
+    too): the same matrix as one triangular solve, to fp32 rounding, lower triangular."""
+    monkeypatch.setattr(G, "INVERSE_BASE", 16)
+    g = torch.Generator().manual_seed(3)
+    for n in (16, 17, 75):
+        x = torch.randn(2 * n, n, generator=g) * (torch.rand(n, generator=g) * 3 + 0.1)
+        l = torch.linalg.cholesky(x.T @ x + 0.1 * torch.eye(n))
+        got = G._lower_inverse(l)
+        want = torch.linalg.solve_triangular(l.double(), torch.eye(n, dtype=torch.float64), upper=False)
+        assert float((got.double() - want).norm() / want.norm()) < 1e-5
+        assert torch.equal(got, got.tril())
