@@ -116,6 +116,47 @@ def test_a_group_out_of_memory_beside_the_others_runs_again_alone():
     assert sum(1 for i, _ in calls if i == 1) == 2
 
 
+def test_groups_at_once_start_costliest_first():
+    """GroupWorkers.run(costs=): the pool starts the costliest tasks first (a long group started last keeps the
+    block waiting on it alone); the results still come back in the tasks' order."""
+    import time
+
+    costs = [1, 5, 3, 4, 2]
+    started, lock = [], threading.Lock()
+
+    def task(i):
+        def run():
+            with lock:
+                started.append(i)
+            time.sleep(costs[i] * 0.02)
+            return i
+        return run
+
+    workers = GroupWorkers(torch.device("cpu"), 2)
+    try:
+        out, _ = workers.run([task(i) for i in range(5)], costs=costs)
+    finally:
+        workers.close()
+    assert out == [0, 1, 2, 3, 4]
+    assert set(started[:2]) == {1, 3} and started[2:] == [2, 4, 0]
+
+
+def test_a_blocks_groups_are_costed_by_their_shapes():
+    """FLUX's double block (width 16 here): fc2 (the widest K, for GPTQ) and fc1 (the largest weights) before q/k/v,
+    the out projections last."""
+    import torch.nn as nn
+
+    from svdquant.models import Group
+    from svdquant.quantize.blocks import _group_cost
+
+    block = nn.Module()
+    for name, (n, k) in dict(q=(16, 16), k=(16, 16), v=(16, 16), out=(16, 16), fc1=(64, 16), fc2=(16, 64)).items():
+        setattr(block, name, nn.Linear(k, n))
+    groups = [Group(("q", "k", "v")), Group(("out",)), Group(("fc1",)), Group(("fc2",))]
+    costs = [_group_cost(block, g) for g in groups]
+    assert sorted(range(4), key=lambda i: -costs[i]) == [3, 2, 0, 1]
+
+
 def test_one_worker_runs_in_the_callers_thread():
     workers = GroupWorkers(torch.device("cpu"), 1)
     names = []

@@ -113,6 +113,15 @@ def _solve_recorded(rec, block: nn.Module, group: Group, recipe: QuantConfig, co
     return solve_group(block, group, x, amax, recipe, concurrent=concurrent)
 
 
+def _group_cost(block: nn.Module, group: Group) -> float:
+    """A group's expected quantizer time, from its weights' shapes: ``N·K`` for the search and refinement, plus
+    ``K²/8`` for GPTQ's inverse factor, cubic in K (per group at FLUX.1-dev's shapes on an H200, BENCHMARKS.md: q/k/v
+    9216 × 3072 ~260 ms, fc1 12288 × 3072 ~350, fc2 3072 × 12288 ~340, the out projection 3072 × 3072 least)."""
+    weights = [_linear(block.get_submodule(n)).weight for n in group.names]
+    k = weights[0].shape[1]
+    return sum(w.shape[0] for w in weights) * k + k * k / 8
+
+
 def _linear(m: nn.Module) -> nn.Module:
     return as_linear(m) if isinstance(m, nn.Conv2d) else m
 
@@ -249,7 +258,8 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
             bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), names[0],
                                                  *gpu_memory(plan.device, plan.cap)))
             tasks = [functools.partial(_solve_recorded, rec, job.block, g, plan.recipe, at_once) for g in job.groups]
-            solved, wall = workers.run(tasks, done, concurrent=at_once > 1)
+            costs = [_group_cost(job.block, g) for g in job.groups]
+            solved, wall = workers.run(tasks, done, concurrent=at_once > 1, costs=costs)
             if wall:
                 clock.add("groups at once (wall)", wall)
             rows += [install_group(job.block, g, s, clock, prefix=job.name) for g, s in zip(job.groups, solved)]

@@ -62,9 +62,11 @@ class GroupWorkers:
                 self._streams.put(torch.cuda.Stream(device) if self.cuda else None)
 
     def run(self, tasks: Sequence[Callable[[], object]], done: Callable[[int], None] | None = None,
-            concurrent: bool = True) -> tuple[list, float]:
+            concurrent: bool = True, costs: Sequence[float] | None = None) -> tuple[list, float]:
         """``[task() for task in tasks]`` and the wall seconds the tasks ran at once (0.0 when they ran one after
-        the other); ``done(i)`` is called in the caller's thread as task ``i`` finishes."""
+        the other); ``done(i)`` is called in the caller's thread as task ``i`` finishes. ``costs``: each task's
+        expected time; at once, the costliest start first (longest processing time first: a long task started
+        last would keep the block waiting on it alone)."""
         if self._pool is None or not concurrent or len(tasks) < 2:
             out = []
             for i, task in enumerate(tasks):
@@ -77,7 +79,8 @@ class GroupWorkers:
         if self.cuda:  # what the caller's stream queued (inputs, weights) comes before the workers' reads
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        futures = {self._pool.submit(self._work, task, ready): i for i, task in enumerate(tasks)}
+        order = sorted(range(len(tasks)), key=lambda i: -costs[i]) if costs is not None else range(len(tasks))
+        futures = {self._pool.submit(self._work, tasks[i], ready): i for i in order}  # the pool starts them in order
         out: list = [None] * len(tasks)
         again = []
         try:
