@@ -23,7 +23,8 @@ each MLP's GELU in its down projection's activation pass, a single block's ``pro
 2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
 blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
 (``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels);
-``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too.
+``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too;
+``int4-fused-ahead`` every fusion and the adaLN modulations computed ahead in one GEMV (``fuse(modulations=True)``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-         "int4-memory", "int4-memory-fused")
+         "int4-memory", "int4-memory-fused", "int4-fused-ahead")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -417,7 +418,7 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-                        "int4-memory", "int4-memory-fused")
+                        "int4-memory", "int4-memory-fused", "int4-fused-ahead")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -444,6 +445,8 @@ def main(argv=None):
                 res["fused_up"] = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model, into="up")}
             if base == "int4-act":  # q/k/v + the A8 quantization in the compiled graph (inductor fuses it)
                 res["fused_act"] = fuse(model, gelu=False, compiled_activations=True)
+            if base == "int4-fused-ahead":  # + every adaLN modulation in one GEMV (svdquant/modules/modulations.py)
+                res["fused_ahead"] = fuse(model, modulations=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
             run_base(base, model)
@@ -452,7 +455,8 @@ def main(argv=None):
             if base == "int4-fused-triton":
                 for r in switched:
                     r.sm90 = True
-            if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act", "int4-memory-fused"):
+            if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act", "int4-memory-fused",
+                        "int4-fused-ahead"):
                 unfuse(model)
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)

@@ -49,26 +49,31 @@ def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
     return {k: sum(c[k] for c in counts) for k in counts[0]}
 
 
-def fuse(target, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
+def fuse(target, *, gelu: bool = True, compiled_activations: bool = False,
+         modulations: bool = False) -> dict[str, int]:
     """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each attention's quantized
     q/k/v as one activation pass and one GEMM (FLUX.1/.2, SD3, Wan, Qwen-Image, Z-Image, PixArt-Σ, SANA, SDXL),
     and (``gelu``) each quantized MLP's tanh-GELU moved into its down projection's INT8 activation pass (a FLUX
     single block's ``proj_out`` then reads its two inputs without their concatenation), or where that layer has no
     such pass, into the up projection's GEMM epilogue. ``compiled_activations=True``: under ``torch.compile``, INT8
     activations are quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm +
-    modulation, GELU) instead of a separate activation kernel. Takes a pipeline or a model; returns how many of each
-    (``{"qkv": n, "gelu": m, "compiled_activations": k}``). Checkpoints and LoRAs address the same layers."""
+    modulation, GELU) instead of a separate activation kernel. ``modulations=True``: a FLUX.1 transformer's adaLN
+    modulations, every block's, computed at the start of the step in one weight-only GEMV
+    (svdquant/modules/modulations.py). Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu":
+    m, "compiled_activations": k, "modulations": j}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
+    from .modules.modulations import fuse_modulations
 
-    return _summed([fuse_model(m, gelu=gelu, compiled_activations=compiled_activations)
-                    for m in _models_of(target, "fuse")])
+    return _summed([{**fuse_model(m, gelu=gelu, compiled_activations=compiled_activations),
+                     "modulations": fuse_modulations(m) if modulations else 0} for m in _models_of(target, "fuse")])
 
 
 def unfuse(target) -> dict[str, int]:
     """Undo :func:`fuse`."""
     from .modules.fused import unfuse as unfuse_model
+    from .modules.modulations import unfuse_modulations
 
-    return _summed([unfuse_model(m) for m in _models_of(target, "unfuse")])
+    return _summed([{**unfuse_model(m), "modulations": unfuse_modulations(m)} for m in _models_of(target, "unfuse")])
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",

@@ -18,6 +18,7 @@ Which object carries which field:
 | ``stack`` | a FLUX single block | fuse (q/k/v + MLP up projection as one runner) | its stacked forward, unfuse, the layer choice |
 | ``processor`` | an attention module | fuse (the processor it had) | unfuse |
 | ``act_mlp`` | a FLUX single block | fuse (its GELU moved into proj_out's input, or proj_mlp's epilogue) | unfuse |
+| ``modulations`` | a FLUX.1 transformer | fuse(modulations=True): the adaLN stack, its hook, the norms | unfuse |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class State:
     stack: Any = None
     processor: Any = None
     act_mlp: Any = None
+    modulations: Any = None
 
 
 def state(obj) -> State:

@@ -36,14 +36,17 @@ def test_compiled_step_equals_eager(quantized_flux):
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-def test_a_fused_flux_step_is_one_graph(quantized_flux):
+@pytest.mark.parametrize("modulations", [False, True])
+def test_a_fused_flux_step_is_one_graph(quantized_flux, modulations):
     """svdquant.fuse's structures (stacked q/k/v, the single block's q/k/v + MLP through its own forward, the GELU
-    moved into fc1 and into the single block's stack, its proj_out reading two parts) trace whole too."""
+    moved into fc1 and into the single block's stack, its proj_out reading two parts; the adaLN modulations
+    computed ahead through the embedding's forward hook and the norms' forwards) trace whole too."""
     import copy
 
     model, inputs = quantized_flux
     model = copy.deepcopy(model)
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0}
+    assert svdquant.fuse(model, modulations=modulations) == {"qkv": 2, "gelu": 3, "compiled_activations": 0,
+                                                            "modulations": 3 if modulations else 0}
     torch._dynamo.reset()
     exp = torch._dynamo.explain(model)(**inputs)
     assert exp.graph_break_count == 0, [str(r.reason) for r in exp.break_reasons]
@@ -282,7 +285,7 @@ def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux, compi
     got = svdquant.fuse(model, gelu=not compiled_activations, compiled_activations=compiled_activations)
     # tiny FLUX: 1 double + 1 single block; 17 INT8-activation layers
     assert got == {"qkv": 2, "gelu": 0 if compiled_activations else 3,
-                   "compiled_activations": 17 if compiled_activations else 0}
+                   "compiled_activations": 17 if compiled_activations else 0, "modulations": 0}
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(**inputs)[0]

@@ -376,6 +376,36 @@ def test_w4a16_runner_many_tokens_equals_the_reference():
 
 
 @cpu_only
+def test_w4a16_runners_stack_into_one_launch(monkeypatch):
+    """Weight-only layers that read one input stack (FLUX's adaLN modulations): one launch, each member's rows as
+    they were (bit for bit), the members holding row views of the stack's codes; a stack too large to dequantize
+    whole takes many tokens 16 at a time; a member with a branch does not stack."""
+    from svdquant.ops.runners import W4A16Runner
+    from svdquant.ops.runners import weight_only
+
+    ms = [layer("w4a16", 128, n, torch.float32, 30 + n) for n in (48, 16, 32)]
+    x = inputs(128, 3, 5, torch.float32)
+    runners = [W4A16Runner(m, K) for m in ms]
+    want = torch.cat([r(x) for r in runners], 1)
+    stack = W4A16Runner.stack(runners, [48, 16, 32])
+    assert torch.equal(stack(x), want) and not stack.chunked
+    for r, m in zip(runners, ms):
+        assert r.owns_packed_weight and torch.equal(r.packed_weight(), m.qweight)
+        assert r.qweight.untyped_storage().data_ptr() == stack.qweight.untyped_storage().data_ptr()
+        assert r.packed_weight().untyped_storage().data_ptr() != stack.qweight.untyped_storage().data_ptr()
+    many = inputs(128, 40, 6, torch.float32)
+    monkeypatch.setattr(weight_only, "DEQUANTIZE_AT_MOST", 0)
+    chunked = W4A16Runner.stack([W4A16Runner(m, K) for m in ms], [48, 16, 32])
+    assert chunked.chunked
+    want = torch.cat([ReferenceRunner(m)(many) for m in ms], 1)
+    assert rel(chunked(many), want) < 1e-6
+    m = layer("w4a16", 128, 16, torch.float32, 9)
+    m.add_adapter("x", torch.randn(4, 128), torch.randn(16, 4), 1.0)
+    with pytest.raises(ValueError, match="branch"):
+        W4A16Runner.stack([W4A16Runner(ms[0], K), W4A16Runner(m, K)], [48, 16])
+
+
+@cpu_only
 def test_w4a16_refuses_many_tokens():
     q = quantize(torch.randn(16, 64), "int4")
     with pytest.raises(ValueError, match="at most 16 tokens"):

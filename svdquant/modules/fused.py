@@ -57,7 +57,6 @@ from .fused_view import PROJECTIONS, view_processor, viewable
 from .linear import SVDQLinear, bump_revision
 
 
-
 class FusedSVDQLinear(nn.Module):
     """Layers that read one input, stacked by output rows (see the module doc)."""
 
@@ -94,6 +93,9 @@ class FusedSVDQLinear(nn.Module):
             self._runner = kind.stack(runners, outs)
         except ValueError:  # layers that do not share their input's smoothing, or in two weight modes
             return
+        for m in self.members:  # the W4A16 stack's members: their codes are rows of the stack's now
+            if m._runner.owns_packed_weight:
+                m._buffers["qweight"] = None
         self._reads_members = getattr(self._runner, "parts", None) is not None  # memory mode: their buffers
         self.sync_compiled_activations()
 
@@ -108,7 +110,10 @@ class FusedSVDQLinear(nn.Module):
         if self._runner is None:
             return False
         # dense: the members rewrote their rows of the stacked weight in place, nothing to restack
-        return self._runner.restack_branch([m._runner for m in self.members])
+        try:
+            return self._runner.restack_branch([m._runner for m in self.members])
+        except ValueError:  # a branch the stack cannot take (weight-only layers): its members in turn
+            return self.refresh() or True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a memory-mode stack reads its members' buffers, which offload hooks on the members (leaf-level group
@@ -409,7 +414,7 @@ def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = Fa
     """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc2's activation
     pass (or fc1's epilogue), "compiled_activations": layers whose A8 quantization inductor fuses into the input's
     producer}``. The last is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then
-    fuses fc2's quantization into its GELU kernel)."""
+    fuses fc2's quantization into its GELU kernel). FLUX.1's adaLN modulations ahead: :mod:`.modulations`."""
     done = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
             "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
     bump_revision()  # forwards and modules were swapped: captured CUDA graphs are stale

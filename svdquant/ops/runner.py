@@ -8,9 +8,9 @@ beyond that is declared here as class attributes, so the layers ask the runner, 
 | ------------------- | ------------------------------------------------------------------------------- | -------- |
 | fuses_gelu          | applies the layer's output tanh-GELU itself (its ``gelu`` attribute)            | INT8     |
 | quantizes_in_graph  | can quantize its activations in torch ops under ``torch.compile`` (``act_in_graph``) | INT8 |
-| stacks              | runners that read one input combine into one (:meth:`Runner.stack`)              | INT8, dense |
+| stacks              | runners that read one input combine into one (:meth:`Runner.stack`)              | INT8, dense, W4A16 |
 | fuses_input_gelu    | applies the layer's input GELU itself (``input_gelu_from``), as it reads X      | INT8     |
-| owns_packed_weight  | holds the layer's only copy of its weight: the layer drops its packed codes and | INT8 speed mode |
+| owns_packed_weight  | holds the layer's only copy of its weight: the layer drops its packed codes and | INT8 speed mode, W4A16 stacked |
 |                     | asks :meth:`Runner.packed_weight` for them (an instance's value)                |          |
 """
 

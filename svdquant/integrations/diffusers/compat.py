@@ -12,6 +12,7 @@ use warns once (:class:`DiffusersVersionWarning`). What lives here:
   ``attach``: ``save_pretrained`` then writes the ``quantization_config`` that ``from_pretrained`` needs);
 * hooks: :func:`has_offload_hooks`, :func:`has_hooks`, :func:`forget_hook_registry_cache`;
 * blocks: :func:`stacked_single_block_forward` (a FLUX single block's forward with one stacked projection),
+  ``modulations_ahead_*`` (FLUX.1's adaLN norms reading modulations computed ahead),
   :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
 * loading: :func:`dtype_keyword`;
 * attention: :func:`add_attention_backend` (a backend of svdquant's in diffusers' attention dispatcher, whose
@@ -217,6 +218,30 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def modulations_ahead_zero(self, start, stop, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    """diffusers' ``AdaLayerNormZero.forward`` (0.42, without its own embedder) reading its six modulations from
+    columns ``start:stop`` of ``emb``, where svdquant.modules.modulations computed every block's ahead, instead of
+    running its linear."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb[:, start:stop].chunk(6, dim=1)
+    x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def modulations_ahead_zero_single(self, start, stop, x, emb=None):
+    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from ``emb[:, start:stop]``."""
+    shift_msa, scale_msa, gate_msa = emb[:, start:stop].chunk(3, dim=1)
+    x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    return x, gate_msa
+
+
+def modulations_ahead_continuous(self, width, x, conditioning_embedding):
+    """diffusers' ``AdaLayerNormContinuous.forward`` (0.42) whose ``conditioning_embedding`` starts with
+    ``silu(temb)`` (``width`` columns) already: its linear reads those."""
+    emb = self.linear(conditioning_embedding[:, :width].to(x.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)
+    return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
 def set_qkv_fusion_supported(attn: torch.nn.Module, supported: bool) -> None:

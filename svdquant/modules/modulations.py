@@ -1,0 +1,115 @@
+"""FLUX.1's adaLN modulations, all computed at the start of the step in one weight-only GEMV.
+
+Every adaLN linear of FLUX.1 (each double block's ``norm1`` and ``norm1_context``, each single block's ``norm``)
+reads the same ``silu(temb)``: one token per image and 3,072 channels, into 18,432 or 9,216 modulation rows, ~1 M
+rows in all (1.6 GB of 4-bit codes). Run where diffusers runs them, they are 76 launches of a latency-bound GEMV:
+2.8 ms of a 96 ms FLUX.1-dev step on an H200 for bytes that take ~0.4 ms to read (NOTES-GPU.md, session 23).
+:func:`fuse_modulations` stacks them (:class:`~svdquant.modules.fused.FusedSVDQLinear` over the W4A16 runners: one
+launch over all rows, the members' codes rows of the stack's), and the model's timestep embedding returns
+``[silu(temb) | every modulation]`` (a forward hook on ``time_text_embed``). Each norm then reads its columns of that
+instead of running its linear, and ``norm_out`` (16-bit) applies its linear to the ``silu(temb)`` columns
+(``compat.modulations_ahead_*``: diffusers' forwards of the three norms, reading precomputed modulations). The same
+math: each modulation row is the same dot product of the same input, so the step's output is unchanged.
+
+Applies to a FLUX.1 transformer (``FluxTransformer2DModel``) whose adaLN linears are weight-only SVDQLinear layers
+without a branch and whose modules carry no offload hook (the stack stays where the layers are); otherwise nothing
+changes (it returns 0). A LoRA added to one of them later runs the members in turn. :func:`unfuse_modulations`
+undoes it; the layers stay the modules of record (state dict, checkpoints, LoRAs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._state import peek, state, take
+from ..integrations.diffusers import compat  # diffusers' internals go through compat
+from .fused import FusedSVDQLinear, _release
+from .linear import SVDQLinear, bump_revision
+
+
+def _norms(model: nn.Module):
+    """``[(norm, forward, modulation chunks)]`` of a FLUX.1 transformer's blocks, in order, and its ``norm_out``;
+    None for another model or one whose norms diffusers' FLUX.1 would not build."""
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+    if type(model) is not FluxTransformer2DModel or type(getattr(model, "norm_out", None)) is not \
+            AdaLayerNormContinuous:
+        return None
+    found = []
+    for block in model.transformer_blocks:
+        for norm in (block.norm1, block.norm1_context):
+            if type(norm) is not AdaLayerNormZero or norm.emb is not None:
+                return None
+            found.append((norm, compat.modulations_ahead_zero))
+    for block in model.single_transformer_blocks:
+        if type(block.norm) is not AdaLayerNormZeroSingle:
+            return None
+        found.append((block.norm, compat.modulations_ahead_zero_single))
+    return found, model.norm_out
+
+
+def _why_not(model: nn.Module, norms) -> str | None:
+    members = [n.linear for n, _ in norms]
+    if not members:
+        return "no blocks"
+    if not all(isinstance(m, SVDQLinear) and m.activations is None and m.branch()[0] is None for m in members):
+        return "an adaLN linear is not a weight-only quantized layer without a branch (a LoRA)"
+    if any(compat.has_hooks(m) for m in model.modules()):
+        return "offload hooks: the stacked modulations would stay on the device"
+    if any("forward" in n.__dict__ for n, _ in norms) or "forward" in model.norm_out.__dict__:
+        return "a norm's forward was replaced"
+    return None
+
+
+def fuse_modulations(model: nn.Module) -> int:
+    """Compute ``model``'s adaLN modulations ahead in one stacked GEMV (see the module doc); returns how many adaLN
+    linears that covers (0: not a FLUX.1 transformer this applies to; the count again if already done)."""
+    done = peek(model).modulations
+    if done is not None:
+        return len(done[0].members)
+    plan = _norms(model)
+    if plan is None or _why_not(model, plan[0]) is not None:
+        return 0
+    norms, norm_out = plan
+    members = [n.linear for n, _ in norms]
+    try:
+        stack = FusedSVDQLinear(members)
+    except ValueError:  # layers of two formats or group sizes
+        return 0
+    width = members[0].in_features
+    start = width  # the modulations follow silu(temb) in the embedding's output
+    for (norm, forward), m in zip(norms, members):
+        norm.forward = functools.partial(forward, norm, start, start + m.out_features)  # h-diffusers
+        start += m.out_features
+    norm_out.forward = functools.partial(compat.modulations_ahead_continuous, norm_out, width)  # h-diffusers
+    hook = model.time_text_embed.register_forward_hook(functools.partial(_ahead, stack))
+    state(model).modulations = (stack, hook, [n for n, _ in norms] + [norm_out])
+    bump_revision()  # forwards were swapped: captured CUDA graphs are stale
+    return len(members)
+
+
+def _ahead(stack: FusedSVDQLinear, module: nn.Module, args, temb: torch.Tensor) -> torch.Tensor:
+    """The timestep embedding's output replaced by ``[silu(temb) | every adaLN modulation]``."""
+    s = F.silu(temb)
+    return torch.cat([s, stack(s)], -1)
+
+
+def unfuse_modulations(model: nn.Module) -> int:
+    """Undo :func:`fuse_modulations`; returns how many adaLN linears run on their own again."""
+    done = take(model, "modulations")
+    if done is None:
+        return 0
+    stack, hook, norms = done
+    hook.remove()
+    for norm in norms:
+        del norm.forward
+    _release(stack)
+    for m in stack.members:
+        m.refresh()  # back to its own codes
+    bump_revision()
+    return len(stack.members)
