@@ -100,6 +100,15 @@ def _w4a16():
     return W.w4a16_kernel, sig, consts, 2, 4
 
 
+def _w4a16_gemv():
+    """The W4A16 multiply-add GEMV (``w4a16_linear(fma=True)``, the sweep's candidate for one token), 4 warps."""
+    W = importlib.import_module("svdquant.kernels.w4a16")
+    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", M="i32",
+               N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, HAS_BIAS=True, HAS_ZEROS=False, GROUPS_PER_STEP=1, M_PAD=1)
+    return W.w4a16_gemv_kernel, sig, consts, 4, 4
+
+
 def _expand():
     """Memory mode's per-call expansion of 4-bit codes to INT8 (a 3,072-wide weight)."""
     E = importlib.import_module("svdquant.kernels.expand")
@@ -131,6 +140,7 @@ def shipped(arch: int) -> dict:
         measured = " (measured tile, spills)" if tma and d == 128 else ""
         kernels[f"int8_attention D={d}{' tma' if tma else ''}{measured}"] = _attention(d, tma)
     kernels["w4a16"] = _w4a16()
+    kernels["w4a16 GEMV (fma, sweep)"] = _w4a16_gemv()
     kernels["expand_int4m"] = _expand()
     kernels["scoring_product (quantizer)"] = _scoring()
     return kernels

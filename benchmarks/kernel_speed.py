@@ -45,6 +45,10 @@ _W4A16_SPILL = {(8, 16, 2), (8, 32, 2), (8, 64, 2), (8, 64, 4), (16, 16, 4), (16
                 (16, 64, 8), (4, 64, 2)}
 W4A16_CONFIGS = [dict(groups_per_step=g, block_n=b, num_warps=w) for g in (1, 2, 4, 8, 16) for b in (16, 32, 64)
                  for w in (2, 4, 8) if (g, b, w) not in _W4A16_SPILL and not (g == 16 and w == 2)]
+# the multiply-add GEMV (w4a16_linear(fma=True), up to 4 tokens), less the configs that spill on sm_90 at 1 or 4 tokens
+_GEMV_SPILL = {(1, 64, 2), (2, 64, 2), (2, 64, 4), (4, 32, 2), (4, 64, 2), (4, 64, 4), (4, 64, 8)}
+W4A16_CONFIGS += [dict(fma=True, groups_per_step=g, block_n=b, num_warps=w) for g in (1, 2, 4) for b in (16, 32, 64)
+                  for w in (2, 4, 8) if (g, b, w) not in _GEMV_SPILL]
 TOKENS = [4096, 4608]
 BATCHES = [1, 4]
 GEMM_CONFIGS = [

@@ -315,18 +315,41 @@ def test_expand_gives_code_times_multiplier():
 
 
 @cpu_only
-@pytest.mark.parametrize("m_tokens,groups_per_step", [(1, 1), (3, 1), (16, 1), (3, 2), (5, 4)])
-def test_w4a16_matches_reference(m_tokens, groups_per_step):
-    """K = 200 (4 groups, the last partial) read one group per step or several: the same result."""
+@pytest.mark.parametrize("m_tokens,groups_per_step,fma", [(1, 1, False), (3, 1, False), (16, 1, False),
+                                                         (3, 2, False), (5, 4, False), (1, 1, True), (3, 2, True),
+                                                         (4, 4, True)])
+def test_w4a16_matches_reference(m_tokens, groups_per_step, fma):
+    """K = 200 (4 groups, the last partial) read one group per step or several, on tensor-core tiles or in the
+    multiply-add GEMV: the same result."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(48, 200, generator=g)
     q = quantize(w, "int4", scale_dtype=torch.float32)
     x = torch.randn(m_tokens, 200, generator=g)
     bias = torch.randn(48, generator=g)
-    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, bias, block_n=16, groups_per_step=groups_per_step)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, bias, block_n=16, groups_per_step=groups_per_step,
+                       fma=fma)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q), None, None, bias)
     assert rel(y, want) < 1e-6, f"seed {seed}"
+
+
+@cpu_only
+def test_w4a16_gemv_in_16_bits_and_with_zero_points():
+    """The multiply-add GEMV with a bf16 input (the weight rounded to bf16 first, as the reference) and with int4z's
+    zero points, against the tensor-core kernel."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 256, generator=g) + 0.3
+    x = torch.randn(2, 256, generator=g).bfloat16()
+    q = quantize(w, "int4", scale_dtype=torch.bfloat16)
+    p = pack_4bit_halves(q.codes, 64)
+    want = R.weight_only_linear(x.float(), get_format("int4").dequantize(q, torch.bfloat16).float(), None, None,
+                                None)
+    assert rel(K.w4a16_linear(x, p, q.scales, None, fma=True, block_n=16), want) < 1e-2, f"seed {seed}"
+    z = quantize(w, "int4z", scale_dtype=torch.float32)
+    xf, pz = x.float(), pack_4bit_halves(z.codes, 64)
+    assert rel(K.w4a16_linear(xf, pz, z.scales, None, zeros=z.zeros, fma=True, block_n=16),
+               K.w4a16_linear(xf, pz, z.scales, None, zeros=z.zeros, block_n=16)) < 1e-6, f"seed {seed}"
 
 
 @cpu_only
@@ -410,6 +433,8 @@ def test_w4a16_refuses_many_tokens():
     q = quantize(torch.randn(16, 64), "int4")
     with pytest.raises(ValueError, match="at most 16 tokens"):
         K.w4a16_linear(torch.randn(17, 64), pack_4bit_halves(q.codes, 64), q.scales, None)
+    with pytest.raises(ValueError, match=r"fma=True\) takes at most 4 tokens"):
+        K.w4a16_linear(torch.randn(5, 64), pack_4bit_halves(q.codes, 64), q.scales, None, fma=True)
     q = quantize(torch.randn(16, 384), "int4")  # 6 groups a row
     for bad in (0, 3, 4):
         with pytest.raises(ValueError, match=f"groups_per_step={bad} must be a power of two dividing the 6 groups"):

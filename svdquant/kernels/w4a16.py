@@ -8,7 +8,9 @@ K ``GROUPS_PER_STEP`` groups of 64 at a time: unpack the two halves of each grou
 and j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
 padded to 16 inside the kernel, never in memory). One group a step (the default) reads at 12-17 % of
 the copy rate on an H200 (latency-bound: 1 KB per program per step); wider steps put more bytes in
-flight and await the GPU sweep (``benchmarks/kernel_speed.py``). A split-K variant with a separate
+flight and await the GPU sweep (``benchmarks/kernel_speed.py``), as does :func:`w4a16_gemv_kernel`, the same
+product on the CUDA cores' multiply-adds for up to four tokens (no 16-row padding, no operand-layout moves; 40-75
+registers at one token compiled for sm_90). A split-K variant with a separate
 reduction launch measured slower on an H200 (the extra launch costs more than it saves).
 With ``zeros`` (the ``int4z`` format: AWQ layers imported from Nunchaku) the codes are unsigned
 and each weight is ``code · scale + zero``, the product exact in fp32 (4-bit code, 16-bit scale),
@@ -71,12 +73,60 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
 
 
 @triton.jit
+def w4a16_gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_ZEROS: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, M_PAD: tl.constexpr):
+    """The same product for ``M <= M_PAD <= 4`` tokens on the CUDA cores: each weight multiplied into an
+    elementwise accumulator ``[M_PAD, BLOCK_N, STEP]`` (fp32 fused multiply-adds, reduced over K once at the end),
+    where :func:`w4a16_kernel` pads the tokens to 16 for the tensor cores and moves each dequantized tile into
+    their operand layout every step. The weight is rounded to x's dtype first, as the reference's."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    ms = tl.arange(0, M_PAD)
+    mmask = ms < M
+    H: tl.constexpr = GROUP // 2
+    STEP: tl.constexpr = GROUPS_PER_STEP * H
+    byte = tl.arange(0, STEP)
+    within = byte % H
+    n_groups: tl.constexpr = KP // GROUP
+    acc = tl.zeros([M_PAD, BLOCK_N, STEP], dtype=tl.float32)
+    for step in range(0, n_groups // GROUPS_PER_STEP):
+        g0 = step * GROUPS_PER_STEP
+        c_lo, c_hi = load_halves(p_ptr, rows, nmask, g0, KP, GROUP, not HAS_ZEROS, GROUPS_PER_STEP)
+        gcols = g0 + tl.arange(0, GROUPS_PER_STEP)
+        sc = _per_code(tl.load(s_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
+                               other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
+        k_lo = (g0 + byte // H) * GROUP + within
+        x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
+                       other=0.0)
+        x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + H)[None, :],
+                       mask=mmask[:, None] & (k_lo + H < K)[None, :], other=0.0)
+        if HAS_ZEROS:
+            zr = _per_code(tl.load(z_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
+                                   other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
+            w_lo = (c_lo.to(tl.float32) * sc + zr).to(x_lo.dtype).to(tl.float32)
+            w_hi = (c_hi.to(tl.float32) * sc + zr).to(x_lo.dtype).to(tl.float32)
+        else:
+            w_lo = (c_lo.to(tl.float32) * sc).to(x_lo.dtype).to(tl.float32)
+            w_hi = (c_hi.to(tl.float32) * sc).to(x_lo.dtype).to(tl.float32)
+        acc += w_lo[None, :, :] * x_lo.to(tl.float32)[:, None, :]
+        acc += w_hi[None, :, :] * x_hi.to(tl.float32)[:, None, :]
+    y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _per_code(v, BLOCK_N: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
     """``v`` [BLOCK_N, G] (one value per group) repeated for each of a group's H codes: [BLOCK_N, G · H]."""
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, G, H)), (BLOCK_N, G * H))
 
 
 MAX_TOKENS = 16  # beyond this the layer is no longer memory-bound: dequantize once and use cuBLAS
+FMA_MAX_TOKENS = 4  # the multiply-add GEMV's accumulator holds M_PAD x BLOCK_N x STEP fp32 values
 
 
 @triton.jit
@@ -125,21 +175,33 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: t
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
                  zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 2,
-                 num_stages: int = 4, groups_per_step: int = 1) -> torch.Tensor:
+                 num_stages: int = 4, groups_per_step: int = 1, fma: bool = False) -> torch.Tensor:
     """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout; unsigned with
     ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype. Block defaults:
     the fastest measured on an H200. ``groups_per_step`` (a power of two dividing the group count): groups each
     loop step reads, so more bytes are in flight per program; 1 is the measured kernel, wider steps are for the
-    sweep (``benchmarks/kernel_speed.py --sweep``) until one measures faster."""
+    sweep (``benchmarks/kernel_speed.py --sweep``) until one measures faster. ``fma``: :func:`w4a16_gemv_kernel`
+    (up to :data:`FMA_MAX_TOKENS` tokens, the CUDA cores' multiply-adds instead of 16-row tensor-core tiles), for
+    the sweep until it measures faster."""
     m, k = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
+    if fma and m > FMA_MAX_TOKENS:
+        raise ValueError(f"w4a16_linear(fma=True) takes at most {FMA_MAX_TOKENS} tokens, got {m}")
     groups = packed.shape[1] * 2 // group_size
     if groups_per_step < 1 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
         raise ValueError(f"groups_per_step={groups_per_step} must be a power of two dividing the {groups} groups "
                          "of a row")
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if fma:
+        w4a16_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, m, n,
+            k, x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
+            HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, GROUPS_PER_STEP=groups_per_step,
+            M_PAD=triton.next_power_of_2(m), num_warps=num_warps, num_stages=num_stages,
+        )
+        return y
     w4a16_kernel[(triton.cdiv(n, block_n),)](
         x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, m, n, k,
         x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
