@@ -117,28 +117,18 @@ def test_a_group_out_of_memory_beside_the_others_runs_again_alone():
 
 
 def test_groups_at_once_start_costliest_first():
-    """GroupWorkers.run(costs=): the pool starts the costliest tasks first (a long group started last keeps the
-    block waiting on it alone); the results still come back in the tasks' order."""
-    import time
-
+    """GroupWorkers.run(costs=): the tasks go to the pool costliest first (the pool starts them in that order: a long
+    group started last keeps the block waiting on it alone); the results still come back in the tasks' order."""
     costs = [1, 5, 3, 4, 2]
-    started, lock = [], threading.Lock()
-
-    def task(i):
-        def run():
-            with lock:
-                started.append(i)
-            time.sleep(costs[i] * 0.02)
-            return i
-        return run
-
+    tasks = [lambda i=i: i for i in range(5)]
     workers = GroupWorkers(torch.device("cpu"), 2)
+    submitted, submit = [], workers._pool.submit
+    workers._pool.submit = lambda fn, task, *a: submitted.append(tasks.index(task)) or submit(fn, task, *a)
     try:
-        out, _ = workers.run([task(i) for i in range(5)], costs=costs)
+        out, _ = workers.run(tasks, costs=costs)
     finally:
         workers.close()
-    assert out == [0, 1, 2, 3, 4]
-    assert set(started[:2]) == {1, 3} and started[2:] == [2, 4, 0]
+    assert out == [0, 1, 2, 3, 4] and submitted == [1, 3, 2, 4, 0]
 
 
 def test_a_blocks_groups_are_costed_by_their_shapes():
@@ -146,15 +136,20 @@ def test_a_blocks_groups_are_costed_by_their_shapes():
     the out projections last."""
     import torch.nn as nn
 
+    from svdquant import get_recipe
     from svdquant.models import Group
     from svdquant.quantize.blocks import _group_cost
 
     block = nn.Module()
     for name, (n, k) in dict(q=(16, 16), k=(16, 16), v=(16, 16), out=(16, 16), fc1=(64, 16), fc2=(16, 64)).items():
         setattr(block, name, nn.Linear(k, n))
-    groups = [Group(("q", "k", "v")), Group(("out",)), Group(("fc1",)), Group(("fc2",))]
-    costs = [_group_cost(block, g) for g in groups]
-    assert sorted(range(4), key=lambda i: -costs[i]) == [3, 2, 0, 1]
+    groups = [Group(("q", "k", "v")), Group(("out",)), Group(("fc1",)), Group(("fc2",)),
+              Group(("ada",), weight_only=True)]
+    block.ada = nn.Linear(16, 96)  # an adaLN modulation: wide, but neither searched nor refined
+    costs = [_group_cost(block, g, get_recipe("int4")) for g in groups]
+    assert sorted(range(5), key=lambda i: -costs[i]) == [3, 2, 0, 1, 4]
+    costs = [_group_cost(block, g, get_recipe("int4", gptq=False)) for g in groups]  # no inverse factor: fc1 = fc2
+    assert sorted(range(5), key=lambda i: -costs[i]) == [2, 3, 0, 1, 4]
 
 
 def test_one_worker_runs_in_the_callers_thread():

@@ -144,6 +144,38 @@ def test_a_lora_on_a_stacked_modulation_runs_the_members_in_turn(monkeypatch, qu
     got = tm.forward(model, inputs)
     assert peek(model).modulations[0]._runner is None and len(rows) == 3
     assert torch.equal(got, tm.forward(twin, inputs))
+    for m in (model, twin):
+        m.single_transformer_blocks[0].norm.linear.remove_adapter("x")
+    rows.clear()
+    got = tm.forward(model, inputs)  # the LoRA gone: one launch again
+    assert peek(model).modulations[0]._runner is not None and len(rows) == 1
+    assert torch.equal(got, tm.forward(twin, inputs))
+
+
+def test_unfusing_refuses_a_norm_whose_forward_a_hook_replaced(quantized_flux):
+    model = copy.deepcopy(quantized_flux[0])
+    fuse_modulations(model)
+    norm = model.single_transformer_blocks[0].norm
+    ours = norm.forward
+    norm.forward = lambda *a, **kw: ours(*a, **kw)  # what a cache or offload hook added after fusing does
+    with pytest.raises(RuntimeError, match="remove it before unfusing"):
+        unfuse_modulations(model)
+    assert peek(model).modulations is not None  # nothing undone
+    norm.forward = ours
+    assert unfuse_modulations(model) == 3
+
+
+def test_a_stack_past_the_kernels_offsets_stays_apart():
+    """The W4A16 kernel's byte offsets are 32-bit: layers whose codes add up to 2**31 bytes do not stack."""
+    from svdquant import kernels
+    from svdquant.ops.runners import W4A16Runner
+
+    r = object.__new__(W4A16Runner)
+    r.kernels, r.down, r.group, r.k, r.wzeros, r.bias = kernels, None, 64, 4096, None, None
+    r.wscales = torch.empty(1 << 19, 64, dtype=torch.bfloat16, device="meta")
+    r.qweight = torch.empty(1 << 19, 2048, dtype=torch.uint8, device="meta")  # 2**30 bytes each
+    with pytest.raises(ValueError, match="2\\*\\*31 bytes"):
+        W4A16Runner.stack([r, copy.copy(r)], [1 << 19, 1 << 19])
 
 
 @pytest.mark.gpu

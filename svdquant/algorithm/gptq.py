@@ -112,10 +112,12 @@ def gptq(r: torch.Tensor, h: torch.Tensor, q0: QTensor, *, damp: float = 0.01) -
     return gptq_members([r], h, [q0], damp=damp)[0]
 
 
-def gptq_members(rs: list[torch.Tensor], h: torch.Tensor, q0s: list[QTensor], *, damp: float = 0.01) -> list[QTensor]:
+def gptq_members(rs: list[torch.Tensor], h: torch.Tensor, q0s: list[QTensor], *,
+                 damp: float = 0.01) -> list[QTensor]:
     """:func:`gptq` for the members of a group that read the same inputs (q / k / v): one Hessian, so one
     ordering and one inverse factor, and their rows rounded in one pass. GPTQ spreads a column's error along its
-    own row only, so stacking the rows changes nothing but the number of launches and factorizations."""
+    own row only, so stacking the rows changes nothing but the number of launches and factorizations (bit for bit
+    on the CPU; a GPU's BLAS may round the update product differently with more rows)."""
     fmt = get_format(q0s[0].fmt)
     grids = [fmt.weight_grid(q0) for q0 in q0s]
     values, codes = grids[0][1], grids[0][2]  # the format's grid: the same for every member

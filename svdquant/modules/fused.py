@@ -74,6 +74,7 @@ class FusedSVDQLinear(nn.Module):
         self.out_features = sum(m.out_features for m in members)
         for m in members:
             m.set_stacked_in(self)
+        self._branch_blocked = False  # apart because a member took a branch the stacked runner cannot take
         self.refresh()
 
     def refresh(self) -> None:
@@ -87,12 +88,14 @@ class FusedSVDQLinear(nn.Module):
         bump_revision()
         kind = type(runners[0])
         gelu = any(m.output_gelu or m.input_gelu_from is not None for m in self.members)
-        if not kind.stacks or any(type(r) is not kind for r in runners) or gelu:
+        if not kind.stacks or any(type(r) is not kind for r in runners) or gelu or \
+                len({m.wscales.device for m in self.members}) > 1:  # a model moved layer by layer between GPUs
             return  # the CPU reference, another path, or a member's own GELU: the members run in turn
         try:  # the INT8 kernels (speed mode: members then hold row views), or svdquant.optimize's one 16-bit GEMM
             self._runner = kind.stack(runners, outs)
         except ValueError:  # layers that do not share their input's smoothing, or in two weight modes
             return
+        self._branch_blocked = False
         for m in self.members:  # the W4A16 stack's members: their codes are rows of the stack's now
             if m._runner.owns_packed_weight:
                 m._buffers["qweight"] = None
@@ -107,13 +110,17 @@ class FusedSVDQLinear(nn.Module):
     def refresh_branch(self) -> bool:
         """A member's LoRAs changed (its runner rebuilt its branch): restack the branches (in place where the
         shapes stay; True if the stacked runner now holds other tensors)."""
-        if self._runner is None:
-            return False
+        if self._runner is None:  # one runner again once the branch that kept the members apart is gone
+            if self._branch_blocked and all(getattr(m._runner, "down", None) is None for m in self.members):
+                self.refresh()
+            return self._runner is not None
         # dense: the members rewrote their rows of the stacked weight in place, nothing to restack
         try:
             return self._runner.restack_branch([m._runner for m in self.members])
         except ValueError:  # a branch the stack cannot take (weight-only layers): its members in turn
-            return self.refresh() or True
+            self.refresh()
+            self._branch_blocked = True
+            return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a memory-mode stack reads its members' buffers, which offload hooks on the members (leaf-level group
@@ -124,7 +131,7 @@ class FusedSVDQLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        path = "one INT8 GEMM" if self._runner is not None else "members in turn"
+        path = "one stacked runner" if self._runner is not None else "members in turn"
         return f"in_features={self.in_features}, out_features={self.out_features}, members={len(self.members)}, {path}"
 
 
@@ -411,10 +418,9 @@ def set_compiled_activations(model: nn.Module, on: bool = True) -> int:
 
 
 def fuse(model: nn.Module, *, gelu: bool = True, compiled_activations: bool = False) -> dict[str, int]:
-    """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc2's activation
-    pass (or fc1's epilogue), "compiled_activations": layers whose A8 quantization inductor fuses into the input's
-    producer}``. The last is off by default until measured on a GPU; it pairs with ``gelu=False`` (inductor then
-    fuses fc2's quantization into its GELU kernel). FLUX.1's adaLN modulations ahead: :mod:`.modulations`."""
+    """The run-time fusions: ``{"qkv": attentions stacked, "gelu": MLPs whose GELU moved into fc2's activation pass
+    (or fc1's epilogue), "compiled_activations": layers whose A8 quantization inductor fuses into the input's producer
+    (off until measured; pairs with ``gelu=False``)}``. FLUX.1's adaLN modulations ahead: :mod:`.modulations`."""
     done = {"qkv": fuse_projections(model), "gelu": fuse_gelu(model) if gelu else 0,
             "compiled_activations": set_compiled_activations(model) if compiled_activations else 0}
     bump_revision()  # forwards and modules were swapped: captured CUDA graphs are stale

@@ -9,12 +9,16 @@ launch over all rows, the members' codes rows of the stack's), and the model's t
 ``[silu(temb) | every modulation]`` (a forward hook on ``time_text_embed``). Each norm then reads its columns of that
 instead of running its linear, and ``norm_out`` (16-bit) applies its linear to the ``silu(temb)`` columns
 (``compat.modulations_ahead_*``: diffusers' forwards of the three norms, reading precomputed modulations). The same
-math: each modulation row is the same dot product of the same input, so the step's output is unchanged.
+math: each modulation row is the same dot product of the same input, so up to 16 images a call the step's output is
+bit for bit the same; beyond, the stack runs 16 images a launch where its members each dequantize for cuBLAS (within
+bf16 rounding).
 
 Applies to a FLUX.1 transformer (``FluxTransformer2DModel``) whose adaLN linears are weight-only SVDQLinear layers
 without a branch and whose modules carry no offload hook (the stack stays where the layers are); otherwise nothing
-changes (it returns 0). A LoRA added to one of them later runs the members in turn. :func:`unfuse_modulations`
-undoes it; the layers stay the modules of record (state dict, checkpoints, LoRAs).
+changes (it returns 0). A LoRA added to one of them later runs the members in turn (one launch again once it is
+gone). Offloading enabled after fusing would rebuild the stack at every onload (a 1.6 GB concatenation beside the
+members' codes): unfuse first. :func:`unfuse_modulations` undoes it; the layers stay the modules of record (state
+dict, checkpoints, LoRAs).
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def fuse_modulations(model: nn.Module) -> int:
         start += m.out_features
     norm_out.forward = functools.partial(compat.modulations_ahead_continuous, norm_out, width)  # h-diffusers
     hook = model.time_text_embed.register_forward_hook(functools.partial(_ahead, stack))
-    state(model).modulations = (stack, hook, [n for n, _ in norms] + [norm_out])
+    swapped = {norm: norm.forward for norm in [n for n, _ in norms] + [norm_out]}
+    state(model).modulations = (stack, hook, swapped)
     bump_revision()  # forwards were swapped: captured CUDA graphs are stale
     return len(members)
 
@@ -104,9 +109,14 @@ def unfuse_modulations(model: nn.Module) -> int:
     done = take(model, "modulations")
     if done is None:
         return 0
-    stack, hook, norms = done
+    stack, hook, swapped = done
+    wrapped = [type(n).__name__ for n, f in swapped.items() if n.__dict__.get("forward") is not f]
+    if wrapped:
+        state(model).modulations = done
+        raise RuntimeError(f"a hook replaced the forward of a fused {wrapped[0]} after svdquant.fuse(modulations=True) "
+                           "(a cache or offload hook): remove it before unfusing")
     hook.remove()
-    for norm in norms:
+    for norm in swapped:
         del norm.forward
     _release(stack)
     for m in stack.members:

@@ -113,13 +113,16 @@ def _solve_recorded(rec, block: nn.Module, group: Group, recipe: QuantConfig, co
     return solve_group(block, group, x, amax, recipe, concurrent=concurrent)
 
 
-def _group_cost(block: nn.Module, group: Group) -> float:
-    """A group's expected quantizer time, from its weights' shapes: ``N·K`` for the search and refinement, plus
-    ``K²/8`` for GPTQ's inverse factor, cubic in K (per group at FLUX.1-dev's shapes on an H200, BENCHMARKS.md: q/k/v
-    9216 × 3072 ~260 ms, fc1 12288 × 3072 ~350, fc2 3072 × 12288 ~340, the out projection 3072 × 3072 least)."""
-    weights = [_linear(block.get_submodule(n)).weight for n in group.names]
+def _group_cost(block: nn.Module, group: Group, recipe: QuantConfig) -> float:
+    """A group's expected quantizer time, from its weights' shapes: ``N·K`` for the search and refinement (an
+    eighth of it for a weight-only group, which has neither), plus ``K²/8`` with GPTQ for its inverse factor
+    (quadratic in K here: the factor's cubic cost dominates only past FLUX's widths). Per group at FLUX.1-dev's
+    shapes on an H200 (BENCHMARKS.md): q/k/v 9216 × 3072 ~260 ms, fc1 12288 × 3072 ~350, fc2 3072 × 12288 ~340, the
+    out projection 3072 × 3072 least."""
+    weights = [block.get_submodule(n).weight for n in group.names]  # [N, K] (a 1x1 conv's: [N, K, 1, 1])
     k = weights[0].shape[1]
-    return sum(w.shape[0] for w in weights) * k + k * k / 8
+    cost = sum(w.shape[0] for w in weights) * k / (8 if group.weight_only else 1)
+    return cost + (k * k / 8 if recipe.gptq else 0.0)
 
 
 def _linear(m: nn.Module) -> nn.Module:
@@ -258,7 +261,7 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
             bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), names[0],
                                                  *gpu_memory(plan.device, plan.cap)))
             tasks = [functools.partial(_solve_recorded, rec, job.block, g, plan.recipe, at_once) for g in job.groups]
-            costs = [_group_cost(job.block, g) for g in job.groups]
+            costs = [_group_cost(job.block, g, plan.recipe) for g in job.groups]
             solved, wall = workers.run(tasks, done, concurrent=at_once > 1, costs=costs)
             if wall:
                 clock.add("groups at once (wall)", wall)

@@ -45,6 +45,8 @@ class W4A16Runner(Runner):
             if (r.group, r.k, r.wzeros is None, r.wscales.dtype) != (first.group, first.k, first.wzeros is None,
                                                                      first.wscales.dtype):
                 raise ValueError("weight-only layers stack only with one format, group and input width")
+        if sum(r.qweight.numel() for r in runners) >= 1 << 31:  # the kernel's byte offsets are 32-bit
+            raise ValueError("weight-only layers stack up to 2**31 bytes of codes")
         new = copy.copy(first)
         new.qweight = torch.cat([r.qweight for r in runners], 0)
         new.wscales = torch.cat([r.wscales for r in runners], 0)
