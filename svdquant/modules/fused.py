@@ -222,8 +222,6 @@ def _unstack_single_block(block) -> bool:
     compat.set_qkv_fusion_supported(block.attn, True)  # h-diffusers
     block.attn.fused_projections = False
     _release(stacked)
-    for m in stacked.members:
-        m.refresh()
     return True
 
 
@@ -269,8 +267,10 @@ def fuse_projections(model: nn.Module, *, single_mlp: bool = True) -> int:
             if all(isinstance(m, SVDQLinear) for m in members):
                 try:
                     made[fused_name] = FusedSVDQLinear(members)
-                except ValueError:
-                    made.clear()  # a stream that cannot stack (e.g. different layouts): leave the attention as is
+                except ValueError:  # a stream that cannot stack (e.g. different layouts): leave the attention as is
+                    for f in made.values():
+                        _release(f)
+                    made.clear()
                     break
         if "to_qkv" in made and (kind != "flux" or len(made) == len(PROJECTIONS) or
                                  getattr(attn, "add_q_proj", None) is None):
@@ -307,8 +307,6 @@ def unfuse_projections(model: nn.Module) -> int:
         for name, f in fused:
             delattr(attn, name)
             _release(f)
-            for m in f.members:
-                m.refresh()
         processor = take(attn, "processor")
         if processor is not None:
             attn.processor = processor
@@ -446,5 +444,7 @@ def _quantized(m) -> bool:
 
 
 def _release(f: FusedSVDQLinear) -> None:
+    """``f``'s members on their own again, each rebuilt on its own weights (not row views of the stack's)."""
     for m in f.members:
         m.set_stacked_in(None)
+        m.refresh()

@@ -118,8 +118,6 @@ def unfuse_modulations(model: nn.Module) -> int:
     hook.remove()
     for norm in swapped:
         del norm.forward
-    _release(stack)
-    for m in stack.members:
-        m.refresh()  # back to its own codes
+    _release(stack)  # back to their own codes
     bump_revision()
     return len(stack.members)
