@@ -11,6 +11,7 @@ Where things live:
   are recorded, and the forwards stop at the first block);
 * ``schedule.py``: which calibration calls run and how far (:func:`calibrate_stacks`);
 * ``replay.py``: the blocks replayed in 16 bits on the snapshots, on a side CUDA stream on a GPU;
+* ``merge.py``: one-image recorded calls joined into calls of a few images for the replays (on a GPU);
 * ``offload.py``: a CPU-held model streamed through a GPU one piece at a time;
 * ``ahead.py``: a streamed pipeline's text encoders run once ahead of the calibration calls, which reuse their outputs;
 * ``memory.py``: what stays on the device while it streams (resident blocks, snapshots, the cap).

@@ -232,7 +232,7 @@ ADAPTERS = {
     # tokens appended to the latents'). Its pipelines pack 2x2 latents into a token: patch 2.
     "FluxTransformer2DModel": lambda: Adapter(
         "flux", ("transformer_blocks", "single_transformer_blocks"), ("encoder_hidden_states", "hidden_states"),
-        _flux_groups, patch=2),
+        _flux_groups, patch=2, batch_inputs=("hidden_states", "encoder_hidden_states", "temb")),
     # FLUX.2 [dev] (Flux2Pipeline) and [klein] (Flux2KleinPipeline): the single blocks take and return the
     # one joint stream [text | image] the model concatenates after the double blocks.
     "Flux2Transformer2DModel": lambda: Adapter(

@@ -54,6 +54,9 @@ class Adapter:
     model_groups: linears of the model outside its blocks (FLUX.2's shared modulation, embedders), each a
         weight-only :class:`Group` with its ``weight_format``, named from the model's root: rounded to nearest
         after the blocks, with no calibration inputs.
+    batch_inputs: the blocks' arguments whose leading dimension is the call's images (for every stack); with them
+        the replays join one-image recorded calls into calls of a few (:mod:`svdquant.calibration.merge`); empty:
+        never joined.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Adapter:
     stack_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     patch: int | None = None
     model_groups: tuple[Group, ...] = ()
+    batch_inputs: tuple[str, ...] = ()
 
     def outputs_of(self, block: str) -> tuple[str, ...]:
         """What the block named ``block`` (``"stack.i"``) returns, in order."""

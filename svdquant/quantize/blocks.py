@@ -25,6 +25,7 @@ from ..calibration import (
     stream_model,
 )
 from ..calibration.ahead import encode_ahead
+from ..calibration.merge import merge_calls, merges_replays
 from ..models import Group
 from ..models.base import present, set_module
 from ..models.text_encoders import block_stack, quantize_layer_weight_only, text_encoders
@@ -216,6 +217,9 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
     store = plan.home if spill else plan.device  # where a stack's last block leaves the next stack's entries
     if plan.stream and cal.on_device and plan.calib.inputs is None:
         cal.move_entries(plan.device, clock)  # recorded at home through the pipeline: one crossing for all blocks
+    if merges_replays(plan.device):  # one-image recorded calls replayed a few images a call
+        for entries in cal.entries.values():
+            merge_calls(entries, plan.adapter.batch_inputs, pin=pin)
     bar = progress_bar(total=sum(len(g) for _, _, g in planned), desc=_desc("quantizing", plan), unit="group",
                        enabled=plan.progress)  # a bar on a terminal, a line now and then in a log
     jobs = replay_jobs(plan.adapter.stacks, planned, cal.entries, cal.chained)
