@@ -5,6 +5,7 @@
 # records (what a pipeline's calibration records). The fp32-scoring run is call34's.
 . .gpu/pre.sh "$@"
 gtest 150 tests/test_kernels.py tests/test_gptq.py tests/test_algorithm.py -k "scoring or gptq or batched" 2>&1 | tail -5
+gtest 200 tests/test_stream.py tests/test_concurrent_groups.py 2>&1 | tail -5  # the replays now join one-image calls
 timeout 60 python3 benchmarks/scoring_speed.py --out $OUT > $OUT/scoring.log 2>&1; echo "scoring_speed rc=$?"; cut -c1-220 $OUT/scoring.log
 timeout 90 python3 benchmarks/gptq_speed.py --blocks 64 --out $OUT/gptq > $OUT/gptq.log 2>&1; echo "gptq_speed rc=$?"; tail -c 1500 $OUT/gptq.log
 Q="python3 benchmarks/quantize_flux.py --double 19 --single 38 --snapshots 128 --max-gpu-memory 24GB --scoring tf32"
