@@ -7,3 +7,7 @@
 gtest 120 tests/test_modulations.py tests/test_kernels.py -k "modulations or w4a16" 2>&1 | tail -4
 timeout $(( $(left) - 5 )) python3 benchmarks/flux_step.py --variants int4-fused-compiled-graph,int4-fused-ahead-compiled-graph --batch 1 4 --attention _native_cudnn --profile --out $OUT > $OUT/step.log 2>&1; echo "step rc=$?"
 grep -E '^int4|adaLN' $OUT/step.log | cut -c1-220
+# the activation passes in row chunks (pass 2 from L2): the fused default again with 24 MB chunks, if call31's
+# per-pass chunk timings favour them
+timeout $(( $(left) - 5 )) python3 benchmarks/flux_step.py --variants int4-fused-compiled-graph --batch 1 4 --attention _native_cudnn --act-chunk-bytes 25165824 --out $OUT/chunked > $OUT/step_chunked.log 2>&1; echo "step chunked rc=$?"
+grep -E '^int4' $OUT/step_chunked.log | cut -c1-220

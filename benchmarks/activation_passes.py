@@ -14,8 +14,9 @@ a double block, a single block's stacked input and its two-part ``proj_out`` wit
 of one and two reads of X, the partial maxima and down projections pass 1 writes and pass 2 reads, and the codes,
 at this card's copy rate), and the step's total (count × µs). The calls of one graph read the same X: a small one
 stays in L2 between them, as a pass's input, just written by its producer, often does in the step. ``--sweep`` then times the kernel's block options per
-pass type (each checked against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3).
-Writes ``activation_passes.json`` to ``--out``.
+pass type (each checked against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3),
+and every pass type is timed in row chunks (``chunk_bytes``: both passes over a chunk of rows at a time, so that
+pass 2 reads from L2 what pass 1 read). Writes ``activation_passes.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ FLUX_PASSES = [
 SWEEP = dict(stats_block_m=(32, 64, 128), stats_block_k=(128, 256), target_programs=(512, 1024, 2048, 8192),
              num_warps=(4, 8))
 SMOKE_SWEEP = dict(stats_block_m=(32,), stats_block_k=(128,), target_programs=(512, 8192), num_warps=(4,))
+# row chunks at the shipped blocks (quantize_activations(chunk_bytes=): pass 2 reads from L2 what pass 1 just read)
+CHUNKS = (8 << 20, 16 << 20, 24 << 20, 32 << 20)
+SMOKE_CHUNKS = (1,)  # chunks of one row-block unit: the single blocks' 72 rows in two
 
 
 def pass_inputs(m, k, gelu_from, head, device, dtype, seed=0):
@@ -123,6 +127,11 @@ def run(args) -> dict:
         us = timer(lambda: K.quantize_activations(*pos, **kw), args.calls, args.reps)
         row = dict(name=name, m=m, k=k, count=count, us=us, step_ms=count * us / 1e3,
                    **floor_us(m, k, copy_gbs, splits_of(k, m, {})))
+        row["chunks"] = {}
+        for chunk in SMOKE_CHUNKS if args.smoke else CHUNKS:  # each checked against the unchunked output first
+            ok = same(K.quantize_activations(*pos, **kw, chunk_bytes=chunk), want)
+            row["chunks"][str(chunk)] = timer(lambda: K.quantize_activations(*pos, **kw, chunk_bytes=chunk), args.calls,
+                                         args.reps) if ok else "wrong"
         if args.sweep:
             row["sweep"] = {}
             sweep = SMOKE_SWEEP if args.smoke else SWEEP

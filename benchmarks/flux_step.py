@@ -282,7 +282,16 @@ def main(argv=None):
     ap.add_argument("--cutlass-views", action="store_true",
                     help="launch the CUTLASS GEMM through the DSL's DLPack views instead of apache-tvm-ffi (the "
                          "host-cost A/B)")
+    ap.add_argument("--act-chunk-bytes", type=int,
+                    help="run the INT8 activation passes in row chunks of about this many input bytes "
+                         "(svdquant.kernels.activations.CHUNK_BYTES; 0: off, the default)")
     args = ap.parse_args(argv)
+    if args.act_chunk_bytes is not None:
+        if args.act_chunk_bytes < 0:
+            ap.error(f"--act-chunk-bytes {args.act_chunk_bytes}: use 0 (off) or a byte count")
+        from svdquant.kernels import activations
+
+        activations.CHUNK_BYTES = args.act_chunk_bytes
     if args.cutlass_views:
         from svdquant.kernels import cutlass_launch
 

@@ -28,6 +28,7 @@ def test_the_smoke_run_covers_the_steps_passes_and_every_swept_block_agrees(tmp_
     for r in res["passes"]:
         assert r["two_reads_us"] > r["one_read_us"] > 0
         assert r["sweep"] and all(isinstance(t, float) for t in r["sweep"].values()), r["sweep"]
+        assert r["chunks"] and all(isinstance(t, float) for t in r["chunks"].values()), r["chunks"]
 
 
 def test_the_floor_counts_the_bytes_of_a_pass():

@@ -118,6 +118,26 @@ def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh):
 
 
 @cpu_only
+@pytest.mark.parametrize("a4,two_parts", [(False, False), (False, True), (True, False)])
+def test_activation_passes_in_row_chunks_are_the_same(a4, two_parts):
+    """``chunk_bytes``: both passes one chunk of rows at a time (the last chunk partial; an input GELU, two parts,
+    A4 with its shift): the same codes, scales and ``X·L1ᵀ`` bit for bit, each row's computation being its own."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(150, 256, generator=g) * 2).to(torch.bfloat16)
+    sinv = torch.rand(256, generator=g) + 0.5
+    down = (torch.randn(16, 256, generator=g) * 0.1).to(torch.bfloat16)
+    kw = dict(tail=x[:, 128:]) if two_parts else dict(input_gelu_from=128)
+    kw.update(a4=a4, shift=0.5 if a4 else 0.0, unsigned_from=128 if a4 else 0, block_k=64, stats_block_k=64,
+              block_m=16, stats_block_m=32)
+    head = x[:, :128] if two_parts else x
+    want = K.quantize_activations(head, sinv, down, chunk_bytes=0, **kw)
+    got = K.quantize_activations(head, sinv, down, chunk_bytes=64 * 256 * 2, **kw)  # 64-row chunks: 3 of them
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), f"seed {seed}"
+
+
+@cpu_only
 @pytest.mark.parametrize("two_parts", [False, True])
 def test_activation_kernel_applies_an_input_gelu_from_a_block(two_parts):
     """``input_gelu_from=128`` (a FLUX single block's proj_out: the MLP's channels after the attention's) against

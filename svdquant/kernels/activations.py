@@ -33,6 +33,8 @@ earlier ``exp`` and division bound the passes on the special-function unit (1.7x
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -193,12 +195,19 @@ def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 6
     return k_head % b1 == 0 and k_head % bq == 0
 
 
+# Row chunks: an input larger than this (bytes of X) runs both passes over one chunk of rows at a time, so that pass 2
+# reads the rows pass 1 just read from L2 (40-50 MB on A100 / H100 / H200) rather than from memory: FLUX's fc2 and
+# proj_out inputs are 113-141 MB. 0 turns it off. Awaits the GPU's sweep (benchmarks/activation_passes.py).
+CHUNK_BYTES = 0
+
+
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
                          tail: torch.Tensor | None = None, input_gelu_from: int | None = None, a4: bool = False,
                          group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
-                         num_warps: int = 8, exact_gelu: bool = False, lora_dtype: torch.dtype = torch.float32):
+                         num_warps: int = 8, exact_gelu: bool = False, lora_dtype: torch.dtype = torch.float32,
+                         chunk_bytes: int | None = None):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -213,6 +222,10 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     (:func:`~svdquant.kernels.common.gelu_tanh`); a sweep option (``kernel_speed.py --gelu-sweep``), to time what
     the approximation saves.
 
+    ``chunk_bytes`` (default :data:`CHUNK_BYTES`): an input of more bytes runs both passes one chunk of rows (of
+    about that size, a multiple of both passes' row blocks) at a time, so that pass 2 finds in L2 what pass 1 read;
+    each row's result is the same either way.
+
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
     m, k_head = x.shape
@@ -224,16 +237,36 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          "apply that GELU before (svdquant.ops.reference.gelu_columns)")
     if tail is not None and (k_head % b1 or k_head % bq):  # a head that ends inside a block: one concatenation
         x, tail, k_head = torch.cat([x, tail], 1), None, k
-    m1, m2 = triton.cdiv(m, stats_block_m), triton.cdiv(m, block_m)
-    s1 = _splits(kp // b1, m1, target_programs)
-    s2 = _splits(kp // bq, m2, target_programs)
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    unit = stats_block_m * block_m // math.gcd(stats_block_m, block_m)  # a chunk: whole row blocks of both passes
+    rows = m if not chunk_bytes or m * k * x.element_size() <= chunk_bytes else \
+        max(unit, chunk_bytes // (k * x.element_size()) // unit * unit)
     q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
+    r = lora_down.shape[0] if lora_down is not None else 16
+    la = torch.empty(m, r, dtype=lora_dtype, device=x.device) if lora_down is not None else None  # rounded to it
+    # K slices as for the whole input: every chunk sums a row's partial down projections in the same order
+    splits = (_splits(kp // b1, triton.cdiv(m, stats_block_m), target_programs),
+              _splits(kp // bq, triton.cdiv(m, block_m), target_programs))
+    for r0 in range(0, m, max(rows, 1)):  # static: the same launches every call (CUDA graphs)
+        r1 = min(m, r0 + rows)
+        _passes(x[r0:r1], tail[r0:r1] if tail is not None else None, k, k_head, kp, b1, bq, smooth_inv, lora_down,
+                q[r0:r1], s[r0:r1], la[r0:r1] if la is not None else None, input_gelu_from, a4, shift,
+                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu)
+    return q, s, la
+
+
+def _passes(x, tail, k, k_head, kp, b1, bq, smooth_inv, lora_down, q, s, la, input_gelu_from, a4, shift,
+            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu):
+    """Both passes over the rows of ``x`` (and ``tail``), writing ``q``, ``s`` and ``la`` (rows of the outputs),
+    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``."""
+    m = x.shape[0]
+    m1, m2 = triton.cdiv(m, stats_block_m), triton.cdiv(m, block_m)
+    s1, s2 = splits
     stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
     r = lora_down.shape[0] if lora_down is not None else 16
     has_lora = lora_down is not None
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
-    la = torch.empty(m, r, dtype=lora_dtype, device=x.device) if has_lora else None  # stored rounded to it
     uf = int(unsigned_from) if shift else kp
     two = tail is not None
     t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, x.stride(0))
@@ -252,4 +285,3 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
         BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=two,
         HAS_GELU=input_gelu_from is not None, APPROX_GELU=approx, FAST_ROUND=not interpreting(), num_warps=num_warps,
     )
-    return q, s, la
