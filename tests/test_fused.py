@@ -26,7 +26,7 @@ from svdquant import SVDQLinear, get_recipe
 from svdquant._state import peek
 from svdquant.modules import FusedSVDQLinear, fuse_projections, unfuse_projections
 from svdquant.modules.fused import Projected
-from svdquant.ops.branch import padded_branch, stacked_branch
+from svdquant.ops.branch import stacked_branch
 from svdquant.ops.runners import Int8Runner, ReferenceRunner
 
 # fp32's unit roundoff. Two orders of summing the same n fp32 products differ by at most 2·γ_n ≈ 2·n·u of the sum of
@@ -50,11 +50,7 @@ interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TR
 
 @pytest.fixture(scope="module")
 def quantized_flux():
-    torch.manual_seed(0)
-    model = tm.build_flux()
-    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
-                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
-    return model, tm.calibration_inputs("flux", model, 1, seed=7)[0]
+    return tm.quantized_flux(input_seed=7)
 
 
 def test_fused_flux_equals_unfused_and_keeps_its_state_dict(quantized_flux):

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import svdquant
-from svdquant import get_recipe
 from svdquant._state import peek
 from svdquant.modules.modulations import fuse_modulations, unfuse_modulations
 
@@ -27,11 +26,7 @@ interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TR
 
 @pytest.fixture(scope="module")
 def quantized_flux():
-    torch.manual_seed(0)
-    model = tm.build_flux()
-    svdquant.quantize(model, get_recipe("int4", iterations=1, eval_tokens=64),
-                      svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 1)), progress=False)
-    return model, tm.calibration_inputs("flux", model, 1, seed=7)[0]
+    return tm.quantized_flux(input_seed=7)
 
 
 def _adaln(model):

@@ -509,15 +509,16 @@ def on_int8_kernels(model):
     return model
 
 
-def quantized_flux(recipe: str = "int4", iterations: int = 1):
-    """A tiny FLUX quantized on one calibration call, and that call's inputs: what the compile and optimize tests run."""
+def quantized_flux(recipe: str = "int4", iterations: int = 1, input_seed: int = 100):
+    """A tiny FLUX quantized on one calibration call, and a call's inputs (that call's, or of ``input_seed``): what the
+    compile, optimize and fusion tests run."""
     import svdquant
 
     torch.manual_seed(0)
     model = build_flux()
     svdquant.quantize(model, svdquant.get_recipe(recipe, iterations=iterations, eval_tokens=64),
                       svdquant.Calibration(inputs=calibration_inputs("flux", model, 1)), progress=False)
-    return model, calibration_inputs("flux", model, 1)[0]
+    return model, calibration_inputs("flux", model, 1, seed=input_seed)[0]
 
 
 # --------------------------------------------------------------------------------------

@@ -35,31 +35,11 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
     nmask = rows < N
     ms = tl.arange(0, 16)
     mmask = ms < M
-    H: tl.constexpr = GROUP // 2
-    STEP: tl.constexpr = GROUPS_PER_STEP * H  # packed bytes per row per step: GROUPS_PER_STEP whole groups
-    byte = tl.arange(0, STEP)
-    within = byte % H  # code j (low nibble) and j + GROUP/2 (high) of group byte // H
     n_groups: tl.constexpr = KP // GROUP
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for step in range(0, n_groups // GROUPS_PER_STEP):
-        g0 = step * GROUPS_PER_STEP
-        c_lo, c_hi = load_halves(p_ptr, rows, nmask, g0, KP, GROUP, not HAS_ZEROS, GROUPS_PER_STEP)
-        gcols = g0 + tl.arange(0, GROUPS_PER_STEP)
-        sc = _per_code(tl.load(s_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
-                               other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
-        k_lo = (g0 + byte // H) * GROUP + within
-        x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
-                       other=0.0)
-        x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + H)[None, :],
-                       mask=mmask[:, None] & (k_lo + H < K)[None, :], other=0.0)
-        if HAS_ZEROS:  # code · scale + zero, the product exact in fp32: one rounding, as the reference
-            zr = _per_code(tl.load(z_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
-                                   other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
-            w_lo = (c_lo.to(tl.float32) * sc + zr).to(x_lo.dtype)
-            w_hi = (c_hi.to(tl.float32) * sc + zr).to(x_lo.dtype)
-        else:  # the reference's weight, in x's dtype
-            w_lo = (c_lo.to(tl.float32) * sc).to(x_lo.dtype)
-            w_hi = (c_hi.to(tl.float32) * sc).to(x_lo.dtype)
+        x_lo, x_hi, w_lo, w_hi = _step_operands(x_ptr, p_ptr, s_ptr, z_ptr, rows, nmask, ms, mmask, step, K, stride_xm,
+                                                KP, GROUP, BLOCK_N, HAS_ZEROS, GROUPS_PER_STEP)
         if F32_DOT:  # the CPU interpreter cannot multiply bf16; fp32 inputs keep fp32 accuracy
             acc = tl.dot(x_lo.to(tl.float32), w_lo.to(tl.float32).T, acc, input_precision="ieee")
             acc = tl.dot(x_hi.to(tl.float32), w_hi.to(tl.float32).T, acc, input_precision="ieee")
@@ -85,38 +65,49 @@ def w4a16_gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_
     nmask = rows < N
     ms = tl.arange(0, M_PAD)
     mmask = ms < M
-    H: tl.constexpr = GROUP // 2
-    STEP: tl.constexpr = GROUPS_PER_STEP * H
-    byte = tl.arange(0, STEP)
-    within = byte % H
+    STEP: tl.constexpr = GROUPS_PER_STEP * (GROUP // 2)  # packed bytes per row per step: GROUPS_PER_STEP groups
     n_groups: tl.constexpr = KP // GROUP
     acc = tl.zeros([M_PAD, BLOCK_N, STEP], dtype=tl.float32)
     for step in range(0, n_groups // GROUPS_PER_STEP):
-        g0 = step * GROUPS_PER_STEP
-        c_lo, c_hi = load_halves(p_ptr, rows, nmask, g0, KP, GROUP, not HAS_ZEROS, GROUPS_PER_STEP)
-        gcols = g0 + tl.arange(0, GROUPS_PER_STEP)
-        sc = _per_code(tl.load(s_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
-                               other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
-        k_lo = (g0 + byte // H) * GROUP + within
-        x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
-                       other=0.0)
-        x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + H)[None, :],
-                       mask=mmask[:, None] & (k_lo + H < K)[None, :], other=0.0)
-        if HAS_ZEROS:
-            zr = _per_code(tl.load(z_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
-                                   other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
-            w_lo = (c_lo.to(tl.float32) * sc + zr).to(x_lo.dtype).to(tl.float32)
-            w_hi = (c_hi.to(tl.float32) * sc + zr).to(x_lo.dtype).to(tl.float32)
-        else:
-            w_lo = (c_lo.to(tl.float32) * sc).to(x_lo.dtype).to(tl.float32)
-            w_hi = (c_hi.to(tl.float32) * sc).to(x_lo.dtype).to(tl.float32)
-        acc += w_lo[None, :, :] * x_lo.to(tl.float32)[:, None, :]
-        acc += w_hi[None, :, :] * x_hi.to(tl.float32)[:, None, :]
+        x_lo, x_hi, w_lo, w_hi = _step_operands(x_ptr, p_ptr, s_ptr, z_ptr, rows, nmask, ms, mmask, step, K, stride_xm,
+                                                KP, GROUP, BLOCK_N, HAS_ZEROS, GROUPS_PER_STEP)
+        acc += w_lo.to(tl.float32)[None, :, :] * x_lo.to(tl.float32)[:, None, :]
+        acc += w_hi.to(tl.float32)[None, :, :] * x_hi.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _step_operands(x_ptr, p_ptr, s_ptr, z_ptr, rows, nmask, ms, mmask, step, K, stride_xm, KP: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPS_PER_STEP: tl.constexpr):
+    """Loop step ``step``'s operands: X's two halves of each group ``[M rows, STEP]`` and the weight's
+    ``[BLOCK_N, STEP]``, dequantized and rounded to X's dtype (the reference's weight)."""
+    H: tl.constexpr = GROUP // 2
+    STEP: tl.constexpr = GROUPS_PER_STEP * H
+    n_groups: tl.constexpr = KP // GROUP
+    byte = tl.arange(0, STEP)
+    g0 = step * GROUPS_PER_STEP
+    c_lo, c_hi = load_halves(p_ptr, rows, nmask, g0, KP, GROUP, not HAS_ZEROS, GROUPS_PER_STEP)
+    gcols = g0 + tl.arange(0, GROUPS_PER_STEP)
+    sc = _per_code(tl.load(s_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
+                           other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
+    k_lo = (g0 + byte // H) * GROUP + byte % H  # code j (low nibble) and j + GROUP/2 (high) of group byte // H
+    x_lo = tl.load(x_ptr + ms[:, None] * stride_xm + k_lo[None, :], mask=mmask[:, None] & (k_lo < K)[None, :],
+                   other=0.0)
+    x_hi = tl.load(x_ptr + ms[:, None] * stride_xm + (k_lo + H)[None, :],
+                   mask=mmask[:, None] & (k_lo + H < K)[None, :], other=0.0)
+    if HAS_ZEROS:  # code · scale + zero, the product exact in fp32: one rounding, as the reference
+        zr = _per_code(tl.load(z_ptr + rows[:, None] * n_groups + gcols[None, :], mask=nmask[:, None],
+                               other=0.0).to(tl.float32), BLOCK_N, GROUPS_PER_STEP, H)
+        w_lo = (c_lo.to(tl.float32) * sc + zr).to(x_lo.dtype)
+        w_hi = (c_hi.to(tl.float32) * sc + zr).to(x_lo.dtype)
+    else:
+        w_lo = (c_lo.to(tl.float32) * sc).to(x_lo.dtype)
+        w_hi = (c_hi.to(tl.float32) * sc).to(x_lo.dtype)
+    return x_lo, x_hi, w_lo, w_hi
 
 
 @triton.jit
