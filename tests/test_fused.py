@@ -44,8 +44,7 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="the interpreter runs the kernels on CPU machines")
+interpreted = tm.interpreted
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ product of the same input in one launch or in many, so the model's output is the
 from __future__ import annotations
 
 import copy
-import os
 
 import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
 
@@ -20,8 +19,7 @@ import svdquant
 from svdquant._state import peek
 from svdquant.modules.modulations import fuse_modulations, unfuse_modulations
 
-interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="the interpreter runs the kernels on CPU machines")
+interpreted = tm.interpreted
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import string  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# the tests that run the GPU's kernels in Triton's interpreter, on CPU machines (conftest.py sets TRITON_INTERPRET)
+interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="the interpreter runs the kernels on CPU machines")
 
 # --------------------------------------------------------------------------------------
 # configs
