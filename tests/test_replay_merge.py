@@ -108,3 +108,11 @@ def test_merging_is_for_gpus():
 def test_nothing_to_join(n):
     entries = [_call(i, None) for i in range(n)]
     assert merge_calls(entries, BATCH) == n
+
+
+def test_long_calls_join_fewer_images(monkeypatch):
+    """A call of many tokens an image (an edit's, with its input image's) joins fewer: at most REPLAY_TOKENS."""
+    monkeypatch.setattr(merge, "REPLAY_TOKENS", 10)
+    rope = (torch.randn(7, 2),)
+    entries = [_call(i, rope) for i in range(6)]  # 5 tokens an image: two a call
+    assert merge_calls(entries, BATCH) == 3 and [e["h"].shape[0] for e in entries] == [2, 2, 2]

@@ -21,6 +21,9 @@ from typing import Any, Sequence
 import torch
 
 REPLAY_IMAGES = 4  # images a replayed call holds at most (a pipeline's batched calibration records four a call)
+# tokens a joined call holds at most (of its first batch-major argument): four FLUX.1-dev images at 1024² (4,608 each
+# with the text); an edit's calls, with the input image's tokens too, join two at a time
+REPLAY_TOKENS = 4 * 4608
 
 
 def merges_replays(device: torch.device) -> bool:
@@ -31,6 +34,12 @@ def merges_replays(device: torch.device) -> bool:
 
 def _images(entry: dict[str, Any], batch: Sequence[str]) -> int:
     return entry[batch[0]].shape[0]
+
+
+def _tokens(entry: dict[str, Any], batch: Sequence[str]) -> int:
+    """Tokens per image of the call's first batch-major argument (1 for a vector per image)."""
+    t = entry[batch[0]]
+    return t.shape[1] if t.ndim > 2 else 1
 
 
 def _joinable(a: dict[str, Any], b: dict[str, Any], batch: Sequence[str]) -> bool:
@@ -54,7 +63,7 @@ def _joinable(a: dict[str, Any], b: dict[str, Any], batch: Sequence[str]) -> boo
 def merge_calls(entries: list[dict[str, Any]], batch: Sequence[str], images: int = REPLAY_IMAGES,
                 pin: bool = False) -> int:
     """Join consecutive calls of ``entries`` (a stack's recorded first-block arguments) into calls of up to
-    ``images`` images, in place, in order. ``batch``: the block's batch-major arguments
+    ``images`` images (and :data:`REPLAY_TOKENS` tokens), in place, in order. ``batch``: the block's batch-major arguments
     (:attr:`svdquant.models.Adapter.batch_inputs`), concatenated (a value two calls share as one object too: it is
     per image); every other argument must be one object (or plain value) for the calls joined. ``pin``: the joined
     tensors in pinned memory (entries kept at home for a streaming run). Returns how many calls there are now. The
@@ -66,7 +75,8 @@ def merge_calls(entries: list[dict[str, Any]], batch: Sequence[str], images: int
     while calls:
         group = [calls.pop(0)]
         n = _images(group[0], batch) if all(torch.is_tensor(group[0].get(k)) for k in batch) else images
-        while calls and n + _images(calls[0], batch) <= images and _joinable(group[0], calls[0], batch):
+        most = min(images, max(1, REPLAY_TOKENS // _tokens(group[0], batch))) if n < images else images
+        while calls and n + _images(calls[0], batch) <= most and _joinable(group[0], calls[0], batch):
             n += _images(calls[0], batch)
             group.append(calls.pop(0))
         entries.append(group[0] if len(group) == 1 else _joined(group, batch, pin))
