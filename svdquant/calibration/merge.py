@@ -1,12 +1,12 @@
 """Recorded calls of one image replayed a few at a time.
 
 The block replays run each stack's recorded first-block arguments through every block in 16 bits
-(:mod:`svdquant.calibration.replay`): a FLUX.1-dev-size model replays 57 blocks × 128 snapshots. Recorded one image a
-call (``Calibration(inputs=...)`` of single-image forward kwargs), that is 7,296 block calls of one image, each
+(:mod:`svdquant.calibration.replay`): a FLUX.1-dev-size model replays 57 blocks × 128 snapshots. Recorded one image
+a call (``Calibration(inputs=...)`` of single-image forward kwargs), that is 7,296 block calls of one image, each
 bound by its launches as much as by its arithmetic (NOTES-GPU.md: 5.3 ms a block call against ~3 ms of BF16
 arithmetic, 38.5 s of the quantizer's GPU time). :func:`merge_calls` joins consecutive recorded calls into calls of
-up to :data:`REPLAY_IMAGES` images, as a pipeline's batched calibration records them (four prompts a call on a
-GPU): the block's batch-major arguments, which its model's adapter names (:attr:`svdquant.models.Adapter.batch_inputs`:
+up to :data:`REPLAY_IMAGES` images, as a pipeline's batched calibration records them (four prompts a call on a GPU):
+the block's batch-major arguments, which its model's adapter names (:attr:`svdquant.models.Adapter.batch_inputs`:
 FLUX.1's streams and timestep embedding), are concatenated along the batch, and the others must be one object for
 the calls joined (the calibration points a value bit for bit the first snapshot's at that object: FLUX's rotary
 embedding). The linears' recorders then keep as many tokens a call, from four images, as they kept from one (other
@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from .chain import same
 
 REPLAY_IMAGES = 4  # images a replayed call holds at most (a pipeline's batched calibration records four a call)
 # tokens a joined call holds at most (of its first batch-major argument): four FLUX.1-dev images at 1024² (4,608 each
@@ -55,15 +57,15 @@ def _joinable(a: dict[str, Any], b: dict[str, Any], batch: Sequence[str]) -> boo
                     va.dtype != vb.dtype or va.device != vb.device:
                 return False
         elif va is not vb and (torch.is_tensor(va) or torch.is_tensor(vb) or isinstance(va, (dict, list, tuple))
-                               or va != vb):
+                               or not same(va, vb)):
             return False  # a tensor, or a container of them, is shared only as one object
     return True
 
 
 def merge_calls(entries: list[dict[str, Any]], batch: Sequence[str], images: int = REPLAY_IMAGES,
                 pin: bool = False) -> int:
-    """Join consecutive calls of ``entries`` (a stack's recorded first-block arguments) into calls of up to
-    ``images`` images (and :data:`REPLAY_TOKENS` tokens), in place, in order. ``batch``: the block's batch-major arguments
+    """Join consecutive calls of ``entries`` (a stack's recorded first-block arguments) into calls of up to ``images``
+    images (and :data:`REPLAY_TOKENS` tokens), in place, in order. ``batch``: the block's batch-major arguments
     (:attr:`svdquant.models.Adapter.batch_inputs`), concatenated (a value two calls share as one object too: it is
     per image); every other argument must be one object (or plain value) for the calls joined. ``pin``: the joined
     tensors in pinned memory (entries kept at home for a streaming run). Returns how many calls there are now. The
