@@ -112,6 +112,11 @@ def gptq(r: torch.Tensor, h: torch.Tensor, q0: QTensor, *, damp: float = 0.01) -
     return gptq_members([r], h, [q0], damp=damp)[0]
 
 
+def _rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The members' rows as one matrix: a lone member's as it is (the column permutation copies it anyway)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 0)
+
+
 def gptq_members(rs: list[torch.Tensor], h: torch.Tensor, q0s: list[QTensor], *,
                  damp: float = 0.01) -> list[QTensor]:
     """:func:`gptq` for the members of a group that read the same inputs (q / k / v): one Hessian, so one
@@ -127,8 +132,8 @@ def gptq_members(rs: list[torch.Tensor], h: torch.Tensor, q0s: list[QTensor], *,
     order = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)  # act-order
     # the permuted copies are the working ones
     h, dead = h.detach().float()[order][:, order], dead[order]
-    w = torch.cat([r.detach().float() for r in rs], 0)[:, order]
-    f = torch.cat([g[0][:, :k] for g in grids], 0)[:, order]
+    w = _rows([r.detach().float() for r in rs])[:, order]
+    f = _rows([g[0][:, :k] for g in grids])[:, order]
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     u = _inverse_factor(h, damp)

@@ -1,12 +1,13 @@
 """The Hopper GEMM of :mod:`svdquant.kernels.cutlass_gemm` called from torch: whether it can run, one compile per
 epilogue variant, the launch.
 
-``nvidia-cutlass-dsl`` is imported only here and only when asked (:func:`available`), so nothing else of the
-library needs it. Each variant (output dtype, branch rank, bias dtype, GELU; the tile and walk :func:`plan` picks
-for the shape) compiles once per process and GPU, about 1-2 s, with dynamic M, N and K: the first call of a
-variant compiles it, as a Triton kernel's first launch does, then loads and runs it once at a small shape, so a
-CUDA graph captured after a warm-up call (as ``svdquant.optimize`` captures) records only the launch. A variant that fails to compile or load warns once and
-is not tried again: :func:`int8_gemm_sm90` then returns None and the caller runs the Triton kernel.
+``nvidia-cutlass-dsl`` is imported only here and only when asked (:func:`available`), so nothing else of the library
+needs it. Each variant (output dtype, branch rank, bias dtype, GELU; the tile and walk :func:`plan` picks for the
+shape) compiles once per process and GPU, about 1-2 s, with dynamic M, N and K: the first call of a variant compiles
+it, as a Triton kernel's first launch does, then loads and runs it once at a small shape, so a CUDA graph captured
+after a warm-up call (as ``svdquant.optimize`` captures) records only the launch. A variant that fails to compile or
+load warns once and is not tried again: :func:`int8_gemm_sm90` then returns None and the caller runs the Triton
+kernel.
 """
 
 from __future__ import annotations

@@ -96,9 +96,8 @@ class FusedSVDQLinear(nn.Module):
         except ValueError:  # layers that do not share their input's smoothing, or in two weight modes
             return
         self._branch_blocked = False
-        for m in self.members:  # the W4A16 stack's members: their codes are rows of the stack's now
-            if m._runner.owns_packed_weight:
-                m._buffers["qweight"] = None
+        for m in self.members:  # a W4A16 stack's members: their codes are rows of the stack's now
+            m.drop_owned_packed()
         self._reads_members = getattr(self._runner, "parts", None) is not None  # memory mode: their buffers
         self.sync_compiled_activations()
 

@@ -23,12 +23,11 @@ buffers come from the weight format's record (:meth:`svdquant.formats.Format.wei
 Scalars (``act_shift``, formats, sizes) are constructor arguments; :meth:`config`
 returns them so a checkpoint can rebuild the module before loading its tensors.
 
-What runs: :func:`svdquant.ops.prepare` picks the path for the layer's formats and device
-(a fused kernel, ``torch._scaled_mm`` or the torch reference) and builds its kernel-ready
-tensors once, whenever the layer is built, loaded, moved (``.to``) or given a new weight mode.
-Offload hooks move tensors without ``.to`` (diffusers' group offloading assigns ``.data``,
-accelerate's hooks replace buffers): ``forward`` notices that its buffers are other tensors, or on
-another device, than the runner was made from, and prepares again. A LoRA change rebuilds only the
+What runs: :func:`svdquant.ops.prepare` picks the path for the layer's formats and device (a fused kernel,
+``torch._scaled_mm`` or the torch reference) and builds its kernel-ready tensors once, whenever the layer is built,
+loaded, moved (``.to``) or given a new weight mode. Offload hooks move tensors without ``.to`` (diffusers' group
+offloading assigns ``.data``, accelerate's hooks replace buffers): ``forward`` notices that its buffers are other
+tensors, or on another device, than the runner was made from, and prepares again. A LoRA change rebuilds only the
 branch, at the next call, when the tensors are back on the device that runs it.
 
 Weight modes (GPU kernels of the INT8 path): ``"speed"`` expands the 4-bit codes once into INT8 ``code ×
@@ -167,8 +166,7 @@ class SVDQLinear(nn.Module, AdapterSet):
         rank = qw.lora_down.shape[0] if qw.lora_down is not None else 0
         m = cls(k, n, bias=qw.bias is not None, weights=recipe.weights, activations=recipe.activations,
                 group_size=recipe.group_size, rank=rank, act_shift=qw.act_shift,
-                act_unsigned_from=qw.act_unsigned_from, dtype=dtype,
-                device=q.codes.device)
+                act_unsigned_from=qw.act_unsigned_from, dtype=dtype, device=q.codes.device)
         with torch.no_grad():
             for name, t in get_format(recipe.weights).to_buffers(q).items():
                 getattr(m, name).copy_(t)
@@ -190,10 +188,9 @@ class SVDQLinear(nn.Module, AdapterSet):
                     post_gelu: bool | int = False) -> "SVDQLinear":
         """Quantize ``linear`` from a sample of its inputs (``[..., in_features]``).
 
-        ``post_gelu=True`` marks an input that follows a GELU: INT4 activations are then
-        shifted by +0.171875 and quantized unsigned (an int: only channels from that index on). The report of what was chosen and the
-        output error is kept in ``.quant_report``.
-        """
+        ``post_gelu=True`` marks an input that follows a GELU: INT4 activations are then shifted by +0.171875 and
+        quantized unsigned (an int: only channels from that index on). The report of what was chosen and the output
+        error is kept in ``.quant_report``."""
         (m,) = cls.from_linears([linear], inputs, recipe, post_gelu=post_gelu)
         return m
 
@@ -347,11 +344,13 @@ class SVDQLinear(nn.Module, AdapterSet):
         bump_revision()
         self._prepared_for = (self.wscales, self.wscales.device)
         self._branch_stale = False
-        if self._runner.owns_packed_weight:
-            # speed mode: the runner holds code × multiplier in INT8; the packed copy would double the memory
-            self._buffers["qweight"] = None
+        self.drop_owned_packed()
         if self.stacked_in is not None:
             self.stacked_in.refresh()
+
+    def drop_owned_packed(self) -> None:  # the runner holds the weight (INT8 speed mode, a W4A16 stack's rows)
+        if self._runner.owns_packed_weight:
+            self._buffers["qweight"] = None
 
     def _restore_packed(self) -> None:
         if "qweight" in self._buffers and self._buffers["qweight"] is None and self._runner is not None:

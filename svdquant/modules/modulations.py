@@ -36,8 +36,8 @@ from .linear import SVDQLinear, bump_revision
 
 
 def _norms(model: nn.Module):
-    """``[(norm, forward, modulation chunks)]`` of a FLUX.1 transformer's blocks, in order, and its ``norm_out``;
-    None for another model or one whose norms diffusers' FLUX.1 would not build."""
+    """``([(norm, its forward reading precomputed modulations)], norm_out)`` of a FLUX.1 transformer, its blocks'
+    norms in order; None for another model or one whose norms diffusers' FLUX.1 would not build."""
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
@@ -57,17 +57,14 @@ def _norms(model: nn.Module):
     return found, model.norm_out
 
 
-def _why_not(model: nn.Module, norms) -> str | None:
+def _applies(model: nn.Module, norms) -> bool:
+    """Blocks whose adaLN linears are all weight-only quantized layers without a branch (a LoRA), no offload hook
+    anywhere (the stack would stay on the device), and no norm whose forward something else replaced."""
     members = [n.linear for n, _ in norms]
-    if not members:
-        return "no blocks"
-    if not all(isinstance(m, SVDQLinear) and m.activations is None and m.branch()[0] is None for m in members):
-        return "an adaLN linear is not a weight-only quantized layer without a branch (a LoRA)"
-    if any(compat.has_hooks(m) for m in model.modules()):
-        return "offload hooks: the stacked modulations would stay on the device"
-    if any("forward" in n.__dict__ for n, _ in norms) or "forward" in model.norm_out.__dict__:
-        return "a norm's forward was replaced"
-    return None
+    return bool(members) and all(isinstance(m, SVDQLinear) and m.activations is None and m.branch()[0] is None
+                                 for m in members) \
+        and not any(compat.has_hooks(m) for m in model.modules()) \
+        and not any("forward" in n.__dict__ for n in [n for n, _ in norms] + [model.norm_out])
 
 
 def fuse_modulations(model: nn.Module) -> int:
@@ -77,7 +74,7 @@ def fuse_modulations(model: nn.Module) -> int:
     if done is not None:
         return len(done[0].members)
     plan = _norms(model)
-    if plan is None or _why_not(model, plan[0]) is not None:
+    if plan is None or not _applies(model, plan[0]):
         return 0
     norms, norm_out = plan
     members = [n.linear for n, _ in norms]
@@ -106,15 +103,15 @@ def _ahead(stack: FusedSVDQLinear, module: nn.Module, args, temb: torch.Tensor) 
 
 def unfuse_modulations(model: nn.Module) -> int:
     """Undo :func:`fuse_modulations`; returns how many adaLN linears run on their own again."""
-    done = take(model, "modulations")
+    done = peek(model).modulations
     if done is None:
         return 0
     stack, hook, swapped = done
     wrapped = [type(n).__name__ for n, f in swapped.items() if n.__dict__.get("forward") is not f]
     if wrapped:
-        state(model).modulations = done
         raise RuntimeError(f"a hook replaced the forward of a fused {wrapped[0]} after svdquant.fuse(modulations=True) "
                            "(a cache or offload hook): remove it before unfusing")
+    take(model, "modulations")
     hook.remove()
     for norm in swapped:
         del norm.forward
