@@ -8,7 +8,8 @@ rows in all (1.6 GB of 4-bit codes). Run where diffusers runs them, they are 76 
 launch over all rows, the members' codes rows of the stack's), and the model's timestep embedding returns
 ``[silu(temb) | every modulation]`` (a forward hook on ``time_text_embed``). Each norm then reads its columns of that
 instead of running its linear, and ``norm_out`` (16-bit) applies its linear to the ``silu(temb)`` columns
-(``compat.modulations_ahead_*``: diffusers' forwards of the three norms, reading precomputed modulations). The same
+(their classes swapped to ``compat.modulations_ahead_class``'s: diffusers' forwards of the three norms, reading
+precomputed modulations; one class per norm type, so a regional compile traces each once). The same
 math: each modulation row is the same dot product of the same input, so up to 16 images a call the step's output is
 bit for bit the same; beyond, the stack runs 16 images a launch where its members each dequantize for cuBLAS (within
 bf16 rounding).
@@ -36,8 +37,8 @@ from .linear import SVDQLinear, bump_revision
 
 
 def _norms(model: nn.Module):
-    """``([(norm, its forward reading precomputed modulations)], norm_out)`` of a FLUX.1 transformer, its blocks'
-    norms in order; None for another model or one whose norms diffusers' FLUX.1 would not build."""
+    """``([norm], norm_out)`` of a FLUX.1 transformer, its blocks' norms in order; None for another model or one
+    whose norms diffusers' FLUX.1 would not build."""
     from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
@@ -49,22 +50,22 @@ def _norms(model: nn.Module):
         for norm in (block.norm1, block.norm1_context):
             if type(norm) is not AdaLayerNormZero or norm.emb is not None:
                 return None
-            found.append((norm, compat.modulations_ahead_zero))
+            found.append(norm)
     for block in model.single_transformer_blocks:
         if type(block.norm) is not AdaLayerNormZeroSingle:
             return None
-        found.append((block.norm, compat.modulations_ahead_zero_single))
+        found.append(block.norm)
     return found, model.norm_out
 
 
 def _applies(model: nn.Module, norms) -> bool:
     """Blocks whose adaLN linears are all weight-only quantized layers without a branch (a LoRA), no offload hook
     anywhere (the stack would stay on the device), and no norm whose forward something else replaced."""
-    members = [n.linear for n, _ in norms]
+    members = [n.linear for n in norms]
     return bool(members) and all(isinstance(m, SVDQLinear) and m.activations is None and m.branch()[0] is None
                                  for m in members) \
         and not any(compat.has_hooks(m) for m in model.modules()) \
-        and not any("forward" in n.__dict__ for n in [n for n, _ in norms] + [model.norm_out])
+        and not any("forward" in n.__dict__ for n in [*norms, model.norm_out])
 
 
 def fuse_modulations(model: nn.Module) -> int:
@@ -77,19 +78,24 @@ def fuse_modulations(model: nn.Module) -> int:
     if plan is None or not _applies(model, plan[0]):
         return 0
     norms, norm_out = plan
-    members = [n.linear for n, _ in norms]
+    members = [n.linear for n in norms]
     try:
         stack = FusedSVDQLinear(members)
     except ValueError:  # layers of two formats or group sizes
         return 0
     width = members[0].in_features
     start = width  # the modulations follow silu(temb) in the embedding's output
-    for (norm, forward), m in zip(norms, members):
-        norm.forward = functools.partial(forward, norm, start, start + m.out_features)  # h-diffusers
+    swapped = {}
+    for norm, m in zip(norms, members):
+        # an index buffer, not a slice's bounds: ints would be constants of the compiled block, one per block
+        norm.register_buffer("svdq_columns", torch.arange(start, start + m.out_features, device=m.device),
+                             persistent=False)
         start += m.out_features
-    norm_out.forward = functools.partial(compat.modulations_ahead_continuous, norm_out, width)  # h-diffusers
+    norm_out.svdq_width = width
+    for norm in [*norms, norm_out]:
+        swapped[norm] = type(norm)
+        norm.__class__ = compat.modulations_ahead_class(type(norm))  # h-diffusers
     hook = model.time_text_embed.register_forward_hook(functools.partial(_ahead, stack))
-    swapped = {norm: norm.forward for norm in [n for n, _ in norms] + [norm_out]}
     state(model).modulations = (stack, hook, swapped)
     bump_revision()  # forwards were swapped: captured CUDA graphs are stale
     return len(members)
@@ -107,14 +113,16 @@ def unfuse_modulations(model: nn.Module) -> int:
     if done is None:
         return 0
     stack, hook, swapped = done
-    wrapped = [type(n).__name__ for n, f in swapped.items() if n.__dict__.get("forward") is not f]
+    wrapped = [cls.__name__ for n, cls in swapped.items() if "forward" in n.__dict__]
     if wrapped:
         raise RuntimeError(f"a hook replaced the forward of a fused {wrapped[0]} after svdquant.fuse(modulations=True) "
                            "(a cache or offload hook): remove it before unfusing")
     take(model, "modulations")
     hook.remove()
-    for norm in swapped:
-        del norm.forward
+    for norm, cls in swapped.items():
+        norm.__class__ = cls
+        norm._buffers.pop("svdq_columns", None)
+        norm.__dict__.pop("svdq_width", None)
     _release(stack)  # back to their own codes
     bump_revision()
     return len(stack.members)

@@ -12,7 +12,7 @@ use warns once (:class:`DiffusersVersionWarning`). What lives here:
   ``attach``: ``save_pretrained`` then writes the ``quantization_config`` that ``from_pretrained`` needs);
 * hooks: :func:`has_offload_hooks`, :func:`has_hooks`, :func:`forget_hook_registry_cache`;
 * blocks: :func:`stacked_single_block_forward` (a FLUX single block's forward with one stacked projection),
-  ``modulations_ahead_*`` (FLUX.1's adaLN norms reading modulations computed ahead),
+  :func:`modulations_ahead_class` (FLUX.1's adaLN norms reading modulations computed ahead),
   :func:`set_qkv_fusion_supported`, :func:`repeated_block_names`;
 * loading: :func:`dtype_keyword`;
 * attention: :func:`add_attention_backend` (a backend of svdquant's in diffusers' attention dispatcher, whose
@@ -220,28 +220,43 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
-def modulations_ahead_zero(self, start, stop, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+def _ahead_zero(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
     """diffusers' ``AdaLayerNormZero.forward`` (0.42, without its own embedder) reading its six modulations from
-    columns ``start:stop`` of ``emb``, where svdquant.modules.modulations computed every block's ahead, instead of
-    running its linear."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb[:, start:stop].chunk(6, dim=1)
+    its columns of ``emb`` (``self.svdq_columns``), where svdquant.modules.modulations computed every block's ahead,
+    instead of running its linear."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+        emb.index_select(1, self.svdq_columns).chunk(6, dim=1)
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-def modulations_ahead_zero_single(self, start, stop, x, emb=None):
-    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from ``emb[:, start:stop]``."""
-    shift_msa, scale_msa, gate_msa = emb[:, start:stop].chunk(3, dim=1)
+def _ahead_zero_single(self, x, emb=None):
+    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from its columns of ``emb``."""
+    shift_msa, scale_msa, gate_msa = emb.index_select(1, self.svdq_columns).chunk(3, dim=1)
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa
 
 
-def modulations_ahead_continuous(self, width, x, conditioning_embedding):
+def _ahead_continuous(self, x, conditioning_embedding):
     """diffusers' ``AdaLayerNormContinuous.forward`` (0.42) whose ``conditioning_embedding`` starts with
-    ``silu(temb)`` (``width`` columns) already: its linear reads those."""
-    emb = self.linear(conditioning_embedding[:, :width].to(x.dtype))
+    ``silu(temb)`` (``self.svdq_width`` columns) already: its linear reads those."""
+    emb = self.linear(conditioning_embedding[:, :self.svdq_width].to(x.dtype))
     scale, shift = torch.chunk(emb, 2, dim=1)
     return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+
+_AHEAD_FORWARDS = {"AdaLayerNormZero": _ahead_zero, "AdaLayerNormZeroSingle": _ahead_zero_single,
+                   "AdaLayerNormContinuous": _ahead_continuous}
+
+
+@functools.cache
+def modulations_ahead_class(cls: type) -> type:
+    """A subclass of diffusers' FLUX.1 norm class ``cls`` whose forward reads modulations computed ahead: from the
+    columns ``svdq_columns`` (an index buffer) of its ``emb``, or, for ``AdaLayerNormContinuous``, with its linear
+    over the first ``svdq_width`` columns. A norm's class is swapped to it, not its forward replaced per instance:
+    a regional compile guards a forward attribute by object identity and would compile the block again for each
+    of FLUX.1-dev's 57 blocks (past dynamo's recompile limit)."""
+    return type(f"{cls.__name__}Ahead", (cls,), {"forward": _AHEAD_FORWARDS[cls.__name__], "__module__": __name__})
 
 
 def set_qkv_fusion_supported(attn: torch.nn.Module, supported: bool) -> None:
