@@ -13,6 +13,13 @@ from svdquant.calibration import merge
 from svdquant.calibration.merge import merge_calls
 
 BATCH = ("h", "e", "t")
+DEFAULT_IMAGES = merge.REPLAY_IMAGES  # before the fixture below
+
+
+@pytest.fixture(autouse=True)
+def four_images_a_call(monkeypatch):
+    """The joined replays as ``quantize_flux.py --replay-images 4`` runs them (off by default)."""
+    monkeypatch.setattr(merge, "REPLAY_IMAGES", 4)
 _REPLAY = __import__("svdquant.calibration.replay", fromlist=["Replayer"]).Replayer.replay  # before any patch
 
 
@@ -100,8 +107,13 @@ def test_joined_calls_replay_as_batched_records(monkeypatch):
     assert err[0] < 2 * err[1] and err[1] < 2 * err[0], err
 
 
-def test_merging_is_for_gpus():
+def test_merging_is_for_gpus_when_asked(monkeypatch):
+    assert DEFAULT_IMAGES == 1  # off by default: four a call ran out of memory under a 24 GB cap
     assert merge.merges_replays(torch.device("cuda")) and not merge.merges_replays(torch.device("cpu"))
+    monkeypatch.setattr(merge, "REPLAY_IMAGES", 1)
+    assert not merge.merges_replays(torch.device("cuda"))
+    entries = [_call(i, None) for i in range(3)]
+    assert merge_calls(entries, BATCH) == 3  # the default read at the call, as the benchmark's --replay-images sets it
 
 
 @pytest.mark.parametrize("n", [0, 1])

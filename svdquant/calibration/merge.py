@@ -22,7 +22,10 @@ import torch
 
 from .chain import same
 
-REPLAY_IMAGES = 4  # images a replayed call holds at most (a pipeline's batched calibration records four a call)
+# images a replayed call holds at most. 1, off: at four a call, the 57-block FLUX.1-dev run under a 24 GB cap ran out
+# of memory on an H100 (the replay's forward beside three search workers, NOTES-GPU.md session 25), and fewer were
+# not measured; ``quantize_flux.py --replay-images N`` is the A/B
+REPLAY_IMAGES = 1
 # tokens a joined call holds at most (of its first batch-major argument): four FLUX.1-dev images at 1024² (4,608 each
 # with the text); an edit's calls, with the input image's tokens too, join two at a time
 REPLAY_TOKENS = 4 * 4608
@@ -30,7 +33,8 @@ REPLAY_TOKENS = 4 * 4608
 
 def merges_replays(device: torch.device) -> bool:
     """Merge one-image recorded calls for the replays: on a GPU, where a block call of one image is bound by its
-    launches. On the CPU the replays stay as recorded (the same token samples as ever: the demo's table)."""
+    launches, once :data:`REPLAY_IMAGES` allows more than one. On the CPU the replays stay as recorded (the same
+    token samples as ever: the demo's table)."""
     return device.type == "cuda" and REPLAY_IMAGES > 1
 
 
@@ -62,14 +66,15 @@ def _joinable(a: dict[str, Any], b: dict[str, Any], batch: Sequence[str]) -> boo
     return True
 
 
-def merge_calls(entries: list[dict[str, Any]], batch: Sequence[str], images: int = REPLAY_IMAGES,
+def merge_calls(entries: list[dict[str, Any]], batch: Sequence[str], images: int | None = None,
                 pin: bool = False) -> int:
     """Join consecutive calls of ``entries`` (a stack's recorded first-block arguments) into calls of up to ``images``
-    images (and :data:`REPLAY_TOKENS` tokens), in place, in order. ``batch``: the block's batch-major arguments
+    images (default :data:`REPLAY_IMAGES`, read at the call) and :data:`REPLAY_TOKENS` tokens, in place, in order. ``batch``: the block's batch-major arguments
     (:attr:`svdquant.models.Adapter.batch_inputs`), concatenated (a value two calls share as one object too: it is
     per image); every other argument must be one object (or plain value) for the calls joined. ``pin``: the joined
     tensors in pinned memory (entries kept at home for a streaming run). Returns how many calls there are now. The
     originals are let go group by group, so the entries are held about once throughout."""
+    images = REPLAY_IMAGES if images is None else images
     if not batch:
         return len(entries)
     calls = list(entries)
