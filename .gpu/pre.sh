@@ -5,6 +5,7 @@ T0=$(date +%s); LIMIT=${1:-590}
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt 2>&1
 echo "commit $SVDQUANT_COMMIT; $(python3 -c 'import torch,triton;print(torch.__version__,triton.__version__)')"
-gtest() { timeout $1 python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -m gpu -q "${@:2}"; echo "pytest rc=$?"; }
+# the whole pytest output goes to $OUT/pytest.log too (callers keep only its tail: a failure's reason stays readable)
+gtest() { timeout $1 python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -m gpu -q "${@:2}" 2>&1 | tee -a $OUT/pytest.log; echo "pytest rc=${PIPESTATUS[0]}"; }
 # the CUTLASS DSL's 92 MB wheel travels in parts (a carry holds 64 MiB with the repo): each call stashes what it carries
 mkdir -p /tmp/cwstash; for d in .cw?; do [ -d "$d" ] && cp -n $d/* /tmp/cwstash/ 2>/dev/null; done; echo "cutlass parts stashed: $(ls /tmp/cwstash | tr '\n' ' ')"
