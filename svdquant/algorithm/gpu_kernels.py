@@ -14,7 +14,7 @@ from ..recipes import QuantConfig
 
 # The candidates' error products on TF32 tensor cores (:mod:`svdquant.kernels.scoring`): on an H100 the 57-block
 # quantization took 66.3 s against 67.8 with fp32 products, and the tiny FLUX table moved at most 0.03 dB
-# (BENCHMARKS.md, "TF32 scoring on a GPU"). ``False`` scores in fp32 (``quantize_flux.py --scoring fp32``).
+# (BENCHMARKS.md, "Session 25 on an H100"). ``False`` scores in fp32 (``quantize_flux.py --scoring fp32``).
 SCORING_TF32 = True
 
 

@@ -9,9 +9,11 @@ up to :data:`REPLAY_IMAGES` images, as a pipeline's batched calibration records 
 the block's batch-major arguments, which its model's adapter names (:attr:`svdquant.models.Adapter.batch_inputs`:
 FLUX.1's streams and timestep embedding), are concatenated along the batch, and the others must be one object for
 the calls joined (the calibration points a value bit for bit the first snapshot's at that object: FLUX's rotary
-embedding). The linears' recorders then keep as many tokens a call, from four images, as they kept from one (other
+embedding). The linears' recorders then keep as many tokens a call, from several images, as they kept from one (other
 tokens: a new draw); the amax is over the same tokens. Calls whose other arguments differ (another resolution, a
 text of another length) stay apart, and so do all of a model whose adapter names no batch-major arguments.
+
+Off by default (:data:`REPLAY_IMAGES` = 1): four images a call ran out of memory under a 24 GB cap on an H100.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ def _joinable(a: dict[str, Any], b: dict[str, Any], batch: Sequence[str]) -> boo
 def merge_calls(entries: list[dict[str, Any]], batch: Sequence[str], images: int | None = None,
                 pin: bool = False) -> int:
     """Join consecutive calls of ``entries`` (a stack's recorded first-block arguments) into calls of up to ``images``
-    images (default :data:`REPLAY_IMAGES`, read at the call) and :data:`REPLAY_TOKENS` tokens, in place, in order. ``batch``: the block's batch-major arguments
-    (:attr:`svdquant.models.Adapter.batch_inputs`), concatenated (a value two calls share as one object too: it is
-    per image); every other argument must be one object (or plain value) for the calls joined. ``pin``: the joined
+    images (default :data:`REPLAY_IMAGES`, read at the call) and :data:`REPLAY_TOKENS` tokens, in place, in order.
+    ``batch``: the block's batch-major arguments (:attr:`svdquant.models.Adapter.batch_inputs`), concatenated (a
+    value two calls share as one object too: it is per image); every other argument must be one object (or plain
+    value) for the calls joined. ``pin``: the joined
     tensors in pinned memory (entries kept at home for a streaming run). Returns how many calls there are now. The
     originals are let go group by group, so the entries are held about once throughout."""
     images = REPLAY_IMAGES if images is None else images
