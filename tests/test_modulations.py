@@ -147,6 +147,18 @@ def test_a_lora_on_a_stacked_modulation_runs_the_members_in_turn(monkeypatch, qu
     assert torch.equal(got, tm.forward(twin, inputs))
 
 
+def test_a_fused_model_copies_and_its_copy_unfuses(quantized_flux):
+    """The norms' swapped classes and index buffers travel with ``copy.deepcopy``; the copy unfuses on its own."""
+    model, inputs = copy.deepcopy(quantized_flux[0]), quantized_flux[1]
+    before = tm.forward(model, inputs)
+    fuse_modulations(model)
+    twin = copy.deepcopy(model)
+    assert torch.equal(tm.forward(twin, inputs), before)
+    assert unfuse_modulations(twin) == 3 and type(twin.single_transformer_blocks[0].norm).__name__ == \
+        "AdaLayerNormZeroSingle"
+    assert torch.equal(tm.forward(twin, inputs), before) and peek(model).modulations is not None
+
+
 def test_a_regional_compile_traces_each_block_class_once():
     """``compile_repeated_blocks`` compiles a block class's forward once for all its blocks (FLUX.1-dev: 19 and 38);
     a forward or a slice bound per norm would be guarded per block and compile again, past dynamo's limit."""
