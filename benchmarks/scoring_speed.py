@@ -1,4 +1,4 @@
-"""The quantizer's scoring products at FLUX shapes: fp32 cuBLAS (the shipped default), TF32 cuBLAS (what torch's
+"""The quantizer's scoring products at FLUX shapes: fp32 cuBLAS (``SCORING_TF32 = False``), TF32 cuBLAS (what torch's
 process-wide flag would give), and svdquant's TF32 kernel (``svdquant.kernels.scoring_product``), per batch of
 candidates, with the kernel's error against fp32.
 

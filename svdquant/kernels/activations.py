@@ -197,7 +197,8 @@ def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 6
 
 # Row chunks: an input larger than this (bytes of X) runs both passes over one chunk of rows at a time, so that pass 2
 # reads the rows pass 1 just read from L2 (40-50 MB on A100 / H100 / H200) rather than from memory: FLUX's fc2 and
-# proj_out inputs are 113-141 MB. 0 turns it off. Awaits the GPU's sweep (benchmarks/activation_passes.py).
+# proj_out inputs are 113-141 MB. 0 turns it off: 24 MB chunks made the FLUX.1-dev step slower on an H100 (110.3
+# against 107.8 ms, BENCHMARKS.md "Session 25 on an H100"); other sizes: benchmarks/activation_passes.py.
 CHUNK_BYTES = 0
 
 
@@ -243,8 +244,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
         max(unit, chunk_bytes // (k * x.element_size()) // unit * unit)
     q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    r = lora_down.shape[0] if lora_down is not None else 16
-    la = torch.empty(m, r, dtype=lora_dtype, device=x.device) if lora_down is not None else None  # rounded to it
+    la = torch.empty(m, lora_down.shape[0], dtype=lora_dtype, device=x.device) if lora_down is not None else None
     # K slices as for the whole input: every chunk sums a row's partial down projections in the same order
     splits = (_splits(kp // b1, triton.cdiv(m, stats_block_m), target_programs),
               _splits(kp // bq, triton.cdiv(m, block_m), target_programs))
