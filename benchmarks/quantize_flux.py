@@ -145,6 +145,8 @@ def main(argv=None):
                          "(svdquant.algorithm.gpu_kernels.SCORING_TF32); default: the library's")
     ap.add_argument("--replay-images", type=int, help="images a replayed call joins at most from one-image records "
                     "(svdquant.calibration.merge.REPLAY_IMAGES; 1: replayed as recorded); default: the library's")
+    ap.add_argument("--replay-priority", type=int, help="the replays' side stream's CUDA priority "
+                    "(svdquant.calibration.replay.REPLAY_PRIORITY; lower goes first, e.g. -1); default: the library's")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -165,6 +167,10 @@ def main(argv=None):
         if args.replay_images < 1:
             ap.error(f"--replay-images {args.replay_images}: use 1 or more")
         merge.REPLAY_IMAGES = args.replay_images
+    from svdquant.calibration import replay
+
+    if args.replay_priority is not None:
+        replay.REPLAY_PRIORITY = args.replay_priority
     dev = "cpu" if args.smoke else "cuda"
     stream = args.stream or args.max_gpu_memory is not None
     cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
@@ -245,7 +251,7 @@ def main(argv=None):
     res = dict(
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
         recipe=args.recipe, workers=workers, gptq=recipe.gptq, scoring_tf32=gpu_kernels.SCORING_TF32,
-        replay_images=merge.REPLAY_IMAGES,
+        replay_images=merge.REPLAY_IMAGES, replay_priority=replay.REPLAY_PRIORITY,
         iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,

@@ -21,6 +21,11 @@ from .capture import LinearInputRecorder, keep_entry
 from .chain import next_inputs
 from .offload import move
 
+# the replays' side stream's CUDA priority (lower runs first; torch.cuda.Stream.priority_range() says how low):
+# 0, torch's default. The replays set the quantize phase's pace on a GPU (NOTES-GPU.md, session 25: the replay
+# thread busy 54.5 s beside ~49 s of searching), so kernels of theirs waiting beside the search's might go first;
+# ``quantize_flux.py --replay-priority`` is the A/B
+REPLAY_PRIORITY = 0
 
 @dataclass
 class ReplayJob:
@@ -64,7 +69,7 @@ class Replayer:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="svdquant-replay")
-            self._side = torch.cuda.Stream(device) if self.cuda else None
+            self._side = torch.cuda.Stream(device, priority=REPLAY_PRIORITY) if self.cuda else None
 
     def start(self, job: ReplayJob, snaps: list[dict]):
         """Starts the replay (with ``overlap``; else it runs in :meth:`finish`: one block on the device at a

@@ -1,0 +1,17 @@
+# issue 27's remaining seconds (<= 60 s at a 24 GB cap), one machine, baseline rerun beside each lever: the replays
+# set the pace (session 25: replay thread busy 54.5 s beside ~49 s of groups). Levers: the replays' side stream at a
+# higher CUDA priority (-1), replays joined two images a call (four ran out of memory), both.
+. .gpu/pre.sh "$@"
+python3 -c "import torch; print('stream priority range', torch.cuda.Stream.priority_range())"
+qf() {  # name, extra flags
+  timeout $(( $(left) - 3 )) python3 benchmarks/quantize_flux.py --double 19 --single 38 --snapshots 128 --max-gpu-memory 24GB --batch 1 "${@:2}" --out $OUT/qf_$1 > $OUT/qf_$1.log 2>&1; echo "qf $1 rc=$?"
+  python3 - $OUT/qf_$1/quantize_flux.json <<'PY' 2>/dev/null || grep -E 'OutOfMemory|Error' $OUT/qf_$1.log | tail -2
+import json, sys; r = json.load(open(sys.argv[1])); s = r["stages"]
+print(f'  total {r["seconds_total"]:.1f} s  peak {r["peak_gb"]:.1f}/{r["peak_reserved_gb"]:.1f} GB  ' + "  ".join(f"{k} {v:.1f}" for k, v in s.items()))
+PY
+}
+qf base --replay-images 1 --replay-priority 0
+qf prio --replay-images 1 --replay-priority -1
+qf join2 --replay-images 2 --replay-priority 0
+[ $(left) -gt 90 ] && qf join2prio --replay-images 2 --replay-priority -1
+echo "left $(left) s"
