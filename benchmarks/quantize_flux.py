@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -147,6 +148,8 @@ def main(argv=None):
                     "(svdquant.calibration.merge.REPLAY_IMAGES; 1: replayed as recorded); default: the library's")
     ap.add_argument("--replay-priority", type=int, help="the replays' side stream's CUDA priority "
                     "(svdquant.calibration.replay.REPLAY_PRIORITY; lower goes first, e.g. -1); default: the library's")
+    ap.add_argument("--replay-graphs", choices=("on", "off"), help="each block's replayed calls launched as one "
+                    "captured CUDA graph (svdquant.calibration.replay.REPLAY_GRAPHS); default: the library's")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -171,6 +174,9 @@ def main(argv=None):
 
     if args.replay_priority is not None:
         replay.REPLAY_PRIORITY = args.replay_priority
+    if args.replay_graphs is not None:
+        replay.REPLAY_GRAPHS = args.replay_graphs == "on"
+    from svdquant.calibration import replay_graph
     dev = "cpu" if args.smoke else "cuda"
     stream = args.stream or args.max_gpu_memory is not None
     cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
@@ -252,6 +258,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", commit=commit, torch=torch.__version__,
         recipe=args.recipe, workers=workers, gptq=recipe.gptq, scoring_tf32=gpu_kernels.SCORING_TF32,
         replay_images=merge.REPLAY_IMAGES, replay_priority=replay.REPLAY_PRIORITY,
+        replay_graphs=dict(on=replay.REPLAY_GRAPHS, **dataclasses.asdict(replay_graph.TOTALS)),
         iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,

@@ -238,6 +238,8 @@ class LinearInputRecorder:
         self.samples: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
         self.amax: dict[str, torch.Tensor] = {}
         self.calls = {k: 0 for k in modules}
+        self.seen: dict[str, tuple[int, int, torch.dtype]] = {}  # per key, the last eager call's (tokens, K, dtype)
+        self.static = None  # a CUDA graph's capture under way (svdquant.calibration.replay_graph.StaticRecords)
         self._handles = [m.register_forward_pre_hook(self._hook(k, m)) for k, m in modules.items()]
 
     def _hook(self, key, module):
@@ -247,6 +249,10 @@ class LinearInputRecorder:
             x = tokens_of(module, args[0].detach())
             if x.shape[0] == 0:  # a call in which the layer read no tokens (an empty stream) adds nothing
                 return
+            if self.static is not None:  # captured, not run: only operators on the graph's static buffers
+                self.static.record(key, x)
+                return
+            self.seen[key] = (x.shape[0], x.shape[1], x.dtype)
             # max|x| as max(max x, -min x): two reductions, no |x| copy (a joined replay's fc2 input is 453 MB)
             am = torch.maximum(x.amax(0), x.amin(0).neg()).float()
             self.amax[key] = am if key not in self.amax else torch.maximum(self.amax[key], am)

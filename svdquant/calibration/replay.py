@@ -20,12 +20,16 @@ from .._timing import StageClock
 from .capture import LinearInputRecorder, keep_entry
 from .chain import next_inputs
 from .offload import move
+from .replay_graph import GraphedCalls, ReplayGraphStats, cuda_capture
 
 # the replays' side stream's CUDA priority (lower runs first; torch.cuda.Stream.priority_range() says how low):
 # 0, torch's default. The replays set the quantize phase's pace on a GPU (NOTES-GPU.md, session 25: the replay
 # thread busy 54.5 s beside ~49 s of searching), so kernels of theirs waiting beside the search's might go first;
 # ``quantize_flux.py --replay-priority`` is the A/B
 REPLAY_PRIORITY = 0
+# a block's replayed calls launched as one captured CUDA graph (svdquant.calibration.replay_graph): a one-image
+# block call is bound by its launches. Off until measured on a GPU: ``quantize_flux.py --replay-graphs on`` is the A/B
+REPLAY_GRAPHS = False
 
 @dataclass
 class ReplayJob:
@@ -70,6 +74,16 @@ class Replayer:
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="svdquant-replay")
             self._side = torch.cuda.Stream(device, priority=REPLAY_PRIORITY) if self.cuda else None
+        self._capture = self._graph_capture()
+        self.graphs = ReplayGraphStats()
+
+    def _graph_capture(self):
+        """How a block's calls are captured (:mod:`svdquant.calibration.replay_graph`): with
+        :data:`REPLAY_GRAPHS`, on the replays' side stream, successive blocks' graphs sharing one memory pool (never
+        launched at once: one replay thread); else None (eager)."""
+        if not (self.cuda and REPLAY_GRAPHS):
+            return None
+        return cuda_capture(self._side, torch.cuda.graph_pool_handle())
 
     def start(self, job: ReplayJob, snaps: list[dict]):
         """Starts the replay (with ``overlap``; else it runs in :meth:`finish`: one block on the device at a
@@ -119,6 +133,8 @@ class Replayer:
                 self.streamed.unit(block).onload()
         firsts = {g.names[0]: block.get_submodule(g.names[0]) for g in job.groups}
         rec = LinearInputRecorder(firsts, len(snaps), self.tokens, self.seed, where=job.name)
+        graphed = GraphedCalls(block, rec, self._capture) if self._capture is not None else None
+        call = graphed if graphed is not None else (lambda entry: block(**entry))
         nxt = []
         try:
             for s in snaps:
@@ -128,7 +144,7 @@ class Replayer:
                 else:
                     s_dev = s
                 with clock.stage("replays"):
-                    out = block(**s_dev)
+                    out = call(s_dev)
                 if not job.last:
                     if spill:
                         with clock.stage("transfers"):
@@ -140,6 +156,9 @@ class Replayer:
                                                       self.store, pin)})
                 del s_dev, out
         finally:
+            if graphed is not None:
+                graphed.close()
+                self.graphs.add(graphed)
             rec.close()
         return rec, nxt
 
