@@ -197,7 +197,7 @@ def test_gpu_graphed_replays_are_bit_identical_to_eager():
     t.start()
     try:
         with torch.cuda.stream(side):
-            got, rec, graphed = _replayed(block, entries, replay_graph.cuda_capture(side, torch.cuda.graph_pool_handle()))
+            got, rec, graphed = _replayed(block, entries, replay_graph.CudaCapture(side))
             side.synchronize()
     finally:
         stop.set()

@@ -20,7 +20,7 @@ from .._timing import StageClock
 from .capture import LinearInputRecorder, keep_entry
 from .chain import next_inputs
 from .offload import move
-from .replay_graph import GraphedCalls, ReplayGraphStats, cuda_capture
+from .replay_graph import CudaCapture, GraphedCalls, ReplayGraphStats
 
 # the replays' side stream's CUDA priority (lower runs first; torch.cuda.Stream.priority_range() says how low):
 # 0, torch's default. The replays set the quantize phase's pace on a GPU (NOTES-GPU.md, session 25: the replay
@@ -79,11 +79,8 @@ class Replayer:
 
     def _graph_capture(self):
         """How a block's calls are captured (:mod:`svdquant.calibration.replay_graph`): with
-        :data:`REPLAY_GRAPHS`, on the replays' side stream, successive blocks' graphs sharing one memory pool (never
-        launched at once: one replay thread); else None (eager)."""
-        if not (self.cuda and REPLAY_GRAPHS):
-            return None
-        return cuda_capture(self._side, torch.cuda.graph_pool_handle())
+        :data:`REPLAY_GRAPHS`, on the replays' side stream; else None (eager)."""
+        return CudaCapture(self._side) if self.cuda and REPLAY_GRAPHS else None
 
     def start(self, job: ReplayJob, snaps: list[dict]):
         """Starts the replay (with ``overlap``; else it runs in :meth:`finish`: one block on the device at a
@@ -125,6 +122,8 @@ class Replayer:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # a replay still running (an error in the search) ends first
+        if isinstance(self._capture, CudaCapture):
+            self._capture.close()
 
     def replay(self, job: ReplayJob, snaps: list[dict], clock: StageClock):
         block, spill, pin, device, home = job.block, self.spill, self.pin, self.device, self.home

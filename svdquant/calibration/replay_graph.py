@@ -127,18 +127,38 @@ def _signature(entry: dict[str, Any]):
     return spec, tensors, [v for v in leaves if not torch.is_tensor(v)]
 
 
-def cuda_capture(stream: torch.cuda.Stream, pool) -> Callable[[Callable[[], Any]], tuple[Any, Callable[[], None]]]:
-    """Captures ``fn`` on ``stream`` into a graph drawing on ``pool``: returns (its static outputs, the launch)."""
-    def capture(fn):
+class CudaCapture:
+    """Captures ``fn`` on ``stream`` into a CUDA graph: ``capture(fn) -> (its static outputs, the launch)``.
+
+    The graphs of successive blocks share one memory pool (never launched at once: one replay thread). torch's
+    allocator lets a pool be shared only while a graph still holds it (``create_or_incref_pool`` asserts a use count
+    above zero), so each graph is held until the next one has been captured into the pool, then let go; after a
+    capture that failed, the next one starts a pool of its own."""
+
+    def __init__(self, stream: torch.cuda.Stream):
+        self.stream = stream
+        self.pool = torch.cuda.graph_pool_handle()
+        self._held = None
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, Callable[[], None]]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                out = fn()
-            finally:
-                graph.capture_end()  # ends the capture even after an error (then raises its own, if invalid)
+        ok = False
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    out = fn()
+                finally:
+                    graph.capture_end()  # ends the capture even after an error (then raises its own, if invalid)
+            ok = True
+        finally:
+            if not ok:
+                self.pool = torch.cuda.graph_pool_handle()
+        self._held = graph
         return out, graph.replay
-    return capture
+
+    def close(self) -> None:
+        self._held = None
 
 
 class GraphedCalls:
