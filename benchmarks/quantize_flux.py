@@ -150,6 +150,8 @@ def main(argv=None):
                     "(svdquant.calibration.replay.REPLAY_PRIORITY; lower goes first, e.g. -1); default: the library's")
     ap.add_argument("--replay-graphs", choices=("on", "off"), help="each block's replayed calls launched as one "
                     "captured CUDA graph (svdquant.calibration.replay.REPLAY_GRAPHS); default: the library's")
+    ap.add_argument("--overlap-blocks", choices=("on", "off"), help="a block's groups queued before the previous "
+                    "block's are landed (svdquant.quantize.blocks.OVERLAP_BLOCKS); default: the library's")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -177,6 +179,10 @@ def main(argv=None):
     if args.replay_graphs is not None:
         replay.REPLAY_GRAPHS = args.replay_graphs == "on"
     from svdquant.calibration import replay_graph
+    from svdquant.quantize import blocks as quantize_blocks
+
+    if args.overlap_blocks is not None:
+        quantize_blocks.OVERLAP_BLOCKS = args.overlap_blocks == "on"
     dev = "cpu" if args.smoke else "cuda"
     stream = args.stream or args.max_gpu_memory is not None
     cfg = dict(FLUX_DEV, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
@@ -259,6 +265,7 @@ def main(argv=None):
         recipe=args.recipe, workers=workers, gptq=recipe.gptq, scoring_tf32=gpu_kernels.SCORING_TF32,
         replay_images=merge.REPLAY_IMAGES, replay_priority=replay.REPLAY_PRIORITY,
         replay_graphs=dict(on=replay.REPLAY_GRAPHS, **dataclasses.asdict(replay_graph.TOTALS)),
+        overlap_blocks=quantize_blocks.OVERLAP_BLOCKS,
         iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,

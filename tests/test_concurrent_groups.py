@@ -91,6 +91,63 @@ def test_a_failing_group_ends_the_call_cancels_the_queued_ones_and_leaves_no_wor
     assert not [t for t in threading.enumerate() if t.name.startswith(("svdquant-group", "svdquant-replay"))]
 
 
+def test_overlapped_blocks_equal_one_at_a_time(monkeypatch):
+    """``OVERLAP_BLOCKS``: a block's groups are queued before the previous block's are landed (modules built and
+    swapped in); a stack's first block runs alone (the block before it landed first); the model is bit for bit
+    the one-at-a-time one."""
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=3, num_single_layers=3)
+    calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
+    seq, par = copy.deepcopy(model), copy.deepcopy(model)
+    svdquant.quantize(seq, RECIPE, calib, progress=False, workers=1)
+    monkeypatch.setattr(quantize_blocks, "OVERLAP_BLOCKS", True)
+    events = []
+    submit, install = GroupWorkers.submit, quantize_blocks.install_group
+
+    def spy_submit(self, tasks, *a, **k):
+        events.append(("queued", tasks[0].args[1]))  # _solve_recorded(rec, block, ...)
+        return submit(self, tasks, *a, **k)
+
+    def spy_install(root, *a, **k):
+        if not events or events[-1] != ("landed", root):
+            events.append(("landed", root))
+        return install(root, *a, **k)
+
+    monkeypatch.setattr(GroupWorkers, "submit", spy_submit)
+    monkeypatch.setattr(quantize_blocks, "install_group", spy_install)
+    svdquant.quantize(par, RECIPE, calib, progress=False, workers=3)
+    assert same_state(seq, par)
+    name = {id(m): n for n, m in par.named_modules()}
+    got = [f"{e} {name[id(b)].replace('transformer_blocks', 'T').replace('single_T', 'S')}" for e, b in events]
+    assert got == ["queued T.0", "queued T.1", "landed T.0", "queued T.2", "landed T.1",  # T.2 beside T.1's tail
+                   "landed T.2", "queued S.0", "queued S.1", "landed S.0", "queued S.2", "landed S.1", "landed S.2"]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("svdquant-group", "svdquant-replay"))]
+
+
+def test_a_failing_group_with_blocks_overlapped_leaves_no_worker(monkeypatch):
+    """A group fails while the next block's groups are queued behind it: the error reaches the caller, the next
+    block's groups not started are cancelled, and no worker is left."""
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=3, num_single_layers=1)
+    calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
+    monkeypatch.setattr(quantize_blocks, "OVERLAP_BLOCKS", True)
+    solve, failing, queued = quantize_blocks.solve_group, model.transformer_blocks[1], model.transformer_blocks[2]
+    ran = {id(failing): 0, id(queued): 0}
+
+    def boom(root, group, *a, **k):
+        if id(root) in ran:
+            ran[id(root)] += 1
+            if root is failing:
+                raise RuntimeError("search failed")
+        return solve(root, group, *a, **k)
+
+    monkeypatch.setattr(quantize_blocks, "solve_group", boom)
+    with pytest.raises(RuntimeError, match="search failed"):
+        svdquant.quantize(model, RECIPE, calib, progress=False, workers=2)
+    n_groups = len(svdquant.models.get_adapter(model).groups(queued))
+    assert ran[id(failing)] >= 1 and ran[id(queued)] < n_groups  # (the failing block's may all have run: its
+    # result is taken once the next block's replay is in)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("svdquant-group", "svdquant-replay"))]
+
+
 def test_a_group_out_of_memory_beside_the_others_runs_again_alone():
     """GroupWorkers: the task that raised OutOfMemoryError in a worker runs again in the caller's thread after
     the others; the results come back in order and ``done`` is called once per task."""
@@ -211,3 +268,21 @@ def test_gpu_groups_at_once_equal_one_at_a_time():
     default = torch.cuda.default_stream().cuda_stream
     assert len(set(streams) - {default}) == DEFAULT_GPU_WORKERS  # the first blocks on the caller's stream
     assert same_state(seq, par)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_overlapped_blocks_equal_one_at_a_time(monkeypatch):
+    """``OVERLAP_BLOCKS`` on a GPU (workers on their streams, streamed under a cap, replays graphed): bit for bit
+    the one-at-a-time result."""
+    from svdquant.calibration import replay
+
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=3, num_single_layers=3)
+    calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
+    seq, par = copy.deepcopy(model), copy.deepcopy(model)
+    svdquant.quantize(seq, RECIPE, calib, progress=False, device="cuda", workers=1)
+    monkeypatch.setattr(quantize_blocks, "OVERLAP_BLOCKS", True)
+    monkeypatch.setattr(replay, "REPLAY_GRAPHS", True)
+    svdquant.quantize(par, RECIPE, calib, progress=False, device="cuda", max_gpu_memory="8GB")
+    assert same_state(seq, par)
+

@@ -235,14 +235,33 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
     return Quantized(rows, cal.count, seconds)
 
 
+# A block's groups queued while the previous block's last ones still run, rather than after them
+# (:func:`_replay_and_search`): the workers no longer idle in a block's tail (a FLUX.1-dev single block has two heavy
+# groups for three workers), and the previous block's modules are built and sent home while they work. Off until
+# measured on a GPU (``quantize_flux.py --overlap-blocks on`` is the A/B).
+OVERLAP_BLOCKS = False
+
+
 def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, clock: StageClock, bar) -> list[LayerRow]:
     """Each block's replay, then the search over its groups (``plan.workers`` at a time, but one at a time in a
     stack's first block: :mod:`svdquant.quantize.concurrent`); the next block replays (on a side stream) while
-    this one is searched."""
+    this one is searched. With :data:`OVERLAP_BLOCKS`, a block's groups are queued before the previous block's
+    are landed (its modules built and swapped in, the block sent home); a stack's first block still runs alone."""
     rows = []
     workers = GroupWorkers(plan.device, plan.workers)
     seen: set[str] = set()  # the stacks whose first block is done
     pending = replayer.start(jobs[0], jobs[0].recorded)
+    behind = current = None  # (job, batch): the block whose groups are queued but not landed; the one being queued
+
+    def land(job, batch) -> None:
+        solved, wall = batch.result()
+        if wall:
+            clock.add("groups at once (wall)", wall)
+        rows.extend(install_group(job.block, g, s, clock, prefix=job.name) for g, s in zip(job.groups, solved))
+        replayer.settle()  # this block's kernels are done before the memory it read can be reused
+        if streamed is not None:
+            finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
+
     try:
         for index, job in enumerate(jobs, 1):
             bar.set_postfix_str(progress_postfix(job.name, index, len(jobs), None, *gpu_memory(plan.device, plan.cap)))
@@ -255,6 +274,9 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
             stack = job.name.rsplit(".", 1)[0]
             at_once = workers.workers if stack in seen else 1  # a stack's first block: its groups one at a time
             seen.add(stack)
+            if behind is not None and at_once == 1:  # ...and alone: it compiles the search's kernels
+                land(*behind)
+                behind = None
             names = [short_names(list(g.names)) if at_once == 1 else f"{at_once} groups at once" for g in job.groups]
 
             def done(i, job=job, index=index, names=names):
@@ -266,15 +288,21 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
                                                  *gpu_memory(plan.device, plan.cap)))
             tasks = [functools.partial(_solve_recorded, rec, job.block, g, plan.recipe, at_once) for g in job.groups]
             costs = [_group_cost(job.block, g, plan.recipe) for g in job.groups]
-            solved, wall = workers.run(tasks, done, concurrent=at_once > 1, costs=costs)
-            if wall:
-                clock.add("groups at once (wall)", wall)
-            rows += [install_group(job.block, g, s, clock, prefix=job.name) for g, s in zip(job.groups, solved)]
-            replayer.settle()  # this block's kernels are done before the memory it read can be reused
-            rec = solved = tasks = None  # frees the layer inputs before the next block's arrive (the tasks held them)
-            if streamed is not None:
-                finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
+            current = (job, workers.submit(tasks, done, concurrent=at_once > 1, costs=costs))
+            rec = tasks = None  # the batch holds the layer inputs until it is landed
+            if behind is not None:
+                land(*behind)
+            behind, current = current, None
+            if not OVERLAP_BLOCKS:
+                land(*behind)
+                behind = None
+        if behind is not None:
+            land(*behind)
+            behind = None
     finally:
+        for pair in (current, behind):  # an error: no worker still reads a block's tensors when this unwinds
+            if pair is not None:
+                pair[1].cancel()
         workers.close()
     return rows
 

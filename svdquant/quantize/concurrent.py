@@ -67,47 +67,27 @@ class GroupWorkers:
         the other); ``done(i)`` is called in the caller's thread as task ``i`` finishes. ``costs``: each task's
         expected time; at once, the costliest start first (longest processing time first: a long task started
         last would keep the block waiting on it alone)."""
+        return self.submit(tasks, done, concurrent, costs).result()
+
+    def submit(self, tasks: Sequence[Callable[[], object]], done: Callable[[int], None] | None = None,
+               concurrent: bool = True, costs: Sequence[float] | None = None) -> "Batch":
+        """:meth:`run`, returning once the tasks are queued (at once) or done (one after the other): the caller
+        may queue the next block's before it takes this one's results (:meth:`Batch.result`)."""
         if self._pool is None or not concurrent or len(tasks) < 2:
             out = []
             for i, task in enumerate(tasks):
                 out.append(task())
                 if done is not None:
                     done(i)
-            return out, 0.0
-        t0 = time.perf_counter()
+            return Batch(tasks, done, self.cuda, results=out)
         ready = None
         if self.cuda:  # what the caller's stream queued (inputs, weights) comes before the workers' reads
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         order = sorted(range(len(tasks)), key=lambda i: -costs[i]) if costs is not None else range(len(tasks))
-        futures = {self._pool.submit(self._work, tasks[i], ready): i for i in order}  # the pool starts them in order
-        out: list = [None] * len(tasks)
-        again = []
-        try:
-            for f in as_completed(futures):
-                i = futures[f]
-                res = f.result()  # an error: the groups not started are cancelled below, the running ones end
-                if res is _OUT_OF_MEMORY:
-                    again.append(i)  # beside the others; alone below
-                    continue
-                out[i] = res
-                if done is not None:
-                    done(i)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            wait(futures)  # no worker still reads this block's tensors when the caller unwinds
-            raise
-        finally:
-            futures = f = None
-        wall = time.perf_counter() - t0
-        if again and self.cuda:
-            torch.cuda.empty_cache()  # the failed attempts' memory: nothing refers to it any more (see _work)
-        for i in sorted(again):
-            out[i] = tasks[i]()
-            if done is not None:
-                done(i)
-        return out, wall
+        batch = Batch(tasks, done, self.cuda)
+        batch.futures = {self._pool.submit(self._work, tasks[i], ready): i for i in order}  # started in order
+        return batch
 
     def _work(self, task, ready):
         stream = self._streams.get()
@@ -130,4 +110,56 @@ class GroupWorkers:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Batch:
+    """One block's tasks under way (:meth:`GroupWorkers.submit`)."""
+
+    def __init__(self, tasks, done, cuda: bool, results: list | None = None):
+        self.tasks, self.done, self.cuda = tasks, done, cuda
+        self.futures: dict | None = None
+        self._results = results
+        self.t0 = time.perf_counter()
+
+    def result(self) -> tuple[list, float]:
+        """The tasks' results in order and the wall seconds from their submission (0.0 when they ran one after the
+        other). A task that ran out of GPU memory beside the others runs again here, in the caller's thread; any
+        other error cancels the tasks not started and is raised once the running ones end."""
+        if self.futures is None:
+            return self._results, 0.0
+        tasks, done, futures = self.tasks, self.done, self.futures
+        out: list = [None] * len(tasks)
+        again = []
+        try:
+            for f in as_completed(futures):
+                i = futures[f]
+                res = f.result()  # an error: the groups not started are cancelled below, the running ones end
+                if res is _OUT_OF_MEMORY:
+                    again.append(i)  # beside the others; alone below
+                    continue
+                out[i] = res
+                if done is not None:
+                    done(i)
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            self.futures = futures = f = None
+        wall = time.perf_counter() - self.t0
+        if again and self.cuda:
+            torch.cuda.empty_cache()  # the failed attempts' memory: nothing refers to it any more (see _work)
+        for i in sorted(again):
+            out[i] = tasks[i]()
+            if done is not None:
+                done(i)
+        return out, wall
+
+    def cancel(self) -> None:
+        """Cancels the tasks not started and waits for the running ones: no worker still reads this block's
+        tensors when the caller unwinds."""
+        if self.futures:
+            for f in self.futures:
+                f.cancel()
+            wait(self.futures)
+        self.futures = None
 
