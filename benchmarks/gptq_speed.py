@@ -58,9 +58,9 @@ def main(argv=None):
         h = G.hessian(x)
         q0 = quantize(w, "int4m", 64, weight=True)
         f, values, _ = get_format("int4m").weight_grid(q0)
-        u = G._inverse_factor(h, 0.01)
+        u = G._inverse_factor([h], 0.01)
         mids = (values[1:] + values[:-1]) / 2
-        row = dict(n=n, k=k, count=count, inverse_s=timed(lambda: G._inverse_factor(h, 0.01), device))
+        row = dict(n=n, k=k, count=count, inverse_s=timed(lambda: G._inverse_factor([h], 0.01), device))
         kernel = G._block_kernel(torch.device(device))
         for b in args.blocks:
             def loop(fn, b=b):

@@ -615,18 +615,60 @@ def test_stopped_forwards_leave_nothing_on_the_device():
 
 
 # ------------------------------------------------------------------------------------------------ snapshots on device
-@pytest.mark.parametrize("snapshots,block,room,fits", [
+@pytest.mark.parametrize("snapshots,block,room,search,fits", [
     # FLUX.1-dev at 1024², 128 snapshots: 33 MB each, held twice; a 0.68 GB double block
-    (2 * 128 * 33 * 10**6, 68 * 10**7, 24 * 10**9, True),   # 8.45 + 2.72 + 4 = 15.2 GB in a 24 GB cap
-    (2 * 128 * 33 * 10**6, 68 * 10**7, 16 * 10**9, True),
-    (2 * 128 * 33 * 10**6, 68 * 10**7, 15 * 10**9, False),
-    (2 * 512 * 33 * 10**6, 68 * 10**7, 24 * 10**9, False),  # 512 snapshots: 33.8 GB
-    (10**9, 10**9, 9 * 10**9, True),                         # exactly full: fits
-    (10**9, 10**9, 9 * 10**9 - 1, False),
-    (0, 0, 4 * 10**9 - 1, False),                            # the search's 4 GB alone
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 24 * 10**9, 0, True),   # 8.45 + 2.72 + 4 = 15.2 GB in a 24 GB cap
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 16 * 10**9, 0, True),
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 15 * 10**9, 0, False),
+    (2 * 512 * 33 * 10**6, 68 * 10**7, 24 * 10**9, 0, False),  # 512 snapshots: 33.8 GB
+    # with GPTQ, three groups at once (8.15 GB: test_search_bytes_of_flux): 19.3 GB, held at 24 GB, not at 16
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 24 * 10**9, 8_153_726_976, True),
+    (2 * 128 * 33 * 10**6, 68 * 10**7, 16 * 10**9, 8_153_726_976, False),
+    (10**9, 10**9, 9 * 10**9, 0, True),                         # exactly full: fits
+    (10**9, 10**9, 9 * 10**9 - 1, 0, False),
+    (10**9, 10**9, 9 * 10**9, 4 * 10**9, True),                 # a search under the 4 GB margin: the margin
+    (10**9, 10**9, 9 * 10**9, 4 * 10**9 + 1, False),
+    (0, 0, 4 * 10**9 - 1, 0, False),                            # the search's 4 GB alone
 ])
-def test_snapshots_fit(snapshots, block, room, fits):
-    assert calib_memory.snapshots_fit(snapshots, block, room) is fits
+def test_snapshots_fit(snapshots, block, room, search, fits):
+    assert calib_memory.snapshots_fit(snapshots, block, room, search) is fits
+
+
+def test_search_bytes_of_flux():
+    """What FLUX.1-dev's groups hold at once (the most over its blocks): with GPTQ and three workers, a double
+    block's two fc2 (3,072 × 12,288: 3.32 GB each) and its adaLN linear (18,432 × 3,072, weight-only: 1.51 GB);
+    with one, the single block's out projection (3,072 × 15,360) alone; without GPTQ, much less."""
+    from diffusers import FluxTransformer2DModel
+
+    from svdquant.algorithm.layer import peak_bytes
+    from svdquant.quantize.blocks import _search_bytes
+
+    int4 = svdquant.get_recipe("int4")
+    assert peak_bytes(3072, 15360, int4) == 4 * (6 * 3072 * 15360 + 4 * 15360**2) == 4_907_335_680
+    assert peak_bytes(3072, 15360, svdquant.get_recipe("int4", gptq=False)) == 4 * 3 * 3072 * 15360
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    adapter = svdquant.models.get_adapter(model)
+    planned = [(n, b, adapter.groups(b)) for n, b in adapter.blocks(model)]
+    assert _search_bytes(planned, int4, 1) == 4_907_335_680
+    assert _search_bytes(planned, int4, 3) == 8_153_726_976
+    assert _search_bytes(planned, svdquant.get_recipe("int4", gptq=False), 3) < 2 * 10**9
+
+
+def test_the_snapshot_policy_is_told_what_the_groups_hold(monkeypatch):
+    """A streamed quantization asks :func:`hold_snapshots` with the most a block's groups hold at once (the
+    recipe's GPTQ and the workers counted): the snapshots wait at home when that and they do not fit together."""
+    from svdquant.quantize.blocks import _search_bytes
+
+    asked = []
+    monkeypatch.setattr(calib_memory, "hold_snapshots", lambda *a: asked.append(a) or False)
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=1, num_single_layers=1)
+    adapter = svdquant.models.get_adapter(model)
+    planned = [(n, b, adapter.groups(b)) for n, b in adapter.blocks(model)]
+    want, one = _search_bytes(planned, RECIPE, 2), _search_bytes(planned, RECIPE, 1)
+    svdquant.quantize(model, RECIPE, svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2)),
+                      progress=False, device="cpu", workers=2)
+    assert len(asked) == 1 and asked[0][-1] == want > one > 0
 
 
 def test_snapshots_stay_on_the_cpu_device():

@@ -41,13 +41,20 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return x.mT @ x
 
 
-def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_factor(hs: list[torch.Tensor], damp: float) -> torch.Tensor:
     """The upper Cholesky factor ``U`` of ``(H + damping)⁻¹`` (``UᵀU = H⁻¹``): its row ``j`` is what column ``j``'s
     error is spread with. From one Cholesky factorization and one triangular inverse, instead of the reference
     implementation's three cubic steps (factor, invert, factor again): with ``J`` the reversal permutation and
-    ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal."""
+    ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal.
+
+    ``hs``: ``[H]``, taken out of the list so that each K × K matrix is let go as soon as the next is made: about
+    three are held at the peak besides the caller's XᵀX (a FLUX.1-dev K = 15,360 group: 0.94 GB each). Holding
+    every one to the end, six were, which ran a 16 GB cap out of memory with three groups at once (NOTES-GPU.md,
+    session 26)."""
+    h = hs.pop()
     mean = h.diagonal().mean().clamp_min(1e-12)
     hr = h.flip(0, 1)  # a copy, damped in place
+    del h
     added = 0.0
     for extra in (0.0, 1e-4, 1e-2, 1.0):  # an ill-conditioned H: more damping until the factor exists
         hr.diagonal().add_((damp + extra - added) * mean)
@@ -58,7 +65,10 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     else:
         raise ValueError("GPTQ: the calibration inputs' Hessian is not positive definite even with damping; "
                          "raise QuantConfig.gptq_damp or turn gptq off")
-    return _lower_inverse(l).flip(0, 1)
+    del hr
+    inv = _lower_inverse(l)
+    del l
+    return inv.flip(0, 1)
 
 
 def _lower_inverse(l: torch.Tensor) -> torch.Tensor:
@@ -73,7 +83,7 @@ def _lower_inverse(l: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(l)
     a_inv, c_inv = _lower_inverse(l[:h, :h]), _lower_inverse(l[h:, h:])
     out[:h, :h], out[h:, h:] = a_inv, c_inv
-    out[h:, :h] = -(c_inv @ (l[h:, :h] @ a_inv))
+    out[h:, :h] = (c_inv @ (l[h:, :h] @ a_inv)).neg_()
     return out
 
 
@@ -118,25 +128,32 @@ def _rows(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def gptq_members(rs: list[torch.Tensor], h: torch.Tensor, q0s: list[QTensor], *,
-                 damp: float = 0.01) -> list[QTensor]:
+                 damp: float = 0.01, scale: torch.Tensor | None = None) -> list[QTensor]:
     """:func:`gptq` for the members of a group that read the same inputs (q / k / v): one Hessian, so one
     ordering and one inverse factor, and their rows rounded in one pass. GPTQ spreads a column's error along its
     own row only, so stacking the rows changes nothing but the number of launches and factorizations (bit for bit
-    on the CPU; a GPU's BLAS may round the update product differently with more rows)."""
+    on the CPU; a GPU's BLAS may round the update product differently with more rows). ``scale`` ``[K]``: the
+    Hessian is ``h * scale[:, None] * scale[None, :]`` (the inputs divided by λ), made in the permuted copy,
+    element by element as that expression makes it, so that no scaled K × K copy is held beside ``h``."""
     fmt = get_format(q0s[0].fmt)
     grids = [fmt.weight_grid(q0) for q0 in q0s]
     values, codes = grids[0][1], grids[0][2]  # the format's grid: the same for every member
     k = rs[0].shape[1]
-    diag = h.diagonal()
+    diag = h.diagonal() if scale is None else h.diagonal() * scale * scale
     dead = diag <= 0  # a channel that never carries input: its weight is zeroed and its H_jj set to 1
     order = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True, stable=True)  # act-order
     # the permuted copies are the working ones
-    h, dead = h.detach().float()[order][:, order], dead[order]
+    hp, dead = h.detach().float()[order][:, order], dead[order]
+    if scale is not None:
+        s = scale.float()[order]
+        hp.mul_(s[:, None]).mul_(s[None, :])
     w = _rows([r.detach().float() for r in rs])[:, order]
     f = _rows([g[0][:, :k] for g in grids])[:, order]
-    h[dead, dead] = 1.0
+    hp[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = _inverse_factor(h, damp)
+    hs = [hp]
+    del hp  # the inverse factor lets it go once its flipped copy is made
+    u = _inverse_factor(hs, damp)
     kernel = _block_kernel(w.device)
     round_block, block = (kernel, KERNEL_BLOCK) if kernel is not None else (_round_block, BLOCK)
     mids = (values[1:] + values[:-1]) / 2

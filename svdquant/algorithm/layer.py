@@ -202,6 +202,18 @@ def _candidates_per_batch(p: "_Problem", concurrent: int = 1) -> int:
     return max(1, min(8, int(room // (2 * (concurrent + 1)) // per)))
 
 
+def peak_bytes(rows: int, k: int, recipe: QuantConfig) -> int:
+    """What quantizing one group of ``rows`` output rows over ``k`` inputs holds on the device at its peak, besides
+    its candidate batches (sized to what is free: :func:`_candidates_per_batch`): the weights in fp32, the residual
+    and its rounding (3 N K), and with GPTQ the inputs' XᵀX and, at the inverse factor's peak, about three more
+    K × K matrices and the rows' working copies (:mod:`svdquant.algorithm.gptq`). 4 bytes each. A FLUX.1-dev
+    single block's out projection (3,072 × 15,360): 4.9 GB; a double block's fc2 (3,072 × 12,288): 3.3 GB."""
+    n = 3 * rows * k
+    if recipe.gptq:
+        n += 4 * k * k + 3 * rows * k
+    return 4 * n
+
+
 def _flatten_inputs(inputs, k: int) -> torch.Tensor:
     parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     for t in parts:
@@ -386,9 +398,8 @@ def _gptq_residual(p: _Problem, lam, up, downs, resid) -> tuple[list[QTensor], f
     """Each member's residual rounded by GPTQ under its round-to-nearest scales, with the Hessian of what the
     residual multiplies (the inputs divided by λ), and the squared output error it gives on the scoring tokens."""
     inv = 1.0 / lam if lam is not None else None
-    h = p.xtx * inv[:, None] * inv[None, :] if inv is not None else p.xtx
     rs = resid.split(p.splits, 0)
-    qs = gptq_members(list(rs), h, [_round(p, r_i) for r_i in rs], damp=p.recipe.gptq_damp)
+    qs = gptq_members(list(rs), p.xtx, [_round(p, r_i) for r_i in rs], damp=p.recipe.gptq_damp, scale=inv)
     wq = torch.cat([q.dequantize() for q in qs], 0)
     return qs, p.error(p.fq_act(inv), wq, inv, up, downs)
 

@@ -29,13 +29,15 @@ _BLOCK_MARGIN = 4
 _SEARCH_MARGIN = 4 * 10**9
 
 
-def snapshots_fit(snapshot_bytes: int, block_bytes: int, room: int) -> bool:
+def snapshots_fit(snapshot_bytes: int, block_bytes: int, room: int, search_bytes: int = 0) -> bool:
     """Whether a streaming quantization may keep its snapshots on the device from the first block to the last:
     ``snapshot_bytes`` (what the replays hold at once: the block inputs and the outputs made from them) plus
-    the margin for the block and its search (4 x ``block_bytes``, the largest block, + 4 GB) within ``room``
-    (the cap, or what the device has free). FLUX.1-dev, 128 snapshots at 1024²: 2 x 4.3 GB + 2.7 GB + 4 GB,
-    which fits a 24 GB cap."""
-    return snapshot_bytes + _BLOCK_MARGIN * block_bytes + _SEARCH_MARGIN <= room
+    the margin for the block and its search (4 x ``block_bytes``, the largest block, + the larger of 4 GB and
+    ``search_bytes``, what a block's groups quantized at once hold besides their candidate batches) within
+    ``room`` (the cap, or what the device has free). FLUX.1-dev, 128 one-image snapshots at 1024², GPTQ on, three
+    groups at once: 7.2 GB + 2.7 GB + ~5 GB, which fits a 24 GB cap and not a 16 GB one (there the snapshots
+    wait at home: held, they ran it out of memory, NOTES-GPU.md session 26)."""
+    return snapshot_bytes + _BLOCK_MARGIN * block_bytes + max(_SEARCH_MARGIN, search_bytes) <= room
 
 
 def resident_blocks(block_bytes: list[int], rest_bytes: int, room: int) -> int:
@@ -82,14 +84,15 @@ def held_ahead(encoder_bytes: list[int], room: float) -> int:
     return n
 
 
-def hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int) -> bool:
+def hold_snapshots(device: torch.device, cap: int | None, stream: bool, held: int, block_bytes: int,
+                   search_bytes: int = 0) -> bool:
     """Whether the snapshots stay on the device (no move per block): always unless streaming; streaming, when
     they fit the CUDA device (:func:`snapshots_fit`), or on the CPU, where device and home memory are one."""
     if not stream or device.type == "cpu":
         return True
     if device.type != "cuda":
         return False
-    return snapshots_fit(held, block_bytes, device_room(device, cap))
+    return snapshots_fit(held, block_bytes, device_room(device, cap), search_bytes)
 
 
 def nbytes(obj, seen: set | None = None) -> int:

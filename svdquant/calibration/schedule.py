@@ -42,7 +42,7 @@ class Calibrated:
 
 
 def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, home, stream: bool, cap: int | None,
-                     progress: bool, desc: str = "calibrating") -> Calibrated:
+                     progress: bool, desc: str = "calibrating", search_bytes: int = 0) -> Calibrated:
     """Runs the calibration calls, keeping the arguments of each stack's first block (the snapshots).
 
     Through a pipeline, a call's forwards run whole up to its last drawn step (the denoising trajectory needs
@@ -57,7 +57,8 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     otherwise (residuals added between blocks, FLUX.2's and Z-Image's stacks) they stop at the last stack's first
     block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the
     model's (name, block) pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when
-    streaming, else None; ``desc``: the progress bar's title.
+    streaming, else None; ``desc``: the progress bar's title; ``search_bytes``: what a block's groups quantized at
+    once hold (:func:`svdquant.calibration.memory.snapshots_fit`).
     """
     stacks = adapter.stacks
     home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
@@ -83,7 +84,7 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
         entries = holder["r"].entries
         chained = "chain" in holder and holder["chain"].chained
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
-        return Calibrated(entries, chained, memory.hold_snapshots(device, cap, stream, held, block_bytes), count)
+        return Calibrated(entries, chained, memory.hold_snapshots(device, cap, stream, held, block_bytes, search_bytes), count)
     first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
     chained = chained and not any(adds_between_blocks(kw) for kw in calib.inputs)
     count = len(calib.inputs)
@@ -92,7 +93,7 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     # scaled from the first input to all of them by their own sizes (inputs may hold different batches)
     scale = sum(memory.nbytes(kw) for kw in calib.inputs) / max(1, memory.nbytes(calib.inputs[0]))
     held = int(scale * (2 * one if chained else memory.nbytes(first) + one))
-    on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes)
+    on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes, search_bytes)
     store, pin = (device, False) if on_device or not stream else (home, home_pin)
     kept = stacks[:1] if chained else stacks
     # every forward ends once it has given its entries: at the first block when chained, else at the last stack's

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .._progress import progress as progress_bar
 from .._timing import StageClock
 from ..algorithm import quantize_linears
+from ..algorithm.layer import peak_bytes
 from ..calibration import (
     LinearInputRecorder, Replayer, calibrate_stacks, finish_block, gpu_memory, replay_jobs, run_calibration,
     stream_model,
@@ -126,6 +127,21 @@ def _group_cost(block: nn.Module, group: Group, recipe: QuantConfig) -> float:
     return cost + (k * k / 8 if recipe.gptq else 0.0)
 
 
+def _search_bytes(planned, recipe: QuantConfig, workers: int) -> int:
+    """What a block's groups quantized at once hold at their peak (:func:`svdquant.algorithm.layer.peak_bytes`),
+    the most over the blocks: the ``workers`` largest of a block's groups (FLUX.1-dev with GPTQ, three at once:
+    a double block's two fc2 and an fc1, 7.7 GB)."""
+    most = 0
+    for _, block, groups in planned:
+        sizes = []
+        for g in groups:
+            weights = [block.get_submodule(n).weight for n in g.names]
+            rc = weight_only(recipe, g.weight_format) if g.weight_only else recipe
+            sizes.append(peak_bytes(sum(w.shape[0] for w in weights), weights[0].shape[1], rc))
+        most = max(most, sum(sorted(sizes, reverse=True)[:max(1, workers)]))
+    return most
+
+
 def _linear(m: nn.Module) -> nn.Module:
     return as_linear(m) if isinstance(m, nn.Conv2d) else m
 
@@ -204,7 +220,8 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
     try:
         cal = calibrate_stacks(plan.pipe, plan.model, plan.adapter, plan.calib, blocks, streamed, device=plan.device,
                                home=plan.home, stream=plan.stream, cap=plan.cap, progress=plan.progress,
-                               desc=_desc("calibrating", plan))
+                               desc=_desc("calibrating", plan),
+                               search_bytes=_search_bytes(planned, plan.recipe, plan.workers))
     finally:
         if streamed is not None:
             streamed.close()
