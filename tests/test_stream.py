@@ -582,6 +582,34 @@ def test_stopped_forwards_keep_one_entry_each_and_share_what_repeats():
     assert not hooks_left(model)
 
 
+def test_forwards_on_inputs_keep_the_rest_on_the_device():
+    """Calibrating on forward inputs (each call stops at the first block), the model's rest (embedders) crosses
+    once and stays until the hooks close, when every tensor is its home tensor again; through a pipeline (or with
+    a rest bigger than a block) it goes home after each call as before."""
+    from svdquant._timing import StageClock
+    from svdquant.calibration.capture import EntryRecorder, run_inputs
+    from svdquant.calibration.memory import stream_model
+
+    model = tm.build_flux(seed=0, dtype=DTYPE, num_layers=2, num_single_layers=1)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    home = {id(p): p.data_ptr() for p in model.parameters()}
+    kw = dict(others=[], clock=StageClock(), cap=None)
+    streamed = stream_model(model, blocks, torch.device("meta"), torch.device("cpu"), through_pipeline=False, **kw)
+    with streamed:
+        assert streamed.keep_rest
+        onloads, onload = [], streamed.rest.onload
+        streamed.rest.onload = lambda *a: onloads.append(1) or onload(*a)
+        rec = EntryRecorder(model, ("transformer_blocks",), None, "meta", stop=True)
+        run_inputs(model, tm.calibration_inputs("flux", model, 3), on_stop=streamed.settle, progress=False)
+        rec.close()
+        assert onloads == [1] and streamed.rest.loaded
+        assert not any(streamed.unit(b).loaded for b in blocks)
+    assert {id(p): p.data_ptr() for p in model.parameters()} == home
+    with stream_model(model, blocks, torch.device("meta"), torch.device("cpu"), through_pipeline=True,
+                      **kw) as piped:
+        assert not piped.keep_rest
+
+
 def test_stopped_forwards_leave_nothing_on_the_device():
     """``meta`` as the device: the forwards that stop at the first block leave the model's rest (embedders) on the
     device until ``Streamed.offload`` puts it back; the first block is never even onloaded (the stopping hook runs

@@ -121,16 +121,20 @@ def stream_model(model: nn.Module, blocks: list[nn.Module], device: torch.device
     # block crosses many times (a pipeline's every denoising step), not when each crosses about twice (forward
     # inputs: the calibration forwards stop at the first block).
     pin_model = device.type == "cuda" and through_pipeline
+    sizes = [tensor_bytes(b) for b in blocks]
+    rest = tensor_bytes(model) - sum(sizes)
     resident = 0
     if pin_model and blocks:  # the same reason: blocks that fit stay on the GPU from step to step
-        sizes = [tensor_bytes(b) for b in blocks]
-        resident = resident_blocks(sizes, tensor_bytes(model) - sum(sizes), device_room(device, cap))
+        resident = resident_blocks(sizes, rest, device_room(device, cap))
     t1 = time.perf_counter()
     other_blocks = other_blocks or {}
     beside = [id(m) for m in others if id(m) in other_blocks and id(m) in encoders
               and runs_beside(tensor_bytes(m), [tensor_bytes(b) for b in other_blocks[id(m)]])]
+    # Calibrating on forward inputs, every call stops at the first block after the embedders: the rest stays on the
+    # device when it is no bigger than a block (within the margin the memory policy keeps for the blocks)
+    keep_rest = not through_pipeline and bool(blocks) and rest <= max(sizes)
     streamed = Streamed(model, blocks, device, home, others=others, other_blocks=other_blocks, clock=clock,
-                        pin=pin_model, resident=resident, beside=beside)
+                        pin=pin_model, resident=resident, beside=beside, keep_rest=keep_rest)
     if pin_model:
         clock.add("pin memory", time.perf_counter() - t1)
     return streamed

@@ -229,11 +229,16 @@ class Streamed:
     prefetch: when a block is called, the next streamed (not resident) block's copy starts, on a
     side CUDA stream, so that it crosses while this one computes; the next block then waits for it (default: with
     ``pin`` on a GPU, where copies can be asynchronous; forced elsewhere, the copies are made then and there, in the
-    same order). It holds one more block on the device: the margin counts four."""
+    same order). It holds one more block on the device: the margin counts four.
+    keep_rest: the rest of the model stays on the device between calls (and after a call stopped early,
+    :meth:`settle`): calibrating on forward inputs, every call runs the embedders and stops at the first block, so
+    FLUX.1-dev's 0.13 GB rest would otherwise cross 128 times, pageable (~2 s of an H100 run's 5 s of calibration
+    transfers, NOTES-GPU.md session 26)."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], device, home, *, others=(),
                  other_blocks: dict[int, list[nn.Module]] | None = None, clock: StageClock | None = None,
-                 pin: bool | None = None, resident: int = 0, beside=(), prefetch: bool | None = None):
+                 pin: bool | None = None, resident: int = 0, beside=(), prefetch: bool | None = None,
+                 keep_rest: bool = False):
         self.device, self.home = torch.device(device), torch.device(home)
         self.clock = clock or StageClock(self.device)
         if pin is None:
@@ -246,6 +251,7 @@ class Streamed:
         self.blocks = {id(b): DeviceUnit(list(b.modules()), device, pin and i >= resident)
                        for i, b in enumerate(blocks)}
         self.rest = DeviceUnit(own_modules(model, blocks), device, pin and not resident)
+        self.keep_rest = keep_rest
         other_blocks = other_blocks or {}
         # the others (text encoders) cross once when the pass ahead keeps their outputs: pinned if they cross again
         self.others = [(m, DeviceUnit(own_modules(m, other_blocks.get(id(m), [])), device, False, pin_later=pin))
@@ -258,7 +264,7 @@ class Streamed:
         if self.resident:
             self.resident.append(self.rest)
         units = [self.blocks[id(b)] for b in blocks]
-        self._entry(model, self.rest, keep=bool(self.resident))
+        self._entry(model, self.rest, keep=bool(self.resident) or keep_rest)
         for i, (b, unit) in enumerate(zip(blocks, units)):
             self._stream_block(b, unit, offload_after=i >= resident, then=_streamed_after(units, resident, i))
         self.other_block_units = []
@@ -373,7 +379,7 @@ class Streamed:
         """After a forward the calibration ended early: every unit its end would have sent home goes home; the
         resident blocks (and the rest with them) stay for the next call, as after a whole forward."""
         self._ended()
-        stay = {id(u) for u in self.resident}
+        stay = {id(u) for u in self.resident} | ({id(self.rest)} if self.keep_rest else set())
         for unit in self._units():
             if unit.loaded and id(unit) not in stay:
                 unit.offload()

@@ -64,7 +64,7 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
     home_store = home if stream else device
     block_bytes = max(tensor_bytes(b) for _, b in blocks)
-    on_stop = streamed.offload if streamed is not None else None
+    on_stop = streamed.settle if streamed is not None else None  # what stays between calls stays (Streamed)
     if calib.inputs is None:
         holder: dict = {}  # the recorder, and the check of the first forward
 
