@@ -35,7 +35,7 @@ def snapshots_fit(snapshot_bytes: int, block_bytes: int, room: int, search_bytes
     the margin for the block and its search (4 x ``block_bytes``, the largest block, + the larger of 4 GB and
     ``search_bytes``, what a block's groups quantized at once hold besides their candidate batches) within
     ``room`` (the cap, or what the device has free). FLUX.1-dev, 128 one-image snapshots at 1024², GPTQ on, three
-    groups at once: 7.2 GB + 2.7 GB + ~5 GB, which fits a 24 GB cap and not a 16 GB one (there the snapshots
+    groups at once: 8.4 GB + 2.7 GB + 8.2 GB, which fits a 24 GB cap and not a 16 GB one (there the snapshots
     wait at home: held, they ran it out of memory, NOTES-GPU.md session 26)."""
     return snapshot_bytes + _BLOCK_MARGIN * block_bytes + max(_SEARCH_MARGIN, search_bytes) <= room
 

@@ -20,16 +20,20 @@ from .._timing import StageClock
 from .capture import LinearInputRecorder, keep_entry
 from .chain import next_inputs
 from .offload import move
-from .replay_graph import CudaCapture, GraphedCalls, ReplayGraphStats
+from . import replay_graph
+from .replay_graph import CudaCapture, GraphedCalls
 
 # the replays' side stream's CUDA priority (lower runs first; torch.cuda.Stream.priority_range() says how low):
-# 0, torch's default. The replays set the quantize phase's pace on a GPU (NOTES-GPU.md, session 25: the replay
-# thread busy 54.5 s beside ~49 s of searching), so kernels of theirs waiting beside the search's might go first;
-# ``quantize_flux.py --replay-priority`` is the A/B
+# 0, torch's default. A higher one (-1), beside graphed replays and overlapped blocks, slowed the search more than
+# it sped the replays (87.4 s against 80.4, an H100, NOTES-GPU.md session 26); ``quantize_flux.py
+# --replay-priority`` is the A/B
 REPLAY_PRIORITY = 0
-# a block's replayed calls launched as one captured CUDA graph (svdquant.calibration.replay_graph): a one-image
-# block call is bound by its launches. Off until measured on a GPU: ``quantize_flux.py --replay-graphs on`` is the A/B
+# a block's replayed calls launched as one captured CUDA graph (svdquant.calibration.replay_graph). Off: on an H100
+# they cut the replay thread's time by 28 % but the 57-block run only from 81.8 to 80.4 s, for 0.9 GB more at the
+# peak (the replays wait for the GPU the search keeps busy, not for their launches; session 26);
+# ``quantize_flux.py --replay-graphs on`` is the A/B
 REPLAY_GRAPHS = False
+
 
 @dataclass
 class ReplayJob:
@@ -75,7 +79,6 @@ class Replayer:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="svdquant-replay")
             self._side = torch.cuda.Stream(device, priority=REPLAY_PRIORITY) if self.cuda else None
         self._capture = self._graph_capture()
-        self.graphs = ReplayGraphStats()
 
     def _graph_capture(self):
         """How a block's calls are captured (:mod:`svdquant.calibration.replay_graph`): with
@@ -157,7 +160,7 @@ class Replayer:
         finally:
             if graphed is not None:
                 graphed.close()
-                self.graphs.add(graphed)
+                replay_graph.TOTALS.add(graphed)
             rec.close()
         return rec, nxt
 

@@ -1,11 +1,12 @@
 """A block's replayed calls as one CUDA graph: captured once per block, launched once per snapshot.
 
-A one-image replay of a FLUX.1-dev block is bound by its launches, not its arithmetic: ~150-280 operators from
-Python (diffusers' block and the recorders' hooks) for ~2-3 ms of BF16 arithmetic, 5.3 ms a call alone and 7.5 ms
-beside the three search threads, whose Python shares the interpreter with it (NOTES-GPU.md, sessions 11 and 25).
-The replays set the quantize phase's pace (the replay thread busy 54.5 s of a 66.3 s run), so their launches are
-captured: a call is then a few copies and one graph launch (the CUDA programming guide, "CUDA Graphs";
-``torch.cuda.CUDAGraph``).
+A one-image replay of a FLUX.1-dev block is ~150-280 operators launched from Python (diffusers' block and the
+recorders' hooks) for ~2-3 ms of BF16 arithmetic: 5.3 ms a call alone and 7.5 ms beside the three search threads
+(NOTES-GPU.md, sessions 11 and 25), when the replays set the quantize phase's pace. Captured, a call is a few copies
+and one graph launch (the CUDA programming guide, "CUDA Graphs"; ``torch.cuda.CUDAGraph``). Measured on an H100
+(session 26), the graphs cut the replay thread's time by 28 %, but a graphed call still took ~6.4 ms beside the
+search: the replays wait for the GPU the search keeps busy more than for their launches, and the 57-block run went
+from 81.8 to 80.4 s for 0.9 GB more at the peak. So they are opt-in (:data:`svdquant.calibration.replay.REPLAY_GRAPHS`).
 
 How a call runs (:class:`GraphedCalls`):
 
@@ -109,13 +110,12 @@ class ReplayGraphStats:
     failures: list[str] = field(default_factory=list)
 
     def add(self, g: "GraphedCalls") -> None:
-        for stats in (self, TOTALS) if self is not TOTALS else (self,):
-            stats.blocks += 1
-            stats.captured += g.failure is None and g.launches > 0
-            stats.launches += g.launches
-            stats.eager += g.calls - g.launches
-            if g.failure is not None and len(stats.failures) < 8:
-                stats.failures.append(g.failure)
+        self.blocks += 1
+        self.captured += g.failure is None and g.launches > 0
+        self.launches += g.launches
+        self.eager += g.calls - g.launches
+        if g.failure is not None and len(self.failures) < 8:
+            self.failures.append(g.failure)
 
 
 TOTALS = ReplayGraphStats()
@@ -163,7 +163,7 @@ class CudaCapture:
 
 class GraphedCalls:
     """``block``'s calls for one replay (its recorder ``rec``): eager, then captured and launched (module
-    docstring). ``capture(fn) -> (static outputs, launch)``: :func:`cuda_capture` on a GPU. After the last call,
+    docstring). ``capture(fn) -> (static outputs, launch)``: a :class:`CudaCapture` on a GPU. After the last call,
     :meth:`close` folds the launches' max|x| into the recorder and lets the graph go."""
 
     def __init__(self, block: nn.Module, rec: LinearInputRecorder, capture):
@@ -224,9 +224,7 @@ class GraphedCalls:
 
     def _drop(self, why: str) -> None:
         self.failure = why
-        self._static_in = self._static_out = self._launch = None
-        if self._records is not None:
-            self._records = None
+        self._static_in = self._static_out = self._launch = self._records = None
 
     def close(self) -> None:
         if self._records is not None:

@@ -254,8 +254,9 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
 
 # A block's groups queued while the previous block's last ones still run, rather than after them
 # (:func:`_replay_and_search`): the workers no longer idle in a block's tail (a FLUX.1-dev single block has two heavy
-# groups for three workers), and the previous block's modules are built and sent home while they work. Off until
-# measured on a GPU (``quantize_flux.py --overlap-blocks on`` is the A/B).
+# groups for three workers), and the previous block's modules are built and sent home while they work. Off: two
+# blocks' groups at once ran the 57-block run out of memory at a 24 GB cap on an H100 (GPTQ's inverse, before it
+# held fewer K × K matrices; NOTES-GPU.md session 26). ``quantize_flux.py --overlap-blocks on`` is the A/B.
 OVERLAP_BLOCKS = False
 
 
