@@ -385,6 +385,12 @@ def record_inputs(pipe, model: nn.Module, calib: Calibration, progress: bool = T
     return recorded
 
 
+def stop_forward(module: nn.Module, args) -> None:
+    """A forward pre-hook that ends the forward at its module (:func:`run_inputs` catches it), once the hooks before
+    it have kept what is needed of the forward."""
+    raise _EntryRecorded
+
+
 def run_inputs(model: nn.Module, inputs: Sequence[dict[str, Any]], on_stop=None, progress: bool = True) -> None:
     """``model(**kw)`` for each of ``inputs``; a forward that an :class:`EntryRecorder` with ``stop`` ended is
     not an error, and ``on_stop()`` then cleans up what the forward's unfinished hooks left (a streamed model's
