@@ -51,7 +51,7 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     at the first block; if not, each stack's entry is recorded and that forward stops at the last stack's first
     block. A one-stack model's calls stop at the first block from the start. On forward inputs
     (``Calibration(inputs=)``), the whole forward computes nothing the block replays do not compute again: the
-    first input runs whole under a :class:`ChainCheck`, and if the model chains its blocks and stacks the way the
+    first input runs under a :class:`ChainCheck` as far as the last stack's first block (:func:`record_first`), and if the model chains its blocks and stacks the way the
     replays do (FLUX: each stack's last block returns what the next stack's first block takes) and no input passes
     ControlNet residuals, the other inputs stop at the first block and only the first stack's entries are kept;
     otherwise (residuals added between blocks, FLUX.2's and Z-Image's stacks) they stop at the last stack's first
