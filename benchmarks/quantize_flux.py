@@ -271,7 +271,7 @@ def main(argv=None):
         snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
         seconds_replay_overhead=overhead,  # NaN with workers > 1: the per-block seconds then add up overlapping groups
-        peak_gb=peak, peak_reserved_gb=peak_reserved,
+        peak_gb=peak, peak_reserved_gb=peak_reserved, snapshots_on_device=report.snapshots_on_device,
         stages=report.stages, forward_ms_this_model=fwd * 1e3,
         forward_ms_57_blocks_est=fwd_full * 1e3, pipeline_calls_est=calls, est_calibration_s=est_calib,
         est_quantization_s=est_quant, est_total_min=(est_calib + est_quant) / 60,

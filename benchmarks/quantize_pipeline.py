@@ -145,7 +145,7 @@ def main(argv=None):
         blocks=blocks, build_s=build_s, seconds_total=total, seconds_calibration=report.seconds_calibration,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None,
         peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if dev == "cuda" else None,
-        stages=report.stages, groups=len(report.rows),
+        stages=report.stages, groups=len(report.rows), snapshots_on_device=report.snapshots_on_device,
     )
     print(json.dumps(res, indent=1))
     if args.out:

@@ -468,6 +468,9 @@ def test_inputs_calibration_stops_at_the_first_block_and_is_bit_identical(monkey
     with monkeypatch.context() as mp:
         mp.setattr(calib_memory, "hold_snapshots", lambda *a: False)
         r_spilled, n_spilled = quantize_counting(spilled, calib, device="cpu")
+    # the report says where the snapshots waited (streamed only)
+    assert r_fast.snapshots_on_device is True and r_spilled.snapshots_on_device is False
+    assert "3 snapshots (held on the device)" in str(r_fast) and "(crossing for every block)" in str(r_spilled)
     # no forward runs whole: the first stops at the single stack's first block once the check has read it (the
     # fallback, forced, runs the first whole)
     assert (n_fast, n_whole, n_spilled) == (0, 1, 0)
@@ -812,7 +815,7 @@ def test_gpu_streaming_holds_one_block_on_the_gpu(monkeypatch, cap, on_device):
         b.register_forward_pre_hook(pre, with_kwargs=True)
     calib = svdquant.Calibration(inputs=tm.calibration_inputs("flux", model, 2))
     report = svdquant.quantize(model, RECIPE, calib, progress=False, device="cuda", max_gpu_memory=cap)
-    assert held == [on_device]
+    assert held == [on_device] and report.snapshots_on_device is on_device
     assert "pin memory" not in report.stages and not any(p.is_pinned() for p in model.parameters())
     assert calls and all(here in on and set(on) <= {here - 1, here} for here, on in calls), calls
     assert {t.device.type for t in model.state_dict().values()} == {"cpu"}

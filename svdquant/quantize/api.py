@@ -123,6 +123,9 @@ def _quantize_part(plan: QuantPlan, report: QuantReport, stages: dict[str, float
     report.skipped += [(prefix + n, type(m).__name__) for n, m in model.named_modules()
                        if isinstance(m, QUANTIZABLE) and n]
     report.snapshots += done.snapshots
+    if done.snapshots_on_device is not None:  # two experts: held only if both held theirs
+        held = report.snapshots_on_device
+        report.snapshots_on_device = done.snapshots_on_device if held is None else held and done.snapshots_on_device
     report.seconds_calibration += done.seconds_calibration
     for stage, seconds in clock.flush().items():
         stages[stage] = stages.get(stage, 0.0) + seconds

@@ -46,6 +46,7 @@ class Quantized:
     rows: list[LayerRow]
     snapshots: int
     seconds_calibration: float
+    snapshots_on_device: bool | None = None  # streamed with stacks: whether they stayed on the device
 
 
 def weight_only(recipe: QuantConfig, fmt: str | None = None) -> QuantConfig:
@@ -249,7 +250,7 @@ def _quantize_stacks(plan: QuantPlan, blocks, streamed, clock: StageClock, t_cal
         if streamed is not None:  # after an error: a block the worker onloaded goes back home
             streamed.offload()
     bar.close()
-    return Quantized(rows, cal.count, seconds)
+    return Quantized(rows, cal.count, seconds, cal.on_device if plan.stream else None)
 
 
 # A block's groups queued while the previous block's last ones still run, rather than after them

@@ -49,6 +49,9 @@ class QuantReport:
     rows: list[LayerRow] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, class)
     snapshots: int = 0
+    # streaming a model with stacks of blocks to a GPU: whether the snapshots (block inputs) stayed on the GPU from
+    # the first block to the last (else each crossed for every block call); None when nothing streamed
+    snapshots_on_device: bool | None = None
     seconds_calibration: float = 0.0
     seconds_total: float = 0.0
     peak_memory_gb: float | None = None
@@ -72,8 +75,10 @@ class QuantReport:
     def __str__(self) -> str:
         lines = []
         if self.rows or not self.text_encoders:
+            where = {None: "", True: " (held on the device)", False: " (crossing for every block)"}[
+                self.snapshots_on_device]
             lines.append(f"svdquant: {self.model} with recipe {self.recipe['name']!r}: {len(self.rows)} groups "
-                         f"quantized, {len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots, "
+                         f"quantized, {len(self.skipped)} layers kept 16-bit, {self.snapshots} snapshots{where}, "
                          f"{self.seconds_total:.1f} s (calibration {self.seconds_calibration:.1f} s)"
                          + (f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb else ""))
             w = max([len(short_names(r.names)) for r in self.rows] + [5])
