@@ -20,8 +20,7 @@ from .._timing import StageClock
 from .capture import LinearInputRecorder, keep_entry
 from .chain import next_inputs
 from .offload import move
-from . import replay_graph
-from .replay_graph import CudaCapture, GraphedCalls
+from .replay_graph import TOTALS as GRAPH_TOTALS, CudaCapture, GraphedCalls
 
 # the replays' side stream's CUDA priority (lower runs first; torch.cuda.Stream.priority_range() says how low):
 # 0, torch's default. A higher one (-1), beside graphed replays and overlapped blocks, slowed the search more than
@@ -160,7 +159,7 @@ class Replayer:
         finally:
             if graphed is not None:
                 graphed.close()
-                replay_graph.TOTALS.add(graphed)
+                GRAPH_TOTALS.add(graphed)
             rec.close()
         return rec, nxt
 

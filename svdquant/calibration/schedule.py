@@ -51,11 +51,11 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     at the first block; if not, each stack's entry is recorded and that forward stops at the last stack's first
     block. A one-stack model's calls stop at the first block from the start. On forward inputs
     (``Calibration(inputs=)``), the whole forward computes nothing the block replays do not compute again: the
-    first input runs under a :class:`ChainCheck` as far as the last stack's first block (:func:`record_first`), and if the model chains its blocks and stacks the way the
-    replays do (FLUX: each stack's last block returns what the next stack's first block takes) and no input passes
-    ControlNet residuals, the other inputs stop at the first block and only the first stack's entries are kept;
-    otherwise (residuals added between blocks, FLUX.2's and Z-Image's stacks) they stop at the last stack's first
-    block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the
+    first input runs under a :class:`ChainCheck` as far as the last stack's first block (:func:`record_first`), and
+    if the model chains its blocks and stacks the way the replays do (FLUX: each stack's last block returns what
+    the next stack's first block takes) and no input passes ControlNet residuals, the other inputs stop at the
+    first block and only the first stack's entries are kept; otherwise (residuals added between blocks, FLUX.2's
+    and Z-Image's stacks) they stop at the last stack's first block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the
     model's (name, block) pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when
     streaming, else None; ``desc``: the progress bar's title; ``search_bytes``: what a block's groups quantized at
     once hold (:func:`svdquant.calibration.memory.snapshots_fit`).
@@ -84,7 +84,8 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
         entries = holder["r"].entries
         chained = "chain" in holder and holder["chain"].chained
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
-        return Calibrated(entries, chained, memory.hold_snapshots(device, cap, stream, held, block_bytes, search_bytes), count)
+        on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes, search_bytes)
+        return Calibrated(entries, chained, on_device, count)
     first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
     chained = chained and not any(adds_between_blocks(kw) for kw in calib.inputs)
     count = len(calib.inputs)

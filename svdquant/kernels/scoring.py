@@ -7,8 +7,9 @@ fp32 these products run on the CUDA cores at ~1/8 of the TF32 rate on an H100 / 
 process-wide (``torch.backends.cuda.matmul``), which would also round the SVD fits and GPTQ's Hessian, hence a kernel
 of its own. Whether TF32 changes what the quantizer picks was emulated on the CPU (BENCHMARKS.md, "Faster products
 for scoring the candidates": the demo's table unchanged for ``int4`` and ``w4a4``, +0.03 dB for one ``nvfp4``
-choice), then measured on an H100 ("Session 25 on an H100": the tiny FLUX table within 0.03 dB). A plain tiled GEMM as in Triton's matrix multiplication tutorial, batched over the grid's second axis; a
-batch stride of 0 broadcasts an operand that every candidate shares.
+choice), then measured on an H100 ("Session 25 on an H100": the tiny FLUX table within 0.03 dB). A plain tiled
+GEMM as in Triton's matrix multiplication tutorial, batched over the grid's second axis; a batch stride of 0
+broadcasts an operand that every candidate shares.
 """
 
 from __future__ import annotations

@@ -122,23 +122,26 @@ def _group_cost(block: nn.Module, group: Group, recipe: QuantConfig) -> float:
     (quadratic in K here: the factor's cubic cost dominates only past FLUX's widths). Per group at FLUX.1-dev's
     shapes on an H200 (BENCHMARKS.md): q/k/v 9216 × 3072 ~260 ms, fc1 12288 × 3072 ~350, fc2 3072 × 12288 ~340, the
     out projection 3072 × 3072 least."""
-    weights = [block.get_submodule(n).weight for n in group.names]  # [N, K] (a 1x1 conv's: [N, K, 1, 1])
-    k = weights[0].shape[1]
-    cost = sum(w.shape[0] for w in weights) * k / (8 if group.weight_only else 1)
+    rows, k = _group_shape(block, group)
+    cost = rows * k / (8 if group.weight_only else 1)
     return cost + (k * k / 8 if recipe.gptq else 0.0)
+
+
+def _group_shape(block: nn.Module, group: Group) -> tuple[int, int]:
+    """(output rows of the group's members together, their input width K), from the weights ``[N, K]`` (a 1x1
+    conv's: ``[N, K, 1, 1]``)."""
+    weights = [block.get_submodule(n).weight for n in group.names]
+    return sum(w.shape[0] for w in weights), weights[0].shape[1]
 
 
 def _search_bytes(planned, recipe: QuantConfig, workers: int) -> int:
     """What a block's groups quantized at once hold at their peak (:func:`svdquant.algorithm.layer.peak_bytes`),
     the most over the blocks: the ``workers`` largest of a block's groups (FLUX.1-dev with GPTQ, three at once:
-    a double block's two fc2 and an fc1, 7.7 GB)."""
+    a double block's two fc2 and its adaLN linear, 8.15 GB)."""
     most = 0
     for _, block, groups in planned:
-        sizes = []
-        for g in groups:
-            weights = [block.get_submodule(n).weight for n in g.names]
-            rc = weight_only(recipe, g.weight_format) if g.weight_only else recipe
-            sizes.append(peak_bytes(sum(w.shape[0] for w in weights), weights[0].shape[1], rc))
+        sizes = [peak_bytes(*_group_shape(block, g), weight_only(recipe, g.weight_format) if g.weight_only else recipe)
+                 for g in groups]
         most = max(most, sum(sorted(sizes, reverse=True)[:max(1, workers)]))
     return most
 
@@ -270,7 +273,7 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
     workers = GroupWorkers(plan.device, plan.workers)
     seen: set[str] = set()  # the stacks whose first block is done
     pending = replayer.start(jobs[0], jobs[0].recorded)
-    behind = current = None  # (job, batch): the block whose groups are queued but not landed; the one being queued
+    queued = []  # (job, batch) of the blocks whose groups are queued and not landed yet, oldest first
 
     def land(job, batch) -> None:
         solved, wall = batch.result()
@@ -280,6 +283,11 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
         replayer.settle()  # this block's kernels are done before the memory it read can be reused
         if streamed is not None:
             finish_block(streamed.unit(job.block), job.block, plan.home, plan.keep_on_device, clock)
+
+    def land_all_but(newest: int) -> None:
+        while len(queued) > newest:
+            land(*queued[0])
+            queued.pop(0)
 
     try:
         for index, job in enumerate(jobs, 1):
@@ -293,9 +301,8 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
             stack = job.name.rsplit(".", 1)[0]
             at_once = workers.workers if stack in seen else 1  # a stack's first block: its groups one at a time
             seen.add(stack)
-            if behind is not None and at_once == 1:  # ...and alone: it compiles the search's kernels
-                land(*behind)
-                behind = None
+            if at_once == 1:  # ...and alone: it compiles the search's kernels
+                land_all_but(0)
             names = [short_names(list(g.names)) if at_once == 1 else f"{at_once} groups at once" for g in job.groups]
 
             def done(i, job=job, index=index, names=names):
@@ -307,21 +314,13 @@ def _replay_and_search(plan: QuantPlan, jobs, replayer: Replayer, streamed, cloc
                                                  *gpu_memory(plan.device, plan.cap)))
             tasks = [functools.partial(_solve_recorded, rec, job.block, g, plan.recipe, at_once) for g in job.groups]
             costs = [_group_cost(job.block, g, plan.recipe) for g in job.groups]
-            current = (job, workers.submit(tasks, done, concurrent=at_once > 1, costs=costs))
+            queued.append((job, workers.submit(tasks, done, concurrent=at_once > 1, costs=costs)))
             rec = tasks = None  # the batch holds the layer inputs until it is landed
-            if behind is not None:
-                land(*behind)
-            behind, current = current, None
-            if not OVERLAP_BLOCKS:
-                land(*behind)
-                behind = None
-        if behind is not None:
-            land(*behind)
-            behind = None
+            land_all_but(1 if OVERLAP_BLOCKS else 0)
+        land_all_but(0)
     finally:
-        for pair in (current, behind):  # an error: no worker still reads a block's tensors when this unwinds
-            if pair is not None:
-                pair[1].cancel()
+        for _, batch in queued:  # an error: no worker still reads a block's tensors when this unwinds
+            batch.cancel()
         workers.close()
     return rows
 
