@@ -705,6 +705,33 @@ def test_the_snapshot_policy_is_told_what_the_groups_hold(monkeypatch):
     assert len(asked) == 1 and asked[0][-1] == want > one > 0
 
 
+def test_the_snapshot_policy_is_asked_with_the_resident_blocks_gone_home(monkeypatch):
+    """Through a pipeline the first blocks stay on the device between denoising steps (resident); the quantize phase
+    streams every block and needs none of them, so whether the snapshots fit is asked once they have gone home
+    (FLUX.1-dev at a 24 GB cap: 17 resident GB that would leave the snapshots too little room)."""
+    made, loaded = [], []
+
+    def resident_two(model, blocks, device, home, **kw):
+        made.append(Streamed(model, blocks, device, home, others=kw["others"], other_blocks=kw["other_blocks"],
+                             clock=kw["clock"], resident=2))
+        return made[-1]
+
+    def ask(*a):
+        loaded.append([u.loaded for u in made[0]._units()])
+        return True
+
+    monkeypatch.setattr(quantize_blocks, "stream_model", resident_two)
+    monkeypatch.setattr(calib_memory, "hold_snapshots", ask)
+    seen = []
+    pipe = tm.build_flux_pipeline()
+    pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append(made[0].blocks[id(m)].loaded))
+    calib = svdquant.Calibration(prompts=["a cat"], steps=2, snapshots=2, pipeline_kwargs=dict(tm.PIPE_KWARGS))
+    svdquant.quantize(pipe, RECIPE, calib, progress=False, device="cpu")
+    assert True in seen  # a later step found the block still there: it was resident
+    assert len(loaded) == 1 and not any(loaded[0]), loaded
+
+
 def test_snapshots_stay_on_the_cpu_device():
     """Where the snapshots wait: not streaming, or streaming on the CPU, they never move; a device whose free
     memory torch cannot tell (not CUDA) gets them per block."""

@@ -84,6 +84,8 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
         entries = holder["r"].entries
         chained = "chain" in holder and holder["chain"].chained
         held = memory.nbytes(entries) + max(memory.nbytes(e) for e in entries.values())  # and one stack's outputs
+        if streamed is not None:  # the resident blocks' room is the quantize phase's: asked without them there
+            streamed.offload()
         on_device = memory.hold_snapshots(device, cap, stream, held, block_bytes, search_bytes)
         return Calibrated(entries, chained, on_device, count)
     first, chained = record_first(model, adapter, calib.inputs[0], home_store, on_stop)
