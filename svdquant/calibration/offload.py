@@ -369,7 +369,8 @@ class Streamed:
 
     def offload(self) -> None:
         """Every unit back home: after a forward that ended early (an exception, or the calibration stopping it
-        at the first block), whose forward hooks did not run."""
+        at the first block), whose forward hooks did not run, and, through a pipeline, before the quantize phase's
+        snapshots are sized to the room left (:func:`svdquant.calibration.calibrate_stacks`)."""
         self._ended()
         for unit in self._units():
             if unit.loaded:

@@ -55,10 +55,11 @@ def calibrate_stacks(pipe, model, adapter, calib, blocks, streamed, *, device, h
     if the model chains its blocks and stacks the way the replays do (FLUX: each stack's last block returns what
     the next stack's first block takes) and no input passes ControlNet residuals, the other inputs stop at the
     first block and only the first stack's entries are kept; otherwise (residuals added between blocks, FLUX.2's
-    and Z-Image's stacks) they stop at the last stack's first block. Either way the replays then see the same block inputs (bit for bit on the CPU). ``blocks``: the
-    model's (name, block) pairs; ``streamed``: its :class:`~svdquant.calibration.offload.Streamed` hooks when
-    streaming, else None; ``desc``: the progress bar's title; ``search_bytes``: what a block's groups quantized at
-    once hold (:func:`svdquant.calibration.memory.snapshots_fit`).
+    and Z-Image's stacks) they stop at the last stack's first block. Either way the replays then see the same
+    block inputs (bit for bit on the CPU). ``blocks``: the model's (name, block) pairs; ``streamed``: its
+    :class:`~svdquant.calibration.offload.Streamed` hooks when streaming, else None; ``desc``: the progress bar's
+    title; ``search_bytes``: what a block's groups quantized at once hold
+    (:func:`svdquant.calibration.memory.snapshots_fit`).
     """
     stacks = adapter.stacks
     home_pin = stream and device.type == "cuda"  # snapshots left at home wait in pinned memory
