@@ -152,6 +152,9 @@ def main(argv=None):
                     "captured CUDA graph (svdquant.calibration.replay.REPLAY_GRAPHS); default: the library's")
     ap.add_argument("--overlap-blocks", choices=("on", "off"), help="a block's groups queued before the previous "
                     "block's are landed (svdquant.quantize.blocks.OVERLAP_BLOCKS); default: the library's")
+    ap.add_argument("--switch-interval", type=float, help="the interpreter's thread switch interval in ms "
+                    "(sys.setswitchinterval; Python's default 5): the search workers and the replay thread share "
+                    "the GIL; default: left as it is")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny widths and token counts: checks the script runs")
     ap.add_argument("--stream", action="store_true",
@@ -162,6 +165,10 @@ def main(argv=None):
                          "host ops, in the result and OUT/quantize_profile.txt (a few blocks: the trace grows with "
                          "the run)")
     args = ap.parse_args(argv)
+    if args.switch_interval is not None:
+        if args.switch_interval <= 0:
+            ap.error(f"--switch-interval {args.switch_interval}: use a positive number of milliseconds")
+        sys.setswitchinterval(args.switch_interval / 1e3)
     from svdquant.algorithm import gpu_kernels
 
     if args.scoring is not None:
@@ -265,7 +272,7 @@ def main(argv=None):
         recipe=args.recipe, workers=workers, gptq=recipe.gptq, scoring_tf32=gpu_kernels.SCORING_TF32,
         replay_images=merge.REPLAY_IMAGES, replay_priority=replay.REPLAY_PRIORITY,
         replay_graphs=dict(on=replay.REPLAY_GRAPHS, **dataclasses.asdict(replay_graph.TOTALS)),
-        overlap_blocks=quantize_blocks.OVERLAP_BLOCKS,
+        overlap_blocks=quantize_blocks.OVERLAP_BLOCKS, switch_interval_ms=sys.getswitchinterval() * 1e3,
         iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
         snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
