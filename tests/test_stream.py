@@ -779,7 +779,8 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
     """``benchmarks/quantize_flux.py --smoke --stream --profile``: the streaming run the GPU call makes, on the CPU,
     under torch.profiler (no kernels on a CPU: the host's op calls and their table)."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_flux.py"), "--smoke", "--stream",
-                        "--snapshots", "3", "--profile", "--out", str(tmp_path)], capture_output=True, text=True,
+                        "--snapshots", "3", "--profile", "--switch-interval", "0.5", "--out", str(tmp_path)],
+                       capture_output=True, text=True,
                        timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "quantize_flux.json").read_text())
@@ -796,6 +797,13 @@ def test_quantize_flux_benchmark_smoke_streams(tmp_path):
             "refinement"} <= set(res["stages"])
     assert sum(res["stages"].values()) <= res["seconds_total"]
     assert len(res["rows"]) == 10 + 2 * 3  # 1 double block, 2 single blocks
+    assert res["switch_interval_ms"] == pytest.approx(0.5)
+
+
+def test_quantize_flux_benchmark_refuses_a_switch_interval_that_is_not_positive():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_flux.py"), "--smoke",
+                        "--switch-interval", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--switch-interval 0.0: use a positive number of milliseconds" in r.stderr
 
 
 def test_quantize_pipeline_benchmark_smoke(tmp_path):
