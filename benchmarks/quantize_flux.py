@@ -138,7 +138,7 @@ def main(argv=None):
     ap.add_argument("--gptq", choices=("on", "off"), help="GPTQ on the residual (recipe option gptq); default: the "
                     "recipe's own (on for int4)")
     ap.add_argument("--iterations", type=int, help="low-rank refinement steps at most (recipe option iterations; "
-                    "default: the recipe's own, 100)")
+                    "default: the recipe's own, 10)")
     ap.add_argument("--workers", type=int, help="groups of a block quantized at once (quantize(workers=); default: "
                                                 "the library's, 3 on a GPU)")
     ap.add_argument("--scoring", choices=("fp32", "tf32"),

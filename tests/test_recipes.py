@@ -50,7 +50,7 @@ def test_int4_defaults():
     r = get_recipe("int4")
     assert isinstance(r, Int4Config)
     assert (r.weights, r.activations, r.group_size, r.rank, r.method) == ("int4m", "int8", 64, 32, "svdquant")
-    assert r.svd == "randomized" and r.iterations == 100
+    assert r.svd == "randomized" and r.iterations == 10
     assert r.smooths and r.lowrank == "svd" and r.branch_rank == 32
     assert r.act_group_size == 0  # INT8 per token
 
