@@ -275,7 +275,8 @@ def main(argv=None):
         overlap_blocks=quantize_blocks.OVERLAP_BLOCKS, switch_interval_ms=sys.getswitchinterval() * 1e3,
         iterations_max=recipe.iterations, blocks=dict(double=args.double, single=args.single),
         stream=stream, max_gpu_memory=args.max_gpu_memory, model_ends_on=sorted(on),
-        snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total, seconds_calibration_pass=report.seconds_calibration,
+        snapshots=args.snapshots, batch=args.batch, recorded_calls=len(snaps), seconds_total=total,
+        seconds_calibration_pass=report.seconds_calibration,
         seconds_per_double_block=sum(dbl) / len(dbl), seconds_per_single_block=sum(sgl) / len(sgl),
         seconds_replay_overhead=overhead,  # NaN with workers > 1: the per-block seconds then add up overlapping groups
         peak_gb=peak, peak_reserved_gb=peak_reserved, snapshots_on_device=report.snapshots_on_device,
