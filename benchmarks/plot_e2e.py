@@ -1,6 +1,6 @@
 """The end-to-end table as a picture: speed-up over diffusers' BF16 compiled per model and variant.
 
-    python benchmarks/plot_e2e.py                                  # benchmarks/results/e2e-h200.json -> docs/e2e-h200.png
+    python benchmarks/plot_e2e.py                                # benchmarks/results/e2e-h200.json -> docs/e2e-h200.png
     python benchmarks/plot_e2e.py --results R.json --out fig.png
 
 The results file holds the figures BENCHMARKS.md reports (seconds per image, or per step for video), one row per
@@ -11,12 +11,14 @@ Needs matplotlib (in ``.[dev]``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # run as a script or imported by the tests
+
+from plot_cli import figure, run, save  # noqa: E402
+
 VARIANTS = {"bf16": "BF16 eager (diffusers)", "bf16-compiled": "BF16 compiled", "fp8-torchao": "torchao FP8 compiled",
             "int4": "svdquant int4 (default path)"}
 COLORS = {"bf16": "#b0b0b0", "bf16-compiled": "#6f6f6f", "fp8-torchao": "#e39b3b", "int4": "#2a7ab9"}
@@ -44,14 +46,9 @@ def speedups(rows) -> dict[str, dict[str, float]]:
 
 
 def plot(results: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ups = speedups(results["rows"])
     models = list(ups)
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(models) + 1.6), dpi=120)
+    fig, ax = figure(8, 0.6 * len(models) + 1.6)
     drawn = set()
     for m_i, model in enumerate(models):
         present = [v for v in VARIANTS if v in ups[model]]  # no gap where a variant was not measured
@@ -74,32 +71,12 @@ def plot(results: dict, out: Path) -> Path:
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center", ncol=4, fontsize=7,
                frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "e2e-h200.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "e2e-h200.png")
-    args = ap.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        ap.error("needs matplotlib: pip install matplotlib (or pip install -e '.[dev]')")
-    try:
-        results = json.loads(args.results.read_text())
-        if not isinstance(results, dict) or "rows" not in results:
-            raise ValueError('no "rows" in it')
-        speedups(results["rows"])  # every figure checked before anything is drawn
-    except (OSError, ValueError) as e:
-        ap.error(f"{args.results}: {e}")
-    try:
-        return plot(results, args.out)
-    except OSError as e:
-        ap.error(f"{args.out}: {e}")
+    results = ROOT / "benchmarks" / "results" / "e2e-h200.json"
+    return run(__doc__, argv, results, ROOT / "docs" / "e2e-h200.png", "rows", speedups, plot)
 
 
 if __name__ == "__main__":

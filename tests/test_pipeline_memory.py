@@ -340,16 +340,45 @@ def test_plot_e2e_draws_the_results_file_and_checks_it(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_e2e.speedups({"m": {"bf16": 3.0, "bf16-compiled": 2.0, "int4": 1.0}}) == \
         {"m": {"bf16": 2 / 3, "bf16-compiled": 1.0, "int4": 2.0}}
-    for bad, message in (({"m": {"bf16": 2.0, "int4": 1.0}}, "no bf16-compiled figure"),
-                         ({"m": {"bf16-compiled": 1.0, "nf4": 1.0}}, "unknown"),
-                         ({"m": {"bf16-compiled": 1.0, "int4": 0}}, "positive numbers"), ({"m": [1.0]}, "must be"),
-                         ({}, "must map model names"), ([1], "must map model names")):
-        (tmp_path / "bad.json").write_text(json.dumps({"rows": bad}))
+    _refused(plot_e2e.main, plot_e2e.speedups, "rows", tmp_path,
+             (({"m": {"bf16": 2.0, "int4": 1.0}}, "no bf16-compiled figure"),
+              ({"m": {"bf16-compiled": 1.0, "nf4": 1.0}}, "unknown"),
+              ({"m": {"bf16-compiled": 1.0, "int4": 0}}, "positive numbers"), ({"m": [1.0]}, "must be"),
+              ({}, "must map model names"), ([1], "must map model names")))
+
+
+def _refused(main, check, key: str, tmp_path, cases) -> None:
+    """A picture's script refuses each ``(bad, message)`` of ``cases`` (``bad`` under ``key`` in its results file):
+    its command line exits in one line before anything is drawn, and ``check`` raises ``message``."""
+    for bad, message in cases:
+        (tmp_path / "bad.json").write_text(json.dumps({key: bad}))
         with pytest.raises(SystemExit):
-            plot_e2e.main(["--results", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad.png")])
+            main(["--results", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad.png")])
         with pytest.raises(ValueError, match=message):
-            plot_e2e.speedups(bad)
+            check(bad)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_plot_quantize_draws_the_results_file_and_checks_it(tmp_path):
+    """benchmarks/plot_quantize.py: the committed runs draw (a PNG); a run's wall time splits into the calibration,
+    the groups, the waits and the rest, which add up to its total; a run missing a stage, with a negative one, or
+    whose stages exceed its total is refused in one line, before anything is drawn."""
+    import plot_quantize
+
+    runs = json.loads((Path(plot_quantize.__file__).parent / "results" / "quantize-flux-h100.json").read_text())["runs"]
+    assert [round(r["seconds_total"], 1) for r in runs.values()] == [65.0, 63.0, 57.6, 58.2, 69.2]  # BENCHMARKS.md
+    out = plot_quantize.main(["--out", str(tmp_path / "q.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = {"calibration": 1.0, "calibration transfers": 0.5, "groups at once (wall)": 40.0,
+              "waiting for replays": 7.0, "replays": 51.0}
+    assert plot_quantize.segments({"r": {"seconds_total": 57.5, "stages": stages}}) == \
+        {"r": {"calibration": 1.5, "groups": 40.0, "waiting": 7.0, "rest": 9.0, "replays": 51.0}}
+    _refused(plot_quantize.main, plot_quantize.segments, "runs", tmp_path,
+             (({"r": {"seconds_total": 57.5, "stages": {**stages, "replays": -1.0}}}, "stages >= 0"),
+              ({"r": {"seconds_total": 57.5, "stages": {"calibration": 1.0}}}, "are missing"),
+              ({"r": {"seconds_total": 40.0, "stages": stages}}, "more than its total"),
+              ({"r": {"seconds_total": 0, "stages": stages}}, "the total > 0"),
+              ({"r": [57.5]}, "needs seconds_total and stages"), ({}, "must map labels")))
 
 
 def test_calibration_memory_quick(tmp_path):
