@@ -1,7 +1,8 @@
 """The INT8 activation passes of a FLUX.1-dev step, each timed in a CUDA graph, against their bandwidth floor.
 
     python3 benchmarks/activation_passes.py --out $OUT            # GPU: the step's passes, then a block sweep
-    python3 benchmarks/activation_passes.py --no-sweep --out $OUT # the passes at the shipped blocks only
+    python3 benchmarks/activation_passes.py --sweep one-launch --out $OUT  # the one-launch kernel's blocks only
+    python3 benchmarks/activation_passes.py --sweep none --out $OUT  # the passes at the shipped blocks only
     python benchmarks/activation_passes.py --smoke                # CPU: tiny shapes through the interpreter
 
 A compiled FLUX.1-dev step spends 12.8 ms (H200, batch 1) in ~228 activation passes (smoothing, per-token INT8
@@ -13,10 +14,14 @@ a double block, a single block's stacked input and its two-part ``proj_out`` wit
 ``--calls`` times in one CUDA graph and replayed, as the step runs it: µs per pass, against its floor (the bytes
 of one and two reads of X, the partial maxima and down projections pass 1 writes and pass 2 reads, and the codes,
 at this card's copy rate), and the step's total (count × µs). The calls of one graph read the same X: a small one
-stays in L2 between them, as a pass's input, just written by its producer, often does in the step. ``--sweep`` then times the kernel's block options per
-pass type (each checked against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3),
-and every pass type is timed in row chunks (``chunk_bytes``: both passes over a chunk of rows at a time, so that
-pass 2 reads from L2 what pass 1 read). Writes ``activation_passes.json`` to ``--out``.
+stays in L2 between them, as a pass's input, just written by its producer, often does in the step.
+
+Each pass type is also timed in one launch (``one_launch=True``: a program per row block walks all of K twice, no
+partials), and in row chunks (``chunk_bytes``: both passes over a chunk of rows at a time, so that pass 2 reads from
+L2 what pass 1 read). ``--sweep`` then times the block options of the two launches, of the one launch, or both
+(each checked against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3). The result
+names the widest K up to which one launch is faster for every pass type (``one_launch_max_k``: the value for
+:data:`svdquant.kernels.activations.ONE_LAUNCH_MAX_K`). Writes ``activation_passes.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ FLUX_PASSES = [
 SWEEP = dict(stats_block_m=(32, 64, 128), stats_block_k=(128, 256), target_programs=(512, 1024, 2048, 8192),
              num_warps=(4, 8))
 SMOKE_SWEEP = dict(stats_block_m=(32,), stats_block_k=(128,), target_programs=(512, 8192), num_warps=(4,))
+ONE_SWEEP = dict(block_m=(16, 32, 64), stats_block_k=(128, 256), num_warps=(4, 8))  # one_launch=True's blocks
+SMOKE_ONE_SWEEP = dict(block_m=(16, 32), stats_block_k=(128,), num_warps=(4,))
+SWEEPS = {"two-pass": ("sweep",), "one-launch": ("one_sweep",), "both": ("sweep", "one_sweep"), "none": ()}
 # row chunks at the shipped blocks (quantize_activations(chunk_bytes=): pass 2 reads from L2 what pass 1 just read)
 CHUNKS = (8 << 20, 16 << 20, 24 << 20, 32 << 20)
 SMOKE_CHUNKS = (1,)  # chunks of one row-block unit: the single blocks' 72 rows in two
@@ -123,37 +131,61 @@ def run(args) -> dict:
         gelu_from = None if gelu_from is None else gelu_from // scale[1]
         head = None if head is None else head // scale[1]
         pos, kw = pass_inputs(m, k, gelu_from, head, dev, torch.float32 if args.smoke else torch.bfloat16)
-        want = K.quantize_activations(*pos, **kw)
-        us = timer(lambda: K.quantize_activations(*pos, **kw), args.calls, args.reps)
+        two, one = dict(kw, one_launch=False), dict(kw, one_launch=True)
+        want = K.quantize_activations(*pos, **two)
+        us = timer(lambda: K.quantize_activations(*pos, **two), args.calls, args.reps)
         row = dict(name=name, m=m, k=k, count=count, us=us, step_ms=count * us / 1e3,
                    **floor_us(m, k, copy_gbs, splits_of(k, m, {})))
-        row["chunks"] = {}
-        for chunk in SMOKE_CHUNKS if args.smoke else CHUNKS:  # each checked against the unchunked output first
-            ok = same(K.quantize_activations(*pos, **kw, chunk_bytes=chunk), want)
-            row["chunks"][str(chunk)] = timer(lambda: K.quantize_activations(*pos, **kw, chunk_bytes=chunk), args.calls,
-                                         args.reps) if ok else "wrong"
-        if args.sweep:
-            row["sweep"] = {}
-            sweep = SMOKE_SWEEP if args.smoke else SWEEP
-            for values in itertools.product(*sweep.values()):
-                blocks = dict(zip(sweep, values))
-                try:
-                    ok = same(K.quantize_activations(*pos, **kw, **blocks), want)
-                    row["sweep"][json.dumps(blocks)] = (
-                        timer(lambda: K.quantize_activations(*pos, **kw, **blocks), args.calls, args.reps)
-                        if ok else "wrong")
-                except Exception as e:  # a block choice that does not compile or launch: said, not fatal
-                    row["sweep"][json.dumps(blocks)] = f"{type(e).__name__}: {str(e)[:120]}"
-            timed = {c: t for c, t in row["sweep"].items() if isinstance(t, float)}
+        row["one_launch_us"] = sweep({}, pos, one, want, timer, args)["{}"]
+        chunks = dict(chunk_bytes=SMOKE_CHUNKS if args.smoke else CHUNKS)  # each checked against no chunks first
+        row["chunks"] = {str(json.loads(c)["chunk_bytes"]): t
+                         for c, t in sweep(chunks, pos, two, want, timer, args).items()}
+        for key in SWEEPS[args.sweep]:
+            grid, base = (SMOKE_SWEEP if args.smoke else SWEEP, two) if key == "sweep" else \
+                (SMOKE_ONE_SWEEP if args.smoke else ONE_SWEEP, one)
+            row[key] = sweep(grid, pos, base, want, timer, args)
+            timed = {c: t for c, t in row[key].items() if isinstance(t, float)}
             if timed:
-                row["best"] = min(timed, key=timed.get)
-                row["best_us"] = timed[row["best"]]
+                best = "best" if key == "sweep" else "one_best"
+                row[best] = min(timed, key=timed.get)
+                row[best + "_us"] = timed[row[best]]
         res["passes"].append(row)
-        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ != "sweep"}), flush=True)
+        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ not in ("sweep", "one_sweep")}), flush=True)
     res["step_ms"] = sum(r["step_ms"] for r in res["passes"])
     res["step_ms_best"] = sum(r["count"] * r.get("best_us", r["us"]) / 1e3 for r in res["passes"])
     res["step_floor_ms"] = sum(r["count"] * r["two_reads_us"] / 1e3 for r in res["passes"])
+    res["one_launch_max_k"] = one_launch_max_k(res["passes"])
+    res["step_ms_one_launch"] = sum(r["count"] * (r["one_launch_us"] if r["k"] <= res["one_launch_max_k"] else r["us"])
+                                    for r in res["passes"]) / 1e3
     return res
+
+
+def sweep(grid: dict, pos, kw, want, timer, args) -> dict:
+    """µs per pass for every choice of ``grid`` (``{}``: ``kw`` alone) on top of ``kw``, each checked against
+    ``want`` first ("wrong" if it differs; a choice that does not compile or launch is said, not fatal)."""
+    from svdquant import kernels as K
+
+    out = {}
+    for values in itertools.product(*grid.values()):
+        blocks = dict(zip(grid, values))
+        try:
+            call = dict(kw, **blocks)
+            ok = same(K.quantize_activations(*pos, **call), want)
+            out[json.dumps(blocks)] = timer(lambda: K.quantize_activations(*pos, **call), args.calls,
+                                            args.reps) if ok else "wrong"
+        except Exception as e:
+            out[json.dumps(blocks)] = f"{type(e).__name__}: {str(e)[:120]}"
+    return out
+
+
+def one_launch_max_k(rows: list) -> int:
+    """The widest K up to which one launch is faster than two for every pass type of that K or narrower (0: none)."""
+    best = 0
+    for k in sorted({r["k"] for r in rows}):
+        if not all(isinstance(r["one_launch_us"], float) and r["one_launch_us"] < r["us"] for r in rows if r["k"] == k):
+            break
+        best = k
+    return best
 
 
 def main(argv=None):
@@ -162,7 +194,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=20, help="passes captured in one graph")
     ap.add_argument("--reps", type=int, default=20, help="graph replays (the median is taken)")
-    ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="the shipped blocks only")
+    ap.add_argument("--sweep", choices=tuple(SWEEPS), default="both",
+                    help="whose block options to sweep: the two launches', the one launch's, both, or none")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through Triton's interpreter")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.calls < 1 or args.reps < 1:
@@ -173,7 +206,8 @@ def main(argv=None):
         args.calls, args.reps = 1, 1
     res = run(args)
     print(f"step: {res['step_ms']:.2f} ms in activation passes (best blocks {res['step_ms_best']:.2f}, floor with "
-          f"two reads {res['step_floor_ms']:.2f})")
+          f"two reads {res['step_floor_ms']:.2f}); one launch up to K = {res['one_launch_max_k']}: "
+          f"{res['step_ms_one_launch']:.2f} ms")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "activation_passes.json").write_text(json.dumps(res, indent=1))

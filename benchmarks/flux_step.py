@@ -285,7 +285,16 @@ def main(argv=None):
     ap.add_argument("--act-chunk-bytes", type=int,
                     help="run the INT8 activation passes in row chunks of about this many input bytes "
                          "(svdquant.kernels.activations.CHUNK_BYTES; 0: off, the default)")
+    ap.add_argument("--act-one-launch-k", type=int,
+                    help="run the INT8 activation passes of inputs up to this padded width in one launch "
+                         "(svdquant.kernels.activations.ONE_LAUNCH_MAX_K; 0: never)")
     args = ap.parse_args(argv)
+    if args.act_one_launch_k is not None:
+        if args.act_one_launch_k < 0:
+            ap.error(f"--act-one-launch-k {args.act_one_launch_k}: use 0 (never) or a width")
+        from svdquant.kernels import activations
+
+        activations.ONE_LAUNCH_MAX_K = args.act_one_launch_k
     if args.act_chunk_bytes is not None:
         if args.act_chunk_bytes < 0:
             ap.error(f"--act-chunk-bytes {args.act_chunk_bytes}: use 0 (off) or a byte count")
@@ -316,8 +325,9 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
 
     def save():
-        from svdquant.kernels import cutlass_launch
+        from svdquant.kernels import activations, cutlass_launch
 
+        res["act_passes"] = dict(one_launch_max_k=activations.ONE_LAUNCH_MAX_K, chunk_bytes=activations.CHUNK_BYTES)
         # what the runs used, not what was asked ("not used" where no runner loaded the DSL)
         used = cutlass_launch._STATE.get("ffi") if cutlass_launch._STATE.get("dsl") else None
         res["cutlass_launch"] = {None: "not used", True: "apache-tvm-ffi", False: "DLPack views"}[used]

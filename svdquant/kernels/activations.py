@@ -15,8 +15,12 @@ reached only a fifth of the copy rate on an H200):
 A token's scale needs the whole row, hence the two passes; pass 2 first reduces the K
 slices' partial maxima (and, in its first slice, the partial down projections). Every division is IEEE
 (``div_rn``), as in torch, so the codes equal the reference's bit for bit (with an input GELU, a code may move
-one step: the interpreter's tanh-GELU against torch's in the last bit, the GPU's ``tanh.approx`` more). Output: values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]``
-fp32, ``lora_act`` ``[M, R]`` fp32.
+one step: the interpreter's tanh-GELU against torch's in the last bit, the GPU's ``tanh.approx`` more). Output:
+values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]`` fp32, ``lora_act`` ``[M, R]`` fp32.
+
+Or both passes in one launch (:func:`one_launch_kernel`, :data:`ONE_LAUNCH_MAX_K`): a program per row block walks
+all of K twice, the second time reading from L2 what it just read, with no partials between launches. Both
+kernels share their loop bodies (:func:`_accumulate`, :func:`_quantize_block`), so their codes are the same.
 
 An input may come in two column parts, ``[x | tail]`` (a FLUX single block's ``proj_out``: its attention output and
 a column slice of the stacked q/k/v + MLP GEMM's output): each K block is loaded from the part holding it, chosen
@@ -77,6 +81,62 @@ def _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm,
 
 
 @triton.jit
+def _accumulate(x_ptr, t_ptr, sinv_ptr, l1_ptr, rows, rmask, k0, K, stride_xm, stride_tm, k_head, shift,
+                unsigned_from, gelu_from, lora, amax_s, amax_u, R: tl.constexpr, BLOCK_K: tl.constexpr,
+                HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
+                APPROX_GELU: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr):
+    """One K block into the row maxima (signed and unsigned parts) and ``x · L1ᵀ``."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift,
+                        unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
+    if HAS_LORA:
+        rr = tl.arange(0, R)
+        l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
+        lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
+    if HAS_SHIFT:
+        amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
+        amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))
+    else:
+        amax_s = tl.maximum(amax_s, tl.max(tl.abs(u), axis=1))
+    return lora, amax_s, amax_u
+
+
+@triton.jit
+def _token_scale(amax_s, amax_u, A4: tl.constexpr):
+    """A token's scale from its row maxima: A8 ``absmax / 127``; A4 the two-level rule's."""
+    if A4:
+        return tl.maximum(tl.math.div_rn(amax_s, 126.0), tl.math.div_rn(amax_u, 120.0))
+    else:
+        return tl.math.div_rn(amax_s, 127.0)
+
+
+@triton.jit
+def _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, kb, s, inv_s, K, stride_xm, stride_tm, k_head,
+                    shift, unsigned_from, gelu_from, KP: tl.constexpr, BLOCK_K: tl.constexpr, A4: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
+                    APPROX_GELU: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """K block ``kb`` of the rows, quantized with their scales and written as int8."""
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
+                        shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
+    if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
+        g_uns = kb * BLOCK_K >= unsigned_from
+        qmax = tl.where(g_uns, 15.0, 7.0)
+        mmax = tl.where(g_uns, 8.0, 18.0)
+        gmax = tl.max(tl.abs(u), axis=1)
+        m = rne(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax), FAST_ROUND)
+        m = tl.minimum(tl.maximum(m, 1.0), mmax)
+        inv = reciprocal(s * m)
+        q = rne(u * inv[:, None], FAST_ROUND)
+        q = tl.minimum(tl.maximum(q, tl.where(g_uns, 0.0, -7.0)), qmax)
+        q = q * m[:, None]
+    else:
+        q = rne(u * inv_s[:, None], FAST_ROUND)
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
+
+
+@triton.jit
 def activation_stats_kernel(
     x_ptr, t_ptr, sinv_ptr, l1_ptr, st_ptr, lp_ptr,
     M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
@@ -89,24 +149,14 @@ def activation_stats_kernel(
     split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    cols = tl.arange(0, BLOCK_K)
     lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
     amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_SPLIT):  # constexpr bound: the CPU interpreter needs it
-        k0 = (split * BLOCKS_PER_SPLIT + i) * BLOCK_K
-        k = k0 + cols
-        x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift,
-                            unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
-        if HAS_LORA:
-            rr = tl.arange(0, R)
-            l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
-            lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
-        if HAS_SHIFT:
-            amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
-            amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))
-        else:
-            amax_s = tl.maximum(amax_s, tl.max(tl.abs(u), axis=1))
+        lora, amax_s, amax_u = _accumulate(
+            x_ptr, t_ptr, sinv_ptr, l1_ptr, rows, rmask, (split * BLOCKS_PER_SPLIT + i) * BLOCK_K, K, stride_xm,
+            stride_tm, k_head, shift, unsigned_from, gelu_from, lora, amax_s, amax_u, R, BLOCK_K, HAS_LORA,
+            HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU, IEEE, F32_DOT)
     nsplit = tl.num_programs(1)
     tl.store(st_ptr + split * M + rows, amax_s, mask=rmask)
     tl.store(st_ptr + (nsplit + split) * M + rows, amax_u, mask=rmask)
@@ -129,16 +179,12 @@ def quantize_activations_kernel(
     split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    cols = tl.arange(0, BLOCK_K)
     amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in range(0, STAT_SPLITS):
         amax_s = tl.maximum(amax_s, tl.load(st_ptr + j * M + rows, mask=rmask, other=0.0))
         amax_u = tl.maximum(amax_u, tl.load(st_ptr + (STAT_SPLITS + j) * M + rows, mask=rmask, other=0.0))
-    if A4:
-        s = tl.maximum(tl.math.div_rn(amax_s, 126.0), tl.math.div_rn(amax_u, 120.0))
-    else:
-        s = tl.math.div_rn(amax_s, 127.0)
+    s = _token_scale(amax_s, amax_u, A4)
     inv_s = reciprocal(s)
     if split == 0:
         tl.store(s_ptr + rows, s, mask=rmask)
@@ -149,26 +195,43 @@ def quantize_activations_kernel(
                 lora += tl.load(lp_ptr + j * M * R + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
             tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
     for i in range(0, BLOCKS_PER_SPLIT):
-        kb = split * BLOCKS_PER_SPLIT + i
-        k = kb * BLOCK_K + cols
-        x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
-                            shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
-        if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
-            g_uns = kb * BLOCK_K >= unsigned_from
-            qmax = tl.where(g_uns, 15.0, 7.0)
-            mmax = tl.where(g_uns, 8.0, 18.0)
-            gmax = tl.max(tl.abs(u), axis=1)
-            m = rne(tl.math.div_rn(gmax * inv_s, tl.zeros_like(gmax) + qmax), FAST_ROUND)
-            m = tl.minimum(tl.maximum(m, 1.0), mmax)
-            gs = s * m
-            inv = reciprocal(gs)
-            q = rne(u * inv[:, None], FAST_ROUND)
-            q = tl.minimum(tl.maximum(q, tl.where(g_uns, 0.0, -7.0)), qmax)
-            q = q * m[:, None]
-        else:
-            q = rne(u * inv_s[:, None], FAST_ROUND)
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
+        _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, split * BLOCKS_PER_SPLIT + i, s, inv_s, K,
+                        stride_xm, stride_tm, k_head, shift, unsigned_from, gelu_from, KP, BLOCK_K, A4, HAS_SHIFT,
+                        HAS_TAIL, HAS_GELU, APPROX_GELU, FAST_ROUND)
+
+
+@triton.jit
+def one_launch_kernel(
+    x_ptr, t_ptr, sinv_ptr, l1_ptr, q_ptr, s_ptr, la_ptr,
+    M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
+    KP: tl.constexpr, STATS_BLOCKS: tl.constexpr, QUANT_BLOCKS: tl.constexpr, R: tl.constexpr,
+    BLOCK_M: tl.constexpr, STATS_BLOCK_K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr,
+    A4: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
+    APPROX_GELU: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr, FAST_ROUND: tl.constexpr,
+):
+    """Both passes in one program per row block, over all of K: the maxima and ``x · L1ᵀ``, then the int8 values
+    (the rows this program just read, from L2). No partials cross memory and no second launch."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i in range(0, STATS_BLOCKS):
+        lora, amax_s, amax_u = _accumulate(
+            x_ptr, t_ptr, sinv_ptr, l1_ptr, rows, rmask, i * STATS_BLOCK_K, K, stride_xm, stride_tm, k_head, shift,
+            unsigned_from, gelu_from, lora, amax_s, amax_u, R, STATS_BLOCK_K, HAS_LORA, HAS_SHIFT, HAS_TAIL,
+            HAS_GELU, APPROX_GELU, IEEE, F32_DOT)
+    s = _token_scale(amax_s, amax_u, A4)
+    tl.store(s_ptr + rows, s, mask=rmask)
+    if HAS_LORA:
+        rr = tl.arange(0, R)
+        tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+    inv_s = reciprocal(s)
+    for i in range(0, QUANT_BLOCKS):
+        _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, i, s, inv_s, K, stride_xm, stride_tm, k_head,
+                        shift, unsigned_from, gelu_from, KP, BLOCK_K, A4, HAS_SHIFT, HAS_TAIL, HAS_GELU,
+                        APPROX_GELU, FAST_ROUND)
 
 
 def _splits(blocks: int, m_blocks: int, target: int) -> int:
@@ -201,6 +264,12 @@ def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 6
 # against 107.8 ms, BENCHMARKS.md "Session 25 on an H100"); other sizes: benchmarks/activation_passes.py.
 CHUNK_BYTES = 0
 
+# One launch (:func:`one_launch_kernel`) for inputs up to this padded width: a program per row block walks all of K
+# twice, so the second read comes from L2 while the rows are small (a 16-row block of FLUX's 3,072 columns is 96 KB)
+# and no pass-1 partials are written and read (at K = 3,072, 24 K slices' fp32 down projections are half of X's
+# bytes). 0: off until a GPU run measures it (benchmarks/activation_passes.py).
+ONE_LAUNCH_MAX_K = 0
+
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
                          tail: torch.Tensor | None = None, input_gelu_from: int | None = None, a4: bool = False,
@@ -208,7 +277,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
                          num_warps: int = 8, exact_gelu: bool = False, lora_dtype: torch.dtype = torch.float32,
-                         chunk_bytes: int | None = None):
+                         chunk_bytes: int | None = None, one_launch: bool | None = None):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -227,6 +296,11 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     about that size, a multiple of both passes' row blocks) at a time, so that pass 2 finds in L2 what pass 1 read;
     each row's result is the same either way.
 
+    ``one_launch`` (default: where K_pad <= :data:`ONE_LAUNCH_MAX_K`): both passes in one kernel, a program per
+    ``block_m`` rows walking all of K twice (pass 1's ``stats_block_k`` blocks, then pass 2's), the second time
+    reading from L2 what it just read; no K slices, no partials, no chunks. The same codes and scales;
+    ``X·L1ᵀ`` summed in another order.
+
     Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
     m, k_head = x.shape
@@ -238,7 +312,8 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          "apply that GELU before (svdquant.ops.reference.gelu_columns)")
     if tail is not None and (k_head % b1 or k_head % bq):  # a head that ends inside a block: one concatenation
         x, tail, k_head = torch.cat([x, tail], 1), None, k
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    one = kp <= ONE_LAUNCH_MAX_K if one_launch is None else one_launch
+    chunk_bytes = 0 if one else CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     unit = stats_block_m * block_m // math.gcd(stats_block_m, block_m)  # a chunk: whole row blocks of both passes
     rows = m if not chunk_bytes or m * k * x.element_size() <= chunk_bytes else \
         max(unit, chunk_bytes // (k * x.element_size()) // unit * unit)
@@ -252,36 +327,38 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
         r1 = min(m, r0 + rows)
         _passes(x[r0:r1], tail[r0:r1] if tail is not None else None, k, k_head, kp, b1, bq, smooth_inv, lora_down,
                 q[r0:r1], s[r0:r1], la[r0:r1] if la is not None else None, input_gelu_from, a4, shift,
-                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu)
+                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu, one)
     return q, s, la
 
 
 def _passes(x, tail, k, k_head, kp, b1, bq, smooth_inv, lora_down, q, s, la, input_gelu_from, a4, shift,
-            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu):
-    """Both passes over the rows of ``x`` (and ``tail``), writing ``q``, ``s`` and ``la`` (rows of the outputs),
-    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``."""
+            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu, one):
+    """Both passes over the rows of ``x`` (and ``tail``), writing ``q``, ``s`` and ``la`` (rows of the outputs):
+    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``, or (``one``) both in one launch of ``block_m``
+    rows a program."""
     m = x.shape[0]
-    m1, m2 = triton.cdiv(m, stats_block_m), triton.cdiv(m, block_m)
-    s1, s2 = splits
-    stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
     r = lora_down.shape[0] if lora_down is not None else 16
     has_lora = lora_down is not None
-    partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
-    uf = int(unsigned_from) if shift else kp
-    two = tail is not None
     t, stride_t = (tail, tail.stride(0)) if tail is not None else (x, x.stride(0))
-    gelu_from = input_gelu_from if input_gelu_from is not None else kp
-    approx = not (exact_gelu or interpreting())
-    activation_stats_kernel[(m1, s1)](
-        x, t, smooth_inv, lora_down if has_lora else x, stats, partial, m, k, x.stride(0), stride_t, k_head,
-        gelu_from, float(shift), uf, BLOCKS_PER_SPLIT=kp // b1 // s1, R=r, BLOCK_M=stats_block_m, BLOCK_K=b1,
-        HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=two,
-        HAS_GELU=input_gelu_from is not None, APPROX_GELU=approx, IEEE=x.dtype == torch.float32,
-        F32_DOT=interpreting(), num_warps=num_warps,
-    )
-    quantize_activations_kernel[(m2, s2)](
-        x, t, smooth_inv, stats, partial, q, s, la if has_lora else s, m, k, x.stride(0), stride_t, k_head,
-        gelu_from, float(shift), uf, KP=kp, STAT_SPLITS=s1, BLOCKS_PER_SPLIT=kp // bq // s2, R=r, BLOCK_M=block_m,
-        BLOCK_K=bq, HAS_LORA=has_lora, A4=a4, HAS_SHIFT=bool(shift), HAS_TAIL=two,
-        HAS_GELU=input_gelu_from is not None, APPROX_GELU=approx, FAST_ROUND=not interpreting(), num_warps=num_warps,
-    )
+    shared = dict(R=r, HAS_LORA=has_lora, HAS_SHIFT=bool(shift), HAS_TAIL=tail is not None,
+                  HAS_GELU=input_gelu_from is not None, APPROX_GELU=not (exact_gelu or interpreting()),
+                  num_warps=num_warps)
+    rest = (m, k, x.stride(0), stride_t, k_head, input_gelu_from if input_gelu_from is not None else kp,
+            float(shift), int(unsigned_from) if shift else kp)
+    l1 = lora_down if has_lora else x
+    if one:
+        one_launch_kernel[(triton.cdiv(m, block_m),)](
+            x, t, smooth_inv, l1, q, s, la if has_lora else s, *rest, KP=kp, STATS_BLOCKS=kp // b1,
+            QUANT_BLOCKS=kp // bq, BLOCK_M=block_m, STATS_BLOCK_K=b1, BLOCK_K=bq, A4=a4,
+            IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), FAST_ROUND=not interpreting(), **shared)
+        return
+    s1, s2 = splits
+    stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
+    partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
+    activation_stats_kernel[(triton.cdiv(m, stats_block_m), s1)](
+        x, t, smooth_inv, l1, stats, partial, *rest, BLOCKS_PER_SPLIT=kp // b1 // s1, BLOCK_M=stats_block_m,
+        BLOCK_K=b1, IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), **shared)
+    quantize_activations_kernel[(triton.cdiv(m, block_m), s2)](
+        x, t, smooth_inv, stats, partial, q, s, la if has_lora else s, *rest, KP=kp, STAT_SPLITS=s1,
+        BLOCKS_PER_SPLIT=kp // bq // s2, BLOCK_M=block_m, BLOCK_K=bq, A4=a4, FAST_ROUND=not interpreting(),
+        **shared)
