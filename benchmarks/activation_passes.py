@@ -1,8 +1,7 @@
 """The INT8 activation passes of a FLUX.1-dev step, each timed in a CUDA graph, against their bandwidth floor.
 
     python3 benchmarks/activation_passes.py --out $OUT            # GPU: the step's passes, then a block sweep
-    python3 benchmarks/activation_passes.py --sweep one-launch --out $OUT  # the one-launch kernel's blocks only
-    python3 benchmarks/activation_passes.py --sweep none --out $OUT  # the passes at the shipped blocks only
+    python3 benchmarks/activation_passes.py --no-sweep --out $OUT # the passes at the shipped blocks only
     python benchmarks/activation_passes.py --smoke                # CPU: tiny shapes through the interpreter
 
 A compiled FLUX.1-dev step spends 12.8 ms (H200, batch 1) in ~228 activation passes (smoothing, per-token INT8
@@ -16,12 +15,11 @@ of one and two reads of X, the partial maxima and down projections pass 1 writes
 at this card's copy rate), and the step's total (count × µs). The calls of one graph read the same X: a small one
 stays in L2 between them, as a pass's input, just written by its producer, often does in the step.
 
-Each pass type is also timed in one launch (``one_launch=True``: a program per row block walks all of K twice, no
-partials), and in row chunks (``chunk_bytes``: both passes over a chunk of rows at a time, so that pass 2 reads from
-L2 what pass 1 read). ``--sweep`` then times the block options of the two launches, of the one launch, or both
-(each checked against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3). The result
-names the widest K up to which one launch is faster for every pass type (``one_launch_max_k``: the value for
-:data:`svdquant.kernels.activations.ONE_LAUNCH_MAX_K`). Writes ``activation_passes.json`` to ``--out``.
+Each pass type is also timed in row chunks (``chunk_bytes``: both passes over a chunk of rows at a time, so that
+pass 2 reads from L2 what pass 1 read), and at the blocks the kernel took before they were chosen by width
+(``uniform_us``). The sweep then times the block options (each checked against the shipped blocks' output first:
+codes and scales equal, ``X·L1ᵀ`` within 1e-3): its best per pass type is what
+:func:`svdquant.kernels.activations.default_blocks` ships. Writes ``activation_passes.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -50,9 +48,7 @@ FLUX_PASSES = [
 SWEEP = dict(stats_block_m=(32, 64, 128), stats_block_k=(128, 256), target_programs=(512, 1024, 2048, 8192),
              num_warps=(4, 8))
 SMOKE_SWEEP = dict(stats_block_m=(32,), stats_block_k=(128,), target_programs=(512, 8192), num_warps=(4,))
-ONE_SWEEP = dict(block_m=(16, 32, 64), stats_block_k=(128, 256), num_warps=(4, 8))  # one_launch=True's blocks
-SMOKE_ONE_SWEEP = dict(block_m=(16, 32), stats_block_k=(128,), num_warps=(4,))
-SWEEPS = {"two-pass": ("sweep",), "one-launch": ("one_sweep",), "both": ("sweep", "one_sweep"), "none": ()}
+UNIFORM = dict(stats_block_m=64, stats_block_k=128, target_programs=8192, num_warps=8)  # before session 29
 # row chunks at the shipped blocks (quantize_activations(chunk_bytes=): pass 2 reads from L2 what pass 1 just read)
 CHUNKS = (8 << 20, 16 << 20, 24 << 20, 32 << 20)
 SMOKE_CHUNKS = (1,)  # chunks of one row-block unit: the single blocks' 72 rows in two
@@ -103,13 +99,14 @@ def same(a, b) -> bool:
     return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and float((la - lb).norm() / lb.norm()) < 1e-3
 
 
-def splits_of(k, m, kw) -> int:
-    """Pass 1's K splits for these blocks, as the launcher picks them."""
+def splits_of(k, m) -> int:
+    """Pass 1's K splits at the shipped blocks, as the launcher picks them."""
     from svdquant.kernels import activations as A
 
     kp = k + (-k) % 64
-    b1, _ = A._blocks(kp, False, 64, kw.get("block_k", 256), kw.get("stats_block_k", 128))
-    return A._splits(kp // b1, -(-m // kw.get("stats_block_m", 64)), kw.get("target_programs", 8192))
+    blocks = A.default_blocks(kp)
+    b1, _ = A._blocks(kp, False, 64, 256, blocks["stats_block_k"])
+    return A._splits(kp // b1, -(-m // blocks["stats_block_m"]), blocks["target_programs"])
 
 
 def run(args) -> dict:
@@ -131,32 +128,26 @@ def run(args) -> dict:
         gelu_from = None if gelu_from is None else gelu_from // scale[1]
         head = None if head is None else head // scale[1]
         pos, kw = pass_inputs(m, k, gelu_from, head, dev, torch.float32 if args.smoke else torch.bfloat16)
-        two, one = dict(kw, one_launch=False), dict(kw, one_launch=True)
-        want = K.quantize_activations(*pos, **two)
-        us = timer(lambda: K.quantize_activations(*pos, **two), args.calls, args.reps)
+        want = K.quantize_activations(*pos, **kw)
+        us = timer(lambda: K.quantize_activations(*pos, **kw), args.calls, args.reps)
         row = dict(name=name, m=m, k=k, count=count, us=us, step_ms=count * us / 1e3,
-                   **floor_us(m, k, copy_gbs, splits_of(k, m, {})))
-        row["one_launch_us"] = sweep({}, pos, one, want, timer, args)["{}"]
+                   **floor_us(m, k, copy_gbs, splits_of(k, m)))
+        row["uniform_us"] = sweep({}, pos, dict(kw, **UNIFORM), want, timer, args)["{}"]
         chunks = dict(chunk_bytes=SMOKE_CHUNKS if args.smoke else CHUNKS)  # each checked against no chunks first
         row["chunks"] = {str(json.loads(c)["chunk_bytes"]): t
-                         for c, t in sweep(chunks, pos, two, want, timer, args).items()}
-        for key in SWEEPS[args.sweep]:
-            grid, base = (SMOKE_SWEEP if args.smoke else SWEEP, two) if key == "sweep" else \
-                (SMOKE_ONE_SWEEP if args.smoke else ONE_SWEEP, one)
-            row[key] = sweep(grid, pos, base, want, timer, args)
-            timed = {c: t for c, t in row[key].items() if isinstance(t, float)}
+                         for c, t in sweep(chunks, pos, kw, want, timer, args).items()}
+        if args.sweep:
+            row["sweep"] = sweep(SMOKE_SWEEP if args.smoke else SWEEP, pos, kw, want, timer, args)
+            timed = {c: t for c, t in row["sweep"].items() if isinstance(t, float)}
             if timed:
-                best = "best" if key == "sweep" else "one_best"
-                row[best] = min(timed, key=timed.get)
-                row[best + "_us"] = timed[row[best]]
+                row["best"] = min(timed, key=timed.get)
+                row["best_us"] = timed[row["best"]]
         res["passes"].append(row)
-        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ not in ("sweep", "one_sweep")}), flush=True)
+        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ != "sweep"}), flush=True)
     res["step_ms"] = sum(r["step_ms"] for r in res["passes"])
     res["step_ms_best"] = sum(r["count"] * r.get("best_us", r["us"]) / 1e3 for r in res["passes"])
     res["step_floor_ms"] = sum(r["count"] * r["two_reads_us"] / 1e3 for r in res["passes"])
-    res["one_launch_max_k"] = one_launch_max_k(res["passes"])
-    res["step_ms_one_launch"] = sum(r["count"] * (r["one_launch_us"] if r["k"] <= res["one_launch_max_k"] else r["us"])
-                                    for r in res["passes"]) / 1e3
+    res["step_ms_uniform"] = sum(r["count"] * r["uniform_us"] / 1e3 for r in res["passes"])
     return res
 
 
@@ -178,24 +169,13 @@ def sweep(grid: dict, pos, kw, want, timer, args) -> dict:
     return out
 
 
-def one_launch_max_k(rows: list) -> int:
-    """The widest K up to which one launch is faster than two for every pass type of that K or narrower (0: none)."""
-    best = 0
-    for k in sorted({r["k"] for r in rows}):
-        if not all(isinstance(r["one_launch_us"], float) and r["one_launch_us"] < r["us"] for r in rows if r["k"] == k):
-            break
-        best = k
-    return best
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=20, help="passes captured in one graph")
     ap.add_argument("--reps", type=int, default=20, help="graph replays (the median is taken)")
-    ap.add_argument("--sweep", choices=tuple(SWEEPS), default="both",
-                    help="whose block options to sweep: the two launches', the one launch's, both, or none")
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="the shipped blocks only")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through Triton's interpreter")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.calls < 1 or args.reps < 1:
@@ -206,8 +186,7 @@ def main(argv=None):
         args.calls, args.reps = 1, 1
     res = run(args)
     print(f"step: {res['step_ms']:.2f} ms in activation passes (best blocks {res['step_ms_best']:.2f}, floor with "
-          f"two reads {res['step_floor_ms']:.2f}); one launch up to K = {res['one_launch_max_k']}: "
-          f"{res['step_ms_one_launch']:.2f} ms")
+          f"two reads {res['step_floor_ms']:.2f}; the uniform blocks before session 29 {res['step_ms_uniform']:.2f})")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "activation_passes.json").write_text(json.dumps(res, indent=1))

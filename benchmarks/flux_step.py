@@ -285,16 +285,15 @@ def main(argv=None):
     ap.add_argument("--act-chunk-bytes", type=int,
                     help="run the INT8 activation passes in row chunks of about this many input bytes "
                          "(svdquant.kernels.activations.CHUNK_BYTES; 0: off, the default)")
-    ap.add_argument("--act-one-launch-k", type=int,
-                    help="run the INT8 activation passes of inputs up to this padded width in one launch "
-                         "(svdquant.kernels.activations.ONE_LAUNCH_MAX_K; 0: never)")
+    ap.add_argument("--act-blocks", choices=("width", "uniform"), default="width",
+                    help="the INT8 activation passes' blocks: chosen by width (the default), or one choice for all "
+                         "(as before session 29: the A/B)")
     args = ap.parse_args(argv)
-    if args.act_one_launch_k is not None:
-        if args.act_one_launch_k < 0:
-            ap.error(f"--act-one-launch-k {args.act_one_launch_k}: use 0 (never) or a width")
+    if args.act_blocks == "uniform":
         from svdquant.kernels import activations
 
-        activations.ONE_LAUNCH_MAX_K = args.act_one_launch_k
+        activations.NARROW_BLOCKS = activations.WIDE_BLOCKS = dict(stats_block_m=64, stats_block_k=128,
+                                                                   target_programs=8192, num_warps=8)
     if args.act_chunk_bytes is not None:
         if args.act_chunk_bytes < 0:
             ap.error(f"--act-chunk-bytes {args.act_chunk_bytes}: use 0 (off) or a byte count")
@@ -327,7 +326,8 @@ def main(argv=None):
     def save():
         from svdquant.kernels import activations, cutlass_launch
 
-        res["act_passes"] = dict(one_launch_max_k=activations.ONE_LAUNCH_MAX_K, chunk_bytes=activations.CHUNK_BYTES)
+        res["act_passes"] = dict(narrow=activations.NARROW_BLOCKS, wide=activations.WIDE_BLOCKS,
+                                 narrow_max_k=activations.NARROW_MAX_K, chunk_bytes=activations.CHUNK_BYTES)
         # what the runs used, not what was asked ("not used" where no runner loaded the DSL)
         used = cutlass_launch._STATE.get("ffi") if cutlass_launch._STATE.get("dsl") else None
         res["cutlass_launch"] = {None: "not used", True: "apache-tvm-ffi", False: "DLPack views"}[used]

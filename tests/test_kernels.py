@@ -70,8 +70,7 @@ def inputs(k, rows, seed, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("a4,shift,unsigned_from", [(False, 0.0, 0), (True, 0.0, 0), (True, 0.171875, 0),
                                                     (True, 0.171875, 128)])
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsigned_from, one_launch):
+def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsigned_from):
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     m_tokens, k = 45, 200  # neither a multiple of the blocks: masks and K padding
@@ -80,8 +79,7 @@ def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsign
         x = torch.nn.functional.gelu(x.float()).to(dtype)
     sinv = torch.rand(k, generator=g) + 0.5
     down = (torch.randn(16, k, generator=g) * 0.1).to(dtype)
-    q, s, la = K.quantize_activations(x, sinv, down, a4=a4, shift=shift, unsigned_from=unsigned_from, block_m=16,
-                                      one_launch=one_launch)
+    q, s, la = K.quantize_activations(x, sinv, down, a4=a4, shift=shift, unsigned_from=unsigned_from, block_m=16)
     fmt = "int4m" if a4 else "int8"
     ref = R.quantize_input(x, sinv, down, fmt, 64 if a4 else 0, shift, None, unsigned_from)
     vals, scale = get_format(fmt).integer_operand(ref.q)
@@ -94,8 +92,7 @@ def test_activation_kernel_equals_reference_bit_for_bit(dtype, a4, shift, unsign
 @cpu_only
 @pytest.mark.parametrize("a4", [False, True])
 @pytest.mark.parametrize("kh", [256, 72])
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh, one_launch):
+def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh):
     """``[head | tail]``: the codes, scales and ``X·L1ᵀ`` of their concatenation, bit for bit. The tail is a column
     slice of a wider tensor (a stacked GEMM's output: row stride 300, not its width). A head of 256 columns is a
     whole number of both passes' K blocks: read from both tensors where they are; one of 72 ends inside a block:
@@ -111,8 +108,8 @@ def test_activation_kernel_reads_an_input_in_two_parts_where_they_are(a4, kh, on
     sinv = torch.rand(kh + kt, generator=g) + 0.5
     down = (torch.randn(16, kh + kt, generator=g) * 0.1).to(torch.bfloat16)
     whole = torch.cat([head, tail], 1)
-    got = K.quantize_activations(head, sinv, down, tail=tail, a4=a4, block_m=16, one_launch=one_launch)
-    want = K.quantize_activations(whole, sinv, down, a4=a4, block_m=16, one_launch=one_launch)
+    got = K.quantize_activations(head, sinv, down, tail=tail, a4=a4, block_m=16)
+    want = K.quantize_activations(whole, sinv, down, a4=a4, block_m=16)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
     assert rel(got[2], want[2]) < 1e-6, f"seed {seed}"
     ref = R.quantize_input(whole, sinv, down, "int4m" if a4 else "int8", 64 if a4 else 0, 0.0, None, 0)
@@ -142,8 +139,7 @@ def test_activation_passes_in_row_chunks_are_the_same(a4, two_parts):
 
 @cpu_only
 @pytest.mark.parametrize("two_parts", [False, True])
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_activation_kernel_applies_an_input_gelu_from_a_block(two_parts, one_launch):
+def test_activation_kernel_applies_an_input_gelu_from_a_block(two_parts):
     """``input_gelu_from=128`` (a FLUX single block's proj_out: the MLP's channels after the attention's) against
     the kernel on the input GELU'd in torch first. fp32: Triton's tanh-GELU and torch's differ by ~1e-7, which can
     move a code across its rounding boundary: at most 0.2 % of the codes, by one step."""
@@ -154,7 +150,7 @@ def test_activation_kernel_applies_an_input_gelu_from_a_block(two_parts, one_lau
     x = torch.randn(45, 256, generator=g) * 2
     sinv = torch.rand(256, generator=g) + 0.5
     down = torch.randn(16, 256, generator=g) * 0.1
-    blocks = dict(block_k=64, stats_block_k=64, block_m=16, one_launch=one_launch)
+    blocks = dict(block_k=64, stats_block_k=64, block_m=16)
     parts = dict(tail=x[:, 128:]) if two_parts else {}
     got = K.quantize_activations(x[:, :128] if two_parts else x, sinv, down, input_gelu_from=128, **parts, **blocks)
     want = K.quantize_activations(gelu_columns(x, None, 128), sinv, down, **blocks)
@@ -186,37 +182,21 @@ def test_activation_kernel_k_splits_give_the_same_result():
 
 
 @cpu_only
-@pytest.mark.parametrize("a4", [False, True])
-def test_one_launch_gives_the_two_passes_codes_and_scales_over_several_row_blocks(a4):
-    """Both passes in one launch (a program per 16 rows walking all of K twice): over three row blocks, the last
-    partial, and K = 512 in 4 and 2 blocks, the two launches' codes and scales bit for bit; ``X·L1ᵀ`` (one
-    accumulator instead of K slices' partials) within fp32 rounding."""
-    seed = seed_now()
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(40, 512, generator=g) * torch.exp(torch.randn(512, generator=g))).to(torch.bfloat16)
-    sinv = torch.rand(512, generator=g) + 0.5
-    down = (torch.randn(32, 512, generator=g) * 0.1).to(torch.bfloat16)
-    kw = dict(a4=a4, shift=0.171875 if a4 else 0.0, unsigned_from=256 if a4 else 0, block_m=16, block_k=256)
-    want = K.quantize_activations(x, sinv, down, target_programs=64, **kw)
-    got = K.quantize_activations(x, sinv, down, one_launch=True, **kw)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
-    assert rel(got[2], want[2]) < 1e-5, f"seed {seed}"
-
-
-@cpu_only
-@pytest.mark.parametrize("limit,width,one", [(0, 256, False), (256, 256, True), (256, 200, True), (256, 320, False)])
-def test_one_launch_serves_inputs_up_to_its_width(monkeypatch, limit, width, one):
-    """``ONE_LAUNCH_MAX_K`` picks the launch by the padded width (200 pads to 256); ``one_launch=`` overrides."""
+@pytest.mark.parametrize("width,narrow", [(200, True), (4096, True), (4100, False), (12288, False)])
+def test_activation_passes_take_their_blocks_by_width_unless_given(monkeypatch, width, narrow):
+    """Known answer: a padded width up to 4,096 gets the narrow blocks (few K slices), a wider one the wide blocks
+    (short row blocks, 4 warps); an explicit block choice wins over either."""
     from svdquant.kernels import activations as A
 
+    want = A.NARROW_BLOCKS if narrow else A.WIDE_BLOCKS
+    assert A.default_blocks(width + (-width) % 64) == want
     launched = []
     real = A._passes
-    monkeypatch.setattr(A, "_passes", lambda *a: launched.append(a[-1]) or real(*a))
-    monkeypatch.setattr(A, "ONE_LAUNCH_MAX_K", limit)
-    x, sinv = inputs(width, 20, 4, torch.float32), torch.rand(width) + 0.5
+    monkeypatch.setattr(A, "_passes", lambda *a: launched.append((a[-4], a[-2])) or real(*a))  # rows, warps
+    x, sinv = inputs(width, 3, 4, torch.float32), torch.rand(width) + 0.5
     K.quantize_activations(x, sinv, None)
-    K.quantize_activations(x, sinv, None, one_launch=not one)
-    assert launched == [one, not one]
+    K.quantize_activations(x, sinv, None, stats_block_m=16, num_warps=2)
+    assert launched == [(want["stats_block_m"], want["num_warps"]), (16, 2)]
 
 
 # ---------------------------------------------------------------------------- INT8 GEMM (interpreter)
@@ -631,20 +611,21 @@ def test_gpu_fc2_applies_its_input_gelu_at_the_flux_shape(mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,k,gelu,head", [(4608, 3072, None, None), (512, 3072, None, None),
                                               (4608, 12288, 0, None), (4608, 15360, 3072, 3072)])
-def test_gpu_one_launch_equals_the_two_passes_at_flux_shapes(rows, k, gelu, head):
+def test_gpu_blocks_by_width_equal_the_uniform_blocks_at_flux_shapes(rows, k, gelu, head):
     """The activation passes of a FLUX step (image and text streams, fc2 with its GELU, a single block's two-part
-    proj_out) in one launch: the two launches' codes and scales bit for bit, ``X·L1ᵀ`` within 1e-3."""
+    proj_out) with the blocks chosen by width: the uniform blocks' codes and scales bit for bit (other K slices),
+    ``X·L1ᵀ`` within 1e-3 (summed in another order)."""
     g = torch.Generator().manual_seed(seed_now())
     x = (torch.randn(rows, k, generator=g) * 2).to("cuda", torch.bfloat16)
     sinv = (torch.rand(k, generator=g) + 0.5).cuda()
     down = (torch.randn(32, k, generator=g) * 0.02).to("cuda", torch.bfloat16)
     kw = dict(input_gelu_from=gelu, lora_dtype=torch.bfloat16)
-    parts = (x[:, :head], dict(tail=x[:, head:])) if head else (x, {})
-    want = K.quantize_activations(parts[0], sinv, down, one_launch=False, **parts[1], **kw)
-    for block_m in (16, 32):
-        got = K.quantize_activations(parts[0], sinv, down, one_launch=True, block_m=block_m, **parts[1], **kw)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), block_m
-        assert rel(got[2], want[2]) < 1e-3, block_m
+    first, parts = (x[:, :head], dict(tail=x[:, head:])) if head else (x, {})
+    got = K.quantize_activations(first, sinv, down, **parts, **kw)
+    want = K.quantize_activations(first, sinv, down, stats_block_m=64, stats_block_k=128, target_programs=8192,
+                                  num_warps=8, **parts, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert rel(got[2], want[2]) < 1e-3
 
 
 @gpu

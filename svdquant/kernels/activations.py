@@ -18,9 +18,9 @@ slices' partial maxima (and, in its first slice, the partial down projections). 
 one step: the interpreter's tanh-GELU against torch's in the last bit, the GPU's ``tanh.approx`` more). Output:
 values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]`` fp32, ``lora_act`` ``[M, R]`` fp32.
 
-Or both passes in one launch (:func:`one_launch_kernel`, :data:`ONE_LAUNCH_MAX_K`): a program per row block walks
-all of K twice, the second time reading from L2 what it just read, with no partials between launches. Both
-kernels share their loop bodies (:func:`_accumulate`, :func:`_quantize_block`), so their codes are the same.
+Both passes in one launch instead (a program per row block walking all of K twice, the second time from L2, no
+partials) measured 1.2-6.5x slower than the two at every FLUX pass type, whatever its blocks (H100, in a CUDA
+graph; BENCHMARKS.md, "Session 29"): with a program per row block too few loads are in flight.
 
 An input may come in two column parts, ``[x | tail]`` (a FLUX single block's ``proj_out``: its attention output and
 a column slice of the stacked q/k/v + MLP GEMM's output): each K block is loaded from the part holding it, chosen
@@ -200,40 +200,6 @@ def quantize_activations_kernel(
                         HAS_TAIL, HAS_GELU, APPROX_GELU, FAST_ROUND)
 
 
-@triton.jit
-def one_launch_kernel(
-    x_ptr, t_ptr, sinv_ptr, l1_ptr, q_ptr, s_ptr, la_ptr,
-    M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
-    KP: tl.constexpr, STATS_BLOCKS: tl.constexpr, QUANT_BLOCKS: tl.constexpr, R: tl.constexpr,
-    BLOCK_M: tl.constexpr, STATS_BLOCK_K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr,
-    A4: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
-    APPROX_GELU: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr, FAST_ROUND: tl.constexpr,
-):
-    """Both passes in one program per row block, over all of K: the maxima and ``x · L1ᵀ``, then the int8 values
-    (the rows this program just read, from L2). No partials cross memory and no second launch."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
-    amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for i in range(0, STATS_BLOCKS):
-        lora, amax_s, amax_u = _accumulate(
-            x_ptr, t_ptr, sinv_ptr, l1_ptr, rows, rmask, i * STATS_BLOCK_K, K, stride_xm, stride_tm, k_head, shift,
-            unsigned_from, gelu_from, lora, amax_s, amax_u, R, STATS_BLOCK_K, HAS_LORA, HAS_SHIFT, HAS_TAIL,
-            HAS_GELU, APPROX_GELU, IEEE, F32_DOT)
-    s = _token_scale(amax_s, amax_u, A4)
-    tl.store(s_ptr + rows, s, mask=rmask)
-    if HAS_LORA:
-        rr = tl.arange(0, R)
-        tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
-    inv_s = reciprocal(s)
-    for i in range(0, QUANT_BLOCKS):
-        _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, i, s, inv_s, K, stride_xm, stride_tm, k_head,
-                        shift, unsigned_from, gelu_from, KP, BLOCK_K, A4, HAS_SHIFT, HAS_TAIL, HAS_GELU,
-                        APPROX_GELU, FAST_ROUND)
-
-
 def _splits(blocks: int, m_blocks: int, target: int) -> int:
     """The largest divisor of the K-block count (up to 48) that keeps the grid within ``target`` programs."""
     for s_ in (48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1):
@@ -264,20 +230,27 @@ def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 6
 # against 107.8 ms, BENCHMARKS.md "Session 25 on an H100"); other sizes: benchmarks/activation_passes.py.
 CHUNK_BYTES = 0
 
-# One launch (:func:`one_launch_kernel`) for inputs up to this padded width: a program per row block walks all of K
-# twice, so the second read comes from L2 while the rows are small (a 16-row block of FLUX's 3,072 columns is 96 KB)
-# and no pass-1 partials are written and read (at K = 3,072, 24 K slices' fp32 down projections are half of X's
-# bytes). 0: off until a GPU run measures it (benchmarks/activation_passes.py).
-ONE_LAUNCH_MAX_K = 0
+# The blocks by padded width: the fastest of benchmarks/activation_passes.py's sweep, each FLUX pass type timed in a
+# CUDA graph (H100, session 29; 13.0 -> 11.3 ms of a step's passes). Narrow inputs want few K slices in pass 1 (each
+# slice's fp32 partial down projections cross memory twice: at K = 3,072 in 24 slices, half of X's bytes); wide ones
+# shorter row blocks and 4 warps.
+NARROW_BLOCKS = dict(stats_block_m=64, stats_block_k=128, target_programs=512, num_warps=8)
+WIDE_BLOCKS = dict(stats_block_m=32, stats_block_k=128, target_programs=2048, num_warps=4)
+NARROW_MAX_K = 4096
+
+
+def default_blocks(kp: int) -> dict:
+    """Pass 1's blocks, the K-slice target and the warps for an input of padded width ``kp``."""
+    return dict(NARROW_BLOCKS if kp <= NARROW_MAX_K else WIDE_BLOCKS)
 
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
                          tail: torch.Tensor | None = None, input_gelu_from: int | None = None, a4: bool = False,
                          group_size: int = 64,
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
-                         stats_block_m: int = 64, stats_block_k: int = 128, target_programs: int = 8192,
-                         num_warps: int = 8, exact_gelu: bool = False, lora_dtype: torch.dtype = torch.float32,
-                         chunk_bytes: int | None = None, one_launch: bool | None = None):
+                         stats_block_m: int | None = None, stats_block_k: int | None = None,
+                         target_programs: int | None = None, num_warps: int | None = None, exact_gelu: bool = False,
+                         lora_dtype: torch.dtype = torch.float32, chunk_bytes: int | None = None):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -296,24 +269,23 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     about that size, a multiple of both passes' row blocks) at a time, so that pass 2 finds in L2 what pass 1 read;
     each row's result is the same either way.
 
-    ``one_launch`` (default: where K_pad <= :data:`ONE_LAUNCH_MAX_K`): both passes in one kernel, a program per
-    ``block_m`` rows walking all of K twice (pass 1's ``stats_block_k`` blocks, then pass 2's), the second time
-    reading from L2 what it just read; no K slices, no partials, no chunks. The same codes and scales;
-    ``X·L1ᵀ`` summed in another order.
-
-    Defaults: the fastest measured on an H200 (NOTES-GPU.md). Pass 1 takes taller token blocks: every
-    block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
+    ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: :func:`default_blocks` for
+    the input's width. Pass 1 takes taller token blocks than pass 2: every block re-reads all of ``L1`` from L2, so
+    short blocks made the down projection cost more than X."""
     m, k_head = x.shape
     k = k_head + (tail.shape[1] if tail is not None else 0)
     kp = k + (-k) % group_size
+    given = dict(stats_block_m=stats_block_m, stats_block_k=stats_block_k, target_programs=target_programs,
+                 num_warps=num_warps)
+    blocks = default_blocks(kp) | {key: v for key, v in given.items() if v is not None}
+    stats_block_m, stats_block_k, target_programs, num_warps = (blocks[key] for key in given)
     b1, bq = _blocks(kp, a4, group_size, block_k, stats_block_k)
     if input_gelu_from is not None and (input_gelu_from % b1 or input_gelu_from % bq):
         raise ValueError(f"input_gelu_from={input_gelu_from} is not a whole number of K blocks ({b1}, {bq}): "
                          "apply that GELU before (svdquant.ops.reference.gelu_columns)")
     if tail is not None and (k_head % b1 or k_head % bq):  # a head that ends inside a block: one concatenation
         x, tail, k_head = torch.cat([x, tail], 1), None, k
-    one = kp <= ONE_LAUNCH_MAX_K if one_launch is None else one_launch
-    chunk_bytes = 0 if one else CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     unit = stats_block_m * block_m // math.gcd(stats_block_m, block_m)  # a chunk: whole row blocks of both passes
     rows = m if not chunk_bytes or m * k * x.element_size() <= chunk_bytes else \
         max(unit, chunk_bytes // (k * x.element_size()) // unit * unit)
@@ -327,15 +299,14 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
         r1 = min(m, r0 + rows)
         _passes(x[r0:r1], tail[r0:r1] if tail is not None else None, k, k_head, kp, b1, bq, smooth_inv, lora_down,
                 q[r0:r1], s[r0:r1], la[r0:r1] if la is not None else None, input_gelu_from, a4, shift,
-                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu, one)
+                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu)
     return q, s, la
 
 
 def _passes(x, tail, k, k_head, kp, b1, bq, smooth_inv, lora_down, q, s, la, input_gelu_from, a4, shift,
-            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu, one):
-    """Both passes over the rows of ``x`` (and ``tail``), writing ``q``, ``s`` and ``la`` (rows of the outputs):
-    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``, or (``one``) both in one launch of ``block_m``
-    rows a program."""
+            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu):
+    """Both passes over the rows of ``x`` (and ``tail``), writing ``q``, ``s`` and ``la`` (rows of the outputs),
+    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``."""
     m = x.shape[0]
     r = lora_down.shape[0] if lora_down is not None else 16
     has_lora = lora_down is not None
@@ -346,12 +317,6 @@ def _passes(x, tail, k, k_head, kp, b1, bq, smooth_inv, lora_down, q, s, la, inp
     rest = (m, k, x.stride(0), stride_t, k_head, input_gelu_from if input_gelu_from is not None else kp,
             float(shift), int(unsigned_from) if shift else kp)
     l1 = lora_down if has_lora else x
-    if one:
-        one_launch_kernel[(triton.cdiv(m, block_m),)](
-            x, t, smooth_inv, l1, q, s, la if has_lora else s, *rest, KP=kp, STATS_BLOCKS=kp // b1,
-            QUANT_BLOCKS=kp // bq, BLOCK_M=block_m, STATS_BLOCK_K=b1, BLOCK_K=bq, A4=a4,
-            IEEE=x.dtype == torch.float32, F32_DOT=interpreting(), FAST_ROUND=not interpreting(), **shared)
-        return
     s1, s2 = splits
     stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
