@@ -372,6 +372,19 @@ def test_w4a16_matches_reference(m_tokens, groups_per_step, fma):
 
 
 @cpu_only
+@pytest.mark.parametrize("k,steps", [(256, 2), (192, 1)])
+def test_w4a16_reads_two_groups_a_step_by_default_where_the_count_is_even(k, steps):
+    """Known answer: unset, ``groups_per_step`` is 2 for an even group count (K = 256: 4 groups) and 1 for an odd
+    one (K = 192: 3); with the defaults, the reference's result."""
+    assert K.w4a16.default_groups_per_step(k // 64) == steps
+    g = torch.Generator().manual_seed(seed_now())
+    q = quantize(torch.randn(32, k, generator=g), "int4", scale_dtype=torch.float32)
+    x = torch.randn(2, k, generator=g)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None)
+    assert rel(y, R.weight_only_linear(x, get_format("int4").dequantize(q), None, None, None)) < 1e-6
+
+
+@cpu_only
 def test_w4a16_gemv_in_16_bits_and_with_zero_points():
     """The multiply-add GEMV with a bf16 input (the weight rounded to bf16 first, as the reference) and with int4z's
     zero points, against the tensor-core kernel."""

@@ -164,22 +164,33 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: t
     return w
 
 
+def default_groups_per_step(groups: int) -> int:
+    """Groups a W4A16 loop step reads when none is asked: two where a row's group count is even, else one."""
+    return 2 if groups % 2 == 0 else 1
+
+
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-                 zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 2,
-                 num_stages: int = 4, groups_per_step: int = 1, fma: bool = False) -> torch.Tensor:
+                 zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 4,
+                 num_stages: int = 4, groups_per_step: int | None = None, fma: bool = False) -> torch.Tensor:
     """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout; unsigned with
-    ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype. Block defaults:
-    the fastest measured on an H200. ``groups_per_step`` (a power of two dividing the group count): groups each
-    loop step reads, so more bytes are in flight per program; 1 is the measured kernel, wider steps are for the
-    sweep (``benchmarks/kernel_speed.py --sweep``) until one measures faster. ``fma``: :func:`w4a16_gemv_kernel`
-    (up to :data:`FMA_MAX_TOKENS` tokens, the CUDA cores' multiply-adds instead of 16-row tensor-core tiles), for
-    the sweep until it measures faster."""
+    ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype.
+    ``groups_per_step`` (a power of two dividing the group count): groups each loop step reads, so more bytes are
+    in flight per program; unset, 2 where the count is even, else 1. ``fma``: :func:`w4a16_gemv_kernel` (up to
+    :data:`FMA_MAX_TOKENS` tokens, the CUDA cores' multiply-adds instead of 16-row tensor-core tiles), for the
+    sweep until it measures faster.
+
+    Defaults (32 channels a program, 4 warps, two groups a step): the fastest of ``benchmarks/kernel_speed.py``'s
+    sweep on an H100 (session 29) at FLUX's adaLN shapes (3,072 -> 18,432 and 9,216, 1-4 tokens): 35 / 24 µs
+    against 41 / 30 µs for the earlier 2 warps and one group a step (17-23 % less); within 3 % of the best of
+    every point."""
     m, k = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
     if fma and m > FMA_MAX_TOKENS:
         raise ValueError(f"w4a16_linear(fma=True) takes at most {FMA_MAX_TOKENS} tokens, got {m}")
     groups = packed.shape[1] * 2 // group_size
+    if groups_per_step is None:
+        groups_per_step = default_groups_per_step(groups)
     if groups_per_step < 1 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
         raise ValueError(f"groups_per_step={groups_per_step} must be a power of two dividing the {groups} groups "
                          "of a row")
