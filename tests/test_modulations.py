@@ -54,7 +54,7 @@ def test_modulations_ahead_equal_the_norms_own_and_undo(quantized_flux):
     after = tm.forward(model, batch)
     assert svdquant.unfuse(model)["modulations"] == n
     assert [type(norm) for norm in _norms(model)] == base
-    assert not any(hasattr(norm, "svdq_columns") or hasattr(norm, "svdq_width") for norm in _norms(model))
+    assert not any(hasattr(norm, a) for norm in _norms(model) for a in ("svdq_row", "svdq_region", "svdq_width"))
     assert not model.time_text_embed._forward_hooks and peek(model).modulations is None
     assert torch.equal(tm.forward(model, inputs), before) and torch.equal(tm.forward(model, batch), after)
     assert unfuse_modulations(model) == 0

@@ -6,8 +6,8 @@ rows in all (1.6 GB of 4-bit codes). Run where diffusers runs them, they are 76 
 2.8 ms of a 96 ms FLUX.1-dev step on an H200 for bytes that take ~0.4 ms to read (NOTES-GPU.md, session 23).
 :func:`fuse_modulations` stacks them (:class:`~svdquant.modules.fused.FusedSVDQLinear` over the W4A16 runners: one
 launch over all rows, the members' codes rows of the stack's), and the model's timestep embedding returns
-``[silu(temb) | every modulation]`` (a forward hook on ``time_text_embed``). Each norm then reads its columns of that
-instead of running its linear, and ``norm_out`` (16-bit) applies its linear to the ``silu(temb)`` columns
+``[silu(temb) | every modulation]`` (a forward hook on ``time_text_embed``). Each norm then reads its row of that
+(each norm type's modulations a region of equal rows) instead of running its linear, and ``norm_out`` (16-bit) applies its linear to the ``silu(temb)`` columns
 (their classes swapped to ``compat.modulations_ahead_class``'s: diffusers' forwards of the three norms, reading
 precomputed modulations; one class per norm type, so a regional compile traces each once). The same
 math: each modulation row is the same dot product of the same input, so up to 16 images a call the step's output is
@@ -79,18 +79,24 @@ def fuse_modulations(model: nn.Module) -> int:
         return 0
     norms, norm_out = plan
     members = [n.linear for n in norms]
+    types = list(dict.fromkeys(type(n) for n in norms))  # the double blocks' norms, then the single blocks'
+    if any(len({n.linear.out_features for n in norms if type(n) is t}) > 1 for t in types):
+        return 0  # a norm type's rows of unequal widths: no region of equal rows
     try:
         stack = FusedSVDQLinear(members)
     except ValueError:  # layers of two formats or group sizes
         return 0
     width = members[0].in_features
-    start = width  # the modulations follow silu(temb) in the embedding's output
+    start = width  # the modulations follow silu(temb) in the embedding's output, each norm type's in one region
     swapped = {}
-    for norm, m in zip(norms, members):
-        # an index buffer, not a slice's bounds: ints would be constants of the compiled block, one per block
-        norm.register_buffer("svdq_columns", torch.arange(start, start + m.out_features, device=m.device),
-                             persistent=False)
-        start += m.out_features
+    for t in types:
+        group = [n for n in norms if type(n) is t]  # consecutive in the stack, as in the blocks
+        for row, norm in enumerate(group):
+            # the row a buffer, the region ints shared by the type: ints of its own would be constants of the
+            # compiled block, one compile per block
+            norm.register_buffer("svdq_row", torch.tensor([row], device=norm.linear.device), persistent=False)
+            norm.svdq_region = (start, len(group))
+        start += len(group) * group[0].linear.out_features
     norm_out.svdq_width = width
     for norm in [*norms, norm_out]:
         swapped[norm] = type(norm)
@@ -121,7 +127,8 @@ def unfuse_modulations(model: nn.Module) -> int:
     hook.remove()
     for norm, cls in swapped.items():
         norm.__class__ = cls
-        norm._buffers.pop("svdq_columns", None)
+        norm._buffers.pop("svdq_row", None)
+        norm.__dict__.pop("svdq_region", None)
         norm.__dict__.pop("svdq_width", None)
     _release(stack)  # back to their own codes
     bump_revision()

@@ -220,19 +220,28 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
+def _ahead_row(self, emb):
+    """This norm's modulations in ``emb``, where svdquant.modules.modulations computed every block's ahead: row
+    ``svdq_row`` (a one-element buffer) of its norm type's region ``svdq_region`` (``(first column, rows)``, the
+    same ints for every norm of the type, so a regional compile traces the type once). One scalar index: gathering
+    18,432 columns through an index per column put an index load on every element of each consumer (a FLUX.1-dev
+    step 2.3 ms slower, BENCHMARKS.md "Session 29")."""
+    first, rows = self.svdq_region
+    region = emb[:, first:first + rows * self.linear.out_features].unflatten(1, (rows, self.linear.out_features))
+    return region.index_select(1, self.svdq_row).squeeze(1)
+
+
 def _ahead_zero(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
     """diffusers' ``AdaLayerNormZero.forward`` (0.42, without its own embedder) reading its six modulations from
-    its columns of ``emb`` (``self.svdq_columns``), where svdquant.modules.modulations computed every block's ahead,
-    instead of running its linear."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-        emb.index_select(1, self.svdq_columns).chunk(6, dim=1)
+    ``emb`` (:func:`_ahead_row`) instead of running its linear."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ahead_row(self, emb).chunk(6, dim=1)
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
 def _ahead_zero_single(self, x, emb=None):
-    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from its columns of ``emb``."""
-    shift_msa, scale_msa, gate_msa = emb.index_select(1, self.svdq_columns).chunk(3, dim=1)
+    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from ``emb`` (:func:`_ahead_row`)."""
+    shift_msa, scale_msa, gate_msa = _ahead_row(self, emb).chunk(3, dim=1)
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa
 
@@ -251,9 +260,9 @@ _AHEAD_FORWARDS = {"AdaLayerNormZero": _ahead_zero, "AdaLayerNormZeroSingle": _a
 
 @functools.cache
 def modulations_ahead_class(cls: type) -> type:
-    """A subclass of diffusers' FLUX.1 norm class ``cls`` whose forward reads modulations computed ahead: from the
-    columns ``svdq_columns`` (an index buffer) of its ``emb``, or, for ``AdaLayerNormContinuous``, with its linear
-    over the first ``svdq_width`` columns. A norm's class is swapped to it, not its forward replaced per instance:
+    """A subclass of diffusers' FLUX.1 norm class ``cls`` whose forward reads modulations computed ahead: its row
+    ``svdq_row`` (a one-element buffer) of its type's region ``svdq_region`` of ``emb``, or, for
+    ``AdaLayerNormContinuous``, with its linear over the first ``svdq_width`` columns. A norm's class is swapped to it, not its forward replaced per instance:
     a regional compile guards a forward attribute by object identity and would compile the block again for each
     of FLUX.1-dev's 57 blocks (past dynamo's recompile limit)."""
     return type(f"{cls.__name__}Ahead", (cls,), {"forward": _AHEAD_FORWARDS[cls.__name__], "__module__": __name__})
