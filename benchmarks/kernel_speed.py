@@ -12,7 +12,10 @@ For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
 * ours, speed mode (INT8 ``code · m`` resident): activation kernel + INT8 GEMM, rank-32
   branch fused, and without the branch; memory mode (4-bit resident): + the expand kernel;
 * stages: the activation kernel, the GEMM as the layer runs it (the CUTLASS kernel on H100 / H200, Triton's
-  elsewhere; before 2026-12-05 this column timed Triton's everywhere), the expand kernel alone.
+  elsewhere; before 2026-12-05 this column timed Triton's everywhere), the expand kernel alone;
+* BF16 and ours (speed mode, rank 32) again in a CUDA graph (ten calls a graph, :func:`graph_ms`), as a compiled,
+  graph-captured step runs them: eagerly, a small shape also times the layer's host work (two activation-pass
+  launches and the GEMM's, against cuBLAS's one).
 
 The layer is a real :class:`svdquant.SVDQLinear` (``int4`` recipe: two-level INT4 weights,
 INT8 activations) with random valid contents; its output is checked against the torch
@@ -258,6 +261,8 @@ def table(dev, shapes, tokens, out, rank=32):
                             layer = random_layer(k, n, rank=rk, device=dev, mode=mode)
                             r[f"ours_{mode}_r{rk}"] = bench(lambda: layer(x))
                     layer = random_layer(k, n, rank=rank, device=dev, mode="speed")
+                    r["bf16_graph"] = graph_ms(lambda: F.linear(x, w16), reps=20)
+                    r["ours_graph"] = graph_ms(lambda: layer(x), reps=20)
                     run = layer._runner
                     # the stages as the layer runs them: X·L1ᵀ in bf16 for the CUTLASS GEMM (H100 / H200)
                     lora_dtype = torch.bfloat16 if run.sm90 else torch.float32
@@ -332,10 +337,17 @@ def w4a16_table(dev, out):
     out["w4a16"] = rows
 
 
+def graph_ms(fn, reps: int) -> float:
+    """ms of one call in a CUDA graph of ten (the layer choice's timer)."""
+    from svdquant.pipelines.layer_choice import graph_ms as timer
+
+    return timer(fn, reps=reps, inner=10)
+
+
 def markdown(rows, header) -> str:
     cols = ["M", "K", "N", "BF16 ms", "FP8 mm (+quant) ms", "int_mm ms", "ours ms (speed)", "ours/BF16",
             "ours/FP8 mm", "no-branch ms", "branch cost", "memory mode ms", "mem/BF16", "act ms", "GEMM ms",
-            "expand ms", "GEMM TOPS"]
+            "expand ms", "GEMM TOPS", "graphs: BF16 / ours ms", "graphs: ours/BF16"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         if "error" in r:
@@ -346,7 +358,8 @@ def markdown(rows, header) -> str:
             f"| {r['m']} | {r['k']} | {r['n']} | {r['bf16']:.3f} | {r['fp8_mm']:.3f} ({r['fp8_mm_quant']:.3f}) | "
             f"{r['int_mm']:.3f} | {s:.3f} | {r['bf16'] / s:.2f}× | {r['fp8_mm'] / s:.2f}× | {s0:.3f} | "
             f"{(s / s0 - 1) * 100:+.1f}% | {mm:.3f} | {r['bf16'] / mm:.2f}× | {r['act']:.3f} | {r['gemm']:.3f} | "
-            f"{r['expand']:.3f} | {r['gemm_tops']:.0f} |")
+            f"{r['expand']:.3f} | {r['gemm_tops']:.0f} | {r['bf16_graph']:.3f} / {r['ours_graph']:.3f} | "
+            f"{r['bf16_graph'] / r['ours_graph']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -400,7 +413,8 @@ def main(argv=None):
         tokens = TOKENS[:1] if args.quick else TOKENS
         rows = table(dev, shapes, tokens, out)
         header = (f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}; "
-                  "median ms (triton.testing.do_bench); TOPS = 2·M·K·N / time; GEMM: "
+                  "median ms (triton.testing.do_bench; graphs: ten calls a CUDA graph, median of 20 replays); "
+                  "TOPS = 2·M·K·N / time; GEMM: "
                   f"{', '.join(sorted({r.get('gemm_kernel', '?') for r in rows if 'error' not in r}))}'s kernel, "
                   "as the layer runs it.")
         (out_dir / "kernels.md").write_text(markdown(rows, header) + "\n")

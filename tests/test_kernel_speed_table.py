@@ -1,0 +1,25 @@
+"""benchmarks/kernel_speed.py's table (the GPU run writes it): its ratios from a known row."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+def test_the_table_gives_eager_and_graph_ratios_against_bf16():
+    """Known answer: BF16 0.300 ms eager, 0.240 in a graph; ours 0.200 eager, 0.150 in a graph: 1.50× and 1.60×; a
+    failed shape keeps its row with the error."""
+    import kernel_speed as ks
+
+    row = dict(m=4608, k=3072, n=3072, bf16=0.3, fp8_mm=0.1, fp8_mm_quant=0.25, int_mm=0.15, ours_speed_r32=0.2,
+               ours_speed_r0=0.16, ours_memory_r32=0.25, act=0.05, gemm=0.12, expand=0.01, gemm_tops=1000.0,
+               bf16_graph=0.24, ours_graph=0.15)
+    text = ks.markdown([row, dict(m=1, k=2, n=3, error="RuntimeError: out of memory")], "header")
+    lines = text.splitlines()
+    assert lines[0] == "header" and "graphs: ours/BF16" in lines[2]
+    cells = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert cells[7] == "1.50×" and cells[10] == "+25.0%" and cells[12] == "1.20×"
+    assert cells[-2] == "0.240 / 0.150" and cells[-1] == "1.60×"
+    assert lines[5] == "| 1 | 2 | 3 | error: RuntimeError: out of memory |"
