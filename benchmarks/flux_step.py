@@ -1,8 +1,8 @@
 """A FLUX.1-dev transformer step at 1024²: diffusers BF16 (eager, compiled), torchao FP8 row-wise (compiled)
 and svdquant int4 (eager, compiled; speed and memory weight modes), side by side in one run.
 
-    python benchmarks/flux_step.py --out $OUT                                   # bf16, bf16-compiled, int4, int4-compiled
-    python benchmarks/flux_step.py --variants fp8-torchao-compiled --out $OUT   # needs torchao (its own GPU call)
+    python benchmarks/flux_step.py --out $OUT            # bf16, bf16-compiled, int4, int4-compiled
+    python benchmarks/flux_step.py --variants fp8-torchao-compiled --out $OUT   # needs torchao
     python benchmarks/flux_step.py --smoke                                      # CPU: the plumbing, tiny config
 
 The real FLUX.1-dev architecture (19 double + 38 single blocks, 4096 image + 512 text tokens per image)
@@ -13,16 +13,18 @@ reference in tests/test_kernels.py), so no calibration is needed to time it.
 "Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
 class is compiled once, default inductor mode, static shapes), the same for every variant. All variants
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
-first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention). Per variant and batch: median ms per step (``triton.testing.do_bench``),
-peak GPU memory during the step, weights in GB; ``--profile`` adds a per-kernel-class breakdown of our
-steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the rest). ``int4-fused``
-runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the MLP's up projection,
-each MLP's GELU in its down projection's activation pass, a single block's ``proj_out`` reading its two parts);
+first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention). Per variant and batch: median
+ms per step (``triton.testing.do_bench``), peak GPU memory during the step, weights in GB; ``--profile`` adds a
+per-kernel-class breakdown of our steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the
+rest). ``int4-fused`` runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the
+MLP's up projection, each MLP's GELU in its down projection's activation pass, a single block's ``proj_out``
+reading its two parts);
 ``int4-fused-triton`` the same with the Triton INT8 GEMM wherever an H100 / H200 would run the CUTLASS one
-(the GEMMs' A/B); ``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as before
-2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts); ``int4-qkv`` the q/k/v stacking alone (single
-blocks' MLPs apart, as first measured); ``int4-act`` the stacking with the A8 activation quantization left to inductor
-(``svdquant.fuse(gelu=False, compiled_activations=True)``: fused into the LayerNorm/modulation and GELU kernels);
+(the GEMMs' A/B); ``int4-fused-up`` the same with the GELUs in the up projections' GEMM epilogues instead (as
+before 2026-12-05), where a single block's GELU stays a pass of its own (its proj_out still reads the two parts);
+``int4-qkv`` the q/k/v stacking alone (single blocks' MLPs apart, as first measured); ``int4-act`` the stacking
+with the A8 activation quantization left to inductor (``svdquant.fuse(gelu=False, compiled_activations=True)``:
+fused into the LayerNorm/modulation and GELU kernels);
 ``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too;
 ``int4-fused-ahead`` every fusion and the adaLN modulations computed ahead in one GEMV (``fuse(modulations=True)``).
 """

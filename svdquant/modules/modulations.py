@@ -7,12 +7,12 @@ rows in all (1.6 GB of 4-bit codes). Run where diffusers runs them, they are 76 
 :func:`fuse_modulations` stacks them (:class:`~svdquant.modules.fused.FusedSVDQLinear` over the W4A16 runners: one
 launch over all rows, the members' codes rows of the stack's), and the model's timestep embedding returns
 ``[silu(temb) | every modulation]`` (a forward hook on ``time_text_embed``). Each norm then reads its row of that
-(each norm type's modulations a region of equal rows) instead of running its linear, and ``norm_out`` (16-bit) applies its linear to the ``silu(temb)`` columns
-(their classes swapped to ``compat.modulations_ahead_class``'s: diffusers' forwards of the three norms, reading
-precomputed modulations; one class per norm type, so a regional compile traces each once). The same
-math: each modulation row is the same dot product of the same input, so up to 16 images a call the step's output is
-bit for bit the same; beyond, the stack runs 16 images a launch where its members each dequantize for cuBLAS (within
-bf16 rounding).
+(each norm type's modulations a region of equal rows) instead of running its linear, and ``norm_out`` (16-bit)
+applies its linear to the ``silu(temb)`` columns (their classes swapped to ``compat.modulations_ahead_class``'s:
+diffusers' forwards of the three norms, reading precomputed modulations; one class per norm type, so a regional
+compile traces each once). The same math: each modulation row is the same dot product of the same input, so up to
+16 images a call the step's output is bit for bit the same; beyond, the stack runs 16 images a launch where its
+members each dequantize for cuBLAS (within bf16 rounding).
 
 Applies to a FLUX.1 transformer (``FluxTransformer2DModel``) whose adaLN linears are weight-only SVDQLinear layers
 without a branch and whose modules carry no offload hook (the stack stays where the layers are); otherwise nothing

@@ -240,7 +240,8 @@ def _ahead_zero(self, x, timestep=None, class_labels=None, hidden_dtype=None, em
 
 
 def _ahead_zero_single(self, x, emb=None):
-    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from ``emb`` (:func:`_ahead_row`)."""
+    """diffusers' ``AdaLayerNormZeroSingle.forward`` (0.42) reading its modulations from ``emb``
+    (:func:`_ahead_row`)."""
     shift_msa, scale_msa, gate_msa = _ahead_row(self, emb).chunk(3, dim=1)
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa
@@ -262,15 +263,16 @@ _AHEAD_FORWARDS = {"AdaLayerNormZero": _ahead_zero, "AdaLayerNormZeroSingle": _a
 def modulations_ahead_class(cls: type) -> type:
     """A subclass of diffusers' FLUX.1 norm class ``cls`` whose forward reads modulations computed ahead: its row
     ``svdq_row`` (a one-element buffer) of its type's region ``svdq_region`` of ``emb``, or, for
-    ``AdaLayerNormContinuous``, with its linear over the first ``svdq_width`` columns. A norm's class is swapped to it, not its forward replaced per instance:
-    a regional compile guards a forward attribute by object identity and would compile the block again for each
-    of FLUX.1-dev's 57 blocks (past dynamo's recompile limit)."""
+    ``AdaLayerNormContinuous``, with its linear over the first ``svdq_width`` columns. A norm's class is swapped to
+    it, not its forward replaced per instance: a regional compile guards a forward attribute by object identity and
+    would compile the block again for each of FLUX.1-dev's 57 blocks (past dynamo's recompile limit)."""
     return type(f"{cls.__name__}Ahead", (cls,), {"forward": _AHEAD_FORWARDS[cls.__name__], "__module__": __name__})
 
 
 def set_qkv_fusion_supported(attn: torch.nn.Module, supported: bool) -> None:
     """``False``: diffusers' (un)fuse_qkv_projections leave this attention alone (its ``to_qkv`` is not a projection;
-    diffusers' own convention for always-fused attentions, e.g. Flux2's single blocks). ``True``: its class's default."""
+    diffusers' own convention for always-fused attentions, e.g. Flux2's single blocks). ``True``: its class's
+    default."""
     if supported:
         attn.__dict__.pop("_supports_qkv_fusion", None)
     else:
