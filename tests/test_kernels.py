@@ -169,6 +169,17 @@ def test_two_part_inputs_are_read_in_place_at_flux_shapes():
     assert not K.reads_in_place(3000, 15360)
 
 
+def test_reads_in_place_asks_the_blocks_the_launch_takes(monkeypatch):
+    """Unset, pass 1's K block is the width's default (:func:`default_blocks`), as in the launch: a head of 128
+    columns is whole with 128-column blocks, not with 256-column ones."""
+    from svdquant.kernels import activations as A
+
+    assert K.reads_in_place(128, 5120, block_k=128)
+    monkeypatch.setattr(A, "WIDE_BLOCKS", dict(A.WIDE_BLOCKS, stats_block_k=256))
+    assert not K.reads_in_place(128, 5120, block_k=128) and K.reads_in_place(256, 5120, block_k=128)
+    assert K.reads_in_place(128, 5120, block_k=128, stats_block_k=128)
+
+
 @cpu_only
 def test_activation_kernel_k_splits_give_the_same_result():
     x = inputs(512, 40, 3, torch.float32)

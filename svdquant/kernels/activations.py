@@ -216,11 +216,13 @@ def _blocks(kp: int, a4: bool, group_size: int, block_k: int, stats_block_k: int
 
 
 def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 64, block_k: int = 256,
-                   stats_block_k: int = 128) -> bool:
+                   stats_block_k: int | None = None) -> bool:
     """Whether :func:`quantize_activations` reads an input ``[head | tail]`` whose head is ``k_head`` of ``k``
     columns from both tensors (the head a whole number of both passes' K blocks: FLUX's 3,072 is), rather than
-    from their concatenation, made first; also whether an input GELU may start at column ``k_head``."""
-    b1, bq = _blocks(k + (-k) % group_size, a4, group_size, block_k, stats_block_k)
+    from their concatenation, made first; also whether an input GELU may start at column ``k_head``.
+    ``stats_block_k`` unset: :func:`default_blocks`' for the width, as the launch takes it."""
+    kp = k + (-k) % group_size
+    b1, bq = _blocks(kp, a4, group_size, block_k, stats_block_k or default_blocks(kp)["stats_block_k"])
     return k_head % b1 == 0 and k_head % bq == 0
 
 
