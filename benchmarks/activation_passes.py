@@ -4,11 +4,12 @@
     python3 benchmarks/activation_passes.py --no-sweep --out $OUT # the passes at the shipped blocks only
     python benchmarks/activation_passes.py --smoke                # CPU: tiny shapes through the interpreter
 
-A compiled FLUX.1-dev step spends 12.8 ms (H200, batch 1) in ~228 activation passes (smoothing, per-token INT8
-quantization and ``X·L1ᵀ``: :func:`svdquant.kernels.quantize_activations`, two kernels each), where reading X twice
-and writing its codes once at the copy rate would take ~5 ms. Timing the kernel eagerly cannot say where the rest
-goes: a pass is ~15-100 µs of GPU work behind ~50 µs of host work (Python, five allocations, two launches), so
-``do_bench`` times the host at the small shapes. Here every pass type of the step (the image and text streams of
+A compiled FLUX.1-dev step spent 12.8-13.3 ms (H200 / H100, batch 1) in ~228 activation passes (smoothing,
+per-token INT8 quantization and ``X·L1ᵀ``: :func:`svdquant.kernels.quantize_activations`, two kernels each). Read
+twice, X and the codes take 11.3 ms at an H100's measured copy rate, read once 6.1 (session 29: the blocks by
+width now reach the first). Timing the kernel eagerly cannot say where the time goes: a pass is ~15-100 µs of
+GPU work behind ~50 µs of host work (Python, five allocations, two launches), so ``do_bench`` times the host at
+the small shapes. Here every pass type of the step (the image and text streams of
 a double block, a single block's stacked input and its two-part ``proj_out`` with the MLP's GELU) is captured
 ``--calls`` times in one CUDA graph and replayed, as the step runs it: µs per pass, against its floor (the bytes
 of one and two reads of X, the partial maxima and down projections pass 1 writes and pass 2 reads, and the codes,
