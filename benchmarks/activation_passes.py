@@ -6,7 +6,7 @@
 
 A compiled FLUX.1-dev step spent 12.8-13.3 ms (H200 / H100, batch 1) in ~228 activation passes (smoothing,
 per-token INT8 quantization and ``X·L1ᵀ``: :func:`svdquant.kernels.quantize_activations`, two kernels each). Read
-twice, X and the codes take 11.3 ms at an H100's measured copy rate, read once 6.1 (session 29: the blocks by
+twice, X and the codes take 11.3 ms at an H100's measured copy rate, read once 6.3 (session 29: the blocks by
 width now reach the first). Timing the kernel eagerly cannot say where the time goes: a pass is ~15-100 µs of
 GPU work behind ~50 µs of host work (Python, five allocations, two launches), so ``do_bench`` times the host at
 the small shapes. Here every pass type of the step (the image and text streams of

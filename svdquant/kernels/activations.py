@@ -19,7 +19,7 @@ one step: the interpreter's tanh-GELU against torch's in the last bit, the GPU's
 values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]`` fp32, ``lora_act`` ``[M, R]`` fp32.
 
 Both passes in one launch instead (a program per row block walking all of K twice, the second time from L2, no
-partials) measured 1.2-6.5x slower than the two at every FLUX pass type, whatever its blocks (H100, in a CUDA
+partials) measured 1.1-6.6x slower than the two at every FLUX pass type, whatever its blocks (H100, in a CUDA
 graph; BENCHMARKS.md, "Session 29"): with a program per row block too few loads are in flight.
 
 An input may come in two column parts, ``[x | tail]`` (a FLUX single block's ``proj_out``: its attention output and
