@@ -16,11 +16,13 @@ of one and two reads of X, the partial maxima and down projections pass 1 writes
 at this card's copy rate), and the step's total (count × µs). The calls of one graph read the same X: a small one
 stays in L2 between them, as a pass's input, just written by its producer, often does in the step.
 
-Each pass type is also timed in row chunks (``chunk_bytes``: both passes over a chunk of rows at a time, so that
-pass 2 reads from L2 what pass 1 read), and at the blocks the kernel took before they were chosen by width
-(``uniform_us``). The sweep then times the block options (each checked against the shipped blocks' output first:
-codes and scales equal, ``X·L1ᵀ`` within 1e-3): its best per pass type is what
-:func:`svdquant.kernels.activations.default_blocks` ships. Writes ``activation_passes.json`` to ``--out``.
+Each pass type is also timed as one pass given its rows' maxima (``row_maxima=``, what a producer's epilogue
+would write: here computed in torch per 256 columns, a GEMM tile's width; its codes checked within one step of the
+two passes', the torch GELU differing from the kernel's in the last bit), in row chunks (``chunk_bytes``: both
+passes over a chunk of rows at a time, so that pass 2 reads from L2 what pass 1 read), and at the blocks the
+kernel took before they were chosen by width (``uniform_us``). The sweep then times the block options (each checked
+against the shipped blocks' output first: codes and scales equal, ``X·L1ᵀ`` within 1e-3): its best per pass type is
+what :func:`svdquant.kernels.activations.default_blocks` ships. Writes ``activation_passes.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ FLUX_PASSES = [
 SWEEP = dict(stats_block_m=(32, 64, 128), stats_block_k=(128, 256), target_programs=(512, 1024, 2048, 8192),
              num_warps=(4, 8))
 SMOKE_SWEEP = dict(stats_block_m=(32,), stats_block_k=(128,), target_programs=(512, 8192), num_warps=(4,))
+GIVEN_SWEEP = dict(block_m=(16, 32, 64), target_programs=(512, 2048, 8192), num_warps=(4, 8))  # row_maxima= given
+SMOKE_GIVEN_SWEEP = dict(block_m=(16, 32), target_programs=(8192,), num_warps=(4,))
 UNIFORM = dict(stats_block_m=64, stats_block_k=128, target_programs=8192, num_warps=8)  # before session 29
 # row chunks at the shipped blocks (quantize_activations(chunk_bytes=): pass 2 reads from L2 what pass 1 just read)
 CHUNKS = (8 << 20, 16 << 20, 24 << 20, 32 << 20)
@@ -66,6 +70,20 @@ def pass_inputs(m, k, gelu_from, head, device, dtype, seed=0):
         wide = torch.randn(m, 9216 + k - head, generator=g).to(device, dtype)
         return (x[:, :head].contiguous(), sinv, down), dict(kw, tail=wide[:, 9216:])
     return (x, sinv, down), kw
+
+
+def torch_maxima(pos, kw, cols: int = 256) -> torch.Tensor:
+    """``[2, S, M]``: each row's max of ``|x · λ⁻¹|`` (after the input GELU, in the input's dtype) per ``cols``
+    columns, and zero unsigned maxima: what a producer would hand ``quantize_activations(row_maxima=)``."""
+    x = torch.cat([pos[0], kw["tail"]], 1) if kw.get("tail") is not None else pos[0]
+    x = x.to(torch.float32, copy=True)  # the GELU below writes into it: never into the input
+    g = kw.get("input_gelu_from")
+    if g is not None:
+        x[:, g:] = torch.nn.functional.gelu(x[:, g:], approximate="tanh").to(pos[0].dtype).float()
+    u = (x * pos[1]).abs()
+    pad = (-u.shape[1]) % cols
+    m = torch.nn.functional.pad(u, (0, pad)).unflatten(1, (-1, cols)).amax(2).t()
+    return torch.stack([m, torch.zeros_like(m)]).contiguous()
 
 
 def floor_us(m, k, copy_gbs, splits, with_lora=True) -> dict:
@@ -134,6 +152,13 @@ def run(args) -> dict:
         row = dict(name=name, m=m, k=k, count=count, us=us, step_ms=count * us / 1e3,
                    **floor_us(m, k, copy_gbs, splits_of(k, m)))
         row["uniform_us"] = sweep({}, pos, dict(kw, **UNIFORM), want, timer, args)["{}"]
+        given = dict(kw, row_maxima=torch_maxima(pos, kw))
+        near = K.quantize_activations(*pos, **given)
+        row["given_maxima_us"] = timer(lambda: K.quantize_activations(*pos, **given), args.calls, args.reps) \
+            if int((near[0].int() - want[0].int()).abs().max()) <= 1 else "wrong"
+        if args.sweep:  # the one pass's blocks, each checked against its own output at the shipped blocks
+            row["given_sweep"] = sweep(SMOKE_GIVEN_SWEEP if args.smoke else GIVEN_SWEEP, pos, given, near, timer,
+                                       args)
         chunks = dict(chunk_bytes=SMOKE_CHUNKS if args.smoke else CHUNKS)  # each checked against no chunks first
         row["chunks"] = {str(json.loads(c)["chunk_bytes"]): t
                          for c, t in sweep(chunks, pos, kw, want, timer, args).items()}
@@ -144,11 +169,13 @@ def run(args) -> dict:
                 row["best"] = min(timed, key=timed.get)
                 row["best_us"] = timed[row["best"]]
         res["passes"].append(row)
-        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ != "sweep"}), flush=True)
+        print("pass", json.dumps({k_: v for k_, v in row.items() if k_ not in ("sweep", "given_sweep")}), flush=True)
     res["step_ms"] = sum(r["step_ms"] for r in res["passes"])
     res["step_ms_best"] = sum(r["count"] * r.get("best_us", r["us"]) / 1e3 for r in res["passes"])
     res["step_floor_ms"] = sum(r["count"] * r["two_reads_us"] / 1e3 for r in res["passes"])
     res["step_ms_uniform"] = sum(r["count"] * r["uniform_us"] / 1e3 for r in res["passes"])
+    res["step_ms_given_maxima"] = sum(r["count"] * r["given_maxima_us"] / 1e3 for r in res["passes"]
+                                      if isinstance(r["given_maxima_us"], float))
     return res
 
 
@@ -187,7 +214,8 @@ def main(argv=None):
         args.calls, args.reps = 1, 1
     res = run(args)
     print(f"step: {res['step_ms']:.2f} ms in activation passes (best blocks {res['step_ms_best']:.2f}, floor with "
-          f"two reads {res['step_floor_ms']:.2f}; the uniform blocks before session 29 {res['step_ms_uniform']:.2f})")
+          f"two reads {res['step_floor_ms']:.2f}; the uniform blocks before session 29 {res['step_ms_uniform']:.2f};"
+          f" given the rows' maxima {res['step_ms_given_maxima']:.2f})")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "activation_passes.json").write_text(json.dumps(res, indent=1))

@@ -29,7 +29,8 @@ def test_the_smoke_run_covers_the_steps_passes_and_every_swept_block_agrees(tmp_
         assert r["two_reads_us"] > r["one_read_us"] > 0
         assert r["sweep"] and all(isinstance(t, float) for t in r["sweep"].values()), r["sweep"]
         assert r["chunks"] and all(isinstance(t, float) for t in r["chunks"].values()), r["chunks"]
-        assert isinstance(r["uniform_us"], float)
+        assert isinstance(r["uniform_us"], float) and isinstance(r["given_maxima_us"], float)
+        assert r["given_sweep"] and all(isinstance(t, float) for t in r["given_sweep"].values()), r["given_sweep"]
 
 
 def test_the_floor_counts_the_bytes_of_a_pass():

@@ -169,6 +169,30 @@ def test_two_part_inputs_are_read_in_place_at_flux_shapes():
     assert not K.reads_in_place(3000, 15360)
 
 
+@cpu_only
+@pytest.mark.parametrize("a4", [False, True])
+def test_one_pass_with_a_producers_row_maxima_gives_the_two_passes_result(a4):
+    """The rows' partial maxima given (as a producer's epilogue would write them, here per 96-column slice, the last
+    partial): one pass writes the two passes' codes and scales bit for bit, ``X·L1ᵀ`` within fp32 rounding."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    m, k, shift, uf = 45, 256, (0.171875 if a4 else 0.0), (128 if a4 else 0)
+    x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(k, generator=g))).to(torch.bfloat16)
+    sinv = torch.rand(k, generator=g) + 0.5
+    down = (torch.randn(16, k, generator=g) * 0.1).to(torch.bfloat16)
+    kw = dict(a4=a4, shift=shift, unsigned_from=uf, block_m=16, block_k=64)
+    want = K.quantize_activations(x, sinv, down, **kw)
+    uns = (torch.arange(k) >= uf) & bool(shift)
+    u = torch.where(uns, ((x.float() + shift) * sinv).clamp_min(0), x.float() * sinv)
+    maxima = torch.stack([torch.stack([torch.where(uns, 0.0, u.abs())[:, c].amax(1), torch.where(uns, u, 0.0)[:, c]
+                                       .amax(1)]) for c in torch.arange(k).split(96)], 1)
+    got = K.quantize_activations(x, sinv, down, row_maxima=maxima, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
+    assert rel(got[2], want[2]) < 1e-5, f"seed {seed}"
+    with pytest.raises(ValueError, match=r"row_maxima must be \[2, slices, 45\] float32"):
+        K.quantize_activations(x, sinv, down, row_maxima=maxima[0], **kw)
+
+
 def test_reads_in_place_asks_the_blocks_the_launch_takes(monkeypatch):
     """Unset, pass 1's K block is the width's default (:func:`default_blocks`), as in the launch: a head of 128
     columns is whole with 128-column blocks, not with 256-column ones."""
@@ -203,7 +227,7 @@ def test_activation_passes_take_their_blocks_by_width_unless_given(monkeypatch, 
     assert A.default_blocks(width + (-width) % 64) == want
     launched = []
     real = A._passes
-    monkeypatch.setattr(A, "_passes", lambda *a: launched.append((a[-4], a[-2])) or real(*a))  # rows, warps
+    monkeypatch.setattr(A, "_passes", lambda *a: launched.append((a[-5], a[-3])) or real(*a))  # rows, warps
     x, sinv = inputs(width, 3, 4, torch.float32), torch.rand(width) + 0.5
     K.quantize_activations(x, sinv, None)
     K.quantize_activations(x, sinv, None, stats_block_m=16, num_warps=2)
@@ -650,6 +674,24 @@ def test_gpu_blocks_by_width_equal_the_uniform_blocks_at_flux_shapes(rows, k, ge
                                   num_warps=8, **parts, **kw)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert rel(got[2], want[2]) < 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,k", [(4608, 12288), (4608, 3072), (512, 15360)])
+def test_gpu_one_pass_with_row_maxima_equals_the_two_passes_at_flux_shapes(rows, k):
+    """The rows' maxima given per 256 columns (a GEMM tile's width, as a producer's epilogue would write them): the
+    one pass gives the two passes' codes and scales bit for bit, ``X·L1ᵀ`` within bf16 rounding."""
+    g = torch.Generator().manual_seed(seed_now())
+    x = (torch.randn(rows, k, generator=g) * 2).to("cuda", torch.bfloat16)
+    sinv = (torch.rand(k, generator=g) + 0.5).cuda()
+    down = (torch.randn(32, k, generator=g) * 0.02).to("cuda", torch.bfloat16)
+    want = K.quantize_activations(x, sinv, down, lora_dtype=torch.bfloat16)
+    u = (x.float() * sinv).abs().unflatten(1, (-1, 256)).amax(2).t()
+    got = K.quantize_activations(x, sinv, down, lora_dtype=torch.bfloat16,
+                                 row_maxima=torch.stack([u, torch.zeros_like(u)]).contiguous())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert rel(got[2], want[2]) < 1e-2
 
 
 @gpu

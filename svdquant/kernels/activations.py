@@ -111,15 +111,10 @@ def _token_scale(amax_s, amax_u, A4: tl.constexpr):
 
 
 @triton.jit
-def _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, kb, s, inv_s, K, stride_xm, stride_tm, k_head,
-                    shift, unsigned_from, gelu_from, KP: tl.constexpr, BLOCK_K: tl.constexpr, A4: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
-                    APPROX_GELU: tl.constexpr, FAST_ROUND: tl.constexpr):
-    """K block ``kb`` of the rows, quantized with their scales and written as int8."""
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
-                        shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
-    if A4:  # BLOCK_K is one group: its multiplier, then the codes, written as code · m
+def _codes(u, kb, s, inv_s, unsigned_from, BLOCK_K: tl.constexpr, A4: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """The int8 values of K block ``kb`` of ``u`` with the rows' scales: A8 ``rne(u / s)``; A4 (``BLOCK_K`` one
+    group) the group's multiplier, then the codes, as ``code · m``."""
+    if A4:
         g_uns = kb * BLOCK_K >= unsigned_from
         qmax = tl.where(g_uns, 15.0, 7.0)
         mmax = tl.where(g_uns, 8.0, 18.0)
@@ -133,7 +128,41 @@ def _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, kb, s, inv_s, K,
     else:
         q = rne(u * inv_s[:, None], FAST_ROUND)
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    tl.store(q_ptr + rows[:, None] * KP + k[None, :], q.to(tl.int8), mask=rmask[:, None])
+    return q.to(tl.int8)
+
+
+@triton.jit
+def _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, kb, s, inv_s, K, stride_xm, stride_tm, k_head,
+                    shift, unsigned_from, gelu_from, KP: tl.constexpr, BLOCK_K: tl.constexpr, A4: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
+                    APPROX_GELU: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """K block ``kb`` of the rows, quantized with their scales and written as int8."""
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
+                        shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
+    q = _codes(u, kb, s, inv_s, unsigned_from, BLOCK_K, A4, FAST_ROUND)
+    tl.store(q_ptr + rows[:, None] * KP + k[None, :], q, mask=rmask[:, None])
+
+
+@triton.jit
+def _row_scales(st_ptr, rows, rmask, M, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, A4: tl.constexpr):
+    """The rows' scales from ``SPLITS`` partial maxima, ``st[0, j]`` signed and ``st[1, j]`` unsigned."""
+    amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j in range(0, SPLITS):
+        amax_s = tl.maximum(amax_s, tl.load(st_ptr + j * M + rows, mask=rmask, other=0.0))
+        amax_u = tl.maximum(amax_u, tl.load(st_ptr + (SPLITS + j) * M + rows, mask=rmask, other=0.0))
+    return _token_scale(amax_s, amax_u, A4)
+
+
+@triton.jit
+def _sum_partials(lp_ptr, la_ptr, rows, rmask, M, SPLITS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The K slices' partial down projections ``lp[j]``, summed in a fixed order (deterministic), into ``la``."""
+    rr = tl.arange(0, R)
+    lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    for j in range(0, SPLITS):
+        lora += tl.load(lp_ptr + j * M * R + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
+    tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
 
 
 @triton.jit
@@ -179,25 +208,59 @@ def quantize_activations_kernel(
     split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    amax_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    amax_u = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j in range(0, STAT_SPLITS):
-        amax_s = tl.maximum(amax_s, tl.load(st_ptr + j * M + rows, mask=rmask, other=0.0))
-        amax_u = tl.maximum(amax_u, tl.load(st_ptr + (STAT_SPLITS + j) * M + rows, mask=rmask, other=0.0))
-    s = _token_scale(amax_s, amax_u, A4)
+    s = _row_scales(st_ptr, rows, rmask, M, STAT_SPLITS, BLOCK_M, A4)
     inv_s = reciprocal(s)
     if split == 0:
         tl.store(s_ptr + rows, s, mask=rmask)
-        if HAS_LORA:  # the K slices' partial down projections, summed in a fixed order (deterministic)
-            rr = tl.arange(0, R)
-            lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
-            for j in range(0, STAT_SPLITS):
-                lora += tl.load(lp_ptr + j * M * R + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
-            tl.store(la_ptr + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+        if HAS_LORA:
+            _sum_partials(lp_ptr, la_ptr, rows, rmask, M, STAT_SPLITS, R, BLOCK_M)
     for i in range(0, BLOCKS_PER_SPLIT):
         _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, split * BLOCKS_PER_SPLIT + i, s, inv_s, K,
                         stride_xm, stride_tm, k_head, shift, unsigned_from, gelu_from, KP, BLOCK_K, A4, HAS_SHIFT,
                         HAS_TAIL, HAS_GELU, APPROX_GELU, FAST_ROUND)
+
+
+@triton.jit
+def quantize_given_maxima_kernel(
+    x_ptr, t_ptr, sinv_ptr, l1_ptr, st_ptr, q_ptr, s_ptr, lp_ptr,
+    M, K, stride_xm, stride_tm, k_head, gelu_from, shift, unsigned_from,
+    KP: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LORA: tl.constexpr, A4: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr, APPROX_GELU: tl.constexpr,
+    IEEE: tl.constexpr, F32_DOT: tl.constexpr, FAST_ROUND: tl.constexpr,
+):
+    """The one pass over X where the rows' partial maxima are given (a producer wrote them): over one K slice, the
+    int8 values and the slice's partial ``x · L1ᵀ`` (:func:`lora_sum_kernel` sums the slices')."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    s = _row_scales(st_ptr, rows, rmask, M, STAT_SPLITS, BLOCK_M, A4)
+    inv_s = reciprocal(s)
+    if split == 0:
+        tl.store(s_ptr + rows, s, mask=rmask)
+    lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
+    for i in range(0, BLOCKS_PER_SPLIT):
+        kb = split * BLOCKS_PER_SPLIT + i
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
+                            shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
+        if HAS_LORA:
+            rr = tl.arange(0, R)
+            l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
+            lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
+        q = _codes(u, kb, s, inv_s, unsigned_from, BLOCK_K, A4, FAST_ROUND)
+        tl.store(q_ptr + rows[:, None] * KP + k[None, :], q, mask=rmask[:, None])
+    if HAS_LORA:
+        rr = tl.arange(0, R)
+        tl.store(lp_ptr + split * M * R + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+
+
+@triton.jit
+def lora_sum_kernel(lp_ptr, la_ptr, M, SPLITS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``la = Σ_j lp[j]`` over the K slices, in order."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _sum_partials(lp_ptr, la_ptr, rows, rows < M, M, SPLITS, R, BLOCK_M)
 
 
 def _splits(blocks: int, m_blocks: int, target: int) -> int:
@@ -252,7 +315,8 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
                          stats_block_m: int | None = None, stats_block_k: int | None = None,
                          target_programs: int | None = None, num_warps: int | None = None, exact_gelu: bool = False,
-                         lora_dtype: torch.dtype = torch.float32, chunk_bytes: int | None = None):
+                         lora_dtype: torch.dtype = torch.float32, chunk_bytes: int | None = None,
+                         row_maxima: torch.Tensor | None = None):
     """Launch the two passes. ``x``: ``[M, K]`` rows with unit column stride (any row stride: a column slice of
     a wider tensor is read where it is); ``tail``: the input's last columns, ``[M, K_t]``, when it is
     ``[x | tail]`` (read from both where they are, no concatenated copy, where :func:`reads_in_place`);
@@ -271,6 +335,11 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     about that size, a multiple of both passes' row blocks) at a time, so that pass 2 finds in L2 what pass 1 read;
     each row's result is the same either way.
 
+    ``row_maxima``: ``[2, S, M]`` fp32, each row's partial maxima of ``u`` (``[0]`` the signed part's absolute
+    value, ``[1]`` the unsigned part's max) over ``S`` column slices, as pass 1 would find them: written by the
+    input's producer, they make one pass over X (:func:`quantize_given_maxima_kernel`, then a sum of the slices'
+    down projections) instead of two; no chunks.
+
     ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: :func:`default_blocks` for
     the input's width. Pass 1 takes taller token blocks than pass 2: every block re-reads all of ``L1`` from L2, so
     short blocks made the down projection cost more than X."""
@@ -287,7 +356,11 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
                          "apply that GELU before (svdquant.ops.reference.gelu_columns)")
     if tail is not None and (k_head % b1 or k_head % bq):  # a head that ends inside a block: one concatenation
         x, tail, k_head = torch.cat([x, tail], 1), None, k
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if row_maxima is not None and (row_maxima.dtype != torch.float32 or row_maxima.dim() != 3
+                                   or row_maxima.shape[0] != 2 or row_maxima.shape[2] != m):
+        raise ValueError(f"row_maxima must be [2, slices, {m}] float32 (each row's signed and unsigned partial "
+                         f"maxima), got {list(row_maxima.shape)} {row_maxima.dtype}")
+    chunk_bytes = 0 if row_maxima is not None else CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     unit = stats_block_m * block_m // math.gcd(stats_block_m, block_m)  # a chunk: whole row blocks of both passes
     rows = m if not chunk_bytes or m * k * x.element_size() <= chunk_bytes else \
         max(unit, chunk_bytes // (k * x.element_size()) // unit * unit)
@@ -301,14 +374,15 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
         r1 = min(m, r0 + rows)
         _passes(x[r0:r1], tail[r0:r1] if tail is not None else None, k, k_head, kp, b1, bq, smooth_inv, lora_down,
                 q[r0:r1], s[r0:r1], la[r0:r1] if la is not None else None, input_gelu_from, a4, shift,
-                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu)
+                unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu, row_maxima)
     return q, s, la
 
 
 def _passes(x, tail, k, k_head, kp, b1, bq, smooth_inv, lora_down, q, s, la, input_gelu_from, a4, shift,
-            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu):
+            unsigned_from, block_m, stats_block_m, splits, num_warps, exact_gelu, maxima):
     """Both passes over the rows of ``x`` (and ``tail``), writing ``q``, ``s`` and ``la`` (rows of the outputs),
-    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``."""
+    pass 1 in ``splits[0]`` K slices and pass 2 in ``splits[1]``; or, with the rows' partial ``maxima`` given, the
+    one pass in ``splits[1]`` slices and the sum of their down projections."""
     m = x.shape[0]
     r = lora_down.shape[0] if lora_down is not None else 16
     has_lora = lora_down is not None
@@ -320,6 +394,15 @@ def _passes(x, tail, k, k_head, kp, b1, bq, smooth_inv, lora_down, q, s, la, inp
             float(shift), int(unsigned_from) if shift else kp)
     l1 = lora_down if has_lora else x
     s1, s2 = splits
+    if maxima is not None:
+        partial = torch.empty(s2, m, r, dtype=torch.float32, device=x.device) if has_lora else s
+        quantize_given_maxima_kernel[(triton.cdiv(m, block_m), s2)](
+            x, t, smooth_inv, l1, maxima, q, s, partial, *rest, KP=kp, STAT_SPLITS=maxima.shape[1],
+            BLOCKS_PER_SPLIT=kp // bq // s2, BLOCK_M=block_m, BLOCK_K=bq, A4=a4, IEEE=x.dtype == torch.float32,
+            F32_DOT=interpreting(), FAST_ROUND=not interpreting(), **shared)
+        if has_lora:
+            lora_sum_kernel[(triton.cdiv(m, 64),)](partial, la, m, SPLITS=s2, R=r, BLOCK_M=64)
+        return
     stats = torch.empty(2, s1, m, dtype=torch.float32, device=x.device)
     partial = torch.empty(s1, m, r, dtype=torch.float32, device=x.device) if has_lora else stats
     activation_stats_kernel[(triton.cdiv(m, stats_block_m), s1)](
