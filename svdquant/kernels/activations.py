@@ -18,6 +18,10 @@ slices' partial maxima (and, in its first slice, the partial down projections). 
 one step: the interpreter's tanh-GELU against torch's in the last bit, the GPU's ``tanh.approx`` more). Output:
 values ``[M, K_pad]`` int8 (zero beyond K), scales ``[M]`` fp32, ``lora_act`` ``[M, R]`` fp32.
 
+Where the input's producer wrote each row's partial maxima (``row_maxima=``), one pass reads X once: the scales
+from those, the codes and each K slice's partial ``X·L1ᵀ`` (:func:`quantize_given_maxima_kernel`), then the
+slices' sum (:func:`lora_sum_kernel`).
+
 Both passes in one launch instead (a program per row block walking all of K twice, the second time from L2, no
 partials) measured 1.1-6.6x slower than the two at every FLUX pass type, whatever its blocks (H100, in a CUDA
 graph; BENCHMARKS.md, "Session 29"): with a program per row block too few loads are in flight.
