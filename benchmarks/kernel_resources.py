@@ -53,8 +53,8 @@ def _gemm(gelu: bool, tma: bool):
                w_desc=f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
                a_ptr="*i8", w_ptr="*i8", as_ptr="*fp32", ws_ptr="*fp32", la_ptr="*fp32", lu_ptr="*bf16",
                b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_ym="i32")
-    consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, APPROX_GELU=True, NUM_PROGRAMS=132, TMA=tma,
-                  WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
+    consts = dict(R=32, R_CHUNK=32, HAS_LORA=True, HAS_BIAS=True, GELU=gelu, APPROX_GELU=True, NUM_PROGRAMS=132,
+                  TMA=tma, WARP_SPECIALIZE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
     return G.int8_gemm_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -62,19 +62,30 @@ _ACT_SIG = dict(x_ptr="*bf16", t_ptr="*bf16", sinv_ptr="*fp32", M="i32", K="i32"
                 stride_tm="i32", k_head="i32", gelu_from="i32", shift="fp32", unsigned_from="i32")
 
 
-def _activation_pass(stage: int, two_parts: bool, gelu: bool):
-    """The shipped launch of each pass (kernels/activations.py defaults) at FLUX's proj_out (K = 15,360)."""
+def _activation_pass(stage, two_parts: bool, gelu: bool):
+    """The shipped launch of each pass (kernels/activations.py's blocks for the width) at FLUX's proj_out (K =
+    15,360, 4,608 tokens); stage ``"given"``: the one pass given a producer's row maxima (60 slices of 256), its
+    128-column blocks and 8 warps."""
     A = importlib.import_module("svdquant.kernels.activations")
 
+    m, kp = 4608, 15360
+    b = A.default_blocks(kp)
+    s1 = A._splits(kp // b["stats_block_k"], -(-m // b["stats_block_m"]), b["target_programs"])
+    bq = 128 if stage == "given" else 256  # the launch's pass-2 K block
+    s2 = A._splits(kp // bq, -(-m // 16), b["target_programs"])
     flags = dict(HAS_LORA=True, HAS_SHIFT=False, HAS_TAIL=two_parts, HAS_GELU=gelu, APPROX_GELU=True)
     if stage == 1:
         sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", lp_ptr="*fp32")
-        consts = dict(BLOCKS_PER_SPLIT=5, R=32, BLOCK_M=64, BLOCK_K=128, IEEE=False, F32_DOT=False, **flags)
-        return A.activation_stats_kernel, sig, consts, 8, 3
+        consts = dict(BLOCKS_PER_SPLIT=kp // b["stats_block_k"] // s1, R=32, BLOCK_M=b["stats_block_m"],
+                      BLOCK_K=b["stats_block_k"], IEEE=False, F32_DOT=False, **flags)
+        return A.activation_stats_kernel, sig, consts, b["num_warps"], 3
+    rest = dict(KP=kp, BLOCKS_PER_SPLIT=kp // bq // s2, R=32, BLOCK_M=16, BLOCK_K=bq, A4=False, FAST_ROUND=True,
+                **flags)
+    if stage == "given":
+        sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", lp_ptr="*fp32")
+        return A.quantize_given_maxima_kernel, sig, dict(STAT_SPLITS=60, IEEE=False, F32_DOT=False, **rest), 8, 3
     sig = dict(_ACT_SIG, st_ptr="*fp32", lp_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", la_ptr="*fp32")
-    consts = dict(KP=15360, STAT_SPLITS=24, BLOCKS_PER_SPLIT=5, R=32, BLOCK_M=16, BLOCK_K=256, A4=False,
-                  FAST_ROUND=True, **flags)
-    return A.quantize_activations_kernel, sig, consts, 8, 3
+    return A.quantize_activations_kernel, sig, dict(STAT_SPLITS=s1, **rest), b["num_warps"], 3
 
 
 def _attention(d: int, tma: bool):
@@ -132,9 +143,10 @@ def shipped(arch: int) -> dict:
     tma = arch >= 90
     kernels = {f"int8_gemm{' tma' if tma else ''}": _gemm(False, tma),
                f"int8_gemm{' tma' if tma else ''} + GELU epilogue (fuse_gelu into='up')": _gemm(True, tma)}
-    for stage in (1, 2):
+    for stage in (1, 2, "given"):
         for two, gelu in ((False, False), (True, False), (False, True), (True, True)):
-            name = f"activation pass {stage}{', two parts' if two else ''}{', input GELU' if gelu else ''}"
+            label = "given row maxima" if stage == "given" else stage
+            name = f"activation pass {label}{', two parts' if two else ''}{', input GELU' if gelu else ''}"
             kernels[name] = _activation_pass(stage, two, gelu)
     for d in (128, 64):
         measured = " (measured tile, spills)" if tma and d == 128 else ""

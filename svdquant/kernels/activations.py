@@ -160,6 +160,19 @@ def _row_scales(st_ptr, rows, rmask, M, SPLITS: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _slice_rows(st_ptr, s_ptr, M, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, A4: tl.constexpr):
+    """A quantizing program's K slice, rows and their scales (from ``SPLITS`` partial maxima; the first slice's
+    programs write them): ``(split, rows, row mask, s, 1 / s)``."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    s = _row_scales(st_ptr, rows, rmask, M, SPLITS, BLOCK_M, A4)
+    if split == 0:
+        tl.store(s_ptr + rows, s, mask=rmask)
+    return split, rows, rmask, s, reciprocal(s)
+
+
+@triton.jit
 def _sum_partials(lp_ptr, la_ptr, rows, rmask, M, SPLITS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
     """The K slices' partial down projections ``lp[j]``, summed in a fixed order (deterministic), into ``la``."""
     rr = tl.arange(0, R)
@@ -208,15 +221,9 @@ def quantize_activations_kernel(
     FAST_ROUND: tl.constexpr,
 ):
     """Pass 2 over one K slice: the token scale from the partial maxima, then the int8 values."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    s = _row_scales(st_ptr, rows, rmask, M, STAT_SPLITS, BLOCK_M, A4)
-    inv_s = reciprocal(s)
-    if split == 0:
-        tl.store(s_ptr + rows, s, mask=rmask)
-        if HAS_LORA:
+    split, rows, rmask, s, inv_s = _slice_rows(st_ptr, s_ptr, M, STAT_SPLITS, BLOCK_M, A4)
+    if HAS_LORA:
+        if split == 0:  # the K slices' partial down projections, summed once per row
             _sum_partials(lp_ptr, la_ptr, rows, rmask, M, STAT_SPLITS, R, BLOCK_M)
     for i in range(0, BLOCKS_PER_SPLIT):
         _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, split * BLOCKS_PER_SPLIT + i, s, inv_s, K,
@@ -235,14 +242,7 @@ def quantize_given_maxima_kernel(
 ):
     """The one pass over X where the rows' partial maxima are given (a producer wrote them): over one K slice, the
     int8 values and the slice's partial ``x · L1ᵀ`` (:func:`lora_sum_kernel` sums the slices')."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    s = _row_scales(st_ptr, rows, rmask, M, STAT_SPLITS, BLOCK_M, A4)
-    inv_s = reciprocal(s)
-    if split == 0:
-        tl.store(s_ptr + rows, s, mask=rmask)
+    split, rows, rmask, s, inv_s = _slice_rows(st_ptr, s_ptr, M, STAT_SPLITS, BLOCK_M, A4)
     lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_SPLIT):
         kb = split * BLOCKS_PER_SPLIT + i
@@ -316,7 +316,7 @@ def default_blocks(kp: int) -> dict:
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
                          tail: torch.Tensor | None = None, input_gelu_from: int | None = None, a4: bool = False,
                          group_size: int = 64,
-                         shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int = 256,
+                         shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int | None = None,
                          stats_block_m: int | None = None, stats_block_k: int | None = None,
                          target_programs: int | None = None, num_warps: int | None = None, exact_gelu: bool = False,
                          lora_dtype: torch.dtype = torch.float32, chunk_bytes: int | None = None,
@@ -342,7 +342,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     ``row_maxima``: ``[2, S, M]`` fp32, each row's partial maxima of ``u`` (``[0]`` the signed part's absolute
     value, ``[1]`` the unsigned part's max) over ``S`` column slices, as pass 1 would find them: written by the
     input's producer, they make one pass over X (:func:`quantize_given_maxima_kernel`, then a sum of the slices'
-    down projections) instead of two; no chunks.
+    down projections) instead of two; no chunks. Its K blocks: 128 columns unless ``block_k`` says otherwise.
 
     ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: :func:`default_blocks` for
     the input's width. Pass 1 takes taller token blocks than pass 2: every block re-reads all of ``L1`` from L2, so
@@ -352,7 +352,11 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     kp = k + (-k) % group_size
     given = dict(stats_block_m=stats_block_m, stats_block_k=stats_block_k, target_programs=target_programs,
                  num_warps=num_warps)
-    blocks = default_blocks(kp) | {key: v for key, v in given.items() if v is not None}
+    # the one pass given row maxima holds L1's tile beside X's: 128-column blocks and 8 warps compile for sm_90
+    # without spilling (175 registers), 256 columns spilled 24-40 B at 4 or 8 warps (benchmarks/kernel_resources.py)
+    one_pass = {"num_warps": 8} if row_maxima is not None else {}
+    blocks = default_blocks(kp) | one_pass | {key: v for key, v in given.items() if v is not None}
+    block_k = block_k or (128 if row_maxima is not None else 256)
     stats_block_m, stats_block_k, target_programs, num_warps = (blocks[key] for key in given)
     b1, bq = _blocks(kp, a4, group_size, block_k, stats_block_k)
     if input_gelu_from is not None and (input_gelu_from % b1 or input_gelu_from % bq):
