@@ -119,13 +119,10 @@ def same(a, b) -> bool:
 
 
 def splits_of(k, m) -> int:
-    """Pass 1's K splits at the shipped blocks, as the launcher picks them."""
+    """Pass 1's K splits at the shipped blocks, as the launcher plans them."""
     from svdquant.kernels import activations as A
 
-    kp = k + (-k) % 64
-    blocks = A.default_blocks(kp)
-    b1, _ = A._blocks(kp, False, 64, 256, blocks["stats_block_k"])
-    return A._splits(kp // b1, -(-m // blocks["stats_block_m"]), blocks["target_programs"])
+    return A.launch_plan(m, k)["splits"][0]
 
 
 def run(args) -> dict:

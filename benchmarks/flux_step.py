@@ -292,10 +292,11 @@ def main(argv=None):
                          "(as before session 29: the A/B)")
     args = ap.parse_args(argv)
     if args.act_blocks == "uniform":
+        from activation_passes import UNIFORM
+
         from svdquant.kernels import activations
 
-        activations.NARROW_BLOCKS = activations.WIDE_BLOCKS = dict(stats_block_m=64, stats_block_k=128,
-                                                                   target_programs=8192, num_warps=8)
+        activations.NARROW_BLOCKS = activations.WIDE_BLOCKS = UNIFORM
     if args.act_chunk_bytes is not None:
         if args.act_chunk_bytes < 0:
             ap.error(f"--act-chunk-bytes {args.act_chunk_bytes}: use 0 (off) or a byte count")

@@ -64,28 +64,26 @@ _ACT_SIG = dict(x_ptr="*bf16", t_ptr="*bf16", sinv_ptr="*fp32", M="i32", K="i32"
 
 def _activation_pass(stage, two_parts: bool, gelu: bool):
     """The shipped launch of each pass (kernels/activations.py's blocks for the width) at FLUX's proj_out (K =
-    15,360, 4,608 tokens); stage ``"given"``: the one pass given a producer's row maxima (60 slices of 256), its
-    128-column blocks and 8 warps."""
+    15,360, 4,608 tokens), as :func:`~svdquant.kernels.activations.launch_plan` plans it; stage ``"given"``: the
+    one pass given a producer's row maxima (60 slices of 256)."""
     A = importlib.import_module("svdquant.kernels.activations")
 
     m, kp = 4608, 15360
-    b = A.default_blocks(kp)
-    s1 = A._splits(kp // b["stats_block_k"], -(-m // b["stats_block_m"]), b["target_programs"])
-    bq = 128 if stage == "given" else 256  # the launch's pass-2 K block
-    s2 = A._splits(kp // bq, -(-m // 16), b["target_programs"])
+    plan = A.launch_plan(m, kp, given_maxima=stage == "given")
+    (s1, s2), bq, warps = plan["splits"], plan["bq"], plan["num_warps"]
     flags = dict(HAS_LORA=True, HAS_SHIFT=False, HAS_TAIL=two_parts, HAS_GELU=gelu, APPROX_GELU=True)
     if stage == 1:
         sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", lp_ptr="*fp32")
-        consts = dict(BLOCKS_PER_SPLIT=kp // b["stats_block_k"] // s1, R=32, BLOCK_M=b["stats_block_m"],
-                      BLOCK_K=b["stats_block_k"], IEEE=False, F32_DOT=False, **flags)
-        return A.activation_stats_kernel, sig, consts, b["num_warps"], 3
+        consts = dict(BLOCKS_PER_SPLIT=kp // plan["b1"] // s1, R=32, BLOCK_M=plan["stats_block_m"],
+                      BLOCK_K=plan["b1"], IEEE=False, F32_DOT=False, **flags)
+        return A.activation_stats_kernel, sig, consts, warps, 3
     rest = dict(KP=kp, BLOCKS_PER_SPLIT=kp // bq // s2, R=32, BLOCK_M=16, BLOCK_K=bq, A4=False, FAST_ROUND=True,
                 **flags)
     if stage == "given":
         sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", lp_ptr="*fp32")
-        return A.quantize_given_maxima_kernel, sig, dict(STAT_SPLITS=60, IEEE=False, F32_DOT=False, **rest), 8, 3
+        return A.quantize_given_maxima_kernel, sig, dict(STAT_SPLITS=60, IEEE=False, F32_DOT=False, **rest), warps, 3
     sig = dict(_ACT_SIG, st_ptr="*fp32", lp_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", la_ptr="*fp32")
-    return A.quantize_activations_kernel, sig, dict(STAT_SPLITS=s1, **rest), b["num_warps"], 3
+    return A.quantize_activations_kernel, sig, dict(STAT_SPLITS=s1, **rest), warps, 3
 
 
 def _attention(d: int, tma: bool):

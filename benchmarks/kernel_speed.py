@@ -13,9 +13,9 @@ For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
   branch fused, and without the branch; memory mode (4-bit resident): + the expand kernel;
 * stages: the activation kernel, the GEMM as the layer runs it (the CUTLASS kernel on H100 / H200, Triton's
   elsewhere; before 2026-12-05 this column timed Triton's everywhere), the expand kernel alone;
-* BF16 and ours (speed mode, rank 32) again in a CUDA graph (ten calls a graph, :func:`graph_ms`), as a compiled,
-  graph-captured step runs them: eagerly, a small shape also times the layer's host work (two activation-pass
-  launches and the GEMM's, against cuBLAS's one).
+* BF16 and ours (speed mode, rank 32) again in a CUDA graph (ten calls a graph, the layer choice's
+  ``graph_ms``), as a compiled, graph-captured step runs them: eagerly, a small shape also times the layer's host
+  work (two activation-pass launches and the GEMM's, against cuBLAS's one).
 
 The layer is a real :class:`svdquant.SVDQLinear` (``int4`` recipe: two-level INT4 weights,
 INT8 activations) with random valid contents; its output is checked against the torch
@@ -228,6 +228,7 @@ def sweep_small(dev, out):
 
 def table(dev, shapes, tokens, out, rank=32):
     from svdquant import kernels as K
+    from svdquant.pipelines.layer_choice import graph_ms  # the layer choice's CUDA-graph timer
 
     rows = []
     for mt0 in tokens:
@@ -261,8 +262,8 @@ def table(dev, shapes, tokens, out, rank=32):
                             layer = random_layer(k, n, rank=rk, device=dev, mode=mode)
                             r[f"ours_{mode}_r{rk}"] = bench(lambda: layer(x))
                     layer = random_layer(k, n, rank=rank, device=dev, mode="speed")
-                    r["bf16_graph"] = graph_ms(lambda: F.linear(x, w16), reps=20)
-                    r["ours_graph"] = graph_ms(lambda: layer(x), reps=20)
+                    r["bf16_graph"] = graph_ms(lambda: F.linear(x, w16), reps=20, inner=10)
+                    r["ours_graph"] = graph_ms(lambda: layer(x), reps=20, inner=10)
                     run = layer._runner
                     # the stages as the layer runs them: X·L1ᵀ in bf16 for the CUTLASS GEMM (H100 / H200)
                     lora_dtype = torch.bfloat16 if run.sm90 else torch.float32
@@ -335,13 +336,6 @@ def w4a16_table(dev, out):
                              best_tbs=nbytes / timed[best] / 1e9 if best else None))
             print("w4a16", json.dumps(rows[-1]), flush=True)
     out["w4a16"] = rows
-
-
-def graph_ms(fn, reps: int) -> float:
-    """ms of one call in a CUDA graph of ten (the layer choice's timer)."""
-    from svdquant.pipelines.layer_choice import graph_ms as timer
-
-    return timer(fn, reps=reps, inner=10)
 
 
 def markdown(rows, header) -> str:

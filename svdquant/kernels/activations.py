@@ -282,14 +282,14 @@ def _blocks(kp: int, a4: bool, group_size: int, block_k: int, stats_block_k: int
     return b1, bq
 
 
-def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 64, block_k: int = 256,
+def reads_in_place(k_head: int, k: int, *, a4: bool = False, group_size: int = 64, block_k: int | None = None,
                    stats_block_k: int | None = None) -> bool:
     """Whether :func:`quantize_activations` reads an input ``[head | tail]`` whose head is ``k_head`` of ``k``
     columns from both tensors (the head a whole number of both passes' K blocks: FLUX's 3,072 is), rather than
-    from their concatenation, made first; also whether an input GELU may start at column ``k_head``.
-    ``stats_block_k`` unset: :func:`default_blocks`' for the width, as the launch takes it."""
-    kp = k + (-k) % group_size
-    b1, bq = _blocks(kp, a4, group_size, block_k, stats_block_k or default_blocks(kp)["stats_block_k"])
+    from their concatenation, made first; also whether an input GELU may start at column ``k_head``. Blocks left
+    unset: :func:`launch_plan`'s for the width, as the launch takes them."""
+    plan = launch_plan(1, k, a4=a4, group_size=group_size, block_k=block_k, stats_block_k=stats_block_k)
+    b1, bq = plan["b1"], plan["bq"]
     return k_head % b1 == 0 and k_head % bq == 0
 
 
@@ -311,6 +311,27 @@ NARROW_MAX_K = 4096
 def default_blocks(kp: int) -> dict:
     """Pass 1's blocks, the K-slice target and the warps for an input of padded width ``kp``."""
     return dict(NARROW_BLOCKS if kp <= NARROW_MAX_K else WIDE_BLOCKS)
+
+
+# The one pass given row maxima holds L1's tile beside X's: 128-column blocks and 8 warps compile for sm_90 without
+# spilling (175 registers), 256 columns spilled 24-40 B at 4 or 8 warps (benchmarks/kernel_resources.py).
+GIVEN_MAXIMA_BLOCKS = dict(block_k=128, num_warps=8)
+
+
+def launch_plan(m: int, k: int, *, a4: bool = False, group_size: int = 64, block_m: int = 16,
+                block_k: int | None = None, given_maxima: bool = False, **blocks) -> dict:
+    """How :func:`quantize_activations` launches for ``m`` rows of ``k`` columns: the padded width ``kp``, pass 1's
+    and pass 2's K blocks ``b1`` / ``bq``, pass 1's rows, the warps and the ``splits`` (K slices of each pass).
+    ``blocks`` (``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps``) left unset or None:
+    :func:`default_blocks` for the width, and :data:`GIVEN_MAXIMA_BLOCKS` for the one pass given row maxima."""
+    kp = k + (-k) % group_size
+    chosen = default_blocks(kp) | dict(block_k=256) | (GIVEN_MAXIMA_BLOCKS if given_maxima else {})
+    chosen |= {key: v for key, v in dict(blocks, block_k=block_k).items() if v is not None}
+    b1, bq = _blocks(kp, a4, group_size, chosen["block_k"], chosen["stats_block_k"])
+    splits = (_splits(kp // b1, triton.cdiv(m, chosen["stats_block_m"]), chosen["target_programs"]),
+              _splits(kp // bq, triton.cdiv(m, block_m), chosen["target_programs"]))
+    return dict(kp=kp, b1=b1, bq=bq, stats_block_m=chosen["stats_block_m"], num_warps=chosen["num_warps"],
+                splits=splits)
 
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
@@ -342,23 +363,18 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     ``row_maxima``: ``[2, S, M]`` fp32, each row's partial maxima of ``u`` (``[0]`` the signed part's absolute
     value, ``[1]`` the unsigned part's max) over ``S`` column slices, as pass 1 would find them: written by the
     input's producer, they make one pass over X (:func:`quantize_given_maxima_kernel`, then a sum of the slices'
-    down projections) instead of two; no chunks. Its K blocks: 128 columns unless ``block_k`` says otherwise.
+    down projections) instead of two; no chunks. Its blocks: :data:`GIVEN_MAXIMA_BLOCKS` unless given.
 
-    ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: :func:`default_blocks` for
-    the input's width. Pass 1 takes taller token blocks than pass 2: every block re-reads all of ``L1`` from L2, so
-    short blocks made the down projection cost more than X."""
+    ``block_k``, ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: as
+    :func:`launch_plan` picks them for the input's width. Pass 1 takes taller token blocks than pass 2: every
+    block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
     m, k_head = x.shape
     k = k_head + (tail.shape[1] if tail is not None else 0)
-    kp = k + (-k) % group_size
-    given = dict(stats_block_m=stats_block_m, stats_block_k=stats_block_k, target_programs=target_programs,
-                 num_warps=num_warps)
-    # the one pass given row maxima holds L1's tile beside X's: 128-column blocks and 8 warps compile for sm_90
-    # without spilling (175 registers), 256 columns spilled 24-40 B at 4 or 8 warps (benchmarks/kernel_resources.py)
-    one_pass = {"num_warps": 8} if row_maxima is not None else {}
-    blocks = default_blocks(kp) | one_pass | {key: v for key, v in given.items() if v is not None}
-    block_k = block_k or (128 if row_maxima is not None else 256)
-    stats_block_m, stats_block_k, target_programs, num_warps = (blocks[key] for key in given)
-    b1, bq = _blocks(kp, a4, group_size, block_k, stats_block_k)
+    plan = launch_plan(m, k, a4=a4, group_size=group_size, block_m=block_m, block_k=block_k,
+                       given_maxima=row_maxima is not None, stats_block_m=stats_block_m, stats_block_k=stats_block_k,
+                       target_programs=target_programs, num_warps=num_warps)
+    kp, b1, bq, stats_block_m, num_warps, splits = (plan[key] for key in ("kp", "b1", "bq", "stats_block_m",
+                                                                           "num_warps", "splits"))
     if input_gelu_from is not None and (input_gelu_from % b1 or input_gelu_from % bq):
         raise ValueError(f"input_gelu_from={input_gelu_from} is not a whole number of K blocks ({b1}, {bq}): "
                          "apply that GELU before (svdquant.ops.reference.gelu_columns)")
@@ -375,9 +391,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     la = torch.empty(m, lora_down.shape[0], dtype=lora_dtype, device=x.device) if lora_down is not None else None
-    # K slices as for the whole input: every chunk sums a row's partial down projections in the same order
-    splits = (_splits(kp // b1, triton.cdiv(m, stats_block_m), target_programs),
-              _splits(kp // bq, triton.cdiv(m, block_m), target_programs))
+    # K slices as for the whole input (the plan's): every chunk sums a row's partial down projections in one order
     for r0 in range(0, m, max(rows, 1)):  # static: the same launches every call (CUDA graphs)
         r1 = min(m, r0 + rows)
         _passes(x[r0:r1], tail[r0:r1] if tail is not None else None, k, k_head, kp, b1, bq, smooth_inv, lora_down,
