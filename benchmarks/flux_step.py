@@ -11,7 +11,9 @@ with random but valid contents (timing does not depend on the values; the kernel
 reference in tests/test_kernels.py), so no calibration is needed to time it.
 
 "Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
-class is compiled once, default inductor mode, static shapes), the same for every variant. All variants
+class is compiled once, default inductor mode, static shapes). Our variants compile with ``svdquant.optimize``'s
+inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-defaults`` leaves them out); torchao's
+``quantize_`` sets the same flags process-wide for its own variant, and they are reset after it. All variants
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
 first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention). Per variant and batch: median
 ms per step (``triton.testing.do_bench``), peak GPU memory during the step, weights in GB; ``--profile`` adds a
@@ -44,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
+
+from svdquant.pipelines.optimize import COMPILE_OPTIONS  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
          "int4-memory", "int4-memory-fused", "int4-fused-ahead")
@@ -184,10 +188,12 @@ def checkpoint_gb(model) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
 
 
-def compile_blocks(model, backend):
+def compile_blocks(model, backend, options=None):
     kw = dict(fullgraph=True, dynamic=False)
     if backend != "inductor":
         kw["backend"] = backend
+    elif options:
+        kw["options"] = dict(options)
     model.compile_repeated_blocks(**kw)
 
 
@@ -290,6 +296,9 @@ def main(argv=None):
     ap.add_argument("--act-blocks", choices=("width", "uniform"), default="width",
                     help="the INT8 activation passes' blocks: chosen by width (the default), or one choice for all "
                          "(as before session 29: the A/B)")
+    ap.add_argument("--inductor-defaults", action="store_true",
+                    help="compile our blocks at inductor's defaults instead of svdquant.optimize's options "
+                         "(COMPILE_OPTIONS: coordinate-descent tuning; the A/B)")
     args = ap.parse_args(argv)
     if args.act_blocks == "uniform":
         from activation_passes import UNIFORM
@@ -322,7 +331,8 @@ def main(argv=None):
                pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)) if args.smoke else FLUX_DEV
     tok = dict(img=64, txt=16, width=64, pooled=32) if args.smoke else {}
     res = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), blocks=[args.double, args.single],
-               variants={}, compile="compile_repeated_blocks(fullgraph=True, dynamic=False), default mode")
+               variants={}, compile="compile_repeated_blocks(fullgraph=True, dynamic=False), default mode",
+               our_compile_options={} if args.inductor_defaults else COMPILE_OPTIONS)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
@@ -412,13 +422,13 @@ def main(argv=None):
             print(name, b, json.dumps(row[f"b{b}"])[:600], flush=True)
             save()
 
-    def run_base(base, m):
+    def run_base(base, m, options=None):
         """Every requested variant of one base model: eager, eager + graph, compiled, compiled + graph."""
         for suffix in ("", "-graph"):
             if base + suffix in variants:
                 measure(base + suffix, m)
         if any(v.startswith(base + "-compiled") for v in variants):
-            compile_blocks(m, backend)
+            compile_blocks(m, backend, options)
             for suffix in ("", "-graph"):
                 if base + "-compiled" + suffix in variants:
                     measure(base + "-compiled" + suffix, m)
@@ -433,9 +443,13 @@ def main(argv=None):
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         fp8 = copy.deepcopy(model)
-        # torchao's recipe for diffusion transformers (as in diffusers' torchao docs): every nn.Linear
+        # torchao's recipe for diffusion transformers (as in diffusers' torchao docs): every nn.Linear. Its
+        # quantize_ also sets inductor's config process-wide (recommended_inductor_config_setter: coordinate-descent
+        # tuning, ...): torchao's users get that, so its variant runs with it; the variants after it must not
+        inductor_config = torch._inductor.config.get_config_copy()
         quantize_(fp8, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         run_base("fp8-torchao", fp8)
+        torch._inductor.config.load_config(inductor_config)
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -471,7 +485,7 @@ def main(argv=None):
                 res["fused_ahead"] = fuse(model, modulations=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-            run_base(base, model)
+            run_base(base, model, None if args.inductor_defaults else COMPILE_OPTIONS)
             if base == "int4-qkv":
                 unfuse_projections(model)
             if base == "int4-fused-triton":

@@ -53,6 +53,21 @@ def test_optimize_takes_pipelines_and_models_only():
     assert denoiser(pipe) is pipe.transformer
 
 
+def test_blocks_compile_with_coordinate_descent_tuning(quantized_flux, monkeypatch):
+    """Every repeated block compiles with COMPILE_OPTIONS (2 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md), and
+    inductor takes them: a function compiled with them runs."""
+    from svdquant.pipelines import optimize as O
+
+    assert O.COMPILE_OPTIONS == {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
+    assert torch.compile(lambda x: x * 2 + 1, options=O.COMPILE_OPTIONS)(torch.ones(3)).tolist() == [3.0] * 3
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    model = copy.deepcopy(quantized_flux[0])
+    assert O.compile_blocks(model) == len(seen) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert {name for name, _ in seen} == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert all(kw == dict(dynamic=False, options=O.COMPILE_OPTIONS) for _, kw in seen)
+
+
 def test_signature_and_rebuild():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 

@@ -15,8 +15,9 @@ On a CUDA device, in this order (each step can be turned off):
    (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.2 dB, BENCHMARKS.md), calls it cannot take on
    PyTorch's SDPA.
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
-   through ``torch.compile(dynamic=False)``; the quantized kernels are custom ops, so a block is one graph.
-   Compilation happens at the first call at each new shape (tens of seconds for FLUX.1-dev).
+   through ``torch.compile(dynamic=False)`` with inductor's coordinate-descent tuning (:data:`COMPILE_OPTIONS`); the
+   quantized kernels are custom ops, so a block is one graph. Compilation happens at the first call at each new
+   shape (about 90 s for FLUX.1-dev on an H100 with an empty inductor cache, seconds once cached).
 4. ``layers`` (with graphs): at the first call, each quantized layer's shape is timed on this GPU against a
    16-bit cuBLAS linear of its dequantized weight, and runs as one where that is faster
    (:mod:`svdquant.pipelines.layer_choice`: few tokens, narrow layers);
@@ -47,6 +48,12 @@ from .layer_choice import choose_layers
 
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
 INT8_ATTENTION = "int8"  # svdquant's INT8 Q·Kᵀ attention, registered in diffusers' dispatcher when asked
+# Inductor's coordinate-descent search of block sizes for the Triton kernels it writes around the quantized ones (the
+# norms and modulations, q/k RMSNorm + RoPE, the gated residual adds). On an H100 it took that class of a FLUX.1-dev
+# step from 8.45 to 6.44 ms (BENCHMARKS.md, "Session 30"); its cost is a longer first compile, and inductor caches
+# what it found. torchao's quantize_ turns the same two flags on process-wide (its recommended_inductor_config_setter);
+# here they apply to the blocks svdquant compiles and nothing else.
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 _attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype) -> backend, timed once per process
 
 
@@ -229,11 +236,11 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` each repeated block in place (static shapes); returns how many."""
+    """``torch.compile`` each repeated block in place (static shapes, :data:`COMPILE_OPTIONS`); returns how many."""
     blocks = _blocks(model)
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(dynamic=False)
+            block.compile(dynamic=False, options=dict(COMPILE_OPTIONS))
     return len(blocks)
 
 
