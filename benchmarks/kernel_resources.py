@@ -77,8 +77,8 @@ def _activation_pass(stage, two_parts: bool, gelu: bool):
         consts = dict(BLOCKS_PER_SPLIT=kp // plan["b1"] // s1, R=32, BLOCK_M=plan["stats_block_m"],
                       BLOCK_K=plan["b1"], IEEE=False, F32_DOT=False, **flags)
         return A.activation_stats_kernel, sig, consts, warps, 3
-    rest = dict(KP=kp, BLOCKS_PER_SPLIT=kp // bq // s2, R=32, BLOCK_M=16, BLOCK_K=bq, A4=False, FAST_ROUND=True,
-                **flags)
+    rest = dict(KP=kp, BLOCKS_PER_SPLIT=kp // bq // s2, R=32, BLOCK_M=plan["block_m"], BLOCK_K=bq, A4=False,
+                FAST_ROUND=True, **flags)
     if stage == "given":
         sig = dict(_ACT_SIG, l1_ptr="*bf16", st_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", lp_ptr="*fp32")
         return A.quantize_given_maxima_kernel, sig, dict(STAT_SPLITS=60, IEEE=False, F32_DOT=False, **rest), warps, 3

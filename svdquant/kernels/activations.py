@@ -313,32 +313,36 @@ def default_blocks(kp: int) -> dict:
     return dict(NARROW_BLOCKS if kp <= NARROW_MAX_K else WIDE_BLOCKS)
 
 
-# The one pass given row maxima holds L1's tile beside X's: 128-column blocks and 8 warps compile for sm_90 without
-# spilling (175 registers), 256 columns spilled 24-40 B at 4 or 8 warps (benchmarks/kernel_resources.py).
-GIVEN_MAXIMA_BLOCKS = dict(block_k=128, num_warps=8)
+# The one pass given row maxima holds L1's tile beside X's: 128-column blocks (256 spilled 24-40 B on sm_90,
+# benchmarks/kernel_resources.py). Its rows, K-slice target and warps: the best of activation_passes.py's sweep over
+# FLUX's wide inputs (fc2, proj_out) at batch 1 and 4 together (H100, Triton 3.6, session 30: a step's wide passes
+# 6.81 ms at batch 1 and 22.4 at batch 4, against 8.45 / 30.4 at 16 rows and 8 warps, and 8.31 / 31.6 for the two
+# passes). Compiled ahead of time by Triton 3.9 its one-part launches spill 136-168 B here, but time fastest.
+GIVEN_MAXIMA_BLOCKS = dict(block_m=32, block_k=128, target_programs=2048, num_warps=4)
 
 
-def launch_plan(m: int, k: int, *, a4: bool = False, group_size: int = 64, block_m: int = 16,
-                block_k: int | None = None, given_maxima: bool = False, **blocks) -> dict:
+def launch_plan(m: int, k: int, *, a4: bool = False, group_size: int = 64, given_maxima: bool = False,
+                **blocks) -> dict:
     """How :func:`quantize_activations` launches for ``m`` rows of ``k`` columns: the padded width ``kp``, pass 1's
-    and pass 2's K blocks ``b1`` / ``bq``, pass 1's rows, the warps and the ``splits`` (K slices of each pass).
-    ``blocks`` (``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps``) left unset or None:
-    :func:`default_blocks` for the width, and :data:`GIVEN_MAXIMA_BLOCKS` for the one pass given row maxima."""
+    and pass 2's K blocks ``b1`` / ``bq``, pass 1's and pass 2's rows ``stats_block_m`` / ``block_m``, the warps and
+    the ``splits`` (K slices of each pass). ``blocks`` (``block_m``, ``block_k``, ``stats_block_m``,
+    ``stats_block_k``, ``target_programs``, ``num_warps``) left unset or None: :func:`default_blocks` for the width
+    (16-row, 256-column blocks in pass 2), and :data:`GIVEN_MAXIMA_BLOCKS` for the one pass given row maxima."""
     kp = k + (-k) % group_size
-    chosen = default_blocks(kp) | dict(block_k=256) | (GIVEN_MAXIMA_BLOCKS if given_maxima else {})
-    chosen |= {key: v for key, v in dict(blocks, block_k=block_k).items() if v is not None}
+    chosen = default_blocks(kp) | dict(block_m=16, block_k=256) | (GIVEN_MAXIMA_BLOCKS if given_maxima else {})
+    chosen |= {key: v for key, v in blocks.items() if v is not None}
     b1, bq = _blocks(kp, a4, group_size, chosen["block_k"], chosen["stats_block_k"])
     splits = (_splits(kp // b1, triton.cdiv(m, chosen["stats_block_m"]), chosen["target_programs"]),
-              _splits(kp // bq, triton.cdiv(m, block_m), chosen["target_programs"]))
-    return dict(kp=kp, b1=b1, bq=bq, stats_block_m=chosen["stats_block_m"], num_warps=chosen["num_warps"],
-                splits=splits)
+              _splits(kp // bq, triton.cdiv(m, chosen["block_m"]), chosen["target_programs"]))
+    return dict(kp=kp, b1=b1, bq=bq, stats_block_m=chosen["stats_block_m"], block_m=chosen["block_m"],
+                num_warps=chosen["num_warps"], splits=splits)
 
 
 def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: torch.Tensor | None, *,
                          tail: torch.Tensor | None = None, input_gelu_from: int | None = None, a4: bool = False,
                          group_size: int = 64,
-                         shift: float = 0.0, unsigned_from: int = 0, block_m: int = 16, block_k: int | None = None,
-                         stats_block_m: int | None = None, stats_block_k: int | None = None,
+                         shift: float = 0.0, unsigned_from: int = 0, block_m: int | None = None,
+                         block_k: int | None = None, stats_block_m: int | None = None, stats_block_k: int | None = None,
                          target_programs: int | None = None, num_warps: int | None = None, exact_gelu: bool = False,
                          lora_dtype: torch.dtype = torch.float32, chunk_bytes: int | None = None,
                          row_maxima: torch.Tensor | None = None):
@@ -365,7 +369,7 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     input's producer, they make one pass over X (:func:`quantize_given_maxima_kernel`, then a sum of the slices'
     down projections) instead of two; no chunks. Its blocks: :data:`GIVEN_MAXIMA_BLOCKS` unless given.
 
-    ``block_k``, ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: as
+    ``block_m``, ``block_k``, ``stats_block_m``, ``stats_block_k``, ``target_programs``, ``num_warps`` left unset: as
     :func:`launch_plan` picks them for the input's width. Pass 1 takes taller token blocks than pass 2: every
     block re-reads all of ``L1`` from L2, so short blocks made the down projection cost more than X."""
     m, k_head = x.shape
@@ -373,8 +377,8 @@ def quantize_activations(x: torch.Tensor, smooth_inv: torch.Tensor, lora_down: t
     plan = launch_plan(m, k, a4=a4, group_size=group_size, block_m=block_m, block_k=block_k,
                        given_maxima=row_maxima is not None, stats_block_m=stats_block_m, stats_block_k=stats_block_k,
                        target_programs=target_programs, num_warps=num_warps)
-    kp, b1, bq, stats_block_m, num_warps, splits = (plan[key] for key in ("kp", "b1", "bq", "stats_block_m",
-                                                                           "num_warps", "splits"))
+    kp, b1, bq, stats_block_m, block_m, num_warps, splits = (
+        plan[key] for key in ("kp", "b1", "bq", "stats_block_m", "block_m", "num_warps", "splits"))
     if input_gelu_from is not None and (input_gelu_from % b1 or input_gelu_from % bq):
         raise ValueError(f"input_gelu_from={input_gelu_from} is not a whole number of K blocks ({b1}, {bq}): "
                          "apply that GELU before (svdquant.ops.reference.gelu_columns)")
