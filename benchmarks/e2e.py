@@ -31,7 +31,8 @@ Variants, on one pipeline per model:
 
 * ``bf16``: diffusers as loaded, eager;
 * ``bf16-compiled``: the denoiser's repeated blocks through ``torch.compile`` (what diffusers recommends,
-  ``compile_repeated_blocks``; here the same blocks svdquant compiles), default inductor mode;
+  ``compile_repeated_blocks``; here the same blocks svdquant compiles), default inductor mode and options (ours
+  add inductor's coordinate-descent tuning, ``svdquant.pipelines.optimize.COMPILE_OPTIONS``);
 * ``fp8-torchao``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on every linear of the
   denoiser, compiled the same way (its compile is slow: give it its own device call);
 * ``int4``: the denoiser's layers as svdquant ``int4`` (random valid contents), then ``svdquant.optimize(pipe)``:
@@ -141,9 +142,11 @@ def precompute_text(pipe, call: dict, device: str) -> tuple[dict, dict]:
 
 
 def compile_denoiser(den) -> int:
+    """The blocks svdquant compiles, at inductor's defaults (diffusers' users' compile; ``svdquant.optimize`` adds
+    its ``COMPILE_OPTIONS`` for ours)."""
     from svdquant.pipelines.optimize import compile_blocks
 
-    return compile_blocks(den)
+    return compile_blocks(den, options={})
 
 
 def uncompile(den) -> None:
@@ -183,6 +186,9 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
             uncompile(den)
+            # quantize_ also sets inductor's config process-wide (coordinate-descent tuning, ...): torchao's users
+            # get that, the next model's variants must not (restored below)
+            inductor_config = torch._inductor.config.get_config_copy()
             quantize_(den, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
             row["compiled_blocks"] = compile_denoiser(den)
         elif variant in ("int4", "int4-int8attn"):
@@ -214,6 +220,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
         if variant in ("int4", "int4-int8attn"):
             row["optimize"] = report.to_dict()  # after the calls: the layer choice is made at the first
         if variant == "fp8-torchao":
+            torch._inductor.config.load_config(inductor_config)
             break  # the pipeline now holds torchao's tensors; the int4 variant needs a fresh one
     del pipe, den
     gc.collect()

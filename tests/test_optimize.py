@@ -66,6 +66,10 @@ def test_blocks_compile_with_coordinate_descent_tuning(quantized_flux, monkeypat
     assert O.compile_blocks(model) == len(seen) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert {name for name, _ in seen} == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
     assert all(kw == dict(dynamic=False, options=O.COMPILE_OPTIONS) for _, kw in seen)
+    seen.clear()
+    model = copy.deepcopy(quantized_flux[0])
+    O.compile_blocks(model, options={})  # a benchmark's 16-bit baseline: inductor's defaults
+    assert seen and all(kw == dict(dynamic=False, options={}) for _, kw in seen)
 
 
 def test_signature_and_rebuild():

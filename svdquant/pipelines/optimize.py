@@ -235,12 +235,15 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` each repeated block in place (static shapes, :data:`COMPILE_OPTIONS`); returns how many."""
+def compile_blocks(model: nn.Module, options: dict | None = None) -> int:
+    """``torch.compile`` each repeated block in place (static shapes; inductor ``options``, default
+    :data:`COMPILE_OPTIONS`: ``{}`` compiles at inductor's defaults, as a benchmark's 16-bit baseline does); returns
+    how many."""
+    options = dict(COMPILE_OPTIONS if options is None else options)
     blocks = _blocks(model)
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(dynamic=False, options=dict(COMPILE_OPTIONS))
+            block.compile(dynamic=False, options=options)
     return len(blocks)
 
 
