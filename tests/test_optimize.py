@@ -54,7 +54,7 @@ def test_optimize_takes_pipelines_and_models_only():
 
 
 def test_blocks_compile_with_coordinate_descent_tuning(quantized_flux, monkeypatch):
-    """Every repeated block compiles with COMPILE_OPTIONS (2 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md), and
+    """Every repeated block compiles with COMPILE_OPTIONS (2.6 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md), and
     inductor takes them: a function compiled with them runs."""
     from svdquant.pipelines import optimize as O
 

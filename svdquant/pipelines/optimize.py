@@ -17,7 +17,8 @@ On a CUDA device, in this order (each step can be turned off):
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
    through ``torch.compile(dynamic=False)`` with inductor's coordinate-descent tuning (:data:`COMPILE_OPTIONS`); the
    quantized kernels are custom ops, so a block is one graph. Compilation happens at the first call at each new
-   shape (about 90 s for FLUX.1-dev on an H100 with an empty inductor cache, seconds once cached).
+   shape (about 3 minutes for FLUX.1-dev on an H100 with empty caches, 187 s with the CUTLASS GEMM's and Triton's
+   compiles; seconds once inductor has cached what it found).
 4. ``layers`` (with graphs): at the first call, each quantized layer's shape is timed on this GPU against a
    16-bit cuBLAS linear of its dequantized weight, and runs as one where that is faster
    (:mod:`svdquant.pipelines.layer_choice`: few tokens, narrow layers);
