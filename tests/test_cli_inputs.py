@@ -666,18 +666,36 @@ def test_demo_overwrite(demo_run, tmp_path):
     rejected(["demo", "-o", out, "--recipes", "nf4", "--steps", "1"], "already holds", "nf4", folder=out)
 
 
+# Starts a command as a terminal would: SIGINT at its default and unblocked, whatever an earlier test left in this
+# worker process (an ignored or blocked SIGINT is inherited through exec; once in CI the demo then ran to the end)
+AS_FROM_A_TERMINAL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                      "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+def _signal_state() -> str:
+    """This process's ignored and blocked signal masks (Linux), for a failure's message."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return " ".join(line.replace("\t", " ") for line in lines if line.startswith(("SigIgn", "SigBlk")))
+
+
 def test_demo_ctrl_c_leaves_nothing(tmp_path):
     """A real SIGINT while the demo quantizes: one line, status 130, no output folder, no staging folder."""
-    p = subprocess.Popen([sys.executable, "-m", "svdquant.cli", "demo", "-o", str(tmp_path / "demo"), "--recipes",
-                          "int4", "--steps", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=ENV)
+    p = subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL, "-m", "svdquant.cli", "demo", "-o",
+                          str(tmp_path / "demo"), "--recipes", "int4", "--steps", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
+    seen = []
     for line in p.stdout:  # wait until it is quantizing (unbuffered output)
+        seen.append(f"{time.time() - deadline + 120:.1f}s {line.strip()[:60]}")
         if "1 of 1" in line or time.time() > deadline:
             break
     p.send_signal(signal.SIGINT)
+    sent = time.time() - deadline + 120
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == 130, (f"status {p.returncode}; SIGINT sent at {sent:.1f}s after {seen}; this worker's "
+                                 f"{_signal_state()}; stderr: {err}")
     assert err.endswith("svdquant demo: interrupted\n"), err
     log_lines_only(err.removesuffix("svdquant demo: interrupted\n"))
     assert list(tmp_path.iterdir()) == []
