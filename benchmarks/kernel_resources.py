@@ -100,13 +100,15 @@ def _attention(d: int, tma: bool):
     return T.int8_attention_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
-def _w4a16():
-    """The adaLN layers' weight-only kernel (FLUX: 3,072 → 18,432 at one token), its launcher's defaults."""
+def _w4a16(split_k: int = 1, block_n: int = 32):
+    """The adaLN layers' weight-only kernel (FLUX: 3,072 → 18,432 at one token), its launcher's defaults (4 warps,
+    two groups a step); ``split_k`` > 1: the sweep's K slices."""
     W = importlib.import_module("svdquant.kernels.w4a16")
-    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", M="i32",
-               N="i32", K="i32", stride_xm="i32", stride_ym="i32")
-    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, HAS_BIAS=True, HAS_ZEROS=False, F32_DOT=False, GROUPS_PER_STEP=1)
-    return W.w4a16_kernel, sig, consts, 2, 4
+    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
+               part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+    consts = dict(KP=3072, GROUP=64, BLOCK_N=block_n, HAS_BIAS=True, HAS_ZEROS=False, F32_DOT=False,
+                  GROUPS_PER_STEP=W.default_groups_per_step(3072 // 64), SPLIT_K=split_k)
+    return W.w4a16_kernel, sig, consts, 4, 4
 
 
 def _w4a16_gemv():
@@ -150,6 +152,7 @@ def shipped(arch: int) -> dict:
         measured = " (measured tile, spills)" if tma and d == 128 else ""
         kernels[f"int8_attention D={d}{' tma' if tma else ''}{measured}"] = _attention(d, tma)
     kernels["w4a16"] = _w4a16()
+    kernels["w4a16 split-K 8 (sweep)"] = _w4a16(split_k=8, block_n=64)
     kernels["w4a16 GEMV (fma, sweep)"] = _w4a16_gemv()
     kernels["expand_int4m"] = _expand()
     kernels["scoring_product (quantizer)"] = _scoring()

@@ -402,12 +402,12 @@ def test_expand_gives_code_times_multiplier():
 
 
 @cpu_only
-@pytest.mark.parametrize("m_tokens,groups_per_step,fma", [(1, 1, False), (3, 1, False), (16, 1, False),
-                                                         (3, 2, False), (5, 4, False), (1, 1, True), (3, 2, True),
-                                                         (4, 4, True)])
-def test_w4a16_matches_reference(m_tokens, groups_per_step, fma):
+@pytest.mark.parametrize("m_tokens,groups_per_step,fma,split_k", [
+    (1, 1, False, 1), (3, 1, False, 1), (16, 1, False, 1), (3, 2, False, 1), (5, 4, False, 1), (1, 1, True, 1),
+    (3, 2, True, 1), (4, 4, True, 1), (1, 1, False, 4), (3, 1, False, 2), (16, 2, False, 2)])
+def test_w4a16_matches_reference(m_tokens, groups_per_step, fma, split_k):
     """K = 200 (4 groups, the last partial) read one group per step or several, on tensor-core tiles or in the
-    multiply-add GEMV: the same result."""
+    multiply-add GEMV, whole or in K slices summed after: the same result."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(48, 200, generator=g)
@@ -415,7 +415,7 @@ def test_w4a16_matches_reference(m_tokens, groups_per_step, fma):
     x = torch.randn(m_tokens, 200, generator=g)
     bias = torch.randn(48, generator=g)
     y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, bias, block_n=16, groups_per_step=groups_per_step,
-                       fma=fma)
+                       fma=fma, split_k=split_k)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q), None, None, bias)
     assert rel(y, want) < 1e-6, f"seed {seed}"
 
@@ -539,6 +539,11 @@ def test_w4a16_refuses_many_tokens():
     for bad in (0, 3, 4):
         with pytest.raises(ValueError, match=f"groups_per_step={bad} must be a power of two dividing the 6 groups"):
             K.w4a16_linear(torch.randn(2, 384), pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=bad)
+    for bad, kw in ((4, {}), (3, {}), (0, {}), (2, dict(groups_per_step=1, fma=True))):  # 3 steps at 2 groups a step
+        steps = 6 // kw.get("groups_per_step", 2)
+        with pytest.raises(ValueError, match=rf"split_k={bad} must be a power of two dividing the {steps} loop steps "
+                                             r".*and 1 with fma=True"):
+            K.w4a16_linear(torch.randn(2, 384), pack_4bit_halves(q.codes, 64), q.scales, None, split_k=bad, **kw)
 
 
 # ---------------------------------------------------------------------------- the paper's formats (interpreter)
@@ -790,11 +795,13 @@ def test_gpu_w4a16_zero_points_at_flux_adaln_shape(m_tokens):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m_tokens,groups_per_step", [(1, 1), (2, 1), (4, 1), (1, 4), (4, 8), (4, 16)])
-def test_gpu_w4a16_at_flux_adaln_shape(m_tokens, groups_per_step):
+@pytest.mark.parametrize("m_tokens,groups_per_step,split_k", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 4, 1), (4, 8, 1),
+                                                              (4, 16, 1), (1, 2, 8), (4, 2, 4)])
+def test_gpu_w4a16_at_flux_adaln_shape(m_tokens, groups_per_step, split_k):
     w = torch.randn(18432, 3072, device="cuda")
     q = quantize(w, "int4", scale_dtype=torch.bfloat16)
     x = torch.randn(m_tokens, 3072, device="cuda", dtype=torch.bfloat16)
-    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=groups_per_step)
+    y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=groups_per_step,
+                       split_k=split_k)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None, None, None)
     assert rel(y, want) < 1e-2

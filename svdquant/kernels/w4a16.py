@@ -10,8 +10,10 @@ padded to 16 inside the kernel, never in memory). One group a step (the default)
 the copy rate on an H200 (latency-bound: 1 KB per program per step); wider steps put more bytes in
 flight and await the GPU sweep (``benchmarks/kernel_speed.py``), as does :func:`w4a16_gemv_kernel`, the same
 product on the CUDA cores' multiply-adds for up to four tokens (no 16-row padding, no operand-layout moves; 40-75
-registers at one token compiled for sm_90). A split-K variant with a separate
-reduction launch measured slower on an H200 (the extra launch costs more than it saves).
+registers at one token compiled for sm_90). A split-K variant (``split_k``: K slices in programs of their own, then
+one launch summing their fp32 partials) measured slower on an H200 timed eagerly, its partials then summed in torch
+(0.074 against 0.042 ms, BENCHMARKS.md: the extra launches); it is back as a sweep option for CUDA graphs, where a
+FLUX step's adaLN GEMVs still run at a quarter of the copy rate (2.3 ms a step on an H100, session 30).
 With ``zeros`` (the ``int4z`` format: AWQ layers imported from Nunchaku) the codes are unsigned
 and each weight is ``code · scale + zero``, the product exact in fp32 (4-bit code, 16-bit scale),
 so a fused multiply-add rounds it once, as the reference does.
@@ -27,17 +29,25 @@ from .common import groups_per_program, interpreting, load_halves
 
 
 @triton.jit
-def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym,
                  KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, F32_DOT: tl.constexpr, GROUPS_PER_STEP: tl.constexpr):
+                 HAS_ZEROS: tl.constexpr, F32_DOT: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    """Program (n block, K slice): with ``SPLIT_K`` > 1 each of the K slices writes its fp32 partial product to
+    ``part_ptr`` ``[SPLIT_K, M, N]`` and :func:`w4a16_sum_kernel` adds them (in slice order) and the bias."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rows < N
     ms = tl.arange(0, 16)
     mmask = ms < M
     n_groups: tl.constexpr = KP // GROUP
+    STEPS: tl.constexpr = n_groups // GROUPS_PER_STEP // SPLIT_K
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for step in range(0, n_groups // GROUPS_PER_STEP):
+    if SPLIT_K > 1:
+        first = tl.program_id(1) * STEPS
+    else:  # the loop as it was before split_k (a constant start)
+        first = 0
+    for step in range(first, first + STEPS):
         x_lo, x_hi, w_lo, w_hi = _step_operands(x_ptr, p_ptr, s_ptr, z_ptr, rows, nmask, ms, mmask, step, K, stride_xm,
                                                 KP, GROUP, BLOCK_N, HAS_ZEROS, GROUPS_PER_STEP)
         if F32_DOT:  # the CPU interpreter cannot multiply bf16; fp32 inputs keep fp32 accuracy
@@ -46,10 +56,28 @@ def w4a16_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         else:
             acc = tl.dot(x_lo, w_lo.T, acc)
             acc = tl.dot(x_hi, w_hi.T, acc)
+    if SPLIT_K > 1:
+        tl.store(part_ptr + (tl.program_id(1) * M + ms[:, None]) * N + rows[None, :], acc,
+                 mask=mmask[:, None] & nmask[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def w4a16_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """``y = Σ_s part[s] (+ bias)`` over a split-K product's slices, in slice order (the same sum every call)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M * N
+    acc = tl.load(part_ptr + i, mask=mask, other=0.0)
+    for s_ in range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s_ * M * N + i, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+        acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (i // N) * stride_ym + i % N, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -171,13 +199,16 @@ def default_groups_per_step(groups: int) -> int:
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
                  zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 4,
-                 num_stages: int = 4, groups_per_step: int | None = None, fma: bool = False) -> torch.Tensor:
+                 num_stages: int = 4, groups_per_step: int | None = None, fma: bool = False,
+                 split_k: int = 1) -> torch.Tensor:
     """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout; unsigned with
     ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype.
     ``groups_per_step`` (a power of two dividing the group count): groups each loop step reads, so more bytes are
     in flight per program; unset, 2 where the count is even, else 1. ``fma``: :func:`w4a16_gemv_kernel` (up to
     :data:`FMA_MAX_TOKENS` tokens, the CUDA cores' multiply-adds instead of 16-row tensor-core tiles), for the
-    sweep until it measures faster.
+    sweep until it measures faster. ``split_k`` (a power of two dividing the loop's steps; the tensor-core kernel):
+    as many programs per channel block, each over a K slice, then one launch that sums their fp32 partials: a
+    sweep option until it measures faster in CUDA graphs.
 
     Defaults (32 channels a program, 4 warps, two groups a step): the fastest of ``benchmarks/kernel_speed.py``'s
     sweep on an H100 (session 29) at FLUX's adaLN shapes (3,072 -> 18,432 and 9,216, 1-4 tokens): 35 / 24 µs
@@ -194,6 +225,10 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bi
     if groups_per_step < 1 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
         raise ValueError(f"groups_per_step={groups_per_step} must be a power of two dividing the {groups} groups "
                          "of a row")
+    steps = groups // groups_per_step
+    if split_k < 1 or split_k & (split_k - 1) or steps % split_k or (fma and split_k > 1):
+        raise ValueError(f"split_k={split_k} must be a power of two dividing the {steps} loop steps "
+                         f"({groups} groups, {groups_per_step} a step), and 1 with fma=True")
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if fma:
@@ -204,11 +239,15 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bi
             M_PAD=triton.next_power_of_2(m), num_warps=num_warps, num_stages=num_stages,
         )
         return y
-    w4a16_kernel[(triton.cdiv(n, block_n),)](
-        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, m, n, k,
-        x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
+    part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    w4a16_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part, m,
+        n, k, x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
         HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
-        F32_DOT=interpreting() or x.dtype == torch.float32, GROUPS_PER_STEP=groups_per_step, num_warps=num_warps,
-        num_stages=num_stages,
+        F32_DOT=interpreting() or x.dtype == torch.float32, GROUPS_PER_STEP=groups_per_step, SPLIT_K=split_k,
+        num_warps=num_warps, num_stages=num_stages,
     )
+    if split_k > 1:
+        w4a16_sum_kernel[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, y, m, n, y.stride(0),
+                                                       SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=1024)
     return y
