@@ -386,6 +386,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 4096 only")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--w4a16", action="store_true", help="only the W4A16 (adaLN) table and its sweep")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -398,6 +399,10 @@ def main(argv=None):
     out = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                triton=triton.__version__, commit=commit, checks=[])
     t0 = time.time()
+    if args.w4a16:
+        w4a16_table(dev, out)
+        (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
+        return out
     for (k, n) in ([] if args.no_check else SHAPES):
         for act in ("int8", "int4m"):
             for mode in ("speed", "memory"):
