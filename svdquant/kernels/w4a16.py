@@ -6,9 +6,9 @@ linears run on one token per image (M = batch), so they are memory-bound: the ti
 4-bit weight bytes over bandwidth. Each program owns ``BLOCK_N`` output channels and walks
 K ``GROUPS_PER_STEP`` groups of 64 at a time: unpack the two halves of each group (byte j = codes j
 and j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
-padded to 16 inside the kernel, never in memory). One group a step (the default) reads at 12-17 % of
-the copy rate on an H200 (latency-bound: 1 KB per program per step); wider steps put more bytes in
-flight and await the GPU sweep (``benchmarks/kernel_speed.py``), as does :func:`w4a16_gemv_kernel`, the same
+padded to 16 inside the kernel, never in memory). One group a step (the default until session 29) read at 12-17 %
+of the copy rate on an H200 (latency-bound: 1 KB per program per step); two a step are the default now (the sweep
+in ``benchmarks/kernel_speed.py``), which also times :func:`w4a16_gemv_kernel`, the same
 product on the CUDA cores' multiply-adds for up to four tokens (no 16-row padding, no operand-layout moves; 40-75
 registers at one token compiled for sm_90). A split-K variant (``split_k``: K slices in programs of their own, then
 one launch summing their fp32 partials) measured slower on an H200 timed eagerly, its partials then summed in torch
