@@ -12,8 +12,9 @@ reference in tests/test_kernels.py), so no calibration is needed to time it.
 
 "Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
 class is compiled once, default inductor mode, static shapes). Our variants compile with ``svdquant.optimize``'s
-inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-defaults`` leaves them out); torchao's
-``quantize_`` sets the same flags process-wide for its own variant, and they are reset after it. All variants
+inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-defaults`` leaves them out,
+``--inductor-options`` gives others); torchao's ``quantize_`` sets the same flags process-wide for its own variant,
+and they are reset after it. All variants
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
 first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention). Per variant and batch: median
 ms per step (``triton.testing.do_bench``), peak GPU memory during the step, weights in GB; ``--profile`` adds a
@@ -299,7 +300,20 @@ def main(argv=None):
     ap.add_argument("--inductor-defaults", action="store_true",
                     help="compile our blocks at inductor's defaults instead of svdquant.optimize's options "
                          "(COMPILE_OPTIONS: coordinate-descent tuning; the A/B)")
+    ap.add_argument("--inductor-options", metavar="JSON",
+                    help="our blocks' inductor options instead of COMPILE_OPTIONS, a JSON object (e.g. "
+                         "'{\"coordinate_descent_tuning\": true, \"max_autotune_pointwise\": true}')")
     args = ap.parse_args(argv)
+    ours_options = {} if args.inductor_defaults else COMPILE_OPTIONS
+    if args.inductor_options is not None:
+        try:
+            ours_options = json.loads(args.inductor_options)
+        except json.JSONDecodeError as e:
+            ap.error(f"--inductor-options: not JSON ({e})")
+        known = torch._inductor.config.get_config_copy()
+        if not isinstance(ours_options, dict) or args.inductor_defaults or any(k not in known for k in ours_options):
+            ap.error("--inductor-options: a JSON object of inductor config names (torch._inductor.config), and not "
+                     "with --inductor-defaults")
     if args.act_blocks == "uniform":
         from activation_passes import UNIFORM
 
@@ -332,7 +346,7 @@ def main(argv=None):
     tok = dict(img=64, txt=16, width=64, pooled=32) if args.smoke else {}
     res = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), blocks=[args.double, args.single],
                variants={}, compile="compile_repeated_blocks(fullgraph=True, dynamic=False), default mode",
-               our_compile_options={} if args.inductor_defaults else COMPILE_OPTIONS)
+               our_compile_options=ours_options)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
@@ -485,7 +499,7 @@ def main(argv=None):
                 res["fused_ahead"] = fuse(model, modulations=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-            run_base(base, model, None if args.inductor_defaults else COMPILE_OPTIONS)
+            run_base(base, model, ours_options)
             if base == "int4-qkv":
                 unfuse_projections(model)
             if base == "int4-fused-triton":

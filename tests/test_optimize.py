@@ -72,6 +72,25 @@ def test_blocks_compile_with_coordinate_descent_tuning(quantized_flux, monkeypat
     assert seen and all(kw == dict(dynamic=False, options={}) for _, kw in seen)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--inductor-options", "{x"], "--inductor-options: not JSON"),
+    (["--inductor-options", "[1]"], "--inductor-options: a JSON object of inductor config names"),
+    (["--inductor-options", '{"no_such_option": true}'], "a JSON object of inductor config names"),
+    (["--inductor-options", "{}", "--inductor-defaults"], "and not with --inductor-defaults"),
+])
+def test_flux_steps_inductor_options_are_checked_first(argv, message, capsys):
+    """benchmarks/flux_step.py's A/B of our blocks' inductor options: a bad one is one line, before any model."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import flux_step
+
+    with pytest.raises(SystemExit) as e:
+        flux_step.main(["--smoke", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_signature_and_rebuild():
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
