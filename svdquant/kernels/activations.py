@@ -85,6 +85,21 @@ def _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm,
 
 
 @triton.jit
+def _down_projection(x, l1_ptr, k, K, lora, R: tl.constexpr, IEEE: tl.constexpr, F32_DOT: tl.constexpr):
+    """``lora += x · L1[:, k]ᵀ`` for one K block of the rows (tensor cores, fp32 accumulators)."""
+    rr = tl.arange(0, R)
+    l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
+    return down_projection_dot(x, l1, lora, IEEE, F32_DOT)
+
+
+@triton.jit
+def _store_partial(lp_ptr, split, rows, rmask, lora, M, R: tl.constexpr):
+    """A K slice's partial down projections of the rows into ``lp[split]`` (``[slices, M, R]`` fp32)."""
+    rr = tl.arange(0, R)
+    tl.store(lp_ptr + split * M * R + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+
+
+@triton.jit
 def _accumulate(x_ptr, t_ptr, sinv_ptr, l1_ptr, rows, rmask, k0, K, stride_xm, stride_tm, k_head, shift,
                 unsigned_from, gelu_from, lora, amax_s, amax_u, R: tl.constexpr, BLOCK_K: tl.constexpr,
                 HAS_LORA: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
@@ -94,9 +109,7 @@ def _accumulate(x_ptr, t_ptr, sinv_ptr, l1_ptr, rows, rmask, k0, K, stride_xm, s
     x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, k0, k, K, stride_xm, stride_tm, k_head, shift,
                         unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
     if HAS_LORA:
-        rr = tl.arange(0, R)
-        l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
-        lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
+        lora = _down_projection(x, l1_ptr, k, K, lora, R, IEEE, F32_DOT)
     if HAS_SHIFT:
         amax_s = tl.maximum(amax_s, tl.max(tl.where(uns[None, :], 0.0, tl.abs(u)), axis=1))
         amax_u = tl.maximum(amax_u, tl.max(tl.where(uns[None, :], u, 0.0), axis=1))
@@ -140,12 +153,14 @@ def _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, kb, s, inv_s, K,
                     shift, unsigned_from, gelu_from, KP: tl.constexpr, BLOCK_K: tl.constexpr, A4: tl.constexpr,
                     HAS_SHIFT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_GELU: tl.constexpr,
                     APPROX_GELU: tl.constexpr, FAST_ROUND: tl.constexpr):
-    """K block ``kb`` of the rows, quantized with their scales and written as int8."""
+    """K block ``kb`` of the rows, quantized with their scales and written as int8; returns the block as loaded
+    (GELU'd where it applies) and its columns ``(x, k)``, for a down projection of the same read."""
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
                         shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
     q = _codes(u, kb, s, inv_s, unsigned_from, BLOCK_K, A4, FAST_ROUND)
     tl.store(q_ptr + rows[:, None] * KP + k[None, :], q, mask=rmask[:, None])
+    return x, k
 
 
 @triton.jit
@@ -207,8 +222,7 @@ def activation_stats_kernel(
     tl.store(st_ptr + split * M + rows, amax_s, mask=rmask)
     tl.store(st_ptr + (nsplit + split) * M + rows, amax_u, mask=rmask)
     if HAS_LORA:
-        rr = tl.arange(0, R)
-        tl.store(lp_ptr + split * M * R + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+        _store_partial(lp_ptr, split, rows, rmask, lora, M, R)
 
 
 @triton.jit
@@ -245,19 +259,13 @@ def quantize_given_maxima_kernel(
     split, rows, rmask, s, inv_s = _slice_rows(st_ptr, s_ptr, M, STAT_SPLITS, BLOCK_M, A4)
     lora = tl.zeros([BLOCK_M, R], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_SPLIT):
-        kb = split * BLOCKS_PER_SPLIT + i
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        x, u, uns = _load_u(x_ptr, t_ptr, sinv_ptr, rows, rmask, kb * BLOCK_K, k, K, stride_xm, stride_tm, k_head,
-                            shift, unsigned_from, gelu_from, HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU)
+        x, k = _quantize_block(x_ptr, t_ptr, sinv_ptr, q_ptr, rows, rmask, split * BLOCKS_PER_SPLIT + i, s, inv_s,
+                               K, stride_xm, stride_tm, k_head, shift, unsigned_from, gelu_from, KP, BLOCK_K, A4,
+                               HAS_SHIFT, HAS_TAIL, HAS_GELU, APPROX_GELU, FAST_ROUND)
         if HAS_LORA:
-            rr = tl.arange(0, R)
-            l1 = tl.load(l1_ptr + rr[None, :] * K + k[:, None], mask=(k < K)[:, None], other=0.0)
-            lora = down_projection_dot(x, l1, lora, IEEE, F32_DOT)
-        q = _codes(u, kb, s, inv_s, unsigned_from, BLOCK_K, A4, FAST_ROUND)
-        tl.store(q_ptr + rows[:, None] * KP + k[None, :], q, mask=rmask[:, None])
+            lora = _down_projection(x, l1_ptr, k, K, lora, R, IEEE, F32_DOT)
     if HAS_LORA:
-        rr = tl.arange(0, R)
-        tl.store(lp_ptr + split * M * R + rows[:, None] * R + rr[None, :], lora, mask=rmask[:, None])
+        _store_partial(lp_ptr, split, rows, rmask, lora, M, R)
 
 
 @triton.jit
