@@ -32,7 +32,9 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, num
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    k = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+    # the launcher's tensors are 16-byte aligned, which Triton's JIT specializes on (wide loads): so here
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
+    k = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,12 +113,16 @@ def _w4a16(split_k: int = 1, block_n: int = 32):
     return W.w4a16_kernel, sig, consts, 4, 4
 
 
-def _w4a16_gemv():
-    """The W4A16 multiply-add GEMV (``w4a16_linear(fma=True)``, the sweep's candidate for one token), 4 warps."""
+def _w4a16_gemv(m_pad: int = 1):
+    """The W4A16 multiply-add GEMV at its launcher's defaults for one token (64 channels, four groups a step, four K
+    slices, 4 warps); ``m_pad`` = 4: the same for four tokens (not a default: the sweep's)."""
     W = importlib.import_module("svdquant.kernels.w4a16")
-    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", M="i32",
-               N="i32", K="i32", stride_xm="i32", stride_ym="i32")
-    consts = dict(KP=3072, GROUP=64, BLOCK_N=32, HAS_BIAS=True, HAS_ZEROS=False, GROUPS_PER_STEP=1, M_PAD=1)
+    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
+               part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32", MAGIC="i32")
+    groups = 3072 // 64
+    gps = W.default_groups_per_step(groups, gemv=True)
+    consts = dict(KP=3072, GROUP=64, BLOCK_N=64, HAS_BIAS=True, HAS_ZEROS=False, GROUPS_PER_STEP=gps, M_PAD=m_pad,
+                  SPLIT_K=W.default_split_k(groups // gps), EVEN_K=True)
     return W.w4a16_gemv_kernel, sig, consts, 4, 4
 
 
@@ -153,7 +159,8 @@ def shipped(arch: int) -> dict:
         kernels[f"int8_attention D={d}{' tma' if tma else ''}{measured}"] = _attention(d, tma)
     kernels["w4a16"] = _w4a16()
     kernels["w4a16 split-K 8 (sweep)"] = _w4a16(split_k=8, block_n=64)
-    kernels["w4a16 GEMV (fma, sweep)"] = _w4a16_gemv()
+    kernels["w4a16 GEMV (one token)"] = _w4a16_gemv()
+    kernels["w4a16 GEMV (4 tokens, sweep)"] = _w4a16_gemv(4)
     kernels["expand_int4m"] = _expand()
     kernels["scoring_product (quantizer)"] = _scoring()
     return kernels

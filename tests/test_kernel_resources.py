@@ -36,10 +36,14 @@ def resources(tmp_path_factory):
 
 def test_shipped_kernels_compile_for_sm90_without_spilling(resources):
     rows = {name: row for (arch, name), row in resources.items() if arch == 90}
-    assert len(rows) == 21 and not [r for r in rows.values() if "error" in r], rows
-    # the one exception: Hopper's INT8 attention tile at D = 128, which spills and measured 1.7x faster than the
-    # tile that does not (kernels/int8_attention.py)
-    assert {name for name, r in rows.items() if r["stack"]} <= {"int8_attention D=128 tma (measured tile, spills)"}
+    assert len(rows) == 22 and not [r for r in rows.values() if "error" in r], rows
+    # the exceptions: Hopper's INT8 attention tile at D = 128, which spills and measured 1.7x faster than the tile
+    # that does not (kernels/int8_attention.py); and the Triton INT8 GEMM's TMA build, Hopper's fallback where the
+    # CUTLASS DSL is not installed, which spills 760-832 B once its branch's up projection is known 16-byte aligned
+    # (as the JIT specializes it; session 31, Triton 3.9: NOTES-GPU.md says what the GPU's Triton does)
+    assert {name for name, r in rows.items() if r["stack"]} <= {
+        "int8_attention D=128 tma (measured tile, spills)", "int8_gemm tma",
+        "int8_gemm tma + GELU epilogue (fuse_gelu into='up')"}
     assert all(r["shared"] <= 227 * 1024 for r in rows.values()), rows  # an H100 / H200 block's shared memory
 
 
@@ -47,7 +51,7 @@ def test_shipped_kernels_compile_for_sm89_with_at_most_a_few_spilled_words(resou
     """An RTX 4090's build: the INT8 GEMM's tile once spilled 3.5 KB of stack here (4 warps, 128 x 128); the GEMM,
     the activation passes, W4A16, the expansion and the scoring products now none, attention at most a few words."""
     rows = {name: row for (arch, name), row in resources.items() if arch == 89}
-    assert len(rows) == 21 and not [r for r in rows.values() if "error" in r], rows
+    assert len(rows) == 22 and not [r for r in rows.values() if "error" in r], rows
     assert {name for name, r in rows.items() if r["stack"] and "attention" not in name} == set(), rows
     assert all(r["stack"] <= 64 for r in rows.values()), rows
     assert all(r["shared"] <= 99 * 1024 for r in rows.values()), rows  # sm_89's shared memory per block

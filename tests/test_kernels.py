@@ -404,7 +404,8 @@ def test_expand_gives_code_times_multiplier():
 @cpu_only
 @pytest.mark.parametrize("m_tokens,groups_per_step,fma,split_k", [
     (1, 1, False, 1), (3, 1, False, 1), (16, 1, False, 1), (3, 2, False, 1), (5, 4, False, 1), (1, 1, True, 1),
-    (3, 2, True, 1), (4, 4, True, 1), (1, 1, False, 4), (3, 1, False, 2), (16, 2, False, 2)])
+    (3, 2, True, 1), (4, 4, True, 1), (1, 1, False, 4), (3, 1, False, 2), (16, 2, False, 2), (2, 1, True, 4),
+    (3, 2, True, 2)])
 def test_w4a16_matches_reference(m_tokens, groups_per_step, fma, split_k):
     """K = 200 (4 groups, the last partial) read one group per step or several, on tensor-core tiles or in the
     multiply-add GEMV, whole or in K slices summed after: the same result."""
@@ -431,6 +432,25 @@ def test_w4a16_reads_two_groups_a_step_by_default_where_the_count_is_even(k, ste
     x = torch.randn(2, k, generator=g)
     y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None)
     assert rel(y, R.weight_only_linear(x, get_format("int4").dequantize(q), None, None, None)) < 1e-6
+
+
+@cpu_only
+@pytest.mark.parametrize("signed", [True, False])
+def test_w4a16_gemv_reads_every_nibble_exactly(signed):
+    """Known answer: every code value at every nibble of a word (and in both halves of a group), unit scales and
+    small integer inputs: the multiply-add GEMV's sums are integers below 2^24, so it must give them exactly."""
+    seed = seed_now()
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if signed else (0, 16)
+    codes = (torch.arange(64)[:, None] + 7 * torch.arange(128)) % 16 + lo  # every value at every place
+    x = torch.randint(-5, 6, (3, 128), generator=g).float()
+    scales = torch.ones(64, 2)
+    zeros = None if signed else torch.full((64, 2), 2.0)
+    y = K.w4a16_linear(x, pack_4bit_halves(codes.to(torch.int8 if signed else torch.uint8), 64), scales, None,
+                       zeros=zeros, fma=True, block_n=16)
+    want = x @ (codes.float() + (0 if signed else 2)).T
+    assert torch.equal(y, want), f"seed {seed}"
+    assert all(set(codes[:, k].tolist()) == set(range(lo, hi)) for k in range(128))
 
 
 @cpu_only
@@ -535,14 +555,17 @@ def test_w4a16_refuses_many_tokens():
         K.w4a16_linear(torch.randn(17, 64), pack_4bit_halves(q.codes, 64), q.scales, None)
     with pytest.raises(ValueError, match=r"fma=True\) takes at most 4 tokens"):
         K.w4a16_linear(torch.randn(5, 64), pack_4bit_halves(q.codes, 64), q.scales, None, fma=True)
+    shifted = torch.empty(16 * 32 + 1, dtype=torch.uint8)[1:].view(16, 32).copy_(pack_4bit_halves(q.codes, 64))
+    with pytest.raises(ValueError, match=r"fma=True\) reads the codes as int32 words: pass a 4-byte aligned tensor"):
+        K.w4a16_linear(torch.randn(1, 64), shifted, q.scales, None, fma=True)
     q = quantize(torch.randn(16, 384), "int4")  # 6 groups a row
     for bad in (0, 3, 4):
         with pytest.raises(ValueError, match=f"groups_per_step={bad} must be a power of two dividing the 6 groups"):
             K.w4a16_linear(torch.randn(2, 384), pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=bad)
-    for bad, kw in ((4, {}), (3, {}), (0, {}), (2, dict(groups_per_step=1, fma=True))):  # 3 steps at 2 groups a step
+    for bad, kw in ((4, {}), (3, {}), (0, {}), (4, dict(groups_per_step=1, fma=True))):  # 3 steps at 2 groups a step
         steps = 6 // kw.get("groups_per_step", 2)
         with pytest.raises(ValueError, match=rf"split_k={bad} must be a power of two dividing the {steps} loop steps "
-                                             r".*and 1 with fma=True"):
+                                             rf"\(6 groups, {6 // steps} a step\)"):
             K.w4a16_linear(torch.randn(2, 384), pack_4bit_halves(q.codes, 64), q.scales, None, split_k=bad, **kw)
 
 
@@ -795,13 +818,14 @@ def test_gpu_w4a16_zero_points_at_flux_adaln_shape(m_tokens):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m_tokens,groups_per_step,split_k", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 4, 1), (4, 8, 1),
-                                                              (4, 16, 1), (1, 2, 8), (4, 2, 4)])
-def test_gpu_w4a16_at_flux_adaln_shape(m_tokens, groups_per_step, split_k):
+@pytest.mark.parametrize("m_tokens,groups_per_step,split_k,fma", [
+    (1, 1, 1, False), (2, 1, 1, False), (4, 1, 1, False), (1, 4, 1, False), (4, 8, 1, False), (4, 16, 1, False),
+    (1, 2, 8, False), (4, 2, 4, False), (1, 2, 1, True), (2, 4, 2, True), (3, 2, 4, True), (4, 4, 1, True)])
+def test_gpu_w4a16_at_flux_adaln_shape(m_tokens, groups_per_step, split_k, fma):
     w = torch.randn(18432, 3072, device="cuda")
     q = quantize(w, "int4", scale_dtype=torch.bfloat16)
     x = torch.randn(m_tokens, 3072, device="cuda", dtype=torch.bfloat16)
     y = K.w4a16_linear(x, pack_4bit_halves(q.codes, 64), q.scales, None, groups_per_step=groups_per_step,
-                       split_k=split_k)
+                       split_k=split_k, fma=fma, block_n=64 if fma else 32)
     want = R.weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None, None, None)
     assert rel(y, want) < 1e-2

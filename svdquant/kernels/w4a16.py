@@ -81,31 +81,113 @@ def w4a16_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.conste
 
 
 @triton.jit
-def w4a16_gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+def w4a16_gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, MAGIC,
                       KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_ZEROS: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, M_PAD: tl.constexpr):
-    """The same product for ``M <= M_PAD <= 4`` tokens on the CUDA cores: each weight multiplied into an
-    elementwise accumulator ``[M_PAD, BLOCK_N, STEP]`` (fp32 fused multiply-adds, reduced over K once at the end),
-    where :func:`w4a16_kernel` pads the tokens to 16 for the tensor cores and moves each dequantized tile into
-    their operand layout every step. The weight is rounded to x's dtype first, as the reference's."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rows < N
-    ms = tl.arange(0, M_PAD)
-    mmask = ms < M
-    STEP: tl.constexpr = GROUPS_PER_STEP * (GROUP // 2)  # packed bytes per row per step: GROUPS_PER_STEP groups
+                      HAS_ZEROS: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, M_PAD: tl.constexpr,
+                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The same product for ``M <= M_PAD <= 4`` tokens on the CUDA cores, reading the codes as int32 words (8
+    codes each) and turning them into floats with integer logic and one add (:func:`_nibble`): the int-to-float
+    conversions of :func:`w4a16_kernel` run at a quarter of the issue rate and made it instruction-bound. Per word
+    ``Σ code · x`` is exact-input fp32 multiply-adds, then times the group's scale (+ zero · ``Σ x``): the weight
+    is not rounded to x's dtype first, as the reference's is (a difference below the 16-bit output's rounding)."""
+    H: tl.constexpr = GROUP // 2  # bytes (code pairs) a group
+    WG: tl.constexpr = H // 4  # int32 words a group
+    WORDS: tl.constexpr = GROUPS_PER_STEP * WG
     n_groups: tl.constexpr = KP // GROUP
-    acc = tl.zeros([M_PAD, BLOCK_N, STEP], dtype=tl.float32)
-    for step in range(0, n_groups // GROUPS_PER_STEP):
-        x_lo, x_hi, w_lo, w_hi = _step_operands(x_ptr, p_ptr, s_ptr, z_ptr, rows, nmask, ms, mmask, step, K, stride_xm,
-                                                KP, GROUP, BLOCK_N, HAS_ZEROS, GROUPS_PER_STEP)
-        acc += w_lo.to(tl.float32)[None, :, :] * x_lo.to(tl.float32)[:, None, :]
-        acc += w_hi.to(tl.float32)[None, :, :] * x_hi.to(tl.float32)[:, None, :]
-    y = tl.sum(acc, axis=2)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    STEPS: tl.constexpr = n_groups // GROUPS_PER_STEP // SPLIT_K
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    words = p_ptr.to(tl.pointer_type(tl.int32))
+    acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    first = tl.program_id(1) * STEPS
+    for step in range(first, first + STEPS):
+        w, sc, zr = _gemv_operands(words, s_ptr, z_ptr, rows, nmask, step, KP, WORDS, WG, n_groups, HAS_ZEROS)
+        if not HAS_ZEROS:
+            w = w ^ -2004318072  # 0x88888888: each signed code c becomes the unsigned c + 8
+        hi = w >> 16  # bytes 2 and 3 where bytes 0 and 1 are: the same four masks read them
+        qq = step * WORDS + tl.arange(0, WORDS)  # the words' indices along a row
+        g = qq // WG
+        k0 = g * GROUP + (qq % WG) * 4  # the code in byte 0's low nibble (byte b: codes k0 + b and k0 + H + b)
+        acc0 = _token_step(acc0, x_ptr, w, hi, sc, zr, k0, K, MAGIC, H, HAS_ZEROS, EVEN_K)
+        if M_PAD > 1:  # a padding token reads the last real one's x (its outputs are not stored)
+            acc1 = _token_step(acc1, x_ptr + tl.minimum(1, M - 1) * stride_xm, w, hi, sc, zr, k0, K, MAGIC, H,
+                               HAS_ZEROS, EVEN_K)
+        if M_PAD > 2:
+            acc2 = _token_step(acc2, x_ptr + tl.minimum(2, M - 1) * stride_xm, w, hi, sc, zr, k0, K, MAGIC, H,
+                               HAS_ZEROS, EVEN_K)
+            acc3 = _token_step(acc3, x_ptr + tl.minimum(3, M - 1) * stride_xm, w, hi, sc, zr, k0, K, MAGIC, H,
+                               HAS_ZEROS, EVEN_K)
+    _gemv_store(acc0, 0, rows, nmask, M, N, b_ptr, y_ptr, part_ptr, stride_ym, HAS_BIAS, SPLIT_K)
+    if M_PAD > 1:
+        _gemv_store(acc1, 1, rows, nmask, M, N, b_ptr, y_ptr, part_ptr, stride_ym, HAS_BIAS, SPLIT_K)
+    if M_PAD > 2:
+        _gemv_store(acc2, 2, rows, nmask, M, N, b_ptr, y_ptr, part_ptr, stride_ym, HAS_BIAS, SPLIT_K)
+        _gemv_store(acc3, 3, rows, nmask, M, N, b_ptr, y_ptr, part_ptr, stride_ym, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _gemv_operands(words, s_ptr, z_ptr, rows, rmask, step, KP: tl.constexpr, WORDS: tl.constexpr, WG: tl.constexpr,
+                   n_groups: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Loop step ``step``'s code words ``[rows, WORDS]`` and their groups' scales (and zeros; else the scales
+    again), as fp32."""
+    qq = step * WORDS + tl.arange(0, WORDS)
+    w = tl.load(words + rows[:, None] * (KP // 8) + qq[None, :], mask=rmask[:, None], other=0)
+    at = rows[:, None] * n_groups + (qq // WG)[None, :]
+    sc = tl.load(s_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    zr = tl.load(z_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32) if HAS_ZEROS else sc
+    return w, sc, zr
+
+
+@triton.jit
+def _token_step(acc, x_ptr, w, hi, sc, zr, k0, K, MAGIC, H: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """One token's loop step: ``acc += (Σ code · x) · scale (+ zero · Σ x)`` per word, over its 8 codes. x is
+    scaled by 2^-4P for the nibble read at position P (exact: a power of two)."""
+    t = tl.zeros(acc.shape, dtype=tl.float32)
+    xs = tl.zeros(k0.shape, dtype=tl.float32)
+    for b in tl.static_range(4):  # byte b of a word: codes k0 + b (low nibble) and k0 + H + b (high)
+        if EVEN_K:
+            xl = tl.load(x_ptr + k0 + b).to(tl.float32)
+            xh = tl.load(x_ptr + k0 + H + b).to(tl.float32)
+        else:
+            xl = tl.load(x_ptr + k0 + b, mask=k0 + b < K, other=0.0).to(tl.float32)
+            xh = tl.load(x_ptr + k0 + H + b, mask=k0 + H + b < K, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            xs += xl + xh
+        v = hi if b >= 2 else w
+        t += _nibble(v, MAGIC, 2 * (b % 2), not HAS_ZEROS) * (xl * (1.0 / (1 << (8 * (b % 2)))))[None, :]
+        t += _nibble(v, MAGIC, 2 * (b % 2) + 1, not HAS_ZEROS) * (xh * (1.0 / (1 << (8 * (b % 2) + 4))))[None, :]
+    if HAS_ZEROS:
+        return acc + t * sc + xs[None, :] * zr
+    return acc + t * sc
+
+
+@triton.jit
+def _nibble(v, MAGIC, P: tl.constexpr, SIGNED: tl.constexpr):
+    """Nibble ``P`` (< 4) of each int32 times 2^4P, exactly, in fp32 and without an int-to-float conversion: the
+    masked nibble ORed into the mantissa of 2^23 (``MAGIC`` = 0x4B000000, an argument so that it stays in a
+    register), then 2^23 subtracted (signed codes, stored + 8 here: also 8 · 2^4P)."""
+    f = ((v & (15 << (4 * P))) | MAGIC).to(tl.float32, bitcast=True)
+    if SIGNED:
+        return f - (8388608.0 + 8.0 * (1 << (4 * P)))
+    return f - 8388608.0
+
+
+@triton.jit
+def _gemv_store(acc, m: tl.constexpr, rows, nmask, M, N, b_ptr, y_ptr, part_ptr, stride_ym, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """Token ``m``'s outputs (or, split over K, its fp32 partials for :func:`w4a16_sum_kernel`)."""
+    y = tl.sum(acc, 1)
+    mask = nmask & (tl.full(rows.shape, m, tl.int32) < M)
+    if SPLIT_K > 1:
+        tl.store(part_ptr + (tl.program_id(1) * M + m) * N + rows, y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -144,8 +226,10 @@ def _per_code(v, BLOCK_N: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, G, H)), (BLOCK_N, G * H))
 
 
+_MAGIC = 0x4B000000  # 2^23's bits: see _nibble
 MAX_TOKENS = 16  # beyond this the layer is no longer memory-bound: dequantize once and use cuBLAS
-FMA_MAX_TOKENS = 4  # the multiply-add GEMV's accumulator holds M_PAD x BLOCK_N x STEP fp32 values
+FMA_MAX_TOKENS = 4  # the multiply-add GEMV keeps an accumulator per token
+GEMV_TOKENS = 1  # the multiply-add GEMV by default up to here (it re-reads x per token: w4a16_linear's defaults)
 
 
 @triton.jit
@@ -192,61 +276,81 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, k: int, dtype: t
     return w
 
 
-def default_groups_per_step(groups: int) -> int:
-    """Groups a W4A16 loop step reads when none is asked: two where a row's group count is even, else one."""
-    return 2 if groups % 2 == 0 else 1
+def default_groups_per_step(groups: int, gemv: bool = False) -> int:
+    """Groups a W4A16 loop step reads when none is asked: two where a row's group count is even, else one; the
+    multiply-add GEMV (``gemv``) four where the count allows."""
+    for g in (4, 2) if gemv else (2,):
+        if groups % g == 0:
+            return g
+    return 1
+
+
+def default_split_k(steps: int) -> int:
+    """The multiply-add GEMV's K slices when none are asked: four where the loop's step count allows, else two or
+    one (the tensor-core kernel's default is one)."""
+    return next(s for s in (4, 2, 1) if steps % s == 0)
 
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
-                 zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int = 32, num_warps: int = 4,
-                 num_stages: int = 4, groups_per_step: int | None = None, fma: bool = False,
-                 split_k: int = 1) -> torch.Tensor:
+                 zeros: torch.Tensor | None = None, group_size: int = 64, block_n: int | None = None,
+                 num_warps: int = 4, num_stages: int = 4, groups_per_step: int | None = None,
+                 fma: bool | None = None, split_k: int | None = None) -> torch.Tensor:
     """``x`` ``[M <= 16, K]``, ``packed`` ``[N, K_pad/2]`` uint8 (signed INT4, halves layout; unsigned with
     ``zeros``), ``scales`` (and ``zeros``) ``[N, K_pad/g]`` 16-bit -> ``[M, N]`` in x's dtype.
-    ``groups_per_step`` (a power of two dividing the group count): groups each loop step reads, so more bytes are
-    in flight per program; unset, 2 where the count is even, else 1. ``fma``: :func:`w4a16_gemv_kernel` (up to
-    :data:`FMA_MAX_TOKENS` tokens, the CUDA cores' multiply-adds instead of 16-row tensor-core tiles), for the
-    sweep until it measures faster. ``split_k`` (a power of two dividing the loop's steps; the tensor-core kernel):
-    as many programs per channel block, each over a K slice, then one launch that sums their fp32 partials: a
-    sweep option until it measures faster in CUDA graphs.
+    ``fma``: :func:`w4a16_gemv_kernel` (up to :data:`FMA_MAX_TOKENS` tokens, the CUDA cores' multiply-adds) instead
+    of :func:`w4a16_kernel` (16-row tensor-core tiles); unset, the GEMV for up to :data:`GEMV_TOKENS` tokens.
+    ``groups_per_step`` (a power of two dividing the group count): groups each loop step reads; unset, see
+    :func:`default_groups_per_step`. ``split_k`` (a power of two dividing the loop's steps): as many programs per
+    channel block, each over a K slice, then one launch that sums their fp32 partials (in slice order); unset, see
+    :func:`default_split_k` for the GEMV, one for the tiles. ``block_n``: channels a program; unset, 64 (GEMV) / 32.
 
-    Defaults (32 channels a program, 4 warps, two groups a step): the fastest of ``benchmarks/kernel_speed.py``'s
-    sweep on an H100 (session 29) at FLUX's adaLN shapes (3,072 -> 18,432 and 9,216, 1-4 tokens): 35 / 24 µs
-    against 41 / 30 µs for the earlier 2 warps and one group a step (17-23 % less); within 3 % of the best of
-    every point."""
+    Defaults: the fastest of ``benchmarks/kernel_speed.py``'s sweep in CUDA graphs on an H100 (session 31) at FLUX's
+    adaLN shapes (3,072 -> 18,432 and 9,216): at one token the GEMV (64 channels, four groups a step, four K
+    slices) in 23.4 / 14.9 µs against 31.8 / 20.3 for the tiles; at 2-4 tokens the tiles (32 channels, two
+    groups a step, whole K), within 7 % of the sweep's best, where the GEMV re-reads x per token (38-63 µs)."""
     m, k = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
+    if fma is None:
+        fma = m <= GEMV_TOKENS
     if fma and m > FMA_MAX_TOKENS:
         raise ValueError(f"w4a16_linear(fma=True) takes at most {FMA_MAX_TOKENS} tokens, got {m}")
+    if fma and packed.data_ptr() % 4:
+        raise ValueError("w4a16_linear(fma=True) reads the codes as int32 words: pass a 4-byte aligned tensor "
+                         "(e.g. packed.clone())")
     groups = packed.shape[1] * 2 // group_size
     if groups_per_step is None:
-        groups_per_step = default_groups_per_step(groups)
+        groups_per_step = default_groups_per_step(groups, gemv=fma)
     if groups_per_step < 1 or groups_per_step & (groups_per_step - 1) or groups % groups_per_step:
         raise ValueError(f"groups_per_step={groups_per_step} must be a power of two dividing the {groups} groups "
                          "of a row")
     steps = groups // groups_per_step
-    if split_k < 1 or split_k & (split_k - 1) or steps % split_k or (fma and split_k > 1):
+    if split_k is None:
+        split_k = default_split_k(steps) if fma else 1
+    if split_k < 1 or split_k & (split_k - 1) or steps % split_k:
         raise ValueError(f"split_k={split_k} must be a power of two dividing the {steps} loop steps "
-                         f"({groups} groups, {groups_per_step} a step), and 1 with fma=True")
+                         f"({groups} groups, {groups_per_step} a step)")
+    if block_n is None:
+        block_n = 64 if fma else 32
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if fma:
-        w4a16_gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, m, n,
-            k, x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
-            HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, GROUPS_PER_STEP=groups_per_step,
-            M_PAD=triton.next_power_of_2(m), num_warps=num_warps, num_stages=num_stages,
-        )
-        return y
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    w4a16_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part, m,
-        n, k, x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
-        HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
-        F32_DOT=interpreting() or x.dtype == torch.float32, GROUPS_PER_STEP=groups_per_step, SPLIT_K=split_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if fma:
+        w4a16_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part,
+            m, n, k, x.stride(0), y.stride(0), _MAGIC, KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
+            HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, GROUPS_PER_STEP=groups_per_step,
+            M_PAD=triton.next_power_of_2(m), SPLIT_K=split_k, EVEN_K=k == packed.shape[1] * 2,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        w4a16_kernel[(triton.cdiv(n, block_n), split_k)](
+            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part,
+            m, n, k, x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
+            HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
+            F32_DOT=interpreting() or x.dtype == torch.float32, GROUPS_PER_STEP=groups_per_step, SPLIT_K=split_k,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     if split_k > 1:
         w4a16_sum_kernel[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, y, m, n, y.stride(0),
                                                        SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=1024)
