@@ -240,6 +240,10 @@ def pick_attention(device, dtype, smoke):
 
 
 CLASSES = (  # kernel-name fragments -> class, first match wins
+    # inductor's own kernels first: it names a fused kernel after the ops it came from, which can include ours
+    # (triton_red_fused_add_cat_int8_linear_mul_native_layer_norm_...: the producer of an int8_linear's input; with
+    # int4-act, ..._int8_gemm_...), so a fragment of our kernels' names must not claim them
+    ("triton_", "elementwise / rest"),
     # the CuTe DSL names its kernel after the class (kernel_cutlass_kernel_...Int8GemmSm90_object_at_...)
     ("int8gemmsm90", "INT8 GEMM (CUTLASS)"), ("int8_gemm", "INT8 GEMM (Triton)"),
     ("activation_stats", "activation pass"), ("quantize_activations", "activation pass"),
@@ -248,6 +252,13 @@ CLASSES = (  # kernel-name fragments -> class, first match wins
     ("sdpa", "attention"), ("gemm", "other GEMM (cuBLAS)"), ("gemv", "other GEMM (cuBLAS)"),
     ("nvjet", "other GEMM (cuBLAS)"), ("cutlass", "other GEMM (cuBLAS)"), ("xmma", "other GEMM (cuBLAS)"),
 )
+
+
+def kernel_class(name: str) -> str:
+    """The class a profiled kernel's time counts in (:data:`CLASSES`; inductor's kernels by their name's start)."""
+    name = name.lower()
+    return next((c for frag, c in CLASSES if (name.startswith(frag) if frag == "triton_" else frag in name)),
+                "elementwise / rest")
 
 
 def breakdown(fn, steps=3):
@@ -265,8 +276,7 @@ def breakdown(fn, steps=3):
         t = getattr(e, "self_device_time_total", 0) / 1e3 / steps  # us -> ms per step
         if t <= 0:
             continue
-        name = e.key.lower()
-        cls = next((c for frag, c in CLASSES if frag in name), "elementwise / rest")
+        cls = kernel_class(e.key)
         classes[cls] = classes.get(cls, 0.0) + t
         if cls == "elementwise / rest":
             rest[e.key[:90]] = t
