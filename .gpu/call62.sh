@@ -8,6 +8,9 @@ echo "w4a16 rc=$?"
 grep '^w4a16' $OUT/w4a16.log | python3 -c "
 import json,sys
 for l in sys.stdin:
-    r=json.loads(l[6:]); print(r['k'], r['n'], r['m'], 'default graph us', round(r['graph_ms']*1e3,1),
-        'eager', round(r['ms']*1e3,1), 'best', r['best'], r['best_ms'] and round(r['best_ms']*1e3,1), 'TB/s',
-        r['best_tbs'] and round(r['best_tbs'],2), 'copy', round(r['copy_tbs'],2))"
+    r=json.loads(l[6:]); sw={k:v for k,v in r['sweep'].items() if isinstance(v,float)}
+    fm={k:v for k,v in sw.items() if json.loads(k).get('fma')}; b=min(fm,key=fm.get) if fm else None
+    print(r['k'], r['n'], r['m'], 'default graph us', round(r['graph_ms']*1e3,1), 'bf16 eager / graph', round(r['bf16_ms']*1e3,1), round(r['bf16_graph_ms']*1e3,1),
+        'best', r['best'], r['best_ms'] and round(r['best_ms']*1e3,1), 'TB/s', r['best_tbs'] and round(r['best_tbs'],2),
+        'copy', round(r['copy_tbs'],2), 'best fma', b, b and round(fm[b]*1e3,1))
+    print('  bad:', {k:v for k,v in r['sweep'].items() if not isinstance(v,float)})"

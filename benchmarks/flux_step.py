@@ -239,11 +239,7 @@ def pick_attention(device, dtype, smoke):
     return min(ok, key=ok.get), times
 
 
-CLASSES = (  # kernel-name fragments -> class, first match wins
-    # inductor's own kernels first: it names a fused kernel after the ops it came from, which can include ours
-    # (triton_red_fused_add_cat_int8_linear_mul_native_layer_norm_...: the producer of an int8_linear's input; with
-    # int4-act, ..._int8_gemm_...), so a fragment of our kernels' names must not claim them
-    ("triton_", "elementwise / rest"),
+CLASSES = (  # kernel-name fragments -> class, first match wins (inductor's triton_* kernels: see kernel_class)
     # the CuTe DSL names its kernel after the class (kernel_cutlass_kernel_...Int8GemmSm90_object_at_...)
     ("int8gemmsm90", "INT8 GEMM (CUTLASS)"), ("int8_gemm", "INT8 GEMM (Triton)"),
     ("activation_stats", "activation pass"), ("quantize_activations", "activation pass"),
@@ -255,10 +251,14 @@ CLASSES = (  # kernel-name fragments -> class, first match wins
 
 
 def kernel_class(name: str) -> str:
-    """The class a profiled kernel's time counts in (:data:`CLASSES`; inductor's kernels by their name's start)."""
+    """The class a profiled kernel's time counts in (:data:`CLASSES`). Inductor's own kernels (``triton_*``) count
+    as elementwise first: it names a fused kernel after the ops it came from, which can include ours
+    (``triton_red_fused_add_cat_int8_linear_mul_native_layer_norm_...``, the producer of an int8_linear's input;
+    with int4-act, ``..._int8_gemm_...``)."""
     name = name.lower()
-    return next((c for frag, c in CLASSES if (name.startswith(frag) if frag == "triton_" else frag in name)),
-                "elementwise / rest")
+    if name.startswith("triton_"):
+        return "elementwise / rest"
+    return next((c for frag, c in CLASSES if frag in name), "elementwise / rest")
 
 
 def breakdown(fn, steps=3):

@@ -32,7 +32,8 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, num
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    # the launcher's tensors are 16-byte aligned, which Triton's JIT specializes on (wide loads): so here
+    # the launchers' tensors are 16-byte aligned, and Triton's JIT specializes on that (wide loads): so here (it
+    # also specializes integers divisible by 16, which vary by call: left out)
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
     k = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))

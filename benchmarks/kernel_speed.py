@@ -45,8 +45,9 @@ ADALN_SHAPES = [(3072, 18432), (3072, 9216)]  # FLUX.1's adaLN modulations: doub
 # tiles, the neighbours of its defaults (session 31: the whole grid of sessions 29-30 put none more than 7 % ahead)
 W4A16_CONFIGS = [dict(fma=False, groups_per_step=g, block_n=b, num_warps=4) for g in (1, 2, 4) for b in (32, 64)]
 # the multiply-add GEMV (w4a16_linear(fma=True), up to 4 tokens: int32 words, no int-to-float conversions), whole or
-# split over K, less the one config that spills on sm_90 at 4 tokens (Triton 3.9; 8 warps were slower in session
-# 31's first sweep, and the next step's loads issued before this step's arithmetic gained nothing in its second)
+# split over K, less the one config that spills on sm_90 at 4 tokens (4 groups a step, 128 channels; Triton 3.9) and
+# 8 slices of 4 groups a step (K = 3,072 has 12 such steps; refused); 8 warps were slower in session 31's first
+# sweep, and the next step's loads issued before this step's arithmetic gained nothing in its second
 W4A16_CONFIGS += [dict(fma=True, groups_per_step=g, block_n=b, num_warps=4, split_k=s) for g in (2, 4)
                   for b in (32, 64, 128) for s in (1, 2, 4, 8) if (g, b) != (4, 128) and (g, s) != (4, 8)]
 # the tiles split over K (w4a16_linear(split_k=)): more programs, each a K slice, then one launch summing them
@@ -333,7 +334,7 @@ def w4a16_table(dev, out):
                                                      None, None))
             t16 = bench(lambda: F.linear(x, w16))
             t16_graph = graph_ms(lambda: F.linear(x, w16), reps=10, inner=5)  # 113 / 57 MB: not from L2 either
-            want = K.w4a16_linear(x, p, sc, None).float()
+            want = weight_only_linear(x, get_format("int4").dequantize(q, torch.bfloat16), None, None, None).float()
             # more groups per loop step (bytes in flight per program), other blocks, split K: checked, then timed
             # in CUDA graphs (eagerly a launch costs as much as these kernels take)
             sweep = {}

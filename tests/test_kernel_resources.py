@@ -1,4 +1,5 @@
-"""The shipped kernel configs compile for Hopper (sm_90) and Ada (sm_89) without spilling registers (ahead of time, no GPU needed).
+"""The shipped kernel configs compile for Hopper (sm_90) and Ada (sm_89) without spilling registers, but for the
+stated exceptions on sm_90 (ahead of time, no GPU needed).
 
 A spill (a stack frame in the cubin) costs real time in these kernels: the INT8 GEMM's GELU epilogue spilled
 616-1,352 B at the 128 × 256 tiles while its GELU was ``exp`` and a division, and measured slower than a separate
@@ -44,6 +45,7 @@ def test_shipped_kernels_compile_for_sm90_without_spilling(resources):
     assert {name for name, r in rows.items() if r["stack"]} <= {
         "int8_attention D=128 tma (measured tile, spills)", "int8_gemm tma",
         "int8_gemm tma + GELU epilogue (fuse_gelu into='up')"}
+    assert all(r["stack"] <= 1024 for name, r in rows.items() if name.startswith("int8_gemm")), rows
     assert all(r["shared"] <= 227 * 1024 for r in rows.values()), rows  # an H100 / H200 block's shared memory
 
 

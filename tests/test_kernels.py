@@ -437,19 +437,23 @@ def test_w4a16_reads_two_groups_a_step_by_default_where_the_count_is_even(k, ste
 @cpu_only
 @pytest.mark.parametrize("signed", [True, False])
 def test_w4a16_gemv_reads_every_nibble_exactly(signed):
-    """Known answer: every code value at every nibble of a word (and in both halves of a group), unit scales and
-    small integer inputs: the multiply-add GEMV's sums are integers below 2^24, so it must give them exactly."""
+    """Known answer: every code value at every nibble of a word (and in both halves of a group), each column its own
+    pattern, power-of-two scales (and integer zeros) per row and group, small integer inputs: the multiply-add
+    GEMV's sums are then exact in fp32, so it must give them exactly."""
     seed = seed_now()
     g = torch.Generator().manual_seed(seed)
     lo, hi = (-8, 8) if signed else (0, 16)
-    codes = (torch.arange(64)[:, None] + 7 * torch.arange(128)) % 16 + lo  # every value at every place
+    offsets = torch.randint(0, 16, (128,), generator=g)
+    codes = (torch.arange(64)[:, None] + offsets) % 16 + lo  # every value in every column, the columns unlike
     x = torch.randint(-5, 6, (3, 128), generator=g).float()
-    scales = torch.ones(64, 2)
-    zeros = None if signed else torch.full((64, 2), 2.0)
+    scales = 2.0 ** torch.randint(-2, 3, (64, 2), generator=g).float()
+    zeros = None if signed else torch.randint(-3, 4, (64, 2), generator=g).float()
     y = K.w4a16_linear(x, pack_4bit_halves(codes.to(torch.int8 if signed else torch.uint8), 64), scales, None,
                        zeros=zeros, fma=True, block_n=16)
-    want = x @ (codes.float() + (0 if signed else 2)).T
-    assert torch.equal(y, want), f"seed {seed}"
+    w = codes.double() * scales.double().repeat_interleave(64, 1)
+    if zeros is not None:
+        w += zeros.double().repeat_interleave(64, 1)
+    assert torch.equal(y, (x.double() @ w.T).float()), f"seed {seed}"
     assert all(set(codes[:, k].tolist()) == set(range(lo, hi)) for k in range(128))
 
 
@@ -558,6 +562,8 @@ def test_w4a16_refuses_many_tokens():
     shifted = torch.empty(16 * 32 + 1, dtype=torch.uint8)[1:].view(16, 32).copy_(pack_4bit_halves(q.codes, 64))
     with pytest.raises(ValueError, match=r"fma=True\) reads the codes as int32 words: pass a 4-byte aligned tensor"):
         K.w4a16_linear(torch.randn(1, 64), shifted, q.scales, None, fma=True)
+    x = torch.randn(1, 64)  # unasked, one token on a misaligned view gets the tiles, not the error
+    assert rel(K.w4a16_linear(x, shifted, q.scales, None), K.w4a16_linear(x, shifted.clone(), q.scales, None)) < 1e-6
     q = quantize(torch.randn(16, 384), "int4")  # 6 groups a row
     for bad in (0, 3, 4):
         with pytest.raises(ValueError, match=f"groups_per_step={bad} must be a power of two dividing the 6 groups"):

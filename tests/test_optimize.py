@@ -72,20 +72,25 @@ def test_blocks_compile_with_coordinate_descent_tuning(quantized_flux, monkeypat
     assert seen and all(kw == dict(dynamic=False, options={}) for _, kw in seen)
 
 
+@pytest.fixture
+def flux_step(monkeypatch):
+    """benchmarks/flux_step.py as a module."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import flux_step
+
+    return flux_step
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--inductor-options", "{x"], "--inductor-options: not JSON"),
     (["--inductor-options", "[1]"], "--inductor-options: a JSON object of inductor config names"),
     (["--inductor-options", '{"no_such_option": true}'], "a JSON object of inductor config names"),
     (["--inductor-options", "{}", "--inductor-defaults"], "and not with --inductor-defaults"),
 ])
-def test_flux_steps_inductor_options_are_checked_first(argv, message, capsys):
+def test_flux_steps_inductor_options_are_checked_first(argv, message, capsys, flux_step):
     """benchmarks/flux_step.py's A/B of our blocks' inductor options: a bad one is one line, before any model."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import flux_step
-
     with pytest.raises(SystemExit) as e:
         flux_step.main(["--smoke", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -100,15 +105,9 @@ def test_flux_steps_inductor_options_are_checked_first(argv, message, capsys):
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1", "attention"),
     ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "other GEMM (cuBLAS)"),
 ])
-def test_flux_steps_profile_classes(name, cls):
+def test_flux_steps_profile_classes(name, cls, flux_step):
     """Known answers: inductor's kernels count as elementwise even where their names carry one of our ops' (an
     int4-act run once put 16.9 ms of them in "INT8 GEMM (Triton)"), ours by their own names."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import flux_step
-
     assert flux_step.kernel_class(name) == cls
 
 

@@ -3,20 +3,21 @@
 Reference: :func:`svdquant.ops.reference.weight_only_linear` on the dequantized weight
 (``code · scale`` rounded to X's dtype, as the reference does). FLUX's adaLN modulation
 linears run on one token per image (M = batch), so they are memory-bound: the time is the
-4-bit weight bytes over bandwidth. Each program owns ``BLOCK_N`` output channels and walks
-K ``GROUPS_PER_STEP`` groups of 64 at a time: unpack the two halves of each group (byte j = codes j
-and j + 32), scale them, and two 16-bit tensor-core dots with the matching halves of X (M is
-padded to 16 inside the kernel, never in memory). One group a step (the default until session 29) read at 12-17 %
-of the copy rate on an H200 (latency-bound: 1 KB per program per step); two a step are the default now (the sweep
-in ``benchmarks/kernel_speed.py``), which also times :func:`w4a16_gemv_kernel`, the same
-product on the CUDA cores' multiply-adds for up to four tokens (no 16-row padding, no operand-layout moves; 40-75
-registers at one token compiled for sm_90). A split-K variant (``split_k``: K slices in programs of their own, then
-one launch summing their fp32 partials) measured slower on an H200 timed eagerly, its partials then summed in torch
-(0.074 against 0.042 ms, BENCHMARKS.md: the extra launches); it is back as a sweep option for CUDA graphs, where a
-FLUX step's adaLN GEMVs still run at a quarter of the copy rate (2.3 ms a step on an H100, session 30).
-With ``zeros`` (the ``int4z`` format: AWQ layers imported from Nunchaku) the codes are unsigned
-and each weight is ``code · scale + zero``, the product exact in fp32 (4-bit code, 16-bit scale),
-so a fused multiply-add rounds it once, as the reference does.
+4-bit weight bytes over bandwidth. Two kernels:
+
+- :func:`w4a16_kernel` (2-16 tokens): each program owns ``BLOCK_N`` output channels and walks K ``GROUPS_PER_STEP``
+  groups of 64 at a time: unpack the two halves of each group (byte j = codes j and j + 32), scale them, and two
+  16-bit tensor-core dots with the matching halves of X (M padded to 16 inside the kernel, never in memory).
+- :func:`w4a16_gemv_kernel` (one token by default, up to four): the codes read as int32 words and made exact fp32
+  values by integer logic (:func:`_nibble`), ``Σ code · x`` per word in fp32 multiply-adds, then the group's scale.
+  The tiles spend a quarter-rate int-to-float conversion and ~12 instructions per weight (ahead-of-time SASS, sm_90),
+  and ran at a quarter of the copy rate; the GEMV ~5 instructions, split over K for more programs: FLUX's adaLN
+  GEMVs 23.4 / 14.9 µs against 31.8 / 20.3 on an H100 in CUDA graphs (BENCHMARKS.md, "Session 31").
+
+``split_k``: K slices in programs of their own, then one launch summing their fp32 partials in slice order
+(:func:`w4a16_sum_kernel`: the same sum every call). With ``zeros`` (the ``int4z`` format: AWQ layers imported from
+Nunchaku) the codes are unsigned and each weight is ``code · scale + zero``, the product exact in fp32 (4-bit code,
+16-bit scale), so the tiles' fused multiply-add rounds it once, as the reference does.
 """
 
 from __future__ import annotations
@@ -307,12 +308,15 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bi
     Defaults: the fastest of ``benchmarks/kernel_speed.py``'s sweep in CUDA graphs on an H100 (session 31) at FLUX's
     adaLN shapes (3,072 -> 18,432 and 9,216): at one token the GEMV (64 channels, four groups a step, four K
     slices) in 23.4 / 14.9 µs against 31.8 / 20.3 for the tiles; at 2-4 tokens the tiles (32 channels, two
-    groups a step, whole K), within 7 % of the sweep's best, where the GEMV re-reads x per token (38-63 µs)."""
+    groups a step, whole K), within 7 % of the sweep's best, where the GEMV re-reads x per token (38-63 µs). Timed
+    in CUDA graphs, as a compiled step runs them: eagerly the GEMV's K slices cost a second launch. A token alone
+    and the same token in a batch run different kernels: their results differ below the 16-bit output's rounding
+    (the GEMV does not round the weight to 16 bits first)."""
     m, k = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"w4a16_linear takes at most {MAX_TOKENS} tokens, got {m}")
-    if fma is None:
-        fma = m <= GEMV_TOKENS
+    if fma is None:  # the GEMV reads int32 words: a misaligned view of the codes gets the tiles
+        fma = m <= GEMV_TOKENS and packed.data_ptr() % 4 == 0
     if fma and m > FMA_MAX_TOKENS:
         raise ValueError(f"w4a16_linear(fma=True) takes at most {FMA_MAX_TOKENS} tokens, got {m}")
     if fma and packed.data_ptr() % 4:
@@ -335,22 +339,17 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bi
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    common = (x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part,
+              m, n, k, x.stride(0), y.stride(0))
+    shape = dict(KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+                 HAS_ZEROS=zeros is not None, GROUPS_PER_STEP=groups_per_step, SPLIT_K=split_k, num_warps=num_warps,
+                 num_stages=num_stages)
     if fma:
-        w4a16_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part,
-            m, n, k, x.stride(0), y.stride(0), _MAGIC, KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
-            HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, GROUPS_PER_STEP=groups_per_step,
-            M_PAD=triton.next_power_of_2(m), SPLIT_K=split_k, EVEN_K=k == packed.shape[1] * 2,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        w4a16_gemv_kernel[(triton.cdiv(n, block_n), split_k)](*common, _MAGIC, M_PAD=triton.next_power_of_2(m),
+                                                               EVEN_K=k == packed.shape[1] * 2, **shape)
     else:
         w4a16_kernel[(triton.cdiv(n, block_n), split_k)](
-            x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, part,
-            m, n, k, x.stride(0), y.stride(0), KP=packed.shape[1] * 2, GROUP=group_size, BLOCK_N=block_n,
-            HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
-            F32_DOT=interpreting() or x.dtype == torch.float32, GROUPS_PER_STEP=groups_per_step, SPLIT_K=split_k,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+            *common, F32_DOT=interpreting() or x.dtype == torch.float32, **shape)
     if split_k > 1:
         w4a16_sum_kernel[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, y, m, n, y.stride(0),
                                                        SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=1024)
