@@ -235,17 +235,17 @@ def test_activation_passes_take_their_blocks_by_width_unless_given(monkeypatch, 
 
 
 def test_the_one_pass_given_row_maxima_takes_its_own_blocks():
-    """Known answer at FLUX's proj_out (4,608 × 15,360): the one pass given row maxima launches 16-row, 128-column
-    blocks in 4 warps, 6 K slices (120 blocks over 288 row blocks, within 2,048 programs); the two passes keep
-    256-column blocks in pass 2; explicit blocks win."""
+    """Known answer at FLUX's proj_out (4,608 × 15,360): the one pass given row maxima launches 32-row, 128-column
+    blocks in 4 warps, 12 K slices (120 blocks over 144 row blocks, within 2,048 programs); the two passes keep
+    16-row, 256-column blocks in pass 2; explicit blocks win."""
     from svdquant.kernels import activations as A
 
     given = A.launch_plan(4608, 15360, given_maxima=True)
-    assert (given["block_m"], given["bq"], given["num_warps"], given["splits"][1]) == (16, 128, 4, 6)
+    assert (given["block_m"], given["bq"], given["num_warps"], given["splits"][1]) == (32, 128, 4, 12)
     two = A.launch_plan(4608, 15360)
     assert (two["block_m"], two["bq"], two["splits"]) == (16, 256, (12, 6))
-    explicit = A.launch_plan(4608, 15360, given_maxima=True, block_m=32, num_warps=8)
-    assert (explicit["block_m"], explicit["num_warps"], explicit["splits"][1]) == (32, 8, 12)
+    explicit = A.launch_plan(4608, 15360, given_maxima=True, block_m=16, num_warps=8)
+    assert (explicit["block_m"], explicit["num_warps"], explicit["splits"][1]) == (16, 8, 6)
 
 
 # ---------------------------------------------------------------------------- INT8 GEMM (interpreter)

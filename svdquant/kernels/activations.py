@@ -321,12 +321,13 @@ def default_blocks(kp: int) -> dict:
     return dict(NARROW_BLOCKS if kp <= NARROW_MAX_K else WIDE_BLOCKS)
 
 
-# The one pass given row maxima holds L1's tile beside X's: 128-column blocks (256 spilled 24-40 B on sm_90,
-# benchmarks/kernel_resources.py). Its rows, K-slice target and warps: from activation_passes.py's sweep over FLUX's
-# wide inputs (fc2, proj_out) at batch 1 and 4 (H100, Triton 3.6, session 30), the fastest that spills nothing on
-# sm_90: a step's wide passes 7.11 ms at batch 1 and 24.4 at batch 4, against 8.45 / 30.4 at 8 warps and 8.31 / 31.6
-# for the two passes. 32 rows in 4 warps timed 4-8 % faster but spill 136-168 B (the test's policy: no spills).
-GIVEN_MAXIMA_BLOCKS = dict(block_m=16, block_k=128, target_programs=2048, num_warps=4)
+# The one pass given row maxima holds L1's tile beside X's: 128-column blocks. Its rows, K-slice target and warps:
+# the fastest of activation_passes.py's sweep over FLUX's wide inputs (fc2, proj_out) at batch 1 and 4 (H100,
+# Triton 3.6, session 30): a step's wide passes 6.81 ms at batch 1 and 22.4 at batch 4, against 7.11 / 24.4 at 16
+# rows, 8.45 / 30.4 at 8 warps and 8.31 / 31.6 for the two passes. (Session 30 shipped 16 rows because 32 seemed to
+# spill 136-168 B on sm_90: compiled ahead of time without the 16-byte pointer alignment the JIT specializes on.
+# With it, 32 rows take 210-218 registers and spill nothing: benchmarks/kernel_resources.py, session 31.)
+GIVEN_MAXIMA_BLOCKS = dict(block_m=32, block_k=128, target_programs=2048, num_warps=4)
 
 
 def launch_plan(m: int, k: int, *, a4: bool = False, group_size: int = 64, given_maxima: bool = False,
