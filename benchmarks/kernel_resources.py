@@ -103,12 +103,16 @@ def _attention(d: int, tma: bool):
     return T.int8_attention_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
+# the W4A16 kernels' tensor and integer arguments (the GEMV's MAGIC after them)
+_W4A16_SIG = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
+                  part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+
+
 def _w4a16(split_k: int = 1, block_n: int = 32):
     """The adaLN layers' weight-only kernel (FLUX: 3,072 → 18,432 at one token), its launcher's defaults (4 warps,
     two groups a step); ``split_k`` > 1: the sweep's K slices."""
     W = importlib.import_module("svdquant.kernels.w4a16")
-    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
-               part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+    sig = dict(_W4A16_SIG)
     consts = dict(KP=3072, GROUP=64, BLOCK_N=block_n, HAS_BIAS=True, HAS_ZEROS=False, F32_DOT=False,
                   GROUPS_PER_STEP=W.default_groups_per_step(3072 // 64), SPLIT_K=split_k)
     return W.w4a16_kernel, sig, consts, 4, 4
@@ -118,8 +122,7 @@ def _w4a16_gemv(m_pad: int = 1):
     """The W4A16 multiply-add GEMV at its launcher's defaults for one token (64 channels, four groups a step, four K
     slices, 4 warps); ``m_pad`` = 4: the same for four tokens (not a default: the sweep's)."""
     W = importlib.import_module("svdquant.kernels.w4a16")
-    sig = dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
-               part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32", MAGIC="i32")
+    sig = dict(_W4A16_SIG, MAGIC="i32")
     groups = 3072 // 64
     gps = W.default_groups_per_step(groups, gemv=True)
     consts = dict(KP=3072, GROUP=64, BLOCK_N=64, HAS_BIAS=True, HAS_ZEROS=False, GROUPS_PER_STEP=gps, M_PAD=m_pad,

@@ -105,13 +105,11 @@ def w4a16_gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, 
     acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     first = tl.program_id(1) * STEPS
     for step in range(first, first + STEPS):
-        w, sc, zr = _gemv_operands(words, s_ptr, z_ptr, rows, nmask, step, KP, WORDS, WG, n_groups, HAS_ZEROS)
+        w, sc, zr, k0 = _gemv_operands(words, s_ptr, z_ptr, rows, nmask, step, KP, GROUP, WORDS, WG, n_groups,
+                                       HAS_ZEROS)
         if not HAS_ZEROS:
             w = w ^ -2004318072  # 0x88888888: each signed code c becomes the unsigned c + 8
         hi = w >> 16  # bytes 2 and 3 where bytes 0 and 1 are: the same four masks read them
-        qq = step * WORDS + tl.arange(0, WORDS)  # the words' indices along a row
-        g = qq // WG
-        k0 = g * GROUP + (qq % WG) * 4  # the code in byte 0's low nibble (byte b: codes k0 + b and k0 + H + b)
         acc0 = _token_step(acc0, x_ptr, w, hi, sc, zr, k0, K, MAGIC, H, HAS_ZEROS, EVEN_K)
         if M_PAD > 1:  # a padding token reads the last real one's x (its outputs are not stored)
             acc1 = _token_step(acc1, x_ptr + tl.minimum(1, M - 1) * stride_xm, w, hi, sc, zr, k0, K, MAGIC, H,
@@ -130,16 +128,17 @@ def w4a16_gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, 
 
 
 @triton.jit
-def _gemv_operands(words, s_ptr, z_ptr, rows, rmask, step, KP: tl.constexpr, WORDS: tl.constexpr, WG: tl.constexpr,
-                   n_groups: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """Loop step ``step``'s code words ``[rows, WORDS]`` and their groups' scales (and zeros; else the scales
-    again), as fp32."""
-    qq = step * WORDS + tl.arange(0, WORDS)
+def _gemv_operands(words, s_ptr, z_ptr, rows, rmask, step, KP: tl.constexpr, GROUP: tl.constexpr,
+                   WORDS: tl.constexpr, WG: tl.constexpr, n_groups: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Loop step ``step``'s code words ``[rows, WORDS]``, their groups' scales (and zeros; else the scales again)
+    as fp32, and each word's first code ``k0`` (byte b of the word holds codes k0 + b and k0 + GROUP/2 + b)."""
+    qq = step * WORDS + tl.arange(0, WORDS)  # the words' indices along a row
+    g = qq // WG
     w = tl.load(words + rows[:, None] * (KP // 8) + qq[None, :], mask=rmask[:, None], other=0)
-    at = rows[:, None] * n_groups + (qq // WG)[None, :]
+    at = rows[:, None] * n_groups + g[None, :]
     sc = tl.load(s_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
     zr = tl.load(z_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32) if HAS_ZEROS else sc
-    return w, sc, zr
+    return w, sc, zr, g * GROUP + (qq % WG) * 4
 
 
 @triton.jit
