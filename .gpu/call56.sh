@@ -1,9 +1,19 @@
 # issue 23 with the CUTLASS DSL (carries .cw5 and .whl after the four stash calls): the step's variants ($2) at the
-# batches ($3), with the activation passes' blocks by width ($4 = uniform: as before session 29)
+# batches ($3), with the activation passes' blocks by width ($4 = uniform: as before session 29), and more of
+# flux_step.py's flags in $5 (e.g. "--single-norm joint")
 # bash .gpu/call56.sh 590 "fp8-torchao-compiled-graph,int4-fused-compiled-graph" "1 4"
 . .gpu/pre.sh "$1"
 . .gpu/cwinstall.sh || exit 1
 timeout $(( $(left) - 5 )) python3 benchmarks/flux_step.py --variants "$2" --batch ${3:-1} --attention _native_cudnn \
-  --profile --act-blocks ${4:-width} --out $OUT > $OUT/step.log 2>&1; echo "step rc=$?"
+  --profile --act-blocks ${4:-width} $5 --out $OUT > $OUT/step.log 2>&1; echo "step rc=$?"
 grep -E '^(bf16|fp8|int4)' $OUT/step.log | cut -c1-300
 tail -c 1200 $OUT/step.log
+# the largest inductor kernels of our steps (the elementwise class), from the results' breakdowns
+python3 -c "
+import json, sys
+res = json.load(open(sys.argv[1]))
+for v in res.get('variants', res).values() if isinstance(res, dict) else ():
+    for k, b in (v.items() if isinstance(v, dict) else ()):
+        for name, ms in (b.get('breakdown', {}).get('top_rest', {}).items() if isinstance(b, dict) else ()):
+            print(k, round(ms, 3), name[:90])
+" $OUT/flux_step.json 2>&1 | head -30

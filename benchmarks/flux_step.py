@@ -307,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--act-blocks", choices=("width", "uniform"), default="width",
                     help="the INT8 activation passes' blocks: chosen by width (the default), or one choice for all "
                          "(as before session 29: the A/B)")
+    ap.add_argument("--single-norm", choices=("per-stream", "joint"), default="per-stream",
+                    help="a stacked single block normalizes its text and image streams apart (the default), or "
+                         "their concatenation as diffusers does (compat.NORM_PER_STREAM off: the A/B)")
     ap.add_argument("--inductor-defaults", action="store_true",
                     help="compile our blocks at inductor's defaults instead of svdquant.optimize's options "
                          "(COMPILE_OPTIONS: coordinate-descent tuning; the A/B)")
@@ -336,6 +339,10 @@ def main(argv=None):
         from svdquant.kernels import activations
 
         activations.CHUNK_BYTES = args.act_chunk_bytes
+    if args.single_norm == "joint":
+        from svdquant.integrations.diffusers import compat
+
+        compat.NORM_PER_STREAM = False
     if args.cutlass_views:
         from svdquant.kernels import cutlass_launch
 
@@ -356,7 +363,7 @@ def main(argv=None):
     tok = dict(img=64, txt=16, width=64, pooled=32) if args.smoke else {}
     res = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), blocks=[args.double, args.single],
                variants={}, compile="compile_repeated_blocks(fullgraph=True, dynamic=False), default mode",
-               our_compile_options=ours_options)
+               our_compile_options=ours_options, single_norm=args.single_norm)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 

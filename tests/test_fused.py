@@ -188,6 +188,37 @@ def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
         assert torch.equal(m(**inputs)[0], before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stacked_single_block_normalizes_each_stream(quantized_flux, dtype, monkeypatch):
+    """A stacked single block normalizes its text and image streams apart and adds each one's residual (no joint
+    concatenation for inductor to write out): bit for bit what normalizing their concatenation gives, which is
+    what it does with ``NORM_PER_STREAM`` off or a hooked norm (diffusers' forward)."""
+    from svdquant.integrations.diffusers import compat
+
+    model, inputs = quantized_flux
+    m = copy.deepcopy(model).to(dtype)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        before = m(**inputs)[0]
+    fuse_projections(m)
+    norms = []  # the blocks' own norm forwards (a torch hook: not one that turns the per-stream path off)
+    for blk in m.single_transformer_blocks:
+        blk.norm.register_forward_hook(lambda mod, args, out: norms.append(mod))
+    with torch.no_grad():
+        per_stream = m(**inputs)[0]
+    assert norms == [] and torch.equal(per_stream, before)
+    monkeypatch.setattr(compat, "NORM_PER_STREAM", False)
+    with torch.no_grad():
+        joint = m(**inputs)[0]
+    assert len(norms) == len(m.single_transformer_blocks) and torch.equal(joint, before)
+    monkeypatch.setattr(compat, "NORM_PER_STREAM", True)
+    m.single_transformer_blocks[0].norm._hf_hook = None  # as accelerate's offload hooks mark a module
+    norms.clear()
+    with torch.no_grad():
+        hooked = m(**inputs)[0]
+    assert norms == [m.single_transformer_blocks[0].norm] and torch.equal(hooked, before)
+
+
 @interpreted
 @pytest.mark.parametrize("fusion", ["projections", "all"])
 def test_stacked_single_block_on_the_int8_kernels(quantized_flux, fusion):

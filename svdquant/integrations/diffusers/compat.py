@@ -195,16 +195,26 @@ def forget_hook_registry_cache(model: torch.nn.Module) -> None:
 
 # --- blocks -------------------------------------------------------------------------------------------------------
 
+# False: a stacked single block normalizes the joint cat of its streams, as diffusers does (the A/B of
+# benchmarks/flux_step.py --single-norm joint)
+NORM_PER_STREAM = True
+_ZERO_SINGLE = ("diffusers.models.normalization", "AdaLayerNormZeroSingle")  # by name: no import in a forward
+
+
 def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                  joint_attention_kwargs=None):
     """diffusers' ``FluxSingleTransformerBlock.forward`` (0.42) with q/k/v and ``proj_mlp`` as one GEMM: the
     stacked layer svdquant.modules.fused keeps on the block; the attention reads the projections it is handed. A
     quantized ``proj_out`` takes the attention output and the MLP's as two parts (``SVDQLinear.forward``'s
-    ``tail``) instead of their concatenation."""
+    ``tail``) instead of their concatenation. Each stream is normalized on its own and adds its own residual
+    (:func:`_normed_streams`): the same values, without the streams' concatenation in memory."""
     text_seq_len = encoder_hidden_states.shape[1]
-    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    residual = hidden_states
-    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    normed = _normed_streams(self.norm, encoder_hidden_states, hidden_states, temb)
+    if normed is None:
+        residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        norm_hidden_states, gate = self.norm(residual, emb=temb)
+    else:
+        norm_hidden_states, gate = normed
     stacked = peek(self).stack
     mlp_width = self.proj_mlp.out_features
     qkv, mlp = stacked(norm_hidden_states).split([stacked.out_features - mlp_width, mlp_width], dim=-1)
@@ -214,10 +224,33 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
         out = self.proj_out(attn_output, tail=mlp_hidden_states)
     else:
         out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
-    hidden_states = residual + gate.unsqueeze(1) * out
-    if hidden_states.dtype == torch.float16:
-        hidden_states = hidden_states.clip(-65504, 65504)
-    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+    gate = gate.unsqueeze(1)
+    if normed is None:
+        streams = (residual + gate * out).split([text_seq_len, residual.shape[1] - text_seq_len], dim=1)
+    else:
+        streams = (encoder_hidden_states + gate * out[:, :text_seq_len], hidden_states + gate * out[:, text_seq_len:])
+    if streams[0].dtype == torch.float16:
+        streams = tuple(s.clip(-65504, 65504) for s in streams)
+    return streams
+
+
+def _normed_streams(norm, text, image, temb):
+    """``norm(cat([text, image]), emb=temb)`` of a FLUX single block's ``AdaLayerNormZeroSingle`` (or its
+    modulations-ahead class) computed per stream: its LayerNorm is per token and its modulation per image, so the
+    values are the same. Why: inductor writes out a concatenation that a reduction reads (two sources per element),
+    and the block then kept it as its residual, one more write of the joint activation a block (28 MB at 1024²) than
+    normalizing each stream into its part of the stacked GEMM's input. None where the norm is another class or
+    hooked (then the caller concatenates, as diffusers does)."""
+    ahead = type(norm).forward is _ahead_zero_single
+    if not NORM_PER_STREAM or has_hooks(norm) or not (ahead or _ZERO_SINGLE == (type(norm).__module__,
+                                                                                 type(norm).__name__)):
+        return None
+    if ahead:
+        shift, scale, gate = _ahead_row(norm, temb).chunk(3, dim=1)
+    else:
+        shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    parts = [norm.norm(x) * (1 + scale[:, None]) + shift[:, None] for x in (text, image)]
+    return torch.cat(parts, dim=1), gate
 
 
 def _ahead_row(self, emb):
