@@ -32,9 +32,12 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, num
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    # the launchers' tensors are 16-byte aligned, and Triton's JIT specializes on that (wide loads): so here (it
-    # also specializes integers divisible by 16, which vary by call: left out)
-    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
+    # the launchers' tensors are 16-byte aligned, and Triton's JIT specializes on that (wide loads) but where a
+    # kernel says not to (``do_not_specialize_on_alignment``): so here (it also specializes integers divisible by
+    # 16, which vary by call: left out)
+    unaligned = {fn.arg_names[a] if isinstance(a, int) else a for a in fn.do_not_specialize_on_alignment or ()}
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
+               if t.startswith("*") and a not in unaligned}
     k = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
