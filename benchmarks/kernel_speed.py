@@ -50,6 +50,10 @@ W4A16_CONFIGS = [dict(fma=False, groups_per_step=g, block_n=b, num_warps=4) for 
 # sweep, and the next step's loads issued before this step's arithmetic gained nothing in its second
 W4A16_CONFIGS += [dict(fma=True, groups_per_step=g, block_n=b, num_warps=4, split_k=s) for g in (2, 4)
                   for b in (32, 64, 128) for s in (1, 2, 4, 8) if (g, b) != (4, 128) and (g, s) != (4, 8)]
+# more bytes in flight a loop step (the GEMV reads 1.2-1.3 TB/s; a step's loads wait on memory, session 31): 8 and 16
+# groups a step, none spilling at one token on sm_90 (96-168 registers; Triton 3.9 ahead of time)
+W4A16_CONFIGS += [dict(fma=True, groups_per_step=g, block_n=b, num_warps=4, split_k=s)
+                  for g, b, s in ((8, 32, 1), (8, 32, 2), (8, 64, 1), (8, 64, 2), (16, 32, 1))]
 # the tiles split over K (w4a16_linear(split_k=)): more programs, each a K slice, then one launch summing them
 W4A16_CONFIGS += [dict(fma=False, split_k=s, groups_per_step=2, block_n=b, num_warps=4) for s in (2, 4, 8)
                   for b in (32, 128)]
