@@ -1,6 +1,6 @@
 # issue 23 with the CUTLASS DSL (carries .cw5 and .whl after the four stash calls): the step's variants ($2) at the
 # batches ($3), with the activation passes' blocks by width ($4 = uniform: as before session 29), and more of
-# flux_step.py's flags in $5 (e.g. "--single-norm joint")
+# flux_step.py's flags in $5
 # bash .gpu/call56.sh 590 "fp8-torchao-compiled-graph,int4-fused-compiled-graph" "1 4"
 . .gpu/pre.sh "$1"
 . .gpu/cwinstall.sh || exit 1

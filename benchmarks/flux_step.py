@@ -29,7 +29,9 @@ before 2026-12-05), where a single block's GELU stays a pass of its own (its pro
 with the A8 activation quantization left to inductor (``svdquant.fuse(gelu=False, compiled_activations=True)``:
 fused into the LayerNorm/modulation and GELU kernels);
 ``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too;
-``int4-fused-ahead`` every fusion and the adaLN modulations computed ahead in one GEMV (``fuse(modulations=True)``).
+``int4-fused-ahead`` every fusion and the adaLN modulations computed ahead in one GEMV (``fuse(modulations=True)``);
+``int4-fused-joint`` every fusion with the single blocks normalizing their streams' concatenation, as diffusers
+does (``compat.NORM_PER_STREAM`` off; the default normalizes each stream apart: the A/B).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 from svdquant.pipelines.optimize import COMPILE_OPTIONS  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-         "int4-memory", "int4-memory-fused", "int4-fused-ahead")
+         "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")
 # base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
@@ -307,9 +309,6 @@ def main(argv=None):
     ap.add_argument("--act-blocks", choices=("width", "uniform"), default="width",
                     help="the INT8 activation passes' blocks: chosen by width (the default), or one choice for all "
                          "(as before session 29: the A/B)")
-    ap.add_argument("--single-norm", choices=("per-stream", "joint"), default="per-stream",
-                    help="a stacked single block normalizes its text and image streams apart (the default), or "
-                         "their concatenation as diffusers does (compat.NORM_PER_STREAM off: the A/B)")
     ap.add_argument("--inductor-defaults", action="store_true",
                     help="compile our blocks at inductor's defaults instead of svdquant.optimize's options "
                          "(COMPILE_OPTIONS: coordinate-descent tuning; the A/B)")
@@ -339,10 +338,6 @@ def main(argv=None):
         from svdquant.kernels import activations
 
         activations.CHUNK_BYTES = args.act_chunk_bytes
-    if args.single_norm == "joint":
-        from svdquant.integrations.diffusers import compat
-
-        compat.NORM_PER_STREAM = False
     if args.cutlass_views:
         from svdquant.kernels import cutlass_launch
 
@@ -363,7 +358,7 @@ def main(argv=None):
     tok = dict(img=64, txt=16, width=64, pooled=32) if args.smoke else {}
     res = dict(device="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), blocks=[args.double, args.single],
                variants={}, compile="compile_repeated_blocks(fullgraph=True, dynamic=False), default mode",
-               our_compile_options=ours_options, single_norm=args.single_norm)
+               our_compile_options=ours_options)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
@@ -485,7 +480,7 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-                        "int4-memory", "int4-memory-fused", "int4-fused-ahead")
+                        "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")
             if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
@@ -493,14 +488,17 @@ def main(argv=None):
         res["quantized_layers"] = random_quantized(model, mode="memory" if memory else "speed", device=device)
         res["int4_checkpoint_gb"] = checkpoint_gb(model)
         from svdquant import fuse, set_weight_mode, unfuse
+        from svdquant.integrations.diffusers import compat
         from svdquant.modules import fuse_projections, unfuse_projections
 
         for base in ours:
             set_weight_mode(model, "memory" if base.startswith("int4-memory") else "speed")
             if base == "int4-qkv":  # q/k/v as one GEMM per stream (svdquant/modules/fused.py)
                 res["fused_attentions"] = fuse_projections(model, single_mlp=False)
-            if base in ("int4-fused", "int4-fused-triton", "int4-memory-fused"):  # + the MLPs' GELUs
+            if base in ("int4-fused", "int4-fused-triton", "int4-memory-fused", "int4-fused-joint"):  # + GELUs
                 res["fused"] = fuse(model)
+            # the single blocks normalize their streams' concatenation, as diffusers does (read when traced)
+            compat.NORM_PER_STREAM = base != "int4-fused-joint"
             if base == "int4-fused-triton":  # the Triton INT8 GEMM where the CUTLASS one would run (H100 / H200)
                 switched = sm90_runners(model)
                 res["sm90_gemm_layers"] = len(switched)
@@ -523,8 +521,9 @@ def main(argv=None):
                 for r in switched:
                     r.sm90 = True
             if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act", "int4-memory-fused",
-                        "int4-fused-ahead"):
+                        "int4-fused-ahead", "int4-fused-joint"):
                 unfuse(model)
+            compat.NORM_PER_STREAM = True
         if args.lora:
             res["lora_layers"] = attach_random_loras(model, 64)
             measure(f"{ours[-1]}+lora64", model)
