@@ -220,6 +220,43 @@ def test_stacked_single_block_normalizes_each_stream(quantized_flux, dtype, monk
 
 
 @interpreted
+def test_compiled_single_block_writes_no_concatenation_of_its_streams(quantized_flux):
+    """Under inductor (its CPU build, the quantized layers opaque ops as on a GPU), the fused single block's buffers
+    as large as its joint activation: the stacked GEMM's normed input only; with ``NORM_PER_STREAM`` off (diffusers'
+    concatenation, normalized) also the concatenation, kept as the residual. Compiled equals eager either way."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from svdquant.integrations.diffusers import compat
+
+    model, inputs = quantized_flux
+    m = copy.deepcopy(model)
+    tm.on_int8_kernels(m)
+    svdquant.fuse(m)
+    block, call = m.single_transformer_blocks[0], {}
+    hook = block.register_forward_pre_hook(lambda mod, args, kwargs: call.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        m(**inputs)
+    hook.remove()
+    tokens = call["hidden_states"].shape[1] + call["encoder_hidden_states"].shape[1]
+    joint = re.compile(rf"empty_strided_cpu\(\((1, )?{tokens}, {tm.HIDDEN}\)")
+    found = {}
+    for per_stream in (True, False):
+        compat.NORM_PER_STREAM = per_stream
+        try:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                eager = block(**call)
+                out, codes = run_and_get_code(torch.compile(block, fullgraph=True), **call)
+        finally:
+            compat.NORM_PER_STREAM = True
+        found[per_stream] = len(joint.findall("\n".join(codes)))
+        assert all(float((o - e).norm() / e.norm()) < 1e-5 for o, e in zip(out, eager))
+    assert found == {True: 1, False: 2}
+
+
+@interpreted
 @pytest.mark.parametrize("fusion", ["projections", "all"])
 def test_stacked_single_block_on_the_int8_kernels(quantized_flux, fusion):
     """The INT8 runners (Triton interpreter) as on a GPU: the single block's q/k/v + proj_mlp stacked runner gives
