@@ -2,7 +2,9 @@
 # CPU-built changes (W4A16 split K at FLUX's adaLN shape, the one pass given row maxima at its new blocks), then
 # kernel_speed.py's W4A16 table and sweep in CUDA graphs (split K among the options; NOTES-GPU.md session 30 item 5)
 . .gpu/pre.sh "$1"
-gtest 200 tests/test_kernels.py -k "w4a16 or row_maxima" | tail -3
+# $2: the GPU tests' selection (session 32: "w4a16 or row_maxima or int8_gemm", the Triton GEMM without its spill), $3
+# their time limit
+gtest ${3:-200} tests/test_kernels.py -k "${2:-w4a16 or row_maxima}" | tail -3
 timeout $(( $(left) - 5 )) python3 benchmarks/kernel_speed.py --w4a16 --out $OUT > $OUT/w4a16.log 2>&1
 echo "w4a16 rc=$?"
 grep '^w4a16' $OUT/w4a16.log | python3 -c "
