@@ -189,34 +189,48 @@ def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_stacked_single_block_normalizes_each_stream(quantized_flux, dtype, monkeypatch):
-    """A stacked single block normalizes its text and image streams apart and adds each one's residual (no joint
-    concatenation for inductor to write out): bit for bit what normalizing their concatenation gives, which is
-    what it does with ``NORM_PER_STREAM`` off or a hooked norm (diffusers' forward)."""
+def test_compiled_single_block_normalizes_each_stream(quantized_flux, dtype):
+    """Compiled, a stacked single block normalizes its text and image streams apart and adds each one's residual
+    (two LayerNorms in the traced graph: no joint concatenation for inductor to write out), bit for bit what
+    normalizing their concatenation gives; it normalizes the concatenation, as diffusers' forward does, with
+    ``NORM_PER_STREAM`` off, with a hooked norm, and eagerly (the same bytes there, in fewer launches)."""
     from svdquant.integrations.diffusers import compat
 
     model, inputs = quantized_flux
     m = copy.deepcopy(model).to(dtype)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-    with torch.no_grad():
-        before = m(**inputs)[0]
     fuse_projections(m)
-    norms = []  # the blocks' own norm forwards (a torch hook: not one that turns the per-stream path off)
-    for blk in m.single_transformer_blocks:
-        blk.norm.register_forward_hook(lambda mod, args, out: norms.append(mod))
+    block, call = m.single_transformer_blocks[0], {}
+    hook = block.register_forward_pre_hook(lambda mod, args, kwargs: call.update(kwargs), with_kwargs=True)
+    norms = []  # the norm's own forward (a torch hook: not one that turns the per-stream path off)
+    block.norm.register_forward_hook(lambda mod, args, out: norms.append(mod))
     with torch.no_grad():
-        per_stream = m(**inputs)[0]
-    assert norms == [] and torch.equal(per_stream, before)
-    monkeypatch.setattr(compat, "NORM_PER_STREAM", False)
-    with torch.no_grad():
-        joint = m(**inputs)[0]
-    assert len(norms) == len(m.single_transformer_blocks) and torch.equal(joint, before)
-    monkeypatch.setattr(compat, "NORM_PER_STREAM", True)
-    m.single_transformer_blocks[0].norm._hf_hook = None  # as accelerate's offload hooks mark a module
-    norms.clear()
-    with torch.no_grad():
-        hooked = m(**inputs)[0]
-    assert norms == [m.single_transformer_blocks[0].norm] and torch.equal(hooked, before)
+        m(**inputs)
+        hook.remove()
+        eager = block(**call)
+    assert len(norms) == 2  # eagerly: diffusers' way
+
+    def layer_norms(**switches):
+        graphs = []
+
+        def backend(gm, example_inputs):  # runs the traced ops as they are
+            graphs.append(gm)
+            return gm.forward
+
+        for name, value in switches.items():
+            setattr(compat, name, value)
+        try:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                out = torch.compile(block, backend=backend, fullgraph=True)(**call)
+        finally:
+            compat.NORM_PER_STREAM = True
+        assert all(torch.equal(o, e) for o, e in zip(out, eager))
+        return sum(getattr(n.target, "__name__", "") == "layer_norm" for g in graphs for n in g.graph.nodes)
+
+    assert layer_norms() == 2 and layer_norms(NORM_PER_STREAM=False) == 1
+    block.norm._hf_hook = None  # as accelerate's offload hooks mark a module
+    assert layer_norms() == 1
 
 
 @interpreted

@@ -195,8 +195,8 @@ def forget_hook_registry_cache(model: torch.nn.Module) -> None:
 
 # --- blocks -------------------------------------------------------------------------------------------------------
 
-# False: a stacked single block normalizes the joint cat of its streams, as diffusers does (the A/B of
-# benchmarks/flux_step.py --single-norm joint)
+# False: a compiled stacked single block normalizes the concatenation of its streams, as diffusers does (the A/B:
+# benchmarks/flux_step.py's int4-fused-joint)
 NORM_PER_STREAM = True
 _ZERO_SINGLE = ("diffusers.models.normalization", "AdaLayerNormZeroSingle")  # by name: no import in a forward
 
@@ -206,8 +206,8 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
     """diffusers' ``FluxSingleTransformerBlock.forward`` (0.42) with q/k/v and ``proj_mlp`` as one GEMM: the
     stacked layer svdquant.modules.fused keeps on the block; the attention reads the projections it is handed. A
     quantized ``proj_out`` takes the attention output and the MLP's as two parts (``SVDQLinear.forward``'s
-    ``tail``) instead of their concatenation. Each stream is normalized on its own and adds its own residual
-    (:func:`_normed_streams`): the same values, without the streams' concatenation in memory."""
+    ``tail``) instead of their concatenation. Compiled, each stream is normalized on its own and adds its own
+    residual (:func:`_normed_streams`): the same values, without the streams' concatenation in memory."""
     text_seq_len = encoder_hidden_states.shape[1]
     normed = _normed_streams(self.norm, encoder_hidden_states, hidden_states, temb)
     if normed is None:
@@ -239,11 +239,12 @@ def _normed_streams(norm, text, image, temb):
     modulations-ahead class) computed per stream: its LayerNorm is per token and its modulation per image, so the
     values are the same. Why: inductor writes out a concatenation that a reduction reads (two sources per element),
     and the block then kept it as its residual, one more write of the joint activation a block (28 MB at 1024²) than
-    normalizing each stream into its part of the stacked GEMM's input. None where the norm is another class or
-    hooked (then the caller concatenates, as diffusers does)."""
+    normalizing each stream into its part of the stacked GEMM's input. None (the caller concatenates, as diffusers
+    does) where the norm is another class or hooked, and eagerly: there the same bytes move either way, in six
+    more launches a block (dynamo folds ``is_compiling`` to a constant)."""
     ahead = type(norm).forward is _ahead_zero_single
-    if not NORM_PER_STREAM or has_hooks(norm) or not (ahead or _ZERO_SINGLE == (type(norm).__module__,
-                                                                                 type(norm).__name__)):
+    if not (NORM_PER_STREAM and torch.compiler.is_compiling()) or has_hooks(norm) or \
+            not (ahead or _ZERO_SINGLE == (type(norm).__module__, type(norm).__name__)):
         return None
     if ahead:
         shift, scale, gate = _ahead_row(norm, temb).chunk(3, dim=1)
