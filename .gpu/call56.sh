@@ -11,9 +11,8 @@ tail -c 1200 $OUT/step.log
 # the largest inductor kernels of our steps (the elementwise class), from the results' breakdowns
 python3 -c "
 import json, sys
-res = json.load(open(sys.argv[1]))
-for v in res.get('variants', res).values() if isinstance(res, dict) else ():
-    for k, b in (v.items() if isinstance(v, dict) else ()):
-        for name, ms in (b.get('breakdown', {}).get('top_rest', {}).items() if isinstance(b, dict) else ()):
-            print(k, round(ms, 3), name[:90])
+for name, row in json.load(open(sys.argv[1]))['variants'].items():
+    for b, r in row.items():
+        for k, ms in (r.get('breakdown', {}).get('top_rest', {}).items() if isinstance(r, dict) else ()):
+            print(name, b, round(ms, 3), k[:90])
 " $OUT/flux_step.json 2>&1 | head -30
