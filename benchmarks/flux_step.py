@@ -30,8 +30,9 @@ with the A8 activation quantization left to inductor (``svdquant.fuse(gelu=False
 fused into the LayerNorm/modulation and GELU kernels);
 ``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too;
 ``int4-fused-ahead`` every fusion and the adaLN modulations computed ahead in one GEMV (``fuse(modulations=True)``);
-``int4-fused-joint`` every fusion with the single blocks normalizing their streams' concatenation, as diffusers
-does (``compat.NORM_PER_STREAM`` off; the default normalizes each stream apart: the A/B).
+``int4-fused-joint`` every fusion with the compiled single blocks normalizing their streams' concatenation, as
+diffusers does (``compat.NORM_PER_STREAM`` off; compiled, the default normalizes each stream apart: the A/B; eagerly
+both are ``int4-fused``).
 """
 
 from __future__ import annotations

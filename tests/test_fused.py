@@ -188,49 +188,54 @@ def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
         assert torch.equal(m(**inputs)[0], before)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_compiled_single_block_normalizes_each_stream(quantized_flux, dtype):
+@pytest.mark.parametrize("dtype, ahead", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
+def test_compiled_single_block_normalizes_each_stream(quantized_flux, dtype, ahead):
     """Compiled, a stacked single block normalizes its text and image streams apart and adds each one's residual
     (two LayerNorms in the traced graph: no joint concatenation for inductor to write out), bit for bit what
-    normalizing their concatenation gives; it normalizes the concatenation, as diffusers' forward does, with
-    ``NORM_PER_STREAM`` off, with a hooked norm, and eagerly (the same bytes there, in fewer launches)."""
+    normalizing their concatenation gives, with the modulations computed ahead too (``ahead``); it normalizes the
+    concatenation, as diffusers' forward does, with ``NORM_PER_STREAM`` off, with a hooked norm (a torch hook, which
+    then runs, or an offload hook's mark; added before compiling, as dynamo skips hook guards), and eagerly (the
+    same bytes there, in fewer launches)."""
     from svdquant.integrations.diffusers import compat
 
     model, inputs = quantized_flux
     m = copy.deepcopy(model).to(dtype)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-    fuse_projections(m)
+    svdquant.fuse(m, gelu=False, modulations=True) if ahead else fuse_projections(m)
     block, call = m.single_transformer_blocks[0], {}
     hook = block.register_forward_pre_hook(lambda mod, args, kwargs: call.update(kwargs), with_kwargs=True)
-    norms = []  # the norm's own forward (a torch hook: not one that turns the per-stream path off)
-    block.norm.register_forward_hook(lambda mod, args, out: norms.append(mod))
     with torch.no_grad():
         m(**inputs)
         hook.remove()
         eager = block(**call)
-    assert len(norms) == 2  # eagerly: diffusers' way
-
-    def layer_norms(**switches):
         graphs = []
 
         def backend(gm, example_inputs):  # runs the traced ops as they are
             graphs.append(gm)
             return gm.forward
 
-        for name, value in switches.items():
-            setattr(compat, name, value)
+        def layer_norms(compiled):
+            out = compiled(**call)
+            assert all(torch.equal(o, e) for o, e in zip(out, eager))
+            return sum(getattr(n.target, "__name__", "") == "layer_norm" for n in graphs[-1].graph.nodes)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend=backend, fullgraph=True)
+        assert layer_norms(compiled) == 2
+        compat.NORM_PER_STREAM = False
         try:
-            torch._dynamo.reset()
-            with torch.no_grad():
-                out = torch.compile(block, backend=backend, fullgraph=True)(**call)
+            assert layer_norms(compiled) == 1
         finally:
             compat.NORM_PER_STREAM = True
-        assert all(torch.equal(o, e) for o, e in zip(out, eager))
-        return sum(getattr(n.target, "__name__", "") == "layer_norm" for g in graphs for n in g.graph.nodes)
-
-    assert layer_norms() == 2 and layer_norms(NORM_PER_STREAM=False) == 1
-    block.norm._hf_hook = None  # as accelerate's offload hooks mark a module
-    assert layer_norms() == 1
+        norms = []
+        block.norm.register_forward_hook(lambda mod, args, out: norms.append(mod))
+        assert block(**call) is not None and norms == [block.norm]  # eagerly: diffusers' way
+        torch._dynamo.reset()
+        assert layer_norms(torch.compile(block, backend=backend, fullgraph=True)) == 1 and len(norms) > 1
+        block.norm._forward_hooks.clear()
+        block.norm._hf_hook = None  # as accelerate's offload hooks mark a module
+        torch._dynamo.reset()
+        assert layer_norms(torch.compile(block, backend=backend, fullgraph=True)) == 1
 
 
 @interpreted

@@ -226,10 +226,12 @@ def stacked_single_block_forward(self, hidden_states, encoder_hidden_states, tem
         out = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
     gate = gate.unsqueeze(1)
     if normed is None:
-        streams = (residual + gate * out).split([text_seq_len, residual.shape[1] - text_seq_len], dim=1)
-    else:
-        streams = (encoder_hidden_states + gate * out[:, :text_seq_len], hidden_states + gate * out[:, text_seq_len:])
-    if streams[0].dtype == torch.float16:
+        hidden_states = residual + gate * out
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+    streams = (encoder_hidden_states + gate * out[:, :text_seq_len], hidden_states + gate * out[:, text_seq_len:])
+    if streams[1].dtype == torch.float16:
         streams = tuple(s.clip(-65504, 65504) for s in streams)
     return streams
 
@@ -240,11 +242,14 @@ def _normed_streams(norm, text, image, temb):
     values are the same. Why: inductor writes out a concatenation that a reduction reads (two sources per element),
     and the block then kept it as its residual, one more write of the joint activation a block (28 MB at 1024²) than
     normalizing each stream into its part of the stacked GEMM's input. None (the caller concatenates, as diffusers
-    does) where the norm is another class or hooked, and eagerly: there the same bytes move either way, in six
+    does) where the norm is another class, hooked in any way (its own forward must run; hooks go on before
+    compiling, as for any module: dynamo skips hook guards, ``torch._dynamo.config.skip_nnmodule_hook_guards``), the
+    streams' dtypes differ (the concatenation promotes), and eagerly: there the same bytes move either way, in six
     more launches a block (dynamo folds ``is_compiling`` to a constant)."""
     ahead = type(norm).forward is _ahead_zero_single
-    if not (NORM_PER_STREAM and torch.compiler.is_compiling()) or has_hooks(norm) or \
-            not (ahead or _ZERO_SINGLE == (type(norm).__module__, type(norm).__name__)):
+    if not (NORM_PER_STREAM and torch.compiler.is_compiling()) or text.dtype != image.dtype or \
+            not (ahead or _ZERO_SINGLE == (type(norm).__module__, type(norm).__name__)) or has_hooks(norm) or \
+            "forward" in norm.__dict__ or norm._forward_hooks or norm._forward_pre_hooks:
         return None
     if ahead:
         shift, scale, gate = _ahead_row(norm, temb).chunk(3, dim=1)
