@@ -188,6 +188,16 @@ def test_stacked_single_blocks_and_diffusers_hooks(quantized_flux):
         assert torch.equal(m(**inputs)[0], before)
 
 
+def _single_block_call(model, inputs):
+    """``model``'s first single block and the keyword arguments ``model(**inputs)`` calls it with."""
+    block, call = model.single_transformer_blocks[0], {}
+    hook = block.register_forward_pre_hook(lambda mod, args, kwargs: call.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    return block, call
+
+
 @pytest.mark.parametrize("dtype, ahead", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
 def test_compiled_single_block_normalizes_each_stream(quantized_flux, dtype, ahead):
     """Compiled, a stacked single block normalizes its text and image streams apart and adds each one's residual
@@ -202,11 +212,8 @@ def test_compiled_single_block_normalizes_each_stream(quantized_flux, dtype, ahe
     m = copy.deepcopy(model).to(dtype)
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     svdquant.fuse(m, gelu=False, modulations=True) if ahead else fuse_projections(m)
-    block, call = m.single_transformer_blocks[0], {}
-    hook = block.register_forward_pre_hook(lambda mod, args, kwargs: call.update(kwargs), with_kwargs=True)
+    block, call = _single_block_call(m, inputs)
     with torch.no_grad():
-        m(**inputs)
-        hook.remove()
         eager = block(**call)
         graphs = []
 
@@ -253,11 +260,7 @@ def test_compiled_single_block_writes_no_concatenation_of_its_streams(quantized_
     m = copy.deepcopy(model)
     tm.on_int8_kernels(m)
     svdquant.fuse(m)
-    block, call = m.single_transformer_blocks[0], {}
-    hook = block.register_forward_pre_hook(lambda mod, args, kwargs: call.update(kwargs), with_kwargs=True)
-    with torch.no_grad():
-        m(**inputs)
-    hook.remove()
+    block, call = _single_block_call(m, inputs)
     tokens = call["hidden_states"].shape[1] + call["encoder_hidden_states"].shape[1]
     joint = re.compile(rf"empty_strided_cpu\(\((1, )?{tokens}, {tm.HIDDEN}\)")
     found = {}
