@@ -8,4 +8,6 @@ tmp=$(mktemp -d) && get $tmp nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-b
 (cd $tmp && split -b 20000000 -d -a 1 nvidia_cutlass_dsl_libs_cu12-*.whl part && md5sum nvidia_cutlass_dsl_libs_cu12-*.whl > md5)
 for i in 0 1 2 3 4; do mkdir -p .cw$((i+1)) && cp $tmp/part$i .cw$((i+1))/; done
 cp $tmp/nvidia_cutlass_dsl-*.whl $tmp/nvidia_cutlass_dsl_libs_base-*.whl $tmp/nvidia_cutlass_dsl_libs_core-*.whl $tmp/md5 .cw5/
+# flash-attn-4 (CuTe DSL, on the same DSL) and what it imports: installed with the DSL (.gpu/cwinstall.sh)
+get .cw5 flash-attn-4==4.0.0b36 quack-kernels==0.6.5 einops==0.8.2 torch-c-dlpack-ext==0.1.5
 du -sh .whl .cw?

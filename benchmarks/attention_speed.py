@@ -11,6 +11,8 @@ runs (``triton.testing.do_bench``):
   picks from today;
 * SageAttention 1.0.6 (``sageattn``, INT8 Q·Kᵀ per block, FP16 P·V, Triton), if installed: the published kernel
   of the same split;
+* flash-attn-4 (``flash_attn.cute.flash_attn_func``, BF16, CuTe DSL: on sm_90 a port of FlashAttention-3's
+  warp-specialized forward), if installed: what a Hopper attention can reach beside cuDNN;
 * ours (what :func:`svdquant.ops.int8_attention.int8_attention` runs on a GPU, eager): the whole op (the smoothing in torch ops,
   Q and K quantized per token, the attention), and its stages alone (the smoothing, the quantization kernel,
   the attention kernel on quantized inputs). Compiled, inductor fuses the smoothing's reductions.
@@ -64,6 +66,13 @@ def bench(fn, cuda: bool) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def bench_graph(fn) -> float:
+    """The median of replays of a CUDA graph of ``fn`` (no host launch cost: what a step in a graph sees)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
 def exact(q, k, v):
     """fp32 attention of the first batch element (memory-efficient SDPA on a GPU: no S² matrix)."""
     q, k, v = (x[:1].transpose(1, 2).float() for x in (q, k, v))
@@ -88,6 +97,12 @@ def variants(cuda: bool):
             from sageattention import sageattn
 
             out["SageAttention 1.0.6 (INT8 QK, FP16 PV)"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
+        except ImportError:
+            pass
+        try:
+            from flash_attn.cute import flash_attn_func
+
+            out["flash-attn-4 BF16 (CuTe DSL)"] = lambda q, k, v: flash_attn_func(q, k, v)[0]
         except ImportError:
             pass
     # what the op runs on a GPU, eager (the kernels on the CPU too, through the interpreter): smoothing,
@@ -156,6 +171,11 @@ def table(shapes, dev, cuda: bool) -> list[dict]:
                 row["rel_err_vs_fp32"] = round(rel(fn(q, k, v)[:1], ref), 5)
                 row["ms"] = round(bench(lambda: fn(q, k, v), cuda), 4)
                 row["tflops"] = round(flops / row["ms"] / 1e9, 1)
+                if cuda:
+                    try:
+                        row["graph_ms"] = round(bench_graph(lambda: fn(q, k, v)), 4)
+                    except Exception as e:  # a variant that cannot be captured (a host sync): recorded
+                        row["graph_error"] = str(e).splitlines()[0][:200]
             except Exception as e:  # a backend that does not run this shape / GPU: recorded
                 row["error"] = str(e).splitlines()[0][:200]
             rows.append(row)
@@ -169,14 +189,15 @@ def table(shapes, dev, cuda: bool) -> list[dict]:
 
 
 def markdown(rows) -> str:
-    lines = ["| shape | variant | ms | TFLOP/s | rel. error vs fp32 |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| shape | variant | ms | in a CUDA graph | TFLOP/s | rel. error vs fp32 |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["variant"] == "ours: stages":
             lines.append(f"| {r['shape']} | ours, stages: smoothing {r['smoothing_ms']} + quantize {r['quantize_ms']} ms + attention "
-                         f"{r['attention_ms']} ms | | | vs reference {r['rel_err_vs_reference']} |")
+                         f"{r['attention_ms']} ms | | | | vs reference {r['rel_err_vs_reference']} |")
         else:
             lines.append(f"| {r['shape']} | {r['variant']} | {r.get('ms', r.get('error', ''))} | "
-                         f"{r.get('tflops', '')} | {r.get('rel_err_vs_fp32', '')} |")
+                         f"{r.get('graph_ms', '')} | {r.get('tflops', '')} | {r.get('rel_err_vs_fp32', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,13 +205,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one tiny shape (on the CPU: Triton's interpreter)")
     ap.add_argument("--sweep", action="store_true", help="time every tile config of the attention kernel first")
+    ap.add_argument("--shapes", default="", help="only the shapes whose names contain this (e.g. 'FLUX')")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("no CUDA GPU: set TRITON_INTERPRET=1 (with --quick) to check the kernels on the CPU")
     dev = "cuda" if cuda else "cpu"
-    shapes = QUICK if args.quick or not cuda else SHAPES
+    shapes = [sh for sh in (QUICK if args.quick or not cuda else SHAPES) if args.shapes in sh[0]]
+    if not shapes:
+        ap.error(f"--shapes {args.shapes!r} names none of {[sh[0] for sh in SHAPES]}")
     res = dict(device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter: times are not speeds)",
                commit=os.environ.get("SVDQUANT_COMMIT", ""), torch=torch.__version__, command=" ".join(sys.argv))
     t0 = time.perf_counter()
