@@ -11,7 +11,8 @@ with random but valid contents (timing does not depend on the values; the kernel
 reference in tests/test_kernels.py), so no calibration is needed to time it.
 
 "Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
-class is compiled once, default inductor mode, static shapes). Our variants compile with ``svdquant.optimize``'s
+class is compiled once, default inductor mode, static shapes); "-whole" instead compiles the whole transformer as
+one graph (``model.compile(fullgraph=True)``, as flux-fast does: fusions across the blocks, a longer first compile). Our variants compile with ``svdquant.optimize``'s
 inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-defaults`` leaves them out,
 ``--inductor-options`` gives others); torchao's ``quantize_`` sets the same flags process-wide for its own variant,
 and they are reset after it. All variants
@@ -55,8 +56,9 @@ from svdquant.pipelines.optimize import COMPILE_OPTIONS  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
          "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")
-# base, then "-compiled" (regional torch.compile), then "-graph" (the whole step captured in one CUDA graph)
-VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled") for g in ("", "-graph")
+# base, then "-compiled" (regional torch.compile) or "-whole" (the whole transformer as one torch.compile graph),
+# then "-graph" (the whole step captured in one CUDA graph)
+VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled", "-whole") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
 ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage", "svdquant_int8")
 
@@ -199,6 +201,17 @@ def compile_blocks(model, backend, options=None):
     elif options:
         kw["options"] = dict(options)
     model.compile_repeated_blocks(**kw)
+
+
+def compile_whole(model, backend, options=None):
+    """The transformer as one graph (as flux-fast compiles FLUX): inductor also fuses across the blocks, e.g. a
+    block's last gated residual add into the next block's LayerNorm, which a regional compile keeps apart."""
+    kw = dict(fullgraph=True, dynamic=False)
+    if backend != "inductor":
+        kw["backend"] = backend
+    elif options:
+        kw["options"] = dict(options)
+    model.compile(**kw)
 
 
 def uncompile_blocks(model):
@@ -460,6 +473,12 @@ def main(argv=None):
                 if base + "-compiled" + suffix in variants:
                     measure(base + "-compiled" + suffix, m)
             uncompile_blocks(m)
+        if any(v.startswith(base + "-whole") for v in variants):
+            compile_whole(m, backend, options)
+            for suffix in ("", "-graph"):
+                if base + "-whole" + suffix in variants:
+                    measure(base + "-whole" + suffix, m)
+            uncompile_blocks(m)
 
     if any(v.startswith("bf16") or v.startswith("fp8") for v in variants) and "bf16" not in variants:
         variants.insert(0, "bf16")  # the reference the other variants' errors are measured against
@@ -482,7 +501,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
                         "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")
-            if any(v == b or v.startswith(b + "-c") or v == b + "-graph" for v in variants)]
+            if any(v == b or v.startswith(b + "-c") or v.startswith(b + "-w") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
         memory = ours[0].startswith("int4-memory")
