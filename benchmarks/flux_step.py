@@ -17,7 +17,8 @@ inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-d
 ``--inductor-options`` gives others); torchao's ``quantize_`` sets the same flags process-wide for its own variant,
 and they are reset after it. All variants
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
-first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention). Per variant and batch: median
+first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention; ``svdquant_flash4``: flash-attn-4's
+exact attention, if installed). Per variant and batch: median
 ms per step (``triton.testing.do_bench``), peak GPU memory during the step, weights in GB; ``--profile`` adds a
 per-kernel-class breakdown of our steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the
 rest). ``int4-fused`` runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the
@@ -60,7 +61,8 @@ BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-tr
 # then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled", "-whole") for g in ("", "-graph")
                  if b + c != "fp8-torchao")
-ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage", "svdquant_int8")
+ATTENTION = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient", "sage", "svdquant_int8",
+             "svdquant_flash4")
 
 
 def sm90_runners(model) -> list:
@@ -396,10 +398,10 @@ def main(argv=None):
     with torch.device(device):
         model = FluxTransformer2DModel(num_layers=args.double, num_single_layers=args.single, **cfg)
     model = model.to(torch.bfloat16).eval()
-    if attention == "svdquant_int8":  # svdquant's INT8 Q·Kᵀ attention (for every variant, BF16 ones included)
-        from svdquant.integrations.diffusers.attention import register
+    if attention in ("svdquant_int8", "svdquant_flash4"):  # svdquant's backends (every variant, BF16 ones included)
+        from svdquant.integrations.diffusers.attention import register, register_flash4
 
-        register()
+        register() if attention == "svdquant_int8" else register_flash4()
     model.set_attention_backend(attention)
     res["build_s"] = time.perf_counter() - t
     kw1 = inputs(1, device=device, **tok)[0]

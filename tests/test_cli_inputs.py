@@ -438,7 +438,7 @@ def test_attention_int8_refusals(ck, tmp_path):
     check_attention_flag(argparse.Namespace(attention="int8", optimize=True, device="cuda:0"))  # accepted
     with pytest.raises(ValueError, match=r"^attention='int8' is set by svdquant.optimize, which runs on a CUDA "):
         svdquant.load_pipeline(None, ck, attention="int8")
-    with pytest.raises(ValueError, match=r"^attention='sage': use 'auto', None, 'int8' or one of"):
+    with pytest.raises(ValueError, match=r"^attention='sage': use 'auto', None, 'int8', 'flash4' or one of"):
         svdquant.load_pipeline(None, ck, attention="sage")
     from svdquant.serve.engine import load_engine
 

@@ -37,7 +37,7 @@ def test_optimize_does_nothing_off_cuda(quantized_flux):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(fuse="yes"), "fuse='yes': use True or False"),
     (dict(compile=1), "compile=1: use True or False"),
-    (dict(attention="sage"), "attention='sage': use 'auto', None, 'int8' or one of"),
+    (dict(attention="sage"), "attention='sage': use 'auto', None, 'int8', 'flash4' or one of"),
     (dict(max_graphs=0), "max_graphs=0: use a whole number >= 1"),
     (dict(max_graphs=True), "max_graphs=True: use a whole number >= 1"),
 ])

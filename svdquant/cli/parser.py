@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-optimize", dest="optimize", action="store_false",
                        help="on CUDA, skip svdquant.optimize (fused layers, the fastest attention backend, compiled "
                             "blocks, CUDA graphs): no compilation at the first call, slower steps")
-        p.add_argument("--attention", choices=("auto", "int8"), default="auto",
+        p.add_argument("--attention", choices=("auto", "int8", "flash4"), default="auto",
                        help="on CUDA, the attention svdquant.optimize sets: auto (the fastest of PyTorch's SDPA "
-                            "backends, exact) or int8 (svdquant's INT8 Q·Kᵀ attention: opt-in, costs the tiny "
-                            "FLUX ~0.2 dB)")
+                            "backends and, if installed, flash-attn-4: exact), int8 (svdquant's INT8 Q·Kᵀ attention: "
+                            "opt-in, costs the tiny FLUX ~0.2 dB) or flash4 (flash-attn-4, exact)")
 
     def checkpoint_prompt(p, output):
         p.add_argument("checkpoint")

@@ -49,6 +49,8 @@ from .layer_choice import choose_layers
 
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
 INT8_ATTENTION = "int8"  # svdquant's INT8 Q·Kᵀ attention, registered in diffusers' dispatcher when asked
+FLASH4_ATTENTION = "flash4"  # flash-attn-4's exact attention (optional library), likewise
+FLASH4_BACKEND = "svdquant_flash4"  # its diffusers backend name (svdquant.integrations.diffusers.attention.FLASH4)
 # Inductor's coordinate-descent search of block sizes for the Triton kernels it writes around the quantized ones (the
 # norms and modulations, q/k RMSNorm + RoPE, the gated residual adds). On an H100 it took that class of a FLUX.1-dev
 # step from 8.45 to 6.44 ms (BENCHMARKS.md, "Session 30"); its cost is a longer first compile, and inductor caches
@@ -120,9 +122,9 @@ def denoisers(target, what: str = "svdquant.optimize") -> list[nn.Module]:
 
 def check_attention(attention) -> None:
     """``attention=`` of :func:`optimize` and :func:`svdquant.load_pipeline`, checked before any work."""
-    if attention is not None and attention not in ("auto", INT8_ATTENTION, *ATTENTION_BACKENDS):
-        raise ValueError(f"attention={attention!r}: use 'auto', None, {INT8_ATTENTION!r} or one of "
-                         f"{ATTENTION_BACKENDS}")
+    if attention is not None and attention not in ("auto", INT8_ATTENTION, FLASH4_ATTENTION, *ATTENTION_BACKENDS):
+        raise ValueError(f"attention={attention!r}: use 'auto', None, {INT8_ATTENTION!r}, {FLASH4_ATTENTION!r} or one "
+                         f"of {ATTENTION_BACKENDS}")
 
 
 def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool = True,
@@ -273,21 +275,47 @@ def _why_not_int8_attention(model: nn.Module) -> str | None:
     return None
 
 
+def _why_not_flash4(model: nn.Module) -> str | None:
+    """Why flash-attn-4 cannot run ``model``'s attention, or None."""
+    from ..integrations.diffusers.compat import dispatches_attention
+    from ..ops import flash4_attention as flash4
+
+    if not dispatches_attention(model):
+        return "the model's attention processors are diffusers' legacy ones, which call PyTorch's SDPA themselves"
+    if not flash4.installed():
+        return "flash-attn-4 is not installed (pip install flash-attn-4)"
+    if not flash4.available(_device_of(model)):
+        major, minor = torch.cuda.get_device_capability(_device_of(model))
+        return f"an sm_{major}{minor} GPU (flash-attn-4's kernels run on sm_90 and sm_100 here)"
+    shape = _attention_shape(model)
+    if shape is not None and (shape[1] % 8 or shape[1] > 256):
+        return f"head size {shape[1]} (it takes a multiple of 8 up to 256)"
+    return None
+
+
+def _svdquant_backend(model: nn.Module, attention: str, report: Optimized) -> bool:
+    """Route ``model``'s attention to one of svdquant's diffusers backends (``attention``: the user's name, or a
+    backend's); False (with the reason in the report) where it cannot run."""
+    from ..integrations.diffusers import attention as backends
+    from ..integrations.diffusers.compat import set_attention_backend_locally
+
+    int8 = attention in (INT8_ATTENTION, backends.BACKEND)
+    why = _why_not_int8_attention(model) if int8 else _why_not_flash4(model)
+    if why is not None:
+        report.skipped["attention"] = f"{INT8_ATTENTION if int8 else FLASH4_ATTENTION}: {why}; attention left as it was"
+        return False
+    set_attention_backend_locally(model, backends.register() if int8 else backends.register_flash4())  # not the
+    bump_revision()  # process's default for others; graphs captured with the previous attention are captured again
+    report.attention = backends.BACKEND if int8 else backends.FLASH4
+    return True
+
+
 def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
     if not hasattr(model, "set_attention_backend"):
         report.skipped["attention"] = "the model has no set_attention_backend"
         return
-    if attention == INT8_ATTENTION:
-        from ..integrations.diffusers import attention as int8_backend
-        from ..integrations.diffusers.compat import set_attention_backend_locally
-
-        why = _why_not_int8_attention(model)
-        if why is not None:
-            report.skipped["attention"] = f"int8: {why}; attention left as it was"
-            return
-        set_attention_backend_locally(model, int8_backend.register())  # not the process's default for others
-        bump_revision()  # graphs captured with the previous attention are captured again
-        report.attention = int8_backend.BACKEND
+    if attention in (INT8_ATTENTION, FLASH4_ATTENTION):
+        _svdquant_backend(model, attention, report)
         return
     if attention == "auto":
         shape = _attention_shape(model)
@@ -296,12 +324,16 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
             return
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        key = (torch.cuda.get_device_name(_device_of(model)), *shape, dtype)
+        flash4 = _why_not_flash4(model) is None
+        key = (torch.cuda.get_device_name(_device_of(model)), *shape, dtype, flash4)
         if key not in _attention_choice:
-            _attention_choice[key] = _time_attention(*shape, dtype, _device_of(model))
+            _attention_choice[key] = _time_attention(*shape, dtype, _device_of(model), flash4)
         attention, report.attention_ms = _attention_choice[key]
         if attention is None:
             report.skipped["attention"] = "no SDPA backend ran at the model's shape"
+            return
+        if attention == FLASH4_BACKEND:
+            _svdquant_backend(model, attention, report)
             return
     try:
         model.set_attention_backend(attention)
@@ -312,8 +344,9 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
     report.attention = attention
 
 
-def _time_attention(heads: int, dim: int, tokens: int, dtype, device):
-    """(fastest backend, {backend: ms}) of SDPA at one image's shape; each backend timed with CUDA events."""
+def _time_attention(heads: int, dim: int, tokens: int, dtype, device, flash4: bool = False):
+    """(fastest backend, {backend: ms}) at one image's shape: PyTorch's SDPA backends, and flash-attn-4 where it can
+    run (``flash4``); each timed with CUDA events."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernels = {"_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_flash": SDPBackend.FLASH_ATTENTION,
@@ -326,6 +359,14 @@ def _time_attention(heads: int, dim: int, tokens: int, dtype, device):
                 times[name] = _cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         except RuntimeError:  # not available for this GPU, dtype or head size
             continue
+    if flash4:
+        from ..ops.flash4_attention import attention
+
+        qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # diffusers' [B, S, H, D]
+        try:  # the first call compiles the kernel for this shape (cached for the model's calls)
+            times[FLASH4_BACKEND] = _cuda_ms(lambda: attention(qs, ks, vs))
+        except Exception:  # noqa: BLE001 - an optional library failing at this shape: the SDPA backends stand
+            pass
     best = min(times, key=times.get) if times else None
     return best, {k: round(v, 4) for k, v in times.items()}
 

@@ -1,0 +1,89 @@
+"""flash-attn-4's BF16 / FP16 forward as a torch custom op (``torch.ops.svdquant.flash4_attention``).
+
+flash-attn-4 (``pip install flash-attn-4``, https://github.com/Dao-AILab/flash-attention, ``flash_attn/cute``) writes
+FlashAttention's kernels in NVIDIA's CuTe DSL, the DSL svdquant's Hopper GEMM is written in. On sm_90 its forward is
+a port of FlashAttention-3's warp-specialized, ping-pong forward (arXiv 2407.08608); its kernels compile at the first
+call of each shape and are cached. It is optional: svdquant offers it as an attention backend where it is installed
+and the GPU is sm_90 / sm_100 (:func:`available`), and ``svdquant.optimize``'s ``attention="auto"`` times it beside
+PyTorch's SDPA backends at the model's shape, taking whichever is fastest.
+
+The op is exact attention (no rounding beyond the 16-bit inputs'), so it changes no image beyond what another
+attention kernel's summation order does. Its Python launcher (argument checks, the compile cache) runs on the host
+at every call; inside svdquant's CUDA graphs only the kernel is replayed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+ARCHES = (9, 10)  # compute capability majors it runs on (Hopper, Blackwell); sm_80 / sm_120 keep PyTorch's kernels
+_FUNC = []  # flash_attn.cute.flash_attn_func, imported at the first call (it imports the CuTe DSL)
+
+
+def installed() -> bool:
+    """Whether flash-attn-4 can be imported (without importing it: that loads the CuTe DSL)."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # no ``flash_attn`` package at all
+        return False
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether the op can run on ``device`` (default: the current CUDA device): flash-attn-4 installed and the GPU
+    one of :data:`ARCHES`. A capability query: call it when choosing a backend, never in a forward."""
+    if not torch.cuda.is_available() or not installed():
+        return False
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in ARCHES
+
+
+def unsupported(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                enable_gqa: bool = False) -> str | None:
+    """Why the op cannot take this call (``[B, S, H, D]`` tensors), or None if it can. Read from shapes, dtypes
+    and arguments only: under ``torch.compile`` it is decided while tracing."""
+    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+        return "a mask, dropout, causal or grouped-query attention"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"tensors of {q.ndim}, {k.ndim}, {v.ndim} dims (it takes [batch, tokens, heads, head_dim])"
+    if not (q.dtype == k.dtype == v.dtype and v.dtype in (torch.float16, torch.bfloat16)):
+        return f"{q.dtype} / {k.dtype} / {v.dtype} (it takes float16 or bfloat16)"
+    d = q.shape[-1]
+    if d % 8 or not 8 <= d <= 256 or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head size {d} (it takes a multiple of 8 up to 256, the same for q, k, v)"
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        return f"q, k, v of shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if q.numel() == 0 or k.numel() == 0:
+        return f"empty q or k (shapes {tuple(q.shape)}, {tuple(k.shape)})"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "q, k or v without a unit stride in the head dimension"
+    if q.device.type != "cuda":
+        return f"tensors on {q.device.type} (it runs on a CUDA GPU)"
+    return None
+
+
+def _flash_attn_func():
+    if not _FUNC:
+        from flash_attn.cute import flash_attn_func
+
+        _FUNC.append(flash_attn_func)
+    return _FUNC[0]
+
+
+@torch.library.custom_op("svdquant::flash4_attention", mutates_args=())
+def flash4_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q·kᵀ · scale) · v of ``[B, S, H, D]`` tensors (checked by :func:`unsupported`), by flash-attn-4."""
+    return _flash_attn_func()(q, k, v, softmax_scale=scale)[0]
+
+
+@flash4_attention.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`flash4_attention` with SDPA's default scale, ``1 / sqrt(D)``."""
+    return flash4_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))

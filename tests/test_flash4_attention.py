@@ -1,0 +1,155 @@
+"""flash-attn-4 as svdquant's attention backend (issue 23): what the op takes, its fake for torch.compile, the diffusers
+backend (the native one for what it cannot take, and on the CPU), ``optimize(attention="flash4")``'s checks; on a GPU
+with flash-attn-4 installed, the op against SDPA at FLUX's shape, compiled and in a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdquant.ops import flash4_attention as flash4
+
+CUDA = torch.cuda.is_available()
+FLASH4 = flash4.available() if CUDA else False
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def bshd(seed, b, s, h, d, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype)
+
+
+def sdpa(q, k, v, **kw):
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            **kw).transpose(1, 2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(attn_mask=torch.ones(1, 10, dtype=torch.bool)), "a mask, dropout, causal or grouped-query attention"),
+    (dict(dropout_p=0.1), "a mask, dropout"), (dict(is_causal=True), "causal"), (dict(enable_gqa=True), "grouped"),
+    (dict(bhs=True), "tensors of 3, 3, 3 dims"),
+    (dict(dtype=torch.float32), "torch.float32 / torch.float32 / torch.float32 (it takes float16 or bfloat16)"),
+    (dict(d=72 + 4), "head size 76 (it takes a multiple of 8 up to 256"), (dict(d=264), "head size 264"),
+    (dict(k_tokens=12), "q, k, v of shapes (1, 10, 2, 64), (1, 12, 2, 64), (1, 10, 2, 64)"),
+    (dict(k_tokens=0, v_tokens=0), "empty q or k"),
+    (dict(strided=True), "without a unit stride in the head dimension"),
+    ({}, "tensors on cpu (it runs on a CUDA GPU)"),
+])
+def test_what_the_op_cannot_take(change, message):
+    d, dtype = change.pop("d", 64), change.pop("dtype", torch.bfloat16)
+    q = torch.randn(1, 10, 2, d, dtype=dtype)
+    k = torch.randn(1, change.pop("k_tokens", 10), 2, d, dtype=dtype)
+    v = torch.randn(1, change.pop("v_tokens", 10), 2, d, dtype=dtype)
+    if change.pop("bhs", False):
+        q, k, v = q[0], k[0], v[0]
+    if change.pop("strided", False):
+        q = torch.randn(1, 10, 2, 2 * d, dtype=dtype)[..., ::2]
+    assert message in flash4.unsupported(q, k, v, **change)
+
+
+def test_the_op_has_a_fake_for_the_compiler():
+    """What torch.compile traces the op with: GPU-shaped fake tensors (no GPU needed), the output in q's shape with
+    v's head size, and the checks pass for FLUX's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 4608, 24, 128, device="cuda", dtype=torch.bfloat16)
+        assert flash4.unsupported(q, q, q) is None
+        out = flash4.attention(q, q, q)
+        assert out.shape == (2, 4608, 24, 128) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+
+
+def test_not_available_without_the_library_or_a_gpu(monkeypatch):
+    monkeypatch.setattr(flash4.importlib.util, "find_spec", lambda name: None)
+    assert not flash4.installed() and not flash4.available()
+
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'flash_attn'")
+
+    monkeypatch.setattr(flash4.importlib.util, "find_spec", missing)
+    assert not flash4.installed()
+
+
+def test_the_backend_runs_sdpa_for_what_it_cannot_take():
+    """On the CPU (and for a mask, dropout ...) the backend is diffusers' native one: the same output, exactly."""
+    from svdquant.integrations.diffusers.attention import svdquant_flash4_attention
+
+    q, k, v = (bshd(i, 1, 12, 2, 64, torch.float32) for i in range(3))
+    assert torch.equal(svdquant_flash4_attention(q, k, v), sdpa(q, k, v))
+    mask = torch.rand(1, 1, 12, 12, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[..., 0] = True
+    assert torch.allclose(svdquant_flash4_attention(q, k, v, attn_mask=mask), sdpa(q, k, v, attn_mask=mask),
+                          atol=1e-6)
+
+
+def test_the_backend_is_a_diffusers_name_and_a_model_runs_through_it():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from svdquant.integrations.diffusers import attention as backend
+    from svdquant.integrations.diffusers.compat import set_attention_backend_locally
+    from test_int8_attention import tiny_flux
+
+    m, inputs = tiny_flux()
+    with torch.no_grad():
+        native = m(**inputs).sample
+    active = _AttentionBackendRegistry._active_backend
+    assert backend.register_flash4() == backend.register_flash4() == "svdquant_flash4"
+    set_attention_backend_locally(m, "svdquant_flash4")
+    assert _AttentionBackendRegistry._active_backend == active
+    assert {p._attention_backend.value for p in m.attn_processors.values()} == {"svdquant_flash4"}
+    with torch.no_grad():
+        assert torch.equal(m(**inputs).sample, native)  # the CPU: the native backend, exactly
+
+
+def test_optimize_says_why_flash4_cannot_run(monkeypatch):
+    """``optimize(attention="flash4")``'s attention step (called directly: on the CPU optimize stops before it): not
+    installed, another GPU, a head size it does not take, a legacy processor: left as it was, with the reason."""
+    from svdquant.modules import revision
+    from svdquant.pipelines import optimize as opt
+    from svdquant.pipelines.optimize import Optimized, _set_attention, check_attention
+    from test_int8_attention import tiny_flux
+
+    check_attention("flash4")
+    with pytest.raises(ValueError, match=r"^attention='flash': use 'auto', None, 'int8', 'flash4' or one of"):
+        check_attention("flash")
+    m, _ = tiny_flux()
+    m = m.to(torch.bfloat16)
+    monkeypatch.setattr(flash4, "installed", lambda: False)
+    report = Optimized(device="cpu")
+    _set_attention(m, "flash4", report)
+    assert report.attention is None
+    assert report.skipped["attention"] == ("flash4: flash-attn-4 is not installed (pip install flash-attn-4); "
+                                           "attention left as it was")
+    monkeypatch.setattr(flash4, "installed", lambda: True)
+    monkeypatch.setattr(flash4, "available", lambda device=None: False)
+    monkeypatch.setattr(opt.torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    _set_attention(m, "flash4", report)
+    assert "flash4: an sm_86 GPU (flash-attn-4's kernels run on sm_90 and sm_100 here)" in report.skipped["attention"]
+    monkeypatch.setattr(flash4, "available", lambda device=None: True)
+    before = revision()
+    report = Optimized(device="cpu")
+    _set_attention(m, "flash4", report)
+    assert report.attention == "svdquant_flash4" and "attention" not in report.skipped and revision() > before
+    assert {p._attention_backend.value for p in m.attn_processors.values()} == {"svdquant_flash4"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FLASH4, reason="needs flash-attn-4 and an sm_90 / sm_100 GPU")
+def test_gpu_flash4_at_the_flux_shape():
+    """One FLUX.1 image's attention (4,608 tokens, 24 heads of 128) in bf16 against SDPA: exact attention both, so
+    within bf16's rounding of the output; compiled whole and replayed from a CUDA graph, the same bits."""
+    q, k, v = (bshd(i, 1, 4608, 24, 128, device="cuda") for i in range(3))
+    out = flash4.attention(q, k, v)
+    assert rel(out, sdpa(q.float(), k.float(), v.float())) < 1e-2
+    compiled = torch.compile(lambda a, b, c: flash4.attention(a, b, c), fullgraph=True)
+    assert torch.equal(compiled(q, k, v), out)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = flash4.attention(q, k, v)
+    q.copy_(bshd(7, 1, 4608, 24, 128, device="cuda"))
+    graph.replay()
+    assert torch.equal(captured, flash4.attention(q, k, v))
