@@ -153,3 +153,32 @@ def test_gpu_flash4_at_the_flux_shape():
     q.copy_(bshd(7, 1, 4608, 24, 128, device="cuda"))
     graph.replay()
     assert torch.equal(captured, flash4.attention(q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FLASH4, reason="needs flash-attn-4 and an sm_90 / sm_100 GPU")
+def test_gpu_optimize_times_flash4_beside_sdpa():
+    """``optimize(attention="auto")`` on the tiny quantized FLUX times flash-attn-4 with the SDPA backends (in CUDA
+    graphs); ``attention="flash4"`` sets it: compiled and graph-captured, close to the model with SDPA."""
+    import copy
+
+    import tiny_models as tm
+
+    from svdquant.pipelines.optimize import deoptimize, optimize
+
+    base, inputs = tm.quantized_flux()
+    model = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    report = optimize(model, layers=False)
+    assert {"_native_cudnn", "svdquant_flash4"} <= set(report.attention_ms)
+    deoptimize(model)
+    optimize(model, attention=None, layers=False)
+    with torch.no_grad():
+        sdpa_out = model(**inputs)[0]
+    deoptimize(model)
+    report = optimize(model, attention="flash4", layers=False)
+    assert report.attention == "svdquant_flash4" and report.cuda_graphs
+    with torch.no_grad():
+        first, second = model(**inputs)[0], model(**inputs)[0]
+    assert torch.equal(first, second) and rel(first, sdpa_out) < 2e-2

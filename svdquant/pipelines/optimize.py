@@ -9,9 +9,12 @@ On a CUDA device, in this order (each step can be turned off):
 1. ``fuse``: :func:`svdquant.fuse` (q/k/v as one GEMM; a FLUX single block's MLP up projection with them; an MLP's
    GELU in its down projection's activation pass). The same math, but for the GPU's one-instruction tanh in
    the GELU (an INT8 code moves by at most one step).
-2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) at the model's attention
-   shape, timed once per process and GPU, through diffusers' ``set_attention_backend`` where the model's attention
-   supports it. ``attention="int8"`` (opt-in) instead runs svdquant's INT8 Q·Kᵀ attention
+2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) and, on sm_90 / sm_100
+   where it is installed (a dependency on Linux), flash-attn-4 (:mod:`svdquant.ops.flash4_attention`), all exact, at
+   the model's attention shape, timed once per process and GPU in CUDA graphs, through diffusers'
+   ``set_attention_backend`` where the model's attention supports it (on an H100 flash-attn-4 took a FLUX.1-dev
+   step's attention from 23.7 to 21.7 ms, BENCHMARKS.md). ``attention="flash4"`` asks for flash-attn-4 without
+   timing. ``attention="int8"`` (opt-in) instead runs svdquant's INT8 Q·Kᵀ attention
    (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.2 dB, BENCHMARKS.md), calls it cannot take on
    PyTorch's SDPA.
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
@@ -57,7 +60,7 @@ FLASH4_BACKEND = "svdquant_flash4"  # its diffusers backend name (svdquant.integ
 # what it found. torchao's quantize_ turns the same two flags on process-wide (its recommended_inductor_config_setter);
 # here they apply to the blocks svdquant compiles and nothing else.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
-_attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype) -> backend, timed once per process
+_attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype, flash4 runs) -> backend, timed once
 
 
 @dataclass
@@ -346,7 +349,7 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
 
 def _time_attention(heads: int, dim: int, tokens: int, dtype, device, flash4: bool = False):
     """(fastest backend, {backend: ms}) at one image's shape: PyTorch's SDPA backends, and flash-attn-4 where it can
-    run (``flash4``); each timed with CUDA events."""
+    run (``flash4``); each timed with CUDA events over a CUDA graph's replay (:func:`_cuda_ms`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernels = {"_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_flash": SDPBackend.FLASH_ATTENTION,
@@ -372,12 +375,29 @@ def _time_attention(heads: int, dim: int, tokens: int, dtype, device, flash4: bo
 
 
 def _cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Milliseconds a call of ``fn``, timed as the optimized step runs it: ``reps`` calls captured in one CUDA graph,
+    replayed (no host launch cost; flash-attn-4's Python launcher costs more than SDPA's, and the step's graph hides
+    both). Eagerly if ``fn`` cannot be captured."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
+    replay = None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        replay = graph.replay
+        replay()  # the first replay uploads the graph
+    except RuntimeError:  # not capturable: timed eagerly
+        replay = None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    if replay is not None:
+        replay()
+    else:
+        for _ in range(reps):
+            fn()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
