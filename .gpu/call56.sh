@@ -14,5 +14,5 @@ import json, sys
 for name, row in json.load(open(sys.argv[1]))['variants'].items():
     for b, r in row.items():
         for k, ms in (r.get('breakdown', {}).get('top_rest', {}).items() if isinstance(r, dict) else ()):
-            print(name, b, round(ms, 3), k[:90])
+            print(name, b, round(ms, 3), k[:200])
 " $OUT/flux_step.json 2>&1 | head -30

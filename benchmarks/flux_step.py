@@ -296,8 +296,8 @@ def breakdown(fn, steps=3):
             continue
         cls = kernel_class(e.key)
         classes[cls] = classes.get(cls, 0.0) + t
-        if cls == "elementwise / rest":
-            rest[e.key[:90]] = t
+        if cls == "elementwise / rest":  # whole names: kernels of the double and single blocks share long prefixes
+            rest[e.key] = rest.get(e.key, 0.0) + t
     top = dict(sorted(rest.items(), key=lambda kv: -kv[1])[:12])
     return dict(classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])), total_ms=sum(classes.values()),
                 top_rest=top)
