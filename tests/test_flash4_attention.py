@@ -66,11 +66,12 @@ def test_not_available_without_the_library_or_a_gpu(monkeypatch):
     monkeypatch.setattr(flash4.importlib.util, "find_spec", lambda name: None)
     assert not flash4.installed() and not flash4.available()
 
-    def missing(name):
-        raise ModuleNotFoundError("No module named 'flash_attn'")
+    for error in (ModuleNotFoundError("No module named 'flash_attn'"), OSError("libcudart.so.12: cannot open")):
+        def failing(name, error=error):  # no flash_attn, or FlashAttention-2's package failing to load its extension
+            raise error
 
-    monkeypatch.setattr(flash4.importlib.util, "find_spec", missing)
-    assert not flash4.installed()
+        monkeypatch.setattr(flash4.importlib.util, "find_spec", failing)
+        assert not flash4.installed()
 
 
 def test_the_backend_runs_sdpa_for_what_it_cannot_take():
