@@ -196,24 +196,23 @@ def checkpoint_gb(model) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
 
 
-def compile_blocks(model, backend, options=None):
+def compile_kwargs(backend, options=None) -> dict:
     kw = dict(fullgraph=True, dynamic=False)
     if backend != "inductor":
         kw["backend"] = backend
     elif options:
         kw["options"] = dict(options)
-    model.compile_repeated_blocks(**kw)
+    return kw
+
+
+def compile_blocks(model, backend, options=None):
+    model.compile_repeated_blocks(**compile_kwargs(backend, options))
 
 
 def compile_whole(model, backend, options=None):
     """The transformer as one graph (as flux-fast compiles FLUX): inductor also fuses across the blocks, e.g. a
     block's last gated residual add into the next block's LayerNorm, which a regional compile keeps apart."""
-    kw = dict(fullgraph=True, dynamic=False)
-    if backend != "inductor":
-        kw["backend"] = backend
-    elif options:
-        kw["options"] = dict(options)
-    model.compile(**kw)
+    model.compile(**compile_kwargs(backend, options))
 
 
 def uncompile_blocks(model):
@@ -465,22 +464,18 @@ def main(argv=None):
             save()
 
     def run_base(base, m, options=None):
-        """Every requested variant of one base model: eager, eager + graph, compiled, compiled + graph."""
+        """Every requested variant of one base model: eager, then regionally and wholly compiled, each with and
+        without a CUDA graph."""
         for suffix in ("", "-graph"):
             if base + suffix in variants:
                 measure(base + suffix, m)
-        if any(v.startswith(base + "-compiled") for v in variants):
-            compile_blocks(m, backend, options)
-            for suffix in ("", "-graph"):
-                if base + "-compiled" + suffix in variants:
-                    measure(base + "-compiled" + suffix, m)
-            uncompile_blocks(m)
-        if any(v.startswith(base + "-whole") for v in variants):
-            compile_whole(m, backend, options)
-            for suffix in ("", "-graph"):
-                if base + "-whole" + suffix in variants:
-                    measure(base + "-whole" + suffix, m)
-            uncompile_blocks(m)
+        for mode, compile_fn in (("-compiled", compile_blocks), ("-whole", compile_whole)):
+            if any(v.startswith(base + mode) for v in variants):
+                compile_fn(m, backend, options)
+                for suffix in ("", "-graph"):
+                    if base + mode + suffix in variants:
+                        measure(base + mode + suffix, m)
+                uncompile_blocks(m)
 
     if any(v.startswith("bf16") or v.startswith("fp8") for v in variants) and "bf16" not in variants:
         variants.insert(0, "bf16")  # the reference the other variants' errors are measured against

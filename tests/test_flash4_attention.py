@@ -161,25 +161,14 @@ def test_gpu_flash4_at_the_flux_shape():
 def test_gpu_optimize_times_flash4_beside_sdpa():
     """``optimize(attention="auto")`` on the tiny quantized FLUX times flash-attn-4 with the SDPA backends (in CUDA
     graphs); ``attention="flash4"`` sets it: compiled and graph-captured, close to the model with SDPA."""
-    import copy
-
     import tiny_models as tm
 
     from svdquant.pipelines.optimize import deoptimize, optimize
+    from test_int8_attention import optimized_against_sdpa
 
-    base, inputs = tm.quantized_flux()
-    model = copy.deepcopy(base).to("cuda", torch.bfloat16)
-    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
-              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    model, inputs = tm.on_cuda(*tm.quantized_flux())
     report = optimize(model, layers=False)
     assert {"_native_cudnn", "svdquant_flash4"} <= set(report.attention_ms)
     deoptimize(model)
-    optimize(model, attention=None, layers=False)
-    with torch.no_grad():
-        sdpa_out = model(**inputs)[0]
-    deoptimize(model)
-    report = optimize(model, attention="flash4", layers=False)
-    assert report.attention == "svdquant_flash4" and report.cuda_graphs
-    with torch.no_grad():
-        first, second = model(**inputs)[0], model(**inputs)[0]
-    assert torch.equal(first, second) and rel(first, sdpa_out) < 2e-2
+    first, second, sdpa = optimized_against_sdpa("flash4", "svdquant_flash4", model, inputs)
+    assert torch.equal(first, second) and rel(first, sdpa) < 2e-2

@@ -367,25 +367,28 @@ def test_the_speed_benchmark_checks_before_it_times(tmp_path):
 def test_gpu_optimize_with_int8_attention():
     """``optimize(attention="int8")`` on the tiny quantized FLUX (head size 32): compiled and graph-captured with the
     op inside, close to the same model with SDPA."""
-    import copy
+    first, second, sdpa = optimized_against_sdpa("int8", "svdquant_int8")
+    assert torch.equal(first, second) and 0 < rel(first, sdpa) < 3e-2
 
+
+def optimized_against_sdpa(attention: str, backend: str, model=None, inputs=None):
+    """The tiny quantized FLUX on the GPU (or ``model`` / ``inputs`` there), optimized with SDPA and then with
+    ``attention`` (checked to set ``backend``, compiled and graph-captured): its two outputs with it, and SDPA's."""
     import tiny_models as tm
 
     from svdquant.pipelines.optimize import deoptimize, optimize
 
-    base, inputs = tm.quantized_flux()
-    model = copy.deepcopy(base).to("cuda", torch.bfloat16)
-    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
-              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    report = optimize(model, attention=None, layers=False)
+    if model is None:
+        model, inputs = tm.on_cuda(*tm.quantized_flux())
+    optimize(model, attention=None, layers=False)
     with torch.no_grad():
         sdpa = model(**inputs)[0]
     deoptimize(model)
-    report = optimize(model, attention="int8", layers=False)
-    assert report.attention == "svdquant_int8" and report.cuda_graphs
+    report = optimize(model, attention=attention, layers=False)
+    assert report.attention == backend and report.cuda_graphs
     with torch.no_grad():
         first, second = model(**inputs)[0], model(**inputs)[0]
-    assert torch.equal(first, second) and 0 < rel(first, sdpa) < 3e-2
+    return first, second, sdpa
 
 
 def test_importing_svdquant_makes_the_backend_a_diffusers_name():

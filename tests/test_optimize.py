@@ -187,10 +187,7 @@ def test_the_layers_buffers_are_never_rewritten(quantized_flux):
 
 # ------------------------------------------------------------------------------------------------ GPU
 def _cuda(model, inputs, dtype=torch.bfloat16):
-    model = copy.deepcopy(model).to("cuda", dtype)
-    inputs = {k: v.to("cuda", dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
-              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return model, inputs
+    return tm.on_cuda(model, inputs, dtype)
 
 
 def _rel(a, b):

@@ -526,6 +526,17 @@ def quantized_flux(recipe: str = "int4", iterations: int = 1, input_seed: int = 
     return model, calibration_inputs("flux", model, 1, seed=input_seed)[0]
 
 
+def on_cuda(model, inputs: dict, dtype: torch.dtype = torch.bfloat16):
+    """A copy of ``model`` on the GPU in ``dtype``, and ``inputs`` moved there (the floating ones in ``dtype``, but
+    FLUX's position ids, which stay fp32 as diffusers' pipelines pass them)."""
+    import copy
+
+    model = copy.deepcopy(model).to("cuda", dtype)
+    inputs = {k: v.to("cuda", dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return model, inputs
+
+
 # --------------------------------------------------------------------------------------
 # edit and video pipelines, built offline
 # --------------------------------------------------------------------------------------
