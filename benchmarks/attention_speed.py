@@ -99,12 +99,11 @@ def variants(cuda: bool):
             out["SageAttention 1.0.6 (INT8 QK, FP16 PV)"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
         except ImportError:
             pass
-        try:
-            from flash_attn.cute import flash_attn_func
+        from svdquant.ops import flash4_attention
 
+        if flash4_attention.import_error() is None:  # installed and importing (a broken install is left out)
+            flash_attn_func = flash4_attention._FUNC[0]
             out["flash-attn-4 BF16 (CuTe DSL)"] = lambda q, k, v: flash_attn_func(q, k, v)[0]
-        except ImportError:
-            pass
     # what the op runs on a GPU, eager (the kernels on the CPU too, through the interpreter): smoothing,
     # quantization, attention
     out["ours: INT8 QK per token + BF16 PV"] = lambda q, k, v: library.int8_attention_impl(
@@ -212,9 +211,10 @@ def main(argv=None) -> dict:
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("no CUDA GPU: set TRITON_INTERPRET=1 (with --quick) to check the kernels on the CPU")
     dev = "cuda" if cuda else "cpu"
-    shapes = [sh for sh in (QUICK if args.quick or not cuda else SHAPES) if args.shapes in sh[0]]
+    known = QUICK if args.quick or not cuda else SHAPES
+    shapes = [sh for sh in known if args.shapes in sh[0]]
     if not shapes:
-        ap.error(f"--shapes {args.shapes!r} names none of {[sh[0] for sh in SHAPES]}")
+        ap.error(f"--shapes {args.shapes!r} names none of {[sh[0] for sh in known]}")
     res = dict(device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter: times are not speeds)",
                commit=os.environ.get("SVDQUANT_COMMIT", ""), torch=torch.__version__, command=" ".join(sys.argv))
     t0 = time.perf_counter()

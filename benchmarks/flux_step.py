@@ -12,7 +12,8 @@ reference in tests/test_kernels.py), so no calibration is needed to time it.
 
 "Compiled" is diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``: each block
 class is compiled once, default inductor mode, static shapes); "-whole" instead compiles the whole transformer as
-one graph (``model.compile(fullgraph=True)``, as flux-fast does: fusions across the blocks, a longer first compile). Our variants compile with ``svdquant.optimize``'s
+one graph (``model.compile(fullgraph=True)``, as flux-fast does: fusions across the blocks, a longer first
+compile). Our variants compile with ``svdquant.optimize``'s
 inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-defaults`` leaves them out,
 ``--inductor-options`` gives others); torchao's ``quantize_`` sets the same flags process-wide for its own variant,
 and they are reset after it. All variants
@@ -363,6 +364,11 @@ def main(argv=None):
         ap.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     if any(b < 1 for b in args.batch):
         ap.error("--batch values must be >= 1")
+    if args.attention == "svdquant_flash4" and not args.smoke:
+        from svdquant.ops.flash4_attention import import_error
+
+        if import_error() is not None:
+            ap.error(f"--attention svdquant_flash4: {import_error()}")
     from diffusers import FluxTransformer2DModel
 
     device = "cpu" if args.smoke else "cuda"

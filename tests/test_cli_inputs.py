@@ -431,6 +431,8 @@ def test_attention_int8_refusals(ck, tmp_path):
              "--attention int8 is set by svdquant.optimize: drop --no-optimize", folder=tmp_path)
     rejected(["serve", "tiny", "--attention", "int8", "--no-optimize"], "drop --no-optimize", folder=tmp_path)
     rejected(["serve", "tiny", *CPU, "--attention", "int8"], "runs on a CUDA GPU", folder=tmp_path)
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--attention", "flash4"],
+             "--attention flash4 runs on a CUDA GPU; on cpu leave it out", folder=tmp_path)
     from svdquant.cli.common import check_attention_flag
 
     import argparse

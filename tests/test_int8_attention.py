@@ -341,9 +341,10 @@ def test_gpu_kernel_at_the_flux_shape():
 
 
 @needs_kernels
-def test_the_speed_benchmark_checks_before_it_times(tmp_path):
+def test_the_speed_benchmark_checks_before_it_times(tmp_path, capsys):
     """benchmarks/attention_speed.py --quick: every variant's output is compared with fp32 attention and the stages'
-    with the reference, and the table is written (on the CPU through the interpreter: the times mean nothing)."""
+    with the reference, and the table is written (on the CPU through the interpreter: the times mean nothing); a
+    --shapes that names no shape it would run is one line."""
     import importlib.util
     import json
     import pathlib
@@ -360,6 +361,9 @@ def test_the_speed_benchmark_checks_before_it_times(tmp_path):
     assert stages and stages[0]["rel_err_vs_reference"] < 0.02
     assert json.loads((tmp_path / "attention.json").read_text())["rows"] == res["rows"]
     assert "ours, stages" in (tmp_path / "attention.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--shapes", "FLUX"])
+    assert "error: --shapes 'FLUX' names none of ['tiny']" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -266,7 +267,14 @@ def test_video_quick_runs_every_variant_it_is_given(tmp_path):
     assert saved["quantized_layers"] > 0  # (tiny widths: the rank-32 branches outweigh the 4-bit savings)
     for variant in ("bf16", "int4", "int4-int8attn", "int4-24gb"):
         r = saved[f"{variant} 480p"]
-        assert r["finite"] and r["seconds_per_step"] == pytest.approx((r["call_b_s"] - r["call_a_s"]) / 2, abs=2e-3)
+        difference = (r["call_b_s"] - r["call_a_s"]) / 2
+        assert r["finite"]
+        if "per_step_fallback" in r:  # a loaded CPU: the calls' difference at zero or below, so call b's median step
+            assert r["seconds_per_step_difference"] == pytest.approx(difference, abs=2e-3)
+            assert r["seconds_per_step_difference"] <= 0
+            assert r["seconds_per_step"] == pytest.approx(statistics.median(r["step_s"]["call_b"][1:]), abs=1e-3)
+        else:
+            assert r["seconds_per_step"] == pytest.approx(difference, abs=2e-3)
         # (a tiny step takes milliseconds: the calls' difference, and the estimate rounded to 0.1 s, may be 0 or
         # below on a loaded machine; the figure is a benchmark's, not this test's)
         assert math.isfinite(r["clip_s_est"]) and "peak_gb" not in r and "peak_steps_gb" not in r

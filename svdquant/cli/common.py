@@ -19,8 +19,8 @@ class UsageError(Exception):
 
 
 def check_attention_flag(args) -> None:
-    """``--attention int8`` is set by svdquant.optimize: on a CUDA device, without ``--no-optimize``. Call after
-    :func:`resolve_device`."""
+    """``--attention int8`` or ``flash4`` is set by svdquant.optimize: on a CUDA device, without ``--no-optimize``.
+    Call after :func:`resolve_device`."""
     if getattr(args, "attention", "auto") == "auto":
         return
     if not getattr(args, "optimize", True):

@@ -10,10 +10,10 @@ On a CUDA device, in this order (each step can be turned off):
    GELU in its down projection's activation pass). The same math, but for the GPU's one-instruction tanh in
    the GELU (an INT8 code moves by at most one step).
 2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) and, on sm_90 / sm_100
-   where it is installed (a dependency on Linux), flash-attn-4 (:mod:`svdquant.ops.flash4_attention`), all exact, at
-   the model's attention shape, timed once per process and GPU in CUDA graphs, through diffusers'
-   ``set_attention_backend`` where the model's attention supports it (on an H100 flash-attn-4 took a FLUX.1-dev
-   step's attention from 23.7 to 21.7 ms, BENCHMARKS.md). ``attention="flash4"`` asks for flash-attn-4 without
+   where it imports (a dependency on Linux), flash-attn-4 (:mod:`svdquant.ops.flash4_attention`), all exact, at the
+   model's attention shape, timed once per process and GPU (in CUDA graphs where the step runs in them), set on this
+   model only, where its attention dispatches through diffusers' backends. On an H100 flash-attn-4 took a FLUX.1-dev
+   step's attention from 23.7 to 21.7 ms (BENCHMARKS.md). ``attention="flash4"`` asks for flash-attn-4 without
    timing. ``attention="int8"`` (opt-in) instead runs svdquant's INT8 Q·Kᵀ attention
    (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.2 dB, BENCHMARKS.md), calls it cannot take on
    PyTorch's SDPA.
@@ -60,7 +60,7 @@ FLASH4_BACKEND = "svdquant_flash4"  # its diffusers backend name (svdquant.integ
 # what it found. torchao's quantize_ turns the same two flags on process-wide (its recommended_inductor_config_setter);
 # here they apply to the blocks svdquant compiles and nothing else.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
-_attention_choice: dict = {}  # (GPU name, heads, head dim, tokens, dtype, flash4 runs) -> backend, timed once
+_attention_choice: dict = {}  # (GPU, heads, head dim, tokens, dtype, flash4 runs, in graphs) -> backend, timed once
 
 
 @dataclass
@@ -163,7 +163,7 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
 
         report.fused = fuse_model(model)
     if attention is not None:
-        _set_attention(model, attention, report)
+        _set_attention(model, attention, report, cuda_graphs)
     if compile:
         report.compiled_blocks = compile_blocks(model)
         if not report.compiled_blocks:
@@ -279,20 +279,25 @@ def _why_not_int8_attention(model: nn.Module) -> str | None:
 
 
 def _why_not_flash4(model: nn.Module) -> str | None:
-    """Why flash-attn-4 cannot run ``model``'s attention, or None."""
+    """Why flash-attn-4 cannot run ``model``'s attention, or None (imports flash-attn-4 to know)."""
     from ..integrations.diffusers.compat import dispatches_attention
     from ..ops import flash4_attention as flash4
 
     if not dispatches_attention(model):
         return "the model's attention processors are diffusers' legacy ones, which call PyTorch's SDPA themselves"
-    if not flash4.installed():
-        return "flash-attn-4 is not installed (pip install flash-attn-4)"
-    if not flash4.available(_device_of(model)):
-        major, minor = torch.cuda.get_device_capability(_device_of(model))
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"a {dtype} model (the kernel takes 16-bit)"
+    why = flash4.import_error()
+    if why is not None:
+        return why
+    device = _device_of(model)
+    if not flash4.available(device):
+        major, minor = torch.cuda.get_device_capability(device)
         return f"an sm_{major}{minor} GPU (flash-attn-4's kernels run on sm_90 and sm_100 here)"
     shape = _attention_shape(model)
-    if shape is not None and (shape[1] % 8 or shape[1] > 256):
-        return f"head size {shape[1]} (it takes a multiple of 8 up to 256)"
+    if shape is not None and not flash4.head_size_ok(shape[1]):
+        return f"head size {shape[1]} (it takes a multiple of 8 up to 128, or 256)"
     return None
 
 
@@ -313,7 +318,8 @@ def _svdquant_backend(model: nn.Module, attention: str, report: Optimized) -> bo
     return True
 
 
-def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
+def _set_attention(model: nn.Module, attention: str, report: Optimized, graphs: bool = True) -> None:
+    """``attention`` set on ``model`` (``graphs``: the step will run in CUDA graphs, so "auto" times in them)."""
     if not hasattr(model, "set_attention_backend"):
         report.skipped["attention"] = "the model has no set_attention_backend"
         return
@@ -328,9 +334,10 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         flash4 = _why_not_flash4(model) is None
-        key = (torch.cuda.get_device_name(_device_of(model)), *shape, dtype, flash4)
+        graphs = graphs and _why_no_graphs(model) is None  # timed as the step will run: in a CUDA graph or not
+        key = (torch.cuda.get_device_name(_device_of(model)), *shape, dtype, flash4, graphs)
         if key not in _attention_choice:
-            _attention_choice[key] = _time_attention(*shape, dtype, _device_of(model), flash4)
+            _attention_choice[key] = _time_attention(*shape, dtype, _device_of(model), flash4, graphs)
         attention, report.attention_ms = _attention_choice[key]
         if attention is None:
             report.skipped["attention"] = "no SDPA backend ran at the model's shape"
@@ -338,8 +345,10 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
         if attention == FLASH4_BACKEND:
             _svdquant_backend(model, attention, report)
             return
+    from ..integrations.diffusers.compat import set_attention_backend_locally
+
     try:
-        model.set_attention_backend(attention)
+        set_attention_backend_locally(model, attention)  # diffusers' own call would make it every model's default
         bump_revision()
     except (ValueError, RuntimeError, NotImplementedError) as e:
         report.skipped["attention"] = f"{attention}: {str(e).splitlines()[0][:200]}"
@@ -347,50 +356,55 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized) -> None:
     report.attention = attention
 
 
-def _time_attention(heads: int, dim: int, tokens: int, dtype, device, flash4: bool = False):
+def _time_attention(heads: int, dim: int, tokens: int, dtype, device, flash4: bool = False, graphs: bool = True):
     """(fastest backend, {backend: ms}) at one image's shape: PyTorch's SDPA backends, and flash-attn-4 where it can
-    run (``flash4``); each timed with CUDA events over a CUDA graph's replay (:func:`_cuda_ms`)."""
+    run (``flash4``); each timed with CUDA events, over a CUDA graph's replay where the step runs in graphs
+    (:func:`_cuda_ms`), on ``device``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernels = {"_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_flash": SDPBackend.FLASH_ATTENTION,
                "_native_efficient": SDPBackend.EFFICIENT_ATTENTION}
-    q, k, v = (torch.randn(1, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
     times = {}
-    for name in ATTENTION_BACKENDS:
-        try:
-            with sdpa_kernel(kernels[name]):
-                times[name] = _cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        except RuntimeError:  # not available for this GPU, dtype or head size
-            continue
-    if flash4:
-        from ..ops.flash4_attention import attention
+    with torch.cuda.device(device):  # events, graphs and flash-attn-4's arch cache follow the current device
+        q, k, v = (torch.randn(1, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
+        for name in ATTENTION_BACKENDS:
+            try:
+                with sdpa_kernel(kernels[name]):
+                    times[name] = _cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), graphs)
+            except RuntimeError:  # not available for this GPU, dtype or head size
+                continue
+        if flash4:
+            from ..ops.flash4_attention import attention
 
-        qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # diffusers' [B, S, H, D]
-        try:  # the first call compiles the kernel for this shape (cached for the model's calls)
-            times[FLASH4_BACKEND] = _cuda_ms(lambda: attention(qs, ks, vs))
-        except Exception:  # noqa: BLE001 - an optional library failing at this shape: the SDPA backends stand
-            pass
+            qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # diffusers' [B, S, H, D]
+            try:  # the first call compiles the kernel for this shape (cached for the model's calls)
+                times[FLASH4_BACKEND] = _cuda_ms(lambda: attention(qs, ks, vs), graphs)
+            except Exception:  # noqa: BLE001 - an optional library failing at this shape: the SDPA backends stand
+                pass
     best = min(times, key=times.get) if times else None
     return best, {k: round(v, 4) for k, v in times.items()}
 
 
-def _cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Milliseconds a call of ``fn``, timed as the optimized step runs it: ``reps`` calls captured in one CUDA graph,
-    replayed (no host launch cost; flash-attn-4's Python launcher costs more than SDPA's, and the step's graph hides
-    both). Eagerly if ``fn`` cannot be captured."""
+def _cuda_ms(fn, graphs: bool = True, warmup: int = 3, reps: int = 10) -> float:
+    """Milliseconds a call of ``fn``, timed as the optimized step runs it: with ``graphs``, ``reps`` calls captured
+    in one CUDA graph and replayed (no host launch cost: flash-attn-4's Python launcher costs more than SDPA's, and
+    the step's graph hides both); eagerly without, or if ``fn`` cannot be captured."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     replay = None
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        replay = graph.replay
-        replay()  # the first replay uploads the graph
-    except RuntimeError:  # not capturable: timed eagerly
-        replay = None
+    if graphs:
+        stream = torch.cuda.current_stream()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    fn()
+            replay = graph.replay
+            replay()  # the first replay uploads the graph
+        except RuntimeError:  # not capturable: timed eagerly
+            replay = None
+            torch.cuda.set_stream(stream)  # a failed capture's exit leaves its side stream current
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     if replay is not None:

@@ -29,13 +29,12 @@ def register() -> None:
 
 
 def register_attention() -> None:
-    """Add svdquant's attentions to diffusers' attention backends (idempotent): then
-    ``model.set_attention_backend("svdquant_int8")`` (or ``"svdquant_flash4"``) works on any diffusers model
-    (:mod:`.attention`)."""
+    """Add svdquant's INT8 attention to diffusers' attention backends (idempotent): then
+    ``model.set_attention_backend("svdquant_int8")`` works on any diffusers model (:mod:`.attention`; flash-attn-4's
+    backend is registered by ``attention.register_flash4()``, which checks the GPUs: not at import)."""
     from . import attention
 
     attention.register()
-    attention.register_flash4()
 
 
 def register_on_first_use() -> None:

@@ -1,9 +1,10 @@
-"""svdquant's attention backends for diffusers: ``model.set_attention_backend(name)`` on any diffusers model once
-``svdquant`` is imported (:func:`register` runs when diffusers loads its attention dispatcher; :func:`register_flash4`
-when asked), or through ``svdquant.optimize(pipe, attention=...)``.
+"""svdquant's attention backends for diffusers: ``model.set_attention_backend(name)`` on any diffusers model, or
+through ``svdquant.optimize(pipe, attention=...)``. ``svdquant_int8`` is registered when diffusers loads its attention
+dispatcher (:func:`register`); ``svdquant_flash4`` when :func:`register_flash4` is called (``optimize`` calls it),
+which also checks where flash-attn-4 can run.
 
-* ``svdquant_int8`` (``attention="int8"``): INT8 Q·Kᵀ per token with a 16-bit P·V (:mod:`svdquant.ops.int8_attention`;
-  its quality cost is in BENCHMARKS.md).
+* ``svdquant_int8`` (``attention="int8"``): INT8 Q·Kᵀ per token with a 16-bit P·V
+  (:mod:`svdquant.ops.int8_attention`; its quality cost is in BENCHMARKS.md).
 * ``svdquant_flash4`` (``attention="flash4"``, and a candidate of ``attention="auto"`` where it can run): exact
   attention by flash-attn-4's CuTe DSL kernels (:mod:`svdquant.ops.flash4_attention`), if installed.
 
@@ -61,8 +62,10 @@ def register() -> str:
 
 
 def register_flash4() -> str:
-    """Add the flash-attn-4 backend to diffusers' dispatcher (idempotent; without flash-attn-4 installed every call
-    runs the native backend); returns its name."""
+    """Add the flash-attn-4 backend to diffusers' dispatcher (idempotent) and check every visible GPU for it
+    (:func:`svdquant.ops.flash4_attention.probe_devices`: imports flash-attn-4); returns its name. Calls on a device
+    where it cannot run (not installed, another GPU, the CPU) run the native backend."""
+    flash4.probe_devices()
     compat.add_attention_backend(FLASH4, svdquant_flash4_attention)
     return FLASH4
 
