@@ -165,17 +165,24 @@ def test_optimize_says_why_flash4_cannot_run(monkeypatch):
     m, _ = tiny_flux()
     assert why(m) == "flash4: a torch.float32 model (the kernel takes 16-bit); attention left as it was"
     m = m.to(torch.bfloat16)
-    monkeypatch.setattr(flash4, "import_error", lambda: "flash-attn-4 is not installed (pip install ...)")
-    assert why(m) == "flash4: flash-attn-4 is not installed (pip install ...); attention left as it was"
-    monkeypatch.setattr(flash4, "import_error", lambda: None)
-    monkeypatch.setattr(flash4, "available", lambda device=None: False)
+    assert why(m) == "flash4: a model on the cpu (flash-attn-4 runs on a CUDA GPU); attention left as it was"
+    probed = []
+    monkeypatch.setattr(opt, "_device_of", lambda model: torch.device("cuda", 0))  # as if on a GPU
+    monkeypatch.setattr(flash4, "available", lambda device=None: probed.append(device) or True)
+    monkeypatch.setattr(flash4, "import_error", lambda: 1 / 0)  # must not be imported on another GPU
     monkeypatch.setattr(opt.torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert why(m) == ("flash4: an sm_86 GPU (flash-attn-4's kernels run on sm_90 and sm_100 here); attention left "
                       "as it was")
-    monkeypatch.setattr(flash4, "available", lambda device=None: True)
+    monkeypatch.setattr(opt.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(flash4, "import_error", lambda: "flash-attn-4 is not installed (pip install ...)")
+    assert why(m) == "flash4: flash-attn-4 is not installed (pip install ...); attention left as it was"
+    monkeypatch.setattr(flash4, "import_error", lambda: None)
     monkeypatch.setattr(opt, "_attention_shape", lambda model: (2, 160, 4096))
     assert why(m) == "flash4: head size 160 (it takes a multiple of 8 up to 128, or 256); attention left as it was"
+    assert probed == [torch.device("cuda", 0)]  # recorded usable on the model's device before the head size
     monkeypatch.undo()
+    monkeypatch.setattr(opt, "_device_of", lambda model: torch.device("cuda", 0))
+    monkeypatch.setattr(opt.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(flash4, "import_error", lambda: None)
     monkeypatch.setattr(flash4, "available", lambda device=None: True)
     pixart = PixArtTransformer2DModel(sample_size=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,

@@ -288,13 +288,16 @@ def _why_not_flash4(model: nn.Module) -> str | None:
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float16, torch.bfloat16):
         return f"a {dtype} model (the kernel takes 16-bit)"
+    device = _device_of(model)
+    if device.type != "cuda":
+        return f"a model on the {device.type} (flash-attn-4 runs on a CUDA GPU)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in flash4.ARCHES:  # before importing it (the CuTe DSL: seconds) where it would not run anyway
+        return f"an sm_{major}{minor} GPU (flash-attn-4's kernels run on sm_90 and sm_100 here)"
     why = flash4.import_error()
     if why is not None:
         return why
-    device = _device_of(model)
-    if not flash4.available(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"an sm_{major}{minor} GPU (flash-attn-4's kernels run on sm_90 and sm_100 here)"
+    flash4.available(device)  # recorded usable there: what the backend's forward reads
     shape = _attention_shape(model)
     if shape is not None and not flash4.head_size_ok(shape[1]):
         return f"head size {shape[1]} (it takes a multiple of 8 up to 128, or 256)"
