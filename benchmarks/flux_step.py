@@ -17,8 +17,8 @@ compile). Our variants compile with ``svdquant.optimize``'s
 inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-defaults`` leaves them out,
 ``--inductor-options`` gives others); torchao's ``quantize_`` sets the same flags process-wide for its own variant,
 and they are reset after it. All variants
-use the same attention backend (``--attention``; ``auto`` times the native SDPA backends at the FLUX shape
-first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention; ``svdquant_flash4``: flash-attn-4's
+use the same attention backend (``--attention``; ``auto`` times the native SDPA backends, and flash-attn-4 where
+it runs, at the FLUX shape first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention; ``svdquant_flash4``: flash-attn-4's
 exact attention, if installed). Per variant and batch: median
 ms per step (``triton.testing.do_bench``), peak GPU memory during the step, weights in GB; ``--profile`` adds a
 per-kernel-class breakdown of our steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the
@@ -224,7 +224,8 @@ def uncompile_blocks(model):
 
 
 def pick_attention(device, dtype, smoke):
-    """The fastest native SDPA backend at FLUX.1-dev's shape (24 heads × 128, 4608 tokens, batch 1)."""
+    """The fastest native SDPA backend, or flash-attn-4 where it runs (``svdquant_flash4``), at FLUX.1-dev's shape
+    (24 heads × 128, 4608 tokens, batch 1)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if smoke:
@@ -241,6 +242,16 @@ def pick_attention(device, dtype, smoke):
             times[name] = dict(ms=ms, tflops=flop / ms / 1e9)
         except RuntimeError as e:
             times[name] = dict(error=str(e).splitlines()[0][:200])
+    from svdquant.ops import flash4_attention as flash4
+
+    if flash4.available(device):
+        qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # its [B, S, H, D]
+        try:
+            flash4.attention(qs, ks, vs)
+            ms = bench(lambda: flash4.attention(qs, ks, vs))
+            times["svdquant_flash4"] = dict(ms=ms, tflops=flop / ms / 1e9)
+        except Exception as e:  # noqa: BLE001 - a failing optional library: recorded, SDPA's backends stand
+            times["svdquant_flash4"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     ok = {k: v["ms"] for k, v in times.items() if "ms" in v}
     try:  # 8-bit attention for reference (SageAttention v1, Triton: INT8 QK^T, fp16 PV); timed, never picked
         from sageattention import sageattn
