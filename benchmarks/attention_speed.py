@@ -102,7 +102,8 @@ def variants(cuda: bool):
         from svdquant.ops import flash4_attention
 
         if flash4_attention.import_error() is None:  # installed and importing (a broken install is left out)
-            flash_attn_func = flash4_attention._FUNC[0]
+            from flash_attn.cute import flash_attn_func
+
             out["flash-attn-4 BF16 (CuTe DSL)"] = lambda q, k, v: flash_attn_func(q, k, v)[0]
     # what the op runs on a GPU, eager (the kernels on the CPU too, through the interpreter): smoothing,
     # quantization, attention

@@ -18,8 +18,8 @@ inductor options (``COMPILE_OPTIONS``: coordinate-descent tuning; ``--inductor-d
 ``--inductor-options`` gives others); torchao's ``quantize_`` sets the same flags process-wide for its own variant,
 and they are reset after it. All variants
 use the same attention backend (``--attention``; ``auto`` times the native SDPA backends, and flash-attn-4 where
-it runs, at the FLUX shape first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention; ``svdquant_flash4``: flash-attn-4's
-exact attention, if installed). Per variant and batch: median
+it runs, at the FLUX shape first and takes the fastest; ``svdquant_int8``: svdquant's INT8 Q·Kᵀ attention;
+``svdquant_flash4``: flash-attn-4's exact attention, if installed). Per variant and batch: median
 ms per step (``triton.testing.do_bench``), peak GPU memory during the step, weights in GB; ``--profile`` adds a
 per-kernel-class breakdown of our steps (INT8 GEMMs, activation passes, attention, adaLN W4A16, other GEMMs, the
 rest). ``int4-fused`` runs every run-time fusion (``svdquant.fuse``: q/k/v as one GEMM, in single blocks with the
@@ -308,7 +308,7 @@ def breakdown(fn, steps=3):
         cls = kernel_class(e.key)
         classes[cls] = classes.get(cls, 0.0) + t
         if cls == "elementwise / rest":  # whole names: kernels of the double and single blocks share long prefixes
-            rest[e.key] = rest.get(e.key, 0.0) + t
+            rest[e.key] = t
     top = dict(sorted(rest.items(), key=lambda kv: -kv[1])[:12])
     return dict(classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])), total_ms=sum(classes.values()),
                 top_rest=top)
@@ -378,8 +378,8 @@ def main(argv=None):
     if args.attention == "svdquant_flash4" and not args.smoke:
         from svdquant.ops.flash4_attention import import_error
 
-        if import_error() is not None:
-            ap.error(f"--attention svdquant_flash4: {import_error()}")
+        if (why := import_error()) is not None:
+            ap.error(f"--attention svdquant_flash4: {why}")
     from diffusers import FluxTransformer2DModel
 
     device = "cpu" if args.smoke else "cuda"

@@ -44,7 +44,9 @@ import torch.nn as nn
 
 from .._state import state, take
 from .graphs import DEFAULT_GRAPHS, StepGraphs
-from ..integrations.diffusers.compat import has_hooks, repeated_block_names
+from ..integrations.diffusers.attention import FLASH4 as FLASH4_BACKEND
+from ..integrations.diffusers.compat import (dispatches_attention, has_hooks, repeated_block_names,
+                                             set_attention_backend_locally)
 from ..models.pipeline_needs import SECOND_EXPERT, second_expert
 from ..modules import SVDQLinear
 from ..modules.linear import bump_revision
@@ -53,7 +55,6 @@ from .layer_choice import choose_layers
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
 INT8_ATTENTION = "int8"  # svdquant's INT8 Q·Kᵀ attention, registered in diffusers' dispatcher when asked
 FLASH4_ATTENTION = "flash4"  # flash-attn-4's exact attention (optional library), likewise
-FLASH4_BACKEND = "svdquant_flash4"  # its diffusers backend name (svdquant.integrations.diffusers.attention.FLASH4)
 # Inductor's coordinate-descent search of block sizes for the Triton kernels it writes around the quantized ones (the
 # norms and modulations, q/k RMSNorm + RoPE, the gated residual adds). On an H100 it took that class of a FLUX.1-dev
 # step from 8.45 to 6.44 ms (BENCHMARKS.md, "Session 30"); its cost is a longer first compile, and inductor caches
@@ -262,32 +263,35 @@ def _attention_shape(model: nn.Module):
     return heads, dim, 4096  # a 1024² image's tokens: the shape these models spend their attention time on
 
 
-def _why_not_int8_attention(model: nn.Module) -> str | None:
-    """Why svdquant's INT8 attention cannot run ``model``'s attention (read from its processors, config and dtype),
-    or None."""
-    from ..integrations.diffusers.compat import dispatches_attention
-    from ..ops.int8_attention import HEAD_DIMS
-
-    if not dispatches_attention(model):
-        return "the model's attention processors are diffusers' legacy ones, which call PyTorch's SDPA themselves"
-    shape, dtype = _attention_shape(model), next(model.parameters()).dtype
-    if shape is not None and shape[1] not in HEAD_DIMS:
-        return f"head size {shape[1]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"a {dtype} model (the kernel takes 16-bit)"
-    return None
-
-
-def _why_not_flash4(model: nn.Module) -> str | None:
-    """Why flash-attn-4 cannot run ``model``'s attention, or None (imports flash-attn-4 to know)."""
-    from ..integrations.diffusers.compat import dispatches_attention
-    from ..ops import flash4_attention as flash4
-
+def _why_not_svdquant_backend(model: nn.Module) -> str | None:
+    """What both of svdquant's attention backends need of ``model``: attention dispatched through diffusers'
+    backends, and 16-bit weights."""
     if not dispatches_attention(model):
         return "the model's attention processors are diffusers' legacy ones, which call PyTorch's SDPA themselves"
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float16, torch.bfloat16):
         return f"a {dtype} model (the kernel takes 16-bit)"
+    return None
+
+
+def _why_not_int8_attention(model: nn.Module) -> str | None:
+    """Why svdquant's INT8 attention cannot run ``model``'s attention (read from its processors, config and dtype),
+    or None."""
+    from ..ops.int8_attention import HEAD_DIMS
+
+    shape = _attention_shape(model)
+    if shape is not None and shape[1] not in HEAD_DIMS:
+        return f"head size {shape[1]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
+    return _why_not_svdquant_backend(model)
+
+
+def _why_not_flash4(model: nn.Module) -> str | None:
+    """Why flash-attn-4 cannot run ``model``'s attention, or None (imports flash-attn-4 to know)."""
+    from ..ops import flash4_attention as flash4
+
+    why = _why_not_svdquant_backend(model)
+    if why is not None:
+        return why
     device = _device_of(model)
     if device.type != "cuda":
         return f"a model on the {device.type} (flash-attn-4 runs on a CUDA GPU)"
@@ -305,19 +309,18 @@ def _why_not_flash4(model: nn.Module) -> str | None:
 
 
 def _svdquant_backend(model: nn.Module, attention: str, report: Optimized) -> bool:
-    """Route ``model``'s attention to one of svdquant's diffusers backends (``attention``: the user's name, or a
-    backend's); False (with the reason in the report) where it cannot run."""
+    """Route ``model``'s attention to one of svdquant's diffusers backends (``attention``: ``"int8"``, or flash-attn-4
+    by the user's name or its backend's); False (with the reason in the report) where it cannot run."""
     from ..integrations.diffusers import attention as backends
-    from ..integrations.diffusers.compat import set_attention_backend_locally
 
-    int8 = attention in (INT8_ATTENTION, backends.BACKEND)
+    int8 = attention == INT8_ATTENTION
     why = _why_not_int8_attention(model) if int8 else _why_not_flash4(model)
     if why is not None:
         report.skipped["attention"] = f"{INT8_ATTENTION if int8 else FLASH4_ATTENTION}: {why}; attention left as it was"
         return False
-    set_attention_backend_locally(model, backends.register() if int8 else backends.register_flash4())  # not the
-    bump_revision()  # process's default for others; graphs captured with the previous attention are captured again
-    report.attention = backends.BACKEND if int8 else backends.FLASH4
+    report.attention = backends.register() if int8 else backends.register_flash4()
+    set_attention_backend_locally(model, report.attention)  # not the process's default for others
+    bump_revision()  # graphs captured with the previous attention are captured again
     return True
 
 
@@ -348,8 +351,6 @@ def _set_attention(model: nn.Module, attention: str, report: Optimized, graphs: 
         if attention == FLASH4_BACKEND:
             _svdquant_backend(model, attention, report)
             return
-    from ..integrations.diffusers.compat import set_attention_backend_locally
-
     try:
         set_attention_backend_locally(model, attention)  # diffusers' own call would make it every model's default
         bump_revision()
