@@ -144,7 +144,7 @@ def precompute_text(pipe, call: dict, device: str) -> tuple[dict, dict]:
 def compile_denoiser(den) -> int:
     """The blocks svdquant compiles, at inductor's defaults (diffusers' users' compile; ``svdquant.optimize`` adds
     its ``COMPILE_OPTIONS`` for ours)."""
-    from svdquant.pipelines.optimize import compile_blocks
+    from svdquant.pipelines.compiling import compile_blocks
 
     return compile_blocks(den, options={})
 

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 
-from svdquant.pipelines.optimize import COMPILE_OPTIONS  # noqa: E402
+from svdquant.pipelines.compiling import COMPILE_OPTIONS  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
          "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")

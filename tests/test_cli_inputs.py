@@ -448,6 +448,34 @@ def test_attention_int8_refusals(ck, tmp_path):
         load_engine("tiny", "cpu", attention="int8")
 
 
+def test_compile_model_refusals(ck, tmp_path):
+    """--compile model is how svdquant.optimize compiles, on a CUDA GPU without --offload: refused on the CPU, with
+    --no-optimize, with --offload and for the tiny model's server, before anything loads; the library refuses the
+    same, and a compile= it does not know."""
+    import argparse
+
+    from svdquant.cli.common import UsageError, check_attention_flag
+    from svdquant.serve.engine import load_engine
+
+    rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--compile", "model"],
+             "--compile model runs on a CUDA GPU; on cpu leave it out", folder=tmp_path)
+    rejected(["compare", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--compile", "model", "--no-optimize"],
+             "--compile model is set by svdquant.optimize: drop --no-optimize", folder=tmp_path)
+    rejected(["serve", "tiny", *CPU, "--compile", "model"], "runs on a CUDA GPU", folder=tmp_path)
+    check_attention_flag(argparse.Namespace(compile="model", optimize=True, device="cuda:0"))  # accepted
+    with pytest.raises(UsageError, match=r"^--compile model compiles the whole forward, which --offload's hooks run "
+                                         r"outside the graph: leave one of them out$"):
+        check_attention_flag(argparse.Namespace(compile="model", optimize=True, device="cuda:0", offload=True))
+    for kw in (dict(), dict(offload=True), dict(optimize=False)):
+        with pytest.raises(ValueError, match=r"^compile='model' is how svdquant.optimize compiles the denoiser, on a "
+                                             "CUDA device without offload"):
+            svdquant.load_pipeline(None, ck, compile="model", **kw)
+    with pytest.raises(ValueError, match=r"^compile='whole': use True \(each repeated block: the default\)"):
+        svdquant.load_pipeline(None, ck, compile="whole")
+    with pytest.raises(ValueError, match=r"^compile='model' is set by svdquant.optimize on a CUDA device"):
+        load_engine("tiny", "cpu", compile="model")
+
+
 def test_generate_empty_prompt(ck, tmp_path):
     rejected(["generate", ck, "  ", "-o", tmp_path / "x.png", *SAMPLE], "the prompt is empty", folder=tmp_path)
 

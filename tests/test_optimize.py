@@ -36,7 +36,9 @@ def test_optimize_does_nothing_off_cuda(quantized_flux):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(fuse="yes"), "fuse='yes': use True or False"),
-    (dict(compile=1), "compile=1: use True or False"),
+    (dict(compile=1), "compile=1: use True (each repeated block: the default), 'model' (the whole denoiser as one "
+                      "graph: a faster step, a longer first call) or False"),
+    (dict(compile="whole"), "compile='whole': use True (each repeated block"),
     (dict(attention="sage"), "attention='sage': use 'auto', None, 'int8', 'flash4' or one of"),
     (dict(max_graphs=0), "max_graphs=0: use a whole number >= 1"),
     (dict(max_graphs=True), "max_graphs=True: use a whole number >= 1"),
@@ -56,7 +58,7 @@ def test_optimize_takes_pipelines_and_models_only():
 def test_blocks_compile_with_coordinate_descent_tuning(quantized_flux, monkeypatch):
     """Every repeated block compiles with COMPILE_OPTIONS (2.6 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md), and
     inductor takes them: a function compiled with them runs."""
-    from svdquant.pipelines import optimize as O
+    from svdquant.pipelines import compiling as O
 
     assert O.COMPILE_OPTIONS == {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
     assert torch.compile(lambda x: x * 2 + 1, options=O.COMPILE_OPTIONS)(torch.ones(3)).tolist() == [3.0] * 3

@@ -19,14 +19,23 @@ class UsageError(Exception):
 
 
 def check_attention_flag(args) -> None:
-    """``--attention int8`` or ``flash4`` is set by svdquant.optimize: on a CUDA device, without ``--no-optimize``.
-    Call after :func:`resolve_device`."""
-    if getattr(args, "attention", "auto") == "auto":
-        return
-    if not getattr(args, "optimize", True):
-        raise UsageError(f"--attention {args.attention} is set by svdquant.optimize: drop --no-optimize")
-    if not str(args.device).startswith("cuda"):
-        raise UsageError(f"--attention {args.attention} runs on a CUDA GPU; on {args.device} leave it out")
+    """``--attention int8`` / ``flash4`` and ``--compile model`` are set by svdquant.optimize: on a CUDA device,
+    without ``--no-optimize`` (``--compile model`` without ``--offload`` too). Call after :func:`resolve_device`."""
+    flags = [f"--attention {args.attention}"] if getattr(args, "attention", "auto") != "auto" else []
+    flags += ["--compile model"] if getattr(args, "compile", "blocks") == "model" else []
+    for flag in flags:
+        if not getattr(args, "optimize", True):
+            raise UsageError(f"{flag} is set by svdquant.optimize: drop --no-optimize")
+        if not str(args.device).startswith("cuda"):
+            raise UsageError(f"{flag} runs on a CUDA GPU; on {args.device} leave it out")
+    if "--compile model" in flags and getattr(args, "offload", False):
+        raise UsageError("--compile model compiles the whole forward, which --offload's hooks run outside the graph: "
+                         "leave one of them out")
+
+
+def compile_arg(args):
+    """``--compile`` as :func:`svdquant.optimize`'s ``compile=`` (True: each repeated block)."""
+    return "model" if getattr(args, "compile", "blocks") == "model" else True
 
 
 def resolve_device(name: str) -> str:

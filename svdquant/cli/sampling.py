@@ -11,8 +11,8 @@ import torch
 from .. import _checks
 from .._state import peek
 from . import media
-from .common import (UsageError, check_attention_flag, parse_loras, pipeline_kwargs, resolve_device, resolve_dtype,
-                     validate_sizes)
+from .common import (UsageError, check_attention_flag, compile_arg, parse_loras, pipeline_kwargs, resolve_device,
+                     resolve_dtype, validate_sizes)
 
 
 MAX_FRAMES = 1025  # Wan 2.1 makes 81; a batch of frames is sampled as one tensor
@@ -112,7 +112,8 @@ def _load(args):
     dtype = resolve_dtype(args.dtype, args.device)
     pipe = load_pipeline(args.base, args.checkpoint, device=args.device, torch_dtype=dtype,
                          optimize=None if getattr(args, "optimize", True) else False,
-                         offload=getattr(args, "offload", False), attention=getattr(args, "attention", "auto"))
+                         offload=getattr(args, "offload", False), attention=getattr(args, "attention", "auto"),
+                         compile=compile_arg(args))
     _sampling_progress(pipe)
     check_size(pipe, args.height, args.width, names=("--height", "--width"))  # before any sampling
     return pipe, args.device, dtype
@@ -177,10 +178,12 @@ def _say_compiling(pipe, command: str) -> None:
     from ..pipelines.optimize import denoiser
 
     report = peek(denoiser(pipe)).optimized
-    if report is not None and report.compiled_blocks:
+    if report is not None and (report.compiled_blocks or report.compiled_model):
         graph = " and capturing a CUDA graph" if report.cuda_graphs else ""
-        print(f"svdquant {command}: compiling {report.compiled_blocks} blocks for this size{graph} "
-              "(the first call only: about a minute for FLUX.1-dev; --no-optimize skips it)", file=sys.stderr,
+        what = f"{report.compiled_blocks} blocks" if report.compiled_blocks else "the whole model"
+        took = "about 3 minutes" if report.compiled_model else "about a minute"
+        print(f"svdquant {command}: compiling {what} for this size{graph} "
+              f"(the first call only: {took} for FLUX.1-dev; --no-optimize skips it)", file=sys.stderr,
               flush=True)
 
 

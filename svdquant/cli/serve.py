@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import _checks
-from .common import UsageError, check_attention_flag, parse_loras, resolve_device, resolve_dtype
+from .common import UsageError, check_attention_flag, compile_arg, parse_loras, resolve_device, resolve_dtype
 
 
 def validate_serve(args) -> None:
@@ -26,9 +26,11 @@ def validate_serve(args) -> None:
         raise UsageError(f"serving needs {e.name}: pip install fastapi uvicorn prometheus-client") from None
     args.device = resolve_device(args.device)
     check_attention_flag(args)
-    if args.model == "tiny" and args.attention != "auto":
-        raise UsageError(f"--attention {args.attention} applies to checkpoints and 16-bit pipelines; the tiny model "
-                         "is served as it is: leave it out")
+    for flag, set_ in ((f"--attention {args.attention}", args.attention != "auto"),
+                       ("--compile model", args.compile == "model")):
+        if args.model == "tiny" and set_:
+            raise UsageError(f"{flag} applies to checkpoints and 16-bit pipelines; the tiny model is served as it "
+                             "is: leave it out")
     if args.model != TINY_BASE:
         model = Path(args.model).expanduser()
         if (model / META_FILE).is_file():
@@ -115,7 +117,8 @@ def cmd_serve(args) -> None:
                                       max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
                                       allowed_hosts=None if "*" in (args.allowed_host or ()) else
                                       ("localhost", "127.0.0.1", "::1", args.host, *(args.allowed_host or ()))),
-                     engine_options=dict(optimize=args.optimize, attention=args.attention))
+                     engine_options=dict(optimize=args.optimize, attention=args.attention,
+                                         compile=compile_arg(args)))
         return
     from ..serve import run_server
 
@@ -125,4 +128,4 @@ def cmd_serve(args) -> None:
                api_key=args.api_key, allowed_hosts=args.allowed_host or (), cors_origins=args.cors_origin or (),
                max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout, drain_timeout=args.drain_timeout,
                max_connections=args.max_connections, allow_base_outside=args.allow_base_outside,
-               optimize=args.optimize, attention=args.attention)
+               optimize=args.optimize, attention=args.attention, compile=compile_arg(args))

@@ -59,7 +59,7 @@ def _check_experts(quantized, meta: dict[str, Any], base: str) -> None:
 def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, *, device: str = "cpu",
                   torch_dtype: torch.dtype | None = None, weight_mode: str = "auto", fuse: bool | None = None,
                   verify: bool = True, allow_base_outside: bool = False, optimize: bool | None = None,
-                  offload: bool = False, attention: str | None = "auto"):
+                  offload: bool = False, attention: str | None = "auto", compile: bool | str = True):
     """A ready pipeline: ``base``'s components (local folder or hub id; ``None`` = the one recorded in the
     checkpoint) with the quantized transformer from ``quantized`` (both experts, ``transformer`` and
     ``transformer_2``, of a two-expert checkpoint; a base with another number of experts is refused before
@@ -78,11 +78,18 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     another mode is given); optimized on the device first, with no CUDA graphs (offload hooks move the weights).
     Wan 2.1 14B at 480p then peaks at 11.4 GB on an H200 (BENCHMARKS.md). ``attention``: what
     :func:`svdquant.optimize` sets (``"auto"``: the fastest SDPA backend; ``"int8"``: svdquant's INT8 Q·Kᵀ
-    attention, opt-in, README "Fast by default")."""
+    attention, opt-in, README "Fast by default"). ``compile``: how :func:`svdquant.optimize` compiles the denoiser
+    (``True``: each repeated block; ``"model"``: the whole forward as one graph, a faster step and a longer first
+    call; ``False``: not at all)."""
+    from .compiling import MODEL, compile_mode
     from .optimize import check_attention
 
     _checks.device("device", device)
     check_attention(attention)
+    if compile_mode(compile) == MODEL and (optimize is False or offload or torch.device(device).type != "cuda"):
+        raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser, on a CUDA device without "
+                         "offload (its hooks run the forward outside the graph): give device='cuda', or leave compile "
+                         "out")
     if attention not in ("auto", None) and (optimize is False or torch.device(device).type != "cuda"):
         raise ValueError(f"attention={attention!r} is set by svdquant.optimize, which runs on a CUDA device: give "
                          "device='cuda' (and leave optimize on), or leave attention out")
@@ -119,10 +126,10 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
             nn.Module.to(m, torch_dtype)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders)
     if offload:
-        return offloaded(pipe, device, optimize=optimize, fuse=fuse, attention=attention)
+        return offloaded(pipe, device, optimize=optimize, fuse=fuse, attention=attention)  # compiles the blocks
     pipe = pipe.to(device)
     # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
-    _speed_up(pipe, device, optimize, fuse, attention=attention)
+    _speed_up(pipe, device, optimize, fuse, attention=attention, compile=compile)
     return pipe
 
 
@@ -136,7 +143,7 @@ def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None =
 
 
 def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: bool = False,
-              attention: str | None = "auto") -> None:
+              attention: str | None = "auto", compile: bool | str = True) -> None:
     """:func:`svdquant.optimize` or only :func:`svdquant.fuse` on ``pipe``'s denoisers, as asked (``None``: on a
     CUDA device). Offloaded, one denoiser at a time goes to the device for it (Wan 2.2's two experts would need
     both there at once) and comes back, and no CUDA graphs are asked for (offload hooks bypass them)."""
@@ -146,7 +153,7 @@ def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: b
     cuda = torch.device(device).type == "cuda"
     if optimize or (optimize is None and cuda):
         if not offload:
-            optimize_model(pipe, fuse=fuse is not False, attention=attention)
+            optimize_model(pipe, fuse=fuse is not False, attention=attention, compile=compile)
             return
         for m in denoisers(pipe):  # the attention timing and the compiled blocks are made where they run
             m.to(device)

@@ -18,8 +18,10 @@ On a CUDA device, in this order (each step can be turned off):
    (:mod:`svdquant.ops.int8_attention`: costs the tiny FLUX ~0.2 dB, BENCHMARKS.md), calls it cannot take on
    PyTorch's SDPA.
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
-   through ``torch.compile(dynamic=False)`` with inductor's coordinate-descent tuning (:data:`COMPILE_OPTIONS`); the
-   quantized kernels are custom ops, so a block is one graph. Compilation happens at the first call at each new
+   through ``torch.compile(dynamic=False)`` with inductor's coordinate-descent tuning
+   (:mod:`svdquant.pipelines.compiling`); the quantized kernels are custom ops, so a block is one graph.
+   ``compile="model"`` compiles the whole forward as one graph instead: a FLUX.1-dev step 2 ms faster on an H100,
+   twice the first call's compile. Compilation happens at the first call at each new
    shape (about 3 minutes for FLUX.1-dev on an H100 with empty caches, 187 s with the CUTLASS GEMM's and Triton's
    compiles; seconds once inductor has cached what it found).
 4. ``layers`` (with graphs): at the first call, each quantized layer's shape is timed on this GPU against a
@@ -43,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from .._state import state, take
+from .compiling import MODEL, compile_blocks, compile_mode, compile_model, hooked, uncompile
 from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.attention import FLASH4 as FLASH4_BACKEND
 from ..integrations.diffusers.compat import (dispatches_attention, has_hooks, repeated_block_names,
@@ -55,12 +58,6 @@ from .layer_choice import choose_layers
 ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")  # diffusers' names, fastest first
 INT8_ATTENTION = "int8"  # svdquant's INT8 Q·Kᵀ attention, registered in diffusers' dispatcher when asked
 FLASH4_ATTENTION = "flash4"  # flash-attn-4's exact attention (optional library), likewise
-# Inductor's coordinate-descent search of block sizes for the Triton kernels it writes around the quantized ones (the
-# norms and modulations, q/k RMSNorm + RoPE, the gated residual adds). On an H100 it took that class of a FLUX.1-dev
-# step from 8.45 to 6.44 ms (BENCHMARKS.md, "Session 30"); its cost is a longer first compile, and inductor caches
-# what it found. torchao's quantize_ turns the same two flags on process-wide (its recommended_inductor_config_setter);
-# here they apply to the blocks svdquant compiles and nothing else.
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 _attention_choice: dict = {}  # (GPU, heads, head dim, tokens, dtype, flash4 runs, in graphs) -> backend, timed once
 
 
@@ -73,6 +70,7 @@ class Optimized:
     attention: str | None = None
     attention_ms: dict = field(default_factory=dict)
     compiled_blocks: int = 0
+    compiled_model: bool = False  # compile="model": the whole forward as one graph
     cuda_graphs: bool = False
     max_graphs: int = 0
     # the layer choice, made at the first call: {"dense_layers", "quantized_layers", "shapes": [...]}
@@ -87,6 +85,8 @@ class Optimized:
             done.append("fused " + ", ".join(f"{k} {v}" for k, v in self.fused.items() if v))
         if self.attention:
             done.append(f"attention {self.attention}")
+        if self.compiled_model:
+            done.append("the whole forward compiled as one graph (at the first call of each shape)")
         if self.compiled_blocks:
             done.append(f"{self.compiled_blocks} blocks compiled (at the first call of each shape)")
         if self.cuda_graphs:
@@ -131,27 +131,29 @@ def check_attention(attention) -> None:
                          f"of {ATTENTION_BACKENDS}")
 
 
-def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool = True,
+def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compile: bool | str = True,
              cuda_graphs: bool = True, max_graphs: int = DEFAULT_GRAPHS, layers: bool = True) -> Optimized:
     """Make a pipeline's (or model's) denoiser as fast as svdquant can on its CUDA device; see the module doc.
 
     ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, ``"int8"``
-    (svdquant's INT8 Q·Kᵀ attention; opt-in) or ``None`` (leave it). ``max_graphs``: how many call signatures
+    (svdquant's INT8 Q·Kᵀ attention; opt-in) or ``None`` (leave it). ``compile``: ``True`` (each repeated block),
+    ``"model"`` (the whole forward as one graph) or ``False``. ``max_graphs``: how many call signatures
     (resolution × batch size) keep a captured graph. Calling it again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
     (Wan 2.2 A14B) gets both denoisers optimized, the second's report under ``experts["transformer_2"]``."""
     models = denoisers(target)
-    for name, value in (("fuse", fuse), ("compile", compile), ("cuda_graphs", cuda_graphs), ("layers", layers)):
+    for name, value in (("fuse", fuse), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
     check_attention(attention)
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r}: use a whole number >= 1")
-    reports = [_optimize_model(m, fuse, attention, compile, cuda_graphs, max_graphs, layers) for m in models]
+    mode = compile_mode(compile)
+    reports = [_optimize_model(m, fuse, attention, mode, cuda_graphs, max_graphs, layers) for m in models]
     reports[0].experts.update({SECOND_EXPERT: r for r in reports[1:]})
     return reports[0]
 
 
-def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile: bool, cuda_graphs: bool,
+def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile: str | None, cuda_graphs: bool,
                     max_graphs: int, layers: bool) -> Optimized:
     """:func:`optimize`'s steps on one denoiser, its arguments checked."""
     device = _device_of(model)
@@ -165,7 +167,10 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
         report.fused = fuse_model(model)
     if attention is not None:
         _set_attention(model, attention, report, cuda_graphs)
-    if compile:
+    if compile == MODEL:
+        compile_model(model)
+        report.compiled_model = True
+    elif compile:
         report.compiled_blocks = compile_blocks(model)
         if not report.compiled_blocks:
             report.skipped["compile"] = "no repeated blocks known for this model"
@@ -179,7 +184,7 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
                 graphs.max_graphs = max_graphs
             else:
                 modules = list(model.modules())
-                graphs = StepGraphs(model, model.forward, max_graphs, bypass=lambda: _hooked(modules))
+                graphs = StepGraphs(model, model.forward, max_graphs, bypass=lambda: hooked(modules))
                 model.forward = graphs
             if layers:
                 graphs.prepare = lambda args, kwargs: report.__setattr__(
@@ -199,12 +204,10 @@ def deoptimize(target) -> None:
 
 
 def _deoptimize_model(model: nn.Module) -> None:
+    uncompile(model)
     graphs = model.__dict__.get("forward")
     if isinstance(graphs, StepGraphs):
         graphs.remove()
-    for block in _blocks(model):
-        if getattr(block, "_compiled_call_impl", None) is not None:
-            block._compiled_call_impl = None
     for m in model.modules():  # the layer choice
         if isinstance(m, SVDQLinear) and m.compute != "quantized":
             m.set_compute("quantized")
@@ -226,32 +229,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to compile: the adapter's stacks where svdquant knows the model, else diffusers'."""
-    from ..models import get_adapter
-
-    try:
-        adapter = get_adapter(model)
-    except (TypeError, ValueError):
-        adapter = None
-    if adapter is not None and adapter.stacks:
-        return [block for _, block in adapter.blocks(model)]
-    names = repeated_block_names(model)
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def compile_blocks(model: nn.Module, options: dict | None = None) -> int:
-    """``torch.compile`` each repeated block in place (static shapes; inductor ``options``, default
-    :data:`COMPILE_OPTIONS`: ``{}`` compiles at inductor's defaults, as a benchmark's 16-bit baseline does); returns
-    how many."""
-    options = dict(COMPILE_OPTIONS if options is None else options)
-    blocks = _blocks(model)
-    for block in blocks:
-        if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(dynamic=False, options=options)
-    return len(blocks)
 
 
 def _attention_shape(model: nn.Module):
@@ -421,15 +398,8 @@ def _cuda_ms(fn, graphs: bool = True, warmup: int = 3, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _hooked(modules) -> bool:
-    """Hooks that move weights between calls (accelerate's offload, diffusers' group offloading) or decide on the
-    host what runs (diffusers' caches: First-Block Cache skips blocks by comparing tensors): a graph would replay
-    stale memory or one fixed path. Checked at every call, on every module (a hook may be added after optimize)."""
-    return any(map(has_hooks, modules))
-
-
 def _why_no_graphs(model: nn.Module) -> str | None:
-    if _hooked(list(model.modules())):
+    if hooked(list(model.modules())):
         return "hooks on the model (offloading or a cache): its weights move, or blocks are skipped on the host"
     devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
     if len(devices) != 1:

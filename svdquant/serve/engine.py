@@ -44,34 +44,37 @@ class Settings:
 
 def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype | None = None,
                 loras: list[tuple[str, float]] = (), *, allow_base_outside: bool = False,
-                optimize: bool = True, attention: str | None = "auto") -> "Engine":
+                optimize: bool = True, attention: str | None = "auto", compile: bool | str = True) -> "Engine":
     """``model``: ``tiny`` (the shipped model), an svdquant checkpoint folder, or a 16-bit pipeline folder.
     ``allow_base_outside``: see :func:`svdquant.load_pipeline` (a checkpoint's recorded base outside its folder).
     ``optimize``: on a CUDA device, :func:`svdquant.optimize` the pipeline (a 16-bit one too); the server compiles
-    and captures it before it reports ready (:meth:`Engine.warmup`); ``attention``: what it sets (see
-    :func:`svdquant.load_pipeline`)."""
+    and captures it before it reports ready (:meth:`Engine.warmup`); ``attention``, ``compile``: what it sets
+    and how it compiles (see :func:`svdquant.load_pipeline`)."""
     from ..checkpoint import META_FILE
     from ..pipelines.load import load_pipeline
     from ..pipelines import load_base_pipeline
 
+    from ..pipelines.compiling import BLOCKS, compile_mode
     from ..pipelines.optimize import check_attention
 
     cuda = torch.device(device).type == "cuda"
     check_attention(attention)
-    if attention not in ("auto", None) and (model == TINY_BASE or not optimize or not cuda):
-        raise ValueError(f"attention={attention!r} is set by svdquant.optimize on a CUDA device, for a checkpoint "
-                         "or a 16-bit pipeline (not the tiny model): leave it out here")
+    for name, value, set_ in (("attention", attention, attention not in ("auto", None)),
+                              ("compile", compile, compile_mode(compile) not in (BLOCKS, None))):
+        if set_ and (model == TINY_BASE or not optimize or not cuda):
+            raise ValueError(f"{name}={value!r} is set by svdquant.optimize on a CUDA device, for a checkpoint or a "
+                             "16-bit pipeline (not the tiny model): leave it out here")
     if model == TINY_BASE:
         pipe = TinyFluxPipeline.default(dtype or torch.float32)
     elif (Path(model) / META_FILE).is_file():
         pipe = load_pipeline(None, model, device=device, torch_dtype=dtype, allow_base_outside=allow_base_outside,
-                             optimize=None if optimize else False, attention=attention)
+                             optimize=None if optimize else False, attention=attention, compile=compile)
     else:
         pipe = load_base_pipeline(model, torch_dtype=dtype).to(device)
         if optimize and cuda:
             from ..pipelines.optimize import optimize as optimize_pipeline
 
-            optimize_pipeline(pipe, attention=attention)
+            optimize_pipeline(pipe, attention=attention, compile=compile)
     pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # the server log is no terminal

@@ -165,8 +165,8 @@ def run_server(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 8000
                batch_wait_ms: float = 10.0, api_key: str | None = None, allowed_hosts=(), cors_origins=(),
                max_body_bytes: int | None = None, read_timeout: float = READ_TIMEOUT_S,
                drain_timeout: float = DRAIN_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
-               allow_base_outside: bool = False, optimize: bool = True, attention: str | None = "auto", warmup=None,
-               log=print) -> None:
+               allow_base_outside: bool = False, optimize: bool = True, attention: str | None = "auto",
+               compile: bool | str = True, warmup=None, log=print) -> None:
     """``allowed_hosts``: names besides the loopback ones and ``host`` that clients may use (``"*"``: any).
     ``warmup``: run by the worker before it is ready (:func:`~svdquant.serve.create_app`); default: the engine's
     own (:meth:`Engine.warmup`: compile and capture the optimized pipeline at every batch size it will sample)."""
@@ -174,7 +174,7 @@ def run_server(model: str = "tiny", *, host: str = "127.0.0.1", port: int = 8000
 
     _access_log_to_stdout()
     engine = load_engine(model, device, dtype, list(loras), allow_base_outside=allow_base_outside,
-                         optimize=optimize, attention=attention)
+                         optimize=optimize, attention=attention, compile=compile)
     if warmup is None:
         warmup = lambda: engine.warmup(max_batch, log)  # noqa: E731
     names = None if "*" in allowed_hosts else [*LOOPBACK_NAMES, *allowed_hosts,
