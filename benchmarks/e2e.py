@@ -32,12 +32,14 @@ Variants, on one pipeline per model:
 * ``bf16``: diffusers as loaded, eager;
 * ``bf16-compiled``: the denoiser's repeated blocks through ``torch.compile`` (what diffusers recommends,
   ``compile_repeated_blocks``; here the same blocks svdquant compiles), default inductor mode and options (ours
-  add inductor's coordinate-descent tuning, ``svdquant.pipelines.optimize.COMPILE_OPTIONS``);
+  add inductor's coordinate-descent tuning, ``svdquant.pipelines.compiling.COMPILE_OPTIONS``);
 * ``fp8-torchao``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on every linear of the
   denoiser, compiled the same way (its compile is slow: give it its own device call);
 * ``int4``: the denoiser's layers as svdquant ``int4`` (random valid contents), then ``svdquant.optimize(pipe)``:
   what ``load_pipeline`` gives on CUDA by default (fused, attention backend, compiled blocks, CUDA graphs);
-* ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")``: INT8 Q·Kᵀ attention (opt-in).
+* ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")``: INT8 Q·Kᵀ attention (opt-in);
+* ``int4-model``: the same with ``svdquant.optimize(pipe, compile="model")``: the whole forward as one graph
+  (opt-in).
 
 Per variant and batch size: the first call's seconds (compilation, capture) and the steady seconds per image
 (median of ``--repeats`` calls), peak GPU memory of a steady call and what stays resident. Results go to
@@ -64,7 +66,8 @@ from pipeline_memory import (  # noqa: E402
     MODELS, _quiet, build, call_facts, components_gb, denoiser, random_quantize, run_device, run_facts,
 )
 
-VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn")
+VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn", "int4-model")
+OPTIMIZE = {"int4": {}, "int4-int8attn": dict(attention="int8"), "int4-model": dict(compile="model")}
 # Models whose prompt is encoded once, before the variants, then their text encoder dropped from the GPU: every
 # timed call reads the precomputed prompt_embeds (FLUX.2 [dev]: 64.45 + 48.0 GB of BF16 weights)
 PRECOMPUTED_TEXT = ("flux2",)
@@ -191,14 +194,14 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             inductor_config = torch._inductor.config.get_config_copy()
             quantize_(den, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
             row["compiled_blocks"] = compile_denoiser(den)
-        elif variant in ("int4", "int4-int8attn"):
+        elif variant in OPTIMIZE:
             if quantized:  # after the int4 variant: the same layers, optimized again
                 svdquant.deoptimize(pipe)
             else:
                 uncompile(den)
                 row["quantized_layers"] = random_quantize(den, "speed")
                 quantized = True
-            report = svdquant.optimize(pipe, attention="int8" if variant == "int4-int8attn" else "auto")
+            report = svdquant.optimize(pipe, **OPTIMIZE[variant])
         for b in args.batch:
             if not left():
                 row[f"b{b}"] = {"skipped": f"past --budget-s {args.budget_s}"}
@@ -217,7 +220,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             log(f"{model:10s} {variant:14s} b{b} {json.dumps(r)}")
             args.save(results)
         row["weights_gb"] = components_gb(pipe)
-        if variant in ("int4", "int4-int8attn"):
+        if variant in OPTIMIZE:
             row["optimize"] = report.to_dict()  # after the calls: the layer choice is made at the first
         if variant == "fp8-torchao":
             torch._inductor.config.load_config(inductor_config)
