@@ -448,7 +448,7 @@ def test_attention_int8_refusals(ck, tmp_path):
         load_engine("tiny", "cpu", attention="int8")
 
 
-def test_compile_model_refusals(ck, tmp_path):
+def test_compile_model_refusals(ck, tmp_path, monkeypatch):
     """--compile model is how svdquant.optimize compiles, on a CUDA GPU without --offload: refused on the CPU, with
     --no-optimize, with --offload and for the tiny model's server, before anything loads; the library refuses the
     same, and a compile= it does not know."""
@@ -466,14 +466,22 @@ def test_compile_model_refusals(ck, tmp_path):
     with pytest.raises(UsageError, match=r"^--compile model compiles the whole forward, which --offload's hooks run "
                                          r"outside the graph: leave one of them out$"):
         check_attention_flag(argparse.Namespace(compile="model", optimize=True, device="cuda:0", offload=True))
-    for kw in (dict(), dict(offload=True), dict(optimize=False)):
-        with pytest.raises(ValueError, match=r"^compile='model' is how svdquant.optimize compiles the denoiser, on a "
-                                             "CUDA device without offload"):
+    for kw, message in ((dict(optimize=False), "compiles the denoiser: leave optimize on, or leave compile out$"),
+                        (dict(offload=True), "compiles the whole forward, which offload's hooks run outside the "
+                                             "graph: leave offload or compile out$"),
+                        (dict(), "compiles the denoiser, on a CUDA device: give device='cuda', or leave compile "
+                                 "out$")):
+        with pytest.raises(ValueError, match=r"^compile='model' (is how svdquant.optimize )?" + message):
             svdquant.load_pipeline(None, ck, compile="model", **kw)
     with pytest.raises(ValueError, match=r"^compile='whole': use True \(each repeated block: the default\)"):
         svdquant.load_pipeline(None, ck, compile="whole")
     with pytest.raises(ValueError, match=r"^compile='model' is set by svdquant.optimize on a CUDA device"):
         load_engine("tiny", "cpu", compile="model")
+    import svdquant.cli.serve as serve_cli
+
+    monkeypatch.setattr(serve_cli, "resolve_device", lambda name: "cuda:0")  # past the GPU check, to the tiny one
+    rejected(["serve", "tiny", "--compile", "model"], "--compile model applies to checkpoints and 16-bit pipelines; "
+             "the tiny model is served as it is: leave it out", folder=tmp_path)
 
 
 def test_generate_empty_prompt(ck, tmp_path):

@@ -91,6 +91,61 @@ def test_each_compile_undoes_the_other_and_deoptimize_both(quantized_flux, monke
     assert "forward" not in model.__dict__ and not isinstance(graphs.forward, C.CompiledForward)
 
 
+def test_a_wholly_compiled_model_refuses_deepcopy(quantized_flux):
+    """Its compiled function belongs to its own forward: a copy holding it would run the original's weights."""
+    model = copy.deepcopy(quantized_flux[0])
+    C.compile_model(model)
+    with pytest.raises(TypeError, match=r"^a model svdquant.optimize compiled as a whole \(compile='model'\) cannot "
+                                        r"be deep-copied: copy it before optimize, or call svdquant.deoptimize"):
+        copy.deepcopy(model)
+    C.uncompile(model)
+    copy.deepcopy(model)
+
+
+def test_a_compile_change_drops_the_graphs_captured_before(quantized_flux, monkeypatch):
+    """Graphs captured with one compile replay its kernels: switching (or undoing) it makes the next call capture
+    again; compiling as it already is keeps them."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: setattr(self, "_compiled_call_impl", kw))
+    model = copy.deepcopy(quantized_flux[0])
+    graphs = StepGraphs(model, model.forward)
+    model.forward = graphs
+    for step in (C.compile_blocks, C.compile_model, C.uncompile):
+        graphs.graphs["captured"] = None
+        step(model)
+        assert not graphs.graphs, step.__name__
+    C.compile_model(model)
+    graphs.graphs["captured"] = None
+    C.compile_model(model)
+    assert graphs.graphs
+
+
+def test_an_instance_forward_set_before_comes_back(quantized_flux):
+    """diffusers' hooks set the instance's ``forward``: undoing the whole compile gives that back, not the class's."""
+    model = copy.deepcopy(quantized_flux[0])
+    wrapper = model.forward
+    model.forward = lambda *a, **kw: wrapper(*a, **kw)
+    hook = model.__dict__["forward"]
+    C.compile_model(model)
+    C.uncompile(model)
+    assert model.__dict__["forward"] is hook
+
+
+def test_optimize_with_hooks_compiles_the_blocks_instead(quantized_flux, monkeypatch):
+    """Hooks on the model at optimize (offloading, a cache) run its forward outside one graph: the report says so and
+    the blocks are compiled."""
+    from svdquant.pipelines import optimize as O
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: setattr(self, "_compiled_call_impl", kw))
+    monkeypatch.setattr(O, "_device_of", lambda model: torch.device("cuda", 0))  # past the CUDA check, on the CPU
+    model = copy.deepcopy(quantized_flux[0])
+    model.single_transformer_blocks[0].__dict__["_hf_hook"] = object()  # what accelerate's offload sets
+    report = O.optimize(model, fuse=False, attention=None, cuda_graphs=False, layers=False, compile="model")
+    assert report.skipped["compile"] == ("model: hooks on the model (offloading or a cache) run its forward outside "
+                                         "one graph; its blocks compiled instead")
+    assert not report.compiled_model and report.compiled_blocks == len(C.repeated_blocks(model))
+    assert "forward" not in model.__dict__
+
+
 def test_the_report_says_the_whole_forward_compiled():
     report = Optimized(device="cuda:0", compiled_model=True, cuda_graphs=True, max_graphs=4)
     assert "the whole forward compiled as one graph (at the first call of each shape); CUDA graphs" in str(report)

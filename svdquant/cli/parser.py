@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "opt-in, costs the tiny FLUX ~0.2 dB) or flash4 (flash-attn-4, exact)")
         p.add_argument("--compile", choices=("blocks", "model"), default="blocks",
                        help="on CUDA, how svdquant.optimize compiles the denoiser: blocks (each repeated block) or "
-                            "model (the whole forward as one graph: a FLUX.1-dev step ~2 %% faster on an H100, about "
-                            "twice the first call's compile)")
+                            "model (the whole forward as one graph: a FLUX.1-dev step ~2 %% faster on an H100 in a "
+                            "benchmark, about twice the first call's compile)")
 
     def checkpoint_prompt(p, output):
         p.add_argument("checkpoint")

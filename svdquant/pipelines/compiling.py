@@ -5,8 +5,9 @@
   shorter.
 * ``"model"``: the denoiser's whole forward as one graph, as flux-fast compiles FLUX. Inductor then also fuses
   across the blocks, e.g. a block's last gated residual add into the next block's LayerNorm, which a regional compile
-  keeps apart. On an H100 a FLUX.1-dev step went from 91.1 to 89.0 ms (its elementwise kernels from 11.7 to 9.8 ms),
-  and the first call took 165 s instead of 77 s with empty caches (BENCHMARKS.md, "Session 34").
+  keeps apart. On an H100 the same graph (compiled by a benchmark's variant, not yet through ``optimize``) took a
+  FLUX.1-dev step from 91.1 to 89.0 ms (its elementwise kernels from 11.7 to 9.8 ms), and its first call 165 s after
+  the blocks' 77 s in one process (BENCHMARKS.md, "Session 34").
 
 Both run inductor with :data:`COMPILE_OPTIONS` and static shapes. A call through hooks that move weights or skip
 blocks (offloading, a cache added later) runs the whole forward eagerly: a graph traced without them would ignore
@@ -77,17 +78,25 @@ class CompiledForward:
             return self.eager(*args, **kwargs)
         return self.compiled(*args, **kwargs)
 
+    def __deepcopy__(self, memo):
+        # the compiled function belongs to this model's forward: a copy holding it would run the original's weights
+        raise TypeError("a model svdquant.optimize compiled as a whole (compile='model') cannot be deep-copied: copy "
+                        "it before optimize, or call svdquant.deoptimize(model) first")
+
 
 def compile_blocks(model: nn.Module, options: dict | None = None) -> int:
     """``torch.compile`` each repeated block in place (static shapes; inductor ``options``, default
     :data:`COMPILE_OPTIONS`: ``{}`` compiles at inductor's defaults, as a benchmark's 16-bit baseline does); returns
     how many. A whole-model compile made before goes."""
     options = dict(COMPILE_OPTIONS if options is None else options)
-    _uncompile_model(model)
+    changed = _uncompile_model(model)
     blocks = repeated_blocks(model)
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(dynamic=False, options=options)
+            changed = True
+    if changed:
+        _drop_graphs(model)
     return len(blocks)
 
 
@@ -95,34 +104,53 @@ def compile_model(model: nn.Module, options: dict | None = None) -> None:
     """``model``'s whole forward as one ``torch.compile`` graph (inductor ``options``, default
     :data:`COMPILE_OPTIONS`), under its CUDA-graph cache if it has one. Compiled blocks made before go back to eager
     (one graph, not graphs inside a graph)."""
-    uncompile_blocks(model)
+    changed = uncompile_blocks(model)
     holder = _holder(model)
     if not isinstance(holder.forward, CompiledForward):
         holder.forward = CompiledForward(model, holder.forward, dict(COMPILE_OPTIONS if options is None else options))
+        changed = True
+    if changed:
+        _drop_graphs(model)
 
 
 def uncompile(model: nn.Module) -> None:
     """Both kinds of compile undone on ``model``."""
-    uncompile_blocks(model)
-    _uncompile_model(model)
+    if uncompile_blocks(model) | _uncompile_model(model):
+        _drop_graphs(model)
 
 
-def uncompile_blocks(model: nn.Module) -> None:
+def uncompile_blocks(model: nn.Module) -> bool:
+    """Compiled blocks back to eager; whether there were any."""
+    found = False
     for block in repeated_blocks(model):
         if getattr(block, "_compiled_call_impl", None) is not None:
-            block._compiled_call_impl = None
+            block._compiled_call_impl, found = None, True
+    return found
 
 
-def _uncompile_model(model: nn.Module) -> None:
+def _uncompile_model(model: nn.Module) -> bool:
+    """The forward :func:`compile_model` wrapped, given back; whether there was one."""
     holder = _holder(model)
-    if isinstance(holder.forward, CompiledForward):
-        if holder is model:
-            del model.__dict__["forward"]
-        else:
-            holder.forward = holder.forward.eager
+    compiled = holder.forward
+    if not isinstance(compiled, CompiledForward):
+        return False
+    own = getattr(compiled.eager, "__self__", None) is model and \
+        getattr(compiled.eager, "__func__", None) is type(model).forward
+    if holder is model and own:
+        del model.__dict__["forward"]
+    else:  # a hook's wrapper that was there before (diffusers' hooks set the instance's forward), or the graphs'
+        holder.forward = compiled.eager
+    return True
 
 
 def _holder(model: nn.Module):
     """What the model's calls find their forward on: its CUDA-graph cache (:class:`StepGraphs`), else the model."""
     graphs = model.__dict__.get("forward")
     return graphs if isinstance(graphs, StepGraphs) else model
+
+
+def _drop_graphs(model: nn.Module) -> None:
+    """Graphs captured with the previous compile replay its kernels: the next call captures again."""
+    graphs = model.__dict__.get("forward")
+    if isinstance(graphs, StepGraphs):
+        graphs.clear()

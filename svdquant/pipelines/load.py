@@ -86,10 +86,16 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
 
     _checks.device("device", device)
     check_attention(attention)
-    if compile_mode(compile) == MODEL and (optimize is False or offload or torch.device(device).type != "cuda"):
-        raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser, on a CUDA device without "
-                         "offload (its hooks run the forward outside the graph): give device='cuda', or leave compile "
-                         "out")
+    if compile_mode(compile) == MODEL:
+        if optimize is False:
+            raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser: leave optimize on, or "
+                             "leave compile out")
+        if offload:
+            raise ValueError("compile='model' compiles the whole forward, which offload's hooks run outside the graph: "
+                             "leave offload or compile out")
+        if torch.device(device).type != "cuda":
+            raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser, on a CUDA device: give "
+                             "device='cuda', or leave compile out")
     if attention not in ("auto", None) and (optimize is False or torch.device(device).type != "cuda"):
         raise ValueError(f"attention={attention!r} is set by svdquant.optimize, which runs on a CUDA device: give "
                          "device='cuda' (and leave optimize on), or leave attention out")
@@ -126,7 +132,7 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
             nn.Module.to(m, torch_dtype)
     pipe = load_base_pipeline(base, transformer=transformer, torch_dtype=torch_dtype, **experts, **encoders)
     if offload:
-        return offloaded(pipe, device, optimize=optimize, fuse=fuse, attention=attention)  # compiles the blocks
+        return offloaded(pipe, device, optimize=optimize, fuse=fuse, attention=attention, compile=compile)
     pipe = pipe.to(device)
     # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
     _speed_up(pipe, device, optimize, fuse, attention=attention, compile=compile)
@@ -134,10 +140,10 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
 
 
 def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None = None,
-              attention: str | None = "auto"):
+              attention: str | None = "auto", compile: bool | str = True):
     """``pipe`` (in CPU memory) run with diffusers' model offload to ``device``: its denoisers optimized there first
     (``optimize=None``: on a CUDA device), then every model back in CPU memory behind accelerate's hooks."""
-    _speed_up(pipe, device, optimize, fuse, offload=True, attention=attention)
+    _speed_up(pipe, device, optimize, fuse, offload=True, attention=attention, compile=compile)
     pipe.enable_model_cpu_offload(device=device)
     return pipe
 
@@ -157,7 +163,7 @@ def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: b
             return
         for m in denoisers(pipe):  # the attention timing and the compiled blocks are made where they run
             m.to(device)
-            optimize_model(m, fuse=fuse is not False, cuda_graphs=False, attention=attention)
+            optimize_model(m, fuse=fuse is not False, cuda_graphs=False, attention=attention, compile=compile)
             m.to("cpu")
     elif fuse or (fuse is None and cuda):
         from ..modules.fused import fuse as fuse_model

@@ -20,10 +20,10 @@ On a CUDA device, in this order (each step can be turned off):
 3. ``compile``: every repeated block (the svdquant adapter's block stacks, else the model's ``_repeated_blocks``)
    through ``torch.compile(dynamic=False)`` with inductor's coordinate-descent tuning
    (:mod:`svdquant.pipelines.compiling`); the quantized kernels are custom ops, so a block is one graph.
-   ``compile="model"`` compiles the whole forward as one graph instead: a FLUX.1-dev step 2 ms faster on an H100,
-   twice the first call's compile. Compilation happens at the first call at each new
-   shape (about 3 minutes for FLUX.1-dev on an H100 with empty caches, 187 s with the CUTLASS GEMM's and Triton's
-   compiles; seconds once inductor has cached what it found).
+   Compilation happens at the first call at each new shape (about 3 minutes for FLUX.1-dev on an H100 with empty
+   caches, 187 s with the CUTLASS GEMM's and Triton's compiles in session 30, 77 s in session 34; seconds once
+   inductor has cached what it found). ``compile="model"`` compiles the whole forward as one graph instead: a
+   FLUX.1-dev step 2 ms faster on an H100 in a benchmark's variant of it, about twice the first call's compile.
 4. ``layers`` (with graphs): at the first call, each quantized layer's shape is timed on this GPU against a
    16-bit cuBLAS linear of its dequantized weight, and runs as one where that is faster
    (:mod:`svdquant.pipelines.layer_choice`: few tokens, narrow layers);
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from .._state import state, take
-from .compiling import MODEL, compile_blocks, compile_mode, compile_model, hooked, uncompile
+from .compiling import BLOCKS, MODEL, compile_blocks, compile_mode, compile_model, hooked, uncompile
 from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.attention import FLASH4 as FLASH4_BACKEND
 from ..integrations.diffusers.compat import (dispatches_attention, has_hooks, repeated_block_names,
@@ -167,6 +167,10 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
         report.fused = fuse_model(model)
     if attention is not None:
         _set_attention(model, attention, report, cuda_graphs)
+    if compile == MODEL and hooked(model.modules()):
+        report.skipped["compile"] = ("model: hooks on the model (offloading or a cache) run its forward outside one "
+                                     "graph; its blocks compiled instead")
+        compile = BLOCKS
     if compile == MODEL:
         compile_model(model)
         report.compiled_model = True

@@ -53,7 +53,6 @@ def load_engine(model: str = TINY_BASE, device: str = "cpu", dtype: torch.dtype 
     from ..checkpoint import META_FILE
     from ..pipelines.load import load_pipeline
     from ..pipelines import load_base_pipeline
-
     from ..pipelines.compiling import BLOCKS, compile_mode
     from ..pipelines.optimize import check_attention
 

@@ -25,7 +25,7 @@ def replicas_application(model: str = "tiny", *, replicas: int = 2, device: str 
     """The Ray Serve application (for ``serve.run`` or a Serve config file). ``app_options``: more keyword
     arguments of :func:`~svdquant.serve.create_app` (API key, body limit, allowed hosts...), enforced by each
     replica's app; connection limits and header timeouts are then Ray's proxy's. ``engine_options``: more keyword
-    arguments of :func:`~svdquant.serve.engine.load_engine` (``optimize``, ``attention``)."""
+    arguments of :func:`~svdquant.serve.engine.load_engine` (``optimize``, ``attention``, ``compile``)."""
     from ray import serve
 
     gpu = device.startswith("cuda")
