@@ -33,6 +33,7 @@ with the A8 activation quantization left to inductor (``svdquant.fuse(gelu=False
 fused into the LayerNorm/modulation and GELU kernels);
 ``int4-memory`` memory mode (4-bit codes resident, expanded per call), ``int4-memory-fused`` with every fusion too;
 ``int4-fused-ahead`` every fusion and the adaLN modulations computed ahead in one GEMV (``fuse(modulations=True)``);
+``int4-fused-normrope`` every fusion and the q/k RMSNorm + RoPE as one op (``fuse(norm_rope=True)``);
 ``int4-fused-joint`` every fusion with the compiled single blocks normalizing their streams' concatenation, as
 diffusers does (``compat.NORM_PER_STREAM`` off; compiled, the default normalizes each stream apart: the A/B; eagerly
 both are ``int4-fused``).
@@ -57,7 +58,8 @@ from quantize_flux import FLUX_DEV, inputs  # noqa: E402
 from svdquant.pipelines.compiling import COMPILE_OPTIONS  # noqa: E402
 
 BASES = ("bf16", "fp8-torchao", "int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-         "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")
+         "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint",
+         "int4-fused-normrope")
 # base, then "-compiled" (regional torch.compile) or "-whole" (the whole transformer as one torch.compile graph),
 # then "-graph" (the whole step captured in one CUDA graph)
 VARIANTS = tuple(b + c + g for b in BASES for c in ("", "-compiled", "-whole") for g in ("", "-graph")
@@ -513,9 +515,8 @@ def main(argv=None):
         del fp8
         if device == "cuda":
             torch.cuda.empty_cache()
-    ours = [b for b in ("int4", "int4-qkv", "int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act",
-                        "int4-memory", "int4-memory-fused", "int4-fused-ahead", "int4-fused-joint")
-            if any(v == b or v.startswith(b + "-c") or v.startswith(b + "-w") or v == b + "-graph" for v in variants)]
+    ours = [b for b in BASES if b.startswith("int4") and
+            any(v == b or v.startswith(b + "-c") or v.startswith(b + "-w") or v == b + "-graph" for v in variants)]
     if ours:
         res["bf16_weights_gb"] = weights_gb(model)
         memory = ours[0].startswith("int4-memory")
@@ -546,6 +547,8 @@ def main(argv=None):
                 res["fused_act"] = fuse(model, gelu=False, compiled_activations=True)
             if base == "int4-fused-ahead":  # + every adaLN modulation in one GEMV (svdquant/modules/modulations.py)
                 res["fused_ahead"] = fuse(model, modulations=True)
+            if base == "int4-fused-normrope":  # + q/k RMSNorm and RoPE as one op (svdquant/modules/norm_rope.py)
+                res["fused_normrope"] = fuse(model, norm_rope=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
             run_base(base, model, ours_options)
@@ -555,7 +558,7 @@ def main(argv=None):
                 for r in switched:
                     r.sm90 = True
             if base in ("int4-fused", "int4-fused-triton", "int4-fused-up", "int4-act", "int4-memory-fused",
-                        "int4-fused-ahead", "int4-fused-joint"):
+                        "int4-fused-ahead", "int4-fused-joint", "int4-fused-normrope"):
                 unfuse(model)
             compat.NORM_PER_STREAM = True
         if args.lora:

@@ -50,7 +50,7 @@ def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
 
 
 def fuse(target, *, gelu: bool = True, compiled_activations: bool = False,
-         modulations: bool = False) -> dict[str, int]:
+         modulations: bool = False, norm_rope: bool = False) -> dict[str, int]:
     """Run-time fusions for speed on a GPU, exact on the CPU (svdquant/modules/fused.py): each attention's quantized
     q/k/v as one activation pass and one GEMM (FLUX.1/.2, SD3, Wan, Qwen-Image, Z-Image, PixArt-Σ, SANA, SDXL),
     and (``gelu``) each quantized MLP's tanh-GELU moved into its down projection's INT8 activation pass (a FLUX
@@ -59,21 +59,33 @@ def fuse(target, *, gelu: bool = True, compiled_activations: bool = False,
     activations are quantized in torch ops that inductor fuses into the kernel producing them (LayerNorm +
     modulation, GELU) instead of a separate activation kernel. ``modulations=True``: a FLUX.1 transformer's adaLN
     modulations, every block's, computed at the start of the step in one weight-only GEMV
-    (svdquant/modules/modulations.py). Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu":
-    m, "compiled_activations": k, "modulations": j}``). Checkpoints and LoRAs address the same layers."""
+    (svdquant/modules/modulations.py). ``norm_rope=True`` (opt-in until timed on a GPU): a FLUX attention's q/k
+    RMSNorm and rotary embedding as one op, one Triton kernel per tensor on a GPU (svdquant/modules/norm_rope.py).
+    Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu": m, "compiled_activations": k,
+    "modulations": j, "norm_rope": r}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
     from .modules.modulations import fuse_modulations
 
+    for name, value in (("gelu", gelu), ("compiled_activations", compiled_activations), ("modulations", modulations),
+                        ("norm_rope", norm_rope)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: use True or False")
+    models = _models_of(target, "fuse")
+    if norm_rope:
+        from .modules.norm_rope import fuse_norm_rope
     return _summed([{**fuse_model(m, gelu=gelu, compiled_activations=compiled_activations),
-                     "modulations": fuse_modulations(m) if modulations else 0} for m in _models_of(target, "fuse")])
+                     "modulations": fuse_modulations(m) if modulations else 0,
+                     "norm_rope": fuse_norm_rope(m) if norm_rope else 0} for m in models])
 
 
 def unfuse(target) -> dict[str, int]:
     """Undo :func:`fuse`."""
     from .modules.fused import unfuse as unfuse_model
     from .modules.modulations import unfuse_modulations
+    from .modules.norm_rope import unfuse_norm_rope
 
-    return _summed([{**unfuse_model(m), "modulations": unfuse_modulations(m)} for m in _models_of(target, "unfuse")])
+    return _summed([{**unfuse_model(m), "modulations": unfuse_modulations(m), "norm_rope": unfuse_norm_rope(m)}
+                    for m in _models_of(target, "unfuse")])
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",

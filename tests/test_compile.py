@@ -46,7 +46,7 @@ def test_a_fused_flux_step_is_one_graph(quantized_flux, modulations):
     model, inputs = quantized_flux
     model = copy.deepcopy(model)
     assert svdquant.fuse(model, modulations=modulations) == {"qkv": 2, "gelu": 3, "compiled_activations": 0,
-                                                            "modulations": 3 if modulations else 0}
+                                                            "modulations": 3 if modulations else 0, "norm_rope": 0}
     torch._dynamo.reset()
     exp = torch._dynamo.explain(model)(**inputs)
     assert exp.graph_break_count == 0, [str(r.reason) for r in exp.break_reasons]
@@ -285,7 +285,7 @@ def test_gpu_compiled_and_graph_captured_step_equals_eager(quantized_flux, compi
     got = svdquant.fuse(model, gelu=not compiled_activations, compiled_activations=compiled_activations)
     # tiny FLUX: 1 double + 1 single block; 17 INT8-activation layers
     assert got == {"qkv": 2, "gelu": 0 if compiled_activations else 3,
-                   "compiled_activations": 17 if compiled_activations else 0, "modulations": 0}
+                   "compiled_activations": 17 if compiled_activations else 0, "modulations": 0, "norm_rope": 0}
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(**inputs)[0]

@@ -154,7 +154,7 @@ def test_fused_sd3_equals_unfused(sd35):
 def test_fusing_a_16bit_model_changes_nothing():
     model = tm.build_flux()
     assert fuse_projections(model) == 0
-    assert svdquant.fuse(model, compiled_activations=True) == {"qkv": 0, "gelu": 0, "compiled_activations": 0, "modulations": 0}
+    assert svdquant.fuse(model, compiled_activations=True) == {"qkv": 0, "gelu": 0, "compiled_activations": 0, "modulations": 0, "norm_rope": 0}
     with pytest.raises(TypeError, match="pipeline or an nn.Module"):
         svdquant.fuse("flux")
 
@@ -351,7 +351,7 @@ def test_fuse_moves_every_mlp_gelu_into_its_down_projection_and_back(quantized_f
     keys = list(model.state_dict())
     # tiny FLUX: 1 double block (image + text MLPs) + 1 single block; 2 attentions. Every MLP's GELU moves into the
     # layer reading its output: fc2 from its first channel, the single block's proj_out after the attention's
-    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0}
+    assert svdquant.fuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0, "norm_rope": 0}
     ff = model.transformer_blocks[0].ff
     assert isinstance(ff.net[0], ProjectedGELU) and ff.net[0].down is ff.net[2] and ff.net[2].input_gelu_from == 0
     assert not ff.net[0].proj.output_gelu
@@ -362,7 +362,7 @@ def test_fuse_moves_every_mlp_gelu_into_its_down_projection_and_back(quantized_f
     assert list(model.state_dict()) == keys
     with torch.no_grad():  # the CPU reference applies the GELU before the layer: the same ops, bit for bit
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0, "norm_rope": 0}
     assert isinstance(ff.net[0], GELU) and ff.net[2].input_gelu_from is None and not ff.net[0].proj.output_gelu
     assert isinstance(single.act_mlp, torch.nn.GELU) and single.proj_out.input_gelu_from is None
     with torch.no_grad():
@@ -371,14 +371,14 @@ def test_fuse_moves_every_mlp_gelu_into_its_down_projection_and_back(quantized_f
     assert fuse_gelu(model) == 3 and fuse_projections(model) == 2 and peek(single).stack is not None
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0, "norm_rope": 0}
     # into="up": the up projections' epilogues; a stacked single block keeps its GELU (one GEMM, one member's GELU)
     assert fuse_projections(model) == 2 and fuse_gelu(model, into="up") == 2
     assert ff.net[0].proj.output_gelu and ff.net[2].input_gelu_from is None
     assert isinstance(single.act_mlp, torch.nn.GELU) and single.proj_out.input_gelu_from is None
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0, "modulations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 2, "compiled_activations": 0, "modulations": 0, "norm_rope": 0}
     assert not ff.net[0].proj.output_gelu and isinstance(ff.net[0], GELU)
     # into="up" first: the unstacked single block's GELU goes into proj_mlp's epilogue, and it is not stacked
     # after (its members would run in turn: slower than the block as it is)
@@ -386,7 +386,7 @@ def test_fuse_moves_every_mlp_gelu_into_its_down_projection_and_back(quantized_f
     assert fuse_projections(model) == 2 and peek(single).stack is None
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 3, "compiled_activations": 0, "modulations": 0, "norm_rope": 0}
     with pytest.raises(ValueError, match="into='sideways': use one of"):
         fuse_gelu(model, into="sideways")
 
@@ -426,13 +426,13 @@ def test_compiled_activations_mark_every_a8_layer_and_leave_eager_unchanged(quan
     a8 = [m for m in model.modules() if isinstance(m, SVDQLinear) and m.activations == "int8"]
     assert len(a8) == 17  # tiny FLUX: 12 in the double block, 5 in the single one (the adaLN layers are W4A16)
     got = svdquant.fuse(model, gelu=False, compiled_activations=True)
-    assert got == {"qkv": 2, "gelu": 0, "compiled_activations": 17, "modulations": 0}
+    assert got == {"qkv": 2, "gelu": 0, "compiled_activations": 17, "modulations": 0, "norm_rope": 0}
     # the single block's stacked runner (q/k/v + proj_mlp) follows a later switch too (members set it on theirs)
     assert all(m.compiled_activations for m in a8)
     assert svdquant.fuse(model, gelu=False, compiled_activations=True)["compiled_activations"] == 0  # already on
     with torch.no_grad():  # eager (here the CPU reference) is not touched
         assert torch.equal(model(**inputs)[0], before)
-    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 0, "compiled_activations": 17, "modulations": 0}
+    assert svdquant.unfuse(model) == {"qkv": 2, "gelu": 0, "compiled_activations": 17, "modulations": 0, "norm_rope": 0}
     assert not any(m.compiled_activations for m in a8)
 
 

@@ -1,0 +1,107 @@
+"""q/k RMSNorm + RoPE at FLUX.1's shapes: svdquant's kernel (``svdquant.ops.norm_rope``) beside diffusers' math,
+eager and compiled by inductor (what a compiled FLUX step runs without ``fuse(norm_rope=True)``).
+
+    python benchmarks/norm_rope_speed.py --out OUT            # GPU: FLUX.1's two cases, CUDA-graph timings
+    python benchmarks/norm_rope_speed.py --quick --out OUT    # CPU: tiny shapes, the kernel in Triton's interpreter
+
+Cases (batch 1, 24 heads of 128, 1024²): a single block's q, a slice of its stacked q/k/v + MLP GEMM output
+(4,608 tokens, rows of 21,504), and a double block's q, 4,096 image tokens (a slice of the q/k/v output) after 512
+text tokens. Per variant: the median of ``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must
+move (the input read, the output written) over that time, and the largest difference from the reference. The
+kernel runs with each ``block_t`` of :data:`BLOCKS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BLOCKS = (16, 32, 64)
+CASES = {"single": dict(tokens=4608, text=None, row=21504), "double": dict(tokens=4096, text=512, row=9216)}
+
+
+def inputs(case: dict, heads: int, dim: int, device: str, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(1, case["tokens"], case["row"], generator=g).to(device=device, dtype=dtype)
+    x = rows[..., :heads * dim]  # q: the first columns of the stacked output
+    x2 = None if case["text"] is None else torch.randn(1, case["text"], heads * dim, generator=g).to(device, dtype)
+    w, w2 = (torch.randn(dim, generator=g).to(device, dtype) for _ in range(2))
+    angles = torch.randn(case["tokens"] + (case["text"] or 0), dim // 2, generator=g).repeat_interleave(2, 1)
+    return x, w, angles.cos().to(device), angles.sin().to(device), x2, None if x2 is None else w2
+
+
+def timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench_cudagraph
+
+        return lambda fn: do_bench_cudagraph(fn, rep=100)
+
+    def cpu(fn, reps=3):
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps * 1e3
+    return cpu
+
+
+def run(args) -> dict:
+    from svdquant.kernels.norm_rope import norm_rope_into
+    from svdquant.ops.norm_rope import norm_rope_reference
+
+    device = "cpu" if args.quick else "cuda"
+    heads, dim = (2, 32) if args.quick else (24, 128)
+    cases = {k: dict(v, tokens=16, text=v["text"] and 8, row=3 * heads * dim) for k, v in CASES.items()} \
+        if args.quick else CASES
+    bench = timer(device)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "heads": heads, "dim": dim,
+               "commit": os.environ.get("SVDQUANT_COMMIT", ""), "cases": {}}
+    for name, case in cases.items():
+        x, w, cos, sin, x2, w2 = inputs(case, heads, dim, device)
+        ref = norm_rope_reference(x, w, cos, sin, 1e-6, heads, x2, w2)
+        moved = 2 * ref.numel() * ref.element_size()  # read once, written once
+        variants = {"diffusers eager": lambda: norm_rope_reference(x, w, cos, sin, 1e-6, heads, x2, w2)}
+        if not args.quick:
+            compiled = torch.compile(norm_rope_reference, dynamic=False)
+            variants["diffusers compiled (inductor)"] = lambda: compiled(x, w, cos, sin, 1e-6, heads, x2, w2)
+        for block_t in BLOCKS:
+            def kernel(block_t=block_t):
+                out = torch.empty_like(ref)
+                if x2 is not None:
+                    norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=block_t)
+                norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if x2 is None else x2.shape[1], block_t=block_t)
+                return out
+            variants[f"svdquant kernel, block_t {block_t}"] = kernel
+        rows = {}
+        for label, fn in variants.items():
+            err = float((fn().float() - ref.float()).abs().max())
+            ms = bench(fn)
+            rows[label] = {"ms": round(ms, 4), "GB/s": round(moved / ms / 1e6, 1), "max_abs_err": err}
+            print(f"{name:7s} {label:32s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+        results["cases"][name] = {"bytes": moved, "variants": rows}
+    return results
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU, tiny shapes: checks the script runs")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.quick:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        sys.exit("norm_rope_speed.py times a CUDA GPU; on the CPU give --quick")
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "norm_rope_speed.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

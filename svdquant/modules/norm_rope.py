@@ -1,0 +1,101 @@
+"""FLUX's attention with q/k RMSNorm and the rotary embedding as one op (``svdquant.fuse(pipe, norm_rope=True)``).
+
+:class:`NormRopeFluxAttnProcessor` is diffusers' ``FluxAttnProcessor`` (0.42) with its ``norm_q`` / ``norm_k``,
+the text stream's ``norm_added_q`` / ``norm_added_k``, their concatenation and ``apply_rotary_emb`` replaced by
+:func:`svdquant.ops.norm_rope.norm_rope`: on a GPU one Triton kernel per tensor reads the projection once and writes
+the attention's input once; elsewhere, and for a call the op cannot take, its torch reference, which is diffusers'
+math to the bit. Opt-in until a FLUX.1-dev step is timed with it (NOTES-GPU.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
+
+from ..ops.norm_rope import norm_rope, norm_rope_reference, unsupported
+
+
+def _eps(norm: nn.Module, dtype: torch.dtype) -> float:
+    return norm.eps if norm.eps is not None else torch.finfo(dtype).eps  # torch.nn.RMSNorm's default
+
+
+class NormRopeFluxAttnProcessor:
+    """diffusers' ``FluxAttnProcessor`` with q/k RMSNorm + RoPE as one op (see the module doc). Calls it does not
+    know (no rotary tables as a ``(cos, sin)`` pair, another layout) run diffusers' processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, original):
+        self.original = original  # diffusers' processor, given back by unfuse and run for what this one cannot take
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if not (isinstance(image_rotary_emb, tuple) and len(image_rotary_emb) == 2):
+            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        cos, sin = image_rotary_emb
+        query, key, value, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        two = attn.added_kv_proj_dim is not None
+        q, k = (self._norm_rope(x, norm, t if two else None, tn if two else None, cos, sin, attn.heads)
+                for x, norm, t, tn in ((query, attn.norm_q, text_q, getattr(attn, "norm_added_q", None)),
+                                       (key, attn.norm_k, text_k, getattr(attn, "norm_added_k", None))))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if two:
+            value = torch.cat([text_v.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+        out = dispatch_attention_fn(q, k, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] -
+                                              encoder_hidden_states.shape[1]], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(text_out.contiguous())
+
+    def _norm_rope(self, x, norm, text, text_norm, cos, sin, heads):
+        weight, text_weight = norm.weight, None if text_norm is None else text_norm.weight
+        args = (x, weight, cos, sin, _eps(norm, x.dtype), heads, text, text_weight)
+        if unsupported(x, weight, cos, sin, heads, text, text_weight) is not None or \
+                (text_norm is not None and _eps(text_norm, x.dtype) != args[4]):
+            return norm_rope_reference(*args)  # decided from shapes: folded when traced
+        return norm_rope(*args)
+
+    def _original(self, *args):
+        self.original._attention_backend = self._attention_backend  # set on this processor by set_attention_backend
+        self.original._parallel_config = self._parallel_config
+        return self.original(*args)
+
+
+def _takes(attn) -> bool:
+    norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if attn.added_kv_proj_dim else [])
+    return type(attn.processor) is FluxAttnProcessor and all(type(n) is nn.RMSNorm for n in norms)
+
+
+def fuse_norm_rope(model: nn.Module) -> int:
+    """Every FLUX attention of ``model`` with diffusers' processor and ``torch.nn.RMSNorm`` q/k norms given
+    :class:`NormRopeFluxAttnProcessor`; returns how many."""
+    done = 0
+    for m in model.modules():
+        if isinstance(m, FluxAttention) and _takes(m):
+            processor = NormRopeFluxAttnProcessor(m.processor)
+            processor._attention_backend = m.processor._attention_backend
+            processor._parallel_config = m.processor._parallel_config
+            m.processor = processor
+            done += 1
+    return done
+
+
+def unfuse_norm_rope(model: nn.Module) -> int:
+    done = 0
+    for m in model.modules():
+        processor = getattr(m, "processor", None)
+        if isinstance(processor, NormRopeFluxAttnProcessor):
+            processor.original._attention_backend = processor._attention_backend
+            processor.original._parallel_config = processor._parallel_config
+            m.processor = processor.original
+            done += 1
+    return done
+
+
+__all__ = ["NormRopeFluxAttnProcessor", "fuse_norm_rope", "unfuse_norm_rope"]

@@ -1,0 +1,90 @@
+"""FLUX's q/k RMSNorm and rotary embedding as one op (:func:`norm_rope`), for the attention's query and key.
+
+diffusers' ``FluxAttnProcessor`` runs ``attn.norm_q`` (a ``torch.nn.RMSNorm`` over each head), concatenates the
+text stream's normalized tokens ahead of the image stream's, then ``apply_rotary_emb`` (pairs ``2i``, ``2i + 1``
+rotated by the position's angle, in fp32). Compiled, inductor's kernel for that in the 38 single blocks took 3.4-3.9
+ms of a FLUX.1-dev step on an H100 (BENCHMARKS.md, "Session 34"), where reading their q and k once and writing them
+once costs ~1.5 ms at the GPU's bandwidth. :func:`norm_rope` is the Triton kernel (:mod:`svdquant.kernels.norm_rope`) on a CUDA GPU, a torch
+custom op so ``torch.compile`` and CUDA graphs take it whole, and :func:`norm_rope_reference` elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_KERNEL = []  # svdquant.kernels.norm_rope.norm_rope_into, imported at the first launch (importing it loads Triton)
+
+
+def norm_rope_reference(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
+                        x2: Tensor | None = None, weight2: Tensor | None = None) -> Tensor:
+    """What diffusers computes: ``x`` ``[B, S, H·D]`` (and the text stream ``x2`` ``[B, S2, H·D]``, put first)
+    through ``F.rms_norm`` over each head with ``weight`` (``weight2``), concatenated, then rotated by ``cos`` /
+    ``sin`` ``[S2 + S, D]`` as diffusers' ``apply_rotary_emb(..., use_real_unbind_dim=-1)`` does ->
+    ``[B, S2 + S, H, D]``."""
+    def norm(t, w):
+        t = t.unflatten(-1, (heads, -1))
+        return F.rms_norm(t, (t.shape[-1],), w, eps)
+
+    y = norm(x, weight) if x2 is None else torch.cat([norm(x2, weight2), norm(x, weight)], dim=1)
+    real, imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (y.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]).to(y.dtype)
+
+
+def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, heads: int, x2: Tensor | None = None,
+                weight2: Tensor | None = None) -> str | None:
+    """Why :func:`norm_rope` cannot take this call, or None. Read from shapes and dtypes only (decided while
+    tracing under ``torch.compile``)."""
+    streams = [x] if x2 is None else [x, x2]
+    if any(t.ndim != 3 or t.shape[-1] % heads or t.stride(-1) != 1 for t in streams):
+        return "inputs that are not [batch, tokens, heads · head_dim] with a unit stride in the last dim"
+    dim = x.shape[-1] // heads
+    if dim % 2 or dim & (dim - 1) or not 16 <= dim <= 256:
+        return f"head size {dim} (it takes a power of two from 16 to 256)"
+    if x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[-1] != x.shape[-1] or x2.dtype != x.dtype):
+        return f"streams of shapes {tuple(x.shape)} and {tuple(x2.shape)}, dtypes {x.dtype} and {x2.dtype}"
+    tokens = x.shape[1] + (0 if x2 is None else x2.shape[1])
+    if tuple(cos.shape) != (tokens, dim) or tuple(sin.shape) != (tokens, dim):
+        return f"rotary tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} (it takes [{tokens}, {dim}])"
+    if any(w is not None and tuple(w.shape) != (dim,) for w in (weight, weight2)):
+        return "norm weights that are not one value per head channel"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"{x.dtype} (it takes float16 or bfloat16)"
+    return None
+
+
+@torch.library.custom_op("svdquant::norm_rope", mutates_args=())
+def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
+                 x2: Tensor | None, weight2: Tensor | None) -> Tensor:
+    if x.device.type != "cuda":
+        return norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)
+    if not _KERNEL:
+        from ..kernels.norm_rope import norm_rope_into
+
+        _KERNEL.append(norm_rope_into)
+    dim = x.shape[-1] // heads
+    tokens2 = 0 if x2 is None else x2.shape[1]
+    out = torch.empty(x.shape[0], tokens2 + x.shape[1], heads, dim, device=x.device, dtype=x.dtype)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if x2 is not None:
+        _KERNEL[0](out, x2, weight2 if weight2 is not None else x.new_ones(dim), cos, sin, eps, 0)
+    _KERNEL[0](out, x, weight if weight is not None else x.new_ones(dim), cos, sin, eps, tokens2)
+    return out
+
+
+@norm_rope_op.register_fake
+def _(x, weight, cos, sin, eps, heads, x2, weight2):
+    tokens2 = 0 if x2 is None else x2.shape[1]
+    return x.new_empty(x.shape[0], tokens2 + x.shape[1], heads, x.shape[-1] // heads)
+
+
+def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
+              x2: Tensor | None = None, weight2: Tensor | None = None) -> Tensor:
+    """The q (or k) attention takes, ``[B, S2 + S, H, D]``: the Triton kernel on a CUDA GPU, the reference elsewhere.
+    Check :func:`unsupported` first."""
+    return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2)
+
+
+__all__ = ["norm_rope", "norm_rope_reference", "unsupported"]

@@ -1,0 +1,187 @@
+"""FLUX's q/k RMSNorm + rotary embedding as one op (``svdquant.fuse(pipe, norm_rope=True)``): the reference is
+diffusers' math to the bit; the Triton kernel against it (interpreter on the CPU, at small shapes; the GPU at FLUX's);
+what the op cannot take; the processor on the tiny FLUX (exact on the CPU, fused and unfused, under torch.compile)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+import svdquant
+from svdquant.ops import norm_rope as N
+
+CUDA = torch.cuda.is_available()
+interpreter = pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="interpreter tests run on CPU machines")
+
+
+def case(seed, b, s, s2, h, d, dtype, device="cpu"):
+    """A strided q slice of a stacked q/k/v output, a text stream, two norm weights, FLUX-like rotary tables."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(b, s, 3 * h * d, generator=g).to(device=device, dtype=dtype)
+    x2 = None if s2 is None else torch.randn(b, s2, h * d, generator=g).to(device=device, dtype=dtype)
+    w, w2 = (torch.randn(d, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    angles = torch.randn(s + (s2 or 0), d // 2, generator=g).repeat_interleave(2, dim=1).to(device)
+    return full[..., h * d:2 * h * d], w, angles.cos(), angles.sin(), x2, None if s2 is None else w2
+
+
+def diffusers_way(x, w, cos, sin, eps, h, x2, w2):
+    d = x.shape[-1] // h
+    norms = []
+    for weight in (w, w2):
+        norm = torch.nn.RMSNorm(d, eps=eps).to(device=x.device, dtype=x.dtype)
+        if weight is not None:
+            norm.weight.data.copy_(weight)
+        norms.append(norm)
+    y = norms[0](x.unflatten(-1, (h, d)))
+    if x2 is not None:
+        y = torch.cat([norms[1](x2.unflatten(-1, (h, d))), y], dim=1)
+    return apply_rotary_emb(y, (cos, sin), sequence_dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("s2", [None, 5])
+def test_the_reference_is_diffusers_math_to_the_bit(dtype, s2):
+    x, w, cos, sin, x2, w2 = case(0, 2, 11, s2, 3, 32, dtype)
+    assert torch.equal(N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2),
+                       diffusers_way(x, w, cos, sin, 1e-6, 3, x2, w2))
+
+
+@interpreter
+@pytest.mark.parametrize("s2", [None, 5])
+@pytest.mark.parametrize("d", [16, 64])
+def test_kernel_against_the_reference_in_the_interpreter(s2, d):
+    """fp16: the same bits (Triton's interpreter rounds fp16 to nearest, as the GPU does). bf16: within the two
+    roundings (the interpreter truncates to bf16 where the GPU rounds)."""
+    from svdquant.kernels.norm_rope import norm_rope_into
+
+    for dtype, bound in ((torch.float16, 0.0), (torch.bfloat16, 2 ** -6)):
+        x, w, cos, sin, x2, w2 = case(d + (s2 or 0), 2, 13, s2, 3, d, dtype)
+        ref = N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2)
+        out = torch.empty_like(ref)
+        if x2 is not None:
+            norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=8)
+        norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, block_t=8)
+        err = (out.float() - ref.float()).abs()
+        assert float(err.max()) <= bound * float(ref.float().abs().max()), (dtype, float(err.max()))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda a: {**a, "x": a["x"].unflatten(-1, (3, -1))}, "not [batch, tokens, heads · head_dim]"),
+    (lambda a: {**a, "x": a["x"].transpose(1, 2).contiguous().transpose(1, 2)}, "with a unit stride"),
+    (lambda a: {**a, "heads": 4}, "head size 24 (it takes"),
+    (lambda a: {**a, "heads": 1}, "head size 96 (it takes a power of two from 16 to 256)"),
+    (lambda a: {**a, "cos": a["cos"][:-1]}, "rotary tables of shapes (15, 32), (16, 32) (it takes [16, 32])"),
+    (lambda a: {**a, "weight": a["weight"][:8]}, "norm weights that are not one value per head channel"),
+    (lambda a: {**a, "x2": a["x2"].float()}, "streams of shapes"),
+    (lambda a: {**a, "x": a["x"].float(), "x2": a["x2"].float()}, "torch.float32 (it takes float16 or bfloat16)"),
+])
+def test_what_the_op_cannot_take(change, reason):
+    x, w, cos, sin, x2, w2 = case(1, 1, 11, 5, 3, 32, torch.bfloat16)
+    args = dict(x=x, weight=w, cos=cos, sin=sin, heads=3, x2=x2, weight2=w2)
+    assert N.unsupported(**args) is None
+    assert reason in N.unsupported(**change(args))
+
+
+def test_fake_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, cos, sin, x2, w2 = case(2, 2, 11, 5, 3, 32, torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = N.norm_rope(x, w, cos, sin, 1e-6, 3, x2, w2)
+    assert out.shape == (2, 16, 3, 32) and out.dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def quantized_flux():
+    return tm.quantized_flux()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_tiny_flux_with_it_is_bit_for_bit_the_same_on_the_cpu(quantized_flux, dtype):
+    """Both its double and its single blocks (stacked q/k/v + MLP, and not): the op's CPU path is the reference."""
+    model, inputs = quantized_flux
+    model = copy.deepcopy(model).to(dtype)
+    inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in
+              ("img_ids", "txt_ids") else v for k, v in inputs.items()}
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        attentions = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+        assert len(model.transformer_blocks) and len(model.single_transformer_blocks)
+        assert svdquant.fuse(model, norm_rope=True)["norm_rope"] == attentions
+        fused = model(**inputs)[0]
+        assert torch.equal(fused, plain)
+        svdquant.fuse(model)  # stacked projections under it
+        assert torch.equal(model(**inputs)[0], plain)
+        assert svdquant.unfuse(model)["norm_rope"] == attentions
+        assert torch.equal(model(**inputs)[0], plain)
+
+
+def test_it_compiles_as_one_op_and_keeps_the_backend(quantized_flux):
+    """Traced whole (the op's fake): no graph break; ``set_attention_backend`` reaches the processor, and unfuse gives
+    diffusers' processor back with it."""
+    from svdquant.integrations.diffusers.compat import set_attention_backend_locally
+
+    model, inputs = copy.deepcopy(quantized_flux[0]), quantized_flux[1]
+    svdquant.fuse(model, norm_rope=True)
+    set_attention_backend_locally(model, "_native_math")  # diffusers' own call would make it every model's default
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        assert torch.equal(compiled(**inputs)[0], eager)
+    svdquant.unfuse(model)
+    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert processors and all(p._attention_backend == "_native_math" for p in processors)
+
+
+def test_fuse_flags_are_checked():
+    with pytest.raises(ValueError, match=r"^norm_rope='yes': use True or False$"):
+        svdquant.fuse(tm.build_flux(), norm_rope="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("s2", [None, 512])
+def test_gpu_kernel_at_the_flux_shape(s2):
+    """One FLUX.1 image's q (4,096 image tokens, 24 heads of 128, a slice of the stacked q/k/v output) against the
+    reference on the GPU: at most one bf16 step apart (the reference's fp32 sum runs in another order), compiled and
+    in a CUDA graph the same bits."""
+    x, w, cos, sin, x2, w2 = case(3, 1, 4096, s2, 24, 128, torch.bfloat16, device="cuda")
+    ref = N.norm_rope_reference(x, w, cos, sin, 1e-6, 24, x2, w2)
+    out = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2)
+    err = (out.float() - ref.float()).abs()
+    assert float((err > 0).float().mean()) < 1e-3 and float(err.max()) <= 2 ** -7 * float(ref.float().abs().max())
+    compiled = torch.compile(lambda *a: N.norm_rope(*a), fullgraph=True)
+    assert torch.equal(compiled(x, w, cos, sin, 1e-6, 24, x2, w2), out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2)
+    graph.replay()
+    assert torch.equal(captured, out)
+
+
+@interpreter
+def test_the_benchmark_quick_times_every_variant(tmp_path):
+    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math and the kernel at each block size, each
+    within the interpreter's bf16 truncation of the reference."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import norm_rope_speed
+
+    norm_rope_speed.main(["--quick", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "norm_rope_speed.json").read_text())
+    for case in ("single", "double"):
+        rows = res["cases"][case]["variants"]
+        assert set(rows) == {"diffusers eager", *(f"svdquant kernel, block_t {b}" for b in norm_rope_speed.BLOCKS)}
+        assert rows["diffusers eager"]["max_abs_err"] == 0
+        assert all(0 < r["ms"] and r["max_abs_err"] < 0.1 for r in rows.values())
