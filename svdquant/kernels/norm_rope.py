@@ -19,7 +19,8 @@ import triton.language as tl
 @triton.jit
 def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stride_xs, H, token_offset, S_out, eps,
                      D: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_t, h = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets past 2**31 elements from batch 6 at 2048² (rows of 21,504)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
     tmask = (t < S)[:, None]

@@ -185,8 +185,9 @@ def _stackable_single_block(block) -> list[SVDQLinear] | None:
         return None
     attn = block.attn
     # its GELU in place, or moved into proj_out by fuse_gelu; not one moved into proj_mlp's epilogue (one GEMM
-    # for the stack cannot apply one member's GELU: it would run its members in turn, slower than unstacked)
-    if attn.fused_projections or type(attn.processor) is not FluxAttnProcessor or \
+    # for the stack cannot apply one member's GELU: it would run its members in turn, slower than unstacked);
+    # diffusers' processor, or svdquant's q/k norm + RoPE processor around it (fuse(norm_rope=True), .norm_rope)
+    if attn.fused_projections or type(getattr(attn.processor, "original", attn.processor)) is not FluxAttnProcessor or \
             getattr(block.proj_mlp, "output_gelu", False) or \
             not (isinstance(block.act_mlp, nn.GELU) or peek(block).act_mlp is not None):
         return None

@@ -2,9 +2,9 @@
 
 :class:`NormRopeFluxAttnProcessor` is diffusers' ``FluxAttnProcessor`` (0.42) with its ``norm_q`` / ``norm_k``,
 the text stream's ``norm_added_q`` / ``norm_added_k``, their concatenation and ``apply_rotary_emb`` replaced by
-:func:`svdquant.ops.norm_rope.norm_rope`: on a GPU one Triton kernel per tensor reads the projection once and writes
-the attention's input once; elsewhere, and for a call the op cannot take, its torch reference, which is diffusers'
-math to the bit. Opt-in until a FLUX.1-dev step is timed with it (NOTES-GPU.md).
+:func:`svdquant.ops.norm_rope.norm_rope`: on a GPU one Triton launch per stream and tensor reads the projection once
+and writes the attention's input once; elsewhere, and for a call the op cannot take, its torch reference, which is
+diffusers' math to the bit. Opt-in until a FLUX.1-dev step is timed with it (NOTES-GPU.md).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn as nn
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
+from ..integrations.diffusers.compat import has_hooks
 from ..ops.norm_rope import norm_rope, norm_rope_reference, unsupported
 
 
@@ -23,21 +24,36 @@ def _eps(norm: nn.Module, dtype: torch.dtype) -> float:
 
 class NormRopeFluxAttnProcessor:
     """diffusers' ``FluxAttnProcessor`` with q/k RMSNorm + RoPE as one op (see the module doc). Calls it does not
-    know (no rotary tables as a ``(cos, sin)`` pair, another layout) run diffusers' processor."""
-
-    _attention_backend = None
-    _parallel_config = None
+    know (no rotary tables as a ``(cos, sin)`` pair) run diffusers' processor. The attention backend and parallel
+    config that diffusers sets on a processor live on diffusers' one, which unfuse gives back."""
 
     def __init__(self, original):
         self.original = original  # diffusers' processor, given back by unfuse and run for what this one cannot take
 
+    @property
+    def _attention_backend(self):
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.original._parallel_config = value
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if not (isinstance(image_rotary_emb, tuple) and len(image_rotary_emb) == 2):
-            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         cos, sin = image_rotary_emb
         query, key, value, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         two = attn.added_kv_proj_dim is not None
-        q, k = (self._norm_rope(x, norm, t if two else None, tn if two else None, cos, sin, attn.heads)
+        heads = query.shape[-1] // attn.head_dim  # this rank's heads under tensor parallelism, as diffusers counts
+        q, k = (self._norm_rope(x, norm, t if two else None, tn if two else None, cos, sin, heads)
                 for x, norm, t, tn in ((query, attn.norm_q, text_q, getattr(attn, "norm_added_q", None)),
                                        (key, attn.norm_k, text_k, getattr(attn, "norm_added_k", None))))
         value = value.unflatten(-1, (-1, attn.head_dim))
@@ -61,15 +77,14 @@ class NormRopeFluxAttnProcessor:
             return norm_rope_reference(*args)  # decided from shapes: folded when traced
         return norm_rope(*args)
 
-    def _original(self, *args):
-        self.original._attention_backend = self._attention_backend  # set on this processor by set_attention_backend
-        self.original._parallel_config = self._parallel_config
-        return self.original(*args)
-
 
 def _takes(attn) -> bool:
+    """diffusers' processor, and q/k norms that are plain ``torch.nn.RMSNorm``s the op can stand for (no hooks, no
+    forward of their own: the op reads their weights)."""
     norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if attn.added_kv_proj_dim else [])
-    return type(attn.processor) is FluxAttnProcessor and all(type(n) is nn.RMSNorm for n in norms)
+    return type(attn.processor) is FluxAttnProcessor and all(
+        type(n) is nn.RMSNorm and "forward" not in n.__dict__ and not has_hooks(n) and not n._forward_hooks and
+        not n._forward_pre_hooks for n in norms)
 
 
 def fuse_norm_rope(model: nn.Module) -> int:
@@ -78,10 +93,7 @@ def fuse_norm_rope(model: nn.Module) -> int:
     done = 0
     for m in model.modules():
         if isinstance(m, FluxAttention) and _takes(m):
-            processor = NormRopeFluxAttnProcessor(m.processor)
-            processor._attention_backend = m.processor._attention_backend
-            processor._parallel_config = m.processor._parallel_config
-            m.processor = processor
+            m.processor = NormRopeFluxAttnProcessor(m.processor)
             done += 1
     return done
 
@@ -91,8 +103,6 @@ def unfuse_norm_rope(model: nn.Module) -> int:
     for m in model.modules():
         processor = getattr(m, "processor", None)
         if isinstance(processor, NormRopeFluxAttnProcessor):
-            processor.original._attention_backend = processor._attention_backend
-            processor.original._parallel_config = processor._parallel_config
             m.processor = processor.original
             done += 1
     return done

@@ -4,8 +4,9 @@ diffusers' ``FluxAttnProcessor`` runs ``attn.norm_q`` (a ``torch.nn.RMSNorm`` ov
 text stream's normalized tokens ahead of the image stream's, then ``apply_rotary_emb`` (pairs ``2i``, ``2i + 1``
 rotated by the position's angle, in fp32). Compiled, inductor's kernel for that in the 38 single blocks took 3.4-3.9
 ms of a FLUX.1-dev step on an H100 (BENCHMARKS.md, "Session 34"), where reading their q and k once and writing them
-once costs ~1.5 ms at the GPU's bandwidth. :func:`norm_rope` is the Triton kernel (:mod:`svdquant.kernels.norm_rope`) on a CUDA GPU, a torch
-custom op so ``torch.compile`` and CUDA graphs take it whole, and :func:`norm_rope_reference` elsewhere.
+once costs ~1.5 ms at the GPU's bandwidth. :func:`norm_rope` is the Triton kernel (:mod:`svdquant.kernels.norm_rope`)
+on a CUDA GPU, a torch custom op so ``torch.compile`` and CUDA graphs take it whole, and :func:`norm_rope_reference`
+elsewhere.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, head
         return "norm weights that are not one value per head channel"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"{x.dtype} (it takes float16 or bfloat16)"
+    if any(t.device != x.device for t in (cos, sin, weight, x2, weight2) if t is not None):
+        return "tensors on more than one device"
     return None
 
 

@@ -81,21 +81,11 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     attention, opt-in, README "Fast by default"). ``compile``: how :func:`svdquant.optimize` compiles the denoiser
     (``True``: each repeated block; ``"model"``: the whole forward as one graph, a faster step and a longer first
     call; ``False``: not at all)."""
-    from .compiling import MODEL, compile_mode
     from .optimize import check_attention
 
     _checks.device("device", device)
     check_attention(attention)
-    if compile_mode(compile) == MODEL:
-        if optimize is False:
-            raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser: leave optimize on, or "
-                             "leave compile out")
-        if offload:
-            raise ValueError("compile='model' compiles the whole forward, which offload's hooks run outside the graph: "
-                             "leave offload or compile out")
-        if torch.device(device).type != "cuda":
-            raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser, on a CUDA device: give "
-                             "device='cuda', or leave compile out")
+    _check_compile(compile, optimize, offload, device)
     if attention not in ("auto", None) and (optimize is False or torch.device(device).type != "cuda"):
         raise ValueError(f"attention={attention!r} is set by svdquant.optimize, which runs on a CUDA device: give "
                          "device='cuda' (and leave optimize on), or leave attention out")
@@ -137,6 +127,24 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     # after the move: the stacked weights are built once, where they run; both experts of a two-expert pipeline
     _speed_up(pipe, device, optimize, fuse, attention=attention, compile=compile)
     return pipe
+
+
+def _check_compile(compile, optimize: bool | None, offload: bool, device: str) -> None:
+    """``compile=`` of :func:`load_pipeline`: a mode :func:`svdquant.optimize` knows, and ``"model"`` only where it
+    runs whole."""
+    from .compiling import MODEL, compile_mode
+
+    if compile_mode(compile) != MODEL:
+        return
+    if optimize is False:
+        raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser: leave optimize on, or leave "
+                         "compile out")
+    if offload:
+        raise ValueError("compile='model' compiles the whole forward, which offload's hooks run outside the graph: "
+                         "leave offload or compile out")
+    if torch.device(device).type != "cuda":
+        raise ValueError("compile='model' is how svdquant.optimize compiles the denoiser, on a CUDA device: give "
+                         "device='cuda', or leave compile out")
 
 
 def offloaded(pipe, device, *, optimize: bool | None = None, fuse: bool | None = None,
