@@ -22,6 +22,11 @@ def _eps(norm: nn.Module, dtype: torch.dtype) -> float:
     return norm.eps if norm.eps is not None else torch.finfo(dtype).eps  # torch.nn.RMSNorm's default
 
 
+def _on_original(name: str) -> property:
+    """An attribute diffusers sets on a processor, kept on the wrapped diffusers processor."""
+    return property(lambda self: getattr(self.original, name), lambda self, value: setattr(self.original, name, value))
+
+
 class NormRopeFluxAttnProcessor:
     """diffusers' ``FluxAttnProcessor`` with q/k RMSNorm + RoPE as one op (see the module doc). Calls it does not
     know (no rotary tables as a ``(cos, sin)`` pair) run diffusers' processor. The attention backend and parallel
@@ -30,21 +35,8 @@ class NormRopeFluxAttnProcessor:
     def __init__(self, original):
         self.original = original  # diffusers' processor, given back by unfuse and run for what this one cannot take
 
-    @property
-    def _attention_backend(self):
-        return self.original._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, value):
-        self.original._attention_backend = value
-
-    @property
-    def _parallel_config(self):
-        return self.original._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, value):
-        self.original._parallel_config = value
+    _attention_backend = _on_original("_attention_backend")
+    _parallel_config = _on_original("_parallel_config")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if not (isinstance(image_rotary_emb, tuple) and len(image_rotary_emb) == 2):
