@@ -433,11 +433,11 @@ def test_attention_int8_refusals(ck, tmp_path):
     rejected(["serve", "tiny", *CPU, "--attention", "int8"], "runs on a CUDA GPU", folder=tmp_path)
     rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--attention", "flash4"],
              "--attention flash4 runs on a CUDA GPU; on cpu leave it out", folder=tmp_path)
-    from svdquant.cli.common import check_attention_flag
+    from svdquant.cli.common import check_optimize_flags
 
     import argparse
 
-    check_attention_flag(argparse.Namespace(attention="int8", optimize=True, device="cuda:0"))  # accepted
+    check_optimize_flags(argparse.Namespace(attention="int8", optimize=True, device="cuda:0"))  # accepted
     with pytest.raises(ValueError, match=r"^attention='int8' is set by svdquant.optimize, which runs on a CUDA "):
         svdquant.load_pipeline(None, ck, attention="int8")
     with pytest.raises(ValueError, match=r"^attention='sage': use 'auto', None, 'int8', 'flash4' or one of"):
@@ -454,7 +454,7 @@ def test_compile_model_refusals(ck, tmp_path, monkeypatch):
     same, and a compile= it does not know."""
     import argparse
 
-    from svdquant.cli.common import UsageError, check_attention_flag
+    from svdquant.cli.common import UsageError, check_optimize_flags
     from svdquant.serve.engine import load_engine
 
     rejected(["generate", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--compile", "model"],
@@ -462,10 +462,10 @@ def test_compile_model_refusals(ck, tmp_path, monkeypatch):
     rejected(["compare", ck, "a cat", "-o", tmp_path / "x.png", *SAMPLE, "--compile", "model", "--no-optimize"],
              "--compile model is set by svdquant.optimize: drop --no-optimize", folder=tmp_path)
     rejected(["serve", "tiny", *CPU, "--compile", "model"], "runs on a CUDA GPU", folder=tmp_path)
-    check_attention_flag(argparse.Namespace(compile="model", optimize=True, device="cuda:0"))  # accepted
+    check_optimize_flags(argparse.Namespace(compile="model", optimize=True, device="cuda:0"))  # accepted
     with pytest.raises(UsageError, match=r"^--compile model compiles the whole forward, which --offload's hooks run "
                                          r"outside the graph: leave one of them out$"):
-        check_attention_flag(argparse.Namespace(compile="model", optimize=True, device="cuda:0", offload=True))
+        check_optimize_flags(argparse.Namespace(compile="model", optimize=True, device="cuda:0", offload=True))
     for kw, message in ((dict(optimize=False), "compiles the denoiser: leave optimize on, or leave compile out$"),
                         (dict(offload=True), "compiles the whole forward, which offload's hooks run outside the "
                                              "graph: leave offload or compile out$"),

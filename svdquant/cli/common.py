@@ -18,7 +18,7 @@ class UsageError(Exception):
     """A mistake on the command line: ``main`` prints ``svdquant CMD: error: ...`` and returns 2."""
 
 
-def check_attention_flag(args) -> None:
+def check_optimize_flags(args) -> None:
     """``--attention int8`` / ``flash4`` and ``--compile model`` are set by svdquant.optimize: on a CUDA device,
     without ``--no-optimize`` (``--compile model`` without ``--offload`` too). Call after :func:`resolve_device`."""
     flags = [f"--attention {args.attention}"] if getattr(args, "attention", "auto") != "auto" else []

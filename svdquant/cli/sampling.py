@@ -11,7 +11,7 @@ import torch
 from .. import _checks
 from .._state import peek
 from . import media
-from .common import (UsageError, check_attention_flag, compile_arg, parse_loras, pipeline_kwargs, resolve_device,
+from .common import (UsageError, check_optimize_flags, compile_arg, parse_loras, pipeline_kwargs, resolve_device,
                      resolve_dtype, validate_sizes)
 
 
@@ -24,7 +24,7 @@ def _validate_sampling(args, command: str) -> None:
     from ..checkpoint import base_of, read_metadata
 
     args.device = resolve_device(args.device)
-    check_attention_flag(args)
+    check_optimize_flags(args)
     if not args.prompt.strip():
         raise UsageError("the prompt is empty; give what to draw, e.g. \"a photo of a cat\"")
     if args.steps is not None:

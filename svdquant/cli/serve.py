@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import _checks
-from .common import UsageError, check_attention_flag, compile_arg, parse_loras, resolve_device, resolve_dtype
+from .common import UsageError, check_optimize_flags, compile_arg, parse_loras, resolve_device, resolve_dtype
 
 
 def validate_serve(args) -> None:
@@ -25,7 +25,7 @@ def validate_serve(args) -> None:
     except ImportError as e:
         raise UsageError(f"serving needs {e.name}: pip install fastapi uvicorn prometheus-client") from None
     args.device = resolve_device(args.device)
-    check_attention_flag(args)
+    check_optimize_flags(args)
     for flag, set_ in ((f"--attention {args.attention}", args.attention != "auto"),
                        ("--compile model", args.compile == "model")):
         if args.model == "tiny" and set_:
