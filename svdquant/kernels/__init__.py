@@ -17,6 +17,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | gptq.py                  | GPTQ's inner block: columns rounded in turn, errors spread (quantizer)   |
 | scoring.py               | the search's error products X·Wᵀ on TF32 tensor cores (quantizer)       |
 | int8_attention.py        | attention with INT8 Q·Kᵀ per token and a 16-bit P·V (opt-in)             |
+| norm_rope.py             | FLUX's q/k RMSNorm + rotary embedding, one read and one write (opt-in)   |
 | float_scales_quantize.py | the paper's W4A4 / NVFP4 activation kernel (float group scales)          |
 | float_scales_gemm.py     | the paper's W4A4 / NVFP4 GEMMs (per-group rescale in the main loop)      |
 """
@@ -29,6 +30,7 @@ from .expand import expand_int4m
 from .float_scales_gemm import fp4_gemm, w4a4_gemm
 from .gptq import gptq_round_block
 from .int8_attention import int8_attention, quantize_tokens as quantize_attention_tokens
+from .norm_rope import norm_rope_into
 from .float_scales_quantize import quantize_input as quantize_input_float_scales
 from .int8_gemm import (DEFAULT_CONFIG, HOPPER_CONFIG, HOPPER_CONFIG_FP32, int8_gemm, tile_config as int8_tile_config,
                         weight_descriptor)
@@ -41,4 +43,5 @@ __all__ = [
     "round_int4m_weights", "scoring_product", "gptq_round_block", "int8_attention", "quantize_attention_tokens",
     "quantize_input_float_scales", "w4a4_gemm", "fp4_gemm", "interpreting", "HOPPER_CONFIG", "HOPPER_CONFIG_FP32", "DEFAULT_CONFIG",
     "int8_tile_config", "cutlass_available", "cutlass_takes", "int8_gemm_sm90", "cutlass_pad_columns",
+    "norm_rope_into",
 ]

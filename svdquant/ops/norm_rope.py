@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_KERNEL = []  # svdquant.kernels.norm_rope.norm_rope_into, imported at the first launch (importing it loads Triton)
+from . import library
 
 
 def norm_rope_reference(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
@@ -42,7 +42,7 @@ def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, head
     if any(t.ndim != 3 or t.shape[-1] % heads or t.stride(-1) != 1 for t in streams):
         return "inputs that are not [batch, tokens, heads · head_dim] with a unit stride in the last dim"
     dim = x.shape[-1] // heads
-    if dim % 2 or dim & (dim - 1) or not 16 <= dim <= 256:
+    if dim & (dim - 1) or not 16 <= dim <= 256:
         return f"head size {dim} (it takes a power of two from 16 to 256)"
     if x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[-1] != x.shape[-1] or x2.dtype != x.dtype):
         return f"streams of shapes {tuple(x.shape)} and {tuple(x2.shape)}, dtypes {x.dtype} and {x2.dtype}"
@@ -63,17 +63,14 @@ def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps
                  x2: Tensor | None, weight2: Tensor | None) -> Tensor:
     if x.device.type != "cuda":
         return norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)
-    if not _KERNEL:
-        from ..kernels.norm_rope import norm_rope_into
-
-        _KERNEL.append(norm_rope_into)
+    launch = library._kernels().norm_rope_into  # svdquant.kernels, imported at the first launch
     dim = x.shape[-1] // heads
     tokens2 = 0 if x2 is None else x2.shape[1]
     out = torch.empty(x.shape[0], tokens2 + x.shape[1], heads, dim, device=x.device, dtype=x.dtype)
     cos, sin = cos.contiguous(), sin.contiguous()
     if x2 is not None:
-        _KERNEL[0](out, x2, weight2 if weight2 is not None else x.new_ones(dim), cos, sin, eps, 0)
-    _KERNEL[0](out, x, weight if weight is not None else x.new_ones(dim), cos, sin, eps, tokens2)
+        launch(out, x2, weight2 if weight2 is not None else x.new_ones(dim), cos, sin, eps, 0)
+    launch(out, x, weight if weight is not None else x.new_ones(dim), cos, sin, eps, tokens2)
     return out
 
 

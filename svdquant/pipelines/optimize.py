@@ -48,8 +48,7 @@ from .._state import state, take
 from .compiling import BLOCKS, MODEL, compile_blocks, compile_mode, compile_model, hooked, uncompile
 from .graphs import DEFAULT_GRAPHS, StepGraphs
 from ..integrations.diffusers.attention import FLASH4 as FLASH4_BACKEND
-from ..integrations.diffusers.compat import (dispatches_attention, has_hooks, repeated_block_names,
-                                             set_attention_backend_locally)
+from ..integrations.diffusers.compat import dispatches_attention, set_attention_backend_locally
 from ..models.pipeline_needs import SECOND_EXPERT, second_expert
 from ..modules import SVDQLinear
 from ..modules.linear import bump_revision
