@@ -34,7 +34,8 @@ Variants, on one pipeline per model:
   ``compile_repeated_blocks``; here the same blocks svdquant compiles), default inductor mode and options (ours
   add inductor's coordinate-descent tuning, ``svdquant.pipelines.compiling.COMPILE_OPTIONS``);
 * ``fp8-torchao``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on every linear of the
-  denoiser, compiled the same way (its compile is slow: give it its own device call);
+  denoiser, compiled the same way (its compile is slow: first calls take minutes). It comes last; after an
+  ``int4`` variant it runs on a new pipeline, built as the first was;
 * ``int4``: the denoiser's layers as svdquant ``int4`` (random valid contents), then ``svdquant.optimize(pipe)``:
   what ``load_pipeline`` gives on CUDA by default (fused, attention backend, compiled blocks, CUDA graphs);
 * ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")``: INT8 Q·Kᵀ attention (opt-in);
@@ -168,18 +169,21 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
     def left() -> bool:
         return time.perf_counter() - t_start < args.budget_s
 
-    t = time.perf_counter()
-    pipe, call = build(model, args.quick, device)
-    pipe.to(device)
-    res["build_s"] = round(time.perf_counter() - t, 1)
-    res["call"] = call_facts(call) | {"steps": args.steps}
-    if model in PRECOMPUTED_TEXT:
-        call, res["text_encoding"] = precompute_text(pipe, call, device)
-        res["call"]["prompt_embeds"] = (f"precomputed {res['text_encoding']['prompt_embeds_shape']} from the prompt "
-                                        "(the text encoder dropped)")
-        log(f"{model:10s} text encoding (excluded from s / image) {json.dumps(res['text_encoding'])}")
-        args.save(results)
-    den = denoiser(pipe)
+    def fresh():
+        t = time.perf_counter()
+        pipe, call = build(model, args.quick, device)
+        pipe.to(device)
+        res.setdefault("build_s", round(time.perf_counter() - t, 1))
+        res["call"] = call_facts(call) | {"steps": args.steps}
+        if model in PRECOMPUTED_TEXT:
+            call, res["text_encoding"] = precompute_text(pipe, call, device)
+            res["call"]["prompt_embeds"] = (f"precomputed {res['text_encoding']['prompt_embeds_shape']} from the "
+                                            "prompt (the text encoder dropped)")
+            log(f"{model:10s} text encoding (excluded from s / image) {json.dumps(res['text_encoding'])}")
+            args.save(results)
+        return pipe, call, denoiser(pipe)
+
+    pipe, call, den = fresh()
     quantized = False
     for variant in args.variants:
         row = res.setdefault(variant, {})
@@ -189,6 +193,12 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
             uncompile(den)
+            if quantized:  # svdquant's layers replaced the linears torchao quantizes: a new pipeline, as built
+                svdquant.deoptimize(pipe)
+                del pipe, den
+                free(device)
+                pipe, call, den = fresh()
+                row["fresh_pipeline"] = True
             # quantize_ also sets inductor's config process-wide (coordinate-descent tuning, ...): torchao's users
             # get that, the next model's variants must not (restored below)
             inductor_config = torch._inductor.config.get_config_copy()
@@ -226,6 +236,10 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             torch._inductor.config.load_config(inductor_config)
             break  # the pipeline now holds torchao's tensors; the int4 variant needs a fresh one
     del pipe, den
+    free(device)
+
+
+def free(device) -> None:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
