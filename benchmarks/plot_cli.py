@@ -1,5 +1,5 @@
-"""What the pictures' scripts (``plot_e2e.py``, ``plot_quantize.py``) share: a results file read and checked in
-full before anything is drawn, one-line errors, and the figure saved where asked."""
+"""What the pictures' scripts (``plot_e2e.py``, ``plot_quantize.py``, ``plot_step.py``) share: a results file
+read and checked in full before anything is drawn, one-line errors, and the figure saved where asked."""
 
 from __future__ import annotations
 

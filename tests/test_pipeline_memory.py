@@ -355,6 +355,27 @@ def test_plot_e2e_draws_the_results_file_and_checks_it(tmp_path):
               ({}, "must map model names"), ([1], "must map model names")))
 
 
+def test_plot_step_draws_the_results_file_and_checks_it(tmp_path):
+    """benchmarks/plot_step.py: the committed step figures draw (a PNG); a row without a positive step time, with a
+    class flux_step.py does not report, or whose classes sum far from its timed step is refused in one line."""
+    import plot_step
+
+    rows = json.loads((Path(plot_step.__file__).parent / "results" / "flux-step-h100.json").read_text())["rows"]
+    assert [r["ms"] for r in rows.values()] == [180.49, 98.15, 89.80]  # BENCHMARKS.md, "Session 34"
+    ours = rows["svdquant int4, whole forward compiled"]["classes"]
+    assert sum(ours.values()) == pytest.approx(88.91)
+    out = plot_step.main(["--out", str(tmp_path / "step.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    good = {"attention": 40.0, "INT8 GEMM (CUTLASS)": 55.0}
+    assert plot_step.check({"a": {"ms": 100.0, "classes": good}, "b": {"ms": 1}})["a"]["classes"] == good
+    _refused(plot_step.main, plot_step.check, "rows", tmp_path,
+             (({"a": {"ms": 0}}, "positive step time"), ({"a": {}}, "positive step time"),
+              ({"a": {"ms": 10.0, "classes": {"norms": 10.0}}}, "unknown classes"),
+              ({"a": {"ms": 10.0, "classes": {"attention": -1.0}}}, "positive numbers"),
+              ({"a": {"ms": 10.0, "classes": {"attention": 5.0}}}, "more than 10% off"),
+              ({"a": {"ms": 10.0, "classes": [1.0]}}, "must map"), ({}, "must map labels"), ([1], "must map labels")))
+
+
 def _refused(main, check, key: str, tmp_path, cases) -> None:
     """A picture's script refuses each ``(bad, message)`` of ``cases`` (``bad`` under ``key`` in its results file):
     its command line exits in one line before anything is drawn, and ``check`` raises ``message``."""
