@@ -8,7 +8,7 @@ Cases (batch 1, 24 heads of 128, 1024²): a single block's q, a slice of its sta
 (4,608 tokens, rows of 21,504), and a double block's q, 4,096 image tokens (a slice of the q/k/v output) after 512
 text tokens. Per variant: the median of ``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must
 move (the input read, the output written) over that time, and the largest difference from the reference. The
-kernel runs with each ``block_t`` of :data:`BLOCKS`.
+kernel runs with each ``(block_t, heads per program)`` of :data:`CONFIGS` (the op launches the first).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-BLOCKS = (16, 32, 64)
+CONFIGS = ((16, 8), (16, 4), (32, 8), (16, 1), (32, 1))  # the op's default first
 CASES = {"single": dict(tokens=4608, text=None, row=21504), "double": dict(tokens=4096, text=512, row=9216)}
 
 
@@ -52,7 +52,7 @@ def timer(device: str):
 
 
 def run(args) -> dict:
-    from svdquant.kernels.norm_rope import norm_rope_into
+    from svdquant.kernels.norm_rope import heads_per_program, norm_rope_into
     from svdquant.ops.norm_rope import norm_rope_reference
 
     device = "cpu" if args.quick else "cuda"
@@ -70,20 +70,23 @@ def run(args) -> dict:
         if not args.quick:
             compiled = torch.compile(norm_rope_reference, dynamic=False)
             variants["diffusers compiled (inductor)"] = lambda: compiled(x, w, cos, sin, 1e-6, heads, x2, w2)
-        for block_t in BLOCKS:
-            def kernel(block_t=block_t):
+        for block_t, group in CONFIGS:
+            group = heads_per_program(heads, group)  # the tiny case's 2 heads: 2 or 1
+
+            def kernel(block_t=block_t, group=group):
                 out = torch.empty_like(ref)
                 if x2 is not None:
-                    norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=block_t)
-                norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if x2 is None else x2.shape[1], block_t=block_t)
+                    norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=block_t, heads=group)
+                norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if x2 is None else x2.shape[1], block_t=block_t,
+                               heads=group)
                 return out
-            variants[f"svdquant kernel, block_t {block_t}"] = kernel
+            variants[f"svdquant kernel, block_t {block_t}, {group} heads"] = kernel
         rows = {}
         for label, fn in variants.items():
             err = float((fn().float() - ref.float()).abs().max())
             ms = bench(fn)
             rows[label] = {"ms": round(ms, 4), "GB/s": round(moved / ms / 1e6, 1), "max_abs_err": err}
-            print(f"{name:7s} {label:32s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+            print(f"{name:7s} {label:42s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
         results["cases"][name] = {"bytes": moved, "variants": rows}
     return results
 

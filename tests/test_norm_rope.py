@@ -71,9 +71,10 @@ def truncated_reference(x, w, cos, sin, eps, h, x2, w2):
 
 @interpreter
 @pytest.mark.parametrize("s2", [None, 5])
-@pytest.mark.parametrize("d", [16, 64])
-def test_kernel_against_the_reference_in_the_interpreter(s2, d):
-    """The same bits: fp16 as the reference, bf16 as the reference with the interpreter's rounding toward zero."""
+@pytest.mark.parametrize("d, group", [(16, None), (64, None), (64, 1)])
+def test_kernel_against_the_reference_in_the_interpreter(s2, d, group):
+    """The same bits: fp16 as the reference, bf16 as the reference with the interpreter's rounding toward zero;
+    the 3 heads in one program (the default) and one each."""
     from svdquant.kernels.norm_rope import norm_rope_into
 
     for dtype, reference in ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)):
@@ -81,8 +82,8 @@ def test_kernel_against_the_reference_in_the_interpreter(s2, d):
         ref = reference(x, w, cos, sin, 1e-6, 3, x2, w2)
         out = torch.empty_like(ref)
         if x2 is not None:
-            norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=8)
-        norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, block_t=8)
+            norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=8, heads=group)
+        norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, block_t=8, heads=group)
         assert torch.equal(out, ref), dtype
         assert float((ref.float() - N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2).float()).norm()) < \
             1e-2 * float(ref.float().norm())  # and the emulation is the reference but for rounding
@@ -217,7 +218,7 @@ def test_gpu_kernel_at_the_flux_shape(s2):
 
 @interpreter
 def test_the_benchmark_quick_times_every_variant(tmp_path):
-    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math and the kernel at each block size, each
+    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math and the kernel at each config, each
     within the interpreter's bf16 truncation of the reference."""
     import json
     import sys
@@ -230,5 +231,14 @@ def test_the_benchmark_quick_times_every_variant(tmp_path):
     res = json.loads((tmp_path / "norm_rope_speed.json").read_text())
     for case in ("single", "double"):
         rows = res["cases"][case]["variants"]
-        assert set(rows) == {"diffusers eager", *(f"svdquant kernel, block_t {b}" for b in norm_rope_speed.BLOCKS)}
+        kernels = {f"svdquant kernel, block_t {b}, {min(g, 2)} heads" for b, g in norm_rope_speed.CONFIGS}
+        assert set(rows) == {"diffusers eager", *kernels} and len(kernels) == 4  # 2 heads in the tiny case
         assert all(0 < r["ms"] and r["max_abs_err"] < 0.1 for r in rows.values())
+
+
+def test_heads_per_program_divides_the_heads():
+    """A program takes the most heads up to 8 that divide the count: FLUX's 24 in groups of 8, 9 in threes."""
+    from svdquant.kernels.norm_rope import heads_per_program
+
+    assert [heads_per_program(h) for h in (24, 3, 7, 9, 1, 30)] == [8, 3, 7, 3, 1, 6]
+    assert heads_per_program(24, 4) == 4 and heads_per_program(2, 8) == 2
