@@ -8,7 +8,8 @@ Cases (batch 1, 24 heads of 128, 1024²): a single block's q, a slice of its sta
 (4,608 tokens, rows of 21,504), and a double block's q, 4,096 image tokens (a slice of the q/k/v output) after 512
 text tokens. Per variant: the median of ``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must
 move (the input read, the output written) over that time, and the largest difference from the reference. The
-kernel runs with each ``(block_t, heads per program)`` of :data:`CONFIGS` (the op launches the first).
+kernel runs with each ``(block_t, heads per program)`` of :data:`CONFIGS` (the op launches the first), and the op
+once more writing heads first (the layout diffusers' SDPA backends read).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def timer(device: str):
 
 def run(args) -> dict:
     from svdquant.kernels.norm_rope import heads_per_program, norm_rope_into
-    from svdquant.ops.norm_rope import norm_rope_reference
+    from svdquant.ops.norm_rope import norm_rope, norm_rope_reference
 
     device = "cpu" if args.quick else "cuda"
     heads, dim = (2, 32) if args.quick else (24, 128)
@@ -81,12 +82,14 @@ def run(args) -> dict:
                                heads=group)
                 return out
             variants[f"svdquant kernel, block_t {block_t}, {group} heads"] = kernel
+        variants["svdquant op, written heads first (SDPA's layout)"] = \
+            lambda: norm_rope(x, w, cos, sin, 1e-6, heads, x2, w2, heads_first=True)
         rows = {}
         for label, fn in variants.items():
             err = float((fn().float() - ref.float()).abs().max())
             ms = bench(fn)
             rows[label] = {"ms": round(ms, 4), "GB/s": round(moved / ms / 1e6, 1), "max_abs_err": err}
-            print(f"{name:7s} {label:42s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+            print(f"{name:7s} {label:50s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
         results["cases"][name] = {"bytes": moved, "variants": rows}
     return results
 

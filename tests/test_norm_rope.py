@@ -71,16 +71,17 @@ def truncated_reference(x, w, cos, sin, eps, h, x2, w2):
 
 @interpreter
 @pytest.mark.parametrize("s2", [None, 5])
-@pytest.mark.parametrize("d, group", [(16, None), (64, None), (64, 1)])
-def test_kernel_against_the_reference_in_the_interpreter(s2, d, group):
+@pytest.mark.parametrize("d, group, heads_first", [(16, None, False), (64, None, True), (64, 1, False)])
+def test_kernel_against_the_reference_in_the_interpreter(s2, d, group, heads_first):
     """The same bits: fp16 as the reference, bf16 as the reference with the interpreter's rounding toward zero;
-    the 3 heads in one program (the default) and one each."""
+    the 3 heads in one program (the default) and one each; written contiguous or heads first."""
     from svdquant.kernels.norm_rope import norm_rope_into
 
     for dtype, reference in ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)):
         x, w, cos, sin, x2, w2 = case(d + (s2 or 0), 2, 13, s2, 3, d, dtype)
         ref = reference(x, w, cos, sin, 1e-6, 3, x2, w2)
-        out = torch.empty_like(ref)
+        out = torch.empty_like(ref.transpose(1, 2).contiguous()).transpose(1, 2) if heads_first else \
+            torch.empty_like(ref)
         if x2 is not None:
             norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=8, heads=group)
         norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, block_t=8, heads=group)
@@ -107,13 +108,32 @@ def test_what_the_op_cannot_take(change, reason):
     assert reason in N.unsupported(**change(args))
 
 
-def test_fake_gives_the_output_shape():
+@pytest.mark.parametrize("heads_first, strides", [(False, (1536, 96, 32, 1)), (True, (1536, 32, 512, 1))])
+def test_fake_gives_the_output_shape_and_layout(heads_first, strides):
+    """The fake's shape and strides are the op's own (heads first: the transpose of a contiguous [B, H, S, D]), and
+    the values are the reference's either way."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x, w, cos, sin, x2, w2 = case(2, 2, 11, 5, 3, 32, torch.bfloat16)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        out = N.norm_rope(x, w, cos, sin, 1e-6, 3, x2, w2)
-    assert out.shape == (2, 16, 3, 32) and out.dtype == torch.bfloat16
+        fake = N.norm_rope(x, w, cos, sin, 1e-6, 3, x2, w2, heads_first=heads_first)
+    out = N.norm_rope(x, w, cos, sin, 1e-6, 3, x2, w2, heads_first=heads_first)
+    assert fake.shape == out.shape == (2, 16, 3, 32) and fake.dtype == out.dtype == torch.bfloat16
+    assert fake.stride() == out.stride() == strides
+    assert torch.equal(out, N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2))
+
+
+def test_which_attention_backends_read_heads_first():
+    """diffusers' SDPA backends and flex transpose q/k/v to [B, H, S, D]; flash, sage and svdquant's do not; a
+    processor's None is the process's active backend (native unless set)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from svdquant.integrations.diffusers.compat import attention_reads_heads_first as reads
+
+    assert [reads(b) for b in ("native", "_native_cudnn", "flex", "flash", "_flash_3", "sage", "svdquant_flash4",
+                               AttentionBackendName._NATIVE_MATH, AttentionBackendName.FLASH)] == \
+        [True, True, True, False, False, False, False, True, False]
+    assert reads(None)  # this process's default: native
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +158,7 @@ def test_the_tiny_flux_with_it_is_bit_for_bit_the_same_on_the_cpu(quantized_flux
     model, inputs = bf16(*quantized_flux) if dtype == torch.bfloat16 else (copy.deepcopy(quantized_flux[0]),
                                                                            quantized_flux[1])
     calls = []
-    monkeypatch.setattr(M, "norm_rope", lambda *a: calls.append(a[0].shape) or N.norm_rope(*a))
+    monkeypatch.setattr(M, "norm_rope", lambda *a, **k: calls.append(a[0].shape) or N.norm_rope(*a, **k))
     attentions = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(model.transformer_blocks) and len(model.single_transformer_blocks)
     with torch.no_grad():
@@ -205,6 +225,7 @@ def test_gpu_kernel_at_the_flux_shape(s2):
     x, w, cos, sin, x2, w2 = case(3, 1, 4096, s2, 24, 128, torch.bfloat16, device="cuda")
     ref = N.norm_rope_reference(x, w, cos, sin, 1e-6, 24, x2, w2)
     out = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2)
+    assert torch.equal(N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2, heads_first=True), out)
     err = (out.float() - ref.float()).abs()
     assert float((err > 0).float().mean()) < 1e-3 and float(err.max()) <= 2 ** -7 * float(ref.float().abs().max())
     compiled = torch.compile(lambda *a: N.norm_rope(*a), fullgraph=True)
@@ -232,7 +253,8 @@ def test_the_benchmark_quick_times_every_variant(tmp_path):
     for case in ("single", "double"):
         rows = res["cases"][case]["variants"]
         kernels = {f"svdquant kernel, block_t {b}, {min(g, 2)} heads" for b, g in norm_rope_speed.CONFIGS}
-        assert set(rows) == {"diffusers eager", *kernels} and len(kernels) == 4  # 2 heads in the tiny case
+        assert set(rows) == {"diffusers eager", "svdquant op, written heads first (SDPA's layout)", *kernels}
+        assert len(kernels) == 4  # 2 heads in the tiny case
         assert all(0 < r["ms"] and r["max_abs_err"] < 0.1 for r in rows.values())
 
 

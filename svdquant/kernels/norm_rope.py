@@ -2,9 +2,9 @@
 
 Reference: :func:`svdquant.ops.norm_rope.norm_rope_reference` (``torch.nn.RMSNorm`` then diffusers'
 ``apply_rotary_emb`` with ``use_real_unbind_dim=-1``). The input is a projection's output ``[B, S, H·D]`` (its rows
-may be strided: a slice of the stacked q/k/v GEMM's output), the output ``[B, S_out, H, D]`` contiguous, as the
-attention takes it, the tokens written from ``token_offset`` on (FLUX's text tokens come first). Each program owns
-``BLOCK_T`` tokens of ``HEADS`` heads, for which it reads the rotary tables and the norm's weight once. A head's
+may be strided: a slice of the stacked q/k/v GEMM's output), the output ``[B, S_out, H, D]`` in the layout the
+attention reads (contiguous, or heads first for SDPA's kernels), the tokens written from ``token_offset`` on
+(FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads, for which it reads the rotary tables and the norm's weight once. A head's
 ``D`` values are normalized in fp32, scaled by the norm's weight and rounded to the output dtype (as the module
 returns them), then rotated in fp32 with each value's pair partner (``2i`` with ``2i + 1``), loaded a second time
 from cache rather than shuffled between lanes, and rounded again.
@@ -18,8 +18,8 @@ import triton.language as tl
 
 
 @triton.jit
-def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stride_xs, H, token_offset, S_out, eps,
-                     D: tl.constexpr, BLOCK_T: tl.constexpr, HEADS: tl.constexpr):
+def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stride_xs, stride_ob, stride_os, stride_oh,
+                     token_offset, eps, D: tl.constexpr, BLOCK_T: tl.constexpr, HEADS: tl.constexpr):
     pid_t, pid_h = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # offsets past 2**31 elements from batch 6 at 2048² (rows of 21,504)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -44,7 +44,7 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stri
         y = (x * inv * w).to(out_ptr.dtype.element_ty).to(tl.float32)
         y_partner = (partner * inv * w_partner).to(out_ptr.dtype.element_ty).to(tl.float32)
         out = y * c + sign * y_partner * s
-        dst = out_ptr + ((b * S_out + pos[:, None]) * H + h) * D + d[None, :]
+        dst = out_ptr + b * stride_ob + pos[:, None] * stride_os + h * stride_oh + d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
@@ -56,15 +56,16 @@ def heads_per_program(heads: int, most: int = 8) -> int:
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    eps: float, token_offset: int, block_t: int = 16, heads: int | None = None) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
-    token_offset + S]`` (``out`` ``[B, S_out, H, D]`` contiguous; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
+    token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
+    ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
     Each program takes ``block_t`` tokens of ``heads`` heads (a divisor of H; :func:`heads_per_program` by
     default)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
     group = heads_per_program(n_heads) if heads is None else heads
     grid = (triton.cdiv(tokens, block_t), n_heads // group, batch)
-    norm_rope_kernel[grid](x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), n_heads, token_offset,
-                           out.shape[1], eps, D=dim, BLOCK_T=block_t, HEADS=group, num_warps=4)
+    norm_rope_kernel[grid](x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                           out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t, HEADS=group, num_warps=4)
 
 
 __all__ = ["heads_per_program", "norm_rope_kernel", "norm_rope_into"]

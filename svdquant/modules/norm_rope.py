@@ -14,7 +14,7 @@ import torch.nn as nn
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
-from ..integrations.diffusers.compat import has_hooks
+from ..integrations.diffusers.compat import attention_reads_heads_first, has_hooks
 from ..ops.norm_rope import norm_rope, norm_rope_reference, unsupported
 
 
@@ -45,7 +45,8 @@ class NormRopeFluxAttnProcessor:
         query, key, value, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         two = attn.added_kv_proj_dim is not None
         heads = query.shape[-1] // attn.head_dim  # this rank's heads under tensor parallelism, as diffusers counts
-        q, k = (self._norm_rope(x, norm, t if two else None, tn if two else None, cos, sin, heads)
+        heads_first = attention_reads_heads_first(self._attention_backend)  # SDPA's layout: no copy before it
+        q, k = (self._norm_rope(x, norm, t if two else None, tn if two else None, cos, sin, heads, heads_first)
                 for x, norm, t, tn in ((query, attn.norm_q, text_q, getattr(attn, "norm_added_q", None)),
                                        (key, attn.norm_k, text_k, getattr(attn, "norm_added_k", None))))
         value = value.unflatten(-1, (-1, attn.head_dim))
@@ -61,13 +62,13 @@ class NormRopeFluxAttnProcessor:
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(text_out.contiguous())
 
-    def _norm_rope(self, x, norm, text, text_norm, cos, sin, heads):
+    def _norm_rope(self, x, norm, text, text_norm, cos, sin, heads, heads_first):
         weight, text_weight = norm.weight, None if text_norm is None else text_norm.weight
         args = (x, weight, cos, sin, _eps(norm, x.dtype), heads, text, text_weight)
         if unsupported(x, weight, cos, sin, heads, text, text_weight) is not None or \
                 (text_norm is not None and _eps(text_norm, x.dtype) != args[4]):
             return norm_rope_reference(*args)  # decided from shapes: folded when traced
-        return norm_rope(*args)
+        return norm_rope(*args, heads_first=heads_first)
 
 
 def _takes(attn) -> bool:

@@ -58,15 +58,25 @@ def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, head
     return None
 
 
+def _empty(x: Tensor, tokens: int, heads: int, heads_first: bool) -> Tensor:
+    """``[B, tokens, H, D]`` for ``x``'s output; ``heads_first``: the transpose of a contiguous ``[B, H, tokens, D]``,
+    the layout SDPA's kernels read (diffusers' native backends transpose q/k/v to it), so no copy comes between."""
+    shape = (x.shape[0], heads, tokens, x.shape[-1] // heads) if heads_first else \
+        (x.shape[0], tokens, heads, x.shape[-1] // heads)
+    out = x.new_empty(shape)
+    return out.transpose(1, 2) if heads_first else out
+
+
 @torch.library.custom_op("svdquant::norm_rope", mutates_args=())
 def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
-                 x2: Tensor | None, weight2: Tensor | None) -> Tensor:
+                 x2: Tensor | None, weight2: Tensor | None, heads_first: bool) -> Tensor:
     if x.device.type != "cuda":
-        return norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)
+        out = norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)  # contiguous, as the fake's
+        return _empty(x, out.shape[1], heads, True).copy_(out) if heads_first else out
+    tokens2 = 0 if x2 is None else x2.shape[1]
+    out = _empty(x, tokens2 + x.shape[1], heads, heads_first)
     launch = library._kernels().norm_rope_into  # svdquant.kernels, imported at the first launch
     dim = x.shape[-1] // heads
-    tokens2 = 0 if x2 is None else x2.shape[1]
-    out = torch.empty(x.shape[0], tokens2 + x.shape[1], heads, dim, device=x.device, dtype=x.dtype)
     cos, sin = cos.contiguous(), sin.contiguous()
     if x2 is not None:
         launch(out, x2, weight2 if weight2 is not None else x.new_ones(dim), cos, sin, eps, 0)
@@ -75,16 +85,16 @@ def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps
 
 
 @norm_rope_op.register_fake
-def _(x, weight, cos, sin, eps, heads, x2, weight2):
-    tokens2 = 0 if x2 is None else x2.shape[1]
-    return x.new_empty(x.shape[0], tokens2 + x.shape[1], heads, x.shape[-1] // heads)
+def _(x, weight, cos, sin, eps, heads, x2, weight2, heads_first):
+    return _empty(x, (0 if x2 is None else x2.shape[1]) + x.shape[1], heads, heads_first)
 
 
 def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
-              x2: Tensor | None = None, weight2: Tensor | None = None) -> Tensor:
+              x2: Tensor | None = None, weight2: Tensor | None = None, heads_first: bool = False) -> Tensor:
     """The q (or k) attention takes, ``[B, S2 + S, H, D]``: the Triton kernel on a CUDA GPU, the reference elsewhere.
+    ``heads_first``: laid out as the transpose of ``[B, H, S2 + S, D]`` (for SDPA's kernels), else contiguous.
     Check :func:`unsupported` first."""
-    return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2)
+    return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
 
 
 __all__ = ["norm_rope", "norm_rope_reference", "unsupported"]

@@ -384,3 +384,19 @@ def set_attention_backend_locally(model: torch.nn.Module, value: str) -> None:
         model.set_attention_backend(value)
     finally:
         _AttentionBackendRegistry.set_active_backend(active)
+
+
+# diffusers 0.42's backends that transpose q/k/v to [B, H, S, D] before their kernel (attention_dispatch.py: the
+# native SDPA ones and flex); the others (flash, sage, xformers, svdquant's) read [B, S, H, D] as given
+HEADS_FIRST_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math",
+                                  "_native_xla", "flex"})
+
+
+def attention_reads_heads_first(backend) -> bool:
+    """Whether diffusers' attention ``backend`` (a processor's ``_attention_backend``; None: the process's active
+    one) runs its kernel on q/k/v transposed to ``[B, H, S, D]``."""
+    if backend is None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        backend = _AttentionBackendRegistry._active_backend
+    return getattr(backend, "value", backend) in HEADS_FIRST_BACKENDS
