@@ -4,9 +4,10 @@ Reference: :func:`svdquant.ops.norm_rope.norm_rope_reference` (``torch.nn.RMSNor
 ``apply_rotary_emb`` with ``use_real_unbind_dim=-1``). The input is a projection's output ``[B, S, H·D]`` (its rows
 may be strided: a slice of the stacked q/k/v GEMM's output), the output ``[B, S_out, H, D]`` in the layout the
 attention reads (contiguous, or heads first for SDPA's kernels), the tokens written from ``token_offset`` on
-(FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads, for which it reads the rotary tables and the norm's weight once. A head's
-``D`` values are normalized in fp32, scaled by the norm's weight and rounded to the output dtype (as the module
-returns them), then rotated in fp32 with each value's pair partner (``2i`` with ``2i + 1``), loaded a second time
+(FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads, for which it reads
+the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled by the norm's
+weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each value's pair
+partner (``2i`` with ``2i + 1``), loaded a second time
 from cache rather than shuffled between lanes, and rounded again.
 """
 
