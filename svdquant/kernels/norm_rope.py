@@ -7,8 +7,8 @@ attention reads (contiguous, or heads first for SDPA's kernels), the tokens writ
 (FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads, for which it reads
 the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled by the norm's
 weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each value's pair
-partner (``2i`` with ``2i + 1``), loaded a second time
-from cache rather than shuffled between lanes, and rounded again.
+partner (``2i`` with ``2i + 1``), loaded a second time from cache rather than shuffled between lanes, and rounded
+again.
 """
 
 from __future__ import annotations
