@@ -6,7 +6,7 @@
     python benchmarks/e2e.py --models kontext --batch 1 --out $OUT              # FLUX.1 Kontext, a 1024² picture in
     python benchmarks/e2e.py --models qwenimage-edit --batch 1 --out $OUT       # Qwen-Image-Edit, the same
     python benchmarks/e2e.py --models flux2 --batch 1 --steps 28 --repeats 2 --out $OUT   # FLUX.2 [dev] 32B
-    python benchmarks/e2e.py --models flux --variants fp8-torchao --out $OUT   # torchao FP8 row-wise (its own call)
+    python benchmarks/e2e.py --models flux --variants int4 fp8-torchao --out $OUT   # beside torchao FP8 row-wise
     python benchmarks/e2e.py --quick                                         # CPU smoke: tiny configs
 
 Each model is its diffusers pipeline with the real architecture and random weights, built on the GPU as
@@ -27,7 +27,7 @@ variant's new layers. Both are built on the GPU (random init there: no copy in C
 pipeline ``prompt_embeds=`` instead of the prompt (batch b: the pipeline repeats them b times). Its s / image
 excludes the text encoding; the result's ``text_encoding`` records that and the encoding's own seconds and memory.
 
-Variants, on one pipeline per model:
+Variants, on one pipeline per model (``fp8-torchao`` after ``int4``: on a second one):
 
 * ``bf16``: diffusers as loaded, eager;
 * ``bf16-compiled``: the denoiser's repeated blocks through ``torch.compile`` (what diffusers recommends,
@@ -162,7 +162,6 @@ def uncompile(den) -> None:
 
 def run_model(model: str, args, device: str, results: dict, t_start: float, log) -> None:
     import svdquant
-    from svdquant.pipelines.optimize import graphs_of  # svdquant loads its pipelines package lazily
 
     res = results.setdefault(model, {})
 
@@ -176,7 +175,8 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
         res.setdefault("build_s", round(time.perf_counter() - t, 1))
         res["call"] = call_facts(call) | {"steps": args.steps}
         if model in PRECOMPUTED_TEXT:
-            call, res["text_encoding"] = precompute_text(pipe, call, device)
+            call, facts = precompute_text(pipe, call, device)
+            res.setdefault("text_encoding", facts)  # the first pipeline's: the one its memory figures came from
             res["call"]["prompt_embeds"] = (f"precomputed {res['text_encoding']['prompt_embeds_shape']} from the "
                                             "prompt (the text encoder dropped)")
             log(f"{model:10s} text encoding (excluded from s / image) {json.dumps(res['text_encoding'])}")
@@ -193,6 +193,9 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
             uncompile(den)
+            if not left():  # no pipeline built, quantized and compiled for measurements that would be skipped
+                row.update({f"b{b}": {"skipped": f"past --budget-s {args.budget_s}"} for b in args.batch})
+                break
             if quantized:  # svdquant's layers replaced the linears torchao quantizes: a new pipeline, as built
                 svdquant.deoptimize(pipe)
                 del pipe, den
@@ -224,9 +227,7 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
 
                 traceback.print_exc()
             row[f"b{b}"] = r
-            graphs = graphs_of(pipe)
-            if graphs is not None:
-                r["graph_captures"], r["graph_replays"] = graphs.captures, graphs.replays
+            r.update(graph_counts(pipe))
             log(f"{model:10s} {variant:14s} b{b} {json.dumps(r)}")
             args.save(results)
         row["weights_gb"] = components_gb(pipe)
@@ -237,6 +238,15 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             break  # the pipeline now holds torchao's tensors; the int4 variant needs a fresh one
     del pipe, den
     free(device)
+
+
+def graph_counts(pipe) -> dict:
+    """The pipeline's CUDA-graph captures and replays so far (none without graphs). No reference to its graphs
+    outlives the call: they hold the denoiser, which a new pipeline's memory must not count."""
+    from svdquant.pipelines.optimize import graphs_of  # svdquant loads its pipelines package lazily
+
+    graphs = graphs_of(pipe)
+    return {} if graphs is None else {"graph_captures": graphs.captures, "graph_replays": graphs.replays}
 
 
 def free(device) -> None:

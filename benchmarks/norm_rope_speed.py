@@ -77,9 +77,9 @@ def run(args) -> dict:
             def kernel(block_t=block_t, group=group):
                 out = torch.empty_like(ref)
                 if x2 is not None:
-                    norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=block_t, heads=group)
+                    norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=block_t, group=group)
                 norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if x2 is None else x2.shape[1], block_t=block_t,
-                               heads=group)
+                               group=group)
                 return out
             variants[f"svdquant kernel, block_t {block_t}, {group} heads"] = kernel
         variants["svdquant op, written heads first (SDPA's layout)"] = \

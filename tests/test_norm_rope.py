@@ -71,23 +71,33 @@ def truncated_reference(x, w, cos, sin, eps, h, x2, w2):
 
 @interpreter
 @pytest.mark.parametrize("s2", [None, 5])
-@pytest.mark.parametrize("d, group, heads_first", [(16, None, False), (64, None, True), (64, 1, False)])
-def test_kernel_against_the_reference_in_the_interpreter(s2, d, group, heads_first):
+@pytest.mark.parametrize("d, h, group, heads_first", [(16, 3, None, False), (64, 3, None, True), (64, 3, 1, False),
+                                                     (32, 6, 2, True)])
+def test_kernel_against_the_reference_in_the_interpreter(s2, d, h, group, heads_first):
     """The same bits: fp16 as the reference, bf16 as the reference with the interpreter's rounding toward zero;
-    the 3 heads in one program (the default) and one each; written contiguous or heads first."""
+    3 heads in one program (the default) or one each, 6 in three programs of 2; written contiguous or heads first."""
     from svdquant.kernels.norm_rope import norm_rope_into
 
     for dtype, reference in ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)):
-        x, w, cos, sin, x2, w2 = case(d + (s2 or 0), 2, 13, s2, 3, d, dtype)
-        ref = reference(x, w, cos, sin, 1e-6, 3, x2, w2)
+        x, w, cos, sin, x2, w2 = case(d + (s2 or 0), 2, 13, s2, h, d, dtype)
+        ref = reference(x, w, cos, sin, 1e-6, h, x2, w2)
         out = torch.empty_like(ref.transpose(1, 2).contiguous()).transpose(1, 2) if heads_first else \
             torch.empty_like(ref)
         if x2 is not None:
-            norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=8, heads=group)
-        norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, block_t=8, heads=group)
+            norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=8, group=group)
+        norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, block_t=8, group=group)
         assert torch.equal(out, ref), dtype
-        assert float((ref.float() - N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2).float()).norm()) < \
+        assert float((ref.float() - N.norm_rope_reference(x, w, cos, sin, 1e-6, h, x2, w2).float()).norm()) < \
             1e-2 * float(ref.float().norm())  # and the emulation is the reference but for rounding
+
+
+def test_a_group_that_does_not_divide_the_heads_is_refused():
+    from svdquant.kernels.norm_rope import norm_rope_into
+
+    x, w, cos, sin, _, _ = case(0, 1, 4, None, 6, 16, torch.bfloat16)
+    out = torch.empty(1, 4, 6, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^group=4 heads a program must divide the 6 heads$"):
+        norm_rope_into(out, x, w, cos, sin, 1e-6, 0, group=4)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -124,15 +134,15 @@ def test_fake_gives_the_output_shape_and_layout(heads_first, strides):
 
 
 def test_which_attention_backends_read_heads_first():
-    """diffusers' SDPA backends and flex transpose q/k/v to [B, H, S, D]; flash, sage and svdquant's do not; a
-    processor's None is the process's active backend (native unless set)."""
+    """diffusers' SDPA backends, flex and Blackwell's sage hub kernel transpose q/k/v to [B, H, S, D]; flash, the
+    other sage ones and svdquant's do not; a processor's None is the process's active backend (native unless set)."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     from svdquant.integrations.diffusers.compat import attention_reads_heads_first as reads
 
-    assert [reads(b) for b in ("native", "_native_cudnn", "flex", "flash", "_flash_3", "sage", "svdquant_flash4",
-                               AttentionBackendName._NATIVE_MATH, AttentionBackendName.FLASH)] == \
-        [True, True, True, False, False, False, False, True, False]
+    assert [reads(b) for b in ("native", "_native_cudnn", "flex", "sage_blackwell_hub", "flash", "_flash_3", "sage",
+                               "svdquant_flash4", AttentionBackendName._NATIVE_MATH, AttentionBackendName.FLASH)] == \
+        [True, True, True, True, False, False, False, False, True, False]
     assert reads(None)  # this process's default: native
 
 
@@ -158,7 +168,9 @@ def test_the_tiny_flux_with_it_is_bit_for_bit_the_same_on_the_cpu(quantized_flux
     model, inputs = bf16(*quantized_flux) if dtype == torch.bfloat16 else (copy.deepcopy(quantized_flux[0]),
                                                                            quantized_flux[1])
     calls = []
-    monkeypatch.setattr(M, "norm_rope", lambda *a, **k: calls.append(a[0].shape) or N.norm_rope(*a, **k))
+    heads_first = []
+    monkeypatch.setattr(M, "norm_rope", lambda *a, **k: calls.append(a[0].shape) or
+                        heads_first.append(k["heads_first"]) or N.norm_rope(*a, **k))
     attentions = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(model.transformer_blocks) and len(model.single_transformer_blocks)
     with torch.no_grad():
@@ -166,6 +178,7 @@ def test_the_tiny_flux_with_it_is_bit_for_bit_the_same_on_the_cpu(quantized_flux
         assert M.fuse_norm_rope(model) == attentions
         assert torch.equal(model(**inputs)[0], plain)
         assert len(calls) == (2 * attentions if dtype == torch.bfloat16 else 0)
+        assert all(first for first in heads_first)  # diffusers' default backend, native SDPA, reads heads first
         assert svdquant.fuse(model)["qkv"] == attentions
         assert all(peek(b).stack is not None for b in model.single_transformer_blocks)
         assert torch.equal(model(**inputs)[0], plain)
@@ -220,12 +233,15 @@ def test_fuse_flags_are_checked():
 @pytest.mark.parametrize("s2", [None, 512])
 def test_gpu_kernel_at_the_flux_shape(s2):
     """One FLUX.1 image's q (4,096 image tokens, 24 heads of 128, a slice of the stacked q/k/v output) against the
-    reference on the GPU: at most one bf16 step apart (the reference's fp32 sum runs in another order), compiled and
-    in a CUDA graph the same bits."""
+    reference on the GPU: at most one bf16 step apart (the reference's fp32 sum runs in another order); written heads
+    first, compiled, and in a CUDA graph the same bits."""
     x, w, cos, sin, x2, w2 = case(3, 1, 4096, s2, 24, 128, torch.bfloat16, device="cuda")
     ref = N.norm_rope_reference(x, w, cos, sin, 1e-6, 24, x2, w2)
     out = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2)
-    assert torch.equal(N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2, heads_first=True), out)
+    first = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2, heads_first=True)
+    assert torch.equal(first, out) and first.stride() == (24 * out.shape[1] * 128, 128, out.shape[1] * 128, 1)
+    compiled_first = torch.compile(lambda *a: N.norm_rope(*a, heads_first=True), fullgraph=True)
+    assert torch.equal(compiled_first(x, w, cos, sin, 1e-6, 24, x2, w2), out)
     err = (out.float() - ref.float()).abs()
     assert float((err > 0).float().mean()) < 1e-3 and float(err.max()) <= 2 ** -7 * float(ref.float().abs().max())
     compiled = torch.compile(lambda *a: N.norm_rope(*a), fullgraph=True)
@@ -233,8 +249,9 @@ def test_gpu_kernel_at_the_flux_shape(s2):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2)
+        captured_first = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2, heads_first=True)
     graph.replay()
-    assert torch.equal(captured, out)
+    assert torch.equal(captured, out) and torch.equal(captured_first, out)
 
 
 @interpreter

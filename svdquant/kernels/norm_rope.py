@@ -55,15 +55,17 @@ def heads_per_program(heads: int, most: int = 8) -> int:
 
 
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   eps: float, token_offset: int, block_t: int = 16, heads: int | None = None) -> None:
+                   eps: float, token_offset: int, block_t: int = 16, group: int | None = None) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
-    Each program takes ``block_t`` tokens of ``heads`` heads (a divisor of H; :func:`heads_per_program` by
+    Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H; :func:`heads_per_program` by
     default)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
-    group = heads_per_program(n_heads) if heads is None else heads
+    group = heads_per_program(n_heads) if group is None else group
+    if n_heads % group:
+        raise ValueError(f"group={group} heads a program must divide the {n_heads} heads")
     grid = (triton.cdiv(tokens, block_t), n_heads // group, batch)
     norm_rope_kernel[grid](x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                            out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t, HEADS=group, num_warps=4)

@@ -61,10 +61,8 @@ def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, head
 def _empty(x: Tensor, tokens: int, heads: int, heads_first: bool) -> Tensor:
     """``[B, tokens, H, D]`` for ``x``'s output; ``heads_first``: the transpose of a contiguous ``[B, H, tokens, D]``,
     the layout SDPA's kernels read (diffusers' native backends transpose q/k/v to it), so no copy comes between."""
-    shape = (x.shape[0], heads, tokens, x.shape[-1] // heads) if heads_first else \
-        (x.shape[0], tokens, heads, x.shape[-1] // heads)
-    out = x.new_empty(shape)
-    return out.transpose(1, 2) if heads_first else out
+    shape = (x.shape[0], tokens, heads, x.shape[-1] // heads)
+    return torch.empty_permuted(shape, (0, 2, 1, 3) if heads_first else (0, 1, 2, 3), dtype=x.dtype, device=x.device)
 
 
 @torch.library.custom_op("svdquant::norm_rope", mutates_args=())

@@ -387,9 +387,10 @@ def set_attention_backend_locally(model: torch.nn.Module, value: str) -> None:
 
 
 # diffusers 0.42's backends that transpose q/k/v to [B, H, S, D] before their kernel (attention_dispatch.py: the
-# native SDPA ones and flex); the others (flash, sage, xformers, svdquant's) read [B, S, H, D] as given
+# native SDPA ones, flex, and the Blackwell SageAttention hub kernel); the others (flash, the other sage ones,
+# xformers, svdquant's) read [B, S, H, D] as given
 HEADS_FIRST_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math",
-                                  "_native_xla", "flex"})
+                                  "_native_xla", "flex", "sage_blackwell_hub"})
 
 
 def attention_reads_heads_first(backend) -> bool:
