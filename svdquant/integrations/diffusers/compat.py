@@ -393,11 +393,17 @@ HEADS_FIRST_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient"
                                   "_native_xla", "flex", "sage_blackwell_hub"})
 
 
+@functools.cache
+def _backend_registry():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry
+
+
 def attention_reads_heads_first(backend) -> bool:
     """Whether diffusers' attention ``backend`` (a processor's ``_attention_backend``; None: the process's active
-    one) runs its kernel on q/k/v transposed to ``[B, H, S, D]``."""
+    one) runs its kernel on q/k/v transposed to ``[B, H, S, D]``. Asked by a processor at every call: no import
+    after the first."""
     if backend is None:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        backend = _AttentionBackendRegistry._active_backend
+        backend = _backend_registry()._active_backend
     return getattr(backend, "value", backend) in HEADS_FIRST_BACKENDS
