@@ -4,8 +4,8 @@ Reference: :func:`svdquant.ops.norm_rope.norm_rope_reference` (``torch.nn.RMSNor
 ``apply_rotary_emb`` with ``use_real_unbind_dim=-1``). The input is a projection's output ``[B, S, H·D]`` (its rows
 may be strided: a slice of the stacked q/k/v GEMM's output), the output ``[B, S_out, H, D]`` in the layout the
 attention reads (contiguous, or heads first for SDPA's kernels), the tokens written from ``token_offset`` on
-(FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads, for which it reads
-the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled by the norm's
+(FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads (one by default), for
+which it reads the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled by the norm's
 weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each value's pair
 partner (``2i`` with ``2i + 1``), loaded a second time from cache rather than shuffled between lanes, and rounded
 again.
@@ -26,8 +26,10 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stri
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
     tmask = (t < S)[:, None]
-    # what every head of these tokens shares, loaded once: the fp32 rotary tables are 4 bytes a value where a head's
-    # input is 2, so reading them per head moved twice the bytes of the input itself (H100, session 35)
+    # what the program's heads share, loaded once. Several heads a program were meant to save re-reading the fp32
+    # tables (4 bytes a value to the input's 2) per head, but at 16 tokens one head a program ran fastest on an H100
+    # (0.048 / 0.054 ms at FLUX's shapes against 0.054 / 0.056 for 8 heads; BENCHMARKS.md "Session 36"): the
+    # re-reads come from L2, and 8 heads a program leaves 864 programs where one leaves 6,912
     w = tl.load(w_ptr + d).to(tl.float32)[None, :]
     w_partner = tl.load(w_ptr + (d ^ 1)).to(tl.float32)[None, :]
     sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]  # rotated[2i] = -x[2i + 1], rotated[2i + 1] = x[2i]
@@ -49,21 +51,14 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stri
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
-def heads_per_program(heads: int, most: int = 8) -> int:
-    """The most heads, up to ``most``, that divide ``heads`` (FLUX's 24: 8)."""
-    return next(g for g in range(min(most, heads), 0, -1) if heads % g == 0)
-
-
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   eps: float, token_offset: int, block_t: int = 16, group: int | None = None) -> None:
+                   eps: float, token_offset: int, block_t: int = 16, group: int = 1) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
-    Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H; :func:`heads_per_program` by
-    default)."""
+    Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
-    group = heads_per_program(n_heads) if group is None else group
     if n_heads % group:
         raise ValueError(f"group={group} heads a program must divide the {n_heads} heads")
     grid = (triton.cdiv(tokens, block_t), n_heads // group, batch)
@@ -71,4 +66,4 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
                            out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t, HEADS=group, num_warps=4)
 
 
-__all__ = ["heads_per_program", "norm_rope_kernel", "norm_rope_into"]
+__all__ = ["norm_rope_kernel", "norm_rope_into"]

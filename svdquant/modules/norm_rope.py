@@ -4,8 +4,8 @@
 the text stream's ``norm_added_q`` / ``norm_added_k``, their concatenation and ``apply_rotary_emb`` replaced by
 :func:`svdquant.ops.norm_rope.norm_rope`: on a GPU one Triton launch per stream and tensor reads the projection once
 and writes the attention's input once; elsewhere, and for a call the op cannot take, its torch reference, which is
-diffusers' math to the bit. Opt-in: its first kernel made a FLUX.1-dev step slower (BENCHMARKS.md, "Session
-35"); the mended one is not yet timed.
+diffusers' math to the bit. Opt-in: in a compiled FLUX.1-dev step it is not faster than the kernels inductor
+writes for the same math (BENCHMARKS.md, "Session 36").
 """
 
 from __future__ import annotations
