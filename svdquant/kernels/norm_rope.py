@@ -5,10 +5,10 @@ Reference: :func:`svdquant.ops.norm_rope.norm_rope_reference` (``torch.nn.RMSNor
 may be strided: a slice of the stacked q/k/v GEMM's output), the output ``[B, S_out, H, D]`` in the layout the
 attention reads (contiguous, or heads first for SDPA's kernels), the tokens written from ``token_offset`` on
 (FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads (one by default), for
-which it reads the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled by the norm's
-weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each value's pair
-partner (``2i`` with ``2i + 1``), loaded a second time from cache rather than shuffled between lanes, and rounded
-again.
+which it reads the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled
+by the norm's weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each
+value's pair partner (``2i`` with ``2i + 1``), loaded a second time from cache rather than shuffled between lanes,
+and rounded again.
 """
 
 from __future__ import annotations
