@@ -6,10 +6,12 @@ eager and compiled by inductor (what a compiled FLUX step runs without ``fuse(no
 
 Cases (batch 1, 24 heads of 128, 1024²): a single block's q, a slice of its stacked q/k/v + MLP GEMM output
 (4,608 tokens, rows of 21,504), and a double block's q, 4,096 image tokens (a slice of the q/k/v output) after 512
-text tokens. Per variant: the median of ``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must
-move (the input read, the output written) over that time, and the largest difference from the reference. The
-kernel runs with each ``(block_t, heads per program)`` of :data:`CONFIGS` (the op launches the first), and the op
-once more writing heads first (the layout diffusers' SDPA backends read).
+text tokens (a slice of the text stream's; contiguous until session 36's runs). Per variant: the median of
+``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must move (the input read, the output
+written) over that time, and the largest difference from the reference. The kernel runs with each ``(block_t,
+heads per program)`` of :data:`CONFIGS` (the op launches the first), and the op once more writing heads first (the
+layout diffusers' SDPA backends read). Then a block's q and k at the op's config, one launch each a stream against
+both in one launch (``pair=``), timed on twice the bytes.
 """
 
 from __future__ import annotations
@@ -28,13 +30,28 @@ CASES = {"single": dict(tokens=4608, text=None, row=21504), "double": dict(token
 
 
 def inputs(case: dict, heads: int, dim: int, device: str, dtype=torch.bfloat16):
+    """q's inputs (``x``, ``w``, the tables, the text stream's ``x2``, ``w2``) and k's (``xk``, ``wk``, ``x2k``,
+    ``w2k``): the first and second columns of the stacked output (the text stream's own stack for x2 / x2k)."""
     g = torch.Generator().manual_seed(0)
+    hd = heads * dim
     rows = torch.randn(1, case["tokens"], case["row"], generator=g).to(device=device, dtype=dtype)
-    x = rows[..., :heads * dim]  # q: the first columns of the stacked output
-    x2 = None if case["text"] is None else torch.randn(1, case["text"], heads * dim, generator=g).to(device, dtype)
-    w, w2 = (torch.randn(dim, generator=g).to(device, dtype) for _ in range(2))
+    text = None if case["text"] is None else torch.randn(1, case["text"], 3 * hd, generator=g).to(device, dtype)
+    w, w2, wk, w2k = (torch.randn(dim, generator=g).to(device, dtype) for _ in range(4))
     angles = torch.randn(case["tokens"] + (case["text"] or 0), dim // 2, generator=g).repeat_interleave(2, 1)
-    return x, w, angles.cos().to(device), angles.sin().to(device), x2, None if x2 is None else w2
+    q = dict(x=rows[..., :hd], w=w, x2=None if text is None else text[..., :hd], w2=None if text is None else w2)
+    k = dict(x=rows[..., hd:2 * hd], w=wk, x2=None if text is None else text[..., hd:2 * hd],
+             w2=None if text is None else w2k)
+    return q, k, angles.cos().to(device), angles.sin().to(device)
+
+
+def launches(norm_rope_into, q: dict, cos, sin, out, block_t: int, group: int, k: dict | None = None,
+             out_k=None) -> None:
+    """The text stream's launch (if any), then the image stream's; with ``k``: the key in the same launches."""
+    text = 0 if q["x2"] is None else q["x2"].shape[1]
+    for stream, offset in (("x2", 0), ("x", text)) if text else (("x", 0),):
+        weight = "w2" if stream == "x2" else "w"
+        pair = None if k is None else (out_k, k[stream], k[weight])
+        norm_rope_into(out, q[stream], q[weight], cos, sin, 1e-6, offset, block_t=block_t, group=group, pair=pair)
 
 
 def timer(device: str):
@@ -64,8 +81,10 @@ def run(args) -> dict:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "heads": heads, "dim": dim,
                "commit": os.environ.get("SVDQUANT_COMMIT", ""), "cases": {}}
     for name, case in cases.items():
-        x, w, cos, sin, x2, w2 = inputs(case, heads, dim, device)
+        q, k, cos, sin = inputs(case, heads, dim, device)
+        x, w, x2, w2 = q["x"], q["w"], q["x2"], q["w2"]
         ref = norm_rope_reference(x, w, cos, sin, 1e-6, heads, x2, w2)
+        ref_qk = torch.cat([ref, norm_rope_reference(k["x"], k["w"], cos, sin, 1e-6, heads, k["x2"], k["w2"])])
         moved = 2 * ref.numel() * ref.element_size()  # read once, written once
         variants = {"diffusers eager": lambda: norm_rope_reference(x, w, cos, sin, 1e-6, heads, x2, w2)}
         if not args.quick:
@@ -76,20 +95,32 @@ def run(args) -> dict:
 
             def kernel(block_t=block_t, group=group):
                 out = torch.empty_like(ref)
-                if x2 is not None:
-                    norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, block_t=block_t, group=group)
-                norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if x2 is None else x2.shape[1], block_t=block_t,
-                               group=group)
+                launches(norm_rope_into, q, cos, sin, out, block_t, group)
                 return out
             variants[f"svdquant kernel, block_t {block_t}, {group} heads"] = kernel
         variants["svdquant op, written heads first (SDPA's layout)"] = \
             lambda: norm_rope(x, w, cos, sin, 1e-6, heads, x2, w2, heads_first=True)
+
+        def q_then_k():  # the op's launches for a block's q and k, at its default config
+            out, out_k = torch.empty_like(ref), torch.empty_like(ref)
+            launches(norm_rope_into, q, cos, sin, out, *CONFIGS[0])
+            launches(norm_rope_into, k, cos, sin, out_k, *CONFIGS[0])
+            return out, out_k
+
+        def q_and_k():  # the same in one launch a stream (pair=)
+            out, out_k = torch.empty_like(ref), torch.empty_like(ref)
+            launches(norm_rope_into, q, cos, sin, out, *CONFIGS[0], k=k, out_k=out_k)
+            return out, out_k
+        pairs = {"svdquant kernel, q then k (two launches a stream)": q_then_k,
+                 "svdquant kernel, q and k in one launch a stream": q_and_k}
         rows = {}
-        for label, fn in variants.items():
-            err = float((fn().float() - ref.float()).abs().max())
+        for label, fn in [*variants.items(), *pairs.items()]:
+            expect, nbytes = (ref_qk, 2 * moved) if label in pairs else (ref, moved)
+            got = torch.cat(fn()) if label in pairs else fn()
+            err = float((got.float() - expect.float()).abs().max())
             ms = bench(fn)
-            rows[label] = {"ms": round(ms, 4), "GB/s": round(moved / ms / 1e6, 1), "max_abs_err": err}
-            print(f"{name:7s} {label:50s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+            rows[label] = {"ms": round(ms, 4), "bytes": nbytes, "GB/s": round(nbytes / ms / 1e6, 1), "max_abs_err": err}
+            print(f"{name:7s} {label:50s} {ms:8.4f} ms {nbytes / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
         results["cases"][name] = {"bytes": moved, "variants": rows}
     return results
 

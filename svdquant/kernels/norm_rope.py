@@ -19,9 +19,14 @@ import triton.language as tl
 
 
 @triton.jit
-def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stride_xs, stride_ob, stride_os, stride_oh,
-                     token_offset, eps, D: tl.constexpr, BLOCK_T: tl.constexpr, HEADS: tl.constexpr):
+def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, outk_ptr, S, stride_xb, stride_xs,
+                     stride_ob, stride_os, stride_oh, token_offset, eps, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                     HEADS: tl.constexpr, PAIR: tl.constexpr):
     pid_t, pid_h = tl.program_id(0), tl.program_id(1)
+    if PAIR:  # the second half of the head axis is the key's (same shapes and strides), chosen once per program
+        groups = tl.num_programs(1) // 2
+        if pid_h >= groups:
+            x_ptr, w_ptr, out_ptr, pid_h = xk_ptr, wk_ptr, outk_ptr, pid_h - groups
     b = tl.program_id(2).to(tl.int64)  # offsets past 2**31 elements from batch 6 at 2048² (rows of 21,504)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -52,18 +57,27 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, stride_xb, stri
 
 
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   eps: float, token_offset: int, block_t: int = 16, group: int = 1) -> None:
+                   eps: float, token_offset: int, block_t: int = 16, group: int = 1,
+                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
-    Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H)."""
+    Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H). ``pair=(out_k, x_k, weight_k)``:
+    the key too, in the same launch (twice the programs), with the query's shapes and strides: a FLUX step's q/k
+    launches each moved 56.6 MB at ~1.0 TB/s on an H100 where inductor's kernel, fusing more tensors, reached more
+    (BENCHMARKS.md "Session 36"); the pair is what ``benchmarks/norm_rope_speed.py`` times against two launches."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
     if n_heads % group:
         raise ValueError(f"group={group} heads a program must divide the {n_heads} heads")
-    grid = (triton.cdiv(tokens, block_t), n_heads // group, batch)
-    norm_rope_kernel[grid](x, weight, cos, sin, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                           out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t, HEADS=group, num_warps=4)
+    out_k, x_k, weight_k = pair if pair is not None else (out, x, weight)
+    if (out_k.shape, out_k.stride(), x_k.shape, x_k.stride(), out_k.dtype, x_k.dtype) != \
+            (out.shape, out.stride(), x.shape, x.stride(), out.dtype, x.dtype):
+        raise ValueError("pair= takes the key's output and input with the query's shapes, strides and dtypes")
+    grid = (triton.cdiv(tokens, block_t), n_heads // group * (1 if pair is None else 2), batch)
+    norm_rope_kernel[grid](x, weight, cos, sin, out, x_k, weight_k, out_k, tokens, x.stride(0), x.stride(1),
+                           out.stride(0), out.stride(1), out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t,
+                           HEADS=group, PAIR=pair is not None, num_warps=4)
 
 
 __all__ = ["norm_rope_kernel", "norm_rope_into"]
