@@ -26,7 +26,10 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
     if PAIR:  # the second half of the head axis is the key's (same shapes and strides), chosen once per program
         groups = tl.num_programs(1) // 2
         if pid_h >= groups:
-            x_ptr, w_ptr, out_ptr, pid_h = xk_ptr, wk_ptr, outk_ptr, pid_h - groups
+            x_ptr = xk_ptr
+            w_ptr = wk_ptr
+            out_ptr = outk_ptr
+            pid_h -= groups
     b = tl.program_id(2).to(tl.int64)  # offsets past 2**31 elements from batch 6 at 2048² (rows of 21,504)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -71,8 +74,8 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     if n_heads % group:
         raise ValueError(f"group={group} heads a program must divide the {n_heads} heads")
     out_k, x_k, weight_k = pair if pair is not None else (out, x, weight)
-    if (out_k.shape, out_k.stride(), x_k.shape, x_k.stride(), out_k.dtype, x_k.dtype) != \
-            (out.shape, out.stride(), x.shape, x.stride(), out.dtype, x.dtype):
+    if (out_k.shape, out_k.stride(), x_k.shape, x_k.stride(), out_k.dtype, x_k.dtype, weight_k.dtype) != \
+            (out.shape, out.stride(), x.shape, x.stride(), out.dtype, x.dtype, weight.dtype):
         raise ValueError("pair= takes the key's output and input with the query's shapes, strides and dtypes")
     grid = (triton.cdiv(tokens, block_t), n_heads // group * (1 if pair is None else 2), batch)
     norm_rope_kernel[grid](x, weight, cos, sin, out, x_k, weight_k, out_k, tokens, x.stride(0), x.stride(1),
