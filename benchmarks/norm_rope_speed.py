@@ -30,8 +30,9 @@ CASES = {"single": dict(tokens=4608, text=None, row=21504), "double": dict(token
 
 
 def inputs(case: dict, heads: int, dim: int, device: str, dtype=torch.bfloat16):
-    """q's inputs (``x``, ``w``, the tables, the text stream's ``x2``, ``w2``) and k's (``xk``, ``wk``, ``x2k``,
-    ``w2k``): the first and second columns of the stacked output (the text stream's own stack for x2 / x2k)."""
+    """``q``, ``k``, ``cos``, ``sin``: q's and k's inputs as dicts of ``x``, ``w`` and the text stream's ``x2``,
+    ``w2`` (None in the single case), the first and second column blocks of the stacked output (the text stream's
+    of its own stack), then the rotary tables."""
     g = torch.Generator().manual_seed(0)
     hd = heads * dim
     rows = torch.randn(1, case["tokens"], case["row"], generator=g).to(device=device, dtype=dtype)
