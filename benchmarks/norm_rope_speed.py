@@ -10,8 +10,9 @@ text tokens (a slice of the text stream's; contiguous until session 36's runs). 
 ``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must move (the input read, the output
 written) over that time, and the largest difference from the reference. The kernel runs with each ``(block_t,
 heads per program)`` of :data:`CONFIGS` (the op launches the first), and the op once more writing heads first (the
-layout diffusers' SDPA backends read). Then a block's q and k at the op's config, one launch each a stream against
-both in one launch (``pair=``), timed on twice the bytes.
+layout diffusers' SDPA backends read). Then a block's q and k, heads first, on twice the bytes: the op for each
+(two launches a stream), the qk op (one launch a stream, the kernel's ``pair=``: what ``fuse(norm_rope=True)`` runs)
+and inductor's kernels compiled for both at once.
 """
 
 from __future__ import annotations
@@ -45,14 +46,12 @@ def inputs(case: dict, heads: int, dim: int, device: str, dtype=torch.bfloat16):
     return q, k, angles.cos().to(device), angles.sin().to(device)
 
 
-def launches(norm_rope_into, q: dict, cos, sin, out, block_t: int, group: int, k: dict | None = None,
-             out_k=None) -> None:
-    """The text stream's launch (if any), then the image stream's; with ``k``: the key in the same launches."""
+def launches(norm_rope_into, q: dict, cos, sin, out, block_t: int, group: int) -> None:
+    """The text stream's launch (if any), then the image stream's."""
     text = 0 if q["x2"] is None else q["x2"].shape[1]
     for stream, offset in (("x2", 0), ("x", text)) if text else (("x", 0),):
         weight = "w2" if stream == "x2" else "w"
-        pair = None if k is None else (out_k, k[stream], k[weight])
-        norm_rope_into(out, q[stream], q[weight], cos, sin, 1e-6, offset, block_t=block_t, group=group, pair=pair)
+        norm_rope_into(out, q[stream], q[weight], cos, sin, 1e-6, offset, block_t=block_t, group=group)
 
 
 def timer(device: str):
@@ -72,7 +71,7 @@ def timer(device: str):
 
 def run(args) -> dict:
     from svdquant.kernels.norm_rope import norm_rope_into
-    from svdquant.ops.norm_rope import norm_rope, norm_rope_reference
+    from svdquant.ops.norm_rope import norm_rope, norm_rope_qk, norm_rope_reference
 
     device = "cpu" if args.quick else "cuda"
     heads, dim = (2, 32) if args.quick else (24, 128)
@@ -102,18 +101,20 @@ def run(args) -> dict:
         variants["svdquant op, written heads first (SDPA's layout)"] = \
             lambda: norm_rope(x, w, cos, sin, 1e-6, heads, x2, w2, heads_first=True)
 
-        def q_then_k():  # the op's launches for a block's q and k, at its default config
-            out, out_k = torch.empty_like(ref), torch.empty_like(ref)
-            launches(norm_rope_into, q, cos, sin, out, *CONFIGS[0])
-            launches(norm_rope_into, k, cos, sin, out_k, *CONFIGS[0])
-            return out, out_k
+        def q_then_k():  # the op for each, as fuse(norm_rope=True) ran to session 36
+            return (norm_rope(x, w, cos, sin, 1e-6, heads, x2, w2, heads_first=True),
+                    norm_rope(k["x"], k["w"], cos, sin, 1e-6, heads, k["x2"], k["w2"], heads_first=True))
 
-        def q_and_k():  # the same in one launch a stream (pair=)
-            out, out_k = torch.empty_like(ref), torch.empty_like(ref)
-            launches(norm_rope_into, q, cos, sin, out, *CONFIGS[0], k=k, out_k=out_k)
-            return out, out_k
-        pairs = {"svdquant kernel, q then k (two launches a stream)": q_then_k,
-                 "svdquant kernel, q and k in one launch a stream": q_and_k}
+        def q_and_k():  # the qk op: one launch a stream (the kernel's pair=), as the processor runs it now
+            return norm_rope_qk(x, k["x"], w, k["w"], cos, sin, 1e-6, heads, x2, k["x2"], w2, k["w2"],
+                                heads_first=True)
+        pairs = {"svdquant op, q then k (two launches a stream)": q_then_k,
+                 "svdquant qk op, q and k in one launch a stream": q_and_k}
+        if not args.quick:  # inductor given both at once, as in a compiled step, where it may fuse them
+            both = torch.compile(lambda *a: (norm_rope_reference(*a[:8]), norm_rope_reference(*a[8:])),
+                                 dynamic=False)
+            pairs["diffusers compiled (inductor), q and k"] = lambda: both(
+                x, w, cos, sin, 1e-6, heads, x2, w2, k["x"], k["w"], cos, sin, 1e-6, heads, k["x2"], k["w2"])
         rows = {}
         for label, fn in [*variants.items(), *pairs.items()]:
             expect, nbytes = (ref_qk, 2 * moved) if label in pairs else (ref, moved)

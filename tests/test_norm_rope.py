@@ -171,6 +171,47 @@ def test_fake_gives_the_output_shape_and_layout(heads_first, strides):
     assert torch.equal(out, N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2))
 
 
+@pytest.mark.parametrize("heads_first", [False, True])
+@pytest.mark.parametrize("s2", [None, 5])
+def test_the_qk_op_is_the_op_for_each(heads_first, s2):
+    """norm_rope_qk: q and k as norm_rope gives each (the same bits, shapes and strides), and its fake agrees."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, wq, cos, sin, q2, wq2 = case(4, 2, 11, s2, 3, 32, torch.bfloat16)
+    k, wk, _, _, k2, wk2 = case(5, 2, 11, s2, 3, 32, torch.bfloat16)
+    args = (q, k, wq, wk, cos, sin, 1e-6, 3, q2, k2, wq2, wk2)
+    out_q, out_k = N.norm_rope_qk(*args, heads_first=heads_first)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake_q, fake_k = N.norm_rope_qk(*args, heads_first=heads_first)
+    for out, fake, x, w, x2, w2 in ((out_q, fake_q, q, wq, q2, wq2), (out_k, fake_k, k, wk, k2, wk2)):
+        one = N.norm_rope(x, w, cos, sin, 1e-6, 3, x2, w2, heads_first=heads_first)
+        assert torch.equal(out, one) and out.stride() == one.stride() == fake.stride()
+        assert fake.shape == out.shape and fake.dtype == out.dtype
+    assert not torch.equal(out_q, out_k)
+
+
+@interpreter
+@pytest.mark.parametrize("pairable", [True, False])
+def test_the_qk_launches_write_what_a_launch_each_writes(pairable):
+    """The qk op's GPU path, run by the interpreter: a stream's q and k in one launch where they share strides (slices
+    of one stacked output), else a launch each (here k copied out of the stack), the same bits either way."""
+    from svdquant.kernels.norm_rope import norm_rope_into
+
+    g = torch.Generator().manual_seed(6)
+    h, d, s = 3, 32, 11
+    full = torch.randn(2, s, 3 * h * d, generator=g).to(torch.bfloat16)
+    wq, wk = (torch.randn(d, generator=g).to(torch.bfloat16) for _ in range(2))
+    angles = torch.randn(s, d // 2, generator=g).repeat_interleave(2, dim=1)
+    cos, sin = angles.cos(), angles.sin()
+    xq, xk = full[..., :h * d], full[..., h * d:2 * h * d]
+    xk = xk if pairable else xk.contiguous()
+    q, k, q1, k1 = (torch.empty(2, s, h, d, dtype=torch.bfloat16) for _ in range(4))
+    N._launch_qk(q, k, xq, xk, wq, None, cos, sin, 1e-6, 0)
+    norm_rope_into(q1, xq, wq, cos, sin, 1e-6, 0)
+    norm_rope_into(k1, xk, torch.ones(d, dtype=torch.bfloat16), cos, sin, 1e-6, 0)
+    assert torch.equal(q, q1) and torch.equal(k, k1) and not torch.equal(q, k)
+
+
 def test_which_attention_backends_read_heads_first():
     """diffusers' SDPA backends, flex and Blackwell's sage hub kernel transpose q/k/v to [B, H, S, D]; flash, the
     other sage ones and svdquant's do not; a processor's None is the process's active backend (native unless set)."""
@@ -198,8 +239,8 @@ def bf16(model, inputs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_tiny_flux_with_it_is_bit_for_bit_the_same_on_the_cpu(quantized_flux, dtype, monkeypatch):
     """Its double and single blocks, before and after svdquant.fuse stacks the projections (the single blocks' q/k/v
-    + MLP still stack under it): the op's CPU path is the reference. In bf16 every attention calls the op twice (q,
-    k); fp32 goes to the reference in the processor."""
+    + MLP still stack under it): the op's CPU path is the reference. In bf16 every attention calls the op once, for
+    q and k; fp32 goes to the reference in the processor."""
     from svdquant._state import peek
     from svdquant.modules import norm_rope as M
 
@@ -207,15 +248,15 @@ def test_the_tiny_flux_with_it_is_bit_for_bit_the_same_on_the_cpu(quantized_flux
                                                                            quantized_flux[1])
     calls = []
     heads_first = []
-    monkeypatch.setattr(M, "norm_rope", lambda *a, **k: calls.append(a[0].shape) or
-                        heads_first.append(k["heads_first"]) or N.norm_rope(*a, **k))
+    monkeypatch.setattr(M, "norm_rope_qk", lambda *a, **k: calls.append(a[0].shape) or
+                        heads_first.append(k["heads_first"]) or N.norm_rope_qk(*a, **k))
     attentions = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(model.transformer_blocks) and len(model.single_transformer_blocks)
     with torch.no_grad():
         plain = model(**inputs)[0]
         assert M.fuse_norm_rope(model) == attentions
         assert torch.equal(model(**inputs)[0], plain)
-        assert len(calls) == (2 * attentions if dtype == torch.bfloat16 else 0)
+        assert len(calls) == (attentions if dtype == torch.bfloat16 else 0)
         assert all(first for first in heads_first)  # diffusers' default backend, native SDPA, reads heads first
         assert svdquant.fuse(model)["qkv"] == attentions
         assert all(peek(b).stack is not None for b in model.single_transformer_blocks)
@@ -243,22 +284,27 @@ def test_it_compiles_as_one_op_and_keeps_the_backend(quantized_flux):
     with torch.no_grad():
         eager = model(**inputs)[0]
         assert torch.equal(compiled(**inputs)[0], eager)
-    ops = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.svdquant.norm_rope.default]
-    assert len(ops) == 2 * (len(model.transformer_blocks) + len(model.single_transformer_blocks))
+    ops = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.svdquant.norm_rope_qk.default]
+    assert len(ops) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
     svdquant.unfuse(model)
     processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
     assert processors and all(p._attention_backend == "_native_math" for p in processors)
 
 
-def test_norms_with_hooks_keep_diffusers_processor(quantized_flux):
-    """The op reads the norms' weights: a norm with a hook or a forward of its own would be skipped, so its attention
-    keeps diffusers' processor."""
+def test_norms_with_hooks_or_their_own_eps_keep_diffusers_processor(quantized_flux):
+    """The op reads the norms' weights and takes one eps: a norm with a hook or a forward of its own would be
+    skipped, and a text norm with an eps unlike the image's would be given the image's, so those attentions keep
+    diffusers' processor."""
     from svdquant.modules.norm_rope import fuse_norm_rope
 
+    attentions = len(quantized_flux[0].transformer_blocks) + len(quantized_flux[0].single_transformer_blocks)
     model = copy.deepcopy(quantized_flux[0])
     model.transformer_blocks[0].attn.norm_k.register_forward_hook(lambda *a: None)
     model.single_transformer_blocks[0].attn.norm_q.forward = lambda x: x
-    assert fuse_norm_rope(model) == len(model.transformer_blocks) + len(model.single_transformer_blocks) - 2
+    assert fuse_norm_rope(model) == attentions - 2
+    model = copy.deepcopy(quantized_flux[0])
+    model.transformer_blocks[0].attn.norm_added_q.eps = 1e-5
+    assert fuse_norm_rope(model) == attentions - 1
 
 
 def test_fuse_flags_are_checked():
@@ -312,12 +358,19 @@ def test_gpu_pair_launch_at_the_flux_shape():
     norm_rope_into(k1, xk, wk, cos, sin, 1e-6, 0)
     assert torch.equal(q, q1) and torch.equal(k, k1)
     assert torch.equal(k, N.norm_rope(xk, wk, cos, sin, 1e-6, 24, heads_first=True))
+    qk = torch.compile(lambda *a: N.norm_rope_qk(*a, heads_first=True), fullgraph=True)
+    assert all(torch.equal(a, b) for a, b in zip(qk(xq, xk, wq, wk, cos, sin, 1e-6, 24), (q, k)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = qk(xq, xk, wq, wk, cos, sin, 1e-6, 24)
+    graph.replay()
+    assert torch.equal(captured[0], q) and torch.equal(captured[1], k)  # the op, compiled, in a CUDA graph
 
 
 @interpreter
 def test_the_benchmark_quick_times_every_variant(tmp_path):
-    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math, the kernel at each config and q and k
-    in two launches and in one, each within the interpreter's bf16 truncation of the reference."""
+    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math, the kernel at each config and the ops
+    for q and k in two launches and in one, each within the interpreter's bf16 truncation of the reference."""
     import json
     import sys
     from pathlib import Path
@@ -330,7 +383,7 @@ def test_the_benchmark_quick_times_every_variant(tmp_path):
     for case in ("single", "double"):
         rows = res["cases"][case]["variants"]
         kernels = {f"svdquant kernel, block_t {b}, {min(g, 2)} heads" for b, g in norm_rope_speed.CONFIGS}
-        pairs = {"svdquant kernel, q then k (two launches a stream)", "svdquant kernel, q and k in one launch a stream"}
+        pairs = {"svdquant op, q then k (two launches a stream)", "svdquant qk op, q and k in one launch a stream"}
         assert set(rows) == {"diffusers eager", "svdquant op, written heads first (SDPA's layout)", *kernels, *pairs}
         assert len(kernels) == 4  # 2 heads in the tiny case
         # within two bf16 steps of values up to 32 (k's outputs reach 16-32 here: a step is 0.125)

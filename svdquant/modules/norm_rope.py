@@ -16,7 +16,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
 from ..integrations.diffusers.compat import attention_reads_heads_first, has_hooks
-from ..ops.norm_rope import norm_rope, norm_rope_reference, unsupported
+from ..ops.norm_rope import norm_rope_qk, norm_rope_reference, unsupported
 
 
 def _eps(norm: nn.Module, dtype: torch.dtype) -> float:
@@ -47,9 +47,9 @@ class NormRopeFluxAttnProcessor:
         two = attn.added_kv_proj_dim is not None
         heads = query.shape[-1] // attn.head_dim  # this rank's heads under tensor parallelism, as diffusers counts
         heads_first = attention_reads_heads_first(self._attention_backend)  # SDPA's layout: no copy before it
-        q, k = (self._norm_rope(x, norm, t if two else None, tn if two else None, cos, sin, heads, heads_first)
-                for x, norm, t, tn in ((query, attn.norm_q, text_q, getattr(attn, "norm_added_q", None)),
-                                       (key, attn.norm_k, text_k, getattr(attn, "norm_added_k", None))))
+        norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if two else (None, None))
+        q, k = _norm_rope_qk(query, key, text_q if two else None, text_k if two else None, norms, cos, sin, heads,
+                             heads_first)
         value = value.unflatten(-1, (-1, attn.head_dim))
         if two:
             value = torch.cat([text_v.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
@@ -63,20 +63,25 @@ class NormRopeFluxAttnProcessor:
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(text_out.contiguous())
 
-    def _norm_rope(self, x, norm, text, text_norm, cos, sin, heads, heads_first):
-        weight, text_weight = norm.weight, None if text_norm is None else text_norm.weight
-        args = (x, weight, cos, sin, _eps(norm, x.dtype), heads, text, text_weight)
-        if unsupported(x, weight, cos, sin, heads, text, text_weight) is not None or \
-                (text_norm is not None and _eps(text_norm, x.dtype) != args[4]):
-            return norm_rope_reference(*args)  # decided from shapes: folded when traced
-        return norm_rope(*args, heads_first=heads_first)
+
+def _norm_rope_qk(query, key, text_q, text_k, norms, cos, sin, heads, heads_first):
+    """q and k through the op, a stream's two in one launch, where it takes them; else diffusers' math (decided from
+    shapes: folded when traced)."""
+    w_q, w_k, w_q2, w_k2 = (None if n is None else n.weight for n in norms)
+    eps = _eps(norms[0], query.dtype)  # every norm's (_takes)
+    if unsupported(query, w_q, cos, sin, heads, text_q, w_q2) is None and \
+            unsupported(key, w_k, cos, sin, heads, text_k, w_k2) is None:
+        return norm_rope_qk(query, key, w_q, w_k, cos, sin, eps, heads, text_q, text_k, w_q2, w_k2,
+                            heads_first=heads_first)
+    return (norm_rope_reference(query, w_q, cos, sin, eps, heads, text_q, w_q2),
+            norm_rope_reference(key, w_k, cos, sin, eps, heads, text_k, w_k2))
 
 
 def _takes(attn) -> bool:
-    """diffusers' processor, and q/k norms that are plain ``torch.nn.RMSNorm``s the op can stand for (no hooks, no
-    forward of their own: the op reads their weights)."""
+    """diffusers' processor, and q/k norms that are plain ``torch.nn.RMSNorm``s with one eps the op can stand for
+    (no hooks, no forward of their own: the op reads their weights)."""
     norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if attn.added_kv_proj_dim else [])
-    return type(attn.processor) is FluxAttnProcessor and all(
+    return type(attn.processor) is FluxAttnProcessor and len({n.eps for n in norms}) == 1 and all(
         type(n) is nn.RMSNorm and "forward" not in n.__dict__ and not has_hooks(n) and not n._forward_hooks and
         not n._forward_pre_hooks for n in norms)
 

@@ -65,12 +65,17 @@ def _empty(x: Tensor, tokens: int, heads: int, heads_first: bool) -> Tensor:
     return torch.empty_permuted(shape, (0, 2, 1, 3) if heads_first else (0, 1, 2, 3), dtype=x.dtype, device=x.device)
 
 
+def _reference_in_layout(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
+                         x2: Tensor | None, weight2: Tensor | None, heads_first: bool) -> Tensor:
+    out = norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)  # contiguous, as the fake's
+    return _empty(x, out.shape[1], heads, True).copy_(out) if heads_first else out
+
+
 @torch.library.custom_op("svdquant::norm_rope", mutates_args=())
 def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
                  x2: Tensor | None, weight2: Tensor | None, heads_first: bool) -> Tensor:
     if x.device.type != "cuda":
-        out = norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)  # contiguous, as the fake's
-        return _empty(x, out.shape[1], heads, True).copy_(out) if heads_first else out
+        return _reference_in_layout(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
     tokens2 = 0 if x2 is None else x2.shape[1]
     out = _empty(x, tokens2 + x.shape[1], heads, heads_first)
     launch = library._kernels().norm_rope_into  # svdquant.kernels, imported at the first launch
@@ -87,6 +92,52 @@ def _(x, weight, cos, sin, eps, heads, x2, weight2, heads_first):
     return _empty(x, (0 if x2 is None else x2.shape[1]) + x.shape[1], heads, heads_first)
 
 
+def _launch_qk(out_q: Tensor, out_k: Tensor, x_q: Tensor, x_k: Tensor, weight_q: Tensor | None,
+               weight_k: Tensor | None, cos: Tensor, sin: Tensor, eps: float, offset: int) -> None:
+    """One stream's query and key: one launch where their inputs share shapes and strides (slices of one stacked
+    q/k/v output), else a launch each."""
+    launch = library._kernels().norm_rope_into
+    dim = out_q.shape[-1]
+    w_q = weight_q if weight_q is not None else x_q.new_ones(dim)
+    w_k = weight_k if weight_k is not None else x_k.new_ones(dim)
+    if (x_q.shape, x_q.stride(), x_q.dtype, w_q.dtype) == (x_k.shape, x_k.stride(), x_k.dtype, w_k.dtype):
+        launch(out_q, x_q, w_q, cos, sin, eps, offset, pair=(out_k, x_k, w_k))
+    else:
+        launch(out_q, x_q, w_q, cos, sin, eps, offset)
+        launch(out_k, x_k, w_k, cos, sin, eps, offset)
+
+
+@torch.library.custom_op("svdquant::norm_rope_qk", mutates_args=())
+def norm_rope_qk_op(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None, cos: Tensor, sin: Tensor,
+                    eps: float, heads: int, q2: Tensor | None, k2: Tensor | None, weight_q2: Tensor | None,
+                    weight_k2: Tensor | None, heads_first: bool) -> tuple[Tensor, Tensor]:
+    if q.device.type != "cuda":
+        return (_reference_in_layout(q, weight_q, cos, sin, eps, heads, q2, weight_q2, heads_first),
+                _reference_in_layout(k, weight_k, cos, sin, eps, heads, k2, weight_k2, heads_first))
+    tokens2 = 0 if q2 is None else q2.shape[1]
+    out_q, out_k = (_empty(q, tokens2 + q.shape[1], heads, heads_first) for _ in range(2))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if q2 is not None:
+        _launch_qk(out_q, out_k, q2, k2, weight_q2, weight_k2, cos, sin, eps, 0)
+    _launch_qk(out_q, out_k, q, k, weight_q, weight_k, cos, sin, eps, tokens2)
+    return out_q, out_k
+
+
+@norm_rope_qk_op.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first):
+    tokens = (0 if q2 is None else q2.shape[1]) + q.shape[1]
+    return _empty(q, tokens, heads, heads_first), _empty(k, tokens, heads, heads_first)
+
+
+def norm_rope_qk(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None, cos: Tensor, sin: Tensor,
+                 eps: float, heads: int, q2: Tensor | None = None, k2: Tensor | None = None,
+                 weight_q2: Tensor | None = None, weight_k2: Tensor | None = None,
+                 heads_first: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`norm_rope` of the query and the key with one eps, a stream's two in one launch on a CUDA GPU (the
+    kernel's ``pair=``): half the launches of a call each, the same bits. Check :func:`unsupported` for both first."""
+    return norm_rope_qk_op(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first)
+
+
 def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
               x2: Tensor | None = None, weight2: Tensor | None = None, heads_first: bool = False) -> Tensor:
     """The q (or k) attention takes, ``[B, S2 + S, H, D]``: the Triton kernel on a CUDA GPU, the reference elsewhere.
@@ -95,4 +146,4 @@ def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: f
     return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
 
 
-__all__ = ["norm_rope", "norm_rope_reference", "unsupported"]
+__all__ = ["norm_rope", "norm_rope_qk", "norm_rope_reference", "unsupported"]
