@@ -61,7 +61,7 @@ def fuse(target, *, gelu: bool = True, compiled_activations: bool = False,
     modulations, every block's, computed at the start of the step in one weight-only GEMV
     (svdquant/modules/modulations.py). ``norm_rope=True`` (opt-in: not faster than inductor's kernels in a compiled
     step, BENCHMARKS.md "Session 36"): a FLUX attention's q/k RMSNorm and rotary embedding as one op, one Triton
-    launch per stream and tensor on a GPU (svdquant/modules/norm_rope.py).
+    launch per stream for q and k on a GPU (svdquant/modules/norm_rope.py).
     Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu": m, "compiled_activations": k,
     "modulations": j, "norm_rope": r}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fused import fuse as fuse_model
