@@ -3,9 +3,9 @@
 :class:`NormRopeFluxAttnProcessor` is diffusers' ``FluxAttnProcessor`` (0.42) with its ``norm_q`` / ``norm_k``,
 the text stream's ``norm_added_q`` / ``norm_added_k``, their concatenation and ``apply_rotary_emb`` replaced by
 :func:`svdquant.ops.norm_rope.norm_rope_qk`: on a GPU one Triton launch per stream, for q and k together, reads the
-projections once and writes the attention's inputs once; elsewhere, and for a call the op cannot take, its torch reference, which is
-diffusers' math to the bit. Opt-in: in a compiled FLUX.1-dev step it is not faster than the kernels inductor
-writes for the same math (BENCHMARKS.md, "Session 36").
+projections once and writes the attention's inputs once; elsewhere, and for a call the op cannot take, its torch
+reference, which is diffusers' math to the bit. Opt-in: in a compiled FLUX.1-dev step it is not faster than the
+kernels inductor writes for the same math (BENCHMARKS.md, "Session 36").
 """
 
 from __future__ import annotations
