@@ -9,10 +9,11 @@ Cases (batch 1, 24 heads of 128, 1024²): a single block's q, a slice of its sta
 text tokens (a slice of the text stream's; contiguous until session 36's runs). Per variant: the median of
 ``triton.testing.do_bench_cudagraph`` (ms), the bytes a single pass must move (the input read, the output
 written) over that time, and the largest difference from the reference. The kernel runs with each ``(block_t,
-heads per program)`` of :data:`CONFIGS` (the op launches the first), and the op once more writing heads first (the
-layout diffusers' SDPA backends read). Then a block's q and k, heads first, on twice the bytes: the op for each
-(two launches a stream), the qk op (one launch a stream, the kernel's ``pair=``: what ``fuse(norm_rope=True)`` runs)
-and inductor's kernels compiled for both at once.
+heads per program, partners split)`` of :data:`CONFIGS` (the op launches the first), and the op once more writing
+heads first (the layout diffusers' SDPA backends read). Then a block's q and k, heads first, on twice the bytes: the
+op for each (two launches a stream), the qk op (one launch a stream, the kernel's ``pair=``: what
+``fuse(norm_rope=True)`` runs), the same with the partners split from registers, and inductor's kernels compiled for
+both at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = ((16, 1), (16, 4), (16, 8), (32, 1), (32, 8))  # the op's default first
+# (block_t, heads a program, rotation partners split from registers), the op's default first
+CONFIGS = ((16, 1, False), (16, 4, False), (32, 1, False), (16, 1, True), (32, 1, True), (64, 1, True))
 CASES = {"single": dict(tokens=4608, text=None, row=21504), "double": dict(tokens=4096, text=512, row=9216)}
 
 
@@ -46,12 +48,19 @@ def inputs(case: dict, heads: int, dim: int, device: str, dtype=torch.bfloat16):
     return q, k, angles.cos().to(device), angles.sin().to(device)
 
 
-def launches(norm_rope_into, q: dict, cos, sin, out, block_t: int, group: int) -> None:
-    """The text stream's launch (if any), then the image stream's."""
+def launches(norm_rope_into, q: dict, cos, sin, out, block_t: int, group: int, split: bool, k: dict | None = None,
+             out_k=None) -> None:
+    """The text stream's launch (if any), then the image stream's; with ``k``: the key in the same launches."""
     text = 0 if q["x2"] is None else q["x2"].shape[1]
     for stream, offset in (("x2", 0), ("x", text)) if text else (("x", 0),):
         weight = "w2" if stream == "x2" else "w"
-        norm_rope_into(out, q[stream], q[weight], cos, sin, 1e-6, offset, block_t=block_t, group=group)
+        pair = None if k is None else (out_k, k[stream], k[weight])
+        norm_rope_into(out, q[stream], q[weight], cos, sin, 1e-6, offset, block_t=block_t, group=group, pair=pair,
+                       split=split)
+
+
+def kernel_label(block_t: int, group: int, split: bool) -> str:
+    return f"svdquant kernel, block_t {block_t}, {group} heads" + (", split" if split else "")
 
 
 def timer(device: str):
@@ -90,14 +99,14 @@ def run(args) -> dict:
         if not args.quick:
             compiled = torch.compile(norm_rope_reference, dynamic=False)
             variants["diffusers compiled (inductor)"] = lambda: compiled(x, w, cos, sin, 1e-6, heads, x2, w2)
-        for block_t, group in CONFIGS:
+        for block_t, group, split in CONFIGS:
             group = max(g for g in range(1, min(group, heads) + 1) if heads % g == 0)  # the tiny case's 2 heads
 
-            def kernel(block_t=block_t, group=group):
+            def kernel(block_t=block_t, group=group, split=split):
                 out = torch.empty_like(ref)
-                launches(norm_rope_into, q, cos, sin, out, block_t, group)
+                launches(norm_rope_into, q, cos, sin, out, block_t, group, split)
                 return out
-            variants[f"svdquant kernel, block_t {block_t}, {group} heads"] = kernel
+            variants[kernel_label(block_t, group, split)] = kernel
         variants["svdquant op, written heads first (SDPA's layout)"] = \
             lambda: norm_rope(x, w, cos, sin, 1e-6, heads, x2, w2, heads_first=True)
 
@@ -108,8 +117,14 @@ def run(args) -> dict:
         def q_and_k():  # the qk op: one launch a stream (the kernel's pair=), as the processor runs it now
             return norm_rope_qk(x, k["x"], w, k["w"], cos, sin, 1e-6, heads, x2, k["x2"], w2, k["w2"],
                                 heads_first=True)
+        def q_and_k_split():  # the qk op's launches with the partners split from registers
+            out, out_k = torch.empty_like(ref).transpose(1, 2), torch.empty_like(ref).transpose(1, 2)
+            out, out_k = out.contiguous().transpose(1, 2), out_k.contiguous().transpose(1, 2)  # heads first
+            launches(norm_rope_into, q, cos, sin, out, 16, 1, True, k=k, out_k=out_k)
+            return out, out_k
         pairs = {"svdquant op, q then k (two launches a stream)": q_then_k,
-                 "svdquant qk op, q and k in one launch a stream": q_and_k}
+                 "svdquant qk op, q and k in one launch a stream": q_and_k,
+                 "svdquant kernel, q and k in one launch a stream, split": q_and_k_split}
         if not args.quick:  # inductor given both at once, as in a compiled step, where it may fuse them
             both = torch.compile(lambda *a: (norm_rope_reference(*a[:8]), norm_rope_reference(*a[8:])),
                                  dynamic=False)
@@ -122,7 +137,7 @@ def run(args) -> dict:
             err = float((got.float() - expect.float()).abs().max())
             ms = bench(fn)
             rows[label] = {"ms": round(ms, 4), "bytes": nbytes, "GB/s": round(nbytes / ms / 1e6, 1), "max_abs_err": err}
-            print(f"{name:7s} {label:50s} {ms:8.4f} ms {nbytes / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+            print(f"{name:7s} {label:56s} {ms:8.4f} ms {nbytes / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
         results["cases"][name] = {"bytes": moved, "variants": rows}
     return results
 

@@ -5,6 +5,7 @@ what the op cannot take; the processor on the tiny FLUX (exact on the CPU, fused
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import tiny_models as tm  # first: sets HF_HUB_OFFLINE before diffusers is imported
@@ -75,19 +76,22 @@ def truncated_reference(x, w, cos, sin, eps, h, x2, w2):
                                                      (32, 6, 2, True)])
 def test_kernel_against_the_reference_in_the_interpreter(s2, d, h, group, heads_first):
     """The same bits: fp16 as the reference, bf16 as the reference with the interpreter's rounding toward zero;
-    a head a program (the default), 3 heads in one, 6 in three programs of 2; written contiguous or heads first."""
+    a head a program (the default), 3 heads in one, 6 in three programs of 2; written contiguous or heads first;
+    the rotation's partners loaded again (the default) or split from registers."""
     from svdquant.kernels.norm_rope import norm_rope_into
 
-    for dtype, reference in ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)):
+    for (dtype, reference), split in itertools.product(
+            ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)), (None, True)):
         x, w, cos, sin, x2, w2 = case(d + (s2 or 0), 2, 13, s2, h, d, dtype)
         ref = reference(x, w, cos, sin, 1e-6, h, x2, w2)
         out = torch.empty_like(ref.transpose(1, 2).contiguous()).transpose(1, 2) if heads_first else \
             torch.empty_like(ref)
         kw = dict(block_t=8) if group is None else dict(block_t=8, group=group)
+        kw.update({} if split is None else dict(split=split))
         if x2 is not None:
             norm_rope_into(out, x2, w2, cos, sin, 1e-6, 0, **kw)
         norm_rope_into(out, x, w, cos, sin, 1e-6, 0 if s2 is None else s2, **kw)
-        assert torch.equal(out, ref), dtype
+        assert torch.equal(out, ref), (dtype, split)
         assert float((ref.float() - N.norm_rope_reference(x, w, cos, sin, 1e-6, h, x2, w2).float()).norm()) < \
             1e-2 * float(ref.float().norm())  # and the emulation is the reference but for rounding
 
@@ -357,6 +361,9 @@ def test_gpu_pair_launch_at_the_flux_shape():
     norm_rope_into(q1, xq, wq, cos, sin, 1e-6, 0)
     norm_rope_into(k1, xk, wk, cos, sin, 1e-6, 0)
     assert torch.equal(q, q1) and torch.equal(k, k1)
+    q2, k2 = torch.empty_like(q), torch.empty_like(k)
+    norm_rope_into(q2, xq, wq, cos, sin, 1e-6, 0, pair=(k2, xk, wk), split=True)
+    assert torch.equal(q2, q) and torch.equal(k2, k)  # the partners split from registers: the same bits
     assert torch.equal(k, N.norm_rope(xk, wk, cos, sin, 1e-6, 24, heads_first=True))
     qk = torch.compile(lambda *a: N.norm_rope_qk(*a, heads_first=True), fullgraph=True)
     assert all(torch.equal(a, b) for a, b in zip(qk(xq, xk, wq, wk, cos, sin, 1e-6, 24), (q, k)))
@@ -382,10 +389,11 @@ def test_the_benchmark_quick_times_every_variant(tmp_path):
     res = json.loads((tmp_path / "norm_rope_speed.json").read_text())
     for case in ("single", "double"):
         rows = res["cases"][case]["variants"]
-        kernels = {f"svdquant kernel, block_t {b}, {min(g, 2)} heads" for b, g in norm_rope_speed.CONFIGS}
-        pairs = {"svdquant op, q then k (two launches a stream)", "svdquant qk op, q and k in one launch a stream"}
+        kernels = {norm_rope_speed.kernel_label(b, min(g, 2), split) for b, g, split in norm_rope_speed.CONFIGS}
+        pairs = {"svdquant op, q then k (two launches a stream)", "svdquant qk op, q and k in one launch a stream",
+                 "svdquant kernel, q and k in one launch a stream, split"}
         assert set(rows) == {"diffusers eager", "svdquant op, written heads first (SDPA's layout)", *kernels, *pairs}
-        assert len(kernels) == 4  # 2 heads in the tiny case
+        assert len(kernels) == 6  # every config its own (4 heads a program are 2 of the tiny case's 2)
         # within two bf16 steps of values up to 32 (k's outputs reach 16-32 here: a step is 0.125)
         assert all(0 < r["ms"] and r["max_abs_err"] <= 0.25 for r in rows.values())
         assert {label: r["bytes"] // res["cases"][case]["bytes"] for label, r in rows.items()} \

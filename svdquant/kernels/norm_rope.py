@@ -21,7 +21,7 @@ import triton.language as tl
 @triton.jit
 def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, outk_ptr, S, stride_xb, stride_xs,
                      stride_ob, stride_os, stride_oh, token_offset, eps, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                     HEADS: tl.constexpr, PAIR: tl.constexpr):
+                     HEADS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr):
     pid_t, pid_h = tl.program_id(0), tl.program_id(1)
     if PAIR:  # the second half of the head axis is the key's (same shapes and strides), chosen once per program
         groups = tl.num_programs(1) // 2
@@ -49,26 +49,33 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
         h = pid_h * HEADS + i
         rows = x_ptr + b * stride_xb + t[:, None] * stride_xs + h * D
         x = tl.load(rows + d[None, :], mask=tmask, other=0.0).to(tl.float32)
-        partner = tl.load(rows + (d ^ 1)[None, :], mask=tmask, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
         # the norm's output, rounded as the module returns it; the rotation reads that
         y = (x * inv * w).to(out_ptr.dtype.element_ty).to(tl.float32)
-        y_partner = (partner * inv * w_partner).to(out_ptr.dtype.element_ty).to(tl.float32)
-        out = y * c + sign * y_partner * s
+        if SPLIT:  # the partners from registers: [T, D/2, 2] split into the even and odd values, rejoined swapped
+            even, odd = tl.split(tl.reshape(y, (BLOCK_T, D // 2, 2)))
+            out = y * c + tl.reshape(tl.join(-odd, even), (BLOCK_T, D)) * s
+        else:  # the partners loaded a second time (from cache) and normalized again
+            partner = tl.load(rows + (d ^ 1)[None, :], mask=tmask, other=0.0).to(tl.float32)
+            y_partner = (partner * inv * w_partner).to(out_ptr.dtype.element_ty).to(tl.float32)
+            out = y * c + sign * y_partner * s
         dst = out_ptr + b * stride_ob + pos[:, None] * stride_os + h * stride_oh + d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    eps: float, token_offset: int, block_t: int = 16, group: int = 1,
-                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, split: bool = False) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
     Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H). ``pair=(out_k, x_k, weight_k)``:
     the key too, in the same launch (twice the programs), with the query's shapes and strides: a FLUX step's q/k
     launches each moved 56.6 MB at ~1.0 TB/s on an H100 where inductor's kernel, fusing more tensors, reached more
-    (BENCHMARKS.md "Session 36"); the pair is what ``benchmarks/norm_rope_speed.py`` times against two launches."""
+    (BENCHMARKS.md "Session 36"); the pair is what ``benchmarks/norm_rope_speed.py`` times against two launches.
+    ``split``: each value's rotation partner taken from registers (a reshape, split and join) instead of a second
+    load and normalization, the same bits; the V layout copies of that step ran at ~3 TB/s, so the kernel is bound
+    by its instructions, not by its bytes (untimed on a GPU yet)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
     if n_heads % group:
@@ -80,7 +87,7 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     grid = (triton.cdiv(tokens, block_t), n_heads // group * (1 if pair is None else 2), batch)
     norm_rope_kernel[grid](x, weight, cos, sin, out, x_k, weight_k, out_k, tokens, x.stride(0), x.stride(1),
                            out.stride(0), out.stride(1), out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t,
-                           HEADS=group, PAIR=pair is not None, num_warps=4)
+                           HEADS=group, PAIR=pair is not None, SPLIT=split, num_warps=4)
 
 
 __all__ = ["norm_rope_kernel", "norm_rope_into"]
