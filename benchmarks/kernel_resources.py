@@ -151,7 +151,7 @@ def _scoring():
     return S.scoring_product_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
-def _norm_rope(pair: bool, split: bool = False):
+def _norm_rope(pair: bool, split: bool = True):
     """FLUX's q/k RMSNorm + RoPE (kernels/norm_rope.py) at its default config; ``pair``: the key in the query's
     launch; ``split``: the rotation's partners from registers."""
     N = importlib.import_module("svdquant.kernels.norm_rope")
@@ -182,7 +182,7 @@ def shipped(arch: int) -> dict:
     kernels["scoring_product (quantizer)"] = _scoring()
     kernels["norm_rope"] = _norm_rope(False)
     kernels["norm_rope, q and k in one launch (pair=)"] = _norm_rope(True)
-    kernels["norm_rope, q and k in one launch, partners from registers (split=True)"] = _norm_rope(True, True)
+    kernels["norm_rope, q and k in one launch, partners loaded again (split=False)"] = _norm_rope(True, False)
     return kernels
 
 

@@ -77,11 +77,11 @@ def truncated_reference(x, w, cos, sin, eps, h, x2, w2):
 def test_kernel_against_the_reference_in_the_interpreter(s2, d, h, group, heads_first):
     """The same bits: fp16 as the reference, bf16 as the reference with the interpreter's rounding toward zero;
     a head a program (the default), 3 heads in one, 6 in three programs of 2; written contiguous or heads first;
-    the rotation's partners loaded again (the default) or split from registers."""
+    the rotation's partners split from registers (the default) or loaded again."""
     from svdquant.kernels.norm_rope import norm_rope_into
 
     for (dtype, reference), split in itertools.product(
-            ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)), (None, True)):
+            ((torch.float16, N.norm_rope_reference), (torch.bfloat16, truncated_reference)), (None, False)):
         x, w, cos, sin, x2, w2 = case(d + (s2 or 0), 2, 13, s2, h, d, dtype)
         ref = reference(x, w, cos, sin, 1e-6, h, x2, w2)
         out = torch.empty_like(ref.transpose(1, 2).contiguous()).transpose(1, 2) if heads_first else \
@@ -362,8 +362,8 @@ def test_gpu_pair_launch_at_the_flux_shape():
     norm_rope_into(k1, xk, wk, cos, sin, 1e-6, 0)
     assert torch.equal(q, q1) and torch.equal(k, k1)
     q2, k2 = torch.empty_like(q), torch.empty_like(k)
-    norm_rope_into(q2, xq, wq, cos, sin, 1e-6, 0, pair=(k2, xk, wk), split=True)
-    assert torch.equal(q2, q) and torch.equal(k2, k)  # the partners split from registers: the same bits
+    norm_rope_into(q2, xq, wq, cos, sin, 1e-6, 0, pair=(k2, xk, wk), split=False)
+    assert torch.equal(q2, q) and torch.equal(k2, k)  # the partners loaded again: the same bits
     assert torch.equal(k, N.norm_rope(xk, wk, cos, sin, 1e-6, 24, heads_first=True))
     qk = torch.compile(lambda *a: N.norm_rope_qk(*a, heads_first=True), fullgraph=True)
     assert all(torch.equal(a, b) for a, b in zip(qk(xq, xk, wq, wk, cos, sin, 1e-6, 24), (q, k)))
@@ -391,7 +391,7 @@ def test_the_benchmark_quick_times_every_variant(tmp_path):
         rows = res["cases"][case]["variants"]
         kernels = {norm_rope_speed.kernel_label(b, min(g, 2), split) for b, g, split in norm_rope_speed.CONFIGS}
         pairs = {"svdquant op, q then k (two launches a stream)", "svdquant qk op, q and k in one launch a stream",
-                 "svdquant kernel, q and k in one launch a stream, split"}
+                 "svdquant kernel, q and k in one launch a stream, partners loaded"}
         assert set(rows) == {"diffusers eager", "svdquant op, written heads first (SDPA's layout)", *kernels, *pairs}
         assert len(kernels) == 6  # every config its own (4 heads a program are 2 of the tiny case's 2)
         # within two bf16 steps of values up to 32 (k's outputs reach 16-32 here: a step is 0.125)

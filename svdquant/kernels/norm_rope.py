@@ -7,8 +7,8 @@ attention reads (contiguous, or heads first for SDPA's kernels), the tokens writ
 (FLUX's text tokens come first). Each program owns ``BLOCK_T`` tokens of ``HEADS`` heads (one by default), for
 which it reads the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled
 by the norm's weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each
-value's pair partner (``2i`` with ``2i + 1``), loaded a second time from cache rather than shuffled between lanes,
-and rounded again.
+value's pair partner (``2i`` with ``2i + 1``), split from the registers by default (or loaded a second time from
+cache, as to session 36), and rounded again.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
 
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    eps: float, token_offset: int, block_t: int = 16, group: int = 1,
-                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, split: bool = False) -> None:
+                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, split: bool = True) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
@@ -73,9 +73,10 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     the key too, in the same launch (twice the programs), with the query's shapes and strides: a FLUX step's q/k
     launches each moved 56.6 MB at ~1.0 TB/s on an H100 where inductor's kernel, fusing more tensors, reached more
     (BENCHMARKS.md "Session 36"); the pair is what ``benchmarks/norm_rope_speed.py`` times against two launches.
-    ``split``: each value's rotation partner taken from registers (a reshape, split and join) instead of a second
-    load and normalization, the same bits; the V layout copies of that step ran at ~3 TB/s, so the kernel is bound
-    by its instructions, not by its bytes (untimed on a GPU yet)."""
+    ``split`` (the default): each value's rotation partner taken from registers (a reshape, split and join), not
+    loaded and normalized a second time; the same bits in 64 registers a thread against 90 for sm_90. The V layout
+    copies of that step ran at ~3 TB/s: the kernel was bound by its instructions, not by its bytes (untimed on a GPU
+    yet)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
     if n_heads % group:
