@@ -34,6 +34,29 @@ def test_optimize_does_nothing_off_cuda(quantized_flux):
     assert "nothing to do" in str(report)
 
 
+def test_optimize_fuses_flux_norm_rope_by_default(quantized_flux, monkeypatch):
+    """Its fuse step gives every FLUX attention the q/k RMSNorm + RoPE op (a FLUX.1-dev step 2.4 ms faster on an
+    H100, BENCHMARKS.md "Session 37"); fuse=False leaves diffusers' processors; unfuse gives them back. Past the CUDA
+    check on the CPU, where the op is diffusers' math: the same output."""
+    from svdquant.modules.norm_rope import NormRopeFluxAttnProcessor
+    from svdquant.pipelines import optimize as O
+
+    monkeypatch.setattr(O, "_device_of", lambda model: torch.device("cuda", 0))
+    model, inputs = quantized_flux
+    attentions = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    off = dict(attention=None, compile=False, cuda_graphs=False, layers=False)
+    plain = copy.deepcopy(model)
+    assert not any(O.optimize(plain, fuse=False, **off).fused.values())
+    model = copy.deepcopy(model)
+    report = O.optimize(model, **off)
+    assert report.fused["norm_rope"] == attentions and f"norm_rope {attentions}" in str(report)
+    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert sum(isinstance(p, NormRopeFluxAttnProcessor) for p in processors) == attentions
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], plain(**inputs)[0])
+    assert svdquant.unfuse(model)["norm_rope"] == attentions
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(fuse="yes"), "fuse='yes': use True or False"),
     (dict(compile=1), "compile=1: use True (each repeated block: the default), 'model' (the whole denoiser as one "

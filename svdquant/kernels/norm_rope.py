@@ -35,9 +35,9 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
     d = tl.arange(0, D)
     tmask = (t < S)[:, None]
     # what the program's heads share, loaded once. Several heads a program were meant to save re-reading the fp32
-    # tables (4 bytes a value to the input's 2) per head, but at 16 tokens one head a program ran fastest on an H100
-    # (0.048 / 0.054 ms at FLUX's shapes against 0.054 / 0.056 for 8 heads; BENCHMARKS.md "Session 36"): the
-    # re-reads come from L2, and 8 heads a program leaves 864 programs where one leaves 6,912
+    # tables (4 bytes a value to the input's 2) per head, but the re-reads come from L2: with the partners split from
+    # registers, one head a program at 16 tokens took 0.0247 / 0.0273 ms at FLUX's shapes on an H100 and 4 heads
+    # 0.0223 / 0.0284 (BENCHMARKS.md "Session 37"; 8 heads ran slower still in session 36)
     w = tl.load(w_ptr + d).to(tl.float32)[None, :]
     w_partner = tl.load(w_ptr + (d ^ 1)).to(tl.float32)[None, :]
     sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]  # rotated[2i] = -x[2i + 1], rotated[2i + 1] = x[2i]
@@ -70,13 +70,12 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
     Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H). ``pair=(out_k, x_k, weight_k)``:
-    the key too, in the same launch (twice the programs), with the query's shapes and strides: a FLUX step's q/k
-    launches each moved 56.6 MB at ~1.0 TB/s on an H100 where inductor's kernel, fusing more tensors, reached more
-    (BENCHMARKS.md "Session 36"); the pair is what ``benchmarks/norm_rope_speed.py`` times against two launches.
+    the key too, in the same launch (twice the programs), with the query's shapes and strides: a block's q and k in
+    0.0475 / 0.0518 ms on an H100 against 0.0504 / 0.0556 in two launches (BENCHMARKS.md "Session 37").
     ``split`` (the default): each value's rotation partner taken from registers (a reshape, split and join), not
-    loaded and normalized a second time; the same bits in 64 registers a thread against 90 for sm_90. The V layout
-    copies of that step ran at ~3 TB/s: the kernel was bound by its instructions, not by its bytes (untimed on a GPU
-    yet)."""
+    loaded and normalized a second time: the same bits in 64 registers a thread against 90 for sm_90, and twice the
+    speed (0.0247 against 0.0493 ms for a single block's q, 2.3 TB/s: the kernel had been bound by its instructions,
+    not by its bytes)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
     if n_heads % group:

@@ -7,8 +7,10 @@
 On a CUDA device, in this order (each step can be turned off):
 
 1. ``fuse``: :func:`svdquant.fuse` (q/k/v as one GEMM; a FLUX single block's MLP up projection with them; an MLP's
-   GELU in its down projection's activation pass). The same math, but for the GPU's one-instruction tanh in
-   the GELU (an INT8 code moves by at most one step).
+   GELU in its down projection's activation pass) and, in FLUX's attentions, ``norm_rope=True`` (q/k RMSNorm and
+   RoPE as one Triton launch a stream: a FLUX.1-dev step 91.39 -> 89.03 ms on an H100, BENCHMARKS.md "Session
+   37"). The same math, but for the GPU's one-instruction tanh in the GELU (an INT8 code moves by at most one step)
+   and the norm's fp32 sum in another order (at most one bf16 step).
 2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) and, on sm_90 / sm_100
    where it imports (a dependency on Linux), flash-attn-4 (:mod:`svdquant.ops.flash4_attention`), all exact, at the
    model's attention shape, timed once per process and GPU (in CUDA graphs where the step runs in them), set on this
@@ -137,8 +139,9 @@ def optimize(target, *, fuse: bool = True, attention: str | None = "auto", compi
     ``attention``: ``"auto"`` (timed), a diffusers backend name such as ``"_native_cudnn"``, ``"int8"``
     (svdquant's INT8 Q·Kᵀ attention; opt-in) or ``None`` (leave it). ``compile``: ``True`` (each repeated block),
     ``"model"`` (the whole forward as one graph) or ``False``. ``max_graphs``: how many call signatures
-    (resolution × batch size) keep a captured graph. Calling it again is harmless (what is done stays done). Returns an :class:`Optimized` report. A two-expert pipeline
-    (Wan 2.2 A14B) gets both denoisers optimized, the second's report under ``experts["transformer_2"]``."""
+    (resolution × batch size) keep a captured graph. Calling it again is harmless (what is done stays done). Returns
+    an :class:`Optimized` report. A two-expert pipeline (Wan 2.2 A14B) gets both denoisers optimized, the second's
+    report under ``experts["transformer_2"]``."""
     models = denoisers(target)
     for name, value in (("fuse", fuse), ("cuda_graphs", cuda_graphs), ("layers", layers)):
         if not isinstance(value, bool):
@@ -162,8 +165,9 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
         return report
     if fuse:
         from ..modules.fused import fuse as fuse_model
+        from ..modules.norm_rope import fuse_norm_rope
 
-        report.fused = fuse_model(model)
+        report.fused = {**fuse_model(model), "norm_rope": fuse_norm_rope(model)}
     if attention is not None:
         _set_attention(model, attention, report, cuda_graphs)
     if compile == MODEL and hooked(model.modules()):
