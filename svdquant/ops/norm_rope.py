@@ -6,7 +6,8 @@ rotated by the position's angle, in fp32). Compiled, inductor's kernel for that 
 ms of a FLUX.1-dev step on an H100 (BENCHMARKS.md, "Session 34"), where reading their q and k once and writing them
 once costs ~1.5 ms at the GPU's bandwidth. :func:`norm_rope` is the Triton kernel (:mod:`svdquant.kernels.norm_rope`)
 on a CUDA GPU, a torch custom op so ``torch.compile`` and CUDA graphs take it whole, and :func:`norm_rope_reference`
-elsewhere.
+elsewhere; :func:`norm_rope_qk` does the query and the key in one op, a stream's two in one launch (what the FLUX
+processor runs: 2.91 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md "Session 37").
 """
 
 from __future__ import annotations
