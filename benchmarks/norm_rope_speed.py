@@ -117,6 +117,7 @@ def run(args) -> dict:
         def q_and_k():  # the qk op: one launch a stream (the kernel's pair=), as the processor runs it now
             return norm_rope_qk(x, k["x"], w, k["w"], cos, sin, 1e-6, heads, x2, k["x2"], w2, k["w2"],
                                 heads_first=True)
+
         def q_and_k_loaded():  # the qk op's launches with the partners loaded again (the kernel to session 36)
             out, out_k = torch.empty_like(ref).transpose(1, 2), torch.empty_like(ref).transpose(1, 2)
             out, out_k = out.contiguous().transpose(1, 2), out_k.contiguous().transpose(1, 2)  # heads first

@@ -196,24 +196,57 @@ def test_the_qk_op_is_the_op_for_each(heads_first, s2):
 
 @interpreter
 @pytest.mark.parametrize("pairable", [True, False])
-def test_the_qk_launches_write_what_a_launch_each_writes(pairable):
+@pytest.mark.parametrize("s2", [None, 5])
+def test_the_qk_launches_write_what_a_launch_each_writes(pairable, s2, monkeypatch):
     """The qk op's GPU path, run by the interpreter: a stream's q and k in one launch where they share strides (slices
-    of one stacked output), else a launch each (here k copied out of the stack), the same bits either way."""
-    from svdquant.kernels.norm_rope import norm_rope_into
+    of one stacked output), else a launch each (here the image stream's k copied out of the stack); the text stream
+    first, the image stream after it; the same bits as a launch each."""
+    from svdquant.kernels import norm_rope as K
 
     g = torch.Generator().manual_seed(6)
     h, d, s = 3, 32, 11
     full = torch.randn(2, s, 3 * h * d, generator=g).to(torch.bfloat16)
-    wq, wk = (torch.randn(d, generator=g).to(torch.bfloat16) for _ in range(2))
-    angles = torch.randn(s, d // 2, generator=g).repeat_interleave(2, dim=1)
+    text = torch.randn(2, s2 or 1, 3 * h * d, generator=g).to(torch.bfloat16)
+    wq, wk, wq2, wk2 = (torch.randn(d, generator=g).to(torch.bfloat16) for _ in range(4))
+    angles = torch.randn(s + (s2 or 0), d // 2, generator=g).repeat_interleave(2, dim=1)
     cos, sin = angles.cos(), angles.sin()
     xq, xk = full[..., :h * d], full[..., h * d:2 * h * d]
     xk = xk if pairable else xk.contiguous()
-    q, k, q1, k1 = (torch.empty(2, s, h, d, dtype=torch.bfloat16) for _ in range(4))
-    N._launch_qk(q, k, xq, xk, wq, None, cos, sin, 1e-6, 0)
-    norm_rope_into(q1, xq, wq, cos, sin, 1e-6, 0)
-    norm_rope_into(k1, xk, torch.ones(d, dtype=torch.bfloat16), cos, sin, 1e-6, 0)
+    tq, tk = (text[..., :h * d], text[..., h * d:2 * h * d]) if s2 else (None, None)
+    q, k, q1, k1 = (torch.empty(2, s + (s2 or 0), h, d, dtype=torch.bfloat16) for _ in range(4))
+    launches = []
+    monkeypatch.setattr(N.library, "_kernels", lambda: type("kernels", (), {"norm_rope_into": staticmethod(
+        lambda *a, **kw: launches.append("pair" in kw) or K.norm_rope_into(*a, **kw))}))
+    N._qk_into(q, k, xq, xk, wq, None, cos, sin, 1e-6, tq, tk, wq2, wk2)
+    assert launches == [True] * (2 if s2 else 1) if pairable else launches == [True] * bool(s2) + [False, False]
+    ones = torch.ones(d, dtype=torch.bfloat16)
+    for out, x, w, t, tw in ((q1, xq, wq, tq, wq2), (k1, xk, ones, tk, wk2)):
+        if s2:
+            K.norm_rope_into(out, t, tw, cos, sin, 1e-6, 0)
+        K.norm_rope_into(out, x, w, cos, sin, 1e-6, s2 or 0)
     assert torch.equal(q, q1) and torch.equal(k, k1) and not torch.equal(q, k)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda a: {**a, "k": a["k"][:1], "k2": a["k2"][:1]},
+     "a query and a key of shapes (2, 11, 96) and (1, 11, 96) (text (2, 5, 96) and (1, 5, 96)), dtypes"),
+    (lambda a: {**a, "k": torch.cat([a["k2"][:, :1], a["k"]], 1), "k2": a["k2"][:, 1:]},
+     "a query and a key of shapes (2, 11, 96) and (2, 12, 96) (text (2, 5, 96) and (2, 4, 96))"),
+    (lambda a: {**a, "k": torch.cat([a["k2"], a["k"]], 1), "k2": None, "weight_k2": None},
+     "(2, 11, 96) and (2, 16, 96) (text (2, 5, 96) and None)"),
+    (lambda a: {**a, "k": a["k"].half(), "k2": a["k2"].half()}, "dtypes torch.bfloat16 and torch.float16"),
+    (lambda a: {**a, "weight_k": a["weight_k"][:8]}, "norm weights that are not one value per head channel"),
+    (lambda a: {**a, "k2": a["k2"][:, :-1]}, "rotary tables of shapes"),
+])
+def test_what_the_qk_op_cannot_take(change, reason):
+    """Each tensor as the op takes it (unsupported's reasons), then a query and a key that agree in each stream: the
+    op writes both at the same token offsets, one layout."""
+    q, wq, cos, sin, q2, wq2 = case(4, 2, 11, 5, 3, 32, torch.bfloat16)
+    k, wk, _, _, k2, wk2 = case(5, 2, 11, 5, 3, 32, torch.bfloat16)
+    args = dict(q=q, k=k, weight_q=wq, weight_k=wk, cos=cos, sin=sin, heads=3, q2=q2, k2=k2, weight_q2=wq2,
+                weight_k2=wk2)
+    assert N.unsupported_qk(**args) is None
+    assert reason in N.unsupported_qk(**change(args))
 
 
 def test_which_attention_backends_read_heads_first():
@@ -334,6 +367,8 @@ def test_gpu_kernel_at_the_flux_shape(s2):
     assert float((err > 0).float().mean()) < 1e-3 and float(err.max()) <= 2 ** -7 * float(ref.float().abs().max())
     compiled = torch.compile(lambda *a: N.norm_rope(*a), fullgraph=True)
     assert torch.equal(compiled(x, w, cos, sin, 1e-6, 24, x2, w2), out)
+    pair = N.norm_rope_qk(x, x, w, w, cos, sin, 1e-6, 24, x2, x2, w2, w2, heads_first=True)  # one launch a stream
+    assert all(torch.equal(t, first) and t.stride() == first.stride() for t in pair)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = N.norm_rope(x, w, cos, sin, 1e-6, 24, x2, w2)
@@ -376,8 +411,9 @@ def test_gpu_pair_launch_at_the_flux_shape():
 
 @interpreter
 def test_the_benchmark_quick_times_every_variant(tmp_path):
-    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math, the kernel at each config and the ops
-    for q and k in two launches and in one, each within the interpreter's bf16 truncation of the reference."""
+    """benchmarks/norm_rope_speed.py --quick: both cases, diffusers' math, the kernel at each config (in the
+    interpreter, within its bf16 truncation of the reference) and for q and k with the partners loaded; the ops'
+    rows run their CPU path, the reference."""
     import json
     import sys
     from pathlib import Path

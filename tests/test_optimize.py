@@ -47,6 +47,8 @@ def test_optimize_fuses_flux_norm_rope_by_default(quantized_flux, monkeypatch):
     off = dict(attention=None, compile=False, cuda_graphs=False, layers=False)
     plain = copy.deepcopy(model)
     assert not any(O.optimize(plain, fuse=False, **off).fused.values())
+    assert not any(isinstance(m.processor, NormRopeFluxAttnProcessor) for m in plain.modules()
+                   if hasattr(m, "processor"))
     model = copy.deepcopy(model)
     report = O.optimize(model, **off)
     assert report.fused["norm_rope"] == attentions and f"norm_rope {attentions}" in str(report)

@@ -17,7 +17,7 @@ and timed in ``benchmarks/kernels.py``. Which kernel runs for a layer is decided
 | gptq.py                  | GPTQ's inner block: columns rounded in turn, errors spread (quantizer)   |
 | scoring.py               | the search's error products X·Wᵀ on TF32 tensor cores (quantizer)       |
 | int8_attention.py        | attention with INT8 Q·Kᵀ per token and a 16-bit P·V (opt-in)             |
-| norm_rope.py             | FLUX's q/k RMSNorm + rotary embedding, one read and one write (opt-in)   |
+| norm_rope.py             | FLUX's q/k RMSNorm + rotary embedding, one read and one write (optimize) |
 | float_scales_quantize.py | the paper's W4A4 / NVFP4 activation kernel (float group scales)          |
 | float_scales_gemm.py     | the paper's W4A4 / NVFP4 GEMMs (per-group rescale in the main loop)      |
 """

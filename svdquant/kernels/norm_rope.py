@@ -36,11 +36,10 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
     tmask = (t < S)[:, None]
     # what the program's heads share, loaded once. Several heads a program were meant to save re-reading the fp32
     # tables (4 bytes a value to the input's 2) per head, but the re-reads come from L2: with the partners split from
-    # registers, one head a program at 16 tokens took 0.0247 / 0.0273 ms at FLUX's shapes on an H100 and 4 heads
-    # 0.0223 / 0.0284 (BENCHMARKS.md "Session 37"; 8 heads ran slower still in session 36)
+    # registers, one head a program at 16 tokens took 0.0247 / 0.0273 ms (single / double case) on an H100, 4 heads
+    # 0.0223 / 0.0284 and block_t 32 0.0240 / 0.0287 (BENCHMARKS.md "Session 37"): within 10 % either way, timed
+    # alone and written contiguous only, so the default stays where the step was timed
     w = tl.load(w_ptr + d).to(tl.float32)[None, :]
-    w_partner = tl.load(w_ptr + (d ^ 1)).to(tl.float32)[None, :]
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]  # rotated[2i] = -x[2i + 1], rotated[2i + 1] = x[2i]
     pos = token_offset + t
     table = pos[:, None] * D + d[None, :]
     c = tl.load(cos_ptr + table, mask=tmask, other=0.0).to(tl.float32)
@@ -56,6 +55,8 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
             even, odd = tl.split(tl.reshape(y, (BLOCK_T, D // 2, 2)))
             out = y * c + tl.reshape(tl.join(-odd, even), (BLOCK_T, D)) * s
         else:  # the partners loaded a second time (from cache) and normalized again
+            w_partner = tl.load(w_ptr + (d ^ 1)).to(tl.float32)[None, :]
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]  # rotated[2i] = -x[2i + 1], rotated[2i + 1] = x[2i]
             partner = tl.load(rows + (d ^ 1)[None, :], mask=tmask, other=0.0).to(tl.float32)
             y_partner = (partner * inv * w_partner).to(out_ptr.dtype.element_ty).to(tl.float32)
             out = y * c + sign * y_partner * s

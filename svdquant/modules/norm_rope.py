@@ -16,7 +16,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
 from ..integrations.diffusers.compat import attention_reads_heads_first, has_hooks
-from ..ops.norm_rope import norm_rope_qk, norm_rope_reference, unsupported
+from ..ops.norm_rope import norm_rope_qk, norm_rope_reference, unsupported_qk
 
 
 def _eps(norm: nn.Module, dtype: torch.dtype) -> float:
@@ -31,7 +31,8 @@ def _on_original(name: str) -> property:
 class NormRopeFluxAttnProcessor:
     """diffusers' ``FluxAttnProcessor`` with q/k RMSNorm + RoPE as one op (see the module doc). Calls it does not
     know (no rotary tables as a ``(cos, sin)`` pair) run diffusers' processor. The attention backend and parallel
-    config that diffusers sets on a processor live on diffusers' one, which unfuse gives back."""
+    config that diffusers sets on a processor live on diffusers' one, which unfuse gives back. Built by
+    :func:`fuse_norm_rope` only, for attentions whose q/k norms share one eps (the op takes one)."""
 
     def __init__(self, original):
         self.original = original  # diffusers' processor, given back by unfuse and run for what this one cannot take
@@ -68,9 +69,8 @@ def _norm_rope_qk(query, key, text_q, text_k, norms, cos, sin, heads, heads_firs
     """q and k through the op, a stream's two in one launch, where it takes them; else diffusers' math (decided from
     shapes: folded when traced)."""
     w_q, w_k, w_q2, w_k2 = (None if n is None else n.weight for n in norms)
-    eps = _eps(norms[0], query.dtype)  # every norm's (_takes)
-    if unsupported(query, w_q, cos, sin, heads, text_q, w_q2) is None and \
-            unsupported(key, w_k, cos, sin, heads, text_k, w_k2) is None:
+    eps = _eps(norms[0], query.dtype)  # every norm's: fuse_norm_rope gives the processor only to such attentions
+    if unsupported_qk(query, key, w_q, w_k, cos, sin, heads, text_q, text_k, w_q2, w_k2) is None:
         return norm_rope_qk(query, key, w_q, w_k, cos, sin, eps, heads, text_q, text_k, w_q2, w_k2,
                             heads_first=heads_first)
     return (norm_rope_reference(query, w_q, cos, sin, eps, heads, text_q, w_q2),
@@ -81,9 +81,9 @@ def _takes(attn) -> bool:
     """diffusers' processor, and q/k norms that are plain ``torch.nn.RMSNorm``s with one eps the op can stand for
     (no hooks, no forward of their own: the op reads their weights)."""
     norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if attn.added_kv_proj_dim else [])
-    return type(attn.processor) is FluxAttnProcessor and len({n.eps for n in norms}) == 1 and all(
+    return type(attn.processor) is FluxAttnProcessor and all(
         type(n) is nn.RMSNorm and "forward" not in n.__dict__ and not has_hooks(n) and not n._forward_hooks and
-        not n._forward_pre_hooks for n in norms)
+        not n._forward_pre_hooks for n in norms) and len({n.eps for n in norms}) == 1
 
 
 def fuse_norm_rope(model: nn.Module) -> int:

@@ -59,6 +59,22 @@ def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, head
     return None
 
 
+def unsupported_qk(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None, cos: Tensor, sin: Tensor,
+                   heads: int, q2: Tensor | None = None, k2: Tensor | None = None, weight_q2: Tensor | None = None,
+                   weight_k2: Tensor | None = None) -> str | None:
+    """Why :func:`norm_rope_qk` cannot take this call, or None: :func:`unsupported` for each, and a query and a key
+    of one shape and dtype in each stream."""
+    why = unsupported(q, weight_q, cos, sin, heads, q2, weight_q2) or unsupported(k, weight_k, cos, sin, heads, k2,
+                                                                                weight_k2)
+    if why is not None:
+        return why
+    shapes = [tuple(t.shape) if t is not None else None for t in (q, k, q2, k2)]
+    if shapes[0] != shapes[1] or shapes[2] != shapes[3] or q.dtype != k.dtype:
+        return f"a query and a key of shapes {shapes[0]} and {shapes[1]} (text {shapes[2]} and {shapes[3]}), " \
+               f"dtypes {q.dtype} and {k.dtype}"
+    return None
+
+
 def _empty(x: Tensor, tokens: int, heads: int, heads_first: bool) -> Tensor:
     """``[B, tokens, H, D]`` for ``x``'s output; ``heads_first``: the transpose of a contiguous ``[B, H, tokens, D]``,
     the layout SDPA's kernels read (diffusers' native backends transpose q/k/v to it), so no copy comes between."""
@@ -115,13 +131,20 @@ def norm_rope_qk_op(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Ten
     if q.device.type != "cuda":
         return (_reference_in_layout(q, weight_q, cos, sin, eps, heads, q2, weight_q2, heads_first),
                 _reference_in_layout(k, weight_k, cos, sin, eps, heads, k2, weight_k2, heads_first))
-    tokens2 = 0 if q2 is None else q2.shape[1]
-    out_q, out_k = (_empty(q, tokens2 + q.shape[1], heads, heads_first) for _ in range(2))
-    cos, sin = cos.contiguous(), sin.contiguous()
+    tokens = (0 if q2 is None else q2.shape[1]) + q.shape[1]
+    out_q, out_k = _empty(q, tokens, heads, heads_first), _empty(k, tokens, heads, heads_first)
+    _qk_into(out_q, out_k, q, k, weight_q, weight_k, cos.contiguous(), sin.contiguous(), eps, q2, k2, weight_q2,
+             weight_k2)
+    return out_q, out_k
+
+
+def _qk_into(out_q: Tensor, out_k: Tensor, q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None,
+             cos: Tensor, sin: Tensor, eps: float, q2: Tensor | None, k2: Tensor | None, weight_q2: Tensor | None,
+             weight_k2: Tensor | None) -> None:
+    """The op's launches: the text stream's q and k (if any) from token 0, then the image stream's after them."""
     if q2 is not None:
         _launch_qk(out_q, out_k, q2, k2, weight_q2, weight_k2, cos, sin, eps, 0)
-    _launch_qk(out_q, out_k, q, k, weight_q, weight_k, cos, sin, eps, tokens2)
-    return out_q, out_k
+    _launch_qk(out_q, out_k, q, k, weight_q, weight_k, cos, sin, eps, 0 if q2 is None else q2.shape[1])
 
 
 @norm_rope_qk_op.register_fake
@@ -135,7 +158,7 @@ def norm_rope_qk(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor
                  weight_q2: Tensor | None = None, weight_k2: Tensor | None = None,
                  heads_first: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`norm_rope` of the query and the key with one eps, a stream's two in one launch on a CUDA GPU (the
-    kernel's ``pair=``): half the launches of a call each, the same bits. Check :func:`unsupported` for both first."""
+    kernel's ``pair=``): half the launches of a call each, the same bits. Check :func:`unsupported_qk` first."""
     return norm_rope_qk_op(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first)
 
 
@@ -147,4 +170,4 @@ def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: f
     return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
 
 
-__all__ = ["norm_rope", "norm_rope_qk", "norm_rope_reference", "unsupported"]
+__all__ = ["norm_rope", "norm_rope_qk", "norm_rope_reference", "unsupported", "unsupported_qk"]
