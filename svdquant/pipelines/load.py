@@ -74,9 +74,10 @@ def load_pipeline(base: str | os.PathLike | None, quantized: str | os.PathLike, 
     (:func:`svdquant.checkpoint.check_base_location`); off, such a checkpoint is refused. ``optimize``:
     :func:`svdquant.optimize` (fusing as ``fuse`` says, with FLUX's q/k RMSNorm + RoPE as one op, the fastest
     attention backend, compiled blocks, the layer choice, CUDA graphs; the first call at each size compiles);
-    ``None`` = on a CUDA device. ``offload``: the pipeline's models stay in CPU memory and each moves to ``device`` only while it runs
-    (diffusers' ``enable_model_cpu_offload``), the quantized layers 4-bit resident (``weight_mode="memory"`` unless
-    another mode is given); optimized on the device first, with no CUDA graphs (offload hooks move the weights).
+    ``None`` = on a CUDA device. ``offload``: the pipeline's models stay in CPU memory and each moves to ``device``
+    only while it runs (diffusers' ``enable_model_cpu_offload``), the quantized layers 4-bit resident
+    (``weight_mode="memory"`` unless another mode is given); optimized on the device first, with no CUDA graphs
+    (offload hooks move the weights).
     Wan 2.1 14B at 480p then peaks at 11.4 GB on an H200 (BENCHMARKS.md). ``attention``: what
     :func:`svdquant.optimize` sets (``"auto"``: the fastest SDPA backend; ``"int8"``: svdquant's INT8 Q·Kᵀ
     attention, opt-in, README "Fast by default"). ``compile``: how :func:`svdquant.optimize` compiles the denoiser
