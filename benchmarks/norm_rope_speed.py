@@ -119,8 +119,8 @@ def run(args) -> dict:
                                 heads_first=True)
 
         def q_and_k_loaded():  # the qk op's launches with the partners loaded again (the kernel to session 36)
-            out, out_k = torch.empty_like(ref).transpose(1, 2), torch.empty_like(ref).transpose(1, 2)
-            out, out_k = out.contiguous().transpose(1, 2), out_k.contiguous().transpose(1, 2)  # heads first
+            out, out_k = (torch.empty_permuted(ref.shape, (0, 2, 1, 3), dtype=ref.dtype, device=ref.device)
+                          for _ in range(2))  # heads first, as the qk op writes them
             launches(norm_rope_into, q, cos, sin, out, 16, 1, False, k=k, out_k=out_k)
             return out, out_k
         pairs = {"svdquant op, q then k (two launches a stream)": q_then_k,

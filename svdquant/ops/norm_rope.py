@@ -93,14 +93,8 @@ def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps
                  x2: Tensor | None, weight2: Tensor | None, heads_first: bool) -> Tensor:
     if x.device.type != "cuda":
         return _reference_in_layout(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
-    tokens2 = 0 if x2 is None else x2.shape[1]
-    out = _empty(x, tokens2 + x.shape[1], heads, heads_first)
-    launch = library._kernels().norm_rope_into  # svdquant.kernels, imported at the first launch
-    dim = x.shape[-1] // heads
-    cos, sin = cos.contiguous(), sin.contiguous()
-    if x2 is not None:
-        launch(out, x2, weight2 if weight2 is not None else x.new_ones(dim), cos, sin, eps, 0)
-    launch(out, x, weight if weight is not None else x.new_ones(dim), cos, sin, eps, tokens2)
+    out = _empty(x, (0 if x2 is None else x2.shape[1]) + x.shape[1], heads, heads_first)
+    _streams_into(out, x, weight, x2, weight2, cos.contiguous(), sin.contiguous(), eps)
     return out
 
 
@@ -109,19 +103,31 @@ def _(x, weight, cos, sin, eps, heads, x2, weight2, heads_first):
     return _empty(x, (0 if x2 is None else x2.shape[1]) + x.shape[1], heads, heads_first)
 
 
-def _launch_qk(out_q: Tensor, out_k: Tensor, x_q: Tensor, x_k: Tensor, weight_q: Tensor | None,
-               weight_k: Tensor | None, cos: Tensor, sin: Tensor, eps: float, offset: int) -> None:
-    """One stream's query and key: one launch where their inputs share shapes and strides (slices of one stacked
-    q/k/v output), else a launch each."""
-    launch = library._kernels().norm_rope_into
-    dim = out_q.shape[-1]
-    w_q = weight_q if weight_q is not None else x_q.new_ones(dim)
-    w_k = weight_k if weight_k is not None else x_k.new_ones(dim)
-    if (x_q.shape, x_q.stride(), x_q.dtype, w_q.dtype) == (x_k.shape, x_k.stride(), x_k.dtype, w_k.dtype):
-        launch(out_q, x_q, w_q, cos, sin, eps, offset, pair=(out_k, x_k, w_k))
+def _launch(out: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, offset: int,
+            key: tuple | None = None) -> None:
+    """One stream; with ``key=(out_k, x_k, weight_k)`` the key's too: in the same launch where their inputs share
+    shapes and strides (slices of one stacked q/k/v output), else a launch each."""
+    launch = library._kernels().norm_rope_into  # svdquant.kernels, imported at the first launch
+    w = weight if weight is not None else x.new_ones(out.shape[-1])
+    if key is None:
+        launch(out, x, w, cos, sin, eps, offset)
+        return
+    out_k, x_k, weight_k = key
+    w_k = weight_k if weight_k is not None else x_k.new_ones(out.shape[-1])
+    if (x.shape, x.stride(), x.dtype, w.dtype) == (x_k.shape, x_k.stride(), x_k.dtype, w_k.dtype):
+        launch(out, x, w, cos, sin, eps, offset, pair=(out_k, x_k, w_k))
     else:
-        launch(out_q, x_q, w_q, cos, sin, eps, offset)
+        launch(out, x, w, cos, sin, eps, offset)
         launch(out_k, x_k, w_k, cos, sin, eps, offset)
+
+
+def _streams_into(out: Tensor, x: Tensor, weight: Tensor | None, x2: Tensor | None, weight2: Tensor | None,
+                  cos: Tensor, sin: Tensor, eps: float, key: tuple | None = None) -> None:
+    """Both ops' launches: the text stream ``x2`` (if any) from token 0, then the image stream ``x`` after it; with
+    ``key=(out_k, k, weight_k, k2, weight_k2)`` the key's streams in the same launches."""
+    if x2 is not None:
+        _launch(out, x2, weight2, cos, sin, eps, 0, None if key is None else (key[0], key[3], key[4]))
+    _launch(out, x, weight, cos, sin, eps, 0 if x2 is None else x2.shape[1], None if key is None else key[:3])
 
 
 @torch.library.custom_op("svdquant::norm_rope_qk", mutates_args=())
@@ -133,18 +139,9 @@ def norm_rope_qk_op(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Ten
                 _reference_in_layout(k, weight_k, cos, sin, eps, heads, k2, weight_k2, heads_first))
     tokens = (0 if q2 is None else q2.shape[1]) + q.shape[1]
     out_q, out_k = _empty(q, tokens, heads, heads_first), _empty(k, tokens, heads, heads_first)
-    _qk_into(out_q, out_k, q, k, weight_q, weight_k, cos.contiguous(), sin.contiguous(), eps, q2, k2, weight_q2,
-             weight_k2)
+    _streams_into(out_q, q, weight_q, q2, weight_q2, cos.contiguous(), sin.contiguous(), eps,
+                  key=(out_k, k, weight_k, k2, weight_k2))
     return out_q, out_k
-
-
-def _qk_into(out_q: Tensor, out_k: Tensor, q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None,
-             cos: Tensor, sin: Tensor, eps: float, q2: Tensor | None, k2: Tensor | None, weight_q2: Tensor | None,
-             weight_k2: Tensor | None) -> None:
-    """The op's launches: the text stream's q and k (if any) from token 0, then the image stream's after them."""
-    if q2 is not None:
-        _launch_qk(out_q, out_k, q2, k2, weight_q2, weight_k2, cos, sin, eps, 0)
-    _launch_qk(out_q, out_k, q, k, weight_q, weight_k, cos, sin, eps, 0 if q2 is None else q2.shape[1])
 
 
 @norm_rope_qk_op.register_fake
