@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
 import sys
@@ -302,6 +303,8 @@ def main(argv=None) -> dict:
         ap.error("--steps, --repeats and --batch must be at least 1")
     if "fp8-torchao" in args.variants and args.variants.index("fp8-torchao") != len(args.variants) - 1:
         ap.error("fp8-torchao must come last (it quantizes the pipeline in place)")
+    if "fp8-torchao" in args.variants and importlib.util.find_spec("torchao") is None:
+        ap.error("fp8-torchao needs torchao: pip install torchao, or leave fp8-torchao out")
     if args.quick:
         args.steps, args.repeats = min(args.steps, 2), 1
     device = run_device(ap, args.quick)

@@ -197,6 +197,23 @@ def test_flux2_dev_as_built_for_the_gpu_on_meta():
     assert tr.config.guidance_embeds and call["guidance_scale"] == 4.0 and call["max_sequence_length"] == 512
 
 
+def test_e2e_refuses_its_arguments_before_any_work(monkeypatch, capsys):
+    """e2e.py's refusals come before a pipeline is built: a GPU call must not run its int4 variant for minutes and
+    then fail at torchao's import."""
+    import importlib.util
+
+    import e2e
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    for argv, message in ((["--variants", "int4", "fp8-torchao"], "fp8-torchao needs torchao: pip install torchao"),
+                          (["--variants", "fp8-torchao", "int4"], "fp8-torchao must come last"),
+                          (["--batch", "0"], "must be at least 1")):
+        with pytest.raises(SystemExit):
+            e2e.main(["--quick", "--models", "flux", *argv])
+        assert message in capsys.readouterr().err, argv
+
+
 def test_e2e_quick_flux2_excludes_the_text_encoding(tmp_path):
     """e2e.py --models flux2 --quick: the prompt is encoded once before the variants (timed, recorded as excluded
     from s / image) and the text encoder dropped; every timed call of every variant reads the precomputed
