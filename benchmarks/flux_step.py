@@ -42,6 +42,7 @@ both are ``int4-fused``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -377,6 +378,8 @@ def main(argv=None):
         ap.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     if any(b < 1 for b in args.batch):
         ap.error("--batch values must be >= 1")
+    if any(v.startswith("fp8-torchao") for v in variants) and importlib.util.find_spec("torchao") is None:
+        ap.error("the fp8-torchao variants need torchao: pip install torchao, or leave them out")
     if args.attention == "svdquant_flash4" and not args.smoke:
         from svdquant.ops.flash4_attention import import_error
 

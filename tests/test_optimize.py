@@ -123,6 +123,18 @@ def test_flux_steps_inductor_options_are_checked_first(argv, message, capsys, fl
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_flux_steps_torchao_variants_need_torchao_first(monkeypatch, capsys, flux_step):
+    """The fp8-torchao variants without torchao: one line before any model is built (not an ImportError after the
+    variants before them ran)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        flux_step.main(["--smoke", "--variants", "int4,fp8-torchao-compiled"])
+    assert e.value.code == 2 and "the fp8-torchao variants need torchao: pip install torchao" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, cls", [
     ("triton_red_fused_add_cat_int8_linear_mul_native_layer_norm_split_unsqueeze_view_1", "elementwise / rest"),
     ("triton_per_fused__to_copy_abs_amax_int8_gemm_mul_3", "elementwise / rest"),
