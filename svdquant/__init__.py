@@ -64,29 +64,21 @@ def fuse(target, *, gelu: bool = True, compiled_activations: bool = False,
     one op, one Triton launch per stream for q and k on a GPU (svdquant/modules/norm_rope.py).
     Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu": m, "compiled_activations": k,
     "modulations": j, "norm_rope": r}``). Checkpoints and LoRAs address the same layers."""
-    from .modules.fused import fuse as fuse_model
-    from .modules.modulations import fuse_modulations
+    from .modules.fusions import fuse_model
 
     for name, value in (("gelu", gelu), ("compiled_activations", compiled_activations), ("modulations", modulations),
                         ("norm_rope", norm_rope)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: use True or False")
-    models = _models_of(target, "fuse")
-    if norm_rope:
-        from .modules.norm_rope import fuse_norm_rope
-    return _summed([{**fuse_model(m, gelu=gelu, compiled_activations=compiled_activations),
-                     "modulations": fuse_modulations(m) if modulations else 0,
-                     "norm_rope": fuse_norm_rope(m) if norm_rope else 0} for m in models])
+    return _summed([fuse_model(m, gelu=gelu, compiled_activations=compiled_activations, modulations=modulations,
+                               norm_rope=norm_rope) for m in _models_of(target, "fuse")])
 
 
 def unfuse(target) -> dict[str, int]:
     """Undo :func:`fuse`."""
-    from .modules.fused import unfuse as unfuse_model
-    from .modules.modulations import unfuse_modulations
-    from .modules.norm_rope import unfuse_norm_rope
+    from .modules.fusions import unfuse_model
 
-    return _summed([{**unfuse_model(m), "modulations": unfuse_modulations(m), "norm_rope": unfuse_norm_rope(m)}
-                    for m in _models_of(target, "unfuse")])
+    return _summed([unfuse_model(m) for m in _models_of(target, "unfuse")])
 
 __all__ = [
     "quantize", "quantize_text_encoders", "QuantReport", "Calibration", "DEFAULT_PROMPTS",

@@ -176,7 +176,7 @@ def _speed_up(pipe, device, optimize: bool | None, fuse: bool | None, offload: b
             optimize_model(m, fuse=fuse is not False, cuda_graphs=False, attention=attention, compile=compile)
             m.to("cpu")
     elif fuse or (fuse is None and cuda):
-        from ..modules.fused import fuse as fuse_model
+        from ..modules.fusions import fuse_model
 
         for m in denoisers(pipe):
             fuse_model(m)

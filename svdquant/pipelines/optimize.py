@@ -164,10 +164,9 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
         report.skipped["all"] = "not on a CUDA device: the CPU runs the quantized layers as they are"
         return report
     if fuse:
-        from ..modules.fused import fuse as fuse_model
-        from ..modules.norm_rope import fuse_norm_rope
+        from ..modules.fusions import fuse_model
 
-        report.fused = {**fuse_model(model), "norm_rope": fuse_norm_rope(model)}
+        report.fused = fuse_model(model, norm_rope=True)
     if attention is not None:
         _set_attention(model, attention, report, cuda_graphs)
     if compile == MODEL and hooked(model.modules()):
