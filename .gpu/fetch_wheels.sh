@@ -1,5 +1,6 @@
 # run HERE (not on the device), in the repo root: the wheels the device calls carry (.whl/), and the CUTLASS DSL's
 # in five ~20 MB parts (.cw1/-.cw5/; a call carries 64 MiB with the ~29 MB repo). Both folders are git-ignored.
+# Then `bash .gpu/bundle.sh` packs them all into the two parts a fresh machine takes (.cb1/, .cb2/).
 set -e
 P="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d "$1" "${@:2}"; }
