@@ -1,7 +1,8 @@
 # run HERE (not on the device), after .gpu/fetch_wheels.sh: every wheel a device call needs (.whl/ and the CUTLASS
-# DSL's from .cw1-.cw5) in one xz tarball split in two ~35 MB parts, .cb1/ and .cb2/ (git-ignored). The wheels go in
-# re-zipped without compression so xz can squeeze them: 84 MB of wheels become ~65 MB, which two calls carry beside
-# the ~30 MB repo (a carry holds 64 MiB) where .whl and five .cwN parts took five. .gpu/pre.sh unpacks them there.
+# DSL's from .cw1-.cw5) in one xz tarball, split into parts .cb1/, .cb2/, ... (git-ignored) each small enough to
+# ride beside the repo (a carry holds 64 MiB; the parts are sized from the repo's size now, 100 kB to spare). The
+# wheels go in re-zipped without compression so xz can squeeze them: 84 MB of wheels become ~73 MB, two parts with
+# a ~30 MB repo, where .whl and five .cwN parts took five calls. .gpu/pre.sh unpacks them there once all have come.
 set -e
 tmp=$(mktemp -d) && mkdir -p $tmp/whl $tmp/cw
 cat .cw1/part0 .cw2/part1 .cw3/part2 .cw4/part3 .cw5/part4 > $tmp/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -20,8 +21,10 @@ PY
 restore $tmp/whl .whl/*.whl
 restore $tmp/cw .cw5/*.whl $tmp/nvidia_cutlass_dsl_libs_cu12-*.whl
 tar cf - -C $tmp whl cw | xz -T2 -9e > $tmp/bundle.tar.xz
-rm -rf .cb1 .cb2 && mkdir -p .cb1 .cb2
-half=$(( ($(stat -c %s $tmp/bundle.tar.xz) + 1) / 2 ))
-(cd $tmp && split -b $half -d -a 1 bundle.tar.xz part && sha256sum bundle.tar.xz > sha256)
-cp $tmp/part0 .cb1/ && cp $tmp/part1 $tmp/sha256 .cb2/ && rm -rf $tmp
-du -b .cb1 .cb2
+repo=$( (git ls-files; git ls-files -o --exclude-standard) | tr '\n' '\0' | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+size=$(stat -c %s $tmp/bundle.tar.xz) room=$(( 64 * 1024 * 1024 - repo - 100000 ))  # 100 kB for .gpu/commit and the list
+n=$(( (size + room - 1) / room )) && part=$(( (size + n - 1) / n ))  # as few parts as fit, of even sizes
+rm -rf .cb? && (cd $tmp && split -b $part -d -a 1 bundle.tar.xz part && sha256sum bundle.tar.xz > sha256 && ls part? > order)
+n=0; for f in $tmp/part?; do n=$((n + 1)); mkdir -p .cb$n && cp $f .cb$n/; done
+cp $tmp/sha256 $tmp/order .cb$n/ && rm -rf $tmp
+du -b .cb?
