@@ -1,4 +1,4 @@
-# installs the CUTLASS DSL into /tmp/cwsite: from the unpacked bundle (.gpu/bundle.sh's two parts, see pre.sh), or
+# installs the CUTLASS DSL into /tmp/cwsite: from the unpacked bundle (.gpu/bundle.sh's parts, see pre.sh), or
 # else from the five stashed .cwN parts (after every part has been carried once)
 # (pip --target leaves the wheel's .pth unread, so its dsl_packages folder goes on the path by hand)
 if [ -d /tmp/bundle/cw ]; then
