@@ -1,2 +1,2 @@
-# a stash call with nothing else (carries one .cwN part of the CUTLASS DSL)
+# a stash call with nothing else (carries one .cbN part of the wheel bundle: .gpu/fetch_wheels.sh)
 . .gpu/pre.sh "$@"
