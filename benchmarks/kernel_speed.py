@@ -13,6 +13,8 @@ For each (M, K, N), side by side on the same GPU, warmed up, median of many runs
   branch fused, and without the branch; memory mode (4-bit resident): + the expand kernel;
 * stages: the activation kernel, the GEMM as the layer runs it (the CUTLASS kernel on H100 / H200, Triton's
   elsewhere; before 2026-12-05 this column timed Triton's everywhere), the expand kernel alone;
+* the GEMM's launch plan: where ``cutlass_launch.launches`` gives a product's last rows a second launch (FLUX's
+  4,608 × 3,072 outputs), the GEMM in one launch too, eagerly and in a CUDA graph;
 * BF16 and ours (speed mode, rank 32) again in a CUDA graph (ten calls a graph, the layer choice's
   ``graph_ms``), as a compiled, graph-captured step runs them: eagerly, a small shape also times the layer's host
   work (two activation-pass launches and the GEMM's, against cuBLAS's one).
@@ -278,6 +280,16 @@ def table(dev, shapes, tokens, out, rank=32):
                     r["gemm_kernel"] = "CUTLASS" if run.sm90 else "Triton"
                     r["gemm"] = bench(lambda: layer_gemm(run, a, a_s, la))
                     r["gemm_nobranch"] = bench(lambda: layer_gemm(run, a, a_s, None))
+                    if run.sm90:  # the launch plan's A/B: the tail rows' second launch against one launch
+                        from svdquant.kernels import cutlass_launch as cl
+
+                        r["gemm_launches"] = len(cl.launches(mt, n, k, torch.cuda.get_device_properties(dev)
+                                                              .multi_processor_count, rank))
+                        cl.SPLIT_TAIL = False
+                        r["gemm_one_launch"] = bench(lambda: layer_gemm(run, a, a_s, la))
+                        r["gemm_one_launch_graph"] = graph_ms(lambda: layer_gemm(run, a, a_s, la), reps=20, inner=10)
+                        cl.SPLIT_TAIL = True
+                        r["gemm_graph"] = graph_ms(lambda: layer_gemm(run, a, a_s, la), reps=20, inner=10)
                     packed = run.packed_weight()
                     r["expand"] = bench(lambda: K.expand_int4m(packed, run.mult))
                     r["gemm_tops"] = flops / r["gemm"] / 1e9
@@ -362,7 +374,8 @@ def w4a16_table(dev, out):
 def markdown(rows, header) -> str:
     cols = ["M", "K", "N", "BF16 ms", "FP8 mm (+quant) ms", "int_mm ms", "ours ms (speed)", "ours/BF16",
             "ours/FP8 mm", "no-branch ms", "branch cost", "memory mode ms", "mem/BF16", "act ms", "GEMM ms",
-            "expand ms", "GEMM TOPS", "graphs: BF16 / ours ms", "graphs: ours/BF16"]
+            "expand ms", "GEMM TOPS", "graphs: BF16 / ours ms", "graphs: ours/BF16", "GEMM/FP8 mm",
+            "launches: GEMM ms (graph) / one launch"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         if "error" in r:
@@ -374,7 +387,9 @@ def markdown(rows, header) -> str:
             f"{r['int_mm']:.3f} | {s:.3f} | {r['bf16'] / s:.2f}× | {r['fp8_mm'] / s:.2f}× | {s0:.3f} | "
             f"{(s / s0 - 1) * 100:+.1f}% | {mm:.3f} | {r['bf16'] / mm:.2f}× | {r['act']:.3f} | {r['gemm']:.3f} | "
             f"{r['expand']:.3f} | {r['gemm_tops']:.0f} | {r['bf16_graph']:.3f} / {r['ours_graph']:.3f} | "
-            f"{r['bf16_graph'] / r['ours_graph']:.2f}× |")
+            f"{r['bf16_graph'] / r['ours_graph']:.2f}× | {r['fp8_mm'] / r['gemm']:.3f}× | " + (
+                f"{r['gemm_launches']}: {r['gemm']:.4f} ({r['gemm_graph']:.4f}) / {r['gemm_one_launch']:.4f} "
+                f"({r['gemm_one_launch_graph']:.4f}) |" if "gemm_launches" in r else "– |"))
     return "\n".join(lines)
 
 

@@ -145,6 +145,29 @@ def test_the_launch_plan():
     assert plan(4096, 9216, 3072, 132, 128) == (small, True, 1)
 
 
+def test_the_last_rows_take_a_second_launch_where_the_last_wave_would_idle():
+    from svdquant.kernels.cutlass_launch import SPLIT_LAUNCH_K, launches, plan
+
+    big, small = (128, 256), (128, 128)
+    # FLUX's single-block proj_out: 432 big tiles, 3.27 waves on 132 SMs; 33 M tiles fill 3 waves, the last 3 run
+    # as 72 small tiles in one wave
+    assert launches(4608, 3072, 15360, 132, 32) == ((4224, big, True, 4), (384, small, True, 1))
+    assert launches(4608, 3072, 3072, 132, 32) == ((4224, big, True, 1), (384, small, True, 1))
+    assert launches(4608, 3072, 3072, 132, 32, split=False) == ((4608, *plan(4608, 3072, 3072, 132, 32)),)
+    # a partial last tile goes with the tail: 4,600 rows are 36 M tiles too
+    assert launches(4600, 12288, 3072, 132) == ((4480, big, True, 1), (120, small, True, 1))
+    # the second launch's start outweighs a small gain at a short K: 4,608 × 12,288 saves a fifth of a wave of 13
+    assert SPLIT_LAUNCH_K / 3072 < 1 - 0.5 / 0.85 and len(launches(4608, 12288, 3072, 132)) == 2
+    assert len(launches(4608, 12288, 512, 132)) == 1
+    # nearly whole last waves, and products of one wave or less, stay one launch
+    assert launches(4096, 3072, 3072, 132) == ((4096, *plan(4096, 3072, 3072, 132)),)  # 384 tiles, 2.91 waves
+    assert len(launches(512, 3072, 3072, 132)) == 1 and len(launches(4096, 21504, 3072, 132)) == 1
+    assert len(launches(4608, 3072, 3072, 132, 128)) == 1  # a rank-128 branch runs small tiles throughout
+    for m, n, k in [(4608, 3072, 3072), (18432, 9216, 3072), (4600, 12288, 3072), (77, 1000, 1152)]:
+        parts = launches(m, n, k, 132)
+        assert sum(rows for rows, *_ in parts) == m and all(rows % 128 == 0 for rows, *_ in parts[:-1])
+
+
 def test_what_the_launcher_takes():
     from svdquant.kernels import cutlass_launch as cl
 
@@ -248,7 +271,8 @@ def _reference(a, a_s, w, w_s, la, lu, bias, gelu, out_dtype):
 @gpu
 @pytest.mark.parametrize("m,k,n", [  # every plan: 128 x 256 / x 128, down M / along N, groups of 4 (cutlass_launch.plan)
     (4096, 3072, 9216), (4608, 15360, 3072), (512, 3072, 12288), (256, 1152, 1280), (16384, 3072, 3072),
-    (4080, 3072, 3072), (77, 1152, 1000)])  # the last two: partial tiles
+    (4080, 3072, 3072), (77, 1152, 1000),  # partial tiles
+    (4608, 3072, 3072), (4600, 3072, 12288)])  # two launches (cutlass_launch.launches), the second's last tile partial
 @pytest.mark.parametrize("out,rank,bias,gelu", VARIANTS)
 def test_gpu_matches_the_reference(m, k, n, out, rank, bias, gelu):
     from svdquant.kernels.cutlass_launch import int8_gemm_sm90

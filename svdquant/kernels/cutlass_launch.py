@@ -12,6 +12,7 @@ kernel.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
@@ -25,6 +26,11 @@ SMALL_TILE = (128, 128)  # twice the CTAs, for products too small to fill the GP
 SMALL_TILE_RATE = 0.85
 # An operand this small stays in L2 (50 MB on H100 / H200, two partitions) while the other one's tiles stream past
 L2_RESIDENT_BYTES = 24 << 20
+# The start of a second launch in 128 × 256 tiles' time: about a wave of them at K = 640 (~4 µs on an H100, where a
+# wave at K = 3,072 took ~19.5 µs: the 4,608 × 3,072 × 3,072 product in 0.078 ms, 4 waves; BENCHMARKS.md)
+SPLIT_LAUNCH_K = 640
+# False: every product in one launch (an A/B switch for benchmarks: kernel_speed.py times both)
+SPLIT_TAIL = True
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # 128 at 128 × 128 tiles only (two swizzle rows): at 0.81-1.07x bare FP8 on an H200 where Triton's kernel ran
@@ -91,6 +97,16 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
     return pad_to(t, TILE[1])
 
 
+def _waves(m: int, n: int, tile: tuple[int, int], sms: int) -> float:
+    """The cost of an [m, n] output in whole waves of one ``tile`` per SM, in 128 × 256 tiles' time."""
+    tiles = -(-m // tile[0]) * -(-n // tile[1])
+    return -(-tiles // sms) * tile[0] * tile[1] / (1.0 if tile == TILE else SMALL_TILE_RATE) / (TILE[0] * TILE[1])
+
+
+def _tile(m: int, n: int, sms: int, rank: int) -> tuple[int, int]:
+    return SMALL_TILE if rank > 64 else min((TILE, SMALL_TILE), key=lambda t: _waves(m, n, t, sms))
+
+
 def plan(m: int, n: int, k: int, sms: int, rank: int = 0) -> tuple[tuple[int, int], bool, int]:
     """(tile, raster_m, swizzle) for an [m, k] × [n, k]ᵀ product with a branch of ``rank`` on ``sms`` SMs. The
     persistent grid runs whole waves of one tile per SM: the tile is the one whose waves cost least (128 × 256,
@@ -98,16 +114,34 @@ def plan(m: int, n: int, k: int, sms: int, rank: int = 0) -> tuple[tuple[int, in
     branch wider than 64, whose operands would leave 128 × 256 two pipeline stages). The walk keeps one operand in
     L2 and streams the other: down M (W's tile shared by the CTAs at work, A swept once per N tile) where A fits
     L2, else along N where W fits, else down M in groups of :data:`SWIZZLE` N tiles."""
-    def waves(tile):
-        tiles = -(-m // tile[0]) * -(-n // tile[1])
-        return -(-tiles // sms) * tile[0] * tile[1] / (1.0 if tile == TILE else SMALL_TILE_RATE)
-
-    tile = SMALL_TILE if rank > 64 else min((TILE, SMALL_TILE), key=waves)
+    tile = _tile(m, n, sms, rank)
     if m * k <= L2_RESIDENT_BYTES:
         return tile, True, 1
     if n * k <= L2_RESIDENT_BYTES:
         return tile, False, 1
     return tile, True, SWIZZLE if -(-n // tile[1]) % SWIZZLE == 0 else 1
+
+
+@functools.lru_cache(maxsize=1024)
+def launches(m: int, n: int, k: int, sms: int, rank: int = 0, split: bool = True
+             ) -> tuple[tuple[int, tuple[int, int], bool, int], ...]:
+    """The product as one launch or two, each ``(rows, tile, raster_m, swizzle)`` (:func:`plan`'s for its rows),
+    top rows first. A persistent grid whose last wave is mostly idle wastes that wave: FLUX's single-block
+    ``proj_out`` (4,608 × 3,072 outputs) is 432 tiles of 128 × 256, 3.27 waves on 132 SMs, so its fourth wave
+    runs 36 tiles while 96 SMs wait. Its first 4,224 rows are 3 whole waves; the last 384 in 128 × 128 tiles are
+    72 half-size tiles, one wave at about 0.6 of a big one's time. Two launches are taken where, with the second's
+    start (:data:`SPLIT_LAUNCH_K`), they cost less than one and ``split`` allows; the first fills its whole waves."""
+    tile = _tile(m, n, sms, rank)
+    one = ((m, *plan(m, n, k, sms, rank)),)
+    n_tiles = -(-n // tile[1])
+    whole = (-(-m // tile[0]) * n_tiles) // sms * sms // n_tiles * tile[0]  # rows that fill whole waves
+    if not split or tile != TILE or not 0 < whole < m:
+        return one
+    tail = m - whole
+    two = _waves(whole, n, tile, sms) + _waves(tail, n, _tile(tail, n, sms, rank), sms) + SPLIT_LAUNCH_K / k
+    if two >= _waves(m, n, tile, sms):
+        return one
+    return (whole, *plan(whole, n, k, sms, rank)), (tail, *plan(tail, n, k, sms, rank))
 
 
 def _view(t: torch.Tensor | None, ffi: bool = False):
@@ -194,12 +228,19 @@ def int8_gemm_sm90(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
     None where this variant cannot run here (:func:`_compiled`): the caller runs another kernel."""
     m, n = a.shape[0], w.shape[0]
     rank = 0 if lora_up is None else lora_up.shape[1]
-    fn = _compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu,
-                   *plan(m, n, a.shape[1], _sms(a.device), rank), a.device)
-    if fn is None:
+    parts = launches(m, n, a.shape[1], _sms(a.device), rank, SPLIT_TAIL)
+    fns = [_compiled(DTYPES[out_dtype], rank, DTYPES[bias.dtype] if bias is not None else None, gelu, *part[1:],
+                     a.device) for part in parts]
+    if None in fns:
         return None
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    a_scale, w_scale = pad_to(a_scale, TILE[0]), pad_to(w_scale, TILE[1])
+    bias = None if bias is None else pad_to(bias, TILE[1])
+    r0 = 0
     with torch.cuda.device(a.device):
-        fn(a, w, pad_to(a_scale, TILE[0]), pad_to(w_scale, TILE[1]), y, lora_act, lora_up,
-           None if bias is None else pad_to(bias, TILE[1]))
+        for fn, (rows, *_) in zip(fns, parts):  # row slices of whole tiles: 16-byte aligned views, no copies
+            r1 = r0 + rows
+            fn(a[r0:r1], w, a_scale[r0:], w_scale, y[r0:r1], None if lora_act is None else lora_act[r0:r1],
+               lora_up, bias)
+            r0 = r1
     return y
