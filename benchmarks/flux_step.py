@@ -333,6 +333,9 @@ def main(argv=None):
     ap.add_argument("--cutlass-views", action="store_true",
                     help="launch the CUTLASS GEMM through the DSL's DLPack views instead of apache-tvm-ffi (the "
                          "host-cost A/B)")
+    ap.add_argument("--gemm-one-launch", action="store_true",
+                    help="every CUTLASS GEMM in one launch, where the launch plan gives the last rows of FLUX's "
+                         "4,608-row products a second (cutlass_launch.SPLIT_TAIL: the A/B)")
     ap.add_argument("--act-chunk-bytes", type=int,
                     help="run the INT8 activation passes in row chunks of about this many input bytes "
                          "(svdquant.kernels.activations.CHUNK_BYTES; 0: off, the default)")
@@ -372,6 +375,10 @@ def main(argv=None):
         from svdquant.kernels import cutlass_launch
 
         cutlass_launch.TVM_FFI = False  # read when the DSL is first imported, before any layer runs
+    if args.gemm_one_launch:
+        from svdquant.kernels import cutlass_launch
+
+        cutlass_launch.SPLIT_TAIL = False
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -407,6 +414,7 @@ def main(argv=None):
         # what the runs used, not what was asked ("not used" where no runner loaded the DSL)
         used = cutlass_launch._STATE.get("ffi") if cutlass_launch._STATE.get("dsl") else None
         res["cutlass_launch"] = {None: "not used", True: "apache-tvm-ffi", False: "DLPack views"}[used]
+        res["cutlass_tail_launch"] = cutlass_launch.SPLIT_TAIL  # the last rows' second launch (launches)
         if args.out:
             (args.out / "flux_step.json").write_text(json.dumps(res, indent=1))
 
