@@ -404,6 +404,7 @@ def main(argv=None):
     ap.add_argument("--gemm-sweep", action="store_true", help="only the GEMM tiles (with bare FP8 _scaled_mm)")
     ap.add_argument("--gelu-sweep", action="store_true", help="only the activation pass's GELU cases")
     ap.add_argument("--quick", action="store_true", help="two shapes, M = 4096 only")
+    ap.add_argument("--tokens", type=int, nargs="+", choices=TOKENS, help="the table at these tokens only")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--w4a16", action="store_true", help="only the W4A16 (adaLN) table and its sweep")
@@ -447,7 +448,7 @@ def main(argv=None):
     if not args.no_table:
         w4a16_table(dev, out)
         shapes = SHAPES[:2] if args.quick else SHAPES
-        tokens = TOKENS[:1] if args.quick else TOKENS
+        tokens = TOKENS[:1] if args.quick else args.tokens or TOKENS
         rows = table(dev, shapes, tokens, out)
         header = (f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}; "
                   "median ms (triton.testing.do_bench; graphs: ten calls a CUDA graph, median of 20 replays); "
