@@ -1,10 +1,18 @@
 # issue 23: the CUTLASS GEMM's tail rows in a second launch (cutlass_launch.launches). Its GPU tests first (the new
-# two-launch shapes against the reference), then kernel_speed.py's 24-shape table (the GEMM split / one launch,
-# eager and in CUDA graphs, beside bare FP8 _scaled_mm), then the FLUX step by default if time is left
-# bash .gpu/call78.sh 590 ["--tokens 4608": only the 4,608-token rows, where the plan splits]
+# two-launch shapes against the reference; $3 seconds), then kernel_speed.py's table (the GEMM split / one launch,
+# eager and in CUDA graphs, beside bare FP8 _scaled_mm)
+# bash .gpu/call78.sh 590 ["--tokens 4608": only the 4,608-token rows, where the plan splits] [200]
 . .gpu/pre.sh "$1"
 . .gpu/cwinstall.sh || exit 1
 gtest ${3:-200} tests/test_cutlass_gemm.py -k "gpu_matches and (4608 or 4600 or 4080)" | tail -4
 timeout $(( $(left) - 10 )) python3 benchmarks/kernel_speed.py --no-check $2 --out $OUT > $OUT/kernels.log 2>&1; echo "kernels rc=$?"
-grep -E "^\| (4096|4608|16384|18432) " $OUT/kernels.md | awk -F'|' '{print $2,$3,$4,$5,$6,$8,$10,$21,$22}'
-tail -c 600 $OUT/kernels.log
+python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith('table '):
+        r = json.loads(line[6:])
+        keys = ('m', 'k', 'n', 'bf16', 'fp8_mm', 'ours_speed_r32', 'gemm', 'gemm_launches', 'gemm_split', 'gemm_one_launch',
+                'gemm_graph', 'gemm_one_launch_graph', 'error')
+        print({k: round(r[k], 4) if isinstance(r.get(k), float) else r.get(k) for k in keys if k in r})
+" $OUT/kernels.log
+tail -c 400 $OUT/kernels.log

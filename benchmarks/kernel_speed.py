@@ -446,7 +446,8 @@ def main(argv=None):
         sweep_small(dev, out)
         (out_dir / "kernels.json").write_text(json.dumps(out, indent=1))
     if not args.no_table:
-        w4a16_table(dev, out)
+        if not args.tokens:  # --tokens: the linear's table alone
+            w4a16_table(dev, out)
         shapes = SHAPES[:2] if args.quick else SHAPES
         tokens = TOKENS[:1] if args.quick else args.tokens or TOKENS
         rows = table(dev, shapes, tokens, out)
