@@ -4,7 +4,7 @@
 # bash .gpu/call78.sh 590 ["--tokens 4608": only the 4,608-token rows, where the plan splits] [200]
 . .gpu/pre.sh "$1"
 . .gpu/cwinstall.sh || exit 1
-gtest ${3:-200} tests/test_cutlass_gemm.py -k "gpu_matches and (4608 or 4600 or 4080)" | tail -4
+gtest ${3:-200} tests/test_cutlass_gemm.py -k "two_launches or (gpu_matches and 4080)" | tail -4
 timeout $(( $(left) - 10 )) python3 benchmarks/kernel_speed.py --no-check $2 --out $OUT > $OUT/kernels.log 2>&1; echo "kernels rc=$?"
 python3 -c "
 import json, sys

@@ -29,8 +29,10 @@ L2_RESIDENT_BYTES = 24 << 20
 # The start of a second launch in 128 × 256 tiles' time: about a wave of them at K = 640 (~4 µs on an H100, where a
 # wave at K = 3,072 took ~19.5 µs: the 4,608 × 3,072 × 3,072 product in 0.078 ms, 4 waves; BENCHMARKS.md)
 SPLIT_LAUNCH_K = 640
-# False: every product in one launch (an A/B switch for benchmarks: kernel_speed.py times both)
-SPLIT_TAIL = True
+# True: the last rows' second launch where :func:`launches` finds one cheaper. Off until timed and checked on an H100 /
+# H200 (its cost model is arithmetic; NOTES-GPU.md, session 40, has the plan): kernel_speed.py times both, and
+# flux_step.py --gemm-tail-launch turns it on for a step
+SPLIT_TAIL = False
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # 128 at 128 × 128 tiles only (two swizzle rows): at 0.81-1.07x bare FP8 on an H200 where Triton's kernel ran
