@@ -7,7 +7,8 @@ shape) compiles once per process and GPU, about 1-2 s, with dynamic M, N and K: 
 it, as a Triton kernel's first launch does, then loads and runs it once at a small shape, so a CUDA graph captured
 after a warm-up call (as ``svdquant.optimize`` captures) records only the launch. A variant that fails to compile or
 load warns once and is not tried again: :func:`int8_gemm_sm90` then returns None and the caller runs the Triton
-kernel.
+kernel. A product may run as two launches over row slices (:func:`launches`, behind :data:`SPLIT_TAIL`), each its
+own plan's variant.
 """
 
 from __future__ import annotations
