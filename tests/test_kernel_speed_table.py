@@ -17,7 +17,8 @@ def test_the_table_gives_eager_and_graph_ratios_against_bf16():
     row = dict(m=4608, k=3072, n=3072, bf16=0.3, fp8_mm=0.1, fp8_mm_quant=0.25, int_mm=0.15, ours_speed_r32=0.2,
                ours_speed_r0=0.16, ours_memory_r32=0.25, act=0.05, gemm=0.12, expand=0.01, gemm_tops=1000.0,
                bf16_graph=0.24, ours_graph=0.15)
-    split = dict(row, gemm_launches=2, gemm_split=0.12, gemm_graph=0.11, gemm_one_launch=0.13, gemm_one_launch_graph=0.125)
+    split = dict(row, gemm_launches=2, gemm_split=0.12, gemm_graph=0.11, gemm_one_launch=0.13,
+                 gemm_one_launch_graph=0.125)
     text = ks.markdown([split, dict(m=1, k=2, n=3, error="RuntimeError: out of memory"), row], "header")
     lines = text.splitlines()
     assert lines[0] == "header" and "graphs: ours/BF16" in lines[2]
