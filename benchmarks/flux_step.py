@@ -333,9 +333,10 @@ def main(argv=None):
     ap.add_argument("--cutlass-views", action="store_true",
                     help="launch the CUTLASS GEMM through the DSL's DLPack views instead of apache-tvm-ffi (the "
                          "host-cost A/B)")
-    ap.add_argument("--gemm-tail-launch", action="store_true",
-                    help="give the last rows of the CUTLASS GEMM's products whose last wave would mostly idle "
-                         "(FLUX's 4,608-row ones) a second launch (cutlass_launch.SPLIT_TAIL: the A/B)")
+    ap.add_argument("--gemm-one-launch", action="store_true",
+                    help="run every CUTLASS GEMM as one launch, without the second launch that the last rows of "
+                         "products whose last wave would mostly idle take by default (FLUX's 4,608-row ones; "
+                         "cutlass_launch.SPLIT_TAIL: the A/B)")
     ap.add_argument("--act-chunk-bytes", type=int,
                     help="run the INT8 activation passes in row chunks of about this many input bytes "
                          "(svdquant.kernels.activations.CHUNK_BYTES; 0: off, the default)")
@@ -375,10 +376,10 @@ def main(argv=None):
         from svdquant.kernels import cutlass_launch
 
         cutlass_launch.TVM_FFI = False  # read when the DSL is first imported, before any layer runs
-    if args.gemm_tail_launch:
+    if args.gemm_one_launch:
         from svdquant.kernels import cutlass_launch
 
-        cutlass_launch.SPLIT_TAIL = True
+        cutlass_launch.SPLIT_TAIL = False
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:

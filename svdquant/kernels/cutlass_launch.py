@@ -30,10 +30,14 @@ L2_RESIDENT_BYTES = 24 << 20
 # The start of a second launch in 128 × 256 tiles' time: about a wave of them at K = 640 (~4 µs on an H100, where a
 # wave at K = 3,072 took ~19.5 µs: the 4,608 × 3,072 × 3,072 product in 0.078 ms, 4 waves; BENCHMARKS.md)
 SPLIT_LAUNCH_K = 640
-# True: the last rows' second launch where :func:`launches` finds one cheaper. Off until timed and checked on an H100 /
-# H200 (its cost model is arithmetic; NOTES-GPU.md, session 40, has the plan): kernel_speed.py times both, and
-# flux_step.py --gemm-tail-launch turns it on for a step
-SPLIT_TAIL = False
+# The least share of one launch's estimated time a second launch must save. On an H100 the splits estimated at
+# 0.91-0.95x ran at 0.90-0.95x (CUDA graphs), those at 0.97-1.00x at 0.98-1.09x, inside the timings' noise
+# (BENCHMARKS.md, "The GEMM's tail launch"): small gains are not taken
+SPLIT_MIN_GAIN = 0.04
+# True: the last rows' second launch where :func:`launches` finds one cheaper (checked and timed on an H100: FLUX's
+# step at batch 1, 88.5 -> 87.5 ms). False is the A/B switch back to one launch: kernel_speed.py times both, and
+# flux_step.py --gemm-one-launch turns it off for a step
+SPLIT_TAIL = True
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # 128 at 128 × 128 tiles only (two swizzle rows): at 0.81-1.07x bare FP8 on an H200 where Triton's kernel ran
@@ -133,7 +137,8 @@ def launches(m: int, n: int, k: int, sms: int, rank: int = 0, split: bool = True
     ``proj_out`` (4,608 × 3,072 outputs) is 432 tiles of 128 × 256, 3.27 waves on 132 SMs, so its fourth wave
     runs 36 tiles while 96 SMs wait. Its first 4,224 rows are 3 whole waves; the last 384 in 128 × 128 tiles are
     72 half-size tiles, one wave at about 0.6 of a big one's time. Two launches are taken where, with the second's
-    start (:data:`SPLIT_LAUNCH_K`), they cost less than one and ``split`` allows; the first fills its whole waves."""
+    start (:data:`SPLIT_LAUNCH_K`), they cost at least :data:`SPLIT_MIN_GAIN` less than one and ``split`` allows;
+    the first fills its whole waves."""
     tile = _tile(m, n, sms, rank)
     one = ((m, *plan(m, n, k, sms, rank)),)
     n_tiles = -(-n // tile[1])
@@ -142,7 +147,7 @@ def launches(m: int, n: int, k: int, sms: int, rank: int = 0, split: bool = True
         return one
     tail = m - whole
     two = _waves(whole, n, tile, sms) + _waves(tail, n, _tile(tail, n, sms, rank), sms) + SPLIT_LAUNCH_K / k
-    if two >= _waves(m, n, tile, sms):
+    if two > (1 - SPLIT_MIN_GAIN) * _waves(m, n, tile, sms):
         return one
     return (whole, *plan(whole, n, k, sms, rank)), (tail, *plan(tail, n, k, sms, rank))
 
