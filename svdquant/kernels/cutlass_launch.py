@@ -32,11 +32,11 @@ L2_RESIDENT_BYTES = 24 << 20
 SPLIT_LAUNCH_K = 640
 # The least share of one launch's estimated time a second launch must save. On an H100 the splits estimated at
 # 0.91-0.95x ran at 0.90-0.95x (CUDA graphs), those at 0.97-1.00x at 0.98-1.09x, inside the timings' noise
-# (BENCHMARKS.md, "The GEMM's tail launch"): small gains are not taken
+# (BENCHMARKS.md, "Session 41"): small gains are not taken
 SPLIT_MIN_GAIN = 0.04
 # True: the last rows' second launch where :func:`launches` finds one cheaper (checked and timed on an H100: FLUX's
-# step at batch 1, 88.5 -> 87.5 ms). False is the A/B switch back to one launch: kernel_speed.py times both, and
-# flux_step.py --gemm-one-launch turns it off for a step
+# step at batch 1, 88.5 -> 87.5 ms, before SPLIT_MIN_GAIN). False is the A/B switch back to one launch:
+# kernel_speed.py times both, and flux_step.py --gemm-one-launch turns it off for a step
 SPLIT_TAIL = True
 SWIZZLE = 4  # N tiles per group where neither operand stays in L2: A is swept once per group, not once per tile
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
