@@ -40,7 +40,11 @@ Variants, on one pipeline per model (``fp8-torchao`` after ``int4``: on a second
   what ``load_pipeline`` gives on CUDA by default (fused, attention backend, compiled blocks, CUDA graphs);
 * ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")``: INT8 Q·Kᵀ attention (opt-in);
 * ``int4-model``: the same with ``svdquant.optimize(pipe, compile="model")``: the whole forward as one graph
-  (opt-in).
+  (opt-in);
+* ``int4-normrope``: the same with q/k RMSNorm + RoPE as one op in every attention that takes it, Qwen-Image's
+  too (``svdquant.modules.norm_rope.OPTIMIZED`` widened for the call: the A/B before ``optimize`` turns it on).
+
+Each ``int4`` variant after the first starts from the quantized layers unfused (``deoptimize``, ``unfuse``).
 
 Per variant and batch size: the first call's seconds (compilation, capture) and the steady seconds per image
 (median of ``--repeats`` calls), peak GPU memory of a steady call and what stays resident. Results go to
@@ -68,11 +72,26 @@ from pipeline_memory import (  # noqa: E402
     MODELS, _quiet, build, call_facts, components_gb, denoiser, random_quantize, run_device, run_facts,
 )
 
-VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn", "int4-model")
-OPTIMIZE = {"int4": {}, "int4-int8attn": dict(attention="int8"), "int4-model": dict(compile="model")}
+VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn", "int4-model", "int4-normrope")
+OPTIMIZE = {"int4": {}, "int4-int8attn": dict(attention="int8"), "int4-model": dict(compile="model"),
+            "int4-normrope": {}}
 # Models whose prompt is encoded once, before the variants, then their text encoder dropped from the GPU: every
 # timed call reads the precomputed prompt_embeds (FLUX.2 [dev]: 64.45 + 48.0 GB of BF16 weights)
 PRECOMPUTED_TEXT = ("flux2",)
+
+
+def optimize_as(pipe, variant: str):
+    """``svdquant.optimize`` with the variant's arguments; ``int4-normrope`` with q/k norm + RoPE fused wherever the
+    op takes it (the module's switch, put back after)."""
+    import svdquant
+    from svdquant.modules import norm_rope
+
+    optimized = norm_rope.OPTIMIZED
+    norm_rope.OPTIMIZED = norm_rope.ARCHITECTURES if variant == "int4-normrope" else optimized
+    try:
+        return svdquant.optimize(pipe, **OPTIMIZE[variant])
+    finally:
+        norm_rope.OPTIMIZED = optimized
 
 
 def _sync(device):
@@ -209,13 +228,14 @@ def run_model(model: str, args, device: str, results: dict, t_start: float, log)
             quantize_(den, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
             row["compiled_blocks"] = compile_denoiser(den)
         elif variant in OPTIMIZE:
-            if quantized:  # after the int4 variant: the same layers, optimized again
+            if quantized:  # after the int4 variant: the same layers, fused and optimized again
                 svdquant.deoptimize(pipe)
+                svdquant.unfuse(pipe)
             else:
                 uncompile(den)
                 row["quantized_layers"] = random_quantize(den, "speed")
                 quantized = True
-            report = svdquant.optimize(pipe, **OPTIMIZE[variant])
+            report = optimize_as(pipe, variant)
         for b in args.batch:
             if not left():
                 row[f"b{b}"] = {"skipped": f"past --budget-s {args.budget_s}"}

@@ -14,6 +14,12 @@ heads first (the layout diffusers' SDPA backends read). Then a block's q and k, 
 op for each (two launches a stream), the qk op (one launch a stream, the kernel's ``pair=``: what
 ``fuse(norm_rope=True)`` runs), the same with the partners loaded a second time (the kernel to session 36), and
 inductor's kernels compiled for both at once.
+
+Then Qwen-Image's case (``qwenimage``: a block's q and k, 4,096 image tokens after 256 text tokens, slices of
+stacked q/k/v outputs, heads first): diffusers' math (its ``RMSNorm``, then the complex product of
+``apply_rotary_emb_qwen``) eager and compiled, where inductor generates no code for the complex product, against
+the qk op with diffusers' RMSNorm rounding, its tables made from the complex ones in the timed call, as the
+processor makes them.
 """
 
 from __future__ import annotations
@@ -143,6 +149,46 @@ def run(args) -> dict:
     return results
 
 
+def qwen_case(quick: bool, device: str, bench) -> dict:
+    """Qwen-Image's q and k (see the module doc): diffusers' math against the qk op, ``round_norm`` on."""
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    from svdquant.ops.norm_rope import complex_tables, norm_rope_qk
+
+    heads, dim, tokens, text = (2, 32, 16, 8) if quick else (24, 128, 4096, 256)
+    q, k, _, _ = inputs(dict(tokens=tokens, text=text, row=3 * heads * dim), heads, dim, device)
+    g = torch.Generator().manual_seed(1)
+    image, txt = (torch.polar(torch.ones(n, dim // 2), torch.randn(n, dim // 2, generator=g) * 10).to(device)
+                  for n in (tokens, text))
+
+    def diffusers_way(t, t2, w, w2):  # QwenDoubleStreamAttnProcessor2_0's steps, text first
+        def one(x, weight, freqs):
+            x = x.unflatten(-1, (heads, -1))
+            x = (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(weight.dtype) * weight
+            return apply_rotary_emb_qwen(x, freqs, use_real=False)
+        return torch.cat([one(t2, w2, txt), one(t, w, image)], dim=1)  # [B, S, H, D], as it reaches the attention
+
+    def both():
+        return diffusers_way(q["x"], q["x2"], q["w"], q["w2"]), diffusers_way(k["x"], k["x2"], k["w"], k["w2"])
+
+    def ours():
+        cos, sin = complex_tables(txt, image)
+        return norm_rope_qk(q["x"], k["x"], q["w"], k["w"], cos, sin, 1e-6, heads, q["x2"], k["x2"], q["w2"],
+                            k["w2"], heads_first=True, round_norm=True)
+    variants = {"diffusers Qwen-Image eager, q and k": both, "svdquant qk op, diffusers' RMSNorm rounding": ours}
+    if not quick:
+        variants["diffusers Qwen-Image compiled (inductor), q and k"] = torch.compile(both, dynamic=False)
+    expect = torch.cat(both())
+    moved = 2 * 2 * expect[0].numel() * expect.element_size()  # q and k, each read once and written once
+    rows = {}
+    for label, fn in variants.items():
+        err = float((torch.cat(fn()).float() - expect.float()).abs().max())
+        ms = bench(fn)
+        rows[label] = {"ms": round(ms, 4), "bytes": moved, "GB/s": round(moved / ms / 1e6, 1), "max_abs_err": err}
+        print(f"qwenimage {label:62s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+    return {"bytes": moved, "heads": heads, "dim": dim, "tokens": tokens, "text": text, "variants": rows}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU, tiny shapes: checks the script runs")
@@ -153,6 +199,8 @@ def main(argv=None) -> dict:
     elif not torch.cuda.is_available():
         sys.exit("norm_rope_speed.py times a CUDA GPU; on the CPU give --quick")
     results = run(args)
+    results["cases"]["qwenimage"] = qwen_case(args.quick, "cpu" if args.quick else "cuda",
+                                              timer("cpu" if args.quick else "cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "norm_rope_speed.json").write_text(json.dumps(results, indent=1))
     return results

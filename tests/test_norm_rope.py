@@ -217,7 +217,7 @@ def test_the_qk_launches_write_what_a_launch_each_writes(pairable, s2, monkeypat
     launches = []
     monkeypatch.setattr(N.library, "_kernels", lambda: type("kernels", (), {"norm_rope_into": staticmethod(
         lambda *a, **kw: launches.append("pair" in kw) or K.norm_rope_into(*a, **kw))}))
-    N._streams_into(q, xq, wq, tq, wq2, cos, sin, 1e-6, key=(k, xk, None, tk, wk2))
+    N._streams_into(q, xq, wq, tq, wq2, cos, sin, 1e-6, False, key=(k, xk, None, tk, wk2))
     assert launches == [True] * (2 if s2 else 1) if pairable else launches == [True] * bool(s2) + [False, False]
     ones = torch.ones(d, dtype=torch.bfloat16)
     for out, x, w, t, tw in ((q1, xq, wq, tq, wq2), (k1, xk, ones, tk, wk2)):

@@ -8,7 +8,8 @@ attention reads (contiguous, or heads first for SDPA's kernels), the tokens writ
 which it reads the rotary tables and the norm's weight once. A head's ``D`` values are normalized in fp32, scaled
 by the norm's weight and rounded to the output dtype (as the module returns them), then rotated in fp32 with each
 value's pair partner (``2i`` with ``2i + 1``), split from the registers by default (or loaded a second time from
-cache, as to session 36), and rounded again.
+cache, as to session 36), and rounded again. ``ROUND_NORM``: the norm as diffusers' own ``RMSNorm`` rounds it
+(Qwen-Image's q/k norms): the normalized value rounded to the output dtype before the weight, the product rounded.
 """
 
 from __future__ import annotations
@@ -19,9 +20,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _normed(x, w, dtype: tl.constexpr, ROUND_NORM: tl.constexpr):
+    """``x · rsqrt(mean x² + eps)`` times the weight, rounded to ``dtype`` and back: as ``torch.nn.RMSNorm`` (one
+    rounding), or ``ROUND_NORM`` as diffusers' ``RMSNorm`` (rounded before the weight, the product rounded again)."""
+    if ROUND_NORM:
+        x = x.to(dtype).to(tl.float32)
+    return (x * w).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, outk_ptr, S, stride_xb, stride_xs,
                      stride_ob, stride_os, stride_oh, token_offset, eps, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                     HEADS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr):
+                     HEADS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr, ROUND_NORM: tl.constexpr):
     pid_t, pid_h = tl.program_id(0), tl.program_id(1)
     if PAIR:  # the second half of the head axis is the key's (same shapes and strides), chosen once per program
         groups = tl.num_programs(1) // 2
@@ -50,7 +60,7 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
         x = tl.load(rows + d[None, :], mask=tmask, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
         # the norm's output, rounded as the module returns it; the rotation reads that
-        y = (x * inv * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = _normed(x * inv, w, out_ptr.dtype.element_ty, ROUND_NORM)
         if SPLIT:  # the partners from registers: [T, D/2, 2] split into the even and odd values, rejoined swapped
             even, odd = tl.split(tl.reshape(y, (BLOCK_T, D // 2, 2)))
             out = y * c + tl.reshape(tl.join(-odd, even), (BLOCK_T, D)) * s
@@ -58,7 +68,7 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
             w_partner = tl.load(w_ptr + (d ^ 1)).to(tl.float32)[None, :]
             sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]  # rotated[2i] = -x[2i + 1], rotated[2i + 1] = x[2i]
             partner = tl.load(rows + (d ^ 1)[None, :], mask=tmask, other=0.0).to(tl.float32)
-            y_partner = (partner * inv * w_partner).to(out_ptr.dtype.element_ty).to(tl.float32)
+            y_partner = _normed(partner * inv, w_partner, out_ptr.dtype.element_ty, ROUND_NORM)
             out = y * c + sign * y_partner * s
         dst = out_ptr + b * stride_ob + pos[:, None] * stride_os + h * stride_oh + d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tmask)
@@ -66,7 +76,8 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
 
 def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    eps: float, token_offset: int, block_t: int = 16, group: int = 1,
-                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, split: bool = True) -> None:
+                   pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, split: bool = True,
+                   round_norm: bool = False) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
     ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
@@ -76,7 +87,7 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     ``split`` (the default): each value's rotation partner taken from registers (a reshape, split and join), not
     loaded and normalized a second time: the same bits in 64 registers a thread against 90 for sm_90, and twice the
     speed (0.0247 against 0.0493 ms for a single block's q, 2.3 TB/s: the kernel had been bound by its instructions,
-    not by its bytes)."""
+    not by its bytes). ``round_norm``: the norm as diffusers' ``RMSNorm`` rounds it (the kernel's ``ROUND_NORM``)."""
     batch, tokens, _ = x.shape
     n_heads, dim = out.shape[2], out.shape[3]
     if n_heads % group:
@@ -88,7 +99,7 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     grid = (triton.cdiv(tokens, block_t), n_heads // group * (1 if pair is None else 2), batch)
     norm_rope_kernel[grid](x, weight, cos, sin, out, x_k, weight_k, out_k, tokens, x.stride(0), x.stride(1),
                            out.stride(0), out.stride(1), out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t,
-                           HEADS=group, PAIR=pair is not None, SPLIT=split, num_warps=4)
+                           HEADS=group, PAIR=pair is not None, SPLIT=split, ROUND_NORM=round_norm, num_warps=4)
 
 
 __all__ = ["norm_rope_kernel", "norm_rope_into"]

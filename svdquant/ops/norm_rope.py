@@ -7,7 +7,9 @@ ms of a FLUX.1-dev step on an H100 (BENCHMARKS.md, "Session 34"), where reading 
 once costs ~1.5 ms at the GPU's bandwidth. :func:`norm_rope` is the Triton kernel (:mod:`svdquant.kernels.norm_rope`)
 on a CUDA GPU, a torch custom op so ``torch.compile`` and CUDA graphs take it whole, and :func:`norm_rope_reference`
 elsewhere; :func:`norm_rope_qk` does the query and the key in one op, a stream's two in one launch (what the FLUX
-processor runs: 2.91 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md "Session 37").
+processor runs: 2.91 ms of a FLUX.1-dev step on an H100, BENCHMARKS.md "Session 37"). ``round_norm`` gives Qwen-Image's
+variant: diffusers' own ``RMSNorm`` rounds the normalized value before the weight, and its rotation is a complex
+product, the same bits from :func:`complex_tables`' real and imaginary parts.
 """
 
 from __future__ import annotations
@@ -20,19 +22,33 @@ from . import library
 
 
 def norm_rope_reference(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
-                        x2: Tensor | None = None, weight2: Tensor | None = None) -> Tensor:
+                        x2: Tensor | None = None, weight2: Tensor | None = None, round_norm: bool = False) -> Tensor:
     """What diffusers computes: ``x`` ``[B, S, H·D]`` (and the text stream ``x2`` ``[B, S2, H·D]``, put first)
     through ``F.rms_norm`` over each head with ``weight`` (``weight2``), concatenated, then rotated by ``cos`` /
     ``sin`` ``[S2 + S, D]`` as diffusers' ``apply_rotary_emb(..., use_real_unbind_dim=-1)`` does ->
-    ``[B, S2 + S, H, D]``."""
+    ``[B, S2 + S, H, D]``. ``round_norm``: the norm as diffusers' own ``RMSNorm`` computes it (Qwen-Image's q/k
+    norms), the normalized value rounded before the weight; the rotation is then the same bits as Qwen-Image's
+    complex product (``apply_rotary_emb_qwen(..., use_real=False)``) with ``cos`` / ``sin`` its real and imaginary
+    parts, each repeated for a pair's two values."""
     def norm(t, w):
         t = t.unflatten(-1, (heads, -1))
-        return F.rms_norm(t, (t.shape[-1],), w, eps)
+        if not round_norm:
+            return F.rms_norm(t, (t.shape[-1],), w, eps)
+        t = (t * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
+        return t if w is None else t * w
 
     y = norm(x, weight) if x2 is None else torch.cat([norm(x2, weight2), norm(x, weight)], dim=1)
     real, imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return (y.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]).to(y.dtype)
+
+
+def complex_tables(*tables: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` ``[tokens, D]`` for :func:`norm_rope` from complex rotary tables ``[tokens_i, D / 2]`` (as
+    Qwen-Image gives them, one a stream), in the order given: each value's real and imaginary part for its pair's
+    two channels. Views of the complex tables, then real ops only (inductor generates no code for complex ones)."""
+    parts = torch.cat([torch.view_as_real(t) for t in tables])
+    return parts[..., 0].repeat_interleave(2, dim=1), parts[..., 1].repeat_interleave(2, dim=1)
 
 
 def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, heads: int, x2: Tensor | None = None,
@@ -83,69 +99,70 @@ def _empty(x: Tensor, tokens: int, heads: int, heads_first: bool) -> Tensor:
 
 
 def _reference_in_layout(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
-                         x2: Tensor | None, weight2: Tensor | None, heads_first: bool) -> Tensor:
-    out = norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2)  # contiguous, as the fake's
+                         x2: Tensor | None, weight2: Tensor | None, heads_first: bool, round_norm: bool) -> Tensor:
+    out = norm_rope_reference(x, weight, cos, sin, eps, heads, x2, weight2, round_norm)  # contiguous, as the fake's
     return _empty(x, out.shape[1], heads, True).copy_(out) if heads_first else out
 
 
 @torch.library.custom_op("svdquant::norm_rope", mutates_args=())
 def norm_rope_op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
-                 x2: Tensor | None, weight2: Tensor | None, heads_first: bool) -> Tensor:
+                 x2: Tensor | None, weight2: Tensor | None, heads_first: bool, round_norm: bool) -> Tensor:
     if x.device.type != "cuda":
-        return _reference_in_layout(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
+        return _reference_in_layout(x, weight, cos, sin, eps, heads, x2, weight2, heads_first, round_norm)
     out = _empty(x, (0 if x2 is None else x2.shape[1]) + x.shape[1], heads, heads_first)
-    _streams_into(out, x, weight, x2, weight2, cos.contiguous(), sin.contiguous(), eps)
+    _streams_into(out, x, weight, x2, weight2, cos.contiguous(), sin.contiguous(), eps, round_norm)
     return out
 
 
 @norm_rope_op.register_fake
-def _(x, weight, cos, sin, eps, heads, x2, weight2, heads_first):
+def _(x, weight, cos, sin, eps, heads, x2, weight2, heads_first, round_norm):
     return _empty(x, (0 if x2 is None else x2.shape[1]) + x.shape[1], heads, heads_first)
 
 
 def _launch(out: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, offset: int,
-            key: tuple | None = None) -> None:
+            round_norm: bool, key: tuple | None = None) -> None:
     """One stream; with ``key=(out_k, x_k, weight_k)`` the key's too: in the same launch where their inputs share
     shapes and strides (slices of one stacked q/k/v output), else a launch each."""
     launch = library._kernels().norm_rope_into  # svdquant.kernels, imported at the first launch
     w = weight if weight is not None else x.new_ones(out.shape[-1])
     if key is None:
-        launch(out, x, w, cos, sin, eps, offset)
+        launch(out, x, w, cos, sin, eps, offset, round_norm=round_norm)
         return
     out_k, x_k, weight_k = key
     w_k = weight_k if weight_k is not None else x_k.new_ones(out.shape[-1])
     if (x.shape, x.stride(), x.dtype, w.dtype) == (x_k.shape, x_k.stride(), x_k.dtype, w_k.dtype):
-        launch(out, x, w, cos, sin, eps, offset, pair=(out_k, x_k, w_k))
+        launch(out, x, w, cos, sin, eps, offset, pair=(out_k, x_k, w_k), round_norm=round_norm)
     else:
-        launch(out, x, w, cos, sin, eps, offset)
-        launch(out_k, x_k, w_k, cos, sin, eps, offset)
+        launch(out, x, w, cos, sin, eps, offset, round_norm=round_norm)
+        launch(out_k, x_k, w_k, cos, sin, eps, offset, round_norm=round_norm)
 
 
 def _streams_into(out: Tensor, x: Tensor, weight: Tensor | None, x2: Tensor | None, weight2: Tensor | None,
-                  cos: Tensor, sin: Tensor, eps: float, key: tuple | None = None) -> None:
+                  cos: Tensor, sin: Tensor, eps: float, round_norm: bool, key: tuple | None = None) -> None:
     """Both ops' launches: the text stream ``x2`` (if any) from token 0, then the image stream ``x`` after it; with
     ``key=(out_k, k, weight_k, k2, weight_k2)`` the key's streams in the same launches."""
     if x2 is not None:
-        _launch(out, x2, weight2, cos, sin, eps, 0, None if key is None else (key[0], key[3], key[4]))
-    _launch(out, x, weight, cos, sin, eps, 0 if x2 is None else x2.shape[1], None if key is None else key[:3])
+        _launch(out, x2, weight2, cos, sin, eps, 0, round_norm, None if key is None else (key[0], key[3], key[4]))
+    _launch(out, x, weight, cos, sin, eps, 0 if x2 is None else x2.shape[1], round_norm,
+            None if key is None else key[:3])
 
 
 @torch.library.custom_op("svdquant::norm_rope_qk", mutates_args=())
 def norm_rope_qk_op(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None, cos: Tensor, sin: Tensor,
                     eps: float, heads: int, q2: Tensor | None, k2: Tensor | None, weight_q2: Tensor | None,
-                    weight_k2: Tensor | None, heads_first: bool) -> tuple[Tensor, Tensor]:
+                    weight_k2: Tensor | None, heads_first: bool, round_norm: bool) -> tuple[Tensor, Tensor]:
     if q.device.type != "cuda":
-        return (_reference_in_layout(q, weight_q, cos, sin, eps, heads, q2, weight_q2, heads_first),
-                _reference_in_layout(k, weight_k, cos, sin, eps, heads, k2, weight_k2, heads_first))
+        return (_reference_in_layout(q, weight_q, cos, sin, eps, heads, q2, weight_q2, heads_first, round_norm),
+                _reference_in_layout(k, weight_k, cos, sin, eps, heads, k2, weight_k2, heads_first, round_norm))
     tokens = (0 if q2 is None else q2.shape[1]) + q.shape[1]
     out_q, out_k = _empty(q, tokens, heads, heads_first), _empty(k, tokens, heads, heads_first)
-    _streams_into(out_q, q, weight_q, q2, weight_q2, cos.contiguous(), sin.contiguous(), eps,
+    _streams_into(out_q, q, weight_q, q2, weight_q2, cos.contiguous(), sin.contiguous(), eps, round_norm,
                   key=(out_k, k, weight_k, k2, weight_k2))
     return out_q, out_k
 
 
 @norm_rope_qk_op.register_fake
-def _(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first):
+def _(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first, round_norm):
     tokens = (0 if q2 is None else q2.shape[1]) + q.shape[1]
     return _empty(q, tokens, heads, heads_first), _empty(k, tokens, heads, heads_first)
 
@@ -153,18 +170,21 @@ def _(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_
 def norm_rope_qk(q: Tensor, k: Tensor, weight_q: Tensor | None, weight_k: Tensor | None, cos: Tensor, sin: Tensor,
                  eps: float, heads: int, q2: Tensor | None = None, k2: Tensor | None = None,
                  weight_q2: Tensor | None = None, weight_k2: Tensor | None = None,
-                 heads_first: bool = False) -> tuple[Tensor, Tensor]:
+                 heads_first: bool = False, round_norm: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`norm_rope` of the query and the key with one eps, a stream's two in one launch on a CUDA GPU (the
     kernel's ``pair=``): half the launches of a call each, the same bits. Check :func:`unsupported_qk` first."""
-    return norm_rope_qk_op(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first)
+    return norm_rope_qk_op(q, k, weight_q, weight_k, cos, sin, eps, heads, q2, k2, weight_q2, weight_k2, heads_first,
+                           round_norm)
 
 
 def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float, heads: int,
-              x2: Tensor | None = None, weight2: Tensor | None = None, heads_first: bool = False) -> Tensor:
+              x2: Tensor | None = None, weight2: Tensor | None = None, heads_first: bool = False,
+              round_norm: bool = False) -> Tensor:
     """The q (or k) attention takes, ``[B, S2 + S, H, D]``: the Triton kernel on a CUDA GPU, the reference elsewhere.
     ``heads_first``: laid out as the transpose of ``[B, H, S2 + S, D]`` (for SDPA's kernels), else contiguous.
-    Check :func:`unsupported` first."""
-    return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2, heads_first)
+    ``round_norm``: the norm as diffusers' ``RMSNorm`` rounds it (:func:`norm_rope_reference`). Check
+    :func:`unsupported` first."""
+    return norm_rope_op(x, weight, cos, sin, eps, heads, x2, weight2, heads_first, round_norm)
 
 
-__all__ = ["norm_rope", "norm_rope_qk", "norm_rope_reference", "unsupported", "unsupported_qk"]
+__all__ = ["complex_tables", "norm_rope", "norm_rope_qk", "norm_rope_reference", "unsupported", "unsupported_qk"]

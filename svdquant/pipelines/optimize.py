@@ -165,8 +165,9 @@ def _optimize_model(model: nn.Module, fuse: bool, attention: str | None, compile
         return report
     if fuse:
         from ..modules.fusions import fuse_model
+        from ..modules.norm_rope import OPTIMIZED
 
-        report.fused = fuse_model(model, norm_rope=True)
+        report.fused = fuse_model(model, norm_rope=OPTIMIZED)
     if attention is not None:
         _set_attention(model, attention, report, cuda_graphs)
     if compile == MODEL and hooked(model.modules()):
