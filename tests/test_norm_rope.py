@@ -54,15 +54,16 @@ def test_the_reference_is_diffusers_math_to_the_bit(dtype, s2):
                        diffusers_way(x, w, cos, sin, 1e-6, 3, x2, w2))
 
 
-def truncated_reference(x, w, cos, sin, eps, h, x2, w2):
+def truncated_reference(x, w, cos, sin, eps, h, x2, w2, round_norm=False):
     """The kernel's steps in torch, rounding fp32 to bf16 toward zero as Triton's interpreter does (the GPU rounds to
-    nearest, as the reference does)."""
+    nearest, as the reference does); ``round_norm``: the kernel's ROUND_NORM (Qwen-Image's norm rounding)."""
     def trunc(t):
         return (t.float().view(torch.int32) & -65536).view(torch.float32)
 
     def norm(t, weight):
         t = t.unflatten(-1, (h, -1)).float()
-        return trunc(t * torch.rsqrt((t * t).sum(-1, keepdim=True) / t.shape[-1] + eps) * weight.float())
+        normed = t * torch.rsqrt((t * t).sum(-1, keepdim=True) / t.shape[-1] + eps)
+        return trunc((trunc(normed) if round_norm else normed) * weight.float())
 
     y = norm(x, w) if x2 is None else torch.cat([norm(x2, w2), norm(x, w)], 1)
     real, imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)

@@ -20,6 +20,7 @@ from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStrea
 
 import svdquant
 from svdquant.ops import norm_rope as N
+from test_norm_rope import truncated_reference
 
 interpreter = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="interpreter tests run on CPU machines")
@@ -62,22 +63,6 @@ def test_the_rounded_norm_reference_is_qwen_images_math_to_the_bit(dtype, s2):
         assert not torch.equal(ref, N.norm_rope_reference(x, w, cos, sin, 1e-6, 3, x2, w2))
 
 
-def _trunc(t):
-    return (t.float().view(torch.int32) & -65536).view(torch.float32)
-
-
-def truncated_rounded_reference(x, w, cos, sin, eps, h, x2, w2):
-    """The ROUND_NORM kernel's steps, rounding fp32 to bf16 toward zero as Triton's interpreter does."""
-    def norm(t, weight):
-        t = t.unflatten(-1, (h, -1)).float()
-        return _trunc(_trunc(t * torch.rsqrt((t * t).sum(-1, keepdim=True) / t.shape[-1] + eps)) * weight.float())
-
-    y = norm(x, w) if x2 is None else torch.cat([norm(x2, w2), norm(x, w)], 1)
-    real, imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], -1).flatten(3)
-    return _trunc(y * cos[None, :, None, :] + rotated * sin[None, :, None, :]).to(torch.bfloat16)
-
-
 @interpreter
 @pytest.mark.parametrize("s2", [None, 5])
 def test_the_kernels_rounded_norm_against_the_reference_in_the_interpreter(s2):
@@ -88,8 +73,11 @@ def test_the_kernels_rounded_norm_against_the_reference_in_the_interpreter(s2):
     def emulated(x, w, cos, sin, eps, h, x2, w2):
         return N.norm_rope_reference(x, w, cos, sin, eps, h, x2, w2, round_norm=True)
 
+    def truncated(x, w, cos, sin, eps, h, x2, w2):  # the interpreter's bf16 rounding toward zero
+        return truncated_reference(x, w, cos, sin, eps, h, x2, w2, round_norm=True)
+
     for (dtype, reference), split in itertools.product(
-            ((torch.float16, emulated), (torch.bfloat16, truncated_rounded_reference)), (True, False)):
+            ((torch.float16, emulated), (torch.bfloat16, truncated)), (True, False)):
         x, w, cos, sin, x2, w2, _ = case(1 + (s2 or 0), 2, 13, s2, 3, 32, dtype)
         ref = reference(x, w, cos, sin, 1e-6, 3, x2, w2)
         out, out_k = torch.empty_like(ref), torch.empty_like(ref)
