@@ -45,7 +45,7 @@ def qwen_way(x, w, freqs, eps, h, x2, w2):
     d = x.shape[-1] // h
 
     def norm_rope(t, weight, f):
-        norm = RMSNorm(d, eps=eps).to(t.dtype)
+        norm = RMSNorm(d, eps=eps).to(device=t.device, dtype=t.dtype)
         norm.weight.data.copy_(weight)
         return apply_rotary_emb_qwen(norm(t.unflatten(-1, (h, d))), f, use_real=False)
 
