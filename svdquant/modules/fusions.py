@@ -1,7 +1,7 @@
 """Every run-time fusion on one model, in one place: what :func:`svdquant.fuse` / :func:`svdquant.unfuse` do to each
-model they are given and what :func:`svdquant.optimize` fuses (the same call, with q/k RMSNorm + RoPE on where it was timed).
-Each fusion lives in its own module (``fused.py``, ``modulations.py``, ``norm_rope.py``); the latter two import
-diffusers' FLUX classes, so they are imported here only when called."""
+model they are given and what :func:`svdquant.optimize` fuses (the same call, with q/k RMSNorm + RoPE on where it
+was timed). Each fusion lives in its own module (``fused.py``, ``modulations.py``, ``norm_rope.py``); the latter
+two import diffusers' FLUX (and Qwen-Image) classes, so they are imported here only when called."""
 
 from __future__ import annotations
 
