@@ -157,7 +157,7 @@ def _norm_rope(pair: bool, split: bool = True, round_norm: bool = False):
     N = importlib.import_module("svdquant.kernels.norm_rope")
     sig = dict(x_ptr="*bf16", w_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", out_ptr="*bf16", xk_ptr="*bf16",
                wk_ptr="*bf16", outk_ptr="*bf16", S="i32", stride_xb="i32", stride_xs="i32", stride_ob="i32",
-               stride_os="i32", stride_oh="i32", token_offset="i32", eps="fp32")
+               stride_os="i32", stride_oh="i32", stride_tb="i32", token_offset="i32", eps="fp32")
     return N.norm_rope_kernel, sig, dict(D=128, BLOCK_T=16, HEADS=1, PAIR=pair, SPLIT=split, ROUND_NORM=round_norm), \
         4, 3
 

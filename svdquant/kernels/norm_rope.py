@@ -30,8 +30,9 @@ def _normed(x, w, dtype: tl.constexpr, ROUND_NORM: tl.constexpr):
 
 @triton.jit
 def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, outk_ptr, S, stride_xb, stride_xs,
-                     stride_ob, stride_os, stride_oh, token_offset, eps, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                     HEADS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr, ROUND_NORM: tl.constexpr):
+                     stride_ob, stride_os, stride_oh, stride_tb, token_offset, eps, D: tl.constexpr,
+                     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr,
+                     ROUND_NORM: tl.constexpr):
     pid_t, pid_h = tl.program_id(0), tl.program_id(1)
     if PAIR:  # the second half of the head axis is the key's (same shapes and strides), chosen once per program
         groups = tl.num_programs(1) // 2
@@ -51,7 +52,7 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
     # alone and written contiguous only, so the default stays where the step was timed
     w = tl.load(w_ptr + d).to(tl.float32)[None, :]
     pos = token_offset + t
-    table = pos[:, None] * D + d[None, :]
+    table = b * stride_tb + pos[:, None] * D + d[None, :]  # stride_tb 0: one table for every batch entry
     c = tl.load(cos_ptr + table, mask=tmask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + table, mask=tmask, other=0.0).to(tl.float32)
     for i in tl.static_range(HEADS):
@@ -80,7 +81,8 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
                    round_norm: bool = False) -> None:
     """``x`` ``[B, S, H·D]`` (unit stride in the last dim) normalized and rotated into ``out[:, token_offset:
     token_offset + S]`` (``out`` ``[B, S_out, H, D]`` with a unit stride in D: contiguous, or a transposed
-    ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous).
+    ``[B, H, S_out, D]``; ``cos`` / ``sin`` ``[S_out, D]`` contiguous, or ``[B, S_out, D]``: a table per batch
+    entry, as Z-Image gives them).
     Each program takes ``block_t`` tokens of ``group`` heads (a divisor of H). ``pair=(out_k, x_k, weight_k)``:
     the key too, in the same launch (twice the programs), with the query's shapes and strides: a block's q and k in
     0.0475 / 0.0518 ms on an H100 against 0.0504 / 0.0556 in two launches (BENCHMARKS.md "Session 37").
@@ -98,7 +100,8 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
         raise ValueError("pair= takes the key's output and input with the query's shapes, strides and dtypes")
     grid = (triton.cdiv(tokens, block_t), n_heads // group * (1 if pair is None else 2), batch)
     norm_rope_kernel[grid](x, weight, cos, sin, out, x_k, weight_k, out_k, tokens, x.stride(0), x.stride(1),
-                           out.stride(0), out.stride(1), out.stride(2), token_offset, eps, D=dim, BLOCK_T=block_t,
+                           out.stride(0), out.stride(1), out.stride(2), cos.stride(0) if cos.dim() == 3 else 0,
+                           token_offset, eps, D=dim, BLOCK_T=block_t,
                            HEADS=group, PAIR=pair is not None, SPLIT=split, ROUND_NORM=round_norm, num_warps=4)
 
 

@@ -23,7 +23,8 @@ PROJECTIONS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_pr
 # diffusers' processors known to call the three projections of a stream on one tensor (so the stacked GEMM's k
 # and v are used, not computed for nothing): Qwen-Image, Z-Image, the self-attention of PixArt-Σ, SANA and SDXL
 VIEW_PROCESSORS = frozenset({"QwenDoubleStreamAttnProcessor2_0", "ZSingleStreamAttnProcessor", "AttnProcessor2_0",
-                             "SanaLinearAttnProcessor2_0", "NormRopeQwenAttnProcessor"})  # the last: norm_rope.py's
+                             "SanaLinearAttnProcessor2_0",  # and norm_rope.py's around Qwen-Image's and Z-Image's:
+                             "NormRopeQwenAttnProcessor", "NormRopeZImageAttnProcessor"})
 
 
 class _FusedView:

@@ -12,7 +12,8 @@ H100 took 89.03 ms with it against 91.39 without (BENCHMARKS.md, "Session 37").
 ``QwenDoubleStreamAttnProcessor2_0``), whose rotary embedding is a complex product: inductor does not generate code
 for complex operators, so compiled it runs as torch's own kernels around an fp32 copy of q and k and back. The op
 computes the same bits from the product's real and imaginary parts, with diffusers' ``RMSNorm`` rounding
-(``round_norm``). Not yet timed on a GPU, so ``svdquant.optimize`` leaves it off (:data:`OPTIMIZED`).
+(``round_norm``). :class:`NormRopeZImageAttnProcessor` is the same for Z-Image's single-stream attention (a complex
+table per batch entry). Neither is timed on a GPU yet, so ``svdquant.optimize`` leaves them off (:data:`OPTIMIZED`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 from ..integrations.diffusers.compat import attention_reads_heads_first, has_hooks
 from ..ops.norm_rope import complex_tables, norm_rope_qk, norm_rope_reference, unsupported_qk
 from .fused_view import FusedViewProcessor
 
-# The attentions svdquant.optimize fuses: Qwen-Image's is built and checked on the CPU, not yet timed on a GPU
-ARCHITECTURES = ("flux", "qwenimage")
+# The attentions svdquant.optimize fuses: Qwen-Image's and Z-Image's are built and checked on the CPU, not yet timed
+# on a GPU
+ARCHITECTURES = ("flux", "qwenimage", "zimage")
 OPTIMIZED = ("flux",)
 
 
@@ -132,6 +135,35 @@ class NormRopeQwenAttnProcessor:
         return image_out, attn.to_add_out(out[:, :seq_txt].contiguous())
 
 
+class NormRopeZImageAttnProcessor:
+    """diffusers' ``ZSingleStreamAttnProcessor`` (Z-Image) with q/k RMSNorm + RoPE as one op, as
+    :class:`NormRopeQwenAttnProcessor` (one stream; its complex tables ``[B, tokens, D / 2]``). Calls without such
+    tables, or with norm weights of another dtype than the input, run diffusers' processor."""
+
+    def __init__(self, original):
+        self.original = original
+
+    _attention_backend = _on_original("_attention_backend")
+    _parallel_config = _on_original("_parallel_config")
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        norms = (attn.norm_q, attn.norm_k)
+        if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex() and freqs_cis.ndim == 3 and
+                freqs_cis.shape[:2] == hidden_states.shape[:2]) or \
+                any(n.weight.dtype != hidden_states.dtype for n in norms):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = _norm_rope_qk(query, key, None, None, (*norms, None, None), *complex_tables(freqs_cis), attn.heads,
+                             attention_reads_heads_first(self._attention_backend), round_norm=True)
+        if attention_mask is not None and attention_mask.ndim == 2:  # [batch, tokens] as diffusers widens it
+            attention_mask = attention_mask[:, None, None, :]
+        out = dispatch_attention_fn(q, k, value.unflatten(-1, (attn.heads, -1)), attn_mask=attention_mask,
+                                    dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = attn.to_out[0](out.flatten(2, 3).to(q.dtype))
+        return attn.to_out[1](out) if len(attn.to_out) > 1 else out  # dropout
+
+
 def _qwen_tables(rotary, hidden_states, encoder_hidden_states):
     """``(cos, sin)`` ``[text + image tokens, D]`` from Qwen-Image's complex tables ``(image, text)`` ``[tokens,
     D / 2]`` (:func:`~svdquant.ops.norm_rope.complex_tables`); None for what the processor does not take (decided
@@ -151,10 +183,18 @@ def _plain_norms(norms) -> bool:
                for n in norms) and len({n.eps for n in norms}) == 1
 
 
-def _takes_qwen(attn, processor) -> bool:
-    """diffusers' Qwen-Image processor and q/k norms that are diffusers' ``RMSNorm`` with a weight and no bias."""
-    norms = [getattr(attn, name, None) for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")]
-    return type(processor) is QwenDoubleStreamAttnProcessor2_0 and all(
+# diffusers' processors of attentions whose rotary embedding is a complex product: the q/k norms' names, our processor
+COMPLEX_ROPE = {"qwenimage": (QwenDoubleStreamAttnProcessor2_0, ("norm_q", "norm_k", "norm_added_q", "norm_added_k"),
+                              NormRopeQwenAttnProcessor),
+                "zimage": (ZSingleStreamAttnProcessor, ("norm_q", "norm_k"), NormRopeZImageAttnProcessor)}
+
+
+def _takes_complex(attn, processor, architecture: str) -> bool:
+    """diffusers' processor of ``architecture`` and q/k norms that are diffusers' ``RMSNorm`` with a weight and no
+    bias."""
+    diffusers_processor, names, _ = COMPLEX_ROPE[architecture]
+    norms = [getattr(attn, name, None) for name in names]
+    return type(processor) is diffusers_processor and all(
         type(n) is RMSNorm and n.weight is not None and getattr(n, "bias", None) is None for n in norms) and \
         _plain_norms(norms)
 
@@ -170,7 +210,8 @@ def _takes(attn) -> bool:
 def fuse_norm_rope(model: nn.Module, architectures: tuple[str, ...] = ARCHITECTURES) -> int:
     """Every attention of ``model`` of the ``architectures`` (:data:`ARCHITECTURES`) with diffusers' processor and
     the q/k norms the op stands for given its processor: FLUX's :class:`NormRopeFluxAttnProcessor`, Qwen-Image's
-    :class:`NormRopeQwenAttnProcessor` (inside the view processor of a stacked q/k/v); returns how many."""
+    :class:`NormRopeQwenAttnProcessor` and Z-Image's :class:`NormRopeZImageAttnProcessor` (inside the view processor
+    of a stacked q/k/v); returns how many."""
     done = 0
     for m in model.modules():
         if "flux" in architectures and isinstance(m, FluxAttention) and _takes(m):
@@ -179,28 +220,33 @@ def fuse_norm_rope(model: nn.Module, architectures: tuple[str, ...] = ARCHITECTU
         processor = getattr(m, "processor", None)
         view = isinstance(processor, FusedViewProcessor)
         inner = processor.__dict__["inner"] if view else processor
-        if "qwenimage" in architectures and _takes_qwen(m, inner):
-            if view:
-                processor.__dict__["inner"] = NormRopeQwenAttnProcessor(inner)
-            else:
-                m.processor = NormRopeQwenAttnProcessor(inner)
-            done += 1
+        for architecture in COMPLEX_ROPE.keys() & set(architectures):
+            if _takes_complex(m, inner, architecture):
+                ours = COMPLEX_ROPE[architecture][2](inner)
+                if view:
+                    processor.__dict__["inner"] = ours
+                else:
+                    m.processor = ours
+                done += 1
     return done
+
+
+_COMPLEX_PROCESSORS = tuple(ours for _, _, ours in COMPLEX_ROPE.values())
 
 
 def unfuse_norm_rope(model: nn.Module) -> int:
     done = 0
     for m in model.modules():
         processor = getattr(m, "processor", None)
-        if isinstance(processor, (NormRopeFluxAttnProcessor, NormRopeQwenAttnProcessor)):
+        if isinstance(processor, (NormRopeFluxAttnProcessor, *_COMPLEX_PROCESSORS)):
             m.processor = processor.original
             done += 1
         elif isinstance(processor, FusedViewProcessor) and isinstance(processor.__dict__["inner"],
-                                                                       NormRopeQwenAttnProcessor):
+                                                                       _COMPLEX_PROCESSORS):
             processor.__dict__["inner"] = processor.__dict__["inner"].original
             done += 1
     return done
 
 
-__all__ = ["ARCHITECTURES", "NormRopeFluxAttnProcessor", "NormRopeQwenAttnProcessor", "OPTIMIZED", "fuse_norm_rope",
-           "unfuse_norm_rope"]
+__all__ = ["ARCHITECTURES", "NormRopeFluxAttnProcessor", "NormRopeQwenAttnProcessor", "NormRopeZImageAttnProcessor",
+           "OPTIMIZED", "fuse_norm_rope", "unfuse_norm_rope"]

@@ -25,11 +25,12 @@ def norm_rope_reference(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tens
                         x2: Tensor | None = None, weight2: Tensor | None = None, round_norm: bool = False) -> Tensor:
     """What diffusers computes: ``x`` ``[B, S, H·D]`` (and the text stream ``x2`` ``[B, S2, H·D]``, put first)
     through ``F.rms_norm`` over each head with ``weight`` (``weight2``), concatenated, then rotated by ``cos`` /
-    ``sin`` ``[S2 + S, D]`` as diffusers' ``apply_rotary_emb(..., use_real_unbind_dim=-1)`` does ->
-    ``[B, S2 + S, H, D]``. ``round_norm``: the norm as diffusers' own ``RMSNorm`` computes it (Qwen-Image's q/k
-    norms), the normalized value rounded before the weight; the rotation is then the same bits as Qwen-Image's
-    complex product (``apply_rotary_emb_qwen(..., use_real=False)``) with ``cos`` / ``sin`` its real and imaginary
-    parts, each repeated for a pair's two values."""
+    ``sin`` ``[S2 + S, D]`` (or ``[B, S2 + S, D]``, a table per batch entry) as diffusers'
+    ``apply_rotary_emb(..., use_real_unbind_dim=-1)`` does -> ``[B, S2 + S, H, D]``. ``round_norm``: the norm as
+    diffusers' own ``RMSNorm`` computes it (Qwen-Image's q/k norms), the normalized value rounded before the
+    weight; the rotation is then the same bits as Qwen-Image's complex product (``apply_rotary_emb_qwen(...,
+    use_real=False)``) with ``cos`` / ``sin`` its real and imaginary parts, each repeated for a pair's two values
+    (Z-Image's the same, with a table per batch entry)."""
     def norm(t, w):
         t = t.unflatten(-1, (heads, -1))
         if not round_norm:
@@ -40,15 +41,16 @@ def norm_rope_reference(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tens
     y = norm(x, weight) if x2 is None else torch.cat([norm(x2, weight2), norm(x, weight)], dim=1)
     real, imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (y.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]).to(y.dtype)
+    return (y.float() * cos.unsqueeze(-2) + rotated.float() * sin.unsqueeze(-2)).to(y.dtype)
 
 
 def complex_tables(*tables: Tensor) -> tuple[Tensor, Tensor]:
     """``(cos, sin)`` ``[tokens, D]`` for :func:`norm_rope` from complex rotary tables ``[tokens_i, D / 2]`` (as
-    Qwen-Image gives them, one a stream), in the order given: each value's real and imaginary part for its pair's
-    two channels. Views of the complex tables, then real ops only (inductor generates no code for complex ones)."""
-    parts = torch.cat([torch.view_as_real(t) for t in tables])
-    return parts[..., 0].repeat_interleave(2, dim=1), parts[..., 1].repeat_interleave(2, dim=1)
+    Qwen-Image gives them, one a stream; ``[B, tokens_i, D / 2]`` as Z-Image does: ``[B, tokens, D]``), joined in the
+    order given: each value's real and imaginary part for its pair's two channels. Views of the complex tables, then
+    real ops only (inductor generates no code for complex ones)."""
+    parts = torch.cat([torch.view_as_real(t) for t in tables], dim=-3)
+    return parts[..., 0].repeat_interleave(2, dim=-1), parts[..., 1].repeat_interleave(2, dim=-1)
 
 
 def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, heads: int, x2: Tensor | None = None,
@@ -64,8 +66,9 @@ def unsupported(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, head
     if x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[-1] != x.shape[-1] or x2.dtype != x.dtype):
         return f"streams of shapes {tuple(x.shape)} and {tuple(x2.shape)}, dtypes {x.dtype} and {x2.dtype}"
     tokens = x.shape[1] + (0 if x2 is None else x2.shape[1])
-    if tuple(cos.shape) != (tokens, dim) or tuple(sin.shape) != (tokens, dim):
-        return f"rotary tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} (it takes [{tokens}, {dim}])"
+    if tuple(cos.shape) != tuple(sin.shape) or tuple(cos.shape) not in ((tokens, dim), (x.shape[0], tokens, dim)):
+        return f"rotary tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} (it takes [{tokens}, {dim}] or " \
+               f"[{x.shape[0]}, {tokens}, {dim}])"
     if any(w is not None and tuple(w.shape) != (dim,) for w in (weight, weight2)):
         return "norm weights that are not one value per head channel"
     if x.dtype not in (torch.float16, torch.bfloat16):

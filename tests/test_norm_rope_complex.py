@@ -1,8 +1,9 @@
-"""Qwen-Image's q/k RMSNorm + rotary embedding as one op (``svdquant.fuse(model, norm_rope=True)``): the reference
-with diffusers' ``RMSNorm`` rounding (``round_norm``) is Qwen-Image's complex-product math to the bit; the Triton
-kernel's ``ROUND_NORM`` against it in the interpreter; the processor on the tiny Qwen-Image, alone and inside a
-stacked q/k/v's view (exact on the CPU), what it hands back to diffusers, and that ``optimize`` leaves it off until
-a GPU has timed it."""
+"""q/k RMSNorm + rotary embedding as one op where diffusers' rotary embedding is a complex product (Qwen-Image's
+double-stream attention, Z-Image's single-stream one; ``svdquant.fuse(model, norm_rope=True)``): the reference with
+diffusers' ``RMSNorm`` rounding (``round_norm``) is Qwen-Image's math to the bit; the Triton kernel's ``ROUND_NORM``
+and per-batch tables against it in the interpreter; the processors on the tiny models, alone and inside a stacked
+q/k/v's view (exact on the CPU), what they hand back to diffusers, and that ``optimize`` leaves them off until a GPU
+has timed them."""
 
 from __future__ import annotations
 
@@ -264,3 +265,88 @@ def test_the_e2e_variant_widens_the_switch_for_its_call_only(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         e2e.optimize_as("pipe", "int4-normrope")
     assert norm_rope.OPTIMIZED == ("flux",)
+
+
+def zimage(dtype=torch.bfloat16):
+    """The tiny Z-Image with 64-wide heads (the op takes powers of two; the tiny config's are 96 wide)."""
+    return tm.build_zimage(0, dtype, dim=128, axes_dims=[16, 24, 24])
+
+
+@interpreter
+def test_the_kernel_reads_a_table_per_batch_entry_in_the_interpreter():
+    """Tables [B, S, D] (Z-Image's): each batch entry rotated by its own, the reference's bits (fp16)."""
+    from svdquant.kernels.norm_rope import norm_rope_into
+
+    x, w, _, _, _, _, _ = case(5, 2, 13, None, 3, 32, torch.float16)
+    g = torch.Generator().manual_seed(9)
+    freqs = torch.polar(torch.ones(2, 13, 16), torch.randn(2, 13, 16, generator=g) * 10)
+    cos, sin = N.complex_tables(freqs)
+    assert cos.shape == (2, 13, 32) and N.unsupported(x, w, cos, sin, 3) is None
+    ref = N.norm_rope_reference(x, w, cos, sin, 1e-5, 3, round_norm=True)
+    assert not torch.equal(ref[0], N.norm_rope_reference(x, w, cos[1], sin[1], 1e-5, 3, round_norm=True)[0])
+    out = torch.empty_like(ref)
+    norm_rope_into(out, x, w, cos, sin, 1e-5, 0, block_t=8, round_norm=True)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_zimage_processor_is_diffusers_zimage_attention_to_the_bit(dtype, monkeypatch):
+    """The tiny Z-Image (its refiners' attentions and the main layers'): every attention fused, diffusers' processor
+    never called, the same bits; a call without complex tables runs diffusers' processor; unfusing gives diffusers'
+    processors back."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    from svdquant.modules.norm_rope import NormRopeZImageAttnProcessor, fuse_norm_rope, unfuse_norm_rope
+
+    model = zimage(dtype)
+    inputs = tm.zimage_inputs(model, seed=3)
+    before = tm.forward(model, inputs)
+    originals = _processors(model)
+    assert fuse_norm_rope(model, ("qwenimage",)) == 0
+    assert fuse_norm_rope(model) == len(originals) == 3
+    assert all(isinstance(p, NormRopeZImageAttnProcessor) for p in _processors(model))
+    with monkeypatch.context() as m:
+        m.setattr(ZSingleStreamAttnProcessor, "__call__", lambda *a, **k: pytest.fail("diffusers' ran"))
+        assert torch.equal(tm.forward(model, inputs), before)
+    attn = next(m for m in model.modules() if hasattr(m, "processor"))
+    x = torch.randn(1, 8, 128).to(dtype)
+    assert torch.equal(attn.processor(attn, x, freqs_cis=None), originals[0](attn, x, freqs_cis=None))
+    assert unfuse_norm_rope(model) == len(originals)
+    assert _processors(model) == originals
+
+
+def test_the_zimage_processor_inside_the_stacked_qkv_view():
+    """svdquant.fuse(norm_rope=True) on a quantized tiny Z-Image: inside each attention's view of its stacked
+    q/k/v, the same bits as the unfused model; svdquant.unfuse gives diffusers' processors back."""
+    from svdquant.modules.fused_view import FusedViewProcessor
+    from svdquant.modules.norm_rope import NormRopeZImageAttnProcessor
+
+    model = zimage(torch.float32)
+    svdquant.quantize(model, svdquant.Int4Config(iterations=1, eval_tokens=64),
+                      svdquant.Calibration(inputs=tm.calibration_inputs("zimage", model, 1)), progress=False)
+    inputs = tm.zimage_inputs(model, seed=7)
+    before = tm.forward(model, inputs)
+    originals = _processors(model)
+    fused = svdquant.fuse(model, norm_rope=True)
+    assert fused["qkv"] == fused["norm_rope"] == 3
+    assert all(isinstance(p, FusedViewProcessor) and isinstance(p.__dict__["inner"], NormRopeZImageAttnProcessor)
+               for p in _processors(model))
+    assert torch.equal(tm.forward(model, inputs), before)
+    assert svdquant.unfuse(model)["norm_rope"] == 3 and _processors(model) == originals
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tables_per_batch_entry_at_the_zimage_shape():
+    """Z-Image's q and k at its width (30 heads of 128, 4,096 tokens, two batch entries with their own complex
+    tables) against the reference on the GPU: at most one bf16 step apart in a few values."""
+    x, w, _, _, _, _, _ = case(4, 2, 4096, None, 30, 128, torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    freqs = torch.polar(torch.ones(2, 4096, 64), torch.randn(2, 4096, 64, generator=g) * 10).cuda()
+    x, w = x.cuda(), w.cuda()
+    cos, sin = N.complex_tables(freqs)
+    ref = N.norm_rope_reference(x, w, cos, sin, 1e-5, 30, round_norm=True)
+    q, k = N.norm_rope_qk(x, x, w, w, cos, sin, 1e-5, 30, heads_first=True, round_norm=True)
+    err = (q.float() - ref.float()).abs()
+    assert torch.equal(q, k)
+    assert float((err > 0).float().mean()) < 1e-3 and float(err.max()) <= 2 ** -7 * float(ref.float().abs().max())
