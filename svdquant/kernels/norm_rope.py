@@ -52,9 +52,10 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
     # alone and written contiguous only, so the default stays where the step was timed
     w = tl.load(w_ptr + d).to(tl.float32)[None, :]
     pos = token_offset + t
-    table = b * stride_tb + pos[:, None] * D + d[None, :]  # stride_tb 0: one table for every batch entry
-    c = tl.load(cos_ptr + table, mask=tmask, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + table, mask=tmask, other=0.0).to(tl.float32)
+    table = pos[:, None] * D + d[None, :]
+    batch_table = b * stride_tb  # a scalar per program: 0 where one table serves every batch entry (FLUX's)
+    c = tl.load(cos_ptr + batch_table + table, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + batch_table + table, mask=tmask, other=0.0).to(tl.float32)
     for i in tl.static_range(HEADS):
         h = pid_h * HEADS + i
         rows = x_ptr + b * stride_xb + t[:, None] * stride_xs + h * D
