@@ -151,15 +151,16 @@ def _scoring():
     return S.scoring_product_kernel, sig, consts, cfg["num_warps"], cfg["num_stages"]
 
 
-def _norm_rope(pair: bool, split: bool = True, round_norm: bool = False):
+def _norm_rope(pair: bool, split: bool = True, round_norm: bool = False, batch_tables: bool = False):
     """FLUX's q/k RMSNorm + RoPE (kernels/norm_rope.py) at its default config; ``pair``: the key in the query's
-    launch; ``split``: the rotation's partners from registers; ``round_norm``: Qwen-Image's norm rounding."""
+    launch; ``split``: the rotation's partners from registers; ``round_norm``: Qwen-Image's norm rounding;
+    ``batch_tables``: Z-Image's tables, one per batch entry."""
     N = importlib.import_module("svdquant.kernels.norm_rope")
     sig = dict(x_ptr="*bf16", w_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", out_ptr="*bf16", xk_ptr="*bf16",
                wk_ptr="*bf16", outk_ptr="*bf16", S="i32", stride_xb="i32", stride_xs="i32", stride_ob="i32",
                stride_os="i32", stride_oh="i32", stride_tb="i32", token_offset="i32", eps="fp32")
-    return N.norm_rope_kernel, sig, dict(D=128, BLOCK_T=16, HEADS=1, PAIR=pair, SPLIT=split, ROUND_NORM=round_norm), \
-        4, 3
+    return N.norm_rope_kernel, sig, dict(D=128, BLOCK_T=16, HEADS=1, PAIR=pair, SPLIT=split, ROUND_NORM=round_norm,
+                                         BATCH_TABLES=batch_tables), 4, 3
 
 
 def shipped(arch: int) -> dict:
@@ -185,6 +186,8 @@ def shipped(arch: int) -> dict:
     kernels["norm_rope, q and k in one launch (pair=)"] = _norm_rope(True)
     kernels["norm_rope, q and k in one launch, partners loaded again (split=False)"] = _norm_rope(True, False)
     kernels["norm_rope, q and k in one launch, Qwen-Image's norm rounding"] = _norm_rope(True, round_norm=True)
+    kernels["norm_rope, q and k in one launch, Z-Image's tables per batch entry"] = _norm_rope(True, round_norm=True,
+                                                                                            batch_tables=True)
     return kernels
 
 

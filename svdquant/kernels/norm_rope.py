@@ -32,7 +32,7 @@ def _normed(x, w, dtype: tl.constexpr, ROUND_NORM: tl.constexpr):
 def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, outk_ptr, S, stride_xb, stride_xs,
                      stride_ob, stride_os, stride_oh, stride_tb, token_offset, eps, D: tl.constexpr,
                      BLOCK_T: tl.constexpr, HEADS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr,
-                     ROUND_NORM: tl.constexpr):
+                     ROUND_NORM: tl.constexpr, BATCH_TABLES: tl.constexpr):
     pid_t, pid_h = tl.program_id(0), tl.program_id(1)
     if PAIR:  # the second half of the head axis is the key's (same shapes and strides), chosen once per program
         groups = tl.num_programs(1) // 2
@@ -53,9 +53,11 @@ def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, xk_ptr, wk_ptr, ou
     w = tl.load(w_ptr + d).to(tl.float32)[None, :]
     pos = token_offset + t
     table = pos[:, None] * D + d[None, :]
-    batch_table = b * stride_tb  # a scalar per program: 0 where one table serves every batch entry (FLUX's)
-    c = tl.load(cos_ptr + batch_table + table, mask=tmask, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + batch_table + table, mask=tmask, other=0.0).to(tl.float32)
+    if BATCH_TABLES:  # a table per batch entry (Z-Image's); FLUX's one table compiles as it was timed (64 registers)
+        cos_ptr += b * stride_tb
+        sin_ptr += b * stride_tb
+    c = tl.load(cos_ptr + table, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + table, mask=tmask, other=0.0).to(tl.float32)
     for i in tl.static_range(HEADS):
         h = pid_h * HEADS + i
         rows = x_ptr + b * stride_xb + t[:, None] * stride_xs + h * D
@@ -103,7 +105,8 @@ def norm_rope_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos
     norm_rope_kernel[grid](x, weight, cos, sin, out, x_k, weight_k, out_k, tokens, x.stride(0), x.stride(1),
                            out.stride(0), out.stride(1), out.stride(2), cos.stride(0) if cos.dim() == 3 else 0,
                            token_offset, eps, D=dim, BLOCK_T=block_t,
-                           HEADS=group, PAIR=pair is not None, SPLIT=split, ROUND_NORM=round_norm, num_warps=4)
+                           HEADS=group, PAIR=pair is not None, SPLIT=split, ROUND_NORM=round_norm,
+                           BATCH_TABLES=cos.dim() == 3, num_warps=4)
 
 
 __all__ = ["norm_rope_kernel", "norm_rope_into"]
