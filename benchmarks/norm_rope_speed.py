@@ -151,6 +151,7 @@ def run(args) -> dict:
 
 def qwen_case(quick: bool, device: str, bench) -> dict:
     """Qwen-Image's q and k (see the module doc): diffusers' math against the qk op, ``round_norm`` on."""
+    from diffusers.models.normalization import RMSNorm
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
     from svdquant.ops.norm_rope import complex_tables, norm_rope_qk
@@ -161,15 +162,19 @@ def qwen_case(quick: bool, device: str, bench) -> dict:
     image, txt = (torch.polar(torch.ones(n, dim // 2), torch.randn(n, dim // 2, generator=g) * 10).to(device)
                   for n in (tokens, text))
 
-    def diffusers_way(t, t2, w, w2):  # QwenDoubleStreamAttnProcessor2_0's steps, text first
-        def one(x, weight, freqs):
-            x = x.unflatten(-1, (heads, -1))
-            x = (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(weight.dtype) * weight
-            return apply_rotary_emb_qwen(x, freqs, use_real=False)
-        return torch.cat([one(t2, w2, txt), one(t, w, image)], dim=1)  # [B, S, H, D], as it reaches the attention
+    norms = {}
+    for name, weight in (("q", q["w"]), ("q2", q["w2"]), ("k", k["w"]), ("k2", k["w2"])):
+        norms[name] = RMSNorm(dim, eps=1e-6).to(device=device, dtype=weight.dtype)  # the q/k norms Qwen-Image has
+        norms[name].weight.data.copy_(weight)
+
+    def diffusers_way(t, t2, norm, norm2):  # QwenDoubleStreamAttnProcessor2_0's steps, text first
+        def one(x, rms, freqs):
+            return apply_rotary_emb_qwen(rms(x.unflatten(-1, (heads, -1))), freqs, use_real=False)
+        return torch.cat([one(t2, norm2, txt), one(t, norm, image)], dim=1)  # [B, S, H, D], as the attention reads
 
     def both():
-        return diffusers_way(q["x"], q["x2"], q["w"], q["w2"]), diffusers_way(k["x"], k["x2"], k["w"], k["w2"])
+        return (diffusers_way(q["x"], q["x2"], norms["q"], norms["q2"]),
+                diffusers_way(k["x"], k["x2"], norms["k"], norms["k2"]))
 
     def ours():
         cos, sin = complex_tables(txt, image)

@@ -109,11 +109,14 @@ class NormRopeQwenAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
-        tables = _qwen_tables(image_rotary_emb, hidden_states, encoder_hidden_states)
         norms = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
-        if tables is None or attention_mask is not None or any(n.weight.dtype != hidden_states.dtype for n in norms):
+        if not _qwen_takes(image_rotary_emb, hidden_states, encoder_hidden_states) or attention_mask is not None or \
+                any(n.weight.dtype != hidden_states.dtype for n in norms):
             return self.original(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                  attention_mask, image_rotary_emb)
+        # the tables are made per call, a small kernel a block once compiled: the transformer hands every block
+        # diffusers' complex ones
+        tables = complex_tables(image_rotary_emb[1], image_rotary_emb[0])  # text first, as the tokens are joined
         seq_txt = encoder_hidden_states.shape[1]
         if encoder_hidden_states_mask is not None:  # as diffusers builds it: the text's mask, then the image's tokens
             image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
@@ -164,17 +167,14 @@ class NormRopeZImageAttnProcessor:
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out  # dropout
 
 
-def _qwen_tables(rotary, hidden_states, encoder_hidden_states):
-    """``(cos, sin)`` ``[text + image tokens, D]`` from Qwen-Image's complex tables ``(image, text)`` ``[tokens,
-    D / 2]`` (:func:`~svdquant.ops.norm_rope.complex_tables`); None for what the processor does not take (decided
-    from shapes)."""
+def _qwen_takes(rotary, hidden_states, encoder_hidden_states) -> bool:
+    """A text stream and Qwen-Image's complex tables ``(image, text)``, ``[tokens, D / 2]`` each, for these tokens
+    (decided from shapes: folded when traced)."""
     if encoder_hidden_states is None or not (isinstance(rotary, (tuple, list)) and len(rotary) == 2):
-        return None
+        return False
     image, text = rotary
-    if not all(isinstance(t, torch.Tensor) and t.is_complex() and t.ndim == 2 for t in rotary) or \
-            (image.shape[0], text.shape[0]) != (hidden_states.shape[1], encoder_hidden_states.shape[1]):
-        return None
-    return complex_tables(text, image)
+    return all(isinstance(t, torch.Tensor) and t.is_complex() and t.ndim == 2 for t in rotary) and \
+        (image.shape[0], text.shape[0]) == (hidden_states.shape[1], encoder_hidden_states.shape[1])
 
 
 def _plain_norms(norms) -> bool:
