@@ -164,8 +164,10 @@ def qwen_case(quick: bool, device: str, bench) -> dict:
 
     norms = {}
     for name, weight in (("q", q["w"]), ("q2", q["w2"]), ("k", k["w"]), ("k2", k["w2"])):
-        norms[name] = RMSNorm(dim, eps=1e-6).to(device=device, dtype=weight.dtype)  # the q/k norms Qwen-Image has
-        norms[name].weight.data.copy_(weight)
+        # the q/k norms Qwen-Image has, their weights not requiring grad, as in a pipeline's call (no_grad): with
+        # autograd recording, diffusers' side also saved tensors for a backward (session 42's call80 timed it so)
+        norms[name] = RMSNorm(dim, eps=1e-6).to(device=device, dtype=weight.dtype).requires_grad_(False)
+        norms[name].weight.copy_(weight)
 
     def diffusers_way(t, t2, norm, norm2):  # QwenDoubleStreamAttnProcessor2_0's steps, text first
         def one(x, rms, freqs):
