@@ -41,8 +41,8 @@ Variants, on one pipeline per model (``fp8-torchao`` after ``int4``: on a second
 * ``int4-int8attn``: the same with ``svdquant.optimize(pipe, attention="int8")``: INT8 Q·Kᵀ attention (opt-in);
 * ``int4-model``: the same with ``svdquant.optimize(pipe, compile="model")``: the whole forward as one graph
   (opt-in);
-* ``int4-normrope``: the same with q/k RMSNorm + RoPE as one op in every attention that takes it, Qwen-Image's
-  too (``svdquant.modules.norm_rope.OPTIMIZED`` widened for the call: the A/B before ``optimize`` turns it on).
+* ``int4-no-normrope``: the same with q/k RMSNorm + RoPE left to diffusers' processors in every attention
+  (``svdquant.modules.norm_rope.OPTIMIZED`` emptied for the call): the A/B of the op ``optimize`` fuses.
 
 Each ``int4`` variant after the first starts from the quantized layers unfused (``deoptimize``, ``unfuse``).
 
@@ -72,22 +72,22 @@ from pipeline_memory import (  # noqa: E402
     MODELS, _quiet, build, call_facts, components_gb, denoiser, random_quantize, run_device, run_facts,
 )
 
-VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn", "int4-model", "int4-normrope")
+VARIANTS = ("bf16", "bf16-compiled", "fp8-torchao", "int4", "int4-int8attn", "int4-model", "int4-no-normrope")
 OPTIMIZE = {"int4": {}, "int4-int8attn": dict(attention="int8"), "int4-model": dict(compile="model"),
-            "int4-normrope": {}}
+            "int4-no-normrope": {}}
 # Models whose prompt is encoded once, before the variants, then their text encoder dropped from the GPU: every
 # timed call reads the precomputed prompt_embeds (FLUX.2 [dev]: 64.45 + 48.0 GB of BF16 weights)
 PRECOMPUTED_TEXT = ("flux2",)
 
 
 def optimize_as(pipe, variant: str):
-    """``svdquant.optimize`` with the variant's arguments; ``int4-normrope`` with q/k norm + RoPE fused wherever the
-    op takes it (the module's switch, put back after)."""
+    """``svdquant.optimize`` with the variant's arguments; ``int4-no-normrope`` with q/k norm + RoPE left to diffusers
+    in every attention (the module's switch, put back after)."""
     import svdquant
     from svdquant.modules import norm_rope
 
     optimized = norm_rope.OPTIMIZED
-    norm_rope.OPTIMIZED = norm_rope.ARCHITECTURES if variant == "int4-normrope" else optimized
+    norm_rope.OPTIMIZED = () if variant == "int4-no-normrope" else optimized
     try:
         return svdquant.optimize(pipe, **OPTIMIZE[variant])
     finally:

@@ -62,7 +62,7 @@ def fuse(target, *, gelu: bool = True, compiled_activations: bool = False,
     (svdquant/modules/modulations.py). ``norm_rope=True`` (``svdquant.optimize`` turns it on: a FLUX.1-dev step
     2.4 ms faster on an H100, BENCHMARKS.md "Session 37"): a FLUX attention's q/k RMSNorm and rotary embedding as
     one op, one Triton launch per stream for q and k on a GPU (svdquant/modules/norm_rope.py); Qwen-Image's and
-    Z-Image's too (not yet timed on a GPU, so ``optimize`` leaves them off).
+    Z-Image's too (a Z-Image pipeline 7.5 % faster on an H100, BENCHMARKS.md "Session 42").
     Takes a pipeline or a model; returns how many of each (``{"qkv": n, "gelu": m, "compiled_activations": k,
     "modulations": j, "norm_rope": r}``). Checkpoints and LoRAs address the same layers."""
     from .modules.fusions import fuse_model

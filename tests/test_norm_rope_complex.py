@@ -2,8 +2,7 @@
 double-stream attention, Z-Image's single-stream one; ``svdquant.fuse(model, norm_rope=True)``): the reference with
 diffusers' ``RMSNorm`` rounding (``round_norm``) is Qwen-Image's math to the bit; the Triton kernel's ``ROUND_NORM``
 and per-batch tables against it in the interpreter; the processors on the tiny models, alone and inside a stacked
-q/k/v's view (exact on the CPU), what they hand back to diffusers, and that ``optimize`` leaves them off until a GPU
-has timed them."""
+q/k/v's view (exact on the CPU), what they hand back to diffusers, and that ``optimize``'s fusions take them."""
 
 from __future__ import annotations
 
@@ -141,10 +140,11 @@ def test_calls_the_processor_does_not_take_run_diffusers_processor():
     assert len(calls) == 4
 
 
-def test_fuse_puts_it_inside_the_stacked_qkv_view_and_optimize_leaves_it_off():
+def test_fuse_puts_it_inside_the_stacked_qkv_view_as_optimize_does():
     """svdquant.fuse(norm_rope=True) on a quantized tiny Qwen-Image: the processor inside each attention's view of
     its stacked q/k/v (the stacked GEMM runs), the output bit for bit the unfused model's, one graph per block under
-    torch.compile; unfuse gives diffusers' processors back. svdquant.optimize's fusions leave it off (untimed)."""
+    torch.compile; unfuse gives diffusers' processors back. svdquant.optimize's fusions (norm_rope.OPTIMIZED) take
+    Qwen-Image's attentions too."""
     from svdquant.modules.fused_view import FusedViewProcessor
     from svdquant.modules.fusions import fuse_model
     from svdquant.modules.norm_rope import OPTIMIZED, NormRopeQwenAttnProcessor
@@ -155,7 +155,8 @@ def test_fuse_puts_it_inside_the_stacked_qkv_view_and_optimize_leaves_it_off():
     inputs = tm.qwenimage_inputs(model, seed=7)
     before = tm.forward(model, inputs)
     originals = _processors(model)
-    assert "qwenimage" not in OPTIMIZED and fuse_model(model, norm_rope=OPTIMIZED)["norm_rope"] == 0
+    assert fuse_model(model, norm_rope=("flux", "zimage"))["norm_rope"] == 0
+    assert fuse_model(model, norm_rope=OPTIMIZED)["norm_rope"] == len(model.transformer_blocks)
     svdquant.unfuse(model)
     fused = svdquant.fuse(model, norm_rope=True)
     assert fused["qkv"] == fused["norm_rope"] == len(model.transformer_blocks)
@@ -228,15 +229,19 @@ def test_gpu_processor_in_a_compiled_qwen_image_block():
 @interpreter
 def test_the_benchmark_quick_times_qwen_images_case(tmp_path):
     """benchmarks/norm_rope_speed.py --quick: Qwen-Image's case beside FLUX's, diffusers' math and the qk op (its CPU
-    path: the reference) giving the same bits, on q's and k's bytes."""
+    path: the reference) giving the same bits, on q's and k's bytes; nothing timed records autograd (a pipeline's
+    call does not: a result requiring grad warns when the error is read from it)."""
     import json
     import sys
+    import warnings
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import norm_rope_speed
 
-    norm_rope_speed.main(["--quick", "--out", str(tmp_path)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*requires_grad=True.*")
+        norm_rope_speed.main(["--quick", "--out", str(tmp_path)])
     case = json.loads((tmp_path / "norm_rope_speed.json").read_text())["cases"]["qwenimage"]
     assert set(case["variants"]) == {"diffusers Qwen-Image eager, q and k",
                                      "svdquant qk op, diffusers' RMSNorm rounding"}
@@ -244,9 +249,9 @@ def test_the_benchmark_quick_times_qwen_images_case(tmp_path):
     assert case["bytes"] == 2 * 2 * (16 + 8) * 2 * 32 * 2  # q and k: read and written, bf16
 
 
-def test_the_e2e_variant_widens_the_switch_for_its_call_only(monkeypatch):
-    """benchmarks/e2e.py's int4-normrope: svdquant.optimize called with norm_rope.OPTIMIZED set to every
-    architecture, put back after (also when optimize raises); the other variants see the default."""
+def test_the_e2e_variant_empties_the_switch_for_its_call_only(monkeypatch):
+    """benchmarks/e2e.py's int4-no-normrope: svdquant.optimize called with norm_rope.OPTIMIZED empty, put back after
+    (also when optimize raises); the other variants see the default, which is every architecture."""
     import sys
     from pathlib import Path
 
@@ -257,14 +262,15 @@ def test_the_e2e_variant_widens_the_switch_for_its_call_only(monkeypatch):
 
     seen = []
     monkeypatch.setattr(svdquant, "optimize", lambda pipe, **kw: seen.append((norm_rope.OPTIMIZED, kw)) or "report")
-    assert e2e.optimize_as("pipe", "int4-normrope") == "report"
+    assert e2e.optimize_as("pipe", "int4-no-normrope") == "report"
     e2e.optimize_as("pipe", "int4-int8attn")
-    assert seen == [(norm_rope.ARCHITECTURES, {}), (("flux",), {"attention": "int8"})]
-    assert norm_rope.OPTIMIZED == ("flux",)
+    everything = ("flux", "qwenimage", "zimage")
+    assert seen == [((), {}), (everything, {"attention": "int8"})]
+    assert norm_rope.OPTIMIZED == everything
     monkeypatch.setattr(svdquant, "optimize", lambda pipe, **kw: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        e2e.optimize_as("pipe", "int4-normrope")
-    assert norm_rope.OPTIMIZED == ("flux",)
+        e2e.optimize_as("pipe", "int4-no-normrope")
+    assert norm_rope.OPTIMIZED == everything
 
 
 def zimage(dtype=torch.bfloat16):
@@ -316,10 +322,11 @@ def test_the_zimage_processor_is_diffusers_zimage_attention_to_the_bit(dtype, mo
 
 
 def test_the_zimage_processor_inside_the_stacked_qkv_view():
-    """svdquant.fuse(norm_rope=True) on a quantized tiny Z-Image: inside each attention's view of its stacked
-    q/k/v, the same bits as the unfused model; svdquant.unfuse gives diffusers' processors back."""
+    """svdquant.optimize's fusions (norm_rope.OPTIMIZED) on a quantized tiny Z-Image: the op inside each attention's
+    view of its stacked q/k/v, the same bits as the unfused model; svdquant.unfuse gives diffusers' processors back."""
     from svdquant.modules.fused_view import FusedViewProcessor
-    from svdquant.modules.norm_rope import NormRopeZImageAttnProcessor
+    from svdquant.modules.fusions import fuse_model
+    from svdquant.modules.norm_rope import OPTIMIZED, NormRopeZImageAttnProcessor
 
     model = zimage(torch.float32)
     svdquant.quantize(model, svdquant.Int4Config(iterations=1, eval_tokens=64),
@@ -327,7 +334,7 @@ def test_the_zimage_processor_inside_the_stacked_qkv_view():
     inputs = tm.zimage_inputs(model, seed=7)
     before = tm.forward(model, inputs)
     originals = _processors(model)
-    fused = svdquant.fuse(model, norm_rope=True)
+    fused = fuse_model(model, norm_rope=OPTIMIZED)
     assert fused["qkv"] == fused["norm_rope"] == 3
     assert all(isinstance(p, FusedViewProcessor) and isinstance(p.__dict__["inner"], NormRopeZImageAttnProcessor)
                for p in _processors(model))

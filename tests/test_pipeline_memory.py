@@ -255,7 +255,7 @@ def test_e2e_quick_runs_and_writes_its_table(tmp_path):
     """benchmarks/e2e.py shares the builders: its CPU smoke run (one model, eager and ours, batch 1) must not rot."""
     import e2e
 
-    res = e2e.main(["--quick", "--models", "flux", "--variants", "bf16", "int4", "int4-int8attn", "int4-normrope",
+    res = e2e.main(["--quick", "--models", "flux", "--variants", "bf16", "int4", "int4-int8attn", "int4-no-normrope",
                     "--batch", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "e2e.json").read_text())
     assert saved["device"] == "cpu (quick)" and saved["size"] == 16 and "command" in saved
@@ -263,7 +263,7 @@ def test_e2e_quick_runs_and_writes_its_table(tmp_path):
     assert "| flux | int4 | 1 |" in e2e.table(res) and "| flux | int4-int8attn | 1 |" in e2e.table(res)
     # the second int4 variant reuses the quantized layers (quantized once)
     assert "quantized_layers" in res["flux"]["int4"] and "quantized_layers" not in res["flux"]["int4-int8attn"]
-    assert res["flux"]["int4-normrope"]["b1"]["finite"]
+    assert res["flux"]["int4-no-normrope"]["b1"]["finite"]
 
 
 def test_gptq_speed_quick():

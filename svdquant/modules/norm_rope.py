@@ -13,7 +13,9 @@ H100 took 89.03 ms with it against 91.39 without (BENCHMARKS.md, "Session 37").
 for complex operators, so compiled it runs as torch's own kernels around an fp32 copy of q and k and back. The op
 computes the same bits from the product's real and imaginary parts, with diffusers' ``RMSNorm`` rounding
 (``round_norm``). :class:`NormRopeZImageAttnProcessor` is the same for Z-Image's single-stream attention (a complex
-table per batch entry). Neither is timed on a GPU yet, so ``svdquant.optimize`` leaves them off (:data:`OPTIMIZED`).
+table per batch entry). ``svdquant.optimize`` turns both on (:data:`OPTIMIZED`): on an H100 Z-Image's pipeline by
+default took 2.107 s an image with it against 2.278 without, and the op did a Qwen-Image block's q and k in 0.054 ms
+(BENCHMARKS.md, "Session 42"); Qwen-Image's pipeline is not yet timed with it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from ..integrations.diffusers.compat import attention_reads_heads_first, has_hoo
 from ..ops.norm_rope import complex_tables, norm_rope_qk, norm_rope_reference, unsupported_qk
 from .fused_view import FusedViewProcessor
 
-# The attentions svdquant.optimize fuses: Qwen-Image's and Z-Image's are built and checked on the CPU, not yet timed
-# on a GPU
+# The attentions the op takes, and those svdquant.optimize fuses: every one (FLUX.1 and Z-Image timed faster end to
+# end, BENCHMARKS.md "Session 37" and "Session 42"; Qwen-Image's processor is Z-Image's design with a text stream)
 ARCHITECTURES = ("flux", "qwenimage", "zimage")
-OPTIMIZED = ("flux",)
+OPTIMIZED = ARCHITECTURES
 
 
 def _eps(norm: nn.Module, dtype: torch.dtype) -> float:

@@ -7,10 +7,11 @@
 On a CUDA device, in this order (each step can be turned off):
 
 1. ``fuse``: :func:`svdquant.fuse` (q/k/v as one GEMM; a FLUX single block's MLP up projection with them; an MLP's
-   GELU in its down projection's activation pass) and, in FLUX's attentions, ``norm_rope=True`` (q/k RMSNorm and
-   RoPE as one Triton launch a stream: a FLUX.1-dev step 91.39 -> 89.03 ms on an H100, BENCHMARKS.md "Session
-   37"). The same math, but for the GPU's one-instruction tanh in the GELU (an INT8 code moves by at most one step)
-   and the norm's fp32 sum in another order (at most one bf16 step).
+   GELU in its down projection's activation pass) and, in FLUX's, Qwen-Image's and Z-Image's attentions,
+   ``norm_rope`` (q/k RMSNorm and RoPE as one Triton launch a stream: a FLUX.1-dev step 91.39 -> 89.03 ms on an
+   H100, BENCHMARKS.md "Session 37"; a Z-Image pipeline 2.278 -> 2.107 s, "Session 42"). The same math, but for
+   the GPU's one-instruction tanh in the GELU (an INT8 code moves by at most one step) and the norm's fp32 sum in
+   another order (at most one bf16 step).
 2. ``attention``: the fastest of PyTorch's SDPA backends (cuDNN, flash, memory-efficient) and, on sm_90 / sm_100
    where it imports (a dependency on Linux), flash-attn-4 (:mod:`svdquant.ops.flash4_attention`), all exact, at the
    model's attention shape, timed once per process and GPU (in CUDA graphs where the step runs in them), set on this
