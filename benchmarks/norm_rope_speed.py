@@ -137,16 +137,20 @@ def run(args) -> dict:
                                  dynamic=False)
             pairs["diffusers compiled (inductor), q and k"] = lambda: both(
                 x, w, cos, sin, 1e-6, heads, x2, w2, k["x"], k["w"], cos, sin, 1e-6, heads, k["x2"], k["w2"])
-        rows = {}
-        for label, fn in [*variants.items(), *pairs.items()]:
-            expect, nbytes = (ref_qk, 2 * moved) if label in pairs else (ref, moved)
-            got = torch.cat(fn()) if label in pairs else fn()
-            err = float((got.float() - expect.float()).abs().max())
-            ms = bench(fn)
-            rows[label] = {"ms": round(ms, 4), "bytes": nbytes, "GB/s": round(nbytes / ms / 1e6, 1), "max_abs_err": err}
-            print(f"{name:7s} {label:64s} {ms:8.4f} ms {nbytes / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+        rows = {label: timed(name, label, fn, ref, moved, bench) for label, fn in variants.items()}
+        rows |= {label: timed(name, label, lambda fn=fn: torch.cat(fn()), ref_qk, 2 * moved, bench, fn)
+                 for label, fn in pairs.items()}
         results["cases"][name] = {"bytes": moved, "variants": rows}
     return results
+
+
+def timed(case: str, label: str, fn, expect, nbytes: int, bench, run=None) -> dict:
+    """One variant's row: its largest error against ``expect`` (from ``fn``) and ``run``'s median ms (``fn``'s if not
+    given: the pairs are timed without the concatenation their check makes), printed as it is measured."""
+    err = float((fn().float() - expect.float()).abs().max())
+    ms = bench(run or fn)
+    print(f"{case:9s} {label:62s} {ms:8.4f} ms {nbytes / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+    return {"ms": round(ms, 4), "bytes": nbytes, "GB/s": round(nbytes / ms / 1e6, 1), "max_abs_err": err}
 
 
 def qwen_case(quick: bool, device: str, bench) -> dict:
@@ -187,12 +191,8 @@ def qwen_case(quick: bool, device: str, bench) -> dict:
         variants["diffusers Qwen-Image compiled (inductor), q and k"] = torch.compile(both, dynamic=False)
     expect = torch.cat(both())
     moved = 2 * 2 * expect[0].numel() * expect.element_size()  # q and k, each read once and written once
-    rows = {}
-    for label, fn in variants.items():
-        err = float((torch.cat(fn()).float() - expect.float()).abs().max())
-        ms = bench(fn)
-        rows[label] = {"ms": round(ms, 4), "bytes": moved, "GB/s": round(moved / ms / 1e6, 1), "max_abs_err": err}
-        print(f"qwenimage {label:62s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s  err {err:.3g}", flush=True)
+    rows = {label: timed("qwenimage", label, lambda fn=fn: torch.cat(fn()), expect, moved, bench, fn)
+            for label, fn in variants.items()}
     return {"bytes": moved, "heads": heads, "dim": dim, "tokens": tokens, "text": text, "variants": rows}
 
 

@@ -1,4 +1,4 @@
-"""FLUX's and Qwen-Image's attention with q/k RMSNorm and the rotary embedding as one op
+"""FLUX's, Qwen-Image's and Z-Image's attention with q/k RMSNorm and the rotary embedding as one op
 (``svdquant.fuse(pipe, norm_rope=True)``).
 
 :class:`NormRopeFluxAttnProcessor` is diffusers' ``FluxAttnProcessor`` (0.42) with its ``norm_q`` / ``norm_k``,
@@ -47,17 +47,21 @@ def _on_original(name: str) -> property:
     return property(lambda self: getattr(self.original, name), lambda self, value: setattr(self.original, name, value))
 
 
-class NormRopeFluxAttnProcessor:
-    """diffusers' ``FluxAttnProcessor`` with q/k RMSNorm + RoPE as one op (see the module doc). Calls it does not
-    know (no rotary tables as a ``(cos, sin)`` pair) run diffusers' processor. The attention backend and parallel
-    config that diffusers sets on a processor live on diffusers' one, which unfuse gives back. Built by
-    :func:`fuse_norm_rope` only, for attentions whose q/k norms share one eps (the op takes one)."""
+class _AroundDiffusers:
+    """Our processors' common part: diffusers' processor they stand in for, given back by unfuse and run for what
+    they cannot take. The attention backend and parallel config that diffusers sets on a processor live on it."""
 
     def __init__(self, original):
-        self.original = original  # diffusers' processor, given back by unfuse and run for what this one cannot take
+        self.original = original
 
     _attention_backend = _on_original("_attention_backend")
     _parallel_config = _on_original("_parallel_config")
+
+
+class NormRopeFluxAttnProcessor(_AroundDiffusers):
+    """diffusers' ``FluxAttnProcessor`` with q/k RMSNorm + RoPE as one op (see the module doc). Calls it does not
+    know (no rotary tables as a ``(cos, sin)`` pair) run diffusers' processor. Built by :func:`fuse_norm_rope` only,
+    for attentions whose q/k norms share one eps (the op takes one)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if not (isinstance(image_rotary_emb, tuple) and len(image_rotary_emb) == 2):
@@ -96,18 +100,12 @@ def _norm_rope_qk(query, key, text_q, text_k, norms, cos, sin, heads, heads_firs
             norm_rope_reference(key, w_k, cos, sin, eps, heads, text_k, w_k2, round_norm))
 
 
-class NormRopeQwenAttnProcessor:
+class NormRopeQwenAttnProcessor(_AroundDiffusers):
     """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` with q/k RMSNorm + RoPE as one op (see the module doc): the
     same projections (through a stacked q/k/v's view where ``fuse`` made one), attention and output projections.
     Calls it does not know (no text stream, an external mask, rotary tables other than one complex ``[tokens,
     D / 2]`` table per stream, norm weights of another dtype than the input, whose product diffusers does not
     round) run diffusers' processor. Built by :func:`fuse_norm_rope` only."""
-
-    def __init__(self, original):
-        self.original = original
-
-    _attention_backend = _on_original("_attention_backend")
-    _parallel_config = _on_original("_parallel_config")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
@@ -140,16 +138,10 @@ class NormRopeQwenAttnProcessor:
         return image_out, attn.to_add_out(out[:, :seq_txt].contiguous())
 
 
-class NormRopeZImageAttnProcessor:
+class NormRopeZImageAttnProcessor(_AroundDiffusers):
     """diffusers' ``ZSingleStreamAttnProcessor`` (Z-Image) with q/k RMSNorm + RoPE as one op, as
     :class:`NormRopeQwenAttnProcessor` (one stream; its complex tables ``[B, tokens, D / 2]``). Calls without such
     tables, or with norm weights of another dtype than the input, run diffusers' processor."""
-
-    def __init__(self, original):
-        self.original = original
-
-    _attention_backend = _on_original("_attention_backend")
-    _parallel_config = _on_original("_parallel_config")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         norms = (attn.norm_q, attn.norm_k)
@@ -233,18 +225,14 @@ def fuse_norm_rope(model: nn.Module, architectures: tuple[str, ...] = ARCHITECTU
     return done
 
 
-_COMPLEX_PROCESSORS = tuple(ours for _, _, ours in COMPLEX_ROPE.values())
-
-
 def unfuse_norm_rope(model: nn.Module) -> int:
     done = 0
     for m in model.modules():
         processor = getattr(m, "processor", None)
-        if isinstance(processor, (NormRopeFluxAttnProcessor, *_COMPLEX_PROCESSORS)):
+        if isinstance(processor, _AroundDiffusers):
             m.processor = processor.original
             done += 1
-        elif isinstance(processor, FusedViewProcessor) and isinstance(processor.__dict__["inner"],
-                                                                       _COMPLEX_PROCESSORS):
+        elif isinstance(processor, FusedViewProcessor) and isinstance(processor.__dict__["inner"], _AroundDiffusers):
             processor.__dict__["inner"] = processor.__dict__["inner"].original
             done += 1
     return done
